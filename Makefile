@@ -1,0 +1,33 @@
+# One-command setup on a fresh machine: `make demo` (main job) and `make test` (the test suite).
+# The CPU build of torch is installed first so that pip never pulls a multi-GB CUDA build here.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install demo test test-fast clean
+
+$(BIN)/egmla: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_CPU)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(BIN)/egmla
+
+install: $(BIN)/egmla
+
+# Main job: train the tiny EG-MLA preset on the embedded English corpus (CPU, a few minutes),
+# then generate from it and print the KV-cache table.
+demo: install
+	$(BIN)/egmla train
+	$(BIN)/egmla generate --run runs/latest --prompt "ROMEO:" --max-new-tokens 60
+	$(BIN)/egmla kv-report --preset paper-base
+
+test: install
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+test-fast: install
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from egmla.cli import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""KV-cache accounting: elements and bytes per token for every attention variant of one model shape.
+
+Bytes are measured from the tensors a real `KVCache` allocates, next to the closed-form formula, so a
+layout change that forgets something shows up as a mismatch.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from egmla.attention import allocate_cache, decode_paths
+from egmla.config import ModelConfig
+from egmla.model import count_params
+
+
+def variant_configs(base: ModelConfig) -> list[ModelConfig]:
+    """The paper's comparison set at the shape of `base`: MHA, GQA-4, MLA and EG-MLA at several ranks."""
+    shape = {f.name: getattr(base, f.name) for f in dataclasses.fields(ModelConfig)
+             if f.name not in ("attention", "n_kv_heads", "kv_lora_rank", "gate_dim", "gate_op",
+                               "gate_norm", "gate_placement")}
+    gate_dim = base.gate_dim if base.is_gated else 512
+    kv_heads = 4 if base.n_heads % 4 == 0 else 1
+    rows = [ModelConfig(**shape, attention="mha"), ModelConfig(**shape, attention="gqa", n_kv_heads=kv_heads)]
+    rows += [ModelConfig(**shape, attention="mla", kv_lora_rank=r) for r in (256, 64)]
+    rows += [ModelConfig(**shape, attention="eg-mla", kv_lora_rank=r, gate_dim=gate_dim) for r in (256, 64, 16)]
+    rows.append(ModelConfig(**shape, attention="eg-mla", kv_lora_rank=64, gate_dim=gate_dim, gate_placement="latent"))
+    if not any(dataclasses.asdict(c) == dataclasses.asdict(base) for c in rows):
+        rows.insert(0, base)
+    return rows
+
+
+def measured_cache_bytes_per_token(config: ModelConfig, dtype=torch.bfloat16, decode_path: str | None = None,
+                                   probe_len: int = 16) -> tuple[float, float]:
+    """(total, token-id part) bytes per token of a cache really allocated for 1 sequence of probe_len."""
+    cache = allocate_cache(config, 1, min(probe_len, config.max_seq_len), dtype=dtype, device="cpu",
+                           decode_path=decode_path)
+    ids = cache.token_ids.numel() * cache.token_ids.element_size() if cache.token_ids is not None else 0
+    return cache.bytes_per_token(), ids / cache.max_len
+
+
+def kv_rows(configs: list[ModelConfig], dtype=torch.bfloat16) -> list[dict]:
+    mha_elements = None
+    rows = []
+    for config in configs:
+        if config.attention == "mha":
+            mha_elements = config.kv_elements_per_token()
+    for config in configs:
+        elements = config.kv_elements_per_token()
+        paths = decode_paths(config)
+        measured, id_bytes = measured_cache_bytes_per_token(config, dtype, paths[0])
+        row = {
+            "variant": config.variant_name(),
+            "attention": config.attention,
+            "kv_lora_rank": config.kv_lora_rank if config.is_latent else None,
+            "kv_heads": None if config.is_latent else config.kv_heads,
+            "elements_per_token": elements,
+            "bytes_per_token_bf16": elements * 2,
+            "measured_bytes_per_token": measured,
+            "token_id_bytes_per_token": id_bytes,
+            "reduction_vs_mha": (1 - elements / mha_elements) if mha_elements else None,
+            "params": count_params(config),
+            "params_without_gate_tables": count_params(config, include_gate_tables=False),
+            "decode_paths": list(paths),
+        }
+        rows.append(row)
+    return rows
+
+
+def format_kv_table(rows: list[dict]) -> str:
+    header = (f"{'variant':<26} {'elem/token':>10} {'bf16 B/token':>12} {'measured B/token':>16} "
+              f"{'vs MHA':>8} {'params (M)':>11} {'w/o gate tables':>15}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        red = (f"{-100 * r['reduction_vs_mha']:+.1f}%" if r["attention"] != "mha" and r["reduction_vs_mha"] is not None else "-")
+        lines.append(f"{r['variant']:<26} {r['elements_per_token']:>10,} {r['bytes_per_token_bf16']:>12,} "
+                     f"{r['measured_bytes_per_token']:>16,.0f} {red:>8} {r['params'] / 1e6:>11.1f} "
+                     f"{r['params_without_gate_tables'] / 1e6:>15.1f}")
+    lines.append("elements/token sum all layers (DESIGN.md §3); measured bytes come from an allocated bf16 cache "
+                 "and include EG-MLA's token id (4 B/token, once for all layers).")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""Attention variants behind one registry, selected by `ModelConfig.attention`."""
+from egmla.attention.cache import CacheSpec, KVCache, LayerCache
+from egmla.attention.context import AttnContext
+from egmla.attention.egmla import EmbeddingGatedMLA
+from egmla.attention.mha import GroupedQueryAttention
+from egmla.attention.mla import MultiHeadLatentAttention
+
+ATTENTION_CLASSES = {
+    "mha": GroupedQueryAttention,
+    "gqa": GroupedQueryAttention,
+    "mla": MultiHeadLatentAttention,
+    "eg-mla": EmbeddingGatedMLA,
+}
+
+
+def attention_class(config):
+    return ATTENTION_CLASSES[config.attention]
+
+
+def decode_paths(config) -> tuple[str, ...]:
+    """Decode paths this config supports; the first is the default."""
+    return attention_class(config).decode_paths(config)
+
+
+def check_decode_path(config, path: str) -> str:
+    paths = decode_paths(config)
+    if path not in paths:
+        raise ValueError(f"decode_path={path!r} is not available for {config.variant_name()}; "
+                         f"choose one of {', '.join(paths)}")
+    return path
+
+
+def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=None, device=None,
+                   decode_path: str | None = None) -> KVCache:
+    """A cache for `batch_size` sequences of up to `max_len` tokens, holding only what the variant needs."""
+    import torch
+
+    max_len = max_len or config.max_seq_len
+    if max_len > config.max_seq_len:
+        raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}: "
+                         f"use at most {config.max_seq_len} or a model config with a larger max_seq_len")
+    if batch_size <= 0 or max_len <= 0:
+        raise ValueError(f"batch_size={batch_size}, max_len={max_len}: both must be positive")
+    path = check_decode_path(config, decode_path or decode_paths(config)[0])
+    spec = attention_class(config).cache_spec(config, path)
+    return KVCache([spec] * config.n_layers, batch_size, max_len, dtype=dtype or torch.float32, device=device)
+
+
+__all__ = ["ATTENTION_CLASSES", "AttnContext", "CacheSpec", "EmbeddingGatedMLA", "GroupedQueryAttention",
+           "KVCache", "LayerCache", "MultiHeadLatentAttention", "allocate_cache", "attention_class",
+           "check_decode_path", "decode_paths"]

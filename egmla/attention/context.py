@@ -1,0 +1,36 @@
+"""What every attention layer needs to know about the current call, built once per model forward."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttnContext:
+    token_ids: torch.Tensor  # [batch, seq] ids of the new tokens
+    positions: torch.Tensor  # [batch, seq] absolute positions of the new tokens
+    cos: torch.Tensor  # [batch, seq, rope_dim // 2]
+    sin: torch.Tensor
+    # Set only when decoding with a cache:
+    kv_len: int = 0  # cached positions to read (max over the batch, after this call's writes)
+    mask: torch.Tensor | None = None  # [batch, 1, seq, kv_len] bool, True = may attend
+    kv_token_ids: torch.Tensor | None = None  # [batch, kv_len] ids of all cached positions
+
+    @property
+    def cached(self) -> bool:
+        return self.mask is not None
+
+
+def attention_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Causal mask over cached positions: query at position p sees keys 0..p of its own sequence."""
+    keys = torch.arange(kv_len, device=positions.device)
+    return (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+
+
+def masked_softmax_attention(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax in fp32 over the last dim of scores [..., seq, kv_len] with mask broadcast to it."""
+    scores = scores.float()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)

@@ -1,0 +1,56 @@
+"""Multi-head attention with any number of KV heads: MHA (n_kv = n_h), GQA, MQA (n_kv = 1).
+
+Cache per token and layer: K and V for each KV head, 2·n_kv·head_dim elements.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from egmla.attention.cache import CacheSpec, LayerCache
+from egmla.attention.context import AttnContext
+from egmla.attention.rope import apply_rope
+from egmla.config import ModelConfig
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = config.n_heads, config.kv_heads
+        self.head_dim = config.mha_head_dim
+        self.wq = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
+        self.decode_path = "naive"
+
+    @staticmethod
+    def decode_paths(config: ModelConfig) -> tuple[str, ...]:
+        return ("naive",)  # SDPA over the cached K/V
+
+    @staticmethod
+    def rope_dim(config: ModelConfig) -> int:
+        return config.mha_head_dim
+
+    def on_decode_path_set(self) -> None:
+        """Nothing to precompute: MHA has one decode path."""
+
+    @staticmethod
+    def cache_spec(config: ModelConfig, decode_path: str = "naive") -> CacheSpec:
+        shape = (config.kv_heads, config.mha_head_dim)
+        return CacheSpec({"k": (shape, None), "v": (shape, None)})
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = apply_rope(self.wq(x).view(batch, seq, self.n_heads, self.head_dim), ctx.cos, ctx.sin)
+        k = apply_rope(self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if cache is not None:
+            cache.write(ctx.positions, k=k, v=v)
+            k, v = cache.read("k", ctx.kv_len), cache.read("v", ctx.kv_len)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=ctx.mask, is_causal=not ctx.cached,
+            enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))

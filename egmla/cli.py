@@ -1,0 +1,53 @@
+"""`egmla ...`: thin subcommands over the library. Each subcommand lives in its own module with
+`add_arguments(parser)` and `main(args) -> int`; this file only wires them up."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Modules import heavy dependencies inside main(), so --help is fast.
+SUBCOMMANDS = {
+    "kv-report": ("egmla.commands.kv_report", "KV-cache elements and bytes per token for every attention variant"),
+    "train": ("egmla.train.cli", "train a model (TOML config + --set overrides); torchrun for several GPUs"),
+    "compare": ("egmla.train.compare", "train several configs on the same data and budget, print a table and plot"),
+    "generate": ("egmla.infer.cli", "generate text from a trained run (batched, streaming, any decode path)"),
+    "plan": ("egmla.infer.plan_cli", "how many sequences of length T fit in M GB, per attention variant"),
+    "bench": ("egmla.bench.cli", "benchmarks: decode attention, generation, training speed"),
+    "export": ("egmla.hf.export_cli", "export a run to Hugging Face (or DeepSeek-V3) format"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="egmla", description="Embedding-Gated Multi-head Latent Attention: train, compare, run, serve.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if not err.name or not err.name.startswith("egmla"):
+                raise
+            continue  # subcommand not built yet
+        command = sub.add_parser(name, help=help_text, description=help_text,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(command)
+        command.set_defaults(handler=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return args.handler(args) or 0
+    except ValueError as err:  # configuration and input errors: one clear line, no traceback
+        print(f"egmla {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Model configuration: one dataclass, the presets of DESIGN.md §2, and validation with clear errors.
+
+Every check names the field, the bad value and the fix, and runs once at construction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+
+ATTENTION_KINDS = ("mha", "gqa", "mla", "eg-mla")
+GATE_OPS = ("mul", "add")
+GATE_NORMS = ("layernorm", "rmsnorm", "none")
+GATE_PLACEMENTS = ("up", "latent")
+
+
+def _fail(field_name: str, value, fix: str):
+    raise ValueError(f"{field_name}={value!r}: {fix}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder LM and its attention. Names follow DeepSeek-V2/V3 where they exist."""
+
+    vocab_size: int = 8192
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    ffn_hidden: int = 0  # SwiGLU hidden width; 0 = 8/3·d_model rounded up to a multiple of 64
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    attention: str = "eg-mla"  # mha | gqa | mla | eg-mla
+    # MHA / GQA / MQA
+    n_kv_heads: int = 0  # 0 = n_heads (MHA); 1 = MQA
+    head_dim: int = 0  # 0 = d_model // n_heads
+    # MLA / EG-MLA
+    kv_lora_rank: int = 64  # d_c: width of the cached latent
+    q_lora_rank: int = 0  # 0 = full-rank query projection
+    qk_nope_head_dim: int = 32  # d_n
+    qk_rope_head_dim: int = 32  # d_r: decoupled RoPE key, one per token shared by all heads
+    v_head_dim: int = 32  # d_v
+    # EG-MLA gate
+    gate_dim: int = 512  # d_e: width of the per-layer token-embedding table
+    gate_op: str = "mul"  # mul (paper) | add (ablation)
+    gate_norm: str = "layernorm"  # layernorm (paper) | rmsnorm | none (ablation)
+    gate_placement: str = "up"  # up (paper: gate the up-projected K/V) | latent (gate c_t)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def is_latent(self) -> bool:
+        return self.attention in ("mla", "eg-mla")
+
+    @property
+    def is_gated(self) -> bool:
+        return self.attention == "eg-mla"
+
+    @property
+    def kv_heads(self) -> int:
+        if self.attention == "mha":
+            return self.n_heads
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def mha_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return -(-(8 * self.d_model // 3) // 64) * 64
+
+    @property
+    def kv_up_dim(self) -> int:
+        """Width of W_UKV's output, n_h·(d_n + d_v): also the gate width for placement `up`."""
+        return self.n_heads * (self.qk_nope_head_dim + self.v_head_dim)
+
+    @property
+    def gate_out_dim(self) -> int:
+        return self.kv_up_dim if self.gate_placement == "up" else self.kv_lora_rank
+
+    def kv_elements_per_token(self) -> int:
+        """Cache elements per token over all layers (DESIGN.md §3), excluding token ids."""
+        if self.is_latent:
+            return (self.kv_lora_rank + self.qk_rope_head_dim) * self.n_layers
+        return 2 * self.kv_heads * self.mha_head_dim * self.n_layers
+
+    def variant_name(self) -> str:
+        if self.attention == "mha":
+            return "MHA"
+        if self.attention == "gqa":
+            return "MQA" if self.kv_heads == 1 else f"GQA-{self.kv_heads}"
+        name = "MLA" if self.attention == "mla" else "EG-MLA"
+        tags = [f"kv{self.kv_lora_rank}"]
+        if self.is_gated:
+            if self.gate_placement != "up":
+                tags.append(f"{self.gate_placement}-gate")
+            if self.gate_op != "mul":
+                tags.append(f"gate-{self.gate_op}")
+            if self.gate_norm != "layernorm":
+                tags.append(f"norm-{self.gate_norm}")
+        return f"{name} " + " ".join(tags)
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self):
+        if self.attention not in ATTENTION_KINDS:
+            _fail("attention", self.attention, f"choose one of {', '.join(ATTENTION_KINDS)}")
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                _fail(name, getattr(self, name), "must be a positive integer")
+        for name in ("n_kv_heads", "head_dim", "ffn_hidden", "q_lora_rank"):
+            if getattr(self, name) < 0:
+                _fail(name, getattr(self, name), "must be >= 0 (0 picks the default)")
+        if self.rope_theta <= 0:
+            _fail("rope_theta", self.rope_theta, "must be positive")
+        if self.attention in ("mha", "gqa"):
+            if self.attention == "mha" and self.n_kv_heads not in (0, self.n_heads):
+                _fail("n_kv_heads", self.n_kv_heads,
+                      f"MHA uses one KV head per query head; set attention='gqa' or n_kv_heads=0")
+            if self.n_heads % self.kv_heads:
+                _fail("n_kv_heads", self.n_kv_heads,
+                      f"n_heads={self.n_heads} must be divisible by it; pick a divisor of {self.n_heads}")
+            if not self.head_dim and self.d_model % self.n_heads:
+                _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}, or set head_dim")
+            if self.mha_head_dim % 2:
+                _fail("head_dim", self.mha_head_dim, "RoPE rotates pairs: the head dim must be even")
+        else:
+            if self.n_kv_heads:
+                _fail("n_kv_heads", self.n_kv_heads, f"has no meaning for attention={self.attention!r}; leave it 0")
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, name) <= 0:
+                    _fail(name, getattr(self, name), "must be a positive integer")
+            if self.qk_rope_head_dim % 2:
+                _fail("qk_rope_head_dim", self.qk_rope_head_dim, "RoPE rotates pairs: use an even number")
+        if self.is_gated:
+            if self.gate_dim <= 0:
+                _fail("gate_dim", self.gate_dim, "must be a positive integer (the paper uses 512)")
+            if self.gate_op not in GATE_OPS:
+                _fail("gate_op", self.gate_op, f"choose one of {', '.join(GATE_OPS)}")
+            if self.gate_norm not in GATE_NORMS:
+                _fail("gate_norm", self.gate_norm, f"choose one of {', '.join(GATE_NORMS)}")
+            if self.gate_placement not in GATE_PLACEMENTS:
+                _fail("gate_placement", self.gate_placement, f"choose one of {', '.join(GATE_PLACEMENTS)}")
+        else:
+            defaults = ModelConfig.__dataclass_fields__
+            for name in ("gate_op", "gate_norm", "gate_placement", "gate_dim"):
+                if getattr(self, name) != defaults[name].default:
+                    _fail(name, getattr(self, name),
+                          f"gate options apply only to attention='eg-mla', not {self.attention!r}; remove it")
+
+    # ---- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        return cls(**check_keys(cls, values, where="model"))
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **check_keys(type(self), changes, where="model"))
+
+
+def check_keys(cls, values: dict, where: str) -> dict:
+    """Reject unknown keys, suggesting the closest known one."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+            raise ValueError(f"{where}.{key}: unknown config key{hint}")
+    return values
+
+
+# DESIGN.md §2. The EG-MLA defaults (kv64, d_e = 512) are the paper's headline configuration.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=8192, n_layers=4, d_model=256, n_heads=4, qk_nope_head_dim=32,
+                 qk_rope_head_dim=32, v_head_dim=32, kv_lora_rank=64, gate_dim=256, max_seq_len=512),
+    "paper-base": dict(vocab_size=32768, n_layers=12, d_model=768, n_heads=12, qk_nope_head_dim=64,
+                       qk_rope_head_dim=64, v_head_dim=64, kv_lora_rank=64, gate_dim=512,
+                       ffn_hidden=2048, max_seq_len=1024),
+    "paper-1b": dict(vocab_size=32768, n_layers=24, d_model=2048, n_heads=16, qk_nope_head_dim=128,
+                     qk_rope_head_dim=64, v_head_dim=128, kv_lora_rank=128, gate_dim=512,
+                     ffn_hidden=5632, max_seq_len=2048),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A preset's config with overrides, e.g. `preset("paper-base", attention="mla", kv_lora_rank=256)`.
+
+    Switching to a non-gated variant drops the gate fields; switching to MHA/GQA keeps the shape."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        raise ValueError(f"preset={name!r}: unknown preset; choose one of {', '.join(PRESETS)}"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+    values = dict(PRESETS[name])
+    if overrides.get("attention", "eg-mla") != "eg-mla":
+        values.pop("gate_dim", None)
+    values.update(overrides)
+    return ModelConfig(**check_keys(ModelConfig, values, where="model"))

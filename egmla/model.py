@@ -1,0 +1,178 @@
+"""The decoder LM, top to bottom: token embedding -> N x [RMSNorm -> attention -> RMSNorm -> SwiGLU]
+-> RMSNorm -> output head. The attention variant comes from `config.attention` (see egmla.attention).
+
+`forward(tokens)` is the training forward (causal SDPA over the whole sequence). With a `KVCache` the
+same call appends `tokens` to each sequence at its own length and attends over everything cached,
+which covers prefill (empty cache, padded prompts) and one-token decode with ragged lengths alike.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from egmla.attention import KVCache, allocate_cache, attention_class, check_decode_path, decode_paths
+from egmla.attention.context import AttnContext, attention_mask
+from egmla.attention.rope import rope_tables
+from egmla.config import ModelConfig
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = attention_class(config)(config)
+        self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.ffn = SwiGLU(config.d_model, config.ffn_dim)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), ctx, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self._rebuild_buffers()
+        self.decode_path = decode_paths(config)[0]
+        self.check_inputs = True  # token-id range check (a host sync on GPU); trainers may turn it off
+        self.reset_parameters()
+
+    def _rebuild_buffers(self) -> None:
+        """RoPE tables are derived, not saved: recompute them (also after loading on the meta device)."""
+        device = self.tok_embeddings.weight.device
+        cos, sin = rope_tables(attention_class(self.config).rope_dim(self.config), self.config.max_seq_len,
+                               self.config.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, param in self.named_parameters():
+            if name.endswith("gate_embed.weight"):
+                nn.init.normal_(param, std=1.0)  # e_t ~ N(0, 1) so that g_t = W_UE e_t starts O(1)
+            elif name.endswith("wue.weight"):
+                nn.init.normal_(param, std=param.shape[1] ** -0.5)
+            elif name.endswith(("wo.weight", "w2.weight")):  # residual outputs, GPT-2 style
+                nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layers))
+            elif param.dim() >= 2:
+                nn.init.normal_(param, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(param)
+            else:
+                nn.init.ones_(param)  # norm weights
+
+    # ---- decoding ------------------------------------------------------------------------
+    def set_decode_path(self, path: str) -> None:
+        """Choose how cached attention is computed (all paths give the same logits)."""
+        check_decode_path(self.config, path)
+        self.decode_path = path
+        for layer in self.layers:
+            layer.attn.decode_path = path
+            layer.attn.on_decode_path_set()
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        param = self.tok_embeddings.weight
+        return allocate_cache(self.config, batch_size, max_len, dtype=dtype or param.dtype,
+                              device=param.device, decode_path=self.decode_path)
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                n_new: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, seq, vocab] for tokens [batch, seq].
+
+        With a cache, sequence b's tokens go at positions cache.lengths[b] + i and its length then
+        grows by n_new[b] (default seq): positions past n_new[b] are padding, overwritten later."""
+        batch, seq = tokens.shape
+        if self.check_inputs and not torch.compiler.is_compiling():
+            self._check_tokens(tokens)
+        if cache is None:
+            if seq > self.config.max_seq_len:
+                raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.config.max_seq_len}: "
+                                 f"shorten the input or raise model.max_seq_len")
+            positions = torch.arange(seq, device=tokens.device).expand(batch, seq)
+            ctx = AttnContext(tokens, positions, self.rope_cos[:seq].expand(batch, -1, -1),
+                              self.rope_sin[:seq].expand(batch, -1, -1))
+        else:
+            ctx = self._cached_context(tokens, cache)
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, ctx, cache.layers[i] if cache is not None else None)
+        logits = self.output(self.norm(h))
+        if cache is not None:
+            cache.advance(n_new if n_new is not None else torch.full_like(cache.lengths, seq))
+        return logits
+
+    def _cached_context(self, tokens: torch.Tensor, cache: KVCache) -> AttnContext:
+        if cache.batch_size != tokens.shape[0]:
+            raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch_size {cache.batch_size}: "
+                             f"allocate the cache with new_cache({tokens.shape[0]})")
+        positions = cache.positions_for(tokens.shape[1])
+        kv_len = int(positions.max()) + 1
+        kv_ids = None
+        if cache.token_ids is not None:
+            rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
+            cache.token_ids[rows, positions] = tokens.to(cache.token_ids.dtype)
+            kv_ids = cache.token_ids[:, :kv_len]
+        return AttnContext(tokens, positions, self.rope_cos[positions], self.rope_sin[positions],
+                           kv_len=kv_len, mask=attention_mask(positions, kv_len), kv_token_ids=kv_ids)
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens.dtype={tokens.dtype}: token ids must be int32 or int64")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}); got "
+                             f"min {int(tokens.min())}, max {int(tokens.max())}: check the tokenizer matches the model")
+
+    # ---- sizes ---------------------------------------------------------------------------
+    def num_params(self, include_gate_tables: bool = True) -> int:
+        total = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if not include_gate_tables:
+            total -= sum(p.numel() for n, p in self.named_parameters() if n.endswith("gate_embed.weight"))
+        return total
+
+
+def count_params(config: ModelConfig, include_gate_tables: bool = True) -> int:
+    """Closed-form parameter count (tests check it against the module)."""
+    d, heads = config.d_model, config.n_heads
+    per_layer = 2 * d + 3 * d * config.ffn_dim
+    if config.is_latent:
+        qk_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        if config.q_lora_rank:
+            per_layer += d * config.q_lora_rank + config.q_lora_rank + config.q_lora_rank * heads * qk_dim
+        else:
+            per_layer += d * heads * qk_dim
+        per_layer += d * (config.kv_lora_rank + config.qk_rope_head_dim) + config.kv_lora_rank
+        per_layer += config.kv_lora_rank * config.kv_up_dim + heads * config.v_head_dim * d
+        if config.is_gated:
+            out = config.gate_out_dim
+            per_layer += config.gate_dim * out + {"layernorm": 2 * out, "rmsnorm": out, "none": 0}[config.gate_norm]
+            if include_gate_tables:
+                per_layer += config.vocab_size * config.gate_dim
+    else:
+        hd = config.mha_head_dim
+        per_layer += 2 * d * heads * hd + 2 * d * config.kv_heads * hd
+    embeddings = config.vocab_size * d * (1 if config.tie_embeddings else 2)
+    return embeddings + config.n_layers * per_layer + d
