@@ -51,14 +51,18 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self._rebuild_buffers()
         self.decode_path = decode_paths(config)[0]
         self.check_inputs = True  # token-id range check (a host sync on GPU); trainers may turn it off
         self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Share the output head with the token embedding (again after to_empty(), which unties)."""
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
 
     def _rebuild_buffers(self) -> None:
         """RoPE tables are derived, not saved: recompute them (also after loading on the meta device)."""

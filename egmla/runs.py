@@ -137,6 +137,7 @@ def load_model(run_dir: str | Path, device="cpu", dtype: torch.dtype | None = No
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device=device)
+    model.tie_weights()
     st_load_model(model, weights, device=str(device))
     model._rebuild_buffers()
     if dtype is not None:

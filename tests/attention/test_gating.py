@@ -1,0 +1,70 @@
+"""EG-MLA really gates by token id, and the ablation switches change exactly what they say."""
+import torch
+import torch.nn.functional as F
+
+from egmla.model import Transformer
+from tests.conftest import small_config
+
+
+def _attn(**kw):
+    return Transformer(small_config(attention="eg-mla", **kw)).layers[0].attn
+
+
+def test_same_latent_different_ids_give_different_kv():
+    attn = _attn()
+    latent = torch.randn(1, 5, attn.kv_lora_rank).expand(2, -1, -1)
+    ids = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 30, 4, 5]])
+    k, v = attn.expand_kv(latent, ids)
+    same = [0, 1, 3, 4]
+    assert torch.allclose(k[0, same], k[1, same]) and torch.allclose(v[0, same], v[1, same])
+    assert (k[0, 2] - k[1, 2]).abs().max() > 1e-3 and (v[0, 2] - v[1, 2]).abs().max() > 1e-3
+
+
+def test_mul_layernorm_matches_the_equation():
+    attn = _attn()
+    latent, ids = torch.randn(2, 6, attn.kv_lora_rank), torch.randint(0, 61, (2, 6))
+    kv = latent @ attn.wkv_b.weight.T
+    gate = attn.gate_embed.weight[ids] @ attn.wue.weight.T  # g = W_UE E[id]
+    f = F.layer_norm(kv * gate, (kv.shape[-1],), attn.gate_norm.weight, attn.gate_norm.bias, attn.gate_norm.eps)
+    f = f.view(2, 6, attn.n_heads, -1)
+    k, v = attn.expand_kv(latent, ids)
+    assert torch.allclose(k, f[..., :attn.qk_nope_head_dim], atol=1e-6)
+    assert torch.allclose(v, f[..., attn.qk_nope_head_dim:], atol=1e-6)
+
+
+def test_gate_op_add_and_norm_none_change_exactly_that():
+    add, none = _attn(gate_op="add"), _attn(gate_norm="none")
+    latent, ids = torch.randn(1, 4, add.kv_lora_rank), torch.randint(0, 61, (1, 4))
+    for attn, expected in ((add, lambda kv, g: attn_norm(add, kv + g)), (none, lambda kv, g: kv * g)):
+        kv = latent @ attn.wkv_b.weight.T
+        gate = attn.gate(ids)
+        k, v = attn.expand_kv(latent, ids)
+        got = torch.cat([k, v], dim=-1).flatten(2)
+        assert torch.allclose(got, expected(kv, gate), atol=1e-6)
+    assert isinstance(none.gate_norm, torch.nn.Identity)
+
+
+def attn_norm(attn, x):
+    return attn.gate_norm(x)
+
+
+def test_latent_placement_gates_the_cached_latent():
+    attn = _attn(gate_placement="latent")
+    assert attn.wue.out_features == attn.kv_lora_rank  # g in R^{d_c}
+    from egmla.attention.context import AttnContext
+    from egmla.attention.rope import rope_tables
+
+    cos, sin = rope_tables(attn.qk_rope_head_dim, 8, 10000.0)
+    x = torch.randn(1, 1, 48).expand(2, 3, 48).contiguous()
+    ids = torch.tensor([[3, 3, 3], [3, 9, 3]])
+    pos = torch.arange(3).expand(2, 3)
+    f, _ = attn.latent(x, AttnContext(ids, pos, cos[pos], sin[pos]))
+    assert torch.allclose(f[0, 0], f[1, 0]) and not torch.allclose(f[0, 1], f[1, 1])
+
+
+def test_gate_table_equals_computed_gates():
+    attn = _attn()
+    table = attn.build_gate_table()
+    ids = torch.randint(0, 61, (3, 7))
+    assert table.shape == (61, attn.wue.out_features)
+    assert torch.allclose(attn.gate(ids, use_table=True), attn.gate(ids), atol=1e-6)
