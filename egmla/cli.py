@@ -14,7 +14,7 @@ SUBCOMMANDS = {
     "generate": ("egmla.infer.cli", "generate text from a trained run (batched, streaming, any decode path)"),
     "plan": ("egmla.infer.plan_cli", "how many sequences of length T fit in M GB, per attention variant"),
     "bench": ("egmla.bench.cli", "benchmarks: decode attention, generation, training speed"),
-    "export": ("egmla.hf.export_cli", "export a run to Hugging Face (or DeepSeek-V3) format"),
+    "export": ("egmla.commands.export", "export a run to Hugging Face (or DeepSeek-V3) format"),
 }
 
 

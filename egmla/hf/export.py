@@ -1,0 +1,150 @@
+"""Export a run directory to Hugging Face formats.
+
+    export_hf(run, out)        EgmlaForCausalLM checkpoint (any variant): config.json, model.safetensors,
+                               tokenizer; loads with AutoModelForCausalLM after `import egmla.hf`
+    export_deepseek(run, out)  MLA runs only: a DeepseekV3ForCausalLM checkpoint (dense MLP, no MoE, no
+                               MTP, half-split RoPE, no RoPE scaling) that transformers, and engines that
+                               serve DeepSeek-V3, load with no egmla code
+
+Our MLA weights already follow DeepSeek-V3's inference code (wq_a/q_norm/wq_b, wkv_a, kv_norm, wkv_b
+rows per head [k_nope; v], wo; SwiGLU w1/w3/w2), so the DeepSeek export is a renaming; the layouts are
+the same. The output folder is written next to its destination and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from egmla.config import ModelConfig
+
+# egmla layer weight -> DeepseekV3 layer weight (under model.layers.{i}.)
+DEEPSEEK_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wq_a.weight": "self_attn.q_a_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_a_layernorm.weight",
+    "attn.wq_b.weight": "self_attn.q_b_proj.weight",
+    "attn.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn.kv_norm.weight": "self_attn.kv_a_layernorm.weight",
+    "attn.wkv_b.weight": "self_attn.kv_b_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn.w1.weight": "mlp.gate_proj.weight",
+    "ffn.w3.weight": "mlp.up_proj.weight",
+    "ffn.w2.weight": "mlp.down_proj.weight",
+}
+DEEPSEEK_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                      "output.weight": "lm_head.weight"}
+DEEPSEEK_NORM_EPS = 1e-6  # transformers' DeepseekV3 builds q_a_layernorm / kv_a_layernorm with this eps
+
+
+def deepseek_config(config: ModelConfig, **token_ids):
+    """A DeepseekV3Config computing exactly what our MLA model computes.
+
+    first_k_dense_replace = num_hidden_layers makes every layer a dense SwiGLU MLP (no MoE, so the
+    expert fields are unused); rope_interleave=False is our half-split RoPE; default RoPE (no YaRN,
+    so no mscale) keeps the softmax scale 1/sqrt(d_n + d_r); num_mtp_layers=0: no MTP head."""
+    from transformers import DeepseekV3Config
+
+    if config.attention != "mla":
+        raise ValueError(f"attention={config.attention!r}: only MLA runs have a DeepSeek-V3 equivalent "
+                         f"(EG-MLA's gate and MHA/GQA do not exist there); use --to hf")
+    return DeepseekV3Config(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_heads, kv_lora_rank=config.kv_lora_rank,
+        q_lora_rank=config.q_lora_rank or None, qk_nope_head_dim=config.qk_nope_head_dim,
+        qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
+        first_k_dense_replace=config.n_layers, num_mtp_layers=0, hidden_act="silu",
+        max_position_embeddings=config.max_seq_len, initializer_range=config.init_std,
+        rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, rope_interleave=False,
+        attention_bias=False, architectures=["DeepseekV3ForCausalLM"], **token_ids)
+
+
+def deepseek_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our MLA Transformer's weights under DeepseekV3ForCausalLM's names (tied lm_head stored once)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "output.weight" and model.config.tie_embeddings:
+            continue
+        if name in DEEPSEEK_TOP_NAMES:
+            out[DEEPSEEK_TOP_NAMES[name]] = tensor
+            continue
+        prefix, index, rest = name.split(".", 2) if name.startswith("layers.") else (name, "", "")
+        if rest not in DEEPSEEK_LAYER_NAMES:
+            raise ValueError(f"weight {name!r} has no DeepSeek-V3 counterpart: export this run with --to hf")
+        out[f"model.layers.{index}.{DEEPSEEK_LAYER_NAMES[rest]}"] = tensor
+    return {name: tensor.detach().contiguous().clone() for name, tensor in out.items()}
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None,
+              dtype: torch.dtype | None = None) -> Path:
+    """Write the run as an EgmlaForCausalLM folder (safetensors + config + tokenizer)."""
+    from egmla.hf import require_transformers
+
+    require_transformers()
+    from egmla.hf import EgmlaForCausalLM
+    from egmla.hf.tokenizer import hf_tokenizer, special_token_ids
+    from egmla.runs import load_model, load_tokenizer
+
+    model, _ = load_model(run_dir, dtype=dtype, checkpoint=checkpoint)
+    hf_model = EgmlaForCausalLM.from_egmla(model, **special_token_ids(load_tokenizer(run_dir)))
+    tokenizer = hf_tokenizer(run_dir, model.config.max_seq_len)
+    with _staging(out_dir) as staging:
+        hf_model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return Path(out_dir)
+
+
+def export_deepseek(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None,
+                    dtype: torch.dtype | None = None, warn=print) -> Path:
+    """Write an MLA run as a DeepseekV3ForCausalLM folder (safetensors + config + tokenizer)."""
+    from safetensors.torch import save_file
+
+    from egmla.hf import require_transformers
+    from egmla.hf.tokenizer import hf_tokenizer, special_token_ids
+    from egmla.runs import load_model, load_tokenizer
+
+    require_transformers()
+    model, _ = load_model(run_dir, dtype=dtype, checkpoint=checkpoint)
+    config = deepseek_config(model.config, **special_token_ids(load_tokenizer(run_dir)))
+    if model.config.norm_eps != DEEPSEEK_NORM_EPS:
+        warn(f"warning: norm_eps={model.config.norm_eps} but transformers' DeepseekV3 uses eps "
+             f"{DEEPSEEK_NORM_EPS} in q_a_layernorm/kv_a_layernorm: logits will differ slightly")
+    weights = deepseek_state_dict(model)
+    with _staging(out_dir) as staging:
+        config.save_pretrained(staging)
+        save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        hf_tokenizer(run_dir, model.config.max_seq_len).save_pretrained(staging)
+    return Path(out_dir)
+
+
+class _staging:
+    """Write into a temporary sibling folder; rename it to `out_dir` only when everything is written."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
+            raise ValueError(f"OUT={str(self.out_dir)!r} exists and is not empty: choose a new folder or remove it")
+
+    def __enter__(self) -> Path:
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.out_dir.parent, prefix=f".{self.out_dir.name}.", suffix=".tmp"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.out_dir.is_dir():
+            self.out_dir.rmdir()  # empty (checked above)
+        os.replace(self.tmp, self.out_dir)
+        return False

@@ -1,0 +1,155 @@
+"""`EgmlaForCausalLM`: egmla's `Transformer` inside a transformers `PreTrainedModel`.
+
+The model is egmla.model.Transformer itself (weights under `model.`, egmla's names), so logits are
+egmla's to the bit. What this file adds is the transformers surface:
+
+    forward(input_ids, attention_mask, past_key_values, labels, use_cache) -> CausalLMOutputWithPast
+    generate(...)   through GenerationMixin, with an `EgmlaCache` (compressed latents only)
+    save_pretrained / from_pretrained  in safetensors
+
+Padding: a 0 in `attention_mask` drops that token before it reaches the model (each row keeps only its
+real tokens, at positions 0, 1, ...), so left-padded batches give each sequence the logits it gets alone.
+`inputs_embeds` is not supported: EG-MLA gates are looked up by token id.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from egmla.hf.cache import EgmlaCache
+from egmla.hf.configuration_egmla import EgmlaConfig
+from egmla.model import Transformer
+
+
+class EgmlaPreTrainedModel(PreTrainedModel):
+    config_class = EgmlaConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """egmla's own initialisation (Transformer.reset_parameters), and the derived RoPE tables.
+
+        transformers calls this after loading too: then every parameter is loaded and only the RoPE
+        tables (not saved: derived from the config) are rebuilt."""
+        if not isinstance(module, Transformer):
+            return
+        loaded = [getattr(p, "_is_hf_initialized", False) for p in module.parameters()]
+        if not any(loaded):
+            module.reset_parameters()
+        elif not all(loaded):
+            missing = [n for (n, p), ok in zip(module.named_parameters(), loaded) if not ok]
+            raise ValueError(f"checkpoint lacks weights {missing[:5]}...: it does not match this EgmlaConfig")
+        module._rebuild_buffers()
+        # as `Transformer.to(dtype)` leaves them after egmla.runs.load_model(dtype=...): same logits
+        dtype = module.tok_embeddings.weight.dtype
+        module.rope_cos, module.rope_sin = module.rope_cos.to(dtype), module.rope_sin.to(dtype)
+
+
+class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"model.output.weight": "model.tok_embeddings.weight"}
+
+    def __init__(self, config: EgmlaConfig):
+        super().__init__(config)
+        self.model = Transformer(config.to_model_config())
+        self.post_init()
+
+    # ---- conversions -------------------------------------------------------------------------
+    @classmethod
+    def from_egmla(cls, transformer: Transformer, **config_kwargs) -> "EgmlaForCausalLM":
+        """Wrap a trained egmla Transformer (weights copied); config_kwargs set eos_token_id etc."""
+        config = EgmlaConfig.from_model_config(transformer.config, **config_kwargs)
+        param = transformer.tok_embeddings.weight
+        model = cls(config).to(device=param.device, dtype=param.dtype)
+        model.model.load_state_dict(transformer.state_dict())
+        model.model.set_decode_path(transformer.decode_path)
+        return model.eval()
+
+    def to_egmla(self) -> Transformer:
+        """The egmla Transformer inside (shared, not a copy)."""
+        return self.model
+
+    def get_input_embeddings(self):
+        return self.model.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.tok_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.model.output
+
+    def set_output_embeddings(self, value):
+        self.model.output = value
+
+    # ---- caches ------------------------------------------------------------------------------
+    def new_hf_cache(self, batch_size: int, max_length: int | None = None) -> EgmlaCache:
+        """An empty EgmlaCache for `batch_size` sequences, in the model's dtype and device, using the
+        model's current decode path (`model.model.set_decode_path(...)`)."""
+        param = self.model.tok_embeddings.weight
+        return EgmlaCache(self.model.config, batch_size, max_length, dtype=param.dtype, device=param.device,
+                          decode_path=self.model.decode_path)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not build a DynamicCache; prepare_inputs_for_generation makes ours
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):
+        if past_key_values is None and kwargs.get("use_cache", True):
+            past_key_values = self.new_hf_cache(input_ids.shape[0])
+        return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: EgmlaCache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, return_dict: bool | None = None, **kwargs):
+        """input_ids [batch, seq] -> logits [batch, seq, vocab].
+
+        Positions come from the cache (or 0.. without one), so position_ids is accepted and ignored.
+        A cache is made when use_cache=True is passed and none is given; use_cache=None (plain calls,
+        training) runs the causal forward without one."""
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError("inputs_embeds is not supported: EG-MLA gates are looked up by token id; pass input_ids")
+        if past_key_values is not None and not isinstance(past_key_values, EgmlaCache):
+            raise ValueError(f"past_key_values is a {type(past_key_values).__name__}: EgmlaForCausalLM needs an "
+                             f"EgmlaCache (model.new_hf_cache(batch_size)) or None")
+        batch, seq = input_ids.shape
+        new_mask = attention_mask[:, -seq:] if attention_mask is not None and attention_mask.dim() == 2 else None
+        padded = new_mask is not None and not bool(new_mask.all())
+        if past_key_values is None and use_cache:
+            past_key_values = self.new_hf_cache(batch)
+        if past_key_values is not None:
+            logits = self._forward_cached(input_ids, new_mask if padded else None, past_key_values)
+        elif padded:  # drop the pads through a throwaway cache, so every row sees only its own tokens
+            logits = self._forward_cached(input_ids, new_mask, self.new_hf_cache(batch, seq))
+        else:
+            logits = self.model(input_ids)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=-100)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if not return_dict:
+            return tuple(x for x in (loss, logits, past_key_values) if x is not None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def _forward_cached(self, input_ids: torch.Tensor, new_mask: torch.Tensor | None,
+                        cache: EgmlaCache) -> torch.Tensor:
+        """Append each row's real tokens (new_mask 1; all if None) to the cache; logits in input order."""
+        batch, seq = input_ids.shape
+        cache.reserve(seq)
+        if new_mask is None:
+            logits = self.model(input_ids, cache.kv)
+        else:
+            keep = new_mask.bool()
+            # Real tokens first, in order; the pads after them are written past the row's length and
+            # overwritten later (egmla's ragged-batch convention), so nothing ever attends to them.
+            order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+            packed = self.model(input_ids.gather(1, order), cache.kv, n_new=keep.sum(dim=1))
+            logits = torch.empty_like(packed).scatter_(1, order[..., None].expand_as(packed), packed)
+            logits = logits.masked_fill(~keep[..., None], 0.0)
+        cache.seen += seq
+        return logits

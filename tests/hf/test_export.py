@@ -1,0 +1,64 @@
+"""`egmla export --to hf|deepseek`: folders that load in transformers and give our logits."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
+
+import egmla.hf  # noqa: F401
+from egmla.cli import main as egmla_main
+from egmla.hf import EgmlaForCausalLM
+from egmla.hf.export import deepseek_state_dict
+from egmla.runs import load_model
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("variant", ["gqa", "eg-mla", "eg-mla-latent"])
+def test_export_hf_any_variant(variant, make_run, tmp_path, no_unpickling):
+    run, out = make_run(variant), tmp_path / "hf"
+    assert egmla_main(["export", "--run", str(run), "--to", "hf", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                       "tokenizer.json", "tokenizer_config.json"]
+    model, _ = load_model(run)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(loaded, EgmlaForCausalLM)
+    tokens = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens))
+
+
+@pytest.mark.parametrize("variant", ["mla", "mla-qlora-untied"])
+def test_export_deepseek_loads_in_transformers_with_our_logits(variant, make_run, tmp_path, no_unpickling):
+    run, out = make_run(variant), tmp_path / "ds"
+    assert egmla_main(["export", "--run", str(run), "--to", "deepseek", str(out)]) == 0
+    deepseek = AutoModelForCausalLM.from_pretrained(out)  # transformers' own class: no egmla code involved
+    assert type(deepseek) is DeepseekV3ForCausalLM
+    layers = deepseek.model.layers
+    assert all(type(layer.mlp).__name__ == "DeepseekV3MLP" for layer in layers)  # dense, no MoE
+    model, _ = load_model(run)
+    # every tensor of the export landed in the DeepSeek model unchanged
+    state = deepseek.state_dict()
+    for name, tensor in deepseek_state_dict(model).items():
+        assert torch.equal(state[name], tensor), name
+    tokens = torch.randint(0, 300, (3, 40))
+    with torch.no_grad():
+        theirs, ours = deepseek(tokens).logits, model(tokens)
+    assert relative_error(theirs, ours) < 1e-4
+    # and they continue text the same way, through their own cache
+    prompt = tokens[:1, :8]
+    theirs = deepseek.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    hf_ours = EgmlaForCausalLM.from_egmla(model).generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(theirs, hf_ours)
+
+
+def test_export_deepseek_refuses_egmla_and_nonempty_out(make_run, tmp_path, capsys):
+    assert egmla_main(["export", "--run", str(make_run("eg-mla")), "--to", "deepseek", str(tmp_path / "x")]) == 2
+    assert "attention='eg-mla'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert egmla_main(["export", "--run", str(make_run("mla")), "--to", "hf", str(tmp_path / "full")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind

@@ -1,0 +1,99 @@
+"""HF generate() over EgmlaCache: the same greedy tokens as egmla's GenerationEngine, a cache holding
+only the compressed latent (its bytes are what `egmla kv-report` measures), beam search consistent."""
+import json
+
+import pytest
+import torch
+
+import egmla.hf  # noqa: F401
+from egmla.cli import main as egmla_main
+from egmla.hf import EgmlaCache, EgmlaForCausalLM
+from egmla.infer import GenerationEngine
+from egmla.runs import load_model
+
+PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [12, 250, 3], [99, 98, 97, 96, 95]]
+
+
+def left_padded(prompts, pad_id=0):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa", "mla", "eg-mla", "eg-mla-latent"])
+def test_greedy_generate_matches_egmla_engine(variant, make_run):
+    model, _ = load_model(make_run(variant))
+    engine_out = GenerationEngine(model).generate(PROMPTS, max_new_tokens=12)
+    hf_model = EgmlaForCausalLM.from_egmla(model, pad_token_id=0)  # no eos: both run all 12 steps
+    ids, mask = left_padded(PROMPTS)
+    out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                            return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, EgmlaCache)
+    for row, generation in enumerate(engine_out):
+        assert out.sequences[row, ids.shape[1]:].tolist() == generation.token_ids
+
+
+@pytest.mark.parametrize("variant", ["mla", "eg-mla"])
+def test_cache_stores_only_the_latent_and_matches_kv_report(variant, make_run, capsys):
+    model, _ = load_model(make_run(variant), dtype=torch.bfloat16)
+    config = model.config
+    hf_model = EgmlaForCausalLM.from_egmla(model, pad_token_id=0)
+    ids, mask = left_padded(PROMPTS)
+    cache = hf_model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                              return_dict_in_generate=True).past_key_values
+    for layer in cache.kv.layers:
+        assert set(layer.buffers) == {"latent", "k_rope"}
+        assert layer.buffers["latent"].shape[-1] == config.kv_lora_rank
+        assert layer.buffers["k_rope"].shape[-1] == config.qk_rope_head_dim
+    assert cache.nbytes() == sum(t.numel() * t.element_size() for layer in cache.kv.layers
+                                 for t in layer.buffers.values()) + (
+        cache.kv.token_ids.numel() * 4 if cache.kv.token_ids is not None else 0)
+    # `egmla kv-report` for this very shape (the model's config is one of its rows)
+    overrides = [f"{name}={value}" for name, value in config.to_dict().items() if name != "attention"]
+    assert egmla_main(["kv-report", "--preset", "tiny", "--set", f"attention={config.attention}",
+                       *[a for o in overrides for a in ("--set", o)], "--json"]) == 0
+    rows = {row["variant"]: row for row in json.loads(capsys.readouterr().out)}
+    reported = rows[config.variant_name()]["measured_bytes_per_token"]
+    assert cache.bytes_per_token() == reported
+    full_kv_bytes = 2 * config.n_layers * config.n_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim)
+    assert cache.bytes_per_token() < full_kv_bytes / 3  # not the rebuilt K/V
+    assert cache.bytes_per_token() == 2 * config.n_layers * (config.kv_lora_rank + config.qk_rope_head_dim) + (
+        4 if config.attention == "eg-mla" else 0)
+
+
+def test_beam_search_reorders_the_cache(make_run):
+    model, _ = load_model(make_run("eg-mla"))
+    hf_model = EgmlaForCausalLM.from_egmla(model, pad_token_id=0)
+    ids, mask = left_padded(PROMPTS[:2])
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False, num_return_sequences=2)
+    cached = hf_model.generate(ids, **kwargs)
+    recomputed = hf_model.generate(ids, use_cache=False, **kwargs)  # full forward every step, no cache
+    assert cached.shape == (4, ids.shape[1] + 6)
+    assert torch.equal(cached, recomputed)
+
+
+def test_cache_grows_past_its_first_allocation(make_run):
+    model, _ = load_model(make_run("mla"))
+    hf_model = EgmlaForCausalLM.from_egmla(model)
+    cache = EgmlaCache(model.config, 1, initial_length=4)
+    ids = torch.tensor([PROMPTS[0]])
+    out = hf_model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False)
+    assert cache.kv.max_len >= 16 and cache.get_seq_length() == ids.shape[1] + 9
+    reference = GenerationEngine(model).generate([PROMPTS[0]], max_new_tokens=10)[0].token_ids
+    assert out[0, ids.shape[1]:].tolist() == reference
+    with pytest.raises(ValueError, match="max_length"):
+        EgmlaCache(model.config, 1, max_length=model.config.max_seq_len + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["mla", "eg-mla"])
+def test_generate_on_cuda_matches_engine(variant, make_run):
+    model, _ = load_model(make_run(variant), device="cuda")
+    engine_out = GenerationEngine(model).generate(PROMPTS, max_new_tokens=12)
+    hf_model = EgmlaForCausalLM.from_egmla(model, pad_token_id=0)
+    ids, mask = left_padded(PROMPTS)
+    out = hf_model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, do_sample=False)
+    for row, generation in enumerate(engine_out):
+        assert out[row, ids.shape[1]:].tolist() == generation.token_ids

@@ -1,0 +1,132 @@
+"""lm-evaluation-harness: the registered `egmla` model on the two local tasks, end to end; its scores
+checked against direct computation with our model and against lm-eval's own `hf` backend.
+
+lm-eval is a dev dependency: if it is missing these tests fail (they must not skip)."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import egmla.hf.lm_eval_model  # noqa: F401  (registers model "egmla")
+import lm_eval
+from egmla.hf.export import export_hf
+from egmla.hf.lm_eval_model import EgmlaLM
+from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
+
+TASKS = ["egmla_mc", "egmla_ppl"]
+METRICS = {"egmla_mc": ("acc,none", "acc_norm,none"),
+           "egmla_ppl": ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none")}
+
+
+def evaluate(tasks_dir, model: str, model_args: str) -> dict:
+    results = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=TASKS,
+                                      task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+                                      log_samples=False)
+    return {task: {metric: results["results"][task][metric] for metric in METRICS[task]} for task in TASKS}
+
+
+@pytest.fixture(scope="module")
+def scores(make_run, tasks_dir):
+    args = f"run={make_run('eg-mla')},batch_size=32"
+    return evaluate(tasks_dir, "egmla", args), evaluate(tasks_dir, "egmla", args)
+
+
+@pytest.fixture(scope="module")
+def lm(make_run):
+    return EgmlaLM(run=str(make_run("eg-mla")), batch_size=3)
+
+
+def test_local_tasks_run_end_to_end_deterministically(scores):
+    first, second = scores
+    assert first == second  # bit for bit, twice
+    mc, ppl = first["egmla_mc"], first["egmla_ppl"]
+    assert 0 <= mc["acc,none"] <= 1 and 0 <= mc["acc_norm,none"] <= 1
+    assert 1 < ppl["byte_perplexity,none"] < 300 and math.isfinite(ppl["word_perplexity,none"])
+    # lm-eval derives both from the same summed log-likelihoods: they must agree
+    assert ppl["byte_perplexity,none"] == pytest.approx(2 ** ppl["bits_per_byte,none"], rel=1e-9)
+
+
+def test_exported_model_scores_the_same_through_lm_evals_hf_backend(scores, make_run, tasks_dir, tmp_path):
+    export_hf(make_run("eg-mla"), tmp_path / "hf")  # lm-eval's HFLM loads it via AutoModelForCausalLM
+    theirs = evaluate(tasks_dir, "hf", f"pretrained={tmp_path / 'hf'},dtype=float32,device=cpu,"
+                                       f"backend=causal,batch_size=32")
+    for task, metrics in scores[0].items():
+        for metric, value in metrics.items():
+            assert theirs[task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
+
+
+def direct_logprob(lm: EgmlaLM, context_ids: list[int], continuation_ids: list[int]) -> tuple[float, bool]:
+    tokens = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        logprobs = F.log_softmax(lm.model(tokens[:, :-1]).float(), dim=-1)[0, len(context_ids) - 1:]
+    target = torch.tensor(continuation_ids)
+    return float(logprobs.gather(1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all())
+
+
+def test_loglikelihood_equals_direct_computation(lm):
+    pairs = [("Question: What do bees collect from flowers?\nAnswer:", " nectar"),
+             ("The library closed at six,", " but the reading room lights stayed on"),
+             ("Answer: ", "chalk"),  # trailing space moves to the continuation
+             ("", "Rain had fallen all night.")]  # empty context: conditioned on <|endoftext|>
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    results = lm.loglikelihood(requests)
+    enc = lm.tok_encode
+    expected = [direct_logprob(lm, enc(pairs[0][0]), enc(pairs[0][0] + pairs[0][1])[len(enc(pairs[0][0])):]),
+                direct_logprob(lm, enc(pairs[1][0]), enc(pairs[1][0] + pairs[1][1])[len(enc(pairs[1][0])):]),
+                direct_logprob(lm, enc("Answer:"), enc("Answer: chalk")[len(enc("Answer:")):]),
+                direct_logprob(lm, [lm.eot_token_id], enc(pairs[3][1]))]
+    for (score, greedy), (want, want_greedy) in zip(results, expected):
+        assert score == pytest.approx(want, rel=1e-5) and greedy == want_greedy and score < 0
+
+
+def test_loglikelihood_does_not_depend_on_batching(lm, make_run):
+    requests = [Instance("loglikelihood", {}, ("Question: " + "why " * n + "?\nAnswer:", " yes" * (1 + n % 3)), n)
+                for n in range(7)]
+    one_by_one = EgmlaLM(run=str(make_run("eg-mla")), batch_size=1).loglikelihood(requests)
+    for (a, greedy_a), (b, greedy_b) in zip(lm.loglikelihood(requests), one_by_one):
+        assert a == pytest.approx(b, rel=1e-5) and greedy_a == greedy_b
+
+
+def test_loglikelihood_rolling_equals_direct_computation(lm):
+    text = "Trains left the station every quarter of an hour."
+    ids = lm.tok_encode(text)
+    assert len(ids) < lm.max_length  # one window: the whole text after <|endoftext|>
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert rolling == pytest.approx(direct_logprob(lm, [lm.eot_token_id], ids)[0], rel=1e-5)
+    long_text = " ".join([text] * 12)  # several windows of max_length tokens
+    (long_score,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (long_text,), 0)])
+    assert len(lm.tok_encode(long_text)) > 2 * lm.max_length and math.isfinite(long_score)
+    assert long_score < rolling * 5
+
+
+def test_generate_until_is_greedy_and_stops(lm):
+    context, until = "The harbour town", ["\n", "."]
+    (text,) = lm.generate_until([Instance("generate_until", {}, (context, {"until": until, "max_gen_toks": 12}), 0)])
+    # plain greedy loop with full forwards, no cache, as the reference
+    ids = lm.tok_encode(context)
+    generated = []
+    with torch.no_grad():
+        for _ in range(12):
+            next_id = int(lm.model(torch.tensor([ids + generated]))[0, -1].argmax())
+            if next_id == lm.eot_token_id:
+                break
+            generated.append(next_id)
+    expected = lm.tok_decode(generated)
+    for stop in until:
+        expected = expected.split(stop)[0]
+    assert text == expected
+    assert not any(stop in text for stop in until)
+
+
+def test_lm_eval_command_line_with_egmla_registered(make_run, tmp_path):
+    command = [sys.executable, "-m", "egmla.hf.lm_eval_model", "--model", "egmla",
+               "--model_args", f"run={make_run('mla')}", "--tasks", "egmla_mc",
+               "--limit", "4", "--output_path", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "egmla_mc" in done.stdout and "acc" in done.stdout
+    assert list(tmp_path.rglob("results_*.json"))
