@@ -1,0 +1,1 @@
+"""Speed benchmarks behind `egmla bench decode|generate|train` (results go to docs/, never into tests)."""

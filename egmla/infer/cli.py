@@ -1,0 +1,129 @@
+"""`egmla generate`: generate text from a run directory, streaming, batched, any decode path."""
+import argparse
+import json
+import sys
+
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", default="runs/latest", help="run directory written by `egmla train`")
+    parser.add_argument("--checkpoint", help="a checkpoints/step_* folder of the run (default: latest good one)")
+    parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                        help="a prompt; repeat for a batch of prompts")
+    parser.add_argument("--prompt-file", action="append", default=[], metavar="F",
+                        help="a file whose whole text is one prompt (repeatable)")
+    parser.add_argument("--batch", metavar="FILE",
+                        help="a file with one prompt per non-empty line, all generated as one batch")
+    parser.add_argument("--num-samples", type=int, default=1, help="generate this many samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per sequence at most")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
+    parser.add_argument("--top-p", type=float, default=0.95,
+                        help="sample within the smallest set of tokens holding this probability; 1 = all")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop a sequence when it produces this text (cut from the output; repeatable)")
+    parser.add_argument("--eos-token", help="end-of-text token (default: found in the tokenizer, e.g. <|endoftext|>)")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    parser.add_argument("--decode-path", help="cached-attention path: naive, absorbed (MLA), gate-table (EG-MLA), "
+                                              "or any other the model supports (default: the variant's first)")
+    parser.add_argument("--offload-gate-tables", action="store_true",
+                        help="EG-MLA: keep gate tables in host memory, copy the rows in use to the device")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda if available")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="weights and cache dtype; auto = bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--json", action="store_true", help="print results as JSON at the end instead of streaming")
+
+
+def read_prompts(args) -> list[str]:
+    from pathlib import Path
+
+    prompts = list(args.prompt)
+    for path in args.prompt_file:
+        if not Path(path).is_file():
+            raise ValueError(f"--prompt-file {path!r}: no such file")
+        prompts.append(Path(path).read_text().removesuffix("\n"))
+    if args.batch:
+        if not Path(args.batch).is_file():
+            raise ValueError(f"--batch {args.batch!r}: no such file")
+        prompts += [line for line in Path(args.batch).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: give --prompt TEXT, --prompt-file F or --batch FILE")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples {args.num_samples}: must be >= 1")
+    return [p for p in prompts for _ in range(args.num_samples)]
+
+
+def find_eos(tokenizer, meta: dict, requested: str | None) -> int | None:
+    """The end-of-text id: --eos-token, else the run's data.eos_token, else a usual special token."""
+    names = [requested] if requested else [meta.get("data", {}).get("eos_token"), *EOS_CANDIDATES]
+    for name in filter(None, names):
+        token_id = tokenizer.token_to_id(name)
+        if token_id is not None:
+            return token_id
+    if requested:
+        raise ValueError(f"--eos-token {requested!r}: not in the run's tokenizer")
+    return None
+
+
+def resolve_device_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
+    return torch.device(device), {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def main(args) -> int:
+    from egmla.infer.engine import GenerationEngine
+    from egmla.infer.sampling import SamplingParams
+    from egmla.runs import load_model, load_tokenizer
+
+    prompts = read_prompts(args)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    model, meta = load_model(args.run, device=device, dtype=dtype, checkpoint=args.checkpoint)
+    tokenizer = load_tokenizer(args.run)
+    engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path,
+                              offload_gate_tables=args.offload_gate_tables)
+    eos = None if args.ignore_eos else find_eos(tokenizer, meta, args.eos_token)
+    if args.json:
+        on_token = None
+    elif len(prompts) == 1:  # stream the one sequence as it is produced
+        print(prompts[0], end="", flush=True)
+        on_token = _stream_single
+    else:  # print each sequence when it finishes
+        on_token = _BatchPrinter(prompts)
+    results = engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                              eos_token_id=eos, stop_strings=args.stop, on_token=on_token)
+    stats = engine.last_stats
+    if args.json:
+        print(json.dumps([{"prompt": prompts[r.index], "text": r.text, "token_ids": r.token_ids,
+                           "finish_reason": r.finish_reason} for r in results], indent=2))
+    elif len(prompts) == 1:
+        print()
+    summary = (f"[{model.config.variant_name()}, decode path {engine.decode_path}, {device}, batch {stats.batch_size}: "
+               f"{stats.generated_tokens} tokens, prefill {stats.prefill_seconds * 1e3:.0f} ms, "
+               f"decode {stats.decode_tokens_per_second:.1f} tokens/s, cache {stats.cache_bytes / 1e6:.2f} MB")
+    if engine.offload is not None:
+        summary += f", gate tables offloaded: {engine.offload.bytes_saved() / 1e6:.1f} MB off the device"
+    print(summary + "]", file=sys.stderr)
+    return 0
+
+
+def _stream_single(event) -> None:
+    print(event.text, end="", flush=True)
+
+
+class _BatchPrinter:
+    def __init__(self, prompts: list[str]):
+        self.prompts, self.texts = prompts, {}
+
+    def __call__(self, event) -> None:
+        self.texts[event.index] = self.texts.get(event.index, "") + event.text
+        if event.finish_reason is not None:
+            print(f"--- [{event.index}] ({event.finish_reason})\n{self.prompts[event.index]}"
+                  f"{self.texts.pop(event.index)}", flush=True)

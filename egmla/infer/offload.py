@@ -1,0 +1,150 @@
+"""Keep EG-MLA's gate tables in host memory; hold on the GPU only the rows of token ids in use.
+
+The paper offloads the embedding parameters at inference. Per layer the gate needs one row per token
+id: E_l[i] (the d_e-wide embedding, `naive` path) or G_l[i] = W_UE E_l[i] (the precomputed gate
+table, `gate-table` path). Those tables are V x d_e (or V x n_h(d_n+d_v)) per layer, but a batch of
+contexts uses only its distinct ids (DESIGN.md §4b: ~700 of 32K at 4K tokens). So:
+
+    host:    E_l (and G_l) for every layer, moved off the device
+    device:  rows[slot] for the ids seen so far, one slot map id -> slot shared by all layers
+
+A forward pre-hook on the model copies the rows of any new ids in `tokens` to the device before the
+layers run (a few rows per decode step), so every cached position's id is always resident. Lookups
+are then two on-device gathers, and the values are the very same rows: logits are bit-identical to
+the on-device path. Staging rows go through pinned memory when CUDA is used, so the copy is async.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+# Paths that read gate rows through `gate_embed(ids)` / `gate_table[ids]`, which the row cache serves.
+# The Triton 'kernel' path hands the whole gate table to the kernel, so it needs the table on the device.
+OFFLOADABLE_PATHS = ("naive", "gate-table", "absorbed")
+
+
+class OffloadedRows(nn.Module):
+    """Stands in for `gate_embed` (called with ids) or `gate_table` (indexed with ids)."""
+
+    def __init__(self, offload: "GateTableOffload", key: tuple[int, str]):
+        super().__init__()
+        self.offload, self.key = offload, key
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.offload.rows(self.key, token_ids)
+
+    def __getitem__(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.offload.rows(self.key, token_ids)
+
+
+class GateTableOffload:
+    """Moves every EG-MLA layer's gate tables to host memory and serves rows from a device cache.
+
+    Call after `model.set_decode_path(...)` (the gate-table path builds G_l on the device first);
+    to switch the decode path later, `restore()` the tables to the device first."""
+
+    def __init__(self, model: nn.Module, initial_rows: int = 256):
+        self.model = model
+        if model.decode_path not in OFFLOADABLE_PATHS:
+            raise ValueError(f"offload_gate_tables with decode_path={model.decode_path!r}: that path reads the "
+                             f"whole gate table on the device; use one of {', '.join(OFFLOADABLE_PATHS)}")
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.vocab_size = model.config.vocab_size
+        self.pin = self.device.type == "cuda"
+        self.host_tables: dict[tuple[int, str], torch.Tensor] = {}
+        with torch.no_grad():
+            for index, layer in enumerate(model.layers):
+                attn = layer.attn
+                if not hasattr(attn, "gate_embed"):
+                    continue
+                if isinstance(attn.gate_embed, OffloadedRows):
+                    raise ValueError("offload_gate_tables: this model's gate tables are already offloaded; "
+                                     "restore() the previous GateTableOffload first")
+                self.host_tables[(index, "embed")] = attn.gate_embed.weight.detach().to("cpu", copy=True)
+                attn.gate_embed = OffloadedRows(self, (index, "embed"))
+                if isinstance(attn.gate_table, torch.Tensor):
+                    self.host_tables[(index, "table")] = attn.gate_table.detach().to("cpu", copy=True)
+                    attn.gate_table = OffloadedRows(self, (index, "table"))
+        if not self.host_tables:
+            raise ValueError(f"offload_gate_tables: {model.config.variant_name()} has no gate tables; "
+                             f"only EG-MLA models can offload them")
+        self.initial_rows = initial_rows
+        self.reset()
+        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    def restore(self) -> None:
+        """Put the tables back on the device as they were and remove the hook."""
+        self._hook.remove()
+        with torch.no_grad():
+            for (index, kind), table in self.host_tables.items():
+                attn = self.model.layers[index].attn
+                delattr(attn, "gate_embed" if kind == "embed" else "gate_table")  # drop the OffloadedRows
+                if kind == "embed":
+                    attn.gate_embed = nn.Embedding.from_pretrained(table.to(self.device), freeze=False)
+                else:
+                    attn.gate_table = table.to(self.device)
+        self.host_tables, self.device_rows = {}, {}
+
+    # ---- the device-side row cache ---------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the resident rows (between batches); the host tables stay."""
+        with torch.inference_mode(False), torch.no_grad():
+            self.resident = np.zeros(self.vocab_size, dtype=bool)
+            self.n_resident = 0
+            self.slot_of_id = torch.zeros(self.vocab_size, dtype=torch.long, device=self.device)
+            rows = min(self.initial_rows, self.vocab_size)
+            self.device_rows = {key: torch.empty(rows, table.shape[1], dtype=table.dtype, device=self.device)
+                                for key, table in self.host_tables.items()}
+
+    def ensure(self, token_ids: torch.Tensor) -> None:
+        """Copy the rows of ids not yet resident to the device."""
+        ids = token_ids.detach().flatten().unique().cpu().numpy()
+        new = ids[~self.resident[ids]]
+        if new.size == 0:
+            return
+        first, end = self.n_resident, self.n_resident + new.size
+        with torch.inference_mode(False), torch.no_grad():
+            if end > self.capacity:
+                self._grow(min(max(end, 2 * self.capacity), self.vocab_size))
+            new_ids = torch.from_numpy(new).long()
+            for key, table in self.host_tables.items():
+                staging = torch.empty(new.size, table.shape[1], dtype=table.dtype, pin_memory=self.pin)
+                torch.index_select(table, 0, new_ids, out=staging)
+                self.device_rows[key][first:end].copy_(staging, non_blocking=self.pin)
+            self.slot_of_id[new_ids.to(self.device)] = torch.arange(first, end, device=self.device)
+        self.resident[new] = True
+        self.n_resident = end
+
+    def rows(self, key: tuple[int, str], token_ids: torch.Tensor) -> torch.Tensor:
+        """Gate rows [*token_ids.shape, width] for resident ids."""
+        return self.device_rows[key][self.slot_of_id[token_ids.long()]]
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.device_rows.values())).shape[0]
+
+    def _grow(self, capacity: int) -> None:
+        for key, old in self.device_rows.items():
+            grown = torch.empty(capacity, old.shape[1], dtype=old.dtype, device=self.device)
+            grown[: self.n_resident] = old[: self.n_resident]
+            self.device_rows[key] = grown
+
+    def _before_forward(self, module, args, kwargs):
+        tokens = args[0] if args else kwargs["tokens"]
+        self.ensure(tokens)
+
+    # ---- accounting ------------------------------------------------------------------------
+    def host_bytes(self) -> int:
+        """Bytes of gate tables moved off the device."""
+        return sum(t.numel() * t.element_size() for t in self.host_tables.values())
+
+    def device_bytes(self) -> int:
+        """Bytes the device holds instead: the row cache (at its current capacity) and the slot map."""
+        rows = sum(t.numel() * t.element_size() for t in self.device_rows.values())
+        return rows + self.slot_of_id.numel() * self.slot_of_id.element_size()
+
+    def bytes_saved(self) -> int:
+        return self.host_bytes() - self.device_bytes()

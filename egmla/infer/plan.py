@@ -1,0 +1,101 @@
+"""Memory planning: how many concurrent sequences of length T fit in M GB, per attention variant.
+
+    sequences = floor((M - weights - gate tables - reserve) / (cache bytes per token x T))
+
+Cache bytes per token are measured from a really allocated `KVCache` (egmla.accounting), so they
+include everything the engine stores (EG-MLA's token id, 4 B/token). Weights are the parameter count
+without the gate tables times the dtype's size; gate tables are EG-MLA's per-layer V x d_e embeddings
+(or, planning for the `gate-table` decode path, the precomputed V x n_h(d_n+d_v) tables), counted on
+the GPU or, when offloaded to host memory (egmla.infer.offload), not. GB means 10^9 bytes.
+"""
+from __future__ import annotations
+
+import torch
+
+from egmla.accounting import measured_cache_bytes_per_token, variant_configs
+from egmla.config import ModelConfig
+from egmla.model import count_params
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GB = 1e9
+
+
+def gate_table_params(config: ModelConfig, precomputed: bool = False) -> int:
+    """Parameters of the gate tables on the device: E_l (V x d_e) or, for the gate-table path, G_l."""
+    if not config.is_gated:
+        return 0
+    if precomputed and config.gate_placement == "up":
+        return config.n_layers * config.vocab_size * config.gate_out_dim
+    return count_params(config) - count_params(config, include_gate_tables=False)
+
+
+def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "bf16",
+             reserve_gb: float = 0.0, precomputed_gate_table: bool = False) -> dict:
+    """One variant's plan: bytes per part and the sequences that fit with gate tables on GPU / offloaded."""
+    torch_dtype = DTYPES[dtype]
+    item = torch.tensor([], dtype=torch_dtype).element_size()
+    cache_per_token, _ = measured_cache_bytes_per_token(config, torch_dtype)
+    weights = count_params(config, include_gate_tables=False) * item
+    tables = gate_table_params(config, precomputed_gate_table) * item
+    per_sequence = cache_per_token * context
+    budget = memory_gb * GB - reserve_gb * GB
+
+    def fit(resident: float) -> int:
+        return max(0, int((budget - resident) // per_sequence))
+
+    return {
+        "variant": config.variant_name(),
+        "attention": config.attention,
+        "cache_bytes_per_token": cache_per_token,
+        "cache_bytes_per_sequence": per_sequence,
+        "weight_bytes": weights,
+        "gate_table_bytes": tables,
+        "sequences": fit(weights + tables),
+        "sequences_gate_tables_offloaded": fit(weights),
+    }
+
+
+def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "bf16", reserve_gb: float = 0.0,
+              precomputed_gate_table: bool = False) -> list[dict]:
+    """The model `base` and the same shape under every other variant (egmla.accounting.variant_configs),
+    with ratios of sequences against MHA and MLA kv256."""
+    if context <= 0 or memory_gb <= 0:
+        raise ValueError(f"context={context}, memory_gb={memory_gb}: both must be positive")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    rows = []
+    for config in variant_configs(base):
+        row = plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table)
+        row["is_model"] = config.to_dict() == base.to_dict()
+        rows.append(row)
+    for key, reference in (("vs_mha", "MHA"), ("vs_mla_kv256", "MLA kv256")):
+        ref = next((r for r in rows if r["variant"] == reference), None)
+        for row in rows:
+            for column in ("sequences", "sequences_gate_tables_offloaded"):
+                denominator = ref[column] if ref else 0
+                row[f"{column}_{key}"] = row[column] / denominator if denominator else None
+    return rows
+
+
+def format_plan(rows: list[dict], title: str) -> str:
+    def ratio(value):
+        return f"{value:.2f}x" if value is not None else "-"
+
+    header = (f"{'variant':<27} {'cache B/tok':>11} {'MB/seq':>8} {'weights GB':>10} {'gates GB':>8} "
+              f"{'seqs':>7} {'vs MHA':>7} {'vs MLA256':>9} {'seqs, gates off GPU':>19} {'vs MHA':>7} {'vs MLA256':>9}")
+    lines = [title, header, "-" * len(header)]
+    for r in rows:
+        name = ("* " if r["is_model"] else "  ") + r["variant"]
+        gates = f"{r['gate_table_bytes'] / GB:.3f}" if r["gate_table_bytes"] else "-"
+        lines.append(
+            f"{name:<27} {r['cache_bytes_per_token']:>11,.0f} {r['cache_bytes_per_sequence'] / 1e6:>8.1f} "
+            f"{r['weight_bytes'] / GB:>10.3f} {gates:>8} {r['sequences']:>7,} {ratio(r['sequences_vs_mha']):>7} "
+            f"{ratio(r['sequences_vs_mla_kv256']):>9} {r['sequences_gate_tables_offloaded']:>19,} "
+            f"{ratio(r['sequences_gate_tables_offloaded_vs_mha']):>7} "
+            f"{ratio(r['sequences_gate_tables_offloaded_vs_mla_kv256']):>9}")
+    lines.append("* = the model asked about. seqs: gate tables on the GPU; 'gates off GPU': gate tables in host "
+                 "memory (--offload-gate-tables), rows gathered per step; the device then still holds the rows of the "
+                 "batch's distinct ids (not counted here, at most the tables' size).")
+    lines.append("cache B/tok measured from an allocated cache (EG-MLA includes its 4 B token id); GB = 1e9 B; "
+                 "activations and allocator slack are not counted (use --reserve-gb).")
+    return "\n".join(lines)

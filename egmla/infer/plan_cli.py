@@ -1,0 +1,52 @@
+"""`egmla plan`: how many concurrent sequences of length T fit in M GB, for a model and every variant."""
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run directory written by `egmla train` (its config.json gives the model)")
+    source.add_argument("--preset", help="model shape: tiny, paper-base or paper-1b")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model field of the preset, e.g. --set kv_lora_rank=32 (repeatable)")
+    parser.add_argument("--context", type=int, required=True, metavar="T",
+                        help="tokens per sequence (prompt + generated) to plan for")
+    parser.add_argument("--memory-gb", type=float, required=True, metavar="M",
+                        help="device memory available for weights + gate tables + cache, in GB (1e9 bytes)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                        help="dtype of weights and cache")
+    parser.add_argument("--reserve-gb", type=float, default=0.0,
+                        help="memory to set aside for activations, workspace and allocator slack")
+    parser.add_argument("--gate-table", action="store_true",
+                        help="plan EG-MLA for the gate-table decode path: count the precomputed V x n_h(d_n+d_v) "
+                             "gate tables instead of the V x d_e embeddings")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def main(args) -> int:
+    from egmla.config import ModelConfig, preset
+    from egmla.configfile import parse_overrides
+    from egmla.infer.plan import format_plan, plan_rows
+
+    if args.run:
+        from egmla.runs import read_run_config
+
+        if args.overrides:
+            raise ValueError("--set applies to --preset only; a run's shape is fixed by its config.json")
+        base, source = ModelConfig.from_dict(read_run_config(args.run)["model"]), f"run {args.run}"
+    else:
+        base, source = preset(args.preset, **parse_overrides(args.overrides, section="model")), f"preset {args.preset}"
+    rows = plan_rows(base, args.context, args.memory_gb, args.dtype, args.reserve_gb, args.gate_table)
+    if args.json:
+        print(json.dumps({"source": source, "context": args.context, "memory_gb": args.memory_gb,
+                          "dtype": args.dtype, "reserve_gb": args.reserve_gb, "gate_table_path": args.gate_table,
+                          "rows": rows}, indent=2))
+        return 0
+    title = (f"Memory plan: {source} ({base.n_layers} layers, d_model {base.d_model}, vocab {base.vocab_size}), "
+             f"{args.context} tokens per sequence, {args.memory_gb:g} GB, {args.dtype}"
+             + (", EG-MLA gate-table path" if args.gate_table else ""))
+    print(format_plan(rows, title))
+    if args.context > base.max_seq_len:
+        print(f"note: context {args.context} exceeds the model's max_seq_len={base.max_seq_len}; "
+              f"the plan is for the same shape with a longer context.")
+    return 0

@@ -1,0 +1,52 @@
+"""Tiny models of every variant, a tokenizer and run directories on disk, for the inference tests."""
+import json
+from pathlib import Path
+
+import torch
+
+from egmla.config import ModelConfig
+from egmla.model import Transformer
+from egmla.runs import FORMAT_VERSION, save_weights
+
+VOCAB = 300
+LATENT = dict(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+# init_std 0.1 (not 0.02) so that random models have clear argmax margins: greedy ties between paths
+# that differ by rounding (1e-7) would be luck, not a bug.
+SHAPE = dict(vocab_size=VOCAB, n_layers=2, d_model=64, n_heads=4, max_seq_len=48, init_std=0.1)
+VARIANTS = {
+    "mha": dict(attention="mha"),
+    "gqa": dict(attention="gqa", n_kv_heads=2),
+    "mla": dict(attention="mla", **LATENT),
+    "eg-mla": dict(attention="eg-mla", gate_dim=32, **LATENT),
+    "eg-mla-latent": dict(attention="eg-mla", gate_dim=32, gate_placement="latent", **LATENT),
+}
+
+TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings "
+        "and arrows of outrageous fortune, or to take arms against a sea of troubles and by opposing end them. "
+        "Café naïve — façade. ") * 20
+
+
+def tiny_config(variant: str, **overrides) -> ModelConfig:
+    return ModelConfig(**{**SHAPE, **VARIANTS[variant], **overrides})
+
+
+def tiny_model(variant: str, seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(tiny_config(variant, **overrides)).eval()
+
+
+def train_tokenizer(vocab_size: int = VOCAB):
+    """The project's byte-level BPE (id 0 = <|endoftext|>) on a few KB of text, in well under a second."""
+    from egmla.data.tokenizer import train_tokenizer as train_bpe
+
+    return train_bpe([TEXT], vocab_size)
+
+
+def write_run(run_dir: Path, model: Transformer, tokenizer, format_version: int = FORMAT_VERSION) -> Path:
+    """A run directory as `egmla train` writes it (config.json, tokenizer.json, model.safetensors)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({"format_version": format_version,
+                                                     "model": model.config.to_dict()}))
+    tokenizer.save(str(run_dir / "tokenizer.json"))
+    save_weights(model, run_dir / "model.safetensors")
+    return run_dir

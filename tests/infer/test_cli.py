@@ -1,0 +1,54 @@
+"""`egmla generate` on run directories written the way `egmla train` writes them."""
+import json
+
+from egmla.cli import main as egmla_main
+from egmla.runs import FORMAT_VERSION
+from tests.infer.helpers import tiny_model, write_run
+
+
+def generate(capsys, *argv):
+    code = egmla_main(["generate", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_streams_one_prompt(capsys, run_dir):
+    code, out, err = generate(capsys, "--run", str(run_dir), "--prompt", "To be, or", "--max-new-tokens", "12",
+                              "--temperature", "0")
+    assert code == 0 and out.startswith("To be, or") and len(out) > len("To be, or\n")
+    assert "EG-MLA kv16" in err and "tokens/s" in err
+    code, again, _ = generate(capsys, "--run", str(run_dir.parent / "latest"), "--prompt", "To be, or",
+                              "--max-new-tokens", "12", "--temperature", "0", "--decode-path", "gate-table",
+                              "--offload-gate-tables")
+    assert code == 0 and again == out  # runs/latest symlink, another path, offloaded tables: same text
+
+
+def test_generate_batch_json_and_seeds(capsys, run_dir, tmp_path):
+    batch = tmp_path / "prompts.txt"
+    batch.write_text("To be\n\nwhether 'tis nobler in the mind\n")
+    args = ["--run", str(run_dir), "--batch", str(batch), "--prompt", "Café", "--max-new-tokens", "10",
+            "--temperature", "1.0", "--ignore-eos"]
+    code, out, _ = generate(capsys, *args, "--json", "--seed", "1")
+    results = json.loads(out)
+    assert code == 0 and [r["prompt"] for r in results] == ["Café", "To be", "whether 'tis nobler in the mind"]
+    assert all(len(r["token_ids"]) == 10 and r["finish_reason"] == "length" for r in results)
+    assert json.loads(generate(capsys, *args, "--json", "--seed", "1")[1]) == results
+    assert json.loads(generate(capsys, *args, "--json", "--seed", "2")[1]) != results
+    code, out, _ = generate(capsys, *args)  # without --json: each sequence printed when it finishes
+    assert code == 0 and out.count("--- [") == 3 and "(length)" in out
+
+
+def test_generate_bad_input_is_one_clear_line(capsys, run_dir, tmp_path, tokenizer):
+    code, _, err = generate(capsys, "--run", str(run_dir), "--prompt", "x", "--decode-path", "absorbed")
+    assert code == 2 and "decode_path='absorbed'" in err and "naive, gate-table" in err
+    code, _, err = generate(capsys, "--run", str(run_dir), "--prompt", "")
+    assert code == 2 and "empty" in err
+    code, _, err = generate(capsys, "--run", str(run_dir), "--prompt", "to be " * 40)
+    assert code == 2 and "max_seq_len=48" in err
+    code, _, err = generate(capsys, "--run", str(run_dir))
+    assert code == 2 and "no prompt" in err
+    old = write_run(tmp_path / "old-run", tiny_model("mla"), tokenizer, format_version=FORMAT_VERSION + 1)
+    code, _, err = generate(capsys, "--run", str(old), "--prompt", "x")
+    assert code == 2 and f"format_version={FORMAT_VERSION + 1}" in err
+    code, _, err = generate(capsys, "--run", str(tmp_path / "missing"), "--prompt", "x")
+    assert code == 2 and "no config.json" in err

@@ -1,0 +1,136 @@
+"""Generation engine: decode paths agree with each other and with full recompute, ragged batches,
+seeded sampling, stop conditions, streaming, bad input."""
+import pytest
+import torch
+from tests.infer.helpers import VARIANTS, tiny_model
+
+from egmla.attention import decode_paths
+from egmla.infer import GenerationEngine, SamplingParams
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [120, 8], [33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45], [260]]
+
+
+def greedy_full_recompute(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """The reference: no cache, the whole sequence through the training forward at every step."""
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            sequence.append(int(model(torch.tensor([sequence]))[0, -1].argmax()))
+    return sequence[len(prompt):]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_same_on_every_path_and_as_full_recompute(variant):
+    model = tiny_model(variant)
+    expected = [greedy_full_recompute(model, prompt, 10) for prompt in PROMPTS]
+    assert len({tuple(tokens) for tokens in expected}) > 1  # the prompts lead to different outputs
+    for path in decode_paths(model.config):
+        results = GenerationEngine(model, decode_path=path).generate(PROMPTS, max_new_tokens=10)
+        assert [r.token_ids for r in results] == expected, path
+        assert all(r.finish_reason == "length" for r in results)
+
+
+@pytest.mark.parametrize("variant,path", [("mha", "naive"), ("mla", "absorbed"), ("eg-mla", "gate-table"),
+                                          ("eg-mla", "grouped")])
+def test_ragged_batch_with_early_finish_equals_each_alone(variant, path):
+    """Sequences that finish early leave the batch (cache rows dropped); the others must not notice."""
+    model = tiny_model(variant, seed=1)
+    engine = GenerationEngine(model, decode_path=path)
+    free_run = engine.generate(PROMPTS, max_new_tokens=12)
+    eos = free_run[0].token_ids[3]  # sequence 0 stops at step 4 at the latest
+    batch = engine.generate(PROMPTS, max_new_tokens=12, eos_token_id=eos)
+    alone = [engine.generate([prompt], max_new_tokens=12, eos_token_id=eos)[0] for prompt in PROMPTS]
+    assert batch[0].finish_reason == "eos" and len(batch[0].token_ids) <= 4
+    assert any(r.finish_reason == "length" for r in batch)  # someone outlived sequence 0
+    assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
+    assert [r.finish_reason for r in batch] == [r.finish_reason for r in alone]
+
+
+def test_context_limit_ends_with_length():
+    model = tiny_model("mla")
+    context = model.config.max_seq_len
+    prompt = list(range(1, context - 2))  # room for 3 more cached tokens, so 4 new ones at most
+    result = GenerationEngine(model).generate([prompt, [1, 2]], max_new_tokens=20)
+    assert len(result[0].token_ids) == 4 and result[0].finish_reason == "length"
+    assert len(result[1].token_ids) == 20
+    full = GenerationEngine(model).generate([list(range(1, context + 1))], max_new_tokens=5)[0]
+    assert len(full.token_ids) == 1  # a prompt filling the context still gets its one next token
+
+
+def test_same_seed_same_samples_different_seed_differs():
+    model = tiny_model("eg-mla")
+    engine = GenerationEngine(model, decode_path="gate-table")
+
+    def sample(seed):
+        params = SamplingParams(temperature=1.5, top_k=100, top_p=0.98, seed=seed)
+        return [r.token_ids for r in engine.generate(PROMPTS, max_new_tokens=16, sampling=params)]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert sample(8) != first
+    assert first != [r.token_ids for r in engine.generate(PROMPTS, max_new_tokens=16)]  # not greedy
+
+
+def test_streaming_events_rebuild_the_text_and_stop_strings_cut(tokenizer):
+    model = tiny_model("eg-mla", vocab_size=tokenizer.get_vocab_size())
+    engine = GenerationEngine(model, tokenizer)
+    prompts = ["To be, or not", "whether 'tis"]
+    plain = engine.generate(prompts, max_new_tokens=20)
+    events = []
+    streamed = engine.generate(prompts, max_new_tokens=20, on_token=events.append)
+    for result in streamed:
+        mine = [e for e in events if e.index == result.index]
+        assert [e.token_id for e in mine] == result.token_ids
+        assert "".join(e.text for e in mine) == result.text == tokenizer.decode(result.token_ids)
+        assert mine[-1].finish_reason == "length" and all(e.finish_reason is None for e in mine[:-1])
+    text = plain[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop.strip()
+    events.clear()
+    stopped = engine.generate(prompts[:1], max_new_tokens=20, stop_strings=[stop], on_token=events.append)[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == text[: text.index(stop)]
+    assert "".join(e.text for e in events) == stopped.text  # no part of the stop string was streamed
+
+
+def test_bad_input_raises_clear_value_errors(tokenizer):
+    model = tiny_model("eg-mla")
+    engine = GenerationEngine(model)
+    with pytest.raises(ValueError, match="max_seq_len=48"):
+        engine.generate([list(range(1, 50))])
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([[]])
+    with pytest.raises(ValueError, match="prompts is empty"):
+        engine.generate([])
+    with pytest.raises(ValueError, match="vocab_size=300"):
+        engine.generate([[1, 300]])
+    with pytest.raises(ValueError, match="decode_path='absorbed'.*naive, gate-table"):
+        GenerationEngine(model, decode_path="absorbed")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate([[1]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.generate(["text"])
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1.0)
+
+
+def test_stats_and_cache_size():
+    model = tiny_model("eg-mla")
+    engine = GenerationEngine(model)
+    engine.generate(PROMPTS, max_new_tokens=6)
+    stats = engine.last_stats
+    assert stats.generated_tokens == 6 * len(PROMPTS) and stats.batch_size == len(PROMPTS)
+    assert len(stats.step_seconds) == 5 and stats.decode_tokens_per_second > 0
+    longest = max(len(p) for p in PROMPTS) + 5
+    per_token = 2 * (16 + 8) * 4 + 4  # two layers of fp32 (latent + k_rope), one int32 id
+    assert stats.cache_bytes == len(PROMPTS) * longest * per_token
+
+
+@pytest.mark.parametrize("variant,path", [("gqa", "naive"), ("mla", "absorbed"), ("eg-mla", "gate-table")])
+def test_chunked_prefill_equals_one_call(variant, path):
+    model = tiny_model(variant, seed=2)
+    one_call = GenerationEngine(model, decode_path=path).generate(PROMPTS, max_new_tokens=6)
+    chunked = GenerationEngine(model, decode_path=path, prefill_token_budget=9)  # 2 tokens x 4 rows a call
+    assert [r.token_ids for r in chunked.generate(PROMPTS, max_new_tokens=6)] == [r.token_ids for r in one_call]

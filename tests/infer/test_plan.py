@@ -1,0 +1,53 @@
+"""Memory planner: the paper-base figures the issue asks for, and the CLI around it."""
+import json
+
+import pytest
+
+from egmla.cli import main as egmla_main
+from egmla.config import preset
+from egmla.infer.plan import plan_row, plan_rows
+from egmla.model import count_params
+
+
+def by_variant(rows):
+    return {r["variant"]: r for r in rows}
+
+
+def test_paper_base_4096_tokens_60_gb_ratios():
+    rows = by_variant(plan_rows(preset("paper-base"), context=4096, memory_gb=60))
+    egmla = rows["EG-MLA kv64"]
+    assert egmla["is_model"] and not rows["MHA"]["is_model"]
+    for column in ("sequences", "sequences_gate_tables_offloaded"):  # tables on the GPU and offloaded
+        assert egmla[column] >= 11.5 * rows["MHA"][column]
+        assert egmla[column] >= 2.4 * rows["MLA kv256"][column]
+    assert egmla["sequences_vs_mha"] == egmla["sequences"] / rows["MHA"]["sequences"]
+    # The gate tables (12 layers x 32768 x 512, bf16) are what separates the two columns.
+    assert egmla["gate_table_bytes"] == 12 * 32768 * 512 * 2
+    assert egmla["sequences_gate_tables_offloaded"] > egmla["sequences"]
+    assert rows["MHA"]["gate_table_bytes"] == 0
+
+
+def test_plan_row_arithmetic():
+    config = preset("paper-base", attention="mha")
+    row = plan_row(config, context=1000, memory_gb=10, dtype="fp32")
+    assert row["cache_bytes_per_token"] == 2 * 12 * 768 * 4
+    assert row["weight_bytes"] == count_params(config) * 4
+    assert row["sequences"] == int((10e9 - row["weight_bytes"]) // (row["cache_bytes_per_token"] * 1000))
+    assert plan_row(config, context=1000, memory_gb=0.1)["sequences"] == 0  # weights alone do not fit
+
+
+def test_plan_cli_table_json_and_run(capsys, run_dir):
+    assert egmla_main(["plan", "--preset", "paper-base", "--context", "4096", "--memory-gb", "60"]) == 0
+    table = capsys.readouterr().out
+    assert "* EG-MLA kv64" in table and "MLA kv256" in table and "MHA" in table
+    assert egmla_main(["plan", "--run", str(run_dir), "--context", "32", "--memory-gb", "1", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    model_rows = [r for r in plan["rows"] if r["is_model"]]
+    assert len(model_rows) == 1 and model_rows[0]["variant"] == "EG-MLA kv16"
+    assert egmla_main(["plan", "--preset", "paper-base", "--context", "0", "--memory-gb", "60"]) == 2
+    assert "context=0" in capsys.readouterr().err
+
+
+def test_plan_rejects_bad_dtype():
+    with pytest.raises(ValueError, match="dtype"):
+        plan_rows(preset("tiny"), 128, 1, dtype="int8")
