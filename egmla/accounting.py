@@ -64,18 +64,33 @@ def kv_rows(configs: list[ModelConfig], dtype=torch.bfloat16) -> list[dict]:
             "decode_paths": list(paths),
         }
         rows.append(row)
+        if "grouped" in paths:
+            rows.append(grouped_row(row, config, dtype, mha_elements))
     return rows
 
 
+def grouped_row(row: dict, config: ModelConfig, dtype, mha_elements: int | None) -> dict:
+    """The same variant with the cache of decode path 'grouped' (DESIGN.md §4b): + (mu, rho) fp32 per
+    position and layer, + the token groups (slot, rank, distinct id, count: int32) per position for all layers."""
+    measured, id_bytes = measured_cache_bytes_per_token(config, dtype, "grouped")
+    cache_bytes = row["bytes_per_token_bf16"] + 8 * config.n_layers  # two fp32 statistics per layer
+    return {**row, "variant": f"{row['variant']} (grouped: +2 fp32 stats/layer)", "decode_paths": ["grouped"],
+            "bytes_per_token_bf16": cache_bytes, "measured_bytes_per_token": measured,
+            "token_id_bytes_per_token": id_bytes,
+            "reduction_vs_mha": (1 - cache_bytes / (2 * mha_elements)) if mha_elements else None}
+
+
 def format_kv_table(rows: list[dict]) -> str:
-    header = (f"{'variant':<26} {'elem/token':>10} {'bf16 B/token':>12} {'measured B/token':>16} "
+    name_width = max([26] + [len(r["variant"]) for r in rows])
+    header = (f"{'variant':<{name_width}} {'elem/token':>10} {'bf16 B/token':>12} {'measured B/token':>16} "
               f"{'vs MHA':>8} {'params (M)':>11} {'w/o gate tables':>15}")
     lines = [header, "-" * len(header)]
     for r in rows:
         red = (f"{-100 * r['reduction_vs_mha']:+.1f}%" if r["attention"] != "mha" and r["reduction_vs_mha"] is not None else "-")
-        lines.append(f"{r['variant']:<26} {r['elements_per_token']:>10,} {r['bytes_per_token_bf16']:>12,} "
+        lines.append(f"{r['variant']:<{name_width}} {r['elements_per_token']:>10,} {r['bytes_per_token_bf16']:>12,} "
                      f"{r['measured_bytes_per_token']:>16,.0f} {red:>8} {r['params'] / 1e6:>11.1f} "
                      f"{r['params_without_gate_tables'] / 1e6:>15.1f}")
     lines.append("elements/token sum all layers (DESIGN.md §3); measured bytes come from an allocated bf16 cache "
-                 "and include EG-MLA's token id (4 B/token, once for all layers).")
+                 "and include EG-MLA's token id (4 B/token, once for all layers); 'grouped' rows add (mu, rho) fp32 per "
+                 "layer and 16 B of token groups (slot, rank, distinct id, count; once for all layers) per token.")
     return "\n".join(lines)

@@ -120,7 +120,7 @@ class Transformer(nn.Module):
             ctx = AttnContext(tokens, positions, self.rope_cos[:seq].expand(batch, -1, -1),
                               self.rope_sin[:seq].expand(batch, -1, -1))
         else:
-            ctx = self._cached_context(tokens, cache)
+            ctx = self._cached_context(tokens, cache, n_new)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, ctx, cache.layers[i] if cache is not None else None)
@@ -129,7 +129,7 @@ class Transformer(nn.Module):
             cache.advance(n_new if n_new is not None else torch.full_like(cache.lengths, seq))
         return logits
 
-    def _cached_context(self, tokens: torch.Tensor, cache: KVCache) -> AttnContext:
+    def _cached_context(self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None = None) -> AttnContext:
         if cache.batch_size != tokens.shape[0]:
             raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch_size {cache.batch_size}: "
                              f"allocate the cache with new_cache({tokens.shape[0]})")
@@ -140,8 +140,11 @@ class Transformer(nn.Module):
             rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
             cache.token_ids[rows, positions] = tokens.to(cache.token_ids.dtype)
             kv_ids = cache.token_ids[:, :kv_len]
+        if cache.token_groups is not None:  # decode path 'grouped': group positions by id (only real tokens)
+            cache.token_groups.append(tokens, positions, n_new, with_stats=self.decode_path == "grouped")
         return AttnContext(tokens, positions, self.rope_cos[positions], self.rope_sin[positions],
-                           kv_len=kv_len, mask=attention_mask(positions, kv_len), kv_token_ids=kv_ids)
+                           kv_len=kv_len, mask=attention_mask(positions, kv_len), kv_token_ids=kv_ids,
+                           kv_groups=cache.token_groups)
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dtype not in (torch.int32, torch.int64):

@@ -20,6 +20,7 @@ class CacheSpec:
 
     tensors: dict[str, tuple[tuple[int, ...], torch.dtype | None]]
     needs_token_ids: bool = False
+    needs_token_groups: bool = False  # positions grouped by token id (EG-MLA decode path 'grouped')
 
 
 class LayerCache:
@@ -56,6 +57,11 @@ class KVCache:
         needs_ids = any(spec.needs_token_ids for spec in specs)
         self.token_ids = (torch.zeros(batch_size, max_len, dtype=torch.int32, device=device)
                           if needs_ids else None)
+        self.token_groups = None  # per-sequence distinct ids + slot per position, shared by all layers
+        if any(spec.needs_token_groups for spec in specs):
+            from egmla.attention.grouped import TokenGroups
+
+            self.token_groups = TokenGroups(batch_size, max_len, device)
 
     def positions_for(self, seq_len: int) -> torch.Tensor:
         """Positions [batch, seq_len] where the next `seq_len` tokens of each sequence go."""
@@ -72,10 +78,13 @@ class KVCache:
 
     def reset(self) -> None:
         self.lengths.zero_()
+        if self.token_groups is not None:
+            self.token_groups.reset()
 
     def nbytes(self) -> int:
         ids = self.token_ids.numel() * self.token_ids.element_size() if self.token_ids is not None else 0
-        return sum(layer.nbytes() for layer in self.layers) + ids
+        groups = self.token_groups.nbytes() if self.token_groups is not None else 0
+        return sum(layer.nbytes() for layer in self.layers) + ids + groups
 
     def bytes_per_token(self) -> float:
         """Bytes actually allocated per cached position (per sequence), measured from the tensors."""

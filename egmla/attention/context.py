@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -16,6 +17,8 @@ class AttnContext:
     kv_len: int = 0  # cached positions to read (max over the batch, after this call's writes)
     mask: torch.Tensor | None = None  # [batch, 1, seq, kv_len] bool, True = may attend
     kv_token_ids: torch.Tensor | None = None  # [batch, kv_len] ids of all cached positions
+    kv_groups: Any = None  # TokenGroups of the cache (decode path 'grouped', egmla/attention/grouped.py)
+    kv_ln_stats: torch.Tensor | None = None  # [batch, kv_len, 2] this layer's cached norm stats ('grouped')
 
     @property
     def cached(self) -> bool:

@@ -16,12 +16,18 @@ Decode paths:
            gate-table  the paper's EG-MLA-A: G = E W_UE^T precomputed once, decode gathers rows
   latent:  naive       rebuild K/V from the cached f_t
            absorbed    MLA's absorbed decode over f_t (the gate is already inside the cache)
+  both:    kernel      Triton: up = fused rebuild-and-attend (egmla/kernels/egmla_decode.py) over the
+                       gate table, latent = MLA's absorbed decode kernel
+  up, mul, LayerNorm/RMSNorm:
+           grouped     exact decode grouped by token id (DESIGN.md §4b, egmla/attention/grouped.py): the
+                       cache also holds each position's norm statistics; rebuild work scales with distinct ids
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from egmla.attention import grouped
 from egmla.attention.cache import CacheSpec
 from egmla.attention.context import AttnContext
 from egmla.attention.mla import MultiHeadLatentAttention
@@ -48,16 +54,19 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     @staticmethod
     def decode_paths(config: ModelConfig) -> tuple[str, ...]:
         if config.gate_placement == "latent":
-            return ("naive", "absorbed")
-        return ("naive", "gate-table")
+            return ("naive", "absorbed", "kernel")
+        return ("naive", "gate-table", "kernel") + (("grouped",) if grouped.supports_grouped(config) else ())
 
     @staticmethod
     def cache_spec(config: ModelConfig, decode_path: str = "naive") -> CacheSpec:
         spec = MultiHeadLatentAttention.cache_spec(config, decode_path)
+        if decode_path == "grouped":  # + (mu, rho) of each position, and positions grouped by token id
+            tensors = {**spec.tensors, "ln_stats": ((2,), torch.float32)}
+            return CacheSpec(tensors, needs_token_ids=True, needs_token_groups=True)
         return CacheSpec(spec.tensors, needs_token_ids=config.gate_placement == "up")
 
     def on_decode_path_set(self) -> None:
-        if self.decode_path == "gate-table":
+        if self.decode_path == "gate-table" or (self.decode_path == "kernel" and self.gate_placement == "up"):
             self.build_gate_table()
         else:
             self.gate_table = None
@@ -99,3 +108,50 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def attend_gate_table(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
         k_nope, v = self.expand_kv(latent, kv_ids, use_table=True)
         return self.sdpa(q_nope, q_pe, k_nope, k_pe, v, ctx)
+
+    # ---- Triton decode ("kernel") ---------------------------------------------------------
+    def attend_kernel(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
+        """Placement up: fused Triton decode, K/V rebuilt on chip from c_t, the gate-table row and the
+        position's norm statistics; prefill, or a device the kernel cannot run on, takes 'gate-table'.
+        Placement latent: MLA's absorbed decode kernel over the cached f_t."""
+        if self.gate_placement == "latent":
+            return super().attend_kernel(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
+        from egmla.kernels import kernel_unavailable_reason, warn_fallback_once
+
+        if q_nope.shape[1] != 1 or not ctx.cached:
+            return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
+        reason = kernel_unavailable_reason(latent.device)
+        if reason:
+            warn_fallback_once("decode path 'kernel' (EG-MLA)", reason)
+            return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
+        from egmla.kernels.egmla_decode import egmla_decode
+
+        norm = self.gate_norm
+        out = egmla_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, kv_ids, self.ln_stats(latent, kv_ids),
+                           ctx.positions[:, 0] + 1, self.gate_table, self.wkv_b.weight,
+                           getattr(norm, "weight", None), getattr(norm, "bias", None), self.softmax_scale,
+                           gate_op=self.gate_op)
+        return out.unsqueeze(1)
+
+    def ln_stats(self, latent: torch.Tensor, kv_ids: torch.Tensor) -> torch.Tensor:
+        """[batch, len, 2] fp32 (mean, rstd) of each cached position's gated K/V, for the fused kernel.
+
+        Recomputed here for the whole context by one Triton pass (a second rebuild per step); they are
+        fixed once a token is appended, so a cache that stores them per position can return those."""
+        from egmla.kernels.egmla_decode import layernorm_stats_triton
+
+        kind = {nn.LayerNorm: "layernorm", nn.RMSNorm: "rmsnorm"}.get(type(self.gate_norm), "none")
+        return layernorm_stats_triton(latent, kv_ids, self.gate_table, self.wkv_b.weight, self.n_heads,
+                                      self.qk_nope_head_dim, getattr(self.gate_norm, "eps", 0.0) or 0.0,
+                                      gate_op=self.gate_op, norm=kind)
+
+    # ---- decode grouped by token id ("grouped", DESIGN.md §4b) ------------------------------
+    def forward(self, x: torch.Tensor, ctx: AttnContext, cache=None) -> torch.Tensor:
+        if cache is not None and self.decode_path == "grouped":
+            return grouped.forward(self, x, ctx, cache)  # also writes each new position's (mu, rho)
+        return super().forward(x, ctx, cache)
+
+    def attend_grouped(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
+        """Exact EG-MLA attention grouped by token id: Triton kernels for one new token per sequence
+        on CUDA, the PyTorch reference otherwise. Returns [batch, seq, heads, d_v]."""
+        return grouped.attend(self, q_nope, q_pe, latent, k_pe, ctx)

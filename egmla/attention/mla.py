@@ -13,6 +13,8 @@ Decode paths over the cache (c_t, k^R_t):
   naive     rebuild k^C, v for every cached position, then SDPA.
   absorbed  fold W_UK into the query and W_UV into the output, attend over c_t directly
             (an MQA with one shared "head" of width d_c + d_r). Exact in real arithmetic.
+  kernel    the absorbed decode as one Triton flash-decoding kernel (egmla/kernels/mla_decode.py)
+            for one new token per sequence; prefill uses `absorbed`.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ class MultiHeadLatentAttention(nn.Module):
     # ---- what the registry needs ---------------------------------------------------------
     @staticmethod
     def decode_paths(config: ModelConfig) -> tuple[str, ...]:
-        return ("naive", "absorbed")
+        return ("naive", "absorbed", "kernel")
 
     @staticmethod
     def rope_dim(config: ModelConfig) -> int:
@@ -124,6 +126,25 @@ class MultiHeadLatentAttention(nn.Module):
         probs = masked_softmax_attention(scores, mask).to(latent.dtype)
         out_latent = torch.einsum("bsht,btc->bshc", probs, latent)
         return torch.einsum("bshc,hdc->bshd", out_latent, w_uv)  # W_UV per head
+
+    def attend_kernel(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
+        """Absorbed decode through the Triton kernel (one new token per sequence); several new tokens
+        (prefill) take the absorbed PyTorch path, and so does a device the kernel cannot run on."""
+        from egmla.kernels import kernel_unavailable_reason, warn_fallback_once
+
+        if q_nope.shape[1] != 1 or not ctx.cached:
+            return self.attend_absorbed(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
+        reason = kernel_unavailable_reason(latent.device)
+        if reason:
+            warn_fallback_once("decode path 'kernel' (MLA)", reason)
+            return self.attend_absorbed(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
+        from egmla.kernels.mla_decode import mla_decode
+
+        w_uk, w_uv = self.up_weights()
+        q_latent = torch.einsum("bhd,hdc->bhc", q_nope[:, 0], w_uk)  # W_UK^T q^C per head
+        lengths = ctx.positions[:, 0] + 1  # the new token sees positions 0..its own
+        out_latent = mla_decode(q_latent, q_pe[:, 0].contiguous(), latent, k_pe, lengths, self.softmax_scale)
+        return torch.einsum("bhc,hdc->bhd", out_latent, w_uv).unsqueeze(1)  # W_UV per head
 
 
 def _causal(scores: torch.Tensor) -> torch.Tensor:

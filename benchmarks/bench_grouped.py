@@ -1,0 +1,228 @@
+"""Grouped EG-MLA decode study (DESIGN.md §4b, docs/grouped-decode.md), one layer of paper-base.
+
+Per text corpus (python-source, embedded English; a 32K byte-level BPE trained on each): the distinct-id
+count per context length, then per (B, T) the decode-attention time of MHA SDPA, MLA kv64 absorbed
+(Triton), EG-MLA kv64 fused rebuild (Triton, cached norm stats) and EG-MLA kv64 grouped (+ kernel
+variants, + the per-step plan), all in one run (CUDA-graph replays, do_bench median, L2 flushed), and
+a bf16 check of grouped against the fused kernel (and the fp32 reference for B <= 32).
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_grouped.py --ids .cache/bench_ids/ids.safetensors --out grouped.json
+    python benchmarks/bench_grouped.py --ids .cache/bench_ids/ids.safetensors --ids-only      # build the ids (CPU)
+    python benchmarks/bench_grouped.py --plot grouped.json docs/grouped-decode.png        # plot a result
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from egmla.bench.decode import copy_bandwidth_gbs, measure
+from egmla.bench.decode_cases import build_cases, kernel_paths_available
+from egmla.bench.grouped import distinct_ratios, grouped_cases, grouped_inputs
+from egmla.bench.token_ids import text_token_ids
+from egmla.config import preset
+
+VARIANTS = {"MHA": dict(attention="mha"), "MLA kv64": dict(attention="mla", kv_lora_rank=64),
+            "EG-MLA kv64": dict(attention="eg-mla", kv_lora_rank=64)}
+KERNEL_VARIANTS = {"grouped absorb only": {"stages": 1}, "grouped absorb+attend": {"stages": 2},
+                   "grouped w4": {"num_warps": 4}, "grouped keygather": {"key_gather": True}}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="paper-base", help="model shapes")
+    p.add_argument("--batch", default="1,8,32,128", help="comma-separated batch sizes")
+    p.add_argument("--context", default="512,4096,16384", help="comma-separated context lengths")
+    p.add_argument("--text", default="python-source,embedded", help="comma-separated corpora (token-id sources)")
+    p.add_argument("--ids", metavar="SAFETENSORS", help="token ids per corpus: read if present, else built and saved here")
+    p.add_argument("--ids-only", action="store_true", help="only build the token ids and print the distinct-id ratios")
+    p.add_argument("--variant-shapes", default="32x4096,128x4096,32x16384,1x4096,8x4096",
+                   help="BxT shapes where the grouped kernel variants are also timed ('' = none)")
+    p.add_argument("--check", default="1,8,32",
+                   help="batch sizes whose grouped output is also checked against the fp32 reference")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke test (TRITON_INTERPRET=1, --preset tiny)")
+    p.add_argument("--warmup-ms", type=float, default=20.0, help="warm-up per case")
+    p.add_argument("--rep-ms", type=float, default=80.0, help="measured time per case (median of repetitions)")
+    p.add_argument("--out", metavar="JSON", help="write rows and settings here")
+    p.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="plot a result file (time vs context) and exit")
+    return p.parse_args(argv)
+
+
+def token_ids(args, texts, batch, length, vocab) -> dict:
+    from safetensors.torch import load_file, save_file
+
+    path = Path(args.ids) if args.ids else None
+    stored = load_file(path) if path and path.is_file() else {}
+    ids = {}
+    for text in texts:
+        key = f"{text}@{vocab}"  # a BPE of the model's vocab size, trained on the corpus
+        if key not in stored or stored[key].shape[0] < batch or stored[key].shape[1] < length:
+            print(f"tokenizing {text} ({batch} x {length} ids, BPE of {vocab} ids trained on it) ...", flush=True)
+            stored[key] = text_token_ids(batch, length, vocab, text)[0].contiguous()
+            if path:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file(stored, str(path))
+        ids[text] = stored[key]
+    return ids
+
+
+def check_grouped(config, batch, length, ids, device, dtype, with_reference) -> dict:
+    """bf16 grouped output vs the fused rebuild kernel on the same inputs, and vs the fp32 reference."""
+    from egmla.attention.grouped import attend_reference
+
+    attn, args, _ = grouped_inputs(config, batch, length, ids, device, dtype)
+    grouped = attn.attend_grouped(*args).float()
+    attn.ln_stats = lambda latent, kv_ids: args[-1].kv_ln_stats  # the fused kernel reads the same stats
+    fused = attn.attend_kernel(*args).float()
+    out = {"rel_err_vs_fused": ((grouped - fused).norm() / fused.norm()).item(), "finite": bool(grouped.isfinite().all())}
+    if with_reference:
+        ref = attend_reference(attn, *(a.float() for a in args[:4]), args[-1]).float()
+        out["rel_err_vs_fp32_ref"] = ((grouped - ref).norm() / ref.norm()).item()
+    return out
+
+
+def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, with_reference: bool) -> list[dict]:
+    """Every path at one (B, T) with ids `tok` [B, T] of corpus `text`; MHA / MLA only for the first corpus."""
+    batch, length = tok.shape
+    config = {v: preset(args.preset, max_seq_len=length, **kw) for v, kw in VARIANTS.items()}
+    cases = []
+    if text == args.text.split(",")[0].strip():  # MHA / MLA do not depend on the ids
+        cases += build_cases("MHA", config["MHA"], batch, length, tok, device, dtype, ("sdpa",))
+        cases += build_cases("MLA kv64", config["MLA kv64"], batch, length, tok, device, dtype, ("triton",))
+    cases += build_cases("EG-MLA kv64", config["EG-MLA kv64"], batch, length, tok, device, dtype, ("triton",))
+    cases += grouped_cases(config["EG-MLA kv64"], batch, length, tok, device, dtype,
+                           variants=KERNEL_VARIANTS if with_variants else None)
+    check = check_grouped(config["EG-MLA kv64"], batch, length, tok, device, dtype, with_reference)
+    rows = []
+    for case in cases:
+        row = {"text": text, "batch": batch, "context": length, "variant": case.variant, "path": case.path, **case.extra}
+        try:
+            row.update(measure(case, device, timing) if case.path != "grouped-plan" else wall_us(case.run, device))
+        except torch.OutOfMemoryError as err:
+            row["skipped"] = f"out of memory: {str(err)[:100]}"
+        if case.path == "grouped":
+            row.update(check)
+        rows.append(row)
+        print(_line(row), flush=True)
+    del cases
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    batches = [int(b) for b in args.batch.split(",")]
+    contexts = [int(t) for t in args.context.split(",")]
+    texts = [t.strip() for t in args.text.split(",")]
+    base = preset(args.preset, attention="mha")
+    ids = token_ids(args, texts, max(batches), max(contexts), base.vocab_size)
+    rows, meta = [], {"ratios": {t: distinct_ratios(ids[t], contexts) for t in texts}}
+    for text in texts:
+        for r in meta["ratios"][text]:
+            print(f"{text:>14} T={r['context']:>6}: distinct ids median {r['distinct_median']:.0f} "
+                  f"(mean {r['distinct_mean']:.0f}), {r['positions_per_distinct']:.1f} positions per id", flush=True)
+    if args.ids_only:
+        return rows
+    if kernel_paths_available(device):
+        raise SystemExit(f"needs a CUDA GPU: {kernel_paths_available(device)}")
+    meta.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                copy_gbs=copy_bandwidth_gbs(device), torch=torch.__version__)
+    timing = argparse.Namespace(graph=True, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, hbm_gbs=3000.0, peak_tflops=782.0)
+    checks = [int(b) for b in args.check.split(",") if b]
+    shapes = sorted(((b, t) for t in contexts for b in batches), key=lambda s: (s != (32, 4096), s[1], s[0]))
+    variant_shapes = {tuple(int(x) for x in s.split("x")) for s in args.variant_shapes.split(",") if s}
+    for batch, length in shapes:  # the shape of the targets first
+        for text in texts:
+            rows += bench_shape(args, text, ids[text][:batch, :length].to(device), device, dtype, timing,
+                                (batch, length) in variant_shapes, batch in checks)
+            _speedups(rows)
+            meta["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            if args.out:  # after every shape: a run cut short still leaves its rows
+                Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(summary(rows))
+    return rows
+
+
+def wall_us(fn, device, repeats: int = 20) -> dict:
+    """The per-step plan syncs with the host (its sizes), so it is timed as a decode step sees it: wall
+    clock over back-to-back calls (no L2 flush or graph), median of 5 rounds."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _: None)
+    fn()
+    rounds = []
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync(device)
+        rounds.append((time.perf_counter() - start) / repeats * 1e6)
+    return {"median_us": sorted(rounds)[2], "timing": "wall clock, back-to-back calls"}
+
+
+def _line(row) -> str:
+    us = f"{row['median_us']:9.1f} µs" if "median_us" in row else row.get("skipped", "?")
+    extra = f" err vs fused {row['rel_err_vs_fused']:.1e}" if "rel_err_vs_fused" in row else ""
+    return f"{row['text']:>14} B={row['batch']:>4} T={row['context']:>6} {row['variant']:>12} {row['path']:<16} {us}{extra}"
+
+
+def _speedups(rows) -> None:
+    by = {(r["batch"], r["context"], r["variant"], r["path"]): r.get("median_us") for r in rows}
+    for r in rows:
+        key = (r["batch"], r["context"])
+        if "median_us" not in r:
+            continue
+        for name, ref in (("x_mha", ("MHA", "sdpa")), ("x_mla", ("MLA kv64", "triton"))):
+            if by.get(key + ref):
+                r[name] = by[key + ref] / r["median_us"]
+        fused = next((x["median_us"] for x in rows if (x["batch"], x["context"], x["text"], x["path"]) ==
+                      key + (r["text"], "triton") and x["variant"] == "EG-MLA kv64" and "median_us" in x), None)
+        if fused:
+            r["x_fused"] = fused / r["median_us"]
+
+
+def summary(rows) -> str:
+    lines = [f"{'text':>14} {'B':>4} {'T':>6} {'path':<26} {'µs':>9} {'x MHA':>7} {'x MLA':>7} {'x fused':>8}"]
+    for r in rows:
+        if "median_us" in r:
+            lines.append(f"{r['text']:>14} {r['batch']:>4} {r['context']:>6} {r['variant'] + ' ' + r['path']:<26} "
+                         f"{r['median_us']:>9.1f} {r.get('x_mha', 0):>7.2f} {r.get('x_mla', 0):>7.2f} "
+                         f"{r.get('x_fused', 0):>8.2f}")
+    return "\n".join(lines)
+
+
+def plot(json_path: str, png_path: str, batch: int = 32) -> None:
+    """Decode time per layer vs context at one batch size: MHA, MLA absorbed, EG-MLA fused and grouped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(json_path).read_text())
+    rows = [r for r in data["rows"] if r["batch"] == batch and "median_us" in r]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    series = [("MHA", "sdpa", "MHA SDPA"), ("MLA kv64", "triton", "MLA kv64 absorbed (Triton)"),
+              ("EG-MLA kv64", "triton", "EG-MLA kv64 fused rebuild (Triton)"),
+              ("EG-MLA kv64", "grouped", "EG-MLA kv64 grouped (Triton)")]
+    for text, style in (("python-source", "-"), ("embedded", "--")):
+        for variant, path, label in series:
+            pts = sorted((r["context"], r["median_us"]) for r in rows if (r["variant"], r["path"]) == (variant, path)
+                         and (r["text"] == text or variant != "EG-MLA kv64"))
+            if pts and (variant == "EG-MLA kv64" or text == "python-source"):
+                ax.plot(*zip(*pts), style, marker="o", label=label + (f" [{text}]" if variant == "EG-MLA kv64" else ""))
+    ax.set(xscale="log", yscale="log", xlabel="context T (tokens)", ylabel="µs per layer and decode step",
+           title=f"paper-base, B={batch}, bf16, {data['meta'].get('device', '?')}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
+if __name__ == "__main__":
+    cli = parse_args()
+    if cli.plot:
+        plot(*cli.plot)
+        sys.exit(0)
+    run(cli)

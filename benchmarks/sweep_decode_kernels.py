@@ -1,0 +1,169 @@
+"""Tuning sweep of the Triton decode kernels (GPU): every launch configuration is checked against the
+fp32 reference (bf16, rel. error < 1e-2) and timed (CUDA-graph replays, do_bench median, L2 flushed).
+
+    PYTHONPATH=$PWD python3 benchmarks/sweep_decode_kernels.py --out sweep.json
+
+Prints, per kernel and shape, the configurations from fastest to slowest; the defaults in
+egmla/kernels/*.py come from these runs (docs/kernels.md records them).
+"""
+import argparse
+import itertools
+import json
+
+import torch
+
+from egmla.bench.decode import graphed, median_us
+from egmla.bench.token_ids import text_token_ids
+from egmla.kernels.egmla_decode import egmla_decode, layernorm_stats_triton
+from egmla.kernels.egmla_decode_ref import egmla_decode_ref
+from egmla.kernels.mla_decode import mla_decode
+from egmla.kernels.mla_decode_ref import mla_decode_ref
+from egmla.kernels.split_combine import choose_num_splits
+
+HEADS, D_N, D_R, D_V, VOCAB = 12, 64, 64, 64, 32768
+
+
+def timed(fn, check, device) -> dict:
+    try:
+        err = check(fn())
+        run = graphed(fn)[0] if device.type == "cuda" else fn
+        result = {"us": median_us(run, device, 10, 60), "rel_err": err}
+    except Exception as exc:  # a configuration the compiler rejects (shared memory, registers): record it
+        result = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+    print("   ", result, flush=True)  # the partial log survives a timeout
+    return result
+
+
+def rel(out, ref):
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    if out.isnan().any() or not err < 1e-2:  # a fast wrong configuration must not win
+        raise ValueError(f"wrong result: rel. error {err:.3g}, NaN {bool(out.isnan().any())}")
+    return err
+
+
+def sweep_mla(batch, length, d_c, device):
+    q_latent = torch.randn(batch, HEADS, d_c, device=device, dtype=torch.bfloat16)
+    q_pe = torch.randn(batch, HEADS, D_R, device=device, dtype=torch.bfloat16)
+    latent = torch.randn(batch, length, d_c, device=device, dtype=torch.bfloat16)
+    k_rope = torch.randn(batch, length, D_R, device=device, dtype=torch.bfloat16)
+    lengths = torch.full((batch,), length, device=device)
+    ref = mla_decode_ref(q_latent, q_pe, latent, k_rope, lengths, 0.088)
+    rows = []
+    for block_t, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 4)):
+        auto = choose_num_splits(batch, 1, length, block_t, latent.device)
+        for splits in sorted({max(1, auto // 2), auto, min(64, 2 * auto)}):
+            cfg = dict(block_t=block_t, num_warps=warps, num_stages=stages, num_splits=splits)
+            res = timed(lambda: mla_decode(q_latent, q_pe, latent, k_rope, lengths, 0.088, **cfg),
+                        lambda o: rel(o, ref), device)
+            rows.append({"kernel": f"mla_decode kv{d_c}", "batch": batch, "context": length, **cfg, **res})
+    bytes_ = batch * length * (d_c + D_R) * 2
+    for row in rows:
+        if "us" in row:
+            row["gbytes_per_s"] = bytes_ / row["us"] / 1e3
+    return rows
+
+
+def sweep_egmla(batch, length, ids, device):
+    width = HEADS * (D_N + D_V)
+    g = lambda *s, m=0.0, sd=1.0: (m + sd * torch.randn(*s, device=device)).to(torch.bfloat16)
+    inputs = dict(q_nope=g(batch, HEADS, D_N), q_pe=g(batch, HEADS, D_R), latent=g(batch, length, 64),
+                  k_rope=g(batch, length, D_R), token_ids=ids[:batch, :length].to(device),
+                  lengths=torch.full((batch,), length, device=device), gate_table=g(VOCAB, width, m=1.0, sd=0.5),
+                  wkv_b=g(width, 64, sd=0.125), norm_weight=g(width, m=1.0, sd=0.3), norm_bias=g(width, sd=0.3))
+    stat_args = (inputs["latent"], inputs["token_ids"], inputs["gate_table"], inputs["wkv_b"], HEADS, D_N)
+    stats = layernorm_stats_triton(*stat_args)
+    ref = egmla_decode_ref(**inputs, scale=0.088)
+    rows = []
+    check = lambda out: rel(out, ref)  # noqa: E731
+    for block_t, hp, warps in itertools.product((32, 64, 128), (1, 2, 4), (4, 8)):
+        cfg = dict(block_t=block_t, heads_per_program=hp, num_warps=warps, num_stages=2)
+        res = timed(lambda: egmla_decode(**inputs, ln_stats=stats, scale=0.088, **cfg), check, device)
+        rows.append({"kernel": "egmla_decode kv64", "batch": batch, "context": length, **cfg, **res})
+    best = min((r for r in rows if "us" in r), key=lambda r: r["us"], default=None)
+    if best:  # pipelining depth and split count around the best tile shape
+        cfg = {k: best[k] for k in ("block_t", "heads_per_program", "num_warps")}
+        auto = choose_num_splits(batch, -(-HEADS // cfg["heads_per_program"]), length, cfg["block_t"], device)
+        for stages, splits in [(3, None)] + [(2, s) for s in (max(1, auto // 2), 2 * auto, 4 * auto)]:
+            more = dict(cfg, num_stages=stages, num_splits=splits)
+            res = timed(lambda: egmla_decode(**inputs, ln_stats=stats, scale=0.088, **more), check, device)
+            rows.append({"kernel": "egmla_decode kv64", "batch": batch, "context": length, **more, **res})
+    for block_t in (32, 64, 128):
+        res = timed(lambda: layernorm_stats_triton(*stat_args, block_t=block_t), lambda o: rel(o, stats), device)
+        rows.append({"kernel": "layernorm_stats kv64", "batch": batch, "context": length, "block_t": block_t, **res})
+    return rows
+
+
+def calibration(batch, length, device) -> list[dict]:
+    """What this timing method gives for the bytes MLA kv64 must read, without any attention math:
+    one tiny kernel (the fixed cost of a timed graph replay), a PyTorch sum and a copy of the cache."""
+    cache = torch.randn(batch, length, 64 + D_R, device=device, dtype=torch.bfloat16)
+    copy, one = torch.empty_like(cache), torch.zeros(1, device=device)
+    rows = []
+    for name, fn, bytes_ in [("tiny kernel", lambda: one.add_(1), 0), ("sum of the kv64 cache", lambda: cache.sum(), cache.nbytes),
+                             ("copy of the kv64 cache", lambda: copy.copy_(cache), 2 * cache.nbytes)]:
+        print(name)
+        res = timed(fn, lambda out: 0.0, device)
+        rows.append({"kernel": "calibration", "batch": batch, "context": length, "what": name, **res,
+                     "gbytes_per_s": bytes_ / res["us"] / 1e3 if "us" in res else None})
+    return rows
+
+
+def profile_once(batch, length, ids, device):
+    """Launch each kernel twice with its default configuration (run under ncu)."""
+    q = torch.randn(batch, HEADS, 64, device=device, dtype=torch.bfloat16)
+    latent = torch.randn(batch, length, 64, device=device, dtype=torch.bfloat16)
+    k_rope = torch.randn(batch, length, D_R, device=device, dtype=torch.bfloat16)
+    lengths = torch.full((batch,), length, device=device)
+    width = HEADS * (D_N + D_V)
+    gate = (1 + 0.5 * torch.randn(VOCAB, width, device=device)).to(torch.bfloat16)
+    wkv_b = (0.125 * torch.randn(width, 64, device=device)).to(torch.bfloat16)
+    token_ids = ids[:batch, :length].to(device)
+    for _ in range(2):
+        mla_decode(q, q, latent, k_rope, lengths, 0.088)
+        stats = layernorm_stats_triton(latent, token_ids, gate, wkv_b, HEADS, D_N)
+        egmla_decode(q, q, latent, k_rope, token_ids, stats, lengths, gate, wkv_b, None, None, 0.088)
+    torch.cuda.synchronize()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="32x4096", help="comma-separated BATCHxCONTEXT")
+    parser.add_argument("--kernels", default="mla,egmla", help="mla and/or egmla")
+    parser.add_argument("--top", type=int, default=8, help="configurations printed per kernel and shape")
+    parser.add_argument("--out", help="JSON of every configuration")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only with TRITON_INTERPRET=1 (checks the script)")
+    parser.add_argument("--profile", action="store_true", help="only launch each kernel twice (run under ncu)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    ids, _ = text_token_ids(max(b for b, _ in shapes), max(t for _, t in shapes), VOCAB, "embedded")
+    if args.profile:
+        return profile_once(*shapes[0], ids, device)
+    rows = []
+    for batch, length in shapes:
+        if device.type == "cuda":
+            rows += calibration(batch, length, device)
+        if "mla" in args.kernels.split(","):
+            rows += sweep_mla(batch, length, 64, device) + sweep_mla(batch, length, 256, device)
+        if "egmla" in args.kernels.split(","):
+            rows += sweep_egmla(batch, length, ids, device)
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device: {device_name}")
+    for r in rows:
+        if r["kernel"] == "calibration":
+            print(f"calibration B={r['batch']} T={r['context']}: {r['what']}: {r.get('us', 0):.1f} us, "
+                  f"{r.get('gbytes_per_s') or 0:.0f} GB/s")
+    for key in dict.fromkeys((r["kernel"], r["batch"], r["context"]) for r in rows if r["kernel"] != "calibration"):
+        group = [r for r in rows if (r["kernel"], r["batch"], r["context"]) == key]
+        ok = sorted((r for r in group if "us" in r), key=lambda r: r["us"])
+        print(f"== {key[0]} B={key[1]} T={key[2]}: {len(ok)} ran, {len(group) - len(ok)} failed")
+        for r in ok[: args.top]:
+            print("  " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                                  if k not in ("kernel", "batch", "context")))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": device_name, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

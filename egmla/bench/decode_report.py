@@ -1,0 +1,116 @@
+"""Tables, JSON and the plot of `egmla bench decode` (rows are dicts, see egmla/bench/decode.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+BASELINE = ("MHA", "sdpa")
+FOCUS = (32, 4096)  # the shape of DESIGN.md §4 and of the targets
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """speedup_vs_mha = MHA SDPA time / this time, for rows of the same (batch, context) in this run."""
+    mha = {(r["batch"], r["context"]): r["median_us"] for r in rows
+           if (r["variant"], r["path"]) == BASELINE and "median_us" in r}
+    for row in rows:
+        base = mha.get((row["batch"], row["context"]))
+        if base and "median_us" in row:
+            row["speedup_vs_mha"] = base / row["median_us"]
+
+
+def _label(row: dict) -> str:
+    return f"{row['variant']} {row['path']}"
+
+
+def text_table(rows: list[dict]) -> str:
+    lines = [f"{'B':>4} {'T':>6}  {'variant / path':<26} {'µs':>9} {'GB/s':>7} {'TFLOP/s':>8} "
+             f"{'floor µs':>9} {'% floor':>7} {'x MHA':>6}"]
+    for row in rows:
+        head = f"{row['batch']:>4} {row['context']:>6}  {_label(row):<26}"
+        if "median_us" not in row:
+            lines.append(f"{head} skipped: {row.get('skipped', '?')}")
+            continue
+        lines.append(f"{head} {row['median_us']:>9.1f} {row['gbytes_per_s']:>7.0f} {row['tflops']:>8.2f} "
+                     f"{row['floor_us']:>9.1f} {row['pct_of_floor']:>6.0f}% {row.get('speedup_vs_mha', 0):>6.2f}")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """One table per context (µs and speedup over MHA per batch), then the detail of the focus shape."""
+    out = [f"Device: {meta['device']}, {meta['dtype']}, preset {meta['preset']}, torch {meta['torch']}, "
+           f"triton {meta['triton']}; token ids: {meta['token_ids']['source']} text; {meta['timing']}; "
+           f"floor = max(bytes / {meta['hbm_gbs_for_floor']:.0f} GB/s, FLOPs / {meta['peak_tflops_for_floor']:.0f} "
+           f"TFLOP/s); measured copy bandwidth {meta['measured_copy_gbs'] or 0:.0f} GB/s.", ""]
+    batches = sorted({r["batch"] for r in rows})
+    labels = list(dict.fromkeys(_label(r) for r in rows))
+    for context in sorted({r["context"] for r in rows}):
+        out += [f"T = {context}: median µs per layer (speedup over MHA SDPA)", "",
+                "| variant / path | " + " | ".join(f"B={b}" for b in batches) + " |",
+                "|---|" + "---:|" * len(batches)]
+        for label in labels:
+            cells = []
+            for batch in batches:
+                row = next((r for r in rows if _label(r) == label and r["batch"] == batch and r["context"] == context), None)
+                cells.append("—" if row is None else "skipped" if "median_us" not in row else
+                             f"{row['median_us']:.1f} ({row.get('speedup_vs_mha', 0):.2f}×)")
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("")
+    focus = [r for r in rows if (r["batch"], r["context"]) == FOCUS and "median_us" in r]
+    if focus:
+        out += [f"B = {FOCUS[0]}, T = {FOCUS[1]}: against the floor", "",
+                "| variant / path | µs | GB/s | TFLOP/s | floor µs | % of floor | × MHA |", "|---|---:|---:|---:|---:|---:|---:|"]
+        out += [f"| {_label(r)} | {r['median_us']:.1f} | {r['gbytes_per_s']:.0f} | {r['tflops']:.2f} | "
+                f"{r['floor_us']:.1f} | {r['pct_of_floor']:.0f}% | {r.get('speedup_vs_mha', 0):.2f} |" for r in focus]
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], meta: dict, path: str) -> None:
+    """Left: µs vs context at the focus batch; right: µs vs batch at the focus context (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if "median_us" in r]
+    batches, contexts = sorted({r["batch"] for r in timed}), sorted({r["context"] for r in timed})
+    batch = FOCUS[0] if FOCUS[0] in batches else batches[-1]
+    context = FOCUS[1] if FOCUS[1] in contexts else contexts[-1]
+    # colour = variant, line and marker = path, so 16 lines stay readable
+    variants = list(dict.fromkeys(r["variant"] for r in timed))
+    paths = list(dict.fromkeys(r["path"] for r in timed))
+    colours = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
+    styles = {p: (["-", "--", ":", "-."][i % 4], "osD^vx*"[i % 7]) for i, p in enumerate(paths)}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, (key, fixed_key, fixed) in zip(axes, [("context", "batch", batch), ("batch", "context", context)]):
+        for variant, bench_path in dict.fromkeys((r["variant"], r["path"]) for r in timed):
+            points = sorted((r[key], r["median_us"]) for r in timed
+                            if (r["variant"], r["path"]) == (variant, bench_path) and r[fixed_key] == fixed)
+            if points:
+                line, marker = styles[bench_path]
+                ax.plot(*zip(*points), line, marker=marker, color=colours[variant], label=f"{variant} {bench_path}")
+        ax.set(xscale="log", yscale="log", xlabel=key, ylabel="µs per layer (median)",
+               title=f"decode attention, {fixed_key} = {fixed}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"egmla bench decode: {meta['device']}, {meta['dtype']}, {meta['preset']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], meta: dict, json_path: str | None, png_path: str | None,
+                  md_path: str | None, quiet: bool = False) -> None:
+    from egmla.runs import atomic_write_bytes, atomic_write_json
+
+    for path in (json_path, png_path, md_path):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if json_path:
+        atomic_write_json(json_path, {**meta, "rows": rows})
+        if not quiet:
+            print(f"wrote {json_path}")
+    if md_path:
+        atomic_write_bytes(md_path, markdown(rows, meta).encode())
+        print(f"wrote {md_path}")
+    if png_path and any("median_us" in r for r in rows):
+        plot(rows, meta, png_path)
+        print(f"wrote {png_path}")

@@ -1,0 +1,126 @@
+"""The grouped EG-MLA decode (DESIGN.md §4b) in the decode benchmark.
+
+`grouped_cases` builds the cases `egmla bench decode` times for path 'grouped' (the model's
+`attend_grouped` with a cache that holds the norm statistics and the token groups), plus 'grouped-plan'
+(the per-step layout, shared by all layers of a step). `distinct_ratios` measures how often ids repeat
+in windows of real text, the quantity the method's cost follows. benchmarks/bench_grouped.py runs
+both on two corpora, with kernel variants and a correctness check against the fused rebuild kernel.
+
+Floor of 'grouped' (bytes / HBM, FLOPs / peak, as for the other paths): bytes = the cache (c_t, k^R_t),
+per position the norm statistics (2 x fp32), slot and sorted-order entries (2 x int32), and one gate
+row per distinct id of the batch; FLOPs = MLA's absorbed attention (2 d_c + d_r per head and position)
+plus, per distinct id of each sequence, the absorption W^K_h^T(...) and the up-projection W^V_h s.
+"""
+from __future__ import annotations
+
+import torch
+
+GROUPED_NOTES = {
+    "grouped": "model attend_grouped: Triton absorb + attend + upproj over the token groups (cached norm stats)",
+    "grouped-plan": "per-step layout (positions sorted by id, rows per chunk): once per step for all layers",
+}
+
+
+def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, device, dtype, seed: int = 0):
+    """(attn, call args, groups): a one-layer EG-MLA module on path 'grouped' and a full cache of max_len
+    positions per sequence with token_ids [batch, max_len]; norm statistics exact for the random latents."""
+    from egmla.attention.context import AttnContext, attention_mask
+    from egmla.attention.grouped import TokenGroups
+    from egmla.model import Transformer
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        attn = Transformer(config.replace(n_layers=1)).layers[0].attn.to(dtype).eval()
+    attn.decode_path = "grouped"
+    attn.on_decode_path_set()
+    attn.build_gate_table()  # G = E W_UE^T, in the module's dtype (the kernels read its rows)
+    heads, d_n, d_r, d_c = config.n_heads, config.qk_nope_head_dim, config.qk_rope_head_dim, config.kv_lora_rank
+    q_nope = torch.randn(batch, 1, heads, d_n, device=device, dtype=dtype)
+    q_pe = torch.randn(batch, 1, heads, d_r, device=device, dtype=dtype)
+    latent = torch.randn(batch, max_len, d_c, device=device, dtype=dtype)
+    k_pe = torch.randn(batch, max_len, d_r, device=device, dtype=dtype)
+    groups = TokenGroups(batch, max_len, device)
+    groups.append(token_ids, torch.arange(max_len, device=device).expand(batch, -1))
+    stats = _norm_stats(attn, latent, token_ids)
+    positions = torch.full((batch, 1), max_len - 1, device=device)
+    ctx = AttnContext(token_ids[:, -1:], positions, torch.empty(0), torch.empty(0), kv_len=max_len,
+                      mask=attention_mask(positions, max_len), kv_token_ids=token_ids, kv_groups=groups,
+                      kv_ln_stats=stats)
+    return attn, (q_nope, q_pe, latent, k_pe, token_ids, ctx), groups
+
+
+def _norm_stats(attn, latent, token_ids) -> torch.Tensor:
+    """(mu, rho) of every position, as appends would have written them (Triton pass on GPU)."""
+    from egmla.attention.grouped import norm_kind
+
+    if latent.is_cuda:
+        from egmla.kernels.egmla_decode import layernorm_stats_triton
+
+        return layernorm_stats_triton(latent, token_ids, attn.gate_table, attn.wkv_b.weight, attn.n_heads,
+                                      attn.qk_nope_head_dim, attn.gate_norm.eps, norm=norm_kind(attn))
+    from egmla.attention.grouped import append_stats
+
+    return append_stats(attn, latent, token_ids)
+
+
+def grouped_cost(config, batch: int, max_len: int, groups, dtype) -> tuple[float, float, dict]:
+    """(bytes, FLOPs, extra columns) of the grouped path's floor at this shape."""
+    heads, d_n, d_r, d_v, d_c = (config.n_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
+                                 config.v_head_dim, config.kv_lora_rank)
+    es = torch.finfo(dtype).bits // 8
+    ids = groups.distinct_ids
+    known = torch.arange(ids.shape[1], device=ids.device)[None, :] < groups.n_distinct[:, None]
+    batch_distinct = int(ids[known].unique().numel())
+    pairs = int(groups.n_distinct.sum())  # (sequence, distinct id) pairs
+    bytes_ = batch * max_len * ((d_c + d_r) * es + 8 + 8) + batch_distinct * config.gate_out_dim * es
+    flops = 2 * batch * heads * max_len * (2 * d_c + d_r) + 2 * pairs * heads * d_c * (d_n + d_v)
+    return bytes_, flops, {"distinct_ids_batch": batch_distinct, "id_pairs": pairs}
+
+
+def grouped_cases(config, batch: int, max_len: int, token_ids: torch.Tensor, device, dtype,
+                  paths=("grouped", "grouped-plan"), variants: dict | None = None) -> list:
+    """Cases for `egmla bench decode`: 'grouped' (attend_grouped, the plan built beforehand, as every layer
+    but the first of a step finds it), its kernel variants {label: grouped_decode kwargs}, 'grouped-plan'."""
+    from egmla.bench.decode_cases import Case  # decode_cases imports this module
+    from egmla.kernels.grouped_decode import make_plan
+
+    attn, args, groups = grouped_inputs(config, batch, max_len, token_ids, device, dtype)
+    bytes_, flops, extra = grouped_cost(config, batch, max_len, groups, dtype)
+    cases = []
+    if "grouped" in paths:
+        attn.attend_grouped(*args)  # builds the gate table and the plan once
+        cases.append(Case("EG-MLA kv64", "grouped", lambda: attn.attend_grouped(*args), bytes_, flops, extra))
+    for label, kwargs in (variants or {}).items():
+        cases.append(Case("EG-MLA kv64", label, _variant_call(attn, args, groups, kwargs), bytes_, flops, extra))
+    from egmla.kernels import kernel_unavailable_reason
+
+    if "grouped-plan" in paths and not kernel_unavailable_reason(device):  # the plan is the kernels' layout
+        plan_bytes = batch * max_len * 4 * 4  # slots read, sort keys, order written, row map
+        cases.append(Case("EG-MLA kv64", "grouped-plan",
+                          lambda: make_plan(groups),
+                          plan_bytes, 0, extra))
+    return cases
+
+
+def _variant_call(attn, args, groups, kwargs: dict):
+    """grouped_decode with other launch settings (chunk size `block_t`, ids / rows per program, warps)."""
+    from egmla.kernels.grouped_decode import grouped_decode, make_plan
+
+    q_nope, q_pe, latent, k_pe, _, ctx = args
+    kwargs = dict(kwargs)
+    plan = make_plan(groups, kwargs.pop("block_t", 32))
+    table, norm = attn.gate_table, attn.gate_norm
+    return lambda: grouped_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, ctx.kv_ln_stats, plan, table,
+                                  attn.wkv_b.weight, norm.weight, getattr(norm, "bias", None),
+                                  attn.softmax_scale, **kwargs)
+
+
+def distinct_ratios(ids: torch.Tensor, contexts) -> list[dict]:
+    """Per context length T: distinct ids in windows of T consecutive tokens of ids [windows, >= T]
+    (median and mean over the rows) and positions per distinct id."""
+    rows = []
+    for length in contexts:
+        counts = torch.tensor([float(row[:length].unique().numel()) for row in ids])
+        rows.append({"context": length, "windows": len(counts), "distinct_median": counts.median().item(),
+                     "distinct_mean": counts.mean().item(), "positions_per_distinct": length / counts.mean().item()})
+    return rows

@@ -1,0 +1,51 @@
+"""Triton decode-attention kernels, each beside its plain PyTorch reference (`*_ref.py`).
+
+    mla_decode.py      MLA absorbed decode (also EG-MLA with gate placement `latent`)
+    egmla_decode.py    EG-MLA fused decode (placement `up`): K/V rebuilt on chip, never in HBM
+    split_combine.py   flash-decoding split heuristic and the cross-split combine
+
+Importing this package does not import Triton; the kernel modules do. `kernel_unavailable_reason`
+says why a kernel cannot run on a device, so callers fall back to the reference with one warning.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import torch
+
+_warned: set[str] = set()
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, set before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernel_unavailable_reason(device: torch.device | str) -> str | None:
+    """None if the Triton kernels can run on tensors of `device`, else a one-line reason."""
+    if not triton_available():
+        return "Triton is not installed (pip install 'egmla[triton]', Linux only)"
+    if torch.device(device).type == "cuda":
+        return None
+    if interpreting():
+        return None  # CPU tensors through Triton's interpreter: slow, for tests
+    return (f"tensors are on {torch.device(device).type}, not CUDA (set TRITON_INTERPRET=1 before starting "
+            f"Python to run the kernels in Triton's slow CPU interpreter)")
+
+
+def warn_fallback_once(what: str, reason: str) -> None:
+    """Warn once per (what, reason) that a kernel path falls back to its PyTorch reference."""
+    key = what + reason
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"{what}: using the PyTorch reference instead of the Triton kernel: {reason}",
+                      RuntimeWarning, stacklevel=3)
+
+
+__all__ = ["interpreting", "kernel_unavailable_reason", "triton_available", "warn_fallback_once"]

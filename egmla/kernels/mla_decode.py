@@ -1,0 +1,145 @@
+"""MLA absorbed decode in Triton: flash-decoding over the latent cache (reference: mla_decode_ref.py).
+
+All heads of a sequence share the cached latent, so one program holds every head of one sequence
+([heads, d_c] query tile) and streams a contiguous piece of that sequence's cache once:
+
+    s = (Q_latent C^T + Q_pe K_rope^T) * scale       [heads, BLOCK_T]   (two tensor-core dots)
+    online softmax over t,  acc += P C               [heads, d_c]
+
+The bytes that must move are the cache, (d_c + d_r) elements per position; the dots are tiny, so
+the kernel is bandwidth-bound and the split count only has to put enough loads in flight.
+Lengths are ragged: sequence b reads positions [0, lengths[b]) of a [batch, T, ...] buffer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from egmla.kernels.split_combine import (block, choose_num_splits, combine_splits, launch_first_fitting,
+                                         partial_buffers, split_range)
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _mla_decode_kernel(
+    q_latent_ptr, q_pe_ptr, latent_ptr, k_rope_ptr, lengths_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    stride_qb, stride_qh, stride_pb, stride_ph, stride_lb, stride_lt, stride_kb, stride_kt,
+    stride_ob, stride_oh, max_len, num_splits, qk_scale,
+    N_HEADS: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr,
+):
+    split = tl.program_id(0)
+    batch = tl.program_id(1)
+    length = tl.minimum(tl.load(lengths_ptr + batch).to(tl.int32), max_len)
+    start, end = split_range(length, split, num_splits, BLOCK_T)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    h_mask, c_mask, r_mask = offs_h < N_HEADS, offs_c < D_C, offs_r < D_R
+    q = tl.load(q_latent_ptr + batch * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
+                mask=h_mask[:, None] & c_mask[None, :], other=0.0)
+    q_pe = tl.load(q_pe_ptr + batch * stride_pb + offs_h[:, None] * stride_ph + offs_r[None, :],
+                   mask=h_mask[:, None] & r_mask[None, :], other=0.0)
+    latent_base = latent_ptr + batch * stride_lb
+    k_rope_base = k_rope_ptr + batch * stride_kb
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_mask = offs_t < end
+        c_tile = tl.load(latent_base + offs_t[:, None] * stride_lt + offs_c[None, :],
+                         mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+        r_tile = tl.load(k_rope_base + offs_t[:, None] * stride_kt + offs_r[None, :],
+                         mask=t_mask[:, None] & r_mask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(c_tile), input_precision=DOT_PRECISION)
+        s += tl.dot(q_pe, tl.trans(r_tile), input_precision=DOT_PRECISION)
+        s = tl.where(t_mask[None, :], s * qk_scale, float("-inf"))  # log2 domain: exp2 below
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c_tile.dtype), c_tile, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out_ptrs = out_ptr + batch * stride_ob + offs_h[:, None] * stride_oh + offs_c[None, :]
+    hc_mask = h_mask[:, None] & c_mask[None, :]
+    if ONE_SPLIT:
+        y = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=hc_mask)
+    else:
+        rows = (batch * num_splits + split) * N_HEADS + offs_h
+        tl.store(part_acc_ptr + rows[:, None] * D_C + offs_c[None, :], acc, mask=hc_mask)
+        tl.store(part_ml_ptr + rows * 2, m_i, mask=h_mask)
+        tl.store(part_ml_ptr + rows * 2 + 1, l_i, mask=h_mask)
+
+
+def _check_decode_inputs(queries: dict[str, torch.Tensor], cache: dict[str, torch.Tensor],
+                         lengths: torch.Tensor) -> tuple[int, int, int]:
+    """Shapes: queries [batch, heads, dim], cache [batch, T, dim], lengths [batch]. Returns (batch, heads, T)."""
+    batch, heads = next(iter(queries.values())).shape[:2]
+    max_len = next(iter(cache.values())).shape[1]
+    for name, x in queries.items():
+        if x.dim() != 3 or x.shape[:2] != (batch, heads):
+            raise ValueError(f"{name}.shape={tuple(x.shape)}: expected [batch={batch}, heads={heads}, dim]")
+    for name, x in cache.items():
+        if x.shape[:2] != (batch, max_len) or x.stride(-1) != 1:
+            raise ValueError(f"{name}.shape={tuple(x.shape)}: expected [batch={batch}, T={max_len}, ...] "
+                             f"with a contiguous last dim (call .contiguous())")
+    if lengths.shape != (batch,) or lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lengths: shape {tuple(lengths.shape)}, dtype {lengths.dtype}: expected int32/int64 [{batch}]")
+    return batch, heads, max_len
+
+
+def _output(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != shape or out.stride(-1) != 1 or out.device != like.device:
+        raise ValueError(f"out.shape={tuple(out.shape)} on {out.device}: expected {shape} on {like.device}, "
+                         f"contiguous last dim")
+    return out
+
+
+# block_t of the launch: the first is the fastest on the H100 (paper-base, B=32, T=4096, docs/kernels.md);
+# the smaller ones are used where a wide latent or fp32 needs more shared memory than there is.
+BLOCK_TS = [64, 32, 16]
+
+
+def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+               lengths: torch.Tensor, scale: float, num_splits: int | None = None, block_t: int | None = None,
+               num_warps: int = 4, num_stages: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
+    """o_latent [batch, heads, d_c] (dtype of latent) for q_latent [batch, heads, d_c], q_pe [batch, heads, d_r],
+    latent [batch, T, d_c], k_rope [batch, T, d_r], lengths [batch] (positions read: [0, min(len, T))).
+
+    Same function as `mla_decode_ref`; the cache tensors may be views of a longer buffer. `out`, if given,
+    receives the result (tests poison it to check that every element is written)."""
+    batch, heads, max_len = _check_decode_inputs({"q_latent": q_latent, "q_pe": q_pe},
+                                                 {"latent": latent, "k_rope": k_rope}, lengths)
+    q_latent, q_pe = q_latent.contiguous(), q_pe.contiguous()
+    d_c, d_r = latent.shape[-1], k_rope.shape[-1]
+    out = _output(out, (batch, heads, d_c), latent)
+
+    def launch(tile):
+        splits = num_splits or choose_num_splits(batch, 1, max_len, tile, latent.device)
+        part_acc, part_ml = partial_buffers(batch, splits, heads, d_c, latent.device) if splits > 1 else (out, out)
+        _mla_decode_kernel[(splits, batch)](
+            q_latent, q_pe, latent, k_rope, lengths, out, part_acc, part_ml,
+            q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
+            latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
+            out.stride(0), out.stride(1), max_len, splits, scale * LOG2E,
+            N_HEADS=heads, D_C=d_c, D_R=d_r, BLOCK_H=block(heads), BLOCK_C=block(d_c), BLOCK_R=block(d_r),
+            BLOCK_T=tile, DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
+            ONE_SPLIT=splits == 1, num_warps=num_warps, num_stages=num_stages)
+        if splits > 1:
+            combine_splits(part_acc, part_ml, out)
+        return out
+
+    tiles = [block_t] if block_t else BLOCK_TS
+    return launch_first_fitting(("mla", latent.dtype, heads, d_c, d_r, tuple(tiles)), tiles, launch)

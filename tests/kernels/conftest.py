@@ -1,0 +1,31 @@
+"""Kernel tests run the real kernels: on a GPU when there is one, else in Triton's CPU interpreter.
+
+The interpreter must be chosen before Triton decorates the kernels, i.e. before egmla.kernels.*_decode
+is imported; CI sets TRITON_INTERPRET=1 for the whole run, this covers `pytest tests/kernels` alone."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def kernel_device() -> str:
+    from egmla.kernels import interpreting
+
+    return "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    """An output buffer full of NaN: any element the kernel fails to write shows up."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+requires_triton = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("triton") is None, reason="Triton is not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,0 +1,39 @@
+"""`egmla bench decode` end to end at tiny shapes on CPU: every variant and path produces a row with
+consistent figures, the JSON/Markdown/PNG outputs are written, and bad options fail clearly."""
+import json
+
+import pytest
+
+from egmla.cli import main as egmla_main
+
+
+def test_bench_decode_tiny_cpu(tmp_path):
+    out, md, png = tmp_path / "decode.json", tmp_path / "decode.md", tmp_path / "decode.png"
+    code = egmla_main(["bench", "decode", "--device", "cpu", "--preset", "tiny", "--batch", "2", "--context", "24",
+                       "--rep-ms", "1", "--warmup-ms", "1", "--out", str(out), "--markdown", str(md),
+                       "--plot", str(png)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    from egmla.bench.decode_cases import PATHS
+
+    assert {(r["variant"], r["path"]) for r in rows} == {(v, p) for v, paths in PATHS.items() for p in paths}
+    timed = [r for r in rows if "median_us" in r]
+    from egmla.kernels import kernel_unavailable_reason
+
+    if kernel_unavailable_reason("cpu") is None:  # the interpreter runs the Triton paths too
+        assert len(timed) == len(rows)
+    for row in timed:
+        assert row["median_us"] > 0 and row["floor_us"] > 0 and row["bytes"] > 0
+        assert row["pct_of_floor"] == pytest.approx(100 * row["floor_us"] / row["median_us"])
+    mha = next(r for r in timed if r["variant"] == "MHA")
+    assert mha["speedup_vs_mha"] == pytest.approx(1.0)
+    egmla_rows = [r for r in rows if r["variant"].startswith("EG-MLA")]
+    assert all(r["distinct_ids_batch"] <= 2 * 24 for r in egmla_rows)
+    assert result["token_ids"]["source"] == "embedded"
+    assert "| MHA sdpa |" in md.read_text() and png.stat().st_size > 0
+
+
+def test_bench_decode_rejects_unknown_variant(capsys):
+    assert egmla_main(["bench", "decode", "--device", "cpu", "--variants", "MLA kv32"]) == 2
+    assert "--variants 'MLA kv32'" in capsys.readouterr().err

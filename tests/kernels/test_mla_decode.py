@@ -1,0 +1,94 @@
+"""MLA absorbed decode kernel vs its PyTorch reference: fresh random inputs, poisoned outputs,
+ragged lengths (1 included), cache views of longer buffers, awkward head counts and widths."""
+import pytest
+import torch
+
+from tests.kernels.conftest import kernel_device, needs_cuda, poisoned, rel_err, requires_triton
+
+pytestmark = requires_triton
+
+
+def make_inputs(batch, heads, d_c, d_r, max_len, lengths, dtype, device, spare=7):
+    """Queries and a cache that is a view [:, :max_len] of a longer buffer, as the model passes it."""
+    q_latent = torch.randn(batch, heads, d_c, dtype=dtype, device=device)
+    q_pe = torch.randn(batch, heads, d_r, dtype=dtype, device=device)
+    latent = torch.randn(batch, max_len + spare, d_c, dtype=dtype, device=device)[:, :max_len]
+    k_rope = torch.randn(batch, max_len + spare, d_r, dtype=dtype, device=device)[:, :max_len]
+    return q_latent, q_pe, latent, k_rope, torch.tensor(lengths, device=device)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_matches_reference(dtype, tol, num_splits):
+    from egmla.kernels.mla_decode import mla_decode
+    from egmla.kernels.mla_decode_ref import mla_decode_ref
+
+    device = kernel_device()
+    inputs = make_inputs(3, 5, 24, 8, 70, [1, 70, 33], dtype, device)
+    out = mla_decode(*inputs, scale=0.3, num_splits=num_splits, block_t=16, out=poisoned((3, 5, 24), dtype, device))
+    ref = mla_decode_ref(*inputs, scale=0.3)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < tol
+
+
+def test_every_length_from_one():
+    """All prefix lengths of one cache: catches off-by-one split ranges and empty splits."""
+    from egmla.kernels.mla_decode import mla_decode
+    from egmla.kernels.mla_decode_ref import mla_decode_ref
+
+    device = kernel_device()
+    lengths = list(range(1, 21))
+    inputs = make_inputs(len(lengths), 2, 16, 16, 20, lengths, torch.float32, device)
+    out = mla_decode(*inputs, scale=0.25, num_splits=4, block_t=16, out=poisoned((20, 2, 16), torch.float32, device))
+    assert rel_err(out, mla_decode_ref(*inputs, scale=0.25)) < 1e-4
+
+
+def test_bad_inputs_raise_value_error():
+    from egmla.kernels.mla_decode import mla_decode
+
+    q_latent, q_pe, latent, k_rope, lengths = make_inputs(2, 3, 16, 16, 10, [4, 10], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="q_pe"):
+        mla_decode(q_latent, q_pe[:, :2], latent, k_rope, lengths, 0.1)
+    with pytest.raises(ValueError, match="lengths"):
+        mla_decode(q_latent, q_pe, latent, k_rope, lengths.float(), 0.1)
+    with pytest.raises(ValueError, match="contiguous"):
+        mla_decode(q_latent, q_pe, latent.mT.contiguous().mT, k_rope, lengths, 0.1)
+
+
+@pytest.mark.parametrize("d_c", [64, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [None, 1])
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_paper_base_shapes(d_c, dtype, num_splits):
+    """paper-base MLA (12 heads, d_r 64), ragged lengths up to 4096, low precision vs fp32 reference."""
+    from egmla.kernels.mla_decode import mla_decode
+    from egmla.kernels.mla_decode_ref import mla_decode_ref
+
+    lengths = [1, 4096, 2049, 17, 4000, 640, 3, 1000]
+    inputs = make_inputs(8, 12, d_c, 64, 4096, lengths, dtype, "cuda")
+    out = mla_decode(*inputs, scale=128 ** -0.5, num_splits=num_splits, out=poisoned((8, 12, d_c), dtype, "cuda"))
+    assert not out.isnan().any()
+    assert rel_err(out, mla_decode_ref(*inputs, scale=128 ** -0.5)) < 1e-2
+
+
+def test_launch_falls_back_to_a_configuration_that_fits():
+    """A configuration that needs more shared memory than the device has is skipped, and remembered."""
+    from triton.runtime.errors import OutOfResources
+
+    from egmla.kernels.split_combine import launch_first_fitting
+
+    tried = []
+
+    def launch(tile):
+        tried.append(tile)
+        if tile > 32:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return tile
+
+    key = ("test", object())
+    assert launch_first_fitting(key, [128, 64, 32, 16], launch) == 32
+    assert launch_first_fitting(key, [128, 64, 32, 16], launch) == 32
+    assert tried == [128, 64, 32, 32]
+    with pytest.raises(OutOfResources):
+        launch_first_fitting(("test", object()), [128, 64], launch)
