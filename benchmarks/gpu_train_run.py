@@ -1,0 +1,83 @@
+"""One GPU call: a paper-base EG-MLA kv64 training run of several minutes, from nothing.
+
+Inside the call it collects the python-source corpus (the machine's own *.py files, no download),
+trains the 32K byte-level BPE, tokenizes, then trains configs/egmla-kv64.toml (bf16, torch.compile)
+for a fixed time budget: `train.steps = 0` sets the run's length after 20 steps so that the cosine
+schedule ends inside the budget. Everything worth keeping goes to $OUT (or --out): metrics.jsonl,
+summary.json, loss.png, TensorBoard events, config.json, tokenizer.json and gpu_train_run.json with
+timings, tokens/s and MFU. Checkpoints (GBs) stay in --work.
+
+    python benchmarks/gpu_train_run.py                     # on the lent H100: ~9 minutes in all
+    python benchmarks/gpu_train_run.py --train-s 60 --max-bytes 20000000   # a quick smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KEEP = ("metrics.jsonl", "summary.json", "loss.png", "config.json", "tokenizer.json", "tensorboard")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "egmla-kv64.toml"))
+    parser.add_argument("--out", default=os.environ.get("OUT", "gpu_train_out"), help="results folder ($OUT)")
+    parser.add_argument("--work", default="/tmp/egmla-gpu-run", help="cache and checkpoints (large)")
+    parser.add_argument("--call-budget-s", type=float, default=570, help="the whole call must end within this")
+    parser.add_argument("--train-s", type=float, default=420, help="training time (shortened to fit the budget)")
+    parser.add_argument("--max-bytes", type=int, default=300_000_000, help="python-source text to use")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    sys.path.insert(0, str(ROOT))
+
+    import torch
+
+    from egmla.configfile import load_toml
+    from egmla.data import prepare_data
+    from egmla.train.config import RunConfig
+    from egmla.train.trainer import train
+
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA device!)"
+    print(f"device {device}, torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
+    values = load_toml(args.config, [f"data.max_bytes={args.max_bytes}", f"data.cache_dir={work / 'cache'}",
+                                     "train.checkpoint_every=0", "train.keep_checkpoints=1", *args.overrides])
+    run = RunConfig.from_dict(values)
+
+    prep_start = time.perf_counter()
+    _, shards = prepare_data(run.data, run.model.vocab_size, progress=False)
+    prep_s = time.perf_counter() - prep_start
+    print(f"data ready in {prep_s:.0f}s: {shards.meta['train_tokens']:,} training tokens", flush=True)
+
+    # compilation, the final validation and the final checkpoint come on top of the training time
+    train_s = min(args.train_s, args.call_budget_s - (time.perf_counter() - started) - 100)
+    values["train"].update(steps=0, time_limit_s=train_s)
+    run = RunConfig.from_dict(values)
+    run_dir = work / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    summary = train(run, run_dir, progress=False)
+
+    for name in KEEP:
+        source = run_dir / name
+        if source.is_dir():
+            shutil.copytree(source, out / name, dirs_exist_ok=True)
+        elif source.is_file():
+            shutil.copy2(source, out / name)
+    report = {"device": device, "torch": torch.__version__, "config": args.config, "data_prep_s": prep_s,
+              "train_budget_s": train_s, "call_s": time.perf_counter() - started, "data": shards.meta,
+              "summary": summary}
+    (out / "gpu_train_run.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: summary[k] for k in ("steps", "final_val_loss", "tokens_per_s", "mfu", "train_wall_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

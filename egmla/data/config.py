@@ -1,0 +1,37 @@
+"""The [data] section of a training config: which corpus, how it is split, where caches live."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "embedded"  # embedded | python-source | PATH/GLOB (.txt .jsonl .parquet, comma-separated) | hf:NAME
+    text_field: str = "text"  # the text column of .jsonl / .parquet / hub rows
+    hf_config: str = ""  # hub dataset configuration (e.g. "sample-10BT" for FineWeb-Edu)
+    hf_split: str = "train"  # hub dataset split to stream
+    max_bytes: int = 0  # read at most this many characters of text (0 = all; set it for hub datasets)
+    val_fraction: float = 0.02  # share of chunks held out for validation (hash-based, deterministic)
+    tokenizer_sample_bytes: int = 64_000_000  # train the BPE on at most this much training text
+    cache_dir: str = ""  # tokenizers and token shards; "" = $EGMLA_CACHE or ~/.cache/egmla
+
+    def __post_init__(self):
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction={self.val_fraction!r}: must lie in (0, 1), e.g. 0.02")
+        for name in ("max_bytes", "tokenizer_sample_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name}={getattr(self, name)!r}: must be >= 0 (0 = no cap)")
+        if self.corpus.startswith("hf:") and len(self.corpus) == 3:
+            raise ValueError("data.corpus='hf:': name the dataset, e.g. 'hf:HuggingFaceFW/fineweb-edu'")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def cache_root(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        if os.environ.get("EGMLA_CACHE"):
+            return Path(os.environ["EGMLA_CACHE"]).expanduser()
+        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "egmla"

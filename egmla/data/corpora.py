@@ -1,0 +1,244 @@
+"""Corpora: where training text comes from. Each corpus is an ordered stream of documents `(key, text)`.
+
+    embedded        ~11 MB of public-domain English (Shakespeare, Milton) shipped inside the package
+    python-source   the *.py files of this Python installation (stdlib + site-packages), no download
+    PATH or GLOB    local .txt / .jsonl (a text field) / .parquet files, read with `datasets` (comma-separated ok)
+    hf:NAME         a Hugging Face hub dataset, streamed (e.g. hf:HuggingFaceFW/fineweb-edu)
+
+Documents are cut into chunks of about CHUNK_BYTES at line ends; a chunk goes to the validation split
+when a hash of its key falls below `val_fraction`, so the split is deterministic, independent of the
+order or number of documents, and works for a corpus that is one big file.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import json
+import lzma
+import os
+import site
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+from egmla.data.config import DataConfig
+
+CHUNK_BYTES = 16 * 1024
+PYTHON_FILE_MAX_BYTES = 1 << 20  # larger .py files are mostly generated tables
+LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+Document = tuple[str, str]  # (stable key, text)
+
+
+# ---- the corpora -----------------------------------------------------------------------------
+def embedded_documents() -> Iterator[Document]:
+    from egmla.data.build_embedded import EMBEDDED_PATH, decode_documents
+
+    if not EMBEDDED_PATH.is_file():
+        raise ValueError(f"data.corpus='embedded': {EMBEDDED_PATH} is missing from this installation; "
+                         f"rebuild it with `python -m egmla.data.build_embedded`")
+    yield from decode_documents(lzma.decompress(EMBEDDED_PATH.read_bytes()).decode("utf-8"))
+
+
+def python_source_roots() -> list[tuple[str, Path]]:
+    """(label, folder) of the installation's library folders, most specific label for nested ones."""
+    paths = sysconfig.get_paths()
+    candidates = [("purelib", paths.get("purelib")), ("platlib", paths.get("platlib")),
+                  ("stdlib", paths.get("stdlib")), ("platstdlib", paths.get("platstdlib"))]
+    candidates += [(f"site{i}", p) for i, p in enumerate(site.getsitepackages())]
+    roots, seen = [], set()
+    for label, path in candidates:
+        if path and os.path.isdir(path) and os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            roots.append((label, Path(os.path.realpath(path))))
+    return roots
+
+
+def python_source_files(roots: list[tuple[str, Path]] | None = None) -> list[tuple[str, Path, int]]:
+    """(key, path, size) of every *.py file under the roots, each file once, keyed `label/relative/path`,
+    in sorted key order. Nested roots are walked on their own (never twice); symlinked folders are
+    not followed. The listing is remembered per process (preparing data asks for it several times)."""
+    return list(_list_python_files(tuple(roots if roots is not None else python_source_roots())))
+
+
+@functools.lru_cache(maxsize=4)
+def _list_python_files(roots: tuple[tuple[str, Path], ...]) -> tuple[tuple[str, Path, int], ...]:
+    root_paths = {str(path) for _, path in roots}
+    files: dict[tuple[int, int], tuple[str, Path, int]] = {}  # (device, inode) -> file: hard/sym links once
+
+    def walk(folder: str, label: str, prefix: str) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name != "__pycache__" and entry.path not in root_paths:
+                        walk(entry.path, label, f"{prefix}{entry.name}/")
+                elif entry.name.endswith(".py"):
+                    info = entry.stat()
+                    if 0 < info.st_size <= PYTHON_FILE_MAX_BYTES:
+                        files.setdefault((info.st_dev, info.st_ino),
+                                         (f"{label}/{prefix}{entry.name}", Path(entry.path), info.st_size))
+            except OSError:
+                continue
+
+    for label, root in roots:
+        walk(str(root), label, "")
+    return tuple(sorted(files.values()))
+
+
+def python_source_documents(max_bytes: int = 0, roots=None) -> Iterator[Document]:
+    """The files in an order fixed by a hash of their key, so a size cap takes an unbiased sample."""
+    files = sorted(python_source_files(roots), key=lambda f: _hash64(f[0]))
+    total = 0
+    for key, path, _ in files:
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # unreadable or not UTF-8: skip, deterministically
+        if max_bytes and total + len(text) > max_bytes:
+            break
+        total += len(text)
+        yield key, text
+
+
+def resolve_local_files(spec: str) -> list[Path]:
+    """Files named by a comma-separated list of paths, globs (** ok) or folders; sorted, existing only."""
+    files: set[Path] = set()
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        matches = sorted(glob.glob(os.path.expanduser(part), recursive=True))
+        if not matches:
+            raise ValueError(f"data.corpus={spec!r}: {part!r} does not exist and matches no file; "
+                             f"give a .txt/.jsonl/.parquet path or glob, 'embedded', 'python-source' or 'hf:NAME'")
+        for match in map(Path, matches):
+            if match.is_dir():
+                files.update(p for p in match.rglob("*") if p.suffix in LOCAL_BUILDERS and p.is_file())
+            elif match.is_file():
+                files.add(match)
+    if not files:
+        raise ValueError(f"data.corpus={spec!r}: no .txt, .jsonl or .parquet file there")
+    for path in files:
+        if path.suffix not in LOCAL_BUILDERS:
+            raise ValueError(f"data.corpus={spec!r}: {path} has suffix {path.suffix!r}; "
+                             f"supported: {', '.join(LOCAL_BUILDERS)}")
+    return sorted(files)
+
+
+def dataset_documents(path: str, data_files: list[str] | None, config: DataConfig, source: str,
+                      max_bytes: int) -> Iterator[Document]:
+    """Rows of a `datasets` dataset, streamed: the one code path for local files and hub datasets."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"data.corpus={config.corpus!r} needs the `datasets` library (pip install datasets); "
+                         f"'embedded' and 'python-source' work without it") from None
+    kwargs = {"sample_by": "document"} if path == "text" else {}
+    stream = datasets.load_dataset(path, name=config.hf_config or None, data_files=data_files,
+                                   split=config.hf_split, streaming=True, **kwargs)
+    total = 0
+    for index, row in enumerate(stream):
+        if config.text_field not in row:
+            raise ValueError(f"data.text_field={config.text_field!r}: {source} rows have fields "
+                             f"{sorted(row)}; set data.text_field to the one holding the text")
+        text = row[config.text_field]
+        if not isinstance(text, str) or not text:
+            continue
+        if max_bytes and total + len(text) > max_bytes:
+            break
+        total += len(text)
+        yield f"{source}#{index}", text
+
+
+def local_documents(config: DataConfig) -> Iterator[Document]:
+    by_builder: dict[str, list[str]] = {}
+    for path in resolve_local_files(config.corpus):
+        by_builder.setdefault(LOCAL_BUILDERS[path.suffix], []).append(str(path))
+    remaining = config.max_bytes
+    for builder, files in sorted(by_builder.items()):
+        for key, text in dataset_documents(builder, files, config, source=builder, max_bytes=remaining):
+            remaining = remaining - len(text) if config.max_bytes else 0
+            yield key, text
+        if config.max_bytes and remaining <= 0:
+            return
+
+
+def iter_documents(config: DataConfig) -> Iterator[Document]:
+    """The corpus named by config.corpus, capped at config.max_bytes of text (0 = no cap)."""
+    corpus = config.corpus.strip()
+    if corpus == "embedded":
+        return _capped(embedded_documents(), config.max_bytes)
+    if corpus == "python-source":
+        return python_source_documents(config.max_bytes)
+    if corpus.startswith("hf:"):
+        return dataset_documents(corpus[3:], None, config, source=corpus, max_bytes=config.max_bytes)
+    if not corpus:
+        raise ValueError("data.corpus='': empty; use 'embedded', 'python-source', a file path/glob or 'hf:NAME'")
+    return local_documents(config)
+
+
+def corpus_fingerprint(config: DataConfig) -> str:
+    """A cheap identity of the corpus (no full read): what the tokenizer and shard caches are keyed by.
+
+    embedded: the shipped file's hash; python-source and local files: paths, sizes and mtimes;
+    hub datasets: name, config and split (a changed hub dataset needs a new data.cache_dir)."""
+    corpus = config.corpus.strip()
+    parts: dict = {"corpus": corpus, "max_bytes": config.max_bytes, "text_field": config.text_field}
+    if corpus == "embedded":
+        from egmla.data.build_embedded import EMBEDDED_PATH
+
+        parts["sha256"] = hashlib.sha256(EMBEDDED_PATH.read_bytes()).hexdigest() if EMBEDDED_PATH.is_file() else ""
+    elif corpus == "python-source":
+        parts["files"] = [(key, size, path.stat().st_mtime_ns) for key, path, size in python_source_files()]
+    elif corpus.startswith("hf:"):
+        parts.update(hf_config=config.hf_config, hf_split=config.hf_split)
+    else:
+        parts["files"] = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+                          for p in resolve_local_files(corpus)]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+# ---- chunks and the train/val split --------------------------------------------------------------
+def _capped(documents: Iterator[Document], max_bytes: int) -> Iterator[Document]:
+    total = 0
+    for key, text in documents:
+        if max_bytes and total + len(text) > max_bytes:
+            text = text[: max(0, max_bytes - total)]
+            if text:
+                yield key, text
+            return
+        total += len(text)
+        yield key, text
+
+
+def _hash64(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+
+
+def is_validation(key: str, val_fraction: float) -> bool:
+    return _hash64(key) < val_fraction * 2**64
+
+
+def chunk_text(text: str, size: int = CHUNK_BYTES) -> list[str]:
+    """Pieces of about `size` characters, cut after a newline where there is one."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            newline = text.rfind("\n", start + size // 2, end)
+            end = newline + 1 if newline >= 0 else end
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def split_chunks(documents: Iterator[Document], val_fraction: float) -> Iterator[tuple[str, str, bool]]:
+    """(split, chunk text, ends_document) for every chunk; split is 'train' or 'val', decided by the
+    hash of `key@chunk_index`."""
+    for key, text in documents:
+        pieces = chunk_text(text)
+        for index, piece in enumerate(pieces):
+            split = "val" if is_validation(f"{key}@{index}", val_fraction) else "train"
+            yield split, piece, index == len(pieces) - 1

@@ -1,0 +1,133 @@
+"""Token shards: the corpus tokenized once into flat numpy files (uint16 when the vocab fits, else
+uint32), one per split, with END_OF_TEXT (id 0) after each document. Cached by corpus fingerprint and
+tokenizer hash; written into a temp folder and renamed, so a half-written cache is never used.
+
+    CACHE/shards/<key>/train.bin  val.bin  meta.json
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from egmla.data.config import DataConfig
+from egmla.data.corpora import CHUNK_BYTES, corpus_fingerprint, iter_documents, split_chunks
+from egmla.data.tokenizer import TOKENIZER_RECIPE, tokenizer_sha256
+
+SHARD_RECIPE = "shards-v1"
+ENCODE_BATCH_BYTES = 4 << 20  # text handed to the tokenizer's parallel encoder at once
+
+
+@dataclass
+class TokenShards:
+    folder: Path
+    meta: dict
+
+    def tokens(self, split: str) -> np.ndarray:
+        """Read-only memmap of a split's tokens [n_tokens]."""
+        count = self.meta[f"{split}_tokens"]
+        if count == 0:
+            return np.zeros(0, dtype=self.meta["dtype"])
+        return np.memmap(self.folder / f"{split}.bin", dtype=self.meta["dtype"], mode="r", shape=(count,))
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def shard_key(config: DataConfig, tokenizer) -> str:
+    parts = [corpus_fingerprint(config), tokenizer_sha256(tokenizer), config.val_fraction, CHUNK_BYTES,
+             TOKENIZER_RECIPE, SHARD_RECIPE]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+def unigram_statistics(train: np.ndarray, val: np.ndarray, vocab_size: int) -> dict:
+    """Entropy of the training tokens' unigram distribution, and the validation loss a unigram model
+    (add-one smoothed training counts) gets: the baseline a language model must beat. Nats/token."""
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for start in range(0, len(train), 1 << 24):
+        counts += np.bincount(train[start:start + (1 << 24)], minlength=vocab_size)
+    probs = counts / counts.sum()
+    nonzero = probs[probs > 0]
+    smoothed = (counts + 1) / (counts.sum() + vocab_size)
+    val_counts = np.bincount(val, minlength=vocab_size).astype(np.float64)
+    return {"train_unigram_entropy": float(-(nonzero * np.log(nonzero)).sum()),
+            "val_unigram_cross_entropy": float(-(val_counts * np.log(smoothed)).sum() / max(1, val_counts.sum()))}
+
+
+def _write_shards(config: DataConfig, tokenizer, folder: Path, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    files = {split: open(folder / f"{split}.bin", "wb") for split in ("train", "val")}
+    counts = {"train": 0, "val": 0}
+    chars = {"train": 0, "val": 0}
+    pending: list[tuple[str, str, bool]] = []
+
+    def flush():
+        encodings = tokenizer.encode_batch([text for _, text, _ in pending], add_special_tokens=False)
+        for (split, _, ends_document), encoding in zip(pending, encodings):
+            ids = encoding.ids + [0] if ends_document else encoding.ids
+            np.asarray(ids, dtype=dtype).tofile(files[split])
+            counts[split] += len(ids)
+        pending.clear()
+
+    bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress)
+    try:
+        pending_bytes = 0
+        for split, text, ends_document in split_chunks(iter_documents(config), config.val_fraction):
+            pending.append((split, text, ends_document))
+            chars[split] += len(text)
+            pending_bytes += len(text)
+            bar.update(len(text))
+            if pending_bytes >= ENCODE_BATCH_BYTES:
+                flush()
+                pending_bytes = 0
+        flush()
+    finally:
+        bar.close()
+        for f in files.values():
+            f.close()
+    return {"train_tokens": counts["train"], "val_tokens": counts["val"], "train_chars": chars["train"],
+            "val_chars": chars["val"], "dtype": np.dtype(dtype).name}
+
+
+def prepare_shards(config: DataConfig, tokenizer, progress: bool = True, log=print) -> TokenShards:
+    """Tokenize the corpus (or reuse the cache) and return its shards."""
+    root = config.cache_root() / "shards"
+    folder = root / shard_key(config, tokenizer)
+    if (folder / "meta.json").is_file():
+        return TokenShards(folder, json.loads((folder / "meta.json").read_text()))
+    root.mkdir(parents=True, exist_ok=True)
+    log(f"tokenizing corpus {config.corpus!r} into {folder} ...")
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+    try:
+        meta = _write_shards(config, tokenizer, tmp, progress)
+        vocab_size = tokenizer.get_vocab_size()
+        if meta["train_tokens"] + meta["val_tokens"] == 0:
+            raise ValueError(f"data.corpus={config.corpus!r}: the corpus holds no text; check the path, "
+                             f"data.text_field and data.max_bytes")
+        if meta["val_tokens"] == 0 or meta["train_tokens"] == 0:
+            empty = "validation" if meta["val_tokens"] == 0 else "training"
+            raise ValueError(f"data.val_fraction={config.val_fraction}: the {empty} split is empty "
+                             f"({meta['train_chars'] + meta['val_chars']:,} characters of text in chunks of "
+                             f"{CHUNK_BYTES:,}); use more text or change data.val_fraction")
+        shards = TokenShards(tmp, meta)
+        meta.update(unigram_statistics(shards.tokens("train"), shards.tokens("val"), vocab_size))
+        meta.update(corpus=config.corpus, tokenizer_sha256=tokenizer_sha256(tokenizer), vocab_size=vocab_size)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same cache first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TokenShards(folder, json.loads((folder / "meta.json").read_text()))

@@ -1,0 +1,87 @@
+"""Byte-level BPE (GPT-2 style) trained with the `tokenizers` library, cached by corpus and vocab size.
+
+Id 0 is END_OF_TEXT, placed between documents. The 256 byte symbols are always in the vocabulary, so
+any text encodes; the vocab size therefore must be at least 257.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from egmla.data.config import DataConfig
+from egmla.data.corpora import corpus_fingerprint, iter_documents, split_chunks
+
+END_OF_TEXT = "<|endoftext|>"
+TOKENIZER_RECIPE = "bytelevel-bpe-v1"  # bump when the recipe changes, to invalidate caches
+MIN_VOCAB = 257
+
+
+def new_bpe_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_tokenizer(texts, vocab_size: int, length: int | None = None):
+    """Train a byte-level BPE of exactly vocab_size ids (fewer if the text has too few merges)."""
+    from tokenizers import pre_tokenizers, trainers
+
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"model.vocab_size={vocab_size}: a byte-level BPE needs at least {MIN_VOCAB} "
+                         f"(256 bytes + end-of-text); use e.g. 512 or more")
+    tokenizer = new_bpe_tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[END_OF_TEXT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+    tokenizer.train_from_iterator(texts, trainer, length=length)
+    return tokenizer
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+
+
+def _training_texts(config: DataConfig):
+    """Training-split chunks, up to config.tokenizer_sample_bytes (validation text is never seen)."""
+    total = 0
+    for split, text, _ in split_chunks(iter_documents(config), config.val_fraction):
+        if split != "train":
+            continue
+        if config.tokenizer_sample_bytes and total + len(text) > config.tokenizer_sample_bytes:
+            return
+        total += len(text)
+        yield text
+
+
+def get_tokenizer(config: DataConfig, vocab_size: int, log=print):
+    """The cached tokenizer for (corpus, vocab size), training it first if needed."""
+    from tokenizers import Tokenizer
+
+    key = hashlib.sha256(json.dumps([corpus_fingerprint(config), vocab_size, config.val_fraction,
+                                     config.tokenizer_sample_bytes, TOKENIZER_RECIPE]).encode()).hexdigest()
+    path = config.cache_root() / "tokenizers" / f"{key[:24]}.json"
+    if path.is_file():
+        return Tokenizer.from_file(str(path))
+    log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on corpus {config.corpus!r} ...")
+    tokenizer = train_tokenizer(_training_texts(config), vocab_size)
+    if tokenizer.get_vocab_size() < MIN_VOCAB + 1:
+        raise ValueError(f"data.corpus={config.corpus!r}: no training text to learn a tokenizer from; "
+                         f"check the path and data.max_bytes")
+    if tokenizer.get_vocab_size() < vocab_size:
+        log(f"note: the corpus yields only {tokenizer.get_vocab_size()} tokens (< vocab_size {vocab_size})")
+    from egmla.runs import atomic_write_bytes
+
+    atomic_write_bytes(path, tokenizer.to_str().encode())
+    return tokenizer
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, where: str) -> None:
+    """Every id the tokenizer can produce must be a row of the model's embedding."""
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise ValueError(f"{where}: tokenizer has {tokenizer.get_vocab_size()} ids but model.vocab_size="
+                         f"{vocab_size}; set model.vocab_size >= {tokenizer.get_vocab_size()} or use the "
+                         f"tokenizer trained for this vocab size")
+    if tokenizer.token_to_id(END_OF_TEXT) != 0:
+        raise ValueError(f"{where}: tokenizer has no {END_OF_TEXT!r} at id 0; it was not made by egmla")

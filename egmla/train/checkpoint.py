@@ -1,0 +1,111 @@
+"""Training checkpoints in the egmla.runs format, written atomically, the newest N kept.
+
+    RUN/checkpoints/step_00000100/
+      model.safetensors   full (unsharded) weights, tied output head stored once
+      optimizer.pt        AdamW state keyed by parameter name (torch.save; read with weights_only=True)
+      state.json          step, data position, tokens seen, lr, RNG states, tokenizer hash
+      manifest.json       sha256 of every file above; written last
+
+The folder is assembled under a temporary name and renamed into place, so a crash mid-write leaves
+either the old set of checkpoints or the new one. Names are world-size independent (full state
+dicts keyed by parameter name), so a checkpoint saved by N processes resumes under M.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from egmla.runs import atomic_write_json, list_checkpoints, verify_checkpoint, write_manifest
+from egmla.train.distributed import DistInfo, barrier
+
+WEIGHTS, OPTIMIZER, STATE = "model.safetensors", "optimizer.pt", "state.json"
+
+
+def checkpoint_folder(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded CPU state dicts keyed by parameter name (collective under FSDP; full on rank 0)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict, info: DistInfo, keep: int, tie_embeddings: bool) -> Path:
+    """Write checkpoint `step` (every process calls this; rank 0 writes) and prune to the newest `keep`."""
+    from safetensors.torch import save_file
+
+    weights, optim_state = full_state_dicts(model, optimizer)
+    final = checkpoint_folder(run_dir, step)
+    if info.is_main:
+        tmp = final.with_name(f".tmp-{final.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if tie_embeddings:  # the output head is the embedding: store it once, as safetensors' save_model does
+            weights.pop("tok_embeddings.weight", None)
+        save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(tmp / WEIGHTS))
+        torch.save(optim_state, tmp / OPTIMIZER)
+        atomic_write_json(tmp / STATE, {**state, "step": step, "rng": rng_state()})
+        write_manifest(tmp)
+        if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(info)
+    return final
+
+
+def read_state(folder: Path) -> dict:
+    return json.loads((folder / STATE).read_text())
+
+
+def load_weights(folder: Path, model: nn.Module) -> None:
+    """Load a checkpoint's weights into an unwrapped model (before parallelize)."""
+    from safetensors.torch import load_model
+
+    device = next(model.parameters()).device
+    load_model(model, str(folder / WEIGHTS), device=str(device))
+
+
+def load_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the full optimizer state into an optimizer over the (possibly wrapped or sharded) model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def find_resumable(run_dir: str | Path, model: nn.Module, warn=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies and loads into `model` (its weights are then loaded), with
+    its state. A corrupt or truncated one is reported and the previous one tried."""
+    for folder in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            try:
+                state = read_state(folder)
+                load_weights(folder, model)
+                return folder, state
+            except Exception as err:  # a file that verifies but does not parse: try the previous one
+                problem = f"{type(err).__name__}: {err}"
+        warn(f"warning: checkpoint {folder} is unusable ({problem}); trying the previous one")
+    return None

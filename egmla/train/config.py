@@ -1,0 +1,141 @@
+"""Training configuration: the [train] section, and a whole run's config (model + train + data).
+
+A TOML file (see configs/) has sections [model] (`preset = "..."` plus any ModelConfig field), [train]
+(TrainConfig) and [data] (egmla.data.config.DataConfig), and an optional top-level `name`.
+Every key is checked; an unknown one is an error that suggests the closest known key.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+from egmla.config import ModelConfig, check_keys, preset
+from egmla.data.config import DataConfig
+
+SCHEDULES = ("cosine", "wsd", "constant")
+DTYPES = ("auto", "bf16", "fp32")
+PARALLEL = ("ddp", "fsdp")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 800  # optimizer steps (0 = as many as fit time_limit_s, measured after 20 steps)
+    batch_size: int = 8  # global batch in sequences, over all processes and accumulation steps
+    micro_batch_size: int = 0  # sequences per process per forward; 0 = batch_size / processes (no accumulation)
+    seq_len: int = 128  # tokens per training sequence (<= model.max_seq_len)
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 60  # linear warmup from lr/warmup_steps to lr
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant (after warmup)
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to the final lr
+    weight_decay: float = 0.1  # on matrices only: never on norms, biases, embeddings or gate tables
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    eps: float = 1e-8  # AdamW
+    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # torch.compile each block (GPU; slow to start on CPU)
+    parallel: str = "ddp"  # under torchrun with several processes: ddp | fsdp (FSDP2 fully_shard)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    seed: int = 0  # model init and data order
+    eval_every: int = 200  # validate every N steps (and at the end); 0 = only at the end
+    eval_sequences: int = 128  # size of the fixed validation set, in sequences (0 = whole split)
+    log_every: int = 10  # progress-bar and TensorBoard update interval
+    checkpoint_every: int = 200  # 0 = only at the end (and on Ctrl-C)
+    keep_checkpoints: int = 2  # keep the newest N checkpoints
+    tensorboard: bool = True  # also write TensorBoard events (metrics.jsonl is always written)
+    peak_tflops: float = 0.0  # accelerator peak for MFU; 0 = look up the device name
+    time_limit_s: float = 0.0  # stop (with a checkpoint) after this much training time; 0 = no limit
+
+    def __post_init__(self):
+        positive = ("batch_size", "seq_len", "log_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name}={getattr(self, name)!r}: must be a positive integer")
+        for name in ("steps", "micro_batch_size", "warmup_steps", "eval_every", "eval_sequences", "checkpoint_every",
+                     "time_limit_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)!r}: must be >= 0")
+        if self.steps == 0 and (self.time_limit_s <= 0 or self.warmup_steps < 20):
+            raise ValueError(f"train.steps=0 (fit the run to a time budget) needs train.time_limit_s > 0 and "
+                             f"train.warmup_steps >= 20 (the length is set after 20 steps); got time_limit_s="
+                             f"{self.time_limit_s}, warmup_steps={self.warmup_steps}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.lr={self.lr}, train.min_lr_ratio={self.min_lr_ratio}: need lr > 0 "
+                             f"and 0 <= min_lr_ratio <= 1")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"train.decay_fraction={self.decay_fraction!r}: must lie in (0, 1]")
+        for name, allowed in (("schedule", SCHEDULES), ("dtype", DTYPES), ("parallel", PARALLEL),
+                              ("device", DEVICES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"train.{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=lambda: preset("tiny"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    name: str = ""
+
+    def __post_init__(self):
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len={self.train.seq_len}: exceeds model.max_seq_len="
+                             f"{self.model.max_seq_len}; lower it or raise model.max_seq_len")
+        if not self.name:
+            self.name = default_name(self.model)
+        if not re.fullmatch(r"[A-Za-z0-9._+-]+", self.name):
+            raise ValueError(f"name={self.name!r}: use letters, digits and . _ + - only (it names a folder)")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "model": self.model.to_dict(), "train": self.train.to_dict(),
+                "data": self.data.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        """From a parsed TOML file / config.json: sections model (with optional `preset`), train, data."""
+        sections = ("name", "model", "train", "data")
+        for key in values:
+            if key not in sections and key not in ("format_version", "egmla_version"):
+                close = difflib.get_close_matches(key, sections, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sections)}"
+                raise ValueError(f"{key}: unknown config section{hint}")
+        for section in ("model", "train", "data"):
+            if not isinstance(values.get(section, {}), dict):
+                raise ValueError(f"{section}: must be a [{section}] table, not {values[section]!r}")
+        model_values = dict(values.get("model", {}))
+        model = preset(model_values.pop("preset", "tiny"), **model_values)
+        train = TrainConfig(**check_keys(TrainConfig, values.get("train", {}), where="train"))
+        data = DataConfig(**check_keys(DataConfig, values.get("data", {}), where="data"))
+        return cls(model=model, train=train, data=data, name=str(values.get("name", "")))
+
+
+def default_name(model: ModelConfig) -> str:
+    """e.g. 'eg-mla-kv64-d256' from the variant and width."""
+    variant = re.sub(r"[^a-z0-9]+", "-", model.variant_name().lower()).strip("-")
+    return f"{variant}-d{model.d_model}"
+
+
+def train_keys() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def config_help() -> str:
+    """The [train] and [data] keys with their defaults and the comments beside them in the source,
+    for `egmla train --help` (one place documents them: the dataclasses above)."""
+    import inspect
+
+    from egmla.data.config import DataConfig
+
+    lines = []
+    for section, cls in (("train", TrainConfig), ("data", DataConfig)):
+        comments = dict(re.findall(r"^\s+(\w+): [^=]+=[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+        for f in fields(cls):
+            default = f.default if f.default != "" else '""'
+            lines.append(f"  {section}.{f.name} = {default}".ljust(38) + " " + comments.get(f.name, ""))
+    return "\n".join(lines)

@@ -1,0 +1,341 @@
+"""The training loop: data, model, optimizer, validation, checkpoints, logs. One function, `train`.
+
+Runs as one process or under torchrun (DDP or FSDP2 from egmla.train.distributed). Every process
+sees the same global batch sequence (egmla.data.loader), takes its contiguous slice and accumulates
+micro-batches, so the result does not depend on the number of processes beyond rounding.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from egmla.model import Transformer
+from egmla.runs import FORMAT_VERSION, atomic_write_bytes, atomic_write_json
+from egmla.train import checkpoint as ckpt
+from egmla.train.config import RunConfig
+from egmla.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, clip_grad_norm,
+                                     gradient_sync, init_distributed, parallelize)
+from egmla.train.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
+from egmla.train.optim import build_optimizer, lr_at, set_lr
+
+
+CALIBRATION_STEPS = 20  # a time-budgeted run (train.steps = 0) sets its length after this many steps
+
+
+class TrainingDiverged(ValueError):
+    """The loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to save and stop after the current step. Another signal more than
+    2 s later aborts; sooner ones are echoes (torchrun forwards the terminal's Ctrl-C to its workers,
+    which already got it) and are ignored."""
+
+    def __init__(self):
+        self.requested, self.previous, self.first_at = False, {}, 0.0
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread: no handlers
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if not self.requested:
+            self.requested, self.first_at = True, time.monotonic()
+        elif time.monotonic() - self.first_at > 2.0:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def batch_layout(run: RunConfig, info: DistInfo) -> tuple[int, int]:
+    """(micro_batch_size, accumulation steps) per process, or a ValueError saying what to change."""
+    train = run.train
+    if train.batch_size % info.world_size:
+        raise ValueError(f"train.batch_size={train.batch_size}: must be divisible by the number of processes "
+                         f"({info.world_size})")
+    per_process = train.batch_size // info.world_size
+    micro = train.micro_batch_size or per_process
+    if micro > per_process or per_process % micro:
+        raise ValueError(f"train.micro_batch_size={micro}: must divide the per-process batch {per_process} "
+                         f"(train.batch_size={train.batch_size} over {info.world_size} processes)")
+    return micro, per_process // micro
+
+
+def autocast_for(run: RunConfig, device: torch.device):
+    use_bf16 = run.train.dtype == "bf16" or (run.train.dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext, "fp32"
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16"
+
+
+def token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    logits = model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate(model, windows, max_sequences: int, micro_batch: int, autocast, info: DistInfo) -> float:
+    """Mean validation loss over the fixed held-out windows. Each process scores its share; all run
+    the same number of forwards (FSDP needs that), padding with a discarded batch where short."""
+    from egmla.data.loader import validation_window_ids
+
+    model.eval()
+    mine = validation_window_ids(windows, max_sequences, info.rank, info.world_size)
+    count = windows.num_windows if max_sequences <= 0 else min(max_sequences, windows.num_windows)
+    rounds = math.ceil(math.ceil(count / info.world_size) / micro_batch)
+    total, tokens = 0.0, 0
+    for r in range(rounds):
+        ids = mine[r * micro_batch:(r + 1) * micro_batch]
+        inputs, targets = windows.batch(ids if len(ids) else [0])
+        with autocast():
+            loss = token_loss(model, inputs.to(info.device), targets.to(info.device), reduction="sum")
+        if len(ids):
+            total, tokens = total + float(loss), tokens + targets.numel()
+    total, tokens = all_reduce_sum([total, tokens], info)
+    model.train()
+    return total / tokens
+
+
+def write_run_files(run: RunConfig, run_dir: Path, tokenizer) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from egmla import __version__
+
+    atomic_write_json(run_dir / "config.json", {"format_version": FORMAT_VERSION, "egmla_version": __version__,
+                                               **run.to_dict()})
+    atomic_write_bytes(run_dir / "tokenizer.json", tokenizer.to_str().encode())
+
+
+def load_run_tokenizer(run_dir: Path):
+    from tokenizers import Tokenizer
+
+    path = run_dir / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"--resume {str(run_dir)!r}: no tokenizer.json there; the run directory is incomplete")
+    return Tokenizer.from_file(str(path))
+
+
+def setup_data(run: RunConfig, run_dir: Path, resume: bool, info: DistInfo, progress: bool, log):
+    """Tokenizer (the run's own on resume) and shards; rank 0 builds the caches, the others then read them."""
+    from egmla.data import prepare_data
+
+    tokenizer = load_run_tokenizer(run_dir) if resume else None
+    result = None
+    if info.is_main:
+        result = prepare_data(run.data, run.model.vocab_size, tokenizer, progress=progress, log=log)
+    barrier(info)
+    if not info.is_main:
+        result = prepare_data(run.data, run.model.vocab_size, tokenizer, progress=False, log=lambda *_: None)
+    return result
+
+
+def train(run: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, log=print,
+          on_ready=None) -> dict:
+    """Train `run` into run_dir (resume=True: continue from its newest good checkpoint). Returns a summary.
+    on_ready(run_dir) is called on rank 0 once the data is ready and the run directory written."""
+    from tqdm import tqdm
+
+    from egmla.data.loader import TrainBatches, WindowedTokens
+    from egmla.data.tokenizer import tokenizer_sha256
+
+    run_dir, cfg = Path(run_dir), run.train
+    info = init_distributed(cfg.device)
+    say = log if info.is_main else (lambda *_: None)
+    micro_batch, accumulation = batch_layout(run, info)
+    tokenizer, shards = setup_data(run, run_dir, resume, info, progress, say)
+    tokenizer_hash = tokenizer_sha256(tokenizer)
+    if info.is_main and not resume:
+        write_run_files(run, run_dir, tokenizer)
+    if info.is_main and on_ready is not None:
+        on_ready(run_dir)
+    train_windows = WindowedTokens(shards.tokens("train"), cfg.seq_len, "training")
+    val_windows = WindowedTokens(shards.tokens("val"), cfg.seq_len, "validation")
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(run.model)  # initialised on the CPU: identical on every device and process count
+    model.check_inputs = False  # ids come from our tokenizer, checked against vocab_size above
+    start_step, position, resumed_from = 0, 0, None
+    if resume:
+        found = ckpt.find_resumable(run_dir, model, warn=say)
+        if found is None:
+            raise ValueError(f"--resume {str(run_dir)!r}: no usable checkpoint there; start a new run instead")
+        resumed_from, state = found
+        if state.get("tokenizer_sha256") != tokenizer_hash:
+            raise ValueError(f"--resume {str(run_dir)!r}: tokenizer.json differs from the one the checkpoint "
+                             f"was trained with; restore the run's original tokenizer.json")
+        if state.get("seq_len", cfg.seq_len) != cfg.seq_len:
+            raise ValueError(f"train.seq_len={cfg.seq_len}: the checkpoint was trained with seq_len="
+                             f"{state['seq_len']}; keep it to resume")
+        start_step, position = state["step"], state["sequences_consumed"]
+        say(f"resuming from {resumed_from} (step {start_step})")
+    model = model.to(info.device)
+    if cfg.compile:
+        for block in model.layers:
+            block.compile()
+    wrapped = parallelize(model, cfg.parallel, info)
+    optimizer = build_optimizer(wrapped, cfg)
+    if resumed_from is not None:
+        ckpt.load_optimizer(resumed_from, wrapped, optimizer)
+        ckpt.set_rng_state(state["rng"])
+
+    autocast, precision = autocast_for(run, info.device)
+    batches = TrainBatches(train_windows, cfg.batch_size, cfg.seed, position)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
+    peak = peak_flops(device_name, cfg.peak_tflops) if info.device.type == "cuda" else None
+    step_flops = flops_per_token(run.model, cfg.seq_len) * tokens_per_step
+    unigram = shards.meta["val_unigram_cross_entropy"]
+    metrics = MetricsLog(run_dir, info.is_main, cfg.tensorboard, start_step=start_step, warn=say)
+    say(f"{run.name}: {run.model.variant_name()}, {model.num_params() / 1e6:.2f}M parameters "
+        f"({model.num_params(False) / 1e6:.2f}M without gate tables), {info.world_size} process(es) on "
+        f"{device_name}, {precision}, batch {cfg.batch_size}x{cfg.seq_len} tokens "
+        f"({accumulation} micro-batch(es) of {micro_batch}), {shards.meta['train_tokens']:,} training tokens")
+    say(f"unigram baseline: train-token entropy {shards.meta['train_unigram_entropy']:.3f} nats/token, "
+        f"unigram model on validation {unigram:.3f}")
+
+    def save(step: int) -> Path:
+        state = {"sequences_consumed": batches.position, "tokens_seen": batches.position * cfg.seq_len,
+                 "epoch": batches.epoch, "lr": lr_at(max(0, step - 1), cfg), "world_size": info.world_size,
+                 "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokenizer_sha256": tokenizer_hash,
+                 "total_steps": cfg.steps}
+        return ckpt.save_checkpoint(run_dir, step, wrapped, optimizer, state, info, cfg.keep_checkpoints,
+                                    run.model.tie_embeddings)
+
+    def validate(step: int) -> float:
+        loss = evaluate(wrapped, val_windows, cfg.eval_sequences, micro_batch, autocast, info)
+        metrics.log({"kind": "val", "step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+        return loss
+
+    if cfg.steps == 0 and resumed_from is not None and state.get("total_steps"):
+        cfg = dataclasses.replace(cfg, steps=state["total_steps"])  # a time-budgeted run, already calibrated
+    bar = tqdm(total=cfg.steps or None, initial=start_step, desc=run.name, unit="step",
+               disable=not (progress and info.is_main), dynamic_ncols=True)
+    step, val_loss, step_times, last_saved, stop_reason = start_step, None, [], start_step, None
+    wall_start = time.perf_counter()
+    try:
+        with StopFlag() as stop:
+            while cfg.steps == 0 or step < cfg.steps:
+                started = time.perf_counter()
+                lr = lr_at(step, cfg)
+                set_lr(optimizer, lr)
+                time_up = cfg.time_limit_s > 0 and started - wall_start > cfg.time_limit_s
+                loss_value, grad_norm, stop_votes = train_step(wrapped, optimizer, batches, train_windows, micro_batch,
+                                                               autocast, info, cfg, step, stop.requested or time_up)
+                step += 1
+                step_times.append(time.perf_counter() - started)
+                record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                          "tokens": batches.position * cfg.seq_len, "step_s": step_times[-1],
+                          "tokens_per_s": tokens_per_step / step_times[-1]}
+                if peak:
+                    record["mfu"] = step_flops / step_times[-1] / (peak * info.world_size)
+                metrics.log(record, tensorboard=step % cfg.log_every == 0)
+                if cfg.steps == 0 and len(step_times) == CALIBRATION_STEPS:
+                    cfg = dataclasses.replace(cfg, steps=budgeted_steps(cfg, step, step_times, wall_start, info))
+                    bar.total = cfg.steps
+                    say(f"time budget {cfg.time_limit_s:.0f}s: training for {cfg.steps} steps")
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                    val_loss = validate(step)
+                    note = f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}"
+                    (bar.write if progress and info.is_main else say)(f"{note} (ppl {math.exp(min(val_loss, 50)):.1f})")
+                if stop_votes > 0:
+                    stop_reason = "time limit reached" if time_up and not stop.requested else "interrupted"
+                    break
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+                    save(step)
+                    last_saved = step
+        if stop_reason and step != last_saved:
+            folder = save(step)
+            say(f"{stop_reason}: checkpoint saved at step {step} in {folder}; continue with "
+                f"`egmla train --resume {run_dir}`")
+        elif val_loss is None and not stop_reason:  # resumed a finished run: report its validation loss
+            val_loss = validate(step)
+    finally:
+        bar.close()
+        metrics.close()
+    return finish(run, run_dir, info, model, shards.meta, step, val_loss, step_times, peak, step_flops,
+                  stop_reason, time.perf_counter() - wall_start, say)
+
+
+def budgeted_steps(cfg, step: int, step_times: list[float], wall_start: float, info: DistInfo) -> int:
+    """Total steps that fit train.time_limit_s at the speed measured so far (rank 0 decides for all),
+    leaving 5% for validation and checkpoints."""
+    steady = sorted(step_times[CALIBRATION_STEPS // 4:])
+    remaining = 0.95 * cfg.time_limit_s - (time.perf_counter() - wall_start)
+    total = step + max(1, int(remaining / steady[len(steady) // 2]))
+    return broadcast_object(total, info)
+
+
+def train_step(model, optimizer, batches, windows, micro_batch: int, autocast, info: DistInfo, cfg, step: int,
+               stop_requested: bool) -> tuple[float, float, float]:
+    """One optimizer step over the next global batch: (mean loss, gradient norm, stop votes)."""
+    from egmla.data.loader import local_micro_batches
+
+    loss_sum = torch.zeros((), device=info.device)
+    micro_batches = local_micro_batches(batches.next_window_ids(), info.rank, info.world_size, micro_batch)
+    for index, ids in enumerate(micro_batches):
+        inputs, targets = (t.to(info.device, non_blocking=True) for t in windows.batch(ids))
+        try:
+            with gradient_sync(model, index == len(micro_batches) - 1), autocast():
+                loss = token_loss(model, inputs, targets)
+                (loss / len(micro_batches)).backward()
+        except torch.OutOfMemoryError:
+            raise ValueError(f"train.micro_batch_size={micro_batch}: a micro-batch of {micro_batch}x{cfg.seq_len} "
+                             f"tokens does not fit in device memory; lower train.micro_batch_size (gradient "
+                             f"accumulation keeps the global batch)") from None
+        loss_sum += loss.detach()
+    grad_norm = clip_grad_norm(model, cfg.grad_clip)
+    loss_total, stop_votes = all_reduce_sum([float(loss_sum) / len(micro_batches), float(stop_requested)], info)
+    loss_value = loss_total / info.world_size
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        what, value = ("loss", loss_value) if not math.isfinite(loss_value) else ("gradient norm", grad_norm)
+        raise TrainingDiverged(f"step {step + 1}: non-finite {what} ({value}); stopped before the update. The "
+                               f"last good checkpoint is kept; lower train.lr or raise train.warmup_steps")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm, stop_votes
+
+
+def finish(run, run_dir, info, model, data_meta, step, val_loss, step_times, peak, step_flops, stop_reason,
+           wall_s, say) -> dict:
+    """Summary, summary.json and the loss-curve plot (rank 0)."""
+    steady = sorted(step_times[min(len(step_times) - 1, 3):]) if step_times else []  # skip warm-up steps
+    median_step = steady[len(steady) // 2] if steady else float("nan")
+    summary = {
+        "name": run.name, "variant": run.model.variant_name(), "steps": step, "interrupted": stop_reason is not None,
+        "stop_reason": stop_reason,
+        "final_val_loss": val_loss, "final_val_ppl": math.exp(min(val_loss, 50)) if val_loss else None,
+        "train_unigram_entropy": data_meta["train_unigram_entropy"],
+        "val_unigram_cross_entropy": data_meta["val_unigram_cross_entropy"],
+        "params": model.num_params(), "params_without_gate_tables": model.num_params(False),
+        "kv_elements_per_token": run.model.kv_elements_per_token(),
+        "median_step_s": median_step, "tokens_per_s": run.train.batch_size * run.train.seq_len / median_step,
+        "mfu": step_flops / median_step / (peak * info.world_size) if peak else None,
+        "world_size": info.world_size, "train_wall_s": wall_s, "run_dir": str(run_dir),
+    }
+    if info.is_main:
+        atomic_write_json(Path(run_dir) / "summary.json", summary)
+        plot = plot_loss_curve(Path(run_dir) / "metrics.jsonl", Path(run_dir) / "loss.png",
+                               f"{run.name} ({run.model.variant_name()})", data_meta["val_unigram_cross_entropy"])
+        if val_loss is not None:
+            say(f"final validation loss {val_loss:.4f} nats/token (perplexity {summary['final_val_ppl']:.1f}); "
+                f"unigram baseline {data_meta['val_unigram_cross_entropy']:.4f} "
+                f"(train-token entropy {data_meta['train_unigram_entropy']:.4f})")
+        say(f"median step {median_step:.3f}s, {summary['tokens_per_s']:,.0f} tokens/s"
+            + (f", MFU {100 * summary['mfu']:.1f}%" if summary["mfu"] else "")
+            + (f"; loss curve {plot}" if plot else "") + f"; run directory {run_dir}")
+    return summary
+

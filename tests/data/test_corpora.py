@@ -1,0 +1,113 @@
+"""Corpora: chunking and the hash split, python-source collection, local files through `datasets`, and
+the hub path (the same `datasets` streaming code, checked on local files and with a stand-in loader)."""
+import json
+import sys
+
+import pytest
+
+from egmla.data.config import DataConfig
+from egmla.data.corpora import (chunk_text, corpus_fingerprint, is_validation, iter_documents,
+                                python_source_documents, python_source_files, python_source_roots,
+                                split_chunks)
+
+
+def test_chunks_rejoin_and_cut_at_line_ends():
+    text = "".join(f"line {i} " + "x" * (i % 50) + "\n" for i in range(3000))
+    pieces = chunk_text(text, size=1000)
+    assert "".join(pieces) == text
+    assert all(len(p) <= 1000 for p in pieces) and all(p.endswith("\n") for p in pieces)
+    assert chunk_text("a" * 2500, size=1000) == ["a" * 1000, "a" * 1000, "a" * 500]  # no newline: hard cut
+
+
+def test_hash_split_is_deterministic_and_near_the_fraction():
+    keys = [f"doc{i}@0" for i in range(20000)]
+    share = sum(is_validation(k, 0.05) for k in keys) / len(keys)
+    assert 0.04 < share < 0.06
+    assert [is_validation(k, 0.05) for k in keys[:100]] == [is_validation(k, 0.05) for k in keys[:100]]
+    chunks = list(split_chunks(iter([("a", "x\n" * 30000), ("b", "y\n")]), 0.3))
+    assert {split for split, _, _ in chunks} == {"train", "val"}
+    assert [ends for _, _, ends in chunks].count(True) == 2  # one document end per document
+
+
+def test_python_source_collects_each_file_once_in_a_fixed_order(tmp_path):
+    outer, inner = tmp_path / "lib", tmp_path / "lib" / "site-packages"
+    (inner / "pkg").mkdir(parents=True)
+    (outer / "os_like.py").write_text("import os\n")
+    (inner / "pkg" / "mod.py").write_text("def f():\n    return 1\n")
+    (inner / "pkg" / "data.bin").write_bytes(b"\0\1")
+    (inner / "pkg" / "latin1.py").write_bytes(b"x = '\xe9'\n")  # not UTF-8: skipped
+    (inner / "__pycache__").mkdir()
+    (inner / "__pycache__" / "junk.py").write_text("x = 1\n")
+    roots = [("purelib", inner), ("stdlib", outer)]  # nested roots: each file under its own label
+    keys = [key for key, _, _ in python_source_files(roots)]
+    assert keys == ["purelib/pkg/latin1.py", "purelib/pkg/mod.py", "stdlib/os_like.py"]
+    documents = list(python_source_documents(roots=roots))
+    assert sorted(k for k, _ in documents) == ["purelib/pkg/mod.py", "stdlib/os_like.py"]
+    assert documents == list(python_source_documents(roots=roots))
+    cap = len(documents[0][1])  # the size cap keeps the hash-ordered prefix that fits
+    assert [k for k, _ in python_source_documents(max_bytes=cap, roots=roots)] == [documents[0][0]]
+
+
+def test_python_source_of_this_installation_without_datasets(monkeypatch):
+    """The GPU image has no `datasets`: python-source (and embedded) must not import it."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    labels = [label for label, _ in python_source_roots()]
+    assert "stdlib" in labels or "platstdlib" in labels
+    first = list(iter_documents(DataConfig(corpus="python-source", max_bytes=200_000)))
+    assert 0 < sum(len(t) for _, t in first) <= 200_000 and all(k.endswith(".py") for k, _ in first)
+    assert any("def " in t or "import " in t for _, t in first)
+    assert next(iter_documents(DataConfig(corpus="embedded")))[1]
+    with pytest.raises(ValueError, match="needs the `datasets` library"):
+        list(iter_documents(DataConfig(corpus="hf:some/dataset")))
+
+
+@pytest.fixture
+def local_files(tmp_path):
+    (tmp_path / "a.txt").write_text("First document.\nIt has two lines.\n")
+    (tmp_path / "b.txt").write_text("Second document.\n")
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}", "id": i}) for i in range(3)))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["parquet one", "parquet two"]}), tmp_path / "p.parquet")
+    return tmp_path
+
+
+def test_local_txt_jsonl_and_globs(local_files):
+    docs = list(iter_documents(DataConfig(corpus=str(local_files / "*.txt"))))
+    assert [t for _, t in docs] == ["First document.\nIt has two lines.\n", "Second document.\n"]
+    docs = list(iter_documents(DataConfig(corpus=f"{local_files / 'rows.jsonl'},{local_files / 'a.txt'}")))
+    assert sorted(t for _, t in docs) == sorted(["First document.\nIt has two lines.\n", "row 0", "row 1", "row 2"])
+    docs = list(iter_documents(DataConfig(corpus=str(local_files / "p.parquet"), text_field="body")))
+    assert [t for _, t in docs] == ["parquet one", "parquet two"]
+    capped = list(iter_documents(DataConfig(corpus=str(local_files / "rows.jsonl"), max_bytes=9)))
+    assert [t for _, t in capped] == ["row 0"]
+    assert corpus_fingerprint(DataConfig(corpus=str(local_files / "*.txt"))) != corpus_fingerprint(
+        DataConfig(corpus=str(local_files / "a.txt")))
+
+
+def test_local_file_errors_name_the_fix(local_files):
+    with pytest.raises(ValueError, match="does not exist and matches no file"):
+        list(iter_documents(DataConfig(corpus=str(local_files / "missing.txt"))))
+    with pytest.raises(ValueError, match="data.text_field='text'.*'body'"):
+        list(iter_documents(DataConfig(corpus=str(local_files / "p.parquet"))))
+    (local_files / "notes.csv").write_text("x")
+    with pytest.raises(ValueError, match="suffix '.csv'"):
+        list(iter_documents(DataConfig(corpus=str(local_files / "notes.csv"))))
+
+
+def test_hub_names_stream_through_the_same_loader(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return iter([{"text": "streamed row one"}, {"text": ""}, {"text": "streamed row two"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    config = DataConfig(corpus="hf:HuggingFaceFW/fineweb-edu", hf_config="sample-10BT", max_bytes=1000)
+    docs = list(iter_documents(config))
+    assert [t for _, t in docs] == ["streamed row one", "streamed row two"]
+    assert calls == [("HuggingFaceFW/fineweb-edu", dict(name="sample-10BT", data_files=None, split="train",
+                                                        streaming=True))]

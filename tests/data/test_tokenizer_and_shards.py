@@ -1,0 +1,67 @@
+"""Tokenizer training and caching, token shards (dtype, document ends, split, cache) and the unigram baseline."""
+import math
+
+import numpy as np
+import pytest
+
+import egmla.data.tokenizer as tokenizer_module
+from egmla.data import prepare_data
+from egmla.data.config import DataConfig
+from egmla.data.shards import unigram_statistics
+from egmla.data.tokenizer import END_OF_TEXT, check_tokenizer_fits, get_tokenizer, train_tokenizer
+
+TEXT = "Friends, Romans, countrymen, lend me your ears; émigré naïveté — 東京 ✓\n"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"doc{i:02d}.txt").write_text(f"Document {i}.\n" + TEXT * (40 + i))
+    return DataConfig(corpus=str(folder / "*.txt"), val_fraction=0.25, cache_dir=str(tmp_path / "cache"))
+
+
+def test_byte_level_bpe_round_trips_any_text():
+    tokenizer = train_tokenizer([TEXT * 20], 300)
+    assert tokenizer.get_vocab_size() == 300 and tokenizer.token_to_id(END_OF_TEXT) == 0
+    weird = "unseen ₿ 🙂 \x00 tab\tend"
+    assert tokenizer.decode(tokenizer.encode(weird).ids) == weird
+    with pytest.raises(ValueError, match="model.vocab_size=100: a byte-level BPE needs at least 257"):
+        train_tokenizer([TEXT], 100)
+    with pytest.raises(ValueError, match="tokenizer has 300 ids but model.vocab_size=299"):
+        check_tokenizer_fits(tokenizer, 299, where="tokenizer")
+
+
+def test_tokenizer_is_cached_by_corpus_and_vocab(corpus, monkeypatch):
+    first = get_tokenizer(corpus, 320, log=lambda *_: None)
+    monkeypatch.setattr(tokenizer_module, "train_tokenizer", lambda *a, **k: pytest.fail("retrained"))
+    assert get_tokenizer(corpus, 320, log=lambda *_: None).to_str() == first.to_str()
+    with pytest.raises(pytest.fail.Exception, match="retrained"):
+        get_tokenizer(corpus, 330, log=lambda *_: None)  # another vocab size: trains again
+
+
+def test_shards_hold_every_chunk_once_with_document_ends(corpus):
+    tokenizer, shards = prepare_data(corpus, 320, progress=False, log=lambda *_: None)
+    train, val = shards.tokens("train"), shards.tokens("val")
+    assert train.dtype == np.uint16 and len(train) > 0 and len(val) > 0
+    assert int((train == 0).sum() + (val == 0).sum()) == 12  # one end-of-text per document
+    texts = tokenizer.decode(train.tolist()) + tokenizer.decode(val.tolist())
+    assert texts.count("Friends, Romans") == sum(40 + i for i in range(12))
+    assert shards.meta["vocab_size"] == 320 and shards.meta["train_tokens"] == len(train)
+    again_tokenizer, again = prepare_data(corpus, 320, progress=False, log=pytest.fail)  # all cached: no log
+    assert again.folder == shards.folder and again_tokenizer.to_str() == tokenizer.to_str()
+
+
+def test_validation_split_that_ends_up_empty_is_an_error(tmp_path):
+    (tmp_path / "one.txt").write_text(TEXT * 10)
+    config = DataConfig(corpus=str(tmp_path / "one.txt"), val_fraction=0.001, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="the validation split is empty"):
+        prepare_data(config, 300, progress=False, log=lambda *_: None)
+
+
+def test_unigram_statistics():
+    uniform = np.arange(1000) % 4
+    stats = unigram_statistics(uniform, uniform[:100], vocab_size=4)
+    assert stats["train_unigram_entropy"] == pytest.approx(math.log(4))
+    assert stats["val_unigram_cross_entropy"] == pytest.approx(-math.log(251 / 1004))

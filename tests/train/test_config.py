@@ -1,0 +1,74 @@
+"""Config files and overrides: configs/*.toml are the Table 1 rows at paper-base, the no-argument
+default is the tiny EG-MLA run written out in configs/tiny.toml, unknown keys suggest the closest."""
+from pathlib import Path
+
+import pytest
+
+from egmla.configfile import load_toml
+from egmla.train.cli import add_arguments, resolve_config
+from egmla.train.config import RunConfig
+from egmla.train.variants import VARIANTS, variant_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TABLE_1 = {"mha": 18432, "mla-kv256": 3840, "mla-kv64": 1536, "mla-kv16": 960, "egmla-kv256": 3840,
+           "egmla-kv64": 1536, "egmla-kv16": 960, "gqa4": 6144}  # KV elements/token, DESIGN.md §3
+
+
+def parse(*argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_config_file_loads(path):
+    run = RunConfig.from_dict(load_toml(path))
+    if path.stem == "tiny":
+        assert run.to_dict() == {**RunConfig().to_dict(), "name": run.name}  # == `egmla train` with no args
+        return
+    assert run.name == path.stem
+    assert run.model.to_dict() == variant_config(path.stem, "paper-base").to_dict()
+    assert run.train.compile and run.train.seq_len == 1024 and run.data.corpus == "python-source"
+
+
+def test_table_1_rows_and_ablations_are_all_there():
+    stems = {p.stem for p in CONFIGS.glob("*.toml")}
+    assert set(TABLE_1) <= stems
+    assert {"egmla-kv64-no-norm", "egmla-kv64-add", "egmla-kv64-latent"} <= stems
+    assert {f"egmla-kv64-de{d}" for d in (64, 128, 256, 1024, 2048)} <= stems  # de512 is egmla-kv64
+    for stem, elements in TABLE_1.items():
+        assert RunConfig.from_dict(load_toml(CONFIGS / f"{stem}.toml")).model.kv_elements_per_token() == elements
+    train_sections = {str(load_toml(CONFIGS / f"{s}.toml")["train"]) for s in stems - {"tiny"}}
+    assert len(train_sections) == 1  # same budget, seed and schedule for every row
+
+
+def test_no_arguments_is_the_tiny_egmla_preset_on_the_embedded_corpus():
+    run, run_dir, resume = resolve_config(parse())
+    model = run.model
+    assert (model.attention, model.d_model, model.n_layers, model.vocab_size) == ("eg-mla", 256, 4, 8192)
+    assert run.data.corpus == "embedded" and run_dir is None and not resume
+
+
+def test_set_overrides_and_their_errors(tmp_path):
+    run, _, _ = resolve_config(parse("--set", "model.attention=mla", "--set", "train.steps=7",
+                                     "--set", "data.corpus=python-source"))
+    assert (run.model.attention, run.train.steps, run.data.corpus) == ("mla", 7, "python-source")
+    with pytest.raises(ValueError, match="train.warmup: unknown config key; did you mean 'warmup_steps'"):
+        resolve_config(parse("--set", "train.warmup=10"))
+    with pytest.raises(ValueError, match="train.lr_max: unknown config key; known keys: steps, batch_size"):
+        resolve_config(parse("--set", "train.lr_max=1"))
+    with pytest.raises(ValueError, match="train.schedule='linear': choose one of cosine, wsd, constant"):
+        resolve_config(parse("--set", "train.schedule=linear"))
+    with pytest.raises(ValueError, match="no such file"):
+        resolve_config(parse("--config", str(tmp_path / "missing.toml")))
+    with pytest.raises(ValueError, match="only train"):
+        (tmp_path / "config.json").write_text('{"format_version": 1, "model": {}, "train": {}, "data": {}}')
+        resolve_config(parse("--resume", str(tmp_path), "--set", "model.kv_lora_rank=8"))
+
+
+def test_variant_names_suggest_the_closest():
+    assert set(VARIANTS) >= {"mha", "mla-kv64", "egmla-kv64"}
+    with pytest.raises(ValueError, match="did you mean 'egmla-kv64'"):
+        variant_config("egmla-kv46")

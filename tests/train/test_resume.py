@@ -1,0 +1,84 @@
+"""Exact resume: a real SIGKILL mid-run, Ctrl-C, and a corrupt newest checkpoint."""
+import json
+import signal
+import subprocess
+import time
+
+from egmla.runs import list_checkpoints
+from egmla.train.trainer import train
+from tests.train.helpers import (egmla_command, run_config, run_egmla, subprocess_env, train_losses,
+                                  write_config)
+
+SLOW = dict(train=dict(steps=60, checkpoint_every=10, eval_every=30))  # long enough to be killed mid-way
+
+
+def start_training(config, run_dir):
+    return subprocess.Popen(egmla_command("train", "--config", str(config), "--run-dir", str(run_dir),
+                                          "--no-progress"), env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, process, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert process.poll() is None, f"training ended early:\n{process.stdout.read()}"
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for the training subprocess")
+
+
+def test_sigkill_then_resume_reproduces_every_loss(tmp_path, cache_dir):
+    config = write_config(tmp_path / "run.toml", cache_dir, **SLOW)
+    run_egmla("train", "--config", str(config), "--run-dir", str(tmp_path / "reference"), "--no-progress")
+    reference = train_losses(tmp_path / "reference")
+    assert sorted(reference) == list(range(1, 61))
+
+    killed = tmp_path / "killed"
+    process = start_training(config, killed)
+    wait_for(lambda: (killed / "checkpoints" / "step_00000020" / "manifest.json").is_file(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "checkpoints" / "step_00000060").exists()
+    before_resume = train_losses(killed)
+    assert 20 <= max(before_resume) < 60
+
+    result = run_egmla("train", "--resume", str(killed), "--no-progress")
+    assert "resuming from" in result.stdout
+    resumed = train_losses(killed)
+    assert sorted(resumed) == list(range(1, 61)), "metrics.jsonl must hold each step once after the resume"
+    assert resumed == reference  # bit-exact, every step
+
+
+def test_sigint_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, cache_dir):
+    config = write_config(tmp_path / "run.toml", cache_dir, train=dict(steps=400, checkpoint_every=0, eval_every=0))
+    run_dir = tmp_path / "run"
+    process = start_training(config, run_dir)
+    wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len((run_dir / "metrics.jsonl").read_text()) > 0,
+             process)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert "interrupted: checkpoint saved at step" in output
+    [folder] = list_checkpoints(run_dir)
+    stopped_at = json.loads((folder / "state.json").read_text())["step"]
+    assert 0 < stopped_at < 400
+    assert max(train_losses(run_dir)) == stopped_at
+    run_egmla("train", "--resume", str(run_dir), "--no-progress", "--set", "train.steps=" + str(stopped_at + 3))
+    assert max(train_losses(run_dir)) == stopped_at + 3
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, cache_dir):
+    run = run_config(cache_dir)  # 12 steps, checkpoints at 4, 8, 12
+    run_dir = tmp_path / "run"
+    train(run, run_dir, progress=False, log=lambda *_: None)
+    original = train_losses(run_dir)
+    weights = run_dir / "checkpoints" / "step_00000012" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    messages = []
+    train(run, run_dir, resume=True, progress=False, log=messages.append)
+    text = "\n".join(messages)
+    assert "step_00000012 is unusable" in text and "checksum mismatch" in text
+    assert "resuming from" in text and "step_00000008" in text
+    assert train_losses(run_dir) == original  # steps 9-12 recomputed exactly
