@@ -18,7 +18,7 @@ class AttnContext:
     mask: torch.Tensor | None = None  # [batch, 1, seq, kv_len] bool, True = may attend
     kv_token_ids: torch.Tensor | None = None  # [batch, kv_len] ids of all cached positions
     kv_groups: Any = None  # TokenGroups of the cache (decode path 'grouped', egmla/attention/grouped.py)
-    kv_ln_stats: torch.Tensor | None = None  # [batch, kv_len, 2] this layer's cached norm stats ('grouped')
+    kv_ln_stats: torch.Tensor | None = None  # [batch, kv_len, 2] this layer's cached norm stats (grouped, kernel)
 
     @property
     def cached(self) -> bool:

@@ -63,6 +63,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         if decode_path == "grouped":  # + (mu, rho) of each position, and positions grouped by token id
             tensors = {**spec.tensors, "ln_stats": ((2,), torch.float32)}
             return CacheSpec(tensors, needs_token_ids=True, needs_token_groups=True)
+        if decode_path == "kernel" and config.gate_placement == "up":  # + (mu, rho): the fused kernel reads them
+            return CacheSpec({**spec.tensors, "ln_stats": ((2,), torch.float32)}, needs_token_ids=True)
         return CacheSpec(spec.tensors, needs_token_ids=config.gate_placement == "up")
 
     def on_decode_path_set(self) -> None:
@@ -127,7 +129,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         from egmla.kernels.egmla_decode import egmla_decode
 
         norm = self.gate_norm
-        out = egmla_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, kv_ids, self.ln_stats(latent, kv_ids),
+        stats = ctx.kv_ln_stats if ctx.kv_ln_stats is not None else self.ln_stats(latent, kv_ids)
+        out = egmla_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, kv_ids, stats,
                            ctx.positions[:, 0] + 1, self.gate_table, self.wkv_b.weight,
                            getattr(norm, "weight", None), getattr(norm, "bias", None), self.softmax_scale,
                            gate_op=self.gate_op)
@@ -136,8 +139,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def ln_stats(self, latent: torch.Tensor, kv_ids: torch.Tensor) -> torch.Tensor:
         """[batch, len, 2] fp32 (mean, rstd) of each cached position's gated K/V, for the fused kernel.
 
-        Recomputed here for the whole context by one Triton pass (a second rebuild per step); they are
-        fixed once a token is appended, so a cache that stores them per position can return those."""
+        Recomputed for the whole context by one Triton pass (a second rebuild per step): used only when
+        the cache holds no statistics (the 'kernel' path's cache stores them at append time)."""
         from egmla.kernels.egmla_decode import layernorm_stats_triton
 
         kind = {nn.LayerNorm: "layernorm", nn.RMSNorm: "rmsnorm"}.get(type(self.gate_norm), "none")
@@ -149,6 +152,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache=None) -> torch.Tensor:
         if cache is not None and self.decode_path == "grouped":
             return grouped.forward(self, x, ctx, cache)  # also writes each new position's (mu, rho)
+        if cache is not None and self.decode_path == "kernel" and self.gate_placement == "up":
+            return grouped.forward_with_stats(self, x, ctx, cache, self.attend_kernel)
         return super().forward(x, ctx, cache)
 
     def attend_grouped(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:

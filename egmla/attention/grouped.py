@@ -160,7 +160,7 @@ def append_stats(attn, latent: torch.Tensor, token_ids: torch.Tensor) -> torch.T
     [batch, seq, d_c] and their ids [batch, seq]: what the cache stores for the grouped decode."""
     from egmla.kernels.egmla_decode_ref import layernorm_stats
 
-    return layernorm_stats(latent, attn.gate(token_ids), attn.wkv_b.weight, attn.gate_norm.eps,
+    return layernorm_stats(latent, attn.gate(token_ids), attn.wkv_b.weight, getattr(attn.gate_norm, "eps", 0.0),
                            attn.gate_op, norm_kind(attn))
 
 
@@ -218,12 +218,19 @@ def forward(attn, x: torch.Tensor, ctx: AttnContext, cache) -> torch.Tensor:
     if "ln_stats" not in cache.buffers or ctx.kv_groups is None:
         raise ValueError("decode_path='grouped' needs a cache with LayerNorm statistics and token groups: "
                          "call model.set_decode_path('grouped') before model.new_cache(...)")
+    return forward_with_stats(attn, x, ctx, cache, attn.attend_grouped)
+
+
+def forward_with_stats(attn, x: torch.Tensor, ctx: AttnContext, cache, attend) -> torch.Tensor:
+    """Forward for decode paths whose cache keeps each position's norm statistics ('grouped', and the
+    fused 'kernel'): (mu, rho) are computed once, when a token is appended, then `attend` reads them
+    from ctx.kv_ln_stats."""
     q_nope, q_pe = attn.query(x, ctx)
     latent, k_pe = attn.latent(x, ctx)
     cache.write(ctx.positions, latent=latent, k_rope=k_pe, ln_stats=append_stats(attn, latent, ctx.token_ids))
     ctx = dataclasses.replace(ctx, kv_ln_stats=cache.read("ln_stats", ctx.kv_len))
-    out = attn.attend_grouped(q_nope, q_pe, cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len),
-                              ctx.kv_token_ids, ctx)
+    out = attend(q_nope, q_pe, cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len),
+                 ctx.kv_token_ids, ctx)
     return attn.wo(out.flatten(2))
 
 

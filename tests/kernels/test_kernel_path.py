@@ -85,3 +85,30 @@ def test_gpu_greedy_tokens_equal_naive(variant):
                 logits = model(next_ids[:, None], cache)[:, 0]
             generated[path] = torch.stack(tokens, 1)
     assert torch.equal(generated["kernel"], generated["naive"])
+
+
+def test_kernel_path_caches_norm_statistics_at_append(monkeypatch):
+    """The fused kernel reads (mu, rho) from the cache, computed once per appended token: the
+    per-step recomputation (EmbeddingGatedMLA.ln_stats) must not run, and the cached values must equal
+    the statistics of the rebuilt K/V."""
+    from egmla.attention.egmla import EmbeddingGatedMLA
+    from egmla.kernels.egmla_decode_ref import layernorm_stats
+
+    def fail(*args, **kwargs):
+        raise AssertionError("ln_stats recomputed although the cache holds them")
+
+    monkeypatch.setattr(EmbeddingGatedMLA, "ln_stats", fail)
+    config = small_config(**VARIANTS["egmla"])
+    model = Transformer(config).eval()
+    model.set_decode_path("kernel")
+    cache = model.new_cache(2, max_len=12)
+    tokens = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        model(tokens[:, :6], cache)
+        for i in range(6, 9):
+            model(tokens[:, i:i + 1], cache)
+        attn = model.layers[1].attn
+        latent = cache.layers[1].buffers["latent"][:, :9]
+        expected = layernorm_stats(latent, attn.gate(tokens), attn.wkv_b.weight, attn.gate_norm.eps)
+    assert cache.layers[1].buffers["ln_stats"].dtype == torch.float32
+    assert torch.allclose(cache.layers[1].buffers["ln_stats"][:, :9], expected, rtol=1e-5, atol=1e-6)
