@@ -102,6 +102,13 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return tensor.tolist()
 
 
+def per_rank(value: float, info: DistInfo) -> list[float]:
+    """Every process's `value`, indexed by rank, on every process (a sum of one-hot vectors)."""
+    values = [0.0] * info.world_size
+    values[info.rank] = float(value)
+    return all_reduce_sum(values, info)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

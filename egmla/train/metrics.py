@@ -44,6 +44,20 @@ def peak_flops(device_name: str, override_tflops: float = 0.0) -> float | None:
     return None
 
 
+def peak_memory_bytes(device) -> tuple[float, str]:
+    """(this process's peak memory in bytes, what was measured): the most CUDA tensor memory allocated on
+    its GPU, or on CPU the peak resident set size (0 where the platform does not report it)."""
+    if device.type == "cuda":
+        import torch
+
+        return float(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0, "unavailable"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, "peak RSS (ru_maxrss)"  # Linux: KiB
+
+
 class MetricsLog:
     """Append-only metrics.jsonl plus TensorBoard scalars (if tensorboard is installed)."""
 

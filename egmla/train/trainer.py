@@ -21,8 +21,8 @@ from egmla.runs import FORMAT_VERSION, atomic_write_bytes, atomic_write_json
 from egmla.train import checkpoint as ckpt
 from egmla.train.config import RunConfig
 from egmla.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, clip_grad_norm,
-                                     gradient_sync, init_distributed, parallelize)
-from egmla.train.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
+                                     gradient_sync, init_distributed, parallelize, per_rank)
+from egmla.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_bytes, plot_loss_curve
 from egmla.train.optim import build_optimizer, lr_at, set_lr
 
 
@@ -314,6 +314,7 @@ def finish(run, run_dir, info, model, data_meta, step, val_loss, step_times, pea
     """Summary, summary.json and the loss-curve plot (rank 0)."""
     steady = sorted(step_times[min(len(step_times) - 1, 3):]) if step_times else []  # skip warm-up steps
     median_step = steady[len(steady) // 2] if steady else float("nan")
+    peak_memory, memory_measure = peak_memory_bytes(info.device)
     summary = {
         "name": run.name, "variant": run.model.variant_name(), "steps": step, "interrupted": stop_reason is not None,
         "stop_reason": stop_reason,
@@ -325,6 +326,8 @@ def finish(run, run_dir, info, model, data_meta, step, val_loss, step_times, pea
         "median_step_s": median_step, "tokens_per_s": run.train.batch_size * run.train.seq_len / median_step,
         "mfu": step_flops / median_step / (peak * info.world_size) if peak else None,
         "world_size": info.world_size, "train_wall_s": wall_s, "run_dir": str(run_dir),
+        "peak_memory_bytes_per_rank": [int(v) for v in per_rank(peak_memory, info)],  # a collective: all ranks
+        "peak_memory_measure": memory_measure,
     }
     if info.is_main:
         atomic_write_json(Path(run_dir) / "summary.json", summary)
