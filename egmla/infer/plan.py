@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from egmla.accounting import measured_cache_bytes_per_token, variant_configs
+from egmla.attention import decode_paths
 from egmla.config import ModelConfig
 from egmla.model import count_params
 
@@ -30,11 +31,15 @@ def gate_table_params(config: ModelConfig, precomputed: bool = False) -> int:
 
 
 def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "bf16",
-             reserve_gb: float = 0.0, precomputed_gate_table: bool = False) -> dict:
-    """One variant's plan: bytes per part and the sequences that fit with gate tables on GPU / offloaded."""
+             reserve_gb: float = 0.0, precomputed_gate_table: bool = False, decode_path: str | None = None) -> dict:
+    """One variant's plan: bytes per part and the sequences that fit with gate tables on GPU / offloaded.
+
+    The cache layout is that of `decode_path` where the variant has that path (e.g. 'grouped' and 'kernel'
+    also store LayerNorm statistics), else of the variant's default path."""
     torch_dtype = DTYPES[dtype]
     item = torch.tensor([], dtype=torch_dtype).element_size()
-    cache_per_token, _ = measured_cache_bytes_per_token(config, torch_dtype)
+    path = decode_path if decode_path in decode_paths(config) else decode_paths(config)[0]
+    cache_per_token, _ = measured_cache_bytes_per_token(config, torch_dtype, path)
     weights = count_params(config, include_gate_tables=False) * item
     tables = gate_table_params(config, precomputed_gate_table) * item
     per_sequence = cache_per_token * context
@@ -46,6 +51,7 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
     return {
         "variant": config.variant_name(),
         "attention": config.attention,
+        "decode_path": path,
         "cache_bytes_per_token": cache_per_token,
         "cache_bytes_per_sequence": per_sequence,
         "weight_bytes": weights,
@@ -56,16 +62,19 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
 
 
 def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "bf16", reserve_gb: float = 0.0,
-              precomputed_gate_table: bool = False) -> list[dict]:
+              precomputed_gate_table: bool = False, decode_path: str | None = None) -> list[dict]:
     """The model `base` and the same shape under every other variant (egmla.accounting.variant_configs),
     with ratios of sequences against MHA and MLA kv256."""
     if context <= 0 or memory_gb <= 0:
         raise ValueError(f"context={context}, memory_gb={memory_gb}: both must be positive")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    known = sorted({path for config in variant_configs(base) for path in decode_paths(config)})
+    if decode_path is not None and decode_path not in known:
+        raise ValueError(f"decode_path={decode_path!r}: no variant has it; choose one of {', '.join(known)}")
     rows = []
     for config in variant_configs(base):
-        row = plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table)
+        row = plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, decode_path)
         row["is_model"] = config.to_dict() == base.to_dict()
         rows.append(row)
     for key, reference in (("vs_mha", "MHA"), ("vs_mla_kv256", "MLA kv256")):

@@ -20,6 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-table", action="store_true",
                         help="plan EG-MLA for the gate-table decode path: count the precomputed V x n_h(d_n+d_v) "
                              "gate tables instead of the V x d_e embeddings")
+    parser.add_argument("--decode-path", metavar="PATH",
+                        help="plan the cache layout of this decode path for the variants that have it (grouped "
+                             "and kernel also store 8 B of LayerNorm statistics per token and layer); the "
+                             "others use their default path")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -36,7 +40,8 @@ def main(args) -> int:
         base, source = ModelConfig.from_dict(read_run_config(args.run)["model"]), f"run {args.run}"
     else:
         base, source = preset(args.preset, **parse_overrides(args.overrides, section="model")), f"preset {args.preset}"
-    rows = plan_rows(base, args.context, args.memory_gb, args.dtype, args.reserve_gb, args.gate_table)
+    rows = plan_rows(base, args.context, args.memory_gb, args.dtype, args.reserve_gb, args.gate_table,
+                     args.decode_path)
     if args.json:
         print(json.dumps({"source": source, "context": args.context, "memory_gb": args.memory_gb,
                           "dtype": args.dtype, "reserve_gb": args.reserve_gb, "gate_table_path": args.gate_table,

@@ -51,3 +51,18 @@ def test_plan_cli_table_json_and_run(capsys, run_dir):
 def test_plan_rejects_bad_dtype():
     with pytest.raises(ValueError, match="dtype"):
         plan_rows(preset("tiny"), 128, 1, dtype="int8")
+
+
+def test_plan_counts_the_decode_paths_cache_layout():
+    """'grouped' stores LayerNorm statistics and token groups: fewer sequences fit, for EG-MLA only."""
+    from egmla.config import preset
+    from egmla.infer.plan import plan_rows
+
+    default = {r["variant"]: r for r in plan_rows(preset("paper-base"), 4096, 60.0)}
+    grouped = {r["variant"]: r for r in plan_rows(preset("paper-base"), 4096, 60.0, decode_path="grouped")}
+    assert grouped["EG-MLA kv64"]["decode_path"] == "grouped"
+    assert grouped["EG-MLA kv64"]["cache_bytes_per_token"] == 1536 * 2 + 4 + 12 * 8 + 16
+    assert grouped["EG-MLA kv64"]["sequences"] < default["EG-MLA kv64"]["sequences"]
+    assert grouped["MLA kv256"] == default["MLA kv256"]  # no such path: default layout
+    with pytest.raises(ValueError, match="decode_path='fast'"):
+        plan_rows(preset("paper-base"), 4096, 60.0, decode_path="fast")
