@@ -133,8 +133,7 @@ class Transformer(nn.Module):
         if cache.batch_size != tokens.shape[0]:
             raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch_size {cache.batch_size}: "
                              f"allocate the cache with new_cache({tokens.shape[0]})")
-        positions = cache.positions_for(tokens.shape[1])
-        kv_len = int(positions.max()) + 1
+        positions, kv_len = cache.positions_for(tokens.shape[1])
         kv_ids = None
         if cache.token_ids is not None:
             rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]

@@ -63,15 +63,16 @@ class KVCache:
 
             self.token_groups = TokenGroups(batch_size, max_len, device)
 
-    def positions_for(self, seq_len: int) -> torch.Tensor:
-        """Positions [batch, seq_len] where the next `seq_len` tokens of each sequence go."""
+    def positions_for(self, seq_len: int) -> tuple[torch.Tensor, int]:
+        """Positions [batch, seq_len] where the next `seq_len` tokens of each sequence go, and the
+        number of cached positions to attend over afterwards (one host sync per call)."""
         positions = self.lengths[:, None] + torch.arange(seq_len, device=self.lengths.device)
         end = int(positions[:, -1].max()) + 1
         if end > self.max_len:
             raise ValueError(
                 f"sequence length {end} exceeds the cache's max_len={self.max_len}: allocate a larger "
                 f"cache (new_cache(max_len=...), at most the model's max_seq_len) or shorten the input")
-        return positions
+        return positions, end
 
     def advance(self, n_new: torch.Tensor) -> None:
         self.lengths += n_new.to(self.lengths.device)
