@@ -28,21 +28,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_subcommands(parser: argparse.ArgumentParser, table: dict, dest: str, handler_key: str) -> None:
+    """One subparser per entry of `table` (name -> (module, help)); the module's `add_arguments`
+    fills it and its `main` becomes `args.<handler_key>`. Shared by `egmla` and `egmla bench`."""
+    sub = parser.add_subparsers(dest=dest, metavar=dest.upper())
+    for name, (module_name, help_text) in table.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        module.add_arguments(command)
+        command.set_defaults(**{handler_key: module.main})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egmla", description="Embedding-Gated Multi-head Latent Attention: train, compare, run, serve.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if not err.name or not err.name.startswith("egmla"):
-                raise
-            continue  # subcommand not built yet
-        command = sub.add_parser(name, help=help_text, description=help_text,
-                                 formatter_class=HelpFormatter)
-        module.add_arguments(command)
-        command.set_defaults(handler=module.main)
+    add_subcommands(parser, SUBCOMMANDS, dest="command", handler_key="handler")
     return parser
 
 

@@ -118,13 +118,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         Placement latent: MLA's absorbed decode kernel over the cached f_t."""
         if self.gate_placement == "latent":
             return super().attend_kernel(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
-        from egmla.kernels import kernel_unavailable_reason, warn_fallback_once
-
-        if q_nope.shape[1] != 1 or not ctx.cached:
-            return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
-        reason = kernel_unavailable_reason(latent.device)
-        if reason:
-            warn_fallback_once("decode path 'kernel' (EG-MLA)", reason)
+        if not self.kernel_can_run(q_nope, latent, ctx, "EG-MLA"):
             return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
         from egmla.kernels.egmla_decode import egmla_decode
 

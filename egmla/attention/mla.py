@@ -127,16 +127,24 @@ class MultiHeadLatentAttention(nn.Module):
         out_latent = torch.einsum("bsht,btc->bshc", probs, latent)
         return torch.einsum("bshc,hdc->bshd", out_latent, w_uv)  # W_UV per head
 
-    def attend_kernel(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
-        """Absorbed decode through the Triton kernel (one new token per sequence); several new tokens
-        (prefill) take the absorbed PyTorch path, and so does a device the kernel cannot run on."""
+    @staticmethod
+    def kernel_can_run(q_nope: torch.Tensor, latent: torch.Tensor, ctx: AttnContext, variant: str) -> bool:
+        """A Triton decode kernel takes one new token per sequence on a device it runs on; otherwise
+        (prefill, no CUDA or Triton) the caller uses its PyTorch path, after a one-time warning."""
         from egmla.kernels import kernel_unavailable_reason, warn_fallback_once
 
         if q_nope.shape[1] != 1 or not ctx.cached:
-            return self.attend_absorbed(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
+            return False
         reason = kernel_unavailable_reason(latent.device)
         if reason:
-            warn_fallback_once("decode path 'kernel' (MLA)", reason)
+            warn_fallback_once(f"decode path 'kernel' ({variant})", reason)
+            return False
+        return True
+
+    def attend_kernel(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
+        """Absorbed decode through the Triton kernel (one new token per sequence); several new tokens
+        (prefill) take the absorbed PyTorch path, and so does a device the kernel cannot run on."""
+        if not self.kernel_can_run(q_nope, latent, ctx, "MLA"):
             return self.attend_absorbed(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
         from egmla.kernels.mla_decode import mla_decode
 

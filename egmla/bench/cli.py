@@ -1,8 +1,7 @@
-"""`egmla bench ...`: dispatches to the sub-benchmarks; a module not built yet is skipped.
+"""`egmla bench ...`: dispatches to the sub-benchmarks.
 
 Each module provides `add_arguments(parser)` and `main(args) -> int` and imports heavy things in main."""
 import argparse
-import importlib
 
 BENCHMARKS = {
     "decode": ("egmla.bench.decode", "decode attention per layer: every variant and path vs its floor"),
@@ -12,18 +11,9 @@ BENCHMARKS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
-    for name, (module_name, help_text) in BENCHMARKS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if not err.name or not err.name.startswith("egmla"):
-                raise
-            continue  # not built yet
-        command = sub.add_parser(name, help=help_text, description=help_text,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        module.add_arguments(command)
-        command.set_defaults(bench_handler=module.main)
+    from egmla.cli import add_subcommands
+
+    add_subcommands(parser, BENCHMARKS, dest="benchmark", handler_key="bench_handler")
     parser.set_defaults(bench_parser=parser)
 
 
