@@ -34,7 +34,7 @@ class EgmlaConfig(PretrainedConfig):
     num_key_value_heads, head_dim) are stored resolved, so readers need not know egmla's rules."""
 
     model_type = "egmla"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = _DEFAULT.vocab_size
     hidden_size: int = _DEFAULT.d_model

@@ -3,7 +3,7 @@
 The model is egmla.model.Transformer itself (weights under `model.`, egmla's names), so logits are
 egmla's to the bit. What this file adds is the transformers surface:
 
-    forward(input_ids, attention_mask, past_key_values, labels, use_cache) -> CausalLMOutputWithPast
+    forward(input_ids, attention_mask, cache, labels, use_cache) -> CausalLMOutputWithPast
     generate(...)   through GenerationMixin, with an `EgmlaCache` (compressed latents only)
     save_pretrained / from_pretrained  in safetensors
 
@@ -22,12 +22,22 @@ from egmla.hf.cache import EgmlaCache
 from egmla.hf.configuration_egmla import EgmlaConfig
 from egmla.model import Transformer
 
+# transformers 5.2x renamed the cache argument and output field `past_key_values` -> `cache`; we accept
+# both names and answer in the one the installed version uses (5.17, the GPU image's, says past_key_values).
+CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _pop_cache(kwargs: dict):
+    """The cache passed under either name (None if neither)."""
+    cache, legacy = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
+
 
 class EgmlaPreTrainedModel(PreTrainedModel):
     config_class = EgmlaConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -96,33 +106,39 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generate() must not build a DynamicCache; prepare_inputs_for_generation makes ours
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):
-        if past_key_values is None and kwargs.get("use_cache", True):
-            past_key_values = self.new_hf_cache(input_ids.shape[0])
-        return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        cache = _pop_cache(kwargs)
+        if cache is None and kwargs.get("use_cache", True):
+            cache = self.new_hf_cache(input_ids.shape[0])
+        return super().prepare_inputs_for_generation(input_ids, **{CACHE_ARG: cache}, **kwargs)
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: EgmlaCache | None = None,
+                position_ids: torch.LongTensor | None = None, cache: EgmlaCache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, return_dict: bool | None = None, **kwargs):
+                use_cache: bool | None = None, return_dict: bool | None = None,
+                past_key_values: EgmlaCache | None = None, **kwargs):
         """input_ids [batch, seq] -> logits [batch, seq, vocab].
 
+        `cache` (older transformers: `past_key_values`, accepted too) is an EgmlaCache or None.
         Positions come from the cache (or 0.. without one), so position_ids is accepted and ignored.
         A cache is made when use_cache=True is passed and none is given; use_cache=None (plain calls,
         training) runs the causal forward without one."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("inputs_embeds is not supported: EG-MLA gates are looked up by token id; pass input_ids")
-        if past_key_values is not None and not isinstance(past_key_values, EgmlaCache):
-            raise ValueError(f"past_key_values is a {type(past_key_values).__name__}: EgmlaForCausalLM needs an "
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("both cache and past_key_values were given: pass the cache once, as `cache`")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, EgmlaCache):
+            raise ValueError(f"the cache is a {type(cache).__name__}: EgmlaForCausalLM needs an "
                              f"EgmlaCache (model.new_hf_cache(batch_size)) or None")
         batch, seq = input_ids.shape
         new_mask = attention_mask[:, -seq:] if attention_mask is not None and attention_mask.dim() == 2 else None
         padded = new_mask is not None and not bool(new_mask.all())
-        if past_key_values is None and use_cache:
-            past_key_values = self.new_hf_cache(batch)
-        if past_key_values is not None:
-            logits = self._forward_cached(input_ids, new_mask if padded else None, past_key_values)
+        if cache is None and use_cache:
+            cache = self.new_hf_cache(batch)
+        if cache is not None:
+            logits = self._forward_cached(input_ids, new_mask if padded else None, cache)
         elif padded:  # drop the pads through a throwaway cache, so every row sees only its own tokens
             logits = self._forward_cached(input_ids, new_mask, self.new_hf_cache(batch, seq))
         else:
@@ -133,8 +149,8 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
                                    ignore_index=-100)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if not return_dict:
-            return tuple(x for x in (loss, logits, past_key_values) if x is not None)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+            return tuple(x for x in (loss, logits, cache) if x is not None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: cache})
 
     def _forward_cached(self, input_ids: torch.Tensor, new_mask: torch.Tensor | None,
                         cache: EgmlaCache) -> torch.Tensor:

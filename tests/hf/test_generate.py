@@ -8,6 +8,7 @@ import torch
 import egmla.hf  # noqa: F401
 from egmla.cli import main as egmla_main
 from egmla.hf import EgmlaCache, EgmlaForCausalLM
+from egmla.hf.modeling_egmla import CACHE_ARG  # `cache` in transformers >= 5.2x, else `past_key_values`
 from egmla.infer import GenerationEngine
 from egmla.runs import load_model
 
@@ -29,7 +30,7 @@ def test_greedy_generate_matches_egmla_engine(variant, make_run):
     ids, mask = left_padded(PROMPTS)
     out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                             return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, EgmlaCache)
+    assert isinstance(getattr(out, CACHE_ARG), EgmlaCache)
     for row, generation in enumerate(engine_out):
         assert out.sequences[row, ids.shape[1]:].tolist() == generation.token_ids
 
@@ -40,8 +41,8 @@ def test_cache_stores_only_the_latent_and_matches_kv_report(variant, make_run, c
     config = model.config
     hf_model = EgmlaForCausalLM.from_egmla(model, pad_token_id=0)
     ids, mask = left_padded(PROMPTS)
-    cache = hf_model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                              return_dict_in_generate=True).past_key_values
+    out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = getattr(out, CACHE_ARG)
     for layer in cache.kv.layers:
         assert set(layer.buffers) == {"latent", "k_rope"}
         assert layer.buffers["latent"].shape[-1] == config.kv_lora_rank
@@ -78,7 +79,7 @@ def test_cache_grows_past_its_first_allocation(make_run):
     hf_model = EgmlaForCausalLM.from_egmla(model)
     cache = EgmlaCache(model.config, 1, initial_length=4)
     ids = torch.tensor([PROMPTS[0]])
-    out = hf_model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False)
+    out = hf_model.generate(ids, **{CACHE_ARG: cache}, max_new_tokens=10, do_sample=False)
     assert cache.kv.max_len >= 16 and cache.get_seq_length() == ids.shape[1] + 9
     reference = GenerationEngine(model).generate([PROMPTS[0]], max_new_tokens=10)[0].token_ids
     assert out[0, ids.shape[1]:].tolist() == reference
