@@ -9,7 +9,16 @@ Groups (configs/ holds every config; all runs of a group share data order, seed 
 
     python experiments/paper_repro.py table1 --steps 800            # on the lent H100
     python experiments/paper_repro.py table1 --only mha,mla-kv256   # part of a group (calls are <= 10 min)
-    python experiments/paper_repro.py latent --preset-override model.preset=tiny --steps 4   # CPU smoke test
+    python experiments/paper_repro.py table1 --scale cpu-pilot      # tiny shapes on a 2-core CPU (~3-4 min a run)
+    python experiments/paper_repro.py latent --scale cpu-pilot --steps 4   # CPU smoke test
+
+Scales: `paper-base` runs the configs as written (paper-base shapes, bf16, torch.compile: a GPU);
+`cpu-pilot` runs the same configs at the `tiny` preset's shapes with a CPU-sized budget (SCALES below), with
+d_e = 512 wherever a config does not set gate_dim. A pilot is a check of the pipeline and a first, small-scale
+look at the trends, not the paper-base reproduction.
+
+A run whose full config (model, train, data) equals one already finished in --work is not trained again:
+its row and metrics are reused (the full EG-MLA kv64 model appears in every group).
 
 Writes to --out (default $OUT): <group>.json (the compare rows plus every run's metrics.jsonl records),
 <group>.png (validation loss vs KV elements/token) and <group>-curves.png (validation loss vs tokens).
@@ -18,6 +27,8 @@ Checkpoints stay in --work. The python-source corpus and its tokenizer are built
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -33,12 +44,24 @@ GROUPS = {
     "latent": ["egmla-kv64", "egmla-kv64-latent"],
     "seeds": ["egmla-kv64", "mla-kv256"],
 }
+SCALES = {
+    "paper-base": [],
+    # tiny shapes (4 layers, d_model 256, 4 heads, vocab 8192), 1,024-token batches (fp32 on a CPU: ~0.5 s a step)
+    "cpu-pilot": ["model.preset=tiny", "train.batch_size=8", "train.micro_batch_size=8", "train.seq_len=128",
+                  "train.compile=false", "train.lr=2e-3", "train.warmup_steps=30",
+                  "train.eval_every=100", "train.eval_sequences=128", "train.log_every=20",
+                  "data.max_bytes=24_000_000", "data.tokenizer_sample_bytes=8_000_000"],
+}
+SCALE_GATE_DIM = {"cpu-pilot": 512}  # the tiny preset's own d_e is 256; Table 1 uses 512
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("group", choices=sorted(GROUPS))
-    parser.add_argument("--steps", type=int, default=800, help="optimizer steps per run (the token budget)")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="paper-base",
+                        help="paper-base: configs as written (GPU); cpu-pilot: tiny shapes, CPU budget")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per run, the token budget (default: 800 at paper-base, 400 cpu-pilot)")
     parser.add_argument("--only", default="", help="comma-separated subset of the group's configs")
     parser.add_argument("--seeds", default="1,2", help="seeds for the 'seeds' group")
     parser.add_argument("--out", default=os.environ.get("OUT", "repro_out"))
@@ -46,67 +69,76 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--preset-override", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="like --set, for smoke tests at other shapes")
-    args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
+    args = parser.parse_args(argv)
+    sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 
     from egmla.runs import atomic_write_json
     from egmla.train.compare import format_table, load_runs, plot_comparison
     from egmla.train.trainer import train
+    from report import plot_curves
 
     names = GROUPS[args.group]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     configs = [str(ROOT / "configs" / f"{name}.toml") for name in names]
+    if args.steps is None:
+        args.steps = 400 if args.scale == "cpu-pilot" else 800
     overrides = [f"train.steps={args.steps}", "train.checkpoint_every=0", "train.keep_checkpoints=1",
-                 f"data.cache_dir={Path(args.work) / 'cache'}", *args.preset_override, *args.overrides]
+                 f"data.cache_dir={Path(args.work) / 'cache'}", *SCALES[args.scale], *args.preset_override,
+                 *args.overrides]
     plan = []
     seeds = [int(s) for s in args.seeds.split(",")] if args.group == "seeds" else [None]
     for seed in seeds:
         extra = [f"train.seed={seed}"] if seed is not None else []
-        for label, run in load_runs(configs, "paper-base", overrides + extra):
+        for (label, run), path in zip(load_runs(configs, "paper-base", overrides + extra), configs):
+            run = with_scale_gate_dim(run, path, SCALE_GATE_DIM.get(args.scale))
             plan.append((f"{label}-seed{run.train.seed}", run))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows, curves = [], {}
     for label, run in plan:
-        print(f"=== {label}: {run.model.variant_name()}, {run.train.steps} steps ===", flush=True)
-        run_dir = Path(args.work) / args.group / label
-        summary = train(run, run_dir, progress=False)
-        row = {k: summary[k] for k in ("name", "variant", "params", "params_without_gate_tables",
-                                       "kv_elements_per_token", "final_val_loss", "tokens_per_s", "train_wall_s")}
-        row.update(name=label, seed=run.train.seed,
-                   tokens=run.train.steps * run.train.batch_size * run.train.seq_len)
-        rows.append(row)
-        curves[label] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        atomic_write_json(out / f"{args.group}.json", {"group": args.group, "rows": rows, "metrics": curves,
-                                                       "wall_s": time.perf_counter() - started})
+        key = hashlib.sha256(json.dumps(dataclasses.asdict(run) | {"name": ""}, sort_keys=True,
+                                        default=str).encode()).hexdigest()[:16]
+        done = Path(args.work) / "done" / f"{label}-{key}.json"
+        if done.is_file():
+            print(f"=== {label}: same config already trained in {args.work}; reusing its results ===", flush=True)
+            finished = json.loads(done.read_text())
+        else:
+            print(f"=== {label}: {run.model.variant_name()}, {run.train.steps} steps ===", flush=True)
+            run_dir = Path(args.work) / "runs" / f"{label}-{key}"
+            summary = train(run, run_dir, progress=False)
+            row = {k: summary[k] for k in ("name", "variant", "params", "params_without_gate_tables",
+                                           "kv_elements_per_token", "final_val_loss", "tokens_per_s",
+                                           "train_wall_s")}
+            row.update(name=label, seed=run.train.seed, scale=args.scale, device=summary.get("device", ""),
+                       gate_dim=run.model.gate_dim if run.model.attention == "eg-mla" else None,
+                       tokens=run.train.steps * run.train.batch_size * run.train.seq_len)
+            metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            finished = {"row": row, "metrics": metrics, "config": dataclasses.asdict(run)}
+            atomic_write_json(done, finished)
+        rows.append(finished["row"])
+        curves[label] = finished["metrics"]
+        atomic_write_json(out / f"{args.group}.json", {"group": args.group, "scale": args.scale, "rows": rows,
+                                                       "metrics": curves, "wall_s": time.perf_counter() - started,
+                                                       "command": " ".join(sys.argv)})
     print("\n" + format_table(rows))
     plot_comparison(rows, out / f"{args.group}.png", f"{args.group}: validation loss vs KV cache")
-    per_step = {row["name"]: row["tokens"] // args.steps for row in rows}
-    plot_curves(curves, per_step, out / f"{args.group}-curves.png", args.group)
+    plot_curves({"rows": rows, "metrics": curves}, out / f"{args.group}-curves.png",
+                f"{args.group}: validation loss vs tokens")
     return 0
 
 
-def plot_curves(curves: dict, tokens_per_step: dict, path: Path, title: str) -> None:
-    import matplotlib
+def with_scale_gate_dim(run, config_path: str, gate_dim: int | None):
+    """The scale's d_e for EG-MLA runs whose config file leaves gate_dim to the preset."""
+    import tomllib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for label, records in curves.items():
-        points = [(r["step"] * tokens_per_step[label], r["val_loss"]) for r in records if r.get("kind") == "val"]
-        if points:
-            ax.plot(*zip(*points), marker="o", ms=3, label=label)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"{title}: validation loss vs tokens")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    if gate_dim is None or run.model.attention != "eg-mla":
+        return run
+    with open(config_path, "rb") as f:
+        if "gate_dim" in tomllib.load(f).get("model", {}):
+            return run
+    return dataclasses.replace(run, model=dataclasses.replace(run.model, gate_dim=gate_dim))
 
 
 if __name__ == "__main__":

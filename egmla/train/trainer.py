@@ -139,6 +139,11 @@ def setup_data(run: RunConfig, run_dir: Path, resume: bool, info: DistInfo, prog
     return result
 
 
+def device_label(device: torch.device) -> str:
+    """'NVIDIA H100 80GB HBM3' or 'cpu': what timings are quoted against."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def train(run: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, log=print,
           on_ready=None) -> dict:
     """Train `run` into run_dir (resume=True: continue from its newest good checkpoint). Returns a summary.
@@ -191,7 +196,7 @@ def train(run: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     autocast, precision = autocast_for(run, info.device)
     batches = TrainBatches(train_windows, cfg.batch_size, cfg.seed, position)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
+    device_name = device_label(info.device)
     peak = peak_flops(device_name, cfg.peak_tflops) if info.device.type == "cuda" else None
     step_flops = flops_per_token(run.model, cfg.seq_len) * tokens_per_step
     unigram = shards.meta["val_unigram_cross_entropy"]
@@ -325,7 +330,7 @@ def finish(run, run_dir, info, model, data_meta, step, val_loss, step_times, pea
         "kv_elements_per_token": run.model.kv_elements_per_token(),
         "median_step_s": median_step, "tokens_per_s": run.train.batch_size * run.train.seq_len / median_step,
         "mfu": step_flops / median_step / (peak * info.world_size) if peak else None,
-        "world_size": info.world_size, "train_wall_s": wall_s, "run_dir": str(run_dir),
+        "world_size": info.world_size, "device": device_label(info.device), "train_wall_s": wall_s, "run_dir": str(run_dir),
         "peak_memory_bytes_per_rank": [int(v) for v in per_rank(peak_memory, info)],  # a collective: all ranks
         "peak_memory_measure": memory_measure,
     }

@@ -1,0 +1,239 @@
+"""Tables and plots for docs/RESULTS.md from the group files that `paper_repro.py` writes (issue 7).
+
+    python experiments/report.py experiments/results/cpu-pilot --plots docs/results/cpu-pilot
+
+Reads whichever of table1.json, ablations.json, de-sweep.json, latent.json, seeds.json the folder holds,
+prints Markdown tables (also written to --plots/tables.md) and draws
+  kv-vs-loss.png   final validation loss against KV elements per token (the paper's Figure 1c analogue)
+  curves.png       validation loss against training tokens, every Table 1 row
+  de-sweep.png     final validation loss against d_e (the paper's Figure 1b analogue)
+Every number comes from the files; nothing is typed in except the paper's own ablation losses, quoted
+beside ours and labelled as theirs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+# The paper's Table 3 (its data and scale: 50B ClimbMix tokens), quoted for comparison only.
+PAPER_ABLATION_LOSS = {"egmla-kv64": 3.1609, "egmla-kv64-no-norm": 3.2573, "egmla-kv64-add": 3.1901}
+MHA_NAME = "mha"
+
+
+def load_groups(folder: Path) -> dict[str, dict]:
+    groups = {}
+    for name in ("table1", "ablations", "de-sweep", "latent", "seeds"):
+        path = folder / f"{name}.json"
+        if path.is_file():
+            groups[name] = json.loads(path.read_text())
+    if not groups:
+        raise SystemExit(f"{folder}: no group files (table1.json, ...); run experiments/paper_repro.py first")
+    return groups
+
+
+def config_of(row: dict) -> str:
+    """'egmla-kv64-seed0' -> 'egmla-kv64'."""
+    return row["name"].rsplit("-seed", 1)[0]
+
+
+def by_config(rows: list[dict], seed: int = 0) -> dict[str, dict]:
+    return {config_of(r): r for r in rows if r.get("seed", 0) == seed}
+
+
+def fmt_loss(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def table1(rows: list[dict]) -> str:
+    mha = by_config(rows).get(MHA_NAME)
+    lines = ["| config | variant | params (M) | without gate tables (M) | KV elements/token | vs MHA | "
+             "val loss | Δ vs MHA | tokens/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        kv_ratio = f"{r['kv_elements_per_token'] / mha['kv_elements_per_token']:.1%}" if mha else "-"
+        delta = (f"{r['final_val_loss'] - mha['final_val_loss']:+.4f}"
+                 if mha and r["final_val_loss"] is not None else "-")
+        lines.append(f"| {config_of(r)} | {r['variant']} | {r['params'] / 1e6:.2f} | "
+                     f"{r['params_without_gate_tables'] / 1e6:.2f} | {r['kv_elements_per_token']:,} | {kv_ratio} | "
+                     f"{fmt_loss(r['final_val_loss'])} | {delta} | {r['tokens_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+def ablations(rows: list[dict]) -> str:
+    ours = by_config(rows)
+    full = ours.get("egmla-kv64")
+    lines = ["| config | ours: val loss | ours: Δ vs full | paper: val loss | paper: Δ vs full |",
+             "|---|---:|---:|---:|---:|"]
+    for name, paper in PAPER_ABLATION_LOSS.items():
+        r = ours.get(name)
+        if r is None:
+            continue
+        delta = f"{r['final_val_loss'] - full['final_val_loss']:+.4f}" if full else "-"
+        lines.append(f"| {name} | {fmt_loss(r['final_val_loss'])} | {delta} | {paper:.4f} | "
+                     f"{paper - PAPER_ABLATION_LOSS['egmla-kv64']:+.4f} |")
+    return "\n".join(lines)
+
+
+def de_sweep_points(rows: list[dict]) -> list[tuple[int, float, dict]]:
+    return sorted((r["gate_dim"], r["final_val_loss"], r) for r in rows if r.get("gate_dim"))
+
+
+def de_sweep(rows: list[dict]) -> str:
+    lines = ["| d_e | gate-table parameters (M) | val loss |", "|---:|---:|---:|"]
+    for gate_dim, loss, r in de_sweep_points(rows):
+        lines.append(f"| {gate_dim} | {(r['params'] - r['params_without_gate_tables']) / 1e6:.2f} | "
+                     f"{fmt_loss(loss)} |")
+    return "\n".join(lines)
+
+
+def latent(rows: list[dict]) -> str:
+    paths = {"egmla-kv64": "gate on the up-projected K/V (the paper's); decode rebuilds K/V or uses the "
+                           "grouped/fused kernels", "egmla-kv64-latent": "gate on the latent; MLA's absorbed decode"}
+    lines = ["| config | placement and decode | params (M) | val loss |", "|---|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {config_of(r)} | {paths.get(config_of(r), '')} | {r['params'] / 1e6:.2f} | "
+                     f"{fmt_loss(r['final_val_loss'])} |")
+    return "\n".join(lines)
+
+
+def seed_losses(groups: dict) -> dict[str, dict[int, float]]:
+    """{config: {seed: loss}} for the seeds group's configs, seed 0 taken from table1."""
+    losses: dict[str, dict[int, float]] = {}
+    seeds = groups.get("seeds", {}).get("rows", [])
+    configs = {config_of(r) for r in seeds}
+    for r in groups.get("table1", {}).get("rows", []) + seeds:
+        if config_of(r) in configs and r["final_val_loss"] is not None:
+            losses.setdefault(config_of(r), {})[r.get("seed", 0)] = r["final_val_loss"]
+    return losses
+
+
+def seeds_table(groups: dict) -> str:
+    losses = seed_losses(groups)
+    all_seeds = sorted({s for per in losses.values() for s in per})
+    lines = ["| config | " + " | ".join(f"seed {s}" for s in all_seeds) + " | mean | std (n-1) |",
+             "|---|" + "---:|" * (len(all_seeds) + 2)]
+    for name, per in sorted(losses.items()):
+        values = list(per.values())
+        std = statistics.stdev(values) if len(values) > 1 else float("nan")
+        lines.append(f"| {name} | " + " | ".join(fmt_loss(per.get(s)) for s in all_seeds)
+                     + f" | {statistics.mean(values):.4f} | {std:.4f} |")
+    if {"egmla-kv64", "mla-kv256"} <= losses.keys():
+        eg, mla = losses["egmla-kv64"], losses["mla-kv256"]
+        paired = [eg[s] - mla[s] for s in sorted(eg.keys() & mla.keys())]
+        if paired:
+            spread = (f", std of the paired differences {statistics.stdev(paired):.4f}" if len(paired) > 1 else "")
+            lines.append(f"\nEG-MLA kv64 − MLA kv256, paired by seed: "
+                         + ", ".join(f"{d:+.4f}" for d in paired)
+                         + f" (mean {statistics.mean(paired):+.4f}{spread}).")
+    return "\n".join(lines)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_kv_vs_loss(rows: list[dict], path: Path, title: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    families = {"MLA": ("s", "-"), "EG-MLA": ("o", "-")}
+    for family, (marker, style) in families.items():
+        points = sorted((r["kv_elements_per_token"], r["final_val_loss"]) for r in rows
+                        if r["variant"].startswith(family + " ") and "latent" not in r["variant"])
+        if points:
+            ax.plot(*zip(*points), marker=marker, linestyle=style, label=family)
+    for r in rows:
+        if not r["variant"].startswith(("MLA", "EG-MLA")):
+            ax.scatter(r["kv_elements_per_token"], r["final_val_loss"], marker="^", s=50, label=r["variant"])
+        ax.annotate(config_of(r), (r["kv_elements_per_token"], r["final_val_loss"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("KV-cache elements per token (all layers)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curves(group: dict, path: Path, title: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    tokens_per_step = {r["name"]: r["tokens"] // max(1, max((m.get("step", 0) for m in group["metrics"][r["name"]]),
+                                                            default=1)) for r in group["rows"]}
+    for r in group["rows"]:
+        points = [(m["step"] * tokens_per_step[r["name"]], m["val_loss"]) for m in group["metrics"][r["name"]]
+                  if m.get("kind") == "val"]
+        if points:
+            ax.plot(*zip(*points), marker="o", ms=3, label=config_of(r))
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_de_sweep(rows: list[dict], path: Path, title: str) -> None:
+    plt = pyplot()
+    points = [(d, loss) for d, loss, _ in de_sweep_points(rows) if loss is not None]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(*zip(*points), marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([d for d, _ in points], [str(d) for d, _ in points])
+    ax.set_xlabel("gate embedding size d_e")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="folder of group files (e.g. experiments/results/cpu-pilot)")
+    parser.add_argument("--plots", type=Path, help="write tables.md and the PNGs here (e.g. docs/results/NAME)")
+    args = parser.parse_args(argv)
+    groups = load_groups(args.results)
+    sections = []
+    describe = {"table1": ("Table 1 analogue", table1), "ablations": ("Gate ablations at kv64", ablations),
+                "de-sweep": ("Embedding size d_e at kv64", de_sweep), "latent": ("Gate placement at kv64", latent)}
+    for name, (heading, render) in describe.items():
+        if name in groups:
+            group = groups[name]
+            tokens = {r["tokens"] for r in group["rows"]}
+            sections.append(f"### {heading}\n\n`{group.get('command', '')}` — {', '.join(f'{t:,}' for t in tokens)} "
+                            f"training tokens per run, device {group['rows'][0].get('device') or 'unrecorded'}\n\n"
+                            + render(group["rows"]))
+    if "seeds" in groups:
+        sections.append("### Seeds: EG-MLA kv64 vs MLA kv256\n\n" + seeds_table(groups))
+    text = "\n\n".join(sections) + "\n"
+    print(text)
+    if args.plots:
+        args.plots.mkdir(parents=True, exist_ok=True)
+        (args.plots / "tables.md").write_text(text)
+        if "table1" in groups:
+            rows = groups["table1"]["rows"]
+            plot_kv_vs_loss(rows, args.plots / "kv-vs-loss.png", "validation loss vs KV cache size")
+            plot_curves(groups["table1"], args.plots / "curves.png", "Table 1 analogue: validation loss")
+        if "de-sweep" in groups:
+            plot_de_sweep(groups["de-sweep"]["rows"], args.plots / "de-sweep.png",
+                          "EG-MLA kv64: validation loss vs d_e")
+        print(f"wrote {args.plots / 'tables.md'} and the plots beside it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

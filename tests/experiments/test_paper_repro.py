@@ -1,0 +1,63 @@
+"""experiments/paper_repro.py and experiments/report.py end to end at toy size: a group runs, a run with
+the same config is reused rather than retrained, and the report's tables come from the group files."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import paper_repro  # noqa: E402
+import report  # noqa: E402
+
+TOY = ["--scale", "cpu-pilot", "--steps", "2", "--set", "data.corpus=embedded", "--set", "data.max_bytes=300000",
+       "--set", "data.tokenizer_sample_bytes=300000", "--set", "model.vocab_size=512",
+       "--set", "train.eval_sequences=4", "--set", "model.n_layers=1"]
+
+
+@pytest.mark.slow
+def test_groups_run_reuse_and_report(tmp_path, capsys):
+    out, work = tmp_path / "out", tmp_path / "work"
+    common = [*TOY, "--out", str(out), "--work", str(work)]
+    assert paper_repro.main(["latent", *common]) == 0
+    latent = json.loads((out / "latent.json").read_text())
+    assert [r["name"] for r in latent["rows"]] == ["egmla-kv64-seed0", "egmla-kv64-latent-seed0"]
+    assert all(math.isfinite(r["final_val_loss"]) and r["scale"] == "cpu-pilot" for r in latent["rows"])
+    assert {r["gate_dim"] for r in latent["rows"]} == {512}  # the pilot's d_e, not the tiny preset's 256
+    assert (out / "latent.png").is_file() and (out / "latent-curves.png").is_file()
+    capsys.readouterr()
+
+    assert paper_repro.main(["ablations", "--only", "egmla-kv64,egmla-kv64-add", *common]) == 0
+    printed = capsys.readouterr().out
+    assert "egmla-kv64-seed0: same config already trained" in printed  # reused, not retrained
+    ablations = json.loads((out / "ablations.json").read_text())
+    full = {r["name"]: r for r in ablations["rows"]}["egmla-kv64-seed0"]
+    assert full == latent["rows"][0]
+
+    assert report.main([str(out), "--plots", str(tmp_path / "plots")]) == 0
+    tables = (tmp_path / "plots" / "tables.md").read_text()
+    assert "### Gate ablations at kv64" in tables and "### Gate placement at kv64" in tables
+    add_row = next(line for line in tables.splitlines() if line.startswith("| egmla-kv64-add |"))
+    ours = {r["name"]: r["final_val_loss"] for r in ablations["rows"]}
+    assert f"{ours['egmla-kv64-add-seed0']:.4f}" in add_row and "3.1901" in add_row  # ours beside the paper's
+    assert f"{ours['egmla-kv64-add-seed0'] - ours['egmla-kv64-seed0']:+.4f}" in add_row
+
+
+def test_report_refuses_an_empty_folder(tmp_path):
+    with pytest.raises(SystemExit, match="no group files"):
+        report.main([str(tmp_path)])
+
+
+def test_seed_table_pairs_seeds_across_groups():
+    def row(name, seed, loss):
+        return {"name": f"{name}-seed{seed}", "seed": seed, "final_val_loss": loss}
+
+    groups = {"table1": {"rows": [row("egmla-kv64", 0, 3.0), row("mla-kv256", 0, 3.1), row("mha", 0, 2.9)]},
+              "seeds": {"rows": [row("egmla-kv64", 1, 3.2), row("mla-kv256", 1, 3.1)]}}
+    assert report.seed_losses(groups) == {"egmla-kv64": {0: 3.0, 1: 3.2}, "mla-kv256": {0: 3.1, 1: 3.1}}
+    text = report.seeds_table(groups)
+    assert "| egmla-kv64 | 3.0000 | 3.2000 | 3.1000 | 0.1414 |" in text
+    assert "paired by seed: -0.1000, +0.1000 (mean +0.0000" in text
