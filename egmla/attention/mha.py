@@ -49,8 +49,28 @@ class GroupedQueryAttention(nn.Module):
         if cache is not None:
             cache.write(ctx.positions, k=k, v=v)
             k, v = cache.read("k", ctx.kv_len), cache.read("v", ctx.kv_len)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=ctx.mask, is_causal=not ctx.cached,
-            enable_gqa=self.n_kv_heads != self.n_heads)
+            out = self._cached_attention(q, k, v, ctx.mask)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def _cached_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor) -> torch.Tensor:
+        """q [batch, seq, n_heads, dim] over cached k, v [batch, kv_len, n_kv, dim] -> [batch, n_heads, seq, dim].
+
+        With a mask, SDPA's GQA support (enable_gqa) has only the math kernel on the GPU; instead the
+        query heads sharing a KV head are stacked as extra query rows of that head (all rows of a group
+        read the same K/V), which keeps the fused masked kernels and never copies K/V."""
+        batch, seq, _, dim = q.shape
+        group = self.n_heads // self.n_kv_heads
+        if group == 1:
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  attn_mask=mask)
+        # head h = kv * group + g reads KV head kv; its row in the stack is g * seq + s
+        rows = q.view(batch, seq, self.n_kv_heads, group, dim).permute(0, 2, 3, 1, 4)
+        rows = rows.reshape(batch, self.n_kv_heads, group * seq, dim)
+        out = F.scaled_dot_product_attention(rows, k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask.repeat(1, 1, group, 1))
+        out = out.view(batch, self.n_kv_heads, group, seq, dim).reshape(batch, self.n_heads, seq, dim)
+        return out
