@@ -52,7 +52,10 @@ SCALES = {
                   "train.eval_every=100", "train.eval_sequences=128", "train.log_every=20",
                   "data.max_bytes=24_000_000", "data.tokenizer_sample_bytes=8_000_000"],
 }
-SCALE_GATE_DIM = {"cpu-pilot": 512}  # the tiny preset's own d_e is 256; Table 1 uses 512
+# Model fields a scale changes where the config file leaves them to the preset (or would not fit the
+# scale's shape): the tiny preset's own d_e is 256 (Table 1 uses 512), and tiny has 4 heads, so GQA-4 would
+# be MHA there: the pilot keeps GQA a KV-head reduction with 2 KV heads.
+SCALE_MODEL = {"cpu-pilot": {"gate_dim": 512, "gqa4.n_kv_heads": 2}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         extra = [f"train.seed={seed}"] if seed is not None else []
         for (label, run), path in zip(load_runs(configs, "paper-base", overrides + extra), configs):
-            run = with_scale_gate_dim(run, path, SCALE_GATE_DIM.get(args.scale))
+            run = with_scale_model(run, path, SCALE_MODEL.get(args.scale, {}))
             plan.append((f"{label}-seed{run.train.seed}", run))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,16 +132,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def with_scale_gate_dim(run, config_path: str, gate_dim: int | None):
-    """The scale's d_e for EG-MLA runs whose config file leaves gate_dim to the preset."""
+def with_scale_model(run, config_path: str, changes: dict):
+    """Apply a scale's model changes: 'field' for every config that leaves the field to the preset (gate_dim
+    for EG-MLA only), 'config.field' for that config alone."""
     import tomllib
 
-    if gate_dim is None or run.model.attention != "eg-mla":
-        return run
     with open(config_path, "rb") as f:
-        if "gate_dim" in tomllib.load(f).get("model", {}):
-            return run
-    return dataclasses.replace(run, model=dataclasses.replace(run.model, gate_dim=gate_dim))
+        written = tomllib.load(f).get("model", {})
+    name, values = Path(config_path).stem, {}
+    for key, value in changes.items():
+        if "." in key:
+            config, field = key.split(".", 1)
+            if config == name:
+                values[field] = value
+        elif key not in written and (key != "gate_dim" or run.model.attention == "eg-mla"):
+            values[key] = value
+    if not values:
+        return run
+    return dataclasses.replace(run, model=dataclasses.replace(run.model, **values))
 
 
 if __name__ == "__main__":

@@ -61,3 +61,16 @@ def test_seed_table_pairs_seeds_across_groups():
     text = report.seeds_table(groups)
     assert "| egmla-kv64 | 3.0000 | 3.2000 | 3.1000 | 0.1414 |" in text
     assert "paired by seed: -0.1000, +0.1000 (mean +0.0000" in text
+
+
+def test_cpu_pilot_scale_keeps_each_config_meaningful():
+    from egmla.train.compare import load_runs
+
+    names = ["gqa4", "egmla-kv64", "egmla-kv64-de128", "mla-kv64"]
+    paths = [str(ROOT / "configs" / f"{name}.toml") for name in names]
+    runs = {label: paper_repro.with_scale_model(run, path, paper_repro.SCALE_MODEL["cpu-pilot"])
+            for (label, run), path in zip(load_runs(paths, "paper-base", paper_repro.SCALES["cpu-pilot"]), paths)}
+    assert runs["gqa4"].model.variant_name() == "GQA-2"  # tiny has 4 heads: GQA-4 would be MHA
+    assert runs["egmla-kv64"].model.gate_dim == 512  # Table 1's d_e, not the tiny preset's 256
+    assert runs["egmla-kv64-de128"].model.gate_dim == 128  # a config's own d_e wins
+    assert runs["mla-kv64"].model.variant_name() == "MLA kv64"
