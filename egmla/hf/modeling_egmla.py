@@ -22,7 +22,7 @@ from egmla.hf.cache import EgmlaCache
 from egmla.hf.configuration_egmla import EgmlaConfig
 from egmla.model import Transformer
 
-# transformers 5.2x renamed the cache argument and output field `past_key_values` -> `cache`; we accept
+# transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`; we accept
 # both names and answer in the one the installed version uses (5.17, the GPU image's, says past_key_values).
 CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 

@@ -8,7 +8,7 @@ import torch
 import egmla.hf  # noqa: F401
 from egmla.cli import main as egmla_main
 from egmla.hf import EgmlaCache, EgmlaForCausalLM
-from egmla.hf.modeling_egmla import CACHE_ARG  # `cache` in transformers >= 5.2x, else `past_key_values`
+from egmla.hf.modeling_egmla import CACHE_ARG  # `cache` in transformers >= 5.24, else `past_key_values`
 from egmla.infer import GenerationEngine
 from egmla.runs import load_model
 
