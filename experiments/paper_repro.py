@@ -21,7 +21,8 @@ A run whose full config (model, train, data) equals one already finished in --wo
 its row and metrics are reused (the full EG-MLA kv64 model appears in every group).
 
 Writes to --out (default $OUT): <group>.json (the compare rows plus every run's metrics.jsonl records),
-<group>.png (validation loss vs KV elements/token) and <group>-curves.png (validation loss vs tokens).
+<group>.png (validation loss vs KV elements/token) and <group>-curves.png (validation loss vs tokens); with
+--only, <group>.part-<names>.json etc., which experiments/report.py merges with the other parts.
 Checkpoints stay in --work. The python-source corpus and its tokenizer are built inside the call.
 """
 from __future__ import annotations
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             plan.append((f"{label}-seed{run.train.seed}", run))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # a part of a group gets its own file (GROUP.part-NAME_NAME.json: names the device tool brings back); experiments/report.py merges the parts
+    stem = args.group + (f".part-{'_'.join(names)}" if args.only else "")
     started = time.perf_counter()
     rows, curves = [], {}
     for label, run in plan:
@@ -122,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(done, finished)
         rows.append(finished["row"])
         curves[label] = finished["metrics"]
-        atomic_write_json(out / f"{args.group}.json", {"group": args.group, "scale": args.scale, "rows": rows,
+        atomic_write_json(out / f"{stem}.json", {"group": args.group, "scale": args.scale, "rows": rows,
                                                        "metrics": curves, "wall_s": time.perf_counter() - started,
                                                        "command": " ".join(sys.argv)})
     print("\n" + format_table(rows))
-    plot_comparison(rows, out / f"{args.group}.png", f"{args.group}: validation loss vs KV cache")
-    plot_curves({"rows": rows, "metrics": curves}, out / f"{args.group}-curves.png",
+    plot_comparison(rows, out / f"{stem}.png", f"{args.group}: validation loss vs KV cache")
+    plot_curves({"rows": rows, "metrics": curves}, out / f"{stem}-curves.png",
                 f"{args.group}: validation loss vs tokens")
     return 0
 

@@ -24,11 +24,18 @@ MHA_NAME = "mha"
 
 
 def load_groups(folder: Path) -> dict[str, dict]:
+    """{group: {"rows", "metrics", "command"}}, merging GROUP.json with GROUP.<part>.json files (a group run
+    in several calls with --only); a row name seen twice keeps the later file's row."""
     groups = {}
     for name in ("table1", "ablations", "de-sweep", "latent", "seeds"):
-        path = folder / f"{name}.json"
-        if path.is_file():
-            groups[name] = json.loads(path.read_text())
+        paths = sorted(folder.glob(f"{name}.json")) + sorted(folder.glob(f"{name}.*.json"))
+        for path in paths:
+            part = json.loads(path.read_text())
+            merged = groups.setdefault(name, {"rows": [], "metrics": {}, "commands": []})
+            names = {r["name"] for r in part["rows"]}
+            merged["rows"] = [r for r in merged["rows"] if r["name"] not in names] + part["rows"]
+            merged["metrics"].update(part["metrics"])
+            merged["commands"].append(part.get("command", path.name))
     if not groups:
         raise SystemExit(f"{folder}: no group files (table1.json, ...); run experiments/paper_repro.py first")
     return groups
@@ -214,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in groups:
             group = groups[name]
             tokens = {r["tokens"] for r in group["rows"]}
-            sections.append(f"### {heading}\n\n`{group.get('command', '')}` — {', '.join(f'{t:,}' for t in tokens)} "
+            commands = "; ".join(f"`{c}`" for c in group["commands"])
+            sections.append(f"### {heading}\n\n{commands} — {', '.join(f'{t:,}' for t in tokens)} "
                             f"training tokens per run, device {group['rows'][0].get('device') or 'unrecorded'}\n\n"
                             + render(group["rows"]))
     if "seeds" in groups:

@@ -33,10 +33,12 @@ def test_groups_run_reuse_and_report(tmp_path, capsys):
     assert paper_repro.main(["ablations", "--only", "egmla-kv64,egmla-kv64-add", *common]) == 0
     printed = capsys.readouterr().out
     assert "egmla-kv64-seed0: same config already trained" in printed  # reused, not retrained
-    ablations = json.loads((out / "ablations.json").read_text())
+    ablations = json.loads((out / "ablations.part-egmla-kv64_egmla-kv64-add.json").read_text())  # a part
     full = {r["name"]: r for r in ablations["rows"]}["egmla-kv64-seed0"]
     assert full == latent["rows"][0]
 
+    # a second part of the same group: the report merges the parts
+    assert paper_repro.main(["ablations", "--only", "egmla-kv64-no-norm", *common]) == 0
     assert report.main([str(out), "--plots", str(tmp_path / "plots")]) == 0
     tables = (tmp_path / "plots" / "tables.md").read_text()
     assert "### Gate ablations at kv64" in tables and "### Gate placement at kv64" in tables
@@ -44,6 +46,7 @@ def test_groups_run_reuse_and_report(tmp_path, capsys):
     ours = {r["name"]: r["final_val_loss"] for r in ablations["rows"]}
     assert f"{ours['egmla-kv64-add-seed0']:.4f}" in add_row and "3.1901" in add_row  # ours beside the paper's
     assert f"{ours['egmla-kv64-add-seed0'] - ours['egmla-kv64-seed0']:+.4f}" in add_row
+    assert any(line.startswith("| egmla-kv64-no-norm |") and "3.2573" in line for line in tables.splitlines())
 
 
 def test_report_refuses_an_empty_folder(tmp_path):
