@@ -5,7 +5,7 @@
 Reads whichever of table1.json, ablations.json, de-sweep.json, latent.json, seeds.json the folder holds,
 prints Markdown tables (also written to --plots/tables.md) and draws
   kv-vs-loss.png   final validation loss against KV elements per token (the paper's Figure 1c analogue)
-  curves.png       validation loss against training tokens, every Table 1 row
+  curves-GROUP.png validation loss against training tokens, every run of the group
   de-sweep.png     final validation loss against d_e (the paper's Figure 1b analogue)
 Every number comes from the files; nothing is typed in except the paper's own ablation losses, quoted
 beside ours and labelled as theirs.
@@ -233,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         args.plots.mkdir(parents=True, exist_ok=True)
         (args.plots / "tables.md").write_text(text)
         if "table1" in groups:
-            rows = groups["table1"]["rows"]
-            plot_kv_vs_loss(rows, args.plots / "kv-vs-loss.png", "validation loss vs KV cache size")
-            plot_curves(groups["table1"], args.plots / "curves.png", "Table 1 analogue: validation loss")
+            plot_kv_vs_loss(groups["table1"]["rows"], args.plots / "kv-vs-loss.png",
+                            "validation loss vs KV cache size")
+        for name, group in groups.items():
+            plot_curves(group, args.plots / f"curves-{name}.png", f"{name}: validation loss vs training tokens")
         if "de-sweep" in groups:
             plot_de_sweep(groups["de-sweep"]["rows"], args.plots / "de-sweep.png",
                           "EG-MLA kv64: validation loss vs d_e")
