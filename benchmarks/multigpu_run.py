@@ -63,6 +63,8 @@ def parse_args(argv):
     parser.add_argument("--out", default=os.environ.get("OUT", "multigpu_out"), help="results folder ($OUT)")
     parser.add_argument("--call-budget-s", type=float, default=570,
                         help="the whole call ends within this: a run still going then is stopped and reported")
+    parser.add_argument("--plot-only", metavar="DIR", default="",
+                        help="run nothing: redraw DIR/multigpu.png from the metrics_*.jsonl files in DIR")
     args = parser.parse_args(argv)
     if args.steps < 2 or args.nproc < 1:
         parser.error(f"--steps={args.steps}, --nproc={args.nproc}: need at least 2 steps and 1 process")
@@ -197,6 +199,38 @@ def resume_check(work: Path, job: dict, half: int, steps: int, rtol: float, npro
                            and difference <= rtol)}
 
 
+def plot(out: Path, resumed_at: int) -> Path | None:
+    """multigpu.png: training loss and step time against step for every run (the step-time panel shows
+    jitter that a median hides); the resumed run from step resumed_at + 1 on. None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (loss_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    for name in RUNS:
+        path = out / f"metrics_{name}.jsonl"
+        if not path.is_file():
+            continue
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        train = [r for r in records if r.get("kind") == "train"]
+        if name == "resume":  # its metrics file begins with the DDP run's steps, copied with the checkpoint
+            train = [r for r in train if r["step"] > resumed_at]
+        loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label=name)
+        timed = train[1:]  # a process's first step holds compilation
+        time_ax.plot([r["step"] for r in timed], [1000 * r["step_s"] for r in timed], lw=1, label=name)
+    loss_ax.set(xlabel="step", ylabel="training loss (nats/token)", title="training loss")
+    time_ax.set(xlabel="step", ylabel="step time (ms)", title="step time (global batch)")
+    for ax in (loss_ax, time_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "multigpu.png")
+    plt.close(fig)
+    return out / "multigpu.png"
+
+
 def markdown(report: dict) -> str:
     """A table for docs/benchmarks.md."""
     def gib(values):
@@ -243,6 +277,11 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.plot_only:
+        folder = Path(args.plot_only)
+        resumed_at = json.loads((folder / "multigpu.json").read_text())["resume"]["checkpoint_step"]
+        print(plot(folder, resumed_at) or "matplotlib is not installed")
+        return 0
     started = time.monotonic()
     sys.path.insert(0, str(ROOT))
     from egmla.configfile import load_toml
@@ -298,6 +337,7 @@ def main(argv=None) -> int:
     }
     (out / "multigpu.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "multigpu.md").write_text(markdown(report))
+    plot(out, half)
     print(markdown(report), flush=True)
     finished = all(r["status"] == "ok" for r in results.values())
     return 0 if finished and report["loss_agreement"]["passed"] and report["resume"]["passed"] else 1

@@ -21,6 +21,8 @@ from pathlib import Path
 # The paper's Table 3 (its data and scale: 50B ClimbMix tokens), quoted for comparison only.
 PAPER_ABLATION_LOSS = {"egmla-kv64": 3.1609, "egmla-kv64-no-norm": 3.2573, "egmla-kv64-add": 3.1901}
 MHA_NAME = "mha"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_repro import GROUPS  # noqa: E402  (the groups' config order)
 
 
 def load_groups(folder: Path) -> dict[str, dict]:
@@ -36,6 +38,9 @@ def load_groups(folder: Path) -> dict[str, dict]:
             merged["rows"] = [r for r in merged["rows"] if r["name"] not in names] + part["rows"]
             merged["metrics"].update(part["metrics"])
             merged["commands"].append(part.get("command", path.name))
+    for name, merged in groups.items():  # parts arrive in file-name order: put rows in the group's order
+        order = {config: i for i, config in enumerate(GROUPS[name])}
+        merged["rows"].sort(key=lambda r: (r.get("seed", 0), order.get(config_of(r), len(order))))
     if not groups:
         raise SystemExit(f"{folder}: no group files (table1.json, ...); run experiments/paper_repro.py first")
     return groups

@@ -58,7 +58,7 @@ def test_three_runs_and_resume_are_reported(result):
     table = (out / "multigpu.md").read_text()
     assert "| DDP | 2 |" in table and "| FSDP2 | 2 |" in table and "python3 benchmarks/multigpu_run.py" in table
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["multigpu.json", "multigpu.md", "multigpu.log"] + [f"metrics_{n}.jsonl" for n in runs])
+        ["multigpu.json", "multigpu.md", "multigpu.log", "multigpu.png"] + [f"metrics_{n}.jsonl" for n in runs])
 
 
 def test_losses_agree_across_process_counts(result):
