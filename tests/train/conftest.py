@@ -14,10 +14,12 @@ def cache_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """In-process training on one thread, like the subprocess runs (OMP_NUM_THREADS=1): the same
-    rounding everywhere, and no OpenMP spin-waiting when other processes share the two cores."""
+    rounding everywhere, and no OpenMP spin-waiting when other processes share the two cores. Module
+    scope, so that it is set before a module's run fixtures train (a function-scoped fixture came after
+    them: such a run used 2 threads and its losses differed from a rerun's in the last bit)."""
     import torch
 
     previous = torch.get_num_threads()
