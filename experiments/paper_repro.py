@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--preset-override", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="like --set, for smoke tests at other shapes")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="build the tokenizer and token shards in --work and stop (several processes, one "
+                             "per GPU, can then share them: experiments/on_gpus.sh)")
     args = parser.parse_args(argv)
     sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 
@@ -97,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         for (label, run), path in zip(load_runs(configs, "paper-base", overrides + extra), configs):
             run = with_scale_model(run, path, SCALE_MODEL.get(args.scale, {}))
             plan.append((f"{label}-seed{run.train.seed}", run))
+    if args.prepare_only:
+        from egmla.data import prepare_data
+
+        corpora = {(json.dumps(dataclasses.asdict(run.data), sort_keys=True, default=str), run.model.vocab_size): run
+                   for _, run in plan}
+        for run in corpora.values():  # cached: the runs that follow find them ready
+            prepare_data(run.data, run.model.vocab_size)
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # a part of a group gets its own file (GROUP.part-NAME_NAME.json: names the device tool brings back); experiments/report.py merges the parts

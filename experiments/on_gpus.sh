@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Run several paper_repro.py jobs at once, one per GPU, on one machine (a device call with several GPUs).
+#
+#   experiments/on_gpus.sh OUT "ablations --only egmla-kv64-no-norm --steps 640" \
+#       "latent --only egmla-kv64-latent --steps 640; table1 --only mla-kv16 --steps 640"
+#
+# Job i runs on GPU i (CUDA_VISIBLE_DEVICES=i); a job of several parts separated by ';' runs them one after
+# another on that GPU. Job i writes its --out files to gpuI/ and its log to gpuI.log in a fresh $WORK/out.XXXX.
+# All jobs share one --work folder ($WORK, default /tmp/egmla-repro): the tokenizer and token shards are built
+# once, first, by `paper_repro.py --prepare-only` with the first part's arguments (parts with other data
+# settings build their own). A job still running $JOB_LIMIT_S seconds after the start (default: no limit) is
+# interrupted; the runs it finished are kept. Everything is then packed into OUT/results.tar.gz (one file: a
+# device call brings back at most 8) and each job's last lines are printed. Exits non-zero if a job failed.
+# Each job's tokens/s is measured beside the other jobs: separate GPUs, shared CPUs and host memory.
+set -u
+out=${1:?usage: on_gpus.sh OUT "GROUP ARGS..." ["GROUP ARGS..." ...]}
+shift
+[ $# -ge 1 ] || { echo "on_gpus.sh: no jobs given" >&2; exit 2; }
+here=$(cd "$(dirname "$0")" && pwd)
+work=${WORK:-/tmp/egmla-repro}
+mkdir -p "$work" "$out"
+logs=$(mktemp -d "$work/out.XXXX")
+# shellcheck disable=SC2086  # each job's arguments are split on purpose
+python3 "$here/paper_repro.py" ${1%%;*} --work "$work" --prepare-only || exit 1
+deadline=$(( $(date +%s) + ${JOB_LIMIT_S:-0} ))
+pids=()
+for i in $(seq 0 $(($# - 1))); do
+    job=${*:$((i + 1)):1}
+    echo "gpu $i: paper_repro.py $job"
+    IFS=';' read -ra parts <<< "$job"
+    (
+        export CUDA_VISIBLE_DEVICES=$i
+        # shellcheck disable=SC2086
+        for part in "${parts[@]}"; do
+            limit=0
+            if [ "${JOB_LIMIT_S:-0}" -gt 0 ]; then
+                limit=$(( deadline - $(date +%s) ))
+                [ "$limit" -gt 0 ] || { echo "on_gpus.sh: no time left for: $part"; exit 124; }
+            fi
+            timeout --signal=INT "$limit" python3 "$here/paper_repro.py" $part --work "$work" --out "$logs/gpu$i" || exit
+        done
+    ) > "$logs/gpu$i.log" 2>&1 &
+    pids+=($!)
+done
+status=0
+for i in "${!pids[@]}"; do
+    if wait "${pids[$i]}"; then echo "gpu $i: done"; else echo "gpu $i: FAILED or cut off (gpu$i.log)"; status=1; fi
+done
+for i in "${!pids[@]}"; do
+    echo "--- gpu $i: ${*:$((i + 1)):1}"
+    grep -v "UserWarning: Mismatch dtype\|return node.target" "$logs/gpu$i.log" | tail -n 12
+done
+tar -czf "$out/results.tar.gz" -C "$logs" .
+exit $status
