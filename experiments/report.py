@@ -38,12 +38,47 @@ def load_groups(folder: Path) -> dict[str, dict]:
             merged["rows"] = [r for r in merged["rows"] if r["name"] not in names] + part["rows"]
             merged["metrics"].update(part["metrics"])
             merged["commands"].append(part.get("command", path.name))
+    borrow_shared_rows(groups)
     for name, merged in groups.items():  # parts arrive in file-name order: put rows in the group's order
         order = {config: i for i, config in enumerate(GROUPS[name])}
         merged["rows"].sort(key=lambda r: (r.get("seed", 0), order.get(config_of(r), len(order))))
     if not groups:
         raise SystemExit(f"{folder}: no group files (table1.json, ...); run experiments/paper_repro.py first")
     return groups
+
+
+def shown_command(command: str) -> str:
+    """A run's recorded command as a reader would type it: the script's path from the repository root, and
+    without --work/--out (where files went, not what was trained)."""
+    words, shown = command.split(), []
+    while words:
+        word = words.pop(0)
+        if word in ("--work", "--out") and words:
+            words.pop(0)
+        elif word.endswith("experiments/paper_repro.py"):
+            shown.append("experiments/paper_repro.py")
+        else:
+            shown.append(word)
+    return " ".join(shown)
+
+
+def borrow_shared_rows(groups: dict[str, dict]) -> None:
+    """Fill in a config a group lacks from another group's run of the same config, seed 0 and token budget.
+    The full EG-MLA kv64 belongs to every group; a group run in parts in several calls (or at several
+    calls' worth of GPUs) trains it once, in one group, not again in each. A borrowed row says where from."""
+    for name, group in groups.items():
+        have = {(config_of(r), r.get("seed", 0)) for r in group["rows"]}
+        budgets = {r["tokens"] for r in group["rows"]}
+        for config in GROUPS[name]:
+            if (config, 0) in have:
+                continue
+            for other, source in groups.items():
+                match = [r for r in source["rows"] if other != name and config_of(r) == config
+                         and r.get("seed", 0) == 0 and r["tokens"] in budgets and "borrowed_from" not in r]
+                if match:
+                    group["rows"].append(dict(match[0], borrowed_from=other))
+                    group["metrics"][match[0]["name"]] = source["metrics"][match[0]["name"]]
+                    break
 
 
 def config_of(row: dict) -> str:
@@ -226,8 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         if name in groups:
             group = groups[name]
             tokens = {r["tokens"] for r in group["rows"]}
-            commands = "; ".join(f"`{c}`" for c in group["commands"])
-            sections.append(f"### {heading}\n\n{commands} — {', '.join(f'{t:,}' for t in tokens)} "
+            commands = "; ".join(f"`{shown_command(c)}`" for c in group["commands"])
+            borrowed = [f"{config_of(r)} from {r['borrowed_from']}" for r in group["rows"] if "borrowed_from" in r]
+            borrowed = f" (rows from another group's run of the same config, seed and budget: {', '.join(borrowed)})" \
+                if borrowed else ""
+            sections.append(f"### {heading}\n\n{commands}{borrowed} — {', '.join(f'{t:,}' for t in tokens)} "
                             f"training tokens per run, device {group['rows'][0].get('device') or 'unrecorded'}\n\n"
                             + render(group["rows"]))
     if "seeds" in groups:

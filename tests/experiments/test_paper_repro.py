@@ -2,6 +2,7 @@
 the same config is reused rather than retrained, and the report's tables come from the group files."""
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -77,3 +78,45 @@ def test_cpu_pilot_scale_keeps_each_config_meaningful():
     assert runs["egmla-kv64"].model.gate_dim == 512  # Table 1's d_e, not the tiny preset's 256
     assert runs["egmla-kv64-de128"].model.gate_dim == 128  # a config's own d_e wins
     assert runs["mla-kv64"].model.variant_name() == "MLA kv64"
+
+
+def test_a_group_borrows_a_missing_config_only_at_the_same_budget():
+    def row(name, seed=0, tokens=100, loss=3.0):
+        return {"name": f"{name}-seed{seed}", "seed": seed, "tokens": tokens, "final_val_loss": loss}
+
+    groups = {"table1": {"rows": [row("egmla-kv64", loss=2.5), row("mha")], "metrics": {"egmla-kv64-seed0": [1]}},
+              "ablations": {"rows": [row("egmla-kv64-add")], "metrics": {}},
+              "latent": {"rows": [row("egmla-kv64-latent", tokens=200)], "metrics": {}}}
+    report.borrow_shared_rows(groups)
+    borrowed = report.by_config(groups["ablations"]["rows"])["egmla-kv64"]
+    assert borrowed["borrowed_from"] == "table1" and borrowed["final_val_loss"] == 2.5
+    assert groups["ablations"]["metrics"]["egmla-kv64-seed0"] == [1]
+    assert "egmla-kv64" not in report.by_config(groups["latent"]["rows"])  # another budget: not the same run
+    assert "borrowed_from" not in groups["table1"]["rows"][0]  # the source row is left as it was
+
+
+def test_shown_command_drops_where_files_went():
+    recorded = "/work/main/experiments/paper_repro.py table1 --only mha --work /tmp/w --steps 9 --out /tmp/o/gpu1"
+    assert report.shown_command(recorded) == "experiments/paper_repro.py table1 --only mha --steps 9"
+
+
+@pytest.mark.slow
+def test_on_gpus_runs_jobs_side_by_side_and_packs_their_files(tmp_path):
+    import subprocess
+    import tarfile
+
+    toy = " ".join(TOY)
+    env = {**os.environ, "WORK": str(tmp_path / "work"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["bash", str(ROOT / "experiments" / "on_gpus.sh"), str(tmp_path / "out"),
+                           f"latent --only egmla-kv64-latent {toy}; table1 --only mla-kv16 {toy}",
+                           f"ablations --only egmla-kv64-add {toy}"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "gpu 0: done" in done.stdout and "gpu 1: done" in done.stdout
+    with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
+        names = {Path(n).as_posix().lstrip("./") for n in tar.getnames()}
+        logs = {n: tar.extractfile(n).read().decode() for n in tar.getnames() if n.endswith(".log")}
+    assert {"gpu0/latent.part-egmla-kv64-latent.json", "gpu0/table1.part-mla-kv16.json",
+            "gpu1/ablations.part-egmla-kv64-add.json"} <= names
+    assert "training a byte-level BPE tokenizer" in done.stdout  # built once, by --prepare-only ...
+    assert not any("training a byte-level BPE tokenizer" in log for log in logs.values())  # ... not per job
