@@ -11,17 +11,19 @@
 # settings build their own). A job still running $JOB_LIMIT_S seconds after the start (default: no limit) is
 # interrupted; the runs it finished are kept. Everything is then packed into OUT/results.tar.gz (one file: a
 # device call brings back at most 8) and each job's last lines are printed. Exits non-zero if a job failed.
-# Each job's tokens/s is measured beside the other jobs: separate GPUs, shared CPUs and host memory.
+# $PYTHON (default python3) runs the jobs. Each job's tokens/s is measured beside the other jobs: separate
+# GPUs, shared CPUs and host memory.
 set -u
 out=${1:?usage: on_gpus.sh OUT "GROUP ARGS..." ["GROUP ARGS..." ...]}
 shift
 [ $# -ge 1 ] || { echo "on_gpus.sh: no jobs given" >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
 work=${WORK:-/tmp/egmla-repro}
+python=${PYTHON:-python3}
 mkdir -p "$work" "$out"
 logs=$(mktemp -d "$work/out.XXXX")
 # shellcheck disable=SC2086  # each job's arguments are split on purpose
-python3 "$here/paper_repro.py" ${1%%;*} --work "$work" --prepare-only || exit 1
+"$python" "$here/paper_repro.py" ${1%%;*} --work "$work" --prepare-only || exit 1
 deadline=$(( $(date +%s) + ${JOB_LIMIT_S:-0} ))
 pids=()
 for i in $(seq 0 $(($# - 1))); do
@@ -37,7 +39,7 @@ for i in $(seq 0 $(($# - 1))); do
                 limit=$(( deadline - $(date +%s) ))
                 [ "$limit" -gt 0 ] || { echo "on_gpus.sh: no time left for: $part"; exit 124; }
             fi
-            timeout --signal=INT "$limit" python3 "$here/paper_repro.py" $part --work "$work" --out "$logs/gpu$i" || exit
+            timeout --signal=INT "$limit" "$python" "$here/paper_repro.py" $part --work "$work" --out "$logs/gpu$i" || exit
         done
     ) > "$logs/gpu$i.log" 2>&1 &
     pids+=($!)

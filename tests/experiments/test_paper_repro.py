@@ -106,7 +106,7 @@ def test_on_gpus_runs_jobs_side_by_side_and_packs_their_files(tmp_path):
     import tarfile
 
     toy = " ".join(TOY)
-    env = {**os.environ, "WORK": str(tmp_path / "work"), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "WORK": str(tmp_path / "work"), "PYTHONPATH": str(ROOT), "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(ROOT / "experiments" / "on_gpus.sh"), str(tmp_path / "out"),
                            f"latent --only egmla-kv64-latent {toy}; table1 --only mla-kv16 {toy}",
                            f"ablations --only egmla-kv64-add {toy}"],
@@ -120,3 +120,17 @@ def test_on_gpus_runs_jobs_side_by_side_and_packs_their_files(tmp_path):
             "gpu1/ablations.part-egmla-kv64-add.json"} <= names
     assert "training a byte-level BPE tokenizer" in done.stdout  # built once, by --prepare-only ...
     assert not any("training a byte-level BPE tokenizer" in log for log in logs.values())  # ... not per job
+
+
+def test_on_gpus_cuts_a_job_off_at_its_limit_and_says_so(tmp_path):
+    import subprocess
+
+    env = {**os.environ, "WORK": str(tmp_path / "work"), "PYTHON": sys.executable, "PYTHONPATH": str(ROOT),
+           "JOB_LIMIT_S": "1"}
+    # --prepare-only needs a real group's arguments; the job then has 1 s for 100,000 steps
+    done = subprocess.run(["bash", str(ROOT / "experiments" / "on_gpus.sh"), str(tmp_path / "out"),
+                           f"latent --only egmla-kv64-latent {' '.join(TOY)} --steps 100000"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "gpu 0: FAILED or cut off" in done.stdout
+    assert (tmp_path / "out" / "results.tar.gz").is_file()  # what there is still comes back
