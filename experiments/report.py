@@ -64,8 +64,8 @@ def shown_command(command: str) -> str:
 
 def borrow_shared_rows(groups: dict[str, dict]) -> None:
     """Fill in a config a group lacks from another group's run of the same config, seed 0 and token budget.
-    The full EG-MLA kv64 belongs to every group; a group run in parts in several calls (or at several
-    calls' worth of GPUs) trains it once, in one group, not again in each. A borrowed row says where from."""
+    The full EG-MLA kv64 belongs to every group; groups run in parts (several calls, or several GPUs through
+    on_gpus.sh) train it once, in one group, not again in each. A borrowed row says where it came from."""
     for name, group in groups.items():
         have = {(config_of(r), r.get("seed", 0)) for r in group["rows"]}
         budgets = {r["tokens"] for r in group["rows"]}
@@ -73,8 +73,10 @@ def borrow_shared_rows(groups: dict[str, dict]) -> None:
             if (config, 0) in have:
                 continue
             for other, source in groups.items():
-                match = [r for r in source["rows"] if other != name and config_of(r) == config
-                         and r.get("seed", 0) == 0 and r["tokens"] in budgets and "borrowed_from" not in r]
+                if other == name:
+                    continue
+                match = [r for r in source["rows"] if config_of(r) == config and r.get("seed", 0) == 0
+                         and r["tokens"] in budgets and "borrowed_from" not in r]
                 if match:
                     group["rows"].append(dict(match[0], borrowed_from=other))
                     group["metrics"][match[0]["name"]] = source["metrics"][match[0]["name"]]
@@ -262,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             group = groups[name]
             tokens = {r["tokens"] for r in group["rows"]}
             commands = "; ".join(f"`{shown_command(c)}`" for c in group["commands"])
-            borrowed = [f"{config_of(r)} from {r['borrowed_from']}" for r in group["rows"] if "borrowed_from" in r]
-            borrowed = f" (rows from another group's run of the same config, seed and budget: {', '.join(borrowed)})" \
-                if borrowed else ""
+            sources = [f"{config_of(r)} from {r['borrowed_from']}" for r in group["rows"] if "borrowed_from" in r]
+            borrowed = (f" (rows from another group's run of the same config, seed and budget: {', '.join(sources)})"
+                        if sources else "")
             sections.append(f"### {heading}\n\n{commands}{borrowed} — {', '.join(f'{t:,}' for t in tokens)} "
                             f"training tokens per run, device {group['rows'][0].get('device') or 'unrecorded'}\n\n"
                             + render(group["rows"]))
