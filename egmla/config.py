@@ -1,53 +1,96 @@
 """Model configuration: one dataclass, the presets of DESIGN.md §2, and validation with clear errors.
 
-Every check names the field, the bad value and the fix, and runs once at construction.
+Every check names the field, the bad value and the fix, and runs once at construction. Each field's
+annotation is its type and range (`PositiveInt`, `Literal[...]`): `check_field_types` validates them
+strictly (no 2.5 for an int, no "yes" for a bool) with pydantic, for TOML, --set and Python alike.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import typing
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from annotated_types import Ge, Gt
 
 ATTENTION_KINDS = ("mha", "gqa", "mla", "eg-mla")
 GATE_OPS = ("mul", "add")
 GATE_NORMS = ("layernorm", "rmsnorm", "none")
 GATE_PLACEMENTS = ("up", "latent")
 
+# Field types with their ranges; pydantic reads the annotated_types bounds.
+PositiveInt = Annotated[int, Gt(0)]
+NonNegativeInt = Annotated[int, Ge(0)]  # 0 has a meaning (a default, or "off")
+PositiveFloat = Annotated[float, Gt(0)]
+NonNegativeFloat = Annotated[float, Ge(0)]
+
 
 def _fail(field_name: str, value, fix: str):
     raise ValueError(f"{field_name}={value!r}: {fix}")
+
+
+@functools.cache
+def _field_validators(cls) -> dict:
+    """{field name: (pydantic TypeAdapter, annotation)} of a config dataclass, built once per class."""
+    from pydantic import TypeAdapter
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: (TypeAdapter(hints[f.name]), hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def check_field_types(config, prefix: str = "") -> None:
+    """Validate every field of a config dataclass against its annotation, strictly, and store the
+    validated value (an int given for a float field becomes a float). Raises a one-line ValueError
+    naming the field (after `prefix`, e.g. "train."), the value and what is allowed."""
+    from pydantic import ValidationError
+
+    for name, (adapter, annotation) in _field_validators(type(config)).items():
+        value = getattr(config, name)
+        try:
+            object.__setattr__(config, name, adapter.validate_python(value, strict=True))
+        except ValidationError as err:
+            error = err.errors()[0]
+            if error["type"] == "literal_error":
+                allowed = f"choose one of {', '.join(map(str, typing.get_args(annotation)))}"
+            elif error["type"] == "bool_type":
+                allowed = "must be true or false"
+            else:
+                allowed = error["msg"].replace("Input should be", "must be")
+            _fail(f"{prefix}{name}", value, allowed)
 
 
 @dataclass
 class ModelConfig:
     """Shape of the decoder LM and its attention. Names follow DeepSeek-V2/V3 where they exist."""
 
-    vocab_size: int = 8192
-    n_layers: int = 4
-    d_model: int = 256
-    n_heads: int = 4
-    ffn_hidden: int = 0  # SwiGLU hidden width; 0 = 8/3·d_model rounded up to a multiple of 64
-    max_seq_len: int = 512
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    vocab_size: PositiveInt = 8192
+    n_layers: PositiveInt = 4
+    d_model: PositiveInt = 256
+    n_heads: PositiveInt = 4
+    ffn_hidden: NonNegativeInt = 0  # SwiGLU hidden width; 0 = 8/3·d_model rounded up to a multiple of 64
+    max_seq_len: PositiveInt = 512
+    rope_theta: PositiveFloat = 10000.0
+    norm_eps: PositiveFloat = 1e-6
     tie_embeddings: bool = True
-    init_std: float = 0.02
+    init_std: PositiveFloat = 0.02
 
-    attention: str = "eg-mla"  # mha | gqa | mla | eg-mla
+    attention: Literal[ATTENTION_KINDS] = "eg-mla"  # mha | gqa | mla | eg-mla
     # MHA / GQA / MQA
-    n_kv_heads: int = 0  # 0 = n_heads (MHA); 1 = MQA
-    head_dim: int = 0  # 0 = d_model // n_heads
+    n_kv_heads: NonNegativeInt = 0  # 0 = n_heads (MHA); 1 = MQA
+    head_dim: NonNegativeInt = 0  # 0 = d_model // n_heads
     # MLA / EG-MLA
-    kv_lora_rank: int = 64  # d_c: width of the cached latent
-    q_lora_rank: int = 0  # 0 = full-rank query projection
-    qk_nope_head_dim: int = 32  # d_n
-    qk_rope_head_dim: int = 32  # d_r: decoupled RoPE key, one per token shared by all heads
-    v_head_dim: int = 32  # d_v
+    kv_lora_rank: NonNegativeInt = 64  # d_c: width of the cached latent
+    q_lora_rank: NonNegativeInt = 0  # 0 = full-rank query projection
+    qk_nope_head_dim: NonNegativeInt = 32  # d_n
+    qk_rope_head_dim: NonNegativeInt = 32  # d_r: decoupled RoPE key, one per token shared by all heads
+    v_head_dim: NonNegativeInt = 32  # d_v
     # EG-MLA gate
-    gate_dim: int = 512  # d_e: width of the per-layer token-embedding table
-    gate_op: str = "mul"  # mul (paper) | add (ablation)
-    gate_norm: str = "layernorm"  # layernorm (paper) | rmsnorm | none (ablation)
-    gate_placement: str = "up"  # up (paper: gate the up-projected K/V) | latent (gate c_t)
+    gate_dim: NonNegativeInt = 512  # d_e: width of the per-layer token-embedding table
+    gate_op: Literal[GATE_OPS] = "mul"  # mul (paper) | add (ablation)
+    gate_norm: Literal[GATE_NORMS] = "layernorm"  # layernorm (paper) | rmsnorm | none (ablation)
+    gate_placement: Literal[GATE_PLACEMENTS] = "up"  # up (paper: gate the up-projected K/V) | latent (gate c_t)
 
     def __post_init__(self):
         self.validate()
@@ -110,16 +153,7 @@ class ModelConfig:
 
     # ---- validation ----------------------------------------------------------------------
     def validate(self):
-        if self.attention not in ATTENTION_KINDS:
-            _fail("attention", self.attention, f"choose one of {', '.join(ATTENTION_KINDS)}")
-        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                _fail(name, getattr(self, name), "must be a positive integer")
-        for name in ("n_kv_heads", "head_dim", "ffn_hidden", "q_lora_rank"):
-            if getattr(self, name) < 0:
-                _fail(name, getattr(self, name), "must be >= 0 (0 picks the default)")
-        if self.rope_theta <= 0:
-            _fail("rope_theta", self.rope_theta, "must be positive")
+        check_field_types(self)
         if self.attention in ("mha", "gqa"):
             if self.attention == "mha" and self.n_kv_heads not in (0, self.n_heads):
                 _fail("n_kv_heads", self.n_kv_heads,
@@ -139,15 +173,13 @@ class ModelConfig:
                     _fail(name, getattr(self, name), "must be a positive integer")
             if self.qk_rope_head_dim % 2:
                 _fail("qk_rope_head_dim", self.qk_rope_head_dim, "RoPE rotates pairs: use an even number")
+            for name in ("kv_lora_rank", "q_lora_rank"):  # W_D projects d_model inputs: rank <= d_model
+                if getattr(self, name) > self.d_model:
+                    _fail(name, getattr(self, name), f"a latent wider than d_model={self.d_model} compresses "
+                                                     f"nothing (its extra columns are linearly dependent); use <= {self.d_model}")
         if self.is_gated:
             if self.gate_dim <= 0:
                 _fail("gate_dim", self.gate_dim, "must be a positive integer (the paper uses 512)")
-            if self.gate_op not in GATE_OPS:
-                _fail("gate_op", self.gate_op, f"choose one of {', '.join(GATE_OPS)}")
-            if self.gate_norm not in GATE_NORMS:
-                _fail("gate_norm", self.gate_norm, f"choose one of {', '.join(GATE_NORMS)}")
-            if self.gate_placement not in GATE_PLACEMENTS:
-                _fail("gate_placement", self.gate_placement, f"choose one of {', '.join(GATE_PLACEMENTS)}")
         else:
             defaults = ModelConfig.__dataclass_fields__
             for name in ("gate_op", "gate_norm", "gate_placement", "gate_dim"):

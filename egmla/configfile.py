@@ -1,13 +1,18 @@
-"""TOML config files with `--set key=value` overrides (torchtitan style).
+"""TOML config files with `extends` and `--set key=value` overrides (torchtitan style).
 
 A file has sections, e.g. [model] (ModelConfig fields, plus `preset = "paper-base"`) and [train];
 `--set model.kv_lora_rank=16` or `--set train.steps=100` overrides a field. Values parse as TOML
 literals (numbers, booleans, quoted strings); anything that does not parse is taken as a string.
+
+A top-level `extends = "base/paper-base.toml"` (a path relative to the file, or a list of them) reads
+those files first and merges this file's values over them, table by table; bases may extend others.
 """
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+
+EXTENDS = "extends"
 
 
 def parse_value(text: str):
@@ -32,28 +37,58 @@ def parse_overrides(items: list[str], section: str | None = None) -> dict:
             if len(parts) != 1:
                 raise ValueError(f"--set {item!r}: only {section}.KEY=VALUE overrides apply here")
         node = nested
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is set to a value above, "
+                                 f"so it has no keys")
         node[parts[-1]] = parse_value(value.strip())
     return nested
 
 
-def merge(base: dict, overrides: dict) -> dict:
+def merge(base: dict, overrides: dict, where: str = "") -> dict:
+    """`overrides` over `base`, tables merged key by key. A table over a plain value (or the reverse)
+    is an error naming the dotted key."""
     out = dict(base)
     for key, value in overrides.items():
-        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else value
+        if isinstance(value, dict) and key in out and not isinstance(out[key], dict):
+            raise ValueError(f"{where}{key}={out[key]!r} is a value, not a table: it has no key "
+                             f"{where}{key}.{next(iter(value), '')}")
+        if isinstance(value, dict):
+            out[key] = merge(out.get(key, {}), value, f"{where}{key}.")
+        elif isinstance(out.get(key), dict):
+            raise ValueError(f"{where}{key}={value!r}: {where}{key} is a table of keys; set one of them, "
+                             f"e.g. {where}{key}.{next(iter(out[key]), 'KEY')}=...")
+        else:
+            out[key] = value
     return out
 
 
+def read_toml(path: str | Path, extended_by: tuple[Path, ...] = ()) -> dict:
+    """One TOML file with its `extends` chain resolved (bases first, this file's values over them)."""
+    path = Path(path)
+    chain = " <- ".join(str(p) for p in (path, *reversed(extended_by)))
+    if path.resolve() in extended_by:
+        raise ValueError(f"--config: {chain}: the files extend each other in a cycle; remove one `extends`")
+    if not path.is_file():
+        where = f"extends {str(path)!r} (from {extended_by[-1]})" if extended_by else f"--config {str(path)!r}"
+        raise ValueError(f"{where}: no such file; see configs/ for examples")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {str(path)!r}: not valid TOML: {err}") from None
+    declared = data.pop(EXTENDS, [])
+    bases = [declared] if isinstance(declared, str) else declared
+    if not isinstance(bases, list) or not all(isinstance(base, str) and base for base in bases):
+        raise ValueError(f"{path}: extends={declared!r}: give a file path or a list of paths, "
+                         f"relative to this file, e.g. extends = \"base/paper-base.toml\"")
+    merged: dict = {}
+    for base in bases:
+        merged = merge(merged, read_toml(path.parent / base, (*extended_by, path.resolve())))
+    return merge(merged, data)
+
+
 def load_toml(path: str | Path | None, overrides: list[str] = ()) -> dict:
-    """Read a TOML file (or nothing) and apply --set overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"--config {str(path)!r}: no such file; see configs/ for examples")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"--config {str(path)!r}: not valid TOML: {err}") from None
+    """Read a TOML file (or nothing), resolving `extends`, and apply --set overrides."""
+    data = read_toml(path) if path is not None else {}
     return merge(data, parse_overrides(list(overrides)))

@@ -4,6 +4,11 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
+
+from annotated_types import Gt, Lt
+
+from egmla.config import NonNegativeInt, check_field_types
 
 
 @dataclass
@@ -12,17 +17,13 @@ class DataConfig:
     text_field: str = "text"  # the text column of .jsonl / .parquet / hub rows
     hf_config: str = ""  # hub dataset configuration (e.g. "sample-10BT" for FineWeb-Edu)
     hf_split: str = "train"  # hub dataset split to stream
-    max_bytes: int = 0  # read at most this many characters of text (0 = all; set it for hub datasets)
-    val_fraction: float = 0.02  # share of chunks held out for validation (hash-based, deterministic)
-    tokenizer_sample_bytes: int = 64_000_000  # train the BPE on at most this much training text
+    max_bytes: NonNegativeInt = 0  # read at most this many characters of text (0 = all; set it for hub datasets)
+    val_fraction: Annotated[float, Gt(0), Lt(1)] = 0.02  # share of chunks held out for validation (hash-based, deterministic)
+    tokenizer_sample_bytes: NonNegativeInt = 64_000_000  # train the BPE on at most this much training text
     cache_dir: str = ""  # tokenizers and token shards; "" = $EGMLA_CACHE or ~/.cache/egmla
 
     def __post_init__(self):
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"data.val_fraction={self.val_fraction!r}: must lie in (0, 1), e.g. 0.02")
-        for name in ("max_bytes", "tokenizer_sample_bytes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"data.{name}={getattr(self, name)!r}: must be >= 0 (0 = no cap)")
+        check_field_types(self, "data.")
         if self.corpus.startswith("hf:") and len(self.corpus) == 3:
             raise ValueError("data.corpus='hf:': name the dataset, e.g. 'hf:HuggingFaceFW/fineweb-edu'")
 

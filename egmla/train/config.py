@@ -9,68 +9,57 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import asdict, dataclass, field, fields
+from typing import Annotated, Literal
 
-from egmla.config import ModelConfig, check_keys, preset
+from annotated_types import Ge, Gt, Le, Lt
+
+from egmla.config import (NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ModelConfig, check_field_types,
+                          check_keys, preset)
 from egmla.data.config import DataConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
+UnitFloat = Annotated[float, Ge(0), Le(1)]
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 800  # optimizer steps (0 = as many as fit time_limit_s, measured after 20 steps)
-    batch_size: int = 8  # global batch in sequences, over all processes and accumulation steps
-    micro_batch_size: int = 0  # sequences per process per forward; 0 = batch_size / processes (no accumulation)
-    seq_len: int = 128  # tokens per training sequence (<= model.max_seq_len)
-    lr: float = 3e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    warmup_steps: int = 60  # linear warmup from lr/warmup_steps to lr
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant (after warmup)
-    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to the final lr
-    weight_decay: float = 0.1  # on matrices only: never on norms, biases, embeddings or gate tables
-    beta1: float = 0.9  # AdamW
-    beta2: float = 0.95  # AdamW
-    eps: float = 1e-8  # AdamW
-    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
-    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    steps: NonNegativeInt = 800  # optimizer steps (0 = as many as fit time_limit_s, measured after 20 steps)
+    batch_size: PositiveInt = 8  # global batch in sequences, over all processes and accumulation steps
+    micro_batch_size: NonNegativeInt = 0  # sequences per process per forward; 0 = batch_size / processes (no accumulation)
+    seq_len: PositiveInt = 128  # tokens per training sequence (<= model.max_seq_len)
+    lr: PositiveFloat = 3e-3  # peak learning rate
+    min_lr_ratio: UnitFloat = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: NonNegativeInt = 60  # linear warmup from lr/warmup_steps to lr
+    schedule: Literal[SCHEDULES] = "cosine"  # cosine | wsd (warmup-stable-decay) | constant (after warmup)
+    decay_fraction: Annotated[float, Gt(0), Le(1)] = 0.2  # wsd: the last fraction of steps decays linearly to the final lr
+    weight_decay: NonNegativeFloat = 0.1  # on matrices only: never on norms, biases, embeddings or gate tables
+    beta1: Annotated[float, Ge(0), Lt(1)] = 0.9  # AdamW
+    beta2: Annotated[float, Ge(0), Lt(1)] = 0.95  # AdamW
+    eps: PositiveFloat = 1e-8  # AdamW
+    grad_clip: NonNegativeFloat = 1.0  # max global gradient norm (0 = no clipping)
+    dtype: Literal[DTYPES] = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile each block (GPU; slow to start on CPU)
-    parallel: str = "ddp"  # under torchrun with several processes: ddp | fsdp (FSDP2 fully_shard)
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    seed: int = 0  # model init and data order
-    eval_every: int = 200  # validate every N steps (and at the end); 0 = only at the end
-    eval_sequences: int = 128  # size of the fixed validation set, in sequences (0 = whole split)
-    log_every: int = 10  # progress-bar and TensorBoard update interval
-    checkpoint_every: int = 200  # 0 = only at the end (and on Ctrl-C)
-    keep_checkpoints: int = 2  # keep the newest N checkpoints
+    parallel: Literal[PARALLEL] = "ddp"  # under torchrun with several processes: ddp | fsdp (FSDP2 fully_shard)
+    device: Literal[DEVICES] = "auto"  # auto (cuda if available) | cpu | cuda
+    seed: NonNegativeInt = 0  # model init and data order
+    eval_every: NonNegativeInt = 200  # validate every N steps (and at the end); 0 = only at the end
+    eval_sequences: NonNegativeInt = 128  # size of the fixed validation set, in sequences (0 = whole split)
+    log_every: PositiveInt = 10  # progress-bar and TensorBoard update interval
+    checkpoint_every: NonNegativeInt = 200  # 0 = only at the end (and on Ctrl-C)
+    keep_checkpoints: PositiveInt = 2  # keep the newest N checkpoints
     tensorboard: bool = True  # also write TensorBoard events (metrics.jsonl is always written)
-    peak_tflops: float = 0.0  # accelerator peak for MFU; 0 = look up the device name
-    time_limit_s: float = 0.0  # stop (with a checkpoint) after this much training time; 0 = no limit
+    peak_tflops: NonNegativeFloat = 0.0  # accelerator peak for MFU; 0 = look up the device name
+    time_limit_s: NonNegativeFloat = 0.0  # stop (with a checkpoint) after this much training time; 0 = no limit
 
     def __post_init__(self):
-        positive = ("batch_size", "seq_len", "log_every", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name}={getattr(self, name)!r}: must be a positive integer")
-        for name in ("steps", "micro_batch_size", "warmup_steps", "eval_every", "eval_sequences", "checkpoint_every",
-                     "time_limit_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name}={getattr(self, name)!r}: must be >= 0")
+        check_field_types(self, "train.")
         if self.steps == 0 and (self.time_limit_s <= 0 or self.warmup_steps < 20):
             raise ValueError(f"train.steps=0 (fit the run to a time budget) needs train.time_limit_s > 0 and "
                              f"train.warmup_steps >= 20 (the length is set after 20 steps); got time_limit_s="
                              f"{self.time_limit_s}, warmup_steps={self.warmup_steps}")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"train.lr={self.lr}, train.min_lr_ratio={self.min_lr_ratio}: need lr > 0 "
-                             f"and 0 <= min_lr_ratio <= 1")
-        if not 0 < self.decay_fraction <= 1:
-            raise ValueError(f"train.decay_fraction={self.decay_fraction!r}: must lie in (0, 1]")
-        for name, allowed in (("schedule", SCHEDULES), ("dtype", DTYPES), ("parallel", PARALLEL),
-                              ("device", DEVICES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"train.{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
 
     def to_dict(self) -> dict:
         return asdict(self)

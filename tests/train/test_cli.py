@@ -32,4 +32,4 @@ def test_default_run_dir_latest_link_and_no_overwrite(tmp_path, cache_dir, monke
 def test_errors_are_one_line(capsys):
     assert train_main(["--set", "data.corpus=/definitely/not/here.txt", "--dry-run"]) == 0  # resolving is lazy
     assert train_main(["--set", "train.batch_size=0"]) == 2
-    assert capsys.readouterr().err.strip() == ("egmla train: error: train.batch_size=0: must be a positive integer")
+    assert capsys.readouterr().err.strip() == ("egmla train: error: train.batch_size=0: must be greater than 0")

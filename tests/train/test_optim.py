@@ -8,7 +8,7 @@ from egmla.train.optim import build_optimizer, lr_at
 
 
 def test_weight_decay_only_on_matrices():
-    model = Transformer(preset("tiny", vocab_size=300, n_layers=1, d_model=32, n_heads=2, gate_dim=8))
+    model = Transformer(preset("tiny", vocab_size=300, n_layers=1, d_model=32, n_heads=2, kv_lora_rank=16, gate_dim=8))
     decay, plain = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
