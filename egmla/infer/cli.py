@@ -16,12 +16,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", metavar="FILE",
                         help="a file with one prompt per non-empty line, all generated as one batch")
     parser.add_argument("--num-samples", type=int, default=1, help="generate this many samples per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per sequence at most")
+    parser.add_argument("--max-new-tokens", type=int, default=100,
+                        help="tokens to generate per sequence at most; a sequence also stops at the model's "
+                             "context (max_seq_len), with a notice on stderr")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
     parser.add_argument("--top-p", type=float, default=0.95,
                         help="sample within the smallest set of tokens holding this probability; 1 = all")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed: the same seed and the same prompts, in the same order, give the same "
+                             "text; the batch shares one random stream, so adding or removing a prompt changes "
+                             "the samples of the others")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop a sequence when it produces this text (cut from the output; repeatable)")
     parser.add_argument("--eos-token", help="end-of-text token (default: found in the tokenizer, e.g. <|endoftext|>)")
@@ -111,7 +116,16 @@ def main(args) -> int:
     if engine.offload is not None:
         summary += f", gate tables offloaded: {engine.offload.bytes_saved() / 1e6:.1f} MB off the device"
     print(summary + "]", file=sys.stderr)
+    for note in truncation_notes(results, args.max_new_tokens, model.config.max_seq_len):
+        print(note, file=sys.stderr)
     return 0
+
+
+def truncation_notes(results, max_new_tokens: int, max_seq_len: int) -> list[str]:
+    """One line per sequence that stopped at the model's context before --max-new-tokens."""
+    return [f"note: sequence {r.index} stopped at the model's context (max_seq_len={max_seq_len}) after "
+            f"{len(r.token_ids)} of --max-new-tokens {max_new_tokens} new tokens"
+            for r in results if r.finish_reason == "length" and len(r.token_ids) < max_new_tokens]
 
 
 def _stream_single(event) -> None:

@@ -52,3 +52,13 @@ def test_generate_bad_input_is_one_clear_line(capsys, run_dir, tmp_path, tokeniz
     assert code == 2 and f"format_version={FORMAT_VERSION + 1}" in err
     code, _, err = generate(capsys, "--run", str(tmp_path / "missing"), "--prompt", "x")
     assert code == 2 and "no config.json" in err
+
+
+def test_generate_says_when_the_context_cuts_it_short(capsys, run_dir, tokenizer):
+    args = ["--run", str(run_dir), "--prompt", "To be", "--temperature", "0", "--ignore-eos"]
+    code, _, err = generate(capsys, *args, "--max-new-tokens", "5000")
+    room = 48 - len(tokenizer.encode("To be").ids) + 1  # the last new token is never fed back
+    assert code == 0 and (f"note: sequence 0 stopped at the model's context (max_seq_len=48) after {room} of "
+                          f"--max-new-tokens 5000 new tokens") in err
+    code, _, err = generate(capsys, *args, "--max-new-tokens", "5")
+    assert code == 0 and "note:" not in err  # within the context: nothing to say

@@ -1,0 +1,78 @@
+"""The `egmla` command's own edges: unknown options, --version, help, the OpenMP wait policy."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import egmla
+from egmla.cli import main
+
+
+def error_of(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, usage, hint", [
+    (["generate", "--promt", "hi"], "usage: egmla generate", "unrecognized arguments: --promt hi (did you mean --prompt?)"),
+    (["bench", "decode", "--quik"], "usage: egmla bench decode", "--quik (did you mean --quick?)"),
+    (["plan", "--memory-gb=60", "--contxt=4096"], "usage: egmla plan", "(did you mean --context?)"),
+])
+def test_a_mistyped_option_names_the_closest_one_of_its_command(capsys, argv, usage, hint):
+    err = error_of(capsys, *argv)
+    assert err.startswith(usage) and hint in err
+
+
+def test_leftovers_that_resemble_no_option_get_no_guess(capsys):
+    err = error_of(capsys, "kv-report", "--zzzzzz", "extra")
+    assert "unrecognized arguments: --zzzzzz extra\n" in err and "did you mean" not in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"egmla {egmla.__version__}\n"
+
+
+def test_help_lists_only_commands_that_exist(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "serve" not in out and " run," not in out and "train, compare, generate, plan" in out
+
+
+def test_kv_report_help_lists_the_model_fields(capsys):
+    with pytest.raises(SystemExit):
+        main(["kv-report", "--help"])
+    out = capsys.readouterr().out
+    assert "  kv_lora_rank = 64" in out and "d_c: width of the cached latent" in out and "  gate_placement = up" in out
+
+
+def test_the_command_asks_openmp_for_passive_waiting_unless_told_otherwise():
+    """libgomp (torch's OpenMP on Linux) prints its settings with OMP_DISPLAY_ENV; passive = spin count 0."""
+    def spin_count(**env) -> str:
+        environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"OMP_DISPLAY_ENV": "VERBOSE"}
+        done = subprocess.run([sys.executable, "-m", "egmla", "kv-report", "--preset", "tiny", "--json"],
+                              env=environ | env, capture_output=True, text=True, check=True)
+        if "GOMP_SPINCOUNT" not in done.stderr:
+            pytest.skip("torch's OpenMP runtime here is not libgomp")
+        return done.stderr.split("GOMP_SPINCOUNT = '")[1].split("'")[0]
+
+    assert spin_count() == "0"
+    assert spin_count(OMP_WAIT_POLICY="ACTIVE") != "0"  # the user's choice stands
+
+
+def test_warnings_print_as_one_line_while_a_command_runs(monkeypatch, capsys):
+    import warnings
+
+    import egmla.commands.kv_report as kv_report
+
+    shown = []
+    monkeypatch.setattr(kv_report, "main", lambda args: shown.append(
+        warnings.formatwarning("kernel: using the PyTorch reference", RuntimeWarning, "x.py", 3, "warn(...)")))
+    before = warnings.formatwarning
+    assert main(["kv-report"]) == 0
+    assert shown == ["egmla: RuntimeWarning: kernel: using the PyTorch reference\n"]  # no file, no source line
+    assert warnings.formatwarning is before  # restored for whoever called main()
