@@ -5,29 +5,19 @@ layout change that forgets something shows up as a mismatch.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from egmla.attention import allocate_cache, decode_paths
 from egmla.config import ModelConfig
 from egmla.model import count_params
+from egmla.variants import compared_configs
 
 
 def variant_configs(base: ModelConfig) -> list[ModelConfig]:
-    """The paper's comparison set at the shape of `base`: MHA, GQA-4, MLA and EG-MLA at several ranks."""
-    shape = {f.name: getattr(base, f.name) for f in dataclasses.fields(ModelConfig)
-             if f.name not in ("attention", "n_kv_heads", "kv_lora_rank", "gate_dim", "gate_op",
-                               "gate_norm", "gate_placement")}
-    gate_dim = base.gate_dim if base.is_gated else 512
-    kv_heads = 4 if base.n_heads % 4 == 0 else 1
-    rows = [ModelConfig(**shape, attention="mha"), ModelConfig(**shape, attention="gqa", n_kv_heads=kv_heads)]
-    rows += [ModelConfig(**shape, attention="mla", kv_lora_rank=r) for r in (256, 64)]
-    rows += [ModelConfig(**shape, attention="eg-mla", kv_lora_rank=r, gate_dim=gate_dim) for r in (256, 64, 16)]
-    rows.append(ModelConfig(**shape, attention="eg-mla", kv_lora_rank=64, gate_dim=gate_dim, gate_placement="latent"))
-    if not any(dataclasses.asdict(c) == dataclasses.asdict(base) for c in rows):
-        rows.insert(0, base)
-    return rows
+    """The comparison set of egmla.variants (MHA, GQA-4, MLA and EG-MLA at several ranks, ...) at the shape
+    of `base`, with `base` itself first when it is none of them."""
+    rows = compared_configs(base)
+    return rows if base in rows else [base, *rows]
 
 
 def measured_cache_bytes_per_token(config: ModelConfig, dtype=torch.bfloat16, decode_path: str | None = None,

@@ -18,6 +18,7 @@ import statistics
 import time
 
 HBM_GBS, PEAK_TFLOPS = 3000.0, 782.0  # DESIGN.md §4: measured on the lent H100 (copy, 8192^3 bf16 matmul)
+DEFAULT_VARIANTS = "mha,gqa4,mla-kv64,mla-kv256,egmla-kv64"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,10 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", default="1,8,32,128", help="comma-separated batch sizes B")
     parser.add_argument("--context", default="512,4096,16384", help="comma-separated cached context lengths T")
     parser.add_argument("--quick", action="store_true", help="only B=32, T=4096 (overrides --batch/--context)")
-    parser.add_argument("--variants", default="all",
-                        help="comma-separated subset of: MHA, GQA-4, MLA kv64, MLA kv256, EG-MLA kv64")
-    parser.add_argument("--paths", default="all", help="comma-separated subset of paths "
-                        "(sdpa, naive, absorbed, gate-table, triton, triton-core, triton+stats)")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help="comma-separated variant names from egmla.variants, or 'all'")
+    parser.add_argument("--paths", default="all", help="comma-separated subset of paths (sdpa, naive, absorbed, "
+                        "gate-table, kernel, kernel-core, kernel+stats, grouped, grouped-plan)")
     parser.add_argument("--text", default="embedded", choices=["embedded", "python-source"],
                         help="real text the token ids come from (EG-MLA's gate-row traffic depends on it)")
     parser.add_argument("--device", default="auto", help="cuda, cpu, ...; auto = cuda if available")
@@ -120,19 +121,21 @@ def main(args) -> int:
     from tqdm import tqdm
 
     from egmla.bench import decode_report
-    from egmla.bench.decode_cases import PATH_NOTES, VARIANTS, kernel_paths_available
+    from egmla.bench.decode_cases import PATH_NOTES, kernel_paths_available
     from egmla.bench.token_ids import text_token_ids
     from egmla.config import preset
+    from egmla.variants import labels, select
 
     device, dtype, batches, contexts = resolve(args)
-    variants = selected(args.variants, VARIANTS, "variants")
+    variants = select(args.variants)
+    names = labels(variants, args.preset)
     paths = selected(args.paths, PATH_NOTES, "paths")
     ids_all, id_note = text_token_ids(max(batches), max(contexts), preset(args.preset).vocab_size, args.text)
     no_kernel = kernel_paths_available(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"egmla bench decode: {device_name}, {dtype}, preset {args.preset}, ids from {args.text} text"
-          + (f", copy {copy_gbs:.0f} GB/s" if copy_gbs else "") + (f"; Triton paths skipped: {no_kernel}" if no_kernel else ""))
+          + (f", copy {copy_gbs:.0f} GB/s" if copy_gbs else "") + (f"; kernel paths skipped: {no_kernel}" if no_kernel else ""))
     meta = {"benchmark": "decode", "device": device_name, "dtype": str(dtype).replace("torch.", ""),
             "preset": args.preset, "torch": torch.__version__, "triton": _triton_version(),
             "hbm_gbs_for_floor": args.hbm_gbs, "peak_tflops_for_floor": args.peak_tflops,
@@ -144,8 +147,8 @@ def main(args) -> int:
     rows = []
     jobs = [(t, b, v) for t in contexts for b in batches for v in variants]
     for max_len, batch, variant in tqdm(jobs, desc="decode bench", unit="config", disable=None):
-        rows += run_config(args, variant, batch, max_len, ids_all[:batch, :max_len].to(device), device, dtype,
-                           paths, no_kernel)
+        rows += run_config(args, variant, names[variant.name], batch, max_len, ids_all[:batch, :max_len].to(device),
+                           device, dtype, paths, no_kernel)
         if args.out:  # partial results survive an interrupted run
             decode_report.write_outputs(rows, {**meta, "complete": False}, args.out, None, None, quiet=True)
     decode_report.add_ratios(rows)
@@ -154,23 +157,24 @@ def main(args) -> int:
     return 0
 
 
-def run_config(args, variant: str, batch: int, max_len: int, token_ids, device, dtype, paths, no_kernel) -> list[dict]:
+def run_config(args, variant, label: str, batch: int, max_len: int, token_ids, device, dtype, paths,
+               no_kernel) -> list[dict]:
     """Rows of one (variant, B, T): every wanted path timed, or skipped with the reason."""
     import torch
 
-    from egmla.bench.decode_cases import PATHS, VARIANTS, build_cases
+    from egmla.bench.decode_cases import bench_paths, build_cases
     from egmla.bench.token_ids import distinct_id_stats
-    from egmla.config import preset
 
-    config = preset(args.preset, max_seq_len=max(max_len, 2), **VARIANTS[variant])
-    common = {"variant": variant, "batch": batch, "context": max_len, **distinct_id_stats(token_ids)}
-    wanted = [p for p in PATHS[variant] if p in paths]
+    config = variant.config(args.preset, max_seq_len=max(max_len, 2))
+    common = {"variant": label, "name": variant.name, "batch": batch, "context": max_len,
+              **distinct_id_stats(token_ids)}
+    wanted = [p for p in bench_paths(config) if p in paths]
     rows = []
     if no_kernel:
-        rows += [{**common, "path": p, "skipped": no_kernel} for p in wanted if p.startswith("triton")]
-        wanted = [p for p in wanted if not p.startswith("triton")]
+        rows += [{**common, "path": p, "skipped": no_kernel} for p in wanted if p.startswith("kernel")]
+        wanted = [p for p in wanted if not p.startswith("kernel")]
     try:
-        cases = build_cases(variant, config, batch, max_len, token_ids, device, dtype, tuple(wanted))
+        cases = build_cases(label, config, batch, max_len, token_ids, device, dtype, tuple(wanted))
     except torch.OutOfMemoryError as err:
         torch.cuda.empty_cache()
         return rows + [{**common, "path": p, "skipped": f"out of memory building inputs: {str(err)[:120]}"}
@@ -183,7 +187,7 @@ def run_config(args, variant: str, batch: int, max_len: int, token_ids, device, 
             row["skipped"] = f"out of memory: {str(err)[:120]}"
         except Exception as err:  # one broken path must not lose the whole table: record it, visibly
             row["skipped"] = f"error: {type(err).__name__}: {str(err)[:200]}"
-            print(f"{variant} {case.path} B={batch} T={max_len}: {row['skipped']}")
+            print(f"{label} {case.path} B={batch} T={max_len}: {row['skipped']}")
         rows.append(row)
     del cases
     if device.type == "cuda":

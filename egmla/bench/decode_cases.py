@@ -1,8 +1,8 @@
 """What `egmla bench decode` times: one layer's decode attention for one new token per sequence over
 a full cache of T positions, per variant and path, with the bytes and FLOPs each path must spend.
 
-Every path except the MHA/GQA baselines calls the model's own code (`attend_<path>` of the attention
-module), so the numbers are what a model layer spends, including any K/V rebuild. The baselines are
+Every path except the MHA/GQA baselines calls the model's own code (the attention module's method for
+the path), so the numbers are what a model layer spends, including any K/V rebuild. The baselines are
 SDPA on contiguous [batch, heads, T, head_dim] K/V without a mask (the strongest SDPA case).
 
 Floors (DESIGN.md §4): bytes = what the path must read from HBM at least (the cache; for EG-MLA also
@@ -11,38 +11,45 @@ plus any rebuild; floor = max(bytes / HBM bandwidth, FLOPs / matmul peak).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from egmla.bench.grouped import GROUPED_NOTES
+from egmla.bench.grouped import GROUPED_NOTES, _norm_stats
 
-# name -> overrides of the preset; paths each variant is timed on.
-VARIANTS = {
-    "MHA": dict(attention="mha"),
-    "GQA-4": dict(attention="gqa", n_kv_heads=4),
-    "MLA kv64": dict(attention="mla", kv_lora_rank=64),
-    "MLA kv256": dict(attention="mla", kv_lora_rank=256),
-    "EG-MLA kv64": dict(attention="eg-mla", kv_lora_rank=64),
-}
-PATHS = {
-    "MHA": ("sdpa",), "GQA-4": ("sdpa",),
-    "MLA kv64": ("naive", "absorbed", "triton", "triton-core"),
-    "MLA kv256": ("naive", "absorbed", "triton", "triton-core"),
-    "EG-MLA kv64": ("naive", "gate-table", "triton", "triton+stats", "grouped", "grouped-plan"),
-}
+# Cases beside the model's own decode paths (egmla.attention.decode_paths), each isolating a part of one.
 PATH_NOTES = {
-    "sdpa": "F.scaled_dot_product_attention on contiguous K/V, no mask",
-    "naive": "model attend_naive: rebuild K/V (and gates) for every position, then SDPA",
-    "absorbed": "model attend_absorbed: einsums over the latent",
-    "gate-table": "model attend_gate_table: gather gate rows, rebuild K/V, SDPA",
-    "triton": "model attend_kernel (MLA: W_UK/W_UV einsums + kernel; EG-MLA: kernel with cached norm stats)",
-    "triton-core": "mla_decode kernel alone (query absorbed beforehand)",
-    "triton+stats": "model attend_kernel recomputing every position's norm stats each step (no stats cache)",
+    "sdpa": "F.scaled_dot_product_attention on contiguous K/V, no mask (the MHA/GQA baseline)",
+    "naive": "model path naive: rebuild K/V (and gates) for every position, then SDPA",
+    "absorbed": "model path absorbed: einsums over the latent",
+    "gate-table": "model path gate-table: gather gate rows, rebuild K/V, SDPA",
+    "kernel": "model path kernel (MLA: W_UK/W_UV einsums + kernel; EG-MLA: kernel with cached norm stats)",
+    "kernel-core": "mla_decode kernel alone (query absorbed beforehand)",
+    "kernel+stats": "model path kernel recomputing every position's norm stats each step (no stats cache)",
     **GROUPED_NOTES,  # decode grouped by token id (egmla/bench/grouped.py)
 }
+MODEL_PATH = {"kernel-core": "kernel", "kernel+stats": "kernel", "grouped-plan": "grouped"}  # case -> path
+
+
+def bench_paths(config) -> tuple[str, ...]:
+    """What `egmla bench decode` times for a config: SDPA for MHA/GQA; for the latent variants every decode
+    path of the model, each followed by the case that isolates a part of it (PATH_NOTES)."""
+    from egmla.attention import decode_paths
+
+    if not config.is_latent:
+        return ("sdpa",)
+    extra = {"kernel": "kernel+stats" if reads_gate_rows(config) else "kernel-core", "grouped": "grouped-plan"}
+    return tuple(case for path in decode_paths(config) for case in (path, extra.get(path)) if case)
+
+
+def reads_gate_rows(config) -> bool:
+    """EG-MLA with the gate on the up-projected K/V reads gate rows and norm statistics while decoding;
+    with the gate on the latent, the cache holds the gated latent and decoding is MLA's."""
+    return config.is_gated and config.gate_placement == "up"
 
 
 @dataclass
@@ -57,8 +64,9 @@ class Case:
 
 def build_cases(variant: str, config, batch: int, max_len: int, token_ids: torch.Tensor, device, dtype,
                 paths: tuple[str, ...]) -> list[Case]:
-    """Cases of one variant at (batch, T = max_len); token_ids [batch, T] int32 on device."""
-    if variant in ("MHA", "GQA-4"):
+    """Cases of one variant (its label in the tables) at (batch, T = max_len); token_ids [batch, T] int32
+    on device; paths from bench_paths(config)."""
+    if not config.is_latent:
         return [_sdpa_case(variant, config, batch, max_len, device, dtype)]
     grouped = tuple(p for p in paths if p.startswith("grouped"))  # built by egmla/bench/grouped.py
     if grouped:
@@ -68,13 +76,10 @@ def build_cases(variant: str, config, batch: int, max_len: int, token_ids: torch
                              tuple(p for p in paths if p not in grouped))
         return others + grouped_cases(config, batch, max_len, token_ids, device, dtype, grouped)
     from egmla.attention.context import AttnContext, attention_mask
-    from egmla.model import Transformer
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        attn = Transformer(config.replace(n_layers=1)).layers[0].attn.to(dtype).eval()
     heads, d_n, d_r, d_v, d_c = (config.n_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
                                  config.v_head_dim, config.kv_lora_rank)
+    torch.manual_seed(1)
     q_nope = torch.randn(batch, 1, heads, d_n, device=device, dtype=dtype)
     q_pe = torch.randn(batch, 1, heads, d_r, device=device, dtype=dtype)
     latent = torch.randn(batch, max_len, d_c, device=device, dtype=dtype)  # RMS-normed: about unit scale
@@ -84,52 +89,44 @@ def build_cases(variant: str, config, batch: int, max_len: int, token_ids: torch
                       mask=attention_mask(positions, max_len), kv_token_ids=token_ids)
     es = torch.finfo(dtype).bits // 8
     cache_bytes = batch * max_len * (d_c + d_r) * es
-    attention_flops = 2 * batch * heads * max_len * (d_n + d_r + d_v)
+    attention_flops = 2 * batch * heads * max_len * (d_n + d_v + d_r)
     rebuild_flops = 2 * batch * max_len * d_c * heads * (d_n + d_v)
     cases = []
     for path in paths:
-        attn.decode_path = path if path in attn.decode_paths(config) else "kernel"
-        attn.on_decode_path_set()
-
-        def call(method=getattr(attn, "attend_" + attn.decode_path.replace("-", "_"))):
-            return method(q_nope, q_pe, latent, k_pe, token_ids, ctx)
-
-        if not config.is_gated:
+        attn = one_layer(config, MODEL_PATH.get(path, path), device, dtype)
+        args = (q_nope, q_pe, latent, k_pe, token_ids, ctx)
+        if path == "kernel" and reads_gate_rows(config):  # the norm statistics a 'kernel' cache holds
+            args = (*args[:5], dataclasses.replace(ctx, kv_ln_stats=_norm_stats(attn, latent, token_ids)))
+        call = functools.partial(getattr(attn, "attend_" + MODEL_PATH.get(path, path).replace("-", "_")), *args)
+        if not reads_gate_rows(config):
             if path == "naive":
                 cases.append(Case(variant, path, call, cache_bytes, attention_flops + rebuild_flops))
             else:  # absorbed: an MQA over the latent, d_c + d_r wide keys, d_c wide values
                 flops = 2 * batch * heads * max_len * (2 * d_c + d_r)
                 cases.append(Case(variant, path, _core_call(attn, q_nope, q_pe, latent, k_pe, positions)
-                                  if path == "triton-core" else call, cache_bytes, flops))
+                                  if path == "kernel-core" else call, cache_bytes, flops))
             continue
         distinct = int(token_ids.unique().numel())
         bytes_ = cache_bytes + batch * max_len * (4 + 8)  # + token ids (int32) + norm stats (2 x fp32)
-        extra = {"distinct_ids_batch": distinct}
         if path == "naive":  # gate rebuilt from the embedding row: d_e wide rows, a d_e x gate_out product each
             gate_bytes, flops = distinct * config.gate_dim * es, 2 * batch * max_len * config.gate_dim * config.gate_out_dim
         else:
             gate_bytes, flops = distinct * config.gate_out_dim * es, 0
-        flops += attention_flops + rebuild_flops * (2 if path == "triton+stats" else 1)
-        if path in ("triton", "triton+stats"):
-            call = _with_stats(attn, call, cached=path == "triton", latent=latent, token_ids=token_ids)
-        cases.append(Case(variant, path, call, bytes_ + gate_bytes, flops, extra))
-    if config.is_gated:
-        attn.build_gate_table()  # the last path set may have dropped it; gate-table and kernel need it
+        flops += attention_flops + rebuild_flops * (2 if path == "kernel+stats" else 1)
+        cases.append(Case(variant, path, call, bytes_ + gate_bytes, flops, {"distinct_ids_batch": distinct}))
     return cases
 
 
-def _with_stats(attn, call, cached: bool, latent, token_ids):
-    """EG-MLA's attend_kernel asks attn.ln_stats for the norm statistics: `cached` answers with ones
-    computed beforehand (as a cache that stores them per position would), else they are recomputed."""
-    stats = attn.ln_stats(latent, token_ids) if cached else None
+def one_layer(config, path: str, device, dtype):
+    """The attention module of a one-layer model on decode path `path` (seed 0: every path gets the same
+    weights; a module per path, so each holds only what its path precomputes)."""
+    from egmla.model import Transformer
 
-    def run():
-        if cached:
-            attn.ln_stats = lambda latent_, ids_: stats  # an instance attribute shadows the method
-        else:
-            attn.__dict__.pop("ln_stats", None)
-        return call()
-    return run
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(config.replace(n_layers=1)).to(dtype).eval()
+    model.set_decode_path(path)
+    return model.layers[0].attn
 
 
 def _core_call(attn, q_nope, q_pe, latent, k_pe, positions):
@@ -153,7 +150,7 @@ def _sdpa_case(variant: str, config, batch: int, max_len: int, device, dtype) ->
 
 
 def kernel_paths_available(device) -> str | None:
-    """None if the Triton paths can run here, else why not (they are then skipped, not faked)."""
+    """None if the kernel paths (Triton) can run here, else why not (they are then skipped, not faked)."""
     from egmla.kernels import kernel_unavailable_reason
 
     return kernel_unavailable_reason(device)

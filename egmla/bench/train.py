@@ -21,7 +21,7 @@ DEFAULT_VARIANTS = "mha,mla-kv64,egmla-kv64"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="paper-base", help="model shapes (tiny, paper-base, paper-1b)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
-                        help="comma-separated variant names from egmla.train.variants (e.g. mha,gqa4,mla-kv64)")
+                        help="comma-separated variant names from egmla.variants (e.g. mha,gqa4,mla-kv64), or 'all'")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model field for every variant, e.g. --set vocab_size=512")
     parser.add_argument("--batch", type=int, default=16, help="sequences per optimizer step (same for every variant)")
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", metavar="MD", help="write the table as Markdown here (for docs/benchmarks.md)")
 
 
-def time_variant(name: str, args, device, ids, autocast) -> dict:
+def time_variant(variant, label: str, args, device, ids, autocast) -> dict:
     """Median step time of one variant (fresh model and optimizer)."""
     import torch
 
@@ -53,9 +53,8 @@ def time_variant(name: str, args, device, ids, autocast) -> dict:
     from egmla.train.metrics import flops_per_token, peak_flops
     from egmla.train.optim import build_optimizer
     from egmla.train.trainer import token_loss
-    from egmla.train.variants import variant_config
 
-    config = variant_config(name, args.preset, **parse_overrides(args.overrides, section="model"))
+    config = variant.config(args.preset, **parse_overrides(args.overrides, section="model"))
     if args.seq_len > config.max_seq_len:
         config = config.replace(max_seq_len=args.seq_len)
     torch.manual_seed(0)
@@ -99,7 +98,7 @@ def time_variant(name: str, args, device, ids, autocast) -> dict:
     flops = flops_per_token(config, args.seq_len) * tokens
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_flops(device_name, args.peak_tflops) if device.type == "cuda" or args.peak_tflops else None
-    return {"variant": name, "name": config.variant_name(), "params": model.num_params(),
+    return {"variant": variant.name, "name": label, "params": model.num_params(),
             "params_without_gate_tables": model.num_params(False), "step_ms": 1e3 * seconds,
             "step_ms_min": 1e3 * min(times), "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
             "mfu": flops / seconds / peak if peak else None,
@@ -142,7 +141,7 @@ def main(args) -> int:
     from egmla.bench.token_ids import text_token_ids
     from egmla.configfile import parse_overrides
     from egmla.train.distributed import pick_device
-    from egmla.train.variants import variant_config
+    from egmla.variants import labels, select
 
     if min(args.batch, args.seq_len, args.steps) <= 0 or args.warmup < 0:
         raise ValueError("--batch, --seq-len and --steps must be positive, --warmup >= 0")
@@ -151,8 +150,8 @@ def main(args) -> int:
     device = pick_device(args.device)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    vocab = variant_config(names[0], args.preset, **parse_overrides(args.overrides, section="model")).vocab_size
+    variants = select(args.variants)
+    vocab = variants[0].config(args.preset, **parse_overrides(args.overrides, section="model")).vocab_size
     ids, note = text_token_ids(args.batch, args.seq_len + 1, vocab, args.text)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     settings = (f"torch {torch.__version__}, {'bf16' if use_bf16 else 'fp32'}, compile={args.compile}, preset "
@@ -161,8 +160,9 @@ def main(args) -> int:
                 f"median of {args.steps} steps after {args.warmup} warm-up, ids from {note['source']} text")
     print(f"egmla bench train: {device_name}, {settings}")
     rows = []
-    for name in names:
-        rows.append(time_variant(name, args, device, ids.long(), autocast))
+    names = labels(variants, args.preset)
+    for variant in variants:
+        rows.append(time_variant(variant, names[variant.name], args, device, ids.long(), autocast))
         print(f"  {rows[-1]['name']}: {rows[-1]['step_ms']:.1f} ms/step", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -3,7 +3,7 @@ then print a table (parameters with and without gate tables, KV elements/token, 
 tokens/s) and plot validation loss against KV-cache size.
 
 A CONFIG is a TOML file (configs/*.toml) or a variant name (mha, gqa4, mla-kv64, egmla-kv64, ...;
-see egmla.train.variants) applied to --preset. The [train] and [data] sections of the first config
+see egmla.variants) applied to --preset. The [train] and [data] sections of the first config
 (plus --set) are used for every run, so the comparison is fair by construction.
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from egmla.variants import VARIANTS
+
     parser.add_argument("configs", nargs="+", metavar="CONFIG",
-                        help="TOML files or variant names (mha, gqa4, mla-kv256, mla-kv64, mla-kv16, egmla-kv256, "
-                             "egmla-kv64, egmla-kv16, egmla-kv64-no-norm, egmla-kv64-add, egmla-kv64-latent, "
-                             "egmla-kv64-de64 ... -de2048)")
+                        help=f"TOML files or variant names ({', '.join(VARIANTS)})")
     parser.add_argument("--preset", default="tiny", help="model preset for variant names (tiny, paper-base, paper-1b)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override applied to every run, e.g. --set train.steps=200 (model.* keys too)")
@@ -29,7 +29,7 @@ def load_runs(configs: list[str], base_preset: str, overrides: list[str]):
     """[(label, RunConfig)]: each config's model, the first one's train and data sections."""
     from egmla.configfile import load_toml, merge, parse_overrides
     from egmla.train.config import RunConfig
-    from egmla.train.variants import VARIANTS, variant_config
+    from egmla.variants import VARIANTS, variant_config
 
     extra = parse_overrides(overrides)
     runs, shared = [], None

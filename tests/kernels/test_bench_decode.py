@@ -15,9 +15,10 @@ def test_bench_decode_tiny_cpu(tmp_path):
     assert code == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
-    from egmla.bench.decode_cases import PATHS
-
-    assert {(r["variant"], r["path"]) for r in rows} == {(v, p) for v, paths in PATHS.items() for p in paths}
+    expected = {("MHA", "sdpa"), ("GQA-4", "sdpa")} | {(f"MLA kv{r}", p) for r in (64, 256) for p in (
+        "naive", "absorbed", "kernel", "kernel-core")} | {("EG-MLA kv64", p) for p in (
+        "naive", "gate-table", "kernel", "kernel+stats", "grouped", "grouped-plan")}
+    assert {(r["variant"], r["path"]) for r in rows} == expected
     timed = [r for r in rows if "median_us" in r]
     from egmla.kernels import kernel_unavailable_reason
 
@@ -35,5 +36,5 @@ def test_bench_decode_tiny_cpu(tmp_path):
 
 
 def test_bench_decode_rejects_unknown_variant(capsys):
-    assert egmla_main(["bench", "decode", "--device", "cpu", "--variants", "MLA kv32"]) == 2
-    assert "--variants 'MLA kv32'" in capsys.readouterr().err
+    assert egmla_main(["bench", "decode", "--device", "cpu", "--variants", "mla-kv32"]) == 2
+    assert "--variants: variant 'mla-kv32': unknown" in capsys.readouterr().err
