@@ -20,8 +20,8 @@ look at the trends, not the paper-base reproduction.
 A run whose full config (model, train, data) equals one already finished in --work is not trained again:
 its row and metrics are reused (the full EG-MLA kv64 model appears in every group).
 
-Writes to --out (default $OUT): <group>.json (the compare rows plus every run's metrics.jsonl records),
-<group>.png (validation loss vs KV elements/token) and <group>-curves.png (validation loss vs tokens); with
+Writes to --out (default repro_out/): <group>.json (the compare rows, every run's config and its validation
+records from metrics.jsonl: what experiments/report.py reads; the per-step log stays in --work), <group>.png (validation loss vs KV elements/token) and <group>-curves.png (validation loss vs tokens); with
 --only, <group>.part-<names>.json etc., which experiments/report.py merges with the other parts.
 Checkpoints stay in --work. The python-source corpus and its tokenizer are built inside the call.
 """
@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="optimizer steps per run, the token budget (default: 800 at paper-base, 400 cpu-pilot)")
     parser.add_argument("--only", default="", help="comma-separated subset of the group's configs")
     parser.add_argument("--seeds", default="1,2", help="seeds for the 'seeds' group")
-    parser.add_argument("--out", default=os.environ.get("OUT", "repro_out"))
+    parser.add_argument("--out", default="repro_out", help="results folder (the group files)")
     parser.add_argument("--work", default="/tmp/egmla-repro")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--preset-override", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     # a part of a group gets its own file (GROUP.part-NAME_NAME.json: names the device tool brings back); experiments/report.py merges the parts
     stem = args.group + (f".part-{'_'.join(names)}" if args.only else "")
     started = time.perf_counter()
-    rows, curves = [], {}
+    rows, curves, configs = [], {}, {}
     for label, run in plan:
         key = hashlib.sha256(json.dumps(dataclasses.asdict(run) | {"name": ""}, sort_keys=True,
                                         default=str).encode()).hexdigest()[:16]
@@ -135,10 +134,11 @@ def main(argv: list[str] | None = None) -> int:
             finished = {"row": row, "metrics": metrics, "config": dataclasses.asdict(run)}
             atomic_write_json(done, finished)
         rows.append(finished["row"])
-        curves[label] = finished["metrics"]
+        curves[label] = validation_records(finished["metrics"])
+        configs[label] = finished["config"]
         atomic_write_json(out / f"{stem}.json", {"group": args.group, "scale": args.scale, "rows": rows,
-                                                       "metrics": curves, "wall_s": time.perf_counter() - started,
-                                                       "command": " ".join(sys.argv)})
+                                                 "metrics": curves, "configs": configs,
+                                                 "wall_s": time.perf_counter() - started, "command": " ".join(sys.argv)})
     print("\n" + format_table(rows))
     plot_comparison(rows, out / f"{stem}.png", f"{args.group}: validation loss vs KV cache")
     plot_curves({"rows": rows, "metrics": curves}, out / f"{stem}-curves.png",
@@ -146,14 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def with_scale_model(run, config_path: str, changes: dict):
-    """Apply a scale's model changes: 'field' for every config that leaves the field to the preset (gate_dim
-    for EG-MLA only), 'config.field' for that config alone."""
-    import tomllib
+def validation_records(records: list[dict]) -> list[dict]:
+    """What a group file keeps of a run's metrics.jsonl: the validation records (the loss curve; the last one
+    is the run's last step). The per-step training log, 50-100x larger, stays in the run directory."""
+    return [r for r in records if r.get("kind") == "val"]
 
-    with open(config_path, "rb") as f:
-        written = tomllib.load(f).get("model", {})
+
+def with_scale_model(run, config_path: str, changes: dict):
+    """Apply a scale's model changes: 'field' for every config whose variant (egmla.variants) leaves the field
+    to the preset (gate_dim for EG-MLA only), 'config.field' for that config alone."""
+    from egmla.variants import variant
+
     name, values = Path(config_path).stem, {}
+    written = variant(name).overrides
     for key, value in changes.items():
         if "." in key:
             config, field = key.split(".", 1)

@@ -215,6 +215,8 @@ def plot_kv_vs_loss(rows: list[dict], path: Path, title: str) -> None:
 
 
 def plot_curves(group: dict, path: Path, title: str) -> None:
+    """Validation loss against training tokens, every run of a group. A run validates at its last step, so
+    its tokens per step = its tokens / the largest step recorded."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     tokens_per_step = {r["name"]: r["tokens"] // max(1, max((m.get("step", 0) for m in group["metrics"][r["name"]]),
@@ -250,12 +252,8 @@ def plot_de_sweep(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="folder of group files (e.g. experiments/results/cpu-pilot)")
-    parser.add_argument("--plots", type=Path, help="write tables.md and the PNGs here (e.g. docs/results/NAME)")
-    args = parser.parse_args(argv)
-    groups = load_groups(args.results)
+def tables(groups: dict[str, dict]) -> str:
+    """The Markdown of every group's table, with the commands, token budgets and devices behind it."""
     sections = []
     describe = {"table1": ("Table 1 analogue", table1), "ablations": ("Gate ablations at kv64", ablations),
                 "de-sweep": ("Embedding size d_e at kv64", de_sweep), "latent": ("Gate placement at kv64", latent)}
@@ -272,7 +270,16 @@ def main(argv: list[str] | None = None) -> int:
                             + render(group["rows"]))
     if "seeds" in groups:
         sections.append("### Seeds: EG-MLA kv64 vs MLA kv256\n\n" + seeds_table(groups))
-    text = "\n\n".join(sections) + "\n"
+    return "\n\n".join(sections) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="folder of group files (e.g. experiments/results/cpu-pilot)")
+    parser.add_argument("--plots", type=Path, help="write tables.md and the PNGs here (e.g. docs/results/NAME)")
+    args = parser.parse_args(argv)
+    groups = load_groups(args.results)
+    text = tables(groups)
     print(text)
     if args.plots:
         args.plots.mkdir(parents=True, exist_ok=True)

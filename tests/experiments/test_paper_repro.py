@@ -28,6 +28,8 @@ def test_groups_run_reuse_and_report(tmp_path, capsys):
     assert [r["name"] for r in latent["rows"]] == ["egmla-kv64-seed0", "egmla-kv64-latent-seed0"]
     assert all(math.isfinite(r["final_val_loss"]) and r["scale"] == "cpu-pilot" for r in latent["rows"])
     assert {r["gate_dim"] for r in latent["rows"]} == {512}  # the pilot's d_e, not the tiny preset's 256
+    assert latent["configs"]["egmla-kv64-latent-seed0"]["model"]["gate_placement"] == "latent"
+    assert {m["kind"] for curve in latent["metrics"].values() for m in curve} == {"val"}  # no per-step log
     assert (out / "latent.png").is_file() and (out / "latent-curves.png").is_file()
     capsys.readouterr()
 
@@ -48,6 +50,22 @@ def test_groups_run_reuse_and_report(tmp_path, capsys):
     assert f"{ours['egmla-kv64-add-seed0']:.4f}" in add_row and "3.1901" in add_row  # ours beside the paper's
     assert f"{ours['egmla-kv64-add-seed0'] - ours['egmla-kv64-seed0']:+.4f}" in add_row
     assert any(line.startswith("| egmla-kv64-no-norm |") and "3.2573" in line for line in tables.splitlines())
+
+
+@pytest.mark.parametrize("name", ["cpu-pilot", "paper-base", "paper-base-long"])
+def test_committed_records_give_the_committed_tables(name):
+    """The group files in git are compact (rows, validation curves) and still give docs/results' tables."""
+    folder = ROOT / "experiments" / "results" / name
+    assert report.tables(report.load_groups(folder)) == (ROOT / "docs" / "results" / name / "tables.md").read_text()
+    for path in folder.glob("*.json"):
+        curves = json.loads(path.read_text())["metrics"].values()
+        assert {record["kind"] for curve in curves for record in curve} == {"val"}, path
+
+
+def test_groups_are_registered_variants():
+    from egmla.variants import VARIANTS
+
+    assert {name for names in paper_repro.GROUPS.values() for name in names} <= set(VARIANTS)
 
 
 def test_report_refuses_an_empty_folder(tmp_path):
