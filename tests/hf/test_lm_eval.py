@@ -2,6 +2,7 @@
 checked against direct computation with our model and against lm-eval's own `hf` backend.
 
 lm-eval is a dev dependency: if it is missing these tests fail (they must not skip)."""
+import logging
 import math
 import subprocess
 import sys
@@ -130,3 +131,10 @@ def test_lm_eval_command_line_with_egmla_registered(make_run, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "egmla_mc" in done.stdout and "acc" in done.stdout
     assert list(tmp_path.rglob("results_*.json"))
+
+
+def test_local_task_configs_leave_lm_eval_nothing_to_guess(tasks_dir, caplog):
+    """Every metric names its aggregation and direction, so lm-eval prints no "is defined, but" warnings."""
+    with caplog.at_level(logging.WARNING):
+        tasks = TaskManager(include_path=str(tasks_dir), include_defaults=False).load(TASKS)
+    assert tasks and not [r.getMessage() for r in caplog.records if "is defined, but" in r.getMessage()]
