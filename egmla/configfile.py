@@ -2,7 +2,7 @@
 
 A file has sections, e.g. [model] (ModelConfig fields, plus `preset = "paper-base"`) and [train];
 `--set model.kv_lora_rank=16` or `--set train.steps=100` overrides a field. Values parse as TOML
-literals (numbers, booleans, quoted strings); anything that does not parse is taken as a string.
+literals (numbers, booleans, quoted strings; True/False too); anything else is taken as a string.
 
 A top-level `extends = "base/paper-base.toml"` (a path relative to the file, or a list of them) reads
 those files first and merges this file's values over them, table by table; bases may extend others.
@@ -16,6 +16,8 @@ EXTENDS = "extends"
 
 
 def parse_value(text: str):
+    if text in ("True", "False"):  # Python's spelling of TOML's true / false
+        return text == "True"
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:

@@ -5,13 +5,19 @@ everything else JSON (the trainer's optimizer state uses torch.load(weights_only
       config.json                 {"format_version": 1, "model": {ModelConfig}, "train": {...}, "data": {...}}
       tokenizer.json              a `tokenizers` byte-level BPE
       checkpoints/step_00000100/  model.safetensors, manifest.json (sha256 of every file), ... (trainer state)
-      model.safetensors           optional: final/exported weights (used when there is no checkpoint)
+      model.safetensors           optional: final weights (tried after every checkpoint), beside a manifest.json
+
+Every weights file carries its ModelConfig in its safetensors metadata and is loaded only through
+`find_checkpoint`: checksums verified, manifest names confined to their folder, config and tokenizer
+compared with the run's, the newest good checkpoint used unless one is named.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,6 +28,25 @@ from egmla.model import Transformer
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+WEIGHTS_CONFIG_KEY = "egmla_model_config"  # safetensors metadata: the ModelConfig the weights belong to
+
+
+class CheckpointError(ValueError):
+    """No checkpoint that verifies and loads (or the one named is unusable); says why."""
+
+
+class StorageError(ValueError):
+    """A write failed (a full disk, a read-only folder): one line; no half-written file is left behind."""
+
+
+def storage_problem(err: BaseException) -> str | None:
+    """The one-line reason of a failed read or write (an OSError, or safetensors' I/O error), else None."""
+    if isinstance(err, OSError):
+        return f"{err.strerror or err}: {err.filename}" if err.filename else str(err.strerror or err)
+    if type(err).__name__ == "SafetensorError" and "I/O error" in str(err):
+        return str(err).split("I/O error: ", 1)[1]
+    return None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -52,8 +77,29 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def weights_metadata(config: ModelConfig) -> dict[str, str]:
+    """safetensors metadata that binds weights to the config they were trained with: the fields the
+    tensors cannot reveal (gate_op, gate_norm, rope_theta, norm_eps, ...) are checked against it on load."""
+    return {"format": "pt", WEIGHTS_CONFIG_KEY: json.dumps(config.to_dict(), sort_keys=True)}
+
+
+def config_mismatch(weights_path: str | Path, config: dict) -> str | None:
+    """None if the weights' recorded model config (if any) equals `config`, else which fields differ."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_path), "pt") as f:
+        recorded = (f.metadata() or {}).get(WEIGHTS_CONFIG_KEY)
+    if recorded is None:
+        return None  # written before the config was recorded: shapes are still checked when loading
+    recorded = ModelConfig.from_dict(json.loads(recorded)).to_dict()
+    differ = [f"{key}={config.get(key)!r} (the weights were trained with {recorded.get(key)!r})"
+              for key in sorted(set(recorded) | set(config)) if recorded.get(key) != config.get(key)]
+    return "config differs from the weights': " + ", ".join(differ) if differ else None
+
+
 def save_weights(model: Transformer, path: str | Path) -> None:
-    """safetensors, atomically; tied weights are stored once."""
+    """safetensors, atomically, with the config in its metadata and its sha256 in the folder's manifest;
+    tied weights are stored once."""
     from safetensors.torch import save_model
 
     path = Path(path)
@@ -61,35 +107,54 @@ def save_weights(model: Transformer, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_model(model, tmp)
+        save_model(model, tmp, metadata=weights_metadata(model.config))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    write_manifest(path.parent, names=[path.name])
 
 
-def write_manifest(folder: str | Path) -> None:
-    """Record the sha256 of every file in a checkpoint folder; written last, so its presence means complete."""
+def write_manifest(folder: str | Path, names: list[str] | None = None) -> None:
+    """Record the sha256 of every file in a folder (or of `names`, added to the manifest already there).
+    A checkpoint writes it last, so its presence means complete."""
     folder = Path(folder)
-    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = (read_manifest(folder) or {}) if names else {}
+    for name in names or [p.name for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST]:
+        files[name] = sha256_file(folder / name)
     atomic_write_json(folder / MANIFEST, {"format_version": FORMAT_VERSION, "files": files})
 
 
-def verify_checkpoint(folder: str | Path) -> str | None:
-    """None if the folder is complete and every checksum matches, else why not."""
-    folder = Path(folder)
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return "no manifest.json (the write did not finish)"
+def read_manifest(folder: Path) -> dict | None:
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as err:
-        return f"manifest.json unreadable: {err}"
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return files if isinstance(files, dict) else None
+
+
+def verify_checkpoint(folder: str | Path, required: tuple[str, ...] = (WEIGHTS,)) -> str | None:
+    """None if the folder is complete and every checksum matches, else why not. Every file the manifest
+    names must be a plain file of this folder (no '..', no absolute path, no link leading out), and
+    `required` files must be among them: nothing is read unverified."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return "no manifest.json (the write did not finish)"
+    files = read_manifest(folder)
+    if files is None:
+        return "manifest.json unreadable"
+    root = folder.resolve()
     for name, digest in files.items():
-        if not (folder / name).is_file():
+        path = folder / name
+        if name != Path(name).name or name in ("", ".", "..") or path.resolve().parent != root:
+            return f"manifest.json names {name!r}, which is not a file of this folder"
+        if not path.is_file():
             return f"{name} missing"
-        if sha256_file(folder / name) != digest:
+        if sha256_file(path) != digest:
             return f"{name} checksum mismatch (corrupt or truncated)"
+    for name in required:
+        if name not in files:
+            return f"{name} is not in manifest.json, so it cannot be verified"
     return None
 
 
@@ -109,6 +174,73 @@ def latest_checkpoint(run_dir: str | Path, warn=print) -> Path | None:
     return None
 
 
+def _warn_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def checkpoint_problem(folder: Path, run_dir: Path, meta: dict, tokenizer_hash) -> str | None:
+    """Why `folder` cannot serve `run_dir` (None if it can): checksums, and the weights' recorded config
+    and the trainer's recorded tokenizer hash against the run's own config.json and tokenizer.json."""
+    if not folder.is_dir():
+        return "no such folder"
+    problem = verify_checkpoint(folder)
+    if problem is None:
+        problem = config_mismatch(folder / WEIGHTS, ModelConfig.from_dict(meta["model"]).to_dict())
+    if problem is None and (folder / "state.json").is_file():
+        recorded = json.loads((folder / "state.json").read_text()).get("tokenizer_sha256")
+        if recorded is not None and recorded != tokenizer_hash():
+            problem = (f"{run_dir / 'tokenizer.json'} differs from the tokenizer it was trained with; "
+                       f"restore the run's own tokenizer.json")
+    return problem
+
+
+def find_checkpoint(run_dir: str | Path, load, checkpoint: str | Path | None = None, warn=_warn_stderr,
+                    final_weights: bool = True):
+    """(folder, load(folder)) for the checkpoint to use: the one rule of resume, generate, export and the
+    transformers/lm-eval adapters.
+
+    Named explicitly (`checkpoint`): that folder, or a ValueError saying why not. Otherwise the newest
+    checkpoint that verifies (checkpoint_problem) and loads; a bad one is reported with `warn` and the
+    previous one tried; RUN/model.safetensors comes last (if `final_weights`)."""
+    run_dir = Path(run_dir)
+    meta = read_run_config(run_dir)
+    tokenizer_hash = functools.cache(lambda: _tokenizer_hash(run_dir))
+
+    def attempt(folder: Path):
+        problem = checkpoint_problem(folder, run_dir, meta, tokenizer_hash)
+        if problem is not None:
+            return None, problem
+        try:
+            return (folder, load(folder)), None
+        except Exception as err:  # verified, yet does not load (wrong shapes, an unreadable file): say why
+            return None, f"does not load: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+
+    if checkpoint is not None:
+        found, problem = attempt(Path(checkpoint))
+        if found is None:
+            raise CheckpointError(f"--checkpoint {str(checkpoint)!r}: {problem}")
+        return found
+    candidates = list(reversed(list_checkpoints(run_dir)))
+    if final_weights and (run_dir / WEIGHTS).is_file():
+        candidates.append(run_dir)
+    problems = []
+    for folder in candidates:
+        found, problem = attempt(folder)
+        if found is not None:
+            return found
+        problems.append(f"{folder.name}: {problem}")
+        warn(f"warning: {folder} is unusable ({problem}); trying the previous checkpoint")
+    raise CheckpointError(f"run={str(run_dir)!r}: no usable weights ("
+                          + ("; ".join(problems) or "no checkpoint and no model.safetensors") + ")")
+
+
+def _tokenizer_hash(run_dir: Path) -> str | None:
+    from egmla.data.tokenizer import tokenizer_sha256
+
+    path = run_dir / "tokenizer.json"
+    return tokenizer_sha256(load_tokenizer(run_dir)) if path.is_file() else None
+
+
 def read_run_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
@@ -122,24 +254,23 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 
 def load_model(run_dir: str | Path, device="cpu", dtype: torch.dtype | None = None,
-               checkpoint: str | Path | None = None) -> tuple[Transformer, dict]:
-    """The model of a run (latest good checkpoint, else RUN/model.safetensors) and its config.json."""
+               checkpoint: str | Path | None = None, warn=_warn_stderr) -> tuple[Transformer, dict]:
+    """The model of a run and its config.json, from the checkpoint find_checkpoint picks (verified)."""
     from safetensors.torch import load_model as st_load_model
 
     meta = read_run_config(run_dir)
     config = ModelConfig.from_dict(meta["model"])
-    weights = Path(checkpoint) / "model.safetensors" if checkpoint else None
-    if weights is None:
-        latest = latest_checkpoint(run_dir)
-        weights = latest / "model.safetensors" if latest else Path(run_dir) / "model.safetensors"
-    if not weights.is_file():
-        raise ValueError(f"run={str(run_dir)!r}: no weights found (no valid checkpoint, no model.safetensors)")
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to_empty(device=device)
-    model.tie_weights()
-    st_load_model(model, weights, device=str(device))
-    model._rebuild_buffers()
+
+    def load(folder: Path) -> Transformer:
+        with torch.device("meta"):
+            model = Transformer(config)
+        model = model.to_empty(device=device)
+        model.tie_weights()
+        st_load_model(model, folder / WEIGHTS, device=str(device))
+        model._rebuild_buffers()
+        return model
+
+    _, model = find_checkpoint(run_dir, load, checkpoint=checkpoint, warn=warn)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), meta

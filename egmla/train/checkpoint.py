@@ -1,7 +1,7 @@
 """Training checkpoints in the egmla.runs format, written atomically, the newest N kept.
 
     RUN/checkpoints/step_00000100/
-      model.safetensors   full (unsharded) weights, tied output head stored once
+      model.safetensors   full (unsharded) weights, tied output head stored once, ModelConfig in its metadata
       optimizer.pt        AdamW state keyed by parameter name (torch.save; read with weights_only=True)
       state.json          step, data position, tokens seen, lr, RNG states, tokenizer hash
       manifest.json       sha256 of every file above; written last
@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from egmla.runs import atomic_write_json, list_checkpoints, verify_checkpoint, write_manifest
+from egmla.config import ModelConfig
+from egmla.runs import (WEIGHTS, CheckpointError, atomic_write_json, find_checkpoint, list_checkpoints,
+                        weights_metadata, write_manifest)
 from egmla.train.distributed import DistInfo, barrier
 
-WEIGHTS, OPTIMIZER, STATE = "model.safetensors", "optimizer.pt", "state.json"
+OPTIMIZER, STATE = "optimizer.pt", "state.json"
 
 
 def checkpoint_folder(run_dir: str | Path, step: int) -> Path:
@@ -50,25 +52,31 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, info: DistInfo, keep: int, tie_embeddings: bool) -> Path:
-    """Write checkpoint `step` (every process calls this; rank 0 writes) and prune to the newest `keep`."""
+                    state: dict, info: DistInfo, keep: int, model_config: ModelConfig) -> Path:
+    """Write checkpoint `step` (every process calls this; rank 0 writes) and prune to the newest `keep`.
+    A failed write (a full disk) removes its temporary folder and leaves the older checkpoints as they were."""
     from safetensors.torch import save_file
 
     weights, optim_state = full_state_dicts(model, optimizer)
     final = checkpoint_folder(run_dir, step)
     if info.is_main:
         tmp = final.with_name(f".tmp-{final.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if tie_embeddings:  # the output head is the embedding: store it once, as safetensors' save_model does
-            weights.pop("tok_embeddings.weight", None)
-        save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(tmp / WEIGHTS))
-        torch.save(optim_state, tmp / OPTIMIZER)
-        atomic_write_json(tmp / STATE, {**state, "step": step, "rng": rng_state()})
-        write_manifest(tmp)
-        if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
-            shutil.rmtree(final)
-        tmp.rename(final)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            if model_config.tie_embeddings:  # the output head is the embedding: store it once, as save_model does
+                weights.pop("tok_embeddings.weight", None)
+            save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(tmp / WEIGHTS),
+                      metadata=weights_metadata(model_config))
+            torch.save(optim_state, tmp / OPTIMIZER)
+            atomic_write_json(tmp / STATE, {**state, "step": step, "rng": rng_state()})
+            write_manifest(tmp)
+            if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
+                shutil.rmtree(final)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(info)
@@ -87,25 +95,37 @@ def load_weights(folder: Path, model: nn.Module) -> None:
     load_model(model, str(folder / WEIGHTS), device=str(device))
 
 
-def load_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def read_optimizer(folder: Path) -> dict:
+    """optimizer.pt, read with weights_only=True (tensors and plain containers only, never other objects)."""
+    try:
+        return torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch's own message would suggest unpickling arbitrary objects: do not pass it on
+        raise CheckpointError(f"{OPTIMIZER} is not an optimizer state of tensors ({type(err).__name__}); egmla "
+                              f"reads it with weights_only=True only") from None
+
+
+def load_optimizer(optim_state: dict, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load the full optimizer state into an optimizer over the (possibly wrapped or sharded) model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    state = torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=True)
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    try:
+        set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise CheckpointError(f"{folder / OPTIMIZER}: does not fit this model's parameters ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); it belongs to another model") from None
 
 
-def find_resumable(run_dir: str | Path, model: nn.Module, warn=print) -> tuple[Path, dict] | None:
-    """The newest checkpoint that verifies and loads into `model` (its weights are then loaded), with
-    its state. A corrupt or truncated one is reported and the previous one tried."""
-    for folder in reversed(list_checkpoints(run_dir)):
-        problem = verify_checkpoint(folder)
-        if problem is None:
-            try:
-                state = read_state(folder)
-                load_weights(folder, model)
-                return folder, state
-            except Exception as err:  # a file that verifies but does not parse: try the previous one
-                problem = f"{type(err).__name__}: {err}"
-        warn(f"warning: checkpoint {folder} is unusable ({problem}); trying the previous one")
-    return None
+def find_resumable(run_dir: str | Path, model: nn.Module, warn=print) -> tuple[Path, dict, dict]:
+    """(folder, state, optimizer state) of the newest checkpoint that verifies and loads (its weights are
+    then in `model`): egmla.runs.find_checkpoint's rule, so an unusable one is reported and the previous tried."""
+    def load(folder: Path) -> tuple[dict, dict]:
+        state, optim_state = read_state(folder), read_optimizer(folder)
+        load_weights(folder, model)
+        return state, optim_state
+
+    try:
+        folder, (state, optim_state) = find_checkpoint(run_dir, load, warn=warn, final_weights=False)
+    except CheckpointError as err:
+        raise CheckpointError(f"--resume {str(run_dir)!r}: {str(err).split(': ', 1)[1]}; start a new run "
+                              f"instead") from None
+    return folder, state, optim_state

@@ -82,7 +82,8 @@ def default_run_dir(name: str) -> Path:
 
 
 def point_latest(run_dir: Path) -> None:
-    """runs/latest -> this run (a relative symlink), when the run lives in ./runs."""
+    """runs/latest -> this run (a relative symlink), when the run lives in ./runs. Called after each checkpoint:
+    a run that failed before its first one never takes runs/latest."""
     runs = Path("runs").resolve()
     if run_dir.resolve().parent != runs:
         return
@@ -105,14 +106,11 @@ def main(args) -> int:
     try:
         if run_dir is None:
             run_dir = broadcast_object(default_run_dir(run.name) if info.is_main else None, info)
-        if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-            raise ValueError(f"--run-dir {str(run_dir)!r}: already holds a run with checkpoints; continue it with "
-                             f"--resume {run_dir} or choose another --run-dir")
         if info.is_main:
             print(f"run directory: {run_dir}")
         started = time.perf_counter()
         try:
-            summary = train(run, run_dir, resume=resume, progress=not args.no_progress, on_ready=point_latest)
+            summary = train(run, run_dir, resume=resume, progress=not args.no_progress, on_checkpoint=point_latest)
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no new checkpoint
             print(f"\naborted; the checkpoints already in {run_dir} are intact (resume with --resume)",
                   file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import signal
 import time
@@ -17,11 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from egmla.model import Transformer
-from egmla.runs import FORMAT_VERSION, atomic_write_bytes, atomic_write_json
+from egmla.runs import (FORMAT_VERSION, StorageError, atomic_write_bytes, atomic_write_json, list_checkpoints,
+                        storage_problem)
 from egmla.train import checkpoint as ckpt
 from egmla.train.config import RunConfig
 from egmla.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, clip_grad_norm,
                                      gradient_sync, init_distributed, parallelize, per_rank)
+from egmla.train.runlock import claim_run_dir
 from egmla.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_bytes, plot_loss_curve
 from egmla.train.optim import build_optimizer, lr_at, set_lr
 
@@ -145,24 +148,37 @@ def device_label(device: torch.device) -> str:
 
 
 def train(run: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, log=print,
-          on_ready=None) -> dict:
+          on_checkpoint=None) -> dict:
     """Train `run` into run_dir (resume=True: continue from its newest good checkpoint). Returns a summary.
-    on_ready(run_dir) is called on rank 0 once the data is ready and the run directory written."""
+    The run directory is locked for the run's life (a second trainer gets a clear error). on_checkpoint(run_dir)
+    is called on rank 0 after each checkpoint is written. A file-system error (a full disk) becomes one line."""
+    run_dir = Path(run_dir)
+    info = init_distributed(run.train.device)
+    with claim_run_dir(run_dir, resume, info):
+        try:
+            return _train(run, run_dir, resume, progress, log, on_checkpoint, info)
+        except Exception as err:
+            reason = storage_problem(err)
+            if reason is None:
+                raise
+            then = (f"the checkpoints in {run_dir} are intact: free space and continue with `egmla train --resume "
+                    f"{run_dir}`" if list_checkpoints(run_dir) else "free space and start again")
+            raise StorageError(f"{reason} (training into {run_dir}); {then}") from None
+
+
+def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_checkpoint, info: DistInfo) -> dict:
     from tqdm import tqdm
 
     from egmla.data.loader import TrainBatches, WindowedTokens
     from egmla.data.tokenizer import tokenizer_sha256
 
-    run_dir, cfg = Path(run_dir), run.train
-    info = init_distributed(cfg.device)
+    cfg = run.train
     say = log if info.is_main else (lambda *_: None)
     micro_batch, accumulation = batch_layout(run, info)
     tokenizer, shards = setup_data(run, run_dir, resume, info, progress, say)
     tokenizer_hash = tokenizer_sha256(tokenizer)
     if info.is_main and not resume:
         write_run_files(run, run_dir, tokenizer)
-    if info.is_main and on_ready is not None:
-        on_ready(run_dir)
     train_windows = WindowedTokens(shards.tokens("train"), cfg.seq_len, "training")
     val_windows = WindowedTokens(shards.tokens("val"), cfg.seq_len, "validation")
 
@@ -170,14 +186,8 @@ def train(run: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     model = Transformer(run.model)  # initialised on the CPU: identical on every device and process count
     model.check_inputs = False  # ids come from our tokenizer, checked against vocab_size above
     start_step, position, resumed_from = 0, 0, None
-    if resume:
-        found = ckpt.find_resumable(run_dir, model, warn=say)
-        if found is None:
-            raise ValueError(f"--resume {str(run_dir)!r}: no usable checkpoint there; start a new run instead")
-        resumed_from, state = found
-        if state.get("tokenizer_sha256") != tokenizer_hash:
-            raise ValueError(f"--resume {str(run_dir)!r}: tokenizer.json differs from the one the checkpoint "
-                             f"was trained with; restore the run's original tokenizer.json")
+    if resume:  # weights verified and loaded; the tokenizer hash was checked against the run's tokenizer.json
+        resumed_from, state, optim_state = ckpt.find_resumable(run_dir, model, warn=say)
         if state.get("seq_len", cfg.seq_len) != cfg.seq_len:
             raise ValueError(f"train.seq_len={cfg.seq_len}: the checkpoint was trained with seq_len="
                              f"{state['seq_len']}; keep it to resume")
@@ -190,7 +200,7 @@ def train(run: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     wrapped = parallelize(model, cfg.parallel, info)
     optimizer = build_optimizer(wrapped, cfg)
     if resumed_from is not None:
-        ckpt.load_optimizer(resumed_from, wrapped, optimizer)
+        ckpt.load_optimizer(optim_state, resumed_from, wrapped, optimizer)
         ckpt.set_rng_state(state["rng"])
 
     autocast, precision = autocast_for(run, info.device)
@@ -213,8 +223,10 @@ def train(run: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
                  "epoch": batches.epoch, "lr": lr_at(max(0, step - 1), cfg), "world_size": info.world_size,
                  "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokenizer_sha256": tokenizer_hash,
                  "total_steps": cfg.steps}
-        return ckpt.save_checkpoint(run_dir, step, wrapped, optimizer, state, info, cfg.keep_checkpoints,
-                                    run.model.tie_embeddings)
+        folder = ckpt.save_checkpoint(run_dir, step, wrapped, optimizer, state, info, cfg.keep_checkpoints, run.model)
+        if info.is_main and on_checkpoint is not None:
+            on_checkpoint(run_dir)
+        return folder
 
     def validate(step: int) -> float:
         loss = evaluate(wrapped, val_windows, cfg.eval_sequences, micro_batch, autocast, info)
@@ -317,8 +329,16 @@ def train_step(model, optimizer, batches, windows, micro_batch: int, autocast, i
 def finish(run, run_dir, info, model, data_meta, step, val_loss, step_times, peak, step_flops, stop_reason,
            wall_s, say) -> dict:
     """Summary, summary.json and the loss-curve plot (rank 0)."""
-    steady = sorted(step_times[min(len(step_times) - 1, 3):]) if step_times else []  # skip warm-up steps
-    median_step = steady[len(steady) // 2] if steady else float("nan")
+    summary_path = Path(run_dir) / "summary.json"
+    if step_times:
+        steady = sorted(step_times[min(len(step_times) - 1, 3):])  # skip warm-up steps
+        median_step = steady[len(steady) // 2]
+        timings = {"median_step_s": median_step,
+                   "tokens_per_s": run.train.batch_size * run.train.seq_len / median_step,
+                   "mfu": step_flops / median_step / (peak * info.world_size) if peak else None, "train_wall_s": wall_s}
+    else:  # nothing trained in this call (a finished run resumed): keep the timings measured when it ran
+        previous = json.loads(summary_path.read_text()) if info.is_main and summary_path.is_file() else {}
+        timings = {key: previous.get(key) for key in ("median_step_s", "tokens_per_s", "mfu", "train_wall_s")}
     peak_memory, memory_measure = peak_memory_bytes(info.device)
     summary = {
         "name": run.name, "variant": run.model.variant_name(), "steps": step, "interrupted": stop_reason is not None,
@@ -328,22 +348,21 @@ def finish(run, run_dir, info, model, data_meta, step, val_loss, step_times, pea
         "val_unigram_cross_entropy": data_meta["val_unigram_cross_entropy"],
         "params": model.num_params(), "params_without_gate_tables": model.num_params(False),
         "kv_elements_per_token": run.model.kv_elements_per_token(),
-        "median_step_s": median_step, "tokens_per_s": run.train.batch_size * run.train.seq_len / median_step,
-        "mfu": step_flops / median_step / (peak * info.world_size) if peak else None,
-        "world_size": info.world_size, "device": device_label(info.device), "train_wall_s": wall_s, "run_dir": str(run_dir),
+        **timings, "world_size": info.world_size, "device": device_label(info.device), "run_dir": str(run_dir),
         "peak_memory_bytes_per_rank": [int(v) for v in per_rank(peak_memory, info)],  # a collective: all ranks
         "peak_memory_measure": memory_measure,
     }
     if info.is_main:
-        atomic_write_json(Path(run_dir) / "summary.json", summary)
+        atomic_write_json(summary_path, summary)
         plot = plot_loss_curve(Path(run_dir) / "metrics.jsonl", Path(run_dir) / "loss.png",
                                f"{run.name} ({run.model.variant_name()})", data_meta["val_unigram_cross_entropy"])
         if val_loss is not None:
             say(f"final validation loss {val_loss:.4f} nats/token (perplexity {summary['final_val_ppl']:.1f}); "
                 f"unigram baseline {data_meta['val_unigram_cross_entropy']:.4f} "
                 f"(train-token entropy {data_meta['train_unigram_entropy']:.4f})")
-        say(f"median step {median_step:.3f}s, {summary['tokens_per_s']:,.0f} tokens/s"
-            + (f", MFU {100 * summary['mfu']:.1f}%" if summary["mfu"] else "")
+        speed = (f"median step {summary['median_step_s']:.3f}s, {summary['tokens_per_s']:,.0f} tokens/s"
+                 if step_times else f"no step to train: the run is at step {step}")
+        say(speed + (f", MFU {100 * summary['mfu']:.1f}%" if step_times and summary["mfu"] else "")
             + (f"; loss curve {plot}" if plot else "") + f"; run directory {run_dir}")
     return summary
 
