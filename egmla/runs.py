@@ -97,6 +97,25 @@ def config_mismatch(weights_path: str | Path, config: dict) -> str | None:
     return "config differs from the weights': " + ", ".join(differ) if differ else None
 
 
+def record_weights_config(path: str | Path, config: ModelConfig) -> None:
+    """Add weights_metadata(config) to a safetensors file written by someone else (transformers'
+    save_pretrained), rewriting it atomically."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with safe_open(str(path), "pt") as f:
+        metadata = {**(f.metadata() or {}), **weights_metadata(config)}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_weights(model: Transformer, path: str | Path) -> None:
     """safetensors, atomically, with the config in its metadata and its sha256 in the folder's manifest;
     tied weights are stored once."""

@@ -20,10 +20,17 @@ def main(args) -> int:
     import torch
 
     from egmla.hf.export import export_deepseek, export_hf
+    from egmla.runs import StorageError, storage_problem
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     export = export_hf if args.to == "hf" else export_deepseek
-    out = export(args.run, args.out, checkpoint=args.checkpoint, dtype=dtype)
+    try:
+        out = export(args.run, args.out, checkpoint=args.checkpoint, dtype=dtype)
+    except Exception as err:  # a full disk: one line (the half-written folder is already removed)
+        reason = storage_problem(err)
+        if reason is None:
+            raise
+        raise StorageError(f"{reason} (exporting to {args.out}); nothing was written there") from None
     needs = "import egmla.hf first" if args.to == "hf" else "transformers' DeepseekV3ForCausalLM, no egmla needed"
     print(f"exported {args.run} -> {out}; load with AutoModelForCausalLM.from_pretrained({str(out)!r}) ({needs})")
     return 0

@@ -11,13 +11,16 @@ order or number of documents, and works for a corpus that is one big file.
 """
 from __future__ import annotations
 
+import codecs
 import functools
 import glob
 import hashlib
 import json
+import logging
 import lzma
 import os
 import site
+import socket
 import sysconfig
 from pathlib import Path
 from typing import Iterator
@@ -26,9 +29,14 @@ from egmla.data.config import DataConfig
 
 CHUNK_BYTES = 16 * 1024
 PYTHON_FILE_MAX_BYTES = 1 << 20  # larger .py files are mostly generated tables
+HUB_PROBE_TIMEOUT_S = 3.0  # no answer from the hub in this time: offline
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 Document = tuple[str, str]  # (stable key, text)
+
+
+class CorpusError(ValueError):
+    """A corpus problem this module has already put in one line (others are translated to one)."""
 
 
 # ---- the corpora -----------------------------------------------------------------------------
@@ -133,7 +141,7 @@ def dataset_documents(path: str, data_files: list[str] | None, config: DataConfi
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"data.corpus={config.corpus!r} needs the `datasets` library (pip install datasets); "
+        raise CorpusError(f"data.corpus={config.corpus!r} needs the `datasets` library (pip install datasets); "
                          f"'embedded' and 'python-source' work without it") from None
     kwargs = {"sample_by": "document"} if path == "text" else {}
     stream = datasets.load_dataset(path, name=config.hf_config or None, data_files=data_files,
@@ -141,7 +149,7 @@ def dataset_documents(path: str, data_files: list[str] | None, config: DataConfi
     total = 0
     for index, row in enumerate(stream):
         if config.text_field not in row:
-            raise ValueError(f"data.text_field={config.text_field!r}: {source} rows have fields "
+            raise CorpusError(f"data.text_field={config.text_field!r}: {source} rows have fields "
                              f"{sorted(row)}; set data.text_field to the one holding the text")
         text = row[config.text_field]
         if not isinstance(text, str) or not text:
@@ -152,15 +160,98 @@ def dataset_documents(path: str, data_files: list[str] | None, config: DataConfi
         yield f"{source}#{index}", text
 
 
+def check_hub_reachable(corpus: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> None:
+    """Fail in one line within seconds when the hub cannot be reached (`datasets` would retry for half a
+    minute, then print a long traceback): HF_HUB_OFFLINE set, or no TCP connection to the endpoint."""
+    import threading
+    from urllib.parse import urlparse
+
+    local = (f"train on local files instead, e.g. --set data.corpus='texts/*.txt' (.txt, .jsonl or .parquet), "
+             f"or data.corpus='embedded'")
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise ValueError(f"data.corpus={corpus!r}: HF_HUB_OFFLINE is set, so the hub cannot be read; {local}")
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    address = (endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80))
+    outcome: list = []
+
+    def probe():  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection(address, timeout=timeout_s).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(err.strerror or str(err))
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    problem = outcome[0] if outcome else f"no answer in {timeout_s:.0f} s"
+    if problem is not None:
+        raise ValueError(f"data.corpus={corpus!r}: the Hugging Face hub ({address[0]}) is not reachable "
+                         f"({problem}); {local}")
+
+
+def unreadable_file(path: Path) -> str | None:
+    """Why a local corpus file cannot be read as its suffix says (binary or non-UTF-8 text, bad JSON
+    lines, not parquet), or None. Called when `datasets` fails, to name the file."""
+    if LOCAL_BUILDERS[path.suffix] == "parquet":
+        import pyarrow.parquet
+
+        try:
+            pyarrow.parquet.read_metadata(path)
+        except Exception as err:
+            return f"{path} is not a parquet file ({str(err).splitlines()[0]})"
+        return None
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                at = offset + err.start - (len(err.object) - len(chunk))
+                return f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {at}): binary or " \
+                       f"another encoding; convert it (e.g. iconv -t utf-8) or leave it out"
+            offset += len(chunk)
+    if LOCAL_BUILDERS[path.suffix] == "json":
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except ValueError:
+                    return f"{path} line {number} is not a JSON object (a .jsonl file holds one per line)"
+    return None
+
+
+def hub_documents(config: DataConfig) -> Iterator[Document]:
+    check_hub_reachable(config.corpus)
+    try:
+        yield from dataset_documents(config.corpus[3:], None, config, source=config.corpus, max_bytes=config.max_bytes)
+    except CorpusError:
+        raise
+    except Exception as err:  # a missing dataset, a dropped connection: one line, not datasets' traceback
+        raise ValueError(f"data.corpus={config.corpus!r}: the hub dataset could not be read ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no message'})") from None
+
+
 def local_documents(config: DataConfig) -> Iterator[Document]:
-    by_builder: dict[str, list[str]] = {}
+    by_builder: dict[str, list[Path]] = {}
     for path in resolve_local_files(config.corpus):
-        by_builder.setdefault(LOCAL_BUILDERS[path.suffix], []).append(str(path))
+        by_builder.setdefault(LOCAL_BUILDERS[path.suffix], []).append(path)
+    for builder in by_builder:  # their failures are reported below, in one line naming the file
+        logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}").setLevel(logging.CRITICAL)
     remaining = config.max_bytes
     for builder, files in sorted(by_builder.items()):
-        for key, text in dataset_documents(builder, files, config, source=builder, max_bytes=remaining):
-            remaining = remaining - len(text) if config.max_bytes else 0
-            yield key, text
+        try:
+            for key, text in dataset_documents(builder, list(map(str, files)), config, source=builder,
+                                               max_bytes=remaining):
+                remaining = remaining - len(text) if config.max_bytes else 0
+                yield key, text
+        except CorpusError:
+            raise
+        except Exception as err:  # datasets' errors (a UnicodeDecodeError too) do not say which file: find it
+            problem = next(filter(None, map(unreadable_file, files)), None)
+            raise ValueError(f"data.corpus={config.corpus!r}: "
+                             + (problem or f"reading the {builder} files failed: {str(err).splitlines()[0]}")) from None
         if config.max_bytes and remaining <= 0:
             return
 
@@ -173,7 +264,7 @@ def iter_documents(config: DataConfig) -> Iterator[Document]:
     if corpus == "python-source":
         return python_source_documents(config.max_bytes)
     if corpus.startswith("hf:"):
-        return dataset_documents(corpus[3:], None, config, source=corpus, max_bytes=config.max_bytes)
+        return hub_documents(config)
     if not corpus:
         raise ValueError("data.corpus='': empty; use 'embedded', 'python-source', a file path/glob or 'hf:NAME'")
     return local_documents(config)

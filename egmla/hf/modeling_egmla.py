@@ -13,14 +13,17 @@ real tokens, at positions 0, 1, ...), so left-padded batches give each sequence 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from egmla.hf.cache import EgmlaCache
-from egmla.hf.configuration_egmla import EgmlaConfig
+from egmla.hf.configuration_egmla import EgmlaConfig, _rename_fields
 from egmla.model import Transformer
+from egmla.runs import config_mismatch, record_weights_config
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`; we accept
 # both names and answer in the one the installed version uses (5.17, the GPU image's, says past_key_values).
@@ -77,6 +80,37 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
         model.model.load_state_dict(transformer.state_dict())
         model.model.set_decode_path(transformer.decode_path)
         return model.eval()
+
+    # ---- loading: config.json checked against the weights ------------------------------------
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained; each weights file then records this model's config in its
+        metadata (egmla.runs.weights_metadata), which from_pretrained checks config.json against."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        for path in Path(save_directory).glob("*.safetensors"):
+            record_weights_config(path, self.config.to_model_config())
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' from_pretrained, refusing a config that does not describe the weights: a field the
+        weights' metadata records otherwise (gate_op, rope_theta, num_hidden_layers, ...; checked before
+        loading), or a weight missing, unexpected or of another shape. One ValueError naming them."""
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir():
+            config = kwargs.get("config") or EgmlaConfig.from_pretrained(folder)
+            for path in sorted(folder.glob("*.safetensors")):
+                problem = config_mismatch(path, config.to_model_config().to_dict())
+                if problem:
+                    raise ValueError(f"{path}: {_rename_fields(problem)}; use the config.json saved with "
+                                     f"these weights")
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **kwargs)
+        wrong = [f"{key.split('_')[0]}: {', '.join(map(str, info[key][:3]))}"
+                 for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)]
+        if wrong:
+            raise ValueError(f"{pretrained_model_name_or_path}: the weights do not match its config.json ("
+                             + "; ".join(wrong) + ")")
+        return (model, info) if want_info else model
 
     def to_egmla(self) -> Transformer:
         """The egmla Transformer inside (shared, not a copy)."""

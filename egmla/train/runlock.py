@@ -76,7 +76,10 @@ def read_holder(path: Path) -> dict:
 def claim_run_dir(run_dir: Path, resume: bool, info: DistInfo):
     """The run directory, held by this trainer until the block ends (rank 0 holds the lock; every process
     gets the same error). A new run may not take a folder that already holds checkpoints."""
+    created = not run_dir.exists()
     with contextlib.ExitStack() as held:
+        if info.is_main and created:  # a run that fails before writing anything leaves no empty folder
+            held.callback(remove_if_unused, run_dir)
         problem = None
         if info.is_main:
             try:
@@ -92,3 +95,11 @@ def claim_run_dir(run_dir: Path, resume: bool, info: DistInfo):
         if problem is not None:
             raise problem
         yield run_dir
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """Remove a run folder that holds nothing but its lock file (called once the lock is released)."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
+        (run_dir / LOCK_NAME).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
