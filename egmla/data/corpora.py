@@ -143,6 +143,8 @@ def dataset_documents(path: str, data_files: list[str] | None, config: DataConfi
     except ImportError:
         raise CorpusError(f"data.corpus={config.corpus!r} needs the `datasets` library (pip install datasets); "
                          f"'embedded' and 'python-source' work without it") from None
+    if data_files is None:  # a hub dataset
+        check_hub_reachable(config.corpus)
     kwargs = {"sample_by": "document"} if path == "text" else {}
     stream = datasets.load_dataset(path, name=config.hf_config or None, data_files=data_files,
                                    split=config.hf_split, streaming=True, **kwargs)
@@ -161,7 +163,7 @@ def dataset_documents(path: str, data_files: list[str] | None, config: DataConfi
 
 
 def check_hub_reachable(corpus: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> None:
-    """Fail in one line within seconds when the hub cannot be reached (`datasets` would retry for half a
+    """Raise CorpusError in one line within seconds when the hub cannot be reached (`datasets` would retry for half a
     minute, then print a long traceback): HF_HUB_OFFLINE set, or no TCP connection to the endpoint."""
     import threading
     from urllib.parse import urlparse
@@ -169,7 +171,7 @@ def check_hub_reachable(corpus: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> 
     local = (f"train on local files instead, e.g. --set data.corpus='texts/*.txt' (.txt, .jsonl or .parquet), "
              f"or data.corpus='embedded'")
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        raise ValueError(f"data.corpus={corpus!r}: HF_HUB_OFFLINE is set, so the hub cannot be read; {local}")
+        raise CorpusError(f"data.corpus={corpus!r}: HF_HUB_OFFLINE is set, so the hub cannot be read; {local}")
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     address = (endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80))
     outcome: list = []
@@ -186,7 +188,7 @@ def check_hub_reachable(corpus: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> 
     thread.join(timeout_s)
     problem = outcome[0] if outcome else f"no answer in {timeout_s:.0f} s"
     if problem is not None:
-        raise ValueError(f"data.corpus={corpus!r}: the Hugging Face hub ({address[0]}) is not reachable "
+        raise CorpusError(f"data.corpus={corpus!r}: the Hugging Face hub ({address[0]}) is not reachable "
                          f"({problem}); {local}")
 
 
@@ -223,7 +225,6 @@ def unreadable_file(path: Path) -> str | None:
 
 
 def hub_documents(config: DataConfig) -> Iterator[Document]:
-    check_hub_reachable(config.corpus)
     try:
         yield from dataset_documents(config.corpus[3:], None, config, source=config.corpus, max_bytes=config.max_bytes)
     except CorpusError:

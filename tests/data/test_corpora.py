@@ -2,6 +2,7 @@
 the hub path (the same `datasets` streaming code, checked on local files and with a stand-in loader)."""
 import json
 import sys
+import time
 
 import pytest
 
@@ -99,6 +100,9 @@ def test_local_file_errors_name_the_fix(local_files):
 def test_hub_names_stream_through_the_same_loader(monkeypatch):
     import datasets
 
+    from egmla.data import corpora
+
+    monkeypatch.setattr(corpora, "check_hub_reachable", lambda corpus: None)  # no network here: a stand-in hub
     calls = []
 
     def fake_load_dataset(path, **kwargs):
@@ -111,3 +115,48 @@ def test_hub_names_stream_through_the_same_loader(monkeypatch):
     assert [t for _, t in docs] == ["streamed row one", "streamed row two"]
     assert calls == [("HuggingFaceFW/fineweb-edu", dict(name="sample-10BT", data_files=None, split="train",
                                                         streaming=True))]
+
+
+@pytest.mark.parametrize("environment,error", [
+    ({"HF_HUB_OFFLINE": "1"}, r"HF_HUB_OFFLINE is set, so the hub cannot be read; train on local files instead"),
+    # a closed local port: refused at once, whether or not this machine has a network
+    ({"HF_ENDPOINT": "http://127.0.0.1:9"}, r"the Hugging Face hub \(127.0.0.1\) is not reachable \(.+\); "
+                                            r"train on local files instead, e.g. --set data.corpus="),
+])
+def test_hub_without_network_fails_fast_in_one_line(monkeypatch, environment, error):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=error) as raised:
+        list(iter_documents(DataConfig(corpus="hf:HuggingFaceFW/fineweb-edu")))
+    assert time.perf_counter() - started < 5 and "\n" not in str(raised.value)
+
+
+def test_a_hub_error_after_connecting_is_one_line(monkeypatch):
+    import datasets
+
+    from egmla.data import corpora
+
+    def missing(path, **kwargs):
+        raise FileNotFoundError(f"Dataset '{path}' doesn't exist on the Hub\nor cannot be accessed.")
+
+    monkeypatch.setattr(corpora, "check_hub_reachable", lambda corpus: None)
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(ValueError, match=r"^data.corpus='hf:no/such': the hub dataset could not be read "
+                                         r"\(FileNotFoundError: Dataset 'no/such' doesn't exist on the Hub\)$"):
+        list(iter_documents(DataConfig(corpus="hf:no/such")))
+
+
+@pytest.mark.parametrize("name,content,error", [
+    ("random.txt", bytes(range(128, 256)) * 8, r"random.txt is not UTF-8 text \(byte 0x80 at offset 0\)"),
+    ("latin1.txt", "First line.\nCafé au lait.\n".encode("latin-1"), r"latin1.txt is not UTF-8 text \(byte 0xe9 at offset 15\)"),
+    ("rows.jsonl", b'{"text": "fine"}\nnot json\n', r"rows.jsonl line 2 is not a JSON object"),
+    ("table.parquet", b"not parquet", r"table.parquet is not a parquet file"),
+])
+def test_an_unreadable_corpus_file_is_named(tmp_path, name, content, error):
+    (tmp_path / "good.txt").write_text("A fine document.\n")
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=error) as raised:
+        list(iter_documents(DataConfig(corpus=str(tmp_path))))
+    assert "\n" not in str(raised.value)

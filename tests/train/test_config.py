@@ -77,3 +77,50 @@ def test_variant_names_suggest_the_closest():
     assert set(VARIANTS) >= {"mha", "mla-kv64", "egmla-kv64"}
     with pytest.raises(ValueError, match="did you mean 'egmla-kv64'"):
         variant_config("egmla-kv46")
+
+
+# Each bad value the reliability issue found accepted (or crashing later), through --set, and the line it gets.
+BAD_VALUES = [
+    ("train.steps=2.5", r"train.steps=2.5: must be a valid integer"),
+    ("train.keep_checkpoints=1.5", r"train.keep_checkpoints=1.5: must be a valid integer"),
+    ("train.steps=abc", r"train.steps='abc': must be a valid integer"),
+    ('train.lr="fast"', r"train.lr='fast': must be a valid number"),
+    ("train.batch_size=8.0", r"train.batch_size=8.0: must be a valid integer"),
+    ("train.tensorboard=maybe", r"train.tensorboard='maybe': must be true or false"),
+    ("train.compile=2", r"train.compile=2: must be true or false"),
+    ("train.grad_clip=-1", r"train.grad_clip=-1: must be greater than or equal to 0"),
+    ("train.weight_decay=-5", r"train.weight_decay=-5: must be greater than or equal to 0"),
+    ("train.beta2=1.5", r"train.beta2=1.5: must be less than 1"),
+    ("train.lr=nan", r"train.lr=nan: must be greater than 0"),
+    ("train.steps.x=5", r"train.steps=\{'x': 5\}: must be a valid integer"),
+    ("model.d_model=64.5", r"d_model=64.5: must be a valid integer"),
+    ("model.n_layers=2.5", r"n_layers=2.5: must be a valid integer"),
+    ("model.init_std=-1", r"init_std=-1: must be greater than 0"),
+    ("model.norm_eps=0", r"norm_eps=0: must be greater than 0"),
+    ("model.kv_lora_rank=512", r"kv_lora_rank=512: a latent wider than d_model=256 compresses nothing"),
+    ("model.gate_op=xor", r"gate_op='xor': choose one of mul, add"),
+    ("data.val_fraction=1.0", r"data.val_fraction=1.0: must be less than 1"),
+    ("data.max_bytes=1e6", r"data.max_bytes=1000000.0: must be a valid integer"),
+]
+
+
+@pytest.mark.parametrize("override,error", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_every_bad_value_is_one_line_naming_field_value_and_what_is_allowed(override, error):
+    with pytest.raises(ValueError, match=error) as raised:
+        resolve_config(parse("--set", override))
+    assert "\n" not in str(raised.value)
+
+
+def test_python_gets_the_same_checks_as_toml_and_set():
+    from egmla.config import ModelConfig
+    from egmla.data.config import DataConfig
+    from egmla.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"^train.steps=2.5: must be a valid integer$"):
+        TrainConfig(steps=2.5)
+    with pytest.raises(ValueError, match=r"^d_model=64.5: must be a valid integer$"):
+        ModelConfig(d_model=64.5)
+    with pytest.raises(ValueError, match=r"^data.corpus=5: must be a valid string$"):
+        DataConfig(corpus=5)
+    assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)  # an int is a fine float
+    assert resolve_config(parse("--set", "train.compile=True"))[0].train.compile is True
