@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from egmla.configfile import merge
@@ -82,3 +83,20 @@ def train_losses(run_dir: Path) -> dict[int, float]:
         if record["kind"] == "train":
             losses[record["step"]] = record["loss"]
     return losses
+
+
+def start_training(config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    """`egmla train --config CONFIG --run-dir RUN_DIR` as a background process (stdout and stderr together)."""
+    return subprocess.Popen(egmla_command("train", "--config", str(config), "--run-dir", str(run_dir), "--no-progress",
+                                          *extra), env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert process.poll() is None, f"training ended early:\n{process.stdout.read()}"
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for the training subprocess")

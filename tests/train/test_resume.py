@@ -1,31 +1,12 @@
 """Exact resume: a real SIGKILL mid-run, Ctrl-C, and a corrupt newest checkpoint."""
 import json
 import signal
-import subprocess
-import time
 
 from egmla.runs import list_checkpoints
 from egmla.train.trainer import train
-from tests.train.helpers import (egmla_command, run_config, run_egmla, subprocess_env, train_losses,
-                                  write_config)
+from tests.train.helpers import run_config, run_egmla, start_training, train_losses, wait_for, write_config
 
 SLOW = dict(train=dict(steps=60, checkpoint_every=10, eval_every=30))  # long enough to be killed mid-way
-
-
-def start_training(config, run_dir):
-    return subprocess.Popen(egmla_command("train", "--config", str(config), "--run-dir", str(run_dir),
-                                          "--no-progress"), env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(predicate, process, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        assert process.poll() is None, f"training ended early:\n{process.stdout.read()}"
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting for the training subprocess")
 
 
 def test_sigkill_then_resume_reproduces_every_loss(tmp_path, cache_dir):
