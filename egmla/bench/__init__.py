@@ -1,1 +1,2 @@
-"""Speed benchmarks behind `egmla bench decode|generate|train` (results go to docs/, never into tests)."""
+"""Speed and memory benchmarks behind `egmla bench ...` (egmla/bench/cli.py lists them); their results go to
+--out and, when kept, to docs/ — never into tests."""

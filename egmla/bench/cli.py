@@ -1,12 +1,19 @@
 """`egmla bench ...`: dispatches to the sub-benchmarks.
 
-Each module provides `add_arguments(parser)` and `main(args) -> int` and imports heavy things in main."""
+Each module provides `add_arguments(parser)` and `main(args) -> int` and imports heavy things in main.
+Results go to --out (a file, or a folder under the working directory by default), never into tests."""
 import argparse
 
 BENCHMARKS = {
     "decode": ("egmla.bench.decode", "decode attention per layer: every variant and path vs its floor"),
     "generate": ("egmla.bench.generate", "end-to-end generation: tokens/s and step latency per decode path"),
+    "generate-suite": ("egmla.bench.generate_suite",
+                       "the generation table of docs/benchmarks.md: every variant and path, then gate tables offloaded"),
+    "grouped": ("egmla.bench.grouped_study", "grouped EG-MLA decode study: distinct ids per corpus, every path"),
+    "kernel-sweep": ("egmla.bench.kernel_sweep", "launch-configuration sweep of the Triton decode kernels"),
     "train": ("egmla.bench.train", "training step time and tokens/s per variant"),
+    "train-run": ("egmla.bench.train_run", "a paper-base EG-MLA kv64 training run of a few minutes, from nothing"),
+    "multigpu": ("egmla.bench.multigpu", "DDP, FSDP2 and one GPU on one global batch, and a resume across them"),
 }
 
 
@@ -23,3 +30,15 @@ def main(args) -> int:
         args.bench_parser.print_help()
         return 2
     return handler(args) or 0
+
+
+def run(name: str, argv: list[str]) -> int:
+    """`egmla bench NAME ARGV...` from Python: the benchmark's own parser and main."""
+    import importlib
+
+    from egmla.cli import ArgumentParser
+
+    module = importlib.import_module(BENCHMARKS[name][0])
+    parser = ArgumentParser(prog=f"egmla bench {name}")
+    module.add_arguments(parser)
+    return module.main(parser.parse_args(argv)) or 0

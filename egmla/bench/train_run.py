@@ -1,14 +1,15 @@
-"""One GPU call: a paper-base EG-MLA kv64 training run of several minutes, from nothing.
+"""`egmla bench train-run`: a paper-base EG-MLA kv64 training run of several minutes, from nothing, in one
+GPU call.
 
-Inside the call it collects the python-source corpus (the machine's own *.py files, no download),
-trains the 32K byte-level BPE, tokenizes, then trains configs/egmla-kv64.toml (bf16, torch.compile)
-for a fixed time budget: `train.steps = 0` sets the run's length after 20 steps so that the cosine
-schedule ends inside the budget. Everything worth keeping goes to $OUT (or --out): metrics.jsonl,
-summary.json, loss.png, TensorBoard events, config.json, tokenizer.json and gpu_train_run.json with
-timings, tokens/s and MFU. Checkpoints (GBs) stay in --work.
+It collects the python-source corpus (the machine's own *.py files, no download), trains the 32K
+byte-level BPE, tokenizes, then trains configs/egmla-kv64.toml (bf16, torch.compile) for a fixed time
+budget: `train.steps = 0` sets the run's length after 20 steps so that the cosine schedule ends inside the
+budget. Everything worth keeping goes to --out: metrics.jsonl, summary.json, loss.png, TensorBoard events,
+config.json, tokenizer.json and gpu_train_run.json with timings, tokens/s and MFU. Checkpoints (GBs) stay in
+--work.
 
-    python benchmarks/gpu_train_run.py                     # on the lent H100: ~9 minutes in all
-    python benchmarks/gpu_train_run.py --train-s 60 --max-bytes 20000000   # a quick smoke run
+    egmla bench train-run                                      # one H100: ~9 minutes in all
+    egmla bench train-run --train-s 60 --max-bytes 20000000    # a quick smoke run
 """
 from __future__ import annotations
 
@@ -16,27 +17,26 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (configs/)
 KEEP = ("metrics.jsonl", "summary.json", "loss.png", "config.json", "tokenizer.json", "tensorboard")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "egmla-kv64.toml"))
-    parser.add_argument("--out", default=os.environ.get("OUT", "gpu_train_out"), help="results folder ($OUT)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=str(ROOT / "configs" / "egmla-kv64.toml"), help="training config")
+    parser.add_argument("--out", default="bench-out/train-run", help="results folder")
     parser.add_argument("--work", default="/tmp/egmla-gpu-run", help="cache and checkpoints (large)")
     parser.add_argument("--call-budget-s", type=float, default=570, help="the whole call must end within this")
     parser.add_argument("--train-s", type=float, default=420, help="training time (shortened to fit the budget)")
     parser.add_argument("--max-bytes", type=int, default=300_000_000, help="python-source text to use")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args()
-    started = time.perf_counter()
-    sys.path.insert(0, str(ROOT))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override, e.g. --set train.lr=1e-3")
 
+
+def main(args) -> int:
+    started = time.perf_counter()
     import torch
 
     from egmla.configfile import load_toml
@@ -78,6 +78,3 @@ def main() -> int:
     print(json.dumps({k: summary[k] for k in ("steps", "final_val_loss", "tokens_per_s", "mfu", "train_wall_s")}))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

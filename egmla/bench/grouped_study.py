@@ -1,37 +1,29 @@
-"""Grouped EG-MLA decode study (DESIGN.md §4b, docs/grouped-decode.md), one layer of paper-base.
+"""`egmla bench grouped`: the grouped EG-MLA decode study (docs/design.md §4b, docs/grouped-decode.md), one
+layer of paper-base.
 
 Per text corpus (python-source, embedded English; a 32K byte-level BPE trained on each): the distinct-id
-count per context length, then per (B, T) the decode-attention time of MHA SDPA, MLA kv64 absorbed
-(Triton), EG-MLA kv64 fused rebuild (Triton, cached norm stats) and EG-MLA kv64 grouped (+ kernel
-variants, + the per-step plan), all in one run (CUDA-graph replays, do_bench median, L2 flushed), and
-a bf16 check of grouped against the fused kernel (and the fp32 reference for B <= 32).
+count per context length, then per (B, T) the decode-attention time of MHA SDPA, MLA kv64 on path kernel
+(absorbed, Triton), EG-MLA kv64 on path kernel (fused rebuild, cached norm stats) and EG-MLA kv64 grouped
+(+ launch settings of its kernels, + the per-step plan), all in one run (CUDA-graph replays, do_bench median,
+L2 flushed), and a bf16 check of grouped against the fused kernel (and the fp32 reference for B <= 32).
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_grouped.py --ids .cache/bench_ids/ids.safetensors --out grouped.json
-    python benchmarks/bench_grouped.py --ids .cache/bench_ids/ids.safetensors --ids-only      # build the ids (CPU)
-    python benchmarks/bench_grouped.py --plot grouped.json docs/grouped-decode.png        # plot a result
+    egmla bench grouped --ids .cache/bench_ids/ids.safetensors --out grouped.json
+    egmla bench grouped --ids .cache/bench_ids/ids.safetensors --ids-only      # build the ids (CPU)
+    egmla bench grouped --plot grouped.json docs/grouped-decode.png           # plot a result
 """
+from __future__ import annotations
+
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-import torch
-
-from egmla.bench.decode import copy_bandwidth_gbs, measure
-from egmla.bench.decode_cases import build_cases, kernel_paths_available
-from egmla.bench.grouped import distinct_ratios, grouped_cases, grouped_inputs
-from egmla.bench.token_ids import text_token_ids
-from egmla.config import preset
-
-VARIANTS = {"MHA": dict(attention="mha"), "MLA kv64": dict(attention="mla", kv_lora_rank=64),
-            "EG-MLA kv64": dict(attention="eg-mla", kv_lora_rank=64)}
-KERNEL_VARIANTS = {"grouped absorb only": {"stages": 1}, "grouped absorb+attend": {"stages": 2},
+STUDIED = ("mha", "mla-kv64", "egmla-kv64")  # egmla.variants names: the baseline, MLA, EG-MLA
+LAUNCH_SETTINGS = {"grouped absorb only": {"stages": 1}, "grouped absorb+attend": {"stages": 2},
                    "grouped w4": {"num_warps": 4}, "grouped keygather": {"key_gather": True}}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="paper-base", help="model shapes")
     p.add_argument("--batch", default="1,8,32,128", help="comma-separated batch sizes")
     p.add_argument("--context", default="512,4096,16384", help="comma-separated context lengths")
@@ -39,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--ids", metavar="SAFETENSORS", help="token ids per corpus: read if present, else built and saved here")
     p.add_argument("--ids-only", action="store_true", help="only build the token ids and print the distinct-id ratios")
     p.add_argument("--variant-shapes", default="32x4096,128x4096,32x16384,1x4096,8x4096",
-                   help="BxT shapes where the grouped kernel variants are also timed ('' = none)")
+                   help="BxT shapes where the grouped kernels' other launch settings are also timed ('' = none)")
     p.add_argument("--check", default="1,8,32",
                    help="batch sizes whose grouped output is also checked against the fp32 reference")
     p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke test (TRITON_INTERPRET=1, --preset tiny)")
@@ -47,11 +39,20 @@ def parse_args(argv=None):
     p.add_argument("--rep-ms", type=float, default=80.0, help="measured time per case (median of repetitions)")
     p.add_argument("--out", metavar="JSON", help="write rows and settings here")
     p.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="plot a result file (time vs context) and exit")
-    return p.parse_args(argv)
+
+
+def main(args) -> int:
+    if args.plot:
+        plot(*args.plot)
+    else:
+        run(args)
+    return 0
 
 
 def token_ids(args, texts, batch, length, vocab) -> dict:
     from safetensors.torch import load_file, save_file
+
+    from egmla.bench.token_ids import text_token_ids
 
     path = Path(args.ids) if args.ids else None
     stored = load_file(path) if path and path.is_file() else {}
@@ -69,32 +70,45 @@ def token_ids(args, texts, batch, length, vocab) -> dict:
 
 
 def check_grouped(config, batch, length, ids, device, dtype, with_reference) -> dict:
-    """bf16 grouped output vs the fused rebuild kernel on the same inputs, and vs the fp32 reference."""
-    from egmla.attention.grouped import attend_reference
+    """bf16 grouped output vs the fused rebuild kernel on the same inputs (both read the norm statistics the
+    context carries, as from a cache), and vs the fp32 reference."""
+    from egmla.bench.grouped import grouped_inputs
+    from egmla.kernels.grouped_decode_ref import grouped_decode_ref
 
-    attn, args, _ = grouped_inputs(config, batch, length, ids, device, dtype)
+    attn, args, groups = grouped_inputs(config, batch, length, ids, device, dtype)
     grouped = attn.attend_grouped(*args).float()
-    attn.ln_stats = lambda latent, kv_ids: args[-1].kv_ln_stats  # the fused kernel reads the same stats
     fused = attn.attend_kernel(*args).float()
     out = {"rel_err_vs_fused": ((grouped - fused).norm() / fused.norm()).item(), "finite": bool(grouped.isfinite().all())}
     if with_reference:
-        ref = attend_reference(attn, *(a.float() for a in args[:4]), args[-1]).float()
-        out["rel_err_vs_fp32_ref"] = ((grouped - ref).norm() / ref.norm()).item()
+        q_nope, q_pe, latent, k_pe, _, ctx = args
+        norm, fp32 = attn.gate_norm, (lambda t: None if t is None else t.float())
+        ref = grouped_decode_ref(q_nope[:, 0].float(), q_pe[:, 0].float(), latent.float(), k_pe.float(),
+                                 ctx.kv_ln_stats, groups.slots, groups.distinct_ids, ctx.positions[:, 0] + 1,
+                                 attn.build_gate_table().float(), attn.wkv_b.weight.float(),
+                                 fp32(norm.weight), fp32(getattr(norm, "bias", None)), attn.softmax_scale)
+        out["rel_err_vs_fp32_ref"] = ((grouped.view_as(ref) - ref).norm() / ref.norm()).item()
     return out
 
 
 def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, with_reference: bool) -> list[dict]:
     """Every path at one (B, T) with ids `tok` [B, T] of corpus `text`; MHA / MLA only for the first corpus."""
+    import torch
+
+    from egmla.bench.decode import measure
+    from egmla.bench.decode_cases import build_cases
+    from egmla.bench.grouped import grouped_cases
+    from egmla.variants import variant_config
+
     batch, length = tok.shape
-    config = {v: preset(args.preset, max_seq_len=length, **kw) for v, kw in VARIANTS.items()}
+    mha, mla, egmla = (variant_config(name, args.preset, max_seq_len=length) for name in STUDIED)
     cases = []
     if text == args.text.split(",")[0].strip():  # MHA / MLA do not depend on the ids
-        cases += build_cases("MHA", config["MHA"], batch, length, tok, device, dtype, ("sdpa",))
-        cases += build_cases("MLA kv64", config["MLA kv64"], batch, length, tok, device, dtype, ("triton",))
-    cases += build_cases("EG-MLA kv64", config["EG-MLA kv64"], batch, length, tok, device, dtype, ("triton",))
-    cases += grouped_cases(config["EG-MLA kv64"], batch, length, tok, device, dtype,
-                           variants=KERNEL_VARIANTS if with_variants else None)
-    check = check_grouped(config["EG-MLA kv64"], batch, length, tok, device, dtype, with_reference)
+        cases += build_cases(mha.variant_name(), mha, batch, length, tok, device, dtype, ("sdpa",))
+        cases += build_cases(mla.variant_name(), mla, batch, length, tok, device, dtype, ("kernel",))
+    cases += build_cases(egmla.variant_name(), egmla, batch, length, tok, device, dtype, ("kernel",))
+    cases += grouped_cases(egmla, batch, length, tok, device, dtype,
+                           variants=LAUNCH_SETTINGS if with_variants else None)
+    check = check_grouped(egmla, batch, length, tok, device, dtype, with_reference)
     rows = []
     for case in cases:
         row = {"text": text, "batch": batch, "context": length, "variant": case.variant, "path": case.path, **case.extra}
@@ -113,6 +127,13 @@ def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, wit
 
 
 def run(args) -> list[dict]:
+    import torch
+
+    from egmla.bench.decode import copy_bandwidth_gbs
+    from egmla.bench.decode_cases import kernel_paths_available
+    from egmla.bench.grouped import distinct_ratios
+    from egmla.config import preset
+
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batches = [int(b) for b in args.batch.split(",")]
@@ -150,6 +171,8 @@ def run(args) -> list[dict]:
 def wall_us(fn, device, repeats: int = 20) -> dict:
     """The per-step plan syncs with the host (its sizes), so it is timed as a decode step sees it: wall
     clock over back-to-back calls (no L2 flush or graph), median of 5 rounds."""
+    import torch
+
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _: None)
     fn()
     rounds = []
@@ -175,11 +198,11 @@ def _speedups(rows) -> None:
         key = (r["batch"], r["context"])
         if "median_us" not in r:
             continue
-        for name, ref in (("x_mha", ("MHA", "sdpa")), ("x_mla", ("MLA kv64", "triton"))):
+        for name, ref in (("x_mha", ("MHA", "sdpa")), ("x_mla", ("MLA kv64", "kernel"))):
             if by.get(key + ref):
                 r[name] = by[key + ref] / r["median_us"]
         fused = next((x["median_us"] for x in rows if (x["batch"], x["context"], x["text"], x["path"]) ==
-                      key + (r["text"], "triton") and x["variant"] == "EG-MLA kv64" and "median_us" in x), None)
+                      key + (r["text"], "kernel") and x["variant"] == "EG-MLA kv64" and "median_us" in x), None)
         if fused:
             r["x_fused"] = fused / r["median_us"]
 
@@ -204,8 +227,8 @@ def plot(json_path: str, png_path: str, batch: int = 32) -> None:
     data = json.loads(Path(json_path).read_text())
     rows = [r for r in data["rows"] if r["batch"] == batch and "median_us" in r]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    series = [("MHA", "sdpa", "MHA SDPA"), ("MLA kv64", "triton", "MLA kv64 absorbed (Triton)"),
-              ("EG-MLA kv64", "triton", "EG-MLA kv64 fused rebuild (Triton)"),
+    series = [("MHA", "sdpa", "MHA SDPA"), ("MLA kv64", "kernel", "MLA kv64 absorbed (Triton)"),
+              ("EG-MLA kv64", "kernel", "EG-MLA kv64 fused rebuild (Triton)"),
               ("EG-MLA kv64", "grouped", "EG-MLA kv64 grouped (Triton)")]
     for text, style in (("python-source", "-"), ("embedded", "--")):
         for variant, path, label in series:
@@ -219,10 +242,3 @@ def plot(json_path: str, png_path: str, batch: int = 32) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
 
-
-if __name__ == "__main__":
-    cli = parse_args()
-    if cli.plot:
-        plot(*cli.plot)
-        sys.exit(0)
-    run(cli)

@@ -6,12 +6,13 @@ In one command it builds the python-source corpus and its tokenizer once (cache 
 steps with `train.parallel=ddp` (a checkpoint at steps/2), the same with `train.parallel=fsdp`, the same
 global batch with `--nproc_per_node=1`, and finally resumes a copy of the DDP run from its steps/2
 checkpoint under 1 process. NVLink multicast stays off in every child (NCCL_NVLS_ENABLE=0 and friends).
-Results go to $OUT (or --out): multigpu.json (tokens/s total and per GPU, MFU, peak memory per GPU,
-scaling efficiency, loss agreement, resume check), multigpu.md (a table for docs/benchmarks.md),
-multigpu.log (the children's output) and each run's metrics.jsonl. Checkpoints (GBs) stay in --work.
+Results go to --out: multigpu.json (tokens/s total and per GPU, MFU, peak memory per GPU, scaling
+efficiency, loss agreement, resume check), multigpu.md (a table for docs/benchmarks.md), multigpu.log (the
+children's output), multigpu.png and each run's training losses and step times (metrics_RUN.jsonl, what the
+plot reads; the full metrics.jsonl stays in the run directory). Checkpoints (GBs) stay in --work.
 
-    python3 benchmarks/multigpu_run.py          # nvidia-h200-x2: about 5 minutes in all (an estimate)
-    python3 benchmarks/multigpu_run.py --device cpu --config configs/tiny.toml --steps 8 --max-bytes 300000
+    egmla bench multigpu          # 2 GPUs (2 x H200): about 5 minutes in all
+    egmla bench multigpu --device cpu --config configs/tiny.toml --steps 8 --max-bytes 300000
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/, and the children's PYTHONPATH
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 RUNS = ("ddp", "fsdp", "single", "resume")  # run directories under --work, in order
 COMPARED_STEPS = 50  # the first N training losses of the three runs are compared
@@ -38,9 +39,10 @@ DEVICE_QUERY = ("import json, torch; ok = torch.cuda.is_available(); print(json.
                 "else 'cpu'}))")
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+PLOTTED = ("kind", "step", "loss", "step_s")  # what metrics_RUN.jsonl keeps of a run's training records
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "egmla-kv64.toml"), help="training config")
     parser.add_argument("--steps", type=int, default=150,
                         help="optimizer steps per run (>= 2; the resume check restarts at steps/2); 150 steps of "
@@ -60,15 +62,11 @@ def parse_args(argv):
                              "rounding), 1e-4 on CPU (fp32)")
     parser.add_argument("--work", default="/tmp/egmla-multigpu", help="run directories (checkpoints: GBs)")
     parser.add_argument("--cache-dir", default="", help="tokenizer and shard cache (empty: WORK/cache)")
-    parser.add_argument("--out", default=os.environ.get("OUT", "multigpu_out"), help="results folder ($OUT)")
+    parser.add_argument("--out", default="bench-out/multigpu", help="results folder")
     parser.add_argument("--call-budget-s", type=float, default=570,
                         help="the whole call ends within this: a run still going then is stopped and reported")
     parser.add_argument("--plot-only", metavar="DIR", default="",
                         help="run nothing: redraw DIR/multigpu.png from the metrics_*.jsonl files in DIR")
-    args = parser.parse_args(argv)
-    if args.steps < 2 or args.nproc < 1:
-        parser.error(f"--steps={args.steps}, --nproc={args.nproc}: need at least 2 steps and 1 process")
-    return args
 
 
 def child_env(device: str) -> dict:
@@ -199,6 +197,14 @@ def resume_check(work: Path, job: dict, half: int, steps: int, rtol: float, npro
                            and difference <= rtol)}
 
 
+def write_plotted_records(metrics: Path, target: Path) -> None:
+    """The training records of a run's metrics.jsonl, with only the fields the plot reads (PLOTTED)."""
+    from egmla.train.metrics import read_metrics
+
+    lines = [json.dumps({k: r[k] for k in PLOTTED}) for r in read_metrics(metrics) if r.get("kind") == "train"]
+    target.write_text("".join(line + "\n" for line in lines))
+
+
 def plot(out: Path, resumed_at: int) -> Path | None:
     """multigpu.png: training loss and step time against step for every run (the step-time panel shows
     jitter that a median hides); the resumed run from step resumed_at + 1 on. None without matplotlib."""
@@ -275,15 +281,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(args) -> int:
+    if args.steps < 2 or args.nproc < 1:
+        raise ValueError(f"--steps={args.steps}, --nproc={args.nproc}: need at least 2 steps and 1 process")
     if args.plot_only:
         folder = Path(args.plot_only)
         resumed_at = json.loads((folder / "multigpu.json").read_text())["resume"]["checkpoint_step"]
         print(plot(folder, resumed_at) or "matplotlib is not installed")
         return 0
     started = time.monotonic()
-    sys.path.insert(0, str(ROOT))
     from egmla.configfile import load_toml
     from egmla.data import prepare_data
     from egmla.train.config import RunConfig
@@ -315,9 +321,9 @@ def main(argv=None) -> int:
     jobs = Jobs(out / "multigpu.log", env, started + args.call_budget_s - REPORT_RESERVE_S)
     config_args = ["--config", str(Path(args.config).resolve())] + [a for o in overrides for a in ("--set", o)]
     results, outputs = run_all(jobs, work, config_args, args.nproc, half)
-    for name in RUNS:  # the raw metrics first: they survive a failure in the report below
+    for name in RUNS:  # the plotted records first: they survive a failure in the report below
         if (work / name / "metrics.jsonl").is_file():
-            shutil.copy2(work / name / "metrics.jsonl", out / f"metrics_{name}.jsonl")
+            write_plotted_records(work / name / "metrics.jsonl", out / f"metrics_{name}.jsonl")
 
     rtol = args.loss_rtol or (1e-2 if device["gpus"] and args.device != "cpu" else 1e-4)
     single_speed = results["single"].get("tokens_per_s")
@@ -325,7 +331,7 @@ def main(argv=None) -> int:
                   for name in ("ddp", "fsdp") if single_speed and "tokens_per_s" in results[name]}
     report = {
         "device": device["name"], "gpus": device["gpus"], "torch": device["torch"], "nproc": args.nproc,
-        "command": shlex.join(["python3", "benchmarks/multigpu_run.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["egmla", *sys.argv[1:]]),
         "config": args.config, "overrides": overrides, "steps": args.steps, "batch_size": run.train.batch_size,
         "micro_batch_size": run.train.micro_batch_size, "seq_len": run.train.seq_len,
         "variant": run.model.variant_name(), "data": shards.meta, "data_prep_s": prep_s,
@@ -362,6 +368,3 @@ def run_all(jobs: Jobs, work: Path, config_args: list[str], nproc: int, half: in
     results["resume"] = run_result(outputs["resume"], work / "resume")
     return results, outputs
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,22 +1,21 @@
-"""One command for the generation benchmark on the lent GPU (paper-base shape, random weights):
+"""`egmla bench generate-suite`: the generation table of docs/benchmarks.md in one command (paper-base
+shape, random weights):
 
-    python benchmarks/bench_generate.py                 # ~8 min on an H100; writes docs/bench_generate.{json,md}
-    python benchmarks/bench_generate.py --quick         # CPU smoke run at `tiny` (seconds)
+    egmla bench generate-suite                      # ~8 min on an H100; writes bench-out/bench_generate.{json,md}
+    egmla bench generate-suite --out docs           # ... as docs/bench_generate.{json,md}
+    egmla bench generate-suite --quick              # CPU smoke run at `tiny` (seconds)
 
-Runs `egmla bench generate` for every attention variant and decode path at batch 1, 32 and 128
-(prompts of 2048 corpus tokens + 32 generated), then EG-MLA kv64 again with its gate tables offloaded
-to host memory, and writes the JSON and a markdown table (device name in the title) for docs/benchmarks.md.
+Runs `egmla bench generate` for every attention variant of the comparison set and every decode path at batch
+1, 32 and 128 (prompts of 2048 corpus tokens + 32 generated), then EG-MLA kv64 again with its gate tables
+offloaded to host memory, and writes the JSON and a Markdown table (device name in the title).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from egmla.cli import main as egmla_main
-
-ROOT = Path(__file__).resolve().parent.parent
+NAME = "bench_generate"  # OUT/bench_generate.json and .md
 
 
 def markdown(results: list[dict]) -> str:
@@ -44,12 +43,16 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny preset, short prompts: a CPU smoke run")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench_generate"),
-                        help="output path without extension (.json and .md are written)")
-    args = parser.parse_args()
+    parser.add_argument("--out", default="bench-out", help=f"folder for {NAME}.json and {NAME}.md")
+
+
+def main(args) -> int:
+    from egmla.bench.cli import run
+
+    out = Path(args.out) / NAME
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.quick:
         common = ["--preset", "tiny", "--batch-sizes", "1,4", "--prompt-len", "32", "--new-tokens", "16"]
         offload_batch = "4"
@@ -63,20 +66,15 @@ def main() -> int:
     ]
     results = []
     for extra, suffix in runs:
-        path = args.out + suffix
-        argv = ["bench", "generate", *common, *extra, "--json", path]
-        print("egmla " + " ".join(argv), flush=True)
-        if egmla_main(argv) != 0:
+        path = out.with_suffix(suffix)
+        argv = [*common, *extra, "--json", str(path)]
+        print("egmla bench generate " + " ".join(argv), flush=True)
+        if run("generate", argv) != 0:
             return 1
-        results.append(json.loads(Path(path).read_text()))
-    Path(args.out + ".json").write_text(json.dumps(results, indent=2) + "\n")
-    for _, suffix in runs:
-        Path(args.out + suffix).unlink()
-    Path(args.out + ".md").write_text(markdown(results))
+        results.append(json.loads(path.read_text()))
+        path.unlink()
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))
-    print(f"wrote {args.out}.json and {args.out}.md")
+    print(f"wrote {out}.json and {out}.md")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,29 +1,20 @@
-"""benchmarks/multigpu_run.py (issue 10's one-call run) on CPU: 2 gloo processes at tiny shapes, DDP,
-FSDP2 and 1 process on the same global batch, and a checkpoint saved by 2 processes resumed under 1."""
-import importlib.util
+"""`egmla bench multigpu` (issue 10's one-call run) on CPU: 2 gloo processes at tiny shapes, DDP, FSDP2
+and 1 process on the same global batch, and a checkpoint saved by 2 processes resumed under 1."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from egmla.bench import multigpu
 from egmla.runs import verify_checkpoint
 from egmla.train.distributed import DistInfo, per_rank
 from egmla.train.metrics import peak_memory_bytes
 from tests.train.helpers import subprocess_env, train_losses, write_config
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "multigpu_run.py"
 STEPS = 8
 TOLERANCE = 2e-5  # fp32 on CPU: all-reduce order and the per-process batch split change only the rounding
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("multigpu_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +22,7 @@ def result(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("multigpu")
     config = write_config(root / "run.toml", cache_dir)
     out, work = root / "out", root / "work"
-    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--config", str(config), "--steps", str(STEPS),
+    command = [sys.executable, "-m", "egmla", "bench", "multigpu", "--device", "cpu", "--config", str(config), "--steps", str(STEPS),
                "--max-bytes", "300000", "--cache-dir", str(cache_dir), "--work", str(work), "--out", str(out)]
     completed = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
@@ -56,9 +47,13 @@ def test_three_runs_and_resume_are_reported(result):
     losses = train_losses(result[2] / "single")
     assert losses[STEPS] < losses[1] - 0.3  # it trains
     table = (out / "multigpu.md").read_text()
-    assert "| DDP | 2 |" in table and "| FSDP2 | 2 |" in table and "python3 benchmarks/multigpu_run.py" in table
+    assert "| DDP | 2 |" in table and "| FSDP2 | 2 |" in table and "egmla bench multigpu --device cpu" in table
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["multigpu.json", "multigpu.md", "multigpu.log", "multigpu.png"] + [f"metrics_{n}.jsonl" for n in runs])
+    # what the plot reads of each run, and no more: one record per step with its loss and time
+    plotted = [json.loads(line) for line in (out / "metrics_single.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in plotted] == list(range(1, STEPS + 1)) and set(plotted[0]) == set(multigpu.PLOTTED)
+    assert multigpu.plot(out, 4) == out / "multigpu.png"  # --plot-only redraws from them
 
 
 def test_losses_agree_across_process_counts(result):
@@ -82,11 +77,11 @@ def test_checkpoint_from_two_processes_resumes_under_one(result):
 
 def test_checks_fail_when_they_should(result):
     """The same runs against an impossible tolerance fail; a missing step is reported, not skipped."""
-    script, work = load_script(), result[2]
-    strict = script.compare_losses(work, ["ddp", "fsdp", "single"], STEPS, rtol=1e-12)
+    work = result[2]
+    strict = multigpu.compare_losses(work, ["ddp", "fsdp", "single"], STEPS, rtol=1e-12)
     assert not strict["passed"]
-    assert script.max_relative_difference({1: 2.0}, {1: 2.0, 2: 1.0}, [1, 2]) is None
-    assert script.max_relative_difference({1: 2.2}, {1: 2.0}, [1]) == pytest.approx(0.1)
+    assert multigpu.max_relative_difference({1: 2.0}, {1: 2.0, 2: 1.0}, [1, 2]) is None
+    assert multigpu.max_relative_difference({1: 2.2}, {1: 2.0}, [1]) == pytest.approx(0.1)
 
 
 def test_peak_memory_per_rank_single_process():

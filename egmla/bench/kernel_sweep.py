@@ -1,29 +1,24 @@
-"""Tuning sweep of the Triton decode kernels (GPU): every launch configuration is checked against the
-fp32 reference (bf16, rel. error < 1e-2) and timed (CUDA-graph replays, do_bench median, L2 flushed).
+"""`egmla bench kernel-sweep`: tuning sweep of the Triton decode kernels (GPU). Every launch configuration
+is checked against the fp32 reference (bf16, rel. error < 1e-2) and timed (CUDA-graph replays, do_bench
+median, L2 flushed).
 
-    PYTHONPATH=$PWD python3 benchmarks/sweep_decode_kernels.py --out sweep.json
+    egmla bench kernel-sweep --out sweep.json
 
 Prints, per kernel and shape, the configurations from fastest to slowest; the defaults in
 egmla/kernels/*.py come from these runs (docs/kernels.md records them).
 """
+from __future__ import annotations
+
 import argparse
 import itertools
 import json
-
-import torch
-
-from egmla.bench.decode import graphed, median_us
-from egmla.bench.token_ids import text_token_ids
-from egmla.kernels.egmla_decode import egmla_decode, layernorm_stats_triton
-from egmla.kernels.egmla_decode_ref import egmla_decode_ref
-from egmla.kernels.mla_decode import mla_decode
-from egmla.kernels.mla_decode_ref import mla_decode_ref
-from egmla.kernels.split_combine import choose_num_splits
 
 HEADS, D_N, D_R, D_V, VOCAB = 12, 64, 64, 64, 32768
 
 
 def timed(fn, check, device) -> dict:
+    from egmla.bench.decode import graphed, median_us
+
     try:
         err = check(fn())
         run = graphed(fn)[0] if device.type == "cuda" else fn
@@ -42,6 +37,12 @@ def rel(out, ref):
 
 
 def sweep_mla(batch, length, d_c, device):
+    import torch
+
+    from egmla.kernels.mla_decode import mla_decode
+    from egmla.kernels.mla_decode_ref import mla_decode_ref
+    from egmla.kernels.split_combine import choose_num_splits
+
     q_latent = torch.randn(batch, HEADS, d_c, device=device, dtype=torch.bfloat16)
     q_pe = torch.randn(batch, HEADS, D_R, device=device, dtype=torch.bfloat16)
     latent = torch.randn(batch, length, d_c, device=device, dtype=torch.bfloat16)
@@ -64,6 +65,12 @@ def sweep_mla(batch, length, d_c, device):
 
 
 def sweep_egmla(batch, length, ids, device):
+    import torch
+
+    from egmla.kernels.egmla_decode import egmla_decode, layernorm_stats_triton
+    from egmla.kernels.egmla_decode_ref import egmla_decode_ref
+    from egmla.kernels.split_combine import choose_num_splits
+
     width = HEADS * (D_N + D_V)
     g = lambda *s, m=0.0, sd=1.0: (m + sd * torch.randn(*s, device=device)).to(torch.bfloat16)
     inputs = dict(q_nope=g(batch, HEADS, D_N), q_pe=g(batch, HEADS, D_R), latent=g(batch, length, 64),
@@ -96,6 +103,8 @@ def sweep_egmla(batch, length, ids, device):
 def calibration(batch, length, device) -> list[dict]:
     """What this timing method gives for the bytes MLA kv64 must read, without any attention math:
     one tiny kernel (the fixed cost of a timed graph replay), a PyTorch sum and a copy of the cache."""
+    import torch
+
     cache = torch.randn(batch, length, 64 + D_R, device=device, dtype=torch.bfloat16)
     copy, one = torch.empty_like(cache), torch.zeros(1, device=device)
     rows = []
@@ -110,6 +119,11 @@ def calibration(batch, length, device) -> list[dict]:
 
 def profile_once(batch, length, ids, device):
     """Launch each kernel twice with its default configuration (run under ncu)."""
+    import torch
+
+    from egmla.kernels.egmla_decode import egmla_decode, layernorm_stats_triton
+    from egmla.kernels.mla_decode import mla_decode
+
     q = torch.randn(batch, HEADS, 64, device=device, dtype=torch.bfloat16)
     latent = torch.randn(batch, length, 64, device=device, dtype=torch.bfloat16)
     k_rope = torch.randn(batch, length, D_R, device=device, dtype=torch.bfloat16)
@@ -125,20 +139,26 @@ def profile_once(batch, length, ids, device):
     torch.cuda.synchronize()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default="32x4096", help="comma-separated BATCHxCONTEXT")
     parser.add_argument("--kernels", default="mla,egmla", help="mla and/or egmla")
     parser.add_argument("--top", type=int, default=8, help="configurations printed per kernel and shape")
     parser.add_argument("--out", help="JSON of every configuration")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only with TRITON_INTERPRET=1 (checks the script)")
     parser.add_argument("--profile", action="store_true", help="only launch each kernel twice (run under ncu)")
-    args = parser.parse_args()
+
+
+def main(args) -> int:
+    import torch
+
+    from egmla.bench.token_ids import text_token_ids
+
     device = torch.device(args.device)
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     ids, _ = text_token_ids(max(b for b, _ in shapes), max(t for _, t in shapes), VOCAB, "embedded")
     if args.profile:
-        return profile_once(*shapes[0], ids, device)
+        profile_once(*shapes[0], ids, device)
+        return 0
     rows = []
     for batch, length in shapes:
         if device.type == "cuda":
@@ -163,7 +183,4 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device_name, "rows": rows}, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()
+    return 0
