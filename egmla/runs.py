@@ -183,16 +183,6 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
 
 
-def latest_checkpoint(run_dir: str | Path, warn=print) -> Path | None:
-    """Newest checkpoint that verifies; a corrupt newer one is reported and skipped."""
-    for folder in reversed(list_checkpoints(run_dir)):
-        problem = verify_checkpoint(folder)
-        if problem is None:
-            return folder
-        warn(f"warning: skipping checkpoint {folder}: {problem}; using the previous one")
-    return None
-
-
 def _warn_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 

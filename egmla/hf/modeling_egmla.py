@@ -105,7 +105,7 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
                                               **kwargs)
-        wrong = [f"{key.split('_')[0]}: {', '.join(map(str, info[key][:3]))}"
+        wrong = [f"{key.split('_')[0]}: {', '.join(sorted(map(str, info[key]))[:3])}"
                  for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)]
         if wrong:
             raise ValueError(f"{pretrained_model_name_or_path}: the weights do not match its config.json ("

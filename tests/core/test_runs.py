@@ -36,9 +36,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
     newest = tmp_path / "checkpoints" / "step_00000020" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
     warnings = []
-    assert runs.latest_checkpoint(tmp_path, warn=warnings.append).name == "step_00000010"
-    assert "checksum mismatch" in warnings[0]
-    loaded, _ = runs.load_model(tmp_path)  # still loads, from step 10
+    loaded, _ = runs.load_model(tmp_path, warn=warnings.append)  # still loads, from step 10
+    assert "step_00000020 is unusable (model.safetensors checksum mismatch" in warnings[0]
     assert torch.equal(loaded.layers[0].attn.wkv_a.weight,
                        model.layers[0].attn.wkv_a.weight)
 
@@ -47,7 +46,8 @@ def test_incomplete_checkpoint_without_manifest_is_skipped(tmp_path):
     config = small_config(attention="mha")
     _write_run(tmp_path, config, Transformer(config))
     (tmp_path / "checkpoints" / "step_00000020" / "manifest.json").unlink()
-    assert runs.latest_checkpoint(tmp_path, warn=lambda m: None).name == "step_00000010"
+    folder, _ = runs.find_checkpoint(tmp_path, lambda folder: None, warn=lambda m: None)
+    assert folder.name == "step_00000010"
 
 
 def test_wrong_format_version_is_a_clear_error(tmp_path):
@@ -73,3 +73,93 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
         runs.atomic_write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left behind
+
+
+def test_a_named_checkpoint_is_verified_and_never_replaced_by_another(tmp_path):
+    config = small_config(attention="mla")
+    _write_run(tmp_path, config, Transformer(config))
+    named = tmp_path / "checkpoints" / "step_00000010"
+    weights = named / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # same size, last bytes changed
+    with pytest.raises(runs.CheckpointError, match=r"^--checkpoint '.*step_00000010': model.safetensors checksum "
+                                                   r"mismatch \(corrupt or truncated\)$"):
+        runs.load_model(tmp_path, checkpoint=named)
+    with pytest.raises(runs.CheckpointError, match=r"--checkpoint '.*nowhere': no such folder"):
+        runs.load_model(tmp_path, checkpoint=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", ["../../config.json", "/etc/hostname", "sub/model.safetensors", "outside"])
+def test_manifest_names_outside_the_checkpoint_folder_are_refused(tmp_path, name):
+    config = small_config(attention="mha")
+    _write_run(tmp_path, config, Transformer(config))
+    folder = tmp_path / "checkpoints" / "step_00000020"
+    if name == "outside":  # a link inside the folder that leads out of it
+        (folder / name).symlink_to(tmp_path / "config.json")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][name] = runs.sha256_file(tmp_path / "config.json")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert runs.verify_checkpoint(folder) == f"manifest.json names {name!r}, which is not a file of this folder"
+    warnings = []
+    runs.load_model(tmp_path, warn=warnings.append)  # falls back to step 10
+    assert "step_00000020 is unusable" in warnings[0]
+
+
+def test_weights_outside_the_manifest_are_not_read(tmp_path):
+    config = small_config(attention="mha")
+    _write_run(tmp_path, config, Transformer(config))
+    for folder in runs.list_checkpoints(tmp_path):
+        (folder / "manifest.json").write_text(json.dumps({"format_version": 1, "files": {}}))
+    with pytest.raises(runs.CheckpointError, match="model.safetensors is not in manifest.json, so it cannot be verified"):
+        runs.load_model(tmp_path)
+
+
+def test_config_json_that_differs_from_the_weights_is_refused(tmp_path):
+    """gate_op changes no shape: only the config recorded in the weights' metadata can tell."""
+    config = small_config(attention="eg-mla")
+    _write_run(tmp_path, config, Transformer(config))
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["model"]["gate_op"] = "add"
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(runs.CheckpointError, match=r"gate_op='add' \(the weights were trained with 'mul'\)"):
+        runs.load_model(tmp_path)
+
+
+def test_a_wrong_shaped_newest_checkpoint_falls_back_as_resume_does(tmp_path):
+    from safetensors.torch import save_file
+
+    config = small_config(attention="mla")
+    model = Transformer(config)
+    _write_run(tmp_path, config, model)
+    newest = tmp_path / "checkpoints" / "step_00000020"
+    other = Transformer(small_config(attention="mla", d_model=32))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items() if k != "output.weight"},
+              str(newest / "model.safetensors"))  # no recorded config: only loading can tell
+    runs.write_manifest(newest)
+    warnings = []
+    loaded, _ = runs.load_model(tmp_path, warn=warnings.append)
+    assert "step_00000020 is unusable (does not load: " in warnings[0]
+    assert torch.equal(loaded.layers[0].attn.wkv_a.weight, model.layers[0].attn.wkv_a.weight)
+
+
+def test_another_runs_tokenizer_is_refused(tmp_path):
+    from tests.infer.helpers import train_tokenizer
+
+    config = small_config(attention="mla", vocab_size=300)
+    _write_run(tmp_path, config, Transformer(config))
+    train_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    for folder in runs.list_checkpoints(tmp_path):  # as the trainer records it
+        runs.atomic_write_json(folder / "state.json", {"tokenizer_sha256": "0" * 64})
+        runs.write_manifest(folder)
+    with pytest.raises(runs.CheckpointError, match="tokenizer.json differs from the tokenizer it was trained with"):
+        runs.load_model(tmp_path)
+
+
+def test_final_weights_need_their_manifest(tmp_path):
+    config = small_config(attention="mha")
+    model = Transformer(config)
+    runs.atomic_write_json(tmp_path / "config.json", {"format_version": runs.FORMAT_VERSION, "model": config.to_dict()})
+    runs.save_weights(model, tmp_path / "model.safetensors")  # writes RUN/manifest.json too
+    assert torch.equal(runs.load_model(tmp_path)[0].output.weight, model.output.weight)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(runs.CheckpointError, match=r"no usable weights \(.*: no manifest.json"):
+        runs.load_model(tmp_path)

@@ -1,0 +1,73 @@
+"""Loading is verified on the transformers side too: config.json is checked against the config the weights
+record (and against their names and shapes), and export / lm-eval read runs through egmla's verified loader."""
+import json
+import shutil
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+import egmla.hf  # noqa: F401
+from egmla.hf import EgmlaForCausalLM
+from egmla.hf.export import export_hf
+from egmla.runs import WEIGHTS_CONFIG_KEY, CheckpointError, load_model
+
+TAMPERED = [("gate_op", "add"), ("rope_theta", 500.0), ("gate_norm", "rmsnorm"), ("num_hidden_layers", 1),
+            ("rms_norm_eps", 1e-3)]
+
+
+@pytest.fixture(scope="module")
+def saved(make_run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf") / "eg-mla"
+    model, _ = load_model(make_run("eg-mla"))
+    EgmlaForCausalLM.from_egmla(model).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("field,value", TAMPERED, ids=[field for field, _ in TAMPERED])
+def test_a_tampered_config_json_is_refused_before_loading(saved, tmp_path, field, value):
+    folder = shutil.copytree(saved, tmp_path / "tampered")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=rf"config differs from the weights': {field}={value!r} \(the weights were "
+                                         rf"trained with .+\); use the config.json saved with these weights"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_the_weights_record_their_config_and_load_as_saved(saved):
+    with safe_open(str(saved / "model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()[WEIGHTS_CONFIG_KEY])["gate_op"] == "mul"
+    model, info = AutoModelForCausalLM.from_pretrained(saved, output_loading_info=True)
+    assert isinstance(model, EgmlaForCausalLM) and not any(info[key] for key in ("missing_keys", "unexpected_keys"))
+
+
+def test_weights_without_a_recorded_config_are_still_checked_by_name_and_shape(saved, tmp_path):
+    folder = shutil.copytree(saved, tmp_path / "legacy")
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})  # as saved before the record
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    with pytest.raises(ValueError, match=r"the weights do not match its config.json \(unexpected: model.layers.1"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def corrupted_copy(run, tmp_path):
+    copy = shutil.copytree(run, tmp_path / "corrupt-run")
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = bytes(4)  # one weight changed: it would load, and generate "a a a a"
+    weights.write_bytes(bytes(data))
+    return copy
+
+
+def test_export_and_lm_eval_refuse_a_corrupted_weight(make_run, tmp_path):
+    from egmla.hf.lm_eval_model import EgmlaLM
+
+    run = corrupted_copy(make_run("mla"), tmp_path)
+    with pytest.raises(CheckpointError, match=r"no usable weights \(corrupt-run: model.safetensors checksum mismatch"):
+        export_hf(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError, match="model.safetensors checksum mismatch"):
+        EgmlaLM(run=str(run), device="cpu")
