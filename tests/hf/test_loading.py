@@ -71,3 +71,21 @@ def test_export_and_lm_eval_refuse_a_corrupted_weight(make_run, tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(CheckpointError, match="model.safetensors checksum mismatch"):
         EgmlaLM(run=str(run), device="cpu")
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(make_run, tmp_path, monkeypatch):
+    import argparse
+    import errno
+
+    from egmla.commands import export
+
+    def full(self, folder, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+    monkeypatch.setattr(EgmlaForCausalLM, "save_pretrained", full)
+    args = argparse.Namespace(run=str(make_run("mla")), to="hf", out=str(tmp_path / "out"), checkpoint=None,
+                              dtype=None)
+    with pytest.raises(ValueError, match=r"^No space left on device: .* \(exporting to .*out\); nothing was "
+                                         r"written there$"):
+        export.main(args)
+    assert list(tmp_path.iterdir()) == []  # no half-written folder, no .out.*.tmp
