@@ -194,7 +194,10 @@ def checkpoint_problem(folder: Path, run_dir: Path, meta: dict, tokenizer_hash) 
         return "no such folder"
     problem = verify_checkpoint(folder)
     if problem is None:
-        problem = config_mismatch(folder / WEIGHTS, ModelConfig.from_dict(meta["model"]).to_dict())
+        try:
+            problem = config_mismatch(folder / WEIGHTS, ModelConfig.from_dict(meta["model"]).to_dict())
+        except Exception as err:  # SafetensorError: the verified file is not safetensors at all
+            problem = f"{WEIGHTS} does not load: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
     if problem is None and (folder / "state.json").is_file():
         recorded = json.loads((folder / "state.json").read_text()).get("tokenizer_sha256")
         if recorded is not None and recorded != tokenizer_hash():
