@@ -103,14 +103,17 @@ class Transformer(nn.Module):
                               device=param.device, decode_path=self.decode_path)
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                n_new: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, n_new: torch.Tensor | None = None,
+                capturable: bool = False, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, seq, vocab] for tokens [batch, seq].
 
         With a cache, sequence b's tokens go at positions cache.lengths[b] + i and its length then
-        grows by n_new[b] (default seq): positions past n_new[b] are padding, overwritten later."""
+        grows by n_new[b] (default seq): positions past n_new[b] are padding, overwritten later.
+        capturable: attend over the cache's whole max_len with no host sync and fixed shapes, so the call
+        can be captured in a CUDA graph (the generation engine's decode step); same logits.
+        logits_at [batch]: the logits of position logits_at[b] only, [batch, 1, vocab] (prefill)."""
         batch, seq = tokens.shape
-        if self.check_inputs and not torch.compiler.is_compiling():
+        if self.check_inputs and not capturable and not torch.compiler.is_compiling():
             self._check_tokens(tokens)
         if cache is None:
             if seq > self.config.max_seq_len:
@@ -120,20 +123,23 @@ class Transformer(nn.Module):
             ctx = AttnContext(tokens, positions, self.rope_cos[:seq].expand(batch, -1, -1),
                               self.rope_sin[:seq].expand(batch, -1, -1))
         else:
-            ctx = self._cached_context(tokens, cache, n_new)
+            ctx = self._cached_context(tokens, cache, n_new, capturable)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, ctx, cache.layers[i] if cache is not None else None)
+        if logits_at is not None:
+            h = h[torch.arange(batch, device=h.device), logits_at][:, None]
         logits = self.output(self.norm(h))
         if cache is not None:
             cache.advance(n_new if n_new is not None else torch.full_like(cache.lengths, seq))
         return logits
 
-    def _cached_context(self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None = None) -> AttnContext:
+    def _cached_context(self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None,
+                        capturable: bool) -> AttnContext:
         if cache.batch_size != tokens.shape[0]:
             raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch_size {cache.batch_size}: "
                              f"allocate the cache with new_cache({tokens.shape[0]})")
-        positions, kv_len = cache.positions_for(tokens.shape[1])
+        positions, kv_len = cache.positions_for(tokens.shape[1], static=capturable)
         kv_ids = None
         if cache.token_ids is not None:
             rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
@@ -143,7 +149,7 @@ class Transformer(nn.Module):
             cache.token_groups.append(tokens, positions, n_new, with_stats=self.decode_path == "grouped")
         return AttnContext(tokens, positions, self.rope_cos[positions], self.rope_sin[positions],
                            kv_len=kv_len, mask=attention_mask(positions, kv_len), kv_token_ids=kv_ids,
-                           kv_groups=cache.token_groups)
+                           kv_groups=cache.token_groups, capturable=capturable)
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dtype not in (torch.int32, torch.int64):

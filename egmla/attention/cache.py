@@ -2,16 +2,24 @@
 
 Each attention class declares what it caches per token and layer (`cache_spec`); `KVCache`
 preallocates exactly those tensors for a batch, plus the token ids once per sequence when a variant
-needs them (EG-MLA rebuilds its gates from ids). `lengths[b]` is how many positions of sequence b
-are filled; appends land at `lengths[b] + i`, so sequences of different lengths share one batch.
+needs them (EG-MLA rebuilds its gates from ids), plus the token groups of EG-MLA's decode path
+'grouped'. `lengths[b]` is how many positions of sequence b are filled; appends land at
+`lengths[b] + i`, so sequences of different lengths share one batch.
+
+The cache owns its rows: every buffer it holds is either per position ([batch, max_len, ...]) or per
+sequence ([batch]), and `select_rows`, `compact`, `grow`, `rows`, `truncate` and `reset` walk all of
+them through one method, `_map`, so a new buffer is covered everywhere by registering it once.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from egmla.config import ModelConfig
+# fn(tensor, per_position) -> tensor: how `_map` transforms one buffer
+TensorMap = Callable[[torch.Tensor, bool], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -44,9 +52,154 @@ class LayerCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers.values())
 
+    def _map(self, fn: TensorMap) -> None:
+        self.buffers = {name: fn(buffer, True) for name, buffer in self.buffers.items()}
+
+
+@dataclass
+class GroupsHostState:
+    """What the host knows of a TokenGroups without a sync (shared by every row view of one cache)."""
+
+    stats_missing: bool = False  # set when tokens were appended without norm statistics
+    # An upper bound on n_distinct.max(): exact after a prefill, +1 per decode step. Graph-captured decode
+    # sizes the grouped kernels' buffers from it instead of reading n_distinct back.
+    distinct_bound: int = 0
+    # A larger bound the generation engine sets before capturing a CUDA graph, so that one graph serves
+    # every step of a generation (the distinct ids grow while the graph replays, unseen by the host).
+    plan_distinct: int = 0
+
+
+class TokenGroups:
+    """Per sequence: the distinct token ids in order of first appearance, and each position's slot
+    (EG-MLA decode path 'grouped', docs/grouped-decode.md).
+
+    `distinct_ids[b, :n_distinct[b]]` are sequence b's distinct ids; `slots[b, t]` is the index of
+    position t's id among them, for t < lengths[b] (the positions registered so far); `counts[b, s]` is
+    how many positions slot s has and `ranks[b, t]` is position t's index among them, so positions can
+    be laid out grouped by id without sorting (offset of the slot + rank). Appends only add:
+    a decode step compares the new id with the distinct ids (no host sync), a prefill dedups its
+    chunk per sequence. Kept in the KVCache next to the token ids, shared by every layer.
+
+    Only the first n_new[b] tokens of an append are registered: right-padding of a ragged prefill is
+    not part of the sequence (it is overwritten later), so it never creates a group.
+    """
+
+    PER_POSITION = ("slots", "distinct_ids", "counts", "ranks")  # [batch, max_len] int32
+    PER_SEQUENCE = ("n_distinct", "lengths")  # [batch] int64
+
+    def __init__(self, batch_size: int, max_len: int, device=None):
+        for name in self.PER_POSITION:
+            setattr(self, name, torch.zeros(batch_size, max_len, dtype=torch.int32, device=device))
+        for name in self.PER_SEQUENCE:
+            setattr(self, name, torch.zeros(batch_size, dtype=torch.long, device=device))
+        self.host = GroupsHostState()  # shared with row views (KVCache.rows)
+        self.version = 0  # bumped on every change, so per-step plans derived from it can be memoised
+        self._plan = None  # (key, GroupedPlan): the kernels' layout, shared by all layers of a step
+
+    def plan(self, block_t: int, vocab_size: int | None = None, bounds: tuple[int, int] | None = None):
+        """The Triton kernels' per-step layout (egmla.kernels.grouped_decode.make_plan), built once per step.
+        `bounds` = (positions, distinct ids) fixes the layout's sizes without a host sync (graph capture)."""
+        key = (self.version, block_t, bounds)
+        if self._plan is None or self._plan[0] != key:
+            from egmla.kernels.grouped_decode import make_plan
+
+            self._plan = (key, make_plan(self, block_t, vocab_size, bounds))
+        return self._plan[1]
+
+    def reset(self) -> None:
+        self.counts.zero_()
+        self.n_distinct.zero_()
+        self.lengths.zero_()
+        self.host.stats_missing, self.host.distinct_bound, self.host.plan_distinct = False, 0, 0
+        self.version += 1
+
+    def nbytes(self) -> int:
+        per_position = [getattr(self, name) for name in self.PER_POSITION]  # like KVCache: no per-sequence scalars
+        return sum(t.numel() * t.element_size() for t in per_position)
+
+    def _map(self, fn: TensorMap) -> None:
+        for name in self.PER_POSITION:
+            setattr(self, name, fn(getattr(self, name), True))
+        for name in self.PER_SEQUENCE:
+            setattr(self, name, fn(getattr(self, name), False))
+        self.version += 1
+
+    def rebuild(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Register from scratch the first lengths[b] ids of token_ids [batch, >= max(lengths)] (after a crop)."""
+        self.reset()
+        width = int(lengths.max()) if lengths.numel() else 0
+        if width:
+            positions = torch.arange(width, device=lengths.device).expand(len(lengths), width)
+            self.append(token_ids[:, :width], positions, lengths)
+
+    def append(self, tokens: torch.Tensor, positions: torch.Tensor, n_new: torch.Tensor | None = None,
+               with_stats: bool = True) -> None:
+        """Register tokens [batch, seq] written at positions [batch, seq]; only the first n_new[b] count."""
+        batch, seq = tokens.shape
+        if n_new is None:
+            n_new = torch.full((batch,), seq, dtype=torch.long, device=tokens.device)
+        n_new = n_new.to(self.lengths.device, torch.long)
+        if not with_stats:
+            self.host.stats_missing = True
+        if seq == 1:
+            self._append_one(tokens[:, 0], positions[:, 0], n_new > 0)
+            self.host.distinct_bound = min(self.host.distinct_bound + 1, self.slots.shape[1])
+        else:
+            self._append_many(tokens, positions, n_new)
+        self.lengths += n_new.clamp(max=seq)
+        self.version += 1
+
+    def _append_one(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """One token per sequence, vectorised over the batch without a host sync."""
+        ids = ids.to(torch.int32)
+        known = torch.arange(self.distinct_ids.shape[1], device=ids.device)[None, :] < self.n_distinct[:, None]
+        match = (self.distinct_ids == ids[:, None]) & known
+        found = match.any(dim=1)
+        slot = torch.where(found, match.int().argmax(dim=1), self.n_distinct)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        is_new = valid & ~found
+        new_slot = torch.where(is_new, self.n_distinct, torch.zeros_like(self.n_distinct))
+        self.distinct_ids[rows, new_slot] = torch.where(is_new, ids, self.distinct_ids[rows, new_slot])
+        self.n_distinct += is_new.long()
+        write_at = torch.where(valid, positions, torch.zeros_like(positions))
+        self.slots[rows, write_at] = torch.where(valid, slot.to(torch.int32), self.slots[rows, write_at])
+        slot = torch.where(valid, slot, torch.zeros_like(slot))  # a row that appends nothing touches nothing
+        count = self.counts[rows, slot]
+        self.ranks[rows, write_at] = torch.where(valid, count, self.ranks[rows, write_at])
+        self.counts[rows, slot] = count + valid.int()
+
+    def _append_many(self, tokens: torch.Tensor, positions: torch.Tensor, n_new: torch.Tensor) -> None:
+        """A prefill chunk: per sequence, dedup [known ids; new ids] keeping first-appearance order."""
+        for b, count in enumerate(n_new.tolist()):
+            if count <= 0:
+                continue
+            known = self.distinct_ids[b, : int(self.n_distinct[b])]
+            combined = torch.cat([known, tokens[b, :count].to(torch.int32)])
+            uniq, inverse = torch.unique(combined, return_inverse=True)
+            first = torch.full((len(uniq),), len(combined), dtype=torch.long, device=combined.device)
+            first.scatter_reduce_(0, inverse, torch.arange(len(combined), device=combined.device), "amin")
+            order = first.argsort()  # known ids keep their slots: they come first, in slot order
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(len(order), device=order.device)
+            self.distinct_ids[b, : len(uniq)] = uniq[order].to(torch.int32)
+            self.n_distinct[b] = len(uniq)
+            self.host.distinct_bound = max(self.host.distinct_bound, len(uniq))
+            slots = rank[inverse[len(known):]]
+            self.slots[b, positions[b, :count]] = slots.to(torch.int32)
+            # rank among the slot's positions: those before this chunk, then order of appearance in it
+            by_slot = torch.argsort(slots, stable=True)
+            sorted_slots = slots[by_slot]
+            index = torch.arange(count, device=slots.device)
+            run_start = torch.where(torch.cat([sorted_slots.new_ones(1, dtype=torch.bool),
+                                               sorted_slots[1:] != sorted_slots[:-1]]), index, 0).cummax(0).values
+            ranks = torch.empty_like(slots)
+            ranks[by_slot] = index - run_start
+            self.ranks[b, positions[b, :count]] = (self.counts[b, slots] + ranks).to(torch.int32)
+            self.counts[b].index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
+
 
 class KVCache:
-    """The whole model's cache: per-layer tensors, per-sequence lengths and (if needed) token ids."""
+    """The whole model's cache: per-layer tensors, per-sequence lengths and (if needed) token ids and groups."""
 
     def __init__(self, specs: list[CacheSpec], batch_size: int, max_len: int,
                  dtype=torch.float32, device=None):
@@ -57,16 +210,21 @@ class KVCache:
         needs_ids = any(spec.needs_token_ids for spec in specs)
         self.token_ids = (torch.zeros(batch_size, max_len, dtype=torch.int32, device=device)
                           if needs_ids else None)
-        self.token_groups = None  # per-sequence distinct ids + slot per position, shared by all layers
-        if any(spec.needs_token_groups for spec in specs):
-            from egmla.attention.grouped import TokenGroups
+        needs_groups = any(spec.needs_token_groups for spec in specs)
+        self.token_groups = TokenGroups(batch_size, max_len, device) if needs_groups else None
 
-            self.token_groups = TokenGroups(batch_size, max_len, device)
-
-    def positions_for(self, seq_len: int) -> tuple[torch.Tensor, int]:
+    # ---- appending -------------------------------------------------------------------------
+    def positions_for(self, seq_len: int, static: bool = False) -> tuple[torch.Tensor, int]:
         """Positions [batch, seq_len] where the next `seq_len` tokens of each sequence go, and the
-        number of cached positions to attend over afterwards (one host sync per call)."""
+        number of cached positions to attend over afterwards.
+
+        static=False: that number is the longest sequence's (one host sync), checked against max_len.
+        static=True: it is max_len, with no host sync (a CUDA-graph-capturable step); positions are
+        clamped into the cache, so a row that appends nothing (n_new = 0) at a full length stays inside.
+        """
         positions = self.lengths[:, None] + torch.arange(seq_len, device=self.lengths.device)
+        if static:
+            return positions.clamp(max=self.max_len - 1), self.max_len
         end = int(positions[:, -1].max()) + 1
         if end > self.max_len:
             raise ValueError(
@@ -77,11 +235,91 @@ class KVCache:
     def advance(self, n_new: torch.Tensor) -> None:
         self.lengths += n_new.to(self.lengths.device)
 
+    # ---- rows and length: every buffer, through _map ---------------------------------------------
+    def _map(self, fn: TensorMap) -> None:
+        """Replace every buffer t by fn(t, per_position): the one place that knows them all."""
+        for layer in self.layers:
+            layer._map(fn)
+        self.lengths = fn(self.lengths, False)
+        if self.token_ids is not None:
+            self.token_ids = fn(self.token_ids, True)
+        if self.token_groups is not None:
+            self.token_groups._map(fn)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Make sequences `rows` (any order, repeats allowed) the new batch: beam search, batch expansion.
+        Allocates new storage of len(rows) rows."""
+        rows = rows.to(self.lengths.device, torch.long)
+        self._map(lambda t, _: t.index_select(0, rows))
+        self.batch_size = rows.numel()
+
+    def compact(self, rows: torch.Tensor) -> None:
+        """Keep only sequences `rows` (int64), moved to the front in place; the cache becomes a view of its
+        first len(rows) rows, so dropping finished sequences never allocates a second cache."""
+        rows = rows.to(self.lengths.device, torch.long)
+        kept = rows.numel()
+
+        def front(buffer: torch.Tensor, _) -> torch.Tensor:
+            buffer[:kept] = buffer.index_select(0, rows)
+            return buffer[:kept]
+
+        self._map(front)
+        self.batch_size = kept
+
+    def copy_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Row target[i] becomes a copy of row source[i], in place (e.g. to fill a large batch from a few
+        prefilled sequences without prefilling each)."""
+        source, target = source.to(self.lengths.device, torch.long), target.to(self.lengths.device, torch.long)
+
+        def copy_into(buffer: torch.Tensor, _) -> torch.Tensor:
+            buffer[target] = buffer.index_select(0, source)
+            return buffer
+
+        self._map(copy_into)
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache of sequences [start, stop) that shares this one's storage (appends to it land here)."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows({start}, {stop}): need 0 <= start < stop <= batch_size={self.batch_size}")
+        view = copy.copy(self)
+        view.layers = [copy.copy(layer) for layer in self.layers]
+        if self.token_groups is not None:
+            view.token_groups = copy.copy(self.token_groups)
+            view.token_groups._plan = None
+        view._map(lambda t, _: t[start:stop])
+        view.batch_size = stop - start
+        return view
+
+    def grow(self, max_len: int) -> None:
+        """Room for `max_len` positions per sequence (new storage; what is cached is kept)."""
+        if max_len <= self.max_len:
+            return
+
+        def longer(buffer: torch.Tensor, per_position: bool) -> torch.Tensor:
+            if not per_position:
+                return buffer
+            grown = buffer.new_zeros(buffer.shape[0], max_len, *buffer.shape[2:])
+            grown[:, : buffer.shape[1]] = buffer
+            return grown
+
+        self._map(longer)
+        self.max_len = max_len
+
+    def truncate(self, lengths: torch.Tensor) -> None:
+        """Shorten each sequence to lengths[b] (never longer than it is): drop the positions after it."""
+        self.lengths.copy_(torch.minimum(self.lengths, lengths.to(self.lengths.device)))
+        if self.token_groups is not None:
+            if self.token_ids is None:
+                raise ValueError("token groups need the cache's token ids to be rebuilt after a truncation")
+            self.token_groups.rebuild(self.token_ids, self.lengths)
+
     def reset(self) -> None:
+        """Empty every sequence (the storage is kept)."""
         self.lengths.zero_()
         if self.token_groups is not None:
             self.token_groups.reset()
 
+    # ---- sizes -------------------------------------------------------------------------------
     def nbytes(self) -> int:
         ids = self.token_ids.numel() * self.token_ids.element_size() if self.token_ids is not None else 0
         groups = self.token_groups.nbytes() if self.token_groups is not None else 0

@@ -17,8 +17,11 @@ class AttnContext:
     kv_len: int = 0  # cached positions to read (max over the batch, after this call's writes)
     mask: torch.Tensor | None = None  # [batch, 1, seq, kv_len] bool, True = may attend
     kv_token_ids: torch.Tensor | None = None  # [batch, kv_len] ids of all cached positions
-    kv_groups: Any = None  # TokenGroups of the cache (decode path 'grouped', egmla/attention/grouped.py)
+    kv_groups: Any = None  # the cache's TokenGroups (decode path 'grouped', egmla/attention/cache.py)
     kv_ln_stats: torch.Tensor | None = None  # [batch, kv_len, 2] this layer's cached norm stats (grouped, kernel)
+    # True in a decode step with fixed shapes and no host sync (kv_len = the cache's max_len), which a
+    # CUDA graph can capture: layers must not read device values back or size buffers from them.
+    capturable: bool = False
 
     @property
     def cached(self) -> bool:

@@ -1,4 +1,4 @@
-"""Embedding-Gated MLA (Cai & Hou, arXiv 2509.16686), DESIGN.md §1.
+"""Embedding-Gated MLA (Cai & Hou, arXiv 2509.16686), docs/design.md §1.
 
 MLA plus a token-specific gate. Per layer an embedding table E_l [vocab, d_e]; for token id i_t
 
@@ -11,24 +11,30 @@ The norm of the paper's placement covers the whole n_h·(d_n + d_v) vector, so M
 does not apply to it: decode rebuilds K/V per position. The cache still holds only c_t and k^R_t;
 the gate is recomputed from the token id, stored once per sequence.
 
-Decode paths:
+Decode paths, all in this file:
   up:      naive       recompute g = W_UE E[id] for every cached position, rebuild K/V, SDPA
            gate-table  the paper's EG-MLA-A: G = E W_UE^T precomputed once, decode gathers rows
+           kernel      Triton fused rebuild-and-attend over the gate table (egmla/kernels/egmla_decode.py);
+                       the cache also holds each position's norm statistics (mu, rho)
+           grouped     (mul; LayerNorm or RMSNorm) exact decode grouped by token id (docs/grouped-decode.md):
+                       rebuild work scales with the distinct ids of a context; the cache holds (mu, rho)
+                       and the token groups. The equations in PyTorch below (`grouped_attention`), the
+                       Triton kernels in egmla/kernels/grouped_decode.py
   latent:  naive       rebuild K/V from the cached f_t
            absorbed    MLA's absorbed decode over f_t (the gate is already inside the cache)
-  both:    kernel      Triton: up = fused rebuild-and-attend (egmla/kernels/egmla_decode.py) over the
-                       gate table, latent = MLA's absorbed decode kernel
-  up, mul, LayerNorm/RMSNorm:
-           grouped     exact decode grouped by token id (DESIGN.md §4b, egmla/attention/grouped.py): the
-                       cache also holds each position's norm statistics; rebuild work scales with distinct ids
+           kernel      MLA's absorbed decode kernel over f_t
+Prefill (several new tokens) on 'kernel' and 'grouped' takes the gate-table rebuild, which is exact and
+compute-bound there anyway; so does 'kernel' on a device Triton cannot run on (with one warning).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from egmla.attention import grouped
-from egmla.attention.cache import CacheSpec
+from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext
 from egmla.attention.mla import MultiHeadLatentAttention
 from egmla.config import ModelConfig
@@ -42,6 +48,66 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     return nn.Identity()
 
 
+def supports_grouped(config: ModelConfig) -> bool:
+    """The grouped decode needs the norm to factor per position (LayerNorm, RMSNorm) and the gate to
+    multiply (an additive gate does not factor out of W_UKV c_t); the gate must sit after W_UKV."""
+    return (config.attention == "eg-mla" and config.gate_placement == "up" and config.gate_op == "mul"
+            and config.gate_norm in ("layernorm", "rmsnorm"))
+
+
+# ---- the grouped decode's equations (docs/grouped-decode.md), in PyTorch ------------------------------------
+# Per cached position t the cache holds c_t, k^R_t and the norm statistics of x_t = (W_UKV c_t) ⊙ g_t:
+# mu_t = mean(x_t), rho_t = 1/sqrt(var(x_t) + eps). Then, exactly:
+#   a_{h,v} = W^K_h^T (gamma^K_h ⊙ q^C_h ⊙ g^K_{h,v})                                  once per distinct id v
+#   score_t = scale (rho_t (a_{h,i_t} . c_t - mu_t gamma^K_h . q^C_h) + beta^K_h . q^C_h + q^R_h . k^R_t)
+#   w_t = softmax_t(score)_t rho_t,   s_{h,v} = sum_{t: i_t = v} w_t c_t
+#   o_h = gamma^V_h ⊙ sum_v g^V_{h,v} ⊙ (W^V_h s_{h,v}) - gamma^V_h sum_t w_t mu_t + beta^V_h
+def split_heads(vector: torch.Tensor | None, n_heads: int, d_n: int, fill: float,
+                dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [..., n_h*(d_n+d_v)] vector in wkv_b's per-head [k; v] layout -> its K [..., n_h, d_n] and V parts
+    (`fill`, a scalar, for both when the vector is absent: no affine weight, or no bias)."""
+    if vector is None:
+        return fill, fill
+    per_head = vector.to(dtype).unflatten(-1, (n_heads, -1))
+    return per_head[..., :d_n], per_head[..., d_n:]
+
+
+def grouped_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                      ln_stats: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor,
+                      w_uk: torch.Tensor, w_uv: torch.Tensor, gamma: torch.Tensor | None,
+                      beta: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """docs/grouped-decode.md's equations, one line each (fp32; fp64 for fp64 inputs). Returns o [b, s, h, d_v].
+
+    q_nope [b, s, h, d_n], q_pe [b, s, h, d_r]; cache latent [b, T, d_c], k_pe [b, T, d_r],
+    ln_stats [b, T, 2] (mu, rho); slots [b, T] (index into the distinct ids), gates [b, U, h*(d_n+d_v)]
+    (gate rows of the distinct ids, per-head [k; v] layout); mask [b, s, T] (True = attend);
+    w_uk [h, d_n, d_c], w_uv [h, d_v, d_c]; gamma/beta [h*(d_n+d_v)] or None (RMSNorm: beta None)."""
+    n_heads, d_n = q_nope.shape[2], q_nope.shape[3]
+    dt = torch.promote_types(q_nope.dtype, torch.float32)
+    q, q_pe, latent, k_pe = q_nope.to(dt), q_pe.to(dt), latent.to(dt), k_pe.to(dt)
+    mu, rho = ln_stats[..., 0].to(dt)[:, None, None, :], ln_stats[..., 1].to(dt)[:, None, None, :]
+    gate_k, gate_v = split_heads(gates, n_heads, d_n, 1.0, dt)  # [b, U, h, d_n], [b, U, h, d_v]
+    gamma_k, gamma_v = split_heads(gamma, n_heads, d_n, 1.0, dt)
+    beta_k, beta_v = split_heads(beta, n_heads, d_n, 0.0, dt)
+    gq = gamma_k * q  # gamma^K ⊙ q^C  [b, s, h, d_n]
+    absorbed = torch.einsum("bshd,buhd,hdc->bshuc", gq, gate_k, w_uk.to(dt))  # a_{h,v}, once per id
+    index = slots.long().clamp(0, gates.shape[1] - 1)[:, None, None, :, None]
+    index = index.expand(*absorbed.shape[:3], -1, latent.shape[-1])  # [b, s, h, T, d_c]: the slot of t
+    content = torch.einsum("bshtc,btc->bsht", absorbed.gather(3, index), latent)  # a_{h,i_t} . c_t
+    query_bias = (beta_k * q).sum(-1) if torch.is_tensor(beta_k) else torch.zeros_like(gq[..., 0])  # beta^K . q^C
+    scores = (rho * (content - mu * gq.sum(-1)[..., None]) + query_bias[..., None]
+              + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * scale
+    visible = mask[:, :, None, :]
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).masked_fill(~visible, 0.0)
+    weights = probs.nan_to_num(0.0) * rho  # w_t = p_t rho_t; a query with nothing visible gets 0
+    sums = torch.zeros_like(absorbed).scatter_add_(3, index, weights[..., None] * latent[:, None, None])  # s_{h,v}
+    up = torch.einsum("bshuc,hdc->bshud", sums, w_uv.to(dt))  # W^V_h s_{h,v}
+    grouped = (gate_v.permute(0, 2, 1, 3)[:, None] * up).sum(3)  # sum_v g^V_{h,v} ⊙ (W^V_h s_{h,v})
+    mean_term = (weights * mu).sum(-1)[..., None]  # sum_t w_t mu_t
+    out = gamma_v * (grouped - mean_term) + beta_v
+    return out * visible.any(-1)[..., None]
+
+
 class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -49,26 +115,32 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         self.gate_embed = nn.Embedding(config.vocab_size, config.gate_dim)  # E_l
         self.wue = nn.Linear(config.gate_dim, config.gate_out_dim, bias=False)  # W_UE
         self.gate_norm = make_norm(config.gate_norm, config.gate_out_dim, config.norm_eps)
-        self.gate_table: torch.Tensor | None = None  # G_l = E_l W_UE^T, built for "gate-table"
+        self.norm_kind = config.gate_norm
+        self.gate_table: torch.Tensor | None = None  # G_l = E_l W_UE^T, built for the paths that read it
+        self.grouped_backend = "auto"  # 'grouped' one-token steps: auto (Triton on CUDA), kernel or pytorch
 
+    # ---- what the registry needs ---------------------------------------------------------
     @staticmethod
     def decode_paths(config: ModelConfig) -> tuple[str, ...]:
         if config.gate_placement == "latent":
             return ("naive", "absorbed", "kernel")
-        return ("naive", "gate-table", "kernel") + (("grouped",) if grouped.supports_grouped(config) else ())
+        return ("naive", "gate-table", "kernel") + (("grouped",) if supports_grouped(config) else ())
 
     @staticmethod
     def cache_spec(config: ModelConfig, decode_path: str = "naive") -> CacheSpec:
         spec = MultiHeadLatentAttention.cache_spec(config, decode_path)
-        if decode_path == "grouped":  # + (mu, rho) of each position, and positions grouped by token id
-            tensors = {**spec.tensors, "ln_stats": ((2,), torch.float32)}
-            return CacheSpec(tensors, needs_token_ids=True, needs_token_groups=True)
-        if decode_path == "kernel" and config.gate_placement == "up":  # + (mu, rho): the fused kernel reads them
-            return CacheSpec({**spec.tensors, "ln_stats": ((2,), torch.float32)}, needs_token_ids=True)
-        return CacheSpec(spec.tensors, needs_token_ids=config.gate_placement == "up")
+        if config.gate_placement == "latent":
+            return spec  # f_t is cached in place of c_t: the gate needs no id at decode time
+        if decode_path in ("kernel", "grouped"):  # + (mu, rho) of each position, written when it is appended
+            return CacheSpec({**spec.tensors, "ln_stats": ((2,), torch.float32)}, needs_token_ids=True,
+                             needs_token_groups=decode_path == "grouped")
+        return CacheSpec(spec.tensors, needs_token_ids=True)
 
     def on_decode_path_set(self) -> None:
-        if self.decode_path == "gate-table" or (self.decode_path == "kernel" and self.gate_placement == "up"):
+        if self.gate_placement == "latent":
+            self.gate_table = None
+            super().on_decode_path_set()  # MLA's folded absorption
+        elif self.decode_path in ("gate-table", "kernel", "grouped"):
             self.build_gate_table()
         else:
             self.gate_table = None
@@ -79,6 +151,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         self.gate_table = self.wue(self.gate_embed.weight)
         return self.gate_table
 
+    # ---- the gate ------------------------------------------------------------------------
     def gate(self, token_ids: torch.Tensor, use_table: bool = False) -> torch.Tensor:
         """g [batch, len, gate_out] for token ids [batch, len]."""
         if use_table:
@@ -90,6 +163,21 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def gated_norm(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Norm(x ⊙ g) or Norm(x + g)."""
         return self.gate_norm(x * gate if self.gate_op == "mul" else x + gate)
+
+    def norm_stats(self, latent: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """[batch, seq, 2] fp32 (mu, rho) of x_t = (W_UKV c_t) ⊙ g_t (or + g_t): what the norm needs of each
+        position, fixed once it is appended, so the 'kernel' and 'grouped' caches store it (8 B per position).
+        LayerNorm: (mean, 1/sqrt(biased var + eps)); RMSNorm: (0, 1/sqrt(mean(x^2) + eps)); none: (0, 1)."""
+        kv = F.linear(latent.float(), self.wkv_b.weight.float())
+        gate = self.gate(token_ids).float()
+        x = kv * gate if self.gate_op == "mul" else kv + gate
+        zeros = torch.zeros_like(x[..., 0])
+        if self.norm_kind == "layernorm":
+            var, mean = torch.var_mean(x, dim=-1, unbiased=False)
+            return torch.stack([mean, (var + self.gate_norm.eps).rsqrt()], dim=-1)
+        if self.norm_kind == "rmsnorm":
+            return torch.stack([zeros, (x.square().mean(-1) + self.gate_norm.eps).rsqrt()], dim=-1)
+        return torch.stack([zeros, torch.ones_like(zeros)], dim=-1)
 
     # ---- placement "latent": gate c_t before it is cached ---------------------------------
     def latent(self, x: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,50 +195,95 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         kv = kv.view(*latent.shape[:2], self.n_heads, -1)
         return kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
+    def append(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor, k_pe: torch.Tensor) -> AttnContext:
+        """MLA's append, plus the new positions' (mu, rho) where the cache keeps them ('kernel', 'grouped')."""
+        ctx = super().append(cache, ctx, latent, k_pe)
+        if "ln_stats" not in cache.buffers:
+            return ctx
+        cache.write(ctx.positions, ln_stats=self.norm_stats(latent, ctx.token_ids))
+        return dataclasses.replace(ctx, kv_ln_stats=cache.read("ln_stats", ctx.kv_len))
+
+    # ---- decode paths ----------------------------------------------------------------------
     def attend_gate_table(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
+        if self.gate_table is None:
+            self.build_gate_table()
         k_nope, v = self.expand_kv(latent, kv_ids, use_table=True)
         return self.sdpa(q_nope, q_pe, k_nope, k_pe, v, ctx)
 
-    # ---- Triton decode ("kernel") ---------------------------------------------------------
     def attend_kernel(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
         """Placement up: fused Triton decode, K/V rebuilt on chip from c_t, the gate-table row and the
-        position's norm statistics; prefill, or a device the kernel cannot run on, takes 'gate-table'.
-        Placement latent: MLA's absorbed decode kernel over the cached f_t."""
+        position's norm statistics. Placement latent: MLA's absorbed decode kernel over the cached f_t."""
         if self.gate_placement == "latent":
             return super().attend_kernel(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
         if not self.kernel_can_run(q_nope, latent, ctx, "EG-MLA"):
             return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
-        from egmla.kernels.egmla_decode import egmla_decode
+        from egmla.kernels.egmla_decode import egmla_decode, layernorm_stats_triton
 
+        table = self.gate_table_like(latent)
         norm = self.gate_norm
-        stats = ctx.kv_ln_stats if ctx.kv_ln_stats is not None else self.ln_stats(latent, kv_ids)
+        stats = ctx.kv_ln_stats
+        if stats is None:  # a cache without statistics (allocated for another path): one rebuild pass
+            stats = layernorm_stats_triton(latent, kv_ids, table, self.wkv_b.weight, self.n_heads,
+                                           self.qk_nope_head_dim, getattr(norm, "eps", 0.0) or 0.0,
+                                           gate_op=self.gate_op, norm=self.norm_kind)
         out = egmla_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, kv_ids, stats,
-                           ctx.positions[:, 0] + 1, self.gate_table, self.wkv_b.weight,
+                           ctx.positions[:, 0] + 1, table, self.wkv_b.weight,
                            getattr(norm, "weight", None), getattr(norm, "bias", None), self.softmax_scale,
                            gate_op=self.gate_op)
         return out.unsqueeze(1)
 
-    def ln_stats(self, latent: torch.Tensor, kv_ids: torch.Tensor) -> torch.Tensor:
-        """[batch, len, 2] fp32 (mean, rstd) of each cached position's gated K/V, for the fused kernel.
-
-        Recomputed for the whole context by one Triton pass (a second rebuild per step): used only when
-        the cache holds no statistics (the 'kernel' path's cache stores them at append time)."""
-        from egmla.kernels.egmla_decode import layernorm_stats_triton
-
-        kind = {nn.LayerNorm: "layernorm", nn.RMSNorm: "rmsnorm"}.get(type(self.gate_norm), "none")
-        return layernorm_stats_triton(latent, kv_ids, self.gate_table, self.wkv_b.weight, self.n_heads,
-                                      self.qk_nope_head_dim, getattr(self.gate_norm, "eps", 0.0) or 0.0,
-                                      gate_op=self.gate_op, norm=kind)
-
-    # ---- decode grouped by token id ("grouped", DESIGN.md §4b) ------------------------------
-    def forward(self, x: torch.Tensor, ctx: AttnContext, cache=None) -> torch.Tensor:
-        if cache is not None and self.decode_path == "grouped":
-            return grouped.forward(self, x, ctx, cache)  # also writes each new position's (mu, rho)
-        if cache is not None and self.decode_path == "kernel" and self.gate_placement == "up":
-            return grouped.forward_with_stats(self, x, ctx, cache, self.attend_kernel)
-        return super().forward(x, ctx, cache)
-
     def attend_grouped(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
-        """Exact EG-MLA attention grouped by token id: Triton kernels for one new token per sequence
-        on CUDA, the PyTorch reference otherwise. Returns [batch, seq, heads, d_v]."""
-        return grouped.attend(self, q_nope, q_pe, latent, k_pe, ctx)
+        """Exact EG-MLA decode grouped by token id (docs/grouped-decode.md). One new token per sequence: the
+        Triton kernels on CUDA (`grouped_backend = "kernel"` also sends CPU tensors through Triton's
+        interpreter, for tests), else the equations in PyTorch. Several new tokens (prefill): the gate-table
+        rebuild, exact too and compute-bound there anyway. Returns [batch, seq, heads, d_v]."""
+        groups = ctx.kv_groups
+        if ctx.kv_ln_stats is None or groups is None:
+            raise ValueError("decode_path='grouped' needs a cache with LayerNorm statistics and token groups: "
+                             "call model.set_decode_path('grouped') before model.new_cache(...)")
+        if groups.host.stats_missing:
+            raise ValueError("this cache holds positions appended without LayerNorm statistics (decode path was "
+                             "not 'grouped' when they were appended): refill it after model.set_decode_path"
+                             "('grouped'), or use decode_path='naive' / 'gate-table'")
+        if q_nope.shape[1] > 1:
+            return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
+        if self.grouped_backend not in ("auto", "kernel", "pytorch"):
+            raise ValueError(f"grouped_backend={self.grouped_backend!r}: choose auto, kernel or pytorch")
+        wanted = self.grouped_backend == "kernel" or (self.grouped_backend == "auto" and latent.is_cuda)
+        if not (wanted and self.kernel_can_run(q_nope, latent, ctx, "EG-MLA grouped")):
+            return self.grouped_pytorch(q_nope, q_pe, latent, k_pe, ctx)
+        from egmla.kernels.grouped_decode import grouped_decode
+
+        table = self.gate_table_like(latent)
+        bounds = (ctx.kv_len, max(groups.host.distinct_bound, groups.host.plan_distinct)) if ctx.capturable else None
+        plan = groups.plan(32, vocab_size=table.shape[0], bounds=bounds)
+        norm = self.gate_norm
+        out = grouped_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, ctx.kv_ln_stats, plan, table,
+                             self.wkv_b.weight, norm.weight, getattr(norm, "bias", None), self.softmax_scale)
+        return out.unsqueeze(1)
+
+    def grouped_pytorch(self, q_nope, q_pe, latent, k_pe, ctx: AttnContext) -> torch.Tensor:
+        """attend_grouped through `grouped_attention` (syncs with the host: not for graph capture)."""
+        groups = ctx.kv_groups
+        kv_len = latent.shape[1]
+        registered = torch.arange(kv_len, device=latent.device)[None, :] < groups.lengths[:, None]
+        mask = ctx.mask[:, 0] & registered[:, None, :]
+        ids = groups.distinct_ids[:, : max(int(groups.n_distinct.max()), 1)]
+        vocab = self.gate_embed.num_embeddings
+        if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            raise ValueError(f"token ids in the cache must lie in [0, vocab_size={vocab}); got {int(ids.min())}.."
+                             f"{int(ids.max())}: check the tokenizer matches the model")
+        w_uk, w_uv = self.up_weights()
+        norm = self.gate_norm
+        out = grouped_attention(q_nope, q_pe, latent, k_pe, ctx.kv_ln_stats, groups.slots[:, :kv_len],
+                                self.gate(ids), mask, w_uk, w_uv, norm.weight, getattr(norm, "bias", None),
+                                self.softmax_scale)
+        return out.to(q_nope.dtype)
+
+    def gate_table_like(self, latent: torch.Tensor) -> torch.Tensor:
+        """The gate table on latent's device and dtype (built once; rebuilt after set_decode_path)."""
+        table = self.gate_table
+        if table is None or table.device != latent.device or table.dtype != latent.dtype:
+            table = self.build_gate_table().to(latent.dtype)
+            self.gate_table = table
+        return table

@@ -15,6 +15,8 @@ Decode paths over the cache (c_t, k^R_t):
             (an MQA with one shared "head" of width d_c + d_r). Exact in real arithmetic.
   kernel    the absorbed decode as one Triton flash-decoding kernel (egmla/kernels/mla_decode.py)
             for one new token per sequence; prefill uses `absorbed`.
+For 'absorbed' and 'kernel', W_UK and W_UV are folded into the query and output projections when the
+path is set (`fold_absorption`), where that makes the projections no larger (d_c <= d_n, d_v).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.wkv_b = nn.Linear(self.kv_lora_rank, config.kv_up_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.v_head_dim, config.d_model, bias=False)
         self.decode_path = "naive"
+        self.folded: tuple[torch.Tensor, torch.Tensor] | None = None  # see fold_absorption
 
     # ---- what the registry needs ---------------------------------------------------------
     @staticmethod
@@ -65,7 +68,11 @@ class MultiHeadLatentAttention(nn.Module):
                           "k_rope": ((config.qk_rope_head_dim,), None)})
 
     def on_decode_path_set(self) -> None:
-        """Hook for subclasses that precompute something for a path (EG-MLA's gate table)."""
+        """Precompute what the chosen path reads: the folded absorption for 'absorbed' and 'kernel'."""
+        if self.decode_path in ("absorbed", "kernel"):
+            self.fold_absorption()
+        else:
+            self.folded = None
 
     # ---- projections ---------------------------------------------------------------------
     def query(self, x: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,16 +99,23 @@ class MultiHeadLatentAttention(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
-        q_nope, q_pe = self.query(x, ctx)
         latent, k_pe = self.latent(x, ctx)
         kv_ids = ctx.token_ids
         if cache is not None:
-            cache.write(ctx.positions, latent=latent, k_rope=k_pe)
+            ctx = self.append(cache, ctx, latent, k_pe)
             latent, k_pe = cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len)
             kv_ids = ctx.kv_token_ids
+            if self.decode_path in ("absorbed", "kernel") and self.folded_weights(x) is not None:
+                return self.forward_folded(x, latent, k_pe, ctx)
+        q_nope, q_pe = self.query(x, ctx)
         path = self.decode_path if cache is not None else "naive"
         out = getattr(self, "attend_" + path.replace("-", "_"))(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
         return self.wo(out.flatten(2))
+
+    def append(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor, k_pe: torch.Tensor) -> AttnContext:
+        """Write the new positions' cache entries; returns the context the decode paths read."""
+        cache.write(ctx.positions, latent=latent, k_rope=k_pe)
+        return ctx
 
     def attend_naive(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
         """Rebuild K/V and run SDPA. Returns [batch, seq, heads, d_v]."""
@@ -118,22 +132,42 @@ class MultiHeadLatentAttention(nn.Module):
 
     def attend_absorbed(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
         """Weight absorption: scores and values computed on the latent, never rebuilding K/V."""
+        return self.absorbed(q_nope, q_pe, latent, k_pe, ctx, use_kernel=False)
+
+    def attend_kernel(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
+        """Absorbed decode through the Triton kernel (one new token per sequence); several new tokens
+        (prefill) take the absorbed PyTorch path, and so does a device the kernel cannot run on."""
+        return self.absorbed(q_nope, q_pe, latent, k_pe, ctx, use_kernel=True)
+
+    def absorbed(self, q_nope, q_pe, latent, k_pe, ctx: AttnContext, use_kernel: bool) -> torch.Tensor:
         w_uk, w_uv = self.up_weights()
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK^T q^C per head
+        out_latent = self.latent_attention(q_latent, q_pe, latent, k_pe, ctx, use_kernel)
+        return torch.einsum("bshc,hdc->bshd", out_latent, w_uv)  # W_UV per head
+
+    def latent_attention(self, q_latent, q_pe, latent, k_pe, ctx: AttnContext, use_kernel: bool) -> torch.Tensor:
+        """Attention of q_latent [batch, seq, heads, d_c] (+ q^R) over the cached latents, an MQA whose one
+        key/value head is c_t (+ k^R_t in the key). Returns [batch, seq, heads, d_c]."""
+        if use_kernel and self.kernel_can_run(q_latent, latent, ctx, "MLA"):
+            from egmla.kernels.mla_decode import mla_decode
+
+            lengths = ctx.positions[:, 0] + 1  # the new token sees positions 0..its own
+            out = mla_decode(q_latent[:, 0].contiguous(), q_pe[:, 0].contiguous(), latent, k_pe, lengths,
+                             self.softmax_scale)
+            return out.unsqueeze(1)
         scores = (torch.einsum("bshc,btc->bsht", q_latent, latent)
                   + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
         mask = ctx.mask.transpose(1, 2) if ctx.mask is not None else _causal(scores)
         probs = masked_softmax_attention(scores, mask).to(latent.dtype)
-        out_latent = torch.einsum("bsht,btc->bshc", probs, latent)
-        return torch.einsum("bshc,hdc->bshd", out_latent, w_uv)  # W_UV per head
+        return torch.einsum("bsht,btc->bshc", probs, latent)
 
     @staticmethod
-    def kernel_can_run(q_nope: torch.Tensor, latent: torch.Tensor, ctx: AttnContext, variant: str) -> bool:
+    def kernel_can_run(q: torch.Tensor, latent: torch.Tensor, ctx: AttnContext, variant: str) -> bool:
         """A Triton decode kernel takes one new token per sequence on a device it runs on; otherwise
         (prefill, no CUDA or Triton) the caller uses its PyTorch path, after a one-time warning."""
         from egmla.kernels import kernel_unavailable_reason, warn_fallback_once
 
-        if q_nope.shape[1] != 1 or not ctx.cached:
+        if q.shape[1] != 1 or not ctx.cached:
             return False
         reason = kernel_unavailable_reason(latent.device)
         if reason:
@@ -141,18 +175,41 @@ class MultiHeadLatentAttention(nn.Module):
             return False
         return True
 
-    def attend_kernel(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
-        """Absorbed decode through the Triton kernel (one new token per sequence); several new tokens
-        (prefill) take the absorbed PyTorch path, and so does a device the kernel cannot run on."""
-        if not self.kernel_can_run(q_nope, latent, ctx, "MLA"):
-            return self.attend_absorbed(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
-        from egmla.kernels.mla_decode import mla_decode
+    # ---- absorption folded into the projections (decode paths 'absorbed' and 'kernel') ----------
+    @torch.no_grad()
+    def fold_absorption(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """W_UK folded into the query projection and W_UV into the output projection, once, so a decode
+        step runs no absorb matmuls: q_latent_h = (W_UK_h^T W_Q_h^C) x and out = sum_h (W_O_h W_UV_h) o_h.
+        Only where it costs no more than it saves (d_c <= d_n and d_c <= d_v, as at paper-base kv64);
+        None otherwise. Rebuilt by set_decode_path (call it again after the weights change)."""
+        heads, d_n, d_r, d_v, d_c = (self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim,
+                                     self.kv_lora_rank)
+        self.folded = None
+        if d_c > d_n or d_c > d_v:
+            return None
+        w_uk, w_uv = (w.float() for w in self.up_weights())  # [heads, d_n, d_c], [heads, d_v, d_c]
+        w_q = (self.wq_b if hasattr(self, "wq_b") else self.wq).weight
+        w_q = w_q.float().view(heads, d_n + d_r, -1)
+        q_latent = torch.einsum("hnc,hni->hci", w_uk, w_q[:, :d_n])  # [heads, d_c, in]
+        w_query = torch.cat([q_latent, w_q[:, d_n:]], dim=1).flatten(0, 1)  # per head [q_latent ; q^R]
+        w_out = torch.einsum("ohv,hvc->ohc", self.wo.weight.float().unflatten(1, (heads, d_v)), w_uv).flatten(1)
+        self.folded = (w_query.to(w_q.device, self.wo.weight.dtype), w_out.to(self.wo.weight.dtype))
+        return self.folded
 
-        w_uk, w_uv = self.up_weights()
-        q_latent = torch.einsum("bhd,hdc->bhc", q_nope[:, 0], w_uk)  # W_UK^T q^C per head
-        lengths = ctx.positions[:, 0] + 1  # the new token sees positions 0..its own
-        out_latent = mla_decode(q_latent, q_pe[:, 0].contiguous(), latent, k_pe, lengths, self.softmax_scale)
-        return torch.einsum("bhc,hdc->bhd", out_latent, w_uv).unsqueeze(1)  # W_UV per head
+    def folded_weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.folded is not None and (self.folded[0].dtype != like.dtype or self.folded[0].device != like.device):
+            self.fold_absorption()  # the model moved (.to(...)) since the path was set
+        return self.folded
+
+    def forward_folded(self, x: torch.Tensor, latent, k_pe, ctx: AttnContext) -> torch.Tensor:
+        """Cached forward of 'absorbed' / 'kernel' with the absorption folded into the projections."""
+        w_query, w_out = self.folded
+        q_in = self.q_norm(self.wq_a(x)) if hasattr(self, "wq_a") else x
+        q = F.linear(q_in, w_query).view(*x.shape[:2], self.n_heads, -1)
+        q_latent, q_pe = q.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, ctx.cos, ctx.sin)
+        out_latent = self.latent_attention(q_latent, q_pe, latent, k_pe, ctx, use_kernel=self.decode_path == "kernel")
+        return F.linear(out_latent.flatten(2), w_out)
 
 
 def _causal(scores: torch.Tensor) -> torch.Tensor:

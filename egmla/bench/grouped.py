@@ -25,7 +25,7 @@ def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, de
     """(attn, call args, groups): a one-layer EG-MLA module on path 'grouped' and a full cache of max_len
     positions per sequence with token_ids [batch, max_len]; norm statistics exact for the random latents."""
     from egmla.attention.context import AttnContext, attention_mask
-    from egmla.attention.grouped import TokenGroups
+    from egmla.attention.cache import TokenGroups
     from egmla.model import Transformer
 
     torch.manual_seed(seed)
@@ -51,16 +51,12 @@ def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, de
 
 def _norm_stats(attn, latent, token_ids) -> torch.Tensor:
     """(mu, rho) of every position, as appends would have written them (Triton pass on GPU)."""
-    from egmla.attention.grouped import norm_kind
-
     if latent.is_cuda:
         from egmla.kernels.egmla_decode import layernorm_stats_triton
 
         return layernorm_stats_triton(latent, token_ids, attn.gate_table, attn.wkv_b.weight, attn.n_heads,
-                                      attn.qk_nope_head_dim, attn.gate_norm.eps, norm=norm_kind(attn))
-    from egmla.attention.grouped import append_stats
-
-    return append_stats(attn, latent, token_ids)
+                                      attn.qk_nope_head_dim, attn.gate_norm.eps, norm=attn.norm_kind)
+    return attn.norm_stats(latent, token_ids)
 
 
 def grouped_cost(config, batch: int, max_len: int, groups, dtype) -> tuple[float, float, dict]:

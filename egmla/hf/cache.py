@@ -100,18 +100,7 @@ class EgmlaCache(Cache):
         if needed > self.max_length:
             raise ValueError(f"sequence length {needed} exceeds the cache's max_length={self.max_length} "
                              f"(max_position_embeddings={self.config.max_seq_len}): shorten the input")
-        old = self.kv
-        capacity = min(self.max_length, max(needed, 2 * old.max_len))
-        some = next(iter(old.layers[0].buffers.values()))
-        new = allocate_cache(self.config, old.batch_size, capacity, dtype=some.dtype, device=some.device,
-                             decode_path=self.decode_path)
-        for old_layer, new_layer in zip(old.layers, new.layers):
-            for name, buffer in old_layer.buffers.items():
-                new_layer.buffers[name][:, : old.max_len] = buffer
-        new.lengths.copy_(old.lengths)
-        if old.token_ids is not None:
-            new.token_ids[:, : old.max_len] = old.token_ids
-        self.kv = new
+        self.kv.grow(min(self.max_length, max(needed, 2 * self.kv.max_len)))
 
     # ---- what generate() does to caches -----------------------------------------------------
     def reset(self) -> None:
@@ -120,14 +109,7 @@ class EgmlaCache(Cache):
 
     def _select_rows(self, rows: torch.Tensor) -> None:
         """Keep cache rows `rows` (any order, repeats allowed) as the new batch."""
-        kv = self.kv
-        rows = rows.to(kv.lengths.device)
-        for layer in kv.layers:
-            layer.buffers = {name: buffer.index_select(0, rows) for name, buffer in layer.buffers.items()}
-        kv.lengths = kv.lengths.index_select(0, rows)
-        if kv.token_ids is not None:
-            kv.token_ids = kv.token_ids.index_select(0, rows)
-        kv.batch_size = rows.numel()
+        self.kv.select_rows(rows)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)
@@ -144,5 +126,5 @@ class EgmlaCache(Cache):
         Assumes the dropped columns were real tokens in every row, as in assisted decoding."""
         remove = -tokens_to_remove if tokens_to_remove < 0 else max(self.seen - tokens_to_remove, 0)
         remove = min(remove, self.seen)
-        self.kv.lengths.sub_(remove).clamp_(min=0)
+        self.kv.truncate((self.kv.lengths - remove).clamp(min=0))
         self.seen -= remove

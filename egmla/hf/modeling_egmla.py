@@ -129,12 +129,14 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
         self.model.output = value
 
     # ---- caches ------------------------------------------------------------------------------
+    cache_initial_length = 256  # positions a new EgmlaCache allocates up front; it doubles as needed
+
     def new_hf_cache(self, batch_size: int, max_length: int | None = None) -> EgmlaCache:
         """An empty EgmlaCache for `batch_size` sequences, in the model's dtype and device, using the
         model's current decode path (`model.model.set_decode_path(...)`)."""
         param = self.model.tok_embeddings.weight
         return EgmlaCache(self.model.config, batch_size, max_length, dtype=param.dtype, device=param.device,
-                          decode_path=self.model.decode_path)
+                          decode_path=self.model.decode_path, initial_length=self.cache_initial_length)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

@@ -3,15 +3,18 @@
     prefill   prompts of different lengths, right-padded to [batch, longest] and fed in chunks of
               at most `prefill_token_budget` tokens per call (bounding activation memory), with
               n_new = each row's true tokens in the chunk: each cache then holds exactly its prompt
-    decode    one token per live sequence per step, each appended at its own length; a sequence that
-              ends (EOS, stop string, max_new_tokens, context) leaves the batch: its cache row is
-              dropped, so attention work follows the live sequences only
+    decode    one token per live sequence per step, each appended at its own length, through one
+              `DecodeStep` per batch bucket (egmla/infer/decode_step.py): fixed shapes and no host sync,
+              captured once in a CUDA graph on CUDA. A sequence that ends (EOS, stop string,
+              max_new_tokens, context) stops appending; once the live sequences fit a smaller bucket,
+              their cache rows are moved to the front and the smaller step takes over, so attention
+              work follows the live sequences
 
 The cache layout is the variant's own (K/V for MHA/GQA, c_t + k^R_t for MLA/EG-MLA, plus token ids
-for EG-MLA), allocated once for the batch at the length the batch can reach. Any decode path the
-model supports can be chosen; they give the same tokens (tests check it against full recompute).
-Per step the engine itself syncs with the host once (the new ids, needed for EOS, stop strings and
-streaming). On CUDA, SDPA's cuDNN backend is left out while generating: it builds an execution plan
+for EG-MLA), allocated for the batch at the length the batch can reach and kept for the next call of
+the same shape (the CUDA graphs read its storage). Any decode path the model supports can be chosen;
+they give the same tokens (tests check it against full recompute). Per step the engine syncs with the
+host once (the new ids, needed for EOS, stop strings and streaming). On CUDA, SDPA's cuDNN backend is left out while generating: it builds an execution plan
 for every new key length (milliseconds of host time each), which a decode loop meets at every step.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from egmla.attention import KVCache, check_decode_path
+from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.sampling import SamplingParams, select_next
 from egmla.infer.text import IncrementalDetokenizer, StopStringMatcher
@@ -64,6 +68,7 @@ class GenerationStats:
     decode_seconds: float  # every later token
     step_seconds: list[float]  # per decode step, host sync to host sync
     cache_bytes: int  # the preallocated cache
+    cuda_graphs: bool = False  # decode steps replayed from CUDA graphs
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -121,25 +126,46 @@ class GenerationEngine:
     decode_path: any of `egmla.attention.decode_paths(model.config)` (default: the model's current one).
     cache_dtype: dtype of the cache tensors (default: the model's).
     offload_gate_tables: keep EG-MLA gate tables in host memory (see egmla.infer.offload).
-    prefill_token_budget: prompt tokens (summed over the batch) per prefill call."""
+    prefill_token_budget: prompt tokens (summed over the rows of one call) per prefill call.
+    cuda_graphs: replay decode steps from CUDA graphs (default: on CUDA, unless gate tables are offloaded,
+        whose row copies run on the host). batch_buckets: the batch sizes steps are built for (default:
+        DEFAULT_BUCKETS with graphs, the exact batch without); a batch pads up to the next one."""
 
     def __init__(self, model, tokenizer=None, decode_path: str | None = None, cache_dtype=None,
-                 offload_gate_tables: bool = False, prefill_token_budget: int = 8192):
+                 offload_gate_tables: bool = False, prefill_token_budget: int = 8192,
+                 cuda_graphs: bool | None = None, batch_buckets: Sequence[int] | None = None):
         if prefill_token_budget < 1:
             raise ValueError(f"prefill_token_budget={prefill_token_budget}: must be >= 1")
         self.prefill_token_budget = prefill_token_budget
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = model.config
-        if decode_path is not None:
-            model.set_decode_path(check_decode_path(self.config, decode_path))
+        # (re)build what the path precomputes from the weights (gate tables, folded absorption)
+        model.set_decode_path(check_decode_path(self.config, decode_path or model.decode_path))
         self.decode_path = model.decode_path
         self.cache_dtype = cache_dtype
         self.offload = GateTableOffload(model) if offload_gate_tables else None
+        on_cuda = self.device.type == "cuda"
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, not {self.device}")
+        if cuda_graphs and self.offload is not None:
+            raise ValueError("cuda_graphs=True with offload_gate_tables: the offload copies rows on the host "
+                             "every step, which a graph cannot replay; use one or the other")
+        self.cuda_graphs = on_cuda and self.offload is None if cuda_graphs is None else cuda_graphs
+        buckets = batch_buckets if batch_buckets is not None else (DEFAULT_BUCKETS if self.cuda_graphs else ())
+        if any(b < 1 for b in buckets):
+            raise ValueError(f"batch_buckets={tuple(buckets)}: every bucket must be >= 1")
+        self.batch_buckets = tuple(sorted(set(buckets)))
         self.last_stats: GenerationStats | None = None
+        self._cache: KVCache | None = None  # kept between calls of the same shape, with its steps
+        self._steps: dict[tuple, DecodeStep] = {}
 
     @property
     def device(self) -> torch.device:
         return self.model.tok_embeddings.weight.device
+
+    def release(self) -> None:
+        """Free the cache and the captured graphs kept for the next call."""
+        self._cache, self._steps = None, {}
 
     # ---- input -----------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int], index: int = 0) -> list[int]:
@@ -188,22 +214,17 @@ class GenerationEngine:
         device, batch = self.device, len(sequences)
         if self.offload is not None:
             self.offload.reset()
-        cache = self.model.new_cache(batch, cache_len, dtype=self.cache_dtype)
-        cache_bytes = cache.nbytes()
+        cache = self._cache_for(bucket_for(batch, self.batch_buckets), cache_len)
         prompt_lengths = [len(seq.result.prompt_ids) for seq in sequences]
-        tokens = torch.zeros(batch, max(prompt_lengths), dtype=torch.long)  # right-padded with id 0
-        for row, seq in enumerate(sequences):
-            tokens[row, : prompt_lengths[row]] = torch.tensor(seq.result.prompt_ids)
-        lengths = torch.tensor(prompt_lengths, device=device)
         generator = sampling.make_generator(device)
         _synchronize(device)
         start = time.perf_counter()
-        last_logits = self._prefill(tokens.to(device), lengths, cache)
-        live = list(range(batch))  # cache row -> index into sequences
+        last_logits = self._prefill([seq.result.prompt_ids for seq in sequences], cache)
+        rows = list(range(batch))  # cache row -> index into sequences, None once that sequence has finished
         step_seconds: list[float] = []
-        prefill_done = previous = None
+        prefill_done = previous = step = step_appending = None
         while True:
-            next_ids = select_next(last_logits, sampling, generator)
+            next_ids = select_next(last_logits[: len(rows)], sampling, generator)
             host_ids = next_ids.tolist()  # the step's one host sync
             now = time.perf_counter()
             if prefill_done is None:
@@ -211,66 +232,98 @@ class GenerationEngine:
             else:
                 step_seconds.append(now - previous)
             previous = now
-            keep = []
             for row, token_id in enumerate(host_ids):
-                event = sequences[live[row]].append(token_id, eos_token_id, max_new_tokens, cache_len)
+                if rows[row] is None:
+                    continue
+                event = sequences[rows[row]].append(token_id, eos_token_id, max_new_tokens, cache_len)
                 if on_token is not None:
                     on_token(event)
-                if event.finish_reason is None:
-                    keep.append(row)
-            if not keep:
+                if event.finish_reason is not None:
+                    rows[row] = None
+            live = [row for row, index in enumerate(rows) if index is not None]
+            if not live:
                 break
-            if len(keep) < len(live):
-                rows = torch.tensor(keep, device=device)
-                keep_cache_rows(cache, rows)
-                next_ids = next_ids[rows]
-                live = [live[row] for row in keep]
-            last_logits = self.model(next_ids[:, None], cache)[:, -1]
+            if bucket_for(len(live), self.batch_buckets) < bucket_for(len(rows), self.batch_buckets):
+                moved = torch.tensor(live, device=device)  # the live rows to the front of the cache
+                cache.rows(0, len(rows)).compact(moved)
+                next_ids, rows = next_ids[moved], [rows[row] for row in live]
+                step = None
+            if step is None or step.batch != bucket_for(len(rows), self.batch_buckets):
+                step = self._step(cache, bucket_for(len(rows), self.batch_buckets), max_new_tokens)
+                step_appending = None
+            step.tokens[: len(rows), 0].copy_(next_ids)
+            appending = [int(i is not None) for i in rows] + [0] * (step.batch - len(rows))
+            if appending != step_appending:  # changes only when a sequence finishes or the step changes
+                step.n_new.copy_(torch.tensor(appending))
+                step_appending = appending
+            last_logits = step.run()
         self.last_stats = GenerationStats(
             batch_size=batch, prompt_tokens=sum(prompt_lengths),
             generated_tokens=sum(len(seq.result.token_ids) for seq in sequences),
             prefill_seconds=prefill_done - start, decode_seconds=previous - prefill_done,
-            step_seconds=step_seconds, cache_bytes=cache_bytes)
+            step_seconds=step_seconds, cache_bytes=cache.nbytes(), cuda_graphs=self.cuda_graphs)
+
+    # ---- the cache and the steps over it ----------------------------------------------------
+    def _cache_for(self, rows: int, cache_len: int) -> KVCache:
+        """An empty cache of at least `rows` sequences and exactly `cache_len` positions: the one of the last
+        call when it fits (its graphs stay valid), else a new one (dropping the old and its graphs first)."""
+        cache = self._cache
+        dtype = self.cache_dtype or self.model.tok_embeddings.weight.dtype
+        if cache is None or cache.batch_size < rows or cache.max_len != cache_len or _cache_dtype(cache) != dtype:
+            self.release()
+            cache = self._cache = self.model.new_cache(rows, cache_len, dtype=dtype)
+        cache.reset()
+        return cache
+
+    def _step(self, cache: KVCache, batch: int, max_new_tokens: int) -> DecodeStep:
+        """The decode step of a batch bucket. A graph of the grouped path is sized for the distinct ids the
+        sequences can reach during this call; a call that needs more captures a larger one."""
+        key: tuple = (batch,)
+        groups = cache.token_groups
+        use_graph = self.cuda_graphs and batch <= MAX_GRAPH_BATCH
+        if groups is not None and use_graph:
+            needed = min(cache.max_len, groups.host.distinct_bound + max_new_tokens + 1)
+            bound = min(cache.max_len, -(-needed // 256) * 256)
+            groups.host.plan_distinct = bound
+            key = (batch, bound)
+        if key not in self._steps:
+            self._steps[key] = DecodeStep(self.model, cache, batch, use_graph)
+        return self._steps[key]
+
+    def _prefill(self, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
+        """Append each prompt to its cache row; logits [batch, vocab] at each prompt's last token.
+
+        Rows go in groups whose prompts fit the token budget together, each group a whole-prompt forward
+        (no K/V rebuilt twice); a prompt longer than the budget goes alone, in chunks of the budget."""
+        device, budget = self.device, self.prefill_token_budget
+        lengths = [len(p) for p in prompts]
+        logits = []
+        start = 0
+        while start < len(prompts):
+            stop = start + 1
+            while stop < len(prompts) and (stop + 1 - start) * max(lengths[start:stop + 1]) <= budget:
+                stop += 1
+            width = max(lengths[start:stop])
+            tokens = torch.zeros(stop - start, width, dtype=torch.long)  # right-padded with id 0
+            for row in range(start, stop):
+                tokens[row - start, : lengths[row]] = torch.tensor(prompts[row])
+            tokens, rows = tokens.to(device), cache.rows(start, stop)
+            group_lengths = torch.tensor(lengths[start:stop], device=device)
+            chunk = max(1, budget // (stop - start))
+            for column in range(0, width, chunk):
+                piece = tokens[:, column:column + chunk]
+                last = (group_lengths - 1 - column).clamp(0, piece.shape[1] - 1)
+                out = self.model(piece, rows, n_new=(group_lengths - column).clamp(0, piece.shape[1]),
+                                 logits_at=last)[:, 0]
+                ends_here = (group_lengths - 1 >= column) & (group_lengths - 1 < column + piece.shape[1])
+                picked = out if column == 0 else torch.where(ends_here[:, None], out, picked)
+            logits.append(picked)
+            start = stop
+        return torch.cat(logits)
 
 
-    def _prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed right-padded prompts [batch, longest] in chunks; logits [batch, vocab] at each last prompt token.
-
-        A row whose prompt ended in an earlier chunk gets n_new = 0: its padding is written past its
-        length (overwritten later, never attended to) and its length stays."""
-        batch, longest = tokens.shape
-        width = max(1, self.prefill_token_budget // batch)
-        last_index, rows = lengths - 1, torch.arange(batch, device=tokens.device)
-        last_logits = None
-        for start in range(0, longest, width):
-            piece = tokens[:, start:start + width]
-            logits = self.model(piece, cache, n_new=(lengths - start).clamp(0, piece.shape[1]))
-            in_piece = (last_index >= start) & (last_index < start + piece.shape[1])
-            picked = logits[rows, (last_index - start).clamp(0, piece.shape[1] - 1)]
-            last_logits = picked if last_logits is None else torch.where(in_piece[:, None], picked, last_logits)
-        return last_logits
-
-
-def keep_cache_rows(cache: KVCache, rows: torch.Tensor) -> None:
-    """Keep only the cache rows `rows` (sorted, int64 on the cache's device), moved to the front, in place.
-
-    The preallocated storage is reused (the cache becomes a view of its first len(rows) rows), so
-    dropping finished sequences never allocates a second cache."""
-    kept = rows.numel()
-
-    def compact(buffer: torch.Tensor) -> torch.Tensor:
-        buffer[:kept] = buffer.index_select(0, rows)
-        return buffer[:kept]
-
-    for layer in cache.layers:
-        for name, buffer in layer.buffers.items():
-            layer.buffers[name] = compact(buffer)
-    cache.lengths = compact(cache.lengths)
-    if cache.token_ids is not None:
-        cache.token_ids = compact(cache.token_ids)
-    if getattr(cache, "token_groups", None) is not None:  # decode path 'grouped' (egmla/attention/grouped.py)
-        cache.token_groups.keep_rows(rows)
-    cache.batch_size = kept
+def _cache_dtype(cache: KVCache) -> torch.dtype:
+    return next(iter(cache.layers[0].buffers.values())).dtype
 
 
 @contextlib.contextmanager

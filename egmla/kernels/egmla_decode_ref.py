@@ -1,5 +1,5 @@
 """Plain PyTorch reference of the EG-MLA fused decode kernel (egmla/kernels/egmla_decode.py),
-gate placement `up` (the paper's), DESIGN.md §1:
+gate placement `up` (the paper's), docs/design.md §1:
 
     kv_t = W_UKV c_t,   x_t = kv_t ⊙ g_t  (or + g_t),   f_t = Norm(x_t)   split per head into [k^C ; v]
     score[b, h, t] = scale * (q^C[b, h] . k^C[b, t, h] + q^R[b, h] . k^R[b, t]),   t < lengths[b]
@@ -49,7 +49,6 @@ def egmla_decode_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Ten
     """o [batch, heads, d_v] fp32 for q_nope [batch, heads, d_n], q_pe [batch, heads, d_r], latent [batch, T, d_c],
     k_rope [batch, T, d_r], token_ids [batch, T], lengths [batch], gate_table [vocab, heads*(d_n+d_v)],
     wkv_b [heads*(d_n+d_v), d_c]; the norm's affine norm_weight/norm_bias [heads*(d_n+d_v)] or None."""
-    batch, heads, d_n = q_nope.shape
     x = gated_kv(latent, gate_table[token_ids.long()], wkv_b, gate_op)
     weight = norm_weight.float() if norm_weight is not None else None
     bias = norm_bias.float() if norm_bias is not None else None
@@ -59,8 +58,18 @@ def egmla_decode_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Ten
         x = F.rms_norm(x, x.shape[-1:], weight, eps)
     elif norm != "none":
         raise ValueError(f"norm={norm!r}: choose one of {', '.join(NORMS)}")
-    k_nope, v = x.view(batch, x.shape[1], heads, -1).split([d_n, x.shape[-1] // heads - d_n], dim=-1)
+    return attend_rebuilt(q_nope, q_pe, x, k_rope, lengths, scale)
+
+
+def attend_rebuilt(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_rope: torch.Tensor,
+                   lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """o [batch, heads, d_v] fp32: softmax attention of q_nope [batch, heads, d_n] (+ q_pe) over rebuilt
+    kv [batch, T, heads*(d_n+d_v)] (per head [k^C ; v]) and k_rope [batch, T, d_r], positions t < lengths[b];
+    a sequence with no position gets 0."""
+    batch, heads, d_n = q_nope.shape
+    k_nope, v = kv.view(batch, kv.shape[1], heads, -1).split([d_n, kv.shape[-1] // heads - d_n], dim=-1)
     scores = (torch.einsum("bhd,bthd->bht", q_nope.float(), k_nope)
               + torch.einsum("bhr,btr->bht", q_pe.float(), k_rope.float())) * scale
-    scores = scores.masked_fill(~length_mask(lengths, latent.shape[1])[:, None, :], float("-inf"))
-    return torch.einsum("bht,bthd->bhd", scores.softmax(dim=-1), v)
+    visible = length_mask(lengths, kv.shape[1])[:, None, :]
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    return torch.einsum("bht,bthd->bhd", probs, v)

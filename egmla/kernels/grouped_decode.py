@@ -1,5 +1,5 @@
-"""EG-MLA decode grouped by token id, in Triton (reference: grouped_decode_ref.py; math: DESIGN.md §4b,
-docs/grouped-decode.md). Gate placement `up`, gate op `mul`, LayerNorm or RMSNorm.
+"""EG-MLA decode grouped by token id, in Triton (reference: grouped_decode_ref.py; math: docs/grouped-decode.md).
+Gate placement `up`, gate op `mul`, LayerNorm or RMSNorm.
 
 Three launches per layer and decode step, plus a per-step plan shared by all layers:
 
@@ -62,10 +62,15 @@ class GroupedPlan:
         return dataclasses.replace(self, **sliced)
 
 
-def make_plan(groups, block_t: int = 32, vocab_size: int | None = None) -> GroupedPlan:
-    """The plan for `groups` (a TokenGroups: slots, ranks [batch, max_len], counts, distinct_ids, n_distinct,
-    lengths). No sort: position t goes to offset(slot_t) + rank_t, offsets the running sum of the slot
-    counts. Two small launches per step (shared by all layers) and one host sync (sizes, id range)."""
+def make_plan(groups, block_t: int = 32, vocab_size: int | None = None,
+              bounds: tuple[int, int] | None = None) -> GroupedPlan:
+    """The plan for `groups` (slots, ranks [batch, max_len], counts, distinct_ids, n_distinct, lengths: the
+    cache's TokenGroups). No sort: position t goes to offset(slot_t) + rank_t, offsets the running sum of the
+    slot counts. Two small launches per step, shared by all layers.
+
+    bounds=None: the sizes are read back (one host sync) and the ids checked against vocab_size.
+    bounds=(positions, distinct ids): upper bounds the caller guarantees; nothing is read back, so the plan
+    (and the kernels sized by it) can be captured in a CUDA graph."""
     if block_t < 16 or block_t & (block_t - 1):
         raise ValueError(f"block_t={block_t}: must be a power of two >= 16 (tl.dot tiles)")
     slots = groups.slots
@@ -75,13 +80,16 @@ def make_plan(groups, block_t: int = 32, vocab_size: int | None = None) -> Group
     _slot_offsets_kernel[(batch,)](groups.counts, groups.distinct_ids, groups.n_distinct, groups.lengths, offsets,
                                    summary, groups.counts.stride(0), groups.distinct_ids.stride(0), offsets.stride(0),
                                    BLOCK=1024)
-    max_len, max_distinct, max_id = summary.max(0).values.tolist()  # the step's one host sync
-    if max_len > slots.shape[1] or max_distinct > max(max_len, 1):
-        raise ValueError(f"lengths max {max_len} / n_distinct max {max_distinct} exceed the groups' "
-                         f"{tuple(slots.shape)}: pass the TokenGroups of the cache")
-    if vocab_size is not None and max_id >= vocab_size:
-        raise ValueError(f"token id {max_id} in the cache is >= vocab_size={vocab_size} (gate table rows): "
-                         f"check the tokenizer matches the model")
+    if bounds is not None:
+        max_len, max_distinct = min(bounds[0], slots.shape[1]), max(1, min(bounds[1], slots.shape[1]))
+    else:
+        max_len, max_distinct, max_id = summary.max(0).values.tolist()  # the step's one host sync
+        if max_len > slots.shape[1] or max_distinct > max(max_len, 1):
+            raise ValueError(f"lengths max {max_len} / n_distinct max {max_distinct} exceed the groups' "
+                             f"{tuple(slots.shape)}: pass the TokenGroups of the cache")
+        if vocab_size is not None and max_id >= vocab_size:
+            raise ValueError(f"token id {max_id} in the cache is >= vocab_size={vocab_size} (gate table rows): "
+                             f"check the tokenizer matches the model")
     n_rows = max_distinct + triton.cdiv(max_len, block_t)
     order = torch.empty(batch, max_len, dtype=torch.int32, device=device)
     row_chunk = torch.full((batch, n_rows), -1, dtype=torch.int32, device=device)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from egmla.accounting import kv_rows, variant_configs
 from egmla.attention import decode_paths
-from egmla.attention.grouped import TokenGroups, grouped_attention
+from egmla.attention.cache import TokenGroups
+from egmla.attention.egmla import grouped_attention
 from egmla.config import preset
 from egmla.model import Transformer
 from tests.conftest import small_config
@@ -197,8 +198,6 @@ def test_id_beyond_vocab_is_a_clear_error():
 
 def test_dropping_finished_sequences_keeps_groups_in_step():
     """The generation engine compacts the cache when sequences finish; the token groups follow."""
-    from egmla.infer.engine import keep_cache_rows
-
     config = small_config()
     model = Transformer(config).eval()
     tokens = torch.randint(0, 8, (3, 20))
@@ -208,23 +207,7 @@ def test_dropping_finished_sequences_keeps_groups_in_step():
             model.set_decode_path(path)
             cache = model.new_cache(3, max_len=24)
             model(tokens[:, :6], cache)
-            keep_cache_rows(cache, torch.tensor([0, 2]))
+            cache.compact(torch.tensor([0, 2]))
             logits[path] = [model(tokens[[0, 2], 6 + i:7 + i], cache) for i in range(4)]
     for a, b in zip(logits["naive"], logits["grouped"]):
         assert rel_err(b, a) < 1e-4
-
-
-def test_reference_prefill_matches_naive():
-    """A ragged prefill through the reference (the model uses the rebuild for prefill by default)."""
-    model = Transformer(small_config()).eval()
-    tokens = torch.randint(0, 6, (2, 9))
-    n_new = torch.tensor([9, 4])
-    logits = {}
-    with torch.no_grad():
-        for path in ("naive", "grouped"):
-            model.set_decode_path(path)
-            for layer in model.layers:
-                layer.attn.grouped_backend = "reference"
-            logits[path] = model(tokens, model.new_cache(2, max_len=12), n_new=n_new)
-    for b, n in enumerate(n_new.tolist()):
-        assert rel_err(logits["grouped"][b, :n], logits["naive"][b, :n]) < 1e-4

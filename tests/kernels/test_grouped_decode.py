@@ -11,7 +11,7 @@ pytestmark = requires_triton
 
 def make_case(batch, heads, d_n, d_v, d_c, d_r, lengths, vocab, dtype, device, norm="layernorm", high=None):
     """Inputs of grouped_decode_ref / grouped_decode, the token groups registered from random ids."""
-    from egmla.attention.grouped import TokenGroups
+    from egmla.attention.cache import TokenGroups
     from egmla.kernels.egmla_decode_ref import layernorm_stats
 
     max_len, width = max(lengths) + 3, heads * (d_n + d_v)

@@ -89,15 +89,15 @@ def test_gpu_greedy_tokens_equal_naive(variant):
 
 def test_kernel_path_caches_norm_statistics_at_append(monkeypatch):
     """The fused kernel reads (mu, rho) from the cache, computed once per appended token: the
-    per-step recomputation (EmbeddingGatedMLA.ln_stats) must not run, and the cached values must equal
-    the statistics of the rebuilt K/V."""
-    from egmla.attention.egmla import EmbeddingGatedMLA
+    per-step recomputation over the whole context (layernorm_stats_triton) must not run, and the cached
+    values must equal the statistics of the rebuilt K/V."""
+    import egmla.kernels.egmla_decode
     from egmla.kernels.egmla_decode_ref import layernorm_stats
 
     def fail(*args, **kwargs):
-        raise AssertionError("ln_stats recomputed although the cache holds them")
+        raise AssertionError("statistics recomputed although the cache holds them")
 
-    monkeypatch.setattr(EmbeddingGatedMLA, "ln_stats", fail)
+    monkeypatch.setattr(egmla.kernels.egmla_decode, "layernorm_stats_triton", fail)
     config = small_config(**VARIANTS["egmla"])
     model = Transformer(config).eval()
     model.set_decode_path("kernel")

@@ -1,0 +1,115 @@
+"""KVCache owns its rows: selecting, compacting, growing, viewing and truncating the cache carry every
+buffer it holds (latents or K/V, RoPE keys, token ids, norm statistics, token groups), for every variant
+and decode path, checked against the full forward of each row's own sequence."""
+import pytest
+import torch
+
+from egmla.attention import decode_paths
+from egmla.model import Transformer
+from tests.conftest import VARIANTS, small_config
+
+# Every variant and path; the Triton 'kernel' path (slow in the CPU interpreter) once per kernel: its
+# cache layout is the same for the ablations of one variant.
+CASES = [(name, path) for name, kw in VARIANTS.items() for path in decode_paths(small_config(**kw))
+         if path != "kernel" or name in ("mla", "egmla", "egmla-latent")]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+class Rows:
+    """Each cache row's token sequence so far, to check its logits against the full forward."""
+
+    def __init__(self, model, tokens):
+        self.model, self.tokens = model, tokens
+        self.sequences: list[list[int]] = []
+
+    def check(self, logits, rows=None):
+        for row, sequence in enumerate(self.sequences):
+            if rows is not None and row not in rows:
+                continue
+            full = self.model(torch.tensor([sequence]))[0, -1]
+            assert rel_err(logits[row, -1], full) < 1e-4, (row, len(sequence))
+
+    def step(self, cache, rows=None):
+        """One decode step; each row appends its next token (rows not listed append nothing)."""
+        nxt = [self.tokens[len(s) % self.tokens.shape[0]] for s in self.sequences]
+        n_new = torch.tensor([int(rows is None or r in rows) for r in range(len(self.sequences))])
+        for r, token in enumerate(nxt):
+            if n_new[r]:
+                self.sequences[r].append(int(token))
+        logits = self.model(torch.tensor(nxt)[:, None], cache, n_new=n_new)
+        self.check(logits, rows)
+
+
+@pytest.mark.parametrize("variant,path", CASES)
+def test_every_buffer_follows_select_grow_compact_truncate(variant, path):
+    config = small_config(**VARIANTS[variant])
+    model = Transformer(config).eval()
+    model.set_decode_path(path)
+    tokens = torch.randint(0, config.vocab_size, (40,))
+    rows = Rows(model, tokens)
+    with torch.no_grad():
+        cache = model.new_cache(3, max_len=12)
+        prompt_lens = torch.tensor([5, 9, 3])
+        rows.sequences = [tokens[:n].tolist() for n in prompt_lens.tolist()]
+        model(tokens[:9].expand(3, -1).clone(), cache, n_new=prompt_lens)
+        rows.step(cache)
+        cache.select_rows(torch.tensor([2, 0, 0, 1]))  # beam-search style: reorder and repeat
+        rows.sequences = [list(rows.sequences[r]) for r in (2, 0, 0, 1)]
+        assert cache.batch_size == 4
+        rows.step(cache, rows={0, 1, 3})  # row 2 appends nothing: it must not disturb row 1, its twin
+        cache.grow(40)  # from 12 positions: sequences of 11 must keep all they hold
+        assert cache.max_len == 40
+        for _ in range(3):
+            rows.step(cache)
+        cache.compact(torch.tensor([1, 3]))  # the engine drops finished sequences
+        rows.sequences = [rows.sequences[1], rows.sequences[3]]
+        rows.step(cache)
+        cache.truncate(cache.lengths - torch.tensor([3, 1]))  # assisted decoding crops the last tokens
+        rows.sequences = [rows.sequences[0][:-3], rows.sequences[1][:-1]]
+        rows.step(cache)
+        rows.step(cache)
+
+
+@pytest.mark.parametrize("path", decode_paths(small_config()))
+def test_row_views_share_storage(path):
+    """cache.rows(start, stop) appends land in the parent: a prefill in row groups equals one call."""
+    config = small_config()
+    model = Transformer(config).eval()
+    model.set_decode_path(path)
+    tokens = torch.randint(0, config.vocab_size, (4, 7))
+    with torch.no_grad():
+        whole = model.new_cache(4, max_len=16)
+        model(tokens, whole)
+        parts = model.new_cache(4, max_len=16)
+        model(tokens[:1], parts.rows(0, 1))
+        model(tokens[1:], parts.rows(1, 4))
+        assert parts.lengths.tolist() == [7] * 4
+        step = tokens[:, :1]
+        assert rel_err(model(step, parts), model(step, whole)) < 1e-5
+    with pytest.raises(ValueError, match="rows\\(2, 5\\)"):
+        parts.rows(2, 5)
+
+
+@pytest.mark.parametrize("variant,path", CASES)
+def test_capturable_step_equals_the_eager_step(variant, path):
+    """The decode step the engine captures (whole cache, no host sync) gives the eager step's logits;
+    a row appending nothing at a full cache stays inside it."""
+    config = small_config(**VARIANTS[variant])
+    model = Transformer(config).eval()
+    model.set_decode_path(path)
+    tokens = torch.randint(0, config.vocab_size, (3, 13))
+    n_new = torch.tensor([1, 1, 0])
+    with torch.no_grad():
+        caches = [model.new_cache(3, max_len=13) for _ in range(2)]
+        for cache in caches:
+            model(tokens[:, :12], cache, n_new=torch.tensor([12, 5, 12]))
+        eager = model(tokens[:, 12:], caches[0], n_new=n_new)
+        static = model(tokens[:, 12:], caches[1], n_new=n_new, capturable=True)
+        assert rel_err(static[:2], eager[:2]) < 1e-5
+        assert torch.isfinite(static).all()
+        assert caches[1].lengths.tolist() == caches[0].lengths.tolist() == [13, 6, 12]
+        static = model(tokens[:, 12:], caches[1], n_new=torch.tensor([0, 1, 0]), capturable=True)  # row 0 is full
+        assert torch.isfinite(static).all() and caches[1].lengths.tolist() == [13, 7, 12]
