@@ -78,14 +78,14 @@ def claim_run_dir(run_dir: Path, resume: bool, info: DistInfo):
     gets the same error). A new run may not take a folder that already holds checkpoints."""
     created = not run_dir.exists()
     with contextlib.ExitStack() as held:
-        if info.is_main and created:  # a run that fails before writing anything leaves no empty folder
-            held.callback(remove_if_unused, run_dir)
         problem = None
         if info.is_main:
             try:
                 if run_dir.exists() and not run_dir.is_dir():
                     raise ValueError(f"--run-dir {str(run_dir)!r}: is a file, not a folder; choose a folder path")
                 held.enter_context(RunLock(run_dir))
+                if created:  # a run that fails before writing anything leaves no folder (removed under the lock)
+                    held.callback(remove_if_unused, run_dir)
                 if not resume and list_checkpoints(run_dir):
                     raise ValueError(f"--run-dir {str(run_dir)!r}: already holds a run with checkpoints; continue "
                                      f"it with --resume {run_dir} or choose another --run-dir")
@@ -98,7 +98,8 @@ def claim_run_dir(run_dir: Path, resume: bool, info: DistInfo):
 
 
 def remove_if_unused(run_dir: Path) -> None:
-    """Remove a run folder that holds nothing but its lock file (called once the lock is released)."""
+    """Remove a run folder that holds nothing but its lock file (called while the lock is still held, so no
+    other trainer can be starting in it)."""
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
         (run_dir / LOCK_NAME).unlink(missing_ok=True)
         with contextlib.suppress(OSError):

@@ -70,3 +70,19 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, cache_dir, capsys):
     assert train_main(["--config", str(config), "--run-dir", str(tmp_path / "taken"), "--no-progress"]) == 2
     assert capsys.readouterr().err.strip().endswith("is a file, not a folder; choose a folder path")
     assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path):
+    from egmla.train.distributed import DistInfo
+    from egmla.train.runlock import claim_run_dir
+
+    info = DistInfo()  # one process
+    with pytest.raises(ValueError, match="no text"):
+        with claim_run_dir(tmp_path / "new", resume=False, info=info):
+            raise ValueError("data.corpus: no text")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="no text"):
+        with claim_run_dir(tmp_path / "kept", resume=False, info=info):
+            (tmp_path / "kept" / "config.json").write_text("{}")
+            raise ValueError("data.corpus: no text")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [".lock", "config.json"]
