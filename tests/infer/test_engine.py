@@ -30,20 +30,54 @@ def test_greedy_same_on_every_path_and_as_full_recompute(variant):
         assert all(r.finish_reason == "length" for r in results)
 
 
-@pytest.mark.parametrize("variant,path", [("mha", "naive"), ("mla", "absorbed"), ("eg-mla", "gate-table"),
-                                          ("eg-mla", "grouped")])
+# every variant and path; the Triton 'kernel' path (slow in the CPU interpreter) once per kernel
+ALL_PATHS = [(variant, path) for variant in VARIANTS for path in decode_paths(tiny_model(variant).config)
+             if path != "kernel" or variant in ("mla", "eg-mla")]
+
+
+@pytest.mark.parametrize("variant,path", ALL_PATHS)
 def test_ragged_batch_with_early_finish_equals_each_alone(variant, path):
-    """Sequences that finish early leave the batch (cache rows dropped); the others must not notice."""
+    """Sequences that finish early stop appending and, once the rest fit a smaller batch bucket, their
+    cache rows are dropped; the others must not notice, with or without bucket padding."""
     model = tiny_model(variant, seed=1)
     engine = GenerationEngine(model, decode_path=path)
     free_run = engine.generate(PROMPTS, max_new_tokens=12)
     eos = free_run[0].token_ids[3]  # sequence 0 stops at step 4 at the latest
-    batch = engine.generate(PROMPTS, max_new_tokens=12, eos_token_id=eos)
     alone = [engine.generate([prompt], max_new_tokens=12, eos_token_id=eos)[0] for prompt in PROMPTS]
-    assert batch[0].finish_reason == "eos" and len(batch[0].token_ids) <= 4
-    assert any(r.finish_reason == "length" for r in batch)  # someone outlived sequence 0
-    assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
-    assert [r.finish_reason for r in batch] == [r.finish_reason for r in alone]
+    assert alone[0].finish_reason == "eos" and len(alone[0].token_ids) <= 4
+    assert any(r.finish_reason == "length" for r in alone)  # someone outlives sequence 0
+    for buckets in ((), (1, 2, 3, 8)):  # exact batches; padded 4 -> 8, then 3 live rows compacted to 3
+        batch = GenerationEngine(model, decode_path=path, batch_buckets=buckets).generate(
+            PROMPTS, max_new_tokens=12, eos_token_id=eos)
+        assert [r.token_ids for r in batch] == [r.token_ids for r in alone], buckets
+        assert [r.finish_reason for r in batch] == [r.finish_reason for r in alone], buckets
+
+
+def test_engine_keeps_its_cache_between_calls_of_one_shape():
+    model = tiny_model("mla")
+    engine = GenerationEngine(model, decode_path="absorbed")
+    first = engine.generate(PROMPTS, max_new_tokens=5)
+    cache = engine._cache
+    again = engine.generate(PROMPTS, max_new_tokens=5)
+    assert engine._cache is cache and [r.token_ids for r in again] == [r.token_ids for r in first]
+    engine.generate(PROMPTS[:1], max_new_tokens=9)  # another length: a new cache
+    assert engine._cache is not cache
+    engine.release()
+    assert engine._cache is None
+
+
+def test_prefill_in_row_groups_and_chunks_equals_one_call():
+    model = tiny_model("eg-mla")
+    expected = [r.token_ids for r in GenerationEngine(model).generate(PROMPTS, max_new_tokens=6)]
+    for budget in (1, 7, 20):  # one token per call; chunks of long prompts; groups of short ones
+        engine = GenerationEngine(model, prefill_token_budget=budget)
+        assert [r.token_ids for r in engine.generate(PROMPTS, max_new_tokens=6)] == expected, budget
+
+
+def test_cuda_graphs_need_cuda():
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
+        GenerationEngine(tiny_model("mla"), cuda_graphs=True)
+    assert not GenerationEngine(tiny_model("mla")).cuda_graphs  # CPU: the same step, eagerly
 
 
 def test_context_limit_ends_with_length():
