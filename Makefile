@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
+# PyTorch's OpenMP threads spin while they wait for work; on cores that other jobs share that slowed
+# CPU training up to 15x (docs/training.md). The `egmla` command asks for passive waiting itself; this
+# does the same for the test suite. A value in the environment wins.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test test-fast clean
 
