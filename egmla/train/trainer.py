@@ -261,13 +261,13 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
                     bar.total = cfg.steps
                     say(f"time budget {cfg.time_limit_s:.0f}s: training for {cfg.steps} steps")
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                     val_loss = validate(step)
                     note = f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}"
                     (bar.write if progress and info.is_main else say)(f"{note} (ppl {math.exp(min(val_loss, 50)):.1f})")
+                if step % cfg.log_every == 0 or step == cfg.steps:  # after validating: the bar shows this step's val
+                    bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}" if val_loss is not None else "-",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
                 if stop_votes > 0:
                     stop_reason = "time limit reached" if time_up and not stop.requested else "interrupted"
                     break

@@ -137,3 +137,35 @@ def test_time_budgeted_run_sets_its_length_after_calibration(tmp_path, cache_dir
     assert summary["stop_reason"] in (None, "time limit reached")  # a busy machine may hit the hard limit
     [folder] = list_checkpoints(tmp_path / "budget")
     assert json.loads((folder / "state.json").read_text())["total_steps"] == planned
+
+
+def test_progress_bar_shows_the_evaluation_of_its_step(tmp_path, cache_dir, monkeypatch):
+    """The bar's val= after an evaluation step is that step's printed validation loss (it once lagged one)."""
+    import tqdm
+
+    events = []
+
+    class RecordingBar:
+        def __init__(self, *args, **kwargs):
+            self.total = kwargs.get("total")
+
+        def update(self, count):
+            pass
+
+        def set_postfix(self, **values):
+            events.append(("postfix", values["val"]))
+
+        def write(self, text):
+            events.append(("write", text))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", RecordingBar)
+    train(run_config(cache_dir, train=dict(checkpoint_every=0)), tmp_path / "bar", progress=True, log=lambda *_: None)
+    notes = [i for i, (kind, _) in enumerate(events) if kind == "write"]
+    assert len(notes) == 2 and events[0] == ("postfix", "-")  # evaluations at steps 6 and 12; none before step 6
+    for index in notes:
+        printed = float(events[index][1].split("val loss ")[1].split()[0])
+        kind, shown = events[index + 1]
+        assert kind == "postfix" and shown == f"{printed:.3f}"
