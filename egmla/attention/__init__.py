@@ -22,6 +22,19 @@ def decode_paths(config) -> tuple[str, ...]:
     return attention_class(config).decode_paths(config)
 
 
+def fastest_decode_path(config, device) -> str:
+    """The decode path generation takes by default on `device`: the Triton 'kernel' of MLA and EG-MLA on
+    CUDA (docs/benchmarks.md has the measurements behind the choice), the variant's first path elsewhere."""
+    import torch
+
+    from egmla.kernels import kernel_unavailable_reason
+
+    paths = decode_paths(config)
+    if torch.device(device).type == "cuda" and "kernel" in paths and kernel_unavailable_reason(device) is None:
+        return "kernel"
+    return paths[0]
+
+
 def check_decode_path(config, path: str) -> str:
     paths = decode_paths(config)
     if path not in paths:
@@ -48,4 +61,4 @@ def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=No
 
 __all__ = ["ATTENTION_CLASSES", "AttnContext", "CacheSpec", "EmbeddingGatedMLA", "GroupedQueryAttention",
            "KVCache", "LayerCache", "MultiHeadLatentAttention", "allocate_cache", "attention_class",
-           "check_decode_path", "decode_paths"]
+           "check_decode_path", "decode_paths", "fastest_decode_path"]

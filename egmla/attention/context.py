@@ -40,3 +40,17 @@ def masked_softmax_attention(scores: torch.Tensor, mask: torch.Tensor | None) ->
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1)
+
+
+def decode_kernel_can_run(q: torch.Tensor, cache_tensor: torch.Tensor, ctx: AttnContext, what: str) -> bool:
+    """A Triton decode kernel takes one new token per sequence on a device it runs on; otherwise
+    (prefill, no CUDA or Triton) the caller uses its PyTorch path, after a one-time warning."""
+    from egmla.kernels import kernel_unavailable_reason, warn_fallback_once
+
+    if q.shape[1] != 1 or not ctx.cached:
+        return False
+    reason = kernel_unavailable_reason(cache_tensor.device)
+    if reason:
+        warn_fallback_once(f"decode path 'kernel' ({what})", reason)
+        return False
+    return True

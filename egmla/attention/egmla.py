@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from egmla.attention.cache import CacheSpec, LayerCache
-from egmla.attention.context import AttnContext
+from egmla.attention.context import AttnContext, decode_kernel_can_run
 from egmla.attention.mla import MultiHeadLatentAttention
 from egmla.config import ModelConfig
 
@@ -215,7 +215,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         position's norm statistics. Placement latent: MLA's absorbed decode kernel over the cached f_t."""
         if self.gate_placement == "latent":
             return super().attend_kernel(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
-        if not self.kernel_can_run(q_nope, latent, ctx, "EG-MLA"):
+        if not decode_kernel_can_run(q_nope, latent, ctx, "EG-MLA"):
             return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
         from egmla.kernels.egmla_decode import egmla_decode, layernorm_stats_triton
 
@@ -250,7 +250,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         if self.grouped_backend not in ("auto", "kernel", "pytorch"):
             raise ValueError(f"grouped_backend={self.grouped_backend!r}: choose auto, kernel or pytorch")
         wanted = self.grouped_backend == "kernel" or (self.grouped_backend == "auto" and latent.is_cuda)
-        if not (wanted and self.kernel_can_run(q_nope, latent, ctx, "EG-MLA grouped")):
+        if not (wanted and decode_kernel_can_run(q_nope, latent, ctx, "EG-MLA grouped")):
             return self.grouped_pytorch(q_nope, q_pe, latent, k_pe, ctx)
         from egmla.kernels.grouped_decode import grouped_decode
 

@@ -1,6 +1,11 @@
 """Multi-head attention with any number of KV heads: MHA (n_kv = n_h), GQA, MQA (n_kv = 1).
 
 Cache per token and layer: K and V for each KV head, 2·n_kv·head_dim elements.
+
+Decode paths over the cache:
+  naive   SDPA over the cached K/V with a mask of each sequence's length
+  kernel  one Triton flash-decoding kernel (egmla/kernels/gqa_decode.py) for one new token per sequence,
+          the context split across programs; prefill, or a device it cannot run on, takes 'naive'
 """
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from egmla.attention.cache import CacheSpec, LayerCache
-from egmla.attention.context import AttnContext
+from egmla.attention.context import AttnContext, decode_kernel_can_run
 from egmla.attention.rope import apply_rope
 from egmla.config import ModelConfig
 
@@ -27,14 +32,14 @@ class GroupedQueryAttention(nn.Module):
 
     @staticmethod
     def decode_paths(config: ModelConfig) -> tuple[str, ...]:
-        return ("naive",)  # SDPA over the cached K/V
+        return ("naive", "kernel")
 
     @staticmethod
     def rope_dim(config: ModelConfig) -> int:
         return config.mha_head_dim
 
     def on_decode_path_set(self) -> None:
-        """Nothing to precompute: MHA has one decode path."""
+        """Nothing to precompute: both paths read the cached K/V as they are."""
 
     @staticmethod
     def cache_spec(config: ModelConfig, decode_path: str = "naive") -> CacheSpec:
@@ -49,6 +54,11 @@ class GroupedQueryAttention(nn.Module):
         if cache is not None:
             cache.write(ctx.positions, k=k, v=v)
             k, v = cache.read("k", ctx.kv_len), cache.read("v", ctx.kv_len)
+            if self.decode_path == "kernel" and decode_kernel_can_run(q, k, ctx, "MHA/GQA"):
+                from egmla.kernels.gqa_decode import gqa_decode
+
+                out = gqa_decode(q[:, 0], k, v, ctx.positions[:, 0] + 1, self.head_dim ** -0.5)
+                return self.wo(out.reshape(batch, 1, -1))
             out = self._cached_attention(q, k, v, ctx.mask)
         else:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from egmla.attention.cache import CacheSpec, LayerCache
-from egmla.attention.context import AttnContext, masked_softmax_attention
+from egmla.attention.context import AttnContext, decode_kernel_can_run, masked_softmax_attention
 from egmla.attention.rope import apply_rope
 from egmla.config import ModelConfig
 
@@ -148,7 +148,7 @@ class MultiHeadLatentAttention(nn.Module):
     def latent_attention(self, q_latent, q_pe, latent, k_pe, ctx: AttnContext, use_kernel: bool) -> torch.Tensor:
         """Attention of q_latent [batch, seq, heads, d_c] (+ q^R) over the cached latents, an MQA whose one
         key/value head is c_t (+ k^R_t in the key). Returns [batch, seq, heads, d_c]."""
-        if use_kernel and self.kernel_can_run(q_latent, latent, ctx, "MLA"):
+        if use_kernel and decode_kernel_can_run(q_latent, latent, ctx, "MLA"):
             from egmla.kernels.mla_decode import mla_decode
 
             lengths = ctx.positions[:, 0] + 1  # the new token sees positions 0..its own
@@ -160,20 +160,6 @@ class MultiHeadLatentAttention(nn.Module):
         mask = ctx.mask.transpose(1, 2) if ctx.mask is not None else _causal(scores)
         probs = masked_softmax_attention(scores, mask).to(latent.dtype)
         return torch.einsum("bsht,btc->bshc", probs, latent)
-
-    @staticmethod
-    def kernel_can_run(q: torch.Tensor, latent: torch.Tensor, ctx: AttnContext, variant: str) -> bool:
-        """A Triton decode kernel takes one new token per sequence on a device it runs on; otherwise
-        (prefill, no CUDA or Triton) the caller uses its PyTorch path, after a one-time warning."""
-        from egmla.kernels import kernel_unavailable_reason, warn_fallback_once
-
-        if q.shape[1] != 1 or not ctx.cached:
-            return False
-        reason = kernel_unavailable_reason(latent.device)
-        if reason:
-            warn_fallback_once(f"decode path 'kernel' ({variant})", reason)
-            return False
-        return True
 
     # ---- absorption folded into the projections (decode paths 'absorbed' and 'kernel') ----------
     @torch.no_grad()

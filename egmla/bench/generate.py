@@ -1,20 +1,27 @@
-"""`egmla bench generate`: end-to-end generation speed per variant, decode path and batch size.
+"""`egmla bench generate`: end-to-end generation speed per variant, decode path and batch size, side by side
+with the anchors a user would pick instead (transformers' Llama and DeepSeek-V3, `--compare-hf`).
 
-For each configuration: prefill a batch of prompts, then decode `--new-tokens` tokens per sequence
-through `GenerationEngine` (greedy, EOS ignored, so every run does the same work). Reported: prefill
-time, per-step latency (median and p90, host sync to host sync, so it is wall time on GPU too),
-decode tokens/s, cache size and peak device memory. Medians over `--repeats` runs after one warm-up.
+For each configuration: prefill a batch of prompts, then decode `--new-tokens` tokens per sequence through
+`GenerationEngine` (greedy, EOS ignored, so every run does the same work; CUDA graphs unless `--eager`).
+Reported: prefill time, per-step latency (median and p90, host sync to host sync, so wall time on GPU too),
+decode tokens/s, cache size and peak device memory, and the ratio of tokens/s to transformers' Llama at the
+same batch. Medians over `--repeats` runs after one warm-up.
 
-Prompt ids come from real text (DESIGN.md §4: EG-MLA's gate-row traffic depends on how often ids
-repeat): windows of the embedded English corpus, tokenized with the run's tokenizer or, for random
-weights, with a BPE of the model's vocab size trained on the corpus (egmla.bench.token_ids).
+`--fill-memory GB --context T` runs each variant at the largest batch whose cache fits GB at T positions
+(`egmla plan`'s number): the prompts are real-text windows, each prefilled once and copied to the rows that
+repeat it (the engine does that for repeated prompts), and every decode step is the real one.
+
+Prompt ids come from real text (docs/design.md §4: EG-MLA's gate-row traffic depends on how often ids
+repeat): windows of the embedded English corpus, tokenized with the run's tokenizer or, for random weights,
+with a BPE of the model's vocab size trained on the corpus (egmla.bench.token_ids).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
+
+DEFAULT_PATHS = "auto"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,19 +30,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--run", help="benchmark a trained run directory instead of random weights")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model field of the preset, e.g. --set max_seq_len=4096 (repeatable)")
+    parser.add_argument("--variants", help="comma-separated registry names (egmla/variants.py), e.g. "
+                                           "mha,mla-kv64,egmla-kv64; 'none' = only the --compare-hf anchors; "
+                                           "default: the preset's own variant")
     parser.add_argument("--all-variants", action="store_true",
-                        help="also benchmark the same shape as MHA, GQA, MLA and EG-MLA (egmla.accounting.variant_configs)")
-    parser.add_argument("--paths", default="all",
-                        help="comma-separated decode paths; 'all' = every path each variant supports")
+                        help="the comparison set at the preset's shape: MHA, GQA, MLA and EG-MLA")
+    parser.add_argument("--paths", default=DEFAULT_PATHS,
+                        help="comma-separated decode paths; 'auto' = the path generation takes by default on "
+                             "the device (the Triton kernel on CUDA); 'all' = every path each variant has")
     parser.add_argument("--batch-sizes", default="1,4,16", help="comma-separated batch sizes")
     parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per sequence")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per configuration (after a warm-up)")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs: run every decode step eagerly")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile each configuration's decode step (torch.profiler, eager, 3 steps): the "
+                             "kernel time per step against the measured step, and the kernels that take most")
+    parser.add_argument("--compare-hf", action="store_true",
+                        help="also time transformers' LlamaForCausalLM (MHA) and DeepseekV3ForCausalLM (MLA, dense "
+                             "MLP) at the same shape with cache_implementation='static'")
+    parser.add_argument("--fill-memory", type=float, metavar="GB",
+                        help="run each variant at the largest batch whose cache fits GB (decimal) at --context")
+    parser.add_argument("--context", type=int, help="with --fill-memory: positions per sequence (prompt + new tokens)")
     parser.add_argument("--offload-gate-tables", action="store_true", help="EG-MLA rows: gate tables in host memory")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto = bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--report", nargs="+", metavar="JSON",
+                        help="measure nothing: merge these result files (of one device) into one Markdown table, "
+                             "printed, and written to --markdown")
+    parser.add_argument("--markdown", metavar="PATH", help="with --report: write the table here")
 
 
 def run_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
@@ -56,7 +81,7 @@ def bench_one(engine, prompts, new_tokens: int, repeats: int, device) -> dict:
 
     from egmla.infer.sampling import SamplingParams
 
-    engine.generate(prompts, max_new_tokens=new_tokens, sampling=SamplingParams())  # same shapes: JIT, autotune
+    engine.generate(prompts, max_new_tokens=new_tokens, sampling=SamplingParams())  # same shapes: JIT, graphs
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     runs = []
@@ -66,92 +91,255 @@ def bench_one(engine, prompts, new_tokens: int, repeats: int, device) -> dict:
     steps = sorted(s for stats in runs for s in stats.step_seconds)
     return {
         "prefill_ms": 1e3 * statistics.median(s.prefill_seconds for s in runs),
-        "step_ms_median": 1e3 * statistics.median(steps) if steps else None,
-        "step_ms_p90": 1e3 * steps[int(0.9 * (len(steps) - 1))] if steps else None,
-        "decode_tokens_per_s": statistics.median(s.decode_tokens_per_second for s in runs),
+        "step_ms_median": 1e3 * statistics.median(steps),
+        "step_ms_p90": 1e3 * steps[int(0.9 * (len(steps) - 1))],
+        "decode_tokens_per_s": len(prompts) / statistics.median(steps),
         "cache_mb": runs[0].cache_bytes / 1e6,
+        "cuda_graphs": runs[0].cuda_graphs,
         "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 1e6 if device.type == "cuda" else None,
     }
+
+
+def profile_step(engine, steps: int = 3, top: int = 6) -> dict:
+    """The engine's last decode step, run eagerly `steps` times under torch.profiler with every row appending
+    nothing (the cache is left as it was): device time of its kernels per step, and the costliest kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    step = engine.last_step
+    on_cuda = step.tokens.is_cuda
+    with torch.inference_mode():
+        saved = step.n_new.clone()
+        step.n_new.zero_()
+        step.forward()
+        activities = [ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step.forward()
+            if on_cuda:
+                torch.cuda.synchronize()
+        step.n_new.copy_(saved)
+    if on_cuda:
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        time_of = lambda e: e.self_device_time_total  # noqa: E731
+    else:
+        kernels = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        time_of = lambda e: e.self_cpu_time_total  # noqa: E731
+    kernels.sort(key=time_of, reverse=True)
+    return {"profile_kernel_ms_per_step": sum(time_of(e) for e in kernels) / steps / 1e3,
+            "profile_kernels_per_step": sum(e.count for e in kernels) / steps,
+            "profile_top": [(e.key[:60], time_of(e) / steps / 1e3) for e in kernels[:top]]}
+
+
+def fill_batch(config, path: str, memory_gb: float, context: int, dtype) -> int:
+    """The largest batch whose cache (on `path`'s layout) fits memory_gb at `context` positions."""
+    from egmla.accounting import measured_cache_bytes_per_token
+
+    per_token, _ = measured_cache_bytes_per_token(config, dtype, path)
+    return int(memory_gb * 1e9 // (per_token * context))
 
 
 def main(args) -> int:
     import torch
 
     from egmla.accounting import variant_configs
-    from egmla.attention import decode_paths
+    from egmla.attention import decode_paths, fastest_decode_path
     from egmla.config import preset
     from egmla.configfile import parse_overrides
     from egmla.infer.cli import resolve_device_dtype
-    from egmla.infer.engine import GenerationEngine
-    from egmla.infer.offload import OFFLOADABLE_PATHS
-    from egmla.model import Transformer
     from egmla.runs import atomic_write_json
+    from egmla.variants import select, variant_config
 
+    if args.report:
+        return report(args.report, args.markdown)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if min(batch_sizes) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1:
         raise ValueError("--batch-sizes, --prompt-len, --repeats must be >= 1 and --new-tokens >= 2")
+    if (args.fill_memory is None) != (args.context is None):
+        raise ValueError("--fill-memory GB and --context T go together")
+    if args.fill_memory is not None and (args.fill_memory <= 0 or args.context <= args.new_tokens):
+        raise ValueError(f"--fill-memory {args.fill_memory} must be > 0 and --context {args.context} > --new-tokens")
+    prompt_len = args.context - args.new_tokens + 1 if args.fill_memory else args.prompt_len
+    trained = None
     if args.run:
         from egmla.runs import load_model, load_tokenizer
 
         trained, _ = load_model(args.run, device=device, dtype=dtype)
         base, source = trained.config, f"run {args.run}"
-        prompts = run_prompts(load_tokenizer(args.run), max(batch_sizes), args.prompt_len)
+        distinct = run_prompts(load_tokenizer(args.run), 32 if args.fill_memory else max(batch_sizes), prompt_len)
     else:
         from egmla.bench.token_ids import text_token_ids
 
-        trained = None
         base = preset(args.preset, **parse_overrides(args.overrides, section="model"))
         source = f"preset {args.preset}, random weights"
-        prompts = text_token_ids(max(batch_sizes), args.prompt_len, base.vocab_size)[0].tolist()
-    if args.prompt_len + args.new_tokens > base.max_seq_len:
-        raise ValueError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds max_seq_len="
-                         f"{base.max_seq_len}: shorten them or --set max_seq_len=...")
-    configs = variant_configs(base) if args.all_variants and trained is None else [base]
+        distinct = text_token_ids(max(batch_sizes) if not args.fill_memory else 32, prompt_len,
+                                  base.vocab_size)[0].tolist()
+    if prompt_len + args.new_tokens - 1 > base.max_seq_len:
+        raise ValueError(f"prompt {prompt_len} + {args.new_tokens} new tokens exceeds max_seq_len={base.max_seq_len}: "
+                         f"shorten them or --set max_seq_len=...")
+    if args.variants == "none":
+        configs = []
+    elif args.variants:
+        configs = [v.config(base) for v in select(args.variants)]
+    else:
+        configs = variant_configs(base) if args.all_variants and trained is None else [base]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"egmla bench generate: {source}; {device_name}, {dtype}; prompt {args.prompt_len} + "
-          f"{args.new_tokens} new tokens, greedy; torch {torch.__version__}")
+    print(f"egmla bench generate: {source}; {device_name}, {dtype}; prompt {prompt_len} + {args.new_tokens} new "
+          f"tokens, greedy; {'eager' if args.eager else 'CUDA graphs where on CUDA'}; torch {torch.__version__}")
     rows: list[dict] = []
     meta = {"benchmark": "generate", "source": source, "device": device_name, "dtype": str(dtype),
-            "torch": torch.__version__, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+            "torch": torch.__version__, "prompt_len": prompt_len, "new_tokens": args.new_tokens,
+            "repeats": args.repeats, "fill_memory_gb": args.fill_memory, "context": args.context,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+
+    def record(row: dict, work) -> None:
+        try:
+            row.update(work())
+        except Exception as err:  # noqa: BLE001 - a configuration that fails is reported, the rest still run
+            row["error"] = f"{type(err).__name__}: {err}"[:300]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(format_row(row), flush=True)
+        if args.json_path:  # after every row, so a run cut short keeps what it measured
+            atomic_write_json(args.json_path, meta)
+
     for config in configs:
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = trained if trained is not None else Transformer(config).to(dtype)
-        wanted = decode_paths(config) if args.paths == "all" else [p for p in args.paths.split(",")
-                                                                     if p in decode_paths(config)]
+        model = trained if trained is not None else _random_model(config, device, dtype)
+        if args.paths == "auto":
+            wanted = [fastest_decode_path(config, device)]
+        else:
+            wanted = decode_paths(config) if args.paths == "all" else [p for p in args.paths.split(",")
+                                                                       if p in decode_paths(config)]
         for path in wanted:
-            offload = args.offload_gate_tables and config.is_gated and path in OFFLOADABLE_PATHS
-            engine = GenerationEngine(model, decode_path=path, offload_gate_tables=offload)
-            for batch in batch_sizes:
-                row = {"variant": config.variant_name(), "decode_path": path, "batch": batch,
-                       "offloaded_gate_tables": offload}
-                try:
-                    row.update(bench_one(engine, prompts[:batch], args.new_tokens, args.repeats, device))
-                    if engine.offload is not None:
-                        row["gate_table_mb_off_device"] = engine.offload.bytes_saved() / 1e6
-                except Exception as err:  # noqa: BLE001 - a path that fails here is reported, the rest still run
-                    row["error"] = f"{type(err).__name__}: {err}"[:300]
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                rows.append(row)
-                print(format_row(row), flush=True)
-                if args.json_path:  # after every row, so a run cut short keeps what it measured
-                    atomic_write_json(args.json_path, meta)
-            if engine.offload is not None:
-                engine.offload.restore()  # the next path may need the tables on the device
+            sizes = [fill_batch(config, path, args.fill_memory, args.context, dtype)] if args.fill_memory else batch_sizes
+            for batch in sizes:
+                engine = _engine(model, config, path, args)
+                prompts = [distinct[i % len(distinct)] for i in range(batch)]
+                row = {"model": "egmla", "variant": config.variant_name(), "decode_path": path, "batch": batch,
+                       "offloaded_gate_tables": engine.offload is not None}
+                record(row, lambda: {**bench_one(engine, prompts, args.new_tokens, args.repeats, device),
+                                     **(profile_step(engine) if args.profile else {})})
+                if engine.offload is not None:
+                    row["gate_table_mb_off_device"] = engine.offload.bytes_saved() / 1e6
+                    engine.offload.restore()  # the next path may need the tables on the device
+                engine.release()
         del model
+    if args.compare_hf:
+        from egmla.bench.hf_anchors import ANCHORS, anchor_model, time_anchor
+
+        positions = prompt_len + args.new_tokens
+        for name in ANCHORS:
+            anchor = variant_config("mha", base) if name == "llama" else _mla_shape(base)
+            sizes = ([fill_batch(anchor, "naive", args.fill_memory, args.context, dtype)] if args.fill_memory
+                     else batch_sizes)
+            if args.fill_memory and name != "llama":
+                continue  # at full memory the anchor is MHA's largest batch
+            model = anchor_model(name, anchor, positions, device, dtype)
+            for batch in sizes:
+                prompts = [distinct[i % len(distinct)] for i in range(batch)]
+                row = {"model": f"transformers {type(model).__name__}", "variant": anchor.variant_name(),
+                       "decode_path": "static cache", "batch": batch}
+                record(row, lambda: time_anchor(model, prompts, args.new_tokens, args.repeats))
+            del model
+    print("\n" + markdown(meta))
     if args.json_path:
         print(f"wrote {args.json_path}")
     return 0
 
 
+def _random_model(config, device, dtype):
+    import torch
+
+    from egmla.model import Transformer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return Transformer(config).to(dtype)
+
+
+def _engine(model, config, path: str, args):
+    from egmla.infer.engine import GenerationEngine
+    from egmla.infer.offload import OFFLOADABLE_PATHS
+
+    offload = args.offload_gate_tables and config.is_gated and path in OFFLOADABLE_PATHS
+    return GenerationEngine(model, decode_path=path, offload_gate_tables=offload,
+                            cuda_graphs=False if args.eager else None)
+
+
+def _mla_shape(base):
+    """DeepSeek-V3's attention at the shape of `base`: MLA with base's latent rank if it has one, else 64."""
+    from egmla.variants import variant_config
+
+    return variant_config("mla-kv64", base, **({"kv_lora_rank": base.kv_lora_rank} if base.is_latent else {}))
+
+
+def report(paths: list[str], markdown_path: str | None) -> int:
+    """One table from several result files of one device and one setting (prompt, new tokens, memory)."""
+    import json
+    from pathlib import Path
+
+    metas = [json.loads(Path(p).read_text()) for p in paths]
+    keys = ("device", "prompt_len", "new_tokens", "fill_memory_gb", "context")
+    for meta in metas[1:]:
+        differing = [k for k in keys if meta.get(k) != metas[0].get(k)]
+        if differing:
+            raise ValueError(f"--report: the files differ in {', '.join(differing)}: give files of one setting")
+    merged = {**metas[0], "rows": [row for meta in metas for row in meta["rows"]],
+              "repeats": max(meta["repeats"] for meta in metas)}
+    table = markdown(merged)
+    print(table)
+    if markdown_path:
+        Path(markdown_path).write_text(table)
+        print(f"wrote {markdown_path}")
+    return 0
+
+
 def format_row(row: dict) -> str:
-    head = f"{row['variant']:<24} {row['decode_path']:<11} B={row['batch']:<4}"
+    head = f"{row['variant']:<22} {row['decode_path']:<12} B={row['batch']:<5}"
     if "error" in row:
         return f"{head} error: {row['error']}"
+    cache = f"  cache {row['cache_mb']:8.1f} MB" if "cache_mb" in row else ""
+    if "profile_kernel_ms_per_step" in row:
+        cache += (f"\n    profile: {row['profile_kernel_ms_per_step']:.2f} ms of kernels per step "
+                  f"({row['profile_kernels_per_step']:.0f} launches); top: "
+                  + ", ".join(f"{name} {ms:.3f}" for name, ms in row["profile_top"]))
+    peak = f"  peak {row['peak_memory_mb']:8.0f} MB" if row.get("peak_memory_mb") is not None else ""
     return (f"{head} prefill {row['prefill_ms']:8.1f} ms  step {row['step_ms_median']:7.2f} ms "
-            f"(p90 {row['step_ms_p90']:7.2f})  {row['decode_tokens_per_s']:9.1f} tok/s  "
-            f"cache {row['cache_mb']:8.1f} MB" + (f"  peak {row['peak_memory_mb']:8.0f} MB"
-                                                  if row["peak_memory_mb"] is not None else ""))
+            f"(p90 {row['step_ms_p90']:7.2f})  {row['decode_tokens_per_s']:9.1f} tok/s{cache}{peak}")
+
+
+def markdown(meta: dict) -> str:
+    """The results side by side, per batch size, with tokens/s as a multiple of transformers' Llama's."""
+    rows = [r for r in meta["rows"] if "error" not in r]
+    llama = {r["batch"]: r["decode_tokens_per_s"] for r in rows if "Llama" in r["model"]}
+    full = meta.get("fill_memory_gb")
+    lines = [f"Generation on {meta['device']}, {meta['dtype']}, torch {meta['torch']}: {meta['source']}; "
+             + (f"the largest batch whose cache fits {full:g} GB at {meta['context']} positions, "
+                if full else f"prompts of {meta['prompt_len']} tokens, ")
+             + f"{meta['new_tokens']} greedy tokens; medians of {meta['repeats']} runs.", "",
+             "| model | variant | decode path | batch | step ms | tokens/s | × Llama tokens/s | prefill ms |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    llama_full = next(iter(llama.values()), None) if full else None
+    for r in sorted(rows, key=lambda r: (0 if full else r["batch"], r["model"] != "egmla", r["variant"])):
+        anchor = llama_full if full else llama.get(r["batch"])
+        ratio = f"{r['decode_tokens_per_s'] / anchor:.2f}" if anchor else "-"
+        graphs = " (eager)" if r.get("cuda_graphs") is False and meta["device"] != "cpu" else ""
+        lines.append(f"| {r['model']} | {r['variant']} | {r['decode_path']}{graphs} | {r['batch']} | "
+                     f"{r['step_ms_median']:.2f} | {r['decode_tokens_per_s']:,.0f} | {ratio} | {r['prefill_ms']:.0f} |")
+    for r in meta["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | {r['decode_path']} | {r['batch']} | "
+                         f"error: {r['error'][:120]} ||||")
+    profiled = [r for r in rows if "profile_kernel_ms_per_step" in r]
+    if profiled:
+        lines += ["", "Profile of the same decode step run eagerly (torch.profiler, 3 steps): the device time of its "
+                  "kernels per step, beside the step measured above (a CUDA-graph replay, host sync included).", "",
+                  "| variant | decode path | batch | step ms | kernel ms per step | kernels per step | costliest kernels (ms per step) |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for r in profiled:
+            top = ", ".join(f"`{name.split('<')[0].strip()}` {ms:.2f}" for name, ms in r["profile_top"][:3])
+            lines.append(f"| {r['variant']} | {r['decode_path']} | {r['batch']} | {r['step_ms_median']:.2f} | "
+                         f"{r['profile_kernel_ms_per_step']:.2f} | {r['profile_kernels_per_step']:.0f} | {top} |")
+    return "\n".join(lines) + "\n"

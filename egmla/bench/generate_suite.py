@@ -1,80 +1,75 @@
-"""`egmla bench generate-suite`: the generation table of docs/benchmarks.md in one command (paper-base
-shape, random weights):
+"""`egmla bench generate-suite`: the generation tables of docs/benchmarks.md §2 in one command (paper-base shape,
+random weights, bf16), each run with its anchors in the same process:
 
-    egmla bench generate-suite                      # ~8 min on an H100; writes bench-out/bench_generate.{json,md}
-    egmla bench generate-suite --out docs           # ... as docs/bench_generate.{json,md}
-    egmla bench generate-suite --quick              # CPU smoke run at `tiny` (seconds)
+    egmla bench generate-suite --out docs/bench        # on a GPU: ~10 min on an H200
+    egmla bench generate-suite --quick                 # CPU smoke run at `tiny` (seconds)
 
-Runs `egmla bench generate` for every attention variant of the comparison set and every decode path at batch
-1, 32 and 128 (prompts of 2048 corpus tokens + 32 generated), then EG-MLA kv64 again with its gate tables
-offloaded to host memory, and writes the JSON and a Markdown table (device name in the title).
+  generate_<gpu>.json/.md          MHA, MLA kv64, EG-MLA kv64 (kernel, grouped) at batch 1, 32, 128, prompts of
+                                   2,048 tokens + 32 generated, beside transformers' Llama and DeepSeek-V3
+  generate_<gpu>_fill.json/.md     the largest batch whose cache fits 60 GB at 4,096 positions, beside Llama's
+  generate_<gpu>_profile.json/.md  the decode step profiled at batch 32 and 128 (kernel time, costliest kernels)
+  generate_<gpu>_paths.json/.md    every decode path at batch 1, 32, 128 with CUDA graphs, and two paths eagerly
 """
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-
-NAME = "bench_generate"  # OUT/bench_generate.json and .md
-
-
-def markdown(results: list[dict]) -> str:
-    first = results[0]
-    lines = [f"### Generation: {first['source']}, {first['device']}, {first['dtype']}, torch {first['torch']}",
-             "",
-             f"Prompt {first['prompt_len']} corpus tokens + {first['new_tokens']} greedy tokens per sequence; "
-             f"medians of {first['repeats']} runs; step = one decode step for the whole batch (wall time).",
-             "",
-             "| variant | decode path | batch | prefill ms | step ms (median) | step ms (p90) | decode tokens/s "
-             "| cache MB | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for result in results:
-        for r in result["rows"]:
-            name = r["variant"]
-            if r.get("gate_table_mb_off_device") is not None:
-                name += f" (gate tables offloaded: {r['gate_table_mb_off_device']:.0f} MB off the device)"
-            if "error" in r:
-                lines.append(f"| {name} | {r['decode_path']} | {r['batch']} | {r['error']} |||||||")
-                continue
-            peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
-            lines.append(f"| {name} | {r['decode_path']} | {r['batch']} | {r['prefill_ms']:.1f} | "
-                         f"{r['step_ms_median']:.2f} | {r['step_ms_p90']:.2f} | {r['decode_tokens_per_s']:.0f} | "
-                         f"{r['cache_mb']:.1f} | {peak} |")
-    return "\n".join(lines) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny preset, short prompts: a CPU smoke run")
-    parser.add_argument("--out", default="bench-out", help=f"folder for {NAME}.json and {NAME}.md")
+    parser.add_argument("--out", default="bench-out", help="folder for the JSON and Markdown files")
+
+
+def suite(quick: bool) -> dict[str, list[list[str]]]:
+    """{file suffix: [argv of each `egmla bench generate` run merged into that table]}."""
+    if quick:
+        shape = ["--preset", "tiny", "--prompt-len", "32", "--new-tokens", "8", "--repeats", "1"]
+        fill = ["--preset", "tiny", "--fill-memory", "0.01", "--context", "64", "--new-tokens", "4", "--repeats", "1"]
+        batches = "1,4"
+    else:
+        shape = ["--preset", "paper-base", "--set", "max_seq_len=2112", "--prompt-len", "2048", "--new-tokens", "32",
+                 "--repeats", "2", "--dtype", "bf16"]
+        fill = ["--preset", "paper-base", "--set", "max_seq_len=4096", "--fill-memory", "60", "--context", "4096",
+                "--new-tokens", "8", "--repeats", "1", "--dtype", "bf16"]
+        batches = "1,32,128"
+    main_variants = ["--variants", "mha,mla-kv64,egmla-kv64", "--paths", "kernel,grouped"]
+    profiled = ["--batch-sizes", batches.split(",", 1)[-1], "--profile"]
+    return {
+        "": [[*shape, *main_variants, "--batch-sizes", batches, "--compare-hf"]],
+        "_fill": [[*fill, "--variants", "mla-kv64,egmla-kv64", "--paths", "kernel,grouped", "--compare-hf"]],
+        "_profile": [[*shape, *main_variants, *profiled]],
+        "_paths": [[*shape, "--variants", "mha,mla-kv64,egmla-kv64", "--paths", "all", "--batch-sizes", batches],
+                   [*shape, "--variants", "mla-kv64,egmla-kv64", "--paths", "kernel,grouped",
+                    "--batch-sizes", batches.split(",")[1], "--eager"]],
+    }
 
 
 def main(args) -> int:
-    from egmla.bench.cli import run
+    import torch
 
-    out = Path(args.out) / NAME
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.quick:
-        common = ["--preset", "tiny", "--batch-sizes", "1,4", "--prompt-len", "32", "--new-tokens", "16"]
-        offload_batch = "4"
-    else:
-        common = ["--preset", "paper-base", "--set", "max_seq_len=2112", "--batch-sizes", "1,32,128",
-                  "--prompt-len", "2048", "--new-tokens", "32", "--repeats", "2", "--dtype", "bf16"]
-        offload_batch = "128"
-    runs = [
-        (["--all-variants"], ".all.json"),
-        (["--offload-gate-tables", "--paths", "naive,gate-table", "--batch-sizes", offload_batch], ".offload.json"),
-    ]
-    results = []
-    for extra, suffix in runs:
-        path = out.with_suffix(suffix)
-        argv = [*common, *extra, "--json", str(path)]
-        print("egmla bench generate " + " ".join(argv), flush=True)
-        if run("generate", argv) != 0:
-            return 1
-        results.append(json.loads(path.read_text()))
-        path.unlink()
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
-    print(f"wrote {out}.json and {out}.md")
+    from egmla.bench.cli import run
+    from egmla.bench.generate import report
+
+    device = torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, runs in suite(args.quick).items():
+        stem = out / f"generate_{device}{suffix}"
+        parts = []
+        for index, argv in enumerate(runs):
+            part = stem.with_name(f"{stem.name}.part{index}.json") if len(runs) > 1 else stem.with_suffix(".json")
+            print("egmla bench generate " + " ".join(argv), flush=True)
+            if run("generate", [*argv, "--json", str(part)]) != 0:
+                return 1
+            parts.append(part)
+        report([str(p) for p in parts], str(stem.with_suffix(".md")))
+        if len(parts) > 1:  # keep one JSON per table: the eager run's rows joined to the graph run's
+            import json
+
+            metas = [json.loads(p.read_text()) for p in parts]
+            metas[0]["rows"] = [row for meta in metas for row in meta["rows"]]
+            stem.with_suffix(".json").write_text(json.dumps(metas[0], indent=2) + "\n")
+            for part in parts:
+                part.unlink()
     return 0

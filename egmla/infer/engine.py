@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from egmla.attention import KVCache, check_decode_path
+from egmla.attention import KVCache, check_decode_path, fastest_decode_path
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.sampling import SamplingParams, select_next
@@ -123,7 +123,9 @@ class _Sequence:
 class GenerationEngine:
     """Generate from a `Transformer` with its KV cache.
 
-    decode_path: any of `egmla.attention.decode_paths(model.config)` (default: the model's current one).
+    decode_path: any of `egmla.attention.decode_paths(model.config)`; "auto" (default) takes the fastest on
+        the model's device (`fastest_decode_path`: the Triton kernel on CUDA) and the model's current path
+        elsewhere.
     cache_dtype: dtype of the cache tensors (default: the model's).
     offload_gate_tables: keep EG-MLA gate tables in host memory (see egmla.infer.offload).
     prefill_token_budget: prompt tokens (summed over the rows of one call) per prefill call.
@@ -131,7 +133,7 @@ class GenerationEngine:
         whose row copies run on the host). batch_buckets: the batch sizes steps are built for (default:
         DEFAULT_BUCKETS with graphs, the exact batch without); a batch pads up to the next one."""
 
-    def __init__(self, model, tokenizer=None, decode_path: str | None = None, cache_dtype=None,
+    def __init__(self, model, tokenizer=None, decode_path: str | None = "auto", cache_dtype=None,
                  offload_gate_tables: bool = False, prefill_token_budget: int = 8192,
                  cuda_graphs: bool | None = None, batch_buckets: Sequence[int] | None = None):
         if prefill_token_budget < 1:
@@ -139,6 +141,9 @@ class GenerationEngine:
         self.prefill_token_budget = prefill_token_budget
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = model.config
+        if decode_path == "auto":
+            on_cuda = model.tok_embeddings.weight.is_cuda
+            decode_path = fastest_decode_path(self.config, self.device) if on_cuda else model.decode_path
         # (re)build what the path precomputes from the weights (gate tables, folded absorption)
         model.set_decode_path(check_decode_path(self.config, decode_path or model.decode_path))
         self.decode_path = model.decode_path
@@ -156,6 +161,7 @@ class GenerationEngine:
             raise ValueError(f"batch_buckets={tuple(buckets)}: every bucket must be >= 1")
         self.batch_buckets = tuple(sorted(set(buckets)))
         self.last_stats: GenerationStats | None = None
+        self.last_step: DecodeStep | None = None
         self._cache: KVCache | None = None  # kept between calls of the same shape, with its steps
         self._steps: dict[tuple, DecodeStep] = {}
 
@@ -165,7 +171,7 @@ class GenerationEngine:
 
     def release(self) -> None:
         """Free the cache and the captured graphs kept for the next call."""
-        self._cache, self._steps = None, {}
+        self._cache, self._steps, self.last_step = None, {}, None
 
     # ---- input -----------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int], index: int = 0) -> list[int]:
@@ -257,6 +263,7 @@ class GenerationEngine:
                 step.n_new.copy_(torch.tensor(appending))
                 step_appending = appending
             last_logits = step.run()
+        self.last_step = step  # the decode step of the last bucket (benchmarks profile it)
         self.last_stats = GenerationStats(
             batch_size=batch, prompt_tokens=sum(prompt_lengths),
             generated_tokens=sum(len(seq.result.token_ids) for seq in sequences),
@@ -291,10 +298,26 @@ class GenerationEngine:
         return self._steps[key]
 
     def _prefill(self, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
-        """Append each prompt to its cache row; logits [batch, vocab] at each prompt's last token.
+        """Append prompt i to cache row i; logits [batch, vocab] at each prompt's last token.
 
+        A prompt repeated in the batch (samples of one prompt) is prefilled once and its cache row copied.
         Rows go in groups whose prompts fit the token budget together, each group a whole-prompt forward
         (no K/V rebuilt twice); a prompt longer than the budget goes alone, in chunks of the budget."""
+        first: dict[tuple[int, ...], int] = {}
+        source = [first.setdefault(tuple(p), len(first)) for p in prompts]  # unique prompt of each row
+        unique = [list(p) for p in first]
+        logits = self._prefill_unique(unique, cache)
+        if len(unique) < len(prompts):
+            # The unique prompts sit in rows [0, U), prompt i belongs in row i, and source[i] <= i: fill
+            # rows [U, batch) at once, then rows below U from the top down, so no source is overwritten first.
+            beyond = torch.arange(len(unique), len(prompts))
+            cache.copy_rows(torch.tensor(source)[beyond], beyond)
+            for row in reversed([i for i in range(len(unique)) if source[i] != i]):
+                cache.copy_rows(torch.tensor([source[row]]), torch.tensor([row]))
+            logits = logits[torch.tensor(source, device=logits.device)]
+        return logits
+
+    def _prefill_unique(self, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
         device, budget = self.device, self.prefill_token_budget
         lengths = [len(p) for p in prompts]
         logits = []

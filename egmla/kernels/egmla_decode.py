@@ -78,7 +78,7 @@ def _egmla_decode_kernel(
     WIDTH: tl.constexpr = D_N + D_V
     head0 = tl.program_id(0) * HEADS
     split = tl.program_id(1)
-    batch = tl.program_id(2)
+    batch = tl.program_id(2).to(tl.int64)  # offsets past 2^31 elements at large batch
     length = tl.minimum(tl.load(lengths_ptr + batch).to(tl.int32), max_len)
     start, end = split_range(length, split, num_splits, BLOCK_T)
 
@@ -159,7 +159,7 @@ def _ln_stats_kernel(
 ):
     """(mean, rstd) of x_t over all n_h*(d_n+d_v) columns, one head's slice at a time."""
     tile = tl.program_id(0)
-    batch = tl.program_id(1)
+    batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < max_len
     offs_c = tl.arange(0, BLOCK_C)

@@ -106,7 +106,7 @@ def _slot_offsets_kernel(counts_ptr, ids_ptr, n_distinct_ptr, lengths_ptr, offse
                          stride_cb, stride_ib, stride_ob, BLOCK: tl.constexpr):
     """offsets[b, s] = sum of counts[b, :s] (where slot s's positions start in the grouped order), and
     summary[b] = (length, distinct ids, largest distinct id)."""
-    batch = tl.program_id(0)
+    batch = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at large batch
     n_slots = tl.load(n_distinct_ptr + batch)
     carry = tl.full([], 0, tl.int32)
     largest = tl.full([], -1, tl.int32)
@@ -126,7 +126,7 @@ def _slot_offsets_kernel(counts_ptr, ids_ptr, n_distinct_ptr, lengths_ptr, offse
 def _place_kernel(slots_ptr, ranks_ptr, lengths_ptr, offsets_ptr, order_ptr, row_chunk_ptr,
                   stride_sb, stride_kb, stride_fb, stride_ob, stride_rb, BLOCK: tl.constexpr, BLOCK_T: tl.constexpr):
     """Position t goes to index offsets[slot_t] + rank_t of the grouped order; row (slot, chunk) -> chunk."""
-    batch = tl.program_id(1)
+    batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
     offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     registered = offs_t < tl.load(lengths_ptr + batch)
     slot = tl.load(slots_ptr + batch * stride_sb + offs_t, mask=registered, other=0)
@@ -147,7 +147,7 @@ def _absorb_kernel(q_ptr, weight_ptr, bias_ptr, ids_ptr, n_distinct_ptr, gate_pt
                    DOT_PRECISION: tl.constexpr):
     """A[b, u, h, :] = W^K_h^T (gamma^K_h ⊙ q^C[b, h] ⊙ G[id_u, head h key slice]) for BLOCK_U distinct ids u
     and HEADS heads. The programs of the first id block also write gamma^K . q^C, beta^K . q^C (and zero acc)."""
-    batch = tl.program_id(1)
+    batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
     lead = tl.program_id(0) == 0
     offs_u = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     n_ids = tl.load(n_distinct_ptr + batch)
@@ -197,7 +197,7 @@ def _attend_kernel(order_ptr, slots_ptr, lengths_ptr, latent_ptr, k_rope_ptr, st
     """Scores, chunk-local softmax and per-run value sums for one chunk of BLOCK_T slot-sorted positions.
     Heads are the N of the dots (as in MLA's absorbed decode); a run (one id) costs one dot each way."""
     chunk = tl.program_id(0)
-    batch = tl.program_id(1)
+    batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
     length = tl.load(lengths_ptr + batch)
     if chunk * BLOCK_T >= length:
         return
@@ -266,7 +266,7 @@ def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, ids_ptr, c
     """o[b, h] = gamma^V ⊙ (sum over rows of g^V[id] ⊙ (W^V_h s_row) - sum_t w_t mu_t) + beta^V, rows rescaled
     to the global softmax. One program per (head, sequence, split of the row blocks); W^V_h read once."""
     head = tl.program_id(0)
-    batch = tl.program_id(1)
+    batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
     split = tl.program_id(2)
     length = tl.load(lengths_ptr + batch)
     n_seq_chunks = tl.cdiv(length, BLOCK_T)

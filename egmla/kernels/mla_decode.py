@@ -34,7 +34,7 @@ def _mla_decode_kernel(
     DOT_PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr,
 ):
     split = tl.program_id(0)
-    batch = tl.program_id(1)
+    batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
     length = tl.minimum(tl.load(lengths_ptr + batch).to(tl.int32), max_len)
     start, end = split_range(length, split, num_splits, BLOCK_T)
 

@@ -50,7 +50,7 @@ def _combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, weight_ptr, bias_ptr,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
     head = tl.program_id(0)
-    batch = tl.program_id(1)
+    batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < num_splits

@@ -74,6 +74,16 @@ def test_prefill_in_row_groups_and_chunks_equals_one_call():
         assert [r.token_ids for r in engine.generate(PROMPTS, max_new_tokens=6)] == expected, budget
 
 
+@pytest.mark.parametrize("variant,path", [("mha", "naive"), ("eg-mla", "grouped"), ("mla", "absorbed")])
+def test_repeated_prompts_are_prefilled_once_and_copied(variant, path):
+    model = tiny_model(variant)
+    engine = GenerationEngine(model, decode_path=path)
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0], PROMPTS[1]]
+    alone = {i: engine.generate([PROMPTS[i]], max_new_tokens=7)[0].token_ids for i in range(3)}
+    batch = engine.generate(prompts, max_new_tokens=7)
+    assert [r.token_ids for r in batch] == [alone[PROMPTS.index(p)] for p in prompts]
+
+
 def test_cuda_graphs_need_cuda():
     with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
         GenerationEngine(tiny_model("mla"), cuda_graphs=True)

@@ -1,0 +1,35 @@
+"""`egmla bench generate` on CPU at the tiny preset: egmla's rows beside transformers' anchors, the ratio
+column, a fill-memory run at the planner's batch, the step profile, and the merged report."""
+import json
+
+from egmla.bench.cli import run
+from egmla.bench.generate import fill_batch, report
+from egmla.variants import variant_config
+
+
+def test_rows_anchors_profile_and_report(tmp_path, capsys):
+    path = tmp_path / "gen.json"
+    assert run("generate", ["--preset", "tiny", "--variants", "mla-kv64", "--paths", "absorbed", "--batch-sizes",
+                            "1,3", "--prompt-len", "8", "--new-tokens", "3", "--repeats", "1", "--compare-hf",
+                            "--profile", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["model"], r["batch"]) for r in rows} == {
+        (m, b) for m in ("egmla", "transformers LlamaForCausalLM", "transformers DeepseekV3ForCausalLM") for b in (1, 3)}
+    assert all("error" not in r and r["step_ms_median"] > 0 for r in rows)
+    assert all(r["profile_kernel_ms_per_step"] > 0 for r in rows if r["model"] == "egmla")
+    table = capsys.readouterr().out
+    assert "| transformers LlamaForCausalLM | MHA | static cache | 3 |" in table and "| 1.00 |" in table
+    report([str(path)], str(tmp_path / "gen.md"))
+    assert "Profile of the same decode step" in (tmp_path / "gen.md").read_text()
+
+
+def test_fill_memory_runs_the_planners_batch(tmp_path):
+    path = tmp_path / "fill.json"
+    assert run("generate", ["--preset", "tiny", "--variants", "egmla-kv64", "--paths", "grouped", "--fill-memory",
+                            "0.002", "--context", "24", "--new-tokens", "3", "--repeats", "1", "--json", str(path)]) == 0
+    [row] = json.loads(path.read_text())["rows"]
+    import torch
+
+    expected = fill_batch(variant_config("egmla-kv64", "tiny"), "grouped", 0.002, 24, torch.float32)
+    assert row["batch"] == expected > 32 and "error" not in row  # more sequences than its 32 prompts: rows copied
+    assert row["cache_mb"] <= 2.0
