@@ -1,13 +1,14 @@
 """`python -m egmla.train ...` is `egmla train ...` without loading the other subcommands (faster to
 start; also `torchrun --nproc_per_node=N -m egmla.train ...`)."""
-import argparse
 import sys
 
-from egmla.train import cli
+from egmla.cli import ArgumentParser, quiet_cpu_threads
+from egmla.train import cli  # neither imports torch: quiet_cpu_threads() below still acts
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="egmla train", description=cli.__doc__.split("\n\n")[0])
+    quiet_cpu_threads()
+    parser = ArgumentParser(prog="egmla train", description=cli.__doc__.split("\n\n")[0])
     cli.add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -50,12 +50,14 @@ def test_kv_report_help_lists_the_model_fields(capsys):
     assert "  kv_lora_rank = 64" in out and "d_c: width of the cached latent" in out and "  gate_placement = up" in out
 
 
-def test_the_command_asks_openmp_for_passive_waiting_unless_told_otherwise():
+@pytest.mark.parametrize("command", [["egmla", "kv-report", "--preset", "tiny", "--json"],
+                                     ["egmla.train", "--dry-run"]])  # also what torchrun -m egmla.train runs
+def test_the_command_asks_openmp_for_passive_waiting_unless_told_otherwise(command):
     """libgomp (torch's OpenMP on Linux) prints its settings with OMP_DISPLAY_ENV; passive = spin count 0."""
     def spin_count(**env) -> str:
         environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"OMP_DISPLAY_ENV": "VERBOSE"}
-        done = subprocess.run([sys.executable, "-m", "egmla", "kv-report", "--preset", "tiny", "--json"],
-                              env=environ | env, capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, "-m", *command], env=environ | env, capture_output=True, text=True,
+                              check=True)
         if "GOMP_SPINCOUNT" not in done.stderr:
             pytest.skip("torch's OpenMP runtime here is not libgomp")
         return done.stderr.split("GOMP_SPINCOUNT = '")[1].split("'")[0]

@@ -1,6 +1,8 @@
 """`egmla train` from the command line: the default run directory and runs/latest, refusing to
-overwrite a run, one-line errors."""
+overwrite a run, one-line errors, the closest option to a mistyped one."""
 import json
+
+import pytest
 
 from egmla.cli import main as egmla_main
 from egmla.runs import list_checkpoints
@@ -33,3 +35,11 @@ def test_errors_are_one_line(capsys):
     assert train_main(["--set", "data.corpus=/definitely/not/here.txt", "--dry-run"]) == 0  # resolving is lazy
     assert train_main(["--set", "train.batch_size=0"]) == 2
     assert capsys.readouterr().err.strip() == ("egmla train: error: train.batch_size=0: must be greater than 0")
+
+
+def test_python_m_egmla_train_names_the_closest_option_like_egmla_train(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--confg", "run.toml"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("usage: egmla train")
+    assert "unrecognized arguments: --confg run.toml (did you mean --config?)" in err
