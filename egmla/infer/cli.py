@@ -31,8 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop a sequence when it produces this text (cut from the output; repeatable)")
     parser.add_argument("--eos-token", help="end-of-text token (default: found in the tokenizer, e.g. <|endoftext|>)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
-    parser.add_argument("--decode-path", help="cached-attention path: naive, absorbed (MLA), gate-table (EG-MLA), "
-                                              "or any other the model supports (default: the variant's first)")
+    parser.add_argument("--decode-path", default="auto",
+                        help="cached-attention path: naive, absorbed (MLA), gate-table (EG-MLA), kernel, grouped, or any "
+                             "other the model supports; auto = the Triton kernel on CUDA, the variant's first elsewhere")
+    parser.add_argument("--eager", action="store_true",
+                        help="run every decode step eagerly (default on CUDA: replay each batch size's step from a "
+                             "CUDA graph)")
     parser.add_argument("--offload-gate-tables", action="store_true",
                         help="EG-MLA: keep gate tables in host memory, copy the rows in use to the device")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda if available")
@@ -93,7 +97,7 @@ def main(args) -> int:
     model, meta = load_model(args.run, device=device, dtype=dtype, checkpoint=args.checkpoint)
     tokenizer = load_tokenizer(args.run)
     engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path,
-                              offload_gate_tables=args.offload_gate_tables)
+                              offload_gate_tables=args.offload_gate_tables, cuda_graphs=False if args.eager else None)
     eos = None if args.ignore_eos else find_eos(tokenizer, meta, args.eos_token)
     if args.json:
         on_token = None
@@ -110,7 +114,8 @@ def main(args) -> int:
                            "finish_reason": r.finish_reason} for r in results], indent=2))
     elif len(prompts) == 1:
         print()
-    summary = (f"[{model.config.variant_name()}, decode path {engine.decode_path}, {device}, batch {stats.batch_size}: "
+    summary = (f"[{model.config.variant_name()}, decode path {engine.decode_path}{', CUDA graphs' if stats.cuda_graphs else ''}, "
+               f"{device}, batch {stats.batch_size}: "
                f"{stats.generated_tokens} tokens, prefill {stats.prefill_seconds * 1e3:.0f} ms, "
                f"decode {stats.decode_tokens_per_second:.1f} tokens/s, cache {stats.cache_bytes / 1e6:.2f} MB")
     if engine.offload is not None:

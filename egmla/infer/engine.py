@@ -125,7 +125,7 @@ class GenerationEngine:
 
     decode_path: any of `egmla.attention.decode_paths(model.config)`; "auto" (default) takes the fastest on
         the model's device (`fastest_decode_path`: the Triton kernel on CUDA) and the model's current path
-        elsewhere.
+        elsewhere or with offloaded gate tables.
     cache_dtype: dtype of the cache tensors (default: the model's).
     offload_gate_tables: keep EG-MLA gate tables in host memory (see egmla.infer.offload).
     prefill_token_budget: prompt tokens (summed over the rows of one call) per prefill call.
@@ -141,9 +141,9 @@ class GenerationEngine:
         self.prefill_token_budget = prefill_token_budget
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = model.config
-        if decode_path == "auto":
-            on_cuda = model.tok_embeddings.weight.is_cuda
-            decode_path = fastest_decode_path(self.config, self.device) if on_cuda else model.decode_path
+        if decode_path == "auto":  # the Triton kernels read whole gate tables: not with an offload
+            fast = model.tok_embeddings.weight.is_cuda and not offload_gate_tables
+            decode_path = fastest_decode_path(self.config, self.device) if fast else model.decode_path
         # (re)build what the path precomputes from the weights (gate tables, folded absorption)
         model.set_decode_path(check_decode_path(self.config, decode_path or model.decode_path))
         self.decode_path = model.decode_path
