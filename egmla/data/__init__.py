@@ -12,7 +12,7 @@ def prepare_data(config: DataConfig, vocab_size: int, tokenizer=None, progress: 
     from egmla.data.tokenizer import check_tokenizer_fits, get_tokenizer
 
     if tokenizer is None:
-        tokenizer = get_tokenizer(config, vocab_size, log=log)
+        tokenizer = get_tokenizer(config, vocab_size, progress=progress, log=log)
     check_tokenizer_fits(tokenizer, vocab_size, where="tokenizer")
     return tokenizer, prepare_shards(config, tokenizer, progress=progress, log=log)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 
 from egmla.data.config import DataConfig
 from egmla.data.corpora import corpus_fingerprint, iter_documents, split_chunks
@@ -25,8 +26,9 @@ def new_bpe_tokenizer():
     return tokenizer
 
 
-def train_tokenizer(texts, vocab_size: int, length: int | None = None):
-    """Train a byte-level BPE of exactly vocab_size ids (fewer if the text has too few merges)."""
+def train_tokenizer(texts, vocab_size: int, length: int | None = None, progress: bool = False):
+    """Train a byte-level BPE of exactly vocab_size ids (fewer if the text has too few merges).
+    progress: the library's bars, on a terminal only (elsewhere they draw nothing but print blank lines)."""
     from tokenizers import pre_tokenizers, trainers
 
     if vocab_size < MIN_VOCAB:
@@ -34,7 +36,8 @@ def train_tokenizer(texts, vocab_size: int, length: int | None = None):
                          f"(256 bytes + end-of-text); use e.g. 512 or more")
     tokenizer = new_bpe_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[END_OF_TEXT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=progress and sys.stderr.isatty())
     tokenizer.train_from_iterator(texts, trainer, length=length)
     return tokenizer
 
@@ -55,7 +58,7 @@ def _training_texts(config: DataConfig):
         yield text
 
 
-def get_tokenizer(config: DataConfig, vocab_size: int, log=print):
+def get_tokenizer(config: DataConfig, vocab_size: int, progress: bool = True, log=print):
     """The cached tokenizer for (corpus, vocab size), training it first if needed."""
     from tokenizers import Tokenizer
 
@@ -65,7 +68,7 @@ def get_tokenizer(config: DataConfig, vocab_size: int, log=print):
     if path.is_file():
         return Tokenizer.from_file(str(path))
     log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on corpus {config.corpus!r} ...")
-    tokenizer = train_tokenizer(_training_texts(config), vocab_size)
+    tokenizer = train_tokenizer(_training_texts(config), vocab_size, progress=progress)
     if tokenizer.get_vocab_size() < MIN_VOCAB + 1:
         raise ValueError(f"data.corpus={config.corpus!r}: no training text to learn a tokenizer from; "
                          f"check the path and data.max_bytes")

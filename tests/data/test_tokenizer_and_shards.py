@@ -33,6 +33,13 @@ def test_byte_level_bpe_round_trips_any_text():
         check_tokenizer_fits(tokenizer, 299, where="tokenizer")
 
 
+def test_training_prints_nothing_without_a_terminal(capfd):
+    """The library's progress bars, off a terminal, printed blank lines to stdout (from Rust: capfd sees them)."""
+    train_tokenizer([TEXT * 20], 300, progress=True)
+    train_tokenizer([TEXT * 20], 300)
+    assert capfd.readouterr() == ("", "")
+
+
 def test_tokenizer_is_cached_by_corpus_and_vocab(corpus, monkeypatch):
     first = get_tokenizer(corpus, 320, log=lambda *_: None)
     monkeypatch.setattr(tokenizer_module, "train_tokenizer", lambda *a, **k: pytest.fail("retrained"))
