@@ -65,7 +65,7 @@ def _combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, weight_ptr, bias_ptr,
                   mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     total = tl.sum(acc * w[:, None], axis=0)
     denom = tl.sum(l * w, axis=0)
-    y = tl.where(denom > 0, total / denom, 0.0)
+    y = tl.where(denom > 0, total / tl.where(denom > 0, denom, 1.0), 0.0)  # no 0/0, even discarded
     affine = head * affine_head_stride + affine_offset + offs_d
     if HAS_WEIGHT:
         y = y * tl.load(weight_ptr + affine, mask=d_mask, other=0.0).to(tl.float32)
