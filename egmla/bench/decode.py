@@ -37,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto = bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per case")
     parser.add_argument("--rep-ms", type=float, default=100.0, help="measured time per case (median of the repetitions)")
-    parser.add_argument("--hbm-gbs", type=float, default=HBM_GBS, help="HBM bandwidth for the floor, GB/s")
+    parser.add_argument("--hbm-gbs", type=float, default=HBM_GBS,
+                        help="HBM bandwidth for the floor, GB/s (the printed table shows the floor on CUDA, or "
+                             "on another device when this or --peak-tflops is given)")
     parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="matmul peak for the floor, TFLOP/s")
     parser.add_argument("--no-graph", dest="graph", action="store_false",
                         help="time eager calls (host launch overhead included) instead of CUDA-graph replays")
@@ -152,7 +154,8 @@ def main(args) -> int:
         if args.out:  # partial results survive an interrupted run
             decode_report.write_outputs(rows, {**meta, "complete": False}, args.out, None, None, quiet=True)
     decode_report.add_ratios(rows)
-    print(decode_report.text_table(rows))
+    own_floor = device.type == "cuda" or (args.hbm_gbs, args.peak_tflops) != (HBM_GBS, PEAK_TFLOPS)
+    print(decode_report.text_table(rows, said=no_kernel, floor=own_floor))  # the kernels' skip is in the header
     decode_report.write_outputs(rows, {**meta, "complete": True}, args.out, args.plot, args.markdown)
     return 0
 

@@ -1,5 +1,6 @@
 """`egmla bench decode` end to end at tiny shapes on CPU: every variant and path produces a row with
-consistent figures, the JSON/Markdown/PNG outputs are written, and bad options fail clearly."""
+consistent figures, the printed table carries no noise, the JSON/Markdown/PNG outputs are written,
+and bad options fail clearly."""
 import json
 
 import pytest
@@ -7,12 +8,14 @@ import pytest
 from egmla.cli import main as egmla_main
 
 
-def test_bench_decode_tiny_cpu(tmp_path):
+def test_bench_decode_tiny_cpu(tmp_path, capfd):
     out, md, png = tmp_path / "decode.json", tmp_path / "decode.md", tmp_path / "decode.png"
     code = egmla_main(["bench", "decode", "--device", "cpu", "--preset", "tiny", "--batch", "2", "--context", "24",
                        "--rep-ms", "1", "--warmup-ms", "1", "--out", str(out), "--markdown", str(md),
                        "--plot", str(png)])
     assert code == 0
+    printed = capfd.readouterr().out.splitlines()
+    assert "" not in printed and "% floor" not in printed[1]  # no blank lines; no GPU floor for a CPU
     result = json.loads(out.read_text())
     rows = result["rows"]
     expected = {("MHA", "sdpa"), ("GQA-4", "sdpa")} | {(f"MLA kv{r}", p) for r in (64, 256) for p in (
@@ -20,6 +23,7 @@ def test_bench_decode_tiny_cpu(tmp_path):
         "naive", "gate-table", "kernel", "kernel+stats", "grouped", "grouped-plan")}
     assert {(r["variant"], r["path"]) for r in rows} == expected
     timed = [r for r in rows if "median_us" in r]
+    assert len(printed) == 2 + len(timed) + 3  # header, column names, timed rows (a skip is said in the header), files
     from egmla.kernels import kernel_unavailable_reason
 
     if kernel_unavailable_reason("cpu") is None:  # the interpreter runs the Triton paths too
@@ -33,6 +37,21 @@ def test_bench_decode_tiny_cpu(tmp_path):
     assert all(r["distinct_ids_batch"] <= 2 * 24 for r in egmla_rows)
     assert result["token_ids"]["source"] == "embedded"
     assert "| MHA sdpa |" in md.read_text() and png.stat().st_size > 0
+
+
+def test_text_table_says_a_shared_skip_reason_once_and_the_floor_only_when_asked():
+    from egmla.bench.decode_report import text_table
+
+    timed = {"batch": 2, "context": 24, "variant": "MHA", "path": "sdpa", "median_us": 50.0, "gbytes_per_s": 1.0,
+             "tflops": 0.0, "floor_us": 0.5, "pct_of_floor": 1.0, "speedup_vs_mha": 1.0}
+    skipped = [{"batch": 2, "context": 24, "variant": "MLA kv64", "path": p, "skipped": "no CUDA"}
+               for p in ("kernel", "kernel-core")]
+    out_of_memory = {**skipped[0], "skipped": "out of memory"}
+    rows = [timed, *skipped, out_of_memory]
+    assert text_table(rows).count("skipped: no CUDA") == 2 and "% floor" in text_table(rows)
+    lines = text_table(rows, said="no CUDA", floor=False).splitlines()
+    assert len(lines) == 3 and lines[2].endswith("skipped: out of memory")  # another reason is still shown
+    assert "floor" not in lines[0] and lines[1].split()[-4:] == ["50.0", "1", "0.00", "1.00"]
 
 
 def test_bench_decode_rejects_unknown_variant(capsys):
