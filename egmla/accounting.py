@@ -60,7 +60,7 @@ def kv_rows(configs: list[ModelConfig], dtype=torch.bfloat16) -> list[dict]:
 
 
 def grouped_row(row: dict, config: ModelConfig, dtype, mha_elements: int | None) -> dict:
-    """The same variant with the cache of decode path 'grouped' (DESIGN.md §4b): + (mu, rho) fp32 per
+    """The same variant with the cache of decode path 'grouped' (docs/design.md §4b): + (mu, rho) fp32 per
     position and layer, + the token groups (slot, rank, distinct id, count: int32) per position for all layers."""
     measured, id_bytes = measured_cache_bytes_per_token(config, dtype, "grouped")
     cache_bytes = row["bytes_per_token_bf16"] + 8 * config.n_layers  # two fp32 statistics per layer
@@ -80,7 +80,7 @@ def format_kv_table(rows: list[dict]) -> str:
         lines.append(f"{r['variant']:<{name_width}} {r['elements_per_token']:>10,} {r['bytes_per_token_bf16']:>12,} "
                      f"{r['measured_bytes_per_token']:>16,.0f} {red:>8} {r['params'] / 1e6:>11.1f} "
                      f"{r['params_without_gate_tables'] / 1e6:>15.1f}")
-    lines.append("elements/token sum all layers (DESIGN.md §3); measured bytes come from an allocated bf16 cache "
+    lines.append("elements/token sum all layers (docs/design.md §3); measured bytes come from an allocated bf16 cache "
                  "and include EG-MLA's token id (4 B/token, once for all layers); 'grouped' rows add (mu, rho) fp32 per "
                  "layer and 16 B of token groups (slot, rank, distinct id, count; once for all layers) per token.")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass, the presets of DESIGN.md §2, and validation with clear errors.
+"""Model configuration: one dataclass, the presets of docs/design.md §2, and validation with clear errors.
 
 Every check names the field, the bad value and the fix, and runs once at construction. Each field's
 annotation is its type and range (`PositiveInt`, `Literal[...]`): `check_field_types` validates them
@@ -130,7 +130,7 @@ class ModelConfig:
         return self.kv_up_dim if self.gate_placement == "up" else self.kv_lora_rank
 
     def kv_elements_per_token(self) -> int:
-        """Cache elements per token over all layers (DESIGN.md §3), excluding token ids."""
+        """Cache elements per token over all layers (docs/design.md §3), excluding token ids."""
         if self.is_latent:
             return (self.kv_lora_rank + self.qk_rope_head_dim) * self.n_layers
         return 2 * self.kv_heads * self.mha_head_dim * self.n_layers
@@ -210,7 +210,7 @@ def check_keys(cls, values: dict, where: str) -> dict:
     return values
 
 
-# DESIGN.md §2. The EG-MLA defaults (kv64, d_e = 512) are the paper's headline configuration.
+# docs/design.md §2. The EG-MLA defaults (kv64, d_e = 512) are the paper's headline configuration.
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=8192, n_layers=4, d_model=256, n_heads=4, qk_nope_head_dim=32,
                  qk_rope_head_dim=32, v_head_dim=32, kv_lora_rank=64, gate_dim=256, max_seq_len=512),

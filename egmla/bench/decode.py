@@ -4,7 +4,7 @@ For every (batch B, context T): a full cache of T positions per sequence (token 
 one new query token per sequence; each case (egmla/bench/decode_cases.py) is timed as the median of
 many repetitions (CUDA: triton.testing.do_bench, CUDA events, L2 flushed before each repetition).
 Reported per case: median µs, achieved GB/s and TFLOP/s on the bytes/FLOPs the path must spend, the
-floor max(bytes / HBM, FLOPs / peak) of DESIGN.md §4 and the fraction of it reached, and the speedup
+floor max(bytes / HBM, FLOPs / peak) of docs/design.md §4 and the fraction of it reached, and the speedup
 over MHA SDPA measured in the same run. Configurations that do not fit in memory are skipped with a note.
 
     egmla bench decode --out decode.json --plot decode.png        # full table (GPU, a few minutes)
@@ -17,7 +17,7 @@ import argparse
 import statistics
 import time
 
-HBM_GBS, PEAK_TFLOPS = 3000.0, 782.0  # DESIGN.md §4: measured on the lent H100 (copy, 8192^3 bf16 matmul)
+HBM_GBS, PEAK_TFLOPS = 3000.0, 782.0  # docs/design.md §4: measured on the lent H100 (copy, 8192^3 bf16 matmul)
 DEFAULT_VARIANTS = "mha,gqa4,mla-kv64,mla-kv256,egmla-kv64"
 
 
@@ -84,7 +84,7 @@ def graphed(fn):
 
 
 def copy_bandwidth_gbs(device) -> float | None:
-    """Device-to-device copy of 1 GiB, bytes read + written per second (the DESIGN.md §4 ceiling)."""
+    """Device-to-device copy of 1 GiB, bytes read + written per second (the docs/design.md §4 ceiling)."""
     import torch
 
     if device.type != "cuda":

@@ -5,7 +5,7 @@ Every path except the MHA/GQA baselines calls the model's own code (the attentio
 the path), so the numbers are what a model layer spends, including any K/V rebuild. The baselines are
 SDPA on contiguous [batch, heads, T, head_dim] K/V without a mask (the strongest SDPA case).
 
-Floors (DESIGN.md §4): bytes = what the path must read from HBM at least (the cache; for EG-MLA also
+Floors (docs/design.md §4): bytes = what the path must read from HBM at least (the cache; for EG-MLA also
 token ids, norm statistics and one gate row per distinct id in the batch), FLOPs = the attention dots
 plus any rebuild; floor = max(bytes / HBM bandwidth, FLOPs / matmul peak).
 """

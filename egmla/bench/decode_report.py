@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 BASELINE = ("MHA", "sdpa")
-FOCUS = (32, 4096)  # the shape of DESIGN.md §4 and of the targets
+FOCUS = (32, 4096)  # the shape of docs/design.md §4 and of the targets
 
 
 def add_ratios(rows: list[dict]) -> None:

@@ -1,4 +1,4 @@
-"""The grouped EG-MLA decode (DESIGN.md §4b) in the decode benchmark.
+"""The grouped EG-MLA decode (docs/design.md §4b) in the decode benchmark.
 
 `grouped_cases` builds the cases `egmla bench decode` times for path 'grouped' (the model's
 `attend_grouped` with a cache that holds the norm statistics and the token groups), plus 'grouped-plan'

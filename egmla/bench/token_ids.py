@@ -1,4 +1,4 @@
-"""Token ids from real text for the decode benchmark (DESIGN.md §4: how often ids repeat decides how
+"""Token ids from real text for the decode benchmark (docs/design.md §4: how often ids repeat decides how
 many of EG-MLA's gate rows come from L2 instead of HBM, so uniform random ids would mislead).
 
 A byte-level BPE of the model's vocab size is trained on a sample of the corpus (the recipe of

@@ -1,4 +1,4 @@
-"""Decode path 'grouped' (DESIGN.md §4b): the PyTorch reference equals the naive rebuild (fp64 to 1e-10,
+"""Decode path 'grouped' (docs/design.md §4b): the PyTorch reference equals the naive rebuild (fp64 to 1e-10,
 model logits in fp32 to 1e-4) for random and heavily repeated ids, ragged batches and every context
 length from 1 to 40; the token-group bookkeeping, cache bytes, kv-report row and bad inputs."""
 import pytest

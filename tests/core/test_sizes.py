@@ -1,4 +1,4 @@
-"""Parameter counts match the closed form; measured cache bytes match the formula (DESIGN.md §3)."""
+"""Parameter counts match the closed form; measured cache bytes match the formula (docs/design.md §3)."""
 import pytest
 import torch
 

@@ -11,7 +11,7 @@ from egmla.variants import VARIANTS, check_configs, variant_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TABLE_1 = {"mha": 18432, "mla-kv256": 3840, "mla-kv64": 1536, "mla-kv16": 960, "egmla-kv256": 3840,
-           "egmla-kv64": 1536, "egmla-kv16": 960, "gqa4": 6144}  # KV elements/token, DESIGN.md §3
+           "egmla-kv64": 1536, "egmla-kv16": 960, "gqa4": 6144}  # KV elements/token, docs/design.md §3
 
 
 def parse(*argv):
