@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (DeepSeek-V2), DESIGN.md §1.
+"""Multi-head Latent Attention (DeepSeek-V2), docs/design.md §1.
 
     c_t            = RMSNorm(W_DKV h_t)                      latent, d_c = kv_lora_rank   (cached)
     k^R_t          = RoPE(W_KR h_t)                          one RoPE key for all heads   (cached)
