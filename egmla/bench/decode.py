@@ -173,9 +173,10 @@ def run_config(args, variant, label: str, batch: int, max_len: int, token_ids, d
               **distinct_id_stats(token_ids)}
     wanted = [p for p in bench_paths(config) if p in paths]
     rows = []
-    if no_kernel:
-        rows += [{**common, "path": p, "skipped": no_kernel} for p in wanted if p.startswith("kernel")]
-        wanted = [p for p in wanted if not p.startswith("kernel")]
+    if no_kernel:  # the Triton paths, and the grouped plan (the kernels' layout), cannot run here
+        triton = {p for p in wanted if p.startswith("kernel") or p == "grouped-plan"}
+        rows += [{**common, "path": p, "skipped": no_kernel} for p in wanted if p in triton]
+        wanted = [p for p in wanted if p not in triton]
     try:
         cases = build_cases(label, config, batch, max_len, token_ids, device, dtype, tuple(wanted))
     except torch.OutOfMemoryError as err:

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from egmla.bench.grouped import GROUPED_NOTES, _norm_stats
+from egmla.bench.grouped import GROUPED_NOTES, norm_stats
 
 # Cases beside the model's own decode paths (egmla.attention.decode_paths), each isolating a part of one.
 PATH_NOTES = {
@@ -96,7 +96,7 @@ def build_cases(variant: str, config, batch: int, max_len: int, token_ids: torch
         attn = one_layer(config, MODEL_PATH.get(path, path), device, dtype)
         args = (q_nope, q_pe, latent, k_pe, token_ids, ctx)
         if path == "kernel" and reads_gate_rows(config):  # the norm statistics a 'kernel' cache holds
-            args = (*args[:5], dataclasses.replace(ctx, kv_ln_stats=_norm_stats(attn, latent, token_ids)))
+            args = (*args[:5], dataclasses.replace(ctx, kv_ln_stats=norm_stats(attn, latent, token_ids)))
         call = functools.partial(getattr(attn, "attend_" + MODEL_PATH.get(path, path).replace("-", "_")), *args)
         if not reads_gate_rows(config):
             if path == "naive":

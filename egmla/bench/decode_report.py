@@ -25,17 +25,19 @@ def text_table(rows: list[dict], said: str | None = None, floor: bool = True) ->
     """The printed table. Rows skipped for the reason `said` (already printed once) are left out;
     floor=False leaves out the floor columns (a GPU's HBM and peak would put every CPU row at 0%)."""
     floor_head = f" {'floor µs':>9} {'% floor':>7}" if floor else ""
-    lines = [f"{'B':>4} {'T':>6}  {'variant / path':<26} {'µs':>9} {'GB/s':>7} {'TFLOP/s':>8}{floor_head} "
+    width = max([26] + [len(_label(row)) for row in rows])  # ablations have longer names
+    lines = [f"{'B':>4} {'T':>6}  {'variant / path':<{width}} {'µs':>9} {'GB/s':>7} {'TFLOP/s':>8}{floor_head} "
              f"{'x MHA':>6}"]
     for row in rows:
-        head = f"{row['batch']:>4} {row['context']:>6}  {_label(row):<26}"
+        head = f"{row['batch']:>4} {row['context']:>6}  {_label(row):<{width}}"
         if "median_us" not in row:
             if said is None or row.get("skipped") != said:
                 lines.append(f"{head} skipped: {row.get('skipped', '?')}")
             continue
         floor_cells = f" {row['floor_us']:>9.1f} {row['pct_of_floor']:>6.0f}%" if floor else ""
+        speedup = f"{row['speedup_vs_mha']:>6.2f}" if "speedup_vs_mha" in row else f"{'-':>6}"  # MHA not run
         lines.append(f"{head} {row['median_us']:>9.1f} {row['gbytes_per_s']:>7.0f} {row['tflops']:>8.2f}{floor_cells} "
-                     f"{row.get('speedup_vs_mha', 0):>6.2f}")
+                     f"{speedup}")
     return "\n".join(lines)
 
 

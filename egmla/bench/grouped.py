@@ -3,8 +3,9 @@
 `grouped_cases` builds the cases `egmla bench decode` times for path 'grouped' (the model's
 `attend_grouped` with a cache that holds the norm statistics and the token groups), plus 'grouped-plan'
 (the per-step layout, shared by all layers of a step). `distinct_ratios` measures how often ids repeat
-in windows of real text, the quantity the method's cost follows. benchmarks/bench_grouped.py runs
-both on two corpora, with kernel variants and a correctness check against the fused rebuild kernel.
+in windows of real text, the quantity the method's cost follows. `egmla bench grouped`
+(egmla/bench/grouped_study.py) runs both on two corpora, with kernel variants and a correctness check
+against the fused rebuild kernel.
 
 Floor of 'grouped' (bytes / HBM, FLOPs / peak, as for the other paths): bytes = the cache (c_t, k^R_t),
 per position the norm statistics (2 x fp32), slot and sorted-order entries (2 x int32), and one gate
@@ -21,19 +22,15 @@ GROUPED_NOTES = {
 }
 
 
-def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, device, dtype, seed: int = 0):
-    """(attn, call args, groups): a one-layer EG-MLA module on path 'grouped' and a full cache of max_len
-    positions per sequence with token_ids [batch, max_len]; norm statistics exact for the random latents."""
-    from egmla.attention.context import AttnContext, attention_mask
+def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, device, dtype):
+    """(attn, call args, groups): a one-layer EG-MLA module on path 'grouped' (its gate table built) and a
+    full cache of max_len positions per sequence with token_ids [batch, max_len]; norm statistics exact for
+    the random latents."""
     from egmla.attention.cache import TokenGroups
-    from egmla.model import Transformer
+    from egmla.attention.context import AttnContext, attention_mask
+    from egmla.bench.decode_cases import one_layer  # decode_cases imports this module
 
-    torch.manual_seed(seed)
-    with torch.device(device):
-        attn = Transformer(config.replace(n_layers=1)).layers[0].attn.to(dtype).eval()
-    attn.decode_path = "grouped"
-    attn.on_decode_path_set()
-    attn.build_gate_table()  # G = E W_UE^T, in the module's dtype (the kernels read its rows)
+    attn = one_layer(config, "grouped", device, dtype)
     heads, d_n, d_r, d_c = config.n_heads, config.qk_nope_head_dim, config.qk_rope_head_dim, config.kv_lora_rank
     q_nope = torch.randn(batch, 1, heads, d_n, device=device, dtype=dtype)
     q_pe = torch.randn(batch, 1, heads, d_r, device=device, dtype=dtype)
@@ -41,7 +38,7 @@ def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, de
     k_pe = torch.randn(batch, max_len, d_r, device=device, dtype=dtype)
     groups = TokenGroups(batch, max_len, device)
     groups.append(token_ids, torch.arange(max_len, device=device).expand(batch, -1))
-    stats = _norm_stats(attn, latent, token_ids)
+    stats = norm_stats(attn, latent, token_ids)
     positions = torch.full((batch, 1), max_len - 1, device=device)
     ctx = AttnContext(token_ids[:, -1:], positions, torch.empty(0), torch.empty(0), kv_len=max_len,
                       mask=attention_mask(positions, max_len), kv_token_ids=token_ids, kv_groups=groups,
@@ -49,14 +46,17 @@ def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, de
     return attn, (q_nope, q_pe, latent, k_pe, token_ids, ctx), groups
 
 
-def _norm_stats(attn, latent, token_ids) -> torch.Tensor:
-    """(mu, rho) of every position, as appends would have written them (Triton pass on GPU)."""
-    if latent.is_cuda:
-        from egmla.kernels.egmla_decode import layernorm_stats_triton
+def norm_stats(attn, latent: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, T, 2] fp32 (mu, rho) of every position, as appends write them (attn.norm_stats). On CUDA the
+    Triton pass of the same statistics: attn.norm_stats holds three fp32 [batch, T, heads * (d_n + d_v)]
+    tensors at once, about 40 GB at paper-base, B = 128, T = 16,384."""
+    if not latent.is_cuda:
+        return attn.norm_stats(latent, token_ids)
+    from egmla.kernels.egmla_decode import layernorm_stats_triton
 
-        return layernorm_stats_triton(latent, token_ids, attn.gate_table, attn.wkv_b.weight, attn.n_heads,
-                                      attn.qk_nope_head_dim, attn.gate_norm.eps, norm=attn.norm_kind)
-    return attn.norm_stats(latent, token_ids)
+    return layernorm_stats_triton(latent, token_ids, attn.gate_table_like(latent), attn.wkv_b.weight, attn.n_heads,
+                                  attn.qk_nope_head_dim, getattr(attn.gate_norm, "eps", 0.0) or 0.0,
+                                  gate_op=attn.gate_op, norm=attn.norm_kind)
 
 
 def grouped_cost(config, batch: int, max_len: int, groups, dtype) -> tuple[float, float, dict]:
@@ -82,19 +82,17 @@ def grouped_cases(config, batch: int, max_len: int, token_ids: torch.Tensor, dev
 
     attn, args, groups = grouped_inputs(config, batch, max_len, token_ids, device, dtype)
     bytes_, flops, extra = grouped_cost(config, batch, max_len, groups, dtype)
-    cases = []
+    variant, cases = config.variant_name(), []
     if "grouped" in paths:
         attn.attend_grouped(*args)  # builds the gate table and the plan once
-        cases.append(Case("EG-MLA kv64", "grouped", lambda: attn.attend_grouped(*args), bytes_, flops, extra))
+        cases.append(Case(variant, "grouped", lambda: attn.attend_grouped(*args), bytes_, flops, extra))
     for label, kwargs in (variants or {}).items():
-        cases.append(Case("EG-MLA kv64", label, _variant_call(attn, args, groups, kwargs), bytes_, flops, extra))
+        cases.append(Case(variant, label, _variant_call(attn, args, groups, kwargs), bytes_, flops, extra))
     from egmla.kernels import kernel_unavailable_reason
 
     if "grouped-plan" in paths and not kernel_unavailable_reason(device):  # the plan is the kernels' layout
         plan_bytes = batch * max_len * 4 * 4  # slots read, sort keys, order written, row map
-        cases.append(Case("EG-MLA kv64", "grouped-plan",
-                          lambda: make_plan(groups),
-                          plan_bytes, 0, extra))
+        cases.append(Case(variant, "grouped-plan", lambda: make_plan(groups), plan_bytes, 0, extra))
     return cases
 
 

@@ -52,8 +52,45 @@ def test_text_table_says_a_shared_skip_reason_once_and_the_floor_only_when_asked
     lines = text_table(rows, said="no CUDA", floor=False).splitlines()
     assert len(lines) == 3 and lines[2].endswith("skipped: out of memory")  # another reason is still shown
     assert "floor" not in lines[0] and lines[1].split()[-4:] == ["50.0", "1", "0.00", "1.00"]
+    del timed["speedup_vs_mha"]  # a run without MHA: no ratio, not 0.00
+    assert text_table([timed], floor=False).splitlines()[1].split()[-4:] == ["50.0", "1", "0.00", "-"]
 
 
 def test_bench_decode_rejects_unknown_variant(capsys):
     assert egmla_main(["bench", "decode", "--device", "cpu", "--variants", "mla-kv32"]) == 2
     assert "--variants: variant 'mla-kv32': unknown" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["egmla-kv16", "egmla-kv64-add", "egmla-kv64-no-norm"])
+def test_bench_norm_stats_are_the_reference_statistics(name):
+    """The statistics a 'kernel' or 'grouped' cache holds, as the benchmark fills it (Triton pass on CUDA)."""
+    import torch
+
+    from egmla.bench.decode_cases import one_layer
+    from egmla.bench.grouped import norm_stats
+    from egmla.kernels.egmla_decode_ref import layernorm_stats
+    from egmla.variants import variant_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = variant_config(name, "tiny", max_seq_len=24)
+    attn = one_layer(config, "kernel", device, torch.float32)
+    torch.manual_seed(2)
+    latent = torch.randn(2, 24, config.kv_lora_rank, device=device)
+    token_ids = torch.randint(0, config.vocab_size, (2, 24), device=device, dtype=torch.int32)
+    expected = layernorm_stats(latent, attn.gate(token_ids), attn.wkv_b.weight, getattr(attn.gate_norm, "eps", 0.0),
+                               attn.gate_op, attn.norm_kind)
+    torch.testing.assert_close(norm_stats(attn, latent, token_ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_cases_are_built_on_the_model_path_and_named_by_their_variant():
+    import torch
+
+    from egmla.bench.grouped import grouped_cases, grouped_inputs
+    from egmla.variants import variant_config
+
+    config = variant_config("egmla-kv16", "tiny", max_seq_len=24)
+    token_ids = torch.randint(0, config.vocab_size, (2, 24), dtype=torch.int32)
+    attn, _, _ = grouped_inputs(config, 2, 24, token_ids, "cpu", torch.float32)
+    assert attn.decode_path == "grouped" and attn.gate_table is not None
+    cases = grouped_cases(config, 2, 24, token_ids, "cpu", torch.float32, paths=("grouped",))
+    assert [(case.variant, case.path) for case in cases] == [("EG-MLA kv16", "grouped")]
