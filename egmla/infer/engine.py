@@ -333,13 +333,14 @@ class GenerationEngine:
             tokens, rows = tokens.to(device), cache.rows(start, stop)
             group_lengths = torch.tensor(lengths[start:stop], device=device)
             chunk = max(1, budget // (stop - start))
+            picked = None  # each row's logits at its last prompt token, from the chunk that holds it
             for column in range(0, width, chunk):
                 piece = tokens[:, column:column + chunk]
                 last = (group_lengths - 1 - column).clamp(0, piece.shape[1] - 1)
                 out = self.model(piece, rows, n_new=(group_lengths - column).clamp(0, piece.shape[1]),
                                  logits_at=last)[:, 0]
                 ends_here = (group_lengths - 1 >= column) & (group_lengths - 1 < column + piece.shape[1])
-                picked = out if column == 0 else torch.where(ends_here[:, None], out, picked)
+                picked = out if picked is None else torch.where(ends_here[:, None], out, picked)
             logits.append(picked)
             start = stop
         return torch.cat(logits)
