@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from annotated_types import Gt, Lt
 
@@ -19,6 +19,7 @@ class DataConfig:
     hf_split: str = "train"  # hub dataset split to stream
     max_bytes: NonNegativeInt = 0  # read at most this many characters of text (0 = all; set it for hub datasets)
     val_fraction: Annotated[float, Gt(0), Lt(1)] = 0.02  # share of chunks held out for validation (hash-based, deterministic)
+    split: Literal["chunk", "document"] = "chunk"  # held out by 16 KB chunk, or by whole document (python-source: file)
     tokenizer_sample_bytes: NonNegativeInt = 64_000_000  # train the BPE on at most this much training text
     cache_dir: str = ""  # tokenizers and token shards; "" = $EGMLA_CACHE or ~/.cache/egmla
 

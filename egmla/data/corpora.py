@@ -5,9 +5,12 @@
     PATH or GLOB    local .txt / .jsonl (a text field) / .parquet files, read with `datasets` (comma-separated ok)
     hf:NAME         a Hugging Face hub dataset, streamed (e.g. hf:HuggingFaceFW/fineweb-edu)
 
-Documents are cut into chunks of about CHUNK_BYTES at line ends; a chunk goes to the validation split
-when a hash of its key falls below `val_fraction`, so the split is deterministic, independent of the
-order or number of documents, and works for a corpus that is one big file.
+Documents are cut into chunks of about CHUNK_BYTES at line ends. `data.split` says what is held out:
+  chunk     a chunk goes to validation when a hash of `key@index` falls below `val_fraction` (works for a
+            corpus that is one big file; a document's chunks can land on both sides)
+  document  a whole document goes to validation when a hash of its key does (python-source: by file, so
+            no validation text comes from a file that is also trained on)
+Either way the split is deterministic and independent of the order or number of documents.
 """
 from __future__ import annotations
 
@@ -313,6 +316,14 @@ def is_validation(key: str, val_fraction: float) -> bool:
     return _hash64(key) < val_fraction * 2**64
 
 
+def is_validation_document(key: str, val_fraction: float) -> bool:
+    """split='document': a keyed BLAKE2b of the document key, a hash independent of the one that orders
+    python-source files (_hash64, sha256), so a size cap that keeps a hash-ordered prefix of the files does
+    not also pick which of them are held out."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"egmla-val-split").digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2**64
+
+
 def chunk_text(text: str, size: int = CHUNK_BYTES) -> list[str]:
     """Pieces of about `size` characters, cut after a newline where there is one."""
     pieces, start = [], 0
@@ -326,11 +337,13 @@ def chunk_text(text: str, size: int = CHUNK_BYTES) -> list[str]:
     return pieces
 
 
-def split_chunks(documents: Iterator[Document], val_fraction: float) -> Iterator[tuple[str, str, bool]]:
+def split_chunks(documents: Iterator[Document], val_fraction: float,
+                 by: str = "chunk") -> Iterator[tuple[str, str, bool]]:
     """(split, chunk text, ends_document) for every chunk; split is 'train' or 'val', decided by the
-    hash of `key@chunk_index`."""
+    hash of `key@chunk_index` (by='chunk') or of the document's key (by='document': data.split)."""
     for key, text in documents:
         pieces = chunk_text(text)
+        whole = by == "document" and is_validation_document(key, val_fraction)
         for index, piece in enumerate(pieces):
-            split = "val" if is_validation(f"{key}@{index}", val_fraction) else "train"
-            yield split, piece, index == len(pieces) - 1
+            held_out = whole if by == "document" else is_validation(f"{key}@{index}", val_fraction)
+            yield "val" if held_out else "train", piece, index == len(pieces) - 1

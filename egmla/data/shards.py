@@ -42,7 +42,7 @@ def token_dtype(vocab_size: int):
 
 
 def shard_key(config: DataConfig, tokenizer) -> str:
-    parts = [corpus_fingerprint(config), tokenizer_sha256(tokenizer), config.val_fraction, CHUNK_BYTES,
+    parts = [corpus_fingerprint(config), tokenizer_sha256(tokenizer), config.val_fraction, config.split, CHUNK_BYTES,
              TOKENIZER_RECIPE, SHARD_RECIPE]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
@@ -81,7 +81,8 @@ def _write_shards(config: DataConfig, tokenizer, folder: Path, progress: bool) -
     bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress)
     try:
         pending_bytes = 0
-        for split, text, ends_document in split_chunks(iter_documents(config), config.val_fraction):
+        chunks = split_chunks(iter_documents(config), config.val_fraction, config.split)
+        for split, text, ends_document in chunks:
             pending.append((split, text, ends_document))
             chars[split] += len(text)
             pending_bytes += len(text)

@@ -49,7 +49,7 @@ def tokenizer_sha256(tokenizer) -> str:
 def _training_texts(config: DataConfig):
     """Training-split chunks, up to config.tokenizer_sample_bytes (validation text is never seen)."""
     total = 0
-    for split, text, _ in split_chunks(iter_documents(config), config.val_fraction):
+    for split, text, _ in split_chunks(iter_documents(config), config.val_fraction, config.split):
         if split != "train":
             continue
         if config.tokenizer_sample_bytes and total + len(text) > config.tokenizer_sample_bytes:
@@ -62,7 +62,7 @@ def get_tokenizer(config: DataConfig, vocab_size: int, progress: bool = True, lo
     """The cached tokenizer for (corpus, vocab size), training it first if needed."""
     from tokenizers import Tokenizer
 
-    key = hashlib.sha256(json.dumps([corpus_fingerprint(config), vocab_size, config.val_fraction,
+    key = hashlib.sha256(json.dumps([corpus_fingerprint(config), vocab_size, config.val_fraction, config.split,
                                      config.tokenizer_sample_bytes, TOKENIZER_RECIPE]).encode()).hexdigest()
     path = config.cache_root() / "tokenizers" / f"{key[:24]}.json"
     if path.is_file():

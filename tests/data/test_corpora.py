@@ -1,14 +1,16 @@
 """Corpora: chunking and the hash split, python-source collection, local files through `datasets`, and
 the hub path (the same `datasets` streaming code, checked on local files and with a stand-in loader)."""
+import hashlib
 import json
+import random
 import sys
 import time
 
 import pytest
 
 from egmla.data.config import DataConfig
-from egmla.data.corpora import (chunk_text, corpus_fingerprint, is_validation, iter_documents,
-                                python_source_documents, python_source_files, python_source_roots,
+from egmla.data.corpora import (chunk_text, corpus_fingerprint, is_validation, is_validation_document,
+                                iter_documents, python_source_documents, python_source_files, python_source_roots,
                                 split_chunks)
 
 
@@ -28,6 +30,56 @@ def test_hash_split_is_deterministic_and_near_the_fraction():
     chunks = list(split_chunks(iter([("a", "x\n" * 30000), ("b", "y\n")]), 0.3))
     assert {split for split, _, _ in chunks} == {"train", "val"}
     assert [ends for _, _, ends in chunks].count(True) == 2  # one document end per document
+
+
+def sides_per_document(documents, val_fraction, by):
+    """{key: set of splits its chunks went to}, read off split_chunks (a document's chunks come in a row,
+    the last one marked ends_document)."""
+    documents = list(documents)
+    keys, sides = iter(key for key, _ in documents), {}
+    key = next(keys)
+    for split, _, ends_document in split_chunks(iter(documents), val_fraction, by):
+        sides.setdefault(key, set()).add(split)
+        if ends_document:
+            key = next(keys, None)
+    return sides
+
+
+MULTI_CHUNK = [(f"stdlib/pkg{i}/mod{i}.py", "".join(f"line {j} of {i}\n" for j in range(400 * (i % 7 + 1))))
+               for i in range(200)]  # 1-7 chunks of 16 KB each
+
+
+def test_chunk_split_is_the_one_the_committed_records_used():
+    """split='chunk' (the default, and what every record before issue 18 trained on) is unchanged: the
+    digest of every chunk's (split, length, ends_document), taken before the document split was added."""
+    chunks = [(split, len(text), ends) for split, text, ends in split_chunks(iter(MULTI_CHUNK), 0.1)]
+    assert hashlib.sha256(repr(chunks).encode()).hexdigest() == \
+        "03a417942bdba18f4a77aa2396dd2daf75c4f1870ebb888393809676ccc3733b"
+    assert chunks == [(s, len(t), e) for s, t, e in split_chunks(iter(MULTI_CHUNK), 0.1, "chunk")]
+    assert DataConfig().split == "chunk"
+
+
+def test_document_split_never_puts_one_file_on_both_sides():
+    by_chunk = sides_per_document(MULTI_CHUNK, 0.1, "chunk")
+    assert sum(len(sides) == 2 for sides in by_chunk.values()) > 5  # the chunk split does straddle files
+    by_document = sides_per_document(MULTI_CHUNK, 0.1, "document")
+    assert all(len(sides) == 1 for sides in by_document.values())
+    held_out = {key for key, sides in by_document.items() if sides == {"val"}}
+    assert 10 <= len(held_out) <= 30  # about val_fraction of 200 documents
+    assert held_out == {key for key, _ in MULTI_CHUNK if is_validation_document(key, 0.1)}
+    # deterministic, and a document's side depends on its key alone, not on the order or the other documents
+    shuffled = random.Random(0).sample(MULTI_CHUNK, 150)
+    assert sides_per_document(shuffled, 0.1, "document") == {key: by_document[key] for key, _ in shuffled}
+
+
+def test_document_split_of_this_installation_holds_out_whole_files():
+    files = list(python_source_documents(max_bytes=20_000_000))
+    sides = sides_per_document(files, 0.02, "document")
+    assert all(len(s) == 1 for s in sides.values()) and len(sides) == len(files)
+    held_out = [key for key, s in sides.items() if s == {"val"}]
+    assert 0.01 < len(held_out) / len(files) < 0.03
+    # the held-out files are not the first ones of the capped, hash-ordered listing: another hash picks them
+    assert [key for key, _ in files[:len(held_out)]] != held_out
 
 
 def test_python_source_collects_each_file_once_in_a_fixed_order(tmp_path):

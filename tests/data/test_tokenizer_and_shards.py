@@ -60,6 +60,22 @@ def test_shards_hold_every_chunk_once_with_document_ends(corpus):
     assert again.folder == shards.folder and again_tokenizer.to_str() == tokenizer.to_str()
 
 
+def test_document_split_has_its_own_caches_and_whole_documents_in_validation(corpus):
+    import dataclasses
+
+    _, by_chunk = prepare_data(corpus, 320, progress=False, log=lambda *_: None)
+    by_document = dataclasses.replace(corpus, split="document")
+    tokenizer, shards = prepare_data(by_document, 320, progress=False, log=lambda *_: None)
+    assert shards.folder != by_chunk.folder
+    val = shards.tokens("val").tolist()
+    ends = [i for i, token in enumerate(val) if token == 0]  # END_OF_TEXT after each document
+    assert ends and ends[-1] == len(val) - 1
+    held_out = [tokenizer.decode(val[start + 1 if start else 0:end]) for start, end in zip([0] + ends, ends)]
+    for text in held_out:  # each one whole: from its first line, with all of its lines
+        number = int(text.split()[1].rstrip("."))
+        assert text == f"Document {number}.\n" + TEXT * (40 + number)
+
+
 def test_validation_split_that_ends_up_empty_is_an_error(tmp_path):
     (tmp_path / "one.txt").write_text(TEXT * 10)
     config = DataConfig(corpus=str(tmp_path / "one.txt"), val_fraction=0.001, cache_dir=str(tmp_path / "c"))
