@@ -21,6 +21,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
+GATE_TABLE_UPDATES = ("dense", "row-sparse")
 UnitFloat = Annotated[float, Ge(0), Le(1)]
 
 
@@ -40,6 +41,7 @@ class TrainConfig:
     beta2: Annotated[float, Ge(0), Lt(1)] = 0.95  # AdamW
     eps: PositiveFloat = 1e-8  # AdamW
     grad_clip: NonNegativeFloat = 1.0  # max global gradient norm (0 = no clipping)
+    gate_table_update: Literal[GATE_TABLE_UPDATES] = "dense"  # EG-MLA gate tables: dense AdamW | row-sparse lazy Adam
     dtype: Literal[DTYPES] = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile each block (GPU; slow to start on CPU)
     parallel: Literal[PARALLEL] = "ddp"  # under torchrun with several processes: ddp | fsdp (FSDP2 fully_shard)

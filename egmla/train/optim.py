@@ -1,7 +1,12 @@
-"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedules.
+"""AdamW with decoupled weight decay on matrices only, optionally row-sparse updates of EG-MLA's gate
+tables, and the learning-rate schedules.
 
 No decay on norms, biases, the token embedding (tied to the output head) or EG-MLA's gate tables:
 decaying a lookup table shrinks rows of rare tokens toward zero for no reason.
+
+`train.gate_table_update = "row-sparse"` gives the gate tables (one [vocab, d_e] table per layer, 201 M of
+paper-base's 316 M parameters) a lazy Adam step on the rows the batch touched, instead of AdamW on every
+row: docs/training.md#gate-table-updates has the semantics.
 """
 from __future__ import annotations
 
@@ -13,8 +18,11 @@ from torch import nn
 from egmla.train.config import TrainConfig
 
 
+GATE_TABLE = "gate_embed.weight"  # the name every EG-MLA layer's gate table E_l ends with
+
+
 def no_decay(name: str, param: torch.Tensor) -> bool:
-    return param.dim() < 2 or name.endswith(("tok_embeddings.weight", "gate_embed.weight", "output.weight"))
+    return param.dim() < 2 or name.endswith(("tok_embeddings.weight", GATE_TABLE, "output.weight"))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -25,9 +33,113 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
+def gate_tables(model: nn.Module) -> list[torch.Tensor]:
+    """EG-MLA's per-layer gate tables (none for other variants)."""
+    return [param for name, param in model.named_parameters() if name.endswith(GATE_TABLE) and param.requires_grad]
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                             betas=(config.beta1, config.beta2), eps=config.eps)
+    """AdamW over the (possibly wrapped) model; with train.gate_table_update = "row-sparse", RowSparseAdamW.
+    Both keep the same parameter groups and state keys, so a checkpoint of one resumes under the other."""
+    options = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    groups = param_groups(model, config.weight_decay)
+    if config.gate_table_update == "row-sparse":
+        return RowSparseAdamW(groups, row_sparse=gate_tables(model), **options)
+    return torch.optim.AdamW(groups, **options)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's rows of an FSDP2-sharded (DTensor) table, gradient or moment; a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class RowSparseAdamW(torch.optim.AdamW):
+    """AdamW, except for the `row_sparse` tables, which take a lazy Adam step on their touched rows.
+
+    A row is touched when its gradient is non-zero: for a gate table, the rows of the token ids in the
+    batch (over every process: under DDP the gradient is all-reduced before the step). A touched row's
+    moments and weights move exactly as Adam's; an untouched row, its moments included, stays as it is
+    (torch.optim.SparseAdam's and TF LazyAdam's semantics). Dense AdamW instead decays every row's
+    moments each step, so a row keeps moving on its momentum for a while after its token was last seen.
+    Bias correction uses the table's step count, which counts every optimizer step. With every row touched
+    in every step, or with beta1 = beta2 = 0, both are the same update.
+
+    The gradients stay dense (the embedding backward, DDP's all-reduce and gradient clipping are
+    unchanged); only the optimizer's reads and writes shrink to the touched rows. The state keeps AdamW's
+    keys (step, exp_avg, exp_avg_sq) and the parameter groups are AdamW's, so checkpoints move between
+    the two. Tables sharded by FSDP2 are updated shard by shard (rows are independent).
+    """
+
+    def __init__(self, params, row_sparse: list[torch.Tensor], **adamw_options):
+        super().__init__(params, **adamw_options)
+        self.row_sparse = list(row_sparse)
+        row_sparse_ids = {id(table) for table in self.row_sparse}
+        for group in self.param_groups:
+            if any(id(p) in row_sparse_ids for p in group["params"]) and (
+                    group["weight_decay"] or group["amsgrad"] or group["maximize"]):
+                raise ValueError("RowSparseAdamW: a row-sparse table's group must have weight_decay=0 and no "
+                                 "amsgrad or maximize (the lazy step implements plain Adam)")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:  # a closure would recompute the tables' gradients after they were set aside
+            raise ValueError("RowSparseAdamW.step: closures are not supported; call backward() before step()")
+        tables = [table for table in self.row_sparse if table.grad is not None]
+        grads = [table.grad for table in tables]
+        for table in tables:  # AdamW skips parameters without a gradient: it updates everything else
+            table.grad = None
+        try:
+            super().step()
+        finally:
+            for table, grad in zip(tables, grads):
+                table.grad = grad
+        self.lazy_adam_step(tables)
+
+    def lazy_adam_step(self, tables: list[torch.Tensor]) -> None:
+        """Adam on the touched rows of each table: gather the rows, update them with AdamW's own foreach ops in
+        its order (no weight decay), scatter them back. One host sync for all tables (the row counts)."""
+        if not tables:
+            return
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        touched = [_local(table.grad).any(dim=1) for table in tables]  # [rows] bool per table
+        counts = torch.stack([mask.sum() for mask in touched]).tolist()
+        by_group: dict[int, list] = {}
+        for table, mask, count in zip(tables, touched, counts):
+            state = self.state[table]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)  # as AdamW keeps it (on the CPU)
+                state["exp_avg"] = torch.zeros_like(table, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(table, memory_format=torch.preserve_format)
+            state["step"] += 1
+            if count:
+                rows = torch.nonzero_static(mask, size=count).squeeze(1)  # sized from `counts`: no sync
+                by_group.setdefault(id(group_of[id(table)]), []).append((table, state, rows))
+        for group in self.param_groups:
+            if id(group) in by_group:
+                self._adam_rows(by_group[id(group)], group)
+
+    @staticmethod
+    def _adam_rows(entries: list, group: dict) -> None:
+        """torch.optim.adam._multi_tensor_adam's non-capturable update, on gathered rows."""
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        local = [(_local(table), _local(table.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), rows)
+                 for table, state, rows in entries]
+        params, grads, exp_avgs, exp_avg_sqs = ([tensors[i].index_select(0, tensors[4]) for tensors in local]
+                                                for i in range(4))
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        steps = [state["step"].item() for _, state, _ in entries]
+        step_size = [-lr / (1 - beta1 ** step) for step in steps]
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, [(1 - beta2 ** step) ** 0.5 for step in steps])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+        for (table, _, exp_avg, exp_avg_sq, rows), param_rows, avg_rows, sq_rows in zip(local, params, exp_avgs,
+                                                                                        exp_avg_sqs):
+            table.index_copy_(0, rows, param_rows)
+            exp_avg.index_copy_(0, rows, avg_rows)
+            exp_avg_sq.index_copy_(0, rows, sq_rows)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

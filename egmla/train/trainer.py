@@ -214,7 +214,8 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
     say(f"{run.name}: {run.model.variant_name()}, {model.num_params() / 1e6:.2f}M parameters "
         f"({model.num_params(False) / 1e6:.2f}M without gate tables), {info.world_size} process(es) on "
         f"{device_name}, {precision}, batch {cfg.batch_size}x{cfg.seq_len} tokens "
-        f"({accumulation} micro-batch(es) of {micro_batch}), {shards.meta['train_tokens']:,} training tokens")
+        f"({accumulation} micro-batch(es) of {micro_batch}), {shards.meta['train_tokens']:,} training tokens"
+        + (f", {cfg.gate_table_update} gate-table updates" if run.model.is_gated else ""))
     say(f"unigram baseline: train-token entropy {shards.meta['train_unigram_entropy']:.3f} nats/token, "
         f"unigram model on validation {unigram:.3f}")
 

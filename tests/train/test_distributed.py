@@ -1,5 +1,6 @@
 """torchrun on CPU (gloo) with 2 processes: DDP and FSDP2 give the single-process losses (same global
-batch) to rounding, and checkpoints move between process counts in both directions."""
+batch) to rounding, with dense and with row-sparse gate-table updates, and checkpoints move between process
+counts in both directions."""
 import json
 import shutil
 
@@ -23,24 +24,27 @@ def val_losses(run_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir):
-    """Single-process, DDP and FSDP runs of the same 12-step config (checkpoints at 4, 8, 12)."""
+    """Single-process, DDP and FSDP runs of the same 12-step config (checkpoints at 4, 8, 12), each with dense
+    and with row-sparse gate-table updates (the row-sparse step reads the all-reduced, or sharded, gradient)."""
     root = tmp_path_factory.mktemp("dist")
     config = write_config(root / "run.toml", cache_dir)
     out = {}
-    for name, procs, mode in (("single", 0, "ddp"), ("ddp", 2, "ddp"), ("fsdp", 2, "fsdp")):
-        run_egmla("train", "--config", str(config), "--run-dir", str(root / name), "--no-progress",
-                  "--set", f"train.parallel={mode}", torchrun=procs)
-        out[name] = root / name
+    for update in ("dense", "row-sparse"):
+        for name, procs, mode in (("single", 0, "ddp"), ("ddp", 2, "ddp"), ("fsdp", 2, "fsdp")):
+            name += "" if update == "dense" else f"-{update}"
+            run_egmla("train", "--config", str(config), "--run-dir", str(root / name), "--no-progress",
+                      "--set", f"train.parallel={mode}", "--set", f"train.gate_table_update={update}", torchrun=procs)
+            out[name] = root / name
     return out
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(runs, mode):
-    reference = train_losses(runs["single"])
+@pytest.mark.parametrize("mode, update", [("ddp", ""), ("fsdp", ""), ("ddp", "-row-sparse"), ("fsdp", "-row-sparse")])
+def test_two_processes_match_one(runs, mode, update):
+    reference = train_losses(runs["single" + update])
     assert reference[12] < reference[1] - 0.5  # it trains
-    assert_close(train_losses(runs[mode]), reference, range(1, 13))
-    assert val_losses(runs[mode]) == pytest.approx(val_losses(runs["single"]), rel=TOLERANCE)
-    summary = json.loads((runs[mode] / "summary.json").read_text())
+    assert_close(train_losses(runs[mode + update]), reference, range(1, 13))
+    assert val_losses(runs[mode + update]) == pytest.approx(val_losses(runs["single" + update]), rel=TOLERANCE)
+    summary = json.loads((runs[mode + update] / "summary.json").read_text())
     assert summary["world_size"] == 2
 
 
