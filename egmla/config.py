@@ -16,7 +16,8 @@ from typing import Annotated, Literal
 from annotated_types import Ge, Gt
 
 ATTENTION_KINDS = ("mha", "gqa", "mla", "eg-mla")
-GATE_OPS = ("mul", "add")
+GATE_OPS = ("mul", "add", "bias")
+GATE_INITS = ("random", "identity")
 GATE_NORMS = ("layernorm", "rmsnorm", "none")
 GATE_PLACEMENTS = ("up", "latent")
 
@@ -88,9 +89,10 @@ class ModelConfig:
     v_head_dim: NonNegativeInt = 32  # d_v
     # EG-MLA gate
     gate_dim: NonNegativeInt = 512  # d_e: width of the per-layer token-embedding table
-    gate_op: Literal[GATE_OPS] = "mul"  # mul (paper) | add (ablation)
+    gate_op: Literal[GATE_OPS] = "mul"  # mul (paper) | add (ablation) | bias (control: the table, no gate)
     gate_norm: Literal[GATE_NORMS] = "layernorm"  # layernorm (paper) | rmsnorm | none (ablation)
     gate_placement: Literal[GATE_PLACEMENTS] = "up"  # up (paper: gate the up-projected K/V) | latent (gate c_t)
+    gate_init: Literal[GATE_INITS] = "random"  # random: g = W_UE e starts ~N(0,1) | identity: g = 1 + W_UE e, W_UE = 0
 
     def __post_init__(self):
         self.validate()
@@ -149,6 +151,8 @@ class ModelConfig:
                 tags.append(f"gate-{self.gate_op}")
             if self.gate_norm != "layernorm":
                 tags.append(f"norm-{self.gate_norm}")
+            if self.gate_init != "random":
+                tags.append(f"{self.gate_init}-init")
         return f"{name} " + " ".join(tags)
 
     # ---- validation ----------------------------------------------------------------------
@@ -180,9 +184,12 @@ class ModelConfig:
         if self.is_gated:
             if self.gate_dim <= 0:
                 _fail("gate_dim", self.gate_dim, "must be a positive integer (the paper uses 512)")
+            if self.gate_init == "identity" and self.gate_op != "mul":
+                _fail("gate_init", self.gate_init, f"an identity start (g = 1) means something only for a "
+                                                   f"multiplying gate, not gate_op={self.gate_op!r}; use 'random'")
         else:
             defaults = ModelConfig.__dataclass_fields__
-            for name in ("gate_op", "gate_norm", "gate_placement", "gate_dim"):
+            for name in ("gate_op", "gate_norm", "gate_placement", "gate_dim", "gate_init"):
                 if getattr(self, name) != defaults[name].default:
                     _fail(name, getattr(self, name),
                           f"gate options apply only to attention='eg-mla', not {self.attention!r}; remove it")

@@ -77,6 +77,8 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("gate_embed.weight"):
                 nn.init.normal_(param, std=1.0)  # e_t ~ N(0, 1) so that g_t = W_UE e_t starts O(1)
+            elif name.endswith("wue.weight") and self.config.gate_init == "identity":
+                nn.init.zeros_(param)  # g = 1 + W_UE e starts at exactly 1: K/V start as MLA's, normed
             elif name.endswith("wue.weight"):
                 nn.init.normal_(param, std=param.shape[1] ** -0.5)
             elif name.endswith(("wo.weight", "w2.weight")):  # residual outputs, GPT-2 style

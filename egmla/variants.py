@@ -17,7 +17,7 @@ from egmla.config import ModelConfig, preset
 
 # The fields a variant may set; every other field is the shape it is applied to.
 ATTENTION_FIELDS = ("attention", "n_kv_heads", "kv_lora_rank", "gate_dim", "gate_op", "gate_norm",
-                    "gate_placement")
+                    "gate_placement", "gate_init")
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,10 @@ VARIANTS: dict[str, Variant] = _table(
     Variant("egmla-kv64-add", dict(EG_KV64, gate_op="add"), compared=False),
     Variant("egmla-kv64-latent", dict(EG_KV64, gate_placement="latent")),
     *(Variant(f"egmla-kv64-de{d}", dict(EG_KV64, gate_dim=d), compared=False) for d in (64, 128, 256, 1024, 2048)),
+    # controls of EG-MLA kv64 with all of its parameters (issue 18): the same table added to K/V after the
+    # norm, gating nothing; and the gate started at exactly 1 (egmla/attention/egmla.py says how)
+    Variant("egmla-kv64-bias", dict(EG_KV64, gate_op="bias"), compared=False),
+    Variant("egmla-kv64-identity", dict(EG_KV64, gate_init="identity"), compared=False),
 )
 
 

@@ -16,6 +16,8 @@ VARIANTS = {
     "egmla-nonorm": dict(attention="eg-mla", gate_norm="none"),
     "egmla-rmsnorm": dict(attention="eg-mla", gate_norm="rmsnorm"),
     "egmla-untied": dict(attention="eg-mla", tie_embeddings=False),
+    "egmla-bias": dict(attention="eg-mla", gate_op="bias"),
+    "egmla-identity": dict(attention="eg-mla", gate_init="identity"),
 }
 
 

@@ -2,11 +2,18 @@
 
 MLA plus a token-specific gate. Per layer an embedding table E_l [vocab, d_e]; for token id i_t
 
-    e_t = E_l[i_t]                    g_t = W_UE e_t
+    e_t = E_l[i_t]                    g_t = W_UE e_t     (gate_init="identity": g_t = 1 + W_UE e_t)
     placement "up" (paper):      kv_t = W_UKV c_t,   f_t = Norm(kv_t ⊙ g_t)   split per head into k^C, v
     placement "latent" (ours):   f_t = Norm(c_t ⊙ g_t),   [k^C ; v] = W_UKV f_t   (f_t is cached)
 
 `gate_op="add"` replaces ⊙ with +, `gate_norm` picks LayerNorm (paper), RMSNorm or none (ablations).
+Two controls (issue 18) keep every parameter of EG-MLA and change one thing:
+  gate_op="bias"           f_t = Norm(kv_t) + g_t: the same table, up-projected the same way, added after the
+                           norm to K and V, so it shifts them per token and gates nothing. Added to V alone
+                           it would leave half of W_UE unused; added to the layer input it would need a
+                           d_model-wide W_UE: either way the parameters would no longer match EG-MLA's.
+  gate_init="identity"     g_t = 1 + W_UE e_t with W_UE = 0 at the start (Transformer.reset_parameters):
+                           every gate starts at exactly 1, where the paper's g_t = W_UE e_t starts as N(0, 1).
 The norm of the paper's placement covers the whole n_h·(d_n + d_v) vector, so MLA's weight absorption
 does not apply to it: decode rebuilds K/V per position. The cache still holds only c_t and k^R_t;
 the gate is recomputed from the token id, stored once per sequence.
@@ -112,6 +119,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.gate_op, self.gate_placement = config.gate_op, config.gate_placement
+        self.identity_gate = config.gate_init == "identity"
         self.gate_embed = nn.Embedding(config.vocab_size, config.gate_dim)  # E_l
         self.wue = nn.Linear(config.gate_dim, config.gate_out_dim, bias=False)  # W_UE
         self.gate_norm = make_norm(config.gate_norm, config.gate_out_dim, config.norm_eps)
@@ -124,6 +132,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def decode_paths(config: ModelConfig) -> tuple[str, ...]:
         if config.gate_placement == "latent":
             return ("naive", "absorbed", "kernel")
+        if config.gate_op == "bias":  # the Triton kernels gate inside (mul or add); the rebuild paths serve
+            return ("naive", "gate-table")
         return ("naive", "gate-table", "kernel") + (("grouped",) if supports_grouped(config) else ())
 
     @staticmethod
@@ -148,7 +158,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     @torch.no_grad()
     def build_gate_table(self) -> torch.Tensor:
         """G_l [vocab, gate_out]: every token's gate, computed once (rebuild after weights change)."""
-        self.gate_table = self.wue(self.gate_embed.weight)
+        self.gate_table = self.up_project(self.gate_embed.weight)
         return self.gate_table
 
     # ---- the gate ------------------------------------------------------------------------
@@ -158,10 +168,17 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             if self.gate_table is None:
                 raise RuntimeError("gate table not built: call model.set_decode_path('gate-table') first")
             return self.gate_table[token_ids.long()]
-        return self.wue(self.gate_embed(token_ids.long()))
+        return self.up_project(self.gate_embed(token_ids.long()))
+
+    def up_project(self, embedding: torch.Tensor) -> torch.Tensor:
+        """g = W_UE e, or 1 + W_UE e for gate_init='identity'."""
+        gate = self.wue(embedding)
+        return gate + 1.0 if self.identity_gate else gate
 
     def gated_norm(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Norm(x ⊙ g) or Norm(x + g)."""
+        """Norm(x ⊙ g), Norm(x + g) or, for the no-gate control, Norm(x) + g."""
+        if self.gate_op == "bias":
+            return self.gate_norm(x) + gate
         return self.gate_norm(x * gate if self.gate_op == "mul" else x + gate)
 
     def norm_stats(self, latent: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

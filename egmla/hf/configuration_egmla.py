@@ -61,6 +61,7 @@ class EgmlaConfig(PretrainedConfig):
     gate_op: str = _DEFAULT.gate_op
     gate_norm: str = _DEFAULT.gate_norm
     gate_placement: str = _DEFAULT.gate_placement
+    gate_init: str = _DEFAULT.gate_init
     # Special tokens and generation
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None

@@ -68,3 +68,69 @@ def test_gate_table_equals_computed_gates():
     ids = torch.randint(0, 61, (3, 7))
     assert table.shape == (61, attn.wue.out_features)
     assert torch.allclose(attn.gate(ids, use_table=True), attn.gate(ids), atol=1e-6)
+
+
+def test_bias_control_adds_the_table_after_the_norm_and_gates_nothing():
+    attn = _attn(gate_op="bias")
+    latent, ids = torch.randn(2, 5, attn.kv_lora_rank), torch.randint(0, 61, (2, 5))
+    kv = latent @ attn.wkv_b.weight.T
+    k, v = attn.expand_kv(latent, ids)
+    assert torch.allclose(torch.cat([k, v], dim=-1).flatten(2), attn.gate_norm(kv) + attn.gate(ids), atol=1e-6)
+    # the table still tells tokens apart, but only as a shift: K/V minus the token's vector no longer depend on it
+    other = torch.where(ids == 7, 8, 7)
+    k2, v2 = attn.expand_kv(latent, other)
+    assert (v - v2).abs().max() > 1e-3
+    assert torch.allclose(torch.cat([k, v], -1).flatten(2) - attn.gate(ids),
+                          torch.cat([k2, v2], -1).flatten(2) - attn.gate(other), atol=1e-6)
+
+
+def test_identity_gate_starts_at_one_and_stays_one_plus_w_ue_e():
+    model = Transformer(small_config(attention="eg-mla", gate_init="identity"))
+    attn = model.layers[0].attn
+    ids = torch.randint(0, 61, (2, 6))
+    assert torch.equal(attn.wue.weight, torch.zeros_like(attn.wue.weight))
+    assert torch.equal(attn.gate(ids), torch.ones(2, 6, attn.wue.out_features))
+    with torch.no_grad():
+        attn.wue.weight.normal_()
+    expected = 1 + attn.gate_embed.weight[ids] @ attn.wue.weight.T
+    assert torch.allclose(attn.gate(ids), expected, atol=1e-5)
+    attn.build_gate_table()
+    assert torch.allclose(attn.gate(ids, use_table=True), expected, atol=1e-5)  # what decode and kernels read
+    # the paper's start is unchanged: W_UE ~ N(0, 1/d_e), so each gate entry starts ~N(0, 1)
+    paper = Transformer(small_config(attention="eg-mla", gate_dim=256)).layers[0].attn
+    assert abs(float(paper.gate(torch.arange(61)[None]).detach().std()) - 1.0) < 0.1
+
+
+def test_controls_have_exactly_egmla_kv64s_parameters():
+    from egmla.model import count_params
+    from egmla.variants import variant_config
+
+    full = count_params(variant_config("egmla-kv64", "paper-base"))
+    for name in ("egmla-kv64-bias", "egmla-kv64-identity"):
+        config = variant_config(name, "paper-base")
+        assert count_params(config) == full == 316_202_496  # the committed record's count (docs/RESULTS.md)
+        assert count_params(config, include_gate_tables=False) == count_params(
+            variant_config("egmla-kv64", "paper-base"), include_gate_tables=False)
+        small = Transformer(variant_config(name, "tiny", n_layers=1, vocab_size=300))
+        assert small.num_params() == Transformer(variant_config("egmla-kv64", "tiny", n_layers=1,
+                                                                vocab_size=300)).num_params()
+
+
+def test_controls_decode_only_on_the_paths_that_compute_them():
+    import pytest
+
+    from egmla.attention import check_decode_path, decode_paths
+
+    bias = small_config(attention="eg-mla", gate_op="bias")
+    assert decode_paths(bias) == ("naive", "gate-table")  # the Triton kernels gate inside: mul or add only
+    for path in ("kernel", "grouped"):
+        with pytest.raises(ValueError, match=f"decode_path='{path}' is not available for EG-MLA kv10 gate-bias"):
+            check_decode_path(bias, path)
+    # the identity start is still a multiplying gate: every path reads the same table, 1 + E W_UE^T
+    identity = small_config(attention="eg-mla", gate_init="identity")
+    assert decode_paths(identity) == ("naive", "gate-table", "kernel", "grouped")
+    assert identity.variant_name() == "EG-MLA kv10 identity-init"
+    with pytest.raises(ValueError, match="gate_init='identity': an identity start .* not gate_op='add'"):
+        small_config(attention="eg-mla", gate_op="add", gate_init="identity")
+    with pytest.raises(ValueError, match="gate_init='identity': gate options apply only to attention='eg-mla'"):
+        small_config(attention="mla", gate_init="identity")
