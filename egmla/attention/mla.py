@@ -26,6 +26,7 @@ from torch import nn
 
 from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run, masked_softmax_attention
+from egmla.attention.norms import RMSNorm
 from egmla.attention.rope import apply_rope
 from egmla.config import ModelConfig
 
@@ -42,12 +43,12 @@ class MultiHeadLatentAttention(nn.Module):
         qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         if config.q_lora_rank:
             self.wq_a = nn.Linear(config.d_model, config.q_lora_rank, bias=False)
-            self.q_norm = nn.RMSNorm(config.q_lora_rank, eps=config.norm_eps)
+            self.q_norm = RMSNorm(config.q_lora_rank, eps=config.norm_eps)
             self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * qk_head_dim, bias=False)
         else:
             self.wq = nn.Linear(config.d_model, self.n_heads * qk_head_dim, bias=False)
         self.wkv_a = nn.Linear(config.d_model, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(self.kv_lora_rank, eps=config.norm_eps)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, eps=config.norm_eps)
         self.wkv_b = nn.Linear(self.kv_lora_rank, config.kv_up_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.v_head_dim, config.d_model, bias=False)
         self.decode_path = "naive"
@@ -125,9 +126,11 @@ class MultiHeadLatentAttention(nn.Module):
     def sdpa(self, q_nope, q_pe, k_nope, k_pe, v, ctx: AttnContext) -> torch.Tensor:
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+        if not ctx.cached:  # training and full forwards: causal over the whole sequence
+            return causal_attention(q, k, v, self.softmax_scale)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=ctx.mask, is_causal=not ctx.cached, scale=self.softmax_scale)
+            attn_mask=ctx.mask, scale=self.softmax_scale)
         return out.transpose(1, 2)
 
     def attend_absorbed(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
@@ -196,6 +199,21 @@ class MultiHeadLatentAttention(nn.Module):
         q_pe = apply_rope(q_pe, ctx.cos, ctx.sin)
         out_latent = self.latent_attention(q_latent, q_pe, latent, k_pe, ctx, use_kernel=self.decode_path == "kernel")
         return F.linear(out_latent.flatten(2), w_out)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     pad_v: bool | None = None) -> torch.Tensor:
+    """Causal SDPA of q, k [batch, seq, heads, d_n + d_r] and v [batch, seq, heads, d_v] -> [batch, seq, heads, d_v].
+
+    FlashAttention needs one head dim for q, k and v; MLA's v is narrower (64 against 128 at paper-base). With
+    pad_v (default: on CUDA, where FlashAttention runs) v gets zero columns up to q's width and the output
+    is cut back: the zero columns only add zero output columns, so the result is the same up to rounding."""
+    width = v.shape[-1]
+    if (q.is_cuda if pad_v is None else pad_v) and width < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - width))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                         scale=scale)
+    return out.transpose(1, 2)[..., :width]
 
 
 def _causal(scores: torch.Tensor) -> torch.Tensor:
