@@ -8,9 +8,12 @@
 # another on that GPU. Job i writes its --out files to gpuI/ and its log to gpuI.log in a fresh $WORK/out.XXXX.
 # All jobs share one --work folder ($WORK, default /tmp/egmla-repro): the tokenizer and token shards are built
 # once, first, by `paper_repro.py --prepare-only` with the first part's arguments (parts with other data
-# settings build their own). A job still running $JOB_LIMIT_S seconds after the start (default: no limit) is
-# interrupted; the runs it finished are kept. Everything is then packed into OUT/results.tar.gz (one file: a
-# device call brings back at most 8) and each job's last lines are printed. Exits non-zero if a job failed.
+# settings build their own). With $JOB_LIMIT_S (seconds from the start; default: no limit) each part gets
+# `--time-limit-s` for what is left: a run that would go past it stops at a checkpoint in $WORK, which the same
+# call resumes (status 3: "call again"); a part still running at the limit is interrupted. The runs finished are
+# kept. Identical jobs share a plan: each GPU takes the next run no other holds (paper_repro.py's docstring).
+# Everything is then packed into OUT/results.tar.gz (one file: a device call brings back at most 8) and each
+# job's last lines are printed. Exits 1 if a job failed, else 3 if one stopped at its limit, else 0.
 # $PYTHON (default python3) runs the jobs. Each job's tokens/s is measured beside the other jobs: separate
 # GPUs, shared CPUs and host memory.
 set -u
@@ -39,14 +42,26 @@ for i in $(seq 0 $(($# - 1))); do
                 limit=$(( deadline - $(date +%s) ))
                 [ "$limit" -gt 0 ] || { echo "on_gpus.sh: no time left for: $part"; exit 124; }
             fi
-            timeout --signal=INT "$limit" "$python" "$here/paper_repro.py" $part --work "$work" --out "$logs/gpu$i" || exit
+            budget=()
+            [ "$limit" -gt 0 ] && budget=(--time-limit-s "$limit")
+            timeout --signal=INT "$limit" "$python" "$here/paper_repro.py" $part "${budget[@]}" --work "$work" \
+                --out "$logs/gpu$i" || exit
         done
     ) > "$logs/gpu$i.log" 2>&1 &
     pids+=($!)
 done
 status=0
 for i in "${!pids[@]}"; do
-    if wait "${pids[$i]}"; then echo "gpu $i: done"; else echo "gpu $i: FAILED or cut off (gpu$i.log)"; status=1; fi
+    wait "${pids[$i]}"
+    rc=$?
+    if [ $rc -eq 0 ]; then
+        echo "gpu $i: done"
+    elif [ $rc -eq 3 ]; then
+        echo "gpu $i: stopped at its time limit with runs left (the same call continues them)"
+        [ $status -eq 1 ] || status=3
+    else
+        echo "gpu $i: FAILED or cut off (gpu$i.log)"; status=1
+    fi
 done
 for i in "${!pids[@]}"; do
     echo "--- gpu $i: ${*:$((i + 1)):1}"

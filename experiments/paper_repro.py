@@ -6,11 +6,15 @@ Groups (configs/ holds every config; all runs of a group share data order, seed 
   de-sweep   EG-MLA kv64 with d_e in {64, 128, 256, 512, 1024, 2048}
   latent     EG-MLA kv64 with the gate on the latent, beside the paper's placement
   seeds      EG-MLA kv64 and MLA kv256 with seeds 1 and 2 (seed 0 is in table1)
+  longer     issue 18: EG-MLA kv64, MLA kv256 and MHA at 2,000 steps (131 M tokens), the two controls of
+             EG-MLA kv64 (egmla-kv64-bias: the table without a gate; egmla-kv64-identity: the gate started
+             at 1) and `add`, on whole files held out (data.split = "document"); PLANS gives the seeds and order
 
     python experiments/paper_repro.py table1 --steps 800            # on the lent H100
     python experiments/paper_repro.py table1 --only mha,mla-kv256   # part of a group (calls are <= 10 min)
     python experiments/paper_repro.py table1 --scale cpu-pilot      # tiny shapes on a 2-core CPU (~3-4 min a run)
     python experiments/paper_repro.py latent --scale cpu-pilot --steps 4   # CPU smoke test
+    python experiments/paper_repro.py longer --time-limit-s 550 --records experiments/results/longer-budget
 
 Scales: `paper-base` runs the configs as written (paper-base shapes, bf16, torch.compile: a GPU);
 `cpu-pilot` runs the same configs at the `tiny` preset's shapes with a CPU-sized budget (SCALES below), with
@@ -18,16 +22,25 @@ d_e = 512 wherever a config does not set gate_dim. A pilot is a check of the pip
 look at the trends, not the paper-base reproduction.
 
 A run whose full config (model, train, data) equals one already finished in --work is not trained again:
-its row and metrics are reused (the full EG-MLA kv64 model appears in every group).
+its row and metrics are reused (the full EG-MLA kv64 model appears in every group); with --records, neither is
+one already recorded in that folder's group files (committed results: a fresh machine skips them too).
+
+Runs longer than a call: --time-limit-s bounds this invocation. A run that would go past it stops at a
+checkpoint in --work, and the same command with the same --work resumes it (exactly: the data position and
+random state are in the checkpoint); the command exits with status 3 while runs are left, 0 when none are.
+Several processes may share one --work (experiments/on_gpus.sh, one per GPU): each takes the next run of
+the plan that no other holds, so the same command on every GPU splits the plan between them.
 
 Writes to --out (default repro_out/): <group>.json (the compare rows, every run's config and its validation
 records from metrics.jsonl: what experiments/report.py reads; the per-step log stays in --work), <group>.png (validation loss vs KV elements/token) and <group>-curves.png (validation loss vs tokens); with
---only, <group>.part-<names>.json etc., which experiments/report.py merges with the other parts.
+--only, <group>.part-<names>.json etc., which experiments/report.py merges with the other parts. A group of
+PLANS writes one file per finished run, <group>.part-<run>.json, and no plots (report.py draws them).
 Checkpoints stay in --work. The python-source corpus and its tokenizer are built inside the call.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,7 +56,22 @@ GROUPS = {
                 + [f"egmla-kv64-de{d}" for d in (1024, 2048)],
     "latent": ["egmla-kv64", "egmla-kv64-latent"],
     "seeds": ["egmla-kv64", "mla-kv256"],
+    "longer": ["egmla-kv64", "mla-kv256", "mha", "egmla-kv64-bias", "egmla-kv64-identity", "egmla-kv64-add"],
 }
+# A group's runs as (config, seed) in the order they are trained; a group not here trains its configs at seed 0
+# (`seeds`: at --seeds). `longer`: first what issue 18 needs (the key pair and MHA, then both controls, seed 0,
+# then seed 1), then what it would like (MHA seed 1, `add` beside the identity start, a third seed of the pair).
+PLANS = {
+    "longer": [("egmla-kv64", 0), ("mla-kv256", 0), ("mha", 0), ("egmla-kv64-bias", 0), ("egmla-kv64-identity", 0),
+               ("egmla-kv64", 1), ("mla-kv256", 1), ("egmla-kv64-bias", 1), ("egmla-kv64-identity", 1),
+               ("mha", 1), ("egmla-kv64-add", 0), ("egmla-kv64", 2), ("mla-kv256", 2), ("egmla-kv64-add", 1)],
+}
+# Settings of every run of a group, before the scale's and --set. `longer` holds out whole files, reads the
+# whole installation (the H200 image has ~397 MB of .py: 600 MB is no cap there, the old 300 MB was) and
+# validates every 100 steps (6.6 M tokens at paper-base).
+GROUP_SETTINGS = {"longer": ["data.split=document", "data.max_bytes=600_000_000", "train.eval_every=100"]}
+DEFAULT_STEPS = {"paper-base": {"longer": 2000}}  # else 800 at paper-base, 400 at cpu-pilot
+STOP_MARGIN_S = 60  # of a time-limited call, kept for building the model, the last validation, the checkpoint
 SCALES = {
     "paper-base": [],
     # tiny shapes (4 layers, d_model 256, 4 heads, vocab 8192), 1,024-token batches (fp32 on a CPU: ~0.5 s a step)
@@ -58,15 +86,17 @@ SCALES = {
 SCALE_MODEL = {"cpu-pilot": {"gate_dim": 512, "gqa4.n_kv_heads": 2}}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("group", choices=sorted(GROUPS))
     parser.add_argument("--scale", choices=sorted(SCALES), default="paper-base",
                         help="paper-base: configs as written (GPU); cpu-pilot: tiny shapes, CPU budget")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per run, the token budget (default: 800 at paper-base, 400 cpu-pilot)")
+                        help="optimizer steps per run, the token budget (default: 800 at paper-base, 2,000 for "
+                             "longer; 400 at cpu-pilot)")
     parser.add_argument("--only", default="", help="comma-separated subset of the group's configs")
-    parser.add_argument("--seeds", default="1,2", help="seeds for the 'seeds' group")
+    parser.add_argument("--seeds", default=None, help="seeds for the 'seeds' group (default 1,2); for a group of "
+                                                      "PLANS, the plan's runs of these seeds only")
     parser.add_argument("--out", default="repro_out", help="results folder (the group files)")
     parser.add_argument("--work", default="/tmp/egmla-repro")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -75,30 +105,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare-only", action="store_true",
                         help="build the tokenizer and token shards in --work and stop (several processes, one "
                              "per GPU, can then share them: experiments/on_gpus.sh)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--time-limit-s", type=float, default=0,
+                        help="wall-clock budget of this call (0 = none): a run that would outlast it stops at a "
+                             "checkpoint that the same command resumes; exit status 3 while runs are left")
+    parser.add_argument("--min-run-s", type=float, default=120,
+                        help="with --time-limit-s: start or resume no run with less than this left")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="skip the runs already recorded in this folder's group files "
+                             "(e.g. experiments/results/longer-budget)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
     sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 
     from egmla.runs import atomic_write_json
-    from egmla.train.compare import format_table, load_runs, plot_comparison
-    from egmla.train.trainer import train
+    from egmla.train.compare import format_table, plot_comparison
     from report import plot_curves
 
-    names = GROUPS[args.group]
-    if args.only:
-        names = [n for n in names if n in args.only.split(",")]
-    configs = [str(ROOT / "configs" / f"{name}.toml") for name in names]
-    if args.steps is None:
-        args.steps = 400 if args.scale == "cpu-pilot" else 800
-    overrides = [f"train.steps={args.steps}", "train.checkpoint_every=0", "train.keep_checkpoints=1",
-                 f"data.cache_dir={Path(args.work) / 'cache'}", *SCALES[args.scale], *args.preset_override,
-                 *args.overrides]
-    plan = []
-    seeds = [int(s) for s in args.seeds.split(",")] if args.group == "seeds" else [None]
-    for seed in seeds:
-        extra = [f"train.seed={seed}"] if seed is not None else []
-        for (label, run), path in zip(load_runs(configs, "paper-base", overrides + extra), configs):
-            run = with_scale_model(run, path, SCALE_MODEL.get(args.scale, {}))
-            plan.append((f"{label}-seed{run.train.seed}", run))
+    plan = runs_of(args)
     if args.prepare_only:
         from egmla.data import prepare_data
 
@@ -109,41 +136,153 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # a part of a group gets its own file (GROUP.part-NAME_NAME.json: names the device tool brings back); experiments/report.py merges the parts
-    stem = args.group + (f".part-{'_'.join(names)}" if args.only else "")
-    started = time.perf_counter()
-    rows, curves, configs = [], {}, {}
+    deadline = started + args.time_limit_s if args.time_limit_s else None
+    recorded = recorded_runs(args.records) if args.records else set()
+    files: dict[str, dict] = {}  # stem -> what goes into out/STEM.json
+    busy, stopped = [], None
     for label, run in plan:
-        key = hashlib.sha256(json.dumps(dataclasses.asdict(run) | {"name": ""}, sort_keys=True,
-                                        default=str).encode()).hexdigest()[:16]
-        done = Path(args.work) / "done" / f"{label}-{key}.json"
+        if (label, run_key(dataclasses.asdict(run))) in recorded:
+            print(f"=== {label}: already recorded in {args.records}; skipped ===", flush=True)
+            continue
+        finished = train_or_reuse(label, run, args, deadline)
+        if finished == "busy":
+            busy.append(label)
+            continue
+        if finished == "stopped":
+            stopped = label
+            break
+        stem = file_stem(args, label)
+        part = files.setdefault(stem, {"group": args.group, "scale": args.scale, "rows": [], "metrics": {},
+                                       "configs": {}})
+        part["rows"].append(finished["row"])
+        part["metrics"][label] = validation_records(finished["metrics"])
+        part["configs"][label] = finished["config"]
+        atomic_write_json(out / f"{stem}.json", {**part, "wall_s": time.monotonic() - started,
+                                                 "command": " ".join(sys.argv)})
+    rows = [row for part in files.values() for row in part["rows"]]
+    if rows:
+        print("\n" + format_table(rows))
+    if rows and args.group not in PLANS:
+        stem, = files
+        plot_comparison(rows, out / f"{stem}.png", f"{args.group}: validation loss vs KV cache")
+        plot_curves(files[stem], out / f"{stem}-curves.png", f"{args.group}: validation loss vs tokens")
+    if busy:
+        print(f"left to the other processes sharing {args.work}: {', '.join(busy)}", flush=True)
+    if stopped:
+        print(f"time limit: runs from {stopped} on are not finished; the same command with --work {args.work} "
+              f"continues them", flush=True)
+        return 3
+    return 0
+
+
+def runs_of(args) -> list[tuple[str, object]]:
+    """(label, RunConfig) of every run the arguments name, in the order they are trained."""
+    from egmla.train.compare import load_runs
+
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS.get(args.scale, {}).get(args.group, 400 if args.scale == "cpu-pilot" else 800)
+    overrides = [f"train.steps={args.steps}", "train.checkpoint_every=0", "train.keep_checkpoints=1",
+                 f"data.cache_dir={Path(args.work) / 'cache'}", *GROUP_SETTINGS.get(args.group, []),
+                 *SCALES[args.scale], *args.preset_override, *args.overrides]
+    only = set(args.only.split(",")) if args.only else set(GROUPS[args.group])
+    if args.group in PLANS:
+        seeds = {int(s) for s in args.seeds.split(",")} if args.seeds else None
+        wanted = [(name, seed) for name, seed in PLANS[args.group] if name in only and (seeds is None or seed in seeds)]
+    else:
+        seeds = [int(s) for s in (args.seeds or "1,2").split(",")] if args.group == "seeds" else [None]
+        wanted = [(name, seed) for seed in seeds for name in GROUPS[args.group] if name in only]
+    plan = []
+    for name, seed in wanted:
+        path = str(ROOT / "configs" / f"{name}.toml")
+        extra = [f"train.seed={seed}"] if seed is not None else []
+        (label, run), = load_runs([path], "paper-base", overrides + extra)
+        run = with_scale_model(run, path, SCALE_MODEL.get(args.scale, {}))
+        plan.append((f"{label}-seed{run.train.seed}", run))
+    return plan
+
+
+def file_stem(args, label: str) -> str:
+    """The --out file a run's record goes to: the group's (GROUP.json), a part of it (GROUP.part-NAME_NAME.json,
+    with --only: names the device tool brings back), or for a group of PLANS its own (GROUP.part-RUN.json, so
+    that processes sharing the plan never write one file). experiments/report.py merges the parts."""
+    if args.group in PLANS:
+        return f"{args.group}.part-{label}"
+    names = [n for n in GROUPS[args.group] if n in args.only.split(",")] if args.only else []
+    return args.group + (f".part-{'_'.join(names)}" if names else "")
+
+
+def run_key(config: dict) -> str:
+    """What identifies a run: its whole config (new fields at their defaults, so an older record keys the
+    same) but its name, where its caches go and the time limit of the call that trained it."""
+    from egmla.train.config import RunConfig
+
+    values = RunConfig.from_dict(json.loads(json.dumps(config, default=str))).to_dict()
+    values["name"], values["data"]["cache_dir"], values["train"]["time_limit_s"] = "", "", 0.0
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recorded_runs(folder: Path) -> set[tuple[str, str]]:
+    """(label, run_key) of every run whose config a group file in `folder` records."""
+    found = set()
+    for path in sorted(Path(folder).glob("*.json")):
+        for label, config in json.loads(path.read_text()).get("configs", {}).items():
+            found.add((label, run_key(config)))
+    return found
+
+
+def train_or_reuse(label: str, run, args, deadline: float | None) -> dict | str:
+    """One run's record {"row", "metrics", "config"}: reused from --work if that config finished there, else
+    trained (resumed from its checkpoint when an earlier call stopped it). 'busy' when another process holds
+    the run, 'stopped' when the time limit came first (its checkpoint waits in --work)."""
+    from egmla.data import prepare_data
+    from egmla.runs import atomic_write_json, list_checkpoints
+    from egmla.train.runlock import RunLock, RunLocked
+    from egmla.train.trainer import train
+
+    work, key = Path(args.work), run_key(dataclasses.asdict(run))
+    done = work / "done" / f"{label}-{key}.json"
+    with contextlib.ExitStack() as held:
+        try:  # one process per run: the others move on to the next run of the plan
+            held.enter_context(RunLock(work / "claims" / f"{label}-{key}"))
+        except RunLocked:
+            print(f"=== {label}: being trained by another process sharing {args.work}; next run ===", flush=True)
+            return "busy"
         if done.is_file():
             print(f"=== {label}: same config already trained in {args.work}; reusing its results ===", flush=True)
-            finished = json.loads(done.read_text())
-        else:
-            print(f"=== {label}: {run.model.variant_name()}, {run.train.steps} steps ===", flush=True)
-            run_dir = Path(args.work) / "runs" / f"{label}-{key}"
-            summary = train(run, run_dir, progress=False)
-            row = {k: summary[k] for k in ("name", "variant", "params", "params_without_gate_tables",
-                                           "kv_elements_per_token", "final_val_loss", "tokens_per_s",
-                                           "train_wall_s")}
-            row.update(name=label, seed=run.train.seed, scale=args.scale, device=summary.get("device", ""),
-                       gate_dim=run.model.gate_dim if run.model.attention == "eg-mla" else None,
-                       tokens=run.train.steps * run.train.batch_size * run.train.seq_len)
-            metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            finished = {"row": row, "metrics": metrics, "config": dataclasses.asdict(run)}
-            atomic_write_json(done, finished)
-        rows.append(finished["row"])
-        curves[label] = validation_records(finished["metrics"])
-        configs[label] = finished["config"]
-        atomic_write_json(out / f"{stem}.json", {"group": args.group, "scale": args.scale, "rows": rows,
-                                                 "metrics": curves, "configs": configs,
-                                                 "wall_s": time.perf_counter() - started, "command": " ".join(sys.argv)})
-    print("\n" + format_table(rows))
-    plot_comparison(rows, out / f"{stem}.png", f"{args.group}: validation loss vs KV cache")
-    plot_curves({"rows": rows, "metrics": curves}, out / f"{stem}-curves.png",
-                f"{args.group}: validation loss vs tokens")
-    return 0
+            return json.loads(done.read_text())
+        _, shards = prepare_data(run.data, run.model.vocab_size, progress=False)  # cached after the first run
+        timed = run
+        if deadline is not None:
+            budget = deadline - time.monotonic() - STOP_MARGIN_S
+            if budget < args.min_run_s:
+                print(f"=== {label}: {max(0, budget):.0f} s left of --time-limit-s, under --min-run-s; not started ===",
+                      flush=True)
+                return "stopped"
+            timed = dataclasses.replace(run, train=dataclasses.replace(run.train, time_limit_s=budget))
+        run_dir = work / "runs" / f"{label}-{key}"
+        resume = bool(list_checkpoints(run_dir))
+        print(f"=== {label}: {run.model.variant_name()}, {run.train.steps} steps"
+              + (" (resuming its checkpoint)" if resume else "") + " ===", flush=True)
+        summary = train(timed, run_dir, resume=resume, progress=False)
+        calls = json.loads((run_dir / "calls.json").read_text()) if (run_dir / "calls.json").is_file() else []
+        calls.append({"steps": summary["steps"], "train_wall_s": summary["train_wall_s"]})
+        atomic_write_json(run_dir / "calls.json", calls)
+        if summary["interrupted"]:
+            print(f"=== {label}: stopped at step {summary['steps']} of {run.train.steps} ({summary['stop_reason']}); "
+                  f"the same command resumes it ===", flush=True)
+            return "stopped"
+        row = {k: summary[k] for k in ("name", "variant", "params", "params_without_gate_tables",
+                                       "kv_elements_per_token", "final_val_loss", "tokens_per_s")}
+        tokens = run.train.steps * run.train.batch_size * run.train.seq_len
+        row.update(name=label, seed=run.train.seed, scale=args.scale, device=summary.get("device", ""),
+                   gate_dim=run.model.gate_dim if run.model.attention == "eg-mla" else None, tokens=tokens,
+                   train_wall_s=sum(c["train_wall_s"] or 0 for c in calls), calls=len(calls), split=run.data.split,
+                   train_split_tokens=shards.meta["train_tokens"],
+                   epochs=round(tokens / shards.meta["train_tokens"], 3))
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        finished = {"row": row, "metrics": metrics, "config": dataclasses.asdict(run)}
+        atomic_write_json(done, finished)
+        return finished
 
 
 def validation_records(records: list[dict]) -> list[dict]:

@@ -18,6 +18,9 @@ TOY = ["--scale", "cpu-pilot", "--steps", "2", "--set", "data.corpus=embedded", 
        "--set", "data.tokenizer_sample_bytes=300000", "--set", "model.vocab_size=512",
        "--set", "train.eval_sequences=4", "--set", "model.n_layers=1"]
 
+# the embedded corpus's first 300 KB are three works: with whole documents held out, one of them (allegro)
+LONGER_TOY = [*TOY, "--set", "data.val_fraction=0.3"]
+
 
 @pytest.mark.slow
 def test_groups_run_reuse_and_report(tmp_path, capsys):
@@ -66,6 +69,106 @@ def test_groups_are_registered_variants():
     from egmla.variants import VARIANTS
 
     assert {name for names in paper_repro.GROUPS.values() for name in names} <= set(VARIANTS)
+    for group, plan in paper_repro.PLANS.items():
+        assert {name for name, _ in plan} == set(paper_repro.GROUPS[group]) and len(set(plan)) == len(plan)
+
+
+def plan_of(*argv):
+    return paper_repro.runs_of(paper_repro.parse_args(list(argv)))
+
+
+def test_longer_plan_is_issue_18s_runs_on_whole_files_past_one_epoch():
+    plan = plan_of("longer")
+    labels = [label for label, _ in plan]
+    assert labels[:9] == ["egmla-kv64-seed0", "mla-kv256-seed0", "mha-seed0", "egmla-kv64-bias-seed0",
+                          "egmla-kv64-identity-seed0", "egmla-kv64-seed1", "mla-kv256-seed1", "egmla-kv64-bias-seed1",
+                          "egmla-kv64-identity-seed1"]  # what the issue needs comes first
+    for label, run in plan:
+        assert run.train.steps * run.train.batch_size * run.train.seq_len == 131_072_000  # 2,000 x 64 x 1,024
+        assert (run.data.split, run.data.max_bytes, run.data.corpus) == ("document", 600_000_000, "python-source")
+        assert run.train.schedule == "cosine" and run.train.eval_every == 100 and run.train.seed == int(label[-1])
+    controls = {label: run.model for label, run in plan if label.endswith("seed0")}
+    assert controls["egmla-kv64-bias-seed0"].gate_op == "bias"
+    assert controls["egmla-kv64-identity-seed0"].gate_init == "identity"
+    assert [label for label, _ in plan_of("longer", "--seeds", "1", "--only", "mha,egmla-kv64")] == [
+        "egmla-kv64-seed1", "mha-seed1"]
+    # the pilot scale keeps its CPU-sized corpus and budget, the document split stays
+    (_, pilot), = plan_of("longer", "--scale", "cpu-pilot", "--only", "mha", "--seeds", "0")
+    assert (pilot.train.steps, pilot.data.max_bytes, pilot.data.split) == (400, 24_000_000, "document")
+
+
+def test_run_key_ignores_where_files_go_and_the_calls_time_limit():
+    import dataclasses
+
+    (_, run), = plan_of("longer", "--only", "mha", "--seeds", "0")
+    config = dataclasses.asdict(run)
+    moved = json.loads(json.dumps(config))
+    moved["data"]["cache_dir"], moved["train"]["time_limit_s"], moved["name"] = "/elsewhere", 431.5, "x"
+    assert paper_repro.run_key(moved) == paper_repro.run_key(config)
+    longer = json.loads(json.dumps(config))
+    longer["train"]["steps"] = 2001
+    assert paper_repro.run_key(longer) != paper_repro.run_key(config)
+    old = json.loads(json.dumps(config))  # a record from before data.split existed keys as split='chunk'
+    del old["data"]["split"]
+    chunk = json.loads(json.dumps(config))
+    chunk["data"]["split"] = "chunk"
+    assert paper_repro.run_key(old) == paper_repro.run_key(chunk) != paper_repro.run_key(config)
+
+
+@pytest.mark.parametrize("name", ["cpu-pilot", "paper-base", "paper-base-long"])
+def test_committed_records_configs_load_as_the_chunk_split(name):
+    from egmla.train.config import RunConfig
+
+    for path in (ROOT / "experiments" / "results" / name).glob("*.json"):
+        for config in json.loads(path.read_text()).get("configs", {}).values():
+            run = RunConfig.from_dict(config)
+            assert run.data.split == "chunk" and run.data.val_fraction == config["data"]["val_fraction"]
+
+
+@pytest.mark.slow
+def test_a_stopped_run_resumes_in_the_next_call_to_the_same_result(tmp_path, capsys):
+    """A call that stops a run at its time limit (status 3) leaves a checkpoint; the next call resumes it and
+    ends where one uninterrupted call ends. Finished runs are then skipped: by --work, and by --records."""
+    toy = [*LONGER_TOY, "--only", "mha", "--seeds", "0", "--steps", "4", "--set", "train.eval_every=2"]
+    out, work = tmp_path / "out", tmp_path / "work"
+    common = ["longer", *toy, "--out", str(out), "--work", str(work)]
+    assert paper_repro.main([*common, "--set", "train.time_limit_s=0.000001"]) == 3  # stops after one step
+    assert "stopped at step 1 of 4" in capsys.readouterr().out and not list(out.glob("*.json"))
+    assert paper_repro.main(common) == 0
+    assert "(resuming its checkpoint)" in capsys.readouterr().out
+    record = json.loads((out / "longer.part-mha-seed0.json").read_text())
+    (row,) = record["rows"]
+    assert (row["calls"], row["split"], row["tokens"]) == (2, "document", 4 * 8 * 128)
+    assert [m["step"] for m in record["metrics"]["mha-seed0"]] == [2, 4]
+    assert record["configs"]["mha-seed0"]["train"]["time_limit_s"] == 0  # the run, not how calls cut it
+
+    whole = tmp_path / "whole"
+    assert paper_repro.main(["longer", *toy, "--out", str(whole), "--work", str(tmp_path / "work2")]) == 0
+    (uncut,) = json.loads((whole / "longer.part-mha-seed0.json").read_text())["rows"]
+    assert uncut["calls"] == 1 and uncut["final_val_loss"] == pytest.approx(row["final_val_loss"], abs=1e-6)
+
+    capsys.readouterr()
+    assert paper_repro.main(common) == 0
+    assert "already trained in" in capsys.readouterr().out
+    assert paper_repro.main([*common, "--records", str(whole), "--work", str(tmp_path / "fresh")]) == 0
+    assert "already recorded in" in capsys.readouterr().out and not (tmp_path / "fresh" / "runs").exists()
+
+
+@pytest.mark.slow
+def test_processes_sharing_a_plan_take_different_runs(tmp_path, capsys):
+    from egmla.train.runlock import RunLock
+
+    args = ["longer", *LONGER_TOY, "--only", "mha", "--seeds", "0,1", "--out", str(tmp_path / "out"),
+            "--work", str(tmp_path / "work")]
+    (label, first), _ = paper_repro.runs_of(paper_repro.parse_args(args))
+    import dataclasses
+
+    claim = tmp_path / "work" / "claims" / f"{label}-{paper_repro.run_key(dataclasses.asdict(first))}"
+    with RunLock(claim):  # another process is training seed 0
+        assert paper_repro.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "mha-seed0: being trained by another process" in printed
+    assert [p.name for p in (tmp_path / "out").glob("*.json")] == ["longer.part-mha-seed1.json"]
 
 
 def test_report_refuses_an_empty_folder(tmp_path):
@@ -152,3 +255,23 @@ def test_on_gpus_cuts_a_job_off_at_its_limit_and_says_so(tmp_path):
     assert done.returncode != 0
     assert "gpu 0: FAILED or cut off" in done.stdout
     assert (tmp_path / "out" / "results.tar.gz").is_file()  # what there is still comes back
+
+
+@pytest.mark.slow
+def test_on_gpus_identical_jobs_split_a_plan_and_train_each_run_once(tmp_path):
+    import re
+    import subprocess
+    import tarfile
+
+    job = f"longer --only mha --seeds 0,1 {' '.join(LONGER_TOY)}"
+    env = {**os.environ, "WORK": str(tmp_path / "work"), "PYTHONPATH": str(ROOT), "PYTHON": sys.executable,
+           "JOB_LIMIT_S": "500"}
+    done = subprocess.run(["bash", str(ROOT / "experiments" / "on_gpus.sh"), str(tmp_path / "out"), job, job],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames() if n.endswith(".json")}
+        logs = "".join(tar.extractfile(n).read().decode() for n in tar.getnames() if n.endswith(".log"))
+    assert names == {"longer.part-mha-seed0.json", "longer.part-mha-seed1.json"}
+    trained = re.findall(r"=== (mha-seed\d): MHA, \d+ steps ===", logs)
+    assert sorted(trained) == ["mha-seed0", "mha-seed1"]  # each run trained by one GPU only
