@@ -44,14 +44,15 @@ from torch import nn
 from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run
 from egmla.attention.mla import MultiHeadLatentAttention
+from egmla.attention.norms import LayerNorm, RMSNorm
 from egmla.config import ModelConfig
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps)
+        return LayerNorm(dim, eps=eps)  # fp32 norm, bf16 out under autocast (egmla/attention/norms.py)
     if kind == "rmsnorm":
-        return nn.RMSNorm(dim, eps=eps)
+        return RMSNorm(dim, eps=eps)
     return nn.Identity()
 
 

@@ -63,9 +63,11 @@ def norm_dtypes(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("variant", [dict(attention="mla", q_lora_rank=24)])
+@pytest.mark.parametrize("variant", [dict(attention="mla", q_lora_rank=24), dict(attention="eg-mla"),
+                                     dict(attention="eg-mla", gate_norm="rmsnorm"),
+                                     dict(attention="eg-mla", gate_placement="latent")])
 def test_every_norm_sees_its_weights_dtype_under_autocast(norm_dtypes, variant):
-    """Under autocast the q and kv RMSNorms of MLA get bf16 inputs (the outputs of linears)."""
+    """Under autocast the q and kv RMSNorms of MLA and EG-MLA's gate norm get bf16 inputs (products of linears)."""
     model = Transformer(small_config(**variant))
     tokens = torch.randint(0, 61, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
