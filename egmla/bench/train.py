@@ -1,12 +1,15 @@
 """`egmla bench train`: training step time, tokens/s and MFU per attention variant, side by side.
 
 Every variant trains on the same batch of real-text token ids (egmla.bench.token_ids), from the same
-seed, with the trainer's own loss, AdamW and gradient clipping; one step = forward, backward, clip,
+seed, with the trainer's own loss, optimizer and gradient clipping; one step = forward, backward, clip,
 optimizer step. The first --warmup steps (torch.compile, allocator) are not timed; the rest are timed
-one by one with CUDA events (wall clock on CPU) and reported as the median. MFU uses the FLOPs of
-egmla.train.metrics.flops_per_token against the device's dense bf16 peak.
+one by one with CUDA events (wall clock on CPU), phase by phase, and reported as medians. MFU uses the
+FLOPs of egmla.train.metrics.flops_per_token against the device's dense bf16 peak. EG-MLA variants get
+one row per --gate-table-update (train.gate_table_update: dense AdamW or row-sparse lazy Adam).
+--profile then runs a few more steps of each row under torch.profiler: the kernels' time by kind and the
+costliest kernels go into each row of --out NAME.json and, as Markdown, into NAME_profile.md beside it.
 
-    egmla bench train --out bench_train.json                         # paper-base, GPU, bf16 + compile
+    egmla bench train --gate-table-update dense,row-sparse --profile --out bench_train.json  # the GPU table
     egmla bench train --device cpu --preset tiny --batch 2 --seq-len 64 --steps 2 --warmup 1 --no-compile
 """
 from __future__ import annotations
@@ -14,8 +17,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 DEFAULT_VARIANTS = "mha,mla-kv64,egmla-kv64"
+PHASES = ("forward_backward", "clip", "optimizer")  # one step, in order
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,19 +43,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="real text the token ids come from")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="device peak for MFU (0 = look up the device name; unknown: no MFU)")
+    parser.add_argument("--gate-table-update", default="dense", metavar="MODES",
+                        help="EG-MLA's gate-table update (train.gate_table_update), comma-separated: dense, "
+                             "row-sparse; EG-MLA variants get one row each, others one row")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile each row (torch.profiler, --profile-steps steps after the timed ones): "
+                             "kernel time by kind and the costliest kernels, printed and written beside --out")
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps per profile")
     parser.add_argument("--out", metavar="JSON", help="write the rows and settings here")
     parser.add_argument("--markdown", metavar="MD", help="write the table as Markdown here (for docs/benchmarks.md)")
 
 
-def time_variant(variant, label: str, args, device, ids, autocast) -> dict:
-    """Median step time of one variant (fresh model and optimizer)."""
+def build_step(variant, args, device, ids, autocast, gate_table_update: str):
+    """(config, model, step) for one row: a fresh model and optimizer, and step(timer) running one training
+    step as the trainer does, calling timer.mark(phase) at the end of each phase of PHASES."""
     import torch
 
     from egmla.configfile import parse_overrides
     from egmla.model import Transformer
     from egmla.train.config import TrainConfig
     from egmla.train.distributed import clip_grad_norm
-    from egmla.train.metrics import flops_per_token, peak_flops
     from egmla.train.optim import build_optimizer
     from egmla.train.trainer import token_loss
 
@@ -63,74 +75,177 @@ def time_variant(variant, label: str, args, device, ids, autocast) -> dict:
     if args.compile:
         for block in model.layers:
             block.compile()
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-4, warmup_steps=0))
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-4, warmup_steps=0, gate_table_update=gate_table_update))
     micro = args.micro_batch or args.batch
     inputs, targets = ids[:, :-1].to(device), ids[:, 1:].to(device)
 
-    def step():
+    def step(timer):
         for start in range(0, args.batch, micro):
             with autocast():
                 loss = token_loss(model, inputs[start:start + micro], targets[start:start + micro])
             (loss * micro / args.batch).backward()
+        timer.mark("forward_backward")
         clip_grad_norm(model, 1.0)
+        timer.mark("clip")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        timer.mark("optimizer")
 
+    return config, model, step
+
+
+class PhaseTimer:
+    """Seconds per phase of one step: CUDA events on a GPU (read after the step), the wall clock on a CPU."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.event = (lambda: torch.cuda.Event(enable_timing=True)) if self.cuda else None
+        self.marks = [("start", self.event() if self.cuda else time.perf_counter())]
+        if self.cuda:
+            self.marks[0][1].record()
+
+    def mark(self, phase: str) -> None:
+        if self.cuda:
+            self.marks.append((phase, self.event()))
+            self.marks[-1][1].record()
+        else:
+            self.marks.append((phase, time.perf_counter()))
+
+    def seconds(self) -> dict[str, float]:
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+        spans = {}
+        for (_, begin), (phase, end) in zip(self.marks, self.marks[1:]):
+            spans[phase] = begin.elapsed_time(end) / 1e3 if self.cuda else end - begin
+        return spans
+
+
+class NoTimer:
+    def mark(self, phase: str) -> None:
+        pass
+
+
+def time_variant(variant, label: str, args, device, ids, autocast, gate_table_update: str) -> dict:
+    """Median step and phase times of one row (fresh model and optimizer); with --profile, its profile."""
+    import torch
+
+    from egmla.train.metrics import flops_per_token, peak_flops
+
+    config, model, step = build_step(variant, args, device, ids, autocast, gate_table_update)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
-        step()
-    times = []
+        step(NoTimer())
+    phases = []
     for _ in range(args.steps):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3)
-        else:
-            started = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - started)
+        timer = PhaseTimer(device)
+        step(timer)
+        phases.append(timer.seconds())
+    times = [sum(p.values()) for p in phases]
     seconds = statistics.median(times)
     tokens = args.batch * args.seq_len
     flops = flops_per_token(config, args.seq_len) * tokens
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_flops(device_name, args.peak_tflops) if device.type == "cuda" or args.peak_tflops else None
-    return {"variant": variant.name, "name": label, "params": model.num_params(),
-            "params_without_gate_tables": model.num_params(False), "step_ms": 1e3 * seconds,
-            "step_ms_min": 1e3 * min(times), "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
-            "mfu": flops / seconds / peak if peak else None,
-            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
+    row = {"variant": variant.name, "name": label,
+           "gate_table_update": gate_table_update if config.is_gated else None,
+           "params": model.num_params(), "params_without_gate_tables": model.num_params(False),
+           "step_ms": 1e3 * seconds, "step_ms_min": 1e3 * min(times),
+           "phase_ms": {phase: 1e3 * statistics.median(p[phase] for p in phases) for phase in PHASES},
+           "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
+           "mfu": flops / seconds / peak if peak else None,
+           "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
+    if args.profile:
+        row["profile"] = profile_steps(step, device, args.profile_steps)
+    return row
+
+
+def profile_steps(step, device, steps: int) -> dict:
+    """`steps` more training steps under torch.profiler, summarised (egmla.bench.profiling)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from egmla.bench.profiling import summarise
+
+    on_cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(NoTimer())
+        if on_cuda:
+            torch.cuda.synchronize(device)
+    return summarise(prof, steps, on_cuda)
+
+
+def mla_base(rows: list[dict]) -> float | None:
+    """MLA kv64's step time, what the 'vs MLA kv64' column divides by."""
+    return {r["variant"]: r["step_ms"] for r in rows}.get("mla-kv64")
 
 
 def format_rows(rows: list[dict]) -> str:
-    reference = {r["variant"]: r["step_ms"] for r in rows}
-    base = reference.get("mla-kv64")
-    header = (f"{'variant':<22} {'step ms':>9} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6} {'vs MLA kv64':>11} "
-              f"{'mem GB':>7}")
+    base = mla_base(rows)
+    header = (f"{'variant':<34} {'step ms':>9} {'fwd+bwd':>8} {'clip':>6} {'optim':>6} {'tokens/s':>11} "
+              f"{'TFLOP/s':>8} {'MFU':>6} {'vs MLA kv64':>11} {'mem GB':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         ratio = f"{r['step_ms'] / base:.3f}x" if base else "-"
         memory = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
-        lines.append(f"{r['name']:<22} {r['step_ms']:>9.1f} {r['tokens_per_s']:>11,.0f} {r['tflops']:>8.1f} "
-                     f"{mfu:>6} {ratio:>11} {memory:>7}")
+        phase = r["phase_ms"]
+        lines.append(f"{r['name']:<34} {r['step_ms']:>9.1f} {phase['forward_backward']:>8.1f} {phase['clip']:>6.1f} "
+                     f"{phase['optimizer']:>6.1f} {r['tokens_per_s']:>11,.0f} {r['tflops']:>8.1f} {mfu:>6} "
+                     f"{ratio:>11} {memory:>7}")
     return "\n".join(lines)
 
 
 def markdown(rows: list[dict], device_name: str, settings: str) -> str:
-    base = {r["variant"]: r["step_ms"] for r in rows}.get("mla-kv64")
+    base = mla_base(rows)
     lines = [f"### Training step: {device_name}", "", settings, "",
-             "| variant | params (M) | w/o gate tables (M) | step ms | tokens/s | TFLOP/s | MFU | vs MLA kv64 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | params (M) | w/o gate tables (M) | step ms | fwd+bwd ms | clip ms | optimizer ms | "
+             "tokens/s | TFLOP/s | MFU | vs MLA kv64 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         ratio = f"{r['step_ms'] / base:.3f}x" if base else "-"
+        phase = r["phase_ms"]
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f} | {r['params_without_gate_tables'] / 1e6:.1f} | "
-                     f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {ratio} |")
+                     f"{r['step_ms']:.1f} | {phase['forward_backward']:.1f} | {phase['clip']:.1f} | "
+                     f"{phase['optimizer']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {ratio} |")
     return "\n".join(lines) + "\n"
+
+
+def profile_markdown(rows: list[dict], device_name: str, settings: str) -> str:
+    from egmla.bench.profiling import markdown as profile_table
+
+    parts = [f"### Training step profile: {device_name}", "", settings, ""]
+    parts += [profile_table(f"{r['name']}: {r['step_ms']:.1f} ms/step timed", r["profile"]) for r in rows]
+    return "\n".join(parts)
+
+
+def rows_to_run(variants, preset: str, overrides: list[str], modes: list[str]) -> list[tuple]:
+    """(variant, label, gate_table_update) per row: EG-MLA variants once per mode, the others once."""
+    from egmla.configfile import parse_overrides
+    from egmla.variants import labels
+
+    names = labels(variants, preset)
+    rows = []
+    for variant in variants:
+        gated = variant.config(preset, **parse_overrides(overrides, section="model")).is_gated
+        for mode in modes if gated else modes[:1]:
+            rows.append((variant, names[variant.name] + (f" ({mode})" if gated and len(modes) > 1 else ""), mode))
+    return rows
+
+
+def parse_modes(text: str) -> list[str]:
+    from egmla.train.config import GATE_TABLE_UPDATES
+
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in GATE_TABLE_UPDATES]
+    if not modes or bad or len(set(modes)) < len(modes):
+        raise ValueError(f"--gate-table-update {text!r}: give each of {', '.join(GATE_TABLE_UPDATES)} at most "
+                         f"once, comma-separated")
+    return modes
 
 
 def main(args) -> int:
@@ -140,13 +255,15 @@ def main(args) -> int:
 
     from egmla.bench.token_ids import text_token_ids
     from egmla.configfile import parse_overrides
+    from egmla.runs import atomic_write_json
     from egmla.train.distributed import pick_device
-    from egmla.variants import labels, select
+    from egmla.variants import select
 
-    if min(args.batch, args.seq_len, args.steps) <= 0 or args.warmup < 0:
-        raise ValueError("--batch, --seq-len and --steps must be positive, --warmup >= 0")
+    if min(args.batch, args.seq_len, args.steps, args.profile_steps) <= 0 or args.warmup < 0:
+        raise ValueError("--batch, --seq-len, --steps and --profile-steps must be positive, --warmup >= 0")
     if args.micro_batch and args.batch % args.micro_batch:
         raise ValueError(f"--micro-batch {args.micro_batch}: must divide --batch {args.batch}")
+    modes = parse_modes(args.gate_table_update)
     device = pick_device(args.device)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -160,26 +277,28 @@ def main(args) -> int:
                 f"median of {args.steps} steps after {args.warmup} warm-up, ids from {note['source']} text")
     print(f"egmla bench train: {device_name}, {settings}")
     rows = []
-    names = labels(variants, args.preset)
-    for variant in variants:
-        rows.append(time_variant(variant, names[variant.name], args, device, ids.long(), autocast))
-        print(f"  {rows[-1]['name']}: {rows[-1]['step_ms']:.1f} ms/step", flush=True)
+    for variant, label, mode in rows_to_run(variants, args.preset, args.overrides, modes):
+        rows.append(time_variant(variant, label, args, device, ids.long(), autocast, mode))
+        print(f"  {label}: {rows[-1]['step_ms']:.1f} ms/step", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(format_rows(rows))
+    described = (f"batch {args.batch} x {args.seq_len} tokens, {'bf16' if use_bf16 else 'fp32'}, "
+                 f"torch.compile {'on' if args.compile else 'off'}, median of {args.steps} steps after "
+                 f"{args.warmup} warm-up steps, torch {torch.__version__}")
+    if args.profile:
+        profiled = profile_markdown(rows, device_name, described + f"; profile of {args.profile_steps} more steps")
+        print("\n" + profiled)
     settings = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
     if args.out:
-        from egmla.runs import atomic_write_json
-
         atomic_write_json(args.out, {"device": device_name, "torch": torch.__version__, "settings": settings,
                                      "dtype": "bf16" if use_bf16 else "fp32", "rows": rows})
         print(f"wrote {args.out}")
+        if args.profile:  # the JSON rows hold the profiles too
+            profile_md = Path(args.out).with_suffix("").with_name(Path(args.out).stem + "_profile.md")
+            profile_md.write_text(profiled)
+            print(f"wrote {profile_md}")
     if args.markdown:
-        from pathlib import Path
-
-        described = (f"batch {args.batch} x {args.seq_len} tokens, {'bf16' if use_bf16 else 'fp32'}, "
-                     f"torch.compile {'on' if args.compile else 'off'}, median of {args.steps} steps after "
-                     f"{args.warmup} warm-up steps, torch {torch.__version__}")
         Path(args.markdown).write_text(markdown(rows, device_name, described))
         print(f"wrote {args.markdown}")
     return 0

@@ -10,6 +10,10 @@ config.json, tokenizer.json and gpu_train_run.json with timings, tokens/s and MF
 
     egmla bench train-run                                      # one H100: ~9 minutes in all
     egmla bench train-run --train-s 60 --max-bytes 20000000    # a quick smoke run
+    egmla bench train-run --report OUT1 OUT2                   # compare finished runs: loss, steps, speed
+
+The dense vs row-sparse gate-table comparison of issue 19 is two such runs with the same seed and budget,
+one with `--set train.gate_table_update=row-sparse` (docs/training.md#speed has the commands).
 """
 from __future__ import annotations
 
@@ -33,9 +37,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bytes", type=int, default=300_000_000, help="python-source text to use")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override, e.g. --set train.lr=1e-3")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="train exactly this many steps (another run's count, for an equal-steps comparison; "
+                             "--train-s still caps the time); 0 = as many as fit --train-s")
+    parser.add_argument("--report", nargs="+", metavar="OUT",
+                        help="instead of training: compare finished runs' --out folders (steps, tokens/s, "
+                             "final validation loss and its difference to the first, loss at common steps)")
 
 
 def main(args) -> int:
+    if args.report:
+        print(compare_runs(args.report))
+        return 0
+    if args.steps < 0:
+        raise ValueError(f"--steps {args.steps}: must be >= 0 (0 = fit the time budget)")
     started = time.perf_counter()
     import torch
 
@@ -59,7 +74,7 @@ def main(args) -> int:
 
     # compilation, the final validation and the final checkpoint come on top of the training time
     train_s = min(args.train_s, args.call_budget_s - (time.perf_counter() - started) - 100)
-    values["train"].update(steps=0, time_limit_s=train_s)
+    values["train"].update(steps=args.steps, time_limit_s=train_s)  # steps 0: set after 20 steps to fit
     run = RunConfig.from_dict(values)
     run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -78,3 +93,33 @@ def main(args) -> int:
     print(json.dumps({k: summary[k] for k in ("steps", "final_val_loss", "tokens_per_s", "mfu", "train_wall_s")}))
     return 0
 
+
+
+def compare_runs(folders: list[str]) -> str:
+    """Markdown: one row per finished run folder (gate-table update, seed, steps, tokens/s, MFU, final validation
+    loss, its difference to the first run's), then the validation loss at the steps every run evaluated."""
+    runs = []
+    for folder in map(Path, folders):
+        record = folder / "gpu_train_run.json"
+        if not record.is_file():
+            raise ValueError(f"--report {str(folder)!r}: no gpu_train_run.json there; pass --out folders of "
+                             f"finished `egmla bench train-run` calls")
+        summary = json.loads(record.read_text())["summary"]
+        train = json.loads((folder / "config.json").read_text())["train"]
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        val = {r["step"]: r["val_loss"] for r in map(json.loads, lines) if r["kind"] == "val"}
+        runs.append((folder.name, summary, train, val))
+    first = runs[0][1]["final_val_loss"]
+    rows = ["| run | gate tables | seed | steps | tokens/s | MFU | final val loss | vs first |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, summary, train, _ in runs:
+        mfu = f"{100 * summary['mfu']:.1f}%" if summary.get("mfu") else "-"
+        rows.append(f"| {name} | {train.get('gate_table_update', 'dense')} | {train['seed']} | {summary['steps']} | "
+                    f"{summary['tokens_per_s']:,.0f} | {mfu} | {summary['final_val_loss']:.4f} | "
+                    f"{summary['final_val_loss'] - first:+.4f} |")
+    common = sorted(set.intersection(*(set(val) for *_, val in runs)))
+    if common:
+        rows += ["", "| step | " + " | ".join(name for name, *_ in runs) + " |",
+                 "|---:|" + "---:|" * len(runs)]
+        rows += [f"| {step} | " + " | ".join(f"{val[step]:.4f}" for *_, val in runs) + " |" for step in common]
+    return "\n".join(rows)

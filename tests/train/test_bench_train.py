@@ -2,6 +2,8 @@
 import argparse
 import json
 
+import pytest
+
 from egmla.bench import train as bench_train
 
 
@@ -20,3 +22,36 @@ def test_bench_train_cpu_tiny(tmp_path, capsys):
     for row in result["rows"]:
         assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and row["mfu"] is None  # no MFU on a CPU
     assert result["device"] == "cpu" and result["dtype"] == "fp32"
+
+
+def test_gate_table_updates_phases_and_profile(tmp_path, capsys):
+    """--gate-table-update gives EG-MLA a row per update; every row has its phase times; --profile adds the
+    kernel summary to each row and NAME_profile.md beside --out."""
+    from egmla.bench.profiling import kind_of
+
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--device", "cpu", "--preset", "tiny", "--set", "vocab_size=512", "--set", "n_layers=1",
+                              "--variants", "mla-kv64,egmla-kv64", "--gate-table-update", "dense,row-sparse",
+                              "--batch", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1", "--no-compile",
+                              "--profile", "--profile-steps", "1", "--out", str(out)])
+    assert bench_train.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["name"], r["gate_table_update"]) for r in rows] == [
+        ("MLA kv64", None), ("EG-MLA kv64 (dense)", "dense"), ("EG-MLA kv64 (row-sparse)", "row-sparse")]
+    for row in rows:
+        assert sorted(row["phase_ms"]) == ["clip", "forward_backward", "optimizer"]
+        assert sum(row["phase_ms"].values()) == pytest.approx(row["step_ms"], rel=0.5)  # medians of each
+        profile = row["profile"]
+        assert profile["kernel_ms_per_step"] > 0 and profile["top"][0]["ms_per_step"] > 0
+        assert sum(profile["kinds"].values()) == pytest.approx(profile["kernel_ms_per_step"])
+    printed = capsys.readouterr().out
+    assert "EG-MLA kv64 (row-sparse)" in printed and "| kernel | kind |" in printed
+    assert "#### EG-MLA kv64 (row-sparse)" in (tmp_path / "bench_profile.md").read_text()
+    assert kind_of("aten::mm") == "matmul" and kind_of("triton_poi_fused_mul_0") == "fused elementwise (Triton)"
+    assert kind_of("void flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>") == "attention"
+
+    bad = parser.parse_args(["--device", "cpu", "--gate-table-update", "dense,sparse"])
+    with pytest.raises(ValueError, match="--gate-table-update 'dense,sparse': give each of dense, row-sparse"):
+        bench_train.main(bad)
