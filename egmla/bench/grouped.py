@@ -97,16 +97,19 @@ def grouped_cases(config, batch: int, max_len: int, token_ids: torch.Tensor, dev
 
 
 def _variant_call(attn, args, groups, kwargs: dict):
-    """grouped_decode with other launch settings (chunk size `block_t`, ids / rows per program, warps)."""
+    """grouped_decode (three launches) with other launch settings (chunk `block_t`, ids / rows per program,
+    warps), or with kwargs["kernel"] = "fused" the one-launch kernel of grouped_fused.py and its settings."""
     from egmla.kernels.grouped_decode import grouped_decode, make_plan
+    from egmla.kernels.grouped_fused import grouped_decode_fused
 
     q_nope, q_pe, latent, k_pe, _, ctx = args
     kwargs = dict(kwargs)
-    plan = make_plan(groups, kwargs.pop("block_t", 32))
+    three = kwargs.pop("kernel", "three") == "three"
+    plan = make_plan(groups, kwargs.pop("block_t", 32) if three else 32)
     table, norm = attn.gate_table, attn.gate_norm
-    return lambda: grouped_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, ctx.kv_ln_stats, plan, table,
-                                  attn.wkv_b.weight, norm.weight, getattr(norm, "bias", None),
-                                  attn.softmax_scale, **kwargs)
+    kernel = grouped_decode if three else grouped_decode_fused
+    return lambda: kernel(q_nope[:, 0], q_pe[:, 0], latent, k_pe, ctx.kv_ln_stats, plan, table, attn.wkv_b.weight,
+                          norm.weight, getattr(norm, "bias", None), attn.softmax_scale, **kwargs)
 
 
 def distinct_ratios(ids: torch.Tensor, contexts) -> list[dict]:

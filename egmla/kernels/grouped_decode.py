@@ -39,6 +39,7 @@ class GroupedPlan:
 
     order: torch.Tensor  # [batch, T] int32: registered positions sorted by slot, then the rest
     row_chunk: torch.Tensor  # [batch, n_rows] int32: chunk of row (slot + chunk), -1 where no such row
+    offsets: torch.Tensor  # [batch, >= max_distinct] int32: where slot s's positions start in `order`
     slots: torch.Tensor  # [batch, >= T] int32
     distinct_ids: torch.Tensor  # [batch, >= max_distinct] int32
     n_distinct: torch.Tensor  # [batch] int32
@@ -58,7 +59,7 @@ class GroupedPlan:
     def sequences(self, rows: slice) -> "GroupedPlan":
         """The plan of sequences `rows` only (sizes kept)."""
         sliced = {name: getattr(self, name)[rows] for name in
-                  ("order", "row_chunk", "slots", "distinct_ids", "n_distinct", "lengths")}
+                  ("order", "row_chunk", "offsets", "slots", "distinct_ids", "n_distinct", "lengths")}
         return dataclasses.replace(self, **sliced)
 
 
@@ -97,7 +98,7 @@ def make_plan(groups, block_t: int = 32, vocab_size: int | None = None,
         _place_kernel[(triton.cdiv(max_len, 1024), batch)](
             slots, groups.ranks, groups.lengths, offsets, order, row_chunk, slots.stride(0), groups.ranks.stride(0),
             offsets.stride(0), order.stride(0), row_chunk.stride(0), BLOCK=1024, BLOCK_T=block_t)
-    return GroupedPlan(order, row_chunk, slots, groups.distinct_ids, groups.n_distinct.to(torch.int32),
+    return GroupedPlan(order, row_chunk, offsets, slots, groups.distinct_ids, groups.n_distinct.to(torch.int32),
                        groups.lengths.to(torch.int32), max_len, max_distinct, block_t)
 
 
@@ -187,6 +188,19 @@ def _absorb_kernel(q_ptr, weight_ptr, bias_ptr, ids_ptr, n_distinct_ptr, gate_pt
 
 
 @triton.jit
+def position_tile(latent_row, k_rope_row, stats_row, pos, t_mask, stride_lt, stride_kt, stride_tt,
+                  offs_c, offs_r, c_mask, r_mask):
+    """What a position tile reads of one sequence's cache (rows at `pos`): c_t, k^R_t, mu_t, rho_t."""
+    c_tile = tl.load(latent_row + pos[:, None] * stride_lt + offs_c[None, :], mask=t_mask[:, None] & c_mask[None, :],
+                     other=0.0)
+    r_tile = tl.load(k_rope_row + pos[:, None] * stride_kt + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :],
+                     other=0.0)
+    mu = tl.load(stats_row + pos * stride_tt, mask=t_mask, other=0.0)
+    rho = tl.load(stats_row + pos * stride_tt + 1, mask=t_mask, other=0.0)
+    return c_tile, r_tile, mu, rho
+
+
+@triton.jit
 def _attend_kernel(order_ptr, slots_ptr, lengths_ptr, latent_ptr, k_rope_ptr, stats_ptr, a_ptr, q_pe_ptr,
                    q_sum_ptr, q_bias_ptr, s_ptr, chunk_ptr,
                    stride_ob, stride_sb, stride_lb, stride_lt, stride_kb, stride_kt, stride_tb, stride_tt,
@@ -207,12 +221,9 @@ def _attend_kernel(order_ptr, slots_ptr, lengths_ptr, latent_ptr, k_rope_ptr, st
     slot = tl.load(slots_ptr + batch * stride_sb + pos, mask=t_mask, other=0)
     offs_h, offs_c, offs_r = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_R)
     h_mask, c_mask, r_mask = offs_h < N_HEADS, offs_c < D_C, offs_r < D_R
-    c_tile = tl.load(latent_ptr + batch * stride_lb + pos[:, None] * stride_lt + offs_c[None, :],
-                     mask=t_mask[:, None] & c_mask[None, :], other=0.0)
-    r_tile = tl.load(k_rope_ptr + batch * stride_kb + pos[:, None] * stride_kt + offs_r[None, :],
-                     mask=t_mask[:, None] & r_mask[None, :], other=0.0)
-    mu = tl.load(stats_ptr + batch * stride_tb + pos * stride_tt, mask=t_mask, other=0.0)
-    rho = tl.load(stats_ptr + batch * stride_tb + pos * stride_tt + 1, mask=t_mask, other=0.0)
+    c_tile, r_tile, mu, rho = position_tile(latent_ptr + batch * stride_lb, k_rope_ptr + batch * stride_kb,
+                                            stats_ptr + batch * stride_tb, pos, t_mask, stride_lt, stride_kt,
+                                            stride_tt, offs_c, offs_r, c_mask, r_mask)
     q_pe = tl.load(q_pe_ptr + batch * stride_pb + offs_h[:, None] * stride_ph + offs_r[None, :],
                    mask=h_mask[:, None] & r_mask[None, :], other=0.0)
     rope = tl.dot(r_tile, tl.trans(q_pe), input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_H]

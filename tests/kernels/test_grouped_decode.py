@@ -32,15 +32,62 @@ def make_case(batch, heads, d_n, d_v, d_c, d_r, lengths, vocab, dtype, device, n
     return case, groups
 
 
-def run_both(case, groups, block_t=16, **kernel_args):
+def run_both(case, groups, block_t=16, kernel="three", **kernel_args):
+    """(kernel output, reference). kernel="three": grouped_decode (three launches, chunks of block_t);
+    "fused": grouped_fused.grouped_decode_fused (tiles of block_t positions)."""
     from egmla.kernels.grouped_decode import grouped_decode, make_plan
     from egmla.kernels.grouped_decode_ref import grouped_decode_ref
+    from egmla.kernels.grouped_fused import grouped_decode_fused
 
     ref = grouped_decode_ref(slots=groups.slots, distinct_ids=groups.distinct_ids, lengths=groups.lengths, **case)
     plan = make_plan(groups, block_t)
     out = poisoned(ref.shape, case["latent"].dtype, case["latent"].device)
-    grouped_decode(plan=plan, out=out, **case, **kernel_args)
+    if kernel == "fused":
+        grouped_decode_fused(plan=plan, out=out, block_t=block_t, **case, **kernel_args)
+    else:
+        grouped_decode(plan=plan, out=out, **case, **kernel_args)
     return out, ref
+
+
+@pytest.mark.parametrize("ids,lengths,block_ids,block_t", [
+    ("random", [40, 17, 1], 16, 16),      # mostly distinct: several id blocks per sequence
+    ("repeated", [40, 33, 2], 16, 16),    # 3 ids: one block, many position tiles
+    ("repeated", [70, 5, 0], 32, 32),     # an empty sequence (output 0), larger blocks
+    ("one-id", [45, 16], 16, 16),         # one id fills the context
+])
+def test_fused_kernel_matches_reference(ids, lengths, block_ids, block_t):
+    high = {"random": None, "repeated": 3, "one-id": 1}[ids]
+    case, groups = make_case(3 if len(lengths) == 3 else 2, 6, 16, 8, 20, 8, lengths, 50, torch.float32,
+                             kernel_device(), high=high)  # 6 heads: a full group of 4 and a partial one
+    out, ref = run_both(case, groups, block_t, kernel="fused", block_ids=block_ids)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-4
+    if 0 in lengths:
+        assert out[lengths.index(0)].abs().max() == 0
+
+
+def test_fused_kernel_every_id_distinct_rmsnorm_fp16():
+    """Every position its own id (vocab much larger than the context), RMSNorm, odd dims; fp16 within 1e-2."""
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 1e-2)):
+        case, groups = make_case(2, 5, 12, 10, 24, 6, [37, 9], 4096, dtype, kernel_device(), norm="rmsnorm")
+        assert int(groups.n_distinct[0]) == 37 or int(groups.n_distinct[0]) > 30  # (random ids: almost all distinct)
+        out, ref = run_both(case, groups, 16, kernel="fused", block_ids=16)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < tol
+
+
+def test_fused_kernel_bounds_past_the_ids():
+    """A plan sized by host bounds larger than the distinct ids (graph capture): the extra blocks are empty."""
+    from egmla.kernels.grouped_decode import make_plan
+    from egmla.kernels.grouped_decode_ref import grouped_decode_ref
+    from egmla.kernels.grouped_fused import grouped_decode_fused
+
+    case, groups = make_case(2, 4, 16, 16, 16, 16, [20, 6], 30, torch.float32, kernel_device(), high=5)
+    ref = grouped_decode_ref(slots=groups.slots, distinct_ids=groups.distinct_ids, lengths=groups.lengths, **case)
+    plan = make_plan(groups, 16, bounds=(groups.slots.shape[1], groups.slots.shape[1]))
+    out = poisoned(ref.shape, torch.float32, kernel_device())
+    grouped_decode_fused(plan=plan, out=out, block_ids=16, block_t=16, **case)
+    assert rel_err(out, ref) < 1e-4
 
 
 @pytest.mark.parametrize("ids,lengths,block_t", [
@@ -118,12 +165,13 @@ def test_model_path_through_kernel():
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("kernel", ["three", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_on_gpu_paper_base_shapes(dtype):
+def test_kernel_on_gpu_paper_base_shapes(dtype, kernel):
     lengths = [1, 700, 2049, 4096]
-    for high in (None, 20):
+    for high in (None, 20, 1):  # mostly distinct, 20 ids, one id
         case, groups = make_case(4, 12, 64, 64, 64, 64, lengths, 32768, dtype, "cuda", high=high)
-        out, ref = run_both(case, groups, 32)
+        out, ref = run_both(case, groups, 32, kernel=kernel)
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 1e-2)
 
