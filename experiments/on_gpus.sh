@@ -8,10 +8,11 @@
 # another on that GPU. Job i writes its --out files to gpuI/ and its log to gpuI.log in a fresh $WORK/out.XXXX.
 # All jobs share one --work folder ($WORK, default /tmp/egmla-repro): the tokenizer and token shards are built
 # once, first, by `paper_repro.py --prepare-only` with the first part's arguments (parts with other data
-# settings build their own). With $JOB_LIMIT_S (seconds from the start; default: no limit) each part gets
-# `--time-limit-s` for what is left: a run that would go past it stops at a checkpoint in $WORK, which the same
-# call resumes (status 3: "call again"); a part still running at the limit is interrupted. The runs finished are
-# kept. Identical jobs share a plan: each GPU takes the next run no other holds (paper_repro.py's docstring).
+# settings build their own). With $JOB_LIMIT_S (seconds from this script's start, building the corpus included;
+# default: no limit) each part gets `--time-limit-s` for what is left: a run that would go past it stops at a
+# checkpoint in $WORK, which the same call resumes (status 3: "call again"); a part still running at the limit
+# is interrupted. The runs finished are kept. Identical jobs share a plan: each GPU takes the next run that no
+# other holds (paper_repro.py's docstring).
 # Everything is then packed into OUT/results.tar.gz (one file: a device call brings back at most 8) and each
 # job's last lines are printed. Exits 1 if a job failed, else 3 if one stopped at its limit, else 0.
 # $PYTHON (default python3) runs the jobs. Each job's tokens/s is measured beside the other jobs: separate
@@ -25,9 +26,9 @@ work=${WORK:-/tmp/egmla-repro}
 python=${PYTHON:-python3}
 mkdir -p "$work" "$out"
 logs=$(mktemp -d "$work/out.XXXX")
+deadline=$(( $(date +%s) + ${JOB_LIMIT_S:-0} ))
 # shellcheck disable=SC2086  # each job's arguments are split on purpose
 "$python" "$here/paper_repro.py" ${1%%;*} --work "$work" --prepare-only || exit 1
-deadline=$(( $(date +%s) + ${JOB_LIMIT_S:-0} ))
 pids=()
 for i in $(seq 0 $(($# - 1))); do
     job=${*:$((i + 1)):1}

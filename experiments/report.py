@@ -2,13 +2,14 @@
 
     python experiments/report.py experiments/results/cpu-pilot --plots docs/results/cpu-pilot
 
-Reads whichever of table1.json, ablations.json, de-sweep.json, latent.json, seeds.json the folder holds,
+Reads whichever group files (table1.json, ablations.json, ..., longer.part-RUN.json) the folder holds,
 prints Markdown tables (also written to --plots/tables.md) and draws
   kv-vs-loss.png   final validation loss against KV elements per token (the paper's Figure 1c analogue)
   curves-GROUP.png validation loss against training tokens, every run of the group
   de-sweep.png     final validation loss against d_e (the paper's Figure 1b analogue)
 Every number comes from the files; nothing is typed in except the paper's own ablation losses, quoted
-beside ours and labelled as theirs.
+beside ours and labelled as theirs. experiments/claims.py compares budgets: the gap plot, the paired tests and
+the claims' verdicts.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def load_groups(folder: Path) -> dict[str, dict]:
     """{group: {"rows", "metrics", "command"}}, merging GROUP.json with GROUP.<part>.json files (a group run
     in several calls with --only); a row name seen twice keeps the later file's row."""
     groups = {}
-    for name in ("table1", "ablations", "de-sweep", "latent", "seeds"):
+    for name in GROUPS:
         paths = sorted(folder.glob(f"{name}.json")) + sorted(folder.glob(f"{name}.*.json"))
         for path in paths:
             part = json.loads(path.read_text())
@@ -49,11 +50,11 @@ def load_groups(folder: Path) -> dict[str, dict]:
 
 def shown_command(command: str) -> str:
     """A run's recorded command as a reader would type it: the script's path from the repository root, and
-    without --work/--out (where files went, not what was trained)."""
+    without --work/--out (where files went, not what was trained) or how calls were cut and skipped."""
     words, shown = command.split(), []
     while words:
         word = words.pop(0)
-        if word in ("--work", "--out") and words:
+        if word in ("--work", "--out", "--time-limit-s", "--min-run-s", "--records") and words:
             words.pop(0)
         elif word.endswith("experiments/paper_repro.py"):
             shown.append("experiments/paper_repro.py")
@@ -63,12 +64,13 @@ def shown_command(command: str) -> str:
 
 
 def borrow_shared_rows(groups: dict[str, dict]) -> None:
-    """Fill in a config a group lacks from another group's run of the same config, seed 0 and token budget.
+    """Fill in a config a group lacks from another group's run of the same config, seed 0, token budget and
+    validation split.
     The full EG-MLA kv64 belongs to every group; groups run in parts (several calls, or several GPUs through
     on_gpus.sh) train it once, in one group, not again in each. A borrowed row says where it came from."""
     for name, group in groups.items():
         have = {(config_of(r), r.get("seed", 0)) for r in group["rows"]}
-        budgets = {r["tokens"] for r in group["rows"]}
+        budgets = {(r["tokens"], r.get("split", "chunk")) for r in group["rows"]}
         for config in GROUPS[name]:
             if (config, 0) in have:
                 continue
@@ -76,7 +78,7 @@ def borrow_shared_rows(groups: dict[str, dict]) -> None:
                 if other == name:
                     continue
                 match = [r for r in source["rows"] if config_of(r) == config and r.get("seed", 0) == 0
-                         and r["tokens"] in budgets and "borrowed_from" not in r]
+                         and (r["tokens"], r.get("split", "chunk")) in budgets and "borrowed_from" not in r]
                 if match:
                     group["rows"].append(dict(match[0], borrowed_from=other))
                     group["metrics"][match[0]["name"]] = source["metrics"][match[0]["name"]]
@@ -158,16 +160,22 @@ def seed_losses(groups: dict) -> dict[str, dict[int, float]]:
     return losses
 
 
-def seeds_table(groups: dict) -> str:
-    losses = seed_losses(groups)
+def seed_table(losses: dict[str, dict[int, float]]) -> list[str]:
+    """| config | seed 0 | seed 1 | ... | mean | std (n-1) |, one row per config in the dict's order."""
     all_seeds = sorted({s for per in losses.values() for s in per})
     lines = ["| config | " + " | ".join(f"seed {s}" for s in all_seeds) + " | mean | std (n-1) |",
              "|---|" + "---:|" * (len(all_seeds) + 2)]
-    for name, per in sorted(losses.items()):
+    for name, per in losses.items():
         values = list(per.values())
         std = statistics.stdev(values) if len(values) > 1 else float("nan")
         lines.append(f"| {name} | " + " | ".join(fmt_loss(per.get(s)) for s in all_seeds)
                      + f" | {statistics.mean(values):.4f} | {std:.4f} |")
+    return lines
+
+
+def seeds_table(groups: dict) -> str:
+    losses = seed_losses(groups)
+    lines = seed_table(dict(sorted(losses.items())))
     if {"egmla-kv64", "mla-kv256"} <= losses.keys():
         eg, mla = losses["egmla-kv64"], losses["mla-kv256"]
         paired = [eg[s] - mla[s] for s in sorted(eg.keys() & mla.keys())]
@@ -177,6 +185,18 @@ def seeds_table(groups: dict) -> str:
                          + ", ".join(f"{d:+.4f}" for d in paired)
                          + f" (mean {statistics.mean(paired):+.4f}{spread}).")
     return "\n".join(lines)
+
+
+def longer_table(rows: list[dict]) -> str:
+    """Issue 18's runs: final validation loss per seed, and how many epochs of the training split a run read."""
+    losses: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r["final_val_loss"] is not None:
+            losses.setdefault(config_of(r), {})[r.get("seed", 0)] = r["final_val_loss"]
+    epochs = sorted({r["epochs"] for r in rows if r.get("epochs")})
+    read = f"\n\nEach run read {', '.join(f'{e:.2f}' for e in epochs)} epochs of its training split." if epochs else ""
+    return "\n".join(seed_table(losses)) + read + ("\n\nPaired differences, their tests and the verdicts: "
+                                                  "`experiments/claims.py` (docs/RESULTS.md, issue 18).")
 
 
 def pyplot():
@@ -221,11 +241,12 @@ def plot_curves(group: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     tokens_per_step = {r["name"]: r["tokens"] // max(1, max((m.get("step", 0) for m in group["metrics"][r["name"]]),
                                                             default=1)) for r in group["rows"]}
+    seeded = len({r.get("seed", 0) for r in group["rows"]}) > 1
     for r in group["rows"]:
         points = [(m["step"] * tokens_per_step[r["name"]], m["val_loss"]) for m in group["metrics"][r["name"]]
                   if m.get("kind") == "val"]
         if points:
-            ax.plot(*zip(*points), marker="o", ms=3, label=config_of(r))
+            ax.plot(*zip(*points), marker="o", ms=3, label=r["name"] if seeded else config_of(r))
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title)
@@ -256,12 +277,13 @@ def tables(groups: dict[str, dict]) -> str:
     """The Markdown of every group's table, with the commands, token budgets and devices behind it."""
     sections = []
     describe = {"table1": ("Table 1 analogue", table1), "ablations": ("Gate ablations at kv64", ablations),
-                "de-sweep": ("Embedding size d_e at kv64", de_sweep), "latent": ("Gate placement at kv64", latent)}
+                "de-sweep": ("Embedding size d_e at kv64", de_sweep), "latent": ("Gate placement at kv64", latent),
+                "longer": ("Longer budget, whole files held out, controls (issue 18)", longer_table)}
     for name, (heading, render) in describe.items():
         if name in groups:
             group = groups[name]
             tokens = {r["tokens"] for r in group["rows"]}
-            commands = "; ".join(f"`{shown_command(c)}`" for c in group["commands"])
+            commands = "; ".join(dict.fromkeys(f"`{shown_command(c)}`" for c in group["commands"]))
             sources = [f"{config_of(r)} from {r['borrowed_from']}" for r in group["rows"] if "borrowed_from" in r]
             borrowed = (f" (rows from another group's run of the same config, seed and budget: {', '.join(sources)})"
                         if sources else "")

@@ -1,0 +1,283 @@
+"""Does EG-MLA kv64's lead survive a longer budget, and is it the gate or the table? (issue 18)
+
+    python experiments/claims.py --plots docs/results/claims --results-md docs/RESULTS.md
+
+Reads the group files of result folders (default: BUDGET_FOLDERS, those that exist: 41.9 M, 78.6 M and
+131 M tokens per run) and writes to --plots:
+  gap-vs-tokens.png  EG-MLA kv64 − MLA kv256 and EG-MLA kv64 − MHA in validation loss against training tokens:
+                     each seed (thin), the mean over seeds (thick) and ±1 sd across seeds (band), per budget
+  claims.md          the claims table, with verdicts computed at >= 131 M tokens, and every paired difference
+                     (per seed, mean, sd, paired t-test) at every budget
+--results-md rewrites the block between BEGIN and END in that file with claims.md and the plot. Every number
+comes from the records; a comparison without them says "not yet run".
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import config_of, load_groups, pyplot  # noqa: E402
+
+BUDGET_FOLDERS = [ROOT / "experiments" / "results" / name for name in ("paper-base", "paper-base-long", "longer-budget")]
+ISSUE_TOKENS = 2000 * 64 * 1024  # the claims are judged at this budget or more (issue 18)
+SIGNIFICANT = 0.05  # two-sided p of the paired t-test
+BEGIN, END = "<!-- experiments/claims.py: begin -->", "<!-- experiments/claims.py: end -->"
+NAMES = {"egmla-kv64": "EG-MLA kv64", "mla-kv256": "MLA kv256", "mha": "MHA",
+         "egmla-kv64-bias": "the table without a gate (bias)", "egmla-kv64-add": "`add`",
+         "egmla-kv64-identity": "the gate started at 1 (identity)"}
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str
+    a: str  # config: a - b in validation loss, paired by seed (negative: a is better)
+    b: str
+    kind: str  # "matches": a is as good as b or better; "beats": a is better than b
+
+
+CLAIMS = [
+    Claim("EG-MLA kv64 matches MLA kv256 (a 4× smaller latent)", "egmla-kv64", "mla-kv256", "matches"),
+    Claim("EG-MLA kv64 matches MHA at 8.3% of its cache", "egmla-kv64", "mha", "matches"),
+    Claim("the gate, not the table's size, helps", "egmla-kv64", "egmla-kv64-bias", "beats"),
+    Claim("multiplying by the gate beats adding it", "egmla-kv64", "egmla-kv64-add", "beats"),
+    Claim("(ours) a gate started at 1 beats the N(0, 1) start", "egmla-kv64-identity", "egmla-kv64", "beats"),
+    Claim("(ours) a gate started at 1 beats adding it", "egmla-kv64-identity", "egmla-kv64-add", "beats"),
+]
+VERDICTS = {  # (kind, direction over the seeds, significant) -> verdict; {a}, {b}: the two sides
+    ("matches", "ahead", True): "**supported**: {a} ahead on every seed",
+    ("matches", "ahead", False): "**supported**: {a} ahead on every seed, not significantly",
+    ("matches", "mixed", False): "**a tie**: the seeds disagree; {a} no longer leads",
+    ("matches", "behind", False): "**lead gone**: {a} behind on every seed, not significantly",
+    ("matches", "behind", True): "**not supported**: {b} ahead on every seed",
+    ("beats", "ahead", True): "**supported**",
+    ("beats", "ahead", False): "**suggested**: ahead on every seed, not significantly",
+    ("beats", "mixed", False): "**not supported**: the seeds disagree",
+    ("beats", "behind", False): "**not supported**: behind on every seed, not significantly",
+    ("beats", "behind", True): "**contradicted**: {b} ahead on every seed",
+}
+
+
+@dataclass(frozen=True, order=True)
+class Budget:
+    tokens: int
+    split: str  # data.split: chunk (every run before issue 18) or document (whole files held out)
+
+    def label(self) -> str:
+        return f"{self.tokens / 1e6:.1f} M tokens, held out by {'file' if self.split == 'document' else 'chunk'}"
+
+
+@dataclass
+class Run:
+    loss: float
+    curve: dict[int, float]  # step -> validation loss
+    tokens_per_step: int
+
+
+def load_runs(folders: list[Path]) -> dict[Budget, dict[tuple[str, int], Run]]:
+    """{budget: {(config, seed): run}} of every finished run in the folders' group files (a run that several
+    groups share counts once)."""
+    runs: dict[Budget, dict[tuple[str, int], Run]] = {}
+    for folder in folders:
+        if not any(Path(folder).glob("*.json")):
+            continue
+        for group in load_groups(Path(folder)).values():
+            for row in group["rows"]:
+                if row.get("final_val_loss") is None:
+                    continue
+                curve = {m["step"]: m["val_loss"] for m in group["metrics"][row["name"]] if m.get("kind") == "val"}
+                budget = Budget(row["tokens"], row.get("split", "chunk"))
+                runs.setdefault(budget, {}).setdefault(
+                    (config_of(row), row.get("seed", 0)), Run(row["final_val_loss"], curve, row["tokens"] // max(curve)))
+    return runs
+
+
+# ---- paired differences and the test -------------------------------------------------------------------
+def paired(runs: dict[tuple[str, int], Run], a: str, b: str) -> dict[int, float]:
+    """{seed: loss(a) - loss(b)} over the seeds both configs ran."""
+    seeds = sorted({s for c, s in runs if c == a} & {s for c, s in runs if c == b})
+    return {s: runs[a, s].loss - runs[b, s].loss for s in seeds}
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's t with an integer df (Abramowitz & Stegun 26.7.3-4, exact)."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    sin, cos2 = math.sin(theta), math.cos(theta) ** 2
+    term = series = 1.0
+    if df % 2 == 0:
+        for k in range(1, df // 2):
+            term *= cos2 * (2 * k - 1) / (2 * k)
+            series += term
+        inside = sin * series
+    else:
+        for k in range(1, (df - 1) // 2):
+            term *= cos2 * (2 * k) / (2 * k + 1)
+            series += term
+        inside = 2 / math.pi * (theta + (sin * math.sqrt(cos2) * series if df > 1 else 0.0))
+    return max(0.0, 1.0 - inside)
+
+
+def paired_t_test(differences: list[float]) -> dict:
+    """n, mean, sd (n-1), t and two-sided p of the paired t-test of 'mean difference = 0' (n >= 2)."""
+    n, mean = len(differences), statistics.mean(differences)
+    result = {"n": n, "mean": mean, "sd": None, "t": None, "p": None}
+    if n >= 2:
+        sd = statistics.stdev(differences)
+        t = math.copysign(math.inf, mean) if sd == 0 else mean / (sd / math.sqrt(n))
+        result.update(sd=sd, t=t, p=(0.0 if mean else 1.0) if sd == 0 else t_two_sided_p(t, n - 1))
+    return result
+
+
+def verdict(claim: Claim, differences: dict[int, float]) -> str:
+    if not differences:
+        return "not yet run"
+    if len(differences) == 1:
+        return "one seed only: a second is needed for a verdict"
+    values = list(differences.values())
+    direction = "ahead" if max(values) < 0 else "behind" if min(values) > 0 else "mixed"
+    significant = direction != "mixed" and paired_t_test(values)["p"] < SIGNIFICANT
+    return VERDICTS[claim.kind, direction, significant].format(a=NAMES[claim.a], b=NAMES[claim.b])
+
+
+# ---- tables ------------------------------------------------------------------------------------------------
+def describe(differences: dict[int, float]) -> tuple[str, str, str]:
+    """(per seed, mean ± sd (n), paired t-test) cells."""
+    if not differences:
+        return "-", "-", "-"
+    test = paired_t_test(list(differences.values()))
+    seeds = ", ".join(f"{d:+.4f} (seed {s})" for s, d in differences.items())
+    spread = f" ± {test['sd']:.4f}" if test["sd"] is not None else ""
+    t_test = f"t({test['n'] - 1}) = {test['t']:.2f}, p = {test['p']:.3f}" if test["p"] is not None else "n = 1: none"
+    return seeds, f"{test['mean']:+.4f}{spread} (n = {test['n']})", t_test
+
+
+def claims_table(runs: dict[Budget, dict]) -> str:
+    """Each claim judged at the budget of at least ISSUE_TOKENS that pairs the most seeds of its two configs."""
+    lines = [f"| claim | difference (lower is better) | at >= {ISSUE_TOKENS / 1e6:.0f} M tokens, per seed | "
+             f"mean ± sd (n) | paired t-test | verdict |", "|---|---|---|---|---|---|"]
+    for claim in CLAIMS:
+        candidates = [(len(paired(r, claim.a, claim.b)), budget) for budget, r in runs.items()
+                      if budget.tokens >= ISSUE_TOKENS]
+        _, budget = max(candidates, default=(0, None))
+        differences = paired(runs[budget], claim.a, claim.b) if budget else {}
+        cells = describe(differences)
+        where = f" ({budget.label()})" if differences else ""
+        lines.append(f"| {claim.text} | {claim.a} − {claim.b}{where} | {' | '.join(cells)} | "
+                     f"{verdict(claim, differences)} |")
+    return "\n".join(lines)
+
+
+def differences_table(runs: dict[Budget, dict]) -> str:
+    lines = ["| difference | budget | per seed | mean ± sd (n) | paired t-test |", "|---|---|---|---|---|"]
+    pairs = list(dict.fromkeys((c.a, c.b) for c in CLAIMS))
+    for a, b in pairs:
+        for budget in sorted(runs):
+            differences = paired(runs[budget], a, b)
+            if differences:
+                lines.append(f"| {a} − {b} | {budget.label()} | {' | '.join(describe(differences))} |")
+    return "\n".join(lines)
+
+
+def report(runs: dict[Budget, dict], plot_path: str | None = None) -> str:
+    """claims.md: the claims table, the paired differences and (if drawn) the plot."""
+    text = ("### Claims at the longer budget\n\n" + claims_table(runs)
+            + f"\n\nVerdicts: the sign of the difference on every seed and a two-sided paired t-test over seeds "
+              f"(significant: p < {SIGNIFICANT}); one seed gives no verdict.\n\n"
+            + "### Paired differences at every budget\n\n" + differences_table(runs) + "\n")
+    if plot_path:
+        text += f"\n![EG-MLA kv64 minus MLA kv256 and MHA against training tokens]({plot_path})\n"
+    return text
+
+
+# ---- the plot ----------------------------------------------------------------------------------------------
+def gap_curves(runs: dict[tuple[str, int], Run], a: str, b: str) -> dict[int, list[tuple[float, float]]]:
+    """{seed: [(tokens, loss(a) - loss(b))]} at the evaluations both runs made."""
+    curves = {}
+    for seed in paired(runs, a, b):
+        run_a, run_b = runs[a, seed], runs[b, seed]
+        steps = sorted(run_a.curve.keys() & run_b.curve.keys())
+        curves[seed] = [(step * run_a.tokens_per_step, run_a.curve[step] - run_b.curve[step]) for step in steps]
+    return curves
+
+
+def plot_gaps(runs: dict[Budget, dict], path: Path, floor: float = -0.2) -> None:
+    """The two gaps against tokens; the y axis stops at `floor` (the first evaluations' gaps, down to -0.5,
+    would squeeze the late ones, which decide the claims, into a line)."""
+    plt = pyplot()
+    pairs = [("egmla-kv64", "mla-kv256"), ("egmla-kv64", "mha")]
+    shown = [b for b in sorted(runs) if any(gap_curves(runs[b], a, c) for a, c in pairs)]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(12, 4.5), dpi=120, sharey=True)
+    lowest = 0.0
+    for ax, (a, b) in zip(axes, pairs):
+        for index, budget in enumerate(shown):
+            curves, colour = gap_curves(runs[budget], a, b), f"C{index}"
+            if not curves:
+                continue
+            for points in curves.values():
+                ax.plot([t / 1e6 for t, _ in points], [d for _, d in points], color=colour, lw=0.8, alpha=0.6,
+                        ls="--")
+                lowest = min([lowest] + [d for _, d in points])
+            steps = sorted(set.intersection(*({t for t, _ in points} for points in curves.values())))
+            at = [[dict(points)[t] for points in curves.values()] for t in steps]
+            mean = [statistics.mean(values) for values in at]
+            label = f"{budget.label()}: mean of {len(curves)} seed{'s' if len(curves) > 1 else ''}"
+            ax.plot([t / 1e6 for t in steps], mean, color=colour, lw=2, marker="o", ms=3, label=label)
+            if len(curves) > 1:
+                sd = [statistics.stdev(values) for values in at]
+                ax.fill_between([t / 1e6 for t in steps], [m - s for m, s in zip(mean, sd)],
+                                [m + s for m, s in zip(mean, sd)], color=colour, alpha=0.2, lw=0)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_title(f"{NAMES[a]} − {NAMES[b]}")
+        ax.set_xlabel("training tokens (M)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylim(bottom=max(floor, lowest - 0.01))
+    axes[0].set_ylabel("Δ validation loss (nats/token; < 0: EG-MLA better)")
+    below = f"; earlier gaps, down to {lowest:.2f}, lie below the frame" if lowest < floor else ""
+    fig.suptitle(f"Each budget is its own runs (the cosine schedule spans the run). Dashed: one seed; band: ±1 sd "
+                 f"over seeds{below}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def update_results_md(path: Path, block: str) -> None:
+    """Replace what lies between BEGIN and END in `path` with `block`."""
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} block to rewrite; add the two lines where the claims go")
+    head, rest = text.split(BEGIN, 1)
+    path.write_text(head + BEGIN + "\n" + block + END + rest.split(END, 1)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="*", type=Path, default=BUDGET_FOLDERS,
+                        help="result folders of group files (default: the paper-base budgets in experiments/results)")
+    parser.add_argument("--plots", type=Path, help="write claims.md and gap-vs-tokens.png here")
+    parser.add_argument("--results-md", type=Path, help="rewrite the claims block of this file (docs/RESULTS.md)")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.folders)
+    plot_path = None
+    if args.plots:
+        args.plots.mkdir(parents=True, exist_ok=True)
+        plot_gaps(runs, args.plots / "gap-vs-tokens.png")
+        plot_path = (args.plots / "gap-vs-tokens.png").resolve()
+    text = report(runs)
+    print(text)
+    if args.plots:
+        (args.plots / "claims.md").write_text(text)
+    if args.results_md:  # the plot linked from where the Markdown file is
+        shown = os.path.relpath(plot_path, args.results_md.resolve().parent) if plot_path else None
+        update_results_md(args.results_md, report(runs, shown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""experiments/claims.py on synthetic records: paired differences, the t-test, verdicts computed from the records
+(never typed), 'not yet run' where records are missing, the gap plot and the RESULTS.md block."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import claims  # noqa: E402
+import report  # noqa: E402
+
+LONG = 2000 * 64 * 1024
+
+
+def write_run(folder: Path, group: str, config: str, seed: int, loss: float, tokens: int, split: str | None,
+              steps=(100, 200)) -> None:
+    """A group file as paper_repro.py writes it, one run, its curve ending at `loss` (0.5 higher at the start)."""
+    name = f"{config}-seed{seed}"
+    row = {"name": name, "variant": config, "seed": seed, "final_val_loss": loss, "tokens": tokens, "params": 1,
+           "params_without_gate_tables": 1, "kv_elements_per_token": 1, "tokens_per_s": 1.0, "device": "synthetic"}
+    if split:
+        row.update(split=split, epochs=1.25)
+    curve = [{"kind": "val", "step": s, "val_loss": loss + 0.5 * (steps[-1] - s) / steps[-1]} for s in steps]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{group}.part-{name}.json").write_text(json.dumps(
+        {"group": group, "rows": [row], "metrics": {name: curve}, "configs": {}, "command": f"paper_repro.py {group}"}))
+
+
+@pytest.fixture
+def folders(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    for config, losses in {"egmla-kv64": (1.75, 1.76), "mla-kv256": (1.77, 1.79)}.items():
+        for seed, loss in enumerate(losses):
+            write_run(old, "seeds", config, seed, loss, 1000, None)
+    write_run(old, "table1", "mha", 0, 1.76, 1000, None)
+    new_losses = {"egmla-kv64": (1.70, 1.71), "mla-kv256": (1.69, 1.72), "mha": (1.80, 1.82),
+                  "egmla-kv64-bias": (1.75,), "egmla-kv64-add": (1.72, 1.75)}
+    for config, losses in new_losses.items():
+        for seed, loss in enumerate(losses):
+            write_run(new, "longer", config, seed, loss, LONG, "document", steps=(1000, 2000))
+    return [old, new]
+
+
+def test_t_distribution_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 9):
+        for t in (0.0, 0.3, 1.7, -4.4, 12.0):
+            assert claims.t_two_sided_p(t, df) == pytest.approx(2 * stats.t.sf(abs(t), df), abs=1e-12)
+    differences = [-0.0118, -0.0249, -0.0201]
+    ours = claims.paired_t_test(differences)
+    theirs = stats.ttest_1samp(differences, 0.0)
+    assert (ours["t"], ours["p"]) == pytest.approx((theirs.statistic, theirs.pvalue))
+
+
+def test_claims_are_computed_from_the_records_or_not_yet_run(folders):
+    runs = claims.load_runs(folders)
+    long = claims.Budget(LONG, "document")
+    assert set(runs) == {claims.Budget(1000, "chunk"), long}
+    assert claims.paired(runs[long], "egmla-kv64", "mha") == pytest.approx({0: -0.10, 1: -0.11})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in claims.claims_table(runs).splitlines()[2:]}
+    # two seeds, both ahead, p = 1 - 2/pi atan(21) = 0.030: significant
+    assert rows["EG-MLA kv64 matches MHA at 8.3% of its cache"].endswith(
+        "| t(1) = -21.00, p = 0.030 | **supported**: EG-MLA kv64 ahead on every seed |")
+    assert "**a tie**: the seeds disagree; EG-MLA kv64 no longer leads" in rows[
+        "EG-MLA kv64 matches MLA kv256 (a 4× smaller latent)"]  # +0.01, -0.01
+    assert "one seed only" in rows["the gate, not the table's size, helps"]
+    assert "**suggested**: ahead on every seed, not significantly" in rows["multiplying by the gate beats adding it"]
+    assert rows["(ours) a gate started at 1 beats the N(0, 1) start"].endswith("| - | - | - | not yet run |")
+    # the earlier budget is in the paired differences, not in the claims (judged at >= 131 M tokens)
+    table = claims.differences_table(runs)
+    assert "| egmla-kv64 − mla-kv256 | 0.0 M tokens, held out by chunk | -0.0200 (seed 0), -0.0300 (seed 1) |" in table
+    assert "| egmla-kv64 − mha | 131.1 M tokens, held out by file |" in table
+
+
+def test_gap_curves_are_differences_at_common_evaluations(folders):
+    runs = claims.load_runs(folders)[claims.Budget(LONG, "document")]
+    curves = claims.gap_curves(runs, "egmla-kv64", "mla-kv256")
+    for seed, gap in ((0, 0.01), (1, -0.01)):
+        assert [t for t, _ in curves[seed]] == [LONG // 2, LONG]  # step x tokens per step
+        assert [d for _, d in curves[seed]] == pytest.approx([gap, gap])
+
+
+def test_main_draws_the_plot_and_rewrites_only_the_block(folders, tmp_path, capsys):
+    results = tmp_path / "docs" / "RESULTS.md"
+    results.parent.mkdir()
+    results.write_text(f"# before\n{claims.BEGIN}\nold text\n{claims.END}\nafter\n")
+    plots = tmp_path / "docs" / "results" / "claims"
+    assert claims.main([*map(str, folders), "--plots", str(plots), "--results-md", str(results)]) == 0
+    assert (plots / "gap-vs-tokens.png").stat().st_size > 10_000
+    text = results.read_text()
+    assert text.startswith(f"# before\n{claims.BEGIN}\n### Claims at the longer budget") and text.endswith(
+        f"{claims.END}\nafter\n")
+    assert "old text" not in text and "](results/claims/gap-vs-tokens.png)" in text
+    assert (plots / "claims.md").read_text() in capsys.readouterr().out
+    results.write_text("no block\n")
+    with pytest.raises(SystemExit, match="no <!-- experiments/claims.py: begin -->"):
+        claims.main([*map(str, folders), "--results-md", str(results)])
+
+
+def test_report_tables_the_longer_group(folders):
+    groups = report.load_groups(folders[1])
+    text = report.tables(groups)
+    assert "### Longer budget, whole files held out, controls (issue 18)" in text
+    assert "| egmla-kv64 | 1.7000 | 1.7100 | 1.7050 | 0.0071 |" in text
+    assert "| egmla-kv64-bias | 1.7500 | - | 1.7500 | nan |" in text
+    assert "Each run read 1.25 epochs of its training split." in text
+
+
+def test_committed_records_give_claims_without_typed_numbers():
+    """Today's committed records: no run at >= 131 M tokens yet, the 78.6 M-token key pair paired over 3 seeds."""
+    runs = claims.load_runs(claims.BUDGET_FOLDERS)
+    if not any(b.tokens >= LONG for b in runs):  # before issue 18's records land
+        assert claims.claims_table(runs).count("| not yet run |") == len(claims.CLAIMS)
+    differences = claims.paired(runs[claims.Budget(78_643_200, "chunk")], "egmla-kv64", "mla-kv256")
+    test = claims.paired_t_test(list(differences.values()))
+    assert test["n"] == 3 and test["mean"] == pytest.approx(-0.0189, abs=5e-5) and 0 < test["p"] < 0.05
+    assert not math.isnan(test["sd"])
+
+
+def test_committed_claims_block_is_what_the_records_give():
+    """docs/RESULTS.md's claims block and docs/results/claims/claims.md are claims.py's output, not typed."""
+    runs = claims.load_runs(claims.BUDGET_FOLDERS)
+    text = (ROOT / "docs" / "RESULTS.md").read_text()
+    block = text.split(claims.BEGIN + "\n", 1)[1].split(claims.END, 1)[0]
+    assert block == claims.report(runs, "results/claims/gap-vs-tokens.png")
+    assert (ROOT / "docs" / "results" / "claims" / "claims.md").read_text() == claims.report(runs)
