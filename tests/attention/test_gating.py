@@ -134,3 +134,19 @@ def test_controls_decode_only_on_the_paths_that_compute_them():
         small_config(attention="eg-mla", gate_op="add", gate_init="identity")
     with pytest.raises(ValueError, match="gate_init='identity': gate options apply only to attention='eg-mla'"):
         small_config(attention="mla", gate_init="identity")
+
+
+def test_identity_gate_decodes_exactly_once_w_ue_has_moved():
+    """With W_UE away from 0, every decode path (the grouped one included) must carry the + 1 of the gate."""
+    model = Transformer(small_config(attention="eg-mla", gate_init="identity")).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.wue.weight.normal_(std=0.3)
+        tokens = torch.randint(0, 61, (2, 12))
+        full = model(tokens)
+        for path in ("naive", "gate-table", "grouped"):
+            model.set_decode_path(path)
+            cache = model.new_cache(2, max_len=16)
+            steps = [model(tokens[:, :6], cache)] + [model(tokens[:, i:i + 1], cache) for i in range(6, 12)]
+            got = torch.cat(steps, dim=1)
+            assert ((got - full).norm() / full.norm()).item() < 1e-4, path
