@@ -267,22 +267,27 @@ def train_or_reuse(label: str, run, args, deadline: float | None) -> dict | str:
         calls = json.loads((run_dir / "calls.json").read_text()) if (run_dir / "calls.json").is_file() else []
         calls.append({"steps": summary["steps"], "train_wall_s": summary["train_wall_s"]})
         atomic_write_json(run_dir / "calls.json", calls)
-        if summary["interrupted"]:
+        if summary["steps"] < run.train.steps:
             print(f"=== {label}: stopped at step {summary['steps']} of {run.train.steps} ({summary['stop_reason']}); "
                   f"the same command resumes it ===", flush=True)
             return "stopped"
-        row = {k: summary[k] for k in ("name", "variant", "params", "params_without_gate_tables",
-                                       "kv_elements_per_token", "final_val_loss", "tokens_per_s")}
-        tokens = run.train.steps * run.train.batch_size * run.train.seq_len
-        row.update(name=label, seed=run.train.seed, scale=args.scale, device=summary.get("device", ""),
-                   gate_dim=run.model.gate_dim if run.model.attention == "eg-mla" else None, tokens=tokens,
-                   train_wall_s=sum(c["train_wall_s"] or 0 for c in calls), calls=len(calls), split=run.data.split,
-                   train_split_tokens=shards.meta["train_tokens"],
-                   epochs=round(tokens / shards.meta["train_tokens"], 3))
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        finished = {"row": row, "metrics": metrics, "config": dataclasses.asdict(run)}
+        finished = {"row": summary_row(label, run, args, summary, calls, shards.meta["train_tokens"]),
+                    "metrics": [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()],
+                    "config": dataclasses.asdict(run)}
         atomic_write_json(done, finished)
         return finished
+
+
+def summary_row(label: str, run, args, summary: dict, calls: list[dict], split_tokens: int) -> dict:
+    """A finished run's row in the group file: the trainer's summary, what it was, and what it read."""
+    row = {k: summary[k] for k in ("name", "variant", "params", "params_without_gate_tables",
+                                   "kv_elements_per_token", "final_val_loss", "tokens_per_s")}
+    tokens = run.train.steps * run.train.batch_size * run.train.seq_len
+    row.update(name=label, seed=run.train.seed, scale=args.scale, device=summary.get("device", ""),
+               gate_dim=run.model.gate_dim if run.model.attention == "eg-mla" else None, tokens=tokens,
+               train_wall_s=sum(c["train_wall_s"] or 0 for c in calls), calls=len(calls), split=run.data.split,
+               train_split_tokens=split_tokens, epochs=round(tokens / split_tokens, 3))
+    return row
 
 
 def validation_records(records: list[dict]) -> list[dict]:
