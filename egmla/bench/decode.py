@@ -2,7 +2,7 @@
 
 For every (batch B, context T): a full cache of T positions per sequence (token ids from real text),
 one new query token per sequence; each case (egmla/bench/decode_cases.py) is timed as the median of
-many repetitions (CUDA: triton.testing.do_bench, CUDA events, L2 flushed before each repetition).
+many repetitions (CUDA: CUDA events, L2 flushed before each repetition by a read-only pass).
 Reported per case: median µs, achieved GB/s and TFLOP/s on the bytes/FLOPs the path must spend, the
 floor max(bytes / HBM, FLOPs / peak) of docs/design.md §4 and the fraction of it reached, and the speedup
 over MHA SDPA measured in the same run. Configurations that do not fit in memory are skipped with a note.
@@ -49,11 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def median_us(fn, device, warmup_ms: float, rep_ms: float) -> float:
-    """Median time of fn() in µs: CUDA events via triton.testing.do_bench (L2 flushed), else wall clock."""
+    """Median time of fn() in µs: on CUDA, CUDA events around each repetition with L2 flushed before it
+    by a read-only pass (cuda_median_us); elsewhere wall clock."""
     if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return 1e3 * do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        return cuda_median_us(fn, warmup_ms, rep_ms)
     fn()
     times, start = [], time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - start < rep_ms / 1e3 and len(times) < 1000):
@@ -61,6 +60,44 @@ def median_us(fn, device, warmup_ms: float, rep_ms: float) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return 1e6 * statistics.median(times)
+
+
+FLUSH_BYTES = 512 << 20  # several times any GPU's L2 (50 MB on H100, 60 MB on H200)
+_flush_buffers: dict = {}
+
+
+def cuda_median_us(fn, warmup_ms: float, rep_ms: float) -> float:
+    """do_bench's method (warm-up, then events around each repetition) with a read-only L2 flush: summing a
+    large buffer evicts L2 with clean lines. triton.testing.do_bench zero-fills its buffer instead, which
+    leaves dirty lines in L2 that the timed kernel then pays to write back, a bias that grows as reads shrink."""
+    import torch
+
+    device = torch.cuda.current_device()
+    if device not in _flush_buffers:
+        buffer = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+        _flush_buffers[device] = (buffer, torch.empty((), dtype=torch.float32, device="cuda"))
+    buffer, total = _flush_buffers[device]
+    fn()
+    torch.cuda.synchronize()
+    probe_start, probe_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    probe_start.record()
+    for _ in range(5):
+        fn()
+    probe_end.record()
+    torch.cuda.synchronize()
+    estimate_ms = max(probe_start.elapsed_time(probe_end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        fn()
+    repeats = max(5, min(1000, int(rep_ms / estimate_ms)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for start, end in zip(starts, ends):
+        torch.sum(buffer, dim=0, out=total)  # the flush: reads only
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends))
 
 
 def graphed(fn):
@@ -144,7 +181,7 @@ def main(args) -> int:
             "measured_copy_gbs": copy_gbs, "token_ids": id_note, "path_notes": PATH_NOTES,
             "timing": (f"median of repetitions over {args.rep_ms} ms after {args.warmup_ms} ms warm-up, "
                        f"{'CUDA-graph replays, ' if args.graph and device.type == 'cuda' else ''}"
-                       f"{'CUDA events, L2 flushed before each' if device.type == 'cuda' else 'wall clock'}"),
+                       f"{'CUDA events, L2 flushed (read-only) before each' if device.type == 'cuda' else 'wall clock'}"),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     rows = []
     jobs = [(t, b, v) for t in contexts for b in batches for v in variants]

@@ -1,6 +1,6 @@
 """`egmla bench kernel-sweep`: tuning sweep of the Triton decode kernels (GPU). Every launch configuration
-is checked against the fp32 reference (bf16, rel. error < 1e-2) and timed (CUDA-graph replays, do_bench
-median, L2 flushed).
+is checked against the fp32 reference (bf16, rel. error < 1e-2) and timed (CUDA-graph replays, median of
+CUDA events, L2 flushed read-only: egmla.bench.decode.median_us).
 
     egmla bench kernel-sweep --out sweep.json
 
