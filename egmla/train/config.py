@@ -22,6 +22,8 @@ DTYPES = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 GATE_TABLE_UPDATES = ("dense", "row-sparse")
+COMM_HOOKS = ("none", "bf16")
+FSDP_DTYPES = ("fp32", "bf16")
 UnitFloat = Annotated[float, Ge(0), Le(1)]
 
 
@@ -45,6 +47,14 @@ class TrainConfig:
     dtype: Literal[DTYPES] = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile each block (GPU; slow to start on CPU)
     parallel: Literal[PARALLEL] = "ddp"  # under torchrun with several processes: ddp | fsdp (FSDP2 fully_shard)
+    # DDP and FSDP2 settings (docs/training.md#multi-gpu-settings); they apply under torchrun with several processes
+    ddp_gradient_as_bucket_view: bool = False  # DDP: gradients are views into the all-reduce buckets (no copy)
+    ddp_static_graph: bool = False  # DDP: one graph every step (buckets set from the first step's order)
+    ddp_bucket_cap_mb: NonNegativeFloat = 0.0  # DDP: all-reduce bucket size in MiB; 0 = torch's default (25)
+    ddp_comm_hook: Literal[COMM_HOOKS] = "none"  # DDP: none | bf16 (bf16_compress_hook; CUDA and NCCL only)
+    fsdp_param_dtype: Literal[FSDP_DTYPES] = "fp32"  # FSDP2 MixedPrecisionPolicy: weights gathered in fp32 | bf16
+    fsdp_reduce_dtype: Literal[FSDP_DTYPES] = "fp32"  # FSDP2 MixedPrecisionPolicy: gradients reduced in fp32 | bf16
+    fsdp_reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (false: keep them)
     device: Literal[DEVICES] = "auto"  # auto (cuda if available) | cpu | cuda
     seed: NonNegativeInt = 0  # model init and data order
     eval_every: NonNegativeInt = 200  # validate every N steps (and at the end); 0 = only at the end
@@ -55,6 +65,7 @@ class TrainConfig:
     tensorboard: bool = True  # also write TensorBoard events (metrics.jsonl is always written)
     peak_tflops: NonNegativeFloat = 0.0  # accelerator peak for MFU; 0 = look up the device name
     time_limit_s: NonNegativeFloat = 0.0  # stop (with a checkpoint) after this much training time; 0 = no limit
+    profile_steps: NonNegativeInt = 0  # torch.profiler over the last N steps (0 = off): RUN_DIR/profile.md, .json
 
     def __post_init__(self):
         check_field_types(self, "train.")
@@ -62,6 +73,10 @@ class TrainConfig:
             raise ValueError(f"train.steps=0 (fit the run to a time budget) needs train.time_limit_s > 0 and "
                              f"train.warmup_steps >= 20 (the length is set after 20 steps); got time_limit_s="
                              f"{self.time_limit_s}, warmup_steps={self.warmup_steps}")
+        if self.profile_steps and not 0 < self.profile_steps < self.steps:
+            raise ValueError(f"train.profile_steps={self.profile_steps}: profiles the last steps of a run of fixed "
+                             f"length, after at least one unprofiled step; needs 0 < profile_steps < train.steps "
+                             f"(train.steps={self.steps})")
 
     def to_dict(self) -> dict:
         return asdict(self)

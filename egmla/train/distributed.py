@@ -60,22 +60,51 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def parallelize(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
+def parallelize(model: nn.Module, cfg, info: DistInfo) -> nn.Module:
     """DDP: replicate and all-reduce gradients. FSDP2: shard every block, then the root (embedding,
-    final norm and output head). Returns the module to call; `unwrap` gives back the Transformer."""
+    final norm and output head). `cfg` is the run's TrainConfig: `parallel` and its ddp_* / fsdp_* settings,
+    each left to torch's default where the config keeps its own. Returns the module to call; `unwrap`
+    gives back the Transformer."""
     if not info.enabled:
         return model
-    if mode == "fsdp":
+    if cfg.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, **fsdp_options(cfg))
+        fully_shard(model, **fsdp_options(cfg))
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    options = {"device_ids": [info.device.index] if info.device.type == "cuda" else None,
+               "gradient_as_bucket_view": cfg.ddp_gradient_as_bucket_view, "static_graph": cfg.ddp_static_graph}
+    if cfg.ddp_bucket_cap_mb:
+        options["bucket_cap_mb"] = cfg.ddp_bucket_cap_mb
+    if cfg.ddp_comm_hook == "bf16" and info.device.type != "cuda":
+        raise ValueError("train.ddp_comm_hook='bf16': DDP takes the bf16 compression hook only on CUDA GPUs with "
+                         "NCCL >= 2.10, not on gloo (CPU); use 'none' there")
+    wrapped = DistributedDataParallel(model, **options)
+    if cfg.ddp_comm_hook == "bf16":  # gradients cast to bf16, all-reduced and divided, cast back
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+        wrapped.register_comm_hook(None, bf16_compress_hook)
+    return wrapped
+
+
+FSDP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def fsdp_options(cfg) -> dict:
+    """fully_shard's keyword arguments from the config: none at its defaults (torch's own behaviour)."""
+    options = {}
+    if (cfg.fsdp_param_dtype, cfg.fsdp_reduce_dtype) != ("fp32", "fp32"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=FSDP_DTYPES[cfg.fsdp_param_dtype],
+                                                    reduce_dtype=FSDP_DTYPES[cfg.fsdp_reduce_dtype])
+    if not cfg.fsdp_reshard_after_forward:
+        options["reshard_after_forward"] = False
+    return options
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -121,6 +150,15 @@ def broadcast_object(obj, info: DistInfo):
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gather_object(obj, info: DistInfo) -> list:
+    """Every process's `obj` (picklable), indexed by rank, on every process."""
+    if not info.enabled:
+        return [obj]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from egmla.bench.profiling import StepProfiler
 from egmla.model import Transformer
 from egmla.runs import (FORMAT_VERSION, StorageError, atomic_write_bytes, atomic_write_json, list_checkpoints,
                         storage_problem)
@@ -72,6 +73,11 @@ def batch_layout(run: RunConfig, info: DistInfo) -> tuple[int, int]:
     if micro > per_process or per_process % micro:
         raise ValueError(f"train.micro_batch_size={micro}: must divide the per-process batch {per_process} "
                          f"(train.batch_size={train.batch_size} over {info.world_size} processes)")
+    if train.ddp_static_graph and train.parallel == "ddp" and info.enabled and micro < per_process:
+        raise ValueError(f"train.ddp_static_graph=true with gradient accumulation ({per_process // micro} micro-batches "
+                         f"per process): DDP's static graph fails under no_sync() in torch <= 2.13 (an internal "
+                         f"assert on the first backward, pytorch/pytorch#143580); set train.micro_batch_size=0 "
+                         f"(one micro-batch of {per_process} per process) or train.ddp_static_graph=false")
     return micro, per_process // micro
 
 
@@ -197,7 +203,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
     if cfg.compile:
         for block in model.layers:
             block.compile()
-    wrapped = parallelize(model, cfg.parallel, info)
+    wrapped = parallelize(model, cfg, info)
     optimizer = build_optimizer(wrapped, cfg)
     if resumed_from is not None:
         ckpt.load_optimizer(optim_state, resumed_from, wrapped, optimizer)
@@ -239,10 +245,12 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
     bar = tqdm(total=cfg.steps or None, initial=start_step, desc=run.name, unit="step",
                disable=not (progress and info.is_main), dynamic_ncols=True)
     step, val_loss, step_times, last_saved, stop_reason = start_step, None, [], start_step, None
+    profiler = StepProfiler(cfg, run_dir, info, say)  # train.profile_steps: the last steps under torch.profiler
     wall_start = time.perf_counter()
     try:
         with StopFlag() as stop:
             while cfg.steps == 0 or step < cfg.steps:
+                profiler.begin(step + 1)
                 started = time.perf_counter()
                 lr = lr_at(step, cfg)
                 set_lr(optimizer, lr)
@@ -251,6 +259,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
                                                                autocast, info, cfg, step, stop.requested or time_up)
                 step += 1
                 step_times.append(time.perf_counter() - started)
+                profiler.end(step)
                 record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                           "tokens": batches.position * cfg.seq_len, "step_s": step_times[-1],
                           "tokens_per_s": tokens_per_step / step_times[-1]}
@@ -282,6 +291,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
         elif val_loss is None and not stop_reason:  # resumed a finished run: report its validation loss
             val_loss = validate(step)
     finally:
+        profiler.close()
         bar.close()
         metrics.close()
     return finish(run, run_dir, info, model, shards.meta, step, val_loss, step_times, peak, step_flops,
@@ -305,9 +315,10 @@ def train_step(model, optimizer, batches, windows, micro_batch: int, autocast, i
     loss_sum = torch.zeros((), device=info.device)
     micro_batches = local_micro_batches(batches.next_window_ids(), info.rank, info.world_size, micro_batch)
     for index, ids in enumerate(micro_batches):
-        inputs, targets = (t.to(info.device, non_blocking=True) for t in windows.batch(ids))
+        with phase("data"):
+            inputs, targets = (t.to(info.device, non_blocking=True) for t in windows.batch(ids))
         try:
-            with gradient_sync(model, index == len(micro_batches) - 1), autocast():
+            with gradient_sync(model, index == len(micro_batches) - 1), autocast(), phase("forward_backward"):
                 loss = token_loss(model, inputs, targets)
                 (loss / len(micro_batches)).backward()
         except torch.OutOfMemoryError:
@@ -315,16 +326,25 @@ def train_step(model, optimizer, batches, windows, micro_batch: int, autocast, i
                              f"tokens does not fit in device memory; lower train.micro_batch_size (gradient "
                              f"accumulation keeps the global batch)") from None
         loss_sum += loss.detach()
-    grad_norm = clip_grad_norm(model, cfg.grad_clip)
-    loss_total, stop_votes = all_reduce_sum([float(loss_sum) / len(micro_batches), float(stop_requested)], info)
+    with phase("clip"):
+        grad_norm = clip_grad_norm(model, cfg.grad_clip)
+    with phase("loss_reduce"):
+        loss_total, stop_votes = all_reduce_sum([float(loss_sum) / len(micro_batches), float(stop_requested)], info)
     loss_value = loss_total / info.world_size
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         what, value = ("loss", loss_value) if not math.isfinite(loss_value) else ("gradient norm", grad_norm)
         raise TrainingDiverged(f"step {step + 1}: non-finite {what} ({value}); stopped before the update. The "
                                f"last good checkpoint is kept; lower train.lr or raise train.warmup_steps")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with phase("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return loss_value, grad_norm, stop_votes
+
+
+def phase(name: str):
+    """A labelled range of the training step (egmla.NAME) for torch.profiler (train.profile_steps; the labels
+    are read by egmla.bench.profiling.PHASES); next to nothing when no profiler runs."""
+    return torch.profiler.record_function(f"egmla.{name}")
 
 
 def finish(run, run_dir, info, model, data_meta, step, val_loss, step_times, peak, step_flops, stop_reason,
