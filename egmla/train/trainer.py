@@ -74,10 +74,11 @@ def batch_layout(run: RunConfig, info: DistInfo) -> tuple[int, int]:
         raise ValueError(f"train.micro_batch_size={micro}: must divide the per-process batch {per_process} "
                          f"(train.batch_size={train.batch_size} over {info.world_size} processes)")
     if train.ddp_static_graph and train.parallel == "ddp" and info.enabled and micro < per_process:
-        raise ValueError(f"train.ddp_static_graph=true with gradient accumulation ({per_process // micro} micro-batches "
-                         f"per process): DDP's static graph fails under no_sync() in torch <= 2.13 (an internal "
-                         f"assert on the first backward, pytorch/pytorch#143580); set train.micro_batch_size=0 "
-                         f"(one micro-batch of {per_process} per process) or train.ddp_static_graph=false")
+        raise ValueError(f"train.ddp_static_graph=true with gradient accumulation ({per_process // micro} "
+                         f"micro-batches per process): DDP's static graph fails under no_sync() in torch 2.13 and "
+                         f"before (an internal assert on the first backward, pytorch/pytorch#143580); set "
+                         f"train.micro_batch_size=0 (one micro-batch of {per_process} per process) or "
+                         f"train.ddp_static_graph=false")
     return micro, per_process // micro
 
 
