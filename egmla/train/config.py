@@ -73,6 +73,10 @@ class TrainConfig:
             raise ValueError(f"train.steps=0 (fit the run to a time budget) needs train.time_limit_s > 0 and "
                              f"train.warmup_steps >= 20 (the length is set after 20 steps); got time_limit_s="
                              f"{self.time_limit_s}, warmup_steps={self.warmup_steps}")
+        if self.compile and 0 < self.ddp_bucket_cap_mb < 1:  # else an assert in torch._dynamo's DDPOptimizer
+            raise ValueError(f"train.ddp_bucket_cap_mb={self.ddp_bucket_cap_mb}: with train.compile, use at least 1 "
+                             f"(MiB; torch.compile splits DDP's graph at the buckets and needs none smaller than "
+                             f"DDP's first, 1 MiB) or 0 for torch's default")
         if self.profile_steps and not 0 < self.profile_steps < self.steps:
             raise ValueError(f"train.profile_steps={self.profile_steps}: profiles the last steps of a run of fixed "
                              f"length, after at least one unprofiled step; needs 0 < profile_steps < train.steps "

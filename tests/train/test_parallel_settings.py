@@ -42,6 +42,7 @@ def test_fsdp_options():
     (dict(ddp_bucket_cap_mb=-1), r"train.ddp_bucket_cap_mb=-1: must be greater than or equal to 0"),
     (dict(ddp_static_graph="yes"), r"train.ddp_static_graph='yes': must be true or false"),
     (dict(steps=10, profile_steps=10), r"train.profile_steps=10: .* needs 0 < profile_steps < train.steps"),
+    (dict(compile=True, ddp_bucket_cap_mb=0.5), r"train.ddp_bucket_cap_mb=0.5: with train.compile, use at least 1"),
 ])
 def test_bad_settings_are_one_line(values, error):
     with pytest.raises(ValueError, match=error):
