@@ -169,33 +169,46 @@ class TokenGroups:
         self.counts[rows, slot] = count + valid.int()
 
     def _append_many(self, tokens: torch.Tensor, positions: torch.Tensor, n_new: torch.Tensor) -> None:
-        """A prefill chunk: per sequence, dedup [known ids; new ids] keeping first-appearance order."""
-        for b, count in enumerate(n_new.tolist()):
-            if count <= 0:
-                continue
-            known = self.distinct_ids[b, : int(self.n_distinct[b])]
-            combined = torch.cat([known, tokens[b, :count].to(torch.int32)])
-            uniq, inverse = torch.unique(combined, return_inverse=True)
-            first = torch.full((len(uniq),), len(combined), dtype=torch.long, device=combined.device)
-            first.scatter_reduce_(0, inverse, torch.arange(len(combined), device=combined.device), "amin")
-            order = first.argsort()  # known ids keep their slots: they come first, in slot order
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(len(order), device=order.device)
-            self.distinct_ids[b, : len(uniq)] = uniq[order].to(torch.int32)
-            self.n_distinct[b] = len(uniq)
-            self.host.distinct_bound = max(self.host.distinct_bound, len(uniq))
-            slots = rank[inverse[len(known):]]
-            self.slots[b, positions[b, :count]] = slots.to(torch.int32)
-            # rank among the slot's positions: those before this chunk, then order of appearance in it
-            by_slot = torch.argsort(slots, stable=True)
-            sorted_slots = slots[by_slot]
-            index = torch.arange(count, device=slots.device)
-            run_start = torch.where(torch.cat([sorted_slots.new_ones(1, dtype=torch.bool),
-                                               sorted_slots[1:] != sorted_slots[:-1]]), index, 0).cummax(0).values
-            ranks = torch.empty_like(slots)
-            ranks[by_slot] = index - run_start
-            self.ranks[b, positions[b, :count]] = (self.counts[b, slots] + ranks).to(torch.int32)
-            self.counts[b].index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
+        """A prefill chunk, vectorised over the batch (no loop over sequences): every (sequence, id) pair of the
+        known ids and the new tokens is one key; the keys are deduplicated at once and each new id's slot is
+        its rank by first appearance within its sequence (known ids come first, so they keep their slots)."""
+        batch, seq = tokens.shape
+        device, width = tokens.device, self.distinct_ids.shape[1]
+        take_new = torch.arange(seq, device=device)[None, :] < n_new.clamp(max=seq)[:, None]  # [batch, seq]
+        take_known = torch.arange(width, device=device)[None, :] < self.n_distinct[:, None]  # [batch, width]
+        if not bool(take_new.any()):
+            return
+        row_of = torch.arange(batch, device=device)[:, None]
+        new_rows, new_ids = row_of.expand(batch, seq)[take_new], tokens[take_new].long()
+        known_rows, known_ids = row_of.expand(batch, width)[take_known], self.distinct_ids[take_known].long()
+        span = int(torch.cat([new_ids, known_ids]).max()) + 1  # keys row * span + id, in int64
+        keys = torch.cat([known_rows * span + known_ids, new_rows * span + new_ids])
+        appearance = torch.cat([torch.arange(width, device=device).expand(batch, width)[take_known],  # = the slot
+                                width + torch.arange(seq, device=device).expand(batch, seq)[take_new]])
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        first = torch.full_like(uniq, width + seq).scatter_reduce_(0, inverse, appearance, "amin")
+        uniq_rows = uniq // span
+        by_first = (uniq_rows * (width + seq) + first).argsort()  # per sequence, in order of first appearance
+        sorted_rows = uniq_rows[by_first]
+        slot_of = torch.empty_like(uniq)
+        slot_of[by_first] = torch.arange(len(uniq), device=device) - torch.searchsorted(sorted_rows, sorted_rows)
+        self.distinct_ids[uniq_rows, slot_of] = (uniq % span).to(torch.int32)
+        self.n_distinct.copy_(torch.bincount(uniq_rows, minlength=batch))
+        self.host.distinct_bound = max(self.host.distinct_bound, int(self.n_distinct.max()))
+        slots = slot_of[inverse[len(known_ids):]]  # of the new tokens, in (row, position) order
+        new_positions = positions[take_new]
+        self.slots[new_rows, new_positions] = slots.to(torch.int32)
+        # rank among the slot's positions: those before this chunk, then order of appearance in it
+        new_keys = keys[len(known_ids):]
+        by_key = torch.argsort(new_keys, stable=True)
+        sorted_keys = new_keys[by_key]
+        index = torch.arange(len(new_keys), device=device)
+        run_start = torch.where(torch.cat([sorted_keys.new_ones(1, dtype=torch.bool),
+                                           sorted_keys[1:] != sorted_keys[:-1]]), index, 0).cummax(0).values
+        in_chunk = torch.empty_like(index)
+        in_chunk[by_key] = index - run_start
+        self.ranks[new_rows, new_positions] = (self.counts[new_rows, slots] + in_chunk).to(torch.int32)
+        self.counts.index_put_((new_rows, slots), torch.ones_like(slots, dtype=torch.int32), accumulate=True)
 
 
 class KVCache:

@@ -119,13 +119,14 @@ def test_paths_offered_only_where_exact():
 
 
 # ---- bookkeeping --------------------------------------------------------------------------------------
-def test_token_groups_incremental_matches_scratch():
-    batch, max_len = 3, 30
+@pytest.mark.parametrize("batch,vocab", [(3, 6), (9, 40), (5, 1)])  # few ids, mostly distinct, one id
+def test_token_groups_incremental_matches_scratch(batch, vocab):
+    max_len = 30
     groups = TokenGroups(batch, max_len)
     history = [[] for _ in range(batch)]
     lengths = torch.zeros(batch, dtype=torch.long)
     for chunk in (4, 1, 1, 7, 1, 1, 1, 3, 1):  # prefill chunks and decode steps, ragged
-        tokens = torch.randint(0, 6, (batch, chunk))
+        tokens = torch.randint(0, vocab, (batch, chunk))
         n_new = torch.randint(0, chunk + 1, (batch,))
         positions = lengths[:, None] + torch.arange(chunk)
         groups.append(tokens, positions, n_new)
