@@ -14,12 +14,13 @@ from egmla.train import checkpoint as ckpt
 from egmla.train.cli import add_arguments, resolve_config
 from egmla.train.config import TrainConfig
 from egmla.train.distributed import DistInfo, clip_grad_norm
-from egmla.train.optim import RowSparseAdamW, build_optimizer, gate_tables
+from egmla.train.optim import RowSparseAdamW, build_optimizer, gate_tables, param_groups
 from egmla.train.trainer import token_loss, train
 from tests.train.helpers import run_config, train_losses
 
 QUIET = dict(progress=False, log=lambda *_: None)
 ROW_SPARSE = dict(train=dict(gate_table_update="row-sparse"))
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
 
 
 def tiny_model(vocab: int = 64) -> Transformer:
@@ -28,11 +29,13 @@ def tiny_model(vocab: int = 64) -> Transformer:
                               qk_rope_head_dim=8, v_head_dim=8, kv_lora_rank=16, gate_dim=8, max_seq_len=64))
 
 
-def train_steps(mode: str, batches: list[torch.Tensor], **train_options) -> Transformer:
-    """The trainer's step (loss, backward, clip, optimizer step) over `batches` with the given gate-table update."""
-    model = tiny_model()
+def train_steps(mode: str, batches: list[torch.Tensor], device: str = "cpu", **train_options) -> Transformer:
+    """The trainer's step (loss, backward, clip, optimizer step) over `batches` with the given gate-table update
+    (on CUDA dense AdamW takes its foreach path, as in training)."""
+    model = tiny_model().to(device)
     optimizer = build_optimizer(model, TrainConfig(gate_table_update=mode, lr=1e-2, **train_options))
     for ids in batches:
+        ids = ids.to(device)
         token_loss(model, ids[:, :-1], ids[:, 1:]).backward()
         clip_grad_norm(model, 1.0)
         optimizer.step()
@@ -57,18 +60,20 @@ def test_build_optimizer_picks_the_update_and_keeps_adamws_groups():
     assert gate_tables(Transformer(preset("tiny", attention="mla", n_layers=1))) == []
 
 
-def test_lazy_adam_matches_a_hand_written_reference_and_leaves_untouched_rows_alone():
+@pytest.mark.parametrize("device", DEVICES)
+def test_lazy_adam_matches_a_hand_written_reference_and_leaves_untouched_rows_alone(device):
     torch.manual_seed(1)
-    table = torch.nn.Parameter(torch.randn(12, 5))
-    bias = torch.nn.Parameter(torch.randn(5))
+    table = torch.nn.Parameter(torch.randn(12, 5, device=device))
+    bias = torch.nn.Parameter(torch.randn(5, device=device))
     lr, beta1, beta2, eps = 0.05, 0.8, 0.9, 1e-8
     optimizer = RowSparseAdamW([{"params": [table, bias], "weight_decay": 0.0}], row_sparse=[table], lr=lr,
                                betas=(beta1, beta2), eps=eps)
-    weights, exp_avg, exp_avg_sq = table.detach().clone(), torch.zeros(12, 5), torch.zeros(12, 5)
+    weights, exp_avg, exp_avg_sq = (table.detach().clone(), torch.zeros(12, 5, device=device),
+                                    torch.zeros(12, 5, device=device))
     for step, ids in enumerate(([0, 3, 3, 7], [1, 3], [7, 8, 9, 0], [3]), start=1):
         before = {key: value.clone() for key, value in optimizer.state[table].items() if key != "step"}
         table_before = table.detach().clone()
-        ((table[torch.tensor(ids)] + bias) ** 2).sum().backward()
+        ((table[torch.tensor(ids, device=device)] + bias) ** 2).sum().backward()
         grad = table.grad.clone()
         optimizer.step()
         optimizer.zero_grad()
@@ -82,21 +87,46 @@ def test_lazy_adam_matches_a_hand_written_reference_and_leaves_untouched_rows_al
         torch.testing.assert_close(state["exp_avg"], exp_avg, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(state["exp_avg_sq"], exp_avg_sq, rtol=1e-6, atol=1e-7)
         assert float(state["step"]) == step
-        untouched = torch.tensor([row not in ids for row in range(12)])
+        untouched = torch.tensor([row not in ids for row in range(12)], device=device)
         assert torch.equal(table.detach()[untouched], table_before[untouched])  # bit for bit
         for key, value in before.items():
             assert torch.equal(state[key][untouched], value[untouched]), key
-    assert not torch.equal(bias.detach(), torch.zeros(5))  # the other parameter took AdamW's step
+    assert not torch.equal(bias.detach(), torch.zeros(5, device=device))  # the other parameter took AdamW's step
 
 
-def test_every_row_touched_every_step_is_dense_adamw():
-    """When each batch holds every token id, lazy Adam and dense AdamW are the same update."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_row_touched_every_step_is_dense_adamw(device):
+    """When each batch holds every token id, lazy Adam and dense AdamW are the same update. On CUDA dense AdamW
+    is fused, which rounds differently from the lazy step's foreach ops: one step there (see the fused test)."""
     torch.manual_seed(2)
     batches = [torch.stack([torch.randperm(64) for _ in range(3)]) for _ in range(4)]  # every id as an input
     batches = [torch.cat([ids, ids[:, :1]], dim=1) for ids in batches]  # + one target column
-    dense, sparse = train_steps("dense", batches), train_steps("row-sparse", batches)
-    assert not torch.equal(dense.layers[0].attn.gate_embed.weight, tiny_model().layers[0].attn.gate_embed.weight)
+    batches = batches[:1] if device == "cuda" else batches
+    dense, sparse = train_steps("dense", batches, device), train_steps("row-sparse", batches, device)
+    start = tiny_model().layers[0].attn.gate_embed.weight.to(device)
+    assert not torch.equal(dense.layers[0].attn.gate_embed.weight, start)
     assert_same_weights(sparse, dense, rtol=1e-6, atol=1e-7)  # bit for bit on the CPU today
+
+
+def test_the_lazy_step_sits_on_fused_adamw_too():
+    """On CUDA build_optimizer takes AdamW's fused kernel for everything but the tables (the CPU has one too).
+    One step: after it the fused and foreach roundings of the tables make later gradients differ, and Adam
+    turns tiny gradient differences of near-zero gradients (the gate norm's bias) into visible ones."""
+    torch.manual_seed(2)
+    ids = torch.stack([torch.randperm(64) for _ in range(3)])
+    batches = [torch.cat([ids, ids[:, :1]], dim=1)]
+    models = []
+    for lazy in (False, True):
+        model = tiny_model()
+        optimizer = RowSparseAdamW(param_groups(model, 0.1), row_sparse=gate_tables(model) if lazy else [], lr=1e-2,
+                                   fused=True)
+        for ids in batches:
+            token_loss(model, ids[:, :-1], ids[:, 1:]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        models.append(model)
+    assert not torch.equal(models[0].layers[0].attn.gate_embed.weight, tiny_model().layers[0].attn.gate_embed.weight)
+    assert_same_weights(models[1], models[0], rtol=1e-6, atol=1e-7)  # fused and foreach round differently
 
 
 def test_memoryless_adam_is_the_same_on_any_batch():
