@@ -13,7 +13,8 @@ BENCHMARKS = {
     "kernel-sweep": ("egmla.bench.kernel_sweep", "launch-configuration sweep of the Triton decode kernels"),
     "train": ("egmla.bench.train", "training step time and tokens/s per variant"),
     "train-run": ("egmla.bench.train_run", "a paper-base EG-MLA kv64 training run of a few minutes, from nothing"),
-    "multigpu": ("egmla.bench.multigpu", "DDP, FSDP2 and one GPU on one global batch, and a resume across them"),
+    "multigpu": ("egmla.bench.multigpu",
+                 "DDP and FSDP2 settings against one GPU on one global batch: scaling, drift, losses, resume, profile"),
 }
 
 

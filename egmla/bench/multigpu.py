@@ -177,13 +177,13 @@ class Jobs:
 
 
 def expected_wall_s(results: dict, steps: int, processes: int) -> float:
-    """A run's wall time as the finished runs predict it: their largest fixed cost (start, compilation, data,
+    """A run's wall time as the finished runs predict it: their median fixed cost (start, compilation, data,
     checkpoints: wall time less the steps at their median) plus `steps` at the slowest median step of runs with
     as many processes (of any run when none has), 10% over. 30 s before any run has finished."""
     done = [r for r in results.values() if r.get("median_step_s") and r.get("wall_s")]
     if not done:
         return 30.0
-    fixed = max(r["wall_s"] - r["trained_steps"] * r["median_step_s"] for r in done)
+    fixed = statistics.median(r["wall_s"] - r["trained_steps"] * r["median_step_s"] for r in done)
     alike = [r["median_step_s"] for r in done if r["processes"] == processes] or [r["median_step_s"] for r in done]
     return 1.1 * (fixed + steps * max(alike))
 

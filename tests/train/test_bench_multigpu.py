@@ -169,7 +169,8 @@ def test_run_plan():
 def test_budget_and_drift_helpers(tmp_path):
     # a run the budget cannot hold is skipped before it starts, by what the finished runs predict
     done = {"a": {"wall_s": 60.0, "trained_steps": 100, "median_step_s": 0.2, "processes": 1},
-            "b": {"wall_s": 50.0, "trained_steps": 100, "median_step_s": 0.1, "processes": 2}}
+            "b": {"wall_s": 50.0, "trained_steps": 100, "median_step_s": 0.1, "processes": 2},
+            "c": {"wall_s": 90.0, "trained_steps": 100, "median_step_s": 0.1, "processes": 2}}  # fixed 40, 40, 80
     assert multigpu.expected_wall_s({}, 100, 2) == 30.0
     assert multigpu.expected_wall_s(done, 50, 2) == pytest.approx(1.1 * (40 + 50 * 0.1))
     assert multigpu.expected_wall_s(done, 50, 4) == pytest.approx(1.1 * (40 + 50 * 0.2))
