@@ -119,13 +119,9 @@ def profile_step(engine, steps: int = 3, top: int = 6) -> dict:
             if on_cuda:
                 torch.cuda.synchronize()
         step.n_new.copy_(saved)
-    if on_cuda:
-        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-        time_of = lambda e: e.self_device_time_total  # noqa: E731
-    else:
-        kernels = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-        time_of = lambda e: e.self_cpu_time_total  # noqa: E731
-    kernels.sort(key=time_of, reverse=True)
+    from egmla.bench.profiling import timed_events
+
+    kernels, time_of = timed_events(prof, on_cuda)
     return {"profile_kernel_ms_per_step": sum(time_of(e) for e in kernels) / steps / 1e3,
             "profile_kernels_per_step": sum(e.count for e in kernels) / steps,
             "profile_top": [(e.key[:60], time_of(e) / steps / 1e3) for e in kernels[:top]]}

@@ -4,6 +4,7 @@ reports. The kinds are read from kernel names: a guide to where time goes, not a
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 # (kind, pattern on the kernel name), first match wins. CUDA's foreach kernels (multi_tensor_apply) serve both
 # the optimizer and gradient clipping; eager elementwise kernels and CPU ops mostly land in "other".
@@ -26,9 +27,9 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def summarise(prof, steps: int, on_cuda: bool, top: int = 15) -> dict:
-    """{kernel_ms_per_step, launches_per_step, top: [{name, kind, ms_per_step, calls_per_step, share}],
-    kinds: {kind: ms_per_step}} from a finished torch.profiler.profile that ran `steps` steps."""
+def timed_events(prof, on_cuda: bool) -> tuple[list, Callable]:
+    """(events, time_of) of a finished torch.profiler.profile, costliest first: CUDA kernels with their device
+    time, or on CPU the aten ops with their self CPU time (µs)."""
     import torch
 
     if on_cuda:
@@ -37,7 +38,13 @@ def summarise(prof, steps: int, on_cuda: bool, top: int = 15) -> dict:
     else:
         events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
         time_of = lambda e: e.self_cpu_time_total  # noqa: E731
-    events = sorted((e for e in events if time_of(e) > 0), key=time_of, reverse=True)
+    return sorted((e for e in events if time_of(e) > 0), key=time_of, reverse=True), time_of
+
+
+def summarise(prof, steps: int, on_cuda: bool, top: int = 15) -> dict:
+    """{kernel_ms_per_step, launches_per_step, top: [{name, kind, ms_per_step, calls_per_step, share}],
+    kinds: {kind: ms_per_step}} from a finished torch.profiler.profile that ran `steps` steps."""
+    events, time_of = timed_events(prof, on_cuda)
     total = sum(time_of(e) for e in events) or 1.0
     kinds: dict[str, float] = {}
     for e in events:
