@@ -82,7 +82,8 @@ def build_step(variant, args, device, ids, autocast, gate_table_update: str):
     def step(timer):
         for start in range(0, args.batch, micro):
             with autocast():
-                loss = token_loss(model, inputs[start:start + micro], targets[start:start + micro])
+                loss = token_loss(model, inputs[start:start + micro], targets[start:start + micro],
+                                  compiled=args.compile)
             (loss * micro / args.batch).backward()
         timer.mark("forward_backward")
         clip_grad_norm(model, 1.0)

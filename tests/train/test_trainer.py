@@ -81,8 +81,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoints(tmp_path, c
     real_loss = trainer.token_loss
     calls = {"n": 0}
 
-    def loss_that_explodes(model, inputs, targets, reduction="mean"):
-        loss = real_loss(model, inputs, targets, reduction)
+    def loss_that_explodes(model, inputs, targets, reduction="mean", **options):
+        loss = real_loss(model, inputs, targets, reduction, **options)
         calls["n"] += 1
         return loss * float("nan") if calls["n"] == 5 and model.training else loss
 
