@@ -45,7 +45,7 @@ class TrainConfig:
     grad_clip: NonNegativeFloat = 1.0  # max global gradient norm (0 = no clipping)
     gate_table_update: Literal[GATE_TABLE_UPDATES] = "dense"  # EG-MLA gate tables: dense AdamW | row-sparse lazy Adam
     dtype: Literal[DTYPES] = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
-    compile: bool = False  # torch.compile each block (GPU; slow to start on CPU)
+    compile: bool = False  # torch.compile each block and the training loss (GPU; slow to start on CPU)
     parallel: Literal[PARALLEL] = "ddp"  # under torchrun with several processes: ddp | fsdp (FSDP2 fully_shard)
     # DDP and FSDP2 settings (docs/training.md#multi-gpu-settings); they apply under torchrun with several processes
     ddp_gradient_as_bucket_view: bool = False  # DDP: gradients are views into the all-reduce buckets (no copy)
