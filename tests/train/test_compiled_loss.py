@@ -4,6 +4,7 @@ import pytest
 import torch
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own use of torch.jit on import
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_compiled_cross_entropy_matches_eager(dtype, tol):
     from egmla.train.trainer import compiled_cross_entropy, cross_entropy
