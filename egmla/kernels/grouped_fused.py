@@ -14,8 +14,12 @@ grouped_decode.make_plan (positions in grouped order, shared by all layers, no h
      applies gamma^V, beta^V.
 
 Nothing per (sequence, id) goes through HBM: W^K, W^V and the gate rows are read once per block of ids,
-the cache tiles (c_t, k^R_t, mu_t, rho_t) once per group of heads (the groups of a block run side by side,
-so the second and third reads hit L2).
+the cache tiles (c_t, k^R_t, mu_t, rho_t) once per group of heads (the groups of a block are neighbours in
+the grid, so that their reads can share L2).
+
+Measured 2-3x slower than the three launches of grouped_decode.py on an H200 (docs/grouped-decode.md): a
+program holding A and S needs 168-255 registers per thread, so few run per SM, and each walks its tiles in
+series. It is kept as a benchmark launch setting (`egmla bench grouped`), not the model's path.
 """
 from __future__ import annotations
 
