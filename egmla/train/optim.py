@@ -91,9 +91,13 @@ class RowSparseAdamW(torch.optim.AdamW):
     the two. Tables sharded by FSDP2 are updated shard by shard (rows are independent).
     """
 
-    def __init__(self, params, row_sparse: list[torch.Tensor], **adamw_options):
+    def __init__(self, params, row_sparse: list[torch.Tensor], kernel: bool | None = None, **adamw_options):
         super().__init__(params, **adamw_options)
         self.row_sparse = list(row_sparse)
+        # The Triton row-Adam kernel (egmla/kernels/row_adam.py: one launch per table, untouched rows only read
+        # their gradient) where it can run: CUDA tables with Triton installed, unless kernel=False; kernel=True
+        # also takes it on the CPU through Triton's interpreter (tests). Else the gather/foreach/scatter path.
+        self.kernel = kernel
         row_sparse_ids = {id(table) for table in self.row_sparse}
         for group in self.param_groups:
             if any(id(p) in row_sparse_ids for p in group["params"]) and (
@@ -101,15 +105,26 @@ class RowSparseAdamW(torch.optim.AdamW):
                 raise ValueError("RowSparseAdamW: a row-sparse table's group must have weight_decay=0 and no "
                                  "amsgrad or maximize (the lazy step implements plain Adam)")
 
+    def _uses_kernel(self, tables: list[torch.Tensor]) -> bool:
+        if self.kernel is False or not tables:
+            return False
+        if self.kernel:
+            return True
+        from egmla.kernels import triton_available
+
+        return triton_available() and all(_local(table).is_cuda and _local(table).is_contiguous() for table in tables)
+
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:  # a closure would recompute the tables' gradients after they were set aside
             raise ValueError("RowSparseAdamW.step: closures are not supported; call backward() before step()")
         tables = [table for table in self.row_sparse if table.grad is not None]
-        # The touched rows are counted first and their counts copied to the host behind AdamW's kernels, so that
-        # waiting for them does not wait for AdamW, and the row updates are launched while AdamW runs.
-        touched = [_local(table.grad).any(dim=1) for table in tables]  # [rows] bool per table
-        counts = counts_on_host(torch.stack([mask.sum() for mask in touched])) if tables else list
+        kernel = self._uses_kernel(tables)
+        if not kernel:
+            # The touched rows are counted first and their counts copied to the host behind AdamW's kernels, so
+            # that waiting for them does not wait for AdamW, and the row updates are launched while AdamW runs.
+            touched = [_local(table.grad).any(dim=1) for table in tables]  # [rows] bool per table
+            counts = counts_on_host(torch.stack([mask.sum() for mask in touched])) if tables else list
         grads = [table.grad for table in tables]
         for table in tables:  # AdamW skips parameters without a gradient: it updates everything else
             table.grad = None
@@ -118,7 +133,34 @@ class RowSparseAdamW(torch.optim.AdamW):
         finally:
             for table, grad in zip(tables, grads):
                 table.grad = grad
-        self.lazy_adam_step(tables, touched, counts())
+        if kernel:
+            self.row_adam_kernel_step(tables)
+        else:
+            self.lazy_adam_step(tables, touched, counts())
+
+    def _table_state(self, table: torch.Tensor) -> dict:
+        """The table's AdamW state, created as AdamW would, with its step count advanced (every optimizer step
+        counts, touched or not)."""
+        state = self.state[table]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)  # as AdamW keeps it (on the CPU)
+            state["exp_avg"] = torch.zeros_like(table, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(table, memory_format=torch.preserve_format)
+        if state["step"].is_cuda:  # loaded from a fused AdamW's state: .item() there would wait for the GPU
+            state["step"] = state["step"].cpu()
+        state["step"] += 1
+        return state
+
+    def row_adam_kernel_step(self, tables: list[torch.Tensor]) -> None:
+        """The lazy Adam step of `lazy_adam_step`, one Triton launch per table, no host sync."""
+        from egmla.kernels.row_adam import row_adam_
+
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        for table in tables:
+            state, group = self._table_state(table), group_of[id(table)]
+            (beta1, beta2), step = group["betas"], int(state["step"].item())
+            row_adam_(_local(table), _local(table.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                      group["lr"], beta1, beta2, group["eps"], step)
 
     def lazy_adam_step(self, tables: list[torch.Tensor], touched: list[torch.Tensor], counts: list[int]) -> None:
         """Adam on the touched rows of each table (touched: a [rows] bool mask per table, counts: its sums):
@@ -127,14 +169,7 @@ class RowSparseAdamW(torch.optim.AdamW):
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         by_group: dict[int, list] = {}
         for table, mask, count in zip(tables, touched, counts):
-            state = self.state[table]
-            if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)  # as AdamW keeps it (on the CPU)
-                state["exp_avg"] = torch.zeros_like(table, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(table, memory_format=torch.preserve_format)
-            if state["step"].is_cuda:  # loaded from a fused AdamW's state: .item() there would wait for the GPU
-                state["step"] = state["step"].cpu()
-            state["step"] += 1
+            state = self._table_state(table)
             if count:
                 rows = torch.nonzero_static(mask, size=count).squeeze(1)  # sized from `counts`: no sync
                 by_group.setdefault(id(group_of[id(table)]), []).append((table, state, rows))
