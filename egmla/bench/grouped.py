@@ -22,13 +22,14 @@ GROUPED_NOTES = {
 }
 
 
-def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, device, dtype):
+def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, device, dtype,
+                   lengths: torch.Tensor | None = None):
     """(attn, call args, groups): a one-layer EG-MLA module on path 'grouped' (its gate table built) and a
-    full cache of max_len positions per sequence with token_ids [batch, max_len]; norm statistics exact for
-    the random latents."""
+    full cache of max_len positions per sequence with token_ids [batch, max_len] (ragged: sequence b holds
+    its first lengths[b]; the rest is padding, never registered); norm statistics exact for the random latents."""
     from egmla.attention.cache import TokenGroups
     from egmla.attention.context import AttnContext, attention_mask
-    from egmla.bench.decode_cases import one_layer  # decode_cases imports this module
+    from egmla.bench.decode_cases import last_positions, one_layer  # decode_cases imports this module
 
     attn = one_layer(config, "grouped", device, dtype)
     heads, d_n, d_r, d_c = config.n_heads, config.qk_nope_head_dim, config.qk_rope_head_dim, config.kv_lora_rank
@@ -37,10 +38,10 @@ def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, de
     latent = torch.randn(batch, max_len, d_c, device=device, dtype=dtype)
     k_pe = torch.randn(batch, max_len, d_r, device=device, dtype=dtype)
     groups = TokenGroups(batch, max_len, device)
-    groups.append(token_ids, torch.arange(max_len, device=device).expand(batch, -1))
+    positions = last_positions(batch, max_len, lengths, device)
+    groups.append(token_ids, torch.arange(max_len, device=device).expand(batch, -1), n_new=positions[:, 0] + 1)
     stats = norm_stats(attn, latent, token_ids)
-    positions = torch.full((batch, 1), max_len - 1, device=device)
-    ctx = AttnContext(token_ids[:, -1:], positions, torch.empty(0), torch.empty(0), kv_len=max_len,
+    ctx = AttnContext(token_ids.gather(1, positions), positions, torch.empty(0), torch.empty(0), kv_len=max_len,
                       mask=attention_mask(positions, max_len), kv_token_ids=token_ids, kv_groups=groups,
                       kv_ln_stats=stats)
     return attn, (q_nope, q_pe, latent, k_pe, token_ids, ctx), groups
@@ -60,7 +61,7 @@ def norm_stats(attn, latent: torch.Tensor, token_ids: torch.Tensor) -> torch.Ten
 
 
 def grouped_cost(config, batch: int, max_len: int, groups, dtype) -> tuple[float, float, dict]:
-    """(bytes, FLOPs, extra columns) of the grouped path's floor at this shape."""
+    """(bytes, FLOPs, extra columns) of the grouped path's floor at this shape (the positions the groups hold)."""
     heads, d_n, d_r, d_v, d_c = (config.n_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
                                  config.v_head_dim, config.kv_lora_rank)
     es = torch.finfo(dtype).bits // 8
@@ -68,19 +69,22 @@ def grouped_cost(config, batch: int, max_len: int, groups, dtype) -> tuple[float
     known = torch.arange(ids.shape[1], device=ids.device)[None, :] < groups.n_distinct[:, None]
     batch_distinct = int(ids[known].unique().numel())
     pairs = int(groups.n_distinct.sum())  # (sequence, distinct id) pairs
-    bytes_ = batch * max_len * ((d_c + d_r) * es + 8 + 8) + batch_distinct * config.gate_out_dim * es
-    flops = 2 * batch * heads * max_len * (2 * d_c + d_r) + 2 * pairs * heads * d_c * (d_n + d_v)
+    held = int(groups.lengths.sum())
+    bytes_ = held * ((d_c + d_r) * es + 8 + 8) + batch_distinct * config.gate_out_dim * es
+    flops = 2 * heads * held * (2 * d_c + d_r) + 2 * pairs * heads * d_c * (d_n + d_v)
     return bytes_, flops, {"distinct_ids_batch": batch_distinct, "id_pairs": pairs}
 
 
 def grouped_cases(config, batch: int, max_len: int, token_ids: torch.Tensor, device, dtype,
-                  paths=("grouped", "grouped-plan"), variants: dict | None = None) -> list:
+                  paths=("grouped", "grouped-plan"), variants: dict | None = None,
+                  lengths: torch.Tensor | None = None) -> list:
     """Cases for `egmla bench decode`: 'grouped' (attend_grouped, the plan built beforehand, as every layer
-    but the first of a step finds it), its kernel variants {label: grouped_decode kwargs}, 'grouped-plan'."""
+    but the first of a step finds it), its kernel variants {label: grouped_decode kwargs}, 'grouped-plan';
+    lengths [batch] for a ragged batch (grouped_inputs)."""
     from egmla.bench.decode_cases import Case  # decode_cases imports this module
     from egmla.kernels.grouped_decode import make_plan
 
-    attn, args, groups = grouped_inputs(config, batch, max_len, token_ids, device, dtype)
+    attn, args, groups = grouped_inputs(config, batch, max_len, token_ids, device, dtype, lengths)
     bytes_, flops, extra = grouped_cost(config, batch, max_len, groups, dtype)
     variant, cases = config.variant_name(), []
     if "grouped" in paths:
@@ -91,7 +95,7 @@ def grouped_cases(config, batch: int, max_len: int, token_ids: torch.Tensor, dev
     from egmla.kernels import kernel_unavailable_reason
 
     if "grouped-plan" in paths and not kernel_unavailable_reason(device):  # the plan is the kernels' layout
-        plan_bytes = batch * max_len * 4 * 4  # slots read, sort keys, order written, row map
+        plan_bytes = int(groups.lengths.sum()) * 4 * 4  # slots read, sort keys, order written, row map
         cases.append(Case(variant, "grouped-plan", lambda: make_plan(groups), plan_bytes, 0, extra))
     return cases
 

@@ -6,6 +6,8 @@ count per context length, then per (B, T) the decode-attention time of MHA SDPA,
 (absorbed, Triton), EG-MLA kv64 on path kernel (fused rebuild, cached norm stats) and EG-MLA kv64 grouped
 (+ launch settings of its kernels, + the per-step plan), all in one run (CUDA-graph replays, median of CUDA
 events, L2 flushed read-only), and a bf16 check of grouped against the fused kernel (and the fp32 reference for B <= 32).
+Each shape runs with equal lengths (every sequence holds T positions) and, with `--lengths equal,ragged`, a
+ragged batch beside it (lengths spread from T/2 to T; MHA SDPA then runs the padded batch with a key mask).
 
     egmla bench grouped --ids .cache/bench_ids/ids.safetensors --out grouped.json
     egmla bench grouped --ids .cache/bench_ids/ids.safetensors --ids-only      # build the ids (CPU)
@@ -35,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ids-only", action="store_true", help="only build the token ids and print the distinct-id ratios")
     p.add_argument("--variant-shapes", default="32x4096,128x4096,32x16384,1x4096,8x4096",
                    help="BxT shapes where the grouped kernels' other launch settings are also timed ('' = none)")
+    p.add_argument("--lengths", default="equal,ragged",
+                   help="comma-separated: equal (every sequence holds T positions), ragged (lengths spread from T/2 "
+                        "to T; B = 1 is always equal); launch settings are timed at equal lengths only")
     p.add_argument("--check", default="1,8,32",
                    help="batch sizes whose grouped output is also checked against the fp32 reference")
     p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke test (TRITON_INTERPRET=1, --preset tiny)")
@@ -76,13 +81,13 @@ def token_ids(args, texts, batch, length, vocab) -> dict:
     return ids
 
 
-def check_grouped(config, batch, length, ids, device, dtype, with_reference) -> dict:
+def check_grouped(config, batch, length, ids, device, dtype, with_reference, lengths=None) -> dict:
     """bf16 grouped output vs the fused rebuild kernel on the same inputs (both read the norm statistics the
     context carries, as from a cache), and vs the fp32 reference."""
     from egmla.bench.grouped import grouped_inputs
     from egmla.kernels.grouped_decode_ref import grouped_decode_ref
 
-    attn, args, groups = grouped_inputs(config, batch, length, ids, device, dtype)
+    attn, args, groups = grouped_inputs(config, batch, length, ids, device, dtype, lengths)
     grouped = attn.attend_grouped(*args).float()
     fused = attn.attend_kernel(*args).float()
     out = {"rel_err_vs_fused": ((grouped - fused).norm() / fused.norm()).item(), "finite": bool(grouped.isfinite().all())}
@@ -97,28 +102,33 @@ def check_grouped(config, batch, length, ids, device, dtype, with_reference) -> 
     return out
 
 
-def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, with_reference: bool) -> list[dict]:
-    """Every path at one (B, T) with ids `tok` [B, T] of corpus `text`; MHA / MLA only for the first corpus."""
+def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, with_reference: bool,
+                lengths_kind: str = "equal") -> list[dict]:
+    """Every path at one (B, T) with ids `tok` [B, T] of corpus `text`; MHA / MLA only for the first corpus.
+    lengths_kind 'ragged': sequence lengths spread from T/2 to T (decode_cases.ragged_lengths)."""
     import torch
 
     from egmla.bench.decode import measure
-    from egmla.bench.decode_cases import build_cases
+    from egmla.bench.decode_cases import build_cases, ragged_lengths
     from egmla.bench.grouped import grouped_cases
     from egmla.variants import variant_config
 
     batch, length = tok.shape
+    lengths = ragged_lengths(batch, length, device) if lengths_kind == "ragged" else None
     mha, mla, egmla = (variant_config(name, args.preset, max_seq_len=length) for name in STUDIED)
     cases = []
     if text == args.text.split(",")[0].strip():  # MHA / MLA do not depend on the ids
-        cases += build_cases(mha.variant_name(), mha, batch, length, tok, device, dtype, ("sdpa",))
-        cases += build_cases(mla.variant_name(), mla, batch, length, tok, device, dtype, ("kernel",))
-    cases += build_cases(egmla.variant_name(), egmla, batch, length, tok, device, dtype, ("kernel",))
+        cases += build_cases(mha.variant_name(), mha, batch, length, tok, device, dtype, ("sdpa",), lengths)
+        cases += build_cases(mla.variant_name(), mla, batch, length, tok, device, dtype, ("kernel",), lengths)
+    cases += build_cases(egmla.variant_name(), egmla, batch, length, tok, device, dtype, ("kernel",), lengths)
     cases += grouped_cases(egmla, batch, length, tok, device, dtype,
-                           variants=LAUNCH_SETTINGS if with_variants else None)
-    check = check_grouped(egmla, batch, length, tok, device, dtype, with_reference)
+                           variants=LAUNCH_SETTINGS if with_variants else None, lengths=lengths)
+    check = check_grouped(egmla, batch, length, tok, device, dtype, with_reference, lengths)
+    held = length * batch if lengths is None else int(lengths.sum())
     rows = []
     for case in cases:
-        row = {"text": text, "batch": batch, "context": length, "variant": case.variant, "path": case.path, **case.extra}
+        row = {"text": text, "batch": batch, "context": length, "lengths": lengths_kind, "positions_held": held,
+               "variant": case.variant, "path": case.path, **case.extra}
         try:
             row.update(measure(case, device, timing) if case.path != "grouped-plan" else wall_us(case.run, device))
         except torch.OutOfMemoryError as err:
@@ -169,14 +179,18 @@ def run(args) -> list[dict]:
     checks = [int(b) for b in args.check.split(",") if b]
     shapes = sorted(((b, t) for t in contexts for b in batches), key=lambda s: (s != (32, 4096), s[1], s[0]))
     variant_shapes = {tuple(int(x) for x in s.split("x")) for s in args.variant_shapes.split(",") if s}
+    kinds = [k.strip() for k in args.lengths.split(",") if k.strip()]
+    if not kinds or set(kinds) - {"equal", "ragged"}:
+        raise SystemExit(f"--lengths {args.lengths!r}: choose from equal, ragged (comma-separated)")
     for batch, length in shapes:  # the shape of the targets first
-        for text in texts:
-            rows += bench_shape(args, text, ids[text][:batch, :length].to(device), device, dtype, timing,
-                                (batch, length) in variant_shapes, batch in checks)
-            _speedups(rows)
-            meta["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
-            if args.out:  # after every shape: a run cut short still leaves its rows
-                Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        for kind in kinds if batch > 1 else ["equal"]:
+            for text in texts:
+                rows += bench_shape(args, text, ids[text][:batch, :length].to(device), device, dtype, timing,
+                                    (batch, length) in variant_shapes and kind == "equal", batch in checks, kind)
+                _speedups(rows)
+                meta["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
+                if args.out:  # after every shape: a run cut short still leaves its rows
+                    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(summary(rows))
     return rows
 
@@ -202,13 +216,15 @@ def wall_us(fn, device, repeats: int = 20) -> dict:
 def _line(row) -> str:
     us = f"{row['median_us']:9.1f} µs" if "median_us" in row else row.get("skipped", "?")
     extra = f" err vs fused {row['rel_err_vs_fused']:.1e}" if "rel_err_vs_fused" in row else ""
-    return f"{row['text']:>14} B={row['batch']:>4} T={row['context']:>6} {row['variant']:>12} {row['path']:<16} {us}{extra}"
+    return (f"{row['text']:>14} B={row['batch']:>4} T={row['context']:>6} {row.get('lengths', 'equal'):>6} "
+            f"{row['variant']:>12} {row['path']:<16} {us}{extra}")
 
 
 def _speedups(rows) -> None:
-    by = {(r["batch"], r["context"], r["variant"], r["path"]): r.get("median_us") for r in rows}
-    for r in rows:
-        key = (r["batch"], r["context"])
+    by = {(r["batch"], r["context"], r.get("lengths", "equal"), r["variant"], r["path"]): r.get("median_us")
+          for r in rows}
+    for r in rows:  # against the anchors of the same shape and the same lengths
+        key = (r["batch"], r["context"], r.get("lengths", "equal"))
         if "median_us" not in r:
             continue
         for name, ref in (("x_mha", ("MHA", "sdpa")), ("x_mla", ("MLA kv64", "kernel"))):
@@ -216,17 +232,20 @@ def _speedups(rows) -> None:
                 r[name] = by[key + ref] / r["median_us"]
                 if "median_us_with_plan" in r:
                     r[name + "_with_plan"] = by[key + ref] / r["median_us_with_plan"]
-        fused = next((x["median_us"] for x in rows if (x["batch"], x["context"], x["text"], x["path"]) ==
-                      key + (r["text"], "kernel") and x["variant"] == "EG-MLA kv64" and "median_us" in x), None)
+        fused = next((x["median_us"] for x in rows if (x["batch"], x["context"], x.get("lengths", "equal"), x["text"],
+                                                       x["path"]) == key + (r["text"], "kernel")
+                      and x["variant"] == "EG-MLA kv64" and "median_us" in x), None)
         if fused:
             r["x_fused"] = fused / r["median_us"]
 
 
 def summary(rows) -> str:
-    lines = [f"{'text':>14} {'B':>4} {'T':>6} {'path':<26} {'µs':>9} {'x MHA':>7} {'x MLA':>7} {'x fused':>8}"]
+    lines = [f"{'text':>14} {'B':>4} {'T':>6} {'lengths':>7} {'path':<26} {'µs':>9} {'x MHA':>7} {'x MLA':>7} "
+             f"{'x fused':>8}"]
     for r in rows:
         if "median_us" in r:
-            lines.append(f"{r['text']:>14} {r['batch']:>4} {r['context']:>6} {r['variant'] + ' ' + r['path']:<26} "
+            lines.append(f"{r['text']:>14} {r['batch']:>4} {r['context']:>6} {r.get('lengths', 'equal'):>7} "
+                         f"{r['variant'] + ' ' + r['path']:<26} "
                          f"{r['median_us']:>9.1f} {r.get('x_mha', 0):>7.2f} {r.get('x_mla', 0):>7.2f} "
                          f"{r.get('x_fused', 0):>8.2f}")
     return "\n".join(lines)
@@ -243,14 +262,18 @@ def markdown(json_path: str, md_path: str) -> None:
              f"replays, L2 flushed. µs per layer and decode step; × = speedup over MHA SDPA / MLA kv64 / EG-MLA "
              f"kv64 fused rebuild at the same (B, T).", "",
              "Grouped rows: `+ plan` adds the per-step plan's wall-clock time divided by the layers it serves "
-             "(the plan is built once per step for all of them).", "",
-             "| ids | B | T | variant and path | µs | × MHA | × MLA | × fused rebuild | µs + plan | × MHA + plan |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "(the plan is built once per step for all of them). Lengths `ragged`: sequence lengths spread from "
+             "T/2 to T (MHA SDPA runs the padded batch with a key mask); speedups compare rows of the same lengths.",
+             "",
+             "| ids | B | T | lengths | variant and path | µs | × MHA | × MLA | × fused rebuild | µs + plan | "
+             "× MHA + plan |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         if "median_us" in r and r["path"] != "grouped-plan":
             with_plan = (f"{r['median_us_with_plan']:.1f} | {r.get('x_mha_with_plan', 0):.2f}"
                          if "median_us_with_plan" in r else " | ")
-            lines.append(f"| {r['text']} | {r['batch']} | {r['context']} | {r['variant']} {r['path']} | "
+            lines.append(f"| {r['text']} | {r['batch']} | {r['context']} | {r.get('lengths', 'equal')} | "
+                         f"{r['variant']} {r['path']} | "
                          f"{r['median_us']:.1f} | {r.get('x_mha', 0):.2f} | {r.get('x_mla', 0):.2f} | "
                          f"{r.get('x_fused', 0):.2f} | {with_plan} |")
     Path(md_path).write_text("\n".join(lines) + "\n")
@@ -264,7 +287,7 @@ def plot(json_path: str, png_path: str, batch: int = 32) -> None:
     import matplotlib.pyplot as plt
 
     data = json.loads(Path(json_path).read_text())
-    rows = [r for r in data["rows"] if r["batch"] == batch and "median_us" in r]
+    rows = [r for r in data["rows"] if r["batch"] == batch and "median_us" in r and r.get("lengths", "equal") == "equal"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     series = [("MHA", "sdpa", "MHA SDPA"), ("MLA kv64", "kernel", "MLA kv64 absorbed (Triton)"),
               ("EG-MLA kv64", "kernel", "EG-MLA kv64 fused rebuild (Triton)"),

@@ -19,5 +19,19 @@ def test_markdown_adds_the_plan_share(tmp_path):
     source.write_text(json.dumps({"meta": {"device": "NVIDIA H200", "copy_gbs": None}, "rows": rows}))
     markdown(str(source), str(table))
     text = table.read_text()
-    assert "| python-source | 32 | 4096 | EG-MLA kv64 grouped | 50.0 | 2.00 | 0.50 | 4.00 | 60.0 | 1.67 |" in text
+    assert "| python-source | 32 | 4096 | equal | EG-MLA kv64 grouped | 50.0 | 2.00 | 0.50 | 4.00 | 60.0 | 1.67 |" in text
     assert "grouped-plan" not in text.split("|---|")[-1]  # the plan is folded into the rows, not a row
+
+
+def test_speedups_compare_rows_of_the_same_lengths():
+    from egmla.bench.grouped_study import _speedups
+
+    base = {"text": "python-source", "batch": 32, "context": 4096}
+    rows = [dict(base, lengths=kind, variant=variant, path=path, median_us=us)
+            for kind, scale in (("equal", 1.0), ("ragged", 0.5))
+            for variant, path, us in (("MHA", "sdpa", 100.0), ("MLA kv64", "kernel", 20.0),
+                                      ("EG-MLA kv64", "grouped", 50.0 * scale))]
+    _speedups(rows)
+    grouped = {r["lengths"]: r for r in rows if r["path"] == "grouped"}
+    assert grouped["equal"]["x_mha"] == 2.0 and grouped["ragged"]["x_mha"] == 4.0
+    assert grouped["ragged"]["x_mla"] == 0.8

@@ -94,3 +94,56 @@ def test_grouped_cases_are_built_on_the_model_path_and_named_by_their_variant():
     assert attn.decode_path == "grouped" and attn.gate_table is not None
     cases = grouped_cases(config, 2, 24, token_ids, "cpu", torch.float32, paths=("grouped",))
     assert [(case.variant, case.path) for case in cases] == [("EG-MLA kv16", "grouped")]
+
+
+def test_ragged_lengths_spread_from_half_to_full_and_are_checked():
+    import torch
+
+    from egmla.bench.decode_cases import last_positions, ragged_lengths
+
+    assert ragged_lengths(5, 100).tolist() == [50, 62, 75, 87, 100]
+    assert ragged_lengths(1, 100).tolist() == [100] and ragged_lengths(2, 7).tolist() == [3, 7]
+    with pytest.raises(ValueError, match=r"lengths=\[0, 4\]: expected 2 lengths in \[1, 4\]"):
+        last_positions(2, 4, torch.tensor([0, 4]), "cpu")
+
+
+def test_ragged_cases_read_only_the_positions_each_sequence_holds():
+    """A ragged batch (egmla bench grouped --lengths ragged): the grouped and fused kernels' output for sequence b
+    depends only on its first lengths[b] positions (the padding past them is poisoned with NaN), equals the same
+    sequence run alone at its own length, and the bytes count the positions held, not the padding."""
+    import torch
+
+    from egmla.bench.decode_cases import build_cases, ragged_lengths
+    from egmla.bench.grouped import grouped_inputs
+    from egmla.variants import variant_config
+
+    config = variant_config("egmla-kv16", "tiny", max_seq_len=24)
+    torch.manual_seed(3)
+    token_ids = torch.randint(0, 40, (3, 24), dtype=torch.int32)  # few ids: repeated, as the grouping needs
+    lengths = ragged_lengths(3, 24)
+    attn, args, groups = grouped_inputs(config, 3, 24, token_ids, "cpu", torch.float32, lengths)
+    assert groups.lengths.tolist() == lengths.tolist()
+    attn.grouped_backend = "kernel"  # on the CPU: Triton's interpreter (the PyTorch equations mask the padding)
+    q_nope, q_pe, latent, k_pe, ids, ctx = args
+    for b, length in enumerate(lengths.tolist()):  # poison the padding: a path that reads it returns NaN
+        latent[b, length:], k_pe[b, length:] = float("nan"), float("nan")
+        ctx.kv_ln_stats[b, length:] = float("nan")
+    ragged = attn.attend_grouped(*args)
+    assert ragged.isfinite().all()
+    torch.testing.assert_close(attn.attend_kernel(*args), ragged, rtol=1e-4, atol=1e-5)  # the fused rebuild kernel
+    for b, length in enumerate(lengths.tolist()):
+        _, alone, _ = grouped_inputs(config, 1, length, token_ids[b:b + 1, :length], "cpu", torch.float32)
+        alone = (q_nope[b:b + 1], q_pe[b:b + 1], latent[b:b + 1, :length].contiguous(),
+                 k_pe[b:b + 1, :length].contiguous(), alone[4], alone[5])
+        alone[5].kv_ln_stats.copy_(ctx.kv_ln_stats[b:b + 1, :length])
+        torch.testing.assert_close(attn.attend_grouped(*alone), ragged[b:b + 1], rtol=1e-4, atol=1e-5)
+
+    equal = {c.path: c for c in build_cases("X", config, 3, 24, token_ids, "cpu", torch.float32, ("kernel", "naive"))}
+    cases = build_cases("X", config, 3, 24, token_ids, "cpu", torch.float32, ("kernel", "naive"), lengths)
+    for case in cases:
+        assert case.run().isfinite().all()
+        assert case.bytes < equal[case.path].bytes and case.flops < equal[case.path].flops
+    mha = variant_config("mha", "tiny", max_seq_len=24)
+    sdpa, = build_cases("MHA", mha, 3, 24, token_ids, "cpu", torch.float32, ("sdpa",), lengths)
+    full, = build_cases("MHA", mha, 3, 24, token_ids, "cpu", torch.float32, ("sdpa",))
+    assert sdpa.bytes == full.bytes * int(lengths.sum()) / (3 * 24) and sdpa.run().isfinite().all()
