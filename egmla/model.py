@@ -147,8 +147,8 @@ class Transformer(nn.Module):
             rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
             cache.token_ids[rows, positions] = tokens.to(cache.token_ids.dtype)
             kv_ids = cache.token_ids[:, :kv_len]
-        if cache.token_groups is not None:  # decode path 'grouped': group positions by id (only real tokens)
-            cache.token_groups.append(tokens, positions, n_new, with_stats=self.decode_path == "grouped")
+        if cache.token_groups is not None:  # 'grouped' (or the bias control's 'absorbed'): positions by id
+            cache.token_groups.append(tokens, positions, n_new, with_stats=self.decode_path in ("grouped", "absorbed"))
         return AttnContext(tokens, positions, self.rope_cos[positions], self.rope_sin[positions],
                            kv_len=kv_len, mask=attention_mask(positions, kv_len), kv_token_ids=kv_ids,
                            kv_groups=cache.token_groups, capturable=capturable)

@@ -27,6 +27,10 @@ Decode paths, all in this file:
                        rebuild work scales with the distinct ids of a context; the cache holds (mu, rho)
                        and the token groups. The equations in PyTorch below (`grouped_attention`), the
                        Triton kernels in egmla/kernels/grouped_decode.py
+           absorbed    (bias control only) MLA's absorbed decode: the norm covers the ungated kv_t, so it
+                       factors out per position (its (mu, rho) cached) and the table's rows enter per distinct
+                       id, one score term and one value term (`bias_absorbed_attention`); the cache holds
+                       (mu, rho) and the token groups
   latent:  naive       rebuild K/V from the cached f_t
            absorbed    MLA's absorbed decode over f_t (the gate is already inside the cache)
            kernel      MLA's absorbed decode kernel over f_t
@@ -116,6 +120,44 @@ def grouped_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Te
     return out * visible.any(-1)[..., None]
 
 
+# ---- the bias control's absorbed decode, in PyTorch -------------------------------------------------------
+# f_t = Norm(kv_t) + g_{i_t} with kv_t = W_UKV c_t: the norm sees no gate, so with mu_t, rho_t of kv_t, exactly
+#   score_t = scale (rho_t (qa_h . c_t - mu_t gamma^K_h . q^C_h) + beta^K_h . q^C_h + e_{h,i_t} + q^R_h . k^R_t),
+#             qa_h = W^K_h^T (gamma^K_h ⊙ q^C_h)  (MLA's absorbed query),  e_{h,v} = q^C_h . g^K_{h,v}  per distinct id
+#   o_h = gamma^V_h ⊙ (W^V_h sum_t w_t c_t - sum_t w_t mu_t) + beta^V_h + sum_v P_{h,v} g^V_{h,v},
+#             w_t = p_t rho_t,  P_{h,v} = sum_{t: i_t = v} p_t
+def bias_absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                            ln_stats: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor,
+                            w_uk: torch.Tensor, w_uv: torch.Tensor, gamma: torch.Tensor | None,
+                            beta: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The equations above, one line each (fp32; fp64 for fp64 inputs); arguments as `grouped_attention`'s,
+    with ln_stats the (mu, rho) of the ungated kv_t. Returns o [b, s, h, d_v]."""
+    n_heads, d_n = q_nope.shape[2], q_nope.shape[3]
+    dt = torch.promote_types(q_nope.dtype, torch.float32)
+    q, q_pe, latent, k_pe = q_nope.to(dt), q_pe.to(dt), latent.to(dt), k_pe.to(dt)
+    mu, rho = ln_stats[..., 0].to(dt)[:, None, None, :], ln_stats[..., 1].to(dt)[:, None, None, :]
+    gate_k, gate_v = split_heads(gates, n_heads, d_n, 0.0, dt)  # [b, U, h, d_n], [b, U, h, d_v]
+    gamma_k, gamma_v = split_heads(gamma, n_heads, d_n, 1.0, dt)
+    beta_k, beta_v = split_heads(beta, n_heads, d_n, 0.0, dt)
+    gq = gamma_k * q  # gamma^K ⊙ q^C  [b, s, h, d_n]
+    q_absorbed = torch.einsum("bshd,hdc->bshc", gq, w_uk.to(dt))  # MLA's W_UK^T (gamma ⊙ q) per head
+    per_id = torch.einsum("bshd,buhd->bshu", q, gate_k)  # e_{h,v} = q^C . g^K_{h,v}, once per distinct id
+    slot = slots.long().clamp(0, gates.shape[1] - 1)[:, None, None, :].expand(*per_id.shape[:3], -1)  # [b, s, h, T]
+    query_bias = (beta_k * q).sum(-1) if torch.is_tensor(beta_k) else torch.zeros_like(gq[..., 0])  # beta^K . q^C
+    content = torch.einsum("bshc,btc->bsht", q_absorbed, latent)
+    scores = (rho * (content - mu * gq.sum(-1)[..., None]) + query_bias[..., None] + per_id.gather(3, slot)
+              + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * scale
+    visible = mask[:, :, None, :]
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).masked_fill(~visible, 0.0).nan_to_num(0.0)
+    weights = probs * rho  # w_t = p_t rho_t
+    rebuilt = torch.einsum("bshc,hdc->bshd", torch.einsum("bsht,btc->bshc", weights, latent), w_uv.to(dt))
+    mean_term = (weights * mu).sum(-1)[..., None]  # sum_t w_t mu_t
+    mass = torch.zeros_like(per_id).scatter_add_(3, slot, probs)  # P_{h,v}
+    table_term = torch.einsum("bshu,buhd->bshd", mass, gate_v)  # sum_v P_{h,v} g^V_{h,v}
+    out = gamma_v * (rebuilt - mean_term) + beta_v + table_term
+    return out * visible.any(-1)[..., None]
+
+
 class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -133,8 +175,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def decode_paths(config: ModelConfig) -> tuple[str, ...]:
         if config.gate_placement == "latent":
             return ("naive", "absorbed", "kernel")
-        if config.gate_op == "bias":  # the Triton kernels gate inside (mul or add); the rebuild paths serve
-            return ("naive", "gate-table")
+        if config.gate_op == "bias":  # the Triton kernels gate inside (mul or add); the norm factors out here
+            return ("naive", "gate-table", "absorbed")
         return ("naive", "gate-table", "kernel") + (("grouped",) if supports_grouped(config) else ())
 
     @staticmethod
@@ -142,16 +184,16 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         spec = MultiHeadLatentAttention.cache_spec(config, decode_path)
         if config.gate_placement == "latent":
             return spec  # f_t is cached in place of c_t: the gate needs no id at decode time
-        if decode_path in ("kernel", "grouped"):  # + (mu, rho) of each position, written when it is appended
+        if decode_path in ("kernel", "grouped", "absorbed"):  # + (mu, rho) of each position, written at append
             return CacheSpec({**spec.tensors, "ln_stats": ((2,), torch.float32)}, needs_token_ids=True,
-                             needs_token_groups=decode_path == "grouped")
+                             needs_token_groups=decode_path in ("grouped", "absorbed"))
         return CacheSpec(spec.tensors, needs_token_ids=True)
 
     def on_decode_path_set(self) -> None:
         if self.gate_placement == "latent":
             self.gate_table = None
             super().on_decode_path_set()  # MLA's folded absorption
-        elif self.decode_path in ("gate-table", "kernel", "grouped"):
+        elif self.decode_path in ("gate-table", "kernel", "grouped", "absorbed"):
             self.build_gate_table()
         else:
             self.gate_table = None
@@ -183,12 +225,16 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return self.gate_norm(x * gate if self.gate_op == "mul" else x + gate)
 
     def norm_stats(self, latent: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """[batch, seq, 2] fp32 (mu, rho) of x_t = (W_UKV c_t) ⊙ g_t (or + g_t): what the norm needs of each
-        position, fixed once it is appended, so the 'kernel' and 'grouped' caches store it (8 B per position).
+        """[batch, seq, 2] fp32 (mu, rho) of x_t = (W_UKV c_t) ⊙ g_t (or + g_t; the bias control: W_UKV c_t): what
+        the norm needs of each position, fixed once it is appended, so the 'kernel', 'grouped' and (bias control)
+        'absorbed' caches store it (8 B per position).
         LayerNorm: (mean, 1/sqrt(biased var + eps)); RMSNorm: (0, 1/sqrt(mean(x^2) + eps)); none: (0, 1)."""
         kv = F.linear(latent.float(), self.wkv_b.weight.float())
-        gate = self.gate(token_ids).float()
-        x = kv * gate if self.gate_op == "mul" else kv + gate
+        if self.gate_op == "bias":  # the control's norm sees kv_t alone; its table is added after it
+            x = kv
+        else:
+            gate = self.gate(token_ids).float()
+            x = kv * gate if self.gate_op == "mul" else kv + gate
         zeros = torch.zeros_like(x[..., 0])
         if self.norm_kind == "layernorm":
             var, mean = torch.var_mean(x, dim=-1, unbiased=False)
@@ -250,19 +296,64 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
                            gate_op=self.gate_op)
         return out.unsqueeze(1)
 
+    def attend_absorbed(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
+        """Placement latent: MLA's absorbed decode over the cached f_t. The bias control (placement up): its
+        absorbed decode (`bias_absorbed_attention`) for one new token per sequence, reading the cached (mu, rho)
+        and the token groups; several new tokens (prefill) take the gate-table rebuild. [batch, seq, heads, d_v]."""
+        if self.gate_placement == "latent":
+            return super().attend_absorbed(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
+        if self.gate_op != "bias":
+            raise ValueError(f"decode_path='absorbed' with gate placement 'up' needs gate_op='bias' (the norm must "
+                             f"not see the gate); gate_op={self.gate_op!r}: use 'grouped' or 'kernel'")
+        groups = self._checked_groups(ctx, "absorbed")
+        if q_nope.shape[1] > 1:
+            return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
+        mask, ids = self._registered_mask_and_ids(ctx, latent)
+        if self.gate_table is None:
+            self.build_gate_table()
+        w_uk, w_uv = self.up_weights()
+        norm = self.gate_norm
+        out = bias_absorbed_attention(q_nope, q_pe, latent, k_pe, ctx.kv_ln_stats, groups.slots[:, :latent.shape[1]],
+                                      self.gate(ids, use_table=True), mask, w_uk, w_uv, getattr(norm, "weight", None),
+                                      getattr(norm, "bias", None), self.softmax_scale)
+        return out.to(q_nope.dtype)
+
+    def _checked_groups(self, ctx: AttnContext, path: str):
+        """The cache's token groups, after checking that every cached position has its norm statistics."""
+        groups = ctx.kv_groups
+        if ctx.kv_ln_stats is None or groups is None:
+            raise ValueError(f"decode_path='{path}' needs a cache with LayerNorm statistics and token groups: "
+                             f"call model.set_decode_path('{path}') before model.new_cache(...)")
+        if groups.host.stats_missing:
+            raise ValueError(f"this cache holds positions appended without LayerNorm statistics (decode path was "
+                             f"not '{path}' when they were appended): refill it after model.set_decode_path"
+                             f"('{path}'), or use decode_path='naive' / 'gate-table'")
+        return groups
+
+    def _registered_mask_and_ids(self, ctx: AttnContext, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[batch, seq, T] mask of the visible registered positions, and each sequence's distinct ids [batch, U]:
+        checked against the vocabulary (a host sync), or in a capturable context up to the host-side bound on the
+        distinct ids (as the grouped kernels' plan; no sync, fixed shapes for a CUDA graph)."""
+        groups = ctx.kv_groups
+        kv_len = latent.shape[1]
+        registered = torch.arange(kv_len, device=latent.device)[None, :] < groups.lengths[:, None]
+        mask = ctx.mask[:, 0] & registered[:, None, :]
+        if ctx.capturable:
+            bound = max(groups.host.distinct_bound, groups.host.plan_distinct, 1)
+            return mask, groups.distinct_ids[:, : min(bound, groups.distinct_ids.shape[1])]
+        ids = groups.distinct_ids[:, : max(int(groups.n_distinct.max()), 1)]
+        vocab = self.gate_embed.num_embeddings
+        if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            raise ValueError(f"token ids in the cache must lie in [0, vocab_size={vocab}); got {int(ids.min())}.."
+                             f"{int(ids.max())}: check the tokenizer matches the model")
+        return mask, ids
+
     def attend_grouped(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
         """Exact EG-MLA decode grouped by token id (docs/grouped-decode.md). One new token per sequence: the
         Triton kernels on CUDA (`grouped_backend = "kernel"` also sends CPU tensors through Triton's
         interpreter, for tests), else the equations in PyTorch. Several new tokens (prefill): the gate-table
         rebuild, exact too and compute-bound there anyway. Returns [batch, seq, heads, d_v]."""
-        groups = ctx.kv_groups
-        if ctx.kv_ln_stats is None or groups is None:
-            raise ValueError("decode_path='grouped' needs a cache with LayerNorm statistics and token groups: "
-                             "call model.set_decode_path('grouped') before model.new_cache(...)")
-        if groups.host.stats_missing:
-            raise ValueError("this cache holds positions appended without LayerNorm statistics (decode path was "
-                             "not 'grouped' when they were appended): refill it after model.set_decode_path"
-                             "('grouped'), or use decode_path='naive' / 'gate-table'")
+        groups = self._checked_groups(ctx, "grouped")
         if q_nope.shape[1] > 1:
             return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
         if self.grouped_backend not in ("auto", "kernel", "pytorch"):
@@ -283,17 +374,10 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def grouped_pytorch(self, q_nope, q_pe, latent, k_pe, ctx: AttnContext) -> torch.Tensor:
         """attend_grouped through `grouped_attention` (syncs with the host: not for graph capture)."""
         groups = ctx.kv_groups
-        kv_len = latent.shape[1]
-        registered = torch.arange(kv_len, device=latent.device)[None, :] < groups.lengths[:, None]
-        mask = ctx.mask[:, 0] & registered[:, None, :]
-        ids = groups.distinct_ids[:, : max(int(groups.n_distinct.max()), 1)]
-        vocab = self.gate_embed.num_embeddings
-        if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
-            raise ValueError(f"token ids in the cache must lie in [0, vocab_size={vocab}); got {int(ids.min())}.."
-                             f"{int(ids.max())}: check the tokenizer matches the model")
+        mask, ids = self._registered_mask_and_ids(ctx, latent)
         w_uk, w_uv = self.up_weights()
         norm = self.gate_norm
-        out = grouped_attention(q_nope, q_pe, latent, k_pe, ctx.kv_ln_stats, groups.slots[:, :kv_len],
+        out = grouped_attention(q_nope, q_pe, latent, k_pe, ctx.kv_ln_stats, groups.slots[:, :latent.shape[1]],
                                 self.gate(ids), mask, w_uk, w_uv, norm.weight, getattr(norm, "bias", None),
                                 self.softmax_scale)
         return out.to(q_nope.dtype)

@@ -122,7 +122,7 @@ def test_controls_decode_only_on_the_paths_that_compute_them():
     from egmla.attention import check_decode_path, decode_paths
 
     bias = small_config(attention="eg-mla", gate_op="bias")
-    assert decode_paths(bias) == ("naive", "gate-table")  # the Triton kernels gate inside: mul or add only
+    assert decode_paths(bias) == ("naive", "gate-table", "absorbed")  # the Triton kernels gate inside: mul or add
     for path in ("kernel", "grouped"):
         with pytest.raises(ValueError, match=f"decode_path='{path}' is not available for EG-MLA kv10 gate-bias"):
             check_decode_path(bias, path)
