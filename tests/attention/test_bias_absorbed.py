@@ -68,3 +68,21 @@ def test_model_path_equals_naive_on_repeated_ids_and_refuses_a_cache_without_sta
         model.set_decode_path("absorbed")
         with pytest.raises(ValueError, match="decode_path='absorbed' needs a cache with LayerNorm statistics"):
             model(tokens[:1, :1], cache)
+
+
+def test_capturable_steps_read_up_to_the_host_bound_and_give_the_same_logits():
+    """A capturable step (CUDA-graph shapes, no host sync) reads the distinct ids up to the engine's bound."""
+    config = small_config(attention="eg-mla", gate_op="bias")
+    torch.manual_seed(4)
+    model = Transformer(config).eval()
+    model.set_decode_path("absorbed")
+    tokens = torch.randint(0, 5, (3, 20))
+    out = {}
+    with torch.no_grad():
+        for capturable in (False, True):
+            cache = model.new_cache(3, max_len=24)
+            model(tokens[:, :6], cache)
+            cache.token_groups.host.plan_distinct = 8  # as GenerationEngine sizes its graphs
+            out[capturable] = torch.cat([model(tokens[:, 6 + i:7 + i], cache, capturable=capturable)
+                                         for i in range(8)], dim=1)
+    assert ((out[True] - out[False]).norm() / out[False].norm()).item() < 1e-5
