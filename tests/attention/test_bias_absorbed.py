@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from egmla.attention.egmla import bias_absorbed_attention
 from egmla.model import Transformer
-from tests.conftest import small_config
+from tests.conftest import distinct_and_slots, small_config
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "none"])
@@ -36,10 +36,7 @@ def test_equations_match_rebuild_in_fp64(norm, n_ids):
     k, v = (f + table[ids]).unflatten(-1, (heads, -1)).split([d_n, d_v], -1)
     scores = (torch.einsum("bshd,bthd->bsht", q, k) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * 0.3
     expected = torch.einsum("bsht,bthd->bshd", scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1), v)
-    uniq = [list(dict.fromkeys(row.tolist())) for row in ids]  # distinct ids in order of first appearance
-    width = max(len(u) for u in uniq)
-    distinct = torch.tensor([u + [0] * (width - len(u)) for u in uniq])
-    slots = torch.tensor([[u.index(i) for i in row.tolist()] for u, row in zip(uniq, ids)])
+    distinct, slots = distinct_and_slots(ids)  # distinct ids in order of first appearance
     w = wkv_b.view(heads, d_n + d_v, d_c)
     out = bias_absorbed_attention(q, q_pe, latent, k_pe, stats, slots, table[distinct], mask, w[:, :d_n], w[:, d_n:],
                                   gamma, beta, 0.3)

@@ -11,7 +11,7 @@ from egmla.attention.cache import TokenGroups
 from egmla.attention.egmla import grouped_attention
 from egmla.config import preset
 from egmla.model import Transformer
-from tests.conftest import small_config
+from tests.conftest import distinct_and_slots, small_config
 
 
 def rel_err(a, b):
@@ -44,11 +44,7 @@ def test_equations_match_rebuild_in_fp64(norm, n_ids):
     scores = (torch.einsum("bshd,bthd->bsht", q, k) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * 0.3
     probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
     expected = torch.einsum("bsht,bthd->bshd", probs, v)
-    # grouped: distinct ids in order of first appearance
-    uniq = [list(dict.fromkeys(row.tolist())) for row in ids]
-    width = max(len(u) for u in uniq)
-    distinct = torch.tensor([u + [0] * (width - len(u)) for u in uniq])
-    slots = torch.tensor([[u.index(i) for i in row.tolist()] for u, row in zip(uniq, ids)])
+    distinct, slots = distinct_and_slots(ids)  # distinct ids in order of first appearance
     w = wkv_b.view(heads, d_n + d_v, d_c)
     out = grouped_attention(q, q_pe, latent, k_pe, stats, slots, table[distinct], mask, w[:, :d_n], w[:, d_n:],
                             gamma, beta, 0.3)
