@@ -99,14 +99,16 @@ def build_cases(variant: str, config, batch: int, max_len: int, token_ids: torch
     for path in paths:
         attn = one_layer(config, MODEL_PATH.get(path, path), device, dtype)
         args = (q_nope, q_pe, latent, k_pe, token_ids, ctx)
-        if path == "kernel" and reads_gate_rows(config):  # the norm statistics a 'kernel' cache holds
-            args = (*args[:5], dataclasses.replace(ctx, kv_ln_stats=norm_stats(attn, latent, token_ids)))
+        if path in ("kernel", "absorbed") and reads_gate_rows(config):  # what a 'kernel' cache holds: the norm
+            # statistics; the bias control's 'absorbed' cache: its (ungated) statistics and the token groups
+            groups = registered_groups(token_ids, positions) if path == "absorbed" else None
+            args = (*args[:5], dataclasses.replace(ctx, kv_ln_stats=norm_stats(attn, latent, token_ids), kv_groups=groups))
         call = functools.partial(getattr(attn, "attend_" + MODEL_PATH.get(path, path).replace("-", "_")), *args)
         if not reads_gate_rows(config):
             if path == "naive":
                 cases.append(Case(variant, path, call, cache_bytes, attention_flops + rebuild_flops))
             else:  # absorbed: an MQA over the latent, d_c + d_r wide keys, d_c wide values
-                flops = 2 * batch * heads * max_len * (2 * d_c + d_r)
+                flops = 2 * heads * held * (2 * d_c + d_r)
                 cases.append(Case(variant, path, _core_call(attn, q_nope, q_pe, latent, k_pe, positions)
                                   if path == "kernel-core" else call, cache_bytes, flops))
             continue
@@ -116,7 +118,11 @@ def build_cases(variant: str, config, batch: int, max_len: int, token_ids: torch
             gate_bytes, flops = distinct * config.gate_dim * es, 2 * held * config.gate_dim * config.gate_out_dim
         else:
             gate_bytes, flops = distinct * config.gate_out_dim * es, 0
-        flops += attention_flops + rebuild_flops * (2 if path == "kernel+stats" else 1)
+        if path == "absorbed":  # the bias control: MLA's absorbed attention, + a gate-row dot per (sequence, id)
+            pairs = int(groups.n_distinct.sum())
+            flops = 2 * heads * held * (2 * d_c + d_r) + 2 * pairs * heads * (d_n + d_v)
+        else:
+            flops += attention_flops + rebuild_flops * (2 if path == "kernel+stats" else 1)
         cases.append(Case(variant, path, call, bytes_ + gate_bytes, flops, {"distinct_ids_batch": distinct}))
     return cases
 
@@ -147,6 +153,17 @@ def held_ids(token_ids: torch.Tensor, lengths: torch.Tensor | None) -> torch.Ten
         return token_ids
     held = torch.arange(token_ids.shape[1], device=token_ids.device)[None, :] < lengths.to(token_ids.device)[:, None]
     return token_ids[held]
+
+
+def registered_groups(token_ids: torch.Tensor, positions: torch.Tensor):
+    """TokenGroups of token_ids [batch, T] with each sequence's first positions[b] + 1 ids registered (the rest
+    padding), as a cache on the 'grouped' path (or the bias control's 'absorbed') holds them."""
+    from egmla.attention.cache import TokenGroups
+
+    batch, max_len = token_ids.shape
+    groups = TokenGroups(batch, max_len, token_ids.device)
+    groups.append(token_ids, torch.arange(max_len, device=token_ids.device).expand(batch, -1), n_new=positions[:, 0] + 1)
+    return groups
 
 
 def one_layer(config, path: str, device, dtype):

@@ -27,9 +27,8 @@ def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, de
     """(attn, call args, groups): a one-layer EG-MLA module on path 'grouped' (its gate table built) and a
     full cache of max_len positions per sequence with token_ids [batch, max_len] (ragged: sequence b holds
     its first lengths[b]; the rest is padding, never registered); norm statistics exact for the random latents."""
-    from egmla.attention.cache import TokenGroups
     from egmla.attention.context import AttnContext, attention_mask
-    from egmla.bench.decode_cases import last_positions, one_layer  # decode_cases imports this module
+    from egmla.bench.decode_cases import last_positions, one_layer, registered_groups  # (imports this module)
 
     attn = one_layer(config, "grouped", device, dtype)
     heads, d_n, d_r, d_c = config.n_heads, config.qk_nope_head_dim, config.qk_rope_head_dim, config.kv_lora_rank
@@ -37,9 +36,8 @@ def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, de
     q_pe = torch.randn(batch, 1, heads, d_r, device=device, dtype=dtype)
     latent = torch.randn(batch, max_len, d_c, device=device, dtype=dtype)
     k_pe = torch.randn(batch, max_len, d_r, device=device, dtype=dtype)
-    groups = TokenGroups(batch, max_len, device)
     positions = last_positions(batch, max_len, lengths, device)
-    groups.append(token_ids, torch.arange(max_len, device=device).expand(batch, -1), n_new=positions[:, 0] + 1)
+    groups = registered_groups(token_ids, positions)
     stats = norm_stats(attn, latent, token_ids)
     ctx = AttnContext(token_ids.gather(1, positions), positions, torch.empty(0), torch.empty(0), kv_len=max_len,
                       mask=attention_mask(positions, max_len), kv_token_ids=token_ids, kv_groups=groups,

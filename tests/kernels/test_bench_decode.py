@@ -147,3 +147,20 @@ def test_ragged_cases_read_only_the_positions_each_sequence_holds():
     sdpa, = build_cases("MHA", mha, 3, 24, token_ids, "cpu", torch.float32, ("sdpa",), lengths)
     full, = build_cases("MHA", mha, 3, 24, token_ids, "cpu", torch.float32, ("sdpa",))
     assert sdpa.bytes == full.bytes * int(lengths.sum()) / (3 * 24) and sdpa.run().isfinite().all()
+
+
+def test_bias_control_absorbed_case_reads_its_cache_and_equals_naive():
+    """`egmla bench decode --variants egmla-kv64-bias`: the 'absorbed' case gets the statistics and token groups
+    its cache would hold (equal and ragged lengths), and computes what 'naive' computes."""
+    import torch
+
+    from egmla.bench.decode_cases import build_cases, ragged_lengths
+    from egmla.variants import variant_config
+
+    config = variant_config("egmla-kv64-bias", "tiny", max_seq_len=24)
+    token_ids = torch.randint(0, 30, (3, 24), dtype=torch.int32)
+    for lengths in (None, ragged_lengths(3, 24)):
+        cases = {c.path: c for c in build_cases("X", config, 3, 24, token_ids, "cpu", torch.float32,
+                                                ("naive", "absorbed"), lengths)}
+        torch.testing.assert_close(cases["absorbed"].run(), cases["naive"].run(), rtol=1e-4, atol=1e-5)
+        assert cases["absorbed"].flops < cases["naive"].flops
