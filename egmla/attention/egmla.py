@@ -29,8 +29,9 @@ Decode paths, all in this file:
                        Triton kernels in egmla/kernels/grouped_decode.py
            absorbed    (bias control only) MLA's absorbed decode: the norm covers the ungated kv_t, so it
                        factors out per position (its (mu, rho) cached) and the table's rows enter per distinct
-                       id, one score term and one value term (`bias_absorbed_attention`); the cache holds
-                       (mu, rho) and the token groups
+                       id, one score term and one value term (`bias_absorbed_attention`; on CUDA the pass
+                       over the cache in Triton, egmla/kernels/bias_decode.py); the cache holds (mu, rho)
+                       and the token groups
   latent:  naive       rebuild K/V from the cached f_t
            absorbed    MLA's absorbed decode over f_t (the gate is already inside the cache)
            kernel      MLA's absorbed decode kernel over f_t
@@ -169,6 +170,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         self.norm_kind = config.gate_norm
         self.gate_table: torch.Tensor | None = None  # G_l = E_l W_UE^T, built for the paths that read it
         self.grouped_backend = "auto"  # 'grouped' one-token steps: auto (Triton on CUDA), kernel or pytorch
+        self.absorbed_backend = "auto"  # the bias control's 'absorbed' one-token steps: the same choices
 
     # ---- what the registry needs ---------------------------------------------------------
     @staticmethod
@@ -311,12 +313,40 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         mask, ids = self._registered_mask_and_ids(ctx, latent)
         if self.gate_table is None:
             self.build_gate_table()
+        if self.absorbed_backend not in ("auto", "kernel", "pytorch"):
+            raise ValueError(f"absorbed_backend={self.absorbed_backend!r}: choose auto, kernel or pytorch")
+        wanted = self.absorbed_backend == "kernel" or (self.absorbed_backend == "auto" and latent.is_cuda)
+        if wanted and decode_kernel_can_run(q_nope, latent, ctx, "EG-MLA bias absorbed"):
+            return self.bias_absorbed_kernel(q_nope, q_pe, latent, k_pe, ctx, ids)
         w_uk, w_uv = self.up_weights()
         norm = self.gate_norm
         out = bias_absorbed_attention(q_nope, q_pe, latent, k_pe, ctx.kv_ln_stats, groups.slots[:, :latent.shape[1]],
                                       self.gate(ids, use_table=True), mask, w_uk, w_uv, getattr(norm, "weight", None),
                                       getattr(norm, "bias", None), self.softmax_scale)
         return out.to(q_nope.dtype)
+
+    def bias_absorbed_kernel(self, q_nope, q_pe, latent, k_pe, ctx: AttnContext, ids: torch.Tensor) -> torch.Tensor:
+        """One decode step of the bias control through egmla/kernels/bias_decode.py: the per-query and per-id
+        terms here, the pass over the cache in the kernel, the up-projection and the table's value term after
+        (`bias_absorbed_attention`'s equations). [batch, 1, heads, d_v]."""
+        from egmla.kernels.bias_decode import bias_decode
+
+        groups, norm = ctx.kv_groups, self.gate_norm
+        w_uk, w_uv = (w.float() for w in self.up_weights())
+        gamma_k, gamma_v = split_heads(getattr(norm, "weight", None), self.n_heads, self.qk_nope_head_dim, 1.0)
+        beta_k, beta_v = split_heads(getattr(norm, "bias", None), self.n_heads, self.qk_nope_head_dim, 0.0)
+        q = q_nope[:, 0].float()  # [batch, heads, d_n]
+        gq = gamma_k * q
+        query_bias = (beta_k * q).sum(-1) if torch.is_tensor(beta_k) else torch.zeros_like(gq[..., 0])
+        gate_k, gate_v = split_heads(self.gate(ids, use_table=True), self.n_heads, self.qk_nope_head_dim, 0.0)
+        lengths = torch.minimum(ctx.positions[:, 0] + 1, groups.lengths)  # registered and visible
+        out_latent, mean, mass = bias_decode(
+            torch.einsum("bhd,hdc->bhc", gq, w_uk), q_pe[:, 0], torch.stack([gq.sum(-1), query_bias], -1), latent,
+            k_pe, ctx.kv_ln_stats, groups.slots[:, :latent.shape[1]], torch.einsum("bhd,buhd->bhu", q, gate_k),
+            lengths, self.softmax_scale)
+        out = (gamma_v * (torch.einsum("bhc,hdc->bhd", out_latent, w_uv) - mean[..., None]) + beta_v
+               + torch.einsum("bhu,buhd->bhd", mass, gate_v))
+        return (out * (lengths > 0)[:, None, None]).unsqueeze(1).to(q_nope.dtype)
 
     def _checked_groups(self, ctx: AttnContext, path: str):
         """The cache's token groups, after checking that every cached position has its norm statistics."""
