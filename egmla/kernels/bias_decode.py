@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from egmla.kernels.grouped_decode import position_tile
 from egmla.kernels.mla_decode import LOG2E
 from egmla.kernels.split_combine import block, choose_num_splits, launch_first_fitting, split_range
 
@@ -49,12 +50,9 @@ def _bias_decode_kernel(
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < end
-        c_tile = tl.load(latent_ptr + batch * stride_lb + offs_t[:, None] * stride_lt + offs_c[None, :],
-                         mask=t_mask[:, None] & c_mask[None, :], other=0.0)
-        r_tile = tl.load(k_rope_ptr + batch * stride_kb + offs_t[:, None] * stride_kt + offs_r[None, :],
-                         mask=t_mask[:, None] & r_mask[None, :], other=0.0)
-        mu = tl.load(stats_ptr + batch * stride_tb + offs_t * stride_tt, mask=t_mask, other=0.0)
-        rho = tl.load(stats_ptr + batch * stride_tb + offs_t * stride_tt + 1, mask=t_mask, other=0.0)
+        c_tile, r_tile, mu, rho = position_tile(latent_ptr + batch * stride_lb, k_rope_ptr + batch * stride_kb,
+                                                stats_ptr + batch * stride_tb, offs_t, t_mask, stride_lt, stride_kt,
+                                                stride_tt, offs_c, offs_r, c_mask, r_mask)
         slot = tl.load(slots_ptr + batch * stride_sb + offs_t, mask=t_mask, other=0)
         e = tl.load(per_id_row + slot[None, :], mask=h_mask[:, None] & t_mask[None, :], other=0.0)
         content = tl.dot(q, tl.trans(c_tile), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_T]
