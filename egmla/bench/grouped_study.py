@@ -8,6 +8,7 @@ count per context length, then per (B, T) the decode-attention time of MHA SDPA,
 events, L2 flushed read-only), and a bf16 check of grouped against the fused kernel (and the fp32 reference for B <= 32).
 Each shape runs with equal lengths (every sequence holds T positions) and, with `--lengths equal,ragged`, a
 ragged batch beside it (lengths spread from T/2 to T; MHA SDPA then runs the padded batch with a key mask).
+With --control (default) the same-table control egmla-kv64-bias is timed on its 'absorbed' decode too.
 
     egmla bench grouped --ids .cache/bench_ids/ids.safetensors --out grouped.json
     egmla bench grouped --ids .cache/bench_ids/ids.safetensors --ids-only      # build the ids (CPU)
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 STUDIED = ("mha", "mla-kv64", "egmla-kv64")  # egmla.variants names: the baseline, MLA, EG-MLA
+CONTROL = "egmla-kv64-bias"  # issue 18's same-table control: its 'absorbed' decode also depends on the ids
 # Other launch settings of the three-launch kernels (the model's path), and the one-launch fused kernel
 # (egmla/kernels/grouped_fused.py, measured slower: docs/grouped-decode.md) beside them
 LAUNCH_SETTINGS = {"grouped keygather": {"key_gather": True}, "grouped w4": {"num_warps": 4},
@@ -40,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default="equal,ragged",
                    help="comma-separated: equal (every sequence holds T positions), ragged (lengths spread from T/2 "
                         "to T; B = 1 is always equal); launch settings are timed at equal lengths only")
+    p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"also time the same-table control {CONTROL} on its 'absorbed' decode (MLA's plus a term "
+                        f"per distinct id)")
     p.add_argument("--check", default="1,8,32",
                    help="batch sizes whose grouped output is also checked against the fp32 reference")
     p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke test (TRITON_INTERPRET=1, --preset tiny)")
@@ -121,6 +126,10 @@ def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, wit
         cases += build_cases(mha.variant_name(), mha, batch, length, tok, device, dtype, ("sdpa",), lengths)
         cases += build_cases(mla.variant_name(), mla, batch, length, tok, device, dtype, ("kernel",), lengths)
     cases += build_cases(egmla.variant_name(), egmla, batch, length, tok, device, dtype, ("kernel",), lengths)
+    if args.control:
+        control = variant_config(CONTROL, args.preset, max_seq_len=length)
+        cases += build_cases(control.variant_name(), control, batch, length, tok, device, dtype, ("absorbed",),
+                             lengths)
     cases += grouped_cases(egmla, batch, length, tok, device, dtype,
                            variants=LAUNCH_SETTINGS if with_variants else None, lengths=lengths)
     check = check_grouped(egmla, batch, length, tok, device, dtype, with_reference, lengths)
