@@ -1,8 +1,8 @@
 """Lazy Adam on the touched rows of EG-MLA's gate tables, one launch per table (reference: row_adam_ref.py).
 
 A gate table is [vocab, d_e] and a batch touches a few thousand of its rows, but its gradient is dense (the
-embedding backward, DDP and clipping see a plain tensor). Each program reads the gradient of a few rows and
-stops there when a row is all zeros; only touched rows read and write weights and moments. The bytes moved are
+embedding backward, DDP and clipping see a plain tensor). Each program reads the gradient of a few rows; only
+the touched ones (a non-zero gradient) read and write weights and moments. The bytes moved are
 the gradient once (4 B per element) plus 28 B per element of touched rows, where dense AdamW moves 28 B per
 element of every row, and there is no gather, scatter or host sync (the gather path's row counts).
 """
@@ -18,23 +18,25 @@ ROWS_PER_PROGRAM = 4
 @triton.jit
 def _row_adam_kernel(param_ptr, grad_ptr, avg_ptr, sq_ptr, n_rows, n_cols, lr_step, beta1, beta2, eps, bias2_sqrt,
                      ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """ROWS rows per program as one [ROWS, BLOCK_C] tile: the gradient is read whole, weights and moments only
+    under the touched rows' mask (masked lanes move no memory), so every load is in flight at once rather than
+    one branch per row."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
-    in_row = cols < n_cols
-    for r in tl.static_range(ROWS):
-        row = tl.program_id(0) * ROWS + r
-        if row < n_rows:
-            offs = row.to(tl.int64) * n_cols + cols
-            g = tl.load(grad_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-            if tl.sum((g != 0).to(tl.int32), axis=0) > 0:  # g != 0 holds for NaN: a NaN row counts as touched
-                avg = tl.load(avg_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-                sq = tl.load(sq_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-                p = tl.load(param_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-                avg = avg + (1 - beta1) * (g - avg)
-                sq = sq * beta2 + (1 - beta2) * g * g
-                p = p - lr_step * (avg / (tl.sqrt(sq) / bias2_sqrt + eps))
-                tl.store(avg_ptr + offs, avg.to(avg_ptr.dtype.element_ty), mask=in_row)
-                tl.store(sq_ptr + offs, sq.to(sq_ptr.dtype.element_ty), mask=in_row)
-                tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=in_row)
+    inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    g = tl.load(grad_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    touched = tl.sum((g != 0).to(tl.int32), axis=1) > 0  # g != 0 holds for NaN: a NaN row counts as touched
+    live = inside & touched[:, None]
+    avg = tl.load(avg_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    sq = tl.load(sq_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    p = tl.load(param_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    avg = avg + (1 - beta1) * (g - avg)
+    sq = sq * beta2 + (1 - beta2) * g * g
+    p = p - lr_step * (avg / (tl.sqrt(sq) / bias2_sqrt + eps))
+    tl.store(avg_ptr + offs, avg.to(avg_ptr.dtype.element_ty), mask=live)
+    tl.store(sq_ptr + offs, sq.to(sq_ptr.dtype.element_ty), mask=live)
+    tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=live)
 
 
 def row_adam_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
