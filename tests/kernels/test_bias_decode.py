@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from egmla.kernels.bias_decode_ref import bias_decode_ref
-from tests.kernels.conftest import kernel_device, rel_err, requires_triton
+from tests.kernels.conftest import kernel_device, needs_cuda, rel_err, requires_triton
 
 pytestmark = requires_triton
 
@@ -21,7 +21,7 @@ def inputs(dtype, device, batch=3, heads=3, d_c=16, d_r=16, max_len=40, cache_le
     query = dict(q_absorbed=torch.randn(batch, heads, d_c).to(device, dtype),
                  q_pe=torch.randn(batch, heads, d_r).to(device, dtype),
                  q_terms=torch.randn(batch, heads, 2, device=device), per_id=torch.randn(batch, heads, n_ids, device=device))
-    lengths = torch.tensor([max_len, 17, 0][:batch], device=device)  # full, ragged, empty
+    lengths = torch.tensor(([max_len, 17, 0] + [max_len // 2] * batch)[:batch], device=device)  # full, ragged, empty
     return dict(q_absorbed=query["q_absorbed"], q_pe=query["q_pe"], q_terms=query["q_terms"], latent=cache["latent"],
                 k_rope=cache["k_rope"], ln_stats=cache["ln_stats"], slots=cache["slots"], per_id=query["per_id"],
                 lengths=lengths, scale=0.25)
@@ -43,6 +43,17 @@ def test_kernel_matches_the_reference(dtype, tolerance, num_splits):
         assert rel_err(o[:2], r[:2]) < tolerance, name
         assert torch.equal(o[2], torch.zeros_like(o[2])), name  # the empty sequence attends to nothing
     assert torch.allclose(out[2][:2].sum(-1), torch.ones(2, 3, device=device), atol=1e-4)  # mass sums to 1
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_kernel_in_bf16_at_paper_base_shapes():
+    from egmla.kernels.bias_decode import bias_decode
+
+    args = inputs(torch.bfloat16, "cuda", batch=8, heads=12, d_c=64, d_r=64, max_len=2048, cache_len=2100, n_ids=300)
+    out, ref = bias_decode(**args), bias_decode_ref(**args)
+    for name, o, r in zip(("out_latent", "mean", "mass"), out, ref):
+        assert o.isfinite().all() and rel_err(o, r) < 1e-2, name
 
 
 def test_kernel_refuses_bad_shapes_by_name():

@@ -40,6 +40,7 @@ def test_kernel_matches_the_reference_over_steps_and_leaves_untouched_rows_alone
             assert torch.equal(o[untouched], b[untouched])  # bit for bit: never written
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_kernel_on_bf16_tables_is_within_bf16_rounding():
     from egmla.kernels.row_adam import row_adam_
