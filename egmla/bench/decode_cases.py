@@ -101,8 +101,10 @@ def build_cases(variant: str, config, batch: int, max_len: int, token_ids: torch
         args = (q_nope, q_pe, latent, k_pe, token_ids, ctx)
         if path in ("kernel", "absorbed") and reads_gate_rows(config):  # what a 'kernel' cache holds: the norm
             # statistics; the bias control's 'absorbed' cache: its (ungated) statistics and the token groups
+            # ('absorbed' as the engine's CUDA-graph steps run it: capturable, no host sync, ids up to the bound)
             groups = registered_groups(token_ids, positions) if path == "absorbed" else None
-            args = (*args[:5], dataclasses.replace(ctx, kv_ln_stats=norm_stats(attn, latent, token_ids), kv_groups=groups))
+            args = (*args[:5], dataclasses.replace(ctx, kv_ln_stats=norm_stats(attn, latent, token_ids), kv_groups=groups,
+                                                   capturable=path == "absorbed"))
         call = functools.partial(getattr(attn, "attend_" + MODEL_PATH.get(path, path).replace("-", "_")), *args)
         if not reads_gate_rows(config):
             if path == "naive":
