@@ -21,6 +21,7 @@ VARIANTS = {
     "mla-qlora-untied": dict(attention="mla", q_lora_rank=24, tie_embeddings=False, **LATENT),
     "eg-mla": dict(attention="eg-mla", gate_dim=32, **LATENT),
     "eg-mla-latent": dict(attention="eg-mla", gate_dim=32, gate_placement="latent", **LATENT),
+    "eg-mla-bias": dict(attention="eg-mla", gate_dim=32, gate_op="bias", **LATENT),  # issue 18's control
 }
 
 

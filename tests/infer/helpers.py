@@ -19,6 +19,7 @@ VARIANTS = {
     "mla": dict(attention="mla", **LATENT),
     "eg-mla": dict(attention="eg-mla", gate_dim=32, **LATENT),
     "eg-mla-latent": dict(attention="eg-mla", gate_dim=32, gate_placement="latent", **LATENT),
+    "eg-mla-bias": dict(attention="eg-mla", gate_dim=32, gate_op="bias", **LATENT),  # issue 18's control
 }
 
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings "
