@@ -1,5 +1,9 @@
-"""`egmla bench grouped`'s tables: the per-step plan's share per layer is added to every grouped row."""
+"""`egmla bench grouped`: the per-step plan's share per layer in every grouped row, speedups between rows of the same
+lengths, and the command end to end at tiny shapes on the CPU."""
 import json
+import os
+
+import pytest
 
 
 def test_markdown_adds_the_plan_share(tmp_path):
@@ -35,3 +39,26 @@ def test_speedups_compare_rows_of_the_same_lengths():
     grouped = {r["lengths"]: r for r in rows if r["path"] == "grouped"}
     assert grouped["equal"]["x_mha"] == 2.0 and grouped["ragged"]["x_mha"] == 4.0
     assert grouped["ragged"]["x_mla"] == 0.8
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="runs the kernels on the CPU: needs TRITON_INTERPRET=1 (set by make test and .ci/run)")
+def test_cli_times_equal_and_ragged_batches_and_the_bias_control_on_the_cpu(tmp_path):
+    """`egmla bench grouped` end to end at tiny shapes (TRITON_INTERPRET=1 runs the kernels on the CPU): every
+    path at both lengths, the control's absorbed decode among them, and the Markdown with its lengths column."""
+    from egmla.cli import main as egmla_main
+
+    out, md = tmp_path / "g.json", tmp_path / "g.md"
+    args = ["bench", "grouped", "--device", "cpu", "--preset", "tiny", "--batch", "2", "--context", "16", "--text",
+            "embedded", "--variant-shapes", "", "--check", "", "--rep-ms", "1", "--warmup-ms", "1",
+            "--ids", str(tmp_path / "ids.safetensors"), "--out", str(out)]
+    assert egmla_main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    for kind in ("equal", "ragged"):
+        timed = {(r["variant"], r["path"]) for r in rows if r["lengths"] == kind and "median_us" in r}
+        assert {("MHA", "sdpa"), ("MLA kv64", "kernel"), ("EG-MLA kv64", "grouped"),
+                ("EG-MLA kv64 gate-bias", "absorbed")} <= timed, kind
+    held = {r["lengths"]: r["positions_held"] for r in rows}
+    assert held == {"equal": 32, "ragged": 8 + 16}
+    assert egmla_main(["bench", "grouped", "--markdown", str(out), str(md)]) == 0
+    assert "| embedded | 2 | 16 | ragged | EG-MLA kv64 gate-bias absorbed |" in md.read_text()
