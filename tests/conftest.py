@@ -34,14 +34,3 @@ def small_config(**overrides):
 def _seed():
     torch.manual_seed(1234)
 
-
-def distinct_and_slots(ids):
-    """A [batch, T] id tensor's distinct ids per row in order of first appearance ([batch, U], zero-padded) and
-    each position's slot among them ([batch, T]): the token groups, written out the slow obvious way."""
-    import torch
-
-    uniq = [list(dict.fromkeys(row.tolist())) for row in ids]
-    width = max(len(u) for u in uniq)
-    distinct = torch.tensor([u + [0] * (width - len(u)) for u in uniq])
-    slots = torch.tensor([[u.index(i) for i in row.tolist()] for u, row in zip(uniq, ids)])
-    return distinct, slots

@@ -3,43 +3,21 @@ the equations against a direct rebuild in fp64, the model's path against naive w
 with the cache holding another path's positions."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from egmla.attention.egmla import bias_absorbed_attention
 from egmla.model import Transformer
-from tests.conftest import distinct_and_slots, small_config
+from tests.attention.fp64_case import attend, grouped_arguments, norm_with_stats, random_case
+from tests.conftest import small_config
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "none"])
 @pytest.mark.parametrize("n_ids", [2, 50])  # heavy repetition / mostly distinct
 def test_equations_match_rebuild_in_fp64(norm, n_ids):
     torch.manual_seed(n_ids)
-    dt, batch, seq, heads, d_n, d_v, d_c, d_r, length = torch.float64, 2, 3, 3, 5, 4, 6, 4, 37
-    q, q_pe = torch.randn(batch, seq, heads, d_n, dtype=dt), torch.randn(batch, seq, heads, d_r, dtype=dt)
-    latent, k_pe = torch.randn(batch, length, d_c, dtype=dt), torch.randn(batch, length, d_r, dtype=dt)
-    ids = torch.randint(0, n_ids, (batch, length))
-    table = torch.randn(n_ids, heads * (d_n + d_v), dtype=dt)
-    wkv_b = torch.randn(heads * (d_n + d_v), d_c, dtype=dt)
-    gamma = torch.randn(heads * (d_n + d_v), dtype=dt) if norm != "none" else None
-    beta = torch.randn(heads * (d_n + d_v), dtype=dt) if norm == "layernorm" else None
-    mask = torch.rand(batch, seq, length) < 0.7
-    mask[..., 0] = True
-    x = latent @ wkv_b.T  # the control: f_t = Norm(kv_t) + g_t
-    if norm == "layernorm":
-        f = F.layer_norm(x, x.shape[-1:], gamma, beta, 1e-6)
-        stats = torch.stack([x.mean(-1), (x.var(-1, unbiased=False) + 1e-6).rsqrt()], -1)
-    elif norm == "rmsnorm":
-        f = F.rms_norm(x, x.shape[-1:], gamma, 1e-6)
-        stats = torch.stack([torch.zeros_like(x[..., 0]), (x.square().mean(-1) + 1e-6).rsqrt()], -1)
-    else:
-        f, stats = x, torch.stack([torch.zeros_like(x[..., 0]), torch.ones_like(x[..., 0])], -1)
-    k, v = (f + table[ids]).unflatten(-1, (heads, -1)).split([d_n, d_v], -1)
-    scores = (torch.einsum("bshd,bthd->bsht", q, k) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * 0.3
-    expected = torch.einsum("bsht,bthd->bshd", scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1), v)
-    distinct, slots = distinct_and_slots(ids)  # distinct ids in order of first appearance
-    w = wkv_b.view(heads, d_n + d_v, d_c)
-    out = bias_absorbed_attention(q, q_pe, latent, k_pe, stats, slots, table[distinct], mask, w[:, :d_n], w[:, d_n:],
-                                  gamma, beta, 0.3)
+    case = random_case(n_ids, norm)
+    f, stats = norm_with_stats(case["latent"] @ case["wkv_b"].T, norm, case["gamma"], case["beta"])
+    expected = attend(case, f + case["table"][case["ids"]])  # the control: f_t = Norm(kv_t) + g_t
+    out = bias_absorbed_attention(*grouped_arguments(case, stats))
     assert (out - expected).abs().max().item() < 1e-10
 
 
