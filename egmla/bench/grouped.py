@@ -48,8 +48,11 @@ def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, de
 def norm_stats(attn, latent: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """[batch, T, 2] fp32 (mu, rho) of every position, as appends write them (attn.norm_stats). On CUDA the
     Triton pass of the same statistics: attn.norm_stats holds three fp32 [batch, T, heads * (d_n + d_v)]
-    tensors at once, about 40 GB at paper-base, B = 128, T = 16,384."""
-    if not latent.is_cuda:
+    tensors at once, about 40 GB at paper-base, B = 128, T = 16,384. Under TRITON_INTERPRET=1 the same Triton
+    pass on the CPU, so the tests run what the GPU runs."""
+    from egmla.kernels import interpreting
+
+    if not (latent.is_cuda or interpreting()):
         return attn.norm_stats(latent, token_ids)
     from egmla.kernels.egmla_decode import layernorm_stats_triton
 

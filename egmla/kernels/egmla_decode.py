@@ -36,12 +36,15 @@ def _load_w_t(wkv_b_ptr, stride_w, cols, col_mask, offs_c, c_mask):
 
 @triton.jit
 def _gated(c_tile, w_t, gate_ptr, ids, stride_g, cols, col_mask, t_mask,
-           GATE_ADD: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """x = (C W^T) ⊙ G[ids, cols] (or +), fp32 [BLOCK_T, len(cols)]; 0 outside the masks."""
+           GATE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """x = (C W^T) ⊙ G[ids, cols] (GATE 0: mul; 1: add; 2: no gate, the bias control's norm input),
+    fp32 [BLOCK_T, len(cols)]; 0 outside the masks."""
     kv = tl.dot(c_tile, w_t, input_precision=DOT_PRECISION)
+    if GATE == 2:
+        return kv
     gate = tl.load(gate_ptr + ids[:, None] * stride_g + cols[None, :],
                    mask=t_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-    return kv + gate if GATE_ADD else kv * gate
+    return kv + gate if GATE == 1 else kv * gate
 
 
 @triton.jit
@@ -63,7 +66,7 @@ def _egmla_decode_kernel(
     max_len, num_splits, qk_scale,
     N_HEADS: tl.constexpr, D_N: tl.constexpr, D_V: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_T: tl.constexpr, HEADS: tl.constexpr, GATE_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_T: tl.constexpr, HEADS: tl.constexpr, GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr,
 ):
     """One program: HEADS consecutive heads x one split of one sequence. Per tile of BLOCK_T positions:
@@ -114,7 +117,7 @@ def _egmla_decode_kernel(
         ids = tl.load(ids_ptr + batch * stride_ib + offs_t * stride_it, mask=t_mask, other=0).to(tl.int64)
         mu = tl.load(stats_ptr + batch * stride_sb + offs_t * stride_st, mask=t_mask, other=0.0)
         rho = tl.load(stats_ptr + batch * stride_sb + offs_t * stride_st + 1, mask=t_mask, other=0.0)
-        x_k = _gated(c_tile, w_k, gate_ptr, ids, stride_g, cols_k, k_mask, t_mask, GATE_ADD, DOT_PRECISION)
+        x_k = _gated(c_tile, w_k, gate_ptr, ids, stride_g, cols_k, k_mask, t_mask, GATE, DOT_PRECISION)
         x_k = (x_k - mu[:, None]).to(dtype)  # centred: the LayerNorm mean leaves scores and values exactly
         s = rho[:, None] * tl.dot(x_k, q_block, input_precision=DOT_PRECISION)
         s += tl.dot(r_tile, q_pe, input_precision=DOT_PRECISION)  # [BLOCK_T, PAD]
@@ -123,7 +126,7 @@ def _egmla_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        x_v = _gated(c_tile, w_v, gate_ptr, ids, stride_g, cols_v, v_mask, t_mask, GATE_ADD, DOT_PRECISION)
+        x_v = _gated(c_tile, w_v, gate_ptr, ids, stride_g, cols_v, v_mask, t_mask, GATE, DOT_PRECISION)
         x_v = (x_v - mu[:, None]).to(dtype)
         weights = tl.trans((p * rho[:, None]).to(dtype))  # [PAD, BLOCK_T]
         acc = acc * alpha[:, None] + tl.dot(weights, x_v, input_precision=DOT_PRECISION)
@@ -155,7 +158,7 @@ def _ln_stats_kernel(
     stride_lb, stride_lt, stride_ib, stride_it, stride_g, stride_w, stride_sb, stride_st, max_len, eps,
     N_HEADS: tl.constexpr, D_N: tl.constexpr, D_V: tl.constexpr, D_C: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
-    GATE_ADD: tl.constexpr, RMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GATE: tl.constexpr, RMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """(mean, rstd) of x_t over all n_h*(d_n+d_v) columns, one head's slice at a time."""
     tile = tl.program_id(0)
@@ -173,7 +176,7 @@ def _ln_stats_kernel(
     for head in range(N_HEADS):
         cols, col_ok = _head_columns(head, N_HEADS, 1, BLOCK_W, WIDTH, 0, WIDTH)  # the head's [k^C ; v]
         x = _gated(c_tile, _load_w_t(wkv_b_ptr, stride_w, cols, col_ok, offs_c, c_mask),
-                   gate_ptr, ids, stride_g, cols, col_ok, t_mask, GATE_ADD, DOT_PRECISION)
+                   gate_ptr, ids, stride_g, cols, col_ok, t_mask, GATE, DOT_PRECISION)
         if RMS:
             m2 += tl.sum(x * x, axis=1)
         else:  # Chan's merge of this head's (mean, M2) into the running ones: stable in fp32
@@ -191,7 +194,13 @@ def _ln_stats_kernel(
     tl.store(out + 1, rstd, mask=t_mask)
 
 
-def _check_egmla_inputs(n_heads: int, d_n: int, gate_table: torch.Tensor, wkv_b: torch.Tensor, gate_op: str) -> int:
+# the kernels' GATE codes; 'bias' (the control: its norm sees W_UKV c_t alone, the table is added after the norm)
+# only in the statistics pass, which is all of the control that needs (mu, rho) of the ungated kv_t
+GATE_CODES = {"mul": 0, "add": 1, "bias": 2}
+
+
+def _check_egmla_inputs(n_heads: int, d_n: int, gate_table: torch.Tensor, wkv_b: torch.Tensor, gate_op: str,
+                        gate_ops: tuple[str, ...] = ("mul", "add")) -> int:
     """Returns d_v; raises ValueError on inconsistent widths."""
     width = wkv_b.shape[0]
     if width % n_heads or width // n_heads <= d_n:
@@ -199,8 +208,10 @@ def _check_egmla_inputs(n_heads: int, d_n: int, gate_table: torch.Tensor, wkv_b:
     if gate_table.shape[-1] != width or gate_table.stride(-1) != 1:
         raise ValueError(f"gate_table.shape={tuple(gate_table.shape)}: expected [vocab, {width}], contiguous rows "
                          f"(gate placement 'up'; placement 'latent' uses mla_decode)")
-    if gate_op not in ("mul", "add"):
-        raise ValueError(f"gate_op={gate_op!r}: choose mul or add")
+    if gate_op not in gate_ops:
+        raise ValueError(f"gate_op={gate_op!r}: choose {' or '.join(gate_ops)}"
+                         + (" (the bias control decodes on its 'absorbed' path, egmla/kernels/bias_decode.py)"
+                            if gate_op == "bias" else ""))
     return width // n_heads - d_n
 
 
@@ -209,7 +220,7 @@ def layernorm_stats_triton(latent: torch.Tensor, token_ids: torch.Tensor, gate_t
                            norm: str = "layernorm", block_t: int = 64) -> torch.Tensor:
     """[batch, T, 2] fp32 (mean, rstd) of every position: the Triton twin of `layernorm_stats`
     (gates gathered from gate_table by token_ids [batch, T]); one rebuild pass, nothing written but stats."""
-    d_v = _check_egmla_inputs(n_heads, d_n, gate_table, wkv_b, gate_op)
+    d_v = _check_egmla_inputs(n_heads, d_n, gate_table, wkv_b, gate_op, tuple(GATE_CODES))
     batch, max_len, d_c = latent.shape
     stats = torch.empty(batch, max_len, 2, dtype=torch.float32, device=latent.device)
     if norm == "none":
@@ -222,7 +233,7 @@ def layernorm_stats_triton(latent: torch.Tensor, token_ids: torch.Tensor, gate_t
         latent.stride(0), latent.stride(1), token_ids.stride(0), token_ids.stride(1), gate_table.stride(0),
         wkv_b.stride(0), stats.stride(0), stats.stride(1), max_len, eps,
         N_HEADS=n_heads, D_N=d_n, D_V=d_v, D_C=d_c, BLOCK_W=block(d_n + d_v), BLOCK_C=block(d_c),
-        BLOCK_T=block_t, GATE_ADD=gate_op == "add", RMS=norm == "rmsnorm",
+        BLOCK_T=block_t, GATE=GATE_CODES[gate_op], RMS=norm == "rmsnorm",
         DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32", num_warps=4)
     return stats
 
@@ -275,7 +286,7 @@ def egmla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
             ln_stats.stride(0), ln_stats.stride(1), gate_table.stride(0), wkv_b.stride(0), out.stride(0), out.stride(1),
             max_len, splits, scale * LOG2E,
             N_HEADS=heads, D_N=d_n, D_V=d_v, D_C=d_c, D_R=d_r, BLOCK_N=block(d_n), BLOCK_V=block(d_v),
-            BLOCK_C=block(d_c), BLOCK_R=block(d_r), BLOCK_T=tile, HEADS=per_program, GATE_ADD=gate_op == "add",
+            BLOCK_C=block(d_c), BLOCK_R=block(d_r), BLOCK_T=tile, HEADS=per_program, GATE=GATE_CODES[gate_op],
             HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None,
             DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32", ONE_SPLIT=splits == 1,
             num_warps=warps, num_stages=num_stages)

@@ -19,8 +19,11 @@ NORMS = ("layernorm", "rmsnorm", "none")
 
 def gated_kv(latent: torch.Tensor, gates: torch.Tensor, wkv_b: torch.Tensor, gate_op: str = "mul") -> torch.Tensor:
     """x = (W_UKV c) ⊙ g (or + g), fp32 [batch, T, n_h*(d_n+d_v)], from latent [batch, T, d_c],
-    gates [batch, T, n_h*(d_n+d_v)], wkv_b [n_h*(d_n+d_v), d_c]."""
+    gates [batch, T, n_h*(d_n+d_v)], wkv_b [n_h*(d_n+d_v), d_c]. gate_op 'bias' (the control): the norm's input
+    is W_UKV c alone (its table is added after the norm), so x ignores the gates."""
     kv = latent.float() @ wkv_b.float().t()
+    if gate_op == "bias":
+        return kv
     return kv * gates.float() if gate_op == "mul" else kv + gates.float()
 
 
@@ -49,6 +52,8 @@ def egmla_decode_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Ten
     """o [batch, heads, d_v] fp32 for q_nope [batch, heads, d_n], q_pe [batch, heads, d_r], latent [batch, T, d_c],
     k_rope [batch, T, d_r], token_ids [batch, T], lengths [batch], gate_table [vocab, heads*(d_n+d_v)],
     wkv_b [heads*(d_n+d_v), d_c]; the norm's affine norm_weight/norm_bias [heads*(d_n+d_v)] or None."""
+    if gate_op not in ("mul", "add"):  # 'bias' adds its table after the norm: bias_decode_ref.py
+        raise ValueError(f"gate_op={gate_op!r}: choose mul or add (the bias control: egmla/kernels/bias_decode_ref.py)")
     x = gated_kv(latent, gate_table[token_ids.long()], wkv_b, gate_op)
     weight = norm_weight.float() if norm_weight is not None else None
     bias = norm_bias.float() if norm_bias is not None else None

@@ -33,7 +33,7 @@ def stats_for(inputs, norm, gate_op, eps=1e-6):
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "none"])
-@pytest.mark.parametrize("gate_op", ["mul", "add"])
+@pytest.mark.parametrize("gate_op", ["mul", "add", "bias"])
 def test_stats_kernel_matches_reference(norm, gate_op):
     from egmla.kernels.egmla_decode import layernorm_stats_triton
 
@@ -43,6 +43,33 @@ def test_stats_kernel_matches_reference(norm, gate_op):
     ref = stats_for(inputs, norm, gate_op)
     assert not stats.isnan().any()
     assert rel_err(stats, ref) < 1e-5
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_stats_kernel_matches_the_bias_controls_cache(norm):
+    """What `egmla bench grouped`/`decode` write into the bias control's 'absorbed' cache on CUDA (the Triton
+    pass) is what its appends write (attn.norm_stats): the statistics of the ungated W_UKV c_t."""
+    from egmla.kernels.egmla_decode import layernorm_stats_triton
+    from tests.infer.helpers import tiny_model
+
+    attn = tiny_model("eg-mla-bias", gate_norm=norm).to(kernel_device()).layers[0].attn
+    latent = torch.randn(2, 24, attn.kv_lora_rank, device=kernel_device())
+    ids = torch.randint(0, 300, (2, 24), device=kernel_device())
+    stats = layernorm_stats_triton(latent, ids, attn.gate_table_like(latent), attn.wkv_b.weight, attn.n_heads,
+                                   attn.qk_nope_head_dim, attn.gate_norm.eps, gate_op=attn.gate_op,
+                                   norm=attn.norm_kind, block_t=16)
+    with torch.no_grad():
+        assert rel_err(stats, attn.norm_stats(latent, ids)) < 1e-5
+
+
+def test_fused_decode_refuses_the_bias_control():
+    """The fused rebuild gates before the norm; the control adds its table after it: a clear error, not a
+    silently different model."""
+    from egmla.kernels.egmla_decode import egmla_decode
+
+    inputs = make_inputs(1, 2, 8, 8, 8, 8, 4, 5, [4], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="gate_op='bias'.*absorbed"):
+        egmla_decode(**inputs, ln_stats=stats_for(inputs, "layernorm", "mul"), scale=0.2, gate_op="bias")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-3)])
