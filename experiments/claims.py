@@ -4,7 +4,7 @@
 
 Reads the group files of result folders (default: BUDGET_FOLDERS, those that exist: 41.9 M, 78.6 M and
 131 M tokens per run) and writes to --plots:
-  gap-vs-tokens.png  EG-MLA kv64 − MLA kv256 and EG-MLA kv64 − MHA in validation loss against training tokens:
+  gap-vs-tokens.png  EG-MLA kv64 − MLA kv256, − MHA and − the same table without a gate (bias) in validation loss against tokens:
                      each seed (thin), the mean over seeds (thick) and ±1 sd across seeds (band), per budget
   claims.md          the claims table, with verdicts computed at >= 131 M tokens, and every paired difference
                      (per seed, mean, sd, paired t-test) at every budget
@@ -62,6 +62,10 @@ VERDICTS = {  # (kind, direction over the seeds, significant) -> verdict; {a}, {
     ("beats", "behind", False): "**not supported**: behind on every seed, not significantly",
     ("beats", "behind", True): "**contradicted**: {b} ahead on every seed",
 }
+
+
+PLOTTED = [(claim.a, claim.b) for claim in CLAIMS[:3]]  # the gap-vs-tokens panels
+PLOT_ALT = "EG-MLA kv64 minus MLA kv256, MHA and the same table without a gate, against training tokens"
 
 
 @dataclass(frozen=True, order=True)
@@ -191,7 +195,7 @@ def report(runs: dict[Budget, dict], plot_path: str | None = None) -> str:
               f"(significant: p < {SIGNIFICANT}); one seed gives no verdict.\n\n"
             + "### Paired differences at every budget\n\n" + differences_table(runs) + "\n")
     if plot_path:
-        text += f"\n![EG-MLA kv64 minus MLA kv256 and MHA against training tokens]({plot_path})\n"
+        text += f"\n![{PLOT_ALT}]({plot_path})\n"
     return text
 
 
@@ -207,12 +211,12 @@ def gap_curves(runs: dict[tuple[str, int], Run], a: str, b: str) -> dict[int, li
 
 
 def plot_gaps(runs: dict[Budget, dict], path: Path, floor: float = -0.2) -> None:
-    """The two gaps against tokens; the y axis stops at `floor` (the first evaluations' gaps, down to -0.5,
-    would squeeze the late ones, which decide the claims, into a line)."""
+    """The gaps of the first three claims against tokens; the y axis stops at `floor` (the first evaluations'
+    gaps, down to -0.5, would squeeze the late ones, which decide the claims, into a line)."""
     plt = pyplot()
-    pairs = [("egmla-kv64", "mla-kv256"), ("egmla-kv64", "mha")]
+    pairs = PLOTTED
     shown = [b for b in sorted(runs) if any(gap_curves(runs[b], a, c) for a, c in pairs)]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(12, 4.5), dpi=120, sharey=True)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4.5), dpi=120, sharey=True)
     lowest = 0.0
     for ax, (a, b) in zip(axes, pairs):
         for index, budget in enumerate(shown):
