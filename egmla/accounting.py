@@ -54,17 +54,27 @@ def kv_rows(configs: list[ModelConfig], dtype=torch.bfloat16) -> list[dict]:
             "decode_paths": list(paths),
         }
         rows.append(row)
-        if "grouped" in paths:
-            rows.append(grouped_row(row, config, dtype, mha_elements))
+        path = grouped_path(config)
+        if path:
+            rows.append(grouped_row(row, config, dtype, mha_elements, path))
     return rows
 
 
-def grouped_row(row: dict, config: ModelConfig, dtype, mha_elements: int | None) -> dict:
-    """The same variant with the cache of decode path 'grouped' (docs/design.md §4b): + (mu, rho) fp32 per
+def grouped_path(config: ModelConfig) -> str | None:
+    """The decode path whose cache adds statistics and token groups: EG-MLA's 'grouped', the bias control's
+    'absorbed' (MLA's 'absorbed' adds nothing); None where there is none."""
+    paths = decode_paths(config)
+    if "grouped" in paths:
+        return "grouped"
+    return "absorbed" if config.is_gated and config.gate_op == "bias" and "absorbed" in paths else None
+
+
+def grouped_row(row: dict, config: ModelConfig, dtype, mha_elements: int | None, path: str = "grouped") -> dict:
+    """The same variant with the cache of decode path `path` (docs/design.md §4b): + (mu, rho) fp32 per
     position and layer, + the token groups (slot, rank, distinct id, count: int32) per position for all layers."""
-    measured, id_bytes = measured_cache_bytes_per_token(config, dtype, "grouped")
+    measured, id_bytes = measured_cache_bytes_per_token(config, dtype, path)
     cache_bytes = row["bytes_per_token_bf16"] + 8 * config.n_layers  # two fp32 statistics per layer
-    return {**row, "variant": f"{row['variant']} (grouped: +2 fp32 stats/layer)", "decode_paths": ["grouped"],
+    return {**row, "variant": f"{row['variant']} ({path}: +2 fp32 stats/layer)", "decode_paths": [path],
             "bytes_per_token_bf16": cache_bytes, "measured_bytes_per_token": measured,
             "token_id_bytes_per_token": id_bytes,
             "reduction_vs_mha": (1 - cache_bytes / (2 * mha_elements)) if mha_elements else None}
@@ -81,6 +91,6 @@ def format_kv_table(rows: list[dict]) -> str:
                      f"{r['measured_bytes_per_token']:>16,.0f} {red:>8} {r['params'] / 1e6:>11.1f} "
                      f"{r['params_without_gate_tables'] / 1e6:>15.1f}")
     lines.append("elements/token sum all layers (docs/design.md §3); measured bytes come from an allocated bf16 cache "
-                 "and include EG-MLA's token id (4 B/token, once for all layers); 'grouped' rows add (mu, rho) fp32 per "
+                 "and include EG-MLA's token id (4 B/token, once for all layers); 'grouped' and the bias control's 'absorbed' rows add (mu, rho) fp32 per "
                  "layer and 16 B of token groups (slot, rank, distinct id, count; once for all layers) per token.")
     return "\n".join(lines)
