@@ -106,6 +106,13 @@ class TokenGroups:
             self._plan = (key, make_plan(self, block_t, vocab_size, bounds))
         return self._plan[1]
 
+    def graph_distinct_bound(self, max_len: int, new_tokens: int) -> int:
+        """The distinct-id bound a CUDA graph of the grouped (or bias-control absorbed) step is sized for, so
+        that one graph serves `new_tokens` more steps: the host's bound plus the new tokens, rounded up to 256
+        (fewer distinct graphs), at most max_len. GenerationEngine sets host.plan_distinct to it."""
+        needed = min(max_len, self.host.distinct_bound + new_tokens + 1)
+        return min(max_len, -(-needed // 256) * 256)
+
     def reset(self) -> None:
         self.counts.zero_()
         self.n_distinct.zero_()

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help="comma-separated variant names from egmla.variants, or 'all'")
     parser.add_argument("--paths", default="all", help="comma-separated subset of paths (sdpa, naive, absorbed, "
-                        "gate-table, kernel, kernel-core, kernel+stats, grouped, grouped-plan)")
+                        "gate-table, kernel, kernel-core, kernel+stats, grouped, grouped-plan, grouped-graph, grouped-plan-graph)")
     parser.add_argument("--text", default="embedded", choices=["embedded", "python-source"],
                         help="real text the token ids come from (EG-MLA's gate-row traffic depends on it)")
     parser.add_argument("--device", default="auto", help="cuda, cpu, ...; auto = cuda if available")
@@ -211,7 +211,7 @@ def run_config(args, variant, label: str, batch: int, max_len: int, token_ids, d
     wanted = [p for p in bench_paths(config) if p in paths]
     rows = []
     if no_kernel:  # the Triton paths, and the grouped plan (the kernels' layout), cannot run here
-        triton = {p for p in wanted if p.startswith("kernel") or p == "grouped-plan"}
+        triton = {p for p in wanted if p.startswith("kernel") or p in ("grouped-plan", "grouped-plan-graph")}
         rows += [{**common, "path": p, "skipped": no_kernel} for p in wanted if p in triton]
         wanted = [p for p in wanted if p not in triton]
     try:

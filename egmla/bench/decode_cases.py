@@ -34,7 +34,8 @@ PATH_NOTES = {
     "kernel+stats": "model path kernel recomputing every position's norm stats each step (no stats cache)",
     **GROUPED_NOTES,  # decode grouped by token id (egmla/bench/grouped.py)
 }
-MODEL_PATH = {"kernel-core": "kernel", "kernel+stats": "kernel", "grouped-plan": "grouped"}  # case -> path
+MODEL_PATH = {"kernel-core": "kernel", "kernel+stats": "kernel", "grouped-plan": "grouped", "grouped-graph": "grouped",
+              "grouped-plan-graph": "grouped"}  # case -> path
 
 
 def bench_paths(config) -> tuple[str, ...]:
@@ -44,8 +45,9 @@ def bench_paths(config) -> tuple[str, ...]:
 
     if not config.is_latent:
         return ("sdpa",)
-    extra = {"kernel": "kernel+stats" if reads_gate_rows(config) else "kernel-core", "grouped": "grouped-plan"}
-    return tuple(case for path in decode_paths(config) for case in (path, extra.get(path)) if case)
+    extra = {"kernel": ("kernel+stats" if reads_gate_rows(config) else "kernel-core",),
+             "grouped": ("grouped-plan", "grouped-graph", "grouped-plan-graph")}
+    return tuple(case for path in decode_paths(config) for case in (path, *extra.get(path, ())))
 
 
 def reads_gate_rows(config) -> bool:
@@ -103,6 +105,8 @@ def build_cases(variant: str, config, batch: int, max_len: int, token_ids: torch
             # statistics; the bias control's 'absorbed' cache: its (ungated) statistics and the token groups
             # ('absorbed' as the engine's CUDA-graph steps run it: capturable, no host sync, ids up to the bound)
             groups = registered_groups(token_ids, positions) if path == "absorbed" else None
+            if groups is not None:  # sized as the engine's graph of a generation call is (rounded up to 256)
+                groups.host.plan_distinct = groups.graph_distinct_bound(max_len, 0)
             args = (*args[:5], dataclasses.replace(ctx, kv_ln_stats=norm_stats(attn, latent, token_ids), kv_groups=groups,
                                                    capturable=path == "absorbed"))
         call = functools.partial(getattr(attn, "attend_" + MODEL_PATH.get(path, path).replace("-", "_")), *args)

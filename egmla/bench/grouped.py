@@ -14,11 +14,18 @@ plus, per distinct id of each sequence, the absorption W^K_h^T(...) and the up-p
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 GROUPED_NOTES = {
     "grouped": "model attend_grouped: Triton absorb + attend + upproj over the token groups (cached norm stats)",
-    "grouped-plan": "per-step layout (positions sorted by id, rows per chunk): once per step for all layers",
+    "grouped-graph": "attend_grouped as the engine's CUDA-graph steps run it: kernels sized by host bounds "
+                     "(the distinct ids rounded up to 256, the cache length), no host sync",
+    "grouped-plan": "per-step layout (positions sorted by id, rows per chunk): once per step for all layers, "
+                    "eager with its host sync",
+    "grouped-plan-graph": "the per-step layout as the engine's CUDA graph builds it (host bounds, no sync): "
+                          "once per step for all layers",
 }
 
 
@@ -77,10 +84,13 @@ def grouped_cost(config, batch: int, max_len: int, groups, dtype) -> tuple[float
 
 
 def grouped_cases(config, batch: int, max_len: int, token_ids: torch.Tensor, device, dtype,
-                  paths=("grouped", "grouped-plan"), variants: dict | None = None,
+                  paths=("grouped", "grouped-plan", "grouped-graph", "grouped-plan-graph"),
+                  variants: dict | None = None,
                   lengths: torch.Tensor | None = None) -> list:
     """Cases for `egmla bench decode`: 'grouped' (attend_grouped, the plan built beforehand, as every layer
-    but the first of a step finds it), its kernel variants {label: grouped_decode kwargs}, 'grouped-plan';
+    but the first of a step finds it), its kernel variants {label: grouped_decode kwargs}, 'grouped-plan'
+    (eager, host sync); 'grouped-graph' and 'grouped-plan-graph' the same as the engine's CUDA-graph steps
+    run them (sizes from host bounds, no sync);
     lengths [batch] for a ragged batch (grouped_inputs)."""
     from egmla.bench.decode_cases import Case  # decode_cases imports this module
     from egmla.kernels.grouped_decode import make_plan
@@ -88,16 +98,26 @@ def grouped_cases(config, batch: int, max_len: int, token_ids: torch.Tensor, dev
     attn, args, groups = grouped_inputs(config, batch, max_len, token_ids, device, dtype, lengths)
     bytes_, flops, extra = grouped_cost(config, batch, max_len, groups, dtype)
     variant, cases = config.variant_name(), []
+    # what a generation call's CUDA graph is sized for (GenerationEngine._step): no host sync
+    groups.host.plan_distinct = groups.graph_distinct_bound(max_len, 0)
+    bounds = (max_len, groups.host.plan_distinct)
+    graph_args = (*args[:5], dataclasses.replace(args[5], capturable=True))
     if "grouped" in paths:
         attn.attend_grouped(*args)  # builds the gate table and the plan once
         cases.append(Case(variant, "grouped", lambda: attn.attend_grouped(*args), bytes_, flops, extra))
+    if "grouped-graph" in paths:
+        attn.attend_grouped(*graph_args)  # its bounded plan, once
+        cases.append(Case(variant, "grouped-graph", lambda: attn.attend_grouped(*graph_args), bytes_, flops, extra))
     for label, kwargs in (variants or {}).items():
         cases.append(Case(variant, label, _variant_call(attn, args, groups, kwargs), bytes_, flops, extra))
     from egmla.kernels import kernel_unavailable_reason
 
+    plan_bytes = int(groups.lengths.sum()) * 4 * 4  # slots read, sort keys, order written, row map
     if "grouped-plan" in paths and not kernel_unavailable_reason(device):  # the plan is the kernels' layout
-        plan_bytes = int(groups.lengths.sum()) * 4 * 4  # slots read, sort keys, order written, row map
         cases.append(Case(variant, "grouped-plan", lambda: make_plan(groups), plan_bytes, 0, extra))
+    if "grouped-plan-graph" in paths and not kernel_unavailable_reason(device):
+        cases.append(Case(variant, "grouped-plan-graph", lambda: make_plan(groups, 32, bounds=bounds), plan_bytes, 0,
+                          extra))
     return cases
 
 

@@ -146,16 +146,27 @@ def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, wit
             row.update(check)
         rows.append(row)
         print(_line(row), flush=True)
-    plan = next((r["median_us"] for r in rows if r["path"] == "grouped-plan" and "median_us" in r), None)
-    for row in rows:  # one plan per step serves every layer: its share per layer belongs to each grouped row
-        if plan is not None and row["path"].startswith("grouped") and row["path"] != "grouped-plan" \
-                and "median_us" in row:
-            row["plan_us_per_layer"] = plan / egmla.n_layers
-            row["median_us_with_plan"] = row["median_us"] + row["plan_us_per_layer"]
+    add_plan_share(rows, egmla.n_layers)
     del cases
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+PLAN_ROWS = ("grouped-plan", "grouped-plan-graph")
+
+
+def add_plan_share(rows: list[dict], n_layers: int) -> None:
+    """One plan per step serves every layer: its share per layer belongs to each grouped row, the graph-captured
+    plan's to 'grouped-graph' (as the engine runs both), the eager plan's (host sync) to the others."""
+    plans = {r["path"]: r["median_us"] for r in rows if r["path"] in PLAN_ROWS and "median_us" in r}
+    for row in rows:
+        if not row["path"].startswith("grouped") or row["path"] in PLAN_ROWS or "median_us" not in row:
+            continue
+        plan = plans.get("grouped-plan-graph" if row["path"] == "grouped-graph" else "grouped-plan")
+        if plan is not None:
+            row["plan_us_per_layer"] = plan / n_layers
+            row["median_us_with_plan"] = row["median_us"] + row["plan_us_per_layer"]
 
 
 def run(args) -> list[dict]:
@@ -270,15 +281,17 @@ def markdown(json_path: str, md_path: str) -> None:
              f"{meta.get('copy_gbs') or 0:.0f} GB/s, run {meta.get('time', '?')}; paper-base, one layer, bf16, CUDA-graph "
              f"replays, L2 flushed. µs per layer and decode step; × = speedup over MHA SDPA / MLA kv64 / EG-MLA "
              f"kv64 fused rebuild at the same (B, T).", "",
-             "Grouped rows: `+ plan` adds the per-step plan's wall-clock time divided by the layers it serves "
-             "(the plan is built once per step for all of them). Lengths `ragged`: sequence lengths spread from "
+             "Grouped rows: `+ plan` adds the per-step plan's time divided by the layers it serves (the plan is "
+             "built once per step for all of them): for `grouped-graph` (the kernels sized by host bounds, as "
+             "generation's CUDA graphs run them) the graph-replayed plan, for the others the eager plan's wall "
+             "clock with its host sync. Lengths `ragged`: sequence lengths spread from "
              "T/2 to T (MHA SDPA runs the padded batch with a key mask); speedups compare rows of the same lengths.",
              "",
              "| ids | B | T | lengths | variant and path | µs | × MHA | × MLA | × fused rebuild | µs + plan | "
              "× MHA + plan |",
              "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
-        if "median_us" in r and r["path"] != "grouped-plan":
+        if "median_us" in r and r["path"] not in PLAN_ROWS:
             with_plan = (f"{r['median_us_with_plan']:.1f} | {r.get('x_mha_with_plan', 0):.2f}"
                          if "median_us_with_plan" in r else " | ")
             lines.append(f"| {r['text']} | {r['batch']} | {r['context']} | {r.get('lengths', 'equal')} | "

@@ -289,8 +289,7 @@ class GenerationEngine:
         groups = cache.token_groups
         use_graph = self.cuda_graphs and batch <= MAX_GRAPH_BATCH
         if groups is not None and use_graph:
-            needed = min(cache.max_len, groups.host.distinct_bound + max_new_tokens + 1)
-            bound = min(cache.max_len, -(-needed // 256) * 256)
+            bound = groups.graph_distinct_bound(cache.max_len, max_new_tokens)
             groups.host.plan_distinct = bound
             key = (batch, bound)
         if key not in self._steps:

@@ -27,6 +27,44 @@ def test_markdown_adds_the_plan_share(tmp_path):
     assert "grouped-plan" not in text.split("|---|")[-1]  # the plan is folded into the rows, not a row
 
 
+def test_graph_rows_take_the_graph_plans_share():
+    """'grouped-graph' (as the engine's CUDA graphs run it) gets the graph-replayed plan's share per layer, the
+    other grouped rows the eager plan's (host sync included)."""
+    from egmla.bench.grouped_study import add_plan_share
+
+    rows = [{"path": "grouped", "median_us": 50.0}, {"path": "grouped-graph", "median_us": 55.0},
+            {"path": "grouped-plan", "median_us": 120.0}, {"path": "grouped-plan-graph", "median_us": 24.0},
+            {"path": "kernel", "median_us": 80.0}]
+    add_plan_share(rows, 12)
+    assert rows[0]["median_us_with_plan"] == 60.0 and rows[1]["median_us_with_plan"] == 57.0
+    assert "plan_us_per_layer" not in rows[2] and "plan_us_per_layer" not in rows[4]
+
+
+def test_graph_case_equals_the_eager_case_and_its_plan_has_no_host_sync():
+    """The bounded plan (sizes from the host, as generation's graphs are) gives the grouped output of the exact
+    plan, and building it reads nothing back from the device."""
+    import torch
+
+    from egmla.bench.grouped import grouped_cases
+    from egmla.variants import variant_config
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("runs the kernels on the CPU: needs TRITON_INTERPRET=1 (set by make test and .ci/run)")
+    config = variant_config("egmla-kv64", "tiny", max_seq_len=24)
+    token_ids = torch.randint(0, 20, (2, 24), dtype=torch.int32)
+    cases = {c.path: c for c in grouped_cases(config, 2, 24, token_ids, "cpu", torch.float32)}
+    assert set(cases) == {"grouped", "grouped-graph", "grouped-plan", "grouped-plan-graph"}
+    torch.testing.assert_close(cases["grouped-graph"].run(), cases["grouped"].run(), rtol=1e-5, atol=1e-6)
+    plan = cases["grouped-plan-graph"].run()
+    assert plan.max_distinct == 24  # bounded by the cache length (the engine's bound rounds up to 256)
+    original = torch.Tensor.tolist
+    try:
+        torch.Tensor.tolist = lambda self: (_ for _ in ()).throw(AssertionError("host sync"))
+        cases["grouped-plan-graph"].run()
+    finally:
+        torch.Tensor.tolist = original
+
+
 def test_speedups_compare_rows_of_the_same_lengths():
     from egmla.bench.grouped_study import _speedups
 

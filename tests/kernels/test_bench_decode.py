@@ -20,7 +20,8 @@ def test_bench_decode_tiny_cpu(tmp_path, capfd):
     rows = result["rows"]
     expected = {("MHA", "sdpa"), ("GQA-4", "sdpa")} | {(f"MLA kv{r}", p) for r in (64, 256) for p in (
         "naive", "absorbed", "kernel", "kernel-core")} | {("EG-MLA kv64", p) for p in (
-        "naive", "gate-table", "kernel", "kernel+stats", "grouped", "grouped-plan")}
+        "naive", "gate-table", "kernel", "kernel+stats", "grouped", "grouped-plan", "grouped-graph",
+            "grouped-plan-graph")}
     assert {(r["variant"], r["path"]) for r in rows} == expected
     timed = [r for r in rows if "median_us" in r]
     assert len(printed) == 2 + len(timed) + 3  # header, column names, timed rows (a skip is said in the header), files
