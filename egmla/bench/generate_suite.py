@@ -9,6 +9,12 @@ random weights, bf16), each run with its anchors in the same process:
   generate_<gpu>_fill.json/.md     the largest batch whose cache fits 60 GB at 4,096 positions, beside Llama's
   generate_<gpu>_profile.json/.md  the decode step profiled at batch 32 and 128 (kernel time, costliest kernels)
   generate_<gpu>_paths.json/.md    every decode path at batch 1, 32, 128 with CUDA graphs, and two paths eagerly
+  generate_<gpu>_control.json/.md  issue 18's same-table control (`egmla-kv64-bias`) on its `absorbed` path (MLA's
+                                   absorbed decode plus a term per distinct id) and `gate-table`, beside MLA kv64
+                                   and EG-MLA kv64 on `kernel` and Llama, at batch 1, 32, 128
+  generate_<gpu>_control_fill...   the control on `absorbed` at full memory, beside MLA kv64 and Llama
+
+`--tables control` (or any comma-separated subset of main, fill, profile, paths, control) runs only those.
 """
 from __future__ import annotations
 
@@ -16,9 +22,15 @@ import argparse
 from pathlib import Path
 
 
+TABLES = {"main": ("",), "fill": ("_fill",), "profile": ("_profile",), "paths": ("_paths",),
+          "control": ("_control", "_control_fill")}  # --tables name -> the files it writes
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny preset, short prompts: a CPU smoke run")
     parser.add_argument("--out", default="bench-out", help="folder for the JSON and Markdown files")
+    parser.add_argument("--tables", default="all",
+                        help=f"comma-separated tables to run: {', '.join(TABLES)} (default: all of them)")
 
 
 def suite(quick: bool) -> dict[str, list[list[str]]]:
@@ -42,6 +54,12 @@ def suite(quick: bool) -> dict[str, list[list[str]]]:
         "_paths": [[*shape, "--variants", "mha,mla-kv64,egmla-kv64", "--paths", "all", "--batch-sizes", batches],
                    [*shape, "--variants", "mla-kv64,egmla-kv64", "--paths", "kernel,grouped",
                     "--batch-sizes", batches.split(",")[1], "--eager"]],
+        "_control": [[*shape, "--variants", "mla-kv64,egmla-kv64", "--paths", "kernel", "--batch-sizes", batches,
+                      "--compare-hf"],
+                     [*shape, "--variants", "egmla-kv64-bias", "--paths", "absorbed,gate-table",
+                      "--batch-sizes", batches]],
+        "_control_fill": [[*fill, "--variants", "mla-kv64", "--paths", "kernel", "--compare-hf"],
+                          [*fill, "--variants", "egmla-kv64-bias", "--paths", "absorbed"]],
     }
 
 
@@ -52,9 +70,15 @@ def main(args) -> int:
     from egmla.bench.generate import report
 
     device = torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else "cpu"
+    wanted = list(TABLES) if args.tables == "all" else [t.strip() for t in args.tables.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in TABLES]
+    if unknown or not wanted:
+        raise SystemExit(f"egmla bench generate-suite: --tables {args.tables!r}: choose from {', '.join(TABLES)} "
+                         f"or all")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for suffix, runs in suite(args.quick).items():
+    tables = suite(args.quick)
+    for suffix, runs in ((suffix, tables[suffix]) for t in wanted for suffix in TABLES[t]):
         stem = out / f"generate_{device}{suffix}"
         parts = []
         for index, argv in enumerate(runs):

@@ -33,3 +33,20 @@ def test_fill_memory_runs_the_planners_batch(tmp_path):
     expected = fill_batch(variant_config("egmla-kv64", "tiny"), "grouped", 0.002, 24, torch.float32)
     assert row["batch"] == expected > 32 and "error" not in row  # more sequences than its 32 prompts: rows copied
     assert row["cache_mb"] <= 2.0
+
+
+def test_suite_control_tables_on_the_cpu(tmp_path):
+    """`egmla bench generate-suite --quick --tables control`: the same-table control's absorbed and gate-table rows
+    beside MLA kv64 and Llama in one table, and at full memory in another; an unknown table name is refused."""
+    import pytest
+
+    assert run("generate-suite", ["--quick", "--tables", "control", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "generate_cpu_control.json").read_text())["rows"]
+    paths = {(r["variant"], r["decode_path"]) for r in rows if r["model"] == "egmla" and "error" not in r}
+    assert {("EG-MLA kv64 gate-bias", "absorbed"), ("EG-MLA kv64 gate-bias", "gate-table"), ("MLA kv64", "kernel"),
+            ("EG-MLA kv64", "kernel")} <= paths
+    fill = (tmp_path / "generate_cpu_control_fill.md").read_text()
+    assert "| egmla | EG-MLA kv64 gate-bias | absorbed |" in fill and "LlamaForCausalLM" in fill
+    assert not list(tmp_path.glob("*.part*.json"))  # merged into one JSON per table
+    with pytest.raises(SystemExit, match="--tables 'decode'"):
+        run("generate-suite", ["--quick", "--tables", "decode", "--out", str(tmp_path)])
