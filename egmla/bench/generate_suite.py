@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def suite(quick: bool) -> dict[str, list[list[str]]]:
     """{file suffix: [argv of each `egmla bench generate` run merged into that table]}."""
     if quick:
-        shape = ["--preset", "tiny", "--prompt-len", "32", "--new-tokens", "8", "--repeats", "1"]
-        fill = ["--preset", "tiny", "--fill-memory", "0.01", "--context", "64", "--new-tokens", "4", "--repeats", "1"]
+        shape = ["--preset", "tiny", "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1"]
+        fill = ["--preset", "tiny", "--fill-memory", "0.002", "--context", "64", "--new-tokens", "4", "--repeats", "1"]
         batches = "1,4"
     else:
         shape = ["--preset", "paper-base", "--set", "max_seq_len=2112", "--prompt-len", "2048", "--new-tokens", "32",
