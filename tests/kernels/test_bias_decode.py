@@ -9,12 +9,21 @@ from tests.kernels.conftest import kernel_device, needs_cuda, rel_err, requires_
 pytestmark = requires_triton
 
 
-def inputs(dtype, device, batch=3, heads=3, d_c=16, d_r=16, max_len=40, cache_len=48, n_ids=7, seed=0):
-    """Random decode inputs over a cache longer than max_len (strided views, as the model passes them)."""
+def inputs(dtype, device, batch=3, heads=3, d_c=16, d_r=16, max_len=40, cache_len=48, n_ids=7, seed=0,
+           ids="random"):
+    """Random decode inputs over a cache longer than max_len (strided views, as the model passes them). ids:
+    'random' slots among n_ids, 'one' (one id fills the context), 'distinct' (every position its own id)."""
     torch.manual_seed(seed)
+    if ids == "distinct":
+        n_ids = cache_len
+        slots = torch.arange(cache_len, dtype=torch.int32).expand(batch, -1).contiguous()
+    elif ids == "one":
+        n_ids, slots = 1, torch.zeros(batch, cache_len, dtype=torch.int32)
+    else:
+        slots = torch.randint(0, n_ids, (batch, cache_len), dtype=torch.int32)
     cache = dict(latent=torch.randn(batch, cache_len, d_c), k_rope=torch.randn(batch, cache_len, d_r),
                  ln_stats=torch.stack([torch.randn(batch, cache_len), torch.rand(batch, cache_len) + 0.5], -1),
-                 slots=torch.randint(0, n_ids, (batch, cache_len), dtype=torch.int32))
+                 slots=slots)
     cache = {name: t[:, :max_len].to(device) for name, t in cache.items()}
     for name in ("latent", "k_rope"):
         cache[name] = cache[name].to(dtype)
@@ -28,14 +37,15 @@ def inputs(dtype, device, batch=3, heads=3, d_c=16, d_r=16, max_len=40, cache_le
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_kernel_matches_the_reference(dtype, tolerance, num_splits):
+@pytest.mark.parametrize("num_splits,ids", [(1, "random"), (3, "random"), (3, "one"), (3, "distinct")])
+def test_kernel_matches_the_reference(dtype, tolerance, num_splits, ids):
+    """Ids repeated at random, one id filling the context, every id distinct; full, ragged and empty sequences."""
     from egmla.kernels.bias_decode import bias_decode
 
     device = kernel_device()
     if dtype == torch.float16 and device == "cuda":
         dtype = torch.bfloat16  # bf16 on the GPU (the interpreter gives garbage for bf16)
-    args = inputs(dtype, device)
+    args = inputs(dtype, device, ids=ids)
     out = bias_decode(**args, num_splits=num_splits, block_t=16)
     ref = bias_decode_ref(**args)
     for name, o, r in zip(("out_latent", "mean", "mass"), out, ref):
