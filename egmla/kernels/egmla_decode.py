@@ -41,10 +41,12 @@ def _gated(c_tile, w_t, gate_ptr, ids, stride_g, cols, col_mask, t_mask,
     fp32 [BLOCK_T, len(cols)]; 0 outside the masks."""
     kv = tl.dot(c_tile, w_t, input_precision=DOT_PRECISION)
     if GATE == 2:
-        return kv
-    gate = tl.load(gate_ptr + ids[:, None] * stride_g + cols[None, :],
-                   mask=t_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-    return kv + gate if GATE == 1 else kv * gate
+        x = kv
+    else:
+        gate = tl.load(gate_ptr + ids[:, None] * stride_g + cols[None, :],
+                       mask=t_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        x = kv + gate if GATE == 1 else kv * gate
+    return x
 
 
 @triton.jit
