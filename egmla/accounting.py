@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from egmla.attention import allocate_cache, decode_paths
+from egmla.attention import allocate_cache, attention_class, decode_paths
 from egmla.config import ModelConfig
 from egmla.model import count_params
 from egmla.variants import compared_configs
@@ -61,12 +61,10 @@ def kv_rows(configs: list[ModelConfig], dtype=torch.bfloat16) -> list[dict]:
 
 
 def grouped_path(config: ModelConfig) -> str | None:
-    """The decode path whose cache adds statistics and token groups: EG-MLA's 'grouped', the bias control's
-    'absorbed' (MLA's 'absorbed' adds nothing); None where there is none."""
-    paths = decode_paths(config)
-    if "grouped" in paths:
-        return "grouped"
-    return "absorbed" if config.is_gated and config.gate_op == "bias" and "absorbed" in paths else None
+    """The decode path whose cache adds statistics and token groups (the variant's own cache spec says which:
+    EG-MLA's 'grouped', the bias control's 'absorbed'); None where there is none."""
+    specs = attention_class(config).cache_spec
+    return next((path for path in decode_paths(config) if specs(config, path).needs_token_groups), None)
 
 
 def grouped_row(row: dict, config: ModelConfig, dtype, mha_elements: int | None, path: str = "grouped") -> dict:
@@ -91,6 +89,7 @@ def format_kv_table(rows: list[dict]) -> str:
                      f"{r['measured_bytes_per_token']:>16,.0f} {red:>8} {r['params'] / 1e6:>11.1f} "
                      f"{r['params_without_gate_tables'] / 1e6:>15.1f}")
     lines.append("elements/token sum all layers (docs/design.md §3); measured bytes come from an allocated bf16 cache "
-                 "and include EG-MLA's token id (4 B/token, once for all layers); 'grouped' and the bias control's 'absorbed' rows add (mu, rho) fp32 per "
-                 "layer and 16 B of token groups (slot, rank, distinct id, count; once for all layers) per token.")
+                 "and include EG-MLA's token id (4 B/token, once for all layers); 'grouped' and the bias control's "
+                 "'absorbed' rows add (mu, rho) fp32 per layer and 16 B of token groups (slot, rank, distinct id, "
+                 "count; once for all layers) per token.")
     return "\n".join(lines)

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help="comma-separated variant names from egmla.variants, or 'all'")
     parser.add_argument("--paths", default="all", help="comma-separated subset of paths (sdpa, naive, absorbed, "
-                        "gate-table, kernel, kernel-core, kernel+stats, grouped, grouped-plan, grouped-graph, grouped-plan-graph)")
+                        "gate-table, kernel, kernel-core, kernel+stats, grouped, grouped-plan, grouped-graph, "
+                        "grouped-plan-graph)")
     parser.add_argument("--text", default="embedded", choices=["embedded", "python-source"],
                         help="real text the token ids come from (EG-MLA's gate-row traffic depends on it)")
     parser.add_argument("--device", default="auto", help="cuda, cpu, ...; auto = cuda if available")

@@ -105,10 +105,8 @@ def build_cases(variant: str, config, batch: int, max_len: int, token_ids: torch
             # statistics; the bias control's 'absorbed' cache: its (ungated) statistics and the token groups
             # ('absorbed' as the engine's CUDA-graph steps run it: capturable, no host sync, ids up to the bound)
             groups = registered_groups(token_ids, positions) if path == "absorbed" else None
-            if groups is not None:  # sized as the engine's graph of a generation call is (rounded up to 256)
-                groups.host.plan_distinct = groups.graph_distinct_bound(max_len, 0)
-            args = (*args[:5], dataclasses.replace(ctx, kv_ln_stats=norm_stats(attn, latent, token_ids), kv_groups=groups,
-                                                   capturable=path == "absorbed"))
+            args = (*args[:5], dataclasses.replace(ctx, kv_ln_stats=norm_stats(attn, latent, token_ids),
+                                                   kv_groups=groups, capturable=path == "absorbed"))
         call = functools.partial(getattr(attn, "attend_" + MODEL_PATH.get(path, path).replace("-", "_")), *args)
         if not reads_gate_rows(config):
             if path == "naive":
@@ -163,12 +161,14 @@ def held_ids(token_ids: torch.Tensor, lengths: torch.Tensor | None) -> torch.Ten
 
 def registered_groups(token_ids: torch.Tensor, positions: torch.Tensor):
     """TokenGroups of token_ids [batch, T] with each sequence's first positions[b] + 1 ids registered (the rest
-    padding), as a cache on the 'grouped' path (or the bias control's 'absorbed') holds them."""
+    padding), as a cache on the 'grouped' path (or the bias control's 'absorbed') holds them; capturable steps
+    are sized for the distinct ids as a generation call's CUDA graph is (GenerationEngine._step)."""
     from egmla.attention.cache import TokenGroups
 
     batch, max_len = token_ids.shape
     groups = TokenGroups(batch, max_len, token_ids.device)
     groups.append(token_ids, torch.arange(max_len, device=token_ids.device).expand(batch, -1), n_new=positions[:, 0] + 1)
+    groups.host.plan_distinct = groups.graph_distinct_bound(max_len, 0)
     return groups
 
 

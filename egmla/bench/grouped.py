@@ -98,9 +98,7 @@ def grouped_cases(config, batch: int, max_len: int, token_ids: torch.Tensor, dev
     attn, args, groups = grouped_inputs(config, batch, max_len, token_ids, device, dtype, lengths)
     bytes_, flops, extra = grouped_cost(config, batch, max_len, groups, dtype)
     variant, cases = config.variant_name(), []
-    # what a generation call's CUDA graph is sized for (GenerationEngine._step): no host sync
-    groups.host.plan_distinct = groups.graph_distinct_bound(max_len, 0)
-    bounds = (max_len, groups.host.plan_distinct)
+    bounds = (max_len, groups.host.plan_distinct)  # as generation's CUDA graphs size the plan (registered_groups)
     graph_args = (*args[:5], dataclasses.replace(args[5], capturable=True))
     if "grouped" in paths:
         attn.attend_grouped(*args)  # builds the gate table and the plan once
