@@ -167,9 +167,9 @@ def seed_table(losses: dict[str, dict[int, float]]) -> list[str]:
              "|---|" + "---:|" * (len(all_seeds) + 2)]
     for name, per in losses.items():
         values = list(per.values())
-        std = statistics.stdev(values) if len(values) > 1 else float("nan")
+        std = f"{statistics.stdev(values):.4f}" if len(values) > 1 else "-"  # one seed has no spread
         lines.append(f"| {name} | " + " | ".join(fmt_loss(per.get(s)) for s in all_seeds)
-                     + f" | {statistics.mean(values):.4f} | {std:.4f} |")
+                     + f" | {statistics.mean(values):.4f} | {std} |")
     return lines
 
 

@@ -106,7 +106,7 @@ def test_report_tables_the_longer_group(folders):
     text = report.tables(groups)
     assert "### Longer budget, whole files held out, controls (issue 18)" in text
     assert "| egmla-kv64 | 1.7000 | 1.7100 | 1.7050 | 0.0071 |" in text
-    assert "| egmla-kv64-bias | 1.7500 | - | 1.7500 | nan |" in text
+    assert "| egmla-kv64-bias | 1.7500 | - | 1.7500 | - |" in text
     assert "Each run read 1.25 epochs of its training split." in text
 
 
