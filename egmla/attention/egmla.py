@@ -328,24 +328,33 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def bias_absorbed_kernel(self, q_nope, q_pe, latent, k_pe, ctx: AttnContext, ids: torch.Tensor) -> torch.Tensor:
         """One decode step of the bias control through egmla/kernels/bias_decode.py: the per-query and per-id
         terms here, the pass over the cache in the kernel, the up-projection and the table's value term after
-        (`bias_absorbed_attention`'s equations). [batch, 1, heads, d_v]."""
+        (`bias_absorbed_attention`'s equations). [batch, 1, heads, d_v].
+
+        The gate is linear in the embedding, g_v = W_UE e_v (the config refuses the identity start here), so the per-id terms
+        go through e_v (d_e wide) rather than the gate rows (n_h (d_n + d_v) wide, 3x more for paper-base):
+        q^C_h . g^K_{h,v} = (W^K_{UE,h}^T q^C_h) . e_v and sum_v P_{h,v} g^V_{h,v} = W^V_{UE,h} (sum_v P_{h,v} e_v),
+        two batched matmuls over the distinct ids' embedding rows; no [batch, ids, n_h (d_n + d_v)] tensor."""
         from egmla.kernels.bias_decode import bias_decode
 
         groups, norm = ctx.kv_groups, self.gate_norm
         w_uk, w_uv = (w.float() for w in self.up_weights())
+        w_ue_k, w_ue_v = self.wue.weight.float().unflatten(0, (self.n_heads, -1)).split(
+            [self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, d_n, d_e], [h, d_v, d_e]
         gamma_k, gamma_v = split_heads(getattr(norm, "weight", None), self.n_heads, self.qk_nope_head_dim, 1.0)
         beta_k, beta_v = split_heads(getattr(norm, "bias", None), self.n_heads, self.qk_nope_head_dim, 0.0)
         q = q_nope[:, 0].float()  # [batch, heads, d_n]
         gq = gamma_k * q
         query_bias = (beta_k * q).sum(-1) if torch.is_tensor(beta_k) else torch.zeros_like(gq[..., 0])
-        gate_k, gate_v = split_heads(self.gate(ids, use_table=True), self.n_heads, self.qk_nope_head_dim, 0.0)
+        embeddings = self.gate_embed.weight[ids.long()].to(latent.dtype)  # [batch, U, d_e]
+        q_embed = torch.einsum("bhd,hde->bhe", q, w_ue_k).to(latent.dtype)  # [batch, heads, d_e]
+        per_id = torch.bmm(q_embed, embeddings.transpose(1, 2)).float()  # q^C_h . W^K_UE e_v  [batch, heads, U]
         lengths = torch.minimum(ctx.positions[:, 0] + 1, groups.lengths)  # registered and visible
         out_latent, mean, mass = bias_decode(
             torch.einsum("bhd,hdc->bhc", gq, w_uk), q_pe[:, 0], torch.stack([gq.sum(-1), query_bias], -1), latent,
-            k_pe, ctx.kv_ln_stats, groups.slots[:, :latent.shape[1]], torch.einsum("bhd,buhd->bhu", q, gate_k),
-            lengths, self.softmax_scale)
-        out = (gamma_v * (torch.einsum("bhc,hdc->bhd", out_latent, w_uv) - mean[..., None]) + beta_v
-               + torch.einsum("bhu,buhd->bhd", mass, gate_v))
+            k_pe, ctx.kv_ln_stats, groups.slots[:, :latent.shape[1]], per_id, lengths, self.softmax_scale)
+        mass_embed = torch.bmm(mass.to(latent.dtype), embeddings).float()  # sum_v P_{h,v} e_v  [batch, heads, d_e]
+        table_term = torch.einsum("bhe,hde->bhd", mass_embed, w_ue_v)
+        out = gamma_v * (torch.einsum("bhc,hdc->bhd", out_latent, w_uv) - mean[..., None]) + beta_v + table_term
         return (out * (lengths > 0)[:, None, None]).unsqueeze(1).to(q_nope.dtype)
 
     def _checked_groups(self, ctx: AttnContext, path: str):

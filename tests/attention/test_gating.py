@@ -150,3 +150,23 @@ def test_identity_gate_decodes_exactly_once_w_ue_has_moved():
             steps = [model(tokens[:, :6], cache)] + [model(tokens[:, i:i + 1], cache) for i in range(6, 12)]
             got = torch.cat(steps, dim=1)
             assert ((got - full).norm() / full.norm()).item() < 1e-4, path
+
+
+def test_default_cuda_path_is_each_variants_triton_path(monkeypatch):
+    """On CUDA `auto` takes the Triton 'kernel' path, and the same-table control (which has none) its Triton
+    'absorbed' decode; elsewhere the variant's first path. Checked without a GPU: only the device's type and the
+    kernels' availability decide."""
+    import egmla.kernels
+    from egmla.attention import fastest_decode_path
+    from egmla.config import preset
+    from egmla.variants import variant_config
+
+    monkeypatch.setattr(egmla.kernels, "kernel_unavailable_reason", lambda device: None)
+    expected = {"mha": "kernel", "mla-kv64": "kernel", "egmla-kv64": "kernel", "egmla-kv64-latent": "kernel",
+                "egmla-kv64-bias": "absorbed"}
+    for name, path in expected.items():
+        config = variant_config(name, preset("tiny"))
+        assert fastest_decode_path(config, "cuda") == path, name
+        assert fastest_decode_path(config, "cpu") == "naive", name
+    monkeypatch.setattr(egmla.kernels, "kernel_unavailable_reason", lambda device: "no Triton")
+    assert fastest_decode_path(variant_config("egmla-kv64-bias", preset("tiny")), "cuda") == "naive"

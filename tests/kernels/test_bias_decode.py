@@ -76,6 +76,8 @@ def test_kernel_refuses_bad_shapes_by_name():
 
 
 def test_model_path_through_the_kernel_equals_the_pytorch_equations():
+    """The kernel path takes the per-id terms through the gate embedding (W_UE absorbed); the PyTorch path
+    through the gate table's rows."""
     from tests.conftest import small_config
     from egmla.model import Transformer
 
