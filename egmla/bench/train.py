@@ -5,7 +5,9 @@ seed, with the trainer's own loss, optimizer and gradient clipping; one step = f
 optimizer step. The first --warmup steps (torch.compile, allocator) are not timed; the rest are timed
 one by one with CUDA events (wall clock on CPU), phase by phase, and reported as medians. MFU uses the
 FLOPs of egmla.train.metrics.flops_per_token against the device's dense bf16 peak. EG-MLA variants get
-one row per --gate-table-update (train.gate_table_update: dense AdamW or row-sparse lazy Adam).
+one row per --gate-table-update (train.gate_table_update: dense AdamW or row-sparse lazy Adam), and every
+variant one row per --compile-mode (train.compile_mode: reduce-overhead replays each block's forward and
+backward from CUDA graphs, for a host that cannot launch kernels as fast as the GPU runs them).
 --profile then runs a few more steps of each row under torch.profiler: the kernels' time by kind and the
 costliest kernels go into each row of --out NAME.json and, as Markdown, into NAME_profile.md beside it.
 
@@ -36,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="torch.compile each block (as train.compile does)")
+    parser.add_argument("--compile-mode", default="default", metavar="MODES",
+                        help="the blocks' torch.compile mode (train.compile_mode), comma-separated for one row "
+                             "each: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs, "
+                             "max-autotune")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="auto = bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -54,17 +60,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", metavar="MD", help="write the table as Markdown here (for docs/benchmarks.md)")
 
 
-def build_step(variant, args, device, ids, autocast, gate_table_update: str):
+def build_step(variant, args, device, ids, autocast, gate_table_update: str, compile_mode: str = "default"):
     """(config, model, step) for one row: a fresh model and optimizer, and step(timer) running one training
     step as the trainer does, calling timer.mark(phase) at the end of each phase of PHASES."""
     import torch
 
     from egmla.configfile import parse_overrides
     from egmla.model import Transformer
-    from egmla.train.config import TrainConfig
+    from egmla.train.config import TrainConfig, uses_cuda_graphs
     from egmla.train.distributed import clip_grad_norm
     from egmla.train.optim import build_optimizer
-    from egmla.train.trainer import token_loss
+    from egmla.train.trainer import graph_step_begin, token_loss
 
     config = variant.config(args.preset, **parse_overrides(args.overrides, section="model"))
     if args.seq_len > config.max_seq_len:
@@ -74,13 +80,15 @@ def build_step(variant, args, device, ids, autocast, gate_table_update: str):
     model.check_inputs = False
     if args.compile:
         for block in model.layers:
-            block.compile()
+            block.compile(mode=compile_mode)
+    graphs = args.compile and uses_cuda_graphs(compile_mode)
     optimizer = build_optimizer(model, TrainConfig(lr=1e-4, warmup_steps=0, gate_table_update=gate_table_update))
     micro = args.micro_batch or args.batch
     inputs, targets = ids[:, :-1].to(device), ids[:, 1:].to(device)
 
     def step(timer):
         for start in range(0, args.batch, micro):
+            graph_step_begin(graphs)
             with autocast():
                 loss = token_loss(model, inputs[start:start + micro], targets[start:start + micro],
                                   compiled=args.compile)
@@ -128,13 +136,14 @@ class NoTimer:
         pass
 
 
-def time_variant(variant, label: str, args, device, ids, autocast, gate_table_update: str) -> dict:
+def time_variant(variant, label: str, args, device, ids, autocast, gate_table_update: str,
+                 compile_mode: str = "default") -> dict:
     """Median step and phase times of one row (fresh model and optimizer); with --profile, its profile."""
     import torch
 
     from egmla.train.metrics import flops_per_token, peak_flops
 
-    config, model, step = build_step(variant, args, device, ids, autocast, gate_table_update)
+    config, model, step = build_step(variant, args, device, ids, autocast, gate_table_update, compile_mode)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
@@ -152,6 +161,7 @@ def time_variant(variant, label: str, args, device, ids, autocast, gate_table_up
     peak = peak_flops(device_name, args.peak_tflops) if device.type == "cuda" or args.peak_tflops else None
     row = {"variant": variant.name, "name": label,
            "gate_table_update": gate_table_update if config.is_gated else None,
+           "compile_mode": compile_mode if args.compile else None,
            "params": model.num_params(), "params_without_gate_tables": model.num_params(False),
            "step_ms": 1e3 * seconds, "step_ms_min": 1e3 * min(times),
            "phase_ms": {phase: 1e3 * statistics.median(p[phase] for p in phases) for phase in PHASES},
@@ -179,18 +189,19 @@ def profile_steps(step, device, steps: int) -> dict:
     return summarise(prof, steps, on_cuda)
 
 
-def mla_base(rows: list[dict]) -> float | None:
-    """MLA kv64's step time, what the 'vs MLA kv64' column divides by."""
-    return {r["variant"]: r["step_ms"] for r in rows}.get("mla-kv64")
+def mla_base(rows: list[dict], row: dict) -> float | None:
+    """MLA kv64's step time under row's compile mode, what row's 'vs MLA kv64' column divides by."""
+    return next((r["step_ms"] for r in rows if r["variant"] == "mla-kv64"
+                 and r.get("compile_mode") == row.get("compile_mode")), None)
 
 
 def format_rows(rows: list[dict]) -> str:
-    base = mla_base(rows)
     header = (f"{'variant':<34} {'step ms':>9} {'fwd+bwd':>8} {'clip':>6} {'optim':>6} {'tokens/s':>11} "
               f"{'TFLOP/s':>8} {'MFU':>6} {'vs MLA kv64':>11} {'mem GB':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        base = mla_base(rows, r)
         ratio = f"{r['step_ms'] / base:.3f}x" if base else "-"
         memory = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
         phase = r["phase_ms"]
@@ -201,13 +212,13 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict], device_name: str, settings: str) -> str:
-    base = mla_base(rows)
     lines = [f"### Training step: {device_name}", "", settings, "",
              "| variant | params (M) | w/o gate tables (M) | step ms | fwd+bwd ms | clip ms | optimizer ms | "
              "tokens/s | TFLOP/s | MFU | vs MLA kv64 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        base = mla_base(rows, r)
         ratio = f"{r['step_ms'] / base:.3f}x" if base else "-"
         phase = r["phase_ms"]
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f} | {r['params_without_gate_tables'] / 1e6:.1f} | "
@@ -224,28 +235,34 @@ def profile_markdown(rows: list[dict], device_name: str, settings: str) -> str:
     return "\n".join(parts)
 
 
-def rows_to_run(variants, preset: str, overrides: list[str], modes: list[str]) -> list[tuple]:
-    """(variant, label, gate_table_update) per row: EG-MLA variants once per mode, the others once."""
+def rows_to_run(variants, preset: str, overrides: list[str], modes: list[str],
+                compile_modes: tuple[str, ...] = ("default",)) -> list[tuple]:
+    """(variant, label, gate_table_update, compile_mode) per row: every variant once per compile mode, EG-MLA
+    variants once per gate-table update in each."""
     from egmla.configfile import parse_overrides
     from egmla.variants import labels
 
     names = labels(variants, preset)
     rows = []
-    for variant in variants:
-        gated = variant.config(preset, **parse_overrides(overrides, section="model")).is_gated
-        for mode in modes if gated else modes[:1]:
-            rows.append((variant, names[variant.name] + (f" ({mode})" if gated and len(modes) > 1 else ""), mode))
+    for compile_mode in compile_modes:
+        for variant in variants:
+            gated = variant.config(preset, **parse_overrides(overrides, section="model")).is_gated
+            for mode in modes if gated else modes[:1]:
+                told = [mode] if gated and len(modes) > 1 else []
+                told += [compile_mode] if len(compile_modes) > 1 else []
+                rows.append((variant, names[variant.name] + (f" ({', '.join(told)})" if told else ""), mode,
+                             compile_mode))
     return rows
 
 
-def parse_modes(text: str) -> list[str]:
-    from egmla.train.config import GATE_TABLE_UPDATES
+def parse_modes(text: str, option: str = "--gate-table-update") -> list[str]:
+    from egmla.train.config import COMPILE_MODES, GATE_TABLE_UPDATES
 
+    allowed = COMPILE_MODES if option == "--compile-mode" else GATE_TABLE_UPDATES
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in GATE_TABLE_UPDATES]
+    bad = [m for m in modes if m not in allowed]
     if not modes or bad or len(set(modes)) < len(modes):
-        raise ValueError(f"--gate-table-update {text!r}: give each of {', '.join(GATE_TABLE_UPDATES)} at most "
-                         f"once, comma-separated")
+        raise ValueError(f"{option} {text!r}: give each of {', '.join(allowed)} at most once, comma-separated")
     return modes
 
 
@@ -265,6 +282,9 @@ def main(args) -> int:
     if args.micro_batch and args.batch % args.micro_batch:
         raise ValueError(f"--micro-batch {args.micro_batch}: must divide --batch {args.batch}")
     modes = parse_modes(args.gate_table_update)
+    compile_modes = parse_modes(args.compile_mode, "--compile-mode")
+    if not args.compile and compile_modes != ["default"]:
+        raise ValueError(f"--compile-mode {args.compile_mode}: needs --compile (drop --no-compile)")
     device = pick_device(args.device)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -272,20 +292,21 @@ def main(args) -> int:
     vocab = variants[0].config(args.preset, **parse_overrides(args.overrides, section="model")).vocab_size
     ids, note = text_token_ids(args.batch, args.seq_len + 1, vocab, args.text)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    settings = (f"torch {torch.__version__}, {'bf16' if use_bf16 else 'fp32'}, compile={args.compile}, preset "
+    settings = (f"torch {torch.__version__}, {'bf16' if use_bf16 else 'fp32'}, compile={args.compile} ({args.compile_mode}), preset "
                 f"{args.preset}, batch {args.batch}x{args.seq_len} tokens "
                 f"(micro-batch {args.micro_batch or args.batch}), "
                 f"median of {args.steps} steps after {args.warmup} warm-up, ids from {note['source']} text")
     print(f"egmla bench train: {device_name}, {settings}")
     rows = []
-    for variant, label, mode in rows_to_run(variants, args.preset, args.overrides, modes):
-        rows.append(time_variant(variant, label, args, device, ids.long(), autocast, mode))
+    for variant, label, mode, compile_mode in rows_to_run(variants, args.preset, args.overrides, modes,
+                                                          tuple(compile_modes)):
+        rows.append(time_variant(variant, label, args, device, ids.long(), autocast, mode, compile_mode))
         print(f"  {label}: {rows[-1]['step_ms']:.1f} ms/step", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(format_rows(rows))
     described = (f"batch {args.batch} x {args.seq_len} tokens, {'bf16' if use_bf16 else 'fp32'}, "
-                 f"torch.compile {'on' if args.compile else 'off'}, median of {args.steps} steps after "
+                 f"torch.compile {'on, mode ' + args.compile_mode if args.compile else 'off'}, median of {args.steps} steps after "
                  f"{args.warmup} warm-up steps, torch {torch.__version__}")
     if args.profile:
         profiled = profile_markdown(rows, device_name, described + f"; profile of {args.profile_steps} more steps")

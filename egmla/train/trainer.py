@@ -23,7 +23,7 @@ from egmla.model import Transformer
 from egmla.runs import (FORMAT_VERSION, StorageError, atomic_write_bytes, atomic_write_json, list_checkpoints,
                         storage_problem)
 from egmla.train import checkpoint as ckpt
-from egmla.train.config import RunConfig
+from egmla.train.config import RunConfig, uses_cuda_graphs
 from egmla.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, clip_grad_norm,
                                      gradient_sync, init_distributed, parallelize, per_rank)
 from egmla.train.runlock import claim_run_dir
@@ -109,8 +109,15 @@ def token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, reduction: st
     return (compiled_cross_entropy() if compiled else cross_entropy)(logits, targets, reduction)
 
 
+def graph_step_begin(graphs: bool) -> None:
+    """With CUDA-graph compile modes: a new step begins, the graphs' previous outputs may be overwritten."""
+    if graphs:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 @torch.no_grad()
-def evaluate(model, windows, max_sequences: int, micro_batch: int, autocast, info: DistInfo) -> float:
+def evaluate(model, windows, max_sequences: int, micro_batch: int, autocast, info: DistInfo,
+             graphs: bool = False) -> float:
     """Mean validation loss over the fixed held-out windows. Each process scores its share; all run
     the same number of forwards (FSDP needs that), padding with a discarded batch where short."""
     from egmla.data.loader import validation_window_ids
@@ -123,6 +130,7 @@ def evaluate(model, windows, max_sequences: int, micro_batch: int, autocast, inf
     for r in range(rounds):
         ids = mine[r * micro_batch:(r + 1) * micro_batch]
         inputs, targets = windows.batch(ids if len(ids) else [0])
+        graph_step_begin(graphs)
         with autocast():
             loss = token_loss(model, inputs.to(info.device), targets.to(info.device), reduction="sum")
         if len(ids):
@@ -218,7 +226,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
     model = model.to(info.device)
     if cfg.compile:
         for block in model.layers:
-            block.compile()
+            block.compile(mode=cfg.compile_mode)
     wrapped = parallelize(model, cfg, info)
     optimizer = build_optimizer(wrapped, cfg)
     if resumed_from is not None:
@@ -252,7 +260,8 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
         return folder
 
     def validate(step: int) -> float:
-        loss = evaluate(wrapped, val_windows, cfg.eval_sequences, micro_batch, autocast, info)
+        loss = evaluate(wrapped, val_windows, cfg.eval_sequences, micro_batch, autocast, info,
+                        graphs=cfg.compile and uses_cuda_graphs(cfg.compile_mode))
         metrics.log({"kind": "val", "step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
         return loss
 
@@ -333,6 +342,7 @@ def train_step(model, optimizer, batches, windows, micro_batch: int, autocast, i
     for index, ids in enumerate(micro_batches):
         with phase("data"):
             inputs, targets = (t.to(info.device, non_blocking=True) for t in windows.batch(ids))
+        graph_step_begin(cfg.compile and uses_cuda_graphs(cfg.compile_mode))
         try:
             with gradient_sync(model, index == len(micro_batches) - 1), autocast(), phase("forward_backward"):
                 loss = token_loss(model, inputs, targets, compiled=cfg.compile)

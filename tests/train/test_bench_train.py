@@ -55,3 +55,34 @@ def test_gate_table_updates_phases_and_profile(tmp_path, capsys):
     bad = parser.parse_args(["--device", "cpu", "--gate-table-update", "dense,sparse"])
     with pytest.raises(ValueError, match="--gate-table-update 'dense,sparse': give each of dense, row-sparse"):
         bench_train.main(bad)
+
+
+def test_compile_modes_get_a_row_each_with_their_own_mla_base(tmp_path, monkeypatch):
+    """--compile-mode default,reduce-overhead: every variant once per mode, the mode handed to each block's
+    compile, CUDA-graph modes marking each step's start (torch's cudagraph trees need it), and 'vs MLA kv64'
+    dividing by MLA kv64 under the same mode. Compilation itself is stubbed: on a CPU its speed means nothing."""
+    import torch
+
+    compiled, marks = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append(kwargs.get("mode")))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--device", "cpu", "--preset", "tiny", "--set", "vocab_size=512", "--set", "n_layers=1",
+                              "--variants", "mla-kv64,egmla-kv64", "--compile-mode", "default,reduce-overhead",
+                              "--batch", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1", "--out", str(out)])
+    assert bench_train.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["name"], r["compile_mode"]) for r in rows] == [
+        ("MLA kv64 (default)", "default"), ("EG-MLA kv64 (default)", "default"),
+        ("MLA kv64 (reduce-overhead)", "reduce-overhead"), ("EG-MLA kv64 (reduce-overhead)", "reduce-overhead")]
+    assert compiled == ["default", "default", "reduce-overhead", "reduce-overhead"]  # one block per model
+    assert len(marks) == 2 * 3  # the reduce-overhead rows' 1 warm-up + 2 timed steps, one micro-batch each
+    assert bench_train.mla_base(rows, rows[3]) == rows[2]["step_ms"]
+    assert bench_train.mla_base(rows, rows[1]) == rows[0]["step_ms"]
+
+    for argv, error in ((["--compile-mode", "fast"], "--compile-mode 'fast': give each of default, reduce-overhead"),
+                        (["--no-compile", "--compile-mode", "reduce-overhead"], "needs --compile")):
+        with pytest.raises(ValueError, match=error):
+            bench_train.main(parser.parse_args(["--device", "cpu", *argv]))

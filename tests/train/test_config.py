@@ -100,6 +100,8 @@ BAD_VALUES = [
     ("model.kv_lora_rank=512", r"kv_lora_rank=512: a latent wider than d_model=256 compresses nothing"),
     ("model.gate_op=xor", r"gate_op='xor': choose one of mul, add"),
     ("train.gate_table_update=sparse", r"train.gate_table_update=.sparse.: choose one of dense, row-sparse"),
+    ("train.compile_mode=fast", r"train.compile_mode=.fast.: choose one of default, reduce-overhead, "),
+    ("train.compile_mode=reduce-overhead", r"train.compile_mode='reduce-overhead' needs train.compile=true"),
     ("data.val_fraction=1.0", r"data.val_fraction=1.0: must be less than 1"),
     ("data.max_bytes=1e6", r"data.max_bytes=1000000.0: must be a valid integer"),
 ]

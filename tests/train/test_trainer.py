@@ -169,3 +169,23 @@ def test_progress_bar_shows_the_evaluation_of_its_step(tmp_path, cache_dir, monk
         printed = float(events[index][1].split("val loss ")[1].split()[0])
         kind, shown = events[index + 1]
         assert kind == "postfix" and shown == f"{printed:.3f}"
+
+
+def test_compile_mode_reaches_each_block_and_graph_modes_mark_each_step(tmp_path, cache_dir, monkeypatch):
+    """train.compile_mode goes to every block's compile; with a CUDA-graph mode (reduce-overhead) every training
+    micro-batch and every validation forward first marks a new step (stale graph outputs may be overwritten).
+    Compilation is stubbed: the switch is what is tested here; its speed is a GPU measurement (egmla bench
+    train --compile-mode)."""
+    compiled, marks = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append(kwargs.get("mode")))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.setattr(trainer, "compiled_cross_entropy", lambda: trainer.cross_entropy)
+    run = run_config(cache_dir, train=dict(steps=3, micro_batch_size=4, compile=True, compile_mode="reduce-overhead",
+                                           eval_every=0, eval_sequences=8, checkpoint_every=0))
+    train(run, tmp_path / "graphs", **QUIET)
+    assert compiled == ["reduce-overhead"] * 2  # TINY's two blocks
+    assert len(marks) == 3 * 2 + 2  # 3 steps x 2 micro-batches, and 8 validation sequences in micro-batches of 4
+    marks.clear()
+    train(run_config(cache_dir, train=dict(steps=2, compile=True, eval_every=0, checkpoint_every=0)),
+          tmp_path / "plain", **QUIET)
+    assert compiled[2:] == ["default"] * 2 and not marks
