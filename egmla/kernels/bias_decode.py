@@ -5,8 +5,10 @@ absorbed flash-decoding (one program per (split of the context, sequence), all h
 three additions per position: the norm's rho_t, mu_t from the cache, and a score term e[h, slot_t] gathered
 from a small per-(sequence, distinct id) table computed beforehand. The value side needs, besides
 sum_t p_t rho_t c_t, the softmax mass of each distinct id; the kernel writes each position's score (log2
-domain, 4 B per head) and the mass is one scatter-add after the splits are combined. Bytes per position: the
-cache row (c_t, k^R_t), the statistics, the slot, and the score written and read back.
+domain, 4 B per head) and, once the splits are combined, `_bias_mass_kernel` turns the scores of the
+visible positions into probabilities and adds them to their id's mass (atomics; nothing else is initialised
+or written per position). Bytes per position: the cache row (c_t, k^R_t), the statistics, the slot, and the
+score written and read back.
 """
 from __future__ import annotations
 
@@ -77,7 +79,28 @@ def _bias_decode_kernel(
     tl.store(part_stats_ptr + rows * 3 + 2, mean_i, mask=h_mask)
 
 
+@triton.jit
+def _bias_mass_kernel(scores_ptr, slots_ptr, lengths_ptr, m_ptr, inv_ptr, mass_ptr, stride_xb, stride_xh, stride_sb,
+                      max_len, n_ids, N_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
+    """mass[b, h, slot_t] += exp2(s_{h,t} - m_h) * inv_h for the visible positions t < lengths[b] of one tile:
+    the scores past a sequence's length are never read (the score buffer is not initialised)."""
+    batch = tl.program_id(1).to(tl.int64)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < N_HEADS
+    length = tl.minimum(tl.load(lengths_ptr + batch).to(tl.int32), max_len)
+    live = h_mask[:, None] & (offs_t < length)[None, :]
+    s = tl.load(scores_ptr + batch * stride_xb + offs_h[:, None] * stride_xh + offs_t[None, :], mask=live, other=0.0)
+    m = tl.load(m_ptr + batch * N_HEADS + offs_h, mask=h_mask, other=0.0)
+    inv = tl.load(inv_ptr + batch * N_HEADS + offs_h, mask=h_mask, other=0.0)
+    slot = tl.load(slots_ptr + batch * stride_sb + offs_t, mask=offs_t < length, other=0)
+    slot = tl.minimum(tl.maximum(slot, 0), n_ids - 1)
+    p = tl.exp2(s - m[:, None]) * inv[:, None]
+    tl.atomic_add(mass_ptr + (batch * N_HEADS + offs_h[:, None]) * n_ids + slot[None, :], p, mask=live)
+
+
 BLOCK_TS = [64, 32, 16]  # as mla_decode's: the first that fits the device's shared memory
+MASS_BLOCK_T = 128
 
 
 def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Tensor, latent: torch.Tensor,
@@ -85,7 +108,8 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
                 lengths: torch.Tensor, scale: float, num_splits: int | None = None,
                 block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`bias_decode_ref`'s (out_latent [batch, heads, d_c], mean [batch, heads], mass [batch, heads, U]), fp32,
-    from one kernel launch and a few tensor ops; no host sync, so a CUDA graph can capture it."""
+    from two kernel launches (the pass, then the mass) and a few tensor ops; no host sync, so a CUDA graph can
+    capture it."""
     batch, heads, d_c = q_absorbed.shape
     max_len, d_r = latent.shape[1], k_rope.shape[-1]
     expected = {"q_pe": (q_pe, (batch, heads, d_r)), "q_terms": (q_terms, (batch, heads, 2)),
@@ -100,7 +124,7 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
         raise ValueError(f"bias_decode: latent.shape={tuple(latent.shape)}, expected [batch={batch}, T, {d_c}]")
     q_absorbed, q_pe = q_absorbed.to(latent.dtype).contiguous(), q_pe.to(latent.dtype).contiguous()
     q_terms, per_id = q_terms.float().contiguous(), per_id.float().contiguous()
-    scores = torch.full((batch, heads, max_len), float("-inf"), dtype=torch.float32, device=latent.device)
+    scores = torch.empty(batch, heads, max_len, dtype=torch.float32, device=latent.device)  # read below length only
 
     def launch(tile):
         splits = num_splits or choose_num_splits(batch, 1, max_len, tile, latent.device)
@@ -128,7 +152,11 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
     inv = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(denom))
     out_latent = (weight[..., None] * part_acc).sum(1) * inv[..., None]
     mean = (weight * mean_split).sum(1) * inv
-    probs = torch.exp2(scores - m_all[..., None]) * inv[..., None]  # 0 past each length (score -inf)
-    slot = slots.long().clamp(0, per_id.shape[-1] - 1)[:, None].expand(-1, heads, -1)
-    mass = torch.zeros_like(per_id).scatter_add_(2, slot, probs)
+    mass = torch.zeros_like(per_id)
+    n_ids = per_id.shape[-1]
+    if n_ids:
+        _bias_mass_kernel[(triton.cdiv(max_len, MASS_BLOCK_T), batch)](
+            scores, slots, lengths, m_all.contiguous(), inv.contiguous(), mass, scores.stride(0), scores.stride(1),
+            slots.stride(0), max_len, n_ids, N_HEADS=heads, BLOCK_H=triton.next_power_of_2(heads),
+            BLOCK_T=MASS_BLOCK_T, num_warps=4)
     return out_latent, mean, mass
