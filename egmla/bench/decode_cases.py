@@ -122,9 +122,12 @@ def build_cases(variant: str, config, batch: int, max_len: int, token_ids: torch
             gate_bytes, flops = distinct * config.gate_dim * es, 2 * held * config.gate_dim * config.gate_out_dim
         else:
             gate_bytes, flops = distinct * config.gate_out_dim * es, 0
-        if path == "absorbed":  # the bias control: MLA's absorbed attention, + a gate-row dot per (sequence, id)
-            pairs = int(groups.n_distinct.sum())
-            flops = 2 * heads * held * (2 * d_c + d_r) + 2 * pairs * heads * (d_n + d_v)
+        if path == "absorbed":  # the bias control: MLA's absorbed attention, + per (sequence, id) a score dot and a
+            # value accumulate over the embedding row (d_e wide; W_UE absorbed into the query and the value sum)
+            pairs, d_e = int(groups.n_distinct.sum()), config.gate_dim
+            gate_bytes = distinct * d_e * es
+            flops = (2 * heads * held * (2 * d_c + d_r) + 2 * 2 * pairs * heads * d_e
+                     + 2 * batch * heads * d_e * (d_n + d_v))
         else:
             flops += attention_flops + rebuild_flops * (2 if path == "kernel+stats" else 1)
         cases.append(Case(variant, path, call, bytes_ + gate_bytes, flops, {"distinct_ids_batch": distinct}))
