@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from annotated_types import Ge, Gt
 
 ATTENTION_KINDS = ("mha", "gqa", "mla", "eg-mla")
-GATE_OPS = ("mul", "add", "bias")
+GATE_OPS = ("mul", "add", "bias", "bias-v")
 GATE_INITS = ("random", "identity")
 GATE_NORMS = ("layernorm", "rmsnorm", "none")
 GATE_PLACEMENTS = ("up", "latent")
@@ -89,7 +89,7 @@ class ModelConfig:
     v_head_dim: NonNegativeInt = 32  # d_v
     # EG-MLA gate
     gate_dim: NonNegativeInt = 512  # d_e: width of the per-layer token-embedding table
-    gate_op: Literal[GATE_OPS] = "mul"  # mul (paper) | add (ablation) | bias (control: the table, no gate)
+    gate_op: Literal[GATE_OPS] = "mul"  # mul (paper) | add (ablation) | bias (control: the table, no gate) | bias-v (on V)
     gate_norm: Literal[GATE_NORMS] = "layernorm"  # layernorm (paper) | rmsnorm | none (ablation)
     gate_placement: Literal[GATE_PLACEMENTS] = "up"  # up (paper: gate the up-projected K/V) | latent (gate c_t)
     gate_init: Literal[GATE_INITS] = "random"  # random: g = W_UE e starts ~N(0,1) | identity: g = 1 + W_UE e, W_UE = 0
@@ -129,7 +129,21 @@ class ModelConfig:
 
     @property
     def gate_out_dim(self) -> int:
+        """Width of W_UE's output: the gate (n_h·(d_n + d_v) for placement `up`, d_c for `latent`), or for the
+        V-only control (gate_op 'bias-v') the V half, n_h·d_v."""
+        if self.gate_op == "bias-v":
+            return self.n_heads * self.v_head_dim
         return self.kv_up_dim if self.gate_placement == "up" else self.kv_lora_rank
+
+    @property
+    def gate_norm_dim(self) -> int:
+        """Width the gate's norm covers: the up-projected K/V (placement `up`) or the latent."""
+        return self.kv_up_dim if self.gate_placement == "up" else self.kv_lora_rank
+
+    @property
+    def adds_table(self) -> bool:
+        """The same-table controls: the table is added after the norm and gates nothing."""
+        return self.gate_op in ("bias", "bias-v")
 
     def kv_elements_per_token(self) -> int:
         """Cache elements per token over all layers (docs/design.md §3), excluding token ids."""
@@ -184,6 +198,9 @@ class ModelConfig:
         if self.is_gated:
             if self.gate_dim <= 0:
                 _fail("gate_dim", self.gate_dim, "must be a positive integer (the paper uses 512)")
+            if self.adds_table and self.gate_placement != "up":
+                _fail("gate_op", self.gate_op, "the same-table controls add the table to the up-projected K/V; "
+                                               "use gate_placement='up'")
             if self.gate_init == "identity" and self.gate_op != "mul":
                 _fail("gate_init", self.gate_init, f"an identity start (g = 1) means something only for a "
                                                    f"multiplying gate, not gate_op={self.gate_op!r}; use 'random'")

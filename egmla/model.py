@@ -181,8 +181,8 @@ def count_params(config: ModelConfig, include_gate_tables: bool = True) -> int:
         per_layer += d * (config.kv_lora_rank + config.qk_rope_head_dim) + config.kv_lora_rank
         per_layer += config.kv_lora_rank * config.kv_up_dim + heads * config.v_head_dim * d
         if config.is_gated:
-            out = config.gate_out_dim
-            per_layer += config.gate_dim * out + {"layernorm": 2 * out, "rmsnorm": out, "none": 0}[config.gate_norm]
+            out, normed = config.gate_out_dim, config.gate_norm_dim
+            per_layer += config.gate_dim * out + {"layernorm": 2 * normed, "rmsnorm": normed, "none": 0}[config.gate_norm]
             if include_gate_tables:
                 per_layer += config.vocab_size * config.gate_dim
     else:

@@ -82,6 +82,8 @@ VARIANTS: dict[str, Variant] = _table(
     # is in the comparison set (kv-report, plan): at 131 M tokens it beats EG-MLA kv64 (docs/RESULTS.md)
     Variant("egmla-kv64-bias", dict(EG_KV64, gate_op="bias")),
     Variant("egmla-kv64-identity", dict(EG_KV64, gate_init="identity"), compared=False),
+    # the same table on V alone ("value embeddings"): do the keys need the table? (W_UE half as wide)
+    Variant("egmla-kv64-bias-v", dict(EG_KV64, gate_op="bias-v"), compared=False),
 )
 
 

@@ -8,7 +8,7 @@ Groups (configs/ holds every config; all runs of a group share data order, seed 
   seeds      EG-MLA kv64 and MLA kv256 with seeds 1 and 2 (seed 0 is in table1)
   longer     issue 18: EG-MLA kv64, MLA kv256 and MHA at 2,000 steps (131 M tokens), the two controls of
              EG-MLA kv64 (egmla-kv64-bias: the table without a gate; egmla-kv64-identity: the gate started
-             at 1) and `add`, on whole files held out (data.split = "document"); PLANS gives the seeds and order
+             at 1; egmla-kv64-bias-v: the table on V alone) and `add`, on whole files held out (data.split = "document"); PLANS gives the seeds and order
 
     python experiments/paper_repro.py table1 --steps 800            # on the lent H100
     python experiments/paper_repro.py table1 --only mha,mla-kv256   # part of a group (calls are <= 10 min)
@@ -56,17 +56,20 @@ GROUPS = {
                 + [f"egmla-kv64-de{d}" for d in (1024, 2048)],
     "latent": ["egmla-kv64", "egmla-kv64-latent"],
     "seeds": ["egmla-kv64", "mla-kv256"],
-    "longer": ["egmla-kv64", "mla-kv256", "mha", "egmla-kv64-bias", "egmla-kv64-identity", "egmla-kv64-add"],
+    "longer": ["egmla-kv64", "mla-kv256", "mha", "egmla-kv64-bias", "egmla-kv64-identity", "egmla-kv64-bias-v",
+               "egmla-kv64-add"],
 }
 # A group's runs as (config, seed) in the order they are trained; a group not here trains its configs at seed 0
 # (`seeds`: at --seeds). `longer`: first what issue 18's three claims need (the key pair, the same-table control
 # and MHA at seeds 0 and 1), then the identity start (seeds 0 and 1), then what it would like (`add` beside the
 # identity start, a third seed of the pair). The first seven ran in this order except MHA: seed 0 came after the
-# others' seed 1; MHA seed 1 now comes before the identity start, which no claim of the issue needs.
+# others' seed 1; MHA seed 1 now comes before the identity start, which no claim of the issue needs. After the
+# identity start: the table on V alone (egmla-kv64-bias-v), beside the same-table control.
 PLANS = {
     "longer": [("egmla-kv64", 0), ("mla-kv256", 0), ("egmla-kv64-bias", 0), ("mha", 0),
                ("egmla-kv64", 1), ("mla-kv256", 1), ("egmla-kv64-bias", 1), ("mha", 1),
                ("egmla-kv64-identity", 0), ("egmla-kv64-identity", 1),
+               ("egmla-kv64-bias-v", 0), ("egmla-kv64-bias-v", 1),
                ("egmla-kv64-add", 0), ("egmla-kv64", 2), ("mla-kv256", 2), ("egmla-kv64-add", 1)],
 }
 # Settings of every run of a group, before the scale's and --set. `longer` holds out whole files, reads the

@@ -9,9 +9,13 @@ MLA plus a token-specific gate. Per layer an embedding table E_l [vocab, d_e]; f
 `gate_op="add"` replaces ⊙ with +, `gate_norm` picks LayerNorm (paper), RMSNorm or none (ablations).
 Two controls (issue 18) keep every parameter of EG-MLA and change one thing:
   gate_op="bias"           f_t = Norm(kv_t) + g_t: the same table, up-projected the same way, added after the
-                           norm to K and V, so it shifts them per token and gates nothing. Added to V alone
-                           it would leave half of W_UE unused; added to the layer input it would need a
-                           d_model-wide W_UE: either way the parameters would no longer match EG-MLA's.
+                           norm to K and V, so it shifts them per token and gates nothing. Added to the
+                           layer input it would need a d_model-wide W_UE, and the parameters would no
+                           longer match EG-MLA's.
+  gate_op="bias-v"         (not parameter-matched: W_UE is half as wide, 4.7 M parameters fewer at paper-base)
+                           the same table added to V alone, as modded-nanogpt's "value embeddings": it asks
+                           whether the keys need the table. Its gate vector is W_UE e_t in the V slots of the
+                           [k; v] layout and 0 in the K slots, so every path of "bias" serves it unchanged.
   gate_init="identity"     g_t = 1 + W_UE e_t with W_UE = 0 at the start (Transformer.reset_parameters):
                            every gate starts at exactly 1, where the paper's g_t = W_UE e_t starts as N(0, 1).
 The norm of the paper's placement covers the whole n_h·(d_n + d_v) vector, so MLA's weight absorption
@@ -27,7 +31,7 @@ Decode paths, all in this file:
                        rebuild work scales with the distinct ids of a context; the cache holds (mu, rho)
                        and the token groups. The equations in PyTorch below (`grouped_attention`), the
                        Triton kernels in egmla/kernels/grouped_decode.py
-           absorbed    (bias control only) MLA's absorbed decode: the norm covers the ungated kv_t, so it
+           absorbed    (the bias controls only) MLA's absorbed decode: the norm covers the ungated kv_t, so it
                        factors out per position (its (mu, rho) cached) and the table's rows enter per distinct
                        id, one score term and one value term (`bias_absorbed_attention`; on CUDA the pass
                        over the cache in Triton, egmla/kernels/bias_decode.py); the cache holds (mu, rho)
@@ -166,7 +170,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         self.identity_gate = config.gate_init == "identity"
         self.gate_embed = nn.Embedding(config.vocab_size, config.gate_dim)  # E_l
         self.wue = nn.Linear(config.gate_dim, config.gate_out_dim, bias=False)  # W_UE
-        self.gate_norm = make_norm(config.gate_norm, config.gate_out_dim, config.norm_eps)
+        self.adds_table = config.adds_table  # the same-table controls: Norm(kv) + g
+        self.gate_norm = make_norm(config.gate_norm, config.gate_norm_dim, config.norm_eps)
         self.norm_kind = config.gate_norm
         self.gate_table: torch.Tensor | None = None  # G_l = E_l W_UE^T, built for the paths that read it
         self.grouped_backend = "auto"  # 'grouped' one-token steps: auto (Triton on CUDA), kernel or pytorch
@@ -177,7 +182,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def decode_paths(config: ModelConfig) -> tuple[str, ...]:
         if config.gate_placement == "latent":
             return ("naive", "absorbed", "kernel")
-        if config.gate_op == "bias":  # the Triton kernels gate inside (mul or add); the norm factors out here
+        if config.adds_table:  # the Triton kernels gate inside (mul or add); the norm factors out here
             return ("naive", "gate-table", "absorbed")
         return ("naive", "gate-table", "kernel") + (("grouped",) if supports_grouped(config) else ())
 
@@ -216,13 +221,18 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return self.up_project(self.gate_embed(token_ids.long()))
 
     def up_project(self, embedding: torch.Tensor) -> torch.Tensor:
-        """g = W_UE e, or 1 + W_UE e for gate_init='identity'."""
+        """g = W_UE e, or 1 + W_UE e for gate_init='identity'; for the V-only control W_UE e in the V slots of
+        the per-head [k; v] layout, zeros in the K slots."""
         gate = self.wue(embedding)
+        if self.gate_op == "bias-v":
+            per_head = gate.unflatten(-1, (self.n_heads, self.v_head_dim))
+            zeros = per_head.new_zeros(*per_head.shape[:-1], self.qk_nope_head_dim)
+            return torch.cat([zeros, per_head], dim=-1).flatten(-2)
         return gate + 1.0 if self.identity_gate else gate
 
     def gated_norm(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Norm(x ⊙ g), Norm(x + g) or, for the no-gate control, Norm(x) + g."""
-        if self.gate_op == "bias":
+        """Norm(x ⊙ g), Norm(x + g) or, for the no-gate controls, Norm(x) + g."""
+        if self.adds_table:
             return self.gate_norm(x) + gate
         return self.gate_norm(x * gate if self.gate_op == "mul" else x + gate)
 
@@ -232,7 +242,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         'absorbed' caches store it (8 B per position).
         LayerNorm: (mean, 1/sqrt(biased var + eps)); RMSNorm: (0, 1/sqrt(mean(x^2) + eps)); none: (0, 1)."""
         kv = F.linear(latent.float(), self.wkv_b.weight.float())
-        if self.gate_op == "bias":  # the control's norm sees kv_t alone; its table is added after it
+        if self.adds_table:  # the controls' norm sees kv_t alone; their table is added after it
             x = kv
         else:
             gate = self.gate(token_ids).float()
@@ -304,8 +314,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         and the token groups; several new tokens (prefill) take the gate-table rebuild. [batch, seq, heads, d_v]."""
         if self.gate_placement == "latent":
             return super().attend_absorbed(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
-        if self.gate_op != "bias":
-            raise ValueError(f"decode_path='absorbed' with gate placement 'up' needs gate_op='bias' (the norm must "
+        if not self.adds_table:
+            raise ValueError(f"decode_path='absorbed' with gate placement 'up' needs gate_op='bias' or 'bias-v' (the norm must "
                              f"not see the gate); gate_op={self.gate_op!r}: use 'grouped' or 'kernel'")
         groups = self._checked_groups(ctx, "absorbed")
         if q_nope.shape[1] > 1:
@@ -338,16 +348,22 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
 
         groups, norm = ctx.kv_groups, self.gate_norm
         w_uk, w_uv = (w.float() for w in self.up_weights())
-        w_ue_k, w_ue_v = self.wue.weight.float().unflatten(0, (self.n_heads, -1)).split(
-            [self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, d_n, d_e], [h, d_v, d_e]
+        w_ue = self.wue.weight.float().unflatten(0, (self.n_heads, -1))
+        if self.gate_op == "bias-v":  # the table on V only: no score term
+            w_ue_k, w_ue_v = None, w_ue
+        else:
+            w_ue_k, w_ue_v = w_ue.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, d_n|d_v, d_e]
         gamma_k, gamma_v = split_heads(getattr(norm, "weight", None), self.n_heads, self.qk_nope_head_dim, 1.0)
         beta_k, beta_v = split_heads(getattr(norm, "bias", None), self.n_heads, self.qk_nope_head_dim, 0.0)
         q = q_nope[:, 0].float()  # [batch, heads, d_n]
         gq = gamma_k * q
         query_bias = (beta_k * q).sum(-1) if torch.is_tensor(beta_k) else torch.zeros_like(gq[..., 0])
         embeddings = self.gate_embed.weight[ids.long()].to(latent.dtype)  # [batch, U, d_e]
-        q_embed = torch.einsum("bhd,hde->bhe", q, w_ue_k).to(latent.dtype)  # [batch, heads, d_e]
-        per_id = torch.bmm(q_embed, embeddings.transpose(1, 2)).float()  # q^C_h . W^K_UE e_v  [batch, heads, U]
+        if w_ue_k is None:
+            per_id = q.new_zeros(q.shape[0], self.n_heads, embeddings.shape[1])
+        else:
+            q_embed = torch.einsum("bhd,hde->bhe", q, w_ue_k).to(latent.dtype)  # [batch, heads, d_e]
+            per_id = torch.bmm(q_embed, embeddings.transpose(1, 2)).float()  # q^C_h . W^K_UE e_v  [batch, heads, U]
         lengths = torch.minimum(ctx.positions[:, 0] + 1, groups.lengths)  # registered and visible
         out_latent, mean, mass = bias_decode(
             torch.einsum("bhd,hdc->bhc", gq, w_uk), q_pe[:, 0], torch.stack([gq.sum(-1), query_bias], -1), latent,

@@ -198,7 +198,7 @@ def _ln_stats_kernel(
 
 # the kernels' GATE codes; 'bias' (the control: its norm sees W_UKV c_t alone, the table is added after the norm)
 # only in the statistics pass, which is all of the control that needs (mu, rho) of the ungated kv_t
-GATE_CODES = {"mul": 0, "add": 1, "bias": 2}
+GATE_CODES = {"mul": 0, "add": 1, "bias": 2, "bias-v": 2}  # the controls' norm sees kv alone
 
 
 def _check_egmla_inputs(n_heads: int, d_n: int, gate_table: torch.Tensor, wkv_b: torch.Tensor, gate_op: str,
@@ -213,7 +213,7 @@ def _check_egmla_inputs(n_heads: int, d_n: int, gate_table: torch.Tensor, wkv_b:
     if gate_op not in gate_ops:
         raise ValueError(f"gate_op={gate_op!r}: choose {' or '.join(gate_ops)}"
                          + (" (the bias control decodes on its 'absorbed' path, egmla/kernels/bias_decode.py)"
-                            if gate_op == "bias" else ""))
+                            if gate_op in ("bias", "bias-v") else ""))
     return width // n_heads - d_n
 
 

@@ -22,7 +22,7 @@ def gated_kv(latent: torch.Tensor, gates: torch.Tensor, wkv_b: torch.Tensor, gat
     gates [batch, T, n_h*(d_n+d_v)], wkv_b [n_h*(d_n+d_v), d_c]. gate_op 'bias' (the control): the norm's input
     is W_UKV c alone (its table is added after the norm), so x ignores the gates."""
     kv = latent.float() @ wkv_b.float().t()
-    if gate_op == "bias":
+    if gate_op in ("bias", "bias-v"):
         return kv
     return kv * gates.float() if gate_op == "mul" else kv + gates.float()
 

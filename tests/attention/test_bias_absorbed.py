@@ -21,8 +21,9 @@ def test_equations_match_rebuild_in_fp64(norm, n_ids):
     assert (out - expected).abs().max().item() < 1e-10
 
 
-def test_model_path_equals_naive_on_repeated_ids_and_refuses_a_cache_without_statistics():
-    config = small_config(attention="eg-mla", gate_op="bias")
+@pytest.mark.parametrize("gate_op", ["bias", "bias-v"])
+def test_model_path_equals_naive_on_repeated_ids_and_refuses_a_cache_without_statistics(gate_op):
+    config = small_config(attention="eg-mla", gate_op=gate_op)
     torch.manual_seed(4)
     model = Transformer(config).eval()
     tokens = torch.randint(0, 5, (3, 20))  # 5 of 61 ids: every sequence repeats them

@@ -84,6 +84,23 @@ def test_bias_control_adds_the_table_after_the_norm_and_gates_nothing():
                           torch.cat([k2, v2], -1).flatten(2) - attn.gate(other), atol=1e-6)
 
 
+def test_v_only_control_adds_the_table_to_v_alone():
+    """gate_op='bias-v': Norm(kv) with W_UE e added to each head's V part; K is MLA's normed K, the same for any
+    token id; W_UE is n_h d_v wide and the norm still covers all of kv."""
+    attn = _attn(gate_op="bias-v")
+    assert attn.wue.out_features == attn.n_heads * attn.v_head_dim
+    assert attn.gate_norm.weight.shape[0] == attn.n_heads * (attn.qk_nope_head_dim + attn.v_head_dim)
+    latent, ids = torch.randn(2, 5, attn.kv_lora_rank), torch.randint(0, 61, (2, 5))
+    other = torch.where(ids == 7, 8, 7)
+    k, v = attn.expand_kv(latent, ids)
+    k2, v2 = attn.expand_kv(latent, other)
+    assert torch.equal(k, k2) and (v - v2).abs().max() > 1e-3
+    normed = attn.gate_norm(latent @ attn.wkv_b.weight.T).unflatten(-1, (attn.n_heads, -1))
+    table_v = (attn.gate_embed.weight[ids] @ attn.wue.weight.T).unflatten(-1, (attn.n_heads, attn.v_head_dim))
+    assert torch.allclose(v, normed[..., attn.qk_nope_head_dim:] + table_v, atol=1e-5)
+    assert torch.allclose(k, normed[..., :attn.qk_nope_head_dim], atol=1e-6)
+
+
 def test_identity_gate_starts_at_one_and_stays_one_plus_w_ue_e():
     model = Transformer(small_config(attention="eg-mla", gate_init="identity"))
     attn = model.layers[0].attn
@@ -123,6 +140,7 @@ def test_controls_decode_only_on_the_paths_that_compute_them():
 
     bias = small_config(attention="eg-mla", gate_op="bias")
     assert decode_paths(bias) == ("naive", "gate-table", "absorbed")  # the Triton kernels gate inside: mul or add
+    assert decode_paths(small_config(attention="eg-mla", gate_op="bias-v")) == decode_paths(bias)
     for path in ("kernel", "grouped"):
         with pytest.raises(ValueError, match=f"decode_path='{path}' is not available for EG-MLA kv10 gate-bias"):
             check_decode_path(bias, path)

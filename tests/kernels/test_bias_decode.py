@@ -75,13 +75,14 @@ def test_kernel_refuses_bad_shapes_by_name():
         bias_decode(**args)
 
 
-def test_model_path_through_the_kernel_equals_the_pytorch_equations():
-    """The kernel path takes the per-id terms through the gate embedding (W_UE absorbed); the PyTorch path
-    through the gate table's rows."""
+@pytest.mark.parametrize("gate_op", ["bias", "bias-v"])
+def test_model_path_through_the_kernel_equals_the_pytorch_equations(gate_op):
+    """The kernel path takes the per-id terms through the gate embedding (W_UE absorbed; the V-only control has
+    no score term); the PyTorch path through the gate table's rows."""
     from tests.conftest import small_config
     from egmla.model import Transformer
 
-    config = small_config(attention="eg-mla", gate_op="bias", kv_lora_rank=16, qk_rope_head_dim=16)
+    config = small_config(attention="eg-mla", gate_op=gate_op, kv_lora_rank=16, qk_rope_head_dim=16)
     torch.manual_seed(4)
     model = Transformer(config).eval().to(kernel_device())
     model.set_decode_path("absorbed")
