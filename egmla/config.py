@@ -89,7 +89,7 @@ class ModelConfig:
     v_head_dim: NonNegativeInt = 32  # d_v
     # EG-MLA gate
     gate_dim: NonNegativeInt = 512  # d_e: width of the per-layer token-embedding table
-    gate_op: Literal[GATE_OPS] = "mul"  # mul (paper) | add (ablation) | bias (control: the table, no gate) | bias-v (on V)
+    gate_op: Literal[GATE_OPS] = "mul"  # mul (paper) | add (ablation) | bias, bias-v (controls: the table on K/V, V)
     gate_norm: Literal[GATE_NORMS] = "layernorm"  # layernorm (paper) | rmsnorm | none (ablation)
     gate_placement: Literal[GATE_PLACEMENTS] = "up"  # up (paper: gate the up-projected K/V) | latent (gate c_t)
     gate_init: Literal[GATE_INITS] = "random"  # random: g = W_UE e starts ~N(0,1) | identity: g = 1 + W_UE e, W_UE = 0

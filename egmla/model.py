@@ -182,7 +182,8 @@ def count_params(config: ModelConfig, include_gate_tables: bool = True) -> int:
         per_layer += config.kv_lora_rank * config.kv_up_dim + heads * config.v_head_dim * d
         if config.is_gated:
             out, normed = config.gate_out_dim, config.gate_norm_dim
-            per_layer += config.gate_dim * out + {"layernorm": 2 * normed, "rmsnorm": normed, "none": 0}[config.gate_norm]
+            norm_params = {"layernorm": 2 * normed, "rmsnorm": normed, "none": 0}[config.gate_norm]
+            per_layer += config.gate_dim * out + norm_params
             if include_gate_tables:
                 per_layer += config.vocab_size * config.gate_dim
     else:

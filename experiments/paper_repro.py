@@ -6,9 +6,10 @@ Groups (configs/ holds every config; all runs of a group share data order, seed 
   de-sweep   EG-MLA kv64 with d_e in {64, 128, 256, 512, 1024, 2048}
   latent     EG-MLA kv64 with the gate on the latent, beside the paper's placement
   seeds      EG-MLA kv64 and MLA kv256 with seeds 1 and 2 (seed 0 is in table1)
-  longer     issue 18: EG-MLA kv64, MLA kv256 and MHA at 2,000 steps (131 M tokens), the two controls of
+  longer     issue 18: EG-MLA kv64, MLA kv256 and MHA at 2,000 steps (131 M tokens), the controls of
              EG-MLA kv64 (egmla-kv64-bias: the table without a gate; egmla-kv64-identity: the gate started
-             at 1; egmla-kv64-bias-v: the table on V alone) and `add`, on whole files held out (data.split = "document"); PLANS gives the seeds and order
+             at 1; egmla-kv64-bias-v: the table on V alone) and `add`, on whole files held out
+             (data.split = "document"); PLANS gives the seeds and order
 
     python experiments/paper_repro.py table1 --steps 800            # on the lent H100
     python experiments/paper_repro.py table1 --only mha,mla-kv256   # part of a group (calls are <= 10 min)

@@ -315,8 +315,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         if self.gate_placement == "latent":
             return super().attend_absorbed(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
         if not self.adds_table:
-            raise ValueError(f"decode_path='absorbed' with gate placement 'up' needs gate_op='bias' or 'bias-v' (the norm must "
-                             f"not see the gate); gate_op={self.gate_op!r}: use 'grouped' or 'kernel'")
+            raise ValueError(f"decode_path='absorbed' with gate placement 'up' needs gate_op='bias' or 'bias-v' "
+                             f"(the norm must not see the gate); gate_op={self.gate_op!r}: use 'grouped' or 'kernel'")
         groups = self._checked_groups(ctx, "absorbed")
         if q_nope.shape[1] > 1:
             return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
@@ -340,8 +340,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         terms here, the pass over the cache in the kernel, the up-projection and the table's value term after
         (`bias_absorbed_attention`'s equations). [batch, 1, heads, d_v].
 
-        The gate is linear in the embedding, g_v = W_UE e_v (the config refuses the identity start here), so the per-id terms
-        go through e_v (d_e wide) rather than the gate rows (n_h (d_n + d_v) wide, 3x more for paper-base):
+        The gate is linear in the embedding, g_v = W_UE e_v (the config refuses the identity start here), so the
+        per-id terms go through e_v (d_e wide) rather than the gate rows (n_h (d_n + d_v) wide, 3x more for
+        paper-base):
         q^C_h . g^K_{h,v} = (W^K_{UE,h}^T q^C_h) . e_v and sum_v P_{h,v} g^V_{h,v} = W^V_{UE,h} (sum_v P_{h,v} e_v),
         two batched matmuls over the distinct ids' embedding rows; no [batch, ids, n_h (d_n + d_v)] tensor."""
         from egmla.kernels.bias_decode import bias_decode

@@ -255,10 +255,8 @@ def rows_to_run(variants, preset: str, overrides: list[str], modes: list[str],
     return rows
 
 
-def parse_modes(text: str, option: str = "--gate-table-update") -> list[str]:
-    from egmla.train.config import COMPILE_MODES, GATE_TABLE_UPDATES
-
-    allowed = COMPILE_MODES if option == "--compile-mode" else GATE_TABLE_UPDATES
+def parse_modes(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
+    """The comma-separated values of `option`, each one of `allowed`, at most once."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in allowed]
     if not modes or bad or len(set(modes)) < len(modes):
@@ -274,6 +272,7 @@ def main(args) -> int:
     from egmla.bench.token_ids import text_token_ids
     from egmla.configfile import parse_overrides
     from egmla.runs import atomic_write_json
+    from egmla.train.config import COMPILE_MODES, GATE_TABLE_UPDATES
     from egmla.train.distributed import pick_device
     from egmla.variants import select
 
@@ -281,8 +280,8 @@ def main(args) -> int:
         raise ValueError("--batch, --seq-len, --steps and --profile-steps must be positive, --warmup >= 0")
     if args.micro_batch and args.batch % args.micro_batch:
         raise ValueError(f"--micro-batch {args.micro_batch}: must divide --batch {args.batch}")
-    modes = parse_modes(args.gate_table_update)
-    compile_modes = parse_modes(args.compile_mode, "--compile-mode")
+    modes = parse_modes(args.gate_table_update, "--gate-table-update", GATE_TABLE_UPDATES)
+    compile_modes = parse_modes(args.compile_mode, "--compile-mode", COMPILE_MODES)
     if not args.compile and compile_modes != ["default"]:
         raise ValueError(f"--compile-mode {args.compile_mode}: needs --compile (drop --no-compile)")
     device = pick_device(args.device)
@@ -292,8 +291,8 @@ def main(args) -> int:
     vocab = variants[0].config(args.preset, **parse_overrides(args.overrides, section="model")).vocab_size
     ids, note = text_token_ids(args.batch, args.seq_len + 1, vocab, args.text)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    settings = (f"torch {torch.__version__}, {'bf16' if use_bf16 else 'fp32'}, compile={args.compile} ({args.compile_mode}), preset "
-                f"{args.preset}, batch {args.batch}x{args.seq_len} tokens "
+    settings = (f"torch {torch.__version__}, {'bf16' if use_bf16 else 'fp32'}, compile={args.compile} "
+                f"({args.compile_mode}), preset {args.preset}, batch {args.batch}x{args.seq_len} tokens "
                 f"(micro-batch {args.micro_batch or args.batch}), "
                 f"median of {args.steps} steps after {args.warmup} warm-up, ids from {note['source']} text")
     print(f"egmla bench train: {device_name}, {settings}")
@@ -306,8 +305,8 @@ def main(args) -> int:
             torch.cuda.empty_cache()
     print(format_rows(rows))
     described = (f"batch {args.batch} x {args.seq_len} tokens, {'bf16' if use_bf16 else 'fp32'}, "
-                 f"torch.compile {'on, mode ' + args.compile_mode if args.compile else 'off'}, median of {args.steps} steps after "
-                 f"{args.warmup} warm-up steps, torch {torch.__version__}")
+                 f"torch.compile {'on, mode ' + args.compile_mode if args.compile else 'off'}, median of "
+                 f"{args.steps} steps after {args.warmup} warm-up steps, torch {torch.__version__}")
     if args.profile:
         profiled = profile_markdown(rows, device_name, described + f"; profile of {args.profile_steps} more steps")
         print("\n" + profiled)
