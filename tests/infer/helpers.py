@@ -20,6 +20,7 @@ VARIANTS = {
     "eg-mla": dict(attention="eg-mla", gate_dim=32, **LATENT),
     "eg-mla-latent": dict(attention="eg-mla", gate_dim=32, gate_placement="latent", **LATENT),
     "eg-mla-bias": dict(attention="eg-mla", gate_dim=32, gate_op="bias", **LATENT),  # issue 18's control
+    "eg-mla-bias-v": dict(attention="eg-mla", gate_dim=32, gate_op="bias-v", **LATENT),  # the table on V alone
 }
 
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings "
