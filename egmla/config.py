@@ -137,7 +137,8 @@ class ModelConfig:
 
     @property
     def gate_norm_dim(self) -> int:
-        """Width the gate's norm covers: the up-projected K/V (placement `up`) or the latent."""
+        """Width the gate's norm covers: the up-projected K/V (placement `up`) or the latent; also the width of the
+        gate vector every path reads (the V-only control's has zeros in the K slots)."""
         return self.kv_up_dim if self.gate_placement == "up" else self.kv_lora_rank
 
     @property

@@ -26,7 +26,7 @@ def gate_table_params(config: ModelConfig, precomputed: bool = False) -> int:
     if not config.is_gated:
         return 0
     if precomputed and config.gate_placement == "up":
-        return config.n_layers * config.vocab_size * config.gate_out_dim
+        return config.n_layers * config.vocab_size * config.gate_norm_dim  # G's rows: the gate in the [k; v] layout
     return count_params(config) - count_params(config, include_gate_tables=False)
 
 
