@@ -81,7 +81,7 @@ def build_step(variant, args, device, ids, autocast, gate_table_update: str, com
     if args.compile:
         for block in model.layers:
             block.compile(mode=compile_mode)
-    graphs = args.compile and uses_cuda_graphs(compile_mode)
+    graphs = uses_cuda_graphs(compile_mode)
     optimizer = build_optimizer(model, TrainConfig(lr=1e-4, warmup_steps=0, gate_table_update=gate_table_update))
     micro = args.micro_batch or args.batch
     inputs, targets = ids[:, :-1].to(device), ids[:, 1:].to(device)

@@ -94,7 +94,8 @@ class TrainConfig:
 def uses_cuda_graphs(compile_mode: str) -> bool:
     """Whether torch.compile's mode records CUDA graphs (cudagraph trees): each training or evaluation step must
     then begin with torch.compiler.cudagraph_mark_step_begin(), so that the graphs' outputs of the step before
-    may be overwritten."""
+    may be overwritten. (A mode other than 'default' implies compile: TrainConfig and the bench refuse it
+    without.)"""
     return compile_mode in ("reduce-overhead", "max-autotune")
 
 

@@ -261,7 +261,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
 
     def validate(step: int) -> float:
         loss = evaluate(wrapped, val_windows, cfg.eval_sequences, micro_batch, autocast, info,
-                        graphs=cfg.compile and uses_cuda_graphs(cfg.compile_mode))
+                        graphs=uses_cuda_graphs(cfg.compile_mode))
         metrics.log({"kind": "val", "step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
         return loss
 
@@ -342,7 +342,7 @@ def train_step(model, optimizer, batches, windows, micro_batch: int, autocast, i
     for index, ids in enumerate(micro_batches):
         with phase("data"):
             inputs, targets = (t.to(info.device, non_blocking=True) for t in windows.batch(ids))
-        graph_step_begin(cfg.compile and uses_cuda_graphs(cfg.compile_mode))
+        graph_step_begin(uses_cuda_graphs(cfg.compile_mode))
         try:
             with gradient_sync(model, index == len(micro_batches) - 1), autocast(), phase("forward_backward"):
                 loss = token_loss(model, inputs, targets, compiled=cfg.compile)
