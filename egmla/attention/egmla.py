@@ -55,6 +55,7 @@ from egmla.attention.context import AttnContext, decode_kernel_can_run
 from egmla.attention.mla import MultiHeadLatentAttention
 from egmla.attention.norms import LayerNorm, RMSNorm
 from egmla.config import ModelConfig
+from egmla.kernels import kernel_unavailable_reason
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
@@ -255,6 +256,20 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             return torch.stack([zeros, (x.square().mean(-1) + self.gate_norm.eps).rsqrt()], dim=-1)
         return torch.stack([zeros, torch.ones_like(zeros)], dim=-1)
 
+    def appended_stats(self, latent: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """`norm_stats` of the positions a decode step appends. Where the Triton kernels run, one pass over the
+        gate table the decode kernels read (`layernorm_stats_triton`) replaces the ~10 small PyTorch launches
+        per layer and step (a fp32 W_UKV product, the gate's up-projection, the norm's reductions); a prefill
+        keeps the PyTorch equations, which cost one call per generation."""
+        if (latent.shape[1] != 1 or self.norm_kind == "none" or self.decode_path not in ("kernel", "grouped", "absorbed")
+                or kernel_unavailable_reason(latent.device) is not None):
+            return self.norm_stats(latent, token_ids)
+        from egmla.kernels.egmla_decode import layernorm_stats_triton
+
+        return layernorm_stats_triton(latent, token_ids, self.gate_table_like(latent), self.wkv_b.weight,
+                                      self.n_heads, self.qk_nope_head_dim, self.gate_norm.eps,
+                                      gate_op=self.gate_op, norm=self.norm_kind, block_t=16)
+
     # ---- placement "latent": gate c_t before it is cached ---------------------------------
     def latent(self, x: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
         latent, k_pe = super().latent(x, ctx)
@@ -276,7 +291,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         ctx = super().append(cache, ctx, latent, k_pe)
         if "ln_stats" not in cache.buffers:
             return ctx
-        cache.write(ctx.positions, ln_stats=self.norm_stats(latent, ctx.token_ids))
+        cache.write(ctx.positions, ln_stats=self.appended_stats(latent, ctx.token_ids))
         return dataclasses.replace(ctx, kv_ln_stats=cache.read("ln_stats", ctx.kv_len))
 
     # ---- decode paths ----------------------------------------------------------------------

@@ -70,7 +70,7 @@ def build_step(variant, args, device, ids, autocast, gate_table_update: str, com
     from egmla.train.config import TrainConfig, uses_cuda_graphs
     from egmla.train.distributed import clip_grad_norm
     from egmla.train.optim import build_optimizer
-    from egmla.train.trainer import graph_step_begin, token_loss
+    from egmla.train.trainer import graph_step_begin, own_gradients, token_loss
 
     config = variant.config(args.preset, **parse_overrides(args.overrides, section="model"))
     if args.seq_len > config.max_seq_len:
@@ -83,6 +83,8 @@ def build_step(variant, args, device, ids, autocast, gate_table_update: str, com
             block.compile(mode=compile_mode)
     graphs = uses_cuda_graphs(compile_mode)
     optimizer = build_optimizer(model, TrainConfig(lr=1e-4, warmup_steps=0, gate_table_update=gate_table_update))
+    if graphs:  # as the trainer: autograd adds into gradients of our own, zeroed in place
+        own_gradients(model)
     micro = args.micro_batch or args.batch
     inputs, targets = ids[:, :-1].to(device), ids[:, 1:].to(device)
 
@@ -97,7 +99,7 @@ def build_step(variant, args, device, ids, autocast, gate_table_update: str, com
         clip_grad_norm(model, 1.0)
         timer.mark("clip")
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not graphs)
         timer.mark("optimizer")
 
     return config, model, step

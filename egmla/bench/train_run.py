@@ -100,11 +100,11 @@ def compare_runs(folders: list[str]) -> str:
     loss, its difference to the first run's), then the validation loss at the steps every run evaluated."""
     runs = []
     for folder in map(Path, folders):
-        record = folder / "gpu_train_run.json"
+        record = folder / "summary.json"  # the trainer's summary (also inside gpu_train_run.json)
         if not record.is_file():
-            raise ValueError(f"--report {str(folder)!r}: no gpu_train_run.json there; pass --out folders of "
-                             f"finished `egmla bench train-run` calls")
-        summary = json.loads(record.read_text())["summary"]
+            raise ValueError(f"--report {str(folder)!r}: no summary.json there; pass --out folders of "
+                             f"finished `egmla bench train-run` calls (or finished run directories)")
+        summary = json.loads(record.read_text())
         train = json.loads((folder / "config.json").read_text())["train"]
         lines = (folder / "metrics.jsonl").read_text().splitlines()
         val = {r["step"]: r["val_loss"] for r in map(json.loads, lines) if r["kind"] == "val"}

@@ -184,6 +184,10 @@ def train(run: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     is called on rank 0 after each checkpoint is written. A file-system error (a full disk) becomes one line."""
     run_dir = Path(run_dir)
     info = init_distributed(run.train.device)
+    if uses_cuda_graphs(run.train.compile_mode) and info.world_size > 1:  # before anything is written
+        raise ValueError(f"train.compile_mode={run.train.compile_mode!r} with {info.world_size} processes: the "
+                         f"CUDA-graph modes are built and measured for one process; use compile_mode='default' "
+                         f"under torchrun")
     with claim_run_dir(run_dir, resume, info):
         try:
             return _train(run, run_dir, resume, progress, log, on_checkpoint, info)
@@ -224,11 +228,14 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
         start_step, position = state["step"], state["sequences_consumed"]
         say(f"resuming from {resumed_from} (step {start_step})")
     model = model.to(info.device)
+    graphs = uses_cuda_graphs(cfg.compile_mode)
     if cfg.compile:
         for block in model.layers:
             block.compile(mode=cfg.compile_mode)
     wrapped = parallelize(model, cfg, info)
     optimizer = build_optimizer(wrapped, cfg)
+    if graphs:
+        own_gradients(wrapped)
     if resumed_from is not None:
         ckpt.load_optimizer(optim_state, resumed_from, wrapped, optimizer)
         ckpt.set_rng_state(state["rng"])
@@ -363,8 +370,18 @@ def train_step(model, optimizer, batches, windows, micro_batch: int, autocast, i
                                f"last good checkpoint is kept; lower train.lr or raise train.warmup_steps")
     with phase("optimizer"):
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not uses_cuda_graphs(cfg.compile_mode))  # see own_gradients
     return loss_value, grad_norm, stop_votes
+
+
+def own_gradients(model) -> None:
+    """For the CUDA-graph compile modes: give every trainable parameter a zero gradient of its own before the first
+    backward; train_step then zeroes it in place. Otherwise autograd adopts a micro-batch's gradient, an output in
+    the graph's memory pool, as .grad, and the next micro-batch's replay overwrites it: an error, or accumulated
+    gradients silently lost (pytorch/pytorch#169545). With .grad already there, autograd adds into it."""
+    for param in model.parameters():
+        if param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)
 
 
 def phase(name: str):

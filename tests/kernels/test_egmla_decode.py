@@ -134,3 +134,23 @@ def test_gpu_paper_base_shapes(dtype, config, num_splits):
                        out=poisoned((8, 12, 64), dtype, "cuda"))
     assert not out.isnan().any()
     assert rel_err(out, egmla_decode_ref(**inputs, scale=128 ** -0.5)) < 1e-2
+
+
+@pytest.mark.parametrize("variant, path, overrides", [
+    ("eg-mla", "kernel", {}), ("eg-mla", "grouped", {"gate_norm": "rmsnorm"}), ("eg-mla", "kernel", {"gate_op": "add"}),
+    ("eg-mla", "kernel", {"gate_init": "identity"}), ("eg-mla-bias", "absorbed", {}),
+    ("eg-mla-bias-v", "absorbed", {"gate_norm": "rmsnorm"})])
+def test_decode_step_stats_pass_matches_the_pytorch_equations(variant, path, overrides):
+    """A decode step's appended (mu, rho) come from one Triton pass over the gate table where the kernels run;
+    they must be the PyTorch `norm_stats` of the same positions (each gate op, norm and gate start)."""
+    from tests.infer.helpers import tiny_model
+
+    model = tiny_model(variant, **overrides).to(kernel_device())
+    model.set_decode_path(path)
+    latent = torch.randn(3, 1, model.config.kv_lora_rank, device=kernel_device())
+    ids = torch.randint(0, model.config.vocab_size, (3, 1), device=kernel_device())
+    for layer in model.layers:
+        with torch.no_grad():
+            stats, ref = layer.attn.appended_stats(latent, ids), layer.attn.norm_stats(latent, ids)
+        assert stats.shape == ref.shape == (3, 1, 2) and not stats.isnan().any()
+        assert rel_err(stats, ref) < 1e-5

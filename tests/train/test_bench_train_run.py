@@ -31,5 +31,5 @@ def test_dense_and_row_sparse_runs_and_their_report(tmp_path, cache_dir, capsys)
     assert "| dense | dense | 0 | 6 |" in table and "| row-sparse | row-sparse | 0 | 6 |" in table
     assert "| +0.0000 |" in table  # the first run against itself
     assert "| 6 | " in table  # both validated at step 6
-    with pytest.raises(ValueError, match="no gpu_train_run.json there"):
+    with pytest.raises(ValueError, match="no summary.json there"):
         run("--report", str(tmp_path))

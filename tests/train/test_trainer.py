@@ -176,16 +176,37 @@ def test_compile_mode_reaches_each_block_and_graph_modes_mark_each_step(tmp_path
     micro-batch and every validation forward first marks a new step (stale graph outputs may be overwritten).
     Compilation is stubbed: the switch is what is tested here; its speed is a GPU measurement (egmla bench
     train --compile-mode)."""
-    compiled, marks = [], []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append(kwargs.get("mode")))
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    compiled, marks, blocks = [], [], []
+
+    def compile_block(self, **kwargs):
+        compiled.append(kwargs.get("mode"))
+        blocks.append(self)
+
+    def mark():  # before each micro-batch: the gradients are the trainer's own, never a graph's output
+        marks.append(all(p.grad is not None for block in blocks for p in block.parameters()))
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_block)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", mark)
     monkeypatch.setattr(trainer, "compiled_cross_entropy", lambda: trainer.cross_entropy)
     run = run_config(cache_dir, train=dict(steps=3, micro_batch_size=4, compile=True, compile_mode="reduce-overhead",
                                            eval_every=0, eval_sequences=8, checkpoint_every=0))
     train(run, tmp_path / "graphs", **QUIET)
     assert compiled == ["reduce-overhead"] * 2  # TINY's two blocks
     assert len(marks) == 3 * 2 + 2  # 3 steps x 2 micro-batches, and 8 validation sequences in micro-batches of 4
+    assert all(marks)  # own_gradients: autograd adds into them in place (pytorch/pytorch#169545)
     marks.clear()
     train(run_config(cache_dir, train=dict(steps=2, compile=True, eval_every=0, checkpoint_every=0)),
           tmp_path / "plain", **QUIET)
     assert compiled[2:] == ["default"] * 2 and not marks
+
+
+def test_cuda_graph_modes_refuse_several_processes(tmp_path, cache_dir, monkeypatch):
+    """CUDA-graph compile modes are for one process (untested with DDP/FSDP2): a clear error before anything is
+    written."""
+    from egmla.train.distributed import DistInfo
+
+    monkeypatch.setattr(trainer, "init_distributed", lambda device: DistInfo(rank=0, world_size=2))
+    run = run_config(cache_dir, train=dict(steps=1, compile=True, compile_mode="reduce-overhead"))
+    with pytest.raises(ValueError, match="compile_mode='reduce-overhead' with 2 processes.*compile_mode='default'"):
+        train(run, tmp_path / "run", **QUIET)
+    assert not (tmp_path / "run").exists()
