@@ -80,6 +80,15 @@ def supports_grouped(config: ModelConfig) -> bool:
 #   score_t = scale (rho_t (a_{h,i_t} . c_t - mu_t gamma^K_h . q^C_h) + beta^K_h . q^C_h + q^R_h . k^R_t)
 #   w_t = softmax_t(score)_t rho_t,   s_{h,v} = sum_{t: i_t = v} w_t c_t
 #   o_h = gamma^V_h ⊙ sum_v g^V_{h,v} ⊙ (W^V_h s_{h,v}) - gamma^V_h sum_t w_t mu_t + beta^V_h
+@dataclasses.dataclass
+class AbsorbedWeights:
+    """The bias control's folded decode weights (EmbeddingGatedMLA.absorbed_weights) and what they were built from."""
+    key: tuple
+    query: torch.Tensor  # [n_h, d_n, d_c (+ d_e) + 2]
+    output: torch.Tensor  # [n_h, d_c + 2 + d_e, d_v]
+    score_term: bool  # False for the table on V only
+
+
 def split_heads(vector: torch.Tensor | None, n_heads: int, d_n: int, fill: float,
                 dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """A [..., n_h*(d_n+d_v)] vector in wkv_b's per-head [k; v] layout -> its K [..., n_h, d_n] and V parts
@@ -335,14 +344,14 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         groups = self._checked_groups(ctx, "absorbed")
         if q_nope.shape[1] > 1:
             return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
-        mask, ids = self._registered_mask_and_ids(ctx, latent)
-        if self.gate_table is None:
-            self.build_gate_table()
         if self.absorbed_backend not in ("auto", "kernel", "pytorch"):
             raise ValueError(f"absorbed_backend={self.absorbed_backend!r}: choose auto, kernel or pytorch")
         wanted = self.absorbed_backend == "kernel" or (self.absorbed_backend == "auto" and latent.is_cuda)
         if wanted and decode_kernel_can_run(q_nope, latent, ctx, "EG-MLA bias absorbed"):
-            return self.bias_absorbed_kernel(q_nope, q_pe, latent, k_pe, ctx, ids)
+            return self.bias_absorbed_kernel(q_nope, q_pe, latent, k_pe, ctx, self._distinct_ids(ctx))
+        mask, ids = self._registered_mask_and_ids(ctx, latent)
+        if self.gate_table is None:
+            self.build_gate_table()
         w_uk, w_uv = self.up_weights()
         norm = self.gate_norm
         out = bias_absorbed_attention(q_nope, q_pe, latent, k_pe, ctx.kv_ln_stats, groups.slots[:, :latent.shape[1]],
@@ -351,43 +360,69 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return out.to(q_nope.dtype)
 
     def bias_absorbed_kernel(self, q_nope, q_pe, latent, k_pe, ctx: AttnContext, ids: torch.Tensor) -> torch.Tensor:
-        """One decode step of the bias control through egmla/kernels/bias_decode.py: the per-query and per-id
-        terms here, the pass over the cache in the kernel, the up-projection and the table's value term after
-        (`bias_absorbed_attention`'s equations). [batch, 1, heads, d_v].
+        """One decode step of the bias control through egmla/kernels/bias_decode.py: `bias_absorbed_attention`'s
+        equations in a few launches (a step is bound by launches, not by the cache: docs/benchmarks.md §2).
+        [batch, 1, heads, d_v].
 
         The gate is linear in the embedding, g_v = W_UE e_v (the config refuses the identity start here), so the
-        per-id terms go through e_v (d_e wide) rather than the gate rows (n_h (d_n + d_v) wide, 3x more for
-        paper-base):
+        per-id terms go through e_v (d_e wide) rather than the gate rows (n_h (d_n + d_v) wide):
         q^C_h . g^K_{h,v} = (W^K_{UE,h}^T q^C_h) . e_v and sum_v P_{h,v} g^V_{h,v} = W^V_{UE,h} (sum_v P_{h,v} e_v),
-        two batched matmuls over the distinct ids' embedding rows; no [batch, ids, n_h (d_n + d_v)] tensor."""
-        from egmla.kernels.bias_decode import bias_decode
+        each a small Triton kernel that reads the distinct ids' rows of E straight from the table. Every per-query
+        term is one batched matmul of q^C_h with `absorbed_weights().query`, and the output one batched matmul of
+        [out_latent | mean | 1 | sum_v P_{h,v} e_v] with `.output`."""
+        from egmla.kernels.bias_decode import bias_decode, mass_embeddings, per_id_scores
 
-        groups, norm = ctx.kv_groups, self.gate_norm
-        w_uk, w_uv = (w.float() for w in self.up_weights())
-        w_ue = self.wue.weight.float().unflatten(0, (self.n_heads, -1))
-        if self.gate_op == "bias-v":  # the table on V only: no score term
-            w_ue_k, w_ue_v = None, w_ue
-        else:
-            w_ue_k, w_ue_v = w_ue.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [h, d_n|d_v, d_e]
-        gamma_k, gamma_v = split_heads(getattr(norm, "weight", None), self.n_heads, self.qk_nope_head_dim, 1.0)
-        beta_k, beta_v = split_heads(getattr(norm, "bias", None), self.n_heads, self.qk_nope_head_dim, 0.0)
-        q = q_nope[:, 0].float()  # [batch, heads, d_n]
-        gq = gamma_k * q
-        query_bias = (beta_k * q).sum(-1) if torch.is_tensor(beta_k) else torch.zeros_like(gq[..., 0])
-        embeddings = self.gate_embed.weight[ids.long()].to(latent.dtype)  # [batch, U, d_e]
-        if w_ue_k is None:
-            per_id = q.new_zeros(q.shape[0], self.n_heads, embeddings.shape[1])
-        else:
-            q_embed = torch.einsum("bhd,hde->bhe", q, w_ue_k).to(latent.dtype)  # [batch, heads, d_e]
-            per_id = torch.bmm(q_embed, embeddings.transpose(1, 2)).float()  # q^C_h . W^K_UE e_v  [batch, heads, U]
+        weights = self.absorbed_weights()
+        batch, d_c = q_nope.shape[0], self.kv_lora_rank
+        proj = torch.einsum("bhn,hnk->bhk", q_nope[:, 0].float(), weights.query)  # [batch, heads, d_c (+ d_e) + 2]
+        groups, table = ctx.kv_groups, self.gate_embed.weight  # the distinct ids' rows are read where needed
+        if weights.score_term:  # q^C_h . g^K_{h,v} for each distinct id [batch, heads, U]
+            per_id = per_id_scores(proj[..., d_c:-2], table, ids, groups.n_distinct)
+        else:  # the table on V only: no score term
+            per_id = proj.new_zeros(batch, self.n_heads, ids.shape[1])
         lengths = torch.minimum(ctx.positions[:, 0] + 1, groups.lengths)  # registered and visible
-        out_latent, mean, mass = bias_decode(
-            torch.einsum("bhd,hdc->bhc", gq, w_uk), q_pe[:, 0], torch.stack([gq.sum(-1), query_bias], -1), latent,
-            k_pe, ctx.kv_ln_stats, groups.slots[:, :latent.shape[1]], per_id, lengths, self.softmax_scale)
-        mass_embed = torch.bmm(mass.to(latent.dtype), embeddings).float()  # sum_v P_{h,v} e_v  [batch, heads, d_e]
-        table_term = torch.einsum("bhe,hde->bhd", mass_embed, w_ue_v)
-        out = gamma_v * (torch.einsum("bhc,hdc->bhd", out_latent, w_uv) - mean[..., None]) + beta_v + table_term
-        return (out * (lengths > 0)[:, None, None]).unsqueeze(1).to(q_nope.dtype)
+        inputs = torch.empty(batch, self.n_heads, weights.output.shape[1], dtype=torch.float32, device=latent.device)
+        _, _, mass = bias_decode(proj[..., :d_c], q_pe[:, 0], proj[..., -2:], latent, k_pe, ctx.kv_ln_stats,
+                                 groups.slots[:, :latent.shape[1]], per_id, lengths, self.softmax_scale,
+                                 combined=inputs)  # inputs[..., :d_c + 2] = [out_latent | mean | 1]
+        mass_embeddings(mass, table, ids, groups.n_distinct, out=inputs[..., d_c + 2:])  # sum_v P_{h,v} e_v
+        out = torch.einsum("bhk,hkd->bhd", inputs, weights.output)
+        return out.unsqueeze(1).to(q_nope.dtype)
+
+    def absorbed_weights(self) -> "AbsorbedWeights":
+        """The bias control's decode weights (fp32), folded once and rebuilt when a weight changes (in place or
+        replaced: keyed by each source tensor's storage and version):
+            query  [n_h, d_n, d_c + d_e + 2] = [gamma^K ⊙ W_UK | W^K_UE | gamma^K | beta^K]   (no W^K_UE for bias-v)
+            output [n_h, d_c + 2 + d_e, d_v] = [(gamma^V ⊙ W_UV)^T ; -gamma^V ; beta^V ; W^V_UE^T]
+        so that q^C_h [query] gives W_UK^T (gamma^K ⊙ q), the embedding-space query, gamma^K . q and beta^K . q, and
+        [out_latent | mean | 1 | sum_v P_v e_v] [output] gives o_h = gamma^V ⊙ (W_UV s - mean) + beta^V + W^V_UE m."""
+        norm = self.gate_norm
+        sources = [self.wkv_b.weight, self.wue.weight] + [t for t in (getattr(norm, "weight", None),
+                                                                     getattr(norm, "bias", None)) if t is not None]
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+        cached = getattr(self, "_absorbed_weights", None)
+        if cached is not None and cached.key == key:
+            return cached
+        with torch.no_grad():
+            w_uk, w_uv = (w.float() for w in self.up_weights())  # [h, d_n, d_c], [h, d_v, d_c]
+            gamma_k, gamma_v = split_heads(getattr(norm, "weight", None), self.n_heads, self.qk_nope_head_dim, 1.0)
+            beta_k, beta_v = split_heads(getattr(norm, "bias", None), self.n_heads, self.qk_nope_head_dim, 0.0)
+            gamma_k, gamma_v, beta_k, beta_v = (torch.as_tensor(v, dtype=torch.float32, device=w_uk.device)
+                                                .expand(self.n_heads, -1 if torch.is_tensor(v) else d)
+                                                for v, d in ((gamma_k, self.qk_nope_head_dim),
+                                                             (gamma_v, self.v_head_dim),
+                                                             (beta_k, self.qk_nope_head_dim), (beta_v, self.v_head_dim)))
+            w_ue = self.wue.weight.float().unflatten(0, (self.n_heads, -1))  # [h, d_n + d_v (or d_v), d_e]
+            score_term = self.gate_op != "bias-v"
+            w_ue_k, w_ue_v = (w_ue.split([self.qk_nope_head_dim, self.v_head_dim], dim=1) if score_term
+                              else (None, w_ue))
+            query = [gamma_k[..., None] * w_uk] + ([w_ue_k] if score_term else []) + [gamma_k[..., None],
+                                                                                     beta_k[..., None]]
+            output = [(gamma_v[..., None] * w_uv).transpose(1, 2), -gamma_v[:, None], beta_v[:, None],
+                      w_ue_v.transpose(1, 2)]
+            self._absorbed_weights = AbsorbedWeights(key, torch.cat(query, dim=2).contiguous(),
+                                                     torch.cat(output, dim=1).contiguous(), score_term)
+        return self._absorbed_weights
 
     def _checked_groups(self, ctx: AttnContext, path: str):
         """The cache's token groups, after checking that every cached position has its norm statistics."""
@@ -402,22 +437,25 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return groups
 
     def _registered_mask_and_ids(self, ctx: AttnContext, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[batch, seq, T] mask of the visible registered positions, and each sequence's distinct ids [batch, U]:
-        checked against the vocabulary (a host sync), or in a capturable context up to the host-side bound on the
-        distinct ids (as the grouped kernels' plan; no sync, fixed shapes for a CUDA graph)."""
+        """[batch, seq, T] mask of the visible registered positions, and each sequence's distinct ids [batch, U]
+        (`_distinct_ids`): what the PyTorch equations read."""
+        registered = torch.arange(latent.shape[1], device=latent.device)[None, :] < ctx.kv_groups.lengths[:, None]
+        return ctx.mask[:, 0] & registered[:, None, :], self._distinct_ids(ctx)
+
+    def _distinct_ids(self, ctx: AttnContext) -> torch.Tensor:
+        """Each sequence's distinct ids [batch, U]: checked against the vocabulary (a host sync), or in a capturable
+        context up to the host-side bound on the distinct ids (as the grouped kernels' plan; no sync, fixed shapes
+        for a CUDA graph)."""
         groups = ctx.kv_groups
-        kv_len = latent.shape[1]
-        registered = torch.arange(kv_len, device=latent.device)[None, :] < groups.lengths[:, None]
-        mask = ctx.mask[:, 0] & registered[:, None, :]
         if ctx.capturable:
             bound = max(groups.host.distinct_bound, groups.host.plan_distinct, 1)
-            return mask, groups.distinct_ids[:, : min(bound, groups.distinct_ids.shape[1])]
+            return groups.distinct_ids[:, : min(bound, groups.distinct_ids.shape[1])]
         ids = groups.distinct_ids[:, : max(int(groups.n_distinct.max()), 1)]
         vocab = self.gate_embed.num_embeddings
         if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
             raise ValueError(f"token ids in the cache must lie in [0, vocab_size={vocab}); got {int(ids.min())}.."
                              f"{int(ids.max())}: check the tokenizer matches the model")
-        return mask, ids
+        return ids
 
     def attend_grouped(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
         """Exact EG-MLA decode grouped by token id (docs/grouped-decode.md). One new token per sequence: the

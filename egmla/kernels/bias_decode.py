@@ -9,6 +9,11 @@ domain, 4 B per head) and, once the splits are combined, `_bias_mass_kernel` tur
 visible positions into probabilities and adds them to their id's mass (atomics; nothing else is initialised
 or written per position). Bytes per position: the cache row (c_t, k^R_t), the statistics, the slot, and the
 score written and read back.
+
+Per distinct id, through the gate embedding (g = W_UE e): `_per_id_kernel` forms the score term q_e . e_u and
+`_mass_embed_kernel` the value term's sum_u mass_u e_u, each reading the ids' rows of E from the table (no
+gathered [batch, ids, d_e] tensor); `_bias_combine_kernel` merges the splits. A decode step of a layer is six
+launches here; it was bound by launches, not by its cache (docs/benchmarks.md §2).
 """
 from __future__ import annotations
 
@@ -25,8 +30,8 @@ from egmla.kernels.split_combine import block, choose_num_splits, launch_first_f
 def _bias_decode_kernel(
     q_ptr, q_pe_ptr, q_terms_ptr, latent_ptr, k_rope_ptr, stats_ptr, slots_ptr, per_id_ptr, lengths_ptr,
     part_acc_ptr, part_stats_ptr, scores_ptr,
-    stride_qb, stride_qh, stride_pb, stride_ph, stride_lb, stride_lt, stride_kb, stride_kt, stride_tb, stride_tt,
-    stride_sb, stride_eb, stride_eh, stride_xb, stride_xh, max_len, num_splits, qk_scale,
+    stride_qb, stride_qh, stride_pb, stride_ph, stride_ab, stride_ah, stride_lb, stride_lt, stride_kb, stride_kt,
+    stride_tb, stride_tt, stride_sb, stride_eb, stride_eh, stride_xb, stride_xh, max_len, num_splits, qk_scale,
     N_HEADS: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -41,8 +46,9 @@ def _bias_decode_kernel(
                 mask=h_mask[:, None] & c_mask[None, :], other=0.0)
     q_pe = tl.load(q_pe_ptr + batch * stride_pb + offs_h[:, None] * stride_ph + offs_r[None, :],
                    mask=h_mask[:, None] & r_mask[None, :], other=0.0)
-    alpha_q = tl.load(q_terms_ptr + (batch * N_HEADS + offs_h) * 2, mask=h_mask, other=0.0)  # gamma^K . q^C
-    bias_q = tl.load(q_terms_ptr + (batch * N_HEADS + offs_h) * 2 + 1, mask=h_mask, other=0.0)  # beta^K . q^C
+    terms = q_terms_ptr + batch * stride_ab + offs_h * stride_ah
+    alpha_q = tl.load(terms, mask=h_mask, other=0.0).to(tl.float32)  # gamma^K . q^C
+    bias_q = tl.load(terms + 1, mask=h_mask, other=0.0).to(tl.float32)  # beta^K . q^C
     per_id_row = per_id_ptr + batch * stride_eb + offs_h[:, None] * stride_eh
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -56,7 +62,7 @@ def _bias_decode_kernel(
                                                 stats_ptr + batch * stride_tb, offs_t, t_mask, stride_lt, stride_kt,
                                                 stride_tt, offs_c, offs_r, c_mask, r_mask)
         slot = tl.load(slots_ptr + batch * stride_sb + offs_t, mask=t_mask, other=0)
-        e = tl.load(per_id_row + slot[None, :], mask=h_mask[:, None] & t_mask[None, :], other=0.0)
+        e = tl.load(per_id_row + slot[None, :], mask=h_mask[:, None] & t_mask[None, :], other=0.0).to(tl.float32)
         content = tl.dot(q, tl.trans(c_tile), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_T]
         rope = tl.dot(q_pe, tl.trans(r_tile), input_precision=DOT_PRECISION)
         s = (rho[None, :] * (content - mu[None, :] * alpha_q[:, None]) + bias_q[:, None] + e + rope) * qk_scale
@@ -80,7 +86,7 @@ def _bias_decode_kernel(
 
 
 @triton.jit
-def _bias_mass_kernel(scores_ptr, slots_ptr, lengths_ptr, m_ptr, inv_ptr, mass_ptr, stride_xb, stride_xh, stride_sb,
+def _bias_mass_kernel(scores_ptr, slots_ptr, lengths_ptr, m_inv_ptr, mass_ptr, stride_xb, stride_xh, stride_sb,
                       max_len, n_ids, N_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
     """mass[b, h, slot_t] += exp2(s_{h,t} - m_h) * inv_h for the visible positions t < lengths[b] of one tile:
     the scores past a sequence's length are never read (the score buffer is not initialised)."""
@@ -91,12 +97,99 @@ def _bias_mass_kernel(scores_ptr, slots_ptr, lengths_ptr, m_ptr, inv_ptr, mass_p
     length = tl.minimum(tl.load(lengths_ptr + batch).to(tl.int32), max_len)
     live = h_mask[:, None] & (offs_t < length)[None, :]
     s = tl.load(scores_ptr + batch * stride_xb + offs_h[:, None] * stride_xh + offs_t[None, :], mask=live, other=0.0)
-    m = tl.load(m_ptr + batch * N_HEADS + offs_h, mask=h_mask, other=0.0)
-    inv = tl.load(inv_ptr + batch * N_HEADS + offs_h, mask=h_mask, other=0.0)
+    m = tl.load(m_inv_ptr + (batch * N_HEADS + offs_h) * 2, mask=h_mask, other=0.0)
+    inv = tl.load(m_inv_ptr + (batch * N_HEADS + offs_h) * 2 + 1, mask=h_mask, other=0.0)
     slot = tl.load(slots_ptr + batch * stride_sb + offs_t, mask=offs_t < length, other=0)
     slot = tl.minimum(tl.maximum(slot, 0), n_ids - 1)
     p = tl.exp2(s - m[:, None]) * inv[:, None]
     tl.atomic_add(mass_ptr + (batch * N_HEADS + offs_h[:, None]) * n_ids + slot[None, :], p, mask=live)
+
+
+@triton.jit
+def _bias_combine_kernel(part_acc_ptr, part_stats_ptr, lengths_ptr, combined_ptr, m_inv_ptr, stride_cb, stride_ch,
+                         num_splits, N_HEADS: tl.constexpr, D_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    """One sequence's splits merged: every split's sums rescaled to the largest running max (a split with no
+    positions has m = -inf and weighs 0). Writes combined[b, h] = [out_latent (d_c) | mean | 1 if the sequence has
+    positions else 0] and (m, 1 / denominator) per head for the mass pass."""
+    batch = tl.program_id(0).to(tl.int64)
+    offs_h, offs_c = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_C)
+    h_mask, c_mask = offs_h < N_HEADS, offs_c < D_C
+    rows = batch * num_splits * N_HEADS + offs_h  # split 0's rows; split s adds s * N_HEADS
+    m_all = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    for split in range(num_splits):
+        m_all = tl.maximum(m_all, tl.load(part_stats_ptr + (rows + split * N_HEADS) * 3, mask=h_mask,
+                                          other=float("-inf")))
+    m_all = tl.where(m_all > float("-inf"), m_all, 0.0)
+    denom = tl.zeros([BLOCK_H], tl.float32)
+    mean = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+    for split in range(num_splits):
+        row = rows + split * N_HEADS
+        weight = tl.exp2(tl.load(part_stats_ptr + row * 3, mask=h_mask, other=float("-inf")) - m_all)
+        denom += weight * tl.load(part_stats_ptr + row * 3 + 1, mask=h_mask, other=0.0)
+        mean += weight * tl.load(part_stats_ptr + row * 3 + 2, mask=h_mask, other=0.0)
+        acc += weight[:, None] * tl.load(part_acc_ptr + row[:, None] * D_C + offs_c[None, :],
+                                         mask=h_mask[:, None] & c_mask[None, :], other=0.0)
+    inv = tl.where(denom > 0, 1.0 / tl.where(denom > 0, denom, 1.0), 0.0)
+    out = combined_ptr + batch * stride_cb + offs_h * stride_ch
+    tl.store(out[:, None] + offs_c[None, :], acc * inv[:, None], mask=h_mask[:, None] & c_mask[None, :])
+    tl.store(out + D_C, mean * inv, mask=h_mask)
+    valid = tl.where(tl.load(lengths_ptr + batch) > 0, 1.0, 0.0)
+    tl.store(out + D_C + 1, tl.zeros([BLOCK_H], tl.float32) + valid, mask=h_mask)
+    tl.store(m_inv_ptr + (batch * N_HEADS + offs_h) * 2, m_all, mask=h_mask)
+    tl.store(m_inv_ptr + (batch * N_HEADS + offs_h) * 2 + 1, inv, mask=h_mask)
+
+
+@triton.jit
+def _per_id_kernel(q_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_qb, stride_qh, stride_table, stride_ib,
+                   stride_ob, stride_oh, n_cols, N_HEADS: tl.constexpr, D_E: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_U: tl.constexpr, BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """out[b, h, u] = q[b, h] . table[ids[b, u]] for u < n_ids[b], 0 up to n_cols: each distinct id's row is read
+    from the table once per sequence, never gathered into a tensor."""
+    batch = tl.program_id(1).to(tl.int64)
+    offs_u = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < N_HEADS
+    u_mask = offs_u < tl.minimum(tl.load(n_ids_ptr + batch), n_cols)
+    ids = tl.load(ids_ptr + batch * stride_ib + offs_u, mask=u_mask, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_H, BLOCK_U], tl.float32)
+    for e0 in range(0, D_E, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        e_mask = offs_e < D_E
+        rows = tl.load(table_ptr + ids[:, None] * stride_table + offs_e[None, :],
+                       mask=u_mask[:, None] & e_mask[None, :], other=0.0)
+        q = tl.load(q_ptr + batch * stride_qb + offs_h[:, None] * stride_qh + offs_e[None, :],
+                    mask=h_mask[:, None] & e_mask[None, :], other=0.0)
+        acc += tl.dot(q.to(rows.dtype), tl.trans(rows), input_precision=DOT_PRECISION)
+    tl.store(out_ptr + batch * stride_ob + offs_h[:, None] * stride_oh + offs_u[None, :], acc,
+             mask=h_mask[:, None] & (offs_u < n_cols)[None, :])
+
+
+@triton.jit
+def _mass_embed_kernel(mass_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_mb, stride_mh, stride_table,
+                       stride_ib, stride_ob, stride_oh, n_cols, N_HEADS: tl.constexpr, D_E: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_E: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """out[b, h, e] = sum over u < n_ids[b] of mass[b, h, u] table[ids[b, u], e], fp32: one program per block of
+    embedding columns and sequence, walking the sequence's distinct ids."""
+    batch = tl.program_id(1).to(tl.int64)
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask, e_mask = offs_h < N_HEADS, offs_e < D_E
+    n = tl.minimum(tl.load(n_ids_ptr + batch), n_cols)
+    acc = tl.zeros([BLOCK_H, BLOCK_E], tl.float32)
+    for u0 in range(0, n, BLOCK_U):
+        offs_u = u0 + tl.arange(0, BLOCK_U)
+        u_mask = offs_u < n
+        ids = tl.load(ids_ptr + batch * stride_ib + offs_u, mask=u_mask, other=0).to(tl.int64)
+        rows = tl.load(table_ptr + ids[:, None] * stride_table + offs_e[None, :],
+                       mask=u_mask[:, None] & e_mask[None, :], other=0.0)
+        mass = tl.load(mass_ptr + batch * stride_mb + offs_h[:, None] * stride_mh + offs_u[None, :],
+                       mask=h_mask[:, None] & u_mask[None, :], other=0.0)
+        acc += tl.dot(mass.to(rows.dtype), rows, input_precision=DOT_PRECISION)
+    tl.store(out_ptr + batch * stride_ob + offs_h[:, None] * stride_oh + offs_e[None, :], acc,
+             mask=h_mask[:, None] & e_mask[None, :])
 
 
 BLOCK_TS = [64, 32, 16]  # as mla_decode's: the first that fits the device's shared memory
@@ -105,58 +198,101 @@ MASS_BLOCK_T = 128
 
 def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Tensor, latent: torch.Tensor,
                 k_rope: torch.Tensor, ln_stats: torch.Tensor, slots: torch.Tensor, per_id: torch.Tensor,
-                lengths: torch.Tensor, scale: float, num_splits: int | None = None,
-                block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                lengths: torch.Tensor, scale: float, num_splits: int | None = None, block_t: int | None = None,
+                combined: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`bias_decode_ref`'s (out_latent [batch, heads, d_c], mean [batch, heads], mass [batch, heads, U]), fp32,
-    from two kernel launches (the pass, then the mass) and a few tensor ops; no host sync, so a CUDA graph can
-    capture it."""
+    from four launches (the pass, the split combine, the mass's zeros and the mass); no host sync, so a CUDA graph
+    can capture it. q_terms and per_id may be fp32 views (last dim contiguous). `combined`, if given (fp32
+    [batch, heads, >= d_c + 2], last dim contiguous), receives [out_latent | mean | 1 if the sequence has
+    positions else 0] in its first d_c + 2 columns, and out_latent and mean are views of it: a caller can lay
+    out its next matmul's input there."""
     batch, heads, d_c = q_absorbed.shape
     max_len, d_r = latent.shape[1], k_rope.shape[-1]
     expected = {"q_pe": (q_pe, (batch, heads, d_r)), "q_terms": (q_terms, (batch, heads, 2)),
                 "k_rope": (k_rope, (batch, max_len, d_r)), "ln_stats": (ln_stats, (batch, max_len, 2)),
                 "slots": (slots, (batch, max_len)), "per_id": (per_id, (batch, heads, per_id.shape[-1])),
                 "lengths": (lengths, (batch,))}
+    if combined is not None:
+        expected["combined"] = (combined[..., :d_c + 2], (batch, heads, d_c + 2))
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape or tensor.stride(-1) != 1:
             raise ValueError(f"bias_decode: {name}.shape={tuple(tensor.shape)}, expected {shape} with a contiguous "
                              f"last dim")
     if latent.shape[0] != batch or latent.stride(-1) != 1:
         raise ValueError(f"bias_decode: latent.shape={tuple(latent.shape)}, expected [batch={batch}, T, {d_c}]")
+    if combined is not None and combined.dtype != torch.float32:
+        raise ValueError(f"bias_decode: combined.dtype={combined.dtype}, expected torch.float32")
     q_absorbed, q_pe = q_absorbed.to(latent.dtype).contiguous(), q_pe.to(latent.dtype).contiguous()
-    q_terms, per_id = q_terms.float().contiguous(), per_id.float().contiguous()
-    scores = torch.empty(batch, heads, max_len, dtype=torch.float32, device=latent.device)  # read below length only
+    device = latent.device
+    scores = torch.empty(batch, heads, max_len, dtype=torch.float32, device=device)  # read below length only
 
     def launch(tile):
-        splits = num_splits or choose_num_splits(batch, 1, max_len, tile, latent.device)
-        part_acc = torch.empty(batch, splits, heads, d_c, dtype=torch.float32, device=latent.device)
-        part_stats = torch.empty(batch, splits, heads, 3, dtype=torch.float32, device=latent.device)
+        splits = num_splits or choose_num_splits(batch, 1, max_len, tile, device)
+        part_acc = torch.empty(batch, splits, heads, d_c, dtype=torch.float32, device=device)
+        part_stats = torch.empty(batch, splits, heads, 3, dtype=torch.float32, device=device)
         _bias_decode_kernel[(splits, batch)](
             q_absorbed, q_pe, q_terms, latent, k_rope, ln_stats, slots, per_id, lengths, part_acc, part_stats, scores,
-            q_absorbed.stride(0), q_absorbed.stride(1), q_pe.stride(0), q_pe.stride(1), latent.stride(0),
-            latent.stride(1), k_rope.stride(0), k_rope.stride(1), ln_stats.stride(0), ln_stats.stride(1),
-            slots.stride(0), per_id.stride(0), per_id.stride(1), scores.stride(0), scores.stride(1), max_len, splits,
-            scale * LOG2E, N_HEADS=heads, D_C=d_c, D_R=d_r, BLOCK_H=block(heads), BLOCK_C=block(d_c),
-            BLOCK_R=block(d_r), BLOCK_T=tile, DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
-            num_warps=4, num_stages=2)
-        return part_acc, part_stats
+            q_absorbed.stride(0), q_absorbed.stride(1), q_pe.stride(0), q_pe.stride(1), q_terms.stride(0),
+            q_terms.stride(1), latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
+            ln_stats.stride(0), ln_stats.stride(1), slots.stride(0), per_id.stride(0), per_id.stride(1),
+            scores.stride(0), scores.stride(1), max_len, splits, scale * LOG2E, N_HEADS=heads, D_C=d_c, D_R=d_r,
+            BLOCK_H=block(heads), BLOCK_C=block(d_c), BLOCK_R=block(d_r), BLOCK_T=tile,
+            DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+        return part_acc, part_stats, splits
 
     tiles = [block_t] if block_t else BLOCK_TS
-    part_acc, part_stats = launch_first_fitting(("bias", latent.dtype, heads, d_c, d_r, tuple(tiles)), tiles, launch)
-    # combine the splits: every split's sums rescaled to the largest running max (a split with no positions
-    # has m = -inf and weighs 0), then each distinct id's mass from the stored scores
-    m_split, l_split, mean_split = part_stats.unbind(-1)  # [batch, splits, heads]
-    m_all = m_split.max(dim=1).values
-    m_all = torch.where(torch.isfinite(m_all), m_all, torch.zeros_like(m_all))
-    weight = torch.exp2(m_split - m_all[:, None])
-    denom = (weight * l_split).sum(1)
-    inv = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(denom))
-    out_latent = (weight[..., None] * part_acc).sum(1) * inv[..., None]
-    mean = (weight * mean_split).sum(1) * inv
-    mass = torch.zeros_like(per_id)
+    part_acc, part_stats, splits = launch_first_fitting(("bias", latent.dtype, heads, d_c, d_r, tuple(tiles)), tiles,
+                                                        launch)
+    if combined is None:
+        combined = torch.empty(batch, heads, d_c + 2, dtype=torch.float32, device=device)
+    m_inv = torch.empty(batch, heads, 2, dtype=torch.float32, device=device)
+    _bias_combine_kernel[(batch,)](part_acc, part_stats, lengths, combined, m_inv, combined.stride(0),
+                                   combined.stride(1), splits, N_HEADS=heads, D_C=d_c, BLOCK_H=block(heads),
+                                   BLOCK_C=block(d_c), num_warps=4)
+    mass = torch.zeros(batch, heads, per_id.shape[-1], dtype=torch.float32, device=device)
     n_ids = per_id.shape[-1]
     if n_ids:
         _bias_mass_kernel[(triton.cdiv(max_len, MASS_BLOCK_T), batch)](
-            scores, slots, lengths, m_all.contiguous(), inv.contiguous(), mass, scores.stride(0), scores.stride(1),
-            slots.stride(0), max_len, n_ids, N_HEADS=heads, BLOCK_H=triton.next_power_of_2(heads),
-            BLOCK_T=MASS_BLOCK_T, num_warps=4)
-    return out_latent, mean, mass
+            scores, slots, lengths, m_inv, mass, scores.stride(0), scores.stride(1), slots.stride(0), max_len, n_ids,
+            N_HEADS=heads, BLOCK_H=triton.next_power_of_2(heads), BLOCK_T=MASS_BLOCK_T, num_warps=4)
+    return combined[..., :d_c], combined[..., d_c], mass
+
+
+def _check_rows(name: str, tensor: torch.Tensor, shape: tuple) -> None:
+    if tuple(tensor.shape) != shape or tensor.stride(-1) != 1:
+        raise ValueError(f"{name}.shape={tuple(tensor.shape)}, expected {shape} with a contiguous last dim")
+
+
+def per_id_scores(q_embed: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, n_ids: torch.Tensor) -> torch.Tensor:
+    """`per_id_scores_ref`: [batch, heads, U] fp32 from q_embed [batch, heads, d_e] (any float dtype, last dim
+    contiguous), table [vocab, d_e], ids [batch, U] and n_ids [batch] (columns from n_ids[b] on are 0)."""
+    batch, heads, d_e = q_embed.shape
+    n_cols = ids.shape[1]
+    _check_rows("per_id_scores: q_embed", q_embed, (batch, heads, table.shape[1]))
+    _check_rows("per_id_scores: ids", ids, (batch, n_cols))
+    out = torch.empty(batch, heads, n_cols, dtype=torch.float32, device=q_embed.device)
+    if n_cols:
+        _per_id_kernel[(triton.cdiv(n_cols, 32), batch)](
+            q_embed, table, ids, n_ids, out, q_embed.stride(0), q_embed.stride(1), table.stride(0), ids.stride(0),
+            out.stride(0), out.stride(1), n_cols, N_HEADS=heads, D_E=d_e, BLOCK_H=block(heads), BLOCK_U=32,
+            BLOCK_E=min(128, block(d_e)), DOT_PRECISION="ieee" if table.dtype == torch.float32 else "tf32",
+            num_warps=4)
+    return out
+
+
+def mass_embeddings(mass: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, n_ids: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """`mass_embeddings_ref`: [batch, heads, d_e] fp32 from mass [batch, heads, U] fp32, table [vocab, d_e], ids
+    [batch, U] and n_ids [batch]; written into `out` (fp32, last dim contiguous) if given."""
+    batch, heads, n_cols = mass.shape
+    d_e = table.shape[1]
+    _check_rows("mass_embeddings: ids", ids, (batch, n_cols))
+    if out is None:
+        out = torch.empty(batch, heads, d_e, dtype=torch.float32, device=mass.device)
+    _check_rows("mass_embeddings: out", out, (batch, heads, d_e))
+    block_e = min(64, block(d_e))
+    _mass_embed_kernel[(triton.cdiv(d_e, block_e), batch)](
+        mass, table, ids, n_ids, out, mass.stride(0), mass.stride(1), table.stride(0), ids.stride(0), out.stride(0),
+        out.stride(1), n_cols, N_HEADS=heads, D_E=d_e, BLOCK_H=block(heads), BLOCK_U=32, BLOCK_E=block_e,
+        DOT_PRECISION="ieee" if table.dtype == torch.float32 else "tf32", num_warps=4)
+    return out

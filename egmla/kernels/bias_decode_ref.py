@@ -34,3 +34,19 @@ def bias_decode_ref(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch
     weights = probs * rho
     mass = torch.zeros_like(per_id, dtype=torch.float32).scatter_add_(2, slot, probs)
     return torch.einsum("bht,btc->bhc", weights, latent), (weights * mu).sum(-1), mass
+
+
+def _visible_rows(table: torch.Tensor, ids: torch.Tensor, n_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, U, d_e] fp32: each sequence's distinct ids' table rows, zero from n_ids[b] on."""
+    live = torch.arange(ids.shape[1], device=ids.device)[None, :] < n_ids[:, None]
+    return table[ids.long().clamp(0, table.shape[0] - 1)].float() * live[..., None]
+
+
+def per_id_scores_ref(q_embed: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, n_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, U]: q_embed[b, h] . table[ids[b, u]] (the score term's e_{h,u} through the gate embedding)."""
+    return torch.einsum("bhe,bue->bhu", q_embed.float(), _visible_rows(table, ids, n_ids))
+
+
+def mass_embeddings_ref(mass: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, n_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, d_e]: sum_u mass[b, h, u] table[ids[b, u]] (the value term's sum_v P_{h,v} e_v)."""
+    return torch.einsum("bhu,bue->bhe", mass.float(), _visible_rows(table, ids, n_ids))

@@ -55,6 +55,56 @@ def test_kernel_matches_the_reference(dtype, tolerance, num_splits, ids):
     assert torch.allclose(out[2][:2].sum(-1), torch.ones(2, 3, device=device), atol=1e-4)  # mass sums to 1
 
 
+def test_kernel_writes_into_a_callers_buffer_and_takes_strided_query_terms():
+    """How the model calls it: q_terms a strided fp32 view, per_id in half precision, and the combined
+    [out_latent | mean | 1 if the sequence has positions] written into the first columns of a wider buffer."""
+    from egmla.kernels.bias_decode import bias_decode
+
+    args = inputs(torch.float32, kernel_device())
+    wide_terms = torch.randn(3, 3, 9, device=kernel_device())
+    wide_terms[..., 4:6] = args["q_terms"]
+    args["q_terms"] = wide_terms[..., 4:6]
+    args["per_id"] = args["per_id"].half()
+    combined = torch.full((3, 3, 16 + 2 + 5), float("nan"), device=kernel_device())
+    out = bias_decode(**args, num_splits=3, block_t=16, combined=combined)
+    ref = bias_decode_ref(**{**args, "per_id": args["per_id"].float()})
+    for name, o, r in zip(("out_latent", "mean", "mass"), out, ref):
+        assert rel_err(o, r) < 1e-5, name
+    assert out[0].data_ptr() == combined.data_ptr()
+    assert torch.equal(combined[..., 17], torch.tensor([1.0, 1.0, 0.0], device=kernel_device())[:, None].expand(3, 3))
+    assert combined[..., 18:].isnan().all()  # nothing written past d_c + 2
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+def test_per_id_kernels_match_their_references(dtype, tolerance):
+    """The per-id terms read each distinct id's embedding row from the table: scores q . e_u and mass-weighted
+    sums of rows, for sequences with all, some and no distinct ids live (columns past n_ids are 0 / ignored),
+    repeated ids, and a strided q (the model's slice of its projection)."""
+    from egmla.kernels.bias_decode import mass_embeddings, per_id_scores
+    from egmla.kernels.bias_decode_ref import mass_embeddings_ref, per_id_scores_ref
+
+    device = kernel_device()
+    if dtype == torch.float16 and device == "cuda":
+        dtype = torch.bfloat16
+    torch.manual_seed(3)
+    batch, heads, d_e, vocab, n_cols = 3, 5, 40, 50, 37
+    table = torch.randn(vocab, d_e).to(device, dtype)
+    ids = torch.randint(0, vocab, (batch, n_cols + 4), dtype=torch.int32, device=device)[:, :n_cols]
+    n_ids = torch.tensor([n_cols, 11, 0], device=device)
+    wide = torch.randn(batch, heads, d_e + 7, device=device)
+    q_embed = wide[..., 3:3 + d_e]
+    scores = per_id_scores(q_embed, table, ids, n_ids)
+    ref = per_id_scores_ref(q_embed, table, ids, n_ids)
+    assert scores.isfinite().all() and rel_err(scores, ref) < tolerance
+    assert torch.equal(scores[1, :, 11:], torch.zeros_like(scores[1, :, 11:])) and not scores[2].any()
+    mass = torch.rand(batch, heads, n_cols, device=device)
+    out = torch.full((batch, heads, d_e + 9), float("nan"), device=device)
+    summed = mass_embeddings(mass, table, ids, n_ids, out=out[..., 9:])
+    ref = mass_embeddings_ref(mass, table, ids, n_ids)
+    assert summed.isfinite().all() and rel_err(summed, ref) < tolerance
+    assert not summed[2].any() and out[..., :9].isnan().all()
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_kernel_in_bf16_at_paper_base_shapes():
@@ -78,7 +128,9 @@ def test_kernel_refuses_bad_shapes_by_name():
 @pytest.mark.parametrize("gate_op", ["bias", "bias-v"])
 def test_model_path_through_the_kernel_equals_the_pytorch_equations(gate_op):
     """The kernel path takes the per-id terms through the gate embedding (W_UE absorbed; the V-only control has
-    no score term); the PyTorch path through the gate table's rows."""
+    no score term) and folds the norm's affine into its weights; the PyTorch path goes through the gate table's
+    rows. Compared with a random affine, then again after the weights change in place (the folded weights must
+    follow)."""
     from tests.conftest import small_config
     from egmla.model import Transformer
 
@@ -87,13 +139,21 @@ def test_model_path_through_the_kernel_equals_the_pytorch_equations(gate_op):
     model = Transformer(config).eval().to(kernel_device())
     model.set_decode_path("absorbed")
     tokens = torch.randint(0, 9, (3, 20), device=kernel_device())
-    logits = {}
-    with torch.no_grad():
-        for backend in ("pytorch", "kernel"):
-            for layer in model.layers:
-                layer.attn.absorbed_backend = backend
-            cache = model.new_cache(3, max_len=24)
-            model(tokens[:, :6], cache, n_new=torch.tensor([6, 3, 1], device=kernel_device()))
-            logits[backend] = torch.cat([model(tokens[torch.arange(3), cache.lengths][:, None], cache)
-                                         for _ in range(6)], dim=1)
-    assert rel_err(logits["kernel"], logits["pytorch"]) < 1e-5
+    for change in range(2):
+        with torch.no_grad():
+            for layer in model.layers:  # a random affine (the init's is 1 and 0), new W_UKV and W_UE rows
+                layer.attn.gate_norm.weight.normal_(1.0, 0.3)
+                layer.attn.gate_norm.bias.normal_(0.0, 0.3)
+                layer.attn.wkv_b.weight.mul_(1.0 + 0.2 * change)
+                layer.attn.wue.weight.add_(0.1 * change)
+                layer.attn.build_gate_table()  # the PyTorch path reads the table rebuilt by hand
+        logits = {}
+        with torch.no_grad():
+            for backend in ("pytorch", "kernel"):
+                for layer in model.layers:
+                    layer.attn.absorbed_backend = backend
+                cache = model.new_cache(3, max_len=24)
+                model(tokens[:, :6], cache, n_new=torch.tensor([6, 3, 1], device=kernel_device()))
+                logits[backend] = torch.cat([model(tokens[torch.arange(3), cache.lengths][:, None], cache)
+                                             for _ in range(6)], dim=1)
+        assert rel_err(logits["kernel"], logits["pytorch"]) < 1e-5, f"after change {change}"
