@@ -38,10 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="torch.compile each block (as train.compile does)")
-    parser.add_argument("--compile-mode", default="default", metavar="MODES",
+    parser.add_argument("--compile-mode", default="auto", metavar="MODES",
                         help="the blocks' torch.compile mode (train.compile_mode), comma-separated for one row "
-                             "each: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs, "
-                             "max-autotune")
+                             "each: auto (as the trainer: reduce-overhead on a GPU, default on the CPU), default, "
+                             "reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs, max-autotune")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="auto = bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -274,7 +274,7 @@ def main(args) -> int:
     from egmla.bench.token_ids import text_token_ids
     from egmla.configfile import parse_overrides
     from egmla.runs import atomic_write_json
-    from egmla.train.config import COMPILE_MODES, GATE_TABLE_UPDATES
+    from egmla.train.config import COMPILE_MODES, GATE_TABLE_UPDATES, resolve_compile_mode
     from egmla.train.distributed import pick_device
     from egmla.variants import select
 
@@ -284,9 +284,11 @@ def main(args) -> int:
         raise ValueError(f"--micro-batch {args.micro_batch}: must divide --batch {args.batch}")
     modes = parse_modes(args.gate_table_update, "--gate-table-update", GATE_TABLE_UPDATES)
     compile_modes = parse_modes(args.compile_mode, "--compile-mode", COMPILE_MODES)
-    if not args.compile and compile_modes != ["default"]:
+    if not args.compile and set(compile_modes) - {"auto", "default"}:
         raise ValueError(f"--compile-mode {args.compile_mode}: needs --compile (drop --no-compile)")
     device = pick_device(args.device)
+    compile_modes = list(dict.fromkeys(resolve_compile_mode(mode, args.compile, device.type, 1)
+                                       for mode in compile_modes))  # 'auto' as the trainer resolves it
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     variants = select(args.variants)
@@ -294,7 +296,7 @@ def main(args) -> int:
     ids, note = text_token_ids(args.batch, args.seq_len + 1, vocab, args.text)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     settings = (f"torch {torch.__version__}, {'bf16' if use_bf16 else 'fp32'}, compile={args.compile} "
-                f"({args.compile_mode}), preset {args.preset}, batch {args.batch}x{args.seq_len} tokens "
+                f"({','.join(compile_modes)}), preset {args.preset}, batch {args.batch}x{args.seq_len} tokens "
                 f"(micro-batch {args.micro_batch or args.batch}), "
                 f"median of {args.steps} steps after {args.warmup} warm-up, ids from {note['source']} text")
     print(f"egmla bench train: {device_name}, {settings}")

@@ -109,14 +109,15 @@ def compare_runs(folders: list[str]) -> str:
         lines = (folder / "metrics.jsonl").read_text().splitlines()
         val = {r["step"]: r["val_loss"] for r in map(json.loads, lines) if r["kind"] == "val"}
         runs.append((folder.name, summary, train, val))
-    first = runs[0][1]["final_val_loss"]
+    first = runs[0][1]["final_val_loss"]  # None: a run stopped before it validated
     rows = ["| run | gate tables | seed | steps | tokens/s | MFU | final val loss | vs first |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, summary, train, _ in runs:
         mfu = f"{100 * summary['mfu']:.1f}%" if summary.get("mfu") else "-"
+        loss = summary["final_val_loss"]
+        versus = f"{loss - first:+.4f}" if loss is not None and first is not None else "-"
         rows.append(f"| {name} | {train.get('gate_table_update', 'dense')} | {train['seed']} | {summary['steps']} | "
-                    f"{summary['tokens_per_s']:,.0f} | {mfu} | {summary['final_val_loss']:.4f} | "
-                    f"{summary['final_val_loss'] - first:+.4f} |")
+                    f"{summary['tokens_per_s']:,.0f} | {mfu} | {'-' if loss is None else f'{loss:.4f}'} | {versus} |")
     common = sorted(set.intersection(*(set(val) for *_, val in runs)))
     if common:
         rows += ["", "| step | " + " | ".join(name for name, *_ in runs) + " |",

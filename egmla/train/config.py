@@ -22,7 +22,7 @@ DTYPES = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 GATE_TABLE_UPDATES = ("dense", "row-sparse")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")  # torch.compile's
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")  # torch.compile's
 COMM_HOOKS = ("none", "bf16")
 FSDP_DTYPES = ("fp32", "bf16")
 UnitFloat = Annotated[float, Ge(0), Le(1)]
@@ -47,7 +47,7 @@ class TrainConfig:
     gate_table_update: Literal[GATE_TABLE_UPDATES] = "dense"  # EG-MLA gate tables: dense AdamW | row-sparse lazy Adam
     dtype: Literal[DTYPES] = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile each block and the training loss (GPU; slow to start on CPU)
-    compile_mode: Literal[COMPILE_MODES] = "default"  # blocks' torch.compile mode; reduce-overhead: CUDA graphs
+    compile_mode: Literal[COMPILE_MODES] = "auto"  # blocks' torch.compile mode; auto: reduce-overhead (CUDA graphs) on one GPU, else default
     parallel: Literal[PARALLEL] = "ddp"  # under torchrun with several processes: ddp | fsdp (FSDP2 fully_shard)
     # DDP and FSDP2 settings (docs/training.md#multi-gpu-settings); they apply under torchrun with several processes
     ddp_gradient_as_bucket_view: bool = False  # DDP: gradients are views into the all-reduce buckets (no copy)
@@ -79,9 +79,9 @@ class TrainConfig:
             raise ValueError(f"train.ddp_bucket_cap_mb={self.ddp_bucket_cap_mb}: with train.compile, use at least 1 "
                              f"(MiB; torch.compile splits DDP's graph at the buckets and needs none smaller than "
                              f"DDP's first, 1 MiB) or 0 for torch's default")
-        if self.compile_mode != "default" and not self.compile:
+        if self.compile_mode not in ("auto", "default") and not self.compile:
             raise ValueError(f"train.compile_mode={self.compile_mode!r} needs train.compile=true (or leave "
-                             f"compile_mode at 'default')")
+                             f"compile_mode at 'auto')")
         if self.profile_steps and not 0 < self.profile_steps < self.steps:
             raise ValueError(f"train.profile_steps={self.profile_steps}: profiles the last steps of a run of fixed "
                              f"length, after at least one unprofiled step; needs 0 < profile_steps < train.steps "
@@ -89,6 +89,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def resolve_compile_mode(compile_mode: str, compile: bool, device_type: str, world_size: int) -> str:
+    """'auto' -> 'reduce-overhead' (each block replayed from CUDA graphs) when compiling for one CUDA process, else
+    'default'; any other mode as given. On one H200 the graphs took 7-16% off a paper-base step with the same
+    losses (docs/benchmarks.md §4); they are untested under DDP/FSDP2, hence one process."""
+    if compile_mode != "auto":
+        return compile_mode
+    return "reduce-overhead" if compile and device_type == "cuda" and world_size == 1 else "default"
 
 
 def uses_cuda_graphs(compile_mode: str) -> bool:

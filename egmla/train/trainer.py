@@ -23,7 +23,7 @@ from egmla.model import Transformer
 from egmla.runs import (FORMAT_VERSION, StorageError, atomic_write_bytes, atomic_write_json, list_checkpoints,
                         storage_problem)
 from egmla.train import checkpoint as ckpt
-from egmla.train.config import RunConfig, uses_cuda_graphs
+from egmla.train.config import RunConfig, resolve_compile_mode, uses_cuda_graphs
 from egmla.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, clip_grad_norm,
                                      gradient_sync, init_distributed, parallelize, per_rank)
 from egmla.train.runlock import claim_run_dir
@@ -206,7 +206,8 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
     from egmla.data.loader import TrainBatches, WindowedTokens
     from egmla.data.tokenizer import tokenizer_sha256
 
-    cfg = run.train
+    cfg = dataclasses.replace(run.train, compile_mode=resolve_compile_mode(  # 'auto' -> what runs here
+        run.train.compile_mode, run.train.compile, info.device.type, info.world_size))
     say = log if info.is_main else (lambda *_: None)
     micro_batch, accumulation = batch_layout(run, info)
     tokenizer, shards = setup_data(run, run_dir, resume, info, progress, say)
@@ -252,7 +253,8 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
         f"({model.num_params(False) / 1e6:.2f}M without gate tables), {info.world_size} process(es) on "
         f"{device_name}, {precision}, batch {cfg.batch_size}x{cfg.seq_len} tokens "
         f"({accumulation} micro-batch(es) of {micro_batch}), {shards.meta['train_tokens']:,} training tokens"
-        + (f", {cfg.gate_table_update} gate-table updates" if run.model.is_gated else ""))
+        + (f", {cfg.gate_table_update} gate-table updates" if run.model.is_gated else "")
+        + (f", compiled ({cfg.compile_mode})" if cfg.compile else ""))
     say(f"unigram baseline: train-token entropy {shards.meta['train_unigram_entropy']:.3f} nats/token, "
         f"unigram model on validation {unigram:.3f}")
 

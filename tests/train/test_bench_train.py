@@ -82,7 +82,7 @@ def test_compile_modes_get_a_row_each_with_their_own_mla_base(tmp_path, monkeypa
     assert bench_train.mla_base(rows, rows[3]) == rows[2]["step_ms"]
     assert bench_train.mla_base(rows, rows[1]) == rows[0]["step_ms"]
 
-    for argv, error in ((["--compile-mode", "fast"], "--compile-mode 'fast': give each of default, reduce-overhead"),
+    for argv, error in ((["--compile-mode", "fast"], "--compile-mode 'fast': give each of auto, default, reduce-overhead"),
                         (["--no-compile", "--compile-mode", "reduce-overhead"], "needs --compile")):
         with pytest.raises(ValueError, match=error):
             bench_train.main(parser.parse_args(["--device", "cpu", *argv]))

@@ -31,5 +31,15 @@ def test_dense_and_row_sparse_runs_and_their_report(tmp_path, cache_dir, capsys)
     assert "| dense | dense | 0 | 6 |" in table and "| row-sparse | row-sparse | 0 | 6 |" in table
     assert "| +0.0000 |" in table  # the first run against itself
     assert "| 6 | " in table  # both validated at step 6
+    stopped = tmp_path / "stopped"  # a run stopped by its time limit before it validated
+    stopped.mkdir()
+    for name in ("summary.json", "config.json", "metrics.jsonl"):
+        (stopped / name).write_text((outs["dense"] / name).read_text())
+    summary = json.loads((stopped / "summary.json").read_text())
+    (stopped / "summary.json").write_text(json.dumps({**summary, "final_val_loss": None}))
+    assert run("--report", str(outs["dense"]), str(stopped)) == 0
+    assert "| stopped | dense | 0 | 6 |" in capsys.readouterr().out
+    assert run("--report", str(stopped), str(outs["dense"])) == 0
+    assert "| - | - |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no summary.json there"):
         run("--report", str(tmp_path))

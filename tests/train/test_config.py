@@ -100,7 +100,7 @@ BAD_VALUES = [
     ("model.kv_lora_rank=512", r"kv_lora_rank=512: a latent wider than d_model=256 compresses nothing"),
     ("model.gate_op=xor", r"gate_op='xor': choose one of mul, add"),
     ("train.gate_table_update=sparse", r"train.gate_table_update=.sparse.: choose one of dense, row-sparse"),
-    ("train.compile_mode=fast", r"train.compile_mode=.fast.: choose one of default, reduce-overhead, "),
+    ("train.compile_mode=fast", r"train.compile_mode=.fast.: choose one of auto, default, reduce-overhead, "),
     ("train.compile_mode=reduce-overhead", r"train.compile_mode='reduce-overhead' needs train.compile=true"),
     ("data.val_fraction=1.0", r"data.val_fraction=1.0: must be less than 1"),
     ("data.max_bytes=1e6", r"data.max_bytes=1000000.0: must be a valid integer"),
@@ -127,3 +127,17 @@ def test_python_gets_the_same_checks_as_toml_and_set():
         DataConfig(corpus=5)
     assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)  # an int is a fine float
     assert resolve_config(parse("--set", "train.compile=True"))[0].train.compile is True
+
+
+def test_compile_mode_auto_takes_cuda_graphs_only_for_one_cuda_process():
+    """'auto' (the default) is reduce-overhead where it was measured to pay and be exact (compiling, one CUDA
+    process), default elsewhere; an explicit mode is kept."""
+    from egmla.train.config import TrainConfig, resolve_compile_mode
+
+    assert TrainConfig().compile_mode == "auto"
+    assert resolve_compile_mode("auto", True, "cuda", 1) == "reduce-overhead"
+    assert resolve_compile_mode("auto", False, "cuda", 1) == "default"
+    assert resolve_compile_mode("auto", True, "cpu", 1) == "default"
+    assert resolve_compile_mode("auto", True, "cuda", 2) == "default"
+    assert resolve_compile_mode("default", True, "cuda", 1) == "default"
+    assert resolve_compile_mode("max-autotune", True, "cuda", 4) == "max-autotune"
