@@ -405,13 +405,15 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             return cached
         with torch.no_grad():
             w_uk, w_uv = (w.float() for w in self.up_weights())  # [h, d_n, d_c], [h, d_v, d_c]
-            gamma_k, gamma_v = split_heads(getattr(norm, "weight", None), self.n_heads, self.qk_nope_head_dim, 1.0)
-            beta_k, beta_v = split_heads(getattr(norm, "bias", None), self.n_heads, self.qk_nope_head_dim, 0.0)
-            gamma_k, gamma_v, beta_k, beta_v = (torch.as_tensor(v, dtype=torch.float32, device=w_uk.device)
-                                                .expand(self.n_heads, -1 if torch.is_tensor(v) else d)
-                                                for v, d in ((gamma_k, self.qk_nope_head_dim),
-                                                             (gamma_v, self.v_head_dim),
-                                                             (beta_k, self.qk_nope_head_dim), (beta_v, self.v_head_dim)))
+            widths = (self.qk_nope_head_dim, self.v_head_dim)
+
+            def per_head(part, width: int) -> torch.Tensor:  # split_heads gives a scalar where the norm has no affine
+                return part if torch.is_tensor(part) else torch.full((self.n_heads, width), part, device=w_uk.device)
+
+            gamma_k, gamma_v = map(per_head, split_heads(getattr(norm, "weight", None), self.n_heads, widths[0], 1.0),
+                                   widths)
+            beta_k, beta_v = map(per_head, split_heads(getattr(norm, "bias", None), self.n_heads, widths[0], 0.0),
+                                 widths)
             w_ue = self.wue.weight.float().unflatten(0, (self.n_heads, -1))  # [h, d_n + d_v (or d_v), d_e]
             score_term = self.gate_op != "bias-v"
             w_ue_k, w_ue_v = (w_ue.split([self.qk_nope_head_dim, self.v_head_dim], dim=1) if score_term

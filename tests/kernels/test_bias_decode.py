@@ -125,8 +125,9 @@ def test_kernel_refuses_bad_shapes_by_name():
         bias_decode(**args)
 
 
-@pytest.mark.parametrize("gate_op", ["bias", "bias-v"])
-def test_model_path_through_the_kernel_equals_the_pytorch_equations(gate_op):
+@pytest.mark.parametrize("gate_op,norm", [("bias", "layernorm"), ("bias-v", "layernorm"), ("bias", "rmsnorm"),
+                                          ("bias-v", "none")])
+def test_model_path_through_the_kernel_equals_the_pytorch_equations(gate_op, norm):
     """The kernel path takes the per-id terms through the gate embedding (W_UE absorbed; the V-only control has
     no score term) and folds the norm's affine into its weights; the PyTorch path goes through the gate table's
     rows. Compared with a random affine, then again after the weights change in place (the folded weights must
@@ -134,7 +135,7 @@ def test_model_path_through_the_kernel_equals_the_pytorch_equations(gate_op):
     from tests.conftest import small_config
     from egmla.model import Transformer
 
-    config = small_config(attention="eg-mla", gate_op=gate_op, kv_lora_rank=16, qk_rope_head_dim=16)
+    config = small_config(attention="eg-mla", gate_op=gate_op, gate_norm=norm, kv_lora_rank=16, qk_rope_head_dim=16)
     torch.manual_seed(4)
     model = Transformer(config).eval().to(kernel_device())
     model.set_decode_path("absorbed")
@@ -142,8 +143,9 @@ def test_model_path_through_the_kernel_equals_the_pytorch_equations(gate_op):
     for change in range(2):
         with torch.no_grad():
             for layer in model.layers:  # a random affine (the init's is 1 and 0), new W_UKV and W_UE rows
-                layer.attn.gate_norm.weight.normal_(1.0, 0.3)
-                layer.attn.gate_norm.bias.normal_(0.0, 0.3)
+                for name, mean in (("weight", 1.0), ("bias", 0.0)):
+                    if getattr(layer.attn.gate_norm, name, None) is not None:
+                        getattr(layer.attn.gate_norm, name).normal_(mean, 0.3)
                 layer.attn.wkv_b.weight.mul_(1.0 + 0.2 * change)
                 layer.attn.wue.weight.add_(0.1 * change)
                 layer.attn.build_gate_table()  # the PyTorch path reads the table rebuilt by hand
