@@ -220,11 +220,13 @@ def file_stem(args, label: str) -> str:
 
 def run_key(config: dict) -> str:
     """What identifies a run: its whole config (new fields at their defaults, so an older record keys the
-    same) but its name, where its caches go and the time limit of the call that trained it."""
+    same) but its name, where its caches go, the time limit of the call that trained it and its compile mode
+    (how fast the same math runs: records from before the CUDA-graph default key as the runs planned now)."""
     from egmla.train.config import RunConfig
 
     values = RunConfig.from_dict(json.loads(json.dumps(config, default=str))).to_dict()
     values["name"], values["data"]["cache_dir"], values["train"]["time_limit_s"] = "", "", 0.0
+    values["train"]["compile_mode"] = ""
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -104,6 +104,7 @@ def test_run_key_ignores_where_files_go_and_the_calls_time_limit():
     config = dataclasses.asdict(run)
     moved = json.loads(json.dumps(config))
     moved["data"]["cache_dir"], moved["train"]["time_limit_s"], moved["name"] = "/elsewhere", 431.5, "x"
+    moved["train"]["compile_mode"] = "default"  # a record from before the 'auto' default: the same run
     assert paper_repro.run_key(moved) == paper_repro.run_key(config)
     longer = json.loads(json.dumps(config))
     longer["train"]["steps"] = 2001
