@@ -196,6 +196,11 @@ BLOCK_TS = [64, 32, 16]  # as mla_decode's: the first that fits the device's sha
 MASS_BLOCK_T = 128
 
 
+def _check_rows(name: str, tensor: torch.Tensor, shape: tuple) -> None:
+    if tuple(tensor.shape) != shape or tensor.stride(-1) != 1:
+        raise ValueError(f"{name}.shape={tuple(tensor.shape)}, expected {shape} with a contiguous last dim")
+
+
 def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Tensor, latent: torch.Tensor,
                 k_rope: torch.Tensor, ln_stats: torch.Tensor, slots: torch.Tensor, per_id: torch.Tensor,
                 lengths: torch.Tensor, scale: float, num_splits: int | None = None, block_t: int | None = None,
@@ -215,9 +220,7 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
     if combined is not None:
         expected["combined"] = (combined[..., :d_c + 2], (batch, heads, d_c + 2))
     for name, (tensor, shape) in expected.items():
-        if tuple(tensor.shape) != shape or tensor.stride(-1) != 1:
-            raise ValueError(f"bias_decode: {name}.shape={tuple(tensor.shape)}, expected {shape} with a contiguous "
-                             f"last dim")
+        _check_rows(f"bias_decode: {name}", tensor, shape)
     if latent.shape[0] != batch or latent.stride(-1) != 1:
         raise ValueError(f"bias_decode: latent.shape={tuple(latent.shape)}, expected [batch={batch}, T, {d_c}]")
     if combined is not None and combined.dtype != torch.float32:
@@ -258,11 +261,6 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
     return combined[..., :d_c], combined[..., d_c], mass
 
 
-def _check_rows(name: str, tensor: torch.Tensor, shape: tuple) -> None:
-    if tuple(tensor.shape) != shape or tensor.stride(-1) != 1:
-        raise ValueError(f"{name}.shape={tuple(tensor.shape)}, expected {shape} with a contiguous last dim")
-
-
 def per_id_scores(q_embed: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, n_ids: torch.Tensor) -> torch.Tensor:
     """`per_id_scores_ref`: [batch, heads, U] fp32 from q_embed [batch, heads, d_e] (any float dtype, last dim
     contiguous), table [vocab, d_e], ids [batch, U] and n_ids [batch] (columns from n_ids[b] on are 0)."""
@@ -287,6 +285,7 @@ def mass_embeddings(mass: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, 
     batch, heads, n_cols = mass.shape
     d_e = table.shape[1]
     _check_rows("mass_embeddings: ids", ids, (batch, n_cols))
+    _check_rows("mass_embeddings: mass", mass, (batch, heads, n_cols))
     if out is None:
         out = torch.empty(batch, heads, d_e, dtype=torch.float32, device=mass.device)
     _check_rows("mass_embeddings: out", out, (batch, heads, d_e))
