@@ -472,11 +472,11 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         wanted = self.grouped_backend == "kernel" or (self.grouped_backend == "auto" and latent.is_cuda)
         if not (wanted and decode_kernel_can_run(q_nope, latent, ctx, "EG-MLA grouped")):
             return self.grouped_pytorch(q_nope, q_pe, latent, k_pe, ctx)
-        from egmla.kernels.grouped_decode import grouped_decode
+        from egmla.kernels.grouped_decode import CHUNK, grouped_decode
 
         table = self.gate_table_like(latent)
         bounds = (ctx.kv_len, max(groups.host.distinct_bound, groups.host.plan_distinct)) if ctx.capturable else None
-        plan = groups.plan(32, vocab_size=table.shape[0], bounds=bounds)
+        plan = groups.plan(CHUNK, vocab_size=table.shape[0], bounds=bounds)
         norm = self.gate_norm
         out = grouped_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, ctx.kv_ln_stats, plan, table,
                              self.wkv_b.weight, norm.weight, getattr(norm, "bias", None), self.softmax_scale)

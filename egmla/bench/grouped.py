@@ -93,7 +93,7 @@ def grouped_cases(config, batch: int, max_len: int, token_ids: torch.Tensor, dev
     run them (sizes from host bounds, no sync);
     lengths [batch] for a ragged batch (grouped_inputs)."""
     from egmla.bench.decode_cases import Case  # decode_cases imports this module
-    from egmla.kernels.grouped_decode import make_plan
+    from egmla.kernels.grouped_decode import CHUNK, make_plan
 
     attn, args, groups = grouped_inputs(config, batch, max_len, token_ids, device, dtype, lengths)
     bytes_, flops, extra = grouped_cost(config, batch, max_len, groups, dtype)
@@ -114,7 +114,7 @@ def grouped_cases(config, batch: int, max_len: int, token_ids: torch.Tensor, dev
     if "grouped-plan" in paths and not kernel_unavailable_reason(device):  # the plan is the kernels' layout
         cases.append(Case(variant, "grouped-plan", lambda: make_plan(groups), plan_bytes, 0, extra))
     if "grouped-plan-graph" in paths and not kernel_unavailable_reason(device):
-        cases.append(Case(variant, "grouped-plan-graph", lambda: make_plan(groups, 32, bounds=bounds), plan_bytes, 0,
+        cases.append(Case(variant, "grouped-plan-graph", lambda: make_plan(groups, CHUNK, bounds=bounds), plan_bytes, 0,
                           extra))
     return cases
 
@@ -122,13 +122,13 @@ def grouped_cases(config, batch: int, max_len: int, token_ids: torch.Tensor, dev
 def _variant_call(attn, args, groups, kwargs: dict):
     """grouped_decode (three launches) with other launch settings (chunk `block_t`, ids / rows per program,
     warps), or with kwargs["kernel"] = "fused" the one-launch kernel of grouped_fused.py and its settings."""
-    from egmla.kernels.grouped_decode import grouped_decode, make_plan
+    from egmla.kernels.grouped_decode import CHUNK, grouped_decode, make_plan
     from egmla.kernels.grouped_fused import grouped_decode_fused
 
     q_nope, q_pe, latent, k_pe, _, ctx = args
     kwargs = dict(kwargs)
     three = kwargs.pop("kernel", "three") == "three"
-    plan = make_plan(groups, kwargs.pop("block_t", 32) if three else 32)
+    plan = make_plan(groups, kwargs.pop("block_t", CHUNK) if three else 32)
     table, norm = attn.gate_table, attn.gate_norm
     kernel = grouped_decode if three else grouped_decode_fused
     return lambda: kernel(q_nope[:, 0], q_pe[:, 0], latent, k_pe, ctx.kv_ln_stats, plan, table, attn.wkv_b.weight,

@@ -25,8 +25,13 @@ STUDIED = ("mha", "mla-kv64", "egmla-kv64")  # egmla.variants names: the baselin
 CONTROL = "egmla-kv64-bias"  # issue 18's same-table control: its 'absorbed' decode also depends on the ids
 # Other launch settings of the three-launch kernels (the model's path), and the one-launch fused kernel
 # (egmla/kernels/grouped_fused.py, measured slower: docs/grouped-decode.md) beside them
-LAUNCH_SETTINGS = {"grouped keygather": {"key_gather": True}, "grouped w4": {"num_warps": 4},
-                   "grouped fused": {"kernel": "fused"}, "grouped fused t64": {"kernel": "fused", "block_t": 64},
+# Launch settings of the grouped kernels timed beside the defaults: the settings before 2026-12-03's sweep (two
+# warps per launch, chunks of 32, 32 ids x 4 heads per absorb program, two row splits), chunks of 32 with today's
+# other settings, key gathers, and the one-launch fused kernel.
+LAUNCH_SETTINGS = {"grouped t32": {"block_t": 32, "num_warps": (4, 2, 2)},
+                   "grouped before": {"block_t": 32, "block_ids": 32, "heads_per_program": 4, "block_rows": 64,
+                                      "num_warps": 2, "num_splits": 2},
+                   "grouped keygather": {"key_gather": True},
                    "grouped fused u16 t64": {"kernel": "fused", "block_ids": 16, "block_t": 64}}
 
 
@@ -124,7 +129,10 @@ def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, wit
     cases = []
     if text == args.text.split(",")[0].strip():  # MHA / MLA do not depend on the ids
         cases += build_cases(mha.variant_name(), mha, batch, length, tok, device, dtype, ("sdpa",), lengths)
-        cases += build_cases(mla.variant_name(), mla, batch, length, tok, device, dtype, ("kernel",), lengths)
+        # kernel-core is MLA's decode as the model runs it at kv64 (W_UK / W_UV folded into the projections,
+        # mla.MultiHeadLatentAttention.fold_absorption); kernel adds the two absorb einsums of the unfolded path
+        cases += build_cases(mla.variant_name(), mla, batch, length, tok, device, dtype, ("kernel-core", "kernel"),
+                             lengths)
     cases += build_cases(egmla.variant_name(), egmla, batch, length, tok, device, dtype, ("kernel",), lengths)
     if args.control:
         control = variant_config(CONTROL, args.preset, max_seq_len=length)
@@ -247,7 +255,8 @@ def _speedups(rows) -> None:
         key = (r["batch"], r["context"], r.get("lengths", "equal"))
         if "median_us" not in r:
             continue
-        for name, ref in (("x_mha", ("MHA", "sdpa")), ("x_mla", ("MLA kv64", "kernel"))):
+        mla = ("MLA kv64", "kernel-core") if by.get(key + ("MLA kv64", "kernel-core")) else ("MLA kv64", "kernel")
+        for name, ref in (("x_mha", ("MHA", "sdpa")), ("x_mla", mla)):  # (runs before 2026-12-03: no kernel-core)
             if by.get(key + ref):
                 r[name] = by[key + ref] / r["median_us"]
                 if "median_us_with_plan" in r:
@@ -279,8 +288,9 @@ def markdown(json_path: str, md_path: str) -> None:
              f"not this table -->",
              f"{meta.get('device', '?')}, torch {meta.get('torch', '?')}, copy bandwidth "
              f"{meta.get('copy_gbs') or 0:.0f} GB/s, run {meta.get('time', '?')}; paper-base, one layer, bf16, CUDA-graph "
-             f"replays, L2 flushed. µs per layer and decode step; × = speedup over MHA SDPA / MLA kv64 / EG-MLA "
-             f"kv64 fused rebuild at the same (B, T).", "",
+             f"replays, L2 flushed. µs per layer and decode step; × = speedup over MHA SDPA / MLA kv64 (`kernel-core`, "
+             f"its decode as the model runs it with W_UK / W_UV folded into the projections, where the run has "
+             f"that row; `kernel` adds the two absorb einsums) / EG-MLA kv64 fused rebuild at the same (B, T).", "",
              "Grouped rows: `+ plan` adds the per-step plan's time divided by the layers it serves (the plan is "
              "built once per step for all of them): for `grouped-graph` (the kernels sized by host bounds, as "
              "generation's CUDA graphs run them) the graph-replayed plan, for the others the eager plan's wall "
@@ -311,7 +321,7 @@ def plot(json_path: str, png_path: str, batch: int = 32) -> None:
     data = json.loads(Path(json_path).read_text())
     rows = [r for r in data["rows"] if r["batch"] == batch and "median_us" in r and r.get("lengths", "equal") == "equal"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    series = [("MHA", "sdpa", "MHA SDPA"), ("MLA kv64", "kernel", "MLA kv64 absorbed (Triton)"),
+    series = [("MHA", "sdpa", "MHA SDPA"), ("MLA kv64", "kernel-core", "MLA kv64 absorbed (Triton, folded)"),
               ("EG-MLA kv64", "kernel", "EG-MLA kv64 fused rebuild (Triton)"),
               ("EG-MLA kv64", "grouped", "EG-MLA kv64 grouped (Triton)")]
     for text, style in (("python-source", "-"), ("embedded", "--")):

@@ -63,7 +63,10 @@ class GroupedPlan:
         return dataclasses.replace(self, **sliced)
 
 
-def make_plan(groups, block_t: int = 32, vocab_size: int | None = None,
+CHUNK = 16  # positions per attend program (the plan's block_t): 16 beat 32 by 20-25% on the H200 (one warp each)
+
+
+def make_plan(groups, block_t: int = CHUNK, vocab_size: int | None = None,
               bounds: tuple[int, int] | None = None) -> GroupedPlan:
     """The plan for `groups` (slots, ranks [batch, max_len], counts, distinct_ids, n_distinct, lengths: the
     cache's TokenGroups). No sort: position t goes to offset(slot_t) + rank_t, offsets the running sum of the
@@ -152,6 +155,13 @@ def _absorb_kernel(q_ptr, weight_ptr, bias_ptr, ids_ptr, n_distinct_ptr, gate_pt
     lead = tl.program_id(0) == 0
     offs_u = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
     n_ids = tl.load(n_distinct_ptr + batch)
+    if ZERO_ACC and lead:  # also for a sequence with no ids, whose output must be 0
+        offs_v = tl.arange(0, BLOCK_V)
+        for i in tl.static_range(HEADS):
+            head = tl.program_id(2) * HEADS + i
+            if head < N_HEADS:
+                tl.store(acc_ptr + (batch * N_HEADS + head) * D_V + offs_v, tl.zeros([BLOCK_V], tl.float32),
+                         mask=offs_v < D_V)
     if tl.program_id(0) * BLOCK_U >= n_ids:
         return
     u_mask = offs_u < n_ids
@@ -181,10 +191,6 @@ def _absorb_kernel(q_ptr, weight_ptr, bias_ptr, ids_ptr, n_distinct_ptr, gate_pt
                     q_bias = tl.sum(q * tl.load(bias_ptr + head * width + offs_n, mask=n_mask, other=0.0).to(tl.float32),
                                     axis=0)
                 tl.store(q_bias_ptr + batch * N_HEADS + head, q_bias)
-                if ZERO_ACC:
-                    offs_v = tl.arange(0, BLOCK_V)
-                    tl.store(acc_ptr + (batch * N_HEADS + head) * D_V + offs_v, tl.zeros([BLOCK_V], tl.float32),
-                             mask=offs_v < D_V)
 
 
 @triton.jit
@@ -350,8 +356,8 @@ def _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan: GroupedPlan, gat
 def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                    ln_stats: torch.Tensor, plan: GroupedPlan, gate_table: torch.Tensor, wkv_b: torch.Tensor,
                    norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None, scale: float,
-                   block_ids: int = 32, heads_per_program: int = 4, block_rows: int = 64,
-                   num_splits: int | None = None, num_warps: int = 2, stages: int = 3,
+                   block_ids: int = 64, heads_per_program: int = 1, block_rows: int = 128,
+                   num_splits: int | None = None, num_warps: int | tuple[int, int, int] = (4, 1, 2), stages: int = 3,
                    batch_slice: int | None = None, key_gather: bool = False,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """o [batch, heads, d_v] (dtype of latent): same function as `grouped_decode_ref`.
@@ -363,7 +369,9 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     each (head, sequence)'s rows over programs (default: enough programs to fill the GPU); `stages` < 3
     runs only the first launches (profiling); `batch_slice` runs the launches per slice of that many
     sequences, so that the intermediates of a slice can stay in L2 between launches; `key_gather` scores
-    keys by gathering each position's row of A (CUDA cores) instead of one dot per run."""
+    keys by gathering each position's row of A (CUDA cores) instead of one dot per run. `num_warps`: one count
+    for the three launches or (absorb, attend, upproj). The defaults are the fastest per launch on an H200 at
+    paper-base, B = 32, T = 4,096 on code and English ids (docs/grouped-decode.md, "Launch settings")."""
     d_v = _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan, gate_table, wkv_b)
     batch, heads, d_n = q_nope.shape
     d_c, d_r = latent.shape[-1], k_rope.shape[-1]
@@ -381,13 +389,13 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     device, dtype = latent.device, latent.dtype
     precision = "ieee" if dtype == torch.float32 else "tf32"
     block_h, block_c = block(heads), block(d_c)
+    absorb_warps, attend_warps, upproj_warps = (num_warps,) * 3 if isinstance(num_warps, int) else num_warps
     if num_splits is None:
         num_splits = choose_row_splits(batch * heads, triton.cdiv(plan.n_rows, block_rows), device)
     atomic = num_splits > 1  # else each program writes its (head, sequence) output directly
     acc = torch.empty(batch, heads, d_v, dtype=torch.float32, device=device) if atomic else out
     weight, bias = (norm_weight if norm_weight is not None else wkv_b), (norm_bias if norm_bias is not None else wkv_b)
-    flags = dict(HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, DOT_PRECISION=precision,
-                 num_warps=num_warps)
+    flags = dict(HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, DOT_PRECISION=precision)
 
     absorbed = torch.empty(batch, max(plan.max_distinct, 1), block_h, block_c, dtype=dtype, device=device)
     q_sum = torch.empty(batch, heads, dtype=torch.float32, device=device)  # gamma^K . q^C
@@ -397,7 +405,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
         q_nope.stride(0), q_nope.stride(1), plan.distinct_ids.stride(0), gate_table.stride(0), wkv_b.stride(0),
         absorbed.stride(0), absorbed.stride(1),
         N_HEADS=heads, D_N=d_n, D_V=d_v, D_C=d_c, BLOCK_N=block(d_n), BLOCK_C=block_c, BLOCK_U=block_ids,
-        BLOCK_V=block(d_v), HEADS=heads_per_program, ZERO_ACC=atomic, **flags)
+        BLOCK_V=block(d_v), HEADS=heads_per_program, ZERO_ACC=atomic, num_warps=absorb_warps, **flags)
     if stages < 2:
         return out
 
@@ -410,7 +418,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
         k_rope.stride(1), ln_stats.stride(0), ln_stats.stride(1), absorbed.stride(0), absorbed.stride(1),
         q_pe.stride(0), q_pe.stride(1), sums.stride(0), sums.stride(1), plan.n_chunks, scale * LOG2E,
         N_HEADS=heads, D_C=d_c, D_R=d_r, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_R=block(d_r),
-        BLOCK_T=plan.block_t, KEY_GATHER=key_gather, DOT_PRECISION=precision, num_warps=num_warps)
+        BLOCK_T=plan.block_t, KEY_GATHER=key_gather, DOT_PRECISION=precision, num_warps=attend_warps)
     if stages < 3:
         return out
 
@@ -421,12 +429,14 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
         gate_table.stride(0), wkv_b.stride(0), acc.stride(0), acc.stride(1), plan.n_chunks, num_splits,
         N_HEADS=heads, D_N=d_n, D_V=d_v, D_C=d_c, BLOCK_H=block_h, BLOCK_V=block(d_v), BLOCK_C=block_c,
         BLOCK_ROWS=block_rows, BLOCK_K=max(16, triton.next_power_of_2(plan.n_chunks)), BLOCK_T=plan.block_t,
-        ATOMIC=atomic, **flags)
+        ATOMIC=atomic, num_warps=upproj_warps, **flags)
     return out.copy_(acc) if acc is not out else out
 
 
-def choose_row_splits(programs: int, row_blocks: int, device: torch.device, waves: int = 4) -> int:
-    """Splits of each (head, sequence)'s rows so that the up-projection has `waves` programs per SM."""
+def choose_row_splits(programs: int, row_blocks: int, device: torch.device, waves: int = 1) -> int:
+    """Splits of each (head, sequence)'s rows so that the up-projection has `waves` programs per SM (one: on the
+    H200 at B = 32 one split per (head, sequence) beat two by 15-20%, the atomics and repeated softmax merge
+    costing more than the extra programs give)."""
     if device.type != "cuda":
         return min(2, row_blocks)  # interpreter: exercise the atomic combine cheaply
     from egmla.kernels.split_combine import _multiprocessors

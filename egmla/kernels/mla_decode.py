@@ -108,13 +108,14 @@ def _output(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor
 
 
 # block_t of the launch: the first is the fastest on the H100 (paper-base, B=32, T=4096, docs/kernels.md);
-# the smaller ones are used where a wide latent or fp32 needs more shared memory than there is.
+# the smaller ones are used where a wide latent or fp32 needs more shared memory than there is. Three pipeline
+# stages (num_stages) beat two by 5-18% on the H200 at B = 8-128, T = 4,096-16,384 (docs/kernels.md, 2026-12-03).
 BLOCK_TS = [64, 32, 16]
 
 
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                lengths: torch.Tensor, scale: float, num_splits: int | None = None, block_t: int | None = None,
-               num_warps: int = 4, num_stages: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
+               num_warps: int = 4, num_stages: int = 3, out: torch.Tensor | None = None) -> torch.Tensor:
     """o_latent [batch, heads, d_c] (dtype of latent) for q_latent [batch, heads, d_c], q_pe [batch, heads, d_r],
     latent [batch, T, d_c], k_rope [batch, T, d_r], lengths [batch] (positions read: [0, min(len, T))).
 

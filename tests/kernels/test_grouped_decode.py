@@ -90,19 +90,30 @@ def test_fused_kernel_bounds_past_the_ids():
     assert rel_err(out, ref) < 1e-4
 
 
+@pytest.mark.parametrize("splits", [None, 2])
 @pytest.mark.parametrize("ids,lengths,block_t", [
     ("random", [40, 17, 1], 16),     # mostly distinct: many runs per chunk
     ("repeated", [40, 33, 2], 16),   # 3 ids: long runs crossing chunk boundaries
     ("repeated", [70, 5, 0], 32),    # an empty sequence (output 0), a larger chunk
 ])
-def test_kernel_matches_reference(ids, lengths, block_t):
+def test_kernel_matches_reference(ids, lengths, block_t, splits):
     case, groups = make_case(3, 3, 16, 8, 20, 8, lengths, 50, torch.float32, kernel_device(),
                              high=3 if ids == "repeated" else None)
-    out, ref = run_both(case, groups, block_t, block_ids=16, block_rows=16)
+    # splits=2: atomic adds into a buffer the absorb launch zeroes, also for the empty sequence
+    out, ref = run_both(case, groups, block_t, block_ids=16, block_rows=16, num_splits=splits)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1e-4
     if 0 in lengths:
         assert out[lengths.index(0)].abs().max() == 0
+
+
+def test_many_chunks_per_warps_tuple():
+    """1,100 positions in chunks of 16: the up-projection merges 69 chunks' softmax statistics, more than one
+    block of 64 chunks, with per-launch warps."""
+    case, groups = make_case(1, 2, 16, 16, 16, 16, [1100], 40, torch.float32, kernel_device(), high=30)
+    out, ref = run_both(case, groups, 16, block_ids=16, block_rows=32, num_warps=(2, 2, 4))
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-4
 
 
 def test_kernel_rmsnorm_odd_dims():
