@@ -10,6 +10,7 @@ egmla/kernels/*.py come from these runs (docs/kernels.md records them).
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 
@@ -50,7 +51,7 @@ def sweep_mla(batch, length, d_c, device):
     lengths = torch.full((batch,), length, device=device)
     ref = mla_decode_ref(q_latent, q_pe, latent, k_rope, lengths, 0.088)
     rows = []
-    for block_t, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 4)):
+    for block_t, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
         auto = choose_num_splits(batch, 1, length, block_t, latent.device)
         for splits in sorted({max(1, auto // 2), auto, min(64, 2 * auto)}):
             cfg = dict(block_t=block_t, num_warps=warps, num_stages=stages, num_splits=splits)
@@ -100,6 +101,101 @@ def sweep_egmla(batch, length, ids, device):
     return rows
 
 
+def grouped_case(ids, device, dtype):
+    """Inputs of grouped_decode at paper-base head shapes for token ids [batch, T] (every position registered)
+    and their fp32 reference output."""
+    import torch
+
+    from egmla.attention.cache import TokenGroups
+    from egmla.kernels.egmla_decode import layernorm_stats_triton
+    from egmla.kernels.grouped_decode_ref import grouped_decode_ref
+
+    batch, length = ids.shape
+    ids = ids.to(device).long()
+    width = HEADS * (D_N + D_V)
+    g = lambda *s, m=0.0, sd=1.0: (m + sd * torch.randn(*s, device=device)).to(dtype)  # noqa: E731
+    latent, table, wkv_b = g(batch, length, 64), g(VOCAB, width, m=1.0, sd=0.5), g(width, 64, sd=0.125)
+    groups = TokenGroups(batch, length, device)
+    groups.append(ids, torch.arange(length, device=device).expand(batch, -1), torch.full((batch,), length, device=device))
+    case = dict(q_nope=g(batch, HEADS, D_N), q_pe=g(batch, HEADS, D_R), latent=latent, k_rope=g(batch, length, D_R),
+                ln_stats=layernorm_stats_triton(latent, ids, table, wkv_b, HEADS, D_N), gate_table=table, wkv_b=wkv_b,
+                norm_weight=g(width, m=1.0, sd=0.3), norm_bias=g(width, sd=0.3), scale=0.088)
+    ref = grouped_decode_ref(slots=groups.slots, distinct_ids=groups.distinct_ids, lengths=groups.lengths,
+                             **{k: (v.float() if torch.is_tensor(v) else v) for k, v in case.items()})
+    return case, groups, ref
+
+
+GROUPED_ABSORB = [(32, 4), (64, 1), (64, 2), (128, 1)]  # (ids, heads) per program
+
+
+def sweep_grouped(batch, length, source, ids, device):
+    """The three grouped launches one at a time (grouped_decode's `stages`): the absorb launch alone; the attend
+    launch as (absorb + attend) - absorb, per chunk size and warps; the up-projection as the whole call - (absorb +
+    attend), per rows per program, splits and warps. Every other launch keeps the defaults of its row."""
+    import torch
+
+    from egmla.kernels.grouped_decode import CHUNK, grouped_decode, make_plan
+
+    case, groups, ref = grouped_case(ids[:batch, :length], device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    plans = {chunk: make_plan(groups, chunk) for chunk in (16, 32)}
+    base = {"kernel": "grouped_decode kv64", "batch": batch, "context": length, "ids": source,
+            "distinct_ids_per_sequence": groups.n_distinct.float().mean().item()}
+    rows = []
+
+    def run(launch, stages, chunk, **cfg):
+        call = lambda: grouped_decode(plan=plans[chunk], stages=stages, **case, **cfg)  # noqa: E731
+        return timed(call, (lambda o: rel(o, ref)) if stages == 3 else (lambda o: 0.0), device)
+
+    for warps, (ids_, heads) in itertools.product((2, 4, 8), GROUPED_ABSORB):
+        if warps == 8 and heads > 1:
+            continue
+        cfg = dict(num_warps=(warps, 1, 2), block_ids=ids_, heads_per_program=heads)
+        rows.append({**base, "launch": "absorb", "absorb_warps": warps, "block_ids": ids_, "heads_per_program": heads,
+                     **run("absorb", 1, 16, **cfg)})
+    for chunk, warps in itertools.product((16, 32), (1, 2)):
+        first, both = run("absorb", 1, chunk), run("attend", 2, chunk, num_warps=(4, warps, 2))
+        row = {**base, "launch": "attend", "chunk": chunk, "attend_warps": warps, **both}
+        if "us" in both and "us" in first:
+            row.update(us=both["us"] - first["us"], us_with_absorb=both["us"])
+        rows.append(row)
+    two = run("attend", 2, 16)
+    for rows_, splits, warps in itertools.product((64, 128), (1, 2), (2, 4)):
+        res = run("upproj", 3, 16, num_warps=(4, 1, warps), block_rows=rows_, num_splits=splits)
+        row = {**base, "launch": "upproj", "block_rows": rows_, "splits": splits, "upproj_warps": warps, **res}
+        if "us" in res and "us" in two:
+            row.update(us=res["us"] - two["us"], us_whole=res["us"])
+        rows.append(row)
+    defaults = {k: v.default for k, v in inspect.signature(grouped_decode).parameters.items()
+                if k in ("block_ids", "heads_per_program", "block_rows", "num_warps")}
+    rows.append({**base, "launch": "all (defaults)", "settings": f"chunk {CHUNK}, " + ", ".join(
+        f"{k} {v}" for k, v in defaults.items()), **run("all", 3, CHUNK)})
+    return rows
+
+
+SETTINGS = {"absorb": ("absorb_warps", "block_ids", "heads_per_program"), "attend": ("chunk", "attend_warps"),
+            "upproj": ("block_rows", "splits", "upproj_warps"), "all (defaults)": ()}
+
+
+def grouped_markdown(json_path: str, md_path: str, top: int = 4) -> None:
+    """Per launch and token-id source, the fastest settings of a grouped sweep as a Markdown table."""
+    from pathlib import Path
+
+    data = json.loads(Path(json_path).read_text())
+    rows = [r for r in data["rows"] if r.get("kernel") == "grouped_decode kv64" and "us" in r]
+    lines = [f"<!-- generated by `egmla bench kernel-sweep --markdown {json_path} {md_path}` -->",
+             f"{data['device']}; grouped_decode, paper-base heads, bf16 (fp32 on a CPU), B = {rows[0]['batch']}, "
+             f"T = {rows[0]['context']}; µs per launch (differences of nested launches, CUDA-graph replays, L2 "
+             f"flushed read-only); the fastest {top} settings per launch and ids, then the row of today's defaults.", "",
+             "| ids | distinct ids / sequence | launch | setting | µs |", "|---|---:|---|---|---:|"]
+    for source in dict.fromkeys(r["ids"] for r in rows):
+        for launch, keys in SETTINGS.items():
+            group = sorted((r for r in rows if r["ids"] == source and r["launch"] == launch), key=lambda r: r["us"])
+            for r in group[:top]:
+                setting = ", ".join(f"{k} {r[k]}" for k in keys) or r.get("settings", "")
+                lines.append(f"| {source} | {r['distinct_ids_per_sequence']:.0f} | {launch} | {setting} | {r['us']:.1f} |")
+    Path(md_path).write_text("\n".join(lines) + "\n")
+
+
 def calibration(batch, length, device) -> list[dict]:
     """What this timing method gives for the bytes MLA kv64 must read, without any attention math:
     one tiny kernel (the fixed cost of a timed graph replay), a PyTorch sum and a copy of the cache."""
@@ -141,7 +237,9 @@ def profile_once(batch, length, ids, device):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default="32x4096", help="comma-separated BATCHxCONTEXT")
-    parser.add_argument("--kernels", default="mla,egmla", help="mla and/or egmla")
+    parser.add_argument("--kernels", default="mla,egmla", help="comma-separated: mla, egmla (the fused rebuild), "
+                        "grouped (the three launches of the grouped decode, one at a time, on code and English ids)")
+    parser.add_argument("--markdown", nargs=2, metavar=("JSON", "MD"), help="write a grouped sweep's table and exit")
     parser.add_argument("--top", type=int, default=8, help="configurations printed per kernel and shape")
     parser.add_argument("--out", help="JSON of every configuration")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only with TRITON_INTERPRET=1 (checks the script)")
@@ -153,6 +251,9 @@ def main(args) -> int:
 
     from egmla.bench.token_ids import text_token_ids
 
+    if args.markdown:
+        grouped_markdown(*args.markdown)
+        return 0
     device = torch.device(args.device)
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     ids, _ = text_token_ids(max(b for b, _ in shapes), max(t for _, t in shapes), VOCAB, "embedded")
@@ -167,16 +268,22 @@ def main(args) -> int:
             rows += sweep_mla(batch, length, 64, device) + sweep_mla(batch, length, 256, device)
         if "egmla" in args.kernels.split(","):
             rows += sweep_egmla(batch, length, ids, device)
+        if "grouped" in args.kernels.split(","):
+            for source in ("python-source", "embedded"):
+                source_ids = ids if source == "embedded" else text_token_ids(batch, length, VOCAB, source)[0]
+                rows += sweep_grouped(batch, length, source, source_ids, device)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device: {device_name}")
     for r in rows:
         if r["kernel"] == "calibration":
             print(f"calibration B={r['batch']} T={r['context']}: {r['what']}: {r.get('us', 0):.1f} us, "
                   f"{r.get('gbytes_per_s') or 0:.0f} GB/s")
-    for key in dict.fromkeys((r["kernel"], r["batch"], r["context"]) for r in rows if r["kernel"] != "calibration"):
-        group = [r for r in rows if (r["kernel"], r["batch"], r["context"]) == key]
+    fields = ("kernel", "batch", "context", "ids", "launch")
+    for key in dict.fromkeys(tuple(r.get(f) for f in fields) for r in rows if r["kernel"] != "calibration"):
+        group = [r for r in rows if tuple(r.get(f) for f in fields) == key]
         ok = sorted((r for r in group if "us" in r), key=lambda r: r["us"])
-        print(f"== {key[0]} B={key[1]} T={key[2]}: {len(ok)} ran, {len(group) - len(ok)} failed")
+        where = f" ids {key[3]}, launch {key[4]}" if key[3] else ""
+        print(f"== {key[0]} B={key[1]} T={key[2]}{where}: {len(ok)} ran, {len(group) - len(ok)} failed")
         for r in ok[: args.top]:
             print("  " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
                                   if k not in ("kernel", "batch", "context")))

@@ -135,6 +135,8 @@ def test_plan_groups_by_slot_and_maps_rows():
         expected = {(s + i // 16): i // 16 for i, s in enumerate(sorted_slots.tolist())}
         rows = {r: c for r, c in enumerate(plan.row_chunk[b].tolist()) if c >= 0}
         assert rows == expected
+        tokens = {s + i // 16: int(groups.distinct_ids[b, s]) for i, s in enumerate(sorted_slots.tolist())}
+        assert {r: int(plan.row_ids[b, r]) for r in rows} == tokens
 
 
 def test_bad_inputs_are_clear_errors():
