@@ -11,6 +11,8 @@ BENCHMARKS = {
                        "the generation table of docs/benchmarks.md: every variant and path, then gate tables offloaded"),
     "grouped": ("egmla.bench.grouped_study", "grouped EG-MLA decode study: distinct ids per corpus, every path"),
     "kernel-sweep": ("egmla.bench.kernel_sweep", "launch-configuration sweep of the Triton decode kernels"),
+    "kernel-resources": ("egmla.bench.kernel_resources",
+                         "registers, spills and shared memory of the decode kernels, compiled for a GPU (no GPU needed)"),
     "train": ("egmla.bench.train", "training step time and tokens/s per variant"),
     "train-run": ("egmla.bench.train_run", "a paper-base EG-MLA kv64 training run of a few minutes, from nothing"),
     "multigpu": ("egmla.bench.multigpu",

@@ -159,21 +159,24 @@ def sweep_grouped(batch, length, source, ids, device):
             row.update(us=both["us"] - first["us"], us_with_absorb=both["us"])
         rows.append(row)
     two = run("attend", 2, 16)
-    for rows_, splits, warps in itertools.product((64, 128), (1, 2), (2, 4)):
-        res = run("upproj", 3, 16, num_warps=(4, 1, warps), block_rows=rows_, num_splits=splits)
-        row = {**base, "launch": "upproj", "block_rows": rows_, "splits": splits, "upproj_warps": warps, **res}
+    upproj = [(False, r, s, w) for r, s, w in itertools.product((64, 128), (1, 2), (2, 4))]
+    upproj += [(True, r, s, w) for r, s, w in itertools.product((128, 256), (1, 2), (4, 8))]  # fewer registers per row
+    for gate_dot, rows_, splits, warps in upproj:
+        res = run("upproj", 3, 16, num_warps=(4, 1, warps), block_rows=rows_, num_splits=splits, gate_dot=gate_dot)
+        row = {**base, "launch": "upproj", "block_rows": rows_, "splits": splits, "upproj_warps": warps,
+               "gate_dot": gate_dot, **res}
         if "us" in res and "us" in two:
             row.update(us=res["us"] - two["us"], us_whole=res["us"])
         rows.append(row)
     defaults = {k: v.default for k, v in inspect.signature(grouped_decode).parameters.items()
-                if k in ("block_ids", "heads_per_program", "block_rows", "num_warps")}
+                if k in ("block_ids", "heads_per_program", "block_rows", "num_warps", "gate_dot")}
     rows.append({**base, "launch": "all (defaults)", "settings": f"chunk {CHUNK}, " + ", ".join(
         f"{k} {v}" for k, v in defaults.items()), **run("all", 3, CHUNK)})
     return rows
 
 
 SETTINGS = {"absorb": ("absorb_warps", "block_ids", "heads_per_program"), "attend": ("chunk", "attend_warps"),
-            "upproj": ("block_rows", "splits", "upproj_warps"), "all (defaults)": ()}
+            "upproj": ("block_rows", "splits", "upproj_warps", "gate_dot"), "all (defaults)": ()}
 
 
 def grouped_markdown(json_path: str, md_path: str, top: int = 4) -> None:
@@ -191,7 +194,7 @@ def grouped_markdown(json_path: str, md_path: str, top: int = 4) -> None:
         for launch, keys in SETTINGS.items():
             group = sorted((r for r in rows if r["ids"] == source and r["launch"] == launch), key=lambda r: r["us"])
             for r in group[:top]:
-                setting = ", ".join(f"{k} {r[k]}" for k in keys) or r.get("settings", "")
+                setting = ", ".join(f"{k} {r[k]}" for k in keys if k in r) or r.get("settings", "")
                 lines.append(f"| {source} | {r['distinct_ids_per_sequence']:.0f} | {launch} | {setting} | {r['us']:.1f} |")
     Path(md_path).write_text("\n".join(lines) + "\n")
 

@@ -286,7 +286,7 @@ def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_pt
                    BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   GATE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """o[b, h] = gamma^V ⊙ (sum over rows of g^V[id] ⊙ (W^V_h s_row) - sum_t w_t mu_t) + beta^V, rows rescaled
     to the global softmax. One program per (head, sequence, split of the row blocks); W^V_h read once."""
     head = tl.program_id(0)
@@ -307,8 +307,15 @@ def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_pt
     alpha_c = tl.exp2(m_c - m_all)
     denom = tl.sum(tl.load(chunk_stats + offs_k * 3 * BLOCK_H + BLOCK_H, mask=k_mask, other=0.0) * alpha_c, axis=0)
     inv_l = tl.where(denom > 0, 1.0 / tl.where(denom > 0, denom, 1.0), 0.0)
+    mean_term = tl.sum(tl.load(chunk_stats + offs_k * 3 * BLOCK_H + 2 * BLOCK_H, mask=k_mask, other=0.0) * alpha_c,
+                       axis=0) * inv_l
+    # GATE_DOT: sum over rows of g^V_r ⊙ (W^V_h s_r) = rowsum(W^V_h ⊙ M) with M = sum_r (scale_r g^V_r) s_r^T
+    # [d_v, d_c], the rows the K of one dot per row block: the accumulator stays [d_v, d_c] however many rows a step
+    # takes (206 registers per thread at 128 rows on 2 warps against 255 and spills, Triton 3.6 for sm_90); else
+    # W^V_h s_r per row, [BLOCK_ROWS, d_v], weighted by g^V_r and summed
     w_v = tl.load(wkv_b_ptr + (head * width + D_N + offs_v)[None, :] * stride_w + offs_c[:, None],
                   mask=c_mask[:, None] & v_mask[None, :], other=0.0)  # W^V_h^T [BLOCK_C, BLOCK_V]
+    acc = tl.zeros([BLOCK_V, BLOCK_C], tl.float32)
     o = tl.zeros([BLOCK_V], tl.float32)
     for start in range(split * BLOCK_ROWS, n_seq_rows, num_splits * BLOCK_ROWS):
         offs_row = start + tl.arange(0, BLOCK_ROWS)
@@ -320,14 +327,18 @@ def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_pt
         row_scale = tl.exp2(m_row - m_all) * inv_l  # this row's weights, normalised globally
         s_rows = tl.load(s_ptr + batch * stride_rb + offs_row[:, None] * stride_ru + head * BLOCK_C + offs_c[None, :],
                          mask=valid[:, None], other=0.0)
-        s_rows = (s_rows.to(tl.float32) * row_scale[:, None]).to(w_v.dtype)
-        up = tl.dot(s_rows, w_v, input_precision=DOT_PRECISION)  # W^V_h s per row [BLOCK_ROWS, BLOCK_V]
         gate = tl.load(gate_ptr + ids[:, None] * stride_g + head * width + D_N + offs_v[None, :],
                        mask=valid[:, None] & v_mask[None, :], other=0.0)
-        o += tl.sum(up * gate.to(tl.float32), axis=0)
+        if GATE_DOT:
+            scaled_gate = (gate.to(tl.float32) * row_scale[:, None]).to(s_ptr.dtype.element_ty)  # [BLOCK_ROWS, BLOCK_V]
+            acc += tl.dot(tl.trans(scaled_gate), s_rows, input_precision=DOT_PRECISION)
+        else:
+            scaled = (s_rows.to(tl.float32) * row_scale[:, None]).to(w_v.dtype)
+            up = tl.dot(scaled, w_v, input_precision=DOT_PRECISION)  # W^V_h s per row [BLOCK_ROWS, BLOCK_V]
+            o += tl.sum(up * gate.to(tl.float32), axis=0)
+    if GATE_DOT:
+        o = tl.sum(acc * tl.trans(w_v).to(tl.float32), axis=1)
     lead = split == 0
-    mean_term = tl.sum(tl.load(chunk_stats + offs_k * 3 * BLOCK_H + 2 * BLOCK_H, mask=k_mask, other=0.0) * alpha_c,
-                       axis=0) * inv_l
     o = o - tl.where(lead, mean_term, 0.0)
     if HAS_WEIGHT:
         o = o * tl.load(weight_ptr + head * width + D_N + offs_v, mask=v_mask, other=0.0).to(tl.float32)
@@ -366,7 +377,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
                    norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None, scale: float,
                    block_ids: int = 64, heads_per_program: int = 1, block_rows: int = 128,
                    num_splits: int | None = None, num_warps: int | tuple[int, int, int] = (4, 1, 2), stages: int = 3,
-                   batch_slice: int | None = None, key_gather: bool = False,
+                   batch_slice: int | None = None, key_gather: bool = False, gate_dot: bool = False,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """o [batch, heads, d_v] (dtype of latent): same function as `grouped_decode_ref`.
 
@@ -378,7 +389,8 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     runs only the first launches (profiling); `batch_slice` runs the launches per slice of that many
     sequences, so that the intermediates of a slice can stay in L2 between launches; `key_gather` scores
     keys by gathering each position's row of A (CUDA cores) instead of one dot per run. `num_warps`: one count
-    for the three launches or (absorb, attend, upproj). The defaults are the fastest per launch on an H200 at
+    for the three launches or (absorb, attend, upproj). `gate_dot` sums the up-projection's rows in the K of one
+    dot (fewer registers; not yet timed on a GPU, docs/NOTES.md). The defaults are the fastest per launch on an H200 at
     paper-base, B = 32, T = 4,096 on code and English ids (docs/grouped-decode.md, "Launch settings")."""
     d_v = _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan, gate_table, wkv_b)
     batch, heads, d_n = q_nope.shape
@@ -388,7 +400,8 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
         return out.zero_()
     if batch_slice and batch_slice < batch:
         settings = dict(block_ids=block_ids, heads_per_program=heads_per_program, block_rows=block_rows,
-                        num_splits=num_splits, num_warps=num_warps, stages=stages, key_gather=key_gather)
+                        num_splits=num_splits, num_warps=num_warps, stages=stages, key_gather=key_gather,
+                        gate_dot=gate_dot)
         for start in range(0, batch, batch_slice):
             rows = slice(start, start + batch_slice)
             grouped_decode(q_nope[rows], q_pe[rows], latent[rows], k_rope[rows], ln_stats[rows], plan.sequences(rows),
@@ -437,7 +450,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
         gate_table.stride(0), wkv_b.stride(0), acc.stride(0), acc.stride(1), plan.n_chunks, num_splits,
         N_HEADS=heads, D_N=d_n, D_V=d_v, D_C=d_c, BLOCK_H=block_h, BLOCK_V=block(d_v), BLOCK_C=block_c,
         BLOCK_ROWS=block_rows, BLOCK_K=max(16, triton.next_power_of_2(plan.n_chunks)), BLOCK_T=plan.block_t,
-        ATOMIC=atomic, num_warps=upproj_warps, **flags)
+        ATOMIC=atomic, GATE_DOT=gate_dot, num_warps=upproj_warps, **flags)
     return out.copy_(acc) if acc is not out else out
 
 

@@ -195,6 +195,17 @@ def test_batch_slices_give_the_same_output():
     assert rel_err(out, ref) < 1e-4
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
+def test_gate_dot_up_projection(dtype, tol):
+    """The up-projection summing its rows in the K of one dot (gate_dot) equals the reference, with splits."""
+    case, groups = make_case(3, 3, 16, 16, 16, 16, [45, 20, 0], 40, dtype, kernel_device(), high=9)
+    for splits in (1, 2):
+        out, ref = run_both(case, groups, 16, block_ids=16, block_rows=16, gate_dot=True, num_splits=splits)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < tol
+        assert out[2].abs().max() == 0
+
+
 def test_key_gather_variant():
     case, groups = make_case(2, 3, 16, 8, 20, 8, [33, 9], 30, torch.float32, kernel_device(), high=7)
     out, ref = run_both(case, groups, 16, key_gather=True, block_ids=16, block_rows=16)

@@ -1,0 +1,151 @@
+"""`egmla bench kernel-resources`: registers, spills and shared memory of the Triton decode kernels, compiled
+for a GPU architecture on any machine (no GPU needed: the installed Triton compiles for the target and its bundled
+cuobjdump reads the cubin).
+
+    egmla bench kernel-resources --kernels grouped,mla --arch 90
+
+Why: the grouped decode's launches are latency-bound at low occupancy (docs/grouped-decode.md), and occupancy is
+set by registers per thread. Nsight Compute reads them on a GPU; this reads them where there is none, for the
+paper-base shapes and each launch setting listed below. Compiled like a real launch: pointers and strides
+specialised as multiples of 16. With the GPU's Triton version the numbers agree with Nsight Compute within 5
+registers (Triton 3.6 for sm_90 against ncu on an H200: absorb 134 / 130, attend 70 / 70, up-projection 181 / 182);
+another Triton version allocates differently (3.9 gives the same absorb launch 255 registers and spills), so
+run it with the version your GPU runs (e.g. `pip install --target DIR triton==3.6.0`, then `PYTHONPATH=DIR`).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+REGISTERS_PER_QUADRANT, QUADRANTS, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 16384, 4, 64, 32
+
+
+def occupancy(regs: int, warps: int) -> tuple[int, float]:
+    """(programs per SM, fraction of the SM's 64 warp slots) as registers allow. Each of an SM's four quadrants
+    holds 16,384 registers and allocates them per warp in units of 256 (registers per thread rounded up to 8);
+    this reproduces Nsight Compute's "Block Limit Registers" on an H200 (6 programs at 130 registers and 2 warps,
+    14 at 70, 4 at 182). Shared memory and the block limit can bind too; registers bind first for these kernels."""
+    per_warp = -(-max(regs, 1) // 8) * 8 * 32
+    warp_slots = min(QUADRANTS * (REGISTERS_PER_QUADRANT // per_warp), MAX_WARPS_PER_SM)
+    programs = min(warp_slots // warps, MAX_BLOCKS_PER_SM)
+    return programs, programs * warps / MAX_WARPS_PER_SM
+
+
+def signature(fn, constexprs: dict, pointer_types: dict, default_pointer: str = "*bf16") -> tuple[dict, dict]:
+    """(signature, attrs) for triton.compile: constexprs as given, `*_ptr` arguments typed by `pointer_types`
+    (else default_pointer), other arguments i32; pointers and strides marked divisible by 16, as a launch with
+    aligned tensors and such strides specialises them."""
+    sig, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        sig[name] = pointer_types.get(name, default_pointer) if name.endswith("_ptr") else "i32"
+        if name.endswith("_ptr") or name.startswith("stride"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def resources(fn, constexprs: dict, pointer_types: dict, num_warps: int, arch: int, num_stages: int | None = None) -> dict:
+    """Compile `fn` for sm_<arch> and read its resource usage from the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, attrs = signature(fn, constexprs, pointer_types)
+    const = {(fn.arg_names.index(name),): value for name, value in constexprs.items()}
+    options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                            target=GPUTarget("cuda", arch, 32), options=options)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if not found:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {text[-300:]}")
+    regs, stack, shared, local = map(int, found.groups())
+    programs, occ = occupancy(regs, num_warps)
+    return {"registers": regs, "spill_stack_bytes": stack, "shared_bytes": max(shared, kernel.metadata.shared),
+            "local_bytes": local, "programs_per_sm_by_registers": programs, "occupancy_by_registers": occ}
+
+
+def _grouped_cases():
+    from egmla.kernels import grouped_decode as g
+    from egmla.kernels.grouped_decode import CHUNK
+
+    heads, d = 12, 64
+    common = dict(N_HEADS=heads, D_C=d, DOT_PRECISION="tf32")
+    ints = {name: "*i32" for name in ("ids_ptr", "n_distinct_ptr", "order_ptr", "slots_ptr", "lengths_ptr",
+                                      "row_chunk_ptr", "row_ids_ptr")}
+    fp32 = {name: "*fp32" for name in ("q_sum_ptr", "q_bias_ptr", "acc_ptr", "chunk_ptr", "stats_ptr", "out_ptr")}
+    types = {**ints, **fp32}
+    for ids, per, warps in ((64, 1, 4), (32, 4, 2), (128, 1, 4)):
+        yield ("grouped absorb", f"{ids} ids x {per} heads, {warps} warps", g._absorb_kernel,
+               dict(common, D_N=d, D_V=d, BLOCK_N=d, BLOCK_C=d, BLOCK_U=ids, BLOCK_V=d, HEADS=per, HAS_WEIGHT=True,
+                    HAS_BIAS=True, ZERO_ACC=True), types, warps)
+    for chunk, warps in ((CHUNK, 1), (32, 2)):
+        yield ("grouped attend", f"chunks of {chunk}, {warps} warps", g._attend_kernel,
+               dict(common, D_R=d, BLOCK_H=16, BLOCK_C=d, BLOCK_R=d, BLOCK_T=chunk, KEY_GATHER=False), types, warps)
+    for (rows, warps), gate_dot in itertools.product(((128, 2), (128, 4), (64, 2), (256, 8)), (False, True)):
+        yield ("grouped upproj", f"{rows} rows, {warps} warps{', gate_dot' if gate_dot else ''}", g._upproj_kernel,
+               dict(common, D_N=d, D_V=d, BLOCK_H=16, BLOCK_V=d, BLOCK_C=d, BLOCK_ROWS=rows, BLOCK_K=256,
+                    BLOCK_T=CHUNK, HAS_WEIGHT=True, HAS_BIAS=True, ATOMIC=False, GATE_DOT=gate_dot),
+               {**types, "out_ptr": "*bf16"}, warps)
+
+
+def _mla_cases():
+    from egmla.kernels import mla_decode as m
+
+    for tile, stages, warps in ((64, 3, 4), (64, 2, 4), (128, 3, 4)):
+        yield ("mla_decode kv64", f"tiles of {tile}, {warps} warps (stages {stages}: shared memory)",
+               m._mla_decode_kernel,
+               dict(N_HEADS=12, D_C=64, D_R=64, BLOCK_H=16, BLOCK_C=64, BLOCK_R=64, BLOCK_T=tile, DOT_PRECISION="tf32",
+                    ONE_SPLIT=False), {"lengths_ptr": "*i64", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}, warps,
+               stages)
+
+
+KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernels", default="grouped,mla", help=f"comma-separated: {', '.join(KERNELS)}")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 = sm_90 (H100, "
+                        "H200), 80 = sm_80 (A100)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
+
+
+def main(args) -> int:
+    from egmla.kernels import interpreting
+
+    if interpreting():
+        raise SystemExit("TRITON_INTERPRET=1 turns the kernels into Python functions that cannot be compiled: "
+                         "run `egmla bench kernel-resources` without it")
+    import triton
+
+    unknown = [k for k in args.kernels.split(",") if k not in KERNELS]
+    if unknown:
+        raise SystemExit(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(KERNELS)}")
+    rows = []
+    print(f"Triton {triton.__version__}, compiled for sm_{args.arch} (no GPU needed); registers per thread, spill "
+          f"stack bytes, shared memory, programs per SM that the registers allow")
+    for name in args.kernels.split(","):
+        for kernel, setting, fn, constexprs, types, warps, *stages in KERNELS[name]():
+            row = {"kernel": kernel, "setting": setting, "num_warps": warps, "arch": args.arch,
+                   "triton": triton.__version__}
+            row.update(resources(fn, constexprs, types, warps, args.arch, stages[0] if stages else None))
+            rows.append(row)
+            print(f"  {kernel:<18} {setting:<44} regs {row['registers']:>3}  spills {row['spill_stack_bytes']:>5} B  "
+                  f"shared {row['shared_bytes']:>6} B  {row['programs_per_sm_by_registers']:>2} programs/SM "
+                  f"({100 * row['occupancy_by_registers']:.0f}% of warp slots)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows}, f, indent=1)
+    return 0

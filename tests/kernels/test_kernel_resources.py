@@ -1,0 +1,54 @@
+"""`egmla bench kernel-resources`: the occupancy rule and an offline compile (no GPU)."""
+import importlib.util
+import os
+
+import pytest
+
+from egmla.bench.kernel_resources import occupancy
+
+
+def test_occupancy_reproduces_nsight_compute_on_an_h200():
+    # (registers, warps) -> theoretical occupancy that ncu read for the grouped launches (docs/grouped-decode.md)
+    assert occupancy(130, 2) == (6, 0.1875)
+    assert occupancy(70, 2) == (14, 0.4375)
+    assert occupancy(182, 2) == (4, 0.125)
+    assert occupancy(32, 1) == (32, 0.5)  # the 32-program limit binds before registers
+    assert occupancy(255, 8)[0] == 1
+
+
+def _cuobjdump_available() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import triton
+
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+
+
+@pytest.mark.skipif(not _cuobjdump_available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) installed")
+def test_mla_kernel_compiles_offline_and_reports_its_registers(tmp_path):
+    """Run as its own process: the kernel tests import the kernels under TRITON_INTERPRET=1, which the tool refuses."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "resources.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "egmla", "bench", "kernel-resources", "--kernels", "mla", "--json",
+                           str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kernel"] for r in rows] == ["mla_decode kv64"] * 3
+    for row in rows:
+        assert 16 <= row["registers"] <= 255 and row["spill_stack_bytes"] >= 0 and row["shared_bytes"] > 0
+        assert 1 <= row["programs_per_sm_by_registers"] <= 32
+    more_stages = {r["setting"]: r["shared_bytes"] for r in rows}
+    assert more_stages["tiles of 64, 4 warps (stages 3: shared memory)"] > more_stages["tiles of 64, 4 warps (stages 2: shared memory)"]
+    assert "compiled for sm_90" in done.stdout
+
+
+def test_interpreter_mode_is_a_clear_error(monkeypatch):
+    from egmla.bench.cli import run
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit, match="without it"):
+        run("kernel-resources", ["--kernels", "mla"])
