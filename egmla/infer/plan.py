@@ -1,6 +1,7 @@
 """Memory planning: how many concurrent sequences of length T fit in M GB, per attention variant.
 
     sequences = floor((M - weights - gate tables - reserve) / (cache bytes per token x T))
+    sequences_with_decode_workspace: the same with a decode step's working memory per sequence added
 
 Cache bytes per token are measured from a really allocated `KVCache` (egmla.accounting), so they
 include everything the engine stores (EG-MLA's token id, 4 B/token). Weights are the parameter count
@@ -21,18 +22,41 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GB = 1e9
 
 
-def gate_table_params(config: ModelConfig, precomputed: bool = False) -> int:
-    """Parameters of the gate tables on the device: E_l (V x d_e) or, for the gate-table path, G_l."""
+# EG-MLA (placement `up`) builds G_l = E_l W_UE^T beside its embeddings for these paths (on_decode_path_set)
+TABLE_PATHS = ("gate-table", "kernel", "grouped", "absorbed")
+
+
+def gate_table_params(config: ModelConfig, precomputed: bool = False, decode_path: str | None = None) -> int:
+    """Parameters of the gate tables on the device: the model's own E_l (V x d_e), plus the precomputed G_l
+    (V x n_h(d_n+d_v), the gate in the [k; v] layout) where the decode path builds it (`precomputed`, or
+    decode_path one of TABLE_PATHS): the model keeps E_l, G_l is built from it."""
     if not config.is_gated:
         return 0
-    if precomputed and config.gate_placement == "up":
-        return config.n_layers * config.vocab_size * config.gate_norm_dim  # G's rows: the gate in the [k; v] layout
-    return count_params(config) - count_params(config, include_gate_tables=False)
+    embeddings = count_params(config) - count_params(config, include_gate_tables=False)
+    builds_table = config.gate_placement == "up" and (precomputed or decode_path in TABLE_PATHS)
+    return embeddings + (config.n_layers * config.vocab_size * config.gate_norm_dim if builds_table else 0)
+
+
+def decode_workspace_bytes(config: ModelConfig, decode_path: str, context: int, item: int,
+                           distinct_ids: int | None = None) -> int:
+    """Bytes per sequence that one decode step allocates beside the cache, where that is not small: the grouped
+    path's per-(sequence, id) and per-row buffers (egmla.kernels.grouped_workspace_bytes, one layer's at a time,
+    plus the step's plan) at `distinct_ids` distinct ids per sequence (default: min(context, vocab), the most
+    there can be). Other paths: 0, not counted (their temporaries are split partials and, for the same-table
+    control's `absorbed` path, per-id terms of a few numbers per head: far smaller than the cache)."""
+    if decode_path != "grouped":
+        return 0
+    from egmla.kernels import grouped_workspace_bytes
+
+    distinct = min(context, config.vocab_size) if distinct_ids is None else min(distinct_ids, context)
+    return grouped_workspace_bytes(config.n_heads, config.kv_lora_rank, config.v_head_dim, context, distinct, item)
 
 
 def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "bf16",
-             reserve_gb: float = 0.0, precomputed_gate_table: bool = False, decode_path: str | None = None) -> dict:
-    """One variant's plan: bytes per part and the sequences that fit with gate tables on GPU / offloaded.
+             reserve_gb: float = 0.0, precomputed_gate_table: bool = False, decode_path: str | None = None,
+             distinct_ids: int | None = None) -> dict:
+    """One variant's plan: bytes per part and the sequences that fit with gate tables on GPU / offloaded, and
+    with the decode step's working memory counted too (`decode_workspace_bytes`).
 
     The cache layout is that of `decode_path` where the variant has that path (e.g. 'grouped' and 'kernel'
     also store LayerNorm statistics), else of the variant's default path."""
@@ -41,12 +65,13 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
     path = decode_path if decode_path in decode_paths(config) else decode_paths(config)[0]
     cache_per_token, _ = measured_cache_bytes_per_token(config, torch_dtype, path)
     weights = count_params(config, include_gate_tables=False) * item
-    tables = gate_table_params(config, precomputed_gate_table) * item
+    tables = gate_table_params(config, precomputed_gate_table, path) * item
     per_sequence = cache_per_token * context
+    workspace = decode_workspace_bytes(config, path, context, item, distinct_ids)
     budget = memory_gb * GB - reserve_gb * GB
 
-    def fit(resident: float) -> int:
-        return max(0, int((budget - resident) // per_sequence))
+    def fit(resident: float, extra: float = 0.0) -> int:
+        return max(0, int((budget - resident) // (per_sequence + extra)))
 
     return {
         "variant": config.variant_name(),
@@ -58,15 +83,20 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
         "gate_table_bytes": tables,
         "sequences": fit(weights + tables),
         "sequences_gate_tables_offloaded": fit(weights),
+        "decode_workspace_bytes_per_sequence": workspace,
+        "sequences_with_decode_workspace": fit(weights + tables, workspace),
     }
 
 
 def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "bf16", reserve_gb: float = 0.0,
-              precomputed_gate_table: bool = False, decode_path: str | None = None) -> list[dict]:
+              precomputed_gate_table: bool = False, decode_path: str | None = None,
+              distinct_ids: int | None = None) -> list[dict]:
     """The model `base` and the same shape under every other variant (egmla.accounting.variant_configs),
     with ratios of sequences against MHA and MLA kv256."""
     if context <= 0 or memory_gb <= 0:
         raise ValueError(f"context={context}, memory_gb={memory_gb}: both must be positive")
+    if distinct_ids is not None and distinct_ids <= 0:
+        raise ValueError(f"distinct_ids={distinct_ids}: must be positive (distinct token ids per sequence)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
     known = sorted({path for config in variant_configs(base) for path in decode_paths(config)})
@@ -74,7 +104,7 @@ def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "b
         raise ValueError(f"decode_path={decode_path!r}: no variant has it; choose one of {', '.join(known)}")
     rows = []
     for config in variant_configs(base):
-        row = plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, decode_path)
+        row = plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, decode_path, distinct_ids)
         row["is_model"] = config.to_dict() == base.to_dict()
         rows.append(row)
     for key, reference in (("vs_mha", "MHA"), ("vs_mla_kv256", "MLA kv256")):
@@ -107,4 +137,11 @@ def format_plan(rows: list[dict], title: str) -> str:
                  "batch's distinct ids (not counted here, at most the tables' size).")
     lines.append("cache B/tok measured from an allocated cache (EG-MLA includes its 4 B token id); GB = 1e9 B; "
                  "activations and allocator slack are not counted (use --reserve-gb).")
+    for r in rows:
+        if r["decode_workspace_bytes_per_sequence"]:
+            lines.append(f"{r['variant']} on '{r['decode_path']}': a decode step also allocates "
+                         f"{r['decode_workspace_bytes_per_sequence'] / 1e6:.1f} MB per sequence beside the cache "
+                         f"(per-id and per-row buffers of one layer, and the step's plan; --distinct-ids sets the ids "
+                         f"per sequence, default the most there can be): {r['sequences_with_decode_workspace']:,} "
+                         f"sequences fit with it.")
     return "\n".join(lines)

@@ -19,11 +19,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory to set aside for activations, workspace and allocator slack")
     parser.add_argument("--gate-table", action="store_true",
                         help="plan EG-MLA for the gate-table decode path: count the precomputed V x n_h(d_n+d_v) "
-                             "gate tables instead of the V x d_e embeddings")
+                             "gate tables as well as the V x d_e embeddings they are built from (--decode-path "
+                             "gate-table, kernel, grouped or absorbed counts them too)")
     parser.add_argument("--decode-path", metavar="PATH",
                         help="plan the cache layout of this decode path for the variants that have it (grouped "
-                             "and kernel also store 8 B of LayerNorm statistics per token and layer); the "
-                             "others use their default path")
+                             "and kernel also store 8 B of LayerNorm statistics per token and layer) and the "
+                             "tables and working memory it needs; the others use their default path")
+    parser.add_argument("--distinct-ids", type=int, metavar="N",
+                        help="distinct token ids per sequence, for the grouped path's per-id working memory "
+                             "(default: min(T, vocab), the most there can be; real text holds fewer, e.g. ~1,500 "
+                             "of 4,096 English tokens)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -41,11 +46,11 @@ def main(args) -> int:
     else:
         base, source = preset(args.preset, **parse_overrides(args.overrides, section="model")), f"preset {args.preset}"
     rows = plan_rows(base, args.context, args.memory_gb, args.dtype, args.reserve_gb, args.gate_table,
-                     args.decode_path)
+                     args.decode_path, args.distinct_ids)
     if args.json:
         print(json.dumps({"source": source, "context": args.context, "memory_gb": args.memory_gb,
                           "dtype": args.dtype, "reserve_gb": args.reserve_gb, "gate_table_path": args.gate_table,
-                          "rows": rows}, indent=2))
+                          "decode_path": args.decode_path, "distinct_ids": args.distinct_ids, "rows": rows}, indent=2))
         return 0
     title = (f"Memory plan: {source} ({base.n_layers} layers, d_model {base.d_model}, vocab {base.vocab_size}), "
              f"{args.context} tokens per sequence, {args.memory_gb:g} GB, {args.dtype}"

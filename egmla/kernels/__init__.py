@@ -51,4 +51,24 @@ def warn_fallback_once(what: str, reason: str) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-__all__ = ["interpreting", "kernel_unavailable_reason", "triton_available", "warn_fallback_once"]
+GROUPED_CHUNK = 16  # positions per attend program of the grouped decode (its plan's block_t; grouped_decode.CHUNK)
+
+
+def grouped_workspace_bytes(heads: int, d_c: int, d_v: int, context: int, distinct_ids: int, item: int,
+                            chunk: int = GROUPED_CHUNK) -> int:
+    """Bytes per sequence that the grouped decode allocates for one decode step beside the cache (kept here, free
+    of Triton, for the memory planner): the step's plan (grouped order, slot offsets, row maps, int32) and one
+    layer's buffers (absorbed queries per distinct id and value sums per row, heads x d_c each in the cache dtype
+    of `item` bytes; per-chunk softmax statistics, fp32). tests/kernels/test_grouped_decode.py checks it against
+    what make_plan and grouped_decode really allocate."""
+    block = lambda n: max(16, 1 << (n - 1).bit_length())  # noqa: E731 (split_combine.block)
+    chunks = -(-context // chunk)
+    rows = distinct_ids + chunks
+    plan = 4 * (2 * context + 2 * rows) + 3 * 8  # order, offsets; row -> chunk, row -> id; summary
+    layer = (max(distinct_ids, 1) + rows) * heads * block(d_c) * item  # absorbed queries, value sums
+    layer += chunks * 3 * block(heads) * 4 + heads * (2 * 4 + d_v * 4)  # chunk stats; q sums; fp32 output sums
+    return plan + layer
+
+
+__all__ = ["GROUPED_CHUNK", "grouped_workspace_bytes", "interpreting", "kernel_unavailable_reason",
+           "triton_available", "warn_fallback_once"]

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from egmla.kernels import GROUPED_CHUNK
 from egmla.kernels.mla_decode import LOG2E, _output
 from egmla.kernels.split_combine import block
 
@@ -64,7 +65,7 @@ class GroupedPlan:
         return dataclasses.replace(self, **sliced)
 
 
-CHUNK = 16  # positions per attend program (the plan's block_t): 16 beat 32 by 20-25% on the H200 (one warp each)
+CHUNK = GROUPED_CHUNK  # positions per attend program (the plan's block_t): 16 beat 32 by 20-25% on the H200
 
 
 def make_plan(groups, block_t: int = CHUNK, vocab_size: int | None = None,
@@ -418,7 +419,9 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     weight, bias = (norm_weight if norm_weight is not None else wkv_b), (norm_bias if norm_bias is not None else wkv_b)
     flags = dict(HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, DOT_PRECISION=precision)
 
-    absorbed = torch.empty(batch, max(plan.max_distinct, 1), block_h, block_c, dtype=dtype, device=device)
+    # per (sequence, id) and per (sequence, row): the real heads only (the kernels mask the padded ones), a quarter
+    # less memory than the padded tile at 12 heads (docs/grouped-decode.md, "Working memory")
+    absorbed = torch.empty(batch, max(plan.max_distinct, 1), heads, block_c, dtype=dtype, device=device)
     q_sum = torch.empty(batch, heads, dtype=torch.float32, device=device)  # gamma^K . q^C
     q_bias = torch.empty_like(q_sum)  # beta^K . q^C
     _absorb_kernel[(triton.cdiv(plan.max_distinct, block_ids), batch, triton.cdiv(heads, heads_per_program))](
@@ -430,7 +433,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     if stages < 2:
         return out
 
-    sums = torch.empty(batch, plan.n_rows, block_h, block_c, dtype=dtype, device=device)
+    sums = torch.empty(batch, plan.n_rows, heads, block_c, dtype=dtype, device=device)
     chunk_stats = torch.empty(batch, plan.n_chunks, 3, block_h, dtype=torch.float32, device=device)
     _attend_kernel[(plan.n_chunks, batch)](
         plan.order, plan.slots, plan.lengths, latent, k_rope, ln_stats, absorbed, q_pe, q_sum, q_bias,

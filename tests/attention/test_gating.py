@@ -191,12 +191,15 @@ def test_default_cuda_path_is_each_variants_triton_path(monkeypatch):
 
 
 def test_v_only_controls_precomputed_table_is_planned_at_its_real_width():
-    """`egmla plan --precomputed-gate-table` counts G's rows as built: the V-only control's gate vector keeps the
-    [k; v] layout (zeros in K), so its table is as wide as the others' though W_UE is half as wide."""
+    """`egmla plan --gate-table` counts G's rows as built (beside the embeddings E it is built from): the V-only
+    control's gate vector keeps the [k; v] layout (zeros in K), so its table is as wide as the others' though W_UE
+    is half as wide."""
     from egmla.infer.plan import gate_table_params
 
     config = small_config(attention="eg-mla", gate_op="bias-v")
     attn = Transformer(config).layers[0].attn
     built = attn.build_gate_table()
-    assert gate_table_params(config, precomputed=True) == config.n_layers * built.numel()
+    embeddings = gate_table_params(config)
+    assert embeddings == config.n_layers * attn.gate_embed.weight.numel()
+    assert gate_table_params(config, precomputed=True) == embeddings + config.n_layers * built.numel()
     assert attn.wue.out_features == config.n_heads * config.v_head_dim < built.shape[1] == config.kv_up_dim

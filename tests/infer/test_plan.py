@@ -66,3 +66,27 @@ def test_plan_counts_the_decode_paths_cache_layout():
     assert grouped["MLA kv256"] == default["MLA kv256"]  # no such path: default layout
     with pytest.raises(ValueError, match="decode_path='fast'"):
         plan_rows(preset("paper-base"), 4096, 60.0, decode_path="fast")
+
+
+def test_table_paths_count_both_tables_and_grouped_counts_its_workspace(capsys):
+    """The paths that build G_l = E_l W_UE^T keep E_l too; the grouped path's per-step buffers are counted per
+    sequence at the distinct ids asked for (default: as many as positions)."""
+    from egmla.kernels import grouped_workspace_bytes
+
+    base = preset("paper-base")
+    naive = by_variant(plan_rows(base, 4096, 60.0))["EG-MLA kv64"]
+    kernel = by_variant(plan_rows(base, 4096, 60.0, decode_path="kernel"))["EG-MLA kv64"]
+    embeddings, table = 12 * 32768 * 512 * 2, 12 * 32768 * 1536 * 2
+    assert naive["gate_table_bytes"] == embeddings and kernel["gate_table_bytes"] == embeddings + table
+    assert naive["decode_workspace_bytes_per_sequence"] == kernel["decode_workspace_bytes_per_sequence"] == 0
+    assert kernel["sequences_with_decode_workspace"] == kernel["sequences"]
+    worst = by_variant(plan_rows(base, 4096, 60.0, decode_path="grouped"))["EG-MLA kv64"]
+    text = by_variant(plan_rows(base, 4096, 60.0, decode_path="grouped", distinct_ids=1500))["EG-MLA kv64"]
+    assert worst["decode_workspace_bytes_per_sequence"] == grouped_workspace_bytes(12, 64, 64, 4096, 4096, 2)
+    assert text["decode_workspace_bytes_per_sequence"] == grouped_workspace_bytes(12, 64, 64, 4096, 1500, 2)
+    assert worst["sequences_with_decode_workspace"] < text["sequences_with_decode_workspace"] < text["sequences"]
+    assert egmla_main(["plan", "--preset", "paper-base", "--context", "4096", "--memory-gb", "60",
+                       "--decode-path", "grouped", "--distinct-ids", "1500"]) == 0
+    assert "a decode step also allocates" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="distinct_ids=0"):
+        plan_rows(base, 4096, 60.0, decode_path="grouped", distinct_ids=0)

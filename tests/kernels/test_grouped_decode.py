@@ -216,3 +216,42 @@ def test_empty_groups_give_zero_output():
     case, groups = make_case(2, 2, 16, 16, 16, 16, [0, 0], 9, torch.float32, kernel_device())
     out, ref = run_both(case, groups, 16)
     assert out.abs().max() == 0 and ref.abs().max() == 0
+
+
+def test_workspace_formula_matches_what_a_step_allocates():
+    """egmla.kernels.grouped_workspace_bytes (the memory planner's number) equals the bytes make_plan and
+    grouped_decode allocate for a step: every tensor factory call, the output excluded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from egmla.attention.cache import TokenGroups
+    from egmla.kernels import grouped_workspace_bytes
+    from egmla.kernels.egmla_decode_ref import layernorm_stats
+    from egmla.kernels.grouped_decode import grouped_decode, make_plan
+
+    batch, length, heads, d, vocab = 2, 40, 3, 16, 50
+    ids = torch.randint(0, 12, (batch, length))
+    groups = TokenGroups(batch, length, "cpu")
+    groups.append(ids, torch.arange(length).expand(batch, -1), torch.full((batch,), length))
+    latent, table = torch.randn(batch, length, d), 1 + 0.5 * torch.randn(vocab, heads * 2 * d)
+    wkv_b = torch.randn(heads * 2 * d, d) / d ** 0.5
+    case = dict(q_nope=torch.randn(batch, heads, d), q_pe=torch.randn(batch, heads, d), latent=latent,
+                k_rope=torch.randn(batch, length, d), gate_table=table, wkv_b=wkv_b,
+                ln_stats=layernorm_stats(latent, table[ids], wkv_b, 1e-6, "mul", "layernorm"),
+                norm_weight=torch.randn(heads * 2 * d), norm_bias=torch.randn(heads * 2 * d), scale=0.2)
+    out = torch.empty(batch, heads, d)
+    factories = {"empty", "empty_like", "full", "zeros", "zeros_like", "empty_strided", "new_empty", "new_zeros"}
+
+    class Allocations(TorchDispatchMode):
+        bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in factories and isinstance(result, torch.Tensor):
+                Allocations.bytes += result.numel() * result.element_size()
+            return result
+
+    with Allocations():
+        plan = make_plan(groups)
+        grouped_decode(plan=plan, out=out, num_splits=2, **case)  # two splits: the fp32 output sums are allocated
+    distinct = int(groups.n_distinct.max())
+    assert Allocations.bytes > 0 and Allocations.bytes == batch * grouped_workspace_bytes(heads, d, d, length, distinct, 4)
