@@ -26,7 +26,9 @@ DEFAULT_PATHS = "auto"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", default="tiny", help="model shape with random weights: tiny, paper-base, paper-1b")
+    source.add_argument("--preset", default="auto", help="model shape with random weights: tiny, paper-base, paper-1b; "
+                        "auto (default) = paper-base on CUDA, tiny elsewhere (docs/benchmarks.md §2's tables are "
+                        "`egmla bench generate-suite`: paper-base, 2,048-token prompts)")
     source.add_argument("--run", help="benchmark a trained run directory instead of random weights")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model field of the preset, e.g. --set max_seq_len=4096 (repeatable)")
@@ -167,8 +169,9 @@ def main(args) -> int:
     else:
         from egmla.bench.token_ids import text_token_ids
 
-        base = preset(args.preset, **parse_overrides(args.overrides, section="model"))
-        source = f"preset {args.preset}, random weights"
+        name = args.preset if args.preset != "auto" else ("paper-base" if device.type == "cuda" else "tiny")
+        base = preset(name, **parse_overrides(args.overrides, section="model"))
+        source = f"preset {name}, random weights"
         distinct = text_token_ids(max(batch_sizes) if not args.fill_memory else 32, prompt_len,
                                   base.vocab_size)[0].tolist()
     if prompt_len + args.new_tokens - 1 > base.max_seq_len:
