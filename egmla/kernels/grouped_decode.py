@@ -308,15 +308,16 @@ def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_pt
     alpha_c = tl.exp2(m_c - m_all)
     denom = tl.sum(tl.load(chunk_stats + offs_k * 3 * BLOCK_H + BLOCK_H, mask=k_mask, other=0.0) * alpha_c, axis=0)
     inv_l = tl.where(denom > 0, 1.0 / tl.where(denom > 0, denom, 1.0), 0.0)
-    mean_term = tl.sum(tl.load(chunk_stats + offs_k * 3 * BLOCK_H + 2 * BLOCK_H, mask=k_mask, other=0.0) * alpha_c,
-                       axis=0) * inv_l
     # GATE_DOT: sum over rows of g^V_r ⊙ (W^V_h s_r) = rowsum(W^V_h ⊙ M) with M = sum_r (scale_r g^V_r) s_r^T
     # [d_v, d_c], the rows the K of one dot per row block: the accumulator stays [d_v, d_c] however many rows a step
-    # takes (206 registers per thread at 128 rows on 2 warps against 255 and spills, Triton 3.6 for sm_90); else
-    # W^V_h s_r per row, [BLOCK_ROWS, d_v], weighted by g^V_r and summed
+    # takes (127 registers per thread at 128 rows on 4 warps against 214, Triton 3.6 for sm_90: `egmla bench
+    # kernel-resources`); else W^V_h s_r per row, [BLOCK_ROWS, d_v], weighted by g^V_r and summed
     w_v = tl.load(wkv_b_ptr + (head * width + D_N + offs_v)[None, :] * stride_w + offs_c[:, None],
                   mask=c_mask[:, None] & v_mask[None, :], other=0.0)  # W^V_h^T [BLOCK_C, BLOCK_V]
-    acc = tl.zeros([BLOCK_V, BLOCK_C], tl.float32)
+    if GATE_DOT:  # (the mean term first: fewer registers live through this form's loop)
+        mean_term = tl.sum(tl.load(chunk_stats + offs_k * 3 * BLOCK_H + 2 * BLOCK_H, mask=k_mask, other=0.0) * alpha_c,
+                           axis=0) * inv_l
+        acc = tl.zeros([BLOCK_V, BLOCK_C], tl.float32)
     o = tl.zeros([BLOCK_V], tl.float32)
     for start in range(split * BLOCK_ROWS, n_seq_rows, num_splits * BLOCK_ROWS):
         offs_row = start + tl.arange(0, BLOCK_ROWS)
@@ -328,17 +329,22 @@ def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_pt
         row_scale = tl.exp2(m_row - m_all) * inv_l  # this row's weights, normalised globally
         s_rows = tl.load(s_ptr + batch * stride_rb + offs_row[:, None] * stride_ru + head * BLOCK_C + offs_c[None, :],
                          mask=valid[:, None], other=0.0)
-        gate = tl.load(gate_ptr + ids[:, None] * stride_g + head * width + D_N + offs_v[None, :],
-                       mask=valid[:, None] & v_mask[None, :], other=0.0)
         if GATE_DOT:
+            gate = tl.load(gate_ptr + ids[:, None] * stride_g + head * width + D_N + offs_v[None, :],
+                           mask=valid[:, None] & v_mask[None, :], other=0.0)
             scaled_gate = (gate.to(tl.float32) * row_scale[:, None]).to(s_ptr.dtype.element_ty)  # [BLOCK_ROWS, BLOCK_V]
             acc += tl.dot(tl.trans(scaled_gate), s_rows, input_precision=DOT_PRECISION)
         else:
-            scaled = (s_rows.to(tl.float32) * row_scale[:, None]).to(w_v.dtype)
-            up = tl.dot(scaled, w_v, input_precision=DOT_PRECISION)  # W^V_h s per row [BLOCK_ROWS, BLOCK_V]
+            s_rows = (s_rows.to(tl.float32) * row_scale[:, None]).to(w_v.dtype)
+            up = tl.dot(s_rows, w_v, input_precision=DOT_PRECISION)  # W^V_h s per row [BLOCK_ROWS, BLOCK_V]
+            gate = tl.load(gate_ptr + ids[:, None] * stride_g + head * width + D_N + offs_v[None, :],
+                           mask=valid[:, None] & v_mask[None, :], other=0.0)
             o += tl.sum(up * gate.to(tl.float32), axis=0)
     if GATE_DOT:
         o = tl.sum(acc * tl.trans(w_v).to(tl.float32), axis=1)
+    else:
+        mean_term = tl.sum(tl.load(chunk_stats + offs_k * 3 * BLOCK_H + 2 * BLOCK_H, mask=k_mask, other=0.0) * alpha_c,
+                           axis=0) * inv_l
     lead = split == 0
     o = o - tl.where(lead, mean_term, 0.0)
     if HAS_WEIGHT:
