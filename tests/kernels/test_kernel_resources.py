@@ -40,7 +40,7 @@ def test_mla_kernel_compiles_offline_and_reports_its_registers(tmp_path):
     assert [r["kernel"] for r in rows] == ["mla_decode kv64"] * 3
     for row in rows:
         assert 16 <= row["registers"] <= 255 and row["spill_stack_bytes"] >= 0 and row["shared_bytes"] > 0
-        assert 1 <= row["programs_per_sm_by_registers"] <= 32
+        assert row["programs_per_sm_by_registers"] in range(1, 33)
     more_stages = {r["setting"]: r["shared_bytes"] for r in rows}
     assert more_stages["tiles of 64, 4 warps (stages 3: shared memory)"] > more_stages["tiles of 64, 4 warps (stages 2: shared memory)"]
     assert "compiled for sm_90" in done.stdout
