@@ -173,6 +173,11 @@ def bias_absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: to
     return out * visible.any(-1)[..., None]
 
 
+# Decode paths that read the precomputed gate table G_l = E_l W_UE^T (placement `up`): built when the path is set,
+# beside the embeddings E_l it comes from (the memory planner counts both, egmla.infer.plan)
+TABLE_PATHS = ("gate-table", "kernel", "grouped", "absorbed")
+
+
 class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -210,7 +215,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         if self.gate_placement == "latent":
             self.gate_table = None
             super().on_decode_path_set()  # MLA's folded absorption
-        elif self.decode_path in ("gate-table", "kernel", "grouped", "absorbed"):
+        elif self.decode_path in TABLE_PATHS:
             self.build_gate_table()
         else:
             self.gate_table = None

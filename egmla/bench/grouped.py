@@ -52,6 +52,26 @@ def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, de
     return attn, (q_nope, q_pe, latent, k_pe, token_ids, ctx), groups
 
 
+def kernel_inputs(attn, args) -> dict:
+    """The keyword inputs of grouped_decode (and grouped_fused's kernel) but the plan, for the module and call
+    args of grouped_inputs."""
+    q_nope, q_pe, latent, k_pe, _, ctx = args
+    norm = attn.gate_norm
+    return dict(q_nope=q_nope[:, 0], q_pe=q_pe[:, 0], latent=latent, k_rope=k_pe, ln_stats=ctx.kv_ln_stats,
+                gate_table=attn.gate_table_like(latent), wkv_b=attn.wkv_b.weight, norm_weight=norm.weight,
+                norm_bias=getattr(norm, "bias", None), scale=attn.softmax_scale)
+
+
+def fp32_reference(attn, args, groups) -> torch.Tensor:
+    """grouped_decode_ref in fp32 on the same inputs: [batch, heads, d_v]."""
+    from egmla.kernels.grouped_decode_ref import grouped_decode_ref
+
+    inputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+              for k, v in kernel_inputs(attn, args).items()}
+    return grouped_decode_ref(slots=groups.slots, distinct_ids=groups.distinct_ids,
+                              lengths=args[5].positions[:, 0] + 1, **inputs)
+
+
 def norm_stats(attn, latent: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """[batch, T, 2] fp32 (mu, rho) of every position, as appends write them (attn.norm_stats). On CUDA the
     Triton pass of the same statistics: attn.norm_stats holds three fp32 [batch, T, heads * (d_n + d_v)]
@@ -125,14 +145,12 @@ def _variant_call(attn, args, groups, kwargs: dict):
     from egmla.kernels.grouped_decode import CHUNK, grouped_decode, make_plan
     from egmla.kernels.grouped_fused import grouped_decode_fused
 
-    q_nope, q_pe, latent, k_pe, _, ctx = args
     kwargs = dict(kwargs)
     three = kwargs.pop("kernel", "three") == "three"
     plan = make_plan(groups, kwargs.pop("block_t", CHUNK) if three else 32)
-    table, norm = attn.gate_table, attn.gate_norm
     kernel = grouped_decode if three else grouped_decode_fused
-    return lambda: kernel(q_nope[:, 0], q_pe[:, 0], latent, k_pe, ctx.kv_ln_stats, plan, table, attn.wkv_b.weight,
-                          norm.weight, getattr(norm, "bias", None), attn.softmax_scale, **kwargs)
+    inputs = kernel_inputs(attn, args)
+    return lambda: kernel(plan=plan, **inputs, **kwargs)
 
 
 def distinct_ratios(ids: torch.Tensor, contexts) -> list[dict]:

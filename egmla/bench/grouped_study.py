@@ -94,20 +94,14 @@ def token_ids(args, texts, batch, length, vocab) -> dict:
 def check_grouped(config, batch, length, ids, device, dtype, with_reference, lengths=None) -> dict:
     """bf16 grouped output vs the fused rebuild kernel on the same inputs (both read the norm statistics the
     context carries, as from a cache), and vs the fp32 reference."""
-    from egmla.bench.grouped import grouped_inputs
-    from egmla.kernels.grouped_decode_ref import grouped_decode_ref
+    from egmla.bench.grouped import fp32_reference, grouped_inputs
 
     attn, args, groups = grouped_inputs(config, batch, length, ids, device, dtype, lengths)
     grouped = attn.attend_grouped(*args).float()
     fused = attn.attend_kernel(*args).float()
     out = {"rel_err_vs_fused": ((grouped - fused).norm() / fused.norm()).item(), "finite": bool(grouped.isfinite().all())}
     if with_reference:
-        q_nope, q_pe, latent, k_pe, _, ctx = args
-        norm, fp32 = attn.gate_norm, (lambda t: None if t is None else t.float())
-        ref = grouped_decode_ref(q_nope[:, 0].float(), q_pe[:, 0].float(), latent.float(), k_pe.float(),
-                                 ctx.kv_ln_stats, groups.slots, groups.distinct_ids, ctx.positions[:, 0] + 1,
-                                 attn.build_gate_table().float(), attn.wkv_b.weight.float(),
-                                 fp32(norm.weight), fp32(getattr(norm, "bias", None)), attn.softmax_scale)
+        ref = fp32_reference(attn, args, groups)
         out["rel_err_vs_fp32_ref"] = ((grouped.view_as(ref) - ref).norm() / ref.norm()).item()
     return out
 

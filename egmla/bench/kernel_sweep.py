@@ -101,30 +101,6 @@ def sweep_egmla(batch, length, ids, device):
     return rows
 
 
-def grouped_case(ids, device, dtype):
-    """Inputs of grouped_decode at paper-base head shapes for token ids [batch, T] (every position registered)
-    and their fp32 reference output."""
-    import torch
-
-    from egmla.attention.cache import TokenGroups
-    from egmla.kernels.egmla_decode import layernorm_stats_triton
-    from egmla.kernels.grouped_decode_ref import grouped_decode_ref
-
-    batch, length = ids.shape
-    ids = ids.to(device).long()
-    width = HEADS * (D_N + D_V)
-    g = lambda *s, m=0.0, sd=1.0: (m + sd * torch.randn(*s, device=device)).to(dtype)  # noqa: E731
-    latent, table, wkv_b = g(batch, length, 64), g(VOCAB, width, m=1.0, sd=0.5), g(width, 64, sd=0.125)
-    groups = TokenGroups(batch, length, device)
-    groups.append(ids, torch.arange(length, device=device).expand(batch, -1), torch.full((batch,), length, device=device))
-    case = dict(q_nope=g(batch, HEADS, D_N), q_pe=g(batch, HEADS, D_R), latent=latent, k_rope=g(batch, length, D_R),
-                ln_stats=layernorm_stats_triton(latent, ids, table, wkv_b, HEADS, D_N), gate_table=table, wkv_b=wkv_b,
-                norm_weight=g(width, m=1.0, sd=0.3), norm_bias=g(width, sd=0.3), scale=0.088)
-    ref = grouped_decode_ref(slots=groups.slots, distinct_ids=groups.distinct_ids, lengths=groups.lengths,
-                             **{k: (v.float() if torch.is_tensor(v) else v) for k, v in case.items()})
-    return case, groups, ref
-
-
 GROUPED_ABSORB = [(32, 4), (64, 1), (64, 2), (128, 1)]  # (ids, heads) per program
 
 
@@ -134,9 +110,14 @@ def sweep_grouped(batch, length, source, ids, device):
     attend), per rows per program, splits and warps. Every other launch keeps the defaults of its row."""
     import torch
 
+    from egmla.bench.grouped import fp32_reference, grouped_inputs, kernel_inputs
     from egmla.kernels.grouped_decode import CHUNK, grouped_decode, make_plan
+    from egmla.variants import variant_config
 
-    case, groups, ref = grouped_case(ids[:batch, :length], device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    config = variant_config("egmla-kv64", "paper-base", max_seq_len=length)  # the model's own EG-MLA kv64 layer
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    attn, args, groups = grouped_inputs(config, batch, length, ids[:batch, :length].to(device), device, dtype)
+    case, ref = kernel_inputs(attn, args), fp32_reference(attn, args, groups)
     plans = {chunk: make_plan(groups, chunk) for chunk in (16, 32)}
     base = {"kernel": "grouped_decode kv64", "batch": batch, "context": length, "ids": source,
             "distinct_ids_per_sequence": groups.n_distinct.float().mean().item()}

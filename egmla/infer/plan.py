@@ -15,15 +15,12 @@ import torch
 
 from egmla.accounting import measured_cache_bytes_per_token, variant_configs
 from egmla.attention import decode_paths
+from egmla.attention.egmla import TABLE_PATHS
 from egmla.config import ModelConfig
 from egmla.model import count_params
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GB = 1e9
-
-
-# EG-MLA (placement `up`) builds G_l = E_l W_UE^T beside its embeddings for these paths (on_decode_path_set)
-TABLE_PATHS = ("gate-table", "kernel", "grouped", "absorbed")
 
 
 def gate_table_params(config: ModelConfig, precomputed: bool = False, decode_path: str | None = None) -> int:

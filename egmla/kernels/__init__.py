@@ -51,6 +51,11 @@ def warn_fallback_once(what: str, reason: str) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
+def block(dim: int) -> int:
+    """Smallest power of two >= dim and >= 16 (tl.dot needs every dimension >= 16): the kernels' tile widths."""
+    return max(16, 1 << (dim - 1).bit_length())
+
+
 GROUPED_CHUNK = 16  # positions per attend program of the grouped decode (its plan's block_t; grouped_decode.CHUNK)
 
 
@@ -61,7 +66,6 @@ def grouped_workspace_bytes(heads: int, d_c: int, d_v: int, context: int, distin
     layer's buffers (absorbed queries per distinct id and value sums per row, heads x d_c each in the cache dtype
     of `item` bytes; per-chunk softmax statistics, fp32). tests/kernels/test_grouped_decode.py checks it against
     what make_plan and grouped_decode really allocate."""
-    block = lambda n: max(16, 1 << (n - 1).bit_length())  # noqa: E731 (split_combine.block)
     chunks = -(-context // chunk)
     rows = distinct_ids + chunks
     plan = 4 * (2 * context + 2 * rows) + 3 * 8  # order, offsets; row -> chunk, row -> id; summary
@@ -70,5 +74,5 @@ def grouped_workspace_bytes(heads: int, d_c: int, d_v: int, context: int, distin
     return plan + layer
 
 
-__all__ = ["GROUPED_CHUNK", "grouped_workspace_bytes", "interpreting", "kernel_unavailable_reason",
+__all__ = ["GROUPED_CHUNK", "block", "grouped_workspace_bytes", "interpreting", "kernel_unavailable_reason",
            "triton_available", "warn_fallback_once"]

@@ -21,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from egmla.kernels import block
 from egmla.kernels.grouped_decode import position_tile
 from egmla.kernels.mla_decode import LOG2E
-from egmla.kernels.split_combine import block, choose_num_splits, launch_first_fitting, split_range
+from egmla.kernels.split_combine import choose_num_splits, launch_first_fitting, split_range
 
 
 @triton.jit

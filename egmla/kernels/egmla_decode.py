@@ -20,9 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from egmla.kernels import block
 from egmla.kernels.mla_decode import LOG2E, _check_decode_inputs, _output
-from egmla.kernels.split_combine import (block, choose_num_splits, combine_splits, launch_first_fitting,
-                                         partial_buffers, split_range)
+from egmla.kernels.split_combine import (choose_num_splits, combine_splits, launch_first_fitting, partial_buffers,
+                                         split_range)
 
 NORM_CODES = {"none": 0, "layernorm": 1, "rmsnorm": 2}
 

@@ -29,9 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from egmla.kernels import GROUPED_CHUNK
+from egmla.kernels import GROUPED_CHUNK, block
 from egmla.kernels.mla_decode import LOG2E, _output
-from egmla.kernels.split_combine import block
 
 
 @dataclass

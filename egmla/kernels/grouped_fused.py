@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from egmla.kernels import block
 from egmla.kernels.grouped_decode import GroupedPlan, _check_inputs, position_tile
 from egmla.kernels.mla_decode import LOG2E, _output
-from egmla.kernels.split_combine import block
 
 HEADS_PER_PROGRAM = 4  # the kernel is written for groups of 4 heads (two levels of tl.join)
 

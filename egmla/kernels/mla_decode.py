@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from egmla.kernels.split_combine import (block, choose_num_splits, combine_splits, launch_first_fitting,
-                                         partial_buffers, split_range)
+from egmla.kernels import block
+from egmla.kernels.split_combine import (choose_num_splits, combine_splits, launch_first_fitting, partial_buffers,
+                                         split_range)
 
 LOG2E = math.log2(math.e)
 

@@ -110,8 +110,3 @@ def launch_first_fitting(key: tuple, configs: list, launch):
             continue
         _FIRST_FIT[key] = index
         return result
-
-
-def block(dim: int) -> int:
-    """Smallest power of two >= dim and >= 16 (tl.dot needs every dimension >= 16)."""
-    return max(16, triton.next_power_of_2(dim))
