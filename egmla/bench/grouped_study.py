@@ -23,12 +23,12 @@ from pathlib import Path
 
 STUDIED = ("mha", "mla-kv64", "egmla-kv64")  # egmla.variants names: the baseline, MLA, EG-MLA
 CONTROL = "egmla-kv64-bias"  # issue 18's same-table control: its 'absorbed' decode also depends on the ids
-# Other launch settings of the three-launch kernels (the model's path), and the one-launch fused kernel
-# (egmla/kernels/grouped_fused.py, measured slower: docs/grouped-decode.md) beside them
 # Launch settings of the grouped kernels timed beside the defaults: the settings before 2026-12-03's sweep (two
-# warps per launch, chunks of 32, 32 ids x 4 heads per absorb program, two row splits), chunks of 32 with today's
-# other settings, key gathers, and the one-launch fused kernel.
-LAUNCH_SETTINGS = {"grouped t32": {"block_t": 32, "num_warps": (4, 2, 2)},
+# warps per launch, chunks of 32, 32 ids x 4 heads per absorb program, two row splits), the softmax merge in every
+# up-projection program (the default until 2026-12-04), chunks of 32 with today's other settings, key gathers, and
+# the one-launch fused kernel (egmla/kernels/grouped_fused.py, measured slower: docs/grouped-decode.md).
+LAUNCH_SETTINGS = {"grouped merge per program": {"merge_once": False},
+                   "grouped t32": {"block_t": 32, "num_warps": (4, 2, 2)},
                    "grouped before": {"block_t": 32, "block_ids": 32, "heads_per_program": 4, "block_rows": 64,
                                       "num_warps": 2, "num_splits": 2},
                    "grouped keygather": {"key_gather": True},

@@ -140,24 +140,28 @@ def sweep_grouped(batch, length, source, ids, device):
             row.update(us=both["us"] - first["us"], us_with_absorb=both["us"])
         rows.append(row)
     two = run("attend", 2, 16)
-    upproj = [(False, r, s, w) for r, s, w in itertools.product((64, 128), (1, 2), (2, 4))]
-    upproj += [(True, r, s, w) for r, s, w in itertools.product((128, 256), (1, 2), (4, 8))]  # fewer registers per row
-    for gate_dot, rows_, splits, warps in upproj:
-        res = run("upproj", 3, 16, num_warps=(4, 1, warps), block_rows=rows_, num_splits=splits, gate_dot=gate_dot)
+    # (merge once, gate_dot, rows, splits, warps): the softmax merge in its own launch (splits then cost only their
+    # atomics) or in every program (the earlier default, 2 warps, as the baseline); gate_dot: fewer registers per row
+    upproj = [(True, False, r, s, w) for r, s, w in itertools.product((32, 64, 128), (1, 2, 4), (2, 4))]
+    upproj += [(True, True, r, s, w) for r, s, w in itertools.product((64, 128, 256), (1, 2, 4), (4, 8))]
+    upproj += [(False, gate_dot, 128, s, 4 if gate_dot else 2) for gate_dot, s in itertools.product((False, True), (1, 2))]
+    for merge_once, gate_dot, rows_, splits, warps in upproj:
+        res = run("upproj", 3, 16, num_warps=(4, 1, warps), block_rows=rows_, num_splits=splits, gate_dot=gate_dot,
+                  merge_once=merge_once)
         row = {**base, "launch": "upproj", "block_rows": rows_, "splits": splits, "upproj_warps": warps,
-               "gate_dot": gate_dot, **res}
+               "gate_dot": gate_dot, "merge_once": merge_once, **res}
         if "us" in res and "us" in two:
             row.update(us=res["us"] - two["us"], us_whole=res["us"])
         rows.append(row)
     defaults = {k: v.default for k, v in inspect.signature(grouped_decode).parameters.items()
-                if k in ("block_ids", "heads_per_program", "block_rows", "num_warps", "gate_dot")}
+                if k in ("block_ids", "heads_per_program", "block_rows", "num_warps", "gate_dot", "merge_once")}
     rows.append({**base, "launch": "all (defaults)", "settings": f"chunk {CHUNK}, " + ", ".join(
         f"{k} {v}" for k, v in defaults.items()), **run("all", 3, CHUNK)})
     return rows
 
 
 SETTINGS = {"absorb": ("absorb_warps", "block_ids", "heads_per_program"), "attend": ("chunk", "attend_warps"),
-            "upproj": ("block_rows", "splits", "upproj_warps", "gate_dot"), "all (defaults)": ()}
+            "upproj": ("block_rows", "splits", "upproj_warps", "gate_dot", "merge_once"), "all (defaults)": ()}
 
 
 def grouped_markdown(json_path: str, md_path: str, top: int = 4) -> None:

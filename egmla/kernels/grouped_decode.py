@@ -38,6 +38,7 @@ class GroupedPlan:
     """Per-step layout shared by every layer: positions sorted by slot, and which chunk owns each row."""
 
     order: torch.Tensor  # [batch, T] int32: registered positions sorted by slot, then the rest
+    order_slots: torch.Tensor  # [batch, T] int32: the slot of each entry of `order` (its id's index)
     row_chunk: torch.Tensor  # [batch, n_rows] int32: chunk of row (slot + chunk), -1 where no such row
     row_ids: torch.Tensor  # [batch, n_rows] int32: token id of row (undefined where row_chunk is -1)
     offsets: torch.Tensor  # [batch, >= max_distinct] int32: where slot s's positions start in `order`
@@ -60,7 +61,7 @@ class GroupedPlan:
     def sequences(self, rows: slice) -> "GroupedPlan":
         """The plan of sequences `rows` only (sizes kept)."""
         sliced = {name: getattr(self, name)[rows] for name in
-                  ("order", "row_chunk", "row_ids", "offsets", "slots", "distinct_ids", "n_distinct", "lengths")}
+                  ("order", "order_slots", "row_chunk", "row_ids", "offsets", "slots", "distinct_ids", "n_distinct", "lengths")}
         return dataclasses.replace(self, **sliced)
 
 
@@ -97,14 +98,15 @@ def make_plan(groups, block_t: int = CHUNK, vocab_size: int | None = None,
                              f"check the tokenizer matches the model")
     n_rows = max_distinct + triton.cdiv(max_len, block_t)
     order = torch.empty(batch, max_len, dtype=torch.int32, device=device)
+    order_slots = torch.empty(batch, max_len, dtype=torch.int32, device=device)
     row_chunk = torch.full((batch, n_rows), -1, dtype=torch.int32, device=device)
     row_ids = torch.empty((batch, n_rows), dtype=torch.int32, device=device)
     if max_len > 0:
         _place_kernel[(triton.cdiv(max_len, 1024), batch)](
-            slots, groups.ranks, groups.lengths, offsets, groups.distinct_ids, order, row_chunk, row_ids,
+            slots, groups.ranks, groups.lengths, offsets, groups.distinct_ids, order, order_slots, row_chunk, row_ids,
             slots.stride(0), groups.ranks.stride(0), offsets.stride(0), groups.distinct_ids.stride(0), order.stride(0),
             row_chunk.stride(0), BLOCK=1024, BLOCK_T=block_t)
-    return GroupedPlan(order, row_chunk, row_ids, offsets, slots, groups.distinct_ids, groups.n_distinct.to(torch.int32),
+    return GroupedPlan(order, order_slots, row_chunk, row_ids, offsets, slots, groups.distinct_ids, groups.n_distinct.to(torch.int32),
                        groups.lengths.to(torch.int32), max_len, max_distinct, block_t)
 
 
@@ -130,11 +132,13 @@ def _slot_offsets_kernel(counts_ptr, ids_ptr, n_distinct_ptr, lengths_ptr, offse
 
 
 @triton.jit
-def _place_kernel(slots_ptr, ranks_ptr, lengths_ptr, offsets_ptr, ids_ptr, order_ptr, row_chunk_ptr, row_ids_ptr,
+def _place_kernel(slots_ptr, ranks_ptr, lengths_ptr, offsets_ptr, ids_ptr, order_ptr, order_slots_ptr, row_chunk_ptr,
+                  row_ids_ptr,
                   stride_sb, stride_kb, stride_fb, stride_ib, stride_ob, stride_rb, BLOCK: tl.constexpr,
                   BLOCK_T: tl.constexpr):
-    """Position t goes to index offsets[slot_t] + rank_t of the grouped order; row (slot, chunk) -> its chunk and
-    its token id (so that the up-projection's gate-row gather waits on one load, not two)."""
+    """Position t goes to index offsets[slot_t] + rank_t of the grouped order, its slot beside it; row (slot, chunk)
+    -> its chunk and its token id. (So that the attend launch's id-row loads and the up-projection's gate-row
+    gather each wait on one load, not two.)"""
     batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
     offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     registered = offs_t < tl.load(lengths_ptr + batch)
@@ -142,6 +146,7 @@ def _place_kernel(slots_ptr, ranks_ptr, lengths_ptr, offsets_ptr, ids_ptr, order
     index = (tl.load(offsets_ptr + batch * stride_fb + slot, mask=registered, other=0)
              + tl.load(ranks_ptr + batch * stride_kb + offs_t, mask=registered, other=0))
     tl.store(order_ptr + batch * stride_ob + index, offs_t, mask=registered)
+    tl.store(order_slots_ptr + batch * stride_ob + index, slot, mask=registered)
     chunk = index // BLOCK_T
     tl.store(row_chunk_ptr + batch * stride_rb + slot + chunk, chunk, mask=registered)
     token = tl.load(ids_ptr + batch * stride_ib + slot, mask=registered, other=0)
@@ -214,9 +219,9 @@ def position_tile(latent_row, k_rope_row, stats_row, pos, t_mask, stride_lt, str
 
 
 @triton.jit
-def _attend_kernel(order_ptr, slots_ptr, lengths_ptr, latent_ptr, k_rope_ptr, stats_ptr, a_ptr, q_pe_ptr,
+def _attend_kernel(order_ptr, order_slots_ptr, lengths_ptr, latent_ptr, k_rope_ptr, stats_ptr, a_ptr, q_pe_ptr,
                    q_sum_ptr, q_bias_ptr, s_ptr, chunk_ptr,
-                   stride_ob, stride_sb, stride_lb, stride_lt, stride_kb, stride_kt, stride_tb, stride_tt,
+                   stride_ob, stride_lb, stride_lt, stride_kb, stride_kt, stride_tb, stride_tt,
                    stride_ab, stride_au, stride_pb, stride_ph, stride_rb, stride_ru, n_chunks, qk_scale,
                    N_HEADS: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -231,7 +236,7 @@ def _attend_kernel(order_ptr, slots_ptr, lengths_ptr, latent_ptr, k_rope_ptr, st
     offs_t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < length
     pos = tl.load(order_ptr + batch * stride_ob + offs_t, mask=t_mask, other=0).to(tl.int64)
-    slot = tl.load(slots_ptr + batch * stride_sb + pos, mask=t_mask, other=0)
+    slot = tl.load(order_slots_ptr + batch * stride_ob + offs_t, mask=t_mask, other=0)
     offs_h, offs_c, offs_r = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_R)
     h_mask, c_mask, r_mask = offs_h < N_HEADS, offs_c < D_C, offs_r < D_R
     c_tile, r_tile, mu, rho = position_tile(latent_ptr + batch * stride_lb, k_rope_ptr + batch * stride_kb,
@@ -278,44 +283,88 @@ def _attend_kernel(order_ptr, slots_ptr, lengths_ptr, latent_ptr, k_rope_ptr, st
 
 
 @triton.jit
-def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_ptr, chunk_ptr, gate_ptr, wkv_b_ptr,
-                   weight_ptr, bias_ptr, out_ptr,
+def _merge_kernel(chunk_ptr, lengths_ptr, seq_ptr, n_chunks,
+                  BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The softmax merge, once per sequence for all heads: each chunk's (m, l, sum w mu) becomes in place the scale
+    exp2(m_chunk - m_all) / l_all that puts its rows on the global softmax, and seq [b, 2, heads] gets the mean term
+    (sum_t w_t mu_t, normalised) and whether the sequence holds any position."""
+    batch = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at large batch
+    n_seq_chunks = tl.cdiv(tl.load(lengths_ptr + batch), BLOCK_T)
+    stats = chunk_ptr + batch * n_chunks * 3 * BLOCK_H
+    offs_h = tl.arange(0, BLOCK_H)
+    m_all = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_H], tl.float32)
+    mean = tl.zeros([BLOCK_H], tl.float32)
+    for start in range(0, n_seq_chunks, BLOCK_K):  # online: the running max rescales what was summed
+        offs_k = start + tl.arange(0, BLOCK_K)
+        rows = stats + offs_k[:, None] * 3 * BLOCK_H + offs_h[None, :]
+        k_mask = (offs_k < n_seq_chunks)[:, None]
+        m_c = tl.load(rows, mask=k_mask, other=float("-inf"))
+        m_new = tl.maximum(m_all, tl.max(m_c, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha_c = tl.exp2(m_c - m_safe[None, :])
+        rescale = tl.exp2(m_all - m_safe)
+        denom = denom * rescale + tl.sum(tl.load(rows + BLOCK_H, mask=k_mask, other=0.0) * alpha_c, axis=0)
+        mean = mean * rescale + tl.sum(tl.load(rows + 2 * BLOCK_H, mask=k_mask, other=0.0) * alpha_c, axis=0)
+        m_all = m_new
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # an empty sequence: every weight 0, output 0
+    inv_l = tl.where(denom > 0, 1.0 / tl.where(denom > 0, denom, 1.0), 0.0)
+    for start in range(0, n_seq_chunks, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        rows = stats + offs_k[:, None] * 3 * BLOCK_H + offs_h[None, :]
+        k_mask = (offs_k < n_seq_chunks)[:, None]
+        m_c = tl.load(rows, mask=k_mask, other=float("-inf"))
+        tl.store(rows, tl.exp2(m_c - m_all[None, :]) * inv_l[None, :], mask=k_mask)
+    tl.store(seq_ptr + batch * 2 * BLOCK_H + offs_h, mean * inv_l)
+    tl.store(seq_ptr + batch * 2 * BLOCK_H + BLOCK_H + offs_h, tl.where(denom > 0, 1.0, 0.0))
+
+
+@triton.jit
+def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_ptr, chunk_ptr, seq_ptr, gate_ptr,
+                   wkv_b_ptr, weight_ptr, bias_ptr, out_ptr,
                    stride_rb, stride_ru, stride_cb, stride_ib, stride_g, stride_w, stride_ob, stride_oh,
                    n_chunks, num_splits,
                    N_HEADS: tl.constexpr, D_N: tl.constexpr, D_V: tl.constexpr, D_C: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                   GATE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   GATE_DOT: tl.constexpr, MERGED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """o[b, h] = gamma^V ⊙ (sum over rows of g^V[id] ⊙ (W^V_h s_row) - sum_t w_t mu_t) + beta^V, rows rescaled
-    to the global softmax. One program per (head, sequence, split of the row blocks); W^V_h read once."""
+    to the global softmax. One program per (head, sequence, split of the row blocks); W^V_h read once.
+    MERGED: _merge_kernel has turned the chunk statistics into row scales; else each program merges them itself."""
     head = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
     split = tl.program_id(2)
     length = tl.load(lengths_ptr + batch)
     n_seq_chunks = tl.cdiv(length, BLOCK_T)
     n_seq_rows = tl.load(n_distinct_ptr + batch) + n_seq_chunks  # rows are slot + chunk
-    offs_k = tl.arange(0, BLOCK_K)
-    k_mask = offs_k < n_seq_chunks
     offs_c, offs_v = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_V)
     c_mask, v_mask = offs_c < D_C, offs_v < D_V
     width: tl.constexpr = D_N + D_V
     chunk_stats = chunk_ptr + batch * n_chunks * 3 * BLOCK_H + head
-    m_c = tl.load(chunk_stats + offs_k * 3 * BLOCK_H, mask=k_mask, other=float("-inf"))
-    m_all = tl.max(m_c, axis=0)
-    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # an empty sequence: every weight 0, output 0
-    alpha_c = tl.exp2(m_c - m_all)
-    denom = tl.sum(tl.load(chunk_stats + offs_k * 3 * BLOCK_H + BLOCK_H, mask=k_mask, other=0.0) * alpha_c, axis=0)
-    inv_l = tl.where(denom > 0, 1.0 / tl.where(denom > 0, denom, 1.0), 0.0)
+    if MERGED:  # the chunk scales hold the global max and sum already
+        mean_term = tl.load(seq_ptr + batch * 2 * BLOCK_H + head)
+        nonempty = tl.load(seq_ptr + batch * 2 * BLOCK_H + BLOCK_H + head) > 0
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        k_mask = offs_k < n_seq_chunks
+        m_c = tl.load(chunk_stats + offs_k * 3 * BLOCK_H, mask=k_mask, other=float("-inf"))
+        m_all = tl.max(m_c, axis=0)
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # an empty sequence: every weight 0, output 0
+        alpha_c = tl.exp2(m_c - m_all)
+        denom = tl.sum(tl.load(chunk_stats + offs_k * 3 * BLOCK_H + BLOCK_H, mask=k_mask, other=0.0) * alpha_c,
+                       axis=0)
+        inv_l = tl.where(denom > 0, 1.0 / tl.where(denom > 0, denom, 1.0), 0.0)
+        nonempty = denom > 0
+        mean_term = tl.sum(tl.load(chunk_stats + offs_k * 3 * BLOCK_H + 2 * BLOCK_H, mask=k_mask, other=0.0) * alpha_c,
+                           axis=0) * inv_l
     # GATE_DOT: sum over rows of g^V_r ⊙ (W^V_h s_r) = rowsum(W^V_h ⊙ M) with M = sum_r (scale_r g^V_r) s_r^T
     # [d_v, d_c], the rows the K of one dot per row block: the accumulator stays [d_v, d_c] however many rows a step
     # takes (127 registers per thread at 128 rows on 4 warps against 214, Triton 3.6 for sm_90: `egmla bench
     # kernel-resources`); else W^V_h s_r per row, [BLOCK_ROWS, d_v], weighted by g^V_r and summed
     w_v = tl.load(wkv_b_ptr + (head * width + D_N + offs_v)[None, :] * stride_w + offs_c[:, None],
                   mask=c_mask[:, None] & v_mask[None, :], other=0.0)  # W^V_h^T [BLOCK_C, BLOCK_V]
-    if GATE_DOT:  # (the mean term first: fewer registers live through this form's loop)
-        mean_term = tl.sum(tl.load(chunk_stats + offs_k * 3 * BLOCK_H + 2 * BLOCK_H, mask=k_mask, other=0.0) * alpha_c,
-                           axis=0) * inv_l
+    if GATE_DOT:
         acc = tl.zeros([BLOCK_V, BLOCK_C], tl.float32)
     o = tl.zeros([BLOCK_V], tl.float32)
     for start in range(split * BLOCK_ROWS, n_seq_rows, num_splits * BLOCK_ROWS):
@@ -324,8 +373,11 @@ def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_pt
         row_chunk = tl.load(row_chunk_ptr + batch * stride_cb + offs_row, mask=in_seq, other=-1)
         valid = row_chunk >= 0
         ids = tl.where(valid, tl.load(row_ids_ptr + batch * stride_ib + offs_row, mask=in_seq, other=0), 0).to(tl.int64)
-        m_row = tl.load(chunk_stats + row_chunk * 3 * BLOCK_H, mask=valid, other=float("-inf"))
-        row_scale = tl.exp2(m_row - m_all) * inv_l  # this row's weights, normalised globally
+        if MERGED:
+            row_scale = tl.load(chunk_stats + row_chunk * 3 * BLOCK_H, mask=valid, other=0.0)
+        else:
+            m_row = tl.load(chunk_stats + row_chunk * 3 * BLOCK_H, mask=valid, other=float("-inf"))
+            row_scale = tl.exp2(m_row - m_all) * inv_l  # this row's weights, normalised globally
         s_rows = tl.load(s_ptr + batch * stride_rb + offs_row[:, None] * stride_ru + head * BLOCK_C + offs_c[None, :],
                          mask=valid[:, None], other=0.0)
         if GATE_DOT:
@@ -341,16 +393,13 @@ def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_pt
             o += tl.sum(up * gate.to(tl.float32), axis=0)
     if GATE_DOT:
         o = tl.sum(acc * tl.trans(w_v).to(tl.float32), axis=1)
-    else:
-        mean_term = tl.sum(tl.load(chunk_stats + offs_k * 3 * BLOCK_H + 2 * BLOCK_H, mask=k_mask, other=0.0) * alpha_c,
-                           axis=0) * inv_l
     lead = split == 0
     o = o - tl.where(lead, mean_term, 0.0)
     if HAS_WEIGHT:
         o = o * tl.load(weight_ptr + head * width + D_N + offs_v, mask=v_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + head * width + D_N + offs_v, mask=v_mask, other=0.0).to(tl.float32)
-        o = o + tl.where(lead & (denom > 0), bias, 0.0)
+        o = o + tl.where(lead & nonempty, bias, 0.0)
     if ATOMIC:
         tl.atomic_add(out_ptr + batch * stride_ob + head * stride_oh + offs_v, o, mask=v_mask)
     else:
@@ -384,7 +433,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
                    block_ids: int = 64, heads_per_program: int = 1, block_rows: int = 128,
                    num_splits: int | None = None, num_warps: int | tuple[int, int, int] = (4, 1, 2), stages: int = 3,
                    batch_slice: int | None = None, key_gather: bool = False, gate_dot: bool = False,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   merge_once: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """o [batch, heads, d_v] (dtype of latent): same function as `grouped_decode_ref`.
 
     q_nope [batch, heads, d_n], q_pe [batch, heads, d_r]; cache latent [batch, T, d_c], k_rope [batch, T, d_r],
@@ -396,7 +445,8 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     sequences, so that the intermediates of a slice can stay in L2 between launches; `key_gather` scores
     keys by gathering each position's row of A (CUDA cores) instead of one dot per run. `num_warps`: one count
     for the three launches or (absorb, attend, upproj). `gate_dot` sums the up-projection's rows in the K of one
-    dot (fewer registers; not yet timed on a GPU, docs/NOTES.md). The defaults are the fastest per launch on an H200 at
+    dot (fewer registers). `merge_once` merges the chunks' softmax statistics in one small launch per step and
+    layer (all heads of a sequence) instead of in every up-projection program. The defaults are the fastest per launch on an H200 at
     paper-base, B = 32, T = 4,096 on code and English ids (docs/grouped-decode.md, "Launch settings")."""
     d_v = _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan, gate_table, wkv_b)
     batch, heads, d_n = q_nope.shape
@@ -407,7 +457,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     if batch_slice and batch_slice < batch:
         settings = dict(block_ids=block_ids, heads_per_program=heads_per_program, block_rows=block_rows,
                         num_splits=num_splits, num_warps=num_warps, stages=stages, key_gather=key_gather,
-                        gate_dot=gate_dot)
+                        gate_dot=gate_dot, merge_once=merge_once)
         for start in range(0, batch, batch_slice):
             rows = slice(start, start + batch_slice)
             grouped_decode(q_nope[rows], q_pe[rows], latent[rows], k_rope[rows], ln_stats[rows], plan.sequences(rows),
@@ -441,9 +491,9 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     sums = torch.empty(batch, plan.n_rows, heads, block_c, dtype=dtype, device=device)
     chunk_stats = torch.empty(batch, plan.n_chunks, 3, block_h, dtype=torch.float32, device=device)
     _attend_kernel[(plan.n_chunks, batch)](
-        plan.order, plan.slots, plan.lengths, latent, k_rope, ln_stats, absorbed, q_pe, q_sum, q_bias,
+        plan.order, plan.order_slots, plan.lengths, latent, k_rope, ln_stats, absorbed, q_pe, q_sum, q_bias,
         sums, chunk_stats,
-        plan.order.stride(0), plan.slots.stride(0), latent.stride(0), latent.stride(1), k_rope.stride(0),
+        plan.order.stride(0), latent.stride(0), latent.stride(1), k_rope.stride(0),
         k_rope.stride(1), ln_stats.stride(0), ln_stats.stride(1), absorbed.stride(0), absorbed.stride(1),
         q_pe.stride(0), q_pe.stride(1), sums.stride(0), sums.stride(1), plan.n_chunks, scale * LOG2E,
         N_HEADS=heads, D_C=d_c, D_R=d_r, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_R=block(d_r),
@@ -451,14 +501,18 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     if stages < 3:
         return out
 
+    seq_stats = torch.empty(batch, 2, block_h, dtype=torch.float32, device=device)  # mean term, any position
+    if merge_once:
+        _merge_kernel[(batch,)](chunk_stats, plan.lengths, seq_stats, plan.n_chunks, BLOCK_H=block_h,
+                                BLOCK_T=plan.block_t, BLOCK_K=64, num_warps=2)
     _upproj_kernel[(heads, batch, num_splits)](
-        sums, plan.row_chunk, plan.lengths, plan.n_distinct, plan.row_ids, chunk_stats, gate_table, wkv_b,
+        sums, plan.row_chunk, plan.lengths, plan.n_distinct, plan.row_ids, chunk_stats, seq_stats, gate_table, wkv_b,
         weight, bias, acc,
         sums.stride(0), sums.stride(1), plan.row_chunk.stride(0), plan.row_ids.stride(0),
         gate_table.stride(0), wkv_b.stride(0), acc.stride(0), acc.stride(1), plan.n_chunks, num_splits,
         N_HEADS=heads, D_N=d_n, D_V=d_v, D_C=d_c, BLOCK_H=block_h, BLOCK_V=block(d_v), BLOCK_C=block_c,
         BLOCK_ROWS=block_rows, BLOCK_K=max(16, triton.next_power_of_2(plan.n_chunks)), BLOCK_T=plan.block_t,
-        ATOMIC=atomic, GATE_DOT=gate_dot, num_warps=upproj_warps, **flags)
+        ATOMIC=atomic, GATE_DOT=gate_dot, MERGED=merge_once, num_warps=upproj_warps, **flags)
     return out.copy_(acc) if acc is not out else out
 
 

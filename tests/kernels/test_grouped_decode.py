@@ -90,28 +90,31 @@ def test_fused_kernel_bounds_past_the_ids():
     assert rel_err(out, ref) < 1e-4
 
 
+@pytest.mark.parametrize("merge_once", [True, False])
 @pytest.mark.parametrize("splits", [None, 2])
 @pytest.mark.parametrize("ids,lengths,block_t", [
     ("random", [40, 17, 1], 16),     # mostly distinct: many runs per chunk
     ("repeated", [40, 33, 2], 16),   # 3 ids: long runs crossing chunk boundaries
     ("repeated", [70, 5, 0], 32),    # an empty sequence (output 0), a larger chunk
 ])
-def test_kernel_matches_reference(ids, lengths, block_t, splits):
+def test_kernel_matches_reference(ids, lengths, block_t, splits, merge_once):
     case, groups = make_case(3, 3, 16, 8, 20, 8, lengths, 50, torch.float32, kernel_device(),
                              high=3 if ids == "repeated" else None)
-    # splits=2: atomic adds into a buffer the absorb launch zeroes, also for the empty sequence
-    out, ref = run_both(case, groups, block_t, block_ids=16, block_rows=16, num_splits=splits)
+    # splits=2: atomic adds into a buffer the absorb launch zeroes, also for the empty sequence; merge_once=False:
+    # every up-projection program merges the chunk statistics itself
+    out, ref = run_both(case, groups, block_t, block_ids=16, block_rows=16, num_splits=splits, merge_once=merge_once)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1e-4
     if 0 in lengths:
         assert out[lengths.index(0)].abs().max() == 0
 
 
-def test_many_chunks_per_warps_tuple():
-    """1,100 positions in chunks of 16: the up-projection merges 69 chunks' softmax statistics, more than one
-    block of 64 chunks, with per-launch warps."""
+@pytest.mark.parametrize("merge_once", [True, False])
+def test_many_chunks_per_warps_tuple(merge_once):
+    """1,100 positions in chunks of 16: 69 chunks' softmax statistics, more than one block of 64 chunks for the
+    merge launch (online across blocks) and more than 64 for the per-program merge, with per-launch warps."""
     case, groups = make_case(1, 2, 16, 16, 16, 16, [1100], 40, torch.float32, kernel_device(), high=30)
-    out, ref = run_both(case, groups, 16, block_ids=16, block_rows=32, num_warps=(2, 2, 4))
+    out, ref = run_both(case, groups, 16, block_ids=16, block_rows=32, num_warps=(2, 2, 4), merge_once=merge_once)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1e-4
 
@@ -132,6 +135,7 @@ def test_plan_groups_by_slot_and_maps_rows():
         assert sorted(order.tolist()) == list(range(length))  # a permutation of the registered positions
         sorted_slots = groups.slots[b, order]
         assert (sorted_slots[1:] >= sorted_slots[:-1]).all()
+        assert plan.order_slots[b, :length].tolist() == sorted_slots.tolist()  # each entry's slot beside it
         expected = {(s + i // 16): i // 16 for i, s in enumerate(sorted_slots.tolist())}
         rows = {r: c for r, c in enumerate(plan.row_chunk[b].tolist()) if c >= 0}
         assert rows == expected
