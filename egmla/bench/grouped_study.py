@@ -23,14 +23,14 @@ from pathlib import Path
 
 STUDIED = ("mha", "mla-kv64", "egmla-kv64")  # egmla.variants names: the baseline, MLA, EG-MLA
 CONTROL = "egmla-kv64-bias"  # issue 18's same-table control: its 'absorbed' decode also depends on the ids
-# Launch settings of the grouped kernels timed beside the defaults: the settings before 2026-12-03's sweep (two
-# warps per launch, chunks of 32, 32 ids x 4 heads per absorb program, two row splits), the softmax merge in every
-# up-projection program (the default until 2026-12-04), chunks of 32 with today's other settings, key gathers, and
-# the one-launch fused kernel (egmla/kernels/grouped_fused.py, measured slower: docs/grouped-decode.md).
-LAUNCH_SETTINGS = {"grouped merge per program": {"merge_once": False},
-                   "grouped t32": {"block_t": 32, "num_warps": (4, 2, 2)},
+# Launch settings of the grouped kernels timed beside the defaults: the up-projection summing W^V_h s per row (the
+# default before the gate_dot form), the settings before 2026-12-03's sweep (two warps per launch, chunks of 32,
+# 32 ids x 4 heads per absorb program, two row splits, per-row sums), chunks of 32 with today's other settings, key
+# gathers, and the one-launch fused kernel (egmla/kernels/grouped_fused.py, measured slower: docs/grouped-decode.md).
+LAUNCH_SETTINGS = {"grouped per-row sums": {"gate_dot": False, "num_warps": (4, 1, 2)},
+                   "grouped t32": {"block_t": 32, "num_warps": (4, 2, 4)},
                    "grouped before": {"block_t": 32, "block_ids": 32, "heads_per_program": 4, "block_rows": 64,
-                                      "num_warps": 2, "num_splits": 2},
+                                      "num_warps": 2, "num_splits": 2, "gate_dot": False},
                    "grouped keygather": {"key_gather": True},
                    "grouped fused u16 t64": {"kernel": "fused", "block_ids": 16, "block_t": 64}}
 

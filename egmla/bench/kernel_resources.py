@@ -85,8 +85,7 @@ def _grouped_cases():
     common = dict(N_HEADS=heads, D_C=d, DOT_PRECISION="tf32")
     ints = {name: "*i32" for name in ("ids_ptr", "n_distinct_ptr", "order_ptr", "order_slots_ptr", "slots_ptr", "lengths_ptr",
                                       "row_chunk_ptr", "row_ids_ptr")}
-    fp32 = {name: "*fp32" for name in ("q_sum_ptr", "q_bias_ptr", "acc_ptr", "chunk_ptr", "stats_ptr", "out_ptr",
-                                       "seq_ptr")}
+    fp32 = {name: "*fp32" for name in ("q_sum_ptr", "q_bias_ptr", "acc_ptr", "chunk_ptr", "stats_ptr", "out_ptr")}
     types = {**ints, **fp32}
     for ids, per, warps in ((64, 1, 4), (32, 4, 2), (128, 1, 4)):
         yield ("grouped absorb", f"{ids} ids x {per} heads, {warps} warps", g._absorb_kernel,
@@ -95,13 +94,10 @@ def _grouped_cases():
     for chunk, warps in ((CHUNK, 1), (32, 2)):
         yield ("grouped attend", f"chunks of {chunk}, {warps} warps", g._attend_kernel,
                dict(common, D_R=d, BLOCK_H=16, BLOCK_C=d, BLOCK_R=d, BLOCK_T=chunk, KEY_GATHER=False), types, warps)
-    yield ("grouped merge", "2 warps", g._merge_kernel, dict(BLOCK_H=16, BLOCK_T=CHUNK, BLOCK_K=64), types, 2)
-    forms = itertools.product(((128, 2), (128, 4), (64, 2), (256, 8)), (False, True), (True, False))
-    for (rows, warps), gate_dot, merged in forms:
-        yield ("grouped upproj", f"{rows} rows, {warps} warps{', gate_dot' if gate_dot else ''}"
-               f"{'' if merged else ', merging per program'}", g._upproj_kernel,
+    for (rows, warps), gate_dot in itertools.product(((128, 2), (128, 4), (64, 2), (256, 8)), (False, True)):
+        yield ("grouped upproj", f"{rows} rows, {warps} warps{', gate_dot' if gate_dot else ''}", g._upproj_kernel,
                dict(common, D_N=d, D_V=d, BLOCK_H=16, BLOCK_V=d, BLOCK_C=d, BLOCK_ROWS=rows, BLOCK_K=256,
-                    BLOCK_T=CHUNK, HAS_WEIGHT=True, HAS_BIAS=True, ATOMIC=False, GATE_DOT=gate_dot, MERGED=merged),
+                    BLOCK_T=CHUNK, HAS_WEIGHT=True, HAS_BIAS=True, ATOMIC=False, GATE_DOT=gate_dot),
                {**types, "out_ptr": "*bf16"}, warps)
 
 

@@ -102,12 +102,14 @@ def sweep_egmla(batch, length, ids, device):
 
 
 GROUPED_ABSORB = [(32, 4), (64, 1), (64, 2), (128, 1)]  # (ids, heads) per program
+GROUPED_LAUNCHES = ("absorb", "attend", "upproj")
 
 
-def sweep_grouped(batch, length, source, ids, device):
+def sweep_grouped(batch, length, source, ids, device, launches=GROUPED_LAUNCHES):
     """The three grouped launches one at a time (grouped_decode's `stages`): the absorb launch alone; the attend
     launch as (absorb + attend) - absorb, per chunk size and warps; the up-projection as the whole call - (absorb +
-    attend), per rows per program, splits and warps. Every other launch keeps the defaults of its row."""
+    attend), per form, rows per program, splits and warps. Every other launch keeps the defaults of its row.
+    `launches`: which of the three to sweep."""
     import torch
 
     from egmla.bench.grouped import fp32_reference, grouped_inputs, kernel_inputs
@@ -122,39 +124,38 @@ def sweep_grouped(batch, length, source, ids, device):
     base = {"kernel": "grouped_decode kv64", "batch": batch, "context": length, "ids": source,
             "distinct_ids_per_sequence": groups.n_distinct.float().mean().item()}
     rows = []
+    absorb_w, attend_w, upproj_w = inspect.signature(grouped_decode).parameters["num_warps"].default
 
     def run(launch, stages, chunk, **cfg):
         call = lambda: grouped_decode(plan=plans[chunk], stages=stages, **case, **cfg)  # noqa: E731
         return timed(call, (lambda o: rel(o, ref)) if stages == 3 else (lambda o: 0.0), device)
 
-    for warps, (ids_, heads) in itertools.product((2, 4, 8), GROUPED_ABSORB):
+    for warps, (ids_, heads) in itertools.product((2, 4, 8), GROUPED_ABSORB if "absorb" in launches else ()):
         if warps == 8 and heads > 1:
             continue
-        cfg = dict(num_warps=(warps, 1, 2), block_ids=ids_, heads_per_program=heads)
+        cfg = dict(num_warps=(warps, attend_w, upproj_w), block_ids=ids_, heads_per_program=heads)
         rows.append({**base, "launch": "absorb", "absorb_warps": warps, "block_ids": ids_, "heads_per_program": heads,
                      **run("absorb", 1, 16, **cfg)})
-    for chunk, warps in itertools.product((16, 32), (1, 2)):
-        first, both = run("absorb", 1, chunk), run("attend", 2, chunk, num_warps=(4, warps, 2))
+    for chunk, warps in itertools.product((16, 32), (1, 2) if "attend" in launches else ()):
+        first, both = run("absorb", 1, chunk), run("attend", 2, chunk, num_warps=(absorb_w, warps, upproj_w))
         row = {**base, "launch": "attend", "chunk": chunk, "attend_warps": warps, **both}
         if "us" in both and "us" in first:
             row.update(us=both["us"] - first["us"], us_with_absorb=both["us"])
         rows.append(row)
-    two = run("attend", 2, 16)
-    # (merge once, gate_dot, rows, splits, warps): the softmax merge in its own launch (splits then cost only their
-    # atomics) or in every program (the earlier default, 2 warps, as the baseline); gate_dot: fewer registers per row
-    upproj = [(True, False, r, s, w) for r, s, w in itertools.product((32, 64, 128), (1, 2, 4), (2, 4))]
-    upproj += [(True, True, r, s, w) for r, s, w in itertools.product((64, 128, 256), (1, 2, 4), (4, 8))]
-    upproj += [(False, gate_dot, 128, s, 4 if gate_dot else 2) for gate_dot, s in itertools.product((False, True), (1, 2))]
-    for merge_once, gate_dot, rows_, splits, warps in upproj:
-        res = run("upproj", 3, 16, num_warps=(4, 1, warps), block_rows=rows_, num_splits=splits, gate_dot=gate_dot,
-                  merge_once=merge_once)
+    # (gate_dot, rows, splits, warps); gate_dot: fewer registers per row
+    upproj = [(False, r, s, w) for r, s, w in itertools.product((64, 128), (1, 2), (2, 4))]
+    upproj += [(True, r, s, w) for r, s, w in itertools.product((64, 128, 256), (1, 2), (4, 8))]
+    two = run("attend", 2, 16) if "upproj" in launches else None
+    for gate_dot, rows_, splits, warps in upproj if "upproj" in launches else ():
+        res = run("upproj", 3, 16, num_warps=(absorb_w, attend_w, warps), block_rows=rows_, num_splits=splits,
+                  gate_dot=gate_dot)
         row = {**base, "launch": "upproj", "block_rows": rows_, "splits": splits, "upproj_warps": warps,
-               "gate_dot": gate_dot, "merge_once": merge_once, **res}
+               "gate_dot": gate_dot, **res}
         if "us" in res and "us" in two:
             row.update(us=res["us"] - two["us"], us_whole=res["us"])
         rows.append(row)
     defaults = {k: v.default for k, v in inspect.signature(grouped_decode).parameters.items()
-                if k in ("block_ids", "heads_per_program", "block_rows", "num_warps", "gate_dot", "merge_once")}
+                if k in ("block_ids", "heads_per_program", "block_rows", "num_warps", "gate_dot")}
     rows.append({**base, "launch": "all (defaults)", "settings": f"chunk {CHUNK}, " + ", ".join(
         f"{k} {v}" for k, v in defaults.items()), **run("all", 3, CHUNK)})
     return rows
@@ -162,6 +163,7 @@ def sweep_grouped(batch, length, source, ids, device):
 
 SETTINGS = {"absorb": ("absorb_warps", "block_ids", "heads_per_program"), "attend": ("chunk", "attend_warps"),
             "upproj": ("block_rows", "splits", "upproj_warps", "gate_dot", "merge_once"), "all (defaults)": ()}
+# (merge_once: rows of a 2026-12-03 sweep that also timed the softmax merge in a launch of its own, since removed)
 
 
 def grouped_markdown(json_path: str, md_path: str, top: int = 4) -> None:
@@ -227,6 +229,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default="32x4096", help="comma-separated BATCHxCONTEXT")
     parser.add_argument("--kernels", default="mla,egmla", help="comma-separated: mla, egmla (the fused rebuild), "
                         "grouped (the three launches of the grouped decode, one at a time, on code and English ids)")
+    parser.add_argument("--grouped-launches", default=",".join(GROUPED_LAUNCHES),
+                        help=f"with --kernels grouped: which launches to sweep (comma-separated: {', '.join(GROUPED_LAUNCHES)})")
     parser.add_argument("--markdown", nargs=2, metavar=("JSON", "MD"), help="write a grouped sweep's table and exit")
     parser.add_argument("--top", type=int, default=8, help="configurations printed per kernel and shape")
     parser.add_argument("--out", help="JSON of every configuration")
@@ -259,7 +263,7 @@ def main(args) -> int:
         if "grouped" in args.kernels.split(","):
             for source in ("python-source", "embedded"):
                 source_ids = ids if source == "embedded" else text_token_ids(batch, length, VOCAB, source)[0]
-                rows += sweep_grouped(batch, length, source, source_ids, device)
+                rows += sweep_grouped(batch, length, source, source_ids, device, args.grouped_launches.split(","))
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device: {device_name}")
     for r in rows:

@@ -70,7 +70,7 @@ def grouped_workspace_bytes(heads: int, d_c: int, d_v: int, context: int, distin
     rows = distinct_ids + chunks
     plan = 4 * (3 * context + 2 * rows) + 3 * 8  # order, its slots, offsets; row -> chunk, row -> id; summary
     layer = (max(distinct_ids, 1) + rows) * heads * block(d_c) * item  # absorbed queries, value sums
-    layer += (chunks * 3 + 2) * block(heads) * 4  # chunk statistics, then the merged mean term and flag
+    layer += chunks * 3 * block(heads) * 4  # chunk statistics
     layer += heads * (2 * 4 + d_v * 4)  # q sums; fp32 output sums (split up-projection)
     return plan + layer
 

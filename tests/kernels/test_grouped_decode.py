@@ -90,31 +90,30 @@ def test_fused_kernel_bounds_past_the_ids():
     assert rel_err(out, ref) < 1e-4
 
 
-@pytest.mark.parametrize("merge_once", [True, False])
+@pytest.mark.parametrize("gate_dot", [True, False])
 @pytest.mark.parametrize("splits", [None, 2])
 @pytest.mark.parametrize("ids,lengths,block_t", [
     ("random", [40, 17, 1], 16),     # mostly distinct: many runs per chunk
     ("repeated", [40, 33, 2], 16),   # 3 ids: long runs crossing chunk boundaries
     ("repeated", [70, 5, 0], 32),    # an empty sequence (output 0), a larger chunk
 ])
-def test_kernel_matches_reference(ids, lengths, block_t, splits, merge_once):
+def test_kernel_matches_reference(ids, lengths, block_t, splits, gate_dot):
     case, groups = make_case(3, 3, 16, 8, 20, 8, lengths, 50, torch.float32, kernel_device(),
                              high=3 if ids == "repeated" else None)
-    # splits=2: atomic adds into a buffer the absorb launch zeroes, also for the empty sequence; merge_once=False:
-    # every up-projection program merges the chunk statistics itself
-    out, ref = run_both(case, groups, block_t, block_ids=16, block_rows=16, num_splits=splits, merge_once=merge_once)
+    # splits=2: atomic adds into a buffer the absorb launch zeroes, also for the empty sequence; both forms of the
+    # up-projection (rows summed in the K of one dot, or W^V_h s per row)
+    out, ref = run_both(case, groups, block_t, block_ids=16, block_rows=16, num_splits=splits, gate_dot=gate_dot)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1e-4
     if 0 in lengths:
         assert out[lengths.index(0)].abs().max() == 0
 
 
-@pytest.mark.parametrize("merge_once", [True, False])
-def test_many_chunks_per_warps_tuple(merge_once):
-    """1,100 positions in chunks of 16: 69 chunks' softmax statistics, more than one block of 64 chunks for the
-    merge launch (online across blocks) and more than 64 for the per-program merge, with per-launch warps."""
+def test_many_chunks_per_warps_tuple():
+    """1,100 positions in chunks of 16: the up-projection merges 69 chunks' softmax statistics, with per-launch
+    warps."""
     case, groups = make_case(1, 2, 16, 16, 16, 16, [1100], 40, torch.float32, kernel_device(), high=30)
-    out, ref = run_both(case, groups, 16, block_ids=16, block_rows=32, num_warps=(2, 2, 4), merge_once=merge_once)
+    out, ref = run_both(case, groups, 16, block_ids=16, block_rows=32, num_warps=(2, 2, 4))
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1e-4
 
@@ -182,11 +181,11 @@ def test_model_path_through_kernel():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("kernel", ["three", "three-gate-dot", "fused"])
+@pytest.mark.parametrize("kernel", ["three", "three-per-row", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_on_gpu_paper_base_shapes(dtype, kernel):
     lengths = [1, 700, 2049, 4096]
-    extra = {"gate_dot": True, "num_warps": (4, 1, 4)} if kernel == "three-gate-dot" else {}
+    extra = {"gate_dot": False, "num_warps": (4, 1, 2)} if kernel == "three-per-row" else {}
     for high in (None, 20, 1):  # mostly distinct, 20 ids, one id
         case, groups = make_case(4, 12, 64, 64, 64, 64, lengths, 32768, dtype, "cuda", high=high)
         out, ref = run_both(case, groups, 32, kernel=kernel.split("-")[0], **extra)
