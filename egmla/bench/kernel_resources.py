@@ -83,7 +83,8 @@ def _grouped_cases():
 
     heads, d = 12, 64
     common = dict(N_HEADS=heads, D_C=d, DOT_PRECISION="tf32")
-    ints = {name: "*i32" for name in ("ids_ptr", "n_distinct_ptr", "order_ptr", "order_slots_ptr", "slots_ptr", "lengths_ptr",
+    ints = {name: "*i32" for name in ("ids_ptr", "n_distinct_ptr", "order_ptr", "order_slots_ptr", "slots_ptr",
+                                      "lengths_ptr",
                                       "row_chunk_ptr", "row_ids_ptr")}
     fp32 = {name: "*fp32" for name in ("q_sum_ptr", "q_bias_ptr", "acc_ptr", "chunk_ptr", "stats_ptr", "out_ptr")}
     types = {**ints, **fp32}

@@ -162,8 +162,7 @@ def sweep_grouped(batch, length, source, ids, device, launches=GROUPED_LAUNCHES)
 
 
 SETTINGS = {"absorb": ("absorb_warps", "block_ids", "heads_per_program"), "attend": ("chunk", "attend_warps"),
-            "upproj": ("block_rows", "splits", "upproj_warps", "gate_dot", "merge_once"), "all (defaults)": ()}
-# (merge_once: rows of a 2026-12-03 sweep that also timed the softmax merge in a launch of its own, since removed)
+            "upproj": ("block_rows", "splits", "upproj_warps", "gate_dot"), "all (defaults)": ()}
 
 
 def grouped_markdown(json_path: str, md_path: str, top: int = 4) -> None:
@@ -230,7 +229,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="mla,egmla", help="comma-separated: mla, egmla (the fused rebuild), "
                         "grouped (the three launches of the grouped decode, one at a time, on code and English ids)")
     parser.add_argument("--grouped-launches", default=",".join(GROUPED_LAUNCHES),
-                        help=f"with --kernels grouped: which launches to sweep (comma-separated: {', '.join(GROUPED_LAUNCHES)})")
+                        help="with --kernels grouped: which launches to sweep (comma-separated: "
+                             f"{', '.join(GROUPED_LAUNCHES)})")
     parser.add_argument("--markdown", nargs=2, metavar=("JSON", "MD"), help="write a grouped sweep's table and exit")
     parser.add_argument("--top", type=int, default=8, help="configurations printed per kernel and shape")
     parser.add_argument("--out", help="JSON of every configuration")

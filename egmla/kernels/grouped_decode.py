@@ -61,7 +61,8 @@ class GroupedPlan:
     def sequences(self, rows: slice) -> "GroupedPlan":
         """The plan of sequences `rows` only (sizes kept)."""
         sliced = {name: getattr(self, name)[rows] for name in
-                  ("order", "order_slots", "row_chunk", "row_ids", "offsets", "slots", "distinct_ids", "n_distinct", "lengths")}
+                  ("order", "order_slots", "row_chunk", "row_ids", "offsets", "slots", "distinct_ids", "n_distinct",
+                   "lengths")}
         return dataclasses.replace(self, **sliced)
 
 
@@ -106,8 +107,8 @@ def make_plan(groups, block_t: int = CHUNK, vocab_size: int | None = None,
             slots, groups.ranks, groups.lengths, offsets, groups.distinct_ids, order, order_slots, row_chunk, row_ids,
             slots.stride(0), groups.ranks.stride(0), offsets.stride(0), groups.distinct_ids.stride(0), order.stride(0),
             row_chunk.stride(0), BLOCK=1024, BLOCK_T=block_t)
-    return GroupedPlan(order, order_slots, row_chunk, row_ids, offsets, slots, groups.distinct_ids, groups.n_distinct.to(torch.int32),
-                       groups.lengths.to(torch.int32), max_len, max_distinct, block_t)
+    return GroupedPlan(order, order_slots, row_chunk, row_ids, offsets, slots, groups.distinct_ids,
+                       groups.n_distinct.to(torch.int32), groups.lengths.to(torch.int32), max_len, max_distinct, block_t)
 
 
 @triton.jit
@@ -400,8 +401,9 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     sequences, so that the intermediates of a slice can stay in L2 between launches; `key_gather` scores
     keys by gathering each position's row of A (CUDA cores) instead of one dot per run. `num_warps`: one count
     for the three launches or (absorb, attend, upproj). `gate_dot` sums the up-projection's rows in the K of one
-    dot (fewer registers: the default since it measured 40% faster on an H200); False sums W^V_h s per row. The defaults are the fastest per launch on an H200 at
-    paper-base, B = 32, T = 4,096 on code and English ids (docs/grouped-decode.md, "Launch settings")."""
+    dot (fewer registers; the default since it measured 40% faster on an H200); False sums W^V_h s per row. The
+    defaults are the fastest per launch on an H200 at paper-base, B = 32, T = 4,096 on code and English ids
+    (docs/grouped-decode.md, "Launch settings" and "The up-projection as one dot")."""
     d_v = _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan, gate_table, wkv_b)
     batch, heads, d_n = q_nope.shape
     d_c, d_r = latent.shape[-1], k_rope.shape[-1]

@@ -110,8 +110,8 @@ def test_kernel_matches_reference(ids, lengths, block_t, splits, gate_dot):
 
 
 def test_many_chunks_per_warps_tuple():
-    """1,100 positions in chunks of 16: the up-projection merges 69 chunks' softmax statistics, with per-launch
-    warps."""
+    """1,100 positions in chunks of 16: the up-projection merges 69 chunks' softmax statistics, more than one
+    block of 64 chunks, with per-launch warps."""
     case, groups = make_case(1, 2, 16, 16, 16, 16, [1100], 40, torch.float32, kernel_device(), high=30)
     out, ref = run_both(case, groups, 16, block_ids=16, block_rows=32, num_warps=(2, 2, 4))
     assert torch.isfinite(out).all()
