@@ -22,17 +22,26 @@ def decode_paths(config) -> tuple[str, ...]:
     return attention_class(config).decode_paths(config)
 
 
-def fastest_decode_path(config, device) -> str:
+# The grouped EG-MLA decode beats the fused `kernel` once a step covers this many cached positions (batch x context):
+# on one H200 at paper-base they tie at 16,384 (batch 32 x 512, 8 x 2,048, 2 x 8,192) and grouped leads from 32,768
+# on (docs/bench/generate_crossover_h200.md); below, its per-step plan and bookkeeping cost more than it saves.
+GROUPED_MIN_POSITIONS = 16_384
+
+
+def fastest_decode_path(config, device, batch_size: int | None = None, context: int | None = None) -> str:
     """The decode path generation takes by default on `device`: on CUDA the Triton 'kernel' of MLA and EG-MLA,
-    and for the same-table control (no 'kernel') its 'absorbed' decode, Triton too, 1.5-1.8x faster than its
-    'gate-table' at batch 32 and 128 in one H200 run (docs/benchmarks.md §2 has the measurements behind each
-    choice); the variant's first path elsewhere."""
+    EG-MLA's 'grouped' instead where batch_size x context (the positions a step reads, when given) is at least
+    GROUPED_MIN_POSITIONS, and for the same-table control (no 'kernel') its 'absorbed' decode, Triton too,
+    1.5-1.8x faster than its 'gate-table' at batch 32 and 128 in one H200 run (docs/benchmarks.md §2 has the
+    measurements behind each choice); the variant's first path elsewhere."""
     import torch
 
     from egmla.kernels import kernel_unavailable_reason
 
     paths = decode_paths(config)
     if torch.device(device).type == "cuda" and kernel_unavailable_reason(device) is None:
+        if "grouped" in paths and batch_size and context and batch_size * context >= GROUPED_MIN_POSITIONS:
+            return "grouped"
         for fast in ("kernel", "absorbed"):  # every variant with 'absorbed' has 'kernel' but the control
             if fast in paths:
                 return fast
@@ -65,4 +74,4 @@ def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=No
 
 __all__ = ["ATTENTION_CLASSES", "AttnContext", "CacheSpec", "EmbeddingGatedMLA", "GroupedQueryAttention",
            "KVCache", "LayerCache", "MultiHeadLatentAttention", "allocate_cache", "attention_class",
-           "check_decode_path", "decode_paths", "fastest_decode_path"]
+           "GROUPED_MIN_POSITIONS", "check_decode_path", "decode_paths", "fastest_decode_path"]

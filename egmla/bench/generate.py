@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all-variants", action="store_true",
                         help="the comparison set at the preset's shape: MHA, GQA, MLA and EG-MLA")
     parser.add_argument("--paths", default=DEFAULT_PATHS,
-                        help="comma-separated decode paths; 'auto' = the path generation takes by default on "
-                             "the device (the Triton kernel on CUDA); 'all' = every path each variant has")
+                        help="comma-separated decode paths; 'auto' = what generation takes by default on the "
+                             "device (on CUDA the Triton kernel, EG-MLA's grouped decode from 16,384 positions per "
+                             "step; the row names the path that ran); 'all' = every path each variant has")
     parser.add_argument("--batch-sizes", default="1,4,16", help="comma-separated batch sizes")
     parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per sequence")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence")
@@ -63,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure nothing: merge these result files (of one device) into one Markdown table, "
                              "printed, and written to --markdown")
     parser.add_argument("--markdown", metavar="PATH", help="with --report: write the table here")
+    parser.add_argument("--crossover", action="store_true",
+                        help="with --report: EG-MLA's 'kernel' against 'grouped' step per prompt length and batch "
+                             "(files of several prompt lengths), beside the path decode_path='auto' takes there")
 
 
 def run_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
@@ -149,7 +153,7 @@ def main(args) -> int:
     from egmla.variants import select, variant_config
 
     if args.report:
-        return report(args.report, args.markdown)
+        return crossover_report(args.report, args.markdown) if args.crossover else report(args.report, args.markdown)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if min(batch_sizes) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1:
@@ -207,19 +211,21 @@ def main(args) -> int:
     for config in configs:
         model = trained if trained is not None else _random_model(config, device, dtype)
         if args.paths == "auto":
-            wanted = [fastest_decode_path(config, device)]
+            wanted = ["auto"]  # the engine's default: chosen per call from the batch and cache length
         else:
             wanted = decode_paths(config) if args.paths == "all" else [p for p in args.paths.split(",")
                                                                        if p in decode_paths(config)]
         for path in wanted:
-            sizes = [fill_batch(config, path, args.fill_memory, args.context, dtype)] if args.fill_memory else batch_sizes
+            layout = fastest_decode_path(config, device) if path == "auto" else path
+            sizes = [fill_batch(config, layout, args.fill_memory, args.context, dtype)] if args.fill_memory else batch_sizes
             for batch in sizes:
                 engine = _engine(model, config, path, args)
                 prompts = [distinct[i % len(distinct)] for i in range(batch)]
                 row = {"model": "egmla", "variant": config.variant_name(), "decode_path": path, "batch": batch,
                        "offloaded_gate_tables": engine.offload is not None}
                 record(row, lambda: {**bench_one(engine, prompts, args.new_tokens, args.repeats, device),
-                                     **(profile_step(engine) if args.profile else {})})
+                                     **(profile_step(engine) if args.profile else {}),
+                                     **({"decode_path": f"auto ({engine.decode_path})"} if path == "auto" else {})})
                 if engine.offload is not None:
                     row["gate_table_mb_off_device"] = engine.offload.bytes_saved() / 1e6
                     engine.offload.restore()  # the next path may need the tables on the device
@@ -288,6 +294,40 @@ def report(paths: list[str], markdown_path: str | None) -> int:
     merged = {**metas[0], "rows": [row for meta in metas for row in meta["rows"]],
               "repeats": max(meta["repeats"] for meta in metas)}
     table = markdown(merged)
+    print(table)
+    if markdown_path:
+        Path(markdown_path).write_text(table)
+        print(f"wrote {markdown_path}")
+    return 0
+
+
+def crossover_report(paths: list[str], markdown_path: str | None) -> int:
+    """EG-MLA's two fast paths side by side per (prompt length, batch), from runs with `--paths kernel,grouped`, and
+    the path `fastest_decode_path` takes at that call's batch and cache length: the data behind its threshold."""
+    import json
+    from pathlib import Path
+
+    from egmla.attention import GROUPED_MIN_POSITIONS
+
+    metas = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda m: m["prompt_len"])
+    lines = [f"EG-MLA decode step, `kernel` against `grouped`, on {metas[0]['device']}, {metas[0]['dtype']}, torch "
+             f"{metas[0]['torch']}: {metas[0]['source']}; {metas[0]['new_tokens']} greedy tokens, CUDA graphs, medians "
+             f"of {metas[0]['repeats']} runs. Positions = batch × cache length (prompt + new tokens − 1); `auto` = "
+             f"the path `decode_path=\"auto\"` takes there (grouped from {GROUPED_MIN_POSITIONS:,} positions).", "",
+             "| prompt | batch | positions | kernel step ms | grouped step ms | kernel / grouped | auto |",
+             "|---:|---:|---:|---:|---:|---:|---|"]
+    for meta in metas:
+        steps: dict[int, dict[str, float]] = {}
+        for r in meta["rows"]:
+            if "error" not in r and r["model"] == "egmla":
+                steps.setdefault(r["batch"], {})[r["decode_path"]] = r["step_ms_median"]
+        for batch, by_path in sorted(steps.items()):
+            if {"kernel", "grouped"} <= by_path.keys():
+                positions = batch * (meta["prompt_len"] + meta["new_tokens"] - 1)
+                auto = "grouped" if positions >= GROUPED_MIN_POSITIONS else "kernel"
+                lines.append(f"| {meta['prompt_len']:,} | {batch} | {positions:,} | {by_path['kernel']:.2f} | "
+                             f"{by_path['grouped']:.2f} | {by_path['kernel'] / by_path['grouped']:.2f} | {auto} |")
+    table = "\n".join(lines) + "\n"
     print(table)
     if markdown_path:
         Path(markdown_path).write_text(table)

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     parser.add_argument("--decode-path", default="auto",
                         help="cached-attention path: naive, absorbed (MLA), gate-table (EG-MLA), kernel, grouped, or any "
-                             "other the model supports; auto = the Triton kernel on CUDA, the variant's first elsewhere")
+                             "other the model supports; auto = the Triton kernel on CUDA (EG-MLA: the grouped decode once "
+                             "batch x context >= 16,384 positions), the variant's first elsewhere")
     parser.add_argument("--eager", action="store_true",
                         help="run every decode step eagerly (default on CUDA: replay each batch size's step from a "
                              "CUDA graph)")

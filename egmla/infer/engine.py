@@ -69,6 +69,7 @@ class GenerationStats:
     step_seconds: list[float]  # per decode step, host sync to host sync
     cache_bytes: int  # the preallocated cache
     cuda_graphs: bool = False  # decode steps replayed from CUDA graphs
+    decode_path: str = ""  # the path the steps ran (decode_path="auto" chooses it per call)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -124,8 +125,9 @@ class GenerationEngine:
     """Generate from a `Transformer` with its KV cache.
 
     decode_path: any of `egmla.attention.decode_paths(model.config)`; "auto" (default) takes the fastest on
-        the model's device (`fastest_decode_path`: the Triton kernel on CUDA) and the model's current path
-        elsewhere or with offloaded gate tables.
+        the model's device, chosen again for each `generate` call from its batch and cache length
+        (`fastest_decode_path`: the Triton kernel on CUDA, EG-MLA's grouped decode from 16,384 positions per
+        step), and the model's current path elsewhere or with offloaded gate tables.
     cache_dtype: dtype of the cache tensors (default: the model's).
     offload_gate_tables: keep EG-MLA gate tables in host memory (see egmla.infer.offload).
     prefill_token_budget: prompt tokens (summed over the rows of one call) per prefill call.
@@ -141,9 +143,10 @@ class GenerationEngine:
         self.prefill_token_budget = prefill_token_budget
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = model.config
-        if decode_path == "auto":  # the Triton kernels read whole gate tables: not with an offload
-            fast = model.tok_embeddings.weight.is_cuda and not offload_gate_tables
-            decode_path = fastest_decode_path(self.config, self.device) if fast else model.decode_path
+        # the Triton kernels read whole gate tables: not with an offload
+        self.auto_path = decode_path == "auto" and model.tok_embeddings.weight.is_cuda and not offload_gate_tables
+        if decode_path == "auto":
+            decode_path = fastest_decode_path(self.config, self.device) if self.auto_path else model.decode_path
         # (re)build what the path precomputes from the weights (gate tables, folded absorption)
         model.set_decode_path(check_decode_path(self.config, decode_path or model.decode_path))
         self.decode_path = model.decode_path
@@ -220,6 +223,8 @@ class GenerationEngine:
         device, batch = self.device, len(sequences)
         if self.offload is not None:
             self.offload.reset()
+        if self.auto_path:
+            self._choose_path(batch, cache_len)
         cache = self._cache_for(bucket_for(batch, self.batch_buckets), cache_len)
         prompt_lengths = [len(seq.result.prompt_ids) for seq in sequences]
         generator = sampling.make_generator(device)
@@ -268,7 +273,17 @@ class GenerationEngine:
             batch_size=batch, prompt_tokens=sum(prompt_lengths),
             generated_tokens=sum(len(seq.result.token_ids) for seq in sequences),
             prefill_seconds=prefill_done - start, decode_seconds=previous - prefill_done,
-            step_seconds=step_seconds, cache_bytes=cache.nbytes(), cuda_graphs=self.cuda_graphs)
+            step_seconds=step_seconds, cache_bytes=cache.nbytes(), cuda_graphs=self.cuda_graphs,
+            decode_path=self.decode_path)
+
+    def _choose_path(self, batch: int, cache_len: int) -> None:
+        """decode_path="auto": the fastest path for this call's batch and cache length. A change drops the kept
+        cache and graphs (the paths' caches hold different tensors) and rebuilds what the path precomputes."""
+        path = fastest_decode_path(self.config, self.device, batch, cache_len)
+        if path != self.model.decode_path:
+            self.release()
+            self.model.set_decode_path(path)
+        self.decode_path = path
 
     # ---- the cache and the steps over it ----------------------------------------------------
     def _cache_for(self, rows: int, cache_len: int) -> KVCache:

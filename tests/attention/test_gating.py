@@ -190,6 +190,28 @@ def test_default_cuda_path_is_each_variants_triton_path(monkeypatch):
     assert fastest_decode_path(variant_config("egmla-kv64-bias", preset("tiny")), "cuda") == "naive"
 
 
+def test_default_cuda_path_of_egmla_is_grouped_from_a_step_of_16k_positions(monkeypatch):
+    """EG-MLA's `auto` takes the grouped decode once batch x context reaches GROUPED_MIN_POSITIONS (where it ties
+    the fused kernel on an H200), the fused kernel below or when the call's shape is not given; variants without
+    a grouped decode keep their path at any size."""
+    import egmla.kernels
+    from egmla.attention import GROUPED_MIN_POSITIONS, fastest_decode_path
+    from egmla.config import preset
+    from egmla.variants import variant_config
+
+    monkeypatch.setattr(egmla.kernels, "kernel_unavailable_reason", lambda device: None)
+    egmla_kv64 = variant_config("egmla-kv64", preset("tiny"))
+    assert GROUPED_MIN_POSITIONS == 16_384
+    assert fastest_decode_path(egmla_kv64, "cuda", 32, 512) == "grouped"
+    assert fastest_decode_path(egmla_kv64, "cuda", 2, 8192) == "grouped"
+    assert fastest_decode_path(egmla_kv64, "cuda", 31, 512) == "kernel"
+    assert fastest_decode_path(egmla_kv64, "cuda", 1, 16_383) == "kernel"
+    assert fastest_decode_path(egmla_kv64, "cuda") == "kernel"
+    assert fastest_decode_path(egmla_kv64, "cpu", 128, 4096) == "naive"
+    for name, path in {"mla-kv64": "kernel", "egmla-kv64-latent": "kernel", "egmla-kv64-bias": "absorbed"}.items():
+        assert fastest_decode_path(variant_config(name, preset("tiny")), "cuda", 128, 4096) == path, name
+
+
 def test_v_only_controls_precomputed_table_is_planned_at_its_real_width():
     """`egmla plan --gate-table` counts G's rows as built (beside the embeddings E it is built from): the V-only
     control's gate vector keeps the [k; v] layout (zeros in K), so its table is as wide as the others' though W_UE

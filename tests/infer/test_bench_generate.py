@@ -50,3 +50,26 @@ def test_suite_control_tables_on_the_cpu(tmp_path):
     assert not list(tmp_path.glob("*.part*.json"))  # merged into one JSON per table
     with pytest.raises(SystemExit, match="--tables 'decode'"):
         run("generate-suite", ["--quick", "--tables", "decode", "--out", str(tmp_path)])
+
+
+def test_crossover_report_sets_kernel_beside_grouped_with_autos_choice(tmp_path):
+    """`--report ... --crossover`: one line per (prompt, batch) with both paths, their ratio and the path `auto`
+    takes at that call's positions (batch x (prompt + new tokens - 1)); runs of several prompt lengths merge."""
+    from egmla.bench.generate import crossover_report
+
+    def run_file(prompt_len: int, steps: dict) -> str:
+        rows = [{"model": "egmla", "variant": "EG-MLA kv64", "decode_path": path, "batch": batch, "step_ms_median": ms}
+                for (batch, path), ms in steps.items()]
+        meta = {"device": "NVIDIA H200", "dtype": "torch.bfloat16", "torch": "2.11", "source": "preset paper-base",
+                "prompt_len": prompt_len, "new_tokens": 33, "repeats": 2, "rows": rows}
+        path = tmp_path / f"p{prompt_len}.json"
+        path.write_text(json.dumps(meta))
+        return str(path)
+
+    files = [run_file(2048, {(8, "kernel"): 2.2, (8, "grouped"): 2.0, (1, "kernel"): 1.5, (1, "grouped"): 1.7}),
+             run_file(512, {(16, "kernel"): 1.9, (16, "grouped"): 2.0, (4, "kernel"): 1.0})]  # batch 4: one path
+    assert crossover_report(files, str(tmp_path / "x.md")) == 0
+    lines = [line for line in (tmp_path / "x.md").read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    assert lines[1:] == ["| 512 | 16 | 8,704 | 1.90 | 2.00 | 0.95 | kernel |",
+                         "| 2,048 | 1 | 2,080 | 1.50 | 1.70 | 0.88 | kernel |",
+                         "| 2,048 | 8 | 16,640 | 2.20 | 2.00 | 1.10 | grouped |"]

@@ -45,3 +45,19 @@ def test_graphs_in_bf16_at_a_wide_shape(variant):
         graphs = GenerationEngine(model, decode_path=path).generate(prompts, max_new_tokens=12)
         same = sum(a.token_ids == b.token_ids for a, b in zip(eager, graphs))
         assert same == len(prompts), (path, same)
+
+
+def test_auto_path_switches_between_kernel_and_grouped_on_cuda(monkeypatch):
+    """The real rule on CUDA, its threshold lowered to this tiny model's sizes: a small call runs the fused
+    kernel, a large one the grouped decode (each with its graphs), with the tokens of an engine fixed to it."""
+    import egmla.attention
+
+    monkeypatch.setattr(egmla.attention, "GROUPED_MIN_POSITIONS", 100)
+    model = tiny_model("eg-mla", seed=3).cuda()
+    fixed = {path: GenerationEngine(model, decode_path=path).generate(PROMPTS, max_new_tokens=8)
+             for path in ("kernel", "grouped")}
+    engine = GenerationEngine(model)  # decode_path="auto"
+    for prompts, path in ((PROMPTS, "grouped"), (PROMPTS[:1], "kernel"), (PROMPTS[:3], "kernel"), (PROMPTS, "grouped")):
+        results = engine.generate(prompts, max_new_tokens=8)
+        assert engine.last_stats.decode_path == path and engine.last_stats.cuda_graphs
+        assert [r.token_ids for r in results] == [r.token_ids for r in fixed[path][:len(prompts)]], path

@@ -53,6 +53,33 @@ def test_ragged_batch_with_early_finish_equals_each_alone(variant, path):
         assert [r.finish_reason for r in batch] == [r.finish_reason for r in alone], buckets
 
 
+def test_auto_path_is_chosen_per_call_and_changes_nothing_but_speed(monkeypatch):
+    """decode_path="auto" picks the path for each call from its batch and cache length (on CUDA: EG-MLA's grouped
+    decode for large steps). Here, on the CPU, a stand-in rule (grouped from 3 sequences, gate-table below) drives
+    the same switching: each call runs the path chosen for it, on a cache of that path's layout, and gives the
+    tokens of an engine fixed to that path."""
+    import egmla.infer.engine as engine_module
+
+    model = tiny_model("eg-mla", seed=2)
+    fixed = {path: GenerationEngine(model, decode_path=path).generate(PROMPTS, max_new_tokens=6)
+             for path in ("gate-table", "grouped")}
+    chosen = []
+
+    def rule(config, device, batch_size=None, context=None):
+        chosen.append((batch_size, context))
+        return "grouped" if batch_size and batch_size >= 3 else "gate-table"
+
+    monkeypatch.setattr(engine_module, "fastest_decode_path", rule)
+    engine = GenerationEngine(model, decode_path="auto")
+    engine.auto_path = True  # as on CUDA without an offload
+    for prompts, path in ((PROMPTS, "grouped"), (PROMPTS[:2], "gate-table"), (PROMPTS, "grouped")):
+        results = engine.generate(prompts, max_new_tokens=6)
+        assert engine.decode_path == model.decode_path == engine.last_stats.decode_path == path
+        assert engine._cache.token_groups is not None if path == "grouped" else engine._cache.token_groups is None
+        assert [r.token_ids for r in results] == [r.token_ids for r in fixed[path][:len(prompts)]], path
+    assert chosen[-3:] == [(4, 18), (2, 12), (4, 18)]  # batch, and the longest prompt + new tokens - 1
+
+
 def test_engine_keeps_its_cache_between_calls_of_one_shape():
     model = tiny_model("mla")
     engine = GenerationEngine(model, decode_path="absorbed")
