@@ -56,6 +56,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self._rebuild_buffers()
         self.decode_path = decode_paths(config)[0]
+        self.decode_path_chosen = False  # set_decode_path was called: wrappers (transformers) keep the choice
         self.check_inputs = True  # token-id range check (a host sync on GPU); trainers may turn it off
         self.reset_parameters()
 
@@ -94,7 +95,7 @@ class Transformer(nn.Module):
     def set_decode_path(self, path: str) -> None:
         """Choose how cached attention is computed (all paths give the same logits)."""
         check_decode_path(self.config, path)
-        self.decode_path = path
+        self.decode_path, self.decode_path_chosen = path, True
         for layer in self.layers:
             layer.attn.decode_path = path
             layer.attn.on_decode_path_set()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from egmla.attention import fastest_decode_path
 from egmla.hf.cache import EgmlaCache
 from egmla.hf.configuration_egmla import EgmlaConfig, _rename_fields
 from egmla.model import Transformer
@@ -79,6 +80,7 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
         model = cls(config).to(device=param.device, dtype=param.dtype)
         model.model.load_state_dict(transformer.state_dict())
         model.model.set_decode_path(transformer.decode_path)
+        model.model.decode_path_chosen = transformer.decode_path_chosen
         return model.eval()
 
     # ---- loading: config.json checked against the weights ------------------------------------
@@ -132,9 +134,15 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
     cache_initial_length = 256  # positions a new EgmlaCache allocates up front; it doubles as needed
 
     def new_hf_cache(self, batch_size: int, max_length: int | None = None) -> EgmlaCache:
-        """An empty EgmlaCache for `batch_size` sequences, in the model's dtype and device, using the
-        model's current decode path (`model.model.set_decode_path(...)`)."""
+        """An empty EgmlaCache for `batch_size` sequences, in the model's dtype and device, using the model's
+        decode path: the one set with `model.model.set_decode_path(...)`, else the fastest on the model's device
+        (`fastest_decode_path`: the Triton kernel on CUDA, as `egmla generate` takes; the first path elsewhere)."""
         param = self.model.tok_embeddings.weight
+        if not self.model.decode_path_chosen:
+            path = fastest_decode_path(self.model.config, param.device)
+            if path != self.model.decode_path:
+                self.model.set_decode_path(path)
+                self.model.decode_path_chosen = False  # still the default: another device may choose again
         return EgmlaCache(self.model.config, batch_size, max_length, dtype=param.dtype, device=param.device,
                           decode_path=self.model.decode_path, initial_length=self.cache_initial_length)
 

@@ -98,3 +98,27 @@ def test_generate_on_cuda_matches_engine(variant, make_run):
     out = hf_model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, do_sample=False)
     for row, generation in enumerate(engine_out):
         assert out[row, ids.shape[1]:].tolist() == generation.token_ids
+
+
+def test_generate_takes_the_devices_fastest_path_unless_one_was_set(make_run, monkeypatch):
+    """A model whose decode path was never set generates on the fastest path for its device (a stand-in rule here:
+    'gate-table'; on CUDA the Triton kernel), with the tokens of that path in egmla's engine; a path set with
+    set_decode_path, or on the model wrapped by from_egmla, is kept."""
+    import egmla.hf.modeling_egmla as modeling
+
+    monkeypatch.setattr(modeling, "fastest_decode_path", lambda config, device: "gate-table")
+    model, _ = load_model(make_run("eg-mla"))
+    expected = GenerationEngine(model, decode_path="gate-table").generate(PROMPTS[:1], max_new_tokens=6)[0].token_ids
+    hf_model = EgmlaForCausalLM(EgmlaForCausalLM.from_egmla(model).config)
+    hf_model.model.load_state_dict(model.state_dict())
+    assert not hf_model.model.decode_path_chosen and hf_model.model.decode_path == "naive"
+    ids = torch.tensor(PROMPTS[:1])
+    out = hf_model.eval().generate(ids, max_new_tokens=6, do_sample=False)
+    assert hf_model.model.decode_path == "gate-table" and out[0, ids.shape[1]:].tolist() == expected
+    hf_model.model.set_decode_path("naive")
+    hf_model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert hf_model.model.decode_path == "naive"
+    model.set_decode_path("naive")  # chosen on the wrapped model: from_egmla keeps it
+    wrapped = EgmlaForCausalLM.from_egmla(model)
+    wrapped.generate(ids, max_new_tokens=2, do_sample=False)
+    assert wrapped.model.decode_path == "naive" and wrapped.model.decode_path_chosen
