@@ -122,3 +122,15 @@ def test_generate_takes_the_devices_fastest_path_unless_one_was_set(make_run, mo
     wrapped = EgmlaForCausalLM.from_egmla(model)
     wrapped.generate(ids, max_new_tokens=2, do_sample=False)
     assert wrapped.model.decode_path == "naive" and wrapped.model.decode_path_chosen
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_on_cuda_takes_the_kernel_path_by_default(make_run):
+    model, _ = load_model(make_run("eg-mla"), device="cuda")
+    hf_model = EgmlaForCausalLM(EgmlaForCausalLM.from_egmla(model).config).cuda()
+    hf_model.model.load_state_dict(model.state_dict())
+    expected = GenerationEngine(model).generate(PROMPTS[:1], max_new_tokens=8)[0].token_ids  # auto: the kernel
+    ids = torch.tensor(PROMPTS[:1], device="cuda")
+    out = hf_model.eval().generate(ids, max_new_tokens=8, do_sample=False)
+    assert hf_model.model.decode_path == "kernel" and out[0, ids.shape[1]:].tolist() == expected
