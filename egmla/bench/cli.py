@@ -7,6 +7,8 @@ import argparse
 BENCHMARKS = {
     "decode": ("egmla.bench.decode", "decode attention per layer: every variant and path vs its floor"),
     "generate": ("egmla.bench.generate", "end-to-end generation: tokens/s and step latency per decode path"),
+    "calls": ("egmla.bench.calls",
+              "successive generate() calls of decreasing length on one engine: the kept cache and graphs reused or not"),
     "generate-suite": ("egmla.bench.generate_suite",
                        "the generation table of docs/benchmarks.md: every variant and path, then gate tables offloaded"),
     "grouped": ("egmla.bench.grouped_study", "grouped EG-MLA decode study: distinct ids per corpus, every path"),

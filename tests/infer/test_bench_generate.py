@@ -73,3 +73,17 @@ def test_crossover_report_sets_kernel_beside_grouped_with_autos_choice(tmp_path)
     assert lines[1:] == ["| 512 | 16 | 8,704 | 1.90 | 2.00 | 0.95 | kernel |",
                          "| 2,048 | 1 | 2,080 | 1.50 | 1.70 | 0.88 | kernel |",
                          "| 2,048 | 8 | 16,640 | 2.20 | 2.00 | 1.10 | grouped |"]
+
+
+def test_bench_calls_times_each_setting_and_reports(tmp_path, capsys):
+    """`egmla bench calls` on the CPU (no graphs, so both settings allocate per length): a row per setting and call
+    after the compiling pass, and the table from the JSON."""
+    path = tmp_path / "calls.json"
+    assert run("calls", ["--variants", "mla-kv64", "--lengths", "12,8", "--batch", "2", "--new-tokens", "2",
+                         "--json", str(path)]) == 0
+    meta = json.loads(path.read_text())
+    assert [(r["reuse_longer_cache"], r["prompt"]) for r in meta["rows"]] == [(False, 12), (False, 8), (True, 12),
+                                                                               (True, 8)]
+    assert all(r["wall_ms"] > 0 and r["cache_positions"] == r["prompt"] + 1 for r in meta["rows"])
+    assert run("calls", ["--report", str(path), "--markdown", str(tmp_path / "calls.md")]) == 0
+    assert "| MLA kv64 | naive | yes | " in (tmp_path / "calls.md").read_text()

@@ -61,3 +61,19 @@ def test_auto_path_switches_between_kernel_and_grouped_on_cuda(monkeypatch):
         results = engine.generate(prompts, max_new_tokens=8)
         assert engine.last_stats.decode_path == path and engine.last_stats.cuda_graphs
         assert [r.token_ids for r in results] == [r.token_ids for r in fixed[path][:len(prompts)]], path
+
+
+@pytest.mark.parametrize("variant", ["mla", "eg-mla"])
+def test_shorter_calls_replay_the_kept_cache_and_graphs(variant):
+    """Calls of decreasing length on one engine reuse its first cache and graphs (nothing captured again) and give
+    the tokens of a fresh engine per call."""
+    model = tiny_model(variant, seed=4).cuda()
+    engine = GenerationEngine(model)
+    calls = [PROMPTS[3:], PROMPTS[:3], PROMPTS[:1]]
+    results = [engine.generate(prompts, max_new_tokens=5) for prompts in calls[:1]]
+    cache, graphs = engine._cache, {key: step.graph for key, step in engine._steps.items()}
+    results += [engine.generate(prompts, max_new_tokens=5) for prompts in calls[1:]]
+    assert engine._cache is cache and all(engine._steps[key].graph is graph for key, graph in graphs.items())
+    for prompts, got in zip(calls, results):
+        fresh = GenerationEngine(model).generate(prompts, max_new_tokens=5)
+        assert [r.token_ids for r in got] == [r.token_ids for r in fresh]

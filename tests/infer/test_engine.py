@@ -205,3 +205,20 @@ def test_chunked_prefill_equals_one_call(variant, path):
     one_call = GenerationEngine(model, decode_path=path).generate(PROMPTS, max_new_tokens=6)
     chunked = GenerationEngine(model, decode_path=path, prefill_token_budget=9)  # 2 tokens x 4 rows a call
     assert [r.token_ids for r in chunked.generate(PROMPTS, max_new_tokens=6)] == [r.token_ids for r in one_call]
+
+
+def test_a_longer_kept_cache_serves_shorter_calls_only_where_graphs_replay_a_length_bounded_path():
+    """`_cache_for`: with CUDA graphs (set by hand here: the choice is host-side) and a path whose steps read only
+    each sequence's positions, a shorter call keeps the cache (and so its graphs); a longer one, or a path whose
+    attention spans the whole buffer, gets a cache of its own length; `reuse_longer_cache=False` turns reuse off."""
+    model = tiny_model("mla")
+    for path, reuse, kept in (("kernel", True, True), ("absorbed", True, False), ("kernel", False, False)):
+        engine = GenerationEngine(model, decode_path=path, reuse_longer_cache=reuse)
+        engine.cuda_graphs = True
+        first = engine._cache_for(4, 30)
+        shorter = engine._cache_for(2, 20)
+        assert (shorter is first) == kept and shorter.max_len == (30 if kept else 20), (path, reuse)
+        longer = engine._cache_for(2, 40)
+        assert longer is not first and longer.max_len == 40
+    engine = GenerationEngine(model, decode_path="kernel")  # no graphs (CPU): the length must match
+    assert engine._cache_for(4, 20) is not engine._cache_for(4, 30) and engine._cache.max_len == 30

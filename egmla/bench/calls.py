@@ -1,0 +1,127 @@
+"""`egmla bench calls`: the wall time of one engine's successive generate() calls of decreasing prompt length, with
+the kept cache (and its CUDA graphs) reused by the shorter calls against a cache and graphs made for each length
+(`GenerationEngine(reuse_longer_cache=...)`). A user calling generate() again and again meets this cost; the
+steady-state tables of `egmla bench generate` (same shape every call) never do.
+
+Per variant: one pass that compiles (not reported), then each setting in turn on a fresh engine, same prompts."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="auto", help="model shape with random weights: tiny, paper-base, "
+                        "paper-1b; auto = paper-base on CUDA, tiny elsewhere")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model field of the preset (repeatable); max_seq_len is raised to fit the "
+                             "longest call by default")
+    parser.add_argument("--variants", default="mla-kv64,egmla-kv64", help="comma-separated registry names")
+    parser.add_argument("--lengths", default="1024,960,896,832,768,704,640,576",
+                        help="prompt tokens of the successive calls (the first allocates the cache)")
+    parser.add_argument("--batch", type=int, default=8, help="prompts per call")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt and call")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="auto = bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the table here")
+    parser.add_argument("--report", metavar="JSON", help="measure nothing: the table of this result file")
+
+
+def main(args) -> int:
+    import json
+    from pathlib import Path
+
+    if args.report:
+        table = markdown(json.loads(Path(args.report).read_text()))
+        print(table)
+        return _write(table, args.markdown)
+    import torch
+
+    from egmla.bench.token_ids import text_token_ids
+    from egmla.config import preset
+    from egmla.configfile import parse_overrides
+    from egmla.infer import GenerationEngine
+    from egmla.infer.cli import resolve_device_dtype
+    from egmla.model import Transformer
+    from egmla.runs import atomic_write_json
+    from egmla.variants import select
+
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    if min(lengths) < 1 or args.batch < 1 or args.new_tokens < 2:
+        raise ValueError("--lengths and --batch must be >= 1, --new-tokens >= 2")
+    name = args.preset if args.preset != "auto" else ("paper-base" if device.type == "cuda" else "tiny")
+    overrides = {"max_seq_len": max(lengths) + args.new_tokens, **parse_overrides(args.overrides, section="model")}
+    base = preset(name, **overrides)
+    ids = text_token_ids(args.batch, max(lengths), base.vocab_size)[0].tolist()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    meta = {"benchmark": "calls", "device": device_name, "dtype": str(dtype), "torch": torch.__version__,
+            "source": f"preset {name}, random weights", "batch": args.batch, "new_tokens": args.new_tokens,
+            "lengths": lengths, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
+    for variant in select(args.variants):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Transformer(variant.config(base)).to(dtype)
+        for pass_index, reuse in enumerate((True, False, True)):  # the first pass compiles the kernels: not kept
+            engine = GenerationEngine(model, reuse_longer_cache=reuse)
+            for length in lengths:
+                prompts = [row[:length] for row in ids]
+                _sync(device)
+                start = time.perf_counter()
+                engine.generate(prompts, max_new_tokens=args.new_tokens)
+                _sync(device)
+                stats = engine.last_stats
+                row = {"variant": model.config.variant_name(), "reuse_longer_cache": reuse, "prompt": length,
+                       "wall_ms": 1e3 * (time.perf_counter() - start), "prefill_ms": 1e3 * stats.prefill_seconds,
+                       "decode_ms": 1e3 * stats.decode_seconds, "decode_path": stats.decode_path,
+                       "cuda_graphs": stats.cuda_graphs, "cache_positions": engine._cache.max_len}
+                print(row, flush=True)
+                if pass_index:
+                    meta["rows"].append(row)
+            engine.release()
+            if args.json_path:
+                atomic_write_json(args.json_path, meta)
+        del model
+    table = markdown(meta)
+    print("\n" + table)
+    _write(table, args.markdown)
+    return 0
+
+
+def markdown(meta: dict) -> str:
+    """Per variant and setting: the first call (it allocates and captures) and the median of the later ones."""
+    lines = [f"Successive generate() calls on one engine, {meta['device']}, {meta['dtype']}, torch {meta['torch']}: "
+             f"{meta['source']}; {meta['batch']} prompts of {', '.join(map(str, meta['lengths']))} tokens in turn, "
+             f"{meta['new_tokens']} greedy tokens each. ms of wall clock per call.", "",
+             "| variant | decode path | kept cache reused by shorter calls | first call ms | later calls ms (median) "
+             "| later calls: decode ms (median) | cache positions |", "|---|---|---|---:|---:|---:|---:|"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in meta["rows"]:
+        groups.setdefault((row["variant"], row["reuse_longer_cache"]), []).append(row)
+    for (variant, reuse), rows in groups.items():
+        later = rows[1:] or rows
+        positions = sorted({r["cache_positions"] for r in rows})
+        lines.append(f"| {variant} | {rows[0]['decode_path']} | {'yes' if reuse else 'no: one per length'} | "
+                     f"{rows[0]['wall_ms']:.1f} | {statistics.median(r['wall_ms'] for r in later):.1f} | "
+                     f"{statistics.median(r['decode_ms'] for r in later):.1f} | "
+                     f"{', '.join(map(str, positions)) if len(positions) <= 3 else f'{positions[0]}–{positions[-1]}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _write(table: str, path: str | None) -> int:
+    if path:
+        from pathlib import Path
+
+        Path(path).write_text(table)
+        print(f"wrote {path}")
+    return 0
