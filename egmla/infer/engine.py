@@ -317,12 +317,14 @@ class GenerationEngine:
 
     def _step(self, cache: KVCache, batch: int, max_new_tokens: int) -> DecodeStep:
         """The decode step of a batch bucket. A graph of the grouped path is sized for the distinct ids the
-        sequences can reach during this call; a call that needs more captures a larger one."""
+        sequences can reach during this call: a kept graph sized for at least as many serves it (the smallest
+        such), else one of this call's size is captured."""
         key: tuple = (batch,)
         groups = cache.token_groups
         use_graph = self.cuda_graphs and batch <= MAX_GRAPH_BATCH
         if groups is not None and use_graph:
-            bound = groups.graph_distinct_bound(cache.max_len, max_new_tokens)
+            needed = groups.graph_distinct_bound(cache.max_len, max_new_tokens)
+            bound = min((k[1] for k in self._steps if len(k) == 2 and k[0] == batch and k[1] >= needed), default=needed)
             groups.host.plan_distinct = bound
             key = (batch, bound)
         if key not in self._steps:
