@@ -152,7 +152,8 @@ class Transformer(nn.Module):
             cache.token_groups.append(tokens, positions, n_new, with_stats=self.decode_path in ("grouped", "absorbed"))
         return AttnContext(tokens, positions, self.rope_cos[positions], self.rope_sin[positions],
                            kv_len=kv_len, mask=attention_mask(positions, kv_len), kv_token_ids=kv_ids,
-                           kv_groups=cache.token_groups, capturable=capturable)
+                           kv_groups=cache.token_groups, capturable=capturable,
+                           fresh=not capturable and kv_len == tokens.shape[1])  # every row started empty
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dtype not in (torch.int32, torch.int64):

@@ -22,6 +22,10 @@ class AttnContext:
     # True in a decode step with fixed shapes and no host sync (kv_len = the cache's max_len), which a
     # CUDA graph can capture: layers must not read device values back or size buffers from them.
     capturable: bool = False
+    # True when every sequence's new tokens start at position 0 (a prompt into an empty cache): attention over
+    # the cache is then causal attention over the new tokens alone, which layers compute from them directly
+    # (FlashAttention, as in training) after writing the cache, instead of a masked pass over the cache.
+    fresh: bool = False
 
     @property
     def cached(self) -> bool:

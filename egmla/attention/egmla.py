@@ -173,6 +173,9 @@ def bias_absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: to
     return out * visible.any(-1)[..., None]
 
 
+_STATS_CACHE_NEEDED = ("decode_path='{path}' needs a cache with LayerNorm statistics and token groups: call "
+                       "model.set_decode_path('{path}') before model.new_cache(...)")
+
 # Decode paths that read the precomputed gate table G_l = E_l W_UE^T (placement `up`): built when the path is set,
 # beside the embeddings E_l it comes from (the memory planner counts both, egmla.infer.plan)
 TABLE_PATHS = ("gate-table", "kernel", "grouped", "absorbed")
@@ -219,6 +222,11 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             self.build_gate_table()
         else:
             self.gate_table = None
+
+    def full_sequence_path(self) -> str:
+        """Placement up with a gate table built (the table-reading paths): its rows instead of W_UE E[ids] per
+        token, the same gates; else MLA's."""
+        return "gate-table" if self.gate_table is not None and self.gate_placement == "up" else "naive"
 
     @torch.no_grad()
     def build_gate_table(self) -> torch.Tensor:
@@ -303,6 +311,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def append(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor, k_pe: torch.Tensor) -> AttnContext:
         """MLA's append, plus the new positions' (mu, rho) where the cache keeps them ('kernel', 'grouped')."""
         ctx = super().append(cache, ctx, latent, k_pe)
+        if self.gate_placement == "up" and self.decode_path in ("grouped", "absorbed") and (
+                "ln_stats" not in cache.buffers or ctx.kv_groups is None):
+            raise ValueError(_STATS_CACHE_NEEDED.format(path=self.decode_path))  # before a fresh prompt skips reading
         if "ln_stats" not in cache.buffers:
             return ctx
         cache.write(ctx.positions, ln_stats=self.appended_stats(latent, ctx.token_ids))
@@ -435,8 +446,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         """The cache's token groups, after checking that every cached position has its norm statistics."""
         groups = ctx.kv_groups
         if ctx.kv_ln_stats is None or groups is None:
-            raise ValueError(f"decode_path='{path}' needs a cache with LayerNorm statistics and token groups: "
-                             f"call model.set_decode_path('{path}') before model.new_cache(...)")
+            raise ValueError(_STATS_CACHE_NEEDED.format(path=path))
         if groups.host.stats_missing:
             raise ValueError(f"this cache holds positions appended without LayerNorm statistics (decode path was "
                              f"not '{path}' when they were appended): refill it after model.set_decode_path"

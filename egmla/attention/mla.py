@@ -104,14 +104,20 @@ class MultiHeadLatentAttention(nn.Module):
         kv_ids = ctx.token_ids
         if cache is not None:
             ctx = self.append(cache, ctx, latent, k_pe)
+        if cache is not None and not ctx.fresh:  # (a fresh prompt attends causally over its own latents)
             latent, k_pe = cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len)
             kv_ids = ctx.kv_token_ids
             if self.decode_path in ("absorbed", "kernel") and self.folded_weights(x) is not None:
                 return self.forward_folded(x, latent, k_pe, ctx)
         q_nope, q_pe = self.query(x, ctx)
-        path = self.decode_path if cache is not None else "naive"
+        path = self.decode_path if cache is not None and not ctx.fresh else self.full_sequence_path()
         out = getattr(self, "attend_" + path.replace("-", "_"))(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
         return self.wo(out.flatten(2))
+
+    def full_sequence_path(self) -> str:
+        """The path of a forward without a cache, and of a prompt into an empty cache (ctx.fresh): K/V rebuilt
+        for the sequence and causal SDPA, whose FlashAttention beats any latent-space pass at prefill."""
+        return "naive"
 
     def append(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor, k_pe: torch.Tensor) -> AttnContext:
         """Write the new positions' cache entries; returns the context the decode paths read."""
@@ -126,7 +132,7 @@ class MultiHeadLatentAttention(nn.Module):
     def sdpa(self, q_nope, q_pe, k_nope, k_pe, v, ctx: AttnContext) -> torch.Tensor:
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
-        if not ctx.cached:  # training and full forwards: causal over the whole sequence
+        if not ctx.cached or ctx.fresh:  # training, full forwards, fresh prompts: causal over the new tokens
             return causal_attention(q, k, v, self.softmax_scale)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
