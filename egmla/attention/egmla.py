@@ -267,8 +267,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         kv = F.linear(latent.float(), self.wkv_b.weight.float())
         if self.adds_table:  # the controls' norm sees kv_t alone; their table is added after it
             x = kv
-        else:
-            gate = self.gate(token_ids).float()
+        else:  # the table's rows where it is built (the gates the decode kernels read), not W_UE E[ids] per token
+            table = self.gate_table is not None and self.gate_table.device == token_ids.device
+            gate = self.gate(token_ids, use_table=table).float()
             x = kv * gate if self.gate_op == "mul" else kv + gate
         zeros = torch.zeros_like(x[..., 0])
         if self.norm_kind == "layernorm":
