@@ -24,7 +24,7 @@ def decode_paths(config) -> tuple[str, ...]:
 
 # The grouped EG-MLA decode beats the fused `kernel` once a step covers this many cached positions (batch x context):
 # on one H200 at paper-base they tie at 16,384 (batch 32 x 512, 8 x 2,048, 2 x 8,192) and grouped leads from 32,768
-# on (docs/bench/generate_crossover_h200.md); below, its per-step plan and bookkeeping cost more than it saves.
+# on (docs/bench/generate_h200_crossover.md); below, its per-step plan and bookkeeping cost more than it saves.
 GROUPED_MIN_POSITIONS = 16_384
 
 

@@ -1,7 +1,7 @@
 """`egmla bench generate-suite`: the generation tables of docs/benchmarks.md §2 in one command (paper-base shape,
 random weights, bf16), each run with its anchors in the same process:
 
-    egmla bench generate-suite --out docs/bench        # on a GPU: ~10 min on an H200
+    egmla bench generate-suite --out docs/bench        # on a GPU: ~12 min on an H200 (or in parts: --tables)
     egmla bench generate-suite --quick                 # CPU smoke run at `tiny` (seconds)
 
   generate_<gpu>.json/.md          MHA, MLA kv64, EG-MLA kv64 (kernel, grouped) at batch 1, 32, 128, prompts of
@@ -13,8 +13,13 @@ random weights, bf16), each run with its anchors in the same process:
                                    absorbed decode plus a term per distinct id) and `gate-table`, beside MLA kv64
                                    and EG-MLA kv64 on `kernel` and Llama, at batch 1, 32, 128
   generate_<gpu>_control_fill...   the control on `absorbed` at full memory, beside MLA kv64 and Llama
+  generate_<gpu>_crossover.md      EG-MLA kv64 `kernel` against `grouped` at prompts of 512, 2,048 and 8,192 tokens
+  (+ generate_<gpu>_crossover/)    and batch 1-64: the data behind `decode_path="auto"`'s threshold (one JSON each)
+  generate_<gpu>_calls.json/.md    successive generate() calls of decreasing length on one engine, the kept cache
+                                   and graphs reused or not (`egmla bench calls`)
 
-`--tables control` (or any comma-separated subset of main, fill, profile, paths, control) runs only those.
+`--tables control` (or any comma-separated subset of main, fill, profile, paths, control, crossover, calls) runs
+only those.
 """
 from __future__ import annotations
 
@@ -23,7 +28,26 @@ from pathlib import Path
 
 
 TABLES = {"main": ("",), "fill": ("_fill",), "profile": ("_profile",), "paths": ("_paths",),
-          "control": ("_control", "_control_fill")}  # --tables name -> the files it writes
+          "control": ("_control", "_control_fill"), "crossover": (), "calls": ()}  # --tables name -> its files
+
+
+def crossover_runs(quick: bool) -> dict[int, list[str]]:
+    """{prompt length: argv of its `egmla bench generate` run} for the crossover table."""
+    if quick:
+        return {length: ["--preset", "tiny", "--set", "max_seq_len=64", "--prompt-len", str(length), "--new-tokens",
+                         "3", "--repeats", "1", "--variants", "egmla-kv64", "--paths", "kernel,grouped",
+                         "--batch-sizes", "1,2"] for length in (16, 32)}
+    return {length: ["--preset", "paper-base", "--set", f"max_seq_len={length + 64}", "--prompt-len", str(length),
+                     "--new-tokens", "32", "--repeats", "2", "--dtype", "bf16", "--variants", "egmla-kv64",
+                     "--paths", "kernel,grouped", "--batch-sizes", batches]
+            for length, batches in ((512, "1,2,4,8,16,32,64"), (2048, "1,2,4,8,16,32,64"), (8192, "1,2,4,8,16"))}
+
+
+def calls_run(quick: bool) -> list[str]:
+    """argv of the `egmla bench calls` run."""
+    if quick:
+        return ["--preset", "tiny", "--lengths", "24,16", "--batch", "2", "--new-tokens", "3"]
+    return ["--preset", "paper-base", "--dtype", "bf16"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +91,7 @@ def main(args) -> int:
     import torch
 
     from egmla.bench.cli import run
-    from egmla.bench.generate import report
+    from egmla.bench.generate import crossover_report, report
 
     device = torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else "cpu"
     wanted = list(TABLES) if args.tables == "all" else [t.strip() for t in args.tables.split(",") if t.strip()]
@@ -77,6 +101,22 @@ def main(args) -> int:
                          f"or all")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if "crossover" in wanted:
+        folder = out / f"generate_{device}_crossover"
+        folder.mkdir(exist_ok=True)
+        files = []
+        for length, argv in crossover_runs(args.quick).items():
+            files.append(str(folder / f"crossover_p{length}.json"))
+            print("egmla bench generate " + " ".join(argv), flush=True)
+            if run("generate", [*argv, "--json", files[-1]]) != 0:
+                return 1
+        crossover_report(files, str(folder.with_suffix(".md")))
+    if "calls" in wanted:
+        stem = out / f"generate_{device}_calls"
+        print("egmla bench calls " + " ".join(calls_run(args.quick)), flush=True)
+        if run("calls", [*calls_run(args.quick), "--json", str(stem.with_suffix(".json")),
+                         "--markdown", str(stem.with_suffix(".md"))]) != 0:
+            return 1
     tables = suite(args.quick)
     for suffix, runs in ((suffix, tables[suffix]) for t in wanted for suffix in TABLES[t]):
         stem = out / f"generate_{device}{suffix}"

@@ -144,7 +144,7 @@ class GenerationEngine:
     reuse_longer_cache: with CUDA graphs and a path whose steps read only each sequence's positions, a call
         shorter than the kept cache runs on it and replays its graphs (else each new length allocates a cache
         and captures its graphs: on an H200 a median 72-86 ms per call against 44-45 ms reused, 8 prompts of
-        576-960 tokens + 16 new, docs/bench/calls_h200.md)."""
+        576-960 tokens + 16 new, docs/bench/generate_h200_calls.md)."""
 
     def __init__(self, model, tokenizer=None, decode_path: str | None = "auto", cache_dtype=None,
                  offload_gate_tables: bool = False, prefill_token_budget: int = 8192,

@@ -87,3 +87,17 @@ def test_bench_calls_times_each_setting_and_reports(tmp_path, capsys):
     assert all(r["wall_ms"] > 0 and r["cache_positions"] == r["prompt"] + 1 for r in meta["rows"])
     assert run("calls", ["--report", str(path), "--markdown", str(tmp_path / "calls.md")]) == 0
     assert "| MLA kv64 | naive | yes | " in (tmp_path / "calls.md").read_text()
+
+
+def test_suite_crossover_and_calls_tables_on_the_cpu(tmp_path):
+    """`egmla bench generate-suite --quick --tables crossover,calls`: one JSON per prompt length and the crossover
+    table over them; the successive-calls JSON and table; no other table."""
+    assert run("generate-suite", ["--quick", "--tables", "crossover,calls", "--out", str(tmp_path)]) == 0
+    folder = tmp_path / "generate_cpu_crossover"
+    assert sorted(p.name for p in folder.iterdir()) == ["crossover_p16.json", "crossover_p32.json"]
+    table = (tmp_path / "generate_cpu_crossover.md").read_text()
+    assert "| 16 | 1 | 18 |" in table and "| 32 | 2 | 68 |" in table  # positions = batch x (prompt + 3 - 1)
+    calls = json.loads((tmp_path / "generate_cpu_calls.json").read_text())
+    assert {r["prompt"] for r in calls["rows"]} == {24, 16} and (tmp_path / "generate_cpu_calls.md").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generate_cpu_calls.json", "generate_cpu_calls.md",
+                                                         "generate_cpu_crossover", "generate_cpu_crossover.md"]
