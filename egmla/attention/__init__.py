@@ -29,22 +29,28 @@ GROUPED_MIN_POSITIONS = 16_384
 
 
 def fastest_decode_path(config, device, batch_size: int | None = None, context: int | None = None) -> str:
-    """The decode path generation takes by default on `device`: on CUDA the Triton 'kernel' of MLA and EG-MLA,
-    EG-MLA's 'grouped' instead where batch_size x context (the positions a step reads, when given) is at least
-    GROUPED_MIN_POSITIONS, and for the same-table control (no 'kernel') its 'absorbed' decode, Triton too,
-    1.5-1.8x faster than its 'gate-table' at batch 32 and 128 in one H200 run (docs/benchmarks.md §2 has the
-    measurements behind each choice); the variant's first path elsewhere."""
+    """The decode path generation takes by default on `device`: `cuda_decode_path` on a CUDA device the Triton
+    kernels run on, the variant's first path elsewhere."""
     import torch
 
     from egmla.kernels import kernel_unavailable_reason
 
-    paths = decode_paths(config)
     if torch.device(device).type == "cuda" and kernel_unavailable_reason(device) is None:
-        if "grouped" in paths and batch_size and context and batch_size * context >= GROUPED_MIN_POSITIONS:
-            return "grouped"
-        for fast in ("kernel", "absorbed"):  # every variant with 'absorbed' has 'kernel' but the control
-            if fast in paths:
-                return fast
+        return cuda_decode_path(config, batch_size, context)
+    return decode_paths(config)[0]
+
+
+def cuda_decode_path(config, batch_size: int | None = None, context: int | None = None) -> str:
+    """The default decode path on CUDA: the Triton 'kernel' of MHA/GQA, MLA and EG-MLA, EG-MLA's 'grouped' instead
+    where batch_size x context (the positions a step reads, when given) is at least GROUPED_MIN_POSITIONS, and for
+    the same-table control (no 'kernel') its 'absorbed' decode, Triton too, 1.5-1.8x faster than its 'gate-table'
+    at batch 32 and 128 in one H200 run (docs/benchmarks.md §2 has the measurements behind each choice)."""
+    paths = decode_paths(config)
+    if "grouped" in paths and batch_size and context and batch_size * context >= GROUPED_MIN_POSITIONS:
+        return "grouped"
+    for fast in ("kernel", "absorbed"):  # every variant with 'absorbed' has 'kernel' but the control
+        if fast in paths:
+            return fast
     return paths[0]
 
 
@@ -74,4 +80,4 @@ def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=No
 
 __all__ = ["ATTENTION_CLASSES", "AttnContext", "CacheSpec", "EmbeddingGatedMLA", "GroupedQueryAttention",
            "KVCache", "LayerCache", "MultiHeadLatentAttention", "allocate_cache", "attention_class",
-           "GROUPED_MIN_POSITIONS", "check_decode_path", "decode_paths", "fastest_decode_path"]
+           "GROUPED_MIN_POSITIONS", "check_decode_path", "cuda_decode_path", "decode_paths", "fastest_decode_path"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from egmla.accounting import measured_cache_bytes_per_token, variant_configs
-from egmla.attention import decode_paths
+from egmla.attention import GROUPED_MIN_POSITIONS, cuda_decode_path, decode_paths
 from egmla.attention.egmla import TABLE_PATHS
 from egmla.config import ModelConfig
 from egmla.model import count_params
@@ -56,7 +56,11 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
     with the decode step's working memory counted too (`decode_workspace_bytes`).
 
     The cache layout is that of `decode_path` where the variant has that path (e.g. 'grouped' and 'kernel'
-    also store LayerNorm statistics), else of the variant's default path."""
+    also store LayerNorm statistics), else of the variant's default path. "auto": the path `egmla generate`
+    takes on a GPU at the batch that fits (`cuda_decode_path`: EG-MLA's 'grouped', with its working memory,
+    where its batch x context reaches GROUPED_MIN_POSITIONS)."""
+    if decode_path == "auto":
+        return auto_plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, distinct_ids)
     torch_dtype = DTYPES[dtype]
     item = torch.tensor([], dtype=torch_dtype).element_size()
     path = decode_path if decode_path in decode_paths(config) else decode_paths(config)[0]
@@ -85,6 +89,23 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
     }
 
 
+def auto_plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str, reserve_gb: float,
+                  precomputed_gate_table: bool, distinct_ids: int | None) -> dict:
+    """plan_row for the path generation picks on a GPU by itself: 'grouped' where the batch that fits with its
+    working memory reaches GROUPED_MIN_POSITIONS, else the CUDA default at a batch below that threshold."""
+    args = (context, memory_gb, dtype, reserve_gb, precomputed_gate_table)
+    row = plan_row(config, *args, decode_path=cuda_decode_path(config), distinct_ids=distinct_ids)
+    if "grouped" not in decode_paths(config):
+        return row
+    grouped = plan_row(config, *args, decode_path="grouped", distinct_ids=distinct_ids)
+    if grouped["sequences_with_decode_workspace"] * context >= GROUPED_MIN_POSITIONS:
+        return grouped
+    below = -(-GROUPED_MIN_POSITIONS // context) - 1  # the most sequences that still run on the CUDA default
+    for column in ("sequences", "sequences_gate_tables_offloaded", "sequences_with_decode_workspace"):
+        row[column] = min(row[column], below)
+    return row
+
+
 def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "bf16", reserve_gb: float = 0.0,
               precomputed_gate_table: bool = False, decode_path: str | None = None,
               distinct_ids: int | None = None) -> list[dict]:
@@ -96,7 +117,7 @@ def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "b
         raise ValueError(f"distinct_ids={distinct_ids}: must be positive (distinct token ids per sequence)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
-    known = sorted({path for config in variant_configs(base) for path in decode_paths(config)})
+    known = sorted({path for config in variant_configs(base) for path in decode_paths(config)} | {"auto"})
     if decode_path is not None and decode_path not in known:
         raise ValueError(f"decode_path={decode_path!r}: no variant has it; choose one of {', '.join(known)}")
     rows = []

@@ -90,3 +90,24 @@ def test_table_paths_count_both_tables_and_grouped_counts_its_workspace(capsys):
     assert "a decode step also allocates" in capsys.readouterr().out
     with pytest.raises(ValueError, match="distinct_ids=0"):
         plan_rows(base, 4096, 60.0, decode_path="grouped", distinct_ids=0)
+
+
+def test_auto_plans_the_path_generation_takes_on_a_gpu_at_the_batch_that_fits():
+    """--decode-path auto: each variant's CUDA default (MLA kv64 'kernel', the control 'absorbed'); EG-MLA 'grouped'
+    with its working memory once the batch that fits reaches GROUPED_MIN_POSITIONS positions, else 'kernel' at a
+    batch below that threshold (where generation would still take 'kernel')."""
+    from egmla.attention import GROUPED_MIN_POSITIONS
+
+    base = preset("paper-base")
+    auto = by_variant(plan_rows(base, 4096, 60.0, decode_path="auto"))
+    grouped = by_variant(plan_rows(base, 4096, 60.0, decode_path="grouped"))
+    assert {name: auto[name]["decode_path"] for name in ("MHA", "MLA kv64", "EG-MLA kv64", "EG-MLA kv64 gate-bias",
+                                                         "EG-MLA kv64 latent-gate")} == {
+        "MHA": "kernel", "MLA kv64": "kernel", "EG-MLA kv64": "grouped", "EG-MLA kv64 gate-bias": "absorbed",
+        "EG-MLA kv64 latent-gate": "kernel"}
+    assert auto["EG-MLA kv64"] == grouped["EG-MLA kv64"]
+    # 1.9 GB: 'kernel' would fit 4 sequences, 16,384 positions, where generation takes 'grouped', which fits 2 with
+    # its working memory: the plan says 3 on 'kernel'
+    small = by_variant(plan_rows(base, 4096, 1.9, decode_path="auto"))["EG-MLA kv64"]
+    assert by_variant(plan_rows(base, 4096, 1.9, decode_path="kernel"))["EG-MLA kv64"]["sequences"] == 4
+    assert small["decode_path"] == "kernel" and small["sequences"] == 3 < GROUPED_MIN_POSITIONS / 4096
