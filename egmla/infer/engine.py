@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from egmla.attention import KVCache, check_decode_path, fastest_decode_path
+from egmla.attention import KVCache, check_decode_path, cuda_decode_path, fastest_decode_path
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.sampling import SamplingParams, select_next
@@ -119,6 +120,13 @@ class _Sequence:
         out += self.stops.flush()
         self.result.text = self.stops.text
         return out
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """Memory a new allocation can take on `device`: the driver's free memory plus what PyTorch's allocator holds
+    unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def reads_own_positions(config, decode_path: str) -> bool:
@@ -289,13 +297,35 @@ class GenerationEngine:
             decode_path=self.decode_path)
 
     def _choose_path(self, batch: int, cache_len: int) -> None:
-        """decode_path="auto": the fastest path for this call's batch and cache length. A change drops the kept
-        cache and graphs (the paths' caches hold different tensors) and rebuilds what the path precomputes."""
+        """decode_path="auto": the fastest path for this call's batch and cache length, unless that is 'grouped' and
+        its cache and working memory would not fit the device (`_grouped_fits`): then the fused kernel, which needs
+        no per-id buffers. A change drops the kept cache and graphs (the paths' caches hold different tensors) and
+        rebuilds what the path precomputes."""
         path = fastest_decode_path(self.config, self.device, batch, cache_len)
+        if path == "grouped" and not self._grouped_fits(bucket_for(batch, self.batch_buckets), cache_len):
+            path = cuda_decode_path(self.config)
+            warnings.warn(f"decode_path='auto': the grouped decode's cache and working memory for {batch} sequences "
+                          f"of {cache_len} positions do not fit the free device memory; using '{path}' (slower at "
+                          f"this size, no per-id buffers). `egmla plan --decode-path auto` sizes batches for it.",
+                          RuntimeWarning, stacklevel=4)
         if path != self.model.decode_path:
             self.release()
             self.model.set_decode_path(path)
         self.decode_path = path
+
+    def _grouped_fits(self, rows: int, cache_len: int) -> bool:
+        """Whether a grouped cache of `rows` x `cache_len` positions and a decode step's working memory at the most
+        distinct ids there can be (`egmla.infer.plan.decode_workspace_bytes`) fit the device's free memory, the
+        engine's kept cache counted as free (a new path drops it first)."""
+        from egmla.accounting import measured_cache_bytes_per_token
+        from egmla.infer.plan import decode_workspace_bytes
+
+        dtype = self.cache_dtype or self.model.tok_embeddings.weight.dtype
+        item = torch.tensor([], dtype=dtype).element_size()
+        per_token, _ = measured_cache_bytes_per_token(self.config, dtype, "grouped")
+        need = rows * (per_token * cache_len + decode_workspace_bytes(self.config, "grouped", cache_len, item))
+        kept = self._cache.nbytes() if self._cache is not None else 0
+        return need <= device_free_bytes(self.device) + kept
 
     # ---- the cache and the steps over it ----------------------------------------------------
     def _cache_for(self, rows: int, cache_len: int) -> KVCache:

@@ -1,5 +1,7 @@
 """Generation engine: decode paths agree with each other and with full recompute, ragged batches,
 seeded sampling, stop conditions, streaming, bad input."""
+import warnings
+
 import pytest
 import torch
 from tests.infer.helpers import VARIANTS, tiny_model
@@ -70,6 +72,7 @@ def test_auto_path_is_chosen_per_call_and_changes_nothing_but_speed(monkeypatch)
         return "grouped" if batch_size and batch_size >= 3 else "gate-table"
 
     monkeypatch.setattr(engine_module, "fastest_decode_path", rule)
+    monkeypatch.setattr(engine_module, "device_free_bytes", lambda device: 1 << 40)  # room for the grouped path
     engine = GenerationEngine(model, decode_path="auto")
     engine.auto_path = True  # as on CUDA without an offload
     for prompts, path in ((PROMPTS, "grouped"), (PROMPTS[:2], "gate-table"), (PROMPTS, "grouped")):
@@ -240,3 +243,28 @@ def test_a_kept_grouped_graph_sized_for_more_distinct_ids_serves_a_call_needing_
     groups.host.distinct_bound = 550
     assert engine._step(cache, 2, max_new_tokens=10) is not large and groups.host.plan_distinct == 600
     assert sorted(engine._steps) == [(2, 512), (2, 600)]
+
+
+def test_auto_takes_the_kernel_where_the_grouped_step_would_not_fit(monkeypatch):
+    """decode_path="auto" (forced on here, as on CUDA): where the rule says 'grouped' but its cache and working
+    memory at the most distinct ids there can be exceed the device's free memory, the call runs the CUDA default
+    ('kernel'), with a warning; with room it runs 'grouped'. Tokens are the same either way."""
+    import egmla.infer.engine as engine_module
+    from egmla.accounting import measured_cache_bytes_per_token
+    from egmla.infer.plan import decode_workspace_bytes
+
+    model = tiny_model("eg-mla", seed=2)
+    monkeypatch.setattr(engine_module, "fastest_decode_path", lambda config, device, batch, context: "grouped")
+    per_token, _ = measured_cache_bytes_per_token(model.config, torch.float32, "grouped")
+    need = 4 * (per_token * 18 + decode_workspace_bytes(model.config, "grouped", 18, 4))  # 4 prompts, 18 positions
+    results = {}
+    for free, path in ((need, "grouped"), (need - 1, "kernel")):
+        monkeypatch.setattr(engine_module, "device_free_bytes", lambda device: free)
+        engine = GenerationEngine(model, decode_path="auto", batch_buckets=())
+        engine.auto_path = True
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results[path] = [r.token_ids for r in engine.generate(PROMPTS, max_new_tokens=6)]
+        assert engine.last_stats.decode_path == path
+        assert any("do not fit the free device memory" in str(w.message) for w in caught) == (path == "kernel")
+    assert results["grouped"] == results["kernel"]
