@@ -34,10 +34,10 @@ def main(args) -> int:
     import json
     from pathlib import Path
 
+    from egmla.bench.generate import write_table
+
     if args.report:
-        table = markdown(json.loads(Path(args.report).read_text()))
-        print(table)
-        return _write(table, args.markdown)
+        return write_table(markdown(json.loads(Path(args.report).read_text())), args.markdown)
     import torch
 
     from egmla.bench.token_ids import text_token_ids
@@ -85,10 +85,8 @@ def main(args) -> int:
             if args.json_path:
                 atomic_write_json(args.json_path, meta)
         del model
-    table = markdown(meta)
-    print("\n" + table)
-    _write(table, args.markdown)
-    return 0
+    print()
+    return write_table(markdown(meta), args.markdown)
 
 
 def markdown(meta: dict) -> str:
@@ -117,11 +115,3 @@ def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
-def _write(table: str, path: str | None) -> int:
-    if path:
-        from pathlib import Path
-
-        Path(path).write_text(table)
-        print(f"wrote {path}")
-    return 0

@@ -293,9 +293,15 @@ def report(paths: list[str], markdown_path: str | None) -> int:
             raise ValueError(f"--report: the files differ in {', '.join(differing)}: give files of one setting")
     merged = {**metas[0], "rows": [row for meta in metas for row in meta["rows"]],
               "repeats": max(meta["repeats"] for meta in metas)}
-    table = markdown(merged)
+    return write_table(markdown(merged), markdown_path)
+
+
+def write_table(table: str, markdown_path: str | None) -> int:
+    """Print a report's Markdown table and write it to markdown_path (if given)."""
     print(table)
     if markdown_path:
+        from pathlib import Path
+
         Path(markdown_path).write_text(table)
         print(f"wrote {markdown_path}")
     return 0
@@ -327,12 +333,7 @@ def crossover_report(paths: list[str], markdown_path: str | None) -> int:
                 auto = "grouped" if positions >= GROUPED_MIN_POSITIONS else "kernel"
                 lines.append(f"| {meta['prompt_len']:,} | {batch} | {positions:,} | {by_path['kernel']:.2f} | "
                              f"{by_path['grouped']:.2f} | {by_path['kernel'] / by_path['grouped']:.2f} | {auto} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if markdown_path:
-        Path(markdown_path).write_text(table)
-        print(f"wrote {markdown_path}")
-    return 0
+    return write_table("\n".join(lines) + "\n", markdown_path)
 
 
 def format_row(row: dict) -> str:
