@@ -9,6 +9,8 @@ BENCHMARKS = {
     "generate": ("egmla.bench.generate", "end-to-end generation: tokens/s and step latency per decode path"),
     "calls": ("egmla.bench.calls",
               "successive generate() calls of decreasing length on one engine: the kept cache and graphs reused or not"),
+    "prefill": ("egmla.bench.prefill",
+                "prompt prefill time per variant, path, batch and prefill token budget, beside transformers' Llama"),
     "generate-suite": ("egmla.bench.generate_suite",
                        "the generation table of docs/benchmarks.md: every variant and path, then gate tables offloaded"),
     "grouped": ("egmla.bench.grouped_study", "grouped EG-MLA decode study: distinct ids per corpus, every path"),

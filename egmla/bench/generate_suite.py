@@ -17,9 +17,11 @@ random weights, bf16), each run with its anchors in the same process:
   (+ generate_<gpu>_crossover/)    and batch 1-64: the data behind `decode_path="auto"`'s threshold (one JSON each)
   generate_<gpu>_calls.json/.md    successive generate() calls of decreasing length on one engine, the kept cache
                                    and graphs reused or not (`egmla bench calls`)
+  generate_<gpu>_prefill.json/.md  prompt prefill per variant, batch 1, 32, 128 and prefill token budget, beside
+                                   Llama's (`egmla bench prefill`)
 
-`--tables control` (or any comma-separated subset of main, fill, profile, paths, control, crossover, calls) runs
-only those.
+`--tables control` (or any comma-separated subset of main, fill, profile, paths, control, crossover, calls,
+prefill) runs only those.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from pathlib import Path
 
 
 TABLES = {"main": ("",), "fill": ("_fill",), "profile": ("_profile",), "paths": ("_paths",),
-          "control": ("_control", "_control_fill"), "crossover": (), "calls": ()}  # --tables name -> its files
+          "control": ("_control", "_control_fill"), "crossover": (), "calls": (), "prefill": ()}  # --tables name -> its files
 
 
 def crossover_runs(quick: bool) -> dict[int, list[str]]:
@@ -48,6 +50,17 @@ def calls_run(quick: bool) -> list[str]:
     if quick:
         return ["--preset", "tiny", "--lengths", "24,16", "--batch", "2", "--new-tokens", "3"]
     return ["--preset", "paper-base", "--dtype", "bf16"]
+
+
+def prefill_run(quick: bool) -> list[str]:
+    """argv of the `egmla bench prefill` run."""
+    if quick:
+        return ["--preset", "tiny", "--prompt-len", "16", "--batch-sizes", "1,4", "--budgets", "16,64",
+                "--repeats", "1"]
+    return ["--preset", "paper-base", "--dtype", "bf16", "--paths", "kernel,grouped", "--compare-hf"]
+
+
+STANDALONE = {"calls": calls_run, "prefill": prefill_run}  # tables that are one run of their own benchmark
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,11 +124,10 @@ def main(args) -> int:
             if run("generate", [*argv, "--json", files[-1]]) != 0:
                 return 1
         crossover_report(files, str(folder.with_suffix(".md")))
-    if "calls" in wanted:
-        stem = out / f"generate_{device}_calls"
-        print("egmla bench calls " + " ".join(calls_run(args.quick)), flush=True)
-        if run("calls", [*calls_run(args.quick), "--json", str(stem.with_suffix(".json")),
-                         "--markdown", str(stem.with_suffix(".md"))]) != 0:
+    for name in (t for t in wanted if t in STANDALONE):
+        stem, argv = out / f"generate_{device}_{name}", STANDALONE[name](args.quick)
+        print(f"egmla bench {name} " + " ".join(argv), flush=True)
+        if run(name, [*argv, "--json", str(stem.with_suffix(".json")), "--markdown", str(stem.with_suffix(".md"))]):
             return 1
     tables = suite(args.quick)
     for suffix, runs in ((suffix, tables[suffix]) for t in wanted for suffix in TABLES[t]):

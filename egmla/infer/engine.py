@@ -145,7 +145,10 @@ class GenerationEngine:
         step), and the model's current path elsewhere or with offloaded gate tables.
     cache_dtype: dtype of the cache tensors (default: the model's).
     offload_gate_tables: keep EG-MLA gate tables in host memory (see egmla.infer.offload).
-    prefill_token_budget: prompt tokens (summed over the rows of one call) per prefill call.
+    prefill_token_budget: prompt tokens (summed over the rows of one call) per prefill call; it bounds the
+        prefill's activation memory. 32,768 by default: on an H200 (paper-base, 2,048-token prompts, batch 32 and
+        128) 8,192 took 1.15-2.3x as long (more, smaller calls), 131,072 no less than 32,768
+        (docs/bench/generate_h200_prefill.md, `egmla bench prefill`).
     cuda_graphs: replay decode steps from CUDA graphs (default: on CUDA, unless gate tables are offloaded,
         whose row copies run on the host). batch_buckets: the batch sizes steps are built for (default:
         DEFAULT_BUCKETS with graphs, the exact batch without); a batch pads up to the next one.
@@ -155,7 +158,7 @@ class GenerationEngine:
         576-960 tokens + 16 new, docs/bench/generate_h200_calls.md)."""
 
     def __init__(self, model, tokenizer=None, decode_path: str | None = "auto", cache_dtype=None,
-                 offload_gate_tables: bool = False, prefill_token_budget: int = 8192,
+                 offload_gate_tables: bool = False, prefill_token_budget: int = 32768,
                  cuda_graphs: bool | None = None, batch_buckets: Sequence[int] | None = None,
                  reuse_longer_cache: bool = True):
         if prefill_token_budget < 1:

@@ -2,6 +2,8 @@
 column, a fill-memory run at the planner's batch, the step profile, and the merged report."""
 import json
 
+import pytest
+
 from egmla.bench.cli import run
 from egmla.bench.generate import fill_batch, report
 from egmla.variants import variant_config
@@ -89,10 +91,10 @@ def test_bench_calls_times_each_setting_and_reports(tmp_path, capsys):
     assert "| MLA kv64 | naive | yes | " in (tmp_path / "calls.md").read_text()
 
 
-def test_suite_crossover_and_calls_tables_on_the_cpu(tmp_path):
-    """`egmla bench generate-suite --quick --tables crossover,calls`: one JSON per prompt length and the crossover
-    table over them; the successive-calls JSON and table; no other table."""
-    assert run("generate-suite", ["--quick", "--tables", "crossover,calls", "--out", str(tmp_path)]) == 0
+def test_suite_crossover_calls_and_prefill_tables_on_the_cpu(tmp_path):
+    """`egmla bench generate-suite --quick --tables crossover,calls,prefill`: one JSON per prompt length and the
+    crossover table over them; the successive-calls and prefill JSON and tables; no other table."""
+    assert run("generate-suite", ["--quick", "--tables", "crossover,calls,prefill", "--out", str(tmp_path)]) == 0
     folder = tmp_path / "generate_cpu_crossover"
     assert sorted(p.name for p in folder.iterdir()) == ["crossover_p16.json", "crossover_p32.json"]
     table = (tmp_path / "generate_cpu_crossover.md").read_text()
@@ -100,4 +102,22 @@ def test_suite_crossover_and_calls_tables_on_the_cpu(tmp_path):
     calls = json.loads((tmp_path / "generate_cpu_calls.json").read_text())
     assert {r["prompt"] for r in calls["rows"]} == {24, 16} and (tmp_path / "generate_cpu_calls.md").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["generate_cpu_calls.json", "generate_cpu_calls.md",
-                                                         "generate_cpu_crossover", "generate_cpu_crossover.md"]
+                                                         "generate_cpu_crossover", "generate_cpu_crossover.md",
+                                                         "generate_cpu_prefill.json", "generate_cpu_prefill.md"]
+
+
+def test_bench_prefill_times_each_budget_and_reports(tmp_path):
+    """`egmla bench prefill` on the CPU: a row per (variant, path it has, batch, budget), a budget past the whole
+    batch kept only once, and the table from the JSON."""
+    path = tmp_path / "prefill.json"
+    assert run("prefill", ["--variants", "mha,egmla-kv64", "--paths", "naive,grouped", "--prompt-len", "8",
+                           "--batch-sizes", "1,3", "--budgets", "8,16,64", "--repeats", "1", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["variant"], r["decode_path"], r["batch"], r["budget"]) for r in rows] == [
+        (v, p, b, budget) for v, paths in (("MHA", ["naive"]), ("EG-MLA kv64", ["naive", "grouped"])) for p in paths
+        for b, budgets in ((1, [8]), (3, [8, 16, 64])) for budget in budgets]
+    assert all(r["prefill_ms"] > 0 for r in rows)
+    assert run("prefill", ["--report", str(path), "--markdown", str(tmp_path / "prefill.md")]) == 0
+    assert "| egmla | EG-MLA kv64 | grouped | 3 | 16 | " in (tmp_path / "prefill.md").read_text()
+    with pytest.raises(ValueError, match="--budgets"):
+        run("prefill", ["--budgets", "0"])

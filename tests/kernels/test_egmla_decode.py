@@ -154,3 +154,21 @@ def test_decode_step_stats_pass_matches_the_pytorch_equations(variant, path, ove
             stats, ref = layer.attn.appended_stats(latent, ids), layer.attn.norm_stats(latent, ids)
         assert stats.shape == ref.shape == (3, 1, 2) and not stats.isnan().any()
         assert rel_err(stats, ref) < 1e-5
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("variant, path", [("eg-mla", "kernel"), ("eg-mla", "grouped"), ("eg-mla-bias", "absorbed")])
+def test_prompt_stats_pass_matches_the_pytorch_equations(variant, path):
+    """On CUDA a prompt's (mu, rho) take the same Triton pass as a decode step (bf16 model, long ragged prompt)."""
+    from tests.infer.helpers import tiny_model
+
+    model = tiny_model(variant).to("cuda", torch.bfloat16)
+    model.set_decode_path(path)
+    latent = torch.randn(3, 301, model.config.kv_lora_rank, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (3, 301), device="cuda")
+    for layer in model.layers:
+        with torch.no_grad():
+            stats, ref = layer.attn.appended_stats(latent, ids), layer.attn.norm_stats(latent, ids)
+        assert stats.shape == ref.shape == (3, 301, 2) and not stats.isnan().any()
+        assert rel_err(stats, ref) < 1e-2
