@@ -92,13 +92,16 @@ class Transformer(nn.Module):
                 nn.init.ones_(param)  # norm weights
 
     # ---- decoding ------------------------------------------------------------------------
-    def set_decode_path(self, path: str) -> None:
-        """Choose how cached attention is computed (all paths give the same logits)."""
+    def set_decode_path(self, path: str, keep_precomputed: bool = False) -> None:
+        """Choose how cached attention is computed (all paths give the same logits). The path's precomputed tensors
+        (EG-MLA's gate tables, MLA's folded absorption) are rebuilt from the current weights, unless
+        keep_precomputed and a layer already holds them (the generation engine switching paths under its kept
+        CUDA graphs, with the weights unchanged)."""
         check_decode_path(self.config, path)
         self.decode_path, self.decode_path_chosen = path, True
         for layer in self.layers:
             layer.attn.decode_path = path
-            layer.attn.on_decode_path_set()
+            layer.attn.on_decode_path_set(keep_precomputed)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         param = self.tok_embeddings.weight
@@ -148,8 +151,11 @@ class Transformer(nn.Module):
             rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
             cache.token_ids[rows, positions] = tokens.to(cache.token_ids.dtype)
             kv_ids = cache.token_ids[:, :kv_len]
-        if cache.token_groups is not None:  # 'grouped' (or the bias control's 'absorbed'): positions by id
-            cache.token_groups.append(tokens, positions, n_new, with_stats=self.decode_path in ("grouped", "absorbed"))
+        if cache.token_groups is not None:
+            if self.decode_path in ("grouped", "absorbed"):  # (the bias control's 'absorbed'): positions by id
+                cache.token_groups.append(tokens, positions, n_new)
+            else:  # a path that never reads them: not kept up (reset() clears this), so a reader raises
+                cache.token_groups.host.unregistered = True
         return AttnContext(tokens, positions, self.rope_cos[positions], self.rope_sin[positions],
                            kv_len=kv_len, mask=attention_mask(positions, kv_len), kv_token_ids=kv_ids,
                            kv_groups=cache.token_groups, capturable=capturable,

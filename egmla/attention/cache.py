@@ -60,7 +60,7 @@ class LayerCache:
 class GroupsHostState:
     """What the host knows of a TokenGroups without a sync (shared by every row view of one cache)."""
 
-    stats_missing: bool = False  # set when tokens were appended without norm statistics
+    unregistered: bool = False  # set when tokens were appended on a path that does not keep the groups up
     # An upper bound on n_distinct.max(): exact after a prefill, +1 per decode step. Graph-captured decode
     # sizes the grouped kernels' buffers from it instead of reading n_distinct back.
     distinct_bound: int = 0
@@ -117,7 +117,7 @@ class TokenGroups:
         self.counts.zero_()
         self.n_distinct.zero_()
         self.lengths.zero_()
-        self.host.stats_missing, self.host.distinct_bound, self.host.plan_distinct = False, 0, 0
+        self.host.unregistered, self.host.distinct_bound, self.host.plan_distinct = False, 0, 0
         self.version += 1
 
     def nbytes(self) -> int:
@@ -139,15 +139,12 @@ class TokenGroups:
             positions = torch.arange(width, device=lengths.device).expand(len(lengths), width)
             self.append(token_ids[:, :width], positions, lengths)
 
-    def append(self, tokens: torch.Tensor, positions: torch.Tensor, n_new: torch.Tensor | None = None,
-               with_stats: bool = True) -> None:
+    def append(self, tokens: torch.Tensor, positions: torch.Tensor, n_new: torch.Tensor | None = None) -> None:
         """Register tokens [batch, seq] written at positions [batch, seq]; only the first n_new[b] count."""
         batch, seq = tokens.shape
         if n_new is None:
             n_new = torch.full((batch,), seq, dtype=torch.long, device=tokens.device)
         n_new = n_new.to(self.lengths.device, torch.long)
-        if not with_stats:
-            self.host.stats_missing = True
         if seq == 1:
             self._append_one(tokens[:, 0], positions[:, 0], n_new > 0)
             self.host.distinct_bound = min(self.host.distinct_bound + 1, self.slots.shape[1])

@@ -214,12 +214,15 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
                              needs_token_groups=decode_path in ("grouped", "absorbed"))
         return CacheSpec(spec.tensors, needs_token_ids=True)
 
-    def on_decode_path_set(self) -> None:
+    def on_decode_path_set(self, keep_precomputed: bool = False) -> None:
+        """Build the gate table for the paths that read it; keep_precomputed: keep one already built (a CUDA graph
+        captured on the previous path reads that tensor: GenerationEngine switching between 'kernel' and 'grouped')."""
         if self.gate_placement == "latent":
             self.gate_table = None
-            super().on_decode_path_set()  # MLA's folded absorption
+            super().on_decode_path_set(keep_precomputed)  # MLA's folded absorption
         elif self.decode_path in TABLE_PATHS:
-            self.build_gate_table()
+            if not (keep_precomputed and self.gate_table is not None):
+                self.build_gate_table()
         else:
             self.gate_table = None
 
@@ -450,10 +453,10 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         groups = ctx.kv_groups
         if ctx.kv_ln_stats is None or groups is None:
             raise ValueError(_STATS_CACHE_NEEDED.format(path=path))
-        if groups.host.stats_missing:
-            raise ValueError(f"this cache holds positions appended without LayerNorm statistics (decode path was "
-                             f"not '{path}' when they were appended): refill it after model.set_decode_path"
-                             f"('{path}'), or use decode_path='naive' / 'gate-table'")
+        if groups.host.unregistered:
+            raise ValueError(f"this cache holds positions appended while the decode path was not '{path}', so its "
+                             f"token groups miss them: refill it (cache.reset(), then the prompt) after "
+                             f"model.set_decode_path('{path}'), or use decode_path='naive' / 'gate-table'")
         return groups
 
     def _registered_mask_and_ids(self, ctx: AttnContext, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ class GroupedQueryAttention(nn.Module):
     def rope_dim(config: ModelConfig) -> int:
         return config.mha_head_dim
 
-    def on_decode_path_set(self) -> None:
+    def on_decode_path_set(self, keep_precomputed: bool = False) -> None:
         """Nothing to precompute: both paths read the cached K/V as they are."""
 
     @staticmethod

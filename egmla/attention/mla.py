@@ -68,10 +68,12 @@ class MultiHeadLatentAttention(nn.Module):
         return CacheSpec({"latent": ((config.kv_lora_rank,), None),
                           "k_rope": ((config.qk_rope_head_dim,), None)})
 
-    def on_decode_path_set(self) -> None:
-        """Precompute what the chosen path reads: the folded absorption for 'absorbed' and 'kernel'."""
+    def on_decode_path_set(self, keep_precomputed: bool = False) -> None:
+        """Precompute what the chosen path reads: the folded absorption for 'absorbed' and 'kernel'.
+        keep_precomputed: keep a folding already made (a CUDA graph captured on the previous path reads it)."""
         if self.decode_path in ("absorbed", "kernel"):
-            self.fold_absorption()
+            if not (keep_precomputed and getattr(self, "folded", None) is not None):
+                self.fold_absorption()
         else:
             self.folded = None
 

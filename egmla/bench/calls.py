@@ -1,7 +1,11 @@
-"""`egmla bench calls`: the wall time of one engine's successive generate() calls of decreasing prompt length, with
-the kept cache (and its CUDA graphs) reused by the shorter calls against a cache and graphs made for each length
-(`GenerationEngine(reuse_longer_cache=...)`). A user calling generate() again and again meets this cost; the
-steady-state tables of `egmla bench generate` (same shape every call) never do.
+"""`egmla bench calls`: the wall time of one engine's successive generate() calls, as a user calling generate() again
+and again meets it (the steady-state tables of `egmla bench generate`, same shape every call, never do):
+
+- calls of decreasing prompt length (`--lengths`): the kept cache (and its CUDA graphs) reused by the shorter calls
+  against a cache and graphs made for each length (`GenerationEngine(reuse_longer_cache=...)`);
+- calls of alternating batch sizes (`--batches 32,4`): under decode_path="auto" EG-MLA changes path between them
+  (`grouped` for large calls, `kernel` for small ones); one cache and the graphs of both paths kept across the
+  changes against a cache and graphs made again at each change (`share_cache_across_paths=...`).
 
 Per variant: one pass that compiles (not reported), then each setting in turn on a fresh engine, same prompts."""
 from __future__ import annotations
@@ -21,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", default="1024,960,896,832,768,704,640,576",
                         help="prompt tokens of the successive calls (the first allocates the cache)")
     parser.add_argument("--batch", type=int, default=8, help="prompts per call")
+    parser.add_argument("--batches", default=None,
+                        help="comma-separated prompts per call, taken in turn with --lengths (calls: the longer list); "
+                             "compares share_cache_across_paths instead of reuse_longer_cache, e.g. --batches 32,4 "
+                             "--lengths 2048")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt and call")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -51,30 +59,34 @@ def main(args) -> int:
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     lengths = [int(n) for n in args.lengths.split(",")]
-    if min(lengths) < 1 or args.batch < 1 or args.new_tokens < 2:
-        raise ValueError("--lengths and --batch must be >= 1, --new-tokens >= 2")
+    batches = [int(n) for n in args.batches.split(",")] if args.batches else [args.batch]
+    if min(lengths) < 1 or min(batches) < 1 or args.new_tokens < 2:
+        raise ValueError("--lengths and --batch(es) must be >= 1, --new-tokens >= 2")
+    calls = [(batches[i % len(batches)], lengths[i % len(lengths)]) for i in range(max(len(lengths), len(batches)))]
+    setting = "share_cache_across_paths" if args.batches else "reuse_longer_cache"
     name = args.preset if args.preset != "auto" else ("paper-base" if device.type == "cuda" else "tiny")
     overrides = {"max_seq_len": max(lengths) + args.new_tokens, **parse_overrides(args.overrides, section="model")}
     base = preset(name, **overrides)
-    ids = text_token_ids(args.batch, max(lengths), base.vocab_size)[0].tolist()
+    ids = text_token_ids(max(batches), max(lengths), base.vocab_size)[0].tolist()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"benchmark": "calls", "device": device_name, "dtype": str(dtype), "torch": torch.__version__,
             "source": f"preset {name}, random weights", "batch": args.batch, "new_tokens": args.new_tokens,
-            "lengths": lengths, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
+            "lengths": lengths, "batches": batches if args.batches else None, "setting": setting,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
     for variant in select(args.variants):
         torch.manual_seed(0)
         with torch.device(device):
             model = Transformer(variant.config(base)).to(dtype)
-        for pass_index, reuse in enumerate((True, False, True)):  # the first pass compiles the kernels: not kept
-            engine = GenerationEngine(model, reuse_longer_cache=reuse)
-            for length in lengths:
-                prompts = [row[:length] for row in ids]
+        for pass_index, enabled in enumerate((True, False, True)):  # the first pass compiles the kernels: not kept
+            engine = GenerationEngine(model, **{setting: enabled})
+            for batch, length in calls:
+                prompts = [row[:length] for row in ids[:batch]]
                 _sync(device)
                 start = time.perf_counter()
                 engine.generate(prompts, max_new_tokens=args.new_tokens)
                 _sync(device)
                 stats = engine.last_stats
-                row = {"variant": model.config.variant_name(), "reuse_longer_cache": reuse, "prompt": length,
+                row = {"variant": model.config.variant_name(), setting: enabled, "batch": batch, "prompt": length,
                        "wall_ms": 1e3 * (time.perf_counter() - start), "prefill_ms": 1e3 * stats.prefill_seconds,
                        "decode_ms": 1e3 * stats.decode_seconds, "decode_path": stats.decode_path,
                        "cuda_graphs": stats.cuda_graphs, "cache_positions": engine._cache.max_len}
@@ -89,20 +101,32 @@ def main(args) -> int:
     return write_table(markdown(meta), args.markdown)
 
 
+SETTINGS = {"reuse_longer_cache": ("kept cache reused by shorter calls", "no: one per length"),
+            "share_cache_across_paths": ("one cache and graphs kept across paths", "no: made again at each change")}
+
+
 def markdown(meta: dict) -> str:
-    """Per variant and setting: the first call (it allocates and captures) and the median of the later ones."""
+    """Per variant and setting (and batch, for alternating batches): the first call (it allocates and captures) and
+    the median of the later ones."""
+    setting = meta.get("setting", "reuse_longer_cache")
+    header, off = SETTINGS[setting]
+    batches = meta.get("batches")
+    shape = (f"prompts of {', '.join(map(str, meta['lengths']))} tokens and batches of {', '.join(map(str, batches))} "
+             f"in turn (under decode_path='auto')" if batches else
+             f"{meta['batch']} prompts of {', '.join(map(str, meta['lengths']))} tokens in turn")
     lines = [f"Successive generate() calls on one engine, {meta['device']}, {meta['dtype']}, torch {meta['torch']}: "
-             f"{meta['source']}; {meta['batch']} prompts of {', '.join(map(str, meta['lengths']))} tokens in turn, "
-             f"{meta['new_tokens']} greedy tokens each. ms of wall clock per call.", "",
-             "| variant | decode path | kept cache reused by shorter calls | first call ms | later calls ms (median) "
-             "| later calls: decode ms (median) | cache positions |", "|---|---|---|---:|---:|---:|---:|"]
+             f"{meta['source']}; {shape}, {meta['new_tokens']} greedy tokens each. ms of wall clock per call.", "",
+             f"| variant | decode path |{' batch |' if batches else ''} {header} | first call ms | later calls ms "
+             "(median) | later calls: decode ms (median) | cache positions |",
+             f"|---|---|{'---:|' if batches else ''}---|---:|---:|---:|---:|"]
     groups: dict[tuple, list[dict]] = {}
     for row in meta["rows"]:
-        groups.setdefault((row["variant"], row["reuse_longer_cache"]), []).append(row)
-    for (variant, reuse), rows in groups.items():
+        groups.setdefault((row["variant"], row[setting], row["batch"] if batches else None), []).append(row)
+    for (variant, enabled, batch), rows in groups.items():
         later = rows[1:] or rows
         positions = sorted({r["cache_positions"] for r in rows})
-        lines.append(f"| {variant} | {rows[0]['decode_path']} | {'yes' if reuse else 'no: one per length'} | "
+        paths = ", ".join(dict.fromkeys(r["decode_path"] for r in rows))
+        lines.append(f"| {variant} | {paths} |{f' {batch} |' if batches else ''} {'yes' if enabled else off} | "
                      f"{rows[0]['wall_ms']:.1f} | {statistics.median(r['wall_ms'] for r in later):.1f} | "
                      f"{statistics.median(r['decode_ms'] for r in later):.1f} | "
                      f"{', '.join(map(str, positions)) if len(positions) <= 3 else f'{positions[0]}–{positions[-1]}'} |")

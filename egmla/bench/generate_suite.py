@@ -17,10 +17,13 @@ random weights, bf16), each run with its anchors in the same process:
   (+ generate_<gpu>_crossover/)    and batch 1-64: the data behind `decode_path="auto"`'s threshold (one JSON each)
   generate_<gpu>_calls.json/.md    successive generate() calls of decreasing length on one engine, the kept cache
                                    and graphs reused or not (`egmla bench calls`)
+  generate_<gpu>_switch.json/.md   calls alternating between batch 32 and 4 (EG-MLA's `grouped` and `kernel` under
+                                   decode_path="auto"), one cache and both paths' graphs kept or made again at
+                                   each change (`egmla bench calls --batches`)
   generate_<gpu>_prefill.json/.md  prompt prefill per variant, batch 1, 32, 128 and prefill token budget, beside
                                    Llama's (`egmla bench prefill`)
 
-`--tables control` (or any comma-separated subset of main, fill, profile, paths, control, crossover, calls,
+`--tables control` (or any comma-separated subset of main, fill, profile, paths, control, crossover, calls, switch,
 prefill) runs only those.
 """
 from __future__ import annotations
@@ -30,7 +33,8 @@ from pathlib import Path
 
 
 TABLES = {"main": ("",), "fill": ("_fill",), "profile": ("_profile",), "paths": ("_paths",),
-          "control": ("_control", "_control_fill"), "crossover": (), "calls": (), "prefill": ()}  # --tables name -> its files
+          "control": ("_control", "_control_fill"), "crossover": (), "calls": (), "switch": (),
+          "prefill": ()}  # --tables name -> its files
 
 
 def crossover_runs(quick: bool) -> dict[int, list[str]]:
@@ -52,6 +56,15 @@ def calls_run(quick: bool) -> list[str]:
     return ["--preset", "paper-base", "--dtype", "bf16"]
 
 
+def switch_run(quick: bool) -> list[str]:
+    """argv of the `egmla bench calls` run that alternates batch sizes (and so, under "auto", EG-MLA's path)."""
+    if quick:
+        return ["--preset", "tiny", "--variants", "egmla-kv64", "--lengths", "16", "--batches", "2,1,2,1",
+                "--new-tokens", "3"]
+    return ["--preset", "paper-base", "--dtype", "bf16", "--variants", "egmla-kv64", "--lengths", "2048",
+            "--batches", "32,4,32,4,32,4"]
+
+
 def prefill_run(quick: bool) -> list[str]:
     """argv of the `egmla bench prefill` run."""
     if quick:
@@ -60,7 +73,8 @@ def prefill_run(quick: bool) -> list[str]:
     return ["--preset", "paper-base", "--dtype", "bf16", "--paths", "kernel,grouped", "--compare-hf"]
 
 
-STANDALONE = {"calls": calls_run, "prefill": prefill_run}  # tables that are one run of their own benchmark
+# tables that are one run of their own benchmark: table -> (benchmark, argv)
+STANDALONE = {"calls": ("calls", calls_run), "switch": ("calls", switch_run), "prefill": ("prefill", prefill_run)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,9 +139,10 @@ def main(args) -> int:
                 return 1
         crossover_report(files, str(folder.with_suffix(".md")))
     for name in (t for t in wanted if t in STANDALONE):
-        stem, argv = out / f"generate_{device}_{name}", STANDALONE[name](args.quick)
-        print(f"egmla bench {name} " + " ".join(argv), flush=True)
-        if run(name, [*argv, "--json", str(stem.with_suffix(".json")), "--markdown", str(stem.with_suffix(".md"))]):
+        (benchmark, argv_of), stem = STANDALONE[name], out / f"generate_{device}_{name}"
+        argv = argv_of(args.quick)
+        print(f"egmla bench {benchmark} " + " ".join(argv), flush=True)
+        if run(benchmark, [*argv, "--json", str(stem.with_suffix(".json")), "--markdown", str(stem.with_suffix(".md"))]):
             return 1
     tables = suite(args.quick)
     for suffix, runs in ((suffix, tables[suffix]) for t in wanted for suffix in TABLES[t]):

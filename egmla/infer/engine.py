@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from egmla.attention import KVCache, check_decode_path, cuda_decode_path, fastest_decode_path
+from egmla.attention import (KVCache, allocate_cache, attention_class, check_decode_path, cuda_decode_path,
+                             decode_paths, fastest_decode_path)
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.sampling import SamplingParams, select_next
@@ -155,15 +156,19 @@ class GenerationEngine:
     reuse_longer_cache: with CUDA graphs and a path whose steps read only each sequence's positions, a call
         shorter than the kept cache runs on it and replays its graphs (else each new length allocates a cache
         and captures its graphs: on an H200 a median 72-86 ms per call against 44-45 ms reused, 8 prompts of
-        576-960 tokens + 16 new, docs/bench/generate_h200_calls.md)."""
+        576-960 tokens + 16 new, docs/bench/generate_h200_calls.md).
+    share_cache_across_paths: under "auto", give an EG-MLA cache the grouped layout whatever the path (the kernel
+        path's plus 16 B of token groups per position), so that a call that changes path keeps the cache and the
+        graphs captured for either path (else a change drops them: docs/bench/generate_h200_calls.md)."""
 
     def __init__(self, model, tokenizer=None, decode_path: str | None = "auto", cache_dtype=None,
                  offload_gate_tables: bool = False, prefill_token_budget: int = 32768,
                  cuda_graphs: bool | None = None, batch_buckets: Sequence[int] | None = None,
-                 reuse_longer_cache: bool = True):
+                 reuse_longer_cache: bool = True, share_cache_across_paths: bool = True):
         if prefill_token_budget < 1:
             raise ValueError(f"prefill_token_budget={prefill_token_budget}: must be >= 1")
         self.prefill_token_budget, self.reuse_longer_cache = prefill_token_budget, reuse_longer_cache
+        self.share_cache_across_paths = share_cache_across_paths
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = model.config
         # the Triton kernels read whole gate tables: not with an offload
@@ -302,8 +307,8 @@ class GenerationEngine:
     def _choose_path(self, batch: int, cache_len: int) -> None:
         """decode_path="auto": the fastest path for this call's batch and cache length, unless that is 'grouped' and
         its cache and working memory would not fit the device (`_grouped_fits`): then the fused kernel, which needs
-        no per-id buffers. A change drops the kept cache and graphs (the paths' caches hold different tensors) and
-        rebuilds what the path precomputes."""
+        no per-id buffers. A change keeps the cache, its graphs and the gate tables where the cache serves the new
+        path too (`share_cache_across_paths`), else drops them and rebuilds what the path precomputes."""
         path = fastest_decode_path(self.config, self.device, batch, cache_len)
         if path == "grouped" and not self._grouped_fits(bucket_for(batch, self.batch_buckets), cache_len):
             path = cuda_decode_path(self.config)
@@ -312,8 +317,11 @@ class GenerationEngine:
                           f"this size, no per-id buffers). `egmla plan --decode-path auto` sizes batches for it.",
                           RuntimeWarning, stacklevel=4)
         if path != self.model.decode_path:
-            self.release()
-            self.model.set_decode_path(path)
+            if self._cache is not None and not (self.share_cache_across_paths
+                                                and _serves(self._cache, self.config, path)):
+                self.release()
+            # graphs kept for the other path read the gate tables: keep them (the weights have not changed)
+            self.model.set_decode_path(path, keep_precomputed=self._cache is not None)
         self.decode_path = path
 
     def _grouped_fits(self, rows: int, cache_len: int) -> bool:
@@ -342,9 +350,14 @@ class GenerationEngine:
         dtype = self.cache_dtype or self.model.tok_embeddings.weight.dtype
         longer_fits = self.reuse_longer_cache and self.cuda_graphs and reads_own_positions(self.config, self.decode_path)
         length_fits = cache is not None and (cache.max_len == cache_len or (longer_fits and cache.max_len > cache_len))
-        if not length_fits or cache.batch_size < rows or _cache_dtype(cache) != dtype:
+        if (not length_fits or cache.batch_size < rows or _cache_dtype(cache) != dtype
+                or not _serves(cache, self.config, self.decode_path)):
             self.release()
-            cache = self._cache = self.model.new_cache(rows, cache_len, dtype=dtype)
+            # under "auto", EG-MLA's grouped layout: it serves the kernel path too, so a change of path keeps it
+            shared = self.share_cache_across_paths and self.auto_path and "grouped" in decode_paths(self.config)
+            layout = "grouped" if shared else self.decode_path
+            cache = self._cache = allocate_cache(self.config, rows, cache_len, dtype=dtype, device=self.device,
+                                                 decode_path=layout)
         cache.reset()
         return cache
 
@@ -352,14 +365,15 @@ class GenerationEngine:
         """The decode step of a batch bucket. A graph of the grouped path is sized for the distinct ids the
         sequences can reach during this call: a kept graph sized for at least as many serves it (the smallest
         such), else one of this call's size is captured."""
-        key: tuple = (batch,)
-        groups = cache.token_groups
+        path = self.decode_path
+        key: tuple = (path, batch)
+        groups = cache.token_groups if path in ("grouped", "absorbed") else None  # the paths that read them
         use_graph = self.cuda_graphs and batch <= MAX_GRAPH_BATCH
         if groups is not None and use_graph:
             needed = groups.graph_distinct_bound(cache.max_len, max_new_tokens)
-            bound = min((k[1] for k in self._steps if len(k) == 2 and k[0] == batch and k[1] >= needed), default=needed)
+            bound = min((k[2] for k in self._steps if len(k) == 3 and k[:2] == key and k[2] >= needed), default=needed)
             groups.host.plan_distinct = bound
-            key = (batch, bound)
+            key = (path, batch, bound)
         if key not in self._steps:
             self._steps[key] = DecodeStep(self.model, cache, batch, use_graph)
         return self._steps[key]
@@ -411,6 +425,14 @@ class GenerationEngine:
             logits.append(picked)
             start = stop
         return torch.cat(logits)
+
+
+def _serves(cache: KVCache, config, path: str) -> bool:
+    """Whether `cache` holds everything decode path `path` reads (it may hold more)."""
+    spec = attention_class(config).cache_spec(config, path)
+    buffers = cache.layers[0].buffers
+    return (all(name in buffers for name in spec.tensors) and (not spec.needs_token_ids or cache.token_ids is not None)
+            and (not spec.needs_token_groups or cache.token_groups is not None))
 
 
 def _cache_dtype(cache: KVCache) -> torch.dtype:

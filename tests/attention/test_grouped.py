@@ -150,11 +150,14 @@ def test_cache_without_stats_is_a_clear_error():
             model(tokens[:, :1], cache)
         cache = model.new_cache(2, max_len=20)
         model(tokens, cache)
-        model.set_decode_path("naive")  # appended without statistics
+        model.set_decode_path("naive")  # appended without registering the position in the token groups
         model(tokens[:, :1], cache)
         model.set_decode_path("grouped")
-        with pytest.raises(ValueError, match="without LayerNorm statistics"):
+        with pytest.raises(ValueError, match="while the decode path was not 'grouped'"):
             model(tokens[:, :1], cache)
+        cache.reset()  # refilled on the grouped path: usable again
+        model(tokens, cache)
+        assert model(tokens[:, :1], cache).isfinite().all()
 
 
 def test_id_beyond_vocab_is_a_clear_error():

@@ -89,6 +89,13 @@ def test_bench_calls_times_each_setting_and_reports(tmp_path, capsys):
     assert all(r["wall_ms"] > 0 and r["cache_positions"] == r["prompt"] + 1 for r in meta["rows"])
     assert run("calls", ["--report", str(path), "--markdown", str(tmp_path / "calls.md")]) == 0
     assert "| MLA kv64 | naive | yes | " in (tmp_path / "calls.md").read_text()
+    # alternating batch sizes: the other setting, a call per (batch, length) in turn
+    assert run("calls", ["--variants", "egmla-kv64", "--lengths", "8", "--batches", "3,1", "--new-tokens", "2",
+                         "--json", str(path), "--markdown", str(tmp_path / "calls.md")]) == 0
+    meta = json.loads(path.read_text())
+    assert [(r["share_cache_across_paths"], r["batch"]) for r in meta["rows"]] == [(False, 3), (False, 1), (True, 3),
+                                                                                   (True, 1)]
+    assert "| EG-MLA kv64 | naive | 3 | no: made again at each change | " in (tmp_path / "calls.md").read_text()
 
 
 def test_suite_crossover_calls_and_prefill_tables_on_the_cpu(tmp_path):

@@ -49,7 +49,8 @@ def test_graphs_in_bf16_at_a_wide_shape(variant):
 
 def test_auto_path_switches_between_kernel_and_grouped_on_cuda(monkeypatch):
     """The real rule on CUDA, its threshold lowered to this tiny model's sizes: a small call runs the fused
-    kernel, a large one the grouped decode (each with its graphs), with the tokens of an engine fixed to it."""
+    kernel, a large one the grouped decode (each with its graphs), with the tokens of an engine fixed to it; one
+    cache serves both paths, and the graphs captured for one path survive calls on the other."""
     import egmla.attention
 
     monkeypatch.setattr(egmla.attention, "GROUPED_MIN_POSITIONS", 100)
@@ -57,10 +58,15 @@ def test_auto_path_switches_between_kernel_and_grouped_on_cuda(monkeypatch):
     fixed = {path: GenerationEngine(model, decode_path=path).generate(PROMPTS, max_new_tokens=8)
              for path in ("kernel", "grouped")}
     engine = GenerationEngine(model)  # decode_path="auto"
+    caches, steps = [], []
     for prompts, path in ((PROMPTS, "grouped"), (PROMPTS[:1], "kernel"), (PROMPTS[:3], "kernel"), (PROMPTS, "grouped")):
         results = engine.generate(prompts, max_new_tokens=8)
         assert engine.last_stats.decode_path == path and engine.last_stats.cuda_graphs
         assert [r.token_ids for r in results] == [r.token_ids for r in fixed[path][:len(prompts)]], path
+        caches.append(engine._cache)
+        steps.append(dict(engine._steps))
+    assert all(cache is caches[0] for cache in caches)
+    assert steps[0] and all(steps[-1][key] is step for key, step in steps[0].items())  # grouped graphs replayed
 
 
 @pytest.mark.parametrize("variant", ["mla", "eg-mla"])

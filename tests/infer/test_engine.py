@@ -58,8 +58,8 @@ def test_ragged_batch_with_early_finish_equals_each_alone(variant, path):
 def test_auto_path_is_chosen_per_call_and_changes_nothing_but_speed(monkeypatch):
     """decode_path="auto" picks the path for each call from its batch and cache length (on CUDA: EG-MLA's grouped
     decode for large steps). Here, on the CPU, a stand-in rule (grouped from 3 sequences, gate-table below) drives
-    the same switching: each call runs the path chosen for it, on a cache of that path's layout, and gives the
-    tokens of an engine fixed to that path."""
+    the same switching: each call runs the path chosen for it, on one cache of the grouped layout kept across the
+    changes of path, and gives the tokens of an engine fixed to that path."""
     import egmla.infer.engine as engine_module
 
     model = tiny_model("eg-mla", seed=2)
@@ -75,12 +75,18 @@ def test_auto_path_is_chosen_per_call_and_changes_nothing_but_speed(monkeypatch)
     monkeypatch.setattr(engine_module, "device_free_bytes", lambda device: 1 << 40)  # room for the grouped path
     engine = GenerationEngine(model, decode_path="auto")
     engine.auto_path = True  # as on CUDA without an offload
-    for prompts, path in ((PROMPTS, "grouped"), (PROMPTS[:2], "gate-table"), (PROMPTS, "grouped")):
+    kept = []
+    for prompts, path in ((PROMPTS, "grouped"), (PROMPTS[:2], "gate-table"), (PROMPTS, "grouped"),
+                          ([PROMPTS[2], PROMPTS[0]], "gate-table")):
         results = engine.generate(prompts, max_new_tokens=6)
         assert engine.decode_path == model.decode_path == engine.last_stats.decode_path == path
-        assert engine._cache.token_groups is not None if path == "grouped" else engine._cache.token_groups is None
-        assert [r.token_ids for r in results] == [r.token_ids for r in fixed[path][:len(prompts)]], path
-    assert chosen[-3:] == [(4, 18), (2, 12), (4, 18)]  # batch, and the longest prompt + new tokens - 1
+        assert engine._cache.token_groups is not None  # the grouped layout, whatever the path
+        assert [r.token_ids for r in results] == [r.token_ids for r in fixed[path][:len(prompts)]] if path == "grouped" \
+            else [r.token_ids for r in results] == [r.token_ids for r in GenerationEngine(model, decode_path=path)
+                                                     .generate(prompts, max_new_tokens=6)], path
+        kept.append(engine._cache)
+    assert chosen[-4:] == [(4, 18), (2, 12), (4, 18), (2, 18)]  # batch, and the longest prompt + new tokens - 1
+    assert kept[2] is kept[3]  # the same length: one cache across the change of path (not kept for 12 positions)
 
 
 def test_engine_keeps_its_cache_between_calls_of_one_shape():
@@ -242,7 +248,7 @@ def test_a_kept_grouped_graph_sized_for_more_distinct_ids_serves_a_call_needing_
     assert engine._step(cache, 2, max_new_tokens=10) is large and groups.host.plan_distinct == 512  # needs 256
     groups.host.distinct_bound = 550
     assert engine._step(cache, 2, max_new_tokens=10) is not large and groups.host.plan_distinct == 600
-    assert sorted(engine._steps) == [(2, 512), (2, 600)]
+    assert sorted(engine._steps) == [("grouped", 2, 512), ("grouped", 2, 600)]
 
 
 def test_auto_takes_the_kernel_where_the_grouped_step_would_not_fit(monkeypatch):
