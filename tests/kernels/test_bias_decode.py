@@ -159,3 +159,30 @@ def test_model_path_through_the_kernel_equals_the_pytorch_equations(gate_op, nor
                 logits[backend] = torch.cat([model(tokens[torch.arange(3), cache.lengths][:, None], cache)
                                              for _ in range(6)], dim=1)
         assert rel_err(logits["kernel"], logits["pytorch"]) < 1e-5, f"after change {change}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("gate_op", ["bias", "bias-v"])
+def test_model_path_in_bf16_equals_the_pytorch_equations(gate_op):
+    """A bf16 model: the folded weights are bf16 (the step's matmuls on the tensor cores); its decode logits stay
+    within bf16 tolerance of the PyTorch equations' over the gate table's rows."""
+    from tests.conftest import small_config
+    from egmla.model import Transformer
+
+    config = small_config(attention="eg-mla", gate_op=gate_op, d_model=256, n_heads=4, kv_lora_rank=64,
+                          qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64)
+    torch.manual_seed(5)
+    model = Transformer(config).eval().to("cuda", torch.bfloat16)
+    model.set_decode_path("absorbed")
+    assert model.layers[0].attn.absorbed_weights().query.dtype == torch.bfloat16
+    tokens = torch.randint(0, config.vocab_size, (4, 40), device="cuda")
+    logits = {}
+    with torch.no_grad():
+        for backend in ("pytorch", "kernel"):
+            for layer in model.layers:
+                layer.attn.absorbed_backend = backend
+            cache = model.new_cache(4, max_len=48)
+            model(tokens[:, :32], cache)
+            logits[backend] = torch.cat([model(tokens[:, 32 + i:33 + i], cache) for i in range(8)], dim=1).float()
+    assert logits["kernel"].isfinite().all() and rel_err(logits["kernel"], logits["pytorch"]) < 1e-2
