@@ -51,20 +51,21 @@ def decode_workspace_bytes(config: ModelConfig, decode_path: str, context: int, 
 
 def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "bf16",
              reserve_gb: float = 0.0, precomputed_gate_table: bool = False, decode_path: str | None = None,
-             distinct_ids: int | None = None) -> dict:
+             distinct_ids: int | None = None, cache_layout: str | None = None) -> dict:
     """One variant's plan: bytes per part and the sequences that fit with gate tables on GPU / offloaded, and
     with the decode step's working memory counted too (`decode_workspace_bytes`).
 
     The cache layout is that of `decode_path` where the variant has that path (e.g. 'grouped' and 'kernel'
     also store LayerNorm statistics), else of the variant's default path. "auto": the path `egmla generate`
     takes on a GPU at the batch that fits (`cuda_decode_path`: EG-MLA's 'grouped', with its working memory,
-    where its batch x context reaches GROUPED_MIN_POSITIONS)."""
+    where its batch x context reaches GROUPED_MIN_POSITIONS). cache_layout: the path whose cache layout is
+    allocated, if not `decode_path`'s (under "auto" EG-MLA's cache has the grouped layout on either path)."""
     if decode_path == "auto":
         return auto_plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, distinct_ids)
     torch_dtype = DTYPES[dtype]
     item = torch.tensor([], dtype=torch_dtype).element_size()
     path = decode_path if decode_path in decode_paths(config) else decode_paths(config)[0]
-    cache_per_token, _ = measured_cache_bytes_per_token(config, torch_dtype, path)
+    cache_per_token, _ = measured_cache_bytes_per_token(config, torch_dtype, cache_layout or path)
     weights = count_params(config, include_gate_tables=False) * item
     tables = gate_table_params(config, precomputed_gate_table, path) * item
     per_sequence = cache_per_token * context
@@ -94,9 +95,11 @@ def auto_plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: st
     """plan_row for the path generation picks on a GPU by itself: 'grouped' where the batch that fits with its
     working memory reaches GROUPED_MIN_POSITIONS, else the CUDA default at a batch below that threshold."""
     args = (context, memory_gb, dtype, reserve_gb, precomputed_gate_table)
-    row = plan_row(config, *args, decode_path=cuda_decode_path(config), distinct_ids=distinct_ids)
     if "grouped" not in decode_paths(config):
-        return row
+        return plan_row(config, *args, decode_path=cuda_decode_path(config), distinct_ids=distinct_ids)
+    # the engine's cache has the grouped layout on either path (GenerationEngine.share_cache_across_paths)
+    row = plan_row(config, *args, decode_path=cuda_decode_path(config), distinct_ids=distinct_ids,
+                   cache_layout="grouped")
     grouped = plan_row(config, *args, decode_path="grouped", distinct_ids=distinct_ids)
     if grouped["sequences_with_decode_workspace"] * context >= GROUPED_MIN_POSITIONS:
         return grouped

@@ -111,3 +111,6 @@ def test_auto_plans_the_path_generation_takes_on_a_gpu_at_the_batch_that_fits():
     small = by_variant(plan_rows(base, 4096, 1.9, decode_path="auto"))["EG-MLA kv64"]
     assert by_variant(plan_rows(base, 4096, 1.9, decode_path="kernel"))["EG-MLA kv64"]["sequences"] == 4
     assert small["decode_path"] == "kernel" and small["sequences"] == 3 < GROUPED_MIN_POSITIONS / 4096
+    # on 'kernel' too, the cache has the grouped layout the engine allocates under auto (its token groups)
+    assert small["cache_bytes_per_token"] == grouped["EG-MLA kv64"]["cache_bytes_per_token"] > \
+        by_variant(plan_rows(base, 4096, 1.9, decode_path="kernel"))["EG-MLA kv64"]["cache_bytes_per_token"]
