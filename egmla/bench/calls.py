@@ -14,13 +14,11 @@ import argparse
 import statistics
 import time
 
+from egmla.bench.options import add_output_arguments, add_preset_arguments, report
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="auto", help="model shape with random weights: tiny, paper-base, "
-                        "paper-1b; auto = paper-base on CUDA, tiny elsewhere")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a model field of the preset (repeatable); max_seq_len is raised to fit the "
-                             "longest call by default")
+    add_preset_arguments(parser, fits="the longest call")
     parser.add_argument("--variants", default="mla-kv64,egmla-kv64", help="comma-separated registry names")
     parser.add_argument("--lengths", default="1024,960,896,832,768,704,640,576",
                         help="prompt tokens of the successive calls (the first allocates the cache)")
@@ -30,24 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "compares share_cache_across_paths instead of reuse_longer_cache, e.g. --batches 32,4 "
                              "--lengths 2048")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt and call")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="auto = bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON here")
-    parser.add_argument("--markdown", metavar="PATH", help="also write the table here")
-    parser.add_argument("--report", metavar="JSON", help="measure nothing: the table of this result file")
+    add_output_arguments(parser)
 
 
 def main(args) -> int:
-    import json
-    from pathlib import Path
-
-    from egmla.bench.generate import write_table
-
     if args.report:
-        return write_table(markdown(json.loads(Path(args.report).read_text())), args.markdown)
+        return report(args, markdown)
     import torch
 
+    from egmla.bench.generate import write_table
     from egmla.bench.token_ids import text_token_ids
     from egmla.config import preset
     from egmla.configfile import parse_overrides

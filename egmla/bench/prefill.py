@@ -10,13 +10,11 @@ import argparse
 import statistics
 import time
 
+from egmla.bench.options import add_output_arguments, add_preset_arguments, report
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="auto", help="model shape with random weights: tiny, paper-base, "
-                        "paper-1b; auto = paper-base on CUDA, tiny elsewhere")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a model field of the preset (repeatable); max_seq_len is raised to fit the "
-                             "prompt by default")
+    add_preset_arguments(parser, fits="the prompt")
     parser.add_argument("--variants", default="mha,mla-kv64,egmla-kv64", help="comma-separated registry names")
     parser.add_argument("--paths", default="auto", help="comma-separated decode paths (the cache each path keeps "
                         "is written during prefill); auto = what generation takes on the device")
@@ -27,24 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="measured calls per configuration")
     parser.add_argument("--compare-hf", action="store_true",
                         help="also time transformers' LlamaForCausalLM's prefill at each batch size")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="auto = bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON here")
-    parser.add_argument("--markdown", metavar="PATH", help="also write the table here")
-    parser.add_argument("--report", metavar="JSON", help="measure nothing: the table of this result file")
+    add_output_arguments(parser)
 
 
 def main(args) -> int:
-    import json
-    from pathlib import Path
-
-    from egmla.bench.generate import write_table
-
     if args.report:
-        return write_table(markdown(json.loads(Path(args.report).read_text())), args.markdown)
+        return report(args, markdown)
     import torch
 
+    from egmla.bench.generate import write_table
     from egmla.attention import decode_paths
     from egmla.bench.token_ids import text_token_ids
     from egmla.config import preset
