@@ -321,7 +321,10 @@ class GenerationEngine:
                                                 and _serves(self._cache, self.config, path)):
                 self.release()
             # graphs kept for the other path read the gate tables: keep them (the weights have not changed)
+            before = _precomputed(self.model)
             self.model.set_decode_path(path, keep_precomputed=self._cache is not None)
+            if any(a is not b for a, b in zip(before, _precomputed(self.model))):
+                self._steps, self.last_step = {}, None  # a table was (re)built: graphs holding the old one go
         self.decode_path = path
 
     def _grouped_fits(self, rows: int, cache_len: int) -> bool:
@@ -425,6 +428,12 @@ class GenerationEngine:
             logits.append(picked)
             start = stop
         return torch.cat(logits)
+
+
+def _precomputed(model) -> list:
+    """The tensors each layer's decode path precomputed from the weights (gate table, folded absorption), which
+    captured graphs read by address."""
+    return [getattr(layer.attn, name, None) for layer in model.layers for name in ("gate_table", "folded")]
 
 
 def _serves(cache: KVCache, config, path: str) -> bool:

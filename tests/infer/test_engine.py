@@ -89,6 +89,29 @@ def test_auto_path_is_chosen_per_call_and_changes_nothing_but_speed(monkeypatch)
     assert kept[2] is kept[3]  # the same length: one cache across the change of path (not kept for 12 positions)
 
 
+def test_auto_keeps_steps_across_paths_unless_a_gate_table_is_rebuilt(monkeypatch):
+    """Under "auto" a change of path keeps the decode steps (graphs, on CUDA) of the other path, which read the gate
+    tables by address; where a change rebuilds a table (the model's path was changed behind the engine, dropping
+    it), the steps go with it, and the tokens are still those of a fresh engine."""
+    import egmla.infer.engine as engine_module
+
+    model = tiny_model("eg-mla", seed=2)
+    monkeypatch.setattr(engine_module, "fastest_decode_path",
+                        lambda config, device, batch_size=None, context=None: "grouped" if batch_size >= 3 else "gate-table")
+    monkeypatch.setattr(engine_module, "device_free_bytes", lambda device: 1 << 40)
+    engine = GenerationEngine(model, decode_path="auto")
+    engine.auto_path = True
+    engine.generate(PROMPTS, max_new_tokens=4)
+    grouped_steps = dict(engine._steps)
+    engine.generate([PROMPTS[2], PROMPTS[0]], max_new_tokens=4)  # 'gate-table', same cache length
+    assert grouped_steps and all(engine._steps[key] is step for key, step in grouped_steps.items())
+    model.set_decode_path("naive")  # behind the engine's back: the gate tables are dropped
+    results = engine.generate(PROMPTS, max_new_tokens=4)  # 'grouped' again, its table rebuilt
+    assert not any(engine._steps.get(key) is step for key, step in grouped_steps.items())
+    fresh = GenerationEngine(model, decode_path="grouped").generate(PROMPTS, max_new_tokens=4)
+    assert [r.token_ids for r in results] == [r.token_ids for r in fresh]
+
+
 def test_engine_keeps_its_cache_between_calls_of_one_shape():
     model = tiny_model("mla")
     engine = GenerationEngine(model, decode_path="absorbed")
