@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure nothing: merge these result files (of one device) into one Markdown table, "
                              "printed, and written to --markdown")
     parser.add_argument("--markdown", metavar="PATH", help="with --report: write the table here")
+    parser.add_argument("--plot", metavar="PNG", help="with --report: also draw tokens/s per batch as bars here, "
+                        "each labelled with its multiple of Llama's (matplotlib)")
     parser.add_argument("--crossover", action="store_true",
                         help="with --report: EG-MLA's 'kernel' against 'grouped' step per prompt length and batch "
                              "(files of several prompt lengths), beside the path decode_path='auto' takes there")
@@ -153,7 +155,9 @@ def main(args) -> int:
     from egmla.variants import select, variant_config
 
     if args.report:
-        return crossover_report(args.report, args.markdown) if args.crossover else report(args.report, args.markdown)
+        if args.crossover:
+            return crossover_report(args.report, args.markdown)
+        return report(args.report, args.markdown, args.plot)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if min(batch_sizes) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1:
@@ -280,8 +284,9 @@ def _mla_shape(base):
     return variant_config("mla-kv64", base, **({"kv_lora_rank": base.kv_lora_rank} if base.is_latent else {}))
 
 
-def report(paths: list[str], markdown_path: str | None) -> int:
-    """One table from several result files of one device and one setting (prompt, new tokens, memory)."""
+def report(paths: list[str], markdown_path: str | None, plot_path: str | None = None) -> int:
+    """One table (and with plot_path a chart) from several result files of one device and one setting (prompt,
+    new tokens, memory)."""
     import json
     from pathlib import Path
 
@@ -293,7 +298,52 @@ def report(paths: list[str], markdown_path: str | None) -> int:
             raise ValueError(f"--report: the files differ in {', '.join(differing)}: give files of one setting")
     merged = {**metas[0], "rows": [row for meta in metas for row in meta["rows"]],
               "repeats": max(meta["repeats"] for meta in metas)}
+    if plot_path:
+        plot(merged, plot_path)
     return write_table(markdown(merged), markdown_path)
+
+
+def plot(meta: dict, path: str) -> None:
+    """Decode tokens/s per batch size, one bar per (model, variant, path), log scale, each bar labelled with its
+    multiple of Llama's tokens/s at that batch: the table of `markdown` as a picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in meta["rows"] if "error" not in r]
+    batches = sorted({r["batch"] for r in rows})
+    series = list(dict.fromkeys((r["model"], r["variant"], r["decode_path"]) for r in rows))
+    llama = {r["batch"]: r["decode_tokens_per_s"] for r in rows if "Llama" in r["model"]}
+    by_key = {(r["model"], r["variant"], r["decode_path"], r["batch"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    width = 0.8 / len(series)
+    for index, (model, variant, path_name) in enumerate(series):
+        xs, ys, ratios = [], [], []
+        for position, batch in enumerate(batches):
+            row = by_key.get((model, variant, path_name, batch))
+            if row:
+                xs.append(position + (index - (len(series) - 1) / 2) * width)
+                ys.append(row["decode_tokens_per_s"])
+                ratios.append(row["decode_tokens_per_s"] / llama[batch] if batch in llama else None)
+        label = variant + (f" ({path_name})" if model == "egmla" else f", {model.split()[-1]}")
+        bars = ax.bar(xs, ys, width, label=label)
+        for bar, ratio in zip(bars, ratios):
+            if ratio is not None:
+                ax.annotate(f"{ratio:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                            va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high * 1.6)  # room for the top labels
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("decode tokens/s (log scale); label: × Llama's")
+    ax.set_title(f"Generation, {meta['device']}, {meta['dtype'].replace('torch.', '')}: prompts of {meta['prompt_len']} "
+                 f"tokens, {meta['source']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def write_table(table: str, markdown_path: str | None) -> int:

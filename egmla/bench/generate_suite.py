@@ -4,8 +4,9 @@ random weights, bf16), each run with its anchors in the same process:
     egmla bench generate-suite --out docs/bench        # on a GPU: ~12 min on an H200 (or in parts: --tables)
     egmla bench generate-suite --quick                 # CPU smoke run at `tiny` (seconds)
 
-  generate_<gpu>.json/.md          MHA, MLA kv64, EG-MLA kv64 (kernel, grouped) at batch 1, 32, 128, prompts of
-                                   2,048 tokens + 32 generated, beside transformers' Llama and DeepSeek-V3
+  generate_<gpu>.json/.md/.png      MHA, MLA kv64, EG-MLA kv64 (kernel, grouped) at batch 1, 32, 128, prompts of
+                                   2,048 tokens + 32 generated, beside transformers' Llama and DeepSeek-V3 (the
+                                   PNG: tokens/s as bars)
   generate_<gpu>_fill.json/.md     the largest batch whose cache fits 60 GB at 4,096 positions, beside Llama's
   generate_<gpu>_profile.json/.md  the decode step profiled at batch 32 and 128 (kernel time, costliest kernels)
   generate_<gpu>_paths.json/.md    every decode path at batch 1, 32, 128 with CUDA graphs, and two paths eagerly
@@ -154,7 +155,7 @@ def main(args) -> int:
             if run("generate", [*argv, "--json", str(part)]) != 0:
                 return 1
             parts.append(part)
-        report([str(p) for p in parts], str(stem.with_suffix(".md")))
+        report([str(p) for p in parts], str(stem.with_suffix(".md")), str(stem.with_suffix(".png")) if not suffix else None)
         if len(parts) > 1:  # keep one JSON per table: the eager run's rows joined to the graph run's
             import json
 

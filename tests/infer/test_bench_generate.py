@@ -21,8 +21,9 @@ def test_rows_anchors_profile_and_report(tmp_path, capsys):
     assert all(r["profile_kernel_ms_per_step"] > 0 for r in rows if r["model"] == "egmla")
     table = capsys.readouterr().out
     assert "| transformers LlamaForCausalLM | MHA | static cache | 3 |" in table and "| 1.00 |" in table
-    report([str(path)], str(tmp_path / "gen.md"))
+    report([str(path)], str(tmp_path / "gen.md"), str(tmp_path / "gen.png"))
     assert "Profile of the same decode step" in (tmp_path / "gen.md").read_text()
+    assert (tmp_path / "gen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_fill_memory_runs_the_planners_batch(tmp_path):
