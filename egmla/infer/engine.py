@@ -159,7 +159,10 @@ class GenerationEngine:
         576-960 tokens + 16 new, docs/bench/generate_h200_calls.md).
     share_cache_across_paths: under "auto", give an EG-MLA cache the grouped layout whatever the path (the kernel
         path's plus 16 B of token groups per position), so that a call that changes path keeps the cache and the
-        graphs captured for either path (else a change drops them: docs/bench/generate_h200_calls.md)."""
+        graphs captured for either path (else a change drops them; on an H200 a later call took 153 / 52 ms at batch
+        32 / 4 against 207 / 100 ms, calls alternating between the two, docs/bench/generate_h200_switch.md). Kept
+        steps are dropped whenever a path's precomputed tensors (gate tables, folded absorption) were rebuilt, e.g.
+        by model.set_decode_path after a weight change."""
 
     def __init__(self, model, tokenizer=None, decode_path: str | None = "auto", cache_dtype=None,
                  offload_gate_tables: bool = False, prefill_token_budget: int = 32768,
@@ -195,6 +198,7 @@ class GenerationEngine:
         self.last_step: DecodeStep | None = None
         self._cache: KVCache | None = None  # kept between calls of the same shape, with its steps
         self._steps: dict[tuple, DecodeStep] = {}
+        self._steps_read = _precomputed(model)  # what the kept steps' graphs read by address
 
     @property
     def device(self) -> torch.device:
@@ -253,6 +257,9 @@ class GenerationEngine:
             self.offload.reset()
         if self.auto_path:
             self._choose_path(batch, cache_len)
+        if any(a is not b for a, b in zip(self._steps_read, _precomputed(self.model))):
+            self._steps, self.last_step = {}, None  # a gate table or folding was rebuilt: graphs of the old ones go
+        self._steps_read = _precomputed(self.model)
         cache = self._cache_for(bucket_for(batch, self.batch_buckets), cache_len)
         prompt_lengths = [len(seq.result.prompt_ids) for seq in sequences]
         generator = sampling.make_generator(device)
@@ -321,10 +328,7 @@ class GenerationEngine:
                                                 and _serves(self._cache, self.config, path)):
                 self.release()
             # graphs kept for the other path read the gate tables: keep them (the weights have not changed)
-            before = _precomputed(self.model)
             self.model.set_decode_path(path, keep_precomputed=self._cache is not None)
-            if any(a is not b for a, b in zip(before, _precomputed(self.model))):
-                self._steps, self.last_step = {}, None  # a table was (re)built: graphs holding the old one go
         self.decode_path = path
 
     def _grouped_fits(self, rows: int, cache_len: int) -> bool:

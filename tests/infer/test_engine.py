@@ -91,8 +91,8 @@ def test_auto_path_is_chosen_per_call_and_changes_nothing_but_speed(monkeypatch)
 
 def test_auto_keeps_steps_across_paths_unless_a_gate_table_is_rebuilt(monkeypatch):
     """Under "auto" a change of path keeps the decode steps (graphs, on CUDA) of the other path, which read the gate
-    tables by address; where a change rebuilds a table (the model's path was changed behind the engine, dropping
-    it), the steps go with it, and the tokens are still those of a fresh engine."""
+    tables by address; where a table was rebuilt (the model's path set behind the engine, with or without a change),
+    the steps go with it, and the tokens are still those of a fresh engine."""
     import egmla.infer.engine as engine_module
 
     model = tiny_model("eg-mla", seed=2)
@@ -110,6 +110,10 @@ def test_auto_keeps_steps_across_paths_unless_a_gate_table_is_rebuilt(monkeypatc
     assert not any(engine._steps.get(key) is step for key, step in grouped_steps.items())
     fresh = GenerationEngine(model, decode_path="grouped").generate(PROMPTS, max_new_tokens=4)
     assert [r.token_ids for r in results] == [r.token_ids for r in fresh]
+    kept = dict(engine._steps)
+    model.set_decode_path("grouped")  # the same path, its tables rebuilt (as after a weight change)
+    engine.generate(PROMPTS, max_new_tokens=4)
+    assert kept and not any(engine._steps.get(key) is step for key, step in kept.items())
 
 
 def test_engine_keeps_its_cache_between_calls_of_one_shape():
