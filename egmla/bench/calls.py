@@ -14,7 +14,7 @@ import argparse
 import statistics
 import time
 
-from egmla.bench.options import add_output_arguments, add_preset_arguments, report
+from egmla.bench.options import add_output_arguments, add_preset_arguments, int_list, report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,10 +47,10 @@ def main(args) -> int:
     from egmla.variants import select
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    lengths = [int(n) for n in args.lengths.split(",")]
-    batches = [int(n) for n in args.batches.split(",")] if args.batches else [args.batch]
-    if min(lengths) < 1 or min(batches) < 1 or args.new_tokens < 2:
-        raise ValueError("--lengths and --batch(es) must be >= 1, --new-tokens >= 2")
+    lengths = int_list(args.lengths, "--lengths")
+    batches = int_list(args.batches, "--batches") if args.batches else int_list(str(args.batch), "--batch")
+    if args.new_tokens < 2:
+        raise ValueError(f"--new-tokens {args.new_tokens}: must be >= 2 (one step after the prefill's token)")
     calls = [(batches[i % len(batches)], lengths[i % len(lengths)]) for i in range(max(len(lengths), len(batches)))]
     setting = "share_cache_across_paths" if args.batches else "reuse_longer_cache"
     name = args.preset if args.preset != "auto" else ("paper-base" if device.type == "cuda" else "tiny")

@@ -10,7 +10,7 @@ import argparse
 import statistics
 import time
 
-from egmla.bench.options import add_output_arguments, add_preset_arguments, report
+from egmla.bench.options import add_output_arguments, add_preset_arguments, int_list, report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def main(args) -> int:
     from egmla.variants import select
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    batches, budgets = _ints(args.batch_sizes, "--batch-sizes"), _ints(args.budgets, "--budgets")
+    batches, budgets = int_list(args.batch_sizes, "--batch-sizes"), int_list(args.budgets, "--budgets")
     if args.prompt_len < 1 or args.repeats < 1:
         raise ValueError(f"--prompt-len {args.prompt_len} and --repeats {args.repeats} must be >= 1")
     name = args.preset if args.preset != "auto" else ("paper-base" if device.type == "cuda" else "tiny")
@@ -119,16 +119,6 @@ def markdown(meta: dict) -> str:
     for a in meta.get("anchors", []):
         lines.append(f"| {a['model']} | MHA | – | {a['batch']} | whole batch | {a['prefill_ms']:.1f} | 1.00 | – |")
     return "\n".join(lines) + "\n"
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: give comma-separated integers, e.g. 1,32,128") from None
-    if min(values) < 1:
-        raise ValueError(f"{flag} {text!r}: every value must be >= 1")
-    return values
 
 
 def _reset_peak(device) -> None:

@@ -127,5 +127,7 @@ def test_bench_prefill_times_each_budget_and_reports(tmp_path):
     assert all(r["prefill_ms"] > 0 for r in rows)
     assert run("prefill", ["--report", str(path), "--markdown", str(tmp_path / "prefill.md")]) == 0
     assert "| egmla | EG-MLA kv64 | grouped | 3 | 16 | " in (tmp_path / "prefill.md").read_text()
-    with pytest.raises(ValueError, match="--budgets"):
+    with pytest.raises(ValueError, match="--budgets '0': every value must be >= 1"):
         run("prefill", ["--budgets", "0"])
+    with pytest.raises(ValueError, match="--batches 'x': give comma-separated integers"):
+        run("calls", ["--batches", "x"])
