@@ -87,6 +87,12 @@ def test_auto_path_is_chosen_per_call_and_changes_nothing_but_speed(monkeypatch)
         kept.append(engine._cache)
     assert chosen[-4:] == [(4, 18), (2, 12), (4, 18), (2, 18)]  # batch, and the longest prompt + new tokens - 1
     assert kept[2] is kept[3]  # the same length: one cache across the change of path (not kept for 12 positions)
+    apart = GenerationEngine(model, decode_path="auto", share_cache_across_paths=False)
+    apart.auto_path = True
+    apart.generate(PROMPTS, max_new_tokens=6)
+    first = apart._cache
+    apart.generate([PROMPTS[2], PROMPTS[0]], max_new_tokens=6)  # 'gate-table': its own layout, made again
+    assert apart._cache is not first and apart._cache.token_groups is None
 
 
 def test_auto_keeps_steps_across_paths_unless_a_gate_table_is_rebuilt(monkeypatch):
