@@ -257,9 +257,10 @@ class GenerationEngine:
             self.offload.reset()
         if self.auto_path:
             self._choose_path(batch, cache_len)
-        if any(a is not b for a, b in zip(self._steps_read, _precomputed(self.model))):
+        read = _precomputed(self.model)
+        if any(a is not b for a, b in zip(self._steps_read, read)):
             self._steps, self.last_step = {}, None  # a gate table or folding was rebuilt: graphs of the old ones go
-        self._steps_read = _precomputed(self.model)
+        self._steps_read = read
         cache = self._cache_for(bucket_for(batch, self.batch_buckets), cache_len)
         prompt_lengths = [len(seq.result.prompt_ids) for seq in sequences]
         generator = sampling.make_generator(device)
