@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                    help=f"also time the same-table control {CONTROL} on its 'absorbed' decode (MLA's plus a term "
                         f"per distinct id)")
+    p.add_argument("--pdl-ab", action="store_true",
+                   help="at --variant-shapes, also time every Triton path launched without programmatic dependent "
+                        "launch (rows '<path> no-pdl'; egmla.kernels.pdl_setting): what PDL saves, in the same run")
     p.add_argument("--check", default="1,8,32",
                    help="batch sizes whose grouped output is also checked against the fp32 reference")
     p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke test (TRITON_INTERPRET=1, --preset tiny)")
@@ -115,6 +118,7 @@ def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, wit
     from egmla.bench.decode import measure
     from egmla.bench.decode_cases import build_cases, ragged_lengths
     from egmla.bench.grouped import grouped_cases
+    from egmla.kernels import pdl_enabled, pdl_setting
     from egmla.variants import variant_config
 
     batch, length = tok.shape
@@ -137,17 +141,22 @@ def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, wit
     check = check_grouped(egmla, batch, length, tok, device, dtype, with_reference, lengths)
     held = length * batch if lengths is None else int(lengths.sum())
     rows = []
+    pdl_ab = getattr(args, "pdl_ab", False) and with_variants and pdl_enabled(device)
     for case in cases:
-        row = {"text": text, "batch": batch, "context": length, "lengths": lengths_kind, "positions_held": held,
-               "variant": case.variant, "path": case.path, **case.extra}
-        try:
-            row.update(measure(case, device, timing) if case.path != "grouped-plan" else wall_us(case.run, device))
-        except torch.OutOfMemoryError as err:
-            row["skipped"] = f"out of memory: {str(err)[:100]}"
-        if case.path == "grouped":
-            row.update(check)
-        rows.append(row)
-        print(_line(row), flush=True)
+        for pdl in (True, False) if pdl_ab and case.path not in ("sdpa", "grouped-plan") else (True,):
+            row = {"text": text, "batch": batch, "context": length, "lengths": lengths_kind, "positions_held": held,
+                   "variant": case.variant, "path": case.path + ("" if pdl else NO_PDL), **case.extra,
+                   "pdl": pdl and pdl_enabled(device)}
+            try:
+                with pdl_setting(None if pdl else False):  # a graph keeps the launches of its capture
+                    row.update(measure(case, device, timing) if case.path != "grouped-plan"
+                               else wall_us(case.run, device))
+            except torch.OutOfMemoryError as err:
+                row["skipped"] = f"out of memory: {str(err)[:100]}"
+            if case.path == "grouped" and pdl:
+                row.update(check)
+            rows.append(row)
+            print(_line(row), flush=True)
     add_plan_share(rows, egmla.n_layers)
     del cases
     if device.type == "cuda":
@@ -156,16 +165,20 @@ def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, wit
 
 
 PLAN_ROWS = ("grouped-plan", "grouped-plan-graph")
+NO_PDL = " no-pdl"  # suffix of the rows timed without programmatic dependent launch (--pdl-ab)
 
 
 def add_plan_share(rows: list[dict], n_layers: int) -> None:
     """One plan per step serves every layer: its share per layer belongs to each grouped row, the graph-captured
     plan's to 'grouped-graph' (as the engine runs both), the eager plan's (host sync) to the others."""
-    plans = {r["path"]: r["median_us"] for r in rows if r["path"] in PLAN_ROWS and "median_us" in r}
+    plans = {r["path"]: r["median_us"] for r in rows if r["path"].removesuffix(NO_PDL) in PLAN_ROWS and "median_us" in r}
     for row in rows:
-        if not row["path"].startswith("grouped") or row["path"] in PLAN_ROWS or "median_us" not in row:
+        path = row["path"].removesuffix(NO_PDL)
+        if not path.startswith("grouped") or path in PLAN_ROWS or "median_us" not in row:
             continue
-        plan = plans.get("grouped-plan-graph" if row["path"] == "grouped-graph" else "grouped-plan")
+        suffix = row["path"][len(path):]  # a no-pdl row takes the no-pdl plan where there is one
+        plan_path = "grouped-plan-graph" if path == "grouped-graph" else "grouped-plan"
+        plan = plans.get(plan_path + suffix, plans.get(plan_path))
         if plan is not None:
             row["plan_us_per_layer"] = plan / n_layers
             row["median_us_with_plan"] = row["median_us"] + row["plan_us_per_layer"]
@@ -295,7 +308,7 @@ def markdown(json_path: str, md_path: str) -> None:
              "× MHA + plan |",
              "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
-        if "median_us" in r and r["path"] not in PLAN_ROWS:
+        if "median_us" in r and r["path"].removesuffix(NO_PDL) not in PLAN_ROWS:
             with_plan = (f"{r['median_us_with_plan']:.1f} | {r.get('x_mha_with_plan', 0):.2f}"
                          if "median_us_with_plan" in r else " | ")
             lines.append(f"| {r['text']} | {r['batch']} | {r['context']} | {r.get('lengths', 'equal')} | "

@@ -12,9 +12,11 @@ says why a kernel cannot run on a device, so callers fall back to the reference 
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -56,6 +58,44 @@ def block(dim: int) -> int:
     return max(16, 1 << (dim - 1).bit_length())
 
 
+# Programmatic dependent launch (PDL, Hopper and later): a kernel launched with it may start while the kernel
+# before it in the stream finishes, so its launch and its independent loads (weights) overlap that kernel's tail.
+# Every kernel launched so calls `pdl.wait` (kernels/pdl.py) before it reads anything the previous kernel may write
+# and before it writes anything, and lets its own dependents start only after that wait: so when a kernel starts
+# early, every kernel but the one right before it has finished. The split-KV decode kernels (mla, egmla, gqa), their
+# combine and the statistics pass use it; the grouped and bias-control launches measured slower with it and do not
+# (docs/kernels.md, "Programmatic dependent launch").
+_pdl_setting: bool | None = None  # None: EGMLA_PDL (default on) where the GPU supports it
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def pdl_enabled(device: torch.device | str) -> bool:
+    """Whether the decode kernels launch with PDL on `device`: CUDA compute capability >= 9, and neither
+    EGMLA_PDL=0 nor `pdl_setting(False)`."""
+    device = torch.device(device)
+    if device.type != "cuda" or interpreting():
+        return False
+    wanted = _pdl_setting if _pdl_setting is not None else os.environ.get("EGMLA_PDL", "1") not in ("", "0")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return wanted and _capability_major(index) >= 9
+
+
+@contextmanager
+def pdl_setting(enabled: bool | None):
+    """Launch the decode kernels with (True) or without (False) PDL inside the block, e.g. to time both in one
+    run; None restores the default. Kernels captured in a CUDA graph keep the setting of their capture."""
+    global _pdl_setting
+    before, _pdl_setting = _pdl_setting, enabled
+    try:
+        yield
+    finally:
+        _pdl_setting = before
+
+
 GROUPED_CHUNK = 16  # positions per attend program of the grouped decode (its plan's block_t; grouped_decode.CHUNK)
 
 
@@ -76,4 +116,4 @@ def grouped_workspace_bytes(heads: int, d_c: int, d_v: int, context: int, distin
 
 
 __all__ = ["GROUPED_CHUNK", "block", "grouped_workspace_bytes", "interpreting", "kernel_unavailable_reason",
-           "triton_available", "warn_fallback_once"]
+           "pdl_enabled", "pdl_setting", "triton_available", "warn_fallback_once"]

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from egmla.kernels import block
 from egmla.kernels.mla_decode import LOG2E, _check_decode_inputs, _output
+from egmla.kernels.pdl import launch_flags, wait as pdl_wait
 from egmla.kernels.split_combine import (choose_num_splits, combine_splits, launch_first_fitting, partial_buffers,
                                          split_range)
 
@@ -70,7 +71,7 @@ def _egmla_decode_kernel(
     N_HEADS: tl.constexpr, D_N: tl.constexpr, D_V: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr, HEADS: tl.constexpr, GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program: HEADS consecutive heads x one split of one sequence. Per tile of BLOCK_T positions:
 
@@ -94,6 +95,7 @@ def _egmla_decode_kernel(
     c_mask, r_mask = offs_c < D_C, offs_r < D_R
     w_k = _load_w_t(wkv_b_ptr, stride_w, cols_k, k_mask, offs_c, c_mask)  # [BLOCK_C, HEADS*BLOCK_N]
     w_v = _load_w_t(wkv_b_ptr, stride_w, cols_v, v_mask, offs_c, c_mask)
+    pdl_wait(PDL)  # the weights above are constant; the query, the cache and its statistics may be just written
     dtype = latent_ptr.dtype.element_ty
     local_k = tl.arange(0, HEADS * BLOCK_N) // BLOCK_N  # head within the program, per k column
     q = tl.load(q_nope_ptr + batch * stride_qb + (head0 + local_k) * stride_qh + tl.arange(0, HEADS * BLOCK_N) % BLOCK_N,
@@ -161,9 +163,10 @@ def _ln_stats_kernel(
     stride_lb, stride_lt, stride_ib, stride_it, stride_g, stride_w, stride_sb, stride_st, max_len, eps,
     N_HEADS: tl.constexpr, D_N: tl.constexpr, D_V: tl.constexpr, D_C: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
-    GATE: tl.constexpr, RMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GATE: tl.constexpr, RMS: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """(mean, rstd) of x_t over all n_h*(d_n+d_v) columns, one head's slice at a time."""
+    pdl_wait(PDL)  # the latent rows come from the kernel right before
     tile = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -237,7 +240,7 @@ def layernorm_stats_triton(latent: torch.Tensor, token_ids: torch.Tensor, gate_t
         wkv_b.stride(0), stats.stride(0), stats.stride(1), max_len, eps,
         N_HEADS=n_heads, D_N=d_n, D_V=d_v, D_C=d_c, BLOCK_W=block(d_n + d_v), BLOCK_C=block(d_c),
         BLOCK_T=block_t, GATE=GATE_CODES[gate_op], RMS=norm == "rmsnorm",
-        DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32", num_warps=4)
+        DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32", num_warps=4, **launch_flags(latent.device))
     return stats
 
 
@@ -292,7 +295,7 @@ def egmla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
             BLOCK_C=block(d_c), BLOCK_R=block(d_r), BLOCK_T=tile, HEADS=per_program, GATE=GATE_CODES[gate_op],
             HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None,
             DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32", ONE_SPLIT=splits == 1,
-            num_warps=warps, num_stages=num_stages)
+            num_warps=warps, num_stages=num_stages, **launch_flags(latent.device))
         if splits > 1:
             combine_splits(part_acc, part_ml, out, norm_weight, norm_bias, affine_head_stride=d_n + d_v,
                            affine_offset=d_n)

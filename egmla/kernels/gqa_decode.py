@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from egmla.kernels import block
+from egmla.kernels.pdl import launch_flags, wait as pdl_wait
 from egmla.kernels.mla_decode import LOG2E, _output
 from egmla.kernels.split_combine import (choose_num_splits, combine_splits, launch_first_fitting, partial_buffers,
                                          split_range)
@@ -29,8 +30,9 @@ def _gqa_decode_kernel(
     stride_ob, stride_oh, max_len, num_splits, qk_scale,
     N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)  # the query and the cache row come from the kernels right before
     split = tl.program_id(0)
     kv_head = tl.program_id(1) % N_KV_HEADS
     batch = (tl.program_id(1) // N_KV_HEADS).to(tl.int64)  # offsets past 2^31 elements at large batch
@@ -109,7 +111,7 @@ def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch
             out.stride(0), out.stride(1), max_len, splits, scale * LOG2E,
             N_HEADS=heads, N_KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block(group),
             BLOCK_D=block(head_dim), BLOCK_T=tile, DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
-            ONE_SPLIT=splits == 1, num_warps=num_warps, num_stages=num_stages)
+            ONE_SPLIT=splits == 1, num_warps=num_warps, num_stages=num_stages, **launch_flags(k.device))
         if splits > 1:
             combine_splits(part_acc, part_ml, out)
         return out

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from egmla.kernels import block
+from egmla.kernels.pdl import launch_flags, wait as pdl_wait
 from egmla.kernels.split_combine import (choose_num_splits, combine_splits, launch_first_fitting, partial_buffers,
                                          split_range)
 
@@ -32,8 +33,9 @@ def _mla_decode_kernel(
     stride_ob, stride_oh, max_len, num_splits, qk_scale,
     N_HEADS: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)  # the query and the cache row come from the kernels right before
     split = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
     length = tl.minimum(tl.load(lengths_ptr + batch).to(tl.int32), max_len)
@@ -138,7 +140,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
             out.stride(0), out.stride(1), max_len, splits, scale * LOG2E,
             N_HEADS=heads, D_C=d_c, D_R=d_r, BLOCK_H=block(heads), BLOCK_C=block(d_c), BLOCK_R=block(d_r),
             BLOCK_T=tile, DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
-            ONE_SPLIT=splits == 1, num_warps=num_warps, num_stages=num_stages)
+            ONE_SPLIT=splits == 1, num_warps=num_warps, num_stages=num_stages, **launch_flags(latent.device))
         if splits > 1:
             combine_splits(part_acc, part_ml, out)
         return out

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from egmla.kernels.pdl import launch_flags, wait as pdl_wait
+
 MAX_SPLITS = 64
 
 
@@ -48,7 +50,8 @@ def split_range(length, split, num_splits, BLOCK_T: tl.constexpr):
 def _combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, weight_ptr, bias_ptr,
                     num_splits, n_heads, stride_ob, stride_oh, affine_head_stride, affine_offset,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # the partials come from the kernel right before
     head = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
     offs_s = tl.arange(0, BLOCK_S)
@@ -89,7 +92,7 @@ def combine_splits(part_acc: torch.Tensor, part_ml: torch.Tensor, out: torch.Ten
         part_acc, part_ml, out, weight if weight is not None else part_acc, bias if bias is not None else part_acc,
         num_splits, n_heads, out.stride(0), out.stride(1), affine_head_stride, affine_offset,
         D=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, num_warps=2)
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, num_warps=2, **launch_flags(out.device))
     return out
 
 
