@@ -15,7 +15,7 @@ from torch import nn
 
 from egmla.attention import KVCache, allocate_cache, attention_class, check_decode_path, decode_paths
 from egmla.attention.context import AttnContext, attention_mask
-from egmla.attention.rope import rope_tables
+from egmla.attention.rope import at_least_fp32, rope_tables
 from egmla.config import ModelConfig
 
 
@@ -126,8 +126,8 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.config.max_seq_len}: "
                                  f"shorten the input or raise model.max_seq_len")
             positions = torch.arange(seq, device=tokens.device).expand(batch, seq)
-            ctx = AttnContext(tokens, positions, self.rope_cos[:seq].expand(batch, -1, -1),
-                              self.rope_sin[:seq].expand(batch, -1, -1))
+            cos, sin = at_least_fp32(self.rope_cos[:seq], self.rope_sin[:seq])
+            ctx = AttnContext(tokens, positions, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
         else:
             ctx = self._cached_context(tokens, cache, n_new, capturable)
         h = self.tok_embeddings(tokens)
@@ -156,7 +156,8 @@ class Transformer(nn.Module):
                 cache.token_groups.append(tokens, positions, n_new)
             else:  # a path that never reads them: not kept up (reset() clears this), so a reader raises
                 cache.token_groups.host.unregistered = True
-        return AttnContext(tokens, positions, self.rope_cos[positions], self.rope_sin[positions],
+        cos, sin = at_least_fp32(self.rope_cos[positions], self.rope_sin[positions])
+        return AttnContext(tokens, positions, cos, sin,
                            kv_len=kv_len, mask=attention_mask(positions, kv_len), kv_token_ids=kv_ids,
                            kv_groups=cache.token_groups, capturable=capturable,
                            fresh=not capturable and kv_len == tokens.shape[1])  # every row started empty

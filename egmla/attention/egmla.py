@@ -226,11 +226,6 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         else:
             self.gate_table = None
 
-    def full_sequence_path(self) -> str:
-        """Placement up with a gate table built (the table-reading paths): its rows instead of W_UE E[ids] per
-        token, the same gates; else MLA's."""
-        return "gate-table" if self.gate_table is not None and self.gate_placement == "up" else "naive"
-
     @torch.no_grad()
     def build_gate_table(self) -> torch.Tensor:
         """G_l [vocab, gate_out]: every token's gate, computed once (rebuild after weights change)."""
@@ -314,6 +309,16 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         kv = self.gated_norm(self.wkv_b(latent), self.gate(token_ids, use_table))  # f_t
         kv = kv.view(*latent.shape[:2], self.n_heads, -1)
         return kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+
+    def keys_values(self, latent: torch.Tensor, k_pe: torch.Tensor, token_ids: torch.Tensor | None,
+                    pad_v: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the causal pass (`attend_causal`). Placement up: the norm covers every head's [k^C ; v], so K is a
+        cat of its output with k^R and v stays d_v wide (causal_attention pads it); the gate table's rows where it is
+        built (the table-reading paths), else W_UE E[ids], the same gates. Placement latent: MLA's."""
+        if self.gate_placement == "latent":
+            return super().keys_values(latent, k_pe, token_ids, pad_v)
+        k_nope, v = self.expand_kv(latent, token_ids, use_table=self.gate_table is not None)
+        return torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1), v
 
     def append(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor, k_pe: torch.Tensor) -> AttnContext:
         """MLA's append, plus the new positions' (mu, rho) where the cache keeps them ('kernel', 'grouped')."""

@@ -78,17 +78,22 @@ class MultiHeadLatentAttention(nn.Module):
             self.folded = None
 
     # ---- projections ---------------------------------------------------------------------
-    def query(self, x: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """q^C [batch, seq, heads, d_n] and RoPE'd q^R [batch, seq, heads, d_r]."""
+    def query(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """q [batch, seq, heads, d_n + d_r], per head [q^C ; RoPE'd q^R]: the projection's own layout, so only the
+        q^R slice is rewritten (in place) and attention reads q without a cat."""
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
         q = q.view(*x.shape[:2], self.n_heads, -1)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        return q_nope, apply_rope(q_pe, ctx.cos, ctx.sin)
+        q_pe = q[..., self.qk_nope_head_dim:]
+        apply_rope(q_pe, ctx.cos, ctx.sin, out=q_pe)
+        return q
 
     def latent(self, x: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the cache stores: c_t [batch, seq, d_c] and k^R_t [batch, seq, d_r]."""
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        return self.kv_norm(kv), apply_rope(k_pe, ctx.cos, ctx.sin)
+        """What the cache stores: c_t [batch, seq, d_c] and k^R_t [batch, seq, d_r] (views of one projection)."""
+        projected = self.wkv_a(x)
+        # slices, not split: autograd refuses in-place writes into split's views
+        kv, k_pe = projected[..., : self.kv_lora_rank], projected[..., self.kv_lora_rank:]
+        apply_rope(k_pe, ctx.cos, ctx.sin, out=k_pe)  # in place, before the norm saves its input for backward
+        return self.kv_norm(kv), k_pe
 
     def expand_kv(self, latent: torch.Tensor, token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rebuild k^C [batch, len, heads, d_n] and v [batch, len, heads, d_v] from the latent."""
@@ -103,23 +108,41 @@ class MultiHeadLatentAttention(nn.Module):
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
         latent, k_pe = self.latent(x, ctx)
-        kv_ids = ctx.token_ids
         if cache is not None:
             ctx = self.append(cache, ctx, latent, k_pe)
-        if cache is not None and not ctx.fresh:  # (a fresh prompt attends causally over its own latents)
-            latent, k_pe = cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len)
-            kv_ids = ctx.kv_token_ids
-            if self.decode_path in ("absorbed", "kernel") and self.folded_weights(x) is not None:
-                return self.forward_folded(x, latent, k_pe, ctx)
-        q_nope, q_pe = self.query(x, ctx)
-        path = self.decode_path if cache is not None and not ctx.fresh else self.full_sequence_path()
-        out = getattr(self, "attend_" + path.replace("-", "_"))(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
-        return self.wo(out.flatten(2))
+        if cache is None or ctx.fresh:  # training, full forwards, a prompt into an empty cache: over its own latents
+            return self.wo(self.attend_causal(self.query(x, ctx), latent, k_pe, ctx.token_ids).flatten(2))
+        latent, k_pe = cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len)
+        if self.decode_path in ("absorbed", "kernel") and self.folded_weights(x) is not None:
+            return self.forward_folded(x, latent, k_pe, ctx)
+        q_nope, q_pe = self.query(x, ctx).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        attend = getattr(self, "attend_" + self.decode_path.replace("-", "_"))
+        return self.wo(attend(q_nope, q_pe, latent, k_pe, ctx.kv_token_ids, ctx).flatten(2))
 
-    def full_sequence_path(self) -> str:
-        """The path of a forward without a cache, and of a prompt into an empty cache (ctx.fresh): K/V rebuilt
-        for the sequence and causal SDPA, whose FlashAttention beats any latent-space pass at prefill."""
-        return "naive"
+    def attend_causal(self, q: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                      token_ids: torch.Tensor) -> torch.Tensor:
+        """Causal attention of q [batch, seq, heads, d_n + d_r] over the same tokens' K/V, rebuilt from their latents
+        (FlashAttention on CUDA beats any latent-space pass here). Returns [batch, seq, heads, d_v]."""
+        k, v = self.keys_values(latent, k_pe, token_ids, pad_v=q.is_cuda)
+        return causal_attention(q, k, v, self.softmax_scale)[..., : self.v_head_dim]
+
+    def keys_values(self, latent: torch.Tensor, k_pe: torch.Tensor, token_ids: torch.Tensor | None,
+                    pad_v: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """k [batch, len, heads, d_n + d_r] = [k^C ; k^R] and v [batch, len, heads, d_v], or with pad_v v zero-padded to
+        k's width (FlashAttention's one head dim, see causal_attention).
+
+        Views of one buffer that one product writes per head as [k^C ; 0 ; v ; 0]: wkv_b's rows with zero rows
+        between them (exact zeros in the output), then k^R is copied into its slot for every head. No cat for K and
+        no pad for V; autograd sees a cat, a linear and a copy into a fresh tensor."""
+        d_n, d_r, d_v, heads = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.n_heads
+        v_width = d_n + d_r if pad_v else d_v
+        w_uk, w_uv = self.up_weights()  # [heads, d_n, d_c], [heads, d_v, d_c]
+        zero = w_uk.new_zeros(())
+        rows = [w_uk, zero.expand(heads, d_r, self.kv_lora_rank), w_uv,
+                zero.expand(heads, v_width - d_v, self.kv_lora_rank)]
+        kv = F.linear(latent, torch.cat(rows, dim=1).flatten(0, 1)).unflatten(-1, (heads, -1))
+        kv[..., d_n:d_n + d_r] = k_pe.unsqueeze(2)  # one k^R for all heads
+        return kv.split([d_n + d_r, v_width], dim=-1)
 
     def append(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor, k_pe: torch.Tensor) -> AttnContext:
         """Write the new positions' cache entries; returns the context the decode paths read."""
@@ -203,8 +226,8 @@ class MultiHeadLatentAttention(nn.Module):
         w_query, w_out = self.folded
         q_in = self.q_norm(self.wq_a(x)) if hasattr(self, "wq_a") else x
         q = F.linear(q_in, w_query).view(*x.shape[:2], self.n_heads, -1)
-        q_latent, q_pe = q.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rope(q_pe, ctx.cos, ctx.sin)
+        q_latent, q_pe = q[..., : self.kv_lora_rank], q[..., self.kv_lora_rank:]
+        apply_rope(q_pe, ctx.cos, ctx.sin, out=q_pe)
         out_latent = self.latent_attention(q_latent, q_pe, latent, k_pe, ctx, use_kernel=self.decode_path == "kernel")
         return F.linear(out_latent.flatten(2), w_out)
 
@@ -218,7 +241,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     is cut back: the zero columns only add zero output columns, so the result is the same up to rounding."""
     width = v.shape[-1]
     if (q.is_cuda if pad_v is None else pad_v) and width < q.shape[-1]:
-        v = F.pad(v, (0, q.shape[-1] - width))
+        padded = v.new_empty(*v.shape[:-1], q.shape[-1])
+        padded[..., width:].zero_()  # (F.pad would fill the whole buffer, then copy v over it)
+        padded[..., :width] = v
+        v = padded
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                          scale=scale)
     return out.transpose(1, 2)[..., :width]

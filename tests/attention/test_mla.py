@@ -1,4 +1,7 @@
-"""MLA's causal attention with v padded to q/k's head dim (FlashAttention's shape) gives the unpadded result."""
+"""MLA's causal attention: v padded to q/k's head dim (FlashAttention's shape) gives the unpadded result, and the K/V
+buffer the causal pass builds (`keys_values`) gives the cat's K/V, forward and backward."""
+import copy
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -48,4 +51,75 @@ def test_padded_v_runs_on_flash_attention():
         out = causal_attention(q, k, v, 128 ** -0.5, pad_v=True)
     with sdpa_kernel(SDPBackend.MATH):
         reference = causal_attention(q.float(), k.float(), v.float(), 128 ** -0.5, pad_v=False)
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+def cat_keys_values(attn, latent, k_pe, token_ids):
+    """K and V as the causal pass built them before `keys_values`: wkv_b's output split, K a cat with k^R."""
+    k_nope, v = attn.expand_kv(latent, token_ids)
+    return torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, attn.n_heads, -1)], dim=-1), v
+
+
+@pytest.mark.parametrize("pad_v", [False, True])
+def test_keys_values_buffer_equals_cat(pad_v):
+    """MLA's K/V buffer (zero rows in the up-projection, k^R copied into its slot) is the cat, and with pad_v its v has
+    exact zero columns up to K's width; forward and gradients of the causal attention over it match."""
+    attn = Transformer(small_config(attention="mla")).double().layers[0].attn
+    d_qk, d_v = attn.qk_nope_head_dim + attn.qk_rope_head_dim, attn.v_head_dim
+    latent = torch.randn(2, 9, attn.kv_lora_rank, dtype=torch.float64, requires_grad=True)
+    k_pe = torch.randn(2, 9, attn.qk_rope_head_dim, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(2, 9, attn.n_heads, d_qk, dtype=torch.float64, requires_grad=True)
+    k, v = attn.keys_values(latent, k_pe, None, pad_v=pad_v)
+    k_ref, v_ref = cat_keys_values(attn, latent, k_pe, None)
+    assert k.shape == k_ref.shape and v.shape[-1] == (d_qk if pad_v else d_v)
+    torch.testing.assert_close(k, k_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v[..., :d_v], v_ref, rtol=1e-12, atol=1e-12)
+    assert not v[..., d_v:].any()
+    inputs = (q, latent, k_pe, attn.wkv_b.weight)
+    out = causal_attention(q, k, v, attn.softmax_scale)[..., :d_v]
+    out_ref = causal_attention(q, k_ref, v_ref, attn.softmax_scale, pad_v=False)
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    grads, grads_ref = (torch.autograd.grad(o.sin().sum(), inputs) for o in (out, out_ref))
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("overrides", [dict(attention="mla"), dict(attention="eg-mla", gate_placement="latent")])
+def test_training_gradients_equal_the_cat_construction(overrides, monkeypatch):
+    """The training forward (in-place RoPE into the projections, the K/V buffer) gives the loss and gradients of K/V
+    built by cat (fp64, so any difference is a bug, not rounding). EG-MLA's placement up builds K by cat anyway."""
+    from egmla.attention.mla import MultiHeadLatentAttention
+
+    torch.manual_seed(0)
+    model = Transformer(small_config(**overrides)).double()
+    tokens = torch.randint(0, 61, (2, 12))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(tokens).logsumexp(-1).mean()
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    fast = loss_and_grads()
+    monkeypatch.setattr(MultiHeadLatentAttention, "keys_values",
+                        lambda self, latent, k_pe, ids, pad_v=False: cat_keys_values(self, latent, k_pe, ids))
+    reference = loss_and_grads()
+    for got, want in zip(fast, reference):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FlashAttention)")
+def test_keys_values_buffer_runs_on_flash_attention():
+    """K and the padded V are strided views of one buffer: FlashAttention takes them (an unsupported layout raises)."""
+    config = small_config(attention="mla", d_model=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
+                          kv_lora_rank=64)
+    attn = Transformer(config).to("cuda", torch.bfloat16).layers[0].attn
+    latent = torch.randn(2, 256, 64, device="cuda", dtype=torch.bfloat16)
+    k_pe = torch.randn(2, 256, 64, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(2, 256, attn.n_heads, 128, device="cuda", dtype=torch.bfloat16)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # only FlashAttention
+        out = attn.attend_causal(q, latent, k_pe, None)
+    with sdpa_kernel(SDPBackend.MATH):
+        k, v = cat_keys_values(copy.deepcopy(attn).float(), latent.float(), k_pe.float(), None)
+        reference = causal_attention(q.float(), k, v, attn.softmax_scale, pad_v=False)
     torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
