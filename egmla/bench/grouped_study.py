@@ -51,8 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"also time the same-table control {CONTROL} on its 'absorbed' decode (MLA's plus a term "
                         f"per distinct id)")
     p.add_argument("--pdl-ab", action="store_true",
-                   help="at --variant-shapes, also time every Triton path launched without programmatic dependent "
-                        "launch (rows '<path> no-pdl'; egmla.kernels.pdl_setting): what PDL saves, in the same run")
+                   help="at --variant-shapes, also time every Triton path with programmatic dependent launch turned "
+                        "off (rows '<path> no-pdl'; egmla.kernels.pdl_setting): what PDL saves, in the same run (paths "
+                        "whose kernels launch without it, the grouped and the control's, time the same code twice)")
     p.add_argument("--check", default="1,8,32",
                    help="batch sizes whose grouped output is also checked against the fp32 reference")
     p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke test (TRITON_INTERPRET=1, --preset tiny)")
