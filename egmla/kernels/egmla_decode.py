@@ -158,46 +158,63 @@ def _egmla_decode_kernel(
 
 
 @triton.jit
-def _ln_stats_kernel(
-    latent_ptr, ids_ptr, gate_ptr, wkv_b_ptr, stats_ptr,
-    stride_lb, stride_lt, stride_ib, stride_it, stride_g, stride_w, stride_sb, stride_st, max_len, eps,
+def _ln_stats_head_kernel(
+    latent_ptr, ids_ptr, gate_ptr, wkv_b_ptr, part_ptr,
+    stride_lb, stride_lt, stride_ib, stride_it, stride_g, stride_w, max_len,
     N_HEADS: tl.constexpr, D_N: tl.constexpr, D_V: tl.constexpr, D_C: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
     GATE: tl.constexpr, RMS: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
-    """(mean, rstd) of x_t over all n_h*(d_n+d_v) columns, one head's slice at a time."""
-    pdl_wait(PDL)  # the latent rows come from the kernel right before
-    tile = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
-    offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = offs_t < max_len
+    """One head's share of x_t's statistics for BLOCK_T positions: (mean, sum of squared deviations) over its
+    d_n + d_v columns (RMSNorm: (0, sum of squares)), into part [batch, T, heads, 2]."""
+    tile, batch, head = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    WIDTH: tl.constexpr = D_N + D_V
     offs_c = tl.arange(0, BLOCK_C)
     c_mask = offs_c < D_C
+    cols, col_ok = _head_columns(head, N_HEADS, 1, BLOCK_W, WIDTH, 0, WIDTH)  # the head's [k^C ; v]
+    w_t = _load_w_t(wkv_b_ptr, stride_w, cols, col_ok, offs_c, c_mask)
+    pdl_wait(PDL)  # the weights above are constant; the latent rows come from the kernels right before
+    offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < max_len
     c_tile = tl.load(latent_ptr + batch * stride_lb + offs_t[:, None] * stride_lt + offs_c[None, :],
                      mask=t_mask[:, None] & c_mask[None, :], other=0.0)
     ids = tl.load(ids_ptr + batch * stride_ib + offs_t * stride_it, mask=t_mask, other=0).to(tl.int64)
-    WIDTH: tl.constexpr = D_N + D_V
-    mean = tl.zeros([BLOCK_T], tl.float32)
-    m2 = tl.zeros([BLOCK_T], tl.float32)  # sum of squared deviations (LayerNorm) or of squares (RMSNorm)
-    for head in range(N_HEADS):
-        cols, col_ok = _head_columns(head, N_HEADS, 1, BLOCK_W, WIDTH, 0, WIDTH)  # the head's [k^C ; v]
-        x = _gated(c_tile, _load_w_t(wkv_b_ptr, stride_w, cols, col_ok, offs_c, c_mask),
-                   gate_ptr, ids, stride_g, cols, col_ok, t_mask, GATE, DOT_PRECISION)
-        if RMS:
-            m2 += tl.sum(x * x, axis=1)
-        else:  # Chan's merge of this head's (mean, M2) into the running ones: stable in fp32
-            head_mean = tl.sum(x, axis=1) / WIDTH
-            dev = tl.where(col_ok[None, :], x - head_mean[:, None], 0.0)
-            delta = head_mean - mean
-            inv_heads = 1.0 / (head + 1.0)  # this head's share of the elements seen so far
-            mean += delta * inv_heads
-            m2 += tl.sum(dev * dev, axis=1) + delta * delta * (WIDTH * head) * inv_heads
-    rstd = tl.math.rsqrt(m2 / (N_HEADS * WIDTH) + eps)
-    out = stats_ptr + batch * stride_sb + offs_t * stride_st
+    x = _gated(c_tile, w_t, gate_ptr, ids, stride_g, cols, col_ok, t_mask, GATE, DOT_PRECISION)
     if RMS:
         mean = tl.zeros([BLOCK_T], tl.float32)
+        m2 = tl.sum(x * x, axis=1)
+    else:
+        mean = tl.sum(x, axis=1) / WIDTH
+        dev = tl.where(col_ok[None, :], x - mean[:, None], 0.0)
+        m2 = tl.sum(dev * dev, axis=1)
+    out = part_ptr + ((batch * max_len + offs_t) * N_HEADS + head) * 2
     tl.store(out, mean, mask=t_mask)
-    tl.store(out + 1, rstd, mask=t_mask)
+    tl.store(out + 1, m2, mask=t_mask)
+
+
+@triton.jit
+def _ln_stats_merge_kernel(part_ptr, stats_ptr, n_rows, max_len, stride_sb, stride_st, eps,
+                           N_HEADS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+                           RMS: tl.constexpr, PDL: tl.constexpr):
+    """(mean, rstd) of each position from its heads' shares: every head covers WIDTH columns, so Chan's merge is
+    mean = the heads' mean, M2 = sum of M2_h + WIDTH * sum of (mean_h - mean)^2, stable in fp32."""
+    pdl_wait(PDL)  # the shares come from the kernel right before
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_h = tl.arange(0, BLOCK_H)
+    live = (rows < n_rows)[:, None] & (offs_h < N_HEADS)[None, :]
+    share = part_ptr + (rows.to(tl.int64)[:, None] * N_HEADS + offs_h[None, :]) * 2
+    head_mean = tl.load(share, mask=live, other=0.0)
+    m2 = tl.sum(tl.load(share + 1, mask=live, other=0.0), axis=1)
+    if RMS:
+        mean = tl.zeros([BLOCK_R], tl.float32)
+    else:
+        mean = tl.sum(head_mean, axis=1) / N_HEADS
+        spread = tl.where(live, head_mean - mean[:, None], 0.0)
+        m2 += WIDTH * tl.sum(spread * spread, axis=1)
+    rstd = tl.math.rsqrt(m2 / (N_HEADS * WIDTH) + eps)
+    out = stats_ptr + (rows // max_len).to(tl.int64) * stride_sb + (rows % max_len) * stride_st
+    tl.store(out, mean, mask=rows < n_rows)
+    tl.store(out + 1, rstd, mask=rows < n_rows)
 
 
 # the kernels' GATE codes; 'bias' (the control: its norm sees W_UKV c_t alone, the table is added after the norm)
@@ -234,13 +251,21 @@ def layernorm_stats_triton(latent: torch.Tensor, token_ids: torch.Tensor, gate_t
         return stats
     if norm not in NORM_CODES:
         raise ValueError(f"norm={norm!r}: choose one of {', '.join(NORM_CODES)}")
-    _ln_stats_kernel[(triton.cdiv(max_len, block_t), batch)](
-        latent, token_ids, gate_table, wkv_b, stats,
+    # one program per (tile, sequence, head), then a merge: a decode step's few positions spread over the heads
+    # instead of walking them in series (~15 µs per layer at any batch on an H200: docs/bench/generate_h200_profile.md)
+    part = torch.empty(batch, max_len, n_heads, 2, dtype=torch.float32, device=latent.device)
+    flags = dict(RMS=norm == "rmsnorm", **launch_flags(latent.device))
+    _ln_stats_head_kernel[(triton.cdiv(max_len, block_t), batch, n_heads)](
+        latent, token_ids, gate_table, wkv_b, part,
         latent.stride(0), latent.stride(1), token_ids.stride(0), token_ids.stride(1), gate_table.stride(0),
-        wkv_b.stride(0), stats.stride(0), stats.stride(1), max_len, eps,
+        wkv_b.stride(0), max_len,
         N_HEADS=n_heads, D_N=d_n, D_V=d_v, D_C=d_c, BLOCK_W=block(d_n + d_v), BLOCK_C=block(d_c),
-        BLOCK_T=block_t, GATE=GATE_CODES[gate_op], RMS=norm == "rmsnorm",
-        DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32", num_warps=4, **launch_flags(latent.device))
+        BLOCK_T=block_t, GATE=GATE_CODES[gate_op], DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
+        num_warps=4, **flags)
+    rows, block_r = batch * max_len, 64
+    _ln_stats_merge_kernel[(triton.cdiv(rows, block_r),)](
+        part, stats, rows, max_len, stats.stride(0), stats.stride(1), eps,
+        N_HEADS=n_heads, WIDTH=d_n + d_v, BLOCK_H=block(n_heads), BLOCK_R=block_r, num_warps=2, **flags)
     return stats
 
 
