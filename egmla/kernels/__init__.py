@@ -74,10 +74,10 @@ def _capability_major(index: int) -> int:
 
 
 def pdl_enabled(device: torch.device | str) -> bool:
-    """Whether the decode kernels launch with PDL on `device`: CUDA compute capability >= 9, and neither
-    EGMLA_PDL=0 nor `pdl_setting(False)`."""
+    """Whether the decode kernels launch with PDL on `device`: an NVIDIA GPU of compute capability >= 9, and neither
+    EGMLA_PDL=0 nor `pdl_setting(False)`. (ROCm devices are "cuda" to torch too; Triton's AMD backend has no PDL.)"""
     device = torch.device(device)
-    if device.type != "cuda" or interpreting():
+    if device.type != "cuda" or interpreting() or torch.version.hip is not None:
         return False
     wanted = _pdl_setting if _pdl_setting is not None else os.environ.get("EGMLA_PDL", "1") not in ("", "0")
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -1,6 +1,6 @@
 """Programmatic dependent launch for the decode kernels (the rule they follow: egmla/kernels/__init__.py).
 
-    flags = pdl.launch_flags(device)         # {'PDL': bool, 'launch_pdl': bool} for kernel[grid](..., **flags)
+    flags = pdl.launch_flags(device)         # {'PDL': bool[, 'launch_pdl': True]} for kernel[grid](..., **flags)
     ...independent loads...                  # in the kernel: nothing the previous kernel writes
     pdl.wait(PDL)                            # the previous kernel has finished and its writes are visible;
                                              # the next kernel may now start
@@ -15,9 +15,10 @@ from egmla.kernels import pdl_enabled
 
 
 def launch_flags(device: torch.device | str) -> dict:
-    """The PDL constexpr and launch option of one launch on `device`."""
+    """The PDL constexpr of one launch on `device`, and the launch option where it is on (only then: a Triton backend
+    without PDL does not take the option at all)."""
     enabled = pdl_enabled(device)
-    return {"PDL": enabled, "launch_pdl": enabled}
+    return {"PDL": enabled, "launch_pdl": True} if enabled else {"PDL": False}
 
 
 @triton.jit

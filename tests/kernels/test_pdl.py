@@ -15,7 +15,7 @@ def test_pdl_is_off_off_cuda_and_follows_the_setting(monkeypatch):
     from egmla.kernels.pdl import launch_flags
 
     assert not kernels.pdl_enabled("cpu")
-    assert launch_flags("cpu") == {"PDL": False, "launch_pdl": False}
+    assert launch_flags("cpu") == {"PDL": False}
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # pretend a real GPU of each generation
     for major, expected in ((8, False), (9, True), (10, True)):
         monkeypatch.setattr(kernels, "_capability_major", lambda index, major=major: major)
@@ -24,6 +24,9 @@ def test_pdl_is_off_off_cuda_and_follows_the_setting(monkeypatch):
             assert not kernels.pdl_enabled(torch.device("cuda", 0))
         assert kernels.pdl_enabled(torch.device("cuda", 0)) is expected  # restored
     monkeypatch.setattr(kernels, "_capability_major", lambda index: 9)
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # a ROCm build: no PDL whatever the capability
+    assert not kernels.pdl_enabled(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setenv("EGMLA_PDL", "0")
     assert not kernels.pdl_enabled(torch.device("cuda", 0))
     with kernels.pdl_setting(True):  # the setting wins over the environment
