@@ -26,13 +26,18 @@ CONTROL = "egmla-kv64-bias"  # issue 18's same-table control: its 'absorbed' dec
 # Launch settings of the grouped kernels timed beside the defaults: the up-projection summing W^V_h s per row (the
 # default before the gate_dot form), the settings before 2026-12-03's sweep (two warps per launch, chunks of 32,
 # 32 ids x 4 heads per absorb program, two row splits, per-row sums), chunks of 32 with today's other settings, key
-# gathers, and the one-launch fused kernel (egmla/kernels/grouped_fused.py, measured slower: docs/grouped-decode.md).
+# gathers, the one-launch fused kernel (egmla/kernels/grouped_fused.py) and the persistent Gluon kernel
+# (egmla/kernels/grouped_gluon.py: its default, 8 warps capped at 128 registers, and its per-item work alone, a
+# timing aid whose output is wrong), both measured slower: docs/grouped-decode.md.
 LAUNCH_SETTINGS = {"grouped per-row sums": {"gate_dot": False, "num_warps": (4, 1, 2)},
                    "grouped t32": {"block_t": 32, "num_warps": (4, 2, 4)},
                    "grouped before": {"block_t": 32, "block_ids": 32, "heads_per_program": 4, "block_rows": 64,
                                       "num_warps": 2, "num_splits": 2, "gate_dot": False},
                    "grouped keygather": {"key_gather": True},
-                   "grouped fused u16 t64": {"kernel": "fused", "block_ids": 16, "block_t": 64}}
+                   "grouped fused u16 t64": {"kernel": "fused", "block_ids": 16, "block_t": 64},
+                   "grouped gluon": {"kernel": "gluon"},
+                   "grouped gluon 8 warps r128": {"kernel": "gluon", "warps": (2, 4), "max_registers": 128},
+                   "grouped gluon items only": {"kernel": "gluon", "items_only": True}}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

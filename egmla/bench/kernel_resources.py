@@ -38,25 +38,30 @@ def occupancy(regs: int, warps: int) -> tuple[int, float]:
 
 def signature(fn, constexprs: dict, pointer_types: dict, default_pointer: str = "*bf16") -> tuple[dict, dict]:
     """(signature, attrs) for triton.compile: constexprs as given, `*_ptr` arguments typed by `pointer_types`
-    (else default_pointer), other arguments i32; pointers and strides marked divisible by 16, as a launch with
-    aligned tensors and such strides specialises them."""
+    (else default_pointer), `qk_scale` fp32, other arguments i32; pointers and strides marked divisible by 16, as a
+    launch with aligned tensors and such strides specialises them."""
     sig, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
             continue
-        sig[name] = pointer_types.get(name, default_pointer) if name.endswith("_ptr") else "i32"
+        sig[name] = pointer_types.get(name, default_pointer) if name.endswith("_ptr") else (
+            "fp32" if name == "qk_scale" else "i32")
         if name.endswith("_ptr") or name.startswith("stride"):
             attrs[(index,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
 
-def resources(fn, constexprs: dict, pointer_types: dict, num_warps: int, arch: int, num_stages: int | None = None) -> dict:
-    """Compile `fn` for sm_<arch> and read its resource usage from the cubin."""
+def resources(fn, constexprs: dict, pointer_types: dict, num_warps: int, arch: int, num_stages: int | None = None,
+              gluon: bool = False) -> dict:
+    """Compile `fn` (a @triton.jit kernel, or a @gluon.jit one with gluon=True) for sm_<arch> and read its resource
+    usage from the cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     sig, attrs = signature(fn, constexprs, pointer_types)
     const = {(fn.arg_names.index(name),): value for name, value in constexprs.items()}
     options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
@@ -113,11 +118,30 @@ def _mla_cases():
                stages)
 
 
-KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases}
+GLUON_POINTERS = {**{name: "*i32" for name in ("order_ptr", "oslots_ptr", "offsets_ptr", "ids_ptr", "n_distinct_ptr",
+                                                 "lengths_ptr")},
+                  **{name: "*fp32" for name in ("stats_ptr", "part_acc_ptr", "part_ml_ptr")}}
+
+
+def gluon_resources(fn, constexprs: dict, arch: int = 90) -> dict:
+    """resources() of a Gluon kernel of egmla/kernels/grouped_gluon.py (num_warps is one of its constexprs)."""
+    return resources(fn, constexprs, GLUON_POINTERS, constexprs["num_warps"], arch, gluon=True)
+
+
+def _gluon_cases():
+    from egmla.kernels import grouped_gluon as g
+
+    for warps in ((2, 2), (4, 1), (2, 4)):
+        yield ("grouped gluon", f"16 ids x 4 heads, tiles of 64, warps {warps[0]} x {warps[1]}",
+               g._grouped_gluon_kernel, dict(N_HEADS=12, N_GROUPS=3, HAS_WEIGHT=True, HAS_BIAS=True, WARPS_M=warps[0], WARPS_N=warps[1],
+                    ITEMS_ONLY=False, num_warps=warps[0] * warps[1]), GLUON_POINTERS, warps[0] * warps[1])
+
+
+KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "gluon": _gluon_cases}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernels", default="grouped,mla", help=f"comma-separated: {', '.join(KERNELS)}")
+    parser.add_argument("--kernels", default="grouped,mla,gluon", help=f"comma-separated: {', '.join(KERNELS)}")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 = sm_90 (H100, "
                         "H200), 80 = sm_80 (A100)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
@@ -141,7 +165,8 @@ def main(args) -> int:
         for kernel, setting, fn, constexprs, types, warps, *stages in KERNELS[name]():
             row = {"kernel": kernel, "setting": setting, "num_warps": warps, "arch": args.arch,
                    "triton": triton.__version__}
-            row.update(resources(fn, constexprs, types, warps, args.arch, stages[0] if stages else None))
+            row.update(resources(fn, constexprs, types, warps, args.arch, stages[0] if stages else None,
+                                 gluon=name == "gluon"))
             rows.append(row)
             print(f"  {kernel:<18} {setting:<44} regs {row['registers']:>3}  spills {row['spill_stack_bytes']:>5} B  "
                   f"shared {row['shared_bytes']:>6} B  {row['programs_per_sm_by_registers']:>2} programs/SM "
