@@ -2,7 +2,7 @@
 for a GPU architecture on any machine (no GPU needed: the installed Triton compiles for the target and its bundled
 cuobjdump reads the cubin).
 
-    egmla bench kernel-resources --kernels grouped,mla --arch 90
+    egmla bench kernel-resources --kernels grouped,mla,gluon --arch 90
 
 Why: the grouped decode's launches are latency-bound at low occupancy (docs/grouped-decode.md), and occupancy is
 set by registers per thread. Nsight Compute reads them on a GPU; this reads them where there is none, for the
@@ -123,18 +123,15 @@ GLUON_POINTERS = {**{name: "*i32" for name in ("order_ptr", "oslots_ptr", "offse
                   **{name: "*fp32" for name in ("stats_ptr", "part_acc_ptr", "part_ml_ptr")}}
 
 
-def gluon_resources(fn, constexprs: dict, arch: int = 90) -> dict:
-    """resources() of a Gluon kernel of egmla/kernels/grouped_gluon.py (num_warps is one of its constexprs)."""
-    return resources(fn, constexprs, GLUON_POINTERS, constexprs["num_warps"], arch, gluon=True)
-
-
 def _gluon_cases():
     from egmla.kernels import grouped_gluon as g
 
     for warps in ((2, 2), (4, 1), (2, 4)):
+        n_warps = warps[0] * warps[1]
         yield ("grouped gluon", f"16 ids x 4 heads, tiles of 64, warps {warps[0]} x {warps[1]}",
-               g._grouped_gluon_kernel, dict(N_HEADS=12, N_GROUPS=3, HAS_WEIGHT=True, HAS_BIAS=True, WARPS_M=warps[0], WARPS_N=warps[1],
-                    ITEMS_ONLY=False, num_warps=warps[0] * warps[1]), GLUON_POINTERS, warps[0] * warps[1])
+               g._grouped_gluon_kernel,
+               dict(N_HEADS=12, N_GROUPS=3, HAS_WEIGHT=True, HAS_BIAS=True, WARPS_M=warps[0], WARPS_N=warps[1],
+                    ITEMS_ONLY=False, num_warps=n_warps), GLUON_POINTERS, n_warps)
 
 
 KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "gluon": _gluon_cases}
