@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="plot a result file (time vs context) and exit")
     p.add_argument("--markdown", nargs=2, metavar=("JSON", "MD"),
                    help="write a result file's table as Markdown (for docs/) and exit")
+    p.add_argument("--targets", nargs="+", metavar=("MD", "JSON"),
+                   help="write issue 17's targets as read from one or more result files (a column each, newest "
+                        "first) as Markdown to MD, and exit")
 
 
 def main(args) -> int:
@@ -75,6 +78,12 @@ def main(args) -> int:
         plot(*args.plot)
     elif args.markdown:
         markdown(*args.markdown)
+    elif args.targets:
+        if len(args.targets) < 2:
+            raise SystemExit("--targets MD JSON [JSON ...]: name the Markdown file to write and at least one result file")
+        from egmla.bench.grouped_targets import write_targets
+
+        write_targets(args.targets[0], args.targets[1:])
     else:
         run(args)
     return 0

@@ -100,3 +100,54 @@ def test_cli_times_equal_and_ragged_batches_and_the_bias_control_on_the_cpu(tmp_
     assert held == {"equal": 32, "ragged": 8 + 16}
     assert egmla_main(["bench", "grouped", "--markdown", str(out), str(md)]) == 0
     assert "| embedded | 2 | 16 | ragged | EG-MLA kv64 gate-bias absorbed |" in md.read_text()
+
+
+def test_targets_table_reads_each_run_and_judges_the_first(tmp_path):
+    """Issue 17's targets from two result files: figures read from the rows (graph rows preferred, `kernel-core`
+    preferred), a column per run, status from the first; a run lacking rows shows '-'."""
+    from egmla.bench.grouped_study import _speedups
+    from egmla.bench.grouped_targets import write_targets
+
+    def run(grouped_us, mla_us, time):
+        rows = []
+        for text in ("python-source", "embedded"):
+            for batch, context in ((32, 4096), (128, 16384)):
+                base = {"text": text, "batch": batch, "context": context, "lengths": "equal"}
+                if text == "python-source":
+                    rows += [dict(base, variant="MHA", path="sdpa", median_us=100.0 * batch / 32),
+                             dict(base, variant="MLA kv64", path="kernel", median_us=mla_us * 2),
+                             dict(base, variant="MLA kv64", path="kernel-core", median_us=mla_us,
+                                  gbytes_per_s=3600.0)]
+                rows += [dict(base, variant="EG-MLA kv64", path="grouped", median_us=grouped_us * 2,
+                              median_us_with_plan=grouped_us * 2 + 5),
+                         dict(base, variant="EG-MLA kv64", path="grouped-graph", median_us=grouped_us,
+                              median_us_with_plan=grouped_us + 1)]
+        _speedups(rows)
+        return {"meta": {"device": "NVIDIA H200", "copy_gbs": 4000.0, "time": time}, "rows": rows}
+
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    new.write_text(json.dumps(run(24.0, 19.0, "2026-12-05 10:00:00")))
+    old.write_text(json.dumps({"meta": {"time": "2026-12-01 09:00:00"}, "rows": []}))
+    table = tmp_path / "targets.md"
+    write_targets(str(table), [str(new), str(old)])
+    lines = table.read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| EG-MLA kv64 grouped, plan included"))
+    assert "4.00× (25.0 vs 100.0 µs)" in row and row.endswith("| - | **met** |")
+    assert "1.3× MLA's 19.0 µs" in next(line for line in lines if "within 2× of MLA" in line)
+    mla = next(line for line in lines if line.startswith("| MLA kv64 ≥ 5×"))
+    assert "5.26× (19.0 µs, `kernel-core`)" in mla and mla.endswith("**met** |")
+    bandwidth = next(line for line in lines if "copy bandwidth" in line)
+    assert "90.0% (3.60 of 4.00 TB/s" in bandwidth and bandwidth.endswith("**met** |")
+    english = next(line for line in lines if "English" in line)
+    assert english.endswith("**met** |")
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps(run(200.0, 19.0, "2026-12-06 10:00:00")))
+    write_targets(str(table), [str(slow)])
+    assert "**missed** by 6.03×" in table.read_text()  # 3× wanted, 100 / 201 = 0.50× measured
+
+
+def test_targets_needs_a_result_file(capsys):
+    from egmla.bench.cli import run
+
+    with pytest.raises(SystemExit, match="at least one result file"):
+        run("grouped", ["--targets", "only.md"])
