@@ -138,7 +138,8 @@ KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "gluon": _gluon_cases}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernels", default="grouped,mla,gluon", help=f"comma-separated: {', '.join(KERNELS)}")
+    parser.add_argument("--kernels", default="grouped,mla",
+                        help=f"comma-separated: {', '.join(KERNELS)} (gluon: grouped_gluon.py, Triton >= 3.6)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 = sm_90 (H100, "
                         "H200), 80 = sm_80 (A100)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")

@@ -1,8 +1,9 @@
 """EG-MLA decode grouped by token id in one persistent Gluon kernel (reference: grouped_decode_ref.py; math:
 docs/grouped-decode.md; the `tl` kernels: grouped_decode.py, three launches, the model's path; grouped_fused.py).
 Gate placement `up`, gate op `mul`, LayerNorm or RMSNorm; bf16 / fp16, d_n = d_v = d_c = d_r = 64 (paper-base);
-NVIDIA GPUs with mma.sync (sm_80 and newer). Exact, and measured 3.6-4.4x slower than the three launches on an H200
-(docs/grouped-decode.md, "The fused kernel in Gluon, measured"): a benchmark launch setting, not the model's path.
+NVIDIA GPUs with mma.sync (sm_80 and newer); Triton 3.6 or newer. Exact, and measured 3.6-4.4x slower than the
+three launches on an H200 (docs/grouped-decode.md, "The fused kernel in Gluon, measured"): a benchmark launch
+setting, not the model's path.
 
 Why Gluon: what the `tl` kernels could not say is that W^K and W^V of a head group stay in shared memory for a
 program's whole life, and that the cache rows of the next tile are copied asynchronously while this tile computes.
