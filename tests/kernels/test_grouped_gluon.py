@@ -10,6 +10,7 @@ from tests.kernels.conftest import needs_cuda, poisoned, rel_err, requires_trito
 from tests.kernels.test_grouped_decode import make_case
 from tests.kernels.test_kernel_resources import _cuobjdump_available
 
+
 def _gluon_importable() -> bool:
     """The kernel module imports (Triton with Gluon's mma_v2 and cp.async, as 3.6 and later have)."""
     if importlib.util.find_spec("triton") is None:
