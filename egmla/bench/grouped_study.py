@@ -37,7 +37,10 @@ LAUNCH_SETTINGS = {"grouped per-row sums": {"gate_dot": False, "num_warps": (4, 
                    "grouped fused u16 t64": {"kernel": "fused", "block_ids": 16, "block_t": 64},
                    "grouped gluon": {"kernel": "gluon"},
                    "grouped gluon 8 warps r128": {"kernel": "gluon", "warps": (2, 4), "max_registers": 128},
-                   "grouped gluon items only": {"kernel": "gluon", "items_only": True}}
+                   "grouped gluon items only": {"kernel": "gluon", "items_only": True},
+                   # the three launches per slice of sequences, so that a slice's absorbed queries and value sums
+                   # (the per-(sequence, id) intermediates) can stay in L2 between its launches
+                   **{f"grouped slices {n}": {"batch_slice": n} for n in (4, 8, 16, 32)}}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ids-only", action="store_true", help="only build the token ids and print the distinct-id ratios")
     p.add_argument("--variant-shapes", default="32x4096,128x4096,32x16384,1x4096,8x4096",
                    help="BxT shapes where the grouped kernels' other launch settings are also timed ('' = none)")
+    p.add_argument("--settings", default="",
+                   help="comma-separated labels of the launch settings to time at --variant-shapes (default: all of "
+                        + ", ".join(LAUNCH_SETTINGS) + ")")
     p.add_argument("--lengths", default="equal,ragged",
                    help="comma-separated: equal (every sequence holds T positions), ragged (lengths spread from T/2 "
                         "to T; B = 1 is always equal); launch settings are timed at equal lengths only")
@@ -152,7 +158,7 @@ def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, wit
         cases += build_cases(control.variant_name(), control, batch, length, tok, device, dtype, ("absorbed",),
                              lengths)
     cases += grouped_cases(egmla, batch, length, tok, device, dtype,
-                           variants=LAUNCH_SETTINGS if with_variants else None, lengths=lengths)
+                           variants=launch_settings(args) if with_variants else None, lengths=lengths)
     check = check_grouped(egmla, batch, length, tok, device, dtype, with_reference, lengths)
     held = length * batch if lengths is None else int(lengths.sum())
     rows = []
@@ -177,6 +183,15 @@ def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, wit
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def launch_settings(args) -> dict:
+    """The LAUNCH_SETTINGS named by --settings (all where it is empty); an unknown label is an error naming the known."""
+    labels = [s.strip() for s in getattr(args, "settings", "").split(",") if s.strip()]
+    unknown = [s for s in labels if s not in LAUNCH_SETTINGS]
+    if unknown:
+        raise SystemExit(f"--settings {','.join(unknown)}: unknown; choose from {', '.join(LAUNCH_SETTINGS)}")
+    return {k: v for k, v in LAUNCH_SETTINGS.items() if not labels or k in labels}
 
 
 PLAN_ROWS = ("grouped-plan", "grouped-plan-graph")
@@ -207,6 +222,7 @@ def run(args) -> list[dict]:
     from egmla.bench.grouped import distinct_ratios
     from egmla.config import preset
 
+    launch_settings(args)  # an unknown label fails before any work
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batches = [int(b) for b in args.batch.split(",")]

@@ -151,3 +151,16 @@ def test_targets_needs_a_result_file(capsys):
 
     with pytest.raises(SystemExit, match="at least one result file"):
         run("grouped", ["--targets", "only.md"])
+
+
+def test_settings_pick_launch_settings_and_an_unknown_label_is_named():
+    import argparse
+
+    from egmla.bench.cli import run
+    from egmla.bench.grouped_study import LAUNCH_SETTINGS, launch_settings
+
+    assert launch_settings(argparse.Namespace(settings="")) == LAUNCH_SETTINGS
+    picked = launch_settings(argparse.Namespace(settings="grouped slices 8, grouped t32"))
+    assert picked == {"grouped t32": LAUNCH_SETTINGS["grouped t32"], "grouped slices 8": {"batch_slice": 8}}
+    with pytest.raises(SystemExit, match="grouped slices 5: unknown; choose from grouped per-row sums"):
+        run("grouped", ["--settings", "grouped slices 5", "--device", "cpu"])
