@@ -53,6 +53,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.v_head_dim, config.d_model, bias=False)
         self.decode_path = "naive"
         self.folded: tuple[torch.Tensor, torch.Tensor] | None = None  # see fold_absorption
+        self.folded_from: tuple = ()  # fold_sources_key() when it was folded
 
     # ---- what the registry needs ---------------------------------------------------------
     @staticmethod
@@ -113,7 +114,7 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is None or ctx.fresh:  # training, full forwards, a prompt into an empty cache: over its own latents
             return self.wo(self.attend_causal(self.query(x, ctx), latent, k_pe, ctx.token_ids).flatten(2))
         latent, k_pe = cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len)
-        if self.decode_path in ("absorbed", "kernel") and self.folded_weights(x) is not None:
+        if self.decode_path in ("absorbed", "kernel") and self.folded_weights() is not None:
             return self.forward_folded(x, latent, k_pe, ctx)
         q_nope, q_pe = self.query(x, ctx).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         attend = getattr(self, "attend_" + self.decode_path.replace("-", "_"))
@@ -201,10 +202,10 @@ class MultiHeadLatentAttention(nn.Module):
         """W_UK folded into the query projection and W_UV into the output projection, once, so a decode
         step runs no absorb matmuls: q_latent_h = (W_UK_h^T W_Q_h^C) x and out = sum_h (W_O_h W_UV_h) o_h.
         Only where it costs no more than it saves (d_c <= d_n and d_c <= d_v, as at paper-base kv64);
-        None otherwise. Rebuilt by set_decode_path (call it again after the weights change)."""
+        None otherwise. Built by set_decode_path; folded_weights folds again when a source weight changed."""
         heads, d_n, d_r, d_v, d_c = (self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim,
                                      self.kv_lora_rank)
-        self.folded = None
+        self.folded, self.folded_from = None, self.fold_sources_key()
         if d_c > d_n or d_c > d_v:
             return None
         w_uk, w_uv = (w.float() for w in self.up_weights())  # [heads, d_n, d_c], [heads, d_v, d_c]
@@ -216,9 +217,17 @@ class MultiHeadLatentAttention(nn.Module):
         self.folded = (w_query.to(w_q.device, self.wo.weight.dtype), w_out.to(self.wo.weight.dtype))
         return self.folded
 
-    def folded_weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.folded is not None and (self.folded[0].dtype != like.dtype or self.folded[0].device != like.device):
-            self.fold_absorption()  # the model moved (.to(...)) since the path was set
+    def fold_sources_key(self) -> tuple:
+        """What identifies the folded weights' sources without reading them: storage, in-place version (an optimizer
+        step or load_state_dict bumps it), dtype and device of each."""
+        sources = ((self.wq_b if hasattr(self, "wq_b") else self.wq).weight, self.wkv_b.weight, self.wo.weight)
+        return tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in sources)
+
+    def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The folded absorption, folded again if a source weight changed since (in place, or the model moved with
+        `.to(...)`): a cached step after an optimizer step uses the new weights, as the unfolded paths do."""
+        if self.folded is not None and self.folded_from != self.fold_sources_key():
+            self.fold_absorption()
         return self.folded
 
     def forward_folded(self, x: torch.Tensor, latent, k_pe, ctx: AttnContext) -> torch.Tensor:

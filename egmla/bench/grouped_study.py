@@ -40,7 +40,11 @@ LAUNCH_SETTINGS = {"grouped per-row sums": {"gate_dot": False, "num_warps": (4, 
                    "grouped gluon items only": {"kernel": "gluon", "items_only": True},
                    # the three launches per slice of sequences, so that a slice's absorbed queries and value sums
                    # (the per-(sequence, id) intermediates) can stay in L2 between its launches
-                   **{f"grouped slices {n}": {"batch_slice": n} for n in (4, 8, 16, 32)}}
+                   **{f"grouped slices {n}": {"batch_slice": n} for n in (4, 8, 16, 32)},
+                   # Triton's pipelining stages per launch (absorb, attend, upproj): the attend launch's one-warp
+                   # programs are limited by shared memory (8 KB each, ~21 per SM in Nsight Compute)
+                   **{f"grouped stages {a}-{b}-{c}": {"num_stages": (a, b, c)}
+                      for a, b, c in ((3, 1, 3), (3, 2, 3), (3, 3, 1), (3, 3, 2), (3, 3, 4), (2, 1, 2), (1, 1, 1))}}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

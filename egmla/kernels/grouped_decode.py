@@ -389,6 +389,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
                    block_ids: int = 64, heads_per_program: int = 1, block_rows: int = 128,
                    num_splits: int | None = None, num_warps: int | tuple[int, int, int] = (4, 1, 4), stages: int = 3,
                    batch_slice: int | None = None, key_gather: bool = False, gate_dot: bool = True,
+                   num_stages: int | tuple[int | None, int | None, int | None] | None = None,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """o [batch, heads, d_v] (dtype of latent): same function as `grouped_decode_ref`.
 
@@ -401,7 +402,8 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     sequences, so that the intermediates of a slice can stay in L2 between launches; `key_gather` scores
     keys by gathering each position's row of A (CUDA cores) instead of one dot per run. `num_warps`: one count
     for the three launches or (absorb, attend, upproj). `gate_dot` sums the up-projection's rows in the K of one
-    dot (fewer registers; the default since it measured 40% faster on an H200); False sums W^V_h s per row. The
+    dot (fewer registers; the default since it measured 40% faster on an H200); False sums W^V_h s per row.
+    `num_stages`: Triton's software-pipelining stages, one count or (absorb, attend, upproj); None = Triton's default. The
     defaults are the fastest per launch on an H200 at paper-base, B = 32, T = 4,096 on code and English ids
     (docs/grouped-decode.md, "Launch settings" and "The up-projection as one dot")."""
     d_v = _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan, gate_table, wkv_b)
@@ -413,7 +415,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     if batch_slice and batch_slice < batch:
         settings = dict(block_ids=block_ids, heads_per_program=heads_per_program, block_rows=block_rows,
                         num_splits=num_splits, num_warps=num_warps, stages=stages, key_gather=key_gather,
-                        gate_dot=gate_dot)
+                        gate_dot=gate_dot, num_stages=num_stages)
         for start in range(0, batch, batch_slice):
             rows = slice(start, start + batch_slice)
             grouped_decode(q_nope[rows], q_pe[rows], latent[rows], k_rope[rows], ln_stats[rows], plan.sequences(rows),
@@ -423,6 +425,8 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     precision = "ieee" if dtype == torch.float32 else "tf32"
     block_h, block_c = block(heads), block(d_c)
     absorb_warps, attend_warps, upproj_warps = (num_warps,) * 3 if isinstance(num_warps, int) else num_warps
+    absorb_stages, attend_stages, upproj_stages = (
+        ({"num_stages": n} if n else {}) for n in (num_stages if isinstance(num_stages, tuple) else (num_stages,) * 3))
     if num_splits is None:
         num_splits = choose_row_splits(batch * heads, triton.cdiv(plan.n_rows, block_rows), device)
     atomic = num_splits > 1  # else each program writes its (head, sequence) output directly
@@ -440,7 +444,8 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
         q_nope.stride(0), q_nope.stride(1), plan.distinct_ids.stride(0), gate_table.stride(0), wkv_b.stride(0),
         absorbed.stride(0), absorbed.stride(1),
         N_HEADS=heads, D_N=d_n, D_V=d_v, D_C=d_c, BLOCK_N=block(d_n), BLOCK_C=block_c, BLOCK_U=block_ids,
-        BLOCK_V=block(d_v), HEADS=heads_per_program, ZERO_ACC=atomic, num_warps=absorb_warps, **flags)
+        BLOCK_V=block(d_v), HEADS=heads_per_program, ZERO_ACC=atomic, num_warps=absorb_warps, **absorb_stages,
+        **flags)
     if stages < 2:
         return out
 
@@ -453,7 +458,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
         k_rope.stride(1), ln_stats.stride(0), ln_stats.stride(1), absorbed.stride(0), absorbed.stride(1),
         q_pe.stride(0), q_pe.stride(1), sums.stride(0), sums.stride(1), plan.n_chunks, scale * LOG2E,
         N_HEADS=heads, D_C=d_c, D_R=d_r, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_R=block(d_r),
-        BLOCK_T=plan.block_t, KEY_GATHER=key_gather, DOT_PRECISION=precision, num_warps=attend_warps)
+        BLOCK_T=plan.block_t, KEY_GATHER=key_gather, DOT_PRECISION=precision, num_warps=attend_warps, **attend_stages)
     if stages < 3:
         return out
 
@@ -464,7 +469,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
         gate_table.stride(0), wkv_b.stride(0), acc.stride(0), acc.stride(1), plan.n_chunks, num_splits,
         N_HEADS=heads, D_N=d_n, D_V=d_v, D_C=d_c, BLOCK_H=block_h, BLOCK_V=block(d_v), BLOCK_C=block_c,
         BLOCK_ROWS=block_rows, BLOCK_K=max(16, triton.next_power_of_2(plan.n_chunks)), BLOCK_T=plan.block_t,
-        ATOMIC=atomic, GATE_DOT=gate_dot, num_warps=upproj_warps, **flags)
+        ATOMIC=atomic, GATE_DOT=gate_dot, num_warps=upproj_warps, **upproj_stages, **flags)
     return out.copy_(acc) if acc is not out else out
 
 

@@ -99,3 +99,29 @@ def test_decode_in_bf16_stays_close_to_fp32():
         steps = torch.cat([model_bf16(tokens[:, i:i + 1], cache) for i in range(6, 12)], dim=1)
     assert not torch.isnan(steps).any()
     assert rel_err(steps.float(), ref[:, 6:]) < 3e-2  # bf16 weights and activations end to end
+
+
+
+@pytest.mark.parametrize("variant", ["mla", "mla-qlora", "egmla-latent"])
+def test_folded_absorption_follows_weight_changes(variant):
+    """'absorbed' folds W_UK / W_UV into the projections once; after an in-place change of the weights (an optimizer
+    step, load_state_dict) the next cached step must fold again and equal the full forward of the changed model."""
+    config = small_config(**VARIANTS[variant], kv_lora_rank=6)  # d_c <= d_n, d_v: the path folds
+    model = Transformer(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (2, 9))
+    model.set_decode_path("absorbed")
+    first = model.layers[0].attn.folded
+    assert first is not None
+    for change in range(2):
+        if change:
+            with torch.no_grad():
+                for layer in model.layers:  # in place, as an optimizer step does
+                    (layer.attn.wq_b if hasattr(layer.attn, "wq_b") else layer.attn.wq).weight.add_(0.05)
+                    layer.attn.wo.weight.mul_(-1.5)
+        with torch.no_grad():
+            cache = model.new_cache(2, max_len=12)
+            model(tokens[:, :8], cache)
+            step = model(tokens[:, 8:9], cache)
+            full = model(tokens)[:, 8:9]
+        assert rel_err(step, full) < 1e-4, change
+    assert model.layers[0].attn.folded is not first  # folded again

@@ -259,3 +259,10 @@ def test_workspace_formula_matches_what_a_step_allocates():
         grouped_decode(plan=plan, out=out, num_splits=2, **case)  # two splits: the fp32 output sums are allocated
     distinct = int(groups.n_distinct.max())
     assert Allocations.bytes > 0 and Allocations.bytes == batch * grouped_workspace_bytes(heads, d, d, length, distinct, 4)
+
+
+@pytest.mark.parametrize("num_stages", [1, (2, 1, 3)])
+def test_pipelining_stages_give_the_same_output(num_stages):
+    case, groups = make_case(3, 2, 16, 16, 16, 16, [20, 7, 13], 30, torch.float32, kernel_device(), high=5)
+    out, ref = run_both(case, groups, 16, num_stages=num_stages, block_ids=16, block_rows=16)
+    assert rel_err(out, ref) < 1e-4
