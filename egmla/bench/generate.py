@@ -110,7 +110,8 @@ def bench_one(engine, prompts, new_tokens: int, repeats: int, device) -> dict:
 
 def profile_step(engine, steps: int = 3, top: int = 6) -> dict:
     """The engine's last decode step, run eagerly `steps` times under torch.profiler with every row appending
-    nothing (the cache is left as it was): device time of its kernels per step, and the costliest kernels."""
+    nothing (the cache is left as it was): device time of its kernels per step, the costliest kernels, and every
+    kernel's time and launches per step."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -132,7 +133,9 @@ def profile_step(engine, steps: int = 3, top: int = 6) -> dict:
     kernels, time_of = timed_events(prof, on_cuda)
     return {"profile_kernel_ms_per_step": sum(time_of(e) for e in kernels) / steps / 1e3,
             "profile_kernels_per_step": sum(e.count for e in kernels) / steps,
-            "profile_top": [(e.key[:60], time_of(e) / steps / 1e3) for e in kernels[:top]]}
+            "profile_top": [(e.key[:60], time_of(e) / steps / 1e3) for e in kernels[:top]],
+            # every kernel (name, ms per step, launches per step), costliest first: what two variants' steps differ by
+            "profile_kernels": [(e.key[:100], time_of(e) / steps / 1e3, e.count / steps) for e in kernels]}
 
 
 def fill_batch(config, path: str, memory_gb: float, context: int, dtype) -> int:

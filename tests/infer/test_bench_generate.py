@@ -19,6 +19,9 @@ def test_rows_anchors_profile_and_report(tmp_path, capsys):
         (m, b) for m in ("egmla", "transformers LlamaForCausalLM", "transformers DeepseekV3ForCausalLM") for b in (1, 3)}
     assert all("error" not in r and r["step_ms_median"] > 0 for r in rows)
     assert all(r["profile_kernel_ms_per_step"] > 0 for r in rows if r["model"] == "egmla")
+    for r in (r for r in rows if r["model"] == "egmla"):  # every kernel, adding up to the step's kernel time
+        assert abs(sum(ms for _, ms, _ in r["profile_kernels"]) - r["profile_kernel_ms_per_step"]) < 1e-6
+        assert sum(n for *_, n in r["profile_kernels"]) == r["profile_kernels_per_step"]
     table = capsys.readouterr().out
     assert "| transformers LlamaForCausalLM | MHA | static cache | 3 |" in table and "| 1.00 |" in table
     report([str(path)], str(tmp_path / "gen.md"), str(tmp_path / "gen.png"))
