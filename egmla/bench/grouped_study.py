@@ -57,8 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant-shapes", default="32x4096,128x4096,32x16384,1x4096,8x4096",
                    help="BxT shapes where the grouped kernels' other launch settings are also timed ('' = none)")
     p.add_argument("--settings", default="",
-                   help="comma-separated labels of the launch settings to time at --variant-shapes (default: all of "
-                        + ", ".join(LAUNCH_SETTINGS) + ")")
+                   help="comma-separated labels of the launch settings to time at --variant-shapes, or none "
+                        "(default: all of " + ", ".join(LAUNCH_SETTINGS) + ")")
+    p.add_argument("--in-step", type=int, default=0, metavar="N",
+                   help="at --variant-shapes, also time MHA SDPA, MLA kv64 kernel-core and EG-MLA kv64 grouped-graph "
+                        "as N layers of a step: N calls, each over its own cache and weights, in one CUDA graph; rows "
+                        "'<path> in-step' give the time per layer (what a layer costs inside a step, where the graph's "
+                        "fixed replay cost is paid once, not per layer). 0 = off; memory: N caches per path")
     p.add_argument("--lengths", default="equal,ragged",
                    help="comma-separated: equal (every sequence holds T positions), ragged (lengths spread from T/2 "
                         "to T; B = 1 is always equal); launch settings are timed at equal lengths only")
@@ -163,6 +168,14 @@ def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, wit
                              lengths)
     cases += grouped_cases(egmla, batch, length, tok, device, dtype,
                            variants=launch_settings(args) if with_variants else None, lengths=lengths)
+    if with_variants and getattr(args, "in_step", 0) > 1:
+        builders = [lambda: grouped_cases(egmla, batch, length, tok, device, dtype, ("grouped-graph",), lengths=lengths)]
+        if text == args.text.split(",")[0].strip():
+            builders = [lambda: build_cases(mha.variant_name(), mha, batch, length, tok, device, dtype, ("sdpa",),
+                                            lengths),
+                        lambda: build_cases(mla.variant_name(), mla, batch, length, tok, device, dtype,
+                                            ("kernel-core",), lengths)] + builders
+        cases += [in_step_case(args.in_step, build) for build in builders]
     check = check_grouped(egmla, batch, length, tok, device, dtype, with_reference, lengths)
     held = length * batch if lengths is None else int(lengths.sum())
     rows = []
@@ -180,6 +193,9 @@ def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, wit
                 row["skipped"] = f"out of memory: {str(err)[:100]}"
             if case.path == "grouped" and pdl:
                 row.update(check)
+            if "layers_in_graph" in row and "median_us" in row:  # the graph ran N layers: per layer, as the others
+                for key in ("median_us", "bytes", "flops", "floor_us"):
+                    row[key] /= row["layers_in_graph"]
             rows.append(row)
             print(_line(row), flush=True)
     add_plan_share(rows, egmla.n_layers)
@@ -189,9 +205,30 @@ def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, wit
     return rows
 
 
+IN_STEP = " in-step"  # suffix of the rows timed as N layers in one graph (--in-step)
+
+
+def in_step_case(layers: int, build):
+    """One case running `layers` independent copies of build()'s case (each its own module, cache and inputs, so
+    none reads another's cache from L2) back to back, as the layers of a step; bytes and FLOPs of all of them."""
+    from egmla.bench.decode_cases import Case
+
+    copies = [build()[0] for _ in range(layers)]
+    first = copies[0]
+
+    def run():
+        for case in copies:
+            case.run()
+
+    return Case(first.variant, first.path + IN_STEP, run, first.bytes * layers, first.flops * layers,
+                {**first.extra, "layers_in_graph": layers})
+
+
 def launch_settings(args) -> dict:
     """The LAUNCH_SETTINGS named by --settings (all where it is empty); an unknown label is an error naming the known."""
     labels = [s.strip() for s in getattr(args, "settings", "").split(",") if s.strip()]
+    if labels == ["none"]:
+        return {}
     unknown = [s for s in labels if s not in LAUNCH_SETTINGS]
     if unknown:
         raise SystemExit(f"--settings {','.join(unknown)}: unknown; choose from {', '.join(LAUNCH_SETTINGS)}")
@@ -211,7 +248,7 @@ def add_plan_share(rows: list[dict], n_layers: int) -> None:
         if not path.startswith("grouped") or path in PLAN_ROWS or "median_us" not in row:
             continue
         suffix = row["path"][len(path):]  # a no-pdl row takes the no-pdl plan where there is one
-        plan_path = "grouped-plan-graph" if path == "grouped-graph" else "grouped-plan"
+        plan_path = "grouped-plan-graph" if path.removesuffix(IN_STEP) == "grouped-graph" else "grouped-plan"
         plan = plans.get(plan_path + suffix, plans.get(plan_path))
         if plan is not None:
             row["plan_us_per_layer"] = plan / n_layers
@@ -297,8 +334,10 @@ def _speedups(rows) -> None:
         key = (r["batch"], r["context"], r.get("lengths", "equal"))
         if "median_us" not in r:
             continue
-        mla = ("MLA kv64", "kernel-core") if by.get(key + ("MLA kv64", "kernel-core")) else ("MLA kv64", "kernel")
-        for name, ref in (("x_mha", ("MHA", "sdpa")), ("x_mla", mla)):  # (runs before 2026-12-03: no kernel-core)
+        step = IN_STEP if r["path"].endswith(IN_STEP) else ""  # in-step rows against the in-step anchors
+        core = ("MLA kv64", "kernel-core" + step)
+        mla = core if by.get(key + core) else ("MLA kv64", "kernel")  # (runs before 2026-12-03: no kernel-core)
+        for name, ref in (("x_mha", ("MHA", "sdpa" + step)), ("x_mla", mla)):
             if by.get(key + ref):
                 r[name] = by[key + ref] / r["median_us"]
                 if "median_us_with_plan" in r:
@@ -306,8 +345,13 @@ def _speedups(rows) -> None:
         fused = next((x["median_us"] for x in rows if (x["batch"], x["context"], x.get("lengths", "equal"), x["text"],
                                                        x["path"]) == key + (r["text"], "kernel")
                       and x["variant"] == "EG-MLA kv64" and "median_us" in x), None)
-        if fused:
+        if fused and not step:
             r["x_fused"] = fused / r["median_us"]
+
+
+def _ratio(row: dict, key: str) -> str:
+    """A speedup cell: blank where the row has no such anchor (an in-step row has no fused-rebuild twin)."""
+    return f"{row[key]:.2f}" if key in row else ""
 
 
 def summary(rows) -> str:
@@ -318,7 +362,7 @@ def summary(rows) -> str:
             lines.append(f"{r['text']:>14} {r['batch']:>4} {r['context']:>6} {r.get('lengths', 'equal'):>7} "
                          f"{r['variant'] + ' ' + r['path']:<26} "
                          f"{r['median_us']:>9.1f} {r.get('x_mha', 0):>7.2f} {r.get('x_mla', 0):>7.2f} "
-                         f"{r.get('x_fused', 0):>8.2f}")
+                         f"{_ratio(r, 'x_fused'):>8}")
     return "\n".join(lines)
 
 
@@ -349,7 +393,7 @@ def markdown(json_path: str, md_path: str) -> None:
             lines.append(f"| {r['text']} | {r['batch']} | {r['context']} | {r.get('lengths', 'equal')} | "
                          f"{r['variant']} {r['path']} | "
                          f"{r['median_us']:.1f} | {r.get('x_mha', 0):.2f} | {r.get('x_mla', 0):.2f} | "
-                         f"{r.get('x_fused', 0):.2f} | {with_plan} |")
+                         f"{_ratio(r, 'x_fused')} | {with_plan} |")
     Path(md_path).write_text("\n".join(lines) + "\n")
 
 

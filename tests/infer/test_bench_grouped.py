@@ -144,6 +144,26 @@ def test_targets_table_reads_each_run_and_judges_the_first(tmp_path):
     slow.write_text(json.dumps(run(200.0, 19.0, "2026-12-06 10:00:00")))
     write_targets(str(table), [str(slow)])
     assert "**missed** by 6.03×" in table.read_text()  # 3× wanted, 100 / 201 = 0.50× measured
+    assert next(line for line in table.read_text().splitlines()
+                if line.startswith("| *in a step:* MLA")).endswith("| - | not in the run |")
+    # in-step rows (--in-step), and a result file in another folder: its link is relative to the table
+    stepped = run(24.0, 19.0, "2026-12-07 10:00:00")
+    base = {"text": "python-source", "batch": 32, "context": 4096, "lengths": "equal"}
+    stepped["rows"] += [dict(base, variant="MHA", path="sdpa in-step", median_us=90.0),
+                        dict(base, variant="MLA kv64", path="kernel-core in-step", median_us=15.0),
+                        dict(base, variant="EG-MLA kv64", path="grouped-graph in-step", median_us=29.0,
+                             median_us_with_plan=30.0)]
+    _speedups(stepped["rows"])
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "step.json").write_text(json.dumps(stepped))
+    write_targets(str(table), [str(tmp_path / "runs" / "step.json")])
+    text = table.read_text()
+    assert "([JSON](runs/step.json))" in text
+    lines = text.splitlines()
+    assert next(line for line in lines if line.startswith("| *in a step:* MLA")).endswith(
+        "| 6.00× (15.0 µs, `kernel-core in-step`) | **met** |")
+    assert next(line for line in lines if line.startswith("| *in a step:* EG-MLA")).endswith(
+        "| 3.00× (30.0 vs 90.0 µs) | **met** |")
 
 
 def test_targets_needs_a_result_file(capsys):
@@ -160,7 +180,32 @@ def test_settings_pick_launch_settings_and_an_unknown_label_is_named():
     from egmla.bench.grouped_study import LAUNCH_SETTINGS, launch_settings
 
     assert launch_settings(argparse.Namespace(settings="")) == LAUNCH_SETTINGS
+    assert launch_settings(argparse.Namespace(settings="none")) == {}
     picked = launch_settings(argparse.Namespace(settings="grouped slices 8, grouped t32"))
     assert picked == {"grouped t32": LAUNCH_SETTINGS["grouped t32"], "grouped slices 8": {"batch_slice": 8}}
     with pytest.raises(SystemExit, match="grouped slices 5: unknown; choose from grouped per-row sums"):
         run("grouped", ["--settings", "grouped slices 5", "--device", "cpu"])
+
+
+def test_in_step_rows_time_n_layers_in_one_graph_per_layer(tmp_path):
+    """--in-step N: MHA SDPA, MLA kernel-core and EG-MLA grouped-graph also as N independent layers in one call, the
+    rows per layer and compared with the in-step anchors; the grouped row takes the graph plan's share."""
+    from egmla.cli import main as egmla_main
+
+    out = tmp_path / "g.json"
+    args = ["bench", "grouped", "--device", "cpu", "--preset", "tiny", "--batch", "2", "--context", "16", "--text",
+            "embedded", "--variant-shapes", "2x16", "--settings", "none", "--in-step", "3", "--lengths", "equal",
+            "--no-control", "--check", "", "--rep-ms", "1", "--warmup-ms", "1",
+            "--ids", str(tmp_path / "ids.safetensors"), "--out", str(out)]
+    assert egmla_main(args) == 0
+    rows = {(r["variant"], r["path"]): r for r in json.loads(out.read_text())["rows"]}
+    step = {k: r for k, r in rows.items() if k[1].endswith(" in-step")}
+    assert set(step) == {("MHA", "sdpa in-step"), ("MLA kv64", "kernel-core in-step"),
+                         ("EG-MLA kv64", "grouped-graph in-step")}
+    for key, r in step.items():
+        assert r["layers_in_graph"] == 3 and r["median_us"] > 0
+        assert r["bytes"] == rows[(key[0], key[1].removesuffix(" in-step"))]["bytes"]  # per layer, as the others
+    mha = step[("MHA", "sdpa in-step")]["median_us"]
+    grouped = step[("EG-MLA kv64", "grouped-graph in-step")]
+    assert abs(grouped["x_mha"] - mha / grouped["median_us"]) < 1e-9
+    assert grouped["plan_us_per_layer"] == rows[("EG-MLA kv64", "grouped-plan-graph")]["median_us"] / 4  # tiny: 4 layers
