@@ -169,7 +169,8 @@ def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, wit
     cases += grouped_cases(egmla, batch, length, tok, device, dtype,
                            variants=launch_settings(args) if with_variants else None, lengths=lengths)
     if with_variants and getattr(args, "in_step", 0) > 1:
-        builders = [lambda: grouped_cases(egmla, batch, length, tok, device, dtype, ("grouped-graph",), lengths=lengths)]
+        builders = [lambda: grouped_cases(egmla, batch, length, tok, device, dtype, ("grouped-graph",),
+                                          lengths=lengths)]
         if text == args.text.split(",")[0].strip():
             builders = [lambda: build_cases(mha.variant_name(), mha, batch, length, tok, device, dtype, ("sdpa",),
                                             lengths),
@@ -225,7 +226,8 @@ def in_step_case(layers: int, build):
 
 
 def launch_settings(args) -> dict:
-    """The LAUNCH_SETTINGS named by --settings (all where it is empty); an unknown label is an error naming the known."""
+    """The LAUNCH_SETTINGS named by --settings (all where it is empty, none for 'none'); an unknown label is an error
+    naming the known ones."""
     labels = [s.strip() for s in getattr(args, "settings", "").split(",") if s.strip()]
     if labels == ["none"]:
         return {}

@@ -438,8 +438,9 @@ class GenerationEngine:
 def _precomputed(model) -> list:
     """The tensors each layer's decode path precomputed from the weights (gate table, folded absorption: folded again
     here if a weight changed in place since), which captured graphs read by address."""
-    return [t for layer in model.layers for t in (getattr(layer.attn, "gate_table", None),
-                                                  layer.attn.folded_weights() if hasattr(layer.attn, "folded") else None)]
+    return [t for layer in model.layers
+            for t in (getattr(layer.attn, "gate_table", None),
+                      layer.attn.folded_weights() if hasattr(layer.attn, "folded") else None)]
 
 
 def _serves(cache: KVCache, config, path: str) -> bool:
