@@ -168,18 +168,27 @@ def bench_shape(args, text, tok, device, dtype, timing, with_variants: bool, wit
                              lengths)
     cases += grouped_cases(egmla, batch, length, tok, device, dtype,
                            variants=launch_settings(args) if with_variants else None, lengths=lengths)
-    if with_variants and getattr(args, "in_step", 0) > 1:
-        builders = [lambda: grouped_cases(egmla, batch, length, tok, device, dtype, ("grouped-graph",),
-                                          lengths=lengths)]
-        if text == args.text.split(",")[0].strip():
-            builders = [lambda: build_cases(mha.variant_name(), mha, batch, length, tok, device, dtype, ("sdpa",),
-                                            lengths),
-                        lambda: build_cases(mla.variant_name(), mla, batch, length, tok, device, dtype,
-                                            ("kernel-core",), lengths)] + builders
-        cases += [in_step_case(args.in_step, build) for build in builders]
-    check = check_grouped(egmla, batch, length, tok, device, dtype, with_reference, lengths)
     held = length * batch if lengths is None else int(lengths.sum())
     rows = []
+    if with_variants and getattr(args, "in_step", 0) > 1:
+        builders = {(egmla.variant_name(), "grouped-graph"): lambda: grouped_cases(
+            egmla, batch, length, tok, device, dtype, ("grouped-graph",), lengths=lengths)}
+        if text == args.text.split(",")[0].strip():
+            builders = {(mha.variant_name(), "sdpa"): lambda: build_cases(
+                            mha.variant_name(), mha, batch, length, tok, device, dtype, ("sdpa",), lengths),
+                        (mla.variant_name(), "kernel-core"): lambda: build_cases(
+                            mla.variant_name(), mla, batch, length, tok, device, dtype, ("kernel-core",), lengths),
+                        **builders}
+        for (variant, path), build in builders.items():
+            try:
+                cases.append(in_step_case(args.in_step, build))
+            except torch.OutOfMemoryError as err:  # N caches of this shape do not fit: the row says so, the run goes on
+                torch.cuda.empty_cache()
+                rows.append({"text": text, "batch": batch, "context": length, "lengths": lengths_kind,
+                             "positions_held": held, "variant": variant, "path": path + IN_STEP,
+                             "skipped": f"out of memory building {args.in_step} layers: {str(err)[:100]}"})
+                print(f"  {variant} {path}{IN_STEP}: skipped ({rows[-1]['skipped'][:60]})", flush=True)
+    check = check_grouped(egmla, batch, length, tok, device, dtype, with_reference, lengths)
     pdl_ab = getattr(args, "pdl_ab", False) and with_variants and pdl_enabled(device)
     for case in cases:
         for pdl in (True, False) if pdl_ab and case.path not in ("sdpa", "grouped-plan") else (True,):

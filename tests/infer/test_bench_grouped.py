@@ -209,3 +209,28 @@ def test_in_step_rows_time_n_layers_in_one_graph_per_layer(tmp_path):
     grouped = step[("EG-MLA kv64", "grouped-graph in-step")]
     assert abs(grouped["x_mha"] - mha / grouped["median_us"]) < 1e-9
     assert grouped["plan_us_per_layer"] == rows[("EG-MLA kv64", "grouped-plan-graph")]["median_us"] / 4  # tiny: 4 layers
+
+
+def test_in_step_rows_that_do_not_fit_are_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
+    import torch
+
+    import egmla.bench.grouped_study as study
+    from egmla.cli import main as egmla_main
+
+    real = study.in_step_case
+
+    def tight(layers, build):
+        case = real(layers, build)
+        if case.variant == "MHA":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return case
+
+    monkeypatch.setattr(study, "in_step_case", tight)
+    out = tmp_path / "g.json"
+    assert egmla_main(["bench", "grouped", "--device", "cpu", "--preset", "tiny", "--batch", "2", "--context", "16",
+                       "--text", "embedded", "--variant-shapes", "2x16", "--settings", "none", "--in-step", "2",
+                       "--lengths", "equal", "--no-control", "--check", "", "--rep-ms", "1", "--warmup-ms", "1",
+                       "--ids", str(tmp_path / "ids.safetensors"), "--out", str(out)]) == 0
+    rows = {(r["variant"], r["path"]): r for r in json.loads(out.read_text())["rows"]}
+    assert rows[("MHA", "sdpa in-step")]["skipped"].startswith("out of memory building 2 layers")
+    assert rows[("MLA kv64", "kernel-core in-step")]["median_us"] > 0
