@@ -179,7 +179,9 @@ def test_settings_pick_launch_settings_and_an_unknown_label_is_named():
     from egmla.bench.cli import run
     from egmla.bench.grouped_study import LAUNCH_SETTINGS, launch_settings
 
-    assert launch_settings(argparse.Namespace(settings="")) == LAUNCH_SETTINGS
+    default = launch_settings(argparse.Namespace(settings=""))
+    assert "grouped t32" in default and not any(k.startswith(("grouped slices", "grouped stages")) for k in default)
+    assert launch_settings(argparse.Namespace(settings="all")) == LAUNCH_SETTINGS
     assert launch_settings(argparse.Namespace(settings="none")) == {}
     picked = launch_settings(argparse.Namespace(settings="grouped slices 8, grouped t32"))
     assert picked == {"grouped t32": LAUNCH_SETTINGS["grouped t32"], "grouped slices 8": {"batch_slice": 8}}
