@@ -54,6 +54,7 @@ from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run
 from egmla.attention.mla import MultiHeadLatentAttention
 from egmla.attention.norms import LayerNorm, RMSNorm
+from egmla.attention.precomputed import weights_key
 from egmla.config import ModelConfig
 from egmla.kernels import kernel_unavailable_reason
 
@@ -192,6 +193,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         self.gate_norm = make_norm(config.gate_norm, config.gate_norm_dim, config.norm_eps)
         self.norm_kind = config.gate_norm
         self.gate_table: torch.Tensor | None = None  # G_l = E_l W_UE^T, built for the paths that read it
+        self.gate_table_from: tuple | None = None  # gate_sources_key() when it was built
         self.grouped_backend = "auto"  # 'grouped' one-token steps: auto (Triton on CUDA), kernel or pytorch
         self.absorbed_backend = "auto"  # the bias control's 'absorbed' one-token steps: the same choices
 
@@ -221,16 +223,35 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             self.gate_table = None
             super().on_decode_path_set(keep_precomputed)  # MLA's folded absorption
         elif self.decode_path in TABLE_PATHS:
-            if not (keep_precomputed and self.gate_table is not None):
+            if keep_precomputed and self.gate_table is not None:
+                self.refresh_gate_table()
+            else:
                 self.build_gate_table()
         else:
             self.gate_table = None
 
     @torch.no_grad()
     def build_gate_table(self) -> torch.Tensor:
-        """G_l [vocab, gate_out]: every token's gate, computed once (rebuild after weights change)."""
+        """G_l [vocab, gate_out]: every token's gate, computed once (refresh_gate_table builds it again when its
+        source weights change)."""
         self.gate_table = self.up_project(self.gate_embed.weight)
+        self.gate_table_from = self.gate_sources_key()
         return self.gate_table
+
+    def gate_sources_key(self) -> tuple | None:
+        """E_l and W_UE as egmla.attention.precomputed.weights_key identifies them; None while an offload serves the
+        rows (egmla.infer.offload: the tables then live on the host, copied once)."""
+        if not isinstance(self.gate_embed, nn.Embedding):
+            return None
+        return weights_key(self.gate_embed.weight, self.wue.weight)
+
+    def refresh_gate_table(self) -> None:
+        """Build the gate table again if a source weight changed since it was built (in place, as an optimizer step
+        or load_state_dict does, or moved): a cached call after training reads the new gates, as the paths without
+        a table do. A no-op without a table or under an offload."""
+        if isinstance(self.gate_table, torch.Tensor) and self.gate_table_from != self.gate_sources_key():
+            dtype = self.gate_table.dtype  # gate_table_like may have cast it to the cache's dtype
+            self.gate_table = self.build_gate_table().to(dtype)
 
     # ---- the gate ------------------------------------------------------------------------
     def gate(self, token_ids: torch.Tensor, use_table: bool = False) -> torch.Tensor:
@@ -321,7 +342,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1), v
 
     def append(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor, k_pe: torch.Tensor) -> AttnContext:
-        """MLA's append, plus the new positions' (mu, rho) where the cache keeps them ('kernel', 'grouped')."""
+        """MLA's append, plus the new positions' (mu, rho) where the cache keeps them ('kernel', 'grouped'). Every
+        cached call passes here first: the gate table is refreshed if the weights changed since it was built."""
+        self.refresh_gate_table()
         ctx = super().append(cache, ctx, latent, k_pe)
         if self.gate_placement == "up" and self.decode_path in ("grouped", "absorbed") and (
                 "ln_stats" not in cache.buffers or ctx.kv_groups is None):
@@ -429,7 +452,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         norm = self.gate_norm
         sources = [self.wkv_b.weight, self.wue.weight] + [t for t in (getattr(norm, "weight", None),
                                                                      getattr(norm, "bias", None)) if t is not None]
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+        key = weights_key(*sources)
         cached = getattr(self, "_absorbed_weights", None)
         if cached is not None and cached.key == key:
             return cached
@@ -524,7 +547,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return out.to(q_nope.dtype)
 
     def gate_table_like(self, latent: torch.Tensor) -> torch.Tensor:
-        """The gate table on latent's device and dtype (built once; rebuilt after set_decode_path)."""
+        """The gate table on latent's device and dtype (built once; rebuilt by set_decode_path, or by
+        refresh_gate_table when a source weight changed)."""
         table = self.gate_table
         if table is None or table.device != latent.device or table.dtype != latent.dtype:
             table = self.build_gate_table().to(latent.dtype)

@@ -27,6 +27,7 @@ from torch import nn
 from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run, masked_softmax_attention
 from egmla.attention.norms import RMSNorm
+from egmla.attention.precomputed import weights_key
 from egmla.attention.rope import apply_rope
 from egmla.config import ModelConfig
 
@@ -218,10 +219,8 @@ class MultiHeadLatentAttention(nn.Module):
         return self.folded
 
     def fold_sources_key(self) -> tuple:
-        """What identifies the folded weights' sources without reading them: storage, in-place version (an optimizer
-        step or load_state_dict bumps it), dtype and device of each."""
-        sources = ((self.wq_b if hasattr(self, "wq_b") else self.wq).weight, self.wkv_b.weight, self.wo.weight)
-        return tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in sources)
+        """The folded weights' sources as egmla.attention.precomputed.weights_key identifies them."""
+        return weights_key((self.wq_b if hasattr(self, "wq_b") else self.wq).weight, self.wkv_b.weight, self.wo.weight)
 
     def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The folded absorption, folded again if a source weight changed since (in place, or the model moved with

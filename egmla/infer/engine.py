@@ -161,8 +161,8 @@ class GenerationEngine:
         path's plus 16 B of token groups per position), so that a call that changes path keeps the cache and the
         graphs captured for either path (else a change drops them; on an H200 a later call took 153 / 52 ms at batch
         32 / 4 against 207 / 100 ms, calls alternating between the two, docs/bench/generate_h200_switch.md). Kept
-        steps are dropped whenever a path's precomputed tensors (gate tables, folded absorption) were rebuilt, e.g.
-        by model.set_decode_path after a weight change."""
+        steps are dropped whenever a path's precomputed tensors (gate tables, folded absorption) were rebuilt, as
+        they are at the start of a call when a weight changed since (egmla/attention/precomputed.py)."""
 
     def __init__(self, model, tokenizer=None, decode_path: str | None = "auto", cache_dtype=None,
                  offload_gate_tables: bool = False, prefill_token_budget: int = 32768,
@@ -436,8 +436,11 @@ class GenerationEngine:
 
 
 def _precomputed(model) -> list:
-    """The tensors each layer's decode path precomputed from the weights (gate table, folded absorption: folded again
-    here if a weight changed in place since), which captured graphs read by address."""
+    """The tensors each layer's decode path precomputed from the weights (gate table, folded absorption: each built
+    again here if a weight changed in place since), which captured graphs read by address."""
+    for layer in model.layers:
+        if hasattr(layer.attn, "refresh_gate_table"):
+            layer.attn.refresh_gate_table()
     return [t for layer in model.layers
             for t in (getattr(layer.attn, "gate_table", None),
                       layer.attn.folded_weights() if hasattr(layer.attn, "folded") else None)]

@@ -102,26 +102,36 @@ def test_decode_in_bf16_stays_close_to_fp32():
 
 
 
-@pytest.mark.parametrize("variant", ["mla", "mla-qlora", "egmla-latent"])
-def test_folded_absorption_follows_weight_changes(variant):
-    """'absorbed' folds W_UK / W_UV into the projections once; after an in-place change of the weights (an optimizer
-    step, load_state_dict) the next cached step must fold again and equal the full forward of the changed model."""
-    config = small_config(**VARIANTS[variant], kv_lora_rank=6)  # d_c <= d_n, d_v: the path folds
+@pytest.mark.parametrize("variant,path", [("mla", "absorbed"), ("mla-qlora", "absorbed"), ("egmla-latent", "absorbed"),
+                                          ("egmla", "gate-table"), ("egmla-rmsnorm", "gate-table"),
+                                          ("egmla-bias", "absorbed"), ("egmla-bias", "gate-table")])
+def test_precomputed_weights_follow_weight_changes(variant, path):
+    """What a decode path precomputes from the weights ('absorbed' folds W_UK / W_UV into the projections, EG-MLA's
+    table paths build G_l = E_l W_UE^T, the bias control folds its norm and W_UE): after an in-place change of the
+    weights (an optimizer step, load_state_dict) the next cached step must build them again and equal the full
+    forward of the changed model."""
+    config = small_config(**VARIANTS[variant], kv_lora_rank=6)  # d_c <= d_n, d_v: MLA's 'absorbed' folds
     model = Transformer(config).eval()
     tokens = torch.randint(0, config.vocab_size, (2, 9))
-    model.set_decode_path("absorbed")
-    first = model.layers[0].attn.folded
-    assert first is not None
+    model.set_decode_path(path)
+    attn = model.layers[0].attn
+    before = (attn.folded, getattr(attn, "gate_table", None))
+    assert any(t is not None for t in before) or path == "absorbed"
     for change in range(2):
         if change:
             with torch.no_grad():
                 for layer in model.layers:  # in place, as an optimizer step does
                     (layer.attn.wq_b if hasattr(layer.attn, "wq_b") else layer.attn.wq).weight.add_(0.05)
                     layer.attn.wo.weight.mul_(-1.5)
+                    layer.attn.wkv_b.weight.mul_(1.25)
+                    if hasattr(layer.attn, "gate_embed"):
+                        layer.attn.gate_embed.weight.mul_(-0.5)
+                        layer.attn.wue.weight.add_(0.1)
         with torch.no_grad():
             cache = model.new_cache(2, max_len=12)
             model(tokens[:, :8], cache)
             step = model(tokens[:, 8:9], cache)
             full = model(tokens)[:, 8:9]
         assert rel_err(step, full) < 1e-4, change
-    assert model.layers[0].attn.folded is not first  # folded again
+    after = (attn.folded, getattr(attn, "gate_table", None))
+    assert all(a is not b for a, b in zip(before, after) if b is not None)  # built again
