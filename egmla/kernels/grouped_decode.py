@@ -404,8 +404,8 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     for the three launches or (absorb, attend, upproj). `gate_dot` sums the up-projection's rows in the K of one
     dot (fewer registers; the default since it measured 40% faster on an H200); False sums W^V_h s per row.
     `num_stages`: Triton's software-pipelining stages, one count or (absorb, attend, upproj); None = Triton's
-    default. The defaults are the fastest per launch on an H200 at paper-base, B = 32, T = 4,096 on code and English ids
-    (docs/grouped-decode.md, "Launch settings" and "The up-projection as one dot")."""
+    default. The defaults are the fastest per launch on an H200 at paper-base, B = 32, T = 4,096 on code and English
+    ids (docs/grouped-decode.md, "Launch settings" and "The up-projection as one dot")."""
     d_v = _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan, gate_table, wkv_b)
     batch, heads, d_n = q_nope.shape
     d_c, d_r = latent.shape[-1], k_rope.shape[-1]
