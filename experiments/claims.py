@@ -14,6 +14,7 @@ comes from the records; a comparison without them says "not yet run".
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -23,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_repro import corpus_fields, same_corpus  # noqa: E402
 from report import config_of, load_groups, pyplot  # noqa: E402
 
 BUDGET_FOLDERS = [ROOT / "experiments" / "results" / name for name in ("paper-base", "paper-base-long", "longer-budget")]
@@ -84,12 +86,13 @@ class Run:
     loss: float
     curve: dict[int, float]  # step -> validation loss
     tokens_per_step: int
+    corpus: dict  # what identifies its data (paper_repro.corpus_fields): runs pair only on the same corpus
 
 
-def load_runs(folders: list[Path]) -> dict[Budget, dict[tuple[str, int], Run]]:
-    """{budget: {(config, seed): run}} of every finished run in the folders' group files (a run that several
-    groups share counts once)."""
-    runs: dict[Budget, dict[tuple[str, int], Run]] = {}
+def load_runs(folders: list[Path]) -> dict[Budget, dict[tuple[str, int], list[Run]]]:
+    """{budget: {(config, seed): [runs]}} of every finished run in the folders' group files (a run that several
+    groups share counts once; a config and seed has several runs when they read different corpora)."""
+    runs: dict[Budget, dict[tuple[str, int], list[Run]]] = {}
     for folder in folders:
         if not any(Path(folder).glob("*.json")):
             continue
@@ -98,17 +101,35 @@ def load_runs(folders: list[Path]) -> dict[Budget, dict[tuple[str, int], Run]]:
                 if row.get("final_val_loss") is None:
                     continue
                 curve = {m["step"]: m["val_loss"] for m in group["metrics"][row["name"]] if m.get("kind") == "val"}
-                budget = Budget(row["tokens"], row.get("split", "chunk"))
-                runs.setdefault(budget, {}).setdefault(
-                    (config_of(row), row.get("seed", 0)), Run(row["final_val_loss"], curve, row["tokens"] // max(curve)))
+                run = Run(row["final_val_loss"], curve, row["tokens"] // max(curve), corpus_fields(row))
+                found = runs.setdefault(Budget(row["tokens"], row.get("split", "chunk")), {}).setdefault(
+                    (config_of(row), row.get("seed", 0)), [])
+                if not any(r.corpus == run.corpus and r.loss == run.loss for r in found):
+                    found.append(run)
     return runs
 
 
 # ---- paired differences and the test -------------------------------------------------------------------
-def paired(runs: dict[tuple[str, int], Run], a: str, b: str) -> dict[int, float]:
-    """{seed: loss(a) - loss(b)} over the seeds both configs ran."""
-    seeds = sorted({s for c, s in runs if c == a} & {s for c, s in runs if c == b})
-    return {s: runs[a, s].loss - runs[b, s].loss for s in seeds}
+def pairs(runs: dict[tuple[str, int], list[Run]], a: str, b: str) -> tuple[dict[int, tuple[Run, Run]], list[int]]:
+    """({seed: (run of a, run of b) on the same corpus}, [seeds both configs ran, but on different corpora only]).
+    Where a seed has pairs on several corpora, the pair on the corpus most of these runs read."""
+    counts: dict[str, int] = {}
+    for found in runs.values():
+        for run in found:
+            counts[json.dumps(run.corpus, sort_keys=True)] = counts.get(json.dumps(run.corpus, sort_keys=True), 0) + 1
+    matched, apart = {}, []
+    for seed in sorted({s for c, s in runs if c == a} & {s for c, s in runs if c == b}):
+        candidates = [(x, y) for x in runs[a, seed] for y in runs[b, seed] if same_corpus(x.corpus, y.corpus)]
+        if candidates:
+            matched[seed] = max(candidates, key=lambda p: counts[json.dumps(p[0].corpus, sort_keys=True)])
+        else:
+            apart.append(seed)
+    return matched, apart
+
+
+def paired(runs: dict[tuple[str, int], list[Run]], a: str, b: str) -> dict[int, float]:
+    """{seed: loss(a) - loss(b)} over the seeds both configs ran on the same corpus."""
+    return {seed: x.loss - y.loss for seed, (x, y) in pairs(runs, a, b)[0].items()}
 
 
 def t_two_sided_p(t: float, df: int) -> float:
@@ -140,9 +161,9 @@ def paired_t_test(differences: list[float]) -> dict:
     return result
 
 
-def verdict(claim: Claim, differences: dict[int, float]) -> str:
+def verdict(claim: Claim, differences: dict[int, float], apart: list[int] = ()) -> str:
     if not differences:
-        return "not yet run"
+        return "no pair on one corpus yet" if apart else "not yet run"
     if len(differences) == 1:
         return "one seed only: a second is needed for a verdict"
     values = list(differences.values())
@@ -152,12 +173,13 @@ def verdict(claim: Claim, differences: dict[int, float]) -> str:
 
 
 # ---- tables ------------------------------------------------------------------------------------------------
-def describe(differences: dict[int, float]) -> tuple[str, str, str]:
-    """(per seed, mean ± sd (n), paired t-test) cells."""
+def describe(differences: dict[int, float], apart: list[int] = ()) -> tuple[str, str, str]:
+    """(per seed, mean ± sd (n), paired t-test) cells; `apart`: seeds whose runs read different corpora."""
+    unpaired = "".join(f", seed {s}: runs on different corpora, not paired" for s in apart)
     if not differences:
-        return "-", "-", "-"
+        return (unpaired[2:] or "-"), "-", "-"
     test = paired_t_test(list(differences.values()))
-    seeds = ", ".join(f"{d:+.4f} (seed {s})" for s, d in differences.items())
+    seeds = ", ".join(f"{d:+.4f} (seed {s})" for s, d in differences.items()) + unpaired
     spread = f" ± {test['sd']:.4f}" if test["sd"] is not None else ""
     t_test = f"t({test['n'] - 1}) = {test['t']:.2f}, p = {test['p']:.3f}" if test["p"] is not None else "n = 1: none"
     return seeds, f"{test['mean']:+.4f}{spread} (n = {test['n']})", t_test
@@ -172,21 +194,22 @@ def claims_table(runs: dict[Budget, dict]) -> str:
                       if budget.tokens >= ISSUE_TOKENS]
         _, budget = max(candidates, default=(0, None))
         differences = paired(runs[budget], claim.a, claim.b) if budget else {}
-        cells = describe(differences)
+        apart = pairs(runs[budget], claim.a, claim.b)[1] if budget else []
+        cells = describe(differences, apart)
         where = f" ({budget.label()})" if differences else ""
         lines.append(f"| {claim.text} | {claim.a} − {claim.b}{where} | {' | '.join(cells)} | "
-                     f"{verdict(claim, differences)} |")
+                     f"{verdict(claim, differences, apart)} |")
     return "\n".join(lines)
 
 
 def differences_table(runs: dict[Budget, dict]) -> str:
     lines = ["| difference | budget | per seed | mean ± sd (n) | paired t-test |", "|---|---|---|---|---|"]
-    pairs = list(dict.fromkeys((c.a, c.b) for c in CLAIMS))
-    for a, b in pairs:
+    compared = list(dict.fromkeys((c.a, c.b) for c in CLAIMS))
+    for a, b in compared:
         for budget in sorted(runs):
-            differences = paired(runs[budget], a, b)
-            if differences:
-                lines.append(f"| {a} − {b} | {budget.label()} | {' | '.join(describe(differences))} |")
+            differences, apart = paired(runs[budget], a, b), pairs(runs[budget], a, b)[1]
+            if differences or apart:
+                lines.append(f"| {a} − {b} | {budget.label()} | {' | '.join(describe(differences, apart))} |")
     return "\n".join(lines)
 
 
@@ -194,7 +217,9 @@ def report(runs: dict[Budget, dict], plot_path: str | None = None) -> str:
     """claims.md: the claims table, the paired differences and (if drawn) the plot."""
     text = ("### Claims at the longer budget\n\n" + claims_table(runs)
             + f"\n\nVerdicts: the sign of the difference on every seed and a two-sided paired t-test over seeds "
-              f"(significant: p < {SIGNIFICANT}); one seed gives no verdict.\n\n"
+              f"(significant: p < {SIGNIFICANT}); one seed gives no verdict. Runs pair only when they read the same "
+              f"corpus (the records' training and validation tokens and corpus id: the python-source corpus is the "
+              f"installed Python files of the machine that trained the run, and machines differ).\n\n"
             + "### Paired differences at every budget\n\n" + differences_table(runs) + "\n")
     if plot_path:
         text += f"\n![{PLOT_ALT}]({plot_path})\n"
@@ -205,8 +230,7 @@ def report(runs: dict[Budget, dict], plot_path: str | None = None) -> str:
 def gap_curves(runs: dict[tuple[str, int], Run], a: str, b: str) -> dict[int, list[tuple[float, float]]]:
     """{seed: [(tokens, loss(a) - loss(b))]} at the evaluations both runs made."""
     curves = {}
-    for seed in paired(runs, a, b):
-        run_a, run_b = runs[a, seed], runs[b, seed]
+    for seed, (run_a, run_b) in pairs(runs, a, b)[0].items():
         steps = sorted(run_a.curve.keys() & run_b.curve.keys())
         curves[seed] = [(step * run_a.tokens_per_step, run_a.curve[step] - run_b.curve[step]) for step in steps]
     return curves

@@ -25,6 +25,10 @@ look at the trends, not the paper-base reproduction.
 A run whose full config (model, train, data) equals one already finished in --work is not trained again:
 its row and metrics are reused (the full EG-MLA kv64 model appears in every group); with --records, neither is
 one already recorded in that folder's group files (committed results: a fresh machine skips them too).
+The python-source corpus is the machine's installed Python files, so two machines can build different
+corpora: every record keeps what identifies its data (training and validation tokens, `corpus_id`), and
+experiments/claims.py pairs runs only on the same corpus; --retrain-other-corpora trains a run recorded on
+another corpus again on this machine's, as RUN-c<corpus id>.
 
 Runs longer than a call: --time-limit-s bounds this invocation. A run that would go past it stops at a
 checkpoint in --work, and the same command with the same --work resumes it (exactly: the data position and
@@ -120,6 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--records", type=Path, default=None,
                         help="skip the runs already recorded in this folder's group files "
                              "(e.g. experiments/results/longer-budget)")
+    parser.add_argument("--retrain-other-corpora", action="store_true",
+                        help="with --records: train a recorded run again when this machine's corpus differs from "
+                             "the one it was recorded on (python-source is the machine's installed Python files); "
+                             "the new record gets the suffix -c<corpus id> and pairs only with runs of its corpus. "
+                             "Without it such a run is skipped with a warning")
     return parser.parse_args(argv)
 
 
@@ -144,13 +153,27 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = started + args.time_limit_s if args.time_limit_s else None
-    recorded = recorded_runs(args.records) if args.records else set()
+    recorded = recorded_runs(args.records) if args.records else {}
     files: dict[str, dict] = {}  # stem -> what goes into out/STEM.json
     busy, stopped = [], None
     for label, run in plan:
-        if (label, run_key(dataclasses.asdict(run))) in recorded:
-            print(f"=== {label}: already recorded in {args.records}; skipped ===", flush=True)
-            continue
+        key = run_key(dataclasses.asdict(run))
+        if (label, key) in recorded:
+            here, there = corpus_of(run), recorded[label, key]
+            if any(same_corpus(here, corpus) for corpus in there):
+                print(f"=== {label}: already recorded in {args.records}; skipped ===", flush=True)
+                continue
+            if not args.retrain_other_corpora:
+                print(f"=== {label}: recorded in {args.records} on another corpus than this machine's "
+                      f"({here['train_split_tokens']} training tokens here); skipped: --retrain-other-corpora "
+                      f"trains it again on this one ===", flush=True)
+                continue
+            # recorded on other builds of the corpus only (python-source is the machine's installed files): trained
+            # again on this one under its own name, so that runs pair only with runs of the same data
+            print(f"=== {label}: recorded on other corpora only ("
+                  f"{', '.join(str(c.get('train_split_tokens', '?')) for c in there)} training tokens, here "
+                  f"{here['train_split_tokens']}); trained again as {label}-c{here['corpus_id'][:6]} ===", flush=True)
+            label = f"{label}-c{here['corpus_id'][:6]}"
         finished = train_or_reuse(label, run, args, deadline)
         if finished == "busy":
             busy.append(label)
@@ -230,13 +253,55 @@ def run_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def recorded_runs(folder: Path) -> set[tuple[str, str]]:
-    """(label, run_key) of every run whose config a group file in `folder` records."""
-    found = set()
+def recorded_runs(folder: Path) -> dict[tuple[str, str], list[dict]]:
+    """{(label, run_key): the corpora it was recorded on} for every run whose config a group file in `folder`
+    records (a corpus: `corpus_fields` of the record's row; older rows have the training tokens or nothing)."""
+    found: dict[tuple[str, str], list[dict]] = {}
     for path in sorted(Path(folder).glob("*.json")):
-        for label, config in json.loads(path.read_text()).get("configs", {}).items():
-            found.add((label, run_key(config)))
+        group = json.loads(path.read_text())
+        rows = {row["name"]: row for row in group.get("rows", [])}
+        for label, config in group.get("configs", {}).items():
+            found.setdefault((run_name(label), run_key(config)), []).append(corpus_fields(rows.get(label, {})))
     return found
+
+
+def run_name(label: str) -> str:
+    """A run's label without the corpus suffix a rerun on another corpus gets ('mha-seed1-c0a1b2c' -> 'mha-seed1')."""
+    head, _, tail = label.rpartition("-c")
+    return head if head and "-seed" in head and len(tail) == 6 and all(ch in "0123456789abcdef" for ch in tail) \
+        else label
+
+
+def corpus_fields(row: dict) -> dict:
+    """What identifies the data a record's run read: training and validation tokens and the corpus id (a hash
+    of those and the tokenizer), where the record has them."""
+    return {k: row[k] for k in ("train_split_tokens", "val_split_tokens", "corpus_id") if row.get(k) is not None}
+
+
+def same_corpus(a: dict, b: dict) -> bool:
+    """Whether two runs read the same data, by what both records say (records with neither: assumed so)."""
+    return all(a[k] == b[k] for k in ("train_split_tokens", "val_split_tokens", "corpus_id") if k in a and k in b)
+
+
+_CORPORA: dict[str, dict] = {}
+
+
+def corpus_of(run) -> dict:
+    """corpus_fields of the data `run` reads on this machine (prepared once per data config; cached on disk)."""
+    from egmla.data import prepare_data
+
+    key = json.dumps(dataclasses.asdict(run.data), sort_keys=True, default=str) + str(run.model.vocab_size)
+    if key not in _CORPORA:
+        _, shards = prepare_data(run.data, run.model.vocab_size, progress=False)
+        _CORPORA[key] = corpus_identity(shards.meta)
+    return _CORPORA[key]
+
+
+def corpus_identity(meta: dict) -> dict:
+    """corpus_fields from a token-shard folder's meta.json."""
+    fields = {"train_split_tokens": meta["train_tokens"], "val_split_tokens": meta["val_tokens"]}
+    text = json.dumps({**fields, "tokenizer": meta.get("tokenizer_sha256", "")}, sort_keys=True)
+    return {**fields, "corpus_id": hashlib.sha256(text.encode()).hexdigest()[:12]}
 
 
 def train_or_reuse(label: str, run, args, deadline: float | None) -> dict | str:
@@ -280,22 +345,23 @@ def train_or_reuse(label: str, run, args, deadline: float | None) -> dict | str:
             print(f"=== {label}: stopped at step {summary['steps']} of {run.train.steps} ({summary['stop_reason']}); "
                   f"the same command resumes it ===", flush=True)
             return "stopped"
-        finished = {"row": summary_row(label, run, args, summary, calls, shards.meta["train_tokens"]),
+        finished = {"row": summary_row(label, run, args, summary, calls, corpus_identity(shards.meta)),
                     "metrics": [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()],
                     "config": dataclasses.asdict(run)}
         atomic_write_json(done, finished)
         return finished
 
 
-def summary_row(label: str, run, args, summary: dict, calls: list[dict], split_tokens: int) -> dict:
+def summary_row(label: str, run, args, summary: dict, calls: list[dict], corpus: dict) -> dict:
     """A finished run's row in the group file: the trainer's summary, what it was, and what it read."""
+    split_tokens = corpus["train_split_tokens"]
     row = {k: summary[k] for k in ("name", "variant", "params", "params_without_gate_tables",
                                    "kv_elements_per_token", "final_val_loss", "tokens_per_s")}
     tokens = run.train.steps * run.train.batch_size * run.train.seq_len
     row.update(name=label, seed=run.train.seed, scale=args.scale, device=summary.get("device", ""),
                gate_dim=run.model.gate_dim if run.model.attention == "eg-mla" else None, tokens=tokens,
                train_wall_s=sum(c["train_wall_s"] or 0 for c in calls), calls=len(calls), split=run.data.split,
-               train_split_tokens=split_tokens, epochs=round(tokens / split_tokens, 3))
+               epochs=round(tokens / split_tokens, 3), **corpus)
     return row
 
 

@@ -17,13 +17,14 @@ LONG = 2000 * 64 * 1024
 
 
 def write_run(folder: Path, group: str, config: str, seed: int, loss: float, tokens: int, split: str | None,
-              steps=(100, 200)) -> None:
+              steps=(100, 200), corpus: dict | None = None, suffix: str = "") -> None:
     """A group file as paper_repro.py writes it, one run, its curve ending at `loss` (0.5 higher at the start)."""
-    name = f"{config}-seed{seed}"
+    name = f"{config}-seed{seed}{suffix}"
     row = {"name": name, "variant": config, "seed": seed, "final_val_loss": loss, "tokens": tokens, "params": 1,
            "params_without_gate_tables": 1, "kv_elements_per_token": 1, "tokens_per_s": 1.0, "device": "synthetic"}
     if split:
         row.update(split=split, epochs=1.25)
+    row.update(corpus or {})
     curve = [{"kind": "val", "step": s, "val_loss": loss + 0.5 * (steps[-1] - s) / steps[-1]} for s in steps]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{group}.part-{name}.json").write_text(json.dumps(
@@ -74,6 +75,31 @@ def test_claims_are_computed_from_the_records_or_not_yet_run(folders):
     table = claims.differences_table(runs)
     assert "| egmla-kv64 − mla-kv256 | 0.0 M tokens, held out by chunk | -0.0200 (seed 0), -0.0300 (seed 1) |" in table
     assert "| egmla-kv64 − mha | 131.1 M tokens, held out by file |" in table
+
+
+def test_runs_pair_only_on_the_same_corpus(tmp_path):
+    """The python-source corpus is the machine's installed files: a run recorded on another build of it pairs with
+    nothing, and a rerun on that build (RUN-c<id>) pairs with the run of its corpus, the older pair kept too."""
+    old, new = {"train_split_tokens": 100}, {"train_split_tokens": 105, "val_split_tokens": 2, "corpus_id": "abc"}
+    folder = tmp_path / "runs"
+    write_run(folder, "longer", "egmla-kv64", 0, 1.60, LONG, "document", corpus=old)
+    write_run(folder, "longer", "egmla-kv64", 1, 1.61, LONG, "document", corpus=old)
+    write_run(folder, "longer", "mla-kv256", 1, 1.58, LONG, "document", corpus=old)
+    write_run(folder, "longer", "egmla-kv64-identity", 0, 1.55, LONG, "document", corpus=old)
+    write_run(folder, "longer", "egmla-kv64-identity", 1, 1.50, LONG, "document", corpus={"train_split_tokens": 105})
+    runs = claims.load_runs([folder])
+    (budget,) = runs
+    assert claims.paired(runs[budget], "egmla-kv64-identity", "egmla-kv64") == {0: pytest.approx(-0.05)}
+    assert claims.pairs(runs[budget], "egmla-kv64-identity", "egmla-kv64")[1] == [1]
+    table = claims.claims_table(runs)
+    assert "seed 1: runs on different corpora, not paired" in table and "one seed only" in table
+
+    write_run(folder, "longer", "egmla-kv64", 1, 1.58, LONG, "document", corpus=new, suffix="-cabc000")
+    runs = claims.load_runs([folder])
+    assert len(runs[budget]["egmla-kv64", 1]) == 2
+    assert claims.paired(runs[budget], "egmla-kv64-identity", "egmla-kv64") == {0: pytest.approx(-0.05),
+                                                                               1: pytest.approx(-0.08)}
+    assert claims.paired(runs[budget], "egmla-kv64", "mla-kv256") == {1: pytest.approx(0.03)}  # the old pair
 
 
 def test_gap_curves_are_differences_at_common_evaluations(folders):

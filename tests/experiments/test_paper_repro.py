@@ -153,6 +153,27 @@ def test_a_stopped_run_resumes_in_the_next_call_to_the_same_result(tmp_path, cap
     assert "already trained in" in capsys.readouterr().out
     assert paper_repro.main([*common, "--records", str(whole), "--work", str(tmp_path / "fresh")]) == 0
     assert "already recorded in" in capsys.readouterr().out and not (tmp_path / "fresh" / "runs").exists()
+    assert {"train_split_tokens", "val_split_tokens", "corpus_id"} <= uncut.keys()
+
+    # the record says another corpus (another machine's installed files): skipped with a warning, or trained again
+    # under its own name with --retrain-other-corpora, once
+    path = whole / "longer.part-mha-seed0.json"
+    other = json.loads(path.read_text())
+    other["rows"][0].update(train_split_tokens=uncut["train_split_tokens"] + 1, corpus_id="000000000000")
+    path.write_text(json.dumps(other))
+    assert paper_repro.main([*common, "--records", str(whole), "--work", str(tmp_path / "fresh")]) == 0
+    assert "on another corpus than this machine's" in capsys.readouterr().out
+    assert not (tmp_path / "fresh" / "runs").exists()
+    again = [*common, "--records", str(whole), "--work", str(tmp_path / "fresh"), "--out", str(whole),
+             "--retrain-other-corpora"]
+    assert paper_repro.main(again) == 0
+    rerun = f"mha-seed0-c{uncut['corpus_id'][:6]}"
+    assert f"trained again as {rerun}" in capsys.readouterr().out
+    (row,) = json.loads((whole / f"longer.part-{rerun}.json").read_text())["rows"]
+    assert row["name"] == rerun and row["corpus_id"] == uncut["corpus_id"]
+    assert paper_repro.run_name(rerun) == "mha-seed0" and paper_repro.run_name("mha-seed0") == "mha-seed0"
+    assert paper_repro.main(again) == 0
+    assert "already recorded in" in capsys.readouterr().out
 
 
 @pytest.mark.slow
