@@ -98,7 +98,7 @@ def main(args) -> int:
 def compare_runs(folders: list[str]) -> str:
     """Markdown: one row per finished run folder (gate-table update, seed, steps, tokens/s, MFU, final validation
     loss, its difference to the first run's), then the validation loss at the steps every run evaluated."""
-    runs = []
+    runs, corpora = [], []
     for folder in map(Path, folders):
         record = folder / "summary.json"  # the trainer's summary (also inside gpu_train_run.json)
         if not record.is_file():
@@ -109,6 +109,9 @@ def compare_runs(folders: list[str]) -> str:
         lines = (folder / "metrics.jsonl").read_text().splitlines()
         val = {r["step"]: r["val_loss"] for r in map(json.loads, lines) if r["kind"] == "val"}
         runs.append((folder.name, summary, train, val))
+        call = folder / "gpu_train_run.json"
+        data = json.loads(call.read_text()).get("data", {}) if call.is_file() else {}
+        corpora.append(tuple(data.get(k) for k in ("train_tokens", "val_tokens", "tokenizer_sha256")) if data else None)
     first = runs[0][1]["final_val_loss"]  # None: a run stopped before it validated
     rows = ["| run | gate tables | seed | steps | tokens/s | MFU | final val loss | vs first |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -123,4 +126,10 @@ def compare_runs(folders: list[str]) -> str:
         rows += ["", "| step | " + " | ".join(name for name, *_ in runs) + " |",
                  "|---:|" + "---:|" * len(runs)]
         rows += [f"| {step} | " + " | ".join(f"{val[step]:.4f}" for *_, val in runs) + " |" for step in common]
+    known = list(dict.fromkeys(c for c in corpora if c))
+    if len(known) > 1:  # python-source is the machine's installed files: two machines can build two corpora
+        rows += ["", "**The runs read different corpora** (another corpus, tokenizer or validation set; python-source "
+                 "is the installed Python files of the machine that trained): compare runs of one corpus only. "
+                 + "; ".join(f"{', '.join(name for (name, *_), c in zip(runs, corpora) if c == corpus)}: "
+                             f"{corpus[0]:,} training tokens" for corpus in known) + "."]
     return "\n".join(rows)

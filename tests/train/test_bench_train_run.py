@@ -41,5 +41,17 @@ def test_dense_and_row_sparse_runs_and_their_report(tmp_path, cache_dir, capsys)
     assert "| stopped | dense | 0 | 6 |" in capsys.readouterr().out
     assert run("--report", str(stopped), str(outs["dense"])) == 0
     assert "| - | - |" in capsys.readouterr().out
+    assert "different corpora" not in table  # same call, same corpus
+    other = tmp_path / "other-machine"  # a run whose call built another corpus
+    for name in ("summary.json", "config.json", "metrics.jsonl"):
+        (other / name).parent.mkdir(exist_ok=True)
+        (other / name).write_text((outs["dense"] / name).read_text())
+    record = json.loads((outs["dense"] / "gpu_train_run.json").read_text())
+    record["data"]["train_tokens"] += 1
+    (other / "gpu_train_run.json").write_text(json.dumps(record))
+    assert run("--report", str(outs["dense"]), str(outs["row-sparse"]), str(other)) == 0
+    warning = capsys.readouterr().out.split("**The runs read different corpora**")[1]
+    assert f"dense, row-sparse: {record['data']['train_tokens'] - 1:,} training tokens" in warning
+    assert f"other-machine: {record['data']['train_tokens']:,} training tokens" in warning
     with pytest.raises(ValueError, match="no summary.json there"):
         run("--report", str(tmp_path))
