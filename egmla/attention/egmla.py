@@ -45,6 +45,7 @@ compute-bound there anyway; so does 'kernel' on a device Triton cannot run on (w
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +197,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         self.gate_table_from: tuple | None = None  # gate_sources_key() when it was built
         self.grouped_backend = "auto"  # 'grouped' one-token steps: auto (Triton on CUDA), kernel or pytorch
         self.absorbed_backend = "auto"  # the bias control's 'absorbed' one-token steps: the same choices
+        # the bias control kernel's per-id softmax mass: "atomic" (atomics in time order) or "grouped" (segment
+        # sums in the grouped plan's order, no atomics; exact, not yet timed on a GPU: docs/NOTES.md)
+        self.bias_mass = os.environ.get("EGMLA_BIAS_MASS", "atomic")
 
     # ---- what the registry needs ---------------------------------------------------------
     @staticmethod
@@ -434,9 +438,18 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             per_id = proj.new_zeros(batch, self.n_heads, ids.shape[1])
         lengths = torch.minimum(ctx.positions[:, 0] + 1, groups.lengths)  # registered and visible
         inputs = torch.empty(batch, self.n_heads, weights.output.shape[1], dtype=torch.float32, device=latent.device)
+        if self.bias_mass not in ("atomic", "grouped"):
+            raise ValueError(f"bias_mass={self.bias_mass!r} (or EGMLA_BIAS_MASS): choose 'atomic' or 'grouped'")
+        plan = None
+        if self.bias_mass == "grouped":  # the grouped decode's per-step plan, shared by every layer of the step
+            from egmla.kernels.grouped_decode import CHUNK
+
+            host = groups.host
+            bounds = (ctx.kv_len, max(host.distinct_bound, host.plan_distinct)) if ctx.capturable else None
+            plan = groups.plan(CHUNK, vocab_size=table.shape[0], bounds=bounds)
         _, _, mass = bias_decode(proj[..., :d_c], q_pe[:, 0], proj[..., -2:], latent, k_pe, ctx.kv_ln_stats,
                                  groups.slots[:, :latent.shape[1]], per_id, lengths, self.softmax_scale,
-                                 combined=inputs)  # inputs[..., :d_c + 2] = [out_latent | mean | 1]
+                                 combined=inputs, plan=plan)  # inputs[..., :d_c + 2] = [out_latent | mean | 1]
         mass_embeddings(mass, table, ids, groups.n_distinct, out=inputs[..., d_c + 2:])  # sum_v P_{h,v} e_v
         out = torch.einsum("bhk,hkd->bhd", inputs.to(weights.output.dtype), weights.output)
         return out.unsqueeze(1).to(q_nope.dtype)

@@ -7,8 +7,10 @@ from a small per-(sequence, distinct id) table computed beforehand. The value si
 sum_t p_t rho_t c_t, the softmax mass of each distinct id; the kernel writes each position's score (log2
 domain, 4 B per head) and, once the splits are combined, `_bias_mass_kernel` turns the scores of the
 visible positions into probabilities and adds them to their id's mass (atomics; nothing else is initialised
-or written per position). Bytes per position: the cache row (c_t, k^R_t), the statistics, the slot, and the
-score written and read back.
+or written per position); given the grouped decode's per-step plan (positions sorted by slot),
+`_bias_mass_grouped_kernel` sums each slot's run of positions instead, with no atomics (`bias_mass = "grouped"`
+on the layer or EGMLA_BIAS_MASS=grouped; exact, not yet timed against the atomics on a GPU). Bytes per
+position: the cache row (c_t, k^R_t), the statistics, the slot, and the score written and read back.
 
 Per distinct id, through the gate embedding (g = W_UE e): `_per_id_kernel` forms the score term q_e . e_u and
 `_mass_embed_kernel` the value term's sum_u mass_u e_u, each reading the ids' rows of E from the table (no
@@ -107,6 +109,45 @@ def _bias_mass_kernel(scores_ptr, slots_ptr, lengths_ptr, m_inv_ptr, mass_ptr, s
 
 
 @triton.jit
+def _bias_mass_grouped_kernel(scores_ptr, order_ptr, order_slots_ptr, offsets_ptr, n_distinct_ptr, registered_ptr,
+                              lengths_ptr, m_inv_ptr, mass_ptr, stride_xb, stride_xh, stride_ob, stride_fb, max_len,
+                              n_cols, N_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_U: tl.constexpr,
+                              BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """mass[b, h, u] = sum of exp2(s_{h,t} - m_h) inv_h over the visible positions t of slot u, for BLOCK_U slots.
+    Their positions are contiguous in the plan's grouped order (egmla/kernels/grouped_decode.make_plan), so each
+    slot's mass is a segment sum, one one-hot dot per tile of positions: no atomics, and every column of the
+    program's slots is written (0 from n_distinct on)."""
+    batch = tl.program_id(1).to(tl.int64)
+    u0 = tl.program_id(0) * BLOCK_U
+    offs_u = u0 + tl.arange(0, BLOCK_U)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < N_HEADS
+    n_slots = tl.minimum(tl.load(n_distinct_ptr + batch).to(tl.int32), n_cols)
+    visible = tl.minimum(tl.load(lengths_ptr + batch).to(tl.int32), max_len)
+    mass = tl.zeros([BLOCK_H, BLOCK_U], tl.float32)
+    if u0 < n_slots:
+        start = tl.load(offsets_ptr + batch * stride_fb + u0)
+        last = u0 + BLOCK_U < n_slots
+        end = tl.load(offsets_ptr + batch * stride_fb + tl.where(last, u0 + BLOCK_U, u0), mask=last, other=0)
+        end = tl.where(last, end, tl.load(registered_ptr + batch).to(tl.int32))  # the last block ends the order
+        m = tl.load(m_inv_ptr + (batch * N_HEADS + offs_h) * 2, mask=h_mask, other=0.0)
+        inv = tl.load(m_inv_ptr + (batch * N_HEADS + offs_h) * 2 + 1, mask=h_mask, other=0.0)
+        for p0 in range(start, end, BLOCK_T):
+            offs_p = p0 + tl.arange(0, BLOCK_T)
+            live = offs_p < end
+            pos = tl.load(order_ptr + batch * stride_ob + offs_p, mask=live, other=0)
+            slot = tl.load(order_slots_ptr + batch * stride_ob + offs_p, mask=live, other=-1)
+            live = live & (pos < visible)  # registered but not visible to this query: no mass
+            s = tl.load(scores_ptr + batch * stride_xb + offs_h[:, None] * stride_xh + pos[None, :],
+                        mask=h_mask[:, None] & live[None, :], other=float("-inf"))
+            p = tl.where(h_mask[:, None] & live[None, :], tl.exp2(s - m[:, None]) * inv[:, None], 0.0)
+            one_hot = tl.where((slot - u0)[:, None] == tl.arange(0, BLOCK_U)[None, :], 1.0, 0.0)  # [BLOCK_T, BLOCK_U]
+            mass += tl.dot(p, one_hot, input_precision=DOT_PRECISION)
+    tl.store(mass_ptr + (batch * N_HEADS + offs_h[:, None]) * n_cols + offs_u[None, :], mass,
+             mask=h_mask[:, None] & (offs_u < n_cols)[None, :])
+
+
+@triton.jit
 def _bias_combine_kernel(part_acc_ptr, part_stats_ptr, lengths_ptr, combined_ptr, m_inv_ptr, stride_cb, stride_ch,
                          num_splits, N_HEADS: tl.constexpr, D_C: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_C: tl.constexpr):
@@ -195,6 +236,7 @@ def _mass_embed_kernel(mass_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_
 
 BLOCK_TS = [64, 32, 16]  # as mla_decode's: the first that fits the device's shared memory
 MASS_BLOCK_T = 128
+MASS_BLOCK_U = 32  # slots per program of the grouped mass
 
 
 def _check_rows(name: str, tensor: torch.Tensor, shape: tuple) -> None:
@@ -205,13 +247,15 @@ def _check_rows(name: str, tensor: torch.Tensor, shape: tuple) -> None:
 def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Tensor, latent: torch.Tensor,
                 k_rope: torch.Tensor, ln_stats: torch.Tensor, slots: torch.Tensor, per_id: torch.Tensor,
                 lengths: torch.Tensor, scale: float, num_splits: int | None = None, block_t: int | None = None,
-                combined: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                combined: torch.Tensor | None = None, plan=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`bias_decode_ref`'s (out_latent [batch, heads, d_c], mean [batch, heads], mass [batch, heads, U]), fp32,
     from four launches (the pass, the split combine, the mass's zeros and the mass); no host sync, so a CUDA graph
     can capture it. q_terms and per_id may be fp32 views (last dim contiguous). `combined`, if given (fp32
     [batch, heads, >= d_c + 2], last dim contiguous), receives [out_latent | mean | 1 if the sequence has
     positions else 0] in its first d_c + 2 columns, and out_latent and mean are views of it: a caller can lay
-    out its next matmul's input there."""
+    out its next matmul's input there. `plan` (a `grouped_decode.GroupedPlan` of the same slots, e.g.
+    `TokenGroups.plan`): the mass as segment sums in grouped order (`_bias_mass_grouped_kernel`, three launches,
+    no atomics) instead of atomics in time order; the same numbers up to summation order."""
     batch, heads, d_c = q_absorbed.shape
     max_len, d_r = latent.shape[1], k_rope.shape[-1]
     expected = {"q_pe": (q_pe, (batch, heads, d_r)), "q_terms": (q_terms, (batch, heads, 2)),
@@ -253,8 +297,18 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
     _bias_combine_kernel[(batch,)](part_acc, part_stats, lengths, combined, m_inv, combined.stride(0),
                                    combined.stride(1), splits, N_HEADS=heads, D_C=d_c, BLOCK_H=block(heads),
                                    BLOCK_C=block(d_c), num_warps=4)
-    mass = torch.zeros(batch, heads, per_id.shape[-1], dtype=torch.float32, device=device)
     n_ids = per_id.shape[-1]
+    if plan is not None:
+        mass = torch.empty(batch, heads, n_ids, dtype=torch.float32, device=device)
+        if n_ids:
+            _bias_mass_grouped_kernel[(triton.cdiv(n_ids, MASS_BLOCK_U), batch)](
+                scores, plan.order, plan.order_slots, plan.offsets, plan.n_distinct, plan.lengths, lengths, m_inv,
+                mass, scores.stride(0), scores.stride(1), plan.order.stride(0), plan.offsets.stride(0),
+                max_len, n_ids, N_HEADS=heads, BLOCK_H=block(heads), BLOCK_U=MASS_BLOCK_U,
+                BLOCK_T=MASS_BLOCK_T // 2, DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
+                num_warps=4)
+        return combined[..., :d_c], combined[..., d_c], mass
+    mass = torch.zeros(batch, heads, per_id.shape[-1], dtype=torch.float32, device=device)
     if n_ids:
         _bias_mass_kernel[(triton.cdiv(max_len, MASS_BLOCK_T), batch)](
             scores, slots, lengths, m_inv, mass, scores.stride(0), scores.stride(1), slots.stride(0), max_len, n_ids,

@@ -47,6 +47,20 @@ def test_graphs_in_bf16_at_a_wide_shape(variant):
         assert same == len(prompts), (path, same)
 
 
+@pytest.mark.parametrize("variant", ["eg-mla-bias", "eg-mla-bias-v"])
+def test_grouped_bias_mass_replays_like_the_atomic_one(variant):
+    """The same-table controls' mass as segment sums over the grouped plan (bias_mass = 'grouped', plan under the
+    graph's distinct-id bound): graph replays give the atomic mass's greedy tokens, call after call."""
+    model = tiny_model(variant, seed=2).cuda()
+    reference = GenerationEngine(model, decode_path="absorbed", cuda_graphs=False).generate(PROMPTS, max_new_tokens=14)
+    for layer in model.layers:
+        layer.attn.bias_mass = "grouped"
+    graphs = GenerationEngine(model, decode_path="absorbed")
+    for _ in range(2):
+        got = graphs.generate(PROMPTS, max_new_tokens=14)
+        assert [r.token_ids for r in got] == [r.token_ids for r in reference]
+
+
 def test_auto_path_switches_between_kernel_and_grouped_on_cuda(monkeypatch):
     """The real rule on CUDA, its threshold lowered to this tiny model's sizes: a small call runs the fused
     kernel, a large one the grouped decode (each with its graphs), with the tokens of an engine fixed to it; one

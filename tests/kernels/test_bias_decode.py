@@ -55,6 +55,38 @@ def test_kernel_matches_the_reference(dtype, tolerance, num_splits, ids):
     assert torch.allclose(out[2][:2].sum(-1), torch.ones(2, 3, device=device), atol=1e-4)  # mass sums to 1
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("ids", ["random", "one", "distinct"])
+def test_grouped_mass_matches_the_reference(dtype, tolerance, ids):
+    """The mass as segment sums in the plan's grouped order (no atomics): the same as the reference and as the
+    atomic mass, with positions registered but not visible (ragged and empty queries), one id filling the context,
+    every id distinct, and more slots than one program holds."""
+    from egmla.attention.cache import TokenGroups
+    from egmla.kernels.bias_decode import bias_decode
+
+    device = kernel_device()
+    if dtype == torch.float16 and device == "cuda":
+        dtype = torch.bfloat16
+    args = inputs(dtype, device, max_len=80, cache_len=80, n_ids=45)
+    batch, max_len = args["slots"].shape
+    vocab = {"random": 45, "one": 1, "distinct": 10 * max_len}[ids]
+    tokens = (torch.randint(0, vocab, (batch, max_len)) if ids != "distinct"
+              else torch.randperm(vocab)[:batch * max_len].view(batch, max_len))
+    groups = TokenGroups(batch, max_len, device)
+    groups.append(tokens.to(device), torch.arange(max_len, device=device).expand(batch, -1))  # all registered
+    n_cols = int(groups.n_distinct.max())
+    args["slots"] = groups.slots[:, :max_len]
+    args["per_id"] = torch.randn(batch, args["q_absorbed"].shape[1], n_cols, device=device)
+    out = bias_decode(**args, num_splits=3, block_t=16, plan=groups.plan(16))
+    ref = bias_decode_ref(**args)
+    atomic = bias_decode(**args, num_splits=3, block_t=16)
+    assert out[2].isfinite().all() and rel_err(out[2][:2], ref[2][:2]) < tolerance
+    assert rel_err(out[2], atomic[2]) < tolerance
+    assert not out[2][2].any()  # the empty query: no mass, though its positions are registered
+    live = torch.arange(n_cols, device=device)[None, :] < groups.n_distinct[:, None]
+    assert not out[2][~live[:, None].expand_as(out[2])].any()  # columns past a sequence's distinct ids are 0
+
+
 def test_kernel_writes_into_a_callers_buffer_and_takes_strided_query_terms():
     """How the model calls it: q_terms a strided fp32 view, per_id in half precision, and the combined
     [out_latent | mean | 1 if the sequence has positions] written into the first columns of a wider buffer."""
@@ -125,9 +157,10 @@ def test_kernel_refuses_bad_shapes_by_name():
         bias_decode(**args)
 
 
-@pytest.mark.parametrize("gate_op,norm", [("bias", "layernorm"), ("bias-v", "layernorm"), ("bias", "rmsnorm"),
-                                          ("bias-v", "none")])
-def test_model_path_through_the_kernel_equals_the_pytorch_equations(gate_op, norm):
+@pytest.mark.parametrize("gate_op,norm,mass", [("bias", "layernorm", "atomic"), ("bias-v", "layernorm", "atomic"),
+                                               ("bias", "rmsnorm", "atomic"), ("bias-v", "none", "atomic"),
+                                               ("bias", "layernorm", "grouped"), ("bias-v", "layernorm", "grouped")])
+def test_model_path_through_the_kernel_equals_the_pytorch_equations(gate_op, norm, mass):
     """The kernel path takes the per-id terms through the gate embedding (W_UE absorbed; the V-only control has
     no score term) and folds the norm's affine into its weights; the PyTorch path goes through the gate table's
     rows. Compared with a random affine, then again after the weights change in place (the folded weights must
@@ -153,12 +186,30 @@ def test_model_path_through_the_kernel_equals_the_pytorch_equations(gate_op, nor
         with torch.no_grad():
             for backend in ("pytorch", "kernel"):
                 for layer in model.layers:
-                    layer.attn.absorbed_backend = backend
+                    layer.attn.absorbed_backend, layer.attn.bias_mass = backend, mass
                 cache = model.new_cache(3, max_len=24)
                 model(tokens[:, :6], cache, n_new=torch.tensor([6, 3, 1], device=kernel_device()))
                 logits[backend] = torch.cat([model(tokens[torch.arange(3), cache.lengths][:, None], cache)
                                              for _ in range(6)], dim=1)
         assert rel_err(logits["kernel"], logits["pytorch"]) < 1e-5, f"after change {change}"
+
+
+def test_an_unknown_mass_mode_is_refused_by_name(monkeypatch):
+    from tests.conftest import small_config
+    from egmla.model import Transformer
+
+    monkeypatch.setenv("EGMLA_BIAS_MASS", "sorted")  # read when the layers are built
+    config = small_config(attention="eg-mla", gate_op="bias", kv_lora_rank=16, qk_rope_head_dim=16)
+    model = Transformer(config).eval().to(kernel_device())
+    model.set_decode_path("absorbed")
+    for layer in model.layers:
+        layer.attn.absorbed_backend = "kernel"
+    cache = model.new_cache(1, max_len=8)
+    tokens = torch.randint(0, 9, (1, 3), device=kernel_device())
+    with torch.no_grad():
+        model(tokens, cache)
+        with pytest.raises(ValueError, match="bias_mass='sorted' .or EGMLA_BIAS_MASS.: choose 'atomic' or 'grouped'"):
+            model(tokens[:, :1], cache)
 
 
 @pytest.mark.gpu
