@@ -134,12 +134,27 @@ def _gluon_cases():
                     ITEMS_ONLY=False, num_warps=n_warps), GLUON_POINTERS, n_warps)
 
 
-KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "gluon": _gluon_cases}
+def _scratch_cases():
+    from egmla.kernels import grouped_scratch as g
+
+    ints = {name: "*i32" for name in ("order_ptr", "order_slots_ptr", "lengths_ptr", "ids_ptr", "row_chunk_ptr",
+                                      "row_ids_ptr")}
+    fp32 = {name: "*fp32" for name in ("stats_ptr", "q_sum_ptr", "q_bias_ptr", "chunk_ptr", "part_o_ptr",
+                                       "part_stats_ptr")}
+    for range_len, rows, warps in ((256, 64, 4), (256, 32, 4), (512, 64, 8)):
+        yield ("grouped scratch", f"ranges of {range_len}, {rows} rows, {warps} warps", g._scratch_kernel,
+               dict(N_HEADS=12, D_N=64, D_V=64, D_C=64, D_R=64, BLOCK_H=16, BLOCK_N=64, BLOCK_V=64, BLOCK_C=64,
+                    BLOCK_R=64, BLOCK_T=16, RANGE=range_len, BLOCK_U=16, BLOCK_ROWS=rows, HAS_WEIGHT=True,
+                    HAS_BIAS=True, DOT_PRECISION="tf32"), {**ints, **fp32}, warps)
+
+
+KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "gluon": _gluon_cases, "scratch": _scratch_cases}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="grouped,mla",
-                        help=f"comma-separated: {', '.join(KERNELS)} (gluon: grouped_gluon.py, Triton >= 3.6)")
+                        help=f"comma-separated: {', '.join(KERNELS)} (gluon: grouped_gluon.py, Triton >= 3.6; scratch: "
+                        f"grouped_scratch.py)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 = sm_90 (H100, "
                         "H200), 80 = sm_80 (A100)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")

@@ -234,6 +234,21 @@ def _attend_kernel(order_ptr, order_slots_ptr, lengths_ptr, latent_ptr, k_rope_p
     length = tl.load(lengths_ptr + batch)
     if chunk * BLOCK_T >= length:
         return
+    attend_chunk(chunk, batch, length, order_ptr, order_slots_ptr, latent_ptr, k_rope_ptr, stats_ptr, a_ptr, q_pe_ptr,
+                 q_sum_ptr, q_bias_ptr, s_ptr, chunk_ptr, stride_ob, stride_lb, stride_lt, stride_kb, stride_kt,
+                 stride_tb, stride_tt, stride_ab, stride_au, stride_pb, stride_ph, stride_rb, stride_ru, n_chunks,
+                 qk_scale, N_HEADS, D_C, D_R, BLOCK_H, BLOCK_C, BLOCK_R, BLOCK_T, KEY_GATHER, DOT_PRECISION)
+
+
+@triton.jit
+def attend_chunk(chunk, batch, length, order_ptr, order_slots_ptr, latent_ptr, k_rope_ptr, stats_ptr, a_ptr, q_pe_ptr,
+                 q_sum_ptr, q_bias_ptr, s_ptr, chunk_ptr, stride_ob, stride_lb, stride_lt, stride_kb, stride_kt,
+                 stride_tb, stride_tt, stride_ab, stride_au, stride_pb, stride_ph, stride_rb, stride_ru, n_chunks,
+                 qk_scale, N_HEADS: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, KEY_GATHER: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """The attend launch's work on one chunk (a program of it, or a phase of grouped_scratch's programs):
+    writes the chunk's softmax stats and its S rows (slot + chunk)."""
     offs_t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < length
     pos = tl.load(order_ptr + batch * stride_ob + offs_t, mask=t_mask, other=0).to(tl.int64)
@@ -281,6 +296,20 @@ def _attend_kernel(order_ptr, order_slots_ptr, lengths_ptr, latent_ptr, k_rope_p
         part = tl.dot(tl.trans(w_j), c_tile, input_precision=DOT_PRECISION)
         tl.store(s_base + (first + j + chunk).to(tl.int64) * stride_ru, part.to(s_ptr.dtype.element_ty),
                  mask=h_mask[:, None])
+
+
+@triton.jit
+def store_value_output(y, denom, weight_ptr, bias_ptr, out_ptr, head, batch, stride_ob, stride_oh, offs_v, v_mask,
+                       D_N: tl.constexpr, D_V: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out[b, h] = gamma^V_h ⊙ y + beta^V_h (beta only where the softmax had positions, denom > 0): the value
+    slice's norm affine, where a one-launch kernel's combine finishes (grouped_fused.py, grouped_scratch.py)."""
+    width: tl.constexpr = D_N + D_V
+    if HAS_WEIGHT:
+        y = y * tl.load(weight_ptr + head * width + D_N + offs_v, mask=v_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + head * width + D_N + offs_v, mask=v_mask, other=0.0).to(tl.float32)
+        y = y + tl.where(denom > 0, bias, 0.0)
+    tl.store(out_ptr + batch * stride_ob + head * stride_oh + offs_v, y.to(out_ptr.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from egmla.kernels import block
-from egmla.kernels.grouped_decode import GroupedPlan, _check_inputs, position_tile
+from egmla.kernels.grouped_decode import GroupedPlan, _check_inputs, position_tile, store_value_output
 from egmla.kernels.mla_decode import LOG2E, _output
 
 HEADS_PER_PROGRAM = 4  # the kernel is written for groups of 4 heads (two levels of tl.join)
@@ -240,13 +240,8 @@ def _combine_blocks_kernel(part_acc_ptr, part_ml_ptr, n_distinct_ptr, out_ptr, w
                       other=0.0)
         total += tl.sum(acc * scale[:, None], axis=0)
     y = tl.where(denom > 0, total / tl.where(denom > 0, denom, 1.0), 0.0)
-    width: tl.constexpr = D_N + D_V
-    if HAS_WEIGHT:
-        y = y * tl.load(weight_ptr + head * width + D_N + offs_v, mask=v_mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + head * width + D_N + offs_v, mask=v_mask, other=0.0).to(tl.float32)
-        y = y + tl.where(denom > 0, bias, 0.0)
-    tl.store(out_ptr + batch * stride_ob + head * stride_oh + offs_v, y.to(out_ptr.dtype.element_ty), mask=v_mask)
+    store_value_output(y, denom, weight_ptr, bias_ptr, out_ptr, head, batch, stride_ob, stride_oh, offs_v, v_mask, D_N,
+                       D_V, HAS_WEIGHT, HAS_BIAS)
 
 
 def grouped_decode_fused(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,

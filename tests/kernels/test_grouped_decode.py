@@ -34,16 +34,20 @@ def make_case(batch, heads, d_n, d_v, d_c, d_r, lengths, vocab, dtype, device, n
 
 def run_both(case, groups, block_t=16, kernel="three", **kernel_args):
     """(kernel output, reference). kernel="three": grouped_decode (three launches, chunks of block_t);
-    "fused": grouped_fused.grouped_decode_fused (tiles of block_t positions)."""
+    "fused": grouped_fused.grouped_decode_fused (tiles of block_t positions); "scratch":
+    grouped_scratch.grouped_decode_scratch (ranges of grouped positions, chunks of block_t)."""
     from egmla.kernels.grouped_decode import grouped_decode, make_plan
     from egmla.kernels.grouped_decode_ref import grouped_decode_ref
     from egmla.kernels.grouped_fused import grouped_decode_fused
+    from egmla.kernels.grouped_scratch import grouped_decode_scratch
 
     ref = grouped_decode_ref(slots=groups.slots, distinct_ids=groups.distinct_ids, lengths=groups.lengths, **case)
     plan = make_plan(groups, block_t)
     out = poisoned(ref.shape, case["latent"].dtype, case["latent"].device)
     if kernel == "fused":
         grouped_decode_fused(plan=plan, out=out, block_t=block_t, **case, **kernel_args)
+    elif kernel == "scratch":
+        grouped_decode_scratch(plan=plan, out=out, **case, **kernel_args)
     else:
         grouped_decode(plan=plan, out=out, **case, **kernel_args)
     return out, ref
@@ -64,6 +68,38 @@ def test_fused_kernel_matches_reference(ids, lengths, block_ids, block_t):
     assert rel_err(out, ref) < 1e-4
     if 0 in lengths:
         assert out[lengths.index(0)].abs().max() == 0
+
+
+@pytest.mark.parametrize("ids,lengths,range_len,norm,dtype", [
+    ("random", [70, 17, 1], 32, "layernorm", torch.float32),     # mostly distinct: slots straddle ranges
+    ("repeated", [90, 33, 0], 16, "layernorm", torch.float32),   # 3 ids over many ranges, an empty sequence
+    ("one-id", [64, 16], 32, "rmsnorm", torch.float32),          # one id fills the context; no norm bias
+    ("distinct", [50, 49], 64, "layernorm", torch.float16),      # every id distinct, fp16
+])
+def test_scratch_kernel_matches_reference(ids, lengths, range_len, norm, dtype):
+    """The one-launch kernel over ranges of grouped positions (intermediates read back from L2): ranges that cut
+    an id's positions, several ranges per sequence, an empty and a one-position sequence."""
+    high = {"random": None, "repeated": 3, "one-id": 1, "distinct": None}[ids]
+    vocab = 400 if ids == "distinct" else 50
+    case, groups = make_case(len(lengths), 5, 16, 8, 20, 8, lengths, vocab, dtype, kernel_device(), norm=norm,
+                             high=high)
+    if ids == "distinct":  # make every id of a sequence different
+        from egmla.attention.cache import TokenGroups
+
+        max_len = groups.slots.shape[1]
+        tokens = torch.stack([torch.randperm(vocab)[:max_len] for _ in lengths]).to(kernel_device())
+        groups = TokenGroups(len(lengths), max_len, kernel_device())
+        groups.append(tokens, torch.arange(max_len, device=kernel_device()).expand(len(lengths), -1),
+                      torch.tensor(lengths, device=kernel_device()))
+        from egmla.kernels.egmla_decode_ref import layernorm_stats
+
+        case["ln_stats"] = layernorm_stats(case["latent"], case["gate_table"][tokens], case["wkv_b"], 1e-6, "mul",
+                                           norm)
+    out, ref = run_both(case, groups, kernel="scratch", range_len=range_len)
+    assert out.isfinite().all()
+    assert rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 1e-2)
+    if 0 in lengths:
+        assert not out[lengths.index(0)].any()
 
 
 def test_fused_kernel_every_id_distinct_rmsnorm_fp16():
