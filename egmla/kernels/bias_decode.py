@@ -236,8 +236,10 @@ def _mass_embed_kernel(mass_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_
 
 BLOCK_TS = [64, 32, 16]  # as mla_decode's: the first that fits the device's shared memory
 MASS_BLOCK_T = 128
-MASS_BLOCK_U = 32  # slots per program of the grouped mass, and its positions per step: 72 registers per thread
-MASS_GROUPED_BLOCK_T = 32  # on 4 warps for sm_90 (Triton 3.6), against 222 at 64 positions
+# the grouped mass: slots per program and positions per step; 32 x 32 takes 72 registers per thread on 4 warps for
+# sm_90 (Triton 3.6), against 222 at 64 positions per step
+MASS_BLOCK_U = 32
+MASS_GROUPED_BLOCK_T = 32
 
 
 def _check_rows(name: str, tensor: torch.Tensor, shape: tuple) -> None:
@@ -309,7 +311,7 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
                 BLOCK_T=MASS_GROUPED_BLOCK_T, DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
                 num_warps=4)
         return combined[..., :d_c], combined[..., d_c], mass
-    mass = torch.zeros(batch, heads, per_id.shape[-1], dtype=torch.float32, device=device)
+    mass = torch.zeros(batch, heads, n_ids, dtype=torch.float32, device=device)
     if n_ids:
         _bias_mass_kernel[(triton.cdiv(max_len, MASS_BLOCK_T), batch)](
             scores, slots, lengths, m_inv, mass, scores.stride(0), scores.stride(1), slots.stride(0), max_len, n_ids,
