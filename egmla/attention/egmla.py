@@ -198,7 +198,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         self.grouped_backend = "auto"  # 'grouped' one-token steps: auto (Triton on CUDA), kernel or pytorch
         self.absorbed_backend = "auto"  # the bias control's 'absorbed' one-token steps: the same choices
         # the bias control kernel's per-id softmax mass: "atomic" (atomics in time order) or "grouped" (segment
-        # sums in the grouped plan's order, no atomics; exact, not yet timed on a GPU: docs/NOTES.md)
+        # sums in the grouped plan's order, no atomics; exact, 4-9% slower on an H200: docs/benchmarks.md §2)
         self.bias_mass = os.environ.get("EGMLA_BIAS_MASS", "atomic")
 
     # ---- what the registry needs ---------------------------------------------------------
@@ -432,10 +432,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         proj = torch.einsum("bhn,hnk->bhk", q_nope[:, 0].to(weights.query.dtype),
                             weights.query).float()  # [batch, heads, d_c (+ d_e) + 2]
         groups, table = ctx.kv_groups, self.gate_embed.weight  # the distinct ids' rows are read where needed
-        if weights.score_term:  # q^C_h . g^K_{h,v} for each distinct id [batch, heads, U]
-            per_id = per_id_scores(proj[..., d_c:-2], table, ids, groups.n_distinct)
-        else:  # the table on V only: no score term
-            per_id = proj.new_zeros(batch, self.n_heads, ids.shape[1])
+        # q^C_h . g^K_{h,v} for each distinct id [batch, heads, U]; the table on V alone has no score term
+        per_id = per_id_scores(proj[..., d_c:-2], table, ids, groups.n_distinct) if weights.score_term else None
         lengths = torch.minimum(ctx.positions[:, 0] + 1, groups.lengths)  # registered and visible
         inputs = torch.empty(batch, self.n_heads, weights.output.shape[1], dtype=torch.float32, device=latent.device)
         if self.bias_mass not in ("atomic", "grouped"):
@@ -449,7 +447,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             plan = groups.plan(CHUNK, vocab_size=table.shape[0], bounds=bounds)
         _, _, mass = bias_decode(proj[..., :d_c], q_pe[:, 0], proj[..., -2:], latent, k_pe, ctx.kv_ln_stats,
                                  groups.slots[:, :latent.shape[1]], per_id, lengths, self.softmax_scale,
-                                 combined=inputs, plan=plan)  # inputs[..., :d_c + 2] = [out_latent | mean | 1]
+                                 combined=inputs, plan=plan, n_ids=ids.shape[1])  # inputs[..., :d_c + 2] = [out_latent | mean | 1]
         mass_embeddings(mass, table, ids, groups.n_distinct, out=inputs[..., d_c + 2:])  # sum_v P_{h,v} e_v
         out = torch.einsum("bhk,hkd->bhd", inputs.to(weights.output.dtype), weights.output)
         return out.unsqueeze(1).to(q_nope.dtype)

@@ -66,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", metavar="PATH", help="with --report: write the table here")
     parser.add_argument("--plot", metavar="PNG", help="with --report: also draw tokens/s per batch as bars here, "
                         "each labelled with its multiple of Llama's (matplotlib)")
+    parser.add_argument("--ab", action="store_true",
+                        help="with --report: the files are LABEL=JSON, runs of one command alternated between code "
+                             "versions; a table of each label's steps per run, their median and the ratio to the "
+                             "first label's (egmla/bench/ab.py)")
     parser.add_argument("--crossover", action="store_true",
                         help="with --report: EG-MLA's 'kernel' against 'grouped' step per prompt length and batch "
                              "(files of several prompt lengths), beside the path decode_path='auto' takes there")
@@ -160,6 +164,10 @@ def main(args) -> int:
     if args.report:
         if args.crossover:
             return crossover_report(args.report, args.markdown)
+        if args.ab:
+            from egmla.bench.ab import ab_table, parse_labelled
+
+            return write_table(ab_table(parse_labelled(args.report)), args.markdown)
         return report(args.report, args.markdown, args.plot)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

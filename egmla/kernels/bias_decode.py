@@ -3,13 +3,15 @@
 `egmla-kv64-bias` adds the gate table after the norm, f_t = Norm(W_UKV c_t) + g_{i_t}, so its decode is MLA's
 absorbed flash-decoding (one program per (split of the context, sequence), all heads as the M of the dots) with
 three additions per position: the norm's rho_t, mu_t from the cache, and a score term e[h, slot_t] gathered
-from a small per-(sequence, distinct id) table computed beforehand. The value side needs, besides
+from a small per-(sequence, distinct id) table computed beforehand (none for the table on V alone,
+`egmla-kv64-bias-v`: per_id=None compiles the pass without the gather). The value side needs, besides
 sum_t p_t rho_t c_t, the softmax mass of each distinct id; the kernel writes each position's score (log2
 domain, 4 B per head) and, once the splits are combined, `_bias_mass_kernel` turns the scores of the
 visible positions into probabilities and adds them to their id's mass (atomics; nothing else is initialised
 or written per position); given the grouped decode's per-step plan (positions sorted by slot),
 `_bias_mass_grouped_kernel` sums each slot's run of positions instead, with no atomics (`bias_mass = "grouped"`
-on the layer or EGMLA_BIAS_MASS=grouped; exact, not yet timed against the atomics on a GPU). Bytes per
+on the layer or EGMLA_BIAS_MASS=grouped; exact, and 4–9% slower per generated token than the atomics on an H200:
+docs/bench/ab_h200_bias_mass/table.md, so not the default). Bytes per
 position: the cache row (c_t, k^R_t), the statistics, the slot, and the score written and read back.
 
 Per distinct id, through the gate embedding (g = W_UE e): `_per_id_kernel` forms the score term q_e . e_u and
@@ -37,6 +39,7 @@ def _bias_decode_kernel(
     stride_tb, stride_tt, stride_sb, stride_eb, stride_eh, stride_xb, stride_xh, max_len, num_splits, qk_scale,
     N_HEADS: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ID_SCORE: tl.constexpr,
 ):
     split = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
@@ -64,11 +67,13 @@ def _bias_decode_kernel(
         c_tile, r_tile, mu, rho = position_tile(latent_ptr + batch * stride_lb, k_rope_ptr + batch * stride_kb,
                                                 stats_ptr + batch * stride_tb, offs_t, t_mask, stride_lt, stride_kt,
                                                 stride_tt, offs_c, offs_r, c_mask, r_mask)
-        slot = tl.load(slots_ptr + batch * stride_sb + offs_t, mask=t_mask, other=0)
-        e = tl.load(per_id_row + slot[None, :], mask=h_mask[:, None] & t_mask[None, :], other=0.0).to(tl.float32)
         content = tl.dot(q, tl.trans(c_tile), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_T]
         rope = tl.dot(q_pe, tl.trans(r_tile), input_precision=DOT_PRECISION)
-        s = (rho[None, :] * (content - mu[None, :] * alpha_q[:, None]) + bias_q[:, None] + e + rope) * qk_scale
+        s = rho[None, :] * (content - mu[None, :] * alpha_q[:, None]) + bias_q[:, None] + rope
+        if HAS_ID_SCORE:  # the table on K: e[h, slot_t]; the table on V alone has no score term
+            slot = tl.load(slots_ptr + batch * stride_sb + offs_t, mask=t_mask, other=0)
+            s += tl.load(per_id_row + slot[None, :], mask=h_mask[:, None] & t_mask[None, :], other=0.0).to(tl.float32)
+        s = s * qk_scale
         s = tl.where(t_mask[None, :], s, float("-inf"))  # log2 domain: exp2 below
         tl.store(scores_ptr + batch * stride_xb + offs_h[:, None] * stride_xh + offs_t[None, :], s,
                  mask=h_mask[:, None] & t_mask[None, :])
@@ -235,6 +240,7 @@ def _mass_embed_kernel(mass_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_
 
 
 BLOCK_TS = [64, 32, 16]  # as mla_decode's: the first that fits the device's shared memory
+BIAS_STAGES = 2
 MASS_BLOCK_T = 128
 # the grouped mass: slots per program and positions per step; 32 x 32 takes 72 registers per thread on 4 warps for
 # sm_90 (Triton 3.6), against 222 at 64 positions per step
@@ -248,9 +254,10 @@ def _check_rows(name: str, tensor: torch.Tensor, shape: tuple) -> None:
 
 
 def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Tensor, latent: torch.Tensor,
-                k_rope: torch.Tensor, ln_stats: torch.Tensor, slots: torch.Tensor, per_id: torch.Tensor,
+                k_rope: torch.Tensor, ln_stats: torch.Tensor, slots: torch.Tensor, per_id: torch.Tensor | None,
                 lengths: torch.Tensor, scale: float, num_splits: int | None = None, block_t: int | None = None,
-                combined: torch.Tensor | None = None, plan=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                combined: torch.Tensor | None = None, plan=None, n_ids: int | None = None,
+                num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`bias_decode_ref`'s (out_latent [batch, heads, d_c], mean [batch, heads], mass [batch, heads, U]), fp32,
     from four launches (the pass, the split combine, the mass's zeros and the mass); no host sync, so a CUDA graph
     can capture it. q_terms and per_id may be fp32 views (last dim contiguous). `combined`, if given (fp32
@@ -258,13 +265,19 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
     positions else 0] in its first d_c + 2 columns, and out_latent and mean are views of it: a caller can lay
     out its next matmul's input there. `plan` (a `grouped_decode.GroupedPlan` of the same slots, e.g.
     `TokenGroups.plan`): the mass as segment sums in grouped order (`_bias_mass_grouped_kernel`, three launches,
-    no atomics) instead of atomics in time order; the same numbers up to summation order."""
+    no atomics) instead of atomics in time order; the same numbers up to summation order. per_id=None: no score
+    term (the table on V alone: the pass gathers nothing per position), and n_ids gives the mass's width.
+    num_stages: the pass's software-pipeline stages (default BIAS_STAGES)."""
     batch, heads, d_c = q_absorbed.shape
     max_len, d_r = latent.shape[1], k_rope.shape[-1]
+    if per_id is None and n_ids is None:
+        raise ValueError("bias_decode: per_id=None (no score term) needs n_ids, the mass's width")
+    n_ids = per_id.shape[-1] if per_id is not None else n_ids
     expected = {"q_pe": (q_pe, (batch, heads, d_r)), "q_terms": (q_terms, (batch, heads, 2)),
                 "k_rope": (k_rope, (batch, max_len, d_r)), "ln_stats": (ln_stats, (batch, max_len, 2)),
-                "slots": (slots, (batch, max_len)), "per_id": (per_id, (batch, heads, per_id.shape[-1])),
-                "lengths": (lengths, (batch,))}
+                "slots": (slots, (batch, max_len)), "lengths": (lengths, (batch,))}
+    if per_id is not None:
+        expected["per_id"] = (per_id, (batch, heads, n_ids))
     if combined is not None:
         expected["combined"] = (combined[..., :d_c + 2], (batch, heads, d_c + 2))
     for name, (tensor, shape) in expected.items():
@@ -276,31 +289,33 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
     q_absorbed, q_pe = q_absorbed.to(latent.dtype).contiguous(), q_pe.to(latent.dtype).contiguous()
     device = latent.device
     scores = torch.empty(batch, heads, max_len, dtype=torch.float32, device=device)  # read below length only
+    stages = num_stages or BIAS_STAGES
+    id_scores = per_id if per_id is not None else scores  # not read without a score term
 
     def launch(tile):
         splits = num_splits or choose_num_splits(batch, 1, max_len, tile, device)
         part_acc = torch.empty(batch, splits, heads, d_c, dtype=torch.float32, device=device)
         part_stats = torch.empty(batch, splits, heads, 3, dtype=torch.float32, device=device)
         _bias_decode_kernel[(splits, batch)](
-            q_absorbed, q_pe, q_terms, latent, k_rope, ln_stats, slots, per_id, lengths, part_acc, part_stats, scores,
+            q_absorbed, q_pe, q_terms, latent, k_rope, ln_stats, slots, id_scores, lengths, part_acc, part_stats, scores,
             q_absorbed.stride(0), q_absorbed.stride(1), q_pe.stride(0), q_pe.stride(1), q_terms.stride(0),
             q_terms.stride(1), latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
-            ln_stats.stride(0), ln_stats.stride(1), slots.stride(0), per_id.stride(0), per_id.stride(1),
+            ln_stats.stride(0), ln_stats.stride(1), slots.stride(0), id_scores.stride(0), id_scores.stride(1),
             scores.stride(0), scores.stride(1), max_len, splits, scale * LOG2E, N_HEADS=heads, D_C=d_c, D_R=d_r,
             BLOCK_H=block(heads), BLOCK_C=block(d_c), BLOCK_R=block(d_r), BLOCK_T=tile,
-            DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+            DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32", HAS_ID_SCORE=per_id is not None,
+            num_warps=4, num_stages=stages)
         return part_acc, part_stats, splits
 
     tiles = [block_t] if block_t else BLOCK_TS
-    part_acc, part_stats, splits = launch_first_fitting(("bias", latent.dtype, heads, d_c, d_r, tuple(tiles)), tiles,
-                                                        launch)
+    part_acc, part_stats, splits = launch_first_fitting(("bias", latent.dtype, heads, d_c, d_r, tuple(tiles), stages),
+                                                        tiles, launch)
     if combined is None:
         combined = torch.empty(batch, heads, d_c + 2, dtype=torch.float32, device=device)
     m_inv = torch.empty(batch, heads, 2, dtype=torch.float32, device=device)
     _bias_combine_kernel[(batch,)](part_acc, part_stats, lengths, combined, m_inv, combined.stride(0),
                                    combined.stride(1), splits, N_HEADS=heads, D_C=d_c, BLOCK_H=block(heads),
                                    BLOCK_C=block(d_c), num_warps=4)
-    n_ids = per_id.shape[-1]
     if plan is not None:
         mass = torch.empty(batch, heads, n_ids, dtype=torch.float32, device=device)
         if n_ids:

@@ -16,13 +16,17 @@ import torch
 
 
 def bias_decode_ref(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Tensor, latent: torch.Tensor,
-                    k_rope: torch.Tensor, ln_stats: torch.Tensor, slots: torch.Tensor, per_id: torch.Tensor,
-                    lengths: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    k_rope: torch.Tensor, ln_stats: torch.Tensor, slots: torch.Tensor, per_id: torch.Tensor | None,
+                    lengths: torch.Tensor, scale: float,
+                    n_ids: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out_latent [batch, heads, d_c], mean [batch, heads], mass [batch, heads, U]) fp32 for q_absorbed
     [batch, heads, d_c], q_pe [batch, heads, d_r], q_terms [batch, heads, 2] (alpha, b0), latent [batch, T, d_c],
     k_rope [batch, T, d_r], ln_stats [batch, T, 2] (mu, rho), slots [batch, T] (< U), per_id [batch, heads, U],
-    lengths [batch] (positions [0, lengths[b]) are read)."""
+    lengths [batch] (positions [0, lengths[b]) are read). per_id=None: no score term (the table on V alone), and
+    n_ids gives the mass's width U."""
     max_len = latent.shape[1]
+    if per_id is None:
+        per_id = q_absorbed.new_zeros(q_absorbed.shape[0], q_absorbed.shape[1], n_ids, dtype=torch.float32)
     latent, k_rope, stats = latent.float(), k_rope.float(), ln_stats[:, :max_len].float()
     mu, rho = stats[..., 0][:, None], stats[..., 1][:, None]  # [batch, 1, T]
     slot = slots[:, :max_len].long().clamp(0, per_id.shape[-1] - 1)[:, None].expand(-1, q_absorbed.shape[1], -1)

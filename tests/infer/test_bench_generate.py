@@ -81,6 +81,31 @@ def test_crossover_report_sets_kernel_beside_grouped_with_autos_choice(tmp_path)
                          "| 2,048 | 8 | 16,640 | 2.20 | 2.00 | 1.10 | grouped |"]
 
 
+def test_ab_report_gives_each_labels_runs_median_and_ratio(tmp_path):
+    """`--ab --report LABEL=JSON ...`: runs alternated between code versions, one line per (variant, path, batch)
+    with each label's steps in run order, their median and the ratio to the first label's median."""
+    def run_file(name: str, steps: dict, device: str = "NVIDIA H200") -> str:
+        rows = [{"model": "egmla", "variant": "EG-MLA kv64", "decode_path": "auto", "batch": batch, "step_ms_median": ms}
+                for batch, ms in steps.items()]
+        meta = {"device": device, "dtype": "torch.bfloat16", "source": "preset paper-base", "prompt_len": 2048,
+                "new_tokens": 16, "rows": rows}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(meta))
+        return str(path)
+
+    files = [f"old={run_file('o1', {1: 2.0, 32: 3.0})}", f"new={run_file('n1', {1: 1.0, 32: 3.3})}",
+             f"old={run_file('o2', {1: 2.2, 32: 3.0})}", f"new={run_file('n2', {1: 1.2})}",
+             f"old={run_file('o3', {1: 2.4})}"]
+    assert run("generate", ["--ab", "--report", *files, "--markdown", str(tmp_path / "ab.md")]) == 0
+    lines = [line for line in (tmp_path / "ab.md").read_text().splitlines() if line.startswith("| EG-MLA")]
+    assert lines == ["| EG-MLA kv64 | auto | 1 | 2.000 2.200 2.400 (**2.200**) | 1.000 1.200 (**1.100**) | 0.500 |",
+                     "| EG-MLA kv64 | auto | 32 | 3.000 3.000 (**3.000**) | 3.300 (**3.300**) | 1.100 |"]
+    with pytest.raises(ValueError, match="LABEL=JSON"):
+        run("generate", ["--ab", "--report", run_file("bare", {1: 1.0})])
+    with pytest.raises(ValueError, match="several devices"):
+        run("generate", ["--ab", "--report", files[0], f"new={run_file('h100', {1: 1.0}, 'NVIDIA H100')}"])
+
+
 def test_bench_calls_times_each_setting_and_reports(tmp_path, capsys):
     """`egmla bench calls` on the CPU (no graphs, so both settings allocate per length): a row per setting and call
     after the compiling pass, and the table from the JSON."""

@@ -56,6 +56,37 @@ def test_kernel_matches_the_reference(dtype, tolerance, num_splits, ids):
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_pass_without_a_score_term_matches_the_reference(dtype, tolerance, num_stages):
+    """The table on V alone (per_id=None): the pass compiled without the per-position gather equals the reference
+    with no score term, and equals the gathering pass given a zero score table."""
+    from egmla.kernels.bias_decode import bias_decode
+
+    device = kernel_device()
+    if dtype == torch.float16 and device == "cuda":
+        dtype = torch.bfloat16
+    args = inputs(dtype, device)
+    n_ids = args["per_id"].shape[-1]
+    zero = dict(args, per_id=torch.zeros_like(args["per_id"]))
+    out = bias_decode(**dict(args, per_id=None), n_ids=n_ids, num_splits=3, block_t=16, num_stages=num_stages)
+    ref = bias_decode_ref(**dict(args, per_id=None), n_ids=n_ids)
+    gathered = bias_decode(**zero, num_splits=3, block_t=16)
+    for name, o, r, g in zip(("out_latent", "mean", "mass"), out, ref, gathered):
+        assert o.isfinite().all(), name
+        assert o.shape == r.shape, name
+        assert rel_err(o[:2], r[:2]) < tolerance, name
+        assert rel_err(o[:2], g[:2]) < tolerance, name
+
+
+def test_pass_without_a_score_term_needs_the_mass_width():
+    from egmla.kernels.bias_decode import bias_decode
+
+    args = inputs(torch.float32, kernel_device())
+    with pytest.raises(ValueError, match="n_ids"):
+        bias_decode(**dict(args, per_id=None))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("ids", ["random", "one", "distinct"])
 def test_grouped_mass_matches_the_reference(dtype, tolerance, ids):
     """The mass as segment sums in the plan's grouped order (no atomics): the same as the reference and as the
