@@ -145,7 +145,7 @@ def _variant_call(attn, args, groups, kwargs: dict):
     "gluon" the persistent Gluon kernel of grouped_gluon.py, or "scratch" grouped_scratch.py's one launch (plus a
     combine) over ranges of grouped positions."""
     from egmla.kernels.grouped_decode import CHUNK, grouped_decode, make_plan
-    from egmla.kernels.grouped_fused import grouped_decode_fused
+    from egmla.kernels.studies.grouped_fused import grouped_decode_fused
 
     kwargs = dict(kwargs)
     which = kwargs.pop("kernel", "three")
@@ -153,9 +153,9 @@ def _variant_call(attn, args, groups, kwargs: dict):
     plan = make_plan(groups, kwargs.pop("block_t", CHUNK) if which in ("three", "scratch") else 32)
     kernel = grouped_decode if three else grouped_decode_fused
     if which == "gluon":
-        from egmla.kernels.grouped_gluon import grouped_decode_gluon as kernel
+        from egmla.kernels.studies.grouped_gluon import grouped_decode_gluon as kernel
     if which == "scratch":
-        from egmla.kernels.grouped_scratch import grouped_decode_scratch as kernel
+        from egmla.kernels.studies.grouped_scratch import grouped_decode_scratch as kernel
     inputs = kernel_inputs(attn, args)
     return lambda: kernel(plan=plan, **inputs, **kwargs)
 

@@ -26,8 +26,8 @@ CONTROL = "egmla-kv64-bias"  # issue 18's same-table control: its 'absorbed' dec
 # Launch settings of the grouped kernels timed beside the defaults: the up-projection summing W^V_h s per row (the
 # default before the gate_dot form), the settings before 2026-12-03's sweep (two warps per launch, chunks of 32,
 # 32 ids x 4 heads per absorb program, two row splits, per-row sums), chunks of 32 with today's other settings, key
-# gathers, the one-launch fused kernel (egmla/kernels/grouped_fused.py) and the persistent Gluon kernel
-# (egmla/kernels/grouped_gluon.py: its default, 8 warps capped at 128 registers, and its per-item work alone, a
+# gathers, the one-launch fused kernel (egmla/kernels/studies/grouped_fused.py) and the persistent Gluon kernel
+# (egmla/kernels/studies/grouped_gluon.py: its default, 8 warps capped at 128 registers, and its per-item work alone, a
 # timing aid whose output is wrong), both measured slower: docs/grouped-decode.md.
 LAUNCH_SETTINGS = {"grouped per-row sums": {"gate_dot": False, "num_warps": (4, 1, 2)},
                    "grouped t32": {"block_t": 32, "num_warps": (4, 2, 4)},
@@ -46,7 +46,7 @@ LAUNCH_SETTINGS = {"grouped per-row sums": {"gate_dot": False, "num_warps": (4, 
                    **{f"grouped stages {a}-{b}-{c}": {"num_stages": (a, b, c)}
                       for a, b, c in ((3, 1, 3), (3, 2, 3), (3, 3, 1), (3, 3, 2), (3, 3, 4), (2, 1, 2), (1, 1, 1))},
                    # one launch over ranges of grouped positions, its A and S rows read back from L2 by the program
-                   # that wrote them (egmla/kernels/grouped_scratch.py; not yet timed: opt-in until it is)
+                   # that wrote them (egmla/kernels/studies/grouped_scratch.py; 3.3-3.9x slower on an H200)
                    "grouped scratch r256": {"kernel": "scratch"},
                    "grouped scratch r128": {"kernel": "scratch", "range_len": 128},
                    "grouped scratch r512 w8": {"kernel": "scratch", "range_len": 512, "num_warps": 8}}

@@ -124,7 +124,7 @@ GLUON_POINTERS = {**{name: "*i32" for name in ("order_ptr", "oslots_ptr", "offse
 
 
 def _gluon_cases():
-    from egmla.kernels import grouped_gluon as g
+    from egmla.kernels.studies import grouped_gluon as g
 
     for warps in ((2, 2), (4, 1), (2, 4)):
         n_warps = warps[0] * warps[1]
@@ -135,7 +135,7 @@ def _gluon_cases():
 
 
 def _scratch_cases():
-    from egmla.kernels import grouped_scratch as g
+    from egmla.kernels.studies import grouped_scratch as g
 
     ints = {name: "*i32" for name in ("order_ptr", "order_slots_ptr", "lengths_ptr", "ids_ptr", "row_chunk_ptr",
                                       "row_ids_ptr")}
@@ -153,8 +153,8 @@ KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "gluon": _gluon_cases, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="grouped,mla",
-                        help=f"comma-separated: {', '.join(KERNELS)} (gluon: grouped_gluon.py, Triton >= 3.6; scratch: "
-                        f"grouped_scratch.py)")
+                        help=f"comma-separated: {', '.join(KERNELS)} (gluon: studies/grouped_gluon.py, Triton >= 3.6; "
+                        f"scratch: studies/grouped_scratch.py)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 = sm_90 (H100, "
                         "H200), 80 = sm_80 (A100)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")

@@ -2,9 +2,8 @@
 
     mla_decode.py      MLA absorbed decode (also EG-MLA with gate placement `latent`)
     egmla_decode.py    EG-MLA fused decode (placement `up`): K/V rebuilt on chip, never in HBM
-    grouped_decode.py  EG-MLA decode grouped by token id (three launches); grouped_fused.py in one launch,
-                       grouped_gluon.py in one persistent Gluon kernel (both measured slower), grouped_scratch.py
-                       in one launch over ranges whose intermediates stay in L2 (not yet timed)
+    grouped_decode.py  EG-MLA decode grouped by token id (three launches); studies/ holds three one-launch
+                       forms of it, each exact and measured slower (not the model's path)
     bias_decode.py     the bias control's absorbed decode (MLA's, plus per-id terms)
     row_adam.py        lazy Adam on the touched rows of the gate tables (training)
     split_combine.py   flash-decoding split heuristic and the cross-split combine

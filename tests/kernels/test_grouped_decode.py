@@ -38,8 +38,8 @@ def run_both(case, groups, block_t=16, kernel="three", **kernel_args):
     grouped_scratch.grouped_decode_scratch (ranges of grouped positions, chunks of block_t)."""
     from egmla.kernels.grouped_decode import grouped_decode, make_plan
     from egmla.kernels.grouped_decode_ref import grouped_decode_ref
-    from egmla.kernels.grouped_fused import grouped_decode_fused
-    from egmla.kernels.grouped_scratch import grouped_decode_scratch
+    from egmla.kernels.studies.grouped_fused import grouped_decode_fused
+    from egmla.kernels.studies.grouped_scratch import grouped_decode_scratch
 
     ref = grouped_decode_ref(slots=groups.slots, distinct_ids=groups.distinct_ids, lengths=groups.lengths, **case)
     plan = make_plan(groups, block_t)
@@ -116,7 +116,7 @@ def test_fused_kernel_bounds_past_the_ids():
     """A plan sized by host bounds larger than the distinct ids (graph capture): the extra blocks are empty."""
     from egmla.kernels.grouped_decode import make_plan
     from egmla.kernels.grouped_decode_ref import grouped_decode_ref
-    from egmla.kernels.grouped_fused import grouped_decode_fused
+    from egmla.kernels.studies.grouped_fused import grouped_decode_fused
 
     case, groups = make_case(2, 4, 16, 16, 16, 16, [20, 6], 30, torch.float32, kernel_device(), high=5)
     ref = grouped_decode_ref(slots=groups.slots, distinct_ids=groups.distinct_ids, lengths=groups.lengths, **case)

@@ -353,7 +353,7 @@ def grouped_decode_gluon(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch
     grouped_decode.grouped_decode. `programs_per_sm` persistent programs per SM (rounded to whole head groups),
     `warps` the (rows, columns) warps of the dots, `max_registers` a cap on registers per thread (ptxas spills past
     it). items_only: skip the position tiles, a timing aid only (the output is wrong): what the per-item work costs."""
-    from egmla.kernels.grouped_fused import _combine_blocks_kernel
+    from egmla.kernels.studies.grouped_fused import _combine_blocks_kernel
 
     d_v = _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan, gate_table, wkv_b)
     reason = supported(q_nope, latent, k_rope, wkv_b)

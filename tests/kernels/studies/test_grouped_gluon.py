@@ -1,4 +1,4 @@
-"""The persistent Gluon grouped decode kernel (egmla/kernels/grouped_gluon.py) vs the PyTorch reference
+"""The persistent Gluon grouped decode kernel (egmla/kernels/studies/grouped_gluon.py) vs the PyTorch reference
 (grouped_decode_ref.py). Gluon kernels do not run in Triton's CPU interpreter: on the CPU the kernel is compiled
 for sm_90 (every compile error shows there) and its input checks are tested; the comparisons run on a GPU."""
 import importlib.util
@@ -16,7 +16,7 @@ def _gluon_importable() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     try:
-        import egmla.kernels.grouped_gluon  # noqa: F401
+        import egmla.kernels.studies.grouped_gluon  # noqa: F401
     except (ImportError, AttributeError):
         return False
     return True
@@ -29,7 +29,7 @@ pytestmark = [requires_triton, pytest.mark.skipif(not _gluon_importable(),
 def run_gluon(case, groups, bounds=None, **kernel_args):
     from egmla.kernels.grouped_decode import make_plan
     from egmla.kernels.grouped_decode_ref import grouped_decode_ref
-    from egmla.kernels.grouped_gluon import grouped_decode_gluon
+    from egmla.kernels.studies.grouped_gluon import grouped_decode_gluon
 
     ref = grouped_decode_ref(slots=groups.slots, distinct_ids=groups.distinct_ids, lengths=groups.lengths, **case)
     plan = make_plan(groups, bounds=bounds)
@@ -60,7 +60,7 @@ def test_compiles_for_hopper_without_a_gpu(tmp_path):
 
 
 def test_unsupported_inputs_say_why():
-    from egmla.kernels.grouped_gluon import grouped_decode_gluon, supported
+    from egmla.kernels.studies.grouped_gluon import grouped_decode_gluon, supported
 
     case, groups = make_case(1, 2, 16, 16, 16, 16, [5], 30, torch.float32, "cpu")
     reason = supported(case["q_nope"], case["latent"], case["k_rope"], case["wkv_b"])
