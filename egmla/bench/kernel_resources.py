@@ -118,6 +118,18 @@ def _mla_cases():
                stages)
 
 
+def _bias_cases():
+    from egmla.kernels import bias_decode as b
+
+    pointers = {"q_terms_ptr": "*fp32", "stats_ptr": "*fp32", "slots_ptr": "*i32", "per_id_ptr": "*fp32",
+                "lengths_ptr": "*i64", "part_acc_ptr": "*fp32", "part_stats_ptr": "*fp32", "scores_ptr": "*fp32"}
+    for score_term, (tile, stages, warps) in itertools.product((True, False), ((64, 2, 4), (64, 3, 4), (32, 2, 4))):
+        yield ("bias pass kv64", f"{'K/V' if score_term else 'V'} table, tiles of {tile}, {warps} warps, stages {stages}",
+               b._bias_decode_kernel,
+               dict(N_HEADS=12, D_C=64, D_R=64, BLOCK_H=16, BLOCK_C=64, BLOCK_R=64, BLOCK_T=tile, DOT_PRECISION="tf32",
+                    HAS_ID_SCORE=score_term), pointers, warps, stages)
+
+
 GLUON_POINTERS = {**{name: "*i32" for name in ("order_ptr", "oslots_ptr", "offsets_ptr", "ids_ptr", "n_distinct_ptr",
                                                  "lengths_ptr")},
                   **{name: "*fp32" for name in ("stats_ptr", "part_acc_ptr", "part_ml_ptr")}}
@@ -148,13 +160,14 @@ def _scratch_cases():
                     HAS_BIAS=True, DOT_PRECISION="tf32"), {**ints, **fp32}, warps)
 
 
-KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "gluon": _gluon_cases, "scratch": _scratch_cases}
+KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "bias": _bias_cases, "gluon": _gluon_cases,
+           "scratch": _scratch_cases}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="grouped,mla",
-                        help=f"comma-separated: {', '.join(KERNELS)} (gluon: studies/grouped_gluon.py, Triton >= 3.6; "
-                        f"scratch: studies/grouped_scratch.py)")
+                        help=f"comma-separated: {', '.join(KERNELS)} (bias: the table controls' pass, bias_decode.py; "
+                        f"gluon: studies/grouped_gluon.py, Triton >= 3.6; scratch: studies/grouped_scratch.py)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 = sm_90 (H100, "
                         "H200), 80 = sm_80 (A100)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")

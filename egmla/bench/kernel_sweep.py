@@ -101,6 +101,69 @@ def sweep_egmla(batch, length, ids, device):
     return rows
 
 
+def bias_inputs(batch, length, ids, device, score_term: bool) -> dict:
+    """`bias_decode`'s inputs at paper-base widths (kv64), bf16 on a GPU: random queries and cache, the slots of
+    real token ids (each sequence's distinct ids numbered in order of first appearance, as the cache's groups do)."""
+    import torch
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    slots = torch.empty(batch, length, dtype=torch.int32)
+    for b in range(batch):
+        _, first = torch.unique(ids[b, :length], return_inverse=True)
+        order = torch.full((int(first.max()) + 1,), length, dtype=torch.long).scatter_reduce_(
+            0, first, torch.arange(length), "amin").argsort()  # unique ids by first position
+        slots[b] = torch.empty_like(order).scatter_(0, order, torch.arange(len(order)))[first].int()
+    n_ids = int(slots.max()) + 1
+    r = lambda *shape, sd=1.0: (sd * torch.randn(*shape)).to(device, dtype)  # noqa: E731
+    stats = torch.stack([0.1 * torch.randn(batch, length), 1 + 0.1 * torch.rand(batch, length)], -1).to(device)
+    return dict(q_absorbed=r(batch, HEADS, 64), q_pe=r(batch, HEADS, D_R), q_terms=torch.randn(batch, HEADS, 2,
+                device=device), latent=r(batch, length, 64), k_rope=r(batch, length, D_R), ln_stats=stats,
+                slots=slots.to(device), per_id=torch.randn(batch, HEADS, n_ids, device=device) if score_term else None,
+                lengths=torch.full((batch,), length, device=device), scale=0.088, n_ids=n_ids)
+
+
+def sweep_bias(batch, length, source, ids, device, configs=None):
+    """The table controls' decode (egmla/kernels/bias_decode.py) beside MLA's pass over the same latents: the pass
+    alone (`bias_pass`) per tile, warps and pipeline stages, with the per-id score term (the K/V table,
+    egmla-kv64-bias) and without it (the V table, -bias-v); then the whole `bias_decode` (pass, split combine, the
+    mass's zeros, the atomic mass) at the default and at the fastest pass setting, so that combine + mass = whole -
+    pass. MLA's `mla_decode` at its defaults is the anchor: its pass reads the same latents with 12 B less per
+    position and writes no scores."""
+    import torch
+
+    from egmla.kernels.bias_decode import bias_decode, bias_pass
+    from egmla.kernels.bias_decode_ref import bias_decode_ref
+    from egmla.kernels.mla_decode import mla_decode
+    from egmla.kernels.mla_decode_ref import mla_decode_ref
+
+    configs = configs or list(itertools.product((32, 64, 128), (4, 8), (2, 3, 4)))
+    rows = []
+    base = {"kernel": "bias_decode kv64", "batch": batch, "context": length, "ids": source}
+    for score_term in (True, False):
+        args = bias_inputs(batch, length, ids, device, score_term)
+        table = "K/V table" if score_term else "V table"
+        if score_term:  # the anchor, on the same latents
+            mla = {k: args[k] for k in ("q_pe", "latent", "k_rope", "lengths", "scale")}
+            mla_ref = mla_decode_ref(args["q_absorbed"], **mla)
+            res = timed(lambda: mla_decode(args["q_absorbed"], **mla), lambda o: rel(o, mla_ref), device)
+            rows.append({**base, "ids": None, "kernel": "mla_decode kv64 (anchor)", **res})
+        ref = torch.cat([x.flatten() for x in bias_decode_ref(**args)])
+        pass_args = {k: v for k, v in args.items() if k != "n_ids"}
+        check_whole = lambda out: rel(torch.cat([x.flatten() for x in out]), ref)  # noqa: E731
+        passes = []
+        for block_t, warps, stages in configs:
+            cfg = dict(block_t=block_t, num_warps=warps, num_stages=stages)
+            res = timed(lambda: bias_pass(**pass_args, **cfg), lambda out: 0.0, device)
+            passes.append({**base, "table": table, "launch": "pass", **cfg, **res})
+        rows += passes
+        best = min((r for r in passes if "us" in r), key=lambda r: r["us"], default=None)
+        for label, cfg in [("whole (defaults)", {})] + (
+                [("whole (fastest pass)", {k: best[k] for k in ("block_t", "num_warps", "num_stages")})] if best else []):
+            res = timed(lambda: bias_decode(**args, **cfg), check_whole, device)
+            rows.append({**base, "table": table, "launch": label, **cfg, **res})
+    return rows
+
+
 GROUPED_ABSORB = [(32, 4), (64, 1), (64, 2), (128, 1)]  # (ids, heads) per program
 GROUPED_LAUNCHES = ("absorb", "attend", "upproj")
 
@@ -227,7 +290,9 @@ def profile_once(batch, length, ids, device):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default="32x4096", help="comma-separated BATCHxCONTEXT")
     parser.add_argument("--kernels", default="mla,egmla", help="comma-separated: mla, egmla (the fused rebuild), "
-                        "grouped (the three launches of the grouped decode, one at a time, on code and English ids)")
+                        "grouped (the three launches of the grouped decode, one at a time, on code and English ids), "
+                        "bias (the table controls' pass per launch setting and their whole decode, beside MLA's pass, "
+                        "on code ids)")
     parser.add_argument("--grouped-launches", default=",".join(GROUPED_LAUNCHES),
                         help="with --kernels grouped: which launches to sweep (comma-separated: "
                              f"{', '.join(GROUPED_LAUNCHES)})")
@@ -264,17 +329,22 @@ def main(args) -> int:
             for source in ("python-source", "embedded"):
                 source_ids = ids if source == "embedded" else text_token_ids(batch, length, VOCAB, source)[0]
                 rows += sweep_grouped(batch, length, source, source_ids, device, args.grouped_launches.split(","))
+        if "bias" in args.kernels.split(","):
+            rows += sweep_bias(batch, length, "python-source", text_token_ids(batch, length, VOCAB, "python-source")[0],
+                               device)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device: {device_name}")
     for r in rows:
         if r["kernel"] == "calibration":
             print(f"calibration B={r['batch']} T={r['context']}: {r['what']}: {r.get('us', 0):.1f} us, "
                   f"{r.get('gbytes_per_s') or 0:.0f} GB/s")
-    fields = ("kernel", "batch", "context", "ids", "launch")
+    fields = ("kernel", "batch", "context", "ids", "table", "launch")
     for key in dict.fromkeys(tuple(r.get(f) for f in fields) for r in rows if r["kernel"] != "calibration"):
         group = [r for r in rows if tuple(r.get(f) for f in fields) == key]
         ok = sorted((r for r in group if "us" in r), key=lambda r: r["us"])
-        where = f" ids {key[3]}, launch {key[4]}" if key[3] else ""
+        where = f" ids {key[3]}" if key[3] else ""
+        where += f", {key[4]}" if key[4] else ""
+        where += f", launch {key[5]}" if key[5] else ""
         print(f"== {key[0]} B={key[1]} T={key[2]}{where}: {len(ok)} ran, {len(group) - len(ok)} failed")
         for r in ok[: args.top]:
             print("  " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()

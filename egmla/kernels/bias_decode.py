@@ -257,7 +257,7 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
                 k_rope: torch.Tensor, ln_stats: torch.Tensor, slots: torch.Tensor, per_id: torch.Tensor | None,
                 lengths: torch.Tensor, scale: float, num_splits: int | None = None, block_t: int | None = None,
                 combined: torch.Tensor | None = None, plan=None, n_ids: int | None = None,
-                num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                num_stages: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`bias_decode_ref`'s (out_latent [batch, heads, d_c], mean [batch, heads], mass [batch, heads, U]), fp32,
     from four launches (the pass, the split combine, the mass's zeros and the mass); no host sync, so a CUDA graph
     can capture it. q_terms and per_id may be fp32 views (last dim contiguous). `combined`, if given (fp32
@@ -267,7 +267,7 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
     `TokenGroups.plan`): the mass as segment sums in grouped order (`_bias_mass_grouped_kernel`, three launches,
     no atomics) instead of atomics in time order; the same numbers up to summation order. per_id=None: no score
     term (the table on V alone: the pass gathers nothing per position), and n_ids gives the mass's width.
-    num_stages: the pass's software-pipeline stages (default BIAS_STAGES)."""
+    num_splits, block_t, num_stages, num_warps: the pass's launch (`bias_pass`)."""
     batch, heads, d_c = q_absorbed.shape
     max_len, d_r = latent.shape[1], k_rope.shape[-1]
     if per_id is None and n_ids is None:
@@ -286,6 +286,43 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
         raise ValueError(f"bias_decode: latent.shape={tuple(latent.shape)}, expected [batch={batch}, T, {d_c}]")
     if combined is not None and combined.dtype != torch.float32:
         raise ValueError(f"bias_decode: combined.dtype={combined.dtype}, expected torch.float32")
+    device = latent.device
+    part_acc, part_stats, scores = bias_pass(q_absorbed, q_pe, q_terms, latent, k_rope, ln_stats, slots, per_id,
+                                             lengths, scale, num_splits, block_t, num_stages, num_warps)
+    if combined is None:
+        combined = torch.empty(batch, heads, d_c + 2, dtype=torch.float32, device=device)
+    m_inv = torch.empty(batch, heads, 2, dtype=torch.float32, device=device)
+    _bias_combine_kernel[(batch,)](part_acc, part_stats, lengths, combined, m_inv, combined.stride(0),
+                                   combined.stride(1), part_acc.shape[1], N_HEADS=heads, D_C=d_c,
+                                   BLOCK_H=block(heads), BLOCK_C=block(d_c), num_warps=4)
+    if plan is not None:
+        mass = torch.empty(batch, heads, n_ids, dtype=torch.float32, device=device)
+        if n_ids:
+            _bias_mass_grouped_kernel[(triton.cdiv(n_ids, MASS_BLOCK_U), batch)](
+                scores, plan.order, plan.order_slots, plan.offsets, plan.n_distinct, plan.lengths, lengths, m_inv,
+                mass, scores.stride(0), scores.stride(1), plan.order.stride(0), plan.offsets.stride(0),
+                max_len, n_ids, N_HEADS=heads, BLOCK_H=block(heads), BLOCK_U=MASS_BLOCK_U,
+                BLOCK_T=MASS_GROUPED_BLOCK_T, DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
+                num_warps=4)
+        return combined[..., :d_c], combined[..., d_c], mass
+    mass = torch.zeros(batch, heads, n_ids, dtype=torch.float32, device=device)
+    if n_ids:
+        _bias_mass_kernel[(triton.cdiv(max_len, MASS_BLOCK_T), batch)](
+            scores, slots, lengths, m_inv, mass, scores.stride(0), scores.stride(1), slots.stride(0), max_len, n_ids,
+            N_HEADS=heads, BLOCK_H=triton.next_power_of_2(heads), BLOCK_T=MASS_BLOCK_T, num_warps=4)
+    return combined[..., :d_c], combined[..., d_c], mass
+
+
+def bias_pass(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Tensor, latent: torch.Tensor,
+              k_rope: torch.Tensor, ln_stats: torch.Tensor, slots: torch.Tensor, per_id: torch.Tensor | None,
+              lengths: torch.Tensor, scale: float, num_splits: int | None = None, block_t: int | None = None,
+              num_stages: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pass over the cache alone (inputs as `bias_decode`'s, not checked again): per split its unnormalised
+    sums part_acc [batch, splits, heads, d_c] and (max, denominator, mean term) part_stats [batch, splits, heads,
+    3], and every visible position's score (log2 domain) [batch, heads, T]. Its own function so that a benchmark
+    can time it apart from the combine and the mass (egmla bench kernel-sweep --kernels bias)."""
+    batch, heads, d_c = q_absorbed.shape
+    max_len, d_r = latent.shape[1], k_rope.shape[-1]
     q_absorbed, q_pe = q_absorbed.to(latent.dtype).contiguous(), q_pe.to(latent.dtype).contiguous()
     device = latent.device
     scores = torch.empty(batch, heads, max_len, dtype=torch.float32, device=device)  # read below length only
@@ -304,34 +341,13 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
             scores.stride(0), scores.stride(1), max_len, splits, scale * LOG2E, N_HEADS=heads, D_C=d_c, D_R=d_r,
             BLOCK_H=block(heads), BLOCK_C=block(d_c), BLOCK_R=block(d_r), BLOCK_T=tile,
             DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32", HAS_ID_SCORE=per_id is not None,
-            num_warps=4, num_stages=stages)
-        return part_acc, part_stats, splits
+            num_warps=num_warps, num_stages=stages)
+        return part_acc, part_stats
 
     tiles = [block_t] if block_t else BLOCK_TS
-    part_acc, part_stats, splits = launch_first_fitting(("bias", latent.dtype, heads, d_c, d_r, tuple(tiles), stages),
-                                                        tiles, launch)
-    if combined is None:
-        combined = torch.empty(batch, heads, d_c + 2, dtype=torch.float32, device=device)
-    m_inv = torch.empty(batch, heads, 2, dtype=torch.float32, device=device)
-    _bias_combine_kernel[(batch,)](part_acc, part_stats, lengths, combined, m_inv, combined.stride(0),
-                                   combined.stride(1), splits, N_HEADS=heads, D_C=d_c, BLOCK_H=block(heads),
-                                   BLOCK_C=block(d_c), num_warps=4)
-    if plan is not None:
-        mass = torch.empty(batch, heads, n_ids, dtype=torch.float32, device=device)
-        if n_ids:
-            _bias_mass_grouped_kernel[(triton.cdiv(n_ids, MASS_BLOCK_U), batch)](
-                scores, plan.order, plan.order_slots, plan.offsets, plan.n_distinct, plan.lengths, lengths, m_inv,
-                mass, scores.stride(0), scores.stride(1), plan.order.stride(0), plan.offsets.stride(0),
-                max_len, n_ids, N_HEADS=heads, BLOCK_H=block(heads), BLOCK_U=MASS_BLOCK_U,
-                BLOCK_T=MASS_GROUPED_BLOCK_T, DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
-                num_warps=4)
-        return combined[..., :d_c], combined[..., d_c], mass
-    mass = torch.zeros(batch, heads, n_ids, dtype=torch.float32, device=device)
-    if n_ids:
-        _bias_mass_kernel[(triton.cdiv(max_len, MASS_BLOCK_T), batch)](
-            scores, slots, lengths, m_inv, mass, scores.stride(0), scores.stride(1), slots.stride(0), max_len, n_ids,
-            N_HEADS=heads, BLOCK_H=triton.next_power_of_2(heads), BLOCK_T=MASS_BLOCK_T, num_warps=4)
-    return combined[..., :d_c], combined[..., d_c], mass
+    part_acc, part_stats = launch_first_fitting(("bias", latent.dtype, heads, d_c, d_r, tuple(tiles), stages,
+                                                 num_warps), tiles, launch)
+    return part_acc, part_stats, scores
 
 
 def per_id_scores(q_embed: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, n_ids: torch.Tensor) -> torch.Tensor:

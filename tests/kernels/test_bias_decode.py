@@ -268,3 +268,20 @@ def test_model_path_in_bf16_equals_the_pytorch_equations(gate_op):
             model(tokens[:, :32], cache)
             logits[backend] = torch.cat([model(tokens[:, 32 + i:33 + i], cache) for i in range(8)], dim=1).float()
     assert logits["kernel"].isfinite().all() and rel_err(logits["kernel"], logits["pytorch"]) < 1e-2
+
+
+def test_bias_sweep_checks_and_times_each_launch_on_the_cpu():
+    """`egmla bench kernel-sweep --kernels bias` at a tiny shape in the interpreter: MLA's anchor, the pass per
+    setting for both tables, and the whole decode checked against the reference (a wrong result is an error row)."""
+    import torch
+
+    from egmla.bench.kernel_sweep import sweep_bias
+
+    ids = torch.tensor([[5, 7, 5, 9, 7, 5, 1, 2] * 4, [3] * 32])  # repeated ids; one id filling a sequence
+    rows = sweep_bias(2, 32, "test", ids, torch.device("cpu"), configs=[(16, 4, 2)])
+    assert [r["kernel"] for r in rows].count("mla_decode kv64 (anchor)") == 1
+    for table in ("K/V table", "V table"):
+        launches = [r["launch"] for r in rows if r.get("table") == table]
+        assert launches == ["pass", "whole (defaults)", "whole (fastest pass)"], launches
+    assert all("us" in r and "error" not in r for r in rows), rows
+    assert all(r["rel_err"] < 1e-4 for r in rows if r.get("launch", "").startswith("whole")), rows

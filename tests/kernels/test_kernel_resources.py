@@ -46,6 +46,25 @@ def test_mla_kernel_compiles_offline_and_reports_its_registers(tmp_path):
     assert "compiled for sm_90" in done.stdout
 
 
+@pytest.mark.skipif(not _cuobjdump_available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) installed")
+def test_bias_pass_compiles_offline_for_both_tables(tmp_path):
+    """The table controls' pass, with and without the per-id score term, compiles for sm_90 and reports its
+    resources; the gather of per-id scores needs shared memory of its own (its [heads, positions] tile)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "resources.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "egmla", "bench", "kernel-resources", "--kernels", "bias", "--json",
+                           str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 6 and all(16 <= r["registers"] <= 255 for r in rows.values())
+    with_term, without = rows["K/V table, tiles of 64, 4 warps, stages 2"], rows["V table, tiles of 64, 4 warps, stages 2"]
+    assert with_term["shared_bytes"] > without["shared_bytes"]
+
+
 def test_interpreter_mode_is_a_clear_error(monkeypatch):
     from egmla.bench.cli import run
 
