@@ -285,3 +285,29 @@ def test_bias_sweep_checks_and_times_each_launch_on_the_cpu():
         assert launches == ["pass", "whole (defaults)", "whole (fastest pass)"], launches
     assert all("us" in r and "error" not in r for r in rows), rows
     assert all(r["rel_err"] < 1e-4 for r in rows if r.get("launch", "").startswith("whole")), rows
+
+
+def test_bias_sweep_table(tmp_path):
+    """`kernel-sweep --markdown` on a bias sweep: per table the default and fastest pass beside MLA's, and the
+    combine + mass as the whole decode minus its pass."""
+    import json
+
+    from egmla.bench.cli import run
+
+    base = {"kernel": "bias_decode kv64", "batch": 32, "context": 4096, "ids": "python-source"}
+    rows = [{**base, "ids": None, "kernel": "mla_decode kv64 (anchor)", "us": 20.0}]
+    for table, scale in (("K/V table", 1.2), ("V table", 1.0)):
+        rows += [{**base, "table": table, "launch": "pass", "block_t": 64, "num_warps": 4, "num_stages": 2,
+                  "us": 60.0 * scale},
+                 {**base, "table": table, "launch": "pass", "block_t": 64, "num_warps": 8, "num_stages": 2,
+                  "us": 40.0 * scale},
+                 {**base, "table": table, "launch": "whole (defaults)", "us": 90.0 * scale},
+                 {**base, "table": table, "launch": "whole (fastest pass)", "us": 70.0 * scale}]
+    sweep = tmp_path / "bias.json"
+    sweep.write_text(json.dumps({"device": "NVIDIA H200", "rows": rows}))
+    assert run("kernel-sweep", ["--markdown", str(sweep), str(tmp_path / "bias.md")]) == 0
+    lines = [line for line in (tmp_path / "bias.md").read_text().splitlines() if line.startswith("| 32")]
+    assert lines == ["| 32 × 4,096 | K/V table | 20.0 | 72.0 | 48.0 (tiles of 64, 8 warps, 2 stages) | 2.40 | 108.0 | "
+                     "84.0 | 36.0 |",
+                     "| 32 × 4,096 | V table | 20.0 | 60.0 | 40.0 (tiles of 64, 8 warps, 2 stages) | 2.00 | 90.0 | "
+                     "70.0 | 30.0 |"]
