@@ -160,7 +160,8 @@ class Transformer(nn.Module):
         return AttnContext(tokens, positions, cos, sin,
                            kv_len=kv_len, mask=attention_mask(positions, kv_len), kv_token_ids=kv_ids,
                            kv_groups=cache.token_groups, capturable=capturable,
-                           fresh=not capturable and kv_len == tokens.shape[1])  # every row started empty
+                           fresh=not capturable and kv_len == tokens.shape[1],  # every row started empty
+                           decode_lengths=positions[:, 0] + 1 if tokens.shape[1] == 1 else None)
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dtype not in (torch.int32, torch.int64):

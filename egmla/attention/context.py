@@ -26,10 +26,17 @@ class AttnContext:
     # the cache is then causal attention over the new tokens alone, which layers compute from them directly
     # (FlashAttention, as in training) after writing the cache, instead of a masked pass over the cache.
     fresh: bool = False
+    # [batch] positions[:, 0] + 1 in a one-token step, built once for all layers (a launch each otherwise)
+    decode_lengths: torch.Tensor | None = None
 
     @property
     def cached(self) -> bool:
         return self.mask is not None
+
+    def seen_lengths(self) -> torch.Tensor:
+        """[batch] cached positions each sequence's new token sees (0 .. its own): what the decode kernels take as
+        lengths in a one-token step."""
+        return self.decode_lengths if self.decode_lengths is not None else self.positions[:, 0] + 1
 
 
 def attention_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:

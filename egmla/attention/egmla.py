@@ -382,7 +382,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
                                            self.qk_nope_head_dim, getattr(norm, "eps", 0.0) or 0.0,
                                            gate_op=self.gate_op, norm=self.norm_kind)
         out = egmla_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, kv_ids, stats,
-                           ctx.positions[:, 0] + 1, table, self.wkv_b.weight,
+                           ctx.seen_lengths(), table, self.wkv_b.weight,
                            getattr(norm, "weight", None), getattr(norm, "bias", None), self.softmax_scale,
                            gate_op=self.gate_op)
         return out.unsqueeze(1)
@@ -430,12 +430,14 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         weights = self.absorbed_weights()
         batch, d_c = q_nope.shape[0], self.kv_lora_rank
         proj = torch.einsum("bhn,hnk->bhk", q_nope[:, 0].to(weights.query.dtype),
-                            weights.query).float()  # [batch, heads, d_c (+ d_e) + 2]
+                            weights.query)  # [batch, heads, d_c (+ d_e) + 2], read by the kernels as it is
         groups, table = ctx.kv_groups, self.gate_embed.weight  # the distinct ids' rows are read where needed
         # q^C_h . g^K_{h,v} for each distinct id [batch, heads, U]; the table on V alone has no score term
         per_id = per_id_scores(proj[..., d_c:-2], table, ids, groups.n_distinct) if weights.score_term else None
-        lengths = torch.minimum(ctx.positions[:, 0] + 1, groups.lengths)  # registered and visible
-        inputs = torch.empty(batch, self.n_heads, weights.output.shape[1], dtype=torch.float32, device=latent.device)
+        lengths = torch.minimum(ctx.seen_lengths(), groups.lengths)  # registered and visible
+        # the output matmul's input, written by the kernels in its dtype (no cast launch before the matmul)
+        inputs = torch.empty(batch, self.n_heads, weights.output.shape[1], dtype=weights.output.dtype,
+                             device=latent.device)
         if self.bias_mass not in ("atomic", "grouped"):
             raise ValueError(f"bias_mass={self.bias_mass!r} (or EGMLA_BIAS_MASS): choose 'atomic' or 'grouped'")
         plan = None
@@ -445,11 +447,12 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             host = groups.host
             bounds = (ctx.kv_len, max(host.distinct_bound, host.plan_distinct)) if ctx.capturable else None
             plan = groups.plan(CHUNK, vocab_size=table.shape[0], bounds=bounds)
+        # inputs[..., :d_c + 2] = [out_latent | mean | 1]
         _, _, mass = bias_decode(proj[..., :d_c], q_pe[:, 0], proj[..., -2:], latent, k_pe, ctx.kv_ln_stats,
                                  groups.slots[:, :latent.shape[1]], per_id, lengths, self.softmax_scale,
-                                 combined=inputs, plan=plan, n_ids=ids.shape[1])  # inputs[..., :d_c + 2] = [out_latent | mean | 1]
+                                 combined=inputs, plan=plan, n_ids=ids.shape[1])
         mass_embeddings(mass, table, ids, groups.n_distinct, out=inputs[..., d_c + 2:])  # sum_v P_{h,v} e_v
-        out = torch.einsum("bhk,hkd->bhd", inputs.to(weights.output.dtype), weights.output)
+        out = torch.einsum("bhk,hkd->bhd", inputs, weights.output)
         return out.unsqueeze(1).to(q_nope.dtype)
 
     def absorbed_weights(self) -> "AbsorbedWeights":

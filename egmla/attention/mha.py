@@ -58,7 +58,7 @@ class GroupedQueryAttention(nn.Module):
             if self.decode_path == "kernel" and decode_kernel_can_run(q, k, ctx, "MHA/GQA"):
                 from egmla.kernels.gqa_decode import gqa_decode
 
-                out = gqa_decode(q[:, 0], k, v, ctx.positions[:, 0] + 1, self.head_dim ** -0.5)
+                out = gqa_decode(q[:, 0], k, v, ctx.seen_lengths(), self.head_dim ** -0.5)
                 return self.wo(out.reshape(batch, 1, -1))
             out = self._cached_attention(q, k, v, ctx.mask)
         else:

@@ -187,9 +187,7 @@ class MultiHeadLatentAttention(nn.Module):
         if use_kernel and decode_kernel_can_run(q_latent, latent, ctx, "MLA"):
             from egmla.kernels.mla_decode import mla_decode
 
-            lengths = ctx.positions[:, 0] + 1  # the new token sees positions 0..its own
-            out = mla_decode(q_latent[:, 0].contiguous(), q_pe[:, 0].contiguous(), latent, k_pe, lengths,
-                             self.softmax_scale)
+            out = mla_decode(q_latent[:, 0], q_pe[:, 0], latent, k_pe, ctx.seen_lengths(), self.softmax_scale)  # views
             return out.unsqueeze(1)
         scores = (torch.einsum("bshc,btc->bsht", q_latent, latent)
                   + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale

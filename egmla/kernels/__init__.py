@@ -59,6 +59,13 @@ def block(dim: int) -> int:
     return max(16, 1 << (dim - 1).bit_length())
 
 
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself where its last dim is contiguous (the kernels take the other strides as arguments), else a
+    contiguous copy: a query sliced per head out of a projection ([batch, heads, d] with a head stride wider
+    than d) reaches the kernel without the copy kernel `.contiguous()` would launch for it, every layer."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 # Programmatic dependent launch (PDL, Hopper and later): a kernel launched with it may start while the kernel
 # before it in the stream finishes, so its launch and its independent loads (weights) overlap that kernel's tail.
 # Every kernel launched so calls `pdl.wait` (kernels/pdl.py) before it reads anything the previous kernel may write

@@ -16,8 +16,10 @@ position: the cache row (c_t, k^R_t), the statistics, the slot, and the score wr
 
 Per distinct id, through the gate embedding (g = W_UE e): `_per_id_kernel` forms the score term q_e . e_u and
 `_mass_embed_kernel` the value term's sum_u mass_u e_u, each reading the ids' rows of E from the table (no
-gathered [batch, ids, d_e] tensor); `_bias_combine_kernel` merges the splits. A decode step of a layer is six
-launches here; it was bound by launches, not by its cache (docs/benchmarks.md §2).
+gathered [batch, ids, d_e] tensor); `_bias_combine_kernel` merges the splits and zeroes the mass. A decode step
+of a layer is four launches here (five with the table on K): the kernels read the queries where and in the dtype
+the projection left them and write the output matmul's input in its dtype, so no copy or cast launches come
+between them; the step was bound by launches, not by its cache (docs/benchmarks.md §2).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from egmla.kernels import block
+from egmla.kernels import block, rows
 from egmla.kernels.grouped_decode import position_tile
 from egmla.kernels.mla_decode import LOG2E
 from egmla.kernels.split_combine import choose_num_splits, launch_first_fitting, split_range
@@ -48,10 +50,11 @@ def _bias_decode_kernel(
 
     offs_h, offs_c, offs_r = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_R)
     h_mask, c_mask, r_mask = offs_h < N_HEADS, offs_c < D_C, offs_r < D_R
+    # the queries in the cache's dtype for the dots, whatever dtype the projection left them in (no cast launch)
     q = tl.load(q_ptr + batch * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
-                mask=h_mask[:, None] & c_mask[None, :], other=0.0)
+                mask=h_mask[:, None] & c_mask[None, :], other=0.0).to(latent_ptr.dtype.element_ty)
     q_pe = tl.load(q_pe_ptr + batch * stride_pb + offs_h[:, None] * stride_ph + offs_r[None, :],
-                   mask=h_mask[:, None] & r_mask[None, :], other=0.0)
+                   mask=h_mask[:, None] & r_mask[None, :], other=0.0).to(k_rope_ptr.dtype.element_ty)
     terms = q_terms_ptr + batch * stride_ab + offs_h * stride_ah
     alpha_q = tl.load(terms, mask=h_mask, other=0.0).to(tl.float32)  # gamma^K . q^C
     bias_q = tl.load(terms + 1, mask=h_mask, other=0.0).to(tl.float32)  # beta^K . q^C
@@ -153,15 +156,21 @@ def _bias_mass_grouped_kernel(scores_ptr, order_ptr, order_slots_ptr, offsets_pt
 
 
 @triton.jit
-def _bias_combine_kernel(part_acc_ptr, part_stats_ptr, lengths_ptr, combined_ptr, m_inv_ptr, stride_cb, stride_ch,
-                         num_splits, N_HEADS: tl.constexpr, D_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_C: tl.constexpr):
+def _bias_combine_kernel(part_acc_ptr, part_stats_ptr, lengths_ptr, combined_ptr, m_inv_ptr, mass_ptr, stride_cb,
+                         stride_ch, num_splits, n_ids, N_HEADS: tl.constexpr, D_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr, ZERO_MASS: tl.constexpr):
     """One sequence's splits merged: every split's sums rescaled to the largest running max (a split with no
     positions has m = -inf and weighs 0). Writes combined[b, h] = [out_latent (d_c) | mean | 1 if the sequence has
-    positions else 0] and (m, 1 / denominator) per head for the mass pass."""
+    positions else 0] (in combined's dtype) and (m, 1 / denominator) per head for the mass pass; with ZERO_MASS
+    also the zeros the atomic mass pass adds to (mass[b], [heads, n_ids]), which saves a fill launch per layer."""
     batch = tl.program_id(0).to(tl.int64)
     offs_h, offs_c = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_C)
     h_mask, c_mask = offs_h < N_HEADS, offs_c < D_C
+    if ZERO_MASS:
+        for u0 in range(0, n_ids, BLOCK_U):
+            offs_u = u0 + tl.arange(0, BLOCK_U)
+            tl.store(mass_ptr + (batch * N_HEADS + offs_h[:, None]) * n_ids + offs_u[None, :],
+                     tl.zeros([BLOCK_H, BLOCK_U], tl.float32), mask=h_mask[:, None] & (offs_u < n_ids)[None, :])
     rows = batch * num_splits * N_HEADS + offs_h  # split 0's rows; split s adds s * N_HEADS
     m_all = tl.full([BLOCK_H], float("-inf"), tl.float32)
     for split in range(num_splits):
@@ -180,10 +189,11 @@ def _bias_combine_kernel(part_acc_ptr, part_stats_ptr, lengths_ptr, combined_ptr
                                          mask=h_mask[:, None] & c_mask[None, :], other=0.0)
     inv = tl.where(denom > 0, 1.0 / tl.where(denom > 0, denom, 1.0), 0.0)
     out = combined_ptr + batch * stride_cb + offs_h * stride_ch
-    tl.store(out[:, None] + offs_c[None, :], acc * inv[:, None], mask=h_mask[:, None] & c_mask[None, :])
-    tl.store(out + D_C, mean * inv, mask=h_mask)
+    dtype = combined_ptr.dtype.element_ty
+    tl.store(out[:, None] + offs_c[None, :], (acc * inv[:, None]).to(dtype), mask=h_mask[:, None] & c_mask[None, :])
+    tl.store(out + D_C, (mean * inv).to(dtype), mask=h_mask)
     valid = tl.where(tl.load(lengths_ptr + batch) > 0, 1.0, 0.0)
-    tl.store(out + D_C + 1, tl.zeros([BLOCK_H], tl.float32) + valid, mask=h_mask)
+    tl.store(out + D_C + 1, (tl.zeros([BLOCK_H], tl.float32) + valid).to(dtype), mask=h_mask)
     tl.store(m_inv_ptr + (batch * N_HEADS + offs_h) * 2, m_all, mask=h_mask)
     tl.store(m_inv_ptr + (batch * N_HEADS + offs_h) * 2 + 1, inv, mask=h_mask)
 
@@ -235,8 +245,8 @@ def _mass_embed_kernel(mass_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_
         mass = tl.load(mass_ptr + batch * stride_mb + offs_h[:, None] * stride_mh + offs_u[None, :],
                        mask=h_mask[:, None] & u_mask[None, :], other=0.0)
         acc += tl.dot(mass.to(rows.dtype), rows, input_precision=DOT_PRECISION)
-    tl.store(out_ptr + batch * stride_ob + offs_h[:, None] * stride_oh + offs_e[None, :], acc,
-             mask=h_mask[:, None] & e_mask[None, :])
+    tl.store(out_ptr + batch * stride_ob + offs_h[:, None] * stride_oh + offs_e[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & e_mask[None, :])
 
 
 BLOCK_TS = [64, 32, 16]  # as mla_decode's: the first that fits the device's shared memory
@@ -259,11 +269,12 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
                 combined: torch.Tensor | None = None, plan=None, n_ids: int | None = None,
                 num_stages: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`bias_decode_ref`'s (out_latent [batch, heads, d_c], mean [batch, heads], mass [batch, heads, U]), fp32,
-    from four launches (the pass, the split combine, the mass's zeros and the mass); no host sync, so a CUDA graph
-    can capture it. q_terms and per_id may be fp32 views (last dim contiguous). `combined`, if given (fp32
-    [batch, heads, >= d_c + 2], last dim contiguous), receives [out_latent | mean | 1 if the sequence has
-    positions else 0] in its first d_c + 2 columns, and out_latent and mean are views of it: a caller can lay
-    out its next matmul's input there. `plan` (a `grouped_decode.GroupedPlan` of the same slots, e.g.
+    from three launches (the pass, the split combine, which also zeroes the mass, and the mass); no host sync, so a
+    CUDA graph can capture it. The queries, q_terms and per_id may be views in any float dtype (last dim
+    contiguous): the kernels read them as they are. `combined`, if given ([batch, heads, >= d_c + 2], any float
+    dtype, last dim contiguous), receives [out_latent | mean | 1 if the sequence has positions else 0] in its
+    first d_c + 2 columns, and out_latent and mean are views of it: a caller can lay out its next matmul's input
+    there, in that matmul's dtype. `plan` (a `grouped_decode.GroupedPlan` of the same slots, e.g.
     `TokenGroups.plan`): the mass as segment sums in grouped order (`_bias_mass_grouped_kernel`, three launches,
     no atomics) instead of atomics in time order; the same numbers up to summation order. per_id=None: no score
     term (the table on V alone: the pass gathers nothing per position), and n_ids gives the mass's width.
@@ -284,19 +295,21 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
         _check_rows(f"bias_decode: {name}", tensor, shape)
     if latent.shape[0] != batch or latent.stride(-1) != 1:
         raise ValueError(f"bias_decode: latent.shape={tuple(latent.shape)}, expected [batch={batch}, T, {d_c}]")
-    if combined is not None and combined.dtype != torch.float32:
-        raise ValueError(f"bias_decode: combined.dtype={combined.dtype}, expected torch.float32")
+    if combined is not None and not combined.dtype.is_floating_point:
+        raise ValueError(f"bias_decode: combined.dtype={combined.dtype}, expected a floating-point dtype")
     device = latent.device
     part_acc, part_stats, scores = bias_pass(q_absorbed, q_pe, q_terms, latent, k_rope, ln_stats, slots, per_id,
                                              lengths, scale, num_splits, block_t, num_stages, num_warps)
     if combined is None:
         combined = torch.empty(batch, heads, d_c + 2, dtype=torch.float32, device=device)
     m_inv = torch.empty(batch, heads, 2, dtype=torch.float32, device=device)
-    _bias_combine_kernel[(batch,)](part_acc, part_stats, lengths, combined, m_inv, combined.stride(0),
-                                   combined.stride(1), part_acc.shape[1], N_HEADS=heads, D_C=d_c,
-                                   BLOCK_H=block(heads), BLOCK_C=block(d_c), num_warps=4)
+    mass = torch.empty(batch, heads, n_ids, dtype=torch.float32, device=device)
+    atomic = plan is None and n_ids > 0  # the atomic mass adds to zeros, which the combine writes
+    _bias_combine_kernel[(batch,)](part_acc, part_stats, lengths, combined, m_inv, mass, combined.stride(0),
+                                   combined.stride(1), part_acc.shape[1], n_ids, N_HEADS=heads, D_C=d_c,
+                                   BLOCK_H=block(heads), BLOCK_C=block(d_c), BLOCK_U=64, ZERO_MASS=atomic,
+                                   num_warps=4)
     if plan is not None:
-        mass = torch.empty(batch, heads, n_ids, dtype=torch.float32, device=device)
         if n_ids:
             _bias_mass_grouped_kernel[(triton.cdiv(n_ids, MASS_BLOCK_U), batch)](
                 scores, plan.order, plan.order_slots, plan.offsets, plan.n_distinct, plan.lengths, lengths, m_inv,
@@ -305,8 +318,7 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
                 BLOCK_T=MASS_GROUPED_BLOCK_T, DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
                 num_warps=4)
         return combined[..., :d_c], combined[..., d_c], mass
-    mass = torch.zeros(batch, heads, n_ids, dtype=torch.float32, device=device)
-    if n_ids:
+    if atomic:
         _bias_mass_kernel[(triton.cdiv(max_len, MASS_BLOCK_T), batch)](
             scores, slots, lengths, m_inv, mass, scores.stride(0), scores.stride(1), slots.stride(0), max_len, n_ids,
             N_HEADS=heads, BLOCK_H=triton.next_power_of_2(heads), BLOCK_T=MASS_BLOCK_T, num_warps=4)
@@ -323,7 +335,7 @@ def bias_pass(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Tenso
     can time it apart from the combine and the mass (egmla bench kernel-sweep --kernels bias)."""
     batch, heads, d_c = q_absorbed.shape
     max_len, d_r = latent.shape[1], k_rope.shape[-1]
-    q_absorbed, q_pe = q_absorbed.to(latent.dtype).contiguous(), q_pe.to(latent.dtype).contiguous()
+    q_absorbed, q_pe = rows(q_absorbed), rows(q_pe)  # any float dtype: the kernel casts them (no launch)
     device = latent.device
     scores = torch.empty(batch, heads, max_len, dtype=torch.float32, device=device)  # read below length only
     stages = num_stages or BIAS_STAGES
@@ -334,7 +346,8 @@ def bias_pass(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Tenso
         part_acc = torch.empty(batch, splits, heads, d_c, dtype=torch.float32, device=device)
         part_stats = torch.empty(batch, splits, heads, 3, dtype=torch.float32, device=device)
         _bias_decode_kernel[(splits, batch)](
-            q_absorbed, q_pe, q_terms, latent, k_rope, ln_stats, slots, id_scores, lengths, part_acc, part_stats, scores,
+            q_absorbed, q_pe, q_terms, latent, k_rope, ln_stats, slots, id_scores, lengths, part_acc, part_stats,
+            scores,
             q_absorbed.stride(0), q_absorbed.stride(1), q_pe.stride(0), q_pe.stride(1), q_terms.stride(0),
             q_terms.stride(1), latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
             ln_stats.stride(0), ln_stats.stride(1), slots.stride(0), id_scores.stride(0), id_scores.stride(1),
@@ -370,7 +383,8 @@ def per_id_scores(q_embed: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
 def mass_embeddings(mass: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, n_ids: torch.Tensor,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """`mass_embeddings_ref`: [batch, heads, d_e] fp32 from mass [batch, heads, U] fp32, table [vocab, d_e], ids
-    [batch, U] and n_ids [batch]; written into `out` (fp32, last dim contiguous) if given."""
+    [batch, U] and n_ids [batch]; written into `out` (any float dtype, e.g. the next matmul's; last dim contiguous)
+    if given."""
     batch, heads, n_cols = mass.shape
     d_e = table.shape[1]
     _check_rows("mass_embeddings: ids", ids, (batch, n_cols))

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from egmla.kernels import block
+from egmla.kernels import block, rows
 from egmla.kernels.pdl import launch_flags, wait as pdl_wait
 from egmla.kernels.mla_decode import LOG2E, _output
 from egmla.kernels.split_combine import (choose_num_splits, combine_splits, launch_first_fitting, partial_buffers,
@@ -98,7 +98,7 @@ def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch
         raise ValueError("k and v need a contiguous last dim (head_dim)")
     if lengths.shape != (batch,) or lengths.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"lengths: shape {tuple(lengths.shape)}, dtype {lengths.dtype}: expected int32/int64 [{batch}]")
-    q = q.contiguous()
+    q = rows(q)
     group = heads // kv_heads
     out = _output(out, (batch, heads, head_dim), k)
 

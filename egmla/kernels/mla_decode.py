@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from egmla.kernels import block
+from egmla.kernels import block, rows
 from egmla.kernels.pdl import launch_flags, wait as pdl_wait
 from egmla.kernels.split_combine import (choose_num_splits, combine_splits, launch_first_fitting, partial_buffers,
                                          split_range)
@@ -126,7 +126,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
     receives the result (tests poison it to check that every element is written)."""
     batch, heads, max_len = _check_decode_inputs({"q_latent": q_latent, "q_pe": q_pe},
                                                  {"latent": latent, "k_rope": k_rope}, lengths)
-    q_latent, q_pe = q_latent.contiguous(), q_pe.contiguous()
+    q_latent, q_pe = rows(q_latent), rows(q_pe)
     d_c, d_r = latent.shape[-1], k_rope.shape[-1]
     out = _output(out, (batch, heads, d_c), latent)
 

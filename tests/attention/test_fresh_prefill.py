@@ -46,3 +46,15 @@ def test_only_a_call_into_empty_rows_is_fresh():
     assert not model._cached_context(tokens, cache, None, capturable=True).fresh  # a graph step: never
     cache.advance(torch.tensor([0, 2]))  # one row holds positions: the other's prompt may be fresh, the call is not
     assert not model._cached_context(tokens, cache, None, capturable=False).fresh
+
+
+def test_a_one_token_step_builds_the_lengths_its_layers_read_once():
+    """The decode kernels' lengths (positions 0 .. the new token's) are built with the context, one tensor for every
+    layer, in a one-token step only; a context built elsewhere still gets them from its positions."""
+    model = tiny_model("mla")
+    cache = model.new_cache(2, max_len=16)
+    cache.advance(torch.tensor([3, 7]))
+    step = model._cached_context(torch.zeros(2, 1, dtype=torch.long), cache, None, capturable=False)
+    assert step.decode_lengths.tolist() == [4, 8] and step.seen_lengths() is step.decode_lengths
+    prefill = model._cached_context(torch.zeros(2, 2, dtype=torch.long), cache, None, capturable=False)
+    assert prefill.decode_lengths is None and prefill.seen_lengths().tolist() == [4, 8]

@@ -78,6 +78,32 @@ def test_pass_without_a_score_term_matches_the_reference(dtype, tolerance, num_s
         assert rel_err(o[:2], g[:2]) < tolerance, name
 
 
+def test_reads_views_in_their_dtype_writes_combined_in_its_own_and_nothing_uninitialised(monkeypatch):
+    """As the model calls it: the queries and q_terms as fp32 views of one projection over an fp16 cache (cast in
+    the kernel), `combined` in the next matmul's dtype (fp16), and every buffer the call allocates full of NaN at
+    first (the mass's zeros come from the combine): the reference's numbers, no NaN."""
+    from egmla.kernels.bias_decode import bias_decode
+
+    device = kernel_device()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    args = inputs(dtype, device)
+    batch, heads, d_c = args["q_absorbed"].shape
+    d_r = args["q_pe"].shape[-1]
+    proj = torch.randn(batch, heads, d_c + 2 + d_r + 5, device=device)  # fp32, a wider row per head
+    args.update(q_absorbed=proj[..., :d_c], q_terms=proj[..., d_c:d_c + 2], q_pe=proj[..., d_c + 2:d_c + 2 + d_r])
+    ref = bias_decode_ref(**args)
+    combined = torch.full((batch, heads, d_c + 2 + 3), float("nan"), dtype=dtype, device=device)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")) if
+                        k.get("dtype", torch.float32).is_floating_point else empty(*a, **k))
+    out = bias_decode(**args, num_splits=3, block_t=16, combined=combined)
+    monkeypatch.undo()
+    assert out[0].dtype == dtype and not combined[..., :d_c + 2].isnan().any()
+    for name, o, r in zip(("out_latent", "mean", "mass"), out, ref):
+        assert not o.isnan().any(), name
+        assert rel_err(o[:2].float(), r[:2]) < 1e-2, name
+
+
 def test_pass_without_a_score_term_needs_the_mass_width():
     from egmla.kernels.bias_decode import bias_decode
 

@@ -43,6 +43,23 @@ def test_every_length_from_one():
     assert rel_err(out, mla_decode_ref(*inputs, scale=0.25)) < 1e-4
 
 
+def test_query_views_of_a_projection_are_read_in_place(monkeypatch):
+    """q_latent and q_pe sliced per head out of one [batch, 1, heads, d_c + d_r] projection, as the folded path
+    passes them: read through their strides, with no copy (a `.contiguous()` here would cost a launch per layer)."""
+    from egmla.kernels.mla_decode import mla_decode
+    from egmla.kernels.mla_decode_ref import mla_decode_ref
+
+    device = kernel_device()
+    _, _, latent, k_rope, lengths = make_inputs(3, 5, 24, 8, 40, [1, 40, 17], torch.float32, device)
+    q = torch.randn(3, 1, 5, 24 + 8, device=device)
+    q_latent, q_pe = q[:, 0, :, :24], q[:, 0, :, 24:]
+    assert not q_latent.is_contiguous() and not q_pe.is_contiguous()
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda self, *a, **k: pytest.fail("a query was copied"))
+    out = mla_decode(q_latent, q_pe, latent, k_rope, lengths, scale=0.3, num_splits=2, block_t=16)
+    monkeypatch.undo()
+    assert rel_err(out, mla_decode_ref(q_latent.contiguous(), q_pe.contiguous(), latent, k_rope, lengths, 0.3)) < 1e-4
+
+
 def test_bad_inputs_raise_value_error():
     from egmla.kernels.mla_decode import mla_decode
 
