@@ -25,8 +25,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch
     """Rotate x [batch, seq, (heads,) dim] by cos/sin [batch, seq, dim // 2], in fp32 (or wider, as the inputs).
 
     Returns a new tensor of x's dtype, or writes into `out` (x's shape; x itself rotates it in place, as MLA's
-    query and key slices do: both halves are computed before either is written). Four elementwise launches."""
+    query and key slices do: both halves are computed before either is written). Four elementwise launches; on a
+    GPU without autograd (decode, evaluation) one Triton launch instead (egmla/kernels/rope.py), the same numbers
+    up to fp32 rounding."""
     cos, sin = at_least_fp32(cos, sin)
+    if _kernel_rotates(x, cos):
+        from egmla.kernels.rope import rope
+
+        return rope(x, cos, sin, out=out)
     if x.dim() == 4:  # broadcast over heads
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     halves = x.unflatten(-1, (2, -1))  # [..., 2, dim // 2]: x1, x2
@@ -36,3 +42,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch
     if out is None:
         return rotated.flatten(-2).to(x.dtype)
     return out.copy_(rotated.flatten(-2))
+
+
+def _kernel_rotates(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Where the one-launch kernel replaces the PyTorch rotation: CUDA, no gradient wanted (it has no backward),
+    fp32 tables, not inside torch.compile (whose fused kernels do the same), and Triton able to run there."""
+    if not x.is_cuda or cos.dtype != torch.float32 or x.stride(-1) != 1:
+        return False
+    if torch.is_grad_enabled() and x.requires_grad or torch.compiler.is_compiling():
+        return False
+    from egmla.kernels import kernel_unavailable_reason
+
+    return kernel_unavailable_reason(x.device) is None
