@@ -146,9 +146,9 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch_size {cache.batch_size}: "
                              f"allocate the cache with new_cache({tokens.shape[0]})")
         positions, kv_len = cache.positions_for(tokens.shape[1], static=capturable)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]  # every layer's cache writes use it
         kv_ids = None
         if cache.token_ids is not None:
-            rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
             cache.token_ids[rows, positions] = tokens.to(cache.token_ids.dtype)
             kv_ids = cache.token_ids[:, :kv_len]
         if cache.token_groups is not None:
@@ -161,7 +161,7 @@ class Transformer(nn.Module):
                            kv_len=kv_len, mask=attention_mask(positions, kv_len), kv_token_ids=kv_ids,
                            kv_groups=cache.token_groups, capturable=capturable,
                            fresh=not capturable and kv_len == tokens.shape[1],  # every row started empty
-                           decode_lengths=positions[:, 0] + 1 if tokens.shape[1] == 1 else None)
+                           decode_lengths=positions[:, 0] + 1 if tokens.shape[1] == 1 else None, batch_rows=rows)
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dtype not in (torch.int32, torch.int64):

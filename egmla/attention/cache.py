@@ -40,9 +40,11 @@ class LayerCache:
             for name, (shape, buf_dtype) in spec.tensors.items()
         }
 
-    def write(self, positions: torch.Tensor, **values: torch.Tensor) -> None:
-        """Store values [batch, seq, ...] at positions [batch, seq]."""
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+    def write(self, positions: torch.Tensor, rows: torch.Tensor | None = None, **values: torch.Tensor) -> None:
+        """Store values [batch, seq, ...] at positions [batch, seq]; rows: the [batch, 1] arange of the sequences
+        (the model builds it once per forward, AttnContext.batch_rows), else built here."""
+        if rows is None:
+            rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
         for name, value in values.items():
             self.buffers[name][rows, positions] = value.to(self.buffers[name].dtype)
 

@@ -28,6 +28,8 @@ class AttnContext:
     fresh: bool = False
     # [batch] positions[:, 0] + 1 in a one-token step, built once for all layers (a launch each otherwise)
     decode_lengths: torch.Tensor | None = None
+    # [batch, 1] arange: the row index of the cache writes, built once for all layers (a launch each otherwise)
+    batch_rows: torch.Tensor | None = None
 
     @property
     def cached(self) -> bool:

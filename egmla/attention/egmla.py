@@ -355,7 +355,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             raise ValueError(_STATS_CACHE_NEEDED.format(path=self.decode_path))  # before a fresh prompt skips reading
         if "ln_stats" not in cache.buffers:
             return ctx
-        cache.write(ctx.positions, ln_stats=self.appended_stats(latent, ctx.token_ids))
+        cache.write(ctx.positions, ctx.batch_rows, ln_stats=self.appended_stats(latent, ctx.token_ids))
         return dataclasses.replace(ctx, kv_ln_stats=cache.read("ln_stats", ctx.kv_len))
 
     # ---- decode paths ----------------------------------------------------------------------

@@ -52,7 +52,7 @@ class GroupedQueryAttention(nn.Module):
         k = apply_rope(self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim), ctx.cos, ctx.sin)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         if cache is not None:
-            cache.write(ctx.positions, k=k, v=v)
+            cache.write(ctx.positions, ctx.batch_rows, k=k, v=v)
         if cache is not None and not ctx.fresh:  # (a fresh prompt attends causally over its own K/V, below)
             k, v = cache.read("k", ctx.kv_len), cache.read("v", ctx.kv_len)
             if self.decode_path == "kernel" and decode_kernel_can_run(q, k, ctx, "MHA/GQA"):

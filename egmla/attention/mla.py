@@ -148,7 +148,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     def append(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor, k_pe: torch.Tensor) -> AttnContext:
         """Write the new positions' cache entries; returns the context the decode paths read."""
-        cache.write(ctx.positions, latent=latent, k_rope=k_pe)
+        cache.write(ctx.positions, ctx.batch_rows, latent=latent, k_rope=k_pe)
         return ctx
 
     def attend_naive(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:

@@ -117,3 +117,34 @@ def test_kernel_path_caches_norm_statistics_at_append(monkeypatch):
     assert seen == [1] * 3 * config.n_layers  # one new position per step and layer; the prefill in PyTorch
     assert cache.layers[1].buffers["ln_stats"].dtype == torch.float32
     assert torch.allclose(cache.layers[1].buffers["ln_stats"][:, :9], expected, rtol=1e-5, atol=1e-6)
+
+
+@requires_triton
+@pytest.mark.parametrize("variant,path", [("mha", "kernel"), ("mla-kv64", "kernel"), ("egmla-kv64", "kernel"),
+                                          ("egmla-kv64", "grouped"), ("egmla-kv64-bias-v", "absorbed")])
+def test_a_decode_step_builds_its_indices_once_not_per_layer(variant, path, monkeypatch):
+    """What every layer needs of a step's indices (the cache writes' row index, the kernels' lengths) is built once
+    with the context: a one-token step of 4 layers calls torch.arange as often as one of 2 (each call is a launch
+    inside a CUDA-graph step)."""
+    from egmla.variants import variant_config
+
+    counts = []
+    for layers in (2, 4):
+        config = variant_config(variant, "tiny", n_layers=layers)
+        torch.manual_seed(0)
+        model = Transformer(config).eval().to(kernel_device())
+        model.set_decode_path(path)
+        for layer in model.layers:
+            for backend in ("grouped_backend", "absorbed_backend"):
+                if hasattr(layer.attn, backend):
+                    setattr(layer.attn, backend, "kernel")
+        cache = model.new_cache(2, max_len=12)
+        tokens = torch.randint(0, config.vocab_size, (2, 5), device=kernel_device())
+        with torch.no_grad():
+            model(tokens, cache)
+            calls, arange = [], torch.arange
+            monkeypatch.setattr(torch, "arange", lambda *a, **k: calls.append(1) or arange(*a, **k))
+            model(tokens[:, :1], cache)
+            monkeypatch.undo()
+        counts.append(len(calls))
+    assert counts[0] == counts[1], f"torch.arange per step with 2 and 4 layers: {counts}"
