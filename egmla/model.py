@@ -17,6 +17,7 @@ from egmla.attention import KVCache, allocate_cache, attention_class, check_deco
 from egmla.attention.context import AttnContext, attention_mask
 from egmla.attention.rope import at_least_fp32, rope_tables
 from egmla.config import ModelConfig
+from egmla.kernels import no_grad_kernel_can_run
 
 
 class SwiGLU(nn.Module):
@@ -27,7 +28,23 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w1(x), self.w3(x)
+        if no_grad_kernel_can_run(gate):  # decode on a GPU: one launch instead of two (kernels/decode_elementwise.py)
+            from egmla.kernels.decode_elementwise import silu_mul
+
+            return self.w2(silu_mul(gate, up))
+        return self.w2(F.silu(gate) * up)
+
+
+def residual_rms_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, norm(x + y)): a residual add and the norm after it; one launch instead of two where no gradient is
+    wanted on a GPU (kernels/decode_elementwise.py)."""
+    if no_grad_kernel_can_run(x) and (norm.weight is None or norm.weight.dtype == x.dtype) and x.dtype == y.dtype:
+        from egmla.kernels.decode_elementwise import add_rms_norm
+
+        return add_rms_norm(x, y, norm.weight, norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps)
+    x = x + y
+    return x, norm(x)
 
 
 class Block(nn.Module):
@@ -39,8 +56,8 @@ class Block(nn.Module):
         self.ffn = SwiGLU(config.d_model, config.ffn_dim)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), ctx, cache)
-        return x + self.ffn(self.ffn_norm(x))
+        x, h = residual_rms_norm(x, self.attn(self.attn_norm(x), ctx, cache), self.ffn_norm)  # h = ffn_norm(x)
+        return x + self.ffn(h)
 
 
 class Transformer(nn.Module):

@@ -45,12 +45,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch
 
 
 def _kernel_rotates(x: torch.Tensor, cos: torch.Tensor) -> bool:
-    """Where the one-launch kernel replaces the PyTorch rotation: CUDA, no gradient wanted (it has no backward),
-    fp32 tables, not inside torch.compile (whose fused kernels do the same), and Triton able to run there."""
-    if not x.is_cuda or cos.dtype != torch.float32 or x.stride(-1) != 1:
-        return False
-    if torch.is_grad_enabled() and x.requires_grad or torch.compiler.is_compiling():
-        return False
-    from egmla.kernels import kernel_unavailable_reason
+    """Where the one-launch kernel replaces the PyTorch rotation: fp32 tables, a contiguous last dim, and a GPU
+    tensor that wants no gradient (the kernel has no backward), outside torch.compile."""
+    from egmla.kernels import no_grad_kernel_can_run
 
-    return kernel_unavailable_reason(x.device) is None
+    return cos.dtype == torch.float32 and x.stride(-1) == 1 and no_grad_kernel_can_run(x)

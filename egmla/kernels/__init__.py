@@ -59,6 +59,15 @@ def block(dim: int) -> int:
     return max(16, 1 << (dim - 1).bit_length())
 
 
+def no_grad_kernel_can_run(x: torch.Tensor) -> bool:
+    """Whether a forward-only kernel (no backward) may replace PyTorch ops on x: a GPU tensor, no gradient wanted
+    (decode, evaluation), not inside torch.compile (whose own fused kernels cover the same ops), Triton able to run.
+    Only CUDA: in the CPU interpreter these small kernels would be slower, so the CPU tests call them directly."""
+    if not x.is_cuda or (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+        return False
+    return kernel_unavailable_reason(x.device) is None
+
+
 def rows(x: torch.Tensor) -> torch.Tensor:
     """x itself where its last dim is contiguous (the kernels take the other strides as arguments), else a
     contiguous copy: a query sliced per head out of a projection ([batch, heads, d] with a head stride wider
