@@ -250,7 +250,7 @@ def _mass_embed_kernel(mass_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_
 
 
 BLOCK_TS = [64, 32, 16]  # as mla_decode's: the first that fits the device's shared memory
-BIAS_STAGES = 2
+BIAS_STAGES = 2  # the pass's pipeline stages: 3 measured within the spread of 2 on an H200 (docs/benchmarks.md §2)
 MASS_BLOCK_T = 128
 # the grouped mass: slots per program and positions per step; 32 x 32 takes 72 registers per thread on 4 warps for
 # sm_90 (Triton 3.6), against 222 at 64 positions per step
@@ -268,9 +268,10 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
                 lengths: torch.Tensor, scale: float, num_splits: int | None = None, block_t: int | None = None,
                 combined: torch.Tensor | None = None, plan=None, n_ids: int | None = None,
                 num_stages: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`bias_decode_ref`'s (out_latent [batch, heads, d_c], mean [batch, heads], mass [batch, heads, U]), fp32,
-    from three launches (the pass, the split combine, which also zeroes the mass, and the mass); no host sync, so a
-    CUDA graph can capture it. The queries, q_terms and per_id may be views in any float dtype (last dim
+    """`bias_decode_ref`'s (out_latent [batch, heads, d_c], mean [batch, heads], mass [batch, heads, U]): the mass
+    fp32, out_latent and mean views of `combined` (fp32 unless the caller gives it in another dtype), from three
+    launches (the pass, the split combine, which also zeroes the mass, and the mass); no host sync, so a CUDA graph
+    can capture it. The queries, q_terms and per_id may be views in any float dtype (last dim
     contiguous): the kernels read them as they are. `combined`, if given ([batch, heads, >= d_c + 2], any float
     dtype, last dim contiguous), receives [out_latent | mean | 1 if the sequence has positions else 0] in its
     first d_c + 2 columns, and out_latent and mean are views of it: a caller can lay out its next matmul's input
