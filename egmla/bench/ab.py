@@ -1,12 +1,60 @@
 """A/B of code versions from `egmla bench generate` result files: the same command run alternately with each
-version (e.g. `PYTHONPATH=old/ ...` and the working tree, twice each, in one session on one GPU), every file named
-LABEL=JSON. The table gives each label's step medians run by run, their median, and each label's median over the
-first label's, per (variant, decode path, batch): whether a change moved the step beyond the run-to-run spread."""
+version, twice or more each, in one session on one GPU, every file named LABEL=JSON. The table gives each label's
+step medians run by run, their median, and each label's median over the first label's, per (variant, decode path,
+batch): whether a change moved the step beyond the run-to-run spread.
+
+Run each version from its own tree's root, `(cd OLD_TREE && python3 -m egmla bench generate ...)`: `python -m`
+puts the current directory first on sys.path, so `PYTHONPATH=OLD_TREE python3 -m egmla` run from this repository
+imports this repository's egmla, whatever PYTHONPATH says. Every result file records which code ran
+(`code_identity`: a hash of the package's sources and the EGMLA_* settings), and the table refuses two labels that
+ran the same code: three A/Bs were lost that way before the check existed (docs/NOTES.md)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import statistics
 from pathlib import Path
+
+
+def code_identity() -> dict:
+    """Which code a benchmark process ran: the imported egmla package's folder, a SHA-256 over its Python sources
+    (relative path and bytes, in path order) and the EGMLA_* environment settings that switch code paths."""
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.relative_to(package).as_posix().encode() + b"\0" + source.read_bytes() + b"\0")
+    return {"package": str(package), "source_sha256": digest.hexdigest(),
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("EGMLA_")}}
+
+
+def _identity_key(meta: dict) -> tuple | None:
+    code = meta.get("code")
+    return None if code is None else (code["source_sha256"], tuple(sorted(code["env"].items())))
+
+
+def check_versions(runs: dict[str, list[dict]]) -> list[str]:
+    """Refuse an A/B whose labels ran the same code, or whose one label ran several; return the labels whose files
+    predate the code record (the table says so rather than vouch for them)."""
+    seen: dict[tuple, str] = {}
+    unrecorded = []
+    for label, metas in runs.items():
+        keys = {_identity_key(meta) for meta in metas}
+        if keys == {None}:
+            unrecorded.append(label)
+            continue
+        if len(keys) > 1:
+            raise ValueError(f"--ab: the files labelled {label!r} ran different code (source hashes or EGMLA_* "
+                             f"settings differ): give each version its own label")
+        key = keys.pop()
+        if key in seen:
+            raise ValueError(
+                f"--ab: labels {seen[key]!r} and {label!r} ran the same code (source sha256 {key[0][:12]}, EGMLA_* "
+                f"settings {dict(key[1]) or 'none'}): run each version from its own tree's root, e.g. "
+                f"`(cd OLD_TREE && python3 -m egmla bench generate ...)`; `python -m` puts the current directory "
+                f"ahead of PYTHONPATH")
+        seen[key] = label
+    return unrecorded
 
 
 def parse_labelled(items: list[str]) -> dict[str, list[dict]]:
@@ -20,7 +68,15 @@ def parse_labelled(items: list[str]) -> dict[str, list[dict]]:
     devices = {meta["device"] for metas in runs.values() for meta in metas}
     if len(devices) > 1:
         raise ValueError(f"--ab: the files come from several devices ({', '.join(sorted(devices))}): an A/B needs one")
+    check_versions(runs)
     return runs
+
+
+def _code_note(metas: list[dict]) -> str:
+    key = _identity_key(metas[0])
+    if key is None:
+        return "not recorded (files older than the check)"
+    return f"sources {key[0][:12]}" + (f", {', '.join(f'{k}={v}' for k, v in key[1])}" if key[1] else "")
 
 
 def ab_table(runs: dict[str, list[dict]]) -> str:
@@ -35,7 +91,8 @@ def ab_table(runs: dict[str, list[dict]]) -> str:
     first = next(iter(runs.values()))[0]
     lines = [f"A/B of code versions on {first['device']}, {first['dtype']}: {first['source']}; prompts of "
              f"{first['prompt_len']} tokens, {first['new_tokens']} new; step ms (CUDA-graph replay) of each run in the "
-             f"order run, then the median; ratio = a label's median over `{labels[0]}`'s (< 1: faster).", "",
+             f"order run, then the median; ratio = a label's median over `{labels[0]}`'s (< 1: faster). Code: "
+             + "; ".join(f"`{label}` {_code_note(metas)}" for label, metas in runs.items()) + ".", "",
              "| variant | path | batch | " + " | ".join(f"{label} step ms" for label in labels) + " | "
              + " | ".join(f"{label} ÷ {labels[0]}" for label in labels[1:]) + " |",
              "|---|---|---:|" + "---|" * len(labels) + "---:|" * (len(labels) - 1)]

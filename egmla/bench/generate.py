@@ -157,6 +157,7 @@ def main(args) -> int:
     from egmla.attention import decode_paths, fastest_decode_path
     from egmla.config import preset
     from egmla.configfile import parse_overrides
+    from egmla.bench.ab import code_identity
     from egmla.infer.cli import resolve_device_dtype
     from egmla.runs import atomic_write_json
     from egmla.variants import select, variant_config
@@ -209,7 +210,7 @@ def main(args) -> int:
     meta = {"benchmark": "generate", "source": source, "device": device_name, "dtype": str(dtype),
             "torch": torch.__version__, "prompt_len": prompt_len, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "fill_memory_gb": args.fill_memory, "context": args.context,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_identity(), "rows": rows}
 
     def record(row: dict, work) -> None:
         try:

@@ -249,8 +249,11 @@ def _mass_embed_kernel(mass_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_
              acc.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & e_mask[None, :])
 
 
-BLOCK_TS = [64, 32, 16]  # as mla_decode's: the first that fits the device's shared memory
-BIAS_STAGES = 2  # the pass's pipeline stages: 3 measured within the spread of 2 on an H200 (docs/benchmarks.md §2)
+# the pass's tiles (the first that fits the device's shared memory) and pipeline stages: tiles of 128 with 3 stages
+# were the fastest pass on an H200 for both tables at both swept shapes, 1.2-1.3x the 64 / 2 before them
+# (docs/bench/bias_sweep_h200.md)
+BLOCK_TS = [128, 64, 32, 16]
+BIAS_STAGES = 3
 MASS_BLOCK_T = 128
 # the grouped mass: slots per program and positions per step; 32 x 32 takes 72 registers per thread on 4 warps for
 # sm_90 (Triton 3.6), against 222 at 64 positions per step

@@ -1,6 +1,8 @@
 """`egmla bench generate` on CPU at the tiny preset: egmla's rows beside transformers' anchors, the ratio
 column, a fill-memory run at the planner's batch, the step profile, and the merged report."""
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -84,26 +86,68 @@ def test_crossover_report_sets_kernel_beside_grouped_with_autos_choice(tmp_path)
 def test_ab_report_gives_each_labels_runs_median_and_ratio(tmp_path):
     """`--ab --report LABEL=JSON ...`: runs alternated between code versions, one line per (variant, path, batch)
     with each label's steps in run order, their median and the ratio to the first label's median."""
-    def run_file(name: str, steps: dict, device: str = "NVIDIA H200") -> str:
+    def run_file(name: str, steps: dict, device: str = "NVIDIA H200", code: str | None = None, env=None) -> str:
         rows = [{"model": "egmla", "variant": "EG-MLA kv64", "decode_path": "auto", "batch": batch, "step_ms_median": ms}
                 for batch, ms in steps.items()]
         meta = {"device": device, "dtype": "torch.bfloat16", "source": "preset paper-base", "prompt_len": 2048,
                 "new_tokens": 16, "rows": rows}
+        if code is not None:
+            meta["code"] = {"package": "/x/egmla", "source_sha256": code, "env": env or {}}
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(meta))
         return str(path)
 
-    files = [f"old={run_file('o1', {1: 2.0, 32: 3.0})}", f"new={run_file('n1', {1: 1.0, 32: 3.3})}",
-             f"old={run_file('o2', {1: 2.2, 32: 3.0})}", f"new={run_file('n2', {1: 1.2})}",
-             f"old={run_file('o3', {1: 2.4})}"]
+    files = [f"old={run_file('o1', {1: 2.0, 32: 3.0}, code='a' * 64)}",
+             f"new={run_file('n1', {1: 1.0, 32: 3.3}, code='b' * 64)}",
+             f"old={run_file('o2', {1: 2.2, 32: 3.0}, code='a' * 64)}", f"new={run_file('n2', {1: 1.2}, code='b' * 64)}",
+             f"old={run_file('o3', {1: 2.4}, code='a' * 64)}"]
     assert run("generate", ["--ab", "--report", *files, "--markdown", str(tmp_path / "ab.md")]) == 0
     lines = [line for line in (tmp_path / "ab.md").read_text().splitlines() if line.startswith("| EG-MLA")]
     assert lines == ["| EG-MLA kv64 | auto | 1 | 2.000 2.200 2.400 (**2.200**) | 1.000 1.200 (**1.100**) | 0.500 |",
                      "| EG-MLA kv64 | auto | 32 | 3.000 3.000 (**3.000**) | 3.300 (**3.300**) | 1.100 |"]
     with pytest.raises(ValueError, match="LABEL=JSON"):
         run("generate", ["--ab", "--report", run_file("bare", {1: 1.0})])
+    assert "`old` sources aaaaaaaaaaaa; `new` sources bbbbbbbbbbbb" in (tmp_path / "ab.md").read_text()
     with pytest.raises(ValueError, match="several devices"):
         run("generate", ["--ab", "--report", files[0], f"new={run_file('h100', {1: 1.0}, 'NVIDIA H100')}"])
+    # two labels that ran the same code (the old tree shadowed by the working tree) are refused, naming the fix ...
+    with pytest.raises(ValueError, match="'old' and 'new' ran the same code.*own tree's root"):
+        run("generate", ["--ab", "--report", files[0], f"new={run_file('same', {1: 1.0}, code='a' * 64)}"])
+    # ... one label's files must agree; an EGMLA_* setting makes a version of the same sources; old files are named
+    with pytest.raises(ValueError, match="labelled 'old' ran different code"):
+        run("generate", ["--ab", "--report", files[0], f"old={run_file('o4', {1: 1.0}, code='c' * 64)}"])
+    flag = f"grouped={run_file('g', {1: 1.1}, code='a' * 64, env={'EGMLA_BIAS_MASS': 'grouped'})}"
+    unrecorded = f"older={run_file('u', {1: 1.0})}"
+    assert run("generate", ["--ab", "--report", files[0], flag, unrecorded, "--markdown", str(tmp_path / "ab.md")]) == 0
+    assert ("`grouped` sources aaaaaaaaaaaa, EGMLA_BIAS_MASS=grouped; `older` not recorded"
+            in (tmp_path / "ab.md").read_text())
+
+
+def test_code_identity_names_the_tree_python_m_imports_from_its_directory(tmp_path):
+    """What broke three A/Bs: run from a tree's root, Python imports that tree's egmla even with another tree first
+    on PYTHONPATH. code_identity says which package ran and hashes its sources, so a copy hashes the same and an
+    edited copy does not."""
+    import shutil
+    import subprocess
+    import sys
+
+    from egmla.bench.ab import code_identity
+
+    repo = Path(__file__).resolve().parents[2]
+    shutil.copytree(repo / "egmla", tmp_path / "egmla", ignore=shutil.ignore_patterns("__pycache__"))
+
+    def identity_from(cwd: Path) -> dict:
+        script = "import json; from egmla.bench.ab import code_identity; print(json.dumps(code_identity()))"
+        out = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": str(repo)})
+        return json.loads(out.stdout)
+
+    copy = identity_from(tmp_path)
+    assert Path(copy["package"]) == (tmp_path / "egmla").resolve()
+    assert copy["source_sha256"] == code_identity()["source_sha256"]
+    with open(tmp_path / "egmla" / "kernels" / "rope.py", "a") as source:
+        source.write("\n# an edit\n")
+    assert identity_from(tmp_path)["source_sha256"] != copy["source_sha256"]
 
 
 def test_bench_calls_times_each_setting_and_reports(tmp_path, capsys):

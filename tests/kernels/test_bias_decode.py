@@ -337,3 +337,10 @@ def test_bias_sweep_table(tmp_path):
                      "84.0 | 36.0 |",
                      "| 32 × 4,096 | V table | 20.0 | 60.0 | 40.0 (tiles of 64, 8 warps, 2 stages) | 2.00 | 90.0 | "
                      "70.0 | 30.0 |"]
+    # the default column is the defaults the file says it ran with (a file without them: 64 / 4 / 2), not today's
+    sweep.write_text(json.dumps({"device": "NVIDIA H200", "rows": rows,
+                                 "defaults": {"bias_pass": {"block_t": 64, "num_warps": 8, "num_stages": 2}}}))
+    assert run("kernel-sweep", ["--markdown", str(sweep), str(tmp_path / "bias.md")]) == 0
+    text = (tmp_path / "bias.md").read_text()
+    assert "at the default (tiles of 64, 8 warps, 2 stages)" in text
+    assert "| 32 × 4,096 | V table | 20.0 | 40.0 | 40.0 (tiles of 64, 8 warps, 2 stages) |" in text
