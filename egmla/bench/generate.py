@@ -73,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crossover", action="store_true",
                         help="with --report: EG-MLA's 'kernel' against 'grouped' step per prompt length and batch "
                              "(files of several prompt lengths), beside the path decode_path='auto' takes there")
+    parser.add_argument("--summary", action="store_true",
+                        help="with --report: the compact table of README.md, each variant's tokens/s over Llama's "
+                             "per batch (files run with --compare-hf; a --fill-memory file adds its row); "
+                             "`python -m egmla.bench.summary README.md` refreshes the README's copies "
+                             "(egmla/bench/summary.py)")
 
 
 def run_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
@@ -165,6 +170,10 @@ def main(args) -> int:
     if args.report:
         if args.crossover:
             return crossover_report(args.report, args.markdown)
+        if args.summary:
+            from egmla.bench.summary import summary_of_files
+
+            return write_table(summary_of_files(args.report), args.markdown)
         if args.ab:
             from egmla.bench.ab import ab_table, parse_labelled
 
