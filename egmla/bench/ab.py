@@ -3,7 +3,8 @@ version, twice or more each, in one session on one GPU, every file named LABEL=J
 step medians run by run, their median, and each label's median over the first label's, per (variant, decode path,
 batch): whether a change moved the step beyond the run-to-run spread.
 
-Run each version from its own tree's root, `(cd OLD_TREE && python3 -m egmla bench generate ...)`: `python -m`
+`egmla bench ab` (egmla/bench/ab_run.py) makes such runs and this table in one command. By hand, run each version
+from its own tree's root, `(cd OLD_TREE && python3 -m egmla bench generate ...)`: `python -m`
 puts the current directory first on sys.path, so `PYTHONPATH=OLD_TREE python3 -m egmla` run from this repository
 imports this repository's egmla, whatever PYTHONPATH says. Every result file records which code ran
 (`code_identity`: a hash of the package's sources and the EGMLA_* settings), and the table refuses two labels that

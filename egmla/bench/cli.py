@@ -7,6 +7,8 @@ import argparse
 BENCHMARKS = {
     "decode": ("egmla.bench.decode", "decode attention per layer: every variant and path vs its floor"),
     "generate": ("egmla.bench.generate", "end-to-end generation: tokens/s and step latency per decode path"),
+    "ab": ("egmla.bench.ab_run",
+           "A/B of code versions: one generate command per version and round, rotated, each from its own tree"),
     "calls": ("egmla.bench.calls",
               "successive generate() calls of decreasing length on one engine: the kept cache and graphs reused or not"),
     "prefill": ("egmla.bench.prefill",

@@ -203,3 +203,40 @@ def test_bench_prefill_times_each_budget_and_reports(tmp_path):
         run("prefill", ["--budgets", "0"])
     with pytest.raises(ValueError, match="--batches 'x': give comma-separated integers"):
         run("calls", ["--batches", "x"])
+
+
+def test_bench_ab_runs_each_version_from_its_own_tree(tmp_path):
+    """`egmla bench ab`: every version's runs import its own tree's egmla (recorded in each JSON), the order rotates
+    each round, the table compares them; one code under two labels and malformed versions are refused."""
+    import shutil
+
+    from egmla.bench.ab_run import parse_version
+
+    repo = Path(__file__).resolve().parents[2]
+    edited = tmp_path / "edited"
+    shutil.copytree(repo / "egmla", edited / "egmla", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(edited / "egmla" / "model.py", "a") as source:
+        source.write("\n# an edit\n")
+    generate = ["--", "--preset", "tiny", "--variants", "mla-kv64", "--paths", "absorbed", "--batch-sizes", "1",
+                "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1"]
+    out = tmp_path / "ab"
+    assert run("ab", ["--version", f"base={repo}", "--version", f"edited={edited}", "--rounds", "2", "--out", str(out),
+                      *generate]) == 0
+    metas = {p.stem: json.loads(p.read_text()) for p in out.glob("gen_*.json")}
+    assert sorted(metas) == ["gen_base_1", "gen_base_2", "gen_edited_1", "gen_edited_2"]
+    assert {Path(m["code"]["package"]) for k, m in metas.items() if "edited" in k} == {(edited / "egmla").resolve()}
+    assert {Path(m["code"]["package"]) for k, m in metas.items() if "base" in k} == {(repo / "egmla").resolve()}
+    # rotated: base ran first in round 1, edited first in round 2
+    finished = {p.stem: p.stat().st_mtime_ns for p in out.glob("gen_*.log")}
+    assert finished["gen_base_1"] < finished["gen_edited_1"] < finished["gen_edited_2"] < finished["gen_base_2"]
+    assert "| MLA kv64 | absorbed | 1 |" in (out / "table.md").read_text()
+    with pytest.raises(ValueError, match="'a' and 'b' ran the same code"):
+        run("ab", ["--version", f"a={repo}", "--version", f"b={repo}", "--rounds", "1", "--out", str(out), *generate])
+    assert parse_version("flag=.,EGMLA_BIAS_MASS=grouped") == ("flag", ".", {"EGMLA_BIAS_MASS": "grouped"})
+    for bad in ["old", "old=.,PATH=/x", "o/d=."]:
+        with pytest.raises(ValueError, match="--version"):
+            parse_version(bad)
+    with pytest.raises(ValueError, match="holds no egmla package"):
+        run("ab", ["--version", f"a={tmp_path}", "--version", f"b={repo}", "--out", str(out), *generate])
+    with pytest.raises(ValueError, match="must not hold --json"):
+        run("ab", ["--version", f"a={repo}", "--version", f"b={edited}", "--out", str(out), *generate, "--json", "x"])
