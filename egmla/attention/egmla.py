@@ -184,6 +184,10 @@ TABLE_PATHS = ("gate-table", "kernel", "grouped", "absorbed")
 
 
 class EmbeddingGatedMLA(MultiHeadLatentAttention):
+    @property
+    def fuses_append(self) -> bool:
+        return self.gate_placement == "up"  # placement latent gates c_t before it is cached
+
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.gate_op, self.gate_placement = config.gate_op, config.gate_placement
@@ -349,7 +353,15 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         """MLA's append, plus the new positions' (mu, rho) where the cache keeps them ('kernel', 'grouped'). Every
         cached call passes here first: the gate table is refreshed if the weights changed since it was built."""
         self.refresh_gate_table()
-        ctx = super().append(cache, ctx, latent, k_pe)
+        return self.append_stats(cache, super().append(cache, ctx, latent, k_pe), latent)
+
+    def append_in_one_launch(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache) -> AttnContext:
+        """`append(cache, ctx, *latent(x, ctx))` with MLA's part in one launch (placement up: the latents are MLA's)."""
+        self.refresh_gate_table()
+        return self.append_stats(cache, ctx, self.write_latents(x, ctx, cache, keep_latent="ln_stats" in cache.buffers))
+
+    def append_stats(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor | None) -> AttnContext:
+        """The new positions' (mu, rho), where the cache keeps them, from their latents."""
         if self.gate_placement == "up" and self.decode_path in ("grouped", "absorbed") and (
                 "ln_stats" not in cache.buffers or ctx.kv_groups is None):
             raise ValueError(_STATS_CACHE_NEEDED.format(path=self.decode_path))  # before a fresh prompt skips reading

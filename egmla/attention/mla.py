@@ -30,6 +30,7 @@ from egmla.attention.norms import RMSNorm
 from egmla.attention.precomputed import weights_key
 from egmla.attention.rope import apply_rope
 from egmla.config import ModelConfig
+from egmla.kernels import no_grad_kernel_can_run
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -109,11 +110,14 @@ class MultiHeadLatentAttention(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
-        latent, k_pe = self.latent(x, ctx)
-        if cache is not None:
-            ctx = self.append(cache, ctx, latent, k_pe)
-        if cache is None or ctx.fresh:  # training, full forwards, a prompt into an empty cache: over its own latents
-            return self.wo(self.attend_causal(self.query(x, ctx), latent, k_pe, ctx.token_ids).flatten(2))
+        if cache is not None and not ctx.fresh and self.appends_in_one_launch(x, ctx):
+            ctx = self.append_in_one_launch(x, ctx, cache)
+        else:
+            latent, k_pe = self.latent(x, ctx)
+            if cache is not None:
+                ctx = self.append(cache, ctx, latent, k_pe)
+            if cache is None or ctx.fresh:  # training, full forwards, a prompt into an empty cache: its own latents
+                return self.wo(self.attend_causal(self.query(x, ctx), latent, k_pe, ctx.token_ids).flatten(2))
         latent, k_pe = cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len)
         if self.decode_path in ("absorbed", "kernel") and self.folded_weights() is not None:
             return self.forward_folded(x, latent, k_pe, ctx)
@@ -150,6 +154,32 @@ class MultiHeadLatentAttention(nn.Module):
         """Write the new positions' cache entries; returns the context the decode paths read."""
         cache.write(ctx.positions, ctx.batch_rows, latent=latent, k_rope=k_pe)
         return ctx
+
+    # `latent` and `append` in one Triton launch (egmla/kernels/latent_append.py) where a cached call reads the cache
+    # back; a subclass that changes the latents (EG-MLA's placement latent gates them) says False
+    fuses_append = True
+
+    def appends_in_one_launch(self, x: torch.Tensor, ctx: AttnContext) -> bool:
+        """A cached call without autograd on a GPU (a decode step): the kernel has no backward, and the four PyTorch
+        launches it replaces bind a CUDA-graph step at small batch."""
+        return (self.fuses_append and no_grad_kernel_can_run(x) and ctx.cos.dtype == torch.float32
+                and (self.kv_norm.weight is None or self.kv_norm.weight.dtype == x.dtype))
+
+    def append_in_one_launch(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache) -> AttnContext:
+        """`append(cache, ctx, *latent(x, ctx))` with the latents written by `write_latents`."""
+        self.write_latents(x, ctx, cache)
+        return ctx
+
+    def write_latents(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache,
+                      keep_latent: bool = False) -> torch.Tensor | None:
+        """The new latents normed and their RoPE keys rotated straight into the cache, from one read of the
+        down-projection; keep_latent: also return the latents [batch, seq, d_c]."""
+        from egmla.kernels.latent_append import latent_append
+
+        norm = self.kv_norm
+        return latent_append(self.wkv_a(x), norm.weight, norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps,
+                             ctx.cos, ctx.sin, ctx.positions, cache.buffers["latent"], cache.buffers["k_rope"],
+                             keep_latent=keep_latent)
 
     def attend_naive(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
         """Rebuild K/V and run SDPA. Returns [batch, seq, heads, d_v]."""

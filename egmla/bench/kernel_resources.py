@@ -37,16 +37,16 @@ def occupancy(regs: int, warps: int) -> tuple[int, float]:
 
 
 def signature(fn, constexprs: dict, pointer_types: dict, default_pointer: str = "*bf16") -> tuple[dict, dict]:
-    """(signature, attrs) for triton.compile: constexprs as given, `*_ptr` arguments typed by `pointer_types`
-    (else default_pointer), `qk_scale` fp32, other arguments i32; pointers and strides marked divisible by 16, as a
+    """(signature, attrs) for triton.compile: constexprs as given, arguments typed by `pointer_types` where it names
+    them, else `*_ptr` arguments default_pointer, `qk_scale` fp32, other arguments i32; pointers and strides marked divisible by 16, as a
     launch with aligned tensors and such strides specialises them."""
     sig, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
             continue
-        sig[name] = pointer_types.get(name, default_pointer) if name.endswith("_ptr") else (
-            "fp32" if name == "qk_scale" else "i32")
+        sig[name] = pointer_types.get(name) or (default_pointer if name.endswith("_ptr") else (
+            "fp32" if name == "qk_scale" else "i32"))
         if name.endswith("_ptr") or name.startswith("stride"):
             attrs[(index,)] = [["tt.divisibility", 16]]
     return sig, attrs
@@ -130,6 +130,22 @@ def _bias_cases():
                     HAS_ID_SCORE=score_term), pointers, warps, stages)
 
 
+def _step_cases():
+    """The decode step's small kernels at paper-base widths (d_model 768, SwiGLU 2,048, kv64 + d_r 64)."""
+    from egmla.kernels import decode_elementwise as e
+    from egmla.kernels import latent_append as la
+    from egmla.kernels import rope as r
+
+    yield ("rope", "16 rows of 32 pairs, 4 warps", r._rope_kernel, dict(HALF=32, BLOCK_R=16, BLOCK_D=32),
+           {"cos_ptr": "*fp32", "sin_ptr": "*fp32"}, 4)
+    yield ("add_rms_norm", "4 rows of 768, 4 warps", e._add_rms_norm_kernel,
+           dict(DIM=768, BLOCK_D=1024, BLOCK_R=4, HAS_WEIGHT=True), {"eps": "fp32"}, 4)
+    yield ("silu_mul", "blocks of 1,024, 4 warps", e._silu_mul_kernel, dict(DIM=2048, BLOCK_D=1024), {}, 4)
+    yield ("latent_append", "kv64 + d_r 64, 1 warp", la._latent_append_kernel,
+           dict(D_C=64, HALF=32, BLOCK_C=64, BLOCK_H=32, HAS_WEIGHT=True, HAS_OUT=True),
+           {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "eps": "fp32"}, 1)
+
+
 GLUON_POINTERS = {**{name: "*i32" for name in ("order_ptr", "oslots_ptr", "offsets_ptr", "ids_ptr", "n_distinct_ptr",
                                                  "lengths_ptr")},
                   **{name: "*fp32" for name in ("stats_ptr", "part_acc_ptr", "part_ml_ptr")}}
@@ -160,13 +176,14 @@ def _scratch_cases():
                     HAS_BIAS=True, DOT_PRECISION="tf32"), {**ints, **fp32}, warps)
 
 
-KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "bias": _bias_cases, "gluon": _gluon_cases,
-           "scratch": _scratch_cases}
+KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "bias": _bias_cases, "step": _step_cases,
+           "gluon": _gluon_cases, "scratch": _scratch_cases}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="grouped,mla",
                         help=f"comma-separated: {', '.join(KERNELS)} (bias: the table controls' pass, bias_decode.py; "
+                        f"step: the decode step's RoPE, add + RMSNorm, SwiGLU activation and MLA append kernels; "
                         f"gluon: studies/grouped_gluon.py, Triton >= 3.6; scratch: studies/grouped_scratch.py)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 = sm_90 (H100, "
                         "H200), 80 = sm_80 (A100)")

@@ -5,6 +5,9 @@
     grouped_decode.py  EG-MLA decode grouped by token id (three launches); studies/ holds three one-launch
                        forms of it, each exact and measured slower (not the model's path)
     bias_decode.py     the bias control's absorbed decode (MLA's, plus per-id terms)
+    rope.py, decode_elementwise.py, latent_append.py
+                       the decode step's small launches fused (RoPE; add + RMSNorm and SwiGLU's activation; MLA's
+                       cache append with its norm and RoPE), used where no gradient is wanted on a GPU
     row_adam.py        lazy Adam on the touched rows of the gate tables (training)
     split_combine.py   flash-decoding split heuristic and the cross-split combine
 

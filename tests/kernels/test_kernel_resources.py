@@ -24,45 +24,52 @@ def _cuobjdump_available() -> bool:
     return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
 
 
-@pytest.mark.skipif(not _cuobjdump_available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) installed")
-def test_mla_kernel_compiles_offline_and_reports_its_registers(tmp_path):
-    """Run as its own process: the kernel tests import the kernels under TRITON_INTERPRET=1, which the tool refuses."""
+def compile_offline(tmp_path, kernels: str) -> tuple[list[dict], str]:
+    """`egmla bench kernel-resources --kernels KERNELS` as its own process (the kernel tests import the kernels under
+    TRITON_INTERPRET=1, which the tool refuses): its rows and its output."""
     import json
     import subprocess
     import sys
 
     out = tmp_path / "resources.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "egmla", "bench", "kernel-resources", "--kernels", "mla", "--json",
+    done = subprocess.run([sys.executable, "-m", "egmla", "bench", "kernel-resources", "--kernels", kernels, "--json",
                            str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    return json.loads(out.read_text())["rows"], done.stdout
+
+
+@pytest.mark.skipif(not _cuobjdump_available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) installed")
+def test_mla_kernel_compiles_offline_and_reports_its_registers(tmp_path):
+    rows, stdout = compile_offline(tmp_path, "mla")
     assert [r["kernel"] for r in rows] == ["mla_decode kv64"] * 3
     for row in rows:
         assert 16 <= row["registers"] <= 255 and row["spill_stack_bytes"] >= 0 and row["shared_bytes"] > 0
         assert row["programs_per_sm_by_registers"] in range(1, 33)
     more_stages = {r["setting"]: r["shared_bytes"] for r in rows}
     assert more_stages["tiles of 64, 4 warps (stages 3: shared memory)"] > more_stages["tiles of 64, 4 warps (stages 2: shared memory)"]
-    assert "compiled for sm_90" in done.stdout
+    assert "compiled for sm_90" in stdout
 
 
 @pytest.mark.skipif(not _cuobjdump_available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) installed")
 def test_bias_pass_compiles_offline_for_both_tables(tmp_path):
     """The table controls' pass, with and without the per-id score term, compiles for sm_90 and reports its
     resources; the gather of per-id scores needs shared memory of its own (its [heads, positions] tile)."""
-    import json
-    import subprocess
-    import sys
-
-    out = tmp_path / "resources.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "egmla", "bench", "kernel-resources", "--kernels", "bias", "--json",
-                           str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
+    rows, stdout = compile_offline(tmp_path, "bias")
+    rows = {r["setting"]: r for r in rows}
     assert len(rows) == 6 and all(16 <= r["registers"] <= 255 for r in rows.values())
     with_term, without = rows["K/V table, tiles of 64, 4 warps, stages 2"], rows["V table, tiles of 64, 4 warps, stages 2"]
     assert with_term["shared_bytes"] > without["shared_bytes"]
+
+
+@pytest.mark.skipif(not _cuobjdump_available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) installed")
+def test_decode_step_kernels_compile_for_the_gpu_without_spills(tmp_path):
+    """The decode step's small kernels (RoPE, add + RMSNorm, SwiGLU's activation, MLA's one-launch append) compile
+    for sm_90 here, without a GPU: a GPU-only code path whose kernel would not compile fails on the CPU first."""
+    rows, stdout = compile_offline(tmp_path, "step")
+    rows = {r["kernel"]: r for r in rows}
+    assert sorted(rows) == ["add_rms_norm", "latent_append", "rope", "silu_mul"]
+    assert all(16 <= r["registers"] <= 128 and r["spill_stack_bytes"] == 0 for r in rows.values())
 
 
 def test_interpreter_mode_is_a_clear_error(monkeypatch):

@@ -1,0 +1,24 @@
+"""Plain PyTorch reference of the latent append kernel (egmla/kernels/latent_append.py): what MLA's cached call
+does with the new positions' down-projection [c ; k^R] before attending, in the ops the model runs otherwise:
+
+    latent[b, positions[b, s]] = RMSNorm(c[b, s]) * w          (in fp32, rounded to the cache's dtype once)
+    k_rope[b, positions[b, s]] = RoPE(k^R[b, s], cos[b, s], sin[b, s])
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from egmla.kernels.rope_ref import rope_ref
+
+
+def latent_append_ref(projected: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+                      sin: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+                      keep_latent: bool = False) -> torch.Tensor | None:
+    d_c = latent.shape[-1]
+    c, k_pe = projected[..., :d_c].float(), projected[..., d_c:]
+    normed = F.rms_norm(c, (d_c,), None if weight is None else weight.float(), eps)
+    rows = torch.arange(projected.shape[0], device=projected.device)[:, None]
+    latent[rows, positions] = normed.to(latent.dtype)
+    k_rope[rows, positions] = rope_ref(k_pe, cos, sin).to(k_rope.dtype)
+    return normed.to(latent.dtype) if keep_latent else None

@@ -1,0 +1,129 @@
+"""MLA's cache append in one launch vs its PyTorch reference (the norm, the rotation and the index writes the model
+runs otherwise): fresh random inputs, ragged positions, several new tokens, strided views, buffers poisoned with NaN
+so a write to a wrong place shows; the model's decode through it equals the full forward; and on a GPU, the model
+takes it only without gradients."""
+import pytest
+import torch
+
+from tests.kernels.conftest import kernel_device, needs_cuda, poisoned, rel_err, requires_triton
+
+pytestmark = requires_triton
+
+
+def inputs(batch, seq, d_c, d_r, max_len, dtype, device, weighted=True):
+    wide = torch.randn(batch, seq, d_c + d_r + 5, device=device).to(dtype)
+    projected = wide[..., : d_c + d_r]  # a view with row stride d_c + d_r + 5, as a slice of a wider product
+    weight = (1 + 0.3 * torch.randn(d_c, device=device)).to(dtype) if weighted else None
+    angles = torch.rand(max_len, d_r // 2, device=device) * 6.0
+    positions = torch.stack([torch.randperm(max_len - seq, device=device)[:1] + torch.arange(seq, device=device)
+                             for _ in range(batch)])  # ragged starts
+    cos, sin = angles.cos()[positions], angles.sin()[positions]
+    return projected, weight, cos, sin, positions
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("batch,seq,d_c,d_r,weighted", [(3, 1, 64, 32, True), (2, 3, 10, 4, True),
+                                                          (4, 1, 48, 16, False)])
+def test_latent_append_matches_the_reference(dtype, tol, batch, seq, d_c, d_r, weighted):
+    from egmla.kernels.latent_append import latent_append
+    from egmla.kernels.latent_append_ref import latent_append_ref
+
+    device = kernel_device()
+    if dtype == torch.float16 and device == "cuda":
+        dtype = torch.bfloat16
+    max_len = 12
+    projected, weight, cos, sin, positions = inputs(batch, seq, d_c, d_r, max_len, dtype, device, weighted)
+    # the cache's first `batch` rows of a larger allocation, as KVCache.rows gives a decode step
+    latent = poisoned((batch + 2, max_len, d_c), dtype, device)[:batch]
+    k_rope = poisoned((batch + 2, max_len, d_r), dtype, device)[:batch]
+    ref_latent, ref_k = poisoned(latent.shape, torch.float32, device), poisoned(k_rope.shape, torch.float32, device)
+    kept = latent_append(projected, weight, 1e-6, cos, sin, positions, latent, k_rope, keep_latent=True)
+    ref_kept = latent_append_ref(projected.float(), None if weight is None else weight.float(), 1e-6, cos, sin,
+                                 positions, ref_latent, ref_k, keep_latent=True)
+    assert kept.shape == (batch, seq, d_c) and kept.dtype == dtype and rel_err(kept, ref_kept) < tol
+    rows = torch.arange(batch, device=device)[:, None]
+    written = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+    written[rows, positions] = True
+    assert latent[~written].isnan().all() and k_rope[~written].isnan().all(), "wrote outside the new positions"
+    assert rel_err(latent[written], ref_latent[written]) < tol and not latent[written].isnan().any()
+    assert rel_err(k_rope[written], ref_k[written]) < tol and not k_rope[written].isnan().any()
+
+
+def test_bad_inputs_name_the_field():
+    from egmla.kernels.latent_append import latent_append
+
+    projected, weight, cos, sin, positions = inputs(2, 1, 8, 4, 6, torch.float32, "cpu")
+    latent, k_rope = torch.zeros(2, 6, 8), torch.zeros(2, 6, 4)
+    with pytest.raises(ValueError, match="d_c \\+ d_r"):
+        latent_append(projected, weight, 1e-6, cos, sin, positions, torch.zeros(2, 6, 9), k_rope)
+    with pytest.raises(ValueError, match="cos"):
+        latent_append(projected, weight, 1e-6, cos.double(), sin, positions, latent, k_rope)
+    with pytest.raises(ValueError, match="positions"):
+        latent_append(projected, weight, 1e-6, cos, sin, positions.float(), latent, k_rope)
+    with pytest.raises(ValueError, match="k_rope"):
+        latent_append(projected, weight, 1e-6, cos, sin, positions, latent, torch.zeros(3, 6, 4))
+
+
+@pytest.mark.parametrize("attention,path,extra,fused", [("mla", "absorbed", {}, True),
+                                                         ("eg-mla", "kernel", {}, True),
+                                                         ("eg-mla", "grouped", {}, True),
+                                                         ("eg-mla", "absorbed", {"gate_op": "bias-v"}, True),
+                                                         ("eg-mla", "kernel", {"gate_placement": "latent"}, False)])
+def test_the_model_decodes_through_it_as_the_full_forward(monkeypatch, attention, path, extra, fused):
+    """The model's cached steps with the one-launch append (made to run here, in the interpreter, as it runs on a
+    GPU without gradients) give the full forward's logits; MLA and EG-MLA with the gate on the rebuilt K/V take it
+    (EG-MLA's norm statistics from the latents it returns), EG-MLA with the gate on the latent does not."""
+    import egmla.attention.mla as mla
+    import egmla.kernels.latent_append as kernel
+    from egmla.model import Transformer
+    from tests.conftest import small_config
+
+    if kernel_device() == "cuda":
+        pytest.skip("the GPU runs it without the patch: test_the_model_appends_in_one_launch_on_a_gpu")
+    calls = []
+    original = kernel.latent_append
+    monkeypatch.setattr(kernel, "latent_append", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(mla, "no_grad_kernel_can_run", lambda x: not torch.is_grad_enabled())
+    config = small_config(attention=attention, **extra)
+    model = Transformer(config).eval()
+    model.set_decode_path(path)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_cache(2)
+        model(tokens[:, :6], cache)  # a fresh prompt: the causal pass, which also wants the latents themselves
+        assert calls == []
+        steps = [model(tokens[:, i: i + 1], cache) for i in range(6, 9)]
+    assert len(calls) == (3 * model.config.n_layers if fused else 0)
+    assert rel_err(torch.cat(steps, dim=1), full[:, 6:]) < 1e-4
+
+
+@needs_cuda
+def test_the_model_appends_in_one_launch_on_a_gpu(monkeypatch):
+    """On the GPU: MLA's and EG-MLA's cached no-grad steps go through the kernel and give the PyTorch numbers; a step
+    that wants gradients does not touch it."""
+    import egmla.kernels.latent_append as kernel
+    from egmla.model import Transformer
+    from tests.conftest import small_config
+
+    calls = []
+    original = kernel.latent_append
+    monkeypatch.setattr(kernel, "latent_append", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for attention, expected in (("mla", True), ("eg-mla", True)):
+        calls.clear()
+        model = Transformer(small_config(attention=attention)).cuda().to(torch.bfloat16).eval()
+        tokens = torch.randint(0, model.config.vocab_size, (2, 7), device="cuda")
+        with torch.no_grad():
+            full = model(tokens)
+            cache = model.new_cache(2)
+            model(tokens[:, :5], cache)
+            steps = [model(tokens[:, i: i + 1], cache) for i in (5, 6)]
+        assert bool(calls) == expected, attention
+        assert rel_err(torch.cat(steps, dim=1).float(), full[:, 5:].float()) < 2e-2
+    calls.clear()
+    model = Transformer(small_config(attention="mla")).cuda().to(torch.bfloat16)
+    cache = model.new_cache(1)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 4), device="cuda")
+    model(tokens[:, :3], cache)
+    model(tokens[:, 3:], cache).float().sum().backward()
+    assert calls == []
