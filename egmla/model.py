@@ -27,13 +27,20 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """SwiGLU(x), plus `residual` if given."""
         gate, up = self.w1(x), self.w3(x)
         if no_grad_kernel_can_run(gate):  # decode on a GPU: one launch instead of two (kernels/decode_elementwise.py)
             from egmla.kernels.decode_elementwise import silu_mul
 
-            return self.w2(silu_mul(gate, up))
-        return self.w2(F.silu(gate) * up)
+            hidden = silu_mul(gate, up)
+            if residual is None:
+                return self.w2(hidden)
+            # the residual add in the down projection's epilogue (beta = 1): one launch fewer per layer
+            return torch.addmm(residual.reshape(-1, residual.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
+                               self.w2.weight.t()).view(residual.shape)
+        out = self.w2(F.silu(gate) * up)
+        return out if residual is None else residual + out
 
 
 def residual_rms_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +64,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache=None) -> torch.Tensor:
         x, h = residual_rms_norm(x, self.attn(self.attn_norm(x), ctx, cache), self.ffn_norm)  # h = ffn_norm(x)
-        return x + self.ffn(h)
+        return self.ffn(h, residual=x)  # x + ffn(h)
 
 
 class Transformer(nn.Module):

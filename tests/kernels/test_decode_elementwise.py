@@ -74,3 +74,27 @@ def test_the_model_fuses_without_gradients_only(monkeypatch):
     calls.clear()
     unfused = model(tokens)
     assert calls == [] and rel_err(fused.float(), unfused.detach().float()) < 1e-2
+
+
+def test_a_block_without_gradients_fuses_and_matches(monkeypatch):
+    """The model's no-grad blocks (made to take the GPU's route here, in the interpreter): the residual add + norm
+    and the SwiGLU activation through the kernels, and the FFN's residual add inside the down projection (addmm,
+    beta = 1), give the logits of the forward that needs gradients."""
+    import egmla.model as model_module
+    from egmla.model import Transformer
+    from tests.conftest import small_config
+
+    if kernel_device() == "cuda":
+        pytest.skip("the GPU takes this route without the patch: test_the_model_fuses_without_gradients_only")
+    monkeypatch.setattr(model_module, "no_grad_kernel_can_run", lambda x: not torch.is_grad_enabled())
+    addmm_calls = []
+    original = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: addmm_calls.append(1) or original(*a, **k))
+    model = Transformer(small_config(attention="mla")).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        fused = model(tokens)
+    assert len(addmm_calls) == model.config.n_layers
+    addmm_calls.clear()
+    unfused = model(tokens)
+    assert addmm_calls == [] and rel_err(fused, unfused.detach()) < 1e-5
