@@ -34,15 +34,13 @@ def _identity_key(meta: dict) -> tuple | None:
     return None if code is None else (code["source_sha256"], tuple(sorted(code["env"].items())))
 
 
-def check_versions(runs: dict[str, list[dict]]) -> list[str]:
-    """Refuse an A/B whose labels ran the same code, or whose one label ran several; return the labels whose files
-    predate the code record (the table says so rather than vouch for them)."""
+def check_versions(runs: dict[str, list[dict]]) -> None:
+    """Refuse an A/B whose labels ran the same code, or whose one label ran several. Files from before the code was
+    recorded pass (the table says so rather than vouch for them)."""
     seen: dict[tuple, str] = {}
-    unrecorded = []
     for label, metas in runs.items():
         keys = {_identity_key(meta) for meta in metas}
         if keys == {None}:
-            unrecorded.append(label)
             continue
         if len(keys) > 1:
             raise ValueError(f"--ab: the files labelled {label!r} ran different code (source hashes or EGMLA_* "
@@ -55,7 +53,6 @@ def check_versions(runs: dict[str, list[dict]]) -> list[str]:
                 f"`(cd OLD_TREE && python3 -m egmla bench generate ...)`; `python -m` puts the current directory "
                 f"ahead of PYTHONPATH")
         seen[key] = label
-    return unrecorded
 
 
 def parse_labelled(items: list[str]) -> dict[str, list[dict]]:
@@ -97,7 +94,7 @@ def ab_table(runs: dict[str, list[dict]]) -> str:
              "| variant | path | batch | " + " | ".join(f"{label} step ms" for label in labels) + " | "
              + " | ".join(f"{label} ÷ {labels[0]}" for label in labels[1:]) + " |",
              "|---|---|---:|" + "---|" * len(labels) + "---:|" * (len(labels) - 1)]
-    for (variant, path, batch), by_label in sorted(steps.items(), key=lambda item: (item[0][0], item[0][1], item[0][2])):
+    for (variant, path, batch), by_label in sorted(steps.items()):
         medians = {label: statistics.median(xs) for label, xs in by_label.items()}
         cells = [" ".join(f"{x:.3f}" for x in by_label[label]) + f" (**{medians[label]:.3f}**)"
                  if label in by_label else "-" for label in labels]

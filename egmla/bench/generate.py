@@ -160,9 +160,9 @@ def main(args) -> int:
 
     from egmla.accounting import variant_configs
     from egmla.attention import decode_paths, fastest_decode_path
+    from egmla.bench.ab import code_identity
     from egmla.config import preset
     from egmla.configfile import parse_overrides
-    from egmla.bench.ab import code_identity
     from egmla.infer.cli import resolve_device_dtype
     from egmla.runs import atomic_write_json
     from egmla.variants import select, variant_config

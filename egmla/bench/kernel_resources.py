@@ -38,8 +38,8 @@ def occupancy(regs: int, warps: int) -> tuple[int, float]:
 
 def signature(fn, constexprs: dict, pointer_types: dict, default_pointer: str = "*bf16") -> tuple[dict, dict]:
     """(signature, attrs) for triton.compile: constexprs as given, arguments typed by `pointer_types` where it names
-    them, else `*_ptr` arguments default_pointer, `qk_scale` fp32, other arguments i32; pointers and strides marked divisible by 16, as a
-    launch with aligned tensors and such strides specialises them."""
+    them, else `*_ptr` arguments default_pointer, `qk_scale` fp32, other arguments i32; pointers and strides marked
+    divisible by 16, as a launch with aligned tensors and such strides specialises them."""
     sig, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:

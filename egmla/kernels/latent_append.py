@@ -74,12 +74,13 @@ def latent_append(projected: torch.Tensor, weight: torch.Tensor | None, eps: flo
         raise ValueError(f"latent_append: positions {tuple(positions.shape)} {positions.dtype}: expected integer "
                          f"[{batch}, {seq}]")
     out = latent.new_empty(batch, seq, d_c) if keep_latent else None
+    written = out if keep_latent else latent  # (not written without keep_latent: any pointer will do)
     if batch * seq:
         _latent_append_kernel[(batch * seq,)](
-            projected, weight if weight is not None else projected, cos, sin, positions, latent, k_rope,
-            out if keep_latent else latent, seq, eps, projected.stride(0), projected.stride(1), cos.stride(0),
-            cos.stride(1), positions.stride(0), positions.stride(1), latent.stride(0), latent.stride(1),
-            k_rope.stride(0), k_rope.stride(1), out.stride(0) if keep_latent else 0, out.stride(1) if keep_latent else 0,
+            projected, weight if weight is not None else projected, cos, sin, positions, latent, k_rope, written,
+            seq, eps, projected.stride(0), projected.stride(1), cos.stride(0), cos.stride(1), positions.stride(0),
+            positions.stride(1), latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
+            written.stride(0), written.stride(1),
             D_C=d_c, HALF=d_r // 2, BLOCK_C=block(d_c), BLOCK_H=block(d_r // 2), HAS_WEIGHT=weight is not None,
             HAS_OUT=keep_latent, num_warps=1 if d_c <= 256 else 4)
     return out

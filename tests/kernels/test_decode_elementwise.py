@@ -77,21 +77,20 @@ def test_the_model_fuses_without_gradients_only(monkeypatch):
 
 
 def test_a_block_without_gradients_fuses_and_matches(monkeypatch):
-    """The model's no-grad blocks (made to take the GPU's route here, in the interpreter): the residual add + norm
-    and the SwiGLU activation through the kernels, and the FFN's residual add inside the down projection (addmm,
+    """The model's no-grad blocks (on the CPU made to take the GPU's route, in the interpreter; fp32): the residual
+    add + norm and the SwiGLU activation through the kernels, and the FFN's residual add inside the down projection (addmm,
     beta = 1), give the logits of the forward that needs gradients."""
     import egmla.model as model_module
     from egmla.model import Transformer
     from tests.conftest import small_config
 
-    if kernel_device() == "cuda":
-        pytest.skip("the GPU takes this route without the patch: test_the_model_fuses_without_gradients_only")
+    device = kernel_device()
     monkeypatch.setattr(model_module, "no_grad_kernel_can_run", lambda x: not torch.is_grad_enabled())
     addmm_calls = []
     original = torch.addmm
     monkeypatch.setattr(torch, "addmm", lambda *a, **k: addmm_calls.append(1) or original(*a, **k))
-    model = Transformer(small_config(attention="mla")).eval()
-    tokens = torch.randint(0, model.config.vocab_size, (2, 7))
+    model = Transformer(small_config(attention="mla")).to(device).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 7), device=device)
     with torch.no_grad():
         fused = model(tokens)
     assert len(addmm_calls) == model.config.n_layers

@@ -70,24 +70,24 @@ def test_bad_inputs_name_the_field():
                                                          ("eg-mla", "absorbed", {"gate_op": "bias-v"}, True),
                                                          ("eg-mla", "kernel", {"gate_placement": "latent"}, False)])
 def test_the_model_decodes_through_it_as_the_full_forward(monkeypatch, attention, path, extra, fused):
-    """The model's cached steps with the one-launch append (made to run here, in the interpreter, as it runs on a
-    GPU without gradients) give the full forward's logits; MLA and EG-MLA with the gate on the rebuilt K/V take it
-    (EG-MLA's norm statistics from the latents it returns), EG-MLA with the gate on the latent does not."""
+    """The model's cached steps with the one-launch append (on the CPU made to run in the interpreter, as it runs on a
+    GPU without gradients; fp32 on either) give the full forward's logits; MLA and EG-MLA with the gate on the
+    rebuilt K/V take it (EG-MLA's norm statistics from the latents it returns), EG-MLA with the gate on the latent
+    does not."""
     import egmla.attention.mla as mla
     import egmla.kernels.latent_append as kernel
     from egmla.model import Transformer
     from tests.conftest import small_config
 
-    if kernel_device() == "cuda":
-        pytest.skip("the GPU runs it without the patch: test_the_model_appends_in_one_launch_on_a_gpu")
+    device = kernel_device()
     calls = []
     original = kernel.latent_append
     monkeypatch.setattr(kernel, "latent_append", lambda *a, **k: calls.append(1) or original(*a, **k))
     monkeypatch.setattr(mla, "no_grad_kernel_can_run", lambda x: not torch.is_grad_enabled())
     config = small_config(attention=attention, **extra)
-    model = Transformer(config).eval()
+    model = Transformer(config).to(device).eval()
     model.set_decode_path(path)
-    tokens = torch.randint(0, model.config.vocab_size, (2, 9))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9), device=device)
     with torch.no_grad():
         full = model(tokens)
         cache = model.new_cache(2)
