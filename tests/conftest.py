@@ -34,3 +34,15 @@ def small_config(**overrides):
 def _seed():
     torch.manual_seed(1234)
 
+
+
+def _needs_gpu(item) -> bool:
+    return any("GPU" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(config, items):
+    # Every test skipped for want of a GPU carries the `gpu` marker, so `pytest -m gpu` on a GPU machine runs
+    # exactly the tests CI skips (a bare skipif would leave them out of that selection).
+    for item in items:
+        if _needs_gpu(item) and "gpu" not in item.keywords:
+            item.add_marker(pytest.mark.gpu)
