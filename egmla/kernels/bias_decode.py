@@ -99,8 +99,10 @@ def _bias_decode_kernel(
 @triton.jit
 def _bias_mass_kernel(scores_ptr, slots_ptr, lengths_ptr, m_inv_ptr, mass_ptr, stride_xb, stride_xh, stride_sb,
                       max_len, n_ids, N_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
-    """mass[b, h, slot_t] += exp2(s_{h,t} - m_h) * inv_h for the visible positions t < lengths[b] of one tile:
-    the scores past a sequence's length are never read (the score buffer is not initialised)."""
+    """mass[b, slot_t, h] += exp2(s_{h,t} - m_h) * inv_h for the visible positions t < lengths[b] of one tile:
+    the scores past a sequence's length are never read (the score buffer is not initialised). The mass is laid
+    out [batch, id, head] so that one position's heads add to one contiguous run of N_HEADS floats: a warp's
+    atomics then touch a few sectors of L2 instead of one per head."""
     batch = tl.program_id(1).to(tl.int64)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.arange(0, BLOCK_H)
@@ -113,7 +115,8 @@ def _bias_mass_kernel(scores_ptr, slots_ptr, lengths_ptr, m_inv_ptr, mass_ptr, s
     slot = tl.load(slots_ptr + batch * stride_sb + offs_t, mask=offs_t < length, other=0)
     slot = tl.minimum(tl.maximum(slot, 0), n_ids - 1)
     p = tl.exp2(s - m[:, None]) * inv[:, None]
-    tl.atomic_add(mass_ptr + (batch * N_HEADS + offs_h[:, None]) * n_ids + slot[None, :], p, mask=live)
+    tl.atomic_add(mass_ptr + (batch * n_ids + slot[None, :]) * N_HEADS + offs_h[:, None], p, mask=live,
+                  sem="relaxed")  # only adds: no ordering is needed before the kernel ends
 
 
 @triton.jit
@@ -151,7 +154,7 @@ def _bias_mass_grouped_kernel(scores_ptr, order_ptr, order_slots_ptr, offsets_pt
             p = tl.where(h_mask[:, None] & live[None, :], tl.exp2(s - m[:, None]) * inv[:, None], 0.0)
             one_hot = tl.where((slot - u0)[:, None] == tl.arange(0, BLOCK_U)[None, :], 1.0, 0.0)  # [BLOCK_T, BLOCK_U]
             mass += tl.dot(p, one_hot, input_precision=DOT_PRECISION)
-    tl.store(mass_ptr + (batch * N_HEADS + offs_h[:, None]) * n_cols + offs_u[None, :], mass,
+    tl.store(mass_ptr + (batch * n_cols + offs_u[None, :]) * N_HEADS + offs_h[:, None], mass,
              mask=h_mask[:, None] & (offs_u < n_cols)[None, :])
 
 
@@ -169,7 +172,7 @@ def _bias_combine_kernel(part_acc_ptr, part_stats_ptr, lengths_ptr, combined_ptr
     if ZERO_MASS:
         for u0 in range(0, n_ids, BLOCK_U):
             offs_u = u0 + tl.arange(0, BLOCK_U)
-            tl.store(mass_ptr + (batch * N_HEADS + offs_h[:, None]) * n_ids + offs_u[None, :],
+            tl.store(mass_ptr + (batch * n_ids + offs_u[None, :]) * N_HEADS + offs_h[:, None],
                      tl.zeros([BLOCK_H, BLOCK_U], tl.float32), mask=h_mask[:, None] & (offs_u < n_ids)[None, :])
     rows = batch * num_splits * N_HEADS + offs_h  # split 0's rows; split s adds s * N_HEADS
     m_all = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -224,7 +227,7 @@ def _per_id_kernel(q_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_qb, str
 
 
 @triton.jit
-def _mass_embed_kernel(mass_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_mb, stride_mh, stride_table,
+def _mass_embed_kernel(mass_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_mb, stride_mh, stride_mu, stride_table,
                        stride_ib, stride_ob, stride_oh, n_cols, N_HEADS: tl.constexpr, D_E: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_E: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
@@ -242,7 +245,7 @@ def _mass_embed_kernel(mass_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_
         ids = tl.load(ids_ptr + batch * stride_ib + offs_u, mask=u_mask, other=0).to(tl.int64)
         rows = tl.load(table_ptr + ids[:, None] * stride_table + offs_e[None, :],
                        mask=u_mask[:, None] & e_mask[None, :], other=0.0)
-        mass = tl.load(mass_ptr + batch * stride_mb + offs_h[:, None] * stride_mh + offs_u[None, :],
+        mass = tl.load(mass_ptr + batch * stride_mb + offs_h[:, None] * stride_mh + offs_u[None, :] * stride_mu,
                        mask=h_mask[:, None] & u_mask[None, :], other=0.0)
         acc += tl.dot(mass.to(rows.dtype), rows, input_precision=DOT_PRECISION)
     tl.store(out_ptr + batch * stride_ob + offs_h[:, None] * stride_oh + offs_e[None, :],
@@ -272,7 +275,7 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
                 combined: torch.Tensor | None = None, plan=None, n_ids: int | None = None,
                 num_stages: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`bias_decode_ref`'s (out_latent [batch, heads, d_c], mean [batch, heads], mass [batch, heads, U]): the mass
-    fp32, out_latent and mean views of `combined` (fp32 unless the caller gives it in another dtype), from three
+    fp32 (a view of a [batch, U, heads] buffer, the layout its atomics want), out_latent and mean views of `combined` (fp32 unless the caller gives it in another dtype), from three
     launches (the pass, the split combine, which also zeroes the mass, and the mass); no host sync, so a CUDA graph
     can capture it. The queries, q_terms and per_id may be views in any float dtype (last dim
     contiguous): the kernels read them as they are. `combined`, if given ([batch, heads, >= d_c + 2], any float
@@ -307,7 +310,7 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
     if combined is None:
         combined = torch.empty(batch, heads, d_c + 2, dtype=torch.float32, device=device)
     m_inv = torch.empty(batch, heads, 2, dtype=torch.float32, device=device)
-    mass = torch.empty(batch, heads, n_ids, dtype=torch.float32, device=device)
+    mass = torch.empty(batch, n_ids, heads, dtype=torch.float32, device=device)  # [batch, id, head]: see the kernel
     atomic = plan is None and n_ids > 0  # the atomic mass adds to zeros, which the combine writes
     _bias_combine_kernel[(batch,)](part_acc, part_stats, lengths, combined, m_inv, mass, combined.stride(0),
                                    combined.stride(1), part_acc.shape[1], n_ids, N_HEADS=heads, D_C=d_c,
@@ -321,12 +324,12 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
                 max_len, n_ids, N_HEADS=heads, BLOCK_H=block(heads), BLOCK_U=MASS_BLOCK_U,
                 BLOCK_T=MASS_GROUPED_BLOCK_T, DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
                 num_warps=4)
-        return combined[..., :d_c], combined[..., d_c], mass
+        return combined[..., :d_c], combined[..., d_c], mass.transpose(1, 2)
     if atomic:
         _bias_mass_kernel[(triton.cdiv(max_len, MASS_BLOCK_T), batch)](
             scores, slots, lengths, m_inv, mass, scores.stride(0), scores.stride(1), slots.stride(0), max_len, n_ids,
             N_HEADS=heads, BLOCK_H=triton.next_power_of_2(heads), BLOCK_T=MASS_BLOCK_T, num_warps=4)
-    return combined[..., :d_c], combined[..., d_c], mass
+    return combined[..., :d_c], combined[..., d_c], mass.transpose(1, 2)
 
 
 def bias_pass(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Tensor, latent: torch.Tensor,
@@ -386,19 +389,22 @@ def per_id_scores(q_embed: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
 
 def mass_embeddings(mass: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, n_ids: torch.Tensor,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """`mass_embeddings_ref`: [batch, heads, d_e] fp32 from mass [batch, heads, U] fp32, table [vocab, d_e], ids
-    [batch, U] and n_ids [batch]; written into `out` (any float dtype, e.g. the next matmul's; last dim contiguous)
-    if given."""
+    """`mass_embeddings_ref`: [batch, heads, d_e] fp32 from mass [batch, heads, U] fp32 (any strides), table
+    [vocab, d_e], ids [batch, U] and n_ids [batch]; written into `out` (any float dtype, e.g. the next matmul's;
+    last dim contiguous) if given."""
     batch, heads, n_cols = mass.shape
     d_e = table.shape[1]
     _check_rows("mass_embeddings: ids", ids, (batch, n_cols))
-    _check_rows("mass_embeddings: mass", mass, (batch, heads, n_cols))
+    if tuple(mass.shape) != (batch, heads, n_cols) or mass.dtype != torch.float32:
+        raise ValueError(f"mass_embeddings: mass.shape={tuple(mass.shape)} ({mass.dtype}), expected ({batch}, {heads}, "
+                         f"{n_cols}) fp32 (any strides: bias_decode returns a [batch, id, head] buffer's view)")
     if out is None:
         out = torch.empty(batch, heads, d_e, dtype=torch.float32, device=mass.device)
     _check_rows("mass_embeddings: out", out, (batch, heads, d_e))
     block_e = min(64, block(d_e))
     _mass_embed_kernel[(triton.cdiv(d_e, block_e), batch)](
-        mass, table, ids, n_ids, out, mass.stride(0), mass.stride(1), table.stride(0), ids.stride(0), out.stride(0),
+        mass, table, ids, n_ids, out, mass.stride(0), mass.stride(1), mass.stride(2), table.stride(0), ids.stride(0),
+        out.stride(0),
         out.stride(1), n_cols, N_HEADS=heads, D_E=d_e, BLOCK_H=block(heads), BLOCK_U=32, BLOCK_E=block_e,
         DOT_PRECISION="ieee" if table.dtype == torch.float32 else "tf32", num_warps=4)
     return out

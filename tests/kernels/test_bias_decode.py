@@ -168,7 +168,7 @@ def test_kernel_writes_into_a_callers_buffer_and_takes_strided_query_terms():
 def test_per_id_kernels_match_their_references(dtype, tolerance):
     """The per-id terms read each distinct id's embedding row from the table: scores q . e_u and mass-weighted
     sums of rows, for sequences with all, some and no distinct ids live (columns past n_ids are 0 / ignored),
-    repeated ids, and a strided q (the model's slice of its projection)."""
+    repeated ids, a strided q (the model's slice of its projection) and a mass laid out [batch, id, head]."""
     from egmla.kernels.bias_decode import mass_embeddings, per_id_scores
     from egmla.kernels.bias_decode_ref import mass_embeddings_ref, per_id_scores_ref
 
@@ -192,6 +192,9 @@ def test_per_id_kernels_match_their_references(dtype, tolerance):
     ref = mass_embeddings_ref(mass, table, ids, n_ids)
     assert summed.isfinite().all() and rel_err(summed, ref) < tolerance
     assert not summed[2].any() and out[..., :9].isnan().all()
+    # the layout bias_decode returns: a [batch, id, head] buffer seen as [batch, head, id]
+    by_id = mass.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(mass_embeddings(by_id, table, ids, n_ids), mass_embeddings(mass, table, ids, n_ids))
 
 
 @pytest.mark.gpu
