@@ -262,6 +262,9 @@ MASS_BLOCK_T = 128
 # sm_90 (Triton 3.6), against 222 at 64 positions per step
 MASS_BLOCK_U = 32
 MASS_GROUPED_BLOCK_T = 32
+# the embedding sum's launch: columns of E per program, ids per step, warps, pipeline stages
+# (`egmla bench kernel-sweep --kernels mass` times the alternatives)
+MASS_EMBED_LAUNCH = dict(block_e=64, block_u=32, num_warps=4, num_stages=3)
 
 
 def _check_rows(name: str, tensor: torch.Tensor, shape: tuple) -> None:
@@ -388,10 +391,10 @@ def per_id_scores(q_embed: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
 
 
 def mass_embeddings(mass: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, n_ids: torch.Tensor,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, **launch) -> torch.Tensor:
     """`mass_embeddings_ref`: [batch, heads, d_e] fp32 from mass [batch, heads, U] fp32 (any strides), table
     [vocab, d_e], ids [batch, U] and n_ids [batch]; written into `out` (any float dtype, e.g. the next matmul's;
-    last dim contiguous) if given."""
+    last dim contiguous) if given. launch: block_e, block_u, num_warps, num_stages (default MASS_EMBED_LAUNCH)."""
     batch, heads, n_cols = mass.shape
     d_e = table.shape[1]
     _check_rows("mass_embeddings: ids", ids, (batch, n_cols))
@@ -401,10 +404,12 @@ def mass_embeddings(mass: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, 
     if out is None:
         out = torch.empty(batch, heads, d_e, dtype=torch.float32, device=mass.device)
     _check_rows("mass_embeddings: out", out, (batch, heads, d_e))
-    block_e = min(64, block(d_e))
+    launch = {**MASS_EMBED_LAUNCH, **launch}
+    block_e = min(launch["block_e"], block(d_e))
     _mass_embed_kernel[(triton.cdiv(d_e, block_e), batch)](
         mass, table, ids, n_ids, out, mass.stride(0), mass.stride(1), mass.stride(2), table.stride(0), ids.stride(0),
         out.stride(0),
-        out.stride(1), n_cols, N_HEADS=heads, D_E=d_e, BLOCK_H=block(heads), BLOCK_U=32, BLOCK_E=block_e,
-        DOT_PRECISION="ieee" if table.dtype == torch.float32 else "tf32", num_warps=4)
+        out.stride(1), n_cols, N_HEADS=heads, D_E=d_e, BLOCK_H=block(heads), BLOCK_U=launch["block_u"], BLOCK_E=block_e,
+        DOT_PRECISION="ieee" if table.dtype == torch.float32 else "tf32", num_warps=launch["num_warps"],
+        num_stages=launch["num_stages"])
     return out

@@ -316,6 +316,27 @@ def test_bias_sweep_checks_and_times_each_launch_on_the_cpu():
     assert all(r["rel_err"] < 1e-4 for r in rows if r.get("launch", "").startswith("whole")), rows
 
 
+def test_mass_sweep_checks_each_launch_against_the_reference_on_the_cpu(tmp_path):
+    """`egmla bench kernel-sweep --kernels mass` at a tiny shape in the interpreter: each setting of the embedding
+    sum checked against the reference over each sequence's distinct ids (a wrong result is an error row), and its
+    Markdown table names the default's row."""
+    import json
+
+    import torch
+
+    from egmla.bench.kernel_sweep import mass_markdown, sweep_mass
+
+    ids = torch.stack([(torch.arange(32) * 7) % 20 + 1, torch.full((32,), 3)])  # 20 distinct ids; one id throughout
+    rows = sweep_mass(2, 32, "test", ids, torch.device("cpu"), d_e=48, configs=[(16, 16, 2, 2), (32, 8, 1, 3)])
+    assert len(rows) == 2 and all("us" in r and r["rel_err"] < 1e-4 for r in rows), rows
+    assert rows[0]["distinct_ids_mean"] == 10.5
+    defaults = {"mass_embeddings": dict(block_e=32, block_u=8, num_warps=1, num_stages=3)}
+    (tmp_path / "m.json").write_text(json.dumps({"device": "cpu", "defaults": defaults, "rows": rows}))
+    mass_markdown(str(tmp_path / "m.json"), str(tmp_path / "m.md"))
+    table = (tmp_path / "m.md").read_text()
+    assert "block_e 32, block_u 8, num_warps 1, num_stages 3 (default)" in table and "| 2 | 32 | 10 |" in table, table
+
+
 def test_bias_sweep_table(tmp_path):
     """`kernel-sweep --markdown` on a bias sweep: per table the default and fastest pass beside MLA's, and the
     combine + mass as the whole decode minus its pass."""
