@@ -262,9 +262,10 @@ MASS_BLOCK_T = 128
 # sm_90 (Triton 3.6), against 222 at 64 positions per step
 MASS_BLOCK_U = 32
 MASS_GROUPED_BLOCK_T = 32
-# the embedding sum's launch: columns of E per program, ids per step, warps, pipeline stages
-# (`egmla bench kernel-sweep --kernels mass` times the alternatives)
-MASS_EMBED_LAUNCH = dict(block_e=64, block_u=32, num_warps=4, num_stages=3)
+# the embedding sum's launch: columns of E per program, ids per step, warps, pipeline stages; 64 ids per step on 2
+# warps took 1.28x / 1.39x less time than 32 on 4 at B = 32 / 128, T = 2,048 on an H200, within 9% of each shape's
+# fastest (`egmla bench kernel-sweep --kernels mass`, docs/bench/mass_sweep_h200.md)
+MASS_EMBED_LAUNCH = dict(block_e=64, block_u=64, num_warps=2, num_stages=3)
 
 
 def _check_rows(name: str, tensor: torch.Tensor, shape: tuple) -> None:
