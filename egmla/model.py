@@ -15,6 +15,7 @@ from torch import nn
 
 from egmla.attention import KVCache, allocate_cache, attention_class, check_decode_path, decode_paths
 from egmla.attention.context import AttnContext, attention_mask
+from egmla.attention.precomputed import derived, weights_key
 from egmla.attention.rope import at_least_fp32, rope_tables
 from egmla.config import ModelConfig
 from egmla.kernels import no_grad_kernel_can_run
@@ -27,9 +28,13 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """SwiGLU(x), plus `residual` if given."""
-        gate, up = self.w1(x), self.w3(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, cached: bool = False) -> torch.Tensor:
+        """SwiGLU(x), plus `residual` if given. cached: a call with a KV cache (generation), the only one where w1 and
+        w3 may run as one GEMM (`merges_gate_up`), so that evaluation builds no copy of their weights."""
+        if cached and self.merges_gate_up(x):
+            gate, up = F.linear(x, self.gate_up_weight()).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
         if no_grad_kernel_can_run(gate):  # decode on a GPU: one launch instead of two (kernels/decode_elementwise.py)
             from egmla.kernels.decode_elementwise import silu_mul
 
@@ -41,6 +46,17 @@ class SwiGLU(nn.Module):
                                self.w2.weight.t()).view(residual.shape)
         out = self.w2(F.silu(gate) * up)
         return out if residual is None else residual + out
+
+    def merges_gate_up(self, x: torch.Tensor) -> bool:
+        """Where w1 and w3 run as one GEMM over `gate_up_weight`, one launch fewer (on a decode step's few rows a GEMM
+        costs its launch and its weight read, not its FLOPs): without autograd on a GPU, as the kernels here; no
+        gradient may be wanted at all, as the concatenated weight is a copy."""
+        return no_grad_kernel_can_run(x) and not torch.is_grad_enabled()
+
+    def gate_up_weight(self) -> torch.Tensor:
+        """[w1 ; w3] [2 hidden, dim], built once (`derived`) and again when either weight changes."""
+        return derived(self, "merged_gate_up_weight", weights_key(self.w1.weight, self.w3.weight),
+                       lambda: torch.cat([self.w1.weight, self.w3.weight]))
 
 
 def residual_rms_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +80,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache=None) -> torch.Tensor:
         x, h = residual_rms_norm(x, self.attn(self.attn_norm(x), ctx, cache), self.ffn_norm)  # h = ffn_norm(x)
-        return self.ffn(h, residual=x)  # x + ffn(h)
+        return self.ffn(h, residual=x, cached=cache is not None)  # x + ffn(h)
 
 
 class Transformer(nn.Module):
@@ -126,6 +142,17 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.decode_path = path
             layer.attn.on_decode_path_set(keep_precomputed)
+
+    def merged_product_weights(self) -> list[torch.Tensor]:
+        """The concatenated weights that a cached call without autograd on a GPU reads (every layer's SwiGLU [w1 ; w3]
+        and, for the latent variants, [wkv_a ; the query's first projection] of the decode path), built now, or again
+        where a source weight changed: a CUDA graph of a decode step reads them by address (egmla.infer.engine)."""
+        weights = []
+        for layer in self.layers:
+            weights.append(layer.ffn.gate_up_weight())
+            if hasattr(layer.attn, "input_weight"):
+                weights.append(layer.attn.input_weight())
+        return weights
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         param = self.tok_embeddings.weight

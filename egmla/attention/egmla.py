@@ -324,8 +324,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
                                       gate_op=self.gate_op, norm=self.norm_kind, block_t=16 if latent.shape[1] == 1 else 64)
 
     # ---- placement "latent": gate c_t before it is cached ---------------------------------
-    def latent(self, x: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
-        latent, k_pe = super().latent(x, ctx)
+    def latent(self, x: torch.Tensor, ctx: AttnContext,
+               projected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        latent, k_pe = super().latent(x, ctx, projected)
         if self.gate_placement == "latent":
             latent = self.gated_norm(latent, self.gate(ctx.token_ids))  # f_t, cached in place of c_t
         return latent, k_pe
@@ -355,10 +356,13 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         self.refresh_gate_table()
         return self.append_stats(cache, super().append(cache, ctx, latent, k_pe), latent)
 
-    def append_in_one_launch(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache) -> AttnContext:
-        """`append(cache, ctx, *latent(x, ctx))` with MLA's part in one launch (placement up: the latents are MLA's)."""
+    def append_in_one_launch(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache,
+                             projected: torch.Tensor | None = None) -> AttnContext:
+        """`append(cache, ctx, *latent(x, ctx, projected))` with MLA's part in one launch (placement up: the latents
+        are MLA's)."""
         self.refresh_gate_table()
-        return self.append_stats(cache, ctx, self.write_latents(x, ctx, cache, keep_latent="ln_stats" in cache.buffers))
+        latent = self.write_latents(x, ctx, cache, keep_latent="ln_stats" in cache.buffers, projected=projected)
+        return self.append_stats(cache, ctx, latent)
 
     def append_stats(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor | None) -> AttnContext:
         """The new positions' (mu, rho), where the cache keeps them, from their latents."""

@@ -17,6 +17,7 @@ Decode paths over the cache (c_t, k^R_t):
             for one new token per sequence; prefill uses `absorbed`.
 For 'absorbed' and 'kernel', W_UK and W_UV are folded into the query and output projections when the
 path is set (`fold_absorption`), where that makes the projections no larger (d_c <= d_n, d_v).
+A cached call without autograd on a GPU runs wkv_a and the query's first projection as one GEMM (`input_products`).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from torch import nn
 from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run, masked_softmax_attention
 from egmla.attention.norms import RMSNorm
-from egmla.attention.precomputed import weights_key
+from egmla.attention.precomputed import derived, weights_key
 from egmla.attention.rope import apply_rope
 from egmla.config import ModelConfig
 from egmla.kernels import no_grad_kernel_can_run
@@ -81,18 +82,23 @@ class MultiHeadLatentAttention(nn.Module):
             self.folded = None
 
     # ---- projections ---------------------------------------------------------------------
-    def query(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    def query(self, x: torch.Tensor, ctx: AttnContext, projected: torch.Tensor | None = None) -> torch.Tensor:
         """q [batch, seq, heads, d_n + d_r], per head [q^C ; RoPE'd q^R]: the projection's own layout, so only the
-        q^R slice is rewritten (in place) and attention reads q without a cat."""
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
+        q^R slice is rewritten (in place) and attention reads q without a cat. projected: the first query projection
+        (wq's or wq_a's) where the merged input product (`input_products`) made it already."""
+        if projected is None:
+            projected = (self.wq_a if hasattr(self, "wq_a") else self.wq)(x)
+        q = self.wq_b(self.q_norm(projected)) if hasattr(self, "wq_a") else projected
         q = q.view(*x.shape[:2], self.n_heads, -1)
         q_pe = q[..., self.qk_nope_head_dim:]
         apply_rope(q_pe, ctx.cos, ctx.sin, out=q_pe)
         return q
 
-    def latent(self, x: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the cache stores: c_t [batch, seq, d_c] and k^R_t [batch, seq, d_r] (views of one projection)."""
-        projected = self.wkv_a(x)
+    def latent(self, x: torch.Tensor, ctx: AttnContext,
+               projected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache stores: c_t [batch, seq, d_c] and k^R_t [batch, seq, d_r] (views of one projection).
+        projected: wkv_a(x) where the merged input product (`input_products`) made it already."""
+        projected = self.wkv_a(x) if projected is None else projected
         # slices, not split: autograd refuses in-place writes into split's views
         kv, k_pe = projected[..., : self.kv_lora_rank], projected[..., self.kv_lora_rank:]
         apply_rope(k_pe, ctx.cos, ctx.sin, out=k_pe)  # in place, before the norm saves its input for backward
@@ -110,18 +116,22 @@ class MultiHeadLatentAttention(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
-        if cache is not None and not ctx.fresh and self.appends_in_one_launch(x, ctx):
-            ctx = self.append_in_one_launch(x, ctx, cache)
+        reads_cache = cache is not None and not ctx.fresh  # a decode step (or a prompt's later chunk)
+        kv_projected = q_projected = None  # wkv_a(x) and the first query projection, where one GEMM makes both
+        if reads_cache and self.merges_input_products(x):
+            kv_projected, q_projected = self.input_products(x)
+        if reads_cache and self.appends_in_one_launch(x, ctx):
+            ctx = self.append_in_one_launch(x, ctx, cache, kv_projected)
         else:
-            latent, k_pe = self.latent(x, ctx)
+            latent, k_pe = self.latent(x, ctx, kv_projected)
             if cache is not None:
                 ctx = self.append(cache, ctx, latent, k_pe)
-            if cache is None or ctx.fresh:  # training, full forwards, a prompt into an empty cache: its own latents
+            if not reads_cache:  # training, full forwards, a prompt into an empty cache: over its own latents
                 return self.wo(self.attend_causal(self.query(x, ctx), latent, k_pe, ctx.token_ids).flatten(2))
         latent, k_pe = cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len)
-        if self.decode_path in ("absorbed", "kernel") and self.folded_weights() is not None:
-            return self.forward_folded(x, latent, k_pe, ctx)
-        q_nope, q_pe = self.query(x, ctx).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        if self.reads_folded_weights():
+            return self.forward_folded(x, latent, k_pe, ctx, q_projected)
+        q_nope, q_pe = self.query(x, ctx, q_projected).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         attend = getattr(self, "attend_" + self.decode_path.replace("-", "_"))
         return self.wo(attend(q_nope, q_pe, latent, k_pe, ctx.kv_token_ids, ctx).flatten(2))
 
@@ -165,19 +175,22 @@ class MultiHeadLatentAttention(nn.Module):
         return (self.fuses_append and no_grad_kernel_can_run(x) and ctx.cos.dtype == torch.float32
                 and (self.kv_norm.weight is None or self.kv_norm.weight.dtype == x.dtype))
 
-    def append_in_one_launch(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache) -> AttnContext:
-        """`append(cache, ctx, *latent(x, ctx))` with the latents written by `write_latents`."""
-        self.write_latents(x, ctx, cache)
+    def append_in_one_launch(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache,
+                             projected: torch.Tensor | None = None) -> AttnContext:
+        """`append(cache, ctx, *latent(x, ctx, projected))` with the latents written by `write_latents`."""
+        self.write_latents(x, ctx, cache, projected=projected)
         return ctx
 
-    def write_latents(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache,
-                      keep_latent: bool = False) -> torch.Tensor | None:
+    def write_latents(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache, keep_latent: bool = False,
+                      projected: torch.Tensor | None = None) -> torch.Tensor | None:
         """The new latents normed and their RoPE keys rotated straight into the cache, from one read of the
-        down-projection; keep_latent: also return the latents [batch, seq, d_c]."""
+        down-projection (wkv_a(x), or `projected`: its slice of the merged input product); keep_latent: also return
+        the latents [batch, seq, d_c]."""
         from egmla.kernels.latent_append import latent_append
 
+        projected = self.wkv_a(x) if projected is None else projected
         norm = self.kv_norm
-        return latent_append(self.wkv_a(x), norm.weight, norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps,
+        return latent_append(projected, norm.weight, norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps,
                              ctx.cos, ctx.sin, ctx.positions, cache.buffers["latent"], cache.buffers["k_rope"],
                              keep_latent=keep_latent)
 
@@ -257,15 +270,49 @@ class MultiHeadLatentAttention(nn.Module):
             self.fold_absorption()
         return self.folded
 
-    def forward_folded(self, x: torch.Tensor, latent, k_pe, ctx: AttnContext) -> torch.Tensor:
-        """Cached forward of 'absorbed' / 'kernel' with the absorption folded into the projections."""
+    def reads_folded_weights(self) -> bool:
+        """Whether a cached call over the cache takes `forward_folded`: 'absorbed' / 'kernel' where they fold."""
+        return self.decode_path in ("absorbed", "kernel") and self.folded_weights() is not None
+
+    def forward_folded(self, x: torch.Tensor, latent, k_pe, ctx: AttnContext,
+                       projected: torch.Tensor | None = None) -> torch.Tensor:
+        """Cached forward of 'absorbed' / 'kernel' with the absorption folded into the projections. projected: the
+        first query projection (wq_a's, or without a low-rank query the folded query's) from `input_products`."""
         w_query, w_out = self.folded
-        q_in = self.q_norm(self.wq_a(x)) if hasattr(self, "wq_a") else x
-        q = F.linear(q_in, w_query).view(*x.shape[:2], self.n_heads, -1)
+        if projected is None:
+            projected = self.wq_a(x) if hasattr(self, "wq_a") else F.linear(x, w_query)
+        q = F.linear(self.q_norm(projected), w_query) if hasattr(self, "wq_a") else projected
+        q = q.view(*x.shape[:2], self.n_heads, -1)
         q_latent, q_pe = q[..., : self.kv_lora_rank], q[..., self.kv_lora_rank:]
         apply_rope(q_pe, ctx.cos, ctx.sin, out=q_pe)
         out_latent = self.latent_attention(q_latent, q_pe, latent, k_pe, ctx, use_kernel=self.decode_path == "kernel")
         return F.linear(out_latent.flatten(2), w_out)
+
+    # ---- the input products merged (a cached call without autograd on a GPU) ------------------------------
+    def merges_input_products(self, x: torch.Tensor) -> bool:
+        """Where `input_products` replaces the two input GEMMs, one launch fewer (on a decode step's few rows a GEMM
+        costs its launch and its weight read, not its FLOPs): a cached call without autograd on a GPU, as for the
+        one-launch append; no gradient may be wanted at all, as the concatenated weight is a copy."""
+        return no_grad_kernel_can_run(x) and not torch.is_grad_enabled()
+
+    def input_products(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """wkv_a(x) [batch, seq, d_c + d_r] and the query's first projection of x (as `query` / `forward_folded`
+        read it), as views of one GEMM over `input_weight`."""
+        projected, kv_width = F.linear(x, self.input_weight()), self.kv_lora_rank + self.qk_rope_head_dim
+        return projected[..., :kv_width], projected[..., kv_width:]
+
+    def input_weight(self) -> torch.Tensor:
+        """[wkv_a ; the query's first projection] [d_c + d_r + width, d_model]: wq_a with a low-rank query, else the
+        folded query where the decode path reads it, else wq. Built once (`derived`), again when a source changes
+        or the path's choice of query weight does."""
+        if hasattr(self, "wq_a"):
+            query_weight, query_key = self.wq_a.weight, ("wq_a", weights_key(self.wq_a.weight))
+        elif self.reads_folded_weights():
+            query_weight, query_key = self.folded[0], ("folded", self.folded_from)  # current: just checked
+        else:
+            query_weight, query_key = self.wq.weight, ("wq", weights_key(self.wq.weight))
+        return derived(self, "merged_input_weight", (weights_key(self.wkv_a.weight), query_key),
+                       lambda: torch.cat([self.wkv_a.weight, query_weight]))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

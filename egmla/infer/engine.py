@@ -198,7 +198,7 @@ class GenerationEngine:
         self.last_step: DecodeStep | None = None
         self._cache: KVCache | None = None  # kept between calls of the same shape, with its steps
         self._steps: dict[tuple, DecodeStep] = {}
-        self._steps_read = _precomputed(model)  # what the kept steps' graphs read by address
+        self._steps_read = _precomputed(model, self.cuda_graphs)  # what the kept steps' graphs read by address
 
     @property
     def device(self) -> torch.device:
@@ -257,9 +257,9 @@ class GenerationEngine:
             self.offload.reset()
         if self.auto_path:
             self._choose_path(batch, cache_len)
-        read = _precomputed(self.model)
+        read = _precomputed(self.model, self.cuda_graphs)
         if any(a is not b for a, b in zip(self._steps_read, read)):
-            self._steps, self.last_step = {}, None  # a gate table or folding was rebuilt: graphs of the old ones go
+            self._steps, self.last_step = {}, None  # a precomputed tensor was rebuilt: graphs of the old ones go
         self._steps_read = read
         cache = self._cache_for(bucket_for(batch, self.batch_buckets), cache_len)
         prompt_lengths = [len(seq.result.prompt_ids) for seq in sequences]
@@ -435,15 +435,18 @@ class GenerationEngine:
         return torch.cat(logits)
 
 
-def _precomputed(model) -> list:
-    """The tensors each layer's decode path precomputed from the weights (gate table, folded absorption: each built
-    again here if a weight changed in place since), which captured graphs read by address."""
+def _precomputed(model, cuda_graphs: bool) -> list:
+    """The tensors each layer's decode path precomputed from the weights (gate table, folded absorption and, for
+    steps replayed from CUDA graphs, the merged products' concatenated weights: each built again here if a weight
+    changed in place since), which captured graphs read by address. The merged weights are built here, before any
+    capture, so that a graph reads the ones the next call compares."""
     for layer in model.layers:
         if hasattr(layer.attn, "refresh_gate_table"):
             layer.attn.refresh_gate_table()
-    return [t for layer in model.layers
+    read = [t for layer in model.layers
             for t in (getattr(layer.attn, "gate_table", None),
                       layer.attn.folded_weights() if hasattr(layer.attn, "folded") else None)]
+    return read + (model.merged_product_weights() if cuda_graphs else [])
 
 
 def _serves(cache: KVCache, config, path: str) -> bool:

@@ -4,9 +4,13 @@ launch a kernel on a GPU (views and allocations left out) and the Triton launche
 interpreter's own launches left out. Usage, from the repository root (PYTHONPATH=DIR for another tree):
 
     TRITON_INTERPRET=1 python docs/bench/launch_counts/count.py VARIANT PATH     # e.g. mla-kv64 kernel
+    TRITON_INTERPRET=1 python docs/bench/launch_counts/count.py VARIANT PATH --gpu-routes
 
+--gpu-routes: the step takes the routes a GPU step takes without autograd (RoPE, add + RMSNorm, SwiGLU's activation
+and the cache append in Triton, the addmm residual, the merged products), forced as the CPU tests force them.
 A diagnostic, not a benchmark: nothing imports it; counts.txt beside it has its output before and after
-2026-12-04's launch diet. On a GPU the profile of `egmla bench generate --profile` counts the real kernels.
+2026-12-04's launch diet, and with --gpu-routes before and after the merged products. On a GPU the profile of
+`egmla bench generate --profile` counts the real kernels.
 """
 import sys, torch
 from torch.profiler import profile, ProfilerActivity, record_function
@@ -16,6 +20,10 @@ from egmla.model import Transformer
 import egmla.attention.egmla as E
 import egmla.kernels.bias_decode as BD
 name, path = sys.argv[1], sys.argv[2]
+if "--gpu-routes" in sys.argv[3:]:
+    import egmla.kernels, egmla.model, egmla.attention.mla
+    for module in (egmla.kernels, egmla.model, egmla.attention.mla):
+        module.no_grad_kernel_can_run = lambda x: not torch.is_grad_enabled()
 # mark interpreter launches so their internal ops can be excluded
 import triton.runtime.interpreter as I
 def wrap(cls, meth):
