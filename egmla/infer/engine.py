@@ -436,17 +436,26 @@ class GenerationEngine:
 
 
 def _precomputed(model, cuda_graphs: bool) -> list:
-    """The tensors each layer's decode path precomputed from the weights (gate table, folded absorption and, for
-    steps replayed from CUDA graphs, the merged products' concatenated weights: each built again here if a weight
-    changed in place since), which captured graphs read by address. The merged weights are built here, before any
+    """The tensors each layer's decode path precomputed from the weights (gate table, folded absorption, the table
+    controls' folded decode weights and, for steps replayed from CUDA graphs, the merged products' concatenated
+    weights: each built again here if a weight changed in place since), which captured graphs read by address. The merged weights are built here, before any
     capture, so that a graph reads the ones the next call compares."""
     for layer in model.layers:
         if hasattr(layer.attn, "refresh_gate_table"):
             layer.attn.refresh_gate_table()
     read = [t for layer in model.layers
             for t in (getattr(layer.attn, "gate_table", None),
-                      layer.attn.folded_weights() if hasattr(layer.attn, "folded") else None)]
+                      layer.attn.folded_weights() if hasattr(layer.attn, "folded") else None,
+                      *_absorbed_table_weights(layer.attn))]
     return read + (model.merged_product_weights() if cuda_graphs else [])
+
+
+def _absorbed_table_weights(attn) -> tuple:
+    """The table controls' folded decode weights where their `absorbed` path reads them (else nothing)."""
+    if not (getattr(attn, "adds_table", False) and attn.gate_placement == "up" and attn.decode_path == "absorbed"):
+        return ()
+    weights = attn.absorbed_weights()
+    return weights.query, weights.output
 
 
 def _serves(cache: KVCache, config, path: str) -> bool:
