@@ -5,7 +5,9 @@
 
 Cache bytes per token are measured from a really allocated `KVCache` (egmla.accounting), so they
 include everything the engine stores (EG-MLA's token id, 4 B/token). Weights are the parameter count
-without the gate tables times the dtype's size; gate tables are EG-MLA's per-layer V x d_e embeddings
+without the gate tables plus what a GPU decode path derives from the weights and keeps beside them (MLA's folded
+absorption, the table controls' folded decode weights, the merged products' concatenated copies: measured from a
+model built on the meta device), times the dtype's size; gate tables are EG-MLA's per-layer V x d_e embeddings
 (or, planning for the `gate-table` decode path, the precomputed V x n_h(d_n+d_v) tables), counted on
 the GPU or, when offloaded to host memory (egmla.infer.offload), not. GB means 10^9 bytes.
 """
@@ -32,6 +34,25 @@ def gate_table_params(config: ModelConfig, precomputed: bool = False, decode_pat
     embeddings = count_params(config) - count_params(config, include_gate_tables=False)
     builds_table = config.gate_placement == "up" and (precomputed or decode_path in TABLE_PATHS)
     return embeddings + (config.n_layers * config.vocab_size * config.gate_norm_dim if builds_table else 0)
+
+
+def derived_weight_params(config: ModelConfig, decode_path: str) -> int:
+    """Parameters a GPU decode step on `decode_path` reads besides the weights and the gate tables (counted apart):
+    the tensors the engine's graphs read (egmla.infer.engine._precomputed) but the gate tables, counted on a model
+    built on the meta device, so nothing is allocated."""
+    from egmla.infer.engine import _precomputed
+    from egmla.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.set_decode_path(decode_path)
+    tables = {id(getattr(layer.attn, "gate_table", None)) for layer in model.layers}
+    tensors = {}
+    for item in _precomputed(model, cuda_graphs=True):
+        for tensor in (item if isinstance(item, tuple) else (item,)):
+            if tensor is not None and id(tensor) not in tables:
+                tensors[id(tensor)] = tensor
+    return sum(t.numel() for t in tensors.values())
 
 
 def decode_workspace_bytes(config: ModelConfig, decode_path: str, context: int, item: int,
@@ -66,7 +87,8 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
     item = torch.tensor([], dtype=torch_dtype).element_size()
     path = decode_path if decode_path in decode_paths(config) else decode_paths(config)[0]
     cache_per_token, _ = measured_cache_bytes_per_token(config, torch_dtype, cache_layout or path)
-    weights = count_params(config, include_gate_tables=False) * item
+    derived = derived_weight_params(config, path) * item
+    weights = count_params(config, include_gate_tables=False) * item + derived
     tables = gate_table_params(config, precomputed_gate_table, path) * item
     per_sequence = cache_per_token * context
     workspace = decode_workspace_bytes(config, path, context, item, distinct_ids)
@@ -82,6 +104,7 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
         "cache_bytes_per_token": cache_per_token,
         "cache_bytes_per_sequence": per_sequence,
         "weight_bytes": weights,
+        "derived_weight_bytes": derived,  # part of weight_bytes: copies the decode path derives from the weights
         "gate_table_bytes": tables,
         "sequences": fit(weights + tables),
         "sequences_gate_tables_offloaded": fit(weights),
@@ -156,8 +179,9 @@ def format_plan(rows: list[dict], title: str) -> str:
     lines.append("* = the model asked about. seqs: gate tables on the GPU; 'gates off GPU': gate tables in host "
                  "memory (--offload-gate-tables), rows gathered per step; the device then still holds the rows of the "
                  "batch's distinct ids (not counted here, at most the tables' size).")
-    lines.append("cache B/tok measured from an allocated cache (EG-MLA includes its 4 B token id); GB = 1e9 B; "
-                 "activations and allocator slack are not counted (use --reserve-gb).")
+    lines.append("weights: the parameters and the copies a GPU decode step derives from them (folded absorption, "
+                 "merged products); cache B/tok measured from an allocated cache (EG-MLA includes its 4 B token id); "
+                 "GB = 1e9 B; activations and allocator slack are not counted (use --reserve-gb).")
     for r in rows:
         if r["decode_workspace_bytes_per_sequence"]:
             lines.append(f"{r['variant']} on '{r['decode_path']}': a decode step also allocates "

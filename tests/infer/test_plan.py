@@ -31,7 +31,9 @@ def test_plan_row_arithmetic():
     config = preset("paper-base", attention="mha")
     row = plan_row(config, context=1000, memory_gb=10, dtype="fp32")
     assert row["cache_bytes_per_token"] == 2 * 12 * 768 * 4
-    assert row["weight_bytes"] == count_params(config) * 4
+    # the weights and the copy of SwiGLU's [w1 ; w3] the GPU decode step's merged product reads
+    assert row["derived_weight_bytes"] == 12 * 2 * 2048 * 768 * 4
+    assert row["weight_bytes"] == count_params(config) * 4 + row["derived_weight_bytes"]
     assert row["sequences"] == int((10e9 - row["weight_bytes"]) // (row["cache_bytes_per_token"] * 1000))
     assert plan_row(config, context=1000, memory_gb=0.1)["sequences"] == 0  # weights alone do not fit
 
@@ -106,11 +108,26 @@ def test_auto_plans_the_path_generation_takes_on_a_gpu_at_the_batch_that_fits():
         "MHA": "kernel", "MLA kv64": "kernel", "EG-MLA kv64": "grouped", "EG-MLA kv64 gate-bias": "absorbed",
         "EG-MLA kv64 latent-gate": "kernel"}
     assert auto["EG-MLA kv64"] == grouped["EG-MLA kv64"]
-    # 1.9 GB: 'kernel' would fit 4 sequences, 16,384 positions, where generation takes 'grouped', which fits 2 with
+    # 2.0 GB: 'kernel' would fit 4 sequences, 16,384 positions, where generation takes 'grouped', which fits 2 with
     # its working memory: the plan says 3 on 'kernel'
-    small = by_variant(plan_rows(base, 4096, 1.9, decode_path="auto"))["EG-MLA kv64"]
-    assert by_variant(plan_rows(base, 4096, 1.9, decode_path="kernel"))["EG-MLA kv64"]["sequences"] == 4
+    small = by_variant(plan_rows(base, 4096, 2.0, decode_path="auto"))["EG-MLA kv64"]
+    assert by_variant(plan_rows(base, 4096, 2.0, decode_path="kernel"))["EG-MLA kv64"]["sequences"] == 4
     assert small["decode_path"] == "kernel" and small["sequences"] == 3 < GROUPED_MIN_POSITIONS / 4096
     # on 'kernel' too, the cache has the grouped layout the engine allocates under auto (its token groups)
     assert small["cache_bytes_per_token"] == grouped["EG-MLA kv64"]["cache_bytes_per_token"] > \
-        by_variant(plan_rows(base, 4096, 1.9, decode_path="kernel"))["EG-MLA kv64"]["cache_bytes_per_token"]
+        by_variant(plan_rows(base, 4096, 2.0, decode_path="kernel"))["EG-MLA kv64"]["cache_bytes_per_token"]
+
+
+def test_plan_counts_what_the_decode_path_derives_from_the_weights():
+    """MLA kv64 on `kernel` keeps, per layer, SwiGLU's [w1 ; w3], [wkv_a ; folded query] and the folded output
+    projection beside its weights; on `naive` nothing is folded and the query's first projection is wq."""
+    from egmla.infer.plan import derived_weight_params
+
+    config = preset("paper-base", attention="mla")
+    d, heads, d_c, d_r, d_n = 768, 12, 64, 64, 64
+    swiglu = 2 * 2048 * d
+    folded = heads * (d_c + d_r) * d + d * heads * d_c
+    assert derived_weight_params(config, "kernel") == 12 * (swiglu + (d_c + d_r + heads * (d_c + d_r)) * d + folded)
+    assert derived_weight_params(config, "naive") == 12 * (swiglu + (d_c + d_r + heads * (d_n + d_r)) * d)
+    gated = preset("paper-base", attention="eg-mla")  # the gate tables are counted apart, not here
+    assert derived_weight_params(gated, "kernel") == derived_weight_params(config, "naive")
