@@ -27,6 +27,7 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+        self.merge_products = True  # False: never the merged GEMM (no copy of w1, w3; Transformer.set_merged_products)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, cached: bool = False) -> torch.Tensor:
         """SwiGLU(x), plus `residual` if given. cached: a call with a KV cache (generation), the only one where w1 and
@@ -51,7 +52,7 @@ class SwiGLU(nn.Module):
         """Where w1 and w3 run as one GEMM over `gate_up_weight`, one launch fewer (on a decode step's few rows a GEMM
         costs its launch and its weight read, not its FLOPs): without autograd on a GPU, as the kernels here; no
         gradient may be wanted at all, as the concatenated weight is a copy."""
-        return no_grad_kernel_can_run(x) and not torch.is_grad_enabled()
+        return self.merge_products and no_grad_kernel_can_run(x) and not torch.is_grad_enabled()
 
     def gate_up_weight(self) -> torch.Tensor:
         """[w1 ; w3] [2 hidden, dim], built once (`derived`) and again when either weight changes."""
@@ -143,14 +144,27 @@ class Transformer(nn.Module):
             layer.attn.decode_path = path
             layer.attn.on_decode_path_set(keep_precomputed)
 
+    def set_merged_products(self, enabled: bool) -> None:
+        """Whether cached GPU calls without autograd merge their input and MLP products into one GEMM each (the
+        default: 3–18% off a paper-base decode step on an H200, docs/bench/ab_h200_merged_products/) at the cost of
+        concatenated copies of those weights (~106 MB for MLA kv64 at paper-base in bf16). False drops the copies."""
+        for layer in self.layers:
+            for module in (layer.ffn, layer.attn):
+                if hasattr(module, "merge_products"):
+                    module.merge_products = enabled
+                    if not enabled:  # the copies `derived` holds
+                        module.__dict__.pop("merged_gate_up_weight", None)
+                        module.__dict__.pop("merged_input_weight", None)
+
     def merged_product_weights(self) -> list[torch.Tensor]:
         """The concatenated weights that a cached call without autograd on a GPU reads (every layer's SwiGLU [w1 ; w3]
         and, for the latent variants, [wkv_a ; the query's first projection] of the decode path), built now, or again
         where a source weight changed: a CUDA graph of a decode step reads them by address (egmla.infer.engine)."""
         weights = []
         for layer in self.layers:
-            weights.append(layer.ffn.gate_up_weight())
-            if hasattr(layer.attn, "input_weight"):
+            if layer.ffn.merge_products:
+                weights.append(layer.ffn.gate_up_weight())
+            if getattr(layer.attn, "merge_products", False):
                 weights.append(layer.attn.input_weight())
         return weights
 

@@ -55,6 +55,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.wkv_b = nn.Linear(self.kv_lora_rank, config.kv_up_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.v_head_dim, config.d_model, bias=False)
         self.decode_path = "naive"
+        self.merge_products = True  # False: never `input_products` (no weight copy; Transformer.set_merged_products)
         self.folded: tuple[torch.Tensor, torch.Tensor] | None = None  # see fold_absorption
         self.folded_from: tuple = ()  # fold_sources_key() when it was folded
 
@@ -293,7 +294,7 @@ class MultiHeadLatentAttention(nn.Module):
         """Where `input_products` replaces the two input GEMMs, one launch fewer (on a decode step's few rows a GEMM
         costs its launch and its weight read, not its FLOPs): a cached call without autograd on a GPU, as for the
         one-launch append; no gradient may be wanted at all, as the concatenated weight is a copy."""
-        return no_grad_kernel_can_run(x) and not torch.is_grad_enabled()
+        return self.merge_products and no_grad_kernel_can_run(x) and not torch.is_grad_enabled()
 
     def input_products(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """wkv_a(x) [batch, seq, d_c + d_r] and the query's first projection of x (as `query` / `forward_folded`

@@ -162,17 +162,22 @@ class GenerationEngine:
         graphs captured for either path (else a change drops them; on an H200 a later call took 153 / 52 ms at batch
         32 / 4 against 207 / 100 ms, calls alternating between the two, docs/bench/generate_h200_switch.md). Kept
         steps are dropped whenever a path's precomputed tensors (gate tables, folded absorption) were rebuilt, as
-        they are at the start of a call when a weight changed since (egmla/attention/precomputed.py)."""
+        they are at the start of a call when a weight changed since (egmla/attention/precomputed.py).
+    merged_products: on a GPU, run each layer's K/V-latent and query input products as one GEMM and SwiGLU's gate
+        and up as one (0.82-0.97x the step on an H200, docs/bench/ab_h200_merged_products/) over concatenated
+        copies of those weights (~106 MB for MLA kv64 at paper-base in bf16; `egmla plan` counts them); False keeps
+        the separate products and no copies (`Transformer.set_merged_products`)."""
 
     def __init__(self, model, tokenizer=None, decode_path: str | None = "auto", cache_dtype=None,
                  offload_gate_tables: bool = False, prefill_token_budget: int = 32768,
                  cuda_graphs: bool | None = None, batch_buckets: Sequence[int] | None = None,
-                 reuse_longer_cache: bool = True, share_cache_across_paths: bool = True):
+                 reuse_longer_cache: bool = True, share_cache_across_paths: bool = True, merged_products: bool = True):
         if prefill_token_budget < 1:
             raise ValueError(f"prefill_token_budget={prefill_token_budget}: must be >= 1")
         self.prefill_token_budget, self.reuse_longer_cache = prefill_token_budget, reuse_longer_cache
         self.share_cache_across_paths = share_cache_across_paths
         self.model, self.tokenizer = model.eval(), tokenizer
+        model.set_merged_products(merged_products)  # False: no weight copies, 3-18% slower steps on a GPU
         self.config = model.config
         # the Triton kernels read whole gate tables: not with an offload
         self.auto_path = decode_path == "auto" and model.tok_embeddings.weight.is_cuda and not offload_gate_tables

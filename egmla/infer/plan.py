@@ -36,16 +36,18 @@ def gate_table_params(config: ModelConfig, precomputed: bool = False, decode_pat
     return embeddings + (config.n_layers * config.vocab_size * config.gate_norm_dim if builds_table else 0)
 
 
-def derived_weight_params(config: ModelConfig, decode_path: str) -> int:
+def derived_weight_params(config: ModelConfig, decode_path: str, merged_products: bool = True) -> int:
     """Parameters a GPU decode step on `decode_path` reads besides the weights and the gate tables (counted apart):
     the tensors the engine's graphs read (egmla.infer.engine._precomputed) but the gate tables, counted on a model
-    built on the meta device, so nothing is allocated."""
+    built on the meta device, so nothing is allocated. merged_products=False: without the merged products' copies
+    (GenerationEngine(merged_products=False))."""
     from egmla.infer.engine import _precomputed
     from egmla.model import Transformer
 
     with torch.device("meta"):
         model = Transformer(config)
     model.set_decode_path(decode_path)
+    model.set_merged_products(merged_products)
     tables = {id(getattr(layer.attn, "gate_table", None)) for layer in model.layers}
     tensors = {}
     for item in _precomputed(model, cuda_graphs=True):
@@ -72,7 +74,7 @@ def decode_workspace_bytes(config: ModelConfig, decode_path: str, context: int, 
 
 def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "bf16",
              reserve_gb: float = 0.0, precomputed_gate_table: bool = False, decode_path: str | None = None,
-             distinct_ids: int | None = None, cache_layout: str | None = None) -> dict:
+             distinct_ids: int | None = None, cache_layout: str | None = None, merged_products: bool = True) -> dict:
     """One variant's plan: bytes per part and the sequences that fit with gate tables on GPU / offloaded, and
     with the decode step's working memory counted too (`decode_workspace_bytes`).
 
@@ -82,12 +84,13 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
     where its batch x context reaches GROUPED_MIN_POSITIONS). cache_layout: the path whose cache layout is
     allocated, if not `decode_path`'s (under "auto" EG-MLA's cache has the grouped layout on either path)."""
     if decode_path == "auto":
-        return auto_plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, distinct_ids)
+        return auto_plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, distinct_ids,
+                             merged_products)
     torch_dtype = DTYPES[dtype]
     item = torch.tensor([], dtype=torch_dtype).element_size()
     path = decode_path if decode_path in decode_paths(config) else decode_paths(config)[0]
     cache_per_token, _ = measured_cache_bytes_per_token(config, torch_dtype, cache_layout or path)
-    derived = derived_weight_params(config, path) * item
+    derived = derived_weight_params(config, path, merged_products) * item
     weights = count_params(config, include_gate_tables=False) * item + derived
     tables = gate_table_params(config, precomputed_gate_table, path) * item
     per_sequence = cache_per_token * context
@@ -114,16 +117,17 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
 
 
 def auto_plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str, reserve_gb: float,
-                  precomputed_gate_table: bool, distinct_ids: int | None) -> dict:
+                  precomputed_gate_table: bool, distinct_ids: int | None, merged_products: bool = True) -> dict:
     """plan_row for the path generation picks on a GPU by itself: 'grouped' where the batch that fits with its
     working memory reaches GROUPED_MIN_POSITIONS, else the CUDA default at a batch below that threshold."""
     args = (context, memory_gb, dtype, reserve_gb, precomputed_gate_table)
     if "grouped" not in decode_paths(config):
-        return plan_row(config, *args, decode_path=cuda_decode_path(config), distinct_ids=distinct_ids)
+        return plan_row(config, *args, decode_path=cuda_decode_path(config), distinct_ids=distinct_ids,
+                        merged_products=merged_products)
     # the engine's cache has the grouped layout on either path (GenerationEngine.share_cache_across_paths)
     row = plan_row(config, *args, decode_path=cuda_decode_path(config), distinct_ids=distinct_ids,
-                   cache_layout="grouped")
-    grouped = plan_row(config, *args, decode_path="grouped", distinct_ids=distinct_ids)
+                   cache_layout="grouped", merged_products=merged_products)
+    grouped = plan_row(config, *args, decode_path="grouped", distinct_ids=distinct_ids, merged_products=merged_products)
     if grouped["sequences_with_decode_workspace"] * context >= GROUPED_MIN_POSITIONS:
         return grouped
     below = -(-GROUPED_MIN_POSITIONS // context) - 1  # the most sequences that still run on the CUDA default
@@ -134,7 +138,7 @@ def auto_plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: st
 
 def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "bf16", reserve_gb: float = 0.0,
               precomputed_gate_table: bool = False, decode_path: str | None = None,
-              distinct_ids: int | None = None) -> list[dict]:
+              distinct_ids: int | None = None, merged_products: bool = True) -> list[dict]:
     """The model `base` and the same shape under every other variant (egmla.accounting.variant_configs),
     with ratios of sequences against MHA and MLA kv256."""
     if context <= 0 or memory_gb <= 0:
@@ -148,7 +152,8 @@ def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "b
         raise ValueError(f"decode_path={decode_path!r}: no variant has it; choose one of {', '.join(known)}")
     rows = []
     for config in variant_configs(base):
-        row = plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, decode_path, distinct_ids)
+        row = plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, decode_path, distinct_ids,
+                       merged_products=merged_products)
         row["is_model"] = config.to_dict() == base.to_dict()
         rows.append(row)
     for key, reference in (("vs_mha", "MHA"), ("vs_mla_kv256", "MLA kv256")):

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="distinct token ids per sequence, for the grouped path's per-id working memory "
                              "(default: min(T, vocab), the most there can be; real text holds fewer, e.g. ~1,500 "
                              "of 4,096 English tokens)")
+    parser.add_argument("--no-merged-products", dest="merged_products", action="store_false",
+                        help="plan for GenerationEngine(merged_products=False): no concatenated copies of the input "
+                             "and MLP weights (counted in the weights by default; ~106 MB for MLA kv64 at paper-base)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -48,11 +51,12 @@ def main(args) -> int:
     else:
         base, source = preset(args.preset, **parse_overrides(args.overrides, section="model")), f"preset {args.preset}"
     rows = plan_rows(base, args.context, args.memory_gb, args.dtype, args.reserve_gb, args.gate_table,
-                     args.decode_path, args.distinct_ids)
+                     args.decode_path, args.distinct_ids, merged_products=args.merged_products)
     if args.json:
         print(json.dumps({"source": source, "context": args.context, "memory_gb": args.memory_gb,
                           "dtype": args.dtype, "reserve_gb": args.reserve_gb, "gate_table_path": args.gate_table,
-                          "decode_path": args.decode_path, "distinct_ids": args.distinct_ids, "rows": rows}, indent=2))
+                          "decode_path": args.decode_path, "distinct_ids": args.distinct_ids,
+                          "merged_products": args.merged_products, "rows": rows}, indent=2))
         return 0
     title = (f"Memory plan: {source} ({base.n_layers} layers, d_model {base.d_model}, vocab {base.vocab_size}), "
              f"{args.context} tokens per sequence, {args.memory_gb:g} GB, {args.dtype}"

@@ -118,7 +118,7 @@ def test_auto_plans_the_path_generation_takes_on_a_gpu_at_the_batch_that_fits():
         by_variant(plan_rows(base, 4096, 2.0, decode_path="kernel"))["EG-MLA kv64"]["cache_bytes_per_token"]
 
 
-def test_plan_counts_what_the_decode_path_derives_from_the_weights():
+def test_plan_counts_what_the_decode_path_derives_from_the_weights(capsys):
     """MLA kv64 on `kernel` keeps, per layer, SwiGLU's [w1 ; w3], [wkv_a ; folded query] and the folded output
     projection beside its weights; on `naive` nothing is folded and the query's first projection is wq."""
     from egmla.infer.plan import derived_weight_params
@@ -131,3 +131,11 @@ def test_plan_counts_what_the_decode_path_derives_from_the_weights():
     assert derived_weight_params(config, "naive") == 12 * (swiglu + (d_c + d_r + heads * (d_n + d_r)) * d)
     gated = preset("paper-base", attention="eg-mla")  # the gate tables are counted apart, not here
     assert derived_weight_params(gated, "kernel") == derived_weight_params(config, "naive")
+    # planned without the merged products (GenerationEngine(merged_products=False)): the folded absorption only
+    folded_only = 12 * (heads * (d_c + d_r) * d + d * heads * d_c)
+    assert derived_weight_params(config, "kernel", merged_products=False) == folded_only
+    assert derived_weight_params(config, "naive", merged_products=False) == 0
+    assert egmla_main(["plan", "--preset", "paper-base", "--context", "4096", "--memory-gb", "60", "--decode-path",
+                       "kernel", "--no-merged-products", "--json"]) == 0
+    rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["MLA kv64"]["derived_weight_bytes"] == folded_only * 2  # bf16

@@ -40,7 +40,7 @@ def take_merged_products(monkeypatch, merged: bool = True) -> None:
     from egmla.model import SwiGLU
 
     def merges(self, x):  # merged: what a GPU tensor answers
-        return merged and not torch.is_grad_enabled()
+        return merged and self.merge_products and not torch.is_grad_enabled()
 
     monkeypatch.setattr(MultiHeadLatentAttention, "merges_input_products", merges)
     monkeypatch.setattr(SwiGLU, "merges_gate_up", merges)
@@ -257,3 +257,27 @@ def test_graphs_read_the_merged_weights_of_the_current_weights(variant):
     expected = GenerationEngine(model, cuda_graphs=False).generate(prompts, max_new_tokens=8)
     assert [r.token_ids for r in got] == [r.token_ids for r in expected]
     assert [r.token_ids for r in got] != [r.token_ids for r in first], "the change should change the tokens"
+
+
+def test_merged_products_can_be_turned_off_and_drop_their_copies(monkeypatch):
+    """GenerationEngine(merged_products=False) / Transformer.set_merged_products(False): the route is never taken,
+    the copies already built are dropped, and the logits are the same."""
+    from egmla.infer.engine import GenerationEngine
+
+    take_merged_products(monkeypatch)
+    model = model_for("mla", "absorbed", kernel_device())
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9), device=kernel_device())
+    with torch.no_grad():
+        cache = model.new_cache(2, max_len=12)
+        model(tokens[:, :8], cache)
+        merged = model(tokens[:, 8:9], cache)
+        assert "merged_input_weight" in vars(model.layers[0].attn) and "merged_gate_up_weight" in vars(model.layers[0].ffn)
+        GenerationEngine(model, decode_path=None, cuda_graphs=False, merged_products=False)
+        assert not any(name.startswith("merged_") for layer in model.layers
+                       for module in (layer.attn, layer.ffn) for name in vars(module))
+        assert model.merged_product_weights() == []
+        cache = model.new_cache(2, max_len=12)
+        model(tokens[:, :8], cache)
+        separate = model(tokens[:, 8:9], cache)
+    assert not any(name.startswith("merged_") for name in vars(model.layers[0].attn))  # not built again
+    assert rel_err(separate, merged) < 1e-5
