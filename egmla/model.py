@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from egmla.attention import KVCache, allocate_cache, attention_class, check_decode_path, decode_paths
-from egmla.attention.context import AttnContext, attention_mask
+from egmla.attention.context import AttnContext
 from egmla.attention.precomputed import derived, weights_key
 from egmla.attention.rope import at_least_fp32, rope_tables
 from egmla.config import ModelConfig
@@ -223,7 +223,7 @@ class Transformer(nn.Module):
                 cache.token_groups.host.unregistered = True
         cos, sin = at_least_fp32(self.rope_cos[positions], self.rope_sin[positions])
         return AttnContext(tokens, positions, cos, sin,
-                           kv_len=kv_len, mask=attention_mask(positions, kv_len), kv_token_ids=kv_ids,
+                           kv_len=kv_len, kv_token_ids=kv_ids,
                            kv_groups=cache.token_groups, capturable=capturable,
                            fresh=not capturable and kv_len == tokens.shape[1],  # every row started empty
                            decode_lengths=positions[:, 0] + 1 if tokens.shape[1] == 1 else None, batch_rows=rows)

@@ -1,7 +1,7 @@
 """What every attention layer needs to know about the current call, built once per model forward."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,7 +15,6 @@ class AttnContext:
     sin: torch.Tensor
     # Set only when decoding with a cache:
     kv_len: int = 0  # cached positions to read (max over the batch, after this call's writes)
-    mask: torch.Tensor | None = None  # [batch, 1, seq, kv_len] bool, True = may attend
     kv_token_ids: torch.Tensor | None = None  # [batch, kv_len] ids of all cached positions
     kv_groups: Any = None  # the cache's TokenGroups (decode path 'grouped', egmla/attention/cache.py)
     kv_ln_stats: torch.Tensor | None = None  # [batch, kv_len, 2] this layer's cached norm stats (grouped, kernel)
@@ -30,10 +29,23 @@ class AttnContext:
     decode_lengths: torch.Tensor | None = None
     # [batch, 1] arange: the row index of the cache writes, built once for all layers (a launch each otherwise)
     batch_rows: torch.Tensor | None = None
+    # what is built on first read (`mask`): one dict that dataclasses.replace passes on, so every layer's copy of
+    # the context shares what the first reader built
+    built: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def cached(self) -> bool:
-        return self.mask is not None
+        return self.kv_len > 0
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """[batch, 1, seq, kv_len] bool, True = may attend (`attention_mask`), for a call over a cache; None without
+        one. Built on first read: the decode kernels never read it, so their steps launch nothing for it."""
+        if not self.cached:
+            return None
+        if "mask" not in self.built:
+            self.built["mask"] = attention_mask(self.positions, self.kv_len)
+        return self.built["mask"]
 
     def seen_lengths(self) -> torch.Tensor:
         """[batch] cached positions each sequence's new token sees (0 .. its own): what the decode kernels take as

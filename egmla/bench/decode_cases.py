@@ -80,7 +80,7 @@ def build_cases(variant: str, config, batch: int, max_len: int, token_ids: torch
         others = build_cases(variant, config, batch, max_len, token_ids, device, dtype,
                              tuple(p for p in paths if p not in grouped), lengths)
         return others + grouped_cases(config, batch, max_len, token_ids, device, dtype, grouped, lengths=lengths)
-    from egmla.attention.context import AttnContext, attention_mask
+    from egmla.attention.context import AttnContext
 
     heads, d_n, d_r, d_v, d_c = (config.n_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
                                  config.v_head_dim, config.kv_lora_rank)
@@ -91,7 +91,7 @@ def build_cases(variant: str, config, batch: int, max_len: int, token_ids: torch
     k_pe = torch.randn(batch, max_len, d_r, device=device, dtype=dtype)
     positions = last_positions(batch, max_len, lengths, device)
     ctx = AttnContext(token_ids.gather(1, positions), positions, torch.empty(0), torch.empty(0), kv_len=max_len,
-                      mask=attention_mask(positions, max_len), kv_token_ids=token_ids)
+                      kv_token_ids=token_ids)
     es = torch.finfo(dtype).bits // 8
     held = positions_held(batch, max_len, lengths)
     cache_bytes = held * (d_c + d_r) * es

@@ -34,7 +34,7 @@ def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, de
     """(attn, call args, groups): a one-layer EG-MLA module on path 'grouped' (its gate table built) and a
     full cache of max_len positions per sequence with token_ids [batch, max_len] (ragged: sequence b holds
     its first lengths[b]; the rest is padding, never registered); norm statistics exact for the random latents."""
-    from egmla.attention.context import AttnContext, attention_mask
+    from egmla.attention.context import AttnContext
     from egmla.bench.decode_cases import last_positions, one_layer, registered_groups  # (imports this module)
 
     attn = one_layer(config, "grouped", device, dtype)
@@ -47,7 +47,7 @@ def grouped_inputs(config, batch: int, max_len: int, token_ids: torch.Tensor, de
     groups = registered_groups(token_ids, positions)
     stats = norm_stats(attn, latent, token_ids)
     ctx = AttnContext(token_ids.gather(1, positions), positions, torch.empty(0), torch.empty(0), kv_len=max_len,
-                      mask=attention_mask(positions, max_len), kv_token_ids=token_ids, kv_groups=groups,
+                      kv_token_ids=token_ids, kv_groups=groups,
                       kv_ln_stats=stats)
     return attn, (q_nope, q_pe, latent, k_pe, token_ids, ctx), groups
 

@@ -65,7 +65,7 @@ def test_fast_paths_equal_naive_on_fresh_inputs(variant):
 
 def test_absorbed_attention_function_equals_naive_directly():
     """MLA absorbed == naive at the attention-module level, on random latents (not via the model)."""
-    from egmla.attention.context import AttnContext, attention_mask
+    from egmla.attention.context import AttnContext
     from egmla.attention.rope import rope_tables
 
     config = small_config(attention="mla")
@@ -74,7 +74,7 @@ def test_absorbed_attention_function_equals_naive_directly():
     positions = torch.tensor([[10, 11, 12], [4, 5, 6]])
     cos, sin = rope_tables(config.qk_rope_head_dim, 64, config.rope_theta)
     ctx = AttnContext(torch.zeros(batch, seq, dtype=torch.long), positions, cos[positions], sin[positions],
-                      kv_len=kv_len, mask=attention_mask(positions, kv_len))
+                      kv_len=kv_len)
     q_nope = torch.randn(batch, seq, config.n_heads, config.qk_nope_head_dim)
     q_pe = torch.randn(batch, seq, config.n_heads, config.qk_rope_head_dim)
     latent = torch.randn(batch, kv_len, config.kv_lora_rank)

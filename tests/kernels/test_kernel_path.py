@@ -148,3 +148,27 @@ def test_a_decode_step_builds_its_indices_once_not_per_layer(variant, path, monk
             monkeypatch.undo()
         counts.append(len(calls))
     assert counts[0] == counts[1], f"torch.arange per step with 2 and 4 layers: {counts}"
+
+
+@pytest.mark.parametrize("variant", ["mla", "egmla"])
+def test_a_kernel_step_builds_no_mask_and_a_naive_step_builds_one(monkeypatch, variant):
+    """The causal mask over the cache is built on first read (AttnContext.mask): a `kernel` decode step never reads
+    it (two launches fewer per step on a GPU), a `naive` one builds it once for all its layers (EG-MLA's layers read
+    copies of the context made by dataclasses.replace, which share it)."""
+    import egmla.attention.context as context
+
+    built = []
+    original = context.attention_mask
+    monkeypatch.setattr(context, "attention_mask", lambda *a: built.append(1) or original(*a))
+    model = Transformer(small_config(**VARIANTS[variant])).to(kernel_device()).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9), device=kernel_device())
+    logits = {}
+    for path in ("kernel", "naive"):
+        model.set_decode_path(path)
+        cache = model.new_cache(2, max_len=12)
+        with torch.no_grad():
+            model(tokens[:, :8], cache)
+            built.clear()
+            logits[path] = model(tokens[:, 8:9], cache)
+        assert len(built) == (0 if path == "kernel" else 1), (path, len(built))
+    assert rel_err(logits["kernel"], logits["naive"]) < 1e-4
