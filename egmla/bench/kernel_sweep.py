@@ -303,7 +303,8 @@ def mass_markdown(json_path: str, md_path: str, top: int = 5) -> None:
         for r in group[:top] + ([base] if base and base not in group[:top] else []):
             ratio = f"{base['us'] / r['us']:.2f}" if base else ""
             setting = ", ".join(f"{k} {r[k]}" for k in keys) + (" (default)" if r is base else "")
-            lines.append(f"| {shape[0]} | {shape[1]} | {r['distinct_ids_mean']:.0f} | {setting} | {r['us']:.1f} | {ratio} |")
+            lines.append(f"| {shape[0]} | {shape[1]} | {r['distinct_ids_mean']:.0f} | {setting} | {r['us']:.1f} "
+                         f"| {ratio} |")
     Path(md_path).write_text("\n".join(lines) + "\n")
 
 

@@ -203,7 +203,7 @@ class GenerationEngine:
         self.last_step: DecodeStep | None = None
         self._cache: KVCache | None = None  # kept between calls of the same shape, with its steps
         self._steps: dict[tuple, DecodeStep] = {}
-        self._steps_read = _precomputed(model, self.cuda_graphs)  # what the kept steps' graphs read by address
+        self._steps_read = precomputed_tensors(model, self.cuda_graphs)  # what the kept steps' graphs read by address
 
     @property
     def device(self) -> torch.device:
@@ -262,7 +262,7 @@ class GenerationEngine:
             self.offload.reset()
         if self.auto_path:
             self._choose_path(batch, cache_len)
-        read = _precomputed(self.model, self.cuda_graphs)
+        read = precomputed_tensors(self.model, self.cuda_graphs)
         if any(a is not b for a, b in zip(self._steps_read, read)):
             self._steps, self.last_step = {}, None  # a precomputed tensor was rebuilt: graphs of the old ones go
         self._steps_read = read
@@ -440,11 +440,11 @@ class GenerationEngine:
         return torch.cat(logits)
 
 
-def _precomputed(model, cuda_graphs: bool) -> list:
+def precomputed_tensors(model, cuda_graphs: bool) -> list:
     """The tensors each layer's decode path precomputed from the weights (gate table, folded absorption, the table
     controls' folded decode weights and, for steps replayed from CUDA graphs, the merged products' concatenated
-    weights: each built again here if a weight changed in place since), which captured graphs read by address. The merged weights are built here, before any
-    capture, so that a graph reads the ones the next call compares."""
+    weights: each built again here if a weight changed in place since), which captured graphs read by address. The
+    merged weights are built here, before any capture, so that a graph reads the ones the next call compares."""
     for layer in model.layers:
         if hasattr(layer.attn, "refresh_gate_table"):
             layer.attn.refresh_gate_table()

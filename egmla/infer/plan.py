@@ -38,10 +38,10 @@ def gate_table_params(config: ModelConfig, precomputed: bool = False, decode_pat
 
 def derived_weight_params(config: ModelConfig, decode_path: str, merged_products: bool = True) -> int:
     """Parameters a GPU decode step on `decode_path` reads besides the weights and the gate tables (counted apart):
-    the tensors the engine's graphs read (egmla.infer.engine._precomputed) but the gate tables, counted on a model
+    the tensors the engine's graphs read (egmla.infer.engine.precomputed_tensors) but the gate tables, counted on a model
     built on the meta device, so nothing is allocated. merged_products=False: without the merged products' copies
     (GenerationEngine(merged_products=False))."""
-    from egmla.infer.engine import _precomputed
+    from egmla.infer.engine import precomputed_tensors
     from egmla.model import Transformer
 
     with torch.device("meta"):
@@ -50,7 +50,7 @@ def derived_weight_params(config: ModelConfig, decode_path: str, merged_products
     model.set_merged_products(merged_products)
     tables = {id(getattr(layer.attn, "gate_table", None)) for layer in model.layers}
     tensors = {}
-    for item in _precomputed(model, cuda_graphs=True):
+    for item in precomputed_tensors(model, cuda_graphs=True):
         for tensor in (item if isinstance(item, tuple) else (item,)):
             if tensor is not None and id(tensor) not in tables:
                 tensors[id(tensor)] = tensor

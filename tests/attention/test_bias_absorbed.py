@@ -68,15 +68,15 @@ def test_capturable_steps_read_up_to_the_host_bound_and_give_the_same_logits():
 def test_the_engine_sees_the_folded_decode_weights_rebuilt(gate_op):
     """A kept CUDA graph reads the table controls' folded decode weights by address: after an in-place weight change
     the engine's list of precomputed tensors must hold the rebuilt ones, so that it drops the stale graphs."""
-    from egmla.infer.engine import _precomputed
+    from egmla.infer.engine import precomputed_tensors
 
     model = Transformer(small_config(attention="eg-mla", gate_op=gate_op)).eval()
     model.set_decode_path("absorbed")
-    before = _precomputed(model, cuda_graphs=False)
+    before = precomputed_tensors(model, cuda_graphs=False)
     assert any(t is model.layers[0].attn.absorbed_weights().query for t in before)
-    assert all(a is b for a, b in zip(before, _precomputed(model, cuda_graphs=False)))  # nothing changed: kept
+    assert all(a is b for a, b in zip(before, precomputed_tensors(model, cuda_graphs=False)))  # nothing changed: kept
     with torch.no_grad():
         model.layers[1].attn.wkv_b.weight.mul_(1.5)  # as an optimizer step does
-    after = _precomputed(model, cuda_graphs=False)
+    after = precomputed_tensors(model, cuda_graphs=False)
     assert len(after) == len(before) and any(a is not b for a, b in zip(before, after))
     assert any(t is model.layers[1].attn.absorbed_weights().output for t in after)

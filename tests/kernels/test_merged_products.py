@@ -149,7 +149,7 @@ def test_merged_weights_follow_weight_changes(monkeypatch, variant, path):
     """The concatenated weights are built once (a second step reads the same tensors) and again after a source weight
     changes in place (an optimizer step) or is loaded (load_state_dict): the next step equals the full forward of the
     changed model, and the generation engine's list of what its CUDA graphs read shows the new tensors."""
-    from egmla.infer.engine import _precomputed
+    from egmla.infer.engine import precomputed_tensors
     from egmla.model import Transformer
 
     take_merged_products(monkeypatch)
@@ -164,7 +164,7 @@ def test_merged_weights_follow_weight_changes(monkeypatch, variant, path):
     step_matches_full_forward()
     built = model.merged_product_weights()
     assert all(a is b for a, b in zip(built, model.merged_product_weights())), "built once, not per call"
-    assert all(a is b for a, b in zip(_precomputed(model, True)[-len(built):], built))
+    assert all(a is b for a, b in zip(precomputed_tensors(model, True)[-len(built):], built))
     assert not any("merged" in name for name in model.state_dict()), "derived, not saved"
     changes = [lambda layer: layer.ffn.w3.weight.mul_(-1.5), lambda layer: layer.ffn.w1.weight.add_(0.05)]
     if variant != "mha":
@@ -184,7 +184,7 @@ def test_merged_weights_follow_weight_changes(monkeypatch, variant, path):
     before = model.merged_product_weights()
     model.load_state_dict(other.state_dict())
     step_matches_full_forward()
-    after = _precomputed(model, True)[-len(before):]
+    after = precomputed_tensors(model, True)[-len(before):]
     assert all(a is not b for a, b in zip(before, after))
 
 
@@ -271,7 +271,8 @@ def test_merged_products_can_be_turned_off_and_drop_their_copies(monkeypatch):
         cache = model.new_cache(2, max_len=12)
         model(tokens[:, :8], cache)
         merged = model(tokens[:, 8:9], cache)
-        assert "merged_input_weight" in vars(model.layers[0].attn) and "merged_gate_up_weight" in vars(model.layers[0].ffn)
+        first = model.layers[0]
+        assert "merged_input_weight" in vars(first.attn) and "merged_gate_up_weight" in vars(first.ffn)
         GenerationEngine(model, decode_path=None, cuda_graphs=False, merged_products=False)
         assert not any(name.startswith("merged_") for layer in model.layers
                        for module in (layer.attn, layer.ffn) for name in vars(module))
