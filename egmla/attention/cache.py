@@ -148,31 +148,28 @@ class TokenGroups:
             n_new = torch.full((batch,), seq, dtype=torch.long, device=tokens.device)
         n_new = n_new.to(self.lengths.device, torch.long)
         if seq == 1:
-            self._append_one(tokens[:, 0], positions[:, 0], n_new > 0)
+            self._append_one(tokens[:, 0], positions[:, 0], n_new)  # lengths too
             self.host.distinct_bound = min(self.host.distinct_bound + 1, self.slots.shape[1])
         else:
             self._append_many(tokens, positions, n_new)
-        self.lengths += n_new.clamp(max=seq)
+            self.lengths += n_new.clamp(max=seq)
         self.version += 1
 
-    def _append_one(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """One token per sequence, vectorised over the batch without a host sync."""
-        ids = ids.to(torch.int32)
-        known = torch.arange(self.distinct_ids.shape[1], device=ids.device)[None, :] < self.n_distinct[:, None]
-        match = (self.distinct_ids == ids[:, None]) & known
-        found = match.any(dim=1)
-        slot = torch.where(found, match.int().argmax(dim=1), self.n_distinct)
-        rows = torch.arange(ids.shape[0], device=ids.device)
-        is_new = valid & ~found
-        new_slot = torch.where(is_new, self.n_distinct, torch.zeros_like(self.n_distinct))
-        self.distinct_ids[rows, new_slot] = torch.where(is_new, ids, self.distinct_ids[rows, new_slot])
-        self.n_distinct += is_new.long()
-        write_at = torch.where(valid, positions, torch.zeros_like(positions))
-        self.slots[rows, write_at] = torch.where(valid, slot.to(torch.int32), self.slots[rows, write_at])
-        slot = torch.where(valid, slot, torch.zeros_like(slot))  # a row that appends nothing touches nothing
-        count = self.counts[rows, slot]
-        self.ranks[rows, write_at] = torch.where(valid, count, self.ranks[rows, write_at])
-        self.counts[rows, slot] = count + valid.int()
+    def _append_one(self, ids: torch.Tensor, positions: torch.Tensor, n_new: torch.Tensor) -> None:
+        """One token per sequence (rows with n_new > 0), lengths included, without a host sync: one Triton launch
+        where the forward-only kernels run (egmla/kernels/token_groups.py), else its PyTorch reference."""
+        from egmla.kernels import no_grad_kernel_can_run
+
+        args = (self.distinct_ids, self.n_distinct, self.slots, self.counts, self.ranks, self.lengths, ids, positions,
+                n_new)
+        if no_grad_kernel_can_run(ids):
+            from egmla.kernels.token_groups import append_one
+
+            append_one(*args)
+        else:
+            from egmla.kernels.token_groups_ref import append_one_ref
+
+            append_one_ref(*args)
 
     def _append_many(self, tokens: torch.Tensor, positions: torch.Tensor, n_new: torch.Tensor) -> None:
         """A prefill chunk, vectorised over the batch (no loop over sequences): every (sequence, id) pair of the

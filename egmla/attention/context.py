@@ -52,6 +52,14 @@ class AttnContext:
         lengths in a one-token step."""
         return self.decode_lengths if self.decode_lengths is not None else self.positions[:, 0] + 1
 
+    def registered_lengths(self) -> torch.Tensor:
+        """[batch] positions each new token sees that the cache's token groups hold: min(seen_lengths(),
+        kv_groups.lengths), what the bias controls' absorbed decode reads. Built on first read, once per step for
+        every layer (a launch per layer otherwise)."""
+        if "registered" not in self.built:
+            self.built["registered"] = torch.minimum(self.seen_lengths(), self.kv_groups.lengths)
+        return self.built["registered"]
+
 
 def attention_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
     """Causal mask over cached positions: query at position p sees keys 0..p of its own sequence."""

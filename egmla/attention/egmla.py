@@ -307,21 +307,31 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return torch.stack([zeros, torch.ones_like(zeros)], dim=-1)
 
     def appended_stats(self, latent: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """`norm_stats` of the positions a decode step appends. Where the Triton kernels run, one pass over the
-        gate table the decode kernels read (`layernorm_stats_triton`) replaces the ~10 small PyTorch launches
-        per layer and step (a fp32 W_UKV product, the gate's up-projection, the norm's reductions). A prompt takes
-        the same pass on CUDA (the PyTorch equations' fp32 W_UKV product alone was 4.9 of 91 ms of kernels in a batch-32
-        EG-MLA prefill on the H200: docs/bench/prefill_h200_diagnostics/); in Triton's CPU interpreter only single
-        positions do (it is slow)."""
-        if (self.norm_kind == "none" or self.decode_path not in ("kernel", "grouped", "absorbed")
-                or kernel_unavailable_reason(latent.device) is not None
-                or (latent.shape[1] != 1 and latent.device.type != "cuda")):
-            return self.norm_stats(latent, token_ids)
+        """`norm_stats` of the positions a decode step appends: through `stats_pass` where it runs."""
+        if self.stats_pass_runs(latent):
+            return self.stats_pass(latent, token_ids)
+        return self.norm_stats(latent, token_ids)
+
+    def stats_pass_runs(self, latent: torch.Tensor) -> bool:
+        """Where the Triton kernels run, one pass over the gate table the decode kernels read (`layernorm_stats_triton`)
+        replaces the ~10 small PyTorch launches per layer and step of `norm_stats` (a fp32 W_UKV product, the gate's
+        up-projection, the norm's reductions). A prompt takes the same pass on CUDA (the PyTorch equations' fp32
+        W_UKV product alone was 4.9 of 91 ms of kernels in a batch-32 EG-MLA prefill on the H200:
+        docs/bench/prefill_h200_diagnostics/); in Triton's CPU interpreter only single positions do (it is slow)."""
+        return not (self.norm_kind == "none" or self.decode_path not in ("kernel", "grouped", "absorbed")
+                    or kernel_unavailable_reason(latent.device) is not None
+                    or (latent.shape[1] != 1 and latent.device.type != "cuda"))
+
+    def stats_pass(self, latent: torch.Tensor, token_ids: torch.Tensor, out: torch.Tensor | None = None,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`layernorm_stats_triton` of the layer's weights and gate table; out and positions: written at
+        out[b, positions[b, t]] (the cache's statistics) by the pass itself."""
         from egmla.kernels.egmla_decode import layernorm_stats_triton
 
         return layernorm_stats_triton(latent, token_ids, self.gate_table_like(latent), self.wkv_b.weight,
                                       self.n_heads, self.qk_nope_head_dim, self.gate_norm.eps,
-                                      gate_op=self.gate_op, norm=self.norm_kind, block_t=16 if latent.shape[1] == 1 else 64)
+                                      gate_op=self.gate_op, norm=self.norm_kind, block_t=16 if latent.shape[1] == 1 else 64,
+                                      out=out, positions=positions)
 
     # ---- placement "latent": gate c_t before it is cached ---------------------------------
     def latent(self, x: torch.Tensor, ctx: AttnContext,
@@ -371,7 +381,10 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             raise ValueError(_STATS_CACHE_NEEDED.format(path=self.decode_path))  # before a fresh prompt skips reading
         if "ln_stats" not in cache.buffers:
             return ctx
-        cache.write(ctx.positions, ctx.batch_rows, ln_stats=self.appended_stats(latent, ctx.token_ids))
+        if self.stats_pass_runs(latent):  # written into the cache's rows by the pass: no index_put launch per layer
+            self.stats_pass(latent, ctx.token_ids, out=cache.buffers["ln_stats"], positions=ctx.positions)
+        else:
+            cache.write(ctx.positions, ctx.batch_rows, ln_stats=self.norm_stats(latent, ctx.token_ids))
         return dataclasses.replace(ctx, kv_ln_stats=cache.read("ln_stats", ctx.kv_len))
 
     # ---- decode paths ----------------------------------------------------------------------
@@ -450,7 +463,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         groups, table = ctx.kv_groups, self.gate_embed.weight  # the distinct ids' rows are read where needed
         # q^C_h . g^K_{h,v} for each distinct id [batch, heads, U]; the table on V alone has no score term
         per_id = per_id_scores(proj[..., d_c:-2], table, ids, groups.n_distinct) if weights.score_term else None
-        lengths = torch.minimum(ctx.seen_lengths(), groups.lengths)  # registered and visible
+        lengths = ctx.registered_lengths()  # registered and visible
         # the output matmul's input, written by the kernels in its dtype (no cast launch before the matmul)
         inputs = torch.empty(batch, self.n_heads, weights.output.shape[1], dtype=weights.output.dtype,
                              device=latent.device)

@@ -193,11 +193,12 @@ def _ln_stats_head_kernel(
 
 
 @triton.jit
-def _ln_stats_merge_kernel(part_ptr, stats_ptr, n_rows, max_len, stride_sb, stride_st, eps,
-                           N_HEADS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-                           RMS: tl.constexpr, PDL: tl.constexpr):
+def _ln_stats_merge_kernel(part_ptr, stats_ptr, positions_ptr, n_rows, max_len, stride_sb, stride_st, stride_pb,
+                           stride_pt, eps, N_HEADS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_H: tl.constexpr,
+                           BLOCK_R: tl.constexpr, RMS: tl.constexpr, AT_POSITIONS: tl.constexpr, PDL: tl.constexpr):
     """(mean, rstd) of each position from its heads' shares: every head covers WIDTH columns, so Chan's merge is
-    mean = the heads' mean, M2 = sum of M2_h + WIDTH * sum of (mean_h - mean)^2, stable in fp32."""
+    mean = the heads' mean, M2 = sum of M2_h + WIDTH * sum of (mean_h - mean)^2, stable in fp32. AT_POSITIONS:
+    stored at row positions[b, t] of stats (the cache's buffer) instead of row t."""
     pdl_wait(PDL)  # the shares come from the kernel right before
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_h = tl.arange(0, BLOCK_H)
@@ -212,7 +213,10 @@ def _ln_stats_merge_kernel(part_ptr, stats_ptr, n_rows, max_len, stride_sb, stri
         spread = tl.where(live, head_mean - mean[:, None], 0.0)
         m2 += WIDTH * tl.sum(spread * spread, axis=1)
     rstd = tl.math.rsqrt(m2 / (N_HEADS * WIDTH) + eps)
-    out = stats_ptr + (rows // max_len).to(tl.int64) * stride_sb + (rows % max_len) * stride_st
+    seq, t = (rows // max_len).to(tl.int64), rows % max_len
+    if AT_POSITIONS:
+        t = tl.load(positions_ptr + seq * stride_pb + t * stride_pt, mask=rows < n_rows, other=0)
+    out = stats_ptr + seq * stride_sb + t * stride_st
     tl.store(out, mean, mask=rows < n_rows)
     tl.store(out + 1, rstd, mask=rows < n_rows)
 
@@ -240,13 +244,27 @@ def _check_egmla_inputs(n_heads: int, d_n: int, gate_table: torch.Tensor, wkv_b:
 
 def layernorm_stats_triton(latent: torch.Tensor, token_ids: torch.Tensor, gate_table: torch.Tensor,
                            wkv_b: torch.Tensor, n_heads: int, d_n: int, eps: float = 1e-6, gate_op: str = "mul",
-                           norm: str = "layernorm", block_t: int = 64) -> torch.Tensor:
+                           norm: str = "layernorm", block_t: int = 64, out: torch.Tensor | None = None,
+                           positions: torch.Tensor | None = None) -> torch.Tensor:
     """[batch, T, 2] fp32 (mean, rstd) of every position: the Triton twin of `layernorm_stats`
-    (gates gathered from gate_table by token_ids [batch, T]); one rebuild pass, nothing written but stats."""
+    (gates gathered from gate_table by token_ids [batch, T]); one rebuild pass, nothing written but stats.
+    out [batch, max_len, 2] fp32 and positions [batch, T]: written at out[b, positions[b, t]] instead (a cache's
+    statistics, with no index_put launch after the pass), and out returned."""
     d_v = _check_egmla_inputs(n_heads, d_n, gate_table, wkv_b, gate_op, tuple(GATE_CODES))
     batch, max_len, d_c = latent.shape
-    stats = torch.empty(batch, max_len, 2, dtype=torch.float32, device=latent.device)
+    if (out is None) != (positions is None):
+        raise ValueError("layernorm_stats_triton: pass out and positions together (or neither)")
+    if out is not None and (out.dtype != torch.float32 or out.dim() != 3 or out.shape[0] != batch
+                            or out.shape[2] != 2 or out.stride(2) != 1 or tuple(positions.shape) != (batch, max_len)):
+        raise ValueError(f"layernorm_stats_triton: out {tuple(out.shape)} {out.dtype} and positions "
+                         f"{tuple(positions.shape)}: expected out [{batch}, cache length, 2] fp32 and positions "
+                         f"[{batch}, {max_len}]")
+    stats = torch.empty(batch, max_len, 2, dtype=torch.float32, device=latent.device) if out is None else out
     if norm == "none":
+        if out is not None:
+            rows = torch.arange(batch, device=latent.device)[:, None]
+            out[rows, positions] = torch.tensor([0.0, 1.0], device=latent.device)
+            return out
         stats[..., 0], stats[..., 1] = 0.0, 1.0
         return stats
     if norm not in NORM_CODES:
@@ -263,9 +281,11 @@ def layernorm_stats_triton(latent: torch.Tensor, token_ids: torch.Tensor, gate_t
         BLOCK_T=block_t, GATE=GATE_CODES[gate_op], DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
         num_warps=4, **flags)
     rows, block_r = batch * max_len, 64
+    at = positions if positions is not None else part  # (unread without positions)
     _ln_stats_merge_kernel[(triton.cdiv(rows, block_r),)](
-        part, stats, rows, max_len, stats.stride(0), stats.stride(1), eps,
-        N_HEADS=n_heads, WIDTH=d_n + d_v, BLOCK_H=block(n_heads), BLOCK_R=block_r, num_warps=2, **flags)
+        part, stats, at, rows, max_len, stats.stride(0), stats.stride(1), at.stride(0), at.stride(1), eps,
+        N_HEADS=n_heads, WIDTH=d_n + d_v, BLOCK_H=block(n_heads), BLOCK_R=block_r,
+        AT_POSITIONS=positions is not None, num_warps=2, **flags)
     return stats
 
 

@@ -45,6 +45,29 @@ def test_stats_kernel_matches_reference(norm, gate_op):
     assert rel_err(stats, ref) < 1e-5
 
 
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "none"])
+def test_stats_kernel_writes_at_the_cache_positions(norm):
+    """With out and positions the pass writes each position's statistics at its row of the cache's buffer and
+    nothing else (a decode step's append, one position per sequence at different lengths)."""
+    from egmla.kernels.egmla_decode import layernorm_stats_triton
+
+    device = kernel_device()
+    inputs = make_inputs(3, 3, 16, 8, 20, 8, 1, 30, [1, 1, 1], torch.float32, device, norm)
+    buffer = poisoned((3, 12, 2), torch.float32, device)
+    positions = torch.tensor([[0], [7], [11]], device=device)
+    out = layernorm_stats_triton(inputs["latent"], inputs["token_ids"], inputs["gate_table"], inputs["wkv_b"],
+                                 n_heads=3, d_n=16, eps=1e-6, norm=norm, block_t=16, out=buffer, positions=positions)
+    assert out is buffer
+    rows = torch.arange(3, device=device)[:, None]
+    assert rel_err(buffer[rows, positions], stats_for(inputs, norm, "mul")) < 1e-5
+    untouched = torch.ones(3, 12, dtype=torch.bool, device=device)
+    untouched[rows, positions] = False
+    assert buffer[untouched].isnan().all()
+    with pytest.raises(ValueError, match="together"):
+        layernorm_stats_triton(inputs["latent"], inputs["token_ids"], inputs["gate_table"], inputs["wkv_b"],
+                               n_heads=3, d_n=16, out=buffer)
+
+
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 def test_stats_kernel_matches_the_bias_controls_cache(norm):
     """What `egmla bench grouped`/`decode` write into the bias control's 'absorbed' cache on CUDA (the Triton

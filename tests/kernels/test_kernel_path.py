@@ -123,9 +123,9 @@ def test_kernel_path_caches_norm_statistics_at_append(monkeypatch):
 @pytest.mark.parametrize("variant,path", [("mha", "kernel"), ("mla-kv64", "kernel"), ("egmla-kv64", "kernel"),
                                           ("egmla-kv64", "grouped"), ("egmla-kv64-bias-v", "absorbed")])
 def test_a_decode_step_builds_its_indices_once_not_per_layer(variant, path, monkeypatch):
-    """What every layer needs of a step's indices (the cache writes' row index, the kernels' lengths) is built once
-    with the context: a one-token step of 4 layers calls torch.arange as often as one of 2 (each call is a launch
-    inside a CUDA-graph step)."""
+    """What every layer needs of a step's indices (the cache writes' row index, the kernels' lengths, the bias
+    controls' registered lengths) is built once with the context: a one-token step of 4 layers calls torch.arange
+    and torch.minimum as often as one of 2 (each call is a launch inside a CUDA-graph step)."""
     from egmla.variants import variant_config
 
     counts = []
@@ -142,12 +142,14 @@ def test_a_decode_step_builds_its_indices_once_not_per_layer(variant, path, monk
         tokens = torch.randint(0, config.vocab_size, (2, 5), device=kernel_device())
         with torch.no_grad():
             model(tokens, cache)
-            calls, arange = [], torch.arange
-            monkeypatch.setattr(torch, "arange", lambda *a, **k: calls.append(1) or arange(*a, **k))
+            calls = []
+            for name in ("arange", "minimum"):
+                monkeypatch.setattr(torch, name, lambda *a, _f=getattr(torch, name), _n=name, **k:
+                                    calls.append(_n) or _f(*a, **k))
             model(tokens[:, :1], cache)
             monkeypatch.undo()
-        counts.append(len(calls))
-    assert counts[0] == counts[1], f"torch.arange per step with 2 and 4 layers: {counts}"
+        counts.append(sorted(calls))
+    assert counts[0] == counts[1], f"torch.arange and torch.minimum per step with 2 and 4 layers: {counts}"
 
 
 @pytest.mark.parametrize("variant", ["mla", "egmla"])
