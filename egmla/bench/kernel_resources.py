@@ -133,8 +133,10 @@ def _bias_cases():
 def _step_cases():
     """The decode step's small kernels at paper-base widths (d_model 768, SwiGLU 2,048, kv64 + d_r 64)."""
     from egmla.kernels import decode_elementwise as e
+    from egmla.kernels import egmla_decode as ed
     from egmla.kernels import latent_append as la
     from egmla.kernels import rope as r
+    from egmla.kernels import token_groups as tg
 
     yield ("rope", "16 rows of 32 pairs, 4 warps", r._rope_kernel, dict(HALF=32, BLOCK_R=16, BLOCK_D=32),
            {"cos_ptr": "*fp32", "sin_ptr": "*fp32"}, 4)
@@ -144,6 +146,14 @@ def _step_cases():
     yield ("latent_append", "kv64 + d_r 64, 1 warp", la._latent_append_kernel,
            dict(D_C=64, HALF=32, BLOCK_C=64, BLOCK_H=32, HAS_WEIGHT=True, HAS_OUT=True),
            {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "eps": "fp32"}, 1)
+    yield ("token_groups", f"append one, blocks of {tg.BLOCK_IDS} ids, 4 warps", tg._append_one_kernel,
+           dict(BLOCK=tg.BLOCK_IDS), {**{name: "*i64" for name in ("ids_ptr", "positions_ptr", "n_new_ptr",
+                                                                   "n_distinct_ptr", "lengths_ptr")},
+                                      **{name: "*i32" for name in ("distinct_ptr", "slots_ptr", "counts_ptr",
+                                                                   "ranks_ptr")}}, 4)
+    yield ("ln_stats_merge", "12 heads, 64 rows, at cache positions, 2 warps", ed._ln_stats_merge_kernel,
+           dict(N_HEADS=12, WIDTH=128, BLOCK_H=16, BLOCK_R=64, RMS=False, AT_POSITIONS=True, PDL=False),
+           {"part_ptr": "*fp32", "stats_ptr": "*fp32", "positions_ptr": "*i64", "eps": "fp32"}, 2)
 
 
 GLUON_POINTERS = {**{name: "*i32" for name in ("order_ptr", "oslots_ptr", "offsets_ptr", "ids_ptr", "n_distinct_ptr",
@@ -183,7 +193,8 @@ KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "bias": _bias_cases, "s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="grouped,mla",
                         help=f"comma-separated: {', '.join(KERNELS)} (bias: the table controls' pass, bias_decode.py; "
-                        f"step: the decode step's RoPE, add + RMSNorm, SwiGLU activation and MLA append kernels; "
+                        f"step: the decode step's RoPE, add + RMSNorm, SwiGLU activation, MLA append, token-groups append and "
+                        f"statistics merge kernels; "
                         f"gluon: studies/grouped_gluon.py, Triton >= 3.6; scratch: studies/grouped_scratch.py)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 = sm_90 (H100, "
                         "H200), 80 = sm_80 (A100)")
