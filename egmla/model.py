@@ -210,23 +210,38 @@ class Transformer(nn.Module):
         if cache.batch_size != tokens.shape[0]:
             raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch_size {cache.batch_size}: "
                              f"allocate the cache with new_cache({tokens.shape[0]})")
-        positions, kv_len = cache.positions_for(tokens.shape[1], static=capturable)
-        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]  # every layer's cache writes use it
-        kv_ids = None
-        if cache.token_ids is not None:
-            cache.token_ids[rows, positions] = tokens.to(cache.token_ids.dtype)
-            kv_ids = cache.token_ids[:, :kv_len]
+        decode_lengths = None
+        if self.builds_context_in_one_launch(tokens, capturable):  # the engine's graph step on a GPU
+            from egmla.kernels.decode_context import decode_context
+
+            kv_len = cache.max_len
+            positions, rows, decode_lengths, cos, sin = decode_context(cache.lengths, tokens, cache.token_ids,
+                                                                       self.rope_cos, self.rope_sin, kv_len)
+        else:
+            positions, kv_len = cache.positions_for(tokens.shape[1], static=capturable)
+            rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]  # every layer's cache writes use it
+            if cache.token_ids is not None:
+                cache.token_ids[rows, positions] = tokens.to(cache.token_ids.dtype)
+            cos, sin = at_least_fp32(self.rope_cos[positions], self.rope_sin[positions])
+            if tokens.shape[1] == 1:
+                decode_lengths = positions[:, 0] + 1
+        kv_ids = cache.token_ids[:, :kv_len] if cache.token_ids is not None else None
         if cache.token_groups is not None:
             if self.decode_path in ("grouped", "absorbed"):  # (the bias control's 'absorbed'): positions by id
                 cache.token_groups.append(tokens, positions, n_new)
             else:  # a path that never reads them: not kept up (reset() clears this), so a reader raises
                 cache.token_groups.host.unregistered = True
-        cos, sin = at_least_fp32(self.rope_cos[positions], self.rope_sin[positions])
         return AttnContext(tokens, positions, cos, sin,
                            kv_len=kv_len, kv_token_ids=kv_ids,
                            kv_groups=cache.token_groups, capturable=capturable,
                            fresh=not capturable and kv_len == tokens.shape[1],  # every row started empty
-                           decode_lengths=positions[:, 0] + 1 if tokens.shape[1] == 1 else None, batch_rows=rows)
+                           decode_lengths=decode_lengths, batch_rows=rows)
+
+    def builds_context_in_one_launch(self, tokens: torch.Tensor, capturable: bool) -> bool:
+        """A capturable one-token step on a GPU (the engine's CUDA-graph step) builds its positions, row index,
+        lengths, RoPE angles and token-id write in one launch (egmla/kernels/decode_context.py) instead of ~8."""
+        return (capturable and tokens.shape[1] == 1 and self.rope_cos.dtype != torch.float64
+                and no_grad_kernel_can_run(tokens))
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dtype not in (torch.int32, torch.int64):

@@ -132,6 +132,7 @@ def _bias_cases():
 
 def _step_cases():
     """The decode step's small kernels at paper-base widths (d_model 768, SwiGLU 2,048, kv64 + d_r 64)."""
+    from egmla.kernels import decode_context as dc
     from egmla.kernels import decode_elementwise as e
     from egmla.kernels import egmla_decode as ed
     from egmla.kernels import latent_append as la
@@ -151,6 +152,11 @@ def _step_cases():
                                                                    "n_distinct_ptr", "lengths_ptr")},
                                       **{name: "*i32" for name in ("distinct_ptr", "slots_ptr", "counts_ptr",
                                                                    "ranks_ptr")}}, 4)
+    yield ("decode_context", "32 RoPE pairs, 1 warp", dc._decode_context_kernel, dict(HALF=32, BLOCK=32, HAS_IDS=True),
+           {**{name: "*i64" for name in ("lengths_ptr", "tokens_ptr", "positions_ptr", "rows_ptr",
+                                         "decode_lengths_ptr")},
+            "token_ids_ptr": "*i32", "cos_table_ptr": "*fp32", "sin_table_ptr": "*fp32", "cos_ptr": "*fp32",
+            "sin_ptr": "*fp32"}, 1)
     yield ("ln_stats_merge", "12 heads, 64 rows, at cache positions, 2 warps", ed._ln_stats_merge_kernel,
            dict(N_HEADS=12, WIDTH=128, BLOCK_H=16, BLOCK_R=64, RMS=False, AT_POSITIONS=True, PDL=False),
            {"part_ptr": "*fp32", "stats_ptr": "*fp32", "positions_ptr": "*i64", "eps": "fp32"}, 2)
@@ -193,8 +199,8 @@ KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "bias": _bias_cases, "s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="grouped,mla",
                         help=f"comma-separated: {', '.join(KERNELS)} (bias: the table controls' pass, bias_decode.py; "
-                        f"step: the decode step's RoPE, add + RMSNorm, SwiGLU activation, MLA append, token-groups append and "
-                        f"statistics merge kernels; "
+                        f"step: the decode step's RoPE, add + RMSNorm, SwiGLU activation, MLA append, context, token-groups append "
+                        f"and statistics merge kernels; "
                         f"gluon: studies/grouped_gluon.py, Triton >= 3.6; scratch: studies/grouped_scratch.py)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 = sm_90 (H100, "
                         "H200), 80 = sm_80 (A100)")
