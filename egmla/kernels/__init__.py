@@ -8,6 +8,9 @@
     rope.py, decode_elementwise.py, latent_append.py
                        the decode step's small launches fused (RoPE; add + RMSNorm and SwiGLU's activation; MLA's
                        cache append with its norm and RoPE), used where no gradient is wanted on a GPU
+    decode_context.py, token_groups.py
+                       a CUDA-graph decode step's context (positions, lengths, RoPE angles, token-id write) and its
+                       token-groups append, one launch each
     row_adam.py        lazy Adam on the touched rows of the gate tables (training)
     split_combine.py   flash-decoding split heuristic and the cross-split combine
 
