@@ -235,7 +235,7 @@ class Transformer(nn.Module):
                            kv_len=kv_len, kv_token_ids=kv_ids,
                            kv_groups=cache.token_groups, capturable=capturable,
                            fresh=not capturable and kv_len == tokens.shape[1],  # every row started empty
-                           decode_lengths=decode_lengths, batch_rows=rows)
+                           decode_lengths=decode_lengths, batch_rows=rows, stats_arrivals=cache.stats_arrivals)
 
     def builds_context_in_one_launch(self, tokens: torch.Tensor, capturable: bool) -> bool:
         """A capturable one-token step on a GPU (the engine's CUDA-graph step) builds its positions, row index,

@@ -228,6 +228,11 @@ class KVCache:
                           if needs_ids else None)
         needs_groups = any(spec.needs_token_groups for spec in specs)
         self.token_groups = TokenGroups(batch_size, max_len, device) if needs_groups else None
+        # One int32 per sequence where a layer keeps norm statistics: zero between launches; the one-launch append
+        # counts a sequence's finished heads in it (egmla/kernels/latent_append.py). Layers run in turn: one suffices.
+        needs_counters = any("ln_stats" in spec.tensors for spec in specs)
+        self.stats_arrivals = (torch.zeros(batch_size, dtype=torch.int32, device=device)
+                               if needs_counters else None)
 
     # ---- appending -------------------------------------------------------------------------
     def positions_for(self, seq_len: int, static: bool = False) -> tuple[torch.Tensor, int]:
@@ -261,6 +266,8 @@ class KVCache:
             self.token_ids = fn(self.token_ids, True)
         if self.token_groups is not None:
             self.token_groups._map(fn)
+        if self.stats_arrivals is not None:
+            self.stats_arrivals = fn(self.stats_arrivals, False)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Make sequences `rows` (any order, repeats allowed) the new batch: beam search, batch expansion.
@@ -339,7 +346,7 @@ class KVCache:
     def nbytes(self) -> int:
         ids = self.token_ids.numel() * self.token_ids.element_size() if self.token_ids is not None else 0
         groups = self.token_groups.nbytes() if self.token_groups is not None else 0
-        return sum(layer.nbytes() for layer in self.layers) + ids + groups
+        return sum(layer.nbytes() for layer in self.layers) + ids + groups  # per position; not lengths, counters
 
     def bytes_per_token(self) -> float:
         """Bytes actually allocated per cached position (per sequence), measured from the tensors."""

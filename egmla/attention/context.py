@@ -29,6 +29,9 @@ class AttnContext:
     decode_lengths: torch.Tensor | None = None
     # [batch, 1] arange: the row index of the cache writes, built once for all layers (a launch each otherwise)
     batch_rows: torch.Tensor | None = None
+    # [batch] int32 zeros: the cache's per-sequence counters that let the last head's program of a one-launch append
+    # merge the norm statistics (egmla/kernels/latent_append.py); None where the cache keeps no statistics
+    stats_arrivals: torch.Tensor | None = None
     # what is built on first read (`mask`): one dict that dataclasses.replace passes on, so every layer's copy of
     # the context shares what the first reader built
     built: dict = field(default_factory=dict, repr=False, compare=False)

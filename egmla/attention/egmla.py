@@ -371,14 +371,34 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         """`append(cache, ctx, *latent(x, ctx, projected))` with MLA's part in one launch (placement up: the latents
         are MLA's)."""
         self.refresh_gate_table()
+        if self.stats_in_the_append(x, ctx, cache):
+            self.write_latents(x, ctx, cache, projected=projected, stats=self.appended_stats_args(ctx, cache, x))
+            return dataclasses.replace(ctx, kv_ln_stats=cache.read("ln_stats", ctx.kv_len))
         latent = self.write_latents(x, ctx, cache, keep_latent="ln_stats" in cache.buffers, projected=projected)
         return self.append_stats(cache, ctx, latent)
 
-    def append_stats(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor | None) -> AttnContext:
-        """The new positions' (mu, rho), where the cache keeps them, from their latents."""
+    def stats_in_the_append(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache) -> bool:
+        """A one-token step where the statistics pass runs computes the new (mu, rho) in the append's own launch
+        (egmla/kernels/latent_append.py, `AppendedStats`): two launches fewer per layer than the pass and its merge."""
+        self.check_stats_cache(cache, ctx)
+        return ("ln_stats" in cache.buffers and x.shape[1] == 1 and ctx.stats_arrivals is not None
+                and self.stats_pass_runs(x))
+
+    def appended_stats_args(self, ctx: AttnContext, cache: LayerCache, like: torch.Tensor):
+        from egmla.kernels.latent_append import AppendedStats
+
+        return AppendedStats(ctx.token_ids, self.gate_table_like(like), self.wkv_b.weight, self.n_heads,
+                             self.gate_op, self.norm_kind, self.gate_norm.eps, cache.buffers["ln_stats"],
+                             ctx.stats_arrivals)
+
+    def check_stats_cache(self, cache: LayerCache, ctx: AttnContext) -> None:
         if self.gate_placement == "up" and self.decode_path in ("grouped", "absorbed") and (
                 "ln_stats" not in cache.buffers or ctx.kv_groups is None):
             raise ValueError(_STATS_CACHE_NEEDED.format(path=self.decode_path))  # before a fresh prompt skips reading
+
+    def append_stats(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor | None) -> AttnContext:
+        """The new positions' (mu, rho), where the cache keeps them, from their latents."""
+        self.check_stats_cache(cache, ctx)
         if "ln_stats" not in cache.buffers:
             return ctx
         if self.stats_pass_runs(latent):  # written into the cache's rows by the pass: no index_put launch per layer

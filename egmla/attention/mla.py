@@ -183,17 +183,17 @@ class MultiHeadLatentAttention(nn.Module):
         return ctx
 
     def write_latents(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache, keep_latent: bool = False,
-                      projected: torch.Tensor | None = None) -> torch.Tensor | None:
+                      projected: torch.Tensor | None = None, stats=None) -> torch.Tensor | None:
         """The new latents normed and their RoPE keys rotated straight into the cache, from one read of the
         down-projection (wkv_a(x), or `projected`: its slice of the merged input product); keep_latent: also return
-        the latents [batch, seq, d_c]."""
+        the latents [batch, seq, d_c]; stats (`AppendedStats`, EG-MLA): their norm statistics too, same launch."""
         from egmla.kernels.latent_append import latent_append
 
         projected = self.wkv_a(x) if projected is None else projected
         norm = self.kv_norm
         return latent_append(projected, norm.weight, norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps,
                              ctx.cos, ctx.sin, ctx.positions, cache.buffers["latent"], cache.buffers["k_rope"],
-                             keep_latent=keep_latent)
+                             keep_latent=keep_latent, stats=stats)
 
     def attend_naive(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
         """Rebuild K/V and run SDPA. Returns [batch, seq, heads, d_v]."""

@@ -147,6 +147,12 @@ def _step_cases():
     yield ("latent_append", "kv64 + d_r 64, 1 warp", la._latent_append_kernel,
            dict(D_C=64, HALF=32, BLOCK_C=64, BLOCK_H=32, HAS_WEIGHT=True, HAS_OUT=True),
            {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "eps": "fp32"}, 1)
+    yield ("latent_append_stats", "kv64 + d_r 64 and a head's statistics (12 heads of 128), 4 warps",
+           la._latent_append_stats_kernel,
+           dict(D_C=64, HALF=32, BLOCK_C=64, BLOCK_H=32, HAS_WEIGHT=True, N_HEADS=12, WIDTH=128, BLOCK_W=128,
+                BLOCK_HEADS=16, GATE=0, RMS=False),
+           {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "eps": "fp32", "ids_ptr": "*i64",
+            "part_ptr": "*fp32", "arrivals_ptr": "*i32", "stats_ptr": "*fp32", "stats_eps": "fp32"}, 4)
     yield ("token_groups", f"append one, blocks of {tg.BLOCK_IDS} ids, 4 warps", tg._append_one_kernel,
            dict(BLOCK=tg.BLOCK_IDS), {**{name: "*i64" for name in ("ids_ptr", "positions_ptr", "n_new_ptr",
                                                                    "n_distinct_ptr", "lengths_ptr")},
@@ -228,7 +234,7 @@ def main(args) -> int:
             row.update(resources(fn, constexprs, types, warps, args.arch, stages[0] if stages else None,
                                  gluon=name == "gluon"))
             rows.append(row)
-            print(f"  {kernel:<18} {setting:<44} regs {row['registers']:>3}  spills {row['spill_stack_bytes']:>5} B  "
+            print(f"  {kernel:<20} {setting:<44} regs {row['registers']:>3}  spills {row['spill_stack_bytes']:>5} B  "
                   f"shared {row['shared_bytes']:>6} B  {row['programs_per_sm_by_registers']:>2} programs/SM "
                   f"({100 * row['occupancy_by_registers']:.0f}% of warp slots)", flush=True)
     if args.json:

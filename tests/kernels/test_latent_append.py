@@ -1,7 +1,9 @@
 """MLA's cache append in one launch vs its PyTorch reference (the norm, the rotation and the index writes the model
 runs otherwise): fresh random inputs, ragged positions, several new tokens, strided views, buffers poisoned with NaN
 so a write to a wrong place shows; the model's decode through it equals the full forward; and on a GPU, the model
-takes it only without gradients."""
+takes it only without gradients. EG-MLA's one-token steps also write their norm statistics from that launch."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -62,6 +64,105 @@ def test_bad_inputs_name_the_field():
         latent_append(projected, weight, 1e-6, cos, sin, positions.float(), latent, k_rope)
     with pytest.raises(ValueError, match="k_rope"):
         latent_append(projected, weight, 1e-6, cos, sin, positions, latent, torch.zeros(3, 6, 4))
+
+
+def stats_inputs(batch, n_heads, width, d_c, vocab, max_len, dtype, device, gate_op, norm, eps=1e-5):
+    """AppendedStats over poisoned statistics rows of a larger allocation, with ids repeated across the batch."""
+    from egmla.kernels.latent_append import AppendedStats
+
+    ids = torch.randint(0, vocab, (batch, 1), device=device)
+    ids[-1] = ids[0]  # two sequences appending one id
+    gate_table = (1 + 0.5 * torch.randn(vocab, n_heads * width, device=device)).to(dtype)
+    wkv_b = (torch.randn(n_heads * width, d_c, device=device) / d_c ** 0.5 + 0.2).to(dtype)  # a nonzero mean
+    out = poisoned((batch + 2, max_len, 2), torch.float32, device)[:batch]
+    arrivals = torch.zeros(batch + 1, dtype=torch.int32, device=device)[1:]  # a view, as KVCache.rows gives
+    return AppendedStats(ids, gate_table, wkv_b, n_heads, gate_op, norm, eps, out, arrivals)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("gate_op,norm,n_heads,width", [("mul", "layernorm", 3, 14), ("add", "layernorm", 1, 8),
+                                                        ("mul", "rmsnorm", 4, 6), ("bias-v", "layernorm", 3, 14)])
+def test_append_with_statistics_matches_the_reference(dtype, tol, gate_op, norm, n_heads, width):
+    """The append's own launch also writes EG-MLA's (mu, rho) of the new positions, as the reference computes them
+    from the latents as cached (heads' shares merged by the last head to arrive); twice in a row, as a step's layers
+    call it, so the per-sequence counters must be back at 0 after each call; nothing else written."""
+    from egmla.kernels.latent_append import latent_append
+    from egmla.kernels.latent_append_ref import latent_append_ref
+
+    device = kernel_device()
+    if dtype == torch.float16 and device == "cuda":
+        dtype = torch.bfloat16
+    batch, d_c, d_r, max_len = 3, 16, 8, 12
+    stats = stats_inputs(batch, n_heads, width, d_c, 20, max_len, dtype, device, gate_op, norm)
+    ref_stats = dataclasses.replace(stats, out=poisoned(stats.out.shape, torch.float32, device))
+    latent, k_rope = poisoned((batch, max_len, d_c), dtype, device), poisoned((batch, max_len, d_r), dtype, device)
+    ref_latent, ref_k = latent.clone(), k_rope.clone()
+    written = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+    rows = torch.arange(batch, device=device)[:, None]
+    for _ in range(2):
+        projected, weight, cos, sin, positions = inputs(batch, 1, d_c, d_r, max_len, dtype, device)
+        latent_append(projected, weight, 1e-6, cos, sin, positions, latent, k_rope, stats=stats)
+        latent_append_ref(projected, weight, 1e-6, cos, sin, positions, ref_latent, ref_k, stats=ref_stats)
+        assert (stats.arrivals == 0).all(), "the counters must be left at zero for the next layer's launch"
+        written[rows, positions] = True
+        assert stats.out[~written].isnan().all(), "wrote statistics outside the new positions"
+        assert rel_err(latent[written], ref_latent[written]) < tol and rel_err(k_rope[written], ref_k[written]) < tol
+        got, want = stats.out[written], ref_stats.out[written]
+        assert not got.isnan().any() and rel_err(got, want) < tol
+        if norm == "rmsnorm":
+            assert (got[:, 0] == 0).all()
+
+
+def test_append_with_statistics_names_bad_inputs():
+    from egmla.kernels.latent_append import latent_append
+
+    projected, weight, cos, sin, positions = inputs(2, 1, 8, 4, 6, torch.float32, "cpu")
+    latent, k_rope = torch.zeros(2, 6, 8), torch.zeros(2, 6, 4)
+    stats = stats_inputs(2, 2, 5, 8, 10, 6, torch.float32, "cpu", "mul", "layernorm")
+    two, w2, c2, s2, p2 = inputs(2, 2, 8, 4, 6, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="one new token per sequence"):
+        latent_append(two, w2, 1e-6, c2, s2, p2, latent, k_rope, stats=stats)
+    with pytest.raises(ValueError, match="arrivals"):
+        latent_append(projected, weight, 1e-6, cos, sin, positions, latent, k_rope,
+                      stats=dataclasses.replace(stats, arrivals=stats.arrivals.long()))
+    with pytest.raises(ValueError, match="norm='none'"):
+        latent_append(projected, weight, 1e-6, cos, sin, positions, latent, k_rope,
+                      stats=dataclasses.replace(stats, norm="none"))
+    with pytest.raises(ValueError, match="out"):
+        latent_append(projected, weight, 1e-6, cos, sin, positions, latent, k_rope,
+                      stats=dataclasses.replace(stats, out=torch.zeros(2, 5, 2)))
+
+
+@pytest.mark.parametrize("path,extra", [("kernel", {}), ("grouped", {}), ("absorbed", {"gate_op": "bias-v"}),
+                                        ("kernel", {"gate_norm": "rmsnorm"})])
+def test_one_token_steps_append_their_statistics_in_the_same_launch(monkeypatch, path, extra):
+    """EG-MLA's one-token cached steps (where the kernels run) take the statistics in the append's launch, not the
+    statistics pass (a prompt still takes the pass), and give the full forward's logits; the counters end at 0."""
+    import egmla.attention.mla as mla
+    import egmla.kernels.egmla_decode as ed
+    import egmla.kernels.latent_append as kernel
+    from egmla.model import Transformer
+    from tests.conftest import small_config
+
+    device = kernel_device()
+    fused, passes = [], []
+    original_fused, original_pass = kernel._append_with_stats, ed.layernorm_stats_triton
+    monkeypatch.setattr(kernel, "_append_with_stats", lambda *a, **k: fused.append(1) or original_fused(*a, **k))
+    monkeypatch.setattr(ed, "layernorm_stats_triton", lambda *a, **k: passes.append(a[0].shape[1])
+                        or original_pass(*a, **k))
+    monkeypatch.setattr(mla, "no_grad_kernel_can_run", lambda x: not torch.is_grad_enabled())
+    model = Transformer(small_config(attention="eg-mla", **extra)).to(device).eval()
+    model.set_decode_path(path)
+    tokens = torch.randint(0, model.config.vocab_size, (3, 9), device=device)
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_cache(3)
+        model(tokens[:, :6], cache)
+        prompt_passes = list(passes)
+        steps = [model(tokens[:, i: i + 1], cache) for i in range(6, 9)]
+    assert len(fused) == 3 * model.config.n_layers and passes == prompt_passes
+    assert cache.stats_arrivals is not None and (cache.stats_arrivals == 0).all()
+    assert rel_err(torch.cat(steps, dim=1), full[:, 6:]) < 1e-4
 
 
 @pytest.mark.parametrize("attention,path,extra,fused", [("mla", "absorbed", {}, True),
