@@ -372,7 +372,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         are MLA's)."""
         self.refresh_gate_table()
         if self.stats_in_the_append(x, ctx, cache):
-            self.write_latents(x, ctx, cache, projected=projected, stats=self.appended_stats_args(ctx, cache, x))
+            self.write_latents(x, ctx, cache, projected=projected, stats=self.appended_stats_args(ctx, cache))
             return dataclasses.replace(ctx, kv_ln_stats=cache.read("ln_stats", ctx.kv_len))
         latent = self.write_latents(x, ctx, cache, keep_latent="ln_stats" in cache.buffers, projected=projected)
         return self.append_stats(cache, ctx, latent)
@@ -384,10 +384,11 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return ("ln_stats" in cache.buffers and x.shape[1] == 1 and ctx.stats_arrivals is not None
                 and self.stats_pass_runs(x))
 
-    def appended_stats_args(self, ctx: AttnContext, cache: LayerCache, like: torch.Tensor):
+    def appended_stats_args(self, ctx: AttnContext, cache: LayerCache):
         from egmla.kernels.latent_append import AppendedStats
 
-        return AppendedStats(ctx.token_ids, self.gate_table_like(like), self.wkv_b.weight, self.n_heads,
+        table = self.gate_table_like(cache.buffers["latent"])  # in the cache's dtype, as the decode kernels read it
+        return AppendedStats(ctx.token_ids, table, self.wkv_b.weight, self.n_heads,
                              self.gate_op, self.norm_kind, self.gate_norm.eps, cache.buffers["ln_stats"],
                              ctx.stats_arrivals)
 
