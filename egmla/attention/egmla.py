@@ -367,14 +367,16 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return self.append_stats(cache, super().append(cache, ctx, latent, k_pe), latent)
 
     def append_in_one_launch(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache,
-                             projected: torch.Tensor | None = None) -> AttnContext:
+                             projected: torch.Tensor | None = None, q_rope: torch.Tensor | None = None) -> AttnContext:
         """`append(cache, ctx, *latent(x, ctx, projected))` with MLA's part in one launch (placement up: the latents
         are MLA's)."""
         self.refresh_gate_table()
         if self.stats_in_the_append(x, ctx, cache):
-            self.write_latents(x, ctx, cache, projected=projected, stats=self.appended_stats_args(ctx, cache))
+            self.write_latents(x, ctx, cache, projected=projected, stats=self.appended_stats_args(ctx, cache),
+                               q_rope=q_rope)
             return dataclasses.replace(ctx, kv_ln_stats=cache.read("ln_stats", ctx.kv_len))
-        latent = self.write_latents(x, ctx, cache, keep_latent="ln_stats" in cache.buffers, projected=projected)
+        latent = self.write_latents(x, ctx, cache, keep_latent="ln_stats" in cache.buffers, projected=projected,
+                                    q_rope=q_rope)
         return self.append_stats(cache, ctx, latent)
 
     def stats_in_the_append(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache) -> bool:

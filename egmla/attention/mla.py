@@ -83,17 +83,28 @@ class MultiHeadLatentAttention(nn.Module):
             self.folded = None
 
     # ---- projections ---------------------------------------------------------------------
-    def query(self, x: torch.Tensor, ctx: AttnContext, projected: torch.Tensor | None = None) -> torch.Tensor:
+    def query(self, x: torch.Tensor, ctx: AttnContext, projected: torch.Tensor | None = None,
+              rotated: bool = False) -> torch.Tensor:
         """q [batch, seq, heads, d_n + d_r], per head [q^C ; RoPE'd q^R]: the projection's own layout, so only the
         q^R slice is rewritten (in place) and attention reads q without a cat. projected: the first query projection
-        (wq's or wq_a's) where the merged input product (`input_products`) made it already."""
+        (wq's or wq_a's) where the merged input product (`input_products`) made it already; rotated: its q^R slice
+        was rotated already (by the append's launch, `query_rope_slice`)."""
         if projected is None:
             projected = (self.wq_a if hasattr(self, "wq_a") else self.wq)(x)
         q = self.wq_b(self.q_norm(projected)) if hasattr(self, "wq_a") else projected
         q = q.view(*x.shape[:2], self.n_heads, -1)
-        q_pe = q[..., self.qk_nope_head_dim:]
-        apply_rope(q_pe, ctx.cos, ctx.sin, out=q_pe)
+        if not rotated:
+            q_pe = q[..., self.qk_nope_head_dim:]
+            apply_rope(q_pe, ctx.cos, ctx.sin, out=q_pe)
         return q
+
+    def query_rope_slice(self, projected: torch.Tensor | None) -> torch.Tensor | None:
+        """The RoPE slice [batch, seq, heads, d_r] of the query inside `projected` (the merged input product's query
+        part), which the one-launch append rotates in place; None where the query is not that product itself (a
+        low-rank query still has wq_b to go through) or there is no product."""
+        if projected is None or hasattr(self, "wq_a"):
+            return None
+        return projected.unflatten(-1, (self.n_heads, -1))[..., -self.qk_rope_head_dim:]
 
     def latent(self, x: torch.Tensor, ctx: AttnContext,
                projected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,8 +132,11 @@ class MultiHeadLatentAttention(nn.Module):
         kv_projected = q_projected = None  # wkv_a(x) and the first query projection, where one GEMM makes both
         if reads_cache and self.merges_input_products(x):
             kv_projected, q_projected = self.input_products(x)
+        q_rotated = False  # the query's RoPE slice rotated by the append's launch
         if reads_cache and self.appends_in_one_launch(x, ctx):
-            ctx = self.append_in_one_launch(x, ctx, cache, kv_projected)
+            q_rope = self.query_rope_slice(q_projected)
+            ctx = self.append_in_one_launch(x, ctx, cache, kv_projected, q_rope)
+            q_rotated = q_rope is not None
         else:
             latent, k_pe = self.latent(x, ctx, kv_projected)
             if cache is not None:
@@ -131,8 +145,9 @@ class MultiHeadLatentAttention(nn.Module):
                 return self.wo(self.attend_causal(self.query(x, ctx), latent, k_pe, ctx.token_ids).flatten(2))
         latent, k_pe = cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len)
         if self.reads_folded_weights():
-            return self.forward_folded(x, latent, k_pe, ctx, q_projected)
-        q_nope, q_pe = self.query(x, ctx, q_projected).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+            return self.forward_folded(x, latent, k_pe, ctx, q_projected, q_rotated)
+        q_nope, q_pe = self.query(x, ctx, q_projected, q_rotated).split([self.qk_nope_head_dim, self.qk_rope_head_dim],
+                                                                       dim=-1)
         attend = getattr(self, "attend_" + self.decode_path.replace("-", "_"))
         return self.wo(attend(q_nope, q_pe, latent, k_pe, ctx.kv_token_ids, ctx).flatten(2))
 
@@ -177,23 +192,26 @@ class MultiHeadLatentAttention(nn.Module):
                 and (self.kv_norm.weight is None or self.kv_norm.weight.dtype == x.dtype))
 
     def append_in_one_launch(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache,
-                             projected: torch.Tensor | None = None) -> AttnContext:
-        """`append(cache, ctx, *latent(x, ctx, projected))` with the latents written by `write_latents`."""
-        self.write_latents(x, ctx, cache, projected=projected)
+                             projected: torch.Tensor | None = None, q_rope: torch.Tensor | None = None) -> AttnContext:
+        """`append(cache, ctx, *latent(x, ctx, projected))` with the latents written by `write_latents` (and q_rope, the
+        query's RoPE slice, rotated in place by the same launch)."""
+        self.write_latents(x, ctx, cache, projected=projected, q_rope=q_rope)
         return ctx
 
     def write_latents(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache, keep_latent: bool = False,
-                      projected: torch.Tensor | None = None, stats=None) -> torch.Tensor | None:
+                      projected: torch.Tensor | None = None, stats=None,
+                      q_rope: torch.Tensor | None = None) -> torch.Tensor | None:
         """The new latents normed and their RoPE keys rotated straight into the cache, from one read of the
         down-projection (wkv_a(x), or `projected`: its slice of the merged input product); keep_latent: also return
-        the latents [batch, seq, d_c]; stats (`AppendedStats`, EG-MLA): their norm statistics too, same launch."""
+        the latents [batch, seq, d_c]; stats (`AppendedStats`, EG-MLA): their norm statistics too, same launch;
+        q_rope: the query's RoPE slice, rotated in place, same launch."""
         from egmla.kernels.latent_append import latent_append
 
         projected = self.wkv_a(x) if projected is None else projected
         norm = self.kv_norm
         return latent_append(projected, norm.weight, norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps,
                              ctx.cos, ctx.sin, ctx.positions, cache.buffers["latent"], cache.buffers["k_rope"],
-                             keep_latent=keep_latent, stats=stats)
+                             keep_latent=keep_latent, stats=stats, q_rope=q_rope)
 
     def attend_naive(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
         """Rebuild K/V and run SDPA. Returns [batch, seq, heads, d_v]."""
@@ -276,16 +294,18 @@ class MultiHeadLatentAttention(nn.Module):
         return self.decode_path in ("absorbed", "kernel") and self.folded_weights() is not None
 
     def forward_folded(self, x: torch.Tensor, latent, k_pe, ctx: AttnContext,
-                       projected: torch.Tensor | None = None) -> torch.Tensor:
+                       projected: torch.Tensor | None = None, rotated: bool = False) -> torch.Tensor:
         """Cached forward of 'absorbed' / 'kernel' with the absorption folded into the projections. projected: the
-        first query projection (wq_a's, or without a low-rank query the folded query's) from `input_products`."""
+        first query projection (wq_a's, or without a low-rank query the folded query's) from `input_products`;
+        rotated: its RoPE slice was rotated already (by the append's launch)."""
         w_query, w_out = self.folded
         if projected is None:
             projected = self.wq_a(x) if hasattr(self, "wq_a") else F.linear(x, w_query)
         q = F.linear(self.q_norm(projected), w_query) if hasattr(self, "wq_a") else projected
         q = q.view(*x.shape[:2], self.n_heads, -1)
         q_latent, q_pe = q[..., : self.kv_lora_rank], q[..., self.kv_lora_rank:]
-        apply_rope(q_pe, ctx.cos, ctx.sin, out=q_pe)
+        if not rotated:
+            apply_rope(q_pe, ctx.cos, ctx.sin, out=q_pe)
         out_latent = self.latent_attention(q_latent, q_pe, latent, k_pe, ctx, use_kernel=self.decode_path == "kernel")
         return F.linear(out_latent.flatten(2), w_out)
 

@@ -144,13 +144,13 @@ def _step_cases():
     yield ("add_rms_norm", "4 rows of 768, 4 warps", e._add_rms_norm_kernel,
            dict(DIM=768, BLOCK_D=1024, BLOCK_R=4, HAS_WEIGHT=True), {"eps": "fp32"}, 4)
     yield ("silu_mul", "blocks of 1,024, 4 warps", e._silu_mul_kernel, dict(DIM=2048, BLOCK_D=1024), {}, 4)
-    yield ("latent_append", "kv64 + d_r 64, 1 warp", la._latent_append_kernel,
-           dict(D_C=64, HALF=32, BLOCK_C=64, BLOCK_H=32, HAS_WEIGHT=True, HAS_OUT=True),
-           {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "eps": "fp32"}, 1)
-    yield ("latent_append_stats", "kv64 + d_r 64 and a head's statistics (12 heads of 128), 4 warps",
+    yield ("latent_append", "kv64 + d_r 64 and 12 query heads' RoPE, 4 warps", la._latent_append_kernel,
+           dict(D_C=64, HALF=32, BLOCK_C=64, BLOCK_H=32, HAS_WEIGHT=True, HAS_OUT=False, Q_HEADS=12, BLOCK_Q=16),
+           {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "eps": "fp32"}, 4)
+    yield ("latent_append_stats", "kv64 + d_r 64, a head's statistics (12 of 128) and query RoPE, 4 warps",
            la._latent_append_stats_kernel,
            dict(D_C=64, HALF=32, BLOCK_C=64, BLOCK_H=32, HAS_WEIGHT=True, N_HEADS=12, WIDTH=128, BLOCK_W=128,
-                BLOCK_HEADS=16, GATE=0, RMS=False),
+                BLOCK_HEADS=16, GATE=0, RMS=False, HAS_Q=True),
            {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "eps": "fp32", "ids_ptr": "*i64",
             "part_ptr": "*fp32", "arrivals_ptr": "*i32", "stats_ptr": "*fp32", "stats_eps": "fp32"}, 4)
     yield ("token_groups", f"append one, blocks of {tg.BLOCK_IDS} ids, 4 warps", tg._append_one_kernel,

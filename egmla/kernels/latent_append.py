@@ -10,6 +10,9 @@ EG-MLA's one-token steps also need each new position's norm statistics (mu, rho)
 two more launches per layer (a pass per head, then a merge across heads). With `stats` the same launch computes
 them: one program per sequence and head, each head's share stored, and the sequence's last head to arrive (an atomic
 counter per sequence, which it sets back to 0) merges the shares and writes the cache's row.
+
+Where the query comes out of the same GEMM as the latent (the merged input product of a decode step), the query's
+RoPE slice is rotated by this launch too (`q_rope`), one launch fewer per layer again.
 """
 from __future__ import annotations
 
@@ -42,21 +45,43 @@ def _write_row(proj, normed, cos_row, sin_row, latent_row, k_rope_row, out_row, 
         tl.store(out_row + offs_c, normed.to(out_row.dtype.element_ty), mask=c_mask)
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < HALF
-    x1 = tl.load(proj + D_C + offs_h, mask=h_mask, other=0.0).to(tl.float32)
-    x2 = tl.load(proj + D_C + HALF + offs_h, mask=h_mask, other=0.0).to(tl.float32)
     cos = tl.load(cos_row + offs_h, mask=h_mask, other=0.0)
     sin = tl.load(sin_row + offs_h, mask=h_mask, other=0.0)
-    dtype = k_rope_row.dtype.element_ty
-    tl.store(k_rope_row + offs_h, (x1 * cos - x2 * sin).to(dtype), mask=h_mask)
-    tl.store(k_rope_row + HALF + offs_h, (x2 * cos + x1 * sin).to(dtype), mask=h_mask)
+    _rotate(proj + D_C + offs_h, k_rope_row + offs_h, h_mask, cos, sin, HALF)
 
 
 @triton.jit
-def _latent_append_kernel(proj_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, latent_ptr, k_rope_ptr, out_ptr, seq, eps,
+def _rotate(src, dst, mask, cos, sin, HALF: tl.constexpr):
+    """RoPE's half-split rotation of the pairs at src (x1) and src + HALF (x2) into dst (may be src: both halves are
+    read before either is written); cos / sin broadcast against the offsets."""
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    dtype = dst.dtype.element_ty
+    tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotate_query(q_row, stride_qh, cos_row, sin_row, head0, HEADS: tl.constexpr, N_HEADS: tl.constexpr,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The query's RoPE slice of heads head0 .. head0 + HEADS - 1 of one position, rotated in place."""
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = head0 + tl.arange(0, HEADS)
+    mask = (heads < N_HEADS)[:, None] & (offs_h < HALF)[None, :]
+    cos = tl.load(cos_row + offs_h, mask=offs_h < HALF, other=0.0)[None, :]
+    sin = tl.load(sin_row + offs_h, mask=offs_h < HALF, other=0.0)[None, :]
+    at = q_row + heads.to(tl.int64)[:, None] * stride_qh + offs_h[None, :]
+    _rotate(at, at, mask, cos, sin, HALF)
+
+
+@triton.jit
+def _latent_append_kernel(proj_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, latent_ptr, k_rope_ptr, out_ptr, q_ptr, seq, eps,
                           stride_pb, stride_ps, stride_cb, stride_cs, stride_qb, stride_qs,
                           stride_lb, stride_lt, stride_kb, stride_kt, stride_ob, stride_os,
+                          stride_rb, stride_rs, stride_rh,
                           D_C: tl.constexpr, HALF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                          HAS_WEIGHT: tl.constexpr, HAS_OUT: tl.constexpr):
+                          HAS_WEIGHT: tl.constexpr, HAS_OUT: tl.constexpr, Q_HEADS: tl.constexpr,
+                          BLOCK_Q: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     batch, s = row // seq, row % seq
     position = tl.load(pos_ptr + batch * stride_qb + s * stride_qs).to(tl.int64)
@@ -66,17 +91,20 @@ def _latent_append_kernel(proj_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, latent_ptr
     _write_row(proj, normed, cos_ptr + batch * stride_cb + s * stride_cs, sin_ptr + batch * stride_cb + s * stride_cs,
                latent_ptr + batch * stride_lb + position * stride_lt, k_rope_ptr + batch * stride_kb + position * stride_kt,
                out_ptr + batch * stride_ob + s * stride_os, offs_c, offs_c < D_C, D_C, HALF, BLOCK_H, HAS_OUT)
+    if Q_HEADS > 0:  # the query's RoPE slice too, every head of the position (one launch fewer per layer)
+        _rotate_query(q_ptr + batch * stride_rb + s * stride_rs, stride_rh, cos_ptr + batch * stride_cb + s * stride_cs,
+                      sin_ptr + batch * stride_cb + s * stride_cs, 0, BLOCK_Q, Q_HEADS, HALF, BLOCK_H)
 
 
 @triton.jit
-def _latent_append_stats_kernel(proj_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, latent_ptr, k_rope_ptr, eps,
+def _latent_append_stats_kernel(proj_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, latent_ptr, k_rope_ptr, q_ptr, eps,
                                 ids_ptr, gate_ptr, wkv_b_ptr, part_ptr, arrivals_ptr, stats_ptr, stats_eps,
                                 stride_pb, stride_cb, stride_qb, stride_lb, stride_lt, stride_kb, stride_kt,
-                                stride_ib, stride_g, stride_w, stride_sb, stride_st,
+                                stride_rb, stride_rh, stride_ib, stride_g, stride_w, stride_sb, stride_st,
                                 D_C: tl.constexpr, HALF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
                                 HAS_WEIGHT: tl.constexpr, N_HEADS: tl.constexpr, WIDTH: tl.constexpr,
                                 BLOCK_W: tl.constexpr, BLOCK_HEADS: tl.constexpr, GATE: tl.constexpr,
-                                RMS: tl.constexpr):
+                                RMS: tl.constexpr, HAS_Q: tl.constexpr):
     """One new position per sequence x one head. Every program norms the latent; head 0 writes it and the RoPE key
     into the cache. Each head's share of x = (W_UKV c) ⊙ g (GATE 0; 1: + g; 2: no gate, the table controls) over its
     WIDTH columns, (mean, M2) (RMS: (0, sum of squares)), goes to part [batch, heads, 2]; the sequence's last head
@@ -94,6 +122,9 @@ def _latent_append_stats_kernel(proj_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, late
                    k_rope_ptr + batch * stride_kb + position * stride_kt, latent_row, offs_c, c_mask, D_C, HALF,
                    BLOCK_H, False)
     c = c.to(latent_ptr.dtype.element_ty).to(tl.float32)  # as the cache holds it, which the decode kernels read
+    if HAS_Q:  # the query's RoPE slice of this head (one launch fewer per layer)
+        _rotate_query(q_ptr + batch * stride_rb, stride_rh, cos_ptr + batch * stride_cb, sin_ptr + batch * stride_cb,
+                      head, 1, N_HEADS, HALF, BLOCK_H)
     offs_w = tl.arange(0, BLOCK_W)
     w_ok = offs_w < WIDTH
     cols = head * WIDTH + offs_w
@@ -152,14 +183,17 @@ class AppendedStats:
 
 def latent_append(projected: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
                   sin: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-                  keep_latent: bool = False, stats: AppendedStats | None = None) -> torch.Tensor | None:
+                  keep_latent: bool = False, stats: AppendedStats | None = None,
+                  q_rope: torch.Tensor | None = None) -> torch.Tensor | None:
     """`latent_append_ref`: projected [batch, seq, d_c + d_r] (any strides, contiguous last dim), weight [d_c] or
     None, cos / sin [batch, seq, d_r / 2] fp32 (one set of strides, contiguous last dim), positions [batch, seq]
     integer and inside the buffers (the model clamps or checks them), latent [batch, T, d_c] and k_rope [batch, T,
     d_r] (the cache's buffers, contiguous last dim). keep_latent: also return the new latents [batch, seq, d_c] in
     the cache's dtype, written by the same launch. stats (seq 1, without keep_latent): also EG-MLA's norm
     statistics of the new positions, in the same launch (one program per sequence and head), where a decode step
-    otherwise takes two more (`layernorm_stats_triton`: a pass per head, then a merge)."""
+    otherwise takes two more (`layernorm_stats_triton`: a pass per head, then a merge). q_rope [batch, seq, heads,
+    d_r] (a view with a contiguous last dim: the query's RoPE slice): rotated in place by the same launch, where the
+    query's own RoPE launch ran otherwise."""
     batch, seq, width = projected.shape
     d_c, d_r = latent.shape[-1], k_rope.shape[-1]
     if width != d_c + d_r or d_r % 2 or projected.stride(-1) != 1:
@@ -178,24 +212,30 @@ def latent_append(projected: torch.Tensor, weight: torch.Tensor | None, eps: flo
     if tuple(positions.shape) != (batch, seq) or positions.dtype.is_floating_point:
         raise ValueError(f"latent_append: positions {tuple(positions.shape)} {positions.dtype}: expected integer "
                          f"[{batch}, {seq}]")
+    if q_rope is not None and (q_rope.dim() != 4 or tuple(q_rope.shape[:2]) != (batch, seq)
+                               or q_rope.shape[3] != d_r or q_rope.stride(-1) != 1):
+        raise ValueError(f"latent_append: q_rope {tuple(q_rope.shape)} must be [{batch}, {seq}, heads, d_r={d_r}] with a "
+                         f"contiguous last dim")
     if stats is not None:
-        _append_with_stats(projected, weight, eps, cos, sin, positions, latent, k_rope, keep_latent, stats)
+        _append_with_stats(projected, weight, eps, cos, sin, positions, latent, k_rope, keep_latent, stats, q_rope)
         return None
     out = latent.new_empty(batch, seq, d_c) if keep_latent else None
     written = out if keep_latent else latent  # (not written without keep_latent: any pointer will do)
+    query = q_rope if q_rope is not None else k_rope.unsqueeze(2)  # (not read without q_rope)
     if batch * seq:
         _latent_append_kernel[(batch * seq,)](
             projected, weight if weight is not None else projected, cos, sin, positions, latent, k_rope, written,
-            seq, eps, projected.stride(0), projected.stride(1), cos.stride(0), cos.stride(1), positions.stride(0),
-            positions.stride(1), latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
-            written.stride(0), written.stride(1),
+            query, seq, eps, projected.stride(0), projected.stride(1), cos.stride(0), cos.stride(1),
+            positions.stride(0), positions.stride(1), latent.stride(0), latent.stride(1), k_rope.stride(0),
+            k_rope.stride(1), written.stride(0), written.stride(1), query.stride(0), query.stride(1), query.stride(2),
             D_C=d_c, HALF=d_r // 2, BLOCK_C=block(d_c), BLOCK_H=block(d_r // 2), HAS_WEIGHT=weight is not None,
-            HAS_OUT=keep_latent, num_warps=1 if d_c <= 256 else 4)
+            HAS_OUT=keep_latent, Q_HEADS=0 if q_rope is None else q_rope.shape[2],
+            BLOCK_Q=1 if q_rope is None else block(q_rope.shape[2]), num_warps=1 if d_c <= 256 and q_rope is None else 4)
     return out
 
 
 def _append_with_stats(projected, weight, eps, cos, sin, positions, latent, k_rope, keep_latent,
-                       stats: AppendedStats) -> None:
+                       stats: AppendedStats, q_rope: torch.Tensor | None) -> None:
     from egmla.kernels.egmla_decode import GATE_CODES, _check_egmla_inputs
 
     batch, seq, _ = projected.shape
@@ -216,18 +256,22 @@ def _append_with_stats(projected, weight, eps, cos, sin, positions, latent, k_ro
         (tuple(stats.arrivals.shape) != (batch,) or stats.arrivals.dtype != torch.int32
          or stats.arrivals.stride(0) != 1,
          f"arrivals {tuple(stats.arrivals.shape)} {stats.arrivals.dtype}: expected contiguous int32 [{batch}] zeros"),
+        (q_rope is not None and q_rope.shape[2] != stats.n_heads,
+         f"q_rope {tuple(q_rope.shape) if q_rope is not None else ()}: expected {stats.n_heads} heads"),
     ) if bad]
     if problems:
         raise ValueError("latent_append(stats=...): " + "; ".join(problems))
     if batch == 0:
         return
     part = torch.empty(batch, stats.n_heads, 2, dtype=torch.float32, device=latent.device)
+    query = q_rope[:, 0] if q_rope is not None else k_rope.unsqueeze(1)  # (not read without q_rope)
     _latent_append_stats_kernel[(batch, stats.n_heads)](
-        projected, weight if weight is not None else projected, cos, sin, positions, latent, k_rope, eps,
+        projected, weight if weight is not None else projected, cos, sin, positions, latent, k_rope, query, eps,
         stats.token_ids, stats.gate_table, stats.wkv_b, part, stats.arrivals, stats.out, stats.eps,
         projected.stride(0), cos.stride(0), positions.stride(0), latent.stride(0), latent.stride(1),
-        k_rope.stride(0), k_rope.stride(1), stats.token_ids.stride(0), stats.gate_table.stride(0),
+        k_rope.stride(0), k_rope.stride(1), query.stride(0), query.stride(1), stats.token_ids.stride(0),
+        stats.gate_table.stride(0),
         stats.wkv_b.stride(0), stats.out.stride(0), stats.out.stride(1),
         D_C=d_c, HALF=d_r // 2, BLOCK_C=block(d_c), BLOCK_H=block(d_r // 2), HAS_WEIGHT=weight is not None,
         N_HEADS=stats.n_heads, WIDTH=width, BLOCK_W=block(width), BLOCK_HEADS=block(stats.n_heads),
-        GATE=GATE_CODES[stats.gate_op], RMS=stats.norm == "rmsnorm", num_warps=4)
+        GATE=GATE_CODES[stats.gate_op], RMS=stats.norm == "rmsnorm", HAS_Q=q_rope is not None, num_warps=4)

@@ -113,6 +113,33 @@ def test_append_with_statistics_matches_the_reference(dtype, tol, gate_op, norm,
             assert (got[:, 0] == 0).all()
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("seq,with_stats", [(1, False), (3, False), (1, True)])
+def test_the_query_rotates_in_the_same_launch(dtype, tol, seq, with_stats):
+    """q_rope, the RoPE slice of each head's query inside a wider product (as the merged input GEMM lays it out), is
+    rotated in place by either append kernel as `rope_ref` rotates it; the rest of the product is left as it was."""
+    from egmla.kernels.latent_append import latent_append
+    from egmla.kernels.rope_ref import rope_ref
+
+    device = kernel_device()
+    if dtype == torch.float16 and device == "cuda":
+        dtype = torch.bfloat16
+    batch, heads, d_c, d_r, max_len = 2, 5, 16, 8, 12
+    projected, weight, cos, sin, positions = inputs(batch, seq, d_c, d_r, max_len, dtype, device)
+    product = torch.randn(batch, seq, d_c + d_r + heads * (6 + d_r), device=device).to(dtype)  # [kv part ; query]
+    query = product[..., d_c + d_r:].unflatten(-1, (heads, 6 + d_r))
+    q_rope = query[..., 6:]
+    before = product.clone()
+    want = rope_ref(q_rope, cos, sin)
+    stats = stats_inputs(batch, heads, 7, d_c, 20, max_len, dtype, device, "mul", "layernorm") if with_stats else None
+    latent, k_rope = poisoned((batch, max_len, d_c), dtype, device), poisoned((batch, max_len, d_r), dtype, device)
+    latent_append(projected, weight, 1e-6, cos, sin, positions, latent, k_rope, stats=stats, q_rope=q_rope)
+    assert rel_err(q_rope, want) < tol and not q_rope.isnan().any()
+    untouched = torch.ones_like(product, dtype=torch.bool)
+    untouched[..., d_c + d_r:].unflatten(-1, (heads, 6 + d_r))[..., 6:] = False
+    assert torch.equal(product[untouched], before[untouched]), "wrote outside the query's RoPE slice"
+
+
 def test_append_with_statistics_names_bad_inputs():
     from egmla.kernels.latent_append import latent_append
 
@@ -131,6 +158,11 @@ def test_append_with_statistics_names_bad_inputs():
     with pytest.raises(ValueError, match="out"):
         latent_append(projected, weight, 1e-6, cos, sin, positions, latent, k_rope,
                       stats=dataclasses.replace(stats, out=torch.zeros(2, 5, 2)))
+    with pytest.raises(ValueError, match="q_rope"):
+        latent_append(projected, weight, 1e-6, cos, sin, positions, latent, k_rope, q_rope=torch.zeros(2, 1, 3, 6))
+    with pytest.raises(ValueError, match="2 heads"):
+        latent_append(projected, weight, 1e-6, cos, sin, positions, latent, k_rope, stats=stats,
+                      q_rope=torch.zeros(2, 1, 3, 4))
 
 
 @pytest.mark.parametrize("path,extra", [("kernel", {}), ("grouped", {}), ("absorbed", {"gate_op": "bias-v"}),
@@ -166,6 +198,7 @@ def test_one_token_steps_append_their_statistics_in_the_same_launch(monkeypatch,
 
 
 @pytest.mark.parametrize("attention,path,extra,fused", [("mla", "absorbed", {}, True),
+                                                         ("mla", "kernel", {"kv_lora_rank": 6}, True),  # folds
                                                          ("eg-mla", "kernel", {}, True),
                                                          ("eg-mla", "grouped", {}, True),
                                                          ("eg-mla", "absorbed", {"gate_op": "bias-v"}, True),
@@ -173,17 +206,18 @@ def test_one_token_steps_append_their_statistics_in_the_same_launch(monkeypatch,
 def test_the_model_decodes_through_it_as_the_full_forward(monkeypatch, attention, path, extra, fused):
     """The model's cached steps with the one-launch append (on the CPU made to run in the interpreter, as it runs on a
     GPU without gradients; fp32 on either) give the full forward's logits; MLA and EG-MLA with the gate on the
-    rebuilt K/V take it (EG-MLA's norm statistics from the latents it returns), EG-MLA with the gate on the latent
-    does not."""
+    rebuilt K/V take it (EG-MLA's norm statistics from the latents it returns), with the query's RoPE rotated by it
+    (no other rotation in a step), EG-MLA with the gate on the latent does not."""
     import egmla.attention.mla as mla
     import egmla.kernels.latent_append as kernel
     from egmla.model import Transformer
     from tests.conftest import small_config
 
     device = kernel_device()
-    calls = []
-    original = kernel.latent_append
+    calls, rotations = [], []
+    original, original_rope = kernel.latent_append, mla.apply_rope
     monkeypatch.setattr(kernel, "latent_append", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(mla, "apply_rope", lambda *a, **k: rotations.append(1) or original_rope(*a, **k))
     monkeypatch.setattr(mla, "no_grad_kernel_can_run", lambda x: not torch.is_grad_enabled())
     config = small_config(attention=attention, **extra)
     model = Transformer(config).to(device).eval()
@@ -194,8 +228,10 @@ def test_the_model_decodes_through_it_as_the_full_forward(monkeypatch, attention
         cache = model.new_cache(2)
         model(tokens[:, :6], cache)  # a fresh prompt: the causal pass, which also wants the latents themselves
         assert calls == []
+        rotations.clear()
         steps = [model(tokens[:, i: i + 1], cache) for i in range(6, 9)]
     assert len(calls) == (3 * model.config.n_layers if fused else 0)
+    assert bool(rotations) != fused, "the query's RoPE is rotated by the append's launch exactly where it runs"
     assert rel_err(torch.cat(steps, dim=1), full[:, 6:]) < 1e-4
 
 
