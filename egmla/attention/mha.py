@@ -15,8 +15,10 @@ from torch import nn
 
 from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run
+from egmla.attention.precomputed import derived, weights_key
 from egmla.attention.rope import apply_rope
 from egmla.config import ModelConfig
+from egmla.kernels import no_grad_kernel_can_run
 
 
 class GroupedQueryAttention(nn.Module):
@@ -29,6 +31,7 @@ class GroupedQueryAttention(nn.Module):
         self.wv = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
         self.decode_path = "naive"
+        self.merge_products = True  # False: q, k, v as three GEMMs (no weight copy; Transformer.set_merged_products)
 
     @staticmethod
     def decode_paths(config: ModelConfig) -> tuple[str, ...]:
@@ -48,23 +51,53 @@ class GroupedQueryAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = apply_rope(self.wq(x).view(batch, seq, self.n_heads, self.head_dim), ctx.cos, ctx.sin)
-        k = apply_rope(self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim), ctx.cos, ctx.sin)
-        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        if cache is not None:
-            cache.write(ctx.positions, ctx.batch_rows, k=k, v=v)
-        if cache is not None and not ctx.fresh:  # (a fresh prompt attends causally over its own K/V, below)
-            k, v = cache.read("k", ctx.kv_len), cache.read("v", ctx.kv_len)
-            if self.decode_path == "kernel" and decode_kernel_can_run(q, k, ctx, "MHA/GQA"):
-                from egmla.kernels.gqa_decode import gqa_decode
-
-                out = gqa_decode(q[:, 0], k, v, ctx.seen_lengths(), self.head_dim ** -0.5)
-                return self.wo(out.reshape(batch, 1, -1))
-            out = self._cached_attention(q, k, v, ctx.mask)
+        reads_cache = cache is not None and not ctx.fresh  # a decode step (or a prompt's later chunk)
+        if reads_cache and self.appends_in_one_launch(x, ctx):
+            q = self.append_in_one_launch(x, ctx, cache)
         else:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+            q = apply_rope(self.wq(x).view(batch, seq, self.n_heads, self.head_dim), ctx.cos, ctx.sin)
+            k = apply_rope(self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+            v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+            if cache is not None:
+                cache.write(ctx.positions, ctx.batch_rows, k=k, v=v)
+            if not reads_cache:  # training, full forwards, a fresh prompt: causal over its own K/V
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+                return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+        k, v = cache.read("k", ctx.kv_len), cache.read("v", ctx.kv_len)
+        if self.decode_path == "kernel" and decode_kernel_can_run(q, k, ctx, "MHA/GQA"):
+            from egmla.kernels.gqa_decode import gqa_decode
+
+            out = gqa_decode(q[:, 0], k, v, ctx.seen_lengths(), self.head_dim ** -0.5)
+            return self.wo(out.reshape(batch, 1, -1))
+        out = self._cached_attention(q, k, v, ctx.mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    # ---- a cached call without autograd on a GPU: one GEMM for q, k, v and one launch for RoPE and the cache ----
+    def appends_in_one_launch(self, x: torch.Tensor, ctx: AttnContext) -> bool:
+        """A cached call without autograd on a GPU (a decode step): the kernel has no backward, and the launches it
+        replaces (two rotations, two cache writes) bind a CUDA-graph step at small batch."""
+        return no_grad_kernel_can_run(x) and not torch.is_grad_enabled() and ctx.cos.dtype == torch.float32
+
+    def append_in_one_launch(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache) -> torch.Tensor:
+        """The new K/V rotated and written into the cache and q [batch, seq, heads, D] rotated, from [q ; k ; v] as one
+        GEMM (`input_weight`, unless merge_products is off) and one launch (egmla/kernels/kv_append.py)."""
+        from egmla.kernels.kv_append import kv_append
+
+        widths = [self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
+        if self.merge_products:
+            q, k, v = F.linear(x, self.input_weight()).split(widths, dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
+        kv_append(q, k, v, ctx.cos, ctx.sin, ctx.positions, cache.buffers["k"], cache.buffers["v"])
+        return q
+
+    def input_weight(self) -> torch.Tensor:
+        """[wq ; wk ; wv] [(n_heads + 2 n_kv_heads) head_dim, d_model], built once (`derived`) and again when a source
+        weight changes."""
+        return derived(self, "merged_input_weight", weights_key(self.wq.weight, self.wk.weight, self.wv.weight),
+                       lambda: torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]))
 
     def _cached_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           mask: torch.Tensor) -> torch.Tensor:

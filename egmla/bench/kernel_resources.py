@@ -135,6 +135,7 @@ def _step_cases():
     from egmla.kernels import decode_context as dc
     from egmla.kernels import decode_elementwise as e
     from egmla.kernels import egmla_decode as ed
+    from egmla.kernels import kv_append as ka
     from egmla.kernels import latent_append as la
     from egmla.kernels import rope as r
     from egmla.kernels import token_groups as tg
@@ -153,6 +154,9 @@ def _step_cases():
                 BLOCK_HEADS=16, GATE=0, RMS=False, HAS_Q=True),
            {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "eps": "fp32", "ids_ptr": "*i64",
             "part_ptr": "*fp32", "arrivals_ptr": "*i32", "stats_ptr": "*fp32", "stats_eps": "fp32"}, 4)
+    yield ("kv_append", "MHA: 12 query and 12 K/V heads of 64, 4 warps", ka._kv_append_kernel,
+           dict(N_HEADS=12, N_KV=12, D=64, HALF=32, BLOCK_Q=16, BLOCK_KV=16, BLOCK_HALF=32, BLOCK_D=64),
+           {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64"}, 4)
     yield ("token_groups", f"append one, blocks of {tg.BLOCK_IDS} ids, 4 warps", tg._append_one_kernel,
            dict(BLOCK=tg.BLOCK_IDS), {**{name: "*i64" for name in ("ids_ptr", "positions_ptr", "n_new_ptr",
                                                                    "n_distinct_ptr", "lengths_ptr")},
@@ -205,7 +209,7 @@ KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "bias": _bias_cases, "s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="grouped,mla",
                         help=f"comma-separated: {', '.join(KERNELS)} (bias: the table controls' pass, bias_decode.py; "
-                        f"step: the decode step's RoPE, add + RMSNorm, SwiGLU activation, MLA append, context, token-groups append "
+                        f"step: the decode step's RoPE, add + RMSNorm, SwiGLU activation, MLA and MHA appends, context, token-groups append "
                         f"and statistics merge kernels; "
                         f"gluon: studies/grouped_gluon.py, Triton >= 3.6; scratch: studies/grouped_scratch.py)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 = sm_90 (H100, "

@@ -5,9 +5,10 @@
     grouped_decode.py  EG-MLA decode grouped by token id (three launches); studies/ holds three one-launch
                        forms of it, each exact and measured slower (not the model's path)
     bias_decode.py     the bias control's absorbed decode (MLA's, plus per-id terms)
-    rope.py, decode_elementwise.py, latent_append.py
+    rope.py, decode_elementwise.py, latent_append.py, kv_append.py
                        the decode step's small launches fused (RoPE; add + RMSNorm and SwiGLU's activation; MLA's
-                       cache append with its norm and RoPE), used where no gradient is wanted on a GPU
+                       cache append with its norm, RoPE, the query's RoPE and EG-MLA's norm statistics; MHA / GQA's
+                       with both rotations), used where no gradient is wanted on a GPU
     decode_context.py, token_groups.py
                        a CUDA-graph decode step's context (positions, lengths, RoPE angles, token-id write) and its
                        token-groups append, one launch each

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from egmla.kernels import block
+from egmla.kernels.rope import rotate, rotate_heads
 
 
 @triton.jit
@@ -47,31 +48,7 @@ def _write_row(proj, normed, cos_row, sin_row, latent_row, k_rope_row, out_row, 
     h_mask = offs_h < HALF
     cos = tl.load(cos_row + offs_h, mask=h_mask, other=0.0)
     sin = tl.load(sin_row + offs_h, mask=h_mask, other=0.0)
-    _rotate(proj + D_C + offs_h, k_rope_row + offs_h, h_mask, cos, sin, HALF)
-
-
-@triton.jit
-def _rotate(src, dst, mask, cos, sin, HALF: tl.constexpr):
-    """RoPE's half-split rotation of the pairs at src (x1) and src + HALF (x2) into dst (may be src: both halves are
-    read before either is written); cos / sin broadcast against the offsets."""
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    dtype = dst.dtype.element_ty
-    tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
-
-
-@triton.jit
-def _rotate_query(q_row, stride_qh, cos_row, sin_row, head0, HEADS: tl.constexpr, N_HEADS: tl.constexpr,
-                  HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    """The query's RoPE slice of heads head0 .. head0 + HEADS - 1 of one position, rotated in place."""
-    offs_h = tl.arange(0, BLOCK_H)
-    heads = head0 + tl.arange(0, HEADS)
-    mask = (heads < N_HEADS)[:, None] & (offs_h < HALF)[None, :]
-    cos = tl.load(cos_row + offs_h, mask=offs_h < HALF, other=0.0)[None, :]
-    sin = tl.load(sin_row + offs_h, mask=offs_h < HALF, other=0.0)[None, :]
-    at = q_row + heads.to(tl.int64)[:, None] * stride_qh + offs_h[None, :]
-    _rotate(at, at, mask, cos, sin, HALF)
+    rotate(proj + D_C + offs_h, k_rope_row + offs_h, h_mask, cos, sin, HALF)
 
 
 @triton.jit
@@ -92,7 +69,7 @@ def _latent_append_kernel(proj_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, latent_ptr
                latent_ptr + batch * stride_lb + position * stride_lt, k_rope_ptr + batch * stride_kb + position * stride_kt,
                out_ptr + batch * stride_ob + s * stride_os, offs_c, offs_c < D_C, D_C, HALF, BLOCK_H, HAS_OUT)
     if Q_HEADS > 0:  # the query's RoPE slice too, every head of the position (one launch fewer per layer)
-        _rotate_query(q_ptr + batch * stride_rb + s * stride_rs, stride_rh, cos_ptr + batch * stride_cb + s * stride_cs,
+        rotate_heads(q_ptr + batch * stride_rb + s * stride_rs, stride_rh, cos_ptr + batch * stride_cb + s * stride_cs,
                       sin_ptr + batch * stride_cb + s * stride_cs, 0, BLOCK_Q, Q_HEADS, HALF, BLOCK_H)
 
 
@@ -123,7 +100,7 @@ def _latent_append_stats_kernel(proj_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, late
                    BLOCK_H, False)
     c = c.to(latent_ptr.dtype.element_ty).to(tl.float32)  # as the cache holds it, which the decode kernels read
     if HAS_Q:  # the query's RoPE slice of this head (one launch fewer per layer)
-        _rotate_query(q_ptr + batch * stride_rb, stride_rh, cos_ptr + batch * stride_cb, sin_ptr + batch * stride_cb,
+        rotate_heads(q_ptr + batch * stride_rb, stride_rh, cos_ptr + batch * stride_cb, sin_ptr + batch * stride_cb,
                       head, 1, N_HEADS, HALF, BLOCK_H)
     offs_w = tl.arange(0, BLOCK_W)
     w_ok = offs_w < WIDTH

@@ -36,6 +36,32 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, seq, heads, stride_xb
     tl.store(out + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
 
 
+# the rotation as a function the append kernels call (latent_append.py, kv_append.py)
+@triton.jit
+def rotate(src, dst, mask, cos, sin, HALF: tl.constexpr):
+    """RoPE's half-split rotation of the pairs at src (x1) and src + HALF (x2) into dst (may be src: both halves are
+    read before either is written); cos / sin broadcast against the offsets."""
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    dtype = dst.dtype.element_ty
+    tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+
+
+@triton.jit
+def rotate_heads(x_row, stride_h, cos_row, sin_row, head0, HEADS: tl.constexpr, N_HEADS: tl.constexpr,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Heads head0 .. head0 + HEADS - 1 of one position's vectors (x_row + head * stride_h, pairs split in halves),
+    rotated in place: the query's RoPE slice in the append kernels."""
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = head0 + tl.arange(0, HEADS)
+    mask = (heads < N_HEADS)[:, None] & (offs_h < HALF)[None, :]
+    cos = tl.load(cos_row + offs_h, mask=offs_h < HALF, other=0.0)[None, :]
+    sin = tl.load(sin_row + offs_h, mask=offs_h < HALF, other=0.0)[None, :]
+    at = x_row + heads.to(tl.int64)[:, None] * stride_h + offs_h[None, :]
+    rotate(at, at, mask, cos, sin, HALF)
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`rope_ref(x, cos, sin)` for x [batch, seq, heads, D] or [batch, seq, D] (any strides, contiguous last dim)
     and cos, sin [batch, seq, D/2] fp32 (any strides, contiguous last dim); written into `out` (x's shape; x itself

@@ -31,8 +31,9 @@ def test_plan_row_arithmetic():
     config = preset("paper-base", attention="mha")
     row = plan_row(config, context=1000, memory_gb=10, dtype="fp32")
     assert row["cache_bytes_per_token"] == 2 * 12 * 768 * 4
-    # the weights and the copy of SwiGLU's [w1 ; w3] the GPU decode step's merged product reads
-    assert row["derived_weight_bytes"] == 12 * 2 * 2048 * 768 * 4
+    # the weights and the copies of SwiGLU's [w1 ; w3] and attention's [wq ; wk ; wv] the GPU decode step's merged
+    # products read
+    assert row["derived_weight_bytes"] == 12 * (2 * 2048 + 3 * 768) * 768 * 4
     assert row["weight_bytes"] == count_params(config) * 4 + row["derived_weight_bytes"]
     assert row["sequences"] == int((10e9 - row["weight_bytes"]) // (row["cache_bytes_per_token"] * 1000))
     assert plan_row(config, context=1000, memory_gb=0.1)["sequences"] == 0  # weights alone do not fit

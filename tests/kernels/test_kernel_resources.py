@@ -65,12 +65,12 @@ def test_bias_pass_compiles_offline_for_both_tables(tmp_path):
 @pytest.mark.skipif(not _cuobjdump_available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) installed")
 def test_decode_step_kernels_compile_for_the_gpu_without_spills(tmp_path):
     """The decode step's small kernels (RoPE, add + RMSNorm, SwiGLU's activation, MLA's one-launch append and
-    EG-MLA's with its statistics, the step's context, the token-groups append, the statistics merge writing at cache positions) compile
+    EG-MLA's with its statistics, MHA's, the step's context, the token-groups append, the statistics merge writing at cache positions) compile
     for sm_90 here, without a GPU: a GPU-only code path whose kernel would not compile fails on the CPU first."""
     rows, stdout = compile_offline(tmp_path, "step")
     rows = {r["kernel"]: r for r in rows}
-    assert sorted(rows) == ["add_rms_norm", "decode_context", "latent_append", "latent_append_stats", "ln_stats_merge",
-                            "rope", "silu_mul", "token_groups"]
+    assert sorted(rows) == ["add_rms_norm", "decode_context", "kv_append", "latent_append", "latent_append_stats",
+                            "ln_stats_merge", "rope", "silu_mul", "token_groups"]
     assert all(16 <= r["registers"] <= 128 and r["spill_stack_bytes"] == 0 for r in rows.values())
 
 

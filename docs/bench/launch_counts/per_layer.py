@@ -12,8 +12,8 @@ import sys, torch, dataclasses, traceback, collections
 from torch.utils._python_dispatch import TorchDispatchMode
 from egmla.variants import variant_config
 from egmla.model import Transformer
-import egmla.kernels, egmla.model, egmla.attention.mla
-for module in (egmla.kernels, egmla.model, egmla.attention.mla):
+import egmla.kernels, egmla.model, egmla.attention.mla, egmla.attention.mha
+for module in (egmla.kernels, egmla.model, egmla.attention.mla, egmla.attention.mha):
     module.no_grad_kernel_can_run = lambda x: not torch.is_grad_enabled()
 import triton.runtime.interpreter as I
 SKIP = {"view","select","slice","unsqueeze","as_strided","empty","t","transpose","expand","_unsafe_view","permute","squeeze","alias","detach","empty_strided","lift_fresh","_reshape_alias","split","unbind","unflatten","narrow","split_with_sizes","new_empty","_to_copy","clone","empty_like","_local_scalar_dense","is_nonzero","item","sym_size","sym_stride","sym_numel","sym_storage_offset","dim","size","stride"}
