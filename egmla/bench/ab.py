@@ -1,7 +1,8 @@
 """A/B of code versions from `egmla bench generate` result files: the same command run alternately with each
 version, twice or more each, in one session on one GPU, every file named LABEL=JSON. The table gives each label's
 step medians run by run, their median, and each label's median over the first label's, per (variant, decode path,
-batch): whether a change moved the step beyond the run-to-run spread.
+batch): whether a change moved the step beyond the run-to-run spread. Runs made with `--profile` add each label's
+kernel time and launches per step and the kernels whose time moved most: what the change is made of.
 
 `egmla bench ab` (egmla/bench/ab_run.py) makes such runs and this table in one command. By hand, run each version
 from its own tree's root, `(cd OLD_TREE && python3 -m egmla bench generate ...)`: `python -m`
@@ -101,4 +102,46 @@ def ab_table(runs: dict[str, list[dict]]) -> str:
         ratios = [f"{medians[label] / medians[labels[0]]:.3f}" if label in medians and labels[0] in medians else "-"
                   for label in labels[1:]]
         lines.append(f"| {variant} | {path} | {batch} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _profile_lines(runs)) + "\n"
+
+
+def _profile_lines(runs: dict[str, list[dict]], most: int = 4) -> list[str]:
+    """Where the runs profiled their step (`--profile`): each label's kernel time and launches per step (medians over
+    its runs), and the kernels whose time moved most from the first label to the last: what a step's change is made
+    of, read on the device that ran it. Nothing without profiles."""
+    labels = list(runs)
+    profiles: dict[tuple, dict[str, list[dict]]] = {}
+    for label, metas in runs.items():
+        for meta in metas:
+            for row in meta["rows"]:
+                if "profile_kernels" in row:
+                    profiles.setdefault((row["variant"], row["decode_path"], row["batch"]), {}).setdefault(
+                        label, []).append(row)
+    if not profiles:
+        return []
+    first, last = labels[0], labels[-1]
+    lines = ["", f"Profiled steps (eager, torch.profiler; medians over each label's runs): kernel ms and launches per "
+                 f"step, and the {most} kernels whose ms per step moved most from `{first}` to `{last}`.", "",
+             "| variant | path | batch | " + " | ".join(f"{label} kernel ms / launches" for label in labels)
+             + f" | moved most ({first} → {last}, ms per step) |",
+             "|---|---|---:|" + "---|" * len(labels) + "---|"]
+    for (variant, path, batch), by_label in sorted(profiles.items()):
+        cells = [f"{statistics.median(r['profile_kernel_ms_per_step'] for r in by_label[label]):.3f} / "
+                 f"{statistics.median(r['profile_kernels_per_step'] for r in by_label[label]):.0f}"
+                 if label in by_label else "-" for label in labels]
+        moved = ""
+        if first in by_label and last in by_label:
+            times = {label: _kernel_ms(by_label[label]) for label in (first, last)}
+            names = sorted(set(times[first]) | set(times[last]),
+                           key=lambda n: -abs(times[last].get(n, 0.0) - times[first].get(n, 0.0)))
+            moved = ", ".join(f"`{n[:40]}` {times[first].get(n, 0.0):.3f} → {times[last].get(n, 0.0):.3f}"
+                              for n in names[:most])
+        lines.append(f"| {variant} | {path} | {batch} | " + " | ".join(cells) + f" | {moved} |")
+    return lines
+
+
+def _kernel_ms(rows: list[dict]) -> dict[str, float]:
+    """{kernel name: median ms per step over the runs} (0 in a run that did not launch it)."""
+    names = {name for row in rows for name, _, _ in row["profile_kernels"]}
+    per_run = [{name: ms for name, ms, _ in row["profile_kernels"]} for row in rows]
+    return {name: statistics.median(run.get(name, 0.0) for run in per_run) for name in names}

@@ -123,6 +123,35 @@ def test_ab_report_gives_each_labels_runs_median_and_ratio(tmp_path):
             in (tmp_path / "ab.md").read_text())
 
 
+def test_ab_table_says_which_kernels_moved_where_the_runs_profiled(tmp_path):
+    """Runs made with `--profile`: a second table with each label's kernel ms and launches per step (medians) and the
+    kernels whose time moved most from the first label to the last, a kernel one version does not launch at 0."""
+    from egmla.bench.ab import ab_table, parse_labelled
+
+    def run_file(name: str, code: str, kernels: list) -> str:
+        row = {"model": "egmla", "variant": "MLA kv64", "decode_path": "kernel", "batch": 1, "step_ms_median": 1.0,
+               "profile_kernel_ms_per_step": sum(k[1] for k in kernels),
+               "profile_kernels_per_step": sum(k[2] for k in kernels), "profile_kernels": kernels}
+        meta = {"device": "NVIDIA H200", "dtype": "torch.bfloat16", "source": "preset paper-base", "prompt_len": 2048,
+                "new_tokens": 16, "rows": [row], "code": {"package": "/x", "source_sha256": code, "env": {}}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(meta))
+        return str(path)
+
+    old = [("_rope_kernel", 0.030, 12), ("_mla_decode_kernel", 0.100, 12), ("gemm", 0.200, 48)]
+    new = [("_mla_decode_kernel", 0.101, 12), ("gemm", 0.190, 48)]
+    table = ab_table(parse_labelled([f"old={run_file('o1', 'a' * 64, old)}", f"new={run_file('n1', 'b' * 64, new)}",
+                                     f"old={run_file('o2', 'a' * 64, old)}"]))
+    row = [line for line in table.splitlines() if line.startswith("| MLA kv64 | kernel | 1 | 0.330")]
+    assert row == ["| MLA kv64 | kernel | 1 | 0.330 / 72 | 0.291 / 60 | `_rope_kernel` 0.030 → 0.000, `gemm` 0.200 → "
+                   "0.190, `_mla_decode_kernel` 0.100 → 0.101 |"]
+    plain = ab_table(parse_labelled([f"old={run_file('o3', 'a' * 64, old)}"]).copy()
+                     | {"new": [{**json.loads(Path(run_file('n3', 'b' * 64, new)).read_text()), "rows": [
+                         {"model": "egmla", "variant": "MLA kv64", "decode_path": "kernel", "batch": 1,
+                          "step_ms_median": 1.0}]}]})
+    assert "Profiled steps" in plain and "| MLA kv64 | kernel | 1 | 0.330 / 72 | - |  |" in plain
+
+
 def test_code_identity_names_the_tree_python_m_imports_from_its_directory(tmp_path):
     """What broke three A/Bs: run from a tree's root, Python imports that tree's egmla even with another tree first
     on PYTHONPATH. code_identity says which package ran and hashes its sources, so a copy hashes the same and an
