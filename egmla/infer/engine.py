@@ -166,16 +166,22 @@ class GenerationEngine:
     merged_products: on a GPU, run each layer's K/V-latent and query input products as one GEMM and SwiGLU's gate
         and up as one (0.82-0.97x the step on an H200, docs/bench/ab_h200_merged_products/) over concatenated
         copies of those weights (~106 MB for MLA kv64 at paper-base in bf16; `egmla plan` counts them); False keeps
-        the separate products and no copies (`Transformer.set_merged_products`)."""
+        the separate products and no copies (`Transformer.set_merged_products`).
+    overlap_host: queue each decode step before reading back the tokens it takes (they are already on the device),
+        so that streaming, detokenizing and the stop checks of a step run on the host while the GPU runs the next,
+        instead of the GPU waiting for them; the same tokens. A sequence that ends on an eos or a stop string has
+        then appended one token more to its own cache row, never read (one wasted step where every sequence ends
+        that way at once); a sequence ending by length never does. False: read, then queue (the old order)."""
 
     def __init__(self, model, tokenizer=None, decode_path: str | None = "auto", cache_dtype=None,
                  offload_gate_tables: bool = False, prefill_token_budget: int = 32768,
                  cuda_graphs: bool | None = None, batch_buckets: Sequence[int] | None = None,
-                 reuse_longer_cache: bool = True, share_cache_across_paths: bool = True, merged_products: bool = True):
+                 reuse_longer_cache: bool = True, share_cache_across_paths: bool = True, merged_products: bool = True,
+                 overlap_host: bool = True):
         if prefill_token_budget < 1:
             raise ValueError(f"prefill_token_budget={prefill_token_budget}: must be >= 1")
         self.prefill_token_budget, self.reuse_longer_cache = prefill_token_budget, reuse_longer_cache
-        self.share_cache_across_paths = share_cache_across_paths
+        self.share_cache_across_paths, self.overlap_host = share_cache_across_paths, overlap_host
         self.model, self.tokenizer = model.eval(), tokenizer
         model.set_merged_products(merged_products)  # False: no weight copies, 3-18% slower steps on a GPU
         self.config = model.config
@@ -277,7 +283,17 @@ class GenerationEngine:
         prefill_done = previous = step = step_appending = None
         while True:
             next_ids = select_next(last_logits[: len(rows)], sampling, generator)
-            host_ids = next_ids.tolist()  # the step's one host sync
+            # Run the next step ahead of reading its tokens back where it can be (`overlap_host`): the host then
+            # streams, detokenizes and checks stops while the GPU runs it, instead of the GPU waiting on the host.
+            ahead = self._ahead_appending(step, rows, sequences, max_new_tokens, cache_len)
+            read_ids = _tokens_to_host(next_ids)  # the copy back is queued before the step, so it does not wait for it
+            if ahead is not None:
+                step.tokens[: len(rows), 0].copy_(next_ids)
+                if ahead != step_appending:
+                    step.n_new.copy_(torch.tensor(ahead))
+                    step_appending = ahead
+                last_logits = step.run()
+            host_ids = read_ids()  # the step's one host sync
             now = time.perf_counter()
             if prefill_done is None:
                 prefill_done = now
@@ -299,7 +315,11 @@ class GenerationEngine:
                 moved = torch.tensor(live, device=device)  # the live rows to the front of the cache
                 cache.rows(0, len(rows)).compact(moved)
                 next_ids, rows = next_ids[moved], [rows[row] for row in live]
+                if ahead is not None:  # the step ran in the old bucket: its live rows' logits, moved likewise
+                    last_logits = last_logits[moved]
                 step = None
+            if ahead is not None:
+                continue  # its step ran already (a row that finished there appended a token nobody reads)
             if step is None or step.batch != bucket_for(len(rows), self.batch_buckets):
                 step = self._step(cache, bucket_for(len(rows), self.batch_buckets), max_new_tokens)
                 step_appending = None
@@ -316,6 +336,27 @@ class GenerationEngine:
             prefill_seconds=prefill_done - start, decode_seconds=previous - prefill_done,
             step_seconds=step_seconds, cache_bytes=cache.nbytes(), cuda_graphs=self.cuda_graphs,
             decode_path=self.decode_path)
+
+    def _ahead_appending(self, step: DecodeStep | None, rows: list, sequences: list[_Sequence], max_new_tokens: int,
+                         cache_len: int) -> list[int] | None:
+        """The rows' n_new for running `step` before its input tokens are read back, or None where it must wait for
+        them: overlap off, no step yet (the first after the prompts, or a new bucket's), no row that would append,
+        or rows ending by length that let the rest move to a smaller bucket first. A row that the token being read
+        ends by length appends nothing (it may be at the cache's end); one that it ends by eos or a stop string
+        appends once more, into its own row, which is never read again."""
+        if not self.overlap_host or step is None:
+            return None
+        appending = [0] * step.batch
+        for row, index in enumerate(rows):
+            if index is not None:
+                result = sequences[index].result
+                length_ends = (len(result.token_ids) + 1 >= max_new_tokens
+                               or len(result.prompt_ids) + len(result.token_ids) >= cache_len)
+                appending[row] = int(not length_ends)
+        continuing = sum(appending)
+        if not continuing or bucket_for(continuing, self.batch_buckets) < bucket_for(len(rows), self.batch_buckets):
+            return None
+        return appending
 
     def _choose_path(self, batch: int, cache_len: int) -> None:
         """decode_path="auto": the fastest path for this call's batch and cache length, unless that is 'grouped' and
@@ -484,6 +525,24 @@ def _inputs_unchecked(model):
         yield
     finally:
         model.check_inputs = saved
+
+
+def _tokens_to_host(ids: torch.Tensor) -> Callable[[], list[int]]:
+    """A function returning ids as a list: on CUDA, from a copy into pinned memory queued now and waited for when it
+    is called (work queued in between does not delay it); elsewhere, read now."""
+    if not ids.is_cuda:
+        values = ids.tolist()
+        return lambda: values
+    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    host.copy_(ids, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> list[int]:
+        copied.synchronize()
+        return host.tolist()
+
+    return read
 
 
 def _synchronize(device: torch.device) -> None:

@@ -307,3 +307,52 @@ def test_auto_takes_the_kernel_where_the_grouped_step_would_not_fit(monkeypatch)
         assert engine.last_stats.decode_path == path
         assert any("do not fit the free device memory" in str(w.message) for w in caught) == (path == "kernel")
     assert results["grouped"] == results["kernel"]
+
+
+@pytest.mark.parametrize("variant,path", [("mla", "absorbed"), ("eg-mla", "grouped"), ("mha", "naive")])
+def test_steps_run_ahead_of_the_host_with_the_same_tokens(monkeypatch, variant, path):
+    """overlap_host (the default) queues each decode step before reading back the tokens it takes: the same tokens,
+    finish reasons and streamed events as reading first, for sequences ending by eos mid-way (their rows compacted
+    into a smaller bucket), by length, by the context's end, and with seeded sampling. A step runs only where a row
+    still appends: an eos ending every sequence at once costs one step that reading first does not run; ends by
+    length cost none."""
+    from egmla.infer.decode_step import DecodeStep
+
+    runs = []
+    original = DecodeStep.run
+    monkeypatch.setattr(DecodeStep, "run", lambda self: runs.append(self.batch) or original(self))
+    model = tiny_model(variant, seed=1)
+    free = GenerationEngine(model, decode_path=path).generate(PROMPTS, max_new_tokens=10)
+    eos = free[0].token_ids[3]
+    context = model.config.max_seq_len
+    # an eos one sequence reaches after two decode steps and no other does: the bucket shrinks after a step run ahead
+    late = next(t for i, r in enumerate(free) for j, t in enumerate(r.token_ids) if j >= 2 and t not in r.token_ids[:j]
+                and all(t not in other.token_ids for k, other in enumerate(free) if k != i))
+    calls = [dict(prompts=PROMPTS, max_new_tokens=10, eos_token_id=eos),
+             dict(prompts=PROMPTS, max_new_tokens=10, eos_token_id=late),
+             dict(prompts=PROMPTS, max_new_tokens=10),
+             dict(prompts=[list(range(1, context - 2)), [1, 2]], max_new_tokens=8),  # one ends at the context
+             dict(prompts=PROMPTS, max_new_tokens=9, sampling=SamplingParams(temperature=1.3, top_k=50, seed=3))]
+    for call in calls:
+        outcome = {}
+        for overlap in (False, True):
+            events = []
+            runs.clear()
+            engine = GenerationEngine(model, decode_path=path, batch_buckets=(1, 2, 3, 8), overlap_host=overlap)
+            results = engine.generate(call["prompts"], call["max_new_tokens"], call.get("sampling", SamplingParams()),
+                                      call.get("eos_token_id"), on_token=events.append)
+            outcome[overlap] = ([(r.token_ids, r.finish_reason) for r in results], events, list(runs))
+        assert outcome[True][:2] == outcome[False][:2], call
+        if "eos_token_id" not in call:  # every sequence ends by length: the same steps, in the same buckets
+            assert outcome[True][2] == outcome[False][2], call
+    # an eos that both copies of one prompt reach at once, after at least one decode step
+    prompt, everyone = next((PROMPTS[i], t) for i, r in enumerate(free) for j, t in enumerate(r.token_ids)
+                            if j >= 1 and t not in r.token_ids[:j])
+    counts = {}
+    for overlap in (False, True):
+        runs.clear()
+        engine = GenerationEngine(model, decode_path=path, overlap_host=overlap)
+        results = engine.generate([prompt] * 2, max_new_tokens=10, eos_token_id=everyone)
+        assert [r.finish_reason for r in results] == ["eos", "eos"]
+        counts[overlap] = len(runs)
+    assert counts[True] == counts[False] + 1
