@@ -97,3 +97,21 @@ def test_shorter_calls_replay_the_kept_cache_and_graphs(variant):
     for prompts, got in zip(calls, results):
         fresh = GenerationEngine(model).generate(prompts, max_new_tokens=5)
         assert [r.token_ids for r in got] == [r.token_ids for r in fresh]
+
+
+@pytest.mark.parametrize("variant,path", [("mla", "kernel"), ("eg-mla", "grouped"), ("mha", "kernel")])
+def test_steps_queued_ahead_of_the_host_give_the_same_tokens(variant, path):
+    """On the GPU the engine queues each graph replay before the tokens it takes come back through pinned memory
+    (overlap_host): the same tokens, finish reasons and streamed events as reading them first, through an eos
+    mid-way, compaction into smaller buckets and the context's end."""
+    model = tiny_model(variant, seed=1).cuda()
+    first = GenerationEngine(model, decode_path=path, overlap_host=False)
+    eos = first.generate(PROMPTS, max_new_tokens=14)[1].token_ids[3]
+    outcome = {}
+    for overlap in (False, True):
+        events = []
+        engine = GenerationEngine(model, decode_path=path, overlap_host=overlap)
+        results = engine.generate(PROMPTS, max_new_tokens=14, eos_token_id=eos, on_token=events.append)
+        outcome[overlap] = ([(r.token_ids, r.finish_reason) for r in results], events)
+        assert engine.last_stats.cuda_graphs
+    assert outcome[True] == outcome[False]
