@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per configuration (after a warm-up)")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs: run every decode step eagerly")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="the engine reads each step's tokens back before queueing the next step (default: it "
+                             "queues the step first, overlapping the host's per-token work with the device's)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each configuration's decode step (torch.profiler, eager, 3 steps): the "
                              "kernel time per step against the measured step, and the kernels that take most")
@@ -218,6 +221,7 @@ def main(args) -> int:
     rows: list[dict] = []
     meta = {"benchmark": "generate", "source": source, "device": device_name, "dtype": str(dtype),
             "torch": torch.__version__, "prompt_len": prompt_len, "new_tokens": args.new_tokens,
+            "overlap_host": not args.no_overlap,
             "repeats": args.repeats, "fill_memory_gb": args.fill_memory, "context": args.context,
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_identity(), "rows": rows}
 
@@ -295,7 +299,7 @@ def _engine(model, config, path: str, args):
 
     offload = args.offload_gate_tables and config.is_gated and path in OFFLOADABLE_PATHS
     return GenerationEngine(model, decode_path=path, offload_gate_tables=offload,
-                            cuda_graphs=False if args.eager else None)
+                            cuda_graphs=False if args.eager else None, overlap_host=not args.no_overlap)
 
 
 def _mla_shape(base):

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eager", action="store_true",
                         help="run every decode step eagerly (default on CUDA: replay each batch size's step from a "
                              "CUDA graph)")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="read each step's tokens back before queueing the next step (default: queue it first, so "
+                             "streaming and stop checks run on the host while the device runs the step; same tokens)")
     parser.add_argument("--offload-gate-tables", action="store_true",
                         help="EG-MLA: keep gate tables in host memory, copy the rows in use to the device")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda if available")
@@ -98,7 +101,8 @@ def main(args) -> int:
     model, meta = load_model(args.run, device=device, dtype=dtype, checkpoint=args.checkpoint)
     tokenizer = load_tokenizer(args.run)
     engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path,
-                              offload_gate_tables=args.offload_gate_tables, cuda_graphs=False if args.eager else None)
+                              offload_gate_tables=args.offload_gate_tables, cuda_graphs=False if args.eager else None,
+                              overlap_host=not args.no_overlap)
     eos = None if args.ignore_eos else find_eos(tokenizer, meta, args.eos_token)
     if args.json:
         on_token = None

@@ -36,6 +36,8 @@ def test_generate_batch_json_and_seeds(capsys, run_dir, tmp_path):
     assert json.loads(generate(capsys, *args, "--json", "--seed", "2")[1]) != results
     code, out, _ = generate(capsys, *args)  # without --json: each sequence printed when it finishes
     assert code == 0 and out.count("--- [") == 3 and "(length)" in out
+    # reading each step's tokens back before queueing the next: the same samples
+    assert json.loads(generate(capsys, *args, "--json", "--seed", "1", "--no-overlap")[1]) == results
 
 
 def test_generate_bad_input_is_one_clear_line(capsys, run_dir, tmp_path, tokenizer):
