@@ -191,7 +191,7 @@ def sweep_mass(batch, length, source, ids, device, d_e=512, configs=None):
     base = {"kernel": "mass_embeddings d_e 512", "batch": batch, "context": length, "ids": source,
             "distinct_ids_mean": float(n_ids.float().mean())}
     rows = []
-    configs = configs or list(itertools.product((32, 64, 128), (16, 32, 64), (2, 4), (2, 3)))
+    configs = configs or list(itertools.product((16, 32, 64, 128), (16, 32, 64), (2, 4), (2, 3)))
     for block_e, block_u, warps, stages in configs:
         cfg = dict(block_e=block_e, block_u=block_u, num_warps=warps, num_stages=stages)
         res = timed(lambda: mass_embeddings(mass, table, id_rows, n_ids, **cfg), lambda out: rel(out, ref), device)
