@@ -17,6 +17,8 @@ BENCHMARKS = {
                        "the generation table of docs/benchmarks.md: every variant and path, then gate tables offloaded"),
     "grouped": ("egmla.bench.grouped_study", "grouped EG-MLA decode study: distinct ids per corpus, every path"),
     "kernel-sweep": ("egmla.bench.kernel_sweep", "launch-configuration sweep of the Triton decode kernels"),
+    "launches": ("egmla.bench.launches",
+                 "launches of a CUDA-graph decode step per layer and per step, counted on the CPU (TRITON_INTERPRET=1)"),
     "kernel-resources": ("egmla.bench.kernel_resources",
                          "registers, spills and shared memory of the decode kernels, compiled for a GPU (no GPU needed)"),
     "train": ("egmla.bench.train", "training step time and tokens/s per variant"),

@@ -8,7 +8,7 @@ interpreter's own launches left out. Usage, from the repository root (PYTHONPATH
 
 --gpu-routes: the step takes the routes a GPU step takes without autograd (RoPE, add + RMSNorm, SwiGLU's activation
 and the cache append in Triton, the addmm residual, the merged products), forced as the CPU tests force them.
-A diagnostic, not a benchmark: nothing imports it (per_layer.py beside it splits a capturable step per layer);
+A diagnostic, not a benchmark: nothing imports it (`egmla bench launches` splits a capturable step per layer);
 counts.txt beside it has its output before and after
 2026-12-04's launch diet, and with --gpu-routes before and after the merged products. On a GPU the profile of
 `egmla bench generate --profile` counts the real kernels.
