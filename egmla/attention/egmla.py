@@ -369,20 +369,20 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def append_in_one_launch(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache,
                              projected: torch.Tensor | None = None, q_rope: torch.Tensor | None = None) -> AttnContext:
         """`append(cache, ctx, *latent(x, ctx, projected))` with MLA's part in one launch (placement up: the latents
-        are MLA's)."""
+        are MLA's), q_rope (the query's RoPE slice) rotated by the same launch."""
         self.refresh_gate_table()
+        self.check_stats_cache(cache, ctx)
         if self.stats_in_the_append(x, ctx, cache):
             self.write_latents(x, ctx, cache, projected=projected, stats=self.appended_stats_args(ctx, cache),
                                q_rope=q_rope)
             return dataclasses.replace(ctx, kv_ln_stats=cache.read("ln_stats", ctx.kv_len))
         latent = self.write_latents(x, ctx, cache, keep_latent="ln_stats" in cache.buffers, projected=projected,
                                     q_rope=q_rope)
-        return self.append_stats(cache, ctx, latent)
+        return self.write_stats(cache, ctx, latent)
 
     def stats_in_the_append(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache) -> bool:
         """A one-token step where the statistics pass runs computes the new (mu, rho) in the append's own launch
         (egmla/kernels/latent_append.py, `AppendedStats`): two launches fewer per layer than the pass and its merge."""
-        self.check_stats_cache(cache, ctx)
         return ("ln_stats" in cache.buffers and x.shape[1] == 1 and ctx.stats_arrivals is not None
                 and self.stats_pass_runs(x))
 
@@ -402,6 +402,10 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def append_stats(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor | None) -> AttnContext:
         """The new positions' (mu, rho), where the cache keeps them, from their latents."""
         self.check_stats_cache(cache, ctx)
+        return self.write_stats(cache, ctx, latent)
+
+    def write_stats(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor | None) -> AttnContext:
+        """`append_stats` once the cache has been checked."""
         if "ln_stats" not in cache.buffers:
             return ctx
         if self.stats_pass_runs(latent):  # written into the cache's rows by the pass: no index_put launch per layer

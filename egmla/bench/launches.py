@@ -117,8 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from egmla.kernels import interpreting
+    from egmla.kernels import interpreting, triton_available
 
+    if not triton_available():
+        raise ValueError("egmla bench launches runs the step's kernels in Triton's interpreter: install Triton "
+                         "(pip install -e '.[triton]')")
     if not interpreting():
         raise ValueError("egmla bench launches counts on the CPU through Triton's interpreter: run it with "
                          "TRITON_INTERPRET=1 set")
