@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs, max-autotune")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="where to train: auto = cuda if available (on the CPU, MFU only with --peak-tflops)")
     parser.add_argument("--text", default="embedded", choices=["embedded", "python-source"],
                         help="real text the token ids come from")
     parser.add_argument("--peak-tflops", type=float, default=0.0,

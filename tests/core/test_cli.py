@@ -78,3 +78,20 @@ def test_warnings_print_as_one_line_while_a_command_runs(monkeypatch, capsys):
     assert main(["kv-report"]) == 0
     assert shown == ["egmla: RuntimeWarning: kernel: using the PyTorch reference\n"]  # no file, no source line
     assert warnings.formatwarning is before  # restored for whoever called main()
+
+
+def test_every_option_of_every_command_explains_itself():
+    """`--help` explains every option: an argument added without help text fails here."""
+    import argparse
+
+    from egmla.cli import build_parser
+
+    def unexplained(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from unexplained(sub, f"{path} {name}")
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                yield f"{path} {'/'.join(action.option_strings) or action.dest}"
+
+    assert list(unexplained(build_parser(), "egmla")) == []
