@@ -339,6 +339,8 @@ class KVCache:
     def reset(self) -> None:
         """Empty every sequence (the storage is kept)."""
         self.lengths.zero_()
+        if self.stats_arrivals is not None:  # 0 after every append launch; zeroed anyway so a reset cache is clean
+            self.stats_arrivals.zero_()
         if self.token_groups is not None:
             self.token_groups.reset()
 

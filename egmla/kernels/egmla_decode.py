@@ -232,6 +232,8 @@ def _check_egmla_inputs(n_heads: int, d_n: int, gate_table: torch.Tensor, wkv_b:
     width = wkv_b.shape[0]
     if width % n_heads or width // n_heads <= d_n:
         raise ValueError(f"wkv_b.shape={tuple(wkv_b.shape)}: rows must be heads*(d_n+d_v) with heads={n_heads}, d_n={d_n}")
+    if wkv_b.stride(-1) != 1:  # the kernels step over rows only
+        raise ValueError(f"wkv_b.stride()={wkv_b.stride()}: each row must be contiguous (pass wkv_b.contiguous())")
     if gate_table.shape[-1] != width or gate_table.stride(-1) != 1:
         raise ValueError(f"gate_table.shape={tuple(gate_table.shape)}: expected [vocab, {width}], contiguous rows "
                          f"(gate placement 'up'; placement 'latent' uses mla_decode)")

@@ -407,6 +407,8 @@ def _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan: GroupedPlan, gat
     if width % heads or width // heads <= d_n or wkv_b.shape[1] != latent.shape[-1]:
         raise ValueError(f"wkv_b.shape={tuple(wkv_b.shape)}: expected [heads*(d_n+d_v), d_c] with heads={heads}, "
                          f"d_n={d_n}, d_c={latent.shape[-1]}")
+    if wkv_b.stride(-1) != 1:  # the kernels step over rows only
+        raise ValueError(f"wkv_b.stride()={wkv_b.stride()}: each row must be contiguous (pass wkv_b.contiguous())")
     if gate_table.shape[-1] != width or gate_table.stride(-1) != 1:
         raise ValueError(f"gate_table.shape={tuple(gate_table.shape)}: expected [vocab, {width}] contiguous rows")
     return width // heads - d_n

@@ -113,3 +113,18 @@ def test_capturable_step_equals_the_eager_step(variant, path):
         assert caches[1].lengths.tolist() == caches[0].lengths.tolist() == [13, 6, 12]
         static = model(tokens[:, 12:], caches[1], n_new=torch.tensor([0, 1, 0]), capturable=True)  # row 0 is full
         assert torch.isfinite(static).all() and caches[1].lengths.tolist() == [13, 7, 12]
+
+
+def test_reset_empties_every_sequence_and_zeroes_the_append_counters():
+    """reset() keeps the storage (graphs read it by address) and leaves no state behind: lengths, token groups and
+    the one-launch append's per-sequence arrival counters, which a fault mid-launch could leave nonzero."""
+    config = small_config(**VARIANTS["egmla"])
+    model = Transformer(config).eval()
+    model.set_decode_path("grouped")
+    cache = model.new_cache(3, max_len=8)
+    counters, lengths = cache.stats_arrivals, cache.lengths
+    cache.lengths.fill_(5)
+    cache.stats_arrivals.fill_(2)
+    cache.reset()
+    assert cache.stats_arrivals is counters and cache.lengths is lengths
+    assert cache.stats_arrivals.tolist() == [0, 0, 0] and cache.lengths.tolist() == [0, 0, 0]

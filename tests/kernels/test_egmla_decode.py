@@ -134,6 +134,8 @@ def test_bad_inputs_raise_value_error():
         egmla_decode(**inputs, ln_stats=stats, scale=0.1, heads_per_program=3)
     with pytest.raises(ValueError, match="gate_table"):
         egmla_decode(**{**inputs, "gate_table": inputs["gate_table"][:, :-2]}, ln_stats=stats, scale=0.1)
+    with pytest.raises(ValueError, match="wkv_b.stride"):  # the kernels step over rows only
+        egmla_decode(**{**inputs, "wkv_b": inputs["wkv_b"].t().contiguous().t()}, ln_stats=stats, scale=0.1)
     with pytest.raises(ValueError, match="gate_op"):
         egmla_decode(**inputs, ln_stats=stats, scale=0.1, gate_op="max")
 

@@ -191,6 +191,8 @@ def test_bad_inputs_are_clear_errors():
         grouped_decode(plan=plan, **{**case, "ln_stats": case["ln_stats"].half()})
     with pytest.raises(ValueError, match="gate_table"):
         grouped_decode(plan=plan, **{**case, "gate_table": case["gate_table"][:, :-1]})
+    with pytest.raises(ValueError, match="wkv_b.stride"):  # the kernels step over rows only
+        grouped_decode(plan=plan, **{**case, "wkv_b": case["wkv_b"].t().contiguous().t()})
 
 
 def test_model_path_through_kernel():

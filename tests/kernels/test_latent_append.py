@@ -163,6 +163,10 @@ def test_append_with_statistics_names_bad_inputs():
     with pytest.raises(ValueError, match="2 heads"):
         latent_append(projected, weight, 1e-6, cos, sin, positions, latent, k_rope, stats=stats,
                       q_rope=torch.zeros(2, 1, 3, 4))
+    transposed = stats.wkv_b.t().contiguous().t()  # the same values, columns strided: the kernel steps rows only
+    with pytest.raises(ValueError, match="wkv_b.stride"):
+        latent_append(projected, weight, 1e-6, cos, sin, positions, latent, k_rope,
+                      stats=dataclasses.replace(stats, wkv_b=transposed))
 
 
 @pytest.mark.parametrize("path,extra", [("kernel", {}), ("grouped", {}), ("absorbed", {"gate_op": "bias-v"}),
