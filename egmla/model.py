@@ -144,6 +144,18 @@ class Transformer(nn.Module):
             layer.attn.decode_path = path
             layer.attn.on_decode_path_set(keep_precomputed)
 
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(...)`, `.cuda()`, `.half()` and the like: what the decode path precomputed from the weights (gate
+        tables, folded absorption) is built again where the weights went and in their dtype, and the merged products'
+        copies are dropped (built again on use): the old ones would hold memory on the old device, or mix dtypes."""
+        super()._apply(fn, recurse)
+        for layer in getattr(self, "layers", ()):
+            for module in (layer.ffn, layer.attn):  # the copies `derived` holds, and the table controls' folding
+                for name in ("merged_gate_up_weight", "merged_input_weight", "_absorbed_weights"):
+                    module.__dict__.pop(name, None)
+            layer.attn.refresh_precomputed()
+        return self
+
     def set_merged_products(self, enabled: bool) -> None:
         """Whether cached GPU calls without autograd merge their input and MLP products into one GEMM each (the
         default: 3–18% off a paper-base decode step on an H200, docs/bench/ab_h200_merged_products/) at the cost of

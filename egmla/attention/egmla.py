@@ -257,9 +257,20 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         """Build the gate table again if a source weight changed since it was built (in place, as an optimizer step
         or load_state_dict does, or moved): a cached call after training reads the new gates, as the paths without
         a table do. A no-op without a table or under an offload."""
-        if isinstance(self.gate_table, torch.Tensor) and self.gate_table_from != self.gate_sources_key():
-            dtype = self.gate_table.dtype  # gate_table_like may have cast it to the cache's dtype
-            self.gate_table = self.build_gate_table().to(dtype)
+        key = self.gate_sources_key()
+        if isinstance(self.gate_table, torch.Tensor) and self.gate_table_from != key:
+            # gate_table_like may have cast it to the cache's dtype: keep that cast, unless the weights themselves
+            # changed dtype (model.to(torch.bfloat16)): then the table follows them, as a fresh build would
+            same_dtype = self.gate_table_from is not None and key is not None and \
+                [k[2] for k in self.gate_table_from] == [k[2] for k in key]
+            dtype = self.gate_table.dtype
+            table = self.build_gate_table()
+            self.gate_table = table.to(dtype) if same_dtype else table
+
+    def refresh_precomputed(self) -> None:
+        """MLA's folded absorption and the gate table, built again where a source weight changed or moved."""
+        super().refresh_precomputed()
+        self.refresh_gate_table()
 
     # ---- the gate ------------------------------------------------------------------------
     def gate(self, token_ids: torch.Tensor, use_table: bool = False) -> torch.Tensor:
@@ -357,7 +368,11 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         built (the table-reading paths), else W_UE E[ids], the same gates. Placement latent: MLA's."""
         if self.gate_placement == "latent":
             return super().keys_values(latent, k_pe, token_ids, pad_v)
-        k_nope, v = self.expand_kv(latent, token_ids, use_table=self.gate_table is not None)
+        # Never under autograd: the table is built without it, so E_l and W_UE would get no gradient from it
+        use_table = self.gate_table is not None and not torch.is_grad_enabled()
+        if use_table:
+            self.refresh_gate_table()  # an eval pass after training steps reads the current gates
+        k_nope, v = self.expand_kv(latent, token_ids, use_table=use_table)
         return torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1), v
 
     def append(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor, k_pe: torch.Tensor) -> AttnContext:

@@ -44,6 +44,9 @@ class GroupedQueryAttention(nn.Module):
     def on_decode_path_set(self, keep_precomputed: bool = False) -> None:
         """Nothing to precompute: both paths read the cached K/V as they are."""
 
+    def refresh_precomputed(self) -> None:
+        """Nothing precomputed (the merged [wq ; wk ; wv] copy is rebuilt on use where its sources changed)."""
+
     @staticmethod
     def cache_spec(config: ModelConfig, decode_path: str = "naive") -> CacheSpec:
         shape = (config.kv_heads, config.mha_head_dim)

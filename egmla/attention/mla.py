@@ -289,6 +289,12 @@ class MultiHeadLatentAttention(nn.Module):
             self.fold_absorption()
         return self.folded
 
+    def refresh_precomputed(self) -> None:
+        """What the decode path precomputed from the weights (the folded absorption), built again where a source
+        weight changed or moved (`Transformer._apply` calls this after `.to(...)`)."""
+        if getattr(self, "folded", None) is not None:
+            self.folded_weights()
+
     def reads_folded_weights(self) -> bool:
         """Whether a cached call over the cache takes `forward_folded`: 'absorbed' / 'kernel' where they fold."""
         return self.decode_path in ("absorbed", "kernel") and self.folded_weights() is not None

@@ -106,7 +106,9 @@ class EgmlaConfig(PretrainedConfig):
 
 
 def _default_ffn(d_model: int) -> int:
-    return ModelConfig(d_model=d_model, n_heads=1).ffn_dim
+    """ModelConfig's SwiGLU width for d_model when ffn_hidden is 0 (read from a config of that width alone: one
+    with MHA and no latent, valid at any d_model)."""
+    return ModelConfig(d_model=d_model, n_heads=1, attention="mha").ffn_dim
 
 
 def _rename_fields(message: str) -> str:

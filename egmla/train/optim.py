@@ -48,8 +48,22 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     fused = bool(params) and all(p.is_cuda and not hasattr(p, "to_local") for p in params)
     options = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=fused or None)
     if config.gate_table_update == "row-sparse":
-        return RowSparseAdamW(groups, row_sparse=gate_tables(model), **options)
-    return torch.optim.AdamW(groups, **options)
+        optimizer = RowSparseAdamW(groups, row_sparse=gate_tables(model), **options)
+    else:
+        optimizer = torch.optim.AdamW(groups, **options)
+    mark_steps_in_place(optimizer, params)
+    return optimizer
+
+
+def mark_steps_in_place(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    """After each step, count it as an in-place change of every parameter. AdamW's fused kernel and the Triton
+    row-sparse step write the weights without bumping their version counters, and the decode paths rebuild what
+    they precompute from the weights (gate tables, folded absorption, merged products) only when a version, storage,
+    dtype or device changed (egmla.attention.precomputed): without this, generating after training on a GPU would
+    read the weights of before. (Sharded FSDP2 parameters are DTensors, left as they are.)"""
+    plain = [p for p in params if not hasattr(p, "to_local")]
+    if plain:
+        optimizer.register_step_post_hook(lambda *_: torch.autograd.graph.increment_version(plain))
 
 
 def counts_on_host(counts: torch.Tensor):

@@ -135,3 +135,81 @@ def test_precomputed_weights_follow_weight_changes(variant, path):
         assert rel_err(step, full) < 1e-4, change
     after = (attn.folded, getattr(attn, "gate_table", None))
     assert all(a is not b for a, b in zip(before, after) if b is not None)  # built again
+
+
+def same_model(model, config, dtype=None):
+    """A fresh model of `config` holding `model`'s weights (what a restart would load)."""
+    fresh = Transformer(config).eval()
+    fresh.load_state_dict(model.state_dict())
+    return fresh.to(dtype) if dtype is not None else fresh
+
+
+@pytest.mark.parametrize("variant,path", [("egmla", "gate-table"), ("egmla-bias", "absorbed")])
+def test_training_after_a_table_path_was_set_reaches_the_gate_weights(variant, path):
+    """A table path builds G_l = E_l W_UE^T without autograd (HF loading, an engine, lm-eval set one): a training
+    forward must still compute the gates from E_l and W_UE, so both get gradients, and an evaluation forward
+    after the optimizer step must read the new gates, not the table of before."""
+    config = small_config(**VARIANTS[variant])
+    model = Transformer(config)
+    model.set_decode_path(path)
+    tokens = torch.randint(0, config.vocab_size, (2, 9))
+    model(tokens).float().pow(2).mean().backward()
+    attn = model.layers[0].attn
+    assert attn.gate_embed.weight.grad is not None and attn.gate_embed.weight.grad.abs().sum() > 0
+    assert attn.wue.weight.grad is not None and attn.wue.weight.grad.abs().sum() > 0
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        assert rel_err(model.eval()(tokens), same_model(model, config)(tokens)) < 1e-5
+
+
+@pytest.mark.parametrize("variant,path", [("mla", "absorbed"), ("egmla", "gate-table"), ("egmla-bias", "absorbed"),
+                                          ("mha", "naive")])
+def test_fused_and_row_sparse_optimizer_steps_are_seen_by_the_decode_paths(variant, path):
+    """AdamW's fused kernel (the trainer's on CUDA) writes the weights without bumping their versions; the trainer's
+    optimizer marks its steps (egmla.train.optim.mark_steps_in_place), so what a decode path precomputed is built
+    again and a cached step after training equals the changed model's full forward."""
+    from egmla.train.optim import RowSparseAdamW, gate_tables, mark_steps_in_place, param_groups
+
+    config = small_config(**VARIANTS[variant], kv_lora_rank=6)  # d_c <= d_n, d_v: MLA's 'absorbed' folds
+    model = Transformer(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 9))
+    model.eval().set_decode_path(path)
+    with torch.no_grad():
+        model(tokens[:, :8], model.new_cache(2, max_len=12))  # precompute, as an engine would
+    params = [p for p in model.parameters()]
+    optimizers = [torch.optim.AdamW(params, lr=0.05, fused=True)]
+    if gate_tables(model):  # the Triton row-sparse step (the CUDA default for train.gate_table_update="row-sparse")
+        optimizers.append(RowSparseAdamW(param_groups(model, 0.0), row_sparse=gate_tables(model), kernel=True, lr=0.05))
+    for optimizer in optimizers:
+        mark_steps_in_place(optimizer, params)  # as build_optimizer does
+        model.train()(tokens).float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            cache = model.eval().new_cache(2, max_len=12)
+            model(tokens[:, :8], cache)
+            step = model(tokens[:, 8:9], cache)
+            assert rel_err(step, same_model(model, config)(tokens)[:, 8:9]) < 1e-4
+
+
+@pytest.mark.parametrize("variant,path", [("egmla", "gate-table"), ("egmla-bias", "absorbed"), ("mla", "absorbed")])
+def test_a_model_cast_or_moved_rebuilds_what_its_path_precomputed(variant, path):
+    """`.to(dtype)` / `.to(device)` after a path was set: the precomputed tensors follow the weights (a gate table
+    left in the old dtype mixed dtypes in the forward; on the old device it held memory there)."""
+    config = small_config(**VARIANTS[variant], kv_lora_rank=6)
+    model = Transformer(config).eval()
+    model.set_decode_path(path)
+    tokens = torch.randint(0, config.vocab_size, (2, 9))
+    model.to(torch.float64)
+    attn = model.layers[0].attn
+    held = [t for t in (getattr(attn, "gate_table", None), *(attn.folded or ())) if t is not None]
+    assert held and all(t.dtype == torch.float64 for t in held)
+    with torch.no_grad():
+        cache = model.new_cache(2, max_len=12)
+        model(tokens[:, :8], cache)
+        step = model(tokens[:, 8:9], cache)
+        full = same_model(model, config, torch.float64)(tokens)[:, 8:9]
+    assert step.dtype == torch.float64 and rel_err(step, full) < 1e-6  # (the foldings are made in fp32)
+    model.to("meta")
+    held = [t for t in (getattr(attn, "gate_table", None), *(attn.folded or ())) if t is not None]
+    assert held and all(t.device.type == "meta" for t in held)

@@ -20,6 +20,15 @@ def test_round_trip_to_model_config(variant, tiny_config):
     assert hf_config.num_key_value_heads == (config.kv_heads if not config.is_latent else config.n_heads)
 
 
+@pytest.mark.parametrize("attention", ["mla", "eg-mla", "mha"])
+def test_round_trip_below_the_default_latent_width(attention):
+    """A d_model under ModelConfig's default kv_lora_rank (64): the default SwiGLU width is read without it."""
+    config = ModelConfig(d_model=32, n_heads=2, n_layers=1, vocab_size=64, attention=attention,
+                         **({"kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}
+                            if attention != "mha" else {}), **({"gate_dim": 8} if attention == "eg-mla" else {}))
+    assert EgmlaConfig.from_model_config(config).to_model_config() == config
+
+
 def test_deepseek_field_names_and_json_round_trip(tmp_path, tiny_config):
     config = tiny_config("mla-qlora-untied")
     hf_config = EgmlaConfig.from_model_config(config, eos_token_id=0, pad_token_id=0)
