@@ -3,12 +3,15 @@
     export_hf(run, out)        EgmlaForCausalLM checkpoint (any variant): config.json, model.safetensors,
                                tokenizer; loads with AutoModelForCausalLM after `import egmla.hf`
     export_deepseek(run, out)  MLA runs only: a DeepseekV3ForCausalLM checkpoint (dense MLP, no MoE, no
-                               MTP, half-split RoPE, no RoPE scaling) that transformers, and engines that
-                               serve DeepSeek-V3, load with no egmla code
+                               MTP, interleaved RoPE as DeepSeek's own weights, no RoPE scaling) that
+                               transformers, and engines that serve DeepSeek-V3, load with no egmla code
 
 Our MLA weights already follow DeepSeek-V3's inference code (wq_a/q_norm/wq_b, wkv_a, kv_norm, wkv_b
-rows per head [k_nope; v], wo; SwiGLU w1/w3/w2), so the DeepSeek export is a renaming; the layouts are
-the same. The output folder is written next to its destination and renamed into place when complete.
+rows per head [k_nope; v], wo; SwiGLU w1/w3/w2), so the DeepSeek export is a renaming, except for RoPE: we
+rotate half-split pairs (i, i + d_r/2), DeepSeek's weights interleaved pairs (2i, 2i+1), which is all vLLM and
+SGLang implement (transformers follows `rope_interleave`). The rows that make q^R and k^R are reordered so that
+interleaved pair i holds our pair i: the same rotations, the same scores. The output folder is written next to
+its destination and renamed into place when complete.
 """
 from __future__ import annotations
 
@@ -42,12 +45,13 @@ DEEPSEEK_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "nor
 DEEPSEEK_NORM_EPS = 1e-6  # transformers' DeepseekV3 builds q_a_layernorm / kv_a_layernorm with this eps
 
 
-def deepseek_config(config: ModelConfig, **token_ids):
+def deepseek_config(config: ModelConfig, dtype: torch.dtype | None = None, **token_ids):
     """A DeepseekV3Config computing exactly what our MLA model computes.
 
     first_k_dense_replace = num_hidden_layers makes every layer a dense SwiGLU MLP (no MoE, so the
-    expert fields are unused); rope_interleave=False is our half-split RoPE; default RoPE (no YaRN,
-    so no mscale) keeps the softmax scale 1/sqrt(d_n + d_r); num_mtp_layers=0: no MTP head."""
+    expert fields are unused); rope_interleave=True with the rows `deepseek_state_dict` reorders; default
+    RoPE (no YaRN, so no mscale) keeps the softmax scale 1/sqrt(d_n + d_r); num_mtp_layers=0: no MTP head;
+    lm_head always written (vLLM's DeepSeek class never ties it to the embedding)."""
     from transformers import DeepseekV3Config
 
     if config.attention != "mla":
@@ -61,17 +65,31 @@ def deepseek_config(config: ModelConfig, **token_ids):
         qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
         first_k_dense_replace=config.n_layers, num_mtp_layers=0, hidden_act="silu",
         max_position_embeddings=config.max_seq_len, initializer_range=config.init_std,
-        rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, rope_interleave=False,
-        attention_bias=False, architectures=["DeepseekV3ForCausalLM"], **token_ids)
+        rms_norm_eps=config.norm_eps, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, rope_interleave=True,
+        attention_bias=False, architectures=["DeepseekV3ForCausalLM"], dtype=dtype, **token_ids)
+
+
+def interleaved_rope_rows(d_r: int) -> torch.Tensor:
+    """Row order [0, d_r/2, 1, d_r/2 + 1, ...]: interleaved pair (2i, 2i+1) of the reordered rows is half-split
+    pair (i, i + d_r/2) of ours, rotated by the same angle."""
+    half = torch.arange(d_r // 2)
+    return torch.stack([half, half + d_r // 2], dim=1).flatten()
 
 
 def deepseek_state_dict(model) -> dict[str, torch.Tensor]:
-    """Our MLA Transformer's weights under DeepseekV3ForCausalLM's names (tied lm_head stored once)."""
+    """Our MLA Transformer's weights under DeepseekV3ForCausalLM's names, the RoPE rows in DeepSeek's interleaved
+    order (`interleaved_rope_rows`), lm_head written even where tied."""
+    config = model.config
+    d_c, d_n, d_r = config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim
+    order = interleaved_rope_rows(d_r)
     out = {}
     for name, tensor in model.state_dict().items():
-        if name == "output.weight" and model.config.tie_embeddings:
-            continue
+        if name.endswith(("attn.wq.weight", "attn.wq_b.weight")):  # per head [q^C ; q^R] rows
+            per_head = tensor.view(config.n_heads, d_n + d_r, -1)
+            tensor = torch.cat([per_head[:, :d_n], per_head[:, d_n:][:, order]], dim=1).flatten(0, 1)
+        elif name.endswith("attn.wkv_a.weight"):  # [c ; k^R] rows
+            tensor = torch.cat([tensor[:d_c], tensor[d_c:][order]])
         if name in DEEPSEEK_TOP_NAMES:
             out[DEEPSEEK_TOP_NAMES[name]] = tensor
             continue
@@ -79,6 +97,8 @@ def deepseek_state_dict(model) -> dict[str, torch.Tensor]:
         if rest not in DEEPSEEK_LAYER_NAMES:
             raise ValueError(f"weight {name!r} has no DeepSeek-V3 counterpart: export this run with --to hf")
         out[f"model.layers.{index}.{DEEPSEEK_LAYER_NAMES[rest]}"] = tensor
+    if "lm_head.weight" not in out:  # tied: the embedding again
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return {name: tensor.detach().contiguous().clone() for name, tensor in out.items()}
 
 
@@ -112,7 +132,8 @@ def export_deepseek(run_dir: str | Path, out_dir: str | Path, checkpoint: str | 
 
     require_transformers()
     model, _ = load_model(run_dir, dtype=dtype, checkpoint=checkpoint)
-    config = deepseek_config(model.config, **special_token_ids(load_tokenizer(run_dir)))
+    config = deepseek_config(model.config, dtype=model.tok_embeddings.weight.dtype,
+                             **special_token_ids(load_tokenizer(run_dir)))
     if model.config.norm_eps != DEEPSEEK_NORM_EPS:
         warn(f"warning: norm_eps={model.config.norm_eps} but transformers' DeepseekV3 uses eps "
              f"{DEEPSEEK_NORM_EPS} in q_a_layernorm/kv_a_layernorm: logits will differ slightly")

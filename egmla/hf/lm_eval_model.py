@@ -95,6 +95,9 @@ class EgmlaLM(TemplateLM):
         for key, context_ids, continuation_ids in requests:
             if not continuation_ids:
                 raise ValueError(f"empty continuation for request {key!r}: nothing to score")
+            if not context_ids:  # the first token has no logits to be scored by
+                raise ValueError(f"empty context for request {key!r}: give at least one token (lm-eval passes the "
+                                 f"end-of-text id for an empty context)")
             if len(continuation_ids) > self.max_length:
                 raise ValueError(f"continuation of {len(continuation_ids)} tokens exceeds max_length="
                                  f"{self.max_length}: raise max_length or shorten it")

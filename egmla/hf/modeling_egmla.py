@@ -161,13 +161,14 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, cache: EgmlaCache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, return_dict: bool | None = None,
-                past_key_values: EgmlaCache | None = None, **kwargs):
+                past_key_values: EgmlaCache | None = None, logits_to_keep: int | torch.Tensor = 0, **kwargs):
         """input_ids [batch, seq] -> logits [batch, seq, vocab].
 
         `cache` (older transformers: `past_key_values`, accepted too) is an EgmlaCache or None.
         Positions come from the cache (or 0.. without one), so position_ids is accepted and ignored.
         A cache is made when use_cache=True is passed and none is given; use_cache=None (plain calls,
-        training) runs the causal forward without one."""
+        training) runs the causal forward without one. logits_to_keep (transformers' convention): an int n > 0
+        returns the last n positions' logits only, a tensor the positions it lists (computed, then sliced)."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("inputs_embeds is not supported: EG-MLA gates are looked up by token id; pass input_ids")
         if cache is not None and past_key_values is not None and cache is not past_key_values:
@@ -189,8 +190,15 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
             logits = self.model(input_ids)
         loss = None
         if labels is not None:
+            if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+                raise ValueError(f"logits_to_keep={logits_to_keep!r} with labels: the loss needs every position's "
+                                 f"logits; leave logits_to_keep at 0")
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
                                    ignore_index=-100)
+        if isinstance(logits_to_keep, int):
+            logits = logits[:, -logits_to_keep:] if logits_to_keep > 0 else logits
+        else:
+            logits = logits[:, logits_to_keep.to(logits.device)]
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if not return_dict:
             return tuple(x for x in (loss, logits, cache) if x is not None)

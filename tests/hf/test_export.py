@@ -34,6 +34,9 @@ def test_export_deepseek_loads_in_transformers_with_our_logits(variant, make_run
     assert egmla_main(["export", "--run", str(run), "--to", "deepseek", str(out)]) == 0
     deepseek = AutoModelForCausalLM.from_pretrained(out)  # transformers' own class: no egmla code involved
     assert type(deepseek) is DeepseekV3ForCausalLM
+    # DeepSeek's own conventions, which vLLM and SGLang assume whatever the config says: interleaved RoPE pairs
+    # and an lm_head of its own
+    assert deepseek.config.rope_interleave is True and deepseek.config.tie_word_embeddings is False
     layers = deepseek.model.layers
     assert all(type(layer.mlp).__name__ == "DeepseekV3MLP" for layer in layers)  # dense, no MoE
     model, _ = load_model(run)
@@ -45,6 +48,10 @@ def test_export_deepseek_loads_in_transformers_with_our_logits(variant, make_run
     with torch.no_grad():
         theirs, ours = deepseek(tokens).logits, model(tokens)
     assert relative_error(theirs, ours) < 1e-4
+    # the same weights read with half-split RoPE (as exported before) differ: the test sees the convention
+    half_split = AutoModelForCausalLM.from_pretrained(out, rope_interleave=False)
+    with torch.no_grad():
+        assert relative_error(half_split(tokens).logits, ours) > 1e-2
     # and they continue text the same way, through their own cache
     prompt = tokens[:1, :8]
     theirs = deepseek.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)

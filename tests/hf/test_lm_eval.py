@@ -84,6 +84,13 @@ def test_loglikelihood_equals_direct_computation(lm):
         assert score == pytest.approx(want, rel=1e-5) and greedy == want_greedy and score < 0
 
 
+def test_direct_calls_without_context_or_continuation_are_clear_errors(lm):
+    with pytest.raises(ValueError, match="empty context"):
+        lm._loglikelihood_tokens([(None, [], [5, 6])])
+    with pytest.raises(ValueError, match="empty continuation"):
+        lm._loglikelihood_tokens([(None, [5], [])])
+
+
 def test_loglikelihood_does_not_depend_on_batching(lm, make_run):
     requests = [Instance("loglikelihood", {}, ("Question: " + "why " * n + "?\nAnswer:", " yes" * (1 + n % 3)), n)
                 for n in range(7)]

@@ -60,6 +60,22 @@ def test_labels_give_the_shifted_cross_entropy(make_run):
     assert hf_model.model.tok_embeddings.weight.grad is not None
 
 
+def test_logits_to_keep_follows_transformers(make_run):
+    """logits_to_keep: n > 0 keeps the last n positions, a tensor the positions it lists; with labels it is refused
+    (it used to vanish into **kwargs and return every position)."""
+    import pytest
+
+    model, _ = load_model(make_run("mla"))
+    hf_model = EgmlaForCausalLM.from_egmla(model)
+    tokens = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        full = hf_model(tokens).logits
+        assert torch.equal(hf_model(tokens, logits_to_keep=1).logits, full[:, -1:])
+        assert torch.equal(hf_model(tokens, logits_to_keep=torch.tensor([0, 7])).logits, full[:, [0, 7]])
+    with pytest.raises(ValueError, match="logits_to_keep=1 with labels"):
+        hf_model(tokens, labels=tokens, logits_to_keep=1)
+
+
 def test_exported_tokenizer_is_a_fast_tokenizer_with_special_tokens(make_run, tmp_path):
     run = make_run("eg-mla")
     export_hf(run, tmp_path / "out")
