@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from annotated_types import Ge, Gt
+from annotated_types import Ge, Gt, Predicate
 
 ATTENTION_KINDS = ("mha", "gqa", "mla", "eg-mla")
 GATE_OPS = ("mul", "add", "bias", "bias-v")
@@ -24,8 +25,8 @@ GATE_PLACEMENTS = ("up", "latent")
 # Field types with their ranges; pydantic reads the annotated_types bounds.
 PositiveInt = Annotated[int, Gt(0)]
 NonNegativeInt = Annotated[int, Ge(0)]  # 0 has a meaning (a default, or "off")
-PositiveFloat = Annotated[float, Gt(0)]
-NonNegativeFloat = Annotated[float, Ge(0)]
+PositiveFloat = Annotated[float, Gt(0), Predicate(math.isfinite)]  # (nan fails Gt; inf needs its own check)
+NonNegativeFloat = Annotated[float, Ge(0), Predicate(math.isfinite)]
 
 
 def _fail(field_name: str, value, fix: str):
@@ -57,6 +58,8 @@ def check_field_types(config, prefix: str = "") -> None:
                 allowed = f"choose one of {', '.join(map(str, typing.get_args(annotation)))}"
             elif error["type"] == "bool_type":
                 allowed = "must be true or false"
+            elif error["type"] == "predicate_failed":  # the finite check
+                allowed = "must be a finite number"
             else:
                 allowed = error["msg"].replace("Input should be", "must be")
             _fail(f"{prefix}{name}", value, allowed)

@@ -6,13 +6,16 @@
       state.json          step, data position, tokens seen, lr, RNG states, tokenizer hash
       manifest.json       sha256 of every file above; written last
 
-The folder is assembled under a temporary name and renamed into place, so a crash mid-write leaves
-either the old set of checkpoints or the new one. Names are world-size independent (full state
+The folder is assembled under a temporary name, every file and the folder synced to the disk, and renamed
+into place (the parent synced too) before any older checkpoint is pruned, so a crash mid-write, or a power
+loss after it, leaves either the old set of checkpoints or the new one. Names are world-size independent (full state
 dicts keyed by parameter name), so a checkpoint saved by N processes resumes under M.
 """
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -68,19 +71,61 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
                 weights.pop("tok_embeddings.weight", None)
             save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(tmp / WEIGHTS),
                       metadata=weights_metadata(model_config))
-            torch.save(optim_state, tmp / OPTIMIZER)
+            sync(tmp / WEIGHTS)
+            write_synced(tmp / OPTIMIZER, optimizer_bytes(optim_state))
             atomic_write_json(tmp / STATE, {**state, "step": step, "rng": rng_state()})
             write_manifest(tmp)
+            sync(tmp)
             if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
                 shutil.rmtree(final)
             tmp.rename(final)
+            sync(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(run_dir, final, keep)
     barrier(info)
     return final
+
+
+def prune(run_dir: str | Path, written: Path, keep: int) -> None:
+    """After `written` is in place: drop the checkpoints of later steps (a history abandoned by resuming from an
+    older checkpoint, because the later ones were unusable: kept, they would be 'newest' at the next resume and
+    make the pruning below delete the good ones), then all but the newest `keep`, never `written` itself."""
+    step_of = written.name
+    for folder in list_checkpoints(run_dir):
+        if folder.name > step_of:
+            shutil.rmtree(folder, ignore_errors=True)
+    for folder in list_checkpoints(run_dir)[:-keep]:
+        if folder != written:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def optimizer_bytes(optim_state: dict) -> bytes:
+    """torch.save into memory (the state's size again, on the host): written by `write_synced`, a full disk is an
+    OSError the trainer reports in one line; torch.save straight to a file turns it into an opaque RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(optim_state, buffer)
+    return buffer.getvalue()
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:  # a failed write() names no file: name it
+        raise OSError(err.errno, err.strerror, str(path)) from None
+
+
+def sync(path: Path) -> None:
+    """fsync a file's data or a folder's entries."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_state(folder: Path) -> dict:

@@ -54,6 +54,9 @@ def resolve_config(args):
     if args.resume:
         if args.config:
             raise ValueError("--config: a resumed run keeps its own config; drop --config (use --set train.KEY=...)")
+        if args.run_dir:
+            raise ValueError(f"--run-dir {args.run_dir!r}: a resumed run continues in its own folder ({args.resume}); "
+                             f"drop --run-dir")
         run_dir = Path(args.resume)
         if not (run_dir / "config.json").is_file():
             raise ValueError(f"--resume {args.resume!r}: no run there (no config.json); pass a directory "

@@ -141,7 +141,12 @@ class RunConfig:
             if not isinstance(values.get(section, {}), dict):
                 raise ValueError(f"{section}: must be a [{section}] table, not {values[section]!r}")
         model_values = dict(values.get("model", {}))
-        model = preset(model_values.pop("preset", "tiny"), **model_values)
+        try:
+            model = preset(model_values.pop("preset", "tiny"), **model_values)
+        except ValueError as err:  # "field=value: fix" -> "model.field=value: fix", as train.* and data.* name theirs
+            field_name = str(err).split("=", 1)[0]
+            known = field_name == "preset" or field_name in ModelConfig.__dataclass_fields__
+            raise ValueError(f"model.{err}" if known else str(err)) from None
         train = TrainConfig(**check_keys(TrainConfig, values.get("train", {}), where="train"))
         data = DataConfig(**check_keys(DataConfig, values.get("data", {}), where="data"))
         return cls(model=model, train=train, data=data, name=str(values.get("name", "")))

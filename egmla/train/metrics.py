@@ -67,7 +67,7 @@ class MetricsLog:
         self.enabled, self.writer = enabled, None
         if not enabled:
             return
-        truncate_metrics(self.path, start_step)
+        truncate_metrics(self.path, start_step, warn)
         self.file = open(self.path, "a")
         if tensorboard:
             try:
@@ -94,18 +94,31 @@ class MetricsLog:
                 self.writer.close()
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def read_metrics(path: str | Path, torn: list | None = None) -> list[dict]:
+    """The records of a metrics.jsonl; a line that is not JSON (a write cut short by a full disk or a crash) is
+    skipped and, if `torn` is given, appended to it."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if torn is not None:
+                    torn.append(line)
+    return records
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records past the step being resumed from (they are recomputed), atomically."""
+def truncate_metrics(path: Path, last_step: int, warn=print) -> None:
+    """Drop records past the step being resumed from (they are recomputed), and lines cut short, atomically."""
     from egmla.runs import atomic_write_bytes
 
-    records = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    torn: list[str] = []
+    records = [r for r in read_metrics(path, torn) if r.get("step", 0) <= last_step]
+    if torn:
+        warn(f"note: {path}: dropped {len(torn)} line(s) cut short by an earlier failure ({torn[0][:60]!r}...)")
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 

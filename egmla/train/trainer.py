@@ -27,7 +27,8 @@ from egmla.train.config import RunConfig, resolve_compile_mode, uses_cuda_graphs
 from egmla.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, clip_grad_norm,
                                      gradient_sync, init_distributed, parallelize, per_rank)
 from egmla.train.runlock import claim_run_dir
-from egmla.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_bytes, plot_loss_curve
+from egmla.train.metrics import (MetricsLog, flops_per_token, peak_flops, peak_memory_bytes, plot_loss_curve,
+                                 read_metrics)
 from egmla.train.optim import build_optimizer, lr_at, set_lr
 
 
@@ -149,6 +150,28 @@ def write_run_files(run: RunConfig, run_dir: Path, tokenizer) -> None:
     atomic_write_bytes(run_dir / "tokenizer.json", tokenizer.to_str().encode())
 
 
+def refuse_reshuffling(run: RunConfig, run_dir: Path) -> None:
+    """The data order is drawn from train.seed per epoch and resumed by position: another seed mid-run would repeat
+    some windows of the epoch and skip others."""
+    saved = json.loads((run_dir / "config.json").read_text()).get("train", {}).get("seed", run.train.seed)
+    if saved != run.train.seed:
+        raise ValueError(f"train.seed={run.train.seed}: the run was started with seed {saved}, which orders its data; "
+                         f"keep it to resume, or start a new run")
+
+
+def keep_train_changes(run: RunConfig, run_dir: Path, log) -> None:
+    """A resumed run's changed train.* settings (`--resume RUN --set train.steps=...`) go into its config.json, so
+    that the next resume continues with them rather than the ones it started with."""
+    path = run_dir / "config.json"
+    saved = json.loads(path.read_text())
+    train = run.train.to_dict()
+    changed = [f"train.{key} {saved.get('train', {}).get(key)!r} -> {value!r}" for key, value in train.items()
+               if saved.get("train", {}).get(key) != value]
+    if changed:
+        atomic_write_json(path, {**saved, "train": train})
+        log(f"changed on resume, kept in {path}: {', '.join(changed)}")
+
+
 def load_run_tokenizer(run_dir: Path):
     from tokenizers import Tokenizer
 
@@ -212,8 +235,12 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
     micro_batch, accumulation = batch_layout(run, info)
     tokenizer, shards = setup_data(run, run_dir, resume, info, progress, say)
     tokenizer_hash = tokenizer_sha256(tokenizer)
+    if resume:
+        refuse_reshuffling(run, run_dir)
     if info.is_main and not resume:
         write_run_files(run, run_dir, tokenizer)
+    elif info.is_main:
+        keep_train_changes(run, run_dir, say)
     train_windows = WindowedTokens(shards.tokens("train"), cfg.seq_len, "training")
     val_windows = WindowedTokens(shards.tokens("val"), cfg.seq_len, "validation")
 
@@ -312,7 +339,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
                 if step % cfg.log_every == 0 or step == cfg.steps:  # after validating: the bar shows this step's val
                     bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}" if val_loss is not None else "-",
                                     tok_s=f"{record['tokens_per_s']:.0f}")
-                if stop_votes > 0:
+                if stop_votes > 0 and step != cfg.steps:  # (a stop asked during the last step: the run is done)
                     stop_reason = "time limit reached" if time_up and not stop.requested else "interrupted"
                     break
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
@@ -323,7 +350,9 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
             say(f"{stop_reason}: checkpoint saved at step {step} in {folder}; continue with "
                 f"`egmla train --resume {run_dir}`")
         elif val_loss is None and not stop_reason:  # resumed a finished run: report its validation loss
-            val_loss = validate(step)
+            done = [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl")
+                    if r.get("kind") == "val" and r.get("step") == step]
+            val_loss = done[-1] if done else validate(step)  # (not logged twice)
     finally:
         profiler.close()
         bar.close()

@@ -4,6 +4,7 @@ run resumed (summary.json keeps its timings), and a run that fails before its fi
 import errno
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -22,17 +23,32 @@ def quiet(*_):
 
 
 def test_a_full_disk_at_checkpoint_time_is_one_line_and_leaves_no_temp_folder(tmp_path, cache_dir, monkeypatch):
+    """A real failed write, not a mocked one: the second checkpoint is written under a file-size limit (the kernel
+    refuses writes past it, as a full disk does) that its weights fit and its optimizer state does not. torch.save
+    straight to the file turned that into an opaque RuntimeError."""
+    import resource
+    import signal
+
+    from egmla.train import checkpoint
+
     run, run_dir = run_config(cache_dir), tmp_path / "run"  # checkpoints at steps 4, 8 and 12
-    real_save, saved = torch.save, []
+    real_save, calls = checkpoint.save_checkpoint, []
 
-    def save_until_the_disk_is_full(obj, path, *args, **kwargs):
-        saved.append(path)
-        if len(saved) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_save(obj, path, *args, **kwargs)
+    def save_on_a_full_disk(run_dir, step, *args, **kwargs):
+        calls.append(step)
+        if len(calls) != 2:
+            return real_save(run_dir, step, *args, **kwargs)
+        weights = (list_checkpoints(run_dir)[-1] / "model.safetensors").stat().st_size
+        limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (weights + 4096, limits[1]))
+        try:
+            return real_save(run_dir, step, *args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, handler)
 
-    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
-    with pytest.raises(StorageError, match=r"^No space left on device: .*step_00000008/optimizer.pt \(training into "
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_on_a_full_disk)
+    with pytest.raises(StorageError, match=r"^File too large: .*step_00000008/optimizer.pt \(training into "
                                            r".*\); the checkpoints in .* are intact: free space and continue with "
                                            r"`egmla train --resume .*`$"):
         train(run, run_dir, progress=False, log=quiet)
@@ -99,3 +115,62 @@ def test_a_run_that_fails_before_its_first_checkpoint_does_not_take_runs_latest(
     failed = [p for p in (tmp_path / "runs").iterdir() if p.name != "latest" and p != good]
     assert len(failed) == 1 and (failed[0] / "config.json").is_file() and not list_checkpoints(failed[0])
     assert latest.resolve() == good  # still the run with a checkpoint
+
+
+def test_train_settings_changed_on_resume_are_kept_for_the_next_resume(tmp_path, cache_dir, capsys):
+    """`--resume RUN --set train.steps=8`, a crash, then a plain `--resume RUN` (what the README says to run): the
+    run continues to step 8. (config.json kept the old settings: the plain resume declared the run finished at 6.)"""
+    run_dir = tmp_path / "run"
+    train(run_config(cache_dir, train=dict(steps=4, checkpoint_every=2)), run_dir, progress=False, log=quiet)
+    assert train_main(["--resume", str(run_dir), "--no-progress", "--set", "train.steps=8"]) == 0
+    assert "changed on resume, kept in" in capsys.readouterr().out
+    assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 8
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000008")  # the crash: killed after step 6's checkpoint
+    assert train_main(["--resume", str(run_dir), "--no-progress"]) == 0
+    assert sorted(train_losses(run_dir)) == list(range(1, 9))
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+
+
+def test_resume_refuses_another_seed_and_another_folder(tmp_path, cache_dir, capsys):
+    run_dir = tmp_path / "run"
+    train(run_config(cache_dir, train=dict(steps=2, checkpoint_every=2)), run_dir, progress=False, log=quiet)
+    assert train_main(["--resume", str(run_dir), "--no-progress", "--set", "train.seed=5"]) == 2
+    assert "train.seed=5: the run was started with seed 0, which orders its data" in capsys.readouterr().err
+    assert train_main(["--resume", str(run_dir), "--run-dir", str(tmp_path / "elsewhere"), "--no-progress"]) == 2
+    assert "a resumed run continues in its own folder" in capsys.readouterr().err
+
+
+def test_a_metrics_line_cut_short_does_not_block_the_resume(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    train(run_config(cache_dir, train=dict(steps=4, checkpoint_every=2)), run_dir, progress=False, log=quiet)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 5, "lo')  # a full disk mid-write
+    messages = []
+    train(run_config(cache_dir, train=dict(steps=6, checkpoint_every=2)), run_dir, resume=True, progress=False,
+          log=messages.append)
+    assert any("dropped 1 line(s) cut short" in m for m in messages)
+    assert sorted(train_losses(run_dir)) == list(range(1, 7))
+
+
+def test_a_finished_run_resumed_logs_its_validation_once(tmp_path, cache_dir):
+    run, run_dir = run_config(cache_dir), tmp_path / "run"
+    train(run, run_dir, progress=False, log=quiet)
+    train(run, run_dir, resume=True, progress=False, log=quiet)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "val"] == [6, 12]
+
+
+def test_a_stop_asked_during_the_last_step_finishes_the_run(tmp_path, cache_dir, monkeypatch):
+    """Ctrl-C (or the time limit) seen during the last step: that step runs anyway, so the run is complete, not
+    'interrupted'."""
+    real_step = trainer.train_step
+
+    def stop_during_the_last(*args, **kwargs):
+        loss, grad_norm, _ = real_step(*args, **kwargs)
+        return loss, grad_norm, float(args[8] == 11)  # step index 11: the 12th, last step
+
+    monkeypatch.setattr(trainer, "train_step", stop_during_the_last)
+    messages = []
+    summary = train(run_config(cache_dir), tmp_path / "run", progress=False, log=messages.append)
+    assert summary["steps"] == 12 and not summary.get("interrupted")
+    assert not any("interrupted" in m for m in messages)

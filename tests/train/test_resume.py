@@ -63,3 +63,18 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, cach
     assert "step_00000012 is unusable" in text and "checksum mismatch" in text
     assert "resuming from" in text and "step_00000008" in text
     assert train_losses(run_dir) == original  # steps 9-12 recomputed exactly
+
+
+def test_resuming_past_unusable_checkpoints_never_prunes_the_good_ones(tmp_path, cache_dir):
+    """Resumed from step 4 because step 8 is unusable, the run's new checkpoints replace that abandoned history: the
+    unusable step 8 goes, the new ones are kept. (It used to stay as the 'newest', so keeping one checkpoint pruned
+    every good one and left only step 8: the next resume had nothing to start from.)"""
+    run_dir = tmp_path / "run"
+    train(run_config(cache_dir, train=dict(steps=8, checkpoint_every=4, keep_checkpoints=2)), run_dir,
+          progress=False, log=lambda *_: None)
+    weights = run_dir / "checkpoints" / "step_00000008" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    train(run_config(cache_dir, train=dict(steps=7, checkpoint_every=3, keep_checkpoints=1)), run_dir, resume=True,
+          progress=False, log=lambda *_: None)
+    assert [folder.name for folder in list_checkpoints(run_dir)] == ["step_00000007"]
+    assert sorted(train_losses(run_dir)) == list(range(1, 8))
