@@ -1,7 +1,8 @@
 """Corpora: where training text comes from. Each corpus is an ordered stream of documents `(key, text)`.
 
     embedded        ~11 MB of public-domain English (Shakespeare, Milton) shipped inside the package
-    python-source   the *.py files of this Python installation (stdlib + site-packages), no download
+    python-source   the *.py files of this Python installation (stdlib + site-packages), no download; each
+                    content once (vendored and base-interpreter copies are the same text under other names)
     PATH or GLOB    local .txt / .jsonl (a text field) / .parquet files, read with `datasets` (comma-separated ok)
     hf:NAME         a Hugging Face hub dataset, streamed (e.g. hf:HuggingFaceFW/fineweb-edu)
 
@@ -31,6 +32,10 @@ from typing import Iterator
 from egmla.data.config import DataConfig
 
 CHUNK_BYTES = 16 * 1024
+# Bump when what a corpus yields for the same files changes (it keys the tokenizer and shard caches). v2 (2026-12-05):
+# python-source keeps each content once and leaves out a stdlib folder's own unimportable site-packages; local files
+# are keyed by file; a max_bytes cap cuts the last document instead of dropping it.
+CORPUS_RECIPE = "corpora-v2"
 PYTHON_FILE_MAX_BYTES = 1 << 20  # larger .py files are mostly generated tables
 HUB_PROBE_TIMEOUT_S = 3.0  # no answer from the hub in this time: offline
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -76,6 +81,10 @@ def python_source_files(roots: list[tuple[str, Path]] | None = None) -> list[tup
 @functools.lru_cache(maxsize=4)
 def _list_python_files(roots: tuple[tuple[str, Path], ...]) -> tuple[tuple[str, Path, int], ...]:
     root_paths = {str(path) for _, path in roots}
+    # a stdlib folder's own site-packages is importable only where it is a root itself (in a venv it is not:
+    # the base interpreter's packages, often other versions of the venv's)
+    packages = {str(path / name) for label, path in roots if "stdlib" in label
+                for name in ("site-packages", "dist-packages")}
     files: dict[tuple[int, int], tuple[str, Path, int]] = {}  # (device, inode) -> file: hard/sym links once
 
     def walk(folder: str, label: str, prefix: str) -> None:
@@ -86,7 +95,7 @@ def _list_python_files(roots: tuple[tuple[str, Path], ...]) -> tuple[tuple[str, 
         for entry in entries:
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    if entry.name != "__pycache__" and entry.path not in root_paths:
+                    if entry.name != "__pycache__" and entry.path not in root_paths and entry.path not in packages:
                         walk(entry.path, label, f"{prefix}{entry.name}/")
                 elif entry.name.endswith(".py"):
                     info = entry.stat()
@@ -102,18 +111,43 @@ def _list_python_files(roots: tuple[tuple[str, Path], ...]) -> tuple[tuple[str, 
 
 
 def python_source_documents(max_bytes: int = 0, roots=None) -> Iterator[Document]:
-    """The files in an order fixed by a hash of their key, so a size cap takes an unbiased sample."""
-    files = sorted(python_source_files(roots), key=lambda f: _hash64(f[0]))
-    total = 0
-    for key, path, _ in files:
+    """The files in an order fixed by a hash of their key, so a size cap takes an unbiased sample (the last file cut
+    at the cap); a content found under several keys (a vendored copy: pip/_vendor/urllib3 beside urllib3) only
+    under the smallest, so that no text is both trained on and held out."""
+    files = python_source_files(roots)
+    keep = _first_of_each_content(files)
+
+    def documents() -> Iterator[Document]:
+        for key, path, _ in sorted(files, key=lambda f: _hash64(f[0])):
+            if key in keep:
+                try:
+                    yield key, path.read_bytes().decode("utf-8")
+                except (OSError, UnicodeDecodeError):
+                    continue  # unreadable or not UTF-8: skip, deterministically
+
+    yield from _capped(documents(), max_bytes)
+
+
+def _first_of_each_content(files: list[tuple[str, Path, int]]) -> set[str]:
+    """The keys to keep: every file but those whose bytes equal a file of a smaller key (only files of a size that
+    occurs more than once are read for it)."""
+    sizes: dict[int, int] = {}
+    for _, _, size in files:
+        sizes[size] = sizes.get(size, 0) + 1
+    owner: dict[tuple[int, bytes], str] = {}
+    keep = set()
+    for key, path, size in files:  # sorted by key: the first holder of a content is its smallest key
+        if sizes[size] == 1:
+            keep.add(key)
+            continue
         try:
-            text = path.read_bytes().decode("utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue  # unreadable or not UTF-8: skip, deterministically
-        if max_bytes and total + len(text) > max_bytes:
-            break
-        total += len(text)
-        yield key, text
+            digest = (size, hashlib.sha256(path.read_bytes()).digest())
+        except OSError:
+            continue
+        if digest not in owner:
+            owner[digest] = key
+            keep.add(key)
+    return keep
 
 
 def resolve_local_files(spec: str) -> list[Path]:
@@ -151,18 +185,17 @@ def dataset_documents(path: str, data_files: list[str] | None, config: DataConfi
     kwargs = {"sample_by": "document"} if path == "text" else {}
     stream = datasets.load_dataset(path, name=config.hf_config or None, data_files=data_files,
                                    split=config.hf_split, streaming=True, **kwargs)
-    total = 0
-    for index, row in enumerate(stream):
-        if config.text_field not in row:
-            raise CorpusError(f"data.text_field={config.text_field!r}: {source} rows have fields "
-                             f"{sorted(row)}; set data.text_field to the one holding the text")
-        text = row[config.text_field]
-        if not isinstance(text, str) or not text:
-            continue
-        if max_bytes and total + len(text) > max_bytes:
-            break
-        total += len(text)
-        yield f"{source}#{index}", text
+    def documents() -> Iterator[Document]:
+        for row in stream:
+            if config.text_field not in row:
+                raise CorpusError(f"data.text_field={config.text_field!r}: {source} rows have fields "
+                                 f"{sorted(row)}; set data.text_field to the one holding the text")
+            text = row[config.text_field]
+            if isinstance(text, str) and text:  # keyed by content: a row's side of the split does not move when
+                # rows or files are added before it, and a text repeated anywhere is held out (or not) everywhere
+                yield f"{source}#{hashlib.sha256(text.encode()).hexdigest()[:24]}", text
+
+    yield from _capped(documents(), max_bytes)
 
 
 def check_hub_reachable(corpus: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> None:
@@ -280,7 +313,8 @@ def corpus_fingerprint(config: DataConfig) -> str:
     embedded: the shipped file's hash; python-source and local files: paths, sizes and mtimes;
     hub datasets: name, config and split (a changed hub dataset needs a new data.cache_dir)."""
     corpus = config.corpus.strip()
-    parts: dict = {"corpus": corpus, "max_bytes": config.max_bytes, "text_field": config.text_field}
+    parts: dict = {"corpus": corpus, "max_bytes": config.max_bytes, "text_field": config.text_field,
+                   "recipe": CORPUS_RECIPE}
     if corpus == "embedded":
         from egmla.data.build_embedded import EMBEDDED_PATH
 
@@ -339,11 +373,15 @@ def chunk_text(text: str, size: int = CHUNK_BYTES) -> list[str]:
 
 def split_chunks(documents: Iterator[Document], val_fraction: float,
                  by: str = "chunk") -> Iterator[tuple[str, str, bool]]:
-    """(split, chunk text, ends_document) for every chunk; split is 'train' or 'val', decided by the
-    hash of `key@chunk_index` (by='chunk') or of the document's key (by='document': data.split)."""
+    """(split, chunk text, ends_run) for every chunk; split is 'train' or 'val', decided by the hash of
+    `key@chunk_index` (by='chunk') or of the document's key (by='document': data.split). ends_run: the chunk ends
+    its document's run of consecutive chunks in that split (the document's last chunk, or the next one goes to
+    the other split): an end-of-text separator follows it there, so that a split's stream never runs one document's
+    text into another's (or into a later, non-adjacent part of the same one) unmarked."""
     for key, text in documents:
         pieces = chunk_text(text)
         whole = by == "document" and is_validation_document(key, val_fraction)
+        splits = ["val" if (whole if by == "document" else is_validation(f"{key}@{index}", val_fraction)) else "train"
+                  for index in range(len(pieces))]
         for index, piece in enumerate(pieces):
-            held_out = whole if by == "document" else is_validation(f"{key}@{index}", val_fraction)
-            yield "val" if held_out else "train", piece, index == len(pieces) - 1
+            yield splits[index], piece, index == len(pieces) - 1 or splits[index + 1] != splits[index]

@@ -20,7 +20,7 @@ from egmla.data.config import DataConfig
 from egmla.data.corpora import CHUNK_BYTES, corpus_fingerprint, iter_documents, split_chunks
 from egmla.data.tokenizer import TOKENIZER_RECIPE, tokenizer_sha256
 
-SHARD_RECIPE = "shards-v1"
+SHARD_RECIPE = "shards-v2"  # v2: an end-of-text wherever a split's stream changes document
 ENCODE_BATCH_BYTES = 4 << 20  # text handed to the tokenizer's parallel encoder at once
 
 
@@ -72,8 +72,8 @@ def _write_shards(config: DataConfig, tokenizer, folder: Path, progress: bool) -
 
     def flush():
         encodings = tokenizer.encode_batch([text for _, text, _ in pending], add_special_tokens=False)
-        for (split, _, ends_document), encoding in zip(pending, encodings):
-            ids = encoding.ids + [0] if ends_document else encoding.ids
+        for (split, _, ends_run), encoding in zip(pending, encodings):
+            ids = encoding.ids + [0] if ends_run else encoding.ids
             np.asarray(ids, dtype=dtype).tofile(files[split])
             counts[split] += len(ids)
         pending.clear()
@@ -82,8 +82,8 @@ def _write_shards(config: DataConfig, tokenizer, folder: Path, progress: bool) -
     try:
         pending_bytes = 0
         chunks = split_chunks(iter_documents(config), config.val_fraction, config.split)
-        for split, text, ends_document in chunks:
-            pending.append((split, text, ends_document))
+        for split, text, ends_run in chunks:
+            pending.append((split, text, ends_run))
             chars[split] += len(text)
             pending_bytes += len(text)
             bar.update(len(text))

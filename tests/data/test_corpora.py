@@ -29,19 +29,20 @@ def test_hash_split_is_deterministic_and_near_the_fraction():
     assert [is_validation(k, 0.05) for k in keys[:100]] == [is_validation(k, 0.05) for k in keys[:100]]
     chunks = list(split_chunks(iter([("a", "x\n" * 30000), ("b", "y\n")]), 0.3))
     assert {split for split, _, _ in chunks} == {"train", "val"}
-    assert [ends for _, _, ends in chunks].count(True) == 2  # one document end per document
+    # a separator after each document's last chunk and wherever its next chunk goes to the other split
+    splits = [split for split, _, _ in chunks]
+    runs_ending = [i == len(chunks) - 1 or i == len(chunks) - 2 or splits[i + 1] != splits[i]
+                   for i in range(len(chunks))]  # (b is one chunk: a's last chunk is the second to last)
+    assert [ends for _, _, ends in chunks] == runs_ending and 2 < sum(runs_ending) < len(chunks)
 
 
 def sides_per_document(documents, val_fraction, by):
-    """{key: set of splits its chunks went to}, read off split_chunks (a document's chunks come in a row,
-    the last one marked ends_document)."""
+    """{key: set of splits its chunks went to}, read off split_chunks (a document's chunks come in a row)."""
     documents = list(documents)
-    keys, sides = iter(key for key, _ in documents), {}
-    key = next(keys)
-    for split, _, ends_document in split_chunks(iter(documents), val_fraction, by):
+    owners = [key for key, text in documents for _ in chunk_text(text)]
+    sides = {}
+    for key, (split, _, _) in zip(owners, split_chunks(iter(documents), val_fraction, by), strict=True):
         sides.setdefault(key, set()).add(split)
-        if ends_document:
-            key = next(keys, None)
     return sides
 
 
@@ -50,12 +51,13 @@ MULTI_CHUNK = [(f"stdlib/pkg{i}/mod{i}.py", "".join(f"line {j} of {i}\n" for j i
 
 
 def test_chunk_split_is_the_one_the_committed_records_used():
-    """split='chunk' (the default, and what every record before issue 18 trained on) is unchanged: the
-    digest of every chunk's (split, length, ends_document), taken before the document split was added."""
-    chunks = [(split, len(text), ends) for split, text, ends in split_chunks(iter(MULTI_CHUNK), 0.1)]
+    """split='chunk' (the default, and what every record before issue 18 trained on) is unchanged: the digest of
+    every chunk's (split, length), computed from the code before the document split was added (its digest with
+    the old ends_document flags was 03a41794...; the flags changed on 2026-12-05, the sides did not)."""
+    chunks = [(split, len(text)) for split, text, _ in split_chunks(iter(MULTI_CHUNK), 0.1)]
     assert hashlib.sha256(repr(chunks).encode()).hexdigest() == \
-        "03a417942bdba18f4a77aa2396dd2daf75c4f1870ebb888393809676ccc3733b"
-    assert chunks == [(s, len(t), e) for s, t, e in split_chunks(iter(MULTI_CHUNK), 0.1, "chunk")]
+        "9285460206b30d9441835b855cf1893417ac10399fed7a394f5cf1ea7ab2c274"
+    assert chunks == [(s, len(t)) for s, t, _ in split_chunks(iter(MULTI_CHUNK), 0.1, "chunk")]
     assert DataConfig().split == "chunk"
 
 
@@ -101,6 +103,25 @@ def test_python_source_collects_each_file_once_in_a_fixed_order(tmp_path):
     assert [k for k, _ in python_source_documents(max_bytes=cap, roots=roots)] == [documents[0][0]]
 
 
+def test_python_source_keeps_each_content_once_and_skips_an_unimportable_site_packages(tmp_path):
+    """A vendored copy (the same bytes under another key) is one document, under its smallest key: with the
+    document split it could otherwise be trained on under one key and held out under the other. A stdlib folder's
+    own site-packages that is not a root (a venv's base interpreter's) is not this installation's."""
+    stdlib, purelib = tmp_path / "lib", tmp_path / "venv" / "site-packages"
+    (stdlib / "site-packages" / "oldpkg").mkdir(parents=True)
+    (purelib / "pip" / "_vendor" / "urllib3").mkdir(parents=True)
+    (purelib / "urllib3").mkdir(parents=True)
+    retry = "class Retry:\n    total = 10\n"
+    (purelib / "urllib3" / "retry.py").write_text(retry)
+    (purelib / "pip" / "_vendor" / "urllib3" / "retry.py").write_text(retry)
+    (purelib / "urllib3" / "other.py").write_text("class Retry:\n    total = 11\n")  # same size, other bytes
+    (stdlib / "site-packages" / "oldpkg" / "mod.py").write_text("x = 1\n")
+    (stdlib / "os_like.py").write_text("import os\n")
+    roots = [("purelib", purelib), ("stdlib", stdlib)]
+    keys = sorted(key for key, _ in python_source_documents(roots=roots))
+    assert keys == ["purelib/pip/_vendor/urllib3/retry.py", "purelib/urllib3/other.py", "stdlib/os_like.py"]
+
+
 def test_python_source_of_this_installation_without_datasets(monkeypatch):
     """The GPU image has no `datasets`: python-source (and embedded) must not import it."""
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
@@ -134,9 +155,14 @@ def test_local_txt_jsonl_and_globs(local_files):
     docs = list(iter_documents(DataConfig(corpus=str(local_files / "p.parquet"), text_field="body")))
     assert [t for _, t in docs] == ["parquet one", "parquet two"]
     capped = list(iter_documents(DataConfig(corpus=str(local_files / "rows.jsonl"), max_bytes=9)))
-    assert [t for _, t in capped] == ["row 0"]
+    assert [t for _, t in capped] == ["row 0", "row "]  # the cap cuts the last document, as for every corpus
     assert corpus_fingerprint(DataConfig(corpus=str(local_files / "*.txt"))) != corpus_fingerprint(
         DataConfig(corpus=str(local_files / "a.txt")))
+    # keyed by content: a file added before the others moves no document to the other side of the split
+    keys = dict((t, k) for k, t in iter_documents(DataConfig(corpus=str(local_files / "*.txt"))))
+    (local_files / "0.txt").write_text("An earlier file.\n")
+    after = dict((t, k) for k, t in iter_documents(DataConfig(corpus=str(local_files / "*.txt"))))
+    assert all(after[text] == key for text, key in keys.items()) and len(after) == 3
 
 
 def test_local_file_errors_name_the_fix(local_files):

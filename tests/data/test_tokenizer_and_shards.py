@@ -88,3 +88,24 @@ def test_unigram_statistics():
     stats = unigram_statistics(uniform, uniform[:100], vocab_size=4)
     assert stats["train_unigram_entropy"] == pytest.approx(math.log(4))
     assert stats["val_unigram_cross_entropy"] == pytest.approx(-math.log(251 / 1004))
+
+
+def test_the_chunk_split_never_runs_two_documents_or_two_pieces_together(tmp_path):
+    """split='chunk' sends a document's chunks to both sides: each split's stream must separate what is not
+    contiguous text (another document, or a later chunk of the same one) by an end-of-text. It did so only after
+    a document's last chunk, so a validation stream of several documents held no separator at all."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for doc in range(6):  # ~5 chunks of 16 KB each
+        (folder / f"doc{doc}.txt").write_text("".join(f"doc {doc} line {line:05d}\n" for line in range(4000)))
+    config = DataConfig(corpus=str(folder / "*.txt"), val_fraction=0.3, cache_dir=str(tmp_path / "cache"))
+    tokenizer, shards = prepare_data(config, 400, progress=False, log=lambda *_: None)
+    for split in ("train", "val"):
+        stream = tokenizer.decode(shards.tokens(split).tolist(), skip_special_tokens=False)
+        pieces = [piece for piece in stream.split(END_OF_TEXT) if piece]
+        assert len(pieces) > 1, split
+        for piece in pieces:  # one document's consecutive lines
+            lines = [line.split() for line in piece.splitlines()]
+            assert len({doc for _, doc, _, _ in lines}) == 1, split
+            numbers = [int(number) for *_, number in lines]
+            assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), split
