@@ -13,6 +13,8 @@ the GPU or, when offloaded to host memory (egmla.infer.offload), not. GB means 1
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from egmla.accounting import measured_cache_bytes_per_token, variant_configs
@@ -68,7 +70,7 @@ def decode_workspace_bytes(config: ModelConfig, decode_path: str, context: int, 
         return 0
     from egmla.kernels import grouped_workspace_bytes
 
-    distinct = min(context, config.vocab_size) if distinct_ids is None else min(distinct_ids, context)
+    distinct = min(context, config.vocab_size, distinct_ids or context)
     return grouped_workspace_bytes(config.n_heads, config.kv_lora_rank, config.v_head_dim, context, distinct, item)
 
 
@@ -100,6 +102,11 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
     def fit(resident: float, extra: float = 0.0) -> int:
         return max(0, int((budget - resident) // (per_sequence + extra)))
 
+    from egmla.infer.offload import OFFLOADABLE_PATHS
+
+    # an offload serves the paths that gather gate rows by id; 'kernel' and 'grouped' read whole tables
+    offloadable = not config.is_gated or path in OFFLOADABLE_PATHS
+
     return {
         "variant": config.variant_name(),
         "attention": config.attention,
@@ -110,7 +117,7 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
         "derived_weight_bytes": derived,  # part of weight_bytes: copies the decode path derives from the weights
         "gate_table_bytes": tables,
         "sequences": fit(weights + tables),
-        "sequences_gate_tables_offloaded": fit(weights),
+        "sequences_gate_tables_offloaded": fit(weights) if offloadable else None,
         "decode_workspace_bytes_per_sequence": workspace,
         "sequences_with_decode_workspace": fit(weights + tables, workspace),
     }
@@ -132,7 +139,7 @@ def auto_plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: st
         return grouped
     below = -(-GROUPED_MIN_POSITIONS // context) - 1  # the most sequences that still run on the CUDA default
     for column in ("sequences", "sequences_gate_tables_offloaded", "sequences_with_decode_workspace"):
-        row[column] = min(row[column], below)
+        row[column] = min(row[column], below) if row[column] is not None else None
     return row
 
 
@@ -141,8 +148,10 @@ def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "b
               distinct_ids: int | None = None, merged_products: bool = True) -> list[dict]:
     """The model `base` and the same shape under every other variant (egmla.accounting.variant_configs),
     with ratios of sequences against MHA and MLA kv256."""
-    if context <= 0 or memory_gb <= 0:
-        raise ValueError(f"context={context}, memory_gb={memory_gb}: both must be positive")
+    if context <= 0 or not 0 < memory_gb < math.inf:
+        raise ValueError(f"context={context}, memory_gb={memory_gb}: both must be positive and finite")
+    if not 0 <= reserve_gb < math.inf:
+        raise ValueError(f"reserve_gb={reserve_gb}: must be >= 0 and finite (memory set aside, not added)")
     if distinct_ids is not None and distinct_ids <= 0:
         raise ValueError(f"distinct_ids={distinct_ids}: must be positive (distinct token ids per sequence)")
     if dtype not in DTYPES:
@@ -161,13 +170,16 @@ def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "b
         for row in rows:
             for column in ("sequences", "sequences_gate_tables_offloaded"):
                 denominator = ref[column] if ref else 0
-                row[f"{column}_{key}"] = row[column] / denominator if denominator else None
+                row[f"{column}_{key}"] = row[column] / denominator if denominator and row[column] is not None else None
     return rows
 
 
 def format_plan(rows: list[dict], title: str) -> str:
     def ratio(value):
         return f"{value:.2f}x" if value is not None else "-"
+
+    def count(value):
+        return f"{value:,}" if value is not None else "-"
 
     header = (f"{'variant':<27} {'cache B/tok':>11} {'MB/seq':>8} {'weights GB':>10} {'gates GB':>8} "
               f"{'seqs':>7} {'vs MHA':>7} {'vs MLA256':>9} {'seqs, gates off GPU':>19} {'vs MHA':>7} {'vs MLA256':>9}")
@@ -178,12 +190,13 @@ def format_plan(rows: list[dict], title: str) -> str:
         lines.append(
             f"{name:<27} {r['cache_bytes_per_token']:>11,.0f} {r['cache_bytes_per_sequence'] / 1e6:>8.1f} "
             f"{r['weight_bytes'] / GB:>10.3f} {gates:>8} {r['sequences']:>7,} {ratio(r['sequences_vs_mha']):>7} "
-            f"{ratio(r['sequences_vs_mla_kv256']):>9} {r['sequences_gate_tables_offloaded']:>19,} "
+            f"{ratio(r['sequences_vs_mla_kv256']):>9} {count(r['sequences_gate_tables_offloaded']):>19} "
             f"{ratio(r['sequences_gate_tables_offloaded_vs_mha']):>7} "
             f"{ratio(r['sequences_gate_tables_offloaded_vs_mla_kv256']):>9}")
     lines.append("* = the model asked about. seqs: gate tables on the GPU; 'gates off GPU': gate tables in host "
                  "memory (--offload-gate-tables), rows gathered per step; the device then still holds the rows of the "
-                 "batch's distinct ids (not counted here, at most the tables' size).")
+                 "batch's distinct ids (not counted here, at most the tables' size); '-' where the decode path reads "
+                 "whole tables (kernel, grouped) and cannot offload them.")
     lines.append("weights: the parameters and the copies a GPU decode step derives from them (folded absorption, "
                  "merged products); cache B/tok measured from an allocated cache (EG-MLA includes its 4 B token id); "
                  "GB = 1e9 B; activations and allocator slack are not counted (use --reserve-gb).")

@@ -140,3 +140,28 @@ def test_plan_counts_what_the_decode_path_derives_from_the_weights(capsys):
                        "kernel", "--no-merged-products", "--json"]) == 0
     rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert rows["MLA kv64"]["derived_weight_bytes"] == folded_only * 2  # bf16
+
+
+def test_paths_that_read_whole_gate_tables_plan_no_offload():
+    """An offload serves 'naive', 'gate-table' and 'absorbed' (egmla.infer.offload); on 'kernel' or 'grouped' the
+    'gates off GPU' column would be a batch no engine can run: none there, counts elsewhere."""
+    base = preset("paper-base", max_seq_len=4096)
+    for path, offloadable in (("grouped", False), ("kernel", False), ("auto", False), ("gate-table", True), (None, True)):
+        rows = {r["variant"]: r for r in plan_rows(base, 4096, 60, decode_path=path)}
+        assert (rows["EG-MLA kv64"]["sequences_gate_tables_offloaded"] is not None) == offloadable, path
+        assert rows["MLA kv64"]["sequences_gate_tables_offloaded"] == rows["MLA kv64"]["sequences"]  # no tables
+
+
+@pytest.mark.parametrize("kwargs, error", [(dict(reserve_gb=-10), "reserve_gb=-10: must be >= 0"),
+                                           (dict(memory_gb=float("inf")), "memory_gb=inf: both must be positive"),
+                                           (dict(memory_gb=float("nan")), "memory_gb=nan: both must be positive")])
+def test_plan_refuses_memory_it_cannot_plan(kwargs, error):
+    args = dict(context=4096, memory_gb=60.0) | kwargs
+    with pytest.raises(ValueError, match=error):
+        plan_rows(preset("paper-base"), **args)
+
+
+def test_distinct_ids_beyond_the_vocabulary_count_the_vocabulary():
+    config = preset("paper-base", max_seq_len=65536)
+    most = plan_row(config, 65536, 60, decode_path="grouped")
+    assert plan_row(config, 65536, 60, decode_path="grouped", distinct_ids=10**6) == most
