@@ -8,8 +8,12 @@ decode tokens/s, cache size and peak device memory, and the ratio of tokens/s to
 same batch. Medians over `--repeats` runs after one warm-up.
 
 `--fill-memory GB --context T` runs each variant at the largest batch whose cache fits GB at T positions
-(`egmla plan`'s number): the prompts are real-text windows, each prefilled once and copied to the rows that
-repeat it (the engine does that for repeated prompts), and every decode step is the real one.
+(`egmla plan`'s number): the prompts are every distinct real-text window of that length the corpus holds (up to
+FILL_PROMPTS; ~740 at 4,089 tokens of the embedded corpus), each prefilled once and copied to the rows that repeat
+it (the engine does that for repeated prompts). Greedy decoding continues a repeated prompt alike, so a step sees
+only that many sequences' distinct ids: EG-MLA's gate rows then come from fewer distinct ids than a batch of as
+many different texts would read (until 2026-12-05 only 32 windows were used: ~39 MB of gate rows, which fit the
+H200's L2, flattering EG-MLA's full-memory rows).
 
 Prompt ids come from real text (docs/design.md §4: EG-MLA's gate-row traffic depends on how often ids
 repeat): windows of the embedded English corpus, tokenized with the run's tokenizer or, for random weights,
@@ -22,6 +26,7 @@ import statistics
 import time
 
 DEFAULT_PATHS = "auto"
+FILL_PROMPTS = 1024  # distinct prompts of a --fill-memory run at most (each 4K-token prompt is ~0.2 MB of ids)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,8 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(egmla/bench/summary.py)")
 
 
-def run_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
-    """`count` prompts of `length` ids: consecutive windows of the embedded corpus in the run's tokenizer."""
+def run_prompts(tokenizer, count: int, length: int, fewer: bool = False) -> list[list[int]]:
+    """`count` prompts of `length` ids: consecutive windows of the embedded corpus in the run's tokenizer (fewer:
+    as many as it holds, if that is less)."""
     from egmla.data.corpora import embedded_documents
 
     ids: list[int] = []
@@ -92,6 +98,8 @@ def run_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
         ids += tokenizer.encode(text).ids
         if len(ids) >= count * length:
             return [ids[i * length:(i + 1) * length] for i in range(count)]
+    if fewer and len(ids) >= length:
+        return [ids[i * length:(i + 1) * length] for i in range(len(ids) // length)]
     raise ValueError(f"--prompt-len {length} x batch {count}: the corpus has only {len(ids)} tokens")
 
 
@@ -197,14 +205,18 @@ def main(args) -> int:
 
         trained, _ = load_model(args.run, device=device, dtype=dtype)
         base, source = trained.config, f"run {args.run}"
-        distinct = run_prompts(load_tokenizer(args.run), 32 if args.fill_memory else max(batch_sizes), prompt_len)
+        distinct = run_prompts(load_tokenizer(args.run), FILL_PROMPTS if args.fill_memory else max(batch_sizes),
+                               prompt_len, fewer=bool(args.fill_memory))
     else:
         from egmla.bench.token_ids import text_token_ids
 
         name = args.preset if args.preset != "auto" else ("paper-base" if device.type == "cuda" else "tiny")
         base = preset(name, **parse_overrides(args.overrides, section="model"))
         source = f"preset {name}, random weights"
-        distinct = text_token_ids(max(batch_sizes) if not args.fill_memory else 32, prompt_len,
+        if args.fill_memory:  # every distinct window the text holds, up to FILL_PROMPTS
+            available = text_token_ids(1, prompt_len, base.vocab_size)[1]["tokens_available"]
+            windows = max(1, min(FILL_PROMPTS, available // prompt_len))
+        distinct = text_token_ids(windows if args.fill_memory else max(batch_sizes), prompt_len,
                                   base.vocab_size)[0].tolist()
     if prompt_len + args.new_tokens - 1 > base.max_seq_len:
         raise ValueError(f"prompt {prompt_len} + {args.new_tokens} new tokens exceeds max_seq_len={base.max_seq_len}: "
@@ -223,6 +235,7 @@ def main(args) -> int:
             "torch": torch.__version__, "prompt_len": prompt_len, "new_tokens": args.new_tokens,
             "overlap_host": not args.no_overlap,
             "repeats": args.repeats, "fill_memory_gb": args.fill_memory, "context": args.context,
+            "distinct_prompts": len(distinct),
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_identity(), "rows": rows}
 
     def record(row: dict, work) -> None:
@@ -316,16 +329,31 @@ def report(paths: list[str], markdown_path: str | None, plot_path: str | None = 
     from pathlib import Path
 
     metas = [json.loads(Path(p).read_text()) for p in paths]
-    keys = ("device", "prompt_len", "new_tokens", "fill_memory_gb", "context")
+    keys = ("device", "dtype", "source", "torch", "prompt_len", "new_tokens", "fill_memory_gb", "context")
     for meta in metas[1:]:
         differing = [k for k in keys if meta.get(k) != metas[0].get(k)]
         if differing:
             raise ValueError(f"--report: the files differ in {', '.join(differing)}: give files of one setting")
-    merged = {**metas[0], "rows": [row for meta in metas for row in meta["rows"]],
-              "repeats": max(meta["repeats"] for meta in metas)}
+    merged = {**metas[0], "rows": merge_runs(metas), "repeats": max(meta["repeats"] for meta in metas)}
     if plot_path:
         plot(merged, plot_path)
     return write_table(markdown(merged), markdown_path)
+
+
+def merge_runs(metas: list[dict]) -> list[dict]:
+    """The rows of several runs, each tagged with its run ("run": a row's Llama is the one timed in its own
+    process; a merged file keeps the tags it has). Llama's step moves by up to half between processes."""
+    rows, offset = [], 0
+    for meta in metas:
+        runs = {row.get("run", 0) for row in meta["rows"]}
+        rows += [{**row, "run": offset + row.get("run", 0)} for row in meta["rows"]]
+        offset += max(runs, default=0) + 1
+    return rows
+
+
+def llama_of(rows: list[dict]) -> dict:
+    """{(run, batch): Llama's decode tokens/s}: the anchor of each row is the Llama of its own run."""
+    return {(r.get("run", 0), r["batch"]): r["decode_tokens_per_s"] for r in rows if "Llama" in r["model"]}
 
 
 def plot(meta: dict, path: str) -> None:
@@ -339,7 +367,7 @@ def plot(meta: dict, path: str) -> None:
     rows = [r for r in meta["rows"] if "error" not in r]
     batches = sorted({r["batch"] for r in rows})
     series = list(dict.fromkeys((r["model"], r["variant"], r["decode_path"]) for r in rows))
-    llama = {r["batch"]: r["decode_tokens_per_s"] for r in rows if "Llama" in r["model"]}
+    llama = llama_of(rows)
     by_key = {(r["model"], r["variant"], r["decode_path"], r["batch"]): r for r in rows}
     fig, ax = plt.subplots(figsize=(10, 5.5))
     width = 0.8 / len(series)
@@ -350,7 +378,8 @@ def plot(meta: dict, path: str) -> None:
             if row:
                 xs.append(position + (index - (len(series) - 1) / 2) * width)
                 ys.append(row["decode_tokens_per_s"])
-                ratios.append(row["decode_tokens_per_s"] / llama[batch] if batch in llama else None)
+                anchor = llama.get((row.get("run", 0), batch))
+                ratios.append(row["decode_tokens_per_s"] / anchor if anchor else None)
         label = variant + (f" ({path_name})" if model == "egmla" else f", {model.split()[-1]}")
         bars = ax.bar(xs, ys, width, label=label)
         for bar, ratio in zip(bars, ratios):
@@ -428,17 +457,19 @@ def format_row(row: dict) -> str:
 def markdown(meta: dict) -> str:
     """The results side by side, per batch size, with tokens/s as a multiple of transformers' Llama's."""
     rows = [r for r in meta["rows"] if "error" not in r]
-    llama = {r["batch"]: r["decode_tokens_per_s"] for r in rows if "Llama" in r["model"]}
+    llama = llama_of(rows)  # each row against the Llama of its own run; none where its run timed none
     full = meta.get("fill_memory_gb")
     lines = [f"Generation on {meta['device']}, {meta['dtype']}, torch {meta['torch']}: {meta['source']}; "
              + (f"the largest batch whose cache fits {full:g} GB at {meta['context']} positions, "
                 if full else f"prompts of {meta['prompt_len']} tokens, ")
-             + f"{meta['new_tokens']} greedy tokens; medians of {meta['repeats']} runs.", "",
+             + f"{meta['new_tokens']} greedy tokens; medians of {meta['repeats']} runs."
+             + (f" Note: {meta['note']}." if meta.get("note") else ""), "",
              "| model | variant | decode path | batch | step ms | tokens/s | × Llama tokens/s | prefill ms |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    llama_full = next(iter(llama.values()), None) if full else None
+    llama_full = {run: tokens_per_s for (run, _), tokens_per_s in llama.items()} if full else {}
     for r in sorted(rows, key=lambda r: (0 if full else r["batch"], r["model"] != "egmla", r["variant"])):
-        anchor = llama_full if full else llama.get(r["batch"])
+        run = r.get("run", 0)
+        anchor = llama_full.get(run) if full else llama.get((run, r["batch"]))
         ratio = f"{r['decode_tokens_per_s'] / anchor:.2f}" if anchor else "-"
         graphs = " (eager)" if r.get("cuda_graphs") is False and meta["device"] != "cpu" else ""
         lines.append(f"| {r['model']} | {r['variant']} | {r['decode_path']}{graphs} | {r['batch']} | "

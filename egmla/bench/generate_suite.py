@@ -109,9 +109,9 @@ def suite(quick: bool) -> dict[str, list[list[str]]]:
         "_control": [[*shape, "--variants", "mla-kv64,egmla-kv64", "--paths", "kernel", "--batch-sizes", batches,
                       "--compare-hf"],
                      [*shape, "--variants", "egmla-kv64-bias", "--paths", "absorbed,gate-table",
-                      "--batch-sizes", batches]],
+                      "--batch-sizes", batches, "--compare-hf"]],  # each run its own anchors: Llama moves per process
         "_control_fill": [[*fill, "--variants", "mla-kv64", "--paths", "kernel", "--compare-hf"],
-                          [*fill, "--variants", "egmla-kv64-bias", "--paths", "absorbed"]],
+                          [*fill, "--variants", "egmla-kv64-bias", "--paths", "absorbed", "--compare-hf"]],
     }
 
 
@@ -159,8 +159,10 @@ def main(args) -> int:
         if len(parts) > 1:  # keep one JSON per table: the eager run's rows joined to the graph run's
             import json
 
+            from egmla.bench.generate import merge_runs
+
             metas = [json.loads(p.read_text()) for p in parts]
-            metas[0]["rows"] = [row for meta in metas for row in meta["rows"]]
+            metas[0]["rows"] = merge_runs(metas)  # tagged by run: each row keeps its own run's anchor
             stem.with_suffix(".json").write_text(json.dumps(metas[0], indent=2) + "\n")
             for part in parts:
                 part.unlink()

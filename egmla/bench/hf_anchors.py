@@ -45,12 +45,17 @@ def anchor_model(name: str, config: ModelConfig, max_positions: int, device, dty
 
 
 class _StepClock:
-    """A logits processor that records when each step's logits are ready for sampling."""
+    """A logits processor that records when each step's logits are ready for sampling: it waits for them (on CUDA
+    generate() queues the prefill's kernels and calls processors before they ran, so the prefill's end would be
+    early; later steps are unchanged, transformers syncs on each one for its stop check anyway), as egmla's engine
+    times a step up to its tokens on the host."""
 
     def __init__(self):
         self.times: list[float] = []
 
     def __call__(self, input_ids, scores):
+        if scores.is_cuda:
+            torch.cuda.synchronize(scores.device)
         self.times.append(time.perf_counter())
         return scores
 

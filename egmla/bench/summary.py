@@ -56,11 +56,16 @@ def summary_markdown(metas: list[dict]) -> str:
             if llama is None:
                 raise ValueError(f"--summary: no transformers Llama row{'' if full else f' at batch {batch}'} in a "
                                  "file: run `egmla bench generate` with --compare-hf")
+            anchors = {r.get("run", 0): r["decode_tokens_per_s"] for r in here if "Llama" in r["model"]}
+
+            def ratio(row: dict) -> str:  # against the Llama of the row's own run (a merged file holds several)
+                anchor = anchors.get(row.get("run", 0))
+                return f"{row['decode_tokens_per_s'] / anchor:.2f}×" if anchor else "–"
+
             cells = []
             for key in keys:
                 mine = {r["decode_path"]: r for r in here if _series(r)[0] == key}
-                ratios = [f"{mine[p]['decode_tokens_per_s'] / llama['decode_tokens_per_s']:.2f}×"
-                          + (f" ({mine[p]['batch']:,})" if full else "") for p in paths[key] if p in mine]
+                ratios = [ratio(mine[p]) + (f" ({mine[p]['batch']:,})" if full else "") for p in paths[key] if p in mine]
                 cells.append(" / ".join(ratios))
             label = (f"largest batch in {full:g} GB of cache at {meta['context']:,} tokens (Llama: {llama['batch']:,})"
                      if full else str(batch))

@@ -31,15 +31,55 @@ def test_rows_anchors_profile_and_report(tmp_path, capsys):
     assert (tmp_path / "gen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def result_file(path, rows, **meta):
+    base = dict(benchmark="generate", device="NVIDIA H200", dtype="torch.bfloat16", torch="2.11", source="preset x",
+                prompt_len=2048, new_tokens=32, fill_memory_gb=None, context=None, repeats=1)
+    path.write_text(json.dumps({**base, **meta, "rows": rows}))
+    return str(path)
+
+
+def gen_row(model, variant, batch, tokens_per_s):
+    return dict(model=model, variant=variant, decode_path="kernel" if model == "egmla" else "static cache",
+                batch=batch, step_ms_median=batch / tokens_per_s * 1e3, step_ms_p90=1.0, decode_tokens_per_s=tokens_per_s,
+                prefill_ms=1.0)
+
+
+def test_merged_runs_divide_each_row_by_the_llama_of_its_own_run(tmp_path):
+    """Llama's step moves between processes: a row of one run must not be divided by another run's Llama. A run
+    without its own Llama gets no ratio; files of another dtype or torch are refused."""
+    from egmla.bench.generate import markdown, merge_runs
+    from egmla.bench.summary import summary_markdown
+
+    llama = "transformers LlamaForCausalLM"
+    first = result_file(tmp_path / "a.json", [gen_row("egmla", "MLA kv64", 32, 2000.0), gen_row(llama, "MHA", 32, 1000.0)])
+    second = result_file(tmp_path / "b.json", [gen_row("egmla", "EG-MLA kv64", 32, 900.0), gen_row(llama, "MHA", 32, 500.0)])
+    alone = result_file(tmp_path / "c.json", [gen_row("egmla", "EG-MLA kv64 gate-bias", 32, 800.0)])
+    metas = [json.loads(Path(p).read_text()) for p in (first, second, alone)]
+    merged = {**metas[0], "rows": merge_runs(metas)}
+    table = markdown(merged)
+    assert "| egmla | MLA kv64 | kernel | 32 | 16.00 | 2,000 | 2.00 |" in table
+    assert "| egmla | EG-MLA kv64 | kernel | 32 | 35.56 | 900 | 1.80 |" in table  # against 500, its own run's
+    assert "| egmla | EG-MLA kv64 gate-bias | kernel | 32 | 40.00 | 800 | - |" in table
+    summary = summary_markdown([merged])
+    assert "| 2.00× | 1.80× | – |" in summary
+    assert [r["run"] for r in merge_runs([merged, metas[0]])] == [0, 0, 1, 1, 2, 3, 3]  # tags kept, then offset
+    other = result_file(tmp_path / "d.json", [gen_row(llama, "MHA", 32, 1.0)], dtype="torch.float32")
+    with pytest.raises(ValueError, match="differ in dtype"):
+        report([first, other], None)
+
+
 def test_fill_memory_runs_the_planners_batch(tmp_path):
     path = tmp_path / "fill.json"
     assert run("generate", ["--preset", "tiny", "--variants", "egmla-kv64", "--paths", "grouped", "--fill-memory",
                             "0.002", "--context", "24", "--new-tokens", "3", "--repeats", "1", "--json", str(path)]) == 0
-    [row] = json.loads(path.read_text())["rows"]
+    meta = json.loads(path.read_text())
+    [row] = meta["rows"]
     import torch
 
     expected = fill_batch(variant_config("egmla-kv64", "tiny"), "grouped", 0.002, 24, torch.float32)
-    assert row["batch"] == expected > 32 and "error" not in row  # more sequences than its 32 prompts: rows copied
+    assert row["batch"] == expected > 32 and "error" not in row
+    # every distinct window of the text up to FILL_PROMPTS (it once was 32, copied to all rows)
+    assert meta["distinct_prompts"] == 1024 > row["batch"]
     assert row["cache_mb"] <= 2.0
 
 
