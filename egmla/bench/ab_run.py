@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,9 @@ def resolve_tree(label: str, source: str, out: Path) -> Path:
         rev = source[4:]
         repo = Path(__file__).resolve().parents[2]
         tree = out / "trees" / label
-        tree.mkdir(parents=True, exist_ok=True)
+        if tree.exists():  # an earlier export of another commit: files it had and this one lacks must not survive
+            shutil.rmtree(tree)
+        tree.mkdir(parents=True)
         archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "egmla", "pyproject.toml"],
                                  capture_output=True, check=False)
         if archive.returncode != 0:

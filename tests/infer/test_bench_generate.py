@@ -309,3 +309,13 @@ def test_bench_ab_runs_each_version_from_its_own_tree(tmp_path):
         run("ab", ["--version", f"a={tmp_path}", "--version", f"b={repo}", "--out", str(out), *generate])
     with pytest.raises(ValueError, match="must not hold --json"):
         run("ab", ["--version", f"a={repo}", "--version", f"b={edited}", "--out", str(out), *generate, "--json", "x"])
+
+
+def test_a_git_export_replaces_an_earlier_one_of_the_same_label(tmp_path):
+    from egmla.bench.ab_run import resolve_tree
+
+    stale = tmp_path / "trees" / "old" / "egmla" / "left_from_another_commit.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("x = 1\n")
+    tree = resolve_tree("old", "git:HEAD", tmp_path)
+    assert (tree / "egmla" / "__init__.py").is_file() and not stale.exists()
