@@ -98,8 +98,8 @@ def load_runs(folders: list[Path]) -> dict[Budget, dict[tuple[str, int], list[Ru
             continue
         for group in load_groups(Path(folder)).values():
             for row in group["rows"]:
-                if row.get("final_val_loss") is None:
-                    continue
+                if row.get("final_val_loss") is None or not math.isfinite(row["final_val_loss"]):
+                    continue  # not finished, or diverged: never a side of a pair
                 curve = {m["step"]: m["val_loss"] for m in group["metrics"][row["name"]] if m.get("kind") == "val"}
                 run = Run(row["final_val_loss"], curve, row["tokens"] // max(curve), corpus_fields(row))
                 found = runs.setdefault(Budget(row["tokens"], row.get("split", "chunk")), {}).setdefault(

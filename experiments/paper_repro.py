@@ -279,8 +279,13 @@ def corpus_fields(row: dict) -> dict:
 
 
 def same_corpus(a: dict, b: dict) -> bool:
-    """Whether two runs read the same data, by what both records say (records with neither: assumed so)."""
-    return all(a[k] == b[k] for k in ("train_split_tokens", "val_split_tokens", "corpus_id") if k in a and k in b)
+    """Whether two runs read the same data, by what both records say. Records that say nothing (the older groups,
+    each run in one or few calls) are assumed to share a corpus with each other, but never with one that says what
+    it read: a run on another image would otherwise pair with them silently."""
+    keys = ("train_split_tokens", "val_split_tokens", "corpus_id")
+    if any(k in a for k in keys) != any(k in b for k in keys):
+        return False
+    return all(a[k] == b[k] for k in keys if k in a and k in b)
 
 
 _CORPORA: dict[str, dict] = {}

@@ -351,7 +351,8 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
                 f"`egmla train --resume {run_dir}`")
         elif val_loss is None and not stop_reason:  # resumed a finished run: report its validation loss
             done = [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl")
-                    if r.get("kind") == "val" and r.get("step") == step]
+                    if r.get("kind") == "val" and r.get("step") == step] if info.is_main else []
+            done = broadcast_object(done, info)  # rank 0's file decides for all: validate() is a collective
             val_loss = done[-1] if done else validate(step)  # (not logged twice)
     finally:
         profiler.close()

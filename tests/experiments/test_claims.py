@@ -154,3 +154,11 @@ def test_committed_claims_block_is_what_the_records_give():
     block = text.split(claims.BEGIN + "\n", 1)[1].split(claims.END, 1)[0]
     assert block == claims.report(runs, "results/claims/gap-vs-tokens.png")
     assert (ROOT / "docs" / "results" / "claims" / "claims.md").read_text() == claims.report(runs)
+
+
+def test_a_record_that_names_its_corpus_never_pairs_with_one_that_does_not():
+    from paper_repro import same_corpus
+
+    named = {"train_split_tokens": 80_379_500}
+    assert same_corpus({}, {}) and same_corpus(named, dict(named))
+    assert not same_corpus(named, {}) and not same_corpus({}, named)  # unknown: a run of another image would pair
