@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distinct-ids", type=int, metavar="N",
                         help="distinct token ids per sequence, for the grouped path's per-id working memory "
                              "(default: min(T, vocab), the most there can be; real text holds fewer, e.g. ~1,500 "
-                             "of 4,096 English tokens)")
+                             "of 4,096 English tokens). Under CUDA graphs (batches up to 512) the engine sizes the "
+                             "buffers for the ids a call can reach, rounded up to 256, which can exceed the ids "
+                             "the text holds: the default is the safe figure")
     parser.add_argument("--no-merged-products", dest="merged_products", action="store_false",
                         help="plan for GenerationEngine(merged_products=False): no concatenated copies of the input "
                              "and MLP weights (counted in the weights by default; ~106 MB for MLA kv64 at paper-base)")
