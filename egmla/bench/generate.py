@@ -136,6 +136,9 @@ def profile_step(engine, steps: int = 3, top: int = 6) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     step = engine.last_step
+    if step is None:
+        raise ValueError("--profile: no decode step ran (every sequence ended on its first token): give "
+                         "--new-tokens 2 or more")
     on_cuda = step.tokens.is_cuda
     with torch.inference_mode():
         saved = step.n_new.clone()

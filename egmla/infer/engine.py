@@ -257,7 +257,9 @@ class GenerationEngine:
         sequences = [_Sequence(i, ids, self.tokenizer, list(stop_strings)) for i, ids in enumerate(prompt_ids)]
         # The longest any sequence can get: its prompt plus all new tokens but the last (never fed back).
         cache_len = min(self.config.max_seq_len, max(len(ids) + max_new_tokens - 1 for ids in prompt_ids))
-        with torch.inference_mode(), _inputs_unchecked(self.model), sdpa_kernel(DECODE_SDPA_BACKENDS):
+        # the model's device made current: graph capture, Triton launches and stream events use the current one
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with on_device, torch.inference_mode(), _inputs_unchecked(self.model), sdpa_kernel(DECODE_SDPA_BACKENDS):
             self._run(sequences, cache_len, max_new_tokens, sampling, eos_token_id, on_token)
         return [seq.result for seq in sequences]
 
@@ -290,7 +292,7 @@ class GenerationEngine:
             if ahead is not None:
                 step.tokens[: len(rows), 0].copy_(next_ids)
                 if ahead != step_appending:
-                    step.n_new.copy_(torch.tensor(ahead))
+                    _set_n_new(step, ahead)
                     step_appending = ahead
                 last_logits = step.run()
             host_ids = read_ids()  # the step's one host sync
@@ -326,7 +328,7 @@ class GenerationEngine:
             step.tokens[: len(rows), 0].copy_(next_ids)
             appending = [int(i is not None) for i in rows] + [0] * (step.batch - len(rows))
             if appending != step_appending:  # changes only when a sequence finishes or the step changes
-                step.n_new.copy_(torch.tensor(appending))
+                _set_n_new(step, appending)
                 step_appending = appending
             last_logits = step.run()
         self.last_step = step  # the decode step of the last bucket (benchmarks profile it)
@@ -527,6 +529,17 @@ def _inputs_unchecked(model):
         model.check_inputs = saved
 
 
+def _set_n_new(step: DecodeStep, appending: list[int]) -> None:
+    """The step's per-row append counts. On CUDA from pinned memory, without waiting: a copy from pageable memory
+    waits for the stream to drain, i.e. for the step run ahead, which would undo the host's overlap whenever a row
+    is about to end (the caching host allocator keeps the pinned buffer until the copy has run)."""
+    values = torch.tensor(appending, dtype=step.n_new.dtype)
+    if step.n_new.is_cuda:
+        step.n_new.copy_(values.pin_memory(), non_blocking=True)
+    else:
+        step.n_new.copy_(values)
+
+
 def _tokens_to_host(ids: torch.Tensor) -> Callable[[], list[int]]:
     """A function returning ids as a list: on CUDA, from a copy into pinned memory queued now and waited for when it
     is called (work queued in between does not delay it); elsewhere, read now."""
@@ -534,9 +547,9 @@ def _tokens_to_host(ids: torch.Tensor) -> Callable[[], list[int]]:
         values = ids.tolist()
         return lambda: values
     host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-    host.copy_(ids, non_blocking=True)
+    host.copy_(ids, non_blocking=True)  # queued on ids' device's current stream: the event goes there too
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(ids.device))
 
     def read() -> list[int]:
         copied.synchronize()
