@@ -21,6 +21,23 @@ def test_every_generated_table_matches_its_json():
     assert blocks >= 4  # the README's and docs/benchmarks.md's generation tables
 
 
+def test_every_generation_table_in_docs_bench_is_what_its_json_makes():
+    """docs/bench/generate_*.md of `egmla bench generate` runs: each equals `markdown` of its JSON now (a changed
+    report, or a JSON edited without its table, fails here; ratios moved when the per-run anchors came)."""
+    from egmla.bench.generate import markdown, merge_runs
+
+    checked = 0
+    for path in sorted((ROOT / "docs" / "bench").glob("generate_*.json")):
+        meta = json.loads(path.read_text())
+        if meta.get("benchmark") != "generate" or not path.with_suffix(".md").is_file():
+            continue  # calls, prefill: their own reports
+        assert markdown({**meta, "rows": merge_runs([meta])}) == path.with_suffix(".md").read_text(), (
+            f"{path.with_suffix('.md').relative_to(ROOT)} is stale: `egmla bench generate --report "
+            f"{path.relative_to(ROOT)} --markdown {path.with_suffix('.md').relative_to(ROOT)}`")
+        checked += 1
+    assert checked >= 10
+
+
 def test_summary_ratios_paths_and_full_memory_row():
     def row(model, variant, path, batch, tokens_s, step=1.0):
         return {"model": model, "variant": variant, "decode_path": path, "batch": batch,
