@@ -60,6 +60,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from None  # a failed write() names no file: name it
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

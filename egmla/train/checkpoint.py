@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from egmla.config import ModelConfig
-from egmla.runs import (WEIGHTS, CheckpointError, atomic_write_json, find_checkpoint, list_checkpoints,
-                        weights_metadata, write_manifest)
+from egmla.runs import (WEIGHTS, CheckpointError, atomic_write_bytes, atomic_write_json, find_checkpoint,
+                        list_checkpoints, weights_metadata, write_manifest)
 from egmla.train.distributed import DistInfo, barrier
 
 OPTIMIZER, STATE = "optimizer.pt", "state.json"
@@ -72,7 +72,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
             save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(tmp / WEIGHTS),
                       metadata=weights_metadata(model_config))
             sync(tmp / WEIGHTS)
-            write_synced(tmp / OPTIMIZER, optimizer_bytes(optim_state))
+            atomic_write_bytes(tmp / OPTIMIZER, optimizer_bytes(optim_state))
             atomic_write_json(tmp / STATE, {**state, "step": step, "rng": rng_state()})
             write_manifest(tmp)
             sync(tmp)
@@ -101,22 +101,13 @@ def prune(run_dir: str | Path, written: Path, keep: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def optimizer_bytes(optim_state: dict) -> bytes:
-    """torch.save into memory (the state's size again, on the host): written by `write_synced`, a full disk is an
-    OSError the trainer reports in one line; torch.save straight to a file turns it into an opaque RuntimeError."""
+def optimizer_bytes(optim_state: dict) -> memoryview:
+    """torch.save into memory (the state's size again, on the host, not copied once more): written with an
+    ordinary write, a full disk is an OSError the trainer reports in one line; torch.save straight to a file turns
+    it into an opaque RuntimeError."""
     buffer = io.BytesIO()
     torch.save(optim_state, buffer)
-    return buffer.getvalue()
-
-
-def write_synced(path: Path, data: bytes) -> None:
-    try:
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:  # a failed write() names no file: name it
-        raise OSError(err.errno, err.strerror, str(path)) from None
+    return buffer.getbuffer()
 
 
 def sync(path: Path) -> None:
