@@ -13,10 +13,12 @@ real tokens, at positions 0, 1, ...), so left-padded batches give each sequence 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -129,6 +131,33 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.model.output = value
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """transformers' resize of the token embeddings (and an untied LM head), then of every layer's gate
+        embeddings E_l, which are indexed by the same token ids, and of the egmla config inside. Added rows follow
+        transformers' `mean_resizing` (the old rows' mean and covariance); with mean_resizing=False, egmla's own
+        initialisation (token embeddings and head N(0, init_std), E_l N(0, 1)). Gate tables and the other tensors
+        the decode paths derive are rebuilt on the next cached call (their sources' storage changed)."""
+        old = self.model.config.vocab_size
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        vocab = embeddings.weight.shape[0]
+        if vocab == old:
+            return embeddings
+        gate_embeddings = [block.attn.gate_embed for block in self.model.layers
+                           if isinstance(getattr(block.attn, "gate_embed", None), nn.Embedding)]
+        for gate_embed in gate_embeddings:
+            self._get_resized_embeddings(gate_embed, vocab, mean_resizing=mean_resizing)
+        if vocab > old and not mean_resizing:  # transformers' _init_weights hook leaves plain modules to us
+            std = self.model.config.init_std
+            with torch.no_grad():
+                embeddings.weight[old:].normal_(std=std)
+                if not self.model.config.tie_embeddings:
+                    self.model.output.weight[old:].normal_(std=std)
+                for gate_embed in gate_embeddings:
+                    gate_embed.weight[old:].normal_(std=1.0)
+        self.model.config = dataclasses.replace(self.model.config, vocab_size=vocab)
+        return embeddings
 
     # ---- caches ------------------------------------------------------------------------------
     cache_initial_length = 256  # positions a new EgmlaCache allocates up front; it doubles as needed
