@@ -70,7 +70,7 @@ class GenerationStats:
     decode_seconds: float  # every later token
     step_seconds: list[float]  # per decode step, host sync to host sync
     cache_bytes: int  # the preallocated cache
-    cuda_graphs: bool = False  # decode steps replayed from CUDA graphs
+    cuda_graphs: bool = False  # every decode step replayed from a CUDA graph (not above MAX_GRAPH_BATCH, or none)
     decode_path: str = ""  # the path the steps ran (decode_path="auto" chooses it per call)
 
     @property
@@ -283,6 +283,7 @@ class GenerationEngine:
         rows = list(range(batch))  # cache row -> index into sequences, None once that sequence has finished
         step_seconds: list[float] = []
         prefill_done = previous = step = step_appending = None
+        graphed: set[bool] = set()  # use_graph of each step run
         while True:
             next_ids = select_next(last_logits[: len(rows)], sampling, generator)
             # Run the next step ahead of reading its tokens back where it can be (`overlap_host`): the host then
@@ -325,6 +326,7 @@ class GenerationEngine:
             if step is None or step.batch != bucket_for(len(rows), self.batch_buckets):
                 step = self._step(cache, bucket_for(len(rows), self.batch_buckets), max_new_tokens)
                 step_appending = None
+                graphed.add(step.use_graph)
             step.tokens[: len(rows), 0].copy_(next_ids)
             appending = [int(i is not None) for i in rows] + [0] * (step.batch - len(rows))
             if appending != step_appending:  # changes only when a sequence finishes or the step changes
@@ -336,7 +338,7 @@ class GenerationEngine:
             batch_size=batch, prompt_tokens=sum(prompt_lengths),
             generated_tokens=sum(len(seq.result.token_ids) for seq in sequences),
             prefill_seconds=prefill_done - start, decode_seconds=previous - prefill_done,
-            step_seconds=step_seconds, cache_bytes=cache.nbytes(), cuda_graphs=self.cuda_graphs,
+            step_seconds=step_seconds, cache_bytes=cache.nbytes(), cuda_graphs=graphed == {True},
             decode_path=self.decode_path)
 
     def _ahead_appending(self, step: DecodeStep | None, rows: list, sequences: list[_Sequence], max_new_tokens: int,

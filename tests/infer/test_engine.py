@@ -241,6 +241,18 @@ def test_stats_and_cache_size():
     assert stats.cache_bytes == len(PROMPTS) * longest * per_token
 
 
+def test_stats_say_graphs_only_where_the_steps_replayed_them(monkeypatch):
+    """A batch above MAX_GRAPH_BATCH runs its steps eagerly even on an engine with graphs on: the stats (and the
+    benchmark rows made from them) say so. Graph capture itself is GPU-only; here no step asks for it."""
+    import egmla.infer.engine as engine_module
+
+    engine = GenerationEngine(tiny_model("mla"))
+    engine.cuda_graphs = True  # as on CUDA; with no step below the limit, nothing is captured
+    monkeypatch.setattr(engine_module, "MAX_GRAPH_BATCH", 0)
+    engine.generate(PROMPTS, max_new_tokens=4)
+    assert not engine.last_stats.cuda_graphs and not engine.last_step.use_graph
+
+
 @pytest.mark.parametrize("variant,path", [("gqa", "naive"), ("mla", "absorbed"), ("eg-mla", "gate-table")])
 def test_chunked_prefill_equals_one_call(variant, path):
     model = tiny_model(variant, seed=2)
