@@ -15,13 +15,13 @@ from torch import nn
 
 from egmla.attention import KVCache, allocate_cache, attention_class, check_decode_path, decode_paths
 from egmla.attention.context import AttnContext
-from egmla.attention.precomputed import derived, weights_key
+from egmla.attention.precomputed import ReadsWeights, derived, weights_key
 from egmla.attention.rope import at_least_fp32, rope_tables
 from egmla.config import ModelConfig
 from egmla.kernels import no_grad_kernel_can_run
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(ReadsWeights):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
@@ -40,8 +40,8 @@ class SwiGLU(nn.Module):
             from egmla.kernels.decode_elementwise import silu_mul
 
             hidden = silu_mul(gate, up)
-            if residual is None:
-                return self.w2(hidden)
+            if residual is None or self.wrapped_weights:
+                return self.w2(hidden) if residual is None else residual + self.w2(hidden)
             # the residual add in the down projection's epilogue (beta = 1): one launch fewer per layer
             return torch.addmm(residual.reshape(-1, residual.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
                                self.w2.weight.t()).view(residual.shape)
@@ -52,7 +52,8 @@ class SwiGLU(nn.Module):
         """Where w1 and w3 run as one GEMM over `gate_up_weight`, one launch fewer (on a decode step's few rows a GEMM
         costs its launch and its weight read, not its FLOPs): without autograd on a GPU, as the kernels here; no
         gradient may be wanted at all, as the concatenated weight is a copy."""
-        return self.merge_products and no_grad_kernel_can_run(x) and not torch.is_grad_enabled()
+        return (self.merge_products and not self.wrapped_weights and no_grad_kernel_can_run(x)
+                and not torch.is_grad_enabled())
 
     def gate_up_weight(self) -> torch.Tensor:
         """[w1 ; w3] [2 hidden, dim], built once (`derived`) and again when either weight changes."""
@@ -174,11 +175,36 @@ class Transformer(nn.Module):
         where a source weight changed: a CUDA graph of a decode step reads them by address (egmla.infer.engine)."""
         weights = []
         for layer in self.layers:
-            if layer.ffn.merge_products:
+            if layer.ffn.merge_products and not layer.ffn.wrapped_weights:
                 weights.append(layer.ffn.gate_up_weight())
-            if getattr(layer.attn, "merge_products", False):
+            if getattr(layer.attn, "merge_products", False) and not layer.attn.wrapped_weights:
                 weights.append(layer.attn.input_weight())
         return weights
+
+    def wrapped_weights(self) -> list[str]:
+        """The linear and embedding layers replaced by modules that compute something else with the same `.weight`
+        (peft's LoRA layers, quantized linears), by name: the fast paths call those instead of reading the weight
+        (egmla.attention.precomputed.ReadsWeights), and decode paths that cannot are refused."""
+        return [f"layers.{i}.{part}.{name}" for i, layer in enumerate(self.layers) for part in ("attn", "ffn")
+                for name in getattr(layer, part).wrapped_weights]
+
+    def usable_decode_path(self, path: str) -> str:
+        """`path`, or the variant's first path (which calls every module) where `path` reads weights that are
+        wrapped: what generation takes when the caller did not choose a path."""
+        reads = self.layers and path in self.layers[0].attn.WEIGHT_READING_PATHS
+        return decode_paths(self.config)[0] if reads and self.wrapped_weights() else path
+
+    def _refuse_wrapped_weights(self) -> None:
+        wrapped = self.wrapped_weights()
+        if wrapped:
+            module = self.get_submodule(wrapped[0])
+            raise ValueError(
+                f"decode_path={self.decode_path!r} reads the weights of {', '.join(wrapped[:3])}"
+                f"{' ...' if len(wrapped) > 3 else ''} directly (folded, concatenated or in a gate table), but "
+                f"{wrapped[0]} is a {type(module).__module__}.{type(module).__name__}, not a plain torch.nn.Linear / "
+                f"nn.Embedding (a peft LoRA adapter, a quantized layer), and what it adds would be ignored. Merge the "
+                f"adapters into the weights first (peft: `model = model.merge_and_unload()`), or use "
+                f"decode_path={decode_paths(self.config)[0]!r}, which calls the modules")
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         param = self.tok_embeddings.weight
@@ -222,6 +248,8 @@ class Transformer(nn.Module):
         if cache.batch_size != tokens.shape[0]:
             raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch_size {cache.batch_size}: "
                              f"allocate the cache with new_cache({tokens.shape[0]})")
+        if self.layers and self.decode_path in self.layers[0].attn.WEIGHT_READING_PATHS:
+            self._refuse_wrapped_weights()
         decode_lengths = None
         if self.builds_context_in_one_launch(tokens, capturable):  # the engine's graph step on a GPU
             from egmla.kernels.decode_context import decode_context

@@ -184,6 +184,8 @@ TABLE_PATHS = ("gate-table", "kernel", "grouped", "absorbed")
 
 
 class EmbeddingGatedMLA(MultiHeadLatentAttention):
+    WEIGHT_READING_PATHS = ("gate-table", "kernel", "grouped", "absorbed")  # gate tables, wkv_b to kernels
+
     @property
     def fuses_append(self) -> bool:
         return self.gate_placement == "up"  # placement latent gates c_t before it is cached
@@ -251,7 +253,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         rows (egmla.infer.offload: the tables then live on the host, copied once)."""
         if not isinstance(self.gate_embed, nn.Embedding):
             return None
-        return weights_key(self.gate_embed.weight, self.wue.weight)
+        return weights_key(self.gate_embed.weight, self.wue.weight) + ((self.weight_swaps,),)
 
     def refresh_gate_table(self) -> None:
         """Build the gate table again if a source weight changed since it was built (in place, as an optimizer step
@@ -262,7 +264,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             # gate_table_like may have cast it to the cache's dtype: keep that cast, unless the weights themselves
             # changed dtype (model.to(torch.bfloat16)): then the table follows them, as a fresh build would
             same_dtype = self.gate_table_from is not None and key is not None and \
-                [k[2] for k in self.gate_table_from] == [k[2] for k in key]
+                [k[2] for k in self.gate_table_from[:2]] == [k[2] for k in key[:2]]  # the two weights' dtypes
             dtype = self.gate_table.dtype
             table = self.build_gate_table()
             self.gate_table = table.to(dtype) if same_dtype else table
@@ -369,7 +371,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         if self.gate_placement == "latent":
             return super().keys_values(latent, k_pe, token_ids, pad_v)
         # Never under autograd: the table is built without it, so E_l and W_UE would get no gradient from it
-        use_table = self.gate_table is not None and not torch.is_grad_enabled()
+        use_table = self.gate_table is not None and not torch.is_grad_enabled() and not self.wrapped_weights
         if use_table:
             self.refresh_gate_table()  # an eval pass after training steps reads the current gates
         k_nope, v = self.expand_kv(latent, token_ids, use_table=use_table)
@@ -537,7 +539,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         norm = self.gate_norm
         sources = [self.wkv_b.weight, self.wue.weight] + [t for t in (getattr(norm, "weight", None),
                                                                      getattr(norm, "bias", None)) if t is not None]
-        key = weights_key(*sources)
+        key = (self.weight_swaps, weights_key(*sources))
         cached = getattr(self, "_absorbed_weights", None)
         if cached is not None and cached.key == key:
             return cached

@@ -15,13 +15,15 @@ from torch import nn
 
 from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run
-from egmla.attention.precomputed import derived, weights_key
+from egmla.attention.precomputed import ReadsWeights, derived, weights_key
 from egmla.attention.rope import apply_rope
 from egmla.config import ModelConfig
 from egmla.kernels import no_grad_kernel_can_run
 
 
-class GroupedQueryAttention(nn.Module):
+class GroupedQueryAttention(ReadsWeights):
+    WEIGHT_READING_PATHS: tuple[str, ...] = ()  # decode paths that read weights directly (ReadsWeights)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads = config.n_heads, config.kv_heads
@@ -88,7 +90,7 @@ class GroupedQueryAttention(nn.Module):
         from egmla.kernels.kv_append import kv_append
 
         widths = [self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
-        if self.merge_products:
+        if self.merge_products and not self.wrapped_weights:
             q, k, v = F.linear(x, self.input_weight()).split(widths, dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)

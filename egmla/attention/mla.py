@@ -28,13 +28,15 @@ from torch import nn
 from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run, masked_softmax_attention
 from egmla.attention.norms import RMSNorm
-from egmla.attention.precomputed import derived, weights_key
+from egmla.attention.precomputed import ReadsWeights, derived, weights_key
 from egmla.attention.rope import apply_rope
 from egmla.config import ModelConfig
 from egmla.kernels import no_grad_kernel_can_run
 
 
-class MultiHeadLatentAttention(nn.Module):
+class MultiHeadLatentAttention(ReadsWeights):
+    WEIGHT_READING_PATHS: tuple[str, ...] = ("absorbed", "kernel")  # folded / up_weights (ReadsWeights)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads = config.n_heads
@@ -168,6 +170,10 @@ class MultiHeadLatentAttention(nn.Module):
         no pad for V; autograd sees a cat, a linear and a copy into a fresh tensor."""
         d_n, d_r, d_v, heads = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.n_heads
         v_width = d_n + d_r if pad_v else d_v
+        if self.wrapped_weights:  # wkv_b's own forward (a LoRA adapter on it, say): K/V as the naive decode builds them
+            k_nope, v = self.expand_kv(latent, token_ids)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
+            return k, F.pad(v, (0, v_width - d_v))
         w_uk, w_uv = self.up_weights()  # [heads, d_n, d_c], [heads, d_v, d_c]
         zero = w_uk.new_zeros(())
         rows = [w_uk, zero.expand(heads, d_r, self.kv_lora_rank), w_uv,
@@ -280,7 +286,8 @@ class MultiHeadLatentAttention(nn.Module):
 
     def fold_sources_key(self) -> tuple:
         """The folded weights' sources as egmla.attention.precomputed.weights_key identifies them."""
-        return weights_key((self.wq_b if hasattr(self, "wq_b") else self.wq).weight, self.wkv_b.weight, self.wo.weight)
+        return weights_key((self.wq_b if hasattr(self, "wq_b") else self.wq).weight, self.wkv_b.weight,
+                           self.wo.weight) + ((self.weight_swaps,),)
 
     def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The folded absorption, folded again if a source weight changed since (in place, or the model moved with
@@ -320,7 +327,8 @@ class MultiHeadLatentAttention(nn.Module):
         """Where `input_products` replaces the two input GEMMs, one launch fewer (on a decode step's few rows a GEMM
         costs its launch and its weight read, not its FLOPs): a cached call without autograd on a GPU, as for the
         one-launch append; no gradient may be wanted at all, as the concatenated weight is a copy."""
-        return self.merge_products and no_grad_kernel_can_run(x) and not torch.is_grad_enabled()
+        return (self.merge_products and not self.wrapped_weights and no_grad_kernel_can_run(x)
+                and not torch.is_grad_enabled())
 
     def input_products(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """wkv_a(x) [batch, seq, d_c + d_r] and the query's first projection of x (as `query` / `forward_folded`

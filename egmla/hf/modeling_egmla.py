@@ -168,7 +168,7 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
         (`fastest_decode_path`: the Triton kernel on CUDA, as `egmla generate` takes; the first path elsewhere)."""
         param = self.model.tok_embeddings.weight
         if not self.model.decode_path_chosen:
-            path = fastest_decode_path(self.model.config, param.device)
+            path = self.model.usable_decode_path(fastest_decode_path(self.model.config, param.device))
             if path != self.model.decode_path:
                 self.model.set_decode_path(path)
                 self.model.decode_path_chosen = False  # still the default: another device may choose again

@@ -189,6 +189,7 @@ class GenerationEngine:
         self.auto_path = decode_path == "auto" and model.tok_embeddings.weight.is_cuda and not offload_gate_tables
         if decode_path == "auto":
             decode_path = fastest_decode_path(self.config, self.device) if self.auto_path else model.decode_path
+            decode_path = model.usable_decode_path(decode_path)  # wrapped weights (peft): the path calling modules
         # (re)build what the path precomputes from the weights (gate tables, folded absorption)
         model.set_decode_path(check_decode_path(self.config, decode_path or model.decode_path))
         self.decode_path = model.decode_path
@@ -367,7 +368,7 @@ class GenerationEngine:
         its cache and working memory would not fit the device (`_grouped_fits`): then the fused kernel, which needs
         no per-id buffers. A change keeps the cache, its graphs and the gate tables where the cache serves the new
         path too (`share_cache_across_paths`), else drops them and rebuilds what the path precomputes."""
-        path = fastest_decode_path(self.config, self.device, batch, cache_len)
+        path = self.model.usable_decode_path(fastest_decode_path(self.config, self.device, batch, cache_len))
         if path == "grouped" and not self._grouped_fits(bucket_for(batch, self.batch_buckets), cache_len):
             path = cuda_decode_path(self.config)
             warnings.warn(f"decode_path='auto': the grouped decode's cache and working memory for {batch} sequences "

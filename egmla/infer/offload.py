@@ -29,6 +29,8 @@ OFFLOADABLE_PATHS = ("naive", "gate-table", "absorbed")
 class OffloadedRows(nn.Module):
     """Stands in for `gate_embed` (called with ids) or `gate_table` (indexed with ids)."""
 
+    exact_stand_in = True  # serves E_l's own rows: not a wrapper that changes them (egmla.attention.precomputed)
+
     def __init__(self, offload: "GateTableOffload", key: tuple[int, str]):
         super().__init__()
         self.offload, self.key = offload, key

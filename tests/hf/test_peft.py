@@ -1,0 +1,107 @@
+"""peft LoRA adapters on EgmlaForCausalLM (peft comes with lm-eval[hf]). The fast paths read weights directly
+(folded absorption, gate tables, merged products, wkv_b handed to kernels), which a LoRA layer's `.weight` does not
+include: with adapters in place the model calls the modules instead (training, the naive decode) and refuses the
+paths that cannot; after `merge_and_unload` (which writes through `.data`, unseen by version counters) everything
+precomputed before is rebuilt."""
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from egmla.attention import decode_paths
+from egmla.config import preset
+from egmla.hf import EgmlaForCausalLM
+from egmla.model import Transformer
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+VARIANTS = {"mha": dict(attention="mha"), "mla": dict(attention="mla"), "eg-mla": dict(attention="eg-mla"),
+            "eg-mla-bias-v": dict(attention="eg-mla", gate_op="bias-v")}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes on unknown model types
+        yield
+
+
+def hf_model(variant: str, device: str = "cpu") -> EgmlaForCausalLM:
+    """fp32 on either device: on a GPU the merged products, the fused SwiGLU epilogue and the Triton kernels run."""
+    config = preset("tiny", vocab_size=300, max_seq_len=64, n_layers=2, d_model=64, n_heads=4, **VARIANTS[variant])
+    return EgmlaForCausalLM.from_egmla(Transformer(config).to(device), eos_token_id=0)
+
+
+def with_lora(model: EgmlaForCausalLM, embeddings: bool = False):
+    """Adapters on every linear but the head (and on E_l): random B, so that they change the logits."""
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    targets = [n for n in names if n != "output"] + (["gate_embed"] if embeddings else [])
+    return get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+
+
+def cached_logits(model: EgmlaForCausalLM, tokens: torch.Tensor) -> torch.Tensor:
+    """A 12-token prefill and 8 single-token steps through an EgmlaCache."""
+    cache = model.new_hf_cache(tokens.shape[0])
+    with torch.no_grad():
+        out = [model(input_ids=tokens[:, :12], cache=cache, use_cache=True).logits]
+        out += [model(input_ids=tokens[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(12, 20)]
+    return torch.cat(out, dim=1)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_adapters_in_place_decode_through_the_modules_or_refuse(variant, device):
+    model = hf_model(variant, device)
+    tokens = torch.randint(0, 300, (2, 20), device=device)
+    with torch.no_grad():
+        base = model(input_ids=tokens).logits
+    peft_model = with_lora(model, embeddings=variant.startswith("eg-mla"))
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        full = peft_model(input_ids=tokens).logits
+    assert rel_err(base, full) > 1e-3  # the adapters change the model
+    assert inner.model.wrapped_weights()  # e.g. layers.0.attn.wkv_b
+    for path in decode_paths(inner.config.to_model_config()):
+        inner.model.set_decode_path(path)
+        if path in inner.model.layers[0].attn.WEIGHT_READING_PATHS:
+            with pytest.raises(ValueError, match=r"peft\.tuners\.lora.*merge_and_unload\(\)"):
+                cached_logits(inner, tokens)
+        else:
+            assert rel_err(cached_logits(inner, tokens), full) < 1e-4, path
+    inner.model.decode_path_chosen = False  # as from_pretrained leaves it: generation picks a path that calls modules
+    assert rel_err(cached_logits(inner, tokens), full) < 1e-4
+    assert inner.model.decode_path == decode_paths(inner.config.to_model_config())[0]
+
+
+@pytest.mark.parametrize("variant", ["mla", "eg-mla"])
+def test_training_gives_every_adapter_a_gradient(variant):
+    """MLA's causal forward builds K/V from wkv_b's weight in one product: with an adapter on wkv_b it calls the
+    module, so the adapter trains."""
+    peft_model = with_lora(hf_model(variant))
+    tokens = torch.randint(0, 300, (2, 20))
+    peft_model(input_ids=tokens, labels=tokens).loss.backward()
+    trained = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("wkv_b" in n for n, _ in trained)
+    assert [n for n, p in trained if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_merged_adapters_reach_what_the_path_precomputed_before(variant, device):
+    """A path used before the adapters were added (its gate tables, folded weights built then), the adapters merged
+    and unloaded: the same path, not set again, gives the merged model's full-forward logits."""
+    for path in decode_paths(hf_model(variant).config.to_model_config()):
+        model = hf_model(variant, device)
+        tokens = torch.randint(0, 300, (2, 20), device=device)
+        model.model.set_decode_path(path)
+        before = cached_logits(model, tokens)
+        merged = with_lora(model).merge_and_unload()
+        assert merged.model.wrapped_weights() == [] and merged.model.decode_path == path
+        with torch.no_grad():
+            full = merged(input_ids=tokens).logits
+        assert rel_err(cached_logits(merged, tokens), full) < 1e-4, path
+        assert rel_err(before, full) > 1e-3  # the adapters did change the model
