@@ -121,10 +121,11 @@ class EgmlaCache(Cache):
         self._select_rows(torch.arange(self.kv.batch_size).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last tokens (negative: that many; positive: keep that many, transformers' legacy form).
+        """Drop the last tokens (zero or negative: that many; positive: keep that many, transformers' legacy form;
+        assisted decoding calls crop(0) after a fully accepted draft).
 
         Assumes the dropped columns were real tokens in every row, as in assisted decoding."""
-        remove = -tokens_to_remove if tokens_to_remove < 0 else max(self.seen - tokens_to_remove, 0)
+        remove = -tokens_to_remove if tokens_to_remove <= 0 else max(self.seen - tokens_to_remove, 0)
         remove = min(remove, self.seen)
         self.kv.truncate((self.kv.lengths - remove).clamp(min=0))
         self.seen -= remove

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from egmla.attention import fastest_decode_path
@@ -178,6 +179,18 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generate() must not build a DynamicCache; prepare_inputs_for_generation makes ours
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode, batch_size: int,
+                                      *args, **kwargs):
+        """transformers' own, then for assisted decoding (a draft model, prompt lookup) an EgmlaCache made here: that
+        loop needs its cache before the first step, where every other mode lets `prepare_inputs_for_generation` make it
+        (beam search and num_return_sequences expand the batch after this point; assisted decoding runs batch 1)."""
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                                       *args, **kwargs)
+        if (generation_mode == GenerationMode.ASSISTED_GENERATION and generation_config.use_cache is not False
+                and _pop_cache(dict(model_kwargs)) is None):
+            model_kwargs[CACHE_ARG] = self.new_hf_cache(batch_size)
+        return result
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         cache = _pop_cache(kwargs)

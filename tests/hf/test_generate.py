@@ -134,3 +134,24 @@ def test_generate_on_cuda_takes_the_kernel_path_by_default(make_run):
     ids = torch.tensor(PROMPTS[:1], device="cuda")
     out = hf_model.eval().generate(ids, max_new_tokens=8, do_sample=False)
     assert hf_model.model.decode_path == "kernel" and out[0, ids.shape[1]:].tolist() == expected
+
+
+@pytest.mark.parametrize("variant", ["mla", "eg-mla"])
+def test_assisted_decoding_gives_the_greedy_tokens(variant, make_run):
+    """transformers' assisted decoding (a draft model; prompt lookup) needs the cache before its first step and crops
+    it after each rejected draft: greedy tokens equal plain greedy generation. A draft model of another seed rejects
+    most of its drafts, so the crops are exercised."""
+    model, _ = load_model(make_run(variant))
+    hf_model = EgmlaForCausalLM.from_egmla(model, pad_token_id=0)
+    torch.manual_seed(1)
+    draft = EgmlaForCausalLM.from_egmla(type(model)(model.config), pad_token_id=0)
+    ids = torch.tensor([PROMPTS[0] + PROMPTS[2]])
+    plain = hf_model.generate(ids, max_new_tokens=14, do_sample=False)
+    for options in (dict(assistant_model=draft), dict(prompt_lookup_num_tokens=3)):
+        out = hf_model.generate(ids, max_new_tokens=14, do_sample=False, return_dict_in_generate=True, **options)
+        assert out.sequences.tolist() == plain.tolist(), options
+        assert isinstance(getattr(out, CACHE_ARG), EgmlaCache)
+    cache = getattr(out, CACHE_ARG)
+    seen, lengths = cache.seen, cache.kv.lengths.clone()
+    cache.crop(0)  # what transformers calls after a fully accepted draft: nothing dropped
+    assert cache.seen == seen and torch.equal(cache.kv.lengths, lengths)
