@@ -55,7 +55,7 @@ from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run
 from egmla.attention.mla import MultiHeadLatentAttention
 from egmla.attention.norms import LayerNorm, RMSNorm
-from egmla.attention.precomputed import weights_key
+from egmla.attention.precomputed import sources_key
 from egmla.config import ModelConfig
 from egmla.kernels import kernel_unavailable_reason
 
@@ -249,11 +249,11 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return self.gate_table
 
     def gate_sources_key(self) -> tuple | None:
-        """E_l and W_UE as egmla.attention.precomputed.weights_key identifies them; None while an offload serves the
+        """E_l and W_UE as egmla.attention.precomputed.sources_key identifies them; None while an offload serves the
         rows (egmla.infer.offload: the tables then live on the host, copied once)."""
         if not isinstance(self.gate_embed, nn.Embedding):
             return None
-        return weights_key(self.gate_embed.weight, self.wue.weight) + ((self.weight_swaps,),)
+        return sources_key(self, self.gate_embed.weight, self.wue.weight)
 
     def refresh_gate_table(self) -> None:
         """Build the gate table again if a source weight changed since it was built (in place, as an optimizer step
@@ -539,7 +539,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         norm = self.gate_norm
         sources = [self.wkv_b.weight, self.wue.weight] + [t for t in (getattr(norm, "weight", None),
                                                                      getattr(norm, "bias", None)) if t is not None]
-        key = (self.weight_swaps, weights_key(*sources))
+        key = sources_key(self, *sources)
         cached = getattr(self, "_absorbed_weights", None)
         if cached is not None and cached.key == key:
             return cached

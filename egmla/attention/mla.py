@@ -28,7 +28,7 @@ from torch import nn
 from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run, masked_softmax_attention
 from egmla.attention.norms import RMSNorm
-from egmla.attention.precomputed import ReadsWeights, derived, weights_key
+from egmla.attention.precomputed import ReadsWeights, derived, sources_key, weights_key
 from egmla.attention.rope import apply_rope
 from egmla.config import ModelConfig
 from egmla.kernels import no_grad_kernel_can_run
@@ -285,9 +285,9 @@ class MultiHeadLatentAttention(ReadsWeights):
         return self.folded
 
     def fold_sources_key(self) -> tuple:
-        """The folded weights' sources as egmla.attention.precomputed.weights_key identifies them."""
-        return weights_key((self.wq_b if hasattr(self, "wq_b") else self.wq).weight, self.wkv_b.weight,
-                           self.wo.weight) + ((self.weight_swaps,),)
+        """The folded weights' sources as egmla.attention.precomputed.sources_key identifies them."""
+        return sources_key(self, (self.wq_b if hasattr(self, "wq_b") else self.wq).weight, self.wkv_b.weight,
+                           self.wo.weight)
 
     def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The folded absorption, folded again if a source weight changed since (in place, or the model moved with

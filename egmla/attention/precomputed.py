@@ -16,6 +16,11 @@ def weights_key(*tensors: torch.Tensor) -> tuple:
     return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
 
+def sources_key(owner: nn.Module, *tensors: torch.Tensor) -> tuple:
+    """weights_key of `tensors`, plus the owner's `ReadsWeights.weight_swaps`: the key of what a layer precomputes."""
+    return weights_key(*tensors) + ((getattr(owner, "weight_swaps", 0),),)
+
+
 def derived(owner: nn.Module, name: str, key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     """owner's tensor `name`, built by `build()` without autograd the first time and again whenever `key` (the
     sources' weights_key, and whatever else picks the sources) differs from the key it was built under, or a child
