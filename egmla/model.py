@@ -15,7 +15,7 @@ from torch import nn
 
 from egmla.attention import KVCache, allocate_cache, attention_class, check_decode_path, decode_paths
 from egmla.attention.context import AttnContext
-from egmla.attention.precomputed import ReadsWeights, derived, weights_key
+from egmla.attention.precomputed import ReadsWeights, derived, sources_key
 from egmla.attention.rope import at_least_fp32, rope_tables
 from egmla.config import ModelConfig
 from egmla.kernels import no_grad_kernel_can_run
@@ -57,7 +57,7 @@ class SwiGLU(ReadsWeights):
 
     def gate_up_weight(self) -> torch.Tensor:
         """[w1 ; w3] [2 hidden, dim], built once (`derived`) and again when either weight changes."""
-        return derived(self, "merged_gate_up_weight", weights_key(self.w1.weight, self.w3.weight),
+        return derived(self, "merged_gate_up_weight", sources_key(self, self.w1.weight, self.w3.weight),
                        lambda: torch.cat([self.w1.weight, self.w3.weight]))
 
 

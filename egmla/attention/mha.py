@@ -15,7 +15,7 @@ from torch import nn
 
 from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run
-from egmla.attention.precomputed import ReadsWeights, derived, weights_key
+from egmla.attention.precomputed import ReadsWeights, derived, sources_key
 from egmla.attention.rope import apply_rope
 from egmla.config import ModelConfig
 from egmla.kernels import no_grad_kernel_can_run
@@ -101,7 +101,7 @@ class GroupedQueryAttention(ReadsWeights):
     def input_weight(self) -> torch.Tensor:
         """[wq ; wk ; wv] [(n_heads + 2 n_kv_heads) head_dim, d_model], built once (`derived`) and again when a source
         weight changes."""
-        return derived(self, "merged_input_weight", weights_key(self.wq.weight, self.wk.weight, self.wv.weight),
+        return derived(self, "merged_input_weight", sources_key(self, self.wq.weight, self.wk.weight, self.wv.weight),
                        lambda: torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]))
 
     def _cached_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -346,7 +346,7 @@ class MultiHeadLatentAttention(ReadsWeights):
             query_weight, query_key = self.folded[0], ("folded", self.folded_from)  # current: just checked
         else:
             query_weight, query_key = self.wq.weight, ("wq", weights_key(self.wq.weight))
-        return derived(self, "merged_input_weight", (weights_key(self.wkv_a.weight), query_key),
+        return derived(self, "merged_input_weight", (sources_key(self, self.wkv_a.weight), query_key),
                        lambda: torch.cat([self.wkv_a.weight, query_weight]))
 
 

@@ -23,10 +23,9 @@ def sources_key(owner: nn.Module, *tensors: torch.Tensor) -> tuple:
 
 def derived(owner: nn.Module, name: str, key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     """owner's tensor `name`, built by `build()` without autograd the first time and again whenever `key` (the
-    sources' weights_key, and whatever else picks the sources) differs from the key it was built under, or a child
-    module was replaced since (`ReadsWeights.weight_swaps`). A plain attribute, not a parameter or buffer: it is not
-    saved in the state_dict, and `.to(...)` changes the sources' key, which builds it again where they went."""
-    key = (getattr(owner, "weight_swaps", 0), key)
+    sources' `sources_key`, and whatever else picks the sources) differs from the key it was built under. A plain
+    attribute, not a parameter or buffer: it is not saved in the state_dict, and `.to(...)` changes the sources' key,
+    which builds it again where they went."""
     held = getattr(owner, name, None)
     if held is None or held[0] != key:
         with torch.no_grad():

@@ -188,7 +188,7 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
                                                        *args, **kwargs)
         if (generation_mode == GenerationMode.ASSISTED_GENERATION and generation_config.use_cache is not False
-                and _pop_cache(dict(model_kwargs)) is None):
+                and model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None):
             model_kwargs[CACHE_ARG] = self.new_hf_cache(batch_size)
         return result
 
