@@ -344,6 +344,19 @@ class KVCache:
         if self.token_groups is not None:
             self.token_groups.reset()
 
+    def reset_rows(self, start: int, stop: int) -> None:
+        """Empty sequences [start, stop) only, the others untouched (a server giving a finished request's row to a
+        new one). The token groups' host-side bounds are kept: they bound every row, these included."""
+        view = self.rows(start, stop)
+        view.lengths.zero_()
+        if view.stats_arrivals is not None:
+            view.stats_arrivals.zero_()
+        if view.token_groups is not None:
+            for name in ("counts", "n_distinct", "lengths"):
+                getattr(view.token_groups, name).zero_()
+            if self.token_groups is not None:
+                self.token_groups.version += 1
+
     # ---- sizes -------------------------------------------------------------------------------
     def nbytes(self) -> int:
         ids = self.token_ids.numel() * self.token_ids.element_size() if self.token_ids is not None else 0

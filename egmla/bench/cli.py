@@ -21,6 +21,8 @@ BENCHMARKS = {
                  "launches of a CUDA-graph decode step per layer and per step, counted on the CPU (TRITON_INTERPRET=1)"),
     "kernel-resources": ("egmla.bench.kernel_resources",
                          "registers, spills and shared memory of the decode kernels, compiled for a GPU (no GPU needed)"),
+    "serve": ("egmla.bench.serve", "serving under a stream of requests: continuous batching, static batches and "
+                                   "transformers' continuous batching (tokens/s, time to first token, latency)"),
     "train": ("egmla.bench.train", "training step time and tokens/s per variant"),
     "train-run": ("egmla.bench.train_run", "a paper-base EG-MLA kv64 training run of a few minutes, from nothing"),
     "multigpu": ("egmla.bench.multigpu",

@@ -128,3 +128,31 @@ def test_reset_empties_every_sequence_and_zeroes_the_append_counters():
     cache.reset()
     assert cache.stats_arrivals is counters and cache.lengths is lengths
     assert cache.stats_arrivals.tolist() == [0, 0, 0] and cache.lengths.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("path", ["gate-table", "grouped"])
+def test_reset_rows_empties_those_rows_only(path):
+    """A row given to a new sequence (the serving scheduler) is prefilled as in a fresh cache; its neighbours keep
+    their sequences and their logits."""
+    config = small_config(**VARIANTS["egmla"])
+    model = Transformer(config).eval()
+    model.set_decode_path(path)
+    tokens = torch.randint(0, config.vocab_size, (3, 9))
+    fresh_prompt = torch.randint(0, config.vocab_size, (1, 5))
+    with torch.no_grad():
+        cache = model.new_cache(3, max_len=16)
+        model(tokens, cache)
+        cache.reset_rows(1, 2)
+        assert cache.lengths.tolist() == [9, 0, 9]
+        if cache.token_groups is not None:
+            assert cache.token_groups.n_distinct[1] == 0 and cache.token_groups.counts[1].sum() == 0
+            assert cache.token_groups.n_distinct[0] > 0
+        model(fresh_prompt, cache.rows(1, 2))
+        reference = model.new_cache(3, max_len=16)
+        model(tokens, reference)
+        alone = model.new_cache(1, max_len=16)
+        model(fresh_prompt, alone)
+        step = torch.randint(0, config.vocab_size, (3, 1))
+        logits = model(step, cache)
+        assert rel_err(logits[[0, 2]], model(step, reference)[[0, 2]]) < 1e-5
+        assert rel_err(logits[1:2], model(step[1:2], alone)) < 1e-5

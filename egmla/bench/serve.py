@@ -1,0 +1,337 @@
+"""`egmla bench serve`: serving throughput and latency under a stream of requests, as a server meets them.
+
+One workload per rate (`--rate`, requests per second; `inf` = every request at once, the offline case): `--requests`
+prompts of real text (the embedded corpus) whose lengths and output lengths are drawn uniformly from [half, all] of
+`--prompt-len` and `--output-len`, arriving at exponential gaps (a Poisson process), the same draws for every system.
+End-of-text is ignored, so every request generates exactly its output length. Systems (`--systems`):
+
+    continuous     egmla's `Scheduler` (egmla/infer/scheduler.py): requests join and leave the running batch
+    static         egmla's `GenerationEngine.generate` on whatever has arrived (up to --max-batch) when the previous
+                   batch is done, every request of a batch generating the batch's longest output (what a server
+                   without continuous batching does; each request's time is that of its own last token)
+    transformers   the anchor a user would pick instead: transformers' own continuous batching (`init_continuous_
+                   batching`, paged attention) on its `LlamaForCausalLM` at the same shape (MHA), random weights
+
+Each system runs the workload once to warm up (kernels, CUDA graphs of the batch sizes it meets; not reported), then
+once measured. Per system: output tokens/s over the run (first arrival to last token), time to first token (TTFT),
+time per output token after the first (TPOT) and end-to-end latency, medians and 90th percentiles."""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+from egmla.bench.options import add_output_arguments, add_preset_arguments, report
+
+SYSTEMS = ("continuous", "static", "transformers")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_preset_arguments(parser, fits="the longest prompt and output")
+    parser.add_argument("--variants", default="mha,mla-kv64,egmla-kv64",
+                        help="comma-separated registry names served by egmla's systems")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"comma-separated, of: {', '.join(SYSTEMS)} (transformers: once, on Llama at the shape)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per workload (default 512 on CUDA, 12 elsewhere)")
+    parser.add_argument("--rate", default="inf",
+                        help="comma-separated arrival rates in requests per second, one workload each; inf = all at once")
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help="longest prompt; lengths are uniform in [half, all] (default 1024 on CUDA, 24 elsewhere)")
+    parser.add_argument("--output-len", type=int, default=None,
+                        help="longest output; lengths are uniform in [half, all] (default 256 on CUDA, 8 elsewhere)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="requests generating at once in egmla's systems (default 128 on CUDA, 4 elsewhere); "
+                             "as many for transformers' manager where it has the setting (max_requests_per_batch)")
+    parser.add_argument("--decode-path", default="auto", help="egmla's decode path (auto = the engine's choice)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the workload's draws")
+    add_output_arguments(parser)
+
+
+@dataclass
+class Request:
+    arrival: float  # seconds after the workload's start
+    prompt: list[int]
+    output_len: int
+
+
+@dataclass
+class Timing:
+    """One request's times in seconds after the workload's start, and its output tokens."""
+
+    arrival: float
+    first_token: float
+    finished: float
+    tokens: int
+
+
+def workload(count: int, rate: float, prompt_len: int, output_len: int, vocab_size: int, seed: int) -> list[Request]:
+    """`count` requests: prompts cut from real text, lengths and arrivals drawn from `seed`."""
+    import random
+
+    from egmla.bench.token_ids import text_token_ids
+
+    rng = random.Random(seed)
+    stream = text_token_ids(1, count * prompt_len, vocab_size)[0][0].tolist()
+    requests, clock = [], 0.0
+    for index in range(count):
+        length = rng.randint(max(1, prompt_len // 2), prompt_len)
+        start = index * prompt_len
+        requests.append(Request(clock, stream[start:start + length], rng.randint(max(1, output_len // 2), output_len)))
+        if math.isfinite(rate):
+            clock += rng.expovariate(rate)
+    return requests
+
+
+def _wait_until(start: float, offset: float) -> None:
+    delay = start + offset - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def run_continuous(engine, requests: list[Request], max_batch: int) -> list[Timing]:
+    from egmla.infer.scheduler import Scheduler
+
+    scheduler = Scheduler(engine, max_batch=max_batch, max_len=engine.config.max_seq_len,
+                          max_waiting=len(requests))
+    scheduler.start()
+    try:
+        start = time.perf_counter()
+        handles = []
+        for request in requests:
+            _wait_until(start, request.arrival)
+            handles.append(scheduler.submit(request.prompt, max_new_tokens=request.output_len))
+        results = [handle.result() for handle in handles]
+    finally:
+        scheduler.stop()
+    return [Timing(h.times.submitted - start, h.times.first_token - start, h.times.finished - start, len(r.token_ids))
+            for h, r in zip(handles, results)]
+
+
+def run_static(engine, requests: list[Request], max_batch: int) -> list[Timing]:
+    """Batches of what has arrived, each run to its longest output (see the module docstring)."""
+    start = time.perf_counter()
+    timings: dict[int, Timing] = {}
+    pending = 0
+    while pending < len(requests):
+        _wait_until(start, requests[pending].arrival)
+        now = time.perf_counter() - start
+        batch = [i for i in range(pending, min(len(requests), pending + max_batch)) if requests[i].arrival <= now]
+        pending += len(batch)
+        produced = {i: 0 for i in batch}
+        first: dict[int, float] = {}
+        done: dict[int, float] = {}
+
+        def on_token(event, batch=batch, produced=produced, first=first, done=done):
+            index = batch[event.index]
+            produced[index] += 1
+            moment = time.perf_counter() - start
+            first.setdefault(index, moment)
+            if produced[index] == requests[index].output_len:
+                done[index] = moment
+
+        engine.generate([requests[i].prompt for i in batch], max_new_tokens=max(requests[i].output_len for i in batch),
+                        on_token=on_token)
+        for i in batch:
+            timings[i] = Timing(requests[i].arrival, first[i], done[i], requests[i].output_len)
+    return [timings[i] for i in range(len(requests))]
+
+
+def transformers_batch_config(max_batch: int, max_len: int, on_cuda: bool):
+    """transformers' ContinuousBatchingConfig capping the requests per batch at max_batch (as egmla's systems), or
+    None where the installed transformers has no such setting (its manager then sizes the batch from memory). On a
+    GPU the paged cache is sized as transformers sizes it by default (a share of the free memory: what a user gets);
+    elsewhere to max_batch sequences of max_len (sizing from host memory took ~10 s per manager on a 24 GB VM)."""
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        page = 256
+        blocks = {} if on_cuda else {"num_blocks": max_batch * -(-max_len // page) + 1, "page_size": page}
+        return ContinuousBatchingConfig(max_requests_per_batch=max_batch, **blocks)
+    except (ImportError, TypeError):
+        return None
+
+
+def run_transformers(model, requests: list[Request], max_batch: int, max_len: int, row: dict) -> list[Timing]:
+    """transformers' continuous batching manager, requests added at their arrival times; the times of each token
+    come from the manager's own timestamps (time.perf_counter). Sets row["max_batch"] to the cap it applied."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max(r.output_len for r in requests), do_sample=False,
+                              eos_token_id=-1, pad_token_id=0)
+    batch_config = transformers_batch_config(max_batch, max_len, next(model.parameters()).is_cuda)
+    row["max_batch"] = max_batch if batch_config is not None else None
+    try:
+        manager = model.init_continuous_batching(
+            generation_config=config, **({"continuous_batching_config": batch_config} if batch_config else {}))
+    except TypeError:  # an older transformers: its settings live elsewhere, its manager sizes the batch itself
+        row["max_batch"] = None
+        manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
+    try:
+        # the manager sets itself up in its thread after start(): one small request first, so the clock starts when
+        # it serves (egmla's scheduler is likewise made before the clock, on an engine that has run the workload)
+        manager.add_request(input_ids=requests[0].prompt, request_id="warm-up", max_new_tokens=2)
+        while (output := manager.get_result(timeout=600)) is not None and not output.is_finished():
+            pass
+        start = time.perf_counter()
+        ids = []
+        for index, request in enumerate(requests):
+            _wait_until(start, request.arrival)
+            ids.append(manager.add_request(input_ids=request.prompt, request_id=f"r{index}",
+                                           max_new_tokens=request.output_len, record_timestamps=True))
+        finished = {}
+        while len(finished) < len(ids):  # results come in finishing order
+            output = manager.get_result(timeout=600)
+            if output is None:
+                raise RuntimeError(f"transformers' manager stopped with {len(ids) - len(finished)} requests unfinished")
+            if output.is_finished():
+                finished[output.request_id] = output
+        outputs = [finished[i] for i in ids]
+    finally:
+        manager.stop(block=True)
+    timings = []
+    for request, output in zip(requests, outputs):
+        if output.error:
+            raise RuntimeError(f"transformers' manager: request {output.request_id} failed: {output.error}")
+        stamps = output.timestamps
+        timings.append(Timing(request.arrival, stamps[0] - start, stamps[-1] - start, len(output.generated_tokens)))
+    return timings
+
+
+def summarize(timings: list[Timing]) -> dict:
+    def quantiles(values: list[float]) -> tuple[float, float]:
+        ordered = sorted(values)
+        return statistics.median(ordered), ordered[int(0.9 * (len(ordered) - 1))]
+
+    duration = max(t.finished for t in timings) - min(t.arrival for t in timings)
+    tokens = sum(t.tokens for t in timings)
+    ttft = quantiles([t.first_token - t.arrival for t in timings])
+    tpot = quantiles([(t.finished - t.first_token) / (t.tokens - 1) for t in timings if t.tokens > 1] or [0.0])
+    latency = quantiles([t.finished - t.arrival for t in timings])
+    return {"seconds": duration, "output_tokens": tokens, "output_tokens_per_s": tokens / duration,
+            "requests_per_s": len(timings) / duration,
+            "ttft_ms_p50": 1e3 * ttft[0], "ttft_ms_p90": 1e3 * ttft[1],
+            "tpot_ms_p50": 1e3 * tpot[0], "tpot_ms_p90": 1e3 * tpot[1],
+            "latency_s_p50": latency[0], "latency_s_p90": latency[1]}
+
+
+def main(args) -> int:
+    if args.report:
+        return report(args, markdown)
+    import torch
+
+    from egmla.bench.ab import code_identity
+    from egmla.bench.generate import _random_model, write_table
+    from egmla.config import preset
+    from egmla.configfile import parse_overrides
+    from egmla.infer import GenerationEngine
+    from egmla.infer.cli import resolve_device_dtype
+    from egmla.runs import atomic_write_json
+    from egmla.variants import select, variant_config
+
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    on_cuda = device.type == "cuda"
+    count = args.requests or (512 if on_cuda else 12)
+    prompt_len = args.prompt_len or (1024 if on_cuda else 24)
+    output_len = args.output_len or (256 if on_cuda else 8)
+    max_batch = args.max_batch or (128 if on_cuda else 4)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"--systems {args.systems!r}: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+    try:
+        rates = [float(r) for r in args.rate.split(",")]
+    except ValueError:
+        raise ValueError(f"--rate {args.rate!r}: give comma-separated numbers (requests per second) or inf") from None
+    if min(count, prompt_len, output_len, max_batch) < 1 or min(rates) <= 0:
+        raise ValueError("--requests, --prompt-len, --output-len, --max-batch and every --rate must be > 0")
+    name = args.preset if args.preset != "auto" else ("paper-base" if on_cuda else "tiny")
+    base = preset(name, **{"max_seq_len": prompt_len + output_len, **parse_overrides(args.overrides, section="model")})
+    if prompt_len + output_len - 1 > base.max_seq_len:
+        raise ValueError(f"--prompt-len {prompt_len} + --output-len {output_len} exceeds max_seq_len={base.max_seq_len}")
+    device_name = torch.cuda.get_device_name(device) if on_cuda else "cpu"
+    rows: list[dict] = []
+    meta = {"benchmark": "serve", "device": device_name, "dtype": str(dtype), "torch": torch.__version__,
+            "source": f"preset {name}, random weights", "requests": count, "prompt_len": prompt_len,
+            "output_len": output_len, "max_batch": max_batch, "seed": args.seed,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_identity(), "rows": rows}
+    print(f"egmla bench serve: {meta['source']}; {device_name}, {dtype}; {count} requests, prompts "
+          f"{max(1, prompt_len // 2)}-{prompt_len}, outputs {max(1, output_len // 2)}-{output_len} tokens; rates {rates}")
+
+    def record(row: dict, work) -> None:
+        try:
+            row.update(summarize(work()))
+        except Exception as err:  # noqa: BLE001 - a system that fails is reported, the others still run
+            row["error"] = f"{type(err).__name__}: {err}"[:300]
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        if args.json_path:
+            atomic_write_json(args.json_path, meta)
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    for rate in rates:
+        requests = workload(count, rate, prompt_len, output_len, base.vocab_size, args.seed)
+        for variant in select(args.variants) if {"continuous", "static"} & set(systems) else []:
+            config = variant.config(base)
+            model = _random_model(config, device, dtype)
+            for system in [s for s in systems if s != "transformers"]:
+                engine = GenerationEngine(model, decode_path=args.decode_path)
+                run = run_continuous if system == "continuous" else run_static
+                row = {"system": system, "model": "egmla", "variant": config.variant_name(), "rate": rate,
+                       "max_batch": max_batch}
+
+                def measured(run=run, engine=engine):
+                    run(engine, requests, max_batch)  # warm-up: kernels, graphs of the batch sizes met
+                    return run(engine, requests, max_batch)
+
+                record(row, measured)
+                row["decode_path"] = engine.decode_path
+                engine.release()
+            del model
+        if "transformers" in systems:
+            from egmla.bench.hf_anchors import anchor_model
+
+            anchor = variant_config("mha", base)
+            row = {"system": "transformers", "model": "transformers LlamaForCausalLM", "variant": anchor.variant_name(),
+                   "rate": rate, "decode_path": "paged (continuous batching)"}
+
+            def measured_anchor():
+                model = anchor_model("llama", anchor, base.max_seq_len, device, dtype)
+                run_transformers(model, requests, max_batch, base.max_seq_len, row)
+                return run_transformers(model, requests, max_batch, base.max_seq_len, row)
+
+            record(row, measured_anchor)
+    print()
+    return write_table(markdown(meta), args.markdown)
+
+
+def markdown(meta: dict) -> str:
+    """Per rate: every system's throughput (and its multiple of transformers' continuous batching on Llama in the
+    same run) and latencies."""
+    lines = [f"Serving {meta['requests']} requests, {meta['device']}, {meta['dtype']}, torch {meta['torch']}: "
+             f"{meta['source']}; prompts {max(1, meta['prompt_len'] // 2)}-{meta['prompt_len']} and outputs "
+             f"{max(1, meta['output_len'] // 2)}-{meta['output_len']} tokens (uniform), Poisson arrivals, greedy; "
+             f"at most {meta['max_batch']} requests generating at once (max batch; '-': transformers' own sizing, where "
+             f"its version has no max_requests_per_batch). Run {meta['time']}.", "",
+             "| rate (req/s) | system | model | variant | decode path | max batch | output tokens/s | × transformers | "
+             "TTFT ms p50 / p90 | TPOT ms p50 / p90 | latency s p50 / p90 |",
+             "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    anchor = {r["rate"]: r["output_tokens_per_s"] for r in meta["rows"]
+              if r["system"] == "transformers" and "error" not in r}
+    for row in meta["rows"]:
+        rate = "all at once" if math.isinf(row["rate"]) else f"{row['rate']:g}"
+        head = (f"| {rate} | {row['system']} | {row['model']} | {row['variant']} | {row.get('decode_path', '')} | "
+                f"{row.get('max_batch') or '-'} |")
+        if "error" in row:
+            lines.append(f"{head} failed: {row['error']} | | | | |")
+            continue
+        ratio = f"{row['output_tokens_per_s'] / anchor[row['rate']]:.2f}×" if row["rate"] in anchor else "-"
+        lines.append(f"{head} {row['output_tokens_per_s']:,.0f} | {ratio} | {row['ttft_ms_p50']:,.1f} / "
+                     f"{row['ttft_ms_p90']:,.1f} | {row['tpot_ms_p50']:.2f} / {row['tpot_ms_p90']:.2f} | "
+                     f"{row['latency_s_p50']:.2f} / {row['latency_s_p90']:.2f} |")
+    return "\n".join(lines) + "\n"

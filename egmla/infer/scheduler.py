@@ -1,0 +1,432 @@
+"""Continuous batching: requests join and leave one running batch between decode steps (`egmla serve`).
+
+`GenerationEngine.generate` runs a batch from its prompts to its last token; a server meets requests one at a
+time, and a batch that waits for its longest member wastes the rows of the ones that finished. The scheduler
+keeps one cache of `max_batch` rows and `max_len` positions and loops:
+
+    admit     waiting requests (first come, first served) take free rows, at most `prefill_token_budget` prompt
+              tokens per iteration (at least one request); the rows are emptied (`KVCache.reset_rows`) and the
+              prompts prefilled together, one forward per run of adjacent rows; each samples its first token
+    step      one decode step for every live row, through the engine's `DecodeStep` of the smallest bucket that
+              holds the highest live row (a CUDA graph per bucket on a GPU, the one the engine replays); free rows
+              append nothing (n_new = 0)
+    retire    a request that ends (eos, stop string, max_new_tokens, the cache's end) or is cancelled frees its
+              row at once; when nothing waits and the live rows fit a smaller bucket, they move to the front
+              (`KVCache.compact`) so the step does less work
+
+Each request has its own sampling settings (rows are grouped by them for `select_next`) and, with a seed, its own
+random stream: the same seed and prompt give the same text whatever else is running, up to the batch-size
+dependence of floating-point products on a GPU. Tokens stream to each request's handle as they are produced.
+Every row's tokens are exactly what `GenerationEngine.generate` gives that prompt alone (tests compare them).
+
+One thread runs the model (`start()`, or `step()` by hand); `submit` and the handles are thread-safe. The
+scheduler owns its engine while it runs: do not call `engine.generate` at the same time.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch.nn.attention import sdpa_kernel
+
+from egmla.infer.decode_step import bucket_for
+from egmla.infer.engine import (DECODE_SDPA_BACKENDS, Generation, GenerationEngine, TokenEvent, _inputs_unchecked,
+                                _Sequence, _set_n_new)
+from egmla.infer.sampling import SamplingParams, select_next
+
+
+@dataclass
+class RequestTimes:
+    """Wall-clock times (time.perf_counter) of one request's life, for latency metrics."""
+
+    submitted: float
+    admitted: float | None = None  # its prompt went into a row
+    first_token: float | None = None
+    finished: float | None = None
+
+
+class RequestHandle:
+    """What `Scheduler.submit` returns: the request's tokens as they come (`events()`), its result (`result()`),
+    and `cancel()`. Thread-safe; read `events()` from one thread."""
+
+    def __init__(self, request_id: int, prompt_ids: list[int]):
+        self.id, self.prompt_ids = request_id, prompt_ids
+        self.times = RequestTimes(time.perf_counter())
+        self._events: collections.deque[TokenEvent] = collections.deque()
+        self._changed = threading.Condition()
+        self._result: Generation | None = None
+        self._error: BaseException | None = None
+        self.cancelled = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None or self._error is not None
+
+    def cancel(self) -> None:
+        """Stop generating for this request (a client went away): its row is freed before the next step and its
+        result ends with finish_reason 'cancelled'. No effect once it has finished."""
+        self.cancelled = True
+
+    def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
+        """Every TokenEvent of this request in order, blocking until the next one; ends after the last (its
+        finish_reason set). Raises the scheduler's error if generation failed, TimeoutError after `timeout` seconds
+        without an event."""
+        while True:
+            with self._changed:
+                if not self._events and not self.done:
+                    if not self._changed.wait_for(lambda: self._events or self.done, timeout):
+                        raise TimeoutError(f"request {self.id}: no token for {timeout} s")
+                event = self._events.popleft() if self._events else None
+            if event is None:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def result(self, timeout: float | None = None) -> Generation:
+        """The finished Generation (token ids, text, finish_reason), blocking until it is done."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.done, timeout):
+                raise TimeoutError(f"request {self.id}: not finished after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    # ---- called by the scheduler's thread ----------------------------------------------------
+    def _push(self, event: TokenEvent) -> None:
+        with self._changed:
+            self._events.append(event)
+            self._changed.notify_all()
+
+    def _finish(self, result: Generation | None, error: BaseException | None = None) -> None:
+        self.times.finished = time.perf_counter()
+        with self._changed:
+            self._result, self._error = result, error
+            self._changed.notify_all()
+
+
+@dataclass
+class _Request:
+    handle: RequestHandle
+    sequence: _Sequence
+    max_new_tokens: int
+    sampling: SamplingParams
+    eos_token_id: int | None
+    generator: torch.Generator | None = None  # its own stream where it has a seed
+    next_token: int | None = field(default=None)
+
+
+@dataclass
+class SchedulerStats:
+    """Counters since the scheduler was made (read them from any thread; they only grow)."""
+
+    requests_finished: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    prefill_calls: int = 0
+    compactions: int = 0  # live rows moved to the front for a smaller bucket
+    busy_seconds: float = 0.0  # time inside step()
+
+
+class Scheduler:
+    """Continuous batching over a `GenerationEngine` (see the module docstring).
+
+    max_batch: rows of the cache, i.e. requests generating at once; more wait in a queue (`max_waiting`, after
+        which `submit` refuses with a clear error rather than queueing without bound).
+    max_len: positions per row, prompt and generated tokens together (default the model's max_seq_len); a request
+        stops by length at the row's end.
+    seed: the random stream of sampled requests that bring no seed of their own."""
+
+    def __init__(self, engine: GenerationEngine, max_batch: int = 32, max_len: int | None = None,
+                 max_waiting: int = 4096, seed: int | None = None):
+        config = engine.config
+        max_len = config.max_seq_len if max_len is None else max_len
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch}: must be >= 1")
+        if not 1 <= max_len <= config.max_seq_len:
+            raise ValueError(f"max_len={max_len}: must lie in [1, the model's max_seq_len={config.max_seq_len}]")
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting={max_waiting}: must be >= 0")
+        if engine.offload is not None:
+            raise ValueError("the scheduler cannot serve with offloaded gate tables (the offload tracks one batch's "
+                             "rows per call): make the GenerationEngine without offload_gate_tables")
+        self.engine, self.max_batch, self.max_len, self.max_waiting = engine, max_batch, max_len, max_waiting
+        self.stats = SchedulerStats()
+        self._ids = itertools.count()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._rows: list[_Request | None] = []
+        self._cache = None
+        self._step = None
+        self._step_appending: list[int] | None = None
+        self._shared_generator = torch.Generator(device=engine.device)
+        if seed is None:
+            self._shared_generator.seed()
+        else:
+            self._shared_generator.manual_seed(seed)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- requests ------------------------------------------------------------------------------
+    def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
+               eos_token_id: int | None = None, stop_strings: Sequence[str] = ()) -> RequestHandle:
+        """Queue one request; returns its handle at once. Bad input raises ValueError here, naming the field."""
+        engine = self.engine
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        if stop_strings and engine.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer to see text: make the engine with tokenizer=...")
+        if eos_token_id is not None and not 0 <= eos_token_id < engine.config.vocab_size:
+            raise ValueError(f"eos_token_id={eos_token_id}: outside [0, vocab_size={engine.config.vocab_size})")
+        prompt_ids = engine.encode(prompt)
+        if len(prompt_ids) > self.max_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens, more than the scheduler's max_len={self.max_len} "
+                             f"positions per row: shorten it (or serve with a larger max_len, at most max_seq_len="
+                             f"{engine.config.max_seq_len})")
+        handle = RequestHandle(next(self._ids), prompt_ids)
+        generator = None
+        if not sampling.greedy and sampling.seed is not None:
+            generator = sampling.make_generator(engine.device)
+        request = _Request(handle, _Sequence(handle.id, prompt_ids, engine.tokenizer, list(stop_strings)),
+                           max_new_tokens, sampling, eos_token_id, generator)
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the scheduler is stopping: no new requests")
+            if len(self._waiting) >= self.max_waiting:
+                raise OverflowError(f"{len(self._waiting)} requests already wait (max_waiting={self.max_waiting}): "
+                                    f"retry later, or serve with a larger max_batch / max_waiting")
+            self._waiting.append(request)
+            self._wake.notify_all()
+        return handle
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self._rows)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run `step()` in a background thread until `stop()`; it sleeps while there is nothing to do."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="egmla-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the requests already submitted, refuse new ones, and end the background thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._waiting or self.running or self._stopping)
+                if self._stopping and not self._waiting and not self.running:
+                    return
+            try:
+                self.step()
+            except Exception as error:  # noqa: BLE001 - every request learns of it, the loop goes on
+                self._fail_all(error)
+
+    def step(self) -> bool:
+        """One iteration: free cancelled rows, admit waiting requests (prefill, first tokens), one decode step for
+        every live row. Returns whether any request is still running or waiting."""
+        start = time.perf_counter()
+        engine = self.engine
+        device = engine.device
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with on_device, torch.inference_mode(), _inputs_unchecked(engine.model), sdpa_kernel(DECODE_SDPA_BACKENDS):
+            if self._cache is None:
+                self._open()
+            self._retire_cancelled()
+            self._admit()
+            self._decode()
+        self.stats.busy_seconds += time.perf_counter() - start
+        return bool(self.running or self._waiting)
+
+    def _open(self) -> None:
+        """The cache (and, under decode_path='auto', the path) for max_batch rows of max_len positions."""
+        engine = self.engine
+        rows = bucket_for(self.max_batch, engine.batch_buckets)
+        if engine.auto_path:
+            engine._choose_path(rows, self.max_len)
+        engine._steps_read = _precomputed(engine)
+        self._cache = engine._cache_for(rows, self.max_len)
+        self._rows = [None] * rows
+        self._next = torch.zeros(rows, dtype=torch.long, device=engine.device)
+
+    def _retire_cancelled(self) -> None:
+        for row, request in enumerate(self._rows):
+            if request is not None and request.handle.cancelled:
+                self._retire(row, "cancelled")
+        with self._wake:
+            for request in [r for r in self._waiting if r.handle.cancelled]:
+                self._waiting.remove(request)
+                self._finish(request, "cancelled")
+
+    def _admit(self) -> None:
+        """Give waiting requests the lowest free rows (FIFO, within the prefill token budget), prefill them, sample
+        each one's first token."""
+        free = [row for row, request in enumerate(self._rows[: self.max_batch]) if request is None]
+        admitted: list[tuple[int, _Request]] = []
+        budget = self.engine.prefill_token_budget
+        with self._wake:
+            while self._waiting and len(admitted) < len(free):
+                tokens = len(self._waiting[0].handle.prompt_ids)
+                if admitted and tokens > budget:
+                    break
+                budget -= tokens
+                admitted.append((free[len(admitted)], self._waiting.popleft()))
+        if not admitted:
+            return
+        now = time.perf_counter()
+        for row, request in admitted:
+            self._rows[row] = request
+            request.handle.times.admitted = now
+        for run in _adjacent_runs([row for row, _ in admitted]):
+            first, last = run[0], run[-1] + 1
+            self._cache.reset_rows(first, last)
+            rows = self._cache.rows(first, last)
+            logits = self.engine._prefill([self._rows[row].handle.prompt_ids for row in run], rows)
+            self.stats.prefill_calls += 1
+            self._take(list(run), logits)
+        self._step_appending = None  # rows changed hands: set n_new again
+
+    def _decode(self) -> None:
+        live = [row for row, request in enumerate(self._rows) if request is not None]
+        if not live:
+            return
+        top = live[-1] + 1
+        buckets = self.engine.batch_buckets
+        if not self._waiting and bucket_for(len(live), buckets) < bucket_for(top, buckets):
+            self._compact(live)
+            live, top = list(range(len(live))), len(live)
+        step = self.engine._step(self._cache, bucket_for(top, buckets), self.max_len)
+        if step is not self._step:
+            self._step, self._step_appending = step, None
+        step.tokens[:top, 0].copy_(self._next[:top])
+        appending = [int(request is not None) for request in self._rows[:top]] + [0] * (step.batch - top)
+        if appending != self._step_appending:
+            _set_n_new(step, appending)
+            self._step_appending = appending
+        logits = step.run()
+        self.stats.decode_steps += 1
+        self._take(live, logits[:top] if len(live) == top else logits[_index(live, logits.device)])
+
+    def _compact(self, live: list[int]) -> None:
+        """Move the live rows to the front of the cache, so a smaller bucket's step covers them."""
+        moved = torch.tensor(live, device=self.engine.device)
+        self._cache.rows(0, live[-1] + 1).compact(moved)
+        self._next[: len(live)] = self._next[moved]
+        requests = [self._rows[row] for row in live]
+        self._rows = requests + [None] * (len(self._rows) - len(requests))
+        self.stats.compactions += 1
+
+    def _take(self, rows: list[int], logits: torch.Tensor) -> None:
+        """Sample the next token of each of `rows` from its logits [len(rows), vocab]; stream it, retire the rows
+        that end."""
+        requests = [self._rows[row] for row in rows]
+        ids = self._sample(logits, requests)
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            self._next[rows[0]: rows[0] + len(rows)] = ids
+        else:
+            self._next[_index(rows, ids.device)] = ids
+        now = time.perf_counter()
+        for row, request, token_id in zip(rows, requests, ids.tolist()):
+            if request.handle.times.first_token is None:
+                request.handle.times.first_token = now
+            event = request.sequence.append(token_id, request.eos_token_id, request.max_new_tokens, self.max_len)
+            request.handle._push(TokenEvent(request.handle.id, event.token_id, event.text, event.finish_reason))
+            if event.finish_reason is not None:
+                self._retire(row, None)
+
+    def _sample(self, logits: torch.Tensor, requests: list[_Request]) -> torch.Tensor:
+        """Next ids [rows]: rows with the same settings and random stream sampled together."""
+        ids = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            params = request.sampling
+            key = ((0.0, 0, 1.0) if params.greedy else (params.temperature, params.top_k, params.top_p),
+                   id(request.generator) if request.generator is not None else None)
+            groups.setdefault(key, []).append(i)
+        for (settings, own), members in groups.items():
+            params = SamplingParams(*settings)
+            generator = requests[members[0]].generator if own is not None else self._shared_generator
+            if len(groups) == 1:  # the usual case: every row alike, no gather
+                return select_next(logits, params, None if params.greedy else generator)
+            index = _index(members, logits.device)
+            ids[index] = select_next(logits[index], params, None if params.greedy else generator)
+        return ids
+
+    def _retire(self, row: int, reason: str | None) -> None:
+        request, self._rows[row] = self._rows[row], None
+        self._finish(request, reason)
+
+    def _finish(self, request: _Request, reason: str | None) -> None:
+        """Hand the request its result. reason 'cancelled' for a cancelled one, None when its last event said why."""
+        result = request.sequence.result
+        if reason is not None:
+            if request.sequence.detokenizer is not None and result.text is None:
+                result.text = request.sequence.stops.text
+            result.finish_reason = reason
+            request.handle._push(TokenEvent(request.handle.id, -1, "", reason))
+        self.stats.requests_finished += 1
+        self.stats.prompt_tokens += len(result.prompt_ids)
+        self.stats.generated_tokens += len(result.token_ids)
+        request.handle._finish(result)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """The model raised: every running and waiting request ends with the error; the cache is dropped, so the
+        next request starts clean."""
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for request in [r for r in self._rows if r is not None] + waiting:
+            request.handle._finish(None, RuntimeError(f"generation failed: {error!r}"))
+        self._rows = [None] * len(self._rows)
+        self._cache, self._step, self._step_appending = None, None, None
+        self.engine.release()
+
+
+def _index(rows: list[int], device) -> torch.Tensor:
+    return torch.tensor(rows, device=device)
+
+
+def _adjacent_runs(rows: list[int]) -> list[list[int]]:
+    """[1, 2, 3, 7, 8] -> [[1, 2, 3], [7, 8]] (rows sorted)."""
+    runs: list[list[int]] = []
+    for row in rows:
+        if runs and row == runs[-1][-1] + 1:
+            runs[-1].append(row)
+        else:
+            runs.append([row])
+    return runs
+
+
+def _precomputed(engine: GenerationEngine) -> list:
+    from egmla.infer.engine import precomputed_tensors
+
+    read = precomputed_tensors(engine.model, engine.cuda_graphs)
+    if any(a is not b for a, b in zip(engine._steps_read, read)):
+        engine._steps, engine.last_step = {}, None  # a precomputed tensor was rebuilt: graphs of the old ones go
+    return read

@@ -1,0 +1,33 @@
+"""`egmla bench serve` on the CPU (tiny preset): every system serves the whole workload, each request exactly its
+drawn output length, and the report regenerates the table from the JSON."""
+import json
+import math
+
+from egmla.bench import cli
+from egmla.bench.serve import markdown, workload
+
+
+def test_workload_is_drawn_from_its_seed():
+    first, again = workload(6, 5.0, 24, 8, 300, seed=1), workload(6, 5.0, 24, 8, 300, seed=1)
+    assert first == again and workload(6, 5.0, 24, 8, 300, seed=2) != first
+    assert all(12 <= len(r.prompt) <= 24 and 4 <= r.output_len <= 8 for r in first)
+    assert [r.arrival for r in first] == sorted(r.arrival for r in first) and first[-1].arrival > 0
+    assert {r.arrival for r in workload(6, math.inf, 24, 8, 300, seed=1)} == {0.0}
+
+
+def test_every_system_serves_every_request_its_output_length(tmp_path):
+    out, table = tmp_path / "serve.json", tmp_path / "serve.md"
+    assert cli.run("serve", ["--requests", "6", "--rate", "inf,40", "--variants", "egmla-kv64",
+                             "--max-batch", "3", "--json", str(out), "--markdown", str(table)]) == 0
+    meta = json.loads(out.read_text())
+    expected = {rate: sum(r.output_len for r in workload(6, rate, meta["prompt_len"], meta["output_len"], 8192, 0))
+                for rate in (math.inf, 40.0)}
+    rows = meta["rows"]
+    assert sorted((r["system"], r["rate"]) for r in rows) == sorted(
+        (system, rate) for system in ("continuous", "static", "transformers") for rate in expected)
+    for row in rows:
+        assert "error" not in row, row
+        assert row["output_tokens"] == expected[row["rate"]], row
+        assert row["ttft_ms_p50"] <= row["ttft_ms_p90"] and row["latency_s_p50"] > 0
+    assert table.read_text() == markdown(meta)
+    assert "× transformers" in table.read_text() and "1.00×" in table.read_text()

@@ -1,0 +1,223 @@
+"""Continuous batching (egmla/infer/scheduler.py): requests that join and leave a running batch get exactly the
+tokens each gets alone, on every variant's paths; rows are reused and compacted; seeds, cancellation, errors."""
+import threading
+
+import pytest
+import torch
+from tests.infer.helpers import tiny_model
+
+from egmla.attention import decode_paths
+from egmla.infer import GenerationEngine, SamplingParams
+from egmla.infer.scheduler import Scheduler
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [120, 8], [33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45], [260],
+           [7, 7, 7, 9], [200, 201, 17, 5, 5, 5, 80, 81, 82]]
+NEW = [9, 4, 12, 7, 3, 10]  # max_new_tokens of each request: they end at different steps
+
+# every variant's paths; the Triton 'kernel' path (slow in the CPU interpreter) for MLA and EG-MLA only
+CASES = [(variant, path) for variant in ("mha", "gqa", "mla", "eg-mla", "eg-mla-latent", "eg-mla-bias-v")
+         for path in decode_paths(tiny_model(variant).config)
+         if path != "kernel" or variant in ("mla", "eg-mla")]
+
+
+def alone(engine, index, eos=None, sampling=SamplingParams()):
+    return engine.generate([PROMPTS[index]], max_new_tokens=NEW[index], eos_token_id=eos, sampling=sampling)[0]
+
+
+def staggered(scheduler, arrivals, eos=None, sampling=SamplingParams()):
+    """Submit request i once `arrivals[i]` steps have run; step until all are done; handles in request order."""
+    handles = {}
+    steps = 0
+    while len(handles) < len(PROMPTS) or any(not h.done for h in handles.values()):
+        for i, at in enumerate(arrivals):
+            if at == steps and i not in handles:
+                handles[i] = scheduler.submit(PROMPTS[i], max_new_tokens=NEW[i], eos_token_id=eos, sampling=sampling)
+        scheduler.step()
+        steps += 1
+        assert steps < 200
+    return [handles[i] for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("variant,path", CASES)
+def test_requests_joining_and_leaving_get_the_tokens_they_get_alone(variant, path):
+    """Six requests arrive at different steps into three rows: some wait, finished rows are emptied and reused by
+    later prompts (shorter and longer than what the row held), and with buckets the live rows are compacted."""
+    model = tiny_model(variant, seed=3)
+    engine = GenerationEngine(model, decode_path=path)
+    eos = alone(engine, 0).token_ids[2]  # some requests end on it, early
+    expected = [alone(engine, i, eos) for i in range(len(PROMPTS))]
+    assert any(r.finish_reason == "eos" for r in expected) and any(r.finish_reason == "length" for r in expected)
+    for buckets in ((), (1, 2, 4)):
+        engine = GenerationEngine(model, decode_path=path, batch_buckets=buckets)
+        scheduler = Scheduler(engine, max_batch=3)
+        handles = staggered(scheduler, [0, 0, 1, 1, 3, 6], eos)
+        results = [h.result() for h in handles]
+        assert [r.token_ids for r in results] == [r.token_ids for r in expected], buckets
+        assert [r.finish_reason for r in results] == [r.finish_reason for r in expected], buckets
+        assert scheduler.stats.requests_finished == len(PROMPTS) and scheduler.running == 0
+        assert scheduler.stats.generated_tokens == sum(len(r.token_ids) for r in expected)
+
+
+def test_rows_are_compacted_when_the_live_ones_fit_a_smaller_bucket():
+    model = tiny_model("eg-mla", seed=4)
+    engine = GenerationEngine(model, decode_path="grouped", batch_buckets=(1, 2, 4))
+    expected = [alone(engine, i) for i in range(4)]
+    scheduler = Scheduler(engine, max_batch=4)
+    handles = [scheduler.submit(PROMPTS[i], max_new_tokens=NEW[i]) for i in range(4)]
+    while scheduler.step():
+        pass
+    assert [h.result().token_ids for h in handles] == [r.token_ids for r in expected]
+    assert scheduler.stats.compactions >= 1  # rows 0 and 3 outlive 1: moved to rows 0-1 for the bucket of 2
+
+
+def test_a_finished_rows_old_contents_never_reach_its_next_request():
+    """Row reuse must start from an empty row: a long sequence finishes, a short prompt takes its row."""
+    model = tiny_model("mla", seed=5)
+    engine = GenerationEngine(model, decode_path="absorbed")
+    long_prompt, short_prompt = PROMPTS[2], PROMPTS[3]
+    expected = engine.generate([short_prompt], max_new_tokens=8)[0].token_ids
+    scheduler = Scheduler(engine, max_batch=1)
+    first = scheduler.submit(long_prompt, max_new_tokens=10)
+    second = scheduler.submit(short_prompt, max_new_tokens=8)
+    while scheduler.step():
+        pass
+    assert first.result().finish_reason == "length"
+    assert second.result().token_ids == expected
+
+
+def test_a_seeded_request_samples_the_same_whatever_else_runs():
+    model = tiny_model("eg-mla", seed=6)
+    engine = GenerationEngine(model, decode_path="gate-table")
+    sampling = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=11)
+    expected = alone(engine, 2, sampling=sampling).token_ids
+    scheduler = Scheduler(engine, max_batch=4, seed=0)
+    others = [scheduler.submit(PROMPTS[i], max_new_tokens=NEW[i], sampling=SamplingParams(temperature=0.7, seed=None))
+              for i in (0, 1)]
+    mine = scheduler.submit(PROMPTS[2], max_new_tokens=NEW[2], sampling=sampling)
+    greedy = scheduler.submit(PROMPTS[3], max_new_tokens=NEW[3])
+    while scheduler.step():
+        pass
+    assert mine.result().token_ids == expected
+    assert greedy.result().token_ids == alone(engine, 3).token_ids
+    assert all(len(h.result().token_ids) == NEW[i] for i, h in zip((0, 1), others))
+
+
+def test_streamed_text_and_stop_strings_match_the_engine(tokenizer):
+    model = tiny_model("eg-mla", seed=7)
+    engine = GenerationEngine(model, tokenizer, decode_path="naive")
+    prompts = ["To be, or not", "the slings and arrows", "Café"]
+    free = engine.generate(prompts, max_new_tokens=12)
+    stop = free[1].text[3:6]  # request 1 ends on a stop string
+    expected = engine.generate(prompts, max_new_tokens=12, stop_strings=[stop])
+    scheduler = Scheduler(engine, max_batch=2)
+    handles = [scheduler.submit(p, max_new_tokens=12, stop_strings=[stop]) for p in prompts]
+    streamed = {h.id: "" for h in handles}
+    while scheduler.step():
+        pass
+    for handle, want in zip(handles, expected):
+        streamed = "".join(event.text for event in handle.events())
+        result = handle.result()
+        assert (result.token_ids, result.text, result.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+        assert streamed == want.text
+    assert expected[1].finish_reason == "stop"
+
+
+def test_cancelled_requests_free_their_rows_and_leave_the_others_alone():
+    model = tiny_model("mla", seed=8)
+    engine = GenerationEngine(model, decode_path="naive")
+    expected = [alone(engine, i) for i in range(3)]
+    scheduler = Scheduler(engine, max_batch=2)
+    handles = [scheduler.submit(PROMPTS[i], max_new_tokens=NEW[i]) for i in range(3)]
+    scheduler.step()
+    handles[0].cancel()  # running: its row goes to request 2
+    waiting = scheduler.submit(PROMPTS[4], max_new_tokens=NEW[4])
+    waiting.cancel()  # never admitted
+    while scheduler.step():
+        pass
+    assert handles[0].result().finish_reason == "cancelled" and len(handles[0].result().token_ids) < NEW[0]
+    assert waiting.result().finish_reason == "cancelled" and waiting.result().token_ids == []
+    assert [events[-1].finish_reason for events in [list(waiting.events())]] == ["cancelled"]
+    assert [h.result().token_ids for h in handles[1:]] == [r.token_ids for r in expected[1:]]
+
+
+def test_bad_requests_are_refused_with_the_field_named():
+    model = tiny_model("eg-mla")
+    engine = GenerationEngine(model)
+    scheduler = Scheduler(engine, max_batch=2, max_len=16, max_waiting=1)
+    with pytest.raises(ValueError, match="max_len=16"):
+        scheduler.submit(list(range(1, 18)))
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        scheduler.submit([1, 2], max_new_tokens=0)
+    with pytest.raises(ValueError, match="vocab_size"):
+        scheduler.submit([1, 2, 100000])
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        scheduler.submit([1, 2], stop_strings=["x"])
+    scheduler.submit([1, 2])
+    with pytest.raises(OverflowError, match="max_waiting=1"):
+        scheduler.submit([3, 4])
+    with pytest.raises(ValueError, match="max_len=100"):
+        Scheduler(engine, max_len=100)
+    with pytest.raises(ValueError, match="max_batch=0"):
+        Scheduler(engine, max_batch=0)
+    with pytest.raises(ValueError, match="offloaded gate tables"):
+        Scheduler(GenerationEngine(model, offload_gate_tables=True))
+
+
+def test_a_request_at_the_rows_end_stops_by_length():
+    model = tiny_model("mla", seed=9)
+    engine = GenerationEngine(model, decode_path="naive")
+    scheduler = Scheduler(engine, max_batch=2, max_len=12)
+    handle = scheduler.submit(PROMPTS[0], max_new_tokens=40)  # 7 prompt tokens: room for 6 new (the last not fed)
+    while scheduler.step():
+        pass
+    result = handle.result()
+    assert result.finish_reason == "length" and len(result.token_ids) == 12 - 7 + 1
+    assert result.token_ids == engine.generate([PROMPTS[0]], max_new_tokens=6)[0].token_ids
+
+
+def test_a_failing_step_fails_its_requests_and_the_next_ones_run(monkeypatch):
+    model = tiny_model("eg-mla", seed=10)
+    engine = GenerationEngine(model, decode_path="gate-table")
+    expected = alone(engine, 1).token_ids
+    scheduler = Scheduler(engine, max_batch=2)
+    scheduler.start()
+    try:
+        real = engine._prefill
+        calls = []
+
+        def broken(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise torch.cuda.OutOfMemoryError("out of memory (simulated)")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "_prefill", broken)
+        failed = scheduler.submit(PROMPTS[0], max_new_tokens=4)
+        with pytest.raises(RuntimeError, match="simulated"):
+            failed.result(timeout=60)
+        assert scheduler.submit(PROMPTS[1], max_new_tokens=NEW[1]).result(timeout=60).token_ids == expected
+    finally:
+        scheduler.stop(timeout=60)
+
+
+def test_background_thread_serves_requests_from_many_threads():
+    model = tiny_model("eg-mla", seed=12)
+    engine = GenerationEngine(model, decode_path="gate-table")
+    expected = [alone(engine, i).token_ids for i in range(len(PROMPTS))]
+    scheduler = Scheduler(engine, max_batch=3)
+    scheduler.start()
+    got = {}
+
+    def client(i):
+        handle = scheduler.submit(PROMPTS[i], max_new_tokens=NEW[i])
+        got[i] = [event.token_id for event in handle.events(timeout=60)]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    scheduler.stop(timeout=60)
+    assert [got[i] for i in range(len(PROMPTS))] == expected
+    with pytest.raises(RuntimeError, match="stopping"):
+        scheduler.submit(PROMPTS[0])
