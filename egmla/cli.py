@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "train": ("egmla.train.cli", "train a model (TOML config + --set overrides); torchrun for several GPUs"),
     "compare": ("egmla.train.compare", "train several configs on the same data and budget, print a table and plot"),
     "generate": ("egmla.infer.cli", "generate text from a trained run (batched, streaming, any decode path)"),
+    "serve": ("egmla.infer.serve_cli", "an OpenAI-compatible HTTP server with continuous batching"),
     "plan": ("egmla.infer.plan_cli", "how many sequences of length T fit in M GB, per attention variant"),
     "bench": ("egmla.bench.cli", "benchmarks: decode attention, generation, training speed"),
     "export": ("egmla.commands.export", "export a run to Hugging Face (or DeepSeek-V3) format"),
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = ArgumentParser(
         prog="egmla", description="Embedding-Gated Multi-head Latent Attention: every attention variant with "
-                                  "exact compressed KV caches; train, compare, generate, plan, benchmark, export.")
+                                  "exact compressed KV caches; train, compare, generate, plan, serve, benchmark, "
+                                  "export.")
     parser.add_argument("--version", action="version", version=f"egmla {__version__}")
     add_subcommands(parser, SUBCOMMANDS, dest="command", handler_key="handler")
     return parser

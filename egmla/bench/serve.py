@@ -18,6 +18,7 @@ time per output token after the first (TPOT) and end-to-end latency, medians and
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import threading
@@ -46,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=None,
                         help="requests generating at once in egmla's systems (default 128 on CUDA, 4 elsewhere); "
                              "as many for transformers' manager where it has the setting (max_requests_per_batch)")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="continuous: prompt tokens prefilled per iteration over all requests (default: the "
+                             "engine's prefill_token_budget, 32,768, i.e. whole prompts); smaller interleaves long "
+                             "prompts with the running requests' steps")
     parser.add_argument("--decode-path", default="auto", help="egmla's decode path (auto = the engine's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload's draws")
     add_output_arguments(parser)
@@ -92,11 +97,11 @@ def _wait_until(start: float, offset: float) -> None:
         time.sleep(delay)
 
 
-def run_continuous(engine, requests: list[Request], max_batch: int) -> list[Timing]:
+def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chunk: int | None = None) -> list[Timing]:
     from egmla.infer.scheduler import Scheduler
 
     scheduler = Scheduler(engine, max_batch=max_batch, max_len=engine.config.max_seq_len,
-                          max_waiting=len(requests))
+                          max_waiting=len(requests), prefill_chunk=prefill_chunk)
     scheduler.start()
     try:
         start = time.perf_counter()
@@ -257,7 +262,7 @@ def main(args) -> int:
     rows: list[dict] = []
     meta = {"benchmark": "serve", "device": device_name, "dtype": str(dtype), "torch": torch.__version__,
             "source": f"preset {name}, random weights", "requests": count, "prompt_len": prompt_len,
-            "output_len": output_len, "max_batch": max_batch, "seed": args.seed,
+            "output_len": output_len, "max_batch": max_batch, "seed": args.seed, "prefill_chunk": args.prefill_chunk,
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_identity(), "rows": rows}
     print(f"egmla bench serve: {meta['source']}; {device_name}, {dtype}; {count} requests, prompts "
           f"{max(1, prompt_len // 2)}-{prompt_len}, outputs {max(1, output_len // 2)}-{output_len} tokens; rates {rates}")
@@ -281,7 +286,8 @@ def main(args) -> int:
             model = _random_model(config, device, dtype)
             for system in [s for s in systems if s != "transformers"]:
                 engine = GenerationEngine(model, decode_path=args.decode_path)
-                run = run_continuous if system == "continuous" else run_static
+                run = (functools.partial(run_continuous, prefill_chunk=args.prefill_chunk) if system == "continuous"
+                       else run_static)
                 row = {"system": system, "model": "egmla", "variant": config.variant_name(), "rate": rate,
                        "max_batch": max_batch}
 

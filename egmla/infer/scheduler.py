@@ -4,9 +4,12 @@
 time, and a batch that waits for its longest member wastes the rows of the ones that finished. The scheduler
 keeps one cache of `max_batch` rows and `max_len` positions and loops:
 
-    admit     waiting requests (first come, first served) take free rows, at most `prefill_token_budget` prompt
-              tokens per iteration (at least one request); the rows are emptied (`KVCache.reset_rows`) and the
-              prompts prefilled together, one forward per run of adjacent rows; each samples its first token
+    admit     waiting requests (first come, first served) take the lowest free rows, which are emptied
+              (`KVCache.reset_rows`)
+    prefill   at most `prefill_chunk` prompt tokens in all go into their rows, the oldest requests first; adjacent
+              rows share one forward; a long prompt is fed over several iterations (chunked prefill), so the
+              running requests keep getting tokens meanwhile; a row whose prompt is complete samples its first
+              token
     step      one decode step for every live row, through the engine's `DecodeStep` of the smallest bucket that
               holds the highest live row (a CUDA graph per bucket on a GPU, the one the engine replays); free rows
               append nothing (n_new = 0)
@@ -29,7 +32,7 @@ import contextlib
 import itertools
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -125,7 +128,11 @@ class _Request:
     sampling: SamplingParams
     eos_token_id: int | None
     generator: torch.Generator | None = None  # its own stream where it has a seed
-    next_token: int | None = field(default=None)
+    fed: int = 0  # prompt tokens in its cache row so far
+
+    @property
+    def prefilled(self) -> bool:
+        return self.fed == len(self.handle.prompt_ids)
 
 
 @dataclass
@@ -148,10 +155,13 @@ class Scheduler:
         which `submit` refuses with a clear error rather than queueing without bound).
     max_len: positions per row, prompt and generated tokens together (default the model's max_seq_len); a request
         stops by length at the row's end.
-    seed: the random stream of sampled requests that bring no seed of their own."""
+    seed: the random stream of sampled requests that bring no seed of their own.
+    prefill_chunk: prompt tokens prefilled per iteration, over all requests (default: the engine's
+        prefill_token_budget, 32,768). Smaller keeps the running requests' time per token steadier while long prompts
+        arrive, at the cost of their time to first token."""
 
     def __init__(self, engine: GenerationEngine, max_batch: int = 32, max_len: int | None = None,
-                 max_waiting: int = 4096, seed: int | None = None):
+                 max_waiting: int = 4096, seed: int | None = None, prefill_chunk: int | None = None):
         config = engine.config
         max_len = config.max_seq_len if max_len is None else max_len
         if max_batch < 1:
@@ -160,10 +170,14 @@ class Scheduler:
             raise ValueError(f"max_len={max_len}: must lie in [1, the model's max_seq_len={config.max_seq_len}]")
         if max_waiting < 0:
             raise ValueError(f"max_waiting={max_waiting}: must be >= 0")
+        prefill_chunk = engine.prefill_token_budget if prefill_chunk is None else prefill_chunk
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk}: must be >= 1 (prompt tokens per iteration)")
         if engine.offload is not None:
             raise ValueError("the scheduler cannot serve with offloaded gate tables (the offload tracks one batch's "
                              "rows per call): make the GenerationEngine without offload_gate_tables")
         self.engine, self.max_batch, self.max_len, self.max_waiting = engine, max_batch, max_len, max_waiting
+        self.prefill_chunk = prefill_chunk
         self.stats = SchedulerStats()
         self._ids = itertools.count()
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -250,8 +264,8 @@ class Scheduler:
                 self._fail_all(error)
 
     def step(self) -> bool:
-        """One iteration: free cancelled rows, admit waiting requests (prefill, first tokens), one decode step for
-        every live row. Returns whether any request is still running or waiting."""
+        """One iteration: free cancelled rows, admit waiting requests, prefill (first tokens), one decode step for
+        every row whose prompt is in. Returns whether any request is still running or waiting."""
         start = time.perf_counter()
         engine = self.engine
         device = engine.device
@@ -261,6 +275,7 @@ class Scheduler:
                 self._open()
             self._retire_cancelled()
             self._admit()
+            self._prefill()
             self._decode()
         self.stats.busy_seconds += time.perf_counter() - start
         return bool(self.running or self._waiting)
@@ -286,47 +301,73 @@ class Scheduler:
                 self._finish(request, "cancelled")
 
     def _admit(self) -> None:
-        """Give waiting requests the lowest free rows (FIFO, within the prefill token budget), prefill them, sample
-        each one's first token."""
+        """Give waiting requests the lowest free rows, first come first served, and empty those rows."""
         free = [row for row, request in enumerate(self._rows[: self.max_batch]) if request is None]
-        admitted: list[tuple[int, _Request]] = []
-        budget = self.engine.prefill_token_budget
+        admitted: list[int] = []
         with self._wake:
             while self._waiting and len(admitted) < len(free):
-                tokens = len(self._waiting[0].handle.prompt_ids)
-                if admitted and tokens > budget:
-                    break
-                budget -= tokens
-                admitted.append((free[len(admitted)], self._waiting.popleft()))
-        if not admitted:
-            return
+                row = free[len(admitted)]
+                self._rows[row] = self._waiting.popleft()
+                admitted.append(row)
         now = time.perf_counter()
-        for row, request in admitted:
-            self._rows[row] = request
-            request.handle.times.admitted = now
-        for run in _adjacent_runs([row for row, _ in admitted]):
-            first, last = run[0], run[-1] + 1
-            self._cache.reset_rows(first, last)
-            rows = self._cache.rows(first, last)
-            logits = self.engine._prefill([self._rows[row].handle.prompt_ids for row in run], rows)
+        for row in admitted:
+            self._rows[row].handle.times.admitted = now
+        for run in _adjacent_runs(admitted):
+            self._cache.reset_rows(run[0], run[-1] + 1)
+
+    def _prefill(self) -> None:
+        """Feed prompts into their rows, at most `prefill_chunk` tokens in all (at least one token), the oldest
+        requests first; a row whose prompt is complete samples its first token. Adjacent rows go through one
+        forward (right-padded, each row appending its own count), as long as rows x the widest chunk stay within
+        the budget."""
+        budget = self.prefill_chunk
+        work: list[tuple[int, int]] = []  # (row, tokens to feed now)
+        for row, request in sorted(((row, r) for row, r in enumerate(self._rows) if r is not None and not r.prefilled),
+                                   key=lambda item: item[1].handle.id):
+            if budget <= 0:
+                break
+            take = min(len(request.handle.prompt_ids) - request.fed, budget)
+            work.append((row, take))
+            budget -= take
+        work.sort()
+        for run in _padded_runs(work, self.prefill_chunk):
+            first, last = run[0][0], run[-1][0] + 1
+            width = max(take for _, take in run)
+            tokens = torch.zeros(last - first, width, dtype=torch.long)  # right-padded
+            n_new = torch.zeros(last - first, dtype=torch.long)
+            for row, take in run:
+                request = self._rows[row]
+                tokens[row - first, :take] = torch.tensor(request.handle.prompt_ids[request.fed:request.fed + take])
+                n_new[row - first] = take
+            device = self.engine.device
+            logits = self.engine.model(tokens.to(device), self._cache.rows(first, last), n_new=n_new.to(device),
+                                       logits_at=(n_new - 1).clamp(min=0).to(device))[:, 0]
             self.stats.prefill_calls += 1
-            self._take(list(run), logits)
-        self._step_appending = None  # rows changed hands: set n_new again
+            complete = []
+            for row, take in run:
+                request = self._rows[row]
+                request.fed += take
+                if request.prefilled:
+                    complete.append(row)
+            if complete:
+                self._take(complete, logits[_index([row - first for row in complete], logits.device)])
 
     def _decode(self) -> None:
-        live = [row for row, request in enumerate(self._rows) if request is not None]
+        occupied = [row for row, request in enumerate(self._rows) if request is not None]
+        buckets = self.engine.batch_buckets
+        if (occupied and not self._waiting
+                and bucket_for(len(occupied), buckets) < bucket_for(occupied[-1] + 1, buckets)):
+            self._compact(occupied)
+        live = [row for row, request in enumerate(self._rows) if request is not None and request.prefilled]
         if not live:
             return
         top = live[-1] + 1
-        buckets = self.engine.batch_buckets
-        if not self._waiting and bucket_for(len(live), buckets) < bucket_for(top, buckets):
-            self._compact(live)
-            live, top = list(range(len(live))), len(live)
         step = self.engine._step(self._cache, bucket_for(top, buckets), self.max_len)
         if step is not self._step:
             self._step, self._step_appending = step, None
         step.tokens[:top, 0].copy_(self._next[:top])
-        appending = [int(request is not None) for request in self._rows[:top]] + [0] * (step.batch - top)
+        decoding = set(live)
+        appending = [int(row in decoding) for row in range(top)] + [0] * (step.batch - top)
         if appending != self._step_appending:
             _set_n_new(step, appending)
             self._step_appending = appending
@@ -334,12 +375,12 @@ class Scheduler:
         self.stats.decode_steps += 1
         self._take(live, logits[:top] if len(live) == top else logits[_index(live, logits.device)])
 
-    def _compact(self, live: list[int]) -> None:
-        """Move the live rows to the front of the cache, so a smaller bucket's step covers them."""
-        moved = torch.tensor(live, device=self.engine.device)
-        self._cache.rows(0, live[-1] + 1).compact(moved)
-        self._next[: len(live)] = self._next[moved]
-        requests = [self._rows[row] for row in live]
+    def _compact(self, occupied: list[int]) -> None:
+        """Move the occupied rows to the front of the cache, so a smaller bucket's step covers them."""
+        moved = torch.tensor(occupied, device=self.engine.device)
+        self._cache.rows(0, occupied[-1] + 1).compact(moved)
+        self._next[: len(occupied)] = self._next[moved]
+        requests = [self._rows[row] for row in occupied]
         self._rows = requests + [None] * (len(self._rows) - len(requests))
         self.stats.compactions += 1
 
@@ -420,6 +461,23 @@ def _adjacent_runs(rows: list[int]) -> list[list[int]]:
             runs[-1].append(row)
         else:
             runs.append([row])
+    return runs
+
+
+def _padded_runs(work: list[tuple[int, int]], budget: int) -> list[list[tuple[int, int]]]:
+    """Split (row, tokens) items, sorted by row, into runs of adjacent rows whose padded forward (rows x the widest
+    item) stays within `budget` tokens; an item wider than the budget goes alone."""
+    runs: list[list[tuple[int, int]]] = []
+    for row, take in work:
+        if runs:
+            run = runs[-1]
+            span = row - run[0][0] + 1
+            # adjacent rows only: a row in between (decoding, n_new = 0) would still count towards the forward's
+            # length check, its length plus the chunk's width, and fail near the cache's end
+            if row == run[-1][0] + 1 and span * max(take, *(t for _, t in run)) <= budget:
+                run.append((row, take))
+                continue
+        runs.append([(row, take)])
     return runs
 
 

@@ -47,13 +47,13 @@ def test_requests_joining_and_leaving_get_the_tokens_they_get_alone(variant, pat
     eos = alone(engine, 0).token_ids[2]  # some requests end on it, early
     expected = [alone(engine, i, eos) for i in range(len(PROMPTS))]
     assert any(r.finish_reason == "eos" for r in expected) and any(r.finish_reason == "length" for r in expected)
-    for buckets in ((), (1, 2, 4)):
+    for buckets, chunk in (((), None), ((1, 2, 4), None), ((1, 2, 4), 3)):  # 3: prompts fed over iterations
         engine = GenerationEngine(model, decode_path=path, batch_buckets=buckets)
-        scheduler = Scheduler(engine, max_batch=3)
+        scheduler = Scheduler(engine, max_batch=3, prefill_chunk=chunk)
         handles = staggered(scheduler, [0, 0, 1, 1, 3, 6], eos)
         results = [h.result() for h in handles]
-        assert [r.token_ids for r in results] == [r.token_ids for r in expected], buckets
-        assert [r.finish_reason for r in results] == [r.finish_reason for r in expected], buckets
+        assert [r.token_ids for r in results] == [r.token_ids for r in expected], (buckets, chunk)
+        assert [r.finish_reason for r in results] == [r.finish_reason for r in expected], (buckets, chunk)
         assert scheduler.stats.requests_finished == len(PROMPTS) and scheduler.running == 0
         assert scheduler.stats.generated_tokens == sum(len(r.token_ids) for r in expected)
 
@@ -182,16 +182,16 @@ def test_a_failing_step_fails_its_requests_and_the_next_ones_run(monkeypatch):
     scheduler = Scheduler(engine, max_batch=2)
     scheduler.start()
     try:
-        real = engine._prefill
+        real = scheduler._prefill
         calls = []
 
-        def broken(*args, **kwargs):
+        def broken():
             calls.append(1)
             if len(calls) == 1:
                 raise torch.cuda.OutOfMemoryError("out of memory (simulated)")
-            return real(*args, **kwargs)
+            return real()
 
-        monkeypatch.setattr(engine, "_prefill", broken)
+        monkeypatch.setattr(scheduler, "_prefill", broken)
         failed = scheduler.submit(PROMPTS[0], max_new_tokens=4)
         with pytest.raises(RuntimeError, match="simulated"):
             failed.result(timeout=60)
@@ -221,3 +221,47 @@ def test_background_thread_serves_requests_from_many_threads():
     assert [got[i] for i in range(len(PROMPTS))] == expected
     with pytest.raises(RuntimeError, match="stopping"):
         scheduler.submit(PROMPTS[0])
+
+
+def test_a_long_prompt_is_fed_in_chunks_while_the_running_request_keeps_generating():
+    model = tiny_model("eg-mla", seed=13)
+    engine = GenerationEngine(model, decode_path="gate-table")
+    long_prompt = [(7 * i) % 290 + 5 for i in range(30)]
+    expected = [engine.generate([p], max_new_tokens=n)[0].token_ids for p, n in ((PROMPTS[1], 12), (long_prompt, 5))]
+    scheduler = Scheduler(engine, max_batch=2, prefill_chunk=4)
+    running = scheduler.submit(PROMPTS[1], max_new_tokens=12)
+    scheduler.step()
+    scheduler.step()
+    arriving = scheduler.submit(long_prompt, max_new_tokens=5)
+    tokens_while_feeding = 0
+    while arriving.times.first_token is None:
+        before = len(running._events)
+        scheduler.step()
+        tokens_while_feeding += len(running._events) - before
+    assert tokens_while_feeding >= 5  # 30 prompt tokens at 4 per iteration: 8 iterations, one token each
+    while scheduler.step():
+        pass
+    assert [running.result().token_ids, arriving.result().token_ids] == expected
+    with pytest.raises(ValueError, match="prefill_chunk=0"):
+        Scheduler(engine, prefill_chunk=0)
+
+
+def test_prompts_arriving_around_a_row_near_the_caches_end():
+    """New prompts fill rows 0 and 2 while row 1 decodes near the end of its row: each is fed on its own (a forward
+    spanning row 1 would count its length plus the chunk against the cache's end)."""
+    model = tiny_model("mla", seed=14)
+    engine = GenerationEngine(model, decode_path="absorbed", batch_buckets=(4,))  # one bucket: rows never move
+    long_running = [(11 * i) % 290 + 3 for i in range(10)]
+    late = [[40, 41, 42, 43, 44, 45], [90, 91, 92, 93, 94, 95]]
+    scheduler = Scheduler(engine, max_batch=3, max_len=16)
+    first = [scheduler.submit(PROMPTS[3], max_new_tokens=2), scheduler.submit(long_running, max_new_tokens=30),
+             scheduler.submit(PROMPTS[1], max_new_tokens=2)]
+    for _ in range(4):
+        scheduler.step()
+    assert first[0].done and first[2].done and not first[1].done
+    handles = [scheduler.submit(prompt, max_new_tokens=4) for prompt in late]
+    while scheduler.step():
+        pass
+    assert first[1].result().finish_reason == "length"
+    assert [h.result().token_ids for h in handles] == [engine.generate([p], max_new_tokens=4)[0].token_ids
+                                                        for p in late]

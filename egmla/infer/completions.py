@@ -1,0 +1,135 @@
+"""OpenAI's completions request (POST /v1/completions) for `egmla serve`: every field checked, an `ApiError` naming
+the first bad one (its value and the fix), the prompts encoded and one `SamplingParams` per sample."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from egmla.infer.sampling import SamplingParams
+
+# OpenAI fields this server does not implement: the values that mean "not used", and why.
+UNSUPPORTED = {
+    "logprobs": ((None,), "the scheduler keeps token ids, not their probabilities"),
+    "echo": ((None, False), "the prompt is not returned with the completion"),
+    "presence_penalty": ((None, 0), "sampling has temperature, top_p and top_k only (egmla.infer.sampling)"),
+    "frequency_penalty": ((None, 0), "sampling has temperature, top_p and top_k only (egmla.infer.sampling)"),
+    "logit_bias": ((None, {}), "sampling has temperature, top_p and top_k only (egmla.infer.sampling)"),
+    "suffix": ((None, ""), "the model only continues a prompt; it does not fill in before a suffix"),
+}
+class ApiError(Exception):
+    """An error response: HTTP status and OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class CompletionRequest:
+    """A checked POST /v1/completions body. Its choices: every sample (`sampling`) of every prompt, prompt-major."""
+
+    prompts: list[list[int]]  # token ids of each prompt
+    sampling: list[SamplingParams]  # of sample j of every prompt (seed + j where a seed is given)
+    max_tokens: int
+    stop: list[str]
+    ignore_eos: bool
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(ids) for ids in self.prompts)
+
+
+def parse_completion_request(body, model_name: str, encode: Callable[[object, int], list[int]]) -> CompletionRequest:
+    """Check a request body field by field (ApiError naming the first bad one); `encode(prompt, index)` gives a
+    prompt's token ids or raises ValueError (`GenerationEngine.encode`). Unknown fields are ignored, as OpenAI
+    clients send extras."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body is a JSON {type(body).__name__}: send an object such as "
+                            f'{{"prompt": "Hello", "max_tokens": 16}}')
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise ApiError(404, f"model={model!r}: this server serves {model_name!r} only (GET /v1/models); give that "
+                            f"name or leave model out", "model", "model_not_found")
+    for name, (unused, why) in UNSUPPORTED.items():
+        if body.get(name) not in unused:
+            raise ApiError(400, f"{name}={body[name]!r} is not supported: {why}; leave it out", name)
+    n = _integer(body, "n", 1, minimum=1)
+    if _integer(body, "best_of", n, minimum=1) != n:
+        raise ApiError(400, f"best_of={body['best_of']!r} is not supported: it ranks samples by log probability, "
+                            f"which the scheduler does not keep; leave it out or set it to n={n}", "best_of")
+    seed = _integer(body, "seed", None)
+    if seed is not None and not -2**63 <= seed <= 2**64 - n:
+        raise ApiError(400, f"seed={seed}: must lie in [-2**63, 2**64 - n] (sample j of each prompt takes seed + j)",
+                       "seed")
+    temperature, top_p = _number(body, "temperature", 1.0), _number(body, "top_p", 1.0)
+    top_k = max(0, _integer(body, "top_k", 0, minimum=-1))  # -1 is vLLM's "off", as 0 here
+    try:
+        sampling = [SamplingParams(temperature, top_k, top_p, None if seed is None else seed + j) for j in range(n)]
+    except ValueError as error:  # its message names the field and the range
+        raise ApiError(400, str(error)) from error
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, f"stop={stop!r}: must be a non-empty string or a list of them", "stop")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, f"stream_options={options!r}: must be an object such as {{\"include_usage\": true}}",
+                       "stream_options")
+    stream, max_tokens = _boolean(body, "stream"), _integer(body, "max_tokens", 16, minimum=1)
+    return CompletionRequest(_prompts(body.get("prompt"), encode), sampling, max_tokens, stops,
+                             _boolean(body, "ignore_eos"), stream, stream and bool(options.get("include_usage")))
+
+
+def _prompts(prompt, encode) -> list[list[int]]:
+    """Token ids of each prompt: a string, a list of strings, a list of token ids, or a list of lists of them."""
+    shape = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if prompt is None:
+        raise ApiError(400, f"prompt is missing: give {shape}", "prompt")
+    if isinstance(prompt, str) or _token_ids(prompt) and prompt:
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise ApiError(400, f"prompt={prompt!r}: must be {shape}", "prompt")
+    prompts = []
+    for index, one in enumerate(prompt):
+        if not (isinstance(one, str) or _token_ids(one)):
+            raise ApiError(400, f"prompt[{index}]={one!r}: must be a string or a list of token ids", "prompt")
+        try:
+            prompts.append(encode(one, index))
+        except ValueError as error:  # empty, too long for the model, ids outside the vocabulary
+            raise ApiError(400, str(error), "prompt") from error
+    return prompts
+
+
+def _token_ids(value) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+
+def _integer(body: dict, name: str, default, minimum: int | None = None):
+    value = body.get(name)
+    if value is None:  # clients send null for "the default"
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise ApiError(400, f"{name}={value!r}: must be an integer{'' if minimum is None else f' >= {minimum}'}", name)
+    return value
+
+
+def _number(body: dict, name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, f"{name}={value!r}: must be a number", name)
+    return float(value)
+
+
+def _boolean(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"{name}={value!r}: must be true or false", name)
+    return bool(value)

@@ -1,0 +1,68 @@
+"""`egmla serve`: an OpenAI-compatible HTTP server with continuous batching over a run (egmla/infer/server.py)."""
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", default="runs/latest", help="run directory written by `egmla train`")
+    parser.add_argument("--checkpoint", help="a checkpoints/step_* folder of the run (default: latest good one)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 = every interface (the server has no authentication)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 = any free port (printed)")
+    parser.add_argument("--model-name",
+                        help="the model's name in the API (`model` of requests, GET /v1/models); default: the run "
+                             "folder's name")
+    parser.add_argument("--max-batch", type=int, default=32,
+                        help="requests generating at once (cache rows); more wait in a queue")
+    parser.add_argument("--max-len", type=int,
+                        help="positions per cache row, prompt and completion together (default: the model's "
+                             "max_seq_len); a longer prompt is refused, a completion stops there")
+    parser.add_argument("--max-waiting", type=int, default=4096,
+                        help="requests waiting for a row at most; beyond it a request is answered 429")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="prompt tokens prefilled per scheduler iteration, over all requests (default: 32,768, "
+                             "whole prompts); smaller feeds long prompts over several iterations, so running "
+                             "requests keep their pace while they arrive, at the cost of those prompts' first token")
+    parser.add_argument("--decode-path", default="auto",
+                        help="cached-attention path: naive, absorbed (MLA), gate-table (EG-MLA), kernel, grouped, or "
+                             "any other the model supports; auto = the fastest on the device for --max-batch x "
+                             "--max-len")
+    parser.add_argument("--eager", action="store_true",
+                        help="run every decode step eagerly (default on CUDA: replay each batch size's step from a "
+                             "CUDA graph)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda if available")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="weights and cache dtype; auto = bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--eos-token",
+                        help="end-of-text token where completions stop unless a request asks ignore_eos (default: "
+                             "found in the tokenizer, e.g. <|endoftext|>)")
+    parser.add_argument("--seed", type=int,
+                        help="seed of the random stream shared by sampled requests without a seed of their own "
+                             "(default: random); a request's own seed makes its text reproducible")
+
+
+def main(args) -> int:
+    from pathlib import Path
+
+    from egmla.infer.cli import find_eos, resolve_device_dtype
+    from egmla.infer.engine import GenerationEngine
+    from egmla.infer.scheduler import Scheduler
+    from egmla.infer.server import make_server, serve
+    from egmla.runs import load_model, load_tokenizer
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: must lie in [0, 65535] (0 = any free port)")
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    model, meta = load_model(args.run, device=device, dtype=dtype, checkpoint=args.checkpoint)
+    tokenizer = load_tokenizer(args.run)
+    engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path, cuda_graphs=False if args.eager else None)
+    scheduler = Scheduler(engine, max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
+                          seed=args.seed, prefill_chunk=args.prefill_chunk)
+    eos_token_id = find_eos(tokenizer, meta, args.eos_token)
+    model_name = args.model_name or Path(args.run).resolve().name  # runs/latest: the folder it points to
+    try:
+        server = make_server(scheduler, model_name, args.host, args.port, eos_token_id)
+    except OSError as error:
+        raise ValueError(f"--host {args.host} --port {args.port}: cannot listen there ({error.strerror}); choose "
+                         f"another --port (0 = any free one)") from error
+    serve(server)
+    return 0

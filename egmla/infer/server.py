@@ -1,0 +1,349 @@
+"""`egmla serve`: an OpenAI-compatible HTTP server over the continuous-batching `Scheduler`.
+
+    POST /v1/completions   OpenAI's completions API: text or token-id prompts, n, stream, stop, seed, and vLLM's
+                           top_k and ignore_eos; one choice per prompt and sample, prompt-major
+    GET  /v1/models        the one model served
+    GET  /health           {"status": "ok", "running": n, "waiting": n}; 503 while stopping
+    GET  /stats            the scheduler's counters (SchedulerStats), its decode path and device
+
+Each connection gets a handler thread (`ThreadingHTTPServer`) that checks its request, submits one scheduler request
+per choice and waits on their handles; the scheduler's one thread runs the model for all of them, requests joining
+and leaving the running batch between decode steps (egmla/infer/scheduler.py). Errors come in OpenAI's shape
+{"error": {"message", "type", "param", "code"}}, never as a traceback. A client that goes away mid-stream has its
+requests cancelled, which frees their rows before the next step.
+
+Only the standard library: the GPU machines this runs on have no network to install a web framework.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import asdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterator
+from urllib.parse import urlsplit
+
+from egmla.infer.completions import ApiError, CompletionRequest, parse_completion_request
+from egmla.infer.engine import TokenEvent
+from egmla.infer.scheduler import RequestHandle, Scheduler
+
+ENDPOINTS = "POST /v1/completions, GET /v1/models, GET /health, GET /stats"
+# OpenAI's finish reasons for the engine's: an eos is a stop; "length" is max_tokens or the row's end.
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+RESPONSES_WAIT_SECONDS = 10.0  # on stop: how long handler threads get to write their last responses
+IDLE_CONNECTION_SECONDS = 60  # a kept-alive connection with no new request is closed after this
+
+
+class CompletionServer(ThreadingHTTPServer):
+    """The HTTP server: one `Scheduler` serves every handler thread (make it with `make_server`)."""
+
+    request_queue_size = 1024  # the listen backlog (default 5): a burst of clients connecting at once is not refused
+    block_on_close = False  # server_close waits for the requests in flight (stop), not for idle kept-alive connections
+
+    def __init__(self, address: tuple[str, int], scheduler: Scheduler, model_name: str, eos_token_id: int | None):
+        self.scheduler, self.model_name, self.eos_token_id = scheduler, model_name, eos_token_id
+        self.created = int(time.time())
+        self.stopping = False
+        self._in_flight: set[RequestHandle] = set()
+        self._changed = threading.Condition()
+        super().__init__(address, CompletionHandler)  # last: a port it cannot bind calls server_close, i.e. stop
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def describe(self) -> str:
+        """One line: where, what model, how it decodes."""
+        scheduler = self.scheduler
+        engine = scheduler.engine
+        graphs = ", CUDA graphs" if engine.cuda_graphs else ""
+        return (f"egmla serve: {self.url}/v1 - model {self.model_name!r} ({engine.config.variant_name()}), decode path "
+                f"{engine.decode_path}{graphs}, {engine.device}, max batch {scheduler.max_batch}, max len "
+                f"{scheduler.max_len}")
+
+    def submit(self, request: CompletionRequest) -> list[RequestHandle]:
+        """One scheduler request per choice, in choice order; all or none (a refusal cancels those queued)."""
+        if self.stopping:
+            raise ApiError(503, "the server is stopping: no new requests", code="stopping")
+        eos_token_id = None if request.ignore_eos else self.eos_token_id
+        handles: list[RequestHandle] = []
+        try:
+            for prompt_ids in request.prompts:
+                for sampling in request.sampling:
+                    handles.append(self.scheduler.submit(prompt_ids, request.max_tokens, sampling, eos_token_id,
+                                                         request.stop))
+        except OverflowError as error:
+            raise ApiError(429, str(error), code="queue_full") from error
+        except RuntimeError as error:
+            raise ApiError(503, str(error), code="stopping") from error
+        except ValueError as error:  # every other field was checked by the parser: the prompt against max_len
+            raise ApiError(400, str(error), "prompt") from error
+        finally:
+            if len(handles) < len(request.prompts) * len(request.sampling):
+                for handle in handles:
+                    handle.cancel()
+        with self._changed:
+            self._in_flight.update(handles)
+        return handles
+
+    def release(self, handles: list[RequestHandle]) -> None:
+        """The handler is done with these: cancel any still generating (its client is gone), forget them."""
+        for handle in handles:
+            handle.cancel()  # no effect on a finished one
+        with self._changed:
+            self._in_flight.difference_update(handles)
+            self._changed.notify_all()
+
+    def stop(self, cancel_running: bool = False) -> None:
+        """Refuse new requests (503), finish the submitted ones (or cancel them), stop the scheduler, and give the
+        handler threads time to write their responses."""
+        self.stopping = True
+        if cancel_running:
+            with self._changed:
+                in_flight = list(self._in_flight)
+            for handle in in_flight:
+                handle.cancel()
+        self.scheduler.stop()
+        with self._changed:
+            self._changed.wait_for(lambda: not self._in_flight, RESPONSES_WAIT_SECONDS)
+
+    def server_close(self) -> None:
+        self.stop(cancel_running=True)
+        super().server_close()
+
+    def handle_error(self, request, client_address) -> None:
+        # an error outside a request's handling (a connection reset while reading it): one line, no traceback
+        print(f"{client_address[0]} connection error: {sys.exc_info()[1]!r}", file=sys.stderr, flush=True)
+
+
+class CompletionHandler(BaseHTTPRequestHandler):
+    """One connection's requests (HTTP/1.1 keep-alive; a stream closes its connection at its end)."""
+
+    server: CompletionServer
+    protocol_version = "HTTP/1.1"
+    server_version = "egmla"
+    timeout = IDLE_CONNECTION_SECONDS
+
+    def log_message(self, format, *args) -> None:
+        pass  # http.server's own lines: replaced by one line per request (_log)
+
+    def do_GET(self) -> None:
+        self._dispatch({"/v1/models": self._models, "/health": self._health, "/stats": self._stats})
+
+    def do_POST(self) -> None:
+        self._dispatch({"/v1/completions": self._completions})
+
+    def _dispatch(self, routes: dict[str, Callable[[], None]]) -> None:
+        started = time.perf_counter()
+        self.status, self.token_counts, self.note = None, (0, 0), ""  # for the log line
+        try:
+            self.body = self._read_body()  # read before any answer, or a kept-alive connection would parse it next
+            path = urlsplit(self.path).path.rstrip("/") or "/"
+            if path not in routes:
+                raise ApiError(404, f"no endpoint {self.command} {path}: this server has {ENDPOINTS}")
+            routes[path]()
+        except ApiError as error:
+            self._send_error(error)
+        except OSError as error:  # the client went away (reset, closed) or stopped reading
+            self.note = f" client gone: {error!r}"
+            self.close_connection = True
+        except Exception as error:  # noqa: BLE001 - a bug: the operator gets the traceback, the client none
+            traceback.print_exc()
+            self._send_error(ApiError(500, f"internal error: {error!r}"))
+        self._log(time.perf_counter() - started)
+
+    def _read_body(self) -> bytes:
+        if "Transfer-Encoding" in self.headers:
+            self.close_connection = True  # its chunks are not read: they must not be parsed as the next request
+            raise ApiError(400, "a chunked request body is not supported: send it with a Content-Length")
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdigit():
+            self.close_connection = True  # where the body ends is unknown
+            raise ApiError(400, f"Content-Length={length!r}: must be the body's size in bytes")
+        return self.rfile.read(int(length))
+
+    def _json_body(self):
+        try:
+            return json.loads(self.body)
+        except ValueError as error:  # UnicodeDecodeError included
+            raise ApiError(400, f"the request body is not valid JSON ({error}): send a JSON object") from error
+
+    # ---- endpoints -------------------------------------------------------------------------------
+    def _models(self) -> None:
+        model = {"id": self.server.model_name, "object": "model", "created": self.server.created, "owned_by": "egmla"}
+        self._send_json(200, {"object": "list", "data": [model]})
+
+    def _health(self) -> None:
+        scheduler = self.server.scheduler
+        status = "stopping" if self.server.stopping else "ok"
+        self._send_json(503 if self.server.stopping else 200,
+                        {"status": status, "running": scheduler.running, "waiting": scheduler.waiting})
+
+    def _stats(self) -> None:
+        scheduler = self.server.scheduler
+        engine = scheduler.engine
+        self._send_json(200, {**asdict(scheduler.stats), "running": scheduler.running, "waiting": scheduler.waiting,
+                              "max_batch": scheduler.max_batch, "max_len": scheduler.max_len,
+                              "max_waiting": scheduler.max_waiting, "model": self.server.model_name,
+                              "variant": engine.config.variant_name(), "decode_path": engine.decode_path,
+                              "cuda_graphs": engine.cuda_graphs, "device": str(engine.device)})
+
+    def _completions(self) -> None:
+        server = self.server
+        request = parse_completion_request(self._json_body(), server.model_name, server.scheduler.engine.encode)
+        handles = server.submit(request)
+        self.token_counts = (request.prompt_tokens, 0)
+        self.response_fields = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                                "created": int(time.time()), "model": server.model_name}
+        try:
+            (self._stream if request.stream else self._complete)(request, handles)
+        finally:
+            server.release(handles)
+
+    def _complete(self, request: CompletionRequest, handles: list[RequestHandle]) -> None:
+        results = []
+        for handle in handles:
+            try:
+                results.append(handle.result())
+            except RuntimeError as error:  # the model raised; the scheduler goes on with the next requests
+                raise ApiError(500, str(error), code="generation_failed") from error
+        if any(result.finish_reason == "cancelled" for result in results):
+            raise ApiError(503, "the server stopped before this request finished", code="stopping")
+        completion_tokens = sum(len(result.token_ids) for result in results)
+        self.token_counts = (request.prompt_tokens, completion_tokens)
+        choices = [_choice(index, result.text, result.finish_reason) for index, result in enumerate(results)]
+        self._send_json(200, {**self.response_fields, "choices": choices, "usage": _usage(*self.token_counts)})
+
+    def _stream(self, request: CompletionRequest, handles: list[RequestHandle]) -> None:
+        """Server-sent events: a chunk per token event with text (and each choice's last, with its finish_reason),
+        a usage chunk if asked, then [DONE]. The connection closes at the end (its length is not known ahead)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.status, self.close_connection = 200, True
+        completion_tokens = 0
+        for index, event in _merged_events(handles):
+            if isinstance(event, BaseException) or event.finish_reason == "cancelled":
+                error = (ApiError(500, str(event), code="generation_failed") if isinstance(event, BaseException)
+                         else ApiError(503, "the server stopped before this request finished", code="stopping"))
+                self._send_event(error.body())
+                self.note = f" stream ended by: {error}"
+                break
+            completion_tokens += 1
+            self.token_counts = (request.prompt_tokens, completion_tokens)
+            if event.text or event.finish_reason is not None:
+                self._send_event({**self.response_fields, "choices": [_choice(index, event.text, event.finish_reason)]})
+        else:
+            if request.include_usage:
+                self._send_event({**self.response_fields, "choices": [], "usage": _usage(*self.token_counts)})
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    # ---- writing -------------------------------------------------------------------------------
+    def _send_event(self, payload: dict) -> None:
+        self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+    def _send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.status = status
+        self.wfile.write(data)
+
+    def _send_error(self, error: ApiError) -> None:
+        self.note = f" error: {error}"
+        if self.status is not None:  # a stream's headers went out already: nothing more can be said
+            self.close_connection = True
+            return
+        try:
+            self._send_json(error.status, error.body())
+        except OSError:
+            self.close_connection = True
+
+    def _log(self, seconds: float) -> None:
+        prompt_tokens, completion_tokens = self.token_counts
+        print(f'{self.client_address[0]} "{self.command} {self.path}" {self.status} prompt_tokens={prompt_tokens} '
+              f"completion_tokens={completion_tokens} {seconds:.3f}s{self.note}", file=sys.stderr, flush=True)
+
+
+def _choice(index: int, text: str, finish_reason: str | None) -> dict:
+    return {"text": text, "index": index, "logprobs": None, "finish_reason": FINISH_REASONS.get(finish_reason)}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _merged_events(handles: list[RequestHandle]) -> Iterator[tuple[int, TokenEvent | BaseException]]:
+    """(choice index, event) for every handle's events as they come, in each handle's order; the error instead of
+    the rest where generation failed. A reader thread per handle, as a handle's events() blocks."""
+    merged: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read(index: int, handle: RequestHandle) -> None:
+        try:
+            for event in handle.events():
+                merged.put((index, event))
+        except RuntimeError as error:
+            merged.put((index, error))
+
+    for index, handle in enumerate(handles):
+        threading.Thread(target=read, args=(index, handle), name="egmla-stream", daemon=True).start()
+    unfinished = len(handles)
+    while unfinished:
+        index, event = merged.get()
+        if isinstance(event, BaseException) or event.finish_reason is not None:
+            unfinished -= 1
+        yield index, event
+
+
+def make_server(scheduler: Scheduler, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+                eos_token_id: int | None = None) -> CompletionServer:
+    """A server bound to host:port (port 0: any free one; `server.url` says which) with the scheduler started. Run it
+    with `serve(server)` or `server.serve_forever()`; end with `server.shutdown()` and `server.server_close()`.
+
+    scheduler: not started yet: its cache is allocated here first, so one that does not fit fails now rather than at
+        the first request. Its engine needs the tokenizer (completions are text).
+    eos_token_id: where requests end unless they ask for ignore_eos (None: only at max_tokens or a stop string)."""
+    engine = scheduler.engine
+    if engine.tokenizer is None:
+        raise ValueError("the server answers with text: make the GenerationEngine with tokenizer=...")
+    if eos_token_id is not None and not 0 <= eos_token_id < engine.config.vocab_size:
+        raise ValueError(f"eos_token_id={eos_token_id}: outside [0, vocab_size={engine.config.vocab_size})")
+    server = CompletionServer((host, port), scheduler, model_name, eos_token_id)
+    scheduler.step()  # nothing to run: it allocates the cache and, under decode_path="auto", chooses the path
+    scheduler.start()
+    return server
+
+
+def _print_now(line: str) -> None:
+    print(line, flush=True)  # at once, for whoever reads the URL from a pipe
+
+
+def serve(server: CompletionServer, announce: Callable[[str], None] = _print_now) -> None:
+    """Serve until Ctrl-C, then stop cleanly: new requests get 503, the submitted ones finish (a second Ctrl-C
+    cancels them), the scheduler stops and the socket closes. `announce` gets one line at start and at stop."""
+    announce(server.describe())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        scheduler = server.scheduler
+        announce(f"egmla serve: stopping: finishing {scheduler.running + scheduler.waiting} requests "
+                 f"(Ctrl-C again cancels them)")
+        try:
+            server.stop()
+        except KeyboardInterrupt:
+            announce("egmla serve: cancelling the requests still running")
+            server.stop(cancel_running=True)
+    finally:
+        server.server_close()
+    announce("egmla serve: stopped")

@@ -1,0 +1,332 @@
+"""`egmla serve` (egmla/infer/server.py): OpenAI's completions API over the continuous-batching scheduler gives what
+`GenerationEngine.generate` gives each prompt alone; choices, streaming, stops, seeds, concurrency, every error status,
+cancellation when a client goes away, the other endpoints and the command."""
+import contextlib
+import http.client
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from tests.infer.helpers import tiny_model
+
+from egmla.cli import main as egmla_main
+from egmla.infer import GenerationEngine, SamplingParams
+from egmla.infer.scheduler import Scheduler, SchedulerStats
+from egmla.infer.server import make_server
+
+MODEL = "tiny-eg-mla"
+WEIGHTS_SEED = 21
+MAX_LEN = 32  # positions per row; the model's max_seq_len is 48
+PROMPT = "To be, or not"
+SEA = "a sea of troubles"  # its greedy completion ends on the `eos` fixture's token after 8 tokens
+
+
+@contextlib.contextmanager
+def serving(tokenizer, eos_token_id: int | None = None, max_waiting: int = 64):
+    """A server on a free port over a 4-row scheduler, its HTTP loop in a thread."""
+    engine = GenerationEngine(tiny_model("eg-mla", seed=WEIGHTS_SEED), tokenizer, decode_path="gate-table")
+    scheduler = Scheduler(engine, max_batch=4, max_len=MAX_LEN, max_waiting=max_waiting, seed=0)
+    server = make_server(scheduler, MODEL, port=0, eos_token_id=eos_token_id)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    """The same weights in an engine of their own (the server's scheduler owns its engine while it runs)."""
+    return GenerationEngine(tiny_model("eg-mla", seed=WEIGHTS_SEED), tokenizer, decode_path="gate-table")
+
+
+@pytest.fixture(scope="module")
+def eos(engine):
+    """A token the random model produces (its <|endoftext|> it hardly does): completions end on it at various steps."""
+    return engine.generate([SEA], max_new_tokens=8)[0].token_ids[-1]
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer, eos):
+    with serving(tokenizer, eos) as server:
+        yield server
+
+
+def call(server, method: str, path: str, body=None, raw: bytes | None = None) -> tuple[int, dict]:
+    """(status, JSON answer) of one request."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def complete(server, **body) -> dict:
+    status, answer = call(server, "POST", "/v1/completions", body)
+    assert status == 200, answer
+    return answer
+
+
+def stream(server, **body) -> list:
+    """The data of every server-sent event, parsed (the last is the string '[DONE]')."""
+    request = urllib.request.Request(server.url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        events = [line.decode().removeprefix("data: ").strip() for line in response if line.startswith(b"data: ")]
+    return [json.loads(e) if e != "[DONE]" else e for e in events]
+
+
+def test_a_greedy_completion_is_the_engines_text_and_token_count(server, engine, eos, tokenizer, capfd):
+    for ignore_eos, finish_reason in ((False, "stop"), (True, "length")):
+        expected = engine.generate([SEA], max_new_tokens=12, eos_token_id=None if ignore_eos else eos)[0]
+        answer = complete(server, model=MODEL, prompt=SEA, max_tokens=12, temperature=0, ignore_eos=ignore_eos)
+        assert answer["object"] == "text_completion" and answer["model"] == MODEL and answer["id"].startswith("cmpl-")
+        assert answer["choices"] == [{"text": expected.text, "index": 0, "logprobs": None,
+                                      "finish_reason": finish_reason}]
+        prompt_tokens = len(tokenizer.encode(SEA).ids)
+        assert answer["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": len(expected.token_ids),
+                                   "total_tokens": prompt_tokens + len(expected.token_ids)}
+    assert len(expected.token_ids) == 12
+    # the same prompt as token ids, and the log line of each request
+    assert complete(server, prompt=tokenizer.encode(SEA).ids, max_tokens=12, temperature=0,
+                    ignore_eos=True)["choices"] == answer["choices"]
+    line = f'"POST /v1/completions" 200 prompt_tokens={prompt_tokens} completion_tokens=12 '
+    log, deadline = "", time.monotonic() + 10
+    while log.count(line) < 2 and time.monotonic() < deadline:  # a handler logs just after its client has the answer
+        log += capfd.readouterr().err
+        time.sleep(0.01)
+    assert log.count(line) == 2
+
+
+def test_prompts_and_n_give_seeded_choices_prompt_major(server, engine):
+    prompts = [PROMPT, "whether 'tis nobler"]
+    answer = complete(server, prompt=prompts, n=2, seed=5, max_tokens=8, ignore_eos=True)
+    texts = [choice["text"] for choice in answer["choices"]]
+    assert [choice["index"] for choice in answer["choices"]] == [0, 1, 2, 3]
+    # choice (prompt p, sample j) is prompt p alone with seed 5 + j
+    alone = [engine.generate([p], max_new_tokens=8, sampling=SamplingParams(1.0, 0, 1.0, seed=5 + j))[0].text
+             for p in prompts for j in range(2)]
+    assert texts == alone and len(set(texts)) == 4
+    assert complete(server, prompt=prompts[0], seed=5, max_tokens=8, ignore_eos=True)["choices"][0]["text"] == texts[0]
+    assert complete(server, prompt=prompts[0], seed=6, max_tokens=8, ignore_eos=True)["choices"][0]["text"] == texts[1]
+    assert answer["usage"]["completion_tokens"] == 4 * 8
+
+
+def test_streamed_chunks_add_up_to_the_completion(server):
+    body = dict(prompt=[SEA, "Café"], max_tokens=10, temperature=0)  # ending on eos and by length
+    whole = complete(server, **body)
+    events = stream(server, **body, stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]"
+    *chunks, usage = events[:-1]
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    assert {chunk["id"] for chunk in chunks} == {usage["id"]} and all(c["object"] == "text_completion" for c in chunks)
+    for choice in whole["choices"]:
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == choice["index"]]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert [c["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + [choice["finish_reason"]]
+    assert stream(server, **body)[-2]["choices"][0]["finish_reason"] is not None  # no usage chunk unless asked
+
+
+def test_stop_strings_end_the_completion(server, engine, eos):
+    free = engine.generate(["Café"], max_new_tokens=12, eos_token_id=eos)[0].text
+    stop = free[3:6]
+    expected = engine.generate(["Café"], max_new_tokens=12, eos_token_id=eos, stop_strings=[stop])[0]
+    assert expected.finish_reason == "stop"
+    for stops in (stop, ["never said", stop]):
+        choice = complete(server, prompt="Café", max_tokens=12, temperature=0, stop=stops)["choices"][0]
+        assert (choice["text"], choice["finish_reason"]) == (expected.text, "stop")
+
+
+def test_concurrent_clients_each_get_their_own_completion(server, engine, eos):
+    prompts = [PROMPT, "the slings and arrows", "Café naïve", SEA, "whether 'tis nobler", "To be"]
+    lengths = [9, 4, 12, 10, 3, 10]
+    expected = [engine.generate([p], max_new_tokens=n, eos_token_id=eos)[0].text for p, n in zip(prompts, lengths)]
+    got = {}
+
+    def client(i):
+        got[i] = complete(server, prompt=prompts[i], max_tokens=lengths[i], temperature=0)["choices"][0]["text"]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]  # 6 clients, 4 rows
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [got.get(i) for i in range(len(prompts))] == expected
+
+
+@pytest.mark.parametrize("body,status,param,message", [
+    ({"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens", "max_tokens=0: must be an integer >= 1"),
+    ({"prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens", "max_tokens='many'"),
+    ({"prompt": PROMPT, "logprobs": 1}, 400, "logprobs", "logprobs=1 is not supported"),
+    ({"prompt": PROMPT, "best_of": 3}, 400, "best_of", "best_of=3 is not supported"),
+    ({"prompt": PROMPT, "presence_penalty": 0.5}, 400, "presence_penalty", "presence_penalty=0.5 is not supported"),
+    ({"prompt": list(range(1, 41))}, 400, "prompt", "40 tokens, more than the scheduler's max_len=32"),
+    ({"prompt": list(range(1, 60))}, 400, "prompt", "59 tokens, more than the model's context max_seq_len=48"),
+    ({"prompt": [PROMPT, ""]}, 400, "prompt", "prompts[1] is empty"),
+    ({"prompt": [[1, 2], "x", {"a": 1}]}, 400, "prompt", "prompt[2]={'a': 1}"),
+    ({"max_tokens": 4}, 400, "prompt", "prompt is missing"),
+    ({"prompt": PROMPT, "temperature": -1}, 400, None, "temperature=-1.0: must be >= 0"),
+    ({"prompt": PROMPT, "stop": ["ok", ""]}, 400, "stop", "stop=['ok', '']"),
+    ({"prompt": PROMPT, "seed": 2**64}, 400, "seed", "seed=18446744073709551616"),
+    ({"prompt": PROMPT, "stream": "yes"}, 400, "stream", "stream='yes': must be true or false"),
+    ({"prompt": PROMPT, "model": "gpt-4"}, 404, "model", "model='gpt-4': this server serves 'tiny-eg-mla' only"),
+])
+def test_bad_requests_are_refused_naming_the_field(server, body, status, param, message):
+    got, answer = call(server, "POST", "/v1/completions", {"user": "an unknown field is ignored", **body})
+    assert got == status and set(answer) == {"error"}
+    assert answer["error"]["param"] == param and answer["error"]["type"] == "invalid_request_error"
+    assert message in answer["error"]["message"]
+
+
+def test_invalid_json_and_unknown_paths(server):
+    status, answer = call(server, "POST", "/v1/completions", raw=b'{"prompt": "x",')
+    assert status == 400 and "not valid JSON" in answer["error"]["message"]
+    status, answer = call(server, "POST", "/v1/completions", raw=b'["x"]')
+    assert status == 400 and "JSON list" in answer["error"]["message"]
+    for method, path in (("GET", "/v1/chat/completions"), ("POST", "/v1/embeddings"), ("GET", "/v1/completions")):
+        status, answer = call(server, method, path, {} if method == "POST" else None)
+        assert status == 404 and f"no endpoint {method} {path}" in answer["error"]["message"]
+
+
+def test_a_full_queue_answers_429(tokenizer):
+    with serving(tokenizer, max_waiting=0) as server:
+        status, answer = call(server, "POST", "/v1/completions", {"prompt": PROMPT})
+    assert status == 429 and answer["error"]["code"] == "queue_full" and "max_waiting=0" in answer["error"]["message"]
+
+
+def test_a_failing_generation_answers_500_and_the_next_request_runs(tokenizer, monkeypatch):
+    with serving(tokenizer) as server:
+        model = server.scheduler.engine.model
+
+        def broken(*args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("out of memory (simulated)")
+
+        monkeypatch.setattr(model, "forward", broken)
+        status, answer = call(server, "POST", "/v1/completions", {"prompt": PROMPT})
+        assert status == 500 and "simulated" in answer["error"]["message"]
+        assert answer["error"]["type"] == "server_error" and "Traceback" not in answer["error"]["message"]
+        events = stream(server, prompt=PROMPT)
+        assert "simulated" in events[0]["error"]["message"] and events[-1] == "[DONE]"
+        monkeypatch.undo()
+        assert complete(server, prompt=PROMPT, max_tokens=3)["usage"]["completion_tokens"] == 3
+
+
+def slow_down(scheduler, monkeypatch) -> None:
+    """20 ms a step: long enough for a client to act while its request runs."""
+    step = scheduler.step
+
+    def slow_step():
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(scheduler, "step", slow_step)
+
+
+def wait_until(condition) -> None:
+    deadline = time.monotonic() + 20
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("cancel_running", [False, True])
+def test_a_stopping_server_finishes_or_cancels_what_runs_and_refuses_the_rest(tokenizer, monkeypatch, cancel_running):
+    with serving(tokenizer) as server:
+        slow_down(server.scheduler, monkeypatch)
+        answers = {}
+        body = {"prompt": PROMPT, "max_tokens": 24, "ignore_eos": True}
+        client = threading.Thread(target=lambda: answers.update(running=call(server, "POST", "/v1/completions", body)))
+        client.start()
+        wait_until(lambda: server.scheduler.running == 1)
+        server.stop(cancel_running=cancel_running)
+        client.join(30)
+        status, answer = answers["running"]
+        if cancel_running:
+            assert status == 503 and "stopped before this request finished" in answer["error"]["message"]
+        else:
+            assert status == 200 and answer["usage"]["completion_tokens"] == 24
+        status, answer = call(server, "POST", "/v1/completions", {"prompt": PROMPT})
+        assert status == 503 and answer["error"]["code"] == "stopping"
+        status, health = call(server, "GET", "/health")
+        assert status == 503 and health["status"] == "stopping"
+
+
+def test_a_client_gone_mid_stream_has_its_request_cancelled(tokenizer, monkeypatch):
+    with serving(tokenizer) as server:
+        scheduler = server.scheduler
+        slow_down(scheduler, monkeypatch)  # the client leaves long before its 24 tokens are done
+        host, port = server.server_address[:2]
+        connection = http.client.HTTPConnection(host, port, timeout=60)
+        connection.request("POST", "/v1/completions", json.dumps(
+            {"prompt": PROMPT, "max_tokens": 24, "stream": True, "ignore_eos": True, "temperature": 0}))
+        response = connection.getresponse()
+        assert response.readline().startswith(b"data: ")
+        response.close()
+        connection.close()
+        wait_until(lambda: scheduler.stats.requests_finished == 1)
+        assert scheduler.stats.requests_finished == 1 and scheduler.running == 0
+        assert scheduler.stats.generated_tokens < 12  # cancelled, not run to its end
+
+
+def test_models_health_and_stats(server):
+    status, models = call(server, "GET", "/v1/models")
+    assert status == 200 and models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL]
+    status, health = call(server, "GET", "/health")
+    assert status == 200 and health == {"status": "ok", "running": 0, "waiting": 0}
+    complete(server, prompt=PROMPT, max_tokens=2)
+    status, stats = call(server, "GET", "/stats")
+    assert status == 200 and set(SchedulerStats.__dataclass_fields__) <= set(stats)
+    assert stats["requests_finished"] >= 1 and stats["decode_path"] == "gate-table" and stats["device"] == "cpu"
+    assert (stats["max_batch"], stats["max_len"], stats["model"]) == (4, MAX_LEN, MODEL)
+
+
+def test_the_command_explains_itself_and_refuses_a_bad_port(capsys, run_dir, server):
+    with pytest.raises(SystemExit) as exit_info:
+        egmla_main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--max-batch" in out and "--model-name" in out and "OpenAI" in out
+    taken = str(server.server_address[1])
+    assert egmla_main(["serve", "--run", str(run_dir), "--port", taken]) == 2
+    assert f"--port {taken}: cannot listen there" in capsys.readouterr().err
+    assert egmla_main(["serve", "--run", str(run_dir), "--port", "70000"]) == 2
+    assert "--port 70000: must lie in [0, 65535]" in capsys.readouterr().err
+
+
+def test_the_command_serves_a_run_and_stops_on_ctrl_c(run_dir, tokenizer):
+    expected = GenerationEngine(tiny_model("eg-mla"), tokenizer, decode_path="gate-table").generate(
+        [PROMPT], max_new_tokens=6, eos_token_id=0)[0].text  # the run_dir fixture's model and <|endoftext|>
+    command = [sys.executable, "-m", "egmla", "serve", "--run", str(run_dir.parent / "latest"), "--port", "0",
+               "--max-batch", "2", "--decode-path", "gate-table"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = process.stdout.readline()
+        url = re.search(r"(http://[\d.]+:\d+)/v1 ", first)
+        assert url and "model 'egmla-tiny' (EG-MLA" in first and "max batch 2" in first, first + process.stderr.read()
+
+        class Remote:  # what call() needs of a server
+            pass
+
+        remote = Remote()
+        remote.url = url.group(1)
+        assert complete(remote, prompt=PROMPT, max_tokens=6, temperature=0)["choices"][0]["text"] == expected
+        assert call(remote, "GET", "/v1/models")[1]["data"][0]["id"] == "egmla-tiny"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "stopping" in out and out.rstrip().endswith("egmla serve: stopped")
+    assert '"POST /v1/completions" 200' in err and "Traceback" not in err
