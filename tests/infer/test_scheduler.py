@@ -47,13 +47,15 @@ def test_requests_joining_and_leaving_get_the_tokens_they_get_alone(variant, pat
     eos = alone(engine, 0).token_ids[2]  # some requests end on it, early
     expected = [alone(engine, i, eos) for i in range(len(PROMPTS))]
     assert any(r.finish_reason == "eos" for r in expected) and any(r.finish_reason == "length" for r in expected)
-    for buckets, chunk in (((), None), ((1, 2, 4), None), ((1, 2, 4), 3)):  # 3: prompts fed over iterations
+    # chunk 3: prompts fed over iterations; overlap: each step queued before the previous one's tokens are read
+    for buckets, chunk, overlap in (((), None, False), ((), None, True), ((1, 2, 4), None, True), ((1, 2, 4), 3, True)):
         engine = GenerationEngine(model, decode_path=path, batch_buckets=buckets)
-        scheduler = Scheduler(engine, max_batch=3, prefill_chunk=chunk)
+        scheduler = Scheduler(engine, max_batch=3, prefill_chunk=chunk, overlap_host=overlap)
         handles = staggered(scheduler, [0, 0, 1, 1, 3, 6], eos)
         results = [h.result() for h in handles]
-        assert [r.token_ids for r in results] == [r.token_ids for r in expected], (buckets, chunk)
-        assert [r.finish_reason for r in results] == [r.finish_reason for r in expected], (buckets, chunk)
+        setting = (buckets, chunk, overlap)
+        assert [r.token_ids for r in results] == [r.token_ids for r in expected], setting
+        assert [r.finish_reason for r in results] == [r.finish_reason for r in expected], setting
         assert scheduler.stats.requests_finished == len(PROMPTS) and scheduler.running == 0
         assert scheduler.stats.generated_tokens == sum(len(r.token_ids) for r in expected)
 
