@@ -131,7 +131,7 @@ class _Request:
     max_new_tokens: int
     sampling: SamplingParams
     eos_token_id: int | None
-    generator: torch.Generator | None = None  # its own stream where it has a seed
+    generator: torch.Generator | None = None  # its own stream where it has a seed (made at admission)
     fed: int = 0  # prompt tokens in its cache row so far
 
     @property
@@ -231,11 +231,8 @@ class Scheduler:
                              f"positions per row: shorten it (or serve with a larger max_len, at most max_seq_len="
                              f"{engine.config.max_seq_len})")
         handle = RequestHandle(next(self._ids), prompt_ids)
-        generator = None
-        if not sampling.greedy and sampling.seed is not None:
-            generator = sampling.make_generator(engine.device)
         request = _Request(handle, _Sequence(handle.id, prompt_ids, engine.tokenizer, list(stop_strings)),
-                           max_new_tokens, sampling, eos_token_id, generator)
+                           max_new_tokens, sampling, eos_token_id)
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the scheduler is stopping: no new requests")
@@ -348,7 +345,11 @@ class Scheduler:
                 admitted.append(row)
         now = time.perf_counter()
         for row in admitted:
-            self._rows[row].handle.times.admitted = now
+            request = self._rows[row]
+            request.handle.times.admitted = now
+            if not request.sampling.greedy and request.sampling.seed is not None:
+                # made here, on the scheduler's thread: device work from another thread could break a graph capture
+                request.generator = request.sampling.make_generator(self.engine.device)
         for run in _adjacent_runs(admitted):
             self._cache.reset_rows(run[0], run[-1] + 1)
 
