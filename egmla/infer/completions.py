@@ -6,11 +6,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from egmla.infer.sampling import SamplingParams
+from egmla.infer.scheduler import MAX_TOP_LOGPROBS
 
 # OpenAI fields this server does not implement: the values that mean "not used", and why.
 UNSUPPORTED = {
-    "logprobs": ((None,), "the scheduler keeps token ids, not their probabilities"),
-    "echo": ((None, False), "the prompt is not returned with the completion"),
     "presence_penalty": ((None, 0), "sampling has temperature, top_p and top_k only (egmla.infer.sampling)"),
     "frequency_penalty": ((None, 0), "sampling has temperature, top_p and top_k only (egmla.infer.sampling)"),
     "logit_bias": ((None, {}), "sampling has temperature, top_p and top_k only (egmla.infer.sampling)"),
@@ -33,12 +32,15 @@ class CompletionRequest:
     """A checked POST /v1/completions body. Its choices: every sample (`sampling`) of every prompt, prompt-major."""
 
     prompts: list[list[int]]  # token ids of each prompt
+    prompt_texts: list[str | None]  # each prompt as text where it was given as text (else decoded when needed)
     sampling: list[SamplingParams]  # of sample j of every prompt (seed + j where a seed is given)
     max_tokens: int
     stop: list[str]
     ignore_eos: bool
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
+    logprobs: int | None  # None, or each token's log-probability and this many most likely tokens
+    echo: bool  # the prompt comes back in front of the completion (with its log-probabilities if logprobs is set)
 
     @property
     def prompt_tokens(self) -> int:
@@ -82,8 +84,16 @@ def parse_completion_request(body, model_name: str, encode: Callable[[object, in
         raise ApiError(400, f"stream_options={options!r}: must be an object such as {{\"include_usage\": true}}",
                        "stream_options")
     stream, max_tokens = _boolean(body, "stream"), _integer(body, "max_tokens", 16, minimum=1)
-    return CompletionRequest(_prompts(body.get("prompt"), encode), sampling, max_tokens, stops,
-                             _boolean(body, "ignore_eos"), stream, stream and bool(options.get("include_usage")))
+    logprobs, echo = _integer(body, "logprobs", None, minimum=0), _boolean(body, "echo")
+    if logprobs is not None and logprobs > MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"logprobs={logprobs}: at most {MAX_TOP_LOGPROBS} alternatives per token", "logprobs")
+    if echo and stream:
+        raise ApiError(400, "echo with stream is not supported: ask for the prompt back without streaming", "echo")
+    raw = body.get("prompt")
+    texts = [raw] if isinstance(raw, str) else [p if isinstance(p, str) else None for p in raw] \
+        if isinstance(raw, list) and not _token_ids(raw) else [None]
+    return CompletionRequest(_prompts(raw, encode), texts, sampling, max_tokens, stops, _boolean(body, "ignore_eos"),
+                             stream, stream and bool(options.get("include_usage")), logprobs, echo)
 
 
 def _prompts(prompt, encode) -> list[list[int]]:

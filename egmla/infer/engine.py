@@ -49,6 +49,12 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)  # generated ids (with the EOS id if it ended so)
     text: str | None = None  # generated text (None without a tokenizer), cut before a stop string
     finish_reason: str | None = None  # "eos" | "stop" | "length"
+    # where asked (the serving scheduler's `logprobs`): each generated token's log-probability under the model, and
+    # the most likely alternatives at its step {token id: log-probability}
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[float | None] | None = None  # where asked: the same for the prompt (None for its first)
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass
@@ -59,6 +65,8 @@ class TokenEvent:
     token_id: int
     text: str  # text completed by this token ("" while a character or a possible stop string is pending)
     finish_reason: str | None  # set on the sequence's last token
+    logprob: float | None = None  # where asked: the token's log-probability, and the step's most likely tokens
+    top_logprobs: dict[int, float] | None = None
 
 
 @dataclass

@@ -36,7 +36,7 @@ import contextlib
 import itertools
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -46,6 +46,11 @@ from egmla.infer.decode_step import bucket_for
 from egmla.infer.engine import (DECODE_SDPA_BACKENDS, Generation, GenerationEngine, TokenEvent, _inputs_unchecked,
                                 _Sequence, _set_n_new, _tokens_to_host)
 from egmla.infer.sampling import SamplingParams, select_next
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI allows 5, vLLM 20)
+# prompt tokens per forward for requests that want their prompt's log-probabilities: those forwards keep every
+# position's logits, [tokens, vocab] (1,024 x 32,768 fp32 = 134 MB)
+PROMPT_LOGPROBS_CHUNK = 1024
 
 
 @dataclass
@@ -131,6 +136,8 @@ class _Request:
     max_new_tokens: int
     sampling: SamplingParams
     eos_token_id: int | None
+    logprobs: int | None = None  # alternatives per token, None: no log-probabilities
+    prompt_logprobs: bool = False  # the prompt tokens' too
     generator: torch.Generator | None = None  # its own stream where it has a seed (made at admission)
     fed: int = 0  # prompt tokens in its cache row so far
 
@@ -147,6 +154,10 @@ class _Pending:
     rows: list[int]
     requests: list[_Request]
     read: Callable[[], list[int]]
+    # where some rows asked for log-probabilities: those rows' indices in `rows`, and readers of their chosen token's
+    # log-probability [n] and the step's top ones [n, k] (values, ids)
+    logprob_rows: list[int] = field(default_factory=list)
+    read_logprobs: tuple[Callable[[], list], ...] = ()
 
 
 @dataclass
@@ -216,11 +227,24 @@ class Scheduler:
 
     # ---- requests ------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
-               eos_token_id: int | None = None, stop_strings: Sequence[str] = ()) -> RequestHandle:
-        """Queue one request; returns its handle at once. Bad input raises ValueError here, naming the field."""
+               eos_token_id: int | None = None, stop_strings: Sequence[str] = (),
+               logprobs: int | None = None, prompt_logprobs: bool = False) -> RequestHandle:
+        """Queue one request; returns its handle at once. Bad input raises ValueError here, naming the field.
+
+        logprobs: None, or return each generated token's log-probability and the `logprobs` most likely tokens of its
+            step (0 to MAX_TOP_LOGPROBS) in the events and the result. They are the model's own distribution, before
+            temperature, top-k and top-p shape the sampling (vLLM's default).
+        prompt_logprobs: also the log-probability of every prompt token after the first, and the `logprobs` most
+            likely tokens at each (result.prompt_logprobs / prompt_top_logprobs, None for the first token): what
+            OpenAI's `echo` with `logprobs` returns, and what lm-evaluation-harness scores with."""
         engine = self.engine
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs={logprobs}: must lie in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), "
+                             f"or None for none")
+        if prompt_logprobs and logprobs is None:
+            raise ValueError("prompt_logprobs=True needs logprobs (the alternatives per token, 0 for none)")
         if stop_strings and engine.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to see text: make the engine with tokenizer=...")
         if eos_token_id is not None and not 0 <= eos_token_id < engine.config.vocab_size:
@@ -232,7 +256,9 @@ class Scheduler:
                              f"{engine.config.max_seq_len})")
         handle = RequestHandle(next(self._ids), prompt_ids)
         request = _Request(handle, _Sequence(handle.id, prompt_ids, engine.tokenizer, list(stop_strings)),
-                           max_new_tokens, sampling, eos_token_id)
+                           max_new_tokens, sampling, eos_token_id, logprobs, prompt_logprobs)
+        if logprobs is not None:
+            request.sequence.result.logprobs, request.sequence.result.top_logprobs = [], []
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the scheduler is stopping: no new requests")
@@ -357,39 +383,69 @@ class Scheduler:
         """Feed prompts into their rows, at most `prefill_chunk` tokens in all (at least one token), the oldest
         requests first; a row whose prompt is complete samples its first token. Adjacent rows go through one
         forward (right-padded, each row appending its own count), as long as rows x the widest chunk stay within
-        the budget."""
+        the budget. Rows that want their prompt's log-probabilities go in forwards of their own, which keep every
+        position's logits: at most PROMPT_LOGPROBS_CHUNK tokens each."""
         budget = self.prefill_chunk
-        work: list[tuple[int, int]] = []  # (row, tokens to feed now)
+        work: dict[bool, list[tuple[int, int]]] = {False: [], True: []}  # prompt logprobs -> (row, tokens to feed)
         for row, request in sorted(((row, r) for row, r in enumerate(self._rows) if r is not None and not r.prefilled),
                                    key=lambda item: item[1].handle.id):
             if budget <= 0:
                 break
-            take = min(len(request.handle.prompt_ids) - request.fed, budget)
-            work.append((row, take))
+            limit = PROMPT_LOGPROBS_CHUNK if request.prompt_logprobs else budget
+            take = min(len(request.handle.prompt_ids) - request.fed, budget, limit)
+            work[request.prompt_logprobs].append((row, take))
             budget -= take
-        work.sort()
-        for run in _padded_runs(work, self.prefill_chunk):
-            first, last = run[0][0], run[-1][0] + 1
-            width = max(take for _, take in run)
-            tokens = torch.zeros(last - first, width, dtype=torch.long)  # right-padded
-            n_new = torch.zeros(last - first, dtype=torch.long)
+        for every_position, items in work.items():
+            limit = min(self.prefill_chunk, PROMPT_LOGPROBS_CHUNK) if every_position else self.prefill_chunk
+            for run in _padded_runs(sorted(items), limit):
+                self._prefill_run(run, every_position)
+
+    def _prefill_run(self, run: list[tuple[int, int]], every_position: bool) -> None:
+        first, last = run[0][0], run[-1][0] + 1
+        width = max(take for _, take in run)
+        tokens = torch.zeros(last - first, width, dtype=torch.long)  # right-padded
+        n_new = torch.zeros(last - first, dtype=torch.long)
+        for row, take in run:
+            request = self._rows[row]
+            tokens[row - first, :take] = torch.tensor(request.handle.prompt_ids[request.fed:request.fed + take])
+            n_new[row - first] = take
+        device = self.engine.device
+        ends = (n_new - 1).clamp(min=0).to(device)
+        logits = self.engine.model(tokens.to(device), self._cache.rows(first, last), n_new=n_new.to(device),
+                                   logits_at=None if every_position else ends)
+        self.stats.prefill_calls += 1
+        if every_position:
             for row, take in run:
-                request = self._rows[row]
-                tokens[row - first, :take] = torch.tensor(request.handle.prompt_ids[request.fed:request.fed + take])
-                n_new[row - first] = take
-            device = self.engine.device
-            logits = self.engine.model(tokens.to(device), self._cache.rows(first, last), n_new=n_new.to(device),
-                                       logits_at=(n_new - 1).clamp(min=0).to(device))[:, 0]
-            self.stats.prefill_calls += 1
-            complete = []
-            for row, take in run:
-                request = self._rows[row]
-                request.fed += take
-                if request.prefilled:
-                    complete.append(row)
-            if complete:
-                self._process(self._sample_next(complete, logits[_index([row - first for row in complete],
-                                                                         logits.device)]))
+                self._record_prompt_logprobs(self._rows[row], logits[row - first, :take])
+            logits = logits[torch.arange(last - first, device=device), ends]
+        else:
+            logits = logits[:, 0]
+        complete = []
+        for row, take in run:
+            request = self._rows[row]
+            request.fed += take
+            if request.prefilled:
+                complete.append(row)
+        if complete:
+            self._process(self._sample_next(complete, logits[_index([row - first for row in complete],
+                                                                     logits.device)]))
+
+    def _record_prompt_logprobs(self, request: "_Request", logits: torch.Tensor) -> None:
+        """The log-probabilities of the prompt tokens that `logits` [take, vocab] predict (the chunk's next tokens;
+        the last position of the prompt's last chunk predicts the first generated token, recorded with it), and the
+        most likely tokens there. The prompt's first token has none."""
+        result, prompt, fed = request.sequence.result, request.handle.prompt_ids, request.fed
+        if fed == 0:
+            result.prompt_logprobs, result.prompt_top_logprobs = [None], [None]
+        targets = prompt[fed + 1: fed + len(logits) + 1]
+        if not targets:
+            return
+        logprobs = logits[: len(targets)].float().log_softmax(dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
+        top = logprobs.topk(request.logprobs, dim=-1)
+        for logprob, values, ids in zip(chosen, top.values.tolist(), top.indices.tolist()):
+            result.prompt_logprobs.append(logprob)
+            result.prompt_top_logprobs.append(dict(zip(ids, values)))
 
     def _compaction_due(self) -> bool:
         """Nothing waits and the occupied rows fit a smaller bucket than the highest of them needs."""
@@ -450,19 +506,38 @@ class Scheduler:
             self._next[rows[0]: rows[0] + len(rows)] = ids
         else:
             self._next[_index(rows, ids.device)] = ids
-        return _Pending(rows, requests, _tokens_to_host(ids))
+        pending = _Pending(rows, requests, _tokens_to_host(ids))
+        wanting = [i for i, request in enumerate(requests) if request.logprobs is not None]
+        if wanting:
+            every = len(wanting) == len(rows)
+            index = None if every else _index(wanting, logits.device)
+            logprobs = torch.log_softmax((logits if every else logits[index]).float(), dim=-1)
+            chosen = logprobs.gather(1, (ids if every else ids[index])[:, None])[:, 0]
+            top = logprobs.topk(max(requests[i].logprobs for i in wanting), dim=-1)
+            pending.logprob_rows = wanting
+            pending.read_logprobs = tuple(_tokens_to_host(t) for t in (chosen, top.values, top.indices))
+        return pending
 
     def _process(self, pending: "_Pending") -> None:
         """Read `pending`'s tokens on the host (the one sync of a step), stream them, retire the rows that end. A
         row whose request has changed since (retired, cancelled) drops its token."""
         now = time.perf_counter()
-        for row, request, token_id in zip(pending.rows, pending.requests, pending.read()):
+        scores = dict(zip(pending.logprob_rows, zip(*(read() for read in pending.read_logprobs))))
+        for i, (row, request, token_id) in enumerate(zip(pending.rows, pending.requests, pending.read())):
             if self._rows[row] is not request:
                 continue
             if request.handle.times.first_token is None:
                 request.handle.times.first_token = now
             event = request.sequence.append(token_id, request.eos_token_id, request.max_new_tokens, self.max_len)
-            request.handle._push(TokenEvent(request.handle.id, event.token_id, event.text, event.finish_reason))
+            logprob = top_logprobs = None
+            if i in scores:
+                logprob, values, ids = scores[i]
+                top_logprobs = dict(zip(ids[: request.logprobs], values[: request.logprobs]))
+                result = request.sequence.result
+                result.logprobs.append(logprob)
+                result.top_logprobs.append(top_logprobs)
+            request.handle._push(TokenEvent(request.handle.id, event.token_id, event.text, event.finish_reason,
+                                            logprob, top_logprobs))
             if event.finish_reason is not None:
                 self._retire(row, None)
 

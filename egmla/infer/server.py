@@ -1,10 +1,12 @@
 """`egmla serve`: an OpenAI-compatible HTTP server over the continuous-batching `Scheduler`.
 
-    POST /v1/completions   OpenAI's completions API: text or token-id prompts, n, stream, stop, seed, and vLLM's
-                           top_k and ignore_eos; one choice per prompt and sample, prompt-major
+    POST /v1/completions   OpenAI's completions API: text or token-id prompts, n, stream, stop, seed, logprobs,
+                           echo, and vLLM's top_k and ignore_eos; one choice per prompt and sample, prompt-major
     GET  /v1/models        the one model served
     GET  /health           {"status": "ok", "running": n, "waiting": n}; 503 while stopping
     GET  /stats            the scheduler's counters (SchedulerStats), its decode path and device
+    GET  /tokenizer_info, POST /tokenize, POST /detokenize
+                           vLLM's tokenizer endpoints (lm-evaluation-harness's local-completions tokenizes with them)
 
 Each connection gets a handler thread (`ThreadingHTTPServer`) that checks its request, submits one scheduler request
 per choice and waits on their handles; the scheduler's one thread runs the model for all of them, requests joining
@@ -16,6 +18,7 @@ Only the standard library: the GPU machines this runs on have no network to inst
 """
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 import sys
@@ -32,7 +35,8 @@ from egmla.infer.completions import ApiError, CompletionRequest, parse_completio
 from egmla.infer.engine import TokenEvent
 from egmla.infer.scheduler import RequestHandle, Scheduler
 
-ENDPOINTS = "POST /v1/completions, GET /v1/models, GET /health, GET /stats"
+ENDPOINTS = ("POST /v1/completions, GET /v1/models, GET /health, GET /stats, GET /tokenizer_info, POST /tokenize, "
+             "POST /detokenize")
 # OpenAI's finish reasons for the engine's: an eos is a stop; "length" is max_tokens or the row's end.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 RESPONSES_WAIT_SECONDS = 10.0  # on stop: how long handler threads get to write their last responses
@@ -76,8 +80,9 @@ class CompletionServer(ThreadingHTTPServer):
         try:
             for prompt_ids in request.prompts:
                 for sampling in request.sampling:
-                    handles.append(self.scheduler.submit(prompt_ids, request.max_tokens, sampling, eos_token_id,
-                                                         request.stop))
+                    handles.append(self.scheduler.submit(
+                        prompt_ids, request.max_tokens, sampling, eos_token_id, request.stop, request.logprobs,
+                        prompt_logprobs=request.echo and request.logprobs is not None))
         except OverflowError as error:
             raise ApiError(429, str(error), code="queue_full") from error
         except RuntimeError as error:
@@ -134,10 +139,12 @@ class CompletionHandler(BaseHTTPRequestHandler):
         pass  # http.server's own lines: replaced by one line per request (_log)
 
     def do_GET(self) -> None:
-        self._dispatch({"/v1/models": self._models, "/health": self._health, "/stats": self._stats})
+        self._dispatch({"/v1/models": self._models, "/health": self._health, "/stats": self._stats,
+                        "/tokenizer_info": self._tokenizer_info})
 
     def do_POST(self) -> None:
-        self._dispatch({"/v1/completions": self._completions})
+        self._dispatch({"/v1/completions": self._completions, "/tokenize": self._tokenize,
+                        "/detokenize": self._detokenize})
 
     def _dispatch(self, routes: dict[str, Callable[[], None]]) -> None:
         started = time.perf_counter()
@@ -194,6 +201,33 @@ class CompletionHandler(BaseHTTPRequestHandler):
                               "variant": engine.config.variant_name(), "decode_path": engine.decode_path,
                               "cuda_graphs": engine.cuda_graphs, "device": str(engine.device)})
 
+    # vLLM's tokenizer endpoints: lm-evaluation-harness's local-completions tokenizes through them
+    # (tokenizer_backend=remote), so it needs no copy of the run's tokenizer
+    def _tokenizer_info(self) -> None:
+        server = self.server
+        tokenizer = server.scheduler.engine.tokenizer
+        eos = None if server.eos_token_id is None else tokenizer.id_to_token(server.eos_token_id)
+        self._send_json(200, {"eos_token": eos, "bos_token": None, "pad_token": None,
+                              "model_max_length": server.scheduler.max_len,
+                              "vocab_size": tokenizer.get_vocab_size(), "tokenizer_class": "tokenizers byte-level BPE"})
+
+    def _tokenize(self) -> None:
+        body = self._json_body()
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, str):
+            raise ApiError(400, f"prompt={prompt!r}: /tokenize takes {{\"prompt\": \"some text\"}}", "prompt")
+        ids = self.server.scheduler.engine.tokenizer.encode(prompt).ids  # the run's tokenizer adds no special tokens
+        self._send_json(200, {"tokens": ids, "count": len(ids), "max_model_len": self.server.scheduler.max_len})
+
+    def _detokenize(self) -> None:
+        body = self._json_body()
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        vocab = self.server.scheduler.engine.config.vocab_size
+        if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                 for t in tokens)):
+            raise ApiError(400, f"tokens={tokens!r}: /detokenize takes {{\"tokens\": [ids in [0, {vocab})]}}", "tokens")
+        self._send_json(200, {"prompt": self.server.scheduler.engine.tokenizer.decode(tokens)})
+
     def _completions(self) -> None:
         server = self.server
         request = parse_completion_request(self._json_body(), server.model_name, server.scheduler.engine.encode)
@@ -217,7 +251,22 @@ class CompletionHandler(BaseHTTPRequestHandler):
             raise ApiError(503, "the server stopped before this request finished", code="stopping")
         completion_tokens = sum(len(result.token_ids) for result in results)
         self.token_counts = (request.prompt_tokens, completion_tokens)
-        choices = [_choice(index, result.text, result.finish_reason) for index, result in enumerate(results)]
+        decode = self.server.scheduler.engine.tokenizer.decode
+        choices = []
+        for index, result in enumerate(results):
+            prompt = index // len(request.sampling)
+            prefix = ""
+            if request.echo:
+                prefix = request.prompt_texts[prompt]
+                prefix = decode(request.prompts[prompt]) if prefix is None else prefix
+            logprobs = None
+            if request.logprobs is not None:
+                ids, values, tops = result.token_ids, result.logprobs, result.top_logprobs
+                if request.echo:
+                    ids = request.prompts[prompt] + ids
+                    values, tops = result.prompt_logprobs + values, result.prompt_top_logprobs + tops
+                logprobs = _logprobs(decode, ids, values, tops)
+            choices.append(_choice(index, prefix + result.text, result.finish_reason, logprobs))
         self._send_json(200, {**self.response_fields, "choices": choices, "usage": _usage(*self.token_counts)})
 
     def _stream(self, request: CompletionRequest, handles: list[RequestHandle]) -> None:
@@ -230,6 +279,8 @@ class CompletionHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.status, self.close_connection = 200, True
         completion_tokens = 0
+        decode = self.server.scheduler.engine.tokenizer.decode
+        offsets: dict[int, int] = {}  # each choice's text so far, for its tokens' text_offset
         for index, event in _merged_events(handles):
             if isinstance(event, BaseException) or event.finish_reason == "cancelled":
                 error = (ApiError(500, str(event), code="generation_failed") if isinstance(event, BaseException)
@@ -239,8 +290,14 @@ class CompletionHandler(BaseHTTPRequestHandler):
                 break
             completion_tokens += 1
             self.token_counts = (request.prompt_tokens, completion_tokens)
-            if event.text or event.finish_reason is not None:
-                self._send_event({**self.response_fields, "choices": [_choice(index, event.text, event.finish_reason)]})
+            logprobs = None
+            if event.logprob is not None:
+                offsets[index] = offsets.get(index, 0)
+                logprobs = _logprobs(decode, [event.token_id], [event.logprob], [event.top_logprobs], offsets[index])
+            offsets[index] = offsets.get(index, 0) + len(event.text)
+            if event.text or event.finish_reason is not None or logprobs is not None:
+                self._send_event({**self.response_fields,
+                                  "choices": [_choice(index, event.text, event.finish_reason, logprobs)]})
         else:
             if request.include_usage:
                 self._send_event({**self.response_fields, "choices": [], "usage": _usage(*self.token_counts)})
@@ -275,8 +332,18 @@ class CompletionHandler(BaseHTTPRequestHandler):
               f"completion_tokens={completion_tokens} {seconds:.3f}s{self.note}", file=sys.stderr, flush=True)
 
 
-def _choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"text": text, "index": index, "logprobs": None, "finish_reason": FINISH_REASONS.get(finish_reason)}
+def _choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": FINISH_REASONS.get(finish_reason)}
+
+
+def _logprobs(decode, ids: list[int], values: list, tops: list, start: int = 0) -> dict:
+    """OpenAI's legacy logprobs object: each token's text, log-probability and most likely alternatives (by their
+    text), and where each token's text starts (character offsets from `start`, each token decoded alone)."""
+    tokens = [decode([token]) for token in ids]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=start))
+    top = [None if alternatives is None else {decode([token]): value for token, value in alternatives.items()}
+           for alternatives in tops]
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": top, "text_offset": offsets}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

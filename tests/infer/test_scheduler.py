@@ -315,3 +315,64 @@ def test_on_cuda_a_busy_bf16_server_gives_each_request_its_tokens(path):
         scheduler.stop(timeout=60)
     same = sum(a == b for a, b in zip(got, expected))
     assert same >= len(prompts) - 1, same  # bf16: a near tie may flip at another batch size, not more than once
+
+
+def test_logprobs_are_the_models_own_for_each_generated_token():
+    """logprobs=k: each token's log-probability and the step's k most likely tokens, from the model's logits before
+    temperature and filters, checked against a full forward of prompt + tokens so far; rows without logprobs and rows
+    with another k share the batch."""
+    model = tiny_model("eg-mla", seed=16)
+    engine = GenerationEngine(model, decode_path="gate-table")
+    scheduler = Scheduler(engine, max_batch=3)
+    greedy = scheduler.submit(PROMPTS[0], max_new_tokens=6, logprobs=3)
+    plain = scheduler.submit(PROMPTS[1], max_new_tokens=6)
+    sampled = scheduler.submit(PROMPTS[2], max_new_tokens=6, logprobs=0,
+                               sampling=SamplingParams(temperature=1.5, top_k=5, seed=3))
+    while scheduler.step():
+        pass
+    assert plain.result().logprobs is None and all(e.logprob is None for e in plain.events())
+    for handle, k in ((greedy, 3), (sampled, 0)):
+        result = handle.result()
+        events = list(handle.events())
+        assert [e.logprob for e in events] == result.logprobs and len(result.logprobs) == 6
+        with torch.no_grad():
+            full = model(torch.tensor([handle.prompt_ids + result.token_ids]))[0].float().log_softmax(-1)
+        start = len(handle.prompt_ids) - 1
+        for step, (token, logprob, top) in enumerate(zip(result.token_ids, result.logprobs, result.top_logprobs)):
+            row = full[start + step]
+            assert abs(logprob - float(row[token])) < 1e-4
+            assert len(top) == k
+            want = row.topk(k) if k else None
+            if k:
+                assert list(top) == want.indices.tolist()
+                assert max(abs(a - b) for a, b in zip(top.values(), want.values.tolist())) < 1e-4
+    assert all(lp == max(top.values()) for lp, top in zip(greedy.result().logprobs, greedy.result().top_logprobs))
+    with pytest.raises(ValueError, match="logprobs=21"):
+        scheduler.submit(PROMPTS[0], logprobs=21)
+
+
+def test_prompt_logprobs_equal_a_full_forward_across_chunks():
+    """prompt_logprobs: every prompt token's log-probability after the first, fed whole or in chunks (here over
+    several iterations and forwards of their own), equal to one forward of the prompt."""
+    model = tiny_model("mla", seed=17)
+    engine = GenerationEngine(model, decode_path="absorbed")
+    prompt = [(13 * i) % 290 + 4 for i in range(25)]
+    with torch.no_grad():
+        full = model(torch.tensor([prompt]))[0].float().log_softmax(-1)
+    want = [None] + [float(full[t - 1, prompt[t]]) for t in range(1, len(prompt))]
+    for chunk in (None, 7):
+        scheduler = Scheduler(engine, max_batch=2, prefill_chunk=chunk)
+        echo = scheduler.submit(prompt, max_new_tokens=3, logprobs=2, prompt_logprobs=True)
+        other = scheduler.submit(PROMPTS[0], max_new_tokens=3)
+        while scheduler.step():
+            pass
+        result = echo.result()
+        assert result.prompt_logprobs[0] is None and result.prompt_top_logprobs[0] is None
+        assert len(result.prompt_logprobs) == len(prompt)
+        assert max(abs(a - b) for a, b in zip(result.prompt_logprobs[1:], want[1:])) < 1e-4, chunk
+        assert all(list(top) == full[t - 1].topk(2).indices.tolist()
+                   for t, top in enumerate(result.prompt_top_logprobs) if t)
+        assert result.token_ids == engine.generate([prompt], max_new_tokens=3)[0].token_ids
+        assert other.result().prompt_logprobs is None
+    with pytest.raises(ValueError, match="prompt_logprobs=True needs logprobs"):
+        scheduler.submit(prompt, prompt_logprobs=True)

@@ -171,7 +171,8 @@ def test_concurrent_clients_each_get_their_own_completion(server, engine, eos):
 @pytest.mark.parametrize("body,status,param,message", [
     ({"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens", "max_tokens=0: must be an integer >= 1"),
     ({"prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens", "max_tokens='many'"),
-    ({"prompt": PROMPT, "logprobs": 1}, 400, "logprobs", "logprobs=1 is not supported"),
+    ({"prompt": PROMPT, "logprobs": 21}, 400, "logprobs", "logprobs=21: at most 20"),
+    ({"prompt": PROMPT, "echo": True, "stream": True}, 400, "echo", "echo with stream is not supported"),
     ({"prompt": PROMPT, "best_of": 3}, 400, "best_of", "best_of=3 is not supported"),
     ({"prompt": PROMPT, "presence_penalty": 0.5}, 400, "presence_penalty", "presence_penalty=0.5 is not supported"),
     ({"prompt": list(range(1, 41))}, 400, "prompt", "40 tokens, more than the scheduler's max_len=32"),
@@ -330,3 +331,74 @@ def test_the_command_serves_a_run_and_stops_on_ctrl_c(run_dir, tokenizer):
     assert process.returncode == 0, err
     assert "stopping" in out and out.rstrip().endswith("egmla serve: stopped")
     assert '"POST /v1/completions" 200' in err and "Traceback" not in err
+
+
+def test_logprobs_and_echo_are_the_models_own(server, engine, tokenizer, eos):
+    """logprobs=k: each completion token's text, log-probability (the model's, before temperature) and its k most
+    likely alternatives; echo: the prompt in front, its tokens' log-probabilities too (None for the first) — what
+    lm-evaluation-harness's local-completions scores with; streamed chunks carry their tokens' log-probabilities."""
+    prompt_ids = tokenizer.encode(PROMPT).ids
+    answer = complete(server, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2, echo=True)
+    choice = answer["choices"][0]
+    generated = engine.generate([PROMPT], max_new_tokens=5, eos_token_id=eos)[0]
+    assert choice["text"] == PROMPT + generated.text
+    logprobs = choice["logprobs"]
+    ids = prompt_ids + generated.token_ids
+    assert logprobs["tokens"] == [tokenizer.decode([i]) for i in ids]
+    with torch.no_grad():
+        full = engine.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    want = [None] + [float(full[t - 1, ids[t]]) for t in range(1, len(ids))]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert max(abs(a - b) for a, b in zip(logprobs["token_logprobs"][1:], want[1:])) < 1e-4
+    assert all(len(top) <= 2 and max(top.values()) >= value - 1e-6
+               for top, value in zip(logprobs["top_logprobs"][1:], logprobs["token_logprobs"][1:]))
+    assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"] == sorted(logprobs["text_offset"])
+    plain = complete(server, prompt=PROMPT, max_tokens=5, temperature=0)["choices"][0]
+    assert plain["logprobs"] is None and plain["text"] == generated.text
+    sampled = complete(server, prompt=PROMPT, max_tokens=4, temperature=1.3, seed=5, logprobs=0,
+                       ignore_eos=True)["choices"][0]
+    assert len(sampled["logprobs"]["token_logprobs"]) == 4 and all(top == {} for top in sampled["logprobs"]["top_logprobs"])
+    chunks = [e for e in stream(server, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=1) if e != "[DONE]"]
+    streamed = [lp for c in chunks if c["choices"][0]["logprobs"] for lp in c["choices"][0]["logprobs"]["token_logprobs"]]
+    assert len(streamed) == len(generated.token_ids)  # every generated token reported once
+    assert max(abs(a - b) for a, b in zip(streamed, logprobs["token_logprobs"][len(prompt_ids):])) < 1e-4
+
+
+def test_tokenizer_endpoints_speak_vllms_shapes(server, tokenizer):
+    status, info = call(server, "GET", "/tokenizer_info")
+    assert status == 200 and set(info) >= {"eos_token", "bos_token", "pad_token", "model_max_length"}
+    assert tokenizer.token_to_id(info["eos_token"]) == server.eos_token_id
+    status, tokens = call(server, "POST", "/tokenize", {"prompt": PROMPT, "add_special_tokens": False})
+    assert status == 200 and tokens["tokens"] == tokenizer.encode(PROMPT).ids and tokens["count"] == len(tokens["tokens"])
+    status, text = call(server, "POST", "/detokenize", {"tokens": tokens["tokens"]})
+    assert status == 200 and text["prompt"] == PROMPT
+    status, error = call(server, "POST", "/detokenize", {"tokens": [1, 10**6]})
+    assert status == 400 and error["error"]["param"] == "tokens"
+    status, error = call(server, "POST", "/tokenize", {"text": PROMPT})
+    assert status == 400 and error["error"]["param"] == "prompt"
+
+
+def test_lm_eval_local_completions_scores_through_the_server(server, engine, tokenizer, eos):
+    """lm-evaluation-harness's own `local-completions` model against the server (tokenizing remotely through
+    /tokenize): loglikelihoods equal a direct forward of the model, and generate_until gives the engine's text."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=MODEL, tokenizer_backend="remote",
+                             num_concurrent=1, max_retries=1, max_length=MAX_LEN)
+    pairs = [("To be, or not", " to be"), ("whether 'tis nobler", " in the mind")]
+    results = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                               disable_tqdm=True)
+    for (context, continuation), (score, greedy) in zip(pairs, results):
+        context_ids, continuation_ids = tokenizer.encode(context).ids, tokenizer.encode(continuation).ids
+        ids = context_ids + continuation_ids
+        with torch.no_grad():
+            full = engine.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+        want = sum(float(full[t - 1, ids[t]]) for t in range(len(context_ids), len(ids)))
+        want_greedy = all(int(full[t - 1].argmax()) == ids[t] for t in range(len(context_ids), len(ids)))
+        assert score == pytest.approx(want, abs=1e-3) and greedy == want_greedy
+    [text] = lm.generate_until([Instance("generate_until", {}, (SEA, {"until": ["\n\n"], "max_gen_toks": 10}), 0)],
+                               disable_tqdm=True)
+    # lm-eval stops at the end-of-text token's text too (here a plain token: see the `eos` fixture)
+    stops = ["\n\n", tokenizer.decode([eos])]
+    assert text == engine.generate([SEA], max_new_tokens=10, stop_strings=stops, eos_token_id=eos)[0].text and text
