@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import queue
+import signal
 import sys
 import threading
 import time
@@ -396,10 +397,20 @@ def _print_now(line: str) -> None:
     print(line, flush=True)  # at once, for whoever reads the URL from a pipe
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def serve(server: CompletionServer, announce: Callable[[str], None] = _print_now) -> None:
-    """Serve until Ctrl-C, then stop cleanly: new requests get 503, the submitted ones finish (a second Ctrl-C
-    cancels them), the scheduler stops and the socket closes. `announce` gets one line at start and at stop."""
+    """Serve until Ctrl-C or SIGTERM (what `kill`, systemd and docker stop send), then stop cleanly: new requests get
+    503, the submitted ones finish (a second signal cancels them), the scheduler stops and the socket closes.
+    `announce` gets one line at start and at stop."""
     announce(server.describe())
+    if threading.current_thread() is threading.main_thread():
+        # set explicitly: a process started in the background by a shell inherits SIGINT ignored, and Python leaves
+        # it so; SIGTERM would otherwise end the process without stopping anything
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -306,12 +306,15 @@ def test_the_command_explains_itself_and_refuses_a_bad_port(capsys, run_dir, ser
     assert "--port 70000: must lie in [0, 65535]" in capsys.readouterr().err
 
 
-def test_the_command_serves_a_run_and_stops_on_ctrl_c(run_dir, tokenizer):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_the_command_serves_a_run_and_stops_on_ctrl_c(run_dir, tokenizer, stop_signal):
     expected = GenerationEngine(tiny_model("eg-mla"), tokenizer, decode_path="gate-table").generate(
         [PROMPT], max_new_tokens=6, eos_token_id=0)[0].text  # the run_dir fixture's model and <|endoftext|>
     command = [sys.executable, "-m", "egmla", "serve", "--run", str(run_dir.parent / "latest"), "--port", "0",
                "--max-batch", "2", "--decode-path", "gate-table"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # started with SIGINT ignored, as a shell starts a background job: the server must stop all the same
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         first = process.stdout.readline()
         url = re.search(r"(http://[\d.]+:\d+)/v1 ", first)
@@ -324,7 +327,7 @@ def test_the_command_serves_a_run_and_stops_on_ctrl_c(run_dir, tokenizer):
         remote.url = url.group(1)
         assert complete(remote, prompt=PROMPT, max_tokens=6, temperature=0)["choices"][0]["text"] == expected
         assert call(remote, "GET", "/v1/models")[1]["data"][0]["id"] == "egmla-tiny"
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         out, err = process.communicate(timeout=30)
     finally:
         process.kill()
