@@ -48,7 +48,10 @@ def test_requests_joining_and_leaving_get_the_tokens_they_get_alone(variant, pat
     expected = [alone(engine, i, eos) for i in range(len(PROMPTS))]
     assert any(r.finish_reason == "eos" for r in expected) and any(r.finish_reason == "length" for r in expected)
     # chunk 3: prompts fed over iterations; overlap: each step queued before the previous one's tokens are read
-    for buckets, chunk, overlap in (((), None, False), ((), None, True), ((1, 2, 4), None, True), ((1, 2, 4), 3, True)):
+    settings = (((), None, False), ((), None, True), ((1, 2, 4), None, True), ((1, 2, 4), 3, True))
+    if path == "kernel":  # slow in the interpreter: the first and the last setting, which differ in everything
+        settings = settings[::3]
+    for buckets, chunk, overlap in settings:
         engine = GenerationEngine(model, decode_path=path, batch_buckets=buckets)
         scheduler = Scheduler(engine, max_batch=3, prefill_chunk=chunk, overlap_host=overlap)
         handles = staggered(scheduler, [0, 0, 1, 1, 3, 6], eos)
