@@ -9,7 +9,8 @@ keeps one cache of `max_batch` rows and `max_len` positions and loops:
     prefill   at most `prefill_chunk` prompt tokens in all go into their rows, the oldest requests first; adjacent
               rows share one forward; a long prompt is fed over several iterations (chunked prefill), so the
               running requests keep getting tokens meanwhile; a row whose prompt is complete samples its first
-              token
+              token; a prompt another request is already feeding (the samples of one prompt) is not fed again:
+              its row becomes a copy of the other's
     step      one decode step for every live row, through the engine's `DecodeStep` of the smallest bucket that
               holds the highest live row (a CUDA graph per bucket on a GPU, the one the engine replays); free rows
               append nothing (n_new = 0)
@@ -170,6 +171,7 @@ class SchedulerStats:
     decode_steps: int = 0
     prefill_calls: int = 0
     compactions: int = 0  # live rows moved to the front for a smaller bucket
+    prefills_shared: int = 0  # prompts not prefilled because an earlier request's identical prompt was: rows copied
     busy_seconds: float = 0.0  # time inside step()
 
 
@@ -217,6 +219,7 @@ class Scheduler:
         self._step = None
         self._step_appending: list[int] | None = None
         self._pending: _Pending | None = None  # the last decode step, its tokens not read on the host yet
+        self._copies_of: dict[int, list[_Request]] = {}  # id(request being prefilled) -> requests of the same prompt
         self._shared_generator = torch.Generator(device=engine.device)
         if seed is None:
             self._shared_generator.seed()
@@ -387,8 +390,18 @@ class Scheduler:
         position's logits: at most PROMPT_LOGPROBS_CHUNK tokens each."""
         budget = self.prefill_chunk
         work: dict[bool, list[tuple[int, int]]] = {False: [], True: []}  # prompt logprobs -> (row, tokens to feed)
+        # a prompt that an earlier request is already feeding (the samples of one prompt, `n` in the server) is not fed
+        # again: its row becomes a copy of the other's when that one completes (`_prefill_run`)
+        feeding: dict[tuple[int, ...], _Request] = {}
+        self._copies_of = {}
         for row, request in sorted(((row, r) for row, r in enumerate(self._rows) if r is not None and not r.prefilled),
                                    key=lambda item: item[1].handle.id):
+            if not request.prompt_logprobs:
+                prompt = tuple(request.handle.prompt_ids)
+                source = feeding.setdefault(prompt, request)
+                if source is not request and request.fed == 0:
+                    self._copies_of.setdefault(id(source), []).append(request)
+                    continue
             if budget <= 0:
                 break
             limit = PROMPT_LOGPROBS_CHUNK if request.prompt_logprobs else budget
@@ -420,15 +433,22 @@ class Scheduler:
             logits = logits[torch.arange(last - first, device=device), ends]
         else:
             logits = logits[:, 0]
-        complete = []
+        complete, sources = [], []
         for row, take in run:
             request = self._rows[row]
             request.fed += take
             if request.prefilled:
                 complete.append(row)
+                sources.append(row - first)
+                for copy in self._copies_of.pop(id(request), []):  # same prompt: the row copied, not prefilled
+                    target = self._rows.index(copy)
+                    self._cache.copy_rows(torch.tensor([row]), torch.tensor([target]))
+                    copy.fed = len(copy.handle.prompt_ids)
+                    complete.append(target)
+                    sources.append(row - first)
+                    self.stats.prefills_shared += 1
         if complete:
-            self._process(self._sample_next(complete, logits[_index([row - first for row in complete],
-                                                                     logits.device)]))
+            self._process(self._sample_next(complete, logits[_index(sources, logits.device)]))
 
     def _record_prompt_logprobs(self, request: "_Request", logits: torch.Tensor) -> None:
         """The log-probabilities of the prompt tokens that `logits` [take, vocab] predict (the chunk's next tokens;

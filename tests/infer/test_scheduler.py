@@ -379,3 +379,21 @@ def test_prompt_logprobs_equal_a_full_forward_across_chunks():
         assert other.result().prompt_logprobs is None
     with pytest.raises(ValueError, match="prompt_logprobs=True needs logprobs"):
         scheduler.submit(prompt, prompt_logprobs=True)
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_samples_of_one_prompt_share_its_prefill(chunk):
+    """Requests with the same prompt (a server's `n`) prefill it once: the others' rows are copies of the first's,
+    each then samples on its own; every one equals its prompt and seed alone."""
+    model = tiny_model("eg-mla", seed=18)
+    engine = GenerationEngine(model, decode_path="grouped")
+    samples = [SamplingParams(temperature=1.0, seed=s) for s in (1, 2, 3)]
+    expected = [engine.generate([PROMPTS[2]], max_new_tokens=5, sampling=p)[0].token_ids for p in samples]
+    scheduler = Scheduler(engine, max_batch=4, prefill_chunk=chunk)
+    other = scheduler.submit(PROMPTS[0], max_new_tokens=5)
+    handles = [scheduler.submit(PROMPTS[2], max_new_tokens=5, sampling=p) for p in samples]
+    while scheduler.step():
+        pass
+    assert [h.result().token_ids for h in handles] == expected and len({tuple(e) for e in expected}) > 1
+    assert other.result().token_ids == alone(engine, 0, sampling=SamplingParams()).token_ids[:5]
+    assert scheduler.stats.prefills_shared == 2
