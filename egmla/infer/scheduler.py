@@ -162,8 +162,33 @@ class _Pending:
 
 
 @dataclass
+class Histogram:
+    """Observations counted below each bound (cumulative, as Prometheus keeps them), their sum and count."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)  # counts[i]: observations <= bounds[i]
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self):
+        self.counts = self.counts or [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.total += value
+        self.count += 1
+
+
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)  # latencies
+STEP_SECONDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # time per output token
+
+
+@dataclass
 class SchedulerStats:
-    """Counters since the scheduler was made (read them from any thread; they only grow)."""
+    """Counters since the scheduler was made (read them from any thread; they only grow), and latency histograms of
+    the finished requests (from submission)."""
 
     requests_finished: int = 0
     prompt_tokens: int = 0
@@ -173,6 +198,9 @@ class SchedulerStats:
     compactions: int = 0  # live rows moved to the front for a smaller bucket
     prefills_shared: int = 0  # prompts not prefilled because an earlier request's identical prompt was: rows copied
     busy_seconds: float = 0.0  # time inside step()
+    time_to_first_token: Histogram = field(default_factory=lambda: Histogram(SECONDS))
+    time_per_output_token: Histogram = field(default_factory=lambda: Histogram(STEP_SECONDS))  # after the first
+    request_latency: Histogram = field(default_factory=lambda: Histogram(SECONDS))  # submitted to finished
 
 
 class Scheduler:
@@ -591,9 +619,15 @@ class Scheduler:
                 result.text = request.sequence.stops.text
             result.finish_reason = reason
             request.handle._push(TokenEvent(request.handle.id, -1, "", reason))
-        self.stats.requests_finished += 1
-        self.stats.prompt_tokens += len(result.prompt_ids)
-        self.stats.generated_tokens += len(result.token_ids)
+        stats, times, now = self.stats, request.handle.times, time.perf_counter()
+        stats.requests_finished += 1
+        stats.prompt_tokens += len(result.prompt_ids)
+        stats.generated_tokens += len(result.token_ids)
+        if times.first_token is not None:
+            stats.time_to_first_token.observe(times.first_token - times.submitted)
+            if len(result.token_ids) > 1:
+                stats.time_per_output_token.observe((now - times.first_token) / (len(result.token_ids) - 1))
+        stats.request_latency.observe(now - times.submitted)
         request.handle._finish(result)
 
     def _fail_all(self, error: BaseException) -> None:

@@ -5,6 +5,7 @@
     GET  /v1/models        the one model served
     GET  /health           {"status": "ok", "running": n, "waiting": n}; 503 while stopping
     GET  /stats            the scheduler's counters (SchedulerStats), its decode path and device
+    GET  /metrics          the same counters and latency histograms in Prometheus' text format
     GET  /tokenizer_info, POST /tokenize, POST /detokenize
                            vLLM's tokenizer endpoints (lm-evaluation-harness's local-completions tokenizes with them)
 
@@ -36,8 +37,8 @@ from egmla.infer.completions import ApiError, CompletionRequest, parse_completio
 from egmla.infer.engine import TokenEvent
 from egmla.infer.scheduler import RequestHandle, Scheduler
 
-ENDPOINTS = ("POST /v1/completions, GET /v1/models, GET /health, GET /stats, GET /tokenizer_info, POST /tokenize, "
-             "POST /detokenize")
+ENDPOINTS = ("POST /v1/completions, GET /v1/models, GET /health, GET /stats, GET /metrics, GET /tokenizer_info, "
+             "POST /tokenize, POST /detokenize")
 # OpenAI's finish reasons for the engine's: an eos is a stop; "length" is max_tokens or the row's end.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 RESPONSES_WAIT_SECONDS = 10.0  # on stop: how long handler threads get to write their last responses
@@ -141,7 +142,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._dispatch({"/v1/models": self._models, "/health": self._health, "/stats": self._stats,
-                        "/tokenizer_info": self._tokenizer_info})
+                        "/metrics": self._metrics, "/tokenizer_info": self._tokenizer_info})
 
     def do_POST(self) -> None:
         self._dispatch({"/v1/completions": self._completions, "/tokenize": self._tokenize,
@@ -201,6 +202,17 @@ class CompletionHandler(BaseHTTPRequestHandler):
                               "max_waiting": scheduler.max_waiting, "model": self.server.model_name,
                               "variant": engine.config.variant_name(), "decode_path": engine.decode_path,
                               "cuda_graphs": engine.cuda_graphs, "device": str(engine.device)})
+
+    def _metrics(self) -> None:
+        """Prometheus' text format: the scheduler's counters, running and waiting requests, latency histograms."""
+        scheduler = self.server.scheduler
+        data = prometheus_text(scheduler.stats, scheduler.running, scheduler.waiting, self.server.model_name).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.status = 200
+        self.wfile.write(data)
 
     # vLLM's tokenizer endpoints: lm-evaluation-harness's local-completions tokenizes through them
     # (tokenizer_backend=remote), so it needs no copy of the run's tokenizer
@@ -331,6 +343,41 @@ class CompletionHandler(BaseHTTPRequestHandler):
         prompt_tokens, completion_tokens = self.token_counts
         print(f'{self.client_address[0]} "{self.command} {self.path}" {self.status} prompt_tokens={prompt_tokens} '
               f"completion_tokens={completion_tokens} {seconds:.3f}s{self.note}", file=sys.stderr, flush=True)
+
+
+METRICS = [  # (name, type, SchedulerStats field or None for a gauge given apart, help)
+    ("egmla_requests_finished_total", "counter", "requests_finished", "Requests finished (any reason)."),
+    ("egmla_prompt_tokens_total", "counter", "prompt_tokens", "Prompt tokens of the finished requests."),
+    ("egmla_generation_tokens_total", "counter", "generated_tokens", "Tokens generated for the finished requests."),
+    ("egmla_decode_steps_total", "counter", "decode_steps", "Decode steps run."),
+    ("egmla_prefill_calls_total", "counter", "prefill_calls", "Prefill forwards run."),
+    ("egmla_prefills_shared_total", "counter", "prefills_shared", "Prompts served by copying an identical one's row."),
+    ("egmla_busy_seconds_total", "counter", "busy_seconds", "Seconds the scheduler spent working."),
+    ("egmla_time_to_first_token_seconds", "histogram", "time_to_first_token", "Submission to first token."),
+    ("egmla_time_per_output_token_seconds", "histogram", "time_per_output_token", "Per token after the first."),
+    ("egmla_e2e_request_latency_seconds", "histogram", "request_latency", "Submission to last token."),
+]
+
+
+def prometheus_text(stats, running: int, waiting: int, model_name: str) -> str:
+    """The scheduler's metrics in Prometheus' text exposition format, labelled with the model's name."""
+    escaped = model_name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")  # label value rules
+    label = f'model_name="{escaped}"'
+    lines = []
+    for name, kind, attribute, help_text in METRICS:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        value = getattr(stats, attribute)
+        if kind == "histogram":
+            for bound, count in zip(value.bounds, value.counts):
+                lines.append(f'{name}_bucket{{{label},le="{bound:g}"}} {count}')
+            lines += [f'{name}_bucket{{{label},le="+Inf"}} {value.count}', f"{name}_sum{{{label}}} {value.total!r}",
+                      f"{name}_count{{{label}}} {value.count}"]
+        else:
+            lines.append(f"{name}{{{label}}} {value!r}")
+    for name, value, help_text in (("egmla_requests_running", running, "Requests generating now."),
+                                   ("egmla_requests_waiting", waiting, "Requests waiting for a row.")):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name}{{{label}}} {value}"]
+    return "\n".join(lines) + "\n"
 
 
 def _choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:

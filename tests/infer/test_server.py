@@ -405,3 +405,27 @@ def test_lm_eval_local_completions_scores_through_the_server(server, engine, tok
     # lm-eval stops at the end-of-text token's text too (here a plain token: see the `eos` fixture)
     stops = ["\n\n", tokenizer.decode([eos])]
     assert text == engine.generate([SEA], max_new_tokens=10, stop_strings=stops, eos_token_id=eos)[0].text and text
+
+
+def test_metrics_in_prometheus_text_follow_the_scheduler(server):
+    complete(server, prompt=PROMPT, max_tokens=3, temperature=0, ignore_eos=True)
+    request = urllib.request.Request(server.url + "/metrics")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    _, stats = call(server, "GET", "/stats")
+    samples = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    label = f'model_name="{MODEL}"'
+    assert samples[f"egmla_requests_finished_total{{{label}}}"] == stats["requests_finished"] >= 1
+    assert samples[f"egmla_generation_tokens_total{{{label}}}"] == stats["generated_tokens"]
+    assert samples[f"egmla_requests_running{{{label}}}"] == 0
+    count = samples[f"egmla_e2e_request_latency_seconds_count{{{label}}}"]
+    assert count == stats["requests_finished"] == samples[f'egmla_e2e_request_latency_seconds_bucket{{{label},le="+Inf"}}']
+    buckets = [v for k, v in samples.items() if k.startswith("egmla_time_to_first_token_seconds_bucket")]
+    assert buckets == sorted(buckets) and 0 < samples[f"egmla_e2e_request_latency_seconds_sum{{{label}}}"]
+    assert all(line.startswith("# HELP ") or line.startswith("# TYPE ") or line.startswith("egmla_")
+               for line in text.splitlines())
