@@ -206,8 +206,8 @@ class SchedulerStats:
 class Scheduler:
     """Continuous batching over a `GenerationEngine` (see the module docstring).
 
-    max_batch: rows of the cache, i.e. requests generating at once; more wait in a queue (`max_waiting`, after
-        which `submit` refuses with a clear error rather than queueing without bound).
+    max_batch: rows of the cache, i.e. requests generating at once; more wait in a queue (up to `max_waiting` beyond
+        the free rows, after which `submit` refuses with a clear error rather than queueing without bound).
     max_len: positions per row, prompt and generated tokens together (default the model's max_seq_len); a request
         stops by length at the row's end.
     seed: the random stream of sampled requests that bring no seed of their own.
@@ -260,7 +260,12 @@ class Scheduler:
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
                eos_token_id: int | None = None, stop_strings: Sequence[str] = (),
                logprobs: int | None = None, prompt_logprobs: bool = False) -> RequestHandle:
-        """Queue one request; returns its handle at once. Bad input raises ValueError here, naming the field.
+        """Queue one request; returns its handle at once. Bad input raises ValueError here, naming the field; a full
+        queue OverflowError (more than max_waiting requests would wait beyond the free rows).
+
+        sampling: SamplingParams' seed (0 by default) gives the request a random stream of its own, so that the same
+            prompt and seed sample the same text; seed=None shares the scheduler's stream (requests with the same
+            settings are then sampled together, one launch for all).
 
         logprobs: None, or return each generated token's log-probability and the `logprobs` most likely tokens of its
             step (0 to MAX_TOP_LOGPROBS) in the events and the result. They are the model's own distribution, before
@@ -268,6 +273,30 @@ class Scheduler:
         prompt_logprobs: also the log-probability of every prompt token after the first, and the `logprobs` most
             likely tokens at each (result.prompt_logprobs / prompt_top_logprobs, None for the first token): what
             OpenAI's `echo` with `logprobs` returns, and what lm-evaluation-harness scores with."""
+        return self.submit_all([dict(prompt=prompt, max_new_tokens=max_new_tokens, sampling=sampling,
+                                     eos_token_id=eos_token_id, stop_strings=stop_strings, logprobs=logprobs,
+                                     prompt_logprobs=prompt_logprobs)])[0]
+
+    def submit_all(self, requests: Sequence[dict]) -> list[RequestHandle]:
+        """Queue several requests (each a dict of `submit`'s arguments) all at once or none: every one is checked
+        first, and room is checked for all of them together (a server's `n` choices of one call)."""
+        made = [self._request(**kwargs) for kwargs in requests]
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the scheduler is stopping: no new requests")
+            free_rows = self.max_batch - self.running
+            if len(self._waiting) + len(made) > self.max_waiting + free_rows:
+                raise OverflowError(f"{len(self._waiting)} requests already wait and {free_rows} rows are free: "
+                                    f"{len(made)} more would exceed max_waiting={self.max_waiting}; retry later, or "
+                                    f"serve with a larger max_batch / max_waiting")
+            self._waiting.extend(made)
+            self._wake.notify_all()
+        return [request.handle for request in made]
+
+    def _request(self, prompt: str | Sequence[int], max_new_tokens: int = 64,
+                 sampling: SamplingParams = SamplingParams(), eos_token_id: int | None = None,
+                 stop_strings: Sequence[str] = (), logprobs: int | None = None,
+                 prompt_logprobs: bool = False) -> "_Request":
         engine = self.engine
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
@@ -290,15 +319,7 @@ class Scheduler:
                            max_new_tokens, sampling, eos_token_id, logprobs, prompt_logprobs)
         if logprobs is not None:
             request.sequence.result.logprobs, request.sequence.result.top_logprobs = [], []
-        with self._wake:
-            if self._stopping:
-                raise RuntimeError("the scheduler is stopping: no new requests")
-            if len(self._waiting) >= self.max_waiting:
-                raise OverflowError(f"{len(self._waiting)} requests already wait (max_waiting={self.max_waiting}): "
-                                    f"retry later, or serve with a larger max_batch / max_waiting")
-            self._waiting.append(request)
-            self._wake.notify_all()
-        return handle
+        return request
 
     @property
     def waiting(self) -> int:
@@ -324,7 +345,8 @@ class Scheduler:
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
+            if not self._thread.is_alive():  # else it is still finishing: a start() now must not run a second loop
+                self._thread = None
 
     def _loop(self) -> None:
         while True:
@@ -370,6 +392,24 @@ class Scheduler:
             self._pending = ahead
         self.stats.busy_seconds += time.perf_counter() - start
         return bool(self.running or self._waiting or self._pending)
+
+    def capture_graphs(self) -> int:
+        """Capture the decode step's CUDA graph of every batch bucket up to max_batch now (a server's start), instead
+        of the first time each is used while requests wait (a capture synchronizes, collects garbage and warms up:
+        tens of milliseconds each). Returns how many were captured; none without graphs (CPU, eager)."""
+        engine, captured = self.engine, 0
+        device = engine.device
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with on_device, torch.inference_mode(), _inputs_unchecked(engine.model), sdpa_kernel(DECODE_SDPA_BACKENDS):
+            if self._cache is None:
+                self._open()
+            for bucket in [b for b in engine.batch_buckets if b <= len(self._rows)]:
+                step = engine._step(self._cache, bucket, self.max_len)
+                if step.use_graph and step.graph is None:
+                    step.capture()
+                    captured += 1
+        self._step_appending = None  # a capture leaves the step's n_new as it found it; set it again anyway
+        return captured
 
     def _open(self) -> None:
         """The cache (and, under decode_path='auto', the path) for max_batch rows of max_len positions."""
@@ -417,7 +457,7 @@ class Scheduler:
         the budget. Rows that want their prompt's log-probabilities go in forwards of their own, which keep every
         position's logits: at most PROMPT_LOGPROBS_CHUNK tokens each."""
         budget = self.prefill_chunk
-        work: dict[bool, list[tuple[int, int]]] = {False: [], True: []}  # prompt logprobs -> (row, tokens to feed)
+        work: dict[bool, list[tuple[int, int, int]]] = {False: [], True: []}  # prompt logprobs -> (row, take, fed)
         # a prompt that an earlier request is already feeding (the samples of one prompt, `n` in the server) is not fed
         # again: its row becomes a copy of the other's when that one completes (`_prefill_run`)
         feeding: dict[tuple[int, ...], _Request] = {}
@@ -434,11 +474,11 @@ class Scheduler:
                 break
             limit = PROMPT_LOGPROBS_CHUNK if request.prompt_logprobs else budget
             take = min(len(request.handle.prompt_ids) - request.fed, budget, limit)
-            work[request.prompt_logprobs].append((row, take))
+            work[request.prompt_logprobs].append((row, take, request.fed))
             budget -= take
         for every_position, items in work.items():
             limit = min(self.prefill_chunk, PROMPT_LOGPROBS_CHUNK) if every_position else self.prefill_chunk
-            for run in _padded_runs(sorted(items), limit):
+            for run in _padded_runs(sorted(items), limit, self.max_len):
                 self._prefill_run(run, every_position)
 
     def _prefill_run(self, run: list[tuple[int, int]], every_position: bool) -> None:
@@ -451,9 +491,9 @@ class Scheduler:
             tokens[row - first, :take] = torch.tensor(request.handle.prompt_ids[request.fed:request.fed + take])
             n_new[row - first] = take
         device = self.engine.device
-        ends = (n_new - 1).clamp(min=0).to(device)
-        logits = self.engine.model(tokens.to(device), self._cache.rows(first, last), n_new=n_new.to(device),
-                                   logits_at=None if every_position else ends)
+        ends = _to_device((n_new - 1).clamp(min=0), device)
+        logits = self.engine.model(_to_device(tokens, device), self._cache.rows(first, last),
+                                   n_new=_to_device(n_new, device), logits_at=None if every_position else ends)
         self.stats.prefill_calls += 1
         if every_position:
             for row, take in run:
@@ -470,7 +510,7 @@ class Scheduler:
                 sources.append(row - first)
                 for copy in self._copies_of.pop(id(request), []):  # same prompt: the row copied, not prefilled
                     target = self._rows.index(copy)
-                    self._cache.copy_rows(torch.tensor([row]), torch.tensor([target]))
+                    self._cache.copy_rows(_index([row], device), _index([target], device))
                     copy.fed = len(copy.handle.prompt_ids)
                     complete.append(target)
                     sources.append(row - first)
@@ -538,7 +578,7 @@ class Scheduler:
 
     def _compact(self, occupied: list[int]) -> None:
         """Move the occupied rows to the front of the cache, so a smaller bucket's step covers them."""
-        moved = torch.tensor(occupied, device=self.engine.device)
+        moved = _index(occupied, self.engine.device)
         self._cache.rows(0, occupied[-1] + 1).compact(moved)
         self._next[: len(occupied)] = self._next[moved]
         requests = [self._rows[row] for row in occupied]
@@ -643,7 +683,17 @@ class Scheduler:
 
 
 def _index(rows: list[int], device) -> torch.Tensor:
-    return torch.tensor(rows, device=device)
+    """`rows` as an int64 tensor on `device` (see `_to_device`)."""
+    return _to_device(torch.tensor(rows, dtype=torch.long), device)
+
+
+def _to_device(values: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory without waiting: a copy from pageable memory waits for
+    the stream, i.e. for the decode step queued ahead, which would undo the overlap of host and device (the caching
+    host allocator keeps the pinned buffer until the copy has run)."""
+    if torch.device(device).type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 def _adjacent_runs(rows: list[int]) -> list[list[int]]:
@@ -657,21 +707,23 @@ def _adjacent_runs(rows: list[int]) -> list[list[int]]:
     return runs
 
 
-def _padded_runs(work: list[tuple[int, int]], budget: int) -> list[list[tuple[int, int]]]:
-    """Split (row, tokens) items, sorted by row, into runs of adjacent rows whose padded forward (rows x the widest
-    item) stays within `budget` tokens; an item wider than the budget goes alone."""
-    runs: list[list[tuple[int, int]]] = []
-    for row, take in work:
+def _padded_runs(work: list[tuple[int, int, int]], budget: int, max_len: int) -> list[list[tuple[int, int]]]:
+    """Split (row, tokens to feed, tokens fed) items, sorted by row, into runs of adjacent rows for one right-padded
+    forward each: rows x the widest item within `budget` tokens (an item wider than the budget goes alone), and every
+    row's fed tokens + the widest item within `max_len`. The forward checks each row's length plus its width against
+    the cache's end, whatever the row appends; for the same reason a row in between (decoding, n_new = 0) is never
+    spanned."""
+    runs: list[list[tuple[int, int, int]]] = []
+    for row, take, fed in work:
         if runs:
             run = runs[-1]
-            span = row - run[0][0] + 1
-            # adjacent rows only: a row in between (decoding, n_new = 0) would still count towards the forward's
-            # length check, its length plus the chunk's width, and fail near the cache's end
-            if row == run[-1][0] + 1 and span * max(take, *(t for _, t in run)) <= budget:
-                run.append((row, take))
+            width = max(take, *(t for _, t, _ in run))
+            if (row == run[-1][0] + 1 and (row - run[0][0] + 1) * width <= budget
+                    and max(fed, *(f for _, _, f in run)) + width <= max_len):
+                run.append((row, take, fed))
                 continue
-        runs.append([(row, take)])
-    return runs
+        runs.append([(row, take, fed)])
+    return [[(row, take) for row, take, _ in run] for run in runs]
 
 
 def _precomputed(engine: GenerationEngine) -> list:

@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="positions per cache row, prompt and completion together (default: the model's "
                              "max_seq_len); a longer prompt is refused, a completion stops there")
     parser.add_argument("--max-waiting", type=int, default=4096,
-                        help="requests waiting for a row at most; beyond it a request is answered 429")
+                        help="requests that may wait beyond the free rows; a call whose choices would exceed it is "
+                             "answered 429")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="prompt tokens prefilled per scheduler iteration, over all requests (default: 32,768, "
                              "whole prompts); smaller feeds long prompts over several iterations, so running "

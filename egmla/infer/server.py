@@ -74,27 +74,22 @@ class CompletionServer(ThreadingHTTPServer):
                 f"{scheduler.max_len}")
 
     def submit(self, request: CompletionRequest) -> list[RequestHandle]:
-        """One scheduler request per choice, in choice order; all or none (a refusal cancels those queued)."""
+        """One scheduler request per choice, in choice order, queued all together or none (`Scheduler.submit_all`)."""
         if self.stopping:
             raise ApiError(503, "the server is stopping: no new requests", code="stopping")
         eos_token_id = None if request.ignore_eos else self.eos_token_id
-        handles: list[RequestHandle] = []
+        choices = [dict(prompt=prompt_ids, max_new_tokens=request.max_tokens, sampling=sampling,
+                        eos_token_id=eos_token_id, stop_strings=request.stop, logprobs=request.logprobs,
+                        prompt_logprobs=request.echo and request.logprobs is not None)
+                   for prompt_ids in request.prompts for sampling in request.sampling]
         try:
-            for prompt_ids in request.prompts:
-                for sampling in request.sampling:
-                    handles.append(self.scheduler.submit(
-                        prompt_ids, request.max_tokens, sampling, eos_token_id, request.stop, request.logprobs,
-                        prompt_logprobs=request.echo and request.logprobs is not None))
+            handles = self.scheduler.submit_all(choices)
         except OverflowError as error:
             raise ApiError(429, str(error), code="queue_full") from error
         except RuntimeError as error:
             raise ApiError(503, str(error), code="stopping") from error
         except ValueError as error:  # every other field was checked by the parser: the prompt against max_len
             raise ApiError(400, str(error), "prompt") from error
-        finally:
-            if len(handles) < len(request.prompts) * len(request.sampling):
-                for handle in handles:
-                    handle.cancel()
         with self._changed:
             self._in_flight.update(handles)
         return handles
@@ -436,6 +431,7 @@ def make_server(scheduler: Scheduler, model_name: str, host: str = "127.0.0.1", 
         raise ValueError(f"eos_token_id={eos_token_id}: outside [0, vocab_size={engine.config.vocab_size})")
     server = CompletionServer((host, port), scheduler, model_name, eos_token_id)
     scheduler.step()  # nothing to run: it allocates the cache and, under decode_path="auto", chooses the path
+    scheduler.capture_graphs()  # every batch bucket's CUDA graph now, not while the first requests wait
     scheduler.start()
     return server
 

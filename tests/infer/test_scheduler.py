@@ -157,9 +157,12 @@ def test_bad_requests_are_refused_with_the_field_named():
         scheduler.submit([1, 2, 100000])
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):
         scheduler.submit([1, 2], stop_strings=["x"])
-    scheduler.submit([1, 2])
+    scheduler.submit_all([dict(prompt=[1, 2]), dict(prompt=[1, 3]), dict(prompt=[1, 4])])  # 2 free rows + 1
     with pytest.raises(OverflowError, match="max_waiting=1"):
         scheduler.submit([3, 4])
+    with pytest.raises(ValueError, match="max_new_tokens=0"):  # all checked before any is queued
+        scheduler.submit_all([dict(prompt=[5, 6]), dict(prompt=[5, 7], max_new_tokens=0)])
+    assert scheduler.waiting == 3
     with pytest.raises(ValueError, match="max_len=100"):
         Scheduler(engine, max_len=100)
     with pytest.raises(ValueError, match="max_batch=0"):
@@ -397,3 +400,43 @@ def test_samples_of_one_prompt_share_its_prefill(chunk):
     assert [h.result().token_ids for h in handles] == expected and len({tuple(e) for e in expected}) > 1
     assert other.result().token_ids == alone(engine, 0, sampling=SamplingParams()).token_ids[:5]
     assert scheduler.stats.prefills_shared == 2
+
+
+def test_a_partly_fed_prompt_near_its_rows_end_is_never_padded_past_it():
+    """A 16-token prompt in a 16-position row, 14 fed, must not share a forward of width 5 with its neighbour: the
+    forward's length check would count 14 + 5 > 16 and fail every request (found by a randomized review)."""
+    model = tiny_model("mla", seed=1)
+    engine = GenerationEngine(model, decode_path="naive")
+    prompts = [[3 + i for i in range(10)], [50 + i for i in range(16)], [100 + i for i in range(5)]]
+    scheduler = Scheduler(engine, max_batch=3, max_len=16, prefill_chunk=12)
+    handles = [scheduler.submit(p, max_new_tokens=3) for p in prompts]
+    while scheduler.step():
+        pass
+    assert [h.result().token_ids for h in handles] == [
+        engine.generate([p], max_new_tokens=n)[0].token_ids for p, n in zip(prompts, (3, 1, 3))]
+
+
+def test_capturing_every_buckets_graph_up_front_changes_no_token():
+    """capture_graphs() on a CPU captures nothing (steps run eagerly) and leaves the scheduler as it was; on a GPU the
+    same call captures every bucket up to max_batch (the GPU test below checks the tokens after it)."""
+    model = tiny_model("mla", seed=19)
+    engine = GenerationEngine(model, decode_path="absorbed", batch_buckets=(1, 2, 4))
+    scheduler = Scheduler(engine, max_batch=3)
+    assert scheduler.capture_graphs() == 0
+    handles = [scheduler.submit(PROMPTS[i], max_new_tokens=NEW[i]) for i in range(3)]
+    while scheduler.step():
+        pass
+    assert [h.result().token_ids for h in handles] == [alone(engine, i).token_ids for i in range(3)]
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_on_cuda_graphs_captured_up_front_serve_every_bucket():
+    model = tiny_model("eg-mla", seed=20).cuda()
+    eager = GenerationEngine(model, decode_path="kernel", cuda_graphs=False)
+    expected = [alone(eager, i).token_ids for i in range(len(PROMPTS))]
+    engine = GenerationEngine(model, decode_path="kernel")
+    scheduler = Scheduler(engine, max_batch=4)
+    assert scheduler.capture_graphs() == len([b for b in engine.batch_buckets if b <= 4])
+    handles = staggered(scheduler, [0, 0, 1, 1, 3, 6])
+    assert [h.result().token_ids for h in handles] == expected

@@ -204,8 +204,11 @@ def test_invalid_json_and_unknown_paths(server):
 
 
 def test_a_full_queue_answers_429(tokenizer):
+    """Room is the free rows plus max_waiting: an idle server with 4 rows and max_waiting=0 takes n=4, not n=5."""
     with serving(tokenizer, max_waiting=0) as server:
-        status, answer = call(server, "POST", "/v1/completions", {"prompt": PROMPT})
+        status, answer = call(server, "POST", "/v1/completions", {"prompt": PROMPT, "n": 4, "max_tokens": 2})
+        assert status == 200 and len(answer["choices"]) == 4
+        status, answer = call(server, "POST", "/v1/completions", {"prompt": PROMPT, "n": 5, "max_tokens": 2})
     assert status == 429 and answer["error"]["code"] == "queue_full" and "max_waiting=0" in answer["error"]["message"]
 
 
