@@ -38,96 +38,21 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.nn.attention import sdpa_kernel
 
 from egmla.infer.decode_step import bucket_for
-from egmla.infer.engine import (DECODE_SDPA_BACKENDS, Generation, GenerationEngine, TokenEvent, _inputs_unchecked,
+from egmla.infer.engine import (DECODE_SDPA_BACKENDS, GenerationEngine, TokenEvent, _inputs_unchecked,
                                 _Sequence, _set_n_new, _tokens_to_host)
+from egmla.infer.requests import RequestHandle, SchedulerStats
 from egmla.infer.sampling import SamplingParams, select_next
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI allows 5, vLLM 20)
 # prompt tokens per forward for requests that want their prompt's log-probabilities: those forwards keep every
 # position's logits, [tokens, vocab] (1,024 x 32,768 fp32 = 134 MB)
 PROMPT_LOGPROBS_CHUNK = 1024
-
-
-@dataclass
-class RequestTimes:
-    """Wall-clock times (time.perf_counter) of one request's life, for latency metrics."""
-
-    submitted: float
-    admitted: float | None = None  # its prompt went into a row
-    first_token: float | None = None
-    finished: float | None = None
-
-
-class RequestHandle:
-    """What `Scheduler.submit` returns: the request's tokens as they come (`events()`), its result (`result()`),
-    and `cancel()`. Thread-safe; read `events()` from one thread."""
-
-    def __init__(self, request_id: int, prompt_ids: list[int]):
-        self.id, self.prompt_ids = request_id, prompt_ids
-        self.times = RequestTimes(time.perf_counter())
-        self._events: collections.deque[TokenEvent] = collections.deque()
-        self._changed = threading.Condition()
-        self._result: Generation | None = None
-        self._error: BaseException | None = None
-        self.cancelled = False
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def done(self) -> bool:
-        return self._result is not None or self._error is not None
-
-    def cancel(self) -> None:
-        """Stop generating for this request (a client went away): its row is freed before the next step and its
-        result ends with finish_reason 'cancelled'. No effect once it has finished."""
-        self.cancelled = True
-
-    def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
-        """Every TokenEvent of this request in order, blocking until the next one; ends after the last (its
-        finish_reason set). Raises the scheduler's error if generation failed, TimeoutError after `timeout` seconds
-        without an event."""
-        while True:
-            with self._changed:
-                if not self._events and not self.done:
-                    if not self._changed.wait_for(lambda: self._events or self.done, timeout):
-                        raise TimeoutError(f"request {self.id}: no token for {timeout} s")
-                event = self._events.popleft() if self._events else None
-            if event is None:
-                if self._error is not None:
-                    raise self._error
-                return
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    def result(self, timeout: float | None = None) -> Generation:
-        """The finished Generation (token ids, text, finish_reason), blocking until it is done."""
-        with self._changed:
-            if not self._changed.wait_for(lambda: self.done, timeout):
-                raise TimeoutError(f"request {self.id}: not finished after {timeout} s")
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    # ---- called by the scheduler's thread ----------------------------------------------------
-    def _push(self, event: TokenEvent) -> None:
-        with self._changed:
-            self._events.append(event)
-            self._changed.notify_all()
-
-    def _finish(self, result: Generation | None, error: BaseException | None = None) -> None:
-        self.times.finished = time.perf_counter()
-        with self._changed:
-            self._result, self._error = result, error
-            self._changed.notify_all()
 
 
 @dataclass
@@ -159,48 +84,6 @@ class _Pending:
     # log-probability [n] and the step's top ones [n, k] (values, ids)
     logprob_rows: list[int] = field(default_factory=list)
     read_logprobs: tuple[Callable[[], list], ...] = ()
-
-
-@dataclass
-class Histogram:
-    """Observations counted below each bound (cumulative, as Prometheus keeps them), their sum and count."""
-
-    bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)  # counts[i]: observations <= bounds[i]
-    total: float = 0.0
-    count: int = 0
-
-    def __post_init__(self):
-        self.counts = self.counts or [0] * len(self.bounds)
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-        self.total += value
-        self.count += 1
-
-
-SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)  # latencies
-STEP_SECONDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # time per output token
-
-
-@dataclass
-class SchedulerStats:
-    """Counters since the scheduler was made (read them from any thread; they only grow), and latency histograms of
-    the finished requests (from submission)."""
-
-    requests_finished: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    decode_steps: int = 0
-    prefill_calls: int = 0
-    compactions: int = 0  # live rows moved to the front for a smaller bucket
-    prefills_shared: int = 0  # prompts not prefilled because an earlier request's identical prompt was: rows copied
-    busy_seconds: float = 0.0  # time inside step()
-    time_to_first_token: Histogram = field(default_factory=lambda: Histogram(SECONDS))
-    time_per_output_token: Histogram = field(default_factory=lambda: Histogram(STEP_SECONDS))  # after the first
-    request_latency: Histogram = field(default_factory=lambda: Histogram(SECONDS))  # submitted to finished
 
 
 class Scheduler:

@@ -35,7 +35,8 @@ from urllib.parse import urlsplit
 
 from egmla.infer.completions import ApiError, CompletionRequest, parse_completion_request
 from egmla.infer.engine import TokenEvent
-from egmla.infer.scheduler import RequestHandle, Scheduler
+from egmla.infer.requests import RequestHandle
+from egmla.infer.scheduler import Scheduler
 
 ENDPOINTS = ("POST /v1/completions, GET /v1/models, GET /health, GET /stats, GET /metrics, GET /tokenizer_info, "
              "POST /tokenize, POST /detokenize")

@@ -19,7 +19,8 @@ from tests.infer.helpers import tiny_model
 
 from egmla.cli import main as egmla_main
 from egmla.infer import GenerationEngine, SamplingParams
-from egmla.infer.scheduler import Scheduler, SchedulerStats
+from egmla.infer.requests import SchedulerStats
+from egmla.infer.scheduler import Scheduler
 from egmla.infer.server import make_server
 
 MODEL = "tiny-eg-mla"
