@@ -499,16 +499,15 @@ class Scheduler:
                 continue
             if request.handle.times.first_token is None:
                 request.handle.times.first_token = now
+            # the sequence was made with the handle's id as its index: its event is the handle's as it is
             event = request.sequence.append(token_id, request.eos_token_id, request.max_new_tokens, self.max_len)
-            logprob = top_logprobs = None
             if i in scores:
                 logprob, values, ids = scores[i]
-                top_logprobs = dict(zip(ids[: request.logprobs], values[: request.logprobs]))
+                event.logprob, event.top_logprobs = logprob, dict(zip(ids[: request.logprobs], values[: request.logprobs]))
                 result = request.sequence.result
-                result.logprobs.append(logprob)
-                result.top_logprobs.append(top_logprobs)
-            request.handle._push(TokenEvent(request.handle.id, event.token_id, event.text, event.finish_reason,
-                                            logprob, top_logprobs))
+                result.logprobs.append(event.logprob)
+                result.top_logprobs.append(event.top_logprobs)
+            request.handle._push(event)
             if event.finish_reason is not None:
                 self._retire(row, None)
 

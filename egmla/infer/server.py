@@ -43,6 +43,7 @@ ENDPOINTS = ("POST /v1/completions, GET /v1/models, GET /health, GET /stats, GET
 # OpenAI's finish reasons for the engine's: an eos is a stop; "length" is max_tokens or the row's end.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 RESPONSES_WAIT_SECONDS = 10.0  # on stop: how long handler threads get to write their last responses
+MAX_BODY_BYTES = 64 * 2**20  # a completions body: prompts of token ids fit many times over
 IDLE_CONNECTION_SECONDS = 60  # a kept-alive connection with no new request is closed after this
 
 
@@ -171,6 +172,9 @@ class CompletionHandler(BaseHTTPRequestHandler):
         if not length.isdigit():
             self.close_connection = True  # where the body ends is unknown
             raise ApiError(400, f"Content-Length={length!r}: must be the body's size in bytes")
+        if int(length) > MAX_BODY_BYTES:
+            self.close_connection = True  # not read
+            raise ApiError(413, f"Content-Length={length}: a request body is at most {MAX_BODY_BYTES:,} bytes here")
         return self.rfile.read(int(length))
 
     def _json_body(self):

@@ -194,6 +194,16 @@ def test_bad_requests_are_refused_naming_the_field(server, body, status, param, 
     assert message in answer["error"]["message"]
 
 
+def test_a_body_too_large_is_refused_unread(server):
+    connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    connection.putrequest("POST", "/v1/completions")
+    connection.putheader("Content-Length", str(10**12))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and "at most" in json.loads(response.read())["error"]["message"]
+    connection.close()
+
+
 def test_invalid_json_and_unknown_paths(server):
     status, answer = call(server, "POST", "/v1/completions", raw=b'{"prompt": "x",')
     assert status == 400 and "not valid JSON" in answer["error"]["message"]
