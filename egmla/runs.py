@@ -263,6 +263,9 @@ def read_run_config(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise ValueError(f"run={str(run_dir)!r}: no config.json there; pass a directory written by `egmla train`")
     meta = json.loads(path.read_text())
+    if "model_type" in meta:  # a transformers folder that is not an EgmlaForCausalLM export (load_model takes those)
+        raise ValueError(f"run={str(run_dir)!r}: a Hugging Face folder of model_type={meta['model_type']!r}, not an "
+                         f"egmla run or EgmlaForCausalLM export; load it with transformers (or vLLM) instead")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"run={str(run_dir)!r}: format_version={version!r} but this egmla reads version "
@@ -272,8 +275,19 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 def load_model(run_dir: str | Path, device="cpu", dtype: torch.dtype | None = None,
                checkpoint: str | Path | None = None, warn=_warn_stderr) -> tuple[Transformer, dict]:
-    """The model of a run and its config.json, from the checkpoint find_checkpoint picks (verified)."""
+    """The model of a run and its config.json, from the checkpoint find_checkpoint picks (verified). An exported
+    Hugging Face folder (`egmla export --to hf`) is taken too (egmla.hf.export.load_hf_export)."""
     from safetensors.torch import load_model as st_load_model
+
+    from egmla.hf.export import is_hf_export
+
+    if is_hf_export(run_dir):
+        if checkpoint is not None:
+            raise ValueError(f"checkpoint={str(checkpoint)!r}: {str(run_dir)!r} is a Hugging Face export, which has "
+                             f"one set of weights and no checkpoints; leave --checkpoint out")
+        from egmla.hf.export import load_hf_export
+
+        return load_hf_export(run_dir, device=device, dtype=dtype)
 
     meta = read_run_config(run_dir)
     config = ModelConfig.from_dict(meta["model"])

@@ -15,6 +15,8 @@ its destination and renamed into place when complete.
 """
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import tempfile
@@ -119,6 +121,38 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path |
         hf_model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return Path(out_dir)
+
+
+def is_hf_export(folder: str | Path) -> bool:
+    """Whether `folder` holds an EgmlaForCausalLM export (`egmla export --to hf`, or the same from the Hub)."""
+    path = Path(folder) / "config.json"
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("model_type") == "egmla"
+    except ValueError:
+        return False
+
+
+def load_hf_export(folder: str | Path, device="cpu", dtype: torch.dtype | None = None):
+    """The egmla `Transformer` inside an EgmlaForCausalLM folder, and a run's config.json record for it ({"model":
+    ..., "data": {"eos_token": ...}}), so that `egmla generate` and `egmla serve` take an export as they take a run.
+    Weights come from its safetensors (no unpickling); the folder's tokenizer.json is a run's."""
+    from egmla.hf import require_transformers
+
+    require_transformers()
+    from egmla.hf import EgmlaForCausalLM
+
+    hf_model = EgmlaForCausalLM.from_pretrained(str(folder), use_safetensors=True, **({"dtype": dtype} if dtype else {}))
+    model = hf_model.model.to(device).eval()
+    eos_id = hf_model.config.eos_token_id
+    meta = {"model": model.config.to_dict(), "source": f"Hugging Face export {folder}"}
+    if not (Path(folder) / "tokenizer.json").is_file():
+        raise ValueError(f"run={str(folder)!r}: an EgmlaForCausalLM folder without tokenizer.json; export it with "
+                         f"`egmla export --to hf`, which writes one")
+    if eos_id is not None:
+        from tokenizers import Tokenizer
+
+        meta["data"] = {"eos_token": Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).id_to_token(eos_id)}
+    return model, meta
 
 
 def export_deepseek(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None,

@@ -89,3 +89,33 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(make_run, tmp_
                                          r"written there$"):
         export.main(args)
     assert list(tmp_path.iterdir()) == []  # no half-written folder, no .out.*.tmp
+
+
+@pytest.mark.parametrize("variant", ["mla", "eg-mla"])
+def test_generate_and_serve_take_an_exported_folder_as_a_run(variant, make_run, tmp_path, capsys, no_unpickling):
+    """`egmla generate --run` (and `egmla serve`, which loads the same way) on an `egmla export --to hf` folder: the
+    same model, tokenizer and end-of-text token as the run it came from, the same greedy text."""
+    from egmla.cli import main
+    from egmla.hf.export import export_hf
+    from egmla.runs import load_model
+
+    run = make_run(variant)
+    exported = export_hf(run, tmp_path / "exported")
+    texts = []
+    for folder in (run, exported):
+        assert main(["generate", "--run", str(folder), "--prompt", "The bees", "--temperature", "0",
+                     "--max-new-tokens", "8", "--json"]) == 0
+        texts.append(json.loads(capsys.readouterr().out)[0]["text"])
+    assert texts[0] == texts[1]
+    model, meta = load_model(exported)
+    assert model.config == load_model(run)[0].config and meta["data"]["eos_token"] == "<|endoftext|>"
+    with pytest.raises(ValueError, match="no checkpoints"):
+        load_model(exported, checkpoint="checkpoints/step_1")
+
+
+def test_another_hugging_face_folder_is_named_for_what_it_is(tmp_path):
+    from egmla.runs import load_model
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type='llama', not an egmla run"):
+        load_model(tmp_path)
