@@ -7,7 +7,8 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", default="runs/latest", help="run directory written by `egmla train`")
+    parser.add_argument("--run", default="runs/latest",
+                        help="run directory written by `egmla train`, or a folder exported by `egmla export --to hf`")
     parser.add_argument("--checkpoint", help="a checkpoints/step_* folder of the run (default: latest good one)")
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                         help="a prompt; repeat for a batch of prompts")

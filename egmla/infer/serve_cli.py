@@ -3,7 +3,8 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", default="runs/latest", help="run directory written by `egmla train`")
+    parser.add_argument("--run", default="runs/latest",
+                        help="run directory written by `egmla train`, or a folder exported by `egmla export --to hf`")
     parser.add_argument("--checkpoint", help="a checkpoints/step_* folder of the run (default: latest good one)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 = every interface (the server has no authentication)")
