@@ -97,7 +97,10 @@ def _wait_until(start: float, offset: float) -> None:
         time.sleep(delay)
 
 
-def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chunk: int | None = None) -> list[Timing]:
+def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chunk: int | None = None,
+                   row: dict | None = None) -> list[Timing]:
+    """egmla's scheduler, requests submitted at their arrival times; `row` gets its counters (steps, prefill calls,
+    compactions, shared prefills, and the share of the run its thread was busy)."""
     from egmla.infer.scheduler import Scheduler
 
     scheduler = Scheduler(engine, max_batch=max_batch, max_len=engine.config.max_seq_len,
@@ -111,8 +114,13 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
             _wait_until(start, request.arrival)
             handles.append(scheduler.submit(request.prompt, max_new_tokens=request.output_len))
         results = [handle.result() for handle in handles]
+        duration = time.perf_counter() - start
     finally:
         scheduler.stop()
+    if row is not None:
+        stats = scheduler.stats
+        row.update(decode_steps=stats.decode_steps, prefill_calls=stats.prefill_calls, compactions=stats.compactions,
+                   prefills_shared=stats.prefills_shared, busy_fraction=stats.busy_seconds / duration)
     # arrivals as scheduled, as the other systems count them (submitting lags them by well under a millisecond)
     return [Timing(request.arrival, h.times.first_token - start, h.times.finished - start, len(r.token_ids))
             for request, h, r in zip(requests, handles, results)]
@@ -288,10 +296,10 @@ def main(args) -> int:
             model = _random_model(config, device, dtype)
             for system in [s for s in systems if s != "transformers"]:
                 engine = GenerationEngine(model, decode_path=args.decode_path)
-                run = (functools.partial(run_continuous, prefill_chunk=args.prefill_chunk) if system == "continuous"
-                       else run_static)
                 row = {"system": system, "model": "egmla", "variant": config.variant_name(), "rate": rate,
                        "max_batch": max_batch}
+                run = (functools.partial(run_continuous, prefill_chunk=args.prefill_chunk, row=row)
+                       if system == "continuous" else run_static)
 
                 def measured(run=run, engine=engine, row=row):
                     run(engine, requests, max_batch)  # warm-up: kernels, graphs of the batch sizes met

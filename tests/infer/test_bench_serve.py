@@ -29,5 +29,7 @@ def test_every_system_serves_every_request_its_output_length(tmp_path):
         assert "error" not in row, row
         assert row["output_tokens"] == expected[row["rate"]], row
         assert row["ttft_ms_p50"] <= row["ttft_ms_p90"] and row["latency_s_p50"] > 0
+    continuous = [r for r in rows if r["system"] == "continuous"]
+    assert all(r["decode_steps"] > 0 and r["prefill_calls"] > 0 and 0 < r["busy_fraction"] <= 1 for r in continuous)
     assert table.read_text() == markdown(meta)
     assert "× transformers" in table.read_text() and "1.00×" in table.read_text()
