@@ -357,6 +357,22 @@ class KVCache:
             if self.token_groups is not None:
                 self.token_groups.version += 1
 
+    def keep_prefix(self, row: int, length: int) -> None:
+        """Shorten sequence `row` to its first `length` positions, the others untouched (a server reusing a cached
+        prompt prefix). Its token groups are registered again from its token ids; the host-side bounds are kept."""
+        view = self.rows(row, row + 1)
+        view.lengths.fill_(length)
+        if view.token_groups is not None:
+            if view.token_ids is None:
+                raise ValueError("token groups need the cache's token ids to be rebuilt after a truncation")
+            host = view.token_groups.host
+            saved = (host.unregistered, host.distinct_bound, host.plan_distinct)
+            view.token_groups.rebuild(view.token_ids, view.lengths)  # resets the shared host state: restored below
+            host.unregistered, host.plan_distinct = saved[0], saved[2]
+            host.distinct_bound = max(saved[1], host.distinct_bound)
+            if self.token_groups is not None:
+                self.token_groups.version += 1
+
     # ---- sizes -------------------------------------------------------------------------------
     def nbytes(self) -> int:
         ids = self.token_ids.numel() * self.token_ids.element_size() if self.token_ids is not None else 0

@@ -123,6 +123,8 @@ class SchedulerStats:
     prefill_calls: int = 0
     compactions: int = 0  # live rows moved to the front for a smaller bucket
     prefills_shared: int = 0  # prompts not prefilled because an earlier request's identical prompt was: rows copied
+    prefix_hits: int = 0  # requests started from a cached prefix of their prompt (prefix caching)
+    prefix_tokens_reused: int = 0  # prompt tokens those did not prefill
     busy_seconds: float = 0.0  # time inside step()
     time_to_first_token: Histogram = field(default_factory=lambda: Histogram(SECONDS))
     time_per_output_token: Histogram = field(default_factory=lambda: Histogram(STEP_SECONDS))  # after the first

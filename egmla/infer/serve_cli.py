@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens prefilled per scheduler iteration, over all requests (default: 32,768, "
                              "whole prompts); smaller feeds long prompts over several iterations, so running "
                              "requests keep their pace while they arrive, at the cost of those prompts' first token")
+    parser.add_argument("--prefix-cache-min", type=int, default=32,
+                        help="prefix caching: a prompt that starts with at least this many tokens another request's "
+                             "prompt started with (running, or finished with its row not reused yet) copies that row "
+                             "and prefills only the rest; 0 = off")
     parser.add_argument("--decode-path", default="auto",
                         help="cached-attention path: naive, absorbed (MLA), gate-table (EG-MLA), kernel, grouped, or "
                              "any other the model supports; auto = the fastest on the device for --max-batch x "
@@ -58,7 +62,7 @@ def main(args) -> int:
     tokenizer = load_tokenizer(args.run)
     engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path, cuda_graphs=False if args.eager else None)
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
-                          seed=args.seed, prefill_chunk=args.prefill_chunk)
+                          seed=args.seed, prefill_chunk=args.prefill_chunk, prefix_cache_min=args.prefix_cache_min)
     eos_token_id = find_eos(tokenizer, meta, args.eos_token)
     model_name = args.model_name or Path(args.run).resolve().name  # runs/latest: the folder it points to
     try:

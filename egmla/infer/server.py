@@ -352,6 +352,8 @@ METRICS = [  # (name, type, SchedulerStats field or None for a gauge given apart
     ("egmla_decode_steps_total", "counter", "decode_steps", "Decode steps run."),
     ("egmla_prefill_calls_total", "counter", "prefill_calls", "Prefill forwards run."),
     ("egmla_prefills_shared_total", "counter", "prefills_shared", "Prompts served by copying an identical one's row."),
+    ("egmla_prefix_cache_hits_total", "counter", "prefix_hits", "Requests started from a cached prompt prefix."),
+    ("egmla_prefix_cache_tokens_total", "counter", "prefix_tokens_reused", "Prompt tokens not prefilled: cached."),
     ("egmla_busy_seconds_total", "counter", "busy_seconds", "Seconds the scheduler spent working."),
     ("egmla_time_to_first_token_seconds", "histogram", "time_to_first_token", "Submission to first token."),
     ("egmla_time_per_output_token_seconds", "histogram", "time_per_output_token", "Per token after the first."),

@@ -156,3 +156,26 @@ def test_reset_rows_empties_those_rows_only(path):
         logits = model(step, cache)
         assert rel_err(logits[[0, 2]], model(step, reference)[[0, 2]]) < 1e-5
         assert rel_err(logits[1:2], model(step[1:2], alone)) < 1e-5
+
+
+def test_keep_prefix_leaves_the_row_as_a_fresh_prefill_of_the_prefix():
+    """keep_prefix(row, L): the row's length and token groups are those of a cache that was given only its first L
+    tokens; the other rows and the host-side bounds stay."""
+    config = small_config(**VARIANTS["egmla"])
+    model = Transformer(config).eval()
+    model.set_decode_path("grouped")
+    tokens = torch.randint(0, 12, (2, 10))  # few ids: groups with several positions each
+    with torch.no_grad():
+        cache = model.new_cache(2, max_len=16)
+        model(tokens, cache)
+        bound = cache.token_groups.host.distinct_bound
+        cache.keep_prefix(1, 6)
+        fresh = model.new_cache(1, max_len=16)
+        model(tokens[1:, :6], fresh)
+    groups, want = cache.token_groups, fresh.token_groups
+    assert cache.lengths.tolist() == [10, 6] and groups.lengths.tolist() == [10, 6]
+    n = int(want.n_distinct[0])
+    assert int(groups.n_distinct[1]) == n and torch.equal(groups.distinct_ids[1, :n], want.distinct_ids[0, :n])
+    assert torch.equal(groups.counts[1, :n], want.counts[0, :n]) and int(groups.counts[1].sum()) == 6
+    assert torch.equal(groups.slots[1, :6], want.slots[0, :6]) and torch.equal(groups.ranks[1, :6], want.ranks[0, :6])
+    assert int(groups.counts[0].sum()) == 10 and groups.host.distinct_bound >= bound

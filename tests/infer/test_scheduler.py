@@ -440,3 +440,67 @@ def test_on_cuda_graphs_captured_up_front_serve_every_bucket():
     assert scheduler.capture_graphs() == len([b for b in engine.batch_buckets if b <= 4])
     handles = staggered(scheduler, [0, 0, 1, 1, 3, 6])
     assert [h.result().token_ids for h in handles] == expected
+
+
+SHARED = [(17 * i) % 280 + 9 for i in range(20)]  # a 20-token prefix several prompts start with
+
+
+@pytest.mark.parametrize("variant,path", [("mha", "naive"), ("mla", "absorbed"), ("eg-mla", "gate-table"),
+                                          ("eg-mla", "grouped"), ("eg-mla-bias-v", "absorbed")])
+def test_a_cached_prompt_prefix_is_reused_and_changes_no_token(variant, path):
+    """Prefix caching: prompts that start like a running request's prompt, or a finished one's whose row is still
+    there, start from a copy of that row cut to the shared prefix; each gets the tokens it gets alone."""
+    model = tiny_model(variant, seed=21)
+    engine = GenerationEngine(model, decode_path=path, batch_buckets=(1, 2, 4))
+    prompts = [SHARED + [3, 4, 5], SHARED + [7], SHARED[:12] + [250, 251], SHARED + [3, 4, 5, 6], [1, 2] + SHARED]
+    expected = [engine.generate([p], max_new_tokens=6)[0].token_ids for p in prompts]
+    scheduler = Scheduler(engine, max_batch=2, prefix_cache_min=8)
+    handles = staggered_prompts(scheduler, prompts, [0, 1, 2, 9, 10], new=6)
+    assert [h.result().token_ids for h in handles] == expected
+    stats = scheduler.stats
+    assert stats.prefix_hits >= 3 and stats.prefix_tokens_reused >= 8 * stats.prefix_hits
+    assert handles[4].result().token_ids == expected[4]  # no shared start: prefilled whole
+
+
+def test_without_prefix_caching_nothing_is_reused():
+    model = tiny_model("mla", seed=21)
+    engine = GenerationEngine(model, decode_path="absorbed")
+    scheduler = Scheduler(engine, max_batch=2, prefix_cache_min=0)
+    handles = staggered_prompts(scheduler, [SHARED + [3], SHARED + [4]], [0, 3], new=4)
+    assert all(h.done for h in handles) and scheduler.stats.prefix_hits == 0
+    with pytest.raises(ValueError, match="prefix_cache_min=-1"):
+        Scheduler(engine, prefix_cache_min=-1)
+
+
+def staggered_prompts(scheduler, prompts, arrivals, new):
+    handles, steps = {}, 0
+    while len(handles) < len(prompts) or any(not h.done for h in handles.values()):
+        for i, at in enumerate(arrivals):
+            if at <= steps and i not in handles:
+                handles[i] = scheduler.submit(prompts[i], max_new_tokens=new)
+        scheduler.step()
+        steps += 1
+        assert steps < 200
+    return [handles[i] for i in range(len(prompts))]
+
+
+def test_a_compaction_moves_the_cached_prefixes_with_the_rows():
+    """A finished row overwritten by a compaction no longer offers its prefix: a later prompt that starts like it
+    must not get a copy of the row that moved there."""
+    model = tiny_model("mla", seed=22)
+    engine = GenerationEngine(model, decode_path="absorbed", batch_buckets=(1, 2))
+    unrelated = [(29 * i) % 270 + 20 for i in range(14)]
+    late = SHARED + [9]
+    expected = engine.generate([late], max_new_tokens=4)[0].token_ids
+    scheduler = Scheduler(engine, max_batch=2, prefix_cache_min=8)
+    first = scheduler.submit(SHARED + [3], max_new_tokens=2)
+    second = scheduler.submit(unrelated, max_new_tokens=12)
+    while not first.done:
+        scheduler.step()
+    scheduler.step()
+    scheduler.step()
+    assert scheduler.stats.compactions >= 1 and not second.done
+    handle = scheduler.submit(late, max_new_tokens=4)
+    while scheduler.step():
+        pass
+    assert handle.result().token_ids == expected
