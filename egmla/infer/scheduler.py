@@ -351,7 +351,7 @@ class Scheduler:
         row has cached (a running request's prompt, or a finished one's whose row nobody took since), at least
         `prefix_cache_min` tokens and one token short of the prompt (its logits are needed); None where there is none.
         That row is copied into a free row (unless free itself) and cut to the prefix; only the rest is prefilled."""
-        if not self.prefix_cache_min:
+        if not self.prefix_cache_min or request.prompt_logprobs:  # those need every prompt position's logits
             return None
         prompt = request.handle.prompt_ids
         best, source = 0, None

@@ -367,7 +367,10 @@ def test_prompt_logprobs_equal_a_full_forward_across_chunks():
         full = model(torch.tensor([prompt]))[0].float().log_softmax(-1)
     want = [None] + [float(full[t - 1, prompt[t]]) for t in range(1, len(prompt))]
     for chunk in (None, 7):
-        scheduler = Scheduler(engine, max_batch=2, prefill_chunk=chunk)
+        scheduler = Scheduler(engine, max_batch=2, prefill_chunk=chunk, prefix_cache_min=4)
+        scheduler.submit(prompt[:20], max_new_tokens=1)  # its cached prefix must not be reused: no logits for it
+        while scheduler.step():
+            pass
         echo = scheduler.submit(prompt, max_new_tokens=3, logprobs=2, prompt_logprobs=True)
         other = scheduler.submit(PROMPTS[0], max_new_tokens=3)
         while scheduler.step():
