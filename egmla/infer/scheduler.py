@@ -353,7 +353,7 @@ class Scheduler:
         That row is copied into a free row (unless free itself) and cut to the prefix; only the rest is prefilled."""
         if not self.prefix_cache_min or request.prompt_logprobs:  # those need every prompt position's logits
             return None
-        prompt = request.handle.prompt_ids
+        prompt = tuple(request.handle.prompt_ids)
         best, source = 0, None
         for row, prefix in enumerate(self._prefixes):
             shared = _common_prefix(prompt, prefix, len(prompt) - 1)
@@ -621,13 +621,19 @@ def _to_device(values: torch.Tensor, device) -> torch.Tensor:
     return values.pin_memory().to(device, non_blocking=True)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    """How many leading tokens a and b share, at most `limit`."""
-    length = min(len(a), len(b), limit)
-    for i in range(length):
-        if a[i] != b[i]:
-            return i
-    return max(length, 0)
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...], limit: int) -> int:
+    """How many leading tokens a and b share, at most `limit`: a binary search over slice comparisons (C loops), as
+    every admission compares its prompt with every row's."""
+    low, high = 0, min(len(a), len(b), limit)
+    if high <= 0 or a[0] != b[0]:
+        return 0
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def _padded_runs(work: list[tuple[int, int, int]], budget: int, max_len: int) -> list[list[tuple[int, int]]]:
