@@ -120,7 +120,8 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
     if row is not None:
         stats = scheduler.stats
         row.update(decode_steps=stats.decode_steps, prefill_calls=stats.prefill_calls, compactions=stats.compactions,
-                   prefills_shared=stats.prefills_shared, busy_fraction=stats.busy_seconds / duration)
+                   prefills_shared=stats.prefills_shared, prefix_hits=stats.prefix_hits,
+                   prefix_tokens_reused=stats.prefix_tokens_reused, busy_fraction=stats.busy_seconds / duration)
     # arrivals as scheduled, as the other systems count them (submitting lags them by well under a millisecond)
     return [Timing(request.arrival, h.times.first_token - start, h.times.finished - start, len(r.token_ids))
             for request, h, r in zip(requests, handles, results)]

@@ -144,6 +144,8 @@ def load_hf_export(folder: str | Path, device="cpu", dtype: torch.dtype | None =
     hf_model = EgmlaForCausalLM.from_pretrained(str(folder), use_safetensors=True, **({"dtype": dtype} if dtype else {}))
     model = hf_model.model.to(device).eval()
     eos_id = hf_model.config.eos_token_id
+    if isinstance(eos_id, (list, tuple)):  # transformers allows several; the first is the one generation names
+        eos_id = eos_id[0] if eos_id else None
     meta = {"model": model.config.to_dict(), "source": f"Hugging Face export {folder}"}
     if not (Path(folder) / "tokenizer.json").is_file():
         raise ValueError(f"run={str(folder)!r}: an EgmlaForCausalLM folder without tokenizer.json; export it with "

@@ -133,6 +133,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._ids = itertools.count()
         self._waiting: collections.deque[_Request] = collections.deque()
+        self._admitting = 0  # taken off the queue by `_admit`, not in a row yet
         self._wake = threading.Condition()
         self._rows: list[_Request | None] = []
         self._cache = None
@@ -172,11 +173,14 @@ class Scheduler:
     def submit_all(self, requests: Sequence[dict]) -> list[RequestHandle]:
         """Queue several requests (each a dict of `submit`'s arguments) all at once or none: every one is checked
         first, and room is checked for all of them together (a server's `n` choices of one call)."""
+        if len(requests) > self.max_batch + self.max_waiting:
+            raise ValueError(f"{len(requests)} requests at once can never be queued here: at most max_batch + "
+                             f"max_waiting = {self.max_batch + self.max_waiting}; send fewer (a smaller n)")
         made = [self._request(**kwargs) for kwargs in requests]
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the scheduler is stopping: no new requests")
-            free_rows = self.max_batch - self.running
+            free_rows = self.max_batch - self.running - self._admitting
             if len(self._waiting) + len(made) > self.max_waiting + free_rows:
                 raise OverflowError(f"{len(self._waiting)} requests already wait and {free_rows} rows are free: "
                                     f"{len(made)} more would exceed max_waiting={self.max_waiting}; retry later, or "
@@ -332,19 +336,28 @@ class Scheduler:
         with self._wake:
             while self._waiting and len(admitted) < len(free):
                 admitted.append(self._waiting.popleft())
+            self._admitting = len(admitted)  # neither waiting nor running until placed: `submit_all` counts them
         now = time.perf_counter()
-        for request in admitted:
-            request.handle.times.admitted = now
-            if not request.sampling.greedy and request.sampling.seed is not None:
-                # made here, on the scheduler's thread: device work from another thread could break a graph capture
-                request.generator = request.sampling.make_generator(self.engine.device)
-            row = self._reuse_prefix(request, free)
-            if row is None:
-                row = min(free, key=lambda r: (len(self._prefixes[r]), r))  # keep the longest cached prefixes
-                self._cache.reset_rows(row, row + 1)
-                self._prefixes[row] = ()
+        for placed, request in enumerate(admitted):
+            try:
+                request.handle.times.admitted = now
+                if not request.sampling.greedy and request.sampling.seed is not None:
+                    # made here, on the scheduler's thread: device work from another thread could break a graph capture
+                    request.generator = request.sampling.make_generator(self.engine.device)
+                row = self._reuse_prefix(request, free)
+                if row is None:
+                    row = min(free, key=lambda r: (len(self._prefixes[r]), r))  # keep the longest cached prefixes
+                    self._cache.reset_rows(row, row + 1)
+                    self._prefixes[row] = ()
+            except BaseException:
+                with self._wake:  # back in the queue, so that the failure reaches them too (`_fail_all`)
+                    self._waiting.extendleft(reversed(admitted[placed:]))
+                    self._admitting = 0
+                raise
             free.remove(row)
             self._rows[row] = request
+        with self._wake:
+            self._admitting = 0
 
     def _reuse_prefix(self, request: "_Request", free: list[int]) -> int | None:
         """Prefix caching: the row (one of `free`) that now holds the longest prefix of the request's prompt that any
@@ -501,14 +514,17 @@ class Scheduler:
         return self._sample_next(rows, logits[:top] if len(rows) == top else logits[_index(rows, logits.device)])
 
     def _compact(self, occupied: list[int]) -> None:
-        """Move the occupied rows to the front of the cache, so a smaller bucket's step covers them."""
-        moved = _index(occupied, self.engine.device)
-        self._cache.rows(0, occupied[-1] + 1).compact(moved)
-        self._next[: len(occupied)] = self._next[moved]
-        requests = [self._rows[row] for row in occupied]
-        self._rows = requests + [None] * (len(self._rows) - len(requests))
-        # rows past the moved ones keep their contents, and so their cached prefixes
-        self._prefixes[: len(occupied)] = [self._prefixes[row] for row in occupied]
+        """Move the occupied rows to the front of the cache, so a smaller bucket's step covers them: a permutation of
+        rows [0, highest occupied], the free rows they pass moved behind them with their contents, so that no cached
+        prompt prefix is overwritten (a moving row would otherwise land on the one the hand-out spared)."""
+        top = occupied[-1] + 1
+        taken = set(occupied)
+        order = occupied + [row for row in range(top) if row not in taken]
+        moved = _index(order, self.engine.device)
+        self._cache.rows(0, top).compact(moved)
+        self._next[:top] = self._next[moved]
+        self._rows[:top] = [self._rows[row] for row in order]
+        self._prefixes[:top] = [self._prefixes[row] for row in order]
         self.stats.compactions += 1
 
     def _sample_next(self, rows: list[int], logits: torch.Tensor) -> "_Pending":

@@ -90,8 +90,8 @@ class CompletionServer(ThreadingHTTPServer):
             raise ApiError(429, str(error), code="queue_full") from error
         except RuntimeError as error:
             raise ApiError(503, str(error), code="stopping") from error
-        except ValueError as error:  # every other field was checked by the parser: the prompt against max_len
-            raise ApiError(400, str(error), "prompt") from error
+        except ValueError as error:  # every other field was checked by the parser: the prompt against max_len, n
+            raise ApiError(400, str(error), "n" if "at once" in str(error) else "prompt") from error
         with self._changed:
             self._in_flight.update(handles)
         return handles
@@ -293,7 +293,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
         self.status, self.close_connection = 200, True
         completion_tokens = 0
         decode = self.server.scheduler.engine.tokenizer.decode
-        offsets: dict[int, int] = {}  # each choice's text so far, for its tokens' text_offset
+        offsets: dict[int, int] = {}  # each choice's tokens decoded alone so far, for their text_offset
         for index, event in _merged_events(handles):
             if isinstance(event, BaseException) or event.finish_reason == "cancelled":
                 error = (ApiError(500, str(event), code="generation_failed") if isinstance(event, BaseException)
@@ -307,7 +307,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
             if event.logprob is not None:
                 offsets[index] = offsets.get(index, 0)
                 logprobs = _logprobs(decode, [event.token_id], [event.logprob], [event.top_logprobs], offsets[index])
-            offsets[index] = offsets.get(index, 0) + len(event.text)
+                offsets[index] += len(logprobs["tokens"][0])  # each token decoded alone, as without streaming
             if event.text or event.finish_reason is not None or logprobs is not None:
                 self._send_event({**self.response_fields,
                                   "choices": [_choice(index, event.text, event.finish_reason, logprobs)]})
@@ -382,6 +382,13 @@ def prometheus_text(stats, running: int, waiting: int, model_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _by_text(decode, alternatives: dict[int, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for token, value in alternatives.items():  # most likely first
+        out.setdefault(decode([token]), value)
+    return out
+
+
 def _choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
     return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": FINISH_REASONS.get(finish_reason)}
 
@@ -391,8 +398,8 @@ def _logprobs(decode, ids: list[int], values: list, tops: list, start: int = 0) 
     text), and where each token's text starts (character offsets from `start`, each token decoded alone)."""
     tokens = [decode([token]) for token in ids]
     offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=start))
-    top = [None if alternatives is None else {decode([token]): value for token, value in alternatives.items()}
-           for alternatives in tops]
+    # keyed by text as OpenAI's: ids that decode alike (bytes of one character) keep the first, most likely, value
+    top = [None if alternatives is None else _by_text(decode, alternatives) for alternatives in tops]
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": top, "text_offset": offsets}
 
 

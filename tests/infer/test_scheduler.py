@@ -507,3 +507,44 @@ def test_a_compaction_moves_the_cached_prefixes_with_the_rows():
     while scheduler.step():
         pass
     assert handle.result().token_ids == expected
+
+
+def test_a_compaction_keeps_the_cached_prefixes_of_the_rows_it_passes():
+    """A request given a free row behind a cached prefix (the hand-out spares long prefixes) is moved to the front by
+    the compaction that follows: the cached row must move behind it, not be overwritten, and stay usable."""
+    model = tiny_model("mha", seed=3)
+    engine = GenerationEngine(model, batch_buckets=(1, 2, 4))
+    stem = list(range(10, 40))
+    scheduler = Scheduler(engine, max_batch=4, prefix_cache_min=8)
+    for prompt in (stem + [1, 2], [200, 201, 202]):
+        scheduler.submit(prompt, max_new_tokens=2)
+        while scheduler.step():
+            pass
+    assert scheduler.stats.compactions >= 1 and scheduler.stats.prefix_hits == 0
+    late = scheduler.submit(stem + [3, 4], max_new_tokens=4)
+    while scheduler.step():
+        pass
+    assert scheduler.stats.prefix_hits == 1
+    assert late.result().token_ids == engine.generate([stem + [3, 4]], max_new_tokens=4)[0].token_ids
+
+
+def test_a_failure_while_admitting_reaches_every_request_taken_off_the_queue(monkeypatch):
+    model = tiny_model("mla", seed=23)
+    engine = GenerationEngine(model, decode_path="absorbed")
+    scheduler = Scheduler(engine, max_batch=3)
+    scheduler.step()  # the cache exists: the failure below is in placing rows
+
+    def broken(*args):
+        raise torch.cuda.OutOfMemoryError("out of memory (simulated)")
+
+    monkeypatch.setattr(scheduler._cache, "reset_rows", broken)
+    handles = [scheduler.submit(PROMPTS[i], max_new_tokens=3) for i in range(3)]
+    scheduler.start()
+    try:
+        for handle in handles:
+            with pytest.raises(RuntimeError, match="simulated"):
+                handle.result(timeout=60)
+    finally:
+        scheduler.stop(timeout=60)
+    with pytest.raises(ValueError, match="at most max_batch \\+ max_waiting = 5"):
+        Scheduler(engine, max_batch=3, max_waiting=2).submit_all([dict(prompt=[1, 2])] * 6)

@@ -214,13 +214,24 @@ def test_invalid_json_and_unknown_paths(server):
         assert status == 404 and f"no endpoint {method} {path}" in answer["error"]["message"]
 
 
-def test_a_full_queue_answers_429(tokenizer):
-    """Room is the free rows plus max_waiting: an idle server with 4 rows and max_waiting=0 takes n=4, not n=5."""
+def test_a_full_queue_answers_429(tokenizer, monkeypatch):
+    """Room is the free rows plus max_waiting: an idle server with 4 rows and max_waiting=0 takes n=4; with 3 rows
+    busy, n=2 must wait and is answered 429 (retry later); n=5 can never fit: 400."""
     with serving(tokenizer, max_waiting=0) as server:
         status, answer = call(server, "POST", "/v1/completions", {"prompt": PROMPT, "n": 4, "max_tokens": 2})
         assert status == 200 and len(answer["choices"]) == 4
+        slow_down(server.scheduler, monkeypatch)
+        busy = [server.scheduler.submit([5, 6, 7], max_new_tokens=20) for _ in range(3)]
+        wait_until(lambda: server.scheduler.running == 3)
+        status, answer = call(server, "POST", "/v1/completions", {"prompt": PROMPT, "n": 2, "max_tokens": 2})
+        assert status == 429 and answer["error"]["code"] == "queue_full" and answer["error"]["type"] == "rate_limit_error"
+        assert "max_waiting=0" in answer["error"]["message"]
+        status, answer = call(server, "POST", "/v1/completions", {"prompt": PROMPT, "n": 1, "max_tokens": 2})
+        assert status == 200
+        for handle in busy:
+            handle.cancel()
         status, answer = call(server, "POST", "/v1/completions", {"prompt": PROMPT, "n": 5, "max_tokens": 2})
-    assert status == 429 and answer["error"]["code"] == "queue_full" and "max_waiting=0" in answer["error"]["message"]
+    assert status == 400 and answer["error"]["param"] == "n"
 
 
 def test_a_failing_generation_answers_500_and_the_next_request_runs(tokenizer, monkeypatch):
@@ -443,3 +454,22 @@ def test_metrics_in_prometheus_text_follow_the_scheduler(server):
     assert buckets == sorted(buckets) and 0 < samples[f"egmla_e2e_request_latency_seconds_sum{{{label}}}"]
     assert all(line.startswith("# HELP ") or line.startswith("# TYPE ") or line.startswith("egmla_")
                for line in text.splitlines())
+
+
+def test_logprob_alternatives_that_decode_alike_keep_the_most_likely_value():
+    from egmla.infer.server import _logprobs
+
+    def decode(ids):
+        return {5: "a", 6: "\ufffd", 7: "\ufffd"}[ids[0]]
+
+    out = _logprobs(decode, [5], [-0.1], [{6: -0.5, 7: -3.0, 5: -0.1}])
+    assert out["top_logprobs"] == [{"\ufffd": -0.5, "a": -0.1}]
+
+
+def test_offsets_agree_with_and_without_streaming_and_n_beyond_the_room_is_a_400(server):
+    body = dict(prompt="Café naïve", max_tokens=6, temperature=0, logprobs=1, ignore_eos=True)
+    whole = complete(server, **body)["choices"][0]["logprobs"]["text_offset"]
+    chunks = [e for e in stream(server, **body) if e != "[DONE]" and e["choices"][0]["logprobs"]]
+    assert [o for c in chunks for o in c["choices"][0]["logprobs"]["text_offset"]] == whole
+    status, answer = call(server, "POST", "/v1/completions", {"prompt": PROMPT, "n": 4 + 64 + 1})
+    assert status == 400 and answer["error"]["param"] == "n" and "never be queued" in answer["error"]["message"]
