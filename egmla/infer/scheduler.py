@@ -135,7 +135,9 @@ class Scheduler:
         self._waiting: collections.deque[_Request] = collections.deque()
         self._admitting = 0  # taken off the queue by `_admit`, not in a row yet
         self._wake = threading.Condition()
-        self._rows: list[_Request | None] = []
+        self._rows: list[_Request | None] = []  # per cache row: its request, None when free
+        self._prefixes: list[tuple[int, ...]] = []  # per cache row: the prompt tokens it holds from position 0
+        self._next: torch.Tensor | None = None  # per cache row, on the device: the token its next step feeds
         self._cache = None
         self._step = None
         self._step_appending: list[int] | None = None
@@ -316,7 +318,7 @@ class Scheduler:
         engine._steps_read = _precomputed(engine)
         self._cache = engine._cache_for(rows, self.max_len)
         self._rows = [None] * rows
-        self._prefixes: list[tuple[int, ...]] = [()] * rows  # the prompt tokens each row's cache holds from position 0
+        self._prefixes = [()] * rows
         self._next = torch.zeros(rows, dtype=torch.long, device=engine.device)
 
     def _retire_cancelled(self) -> None:

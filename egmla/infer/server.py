@@ -345,7 +345,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
               f"completion_tokens={completion_tokens} {seconds:.3f}s{self.note}", file=sys.stderr, flush=True)
 
 
-METRICS = [  # (name, type, SchedulerStats field or None for a gauge given apart, help)
+METRICS = [  # (name, Prometheus type, SchedulerStats field, help); the two gauges are written apart
     ("egmla_requests_finished_total", "counter", "requests_finished", "Requests finished (any reason)."),
     ("egmla_prompt_tokens_total", "counter", "prompt_tokens", "Prompt tokens of the finished requests."),
     ("egmla_generation_tokens_total", "counter", "generated_tokens", "Tokens generated for the finished requests."),
