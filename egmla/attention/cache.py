@@ -357,6 +357,17 @@ class KVCache:
             if self.token_groups is not None:
                 self.token_groups.version += 1
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Row `target` becomes the first `length` positions of row `source`, only those copied (a server starting a
+        request from another's cached prompt prefix), then cut there as `keep_prefix` does."""
+        def copy_into(buffer: torch.Tensor, per_position: bool) -> torch.Tensor:
+            if per_position:
+                buffer[target, :length] = buffer[source, :length]
+            return buffer
+
+        self._map(copy_into)
+        self.keep_prefix(target, length)
+
     def keep_prefix(self, row: int, length: int) -> None:
         """Shorten sequence `row` to its first `length` positions, the others untouched (a server reusing a cached
         prompt prefix). Its token groups are registered again from its token ids; the host-side bounds are kept."""

@@ -365,7 +365,8 @@ class Scheduler:
         """Prefix caching: the row (one of `free`) that now holds the longest prefix of the request's prompt that any
         row has cached (a running request's prompt, or a finished one's whose row nobody took since), at least
         `prefix_cache_min` tokens and one token short of the prompt (its logits are needed); None where there is none.
-        That row is copied into a free row (unless free itself) and cut to the prefix; only the rest is prefilled."""
+        That prefix is copied into a free row (unless the row is free itself, then cut there); only the rest is
+        prefilled."""
         if not self.prefix_cache_min or request.prompt_logprobs:  # those need every prompt position's logits
             return None
         prompt = tuple(request.handle.prompt_ids)
@@ -378,9 +379,9 @@ class Scheduler:
             return None
         target = source if source in free else min(free, key=lambda r: (len(self._prefixes[r]), r))
         if target != source:
-            device = self.engine.device
-            self._cache.copy_rows(_index([source], device), _index([target], device))
-        self._cache.keep_prefix(target, best)
+            self._cache.copy_prefix(source, target, best)  # the prefix's positions only, not the whole row
+        else:
+            self._cache.keep_prefix(target, best)
         self._prefixes[target] = tuple(prompt[:best])
         request.fed = best
         self.stats.prefix_hits += 1

@@ -158,7 +158,8 @@ def test_reset_rows_empties_those_rows_only(path):
         assert rel_err(logits[1:2], model(step[1:2], alone)) < 1e-5
 
 
-def test_keep_prefix_leaves_the_row_as_a_fresh_prefill_of_the_prefix():
+@pytest.mark.parametrize("copied", [False, True])
+def test_keep_prefix_leaves_the_row_as_a_fresh_prefill_of_the_prefix(copied):
     """keep_prefix(row, L): the row's length and token groups are those of a cache that was given only its first L
     tokens; the other rows and the host-side bounds stay."""
     config = small_config(**VARIANTS["egmla"])
@@ -169,7 +170,14 @@ def test_keep_prefix_leaves_the_row_as_a_fresh_prefill_of_the_prefix():
         cache = model.new_cache(2, max_len=16)
         model(tokens, cache)
         bound = cache.token_groups.host.distinct_bound
-        cache.keep_prefix(1, 6)
+        if copied:  # row 1 rebuilt from row 0's prefix after scrambling it: copy_prefix writes what it keeps
+            cache.reset_rows(1, 2)
+            model(tokens[1:] * 0 + 1, cache.rows(1, 2))
+            tokens = tokens.clone()
+            tokens[1] = tokens[0]
+            cache.copy_prefix(0, 1, 6)
+        else:
+            cache.keep_prefix(1, 6)
         fresh = model.new_cache(1, max_len=16)
         model(tokens[1:, :6], fresh)
     groups, want = cache.token_groups, fresh.token_groups
