@@ -83,8 +83,11 @@ def parse_completion_request(body, model_name: str, encode: Callable[[object, in
     if not isinstance(options, dict):
         raise ApiError(400, f"stream_options={options!r}: must be an object such as {{\"include_usage\": true}}",
                        "stream_options")
-    stream, max_tokens = _boolean(body, "stream"), _integer(body, "max_tokens", 16, minimum=1)
+    stream, max_tokens = _boolean(body, "stream"), _integer(body, "max_tokens", 16, minimum=0)
     logprobs, echo = _integer(body, "logprobs", None, minimum=0), _boolean(body, "echo")
+    if max_tokens == 0 and not (echo and logprobs is not None):
+        raise ApiError(400, "max_tokens=0 generates nothing: it serves to score a prompt, with echo and logprobs; "
+                            "otherwise give max_tokens >= 1", "max_tokens")
     if logprobs is not None and logprobs > MAX_TOP_LOGPROBS:
         raise ApiError(400, f"logprobs={logprobs}: at most {MAX_TOP_LOGPROBS} alternatives per token", "logprobs")
     if echo and stream:

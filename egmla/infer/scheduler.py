@@ -196,8 +196,9 @@ class Scheduler:
                  stop_strings: Sequence[str] = (), logprobs: int | None = None,
                  prompt_logprobs: bool = False) -> "_Request":
         engine = self.engine
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        if max_new_tokens < 1 and not (max_new_tokens == 0 and prompt_logprobs):
+            raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1 (0 only with prompt_logprobs: scoring a "
+                             f"prompt without generating)")
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs={logprobs}: must lie in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), "
                              f"or None for none")
@@ -444,7 +445,9 @@ class Scheduler:
             request = self._rows[row]
             request.fed += take
             self._prefixes[row] = tuple(request.handle.prompt_ids[:request.fed])
-            if request.prefilled:
+            if request.prefilled and request.max_new_tokens == 0:  # scored, nothing to generate
+                self._retire(row, "length")
+            elif request.prefilled:
                 complete.append(row)
                 sources.append(row - first)
                 for copy in self._copies_of.pop(id(request), []):  # same prompt: the row copied, not prefilled

@@ -385,6 +385,13 @@ def test_prompt_logprobs_equal_a_full_forward_across_chunks():
         assert other.result().prompt_logprobs is None
     with pytest.raises(ValueError, match="prompt_logprobs=True needs logprobs"):
         scheduler.submit(prompt, prompt_logprobs=True)
+    scored = scheduler.submit(prompt, max_new_tokens=0, logprobs=0, prompt_logprobs=True)  # scoring only
+    while scheduler.step():
+        pass
+    assert scored.result().token_ids == [] and scored.result().finish_reason == "length"
+    assert max(abs(a - b) for a, b in zip(scored.result().prompt_logprobs[1:], want[1:])) < 1e-4
+    with pytest.raises(ValueError, match="0 only with prompt_logprobs"):
+        scheduler.submit(prompt, max_new_tokens=0)
 
 
 @pytest.mark.parametrize("chunk", [None, 4])

@@ -170,7 +170,8 @@ def test_concurrent_clients_each_get_their_own_completion(server, engine, eos):
 
 
 @pytest.mark.parametrize("body,status,param,message", [
-    ({"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens", "max_tokens=0: must be an integer >= 1"),
+    ({"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens", "max_tokens=0 generates nothing"),
+    ({"prompt": PROMPT, "max_tokens": -1}, 400, "max_tokens", "max_tokens=-1: must be an integer >= 0"),
     ({"prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens", "max_tokens='many'"),
     ({"prompt": PROMPT, "logprobs": 21}, 400, "logprobs", "logprobs=21: at most 20"),
     ({"prompt": PROMPT, "echo": True, "stream": True}, 400, "echo", "echo with stream is not supported"),
@@ -406,18 +407,31 @@ def test_tokenizer_endpoints_speak_vllms_shapes(server, tokenizer):
     assert status == 400 and error["error"]["param"] == "prompt"
 
 
-def test_lm_eval_local_completions_scores_through_the_server(server, engine, tokenizer, eos):
-    """lm-evaluation-harness's own `local-completions` model against the server (tokenizing remotely through
-    /tokenize): loglikelihoods equal a direct forward of the model, and generate_until gives the engine's text."""
-    from lm_eval.api.instance import Instance
-    from lm_eval.models.openai_completions import LocalCompletionsAPI
+LM_EVAL_CLIENT = """
+import json, sys
+from lm_eval.api.instance import Instance
+from lm_eval.models.openai_completions import LocalCompletionsAPI
+url, model, max_length, pairs, prompt = json.loads(sys.argv[1])
+lm = LocalCompletionsAPI(base_url=url + "/v1/completions", model=model, tokenizer_backend="remote",
+                         num_concurrent=1, max_retries=1, max_length=max_length)
+scores = lm.loglikelihood([Instance("loglikelihood", {}, tuple(p), i) for i, p in enumerate(pairs)], disable_tqdm=True)
+texts = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": ["\\n\\n"], "max_gen_toks": 10}), 0)],
+                          disable_tqdm=True)
+print(json.dumps({"scores": scores, "texts": texts}))
+"""
 
-    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=MODEL, tokenizer_backend="remote",
-                             num_concurrent=1, max_retries=1, max_length=MAX_LEN)
+
+def test_lm_eval_local_completions_scores_through_the_server(server, engine, tokenizer, eos):
+    """lm-evaluation-harness's own `local-completions` model, in a process of its own as a client would be, against
+    the server (tokenizing remotely through /tokenize): loglikelihoods equal a direct forward of the model, and
+    generate_until gives the engine's text."""
     pairs = [("To be, or not", " to be"), ("whether 'tis nobler", " in the mind")]
-    results = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
-                               disable_tqdm=True)
-    for (context, continuation), (score, greedy) in zip(pairs, results):
+    argument = json.dumps([server.url, MODEL, MAX_LEN, pairs, SEA])
+    client = subprocess.run([sys.executable, "-c", LM_EVAL_CLIENT, argument], capture_output=True, text=True,
+                            timeout=300)
+    assert client.returncode == 0, client.stderr[-2000:]
+    answer = json.loads(client.stdout.strip().splitlines()[-1])
+    for (context, continuation), (score, greedy) in zip(pairs, answer["scores"]):
         context_ids, continuation_ids = tokenizer.encode(context).ids, tokenizer.encode(continuation).ids
         ids = context_ids + continuation_ids
         with torch.no_grad():
@@ -425,10 +439,9 @@ def test_lm_eval_local_completions_scores_through_the_server(server, engine, tok
         want = sum(float(full[t - 1, ids[t]]) for t in range(len(context_ids), len(ids)))
         want_greedy = all(int(full[t - 1].argmax()) == ids[t] for t in range(len(context_ids), len(ids)))
         assert score == pytest.approx(want, abs=1e-3) and greedy == want_greedy
-    [text] = lm.generate_until([Instance("generate_until", {}, (SEA, {"until": ["\n\n"], "max_gen_toks": 10}), 0)],
-                               disable_tqdm=True)
     # lm-eval stops at the end-of-text token's text too (here a plain token: see the `eos` fixture)
     stops = ["\n\n", tokenizer.decode([eos])]
+    [text] = answer["texts"]
     assert text == engine.generate([SEA], max_new_tokens=10, stop_strings=stops, eos_token_id=eos)[0].text and text
 
 
@@ -473,3 +486,16 @@ def test_offsets_agree_with_and_without_streaming_and_n_beyond_the_room_is_a_400
     assert [o for c in chunks for o in c["choices"][0]["logprobs"]["text_offset"]] == whole
     status, answer = call(server, "POST", "/v1/completions", {"prompt": PROMPT, "n": 4 + 64 + 1})
     assert status == 400 and answer["error"]["param"] == "n" and "never be queued" in answer["error"]["message"]
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt(server, engine, tokenizer):
+    """OpenAI's way to score a text: echo + logprobs + max_tokens 0 returns the prompt and its tokens' log-probabilities,
+    nothing generated."""
+    choice = complete(server, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)["choices"][0]
+    ids = tokenizer.encode(PROMPT).ids
+    with torch.no_grad():
+        full = engine.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+    values = choice["logprobs"]["token_logprobs"]
+    assert values[0] is None and len(values) == len(ids)
+    assert max(abs(v - float(full[t - 1, ids[t]])) for t, v in enumerate(values) if t) < 1e-4
