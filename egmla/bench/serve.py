@@ -51,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continuous: prompt tokens prefilled per iteration over all requests (default: the "
                              "engine's prefill_token_budget, 32,768, i.e. whole prompts); smaller interleaves long "
                              "prompts with the running requests' steps")
+    parser.add_argument("--admit-batch", default=None,
+                        help="continuous: free rows that admit waiting requests while others run (the scheduler's "
+                             "admit_batch; default max(1, max batch // 8)); comma-separated values run one "
+                             "continuous row each (e.g. 1,16: refill each freed row at once vs 16 at a time)")
     parser.add_argument("--decode-path", default="auto", help="egmla's decode path (auto = the engine's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload's draws")
     add_output_arguments(parser)
@@ -98,13 +102,13 @@ def _wait_until(start: float, offset: float) -> None:
 
 
 def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chunk: int | None = None,
-                   row: dict | None = None) -> list[Timing]:
+                   row: dict | None = None, admit_batch: int | None = None) -> list[Timing]:
     """egmla's scheduler, requests submitted at their arrival times; `row` gets its counters (steps, prefill calls,
     compactions, shared prefills, and the share of the run its thread was busy)."""
     from egmla.infer.scheduler import Scheduler
 
     scheduler = Scheduler(engine, max_batch=max_batch, max_len=engine.config.max_seq_len,
-                          max_waiting=len(requests), prefill_chunk=prefill_chunk)
+                          max_waiting=len(requests), prefill_chunk=prefill_chunk, admit_batch=admit_batch)
     scheduler.step()  # before the clock: the cache (kept from the warm-up), the path, the precomputed tensors
     scheduler.start()
     try:
@@ -119,7 +123,8 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
         scheduler.stop()
     if row is not None:
         stats = scheduler.stats
-        row.update(decode_steps=stats.decode_steps, prefill_calls=stats.prefill_calls, compactions=stats.compactions,
+        row.update(admit_batch=scheduler.admit_batch, decode_steps=stats.decode_steps,
+                   prefill_calls=stats.prefill_calls, compactions=stats.compactions,
                    prefills_shared=stats.prefills_shared, prefix_hits=stats.prefix_hits,
                    prefix_tokens_reused=stats.prefix_tokens_reused, busy_fraction=stats.busy_seconds / duration)
     # arrivals as scheduled, as the other systems count them (submitting lags them by well under a millisecond)
@@ -263,6 +268,12 @@ def main(args) -> int:
         rates = [float(r) for r in args.rate.split(",")]
     except ValueError:
         raise ValueError(f"--rate {args.rate!r}: give comma-separated numbers (requests per second) or inf") from None
+    try:
+        admit_batches = [None] if args.admit_batch is None else [int(a) for a in args.admit_batch.split(",")]
+    except ValueError:
+        raise ValueError(f"--admit-batch {args.admit_batch!r}: give comma-separated whole numbers of rows") from None
+    if any(a is not None and not 1 <= a <= max_batch for a in admit_batches):
+        raise ValueError(f"--admit-batch {args.admit_batch}: each must lie in [1, --max-batch={max_batch}]")
     if min(count, prompt_len, output_len, max_batch) < 1 or min(rates) <= 0:
         raise ValueError("--requests, --prompt-len, --output-len, --max-batch and every --rate must be > 0")
     name = args.preset if args.preset != "auto" else ("paper-base" if on_cuda else "tiny")
@@ -295,11 +306,13 @@ def main(args) -> int:
         for variant in select(args.variants) if {"continuous", "static"} & set(systems) else []:
             config = variant.config(base)
             model = _random_model(config, device, dtype)
-            for system in [s for s in systems if s != "transformers"]:
+            runs = [(system, admit) for system in systems if system != "transformers"
+                    for admit in (admit_batches if system == "continuous" else [None])]
+            for system, admit in runs:
                 engine = GenerationEngine(model, decode_path=args.decode_path)
                 row = {"system": system, "model": "egmla", "variant": config.variant_name(), "rate": rate,
                        "max_batch": max_batch}
-                run = (functools.partial(run_continuous, prefill_chunk=args.prefill_chunk, row=row)
+                run = (functools.partial(run_continuous, prefill_chunk=args.prefill_chunk, row=row, admit_batch=admit)
                        if system == "continuous" else run_static)
 
                 def measured(run=run, engine=engine, row=row):
@@ -343,7 +356,8 @@ def markdown(meta: dict) -> str:
               if r["system"] == "transformers" and "error" not in r}
     for row in meta["rows"]:
         rate = "all at once" if math.isinf(row["rate"]) else f"{row['rate']:g}"
-        head = (f"| {rate} | {row['system']} | {row['model']} | {row['variant']} | {row.get('decode_path', '')} | "
+        system = row["system"] + (f" (admit {row['admit_batch']})" if "admit_batch" in row else "")
+        head = (f"| {rate} | {system} | {row['model']} | {row['variant']} | {row.get('decode_path', '')} | "
                 f"{row.get('max_batch') or '-'} |")
         if "error" in row:
             lines.append(f"{head} failed: {row['error']} | | | | |")

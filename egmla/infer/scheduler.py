@@ -7,7 +7,9 @@ keeps one cache of `max_batch` rows and `max_len` positions and loops:
     admit     waiting requests (first come, first served) take free rows, emptied (`KVCache.reset_rows`), or
               starting from a copy of a row that has cached a prefix of the prompt (prefix caching: another
               request's prompt, running or finished while its row was not taken since), cut to that prefix
-              (`KVCache.keep_prefix`)
+              (`KVCache.keep_prefix`); while requests run, admission waits until `admit_batch` rows are free (or
+              every waiting request fits, or `admit_wait` decode steps have passed), so that rows freed one by one
+              are refilled by one prefill forward rather than one each
     prefill   at most `prefill_chunk` prompt tokens in all go into their rows, the oldest requests first; adjacent
               rows share one forward; a long prompt is fed over several iterations (chunked prefill), so the
               running requests keep getting tokens meanwhile; a row whose prompt is complete samples its first
@@ -105,11 +107,19 @@ class Scheduler:
     prefix_cache_min: reuse a cached prompt prefix of at least this many tokens (0: never): a new request whose prompt
         starts like a running or finished request's starts from a copy of that row, cut to the shared prefix, and
         prefills only the rest (the compressed rows make the copy cheap: EG-MLA kv64 3 KB per position at
-        paper-base, MHA 36 KB)"""
+        paper-base, MHA 36 KB)
+    admit_batch: while requests are running, admit waiting ones only once this many rows are free, or every waiting
+        request fits in the free rows, or `admit_wait` decode steps have passed since a row was free for the oldest
+        (default max(1, max_batch // 8); 1 = refill each freed row at the next iteration). A prefill forward costs
+        about as much host time (hundreds of kernel launches) for one prompt as for many, so refilling rows one at a
+        time as requests finish makes every iteration pay for one (the policy of TGI's `waiting_served_ratio` /
+        `max_waiting_tokens`). With nothing running, or few requests waiting, admission is immediate.
+    admit_wait: the most decode steps admission waits for `admit_batch` free rows (default 16)"""
 
     def __init__(self, engine: GenerationEngine, max_batch: int = 32, max_len: int | None = None,
                  max_waiting: int = 4096, seed: int | None = None, prefill_chunk: int | None = None,
-                 overlap_host: bool | None = None, prefix_cache_min: int = 32):
+                 overlap_host: bool | None = None, prefix_cache_min: int = 32, admit_batch: int | None = None,
+                 admit_wait: int = 16):
         config = engine.config
         max_len = config.max_seq_len if max_len is None else max_len
         if max_batch < 1:
@@ -130,6 +140,15 @@ class Scheduler:
         if prefix_cache_min < 0:
             raise ValueError(f"prefix_cache_min={prefix_cache_min}: must be >= 0 (0 = no prefix caching)")
         self.prefix_cache_min = prefix_cache_min
+        admit_batch = max(1, max_batch // 8) if admit_batch is None else admit_batch
+        if not 1 <= admit_batch <= max_batch:
+            raise ValueError(f"admit_batch={admit_batch}: must lie in [1, max_batch={max_batch}] (free rows that "
+                             f"admit waiting requests while others run; 1 = at once)")
+        if admit_wait < 0:
+            raise ValueError(f"admit_wait={admit_wait}: must be >= 0 (decode steps admission may wait for "
+                             f"admit_batch free rows)")
+        self.admit_batch, self.admit_wait = admit_batch, admit_wait
+        self._held_since: int | None = None  # the decode step since which free rows have waited for admit_batch
         self.stats = SchedulerStats()
         self._ids = itertools.count()
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -141,7 +160,8 @@ class Scheduler:
         self._cache = None
         self._step = None
         self._step_appending: list[int] | None = None
-        self._pending: _Pending | None = None  # the last decode step, its tokens not read on the host yet
+        # decode steps and prefills' first tokens queued on the device, not read on the host yet, in queue order
+        self._pending: list[_Pending] = []
         self._copies_of: dict[int, list[_Request]] = {}  # id(request being prefilled) -> requests of the same prompt
         self._shared_generator = torch.Generator(device=engine.device)
         if seed is None:
@@ -269,26 +289,28 @@ class Scheduler:
             if self._cache is None:
                 self._open()
             self._retire_cancelled()
-            pending, self._pending = self._pending, None
-            if pending is not None and self._compaction_due():
-                self._process(pending)  # rows are about to move: settle the step in flight first
-                pending = None
-            ahead = None
-            if pending is not None:
-                # the next step is queued before the host reads the pending one's tokens (they are on the device
-                # already), so that streaming and stop checks run while the device works (`overlap_host`)
-                ahead = self._decode(self._rows_ahead_of(pending))
-                self._process(pending)
+            pending, self._pending = self._pending, []  # queued before this iteration, in queue order
+            if pending and self._compaction_due():
+                self._process_all(pending)  # rows are about to move: settle the steps in flight first
+                pending = []
+            decoded = False
+            if pending:
+                # the next step is queued before the host reads the pending tokens (they are on the device already),
+                # so that streaming and stop checks run while the device works (`overlap_host`)
+                self._queue(self._decode(self._rows_ahead_of(pending)))
+                decoded = True
+                self._process_all(pending)
             self._admit()
-            self._prefill()
-            if ahead is None:
+            self._prefill()  # queues its rows' first tokens, read with the next step's (no host sync here)
+            if not decoded:
                 if self._compaction_due():
+                    self._process_all(self._pending)
+                    self._pending = []
                     self._compact([row for row, request in enumerate(self._rows) if request is not None])
-                ahead = self._decode([row for row, r in enumerate(self._rows) if r is not None and r.prefilled])
-            if ahead is not None and not self.overlap_host:
-                self._process(ahead)
-                ahead = None
-            self._pending = ahead
+                self._queue(self._decode(self._rows_ahead_of(self._pending)))
+            if not self.overlap_host:
+                self._process_all(self._pending)
+                self._pending = []
         self.stats.busy_seconds += time.perf_counter() - start
         return bool(self.running or self._waiting or self._pending)
 
@@ -333,10 +355,18 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Give waiting requests free rows, first come first served: emptied, or holding the longest cached prefix of
-        the prompt (`_reuse_prefix`)."""
+        the prompt (`_reuse_prefix`); while others run, once `admit_batch` rows are free (see __init__)."""
         free = [row for row, request in enumerate(self._rows[: self.max_batch]) if request is None]
         admitted: list[_Request] = []
         with self._wake:
+            if not free or not self._waiting:
+                return
+            if self.running and len(free) < min(len(self._waiting), self.admit_batch):
+                if self._held_since is None:
+                    self._held_since = self.stats.decode_steps
+                if self.stats.decode_steps - self._held_since < self.admit_wait:
+                    return  # more rows will free up: refill them together
+            self._held_since = None
             while self._waiting and len(admitted) < len(free):
                 admitted.append(self._waiting.popleft())
             self._admitting = len(admitted)  # neither waiting nor running until placed: `submit_all` counts them
@@ -458,8 +488,8 @@ class Scheduler:
                     complete.append(target)
                     sources.append(row - first)
                     self.stats.prefills_shared += 1
-        if complete:
-            self._process(self._sample_next(complete, logits[_index(sources, logits.device)]))
+        if complete:  # read with the next step's tokens (`step`): no host sync here
+            self._queue(self._sample_next(complete, logits[_index(sources, logits.device)]))
 
     def _record_prompt_logprobs(self, request: "_Request", logits: torch.Tensor) -> None:
         """The log-probabilities of the prompt tokens that `logits` [take, vocab] predict (the chunk's next tokens;
@@ -485,16 +515,20 @@ class Scheduler:
         return bool(occupied) and not self._waiting and (
             bucket_for(len(occupied), buckets) < bucket_for(occupied[-1] + 1, buckets))
 
-    def _rows_ahead_of(self, pending: "_Pending") -> list[int]:
+    def _rows_ahead_of(self, pending: list["_Pending"]) -> list[int]:
         """The rows the next step runs before `pending`'s tokens are read: every row whose prompt is in, except those
-        that `pending`'s token ends by length (known on the host). A row that it ends by an eos or a stop string
-        runs once more, into its own row, and that token is dropped (`_process` checks the row's request)."""
-        pending_of = dict(zip(pending.rows, pending.requests))
+        that a pending token ends by length (known on the host). A row that one ends by an eos or a stop string runs
+        once more, into its own row, and that token is dropped (`_process` checks the row's request)."""
+        unread: dict[int, int] = {}  # row -> its request's tokens not read yet
+        for step in pending:
+            for row, request in zip(step.rows, step.requests):
+                if self._rows[row] is request:
+                    unread[row] = unread.get(row, 0) + 1
         rows = []
         for row, request in enumerate(self._rows):
             if request is None or not request.prefilled:
                 continue
-            generated = len(request.sequence.result.token_ids) + (pending_of.get(row) is request)
+            generated = len(request.sequence.result.token_ids) + unread.get(row, 0)
             if not (generated >= request.max_new_tokens
                     or len(request.handle.prompt_ids) + generated - 1 >= self.max_len):
                 rows.append(row)
@@ -553,6 +587,14 @@ class Scheduler:
             pending.logprob_rows = wanting
             pending.read_logprobs = tuple(_tokens_to_host(t) for t in (chosen, top.values, top.indices))
         return pending
+
+    def _queue(self, pending: "_Pending | None") -> None:
+        if pending is not None:
+            self._pending.append(pending)
+
+    def _process_all(self, pending: list["_Pending"]) -> None:
+        for step in pending:  # in queue order: a row's first token (its prefill's) before its next ones
+            self._process(step)
 
     def _process(self, pending: "_Pending") -> None:
         """Read `pending`'s tokens on the host (the one sync of a step), stream them, retire the rows that end. A
@@ -625,7 +667,8 @@ class Scheduler:
         for request in [r for r in self._rows if r is not None] + waiting:
             request.handle._finish(None, RuntimeError(f"generation failed: {error!r}"))
         self._rows = [None] * len(self._rows)
-        self._cache, self._step, self._step_appending, self._pending = None, None, None, None
+        self._cache, self._step, self._step_appending, self._pending = None, None, None, []
+        self._held_since = None
         self.engine.release()
 
 

@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefix caching: a prompt that starts with at least this many tokens another request's "
                              "prompt started with (running, or finished with its row not reused yet) copies that row "
                              "and prefills only the rest; 0 = off")
+    parser.add_argument("--admit-batch", type=int, default=None,
+                        help="while requests run, admit waiting ones once this many rows are free (or all of them "
+                             "fit, or --admit-wait steps passed): one prefill forward refills many rows (default "
+                             "max(1, max-batch // 8); 1 = refill each freed row at once)")
+    parser.add_argument("--admit-wait", type=int, default=16,
+                        help="the most decode steps admission waits for --admit-batch free rows")
     parser.add_argument("--decode-path", default="auto",
                         help="cached-attention path: naive, absorbed (MLA), gate-table (EG-MLA), kernel, grouped, or "
                              "any other the model supports; auto = the fastest on the device for --max-batch x "
@@ -62,7 +68,8 @@ def main(args) -> int:
     tokenizer = load_tokenizer(args.run)
     engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path, cuda_graphs=False if args.eager else None)
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
-                          seed=args.seed, prefill_chunk=args.prefill_chunk, prefix_cache_min=args.prefix_cache_min)
+                          seed=args.seed, prefill_chunk=args.prefill_chunk, prefix_cache_min=args.prefix_cache_min,
+                          admit_batch=args.admit_batch, admit_wait=args.admit_wait)
     eos_token_id = find_eos(tokenizer, meta, args.eos_token)
     model_name = args.model_name or Path(args.run).resolve().name  # runs/latest: the folder it points to
     try:

@@ -75,6 +75,23 @@ def test_rows_are_compacted_when_the_live_ones_fit_a_smaller_bucket():
     assert scheduler.stats.compactions >= 1  # rows 0 and 3 outlive 1: moved to rows 0-1 for the bucket of 2
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_prefills_first_token_is_read_with_the_next_steps_tokens(overlap):
+    """With overlap_host, the first token a prefill samples is not read at once (a host sync that would wait for the
+    step queued ahead of it) but with the next decode step's; without, each iteration reads all it queued."""
+    model = tiny_model("mla", seed=5)
+    engine = GenerationEngine(model)
+    scheduler = Scheduler(engine, max_batch=2, overlap_host=overlap)
+    handle = scheduler.submit(PROMPTS[0], max_new_tokens=4)
+    scheduler.step()  # prefill (first token) and the first decode step
+    assert len(handle._events) == (0 if overlap else 2)
+    scheduler.step()
+    assert len(handle._events) == (2 if overlap else 3)
+    while scheduler.step():
+        pass
+    assert handle.result().token_ids == engine.generate([PROMPTS[0]], max_new_tokens=4)[0].token_ids
+
+
 def test_a_finished_rows_old_contents_never_reach_its_next_request():
     """Row reuse must start from an empty row: a long sequence finishes, a short prompt takes its row."""
     model = tiny_model("mla", seed=5)
@@ -169,6 +186,47 @@ def test_bad_requests_are_refused_with_the_field_named():
         Scheduler(engine, max_batch=0)
     with pytest.raises(ValueError, match="offloaded gate tables"):
         Scheduler(GenerationEngine(model, offload_gate_tables=True))
+    with pytest.raises(ValueError, match="admit_batch=3"):
+        Scheduler(engine, max_batch=2, admit_batch=3)
+    with pytest.raises(ValueError, match="admit_wait=-1"):
+        Scheduler(engine, admit_wait=-1)
+
+
+def _admission_trace(scheduler, prompts, new_tokens):
+    """Submit every request at once, step to the end; per step (free rows, waiting) after it, and the handles."""
+    handles = [scheduler.submit(p, max_new_tokens=n) for p, n in zip(prompts, new_tokens)]
+    trace = []
+    while scheduler.step():
+        trace.append((scheduler.max_batch - scheduler.running, scheduler.waiting))
+        assert len(trace) < 300
+    return handles, trace
+
+
+@pytest.mark.parametrize("variant,path", [("mla", "absorbed"), ("eg-mla", "grouped")])
+def test_rows_freed_one_by_one_are_refilled_together_and_no_token_changes(variant, path):
+    """admit_batch: while requests run, waiting ones are admitted once that many rows are free (one prefill forward
+    for them all), or once admit_wait steps have passed; each request's tokens stay what it gets alone."""
+    model = tiny_model(variant, seed=8)
+    engine = GenerationEngine(model, decode_path=path)
+    prompts = [PROMPTS[i % len(PROMPTS)][: 3 + i % 5] + [i + 1] for i in range(10)]
+    new_tokens = [2 + 2 * i for i in range(4)] + [3 + i % 3 for i in range(6)]  # the first four end one by one
+    expected = [engine.generate([p], max_new_tokens=n)[0].token_ids for p, n in zip(prompts, new_tokens)]
+    calls = {}
+    for admit_batch, admit_wait in ((1, 16), (4, 100), (4, 2), (4, 0)):
+        scheduler = Scheduler(engine, max_batch=4, admit_batch=admit_batch, admit_wait=admit_wait)
+        handles, trace = _admission_trace(scheduler, prompts, new_tokens)
+        assert [h.result().token_ids for h in handles] == expected, (admit_batch, admit_wait)
+        calls[admit_batch, admit_wait] = scheduler.stats.prefill_calls
+        held = longest = 0  # steps in a row that ended with a free row while a request waited
+        for free, waiting in trace:
+            held = held + 1 if free and waiting else 0
+            longest = max(longest, held)
+        if admit_batch == 1 or admit_wait == 0:
+            assert longest == 0, (admit_batch, admit_wait, trace)  # a freed row is refilled at the next iteration
+        else:
+            assert 0 < longest <= admit_wait + 1, (admit_batch, admit_wait, trace)
+    # one by one, each freed row took a prefill forward of its own; four at a time, far fewer
+    assert calls[4, 100] < calls[1, 16] and calls[4, 0] == calls[1, 16], calls
 
 
 def test_a_request_at_the_rows_end_stops_by_length():
