@@ -124,7 +124,7 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
     if row is not None:
         stats = scheduler.stats
         row.update(admit_batch=scheduler.admit_batch, decode_steps=stats.decode_steps,
-                   prefill_calls=stats.prefill_calls, compactions=stats.compactions,
+                   prefill_calls=stats.prefill_calls, compactions=stats.compactions, rows_moved=stats.rows_moved,
                    prefills_shared=stats.prefills_shared, prefix_hits=stats.prefix_hits,
                    prefix_tokens_reused=stats.prefix_tokens_reused, busy_fraction=stats.busy_seconds / duration)
     # arrivals as scheduled, as the other systems count them (submitting lags them by well under a millisecond)

@@ -122,6 +122,7 @@ class SchedulerStats:
     decode_steps: int = 0
     prefill_calls: int = 0
     compactions: int = 0  # live rows moved to the front for a smaller bucket
+    rows_moved: int = 0  # rows swapped so that the prompts admitted together are prefilled in one forward
     prefills_shared: int = 0  # prompts not prefilled because an earlier request's identical prompt was: rows copied
     prefix_hits: int = 0  # requests started from a cached prefix of their prompt (prefix caching)
     prefix_tokens_reused: int = 0  # prompt tokens those did not prefill

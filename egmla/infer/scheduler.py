@@ -445,10 +445,41 @@ class Scheduler:
             take = min(len(request.handle.prompt_ids) - request.fed, budget, limit)
             work[request.prompt_logprobs].append((row, take, request.fed))
             budget -= take
+        moved = self._make_adjacent([row for row, _, _ in work[False]])
+        work = {kind: [(moved.get(row, row), take, fed) for row, take, fed in items] for kind, items in work.items()}
         for every_position, items in work.items():
             limit = min(self.prefill_chunk, PROMPT_LOGPROBS_CHUNK) if every_position else self.prefill_chunk
             for run in _padded_runs(sorted(items), limit, self.max_len):
                 self._prefill_run(run, every_position)
+
+    def _make_adjacent(self, rows: list[int]) -> dict[int, int]:
+        """Swap cache rows so that `rows` form one block of adjacent rows, moving as few as possible: rows freed one
+        by one lie scattered, and a forward covers adjacent rows only (`_padded_runs`), so that without this every
+        admitted prompt would take a prefill forward of its own (hundreds of kernel launches each). Each row outside
+        the chosen block swaps with a row inside it that is not in `rows` (decoding, free, or holding a cached prefix:
+        all move with their contents, as in a compaction). Returns {old row: new row} of the rows that moved; the
+        queued steps' rows are renamed to match."""
+        count = len(rows)
+        if count < 2 or max(rows) - min(rows) + 1 == count:
+            return {}
+        wanted = set(rows)
+        start = min(range(len(self._rows) - count + 1),
+                    key=lambda b: (sum(r not in wanted for r in range(b, b + count)), b))
+        holes = [r for r in range(start, start + count) if r not in wanted]
+        movers = sorted(r for r in rows if not start <= r < start + count)
+        moved = dict(zip(movers, holes)) | dict(zip(holes, movers))
+        source, target = list(moved), list(moved.values())
+        device = self.engine.device
+        self._cache.copy_rows(_index(source, device), _index(target, device))
+        self._next[_index(target, device)] = self._next[_index(source, device)]
+        for table in (self._rows, self._prefixes):
+            values = [table[r] for r in source]
+            for r, value in zip(target, values):
+                table[r] = value
+        for pending in self._pending:
+            pending.rows = [moved.get(r, r) for r in pending.rows]
+        self.stats.rows_moved += len(source)
+        return moved
 
     def _prefill_run(self, run: list[tuple[int, int]], every_position: bool) -> None:
         first, last = run[0][0], run[-1][0] + 1

@@ -75,6 +75,27 @@ def test_rows_are_compacted_when_the_live_ones_fit_a_smaller_bucket():
     assert scheduler.stats.compactions >= 1  # rows 0 and 3 outlive 1: moved to rows 0-1 for the bucket of 2
 
 
+@pytest.mark.parametrize("variant,path", [("mla", "absorbed"), ("eg-mla", "grouped"), ("mha", "naive")])
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_prompts_admitted_into_scattered_rows_are_prefilled_in_one_forward(variant, path, chunk):
+    """Rows 1, 3 and 5 free up while 0, 2 and 4 run: the three prompts admitted together are swapped into adjacent
+    rows (with the rows they displace, contents and all) and prefilled by one forward (chunk 5: the prompts fed
+    over several iterations, each iteration's rows made adjacent); no token changes."""
+    model = tiny_model(variant, seed=9)
+    engine = GenerationEngine(model, decode_path=path)
+    prompts = [PROMPTS[i % len(PROMPTS)][:6] + [30 + i] for i in range(9)]
+    new_tokens = [14, 2, 14, 2, 14, 2, 6, 5, 4]
+    expected = [engine.generate([p], max_new_tokens=n)[0].token_ids for p, n in zip(prompts, new_tokens)]
+    scheduler = Scheduler(engine, max_batch=6, admit_batch=3, prefill_chunk=chunk)
+    handles = [scheduler.submit(p, max_new_tokens=n) for p, n in zip(prompts, new_tokens)]
+    while scheduler.step():
+        pass
+    assert [h.result().token_ids for h in handles] == expected
+    assert scheduler.stats.rows_moved > 0
+    if chunk is None:  # the first six in one forward, the last three in one
+        assert scheduler.stats.prefill_calls == 2
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_a_prefills_first_token_is_read_with_the_next_steps_tokens(overlap):
     """With overlap_host, the first token a prefill samples is not read at once (a host sync that would wait for the
