@@ -347,15 +347,16 @@ class KVCache:
     def reset_rows(self, start: int, stop: int) -> None:
         """Empty sequences [start, stop) only, the others untouched (a server giving a finished request's row to a
         new one). The token groups' host-side bounds are kept: they bound every row, these included."""
-        view = self.rows(start, stop)
-        view.lengths.zero_()
-        if view.stats_arrivals is not None:
-            view.stats_arrivals.zero_()
-        if view.token_groups is not None:
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"reset_rows({start}, {stop}): need 0 <= start < stop <= batch_size={self.batch_size}")
+        # the per-sequence tensors it touches, sliced directly (a `rows` view slices every buffer: ~60-90 us)
+        self.lengths[start:stop].zero_()
+        if self.stats_arrivals is not None:
+            self.stats_arrivals[start:stop].zero_()
+        if self.token_groups is not None:
             for name in ("counts", "n_distinct", "lengths"):
-                getattr(view.token_groups, name).zero_()
-            if self.token_groups is not None:
-                self.token_groups.version += 1
+                getattr(self.token_groups, name)[start:stop].zero_()
+            self.token_groups.version += 1
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Row `target` becomes the first `length` positions of row `source`, only those copied (a server starting a
