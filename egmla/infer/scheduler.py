@@ -651,6 +651,8 @@ class Scheduler:
 
     def _sample(self, logits: torch.Tensor, requests: list[_Request]) -> torch.Tensor:
         """Next ids [rows]: rows with the same settings and random stream sampled together."""
+        if all(request.sampling.greedy for request in requests):  # the usual case, once per step: no grouping
+            return logits.argmax(dim=-1)
         ids = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
