@@ -126,7 +126,8 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
         row.update(admit_batch=scheduler.admit_batch, decode_steps=stats.decode_steps,
                    prefill_calls=stats.prefill_calls, compactions=stats.compactions, rows_moved=stats.rows_moved,
                    prefills_shared=stats.prefills_shared, prefix_hits=stats.prefix_hits,
-                   prefix_tokens_reused=stats.prefix_tokens_reused, busy_fraction=stats.busy_seconds / duration)
+                   prefix_tokens_reused=stats.prefix_tokens_reused, busy_fraction=stats.busy_seconds / duration,
+                   host_seconds={phase: round(seconds, 6) for phase, seconds in stats.host_seconds.items()})
     # arrivals as scheduled, as the other systems count them (submitting lags them by well under a millisecond)
     return [Timing(request.arrival, h.times.first_token - start, h.times.finished - start, len(r.token_ids))
             for request, h, r in zip(requests, handles, results)]
@@ -366,4 +367,18 @@ def markdown(meta: dict) -> str:
         lines.append(f"{head} {row['output_tokens_per_s']:,.0f} | {ratio} | {row['ttft_ms_p50']:,.1f} / "
                      f"{row['ttft_ms_p90']:,.1f} | {row['tpot_ms_p50']:.2f} / {row['tpot_ms_p90']:.2f} | "
                      f"{row['latency_s_p50']:.2f} / {row['latency_s_p90']:.2f} |")
+    phased = [row for row in meta["rows"] if "host_seconds" in row and "error" not in row]
+    if phased:
+        lines += ["", "Where the scheduler's thread spent the run (host seconds per phase, `SchedulerStats.host_seconds`: "
+                  "decode = queue a step and sample, read = wait for its tokens and stream them, admit, prefill; "
+                  "the rest of the run it was idle or between phases):", "",
+                  "| rate (req/s) | system | variant | run s | busy | decode | read | admit | prefill | decode steps | "
+                  "prefill calls |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in phased:
+            rate = "all at once" if math.isinf(row["rate"]) else f"{row['rate']:g}"
+            host = row["host_seconds"]
+            lines.append(f"| {rate} | {row['system']} (admit {row.get('admit_batch', '-')}) | {row['variant']} | "
+                         f"{row['seconds']:.3f} | {row['busy_fraction']:.0%} | "
+                         + " | ".join(f"{host.get(p, 0.0):.3f}" for p in ("decode", "read", "admit", "prefill"))
+                         + f" | {row['decode_steps']} | {row['prefill_calls']} |")
     return "\n".join(lines) + "\n"

@@ -127,6 +127,10 @@ class SchedulerStats:
     prefix_hits: int = 0  # requests started from a cached prefix of their prompt (prefix caching)
     prefix_tokens_reused: int = 0  # prompt tokens those did not prefill
     busy_seconds: float = 0.0  # time inside step()
+    # of which, host time per phase: 'decode' (queue a step, sample, start the tokens' copy), 'read' (wait for a step's
+    # tokens, stream them, retire the rows that end), 'admit' (rows for waiting requests, prefix matching), 'prefill'
+    # (prompt forwards: eager, so host-bound for short prompts)
+    host_seconds: dict = field(default_factory=lambda: dict.fromkeys(("decode", "read", "admit", "prefill"), 0.0))
     time_to_first_token: Histogram = field(default_factory=lambda: Histogram(SECONDS))
     time_per_output_token: Histogram = field(default_factory=lambda: Histogram(STEP_SECONDS))  # after the first
     request_latency: Histogram = field(default_factory=lambda: Histogram(SECONDS))  # submitted to finished

@@ -291,28 +291,38 @@ class Scheduler:
             self._retire_cancelled()
             pending, self._pending = self._pending, []  # queued before this iteration, in queue order
             if pending and self._compaction_due():
-                self._process_all(pending)  # rows are about to move: settle the steps in flight first
+                self._timed("read", self._process_all, pending)  # rows are about to move: settle the steps first
                 pending = []
             decoded = False
             if pending:
                 # the next step is queued before the host reads the pending tokens (they are on the device already),
                 # so that streaming and stop checks run while the device works (`overlap_host`)
-                self._queue(self._decode(self._rows_ahead_of(pending)))
+                self._queue(self._timed("decode", lambda: self._decode(self._rows_ahead_of(pending))))
                 decoded = True
-                self._process_all(pending)
-            self._admit()
-            self._prefill()  # queues its rows' first tokens, read with the next step's (no host sync here)
+                self._timed("read", self._process_all, pending)
+            self._timed("admit", self._admit)
+            self._timed("prefill", self._prefill)  # queues its rows' first tokens, read with the next step's
             if not decoded:
                 if self._compaction_due():
-                    self._process_all(self._pending)
+                    self._timed("read", self._process_all, self._pending)
                     self._pending = []
                     self._compact([row for row, request in enumerate(self._rows) if request is not None])
-                self._queue(self._decode(self._rows_ahead_of(self._pending)))
+                self._queue(self._timed("decode", lambda: self._decode(self._rows_ahead_of(self._pending))))
             if not self.overlap_host:
-                self._process_all(self._pending)
+                self._timed("read", self._process_all, self._pending)
                 self._pending = []
         self.stats.busy_seconds += time.perf_counter() - start
         return bool(self.running or self._waiting or self._pending)
+
+    def _timed(self, phase: str, work: Callable, *args):
+        """work(*args), its host time added to stats.host_seconds[phase] (where the thread's time goes: `/stats`,
+        `egmla bench serve`)."""
+        start = time.perf_counter()
+        try:
+            return work(*args)
+        finally:
+            seconds = self.stats.host_seconds
+            seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def capture_graphs(self) -> int:
         """Capture the decode step's CUDA graph of every batch bucket up to max_batch now (a server's start), instead

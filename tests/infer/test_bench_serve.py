@@ -3,6 +3,8 @@ drawn output length, and the report regenerates the table from the JSON."""
 import json
 import math
 
+import pytest
+
 from egmla.bench import cli
 from egmla.bench.serve import markdown, workload
 
@@ -31,5 +33,21 @@ def test_every_system_serves_every_request_its_output_length(tmp_path):
         assert row["ttft_ms_p50"] <= row["ttft_ms_p90"] and row["latency_s_p50"] > 0
     continuous = [r for r in rows if r["system"] == "continuous"]
     assert all(r["decode_steps"] > 0 and r["prefill_calls"] > 0 and 0 < r["busy_fraction"] <= 1 for r in continuous)
+    for row in continuous:  # the thread's time by phase: within its busy time, decode and prefill both seen
+        host = row["host_seconds"]
+        assert host["decode"] > 0 and host["prefill"] > 0
+        assert sum(host.values()) <= row["busy_fraction"] * row["seconds"] * 1.01 + 1e-3
     assert table.read_text() == markdown(meta)
     assert "× transformers" in table.read_text() and "1.00×" in table.read_text()
+    assert "Where the scheduler's thread spent the run" in table.read_text()
+
+
+def test_admit_batch_values_each_run_a_continuous_row(tmp_path):
+    out = tmp_path / "serve.json"
+    assert cli.run("serve", ["--requests", "6", "--variants", "mla-kv64", "--systems", "continuous",
+                             "--max-batch", "4", "--admit-batch", "1,4", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["system"], r["admit_batch"]) for r in rows] == [("continuous", 1), ("continuous", 4)]
+    assert all("error" not in r for r in rows)
+    with pytest.raises(ValueError, match="--admit-batch 5"):
+        cli.run("serve", ["--requests", "2", "--max-batch", "4", "--admit-batch", "5"])
