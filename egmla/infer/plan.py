@@ -208,3 +208,38 @@ def format_plan(rows: list[dict], title: str) -> str:
                          f"per sequence, default the most there can be): {r['sequences_with_decode_workspace']:,} "
                          f"sequences fit with it.")
     return "\n".join(lines)
+
+
+def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype: torch.dtype, decode_path: str,
+                      prefill_tokens: int, memory_fraction: float = 0.9, limit: int | None = None) -> dict:
+    """`egmla serve --max-batch auto`: the most cache rows of `max_len` positions that fit in `memory_fraction` of
+    `free_bytes` (the device's free memory measured after the weights are loaded), less the activations of a
+    prefill forward of `prefill_tokens` tokens (its hidden states, attention inputs and FFN, twice over for
+    temporaries) and of a prompt-logprobs forward's fp32 logits. Per row: the cache bytes of the layout the engine
+    allocates ('auto' gives an EG-MLA cache the grouped layout) plus, where the decode may take the grouped path,
+    its working memory at the most distinct ids a row can hold. Capped at `limit` (the largest graph-captured
+    batch). Returns the rows and the figures behind them; raises ValueError where not even one row fits."""
+    from egmla.infer.scheduler import PROMPT_LOGPROBS_CHUNK
+
+    if not 0 < memory_fraction <= 1:
+        raise ValueError(f"memory_fraction={memory_fraction}: must lie in (0, 1] (the share of free memory to use)")
+    item = torch.tensor([], dtype=dtype).element_size()
+    paths = decode_paths(config)
+    grouped_possible = "grouped" in paths and decode_path in ("auto", "grouped")
+    layout = "grouped" if grouped_possible else (cuda_decode_path(config) if decode_path == "auto" else decode_path)
+    per_token, _ = measured_cache_bytes_per_token(config, dtype, layout)
+    workspace = decode_workspace_bytes(config, "grouped", max_len, item) if grouped_possible else 0
+    per_row = per_token * max_len + workspace
+    heads = (config.n_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
+             if config.is_latent else 3 * config.d_model)  # per token: queries, keys and values of every head
+    width = 4 * config.d_model + 3 * config.ffn_dim + 3 * heads
+    activations = 2 * prefill_tokens * width * item + 2 * PROMPT_LOGPROBS_CHUNK * config.vocab_size * 4
+    budget = memory_fraction * free_bytes - activations
+    rows = int(budget // per_row) if budget > 0 else 0
+    if rows < 1:
+        raise ValueError(f"--max-batch auto: one row of {max_len} positions needs {per_row / GB:.3f} GB and a prefill "
+                         f"forward ~{activations / GB:.2f} GB, more than {memory_fraction:.0%} of the "
+                         f"{free_bytes / GB:.2f} GB free: lower --max-len or --prefill-chunk, or free device memory")
+    return {"max_batch": min(rows, limit) if limit else rows, "fits": rows, "cache_layout": layout,
+            "bytes_per_row": per_row, "decode_workspace_bytes_per_row": workspace, "activation_bytes": activations,
+            "free_bytes": free_bytes, "memory_fraction": memory_fraction}

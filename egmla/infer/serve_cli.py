@@ -12,8 +12,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name",
                         help="the model's name in the API (`model` of requests, GET /v1/models); default: the run "
                              "folder's name")
-    parser.add_argument("--max-batch", type=int, default=32,
-                        help="requests generating at once (cache rows); more wait in a queue")
+    parser.add_argument("--max-batch", default="32",
+                        help="requests generating at once (cache rows); more wait in a queue. auto (CUDA): as many "
+                             "rows of --max-len as fit in --memory-fraction of the free device memory after the "
+                             "weights, less a prefill forward's activations, at most 512 (the largest CUDA-graph "
+                             "batch); printed at start")
+    parser.add_argument("--memory-fraction", type=float, default=0.9,
+                        help="--max-batch auto: the share of the free device memory the cache may take")
     parser.add_argument("--max-len", type=int,
                         help="positions per cache row, prompt and completion together (default: the model's "
                              "max_seq_len); a longer prompt is refused, a completion stops there")
@@ -67,7 +72,8 @@ def main(args) -> int:
     model, meta = load_model(args.run, device=device, dtype=dtype, checkpoint=args.checkpoint)
     tokenizer = load_tokenizer(args.run)
     engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path, cuda_graphs=False if args.eager else None)
-    scheduler = Scheduler(engine, max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
+    max_batch = _max_batch(args, engine)
+    scheduler = Scheduler(engine, max_batch=max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
                           seed=args.seed, prefill_chunk=args.prefill_chunk, prefix_cache_min=args.prefix_cache_min,
                           admit_batch=args.admit_batch, admit_wait=args.admit_wait)
     eos_token_id = find_eos(tokenizer, meta, args.eos_token)
@@ -79,3 +85,31 @@ def main(args) -> int:
                          f"another --port (0 = any free one)") from error
     serve(server)
     return 0
+
+
+def _max_batch(args, engine) -> int:
+    """--max-batch as a number, or under 'auto' the rows that fit the device's free memory (egmla.infer.plan)."""
+    if args.max_batch != "auto":
+        try:
+            return int(args.max_batch)
+        except ValueError:
+            raise ValueError(f"--max-batch {args.max_batch!r}: give a whole number of rows, or auto") from None
+    import torch
+
+    from egmla.infer.decode_step import MAX_GRAPH_BATCH
+    from egmla.infer.plan import GB, serving_max_batch
+
+    if engine.device.type != "cuda":
+        raise ValueError(f"--max-batch auto sizes the cache from free CUDA memory; the device is {engine.device}: "
+                         f"give a number of rows")
+    config = engine.config
+    max_len = args.max_len or config.max_seq_len
+    free, _ = torch.cuda.mem_get_info(engine.device)
+    plan = serving_max_batch(config, max_len, free, engine.model.tok_embeddings.weight.dtype, engine.decode_path,
+                             args.prefill_chunk or engine.prefill_token_budget, args.memory_fraction,
+                             limit=MAX_GRAPH_BATCH)
+    print(f"egmla serve: --max-batch auto = {plan['max_batch']} rows of {max_len} positions "
+          f"({plan['bytes_per_row'] / GB * 1e3:.1f} MB each, {plan['cache_layout']} layout; {plan['fits']} would fit "
+          f"in {args.memory_fraction:.0%} of {free / GB:.1f} GB free, less {plan['activation_bytes'] / GB:.2f} GB "
+          f"for a prefill forward)", flush=True)
+    return plan["max_batch"]

@@ -330,6 +330,37 @@ def test_the_command_explains_itself_and_refuses_a_bad_port(capsys, run_dir, ser
     assert f"--port {taken}: cannot listen there" in capsys.readouterr().err
     assert egmla_main(["serve", "--run", str(run_dir), "--port", "70000"]) == 2
     assert "--port 70000: must lie in [0, 65535]" in capsys.readouterr().err
+    assert egmla_main(["serve", "--run", str(run_dir), "--port", "0", "--max-batch", "many"]) == 2
+    assert "--max-batch 'many': give a whole number of rows, or auto" in capsys.readouterr().err
+    assert egmla_main(["serve", "--run", str(run_dir), "--port", "0", "--max-batch", "auto"]) == 2
+    assert "--max-batch auto sizes the cache from free CUDA memory; the device is cpu" in capsys.readouterr().err
+
+
+def test_max_batch_auto_fits_the_rows_in_the_free_memory():
+    """--max-batch auto's plan: rows x bytes per row + a prefill's activations within the share of free memory, the
+    next row over it; the grouped layout and working memory for EG-MLA under auto; a clear error when none fits."""
+    import torch
+
+    from egmla.accounting import measured_cache_bytes_per_token
+    from egmla.config import preset
+    from egmla.infer.plan import serving_max_batch
+    from egmla.variants import variant_config
+
+    base = preset("paper-base", max_seq_len=2048)
+    for name, layout in (("mla-kv64", "kernel"), ("egmla-kv64", "grouped")):
+        config = variant_config(name, base)
+        plan = serving_max_batch(config, 2048, 8 * 10**9, torch.bfloat16, "auto", 8192, memory_fraction=0.5)
+        assert plan["cache_layout"] == layout and plan["max_batch"] == plan["fits"] > 1
+        budget = 0.5 * 8 * 10**9 - plan["activation_bytes"]
+        assert plan["fits"] * plan["bytes_per_row"] <= budget < (plan["fits"] + 1) * plan["bytes_per_row"]
+        per_token, _ = measured_cache_bytes_per_token(config, torch.bfloat16, layout)
+        assert plan["bytes_per_row"] == per_token * 2048 + plan["decode_workspace_bytes_per_row"]
+        assert (plan["decode_workspace_bytes_per_row"] > 0) == (layout == "grouped")
+        assert serving_max_batch(config, 2048, 8 * 10**9, torch.bfloat16, "auto", 8192, limit=16)["max_batch"] == 16
+    with pytest.raises(ValueError, match="lower --max-len or --prefill-chunk"):
+        serving_max_batch(config, 2048, 10**8, torch.bfloat16, "auto", 32768)
+    with pytest.raises(ValueError, match="memory_fraction=1.5"):
+        serving_max_batch(config, 2048, 10**9, torch.bfloat16, "auto", 8192, memory_fraction=1.5)
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
