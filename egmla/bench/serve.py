@@ -109,12 +109,19 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
 
     scheduler = Scheduler(engine, max_batch=max_batch, max_len=engine.config.max_seq_len,
                           max_waiting=len(requests), prefill_chunk=prefill_chunk, admit_batch=admit_batch)
-    scheduler.step()  # before the clock: the cache (kept from the warm-up), the path, the precomputed tensors
+    # before the clock, as `egmla serve` does at its start: the cache (kept from the warm-up), the path, the
+    # precomputed tensors, and every bucket's CUDA graph (else a bucket the warm-up did not meet is captured
+    # mid-run: tens of milliseconds each; which buckets a run meets depends on the threads' timing)
+    scheduler.step()
+    scheduler.capture_graphs()
+    start = time.perf_counter()
+    burst = next((i for i, request in enumerate(requests) if request.arrival > 0), len(requests))
+    # the requests arriving at once are queued before the thread starts (else its first iterations would see
+    # however many the submitting loop had queued by then)
+    handles = [scheduler.submit(request.prompt, max_new_tokens=request.output_len) for request in requests[:burst]]
     scheduler.start()
     try:
-        start = time.perf_counter()
-        handles = []
-        for request in requests:
+        for request in requests[burst:]:
             _wait_until(start, request.arrival)
             handles.append(scheduler.submit(request.prompt, max_new_tokens=request.output_len))
         results = [handle.result() for handle in handles]
