@@ -374,6 +374,8 @@ def markdown(meta: dict) -> str:
         lines.append(f"{head} {row['output_tokens_per_s']:,.0f} | {ratio} | {row['ttft_ms_p50']:,.1f} / "
                      f"{row['ttft_ms_p90']:,.1f} | {row['tpot_ms_p50']:.2f} / {row['tpot_ms_p90']:.2f} | "
                      f"{row['latency_s_p50']:.2f} / {row['latency_s_p90']:.2f} |")
+    notes = [meta.get("note"), meta.get("before", {}).get("note")]  # added to a result file by hand, if any
+    lines += [f"\nNote: {note}." for note in notes if note]
     phased = [row for row in meta["rows"] if "host_seconds" in row and "error" not in row]
     if phased:
         lines += ["", "Where the scheduler's thread spent the run (host seconds per phase, `SchedulerStats.host_seconds`: "

@@ -36,6 +36,7 @@ scheduler owns its engine while it runs: do not call `engine.generate` at the sa
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import itertools
@@ -381,17 +382,22 @@ class Scheduler:
                 admitted.append(self._waiting.popleft())
             self._admitting = len(admitted)  # neither waiting nor running until placed: `submit_all` counts them
         now = time.perf_counter()
+        # free rows in hand-out order, shortest cached prefix first (the long ones are kept longest), and the rows'
+        # cached prefixes indexed by their first prefix_cache_min tokens: built once per admission round, so that
+        # each request looks at the few rows that can share its prompt's prefix, not at every row
+        free.sort(key=lambda r: (len(self._prefixes[r]), r))
+        index = self._prefix_index()
         for placed, request in enumerate(admitted):
             try:
                 request.handle.times.admitted = now
                 if not request.sampling.greedy and request.sampling.seed is not None:
                     # made here, on the scheduler's thread: device work from another thread could break a graph capture
                     request.generator = request.sampling.make_generator(self.engine.device)
-                row = self._reuse_prefix(request, free)
+                row = self._reuse_prefix(request, free, index)
                 if row is None:
-                    row = min(free, key=lambda r: (len(self._prefixes[r]), r))  # keep the longest cached prefixes
+                    row = free[0]  # keep the longest cached prefixes
                     self._cache.reset_rows(row, row + 1)
-                    self._prefixes[row] = ()
+                    self._set_prefix(row, (), index)
             except BaseException:
                 with self._wake:  # back in the queue, so that the failure reaches them too (`_fail_all`)
                     self._waiting.extendleft(reversed(admitted[placed:]))
@@ -402,28 +408,47 @@ class Scheduler:
         with self._wake:
             self._admitting = 0
 
-    def _reuse_prefix(self, request: "_Request", free: list[int]) -> int | None:
-        """Prefix caching: the row (one of `free`) that now holds the longest prefix of the request's prompt that any
-        row has cached (a running request's prompt, or a finished one's whose row nobody took since), at least
-        `prefix_cache_min` tokens and one token short of the prompt (its logits are needed); None where there is none.
-        That prefix is copied into a free row (unless the row is free itself, then cut there); only the rest is
-        prefilled."""
-        if not self.prefix_cache_min or request.prompt_logprobs:  # those need every prompt position's logits
+    def _prefix_index(self) -> dict[tuple[int, ...], list[int]]:
+        """The rows whose cached prefix is long enough to reuse, by its first prefix_cache_min tokens (rows ascending)."""
+        index: dict[tuple[int, ...], list[int]] = {}
+        minimum = self.prefix_cache_min
+        if minimum:
+            for row, prefix in enumerate(self._prefixes):
+                if len(prefix) >= minimum:
+                    index.setdefault(prefix[:minimum], []).append(row)
+        return index
+
+    def _set_prefix(self, row: int, prefix: tuple[int, ...], index: dict[tuple[int, ...], list[int]]) -> None:
+        minimum, old = self.prefix_cache_min, self._prefixes[row]
+        if minimum and len(old) >= minimum:
+            index[old[:minimum]].remove(row)
+        if minimum and len(prefix) >= minimum:
+            bisect.insort(index.setdefault(prefix[:minimum], []), row)
+        self._prefixes[row] = prefix
+
+    def _reuse_prefix(self, request: "_Request", free: list[int], index: dict[tuple[int, ...], list[int]]) -> int | None:
+        """Prefix caching: the row (one of `free`, in hand-out order) that now holds the longest prefix of the
+        request's prompt that any row has cached (a running request's prompt, or a finished one's whose row nobody
+        took since), at least `prefix_cache_min` tokens and one token short of the prompt (its logits are needed);
+        None where there is none. That prefix is copied into a free row (unless the row is free itself, then cut
+        there); only the rest is prefilled. `index`: `_prefix_index`, kept up to date here."""
+        minimum = self.prefix_cache_min
+        if not minimum or request.prompt_logprobs:  # those need every prompt position's logits
             return None
         prompt = tuple(request.handle.prompt_ids)
         best, source = 0, None
-        for row, prefix in enumerate(self._prefixes):
-            shared = _common_prefix(prompt, prefix, len(prompt) - 1)
+        for row in index.get(prompt[:minimum], ()) if len(prompt) > minimum else ():
+            shared = _common_prefix(prompt, self._prefixes[row], len(prompt) - 1, minimum)
             if shared > best or (shared == best and shared and row in free and source not in free):
                 best, source = shared, row
-        if best < self.prefix_cache_min:
+        if best < minimum:
             return None
-        target = source if source in free else min(free, key=lambda r: (len(self._prefixes[r]), r))
+        target = source if source in free else free[0]
         if target != source:
             self._cache.copy_prefix(source, target, best)  # the prefix's positions only, not the whole row
         else:
             self._cache.keep_prefix(target, best)
-        self._prefixes[target] = tuple(prompt[:best])
+        self._set_prefix(target, tuple(prompt[:best]), index)
         request.fed = best
         self.stats.prefix_hits += 1
         self.stats.prefix_tokens_reused += best
@@ -729,11 +754,12 @@ def _to_device(values: torch.Tensor, device) -> torch.Tensor:
     return values.pin_memory().to(device, non_blocking=True)
 
 
-def _common_prefix(a: tuple[int, ...], b: tuple[int, ...], limit: int) -> int:
-    """How many leading tokens a and b share, at most `limit`: a binary search over slice comparisons (C loops), as
-    every admission compares its prompt with every row's."""
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...], limit: int, minimum: int = 1) -> int:
+    """How many leading tokens a and b share, at most `limit`; 0 where that is below `minimum` (too short to use): a
+    binary search over slice comparisons (C loops), as every admission compares its prompt with every row's; most
+    rows fail the first `minimum` tokens' comparison and cost no search."""
     low, high = 0, min(len(a), len(b), limit)
-    if high <= 0 or a[0] != b[0]:
+    if high < max(minimum, 1) or a[:minimum] != b[:minimum] or a[0] != b[0]:
         return 0
     while low < high:
         middle = (low + high + 1) // 2

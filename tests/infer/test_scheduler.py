@@ -551,6 +551,55 @@ def test_a_cached_prompt_prefix_is_reused_and_changes_no_token(variant, path):
     assert handles[4].result().token_ids == expected[4]  # no shared start: prefilled whole
 
 
+def test_the_prefix_index_picks_the_rows_a_scan_of_every_row_picks():
+    """_admit indexes the cached prefixes by their first prefix_cache_min tokens; the rows it picks (and the prefix
+    lengths it reuses) are those of comparing every prompt with every row, longest shared prefix first, a free row
+    winning a tie, the free rows handed out shortest cached prefix first."""
+    import random
+
+    def common(a, b, limit):
+        n = 0
+        while n < min(len(a), len(b), limit) and a[n] == b[n]:
+            n += 1
+        return n
+
+    model = tiny_model("mla", seed=1)
+    rng = random.Random(0)
+    for trial in range(20):
+        scheduler = Scheduler(GenerationEngine(model), max_batch=8, prefix_cache_min=3)
+        with torch.inference_mode():
+            scheduler.step()  # the cache
+            stems = [[rng.randrange(1, 40) for _ in range(6)] for _ in range(3)]
+            for row in range(8):
+                prefix = rng.choice(stems)[: rng.randrange(0, 7)] + [rng.randrange(1, 40) for _ in range(rng.randrange(3))]
+                scheduler._prefixes[row] = tuple(prefix)
+            busy = rng.sample(range(8), 3)
+            for row in busy:
+                scheduler._rows[row] = object()  # running (never stepped)
+            prompts = [rng.choice(stems)[: rng.randrange(1, 7)] + [rng.randrange(1, 40)] for _ in range(5)]
+            prefixes, free = list(scheduler._prefixes), [r for r in range(8) if r not in busy]
+            expected = []
+            for prompt in prompts:  # the rule, by a scan of every row
+                best, source = 0, None
+                for row, prefix in enumerate(prefixes):
+                    shared = common(prompt, prefix, len(prompt) - 1)
+                    if shared > best or (shared == best and shared and row in free and source not in free):
+                        best, source = shared, row
+                hand_out = min(free, key=lambda r: (len(prefixes[r]), r))
+                if best >= 3:
+                    row = source if source in free else hand_out
+                    prefixes[row] = tuple(prompt[:best])
+                else:
+                    row, best = hand_out, 0
+                    prefixes[row] = ()
+                free.remove(row)
+                expected.append((row, best))
+            requests = [scheduler._request(p, 1) for p in prompts]
+            scheduler._waiting.extend(requests)
+            scheduler._admit()
+        assert [(scheduler._rows.index(r), r.fed) for r in requests] == expected, trial
+
+
 def test_without_prefix_caching_nothing_is_reused():
     model = tiny_model("mla", seed=21)
     engine = GenerationEngine(model, decode_path="absorbed")
