@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-path", default="auto", help="egmla's decode path (auto = the engine's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload's draws")
     add_output_arguments(parser)
+    parser.add_argument("--plot", metavar="PNG", help="also draw output tokens/s per system as bars here (log scale, "
+                        "each labelled with its multiple of transformers'; matplotlib); with --report too")
 
 
 @dataclass
@@ -250,6 +252,11 @@ def summarize(timings: list[Timing]) -> dict:
 
 def main(args) -> int:
     if args.report:
+        if args.plot:
+            import json
+            from pathlib import Path
+
+            plot(json.loads(Path(args.report).read_text()), args.plot)
         return report(args, markdown)
     import torch
 
@@ -346,7 +353,61 @@ def main(args) -> int:
 
             record(row, measured_anchor)
     print()
+    if args.plot:
+        plot(meta, args.plot)
     return write_table(markdown(meta), args.markdown)
+
+
+def plot(meta: dict, path: str) -> None:
+    """Output tokens/s per (rate, variant), one bar per system, log scale, each labelled with its multiple of
+    transformers' in the same run: the table of `markdown` as a picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in meta["rows"] if "error" not in r]
+    anchor = {r["rate"]: r["output_tokens_per_s"] for r in rows if r["system"] == "transformers"}
+    groups = list(dict.fromkeys((r["rate"], r["variant"]) for r in rows if r["system"] != "transformers"))
+    systems = list(dict.fromkeys(_system_label(r) for r in rows if r["system"] != "transformers"))
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.8 * len(groups) + 4), 5))
+    width = 0.8 / max(len(systems), 1)
+    for index, system in enumerate(systems):
+        xs, ys, labels = [], [], []
+        for position, (rate, variant) in enumerate(groups):
+            row = next((r for r in rows if (r["rate"], r["variant"]) == (rate, variant) and _system_label(r) == system
+                        and r["system"] != "transformers"), None)
+            if row:
+                xs.append(position + (index - (len(systems) - 1) / 2) * width)
+                ys.append(row["output_tokens_per_s"])
+                labels.append(f"{row['output_tokens_per_s'] / anchor[rate]:.0f}×" if rate in anchor else "")
+        bars = ax.bar(xs, ys, width, label=system)
+        for bar, label in zip(bars, labels):
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=7, xytext=(0, 2), textcoords="offset points")
+    for rate, value in anchor.items():
+        ax.axhline(value, color="gray", linestyle="--", linewidth=1,
+                   label=f"transformers' continuous batching, Llama ({_rate_text(rate)}): {value:,.0f}")
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high * 1.6)
+    ax.set_xticks(range(len(groups)), [f"{variant}\n{_rate_text(rate)}" for rate, variant in groups])
+    ax.set_ylabel("output tokens/s (log scale); label: × transformers'")
+    ax.set_title(f"Serving {meta['requests']} requests, {meta['device']}, {meta['dtype'].replace('torch.', '')}\n"
+                 f"max batch {meta['max_batch']}, {meta['source']}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def _system_label(row: dict) -> str:
+    return row["system"] + (f" (admit {row['admit_batch']})" if "admit_batch" in row else "")
+
+
+def _rate_text(rate: float) -> str:
+    return "all at once" if math.isinf(rate) else f"{rate:g} req/s"
 
 
 def markdown(meta: dict) -> str:
@@ -364,8 +425,7 @@ def markdown(meta: dict) -> str:
               if r["system"] == "transformers" and "error" not in r}
     for row in meta["rows"]:
         rate = "all at once" if math.isinf(row["rate"]) else f"{row['rate']:g}"
-        system = row["system"] + (f" (admit {row['admit_batch']})" if "admit_batch" in row else "")
-        head = (f"| {rate} | {system} | {row['model']} | {row['variant']} | {row.get('decode_path', '')} | "
+        head = (f"| {rate} | {_system_label(row)} | {row['model']} | {row['variant']} | {row.get('decode_path', '')} | "
                 f"{row.get('max_batch') or '-'} |")
         if "error" in row:
             lines.append(f"{head} failed: {row['error']} | | | | |")

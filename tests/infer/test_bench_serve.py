@@ -40,6 +40,9 @@ def test_every_system_serves_every_request_its_output_length(tmp_path):
     assert table.read_text() == markdown(meta)
     assert "× transformers" in table.read_text() and "1.00×" in table.read_text()
     assert "Where the scheduler's thread spent the run" in table.read_text()
+    picture = tmp_path / "serve.png"  # drawn again from the result file
+    assert cli.run("serve", ["--report", str(out), "--plot", str(picture)]) == 0
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_admit_batch_values_each_run_a_continuous_row(tmp_path):
