@@ -42,23 +42,56 @@ class SamplingParams:
         return generator
 
 
+def host_to_device(values: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small host list as a tensor on `device`; to a GPU from pinned memory without waiting: a copy from pageable
+    memory waits for the stream, i.e. for the decode step queued ahead, which would undo the overlap of host and
+    device (the caching host allocator keeps the pinned buffer until the copy has run)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """logits [batch, vocab] with everything outside the top-k and outside the top-p nucleus set to -inf.
 
     The nucleus is the smallest set of most likely tokens whose probability sums to >= top_p; the most
     likely token is always kept."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return filter_rows(logits, [top_k] * logits.shape[0], [top_p] * logits.shape[0])
+
+
+def filter_rows(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """`filter_logits` with settings of each row's own (top_k[i], top_p[i]; 0 and 1.0 = that filter off): one
+    top-k and one sort over the batch whatever the mix of settings, each row filtered exactly as alone."""
+    vocab = logits.shape[-1]
+    cut = [k if 0 < k < vocab else 0 for k in top_k]
+    if any(cut):
+        values = torch.topk(logits, max(cut), dim=-1).values
+        # a row's k-th largest value; -inf (no cut) where its top-k is off
+        kth = values.gather(-1, host_to_device([max(k, 1) - 1 for k in cut], torch.long, logits.device)[:, None])
+        if not all(cut):
+            kth = kth.masked_fill(host_to_device([k == 0 for k in cut], torch.bool, logits.device)[:, None],
+                                  float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if any(p < 1.0 for p in top_p):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
-        drop_sorted = mass_before >= top_p
+        drop_sorted = mass_before >= host_to_device(top_p, probs.dtype, logits.device)[:, None]
         drop_sorted[..., 0] = False
+        if not all(p < 1.0 for p in top_p):  # a row whose nucleus is off keeps everything (rounding could reach 1)
+            drop_sorted &= host_to_device([p < 1.0 for p in top_p], torch.bool, logits.device)[:, None]
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Probabilities [rows, vocab] to draw from, each row under its own (non-greedy) settings: the logits in fp32
+    over the row's temperature, then its top-k and top-p filters, then softmax."""
+    temperature = host_to_device([p.temperature for p in params], torch.float32, logits.device)
+    scaled = logits.float() / temperature[:, None]
+    return filter_rows(scaled, [p.top_k for p in params], [p.top_p for p in params]).softmax(dim=-1)
 
 
 def select_next(logits: torch.Tensor, params: SamplingParams,
@@ -66,6 +99,33 @@ def select_next(logits: torch.Tensor, params: SamplingParams,
     """Next token ids [batch] (int64) from last-position logits [batch, vocab]."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    scaled = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
-    probs = scaled.softmax(dim=-1)
+    probs = sampling_probs(logits, [params] * logits.shape[0])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                shared: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids [rows] where every row has its own settings (params[i]) and random stream (generators[i], or
+    None for `shared`): greedy rows by argmax, the others filtered in one pass (`sampling_probs`), the rows without a
+    stream of their own drawn together, and each row with one drawn alone, so that it gets what `select_next` gives
+    its logits alone with that generator (a server's seeded requests: the same text whatever else runs). A batch of
+    mixed settings costs one filter and one draw per seeded row, not a whole sampling per setting."""
+    ids = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return ids
+    index = host_to_device(sampled, torch.long, logits.device)
+    every = len(sampled) == len(params)
+    probs = sampling_probs(logits if every else logits[index], [params[i] for i in sampled])
+    drawn = torch.empty(len(sampled), dtype=torch.long, device=logits.device)
+    together = [j for j, i in enumerate(sampled) if generators[i] is None]
+    if together:
+        rows = host_to_device(together, torch.long, logits.device)
+        drawn[rows] = torch.multinomial(probs[rows], 1, generator=shared).squeeze(-1)
+    for j, i in enumerate(sampled):
+        if generators[i] is not None:
+            drawn[j] = torch.multinomial(probs[j: j + 1], 1, generator=generators[i])[0, 0]
+    if every:
+        return drawn
+    ids[index] = drawn
+    return ids

@@ -26,7 +26,7 @@ As the engine does (`overlap_host`), each decode step is queued before the host 
 so that the host's per-request work (streaming, detokenizing, stop strings) overlaps the device's; a request that
 ends on an eos or a stop string has then appended one token more into its own row, which nobody reads.
 
-Each request has its own sampling settings (rows are grouped by them for `select_next`) and, with a seed, its own
+Each request has its own sampling settings (`sample_rows` filters every row under its own in one pass) and, with a seed, its own
 random stream: the same seed and prompt give the same text whatever else is running, up to the batch-size
 dependence of floating-point products on a GPU. Tokens stream to each request's handle as they are produced.
 Every row's tokens are exactly what `GenerationEngine.generate` gives that prompt alone (tests compare them).
@@ -52,7 +52,7 @@ from egmla.infer.decode_step import bucket_for
 from egmla.infer.engine import (DECODE_SDPA_BACKENDS, GenerationEngine, TokenEvent, _inputs_unchecked,
                                 _Sequence, _set_n_new, _tokens_to_host)
 from egmla.infer.requests import RequestHandle, SchedulerStats
-from egmla.infer.sampling import SamplingParams, select_next
+from egmla.infer.sampling import SamplingParams, sample_rows
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI allows 5, vLLM 20)
 # prompt tokens per forward for requests that want their prompt's log-probabilities: those forwards keep every
@@ -180,8 +180,8 @@ class Scheduler:
         queue OverflowError (more than max_waiting requests would wait beyond the free rows).
 
         sampling: SamplingParams' seed (0 by default) gives the request a random stream of its own, so that the same
-            prompt and seed sample the same text; seed=None shares the scheduler's stream (requests with the same
-            settings are then sampled together, one launch for all).
+            prompt and seed sample the same text (one draw of its own per step); seed=None shares the scheduler's
+            stream (every such request is drawn in one launch, whatever its settings).
 
         logprobs: None, or return each generated token's log-probability and the `logprobs` most likely tokens of its
             step (0 to MAX_TOP_LOGPROBS) in the events and the result. They are the model's own distribution, before
@@ -685,24 +685,12 @@ class Scheduler:
                 self._retire(row, None)
 
     def _sample(self, logits: torch.Tensor, requests: list[_Request]) -> torch.Tensor:
-        """Next ids [rows]: rows with the same settings and random stream sampled together."""
-        if all(request.sampling.greedy for request in requests):  # the usual case, once per step: no grouping
+        """Next ids [rows], each row under its request's settings and random stream (`sample_rows`: one filter for
+        all, one draw for the rows without a seed, one per seeded row)."""
+        if all(request.sampling.greedy for request in requests):  # the usual case, once per step
             return logits.argmax(dim=-1)
-        ids = torch.empty(len(requests), dtype=torch.long, device=logits.device)
-        groups: dict[tuple, list[int]] = {}
-        for i, request in enumerate(requests):
-            params = request.sampling
-            key = ((0.0, 0, 1.0) if params.greedy else (params.temperature, params.top_k, params.top_p),
-                   id(request.generator) if request.generator is not None else None)
-            groups.setdefault(key, []).append(i)
-        for (settings, own), members in groups.items():
-            params = SamplingParams(*settings)
-            generator = requests[members[0]].generator if own is not None else self._shared_generator
-            if len(groups) == 1:  # the usual case: every row alike, no gather
-                return select_next(logits, params, None if params.greedy else generator)
-            index = _index(members, logits.device)
-            ids[index] = select_next(logits[index], params, None if params.greedy else generator)
-        return ids
+        return sample_rows(logits, [r.sampling for r in requests], [r.generator for r in requests],
+                           self._shared_generator)
 
     def _retire(self, row: int, reason: str | None) -> None:
         request, self._rows[row] = self._rows[row], None
@@ -746,9 +734,7 @@ def _index(rows: list[int], device) -> torch.Tensor:
 
 
 def _to_device(values: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on `device`; to a GPU from pinned memory without waiting: a copy from pageable memory waits for
-    the stream, i.e. for the decode step queued ahead, which would undo the overlap of host and device (the caching
-    host allocator keeps the pinned buffer until the copy has run)."""
+    """A host tensor on `device`, without waiting for the stream (`egmla.infer.sampling.host_to_device`)."""
     if torch.device(device).type != "cuda":
         return values.to(device)
     return values.pin_memory().to(device, non_blocking=True)

@@ -48,3 +48,33 @@ def test_stop_matcher_holds_back_possible_stop_prefixes():
     assert matcher.text == "abc Exy"
     plain = StopStringMatcher([])
     assert plain.add("anything") == ("anything", False)
+
+
+def test_each_row_is_filtered_and_drawn_as_it_is_alone():
+    """sample_rows: a batch of mixed settings (greedy, temperature, top-k on and off, k past the vocabulary, top-p on
+    and off, seeded and not) filtered in one pass: every row's filter equals filter_logits of that row alone, every
+    seeded row draws what select_next gives it alone with the same seed, every other row stays in its support."""
+    import random
+
+    from egmla.infer.sampling import filter_rows, sample_rows
+
+    rng = random.Random(0)
+    vocab = 50
+    for trial in range(30):
+        rows = rng.randrange(1, 9)
+        logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(trial)) * 3
+        params = [SamplingParams(temperature=rng.choice([0.0, 0.5, 1.0, 1.7]), top_k=rng.choice([0, 1, 3, 10, 60]),
+                                 top_p=rng.choice([1.0, 0.9, 0.5, 0.05]), seed=rng.choice([None, trial, 7]))
+                  for _ in range(rows)]
+        filtered = filter_rows(logits, [p.top_k for p in params], [p.top_p for p in params])
+        for i, p in enumerate(params):
+            assert torch.equal(filtered[i], filter_logits(logits[i: i + 1], p.top_k, p.top_p)[0]), (trial, i)
+        generators = [p.make_generator("cpu") if p.seed is not None else None for p in params]
+        ids = sample_rows(logits, params, generators, shared=torch.Generator().manual_seed(1))
+        for i, p in enumerate(params):
+            alone = select_next(logits[i: i + 1], p, p.make_generator("cpu"))[0]
+            if p.greedy or p.seed is not None:
+                assert ids[i] == alone, (trial, i, p)
+            else:
+                scaled = filter_logits(logits[i: i + 1] / p.temperature, p.top_k, p.top_p)[0]
+                assert scaled[ids[i]] > float("-inf"), (trial, i, p)
