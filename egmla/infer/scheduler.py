@@ -271,7 +271,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                self._wake.wait_for(lambda: self._waiting or self.running or self._stopping)
+                self._wake.wait_for(lambda: self._waiting or self.running or self._pending or self._stopping)
                 if self._stopping and not self._waiting and not self.running:
                     return
             try:
@@ -298,8 +298,9 @@ class Scheduler:
             if pending:
                 # the next step is queued before the host reads the pending tokens (they are on the device already),
                 # so that streaming and stop checks run while the device works (`overlap_host`)
-                self._queue(self._timed("decode", lambda: self._decode(self._rows_ahead_of(pending))))
-                decoded = True
+                ahead = self._timed("decode", lambda: self._decode(self._rows_ahead_of(pending)))
+                self._queue(ahead)
+                decoded = ahead is not None  # else (every row ends on a pending token) the rows prefilled now run below
                 self._timed("read", self._process_all, pending)
             self._timed("admit", self._admit)
             self._timed("prefill", self._prefill)  # queues its rows' first tokens, read with the next step's
@@ -307,7 +308,8 @@ class Scheduler:
                 if self._compaction_due():
                     self._timed("read", self._process_all, self._pending)
                     self._pending = []
-                    self._compact([row for row, request in enumerate(self._rows) if request is not None])
+                    if self._compaction_due():  # still: reading the first tokens may have ended every row
+                        self._compact([row for row, request in enumerate(self._rows) if request is not None])
                 self._queue(self._timed("decode", lambda: self._decode(self._rows_ahead_of(self._pending))))
             if not self.overlap_host:
                 self._timed("read", self._process_all, self._pending)
@@ -370,7 +372,10 @@ class Scheduler:
         free = [row for row, request in enumerate(self._rows[: self.max_batch]) if request is None]
         admitted: list[_Request] = []
         with self._wake:
-            if not free or not self._waiting:
+            if not self._waiting:
+                self._held_since = None  # (cancellations may have emptied the queue during a hold)
+                return
+            if not free:
                 return
             if self.running and len(free) < min(len(self._waiting), self.admit_batch):
                 if self._held_since is None:
@@ -498,8 +503,8 @@ class Scheduler:
         if count < 2 or max(rows) - min(rows) + 1 == count:
             return {}
         wanted = set(rows)
-        start = min(range(len(self._rows) - count + 1),
-                    key=lambda b: (sum(r not in wanted for r in range(b, b + count)), b))
+        inside = [0, *itertools.accumulate(r in wanted for r in range(len(self._rows)))]  # wanted rows below each row
+        start = max(range(len(self._rows) - count + 1), key=lambda b: (inside[b + count] - inside[b], -b))
         holes = [r for r in range(start, start + count) if r not in wanted]
         movers = sorted(r for r in rows if not start <= r < start + count)
         moved = dict(zip(movers, holes)) | dict(zip(holes, movers))

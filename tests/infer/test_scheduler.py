@@ -97,6 +97,28 @@ def test_prompts_admitted_into_scattered_rows_are_prefilled_in_one_forward(varia
 
 
 @pytest.mark.parametrize("overlap", [True, False])
+def test_requests_ending_on_their_first_token_above_a_free_row(overlap):
+    """A request admitted above a free row (row 0 keeps a cached prefix) that ends on its first token: compaction is
+    due when its prefill completes, and reading that token retires the only row; nothing is left to compact (this
+    raised IndexError and failed every request) and the next requests run."""
+    engine = GenerationEngine(tiny_model("mla", seed=3), decode_path="naive", batch_buckets=(1, 2))
+    scheduler = Scheduler(engine, max_batch=2, prefix_cache_min=4, overlap_host=overlap)
+    first = scheduler.submit([10, 11, 12, 13, 14, 15], max_new_tokens=1)  # leaves a cached prefix in row 0
+    while scheduler.step():
+        pass
+    second = scheduler.submit([200, 201], max_new_tokens=1)  # row 1: row 0's prefix is spared
+    while scheduler.step():
+        pass
+    third = scheduler.submit([200, 201, 5], max_new_tokens=3)
+    while scheduler.step():
+        pass
+    for handle, (prompt, new) in ((first, ([10, 11, 12, 13, 14, 15], 1)), (second, ([200, 201], 1)),
+                                  (third, ([200, 201, 5], 3))):
+        assert handle.result().token_ids == engine.generate([prompt], max_new_tokens=new)[0].token_ids
+    assert scheduler.running == 0 and scheduler.stats.requests_finished == 3
+
+
+@pytest.mark.parametrize("overlap", [True, False])
 def test_a_prefills_first_token_is_read_with_the_next_steps_tokens(overlap):
     """With overlap_host, the first token a prefill samples is not read at once (a host sync that would wait for the
     step queued ahead of it) but with the next decode step's; without, each iteration reads all it queued."""
