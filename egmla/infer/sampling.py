@@ -42,14 +42,18 @@ class SamplingParams:
         return generator
 
 
-def host_to_device(values: list, dtype: torch.dtype, device) -> torch.Tensor:
-    """A small host list as a tensor on `device`; to a GPU from pinned memory without waiting: a copy from pageable
-    memory waits for the stream, i.e. for the decode step queued ahead, which would undo the overlap of host and
-    device (the caching host allocator keeps the pinned buffer until the copy has run)."""
-    tensor = torch.tensor(values, dtype=dtype)
+def to_device_async(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory without waiting: a copy from pageable memory waits for
+    the stream, i.e. for the decode step queued ahead, which would undo the overlap of host and device (the caching
+    host allocator keeps the pinned buffer until the copy has run)."""
     if torch.device(device).type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def host_to_device(values: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small host list as a tensor on `device`, without waiting for the stream (`to_device_async`)."""
+    return to_device_async(torch.tensor(values, dtype=dtype), device)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -52,7 +52,7 @@ from egmla.infer.decode_step import bucket_for
 from egmla.infer.engine import (DECODE_SDPA_BACKENDS, GenerationEngine, TokenEvent, _inputs_unchecked,
                                 _Sequence, _set_n_new, _tokens_to_host)
 from egmla.infer.requests import RequestHandle, SchedulerStats
-from egmla.infer.sampling import SamplingParams, sample_rows
+from egmla.infer.sampling import SamplingParams, host_to_device, sample_rows, to_device_async
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI allows 5, vLLM 20)
 # prompt tokens per forward for requests that want their prompt's log-probabilities: those forwards keep every
@@ -531,9 +531,9 @@ class Scheduler:
             tokens[row - first, :take] = torch.tensor(request.handle.prompt_ids[request.fed:request.fed + take])
             n_new[row - first] = take
         device = self.engine.device
-        ends = _to_device((n_new - 1).clamp(min=0), device)
-        logits = self.engine.model(_to_device(tokens, device), self._cache.rows(first, last),
-                                   n_new=_to_device(n_new, device), logits_at=None if every_position else ends)
+        ends = to_device_async((n_new - 1).clamp(min=0), device)
+        logits = self.engine.model(to_device_async(tokens, device), self._cache.rows(first, last),
+                                   n_new=to_device_async(n_new, device), logits_at=None if every_position else ends)
         self.stats.prefill_calls += 1
         if every_position:
             for row, take in run:
@@ -690,10 +690,8 @@ class Scheduler:
                 self._retire(row, None)
 
     def _sample(self, logits: torch.Tensor, requests: list[_Request]) -> torch.Tensor:
-        """Next ids [rows], each row under its request's settings and random stream (`sample_rows`: one filter for
-        all, one draw for the rows without a seed, one per seeded row)."""
-        if all(request.sampling.greedy for request in requests):  # the usual case, once per step
-            return logits.argmax(dim=-1)
+        """Next ids [rows], each row under its request's settings and random stream (`sample_rows`: one argmax where
+        all are greedy, else one filter for all, one draw for the rows without a seed, one per seeded row)."""
         return sample_rows(logits, [r.sampling for r in requests], [r.generator for r in requests],
                            self._shared_generator)
 
@@ -734,15 +732,8 @@ class Scheduler:
 
 
 def _index(rows: list[int], device) -> torch.Tensor:
-    """`rows` as an int64 tensor on `device` (see `_to_device`)."""
-    return _to_device(torch.tensor(rows, dtype=torch.long), device)
-
-
-def _to_device(values: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on `device`, without waiting for the stream (`egmla.infer.sampling.host_to_device`)."""
-    if torch.device(device).type != "cuda":
-        return values.to(device)
-    return values.pin_memory().to(device, non_blocking=True)
+    """`rows` as an int64 tensor on `device`, without waiting for the stream (`host_to_device`)."""
+    return host_to_device(rows, torch.long, device)
 
 
 def _common_prefix(a: tuple[int, ...], b: tuple[int, ...], limit: int, minimum: int = 1) -> int:
