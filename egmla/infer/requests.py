@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 from egmla.infer.engine import Generation, TokenEvent
@@ -87,9 +87,15 @@ class RequestHandle:
             self._changed.notify_all()
 
 
+# the scheduler's thread observes while a server's threads read (/metrics, /stats): one lock for every histogram,
+# so that a reader never sees a bucket counted ahead of its count (not a field: `asdict` deep-copies fields)
+_HISTOGRAMS = threading.Lock()
+
+
 @dataclass
 class Histogram:
-    """Observations counted below each bound (cumulative, as Prometheus keeps them), their sum and count."""
+    """Observations counted below each bound (cumulative, as Prometheus keeps them), their sum and count. Read them
+    from another thread through `snapshot()`."""
 
     bounds: tuple[float, ...]
     counts: list[int] = field(default_factory=list)  # counts[i]: observations <= bounds[i]
@@ -100,11 +106,17 @@ class Histogram:
         self.counts = self.counts or [0] * len(self.bounds)
 
     def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-        self.total += value
-        self.count += 1
+        with _HISTOGRAMS:
+            for i, bound in enumerate(self.bounds):
+                if value <= bound:
+                    self.counts[i] += 1
+            self.total += value
+            self.count += 1
+
+    def snapshot(self) -> "Histogram":
+        """A consistent copy (bucket counts, sum and count of the same observations)."""
+        with _HISTOGRAMS:
+            return Histogram(self.bounds, list(self.counts), self.total, self.count)
 
 
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)  # latencies
@@ -134,3 +146,8 @@ class SchedulerStats:
     time_to_first_token: Histogram = field(default_factory=lambda: Histogram(SECONDS))
     time_per_output_token: Histogram = field(default_factory=lambda: Histogram(STEP_SECONDS))  # after the first
     request_latency: Histogram = field(default_factory=lambda: Histogram(SECONDS))  # submitted to finished
+
+    def as_dict(self) -> dict:
+        """Every counter and histogram as plain values, the histograms consistent (read from any thread)."""
+        with _HISTOGRAMS:
+            return asdict(self)

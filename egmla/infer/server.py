@@ -28,7 +28,6 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
@@ -197,7 +196,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
     def _stats(self) -> None:
         scheduler = self.server.scheduler
         engine = scheduler.engine
-        self._send_json(200, {**asdict(scheduler.stats), "running": scheduler.running, "waiting": scheduler.waiting,
+        self._send_json(200, {**scheduler.stats.as_dict(), "running": scheduler.running, "waiting": scheduler.waiting,
                               "max_batch": scheduler.max_batch, "max_len": scheduler.max_len,
                               "max_waiting": scheduler.max_waiting, "model": self.server.model_name,
                               "variant": engine.config.variant_name(), "decode_path": engine.decode_path,
@@ -370,6 +369,7 @@ def prometheus_text(stats, running: int, waiting: int, model_name: str) -> str:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
         value = getattr(stats, attribute)
         if kind == "histogram":
+            value = value.snapshot()
             for bound, count in zip(value.bounds, value.counts):
                 lines.append(f'{name}_bucket{{{label},le="{bound:g}"}} {count}')
             lines += [f'{name}_bucket{{{label},le="+Inf"}} {value.count}', f"{name}_sum{{{label}}} {value.total!r}",

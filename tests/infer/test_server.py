@@ -530,3 +530,31 @@ def test_max_tokens_0_with_echo_scores_the_prompt(server, engine, tokenizer):
     values = choice["logprobs"]["token_logprobs"]
     assert values[0] is None and len(values) == len(ids)
     assert max(abs(v - float(full[t - 1, ids[t]])) for t, v in enumerate(values) if t) < 1e-4
+
+
+def test_a_histogram_read_while_observed_is_always_consistent():
+    """/metrics reads the latency histograms from a server thread while the scheduler's thread observes: every
+    snapshot has its cumulative buckets non-decreasing and none above its count."""
+    from egmla.infer.requests import SECONDS, Histogram
+
+    histogram, stop = Histogram(SECONDS), threading.Event()
+
+    def observe():
+        value = 0
+        while not stop.is_set():
+            histogram.observe((value % 97) * 0.01)
+            value += 1
+
+    writer = threading.Thread(target=observe)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: mid-observation, too
+    writer.start()
+    try:
+        for _ in range(2000):
+            seen = histogram.snapshot()
+            assert all(a <= b for a, b in zip(seen.counts, seen.counts[1:])) and seen.counts[-1] <= seen.count
+    finally:
+        stop.set()
+        writer.join()
+        sys.setswitchinterval(interval)
+    assert histogram.snapshot().count == histogram.count > 0
