@@ -5,6 +5,7 @@ reproducible (same seed, same model, same batch => same samples).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,17 @@ def host_to_device(values: list, dtype: torch.dtype, device) -> torch.Tensor:
     return to_device_async(torch.tensor(values, dtype=dtype), device)
 
 
+@functools.lru_cache(maxsize=64)
+def _settings_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Per-row settings (temperatures, top-k positions, top-p bounds, masks) on the device, kept: a batch samples with
+    the same settings step after step, so that each step does not copy them again (read-only; never written)."""
+    return host_to_device(list(values), dtype, device)
+
+
+def _settings(values: list, dtype: torch.dtype, device) -> torch.Tensor:
+    return _settings_tensor(tuple(values), dtype, torch.device(device))
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """logits [batch, vocab] with everything outside the top-k and outside the top-p nucleus set to -inf.
 
@@ -72,19 +84,19 @@ def filter_rows(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> t
     if any(cut):
         values = torch.topk(logits, max(cut), dim=-1).values
         # a row's k-th largest value; -inf (no cut) where its top-k is off
-        kth = values.gather(-1, host_to_device([max(k, 1) - 1 for k in cut], torch.long, logits.device)[:, None])
+        kth = values.gather(-1, _settings([max(k, 1) - 1 for k in cut], torch.long, logits.device)[:, None])
         if not all(cut):
-            kth = kth.masked_fill(host_to_device([k == 0 for k in cut], torch.bool, logits.device)[:, None],
+            kth = kth.masked_fill(_settings([k == 0 for k in cut], torch.bool, logits.device)[:, None],
                                   float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if any(p < 1.0 for p in top_p):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
-        drop_sorted = mass_before >= host_to_device(top_p, probs.dtype, logits.device)[:, None]
+        drop_sorted = mass_before >= _settings(top_p, probs.dtype, logits.device)[:, None]
         drop_sorted[..., 0] = False
         if not all(p < 1.0 for p in top_p):  # a row whose nucleus is off keeps everything (rounding could reach 1)
-            drop_sorted &= host_to_device([p < 1.0 for p in top_p], torch.bool, logits.device)[:, None]
+            drop_sorted &= _settings([p < 1.0 for p in top_p], torch.bool, logits.device)[:, None]
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -93,7 +105,7 @@ def filter_rows(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> t
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Probabilities [rows, vocab] to draw from, each row under its own (non-greedy) settings: the logits in fp32
     over the row's temperature, then its top-k and top-p filters, then softmax."""
-    temperature = host_to_device([p.temperature for p in params], torch.float32, logits.device)
+    temperature = _settings([p.temperature for p in params], torch.float32, logits.device)
     scaled = logits.float() / temperature[:, None]
     return filter_rows(scaled, [p.top_k for p in params], [p.top_p for p in params]).softmax(dim=-1)
 
