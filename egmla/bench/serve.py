@@ -406,8 +406,8 @@ def _system_label(row: dict) -> str:
     return row["system"] + (f" (admit {row['admit_batch']})" if "admit_batch" in row else "")
 
 
-def _rate_text(rate: float) -> str:
-    return "all at once" if math.isinf(rate) else f"{rate:g} req/s"
+def _rate_text(rate: float, unit: bool = True) -> str:
+    return "all at once" if math.isinf(rate) else f"{rate:g}" + (" req/s" if unit else "")
 
 
 def markdown(meta: dict) -> str:
@@ -424,9 +424,8 @@ def markdown(meta: dict) -> str:
     anchor = {r["rate"]: r["output_tokens_per_s"] for r in meta["rows"]
               if r["system"] == "transformers" and "error" not in r}
     for row in meta["rows"]:
-        rate = "all at once" if math.isinf(row["rate"]) else f"{row['rate']:g}"
-        head = (f"| {rate} | {_system_label(row)} | {row['model']} | {row['variant']} | {row.get('decode_path', '')} | "
-                f"{row.get('max_batch') or '-'} |")
+        head = (f"| {_rate_text(row['rate'], unit=False)} | {_system_label(row)} | {row['model']} | {row['variant']} | "
+                f"{row.get('decode_path', '')} | {row.get('max_batch') or '-'} |")
         if "error" in row:
             lines.append(f"{head} failed: {row['error']} | | | | |")
             continue
@@ -444,9 +443,8 @@ def markdown(meta: dict) -> str:
                   "| rate (req/s) | system | variant | run s | busy | decode | read | admit | prefill | decode steps | "
                   "prefill calls |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in phased:
-            rate = "all at once" if math.isinf(row["rate"]) else f"{row['rate']:g}"
             host = row["host_seconds"]
-            lines.append(f"| {rate} | {row['system']} (admit {row.get('admit_batch', '-')}) | {row['variant']} | "
+            lines.append(f"| {_rate_text(row['rate'], unit=False)} | {_system_label(row)} | {row['variant']} | "
                          f"{row['seconds']:.3f} | {row['busy_fraction']:.0%} | "
                          + " | ".join(f"{host.get(p, 0.0):.3f}" for p in ("decode", "read", "admit", "prefill"))
                          + f" | {row['decode_steps']} | {row['prefill_calls']} |")
