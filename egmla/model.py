@@ -213,14 +213,18 @@ class Transformer(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, n_new: torch.Tensor | None = None,
-                capturable: bool = False, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                capturable: bool = False, logits_at: torch.Tensor | None = None, empty: bool = False) -> torch.Tensor:
         """Logits [batch, seq, vocab] for tokens [batch, seq].
 
         With a cache, sequence b's tokens go at positions cache.lengths[b] + i and its length then
         grows by n_new[b] (default seq): positions past n_new[b] are padding, overwritten later.
         capturable: attend over the cache's whole max_len with no host sync and fixed shapes, so the call
         can be captured in a CUDA graph (the generation engine's decode step); same logits.
-        logits_at [batch]: the logits of position logits_at[b] only, [batch, 1, vocab] (prefill)."""
+        logits_at [batch]: the logits of position logits_at[b] only, [batch, 1, vocab] (prefill).
+        empty: every row of the cache is empty, as the caller guarantees (lengths are not read): the tokens go at
+        positions 0 .. seq-1, attention is causal over them alone, and lengths become n_new. With capturable, no host
+        sync for any seq: a prompt's prefill replayed from a CUDA graph (egmla/infer/prefill_step.py), which leaves the
+        cache's token groups unregistered (their dedup cannot be captured: the caller registers the prompts)."""
         batch, seq = tokens.shape
         if self.check_inputs and not capturable and not torch.compiler.is_compiling():
             self._check_tokens(tokens)
@@ -232,7 +236,7 @@ class Transformer(nn.Module):
             cos, sin = at_least_fp32(self.rope_cos[:seq], self.rope_sin[:seq])
             ctx = AttnContext(tokens, positions, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
         else:
-            ctx = self._cached_context(tokens, cache, n_new, capturable)
+            ctx = self._cached_context(tokens, cache, n_new, capturable, empty)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, ctx, cache.layers[i] if cache is not None else None)
@@ -240,25 +244,36 @@ class Transformer(nn.Module):
             h = h[torch.arange(batch, device=h.device), logits_at][:, None]
         logits = self.output(self.norm(h))
         if cache is not None:
-            cache.advance(n_new if n_new is not None else torch.full_like(cache.lengths, seq))
+            n_new = n_new if n_new is not None else torch.full_like(cache.lengths, seq)
+            if empty:
+                cache.lengths.copy_(n_new)
+            else:
+                cache.advance(n_new)
         return logits
 
     def _cached_context(self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None,
-                        capturable: bool) -> AttnContext:
+                        capturable: bool, empty: bool = False) -> AttnContext:
         if cache.batch_size != tokens.shape[0]:
             raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch_size {cache.batch_size}: "
                              f"allocate the cache with new_cache({tokens.shape[0]})")
         if self.layers and self.decode_path in self.layers[0].attn.WEIGHT_READING_PATHS:
             self._refuse_wrapped_weights()
         decode_lengths = None
-        if self.builds_context_in_one_launch(tokens, capturable):  # the engine's graph step on a GPU
+        if not empty and self.builds_context_in_one_launch(tokens, capturable):  # the engine's graph step on a GPU
             from egmla.kernels.decode_context import decode_context
 
             kv_len = cache.max_len
             positions, rows, decode_lengths, cos, sin = decode_context(cache.lengths, tokens, cache.token_ids,
                                                                        self.rope_cos, self.rope_sin, kv_len)
         else:
-            positions, kv_len = cache.positions_for(tokens.shape[1], static=capturable)
+            if empty:  # nothing cached: positions from 0, read from no tensor (no host sync)
+                if tokens.shape[1] > cache.max_len:
+                    raise ValueError(f"sequence length {tokens.shape[1]} exceeds the cache's max_len={cache.max_len}: "
+                                     f"allocate a larger cache or shorten the input")
+                kv_len = tokens.shape[1]
+                positions = torch.arange(kv_len, device=tokens.device).expand(tokens.shape[0], kv_len)
+            else:
+                positions, kv_len = cache.positions_for(tokens.shape[1], static=capturable)
             rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]  # every layer's cache writes use it
             if cache.token_ids is not None:
                 cache.token_ids[rows, positions] = tokens.to(cache.token_ids.dtype)
@@ -267,14 +282,16 @@ class Transformer(nn.Module):
                 decode_lengths = positions[:, 0] + 1
         kv_ids = cache.token_ids[:, :kv_len] if cache.token_ids is not None else None
         if cache.token_groups is not None:
-            if self.decode_path in ("grouped", "absorbed"):  # (the bias control's 'absorbed'): positions by id
+            # positions by id, on the paths that read them (the bias control's 'absorbed' too); not kept up otherwise,
+            # nor in a captured prefill (the caller registers its prompts): reset() clears the flag, a reader raises
+            if self.decode_path in ("grouped", "absorbed") and not (capturable and empty):
                 cache.token_groups.append(tokens, positions, n_new)
-            else:  # a path that never reads them: not kept up (reset() clears this), so a reader raises
+            else:
                 cache.token_groups.host.unregistered = True
         return AttnContext(tokens, positions, cos, sin,
                            kv_len=kv_len, kv_token_ids=kv_ids,
                            kv_groups=cache.token_groups, capturable=capturable,
-                           fresh=not capturable and kv_len == tokens.shape[1],  # every row started empty
+                           fresh=empty or (not capturable and kv_len == tokens.shape[1]),  # every row started empty
                            decode_lengths=decode_lengths, batch_rows=rows, stats_arrivals=cache.stats_arrivals)
 
     def builds_context_in_one_launch(self, tokens: torch.Tensor, capturable: bool) -> bool:

@@ -155,6 +155,27 @@ class TokenGroups:
             self.lengths += n_new.clamp(max=seq)
         self.version += 1
 
+    def register_prompts(self, start: int, tokens: torch.Tensor, n_new: torch.Tensor) -> None:
+        """Register the prompts tokens [rows, width] (host tensors; the first n_new[b] of row b count) of empty rows
+        [start, start + rows), deduplicated on the host (`append` there) and copied without waiting for the device:
+        the registration of a prefill that a CUDA graph replayed (egmla/infer/prefill_step.py), where the device's
+        dedup would sync the host with the step queued ahead."""
+        rows, width = tokens.shape
+        host = TokenGroups(rows, width)
+        host.append(tokens, torch.arange(width).expand(rows, width), n_new)
+        device = self.lengths.device
+
+        def moved(tensor: torch.Tensor) -> torch.Tensor:  # from pinned memory: a pageable copy waits for the stream
+            return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+        stop = start + rows
+        for name in self.PER_POSITION:
+            getattr(self, name)[start:stop, :width] = moved(getattr(host, name))
+        for name in self.PER_SEQUENCE:
+            getattr(self, name)[start:stop] = moved(getattr(host, name))
+        self.host.distinct_bound = max(self.host.distinct_bound, host.host.distinct_bound)
+        self.version += 1
+
     def _append_one(self, ids: torch.Tensor, positions: torch.Tensor, n_new: torch.Tensor) -> None:
         """One token per sequence (rows with n_new > 0), lengths included, without a host sync: one Triton launch
         where the forward-only kernels run (egmla/kernels/token_groups.py), else its PyTorch reference."""
@@ -304,14 +325,49 @@ class KVCache:
         """A cache of sequences [start, stop) that shares this one's storage (appends to it land here)."""
         if not 0 <= start < stop <= self.batch_size:
             raise ValueError(f"rows({start}, {stop}): need 0 <= start < stop <= batch_size={self.batch_size}")
+        return self._view(lambda t, _: t[start:stop], stop - start, self.max_len)
+
+    def reshaped(self, rows: int, width: int) -> "KVCache":
+        """A cache of `rows` sequences of `width` positions over this one's storage, its positions read as one run
+        (rows x width <= batch_size x max_len; rows <= batch_size): scratch for prefills of any shape, sharing one
+        allocation (egmla/infer/prefill_step.py)."""
+        if not (1 <= rows <= self.batch_size and 1 <= width and rows * width <= self.batch_size * self.max_len):
+            raise ValueError(f"reshaped({rows}, {width}): need 1 <= rows <= batch_size={self.batch_size} and "
+                             f"rows x width <= {self.batch_size} x {self.max_len} positions")
+
+        def regroup(buffer: torch.Tensor, per_position: bool) -> torch.Tensor:
+            if not per_position:
+                return buffer[:rows]
+            return buffer.flatten(0, 1)[: rows * width].view(rows, width, *buffer.shape[2:])
+
+        return self._view(regroup, rows, width)
+
+    def _view(self, fn: TensorMap, batch_size: int, max_len: int) -> "KVCache":
         view = copy.copy(self)
         view.layers = [copy.copy(layer) for layer in self.layers]
         if self.token_groups is not None:
             view.token_groups = copy.copy(self.token_groups)
             view.token_groups._plan = None
-        view._map(lambda t, _: t[start:stop])
-        view.batch_size = stop - start
+        view._map(fn)
+        view.batch_size, view.max_len = batch_size, max_len
         return view
+
+    def take_rows(self, source: "KVCache", start: int, count: int, width: int) -> None:
+        """Rows [start, start + count) become source's rows [0, count): positions [0, width) of every layer's buffers
+        and of the token ids, and source's lengths (prompts prefilled in a scratch cache, egmla/infer/prefill_step.py).
+        The token groups are not copied: register the prompts (`TokenGroups.register_prompts`)."""
+        stop = start + count
+        if not (0 <= start and stop <= self.batch_size and count <= source.batch_size
+                and width <= min(self.max_len, source.max_len)):
+            raise ValueError(f"take_rows: rows [{start}, {stop}) x {width} positions do not fit this cache "
+                             f"({self.batch_size} x {self.max_len}) or the source ({source.batch_size} x "
+                             f"{source.max_len})")
+        for mine, theirs in zip(self.layers, source.layers, strict=True):
+            for name, buffer in mine.buffers.items():
+                buffer[start:stop, :width] = theirs.buffers[name][:count, :width]
+        if self.token_ids is not None:
+            self.token_ids[start:stop, :width] = source.token_ids[:count, :width]
+        self.lengths[start:stop] = source.lengths[:count]
 
     def grow(self, max_len: int) -> None:
         """Room for `max_len` positions per sequence (new storage; what is cached is kept)."""

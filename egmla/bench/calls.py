@@ -5,7 +5,9 @@ and again meets it (the steady-state tables of `egmla bench generate`, same shap
   against a cache and graphs made for each length (`GenerationEngine(reuse_longer_cache=...)`);
 - calls of alternating batch sizes (`--batches 32,4`): under decode_path="auto" EG-MLA changes path between them
   (`grouped` for large calls, `kernel` for small ones); one cache and the graphs of both paths kept across the
-  changes against a cache and graphs made again at each change (`share_cache_across_paths=...`).
+  changes against a cache and graphs made again at each change (`share_cache_across_paths=...`);
+- `--compare prefill_graphs`: the prompts prefilled by the fixed-shape step replayed from a CUDA graph per bucket
+  against eager prefill forwards (`GenerationEngine(prefill_graphs=...)`).
 
 Per variant: one pass that compiles (not reported), then each setting in turn on a fresh engine, same prompts."""
 from __future__ import annotations
@@ -15,6 +17,11 @@ import statistics
 import time
 
 from egmla.bench.options import add_output_arguments, add_preset_arguments, int_list, report
+
+
+SETTINGS = {"reuse_longer_cache": ("kept cache reused by shorter calls", "no: one per length"),
+            "share_cache_across_paths": ("one cache and graphs kept across paths", "no: made again at each change"),
+            "prefill_graphs": ("prefill steps (CUDA graphs)", "no: eager prefill forwards")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "compares share_cache_across_paths instead of reuse_longer_cache, e.g. --batches 32,4 "
                              "--lengths 2048")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt and call")
+    parser.add_argument("--compare", choices=sorted(SETTINGS), default=None,
+                        help="the engine setting compared (on, off): default reuse_longer_cache, or "
+                             "share_cache_across_paths with --batches")
     add_output_arguments(parser)
 
 
@@ -52,7 +62,7 @@ def main(args) -> int:
     if args.new_tokens < 2:
         raise ValueError(f"--new-tokens {args.new_tokens}: must be >= 2 (one step after the prefill's token)")
     calls = [(batches[i % len(batches)], lengths[i % len(lengths)]) for i in range(max(len(lengths), len(batches)))]
-    setting = "share_cache_across_paths" if args.batches else "reuse_longer_cache"
+    setting = args.compare or ("share_cache_across_paths" if args.batches else "reuse_longer_cache")
     name = args.preset if args.preset != "auto" else ("paper-base" if device.type == "cuda" else "tiny")
     overrides = {"max_seq_len": max(lengths) + args.new_tokens, **parse_overrides(args.overrides, section="model")}
     base = preset(name, **overrides)
@@ -90,8 +100,6 @@ def main(args) -> int:
     return write_table(markdown(meta), args.markdown)
 
 
-SETTINGS = {"reuse_longer_cache": ("kept cache reused by shorter calls", "no: one per length"),
-            "share_cache_across_paths": ("one cache and graphs kept across paths", "no: made again at each change")}
 
 
 def markdown(meta: dict) -> str:
@@ -106,8 +114,8 @@ def markdown(meta: dict) -> str:
     lines = [f"Successive generate() calls on one engine, {meta['device']}, {meta['dtype']}, torch {meta['torch']}: "
              f"{meta['source']}; {shape}, {meta['new_tokens']} greedy tokens each. ms of wall clock per call.", "",
              f"| variant | decode path |{' batch |' if batches else ''} {header} | first call ms | later calls ms "
-             "(median) | later calls: decode ms (median) | cache positions |",
-             f"|---|---|{'---:|' if batches else ''}---|---:|---:|---:|---:|"]
+             "(median) | later calls: prefill ms (median) | later calls: decode ms (median) | cache positions |",
+             f"|---|---|{'---:|' if batches else ''}---|---:|---:|---:|---:|---:|"]
     groups: dict[tuple, list[dict]] = {}
     for row in meta["rows"]:
         groups.setdefault((row["variant"], row[setting], row["batch"] if batches else None), []).append(row)
@@ -117,6 +125,7 @@ def markdown(meta: dict) -> str:
         paths = ", ".join(dict.fromkeys(r["decode_path"] for r in rows))
         lines.append(f"| {variant} | {paths} |{f' {batch} |' if batches else ''} {'yes' if enabled else off} | "
                      f"{rows[0]['wall_ms']:.1f} | {statistics.median(r['wall_ms'] for r in later):.1f} | "
+                     f"{statistics.median(r['prefill_ms'] for r in later):.1f} | "
                      f"{statistics.median(r['decode_ms'] for r in later):.1f} | "
                      f"{', '.join(map(str, positions)) if len(positions) <= 3 else f'{positions[0]}–{positions[-1]}'} |")
     return "\n".join(lines) + "\n"

@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continuous: free rows that admit waiting requests while others run (the scheduler's "
                              "admit_batch; default max(1, max batch // 8)); comma-separated values run one "
                              "continuous row each (e.g. 1,16: refill each freed row at once vs 16 at a time)")
+    parser.add_argument("--prefill-graphs", default=None,
+                        help="egmla's systems: 'on' = fresh prompts prefilled through the fixed-shape step (a CUDA "
+                             "graph per bucket; the engine's default on CUDA), 'off' = eager forwards; 'on,off' runs "
+                             "a row of each (default: the engine's choice, not labelled)")
     parser.add_argument("--decode-path", default="auto", help="egmla's decode path (auto = the engine's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload's draws")
     add_output_arguments(parser)
@@ -133,7 +137,8 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
     if row is not None:
         stats = scheduler.stats
         row.update(admit_batch=scheduler.admit_batch, decode_steps=stats.decode_steps,
-                   prefill_calls=stats.prefill_calls, compactions=stats.compactions, rows_moved=stats.rows_moved,
+                   prefill_calls=stats.prefill_calls, prefill_graph_calls=stats.prefill_graph_calls,
+                   compactions=stats.compactions, rows_moved=stats.rows_moved,
                    prefills_shared=stats.prefills_shared, prefix_hits=stats.prefix_hits,
                    prefix_tokens_reused=stats.prefix_tokens_reused, busy_fraction=stats.busy_seconds / duration,
                    host_seconds={phase: round(seconds, 6) for phase, seconds in stats.host_seconds.items()})
@@ -289,6 +294,10 @@ def main(args) -> int:
         raise ValueError(f"--admit-batch {args.admit_batch!r}: give comma-separated whole numbers of rows") from None
     if any(a is not None and not 1 <= a <= max_batch for a in admit_batches):
         raise ValueError(f"--admit-batch {args.admit_batch}: each must lie in [1, --max-batch={max_batch}]")
+    switches = {"on": True, "off": False}
+    prefill_graphs = [None] if args.prefill_graphs is None else [switches.get(v) for v in args.prefill_graphs.split(",")]
+    if None in prefill_graphs and args.prefill_graphs is not None:
+        raise ValueError(f"--prefill-graphs {args.prefill_graphs!r}: give on, off or on,off")
     if min(count, prompt_len, output_len, max_batch) < 1 or min(rates) <= 0:
         raise ValueError("--requests, --prompt-len, --output-len, --max-batch and every --rate must be > 0")
     name = args.preset if args.preset != "auto" else ("paper-base" if on_cuda else "tiny")
@@ -321,12 +330,14 @@ def main(args) -> int:
         for variant in select(args.variants) if {"continuous", "static"} & set(systems) else []:
             config = variant.config(base)
             model = _random_model(config, device, dtype)
-            runs = [(system, admit) for system in systems if system != "transformers"
-                    for admit in (admit_batches if system == "continuous" else [None])]
-            for system, admit in runs:
-                engine = GenerationEngine(model, decode_path=args.decode_path)
+            runs = [(system, admit, graphs) for system in systems if system != "transformers"
+                    for admit in (admit_batches if system == "continuous" else [None]) for graphs in prefill_graphs]
+            for system, admit, graphs in runs:
+                engine = GenerationEngine(model, decode_path=args.decode_path, prefill_graphs=graphs)
                 row = {"system": system, "model": "egmla", "variant": config.variant_name(), "rate": rate,
                        "max_batch": max_batch}
+                if graphs is not None:
+                    row["prefill_graphs"] = engine.prefill_graphs
                 run = (functools.partial(run_continuous, prefill_chunk=args.prefill_chunk, row=row, admit_batch=admit)
                        if system == "continuous" else run_static)
 
@@ -403,7 +414,9 @@ def plot(meta: dict, path: str) -> None:
 
 
 def _system_label(row: dict) -> str:
-    return row["system"] + (f" (admit {row['admit_batch']})" if "admit_batch" in row else "")
+    settings = ([f"admit {row['admit_batch']}"] if "admit_batch" in row else []) + (
+        [f"prefill {'graphs' if row['prefill_graphs'] else 'eager'}"] if "prefill_graphs" in row else [])
+    return row["system"] + (f" ({', '.join(settings)})" if settings else "")
 
 
 def _rate_text(rate: float, unit: bool = True) -> str:
@@ -447,5 +460,6 @@ def markdown(meta: dict) -> str:
             lines.append(f"| {_rate_text(row['rate'], unit=False)} | {_system_label(row)} | {row['variant']} | "
                          f"{row['seconds']:.3f} | {row['busy_fraction']:.0%} | "
                          + " | ".join(f"{host.get(p, 0.0):.3f}" for p in ("decode", "read", "admit", "prefill"))
-                         + f" | {row['decode_steps']} | {row['prefill_calls']} |")
+                         + f" | {row['decode_steps']} | {row['prefill_calls']}"
+                         + (f" ({row['prefill_graph_calls']} graphs)" if row.get("prefill_graph_calls") else "") + " |")
     return "\n".join(lines) + "\n"

@@ -32,6 +32,7 @@ from egmla.attention import (KVCache, allocate_cache, attention_class, check_dec
                              decode_paths, fastest_decode_path)
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
+from egmla.infer.prefill_step import MIN_WIDTH, PREFILL_GRAPH_TOKENS, PrefillStep, prefill_bucket
 from egmla.infer.sampling import SamplingParams, select_next
 from egmla.infer.text import IncrementalDetokenizer, StopStringMatcher
 
@@ -179,13 +180,18 @@ class GenerationEngine:
         so that streaming, detokenizing and the stop checks of a step run on the host while the GPU runs the next,
         instead of the GPU waiting for them; the same tokens. A sequence that ends on an eos or a stop string has
         then appended one token more to its own cache row, never read (one wasted step where every sequence ends
-        that way at once); a sequence ending by length never does. False: read, then queue (the old order)."""
+        that way at once); a sequence ending by length never does. False: read, then queue (the old order).
+    prefill_graphs: prefill fresh prompts (each from position 0 of an empty row; up to PREFILL_GRAPH_TOKENS tokens
+        right-padded per call) through a fixed-shape step into a scratch cache whose rows are then copied, replayed
+        from a CUDA graph per (rows, width) bucket where cuda_graphs (egmla/infer/prefill_step.py): an eager prefill
+        costs 10-30 ms of host time on an H100 however few tokens it carries. Default: cuda_graphs; True without
+        graphs runs the same step eagerly (the tests' check of the path on a CPU)."""
 
     def __init__(self, model, tokenizer=None, decode_path: str | None = "auto", cache_dtype=None,
                  offload_gate_tables: bool = False, prefill_token_budget: int = 32768,
                  cuda_graphs: bool | None = None, batch_buckets: Sequence[int] | None = None,
                  reuse_longer_cache: bool = True, share_cache_across_paths: bool = True, merged_products: bool = True,
-                 overlap_host: bool = True):
+                 overlap_host: bool = True, prefill_graphs: bool | None = None):
         if prefill_token_budget < 1:
             raise ValueError(f"prefill_token_budget={prefill_token_budget}: must be >= 1")
         self.prefill_token_budget, self.reuse_longer_cache = prefill_token_budget, reuse_longer_cache
@@ -219,6 +225,11 @@ class GenerationEngine:
         self._cache: KVCache | None = None  # kept between calls of the same shape, with its steps
         self._steps: dict[tuple, DecodeStep] = {}
         self._steps_read = precomputed_tensors(model, self.cuda_graphs)  # what the kept steps' graphs read by address
+        self.prefill_graphs = self.cuda_graphs if prefill_graphs is None else prefill_graphs
+        self._prefill_steps: dict[tuple, PrefillStep] = {}
+        self._prefill_scratch: KVCache | None = None  # what every prefill step writes into, like the kept cache
+        self._prefill_pool = None  # the prefill graphs' shared memory pool
+        self._cache_layout: str | None = None  # the decode path the kept cache was allocated for
 
     @property
     def device(self) -> torch.device:
@@ -227,6 +238,11 @@ class GenerationEngine:
     def release(self) -> None:
         """Free the cache and the captured graphs kept for the next call."""
         self._cache, self._steps, self.last_step = None, {}, None
+        self._prefill_steps, self._prefill_scratch, self._prefill_pool = {}, None, None
+
+    def drop_steps(self) -> None:
+        """Forget the captured graphs (a precomputed tensor they read by address was rebuilt); the caches stay."""
+        self._steps, self.last_step, self._prefill_steps = {}, None, {}
 
     # ---- input -----------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int], index: int = 0) -> list[int]:
@@ -281,7 +297,7 @@ class GenerationEngine:
             self._choose_path(batch, cache_len)
         read = precomputed_tensors(self.model, self.cuda_graphs)
         if any(a is not b for a, b in zip(self._steps_read, read)):
-            self._steps, self.last_step = {}, None  # a precomputed tensor was rebuilt: graphs of the old ones go
+            self.drop_steps()  # a precomputed tensor was rebuilt: graphs of the old ones go
         self._steps_read = read
         cache = self._cache_for(bucket_for(batch, self.batch_buckets), cache_len)
         prompt_lengths = [len(seq.result.prompt_ids) for seq in sequences]
@@ -425,6 +441,7 @@ class GenerationEngine:
             layout = "grouped" if shared else self.decode_path
             cache = self._cache = allocate_cache(self.config, rows, cache_len, dtype=dtype, device=self.device,
                                                  decode_path=layout)
+            self._cache_layout = layout
         cache.reset()
         return cache
 
@@ -434,7 +451,7 @@ class GenerationEngine:
         such), else one of this call's size is captured."""
         path = self.decode_path
         key: tuple = (path, batch)
-        groups = cache.token_groups if path in ("grouped", "absorbed") else None  # the paths that read them
+        groups = cache.token_groups if self.reads_token_groups() else None
         use_graph = self.cuda_graphs and batch <= MAX_GRAPH_BATCH
         if groups is not None and use_graph:
             needed = groups.graph_distinct_bound(cache.max_len, max_new_tokens)
@@ -444,6 +461,27 @@ class GenerationEngine:
         if key not in self._steps:
             self._steps[key] = DecodeStep(self.model, cache, batch, use_graph)
         return self._steps[key]
+
+    def prefill_step(self, rows: int, width: int, max_len: int) -> PrefillStep | None:
+        """The prefill step that takes `rows` fresh prompts of at most `width` tokens into the kept cache (of `max_len`
+        positions), or None (eager prefill) where prefill_graphs is off or no bucket takes them."""
+        bucket = prefill_bucket(rows, width, max_len) if self.prefill_graphs and self._cache is not None else None
+        if bucket is None:
+            return None
+        key = (self.decode_path, *bucket)
+        if key not in self._prefill_steps:
+            if self._prefill_scratch is None:
+                self._prefill_scratch = allocate_cache(self.config, PREFILL_GRAPH_TOKENS // MIN_WIDTH, MIN_WIDTH,
+                                                       dtype=_cache_dtype(self._cache), device=self.device,
+                                                       decode_path=self._cache_layout)
+                self._prefill_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+            self._prefill_steps[key] = PrefillStep(self.model, self._prefill_scratch, *bucket, self.cuda_graphs,
+                                                   self._prefill_pool)
+        return self._prefill_steps[key]
+
+    def reads_token_groups(self) -> bool:
+        """The decode path reads the cache's token groups (EG-MLA's grouped, the bias controls' absorbed)."""
+        return self.decode_path in ("grouped", "absorbed")
 
     def _prefill(self, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
         """Append prompt i to cache row i; logits [batch, vocab] at each prompt's last token.
@@ -478,9 +516,15 @@ class GenerationEngine:
             tokens = torch.zeros(stop - start, width, dtype=torch.long)  # right-padded with id 0
             for row in range(start, stop):
                 tokens[row - start, : lengths[row]] = torch.tensor(prompts[row])
+            chunk = max(1, budget // (stop - start))
+            step = self.prefill_step(stop - start, width, cache.max_len) if width <= chunk else None
+            if step is not None:  # the rows are empty (the cache was reset): a fixed-shape step, from a CUDA graph
+                logits.append(step.prefill(cache, start, tokens, torch.tensor(lengths[start:stop]),
+                                           self.reads_token_groups()))
+                start = stop
+                continue
             tokens, rows = tokens.to(device), cache.rows(start, stop)
             group_lengths = torch.tensor(lengths[start:stop], device=device)
-            chunk = max(1, budget // (stop - start))
             picked = None  # each row's logits at its last prompt token, from the chunk that holds it
             for column in range(0, width, chunk):
                 piece = tokens[:, column:column + chunk]

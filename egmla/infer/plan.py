@@ -211,14 +211,18 @@ def format_plan(rows: list[dict], title: str) -> str:
 
 
 def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype: torch.dtype, decode_path: str,
-                      prefill_tokens: int, memory_fraction: float = 0.9, limit: int | None = None) -> dict:
+                      prefill_tokens: int, memory_fraction: float = 0.9, limit: int | None = None,
+                      prefill_steps: bool = False) -> dict:
     """`egmla serve --max-batch auto`: the most cache rows of `max_len` positions that fit in `memory_fraction` of
     `free_bytes` (the device's free memory measured after the weights are loaded), less the activations of a
     prefill forward of `prefill_tokens` tokens (its hidden states, attention inputs and FFN, twice over for
     temporaries) and of a prompt-logprobs forward's fp32 logits. Per row: the cache bytes of the layout the engine
     allocates ('auto' gives an EG-MLA cache the grouped layout) plus, where the decode may take the grouped path,
     its working memory at the most distinct ids a row can hold. Capped at `limit` (the largest graph-captured
-    batch). Returns the rows and the figures behind them; raises ValueError where not even one row fits."""
+    batch). prefill_steps: the engine prefills through CUDA-graph steps (egmla/infer/prefill_step.py), which keep a
+    scratch cache of PREFILL_GRAPH_TOKENS positions and their graphs' activations of as many tokens, in addition.
+    Returns the rows and the figures behind them; raises ValueError where not even one row fits."""
+    from egmla.infer.prefill_step import PREFILL_GRAPH_TOKENS
     from egmla.infer.scheduler import PROMPT_LOGPROBS_CHUNK
 
     if not 0 < memory_fraction <= 1:
@@ -234,6 +238,8 @@ def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype:
              if config.is_latent else 3 * config.d_model)  # per token: queries, keys and values of every head
     width = 4 * config.d_model + 3 * config.ffn_dim + 3 * heads
     activations = 2 * prefill_tokens * width * item + 2 * PROMPT_LOGPROBS_CHUNK * config.vocab_size * 4
+    if prefill_steps:
+        activations += PREFILL_GRAPH_TOKENS * (per_token + 2 * width * item)
     budget = memory_fraction * free_bytes - activations
     rows = int(budget // per_row) if budget > 0 else 0
     if rows < 1:

@@ -133,6 +133,7 @@ class SchedulerStats:
     generated_tokens: int = 0
     decode_steps: int = 0
     prefill_calls: int = 0
+    prefill_graph_calls: int = 0  # of which fixed-shape steps (replayed from CUDA graphs on a GPU)
     compactions: int = 0  # live rows moved to the front for a smaller bucket
     rows_moved: int = 0  # rows swapped so that the prompts admitted together are prefilled in one forward
     prefills_shared: int = 0  # prompts not prefilled because an earlier request's identical prompt was: rows copied

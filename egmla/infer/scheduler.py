@@ -14,7 +14,8 @@ keeps one cache of `max_batch` rows and `max_len` positions and loops:
               rows share one forward; a long prompt is fed over several iterations (chunked prefill), so the
               running requests keep getting tokens meanwhile; a row whose prompt is complete samples its first
               token; a prompt another request is already feeding (the samples of one prompt) is not fed again:
-              its row becomes a copy of the other's
+              its row becomes a copy of the other's; fresh prompts (from position 0 of emptied rows) go through
+              the engine's fixed-shape `PrefillStep`, a CUDA graph per (rows, width) bucket on a GPU
     step      one decode step for every live row, through the engine's `DecodeStep` of the smallest bucket that
               holds the highest live row (a CUDA graph per bucket on a GPU, the one the engine replays); free rows
               append nothing (n_new = 0)
@@ -531,16 +532,23 @@ class Scheduler:
             tokens[row - first, :take] = torch.tensor(request.handle.prompt_ids[request.fed:request.fed + take])
             n_new[row - first] = take
         device = self.engine.device
-        ends = to_device_async((n_new - 1).clamp(min=0), device)
-        logits = self.engine.model(to_device_async(tokens, device), self._cache.rows(first, last),
-                                   n_new=to_device_async(n_new, device), logits_at=None if every_position else ends)
         self.stats.prefill_calls += 1
-        if every_position:
-            for row, take in run:
-                self._record_prompt_logprobs(self._rows[row], logits[row - first, :take])
-            logits = logits[torch.arange(last - first, device=device), ends]
+        # fresh prompts (each from position 0 of an emptied row) through the engine's fixed-shape step (a CUDA graph)
+        fresh = not every_position and not any(self._rows[row].fed for row, _ in run)
+        step = self.engine.prefill_step(last - first, width, self.max_len) if fresh else None
+        if step is not None:
+            logits = step.prefill(self._cache, first, tokens, n_new, self.engine.reads_token_groups())
+            self.stats.prefill_graph_calls += 1
         else:
-            logits = logits[:, 0]
+            ends = to_device_async((n_new - 1).clamp(min=0), device)
+            logits = self.engine.model(to_device_async(tokens, device), self._cache.rows(first, last),
+                                       n_new=to_device_async(n_new, device), logits_at=None if every_position else ends)
+            if every_position:
+                for row, take in run:
+                    self._record_prompt_logprobs(self._rows[row], logits[row - first, :take])
+                logits = logits[torch.arange(last - first, device=device), ends]
+            else:
+                logits = logits[:, 0]
         complete, sources = [], []
         for row, take in run:
             request = self._rows[row]
@@ -776,5 +784,5 @@ def _precomputed(engine: GenerationEngine) -> list:
 
     read = precomputed_tensors(engine.model, engine.cuda_graphs)
     if any(a is not b for a, b in zip(engine._steps_read, read)):
-        engine._steps, engine.last_step = {}, None  # a precomputed tensor was rebuilt: graphs of the old ones go
+        engine.drop_steps()  # a precomputed tensor was rebuilt: graphs of the old ones go
     return read

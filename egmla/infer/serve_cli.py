@@ -107,9 +107,9 @@ def _max_batch(args, engine) -> int:
     free, _ = torch.cuda.mem_get_info(engine.device)
     plan = serving_max_batch(config, max_len, free, engine.model.tok_embeddings.weight.dtype, engine.decode_path,
                              args.prefill_chunk or engine.prefill_token_budget, args.memory_fraction,
-                             limit=MAX_GRAPH_BATCH)
+                             limit=MAX_GRAPH_BATCH, prefill_steps=engine.prefill_graphs)
     print(f"egmla serve: --max-batch auto = {plan['max_batch']} rows of {max_len} positions "
           f"({plan['bytes_per_row'] / GB * 1e3:.1f} MB each, {plan['cache_layout']} layout; {plan['fits']} would fit "
           f"in {args.memory_fraction:.0%} of {free / GB:.1f} GB free, less {plan['activation_bytes'] / GB:.2f} GB "
-          f"for a prefill forward)", flush=True)
+          f"for prefill activations)", flush=True)
     return plan["max_batch"]

@@ -47,16 +47,21 @@ def test_requests_joining_and_leaving_get_the_tokens_they_get_alone(variant, pat
     eos = alone(engine, 0).token_ids[2]  # some requests end on it, early
     expected = [alone(engine, i, eos) for i in range(len(PROMPTS))]
     assert any(r.finish_reason == "eos" for r in expected) and any(r.finish_reason == "length" for r in expected)
-    # chunk 3: prompts fed over iterations; overlap: each step queued before the previous one's tokens are read
-    settings = (((), None, False), ((), None, True), ((1, 2, 4), None, True), ((1, 2, 4), 3, True))
+    # chunk 3: prompts fed over iterations; overlap: each step queued before the previous one's tokens are read;
+    # prefill steps: fresh prompts through the fixed-shape step (a CUDA graph on a GPU, eager here), the rest not
+    settings = (((), None, False, False), ((), None, True, True), ((1, 2, 4), None, True, False),
+                ((1, 2, 4), 3, True, True))
     if path == "kernel":  # slow in the interpreter: the first and the last setting, which differ in everything
         settings = settings[::3]
-    for buckets, chunk, overlap in settings:
-        engine = GenerationEngine(model, decode_path=path, batch_buckets=buckets)
+    for buckets, chunk, overlap, prefill_steps in settings:
+        engine = GenerationEngine(model, decode_path=path, batch_buckets=buckets, prefill_graphs=prefill_steps)
         scheduler = Scheduler(engine, max_batch=3, prefill_chunk=chunk, overlap_host=overlap)
         handles = staggered(scheduler, [0, 0, 1, 1, 3, 6], eos)
         results = [h.result() for h in handles]
-        setting = (buckets, chunk, overlap)
+        setting = (buckets, chunk, overlap, prefill_steps)
+        stats = scheduler.stats
+        assert (0 < stats.prefill_graph_calls < stats.prefill_calls if chunk and prefill_steps else
+                stats.prefill_graph_calls == (stats.prefill_calls if prefill_steps else 0)), setting
         assert [r.token_ids for r in results] == [r.token_ids for r in expected], setting
         assert [r.finish_reason for r in results] == [r.finish_reason for r in expected], setting
         assert scheduler.stats.requests_finished == len(PROMPTS) and scheduler.running == 0
@@ -398,6 +403,7 @@ def test_on_cuda_with_graphs_the_requests_get_the_eager_engines_tokens(variant, 
         assert [h.result().token_ids for h in handles] == [r.token_ids for r in expected], chunk
         assert [h.result().finish_reason for h in handles] == [r.finish_reason for r in expected], chunk
         assert scheduler._step.use_graph
+        assert scheduler.stats.prefill_graph_calls > 0 and all(s.graph for s in engine._prefill_steps.values())
 
 
 @pytest.mark.gpu

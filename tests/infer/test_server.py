@@ -357,6 +357,9 @@ def test_max_batch_auto_fits_the_rows_in_the_free_memory():
         assert plan["bytes_per_row"] == per_token * 2048 + plan["decode_workspace_bytes_per_row"]
         assert (plan["decode_workspace_bytes_per_row"] > 0) == (layout == "grouped")
         assert serving_max_batch(config, 2048, 8 * 10**9, torch.bfloat16, "auto", 8192, limit=16)["max_batch"] == 16
+        graphs = serving_max_batch(config, 2048, 8 * 10**9, torch.bfloat16, "auto", 8192, memory_fraction=0.5,
+                                   prefill_steps=True)  # + the prefill steps' scratch (8,192 positions) and graphs
+        assert graphs["activation_bytes"] - plan["activation_bytes"] > 8192 * per_token
     with pytest.raises(ValueError, match="lower --max-len or --prefill-chunk"):
         serving_max_batch(config, 2048, 10**8, torch.bfloat16, "auto", 32768)
     with pytest.raises(ValueError, match="memory_fraction=1.5"):
