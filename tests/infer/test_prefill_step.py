@@ -114,7 +114,7 @@ def test_buckets_and_the_scratch_views():
     assert prefill_bucket(3, 17, 1024) == (3, 24) and prefill_bucket(5, 100, 1024) == (6, 128)
     assert prefill_bucket(1, 40, 32) is None  # wider than the cache
     assert prefill_bucket(3, 20, 20) == (3, 20)  # the width bucket capped at the cache's length
-    assert prefill_bucket(64, 200, 1024) is None  # 64 x 256 > PREFILL_GRAPH_TOKENS
+    assert prefill_bucket(128, 200, 1024) is None  # 128 x 256 > PREFILL_GRAPH_TOKENS
     assert WIDTH_BUCKETS[0] == 16 and WIDTH_BUCKETS[-1] == PREFILL_GRAPH_TOKENS
     model = tiny_model("eg-mla")
     model.set_decode_path("grouped")
