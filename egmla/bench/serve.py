@@ -381,7 +381,7 @@ def plot(meta: dict, path: str) -> None:
     anchor = {r["rate"]: r["output_tokens_per_s"] for r in rows if r["system"] == "transformers"}
     groups = list(dict.fromkeys((r["rate"], r["variant"]) for r in rows if r["system"] != "transformers"))
     systems = list(dict.fromkeys(_system_label(r) for r in rows if r["system"] != "transformers"))
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.8 * len(groups) + 4), 5))
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.8 * len(groups) + 4), 5.5 + 0.12 * len(systems)))
     width = 0.8 / max(len(systems), 1)
     for index, system in enumerate(systems):
         xs, ys, labels = [], [], []
@@ -406,7 +406,7 @@ def plot(meta: dict, path: str) -> None:
     ax.set_ylabel("output tokens/s (log scale); label: × transformers'")
     ax.set_title(f"Serving {meta['requests']} requests, {meta['device']}, {meta['dtype'].replace('torch.', '')}\n"
                  f"max batch {meta['max_batch']}, {meta['source']}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: never over a bar
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -243,6 +243,7 @@ class GenerationEngine:
     def drop_steps(self) -> None:
         """Forget the captured graphs (a precomputed tensor they read by address was rebuilt); the caches stay."""
         self._steps, self.last_step, self._prefill_steps = {}, None, {}
+        self._prefill_pool = None  # a pool whose graphs are all gone cannot take a new capture (an allocator assert)
 
     # ---- input -----------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int], index: int = 0) -> list[int]:
@@ -474,7 +475,8 @@ class GenerationEngine:
                 self._prefill_scratch = allocate_cache(self.config, PREFILL_GRAPH_TOKENS // MIN_WIDTH, MIN_WIDTH,
                                                        dtype=_cache_dtype(self._cache), device=self.device,
                                                        decode_path=self._cache_layout)
-                self._prefill_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+            if self._prefill_pool is None and self.cuda_graphs:
+                self._prefill_pool = torch.cuda.graph_pool_handle()
             self._prefill_steps[key] = PrefillStep(self.model, self._prefill_scratch, *bucket, self.cuda_graphs,
                                                    self._prefill_pool)
         return self._prefill_steps[key]
