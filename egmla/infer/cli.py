@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "other the model supports; auto = the Triton kernel on CUDA (EG-MLA: the grouped decode once "
                              "batch x context >= 16,384 positions), the variant's first elsewhere")
     parser.add_argument("--eager", action="store_true",
-                        help="run every decode step eagerly (default on CUDA: replay each batch size's step from a "
-                             "CUDA graph)")
+                        help="run every decode step and prefill eagerly (default on CUDA: replay each batch size's "
+                             "step, and each shape bucket's prefill of fresh prompts, from a CUDA graph)")
     parser.add_argument("--no-overlap", action="store_true",
                         help="read each step's tokens back before queueing the next step (default: queue it first, so "
                              "streaming and stop checks run on the host while the device runs the step; same tokens)")

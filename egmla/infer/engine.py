@@ -225,6 +225,9 @@ class GenerationEngine:
         self._cache: KVCache | None = None  # kept between calls of the same shape, with its steps
         self._steps: dict[tuple, DecodeStep] = {}
         self._steps_read = precomputed_tensors(model, self.cuda_graphs)  # what the kept steps' graphs read by address
+        if prefill_graphs and self.offload is not None:
+            raise ValueError("prefill_graphs=True with offload_gate_tables: the offload swaps gate-table rows per call "
+                             "on the host, which the fixed-shape prefill step does not follow; use one or the other")
         self.prefill_graphs = self.cuda_graphs if prefill_graphs is None else prefill_graphs
         self._prefill_steps: dict[tuple, PrefillStep] = {}
         self._prefill_scratch: KVCache | None = None  # what every prefill step writes into, like the kept cache

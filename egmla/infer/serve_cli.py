@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "any other the model supports; auto = the fastest on the device for --max-batch x "
                              "--max-len")
     parser.add_argument("--eager", action="store_true",
-                        help="run every decode step eagerly (default on CUDA: replay each batch size's step from a "
-                             "CUDA graph)")
+                        help="run every decode step and prefill eagerly (default on CUDA: replay each batch size's "
+                             "step, and each shape bucket's prefill of fresh prompts, from a CUDA graph)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda if available")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights and cache dtype; auto = bf16 on CUDA, fp32 on CPU")

@@ -56,6 +56,8 @@ def test_offload_refuses_models_without_gates_and_whole_table_paths():
         GateTableOffload(tiny_model("mla"))
     with pytest.raises(ValueError, match="decode_path='kernel'"):
         GenerationEngine(tiny_model("eg-mla"), decode_path="kernel", offload_gate_tables=True)
+    with pytest.raises(ValueError, match="prefill_graphs=True with offload_gate_tables"):
+        GenerationEngine(tiny_model("eg-mla"), decode_path="gate-table", offload_gate_tables=True, prefill_graphs=True)
 
 
 @pytest.mark.gpu
