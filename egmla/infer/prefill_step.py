@@ -69,7 +69,7 @@ class PrefillStep:
                 registers_groups: bool) -> torch.Tensor:
         """Prefill prompts tokens [n, w] (a host tensor, right-padded; row i's first n_new[i] count, n <= rows,
         w <= width) into the empty rows [start, start + n) of `cache`; their logits at each prompt's last token
-        [n, vocab]. registers_groups: the decode path reads the cache's token groups (else they are marked stale)."""
+        [n, vocab], a tensor of the caller's (not the graph's output, which the next replay overwrites). registers_groups: the decode path reads the cache's token groups (else they are marked stale)."""
         count, columns = tokens.shape
         if count > self.rows or columns > self.width or int(n_new.min()) < 1:
             raise ValueError(f"prefill of {count} x {columns} tokens (n_new min {int(n_new.min())}) into a step of "
@@ -86,16 +86,16 @@ class PrefillStep:
             if self.graph is None:
                 self.capture()
             self.graph.replay()
-            logits = self.logits
+            logits = self.logits[:count].clone()  # the graph's output buffer: the next replay overwrites it
         else:
-            logits = self.forward()
+            logits = self.forward()[:count]
         cache.take_rows(self.cache, start, count, columns)
         if cache.token_groups is not None:
             if registers_groups:
                 cache.token_groups.register_prompts(start, tokens, n_new)
             else:
                 cache.token_groups.host.unregistered = True
-        return logits[:count]
+        return logits
 
     def capture(self) -> None:
         """Warm up (Triton compiles, the allocator settles) on a side stream, then capture; both only write the

@@ -8,7 +8,7 @@ from tests.infer.helpers import VARIANTS, tiny_model
 from egmla.attention import decode_paths
 from egmla.attention.cache import TokenGroups
 from egmla.infer import GenerationEngine
-from egmla.infer.prefill_step import PREFILL_GRAPH_TOKENS, WIDTH_BUCKETS, prefill_bucket
+from egmla.infer.prefill_step import PREFILL_GRAPH_TOKENS, WIDTH_BUCKETS, PrefillStep, prefill_bucket
 
 CASES = [(variant, path) for variant in VARIANTS for path in decode_paths(tiny_model(variant).config)]
 
@@ -92,6 +92,51 @@ def test_generate_through_prefill_steps_gives_the_eager_engines_tokens(variant, 
         want = [g.token_ids for g in eager.generate(prompts, max_new_tokens=6)]
         assert [g.token_ids for g in stepped.generate(prompts, max_new_tokens=6)] == want
         assert [key[1:] for key in stepped._prefill_steps] == [bucket]  # (a cache of a new length drops the steps)
+
+
+def test_logits_of_a_graph_replay_survive_the_next_replay(monkeypatch):
+    """A replay writes the graph's one output tensor in place (emulated here: forward copies into a kept buffer): the
+    logits a prefill returns must not be that buffer, else generate()'s second group of prompts in the same bucket
+    overwrites the first group's (found by a randomized review with this emulation; on a GPU it gave wrong tokens)."""
+    real_forward = PrefillStep.forward
+
+    def graph_like(self):
+        out = real_forward(self)
+        if getattr(self, "_buffer", None) is None:
+            self._buffer = out.clone()
+        else:
+            self._buffer.copy_(out)
+        return self._buffer
+
+    made = GenerationEngine.prefill_step
+
+    def replayed(self, *args):  # the engine's steps as on a GPU: captured once, then replayed
+        step = made(self, *args)
+        if step is not None:
+            step.use_graph = True
+        return step
+
+    monkeypatch.setattr(PrefillStep, "forward", graph_like)
+    monkeypatch.setattr(PrefillStep, "capture", lambda self: setattr(self, "graph", _Replay(self)))
+    monkeypatch.setattr(GenerationEngine, "prefill_step", replayed)
+    model = tiny_model("mla", seed=3)
+    prompts = [[5 + i + 7 * j for j in range(20)] for i in range(4)]  # two groups of 2 x 20 tokens: one bucket
+    settings = dict(decode_path="absorbed", prefill_token_budget=40)
+    eager = GenerationEngine(model, prefill_graphs=False, **settings).generate(prompts, max_new_tokens=4)
+    engine = GenerationEngine(model, prefill_graphs=True, **settings)
+    stepped = engine.generate(prompts, max_new_tokens=4)
+    assert [key[1:] for key in engine._prefill_steps] == [(2, 23)]  # (the cache holds 20 + 4 - 1 positions)
+    assert [g.token_ids for g in stepped] == [g.token_ids for g in eager]
+
+
+class _Replay:
+    """Stands in for a captured graph on the CPU: replay() runs the step's forward, whose output buffer is kept."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def replay(self):
+        self.step.logits = self.step.forward()
 
 
 def test_register_prompts_equals_appending_them():
