@@ -42,8 +42,8 @@ def prefill_bucket(rows: int, width: int, max_len: int, tokens: int = PREFILL_GR
 
 class PrefillStep:
     """A prefill of up to `rows` fresh prompts of up to `width` tokens each into a `reshaped` view of `scratch`:
-    `prefill(cache, start, tokens, n_new)` runs it (from a CUDA graph where use_graph) and moves the result into
-    rows [start, start + len(tokens)) of `cache`, returning each prompt's last logits.
+    `prefill(cache, start, tokens, n_new, registers_groups)` runs it (from a CUDA graph where use_graph) and moves the
+    result into rows [start, start + len(tokens)) of `cache`, returning each prompt's last logits.
 
     The graph reads the scratch's storage and the static inputs by address: valid as long as the scratch lives
     (the engine drops its steps with it)."""
@@ -51,7 +51,7 @@ class PrefillStep:
     def __init__(self, model, scratch: KVCache, rows: int, width: int, use_graph: bool, pool=None):
         """scratch: a cache of the serving cache's layout and dtype with room for rows x width positions (the engine's
         holds PREFILL_GRAPH_TOKENS, a row per MIN_WIDTH of them); pool: the graph memory pool the steps share (they
-        run one at a time, and each one's logits are read before the next runs)."""
+        run one at a time, and `prefill` returns a copy of the logits, never the graph's output)."""
         self.model, self.rows, self.width, self.use_graph, self.pool = model, rows, width, use_graph, pool
         self.cache = scratch.reshaped(rows, width)
         device = scratch.lengths.device
@@ -67,9 +67,10 @@ class PrefillStep:
 
     def prefill(self, cache: KVCache, start: int, tokens: torch.Tensor, n_new: torch.Tensor,
                 registers_groups: bool) -> torch.Tensor:
-        """Prefill prompts tokens [n, w] (a host tensor, right-padded; row i's first n_new[i] count, n <= rows,
+        """Prefill prompts tokens [n, w] (host tensors, right-padded; row i's first n_new[i] count, n <= rows,
         w <= width) into the empty rows [start, start + n) of `cache`; their logits at each prompt's last token
-        [n, vocab], a tensor of the caller's (not the graph's output, which the next replay overwrites). registers_groups: the decode path reads the cache's token groups (else they are marked stale)."""
+        [n, vocab], a tensor of the caller's (not the graph's output, which the next replay overwrites).
+        registers_groups: the decode path reads the cache's token groups (else they are marked stale)."""
         count, columns = tokens.shape
         if count > self.rows or columns > self.width or int(n_new.min()) < 1:
             raise ValueError(f"prefill of {count} x {columns} tokens (n_new min {int(n_new.min())}) into a step of "
