@@ -229,3 +229,7 @@ def test_on_cuda_a_replayed_prefill_graph_equals_the_eager_prefill(variant, path
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9]]
     want = [g.token_ids for g in eager.generate(prompts, max_new_tokens=8)]
     assert [g.token_ids for g in stepped.generate(prompts, max_new_tokens=8)] == want
+    # a budget of 16 tokens: one prompt per group, both groups in bucket (1, 16), one graph replayed twice in a call
+    stepped = GenerationEngine(model, decode_path=path, prefill_token_budget=16)
+    assert [g.token_ids for g in stepped.generate(prompts, max_new_tokens=8)] == want
+    assert [key[1:] for key in stepped._prefill_steps] == [(1, 16)]
