@@ -49,7 +49,13 @@ LAUNCH_SETTINGS = {"grouped per-row sums": {"gate_dot": False, "num_warps": (4, 
                    # that wrote them (egmla/kernels/studies/grouped_scratch.py; 3.3-3.9x slower on an H200)
                    "grouped scratch r256": {"kernel": "scratch"},
                    "grouped scratch r128": {"kernel": "scratch", "range_len": 128},
-                   "grouped scratch r512 w8": {"kernel": "scratch", "range_len": 512, "num_warps": 8}}
+                   "grouped scratch r512 w8": {"kernel": "scratch", "range_len": 512, "num_warps": 8},
+                   # one fused CUDA launch (egmla/kernels/grouped_decode_cuda.cu: mma.sync, a warp per head, blocks
+                   # of 16 ids absorbed, attended and up-projected on chip) over segments of N grouped positions
+                   **{f"grouped cuda s{n} h{h}" + (f" b{b}" if b > 1 else ""):
+                      {"kernel": "cuda", "segment": n, "heads_per_block": h, "min_blocks": b}
+                      for n, h, b in ((128, 4, 1), (256, 4, 1), (128, 2, 1), (64, 2, 1), (128, 12, 1), (128, 4, 4),
+                                      (128, 2, 8))}}
 
 
 # what --settings times by default (the slices and stages were measured once, 2026-12-04, and lost: opt-in)
