@@ -202,9 +202,6 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         self.gate_table: torch.Tensor | None = None  # G_l = E_l W_UE^T, built for the paths that read it
         self.gate_table_from: tuple | None = None  # gate_sources_key() when it was built
         self.grouped_backend = "auto"  # 'grouped' one-token steps: auto (Triton on CUDA), kernel or pytorch
-        # which kernel a 'grouped' step runs on CUDA: triton (three launches, grouped_decode.py) or cuda (one fused
-        # launch, grouped_decode_cuda.py: bf16 and 64-wide heads only, else Triton after one warning)
-        self.grouped_kernel = "triton"
         self.absorbed_backend = "auto"  # the bias control's 'absorbed' one-token steps: the same choices
         # the bias control kernel's per-id softmax mass: "atomic" (atomics in time order) or "grouped" (segment
         # sums in the grouped plan's order, no atomics; exact, 4-9% slower on an H200: docs/benchmarks.md §2)
@@ -621,20 +618,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         bounds = (ctx.kv_len, max(groups.host.distinct_bound, groups.host.plan_distinct)) if ctx.capturable else None
         plan = groups.plan(CHUNK, vocab_size=table.shape[0], bounds=bounds)
         norm = self.gate_norm
-        kernel = grouped_decode
-        if self.grouped_kernel == "cuda":
-            from egmla.kernels import warn_fallback_once
-            from egmla.kernels.grouped_decode_cuda import grouped_decode_cuda, supports
-
-            reason = supports(q_nope[:, 0], latent, k_pe, self.wkv_b.weight)
-            if reason:
-                warn_fallback_once("grouped_kernel 'cuda'", reason + "; running the Triton kernels")
-            else:
-                kernel = grouped_decode_cuda
-        elif self.grouped_kernel != "triton":
-            raise ValueError(f"grouped_kernel={self.grouped_kernel!r}: choose triton or cuda")
-        out = kernel(q_nope[:, 0], q_pe[:, 0], latent, k_pe, ctx.kv_ln_stats, plan, table,
-                     self.wkv_b.weight, norm.weight, getattr(norm, "bias", None), self.softmax_scale)
+        out = grouped_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, ctx.kv_ln_stats, plan, table,
+                             self.wkv_b.weight, norm.weight, getattr(norm, "bias", None), self.softmax_scale)
         return out.unsqueeze(1)
 
     def grouped_pytorch(self, q_nope, q_pe, latent, k_pe, ctx: AttnContext) -> torch.Tensor:

@@ -143,7 +143,7 @@ def _variant_call(attn, args, groups, kwargs: dict):
     """grouped_decode (three launches) with other launch settings (chunk `block_t`, ids / rows per program,
     warps), or with kwargs["kernel"] = "fused" the one-launch kernel of grouped_fused.py and its settings,
     "gluon" the persistent Gluon kernel of grouped_gluon.py, "scratch" grouped_scratch.py's one launch (plus a
-    combine) over ranges of grouped positions, or "cuda" the fused CUDA kernel of grouped_decode_cuda.py."""
+    combine) over ranges of grouped positions, or "cuda" the fused CUDA kernel of studies/grouped_decode_cuda.py."""
     from egmla.kernels.grouped_decode import CHUNK, grouped_decode, make_plan
     from egmla.kernels.studies.grouped_fused import grouped_decode_fused
 
@@ -157,7 +157,7 @@ def _variant_call(attn, args, groups, kwargs: dict):
     if which == "scratch":
         from egmla.kernels.studies.grouped_scratch import grouped_decode_scratch as kernel
     if which == "cuda":
-        from egmla.kernels.grouped_decode_cuda import grouped_decode_cuda as kernel
+        from egmla.kernels.studies.grouped_decode_cuda import grouped_decode_cuda as kernel
     inputs = kernel_inputs(attn, args)
     return lambda: kernel(plan=plan, **inputs, **kwargs)
 

@@ -50,17 +50,16 @@ LAUNCH_SETTINGS = {"grouped per-row sums": {"gate_dot": False, "num_warps": (4, 
                    "grouped scratch r256": {"kernel": "scratch"},
                    "grouped scratch r128": {"kernel": "scratch", "range_len": 128},
                    "grouped scratch r512 w8": {"kernel": "scratch", "range_len": 512, "num_warps": 8},
-                   # one fused CUDA launch (egmla/kernels/grouped_decode_cuda.cu: mma.sync, a warp per head, blocks
-                   # of 16 ids absorbed, attended and up-projected on chip) over segments of N grouped positions
-                   **{f"grouped cuda s{n} h{h}" + (f" b{b}" if b > 1 else ""):
-                      {"kernel": "cuda", "segment": n, "heads_per_block": h, "min_blocks": b}
-                      for n, h, b in ((128, 4, 1), (256, 4, 1), (128, 2, 1), (64, 2, 1), (128, 12, 1), (128, 4, 4),
-                                      (128, 2, 8))}}
+                   # one fused CUDA launch (egmla/kernels/studies/grouped_decode_cuda.cu: mma.sync, two warps per head, W^K
+                   # and W^V in shared memory, blocks of 16 ids absorbed, attended and up-projected on chip) over
+                   # segments of N grouped positions, H heads per block
+                   **{f"grouped cuda s{n} h{h}": {"kernel": "cuda", "segment": n, "heads_per_block": h}
+                      for n, h in ((512, 4), (256, 4), (1024, 4), (256, 2), (512, 2))}}
 
 
 # what --settings times by default (the slices and stages were measured once, 2026-12-04, and lost: opt-in)
 DEFAULT_SETTINGS = tuple(k for k in LAUNCH_SETTINGS
-                         if not k.startswith(("grouped slices", "grouped stages", "grouped scratch")))
+                         if not k.startswith(("grouped slices", "grouped stages", "grouped scratch", "grouped cuda")))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -52,6 +52,7 @@ from torch.nn.attention import sdpa_kernel
 from egmla.infer.decode_step import bucket_for
 from egmla.infer.engine import (DECODE_SDPA_BACKENDS, GenerationEngine, TokenEvent, _inputs_unchecked,
                                 _Sequence, _set_n_new, _tokens_to_host)
+from egmla.infer.prefill_step import WIDTH_BUCKETS, prefill_bucket
 from egmla.infer.requests import RequestHandle, SchedulerStats
 from egmla.infer.sampling import SamplingParams, host_to_device, sample_rows, to_device_async
 
@@ -284,10 +285,7 @@ class Scheduler:
         """One iteration: free cancelled rows, admit waiting requests, prefill (first tokens), one decode step for
         every row whose prompt is in. Returns whether any request is still running or waiting."""
         start = time.perf_counter()
-        engine = self.engine
-        device = engine.device
-        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        with on_device, torch.inference_mode(), _inputs_unchecked(engine.model), sdpa_kernel(DECODE_SDPA_BACKENDS):
+        with self._running_model():
             if self._cache is None:
                 self._open()
             self._retire_cancelled()
@@ -328,14 +326,22 @@ class Scheduler:
             seconds = self.stats.host_seconds
             seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
 
+    @contextlib.contextmanager
+    def _running_model(self):
+        """What the model runs under here: its device, inference mode, unchecked inputs, the decode SDPA backends (a
+        graph captured ahead of time must be the one `step()` would capture)."""
+        engine = self.engine
+        device = engine.device
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with on_device, torch.inference_mode(), _inputs_unchecked(engine.model), sdpa_kernel(DECODE_SDPA_BACKENDS):
+            yield
+
     def capture_graphs(self) -> int:
         """Capture the decode step's CUDA graph of every batch bucket up to max_batch now (a server's start), instead
         of the first time each is used while requests wait (a capture synchronizes, collects garbage and warms up:
         tens of milliseconds each). Returns how many were captured; none without graphs (CPU, eager)."""
         engine, captured = self.engine, 0
-        device = engine.device
-        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        with on_device, torch.inference_mode(), _inputs_unchecked(engine.model), sdpa_kernel(DECODE_SDPA_BACKENDS):
+        with self._running_model():
             if self._cache is None:
                 self._open()
             for bucket in [b for b in engine.batch_buckets if b <= len(self._rows)]:
@@ -345,6 +351,47 @@ class Scheduler:
                     captured += 1
         self._step_appending = None  # a capture leaves the step's n_new as it found it; set it again anyway
         return captured
+
+    def capture_prefill_graphs(self, max_prompt_tokens: int | None = None) -> int:
+        """Capture the CUDA graph of every prefill step that fresh prompts of at most `max_prompt_tokens` tokens can
+        meet here (`prefill_buckets`; None: of any length) now (a server's start), instead of the first time each
+        bucket is met: a capture then (80-140 ms on an H200) sits inside that request's time to first token and holds
+        up every running request. After it, such prompts replay graphs only. Returns how many were captured: none on
+        a CPU or an eager engine (the steps are made, as a prefill would make them, but run eagerly), none with
+        prefill_graphs off (no steps), none of those captured already.
+
+        Memory: the graphs share one pool (the engine's), captured largest first so that the smaller ones reuse its
+        blocks (vLLM orders its captures so); each graph keeps its logits [rows, vocab] in it."""
+        if max_prompt_tokens is not None and max_prompt_tokens < 0:
+            raise ValueError(f"max_prompt_tokens={max_prompt_tokens}: must be >= 0 (0: capture none)")
+        captured = 0
+        with self._running_model():
+            if self._cache is None:
+                self._open()
+            for rows, width in self.prefill_buckets(max_prompt_tokens):
+                # a bucket is its own bucket: the step `_prefill_run` gets for any prefill that pads to it
+                step = self.engine.prefill_step(rows, width, self.max_len)
+                if step is not None and step.use_graph and step.graph is None:
+                    step.capture()
+                    captured += 1
+        return captured
+
+    def prefill_buckets(self, max_prompt_tokens: int | None = None) -> list[tuple[int, int]]:
+        """The (rows, width) buckets of the prefill steps that fresh prompts of at most `max_prompt_tokens` tokens
+        (None: any) can take here, largest first: those `_prefill_run` gets from `engine.prefill_step` (through
+        `prefill_bucket`) for a run of adjacent fresh rows. A run holds 1 to max_batch rows (admission fills every
+        free row when nothing runs, or once admit_batch are free: more may have freed by then), padded to its widest
+        prompt, rows x width within prefill_chunk (`_padded_runs`); a prompt longer than prefill_chunk starts with a
+        run of its first prefill_chunk tokens."""
+        longest = min(self.max_len, self.prefill_chunk,
+                      self.max_len if max_prompt_tokens is None else max_prompt_tokens)
+        buckets = set()
+        for rows in range(1, self.max_batch + 1):
+            for width in _width_per_bucket(min(longest, self.prefill_chunk // rows)):
+                bucket = prefill_bucket(rows, width, self.max_len)
+                if bucket is not None:
+                    buckets.add(bucket)
+        return sorted(buckets, key=lambda bucket: (bucket[0] * bucket[1], bucket[0]), reverse=True)
 
     def _open(self) -> None:
         """The cache (and, under decode_path='auto', the path) for max_batch rows of max_len positions."""
@@ -737,6 +784,11 @@ class Scheduler:
         self._cache, self._step, self._step_appending, self._pending = None, None, None, []
         self._held_since = None
         self.engine.release()
+
+
+def _width_per_bucket(widest: int) -> list[int]:
+    """One width in each width bucket that widths 1..widest pad to: every bucket below `widest`, and `widest`."""
+    return [width for width in WIDTH_BUCKETS if width < widest] + ([widest] if widest >= 1 else [])
 
 
 def _index(rows: list[int], device) -> torch.Tensor:

@@ -433,13 +433,16 @@ def _merged_events(handles: list[RequestHandle]) -> Iterator[tuple[int, TokenEve
 
 
 def make_server(scheduler: Scheduler, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-                eos_token_id: int | None = None) -> CompletionServer:
+                eos_token_id: int | None = None, capture_prefill_tokens: int = 0) -> CompletionServer:
     """A server bound to host:port (port 0: any free one; `server.url` says which) with the scheduler started. Run it
     with `serve(server)` or `server.serve_forever()`; end with `server.shutdown()` and `server.server_close()`.
 
     scheduler: not started yet: its cache is allocated here first, so one that does not fit fails now rather than at
         the first request. Its engine needs the tokenizer (completions are text).
-    eos_token_id: where requests end unless they ask for ignore_eos (None: only at max_tokens or a stop string)."""
+    eos_token_id: where requests end unless they ask for ignore_eos (None: only at max_tokens or a stop string).
+    capture_prefill_tokens: also capture now the prefill graphs of fresh prompts of up to this many tokens
+        (`Scheduler.capture_prefill_graphs`; 0: none, each is captured when first met; `egmla serve` passes
+        --capture-prefill-tokens). Every decode bucket's graph is captured whatever it is."""
     engine = scheduler.engine
     if engine.tokenizer is None:
         raise ValueError("the server answers with text: make the GenerationEngine with tokenizer=...")
@@ -447,9 +450,24 @@ def make_server(scheduler: Scheduler, model_name: str, host: str = "127.0.0.1", 
         raise ValueError(f"eos_token_id={eos_token_id}: outside [0, vocab_size={engine.config.vocab_size})")
     server = CompletionServer((host, port), scheduler, model_name, eos_token_id)
     scheduler.step()  # nothing to run: it allocates the cache and, under decode_path="auto", chooses the path
-    scheduler.capture_graphs()  # every batch bucket's CUDA graph now, not while the first requests wait
+    _capture_graphs(scheduler, capture_prefill_tokens)
     scheduler.start()
     return server
+
+
+def _capture_graphs(scheduler: Scheduler, prefill_tokens: int) -> None:
+    """Every decode bucket's CUDA graph, and the prefill buckets of prompts up to `prefill_tokens` tokens, now rather
+    than while the first requests wait; one line on stderr says how many and how long (none on a CPU or eager: no
+    line)."""
+    start = time.perf_counter()
+    decode = scheduler.capture_graphs()
+    decoded = time.perf_counter()
+    prefill = scheduler.capture_prefill_graphs(prefill_tokens) if prefill_tokens else 0
+    done = time.perf_counter()
+    if decode or prefill:
+        print(f"egmla serve: captured {decode} decode-step CUDA graphs in {decoded - start:.1f} s and {prefill} "
+              f"prefill graphs (fresh prompts of up to {prefill_tokens} tokens) in {done - decoded:.1f} s",
+              file=sys.stderr, flush=True)
 
 
 def _print_now(line: str) -> None:

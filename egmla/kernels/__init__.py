@@ -2,7 +2,7 @@
 
     mla_decode.py      MLA absorbed decode (also EG-MLA with gate placement `latent`)
     egmla_decode.py    EG-MLA fused decode (placement `up`): K/V rebuilt on chip, never in HBM
-    grouped_decode.py  EG-MLA decode grouped by token id (three launches); studies/ holds three one-launch
+    grouped_decode.py  EG-MLA decode grouped by token id (three launches); studies/ holds four one-launch
                        forms of it, each exact and measured slower (not the model's path)
     bias_decode.py     the bias control's absorbed decode (MLA's, plus per-id terms)
     rope.py, decode_elementwise.py, latent_append.py, kv_append.py

@@ -1,5 +1,5 @@
 """Build and launch a CUDA C++ kernel file of this package at run time, for kernels that Triton cannot express well
-(grouped_decode_cuda.cu). No extension build and no PyTorch headers: the source is compiled to a cubin by `nvcc`
+(studies/grouped_decode_cuda.cu). No extension build and no PyTorch headers: the source is compiled to a cubin by `nvcc`
 when one is on PATH (or under CUDA_HOME), else by NVRTC through PyTorch (`torch.cuda._utils`), loaded with the
 CUDA driver API and launched on PyTorch's current stream (so CUDA-graph capture records it). Cubins are cached
 per (source, defines, GPU architecture) in memory and under ~/.cache/egmla/cuda."""

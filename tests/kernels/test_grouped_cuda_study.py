@@ -1,4 +1,4 @@
-"""The fused CUDA grouped EG-MLA decode (egmla/kernels/grouped_decode_cuda.cu) vs the PyTorch reference on a GPU
+"""The fused CUDA grouped EG-MLA decode (egmla.kernels.studies.grouped_decode_cuda.cu) vs the PyTorch reference on a GPU
 (bf16, paper-base head dims): mostly distinct ids, few ids, one id filling the context, ragged lengths with an empty
 sequence and one of a single position, LayerNorm and RMSNorm, several heads counts and segment sizes, CUDA-graph
 replay. Without a GPU: the source compiles for sm_90 wherever nvcc is found, and unsupported inputs are refused."""
@@ -13,7 +13,7 @@ pytestmark = requires_triton
 
 def run_cuda(case, groups, **kwargs):
     from egmla.kernels.grouped_decode import make_plan
-    from egmla.kernels.grouped_decode_cuda import grouped_decode_cuda
+    from egmla.kernels.studies.grouped_decode_cuda import grouped_decode_cuda
     from egmla.kernels.grouped_decode_ref import grouped_decode_ref
 
     ref = grouped_decode_ref(slots=groups.slots, distinct_ids=groups.distinct_ids, lengths=groups.lengths, **case)
@@ -24,8 +24,8 @@ def run_cuda(case, groups, **kwargs):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("heads,segment,per_block", [(12, 256, 4), (12, 32, 12), (2, 128, 1), (16, 512, 8),
-                                                     (12, 128, 5)])
+@pytest.mark.parametrize("heads,segment,per_block", [(12, 512, 4), (12, 64, 3), (2, 128, 1), (16, 256, 4),
+                                                     (12, 192, 5)])
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 def test_cuda_kernel_matches_reference(heads, segment, per_block, norm):
     lengths = [1, 700, 0, 2049, 4096]
@@ -42,7 +42,7 @@ def test_cuda_kernel_matches_reference(heads, segment, per_block, norm):
 @needs_cuda
 def test_cuda_kernel_replays_in_a_cuda_graph():
     from egmla.kernels.grouped_decode import make_plan
-    from egmla.kernels.grouped_decode_cuda import grouped_decode_cuda
+    from egmla.kernels.studies.grouped_decode_cuda import grouped_decode_cuda
 
     case, groups = make_case(4, 12, 64, 64, 64, 64, [300, 1000, 64, 5], 32768, torch.bfloat16, "cuda", high=200)
     plan = make_plan(groups, bounds=(groups.slots.shape[1], groups.slots.shape[1]))
@@ -58,48 +58,21 @@ def test_cuda_kernel_replays_in_a_cuda_graph():
     assert torch.equal(out, expected)
 
 
-@pytest.mark.gpu
-@needs_cuda
-def test_model_path_through_cuda_kernel_equals_the_triton_kernels_and_naive():
-    """Decode path 'grouped' through the CUDA kernel: the logits of a few ragged decode steps equal the Triton
-    kernels' and naive's (bf16)."""
-    from egmla.model import Transformer
-    from tests.conftest import small_config
-
-    torch.manual_seed(0)
-    model = Transformer(small_config(d_model=128, qk_nope_head_dim=64, v_head_dim=64, kv_lora_rank=64,
-                                     qk_rope_head_dim=64))
-    model = model.to("cuda", torch.bfloat16).eval()
-    tokens = torch.randint(0, 7, (3, 40), device="cuda")
-    logits = {}
-    for path, kernel in (("naive", "triton"), ("grouped", "triton"), ("grouped", "cuda")):
-        model.set_decode_path(path)
-        for layer in model.layers:
-            layer.attn.grouped_kernel = kernel
-        cache = model.new_cache(3, max_len=48)
-        with torch.no_grad():
-            model(tokens[:, :30], cache, n_new=torch.tensor([30, 11, 1], device="cuda"))
-            logits[path, kernel] = torch.stack([model(tokens[:, 30 + i:31 + i], cache).float() for i in range(5)])
-    assert torch.isfinite(logits["grouped", "cuda"]).all()
-    assert rel_err(logits["grouped", "cuda"], logits["grouped", "triton"]) < 1e-2
-    assert rel_err(logits["grouped", "cuda"], logits["naive", "triton"]) < 2e-2
-
-
 def test_source_compiles_for_sm90_where_nvcc_is_found(tmp_path, monkeypatch):
     from egmla.kernels.cuda_build import compile_cubin, find_nvcc
 
     if find_nvcc() is None:
         pytest.skip("no nvcc here: the GPU tests build the kernel with NVRTC or nvcc")
     monkeypatch.setenv("EGMLA_CUDA_CACHE", str(tmp_path))
-    for heads, segment, per_block in ((12, 256, 4), (2, 32, 2)):
+    for heads, segment, per_block in ((12, 512, 4), (2, 64, 2)):
         defines = {"N_HEADS": heads, "SEG": segment, "HPB": per_block, "MIN_BLOCKS": 1}
-        cubin = compile_cubin("grouped_decode_cuda.cu", defines, "90")
+        cubin = compile_cubin("studies/grouped_decode_cuda.cu", defines, "90")
         assert cubin[:4] == b"\x7fELF"
     assert len(list(tmp_path.iterdir())) == 2  # cached
 
 
 def test_unsupported_inputs_are_refused_with_the_reason():
-    from egmla.kernels.grouped_decode_cuda import supports
+    from egmla.kernels.studies.grouped_decode_cuda import supports
 
     q, latent = torch.zeros(2, 12, 64, dtype=torch.bfloat16), torch.zeros(2, 8, 64, dtype=torch.bfloat16)
     assert "CUDA tensors" in supports(q, latent, latent, torch.zeros(12 * 128, 64, dtype=torch.bfloat16))

@@ -1,15 +1,18 @@
 """EG-MLA decode grouped by token id in one fused CUDA launch (grouped_decode_cuda.cu) plus a small combine; the same
-function as `grouped_decode_ref` and the three Triton launches of grouped_decode.py, with no per-(sequence, id)
-intermediate in HBM (issue 17). It reads the Triton kernels' per-step plan (`make_plan`): the grouped order
-`order` / `order_slots`, `distinct_ids` and `lengths`.
+function as `grouped_decode_ref` and the three Triton launches of egmla/kernels/grouped_decode.py, with no
+per-(sequence, id) intermediate in HBM (issue 17). A study: exact, and measured 1.9-2.2x slower than the three
+launches on an H100 (docs/grouped-decode.md, "The fused kernel in CUDA"), so the model does not use it; `egmla bench
+grouped --settings "grouped cuda s512 h4"` times it. It reads the Triton kernels' per-step plan (`make_plan`): the
+grouped order `order` / `order_slots`, `distinct_ids` and `lengths`.
 
 Scope: bf16, d_n = d_v = d_c = d_r = 64 (paper-base heads), at most 16 heads, gate op `mul` with LayerNorm or
 RMSNorm, an NVIDIA GPU of compute capability 8.0 or newer (mma.sync) and nvcc or NVRTC to build it
-(egmla/kernels/cuda_build.py). `supports` says whether a call fits; the model's `grouped` path keeps the Triton
-kernels unless `EmbeddingGatedMLA.grouped_kernel = "cuda"` (docs/grouped-decode.md has the measurements).
+(egmla/kernels/cuda_build.py). `supports` says whether a call fits.
 
-Layout of the work: one block of `heads` warps per (segment of `segment` grouped positions, sequence); the
-segments are flash-decoding splits, merged by `grouped_combine`, which also applies the value slice's norm affine.
+Layout of the work: one block per (segment of `segment` grouped positions, sequence, group of `heads_per_block`
+heads), two warps per head, W^K and W^V of its heads in shared memory (~180 KB at 4 heads and 512 positions: one
+block per SM); the segments are flash-decoding splits, merged by `grouped_combine`, which also applies the value
+slice's norm affine.
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ from egmla.kernels.grouped_decode import GroupedPlan, _check_inputs
 
 HEAD_DIM = 64
 MAX_HEADS = 16
-SEGMENT = 256  # grouped positions per block
-HEADS_PER_BLOCK = 4  # warps (heads) per block: more, smaller blocks per SM hide each other's loads
+SEGMENT = 512  # grouped positions per block (a multiple of 64)
+HEADS_PER_BLOCK = 4  # heads per block, two warps each; W^K and W^V of these heads sit in its shared memory
 
 
 def supports(q_nope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor, wkv_b: torch.Tensor) -> str | None:
@@ -68,12 +71,17 @@ def _kernels(heads: int, segment: int, heads_per_block: int, min_blocks: int, de
     from egmla.kernels.cuda_build import load_kernels
 
     defines = {"N_HEADS": heads, "SEG": segment, "HPB": heads_per_block, "MIN_BLOCKS": min_blocks}
-    kernels = load_kernels("grouped_decode_cuda.cu", defines,
+    kernels = load_kernels("studies/grouped_decode_cuda.cu", defines,
                            ("grouped_fused", "grouped_combine", "smem_bytes"), device)
     if "shared" not in kernels:
         size = torch.zeros(1, dtype=torch.int32, device=device)
         kernels["smem_bytes"]((1,), (1,), 0, [("ptr", size)])
         kernels["shared"] = int(size.item())
+    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    if kernels["shared"] > limit:
+        raise ValueError(f"heads_per_block={heads_per_block}, segment={segment}: the kernel needs {kernels['shared']} B "
+                         f"of shared memory, this GPU gives a block {limit}: use fewer heads per block or a shorter "
+                         f"segment")
     return kernels
 
 
@@ -83,14 +91,14 @@ def grouped_decode_cuda(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.
                         segment: int = SEGMENT, heads_per_block: int = HEADS_PER_BLOCK, min_blocks: int = 1,
                         out: torch.Tensor | None = None) -> torch.Tensor:
     """o [batch, heads, d_v] bf16, the arguments as in `grouped_decode` (egmla/kernels/grouped_decode.py).
-    `segment`: grouped positions per block (the flash-decoding split); `heads_per_block`: warps per block (the
-    largest divisor of the head count not above it is taken); `min_blocks`: blocks per SM the compiler must leave
+    `segment`: grouped positions per block (the flash-decoding split, a multiple of 64); `heads_per_block`: heads per
+    block, two warps each (the largest divisor of the head count not above it is taken); `min_blocks`: blocks per SM the compiler must leave
     registers for (1 = no cap)."""
     reason = supports(q_nope, latent, k_rope, wkv_b)
     if reason:
         raise ValueError(reason + ": use egmla.kernels.grouped_decode.grouped_decode")
-    if segment % 32 or segment <= 0:
-        raise ValueError(f"segment={segment}: must be a positive multiple of 32")
+    if segment % 64 or segment <= 0:
+        raise ValueError(f"segment={segment}: must be a positive multiple of 64")
     _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan, gate_table, wkv_b)
     if gate_table.dtype != torch.bfloat16:
         raise ValueError(f"gate_table.dtype={gate_table.dtype}: the CUDA grouped kernel reads a bf16 gate table")
@@ -116,7 +124,7 @@ def grouped_decode_cuda(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.
     order, order_slots = plan.order, plan.order_slots
     ids, lengths = plan.distinct_ids.to(torch.int32), plan.lengths.to(torch.int32)
     kernels["grouped_fused"](
-        (n_segments, batch, heads // per_block), (32 * per_block,), kernels["shared"],
+        (n_segments, batch, heads // per_block), (64 * per_block,), kernels["shared"],
         [("ptr", q_nope), ("ptr", q_pe), ("ptr", latent), ("ptr", k_rope), ("ptr", ln_stats), ("ptr", order),
          ("ptr", order_slots), ("ptr", ids), ("ptr", lengths), ("ptr", gate_table), ("ptr", wk_t), ("ptr", wkv_b),
          ("ptr", gamma_k), ("ptr", beta_k), ("ptr", part_o), ("ptr", part_s),
