@@ -30,6 +30,10 @@
 #define THREADS (WARPS * 32)
 #define MAX_BLOCKS (SEG / IDS + 1)
 
+#ifndef INFINITY  // NVRTC compiles without the host headers that define it
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 typedef unsigned short bf16;
 typedef unsigned int u32;
 
