@@ -1,4 +1,4 @@
-"""`egmla bench kernel-resources`: registers, spills and shared memory of the Triton decode kernels, compiled
+"""`egmla bench kernel-resources`: registers, spills and shared memory of the Triton decode kernels (and the CUDA study, through nvcc), compiled
 for a GPU architecture on any machine (no GPU needed: the installed Triton compiles for the target and its bundled
 cuobjdump reads the cubin).
 
@@ -202,8 +202,40 @@ def _scratch_cases():
                     HAS_BIAS=True, DOT_PRECISION="tf32"), {**ints, **fp32}, warps)
 
 
+# the CUDA study's settings (heads per block, segment): compiled by nvcc, not Triton (cuda_resources)
+CUDA_SETTINGS = ((4, 512), (2, 512), (4, 256))
+
+
+def cuda_resources(heads_per_block: int, segment: int, arch: int) -> dict:
+    """Registers and spills of studies/grouped_decode_cuda.cu's fused kernel at paper-base (12 heads), compiled by
+    nvcc for sm_<arch> (its shared memory is dynamic, sizeof(Smem): read on a GPU). Two warps per head."""
+    from egmla.kernels.cuda_build import compile_cubin, find_nvcc
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise SystemExit("--kernels cuda needs nvcc (the CUDA toolkit): none on PATH or under CUDA_HOME")
+    defines = {"N_HEADS": 12, "HPB": heads_per_block, "SEG": segment, "MIN_BLOCKS": 1}
+    cubin = compile_cubin("studies/grouped_decode_cuda.cu", defines, str(arch), nvcc)
+    import triton  # its NVIDIA backend bundles cuobjdump, which a minimal toolkit may lack
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True, text=True,
+                              check=True).stdout
+    found = re.search(r"Function grouped_fused:\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if not found:
+        raise RuntimeError(f"no resource usage for grouped_fused in cuobjdump's output: {text[-300:]}")
+    regs, stack, _, local = map(int, found.groups())
+    warps = 2 * heads_per_block
+    programs, occ = occupancy(regs, warps)
+    return {"registers": regs, "spill_stack_bytes": stack, "shared_bytes": None, "local_bytes": local,
+            "programs_per_sm_by_registers": programs, "occupancy_by_registers": occ, "num_warps": warps}
+
+
 KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "bias": _bias_cases, "step": _step_cases,
-           "gluon": _gluon_cases, "scratch": _scratch_cases}
+           "gluon": _gluon_cases, "scratch": _scratch_cases, "cuda": None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -211,7 +243,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated: {', '.join(KERNELS)} (bias: the table controls' pass, bias_decode.py; "
                         f"step: the decode step's RoPE, add + RMSNorm, SwiGLU activation, MLA and MHA appends, context, token-groups append "
                         f"and statistics merge kernels; "
-                        f"gluon: studies/grouped_gluon.py, Triton >= 3.6; scratch: studies/grouped_scratch.py)")
+                        f"gluon: studies/grouped_gluon.py, Triton >= 3.6; scratch: studies/grouped_scratch.py; "
+                        f"cuda: studies/grouped_decode_cuda.cu through nvcc, registers and spills only)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 90 = sm_90 (H100, "
                         "H200), 80 = sm_80 (A100)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
@@ -232,6 +265,15 @@ def main(args) -> int:
     print(f"Triton {triton.__version__}, compiled for sm_{args.arch} (no GPU needed); registers per thread, spill "
           f"stack bytes, shared memory, programs per SM that the registers allow")
     for name in args.kernels.split(","):
+        if name == "cuda":
+            for per_block, segment in CUDA_SETTINGS:
+                row = {"kernel": "grouped cuda", "setting": f"{per_block} heads per block, segments of {segment}",
+                       "arch": args.arch, "compiler": "nvcc", **cuda_resources(per_block, segment, args.arch)}
+                rows.append(row)
+                print(f"  {row['kernel']:<20} {row['setting']:<44} regs {row['registers']:>3}  spills "
+                      f"{row['spill_stack_bytes']:>5} B  shared (dynamic)  {row['programs_per_sm_by_registers']:>2} "
+                      f"blocks/SM ({100 * row['occupancy_by_registers']:.0f}% of warp slots)", flush=True)
+            continue
         for kernel, setting, fn, constexprs, types, warps, *stages in KERNELS[name]():
             row = {"kernel": kernel, "setting": setting, "num_warps": warps, "arch": args.arch,
                    "triton": triton.__version__}

@@ -74,6 +74,22 @@ def test_decode_step_kernels_compile_for_the_gpu_without_spills(tmp_path):
     assert all(16 <= r["registers"] <= 128 and r["spill_stack_bytes"] == 0 for r in rows.values())
 
 
+@pytest.mark.skipif(not _cuobjdump_available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) installed")
+def test_cuda_study_reports_registers_through_nvcc(tmp_path, monkeypatch):
+    """The CUDA study's kernel compiles for sm_90 with nvcc here and reports its registers (no spills at the
+    settings timed on the GPU)."""
+    from egmla.kernels.cuda_build import find_nvcc
+
+    if find_nvcc() is None:
+        pytest.skip("no nvcc here")
+    monkeypatch.setenv("EGMLA_CUDA_CACHE", str(tmp_path / "cache"))
+    rows, stdout = compile_offline(tmp_path, "cuda")
+    assert [r["setting"] for r in rows] == ["4 heads per block, segments of 512", "2 heads per block, segments of 512",
+                                            "4 heads per block, segments of 256"]
+    assert all(64 <= r["registers"] <= 255 and r["spill_stack_bytes"] == 0 for r in rows)
+    assert rows[0]["programs_per_sm_by_registers"] == 1 and rows[0]["num_warps"] == 8
+
+
 def test_interpreter_mode_is_a_clear_error(monkeypatch):
     from egmla.bench.cli import run
 
