@@ -1,6 +1,6 @@
-"""`egmla bench kernel-resources`: registers, spills and shared memory of the Triton decode kernels (and the CUDA study, through nvcc), compiled
-for a GPU architecture on any machine (no GPU needed: the installed Triton compiles for the target and its bundled
-cuobjdump reads the cubin).
+"""`egmla bench kernel-resources`: registers, spills and shared memory of the Triton decode kernels (and of the CUDA
+study, through nvcc), compiled for a GPU architecture on any machine (no GPU needed: the installed Triton compiles for
+the target and its bundled cuobjdump reads the cubin).
 
     egmla bench kernel-resources --kernels grouped,mla,gluon --arch 90
 

@@ -110,7 +110,8 @@ __device__ __forceinline__ void copy_step(Smem& sm, const Ctx& x, int p, int p1,
     const int r = i >> 4, part = i & 15;
     const bool real = p + r < p1;
     const long long pos = real ? sm.pos[p + r] : 0;
-    const bf16* src = part < 8 ? x.latent_b + pos * x.stride_lt + part * 8 : x.k_rope_b + pos * x.stride_kt + (part - 8) * 8;
+    const bf16* src = part < 8 ? x.latent_b + pos * x.stride_lt + part * 8
+                               : x.k_rope_b + pos * x.stride_kt + (part - 8) * 8;
     cp16(&sm.ck[buf][r][part * 8], src, real);
   }
   for (int r = threadIdx.x; r < STEP; r += THREADS) {

@@ -48,8 +48,8 @@ _derived: dict = {}
 
 def derived_weights(wkv_b: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,
                     heads: int) -> tuple[torch.Tensor, ...]:
-    """(wkv_b with contiguous rows, W^K transposed per head [heads, d_c, d_n] bf16, gamma^K, beta^K, gamma^V, beta^V as fp32 [heads, 64]),
-    rebuilt when a source tensor changes (its data pointer or version). Build them before a CUDA-graph capture."""
+    """(wkv_b with contiguous rows, W^K transposed per head [heads, d_c, d_n] bf16, and gamma^K, beta^K, gamma^V,
+    beta^V as fp32 [heads, 64]), rebuilt when a source tensor changes (its data pointer or version). Build them before a CUDA-graph capture."""
     key = tuple((x.data_ptr(), x._version, tuple(x.shape)) if x is not None else None
                 for x in (wkv_b, norm_weight, norm_bias))
     entry = _derived.get(id(wkv_b))
@@ -79,7 +79,8 @@ def _kernels(heads: int, segment: int, heads_per_block: int, min_blocks: int, de
         kernels["shared"] = int(size.item())
     limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
     if kernels["shared"] > limit:
-        raise ValueError(f"heads_per_block={heads_per_block}, segment={segment}: the kernel needs {kernels['shared']} B "
+        raise ValueError(f"heads_per_block={heads_per_block}, segment={segment}: the kernel needs "
+                         f"{kernels['shared']} B "
                          f"of shared memory, this GPU gives a block {limit}: use fewer heads per block or a shorter "
                          f"segment")
     return kernels
@@ -92,8 +93,8 @@ def grouped_decode_cuda(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.
                         out: torch.Tensor | None = None) -> torch.Tensor:
     """o [batch, heads, d_v] bf16, the arguments as in `grouped_decode` (egmla/kernels/grouped_decode.py).
     `segment`: grouped positions per block (the flash-decoding split, a multiple of 64); `heads_per_block`: heads per
-    block, two warps each (the largest divisor of the head count not above it is taken); `min_blocks`: blocks per SM the compiler must leave
-    registers for (1 = no cap)."""
+    block, two warps each (the largest divisor of the head count not above it is taken); `min_blocks`: blocks per SM
+    the compiler must leave registers for (1 = no cap)."""
     reason = supports(q_nope, latent, k_rope, wkv_b)
     if reason:
         raise ValueError(reason + ": use egmla.kernels.grouped_decode.grouped_decode")
