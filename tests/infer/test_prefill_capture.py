@@ -8,9 +8,10 @@ import pytest
 import torch
 from tests.infer.helpers import tiny_model
 
+from egmla.attention import decode_paths
 from egmla.cli import main as egmla_main
 from egmla.infer import GenerationEngine
-from egmla.infer.prefill_step import PrefillStep
+from egmla.infer.prefill_step import PrefillStep, prefill_bucket
 from egmla.infer.scheduler import Scheduler
 from egmla.infer.server import make_server
 
@@ -151,6 +152,98 @@ def test_after_the_capture_prompts_within_the_range_capture_nothing(emulated_gra
     serve_all(scheduler, [[9] * MAX_LEN, [8] * 37, [3] * 33], [0, 5, 10], [1, 1, 1])
     assert sorted(emulated_graphs) == sorted(every)
 
+
+
+def test_randomized_workloads_ask_only_for_listed_buckets():
+    """Randomized settings (max_len up to the model's 48, max_batch not a bucket size, prefill chunks smaller than the
+    prompts) and workloads (chunked prompts, cached-prefix rests, prompt-logprob requests, n > 1 choices of one prompt,
+    cancellations, arrivals while others run): every prefill step the scheduler asks for, for prompts of at most N
+    tokens, is one of `prefill_buckets(N)`; and N's buckets are exactly those of some run of at most max_batch rows."""
+    rng = random.Random(11)
+    for trial in range(40):
+        max_len = rng.choice([12, 20, 33, 40, 48])
+        max_batch = rng.randint(1, 9)
+        chunk = rng.choice([3, 7, 16, 17, 31, 64, 1000])
+        scheduler = Scheduler(engine_of(), max_batch=max_batch, max_len=max_len, prefill_chunk=chunk,
+                              admit_batch=rng.randint(1, max_batch), admit_wait=rng.choice([0, 2, 16]),
+                              prefix_cache_min=rng.choice([0, 3, 32]))
+        handed = record_prefill_steps(scheduler.engine)
+        longest = rng.randint(1, max_len)
+        shared = [rng.randrange(1, 300) for _ in range(longest)]  # prompts sharing a prefix: cached-prefix rests
+        handles, calls, steps = [], rng.randint(3, 12), 0
+        while calls or not all(h.done for h in handles):
+            if calls and rng.random() < 0.5:
+                calls -= 1
+                length = rng.randint(1, longest)
+                prompt = shared[:length] if rng.random() < 0.3 else [rng.randrange(1, 300) for _ in range(length)]
+                scored = rng.random() < 0.15
+                request = dict(prompt=prompt, max_new_tokens=rng.randint(1, 4), logprobs=0 if scored else None,
+                               prompt_logprobs=scored)
+                made = scheduler.submit_all([request] * min(max_batch, rng.choice([1, 1, 2, 3])))  # n choices
+                if rng.random() < 0.05:
+                    made[-1].cancel()
+                handles += made
+            scheduler.step()
+            steps += 1
+            assert steps < 1000
+        requested = {bucket for _, bucket in handed}
+        listed = scheduler.prefill_buckets(longest)
+        assert requested <= set(listed), (trial, requested - set(listed))
+        runs = {prefill_bucket(rows, width, max_len) for rows in range(1, max_batch + 1)
+                for width in range(1, min(longest, chunk // rows) + 1)}
+        assert set(listed) == runs - {None} and len(listed) == len(set(listed)), trial
+
+
+def test_randomized_start_time_captures_give_the_eager_engines_tokens(monkeypatch):
+    """Graphs captured at start as a GPU captures them (the forward run at capture, on the zeroed inputs; each replay
+    rewriting the one output buffer kept since), on random variants, decode paths and settings: prompts of up to N
+    tokens arriving in bursts capture nothing more and get, token for token, what an eager engine gives each alone."""
+    forward, captured = PrefillStep.forward, []
+
+    def into_one_buffer(step):
+        out = forward(step)
+        if getattr(step, "_buffer", None) is None:
+            step._buffer = out.clone()
+        else:
+            step._buffer.copy_(out)
+        return step._buffer
+
+    def capture(step):
+        captured.append((step.rows, step.width))
+        step.forward()  # warm-up
+        step.logits = step.forward()
+        step.graph = _Replay(step)
+
+    hand_out = GenerationEngine.prefill_step
+
+    def as_graph(self, *args):
+        step = hand_out(self, *args)
+        if step is not None:
+            step.use_graph = True
+        return step
+
+    monkeypatch.setattr(PrefillStep, "forward", into_one_buffer)
+    monkeypatch.setattr(PrefillStep, "capture", capture)
+    monkeypatch.setattr(GenerationEngine, "prefill_step", as_graph)
+    rng = random.Random(4)
+    for trial in range(10):
+        model = tiny_model(rng.choice(["mla", "eg-mla", "eg-mla-bias", "mha"]), seed=trial)
+        path = rng.choice(decode_paths(model.config))
+        max_len, max_batch = rng.choice([20, 40, 48]), rng.randint(1, 6)
+        scheduler = Scheduler(GenerationEngine(model, decode_path=path, prefill_graphs=True), max_batch=max_batch,
+                              max_len=max_len, prefill_chunk=rng.choice([7, 31, 64]),
+                              admit_batch=rng.randint(1, max_batch), prefix_cache_min=rng.choice([0, 3]))
+        longest = rng.randint(1, max_len - 1)
+        del captured[:]
+        assert scheduler.capture_prefill_graphs(longest) == len(captured) == len(scheduler.prefill_buckets(longest))
+        prompts = random_prompts(rng, rng.randint(2, 8), longest)
+        new_tokens = [rng.randint(1, min(4, max_len - len(p))) for p in prompts]
+        arrivals = sorted(rng.choice([0, 0, rng.randint(1, 6)]) for _ in prompts)
+        results = serve_all(scheduler, prompts, arrivals, new_tokens)
+        eager = GenerationEngine(model, decode_path=path, prefill_graphs=False)
+        assert [r.token_ids for r in results] == [
+            eager.generate([p], max_new_tokens=n)[0].token_ids for p, n in zip(prompts, new_tokens)], (trial, path)
+        assert len(captured) == len(scheduler.prefill_buckets(longest)), trial  # nothing captured while serving
 
 def test_nothing_is_captured_on_a_cpu_or_without_prefill_graphs():
     on_cpu = Scheduler(engine_of(), max_batch=4, max_len=MAX_LEN)
