@@ -67,19 +67,29 @@ def resources(fn, constexprs: dict, pointer_types: dict, num_warps: int, arch: i
     options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                             target=GPUTarget("cuda", arch, 32), options=options)
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
-                              check=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
-    if not found:
-        raise RuntimeError(f"no resource usage in cuobjdump's output: {text[-300:]}")
-    regs, stack, shared, local = map(int, found.groups())
+    regs, stack, shared, local = cubin_resources(kernel.asm["cubin"])
     programs, occ = occupancy(regs, num_warps)
     return {"registers": regs, "spill_stack_bytes": stack, "shared_bytes": max(shared, kernel.metadata.shared),
             "local_bytes": local, "programs_per_sm_by_registers": programs, "occupancy_by_registers": occ}
+
+
+def cubin_resources(cubin: bytes, function: str | None = None) -> tuple[int, int, int, int]:
+    """(registers per thread, spill stack bytes, static shared bytes, local bytes) of `function` in `cubin` (None: its
+    first function), read by the cuobjdump that Triton's NVIDIA backend bundles (a minimal CUDA toolkit may lack one)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True, text=True,
+                              check=True).stdout
+    prefix = rf"Function {re.escape(function)}:\s*" if function else ""
+    found = re.search(prefix + r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if not found:
+        raise RuntimeError(f"no resource usage{' for ' + function if function else ''} in cuobjdump's output: "
+                           f"{text[-300:]}")
+    return tuple(map(int, found.groups()))
 
 
 def _grouped_cases():
@@ -216,18 +226,7 @@ def cuda_resources(heads_per_block: int, segment: int, arch: int) -> dict:
         raise SystemExit("--kernels cuda needs nvcc (the CUDA toolkit): none on PATH or under CUDA_HOME")
     defines = {"N_HEADS": 12, "HPB": heads_per_block, "SEG": segment, "MIN_BLOCKS": 1}
     cubin = compile_cubin("studies/grouped_decode_cuda.cu", defines, str(arch), nvcc)
-    import triton  # its NVIDIA backend bundles cuobjdump, which a minimal toolkit may lack
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True, text=True,
-                              check=True).stdout
-    found = re.search(r"Function grouped_fused:\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
-    if not found:
-        raise RuntimeError(f"no resource usage for grouped_fused in cuobjdump's output: {text[-300:]}")
-    regs, stack, _, local = map(int, found.groups())
+    regs, stack, _, local = cubin_resources(cubin, "grouped_fused")
     warps = 2 * heads_per_block
     programs, occ = occupancy(regs, warps)
     return {"registers": regs, "spill_stack_bytes": stack, "shared_bytes": None, "local_bytes": local,

@@ -59,6 +59,18 @@ def serve_all(scheduler: Scheduler, prompts: list[list[int]], arrivals: list[int
 def emulated_graphs(monkeypatch) -> list[tuple[int, int]]:
     """Prefill steps behave as on a GPU: captured once (recorded in the list returned), then replayed."""
     captured = []
+
+    def capture(step):
+        captured.append((step.rows, step.width))
+        step.graph = _Replay(step)
+
+    steps_as_graphs(monkeypatch)
+    monkeypatch.setattr(PrefillStep, "capture", capture)
+    return captured
+
+
+def steps_as_graphs(monkeypatch) -> None:
+    """The engine hands out prefill steps marked as CUDA graphs (use_graph), as on a GPU."""
     hand_out = GenerationEngine.prefill_step
 
     def as_graph(self, *args):
@@ -67,13 +79,7 @@ def emulated_graphs(monkeypatch) -> list[tuple[int, int]]:
             step.use_graph = True
         return step
 
-    def capture(step):
-        captured.append((step.rows, step.width))
-        step.graph = _Replay(step)
-
     monkeypatch.setattr(GenerationEngine, "prefill_step", as_graph)
-    monkeypatch.setattr(PrefillStep, "capture", capture)
-    return captured
 
 
 class _Replay:
@@ -214,17 +220,9 @@ def test_randomized_start_time_captures_give_the_eager_engines_tokens(monkeypatc
         step.logits = step.forward()
         step.graph = _Replay(step)
 
-    hand_out = GenerationEngine.prefill_step
-
-    def as_graph(self, *args):
-        step = hand_out(self, *args)
-        if step is not None:
-            step.use_graph = True
-        return step
-
     monkeypatch.setattr(PrefillStep, "forward", into_one_buffer)
     monkeypatch.setattr(PrefillStep, "capture", capture)
-    monkeypatch.setattr(GenerationEngine, "prefill_step", as_graph)
+    steps_as_graphs(monkeypatch)
     rng = random.Random(4)
     for trial in range(10):
         model = tiny_model(rng.choice(["mla", "eg-mla", "eg-mla-bias", "mha"]), seed=trial)
