@@ -5,6 +5,7 @@ replay. Without a GPU: the source compiles for sm_90 wherever nvcc is found, and
 import pytest
 import torch
 
+from egmla.kernels.cuda_build import find_nvcc
 from tests.kernels.conftest import needs_cuda, poisoned, rel_err, requires_triton
 from tests.kernels.test_grouped_decode import make_case
 
@@ -58,11 +59,10 @@ def test_cuda_kernel_replays_in_a_cuda_graph():
     assert torch.equal(out, expected)
 
 
+@pytest.mark.skipif(find_nvcc() is None, reason="no nvcc here: the GPU tests build the kernel with NVRTC or nvcc")
 def test_source_compiles_for_sm90_where_nvcc_is_found(tmp_path, monkeypatch):
-    from egmla.kernels.cuda_build import compile_cubin, find_nvcc
+    from egmla.kernels.cuda_build import compile_cubin
 
-    if find_nvcc() is None:
-        pytest.skip("no nvcc here: the GPU tests build the kernel with NVRTC or nvcc")
     monkeypatch.setenv("EGMLA_CUDA_CACHE", str(tmp_path))
     for heads, segment, per_block in ((12, 512, 4), (2, 64, 2)):
         defines = {"N_HEADS": heads, "SEG": segment, "HPB": per_block, "MIN_BLOCKS": 1}

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from egmla.bench.kernel_resources import occupancy
+from egmla.kernels.cuda_build import find_nvcc
 
 
 def test_occupancy_reproduces_nsight_compute_on_an_h200():
@@ -75,13 +76,10 @@ def test_decode_step_kernels_compile_for_the_gpu_without_spills(tmp_path):
 
 
 @pytest.mark.skipif(not _cuobjdump_available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) installed")
+@pytest.mark.skipif(find_nvcc() is None, reason="no nvcc here")
 def test_cuda_study_reports_registers_through_nvcc(tmp_path, monkeypatch):
     """The CUDA study's kernel compiles for sm_90 with nvcc here and reports its registers (no spills at the
     settings timed on the GPU)."""
-    from egmla.kernels.cuda_build import find_nvcc
-
-    if find_nvcc() is None:
-        pytest.skip("no nvcc here")
     monkeypatch.setenv("EGMLA_CUDA_CACHE", str(tmp_path / "cache"))
     rows, stdout = compile_offline(tmp_path, "cuda")
     assert [r["setting"] for r in rows] == ["4 heads per block, segments of 512", "2 heads per block, segments of 512",
