@@ -103,6 +103,18 @@ def run_prompts(tokenizer, count: int, length: int, fewer: bool = False) -> list
     raise ValueError(f"--prompt-len {length} x batch {count}: the corpus has only {len(ids)} tokens")
 
 
+def fill_prompts(length: int, vocab_size: int) -> list[list[int]]:
+    """Every distinct `length`-id window of the embedded corpus, up to FILL_PROMPTS (random weights' tokenizer).
+
+    The stream is asked for all FILL_PROMPTS windows at once: asking for one window tokenized only a slack's worth
+    of text, so a 4,089-id prompt found 8 windows where the corpus holds hundreds (2026-12-05)."""
+    from egmla.bench.token_ids import text_token_ids
+
+    ids, note = text_token_ids(FILL_PROMPTS, length, vocab_size)
+    windows = max(1, min(FILL_PROMPTS, note["tokens_available"] // length))
+    return ids[:windows].tolist()
+
+
 def bench_one(engine, prompts, new_tokens: int, repeats: int, device) -> dict:
     """One warm-up run, then `repeats` runs; medians of the per-run figures."""
     import torch
@@ -216,11 +228,8 @@ def main(args) -> int:
         name = args.preset if args.preset != "auto" else ("paper-base" if device.type == "cuda" else "tiny")
         base = preset(name, **parse_overrides(args.overrides, section="model"))
         source = f"preset {name}, random weights"
-        if args.fill_memory:  # every distinct window the text holds, up to FILL_PROMPTS
-            available = text_token_ids(1, prompt_len, base.vocab_size)[1]["tokens_available"]
-            windows = max(1, min(FILL_PROMPTS, available // prompt_len))
-        distinct = text_token_ids(windows if args.fill_memory else max(batch_sizes), prompt_len,
-                                  base.vocab_size)[0].tolist()
+        distinct = (fill_prompts(prompt_len, base.vocab_size) if args.fill_memory
+                    else text_token_ids(max(batch_sizes), prompt_len, base.vocab_size)[0].tolist())
     if prompt_len + args.new_tokens - 1 > base.max_seq_len:
         raise ValueError(f"prompt {prompt_len} + {args.new_tokens} new tokens exceeds max_seq_len={base.max_seq_len}: "
                          f"shorten them or --set max_seq_len=...")

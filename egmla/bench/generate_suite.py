@@ -30,6 +30,7 @@ prefill) runs only those.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 
@@ -115,13 +116,21 @@ def suite(quick: bool) -> dict[str, list[list[str]]]:
     }
 
 
+def gpu_tag(name: str) -> str:
+    """The model in a CUDA device name, for file names: "NVIDIA H100 80GB HBM3" -> "h100" (its last word, "hbm3",
+    named an H100's files until 2026-12-05), "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA H200" -> "h200"."""
+    words = re.split(r"[\s-]+", name.strip())
+    model = next((w for w in words if re.search(r"\d", w) and not re.fullmatch(r"\d+GB", w, re.I)), words[-1])
+    return model.lower()
+
+
 def main(args) -> int:
     import torch
 
     from egmla.bench.cli import run
     from egmla.bench.generate import crossover_report, report
 
-    device = torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else "cpu"
+    device = gpu_tag(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu"
     wanted = list(TABLES) if args.tables == "all" else [t.strip() for t in args.tables.split(",") if t.strip()]
     unknown = [t for t in wanted if t not in TABLES]
     if unknown or not wanted:

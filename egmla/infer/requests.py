@@ -2,7 +2,7 @@
 tokens to another thread and holds its times, and the scheduler's counters and latency histograms."""
 from __future__ import annotations
 
-import collections
+import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,8 +28,11 @@ class RequestHandle:
     def __init__(self, request_id: int, prompt_ids: list[int]):
         self.id, self.prompt_ids = request_id, prompt_ids
         self.times = RequestTimes(time.perf_counter())
-        self._events: collections.deque[TokenEvent] = collections.deque()
-        self._changed = threading.Condition()
+        # The scheduler's thread pushes every row's token every step: a C queue and an Event, not a Condition, whose
+        # Python-level notify cost ~2.5 µs per push (0.34 ms a step at 128 rows) and woke every result() waiter
+        # per token. The queue ends with _END once the request has ended.
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._ended = threading.Event()
         self._result: Generation | None = None
         self._error: BaseException | None = None
         self.cancelled = False
@@ -40,7 +43,7 @@ class RequestHandle:
 
     @property
     def done(self) -> bool:
-        return self._result is not None or self._error is not None
+        return self._ended.is_set()
 
     def cancel(self) -> None:
         """Stop generating for this request (a client went away): its row is freed before the next step and its
@@ -52,12 +55,12 @@ class RequestHandle:
         finish_reason set). Raises the scheduler's error if generation failed, TimeoutError after `timeout` seconds
         without an event."""
         while True:
-            with self._changed:
-                if not self._events and not self.done:
-                    if not self._changed.wait_for(lambda: self._events or self.done, timeout):
-                        raise TimeoutError(f"request {self.id}: no token for {timeout} s")
-                event = self._events.popleft() if self._events else None
-            if event is None:
+            try:
+                event = self._events.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"request {self.id}: no token for {timeout} s") from None
+            if event is _END:
+                self._events.put(_END)  # a later events() call ends at once too
                 if self._error is not None:
                     raise self._error
                 return
@@ -67,24 +70,28 @@ class RequestHandle:
 
     def result(self, timeout: float | None = None) -> Generation:
         """The finished Generation (token ids, text, finish_reason), blocking until it is done."""
-        with self._changed:
-            if not self._changed.wait_for(lambda: self.done, timeout):
-                raise TimeoutError(f"request {self.id}: not finished after {timeout} s")
+        if not self._ended.wait(timeout):
+            raise TimeoutError(f"request {self.id}: not finished after {timeout} s")
         if self._error is not None:
             raise self._error
         return self._result
 
+    def pending_events(self) -> int:
+        """Events pushed and not read by events() yet (the end marker not counted)."""
+        return self._events.qsize() - self.done
+
     # ---- called by the scheduler's thread ----------------------------------------------------
     def _push(self, event: TokenEvent) -> None:
-        with self._changed:
-            self._events.append(event)
-            self._changed.notify_all()
+        self._events.put(event)
 
     def _finish(self, result: Generation | None, error: BaseException | None = None) -> None:
         self.times.finished = time.perf_counter()
-        with self._changed:
-            self._result, self._error = result, error
-            self._changed.notify_all()
+        self._result, self._error = result, error
+        self._ended.set()  # after the fields: a woken result() reads them
+        self._events.put(_END)
+
+
+_END = object()  # the last item of a handle's event queue
 
 
 # the scheduler's thread observes while a server's threads read (/metrics, /stats): one lock for every histogram,

@@ -83,6 +83,18 @@ def test_fill_memory_runs_the_planners_batch(tmp_path):
     assert row["cache_mb"] <= 2.0
 
 
+def test_fill_prompts_take_every_window_of_the_text():
+    """A fill run's prompts are every distinct window of the corpus up to FILL_PROMPTS. Until 2026-12-05 the window
+    count came from a stream tokenized for one window plus a slack of text, so 4,089-id prompts found 8 windows."""
+    from egmla.bench.generate import FILL_PROMPTS, fill_prompts
+
+    short = fill_prompts(300, 512)
+    assert len(short) == FILL_PROMPTS and len({tuple(p) for p in short}) == FILL_PROMPTS
+    long = fill_prompts(4089, 32768)  # paper-base's fill shape: the corpus holds ~740 such windows
+    assert 600 < len(long) < FILL_PROMPTS and len({tuple(p) for p in long}) == len(long)
+    assert all(len(p) == 4089 for p in long)
+
+
 def test_suite_control_tables_on_the_cpu(tmp_path):
     """`egmla bench generate-suite --quick --tables control`: the same-table control's absorbed and gate-table rows
     beside MLA kv64 and Llama in one table, and at full memory in another; an unknown table name is refused."""
@@ -319,3 +331,13 @@ def test_a_git_export_replaces_an_earlier_one_of_the_same_label(tmp_path):
     stale.write_text("x = 1\n")
     tree = resolve_tree("old", "git:HEAD", tmp_path)
     assert (tree / "egmla" / "__init__.py").is_file() and not stale.exists()
+
+
+def test_suite_files_are_named_by_the_gpu_model():
+    """An H100's tables were once named generate_hbm3_* (the device name's last word)."""
+    from egmla.bench.generate_suite import gpu_tag
+
+    assert gpu_tag("NVIDIA H100 80GB HBM3") == "h100"
+    assert gpu_tag("NVIDIA H200") == "h200"
+    assert gpu_tag("NVIDIA A100-SXM4-80GB") == "a100"
+    assert gpu_tag("NVIDIA GeForce RTX 4090") == "4090"

@@ -132,9 +132,9 @@ def test_a_prefills_first_token_is_read_with_the_next_steps_tokens(overlap):
     scheduler = Scheduler(engine, max_batch=2, overlap_host=overlap)
     handle = scheduler.submit(PROMPTS[0], max_new_tokens=4)
     scheduler.step()  # prefill (first token) and the first decode step
-    assert len(handle._events) == (0 if overlap else 2)
+    assert handle.pending_events() == (0 if overlap else 2)
     scheduler.step()
-    assert len(handle._events) == (2 if overlap else 3)
+    assert handle.pending_events() == (2 if overlap else 3)
     while scheduler.step():
         pass
     assert handle.result().token_ids == engine.generate([PROMPTS[0]], max_new_tokens=4)[0].token_ids
@@ -349,9 +349,9 @@ def test_a_long_prompt_is_fed_in_chunks_while_the_running_request_keeps_generati
     arriving = scheduler.submit(long_prompt, max_new_tokens=5)
     tokens_while_feeding = 0
     while arriving.times.first_token is None:
-        before = len(running._events)
+        before = running.pending_events()
         scheduler.step()
-        tokens_while_feeding += len(running._events) - before
+        tokens_while_feeding += running.pending_events() - before
     assert tokens_while_feeding >= 5  # 30 prompt tokens at 4 per iteration: 8 iterations, one token each
     while scheduler.step():
         pass
