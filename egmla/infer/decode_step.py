@@ -34,16 +34,20 @@ def bucket_for(batch: int, buckets: tuple[int, ...] | None) -> int:
 class DecodeStep:
     """One decode step over cache rows [0, batch) of `cache`: set `tokens` [batch, 1] and `n_new` [batch]
     (1 = append this row's token, 0 = padding or finished), then `run()` -> last logits [batch, vocab].
+    `tokens` may be given: a buffer the step reads by address (a graph replays it), e.g. shared by buckets.
 
     use_graph: capture the step in a CUDA graph on the first run and replay it afterwards. The graph
     reads the cache's storage directly, so it is valid as long as that storage is (the engine drops its
     steps when it reallocates the cache)."""
 
-    def __init__(self, model, cache: KVCache, batch: int, use_graph: bool):
+    def __init__(self, model, cache: KVCache, batch: int, use_graph: bool, tokens: torch.Tensor | None = None):
         self.model, self.batch = model, batch
         self.cache = cache.rows(0, batch) if batch < cache.batch_size else cache
         device = cache.lengths.device
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        if tokens is not None and (tuple(tokens.shape) != (batch, 1) or tokens.dtype != torch.long):
+            raise ValueError(f"tokens: a [{batch}, 1] int64 buffer, got {tuple(tokens.shape)} {tokens.dtype}")
+        # the input tokens: its own buffer, or a view the engine shares between buckets (rows [0, batch) of one)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device) if tokens is None else tokens
         self.n_new = torch.zeros(batch, dtype=torch.long, device=device)
         self.use_graph = use_graph
         self.graph: torch.cuda.CUDAGraph | None = None

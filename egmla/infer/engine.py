@@ -224,6 +224,7 @@ class GenerationEngine:
         self.last_step: DecodeStep | None = None
         self._cache: KVCache | None = None  # kept between calls of the same shape, with its steps
         self._steps: dict[tuple, DecodeStep] = {}
+        self._step_tokens: torch.Tensor | None = None  # [cache rows, 1]: the steps' input tokens (`_cache_for`)
         self._steps_read = precomputed_tensors(model, self.cuda_graphs)  # what the kept steps' graphs read by address
         if prefill_graphs and self.offload is not None:
             raise ValueError("prefill_graphs=True with offload_gate_tables: the offload swaps gate-table rows per call "
@@ -240,7 +241,7 @@ class GenerationEngine:
 
     def release(self) -> None:
         """Free the cache and the captured graphs kept for the next call."""
-        self._cache, self._steps, self.last_step = None, {}, None
+        self._cache, self._steps, self.last_step, self._step_tokens = None, {}, None, None
         self._prefill_steps, self._prefill_scratch, self._prefill_pool = {}, None, None
 
     def drop_steps(self) -> None:
@@ -446,6 +447,9 @@ class GenerationEngine:
             cache = self._cache = allocate_cache(self.config, rows, cache_len, dtype=dtype, device=self.device,
                                                  decode_path=layout)
             self._cache_layout = layout
+            # every bucket's step reads its input tokens from rows [0, batch) of this one buffer, so that a caller
+            # that keeps each row's next token here (the scheduler) feeds a step without copying them (a launch)
+            self._step_tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=self.device)
         cache.reset()
         return cache
 
@@ -463,7 +467,9 @@ class GenerationEngine:
             groups.host.plan_distinct = bound
             key = (path, batch, bound)
         if key not in self._steps:
-            self._steps[key] = DecodeStep(self.model, cache, batch, use_graph)
+            shared = cache is self._cache and batch <= cache.batch_size
+            self._steps[key] = DecodeStep(self.model, cache, batch, use_graph,
+                                          tokens=self._step_tokens[:batch] if shared else None)
         return self._steps[key]
 
     def prefill_step(self, rows: int, width: int, max_len: int) -> PrefillStep | None:

@@ -6,7 +6,7 @@ import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from egmla.infer.engine import Generation, TokenEvent
 
@@ -36,6 +36,7 @@ class RequestHandle:
         self._result: Generation | None = None
         self._error: BaseException | None = None
         self.cancelled = False
+        self._on_cancel: Callable[[], None] | None = None  # the scheduler's note that a row may need freeing
 
     @property
     def prompt_tokens(self) -> int:
@@ -49,6 +50,8 @@ class RequestHandle:
         """Stop generating for this request (a client went away): its row is freed before the next step and its
         result ends with finish_reason 'cancelled'. No effect once it has finished."""
         self.cancelled = True
+        if self._on_cancel is not None:  # after the flag: a scheduler that sees the note sees the flag
+            self._on_cancel()
 
     def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
         """Every TokenEvent of this request in order, blocking until the next one; ends after the last (its

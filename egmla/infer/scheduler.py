@@ -173,6 +173,8 @@ class Scheduler:
             self._shared_generator.manual_seed(seed)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._cancels = False  # a handle was cancelled since the last `_retire_cancelled`
+        self._prefill_due = False  # a row may hold a prompt not fully fed (set by admission, cleared by `_prefill`)
 
     # ---- requests ------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
@@ -237,11 +239,15 @@ class Scheduler:
                              f"positions per row: shorten it (or serve with a larger max_len, at most max_seq_len="
                              f"{engine.config.max_seq_len})")
         handle = RequestHandle(next(self._ids), prompt_ids)
+        handle._on_cancel = self._note_cancel
         request = _Request(handle, _Sequence(handle.id, prompt_ids, engine.tokenizer, list(stop_strings)),
                            max_new_tokens, sampling, eos_token_id, logprobs, prompt_logprobs)
         if logprobs is not None:
             request.sequence.result.logprobs, request.sequence.result.top_logprobs = [], []
         return request
+
+    def _note_cancel(self) -> None:
+        self._cancels = True
 
     @property
     def waiting(self) -> int:
@@ -249,7 +255,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return sum(r is not None for r in self._rows)
+        return len(self._rows) - self._rows.count(None)
 
     # ---- the loop ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -403,9 +409,13 @@ class Scheduler:
         self._cache = engine._cache_for(rows, self.max_len)
         self._rows = [None] * rows
         self._prefixes = [()] * rows
-        self._next = torch.zeros(rows, dtype=torch.long, device=engine.device)
+        # each row's next input token, in the buffer every decode step reads: a step needs no copy of them
+        self._next = engine._step_tokens[:rows, 0]
 
     def _retire_cancelled(self) -> None:
+        if not self._cancels:  # set by a handle's cancel(), from any thread: no scan of the rows every step
+            return
+        self._cancels = False
         for row, request in enumerate(self._rows):
             if request is not None and request.handle.cancelled:
                 self._retire(row, "cancelled")
@@ -417,12 +427,12 @@ class Scheduler:
     def _admit(self) -> None:
         """Give waiting requests free rows, first come first served: emptied, or holding the longest cached prefix of
         the prompt (`_reuse_prefix`); while others run, once `admit_batch` rows are free (see __init__)."""
-        free = [row for row, request in enumerate(self._rows[: self.max_batch]) if request is None]
         admitted: list[_Request] = []
         with self._wake:
             if not self._waiting:
                 self._held_since = None  # (cancellations may have emptied the queue during a hold)
                 return
+            free = [row for row, request in enumerate(self._rows[: self.max_batch]) if request is None]
             if not free:
                 return
             if self.running and len(free) < min(len(self._waiting), self.admit_batch):
@@ -458,6 +468,7 @@ class Scheduler:
                 raise
             free.remove(row)
             self._rows[row] = request
+            self._prefill_due = True
         with self._wake:
             self._admitting = 0
 
@@ -513,6 +524,8 @@ class Scheduler:
         forward (right-padded, each row appending its own count), as long as rows x the widest chunk stay within
         the budget. Rows that want their prompt's log-probabilities go in forwards of their own, which keep every
         position's logits: at most PROMPT_LOGPROBS_CHUNK tokens each."""
+        if not self._prefill_due:
+            return
         budget = self.prefill_chunk
         work: dict[bool, list[tuple[int, int, int]]] = {False: [], True: []}  # prompt logprobs -> (row, take, fed)
         # a prompt that an earlier request is already feeding (the samples of one prompt, `n` in the server) is not fed
@@ -539,6 +552,7 @@ class Scheduler:
             limit = min(self.prefill_chunk, PROMPT_LOGPROBS_CHUNK) if every_position else self.prefill_chunk
             for run in _padded_runs(sorted(items), limit, self.max_len):
                 self._prefill_run(run, every_position)
+        self._prefill_due = any(r is not None and not r.prefilled for r in self._rows)  # a chunked prompt's rest
 
     def _make_adjacent(self, rows: list[int]) -> dict[int, int]:
         """Swap cache rows so that `rows` form one block of adjacent rows, moving as few as possible: rows freed one
@@ -636,10 +650,12 @@ class Scheduler:
 
     def _compaction_due(self) -> bool:
         """Nothing waits and the occupied rows fit a smaller bucket than the highest of them needs."""
-        occupied = [row for row, request in enumerate(self._rows) if request is not None]
-        buckets = self.engine.batch_buckets
-        return bool(occupied) and not self._waiting and (
-            bucket_for(len(occupied), buckets) < bucket_for(occupied[-1] + 1, buckets))
+        rows, buckets = self._rows, self.engine.batch_buckets
+        count = len(rows) - rows.count(None)
+        if not count or self._waiting:
+            return False
+        top = len(rows) - next(i for i, request in enumerate(reversed(rows)) if request is not None)
+        return bucket_for(count, buckets) < bucket_for(top, buckets)
 
     def _rows_ahead_of(self, pending: list["_Pending"]) -> list[int]:
         """The rows the next step runs before `pending`'s tokens are read: every row whose prompt is in, except those
@@ -669,12 +685,12 @@ class Scheduler:
         step = self.engine._step(self._cache, bucket_for(top, self.engine.batch_buckets), self.max_len)
         if step is not self._step:
             self._step, self._step_appending = step, None
-        step.tokens[:top, 0].copy_(self._next[:top])
-        decoding = set(rows)
-        appending = [int(row in decoding) for row in range(top)] + [0] * (step.batch - top)
-        if appending != self._step_appending:
-            _set_n_new(step, appending)
-            self._step_appending = appending
+        if step.tokens.data_ptr() != self._next.data_ptr():  # a step of its own buffer (not the engine's kept cache)
+            step.tokens[:top, 0].copy_(self._next[:top])
+        if rows != self._step_appending:  # the rows that append (1) or not (0) change when a row ends or joins
+            decoding = set(rows)
+            _set_n_new(step, [int(row in decoding) for row in range(top)] + [0] * (step.batch - top))
+            self._step_appending = rows
         logits = step.run()
         self.stats.decode_steps += 1
         return self._sample_next(rows, logits[:top] if len(rows) == top else logits[_index(rows, logits.device)])
@@ -697,11 +713,16 @@ class Scheduler:
         """Sample the next token of each of `rows` from its logits [len(rows), vocab] on the device, keep it as the
         row's next input, and start copying it to the host."""
         requests = [self._rows[row] for row in rows]
-        ids = self._sample(logits, requests)
-        if rows == list(range(rows[0], rows[0] + len(rows))):
-            self._next[rows[0]: rows[0] + len(rows)] = ids
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        if contiguous and all(request.sampling.greedy for request in requests):
+            ids = self._next[rows[0]: rows[0] + len(rows)]  # the argmax written where the next step reads it
+            torch.argmax(logits, dim=-1, out=ids)
         else:
-            self._next[_index(rows, ids.device)] = ids
+            ids = self._sample(logits, requests)
+            if contiguous:
+                self._next[rows[0]: rows[0] + len(rows)] = ids
+            else:
+                self._next[_index(rows, ids.device)] = ids
         pending = _Pending(rows, requests, _tokens_to_host(ids))
         wanting = [i for i, request in enumerate(requests) if request.logprobs is not None]
         if wanting:

@@ -66,6 +66,9 @@ def test_requests_joining_and_leaving_get_the_tokens_they_get_alone(variant, pat
         assert [r.finish_reason for r in results] == [r.finish_reason for r in expected], setting
         assert scheduler.stats.requests_finished == len(PROMPTS) and scheduler.running == 0
         assert scheduler.stats.generated_tokens == sum(len(r.token_ids) for r in expected)
+        # every bucket's step reads the scheduler's next tokens in place (greedy rows' argmax written there): no copy
+        steps = list(engine._steps.values())
+        assert steps and all(s.tokens.data_ptr() == scheduler._next.data_ptr() for s in steps), setting
 
 
 def test_rows_are_compacted_when_the_live_ones_fit_a_smaller_bucket():
