@@ -64,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser)
     parser.add_argument("--plot", metavar="PNG", help="also draw output tokens/s per system as bars here (log scale, "
                         "each labelled with its multiple of transformers'; matplotlib); with --report too")
+    parser.add_argument("--ab", action="append", metavar="LABEL=JSON", default=[],
+                        help="nothing measured: the A/B table of result files of code versions (repeat it, e.g. "
+                             "--ab old=a1.json --ab new=b1.json --ab old=a2.json --ab new=b2.json, rounds interleaved): "
+                             "each row's output tokens/s per run, the medians and the last label's over the first's, "
+                             "and the scheduler's host time per decode step by phase; --markdown writes it")
 
 
 @dataclass
@@ -255,7 +260,82 @@ def summarize(timings: list[Timing]) -> dict:
             "latency_s_p50": latency[0], "latency_s_p90": latency[1]}
 
 
+def ab_markdown(runs: list[tuple[str, dict]]) -> str:
+    """The A/B table of serve result files [(label, meta)]: one label per code version (two labels of one code are
+    refused), the rows matched by (variant, system, admit batch, prefill graphs, rate)."""
+    import statistics
+
+    labels = list(dict.fromkeys(label for label, _ in runs))
+    if len(labels) < 2:
+        raise ValueError(f"--ab: at least two labels, got {labels}")
+    code: dict[str, set] = {}
+    for label, meta in runs:
+        code.setdefault(label, set()).add(meta.get("code", {}).get("source_sha256"))
+    for a in labels:
+        for b in labels:
+            if a < b and code[a] & code[b] - {None}:
+                raise ValueError(f"--ab: labels {a!r} and {b!r} ran the same code (source_sha256): not an A/B")
+    shapes = {(m["device"], m["requests"], m["prompt_len"], m["output_len"], m["max_batch"]) for _, m in runs}
+    if len(shapes) > 1:
+        raise ValueError(f"--ab: the files differ in device or workload: {sorted(shapes)}")
+    device, requests, prompt_len, output_len, max_batch = shapes.pop()
+    tokens: dict[tuple, dict[str, list[float]]] = {}
+    host: dict[tuple, dict[str, dict[str, list[float]]]] = {}
+    for label, meta in runs:
+        for row in meta["rows"]:
+            if "error" in row or row.get("model") != "egmla":
+                continue
+            key = (row["variant"], row["system"], row.get("admit_batch"), row.get("prefill_graphs"), row["rate"])
+            tokens.setdefault(key, {}).setdefault(label, []).append(row["output_tokens_per_s"])
+            if row.get("host_seconds") and row.get("decode_steps"):
+                for phase, seconds in row["host_seconds"].items():
+                    host.setdefault(key, {}).setdefault(label, {}).setdefault(phase, []).append(
+                        1e6 * seconds / row["decode_steps"])
+    first, last = labels[0], labels[-1]
+    lines = [f"A/B of code versions on {device}: {requests} requests, prompts ≤ {prompt_len}, outputs ≤ {output_len}, "
+             f"max batch {max_batch}; output tokens/s per run (rounds in file order), medians, and {last} / {first}.",
+             "", "| variant | system | rate | " + " | ".join(labels) + f" | {last} / {first} |",
+             "|---|---|---|" + "---|" * len(labels) + "---:|"]
+    median = statistics.median
+    for key in sorted(tokens, key=str):
+        variant, system, admit, graphs, rate = key
+        name = system + (f" (admit {admit})" if admit else "") + ("" if graphs is None else f", prefill graphs {graphs}")
+        cells = [", ".join(f"{v:,.0f}" for v in tokens[key].get(label, [])) + (
+            f" (**{median(tokens[key][label]):,.0f}**)" if tokens[key].get(label) else "-") for label in labels]
+        ratio = (f"{median(tokens[key][last]) / median(tokens[key][first]):.2f}×"
+                 if tokens[key].get(first) and tokens[key].get(last) else "-")
+        lines.append(f"| {variant} | {name} | {rate} | " + " | ".join(cells) + f" | {ratio} |")
+    if host:
+        phases = sorted({p for per in host.values() for phases in per.values() for p in phases})
+        lines += ["", "The scheduler's host time per decode step, µs (medians over runs), by phase: "
+                  + ", ".join(phases) + " ('read' includes waiting for the step's tokens).", "",
+                  "| variant | system | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+        for key in sorted(host, key=str):
+            variant, system, admit, graphs, _ = key
+            name = system + (f" (admit {admit})" if admit else "")
+            cells = [" / ".join(f"{median(host[key][label][p]):.0f}" if p in host[key].get(label, {}) else "-"
+                                for p in phases) for label in labels]
+            lines.append(f"| {variant} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(args) -> int:
+    if args.ab:
+        import json
+        from pathlib import Path
+
+        from egmla.bench.generate import write_table
+
+        runs = []
+        for item in args.ab:
+            label, _, path = item.partition("=")
+            if not label or not path:
+                raise SystemExit(f"--ab {item!r}: give LABEL=JSON, e.g. --ab new=serve_new_1.json")
+            runs.append((label, json.loads(Path(path).read_text())))
+        try:
+            return write_table(ab_markdown(runs), args.markdown)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     if args.report:
         if args.plot:
             import json

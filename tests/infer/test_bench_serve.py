@@ -54,3 +54,34 @@ def test_admit_batch_values_each_run_a_continuous_row(tmp_path):
     assert all("error" not in r for r in rows)
     with pytest.raises(ValueError, match="--admit-batch 5"):
         cli.run("serve", ["--requests", "2", "--max-batch", "4", "--admit-batch", "5"])
+
+
+def test_ab_table_of_code_versions(tmp_path):
+    """`egmla bench serve --ab LABEL=JSON ...`: medians per row and label, the last label over the first; two labels
+    of one code, or files of different workloads, are refused."""
+    import pytest
+
+    from egmla.bench.serve import ab_markdown
+
+    def meta(code, rates, requests=256):
+        rows = [{"model": "egmla", "variant": "MLA kv64", "system": "continuous", "admit_batch": 16, "rate": "inf",
+                 "output_tokens_per_s": rates[0], "decode_steps": 100,
+                 "host_seconds": {"decode": 0.03, "read": 0.05}},
+                {"model": "egmla", "variant": "MLA kv64", "system": "static", "rate": "inf",
+                 "output_tokens_per_s": rates[1]},
+                {"model": "transformers", "variant": "MHA", "system": "transformers", "rate": "inf",
+                 "output_tokens_per_s": 1000.0}]
+        return {"device": "cpu", "requests": requests, "prompt_len": 64, "output_len": 8, "max_batch": 8,
+                "code": {"source_sha256": code}, "rows": rows}
+
+    runs = [("old", meta("a", (100.0, 300.0))), ("new", meta("b", (150.0, 300.0))),
+            ("old", meta("a", (120.0, 310.0))), ("new", meta("b", (170.0, 290.0)))]
+    table = ab_markdown(runs)
+    assert "| MLA kv64 | continuous (admit 16) | inf | 100, 120 (**110**) | 150, 170 (**160**) | 1.45× |" in table
+    assert "| MLA kv64 | static | inf | 300, 310 (**305**) | 300, 290 (**295**) | 0.97× |" in table
+    assert "| MLA kv64 | continuous (admit 16) | 300 / 500 | 300 / 500 |" in table  # decode / read µs per step
+    assert "transformers" not in table.split("\n", 2)[2]  # egmla's rows only
+    with pytest.raises(ValueError, match="same code"):
+        ab_markdown([("old", meta("a", (1.0, 1.0))), ("new", meta("a", (2.0, 2.0)))])
+    with pytest.raises(ValueError, match="differ in device or workload"):
+        ab_markdown([("old", meta("a", (1.0, 1.0))), ("new", meta("b", (2.0, 2.0), requests=512))])
