@@ -14,6 +14,7 @@ the GPU or, when offloaded to host memory (egmla.infer.offload), not. GB means 1
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -212,7 +213,7 @@ def format_plan(rows: list[dict], title: str) -> str:
 
 def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype: torch.dtype, decode_path: str,
                       prefill_tokens: int, memory_fraction: float = 0.9, limit: int | None = None,
-                      prefill_steps: bool = False) -> dict:
+                      prefill_steps: bool = False, graph_logits_rows: Callable[[int], int] | None = None) -> dict:
     """`egmla serve --max-batch auto`: the most cache rows of `max_len` positions that fit in `memory_fraction` of
     `free_bytes` (the device's free memory measured after the weights are loaded), less the activations of a
     prefill forward of `prefill_tokens` tokens (its hidden states, attention inputs and FFN, twice over for
@@ -221,6 +222,9 @@ def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype:
     its working memory at the most distinct ids a row can hold. Capped at `limit` (the largest graph-captured
     batch). prefill_steps: the engine prefills through CUDA-graph steps (egmla/infer/prefill_step.py), which keep a
     scratch cache of PREFILL_GRAPH_TOKENS positions and their graphs' activations of as many tokens, in addition.
+    graph_logits_rows(max_batch): the rows of logits ([rows, vocab] each, in `dtype`) that the CUDA graphs captured
+    for that many rows keep (every decode bucket's and the prefill steps captured at the start): reserved too, so the
+    rows are the most whose cache and kept logits fit.
     Returns the rows and the figures behind them; raises ValueError where not even one row fits."""
     from egmla.infer.prefill_step import PREFILL_GRAPH_TOKENS
     from egmla.infer.scheduler import PROMPT_LOGPROBS_CHUNK
@@ -242,10 +246,22 @@ def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype:
         activations += PREFILL_GRAPH_TOKENS * (per_token + 2 * width * item)
     budget = memory_fraction * free_bytes - activations
     rows = int(budget // per_row) if budget > 0 else 0
+    logits_row = config.vocab_size * item
+
+    def kept(count: int) -> int:
+        return graph_logits_rows(count) * logits_row if graph_logits_rows is not None and count > 0 else 0
+
+    if graph_logits_rows is not None:  # the most rows whose cache and graphs' logits fit (both grow with the rows)
+        low, high = 0, min(rows, limit) if limit else rows
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if middle * per_row + kept(middle) <= budget else (low, middle - 1)
+        rows = low
     if rows < 1:
         raise ValueError(f"--max-batch auto: one row of {max_len} positions needs {per_row / GB:.3f} GB and a prefill "
                          f"forward ~{activations / GB:.2f} GB, more than {memory_fraction:.0%} of the "
                          f"{free_bytes / GB:.2f} GB free: lower --max-len or --prefill-chunk, or free device memory")
     return {"max_batch": min(rows, limit) if limit else rows, "fits": rows, "cache_layout": layout,
             "bytes_per_row": per_row, "decode_workspace_bytes_per_row": workspace, "activation_bytes": activations,
+            "graph_logits_bytes": kept(min(rows, limit) if limit else rows),
             "free_bytes": free_bytes, "memory_fraction": memory_fraction}

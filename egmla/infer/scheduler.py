@@ -389,15 +389,7 @@ class Scheduler:
         free row when nothing runs, or once admit_batch are free: more may have freed by then), padded to its widest
         prompt, rows x width within prefill_chunk (`_padded_runs`); a prompt longer than prefill_chunk starts with a
         run of its first prefill_chunk tokens."""
-        longest = min(self.max_len, self.prefill_chunk,
-                      self.max_len if max_prompt_tokens is None else max_prompt_tokens)
-        buckets = set()
-        for rows in range(1, self.max_batch + 1):
-            for width in _width_per_bucket(min(longest, self.prefill_chunk // rows)):
-                bucket = prefill_bucket(rows, width, self.max_len)
-                if bucket is not None:
-                    buckets.add(bucket)
-        return sorted(buckets, key=lambda bucket: (bucket[0] * bucket[1], bucket[0]), reverse=True)
+        return prefill_buckets(self.max_batch, self.max_len, self.prefill_chunk, max_prompt_tokens)
 
     def _open(self) -> None:
         """The cache (and, under decode_path='auto', the path) for max_batch rows of max_len positions."""
@@ -805,6 +797,20 @@ class Scheduler:
         self._cache, self._step, self._step_appending, self._pending = None, None, None, []
         self._held_since = None
         self.engine.release()
+
+
+def prefill_buckets(max_batch: int, max_len: int, prefill_chunk: int,
+                    max_prompt_tokens: int | None = None) -> list[tuple[int, int]]:
+    """`Scheduler.prefill_buckets` for a scheduler of these settings (also what `egmla serve --max-batch auto`
+    reserves the captured graphs' logits for before any scheduler exists)."""
+    longest = min(max_len, prefill_chunk, max_len if max_prompt_tokens is None else max_prompt_tokens)
+    buckets = set()
+    for rows in range(1, max_batch + 1):
+        for width in _width_per_bucket(min(longest, prefill_chunk // rows)):
+            bucket = prefill_bucket(rows, width, max_len)
+            if bucket is not None:
+                buckets.add(bucket)
+    return sorted(buckets, key=lambda bucket: (bucket[0] * bucket[1], bucket[0]), reverse=True)
 
 
 def _width_per_bucket(widest: int) -> list[int]:

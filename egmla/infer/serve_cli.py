@@ -113,6 +113,20 @@ def main(args) -> int:
     return 0
 
 
+def graph_logits_rows(engine, rows: int, max_len: int, prefill_chunk: int, capture_prefill_tokens: int) -> int:
+    """Rows of logits that the CUDA graphs a server of `rows` rows captures at its start keep ([rows, vocab] each):
+    every decode bucket's up to the one that holds `rows`, and every prefill step's for prompts of up to
+    `capture_prefill_tokens` tokens. (A prefill bucket met later, by a longer prompt, adds its own when captured.)"""
+    from egmla.infer.decode_step import bucket_for
+    from egmla.infer.scheduler import prefill_buckets
+
+    top = bucket_for(rows, engine.batch_buckets)
+    decode = sum(b for b in engine.batch_buckets if b <= top) if engine.cuda_graphs else 0
+    prefill = (sum(r for r, _ in prefill_buckets(rows, max_len, prefill_chunk, capture_prefill_tokens))
+               if engine.prefill_graphs and capture_prefill_tokens else 0)
+    return decode + prefill
+
+
 def _max_batch(args, engine) -> int:
     """--max-batch as a number, or under 'auto' the rows that fit the device's free memory (egmla.infer.plan)."""
     if args.max_batch != "auto":
@@ -131,11 +145,14 @@ def _max_batch(args, engine) -> int:
     config = engine.config
     max_len = args.max_len or config.max_seq_len
     free, _ = torch.cuda.mem_get_info(engine.device)
+    chunk = args.prefill_chunk or engine.prefill_token_budget
     plan = serving_max_batch(config, max_len, free, engine.model.tok_embeddings.weight.dtype, engine.decode_path,
-                             args.prefill_chunk or engine.prefill_token_budget, args.memory_fraction,
-                             limit=MAX_GRAPH_BATCH, prefill_steps=engine.prefill_graphs)
+                             chunk, args.memory_fraction, limit=MAX_GRAPH_BATCH, prefill_steps=engine.prefill_graphs,
+                             graph_logits_rows=lambda rows: graph_logits_rows(engine, rows, max_len, chunk,
+                                                                              args.capture_prefill_tokens))
     print(f"egmla serve: --max-batch auto = {plan['max_batch']} rows of {max_len} positions "
           f"({plan['bytes_per_row'] / GB * 1e3:.1f} MB each, {plan['cache_layout']} layout; {plan['fits']} would fit "
           f"in {args.memory_fraction:.0%} of {free / GB:.1f} GB free, less {plan['activation_bytes'] / GB:.2f} GB "
-          f"for prefill activations)", flush=True)
+          f"for prefill activations and {plan['graph_logits_bytes'] / GB:.2f} GB for the CUDA graphs' logits)",
+          flush=True)
     return plan["max_batch"]

@@ -360,6 +360,25 @@ def test_max_batch_auto_fits_the_rows_in_the_free_memory():
         graphs = serving_max_batch(config, 2048, 8 * 10**9, torch.bfloat16, "auto", 8192, memory_fraction=0.5,
                                    prefill_steps=True)  # + the prefill steps' scratch (8,192 positions) and graphs
         assert graphs["activation_bytes"] - plan["activation_bytes"] > 8192 * per_token
+        # the logits every captured graph keeps are reserved too: the most rows whose cache and those logits fit
+        kept = serving_max_batch(config, 2048, 8 * 10**9, torch.bfloat16, "auto", 8192, memory_fraction=0.5,
+                                 graph_logits_rows=lambda rows: 40 * rows)  # a steep stand-in, to move the answer
+        logits = 40 * config.vocab_size * 2
+        rows = kept["max_batch"]
+        assert 1 <= rows < plan["max_batch"] and kept["graph_logits_bytes"] == rows * logits
+        assert rows * (plan["bytes_per_row"] + logits) <= budget < (rows + 1) * (plan["bytes_per_row"] + logits)
+    # what `egmla serve` passes: every decode bucket's logits up to the top one, and the start's prefill steps'
+    from types import SimpleNamespace
+
+    from egmla.infer.scheduler import prefill_buckets
+    from egmla.infer.serve_cli import graph_logits_rows
+
+    engine = SimpleNamespace(batch_buckets=(1, 2, 4, 8, 16, 32), cuda_graphs=True, prefill_graphs=True)
+    prefill = sum(r for r, _ in prefill_buckets(20, 1024, 8192, 256))
+    assert prefill > 20 and graph_logits_rows(engine, 20, 1024, 8192, 256) == 63 + prefill  # 1 + 2 + ... + 32
+    assert graph_logits_rows(engine, 20, 1024, 8192, 0) == 63
+    engine.cuda_graphs = engine.prefill_graphs = False
+    assert graph_logits_rows(engine, 20, 1024, 8192, 256) == 0
     with pytest.raises(ValueError, match="lower --max-len or --prefill-chunk"):
         serving_max_batch(config, 2048, 10**8, torch.bfloat16, "auto", 32768)
     with pytest.raises(ValueError, match="memory_fraction=1.5"):
