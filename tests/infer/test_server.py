@@ -580,3 +580,23 @@ def test_a_histogram_read_while_observed_is_always_consistent():
         writer.join()
         sys.setswitchinterval(interval)
     assert histogram.snapshot().count == histogram.count > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_max_batch_auto_on_a_gpu_reserves_the_graphs_logits(capsys):
+    """--max-batch auto on CUDA: rows from free memory, the start-time graphs' logits reserved and printed."""
+    from argparse import Namespace
+
+    from egmla.infer.serve_cli import _max_batch, graph_logits_rows
+
+    engine = GenerationEngine(tiny_model("mla", seed=1).cuda())
+    args = Namespace(max_batch="auto", max_len=None, prefill_chunk=None, memory_fraction=0.01,
+                     capture_prefill_tokens=256)
+    rows = _max_batch(args, engine)
+    out = capsys.readouterr().out
+    assert 1 <= rows <= 512 and f"--max-batch auto = {rows} rows" in out and "for the CUDA graphs' logits" in out
+    reserved = float(re.search(r"and ([0-9.]+) GB for the CUDA graphs' logits", out).group(1))
+    config = engine.config
+    expected = graph_logits_rows(engine, rows, config.max_seq_len, engine.prefill_token_budget, 256)
+    assert expected > 0 and abs(reserved - expected * config.vocab_size * 4 / 1e9) < 0.01  # fp32 tiny weights
