@@ -40,7 +40,6 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
-import gc
 import itertools
 import threading
 import time
@@ -348,7 +347,7 @@ class Scheduler:
         of the first time each is used while requests wait (a capture synchronizes, collects garbage and warms up:
         tens of milliseconds each). Returns how many were captured; none without graphs (CPU, eager)."""
         engine, captured = self.engine, 0
-        with self._running_model(), _frozen_gc():
+        with self._running_model():
             if self._cache is None:
                 self._open()
             for bucket in [b for b in engine.batch_buckets if b <= len(self._rows)]:
@@ -372,7 +371,7 @@ class Scheduler:
         if max_prompt_tokens is not None and max_prompt_tokens < 0:
             raise ValueError(f"max_prompt_tokens={max_prompt_tokens}: must be >= 0 (0: capture none)")
         captured = 0
-        with self._running_model(), _frozen_gc():
+        with self._running_model():
             if self._cache is None:
                 self._open()
             for rows, width in self.prefill_buckets(max_prompt_tokens):
@@ -798,19 +797,6 @@ class Scheduler:
         self._cache, self._step, self._step_appending, self._pending = None, None, None, []
         self._held_since = None
         self.engine.release()
-
-
-@contextlib.contextmanager
-def _frozen_gc():
-    """For a run of CUDA-graph captures: each capture collects garbage (PyTorch's graph context runs gc.collect()),
-    which walks every live object; collected once here and frozen, they are skipped by the captures' collections
-    (vLLM freezes them during its start-time captures too). Objects made meanwhile are collected as usual."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def prefill_buckets(max_batch: int, max_len: int, prefill_chunk: int,

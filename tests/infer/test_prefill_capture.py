@@ -319,20 +319,3 @@ def test_on_cuda_graphs_captured_at_start_serve_the_prompts_within_the_range(var
         eager.generate([p], max_new_tokens=n)[0].token_ids for p, n in zip(prompts, new_tokens)]
     assert {key: step.graph for key, step in engine._prefill_steps.items()} == graphs
     assert scheduler.stats.prefill_graph_calls > 0
-
-
-def test_captures_run_with_the_objects_frozen_and_thawed_after():
-    """A run of captures freezes the live objects (each capture's gc.collect then skips them) and thaws them after,
-    also when a capture fails."""
-    import gc
-
-    from egmla.infer.scheduler import _frozen_gc
-
-    assert gc.get_freeze_count() == 0
-    with _frozen_gc():
-        assert gc.get_freeze_count() > 0
-    assert gc.get_freeze_count() == 0
-    with pytest.raises(RuntimeError, match="capture failed"):
-        with _frozen_gc():
-            raise RuntimeError("capture failed")
-    assert gc.get_freeze_count() == 0
