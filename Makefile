@@ -3,7 +3,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH_CPU ?= torch==2.13.0
+# The +cpu build by name: PyPI has none, so pip takes it from a local wheel where the machine has one, else from
+# PyTorch's CPU index; a plain `torch==2.13.0` would be PyPI's Linux wheel, the CUDA build.
+TORCH_CPU ?= torch==2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # PyTorch's OpenMP threads spin while they wait for work; on cores that other jobs share that slowed
 # CPU training up to 15x (docs/training.md). The `egmla` command asks for passive waiting itself; this
 # does the same for the test suite. A value in the environment wins.
@@ -14,7 +17,8 @@ export OMP_WAIT_POLICY ?= PASSIVE
 $(BIN)/egmla: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_CPU)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_CPU)" 2>/dev/null \
+		|| $(BIN)/python -m pip install -q "$(TORCH_CPU)" --index-url $(TORCH_CPU_INDEX)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(BIN)/egmla
 

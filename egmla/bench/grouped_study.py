@@ -295,6 +295,10 @@ def run(args) -> list[dict]:
 
     launch_settings(args)  # an unknown label fails before any work
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"egmla bench grouped: --device {args.device}: no CUDA device here; on a CPU give "
+                         f"--device cpu with TRITON_INTERPRET=1 and --preset tiny (a smoke test, small --batch and "
+                         f"--context)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batches = [int(b) for b in args.batch.split(",")]
     contexts = [int(t) for t in args.context.split(",")]

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 
 def test_markdown_adds_the_plan_share(tmp_path):
@@ -236,3 +237,11 @@ def test_in_step_rows_that_do_not_fit_are_skipped_and_the_run_goes_on(tmp_path, 
     rows = {(r["variant"], r["path"]): r for r in json.loads(out.read_text())["rows"]}
     assert rows[("MHA", "sdpa in-step")]["skipped"].startswith("out of memory building 2 layers")
     assert rows[("MLA kv64", "kernel-core in-step")]["median_us"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the default device works")
+def test_default_cuda_device_without_a_gpu_is_a_clear_error():
+    from egmla.bench.cli import run
+
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device here; on a CPU give --device cpu"):
+        run("grouped", ["--preset", "tiny", "--batch", "1", "--context", "64"])
