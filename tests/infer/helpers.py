@@ -52,3 +52,28 @@ def write_run(run_dir: Path, model: Transformer, tokenizer, format_version: int 
     tokenizer.save(str(run_dir / "tokenizer.json"))
     save_weights(model, run_dir / "model.safetensors")
     return run_dir
+
+
+class GraphReplay:
+    """Stands in for a captured CUDA graph on the CPU: replay() runs the step's forward into its logits."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def replay(self):
+        self.step.logits = self.step.forward()
+
+
+def prefill_steps_as_graphs(monkeypatch) -> None:
+    """The engine hands out prefill steps marked as CUDA graphs (use_graph), as on a GPU."""
+    from egmla.infer import GenerationEngine
+
+    hand_out = GenerationEngine.prefill_step
+
+    def as_graph(self, *args):
+        step = hand_out(self, *args)
+        if step is not None:
+            step.use_graph = True
+        return step
+
+    monkeypatch.setattr(GenerationEngine, "prefill_step", as_graph)

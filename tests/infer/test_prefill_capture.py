@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from tests.infer.helpers import tiny_model
+from tests.infer.helpers import GraphReplay, prefill_steps_as_graphs, tiny_model
 
 from egmla.attention import decode_paths
 from egmla.cli import main as egmla_main
@@ -62,34 +62,11 @@ def emulated_graphs(monkeypatch) -> list[tuple[int, int]]:
 
     def capture(step):
         captured.append((step.rows, step.width))
-        step.graph = _Replay(step)
+        step.graph = GraphReplay(step)
 
-    steps_as_graphs(monkeypatch)
+    prefill_steps_as_graphs(monkeypatch)
     monkeypatch.setattr(PrefillStep, "capture", capture)
     return captured
-
-
-def steps_as_graphs(monkeypatch) -> None:
-    """The engine hands out prefill steps marked as CUDA graphs (use_graph), as on a GPU."""
-    hand_out = GenerationEngine.prefill_step
-
-    def as_graph(self, *args):
-        step = hand_out(self, *args)
-        if step is not None:
-            step.use_graph = True
-        return step
-
-    monkeypatch.setattr(GenerationEngine, "prefill_step", as_graph)
-
-
-class _Replay:
-    """Stands in for a captured graph on the CPU: replay() runs the step's forward."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def replay(self):
-        self.step.logits = self.step.forward()
 
 
 def test_the_buckets_listed_hold_every_prefill_of_random_prompt_mixes():
@@ -218,11 +195,11 @@ def test_randomized_start_time_captures_give_the_eager_engines_tokens(monkeypatc
         captured.append((step.rows, step.width))
         step.forward()  # warm-up
         step.logits = step.forward()
-        step.graph = _Replay(step)
+        step.graph = GraphReplay(step)
 
     monkeypatch.setattr(PrefillStep, "forward", into_one_buffer)
     monkeypatch.setattr(PrefillStep, "capture", capture)
-    steps_as_graphs(monkeypatch)
+    prefill_steps_as_graphs(monkeypatch)
     rng = random.Random(4)
     for trial in range(10):
         model = tiny_model(rng.choice(["mla", "eg-mla", "eg-mla-bias", "mha"]), seed=trial)

@@ -3,7 +3,7 @@ call eagerly here): prompts go into a scratch cache and their rows are copied in
 logits, every cached tensor and the token groups must equal those of the eager prefill, on every variant's paths."""
 import pytest
 import torch
-from tests.infer.helpers import VARIANTS, tiny_model
+from tests.infer.helpers import VARIANTS, GraphReplay, prefill_steps_as_graphs, tiny_model
 
 from egmla.attention import decode_paths
 from egmla.attention.cache import TokenGroups
@@ -108,17 +108,9 @@ def test_logits_of_a_graph_replay_survive_the_next_replay(monkeypatch):
             self._buffer.copy_(out)
         return self._buffer
 
-    made = GenerationEngine.prefill_step
-
-    def replayed(self, *args):  # the engine's steps as on a GPU: captured once, then replayed
-        step = made(self, *args)
-        if step is not None:
-            step.use_graph = True
-        return step
-
     monkeypatch.setattr(PrefillStep, "forward", graph_like)
-    monkeypatch.setattr(PrefillStep, "capture", lambda self: setattr(self, "graph", _Replay(self)))
-    monkeypatch.setattr(GenerationEngine, "prefill_step", replayed)
+    monkeypatch.setattr(PrefillStep, "capture", lambda self: setattr(self, "graph", GraphReplay(self)))
+    prefill_steps_as_graphs(monkeypatch)  # the engine's steps as on a GPU: captured once, then replayed
     model = tiny_model("mla", seed=3)
     prompts = [[5 + i + 7 * j for j in range(20)] for i in range(4)]  # two groups of 2 x 20 tokens: one bucket
     settings = dict(decode_path="absorbed", prefill_token_budget=40)
@@ -127,16 +119,6 @@ def test_logits_of_a_graph_replay_survive_the_next_replay(monkeypatch):
     stepped = engine.generate(prompts, max_new_tokens=4)
     assert [key[1:] for key in engine._prefill_steps] == [(2, 23)]  # (the cache holds 20 + 4 - 1 positions)
     assert [g.token_ids for g in stepped] == [g.token_ids for g in eager]
-
-
-class _Replay:
-    """Stands in for a captured graph on the CPU: replay() runs the step's forward, whose output buffer is kept."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def replay(self):
-        self.step.logits = self.step.forward()
 
 
 def test_register_prompts_equals_appending_them():
