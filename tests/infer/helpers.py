@@ -77,3 +77,20 @@ def prefill_steps_as_graphs(monkeypatch) -> None:
         return step
 
     monkeypatch.setattr(GenerationEngine, "prefill_step", as_graph)
+
+
+def forward_into_one_buffer(monkeypatch) -> None:
+    """PrefillStep.forward as a graph replay behaves: each call rewrites the one output buffer kept since the first."""
+    from egmla.infer.prefill_step import PrefillStep
+
+    forward = PrefillStep.forward
+
+    def into_one_buffer(step):
+        out = forward(step)
+        if getattr(step, "_buffer", None) is None:
+            step._buffer = out.clone()
+        else:
+            step._buffer.copy_(out)
+        return step._buffer
+
+    monkeypatch.setattr(PrefillStep, "forward", into_one_buffer)

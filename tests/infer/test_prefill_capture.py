@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from tests.infer.helpers import GraphReplay, prefill_steps_as_graphs, tiny_model
+from tests.infer.helpers import GraphReplay, forward_into_one_buffer, prefill_steps_as_graphs, tiny_model
 
 from egmla.attention import decode_paths
 from egmla.cli import main as egmla_main
@@ -181,23 +181,14 @@ def test_randomized_start_time_captures_give_the_eager_engines_tokens(monkeypatc
     """Graphs captured at start as a GPU captures them (the forward run at capture, on the zeroed inputs; each replay
     rewriting the one output buffer kept since), on random variants, decode paths and settings: prompts of up to N
     tokens arriving in bursts capture nothing more and get, token for token, what an eager engine gives each alone."""
-    forward, captured = PrefillStep.forward, []
-
-    def into_one_buffer(step):
-        out = forward(step)
-        if getattr(step, "_buffer", None) is None:
-            step._buffer = out.clone()
-        else:
-            step._buffer.copy_(out)
-        return step._buffer
-
+    captured = []
     def capture(step):
         captured.append((step.rows, step.width))
         step.forward()  # warm-up
         step.logits = step.forward()
         step.graph = GraphReplay(step)
 
-    monkeypatch.setattr(PrefillStep, "forward", into_one_buffer)
+    forward_into_one_buffer(monkeypatch)
     monkeypatch.setattr(PrefillStep, "capture", capture)
     prefill_steps_as_graphs(monkeypatch)
     rng = random.Random(4)

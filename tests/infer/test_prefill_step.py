@@ -3,7 +3,7 @@ call eagerly here): prompts go into a scratch cache and their rows are copied in
 logits, every cached tensor and the token groups must equal those of the eager prefill, on every variant's paths."""
 import pytest
 import torch
-from tests.infer.helpers import VARIANTS, GraphReplay, prefill_steps_as_graphs, tiny_model
+from tests.infer.helpers import VARIANTS, GraphReplay, forward_into_one_buffer, prefill_steps_as_graphs, tiny_model
 
 from egmla.attention import decode_paths
 from egmla.attention.cache import TokenGroups
@@ -98,17 +98,7 @@ def test_logits_of_a_graph_replay_survive_the_next_replay(monkeypatch):
     """A replay writes the graph's one output tensor in place (emulated here: forward copies into a kept buffer): the
     logits a prefill returns must not be that buffer, else generate()'s second group of prompts in the same bucket
     overwrites the first group's (found by a randomized review with this emulation; on a GPU it gave wrong tokens)."""
-    real_forward = PrefillStep.forward
-
-    def graph_like(self):
-        out = real_forward(self)
-        if getattr(self, "_buffer", None) is None:
-            self._buffer = out.clone()
-        else:
-            self._buffer.copy_(out)
-        return self._buffer
-
-    monkeypatch.setattr(PrefillStep, "forward", graph_like)
+    forward_into_one_buffer(monkeypatch)
     monkeypatch.setattr(PrefillStep, "capture", lambda self: setattr(self, "graph", GraphReplay(self)))
     prefill_steps_as_graphs(monkeypatch)  # the engine's steps as on a GPU: captured once, then replayed
     model = tiny_model("mla", seed=3)
