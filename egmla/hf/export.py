@@ -1,7 +1,8 @@
 """Export a run directory to Hugging Face formats.
 
     export_hf(run, out)        EgmlaForCausalLM checkpoint (any variant): config.json, model.safetensors,
-                               tokenizer; loads with AutoModelForCausalLM after `import egmla.hf`
+                               tokenizer; loads with AutoModelForCausalLM after `import egmla.hf`, or with
+                               trust_remote_code=True without it (two one-line modules + auto_map)
     export_deepseek(run, out)  MLA runs only: a DeepseekV3ForCausalLM checkpoint (dense MLP, no MoE, no
                                MTP, interleaved RoPE as DeepSeek's own weights, no RoPE scaling) that
                                transformers, and engines that serve DeepSeek-V3, load with no egmla code
@@ -118,9 +119,32 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path |
     hf_model = EgmlaForCausalLM.from_egmla(model, **special_token_ids(load_tokenizer(run_dir)))
     tokenizer = hf_tokenizer(run_dir, model.config.max_seq_len)
     with _staging(out_dir) as staging:
-        hf_model.save_pretrained(staging)
+        hf_model.save_pretrained(staging)  # with the trust_remote_code modules (EgmlaForCausalLM.save_pretrained)
         tokenizer.save_pretrained(staging)
     return Path(out_dir)
+
+
+# Two one-line modules beside the weights and config.json's "auto_map" pointing at them, so that any program that
+# loads with trust_remote_code=True finds the classes without `import egmla.hf` first: stock `lm_eval --model hf`,
+# transformers' pipelines and scripts. They import the installed egmla (not a copy of its code), so the folder
+# always runs the installed version's model, as `import egmla.hf` does.
+REMOTE_CODE = {
+    "configuration_egmla.py": "EgmlaConfig",
+    "modeling_egmla.py": "EgmlaForCausalLM",
+}
+AUTO_MAP = {"AutoConfig": "configuration_egmla.EgmlaConfig", "AutoModelForCausalLM": "modeling_egmla.EgmlaForCausalLM"}
+
+
+def write_remote_code(folder: Path) -> None:
+    """Add the trust_remote_code modules and config.json's auto_map to an EgmlaForCausalLM folder."""
+    for name, cls in REMOTE_CODE.items():
+        (folder / name).write_text(
+            f'"""Loads this folder with trust_remote_code=True where egmla is installed (pip install \'egmla[hf]\')."""\n'
+            f"from egmla.hf.{name[:-3]} import {cls}  # noqa: F401\n")
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["auto_map"] = AUTO_MAP
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def is_hf_export(folder: str | Path) -> bool:

@@ -65,6 +65,15 @@ class EgmlaPreTrainedModel(PreTrainedModel):
         dtype = module.tok_embeddings.weight.dtype
         module.rope_cos, module.rope_sin = module.rope_cos.to(dtype), module.rope_sin.to(dtype)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save, plus the two modules and the auto_map that let the folder load with
+        trust_remote_code=True where egmla is installed but not imported (egmla.hf.export.write_remote_code)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from egmla.hf.export import write_remote_code
+
+            write_remote_code(Path(save_directory))
+
 
 class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"model.output.weight": "model.tok_embeddings.weight"}

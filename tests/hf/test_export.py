@@ -1,4 +1,7 @@
 """`egmla export --to hf|deepseek`: folders that load in transformers and give our logits."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
@@ -18,14 +21,50 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def test_export_hf_any_variant(variant, make_run, tmp_path, no_unpickling):
     run, out = make_run(variant), tmp_path / "hf"
     assert egmla_main(["export", "--run", str(run), "--to", "hf", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                       "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "configuration_egmla.py", "generation_config.json",
+                                                       "model.safetensors", "modeling_egmla.py", "tokenizer.json",
+                                                       "tokenizer_config.json"]
     model, _ = load_model(run)
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(loaded, EgmlaForCausalLM)
     tokens = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens))
+
+
+def test_export_hf_loads_with_trust_remote_code_without_importing_egmla_hf(make_run, tmp_path):
+    """A fresh process that never imports egmla.hf itself (stock lm_eval, a transformers script) loads the folder
+    through config.json's auto_map, gets our class and our logits."""
+    run, out = make_run("eg-mla"), tmp_path / "hf"
+    assert egmla_main(["export", "--run", str(run), "--to", "hf", str(out)]) == 0
+    tokens = torch.randint(0, 300, (2, 16))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+assert not any(name.startswith("egmla") for name in sys.modules)
+model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+assert type(model).__module__ == "egmla.hf.modeling_egmla", type(model)
+tokens = torch.load({str(tmp_path / "tokens.pt")!r}, weights_only=True)
+with torch.no_grad():
+    torch.save(model(tokens).logits, {str(tmp_path / "logits.pt")!r})
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model, _ = load_model(run)
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "logits.pt", weights_only=True), model(tokens))
+
+
+def test_export_hf_without_trust_remote_code_or_import_is_refused_clearly(make_run, tmp_path):
+    run, out = make_run("mla"), tmp_path / "hf"
+    assert egmla_main(["export", "--run", str(run), "--to", "hf", str(out)]) == 0
+    script = f"""
+from transformers import AutoModelForCausalLM
+AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=False)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "trust_remote_code" in done.stderr
 
 
 @pytest.mark.parametrize("variant", ["mla", "mla-qlora-untied"])

@@ -2,6 +2,7 @@
 checked against direct computation with our model and against lm-eval's own `hf` backend.
 
 lm-eval is a dev dependency: if it is missing these tests fail (they must not skip)."""
+import json
 import logging
 import math
 import subprocess
@@ -55,6 +56,23 @@ def test_exported_model_scores_the_same_through_lm_evals_hf_backend(scores, make
     export_hf(make_run("eg-mla"), tmp_path / "hf")  # lm-eval's HFLM loads it via AutoModelForCausalLM
     theirs = evaluate(tasks_dir, "hf", f"pretrained={tmp_path / 'hf'},dtype=float32,device=cpu,"
                                        f"backend=causal,batch_size=32")
+    for task, metrics in scores[0].items():
+        for metric, value in metrics.items():
+            assert theirs[task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
+
+
+def test_stock_lm_eval_command_scores_an_export_through_trust_remote_code(scores, make_run, tasks_dir, tmp_path):
+    """Plain `lm_eval`, nothing of egmla registered: the exported folder's auto_map finds the model, and the scores
+    equal the registered `egmla` model's."""
+    export_hf(make_run("eg-mla"), tmp_path / "hf")
+    command = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
+               f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32,backend=causal", "--device", "cpu",
+               "--batch_size", "32", "--include_path", str(tasks_dir), "--tasks", ",".join(TASKS),
+               "--output_path", str(tmp_path / "results")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [path] = (tmp_path / "results").rglob("results_*.json")
+    theirs = json.loads(path.read_text())["results"]
     for task, metrics in scores[0].items():
         for metric, value in metrics.items():
             assert theirs[task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
