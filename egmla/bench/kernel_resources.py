@@ -70,7 +70,28 @@ def resources(fn, constexprs: dict, pointer_types: dict, num_warps: int, arch: i
     regs, stack, shared, local = cubin_resources(kernel.asm["cubin"])
     programs, occ = occupancy(regs, num_warps)
     return {"registers": regs, "spill_stack_bytes": stack, "shared_bytes": max(shared, kernel.metadata.shared),
-            "local_bytes": local, "programs_per_sm_by_registers": programs, "occupancy_by_registers": occ}
+            "local_bytes": local, "programs_per_sm_by_registers": programs, "occupancy_by_registers": occ,
+            **instruction_forms(kernel.asm["ptx"])}
+
+
+# PTX instructions that say which of a GPU's ways to multiply and to copy a kernel compiled to. On sm_90 (Hopper)
+# `wgmma` is the warpgroup's asynchronous tensor-core product (Triton emits it for a dot of >= 4 warps whose operands
+# it can stage in shared memory), `mma.sync` the warp's synchronous one of sm_80; `cp.async` copies 4-16 bytes per
+# thread from global to shared memory without registers, `cp.async.bulk` is the TMA's copy of a whole tile.
+PTX_FORMS = {"wgmma": r"\bwgmma\.mma_async\b", "mma.sync": r"\bmma\.sync\b",
+             "cp.async": r"\bcp\.async\.(?:ca|cg)\b", "tma": r"\bcp\.async\.bulk\b"}
+
+
+def instruction_forms(ptx: str) -> dict:
+    """How often each of PTX_FORMS appears in a kernel's PTX (static counts, loops unrolled as compiled)."""
+    return {"ptx_" + name.replace(".", "_"): len(re.findall(pattern, ptx)) for name, pattern in PTX_FORMS.items()}
+
+
+def forms_text(row: dict) -> str:
+    """'wgmma 4, cp.async 12': the non-zero PTX_FORMS counts of a row."""
+    found = [f"{name} {row['ptx_' + name.replace('.', '_')]}" for name in PTX_FORMS
+             if row.get("ptx_" + name.replace(".", "_"))]
+    return ", ".join(found) or "no tensor-core product or async copy"
 
 
 def cubin_resources(cubin: bytes, function: str | None = None) -> tuple[int, int, int, int]:
@@ -262,7 +283,8 @@ def main(args) -> int:
         raise SystemExit(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(KERNELS)}")
     rows = []
     print(f"Triton {triton.__version__}, compiled for sm_{args.arch} (no GPU needed); registers per thread, spill "
-          f"stack bytes, shared memory, programs per SM that the registers allow")
+          f"stack bytes, shared memory, programs per SM that the registers allow, and the PTX's tensor-core products "
+          f"(wgmma: Hopper's; mma.sync: Ampere's) and asynchronous copies (cp.async; tma: cp.async.bulk)")
     for name in args.kernels.split(","):
         if name == "cuda":
             for per_block, segment in CUDA_SETTINGS:
@@ -281,7 +303,7 @@ def main(args) -> int:
             rows.append(row)
             print(f"  {kernel:<20} {setting:<44} regs {row['registers']:>3}  spills {row['spill_stack_bytes']:>5} B  "
                   f"shared {row['shared_bytes']:>6} B  {row['programs_per_sm_by_registers']:>2} programs/SM "
-                  f"({100 * row['occupancy_by_registers']:.0f}% of warp slots)", flush=True)
+                  f"({100 * row['occupancy_by_registers']:.0f}% of warp slots)  {forms_text(row)}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows}, f, indent=1)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from egmla.bench.kernel_resources import occupancy
+from egmla.bench.kernel_resources import forms_text, instruction_forms, occupancy
 from egmla.kernels.cuda_build import find_nvcc
 
 
@@ -15,6 +15,22 @@ def test_occupancy_reproduces_nsight_compute_on_an_h200():
     assert occupancy(182, 2) == (4, 0.125)
     assert occupancy(32, 1) == (32, 0.5)  # the 32-program limit binds before registers
     assert occupancy(255, 8)[0] == 1
+
+
+def test_instruction_forms_count_the_ptx_products_and_copies():
+    ptx = """
+    wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};
+    wgmma.fence.sync.aligned;
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...};
+    cp.async.cg.shared.global [%r1], [%rd2], 16;
+    cp.async.ca.shared.global [%r1], [%rd2], 4;
+    cp.async.commit_group;
+    cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r3], [%rd4, {%r5, %r6}], [%r7];
+    """
+    forms = instruction_forms(ptx)
+    assert forms == {"ptx_wgmma": 1, "ptx_mma_sync": 1, "ptx_cp_async": 2, "ptx_tma": 1}  # fences and commits not counted
+    assert forms_text(forms) == "wgmma 1, mma.sync 1, cp.async 2, tma 1"
+    assert forms_text(instruction_forms("ld.global.b32 %r1, [%rd1];")) == "no tensor-core product or async copy"
 
 
 def _cuobjdump_available() -> bool:
@@ -47,6 +63,7 @@ def test_mla_kernel_compiles_offline_and_reports_its_registers(tmp_path):
     for row in rows:
         assert 16 <= row["registers"] <= 255 and row["spill_stack_bytes"] >= 0 and row["shared_bytes"] > 0
         assert row["programs_per_sm_by_registers"] in range(1, 33)
+        assert row["ptx_mma_sync"] + row["ptx_wgmma"] > 0 and row["ptx_cp_async"] > 0  # tensor cores, pipelined loads
     more_stages = {r["setting"]: r["shared_bytes"] for r in rows}
     assert more_stages["tiles of 64, 4 warps (stages 3: shared memory)"] > more_stages["tiles of 64, 4 warps (stages 2: shared memory)"]
     assert "compiled for sm_90" in stdout
