@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "plan": ("egmla.infer.plan_cli", "how many sequences of length T fit in M GB, per attention variant"),
     "bench": ("egmla.bench.cli", "benchmarks: decode attention, generation, training speed"),
     "export": ("egmla.commands.export", "export a run to Hugging Face (or DeepSeek-V3) format"),
+    "eval": ("egmla.commands.eval", "lm-evaluation-harness on a run: egmla's local tasks or any of lm-eval's"),
 }
 
 

@@ -7,7 +7,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, metavar="DIR", help="run directory written by `egmla train`")
     parser.add_argument("--to", required=True, choices=("hf", "deepseek"),
-                        help="hf: EgmlaForCausalLM (any variant; load after `import egmla.hf`); "
+                        help="hf: EgmlaForCausalLM (any variant; load after `import egmla.hf`, or with trust_remote_code=True "
+                             "where egmla is installed); "
                              "deepseek: transformers' DeepseekV3ForCausalLM (MLA runs only; no egmla code needed)")
     parser.add_argument("out", metavar="OUT", help="output folder (must not exist or be empty)")
     parser.add_argument("--checkpoint", default=None, metavar="DIR",
@@ -31,6 +32,7 @@ def main(args) -> int:
         if reason is None:
             raise
         raise StorageError(f"{reason} (exporting to {args.out}); nothing was written there") from None
-    needs = "import egmla.hf first" if args.to == "hf" else "transformers' DeepseekV3ForCausalLM, no egmla needed"
+    needs = ("import egmla.hf first, or pass trust_remote_code=True" if args.to == "hf"
+             else "transformers' DeepseekV3ForCausalLM, no egmla needed")
     print(f"exported {args.run} -> {out}; load with AutoModelForCausalLM.from_pretrained({str(out)!r}) ({needs})")
     return 0

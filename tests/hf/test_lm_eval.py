@@ -158,6 +158,33 @@ def test_lm_eval_command_line_with_egmla_registered(make_run, tmp_path):
     assert list(tmp_path.rglob("results_*.json"))
 
 
+def test_egmla_eval_command_runs_lm_eval_on_a_run_and_passes_extra_options(make_run, tmp_path):
+    command = [sys.executable, "-m", "egmla", "eval", "--run", str(make_run("eg-mla")), "--tasks", "egmla_mc",
+               "--limit", "4", "--device", "cpu", "--output-path", str(tmp_path), "--", "--seed", "3"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [path] = tmp_path.rglob("results_*.json")
+    results = json.loads(path.read_text())
+    assert 0 <= results["results"]["egmla_mc"]["acc,none"] <= 1
+    assert results["config"]["random_seed"] == 3  # the option after -- reached lm_eval
+    assert "--model egmla" in done.stdout  # the command it ran is printed
+
+
+def test_egmla_eval_builds_lm_evals_command_line():
+    from egmla.cli import build_parser
+    from egmla.commands.eval import lm_eval_argv
+
+    args = build_parser().parse_args(["eval", "--run", "runs/a", "--dtype", "bfloat16", "--batch-size", "32",
+                                      "--checkpoint", "runs/a/checkpoints/step_10", "--num-fewshot", "0",
+                                      "--", "--log_samples"])
+    assert lm_eval_argv(args) == [
+        "--model", "egmla", "--model_args", "run=runs/a,dtype=bfloat16,checkpoint=runs/a/checkpoints/step_10",
+        "--tasks", "egmla_mc,egmla_ppl", "--batch_size", "32", "--num_fewshot", "0", "--log_samples"]
+    comma = build_parser().parse_args(["eval", "--run", "runs/a,b"])
+    with pytest.raises(ValueError, match=r"--run='runs/a,b'.*','"):
+        lm_eval_argv(comma)
+
+
 def test_local_task_configs_leave_lm_eval_nothing_to_guess(tasks_dir, caplog):
     """Every metric names its aggregation and direction, so lm-eval prints no "is defined, but" warnings."""
     with caplog.at_level(logging.WARNING):
