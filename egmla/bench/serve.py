@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a row of each (default: the engine's choice, not labelled)")
     parser.add_argument("--decode-path", default="auto", help="egmla's decode path (auto = the engine's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload's draws")
+    parser.add_argument("--stream", action="store_true",
+                        help="continuous: submit every request streamed, so that the scheduler makes each token's "
+                             "event as for a streaming client (default: not streamed, as a client that reads the "
+                             "whole result: no per-token events; files before 2026-12-05's fifteenth session streamed)")
     add_output_arguments(parser)
     parser.add_argument("--plot", metavar="PNG", help="also draw output tokens/s per system as bars here (log scale, "
                         "each labelled with its multiple of transformers'; matplotlib); with --report too")
@@ -113,9 +117,10 @@ def _wait_until(start: float, offset: float) -> None:
 
 
 def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chunk: int | None = None,
-                   row: dict | None = None, admit_batch: int | None = None) -> list[Timing]:
-    """egmla's scheduler, requests submitted at their arrival times; `row` gets its counters (steps, prefill calls,
-    compactions, shared prefills, and the share of the run its thread was busy)."""
+                   row: dict | None = None, admit_batch: int | None = None, stream: bool = False) -> list[Timing]:
+    """egmla's scheduler, requests submitted at their arrival times (`stream`: as streamed requests, each token an
+    event); `row` gets its counters (steps, prefill calls, compactions, shared prefills, and the share of the run
+    its thread was busy)."""
     from egmla.infer.scheduler import Scheduler
 
     scheduler = Scheduler(engine, max_batch=max_batch, max_len=engine.config.max_seq_len,
@@ -129,12 +134,13 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
     burst = next((i for i, request in enumerate(requests) if request.arrival > 0), len(requests))
     # the requests arriving at once are queued before the thread starts (else its first iterations would see
     # however many the submitting loop had queued by then)
-    handles = [scheduler.submit(request.prompt, max_new_tokens=request.output_len) for request in requests[:burst]]
+    handles = [scheduler.submit(request.prompt, max_new_tokens=request.output_len, stream=stream)
+               for request in requests[:burst]]
     scheduler.start()
     try:
         for request in requests[burst:]:
             _wait_until(start, request.arrival)
-            handles.append(scheduler.submit(request.prompt, max_new_tokens=request.output_len))
+            handles.append(scheduler.submit(request.prompt, max_new_tokens=request.output_len, stream=stream))
         results = [handle.result() for handle in handles]
         duration = time.perf_counter() - start
     finally:
@@ -275,10 +281,13 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
         for b in labels:
             if a < b and code[a] & code[b] - {None}:
                 raise ValueError(f"--ab: labels {a!r} and {b!r} ran the same code (source_sha256): not an A/B")
-    shapes = {(m["device"], m["requests"], m["prompt_len"], m["output_len"], m["max_batch"]) for _, m in runs}
+    # files without "stream" came from code whose scheduler made every token's event: streamed
+    shapes = {(m["device"], m["requests"], m["prompt_len"], m["output_len"], m["max_batch"], m.get("stream", True))
+              for _, m in runs}
     if len(shapes) > 1:
-        raise ValueError(f"--ab: the files differ in device or workload: {sorted(shapes)}")
-    device, requests, prompt_len, output_len, max_batch = shapes.pop()
+        raise ValueError(f"--ab: the files differ in device or workload (device, requests, prompt and output "
+                         f"lengths, max batch, streamed): {sorted(shapes)}")
+    device, requests, prompt_len, output_len, max_batch, _ = shapes.pop()
     tokens: dict[tuple, dict[str, list[float]]] = {}
     host: dict[tuple, dict[str, dict[str, list[float]]]] = {}
     for label, meta in runs:
@@ -389,6 +398,7 @@ def main(args) -> int:
     meta = {"benchmark": "serve", "device": device_name, "dtype": str(dtype), "torch": torch.__version__,
             "source": f"preset {name}, random weights", "requests": count, "prompt_len": prompt_len,
             "output_len": output_len, "max_batch": max_batch, "seed": args.seed, "prefill_chunk": args.prefill_chunk,
+            "stream": args.stream,
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_identity(), "rows": rows}
     print(f"egmla bench serve: {meta['source']}; {device_name}, {dtype}; {count} requests, prompts "
           f"{max(1, prompt_len // 2)}-{prompt_len}, outputs {max(1, output_len // 2)}-{output_len} tokens; rates {rates}")
@@ -418,7 +428,8 @@ def main(args) -> int:
                        "max_batch": max_batch}
                 if graphs is not None:
                     row["prefill_graphs"] = engine.prefill_graphs
-                run = (functools.partial(run_continuous, prefill_chunk=args.prefill_chunk, row=row, admit_batch=admit)
+                run = (functools.partial(run_continuous, prefill_chunk=args.prefill_chunk, row=row, admit_batch=admit,
+                                         stream=args.stream)
                        if system == "continuous" else run_static)
 
                 def measured(run=run, engine=engine, row=row):
@@ -510,7 +521,9 @@ def markdown(meta: dict) -> str:
              f"{meta['source']}; prompts {max(1, meta['prompt_len'] // 2)}-{meta['prompt_len']} and outputs "
              f"{max(1, meta['output_len'] // 2)}-{meta['output_len']} tokens (uniform), Poisson arrivals, greedy; "
              f"at most {meta['max_batch']} requests generating at once (max batch; '-': transformers' own sizing, where "
-             f"its version has no max_requests_per_batch). Run {meta['time']}.", "",
+             f"its version has no max_requests_per_batch); egmla's continuous requests "
+             f"{'streamed (an event per token)' if meta.get('stream', True) else 'not streamed (results only)'}. "
+             f"Run {meta['time']}.", "",
              "| rate (req/s) | system | model | variant | decode path | max batch | output tokens/s | × transformers | "
              "TTFT ms p50 / p90 | TPOT ms p50 / p90 | latency s p50 / p90 |",
              "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|"]

@@ -98,6 +98,11 @@ class _Sequence:
         self.decoded_chars = 0  # characters the detokenizer has produced so far
 
     def append(self, token_id: int, eos_token_id: int | None, max_new_tokens: int, cache_len: int) -> TokenEvent:
+        text = self.add(token_id, eos_token_id, max_new_tokens, cache_len)
+        return TokenEvent(self.result.index, token_id, text, self.result.finish_reason)
+
+    def add(self, token_id: int, eos_token_id: int | None, max_new_tokens: int, cache_len: int) -> str:
+        """Append one generated token: the text it completes, result.finish_reason set if it ends the sequence."""
         result = self.result
         result.token_ids.append(token_id)
         text, stopped = self._text_of(token_id)
@@ -110,7 +115,7 @@ class _Sequence:
             result.finish_reason = "length"
         if result.finish_reason is not None and self.detokenizer is not None:
             text += self._finish_text(stopped)
-        return TokenEvent(result.index, token_id, text, result.finish_reason)
+        return text
 
     def _text_of(self, token_id: int) -> tuple[str, bool]:
         if self.detokenizer is None:

@@ -179,7 +179,7 @@ class Scheduler:
     # ---- requests ------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
                eos_token_id: int | None = None, stop_strings: Sequence[str] = (),
-               logprobs: int | None = None, prompt_logprobs: bool = False) -> RequestHandle:
+               logprobs: int | None = None, prompt_logprobs: bool = False, stream: bool = True) -> RequestHandle:
         """Queue one request; returns its handle at once. Bad input raises ValueError here, naming the field; a full
         queue OverflowError (more than max_waiting requests would wait beyond the free rows).
 
@@ -192,10 +192,12 @@ class Scheduler:
             temperature, top-k and top-p shape the sampling (vLLM's default).
         prompt_logprobs: also the log-probability of every prompt token after the first, and the `logprobs` most
             likely tokens at each (result.prompt_logprobs / prompt_top_logprobs, None for the first token): what
-            OpenAI's `echo` with `logprobs` returns, and what lm-evaluation-harness scores with."""
+            OpenAI's `echo` with `logprobs` returns, and what lm-evaluation-harness scores with.
+        stream: False for a request whose tokens only `result()` reads: the scheduler then makes no per-token event
+            for it (cheaper on the host; `events()` refuses)."""
         return self.submit_all([dict(prompt=prompt, max_new_tokens=max_new_tokens, sampling=sampling,
                                      eos_token_id=eos_token_id, stop_strings=stop_strings, logprobs=logprobs,
-                                     prompt_logprobs=prompt_logprobs)])[0]
+                                     prompt_logprobs=prompt_logprobs, stream=stream)])[0]
 
     def submit_all(self, requests: Sequence[dict]) -> list[RequestHandle]:
         """Queue several requests (each a dict of `submit`'s arguments) all at once or none: every one is checked
@@ -219,7 +221,7 @@ class Scheduler:
     def _request(self, prompt: str | Sequence[int], max_new_tokens: int = 64,
                  sampling: SamplingParams = SamplingParams(), eos_token_id: int | None = None,
                  stop_strings: Sequence[str] = (), logprobs: int | None = None,
-                 prompt_logprobs: bool = False) -> "_Request":
+                 prompt_logprobs: bool = False, stream: bool = True) -> "_Request":
         engine = self.engine
         if max_new_tokens < 1 and not (max_new_tokens == 0 and prompt_logprobs):
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1 (0 only with prompt_logprobs: scoring a "
@@ -238,7 +240,7 @@ class Scheduler:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, more than the scheduler's max_len={self.max_len} "
                              f"positions per row: shorten it (or serve with a larger max_len, at most max_seq_len="
                              f"{engine.config.max_seq_len})")
-        handle = RequestHandle(next(self._ids), prompt_ids)
+        handle = RequestHandle(next(self._ids), prompt_ids, stream)
         handle._on_cancel = self._note_cancel
         request = _Request(handle, _Sequence(handle.id, prompt_ids, engine.tokenizer, list(stop_strings)),
                            max_new_tokens, sampling, eos_token_id, logprobs, prompt_logprobs)
@@ -745,16 +747,17 @@ class Scheduler:
                 continue
             if request.handle.times.first_token is None:
                 request.handle.times.first_token = now
-            # the sequence was made with the handle's id as its index: its event is the handle's as it is
-            event = request.sequence.append(token_id, request.eos_token_id, request.max_new_tokens, self.max_len)
+            text = request.sequence.add(token_id, request.eos_token_id, request.max_new_tokens, self.max_len)
+            result = request.sequence.result
+            logprob = top = None
             if i in scores:
                 logprob, values, ids = scores[i]
-                event.logprob, event.top_logprobs = logprob, dict(zip(ids[: request.logprobs], values[: request.logprobs]))
-                result = request.sequence.result
-                result.logprobs.append(event.logprob)
-                result.top_logprobs.append(event.top_logprobs)
-            request.handle._push(event)
-            if event.finish_reason is not None:
+                top = dict(zip(ids[: request.logprobs], values[: request.logprobs]))
+                result.logprobs.append(logprob)
+                result.top_logprobs.append(top)
+            if request.handle.stream:
+                request.handle._push(TokenEvent(request.handle.id, token_id, text, result.finish_reason, logprob, top))
+            if result.finish_reason is not None:
                 self._retire(row, None)
 
     def _sample(self, logits: torch.Tensor, requests: list[_Request]) -> torch.Tensor:
@@ -774,7 +777,8 @@ class Scheduler:
             if request.sequence.detokenizer is not None and result.text is None:
                 result.text = request.sequence.stops.text
             result.finish_reason = reason
-            request.handle._push(TokenEvent(request.handle.id, -1, "", reason))
+            if request.handle.stream:
+                request.handle._push(TokenEvent(request.handle.id, -1, "", reason))
         stats, times, now = self.stats, request.handle.times, time.perf_counter()
         stats.requests_finished += 1
         stats.prompt_tokens += len(result.prompt_ids)

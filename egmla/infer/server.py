@@ -81,7 +81,7 @@ class CompletionServer(ThreadingHTTPServer):
         eos_token_id = None if request.ignore_eos else self.eos_token_id
         choices = [dict(prompt=prompt_ids, max_new_tokens=request.max_tokens, sampling=sampling,
                         eos_token_id=eos_token_id, stop_strings=request.stop, logprobs=request.logprobs,
-                        prompt_logprobs=request.echo and request.logprobs is not None)
+                        prompt_logprobs=request.echo and request.logprobs is not None, stream=request.stream)
                    for prompt_ids in request.prompts for sampling in request.sampling]
         try:
             handles = self.scheduler.submit_all(choices)

@@ -85,3 +85,9 @@ def test_ab_table_of_code_versions(tmp_path):
         ab_markdown([("old", meta("a", (1.0, 1.0))), ("new", meta("a", (2.0, 2.0)))])
     with pytest.raises(ValueError, match="differ in device or workload"):
         ab_markdown([("old", meta("a", (1.0, 1.0))), ("new", meta("b", (2.0, 2.0), requests=512))])
+    # a file without "stream" streamed (the scheduler made every token's event before the option): not comparable with
+    # a run of requests not streamed, comparable with one streamed
+    quiet = {**meta("b", (2.0, 2.0)), "stream": False}
+    with pytest.raises(ValueError, match="streamed"):
+        ab_markdown([("old", meta("a", (1.0, 1.0))), ("new", quiet)])
+    assert "1.45×" in ab_markdown([runs[0], ("new", {**meta("b", (145.0, 300.0)), "stream": True})])

@@ -195,6 +195,38 @@ def test_streamed_text_and_stop_strings_match_the_engine(tokenizer):
     assert expected[1].finish_reason == "stop"
 
 
+def test_requests_not_streamed_get_the_streamed_ones_results_and_make_no_events(tokenizer):
+    """stream=False: the same tokens, text, stop, log-probabilities and finish as streamed requests in the same batch,
+    no event queued for it (events() refuses, naming the fix); cancelling one still ends it with 'cancelled'."""
+    model = tiny_model("eg-mla", seed=7)
+    engine = GenerationEngine(model, tokenizer, decode_path="naive")
+    prompts = ["To be, or not", "the slings and arrows", "Café"]
+    stop = engine.generate(prompts, max_new_tokens=12)[1].text[3:6]
+    scheduler = Scheduler(engine, max_batch=4)
+    kwargs = dict(max_new_tokens=12, stop_strings=[stop], logprobs=2)
+    streamed = [scheduler.submit(p, **kwargs) for p in prompts]
+    quiet = [scheduler.submit(p, stream=False, **kwargs) for p in prompts]
+    while scheduler.step():
+        pass
+    fields = ("token_ids", "text", "finish_reason")
+    for loud, silent in zip(streamed, quiet):
+        assert [getattr(silent.result(), f) for f in fields] == [getattr(loud.result(), f) for f in fields]
+        # another row of the batch: the same log-probabilities to float rounding
+        assert silent.result().logprobs == pytest.approx(loud.result().logprobs, abs=1e-5)
+        assert [list(top) for top in silent.result().top_logprobs] == [list(top) for top in loud.result().top_logprobs]
+        assert "".join(e.text for e in loud.events()) == loud.result().text
+        assert silent.pending_events() == 0
+        with pytest.raises(ValueError, match="stream=False.*result\\(\\)"):
+            next(silent.events())
+    assert quiet[1].result().finish_reason == "stop"
+    cancelled = scheduler.submit(prompts[0], max_new_tokens=12, stream=False)
+    scheduler.step()
+    cancelled.cancel()
+    while scheduler.step():
+        pass
+    assert cancelled.result().finish_reason == "cancelled" and cancelled.pending_events() == 0
+
+
 def test_cancelled_requests_free_their_rows_and_leave_the_others_alone():
     model = tiny_model("mla", seed=8)
     engine = GenerationEngine(model, decode_path="naive")
