@@ -267,27 +267,39 @@ def summarize(timings: list[Timing]) -> dict:
 
 
 def ab_markdown(runs: list[tuple[str, dict]]) -> str:
-    """The A/B table of serve result files [(label, meta)]: one label per code version (two labels of one code are
-    refused), the rows matched by (variant, system, admit batch, prefill graphs, rate)."""
+    """The A/B table of serve result files [(label, meta)]: one label per version, where labels differ in their code
+    or in whether the requests were streamed, not both (one change at a time) and not neither; the rows matched by
+    (variant, system, admit batch, prefill graphs, rate)."""
     import statistics
 
     labels = list(dict.fromkeys(label for label, _ in runs))
     if len(labels) < 2:
         raise ValueError(f"--ab: at least two labels, got {labels}")
     code: dict[str, set] = {}
+    streamed: dict[str, set] = {}
     for label, meta in runs:
         code.setdefault(label, set()).add(meta.get("code", {}).get("source_sha256"))
+        # files without "stream" came from code whose scheduler made every token's event: streamed
+        streamed.setdefault(label, set()).add(meta.get("stream", True))
+    for label, values in streamed.items():
+        if len(values) > 1:
+            raise ValueError(f"--ab: label {label!r} mixes files of streamed and unstreamed requests")
     for a in labels:
         for b in labels:
-            if a < b and code[a] & code[b] - {None}:
-                raise ValueError(f"--ab: labels {a!r} and {b!r} ran the same code (source_sha256): not an A/B")
-    # files without "stream" came from code whose scheduler made every token's event: streamed
-    shapes = {(m["device"], m["requests"], m["prompt_len"], m["output_len"], m["max_batch"], m.get("stream", True))
-              for _, m in runs}
+            if a >= b:
+                continue
+            same_code, same_stream = bool(code[a] & code[b] - {None}), streamed[a] == streamed[b]
+            if same_code and same_stream:
+                raise ValueError(f"--ab: labels {a!r} and {b!r} ran the same code (source_sha256) on the same "
+                                 f"requests: not an A/B")
+            if not same_code and not same_stream:
+                raise ValueError(f"--ab: labels {a!r} and {b!r} differ in code and in streaming: compare one change "
+                                 f"at a time (`egmla bench serve --stream` streams the requests)")
+    shapes = {(m["device"], m["requests"], m["prompt_len"], m["output_len"], m["max_batch"]) for _, m in runs}
     if len(shapes) > 1:
         raise ValueError(f"--ab: the files differ in device or workload (device, requests, prompt and output "
-                         f"lengths, max batch, streamed): {sorted(shapes)}")
-    device, requests, prompt_len, output_len, max_batch, _ = shapes.pop()
+                         f"lengths, max batch): {sorted(shapes)}")
+    device, requests, prompt_len, output_len, max_batch = shapes.pop()
     tokens: dict[tuple, dict[str, list[float]]] = {}
     host: dict[tuple, dict[str, dict[str, list[float]]]] = {}
     for label, meta in runs:
@@ -301,8 +313,10 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
                     host.setdefault(key, {}).setdefault(label, {}).setdefault(phase, []).append(
                         1e6 * seconds / row["decode_steps"])
     first, last = labels[0], labels[-1]
-    lines = [f"A/B of code versions on {device}: {requests} requests, prompts ≤ {prompt_len}, outputs ≤ {output_len}, "
-             f"max batch {max_batch}; output tokens/s per run (rounds in file order), medians, and {last} / {first}.",
+    modes = ("" if len({next(iter(v)) for v in streamed.values()}) == 1 else "; requests streamed (an event per "
+             "token) in " + ", ".join(f"{label}: {'yes' if next(iter(streamed[label])) else 'no'}" for label in labels))
+    lines = [f"A/B on {device}: {requests} requests, prompts ≤ {prompt_len}, outputs ≤ {output_len}, max batch "
+             f"{max_batch}{modes}; output tokens/s per run (rounds in file order), medians, and {last} / {first}.",
              "", "| variant | system | rate | " + " | ".join(labels) + f" | {last} / {first} |",
              "|---|---|---|" + "---|" * len(labels) + "---:|"]
     median = statistics.median

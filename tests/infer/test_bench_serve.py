@@ -85,9 +85,13 @@ def test_ab_table_of_code_versions(tmp_path):
         ab_markdown([("old", meta("a", (1.0, 1.0))), ("new", meta("a", (2.0, 2.0)))])
     with pytest.raises(ValueError, match="differ in device or workload"):
         ab_markdown([("old", meta("a", (1.0, 1.0))), ("new", meta("b", (2.0, 2.0), requests=512))])
-    # a file without "stream" streamed (the scheduler made every token's event before the option): not comparable with
-    # a run of requests not streamed, comparable with one streamed
+    # one change at a time: the code, or whether the requests were streamed (a file without "stream" streamed: the
+    # scheduler made every token's event before the option)
     quiet = {**meta("b", (2.0, 2.0)), "stream": False}
-    with pytest.raises(ValueError, match="streamed"):
+    with pytest.raises(ValueError, match="differ in code and in streaming"):
         ab_markdown([("old", meta("a", (1.0, 1.0))), ("new", quiet)])
     assert "1.45×" in ab_markdown([runs[0], ("new", {**meta("b", (145.0, 300.0)), "stream": True})])
+    modes = ab_markdown([("streamed", meta("b", (100.0, 300.0))), ("quiet", {**meta("b", (110.0, 300.0)), "stream": False})])
+    assert "requests streamed (an event per token) in streamed: yes, quiet: no" in modes and "1.10×" in modes
+    with pytest.raises(ValueError, match="mixes"):
+        ab_markdown([("x", meta("b", (1.0, 1.0))), ("x", quiet), ("y", meta("a", (1.0, 1.0)))])
