@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PNG", help="also draw output tokens/s per system as bars here (log scale, "
                         "each labelled with its multiple of transformers'; matplotlib); with --report too")
     parser.add_argument("--ab", action="append", metavar="LABEL=JSON", default=[],
-                        help="nothing measured: the A/B table of result files of code versions (repeat it, e.g. "
+                        help="nothing measured: the A/B table of result files of code versions, or of one code "
+                             "with and without --stream (repeat it, e.g. "
                              "--ab old=a1.json --ab new=b1.json --ab old=a2.json --ab new=b2.json, rounds interleaved): "
                              "each row's output tokens/s per run, the medians and the last label's over the first's, "
                              "and the scheduler's host time per decode step by phase; --markdown writes it")
