@@ -82,15 +82,18 @@ PTX_FORMS = {"wgmma": r"\bwgmma\.mma_async\b", "mma.sync": r"\bmma\.sync\b",
              "cp.async": r"\bcp\.async\.(?:ca|cg)\b", "tma": r"\bcp\.async\.bulk\b"}
 
 
+def _form_key(name: str) -> str:
+    return "ptx_" + name.replace(".", "_")  # 'mma.sync' -> 'ptx_mma_sync', a row's JSON key
+
+
 def instruction_forms(ptx: str) -> dict:
     """How often each of PTX_FORMS appears in a kernel's PTX (static counts, loops unrolled as compiled)."""
-    return {"ptx_" + name.replace(".", "_"): len(re.findall(pattern, ptx)) for name, pattern in PTX_FORMS.items()}
+    return {_form_key(name): len(re.findall(pattern, ptx)) for name, pattern in PTX_FORMS.items()}
 
 
 def forms_text(row: dict) -> str:
     """'wgmma 4, cp.async 12': the non-zero PTX_FORMS counts of a row."""
-    found = [f"{name} {row['ptx_' + name.replace('.', '_')]}" for name in PTX_FORMS
-             if row.get("ptx_" + name.replace(".", "_"))]
+    found = [f"{name} {row[_form_key(name)]}" for name in PTX_FORMS if row.get(_form_key(name))]
     return ", ".join(found) or "no tensor-core product or async copy"
 
 
