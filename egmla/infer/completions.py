@@ -2,6 +2,7 @@
 the first bad one (its value and the fix), the prompts encoded and one `SamplingParams` per sample."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,6 +16,12 @@ UNSUPPORTED = {
     "logit_bias": ((None, {}), "sampling has temperature, top_p and top_k only (egmla.infer.sampling)"),
     "suffix": ((None, ""), "the model only continues a prompt; it does not fill in before a suffix"),
 }
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): the logits over a float32-subnormal or zero
+# temperature are infinite, their probabilities NaN, and the draw of the whole decode step raises, failing every
+# request running with this one.
+GREEDY_BELOW = 1e-5
+
+
 class ApiError(Exception):
     """An error response: HTTP status and OpenAI's error object."""
 
@@ -47,10 +54,12 @@ class CompletionRequest:
         return sum(len(ids) for ids in self.prompts)
 
 
-def parse_completion_request(body, model_name: str, encode: Callable[[object, int], list[int]]) -> CompletionRequest:
+def parse_completion_request(body, model_name: str, encode: Callable[[object, int], list[int]],
+                             max_choices: int | None = None) -> CompletionRequest:
     """Check a request body field by field (ApiError naming the first bad one); `encode(prompt, index)` gives a
     prompt's token ids or raises ValueError (`GenerationEngine.encode`). Unknown fields are ignored, as OpenAI
-    clients send extras."""
+    clients send extras. max_choices: the most choices a call can ever have queued (the scheduler's max_batch +
+    max_waiting); a larger n is refused before its samples are made."""
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body is a JSON {type(body).__name__}: send an object such as "
                             f'{{"prompt": "Hello", "max_tokens": 16}}')
@@ -62,6 +71,9 @@ def parse_completion_request(body, model_name: str, encode: Callable[[object, in
         if body.get(name) not in unused:
             raise ApiError(400, f"{name}={body[name]!r} is not supported: {why}; leave it out", name)
     n = _integer(body, "n", 1, minimum=1)
+    if max_choices is not None and n > max_choices:  # before the samples are made: n=10**9 makes 10**9
+        raise ApiError(400, f"n={n}: at most {max_choices} choices can be queued here at once (max_batch + "
+                            f"max_waiting); send a smaller n", "n")
     if _integer(body, "best_of", n, minimum=1) != n:
         raise ApiError(400, f"best_of={body['best_of']!r} is not supported: it ranks samples by log probability, "
                             f"which the scheduler does not keep; leave it out or set it to n={n}", "best_of")
@@ -70,6 +82,11 @@ def parse_completion_request(body, model_name: str, encode: Callable[[object, in
         raise ApiError(400, f"seed={seed}: must lie in [-2**63, 2**64 - n] (sample j of each prompt takes seed + j)",
                        "seed")
     temperature, top_p = _number(body, "temperature", 1.0), _number(body, "top_p", 1.0)
+    if temperature < 0:
+        raise ApiError(400, f"temperature={temperature}: must be >= 0 (0 = greedy)", "temperature")
+    if not 0 < top_p <= 1:
+        raise ApiError(400, f"top_p={top_p}: must lie in (0, 1] (1 = no nucleus filter)", "top_p")
+    temperature = 0.0 if temperature < GREEDY_BELOW else temperature
     top_k = max(0, _integer(body, "top_k", 0, minimum=-1))  # -1 is vLLM's "off", as 0 here
     try:
         sampling = [SamplingParams(temperature, top_k, top_p, None if seed is None else seed + j) for j in range(n)]
@@ -112,11 +129,23 @@ def _prompts(prompt, encode) -> list[list[int]]:
     for index, one in enumerate(prompt):
         if not (isinstance(one, str) or _token_ids(one)):
             raise ApiError(400, f"prompt[{index}]={one!r}: must be a string or a list of token ids", "prompt")
+        if isinstance(one, str):
+            check_text(one, f"prompt[{index}]", "prompt")
         try:
             prompts.append(encode(one, index))
         except ValueError as error:  # empty, too long for the model, ids outside the vocabulary
             raise ApiError(400, str(error), "prompt") from error
     return prompts
+
+
+def check_text(text: str, name: str, param: str) -> None:
+    """ApiError unless the text is valid Unicode: JSON's \\ud800 escapes give Python strings holding half of a UTF-16
+    surrogate pair, which the tokenizer refuses with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ApiError(400, f"{name} holds a lone UTF-16 surrogate ({text[error.start]!r} at character {error.start}): "
+                            f"send valid Unicode text (or the prompt as token ids)", param) from None
 
 
 def _token_ids(value) -> bool:
@@ -136,9 +165,13 @@ def _number(body: dict, name: str, default: float) -> float:
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, f"{name}={value!r}: must be a number", name)
-    return float(value)
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
+    if number is None or not math.isfinite(number):  # Python's json reads NaN and Infinity, which JSON does not have
+        raise ApiError(400, f"{name}={value!r}: must be a finite number", name)
+    return number
 
 
 def _boolean(body: dict, name: str) -> bool:

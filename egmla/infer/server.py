@@ -32,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
-from egmla.infer.completions import ApiError, CompletionRequest, parse_completion_request
+from egmla.infer.completions import ApiError, CompletionRequest, check_text, parse_completion_request
 from egmla.infer.engine import TokenEvent
 from egmla.infer.requests import RequestHandle
 from egmla.infer.scheduler import Scheduler
@@ -228,6 +228,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
         prompt = body.get("prompt") if isinstance(body, dict) else None
         if not isinstance(prompt, str):
             raise ApiError(400, f"prompt={prompt!r}: /tokenize takes {{\"prompt\": \"some text\"}}", "prompt")
+        check_text(prompt, "prompt", "prompt")
         ids = self.server.scheduler.engine.tokenizer.encode(prompt).ids  # the run's tokenizer adds no special tokens
         self._send_json(200, {"tokens": ids, "count": len(ids), "max_model_len": self.server.scheduler.max_len})
 
@@ -242,7 +243,9 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
     def _completions(self) -> None:
         server = self.server
-        request = parse_completion_request(self._json_body(), server.model_name, server.scheduler.engine.encode)
+        scheduler = server.scheduler
+        request = parse_completion_request(self._json_body(), server.model_name, scheduler.engine.encode,
+                                           max_choices=scheduler.max_batch + scheduler.max_waiting)
         handles = server.submit(request)
         self.token_counts = (request.prompt_tokens, 0)
         self.response_fields = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",

@@ -182,7 +182,7 @@ def test_concurrent_clients_each_get_their_own_completion(server, engine, eos):
     ({"prompt": [PROMPT, ""]}, 400, "prompt", "prompts[1] is empty"),
     ({"prompt": [[1, 2], "x", {"a": 1}]}, 400, "prompt", "prompt[2]={'a': 1}"),
     ({"max_tokens": 4}, 400, "prompt", "prompt is missing"),
-    ({"prompt": PROMPT, "temperature": -1}, 400, None, "temperature=-1.0: must be >= 0"),
+    ({"prompt": PROMPT, "temperature": -1}, 400, "temperature", "temperature=-1.0: must be >= 0"),
     ({"prompt": PROMPT, "stop": ["ok", ""]}, 400, "stop", "stop=['ok', '']"),
     ({"prompt": PROMPT, "seed": 2**64}, 400, "seed", "seed=18446744073709551616"),
     ({"prompt": PROMPT, "stream": "yes"}, 400, "stream", "stream='yes': must be true or false"),
