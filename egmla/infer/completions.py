@@ -25,9 +25,11 @@ GREEDY_BELOW = 1e-5
 class ApiError(Exception):
     """An error response: HTTP status and OpenAI's error object."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.param, self.code = status, param, code
+        self.headers = headers or {}  # sent with the answer (a 405's Allow)
 
     def body(self) -> dict:
         kind = "rate_limit_error" if self.status == 429 else "invalid_request_error" if self.status < 500 else "server_error"
@@ -72,8 +74,8 @@ def parse_completion_request(body, model_name: str, encode: Callable[[object, in
             raise ApiError(400, f"{name}={body[name]!r} is not supported: {why}; leave it out", name)
     n = _integer(body, "n", 1, minimum=1)
     if max_choices is not None and n > max_choices:  # before the samples are made: n=10**9 makes 10**9
-        raise ApiError(400, f"n={n}: at most {max_choices} choices can be queued here at once (max_batch + "
-                            f"max_waiting); send a smaller n", "n")
+        raise ApiError(400, f"n={n}: {n} choices at once can never be queued here: at most max_batch + max_waiting "
+                            f"= {max_choices}; send a smaller n", "n")
     if _integer(body, "best_of", n, minimum=1) != n:
         raise ApiError(400, f"best_of={body['best_of']!r} is not supported: it ranks samples by log probability, "
                             f"which the scheduler does not keep; leave it out or set it to n={n}", "best_of")

@@ -37,13 +37,17 @@ from egmla.infer.engine import TokenEvent
 from egmla.infer.requests import RequestHandle
 from egmla.infer.scheduler import Scheduler
 
-ENDPOINTS = ("POST /v1/completions, GET /v1/models, GET /health, GET /stats, GET /metrics, GET /tokenizer_info, "
-             "POST /tokenize, POST /detokenize")
+# path -> {HTTP method: handler method}; HEAD is every GET route's, without the body
+ROUTES = {"/v1/completions": {"POST": "_completions"}, "/v1/models": {"GET": "_models"}, "/health": {"GET": "_health"},
+          "/stats": {"GET": "_stats"}, "/metrics": {"GET": "_metrics"}, "/tokenizer_info": {"GET": "_tokenizer_info"},
+          "/tokenize": {"POST": "_tokenize"}, "/detokenize": {"POST": "_detokenize"}}
+ENDPOINTS = ", ".join(f"{method} {path}" for path, methods in ROUTES.items() for method in methods)
 # OpenAI's finish reasons for the engine's: an eos is a stop; "length" is max_tokens or the row's end.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 RESPONSES_WAIT_SECONDS = 10.0  # on stop: how long handler threads get to write their last responses
 MAX_BODY_BYTES = 64 * 2**20  # a completions body: prompts of token ids fit many times over
 IDLE_CONNECTION_SECONDS = 60  # a kept-alive connection with no new request is closed after this
+MAX_CHUNK_LINE = 1024  # a chunked body's size line (hex size and extensions) or trailer line, at most
 
 
 class CompletionServer(ThreadingHTTPServer):
@@ -130,29 +134,31 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
     server: CompletionServer
     protocol_version = "HTTP/1.1"
+    # what an answer to a request line it cannot parse speaks: http.server's default, HTTP/0.9, has no status line
+    # or headers, so a client saw a bare body instead of the 400
+    default_request_version = "HTTP/1.0"
     server_version = "egmla"
     timeout = IDLE_CONNECTION_SECONDS
 
     def log_message(self, format, *args) -> None:
         pass  # http.server's own lines: replaced by one line per request (_log)
 
-    def do_GET(self) -> None:
-        self._dispatch({"/v1/models": self._models, "/health": self._health, "/stats": self._stats,
-                        "/metrics": self._metrics, "/tokenizer_info": self._tokenizer_info})
-
-    def do_POST(self) -> None:
-        self._dispatch({"/v1/completions": self._completions, "/tokenize": self._tokenize,
-                        "/detokenize": self._detokenize})
-
-    def _dispatch(self, routes: dict[str, Callable[[], None]]) -> None:
+    def _dispatch(self) -> None:
+        """Every method's handler: the route of the path and method, or a 404 / 405 naming what there is."""
         started = time.perf_counter()
         self.status, self.token_counts, self.note = None, (0, 0), ""  # for the log line
         try:
             self.body = self._read_body()  # read before any answer, or a kept-alive connection would parse it next
             path = urlsplit(self.path).path.rstrip("/") or "/"
-            if path not in routes:
+            if path not in ROUTES:
                 raise ApiError(404, f"no endpoint {self.command} {path}: this server has {ENDPOINTS}")
-            routes[path]()
+            methods = ROUTES[path]
+            handler = methods.get("GET" if self.command == "HEAD" else self.command)
+            if handler is None:
+                allow = ", ".join([*methods, *(["HEAD"] if "GET" in methods else [])])
+                raise ApiError(405, f"{self.command} {path} is not allowed: {path} takes {allow}",
+                               code="method_not_allowed", headers={"Allow": allow})
+            getattr(self, handler)()
         except ApiError as error:
             self._send_error(error)
         except OSError as error:  # the client went away (reset, closed) or stopped reading
@@ -163,11 +169,34 @@ class CompletionHandler(BaseHTTPRequestHandler):
             self._send_error(ApiError(500, f"internal error: {error!r}"))
         self._log(time.perf_counter() - started)
 
+    # http.server calls do_<METHOD>; a method without one is its 501. These answer 405 where the path exists.
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own error answers (a malformed request line, an over-long URL or header line, an HTTP
+        version or method it does not know) in OpenAI's JSON shape rather than its HTML page; the connection closes,
+        as there (the request may not have been read to its end)."""
+        text = message or self.responses.get(code, ("error",))[0]
+        self.close_connection = True
+        self.status = None
+        self._send_json(code, ApiError(code, text).body())
+        print(f'{self.client_address[0]} "{self.requestline}" {code} error: {text}', file=sys.stderr, flush=True)
+
     def _read_body(self) -> bytes:
-        if "Transfer-Encoding" in self.headers:
-            self.close_connection = True  # its chunks are not read: they must not be parsed as the next request
-            raise ApiError(400, "a chunked request body is not supported: send it with a Content-Length")
-        length = self.headers.get("Content-Length", "0")
+        encoding = self.headers.get("Transfer-Encoding")
+        if encoding is not None:  # RFC 9112: it overrides any Content-Length
+            if encoding.strip().lower() != "chunked":
+                self.close_connection = True  # where the body ends is unknown
+                raise ApiError(400, f"Transfer-Encoding: {encoding} is not supported: send the body with a "
+                                    f"Content-Length, or chunked")
+            return self._read_chunked()
+        length = self.headers.get("Content-Length")
+        if length is None:
+            if self.command != "POST":
+                return b""
+            self.close_connection = True  # whatever body follows must not be parsed as the next request
+            raise ApiError(411, "a POST needs its body's size: send a Content-Length header (or Transfer-Encoding: "
+                                "chunked)", code="length_required")
         if not length.isdigit():
             self.close_connection = True  # where the body ends is unknown
             raise ApiError(400, f"Content-Length={length!r}: must be the body's size in bytes")
@@ -175,6 +204,37 @@ class CompletionHandler(BaseHTTPRequestHandler):
             self.close_connection = True  # not read
             raise ApiError(413, f"Content-Length={length}: a request body is at most {MAX_BODY_BYTES:,} bytes here")
         return self.rfile.read(int(length))
+
+    def _read_chunked(self) -> bytes:
+        """A body sent in chunks (RFC 9112 §7.1: httpx and requests send a generator so): each a hex size line
+        (extensions after ';' ignored), its bytes and a CRLF, up to a chunk of size 0 and the trailer lines (ignored)
+        that end with an empty one. A malformed one closes the connection: where the body ends is unknown."""
+        body = bytearray()
+        while True:
+            line = self.rfile.readline(MAX_CHUNK_LINE)
+            size = line.split(b";", 1)[0].strip()
+            if not size or size.strip(b"0123456789abcdefABCDEF"):
+                self.close_connection = True
+                raise ApiError(400, f"a chunked body's chunk size line {line[:40]!r} is not a hex number: send each "
+                                    f"chunk as its size in hex, CRLF, its bytes, CRLF, and a 0 chunk last")
+            size = int(size, 16)
+            if len(body) + size > MAX_BODY_BYTES:
+                self.close_connection = True  # not read
+                raise ApiError(413, f"a chunked request body of at least {len(body) + size:,} bytes: a request "
+                                    f"body is at most {MAX_BODY_BYTES:,} bytes here")
+            if size == 0:
+                break
+            chunk = self.rfile.read(size)
+            if len(chunk) < size:
+                raise ConnectionResetError("the client closed the connection inside a chunk")
+            body += chunk
+            if self.rfile.readline(MAX_CHUNK_LINE) not in (b"\r\n", b"\n"):
+                self.close_connection = True
+                raise ApiError(400, f"a chunked body's chunk of {size} bytes is not followed by CRLF: the size line "
+                                    f"must give the chunk's exact size in hex")
+        while self.rfile.readline(MAX_CHUNK_LINE) not in (b"\r\n", b"\n", b""):  # the trailer lines, if any
+            pass
+        return bytes(body)
 
     def _json_body(self):
         try:
@@ -206,12 +266,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
         """Prometheus' text format: the scheduler's counters, running and waiting requests, latency histograms."""
         scheduler = self.server.scheduler
         data = prometheus_text(scheduler.stats, scheduler.running, scheduler.waiting, self.server.model_name).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.status = 200
-        self.wfile.write(data)
+        self._send(200, "text/plain; version=0.0.4; charset=utf-8", data)
 
     # vLLM's tokenizer endpoints: lm-evaluation-harness's local-completions tokenizes through them
     # (tokenizer_backend=remote), so it needs no copy of the run's tokenizer
@@ -322,14 +377,21 @@ class CompletionHandler(BaseHTTPRequestHandler):
     def _send_event(self, payload: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
-    def _send_json(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
+    def _send_json(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+        self._send(status, "application/json", json.dumps(payload).encode(), headers)
+
+    def _send(self, status: int, content_type: str, data: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection and "Connection" not in (headers or {}):
+            self.send_header("Connection", "close")  # a kept-alive client must not send its next request on it
         self.end_headers()
         self.status = status
-        self.wfile.write(data)
+        if self.command != "HEAD":  # HEAD: GET's status and headers, no body
+            self.wfile.write(data)
 
     def _send_error(self, error: ApiError) -> None:
         self.note = f" error: {error}"
@@ -337,7 +399,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         try:
-            self._send_json(error.status, error.body())
+            self._send_json(error.status, error.body(), error.headers)
         except OSError:
             self.close_connection = True
 

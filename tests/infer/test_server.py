@@ -210,9 +210,11 @@ def test_invalid_json_and_unknown_paths(server):
     assert status == 400 and "not valid JSON" in answer["error"]["message"]
     status, answer = call(server, "POST", "/v1/completions", raw=b'["x"]')
     assert status == 400 and "JSON list" in answer["error"]["message"]
-    for method, path in (("GET", "/v1/chat/completions"), ("POST", "/v1/embeddings"), ("GET", "/v1/completions")):
+    for method, path in (("GET", "/v1/chat/completions"), ("POST", "/v1/embeddings")):
         status, answer = call(server, method, path, {} if method == "POST" else None)
         assert status == 404 and f"no endpoint {method} {path}" in answer["error"]["message"]
+    status, answer = call(server, "GET", "/v1/completions")  # a path there is, by another method
+    assert status == 405 and "GET /v1/completions is not allowed: /v1/completions takes POST" in answer["error"]["message"]
 
 
 def test_a_full_queue_answers_429(tokenizer, monkeypatch):

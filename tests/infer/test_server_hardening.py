@@ -87,3 +87,114 @@ def test_non_finite_numbers_are_refused(server, value):
     body = f'{{"prompt": "To be", "temperature": {value}}}'.encode()
     status, answer = base.call(server, "POST", "/v1/completions", raw=body)
     assert status == 400 and answer["error"]["param"] == "temperature" and "finite" in answer["error"]["message"]
+
+
+def parse_answer(answer: bytes) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one raw HTTP answer."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"HELLO\r\n\r\n", 400),  # no method, path and version
+    (b"GET /health HTTP/9.9\r\n\r\n", 505),
+    (b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"BREW /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n", 501),  # no such HTTP method
+])
+def test_errors_http_server_answers_itself_are_openai_json(server, request_bytes, status):
+    """http.server answered these with its HTML error page; clients parse JSON."""
+    got, headers, body = parse_answer(raw_exchange(server, request_bytes))
+    assert got == status and headers["content-type"] == "application/json", body[:200]
+    error = json.loads(body)["error"]
+    assert error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("method,path,status,allow", [
+    ("GET", "/v1/completions", 405, "POST"),
+    ("PUT", "/v1/completions", 405, "POST"),
+    ("DELETE", "/v1/models", 405, "GET, HEAD"),
+    ("OPTIONS", "/v1/completions", 405, "POST"),
+    ("PATCH", "/nowhere", 404, None),
+])
+def test_a_method_a_path_does_not_take_is_a_405_naming_those_it_does(server, method, path, status, allow):
+    """PUT, DELETE, PATCH and OPTIONS were answered 501 with an HTML page; a known path's wrong method 404."""
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    connection.request(method, path)
+    response = connection.getresponse()
+    error = json.loads(response.read())["error"]
+    assert response.status == status and response.headers.get("Allow") == allow, error
+    assert (method in error["message"] and path in error["message"]) and (allow is None or allow in error["message"])
+    connection.close()
+
+
+def test_head_answers_a_get_endpoints_headers_without_a_body(server):
+    """HEAD (load balancers' health checks) was a 501; now GET's status and headers, no body, connection kept."""
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    for path in ("/health", "/v1/models", "/metrics"):
+        connection.request("HEAD", path)
+        response = connection.getresponse()
+        assert response.status == 200 and int(response.headers["Content-Length"]) > 0 and response.read() == b""
+    connection.request("GET", "/health")  # the same connection: nothing of a body was left on it
+    response = connection.getresponse()
+    assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+    connection.close()
+
+
+def test_a_post_without_content_length_is_a_411(server):
+    """A body with neither Content-Length nor chunked encoding was read as empty ("not valid JSON ... char 0"), and
+    its bytes left to be parsed as the next request."""
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode()
+    status, headers, answer = parse_answer(raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n"
+                                                        + body))
+    assert status == 411 and headers["connection"] == "close"
+    assert "Content-Length" in json.loads(answer)["error"]["message"]
+
+
+def chunked(body: bytes, sizes=(7, 1, 30)) -> bytes:
+    """body in chunks of these sizes (then the rest), with a chunk extension and a trailer, as RFC 9112 allows."""
+    out, start = b"", 0
+    for size in (*sizes, len(body)):
+        piece, start = body[start: start + size], start + size
+        if piece:
+            out += b"%x;ext=1\r\n" % len(piece) + piece + b"\r\n"
+    return out + b"0\r\nX-Trailer: 1\r\n\r\n"
+
+
+def test_a_chunked_body_is_read(server):
+    """Transfer-Encoding: chunked (httpx and requests send a generator body so, curl with -H) was refused with a 400."""
+    body = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    expected = base.complete(server, **body)["choices"]
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    data = json.dumps(body).encode()
+    for _ in range(2):  # twice on one connection: the first body was read to its end, trailer included
+        connection.request("POST", "/v1/completions", body=iter([data[:5], data[5:]]), encode_chunked=True,
+                           headers={"Transfer-Encoding": "chunked"})
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read())["choices"] == expected
+    connection.close()
+    request = b"POST /tokenize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    status, _, answer = parse_answer(raw_exchange(server, request + chunked(json.dumps({"prompt": PROMPT}).encode())))
+    assert status == 200 and json.loads(answer)["count"] > 0
+
+
+@pytest.mark.parametrize("body,status,message", [
+    (b"zz\r\n{}\r\n0\r\n\r\n", 400, "chunk size"),
+    (b"-2\r\n{}\r\n0\r\n\r\n", 400, "chunk size"),
+    (b"2\r\n{}XX0\r\n\r\n", 400, "CRLF"),
+    (b"4000000\r\n", 413, "at most"),
+])
+def test_a_bad_or_too_large_chunked_body_is_refused(server, monkeypatch, body, status, message):
+    from egmla.infer import server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_BODY_BYTES", 2**20)
+    request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    got, headers, answer = parse_answer(raw_exchange(server, request + body))
+    assert got == status and headers["connection"] == "close" and message in json.loads(answer)["error"]["message"]
+
+
+def test_a_transfer_encoding_other_than_chunked_is_refused(server):
+    request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"
+    status, _, answer = parse_answer(raw_exchange(server, request))
+    assert status == 400 and "Transfer-Encoding: gzip" in json.loads(answer)["error"]["message"]
