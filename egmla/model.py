@@ -213,7 +213,8 @@ class Transformer(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, n_new: torch.Tensor | None = None,
-                capturable: bool = False, logits_at: torch.Tensor | None = None, empty: bool = False) -> torch.Tensor:
+                capturable: bool = False, logits_at: torch.Tensor | None = None, empty: bool = False,
+                return_hidden: bool = False) -> torch.Tensor:
         """Logits [batch, seq, vocab] for tokens [batch, seq].
 
         With a cache, sequence b's tokens go at positions cache.lengths[b] + i and its length then
@@ -224,7 +225,9 @@ class Transformer(nn.Module):
         empty: every row of the cache is empty, as the caller guarantees (lengths are not read): the tokens go at
         positions 0 .. seq-1, attention is causal over them alone, and lengths become n_new. With capturable, no host
         sync for any seq: a prompt's prefill replayed from a CUDA graph (egmla/infer/prefill_step.py), which leaves the
-        cache's token groups unregistered (their dedup cannot be captured: the caller registers the prompts)."""
+        cache's token groups unregistered (their dedup cannot be captured: the caller registers the prompts).
+        return_hidden: the final norm's output [batch, seq, d_model] instead of the logits, for a loss that applies
+        the output head itself, a chunk of tokens at a time (egmla/train/loss.py)."""
         batch, seq = tokens.shape
         if self.check_inputs and not capturable and not torch.compiler.is_compiling():
             self._check_tokens(tokens)
@@ -242,7 +245,8 @@ class Transformer(nn.Module):
             h = layer(h, ctx, cache.layers[i] if cache is not None else None)
         if logits_at is not None:
             h = h[torch.arange(batch, device=h.device), logits_at][:, None]
-        logits = self.output(self.norm(h))
+        h = self.norm(h)
+        logits = h if return_hidden else self.output(h)
         if cache is not None:
             n_new = n_new if n_new is not None else torch.full_like(cache.lengths, seq)
             if empty:

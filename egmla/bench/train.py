@@ -8,11 +8,14 @@ FLOPs of egmla.train.metrics.flops_per_token against the device's dense bf16 pea
 one row per --gate-table-update (train.gate_table_update: dense AdamW or row-sparse lazy Adam), and every
 variant one row per --compile-mode (train.compile_mode: reduce-overhead replays each block's forward and
 backward from CUDA graphs, for a host that cannot launch kernels as fast as the GPU runs them).
+--activation-checkpointing and --loss-chunk-tokens (train.activation_checkpointing, train.loss_chunk_tokens) give
+rows that keep less for the backward; the peak-memory column (CUDA's max_memory_allocated) says what they save.
 --profile then runs a few more steps of each row under torch.profiler: the kernels' time by kind and the
 costliest kernels go into each row of --out NAME.json and, as Markdown, into NAME_profile.md beside it.
 
     egmla bench train --gate-table-update dense,row-sparse --profile --out bench_train.json  # the GPU table
     egmla bench train --device cpu --preset tiny --batch 2 --seq-len 64 --steps 2 --warmup 1 --no-compile
+    egmla bench train --activation-checkpointing 0,1 --loss-chunk-tokens 0,4096 --batch 32   # memory vs time (GPU)
 """
 from __future__ import annotations
 
@@ -53,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-table-update", default="dense", metavar="MODES",
                         help="EG-MLA's gate-table update (train.gate_table_update), comma-separated: dense, "
                              "row-sparse; EG-MLA variants get one row each, others one row")
+    parser.add_argument("--activation-checkpointing", default="0", metavar="N,...",
+                        help="train.activation_checkpointing per row: recompute every Nth block in backward (0 = off, "
+                             "1 = every block); several values, comma-separated, give a row each (e.g. 0,1)")
+    parser.add_argument("--loss-chunk-tokens", default="0", metavar="N,...",
+                        help="train.loss_chunk_tokens per row: output head + cross-entropy N tokens at a time (0 = "
+                             "whole logits); comma-separated values give a row each. The mem GB column compares them")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each row (torch.profiler, --profile-steps steps after the timed ones): "
                              "kernel time by kind and the costliest kernels, printed and written beside --out")
@@ -61,9 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", metavar="MD", help="write the table as Markdown here (for docs/benchmarks.md)")
 
 
-def build_step(variant, args, device, ids, autocast, gate_table_update: str, compile_mode: str = "default"):
+def build_step(variant, args, device, ids, autocast, gate_table_update: str, compile_mode: str = "default",
+               memory: tuple[int, int] = (0, 0)):
     """(config, model, step) for one row: a fresh model and optimizer, and step(timer) running one training
-    step as the trainer does, calling timer.mark(phase) at the end of each phase of PHASES."""
+    step as the trainer does, calling timer.mark(phase) at the end of each phase of PHASES. memory:
+    (train.activation_checkpointing, train.loss_chunk_tokens)."""
     import torch
 
     from egmla.configfile import parse_overrides
@@ -71,7 +82,9 @@ def build_step(variant, args, device, ids, autocast, gate_table_update: str, com
     from egmla.train.config import TrainConfig, uses_cuda_graphs
     from egmla.train.distributed import clip_grad_norm
     from egmla.train.optim import build_optimizer
-    from egmla.train.trainer import graph_step_begin, own_gradients, token_loss
+    from egmla.train.loss import token_loss
+    from egmla.train.recompute import recompute_blocks
+    from egmla.train.trainer import graph_step_begin, own_gradients
 
     config = variant.config(args.preset, **parse_overrides(args.overrides, section="model"))
     if args.seq_len > config.max_seq_len:
@@ -79,6 +92,8 @@ def build_step(variant, args, device, ids, autocast, gate_table_update: str, com
     torch.manual_seed(0)
     model = Transformer(config).to(device)
     model.check_inputs = False
+    recompute_every, chunk_tokens = memory
+    recompute_blocks(model, recompute_every)
     if args.compile:
         for block in model.layers:
             block.compile(mode=compile_mode)
@@ -94,7 +109,7 @@ def build_step(variant, args, device, ids, autocast, gate_table_update: str, com
             graph_step_begin(graphs)
             with autocast():
                 loss = token_loss(model, inputs[start:start + micro], targets[start:start + micro],
-                                  compiled=args.compile)
+                                  compiled=args.compile, chunk_tokens=chunk_tokens)
             (loss * micro / args.batch).backward()
         timer.mark("forward_backward")
         clip_grad_norm(model, 1.0)
@@ -140,13 +155,13 @@ class NoTimer:
 
 
 def time_variant(variant, label: str, args, device, ids, autocast, gate_table_update: str,
-                 compile_mode: str = "default") -> dict:
+                 compile_mode: str = "default", memory: tuple[int, int] = (0, 0)) -> dict:
     """Median step and phase times of one row (fresh model and optimizer); with --profile, its profile."""
     import torch
 
     from egmla.train.metrics import flops_per_token, peak_flops
 
-    config, model, step = build_step(variant, args, device, ids, autocast, gate_table_update, compile_mode)
+    config, model, step = build_step(variant, args, device, ids, autocast, gate_table_update, compile_mode, memory)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
@@ -165,6 +180,7 @@ def time_variant(variant, label: str, args, device, ids, autocast, gate_table_up
     row = {"variant": variant.name, "name": label,
            "gate_table_update": gate_table_update if config.is_gated else None,
            "compile_mode": compile_mode if args.compile else None,
+           "activation_checkpointing": memory[0], "loss_chunk_tokens": memory[1],
            "params": model.num_params(), "params_without_gate_tables": model.num_params(False),
            "step_ms": 1e3 * seconds, "step_ms_min": 1e3 * min(times),
            "phase_ms": {phase: 1e3 * statistics.median(p[phase] for p in phases) for phase in PHASES},
@@ -193,9 +209,11 @@ def profile_steps(step, device, steps: int) -> dict:
 
 
 def mla_base(rows: list[dict], row: dict) -> float | None:
-    """MLA kv64's step time under row's compile mode, what row's 'vs MLA kv64' column divides by."""
+    """MLA kv64's step time under row's compile mode and memory settings, what row's 'vs MLA kv64' column divides
+    by."""
+    same = ("compile_mode", "activation_checkpointing", "loss_chunk_tokens")
     return next((r["step_ms"] for r in rows if r["variant"] == "mla-kv64"
-                 and r.get("compile_mode") == row.get("compile_mode")), None)
+                 and all(r.get(key) == row.get(key) for key in same)), None)
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -217,16 +235,18 @@ def format_rows(rows: list[dict]) -> str:
 def markdown(rows: list[dict], device_name: str, settings: str) -> str:
     lines = [f"### Training step: {device_name}", "", settings, "",
              "| variant | params (M) | w/o gate tables (M) | step ms | fwd+bwd ms | clip ms | optimizer ms | "
-             "tokens/s | TFLOP/s | MFU | vs MLA kv64 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "tokens/s | TFLOP/s | MFU | vs MLA kv64 | peak GB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         base = mla_base(rows, r)
         ratio = f"{r['step_ms'] / base:.3f}x" if base else "-"
+        memory = f"{r['peak_memory_gb']:.1f}" if r.get("peak_memory_gb") is not None else "-"
         phase = r["phase_ms"]
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f} | {r['params_without_gate_tables'] / 1e6:.1f} | "
                      f"{r['step_ms']:.1f} | {phase['forward_backward']:.1f} | {phase['clip']:.1f} | "
-                     f"{phase['optimizer']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {ratio} |")
+                     f"{phase['optimizer']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {ratio} | "
+                     f"{memory} |")
     return "\n".join(lines) + "\n"
 
 
@@ -239,23 +259,45 @@ def profile_markdown(rows: list[dict], device_name: str, settings: str) -> str:
 
 
 def rows_to_run(variants, preset: str, overrides: list[str], modes: list[str],
-                compile_modes: tuple[str, ...] = ("default",)) -> list[tuple]:
-    """(variant, label, gate_table_update, compile_mode) per row: every variant once per compile mode, EG-MLA
-    variants once per gate-table update in each."""
+                compile_modes: tuple[str, ...] = ("default",),
+                memories: tuple[tuple[int, int], ...] = ((0, 0),)) -> list[tuple]:
+    """(variant, label, gate_table_update, compile_mode, memory) per row: every variant once per compile mode and
+    memory setting ((activation_checkpointing, loss_chunk_tokens)), EG-MLA variants once per gate-table update in
+    each."""
     from egmla.configfile import parse_overrides
     from egmla.variants import labels
 
     names = labels(variants, preset)
     rows = []
     for compile_mode in compile_modes:
-        for variant in variants:
-            gated = variant.config(preset, **parse_overrides(overrides, section="model")).is_gated
-            for mode in modes if gated else modes[:1]:
-                told = [mode] if gated and len(modes) > 1 else []
-                told += [compile_mode] if len(compile_modes) > 1 else []
-                rows.append((variant, names[variant.name] + (f" ({', '.join(told)})" if told else ""), mode,
-                             compile_mode))
+        for memory in memories:
+            for variant in variants:
+                gated = variant.config(preset, **parse_overrides(overrides, section="model")).is_gated
+                for mode in modes if gated else modes[:1]:
+                    told = [mode] if gated and len(modes) > 1 else []
+                    told += [compile_mode] if len(compile_modes) > 1 else []
+                    told += [memory_label(memory)] if len(memories) > 1 else []
+                    rows.append((variant, names[variant.name] + (f" ({', '.join(told)})" if told else ""), mode,
+                                 compile_mode, memory))
     return rows
+
+
+def memory_label(memory: tuple[int, int]) -> str:
+    recompute, chunk = memory
+    parts = ([f"recompute 1/{recompute}"] if recompute else []) + ([f"loss chunks {chunk}"] if chunk else [])
+    return ", ".join(parts) or "plain"
+
+
+def parse_counts(text: str, option: str) -> list[int]:
+    """The comma-separated non-negative integers of `option`, each at most once."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0 or len(set(values)) < len(values):
+        raise ValueError(f"{option} {text!r}: give non-negative integers, each at most once, comma-separated "
+                         f"(e.g. 0,1)")
+    return values
 
 
 def parse_modes(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
@@ -285,6 +327,9 @@ def main(args) -> int:
         raise ValueError(f"--micro-batch {args.micro_batch}: must divide --batch {args.batch}")
     modes = parse_modes(args.gate_table_update, "--gate-table-update", GATE_TABLE_UPDATES)
     compile_modes = parse_modes(args.compile_mode, "--compile-mode", COMPILE_MODES)
+    memories = tuple((recompute, chunk)
+                     for recompute in parse_counts(args.activation_checkpointing, "--activation-checkpointing")
+                     for chunk in parse_counts(args.loss_chunk_tokens, "--loss-chunk-tokens"))
     if not args.compile and set(compile_modes) - {"auto", "default"}:
         raise ValueError(f"--compile-mode {args.compile_mode}: needs --compile (drop --no-compile)")
     device = pick_device(args.device)
@@ -302,9 +347,9 @@ def main(args) -> int:
                 f"median of {args.steps} steps after {args.warmup} warm-up, ids from {note['source']} text")
     print(f"egmla bench train: {device_name}, {settings}")
     rows = []
-    for variant, label, mode, compile_mode in rows_to_run(variants, args.preset, args.overrides, modes,
-                                                          tuple(compile_modes)):
-        rows.append(time_variant(variant, label, args, device, ids.long(), autocast, mode, compile_mode))
+    for variant, label, mode, compile_mode, memory in rows_to_run(variants, args.preset, args.overrides, modes,
+                                                                  tuple(compile_modes), memories):
+        rows.append(time_variant(variant, label, args, device, ids.long(), autocast, mode, compile_mode, memory))
         print(f"  {label}: {rows[-1]['step_ms']:.1f} ms/step", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()

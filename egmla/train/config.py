@@ -46,6 +46,8 @@ class TrainConfig:
     grad_clip: NonNegativeFloat = 1.0  # max global gradient norm (0 = no clipping)
     gate_table_update: Literal[GATE_TABLE_UPDATES] = "dense"  # EG-MLA gate tables: dense AdamW | row-sparse lazy Adam
     dtype: Literal[DTYPES] = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    activation_checkpointing: NonNegativeInt = 0  # recompute every Nth block in backward, keeping only its input (1 = every block; 0 = off)
+    loss_chunk_tokens: NonNegativeInt = 0  # output head + cross-entropy this many tokens at a time, never the whole logits (0 = whole)
     compile: bool = False  # torch.compile each block and the training loss (GPU; slow to start on CPU)
     compile_mode: Literal[COMPILE_MODES] = "auto"  # blocks' torch.compile mode; auto: reduce-overhead (CUDA graphs) on one GPU, else default
     parallel: Literal[PARALLEL] = "ddp"  # under torchrun with several processes: ddp | fsdp (FSDP2 fully_shard)

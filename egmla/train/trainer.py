@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import signal
@@ -16,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from egmla.bench.profiling import StepProfiler
 from egmla.model import Transformer
@@ -24,6 +22,8 @@ from egmla.runs import (FORMAT_VERSION, StorageError, atomic_write_bytes, atomic
                         storage_problem)
 from egmla.train import checkpoint as ckpt
 from egmla.train.config import RunConfig, resolve_compile_mode, uses_cuda_graphs
+from egmla.train.loss import token_loss
+from egmla.train.recompute import recompute_blocks
 from egmla.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, clip_grad_norm,
                                      gradient_sync, init_distributed, parallelize, per_rank)
 from egmla.train.runlock import claim_run_dir
@@ -91,25 +91,6 @@ def autocast_for(run: RunConfig, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16"
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Token cross-entropy in fp32 of logits [batch, seq, vocab] (bf16 under autocast)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
-
-
-@functools.cache
-def compiled_cross_entropy():
-    """cross_entropy under torch.compile: the fp32 upcast and the log-softmax (and their backward) fuse into
-    passes over the bf16 logits instead of materialising fp32 copies of a [tokens, vocab] tensor (2 GB per
-    16 x 1024 batch at 32K vocab). Built on first use (importing the compiler costs seconds)."""
-    return torch.compile(cross_entropy)
-
-
-def token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-               compiled: bool = False) -> torch.Tensor:
-    logits = model(inputs)
-    return (compiled_cross_entropy() if compiled else cross_entropy)(logits, targets, reduction)
-
-
 def graph_step_begin(graphs: bool) -> None:
     """With CUDA-graph compile modes: a new step begins, the graphs' previous outputs may be overwritten."""
     if graphs:
@@ -118,9 +99,10 @@ def graph_step_begin(graphs: bool) -> None:
 
 @torch.no_grad()
 def evaluate(model, windows, max_sequences: int, micro_batch: int, autocast, info: DistInfo,
-             graphs: bool = False) -> float:
+             graphs: bool = False, chunk_tokens: int = 0) -> float:
     """Mean validation loss over the fixed held-out windows. Each process scores its share; all run
-    the same number of forwards (FSDP needs that), padding with a discarded batch where short."""
+    the same number of forwards (FSDP needs that), padding with a discarded batch where short. chunk_tokens: the
+    loss's chunks (train.loss_chunk_tokens), so that validation needs no more memory than training."""
     from egmla.data.loader import validation_window_ids
 
     model.eval()
@@ -133,7 +115,8 @@ def evaluate(model, windows, max_sequences: int, micro_batch: int, autocast, inf
         inputs, targets = windows.batch(ids if len(ids) else [0])
         graph_step_begin(graphs)
         with autocast():
-            loss = token_loss(model, inputs.to(info.device), targets.to(info.device), reduction="sum")
+            loss = token_loss(model, inputs.to(info.device), targets.to(info.device), reduction="sum",
+                              chunk_tokens=chunk_tokens)
         if len(ids):
             total, tokens = total + float(loss), tokens + targets.numel()
     total, tokens = all_reduce_sum([total, tokens], info)
@@ -257,6 +240,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
         say(f"resuming from {resumed_from} (step {start_step})")
     model = model.to(info.device)
     graphs = uses_cuda_graphs(cfg.compile_mode)
+    recompute_blocks(model, cfg.activation_checkpointing)  # before compile and parallelize wrap the blocks
     if cfg.compile:
         for block in model.layers:
             block.compile(mode=cfg.compile_mode)
@@ -281,7 +265,10 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
         f"{device_name}, {precision}, batch {cfg.batch_size}x{cfg.seq_len} tokens "
         f"({accumulation} micro-batch(es) of {micro_batch}), {shards.meta['train_tokens']:,} training tokens"
         + (f", {cfg.gate_table_update} gate-table updates" if run.model.is_gated else "")
-        + (f", compiled ({cfg.compile_mode})" if cfg.compile else ""))
+        + (f", compiled ({cfg.compile_mode})" if cfg.compile else "")
+        + (f", every {cfg.activation_checkpointing} block(s) recomputed in backward" if cfg.activation_checkpointing
+           else "")
+        + (f", loss in chunks of {cfg.loss_chunk_tokens} tokens" if cfg.loss_chunk_tokens else ""))
     say(f"unigram baseline: train-token entropy {shards.meta['train_unigram_entropy']:.3f} nats/token, "
         f"unigram model on validation {unigram:.3f}")
 
@@ -297,7 +284,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
 
     def validate(step: int) -> float:
         loss = evaluate(wrapped, val_windows, cfg.eval_sequences, micro_batch, autocast, info,
-                        graphs=uses_cuda_graphs(cfg.compile_mode))
+                        graphs=uses_cuda_graphs(cfg.compile_mode), chunk_tokens=cfg.loss_chunk_tokens)
         metrics.log({"kind": "val", "step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
         return loss
 
@@ -384,7 +371,7 @@ def train_step(model, optimizer, batches, windows, micro_batch: int, autocast, i
         graph_step_begin(uses_cuda_graphs(cfg.compile_mode))
         try:
             with gradient_sync(model, index == len(micro_batches) - 1), autocast(), phase("forward_backward"):
-                loss = token_loss(model, inputs, targets, compiled=cfg.compile)
+                loss = token_loss(model, inputs, targets, compiled=cfg.compile, chunk_tokens=cfg.loss_chunk_tokens)
                 (loss / len(micro_batches)).backward()
         except torch.OutOfMemoryError:
             raise ValueError(f"train.micro_batch_size={micro_batch}: a micro-batch of {micro_batch}x{cfg.seq_len} "

@@ -75,7 +75,7 @@ def test_row_sparse_adamw_through_the_kernel_matches_its_gather_path():
     from egmla.model import Transformer
     from egmla.train.distributed import clip_grad_norm
     from egmla.train.optim import RowSparseAdamW, gate_tables, param_groups
-    from egmla.train.trainer import token_loss
+    from egmla.train.loss import token_loss
 
     device = kernel_device()
     torch.manual_seed(5)

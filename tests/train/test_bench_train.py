@@ -86,3 +86,36 @@ def test_compile_modes_get_a_row_each_with_their_own_mla_base(tmp_path, monkeypa
                         (["--no-compile", "--compile-mode", "reduce-overhead"], "needs --compile")):
         with pytest.raises(ValueError, match=error):
             bench_train.main(parser.parse_args(["--device", "cpu", *argv]))
+
+
+def test_memory_settings_get_a_row_each_and_reach_the_step(tmp_path, monkeypatch):
+    """--activation-checkpointing 0,1 --loss-chunk-tokens 0,16: a row per combination, labelled, each recorded in
+    its row, handed to the model (blocks recomputed, the loss chunked) and compared with MLA kv64 under the same
+    settings; a bad list is refused before any work."""
+    import egmla.bench.train as module
+    from egmla.train import loss, recompute
+
+    seen = []
+    real_blocks, real_loss = recompute.recompute_blocks, loss.token_loss
+    monkeypatch.setattr(recompute, "recompute_blocks", lambda model, every: seen.append(("blocks", every))
+                        or real_blocks(model, every))
+    monkeypatch.setattr(loss, "token_loss", lambda *a, chunk_tokens=0, **k: seen.append(("chunk", chunk_tokens))
+                        or real_loss(*a, chunk_tokens=chunk_tokens, **k))
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    args = parser.parse_args(["--device", "cpu", "--preset", "tiny", "--set", "vocab_size=512", "--set", "n_layers=2",
+                              "--variants", "mla-kv64", "--activation-checkpointing", "0,1",
+                              "--loss-chunk-tokens", "0,16", "--batch", "2", "--seq-len", "32", "--steps", "1",
+                              "--warmup", "0", "--no-compile", "--out", str(out), "--markdown", str(md)])
+    assert module.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["name"], r["activation_checkpointing"], r["loss_chunk_tokens"]) for r in rows] == [
+        ("MLA kv64 (plain)", 0, 0), ("MLA kv64 (loss chunks 16)", 0, 16), ("MLA kv64 (recompute 1/1)", 1, 0),
+        ("MLA kv64 (recompute 1/1, loss chunks 16)", 1, 16)]
+    assert ("blocks", 1) in seen and ("chunk", 16) in seen and ("chunk", 0) in seen
+    assert all(module.mla_base(rows, r) == r["step_ms"] for r in rows)  # each its own MLA kv64 base
+    assert "| peak GB |" in md.read_text()
+    bad = parser.parse_args(["--device", "cpu", "--loss-chunk-tokens", "0,-4"])
+    with pytest.raises(ValueError, match="--loss-chunk-tokens '0,-4': give non-negative integers"):
+        module.main(bad)

@@ -1,6 +1,6 @@
 """torchrun on CPU (gloo) with 2 processes: DDP and FSDP2 give the single-process losses (same global
-batch) to rounding, with dense and with row-sparse gate-table updates, and checkpoints move between process
-counts in both directions."""
+batch) to rounding, with dense and with row-sparse gate-table updates and with the memory savers (recomputed
+blocks, the chunked loss), and checkpoints move between process counts in both directions."""
 import json
 import shutil
 
@@ -35,6 +35,11 @@ def runs(tmp_path_factory, cache_dir):
             run_egmla("train", "--config", str(config), "--run-dir", str(root / name), "--no-progress",
                       "--set", f"train.parallel={mode}", "--set", f"train.gate_table_update={update}", torchrun=procs)
             out[name] = root / name
+    for mode in ("ddp", "fsdp"):  # the memory savers: the head is applied outside the wrapped forward
+        run_egmla("train", "--config", str(config), "--run-dir", str(root / f"{mode}-lean"), "--no-progress",
+                  "--set", f"train.parallel={mode}", "--set", "train.activation_checkpointing=1",
+                  "--set", "train.loss_chunk_tokens=40", torchrun=2)
+        out[f"{mode}-lean"] = root / f"{mode}-lean"
     return out
 
 
@@ -46,6 +51,14 @@ def test_two_processes_match_one(runs, mode, update):
     assert val_losses(runs[mode + update]) == pytest.approx(val_losses(runs["single" + update]), rel=TOLERANCE)
     summary = json.loads((runs[mode + update] / "summary.json").read_text())
     assert summary["world_size"] == 2
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_memory_savers_under_two_processes_match_one_plain_process(runs, mode):
+    """Recomputed blocks and the chunked loss under DDP / FSDP2: the chunked loss applies the output head outside
+    the wrapped forward (its weight's gradient must still be all-reduced, or reduce-scattered)."""
+    assert_close(train_losses(runs[f"{mode}-lean"]), train_losses(runs["single"]), range(1, 13))
+    assert val_losses(runs[f"{mode}-lean"]) == pytest.approx(val_losses(runs["single"]), rel=TOLERANCE)
 
 
 @pytest.mark.parametrize("source, procs, mode", [("ddp", 0, "ddp"), ("single", 2, "fsdp")])

@@ -15,7 +15,8 @@ from egmla.train.cli import add_arguments, resolve_config
 from egmla.train.config import TrainConfig
 from egmla.train.distributed import DistInfo, clip_grad_norm
 from egmla.train.optim import RowSparseAdamW, build_optimizer, gate_tables, param_groups
-from egmla.train.trainer import token_loss, train
+from egmla.train.loss import token_loss
+from egmla.train.trainer import train
 from tests.train.helpers import run_config, train_losses
 
 QUIET = dict(progress=False, log=lambda *_: None)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import egmla.train.loss
 import egmla.train.trainer as trainer
 from egmla.data.loader import WindowedTokens
 from egmla.data.shards import TokenShards
@@ -66,6 +67,26 @@ def test_same_seed_same_losses_other_seed_other_losses(tmp_path, cache_dir, fini
     assert train_losses(tmp_path / "again") == train_losses(finished_run[0])
     train(run_config(cache_dir, train=dict(steps=3, seed=1)), tmp_path / "seed1", **QUIET)
     assert train_losses(tmp_path / "seed1")[1] != train_losses(finished_run[0])[1]
+
+
+def test_memory_savers_train_the_same_model(tmp_path, cache_dir, finished_run, monkeypatch):
+    """train.activation_checkpointing and train.loss_chunk_tokens change what is kept for the backward, not the
+    math: every step's loss and the final validation loss (also chunked) equal the plain run's to rounding. (What
+    they keep: tests/train/test_loss.py, test_recompute.py.)"""
+    recomputed, chunked = [], []
+    real_blocks, real_loss = trainer.recompute_blocks, egmla.train.loss.linear_cross_entropy
+    monkeypatch.setattr(trainer, "recompute_blocks", lambda model, every: recomputed.extend(real_blocks(model, every)))
+    monkeypatch.setattr(egmla.train.loss, "linear_cross_entropy",
+                        lambda *args, **kwargs: chunked.append(args[3]) or real_loss(*args, **kwargs))
+    summary = train(run_config(cache_dir, train=dict(steps=12, checkpoint_every=0, activation_checkpointing=1,
+                                                     loss_chunk_tokens=40)), tmp_path / "lean", **QUIET)
+    plain = train_losses(finished_run[0])
+    lean = train_losses(tmp_path / "lean")
+    assert sorted(lean) == sorted(plain) == list(range(1, 13))
+    for step in plain:
+        assert lean[step] == pytest.approx(plain[step], rel=1e-5), step
+    assert summary["final_val_loss"] == pytest.approx(finished_run[1]["final_val_loss"], rel=1e-5)
+    assert recomputed == [0, 1] and set(chunked) == {40}  # both blocks; training and validation chunked
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path, cache_dir, finished_run):
@@ -187,7 +208,7 @@ def test_compile_mode_reaches_each_block_and_graph_modes_mark_each_step(tmp_path
 
     monkeypatch.setattr(torch.nn.Module, "compile", compile_block)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", mark)
-    monkeypatch.setattr(trainer, "compiled_cross_entropy", lambda: trainer.cross_entropy)
+    monkeypatch.setattr(egmla.train.loss, "compiled_cross_entropy", lambda: egmla.train.loss.cross_entropy)
     run = run_config(cache_dir, train=dict(steps=3, micro_batch_size=4, compile=True, compile_mode="reduce-overhead",
                                            eval_every=0, eval_sequences=8, checkpoint_every=0))
     train(run, tmp_path / "graphs", **QUIET)

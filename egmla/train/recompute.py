@@ -1,0 +1,27 @@
+"""Activation checkpointing (train.activation_checkpointing = N): every Nth block keeps only its input for the
+backward and runs its forward again there, instead of keeping every intermediate (the attention's projections, the
+gate and its LayerNorm, the MLP's 4x-wide activations) from forward to backward.
+
+Applied from outside the model, as torchtitan does, by replacing each chosen block's `forward` with a
+`torch.utils.checkpoint` call of it (the non-reentrant form, which torch.compile and FSDP2 take): parameter names,
+state dicts and checkpoints stay exactly those of the plain model. Apply before torch.compile and before
+parallelize, so the compiled function and the FSDP2 hooks wrap the recomputing forward.
+"""
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def recompute_blocks(model: nn.Module, every: int) -> list[int]:
+    """Make blocks 0, every, 2*every, ... of model.layers recompute their forward in the backward; returns their
+    indices (none for every = 0). The forward has no randomness, so the RNG state is not saved and restored."""
+    if every < 0:
+        raise ValueError(f"train.activation_checkpointing={every}: must be >= 0 (0 = off, N = every Nth block)")
+    chosen = list(range(0, len(model.layers), every)) if every else []
+    for index in chosen:
+        block = model.layers[index]
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, preserve_rng_state=False)
+    return chosen
