@@ -2,6 +2,8 @@
 import argparse
 import json
 
+import pytest
+
 from egmla.train import compare
 
 TINY_MODEL = ["model.vocab_size=320", "model.n_layers=1", "model.d_model=64", "model.n_heads=2",
@@ -30,3 +32,90 @@ def test_compare_trains_each_variant_on_the_same_budget(tmp_path, cache_dir, cap
     for name in ("mha", "mla-kv16", "egmla-kv16"):  # same data order and budget
         config = json.loads((tmp_path / name / "config.json").read_text())
         assert config["train"]["steps"] == 3 and config["data"]["max_bytes"] == 300000
+
+
+def compare_args(tmp_path, cache_dir, *extra: str):
+    parser = argparse.ArgumentParser()
+    compare.add_arguments(parser)
+    sets = [x for item in TINY_MODEL + TINY_RUN + [f"data.cache_dir={cache_dir}"] for x in ("--set", item)]
+    return parser.parse_args([*extra, *sets, "--out", str(tmp_path), "--no-progress"])
+
+
+def test_seeds_give_mean_sd_and_a_paired_test_against_the_first(tmp_path, cache_dir, capsys):
+    """--seeds 0,1: every config once per seed into CONFIG/seed-N; the row's mean and sd are those of the per-seed
+    final losses, and vs_first is the paired t-test of the per-seed differences (recomputed here)."""
+    from egmla.stats import paired_t_test
+
+    assert compare.main(compare_args(tmp_path, cache_dir, "mha", "mla-kv16", "--seeds", "0,1")) == 0
+    out = capsys.readouterr().out
+    assert "± " in out and "paired t-test" in out
+    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    final = {}
+    for name in ("mha", "mla-kv16"):
+        for seed in (0, 1):
+            run_dir = tmp_path / name / f"seed-{seed}"
+            assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == seed
+            final[name, seed] = json.loads((run_dir / "summary.json").read_text())["final_val_loss"]
+    assert final["mha", 0] != final["mha", 1]  # the seed took
+    mha, mla = rows
+    assert mha["seeds"] == mla["seeds"] == [0, 1] and "vs_first" not in mha
+    assert mla["final_val_losses"] == [final["mla-kv16", 0], final["mla-kv16", 1]]
+    assert mla["final_val_loss"] == pytest.approx((final["mla-kv16", 0] + final["mla-kv16", 1]) / 2)
+    assert mla["final_val_loss_sd"] == pytest.approx(abs(final["mla-kv16", 0] - final["mla-kv16", 1]) / 2 ** 0.5)
+    expected = paired_t_test([final["mla-kv16", s] - final["mha", s] for s in (0, 1)])
+    assert mla["vs_first"] == pytest.approx(expected)
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_same_command_again_reuses_finished_runs_and_resumes_a_stopped_one(tmp_path, cache_dir, monkeypatch,
+                                                                               capsys):
+    """A comparison stopped by Ctrl-C (the trainer's summary says interrupted) stops there with exit 130; the same
+    command again reuses the finished run and resumes the stopped one from its checkpoint, not from scratch."""
+    import egmla.train.trainer as trainer
+
+    real_train, calls = trainer.train, []
+
+    def stopped_at_mla(run, run_dir, resume=False, **kwargs):
+        summary = real_train(run, run_dir, resume=resume, **kwargs)
+        if run.name == "mla-kv16":
+            summary = {**summary, "interrupted": True, "stop_reason": "interrupted"}
+            (run_dir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(trainer, "train", stopped_at_mla)
+    assert compare.main(compare_args(tmp_path, cache_dir, "mha", "mla-kv16", "egmla-kv16")) == 130
+    assert "run the same command" in capsys.readouterr().out
+    assert not (tmp_path / "egmla-kv16").exists()  # the comparison stopped with the run that was stopped
+    mha_summary = (tmp_path / "mha" / "summary.json").read_text()
+
+    def recorded(run, run_dir, resume=False, **kwargs):
+        calls.append((run.name, resume))
+        return real_train(run, run_dir, resume=resume, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", recorded)
+    assert compare.main(compare_args(tmp_path, cache_dir, "mha", "mla-kv16", "egmla-kv16")) == 0
+    assert calls == [("mla-kv16", True), ("egmla-kv16", False)]
+    assert "reused the finished run" in capsys.readouterr().out
+    assert (tmp_path / "mha" / "summary.json").read_text() == mha_summary
+    assert [r["name"] for r in json.loads((tmp_path / "compare.json").read_text())["rows"]] == [
+        "mha", "mla-kv16", "egmla-kv16"]
+
+
+def test_an_out_folder_of_another_comparison_is_refused(tmp_path, cache_dir):
+    assert compare.main(compare_args(tmp_path, cache_dir, "mha")) == 0
+    args = compare_args(tmp_path, cache_dir, "mha")
+    args.overrides += ["train.lr=0.01"]
+    with pytest.raises(ValueError, match=r"holds a run of another config \(train.lr differ\); give a new --out"):
+        compare.main(args)
+
+
+@pytest.mark.parametrize("configs, seeds, match", [
+    (["mha", "mha"], None, "CONFIG 'mha' is given twice"),
+    (["mha"], "0,0", "--seeds '0,0': give distinct non-negative integers"),
+    (["mha"], "a", "--seeds 'a'"),
+])
+def test_bad_comparisons_are_refused_before_training(tmp_path, cache_dir, configs, seeds, match):
+    args = compare_args(tmp_path, cache_dir, *configs, *(["--seeds", seeds] if seeds else []))
+    with pytest.raises(ValueError, match=match):
+        compare.main(args)
+    assert not any(tmp_path.iterdir())

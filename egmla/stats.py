@@ -1,0 +1,35 @@
+"""The paired t-test that comparisons across seeds report (`egmla compare --seeds`, experiments/claims.py), in the
+standard library alone (scipy is not a dependency; the tests check these against it)."""
+from __future__ import annotations
+
+import math
+import statistics
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's t with an integer df (Abramowitz & Stegun 26.7.3-4, exact)."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    sin, cos2 = math.sin(theta), math.cos(theta) ** 2
+    term = series = 1.0
+    if df % 2 == 0:
+        for k in range(1, df // 2):
+            term *= cos2 * (2 * k - 1) / (2 * k)
+            series += term
+        inside = sin * series
+    else:
+        for k in range(1, (df - 1) // 2):
+            term *= cos2 * (2 * k) / (2 * k + 1)
+            series += term
+        inside = 2 / math.pi * (theta + (sin * math.sqrt(cos2) * series if df > 1 else 0.0))
+    return max(0.0, 1.0 - inside)
+
+
+def paired_t_test(differences: list[float]) -> dict:
+    """n, mean, sd (n-1), t and two-sided p of the paired t-test of 'mean difference = 0' (n >= 2)."""
+    n, mean = len(differences), statistics.mean(differences)
+    result = {"n": n, "mean": mean, "sd": None, "t": None, "p": None}
+    if n >= 2:
+        sd = statistics.stdev(differences)
+        t = math.copysign(math.inf, mean) if sd == 0 else mean / (sd / math.sqrt(n))
+        result.update(sd=sd, t=t, p=(0.0 if mean else 1.0) if sd == 0 else t_two_sided_p(t, n - 1))
+    return result
