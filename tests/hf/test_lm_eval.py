@@ -7,6 +7,7 @@ import logging
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,30 +160,104 @@ def test_lm_eval_command_line_with_egmla_registered(make_run, tmp_path):
 
 
 def test_egmla_eval_command_runs_lm_eval_on_a_run_and_passes_extra_options(make_run, tmp_path):
-    command = [sys.executable, "-m", "egmla", "eval", "--run", str(make_run("eg-mla")), "--tasks", "egmla_mc",
-               "--limit", "4", "--device", "cpu", "--output-path", str(tmp_path), "--", "--seed", "3"]
+    """A run at a path lm-eval's key=value model_args would garble (space, quote, ',', '=', braces), tasks given after
+    --: lm_eval gets the path as it is and those tasks only, and the printed command runs the same by itself."""
+    import shlex
+    import shutil
+
+    run = shutil.copytree(make_run("eg-mla"), tmp_path / "it's, a=run {1}")
+    command = [sys.executable, "-m", "egmla", "eval", "--run", str(run), "--limit", "4", "--device", "cpu",
+               "--output-path", str(tmp_path / "out"), "--", "--tasks", "egmla_mc", "--seed", "3"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    [path] = tmp_path.rglob("results_*.json")
+    [path] = (tmp_path / "out").rglob("results_*.json")
     results = json.loads(path.read_text())
+    assert list(results["results"]) == ["egmla_mc"]  # not egmla eval's default tasks as well
     assert 0 <= results["results"]["egmla_mc"]["acc,none"] <= 1
+    assert results["config"]["model_args"] == {"run": str(run), "dtype": "float32"}
     assert results["config"]["random_seed"] == 3  # the option after -- reached lm_eval
-    assert "--model egmla" in done.stdout  # the command it ran is printed
+    printed = shlex.split(done.stdout.splitlines()[0])  # the command it ran, quoted for a shell
+    assert printed[1:5] == ["-m", "egmla.hf.lm_eval_model", "--model", "egmla"] and str(run) in printed[6]
 
 
-def test_egmla_eval_builds_lm_evals_command_line():
+def eval_args(*argv):
     from egmla.cli import build_parser
+
+    return build_parser().parse_args(["eval", *argv])
+
+
+def lm_evals_model_args(argv: list[str]) -> dict:
+    """model_args as lm_eval's own command line reads them from `argv`."""
+    try:
+        from lm_eval._cli.harness import HarnessCLI  # lm-eval >= 0.4.10
+
+        return HarnessCLI()._parser.parse_args(["run", *argv]).model_args
+    except ImportError:
+        from lm_eval.__main__ import setup_parser
+
+        return setup_parser().parse_args(argv).model_args
+
+
+def test_egmla_eval_builds_lm_evals_command_line(tmp_path, monkeypatch):
     from egmla.commands.eval import lm_eval_argv
 
-    args = build_parser().parse_args(["eval", "--run", "runs/a", "--dtype", "bfloat16", "--batch-size", "32",
-                                      "--checkpoint", "runs/a/checkpoints/step_10", "--num-fewshot", "0",
-                                      "--", "--log_samples"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = eval_args("--run", "runs/a", "--dtype", "bfloat16", "--batch-size", "32", "--checkpoint",
+                     "runs/a/checkpoints/step_10", "--num-fewshot", "0", "--limit", "8", "--", "--log_samples")
+    model_args = {"run": "runs/a", "dtype": "bfloat16", "checkpoint": "runs/a/checkpoints/step_10"}
     assert lm_eval_argv(args) == [
-        "--model", "egmla", "--model_args", "run=runs/a,dtype=bfloat16,checkpoint=runs/a/checkpoints/step_10",
-        "--tasks", "egmla_mc,egmla_ppl", "--batch_size", "32", "--num_fewshot", "0", "--log_samples"]
-    comma = build_parser().parse_args(["eval", "--run", "runs/a,b"])
-    with pytest.raises(ValueError, match=r"--run='runs/a,b'.*','"):
-        lm_eval_argv(comma)
+        "--model", "egmla", "--model_args", json.dumps(model_args), "--tasks", "egmla_mc,egmla_ppl",
+        "--batch_size", "32", "--device", "cpu", "--num_fewshot", "0", "--limit", "8", "--log_samples"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the run's device, not lm_eval's cuda:0
+    assert lm_eval_argv(eval_args("--run", "runs/a", "--limit", "0.25"))[-4:] == ["--device", "cuda", "--limit",
+                                                                                  "0.25"]
+
+
+@pytest.mark.parametrize("name", ["1e3", "2024", "true", "it's a run", "runs,b=c", "run{1}", "run(1"])
+def test_lm_eval_reads_any_run_name_as_given(name, tmp_path, monkeypatch):
+    """lm-eval's key=value model_args turned these into a float, an int, a bool, swallowed the dtype, or failed."""
+    from egmla.commands.eval import lm_eval_argv
+
+    monkeypatch.chdir(tmp_path)
+    Path(name).mkdir()
+    argv = lm_eval_argv(eval_args("--run", name, "--checkpoint", name, "--dtype", "float16"))
+    assert lm_evals_model_args(argv) == {"run": name, "dtype": "float16", "checkpoint": name}
+
+
+def test_tasks_after_the_separator_replace_the_default_and_are_given_once(tmp_path):
+    from egmla.commands.eval import lm_eval_argv
+
+    for extra in (["--tasks", "piqa"], ["-t", "piqa"], ["--tasks=piqa"]):
+        argv = lm_eval_argv(eval_args("--run", str(tmp_path), "--", *extra))
+        assert "egmla_mc,egmla_ppl" not in argv and argv[-len(extra):] == extra
+    with pytest.raises(ValueError, match=r"--tasks='arc_easy' and --tasks after --: .*give the tasks once"):
+        lm_eval_argv(eval_args("--run", str(tmp_path), "--tasks", "arc_easy", "--", "--tasks", "piqa"))
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--limit", "0", "give a fraction of each task in (0, 1)"), ("--limit", "-1", "give a fraction of each task"),
+    ("--limit", "1.5", "give a fraction of each task"), ("--batch-size", "0", "must be at least 1"),
+    ("--num-fewshot", "-1", "must be 0 or more")])
+def test_egmla_eval_refuses_numbers_lm_eval_would_misread(option, value, message, tmp_path, capsys):
+    """lm-eval cut --limit 1.5 to one document and ran --num-fewshot -1; --limit 0 and --batch-size 0 failed with
+    messages that named neither option."""
+    from egmla.cli import main as egmla_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        egmla_main(["eval", "--run", str(tmp_path), option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: {value}: {message}" in capsys.readouterr().err
+
+
+def test_egmla_eval_names_a_missing_run_before_starting_lm_eval(tmp_path, capsys):
+    from egmla.cli import main as egmla_main
+
+    assert egmla_main(["eval", "--run", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert f"--run='{tmp_path / 'nowhere'}': no such directory; pass a run directory" in err
+    assert "Initializing" not in err  # refused before lm_eval loads anything
 
 
 def test_local_task_configs_leave_lm_eval_nothing_to_guess(tasks_dir, caplog):
