@@ -27,7 +27,7 @@ from egmla.attention import fastest_decode_path
 from egmla.hf.cache import EgmlaCache
 from egmla.hf.configuration_egmla import EgmlaConfig, _rename_fields
 from egmla.model import Transformer
-from egmla.runs import config_mismatch, record_weights_config
+from egmla.runs import WEIGHTS_CONFIG_KEY, config_mismatch, record_weights_config, weights_metadata
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`; we accept
 # both names and answer in the one the installed version uses (5.17, the GPU image's, says past_key_values).
@@ -65,14 +65,36 @@ class EgmlaPreTrainedModel(PreTrainedModel):
         dtype = module.tok_embeddings.weight.dtype
         module.rope_cos, module.rope_sin = module.rope_cos.to(dtype), module.rope_sin.to(dtype)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' save, plus the two modules and the auto_map that let the folder load with
-        trust_remote_code=True where egmla is installed but not imported (egmla.hf.export.write_remote_code)."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            from egmla.hf.export import write_remote_code
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
+        """transformers' save, then what makes the folder egmla's (`_complete_folder`), only on the process that
+        wrote it: another rank rewriting the weights would race rank 0's write (or stamp a stale file)."""
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        saves_here = getattr(self, "should_save_on_this_rank", None)  # where transformers has it: rank 0 only, too
+        if saves_here(is_main_process) if saves_here else is_main_process:
+            self._complete_folder(Path(save_directory))
 
-            write_remote_code(Path(save_directory))
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        """transformers' upload, of the completed folder: save_pretrained(push_to_hub=True) uploads from inside
+        transformers' own save, before the override above could add anything to it."""
+        self._complete_folder(Path(working_dir))
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
+
+    def _complete_folder(self, folder: Path) -> None:
+        """Add to a folder transformers saved the two modules and the auto_map that let it load with
+        trust_remote_code=True where egmla is installed but not imported (egmla.hf.export.write_remote_code), and
+        this model's config to each weights file's metadata (egmla.runs.weights_metadata), which from_pretrained
+        checks config.json against. Idempotent: a file already recording the config is not rewritten."""
+        from safetensors import safe_open
+
+        from egmla.hf.export import write_remote_code
+
+        write_remote_code(folder)
+        record = weights_metadata(self.config.to_model_config())[WEIGHTS_CONFIG_KEY]
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                recorded = (f.metadata() or {}).get(WEIGHTS_CONFIG_KEY)
+            if recorded != record:
+                record_weights_config(path, self.config.to_model_config())
 
 
 class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
@@ -95,14 +117,7 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
         model.model.decode_path_chosen = transformer.decode_path_chosen
         return model.eval()
 
-    # ---- loading: config.json checked against the weights ------------------------------------
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' save_pretrained; each weights file then records this model's config in its
-        metadata (egmla.runs.weights_metadata), which from_pretrained checks config.json against."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        for path in Path(save_directory).glob("*.safetensors"):
-            record_weights_config(path, self.config.to_model_config())
-
+    # ---- loading: config.json checked against the weights (recorded by save_pretrained) -------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' from_pretrained, refusing a config that does not describe the weights: a field the

@@ -108,3 +108,79 @@ def test_export_deepseek_refuses_egmla_and_nonempty_out(make_run, tmp_path, caps
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+class FakeHub:
+    """The Hub as transformers' push sees it: create_repo answers, and each upload keeps a copy of what it would send
+    (the files transformers picks: new since the save began, or changed)."""
+
+    def __init__(self, root):
+        self.root, self.uploads = root, []
+
+    def create_repo(self, repo_id, **kwargs):
+        return type("Repo", (), {"repo_id": repo_id})()
+
+    def upload(self, working_dir, repo_id, files_timestamps, **kwargs):  # set on the class as a bound method
+        import os
+        import shutil
+
+        sent = self.root / f"upload{len(self.uploads)}"
+        sent.mkdir()
+        for name in os.listdir(working_dir):
+            path = os.path.join(working_dir, name)
+            if name not in files_timestamps or os.path.getmtime(path) > files_timestamps[name]:
+                shutil.copy(path, sent / name)
+        self.uploads.append(sent)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    import transformers.modeling_utils
+    import transformers.utils.hub
+
+    hub = FakeHub(tmp_path)
+    card = type("Card", (), {"save": lambda self, path: None})()
+    for module in (transformers.modeling_utils, transformers.utils.hub):
+        monkeypatch.setattr(module, "hf_api", lambda: hub, raising=False)
+        monkeypatch.setattr(module, "create_and_tag_model_card", lambda *args, **kwargs: card, raising=False)
+    monkeypatch.setattr(transformers.utils.hub.PushToHubMixin, "_upload_modified_files", hub.upload)
+    return hub
+
+
+def test_pushing_to_the_hub_uploads_the_remote_code_and_the_weights_record(make_run, tmp_path, fake_hub):
+    """save_pretrained(push_to_hub=True) uploads from inside transformers' save: the modules, the auto_map and the
+    weights' config record must be in the folder by then (they were added after the upload), as with push_to_hub()."""
+    import json
+
+    from safetensors import safe_open
+
+    from egmla.runs import WEIGHTS_CONFIG_KEY
+
+    model, _ = load_model(make_run("eg-mla"))
+    hf_model = EgmlaForCausalLM.from_egmla(model)
+    hf_model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="someone/egmla")
+    hf_model.push_to_hub("someone/egmla")
+    assert len(fake_hub.uploads) == 2
+    for sent in fake_hub.uploads:
+        assert {"configuration_egmla.py", "modeling_egmla.py", "model.safetensors"} <= {p.name for p in sent.iterdir()}
+        assert json.loads((sent / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
+            "modeling_egmla.EgmlaForCausalLM")
+        with safe_open(str(sent / "model.safetensors"), "pt") as f:
+            assert json.loads(f.metadata()[WEIGHTS_CONFIG_KEY]) == model.config.to_dict()
+        tokens = torch.randint(0, 300, (2, 16))
+        with torch.no_grad():
+            assert torch.equal(AutoModelForCausalLM.from_pretrained(sent)(tokens).logits, model(tokens))
+
+
+def test_a_save_on_another_process_leaves_the_folder_to_the_main_one(make_run, tmp_path):
+    """save_pretrained(is_main_process=False) writes nothing (transformers' contract for distributed saves): it must
+    not rewrite the weights the main process writes, nor stamp its config on a file another model left there."""
+    first, _ = load_model(make_run("eg-mla"))
+    EgmlaForCausalLM.from_egmla(first).save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = EgmlaForCausalLM.from_egmla(load_model(make_run("mla"))[0])
+    other.save_pretrained(tmp_path, is_main_process=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    tokens = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(tokens).logits, first(tokens))
