@@ -127,7 +127,12 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
         if folder.is_dir():
             config = kwargs.get("config") or EgmlaConfig.from_pretrained(folder)
             for path in sorted(folder.glob("*.safetensors")):
-                problem = config_mismatch(path, config.to_model_config().to_dict())
+                try:
+                    problem = config_mismatch(path, config.to_model_config().to_dict())
+                except ValueError as err:  # a recorded field this egmla lacks: another version saved it
+                    raise ValueError(f"{path}: the config its weights record does not fit this egmla "
+                                     f"({_rename_fields(str(err)).split(';')[0]}): saved by another egmla version; "
+                                     f"load it with the version that saved it") from None
                 if problem:
                     raise ValueError(f"{path}: {_rename_fields(problem)}; use the config.json saved with "
                                      f"these weights")

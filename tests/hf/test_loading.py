@@ -119,3 +119,18 @@ def test_another_hugging_face_folder_is_named_for_what_it_is(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type='llama', not an egmla run"):
         load_model(tmp_path)
+
+
+def test_weights_recording_a_field_this_egmla_lacks_name_it_and_the_version(saved, tmp_path):
+    """As a newer egmla's save would be read here: the error names the file, the field and what to do (it was
+    `model.gate_scale: unknown config key; known keys: ...`, no file, no fix)."""
+    folder = shutil.copytree(saved, tmp_path / "newer")
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    recorded = json.loads(metadata[WEIGHTS_CONFIG_KEY])
+    metadata[WEIGHTS_CONFIG_KEY] = json.dumps({**recorded, "gate_scale": 2.0})
+    save_file(tensors, str(folder / "model.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match=r"newer/model.safetensors: the config its weights record does not fit this "
+                                         r"egmla \(model.gate_scale: unknown config key\): saved by another egmla "
+                                         r"version; load it with the version that saved it$"):
+        AutoModelForCausalLM.from_pretrained(folder)
