@@ -94,3 +94,19 @@ def load_toml(path: str | Path | None, overrides: list[str] = ()) -> dict:
     """Read a TOML file (or nothing), resolving `extends`, and apply --set overrides."""
     data = read_toml(path) if path is not None else {}
     return merge(data, parse_overrides(list(overrides)))
+
+
+def int_list(text: str, flag: str, minimum: int = 1, distinct: bool = False, example: str = "1,32,128") -> list[int]:
+    """The comma-separated integers of command-line option `flag` (each >= minimum; with distinct, each at most
+    once), or a ValueError naming the option and the fix."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ValueError(f"{flag} {text!r}: give comma-separated integers, e.g. {example}")
+    if min(values) < minimum:
+        raise ValueError(f"{flag} {text!r}: every value must be >= {minimum}")
+    if distinct and len(set(values)) < len(values):
+        raise ValueError(f"{flag} {text!r}: give each value at most once, e.g. {example}")
+    return values

@@ -16,7 +16,8 @@ import argparse
 import statistics
 import time
 
-from egmla.bench.options import add_output_arguments, add_preset_arguments, int_list, report
+from egmla.bench.options import add_output_arguments, add_preset_arguments, report
+from egmla.configfile import int_list
 
 
 SETTINGS = {"reuse_longer_cache": ("kept cache reused by shorter calls", "no: one per length"),

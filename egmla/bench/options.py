@@ -24,17 +24,6 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", metavar="JSON", help="measure nothing: the table of this result file")
 
 
-def int_list(text: str, flag: str) -> list[int]:
-    """Comma-separated positive integers of option `flag`, or a ValueError naming it."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: give comma-separated integers, e.g. 1,32,128") from None
-    if min(values) < 1:
-        raise ValueError(f"{flag} {text!r}: every value must be >= 1")
-    return values
-
-
 def report(args, markdown) -> int:
     """The table `markdown(meta)` of the result file args.report, printed and written to --markdown."""
     import json

@@ -288,18 +288,6 @@ def memory_label(memory: tuple[int, int]) -> str:
     return ", ".join(parts) or "plain"
 
 
-def parse_counts(text: str, option: str) -> list[int]:
-    """The comma-separated non-negative integers of `option`, each at most once."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 0 or len(set(values)) < len(values):
-        raise ValueError(f"{option} {text!r}: give non-negative integers, each at most once, comma-separated "
-                         f"(e.g. 0,1)")
-    return values
-
-
 def parse_modes(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
     """The comma-separated values of `option`, each one of `allowed`, at most once."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
@@ -315,7 +303,7 @@ def main(args) -> int:
     import torch
 
     from egmla.bench.token_ids import text_token_ids
-    from egmla.configfile import parse_overrides
+    from egmla.configfile import int_list, parse_overrides
     from egmla.runs import atomic_write_json
     from egmla.train.config import COMPILE_MODES, GATE_TABLE_UPDATES, resolve_compile_mode
     from egmla.train.distributed import pick_device
@@ -328,8 +316,9 @@ def main(args) -> int:
     modes = parse_modes(args.gate_table_update, "--gate-table-update", GATE_TABLE_UPDATES)
     compile_modes = parse_modes(args.compile_mode, "--compile-mode", COMPILE_MODES)
     memories = tuple((recompute, chunk)
-                     for recompute in parse_counts(args.activation_checkpointing, "--activation-checkpointing")
-                     for chunk in parse_counts(args.loss_chunk_tokens, "--loss-chunk-tokens"))
+                     for recompute in int_list(args.activation_checkpointing, "--activation-checkpointing", 0, True,
+                                               "0,1")
+                     for chunk in int_list(args.loss_chunk_tokens, "--loss-chunk-tokens", 0, True, "0,4096"))
     if not args.compile and set(compile_modes) - {"auto", "default"}:
         raise ValueError(f"--compile-mode {args.compile_mode}: needs --compile (drop --no-compile)")
     device = pick_device(args.device)

@@ -76,18 +76,6 @@ def load_runs(configs: list[str], base_preset: str, overrides: list[str]):
     return runs
 
 
-def parse_seeds(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) < len(seeds):
-        raise ValueError(f"--seeds {text!r}: give distinct non-negative integers, comma-separated (e.g. 0,1,2)")
-    return seeds
-
-
 def run_folder(out: Path, label: str, seed: int, several_seeds: bool) -> Path:
     return out / label / f"seed-{seed}" if several_seeds else out / label
 
@@ -226,9 +214,10 @@ def main(args) -> int:
     from egmla.runs import atomic_write_json
 
     runs = load_runs(args.configs, args.preset, args.overrides)
-    seeds = parse_seeds(args.seeds)
+    from egmla.configfile import int_list
+
     first = runs[0][1]
-    seeds = seeds if seeds is not None else [first.train.seed]
+    seeds = int_list(args.seeds, "--seeds", 0, True, "0,1,2") if args.seeds is not None else [first.train.seed]
     several = len(seeds) > 1
     out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     tokens_per_step = first.train.batch_size * first.train.seq_len

@@ -117,5 +117,5 @@ def test_memory_settings_get_a_row_each_and_reach_the_step(tmp_path, monkeypatch
     assert all(module.mla_base(rows, r) == r["step_ms"] for r in rows)  # each its own MLA kv64 base
     assert "| peak GB |" in md.read_text()
     bad = parser.parse_args(["--device", "cpu", "--loss-chunk-tokens", "0,-4"])
-    with pytest.raises(ValueError, match="--loss-chunk-tokens '0,-4': give non-negative integers"):
+    with pytest.raises(ValueError, match="--loss-chunk-tokens .0,-4.: every value must be >= 0"):
         module.main(bad)

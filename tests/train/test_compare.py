@@ -111,7 +111,7 @@ def test_an_out_folder_of_another_comparison_is_refused(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("configs, seeds, match", [
     (["mha", "mha"], None, "CONFIG 'mha' is given twice"),
-    (["mha"], "0,0", "--seeds '0,0': give distinct non-negative integers"),
+    (["mha"], "0,0", "--seeds '0,0': give each value at most once"),
     (["mha"], "a", "--seeds 'a'"),
 ])
 def test_bad_comparisons_are_refused_before_training(tmp_path, cache_dir, configs, seeds, match):
