@@ -45,6 +45,18 @@ class EgmlaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
+    supports_gradient_checkpointing = True
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1):
+        """transformers' activation checkpointing (`gradient_checkpointing_enable()`, the Trainer's
+        `gradient_checkpointing=True`): every_n_layers-th block recomputes its forward in the backward through
+        transformers' checkpoint function, as `egmla train` does with train.activation_checkpointing
+        (egmla.train.recompute); enable=False restores the plain forward."""
+        from egmla.train.recompute import recompute_blocks
+
+        recompute_blocks(self.model, every_n_layers if enable else 0, gradient_checkpointing_func)
+        self.gradient_checkpointing = enable  # what transformers' is_gradient_checkpointing reads
 
     @torch.no_grad()
     def _init_weights(self, module):

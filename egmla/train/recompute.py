@@ -10,18 +10,23 @@ parallelize, so the compiled function and the FSDP2 hooks wrap the recomputing f
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def recompute_blocks(model: nn.Module, every: int) -> list[int]:
-    """Make blocks 0, every, 2*every, ... of model.layers recompute their forward in the backward; returns their
-    indices (none for every = 0). The forward has no randomness, so the RNG state is not saved and restored."""
+def recompute_blocks(model: nn.Module, every: int, checkpoint_function: Callable | None = None) -> list[int]:
+    """Make blocks 0, every, 2*every, ... of model.layers recompute their forward in the backward, and the others
+    keep theirs (every = 0: none recompute, as the plain model); returns the recomputing blocks' indices.
+    checkpoint_function(forward, *args) runs a block: default `torch.utils.checkpoint.checkpoint`, non-reentrant,
+    without saving the RNG state (the forward has no randomness); transformers passes its own."""
     if every < 0:
         raise ValueError(f"train.activation_checkpointing={every}: must be >= 0 (0 = off, N = every Nth block)")
+    run = checkpoint_function or functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
     chosen = list(range(0, len(model.layers), every)) if every else []
-    for index in chosen:
-        block = model.layers[index]
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, preserve_rng_state=False)
+    for index, block in enumerate(model.layers):
+        block.__dict__.pop("forward", None)  # the class's forward again
+        if index in chosen:
+            block.forward = functools.partial(run, block.forward)
     return chosen

@@ -55,3 +55,25 @@ def test_same_loss_and_gradients_fewer_saved_tensors(variant, every):
 def test_a_negative_setting_is_refused():
     with pytest.raises(ValueError, match="train.activation_checkpointing=-1"):
         recompute_blocks(tiny("mha"), -1)
+
+
+def test_setting_again_replaces_and_zero_restores_the_plain_forward():
+    model = tiny("mla-kv16")
+    assert recompute_blocks(model, 1) == [0, 1, 2, 3]
+    assert recompute_blocks(model, 2) == [0, 2]  # not stacked on the first setting
+    assert "forward" in vars(model.layers[0]) and "forward" not in vars(model.layers[1])
+    assert recompute_blocks(model, 0) == []
+    assert not any("forward" in vars(block) for block in model.layers)
+
+
+def test_a_given_checkpoint_function_runs_the_blocks():
+    calls = []
+
+    def counting(forward, *args, **kwargs):
+        calls.append(forward)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    model = tiny("mha")
+    recompute_blocks(model, 1, counting)
+    token_loss(model, torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long)).backward()
+    assert len(calls) == 4
