@@ -6,24 +6,11 @@ import torch
 
 from egmla.hf import EgmlaForCausalLM
 from egmla.runs import load_model
+from tests.saved_tensors import kept_bytes
 
 # transformers 5.25 renames gradient_checkpointing_* to activation_checkpointing_* (the GPU image's 5.17 has only the
 # old names, which both keep): the old names, without their deprecation warnings
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
-def kept_bytes(fn) -> int:
-    total = 0
-
-    def pack(tensor):
-        nonlocal total
-        if not isinstance(tensor, torch.nn.Parameter):
-            total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return total
 
 
 def loss_and_grads(model, tokens):

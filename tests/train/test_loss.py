@@ -5,6 +5,7 @@ import torch
 
 from egmla.model import Transformer
 from egmla.variants import VARIANTS
+from tests.saved_tensors import saved_for_backward
 from egmla.train.loss import chunk_loss_and_gradient, cross_entropy, linear_cross_entropy, token_loss
 
 
@@ -75,19 +76,6 @@ def test_a_chunk_size_that_is_not_positive_is_refused(value, match):
         linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), value)
 
 
-def saved_for_backward(fn) -> list[torch.Size]:
-    """The shapes of the tensors autograd keeps from fn()'s forward for its backward."""
-    shapes = []
-
-    def pack(tensor):
-        shapes.append(tensor.shape)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return shapes
-
-
 @pytest.mark.parametrize("variant", ["mha", "mla-kv16", "egmla-kv16"])
 def test_model_loss_and_gradients_equal_and_no_logits_kept(variant):
     """token_loss with chunks equals the whole-logits loss for the model, every parameter's gradient (the tied
@@ -107,6 +95,6 @@ def test_model_loss_and_gradients_equal_and_no_logits_kept(variant):
     assert relative(chunked, whole) < 1e-5
     for name, grad in whole_grads.items():
         assert relative(chunked_grads[name], grad) < 1e-4, name
-    vocab_sized = lambda shapes: [s for s in shapes if len(s) >= 2 and s[-1] == 300 and s.numel() >= 32 * 300]
+    vocab_sized = lambda saved: [t for t in saved if t.dim() >= 2 and t.shape[-1] == 300 and t.numel() >= 32 * 300]
     assert vocab_sized(saved_for_backward(lambda: token_loss(model, inputs, targets)))
     assert not vocab_sized(saved_for_backward(lambda: token_loss(model, inputs, targets, chunk_tokens=5)))

@@ -7,27 +7,13 @@ from egmla.model import Transformer
 from egmla.train.loss import token_loss
 from egmla.train.recompute import recompute_blocks
 from egmla.variants import VARIANTS
+from tests.saved_tensors import kept_bytes
 
 
 def tiny(variant: str) -> Transformer:
     torch.manual_seed(0)
     return Transformer(VARIANTS[variant].config("tiny", vocab_size=300, n_layers=4, d_model=64, n_heads=2,
                                                 max_seq_len=32))
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd keeps from fn()'s forward for its backward (parameters excluded)."""
-    total = 0
-
-    def pack(tensor):
-        nonlocal total
-        if not isinstance(tensor, torch.nn.Parameter):
-            total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return total
 
 
 @pytest.mark.parametrize("variant", ["mha", "mla-kv16", "egmla-kv16", "egmla-kv64-bias-v"])
@@ -41,7 +27,7 @@ def test_same_loss_and_gradients_fewer_saved_tensors(variant, every):
         names = [name for name, _ in model.named_parameters()]
         assert recompute_blocks(model, recompute) == list(range(0, 4, recompute) if recompute else [])
         assert [name for name, _ in model.named_parameters()] == names  # checkpoints keep their keys
-        kept.append(saved_bytes(lambda: token_loss(model, inputs, targets)))
+        kept.append(kept_bytes(lambda: token_loss(model, inputs, targets)))
         loss = token_loss(model, inputs, targets)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
