@@ -100,6 +100,8 @@ class EgmlaPreTrainedModel(PreTrainedModel):
 
         from egmla.hf.export import write_remote_code
 
+        if not (folder / "config.json").is_file():  # an adapter-only save (transformers' PEFT integration writes
+            return  # adapter_config.json and adapter_model.safetensors): no model of ours to describe there
         write_remote_code(folder)
         record = weights_metadata(self.config.to_model_config())[WEIGHTS_CONFIG_KEY]
         for path in sorted(folder.glob("*.safetensors")):

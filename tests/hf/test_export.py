@@ -184,3 +184,17 @@ def test_a_save_on_another_process_leaves_the_folder_to_the_main_one(make_run, t
     tokens = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(tokens).logits, first(tokens))
+
+
+def test_an_adapter_only_folder_is_left_as_transformers_wrote_it(make_run, tmp_path):
+    """transformers' PEFT integration (model.add_adapter, then save_pretrained) writes adapter_config.json and
+    adapter_model.safetensors and no config.json: completing the folder must neither fail on the missing config nor
+    stamp the whole model's config into the adapter's weights."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    save_file({"base_model.model.layers.0.attn.wq.lora_A.weight": torch.zeros(4, 64)},
+              str(tmp_path / "adapter_model.safetensors"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    EgmlaForCausalLM.from_egmla(load_model(make_run("mla"))[0])._complete_folder(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
