@@ -12,8 +12,8 @@
 Each connection gets a handler thread (`ThreadingHTTPServer`) that checks its request, submits one scheduler request
 per choice and waits on their handles; the scheduler's one thread runs the model for all of them, requests joining
 and leaving the running batch between decode steps (egmla/infer/scheduler.py). Errors come in OpenAI's shape
-{"error": {"message", "type", "param", "code"}}, never as a traceback. A client that goes away mid-stream has its
-requests cancelled, which frees their rows before the next step.
+{"error": {"message", "type", "param", "code"}}, never as a traceback. A client that goes away (mid-stream, or while
+its requests wait or run unstreamed) has its requests cancelled, which frees their rows before the next step.
 
 Only the standard library: the GPU machines this runs on have no network to install a web framework.
 """
@@ -22,7 +22,9 @@ from __future__ import annotations
 import itertools
 import json
 import queue
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -47,6 +49,9 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 RESPONSES_WAIT_SECONDS = 10.0  # on stop: how long handler threads get to write their last responses
 MAX_BODY_BYTES = 64 * 2**20  # a completions body: prompts of token ids fit many times over
 IDLE_CONNECTION_SECONDS = 60  # a kept-alive connection with no new request is closed after this
+# a handler waiting for its requests' tokens looks this often whether its client has closed the connection (a
+# client that timed out): its requests are then cancelled, freeing their rows, rather than run for nobody
+CLIENT_CHECK_SECONDS = 0.25
 MAX_CHUNK_LINE = 1024  # a chunked body's size line (hex size and extensions) or trailer line, at most
 
 
@@ -314,7 +319,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
         results = []
         for handle in handles:
             try:
-                results.append(handle.result())
+                results.append(self._result(handle))
             except RuntimeError as error:  # the model raised; the scheduler goes on with the next requests
                 raise ApiError(500, str(error), code="generation_failed") from error
         if any(result.finish_reason == "cancelled" for result in results):
@@ -339,6 +344,29 @@ class CompletionHandler(BaseHTTPRequestHandler):
             choices.append(_choice(index, prefix + result.text, result.finish_reason, logprobs))
         self._send_json(200, {**self.response_fields, "choices": choices, "usage": _usage(*self.token_counts)})
 
+    def _result(self, handle: RequestHandle):
+        """handle.result(), or ConnectionResetError as soon as the client is seen gone (the handles are then
+        released, i.e. cancelled)."""
+        while True:
+            try:
+                return handle.result(timeout=CLIENT_CHECK_SECONDS)
+            except TimeoutError:
+                if self._client_gone():
+                    raise ConnectionResetError("the client closed its connection before its answer") from None
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed or reset the connection: readable with nothing to read. (poll, not select:
+        select fails on descriptors beyond 1,024, and many clients make that many. A client that half-closes after
+        sending its request reads as gone, as under uvicorn, vLLM's server.)"""
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        try:
+            return not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:  # reset
+            return True
+
     def _stream(self, request: CompletionRequest, handles: list[RequestHandle]) -> None:
         """Server-sent events: a chunk per token event with text (and each choice's last, with its finish_reason),
         a usage chunk if asked, then [DONE]. The connection closes at the end (its length is not known ahead)."""
@@ -351,7 +379,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
         completion_tokens = 0
         decode = self.server.scheduler.engine.tokenizer.decode
         offsets: dict[int, int] = {}  # each choice's tokens decoded alone so far, for their text_offset
-        for index, event in _merged_events(handles):
+        for index, event in _merged_events(handles, self._client_gone):
             if isinstance(event, BaseException) or event.finish_reason == "cancelled":
                 error = (ApiError(500, str(event), code="generation_failed") if isinstance(event, BaseException)
                          else ApiError(503, "the server stopped before this request finished", code="stopping"))
@@ -475,9 +503,12 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _merged_events(handles: list[RequestHandle]) -> Iterator[tuple[int, TokenEvent | BaseException]]:
+def _merged_events(handles: list[RequestHandle], client_gone: Callable[[], bool] = lambda: False
+                   ) -> Iterator[tuple[int, TokenEvent | BaseException]]:
     """(choice index, event) for every handle's events as they come, in each handle's order; the error instead of
-    the rest where generation failed. A reader thread per handle, as a handle's events() blocks."""
+    the rest where generation failed. A reader thread per handle, as a handle's events() blocks. Raises
+    ConnectionResetError once `client_gone()` while no event comes: a stream whose requests wait for rows writes
+    nothing that would fail."""
     merged: queue.SimpleQueue = queue.SimpleQueue()
 
     def read(index: int, handle: RequestHandle) -> None:
@@ -491,7 +522,12 @@ def _merged_events(handles: list[RequestHandle]) -> Iterator[tuple[int, TokenEve
         threading.Thread(target=read, args=(index, handle), name="egmla-stream", daemon=True).start()
     unfinished = len(handles)
     while unfinished:
-        index, event = merged.get()
+        try:
+            index, event = merged.get(timeout=CLIENT_CHECK_SECONDS)
+        except queue.Empty:
+            if client_gone():
+                raise ConnectionResetError("the client closed its connection before its stream ended") from None
+            continue
         if isinstance(event, BaseException) or event.finish_reason is not None:
             unfinished -= 1
         yield index, event

@@ -198,3 +198,42 @@ def test_a_transfer_encoding_other_than_chunked_is_refused(server):
     request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"
     status, _, answer = parse_answer(raw_exchange(server, request))
     assert status == 400 and "Transfer-Encoding: gzip" in json.loads(answer)["error"]["message"]
+
+
+def hold_steps(scheduler, monkeypatch) -> threading.Event:
+    """The scheduler's steps run only while the returned event is set: a request stays where it is meanwhile."""
+    go, step = threading.Event(), scheduler.step
+    go.set()
+
+    def held_step():
+        go.wait()
+        return step()
+
+    monkeypatch.setattr(scheduler, "step", held_step)
+    return go
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_client_gone_before_its_first_token_has_its_request_cancelled(tokenizer, monkeypatch, streamed):
+    """A client that times out (a load generator, lm-eval's retries) and closes its connection while its request
+    waits: a non-streamed request then ran to its end regardless, holding a row; a streamed one until its first token
+    was written. Now the handler sees the connection closed while it waits and cancels the request."""
+    with base.serving(tokenizer) as server:
+        scheduler = server.scheduler
+        go = hold_steps(scheduler, monkeypatch)
+        go.clear()  # no step: the request waits, and cannot end of itself
+        try:
+            connection = socket.create_connection(server.server_address[:2], timeout=30)
+            body = json.dumps({"prompt": PROMPT, "max_tokens": 24, "ignore_eos": True, "stream": streamed}).encode()
+            connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+                               + body)
+            base.wait_until(lambda: scheduler.waiting == 1)
+            connection.close()
+            base.wait_until(lambda: not server._in_flight)  # its handler noticed, released (cancelled) it
+            assert not server._in_flight
+        finally:
+            go.set()  # else the server's stop would wait for the held step forever
+        base.wait_until(lambda: scheduler.stats.requests_finished == 1)
+        assert scheduler.stats.generated_tokens == 0
+        status, stats = base.call(server, "GET", "/stats")
+        assert (stats["running"], stats["waiting"], stats["requests_finished"]) == (0, 0, 1)
