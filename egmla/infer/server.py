@@ -584,22 +584,32 @@ def serve(server: CompletionServer, announce: Callable[[str], None] = _print_now
     503, the submitted ones finish (a second signal cancels them), the scheduler stops and the socket closes.
     `announce` gets one line at start and at stop."""
     announce(server.describe())
+    handlers = {}
     if threading.current_thread() is threading.main_thread():
         # set explicitly: a process started in the background by a shell inherits SIGINT ignored, and Python leaves
         # it so; SIGTERM would otherwise end the process without stopping anything
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, _interrupt)
+            handlers[signum] = signal.signal(signum, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         scheduler = server.scheduler
         announce(f"egmla serve: stopping: finishing {scheduler.running + scheduler.waiting} requests "
                  f"(Ctrl-C again cancels them)")
+        # go on accepting while they finish: a new client (a load balancer's /health, the next request) gets its 503
+        # now, rather than waiting in the listen backlog for the whole drain and then being reset
+        accepting = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                                     name="egmla-stopping", daemon=True)
+        accepting.start()
         try:
             server.stop()
         except KeyboardInterrupt:
             announce("egmla serve: cancelling the requests still running")
             server.stop(cancel_running=True)
+        finally:
+            server.shutdown()  # that loop (returns at once if it has not started: it then ends at its first check)
     finally:
         server.server_close()
+        for signum, handler in handlers.items():  # as they were: serve may be called from a larger program
+            signal.signal(signum, handler)
     announce("egmla serve: stopped")

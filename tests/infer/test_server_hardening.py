@@ -237,3 +237,55 @@ def test_a_client_gone_before_its_first_token_has_its_request_cancelled(tokenize
         assert scheduler.stats.generated_tokens == 0
         status, stats = base.call(server, "GET", "/stats")
         assert (stats["running"], stats["waiting"], stats["requests_finished"]) == (0, 0, 1)
+
+
+def test_while_stopping_new_connections_are_answered_503_not_left_unaccepted(tokenizer, monkeypatch):
+    """SIGTERM while a request runs: `serve` finishes it before closing. Meanwhile it no longer accepted connections,
+    so a new client (a load balancer's /health, the next request) hung in the listen backlog for the whole drain and
+    was then reset, where the 503 'stopping' was meant for it."""
+    from egmla.infer import GenerationEngine
+    from egmla.infer.scheduler import Scheduler
+    from egmla.infer.server import make_server, serve
+    from tests.infer.helpers import tiny_model
+
+    engine = GenerationEngine(tiny_model("eg-mla", seed=base.WEIGHTS_SEED), tokenizer, decode_path="gate-table")
+    server = make_server(Scheduler(engine, max_batch=4, max_len=base.MAX_LEN, seed=0), MODEL, port=0)
+    scheduler = server.scheduler
+    go = hold_steps(scheduler, monkeypatch)
+    go.clear()  # the running request cannot finish until the new client has its answer
+    answers, lines = {}, []
+
+    def client():
+        answers["running"] = base.call(server, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 3})
+
+    def operator():
+        try:
+            base.wait_until(lambda: scheduler.waiting == 1)
+            os.kill(os.getpid(), signal.SIGTERM)
+            base.wait_until(lambda: server.stopping)
+            connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            answers["new"] = response.status, json.loads(response.read())
+            connection.close()
+        except OSError as error:
+            answers["new"] = error
+        finally:
+            go.set()
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    threads = [threading.Thread(target=client), threading.Thread(target=operator)]
+    try:
+        for thread in threads:
+            thread.start()
+        serve(server, announce=lines.append)  # here, in the main thread: it takes SIGTERM
+        left = {signum: signal.getsignal(signum) for signum in handlers}  # serve puts back the handlers it found
+    finally:
+        go.set()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        for thread in threads:
+            thread.join(60)
+    assert answers["new"] == (503, {"status": "stopping", "running": 0, "waiting": 1}), answers["new"]
+    assert answers["running"][0] == 200 and lines[-1] == "egmla serve: stopped"
+    assert left == handlers
