@@ -110,3 +110,43 @@ class PrefillStep:
         with torch.cuda.graph(graph, pool=self.pool):
             self.logits = self.forward()
         self.graph = graph
+
+
+# ---- which prefill steps a scheduler runs (egmla/infer/scheduler.py) ----------------------------------------
+def padded_runs(work: list[tuple[int, int, int]], budget: int, max_len: int) -> list[list[tuple[int, int]]]:
+    """Split (row, tokens to feed, tokens fed) items, sorted by row, into runs of adjacent rows for one right-padded
+    forward each: rows x the widest item within `budget` tokens (an item wider than the budget goes alone), and every
+    row's fed tokens + the widest item within `max_len`. The forward checks each row's length plus its width against
+    the cache's end, whatever the row appends; for the same reason a row in between (decoding, n_new = 0) is never
+    spanned."""
+    runs: list[list[tuple[int, int, int]]] = []
+    for row, take, fed in work:
+        if runs:
+            run = runs[-1]
+            width = max(take, *(t for _, t, _ in run))
+            if (row == run[-1][0] + 1 and (row - run[0][0] + 1) * width <= budget
+                    and max(fed, *(f for _, _, f in run)) + width <= max_len):
+                run.append((row, take, fed))
+                continue
+        runs.append([(row, take, fed)])
+    return [[(row, take) for row, take, _ in run] for run in runs]
+
+
+def prefill_buckets(max_batch: int, max_len: int, prefill_chunk: int,
+                    max_prompt_tokens: int | None = None) -> list[tuple[int, int]]:
+    """The (rows, width) buckets of the prefill steps that a scheduler of these settings meets for fresh prompts of
+    at most max_prompt_tokens tokens (None: any), largest first (`Scheduler.prefill_buckets`; also what `egmla serve
+    --max-batch auto` reserves the captured graphs' logits for before any scheduler exists)."""
+    longest = min(max_len, prefill_chunk, max_len if max_prompt_tokens is None else max_prompt_tokens)
+    buckets = set()
+    for rows in range(1, max_batch + 1):
+        for width in _width_per_bucket(min(longest, prefill_chunk // rows)):
+            bucket = prefill_bucket(rows, width, max_len)
+            if bucket is not None:
+                buckets.add(bucket)
+    return sorted(buckets, key=lambda bucket: (bucket[0] * bucket[1], bucket[0]), reverse=True)
+
+
+def _width_per_bucket(widest: int) -> list[int]:
+    """One width in each width bucket that widths 1..widest pad to: every bucket below `widest`, and `widest`."""
+    return [width for width in WIDTH_BUCKETS if width < widest] + ([widest] if widest >= 1 else [])

@@ -37,7 +37,6 @@ scheduler owns its engine while it runs: do not call `engine.generate` at the sa
 """
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import itertools
@@ -52,7 +51,8 @@ from torch.nn.attention import sdpa_kernel
 from egmla.infer.decode_step import bucket_for
 from egmla.infer.engine import (DECODE_SDPA_BACKENDS, GenerationEngine, TokenEvent, _inputs_unchecked,
                                 _Sequence, _set_n_new, _tokens_to_host)
-from egmla.infer.prefill_step import WIDTH_BUCKETS, prefill_bucket
+from egmla.infer.prefill_step import padded_runs, prefill_buckets
+from egmla.infer.prefix_cache import PrefixTable
 from egmla.infer.requests import RequestHandle, SchedulerStats
 from egmla.infer.sampling import SamplingParams, host_to_device, sample_rows, to_device_async
 
@@ -158,7 +158,7 @@ class Scheduler:
         self._admitting = 0  # taken off the queue by `_admit`, not in a row yet
         self._wake = threading.Condition()
         self._rows: list[_Request | None] = []  # per cache row: its request, None when free
-        self._prefixes: list[tuple[int, ...]] = []  # per cache row: the prompt tokens it holds from position 0
+        self._prefixes = PrefixTable(0, prefix_cache_min)  # per cache row: the prompt tokens it holds from position 0
         self._next: torch.Tensor | None = None  # per cache row, on the device: the token its next step feeds
         self._cache = None
         self._step = None
@@ -389,7 +389,7 @@ class Scheduler:
         (None: any) can take here, largest first: those `_prefill_run` gets from `engine.prefill_step` (through
         `prefill_bucket`) for a run of adjacent fresh rows. A run holds 1 to max_batch rows (admission fills every
         free row when nothing runs, or once admit_batch are free: more may have freed by then), padded to its widest
-        prompt, rows x width within prefill_chunk (`_padded_runs`); a prompt longer than prefill_chunk starts with a
+        prompt, rows x width within prefill_chunk (`padded_runs`); a prompt longer than prefill_chunk starts with a
         run of its first prefill_chunk tokens."""
         return prefill_buckets(self.max_batch, self.max_len, self.prefill_chunk, max_prompt_tokens)
 
@@ -402,7 +402,7 @@ class Scheduler:
         engine._steps_read = _precomputed(engine)
         self._cache = engine._cache_for(rows, self.max_len)
         self._rows = [None] * rows
-        self._prefixes = [()] * rows
+        self._prefixes = PrefixTable(rows, self.prefix_cache_min)
         # each row's next input token, in the buffer every decode step reads: a step needs no copy of them
         self._next = engine._step_tokens[:rows, 0]
 
@@ -439,22 +439,18 @@ class Scheduler:
                 admitted.append(self._waiting.popleft())
             self._admitting = len(admitted)  # neither waiting nor running until placed: `submit_all` counts them
         now = time.perf_counter()
-        # free rows in hand-out order, shortest cached prefix first (the long ones are kept longest), and the rows'
-        # cached prefixes indexed by their first prefix_cache_min tokens: built once per admission round, so that
-        # each request looks at the few rows that can share its prompt's prefix, not at every row
-        free.sort(key=lambda r: (len(self._prefixes[r]), r))
-        index = self._prefix_index()
+        free.sort(key=lambda r: (len(self._prefixes[r]), r))  # hand-out order: the long cached prefixes kept longest
         for placed, request in enumerate(admitted):
             try:
                 request.handle.times.admitted = now
                 if not request.sampling.greedy and request.sampling.seed is not None:
                     # made here, on the scheduler's thread: device work from another thread could break a graph capture
                     request.generator = request.sampling.make_generator(self.engine.device)
-                row = self._reuse_prefix(request, free, index)
+                row = self._reuse_prefix(request, free)
                 if row is None:
                     row = free[0]  # keep the longest cached prefixes
                     self._cache.reset_rows(row, row + 1)
-                    self._set_prefix(row, (), index)
+                    self._prefixes[row] = ()
             except BaseException:
                 with self._wake:  # back in the queue, so that the failure reaches them too (`_fail_all`)
                     self._waiting.extendleft(reversed(admitted[placed:]))
@@ -466,47 +462,24 @@ class Scheduler:
         with self._wake:
             self._admitting = 0
 
-    def _prefix_index(self) -> dict[tuple[int, ...], list[int]]:
-        """The rows whose cached prefix is long enough to reuse, by its first prefix_cache_min tokens (rows ascending)."""
-        index: dict[tuple[int, ...], list[int]] = {}
-        minimum = self.prefix_cache_min
-        if minimum:
-            for row, prefix in enumerate(self._prefixes):
-                if len(prefix) >= minimum:
-                    index.setdefault(prefix[:minimum], []).append(row)
-        return index
-
-    def _set_prefix(self, row: int, prefix: tuple[int, ...], index: dict[tuple[int, ...], list[int]]) -> None:
-        minimum, old = self.prefix_cache_min, self._prefixes[row]
-        if minimum and len(old) >= minimum:
-            index[old[:minimum]].remove(row)
-        if minimum and len(prefix) >= minimum:
-            bisect.insort(index.setdefault(prefix[:minimum], []), row)
-        self._prefixes[row] = prefix
-
-    def _reuse_prefix(self, request: "_Request", free: list[int], index: dict[tuple[int, ...], list[int]]) -> int | None:
+    def _reuse_prefix(self, request: "_Request", free: list[int]) -> int | None:
         """Prefix caching: the row (one of `free`, in hand-out order) that now holds the longest prefix of the
-        request's prompt that any row has cached (a running request's prompt, or a finished one's whose row nobody
-        took since), at least `prefix_cache_min` tokens and one token short of the prompt (its logits are needed);
-        None where there is none. That prefix is copied into a free row (unless the row is free itself, then cut
-        there); only the rest is prefilled. `index`: `_prefix_index`, kept up to date here."""
-        minimum = self.prefix_cache_min
-        if not minimum or request.prompt_logprobs:  # those need every prompt position's logits
+        request's prompt that any row has cached (`PrefixTable.longest`: a running request's prompt, or a finished
+        one's whose row nobody took since, at least `prefix_cache_min` tokens and one short of the prompt); None where
+        there is none. That prefix is copied into a free row (unless the row is free itself, then cut there); only the
+        rest is prefilled."""
+        if request.prompt_logprobs:  # those need every prompt position's logits
             return None
         prompt = tuple(request.handle.prompt_ids)
-        best, source = 0, None
-        for row in index.get(prompt[:minimum], ()) if len(prompt) > minimum else ():
-            shared = _common_prefix(prompt, self._prefixes[row], len(prompt) - 1, minimum)
-            if shared > best or (shared == best and shared and row in free and source not in free):
-                best, source = shared, row
-        if best < minimum:
+        best, source = self._prefixes.longest(prompt, free)
+        if source is None:
             return None
         target = source if source in free else free[0]
         if target != source:
             self._cache.copy_prefix(source, target, best)  # the prefix's positions only, not the whole row
         else:
             self._cache.keep_prefix(target, best)
-        self._set_prefix(target, tuple(prompt[:best]), index)
+        self._prefixes[target] = prompt[:best]
         request.fed = best
         self.stats.prefix_hits += 1
         self.stats.prefix_tokens_reused += best
@@ -544,13 +517,13 @@ class Scheduler:
         work = {kind: [(moved.get(row, row), take, fed) for row, take, fed in items] for kind, items in work.items()}
         for every_position, items in work.items():
             limit = min(self.prefill_chunk, PROMPT_LOGPROBS_CHUNK) if every_position else self.prefill_chunk
-            for run in _padded_runs(sorted(items), limit, self.max_len):
+            for run in padded_runs(sorted(items), limit, self.max_len):
                 self._prefill_run(run, every_position)
         self._prefill_due = any(r is not None and not r.prefilled for r in self._rows)  # a chunked prompt's rest
 
     def _make_adjacent(self, rows: list[int]) -> dict[int, int]:
         """Swap cache rows so that `rows` form one block of adjacent rows, moving as few as possible: rows freed one
-        by one lie scattered, and a forward covers adjacent rows only (`_padded_runs`), so that without this every
+        by one lie scattered, and a forward covers adjacent rows only (`padded_runs`), so that without this every
         admitted prompt would take a prefill forward of its own (hundreds of kernel launches each). Each row outside
         the chosen block swaps with a row inside it that is not in `rows` (decoding, free, or holding a cached prefix:
         all move with their contents, as in a compaction). Returns {old row: new row} of the rows that moved; the
@@ -568,10 +541,10 @@ class Scheduler:
         device = self.engine.device
         self._cache.copy_rows(_index(source, device), _index(target, device))
         self._next[_index(target, device)] = self._next[_index(source, device)]
-        for table in (self._rows, self._prefixes):
-            values = [table[r] for r in source]
-            for r, value in zip(target, values):
-                table[r] = value
+        values = [self._rows[r] for r in source]
+        for r, value in zip(target, values):
+            self._rows[r] = value
+        self._prefixes.move(source, target)
         for pending in self._pending:
             pending.rows = [moved.get(r, r) for r in pending.rows]
         self.stats.rows_moved += len(source)
@@ -700,7 +673,7 @@ class Scheduler:
         self._cache.rows(0, top).compact(moved)
         self._next[:top] = self._next[moved]
         self._rows[:top] = [self._rows[row] for row in order]
-        self._prefixes[:top] = [self._prefixes[row] for row in order]
+        self._prefixes.move(order, list(range(top)))
         self.stats.compactions += 1
 
     def _sample_next(self, rows: list[int], logits: torch.Tensor) -> "_Pending":
@@ -803,63 +776,9 @@ class Scheduler:
         self.engine.release()
 
 
-def prefill_buckets(max_batch: int, max_len: int, prefill_chunk: int,
-                    max_prompt_tokens: int | None = None) -> list[tuple[int, int]]:
-    """`Scheduler.prefill_buckets` for a scheduler of these settings (also what `egmla serve --max-batch auto`
-    reserves the captured graphs' logits for before any scheduler exists)."""
-    longest = min(max_len, prefill_chunk, max_len if max_prompt_tokens is None else max_prompt_tokens)
-    buckets = set()
-    for rows in range(1, max_batch + 1):
-        for width in _width_per_bucket(min(longest, prefill_chunk // rows)):
-            bucket = prefill_bucket(rows, width, max_len)
-            if bucket is not None:
-                buckets.add(bucket)
-    return sorted(buckets, key=lambda bucket: (bucket[0] * bucket[1], bucket[0]), reverse=True)
-
-
-def _width_per_bucket(widest: int) -> list[int]:
-    """One width in each width bucket that widths 1..widest pad to: every bucket below `widest`, and `widest`."""
-    return [width for width in WIDTH_BUCKETS if width < widest] + ([widest] if widest >= 1 else [])
-
-
 def _index(rows: list[int], device) -> torch.Tensor:
     """`rows` as an int64 tensor on `device`, without waiting for the stream (`host_to_device`)."""
     return host_to_device(rows, torch.long, device)
-
-
-def _common_prefix(a: tuple[int, ...], b: tuple[int, ...], limit: int, minimum: int = 1) -> int:
-    """How many leading tokens a and b share, at most `limit`; 0 where that is below `minimum` (too short to use): a
-    binary search over slice comparisons (C loops), as every admission compares its prompt with every row's; most
-    rows fail the first `minimum` tokens' comparison and cost no search."""
-    low, high = 0, min(len(a), len(b), limit)
-    if high < max(minimum, 1) or a[:minimum] != b[:minimum] or a[0] != b[0]:
-        return 0
-    while low < high:
-        middle = (low + high + 1) // 2
-        if a[:middle] == b[:middle]:
-            low = middle
-        else:
-            high = middle - 1
-    return low
-
-
-def _padded_runs(work: list[tuple[int, int, int]], budget: int, max_len: int) -> list[list[tuple[int, int]]]:
-    """Split (row, tokens to feed, tokens fed) items, sorted by row, into runs of adjacent rows for one right-padded
-    forward each: rows x the widest item within `budget` tokens (an item wider than the budget goes alone), and every
-    row's fed tokens + the widest item within `max_len`. The forward checks each row's length plus its width against
-    the cache's end, whatever the row appends; for the same reason a row in between (decoding, n_new = 0) is never
-    spanned."""
-    runs: list[list[tuple[int, int, int]]] = []
-    for row, take, fed in work:
-        if runs:
-            run = runs[-1]
-            width = max(take, *(t for _, t, _ in run))
-            if (row == run[-1][0] + 1 and (row - run[0][0] + 1) * width <= budget
-                    and max(fed, *(f for _, _, f in run)) + width <= max_len):
-                run.append((row, take, fed))
-                continue
-        runs.append([(row, take, fed)])
-    return [[(row, take) for row, take, _ in run] for run in runs]
 
 
 def _precomputed(engine: GenerationEngine) -> list:

@@ -118,7 +118,7 @@ def graph_logits_rows(engine, rows: int, max_len: int, prefill_chunk: int, captu
     every decode bucket's up to the one that holds `rows`, and every prefill step's for prompts of up to
     `capture_prefill_tokens` tokens. (A prefill bucket met later, by a longer prompt, adds its own when captured.)"""
     from egmla.infer.decode_step import bucket_for
-    from egmla.infer.scheduler import prefill_buckets
+    from egmla.infer.prefill_step import prefill_buckets
 
     top = bucket_for(rows, engine.batch_buckets)
     decode = sum(b for b in engine.batch_buckets if b <= top) if engine.cuda_graphs else 0

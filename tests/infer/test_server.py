@@ -372,7 +372,7 @@ def test_max_batch_auto_fits_the_rows_in_the_free_memory():
     # what `egmla serve` passes: every decode bucket's logits up to the top one, and the start's prefill steps'
     from types import SimpleNamespace
 
-    from egmla.infer.scheduler import prefill_buckets
+    from egmla.infer.prefill_step import prefill_buckets
     from egmla.infer.serve_cli import graph_logits_rows
 
     engine = SimpleNamespace(batch_buckets=(1, 2, 4, 8, 16, 32), cuda_graphs=True, prefill_graphs=True)
