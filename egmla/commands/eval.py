@@ -4,7 +4,7 @@
     egmla eval --run runs/latest --tasks piqa,arc_easy --dtype bfloat16 --device cuda --batch-size 32
     egmla eval --run runs/latest --limit 8 -- --log_samples --seed 1   # anything after -- goes to lm_eval as is
 
-It is `python -m egmla.hf.lm_eval_model --model egmla --model_args {"run": DIR, ...}` with egmla's defaults (the
+It is `python -m egmla.hf.lm_eval_model --model egmla --model_args {"pretrained": DIR, ...}` with egmla's defaults (the
 local tasks egmla_mc and egmla_ppl, the device the run would generate on); lm_eval's own options pass through after
 `--`.
 """
@@ -121,7 +121,7 @@ def lm_eval_argv(args) -> list[str]:
                          f"folder written by `egmla export --to hf`")
     # model_args as a JSON object, which lm_eval takes as it is: its key=value form splits on ',' and '=', reads
     # quotes and brackets, and turns values that look like numbers or booleans (a run named 2024) into them
-    model_args = {"run": args.run, "dtype": args.dtype}
+    model_args = {"pretrained": args.run, "dtype": args.dtype}  # lm-eval names its output folder after pretrained
     if args.checkpoint:
         model_args["checkpoint"] = args.checkpoint
     if args.decode_path:

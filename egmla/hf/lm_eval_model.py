@@ -6,7 +6,8 @@
 given, adds egmla's local tasks egmla_mc and egmla_ppl). From Python:
 `import egmla.hf.lm_eval_model` then `lm_eval.simple_evaluate(model="egmla", model_args="run=DIR", ...)`.
 
-model_args: run (required), checkpoint, device (cuda if available, else cpu), dtype (float32 | bfloat16 | float16),
+model_args: run (required; `pretrained` is taken as its other name, the key lm-eval names its output folder after),
+checkpoint, device (cuda if available, else cpu), dtype (float32 | bfloat16 | float16),
 batch_size (8; "auto" = 8), max_length (model's max_seq_len), decode_path (generation), max_gen_toks (256).
 lm_eval's --device and --batch_size arrive as device and batch_size; max_batch_size is accepted and unused.
 
@@ -39,11 +40,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class EgmlaLM(TemplateLM):
     def __init__(self, run: str | None = None, checkpoint: str | None = None, device: str | None = None,
                  dtype: str = "float32", batch_size: int | str = 8, max_length: int | None = None,
-                 decode_path: str | None = None, max_gen_toks: int = 256, max_batch_size: int | None = None):
+                 decode_path: str | None = None, max_gen_toks: int = 256, max_batch_size: int | None = None,
+                 pretrained: str | None = None):
         super().__init__()
         from egmla.hf.tokenizer import special_token_ids
         from egmla.runs import load_model, load_tokenizer
 
+        if run and pretrained and str(run) != str(pretrained):
+            raise ValueError(f"model_args run={run!r} and pretrained={pretrained!r} name two models: give one (pretrained "
+                             f"is run's other name)")
+        run = run or pretrained
         if not run:
             raise ValueError("model_args run=DIR is required: the run directory written by `egmla train`")
         if dtype not in DTYPES:

@@ -165,6 +165,8 @@ def test_egmla_eval_command_runs_lm_eval_on_a_run_and_passes_extra_options(make_
     import shlex
     import shutil
 
+    from lm_eval.utils import sanitize_model_name
+
     run = shutil.copytree(make_run("eg-mla"), tmp_path / "it's, a=run {1}")
     command = [sys.executable, "-m", "egmla", "eval", "--run", str(run), "--limit", "4", "--device", "cpu",
                "--output-path", str(tmp_path / "out"), "--", "--tasks", "egmla_mc", "--seed", "3"]
@@ -174,7 +176,8 @@ def test_egmla_eval_command_runs_lm_eval_on_a_run_and_passes_extra_options(make_
     results = json.loads(path.read_text())
     assert list(results["results"]) == ["egmla_mc"]  # not egmla eval's default tasks as well
     assert 0 <= results["results"]["egmla_mc"]["acc,none"] <= 1
-    assert results["config"]["model_args"] == {"run": str(run), "dtype": "float32"}
+    assert results["config"]["model_args"] == {"pretrained": str(run), "dtype": "float32"}
+    assert path.parent.name == sanitize_model_name(str(run))  # lm-eval's folder named after the run, not at random
     assert results["config"]["random_seed"] == 3  # the option after -- reached lm_eval
     printed = shlex.split(done.stdout.splitlines()[0])  # the command it ran, quoted for a shell
     assert printed[1:5] == ["-m", "egmla.hf.lm_eval_model", "--model", "egmla"] and str(run) in printed[6]
@@ -206,7 +209,7 @@ def test_egmla_eval_builds_lm_evals_command_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = eval_args("--run", "runs/a", "--dtype", "bfloat16", "--batch-size", "32", "--checkpoint",
                      "runs/a/checkpoints/step_10", "--num-fewshot", "0", "--limit", "8", "--", "--log_samples")
-    model_args = {"run": "runs/a", "dtype": "bfloat16", "checkpoint": "runs/a/checkpoints/step_10"}
+    model_args = {"pretrained": "runs/a", "dtype": "bfloat16", "checkpoint": "runs/a/checkpoints/step_10"}
     assert lm_eval_argv(args) == [
         "--model", "egmla", "--model_args", json.dumps(model_args), "--tasks", "egmla_mc,egmla_ppl",
         "--batch_size", "32", "--device", "cpu", "--num_fewshot", "0", "--limit", "8", "--log_samples"]
@@ -223,7 +226,7 @@ def test_lm_eval_reads_any_run_name_as_given(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path(name).mkdir()
     argv = lm_eval_argv(eval_args("--run", name, "--checkpoint", name, "--dtype", "float16"))
-    assert lm_evals_model_args(argv) == {"run": name, "dtype": "float16", "checkpoint": name}
+    assert lm_evals_model_args(argv) == {"pretrained": name, "dtype": "float16", "checkpoint": name}
 
 
 def test_tasks_after_the_separator_replace_the_default_and_are_given_once(tmp_path):
@@ -265,3 +268,13 @@ def test_local_task_configs_leave_lm_eval_nothing_to_guess(tasks_dir, caplog):
     with caplog.at_level(logging.WARNING):
         tasks = TaskManager(include_path=str(tasks_dir), include_defaults=False).load(TASKS)
     assert tasks and not [r.getMessage() for r in caplog.records if "is defined, but" in r.getMessage()]
+
+
+def test_pretrained_is_runs_other_name(make_run):
+    """lm-eval names its --output_path folder after a `pretrained` model arg: the egmla model takes it as `run`."""
+    from egmla.hf.lm_eval_model import EgmlaLM
+
+    run = make_run("mla")
+    assert EgmlaLM(pretrained=str(run), device="cpu").model.config == EgmlaLM(run=str(run), device="cpu").model.config
+    with pytest.raises(ValueError, match="name two models: give one"):
+        EgmlaLM(run=str(run), pretrained=str(make_run("mha")), device="cpu")
