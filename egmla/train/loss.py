@@ -18,6 +18,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: targets of this value (padding) count for nothing
+
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Token cross-entropy in fp32 of logits [batch, seq, vocab] (bf16 under autocast)."""
@@ -34,13 +36,16 @@ def compiled_cross_entropy():
 
 def chunk_loss_and_gradient(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For logits [tokens, vocab] and targets [tokens]: the summed cross-entropy (fp32) and its gradient with
-    respect to the logits, softmax - one-hot, in the logits' dtype. The softmax is taken in fp32."""
+    respect to the logits, softmax - one-hot, in the logits' dtype. The softmax is taken in fp32. A target of
+    IGNORE_INDEX adds nothing to either, as in F.cross_entropy."""
+    counted = (targets != IGNORE_INDEX)[:, None]
+    targets = targets[:, None].where(counted, 0)  # an index gather can take; the row is zeroed below
     logits32 = logits.float()
     log_norm = logits32.logsumexp(-1, keepdim=True)
-    loss = (log_norm - logits32.gather(-1, targets[:, None])).sum()
+    loss = (log_norm - logits32.gather(-1, targets)).where(counted, 0).sum()
     gradient = (logits32 - log_norm).exp_()
-    gradient.scatter_add_(-1, targets[:, None], gradient.new_full((targets.shape[0], 1), -1.0))
-    return loss, gradient.to(logits.dtype)
+    gradient.scatter_add_(-1, targets, gradient.new_full(targets.shape, -1.0))
+    return loss, gradient.where(counted, 0).to(logits.dtype)
 
 
 @functools.cache
@@ -57,15 +62,19 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk_tokens: int, compute_dtype: torch.dtype, compiled: bool):
         step = compiled_chunk_loss_and_gradient() if compiled else chunk_loss_and_gradient
         head = weight.to(compute_dtype)  # under autocast: the one bf16 copy of the head, as F.linear would cast it
-        hidden_grad = torch.empty(hidden.shape, dtype=compute_dtype, device=hidden.device)
-        weight_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # only the gradients autograd will ask for: a frozen head would otherwise hold an fp32 [vocab, d_model]
+        wants_hidden, wants_weight = ctx.needs_input_grad[:2]
+        hidden_grad = torch.empty(hidden.shape, dtype=compute_dtype, device=hidden.device) if wants_hidden else None
+        weight_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_weight else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             chunk = hidden[start:start + chunk_tokens].to(compute_dtype)
             chunk_loss, logits_grad = step(chunk @ head.T, targets[start:start + chunk_tokens])
             loss += chunk_loss
-            hidden_grad[start:start + chunk_tokens] = logits_grad @ head
-            weight_grad += (logits_grad.T @ chunk).float()  # summed over chunks in fp32
+            if wants_hidden:
+                hidden_grad[start:start + chunk_tokens] = logits_grad @ head
+            if wants_weight:
+                weight_grad += (logits_grad.T @ chunk).float()  # summed over chunks in fp32
         ctx.save_for_backward(hidden_grad, weight_grad)
         ctx.dtypes = hidden.dtype, weight.dtype
         return loss
@@ -83,7 +92,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          reduction: str = "mean", compiled: bool = False) -> torch.Tensor:
     """cross_entropy(F.linear(hidden, weight), targets) for hidden [..., d_model], weight [vocab, d_model],
     targets [...], without ever holding more than chunk_tokens rows of logits. The matmuls run in autocast's dtype
-    where autocast is on (as F.linear would), the softmax in fp32. Reference: `cross_entropy` of the full logits."""
+    where autocast is on (as F.linear would), the softmax in fp32. Targets of IGNORE_INDEX (-100) count for nothing
+    and 'mean' averages over the others, as F.cross_entropy does. Reference: `cross_entropy` of the full logits."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r}: linear_cross_entropy takes 'mean' or 'sum'")
     if chunk_tokens <= 0:
@@ -96,10 +106,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             total = LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, compute_dtype, compiled)
         else:  # validation: the loss alone, no gradients formed
             head = weight.to(compute_dtype)
-            total = sum(cross_entropy(hidden[start:start + chunk_tokens, None].to(compute_dtype) @ head.T,
-                                      targets[start:start + chunk_tokens, None], "sum")
-                        for start in range(0, hidden.shape[0], chunk_tokens))
-    return total / targets.numel() if reduction == "mean" else total
+            total = sum((cross_entropy(hidden[start:start + chunk_tokens, None].to(compute_dtype) @ head.T,
+                                       targets[start:start + chunk_tokens, None], "sum")
+                         for start in range(0, hidden.shape[0], chunk_tokens)),
+                        torch.zeros((), device=hidden.device))  # a tensor for no tokens too
+    return total / (targets != IGNORE_INDEX).sum() if reduction == "mean" else total
 
 
 def token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",

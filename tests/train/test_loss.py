@@ -98,3 +98,44 @@ def test_model_loss_and_gradients_equal_and_no_logits_kept(variant):
     vocab_sized = lambda saved: [t for t in saved if t.dim() >= 2 and t.shape[-1] == 300 and t.numel() >= 32 * 300]
     assert vocab_sized(saved_for_backward(lambda: token_loss(model, inputs, targets)))
     assert not vocab_sized(saved_for_backward(lambda: token_loss(model, inputs, targets, chunk_tokens=5)))
+
+
+@pytest.mark.parametrize("grad", [True, False])  # the training step's path and validation's
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_targets_of_minus_100_count_for_nothing_as_in_the_whole_form(grad, reduction):
+    """F.cross_entropy (the whole form) skips targets of -100 and averages over the rest; the chunked form did not:
+    with gradients it crashed (gather at -100; a device assert on CUDA), without them it divided by every token."""
+    torch.manual_seed(5)
+    hidden, weight = torch.randn(3, 7, 8), torch.randn(30, 8)
+    targets = torch.randint(0, 30, (3, 7))
+    targets[0, 2:5], targets[2, 6] = -100, -100
+    if grad:
+        whole = loss_and_grads(lambda h, w, t: reference(h, w, t, reduction), hidden, weight, targets)
+        chunked = loss_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, 4, reduction), hidden, weight, targets)
+    else:
+        with torch.no_grad():
+            whole = [reference(hidden, weight, targets, reduction)]
+            chunked = [linear_cross_entropy(hidden, weight, targets, 4, reduction)]
+    for got, expected in zip(chunked, whole):
+        assert relative(got, expected) < 1e-5
+    if grad:  # an ignored token's hidden state gets no gradient
+        assert not chunked[1][0, 2:5].any() and chunked[1][0, 1].any()
+
+
+def test_no_tokens_without_gradients_is_a_nan_mean_as_in_the_whole_form():
+    hidden, weight, targets = torch.randn(2, 0, 8), torch.randn(30, 8), torch.zeros(2, 0, dtype=torch.long)
+    with torch.no_grad():
+        assert torch.isnan(linear_cross_entropy(hidden, weight, targets, 4))  # was ZeroDivisionError
+        assert linear_cross_entropy(hidden, weight, targets, 4, "sum").item() == 0
+
+
+def test_a_frozen_head_keeps_no_weight_gradient():
+    """A head that takes no gradient (frozen, e.g. fine-tuning the blocks alone): no fp32 [vocab, d_model] held."""
+    hidden, weight = torch.randn(2, 6, 8, requires_grad=True), torch.randn(30, 8)
+    targets = torch.randint(0, 30, (2, 6))
+    kept = saved_for_backward(lambda: linear_cross_entropy(hidden, weight, targets, 4))
+    assert [tuple(t.shape) for t in kept if t.dim()] == [(12, 8)]  # the hidden states' gradient alone
+    loss = linear_cross_entropy(hidden, weight, targets, 4)
+    loss.backward()
+    expected = torch.autograd.grad(reference(hidden, weight, targets, "mean"), hidden)[0]
+    assert relative(hidden.grad, expected) < 1e-5
