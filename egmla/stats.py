@@ -24,11 +24,21 @@ def t_two_sided_p(t: float, df: int) -> float:
     return max(0.0, 1.0 - inside)
 
 
+def sample_sd(values) -> float:
+    """statistics.stdev (n-1), NaN where a value is NaN or infinite (a diverged run's loss), where statistics.stdev
+    raises AttributeError ('float' object has no attribute 'numerator')."""
+    values = list(values)
+    return statistics.stdev(values) if all(map(math.isfinite, values)) else math.nan
+
+
 def paired_t_test(differences: list[float]) -> dict:
-    """n, mean, sd (n-1), t and two-sided p of the paired t-test of 'mean difference = 0' (n >= 2)."""
+    """n, mean, sd (n-1), t and two-sided p of the paired t-test of 'mean difference = 0' (n >= 2). A difference
+    that is not finite gives sd, t and p NaN: no test (a NaN p compares as not significant)."""
     n, mean = len(differences), statistics.mean(differences)
     result = {"n": n, "mean": mean, "sd": None, "t": None, "p": None}
-    if n >= 2:
+    if n >= 2 and not all(map(math.isfinite, differences)):
+        result.update(sd=math.nan, t=math.nan, p=math.nan)
+    elif n >= 2:
         sd = statistics.stdev(differences)
         t = math.copysign(math.inf, mean) if sd == 0 else mean / (sd / math.sqrt(n))
         result.update(sd=sd, t=t, p=(0.0 if mean else 1.0) if sd == 0 else t_two_sided_p(t, n - 1))

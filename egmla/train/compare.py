@@ -83,11 +83,9 @@ def run_folder(out: Path, label: str, seed: int, several_seeds: bool) -> Path:
 def finished_summary(run_dir: Path, run) -> dict | None:
     """The summary of a finished run of exactly this config in run_dir, None if there is none to reuse yet (nothing
     there, or a run that stopped early: the caller resumes it). A run of another config there is an error."""
-    from egmla.runs import read_run_config
-
     if not (run_dir / "config.json").is_file():
         return None
-    stored, wanted = read_run_config(run_dir), json.loads(json.dumps(run.to_dict()))  # tuples as JSON lists
+    stored, wanted = stored_config(run_dir), json.loads(json.dumps(run.to_dict()))  # tuples as JSON lists
     differs = [f"{section}.{key}" for section in ("model", "train", "data")
                for key in sorted(set(stored.get(section, {})) | set(wanted[section]))
                if stored.get(section, {}).get(key) != wanted[section].get(key)]
@@ -100,6 +98,20 @@ def finished_summary(run_dir: Path, run) -> dict | None:
         if summary.get("stop_reason") != "interrupted":  # finished, or ended by its train.time_limit_s
             return summary
     return None
+
+
+def stored_config(run_dir: Path) -> dict:
+    """The run's config.json as this egmla reads it: a field added since the run was written takes its default (which
+    keeps the older behaviour), as `egmla train --resume` takes it, so that an upgrade does not make every comparison
+    folder "another config"."""
+    from egmla.runs import read_run_config
+    from egmla.train.config import RunConfig
+
+    try:
+        return json.loads(json.dumps(RunConfig.from_dict(read_run_config(run_dir)).to_dict()))
+    except ValueError as err:  # a field this egmla lacks: written by a newer (or much older) egmla
+        raise ValueError(f"--out: {run_dir / 'config.json'} does not fit this egmla ({err}); resume it with the egmla "
+                         f"version that wrote it, or give a new --out") from None
 
 
 def train_or_reuse(run, run_dir: Path, progress: bool) -> tuple[dict, str]:
@@ -125,7 +137,7 @@ def validation_curve(run_dir: Path, tokens_per_step: int) -> list[tuple[float, f
 def summarise(label: str, summaries: dict[int, dict], first: dict[int, dict] | None) -> dict:
     """One config's row: its first summary's fields, the final validation loss per seed, their mean and sd, and
     the paired difference to the first config over the seeds both have."""
-    from egmla.stats import paired_t_test
+    from egmla.stats import paired_t_test, sample_sd
 
     any_summary = next(iter(summaries.values()))
     losses = {seed: s["final_val_loss"] for seed, s in summaries.items()}
@@ -133,7 +145,7 @@ def summarise(label: str, summaries: dict[int, dict], first: dict[int, dict] | N
                                              "kv_elements_per_token")}
     row.update(name=label, seeds=sorted(losses), final_val_losses=[losses[s] for s in sorted(losses)],
                final_val_loss=statistics.mean(losses.values()),
-               final_val_loss_sd=statistics.stdev(losses.values()) if len(losses) > 1 else None,
+               final_val_loss_sd=sample_sd(losses.values()) if len(losses) > 1 else None,
                tokens_per_s=statistics.median(s["tokens_per_s"] for s in summaries.values()
                                               if s.get("tokens_per_s")) if any(s.get("tokens_per_s")
                                                                                for s in summaries.values()) else None)

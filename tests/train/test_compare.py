@@ -119,3 +119,43 @@ def test_bad_comparisons_are_refused_before_training(tmp_path, cache_dir, config
     with pytest.raises(ValueError, match=match):
         compare.main(args)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_run_written_before_fields_were_added_is_reused_not_another_config(tmp_path):
+    """config.json of an older egmla lacks the fields added since (train.loss_chunk_tokens, ...): the comparison takes
+    their defaults, as `egmla train --resume` does, instead of refusing every folder it wrote after an upgrade. A
+    setting that really differs is still refused, and a field this egmla does not know names the file."""
+    from egmla.runs import FORMAT_VERSION
+    from egmla.train.config import RunConfig
+
+    (label, run), = compare.load_runs(["mha"], "tiny", TINY_MODEL + TINY_RUN)
+    older = run.to_dict()
+    del older["train"]["loss_chunk_tokens"], older["train"]["activation_checkpointing"]
+    (tmp_path / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **older}))
+    (tmp_path / "summary.json").write_text(json.dumps({"final_val_loss": 4.5, "stop_reason": None}))
+    assert compare.finished_summary(tmp_path, run)["final_val_loss"] == 4.5
+    other = RunConfig.from_dict({**run.to_dict(), "train": {**run.train.to_dict(), "loss_chunk_tokens": 64}})
+    with pytest.raises(ValueError, match=r"another config \(train.loss_chunk_tokens differ\)"):
+        compare.finished_summary(tmp_path, other)
+    newer = {"format_version": FORMAT_VERSION, **run.to_dict()}
+    newer["train"]["future_field"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(newer))
+    with pytest.raises(ValueError, match=r"config.json does not fit this egmla \(train.future_field: unknown"):
+        compare.finished_summary(tmp_path, run)
+
+
+def test_a_loss_that_is_not_finite_gives_no_test_instead_of_a_crash():
+    """A seed whose final validation loss is NaN or inf: statistics.stdev raised AttributeError on it, so the
+    comparison crashed at its table after every run had trained (and again on every rerun). Now sd, t and p are NaN
+    (no test; NaN < 0.05 is False for experiments/claims.py) and the table prints."""
+    from egmla.stats import paired_t_test
+
+    fields = dict(variant="MHA", params=10, params_without_gate_tables=10, kv_elements_per_token=4, tokens_per_s=1.0)
+    first = {0: {**fields, "final_val_loss": 4.0}, 1: {**fields, "final_val_loss": 4.1}}
+    for bad in (float("nan"), float("inf")):
+        second = {0: {**fields, "final_val_loss": 3.9}, 1: {**fields, "final_val_loss": bad}}
+        rows = [compare.summarise("a", first, None), compare.summarise("b", second, first)]
+        assert rows[1]["final_val_loss_sd"] != rows[1]["final_val_loss_sd"]  # NaN
+        assert rows[1]["vs_first"]["p"] != rows[1]["vs_first"]["p"]
+        assert "nan" in compare.format_table(rows).splitlines()[3]
+        assert not paired_t_test([0.1, bad, 0.2])["p"] < 0.05
