@@ -20,6 +20,7 @@ costliest kernels go into each row of --out NAME.json and, as Markdown, into NAM
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -161,6 +162,9 @@ def time_variant(variant, label: str, args, device, ids, autocast, gate_table_up
 
     from egmla.train.metrics import flops_per_token, peak_flops
 
+    # the previous row's model first: recomputing blocks hold their own forward (a partial of the bound method), a
+    # reference cycle that only the collector frees, and its weights would count in this row's peak
+    gc.collect()
     config, model, step = build_step(variant, args, device, ids, autocast, gate_table_update, compile_mode, memory)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -119,3 +119,34 @@ def test_memory_settings_get_a_row_each_and_reach_the_step(tmp_path, monkeypatch
     bad = parser.parse_args(["--device", "cpu", "--loss-chunk-tokens", "0,-4"])
     with pytest.raises(ValueError, match="--loss-chunk-tokens .0,-4.: every value must be >= 0"):
         module.main(bad)
+
+
+def test_a_rows_model_is_freed_before_the_next_row_is_measured(monkeypatch):
+    """Recomputing blocks reference themselves (their forward is a partial of the bound method): without a collection
+    between rows, the previous row's model (weights, on a GPU) stayed allocated into the next row's peak-GB column.
+    The automatic collector is off here, so that only the bench's own collection can free it."""
+    import gc
+    import weakref
+
+    import egmla.bench.train as module
+
+    built, real_build = [], module.build_step
+
+    def build_step(*args, **kwargs):
+        assert all(ref() is None for ref in built), "the previous row's model is still allocated"
+        config, model, step = real_build(*args, **kwargs)
+        built.append(weakref.ref(model))
+        return config, model, step
+
+    monkeypatch.setattr(module, "build_step", build_step)
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--preset", "tiny", "--set", "vocab_size=512", "--set", "n_layers=2",
+                              "--variants", "mla-kv64", "--activation-checkpointing", "1,2", "--batch", "2",
+                              "--seq-len", "16", "--steps", "1", "--warmup", "0", "--no-compile"])
+    gc.disable()
+    try:
+        assert module.main(args) == 0
+    finally:
+        gc.enable()
+    assert len(built) == 2
