@@ -746,3 +746,59 @@ def test_a_failure_while_admitting_reaches_every_request_taken_off_the_queue(mon
         scheduler.stop(timeout=60)
     with pytest.raises(ValueError, match="at most max_batch \\+ max_waiting = 5"):
         Scheduler(engine, max_batch=3, max_waiting=2).submit_all([dict(prompt=[1, 2])] * 6)
+
+
+def test_random_schedules_of_shared_prefixes_keep_the_index_and_the_tokens():
+    """Seeded random schedules (prompts sharing starts or repeated, staggered arrivals, cancellations, buckets and
+    compactions, chunked prefill, overlap): after every step the prefix index is what a rebuild from the rows gives,
+    each row's cache holds at least its prefix's positions (the ids themselves where the cache keeps them), and every
+    request not cancelled gets the tokens it gets alone."""
+    import random
+
+    from egmla.infer.prefix_cache import PrefixTable
+
+    models = {variant: tiny_model(variant, seed=5) for variant in ("eg-mla", "mla")}
+    hits = compactions = 0
+    for trial in range(16):
+        rng = random.Random(trial)
+        model = models[rng.choice(sorted(models))]
+        path = rng.choice([p for p in decode_paths(model.config) if p != "kernel"])
+        engine = GenerationEngine(model, decode_path=path, batch_buckets=rng.choice([(), (1, 2, 4)]))
+        stems = [[rng.randrange(1, 290) for _ in range(rng.randrange(6, 14))] for _ in range(2)]
+        prompts = []
+        for _ in range(rng.randrange(4, 10)):
+            repeat = prompts and rng.random() < 0.15
+            prompts.append(list(rng.choice(prompts)) if repeat else
+                           rng.choice(stems)[: rng.randrange(2, 14)] + [rng.randrange(1, 290) for _ in range(rng.randrange(5))])
+        new = [rng.randrange(1, 8) for _ in prompts]
+        expected = [engine.generate([p], max_new_tokens=n)[0].token_ids for p, n in zip(prompts, new)]
+        scheduler = Scheduler(engine, max_batch=rng.randrange(2, 5), prefill_chunk=rng.choice([None, rng.randrange(2, 9)]),
+                              overlap_host=rng.random() < 0.5, prefix_cache_min=rng.randrange(2, 6),
+                              admit_batch=rng.randrange(1, 3))
+        arrivals = sorted(rng.randrange(12) for _ in prompts)
+        cancel_at = {i: arrivals[i] + rng.randrange(4) for i in range(len(prompts)) if rng.random() < 0.2}
+        handles, steps = {}, 0
+        while len(handles) < len(prompts) or any(not h.done for h in handles.values()):
+            for i, at in enumerate(arrivals):
+                if at <= steps and i not in handles:
+                    handles[i] = scheduler.submit(prompts[i], max_new_tokens=new[i])
+                if cancel_at.get(i) == steps and i in handles:
+                    handles[i].cancel()
+            scheduler.step()
+            steps += 1
+            table, cache = scheduler._prefixes, scheduler._cache
+            rebuilt = PrefixTable(len(table), table.minimum)
+            for row, prefix in enumerate(table):
+                rebuilt[row] = prefix
+            assert table._index == rebuilt._index, (trial, steps)
+            lengths = cache.lengths.tolist()
+            for row, prefix in enumerate(table):
+                assert lengths[row] >= len(prefix), (trial, steps, row)
+                if prefix and cache.token_ids is not None:
+                    assert cache.token_ids[row, :len(prefix)].tolist() == list(prefix), (trial, steps, row)
+            assert steps < 300
+        for i, handle in handles.items():
+            result = handle.result()
+            assert result.finish_reason == "cancelled" or result.token_ids == expected[i], (trial, i)
+        hits, compactions = hits + scheduler.stats.prefix_hits, compactions + scheduler.stats.compactions
+    assert hits >= 16 and compactions >= 4  # the schedules reuse prefixes and move rows
