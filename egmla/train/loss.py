@@ -17,6 +17,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: targets of this value (padding) count for nothing
 
@@ -80,6 +81,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # the gradients were formed in the forward: no graph to differentiate again
     def backward(ctx, loss_grad):
         hidden_grad, weight_grad = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes

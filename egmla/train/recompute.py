@@ -10,6 +10,7 @@ parallelize, so the compiled function and the FSDP2 hooks wrap the recomputing f
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Callable
 
 from torch import nn
@@ -28,5 +29,11 @@ def recompute_blocks(model: nn.Module, every: int, checkpoint_function: Callable
     for index, block in enumerate(model.layers):
         block.__dict__.pop("forward", None)  # the class's forward again
         if index in chosen:
-            block.forward = functools.partial(run, block.forward)
+            # the block through a weak reference: a partial of its own bound forward, kept in its own __dict__, would
+            # be a reference cycle, and a deleted model's memory would wait for the garbage collector
+            block.forward = functools.partial(_recomputed, run, type(block).forward, weakref.ref(block))
     return chosen
+
+
+def _recomputed(run: Callable, forward: Callable, block: weakref.ref, *args, **kwargs):
+    return run(functools.partial(forward, block()), *args, **kwargs)
