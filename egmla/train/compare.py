@@ -80,6 +80,12 @@ def run_folder(out: Path, label: str, seed: int, several_seeds: bool) -> Path:
     return out / label / f"seed-{seed}" if several_seeds else out / label
 
 
+# train.* settings that change how a run runs (memory, speed, logging), not what it computes beyond rounding: a
+# comparison resumes under other values of them (e.g. with activation checkpointing after running out of memory)
+HOW_IT_RUNS = {"activation_checkpointing", "loss_chunk_tokens", "compile", "compile_mode", "log_every", "tensorboard",
+               "checkpoint_every", "keep_checkpoints", "profile_steps"}
+
+
 def finished_summary(run_dir: Path, run) -> dict | None:
     """The summary of a finished run of exactly this config in run_dir, None if there is none to reuse yet (nothing
     there, or a run that stopped early: the caller resumes it). A run of another config there is an error."""
@@ -88,7 +94,8 @@ def finished_summary(run_dir: Path, run) -> dict | None:
     stored, wanted = stored_config(run_dir), json.loads(json.dumps(run.to_dict()))  # tuples as JSON lists
     differs = [f"{section}.{key}" for section in ("model", "train", "data")
                for key in sorted(set(stored.get(section, {})) | set(wanted[section]))
-               if stored.get(section, {}).get(key) != wanted[section].get(key)]
+               if stored.get(section, {}).get(key) != wanted[section].get(key)
+               and not (section == "train" and key in HOW_IT_RUNS)]
     if differs:
         raise ValueError(f"--out: {run_dir} holds a run of another config ({', '.join(differs[:4])} differ"
                          f"{' ...' if len(differs) > 4 else ''}); give a new --out for a new comparison")

@@ -109,6 +109,18 @@ def test_an_out_folder_of_another_comparison_is_refused(tmp_path, cache_dir):
         compare.main(args)
 
 
+def test_settings_of_how_a_run_runs_may_change_on_resume(tmp_path, cache_dir, monkeypatch):
+    """Adding activation checkpointing or a chunked loss (after running out of memory, say) does not make the
+    folder another comparison: the finished run is reused."""
+    import egmla.train.trainer as trainer
+
+    assert compare.main(compare_args(tmp_path, cache_dir, "mha")) == 0
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    args = compare_args(tmp_path, cache_dir, "mha")
+    args.overrides += ["train.activation_checkpointing=1", "train.loss_chunk_tokens=64", "train.log_every=1"]
+    assert compare.main(args) == 0
+
+
 @pytest.mark.parametrize("configs, seeds, match", [
     (["mha", "mha"], None, "CONFIG 'mha' is given twice"),
     (["mha"], "0,0", "--seeds '0,0': give each value at most once"),
@@ -134,8 +146,8 @@ def test_a_run_written_before_fields_were_added_is_reused_not_another_config(tmp
     (tmp_path / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **older}))
     (tmp_path / "summary.json").write_text(json.dumps({"final_val_loss": 4.5, "stop_reason": None}))
     assert compare.finished_summary(tmp_path, run)["final_val_loss"] == 4.5
-    other = RunConfig.from_dict({**run.to_dict(), "train": {**run.train.to_dict(), "loss_chunk_tokens": 64}})
-    with pytest.raises(ValueError, match=r"another config \(train.loss_chunk_tokens differ\)"):
+    other = RunConfig.from_dict({**run.to_dict(), "train": {**run.train.to_dict(), "warmup_steps": 7}})
+    with pytest.raises(ValueError, match=r"another config \(train.warmup_steps differ\)"):
         compare.finished_summary(tmp_path, other)
     newer = {"format_version": FORMAT_VERSION, **run.to_dict()}
     newer["train"]["future_field"] = 1
