@@ -1,5 +1,6 @@
 """OpenAI's completions request (POST /v1/completions) for `egmla serve`: every field checked, an `ApiError` naming
-the first bad one (its value and the fix), the prompts encoded and one `SamplingParams` per sample."""
+the first bad one (its value and the fix), the prompts encoded and one `SamplingParams` per sample. The checks of the
+fields chat completions share (egmla/infer/chat.py) are here too: `check_body`, `generation_fields`."""
 from __future__ import annotations
 
 import math
@@ -16,10 +17,6 @@ UNSUPPORTED = {
     "logit_bias": ((None, {}), "sampling has temperature, top_p and top_k only (egmla.infer.sampling)"),
     "suffix": ((None, ""), "the model only continues a prompt; it does not fill in before a suffix"),
 }
-# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): the logits over a float32-subnormal or zero
-# temperature are infinite, their probabilities NaN, and the draw of the whole decode step raises, failing every
-# request running with this one.
-GREEDY_BELOW = 1e-5
 
 
 class ApiError(Exception):
@@ -62,24 +59,49 @@ def parse_completion_request(body, model_name: str, encode: Callable[[object, in
     prompt's token ids or raises ValueError (`GenerationEngine.encode`). Unknown fields are ignored, as OpenAI
     clients send extras. max_choices: the most choices a call can ever have queued (the scheduler's max_batch +
     max_waiting); a larger n is refused before its samples are made."""
+    check_body(body, model_name, '{"prompt": "Hello", "max_tokens": 16}', UNSUPPORTED)
+    common = generation_fields(body, max_choices)
+    max_tokens = integer_field(body, "max_tokens", 16, minimum=0)
+    logprobs, echo = integer_field(body, "logprobs", None, minimum=0), boolean_field(body, "echo")
+    if max_tokens == 0 and not (echo and logprobs is not None):
+        raise ApiError(400, "max_tokens=0 generates nothing: it serves to score a prompt, with echo and logprobs; "
+                            "otherwise give max_tokens >= 1", "max_tokens")
+    check_top_logprobs(logprobs, "logprobs")
+    if echo and common["stream"]:
+        raise ApiError(400, "echo with stream is not supported: ask for the prompt back without streaming", "echo")
+    raw = body.get("prompt")
+    texts = [raw] if isinstance(raw, str) else [p if isinstance(p, str) else None for p in raw] \
+        if isinstance(raw, list) and not _token_ids(raw) else [None]
+    return CompletionRequest(_prompts(raw, encode), texts, max_tokens=max_tokens, logprobs=logprobs, echo=echo,
+                             **common)
+
+
+def check_body(body, model_name: str, example: str, unsupported: dict) -> None:
+    """What every generation endpoint checks first: a JSON object, the served model (or none), and none of the
+    `unsupported` fields (name -> (the values that mean "not used", why)) set to anything else."""
     if not isinstance(body, dict):
-        raise ApiError(400, f"the request body is a JSON {type(body).__name__}: send an object such as "
-                            f'{{"prompt": "Hello", "max_tokens": 16}}')
+        raise ApiError(400, f"the request body is a JSON {type(body).__name__}: send an object such as {example}")
     model = body.get("model")
     if model is not None and model != model_name:
         raise ApiError(404, f"model={model!r}: this server serves {model_name!r} only (GET /v1/models); give that "
                             f"name or leave model out", "model", "model_not_found")
-    for name, (unused, why) in UNSUPPORTED.items():
+    for name, (unused, why) in unsupported.items():
         if body.get(name) not in unused:
             raise ApiError(400, f"{name}={body[name]!r} is not supported: {why}; leave it out", name)
-    n = _integer(body, "n", 1, minimum=1)
+
+
+def generation_fields(body: dict, max_choices: int | None) -> dict:
+    """The fields completions and chat completions share, checked: n (as its samples' `sampling`, seed + j for
+    sample j where a seed is given), temperature, top_p, top_k, stop, ignore_eos, stream and stream_options; as
+    `CompletionRequest`'s keyword arguments."""
+    n = integer_field(body, "n", 1, minimum=1)
     if max_choices is not None and n > max_choices:  # before the samples are made: n=10**9 makes 10**9
         raise ApiError(400, f"n={n}: {n} choices at once can never be queued here: at most max_batch + max_waiting "
                             f"= {max_choices}; send a smaller n", "n")
-    if _integer(body, "best_of", n, minimum=1) != n:
+    if integer_field(body, "best_of", n, minimum=1) != n:
         raise ApiError(400, f"best_of={body['best_of']!r} is not supported: it ranks samples by log probability, "
                             f"which the scheduler does not keep; leave it out or set it to n={n}", "best_of")
-    seed = _integer(body, "seed", None)
+    seed = integer_field(body, "seed", None)
     if seed is not None and not -2**63 <= seed <= 2**64 - n:
         raise ApiError(400, f"seed={seed}: must lie in [-2**63, 2**64 - n] (sample j of each prompt takes seed + j)",
                        "seed")
@@ -88,9 +110,8 @@ def parse_completion_request(body, model_name: str, encode: Callable[[object, in
         raise ApiError(400, f"temperature={temperature}: must be >= 0 (0 = greedy)", "temperature")
     if not 0 < top_p <= 1:
         raise ApiError(400, f"top_p={top_p}: must lie in (0, 1] (1 = no nucleus filter)", "top_p")
-    temperature = 0.0 if temperature < GREEDY_BELOW else temperature
-    top_k = max(0, _integer(body, "top_k", 0, minimum=-1))  # -1 is vLLM's "off", as 0 here
-    try:
+    top_k = max(0, integer_field(body, "top_k", 0, minimum=-1))  # -1 is vLLM's "off", as 0 here
+    try:  # a temperature below GREEDY_BELOW is greedy (SamplingParams makes it 0)
         sampling = [SamplingParams(temperature, top_k, top_p, None if seed is None else seed + j) for j in range(n)]
     except ValueError as error:  # its message names the field and the range
         raise ApiError(400, str(error)) from error
@@ -98,24 +119,20 @@ def parse_completion_request(body, model_name: str, encode: Callable[[object, in
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, f"stop={stop!r}: must be a non-empty string or a list of them", "stop")
-    options = body.get("stream_options") or {}
+    stream, options = boolean_field(body, "stream"), body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, f"stream_options={options!r}: must be an object such as {{\"include_usage\": true}}",
                        "stream_options")
-    stream, max_tokens = _boolean(body, "stream"), _integer(body, "max_tokens", 16, minimum=0)
-    logprobs, echo = _integer(body, "logprobs", None, minimum=0), _boolean(body, "echo")
-    if max_tokens == 0 and not (echo and logprobs is not None):
-        raise ApiError(400, "max_tokens=0 generates nothing: it serves to score a prompt, with echo and logprobs; "
-                            "otherwise give max_tokens >= 1", "max_tokens")
-    if logprobs is not None and logprobs > MAX_TOP_LOGPROBS:
-        raise ApiError(400, f"logprobs={logprobs}: at most {MAX_TOP_LOGPROBS} alternatives per token", "logprobs")
-    if echo and stream:
-        raise ApiError(400, "echo with stream is not supported: ask for the prompt back without streaming", "echo")
-    raw = body.get("prompt")
-    texts = [raw] if isinstance(raw, str) else [p if isinstance(p, str) else None for p in raw] \
-        if isinstance(raw, list) and not _token_ids(raw) else [None]
-    return CompletionRequest(_prompts(raw, encode), texts, sampling, max_tokens, stops, _boolean(body, "ignore_eos"),
-                             stream, stream and bool(options.get("include_usage")), logprobs, echo)
+    if options and not stream:  # vLLM's rule: options of a stream that there is not are a mistake, not a no-op
+        raise ApiError(400, f"stream_options={options!r} without stream: true: stream_options set a stream's "
+                            f"options; add \"stream\": true or leave stream_options out", "stream_options")
+    return dict(sampling=sampling, stop=stops, ignore_eos=boolean_field(body, "ignore_eos"), stream=stream,
+                include_usage=bool(options.get("include_usage")))
+
+
+def check_top_logprobs(value: int | None, name: str) -> None:
+    if value is not None and value > MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"{name}={value}: at most {MAX_TOP_LOGPROBS} alternatives per token", name)
 
 
 def _prompts(prompt, encode) -> list[list[int]]:
@@ -154,7 +171,7 @@ def _token_ids(value) -> bool:
     return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
 
 
-def _integer(body: dict, name: str, default, minimum: int | None = None):
+def integer_field(body: dict, name: str, default, minimum: int | None = None):
     value = body.get(name)
     if value is None:  # clients send null for "the default"
         return default
@@ -176,7 +193,7 @@ def _number(body: dict, name: str, default: float) -> float:
     return number
 
 
-def _boolean(body: dict, name: str) -> bool:
+def boolean_field(body: dict, name: str) -> bool:
     value = body.get(name)
     if value is not None and not isinstance(value, bool):
         raise ApiError(400, f"{name}={value!r}: must be true or false", name)

@@ -10,10 +10,16 @@ from dataclasses import dataclass
 
 import torch
 
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): the logits over a float32-subnormal or zero
+# temperature are infinite, their probabilities NaN, and the draw of a whole decode step raised, failing every
+# request running with this one.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy (argmax); top_k 0 and top_p 1.0 switch those filters off."""
+    """temperature 0 = greedy (argmax), as is any below GREEDY_BELOW (stored as 0.0); top_k 0 and top_p 1.0 switch
+    those filters off."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -27,6 +33,8 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k!r}: must be >= 0 (0 = no top-k filter)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r}: must lie in (0, 1] (1 = no nucleus filter)")
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)  # frozen: equal to the greedy settings, draws none
 
     @property
     def greedy(self) -> bool:

@@ -65,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eos-token",
                         help="end-of-text token where completions stop unless a request asks ignore_eos (default: "
                              "found in the tokenizer, e.g. <|endoftext|>)")
+    parser.add_argument("--chat-template", metavar="FILE_OR_STRING",
+                        help="the Jinja template that makes a /v1/chat/completions request's messages a prompt "
+                             "(transformers' apply_chat_template convention: messages, add_generation_prompt, "
+                             "bos_token, eos_token): a file, or the template itself. Default: an exported folder's "
+                             "chat_template.jinja or tokenizer_config.json chat_template; without one, chat requests "
+                             "are answered 400 (egmla's models are base LMs) and completions work as ever")
     parser.add_argument("--seed", type=int,
                         help="seed of the random stream shared by sampled requests without a seed of their own "
                              "(default: random); a request's own seed makes its text reproducible")
@@ -85,6 +91,7 @@ def _prompt_tokens(text: str) -> int:
 def main(args) -> int:
     from pathlib import Path
 
+    from egmla.infer.chat import load_chat_template
     from egmla.infer.cli import find_eos, resolve_device_dtype
     from egmla.infer.engine import GenerationEngine
     from egmla.infer.scheduler import Scheduler
@@ -102,10 +109,11 @@ def main(args) -> int:
                           seed=args.seed, prefill_chunk=args.prefill_chunk, prefix_cache_min=args.prefix_cache_min,
                           admit_batch=args.admit_batch, admit_wait=args.admit_wait)
     eos_token_id = find_eos(tokenizer, meta, args.eos_token)
+    chat_template = load_chat_template(args.chat_template, args.run, tokenizer, eos_token_id)
     model_name = args.model_name or Path(args.run).resolve().name  # runs/latest: the folder it points to
     try:
         server = make_server(scheduler, model_name, args.host, args.port, eos_token_id,
-                             capture_prefill_tokens=args.capture_prefill_tokens)
+                             capture_prefill_tokens=args.capture_prefill_tokens, chat_template=chat_template)
     except OSError as error:
         raise ValueError(f"--host {args.host} --port {args.port}: cannot listen there ({error.strerror}); choose "
                          f"another --port (0 = any free one)") from error

@@ -2,7 +2,11 @@
 
     POST /v1/completions   OpenAI's completions API: text or token-id prompts, n, stream, stop, seed, logprobs,
                            echo, and vLLM's top_k and ignore_eos; one choice per prompt and sample, prompt-major
-    GET  /v1/models        the one model served
+    POST /v1/chat/completions
+                           OpenAI's chat API: the messages rendered by the chat template (egmla/infer/chat.py), then
+                           generated as the completion of that prompt; the same machinery, the chat shapes
+    GET  /v1/models, GET /v1/models/{id}
+                           the one model served
     GET  /health           {"status": "ok", "running": n, "waiting": n}; 503 while stopping
     GET  /stats            the scheduler's counters (SchedulerStats), its decode path and device
     GET  /metrics          the same counters and latency histograms in Prometheus' text format
@@ -15,7 +19,8 @@ and leaving the running batch between decode steps (egmla/infer/scheduler.py). E
 {"error": {"message", "type", "param", "code"}}, never as a traceback. A client that goes away (mid-stream, or while
 its requests wait or run unstreamed) has its requests cancelled, which frees their rows before the next step.
 
-Only the standard library: the GPU machines this runs on have no network to install a web framework.
+Only the standard library (and jinja2, which torch brings, for chat templates): the GPU machines this runs on have no
+network to install a web framework.
 """
 from __future__ import annotations
 
@@ -30,17 +35,21 @@ import threading
 import time
 import traceback
 import uuid
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
+from egmla.infer.chat import ChatTemplate, parse_chat_request
 from egmla.infer.completions import ApiError, CompletionRequest, check_text, parse_completion_request
 from egmla.infer.engine import TokenEvent
 from egmla.infer.requests import RequestHandle
 from egmla.infer.scheduler import Scheduler
 
+MODEL_PATH = "/v1/models/{id}"  # the one route with a parameter: the rest of the path, which may hold "/"
 # path -> {HTTP method: handler method}; HEAD is every GET route's, without the body
-ROUTES = {"/v1/completions": {"POST": "_completions"}, "/v1/models": {"GET": "_models"}, "/health": {"GET": "_health"},
+ROUTES = {"/v1/completions": {"POST": "_completions"}, "/v1/chat/completions": {"POST": "_chat_completions"},
+          "/v1/models": {"GET": "_models"}, MODEL_PATH: {"GET": "_model"}, "/health": {"GET": "_health"},
           "/stats": {"GET": "_stats"}, "/metrics": {"GET": "_metrics"}, "/tokenizer_info": {"GET": "_tokenizer_info"},
           "/tokenize": {"POST": "_tokenize"}, "/detokenize": {"POST": "_detokenize"}}
 ENDPOINTS = ", ".join(f"{method} {path}" for path, methods in ROUTES.items() for method in methods)
@@ -53,6 +62,9 @@ IDLE_CONNECTION_SECONDS = 60  # a kept-alive connection with no new request is c
 # client that timed out): its requests are then cancelled, freeing their rows, rather than run for nobody
 CLIENT_CHECK_SECONDS = 0.25
 MAX_CHUNK_LINE = 1024  # a chunked body's size line (hex size and extensions) or trailer line, at most
+# the log-probability written for -inf (and NaN): JSON has no infinity, and Python's json writes -Infinity, which
+# strict parsers refuse; vLLM writes this value
+LOWEST_LOGPROB = -9999.0
 
 
 class CompletionServer(ThreadingHTTPServer):
@@ -61,8 +73,11 @@ class CompletionServer(ThreadingHTTPServer):
     request_queue_size = 1024  # the listen backlog (default 5): a burst of clients connecting at once is not refused
     block_on_close = False  # server_close waits for the requests in flight (stop), not for idle kept-alive connections
 
-    def __init__(self, address: tuple[str, int], scheduler: Scheduler, model_name: str, eos_token_id: int | None):
+    def __init__(self, address: tuple[str, int], scheduler: Scheduler, model_name: str, eos_token_id: int | None,
+                 chat_template: ChatTemplate | None = None):
         self.scheduler, self.model_name, self.eos_token_id = scheduler, model_name, eos_token_id
+        self.chat_template = chat_template
+        self.tokens = TokenText(scheduler.engine.tokenizer)
         self.created = int(time.time())
         self.stopping = False
         self._in_flight: set[RequestHandle] = set()
@@ -79,9 +94,18 @@ class CompletionServer(ThreadingHTTPServer):
         scheduler = self.scheduler
         engine = scheduler.engine
         graphs = ", CUDA graphs" if engine.cuda_graphs else ""
+        chat = f"chat template {self.chat_template.origin}" if self.chat_template else "no chat template"
         return (f"egmla serve: {self.url}/v1 - model {self.model_name!r} ({engine.config.variant_name()}), decode path "
                 f"{engine.decode_path}{graphs}, {engine.device}, max batch {scheduler.max_batch}, max len "
-                f"{scheduler.max_len}")
+                f"{scheduler.max_len}, {chat}")
+
+    @property
+    def max_choices(self) -> int:
+        """The most choices one call can ever have queued: a larger n is refused before its samples are made."""
+        return self.scheduler.max_batch + self.scheduler.max_waiting
+
+    def model_object(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "egmla"}
 
     def submit(self, request: CompletionRequest) -> list[RequestHandle]:
         """One scheduler request per choice, in choice order, queued all together or none (`Scheduler.submit_all`)."""
@@ -154,10 +178,11 @@ class CompletionHandler(BaseHTTPRequestHandler):
         self.status, self.token_counts, self.note = None, (0, 0), ""  # for the log line
         try:
             self.body = self._read_body()  # read before any answer, or a kept-alive connection would parse it next
-            path = urlsplit(self.path).path.rstrip("/") or "/"
-            if path not in ROUTES:
+            self.route_path = path = urlsplit(self.path).path.rstrip("/") or "/"
+            route = _route(path)
+            if route is None:
                 raise ApiError(404, f"no endpoint {self.command} {path}: this server has {ENDPOINTS}")
-            methods = ROUTES[path]
+            methods = ROUTES[route]
             handler = methods.get("GET" if self.command == "HEAD" else self.command)
             if handler is None:
                 allow = ", ".join([*methods, *(["HEAD"] if "GET" in methods else [])])
@@ -249,8 +274,15 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
     # ---- endpoints -------------------------------------------------------------------------------
     def _models(self) -> None:
-        model = {"id": self.server.model_name, "object": "model", "created": self.server.created, "owned_by": "egmla"}
-        self._send_json(200, {"object": "list", "data": [model]})
+        self._send_json(200, {"object": "list", "data": [self.server.model_object()]})
+
+    def _model(self) -> None:
+        """GET /v1/models/{id} (the openai client's models.retrieve): the model object, if it is ours."""
+        wanted = unquote(self.route_path.removeprefix(MODEL_PATH.removesuffix("{id}")))
+        if wanted != self.server.model_name:
+            raise ApiError(404, f"model {wanted!r} does not exist: this server serves {self.server.model_name!r} only "
+                                f"(GET /v1/models)", "model", "model_not_found")
+        self._send_json(200, self.server.model_object())
 
     def _health(self) -> None:
         scheduler = self.server.scheduler
@@ -303,19 +335,28 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
     def _completions(self) -> None:
         server = self.server
-        scheduler = server.scheduler
-        request = parse_completion_request(self._json_body(), server.model_name, scheduler.engine.encode,
-                                           max_choices=scheduler.max_batch + scheduler.max_waiting)
+        self._generate(parse_completion_request(self._json_body(), server.model_name, server.scheduler.engine.encode,
+                                                server.max_choices), COMPLETION)
+
+    def _chat_completions(self) -> None:
+        server = self.server
+        self._generate(parse_chat_request(self._json_body(), server.model_name, server.scheduler.engine.encode,
+                                          server.chat_template, server.scheduler.max_len, server.max_choices), CHAT)
+
+    def _generate(self, request: CompletionRequest, shape: Shape) -> None:
+        """Both generation endpoints: submit the checked request's choices, answer (streamed or whole) in the
+        endpoint's shape, and release the handles (cancelling what still runs: the client is gone)."""
+        server = self.server
         handles = server.submit(request)
         self.token_counts = (request.prompt_tokens, 0)
-        self.response_fields = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+        self.response_fields = {"id": f"{shape.id_prefix}{uuid.uuid4().hex}", "object": shape.object,
                                 "created": int(time.time()), "model": server.model_name}
         try:
-            (self._stream if request.stream else self._complete)(request, handles)
+            (self._stream if request.stream else self._complete)(request, handles, shape)
         finally:
             server.release(handles)
 
-    def _complete(self, request: CompletionRequest, handles: list[RequestHandle]) -> None:
+    def _complete(self, request: CompletionRequest, handles: list[RequestHandle], shape: Shape) -> None:
         results = []
         for handle in handles:
             try:
@@ -326,22 +367,22 @@ class CompletionHandler(BaseHTTPRequestHandler):
             raise ApiError(503, "the server stopped before this request finished", code="stopping")
         completion_tokens = sum(len(result.token_ids) for result in results)
         self.token_counts = (request.prompt_tokens, completion_tokens)
-        decode = self.server.scheduler.engine.tokenizer.decode
+        tokens = self.server.tokens
         choices = []
         for index, result in enumerate(results):
             prompt = index // len(request.sampling)
             prefix = ""
             if request.echo:
                 prefix = request.prompt_texts[prompt]
-                prefix = decode(request.prompts[prompt]) if prefix is None else prefix
+                prefix = tokens.decode(request.prompts[prompt]) if prefix is None else prefix
             logprobs = None
             if request.logprobs is not None:
                 ids, values, tops = result.token_ids, result.logprobs, result.top_logprobs
                 if request.echo:
                     ids = request.prompts[prompt] + ids
                     values, tops = result.prompt_logprobs + values, result.prompt_top_logprobs + tops
-                logprobs = _logprobs(decode, ids, values, tops)
-            choices.append(_choice(index, prefix + result.text, result.finish_reason, logprobs))
+                logprobs = shape.logprobs(tokens, ids, values, tops, 0)
+            choices.append(shape.choice(index, prefix + result.text, result.finish_reason, logprobs))
         self._send_json(200, {**self.response_fields, "choices": choices, "usage": _usage(*self.token_counts)})
 
     def _result(self, handle: RequestHandle):
@@ -367,9 +408,11 @@ class CompletionHandler(BaseHTTPRequestHandler):
         except OSError:  # reset
             return True
 
-    def _stream(self, request: CompletionRequest, handles: list[RequestHandle]) -> None:
-        """Server-sent events: a chunk per token event with text (and each choice's last, with its finish_reason),
-        a usage chunk if asked, then [DONE]. The connection closes at the end (its length is not known ahead)."""
+    def _stream(self, request: CompletionRequest, handles: list[RequestHandle], shape: Shape) -> None:
+        """Server-sent events: each choice's opening chunk where the shape has one (chat's role), a chunk per token
+        event with text (and each choice's last, with its finish_reason), a usage chunk if asked (the others then
+        carry "usage": null, as OpenAI's), then [DONE]. The connection closes at the end (its length is not known
+        ahead)."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -377,7 +420,11 @@ class CompletionHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.status, self.close_connection = 200, True
         completion_tokens = 0
-        decode = self.server.scheduler.engine.tokenizer.decode
+        tokens = self.server.tokens
+        fields = {**self.response_fields, "object": shape.chunk_object,
+                  **({"usage": None} if request.include_usage else {})}
+        for index in range(len(handles) if shape.opening else 0):
+            self._send_event({**fields, "choices": [shape.opening(index)]})
         offsets: dict[int, int] = {}  # each choice's tokens decoded alone so far, for their text_offset
         for index, event in _merged_events(handles, self._client_gone):
             if isinstance(event, BaseException) or event.finish_reason == "cancelled":
@@ -390,15 +437,14 @@ class CompletionHandler(BaseHTTPRequestHandler):
             self.token_counts = (request.prompt_tokens, completion_tokens)
             logprobs = None
             if event.logprob is not None:
-                offsets[index] = offsets.get(index, 0)
-                logprobs = _logprobs(decode, [event.token_id], [event.logprob], [event.top_logprobs], offsets[index])
-                offsets[index] += len(logprobs["tokens"][0])  # each token decoded alone, as without streaming
+                start = offsets.get(index, 0)
+                logprobs = shape.logprobs(tokens, [event.token_id], [event.logprob], [event.top_logprobs], start)
+                offsets[index] = start + len(tokens.decode([event.token_id]))  # each alone, as without streaming
             if event.text or event.finish_reason is not None or logprobs is not None:
-                self._send_event({**self.response_fields,
-                                  "choices": [_choice(index, event.text, event.finish_reason, logprobs)]})
+                self._send_event({**fields, "choices": [shape.delta(index, event.text, event.finish_reason, logprobs)]})
         else:
             if request.include_usage:
-                self._send_event({**self.response_fields, "choices": [], "usage": _usage(*self.token_counts)})
+                self._send_event({**fields, "choices": [], "usage": _usage(*self.token_counts)})
         self.wfile.write(b"data: [DONE]\n\n")
 
     # ---- writing -------------------------------------------------------------------------------
@@ -477,10 +523,23 @@ def prometheus_text(stats, running: int, waiting: int, model_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _route(path: str) -> str | None:
+    """The ROUTES key a path takes, if any."""
+    if path in ROUTES:
+        return path
+    prefix = MODEL_PATH.removesuffix("{id}")
+    return MODEL_PATH if path.startswith(prefix) and len(path) > len(prefix) else None
+
+
+def json_logprob(value: float | None) -> float | None:
+    """A log-probability as JSON can hold it: -inf (a token the model rules out) and NaN as LOWEST_LOGPROB."""
+    return value if value is None or value >= LOWEST_LOGPROB else LOWEST_LOGPROB
+
+
 def _by_text(decode, alternatives: dict[int, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for token, value in alternatives.items():  # most likely first
-        out.setdefault(decode([token]), value)
+        out.setdefault(decode([token]), json_logprob(value))
     return out
 
 
@@ -495,7 +554,83 @@ def _logprobs(decode, ids: list[int], values: list, tops: list, start: int = 0) 
     offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=start))
     # keyed by text as OpenAI's: ids that decode alike (bytes of one character) keep the first, most likely, value
     top = [None if alternatives is None else _by_text(decode, alternatives) for alternatives in tops]
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": top, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": [json_logprob(v) for v in values], "top_logprobs": top,
+            "text_offset": offsets}
+
+
+def _chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": FINISH_REASONS.get(finish_reason)}
+
+
+def _chat_delta(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+            "finish_reason": FINISH_REASONS.get(finish_reason)}
+
+
+def _chat_opening(index: int) -> dict:
+    """A chat stream's first chunk of each choice, before its tokens: the role (OpenAI's and vLLM's)."""
+    return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
+def _chat_logprobs(tokens: TokenText, ids: list[int], values: list, tops: list, start: int = 0) -> dict:
+    """OpenAI's chat logprobs object: {"content": [each token's text (decoded alone), log-probability, bytes and
+    most likely alternatives (a list: ids that decode alike each keep their own)]}. (`start`: the legacy shape's.)"""
+    def entry(token_id: int, value: float) -> dict:
+        return {"token": tokens.decode([token_id]), "logprob": json_logprob(value), "bytes": tokens.bytes(token_id)}
+
+    return {"content": [{**entry(token_id, value), "top_logprobs": [entry(t, v) for t, v in (top or {}).items()]}
+                        for token_id, value, top in zip(ids, values, tops)]}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How an endpoint writes what the shared machinery (`_generate`) produces: the one thing /v1/completions and
+    /v1/chat/completions do not share. The callables take (index, text, finish_reason, logprobs), and logprobs
+    (TokenText, ids, log-probabilities, alternatives, the first token's text offset)."""
+
+    object: str  # a whole answer's "object"
+    chunk_object: str  # a streamed chunk's
+    id_prefix: str
+    choice: Callable[..., dict]  # a whole answer's choice
+    delta: Callable[..., dict]  # a streamed chunk's choice
+    logprobs: Callable[..., dict]
+    opening: Callable[[int], dict] | None = None  # each choice's first chunk, before its tokens
+
+
+COMPLETION = Shape("text_completion", "text_completion", "cmpl-", _choice, _choice,
+                   lambda tokens, *rest: _logprobs(tokens.decode, *rest))
+CHAT = Shape("chat.completion", "chat.completion.chunk", "chatcmpl-", _chat_choice, _chat_delta, _chat_logprobs,
+             _chat_opening)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The character GPT-2's byte-level BPE writes for each byte (its bytes_to_unicode), inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {**{chr(byte): byte for byte in printable}, **{chr(256 + i): byte for i, byte in enumerate(others)}}
+
+
+BYTE_OF_CHAR = _byte_level_alphabet()
+
+
+class TokenText:
+    """A token's text, decoded alone, and its bytes (chat logprobs' `bytes`): a byte-level BPE token's own, so that
+    the pieces of a multi-byte character (each decoded alone as U+FFFD) add up to it, as OpenAI's do; else (added and
+    special tokens, other tokenizers) its text's UTF-8."""
+
+    def __init__(self, tokenizer):
+        from tokenizers import decoders
+
+        self.decode, self._id_to_token = tokenizer.decode, tokenizer.id_to_token
+        self._byte_level = isinstance(getattr(tokenizer, "decoder", None), decoders.ByteLevel)
+        self._added = set(tokenizer.get_added_tokens_decoder()) if self._byte_level else set()  # written as is
+
+    def bytes(self, token_id: int) -> list[int]:
+        piece = self._id_to_token(token_id) if self._byte_level and token_id not in self._added else None
+        if piece is not None and all(char in BYTE_OF_CHAR for char in piece):
+            return [BYTE_OF_CHAR[char] for char in piece]
+        return list(self.decode([token_id]).encode())
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -534,7 +669,8 @@ def _merged_events(handles: list[RequestHandle], client_gone: Callable[[], bool]
 
 
 def make_server(scheduler: Scheduler, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-                eos_token_id: int | None = None, capture_prefill_tokens: int = 0) -> CompletionServer:
+                eos_token_id: int | None = None, capture_prefill_tokens: int = 0,
+                chat_template: ChatTemplate | str | None = None) -> CompletionServer:
     """A server bound to host:port (port 0: any free one; `server.url` says which) with the scheduler started. Run it
     with `serve(server)` or `server.serve_forever()`; end with `server.shutdown()` and `server.server_close()`.
 
@@ -543,13 +679,18 @@ def make_server(scheduler: Scheduler, model_name: str, host: str = "127.0.0.1", 
     eos_token_id: where requests end unless they ask for ignore_eos (None: only at max_tokens or a stop string).
     capture_prefill_tokens: also capture now the prefill graphs of fresh prompts of up to this many tokens
         (`Scheduler.capture_prefill_graphs`; 0: none, each is captured when first met; `egmla serve` passes
-        --capture-prefill-tokens). Every decode bucket's graph is captured whatever it is."""
+        --capture-prefill-tokens). Every decode bucket's graph is captured whatever it is.
+    chat_template: what /v1/chat/completions renders messages with (`egmla.infer.chat.ChatTemplate`, or a template's
+        text, given no bos_token and the eos token's text); None: chat requests are answered 400."""
     engine = scheduler.engine
     if engine.tokenizer is None:
         raise ValueError("the server answers with text: make the GenerationEngine with tokenizer=...")
     if eos_token_id is not None and not 0 <= eos_token_id < engine.config.vocab_size:
         raise ValueError(f"eos_token_id={eos_token_id}: outside [0, vocab_size={engine.config.vocab_size})")
-    server = CompletionServer((host, port), scheduler, model_name, eos_token_id)
+    if isinstance(chat_template, str):
+        eos = None if eos_token_id is None else engine.tokenizer.id_to_token(eos_token_id)
+        chat_template = ChatTemplate(chat_template, eos_token=eos)
+    server = CompletionServer((host, port), scheduler, model_name, eos_token_id, chat_template)
     scheduler.step()  # nothing to run: it allocates the cache and, under decode_path="auto", chooses the path
     _capture_graphs(scheduler, capture_prefill_tokens)
     scheduler.start()

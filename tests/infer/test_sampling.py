@@ -78,3 +78,29 @@ def test_each_row_is_filtered_and_drawn_as_it_is_alone():
             else:
                 scaled = filter_logits(logits[i: i + 1] / p.temperature, p.top_k, p.top_p)[0]
                 assert scaled[ids[i]] > float("-inf"), (trial, i, p)
+
+
+def test_a_temperature_below_greedy_below_is_greedy_not_nan(tokenizer):
+    """SamplingParams(temperature=1e-45) (a float32 subnormal) or 1e-300 (0 in float32) made the scaled logits
+    infinite and the probabilities NaN: torch.multinomial raised, failing the whole decode step of a Scheduler. Below
+    GREEDY_BELOW (vLLM's 1e-5) it is greedy, as `egmla serve` made it (the rule now lives in SamplingParams alone)."""
+    from tests.infer.helpers import tiny_model
+
+    from egmla.infer import GenerationEngine
+    from egmla.infer.sampling import GREEDY_BELOW, sample_rows
+    from egmla.infer.scheduler import Scheduler
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature in (1e-45, 1e-300, GREEDY_BELOW / 2):
+        params = SamplingParams(temperature, seed=1)
+        assert params.greedy and params == SamplingParams(0.0, seed=1)
+        assert torch.equal(sample_rows(logits, [params] * 3, [params.make_generator("cpu")] * 3), logits.argmax(-1))
+    assert not SamplingParams(GREEDY_BELOW).greedy
+    engine = GenerationEngine(tiny_model("eg-mla", seed=3), tokenizer, decode_path="gate-table")
+    greedy = engine.generate(["To be"], max_new_tokens=5)[0].token_ids
+    scheduler = Scheduler(engine, max_batch=2, max_len=32, seed=0)
+    handles = [scheduler.submit("To be", max_new_tokens=5, sampling=SamplingParams(t, seed=None))
+               for t in (1e-45, 1e-300)]
+    while scheduler.step():
+        pass
+    assert [handle.result(timeout=0).token_ids for handle in handles] == [greedy, greedy]

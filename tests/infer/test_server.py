@@ -31,11 +31,11 @@ SEA = "a sea of troubles"  # its greedy completion ends on the `eos` fixture's t
 
 
 @contextlib.contextmanager
-def serving(tokenizer, eos_token_id: int | None = None, max_waiting: int = 64):
+def serving(tokenizer, eos_token_id: int | None = None, max_waiting: int = 64, chat_template=None):
     """A server on a free port over a 4-row scheduler, its HTTP loop in a thread."""
     engine = GenerationEngine(tiny_model("eg-mla", seed=WEIGHTS_SEED), tokenizer, decode_path="gate-table")
     scheduler = Scheduler(engine, max_batch=4, max_len=MAX_LEN, max_waiting=max_waiting, seed=0)
-    server = make_server(scheduler, MODEL, port=0, eos_token_id=eos_token_id)
+    server = make_server(scheduler, MODEL, port=0, eos_token_id=eos_token_id, chat_template=chat_template)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -81,9 +81,9 @@ def complete(server, **body) -> dict:
     return answer
 
 
-def stream(server, **body) -> list:
+def stream(server, path: str = "/v1/completions", **body) -> list:
     """The data of every server-sent event, parsed (the last is the string '[DONE]')."""
-    request = urllib.request.Request(server.url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+    request = urllib.request.Request(server.url + path, data=json.dumps({**body, "stream": True}).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.headers["Content-Type"] == "text/event-stream"
@@ -135,11 +135,14 @@ def test_streamed_chunks_add_up_to_the_completion(server):
     *chunks, usage = events[:-1]
     assert usage["choices"] == [] and usage["usage"] == whole["usage"]
     assert {chunk["id"] for chunk in chunks} == {usage["id"]} and all(c["object"] == "text_completion" for c in chunks)
+    assert all("usage" in chunk and chunk["usage"] is None for chunk in chunks)  # OpenAI's shape: null until the last
     for choice in whole["choices"]:
         mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == choice["index"]]
         assert "".join(c["text"] for c in mine) == choice["text"]
         assert [c["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + [choice["finish_reason"]]
-    assert stream(server, **body)[-2]["choices"][0]["finish_reason"] is not None  # no usage chunk unless asked
+    plain = stream(server, **body)
+    assert plain[-2]["choices"][0]["finish_reason"] is not None  # no usage chunk unless asked
+    assert not any("usage" in chunk for chunk in plain[:-1])  # nor a usage field
 
 
 def test_stop_strings_end_the_completion(server, engine, eos):
@@ -210,7 +213,7 @@ def test_invalid_json_and_unknown_paths(server):
     assert status == 400 and "not valid JSON" in answer["error"]["message"]
     status, answer = call(server, "POST", "/v1/completions", raw=b'["x"]')
     assert status == 400 and "JSON list" in answer["error"]["message"]
-    for method, path in (("GET", "/v1/chat/completions"), ("POST", "/v1/embeddings")):
+    for method, path in (("GET", "/v1/embeddings"), ("POST", "/v1/responses")):
         status, answer = call(server, method, path, {} if method == "POST" else None)
         assert status == 404 and f"no endpoint {method} {path}" in answer["error"]["message"]
     status, answer = call(server, "GET", "/v1/completions")  # a path there is, by another method

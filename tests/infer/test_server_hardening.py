@@ -289,3 +289,66 @@ def test_while_stopping_new_connections_are_answered_503_not_left_unaccepted(tok
     assert answers["new"] == (503, {"status": "stopping", "running": 0, "waiting": 1}), answers["new"]
     assert answers["running"][0] == 200 and lines[-1] == "egmla serve: stopped"
     assert left == handlers
+
+
+def strict_json(data: bytes):
+    """JSON as a strict parser reads it: Python's json takes NaN and Infinity, which JSON does not have."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(data, parse_constant=refuse)
+
+
+def test_a_minus_infinite_logprob_is_written_as_valid_json(tokenizer, monkeypatch):
+    """A token the model rules out (logit -inf) has log-probability -inf: json wrote -Infinity, which JavaScript's
+    JSON.parse and other strict clients refuse. Written as -9999.0, vLLM's value, in every logprobs shape."""
+    import torch
+
+    with base.serving(tokenizer, chat_template="{{ messages[0].content }}") as server:
+        model = server.scheduler.engine.model
+        forward = model.forward
+
+        def three_tokens(*args, **kwargs):  # every token but 0, 1 and 2 ruled out
+            logits = forward(*args, **kwargs)
+            return logits.masked_fill(torch.arange(logits.shape[-1]) >= 3, float("-inf"))
+
+        monkeypatch.setattr(model, "forward", three_tokens)
+        body = {"max_tokens": 2, "temperature": 0, "ignore_eos": True}
+        answers = []
+        for path, fields in (("/v1/completions", {"prompt": PROMPT, "logprobs": 5, "echo": True}),
+                             ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}],
+                                                       "logprobs": True, "top_logprobs": 5})):
+            request = base.urllib.request.Request(server.url + path, data=json.dumps({**body, **fields}).encode())
+            with base.urllib.request.urlopen(request, timeout=60) as response:
+                answers.append(strict_json(response.read())["choices"][0]["logprobs"])
+            request = base.urllib.request.Request(server.url + path, data=json.dumps(
+                {**body, **fields, "echo": False, "stream": True}).encode())
+            with base.urllib.request.urlopen(request, timeout=60) as response:
+                for line in response:
+                    if line.startswith(b"data: {"):
+                        strict_json(line[6:])
+    legacy, chat = answers
+    assert sorted(legacy["top_logprobs"][-1].values())[:2] == [-9999.0, -9999.0]
+    assert [t["logprob"] for t in chat["content"][-1]["top_logprobs"]][-2:] == [-9999.0, -9999.0]
+    assert legacy["token_logprobs"][1] == -9999.0  # a prompt token the model ruled out (echo)
+
+
+def test_a_model_is_retrieved_by_its_id(server):
+    """GET /v1/models/{id} (the openai client's models.retrieve) was a 404 for every id."""
+    status, model = base.call(server, "GET", f"/v1/models/{MODEL}")
+    _, models = base.call(server, "GET", "/v1/models")
+    assert status == 200 and model == models["data"][0] and model["object"] == "model"
+    status, answer = base.call(server, "GET", "/v1/models/gpt-4o")
+    assert status == 404 and answer["error"]["code"] == "model_not_found" and answer["error"]["param"] == "model"
+    assert f"'gpt-4o' does not exist: this server serves '{MODEL}' only" in answer["error"]["message"]
+    status, answer = base.call(server, "POST", f"/v1/models/{MODEL}", {})
+    assert status == 405 and "takes GET, HEAD" in answer["error"]["message"]
+
+
+def test_stream_options_without_stream_is_a_400(server):
+    """stream_options on a request that does not stream were ignored; vLLM refuses them (the client meant a stream)."""
+    status, answer = base.call(server, "POST", "/v1/completions",
+                               {"prompt": PROMPT, "max_tokens": 2, "stream_options": {"include_usage": True}})
+    assert status == 400 and answer["error"]["param"] == "stream_options"
+    assert "without stream: true" in answer["error"]["message"]
+    assert base.complete(server, prompt=PROMPT, max_tokens=2, stream_options=None)["usage"]["completion_tokens"] == 2
