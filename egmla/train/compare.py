@@ -163,7 +163,8 @@ def summarise(label: str, summaries: dict[int, dict], first: dict[int, dict] | N
 
 
 def format_table(rows: list[dict]) -> str:
-    several = any(len(r["seeds"]) > 1 for r in rows)
+    """The comparison's table; rows of one run each (a run's summary, as experiments/paper_repro.py passes) too."""
+    several = any(len(r.get("seeds", ())) > 1 for r in rows)
     header = (f"{'config':<22} {'variant':<26} {'params (M)':>10} {'w/o gate (M)':>12} {'KV elem/token':>13} "
               f"{'val loss':>{17 if several else 9}}" + (f" {'vs first':>9} {'p':>6}" if several else "")
               + f" {'tokens/s':>10}")
@@ -171,7 +172,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         loss = f"{r['final_val_loss']:.4f}"
         if several:
-            loss += f" ± {r['final_val_loss_sd']:.4f}" if r["final_val_loss_sd"] is not None else " (1 seed)"
+            loss += f" ± {r['final_val_loss_sd']:.4f}" if r.get("final_val_loss_sd") is not None else " (1 seed)"
         line = (f"{r['name']:<22} {r['variant']:<26} {r['params'] / 1e6:>10.2f} "
                 f"{r['params_without_gate_tables'] / 1e6:>12.2f} {r['kv_elements_per_token']:>13,} "
                 f"{loss:>{17 if several else 9}}")
@@ -180,7 +181,7 @@ def format_table(rows: list[dict]) -> str:
             difference = f"{test['mean']:+.4f}" if test else "-"
             p = f"{test['p']:.3f}" if test and test["p"] is not None else "-"
             line += f" {difference:>9} {p:>6}"
-        speed = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
+        speed = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         lines.append(line + f" {speed:>10}")
     if several:
         lines.append(f"val loss: mean ± sd over seeds; vs first: mean paired difference to {rows[0]['name']} (same "
@@ -188,9 +189,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_comparison(rows: list[dict], curves: dict[str, dict[int, list]], path: Path, title: str) -> Path | None:
-    """Two panels: final validation loss against KV-cache size (± sd over seeds), and validation loss against
-    tokens trained (each seed thin, the mean over seeds thick)."""
+def plot_comparison(rows: list[dict], path: Path, title: str,
+                    curves: dict[str, dict[int, list]] | None = None) -> Path | None:
+    """Final validation loss against KV-cache size (± sd over seeds) and, given each row's validation curves per seed,
+    a second panel of validation loss against tokens trained (each seed thin, the mean over seeds thick)."""
     try:
         import matplotlib
 
@@ -198,35 +200,46 @@ def plot_comparison(rows: list[dict], curves: dict[str, dict[int, list]], path: 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, (by_cache, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    if curves:
+        fig, (by_cache, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    else:
+        fig, by_cache = plt.subplots(figsize=(7, 4.5), dpi=120)
     for index, r in enumerate(rows):
         color = f"C{index % 10}"
-        marker = "o" if "EG-MLA" in r["variant"] else ("s" if "MLA" in r["variant"] else "^")
-        by_cache.errorbar(r["kv_elements_per_token"], r["final_val_loss"], yerr=r["final_val_loss_sd"] or 0,
-                          marker=marker, color=color, capsize=3, markersize=6)
-        by_cache.annotate(r["name"], (r["kv_elements_per_token"], r["final_val_loss"]), fontsize=8,
-                          xytext=(4, 4), textcoords="offset points")
-        seeds = curves[r["name"]]
-        for curve in seeds.values():
-            by_tokens.plot(*zip(*curve), color=color, alpha=0.3, linewidth=0.8) if curve else None
-        common = min((len(c) for c in seeds.values()), default=0)
-        if common:
-            tokens = [point[0] for point in next(iter(seeds.values()))[:common]]
-            mean = [statistics.mean(c[i][1] for c in seeds.values()) for i in range(common)]
-            by_tokens.plot(tokens, mean, color=color, linewidth=2, label=r["name"])
+        if r["final_val_loss"] is not None:
+            marker = "o" if "EG-MLA" in r["variant"] else ("s" if "MLA" in r["variant"] else "^")
+            by_cache.errorbar(r["kv_elements_per_token"], r["final_val_loss"], yerr=r.get("final_val_loss_sd") or 0,
+                              marker=marker, color=color, capsize=3, markersize=6)
+            by_cache.annotate(r["name"], (r["kv_elements_per_token"], r["final_val_loss"]), fontsize=8,
+                              xytext=(4, 4), textcoords="offset points")
+        if curves:
+            plot_curves(by_tokens, curves.get(r["name"], {}), color, r["name"])
     by_cache.set_xscale("log")
     by_cache.set_xlabel("KV-cache elements per token (all layers)")
     by_cache.set_ylabel("final validation loss (nats/token)")
-    by_tokens.set_xlabel("tokens trained")
-    by_tokens.set_ylabel("validation loss (nats/token)")
-    by_tokens.legend(fontsize=8)
-    for ax in (by_cache, by_tokens):
-        ax.grid(alpha=0.3, which="both")
+    by_cache.grid(alpha=0.3, which="both")
+    if curves:
+        by_tokens.set_xlabel("tokens trained")
+        by_tokens.set_ylabel("validation loss (nats/token)")
+        by_tokens.legend(fontsize=8)
+        by_tokens.grid(alpha=0.3, which="both")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_curves(ax, seeds: dict[int, list[tuple[float, float]]], color: str, label: str) -> None:
+    """One config's validation curves: each seed thin, the mean over seeds (at the points all share) thick."""
+    for curve in seeds.values():
+        if curve:
+            ax.plot(*zip(*curve), color=color, alpha=0.3, linewidth=0.8)
+    common = min((len(c) for c in seeds.values()), default=0)
+    if common:
+        tokens = [point[0] for point in next(iter(seeds.values()))[:common]]
+        mean = [statistics.mean(c[i][1] for c in seeds.values()) for i in range(common)]
+        ax.plot(tokens, mean, color=color, linewidth=2, label=label)
 
 
 def main(args) -> int:
@@ -266,7 +279,8 @@ def main(args) -> int:
     atomic_write_json(out / "compare.json", {"rows": rows, "tokens_per_run": budget, "corpus": first.data.corpus,
                                              "seeds": seeds})
     (out / "compare.md").write_text("```\n" + table + "\n```\n")
-    plot = plot_comparison(rows, curves, out / "compare.png",
-                           f"{budget:,} tokens per run" + (f", seeds {','.join(map(str, seeds))}" if several else ""))
+    plot = plot_comparison(rows, out / "compare.png",
+                           f"{budget:,} tokens per run" + (f", seeds {','.join(map(str, seeds))}" if several else ""),
+                           curves)
     print(f"\nwrote {out / 'compare.json'}" + (f" and {plot}" if plot else ""))
     return 0
