@@ -24,7 +24,6 @@ network to install a web framework.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import queue
 import select
@@ -35,7 +34,6 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator
 from urllib.parse import unquote, urlsplit
@@ -44,6 +42,7 @@ from egmla.infer.chat import ChatTemplate, parse_chat_request
 from egmla.infer.completions import ApiError, CompletionRequest, check_text, parse_completion_request
 from egmla.infer.engine import TokenEvent
 from egmla.infer.requests import RequestHandle
+from egmla.infer.responses import CHAT, COMPLETION, Shape, TokenText, usage
 from egmla.infer.scheduler import Scheduler
 
 MODEL_PATH = "/v1/models/{id}"  # the one route with a parameter: the rest of the path, which may hold "/"
@@ -53,8 +52,6 @@ ROUTES = {"/v1/completions": {"POST": "_completions"}, "/v1/chat/completions": {
           "/stats": {"GET": "_stats"}, "/metrics": {"GET": "_metrics"}, "/tokenizer_info": {"GET": "_tokenizer_info"},
           "/tokenize": {"POST": "_tokenize"}, "/detokenize": {"POST": "_detokenize"}}
 ENDPOINTS = ", ".join(f"{method} {path}" for path, methods in ROUTES.items() for method in methods)
-# OpenAI's finish reasons for the engine's: an eos is a stop; "length" is max_tokens or the row's end.
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 RESPONSES_WAIT_SECONDS = 10.0  # on stop: how long handler threads get to write their last responses
 MAX_BODY_BYTES = 64 * 2**20  # a completions body: prompts of token ids fit many times over
 IDLE_CONNECTION_SECONDS = 60  # a kept-alive connection with no new request is closed after this
@@ -62,9 +59,6 @@ IDLE_CONNECTION_SECONDS = 60  # a kept-alive connection with no new request is c
 # client that timed out): its requests are then cancelled, freeing their rows, rather than run for nobody
 CLIENT_CHECK_SECONDS = 0.25
 MAX_CHUNK_LINE = 1024  # a chunked body's size line (hex size and extensions) or trailer line, at most
-# the log-probability written for -inf (and NaN): JSON has no infinity, and Python's json writes -Infinity, which
-# strict parsers refuse; vLLM writes this value
-LOWEST_LOGPROB = -9999.0
 
 
 class CompletionServer(ThreadingHTTPServer):
@@ -383,7 +377,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
                     values, tops = result.prompt_logprobs + values, result.prompt_top_logprobs + tops
                 logprobs = shape.logprobs(tokens, ids, values, tops, 0)
             choices.append(shape.choice(index, prefix + result.text, result.finish_reason, logprobs))
-        self._send_json(200, {**self.response_fields, "choices": choices, "usage": _usage(*self.token_counts)})
+        self._send_json(200, {**self.response_fields, "choices": choices, "usage": usage(*self.token_counts)})
 
     def _result(self, handle: RequestHandle):
         """handle.result(), or ConnectionResetError as soon as the client is seen gone (the handles are then
@@ -444,7 +438,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
                 self._send_event({**fields, "choices": [shape.delta(index, event.text, event.finish_reason, logprobs)]})
         else:
             if request.include_usage:
-                self._send_event({**fields, "choices": [], "usage": _usage(*self.token_counts)})
+                self._send_event({**fields, "choices": [], "usage": usage(*self.token_counts)})
         self.wfile.write(b"data: [DONE]\n\n")
 
     # ---- writing -------------------------------------------------------------------------------
@@ -529,113 +523,6 @@ def _route(path: str) -> str | None:
         return path
     prefix = MODEL_PATH.removesuffix("{id}")
     return MODEL_PATH if path.startswith(prefix) and len(path) > len(prefix) else None
-
-
-def json_logprob(value: float | None) -> float | None:
-    """A log-probability as JSON can hold it: -inf (a token the model rules out) and NaN as LOWEST_LOGPROB."""
-    return value if value is None or value >= LOWEST_LOGPROB else LOWEST_LOGPROB
-
-
-def _by_text(decode, alternatives: dict[int, float]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for token, value in alternatives.items():  # most likely first
-        out.setdefault(decode([token]), json_logprob(value))
-    return out
-
-
-def _choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
-    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": FINISH_REASONS.get(finish_reason)}
-
-
-def _logprobs(decode, ids: list[int], values: list, tops: list, start: int = 0) -> dict:
-    """OpenAI's legacy logprobs object: each token's text, log-probability and most likely alternatives (by their
-    text), and where each token's text starts (character offsets from `start`, each token decoded alone)."""
-    tokens = [decode([token]) for token in ids]
-    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=start))
-    # keyed by text as OpenAI's: ids that decode alike (bytes of one character) keep the first, most likely, value
-    top = [None if alternatives is None else _by_text(decode, alternatives) for alternatives in tops]
-    return {"tokens": tokens, "token_logprobs": [json_logprob(v) for v in values], "top_logprobs": top,
-            "text_offset": offsets}
-
-
-def _chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": FINISH_REASONS.get(finish_reason)}
-
-
-def _chat_delta(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
-    return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
-            "finish_reason": FINISH_REASONS.get(finish_reason)}
-
-
-def _chat_opening(index: int) -> dict:
-    """A chat stream's first chunk of each choice, before its tokens: the role (OpenAI's and vLLM's)."""
-    return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-
-
-def _chat_logprobs(tokens: TokenText, ids: list[int], values: list, tops: list, start: int = 0) -> dict:
-    """OpenAI's chat logprobs object: {"content": [each token's text (decoded alone), log-probability, bytes and
-    most likely alternatives (a list: ids that decode alike each keep their own)]}. (`start`: the legacy shape's.)"""
-    def entry(token_id: int, value: float) -> dict:
-        return {"token": tokens.decode([token_id]), "logprob": json_logprob(value), "bytes": tokens.bytes(token_id)}
-
-    return {"content": [{**entry(token_id, value), "top_logprobs": [entry(t, v) for t, v in (top or {}).items()]}
-                        for token_id, value, top in zip(ids, values, tops)]}
-
-
-@dataclass(frozen=True)
-class Shape:
-    """How an endpoint writes what the shared machinery (`_generate`) produces: the one thing /v1/completions and
-    /v1/chat/completions do not share. The callables take (index, text, finish_reason, logprobs), and logprobs
-    (TokenText, ids, log-probabilities, alternatives, the first token's text offset)."""
-
-    object: str  # a whole answer's "object"
-    chunk_object: str  # a streamed chunk's
-    id_prefix: str
-    choice: Callable[..., dict]  # a whole answer's choice
-    delta: Callable[..., dict]  # a streamed chunk's choice
-    logprobs: Callable[..., dict]
-    opening: Callable[[int], dict] | None = None  # each choice's first chunk, before its tokens
-
-
-COMPLETION = Shape("text_completion", "text_completion", "cmpl-", _choice, _choice,
-                   lambda tokens, *rest: _logprobs(tokens.decode, *rest))
-CHAT = Shape("chat.completion", "chat.completion.chunk", "chatcmpl-", _chat_choice, _chat_delta, _chat_logprobs,
-             _chat_opening)
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """The character GPT-2's byte-level BPE writes for each byte (its bytes_to_unicode), inverted."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [byte for byte in range(256) if byte not in printable]
-    return {**{chr(byte): byte for byte in printable}, **{chr(256 + i): byte for i, byte in enumerate(others)}}
-
-
-BYTE_OF_CHAR = _byte_level_alphabet()
-
-
-class TokenText:
-    """A token's text, decoded alone, and its bytes (chat logprobs' `bytes`): a byte-level BPE token's own, so that
-    the pieces of a multi-byte character (each decoded alone as U+FFFD) add up to it, as OpenAI's do; else (added and
-    special tokens, other tokenizers) its text's UTF-8."""
-
-    def __init__(self, tokenizer):
-        from tokenizers import decoders
-
-        self.decode, self._id_to_token = tokenizer.decode, tokenizer.id_to_token
-        self._byte_level = isinstance(getattr(tokenizer, "decoder", None), decoders.ByteLevel)
-        self._added = set(tokenizer.get_added_tokens_decoder()) if self._byte_level else set()  # written as is
-
-    def bytes(self, token_id: int) -> list[int]:
-        piece = self._id_to_token(token_id) if self._byte_level and token_id not in self._added else None
-        if piece is not None and all(char in BYTE_OF_CHAR for char in piece):
-            return [BYTE_OF_CHAR[char] for char in piece]
-        return list(self.decode([token_id]).encode())
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def _merged_events(handles: list[RequestHandle], client_gone: Callable[[], bool] = lambda: False

@@ -115,7 +115,7 @@ def test_logprobs_in_the_chat_shape_are_the_completions(server, tokenizer):
 def test_logprob_bytes_are_each_tokens_own(tokenizer):
     """A token that holds part of a multi-byte character decodes alone to U+FFFD; its `bytes` are its own, so that a
     client joins the bytes of the tokens to the text (OpenAI's point of the field)."""
-    from egmla.infer.server import TokenText
+    from egmla.infer.responses import TokenText
 
     tokens = TokenText(tokenizer)
     text = "Café naïve — façade"

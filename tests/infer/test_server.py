@@ -530,7 +530,7 @@ def test_metrics_in_prometheus_text_follow_the_scheduler(server):
 
 
 def test_logprob_alternatives_that_decode_alike_keep_the_most_likely_value():
-    from egmla.infer.server import _logprobs
+    from egmla.infer.responses import _logprobs
 
     def decode(ids):
         return {5: "a", 6: "\ufffd", 7: "\ufffd"}[ids[0]]
