@@ -164,7 +164,8 @@ def check_text(text: str, name: str, param: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
         raise ApiError(400, f"{name} holds a lone UTF-16 surrogate ({text[error.start]!r} at character {error.start}): "
-                            f"send valid Unicode text (or the prompt as token ids)", param) from None
+                            f"send valid Unicode text" + (" (or the prompt as token ids)" if param == "prompt" else ""),
+                       param) from None
 
 
 def _token_ids(value) -> bool:
