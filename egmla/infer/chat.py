@@ -61,16 +61,20 @@ class ChatTemplate:
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token)
-        except jinja2.TemplateError as error:  # raise_exception's, an undefined field, a sandbox refusal
+        # raise_exception's, an undefined field, a sandbox refusal; or the template's own Python error on these
+        # messages (a str + int, a / 0, a recursion without end): a 400 naming it, as vLLM answers, not a 500
+        except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, RuntimeError) as error:
+            why = str(error) if isinstance(error, jinja2.TemplateError) else f"{type(error).__name__}: {error}"
             raise ApiError(400, f"the chat template ({self.origin}) cannot render these messages: "
-                                f"{str(error).rstrip('.')}; send "
+                                f"{why.rstrip('.')}; send "
                                 f"messages it accepts", "messages") from None
 
 
 @functools.lru_cache(maxsize=1)
 def _environment():
     """transformers' chat-template environment: the immutable sandbox (no attribute of Python's internals, no
-    mutation of what it is given), trimmed blocks, loop controls, and the helpers templates call."""
+    mutation of what it is given), trimmed blocks, loop controls, generation blocks, and the helpers templates
+    call."""
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -81,8 +85,19 @@ def _environment():
         # jinja2's own escapes HTML, which a prompt must not have
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
+    class GenerationBlocks(jinja2.ext.Extension):
+        """transformers' {% generation %} ... {% endgeneration %} (it marks the assistant's part for training masks,
+        TRL's templates have it): rendered as its body, as apply_chat_template renders it."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            line = next(parser.stream).lineno  # a scope of its own, as transformers' call block is
+            return jinja2.nodes.Scope(parser.parse_statements(("name:endgeneration",), drop_needle=True),
+                                      lineno=line)
+
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
+                                                extensions=[jinja2.ext.loopcontrols, GenerationBlocks])
     environment.filters["tojson"] = tojson
     environment.globals["raise_exception"] = raise_exception
     environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)

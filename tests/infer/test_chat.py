@@ -127,11 +127,15 @@ def test_logprob_bytes_are_each_tokens_own(tokenizer):
 
 def test_the_template_renders_in_a_sandbox():
     """A template is code from a model folder: it cannot reach Python's internals or change what it is given; it
-    can refuse a conversation (raise_exception), and a template that does not parse is refused at start."""
+    can refuse a conversation (raise_exception), its own errors on one are 400s as well (not the server's 500), and
+    a template that does not parse is refused at start."""
     messages = [{"role": "user", "content": "x"}]
     for source, message in (("{{ messages.append(1) }}", "'append' of 'list' object is unsafe"),
                             ("{{ ''.__class__.__mro__ }}", "'__class__' of 'str' object is unsafe"),
-                            ("{{ raise_exception('only users here') }}", "only users here")):
+                            ("{{ raise_exception('only users here') }}", "only users here"),
+                            ("{{ messages[0].content + 1 }}", 'TypeError: can only concatenate str (not "int") to str'),
+                            ("{{ 1 / (messages | length - 1) }}", "ZeroDivisionError: division by zero"),
+                            ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError: maximum recursion")):
         with pytest.raises(ApiError, match=re.escape(message)) as error:
             ChatTemplate(source, "T").render(messages)
         assert error.value.status == 400 and error.value.param == "messages" and "chat template (T)" in str(error.value)
@@ -140,6 +144,10 @@ def test_the_template_renders_in_a_sandbox():
     template = ChatTemplate("{% for m in messages %}\n{{ m | tojson }}{% endfor %}{{ eos_token }}", bos_token="<s>",
                             eos_token="</s>")
     assert template.render([{"role": "user", "content": "é<&"}]) == '{"role": "user", "content": "é<&"}</s>'
+    # transformers' {% generation %} blocks (TRL's training templates mark the assistant's part so): their body
+    marked = ChatTemplate("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}[{{ m.content }}]"
+                          "{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}")
+    assert marked.render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == "a[b]"
     with pytest.raises(ValueError, match=r"--chat-template: not a Jinja template: line 1"):
         ChatTemplate("{% for m in %}", "--chat-template")
 
