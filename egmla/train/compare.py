@@ -148,14 +148,13 @@ def summarise(label: str, summaries: dict[int, dict], first: dict[int, dict] | N
 
     any_summary = next(iter(summaries.values()))
     losses = {seed: s["final_val_loss"] for seed, s in summaries.items()}
+    speeds = [s["tokens_per_s"] for s in summaries.values() if s.get("tokens_per_s")]
     row = {key: any_summary[key] for key in ("variant", "params", "params_without_gate_tables",
                                              "kv_elements_per_token")}
     row.update(name=label, seeds=sorted(losses), final_val_losses=[losses[s] for s in sorted(losses)],
                final_val_loss=statistics.mean(losses.values()),
                final_val_loss_sd=sample_sd(losses.values()) if len(losses) > 1 else None,
-               tokens_per_s=statistics.median(s["tokens_per_s"] for s in summaries.values()
-                                              if s.get("tokens_per_s")) if any(s.get("tokens_per_s")
-                                                                               for s in summaries.values()) else None)
+               tokens_per_s=statistics.median(speeds) if speeds else None)
     if first is not None:
         shared = sorted(set(losses) & set(first))
         row["vs_first"] = paired_t_test([losses[s] - first[s]["final_val_loss"] for s in shared]) if shared else None
