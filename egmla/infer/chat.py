@@ -34,7 +34,14 @@ CHAT_UNSUPPORTED = {
     "functions": ((None, []), _NO_TOOLS),
     "function_call": ((None, "none"), _NO_TOOLS),
     "response_format": ((None, {"type": "text"}), "answers are free text: there is no structured (JSON) output"),
+    # vLLM's extras that this server does not take: a template is code, so it comes from the server's operator only
+    "chat_template": ((None,), "the chat template is the server's (--chat-template or the served folder's), not "
+                               "a request's"),
+    "echo": ((None, False), "a chat answer does not repeat the last message; put its text in the prompt of "
+                            "/v1/completions with echo: true instead"),
 }
+# template variables a request's chat_template_kwargs may not replace (the server sets them)
+TEMPLATE_OWN = ("messages", "add_generation_prompt", "bos_token", "eos_token", "raise_exception", "strftime_now")
 MESSAGES_EXAMPLE = '[{"role": "user", "content": "Hello"}]'
 
 
@@ -53,14 +60,19 @@ class ChatTemplate:
         self.source, self.origin = source, origin
         self.bos_token, self.eos_token = bos_token or "", eos_token or ""  # None would render as "None"
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False,
+               variables: dict | None = None) -> str:
         """The prompt of these messages; ApiError 400 where the template refuses them (its raise_exception) or
-        fails on them."""
+        fails on them. `continue_final_message`: the prompt ends where the last message's text ends (what the
+        template puts after it, an end-of-turn mark, is cut), so the answer continues that message, as transformers'
+        apply_chat_template does. `variables`: more names the template can read (a request's
+        chat_template_kwargs, such as vLLM's)."""
         import jinja2
 
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos_token, eos_token=self.eos_token)
+            prompt = self.template.render(**(variables or {}), messages=messages,
+                                          add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
+                                          eos_token=self.eos_token)
         # raise_exception's, an undefined field, a sandbox refusal; or the template's own Python error on these
         # messages (a str + int, a / 0, a recursion without end): a 400 naming it, as vLLM answers, not a 500
         except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, RuntimeError) as error:
@@ -68,6 +80,19 @@ class ChatTemplate:
             raise ApiError(400, f"the chat template ({self.origin}) cannot render these messages: "
                                 f"{why.rstrip('.')}; send "
                                 f"messages it accepts", "messages") from None
+        return _cut_after_final(prompt, messages[-1]["content"], self.origin) if continue_final_message else prompt
+
+
+def _cut_after_final(prompt: str, final: str, origin: str) -> str:
+    """The prompt up to the end of the last message's text, found from the right (a template may strip it)."""
+    for text in (final, final.strip()):
+        at = prompt.rfind(text) if text else -1
+        if at >= 0:
+            return prompt[:at + len(text)]
+    raise ApiError(400, f"continue_final_message: the chat template ({origin}) does not put the last message's "
+                        f"text in the prompt, so there is no end of it to continue from; send the last message as a "
+                        f"non-empty text the template writes out, or leave continue_final_message out",
+                   "continue_final_message")
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,6 +175,16 @@ def parse_chat_request(body, model_name: str, encode: Callable[[object, int], li
                             "its own; serve it with --chat-template FILE_OR_STRING (a Jinja template, transformers' "
                             "convention), or send the prompt to /v1/completions", "messages", "chat_template_missing")
     messages = _messages(body.get("messages"))
+    add_generation_prompt = boolean_field(body, "add_generation_prompt", True)
+    continue_final = boolean_field(body, "continue_final_message")
+    if continue_final and add_generation_prompt:  # vLLM's and transformers' rule: one or the other
+        raise ApiError(400, "continue_final_message: true with add_generation_prompt: true: the answer would both "
+                            "continue the last message and open a new one; add \"add_generation_prompt\": false",
+                       "continue_final_message")
+    if continue_final and messages[-1]["role"] != "assistant":
+        raise ApiError(400, f"continue_final_message: true, but the last message's role is {messages[-1]['role']!r}: "
+                            f"it continues an assistant message; end the messages with one", "continue_final_message")
+    variables = _template_variables(body.get("chat_template_kwargs"))
     common = generation_fields(body, max_choices)
     max_tokens = _max_tokens(body, max_len)
     wanted, top = boolean_field(body, "logprobs"), integer_field(body, "top_logprobs", None, minimum=0)
@@ -157,7 +192,7 @@ def parse_chat_request(body, model_name: str, encode: Callable[[object, int], li
         raise ApiError(400, f"top_logprobs={top} without logprobs: true: add \"logprobs\": true, or leave "
                             f"top_logprobs out", "top_logprobs")
     check_top_logprobs(top, "top_logprobs")
-    prompt = template.render(messages)
+    prompt = template.render(messages, add_generation_prompt, continue_final, variables)
     try:
         ids = encode(prompt, 0)
     except ValueError as error:  # empty, beyond the model's context
@@ -179,6 +214,21 @@ def _max_tokens(body: dict, default: int) -> int:
         raise ApiError(400, f"max_completion_tokens={new} and max_tokens={old} disagree: give one of them "
                             f"(max_tokens is the older name)", "max_completion_tokens")
     return new or old or default
+
+
+def _template_variables(value) -> dict:
+    """A request's chat_template_kwargs (vLLM's field): more variables for the template, such as a template's own
+    switches (`enable_thinking`); never the ones the server sets."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(key, str) and key.isidentifier() for key in value):
+        raise ApiError(400, f"chat_template_kwargs={value!r}: must be an object of template variables such as "
+                            f"{{\"enable_thinking\": false}}", "chat_template_kwargs")
+    taken = sorted(set(value) & set(TEMPLATE_OWN))
+    if taken:
+        raise ApiError(400, f"chat_template_kwargs sets {', '.join(taken)}, which the server sets; use the request's "
+                            f"own fields (messages, add_generation_prompt) or leave them out", "chat_template_kwargs")
+    return value
 
 
 def _messages(value) -> list[dict]:
@@ -207,7 +257,14 @@ def _message(message, name: str) -> dict:
         raise ApiError(400, f"{name}.content={content!r}: must be a string or a list of text parts such as "
                             f"[{{\"type\": \"text\", \"text\": \"Hello\"}}]", "messages")
     check_text(content, f"{name}.content", "messages")
-    return {"role": role, "content": content}
+    speaker = message.get("name")  # OpenAI's participant name: templates that know it write it out
+    if speaker is None:
+        return {"role": role, "content": content}
+    if not isinstance(speaker, str) or not speaker:
+        raise ApiError(400, f"{name}.name={speaker!r}: must be a non-empty string (the participant's name) or left "
+                            f"out", "messages")
+    check_text(speaker, f"{name}.name", "messages")
+    return {"role": role, "content": content, "name": speaker}
 
 
 def _text_part(part, name: str) -> str:

@@ -194,8 +194,8 @@ def _number(body: dict, name: str, default: float) -> float:
     return number
 
 
-def boolean_field(body: dict, name: str) -> bool:
+def boolean_field(body: dict, name: str, default: bool = False) -> bool:
     value = body.get(name)
     if value is not None and not isinstance(value, bool):
         raise ApiError(400, f"{name}={value!r}: must be true or false", name)
-    return bool(value)
+    return default if value is None else value

@@ -64,6 +64,41 @@ def test_a_chat_answer_is_the_completion_of_the_rendered_prompt(server):
                        "logprobs": None, "finish_reason": "stop"}
 
 
+def test_vllm_extras_shape_the_prompt_and_the_answer_is_its_completion(server):
+    """add_generation_prompt: false leaves the template's "A:" out; continue_final_message ends the prompt where the
+    last assistant message's text ends (the template's newline after it cut), so the answer continues it."""
+    turns = [*MESSAGES, {"role": "assistant", "content": "not to"}]
+    for extras, prompt in (({"add_generation_prompt": False}, rendered(MESSAGES)[:-2]),
+                           ({"add_generation_prompt": False, "continue_final_message": True},
+                            rendered(turns)[:-len("\nA:")])):
+        messages = turns if extras.get("continue_final_message") else MESSAGES
+        answer = chat(server, messages=messages, temperature=0, max_tokens=6, ignore_eos=True, logprobs=True,
+                      **extras)["choices"][0]
+        same = base.complete(server, prompt=prompt, temperature=0, max_tokens=6, ignore_eos=True,
+                             logprobs=0)["choices"][0]
+        assert answer["message"]["content"] == same["text"]
+        assert [e["logprob"] for e in answer["logprobs"]["content"]] == same["logprobs"]["token_logprobs"]
+
+
+def test_message_names_and_template_variables_reach_the_template():
+    template = ChatTemplate("{% for m in messages %}{{ m.name or m.role }}:{{ m.content }};{% endfor %}"
+                            "{% if think %}<think>{% endif %}")
+    messages = [{"role": "user", "content": "hi", "name": "ann"}, {"role": "user", "content": "yo"}]
+    assert template.render(messages) == "ann:hi;user:yo;"
+    assert template.render(messages, variables={"think": True}) == "ann:hi;user:yo;<think>"
+    from egmla.infer.chat import _messages
+
+    assert _messages([{"role": "user", "content": "hi", "name": "ann"}]) == [{"role": "user", "content": "hi",
+                                                                             "name": "ann"}]
+    # continue_final_message: the template strips the text, so the cut falls after the stripped text
+    stripping = ChatTemplate("{% for m in messages %}<{{ m.content | trim }}>{% endfor %}")
+    assert stripping.render([{"role": "assistant", "content": " so "}], False, True) == "<so"
+    with pytest.raises(ApiError, match="does not put the last message's text in the prompt") as error:
+        ChatTemplate("{% for m in messages %}[turn]{% endfor %}").render([{"role": "assistant", "content": "y"}],
+                                                                        False, True)
+    assert error.value.param == "continue_final_message"
+
+
 def test_without_max_tokens_a_chat_runs_to_the_rows_end(server):
     """Chat has no max_tokens default of 16 (completions'): it ends at the end-of-text token or the row's end."""
     answer = chat(server, messages=MESSAGES, temperature=0, ignore_eos=True)
@@ -218,6 +253,17 @@ USER = {"role": "user", "content": "x"}
     ({"messages": [USER], "temperature": -1}, 400, "temperature", "temperature=-1.0: must be >= 0"),
     ({"messages": [USER], "n": 4 + 64 + 1}, 400, "n", "n=69: 69 choices at once can never be queued"),
     ({"messages": [USER], "model": "gpt-4o"}, 404, "model", "model='gpt-4o': this server serves 'tiny-eg-mla' only"),
+    ({"messages": [{**USER, "name": 3}]}, 400, "messages", "messages[0].name=3: must be a non-empty string"),
+    ({"messages": [USER], "chat_template": "{{ 1 }}"}, 400, "chat_template", "the chat template is the server's"),
+    ({"messages": [USER], "echo": True}, 400, "echo", "echo=True is not supported"),
+    ({"messages": [USER], "add_generation_prompt": "no"}, 400, "add_generation_prompt", "must be true or false"),
+    ({"messages": [USER, {"role": "assistant", "content": "y"}], "continue_final_message": True}, 400,
+     "continue_final_message", 'add "add_generation_prompt": false'),
+    ({"messages": [USER], "continue_final_message": True, "add_generation_prompt": False}, 400,
+     "continue_final_message", "the last message's role is 'user'"),
+    ({"messages": [USER], "chat_template_kwargs": ["x"]}, 400, "chat_template_kwargs", "must be an object of template"),
+    ({"messages": [USER], "chat_template_kwargs": {"messages": []}}, 400, "chat_template_kwargs",
+     "chat_template_kwargs sets messages, which the server sets"),
 ])
 def test_bad_chat_requests_are_refused_naming_the_field(server, body, status, param, message):
     got, answer = base.call(server, "POST", "/v1/chat/completions", {"user": "an unknown field is ignored", **body})
