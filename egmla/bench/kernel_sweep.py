@@ -242,13 +242,16 @@ def sweep_grouped(batch, length, source, ids, device, launches=GROUPED_LAUNCHES)
         rows.append(row)
     # (gate_dot, rows, splits, warps); gate_dot: fewer registers per row
     upproj = [(False, r, s, w) for r, s, w in itertools.product((64, 128), (1, 2), (2, 4))]
-    upproj += [(True, r, s, w) for r, s, w in itertools.product((64, 128, 256), (1, 2), (4, 8))]
+    upproj = [(g, r, s, w, False) for g, r, s, w in upproj]
+    upproj += [(True, r, s, w, False) for r, s, w in itertools.product((64, 128, 256), (1, 2), (4, 8))]
+    if device.type == "cuda":  # Triton's automatic warp specialization of the row loop: 8 warps on sm_90
+        upproj += [(g, r, 1, 8, True) for g, r in itertools.product((True, False), (128, 256))]
     two = run("attend", 2, 16) if "upproj" in launches else None
-    for gate_dot, rows_, splits, warps in upproj if "upproj" in launches else ():
+    for gate_dot, rows_, splits, warps, specialize in upproj if "upproj" in launches else ():
         res = run("upproj", 3, 16, num_warps=(absorb_w, attend_w, warps), block_rows=rows_, num_splits=splits,
-                  gate_dot=gate_dot)
+                  gate_dot=gate_dot, warp_specialize=specialize)
         row = {**base, "launch": "upproj", "block_rows": rows_, "splits": splits, "upproj_warps": warps,
-               "gate_dot": gate_dot, **res}
+               "gate_dot": gate_dot, "warp_specialize": specialize, **res}
         if "us" in res and "us" in two:
             row.update(us=res["us"] - two["us"], us_whole=res["us"])
         rows.append(row)
@@ -260,7 +263,7 @@ def sweep_grouped(batch, length, source, ids, device, launches=GROUPED_LAUNCHES)
 
 
 SETTINGS = {"absorb": ("absorb_warps", "block_ids", "heads_per_program"), "attend": ("chunk", "attend_warps"),
-            "upproj": ("block_rows", "splits", "upproj_warps", "gate_dot"), "all (defaults)": ()}
+            "upproj": ("block_rows", "splits", "upproj_warps", "gate_dot", "warp_specialize"), "all (defaults)": ()}
 
 
 def grouped_markdown(json_path: str, md_path: str, top: int = 4) -> None:

@@ -9,7 +9,9 @@ one row per --gate-table-update (train.gate_table_update: dense AdamW or row-spa
 variant one row per --compile-mode (train.compile_mode: reduce-overhead replays each block's forward and
 backward from CUDA graphs, for a host that cannot launch kernels as fast as the GPU runs them).
 --activation-checkpointing and --loss-chunk-tokens (train.activation_checkpointing, train.loss_chunk_tokens) give
-rows that keep less for the backward; the peak-memory column (CUDA's max_memory_allocated) says what they save.
+rows that keep less for the backward. Two memory columns (CUDA's max_memory_allocated): the peak over every step,
+warm-up included (compilation, autotuning and CUDA-graph recording run there: what must fit), and the timed steps'
+own peak (the steady state that the settings act on).
 --profile then runs a few more steps of each row under torch.profiler: the kernels' time by kind and the
 costliest kernels go into each row of --out NAME.json and, as Markdown, into NAME_profile.md beside it.
 
@@ -170,6 +172,9 @@ def time_variant(variant, label: str, args, device, ids, autocast, gate_table_up
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
         step(NoTimer())
+    first_peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    if device.type == "cuda":  # the timed steps' own peak: compilation, autotuning and graph recording are done
+        torch.cuda.reset_peak_memory_stats(device)
     phases = []
     for _ in range(args.steps):
         timer = PhaseTimer(device)
@@ -190,7 +195,9 @@ def time_variant(variant, label: str, args, device, ids, autocast, gate_table_up
            "phase_ms": {phase: 1e3 * statistics.median(p[phase] for p in phases) for phase in PHASES},
            "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
            "mfu": flops / seconds / peak if peak else None,
-           "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
+           "steady_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+           "peak_memory_gb": (max(first_peak, torch.cuda.max_memory_allocated(device) / 1e9)
+                              if device.type == "cuda" else None)}
     if args.profile:
         row["profile"] = profile_steps(step, device, args.profile_steps)
     return row
@@ -222,35 +229,37 @@ def mla_base(rows: list[dict], row: dict) -> float | None:
 
 def format_rows(rows: list[dict]) -> str:
     header = (f"{'variant':<34} {'step ms':>9} {'fwd+bwd':>8} {'clip':>6} {'optim':>6} {'tokens/s':>11} "
-              f"{'TFLOP/s':>8} {'MFU':>6} {'vs MLA kv64':>11} {'mem GB':>7}")
+              f"{'TFLOP/s':>8} {'MFU':>6} {'vs MLA kv64':>11} {'peak GB':>7} {'steps GB':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         base = mla_base(rows, r)
         ratio = f"{r['step_ms'] / base:.3f}x" if base else "-"
         memory = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
+        steady = f"{r['steady_memory_gb']:.1f}" if r.get("steady_memory_gb") is not None else "-"
         phase = r["phase_ms"]
         lines.append(f"{r['name']:<34} {r['step_ms']:>9.1f} {phase['forward_backward']:>8.1f} {phase['clip']:>6.1f} "
                      f"{phase['optimizer']:>6.1f} {r['tokens_per_s']:>11,.0f} {r['tflops']:>8.1f} {mfu:>6} "
-                     f"{ratio:>11} {memory:>7}")
+                     f"{ratio:>11} {memory:>7} {steady:>8}")
     return "\n".join(lines)
 
 
 def markdown(rows: list[dict], device_name: str, settings: str) -> str:
     lines = [f"### Training step: {device_name}", "", settings, "",
              "| variant | params (M) | w/o gate tables (M) | step ms | fwd+bwd ms | clip ms | optimizer ms | "
-             "tokens/s | TFLOP/s | MFU | vs MLA kv64 | peak GB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "tokens/s | TFLOP/s | MFU | vs MLA kv64 | peak GB | steps' peak GB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         base = mla_base(rows, r)
         ratio = f"{r['step_ms'] / base:.3f}x" if base else "-"
         memory = f"{r['peak_memory_gb']:.1f}" if r.get("peak_memory_gb") is not None else "-"
+        steady = f"{r['steady_memory_gb']:.1f}" if r.get("steady_memory_gb") is not None else "-"
         phase = r["phase_ms"]
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f} | {r['params_without_gate_tables'] / 1e6:.1f} | "
                      f"{r['step_ms']:.1f} | {phase['forward_backward']:.1f} | {phase['clip']:.1f} | "
                      f"{phase['optimizer']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {ratio} | "
-                     f"{memory} |")
+                     f"{memory} | {steady} |")
     return "\n".join(lines) + "\n"
 
 

@@ -321,7 +321,7 @@ def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_pt
                    BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                   GATE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   GATE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False):
     """o[b, h] = gamma^V ⊙ (sum over rows of g^V[id] ⊙ (W^V_h s_row) - sum_t w_t mu_t) + beta^V, rows rescaled
     to the global softmax (each program merges the chunks' softmax statistics itself: a launch doing it once per
     sequence measured slower, its few programs in series). One program per (head, sequence, split of the row
@@ -355,7 +355,9 @@ def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_pt
     if GATE_DOT:
         acc = tl.zeros([BLOCK_V, BLOCK_C], tl.float32)
     o = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(split * BLOCK_ROWS, n_seq_rows, num_splits * BLOCK_ROWS):
+    # WARP_SPECIALIZE: Triton's automatic warp specialization of this loop (loads in a producer warp group, the dots
+    # in consumers); for sm_90 Triton 3.6 compiles it only at 8 warps (4 hit compiler assertions)
+    for start in tl.range(split * BLOCK_ROWS, n_seq_rows, num_splits * BLOCK_ROWS, warp_specialize=WARP_SPECIALIZE):
         offs_row = start + tl.arange(0, BLOCK_ROWS)
         in_seq = offs_row < n_seq_rows
         row_chunk = tl.load(row_chunk_ptr + batch * stride_cb + offs_row, mask=in_seq, other=-1)
@@ -421,7 +423,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
                    num_splits: int | None = None, num_warps: int | tuple[int, int, int] = (4, 1, 4), stages: int = 3,
                    batch_slice: int | None = None, key_gather: bool = False, gate_dot: bool = True,
                    num_stages: int | tuple[int | None, int | None, int | None] | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   warp_specialize: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """o [batch, heads, d_v] (dtype of latent): same function as `grouped_decode_ref`.
 
     q_nope [batch, heads, d_n], q_pe [batch, heads, d_r]; cache latent [batch, T, d_c], k_rope [batch, T, d_r],
@@ -435,7 +437,8 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     for the three launches or (absorb, attend, upproj). `gate_dot` sums the up-projection's rows in the K of one
     dot (fewer registers; the default since it measured 40% faster on an H200); False sums W^V_h s per row.
     `num_stages`: Triton's software-pipelining stages, one count or (absorb, attend, upproj); None = Triton's
-    default. The defaults are the fastest per launch on an H200 at paper-base, B = 32, T = 4,096 on code and English
+    default. `warp_specialize`: Triton's automatic warp specialization of the up-projection's row loop (GPU; sm_90
+    needs 8 up-projection warps). The defaults are the fastest per launch on an H200 at paper-base, B = 32, T = 4,096 on code and English
     ids (docs/grouped-decode.md, "Launch settings" and "The up-projection as one dot")."""
     d_v = _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan, gate_table, wkv_b)
     batch, heads, d_n = q_nope.shape
@@ -446,7 +449,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     if batch_slice and batch_slice < batch:
         settings = dict(block_ids=block_ids, heads_per_program=heads_per_program, block_rows=block_rows,
                         num_splits=num_splits, num_warps=num_warps, stages=stages, key_gather=key_gather,
-                        gate_dot=gate_dot, num_stages=num_stages)
+                        gate_dot=gate_dot, num_stages=num_stages, warp_specialize=warp_specialize)
         for start in range(0, batch, batch_slice):
             rows = slice(start, start + batch_slice)
             grouped_decode(q_nope[rows], q_pe[rows], latent[rows], k_rope[rows], ln_stats[rows], plan.sequences(rows),
@@ -500,7 +503,8 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
         gate_table.stride(0), wkv_b.stride(0), acc.stride(0), acc.stride(1), plan.n_chunks, num_splits,
         N_HEADS=heads, D_N=d_n, D_V=d_v, D_C=d_c, BLOCK_H=block_h, BLOCK_V=block(d_v), BLOCK_C=block_c,
         BLOCK_ROWS=block_rows, BLOCK_K=max(16, triton.next_power_of_2(plan.n_chunks)), BLOCK_T=plan.block_t,
-        ATOMIC=atomic, GATE_DOT=gate_dot, num_warps=upproj_warps, **upproj_stages, **flags)
+        ATOMIC=atomic, GATE_DOT=gate_dot, WARP_SPECIALIZE=warp_specialize, num_warps=upproj_warps, **upproj_stages,
+        **flags)
     return out.copy_(acc) if acc is not out else out
 
 

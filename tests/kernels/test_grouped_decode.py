@@ -219,11 +219,14 @@ def test_model_path_through_kernel():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("kernel", ["three", "three-per-row", "fused", "scratch"])
+@pytest.mark.parametrize("kernel", ["three", "three-per-row", "three-specialized", "three-specialized-per-row",
+                                    "fused", "scratch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_on_gpu_paper_base_shapes(dtype, kernel):
     lengths = [1, 700, 2049, 4096]
     extra = {"gate_dot": False, "num_warps": (4, 1, 2)} if kernel == "three-per-row" else {}
+    if "specialized" in kernel:  # Triton's automatic warp specialization of the up-projection: 8 warps on sm_90
+        extra = {"warp_specialize": True, "num_warps": (4, 1, 8), "gate_dot": "per-row" not in kernel}
     for high in (None, 20, 1):  # mostly distinct, 20 ids, one id
         case, groups = make_case(4, 12, 64, 64, 64, 64, lengths, 32768, dtype, "cuda", high=high)
         out, ref = run_both(case, groups, 16 if kernel == "scratch" else 32, kernel=kernel.split("-")[0], **extra)
@@ -303,4 +306,13 @@ def test_workspace_formula_matches_what_a_step_allocates():
 def test_pipelining_stages_give_the_same_output(num_stages):
     case, groups = make_case(3, 2, 16, 16, 16, 16, [20, 7, 13], 30, torch.float32, kernel_device(), high=5)
     out, ref = run_both(case, groups, 16, num_stages=num_stages, block_ids=16, block_rows=16)
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_warp_specialized_row_loop_gives_the_same_output():
+    """The up-projection's row loop under Triton's automatic warp specialization (the interpreter runs it as a plain
+    loop; the GPU test above compiles it), with two splits so that several row blocks meet in one program's loop."""
+    case, groups = make_case(3, 2, 16, 16, 16, 16, [45, 7, 13], 30, torch.float32, kernel_device(), high=25)
+    out, ref = run_both(case, groups, 16, warp_specialize=True, num_warps=(4, 1, 8), block_ids=16, block_rows=16,
+                        num_splits=2)
     assert rel_err(out, ref) < 1e-4
