@@ -144,6 +144,11 @@ def load_chat_template(option: str | None, folder: str | Path, tokenizer, eos_to
     return ChatTemplate(source, origin, tokens["bos_token"], eos)
 
 
+def check_template_option(option: str) -> None:
+    """--chat-template's file or text, read and compiled: a ValueError naming the option before the weights load."""
+    ChatTemplate(*_template_source(option, Path(".")))
+
+
 def _template_source(option: str | None, folder: Path) -> tuple[str | None, str]:
     if option is not None:
         if os.path.isfile(option):  # (not Path.is_file: a long template raises "file name too long" there)

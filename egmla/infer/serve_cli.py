@@ -91,7 +91,7 @@ def _prompt_tokens(text: str) -> int:
 def main(args) -> int:
     from pathlib import Path
 
-    from egmla.infer.chat import load_chat_template
+    from egmla.infer.chat import check_template_option, load_chat_template
     from egmla.infer.cli import find_eos, resolve_device_dtype
     from egmla.infer.engine import GenerationEngine
     from egmla.infer.scheduler import Scheduler
@@ -100,6 +100,8 @@ def main(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: must lie in [0, 65535] (0 = any free port)")
+    if args.chat_template is not None:  # a bad one is refused before the weights load, not after
+        check_template_option(args.chat_template)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     model, meta = load_model(args.run, device=device, dtype=dtype, checkpoint=args.checkpoint)
     tokenizer = load_tokenizer(args.run)

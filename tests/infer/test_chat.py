@@ -352,3 +352,6 @@ def test_the_command_refuses_a_chat_template_that_is_neither_file_nor_template(c
     assert "--chat-template 'missing.jinja': no such file, and not a template" in capsys.readouterr().err
     assert egmla_main(["serve", "--run", str(run_dir), "--port", "0", "--chat-template", "{% if %}"]) == 2
     assert "--chat-template: not a Jinja template: line 1" in capsys.readouterr().err
+    # before the weights load: a run that cannot load does not hide the template's error
+    assert egmla_main(["serve", "--run", str(run_dir / "nowhere"), "--port", "0", "--chat-template", "{% if %}"]) == 2
+    assert "--chat-template: not a Jinja template: line 1" in capsys.readouterr().err
