@@ -21,7 +21,8 @@ from typing import Callable
 from egmla.infer.completions import (ApiError, CompletionRequest, boolean_field, check_body, check_text,
                                      check_top_logprobs, generation_fields, integer_field)
 
-ROLES = ("system", "user", "assistant")
+# "developer" is OpenAI's newer name for system instructions: passed to the template as sent, as vLLM passes it
+ROLES = ("system", "developer", "user", "assistant")
 _NO_SAMPLING = "sampling has temperature, top_p and top_k only (egmla.infer.sampling)"
 _NO_TOOLS = "the served model is a base language model: the server has no tool or function calling"
 # OpenAI chat fields this server does not implement: the values that mean "not used", and why (completions' table)
@@ -250,9 +251,8 @@ def _message(message, name: str) -> dict:
                             f"\"Hello\"}}", "messages")
     role = message.get("role")
     if role not in ROLES:
-        hint = "; send a developer message as system" if role == "developer" else ""
         raise ApiError(400, f"{name}.role={role!r}: must be one of {', '.join(ROLES)} (no tool or function "
-                            f"messages: {_NO_TOOLS}){hint}", "messages")
+                            f"messages: {_NO_TOOLS})", "messages")
     if message.get("tool_calls") not in (None, []):
         raise ApiError(400, f"{name}.tool_calls is not supported: {_NO_TOOLS}; leave it out", "messages")
     content = message.get("content")

@@ -81,12 +81,15 @@ def test_vllm_extras_shape_the_prompt_and_the_answer_is_its_completion(server):
 
 
 def test_message_names_and_template_variables_reach_the_template():
+    from egmla.infer.chat import _messages
+
     template = ChatTemplate("{% for m in messages %}{{ m.name or m.role }}:{{ m.content }};{% endfor %}"
                             "{% if think %}<think>{% endif %}")
     messages = [{"role": "user", "content": "hi", "name": "ann"}, {"role": "user", "content": "yo"}]
     assert template.render(messages) == "ann:hi;user:yo;"
+    # a developer message (OpenAI's newer system) reaches the template with its role
+    assert _messages([{"role": "developer", "content": "be brief"}]) == [{"role": "developer", "content": "be brief"}]
     assert template.render(messages, variables={"think": True}) == "ann:hi;user:yo;<think>"
-    from egmla.infer.chat import _messages
 
     assert _messages([{"role": "user", "content": "hi", "name": "ann"}]) == [{"role": "user", "content": "hi",
                                                                              "name": "ann"}]
@@ -227,7 +230,6 @@ USER = {"role": "user", "content": "x"}
     ({"messages": ["hi"]}, 400, "messages", "messages[0]='hi': must be an object"),
     ({"messages": [USER, {"role": "tool", "content": "1"}]}, 400, "messages",
      "messages[1].role='tool': must be one of"),
-    ({"messages": [{"role": "developer", "content": "x"}]}, 400, "messages", "send a developer message as system"),
     ({"messages": [{"role": "user"}]}, 400, "messages", "messages[0].content=None: must be a string or a list of text"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages",
      "messages[0].content[0]={'type': 'image_url', 'image_url': {'url': 'x'}}: a image_url part: the model reads text"),
