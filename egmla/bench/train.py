@@ -11,7 +11,8 @@ backward from CUDA graphs, for a host that cannot launch kernels as fast as the 
 --activation-checkpointing and --loss-chunk-tokens (train.activation_checkpointing, train.loss_chunk_tokens) give
 rows that keep less for the backward. Two memory columns (CUDA's max_memory_allocated): the peak over every step,
 warm-up included (compilation, autotuning and CUDA-graph recording run there: what must fit), and the timed steps'
-own peak (the steady state that the settings act on).
+own peak (the steady state that the settings act on). --memory-snapshot DIR records every allocation of each row
+(GPU) for PyTorch's memory viewer: what sets the peak, and in which step.
 --profile then runs a few more steps of each row under torch.profiler: the kernels' time by kind and the
 costliest kernels go into each row of --out NAME.json and, as Markdown, into NAME_profile.md beside it.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import re
 import statistics
 import time
 from pathlib import Path
@@ -65,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss-chunk-tokens", default="0", metavar="N,...",
                         help="train.loss_chunk_tokens per row: output head + cross-entropy N tokens at a time (0 = "
                              "whole logits); comma-separated values give a row each. The mem GB column compares them")
+    parser.add_argument("--memory-snapshot", metavar="DIR",
+                        help="CUDA only: record every allocation of each row's warm-up and timed steps and write it "
+                             "as DIR/<row>.pickle (torch.cuda.memory._dump_snapshot; drag it onto "
+                             "https://pytorch.org/memory_viz to see what sets the peak and when)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each row (torch.profiler, --profile-steps steps after the timed ones): "
                              "kernel time by kind and the costliest kernels, printed and written beside --out")
@@ -170,6 +176,9 @@ def time_variant(variant, label: str, args, device, ids, autocast, gate_table_up
     config, model, step = build_step(variant, args, device, ids, autocast, gate_table_update, compile_mode, memory)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    snapshot = getattr(args, "memory_snapshot", None)
+    if snapshot:  # from the first warm-up step: compilation and CUDA-graph recording happen there
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
     for _ in range(args.warmup):
         step(NoTimer())
     first_peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
@@ -180,6 +189,11 @@ def time_variant(variant, label: str, args, device, ids, autocast, gate_table_up
         timer = PhaseTimer(device)
         step(timer)
         phases.append(timer.seconds())
+    if snapshot:
+        snapshot_path = Path(snapshot) / (re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower() + ".pickle")
+        snapshot_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(snapshot_path))
+        torch.cuda.memory._record_memory_history(enabled=None)
     times = [sum(p.values()) for p in phases]
     seconds = statistics.median(times)
     tokens = args.batch * args.seq_len
@@ -198,6 +212,8 @@ def time_variant(variant, label: str, args, device, ids, autocast, gate_table_up
            "steady_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
            "peak_memory_gb": (max(first_peak, torch.cuda.max_memory_allocated(device) / 1e9)
                               if device.type == "cuda" else None)}
+    if snapshot:
+        row["memory_snapshot"] = str(snapshot_path)
     if args.profile:
         row["profile"] = profile_steps(step, device, args.profile_steps)
     return row
@@ -332,6 +348,9 @@ def main(args) -> int:
                      for recompute in int_list(args.activation_checkpointing, "--activation-checkpointing", 0, True,
                                                "0,1")
                      for chunk in int_list(args.loss_chunk_tokens, "--loss-chunk-tokens", 0, True, "0,4096"))
+    if args.memory_snapshot and pick_device(args.device).type != "cuda":
+        raise ValueError(f"--memory-snapshot {args.memory_snapshot}: records CUDA allocations, and this run is on the "
+                         f"CPU; run it on a GPU or drop the option")
     if not args.compile and set(compile_modes) - {"auto", "default"}:
         raise ValueError(f"--compile-mode {args.compile_mode}: needs --compile (drop --no-compile)")
     device = pick_device(args.device)

@@ -1,6 +1,7 @@
 """`egmla bench train` runs end to end on the CPU at tiny shapes (its numbers matter only on a GPU)."""
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +151,36 @@ def test_a_rows_model_is_freed_before_the_next_row_is_measured(monkeypatch):
     finally:
         gc.enable()
     assert len(built) == 2
+
+
+def test_memory_snapshot_needs_a_gpu(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--memory-snapshot", str(tmp_path / "snap")])
+    with pytest.raises(ValueError, match="--memory-snapshot .*snap: records CUDA allocations, and this run is on the "
+                                         "CPU; run it on a GPU or drop the option"):
+        bench_train.main(args)
+    assert not (tmp_path / "snap").exists()
+
+
+@pytest.mark.gpu
+def test_memory_snapshot_writes_a_snapshot_per_row(tmp_path):
+    """Each row's allocations, warm-up included, as the file PyTorch's memory viewer reads (a pickle: not loaded
+    here, as egmla never unpickles)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--preset", "tiny", "--set", "vocab_size=512", "--set", "n_layers=1", "--variants",
+                              "mha", "--loss-chunk-tokens", "0,32", "--batch", "2", "--seq-len", "32", "--steps", "2",
+                              "--warmup", "1", "--no-compile", "--memory-snapshot", str(tmp_path / "snap"),
+                              "--out", str(out)])
+    assert bench_train.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["memory_snapshot"] for r in rows] == [str(tmp_path / "snap" / "mha-plain.pickle"),
+                                                     str(tmp_path / "snap" / "mha-loss-chunks-32.pickle")]
+    for row in rows:  # a model's worth of allocations, not an empty record
+        assert Path(row["memory_snapshot"]).stat().st_size > 10_000
