@@ -376,7 +376,7 @@ def main(args) -> int:
             torch.cuda.empty_cache()
     print(format_rows(rows))
     described = (f"batch {args.batch} x {args.seq_len} tokens, {'bf16' if use_bf16 else 'fp32'}, "
-                 f"torch.compile {'on, mode ' + args.compile_mode if args.compile else 'off'}, median of "
+                 f"torch.compile {'on, mode ' + ','.join(compile_modes) if args.compile else 'off'}, median of "
                  f"{args.steps} steps after {args.warmup} warm-up steps, torch {torch.__version__}")
     if args.profile:
         profiled = profile_markdown(rows, device_name, described + f"; profile of {args.profile_steps} more steps")
