@@ -50,27 +50,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print results as JSON at the end instead of streaming")
 
 
-def read_prompts(args) -> list[str]:
-    from pathlib import Path
-
-    prompts = list(args.prompt)
+def labelled_prompts(args) -> list[tuple[str, str]]:
+    """(where it came from, text) of every prompt, each --num-samples times: the label names the option (and the
+    file's line) in error messages."""
+    prompts = [(f"--prompt {_short(p)}", p) for p in args.prompt]
     for path in args.prompt_file:
-        if not Path(path).is_file():
-            raise ValueError(f"--prompt-file {path!r}: no such file")
-        prompts.append(Path(path).read_text().removesuffix("\n"))
+        text = _read_text("--prompt-file", path)
+        prompts.append((f"--prompt-file {path!r}", text.removesuffix("\n").removesuffix("\r")))
     if args.batch:
-        if not Path(args.batch).is_file():
-            raise ValueError(f"--batch {args.batch!r}: no such file")
-        prompts += [line for line in Path(args.batch).read_text().splitlines() if line.strip()]
+        # lines end at \n (or \r\n) only: str.splitlines() also splits at form feeds, U+2028, U+0085, ...
+        lines = _read_text("--batch", args.batch).split("\n")
+        prompts += [(f"--batch {args.batch!r} line {number}", line.removesuffix("\r"))
+                    for number, line in enumerate(lines, 1) if line.strip()]
     if not prompts:
-        raise ValueError("no prompt: give --prompt TEXT, --prompt-file F or --batch FILE")
+        raise ValueError("no prompt: give --prompt TEXT, --prompt-file F or --batch FILE (one prompt per non-empty "
+                         "line)")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples {args.num_samples}: must be >= 1")
     return [p for p in prompts for _ in range(args.num_samples)]
 
 
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _read_text(option: str, path: str) -> str:
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise ValueError(f"{option} {path!r}: no such file")
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the prompt
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{option} {path!r}: not UTF-8 text ({err.reason} at byte {err.start}); convert it, e.g. "
+                         f"iconv -f latin1 -t utf-8") from None
+
+
+def check_settings(args) -> None:
+    """What can be refused before the model loads (and before a single prompt is echoed)."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    for stop in args.stop:
+        if not stop:
+            raise ValueError("--stop '': an empty stop string would stop at once; remove it")
+
+
+def check_prompts(prompts: list[tuple[str, str]], tokenizer, max_seq_len: int) -> None:
+    """Every prompt non-empty and within the model's context, named by where it came from."""
+    for label, text in dict.fromkeys(prompts):
+        n_tokens = len(tokenizer.encode(text).ids)
+        if n_tokens == 0:
+            raise ValueError(f"{label}: the prompt is empty; give at least one character of prompt")
+        if n_tokens > max_seq_len:
+            raise ValueError(f"{label}: the prompt has {n_tokens} tokens, more than the model's context "
+                             f"max_seq_len={max_seq_len}; shorten it")
+
+
 def find_eos(tokenizer, meta: dict, requested: str | None) -> int | None:
     """The end-of-text id: --eos-token, else the run's data.eos_token, else a usual special token."""
+    if requested is not None and not requested:
+        raise ValueError("--eos-token '': empty; give a token of the tokenizer (e.g. <|endoftext|>) or --ignore-eos")
     names = [requested] if requested else [meta.get("data", {}).get("eos_token"), *EOS_CANDIDATES]
     for name in filter(None, names):
         token_id = tokenizer.token_to_id(name)
@@ -86,21 +125,51 @@ def resolve_device_dtype(device: str, dtype: str):
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device; use cpu, cuda, cuda:1, ... or auto") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"--device {device!r}: no CUDA device here (torch.cuda.is_available() is False); use "
+                             f"--device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"--device {device!r}: there are {count} CUDA devices (cuda:0..cuda:{count - 1})")
     if dtype == "auto":
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     return torch.device(device), {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
 def main(args) -> int:
+    try:
+        return generate(args)
+    except BrokenPipeError:  # `egmla generate ... | head`: the reader has gone; stop quietly, as coreutils do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
+        return 141  # 128 + SIGPIPE, what a shell reports for a command a closed pipe stopped
+
+
+def generate(args) -> int:
     from egmla.infer.engine import GenerationEngine
     from egmla.infer.sampling import SamplingParams
     from egmla.runs import load_model, load_tokenizer
 
-    prompts = read_prompts(args)
+    labelled = labelled_prompts(args)
+    prompts = [text for _, text in labelled]
+    check_settings(args)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     model, meta = load_model(args.run, device=device, dtype=dtype, checkpoint=args.checkpoint)
-    tokenizer = load_tokenizer(args.run)
+    try:
+        tokenizer = load_tokenizer(args.run)
+    except ValueError:
+        raise
+    except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise ValueError(f"--run {args.run!r}: tokenizer.json does not load ({err}); copy it again from the "
+                         f"run that wrote it") from None
+    check_prompts(labelled, tokenizer, model.config.max_seq_len)
     engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path,
                               offload_gate_tables=args.offload_gate_tables, cuda_graphs=False if args.eager else None,
                               overlap_host=not args.no_overlap)

@@ -55,6 +55,15 @@ class GateTableOffload:
                              f"whole gate table on the device; use one of {', '.join(OFFLOADABLE_PATHS)}")
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        from egmla.kernels import kernel_unavailable_reason
+
+        if (model.decode_path == "absorbed" and kernel_unavailable_reason(self.device) is None
+                and any(getattr(layer.attn, "gate_placement", None) == "up" for layer in model.layers)):
+            # the bias controls' 'absorbed' steps run Triton kernels (the statistics pass, bias_absorbed_kernel)
+            # that read the whole E_l / G_l on the device
+            raise ValueError("offload_gate_tables with decode_path='absorbed': on this device the bias control's "
+                             "absorbed decode reads the whole gate table in its Triton kernels; use one of naive, "
+                             "gate-table")
         self.vocab_size = model.config.vocab_size
         self.pin = self.device.type == "cuda"
         self.host_tables: dict[tuple[int, str], torch.Tensor] = {}
