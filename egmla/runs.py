@@ -262,7 +262,14 @@ def read_run_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ValueError(f"run={str(run_dir)!r}: no config.json there; pass a directory written by `egmla train`")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"run={str(run_dir)!r}: {path} is not valid JSON ({error}); it is written by `egmla train` "
+                         f"or `egmla export`: restore it from a copy or train / export the run again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"run={str(run_dir)!r}: {path} holds a JSON {type(meta).__name__}, not the object `egmla "
+                         f"train` writes; restore it from a copy or train the run again")
     if "model_type" in meta:  # a transformers folder that is not an EgmlaForCausalLM export (load_model takes those)
         raise ValueError(f"run={str(run_dir)!r}: a Hugging Face folder of model_type={meta['model_type']!r}, not an "
                          f"egmla run or EgmlaForCausalLM export; load it with transformers (or vLLM) instead")

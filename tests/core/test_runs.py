@@ -50,6 +50,15 @@ def test_incomplete_checkpoint_without_manifest_is_skipped(tmp_path):
     assert folder.name == "step_00000010"
 
 
+@pytest.mark.parametrize("text,message", [("{", "config.json is not valid JSON"),
+                                          ("[1]", "config.json holds a JSON list, not the object")])
+def test_corrupt_config_json_names_the_file_and_the_fix(tmp_path, text, message):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        runs.read_run_config(tmp_path)
+    assert str(tmp_path / "config.json") in str(error.value) and "train" in str(error.value)
+
+
 def test_wrong_format_version_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"format_version": 99, "model": {}}))
     with pytest.raises(ValueError, match="format_version=99"):
