@@ -11,7 +11,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # CPU training up to 15x (docs/training.md). The `egmla` command asks for passive waiting itself; this
 # does the same for the test suite. A value in the environment wins.
 export OMP_WAIT_POLICY ?= PASSIVE
-# Test processes (pytest-xdist): one per core; on CI's two cores the suite takes ~10 min instead of ~16 serially.
+# Test processes (pytest-xdist): one per core; on CI's two cores the suite takes ~8 min instead of ~16 serially.
 # TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= auto
 

@@ -70,6 +70,17 @@ def test_mla_kernel_compiles_offline_and_reports_its_registers(tmp_path):
 
 
 @pytest.mark.skipif(not _cuobjdump_available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) installed")
+def test_grouped_launches_compile_offline_with_every_setting_given(tmp_path):
+    """The grouped decode's three launches compile for sm_90 in every listed setting (the up-projection's
+    warp-specialisation flag included: left out, it compiled as a runtime argument and the pass asserted)."""
+    rows, _ = compile_offline(tmp_path, "grouped")
+    assert {r["kernel"] for r in rows} == {"grouped absorb", "grouped attend", "grouped upproj"}
+    assert sum(r["kernel"] == "grouped upproj" for r in rows) == 8
+    for row in rows:
+        assert 16 <= row["registers"] <= 255 and row["ptx_mma_sync"] + row["ptx_wgmma"] > 0
+
+
+@pytest.mark.skipif(not _cuobjdump_available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) installed")
 def test_bias_pass_compiles_offline_for_both_tables(tmp_path):
     """The table controls' pass, with and without the per-id score term, compiles for sm_90 and reports its
     resources; the gather of per-id scores needs shared memory of its own (its [heads, positions] tile)."""
