@@ -68,15 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"download; lm-eval's own, e.g. piqa,arc_easy,hellaswag, download from the Hugging Face "
                              f"hub). `-- --tasks ...` is taken instead of the default")
     parser.add_argument("--checkpoint", default=None, metavar="DIR",
-                        help="checkpoint folder to evaluate; None = the run's latest valid checkpoint")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; None = cuda if there is one, else cpu")
+                        help="checkpoint folder to evaluate (default: the run's latest valid checkpoint)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if there is one, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="the weights' dtype while evaluating")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="requests scored per forward")
     parser.add_argument("--decode-path", default=None,
-                        help="decode path for generation tasks (egmla generate's --decode-path); None = the fastest "
-                             "on the device")
+                        help="decode path for generation tasks (egmla generate's --decode-path; default: the "
+                             "fastest on the device)")
     parser.add_argument("--num-fewshot", type=non_negative_int, default=None,
-                        help="few-shot examples per task; None = each task's own default")
+                        help="few-shot examples per task (default: each task's own)")
     parser.add_argument("--limit", type=document_limit, default=None,
                         help="documents per task (a fraction if < 1): a quick look, not a score to report")
     parser.add_argument("--output-path", default=None, metavar="DIR",

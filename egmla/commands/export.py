@@ -12,9 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "deepseek: transformers' DeepseekV3ForCausalLM (MLA runs only; no egmla code needed)")
     parser.add_argument("out", metavar="OUT", help="output folder (must not exist or be empty)")
     parser.add_argument("--checkpoint", default=None, metavar="DIR",
-                        help="checkpoint folder to export; None = the run's latest valid checkpoint")
+                        help="checkpoint folder to export (default: the run's latest valid checkpoint)")
     parser.add_argument("--dtype", default=None, choices=DTYPES,
-                        help="cast the weights; None = keep the checkpoint's dtype")
+                        help="cast the weights (default: keep the checkpoint's dtype)")
 
 
 def main(args) -> int:
