@@ -320,4 +320,8 @@ def load_tokenizer(run_dir: str | Path):
     path = Path(run_dir) / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"run={str(run_dir)!r}: no tokenizer.json; the run directory is incomplete")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise ValueError(f"run={str(run_dir)!r}: tokenizer.json does not load ({error}); copy it again from the "
+                         f"run that wrote it") from None

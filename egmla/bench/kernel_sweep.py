@@ -240,9 +240,8 @@ def sweep_grouped(batch, length, source, ids, device, launches=GROUPED_LAUNCHES)
         if "us" in both and "us" in first:
             row.update(us=both["us"] - first["us"], us_with_absorb=both["us"])
         rows.append(row)
-    # (gate_dot, rows, splits, warps); gate_dot: fewer registers per row
-    upproj = [(False, r, s, w) for r, s, w in itertools.product((64, 128), (1, 2), (2, 4))]
-    upproj = [(g, r, s, w, False) for g, r, s, w in upproj]
+    # (gate_dot, rows, splits, warps, warp_specialize); gate_dot: fewer registers per row
+    upproj = [(False, r, s, w, False) for r, s, w in itertools.product((64, 128), (1, 2), (2, 4))]
     upproj += [(True, r, s, w, False) for r, s, w in itertools.product((64, 128, 256), (1, 2), (4, 8))]
     if device.type == "cuda":  # Triton's automatic warp specialization of the row loop: 8 warps on sm_90
         upproj += [(g, r, 1, 8, True) for g, r in itertools.product((True, False), (128, 256))]

@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "1 = every block); several values, comma-separated, give a row each (e.g. 0,1)")
     parser.add_argument("--loss-chunk-tokens", default="0", metavar="N,...",
                         help="train.loss_chunk_tokens per row: output head + cross-entropy N tokens at a time (0 = "
-                             "whole logits); comma-separated values give a row each. The mem GB column compares them")
+                             "whole logits); comma-separated values give a row each. The peak GB columns compare them")
     parser.add_argument("--memory-snapshot", metavar="DIR",
                         help="CUDA only: record every allocation of each row's warm-up and timed steps and write it "
                              "as DIR/<row>.pickle (torch.cuda.memory._dump_snapshot; drag it onto "
@@ -348,12 +348,12 @@ def main(args) -> int:
                      for recompute in int_list(args.activation_checkpointing, "--activation-checkpointing", 0, True,
                                                "0,1")
                      for chunk in int_list(args.loss_chunk_tokens, "--loss-chunk-tokens", 0, True, "0,4096"))
-    if args.memory_snapshot and pick_device(args.device).type != "cuda":
-        raise ValueError(f"--memory-snapshot {args.memory_snapshot}: records CUDA allocations, and this run is on the "
-                         f"CPU; run it on a GPU or drop the option")
     if not args.compile and set(compile_modes) - {"auto", "default"}:
         raise ValueError(f"--compile-mode {args.compile_mode}: needs --compile (drop --no-compile)")
     device = pick_device(args.device)
+    if args.memory_snapshot and device.type != "cuda":
+        raise ValueError(f"--memory-snapshot {args.memory_snapshot}: records CUDA allocations, and this run is on the "
+                         f"CPU; run it on a GPU or drop the option")
     compile_modes = list(dict.fromkeys(resolve_compile_mode(mode, args.compile, device.type, 1)
                                        for mode in compile_modes))  # 'auto' as the trainer resolves it
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")

@@ -162,13 +162,7 @@ def generate(args) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     model, meta = load_model(args.run, device=device, dtype=dtype, checkpoint=args.checkpoint)
-    try:
-        tokenizer = load_tokenizer(args.run)
-    except ValueError:
-        raise
-    except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
-        raise ValueError(f"--run {args.run!r}: tokenizer.json does not load ({err}); copy it again from the "
-                         f"run that wrote it") from None
+    tokenizer = load_tokenizer(args.run)
     check_prompts(labelled, tokenizer, model.config.max_seq_len)
     engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path,
                               offload_gate_tables=args.offload_gate_tables, cuda_graphs=False if args.eager else None,

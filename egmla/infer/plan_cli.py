@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and kernel also store 8 B of LayerNorm statistics per token and layer) and the "
                              "tables and working memory it needs; the others use their default path. auto: the "
                              "path `egmla generate` takes on a GPU at the batch that fits (EG-MLA: grouped from "
-                             "16,384 positions per step, with its working memory). Default: every variant's `naive` path (the cache "
-                             "alone, no tables or decode working memory)")
+                             "16,384 positions per step, with its working memory). Default: every variant's "
+                             "`naive` path (the cache alone, no tables or decode working memory)")
     parser.add_argument("--distinct-ids", type=int, metavar="N",
                         help="distinct token ids per sequence, for the grouped path's per-id working memory "
                              "(default: min(T, vocab), the most there can be; real text holds fewer, e.g. ~1,500 "

@@ -438,8 +438,9 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     dot (fewer registers; the default since it measured 40% faster on an H200); False sums W^V_h s per row.
     `num_stages`: Triton's software-pipelining stages, one count or (absorb, attend, upproj); None = Triton's
     default. `warp_specialize`: Triton's automatic warp specialization of the up-projection's row loop (GPU; sm_90
-    needs 8 up-projection warps). The defaults are the fastest per launch on an H200 at paper-base, B = 32, T = 4,096 on code and English
-    ids (docs/grouped-decode.md, "Launch settings" and "The up-projection as one dot")."""
+    needs 8 up-projection warps; no faster on an H100: docs/grouped-decode.md). The defaults are the fastest per
+    launch on an H200 at paper-base, B = 32, T = 4,096 on code and English ids (docs/grouped-decode.md, "Launch
+    settings" and "The up-projection as one dot")."""
     d_v = _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan, gate_table, wkv_b)
     batch, heads, d_n = q_nope.shape
     d_c, d_r = latent.shape[-1], k_rope.shape[-1]

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from egmla.bench import train as bench_train
 
@@ -164,13 +165,10 @@ def test_memory_snapshot_needs_a_gpu(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_memory_snapshot_writes_a_snapshot_per_row(tmp_path):
     """Each row's allocations, warm-up included, as the file PyTorch's memory viewer reads (a pickle: not loaded
     here, as egmla never unpickles)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     parser = argparse.ArgumentParser()
     bench_train.add_arguments(parser)
     out = tmp_path / "bench.json"
