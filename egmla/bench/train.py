@@ -9,10 +9,12 @@ one row per --gate-table-update (train.gate_table_update: dense AdamW or row-spa
 variant one row per --compile-mode (train.compile_mode: reduce-overhead replays each block's forward and
 backward from CUDA graphs, for a host that cannot launch kernels as fast as the GPU runs them).
 --activation-checkpointing and --loss-chunk-tokens (train.activation_checkpointing, train.loss_chunk_tokens) give
-rows that keep less for the backward. Two memory columns (CUDA's max_memory_allocated): the peak over every step,
-warm-up included (compilation, autotuning and CUDA-graph recording run there: what must fit), and the timed steps'
-own peak (the steady state that the settings act on). --memory-snapshot DIR records every allocation of each row
-(GPU) for PyTorch's memory viewer: what sets the peak, and in which step.
+rows that keep less for the backward. Three memory columns: CUDA's max_memory_allocated over every step, warm-up
+included (compilation, autotuning and CUDA-graph recording run there), the timed steps' own (the steady state that
+the settings act on; a CUDA graph's replay allocates nothing, so its pool does not count there), and
+max_memory_reserved over every step (what the process holds from the GPU, graph pools included: what must fit).
+--memory-snapshot DIR records every allocation of each row (GPU) for PyTorch's memory viewer, and prints what was
+live at the allocated peak, by the code that allocated it, its pool and its step (egmla.bench.memory_peak).
 --profile then runs a few more steps of each row under torch.profiler: the kernels' time by kind and the
 costliest kernels go into each row of --out NAME.json and, as Markdown, into NAME_profile.md beside it.
 
@@ -168,10 +170,14 @@ def time_variant(variant, label: str, args, device, ids, autocast, gate_table_up
     """Median step and phase times of one row (fresh model and optimizer); with --profile, its profile."""
     import torch
 
+    from egmla.bench.memory_peak import format_breakdown, memory_mark, peak_breakdown
     from egmla.train.metrics import flops_per_token, peak_flops
 
     # the previous row's model first: recomputing blocks hold their own forward (a partial of the bound method), a
-    # reference cycle that only the collector frees, and its weights would count in this row's peak
+    # reference cycle that only the collector frees, and torch.compile's caches and CUDA graph trees hold compiled
+    # blocks and their static inputs (on an H100 each reduce-overhead row left ~2.5 GB in the next rows' peaks)
+    if args.compile:
+        torch.compiler.reset()
     gc.collect()
     config, model, step = build_step(variant, args, device, ids, autocast, gate_table_update, compile_mode, memory)
     if device.type == "cuda":
@@ -180,12 +186,17 @@ def time_variant(variant, label: str, args, device, ids, autocast, gate_table_up
     if snapshot:  # from the first warm-up step: compilation and CUDA-graph recording happen there
         torch.cuda.memory._record_memory_history(max_entries=1_000_000)
     for _ in range(args.warmup):
+        if snapshot:
+            memory_mark(device)
         step(NoTimer())
     first_peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    first_reserved = torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda" else None
     if device.type == "cuda":  # the timed steps' own peak: compilation, autotuning and graph recording are done
         torch.cuda.reset_peak_memory_stats(device)
     phases = []
     for _ in range(args.steps):
+        if snapshot:
+            memory_mark(device)
         timer = PhaseTimer(device)
         step(timer)
         phases.append(timer.seconds())
@@ -193,7 +204,11 @@ def time_variant(variant, label: str, args, device, ids, autocast, gate_table_up
         snapshot_path = Path(snapshot) / (re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower() + ".pickle")
         snapshot_path.parent.mkdir(parents=True, exist_ok=True)
         torch.cuda.memory._dump_snapshot(str(snapshot_path))
+        spans = (["setup"] + [f"warm-up {i + 1}" for i in range(args.warmup)]
+                 + [f"step {i + 1}" for i in range(args.steps)])
+        breakdown = peak_breakdown(torch.cuda.memory._snapshot(), spans, device=device.index or 0)
         torch.cuda.memory._record_memory_history(enabled=None)
+        print(format_breakdown(label, breakdown), flush=True)
     times = [sum(p.values()) for p in phases]
     seconds = statistics.median(times)
     tokens = args.batch * args.seq_len
@@ -211,9 +226,12 @@ def time_variant(variant, label: str, args, device, ids, autocast, gate_table_up
            "mfu": flops / seconds / peak if peak else None,
            "steady_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
            "peak_memory_gb": (max(first_peak, torch.cuda.max_memory_allocated(device) / 1e9)
-                              if device.type == "cuda" else None)}
+                              if device.type == "cuda" else None),
+           "peak_reserved_gb": (max(first_reserved, torch.cuda.max_memory_reserved(device) / 1e9)
+                                if device.type == "cuda" else None)}
     if snapshot:
         row["memory_snapshot"] = str(snapshot_path)
+        row["memory_peak"] = breakdown
     if args.profile:
         row["profile"] = profile_steps(step, device, args.profile_steps)
     return row
@@ -245,7 +263,7 @@ def mla_base(rows: list[dict], row: dict) -> float | None:
 
 def format_rows(rows: list[dict]) -> str:
     header = (f"{'variant':<34} {'step ms':>9} {'fwd+bwd':>8} {'clip':>6} {'optim':>6} {'tokens/s':>11} "
-              f"{'TFLOP/s':>8} {'MFU':>6} {'vs MLA kv64':>11} {'peak GB':>7} {'steps GB':>8}")
+              f"{'TFLOP/s':>8} {'MFU':>6} {'vs MLA kv64':>11} {'peak GB':>7} {'steps GB':>8} {'reserved':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
@@ -253,29 +271,31 @@ def format_rows(rows: list[dict]) -> str:
         ratio = f"{r['step_ms'] / base:.3f}x" if base else "-"
         memory = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
         steady = f"{r['steady_memory_gb']:.1f}" if r.get("steady_memory_gb") is not None else "-"
+        reserved = f"{r['peak_reserved_gb']:.1f}" if r.get("peak_reserved_gb") is not None else "-"
         phase = r["phase_ms"]
         lines.append(f"{r['name']:<34} {r['step_ms']:>9.1f} {phase['forward_backward']:>8.1f} {phase['clip']:>6.1f} "
                      f"{phase['optimizer']:>6.1f} {r['tokens_per_s']:>11,.0f} {r['tflops']:>8.1f} {mfu:>6} "
-                     f"{ratio:>11} {memory:>7} {steady:>8}")
+                     f"{ratio:>11} {memory:>7} {steady:>8} {reserved:>8}")
     return "\n".join(lines)
 
 
 def markdown(rows: list[dict], device_name: str, settings: str) -> str:
     lines = [f"### Training step: {device_name}", "", settings, "",
              "| variant | params (M) | w/o gate tables (M) | step ms | fwd+bwd ms | clip ms | optimizer ms | "
-             "tokens/s | TFLOP/s | MFU | vs MLA kv64 | peak GB | steps' peak GB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "tokens/s | TFLOP/s | MFU | vs MLA kv64 | peak GB | steps' peak GB | reserved GB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         base = mla_base(rows, r)
         ratio = f"{r['step_ms'] / base:.3f}x" if base else "-"
         memory = f"{r['peak_memory_gb']:.1f}" if r.get("peak_memory_gb") is not None else "-"
         steady = f"{r['steady_memory_gb']:.1f}" if r.get("steady_memory_gb") is not None else "-"
+        reserved = f"{r['peak_reserved_gb']:.1f}" if r.get("peak_reserved_gb") is not None else "-"
         phase = r["phase_ms"]
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f} | {r['params_without_gate_tables'] / 1e6:.1f} | "
                      f"{r['step_ms']:.1f} | {phase['forward_backward']:.1f} | {phase['clip']:.1f} | "
                      f"{phase['optimizer']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {ratio} | "
-                     f"{memory} | {steady} |")
+                     f"{memory} | {steady} | {reserved} |")
     return "\n".join(lines) + "\n"
 
 
