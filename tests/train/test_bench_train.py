@@ -123,10 +123,10 @@ def test_memory_settings_get_a_row_each_and_reach_the_step(tmp_path, monkeypatch
         module.main(bad)
 
 
-def test_a_rows_model_is_freed_before_the_next_row_is_measured(monkeypatch):
-    """Recomputing blocks reference themselves (their forward is a partial of the bound method): without a collection
-    between rows, the previous row's model (weights, on a GPU) stayed allocated into the next row's peak-GB column.
-    The automatic collector is off here, so that only the bench's own collection can free it."""
+def run_checking_each_row_frees_the_last(monkeypatch, argv, collect: bool = True) -> int:
+    """Runs the bench with argv, asserting at each row's build that the previous row's model is gone; returns the
+    number of rows built. collect=False turns the automatic collector off, so that only the bench's own collection
+    can free a model held in a reference cycle."""
     import gc
     import weakref
 
@@ -143,40 +143,33 @@ def test_a_rows_model_is_freed_before_the_next_row_is_measured(monkeypatch):
     monkeypatch.setattr(module, "build_step", build_step)
     parser = argparse.ArgumentParser()
     module.add_arguments(parser)
-    args = parser.parse_args(["--device", "cpu", "--preset", "tiny", "--set", "vocab_size=512", "--set", "n_layers=2",
-                              "--variants", "mla-kv64", "--activation-checkpointing", "1,2", "--batch", "2",
-                              "--seq-len", "16", "--steps", "1", "--warmup", "0", "--no-compile"])
-    gc.disable()
+    args = parser.parse_args(argv)
+    if not collect:
+        gc.disable()
     try:
         assert module.main(args) == 0
     finally:
         gc.enable()
-    assert len(built) == 2
+    return len(built)
+
+
+def test_a_rows_model_is_freed_before_the_next_row_is_measured(monkeypatch):
+    """Recomputing blocks reference themselves (their forward is a partial of the bound method): without a collection
+    between rows, the previous row's model (weights, on a GPU) stayed allocated into the next row's peak-GB column."""
+    argv = ["--device", "cpu", "--preset", "tiny", "--set", "vocab_size=512", "--set", "n_layers=2", "--variants",
+            "mla-kv64", "--activation-checkpointing", "1,2", "--batch", "2", "--seq-len", "16", "--steps", "1",
+            "--warmup", "0", "--no-compile"]
+    assert run_checking_each_row_frees_the_last(monkeypatch, argv, collect=False) == 2
 
 
 def test_a_compiled_rows_model_is_freed_before_the_next_row_is_measured(monkeypatch):
     """torch.compile's caches hold the compiled blocks (and a CUDA graph tree its static inputs): on an H100 each
-    compiled row left ~2.5 GB allocated into the next rows' peaks until the bench reset the compiler between rows."""
-    import weakref
-
-    import egmla.bench.train as module
-
-    built, real_build = [], module.build_step
-
-    def build_step(*args, **kwargs):
-        assert all(ref() is None for ref in built), "the previous row's model is still allocated"
-        config, model, step = real_build(*args, **kwargs)
-        built.append(weakref.ref(model))
-        return config, model, step
-
-    monkeypatch.setattr(module, "build_step", build_step)
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    args = parser.parse_args(["--device", "cpu", "--preset", "tiny", "--set", "vocab_size=512", "--set", "n_layers=1",
-                              "--variants", "mha", "--loss-chunk-tokens", "0,16", "--batch", "2", "--seq-len", "16",
-                              "--steps", "1", "--warmup", "1", "--compile"])
-    assert module.main(args) == 0
-    assert len(built) == 2
+    CUDA-graph row left ~2.5 GB allocated into the next rows' peaks until the bench reset the compiler between rows
+    (test_compiled_rows_start_from_the_same_allocated_memory measures that on a GPU)."""
+    argv = ["--device", "cpu", "--preset", "tiny", "--set", "vocab_size=512", "--set", "n_layers=1", "--variants",
+            "mha", "--loss-chunk-tokens", "0,16", "--batch", "2", "--seq-len", "16", "--steps", "1", "--warmup", "1",
+            "--compile"]
+    assert run_checking_each_row_frees_the_last(monkeypatch, argv) == 2
 
 
 def test_memory_snapshot_needs_a_gpu(tmp_path):
