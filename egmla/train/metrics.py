@@ -58,6 +58,17 @@ def peak_memory_bytes(device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, "peak RSS (ru_maxrss)"  # Linux: KiB
 
 
+def peak_reserved_bytes(device) -> float | None:
+    """The most memory this process's CUDA caching allocator held from its GPU (torch.cuda.max_memory_reserved:
+    CUDA graphs' private pools included, which max_memory_allocated misses between their recordings); None off
+    CUDA."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return float(torch.cuda.max_memory_reserved(device))
+
+
 class MetricsLog:
     """Append-only metrics.jsonl plus TensorBoard scalars (if tensorboard is installed)."""
 

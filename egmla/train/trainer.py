@@ -27,8 +27,8 @@ from egmla.train.recompute import recompute_blocks
 from egmla.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, clip_grad_norm,
                                      gradient_sync, init_distributed, parallelize, per_rank)
 from egmla.train.runlock import claim_run_dir
-from egmla.train.metrics import (MetricsLog, flops_per_token, peak_flops, peak_memory_bytes, plot_loss_curve,
-                                 read_metrics)
+from egmla.train.metrics import (MetricsLog, flops_per_token, peak_flops, peak_memory_bytes, peak_reserved_bytes,
+                                 plot_loss_curve, read_metrics)
 from egmla.train.optim import build_optimizer, lr_at, set_lr
 
 
@@ -435,6 +435,7 @@ def finish(run, run_dir, info, model, data_meta, step, val_loss, step_times, pea
         previous = json.loads(summary_path.read_text()) if info.is_main and summary_path.is_file() else {}
         timings = {key: previous.get(key) for key in ("median_step_s", "tokens_per_s", "mfu", "train_wall_s")}
     peak_memory, memory_measure = peak_memory_bytes(info.device)
+    reserved = peak_reserved_bytes(info.device)
     summary = {
         "name": run.name, "variant": run.model.variant_name(), "steps": step, "interrupted": stop_reason is not None,
         "stop_reason": stop_reason,
@@ -446,6 +447,7 @@ def finish(run, run_dir, info, model, data_meta, step, val_loss, step_times, pea
         **timings, "world_size": info.world_size, "device": device_label(info.device), "run_dir": str(run_dir),
         "peak_memory_bytes_per_rank": [int(v) for v in per_rank(peak_memory, info)],  # a collective: all ranks
         "peak_memory_measure": memory_measure,
+        "peak_reserved_bytes_per_rank": [int(v) for v in per_rank(reserved, info)] if reserved is not None else None,
     }
     if info.is_main:
         atomic_write_json(summary_path, summary)

@@ -43,6 +43,8 @@ def test_run_directory_holds_everything(finished_run):
         assert state["sequences_consumed"] == state["step"] * 8 and len(state["rng"]["torch"]) > 100
     assert summary["final_val_loss"] == records[-1]["val_loss"]
     assert summary["params"] > summary["params_without_gate_tables"]
+    assert summary["peak_memory_measure"] == "peak RSS (ru_maxrss)" and summary["peak_memory_bytes_per_rank"][0] > 0
+    assert summary["peak_reserved_bytes_per_rank"] is None  # a CUDA allocator's figure: none on the CPU
 
 
 def test_saved_model_and_tokenizer_reload(finished_run, cache_dir):
