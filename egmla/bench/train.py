@@ -179,6 +179,8 @@ def time_variant(variant, label: str, args, device, ids, autocast, gate_table_up
     if args.compile:
         torch.compiler.reset()
     gc.collect()
+    if device.type == "cuda":  # and the allocator's cache, else the reserved column carries the rows before
+        torch.cuda.empty_cache()
     config, model, step = build_step(variant, args, device, ids, autocast, gate_table_update, compile_mode, memory)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
