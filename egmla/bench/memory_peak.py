@@ -52,8 +52,9 @@ def peak_breakdown(snapshot: dict, phases: list[str] | None = None, device: int 
     """The trace's allocated peak and what was live then.
 
     phases names the spans between marks in order (span 0 is before the first mark); unnamed spans are numbered.
-    Returns peak_gb, before_trace_gb, the span the peak fell in, and `live`: the top groups of live bytes at the
-    peak by (where, pool, span allocated in), largest first, each with gb and blocks."""
+    Returns peak_gb, before_trace_gb, the span the peak fell in (peak_in), what the default and the private pools
+    hold from the GPU at the end (reserved_at_end_gb), and `live`: the top groups of live bytes at the peak by
+    (where, pool, span allocated in), largest first, each with gb and blocks."""
     traces = snapshot.get("device_traces") or []
     trace = traces[device] if device < len(traces) else []
     segments = [s for s in snapshot.get("segments", []) if s.get("device", device) == device]
@@ -86,7 +87,12 @@ def peak_breakdown(snapshot: dict, phases: list[str] | None = None, device: int 
         group[0] += size
         group[1] += 1
     ordered = sorted(groups.items(), key=lambda item: -item[1][0])
+    reserved = {"default": 0, "private": 0}  # what each kind of pool holds from the GPU when the snapshot is taken
+    for segment in segments:
+        reserved["default" if tuple(segment.get("segment_pool_id", (0, 0))) == (0, 0) else "private"] += \
+            segment["total_size"]
     return {"peak_gb": (before + peak) / 1e9, "before_trace_gb": before / 1e9,
+            "reserved_at_end_gb": {pool: size / 1e9 for pool, size in reserved.items()},
             "peak_in": span_name(peak_at) if trace else None,
             "live": [{"where": where, "pool": pool, "allocated_in": born, "gb": size / 1e9, "blocks": count}
                      for (where, pool, born), (size, count) in ordered[:top]],
@@ -95,7 +101,9 @@ def peak_breakdown(snapshot: dict, phases: list[str] | None = None, device: int 
 
 def format_breakdown(name: str, breakdown: dict) -> str:
     lines = [f"{name}: allocated peak {breakdown['peak_gb']:.2f} GB in {breakdown['peak_in']} "
-             f"({breakdown['before_trace_gb']:.2f} GB allocated before the trace)"]
+             f"({breakdown['before_trace_gb']:.2f} GB allocated before the trace); reserved at the end: "
+             f"{breakdown['reserved_at_end_gb']['default']:.2f} GB default pool, "
+             f"{breakdown['reserved_at_end_gb']['private']:.2f} GB private pools (CUDA graphs)"]
     for group in breakdown["live"]:
         lines.append(f"  {group['gb']:7.2f} GB {group['blocks']:6d} blocks  {group['pool']:<8} "
                      f"{group['allocated_in']:<14} {group['where']}")

@@ -48,6 +48,8 @@ def test_the_peak_its_step_and_what_was_live_then():
         ("model.py:1 forward", "default", "step 2", 2)]
     assert result["live"][1]["gb"] == pytest.approx(150e-9)
     assert result["live_other_gb"] == 0
+    assert result["reserved_at_end_gb"]["default"] == pytest.approx(2500e-9)
+    assert result["reserved_at_end_gb"]["private"] == pytest.approx(400e-9)
     text = format_breakdown("EG-MLA kv64", result)
     assert "in step 2" in text and "private" in text and "inductor cabc.py:1 call" in text
 
@@ -64,3 +66,4 @@ def test_groups_beyond_top_are_summed_and_a_free_of_an_untraced_block_is_ignored
 def test_an_empty_trace_says_so():
     result = peak_breakdown({"segments": [], "device_traces": []})
     assert result["peak_in"] is None and result["live"] == [] and result["peak_gb"] == 0
+    assert result["reserved_at_end_gb"] == {"default": 0, "private": 0}
