@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import re
 import statistics
 import time
@@ -73,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CUDA only: record every allocation of each row's warm-up and timed steps and write it "
                              "as DIR/<row>.pickle (torch.cuda.memory._dump_snapshot; drag it onto "
                              "https://pytorch.org/memory_viz to see what sets the peak and when)")
+    parser.add_argument("--summary", action="store_true",
+                        help="run nothing: print (or --markdown) the memory settings' table of the --report files, "
+                             "one row per variant and compile mode, one column per memory setting, as in "
+                             "docs/training.md (`python -m egmla.bench.summary docs/training.md` refreshes it)")
+    parser.add_argument("--report", nargs="+", metavar="JSON", help="with --summary: `--out` files of earlier runs")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each row (torch.profiler, --profile-steps steps after the timed ones): "
                              "kernel time by kind and the costliest kernels, printed and written beside --out")
@@ -348,10 +354,48 @@ def parse_modes(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
     return modes
 
 
+def compile_label(row: dict) -> str:
+    mode = row.get("compile_mode")
+    if mode is None:
+        return "eager"
+    return {"reduce-overhead": "compiled, CUDA graphs", "default": "compiled, no graphs"}.get(mode, f"compiled, {mode}")
+
+
+def memory_summary(metas: list[dict]) -> str:
+    """The memory settings' table for docs/training.md: one row per (variant, compile mode), one column per memory
+    setting, each cell `allocated peak / reserved GB (step ms)` from `egmla bench train --out` files of one GPU."""
+    devices = {meta["device"] for meta in metas}
+    if len(devices) != 1:
+        raise ValueError(f"--summary --report: the files come from {', '.join(sorted(devices))}; give files of one GPU")
+    rows = [row for meta in metas for row in meta["rows"]]
+    settings = list(dict.fromkeys((r["activation_checkpointing"], r["loss_chunk_tokens"]) for r in rows))
+    lines = ["| allocated peak / reserved GB (step ms) | " + " | ".join(memory_label(m) for m in settings) + " |",
+             "|---|" + "---:|" * len(settings)]
+    series = list(dict.fromkeys((r["variant"], compile_label(r)) for r in rows))
+    names = {r["variant"]: r["name"].split(" (")[0] for r in rows}
+    for variant, compiled in series:
+        cells = []
+        for memory in settings:
+            row = next((r for r in rows if (r["variant"], compile_label(r)) == (variant, compiled)
+                        and (r["activation_checkpointing"], r["loss_chunk_tokens"]) == memory), None)
+            reserved = row and row.get("peak_reserved_gb")
+            cells.append("" if row is None else f"{row['peak_memory_gb']:.1f} / "
+                         f"{f'{reserved:.1f}' if reserved is not None else '-'} ({row['step_ms']:.1f})")
+        lines.append(f"| {names[variant]}, {compiled} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(args) -> int:
     import contextlib
 
     import torch
+
+    if args.summary:
+        if not args.report:
+            raise ValueError("--summary: name the runs' JSON files with --report A.json [B.json ...]")
+        from egmla.bench.generate import write_table
+
+        return write_table(memory_summary([json.loads(Path(p).read_text()) for p in args.report]), args.markdown)
 
     from egmla.bench.token_ids import text_token_ids
     from egmla.configfile import int_list, parse_overrides
@@ -394,8 +438,6 @@ def main(args) -> int:
                                                                   tuple(compile_modes), memories):
         rows.append(time_variant(variant, label, args, device, ids.long(), autocast, mode, compile_mode, memory))
         print(f"  {label}: {rows[-1]['step_ms']:.1f} ms/step", flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     print(format_rows(rows))
     described = (f"batch {args.batch} x {args.seq_len} tokens, {'bf16' if use_bf16 else 'fp32'}, "
                  f"torch.compile {'on, mode ' + ','.join(compile_modes) if args.compile else 'off'}, median of "

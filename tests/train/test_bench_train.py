@@ -225,3 +225,32 @@ def test_compiled_rows_start_from_the_same_allocated_memory(tmp_path):
     before = [r["memory_peak"]["before_trace_gb"] for r in json.loads(out.read_text())["rows"]]
     assert len(before) == 4 and before[0] > 0
     assert before == pytest.approx([before[0]] * 4, rel=0.01), before
+
+
+def test_memory_summary_table_from_runs_of_one_gpu(tmp_path, capsys):
+    def row(variant, name, mode, memory, peak, reserved, ms):
+        return {"variant": variant, "name": name, "compile_mode": mode, "activation_checkpointing": memory[0],
+                "loss_chunk_tokens": memory[1], "peak_memory_gb": peak, "peak_reserved_gb": reserved, "step_ms": ms}
+
+    eager = {"device": "GPU X", "rows": [row("mha", "MHA (plain)", None, (0, 0), 15.3, None, 68.1),
+                                         row("mha", "MHA (recompute 1/1)", None, (1, 0), 8.6, 9.0, 82.8)]}
+    graphs = {"device": "GPU X", "rows": [row("mha", "MHA (reduce-overhead, plain)", "reduce-overhead", (0, 0), 9.4,
+                                              10.2, 36.6)]}
+    assert bench_train.memory_summary([eager, graphs]).splitlines() == [
+        "| allocated peak / reserved GB (step ms) | plain | recompute 1/1 |", "|---|---:|---:|",
+        "| MHA, eager | 15.3 / - (68.1) | 8.6 / 9.0 (82.8) |",
+        "| MHA, compiled, CUDA graphs | 9.4 / 10.2 (36.6) |  |"]
+    with pytest.raises(ValueError, match="the files come from GPU X, GPU Y; give files of one GPU"):
+        bench_train.memory_summary([eager, {**graphs, "device": "GPU Y"}])
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    paths = []
+    for i, meta in enumerate((eager, graphs)):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(meta))
+    md = tmp_path / "table.md"
+    args = parser.parse_args(["--summary", "--report", *map(str, paths), "--markdown", str(md)])
+    assert bench_train.main(args) == 0
+    assert md.read_text() == bench_train.memory_summary([eager, graphs])
+    with pytest.raises(ValueError, match="--summary: name the runs' JSON files with --report"):
+        bench_train.main(parser.parse_args(["--summary"]))
