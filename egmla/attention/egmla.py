@@ -341,10 +341,10 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         out[b, positions[b, t]] (the cache's statistics) by the pass itself."""
         from egmla.kernels.egmla_decode import layernorm_stats_triton
 
-        return layernorm_stats_triton(latent, token_ids, self.gate_table_like(latent), self.wkv_b.weight,
-                                      self.n_heads, self.qk_nope_head_dim, self.gate_norm.eps,
-                                      gate_op=self.gate_op, norm=self.norm_kind, block_t=16 if latent.shape[1] == 1 else 64,
-                                      out=out, positions=positions)
+        table, table_rows = self.kernel_gate_table(latent, token_ids)
+        return layernorm_stats_triton(latent, table_rows, table, self.wkv_b.weight, self.n_heads,
+                                      self.qk_nope_head_dim, self.gate_norm.eps, gate_op=self.gate_op, norm=self.norm_kind,
+                                      block_t=16 if latent.shape[1] == 1 else 64, out=out, positions=positions)
 
     # ---- placement "latent": gate c_t before it is cached ---------------------------------
     def latent(self, x: torch.Tensor, ctx: AttnContext,
@@ -406,8 +406,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def appended_stats_args(self, ctx: AttnContext, cache: LayerCache):
         from egmla.kernels.latent_append import AppendedStats
 
-        table = self.gate_table_like(cache.buffers["latent"])  # in the cache's dtype, as the decode kernels read it
-        return AppendedStats(ctx.token_ids, table, self.wkv_b.weight, self.n_heads,
+        # in the cache's dtype, as the decode kernels read it
+        table, table_rows = self.kernel_gate_table(cache.buffers["latent"], ctx.token_ids)
+        return AppendedStats(table_rows, table, self.wkv_b.weight, self.n_heads,
                              self.gate_op, self.norm_kind, self.gate_norm.eps, cache.buffers["ln_stats"],
                              ctx.stats_arrivals)
 
@@ -504,7 +505,11 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         batch, d_c = q_nope.shape[0], self.kv_lora_rank
         proj = torch.einsum("bhn,hnk->bhk", q_nope[:, 0].to(weights.query.dtype),
                             weights.query)  # [batch, heads, d_c (+ d_e) + 2], read by the kernels as it is
-        groups, table = ctx.kv_groups, self.gate_embed.weight  # the distinct ids' rows are read where needed
+        groups, vocab_size = ctx.kv_groups, self.gate_embed.num_embeddings
+        # E, whose distinct ids' rows the kernels read where needed; under an offload (egmla.infer.offload) the rows
+        # resident on the device, and the ids their slots in them
+        table, ids = (self.gate_embed.kernel_rows(ids) if hasattr(self.gate_embed, "kernel_rows")
+                      else (self.gate_embed.weight, ids))
         # q^C_h . g^K_{h,v} for each distinct id [batch, heads, U]; the table on V alone has no score term
         per_id = per_id_scores(proj[..., d_c:-2], table, ids, groups.n_distinct) if weights.score_term else None
         lengths = ctx.registered_lengths()  # registered and visible
@@ -519,7 +524,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
 
             host = groups.host
             bounds = (ctx.kv_len, max(host.distinct_bound, host.plan_distinct)) if ctx.capturable else None
-            plan = groups.plan(CHUNK, vocab_size=table.shape[0], bounds=bounds)
+            plan = groups.plan(CHUNK, vocab_size=vocab_size, bounds=bounds)
         # inputs[..., :d_c + 2] = [out_latent | mean | 1]
         _, _, mass = bias_decode(proj[..., :d_c], q_pe[:, 0], proj[..., -2:], latent, k_pe, ctx.kv_ln_stats,
                                  groups.slots[:, :latent.shape[1]], per_id, lengths, self.softmax_scale,
@@ -632,6 +637,15 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
                                 self.gate(ids), mask, w_uk, w_uv, norm.weight, getattr(norm, "bias", None),
                                 self.softmax_scale)
         return out.to(q_nope.dtype)
+
+    def kernel_gate_table(self, latent: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate table as the statistics passes read it, in latent's dtype, and the rows of token_ids in it: the
+        whole table (`gate_table_like`) and the ids themselves, or under an offload (egmla.infer.offload) the rows
+        resident on the device and the ids' slots in them, which hold the very same gates."""
+        if hasattr(self.gate_table, "kernel_rows"):
+            table, slots = self.gate_table.kernel_rows(token_ids)
+            return table.to(latent.dtype), slots
+        return self.gate_table_like(latent), token_ids
 
     def gate_table_like(self, latent: torch.Tensor) -> torch.Tensor:
         """The gate table on latent's device and dtype (built once; rebuilt by set_decode_path, or by

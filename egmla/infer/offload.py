@@ -13,6 +13,8 @@ A forward pre-hook on the model copies the rows of any new ids in `tokens` to th
 layers run (a few rows per decode step), so every cached position's id is always resident. Lookups
 are then two on-device gathers, and the values are the very same rows: logits are bit-identical to
 the on-device path. Staging rows go through pinned memory when CUDA is used, so the copy is async.
+The Triton kernels of the bias controls' 'absorbed' decode (and its statistics passes), which gather rows by
+index, get the resident rows and the ids' slots in them instead of the whole table and the ids (`kernel_rows`).
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ import torch
 from torch import nn
 
 
-# Paths that read gate rows through `gate_embed(ids)` / `gate_table[ids]`, which the row cache serves.
-# The Triton 'kernel' path hands the whole gate table to the kernel, so it needs the table on the device.
+# Paths that read gate rows through `gate_embed(ids)` / `gate_table[ids]` or, in the bias controls' Triton kernels,
+# through `kernel_rows`, which the row cache serves. The Triton 'kernel' and 'grouped' paths hand the whole gate
+# table to their kernels, so they need it on the device.
 OFFLOADABLE_PATHS = ("naive", "gate-table", "absorbed")
 
 
@@ -41,6 +44,15 @@ class OffloadedRows(nn.Module):
     def __getitem__(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.offload.rows(self.key, token_ids)
 
+    def kernel_rows(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a kernel that gathers rows by index: the resident rows [capacity, width] and the slots of token_ids
+        in them (int64, token_ids' shape), in place of the whole table and the ids."""
+        return self.offload.device_rows[self.key], self.offload.slot_of_id[token_ids.long()]
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.offload.vocab_size  # as nn.Embedding's: the ids it serves, not the rows resident
+
 
 class GateTableOffload:
     """Moves every EG-MLA layer's gate tables to host memory and serves rows from a device cache.
@@ -55,15 +67,6 @@ class GateTableOffload:
                              f"whole gate table on the device; use one of {', '.join(OFFLOADABLE_PATHS)}")
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        from egmla.kernels import kernel_unavailable_reason
-
-        if (model.decode_path == "absorbed" and kernel_unavailable_reason(self.device) is None
-                and any(getattr(layer.attn, "gate_placement", None) == "up" for layer in model.layers)):
-            # the bias controls' 'absorbed' steps run Triton kernels (the statistics pass, bias_absorbed_kernel)
-            # that read the whole E_l / G_l on the device
-            raise ValueError("offload_gate_tables with decode_path='absorbed': on this device the bias control's "
-                             "absorbed decode reads the whole gate table in its Triton kernels; use one of naive, "
-                             "gate-table")
         self.vocab_size = model.config.vocab_size
         self.pin = self.device.type == "cuda"
         self.host_tables: dict[tuple[int, str], torch.Tensor] = {}

@@ -1,10 +1,18 @@
 """Gate tables in host memory give the very same logits and tokens as gate tables on the device."""
+import importlib
+
 import pytest
 import torch
 
 from egmla.infer import GenerationEngine
 from egmla.infer.offload import GateTableOffload, OffloadedRows
+from egmla.kernels import kernel_unavailable_reason
 from tests.infer.helpers import tiny_model
+
+# the bias controls' 'absorbed' Triton kernels on CPU tensors: Triton's interpreter, chosen before the kernels load
+needs_interpreter = pytest.mark.skipif(kernel_unavailable_reason("cpu") is not None,
+                                       reason="runs the Triton kernels on the CPU: needs Triton and TRITON_INTERPRET=1 "
+                                              "(set by make test and .ci/run)")
 
 PROMPTS = [[5, 17, 42, 99, 3], [120, 8], [33, 34, 35, 36, 37, 38, 39]]
 
@@ -24,7 +32,8 @@ def cached_logits(model, device="cpu"):
 
 
 @pytest.mark.parametrize("variant,path", [("eg-mla", "naive"), ("eg-mla", "gate-table"),
-                                          ("eg-mla-latent", "naive"), ("eg-mla-latent", "absorbed")])
+                                          ("eg-mla-latent", "naive"), ("eg-mla-latent", "absorbed"),
+                                          ("eg-mla-bias", "absorbed")])
 def test_offloaded_logits_equal_on_device_logits(variant, path):
     model = tiny_model(variant)
     model.set_decode_path(path)
@@ -38,7 +47,8 @@ def test_offloaded_logits_equal_on_device_logits(variant, path):
         assert torch.equal(model(torch.tensor(PROMPTS[2:])), full_expected)  # no-cache forward too
     assert offload.n_resident == len({0, 200, 201, 202, 7, 250, 249, 248}.union(*PROMPTS))
     assert offload.capacity >= offload.n_resident
-    per_layer = 300 * 32 + (300 * 128 if path == "gate-table" else 0)  # E_l [V, d_e] (+ G_l [V, 2·4·16])
+    builds_table = path == "gate-table" or variant == "eg-mla-bias"  # the bias control's prefill reads G_l
+    per_layer = 300 * 32 + (300 * 128 if builds_table else 0)  # E_l [V, d_e] (+ G_l [V, 2·4·16])
     assert offload.host_bytes() == 2 * per_layer * 4
 
 
@@ -58,6 +68,80 @@ def test_offload_refuses_models_without_gates_and_whole_table_paths():
         GenerationEngine(tiny_model("eg-mla"), decode_path="kernel", offload_gate_tables=True)
     with pytest.raises(ValueError, match="prefill_graphs=True with offload_gate_tables"):
         GenerationEngine(tiny_model("eg-mla"), decode_path="gate-table", offload_gate_tables=True, prefill_graphs=True)
+
+
+def bias_absorbed_logits(model, prompts, prompt_lengths, steps):
+    """A ragged prefill of prompts [batch, len], then one decode step per row of steps [n_steps, batch] (ids the
+    prompts lack, so the offload's slot map grows mid-generation); all logits concatenated."""
+    with torch.no_grad():
+        cache = model.new_cache(prompts.shape[0], prompts.shape[1] + steps.shape[0])
+        out = [model(prompts, cache, n_new=prompt_lengths)]
+        out += [model(step[:, None], cache) for step in steps]
+    return torch.cat(out, dim=1)
+
+
+def count_calls(monkeypatch, module_name: str, name: str) -> list:
+    """Record each call of module.name (still calling it): proof that a Triton path ran."""
+    module = importlib.import_module(module_name)  # imports Triton: only in the tests that need it
+    calls, function = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(name) or function(*args, **kwargs))
+    return calls
+
+
+@needs_interpreter
+@pytest.mark.parametrize("variant,mass", [("eg-mla-bias", "atomic"), ("eg-mla-bias", "grouped"),
+                                          ("eg-mla-bias-v", "atomic")])
+def test_bias_controls_absorbed_kernels_read_the_offloaded_rows(monkeypatch, variant, mass):
+    """The bias controls' 'absorbed' steps run Triton kernels that gather E_l's rows (per-id scores, the mass's
+    embedding sum) and take G_l (the statistics pass): under an offload they get the resident rows and the ids'
+    slots, and give the very logits of the tables on the device, as new ids arrive step after step."""
+    model = tiny_model(variant, seed=5)
+    model.set_decode_path("absorbed")
+    for layer in model.layers:  # the Triton kernels on CPU tensors ('auto' takes them on CUDA only)
+        layer.attn.absorbed_backend, layer.attn.bias_mass = "kernel", mass
+    prompts, steps = torch.randint(0, 100, (3, 7)), torch.randint(100, 300, (4, 3))  # steps: ids the prompts lack
+    prompt_lengths = torch.tensor([7, 2, 5])
+    expected = bias_absorbed_logits(model, prompts, prompt_lengths, steps)
+    offload = GateTableOffload(model, initial_rows=4)  # small, so the row cache grows between steps
+    embeddings = count_calls(monkeypatch, "egmla.kernels.bias_decode", "mass_embeddings")
+    stats = count_calls(monkeypatch, "egmla.kernels.egmla_decode", "layernorm_stats_triton")
+    assert torch.equal(bias_absorbed_logits(model, prompts, prompt_lengths, steps), expected)
+    assert len(embeddings) == len(stats) == 4 * len(model.layers)  # every decode step of every layer in Triton
+    assert offload.n_resident == len(set(prompts.flatten().tolist()) | set(steps.flatten().tolist()))
+    assert offload.capacity < int(steps.max())  # a kernel reading the rows by id would read past them
+
+
+@needs_interpreter
+def test_engine_with_offload_generates_the_bias_controls_tokens_through_its_kernels(monkeypatch):
+    """`GenerationEngine(..., decode_path='absorbed', offload_gate_tables=True)` for the bias control, its steps in
+    Triton: the greedy tokens of the tables on the device (a batch of prompts, new ids as they are generated)."""
+    def generate(offload: bool) -> list[list[int]]:
+        model = tiny_model("eg-mla-bias", seed=7)
+        engine = GenerationEngine(model, decode_path="absorbed", offload_gate_tables=offload)
+        for layer in model.layers:
+            layer.attn.absorbed_backend = "kernel"
+        return [r.token_ids for r in engine.generate(PROMPTS, 6)]
+
+    expected = generate(offload=False)
+    embeddings = count_calls(monkeypatch, "egmla.kernels.bias_decode", "mass_embeddings")
+    assert generate(offload=True) == expected and embeddings
+    assert set().union(*expected) - set().union(*PROMPTS)  # ids the prompts lack
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offload_of_the_bias_control_on_cuda_equals_its_tables_on_the_device():
+    """bf16 on CUDA, where the 'absorbed' steps take the Triton kernels by default (the statistics computed by the
+    append's own launch too): logits within bf16 rounding of the tables on the device (the mass adds atomically)."""
+    model = tiny_model("eg-mla-bias", seed=5).to("cuda", torch.bfloat16)
+    model.set_decode_path("absorbed")
+    prompts = torch.randint(0, 100, (3, 7), device="cuda")
+    steps = torch.randint(100, 300, (4, 3), device="cuda")
+    prompt_lengths = torch.tensor([7, 2, 5], device="cuda")
+    expected = bias_absorbed_logits(model, prompts, prompt_lengths, steps).float()
+    GateTableOffload(model, initial_rows=4)
+    got = bias_absorbed_logits(model, prompts, prompt_lengths, steps).float()
+    assert got.isfinite().all() and ((got - expected).norm() / expected.norm()).item() < 1e-2
 
 
 @pytest.mark.gpu
