@@ -91,16 +91,6 @@ def autocast_for(run: RunConfig, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16"
 
 
-def memory_note(cfg) -> str | None:
-    """What the memory settings were measured to do under CUDA-graph compile modes (measured, not yet understood:
-    docs/training.md#memory), for the run's start line; None where that does not apply."""
-    if not (uses_cuda_graphs(cfg.compile_mode) and (cfg.activation_checkpointing or cfg.loss_chunk_tokens)):
-        return None
-    return (f"note: with compile_mode={cfg.compile_mode!r} (CUDA graphs) the memory settings saved little on an H100 "
-            f"(recomputing 5-17% of the peak, the chunked loss none: docs/training.md#memory); with "
-            f"train.compile=false they saved 3x")
-
-
 def graph_step_begin(graphs: bool) -> None:
     """With CUDA-graph compile modes: a new step begins, the graphs' previous outputs may be overwritten."""
     if graphs:
@@ -279,8 +269,6 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
         + (f", every {cfg.activation_checkpointing} block(s) recomputed in backward" if cfg.activation_checkpointing
            else "")
         + (f", loss in chunks of {cfg.loss_chunk_tokens} tokens" if cfg.loss_chunk_tokens else ""))
-    if memory_note(cfg):
-        say(memory_note(cfg))
     say(f"unigram baseline: train-token entropy {shards.meta['train_unigram_entropy']:.3f} nats/token, "
         f"unigram model on validation {unigram:.3f}")
 

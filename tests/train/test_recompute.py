@@ -79,16 +79,3 @@ def test_a_recomputing_model_is_freed_without_the_garbage_collector():
         assert block() is None
     finally:
         gc.enable()
-
-
-def test_the_start_line_says_what_the_settings_measured_under_cuda_graphs():
-    """Under a CUDA-graph compile mode the memory settings saved little on an H100 (docs/training.md#memory): a run
-    that asks for them is told so; without graphs, or without the settings, nothing is said."""
-    from egmla.train.config import TrainConfig
-    from egmla.train.trainer import memory_note
-
-    note = memory_note(TrainConfig(compile=True, compile_mode="reduce-overhead", activation_checkpointing=1))
-    assert "saved little on an H100" in note and "docs/training.md#memory" in note
-    assert memory_note(TrainConfig(compile=True, compile_mode="max-autotune", loss_chunk_tokens=4096)) is not None
-    assert memory_note(TrainConfig(compile=True, compile_mode="default", activation_checkpointing=1)) is None
-    assert memory_note(TrainConfig(compile=True, compile_mode="reduce-overhead")) is None
