@@ -343,8 +343,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
 
         table, table_rows = self.kernel_gate_table(latent, token_ids)
         return layernorm_stats_triton(latent, table_rows, table, self.wkv_b.weight, self.n_heads,
-                                      self.qk_nope_head_dim, self.gate_norm.eps, gate_op=self.gate_op, norm=self.norm_kind,
-                                      block_t=16 if latent.shape[1] == 1 else 64, out=out, positions=positions)
+                                      self.qk_nope_head_dim, self.gate_norm.eps, gate_op=self.gate_op,
+                                      norm=self.norm_kind, block_t=16 if latent.shape[1] == 1 else 64, out=out,
+                                      positions=positions)
 
     # ---- placement "latent": gate c_t before it is cached ---------------------------------
     def latent(self, x: torch.Tensor, ctx: AttnContext,
