@@ -21,6 +21,7 @@ costliest kernels go into each row of --out NAME.json and, as Markdown, into NAM
     egmla bench train --gate-table-update dense,row-sparse --profile --out bench_train.json  # the GPU table
     egmla bench train --device cpu --preset tiny --batch 2 --seq-len 64 --steps 2 --warmup 1 --no-compile
     egmla bench train --activation-checkpointing 0,1 --loss-chunk-tokens 0,4096 --batch 32   # memory vs time (GPU)
+    egmla bench train --summary --report eager.json compiled.json   # those runs' memory table, as in docs/training.md
 """
 from __future__ import annotations
 
