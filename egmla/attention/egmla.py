@@ -449,17 +449,18 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
         from egmla.kernels.egmla_decode import egmla_decode, layernorm_stats_triton
 
-        table = self.gate_table_like(latent)
+        table, id_to_row = self.kernel_gate_rows(latent)
         norm = self.gate_norm
         stats = ctx.kv_ln_stats
         if stats is None:  # a cache without statistics (allocated for another path): one rebuild pass
-            stats = layernorm_stats_triton(latent, kv_ids, table, self.wkv_b.weight, self.n_heads,
+            _, rows = self.kernel_gate_table(latent, kv_ids)  # the ids, or their slots under an offload
+            stats = layernorm_stats_triton(latent, rows, table, self.wkv_b.weight, self.n_heads,
                                            self.qk_nope_head_dim, getattr(norm, "eps", 0.0) or 0.0,
                                            gate_op=self.gate_op, norm=self.norm_kind)
         out = egmla_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, kv_ids, stats,
                            ctx.seen_lengths(), table, self.wkv_b.weight,
                            getattr(norm, "weight", None), getattr(norm, "bias", None), self.softmax_scale,
-                           gate_op=self.gate_op)
+                           gate_op=self.gate_op, id_to_row=id_to_row)
         return out.unsqueeze(1)
 
     def attend_absorbed(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
@@ -620,12 +621,14 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             return self.grouped_pytorch(q_nope, q_pe, latent, k_pe, ctx)
         from egmla.kernels.grouped_decode import CHUNK, grouped_decode
 
-        table = self.gate_table_like(latent)
+        table, id_to_row = self.kernel_gate_rows(latent)
         bounds = (ctx.kv_len, max(groups.host.distinct_bound, groups.host.plan_distinct)) if ctx.capturable else None
-        plan = groups.plan(CHUNK, vocab_size=table.shape[0], bounds=bounds)
+        # grouped by token id, checked against the vocabulary; the gate rows are read through id_to_row where given
+        plan = groups.plan(CHUNK, vocab_size=self.gate_embed.num_embeddings, bounds=bounds)
         norm = self.gate_norm
         out = grouped_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, ctx.kv_ln_stats, plan, table,
-                             self.wkv_b.weight, norm.weight, getattr(norm, "bias", None), self.softmax_scale)
+                             self.wkv_b.weight, norm.weight, getattr(norm, "bias", None), self.softmax_scale,
+                             id_to_row=id_to_row)
         return out.unsqueeze(1)
 
     def grouped_pytorch(self, q_nope, q_pe, latent, k_pe, ctx: AttnContext) -> torch.Tensor:
@@ -639,14 +642,21 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
                                 self.softmax_scale)
         return out.to(q_nope.dtype)
 
+    def kernel_gate_rows(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gate table as the decode kernels read it, in latent's dtype, and the id -> row map they read it through
+        (their `id_to_row`): the whole table (`gate_table_like`) and None (row = id), or under an offload
+        (egmla.infer.offload) the rows resident on the device and the slot map [vocab], which give the very same
+        gates."""
+        if hasattr(self.gate_table, "kernel_table"):
+            table, id_to_row = self.gate_table.kernel_table()
+            return table.to(latent.dtype), id_to_row
+        return self.gate_table_like(latent), None
+
     def kernel_gate_table(self, latent: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gate table as the statistics passes read it, in latent's dtype, and the rows of token_ids in it: the
-        whole table (`gate_table_like`) and the ids themselves, or under an offload (egmla.infer.offload) the rows
-        resident on the device and the ids' slots in them, which hold the very same gates."""
-        if hasattr(self.gate_table, "kernel_rows"):
-            table, slots = self.gate_table.kernel_rows(token_ids)
-            return table.to(latent.dtype), slots
-        return self.gate_table_like(latent), token_ids
+        """`kernel_gate_rows` with the rows of token_ids looked up (for the statistics passes, which take rows): the
+        whole table and the ids themselves, or the resident rows and the ids' slots in them."""
+        table, id_to_row = self.kernel_gate_rows(latent)
+        return table, token_ids if id_to_row is None else id_to_row[token_ids.long()]
 
     def gate_table_like(self, latent: torch.Tensor) -> torch.Tensor:
         """The gate table on latent's device and dtype (built once; rebuilt by set_decode_path, or by

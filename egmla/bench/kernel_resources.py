@@ -126,18 +126,18 @@ def _grouped_cases():
                                       "lengths_ptr",
                                       "row_chunk_ptr", "row_ids_ptr")}
     fp32 = {name: "*fp32" for name in ("q_sum_ptr", "q_bias_ptr", "acc_ptr", "chunk_ptr", "stats_ptr", "out_ptr")}
-    types = {**ints, **fp32}
+    types = {**ints, **fp32, "id_to_row_ptr": "*i64"}  # (unread: ROW_MAP off, the gate table on the device)
     for ids, per, warps in ((64, 1, 4), (32, 4, 2), (128, 1, 4)):
         yield ("grouped absorb", f"{ids} ids x {per} heads, {warps} warps", g._absorb_kernel,
                dict(common, D_N=d, D_V=d, BLOCK_N=d, BLOCK_C=d, BLOCK_U=ids, BLOCK_V=d, HEADS=per, HAS_WEIGHT=True,
-                    HAS_BIAS=True, ZERO_ACC=True), types, warps)
+                    HAS_BIAS=True, ZERO_ACC=True, ROW_MAP=False), types, warps)
     for chunk, warps in ((CHUNK, 1), (32, 2)):
         yield ("grouped attend", f"chunks of {chunk}, {warps} warps", g._attend_kernel,
                dict(common, D_R=d, BLOCK_H=16, BLOCK_C=d, BLOCK_R=d, BLOCK_T=chunk, KEY_GATHER=False), types, warps)
     for (rows, warps), gate_dot in itertools.product(((128, 2), (128, 4), (64, 2), (256, 8)), (False, True)):
         yield ("grouped upproj", f"{rows} rows, {warps} warps{', gate_dot' if gate_dot else ''}", g._upproj_kernel,
                dict(common, D_N=d, D_V=d, BLOCK_H=16, BLOCK_V=d, BLOCK_C=d, BLOCK_ROWS=rows, BLOCK_K=256,
-                    BLOCK_T=CHUNK, HAS_WEIGHT=True, HAS_BIAS=True, ATOMIC=False, GATE_DOT=gate_dot,
+                    BLOCK_T=CHUNK, HAS_WEIGHT=True, HAS_BIAS=True, ATOMIC=False, GATE_DOT=gate_dot, ROW_MAP=False,
                     WARP_SPECIALIZE=False),  # every constexpr given: an absent one is compiled as a runtime argument
                {**types, "out_ptr": "*bf16"}, warps)
 

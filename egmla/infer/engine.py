@@ -157,7 +157,7 @@ class GenerationEngine:
     decode_path: any of `egmla.attention.decode_paths(model.config)`; "auto" (default) takes the fastest on
         the model's device, chosen again for each `generate` call from its batch and cache length
         (`fastest_decode_path`: the Triton kernel on CUDA, EG-MLA's grouped decode from 16,384 positions per
-        step), and the model's current path elsewhere or with offloaded gate tables.
+        step, with offloaded gate tables too), and the model's current path elsewhere.
     cache_dtype: dtype of the cache tensors (default: the model's).
     offload_gate_tables: keep EG-MLA gate tables in host memory (see egmla.infer.offload).
     prefill_token_budget: prompt tokens (summed over the rows of one call) per prefill call; it bounds the
@@ -204,8 +204,7 @@ class GenerationEngine:
         self.model, self.tokenizer = model.eval(), tokenizer
         model.set_merged_products(merged_products)  # False: no weight copies, 3-18% slower steps on a GPU
         self.config = model.config
-        # the Triton kernels read whole gate tables: not with an offload
-        self.auto_path = decode_path == "auto" and model.tok_embeddings.weight.is_cuda and not offload_gate_tables
+        self.auto_path = decode_path == "auto" and model.tok_embeddings.weight.is_cuda
         if decode_path == "auto":
             decode_path = fastest_decode_path(self.config, self.device) if self.auto_path else model.decode_path
             decode_path = model.usable_decode_path(decode_path)  # wrapped weights (peft): the path calling modules
@@ -413,8 +412,9 @@ class GenerationEngine:
             if self._cache is not None and not (self.share_cache_across_paths
                                                 and _serves(self._cache, self.config, path)):
                 self.release()
-            # graphs kept for the other path read the gate tables: keep them (the weights have not changed)
-            self.model.set_decode_path(path, keep_precomputed=self._cache is not None)
+            # graphs kept for the other path read the gate tables: keep them (the weights have not changed); an
+            # offload serves the same tables' rows to either path (its host copies are what it serves)
+            self.model.set_decode_path(path, keep_precomputed=self._cache is not None or self.offload is not None)
         self.decode_path = path
 
     def _grouped_fits(self, rows: int, cache_len: int) -> bool:

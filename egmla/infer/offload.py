@@ -13,8 +13,11 @@ A forward pre-hook on the model copies the rows of any new ids in `tokens` to th
 layers run (a few rows per decode step), so every cached position's id is always resident. Lookups
 are then two on-device gathers, and the values are the very same rows: logits are bit-identical to
 the on-device path. Staging rows go through pinned memory when CUDA is used, so the copy is async.
-The Triton kernels of the bias controls' 'absorbed' decode (and its statistics passes), which gather rows by
-index, get the resident rows and the ids' slots in them instead of the whole table and the ids (`kernel_rows`).
+The Triton kernels read the same rows: the fused 'kernel' decode and the 'grouped' decode's gate-row gathers get
+the resident rows and the slot map (`kernel_table`, their `id_to_row` argument: row = slot_of_id[id], one load
+more per gathered row, none where no map is given), and the statistics passes, the cache-append launch and the bias
+controls' 'absorbed' kernels the resident rows and the ids' slots in them (`kernel_rows`) instead of the whole
+table and the ids. The grouped decode still groups by token id.
 """
 from __future__ import annotations
 
@@ -23,10 +26,10 @@ import torch
 from torch import nn
 
 
-# Paths that read gate rows through `gate_embed(ids)` / `gate_table[ids]` or, in the bias controls' Triton kernels,
-# through `kernel_rows`, which the row cache serves. The Triton 'kernel' and 'grouped' paths hand the whole gate
-# table to their kernels, so they need it on the device.
-OFFLOADABLE_PATHS = ("naive", "gate-table", "absorbed")
+# Paths that read gate rows through `gate_embed(ids)` / `gate_table[ids]` or, in their Triton kernels, through
+# `kernel_table` / `kernel_rows`, which the row cache serves: every EG-MLA decode path. A new path that reads the
+# whole table on the device must stay out of this list until its kernels take the resident rows.
+OFFLOADABLE_PATHS = ("naive", "gate-table", "absorbed", "kernel", "grouped")
 
 
 class OffloadedRows(nn.Module):
@@ -44,10 +47,20 @@ class OffloadedRows(nn.Module):
     def __getitem__(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.offload.rows(self.key, token_ids)
 
+    def kernel_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a kernel that maps ids to rows itself (an `id_to_row` argument): the resident rows [capacity, width]
+        and the slot map id -> row [vocab] (int64), in place of the whole table."""
+        return self.offload.device_rows[self.key], self.offload.slot_of_id
+
     def kernel_rows(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For a kernel that gathers rows by index: the resident rows [capacity, width] and the slots of token_ids
         in them (int64, token_ids' shape), in place of the whole table and the ids."""
-        return self.offload.device_rows[self.key], self.offload.slot_of_id[token_ids.long()]
+        rows, slot_of_id = self.kernel_table()
+        return rows, slot_of_id[token_ids.long()]
+
+    @property
+    def device(self) -> torch.device:
+        return self.offload.device  # as a table's: where the rows it serves are read
 
     @property
     def num_embeddings(self) -> int:
@@ -57,8 +70,10 @@ class OffloadedRows(nn.Module):
 class GateTableOffload:
     """Moves every EG-MLA layer's gate tables to host memory and serves rows from a device cache.
 
-    Call after `model.set_decode_path(...)` (the gate-table path builds G_l on the device first);
-    to switch the decode path later, `restore()` the tables to the device first."""
+    Call after `model.set_decode_path(...)` (the paths that read G_l build it on the device first); to switch the
+    decode path later, `restore()` the tables to the device first, or switch between paths that read G_l with
+    `set_decode_path(path, keep_precomputed=True)`, which keeps the offloaded tables (GenerationEngine's 'auto' choosing
+    between 'kernel' and 'grouped')."""
 
     def __init__(self, model: nn.Module, initial_rows: int = 256):
         self.model = model

@@ -105,7 +105,7 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
 
     from egmla.infer.offload import OFFLOADABLE_PATHS
 
-    # an offload serves the paths that gather gate rows by id; 'kernel' and 'grouped' read whole tables
+    # an offload serves the paths that gather gate rows by id or slot (every EG-MLA path, egmla.infer.offload)
     offloadable = not config.is_gated or path in OFFLOADABLE_PATHS
 
     return {
@@ -196,8 +196,8 @@ def format_plan(rows: list[dict], title: str) -> str:
             f"{ratio(r['sequences_gate_tables_offloaded_vs_mla_kv256']):>9}")
     lines.append("* = the model asked about. seqs: gate tables on the GPU; 'gates off GPU': gate tables in host "
                  "memory (--offload-gate-tables), rows gathered per step; the device then still holds the rows of the "
-                 "batch's distinct ids (not counted here, at most the tables' size); '-' where the decode path reads "
-                 "whole tables (kernel, grouped) and cannot offload them.")
+                 "batch's distinct ids (not counted here, at most the tables' size); '-' where the decode path cannot "
+                 "offload them (none of EG-MLA's today).")
     lines.append("weights: the parameters and the copies a GPU decode step derives from them (folded absorption, "
                  "merged products); cache B/tok measured from an allocated cache (EG-MLA includes its 4 B token id); "
                  "GB = 1e9 B; activations and allocator slack are not counted (use --reserve-gb).")

@@ -5,7 +5,8 @@ K/V must be rebuilt. This kernel rebuilds each head's slice on chip and never wr
 One program owns (head h, piece of one sequence); per tile of BLOCK_T positions:
 
     kv^K = C W^K_h^T,  kv^V = C W^V_h^T           two tensor-core dots, [BLOCK_T, d_n] / [BLOCK_T, d_v]
-    x    = kv ⊙ G[ids, head h slice]               gate rows gathered by token id (frequent ids hit L2)
+    x    = kv ⊙ G[ids, head h slice]               gate rows gathered by token id (frequent ids hit L2; or, with an
+                                                   id -> row map, G[id_to_row[ids]]: an offload's resident rows)
     LayerNorm with the position's cached (mu_t, rho_t), folded into the query and the accumulator:
       q^C . k^C_t = rho_t (x^K_t . (gamma^K ⊙ q^C) - mu_t sum(gamma^K ⊙ q^C)) + beta^K . q^C
       (the last term is the same for every t, so softmax drops it exactly)
@@ -52,6 +53,16 @@ def _gated(c_tile, w_t, gate_ptr, ids, stride_g, cols, col_mask, t_mask,
 
 
 @triton.jit
+def gate_rows(ids, id_to_row_ptr, mask, ROW_MAP: tl.constexpr):
+    """The gate-table rows of token ids (int64): the ids themselves, or with ROW_MAP id_to_row[ids] (a gate-table
+    offload's slots, egmla.infer.offload: the table is then the rows resident on the device). ROW_MAP off compiles
+    to no load at all."""
+    if ROW_MAP:
+        ids = tl.load(id_to_row_ptr + ids, mask=mask, other=0).to(tl.int64)
+    return ids
+
+
+@triton.jit
 def _head_columns(head0, N_HEADS: tl.constexpr, HEADS: tl.constexpr, BLOCK: tl.constexpr,
                   D: tl.constexpr, OFFSET: tl.constexpr, WIDTH: tl.constexpr):
     """Columns [HEADS*BLOCK] of heads head0..head0+HEADS-1, slice [OFFSET, OFFSET+D) of each head's WIDTH
@@ -63,7 +74,7 @@ def _head_columns(head0, N_HEADS: tl.constexpr, HEADS: tl.constexpr, BLOCK: tl.c
 
 @triton.jit
 def _egmla_decode_kernel(
-    q_nope_ptr, q_pe_ptr, latent_ptr, k_rope_ptr, ids_ptr, stats_ptr, lengths_ptr, gate_ptr, wkv_b_ptr,
+    q_nope_ptr, q_pe_ptr, latent_ptr, k_rope_ptr, ids_ptr, stats_ptr, lengths_ptr, gate_ptr, id_to_row_ptr, wkv_b_ptr,
     weight_ptr, bias_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     stride_qb, stride_qh, stride_pb, stride_ph, stride_lb, stride_lt, stride_kb, stride_kt,
     stride_ib, stride_it, stride_sb, stride_st, stride_g, stride_w, stride_ob, stride_oh,
@@ -72,6 +83,7 @@ def _egmla_decode_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr, HEADS: tl.constexpr, GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr, PDL: tl.constexpr,
+    ROW_MAP: tl.constexpr,
 ):
     """One program: HEADS consecutive heads x one split of one sequence. Per tile of BLOCK_T positions:
 
@@ -120,6 +132,7 @@ def _egmla_decode_kernel(
         r_tile = tl.load(k_rope_ptr + batch * stride_kb + offs_t[:, None] * stride_kt + offs_r[None, :],
                          mask=t_mask[:, None] & r_mask[None, :], other=0.0)
         ids = tl.load(ids_ptr + batch * stride_ib + offs_t * stride_it, mask=t_mask, other=0).to(tl.int64)
+        ids = gate_rows(ids, id_to_row_ptr, t_mask, ROW_MAP)
         mu = tl.load(stats_ptr + batch * stride_sb + offs_t * stride_st, mask=t_mask, other=0.0)
         rho = tl.load(stats_ptr + batch * stride_sb + offs_t * stride_st + 1, mask=t_mask, other=0.0)
         x_k = _gated(c_tile, w_k, gate_ptr, ids, stride_g, cols_k, k_mask, t_mask, GATE, DOT_PRECISION)
@@ -244,6 +257,14 @@ def _check_egmla_inputs(n_heads: int, d_n: int, gate_table: torch.Tensor, wkv_b:
     return width // n_heads - d_n
 
 
+def check_id_to_row(id_to_row: torch.Tensor | None, gate_table: torch.Tensor) -> None:
+    """An id -> gate-row map, where one is given, must be a 1-D integer tensor on the table's device."""
+    if id_to_row is not None and (id_to_row.dim() != 1 or id_to_row.dtype not in (torch.int32, torch.int64)
+                                  or id_to_row.device != gate_table.device):
+        raise ValueError(f"id_to_row: {tuple(id_to_row.shape)} {id_to_row.dtype} on {id_to_row.device}: expected a "
+                         f"[vocab] int32/int64 map on the gate table's device ({gate_table.device})")
+
+
 def layernorm_stats_triton(latent: torch.Tensor, token_ids: torch.Tensor, gate_table: torch.Tensor,
                            wkv_b: torch.Tensor, n_heads: int, d_n: int, eps: float = 1e-6, gate_op: str = "mul",
                            norm: str = "layernorm", block_t: int = 64, out: torch.Tensor | None = None,
@@ -301,13 +322,15 @@ def egmla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                  wkv_b: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,
                  scale: float, gate_op: str = "mul", num_splits: int | None = None, block_t: int | None = None,
                  heads_per_program: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, id_to_row: torch.Tensor | None = None) -> torch.Tensor:
     """o [batch, heads, d_v] (dtype of latent): EG-MLA decode attention, same function as `egmla_decode_ref`.
 
     q_nope [batch, heads, d_n], q_pe [batch, heads, d_r], latent [batch, T, d_c], k_rope [batch, T, d_r],
     token_ids [batch, T] int, ln_stats [batch, T, 2] fp32 from `layernorm_stats` (norm 'none': (0, 1)),
     lengths [batch], gate_table [vocab, heads*(d_n+d_v)], wkv_b [heads*(d_n+d_v), d_c],
     norm_weight / norm_bias [heads*(d_n+d_v)] or None; `out` [batch, heads, d_v], if given, receives the result.
+    id_to_row [vocab] int, if given: position t's gate row is gate_table[id_to_row[token_ids[t]]] (a gate-table
+    offload's slot map over the rows resident on the device, egmla.infer.offload) instead of gate_table[token_ids[t]].
     block_t / heads_per_program / num_warps pin the launch configuration (else CONFIGS, first that fits)."""
     batch, heads, max_len = _check_decode_inputs(
         {"q_nope": q_nope, "q_pe": q_pe}, {"latent": latent, "k_rope": k_rope, "ln_stats": ln_stats}, lengths)
@@ -321,6 +344,7 @@ def egmla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
     for _, per_program, _ in configs:
         if per_program & (per_program - 1) or not 1 <= per_program <= 16:
             raise ValueError(f"heads_per_program={per_program}: must be a power of two from 1 to 16")
+    check_id_to_row(id_to_row, gate_table)
     out = _output(out, (batch, heads, d_v), latent)
     dummy = wkv_b  # stands in for absent affine pointers (never read)
 
@@ -331,7 +355,8 @@ def egmla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                                                  min_tiles_per_split=1, waves=8)
         part_acc, part_ml = partial_buffers(batch, splits, heads, d_v, latent.device) if splits > 1 else (out, out)
         _egmla_decode_kernel[(programs, splits, batch)](
-            q_nope, q_pe, latent, k_rope, token_ids, ln_stats, lengths, gate_table, wkv_b,
+            q_nope, q_pe, latent, k_rope, token_ids, ln_stats, lengths, gate_table,
+            id_to_row if id_to_row is not None else token_ids, wkv_b,  # (the map unread without one)
             norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
             out, part_acc, part_ml,
             q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), latent.stride(0), latent.stride(1),
@@ -342,7 +367,7 @@ def egmla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
             BLOCK_C=block(d_c), BLOCK_R=block(d_r), BLOCK_T=tile, HEADS=per_program, GATE=GATE_CODES[gate_op],
             HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None,
             DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32", ONE_SPLIT=splits == 1,
-            num_warps=warps, num_stages=num_stages, **launch_flags(latent.device))
+            ROW_MAP=id_to_row is not None, num_warps=warps, num_stages=num_stages, **launch_flags(latent.device))
         if splits > 1:
             combine_splits(part_acc, part_ml, out, norm_weight, norm_bias, affine_head_stride=d_n + d_v,
                            affine_offset=d_n)

@@ -19,6 +19,8 @@ Three launches per layer and decode step, plus a per-step plan shared by all lay
 Per position the work is MLA's (one d_c dot per head, one d_c accumulate per head): the gate rows are
 read and the W_UKV products done once per distinct id (plus once per chunk boundary). A chunk with
 many short runs costs one dot per run, so contexts where most ids are rare cost more per position.
+The grouping is by token id; only the two gate-row gathers (absorb, upproj) can go through an id -> row map
+(`id_to_row`: a gate-table offload's slots over the rows resident on the device).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import triton
 import triton.language as tl
 
 from egmla.kernels import GROUPED_CHUNK, block
+from egmla.kernels.egmla_decode import check_id_to_row, gate_rows
 from egmla.kernels.mla_decode import LOG2E, _output
 
 
@@ -155,13 +158,13 @@ def _place_kernel(slots_ptr, ranks_ptr, lengths_ptr, offsets_ptr, ids_ptr, order
 
 
 @triton.jit
-def _absorb_kernel(q_ptr, weight_ptr, bias_ptr, ids_ptr, n_distinct_ptr, gate_ptr, wkv_b_ptr, a_ptr,
+def _absorb_kernel(q_ptr, weight_ptr, bias_ptr, ids_ptr, n_distinct_ptr, gate_ptr, id_to_row_ptr, wkv_b_ptr, a_ptr,
                    q_sum_ptr, q_bias_ptr, acc_ptr,
                    stride_qb, stride_qh, stride_ib, stride_g, stride_w, stride_ab, stride_au,
                    N_HEADS: tl.constexpr, D_N: tl.constexpr, D_V: tl.constexpr, D_C: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr,
                    HEADS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO_ACC: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, ROW_MAP: tl.constexpr):
     """A[b, u, h, :] = W^K_h^T (gamma^K_h ⊙ q^C[b, h] ⊙ G[id_u, head h key slice]) for BLOCK_U distinct ids u
     and HEADS heads. The programs of the first id block also write gamma^K . q^C, beta^K . q^C (and zero acc)."""
     batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
@@ -179,6 +182,7 @@ def _absorb_kernel(q_ptr, weight_ptr, bias_ptr, ids_ptr, n_distinct_ptr, gate_pt
         return
     u_mask = offs_u < n_ids
     ids = tl.load(ids_ptr + batch * stride_ib + offs_u, mask=u_mask, other=0).to(tl.int64)
+    ids = gate_rows(ids, id_to_row_ptr, u_mask, ROW_MAP)
     offs_n, offs_c = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_C)
     n_mask, c_mask = offs_n < D_N, offs_c < D_C
     width: tl.constexpr = D_N + D_V
@@ -313,15 +317,16 @@ def store_value_output(y, denom, weight_ptr, bias_ptr, out_ptr, head, batch, str
 
 
 @triton.jit
-def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_ptr, chunk_ptr, gate_ptr, wkv_b_ptr,
-                   weight_ptr, bias_ptr, out_ptr,
+def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_ptr, chunk_ptr, gate_ptr, id_to_row_ptr,
+                   wkv_b_ptr, weight_ptr, bias_ptr, out_ptr,
                    stride_rb, stride_ru, stride_cb, stride_ib, stride_g, stride_w, stride_ob, stride_oh,
                    n_chunks, num_splits,
                    N_HEADS: tl.constexpr, D_N: tl.constexpr, D_V: tl.constexpr, D_C: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                   GATE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False):
+                   GATE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_MAP: tl.constexpr,
+                   WARP_SPECIALIZE: tl.constexpr = False):
     """o[b, h] = gamma^V ⊙ (sum over rows of g^V[id] ⊙ (W^V_h s_row) - sum_t w_t mu_t) + beta^V, rows rescaled
     to the global softmax (each program merges the chunks' softmax statistics itself: a launch doing it once per
     sequence measured slower, its few programs in series). One program per (head, sequence, split of the row
@@ -363,6 +368,7 @@ def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_pt
         row_chunk = tl.load(row_chunk_ptr + batch * stride_cb + offs_row, mask=in_seq, other=-1)
         valid = row_chunk >= 0
         ids = tl.where(valid, tl.load(row_ids_ptr + batch * stride_ib + offs_row, mask=in_seq, other=0), 0).to(tl.int64)
+        ids = gate_rows(ids, id_to_row_ptr, valid, ROW_MAP)
         m_row = tl.load(chunk_stats + row_chunk * 3 * BLOCK_H, mask=valid, other=float("-inf"))
         row_scale = tl.exp2(m_row - m_all) * inv_l  # this row's weights, normalised globally
         s_rows = tl.load(s_ptr + batch * stride_rb + offs_row[:, None] * stride_ru + head * BLOCK_C + offs_c[None, :],
@@ -423,7 +429,8 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
                    num_splits: int | None = None, num_warps: int | tuple[int, int, int] = (4, 1, 4), stages: int = 3,
                    batch_slice: int | None = None, key_gather: bool = False, gate_dot: bool = True,
                    num_stages: int | tuple[int | None, int | None, int | None] | None = None,
-                   warp_specialize: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+                   warp_specialize: bool = False, out: torch.Tensor | None = None,
+                   id_to_row: torch.Tensor | None = None) -> torch.Tensor:
     """o [batch, heads, d_v] (dtype of latent): same function as `grouped_decode_ref`.
 
     q_nope [batch, heads, d_n], q_pe [batch, heads, d_r]; cache latent [batch, T, d_c], k_rope [batch, T, d_r],
@@ -440,8 +447,11 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     default. `warp_specialize`: Triton's automatic warp specialization of the up-projection's row loop (GPU; sm_90
     needs 8 up-projection warps; no faster on an H100: docs/grouped-decode.md). The defaults are the fastest per
     launch on an H200 at paper-base, B = 32, T = 4,096 on code and English ids (docs/grouped-decode.md, "Launch
-    settings" and "The up-projection as one dot")."""
+    settings" and "The up-projection as one dot"). `id_to_row` [vocab] int, if given: id v's gate row is
+    gate_table[id_to_row[v]] (a gate-table offload's slot map over the rows resident on the device,
+    egmla.infer.offload) instead of gate_table[v]; the grouping stays by id."""
     d_v = _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan, gate_table, wkv_b)
+    check_id_to_row(id_to_row, gate_table)
     batch, heads, d_n = q_nope.shape
     d_c, d_r = latent.shape[-1], k_rope.shape[-1]
     out = _output(out, (batch, heads, d_v), latent)
@@ -450,7 +460,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     if batch_slice and batch_slice < batch:
         settings = dict(block_ids=block_ids, heads_per_program=heads_per_program, block_rows=block_rows,
                         num_splits=num_splits, num_warps=num_warps, stages=stages, key_gather=key_gather,
-                        gate_dot=gate_dot, num_stages=num_stages, warp_specialize=warp_specialize)
+                        gate_dot=gate_dot, num_stages=num_stages, warp_specialize=warp_specialize, id_to_row=id_to_row)
         for start in range(0, batch, batch_slice):
             rows = slice(start, start + batch_slice)
             grouped_decode(q_nope[rows], q_pe[rows], latent[rows], k_rope[rows], ln_stats[rows], plan.sequences(rows),
@@ -467,7 +477,9 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     atomic = num_splits > 1  # else each program writes its (head, sequence) output directly
     acc = torch.empty(batch, heads, d_v, dtype=torch.float32, device=device) if atomic else out
     weight, bias = (norm_weight if norm_weight is not None else wkv_b), (norm_bias if norm_bias is not None else wkv_b)
-    flags = dict(HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, DOT_PRECISION=precision)
+    flags = dict(HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None, DOT_PRECISION=precision,
+                 ROW_MAP=id_to_row is not None)
+    id_rows = id_to_row if id_to_row is not None else plan.distinct_ids  # (unread without a map)
 
     # per (sequence, id) and per (sequence, row): the real heads only (the kernels mask the padded ones), a quarter
     # less memory than the padded tile at 12 heads (docs/grouped-decode.md, "Working memory")
@@ -475,7 +487,8 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     q_sum = torch.empty(batch, heads, dtype=torch.float32, device=device)  # gamma^K . q^C
     q_bias = torch.empty_like(q_sum)  # beta^K . q^C
     _absorb_kernel[(triton.cdiv(plan.max_distinct, block_ids), batch, triton.cdiv(heads, heads_per_program))](
-        q_nope, weight, bias, plan.distinct_ids, plan.n_distinct, gate_table, wkv_b, absorbed, q_sum, q_bias, acc,
+        q_nope, weight, bias, plan.distinct_ids, plan.n_distinct, gate_table, id_rows, wkv_b, absorbed, q_sum, q_bias,
+        acc,
         q_nope.stride(0), q_nope.stride(1), plan.distinct_ids.stride(0), gate_table.stride(0), wkv_b.stride(0),
         absorbed.stride(0), absorbed.stride(1),
         N_HEADS=heads, D_N=d_n, D_V=d_v, D_C=d_c, BLOCK_N=block(d_n), BLOCK_C=block_c, BLOCK_U=block_ids,
@@ -498,7 +511,7 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
         return out
 
     _upproj_kernel[(heads, batch, num_splits)](
-        sums, plan.row_chunk, plan.lengths, plan.n_distinct, plan.row_ids, chunk_stats, gate_table, wkv_b,
+        sums, plan.row_chunk, plan.lengths, plan.n_distinct, plan.row_ids, chunk_stats, gate_table, id_rows, wkv_b,
         weight, bias, acc,
         sums.stride(0), sums.stride(1), plan.row_chunk.stride(0), plan.row_ids.stride(0),
         gate_table.stride(0), wkv_b.stride(0), acc.stride(0), acc.stride(1), plan.n_chunks, num_splits,

@@ -61,16 +61,14 @@ def test_engine_with_offload_generates_the_same_and_reports_savings():
     assert saved == engine.offload.host_bytes() - engine.offload.device_bytes() and saved > 0
 
 
-def test_offload_refuses_models_without_gates_and_whole_table_paths():
+def test_offload_refuses_models_without_gates_and_prefill_graphs():
     with pytest.raises(ValueError, match="no gate tables"):
         GateTableOffload(tiny_model("mla"))
-    with pytest.raises(ValueError, match="decode_path='kernel'"):
-        GenerationEngine(tiny_model("eg-mla"), decode_path="kernel", offload_gate_tables=True)
     with pytest.raises(ValueError, match="prefill_graphs=True with offload_gate_tables"):
         GenerationEngine(tiny_model("eg-mla"), decode_path="gate-table", offload_gate_tables=True, prefill_graphs=True)
 
 
-def bias_absorbed_logits(model, prompts, prompt_lengths, steps):
+def stepped_logits(model, prompts, prompt_lengths, steps):
     """A ragged prefill of prompts [batch, len], then one decode step per row of steps [n_steps, batch] (ids the
     prompts lack, so the offload's slot map grows mid-generation); all logits concatenated."""
     with torch.no_grad():
@@ -101,11 +99,11 @@ def test_bias_controls_absorbed_kernels_read_the_offloaded_rows(monkeypatch, var
         layer.attn.absorbed_backend, layer.attn.bias_mass = "kernel", mass
     prompts, steps = torch.randint(0, 100, (3, 7)), torch.randint(100, 300, (4, 3))  # steps: ids the prompts lack
     prompt_lengths = torch.tensor([7, 2, 5])
-    expected = bias_absorbed_logits(model, prompts, prompt_lengths, steps)
+    expected = stepped_logits(model, prompts, prompt_lengths, steps)
     offload = GateTableOffload(model, initial_rows=4)  # small, so the row cache grows between steps
     embeddings = count_calls(monkeypatch, "egmla.kernels.bias_decode", "mass_embeddings")
     stats = count_calls(monkeypatch, "egmla.kernels.egmla_decode", "layernorm_stats_triton")
-    assert torch.equal(bias_absorbed_logits(model, prompts, prompt_lengths, steps), expected)
+    assert torch.equal(stepped_logits(model, prompts, prompt_lengths, steps), expected)
     assert len(embeddings) == len(stats) == 4 * len(model.layers)  # every decode step of every layer in Triton
     assert offload.n_resident == len(set(prompts.flatten().tolist()) | set(steps.flatten().tolist()))
     assert offload.capacity < int(steps.max())  # a kernel reading the rows by id would read past them
@@ -128,6 +126,99 @@ def test_engine_with_offload_generates_the_bias_controls_tokens_through_its_kern
     assert set().union(*expected) - set().union(*PROMPTS)  # ids the prompts lack
 
 
+def use_triton_decode(model, path: str) -> None:
+    """The EG-MLA decode `path` ('kernel' or 'grouped'), its one-token steps in Triton on CPU tensors too ('auto'
+    takes the grouped kernels on CUDA only; 'kernel' takes Triton wherever it runs)."""
+    model.set_decode_path(path)
+    for layer in model.layers:
+        layer.attn.grouped_backend = "kernel"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("path,decode", [("kernel", "egmla_decode"), ("grouped", "grouped_decode")])
+def test_kernel_and_grouped_decodes_read_the_offloaded_rows(monkeypatch, path, decode):
+    """The fused 'kernel' decode and the 'grouped' decode gather G_l's row of every cached id: under an offload they
+    read the resident rows through the slot map (their id_to_row), and give the logits of the tables on the device,
+    as new ids arrive step after step and the row cache grows (a ragged batch of 3)."""
+    model = tiny_model("eg-mla", seed=5)
+    use_triton_decode(model, path)
+    prompts, steps = torch.randint(0, 100, (3, 7)), torch.randint(100, 300, (4, 3))  # steps: ids the prompts lack
+    prompt_lengths = torch.tensor([7, 2, 5])
+    expected = stepped_logits(model, prompts, prompt_lengths, steps)
+    offload = GateTableOffload(model, initial_rows=4)  # small, so the row cache grows between steps
+    calls = count_calls(monkeypatch, f"egmla.kernels.{decode}", decode)
+    got = stepped_logits(model, prompts, prompt_lengths, steps)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+    assert len(calls) == 4 * len(model.layers)  # every decode step of every layer in Triton
+    assert offload.n_resident == len(set(prompts.flatten().tolist()) | set(steps.flatten().tolist()))
+    assert offload.capacity < int(steps.max())  # a kernel reading the rows by id would read past them
+
+
+@needs_interpreter
+@pytest.mark.parametrize("path", ["kernel", "grouped", "auto"])
+def test_engine_with_offload_generates_the_same_tokens_on_the_triton_paths(monkeypatch, path):
+    """`GenerationEngine(..., offload_gate_tables=True)` on 'kernel', 'grouped' and 'auto' (made to choose on the CPU
+    as on CUDA, 'grouped' for a batch of 3 and 'kernel' for 2, so that the calls switch paths under the offload):
+    the greedy tokens of the tables on the device, new ids arriving as they are generated."""
+    from egmla.infer import engine as engine_module
+
+    def choose(config, device, batch=None, context=None) -> str:
+        return "grouped" if batch and batch >= 3 else "kernel"
+
+    monkeypatch.setattr(engine_module, "fastest_decode_path", choose)
+    monkeypatch.setattr(GenerationEngine, "_grouped_fits", lambda self, rows, cache_len: True)
+
+    def generate(offload: bool) -> list[list[int]]:
+        model = tiny_model("eg-mla", seed=7)
+        use_triton_decode(model, "kernel")  # the path 'auto' starts from: its first call switches, with no cache yet
+        engine = GenerationEngine(model, decode_path=path, offload_gate_tables=offload)
+        for layer in model.layers:
+            layer.attn.grouped_backend = "kernel"
+        engine.auto_path = path == "auto"  # as on CUDA
+        return [r.token_ids for r in engine.generate(PROMPTS, 6) + engine.generate(PROMPTS[:2], 5)]
+
+    expected = generate(offload=False)
+    decodes = count_calls(monkeypatch, "egmla.kernels.egmla_decode", "egmla_decode")
+    grouped = count_calls(monkeypatch, "egmla.kernels.grouped_decode", "grouped_decode")
+    assert generate(offload=True) == expected
+    assert bool(decodes) == (path != "grouped") and bool(grouped) == (path != "kernel")
+    assert set().union(*expected) - set().union(*PROMPTS)  # ids the prompts lack
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("path", ["kernel", "grouped"])
+def test_offload_on_the_triton_paths_on_cuda_equals_the_tables_on_the_device(path):
+    """bf16 on CUDA: the 'kernel' and 'grouped' steps read the offloaded rows through the slot map; logits within
+    bf16 rounding of the tables on the device."""
+    model = tiny_model("eg-mla", seed=5).to("cuda", torch.bfloat16)
+    model.set_decode_path(path)
+    prompts = torch.randint(0, 100, (3, 7), device="cuda")
+    steps = torch.randint(100, 300, (4, 3), device="cuda")
+    prompt_lengths = torch.tensor([7, 2, 5], device="cuda")
+    expected = stepped_logits(model, prompts, prompt_lengths, steps).float()
+    offload = GateTableOffload(model, initial_rows=4)
+    got = stepped_logits(model, prompts, prompt_lengths, steps).float()
+    assert got.isfinite().all() and ((got - expected).norm() / expected.norm()).item() < 1e-2
+    assert offload.capacity < int(steps.max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_auto_with_offload_on_cuda_generates_the_same_tokens():
+    """decode_path='auto' with offloaded gate tables on CUDA: the engine chooses its path as without an offload
+    and, with the same kernels reading the same rows, generates the same greedy tokens (eager steps both ways)."""
+    def generate(offload: bool) -> tuple[list[list[int]], str]:
+        model = tiny_model("eg-mla", seed=7).to("cuda", torch.bfloat16)
+        engine = GenerationEngine(model, decode_path="auto", offload_gate_tables=offload, cuda_graphs=False)
+        tokens = [r.token_ids for r in engine.generate(PROMPTS, 8)]
+        return tokens, engine.decode_path
+
+    expected = generate(offload=False)
+    assert expected[1] in ("kernel", "grouped")
+    assert generate(offload=True) == expected
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_offload_of_the_bias_control_on_cuda_equals_its_tables_on_the_device():
@@ -138,9 +229,9 @@ def test_offload_of_the_bias_control_on_cuda_equals_its_tables_on_the_device():
     prompts = torch.randint(0, 100, (3, 7), device="cuda")
     steps = torch.randint(100, 300, (4, 3), device="cuda")
     prompt_lengths = torch.tensor([7, 2, 5], device="cuda")
-    expected = bias_absorbed_logits(model, prompts, prompt_lengths, steps).float()
+    expected = stepped_logits(model, prompts, prompt_lengths, steps).float()
     GateTableOffload(model, initial_rows=4)
-    got = bias_absorbed_logits(model, prompts, prompt_lengths, steps).float()
+    got = stepped_logits(model, prompts, prompt_lengths, steps).float()
     assert got.isfinite().all() and ((got - expected).norm() / expected.norm()).item() < 1e-2
 
 

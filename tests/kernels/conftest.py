@@ -26,6 +26,17 @@ def poisoned(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
+def resident_rows(table: torch.Tensor, spare: int = 3, id_dtype=torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gate-table offload's view of `table` (egmla.infer.offload), for a kernel's `id_to_row`: every id's row at
+    a shuffled slot of a row cache with `spare` NaN rows, and the id -> slot map [vocab]. A kernel that read rows
+    by id, or any row but the id's slot, would give other gates or NaN."""
+    vocab = table.shape[0]
+    id_to_row = torch.randperm(vocab + spare, device=table.device)[:vocab].to(id_dtype)
+    rows = torch.full((vocab + spare, table.shape[1]), float("nan"), dtype=table.dtype, device=table.device)
+    rows[id_to_row.long()] = table
+    return rows, id_to_row
+
+
 requires_triton = pytest.mark.skipif(
     __import__("importlib").util.find_spec("triton") is None, reason="Triton is not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -3,7 +3,7 @@ and norm, several heads per program, ragged lengths (1 included), poisoned outpu
 import pytest
 import torch
 
-from tests.kernels.conftest import kernel_device, needs_cuda, poisoned, rel_err, requires_triton
+from tests.kernels.conftest import kernel_device, needs_cuda, poisoned, rel_err, requires_triton, resident_rows
 
 pytestmark = requires_triton
 
@@ -123,6 +123,26 @@ def test_dense_head_width():
     out = egmla_decode(**inputs, ln_stats=stats_for(inputs, "layernorm", "mul"), scale=0.2, num_splits=2,
                        block_t=16, heads_per_program=2, out=poisoned((2, 3, 16), torch.float32, device))
     assert rel_err(out, egmla_decode_ref(**inputs, scale=0.2)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype,num_splits,id_dtype", [(torch.float32, 1, torch.int64), (torch.float32, 2, torch.int32),
+                                                       (torch.float16, 2, torch.int64)])
+def test_id_to_row_reads_the_rows_it_maps(dtype, num_splits, id_dtype):
+    """egmla_decode(..., id_to_row=map) over the rows of a gate-table offload (each id's row at its slot) equals the
+    plain call over the whole table: the same gates, read through the map."""
+    from egmla.kernels.egmla_decode import egmla_decode
+
+    device = kernel_device()
+    inputs = make_inputs(3, 3, 16, 8, 20, 8, 40, 30, [1, 40, 23], dtype, device)
+    stats = stats_for(inputs, "layernorm", "mul")
+    settings = dict(ln_stats=stats, scale=0.2, num_splits=num_splits, block_t=16)
+    plain = egmla_decode(**inputs, **settings)
+    rows, id_to_row = resident_rows(inputs["gate_table"], id_dtype=id_dtype)
+    mapped = egmla_decode(**{**inputs, "gate_table": rows}, **settings, id_to_row=id_to_row,
+                          out=poisoned((3, 3, 8), dtype, device))
+    assert torch.equal(mapped, plain)
+    with pytest.raises(ValueError, match="id_to_row"):
+        egmla_decode(**{**inputs, "gate_table": rows}, **settings, id_to_row=id_to_row.float())
 
 
 def test_bad_inputs_raise_value_error():

@@ -4,7 +4,7 @@ and RMSNorm, several chunk sizes, poisoned outputs; the per-step plan; bad input
 import pytest
 import torch
 
-from tests.kernels.conftest import kernel_device, needs_cuda, poisoned, rel_err, requires_triton
+from tests.kernels.conftest import kernel_device, needs_cuda, poisoned, rel_err, requires_triton, resident_rows
 
 pytestmark = requires_triton
 
@@ -232,6 +232,29 @@ def test_kernel_on_gpu_paper_base_shapes(dtype, kernel):
         out, ref = run_both(case, groups, 16 if kernel == "scratch" else 32, kernel=kernel.split("-")[0], **extra)
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype,splits,gate_dot,batch_slice", [(torch.float32, None, True, None),
+                                                               (torch.float32, 2, False, None),
+                                                               (torch.float16, 2, True, 2)])
+def test_id_to_row_reads_the_rows_it_maps(dtype, splits, gate_dot, batch_slice):
+    """grouped_decode(..., id_to_row=map) over the rows of a gate-table offload (each id's row at its slot) equals the
+    plain call over the whole table: grouped by id as before, the absorb and up-projection gathers through the map
+    (both forms of the up-projection, atomic splits, batch slices)."""
+    from egmla.kernels.grouped_decode import grouped_decode, make_plan
+
+    case, groups = make_case(3, 3, 16, 8, 20, 8, [40, 17, 1], 50, dtype, kernel_device(), high=12)
+    plan = make_plan(groups, 16)
+    settings = dict(block_ids=16, block_rows=16, num_splits=splits, gate_dot=gate_dot, batch_slice=batch_slice)
+    plain = grouped_decode(plan=plan, **case, **settings)
+    rows, id_to_row = resident_rows(case["gate_table"])
+    mapped = grouped_decode(plan=plan, **{**case, "gate_table": rows}, **settings, id_to_row=id_to_row,
+                            out=poisoned(plain.shape, dtype, plain.device))
+    assert torch.isfinite(mapped).all()
+    if splits is None:  # one program per (head, sequence): the same sums in the same order
+        assert torch.equal(mapped, plain)
+    else:  # atomic adds of the splits: the same terms, in any order
+        assert rel_err(mapped, plain) < (1e-6 if dtype == torch.float32 else 1e-3)
 
 
 def test_batch_slices_give_the_same_output():
