@@ -271,7 +271,7 @@ def grouped_decode_fused(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch
         plan.order.stride(0), plan.slots.stride(0), plan.offsets.stride(0), plan.distinct_ids.stride(0),
         n_blocks, scale * LOG2E,
         N_HEADS=heads, D_N=d_n, D_V=d_v, D_C=d_c, D_R=d_r, BLOCK_N=block(d_n), BLOCK_C=block(d_c),
-        BLOCK_R=triton.next_power_of_2(d_r), BLOCK_V=block(d_v), BLOCK_U=block_ids, BLOCK_T=block_t,
+        BLOCK_R=block(d_r), BLOCK_V=block(d_v), BLOCK_U=block_ids, BLOCK_T=block_t,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
         **flags)
     _combine_blocks_kernel[(heads, batch)](
