@@ -80,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "one row per variant and compile mode, one column per memory setting, as in "
                              "docs/training.md (`python -m egmla.bench.summary docs/training.md` refreshes it)")
     parser.add_argument("--report", nargs="+", metavar="JSON", help="with --summary: `--out` files of earlier runs")
+    parser.add_argument("--plot", metavar="PNG", help="with --summary: also plot peak GB against step ms as a PNG")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each row (torch.profiler, --profile-steps steps after the timed ones): "
                              "kernel time by kind and the costliest kernels, printed and written beside --out")
@@ -386,6 +387,39 @@ def memory_summary(metas: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def memory_plot(metas: list[dict], path: str) -> None:
+    """Allocated peak GB against step ms, one line per (variant, compile mode) through its memory settings (plain
+    first), each point labelled with its setting: which setting buys how much memory for how much time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for meta in metas for row in meta["rows"]]
+    series = list(dict.fromkeys((r["variant"], compile_label(r)) for r in rows))
+    variants = list(dict.fromkeys(variant for variant, _ in series))
+    modes = list(dict.fromkeys(mode for _, mode in series))
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for variant, mode in series:
+        points = [r for r in rows if (r["variant"], compile_label(r)) == (variant, mode)]
+        points.sort(key=lambda r: (r["activation_checkpointing"] > 0, r["loss_chunk_tokens"] > 0))
+        name = points[0]["name"].split(" (")[0]
+        ax.plot([r["step_ms"] for r in points], [r["peak_memory_gb"] for r in points], ["-", "--", ":"][
+            modes.index(mode) % 3], marker="osD^"[modes.index(mode) % 4], color=plt.cm.tab10(variants.index(variant)),
+            label=f"{name}, {mode}")
+        for r in points:
+            ax.annotate(memory_label((r["activation_checkpointing"], r["loss_chunk_tokens"])),
+                        (r["step_ms"], r["peak_memory_gb"]), fontsize=6, alpha=0.7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set(xlabel="step ms (median)", ylabel="allocated peak GB (warm-up included)", ylim=(0, None),
+           title=f"egmla bench train: memory settings, {metas[0]['device']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(args) -> int:
     import contextlib
 
@@ -396,7 +430,12 @@ def main(args) -> int:
             raise ValueError("--summary: name the runs' JSON files with --report A.json [B.json ...]")
         from egmla.bench.generate import write_table
 
-        return write_table(memory_summary([json.loads(Path(p).read_text()) for p in args.report]), args.markdown)
+        metas = [json.loads(Path(p).read_text()) for p in args.report]
+        write_table(memory_summary(metas), args.markdown)
+        if args.plot:
+            memory_plot(metas, args.plot)
+            print(f"wrote {args.plot}")
+        return 0
 
     from egmla.bench.token_ids import text_token_ids
     from egmla.configfile import int_list, parse_overrides

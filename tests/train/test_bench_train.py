@@ -249,8 +249,10 @@ def test_memory_summary_table_from_runs_of_one_gpu(tmp_path, capsys):
         paths.append(tmp_path / f"{i}.json")
         paths[-1].write_text(json.dumps(meta))
     md = tmp_path / "table.md"
-    args = parser.parse_args(["--summary", "--report", *map(str, paths), "--markdown", str(md)])
+    png = tmp_path / "memory.png"
+    args = parser.parse_args(["--summary", "--report", *map(str, paths), "--markdown", str(md), "--plot", str(png)])
     assert bench_train.main(args) == 0
     assert md.read_text() == bench_train.memory_summary([eager, graphs])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="--summary: name the runs' JSON files with --report"):
         bench_train.main(parser.parse_args(["--summary"]))
