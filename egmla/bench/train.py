@@ -363,14 +363,29 @@ def compile_label(row: dict) -> str:
     return {"reduce-overhead": "compiled, CUDA graphs", "default": "compiled, no graphs"}.get(mode, f"compiled, {mode}")
 
 
+def rows_of(metas: list[dict]) -> list[dict]:
+    """Every row of the files, each with its compile mode (files from before rows carried it: their run's)."""
+    rows = []
+    for meta in metas:
+        settings = meta.get("settings", {})
+        mode = settings.get("compile_mode", "default") if settings.get("compile", True) else None
+        rows += [row if "compile_mode" in row else {**row, "compile_mode": mode} for row in meta["rows"]]
+    return rows
+
+
+def memory_of(row: dict) -> tuple[int, int]:
+    """A row's (activation_checkpointing, loss_chunk_tokens); files from before those settings ran without them."""
+    return row.get("activation_checkpointing", 0), row.get("loss_chunk_tokens", 0)
+
+
 def memory_summary(metas: list[dict]) -> str:
     """The memory settings' table for docs/training.md: one row per (variant, compile mode), one column per memory
     setting, each cell `allocated peak / reserved GB (step ms)` from `egmla bench train --out` files of one GPU."""
     devices = {meta["device"] for meta in metas}
     if len(devices) != 1:
         raise ValueError(f"--summary --report: the files come from {', '.join(sorted(devices))}; give files of one GPU")
-    rows = [row for meta in metas for row in meta["rows"]]
-    settings = list(dict.fromkeys((r["activation_checkpointing"], r["loss_chunk_tokens"]) for r in rows))
+    rows = rows_of(metas)
+    settings = list(dict.fromkeys(memory_of(r) for r in rows))
     lines = ["| allocated peak / reserved GB (step ms) | " + " | ".join(memory_label(m) for m in settings) + " |",
              "|---|" + "---:|" * len(settings)]
     series = list(dict.fromkeys((r["variant"], compile_label(r)) for r in rows))
@@ -379,10 +394,13 @@ def memory_summary(metas: list[dict]) -> str:
         cells = []
         for memory in settings:
             row = next((r for r in rows if (r["variant"], compile_label(r)) == (variant, compiled)
-                        and (r["activation_checkpointing"], r["loss_chunk_tokens"]) == memory), None)
-            reserved = row and row.get("peak_reserved_gb")
-            cells.append("" if row is None else f"{row['peak_memory_gb']:.1f} / "
-                         f"{f'{reserved:.1f}' if reserved is not None else '-'} ({row['step_ms']:.1f})")
+                        and memory_of(r) == memory), None)
+            if row is None:
+                cells.append("")
+                continue
+            peak, reserved = (f"{row[key]:.1f}" if row.get(key) is not None else "-"
+                              for key in ("peak_memory_gb", "peak_reserved_gb"))
+            cells.append(f"{peak} / {reserved} ({row['step_ms']:.1f})")
         lines.append(f"| {names[variant]}, {compiled} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -395,20 +413,23 @@ def memory_plot(metas: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for meta in metas for row in meta["rows"]]
+    rows = rows_of(metas)
     series = list(dict.fromkeys((r["variant"], compile_label(r)) for r in rows))
     variants = list(dict.fromkeys(variant for variant, _ in series))
     modes = list(dict.fromkeys(mode for _, mode in series))
     fig, ax = plt.subplots(figsize=(9, 6))
     for variant, mode in series:
         points = [r for r in rows if (r["variant"], compile_label(r)) == (variant, mode)]
-        points.sort(key=lambda r: (r["activation_checkpointing"] > 0, r["loss_chunk_tokens"] > 0))
+        points = [r for r in points if r.get("peak_memory_gb") is not None]  # CPU rows, older files: no peak
+        if not points:
+            continue
+        points.sort(key=lambda r: tuple(value > 0 for value in memory_of(r)))
         name = points[0]["name"].split(" (")[0]
         ax.plot([r["step_ms"] for r in points], [r["peak_memory_gb"] for r in points], ["-", "--", ":"][
             modes.index(mode) % 3], marker="osD^"[modes.index(mode) % 4], color=plt.cm.tab10(variants.index(variant)),
             label=f"{name}, {mode}")
         for r in points:
-            ax.annotate(memory_label((r["activation_checkpointing"], r["loss_chunk_tokens"])),
+            ax.annotate(memory_label(memory_of(r)),
                         (r["step_ms"], r["peak_memory_gb"]), fontsize=6, alpha=0.7, xytext=(3, 3),
                         textcoords="offset points")
     ax.set(xlabel="step ms (median)", ylabel="allocated peak GB (warm-up included)", ylim=(0, None),

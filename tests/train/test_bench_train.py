@@ -240,6 +240,10 @@ def test_memory_summary_table_from_runs_of_one_gpu(tmp_path, capsys):
         "| allocated peak / reserved GB (step ms) | plain | recompute 1/1 |", "|---|---:|---:|",
         "| MHA, eager | 15.3 / - (68.1) | 8.6 / 9.0 (82.8) |",
         "| MHA, compiled, CUDA graphs | 9.4 / 10.2 (36.6) |  |"]
+    # a file from before the memory settings, compile modes in rows and peaks: its run's settings fill them in
+    older = {"device": "GPU X", "settings": {"compile": True},
+             "rows": [{"variant": "mla-kv64", "name": "MLA kv64", "step_ms": 35.8}]}
+    assert bench_train.memory_summary([older]).splitlines()[2] == "| MLA kv64, compiled, no graphs | - / - (35.8) |"
     with pytest.raises(ValueError, match="the files come from GPU X, GPU Y; give files of one GPU"):
         bench_train.memory_summary([eager, {**graphs, "device": "GPU Y"}])
     parser = argparse.ArgumentParser()
