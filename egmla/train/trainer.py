@@ -447,7 +447,9 @@ def finish(run, run_dir, info, model, data_meta, step, val_loss, step_times, pea
                 f"(train-token entropy {data_meta['train_unigram_entropy']:.4f})")
         speed = (f"median step {summary['median_step_s']:.3f}s, {summary['tokens_per_s']:,.0f} tokens/s"
                  if step_times else f"no step to train: the run is at step {step}")
-        say(speed + (f", MFU {100 * summary['mfu']:.1f}%" if step_times and summary["mfu"] else "")
+        memory = f"; peak memory {peak_memory / 1e9:.2f} GB by {memory_measure}"
+        memory += f", {reserved / 1e9:.2f} GB reserved" if reserved is not None else ""
+        say(speed + (f", MFU {100 * summary['mfu']:.1f}%" if step_times and summary["mfu"] else "") + memory
             + (f"; loss curve {plot}" if plot else "") + f"; run directory {run_dir}")
     return summary
 

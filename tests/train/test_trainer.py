@@ -21,7 +21,10 @@ QUIET = dict(progress=False, log=lambda *_: None)
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
-    summary = train(run_config(cache_dir, train=dict(tensorboard=True, keep_checkpoints=2)), run_dir, **QUIET)
+    lines = []
+    summary = train(run_config(cache_dir, train=dict(tensorboard=True, keep_checkpoints=2)), run_dir, progress=False,
+                    log=lines.append)
+    summary["printed"] = lines  # what the run said, for the tests below
     return run_dir, summary
 
 
@@ -45,6 +48,9 @@ def test_run_directory_holds_everything(finished_run):
     assert summary["params"] > summary["params_without_gate_tables"]
     assert summary["peak_memory_measure"] == "peak RSS (ru_maxrss)" and summary["peak_memory_bytes_per_rank"][0] > 0
     assert summary["peak_reserved_bytes_per_rank"] is None  # a CUDA allocator's figure: none on the CPU
+    last = summary["printed"][-1]
+    assert f"peak memory {summary['peak_memory_bytes_per_rank'][0] / 1e9:.2f} GB by peak RSS (ru_maxrss)" in last
+    assert "reserved" not in last
 
 
 def test_saved_model_and_tokenizer_reload(finished_run, cache_dir):
