@@ -140,6 +140,9 @@ class Transformer(nn.Module):
         keep_precomputed and a layer already holds them (the generation engine switching paths under its kept
         CUDA graphs, with the weights unchanged)."""
         check_decode_path(self.config, path)
+        for layer in self.layers:  # every refusal before any layer changes
+            if hasattr(layer.attn, "check_path_switch"):
+                layer.attn.check_path_switch(path, keep_precomputed)
         self.decode_path, self.decode_path_chosen = path, True
         for layer in self.layers:
             layer.attn.decode_path = path

@@ -226,9 +226,26 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
                              needs_token_groups=decode_path in ("grouped", "absorbed"))
         return CacheSpec(spec.tensors, needs_token_ids=True)
 
+    def check_path_switch(self, path: str, keep_precomputed: bool) -> None:
+        """Before any layer switches: with offloaded gate tables (egmla.infer.offload) only a switch that keeps them
+        works (building a table needs E_l on the device; dropping one would lose the offload's stand-in)."""
+        if isinstance(self.gate_embed, nn.Embedding):
+            return
+        no_table = self.gate_placement != "latent" and path in TABLE_PATHS and self.gate_table is None
+        if not keep_precomputed or no_table:
+            raise ValueError(f"set_decode_path({path!r}): this model's gate tables are offloaded to host memory; "
+                             f"call restore() on its GateTableOffload first" + (
+                                 " (the offload holds no gate table G_l for this path: it was made on a path that "
+                                 "reads none)" if no_table else
+                                 ", or pass keep_precomputed=True to keep the offloaded tables serving the new path"))
+
     def on_decode_path_set(self, keep_precomputed: bool = False) -> None:
         """Build the gate table for the paths that read it; keep_precomputed: keep one already built (a CUDA graph
         captured on the previous path reads that tensor: GenerationEngine switching between 'kernel' and 'grouped')."""
+        if not isinstance(self.gate_embed, nn.Embedding):  # an offload serves the rows: keep its stand-ins
+            if self.gate_placement == "latent":
+                super().on_decode_path_set(keep_precomputed)
+            return
         if self.gate_placement == "latent":
             self.gate_table = None
             super().on_decode_path_set(keep_precomputed)  # MLA's folded absorption

@@ -263,3 +263,29 @@ def test_restore_puts_tables_back_and_paths_switch_again():
     torch.testing.assert_close(cached_logits(model), expected, rtol=1e-5, atol=1e-5)
     engine = GenerationEngine(model, decode_path="gate-table", offload_gate_tables=True)
     assert engine.generate(PROMPTS, 4)[0].token_ids == GenerationEngine(tiny_model("eg-mla")).generate(PROMPTS, 4)[0].token_ids
+
+
+@pytest.mark.parametrize("variant,path,to", [("eg-mla", "gate-table", "naive"), ("eg-mla", "naive", "gate-table"),
+                                             ("eg-mla-latent", "absorbed", "naive")])
+def test_switching_paths_under_an_offload_is_refused_before_anything_changes(variant, path, to):
+    """A switch that would rebuild the tables (which needs E_l on the device) or drop the offload's stand-ins is
+    refused with the fix, and the model keeps its path and its offloaded tables (it failed with an AttributeError on
+    'OffloadedRows', some layers already switched; a second engine on an offloaded model did the same)."""
+    model = tiny_model(variant)
+    model.set_decode_path(path)
+    expected = cached_logits(model)
+    GateTableOffload(model)
+    for switch in (lambda: model.set_decode_path(to), lambda: GenerationEngine(model, decode_path=to)):
+        with pytest.raises(ValueError, match=f"set_decode_path\\('{to}'\\): this model's gate tables are offloaded "
+                                             "to host memory; call restore\\(\\) on its GateTableOffload first"):
+            switch()
+        assert model.decode_path == path and all(layer.attn.decode_path == path for layer in model.layers)
+        assert torch.equal(cached_logits(model), expected)
+    if to == "gate-table":  # offloaded on `naive`, which reads no G_l: keeping the tables cannot serve this path
+        with pytest.raises(ValueError, match="the offload holds no gate table G_l for this path"):
+            model.set_decode_path(to, keep_precomputed=True)
+        assert model.decode_path == path
+        return
+    model.set_decode_path(to, keep_precomputed=True)  # what GenerationEngine's own switches do: the tables stay
+    assert all(isinstance(layer.attn.gate_embed, OffloadedRows) for layer in model.layers)
+    torch.testing.assert_close(cached_logits(model), expected, rtol=1e-5, atol=1e-5)
