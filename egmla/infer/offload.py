@@ -172,7 +172,10 @@ class GateTableOffload:
         return sum(t.numel() * t.element_size() for t in self.host_tables.values())
 
     def device_bytes(self) -> int:
-        """Bytes the device holds instead: the row cache (at its current capacity) and the slot map."""
+        """Bytes the device holds instead: the row cache (at its current capacity) and the slot map; none once
+        restored."""
+        if not self.host_tables:
+            return 0
         rows = sum(t.numel() * t.element_size() for t in self.device_rows.values())
         return rows + self.slot_of_id.numel() * self.slot_of_id.element_size()
 

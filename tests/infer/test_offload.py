@@ -258,6 +258,7 @@ def test_restore_puts_tables_back_and_paths_switch_again():
         GateTableOffload(model)
     offload.restore()
     assert model.num_params() == params_before
+    assert offload.host_bytes() == offload.device_bytes() == offload.bytes_saved() == 0  # was negative: the slot map
     assert torch.equal(cached_logits(model), expected)
     model.set_decode_path("naive")  # rebuilds nothing from an OffloadedRows: the embedding is real again
     torch.testing.assert_close(cached_logits(model), expected, rtol=1e-5, atol=1e-5)
