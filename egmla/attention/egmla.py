@@ -229,7 +229,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def check_path_switch(self, path: str, keep_precomputed: bool) -> None:
         """Before any layer switches: with offloaded gate tables (egmla.infer.offload) only a switch that keeps them
         works (building a table needs E_l on the device; dropping one would lose the offload's stand-in)."""
-        if isinstance(self.gate_embed, nn.Embedding):
+        if not hasattr(self.gate_embed, "kernel_rows"):  # not offloaded (an nn.Embedding, or peft's wrapper of one)
             return
         no_table = self.gate_placement != "latent" and path in TABLE_PATHS and self.gate_table is None
         if not keep_precomputed or no_table:
@@ -242,7 +242,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def on_decode_path_set(self, keep_precomputed: bool = False) -> None:
         """Build the gate table for the paths that read it; keep_precomputed: keep one already built (a CUDA graph
         captured on the previous path reads that tensor: GenerationEngine switching between 'kernel' and 'grouped')."""
-        if not isinstance(self.gate_embed, nn.Embedding):  # an offload serves the rows: keep its stand-ins
+        if hasattr(self.gate_embed, "kernel_rows"):  # an offload serves the rows: keep its stand-ins
             if self.gate_placement == "latent":
                 super().on_decode_path_set(keep_precomputed)
             return
