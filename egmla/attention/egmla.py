@@ -226,10 +226,16 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
                              needs_token_groups=decode_path in ("grouped", "absorbed"))
         return CacheSpec(spec.tensors, needs_token_ids=True)
 
+    @property
+    def gates_offloaded(self) -> bool:
+        """Whether an offload (egmla.infer.offload) serves the gate rows: told by its stand-in's `kernel_rows`, not by
+        the embedding's class (peft wraps a real nn.Embedding in a module of its own)."""
+        return hasattr(self.gate_embed, "kernel_rows")
+
     def check_path_switch(self, path: str, keep_precomputed: bool) -> None:
         """Before any layer switches: with offloaded gate tables (egmla.infer.offload) only a switch that keeps them
         works (building a table needs E_l on the device; dropping one would lose the offload's stand-in)."""
-        if not hasattr(self.gate_embed, "kernel_rows"):  # not offloaded (an nn.Embedding, or peft's wrapper of one)
+        if not self.gates_offloaded:
             return
         no_table = self.gate_placement != "latent" and path in TABLE_PATHS and self.gate_table is None
         if not keep_precomputed or no_table:
@@ -242,7 +248,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def on_decode_path_set(self, keep_precomputed: bool = False) -> None:
         """Build the gate table for the paths that read it; keep_precomputed: keep one already built (a CUDA graph
         captured on the previous path reads that tensor: GenerationEngine switching between 'kernel' and 'grouped')."""
-        if hasattr(self.gate_embed, "kernel_rows"):  # an offload serves the rows: keep its stand-ins
+        if self.gates_offloaded:  # keep the offload's stand-ins
             if self.gate_placement == "latent":
                 super().on_decode_path_set(keep_precomputed)
             return
@@ -527,8 +533,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         groups, vocab_size = ctx.kv_groups, self.gate_embed.num_embeddings
         # E, whose distinct ids' rows the kernels read where needed; under an offload (egmla.infer.offload) the rows
         # resident on the device, and the ids their slots in them
-        table, ids = (self.gate_embed.kernel_rows(ids) if hasattr(self.gate_embed, "kernel_rows")
-                      else (self.gate_embed.weight, ids))
+        table, ids = self.gate_embed.kernel_rows(ids) if self.gates_offloaded else (self.gate_embed.weight, ids)
         # q^C_h . g^K_{h,v} for each distinct id [batch, heads, U]; the table on V alone has no score term
         per_id = per_id_scores(proj[..., d_c:-2], table, ids, groups.n_distinct) if weights.score_term else None
         lengths = ctx.registered_lengths()  # registered and visible

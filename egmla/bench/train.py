@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "kernel time by kind and the costliest kernels, printed and written beside --out")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps per profile")
     parser.add_argument("--out", metavar="JSON", help="write the rows and settings here")
-    parser.add_argument("--markdown", metavar="MD", help="write the table as Markdown here (for docs/benchmarks.md)")
+    parser.add_argument("--markdown", metavar="MD", help="write the table as Markdown here (for docs/benchmarks.md; "
+                                                         "with --summary, the memory table)")
 
 
 def build_step(variant, args, device, ids, autocast, gate_table_update: str, compile_mode: str = "default",
