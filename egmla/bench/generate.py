@@ -484,6 +484,7 @@ def markdown(meta: dict) -> str:
         anchor = llama_full.get(run) if full else llama.get((run, r["batch"]))
         ratio = f"{r['decode_tokens_per_s'] / anchor:.2f}" if anchor else "-"
         graphs = " (eager)" if r.get("cuda_graphs") is False and meta["device"] != "cpu" else ""
+        graphs += ", gate tables offloaded" if r.get("offloaded_gate_tables") else ""
         lines.append(f"| {r['model']} | {r['variant']} | {r['decode_path']}{graphs} | {r['batch']} | "
                      f"{r['step_ms_median']:.2f} | {r['decode_tokens_per_s']:,.0f} | {ratio} | {r['prefill_ms']:.0f} |")
     for r in meta["rows"]:

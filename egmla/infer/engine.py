@@ -39,6 +39,10 @@ from egmla.infer.text import IncrementalDetokenizer, StopStringMatcher
 
 # Every SDPA backend but cuDNN (see the module docstring); PyTorch picks the fastest that applies.
 DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Offloaded gate tables: room kept on the device for the rows of new ids a call's decode steps may bring, beyond its
+# prompts' ids, as a fraction of the vocabulary (1/16 of a 32K vocabulary: 2,048 rows, ~100 MB at paper-base); past
+# it the room grows, and the steps' graphs are captured again (GenerationEngine._offload_rows_for).
+OFFLOAD_ROOM_DIVISOR = 16
 
 
 @dataclass
@@ -159,13 +163,13 @@ class GenerationEngine:
         (`fastest_decode_path`: the Triton kernel on CUDA, EG-MLA's grouped decode from 16,384 positions per
         step, with offloaded gate tables too), and the model's current path elsewhere.
     cache_dtype: dtype of the cache tensors (default: the model's).
-    offload_gate_tables: keep EG-MLA gate tables in host memory (see egmla.infer.offload).
+    offload_gate_tables: keep EG-MLA gate tables in host memory (see egmla.infer.offload); on CUDA the rows of new
+        ids are found and copied on the device, inside the steps' graphs.
     prefill_token_budget: prompt tokens (summed over the rows of one call) per prefill call; it bounds the
         prefill's activation memory. 32,768 by default: on an H200 (paper-base, 2,048-token prompts, batch 32 and
         128) 8,192 took 1.15-2.3x as long (more, smaller calls), 131,072 no less than 32,768
         (docs/bench/generate_h200_prefill.md, `egmla bench prefill`).
-    cuda_graphs: replay decode steps from CUDA graphs (default: on CUDA, unless gate tables are offloaded,
-        whose row copies run on the host). batch_buckets: the batch sizes steps are built for (default:
+    cuda_graphs: replay decode steps from CUDA graphs (default: on CUDA). batch_buckets: the batch sizes steps are built for (default:
         DEFAULT_BUCKETS with graphs, the exact batch without); a batch pads up to the next one.
     reuse_longer_cache: with CUDA graphs and a path whose steps read only each sequence's positions, a call
         shorter than the kept cache runs on it and replays its graphs (else each new length allocates a cache
@@ -216,10 +220,7 @@ class GenerationEngine:
         on_cuda = self.device.type == "cuda"
         if cuda_graphs and not on_cuda:
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, not {self.device}")
-        if cuda_graphs and self.offload is not None:
-            raise ValueError("cuda_graphs=True with offload_gate_tables: the offload copies rows on the host "
-                             "every step, which a graph cannot replay; use one or the other")
-        self.cuda_graphs = on_cuda and self.offload is None if cuda_graphs is None else cuda_graphs
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         buckets = batch_buckets if batch_buckets is not None else (DEFAULT_BUCKETS if self.cuda_graphs else ())
         if any(b < 1 for b in buckets):
             raise ValueError(f"batch_buckets={tuple(buckets)}: every bucket must be >= 1")
@@ -230,9 +231,6 @@ class GenerationEngine:
         self._steps: dict[tuple, DecodeStep] = {}
         self._step_tokens: torch.Tensor | None = None  # [cache rows, 1]: the steps' input tokens (`_cache_for`)
         self._steps_read = precomputed_tensors(model, self.cuda_graphs)  # what the kept steps' graphs read by address
-        if prefill_graphs and self.offload is not None:
-            raise ValueError("prefill_graphs=True with offload_gate_tables: the offload swaps gate-table rows per call "
-                             "on the host, which the fixed-shape prefill step does not follow; use one or the other")
         self.prefill_graphs = self.cuda_graphs if prefill_graphs is None else prefill_graphs
         self._prefill_steps: dict[tuple, PrefillStep] = {}
         self._prefill_scratch: KVCache | None = None  # what every prefill step writes into, like the kept cache
@@ -300,8 +298,6 @@ class GenerationEngine:
     def _run(self, sequences: list[_Sequence], cache_len: int, max_new_tokens: int, sampling: SamplingParams,
              eos_token_id: int | None, on_token) -> None:
         device, batch = self.device, len(sequences)
-        if self.offload is not None:
-            self.offload.reset()
         if self.auto_path:
             self._choose_path(batch, cache_len)
         read = precomputed_tensors(self.model, self.cuda_graphs)
@@ -309,6 +305,8 @@ class GenerationEngine:
             self.drop_steps()  # a precomputed tensor was rebuilt: graphs of the old ones go
         self._steps_read = read
         cache = self._cache_for(bucket_for(batch, self.batch_buckets), cache_len)
+        if self.offload is not None:
+            self._offload_rows_for(sequences, cache.batch_size, max_new_tokens)
         prompt_lengths = [len(seq.result.prompt_ids) for seq in sequences]
         generator = sampling.make_generator(device)
         _synchronize(device)
@@ -322,6 +320,8 @@ class GenerationEngine:
             next_ids = select_next(last_logits[: len(rows)], sampling, generator)
             # Run the next step ahead of reading its tokens back where it can be (`overlap_host`): the host then
             # streams, detokenizes and checks stops while the GPU runs it, instead of the GPU waiting on the host.
+            if step is not None and self._offload_moved(step.batch):
+                step = None  # the gate-row cache grew: its graph read the old rows
             ahead = self._ahead_appending(step, rows, sequences, max_new_tokens, cache_len)
             read_ids = _tokens_to_host(next_ids)  # the copy back is queued before the step, so it does not wait for it
             if ahead is not None:
@@ -361,12 +361,16 @@ class GenerationEngine:
                 step = self._step(cache, bucket_for(len(rows), self.batch_buckets), max_new_tokens)
                 step_appending = None
                 graphed.add(step.use_graph)
+                if self._offload_moved(step.batch):
+                    step = self._step(cache, step.batch, max_new_tokens)
             step.tokens[: len(rows), 0].copy_(next_ids)
             appending = [int(i is not None) for i in rows] + [0] * (step.batch - len(rows))
             if appending != step_appending:  # changes only when a sequence finishes or the step changes
                 _set_n_new(step, appending)
                 step_appending = appending
             last_logits = step.run()
+        if self.offload is not None and self.offload.on_device:
+            self.offload.check()  # no id went past the rows kept for them
         self.last_step = step  # the decode step of the last bucket (benchmarks profile it)
         self.last_stats = GenerationStats(
             batch_size=batch, prompt_tokens=sum(prompt_lengths),
@@ -374,6 +378,27 @@ class GenerationEngine:
             prefill_seconds=prefill_done - start, decode_seconds=previous - prefill_done,
             step_seconds=step_seconds, cache_bytes=cache.nbytes(), cuda_graphs=graphed == {True},
             decode_path=self.decode_path)
+
+    def _offload_rows_for(self, sequences: list[_Sequence], rows: int, max_new_tokens: int) -> None:
+        """A call's start under an offload: forget the last call's resident rows, and keep room for the prompts' ids
+        (and padding's id 0) and, where that takes little memory, for every token the decode steps can feed (then no
+        step checks the count): else for 1 / OFFLOAD_ROOM_DIVISOR of the vocabulary more (4 per row at least),
+        checked as the steps go (`make_room`: a sync only when the count could pass it)."""
+        offload = self.offload
+        offload.reset()
+        prompt_ids = len(set().union(*(seq.result.prompt_ids for seq in sequences)) | {0})
+        decode_ids = rows * max(max_new_tokens - 1, 0)  # each step feeds at most a bucket of tokens
+        room = prompt_ids + min(decode_ids, max(offload.vocab_size // OFFLOAD_ROOM_DIVISOR, 4 * rows))
+        if offload.reserve(room) | offload.make_room(prompt_ids):
+            self.drop_steps()
+
+    def _offload_moved(self, batch: int) -> bool:
+        """Before a decode step of `batch` rows under an offload: keep room for its ids; True (and the steps
+        dropped) where the gate-row cache grew, which the captured steps read by address."""
+        if self.offload is None or not self.offload.make_room(batch):
+            return False
+        self.drop_steps()
+        return True
 
     def _ahead_appending(self, step: DecodeStep | None, rows: list, sequences: list[_Sequence], max_new_tokens: int,
                          cache_len: int) -> list[int] | None:

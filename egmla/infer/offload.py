@@ -18,6 +18,13 @@ the resident rows and the slot map (`kernel_table`, their `id_to_row` argument: 
 more per gathered row, none where no map is given), and the statistics passes, the cache-append launch and the bias
 controls' 'absorbed' kernels the resident rows and the ids' slots in them (`kernel_rows`) instead of the whole
 table and the ids. The grouped decode still groups by token id.
+
+On CUDA the new ids are found and their rows copied on the device (`on_device`, egmla/kernels/gate_rows.py): two
+launches that a CUDA graph captures, no host sync per step. The host tables are pinned and the kernel reads the new
+rows from them directly; the row cache has a fixed address between growths, so a decode step with offloaded tables is
+replayed from a graph like any other. The caller that replays graphs keeps room ahead of the ids (`reserve`,
+`make_room`: a growth moves the rows, and the graphs that read them must be captured again); GenerationEngine does.
+Used without such a caller (a model called directly), each forward first counts its new ids on the host.
 """
 from __future__ import annotations
 
@@ -75,7 +82,9 @@ class GateTableOffload:
     `set_decode_path(path, keep_precomputed=True)`, which keeps the offloaded tables (GenerationEngine's 'auto' choosing
     between 'kernel' and 'grouped')."""
 
-    def __init__(self, model: nn.Module, initial_rows: int = 256):
+    def __init__(self, model: nn.Module, initial_rows: int = 256, on_device: bool | None = None):
+        """on_device: find new ids and copy their rows by Triton kernels (default: on CUDA), else on the host with a
+        sync per forward (the CPU's way; on the CPU the kernels need TRITON_INTERPRET=1)."""
         self.model = model
         if model.decode_path not in OFFLOADABLE_PATHS:
             raise ValueError(f"offload_gate_tables with decode_path={model.decode_path!r}: that path reads the "
@@ -84,6 +93,8 @@ class GateTableOffload:
         self.device, self.dtype = param.device, param.dtype
         self.vocab_size = model.config.vocab_size
         self.pin = self.device.type == "cuda"
+        self.on_device = self.pin if on_device is None else on_device
+        self.managed = False  # a caller keeps room ahead of the ids (make_room); else each forward counts them
         self.host_tables: dict[tuple[int, str], torch.Tensor] = {}
         with torch.no_grad():
             for index, layer in enumerate(model.layers):
@@ -93,17 +104,22 @@ class GateTableOffload:
                 if isinstance(attn.gate_embed, OffloadedRows):
                     raise ValueError("offload_gate_tables: this model's gate tables are already offloaded; "
                                      "restore() the previous GateTableOffload first")
-                self.host_tables[(index, "embed")] = attn.gate_embed.weight.detach().to("cpu", copy=True)
+                self.host_tables[(index, "embed")] = self._to_host(attn.gate_embed.weight)
                 attn.gate_embed = OffloadedRows(self, (index, "embed"))
                 if isinstance(attn.gate_table, torch.Tensor):
-                    self.host_tables[(index, "table")] = attn.gate_table.detach().to("cpu", copy=True)
+                    self.host_tables[(index, "table")] = self._to_host(attn.gate_table)
                     attn.gate_table = OffloadedRows(self, (index, "table"))
         if not self.host_tables:
             raise ValueError(f"offload_gate_tables: {model.config.variant_name()} has no gate tables; "
                              f"only EG-MLA models can offload them")
         self.initial_rows = initial_rows
+        self.device_rows: dict[tuple[int, str], torch.Tensor] = {}
         self.reset()
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    def _to_host(self, table: torch.Tensor) -> torch.Tensor:
+        host = table.detach().to("cpu", copy=True).contiguous()
+        return host.pin_memory() if self.pin and self.on_device else host  # the claim kernel reads it in place
 
     def restore(self) -> None:
         """Put the tables back on the device as they were and remove the hook."""
@@ -120,22 +136,43 @@ class GateTableOffload:
 
     # ---- the device-side row cache ---------------------------------------------------------
     def reset(self) -> None:
-        """Forget the resident rows (between batches); the host tables stay."""
+        """Forget the resident rows (between batches); the host tables stay. On the device the row cache keeps its
+        capacity and address (graphs that read it stay valid)."""
         with torch.inference_mode(False), torch.no_grad():
-            self.resident = np.zeros(self.vocab_size, dtype=bool)
-            self.n_resident = 0
+            if self.on_device and self.device_rows:
+                self.resident.zero_()
+                self.n_resident_device.zero_()
+                self.upper = 0
+                return
+            self.resident_host = np.zeros(self.vocab_size, dtype=bool)
+            self.n_resident_host = 0
             self.slot_of_id = torch.zeros(self.vocab_size, dtype=torch.long, device=self.device)
             rows = min(self.initial_rows, self.vocab_size)
             self.device_rows = {key: torch.empty(rows, table.shape[1], dtype=table.dtype, device=self.device)
                                 for key, table in self.host_tables.items()}
+            if self.on_device:
+                from egmla.kernels.gate_rows import GateRowTables
+
+                self.resident = torch.zeros(self.vocab_size, dtype=torch.int32, device=self.device)
+                self.n_resident_device = torch.zeros(1, dtype=torch.int32, device=self.device)
+                self.upper = 0  # at least as many ids as are resident (counted on the host, no sync)
+                self.tables = GateRowTables.build(list(self.host_tables.values()), list(self.device_rows.values()))
+
+    @property
+    def n_resident(self) -> int:
+        """Ids with a resident row (on the device: read back, a sync)."""
+        return int(self.n_resident_device.item()) if self.on_device else self.n_resident_host
 
     def ensure(self, token_ids: torch.Tensor) -> None:
         """Copy the rows of ids not yet resident to the device."""
+        if self.on_device:
+            self._claim(token_ids)
+            return
         ids = token_ids.detach().flatten().unique().cpu().numpy()
-        new = ids[~self.resident[ids]]
+        new = ids[~self.resident_host[ids]]
         if new.size == 0:
             return
-        first, end = self.n_resident, self.n_resident + new.size
+        first, end = self.n_resident_host, self.n_resident_host + new.size
         with torch.inference_mode(False), torch.no_grad():
             if end > self.capacity:
                 self._grow(min(max(end, 2 * self.capacity), self.vocab_size))
@@ -145,8 +182,56 @@ class GateTableOffload:
                 torch.index_select(table, 0, new_ids, out=staging)
                 self.device_rows[key][first:end].copy_(staging, non_blocking=self.pin)
             self.slot_of_id[new_ids.to(self.device)] = torch.arange(first, end, device=self.device)
-        self.resident[new] = True
-        self.n_resident = end
+        self.resident_host[new] = True
+        self.n_resident_host = end
+
+    def _claim(self, token_ids: torch.Tensor) -> None:
+        from egmla.kernels.gate_rows import claim_gate_rows
+
+        ids = token_ids.detach()
+        capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not self.managed and not capturing:  # no caller keeps room: count this forward's new ids (a sync)
+            distinct = ids.flatten().unique()
+            self._room(int((self.resident[distinct] == 0).sum()))
+        with torch.inference_mode(False), torch.no_grad():
+            claim_gate_rows(ids, self.resident, self.slot_of_id, self.n_resident_device, self.capacity, self.tables)
+
+    def reserve(self, rows: int) -> bool:
+        """Room for at least `rows` resident ids in all (at most the vocabulary). True if the rows moved: a graph
+        that reads them must be captured again."""
+        rows = min(rows, self.vocab_size)
+        if not self.on_device or rows <= self.capacity:
+            return False
+        self._grow(rows)
+        return True
+
+    def make_room(self, new_ids: int) -> bool:
+        """Room for up to `new_ids` more ids before the next forward(s) (on the device; the host path grows as it
+        copies). Counted on the host against an upper bound of what is resident, so it syncs only when the bound
+        nears the capacity; then it reads the true count and grows if that is short too. True if the rows moved (a
+        graph that reads them must be captured again)."""
+        if not self.on_device:
+            return False
+        self.managed = True  # from now on the caller keeps room: forwards no longer count their ids
+        return self._room(new_ids)
+
+    def _room(self, new_ids: int) -> bool:
+        if self.upper + new_ids <= self.capacity:
+            self.upper += new_ids
+            return False
+        self.upper = self.check()
+        moved = self.reserve(max(self.upper + new_ids, 2 * self.capacity) if self.upper + new_ids > self.capacity else 0)
+        self.upper = min(self.upper + new_ids, self.vocab_size)
+        return moved
+
+    def check(self) -> int:
+        """The resident count, read back (a sync); an error if ids went past the capacity (their rows are missing:
+        the room kept ahead of them was short, a bug of the caller)."""
+        count = self.n_resident
+        if count > self.capacity:
+            raise RuntimeError(f"gate-row cache overflow: {count} ids resident in {self.capacity} rows; the ids past "
+                               f"the capacity have no rows (make_room was not called with enough room before a forward)")
+        return count
 
     def rows(self, key: tuple[int, str], token_ids: torch.Tensor) -> torch.Tensor:
         """Gate rows [*token_ids.shape, width] for resident ids."""
@@ -157,10 +242,14 @@ class GateTableOffload:
         return next(iter(self.device_rows.values())).shape[0]
 
     def _grow(self, capacity: int) -> None:
-        for key, old in self.device_rows.items():
-            grown = torch.empty(capacity, old.shape[1], dtype=old.dtype, device=self.device)
-            grown[: self.n_resident] = old[: self.n_resident]
-            self.device_rows[key] = grown
+        kept = self.capacity if self.on_device else self.n_resident_host  # on the device: not known without a sync
+        with torch.inference_mode(False), torch.no_grad():
+            for key, old in self.device_rows.items():
+                grown = torch.empty(capacity, old.shape[1], dtype=old.dtype, device=self.device)
+                grown[:kept] = old[:kept]
+                self.device_rows[key] = grown
+            if self.on_device:
+                self.tables.moved(list(self.device_rows.values()))
 
     def _before_forward(self, module, args, kwargs):
         tokens = args[0] if args else kwargs["tokens"]
@@ -176,8 +265,8 @@ class GateTableOffload:
         restored."""
         if not self.host_tables:
             return 0
-        rows = sum(t.numel() * t.element_size() for t in self.device_rows.values())
-        return rows + self.slot_of_id.numel() * self.slot_of_id.element_size()
+        maps = [self.slot_of_id] + ([self.resident] if self.on_device else [])
+        return sum(t.numel() * t.element_size() for t in [*self.device_rows.values(), *maps])
 
     def bytes_saved(self) -> int:
         return self.host_bytes() - self.device_bytes()

@@ -61,11 +61,18 @@ def test_engine_with_offload_generates_the_same_and_reports_savings():
     assert saved == engine.offload.host_bytes() - engine.offload.device_bytes() and saved > 0
 
 
-def test_offload_refuses_models_without_gates_and_prefill_graphs():
+def test_offload_refuses_models_without_gates():
     with pytest.raises(ValueError, match="no gate tables"):
         GateTableOffload(tiny_model("mla"))
-    with pytest.raises(ValueError, match="prefill_graphs=True with offload_gate_tables"):
-        GenerationEngine(tiny_model("eg-mla"), decode_path="gate-table", offload_gate_tables=True, prefill_graphs=True)
+
+
+def test_offload_with_the_fixed_shape_prefill_step_generates_the_same_tokens():
+    """The prefill step (a graph on CUDA, the same step eagerly here) with offloaded tables: refused until the rows
+    were found on the device; it reads them as any other forward."""
+    model = tiny_model("eg-mla", seed=3)
+    expected = [r.token_ids for r in GenerationEngine(model, decode_path="gate-table").generate(PROMPTS, 6)]
+    engine = GenerationEngine(model, decode_path="gate-table", offload_gate_tables=True, prefill_graphs=True)
+    assert [r.token_ids for r in engine.generate(PROMPTS, 6)] == expected
 
 
 def stepped_logits(model, prompts, prompt_lengths, steps):
@@ -290,3 +297,102 @@ def test_switching_paths_under_an_offload_is_refused_before_anything_changes(var
     model.set_decode_path(to, keep_precomputed=True)  # what GenerationEngine's own switches do: the tables stay
     assert all(isinstance(layer.attn.gate_embed, OffloadedRows) for layer in model.layers)
     torch.testing.assert_close(cached_logits(model), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- rows found and copied on the device (the CUDA way; here the kernels in Triton's interpreter) ----------------
+def device_offload(model, engine=None, initial_rows: int = 4) -> GateTableOffload:
+    """An offload that claims rows by the Triton kernels, as on CUDA (in place of the engine's, if given)."""
+    if engine is not None:
+        engine.offload.restore()
+    offload = GateTableOffload(model, initial_rows=initial_rows, on_device=True)
+    if engine is not None:
+        engine.offload = offload
+    return offload
+
+
+@needs_interpreter
+@pytest.mark.parametrize("variant,path", [("eg-mla", "naive"), ("eg-mla", "gate-table"), ("eg-mla-bias", "absorbed")])
+def test_rows_claimed_on_the_device_give_the_same_logits(variant, path):
+    """Called directly (no engine keeps room), each forward counts its new ids and grows the rows: the logits of the
+    tables on the device, bit for bit, as new ids arrive step after step."""
+    model = tiny_model(variant, seed=5)
+    model.set_decode_path(path)
+    prompts, steps = torch.randint(0, 100, (3, 7)), torch.randint(100, 300, (4, 3))
+    prompt_lengths = torch.tensor([7, 2, 5])
+    expected = stepped_logits(model, prompts, prompt_lengths, steps)
+    offload = device_offload(model)
+    assert torch.equal(stepped_logits(model, prompts, prompt_lengths, steps), expected)
+    assert offload.check() == len(set(prompts.flatten().tolist()) | set(steps.flatten().tolist()))
+    assert 4 < offload.capacity < int(steps.max())  # grew, and a read by id would be past the rows
+
+
+@needs_interpreter
+@pytest.mark.parametrize("path", ["gate-table", "kernel", "grouped"])
+def test_engine_keeps_room_for_rows_claimed_on_the_device(monkeypatch, path):
+    """GenerationEngine with rows claimed on the device: the tokens of the tables on the device over two calls (the
+    second reusing the first's rows and steps); the room kept ahead of the ids grows mid-call when the steps' ids
+    could pass it, and the steps (graphs on CUDA) are dropped then, and only then."""
+    from egmla.infer import engine as engine_module
+
+    def generate(offload: bool):
+        model = tiny_model("eg-mla", seed=7)
+        use_triton_decode(model, path) if path != "gate-table" else model.set_decode_path(path)
+        engine = GenerationEngine(model, decode_path=path, offload_gate_tables=offload)
+        if path != "gate-table":
+            for layer in model.layers:
+                layer.attn.grouped_backend = "kernel"
+        return engine, model
+
+    engine, _ = generate(offload=False)
+    expected = [r.token_ids for r in engine.generate(PROMPTS, 12) + engine.generate(PROMPTS[:2], 5)]
+    engine, model = generate(offload=True)
+    offload = device_offload(model, engine)
+    drops = []
+    monkeypatch.setattr(engine, "drop_steps", lambda: drops.append(offload.capacity) or
+                        GenerationEngine.drop_steps(engine))
+    monkeypatch.setattr(engine_module, "OFFLOAD_ROOM_DIVISOR", 1000)  # room for 4 per row more: must grow mid-call
+    got = engine.generate(PROMPTS, 12)
+    grown = len(drops)
+    got += engine.generate(PROMPTS[:2], 5)
+    assert [r.token_ids for r in got] == expected
+    assert grown >= 2  # the call's start (its prompts' ids) and at least once mid-call
+    assert drops == sorted(drops) and offload.capacity == drops[-1]  # each drop came with a growth
+    assert offload.check() <= offload.capacity
+
+
+@needs_interpreter
+def test_ids_past_the_room_kept_are_an_error_not_wrong_gates():
+    model = tiny_model("eg-mla", seed=5)
+    model.set_decode_path("gate-table")
+    offload = device_offload(model)
+    offload.make_room(2)  # a caller that promised room for 2 ids, then fed 7
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4, 5, 6, 7]]))
+    with pytest.raises(RuntimeError, match="gate-row cache overflow: 7 ids resident in 4 rows"):
+        offload.check()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("path", ["gate-table", "kernel", "grouped"])
+def test_engine_with_offload_replays_cuda_graphs_and_generates_the_same_tokens(monkeypatch, path):
+    """On CUDA an offload no longer turns the graphs off: decode (and prefill) steps are captured with the claim
+    launches in them, the room grows mid-call (graphs captured again), and the greedy tokens are those of the tables
+    on the device, over two calls."""
+    from egmla.infer import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "OFFLOAD_ROOM_DIVISOR", 10 ** 6)  # 4 rows per sequence: grows mid-call
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (9, 3, 14, 6)]
+
+    def generate(offload: bool):
+        model = tiny_model("eg-mla", seed=7).to("cuda", torch.bfloat16)
+        engine = GenerationEngine(model, decode_path=path, offload_gate_tables=offload)
+        tokens = [r.token_ids for r in engine.generate(prompts, 24) + engine.generate(prompts[:2], 10)]
+        return tokens, engine
+
+    expected, _ = generate(offload=False)
+    got, engine = generate(offload=True)
+    assert engine.cuda_graphs and engine.last_stats.cuda_graphs
+    assert got == expected
+    assert set().union(*expected) - set().union(*prompts)  # ids the prompts lack
+    assert engine.offload.check() <= engine.offload.capacity
