@@ -388,9 +388,13 @@ class GenerationEngine:
         offload.reset()
         prompt_ids = len(set().union(*(seq.result.prompt_ids for seq in sequences)) | {0})
         decode_ids = rows * max(max_new_tokens - 1, 0)  # each step feeds at most a bucket of tokens
-        room = prompt_ids + min(decode_ids, max(offload.vocab_size // OFFLOAD_ROOM_DIVISOR, 4 * rows))
+        room = prompt_ids + min(decode_ids, self._offload_slack(rows))
         if offload.reserve(room) | offload.make_room(prompt_ids):
             self.drop_steps()
+
+    def _offload_slack(self, rows: int) -> int:
+        """Rows of room kept beyond the ids known, for `rows` sequences' new ids (OFFLOAD_ROOM_DIVISOR)."""
+        return max(self.offload.vocab_size // OFFLOAD_ROOM_DIVISOR, 4 * rows)
 
     def _offload_moved(self, batch: int) -> bool:
         """Before a decode step of `batch` rows under an offload: keep room for its ids; True (and the steps

@@ -28,6 +28,8 @@ Used without such a caller (a model called directly), each forward first counts 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -95,6 +97,7 @@ class GateTableOffload:
         self.pin = self.device.type == "cuda"
         self.on_device = self.pin if on_device is None else on_device
         self.managed = False  # a caller keeps room ahead of the ids (make_room); else each forward counts them
+        self.evictions = 0  # times make_room dropped the rows of ids no longer live
         self.host_tables: dict[tuple[int, str], torch.Tensor] = {}
         with torch.no_grad():
             for index, layer in enumerate(model.layers):
@@ -205,23 +208,47 @@ class GateTableOffload:
         self._grow(rows)
         return True
 
-    def make_room(self, new_ids: int) -> bool:
+    def make_room(self, new_ids: int, live_ids: Callable[[], torch.Tensor] | None = None) -> bool:
         """Room for up to `new_ids` more ids before the next forward(s) (on the device; the host path grows as it
         copies). Counted on the host against an upper bound of what is resident, so it syncs only when the bound
-        nears the capacity; then it reads the true count and grows if that is short too. True if the rows moved (a
-        graph that reads them must be captured again)."""
+        nears the capacity; then it reads the true count and grows if that is short too. With `live_ids` (the ids
+        the cache still holds: a server's, whose rows would otherwise pile up over requests) a shortage first evicts
+        every other id (their rows claimed again, at new slots of the same rows), and grows only where the live ids
+        and the new ones would fill more than half the rows. True if the rows moved (a graph that reads them must be
+        captured again)."""
         if not self.on_device:
             return False
         self.managed = True  # from now on the caller keeps room: forwards no longer count their ids
-        return self._room(new_ids)
+        return self._room(new_ids, live_ids)
 
-    def _room(self, new_ids: int) -> bool:
-        if self.upper + new_ids <= self.capacity:
-            self.upper += new_ids
+    def _room(self, new_ids: int, live_ids: Callable[[], torch.Tensor] | None = None) -> bool:
+        if self.upper + new_ids <= self.capacity or self.capacity >= self.vocab_size:
+            self.upper = min(self.upper + new_ids, self.vocab_size)
             return False
         self.upper = self.check()
-        moved = self.reserve(max(self.upper + new_ids, 2 * self.capacity) if self.upper + new_ids > self.capacity else 0)
+        moved = False
+        if self.upper + new_ids > self.capacity and live_ids is not None:
+            moved = self._evict(live_ids(), new_ids)
+        elif self.upper + new_ids > self.capacity:
+            moved = self.reserve(max(self.upper + new_ids, 2 * self.capacity))
         self.upper = min(self.upper + new_ids, self.vocab_size)
+        return moved
+
+    def _evict(self, live_ids: torch.Tensor, new_ids: int) -> bool:
+        """Keep only the rows of live_ids (claimed again from the host tables, a one-off copy), growing first where
+        they and new_ids would fill more than half the rows. True if the rows moved."""
+        from egmla.kernels.gate_rows import claim_gate_rows
+
+        distinct = live_ids.flatten().unique()
+        live = distinct.numel()
+        moved = self.reserve(2 * (live + new_ids)) if 2 * (live + new_ids) > self.capacity else False
+        with torch.inference_mode(False), torch.no_grad():
+            self.resident.zero_()
+            self.n_resident_device.zero_()
+            claim_gate_rows(distinct, self.resident, self.slot_of_id, self.n_resident_device, self.capacity,
+                            self.tables)
+        self.upper = live
+        self.evictions += 1
         return moved
 
     def check(self) -> int:

@@ -134,9 +134,6 @@ class Scheduler:
         prefill_chunk = engine.prefill_token_budget if prefill_chunk is None else prefill_chunk
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={prefill_chunk}: must be >= 1 (prompt tokens per iteration)")
-        if engine.offload is not None:
-            raise ValueError("the scheduler cannot serve with offloaded gate tables (the offload tracks one batch's "
-                             "rows per call): make the GenerationEngine without offload_gate_tables")
         self.engine, self.max_batch, self.max_len, self.max_waiting = engine, max_batch, max_len, max_waiting
         self.prefill_chunk = prefill_chunk
         self.overlap_host = engine.overlap_host if overlap_host is None else overlap_host
@@ -353,6 +350,7 @@ class Scheduler:
             if self._cache is None:
                 self._open()
             for bucket in [b for b in engine.batch_buckets if b <= len(self._rows)]:
+                self._offload_room(bucket)
                 step = engine._step(self._cache, bucket, self.max_len)
                 if step.use_graph and step.graph is None:
                     step.capture()
@@ -378,6 +376,7 @@ class Scheduler:
                 self._open()
             for rows, width in self.prefill_buckets(max_prompt_tokens):
                 # a bucket is its own bucket: the step `_prefill_run` gets for any prefill that pads to it
+                self._offload_room(1)  # a step not yet captured has never run: its tokens are all id 0
                 step = self.engine.prefill_step(rows, width, self.max_len)
                 if step is not None and step.use_graph and step.graph is None:
                     step.capture()
@@ -401,6 +400,10 @@ class Scheduler:
             engine._choose_path(rows, self.max_len)
         engine._steps_read = _precomputed(engine)
         self._cache = engine._cache_for(rows, self.max_len)
+        if engine.offload is not None:  # the rows of the ids the server's cache holds, kept across requests
+            engine.offload.reset()
+            if engine.offload.reserve(engine._offload_slack(rows)):
+                engine.drop_steps()
         self._rows = [None] * rows
         self._prefixes = PrefixTable(rows, self.prefix_cache_min)
         # each row's next input token, in the buffer every decode step reads: a step needs no copy of them
@@ -563,6 +566,7 @@ class Scheduler:
         self.stats.prefill_calls += 1
         # fresh prompts (each from position 0 of an emptied row) through the engine's fixed-shape step (a CUDA graph)
         fresh = not every_position and not any(self._rows[row].fed for row, _ in run)
+        self._offload_room(len(set(tokens.flatten().tolist()) | {0}))
         step = self.engine.prefill_step(last - first, width, self.max_len) if fresh else None
         if step is not None:
             logits = step.prefill(self._cache, first, tokens, n_new, self.engine.reads_token_groups())
@@ -649,7 +653,9 @@ class Scheduler:
         if not rows:
             return None
         top = rows[-1] + 1
-        step = self.engine._step(self._cache, bucket_for(top, self.engine.batch_buckets), self.max_len)
+        bucket = bucket_for(top, self.engine.batch_buckets)
+        self._offload_room(bucket)  # every row's token is fed, a finished row's too
+        step = self.engine._step(self._cache, bucket, self.max_len)
         if step is not self._step:
             self._step, self._step_appending = step, None
         if step.tokens.data_ptr() != self._next.data_ptr():  # a step of its own buffer (not the engine's kept cache)
@@ -661,6 +667,21 @@ class Scheduler:
         logits = step.run()
         self.stats.decode_steps += 1
         return self._sample_next(rows, logits[:top] if len(rows) == top else logits[_index(rows, logits.device)])
+
+    def _offload_room(self, new_ids: int) -> None:
+        """Under offloaded gate tables, room for up to new_ids more ids before a forward; a shortage evicts the ids no
+        cache row holds (a row kept for its prefix included) and, where the row cache had to grow, drops the steps
+        whose graphs read the old one."""
+        offload = self.engine.offload
+        if offload is not None and offload.make_room(new_ids, self._cached_ids):
+            self.engine.drop_steps()
+            self._step = None
+
+    def _cached_ids(self) -> torch.Tensor:
+        """The token ids at every cache row's positions (each row up to its length; beyond it id 0)."""
+        cache = self._cache
+        positions = torch.arange(cache.max_len, device=cache.lengths.device)
+        return torch.where(positions < cache.lengths[:, None], cache.token_ids, 0)
 
     def _compact(self, occupied: list[int]) -> None:
         """Move the occupied rows to the front of the cache, so a smaller bucket's step covers them: a permutation of

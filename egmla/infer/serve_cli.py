@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eager", action="store_true",
                         help="run every decode step and prefill eagerly (default on CUDA: replay each batch size's "
                              "step, and each shape bucket's prefill of fresh prompts, from a CUDA graph)")
+    parser.add_argument("--offload-gate-tables", action="store_true",
+                        help="EG-MLA: keep the gate tables in host memory, and on the device only the rows of the ids "
+                             "the cache holds (found and copied on the device, inside the CUDA graphs; the ids no "
+                             "cache row holds any more are evicted when the rows run short). --max-batch auto counts "
+                             "the tables as freed, not the rows: at most the tables' size, lower --memory-fraction "
+                             "where that matters")
     parser.add_argument("--capture-prefill-tokens", type=_prompt_tokens, default=CAPTURE_PREFILL_TOKENS, metavar="N",
                         help="at start, capture the CUDA graph of every prefill bucket (rows up to --max-batch x "
                              "padded width) that fresh prompts of up to N tokens can meet, so that none waits for "
@@ -105,7 +111,8 @@ def main(args) -> int:
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     model, meta = load_model(args.run, device=device, dtype=dtype, checkpoint=args.checkpoint)
     tokenizer = load_tokenizer(args.run)
-    engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path, cuda_graphs=False if args.eager else None)
+    engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path, cuda_graphs=False if args.eager else None,
+                              offload_gate_tables=args.offload_gate_tables)
     max_batch = _max_batch(args, engine)
     scheduler = Scheduler(engine, max_batch=max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
                           seed=args.seed, prefill_chunk=args.prefill_chunk, prefix_cache_min=args.prefix_cache_min,

@@ -265,6 +265,17 @@ def test_the_command_passes_capture_prefill_tokens_and_refuses_bad_values(run_di
         assert made.pop()["capture_prefill_tokens"] == expected
 
 
+def test_the_command_serves_with_offloaded_gate_tables(run_dir, monkeypatch):
+    import egmla.infer.server as server_module
+
+    made = []
+    monkeypatch.setattr(server_module, "make_server", lambda scheduler, *args, **kwargs: made.append(scheduler))
+    monkeypatch.setattr(server_module, "serve", lambda server: None)
+    for given, offloaded in (([], False), (["--offload-gate-tables"], True)):
+        assert egmla_main(["serve", "--run", str(run_dir), "--port", "0", "--max-batch", "2", *given]) == 0
+        assert (made.pop().engine.offload is not None) == offloaded
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("variant,path", [("eg-mla", "grouped"), ("mla", "kernel")])

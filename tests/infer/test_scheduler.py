@@ -267,8 +267,6 @@ def test_bad_requests_are_refused_with_the_field_named():
         Scheduler(engine, max_len=100)
     with pytest.raises(ValueError, match="max_batch=0"):
         Scheduler(engine, max_batch=0)
-    with pytest.raises(ValueError, match="offloaded gate tables"):
-        Scheduler(GenerationEngine(model, offload_gate_tables=True))
     with pytest.raises(ValueError, match="admit_batch=3"):
         Scheduler(engine, max_batch=2, admit_batch=3)
     with pytest.raises(ValueError, match="admit_wait=-1"):
@@ -802,3 +800,82 @@ def test_random_schedules_of_shared_prefixes_keep_the_index_and_the_tokens():
             assert result.finish_reason == "cancelled" or result.token_ids == expected[i], (trial, i)
         hits, compactions = hits + scheduler.stats.prefix_hits, compactions + scheduler.stats.compactions
     assert hits >= 16 and compactions >= 4  # the schedules reuse prefixes and move rows
+
+
+@pytest.mark.skipif(__import__("egmla.kernels", fromlist=["x"]).kernel_unavailable_reason("cpu") is not None,
+                    reason="claims the rows by the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (make test)")
+@pytest.mark.parametrize("overlap", [False, True])
+def test_serving_with_offloaded_gate_tables_evicts_the_ids_no_row_holds(monkeypatch, overlap):
+    """An offload under the scheduler keeps the rows of the ids its cache holds across requests: with little room
+    (4 ids per row beyond the ids known), a second wave of requests (prompts of other ids) joining while the first
+    runs makes it run short, and it evicts the ids no cache row holds any more (the rest claimed again at new slots) rather than pile
+    rows up; every request gets the tokens it gets alone."""
+    from egmla.infer import engine as engine_module
+    from egmla.infer.offload import GateTableOffload
+
+    monkeypatch.setattr(engine_module, "OFFLOAD_ROOM_DIVISOR", 10 ** 6)
+    prompts, new = PROMPTS + [[(i + 131) % 300 for i in p] for p in PROMPTS], NEW + NEW  # a second wave, other ids
+    arrivals = [0, 0, 1, 1, 3, 6, 7, 8, 9, 11, 13, 15]  # it joins while the first runs: evictions with rows held
+    model = tiny_model("eg-mla", seed=3)
+    engine = GenerationEngine(model, decode_path="gate-table")
+    expected = [engine.generate([p], max_new_tokens=n)[0].token_ids for p, n in zip(prompts, new)]
+    engine = GenerationEngine(model, decode_path="gate-table", offload_gate_tables=True)
+    engine.offload.restore()
+    engine.offload = GateTableOffload(model, initial_rows=4, on_device=True)  # the CUDA way, in the interpreter
+    offload, kept = engine.offload, []  # (resident before, after) each eviction
+    evict = offload._evict
+
+    def counted(live, new):
+        before = offload.check()
+        moved = evict(live, new)
+        kept.append((before, offload.check()))
+        return moved
+
+    def served_right():
+        """Every id at a position of a cache row (below its length) is served its own rows."""
+        cache = scheduler._cache
+        held = torch.cat([cache.token_ids[row, :length] for row, length in enumerate(cache.lengths.tolist())]).long()
+        return all(torch.equal(offload.rows(key, held), table[held]) for key, table in offload.host_tables.items())
+
+    monkeypatch.setattr(offload, "_evict", counted)
+    scheduler = Scheduler(engine, max_batch=3, overlap_host=overlap)
+    handles, steps = {}, 0
+    while len(handles) < len(prompts) or scheduler.running or scheduler.waiting:
+        for i, at in enumerate(arrivals):
+            if at == steps:
+                handles[i] = scheduler.submit(prompts[i], max_new_tokens=new[i])
+        scheduler.step()
+        assert served_right()
+        steps += 1
+    assert [handles[i].result().token_ids for i in range(len(prompts))] == expected
+    assert kept and any(after < before for before, after in kept)  # ids of finished requests' rows went
+    assert offload.check() <= offload.capacity < 300
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_serving_with_offloaded_gate_tables_on_cuda_replays_graphs_and_gets_the_same_tokens(monkeypatch):
+    """On CUDA: decode and prefill graphs captured with the claim launches in them (at start and as rows grow), the
+    ids of finished requests evicted when the room runs short; the tokens of the tables on the device (bf16)."""
+    from egmla.infer import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "OFFLOAD_ROOM_DIVISOR", 10 ** 6)
+    prompts, new = PROMPTS + [[(i + 131) % 300 for i in p] for p in PROMPTS], NEW + NEW
+    model = tiny_model("eg-mla", seed=3).to("cuda", torch.bfloat16)
+
+    def serve(offload: bool) -> list[list[int]]:
+        engine = GenerationEngine(model, decode_path="kernel", offload_gate_tables=offload)
+        scheduler = Scheduler(engine, max_batch=4)
+        scheduler.capture_graphs()
+        handles = [scheduler.submit(p, max_new_tokens=n) for p, n in zip(prompts[:6], new[:6])]
+        for _ in range(3):
+            scheduler.step()
+        handles += [scheduler.submit(p, max_new_tokens=n) for p, n in zip(prompts[6:], new[6:])]
+        while scheduler.step():
+            pass
+        if offload:
+            assert engine.offload.evictions >= 1 and engine.offload.check() <= engine.offload.capacity
+            engine.offload.restore()
+        return [h.result().token_ids for h in handles]
+
+    assert serve(offload=True) == serve(offload=False)
