@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "graph per bucket; the engine's default on CUDA), 'off' = eager forwards; 'on,off' runs "
                              "a row of each (default: the engine's choice, not labelled)")
     parser.add_argument("--decode-path", default="auto", help="egmla's decode path (auto = the engine's choice)")
+    parser.add_argument("--offload-gate-tables", action="store_true",
+                        help="EG-MLA rows: gate tables in host memory, the rows of the ids the cache holds on the device "
+                             "(as `egmla serve --offload-gate-tables`)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload's draws")
     parser.add_argument("--stream", action="store_true",
                         help="continuous: submit every request streamed, so that the scheduler makes each token's "
@@ -307,7 +310,8 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
         for row in meta["rows"]:
             if "error" in row or row.get("model") != "egmla":
                 continue
-            key = (row["variant"], row["system"], row.get("admit_batch"), row.get("prefill_graphs"), row["rate"])
+            key = (row["variant"], row["system"], row.get("admit_batch"), row.get("prefill_graphs"), row["rate"],
+                   row.get("offloaded_gate_tables", False))
             tokens.setdefault(key, {}).setdefault(label, []).append(row["output_tokens_per_s"])
             if row.get("host_seconds") and row.get("decode_steps"):
                 for phase, seconds in row["host_seconds"].items():
@@ -322,8 +326,9 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
              "|---|---|---|" + "---|" * len(labels) + "---:|"]
     median = statistics.median
     for key in sorted(tokens, key=str):
-        variant, system, admit, graphs, rate = key
-        name = system + (f" (admit {admit})" if admit else "") + ("" if graphs is None else f", prefill graphs {graphs}")
+        variant, system, admit, graphs, rate, offloaded = key
+        name = system + (f" (admit {admit})" if admit else "") + ("" if graphs is None else f", prefill graphs {graphs}") + (
+            ", gate tables offloaded" if offloaded else "")
         cells = [", ".join(f"{v:,.0f}" for v in tokens[key].get(label, [])) + (
             f" (**{median(tokens[key][label]):,.0f}**)" if tokens[key].get(label) else "-") for label in labels]
         ratio = (f"{median(tokens[key][last]) / median(tokens[key][first]):.2f}×"
@@ -335,8 +340,8 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
                   + ", ".join(phases) + " ('read' includes waiting for the step's tokens).", "",
                   "| variant | system | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
         for key in sorted(host, key=str):
-            variant, system, admit, graphs, _ = key
-            name = system + (f" (admit {admit})" if admit else "")
+            variant, system, admit, graphs, _, offloaded = key
+            name = system + (f" (admit {admit})" if admit else "") + (", gate tables offloaded" if offloaded else "")
             cells = [" / ".join(f"{median(host[key][label][p]):.0f}" if p in host[key].get(label, {}) else "-"
                                 for p in phases) for label in labels]
             lines.append(f"| {variant} | {name} | " + " | ".join(cells) + " |")
@@ -438,9 +443,12 @@ def main(args) -> int:
             runs = [(system, admit, graphs) for system in systems if system != "transformers"
                     for admit in (admit_batches if system == "continuous" else [None]) for graphs in prefill_graphs]
             for system, admit, graphs in runs:
-                engine = GenerationEngine(model, decode_path=args.decode_path, prefill_graphs=graphs)
+                engine = GenerationEngine(model, decode_path=args.decode_path, prefill_graphs=graphs,
+                                          offload_gate_tables=args.offload_gate_tables and config.is_gated)
                 row = {"system": system, "model": "egmla", "variant": config.variant_name(), "rate": rate,
                        "max_batch": max_batch}
+                if engine.offload is not None:
+                    row["offloaded_gate_tables"] = True
                 if graphs is not None:
                     row["prefill_graphs"] = engine.prefill_graphs
                 run = (functools.partial(run_continuous, prefill_chunk=args.prefill_chunk, row=row, admit_batch=admit,
@@ -451,9 +459,13 @@ def main(args) -> int:
                     run(engine, requests, max_batch)  # warm-up: kernels, graphs of the batch sizes met
                     timings = run(engine, requests, max_batch)
                     row["decode_path"] = engine.decode_path  # static: the last call's (auto chooses per call)
+                    if engine.offload is not None:
+                        row["gate_table_mb_off_device"] = engine.offload.bytes_saved() / 1e6
                     return timings
 
                 record(row, measured)
+                if engine.offload is not None:
+                    engine.offload.restore()  # the next run's engine builds its own
                 engine.release()
             del model
         if "transformers" in systems:
@@ -521,7 +533,8 @@ def plot(meta: dict, path: str) -> None:
 
 def _system_label(row: dict) -> str:
     settings = ([f"admit {row['admit_batch']}"] if "admit_batch" in row else []) + (
-        [f"prefill {'graphs' if row['prefill_graphs'] else 'eager'}"] if "prefill_graphs" in row else [])
+        [f"prefill {'graphs' if row['prefill_graphs'] else 'eager'}"] if "prefill_graphs" in row else []) + (
+        ["gate tables offloaded"] if row.get("offloaded_gate_tables") else [])
     return row["system"] + (f" ({', '.join(settings)})" if settings else "")
 
 

@@ -56,6 +56,18 @@ def test_admit_batch_values_each_run_a_continuous_row(tmp_path):
         cli.run("serve", ["--requests", "2", "--max-batch", "4", "--admit-batch", "5"])
 
 
+def test_offloaded_gate_tables_serve_every_request_and_are_labelled(tmp_path):
+    out = tmp_path / "serve.json"
+    assert cli.run("serve", ["--requests", "4", "--variants", "mla-kv64,egmla-kv64", "--systems", "continuous",
+                             "--max-batch", "2", "--offload-gate-tables", "--json", str(out)]) == 0
+    meta = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in meta["rows"]}
+    assert all("error" not in r for r in rows.values())
+    assert rows["EG-MLA kv64"]["offloaded_gate_tables"] and rows["EG-MLA kv64"]["gate_table_mb_off_device"] > 0
+    assert "offloaded_gate_tables" not in rows["MLA kv64"]  # no tables to offload
+    assert "continuous (admit 1, gate tables offloaded)" in markdown(meta)
+
+
 def test_ab_table_of_code_versions(tmp_path):
     """`egmla bench serve --ab LABEL=JSON ...`: medians per row and label, the last label over the first; two labels
     of one code, or files of different workloads, are refused."""
