@@ -480,10 +480,13 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             stats = layernorm_stats_triton(latent, rows, table, self.wkv_b.weight, self.n_heads,
                                            self.qk_nope_head_dim, getattr(norm, "eps", 0.0) or 0.0,
                                            gate_op=self.gate_op, norm=self.norm_kind)
-        out = egmla_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, kv_ids, stats,
+        rows = kv_ids
+        if id_to_row is not None:  # an offload: the cached ids' slots, gathered once per step for all layers
+            rows, id_to_row = self.gate_table.kernel_slots(kv_ids), None
+        out = egmla_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, rows, stats,
                            ctx.seen_lengths(), table, self.wkv_b.weight,
                            getattr(norm, "weight", None), getattr(norm, "bias", None), self.softmax_scale,
-                           gate_op=self.gate_op, id_to_row=id_to_row)
+                           gate_op=self.gate_op)
         return out.unsqueeze(1)
 
     def attend_absorbed(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:

@@ -61,6 +61,14 @@ class OffloadedRows(nn.Module):
         and the slot map id -> row [vocab] (int64), in place of the whole table."""
         return self.offload.device_rows[self.key], self.offload.slot_of_id
 
+    def kernel_slots(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The slots of token_ids in the resident rows (`slot_of_id[token_ids]`), gathered once per forward for each
+        ids tensor: every layer reads the cache's ids, and a kernel reading rows[slot] directly skips a map lookup per
+        position per layer. (With that lookup in the fused decode, an offload made its step 1.29-1.44x slower at
+        batch 32-128 on an H100, the grouped decode's 1.03-1.07x, docs/bench/offload_h100/; the slots' gain is not
+        measured yet.)"""
+        return self.offload.slots(token_ids)
+
     def kernel_rows(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For a kernel that gathers rows by index: the resident rows [capacity, width] and the slots of token_ids
         in them (int64, token_ids' shape), in place of the whole table and the ids."""
@@ -117,6 +125,7 @@ class GateTableOffload:
                              f"only EG-MLA models can offload them")
         self.initial_rows = initial_rows
         self.device_rows: dict[tuple[int, str], torch.Tensor] = {}
+        self._slots: dict[tuple, torch.Tensor] = {}  # `slots` of this forward
         self.reset()
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
@@ -260,6 +269,13 @@ class GateTableOffload:
                                f"the capacity have no rows (make_room was not called with enough room before a forward)")
         return count
 
+    def slots(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """slot_of_id[token_ids], memoized until the next forward (the ids are written before the layers run)."""
+        key = (token_ids.data_ptr(), tuple(token_ids.shape), token_ids.stride())
+        if key not in self._slots:
+            self._slots[key] = self.slot_of_id[token_ids.long()]
+        return self._slots[key]
+
     def rows(self, key: tuple[int, str], token_ids: torch.Tensor) -> torch.Tensor:
         """Gate rows [*token_ids.shape, width] for resident ids."""
         return self.device_rows[key][self.slot_of_id[token_ids.long()]]
@@ -279,6 +295,7 @@ class GateTableOffload:
                 self.tables.moved(list(self.device_rows.values()))
 
     def _before_forward(self, module, args, kwargs):
+        self._slots = {}  # the slots gathered in the last forward: this one's cache ids may differ
         tokens = args[0] if args else kwargs["tokens"]
         self.ensure(tokens)
 

@@ -297,16 +297,20 @@ def test_workspace_formula_matches_what_a_step_allocates():
     from egmla.kernels.grouped_decode import grouped_decode, make_plan
 
     batch, length, heads, d, vocab = 2, 40, 3, 16, 50
-    ids = torch.randint(0, 12, (batch, length))
-    groups = TokenGroups(batch, length, "cpu")
-    groups.append(ids, torch.arange(length).expand(batch, -1), torch.full((batch,), length))
-    latent, table = torch.randn(batch, length, d), 1 + 0.5 * torch.randn(vocab, heads * 2 * d)
-    wkv_b = torch.randn(heads * 2 * d, d) / d ** 0.5
-    case = dict(q_nope=torch.randn(batch, heads, d), q_pe=torch.randn(batch, heads, d), latent=latent,
-                k_rope=torch.randn(batch, length, d), gate_table=table, wkv_b=wkv_b,
+    device = kernel_device()  # the kernels' device: a GPU's tensors where there is one (no interpreter there)
+    ids = torch.randint(0, 12, (batch, length), device=device)
+    groups = TokenGroups(batch, length, device)
+    groups.append(ids, torch.arange(length, device=device).expand(batch, -1),
+                  torch.full((batch,), length, device=device))
+    latent = torch.randn(batch, length, d, device=device)
+    table = 1 + 0.5 * torch.randn(vocab, heads * 2 * d, device=device)
+    wkv_b = torch.randn(heads * 2 * d, d, device=device) / d ** 0.5
+    case = dict(q_nope=torch.randn(batch, heads, d, device=device), q_pe=torch.randn(batch, heads, d, device=device),
+                latent=latent, k_rope=torch.randn(batch, length, d, device=device), gate_table=table, wkv_b=wkv_b,
                 ln_stats=layernorm_stats(latent, table[ids], wkv_b, 1e-6, "mul", "layernorm"),
-                norm_weight=torch.randn(heads * 2 * d), norm_bias=torch.randn(heads * 2 * d), scale=0.2)
-    out = torch.empty(batch, heads, d)
+                norm_weight=torch.randn(heads * 2 * d, device=device),
+                norm_bias=torch.randn(heads * 2 * d, device=device), scale=0.2)
+    out = torch.empty(batch, heads, d, device=device)
     factories = {"empty", "empty_like", "full", "zeros", "zeros_like", "empty_strided", "new_empty", "new_zeros"}
 
     class Allocations(TorchDispatchMode):
