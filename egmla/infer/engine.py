@@ -291,7 +291,9 @@ class GenerationEngine:
         cache_len = min(self.config.max_seq_len, max(len(ids) + max_new_tokens - 1 for ids in prompt_ids))
         # the model's device made current: graph capture, Triton launches and stream events use the current one
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with on_device, torch.inference_mode(), _inputs_unchecked(self.model), sdpa_kernel(DECODE_SDPA_BACKENDS):
+        managed = self.offload.managed_by_caller() if self.offload is not None else contextlib.nullcontext()
+        with on_device, torch.inference_mode(), _inputs_unchecked(self.model), sdpa_kernel(DECODE_SDPA_BACKENDS), \
+                managed:
             self._run(sequences, cache_len, max_new_tokens, sampling, eos_token_id, on_token)
         return [seq.result for seq in sequences]
 
@@ -320,9 +322,9 @@ class GenerationEngine:
             next_ids = select_next(last_logits[: len(rows)], sampling, generator)
             # Run the next step ahead of reading its tokens back where it can be (`overlap_host`): the host then
             # streams, detokenizes and checks stops while the GPU runs it, instead of the GPU waiting on the host.
-            if step is not None and self._offload_moved(step.batch):
-                step = None  # the gate-row cache grew: its graph read the old rows
             ahead = self._ahead_appending(step, rows, sequences, max_new_tokens, cache_len)
+            if ahead is not None and self._offload_moved(step.batch):  # room for the ids of a step that runs
+                step = ahead = None  # the gate-row cache grew: its graph read the old rows (a new step runs below)
             read_ids = _tokens_to_host(next_ids)  # the copy back is queued before the step, so it does not wait for it
             if ahead is not None:
                 step.tokens[: len(rows), 0].copy_(next_ids)
@@ -361,8 +363,9 @@ class GenerationEngine:
                 step = self._step(cache, bucket_for(len(rows), self.batch_buckets), max_new_tokens)
                 step_appending = None
                 graphed.add(step.use_graph)
-                if self._offload_moved(step.batch):
-                    step = self._step(cache, step.batch, max_new_tokens)
+            if self._offload_moved(step.batch):  # room for this step's ids, just before it runs
+                step = self._step(cache, step.batch, max_new_tokens)
+                step_appending = None
             step.tokens[: len(rows), 0].copy_(next_ids)
             appending = [int(i is not None) for i in rows] + [0] * (step.batch - len(rows))
             if appending != step_appending:  # changes only when a sequence finishes or the step changes

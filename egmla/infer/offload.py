@@ -28,6 +28,7 @@ Used without such a caller (a model called directly), each forward first counts 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import numpy as np
@@ -104,7 +105,9 @@ class GateTableOffload:
         self.vocab_size = model.config.vocab_size
         self.pin = self.device.type == "cuda"
         self.on_device = self.pin if on_device is None else on_device
-        self.managed = False  # a caller keeps room ahead of the ids (make_room); else each forward counts them
+        self.managed = False  # while a caller that keeps room ahead of the ids runs (`managed_by_caller`); else each
+        # forward counts its new ids
+        self._moved_unmanaged = False  # a forward that counted its ids grew the rows: the next make_room tells
         self.evictions = 0  # times make_room dropped the rows of ids no longer live
         self.host_tables: dict[tuple[int, str], torch.Tensor] = {}
         with torch.no_grad():
@@ -125,7 +128,7 @@ class GateTableOffload:
                              f"only EG-MLA models can offload them")
         self.initial_rows = initial_rows
         self.device_rows: dict[tuple[int, str], torch.Tensor] = {}
-        self._slots: dict[tuple, torch.Tensor] = {}  # `slots` of this forward
+        self._slots: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # `slots` of this forward: (ids, slots)
         self.reset()
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
@@ -204,7 +207,7 @@ class GateTableOffload:
         capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()
         if not self.managed and not capturing:  # no caller keeps room: count this forward's new ids (a sync)
             distinct = ids.flatten().unique()
-            self._room(int((self.resident[distinct] == 0).sum()))
+            self._moved_unmanaged |= self._room(int((self.resident[distinct] == 0).sum()))
         with torch.inference_mode(False), torch.no_grad():
             claim_gate_rows(ids, self.resident, self.slot_of_id, self.n_resident_device, self.capacity, self.tables)
 
@@ -227,8 +230,19 @@ class GateTableOffload:
         captured again)."""
         if not self.on_device:
             return False
-        self.managed = True  # from now on the caller keeps room: forwards no longer count their ids
-        return self._room(new_ids, live_ids)
+        self.managed = True  # the caller keeps room: forwards stop counting their ids (till `managed_by_caller` ends)
+        moved, self._moved_unmanaged = self._room(new_ids, live_ids) or self._moved_unmanaged, False
+        return moved
+
+    @contextlib.contextmanager
+    def managed_by_caller(self):
+        """While a caller that keeps room ahead of the ids (make_room before every forward) runs: its forwards do
+        not count their ids; after it, forwards (the model called directly) count theirs again."""
+        saved, self.managed = self.managed, True
+        try:
+            yield
+        finally:
+            self.managed = saved
 
     def _room(self, new_ids: int, live_ids: Callable[[], torch.Tensor] | None = None) -> bool:
         if self.upper + new_ids <= self.capacity or self.capacity >= self.vocab_size:
@@ -272,9 +286,9 @@ class GateTableOffload:
     def slots(self, token_ids: torch.Tensor) -> torch.Tensor:
         """slot_of_id[token_ids], memoized until the next forward (the ids are written before the layers run)."""
         key = (token_ids.data_ptr(), tuple(token_ids.shape), token_ids.stride())
-        if key not in self._slots:
-            self._slots[key] = self.slot_of_id[token_ids.long()]
-        return self._slots[key]
+        if key not in self._slots:  # the ids kept beside their slots: no other tensor takes their memory meanwhile
+            self._slots[key] = (token_ids, self.slot_of_id[token_ids.long()])
+        return self._slots[key][1]
 
     def rows(self, key: tuple[int, str], token_ids: torch.Tensor) -> torch.Tensor:
         """Gate rows [*token_ids.shape, width] for resident ids."""

@@ -338,7 +338,9 @@ class Scheduler:
         engine = self.engine
         device = engine.device
         on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        with on_device, torch.inference_mode(), _inputs_unchecked(engine.model), sdpa_kernel(DECODE_SDPA_BACKENDS):
+        managed = engine.offload.managed_by_caller() if engine.offload is not None else contextlib.nullcontext()
+        with on_device, torch.inference_mode(), _inputs_unchecked(engine.model), sdpa_kernel(DECODE_SDPA_BACKENDS), \
+                managed:
             yield
 
     def capture_graphs(self) -> int:

@@ -92,9 +92,8 @@ def claim_gate_rows(ids: torch.Tensor, resident: torch.Tensor, slot_of_id: torch
     """claim_gate_rows_ref's effect (rows in the atomics' order) in two launches, no host sync: ids any shape int64
     on the device; resident [vocab] int32, slot_of_id [vocab] int64, n_resident [1] int32 updated in place; the rows
     of `tables` written. Host tables must be readable by the device (pinned memory on CUDA)."""
-    flat = ids.reshape(-1)
-    if flat.dtype != torch.int64:
-        flat = flat.long()
+    # the kernels read ids[pid]: a strided view (a column of a [batch, seq] tensor) must be made contiguous first
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
     count = flat.numel()
     if count == 0:
         return

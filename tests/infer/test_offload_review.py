@@ -7,24 +7,14 @@ import pytest
 import torch
 
 from egmla.infer import GenerationEngine
-from egmla.infer.offload import GateTableOffload
 from egmla.infer.scheduler import Scheduler
 from egmla.kernels import kernel_unavailable_reason
 from tests.infer.helpers import tiny_model
+from tests.infer.test_offload import device_offload
 
 pytestmark = pytest.mark.skipif(kernel_unavailable_reason("cpu") is not None,
                                 reason="claims the rows by the Triton kernels on CPU tensors: needs Triton and "
                                        "TRITON_INTERPRET=1 (set by make test and .ci/run)")
-
-
-def device_offload(model, engine=None, initial_rows: int = 4) -> GateTableOffload:
-    """An offload that claims rows by the Triton kernels, as on CUDA (in place of the engine's, if given)."""
-    if engine is not None:
-        engine.offload.restore()
-    offload = GateTableOffload(model, initial_rows=initial_rows, on_device=True)
-    if engine is not None:
-        engine.offload = offload
-    return offload
 
 
 def served_right(offload, ids: torch.Tensor) -> bool:
