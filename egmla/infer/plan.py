@@ -196,7 +196,8 @@ def format_plan(rows: list[dict], title: str) -> str:
             f"{ratio(r['sequences_gate_tables_offloaded_vs_mla_kv256']):>9}")
     lines.append("* = the model asked about. seqs: gate tables on the GPU; 'gates off GPU': gate tables in host "
                  "memory (--offload-gate-tables), rows gathered per step; the device then still holds the rows of the "
-                 "batch's distinct ids (not counted here, at most the tables' size); '-' where the decode path cannot "
+                 "batch's distinct ids and room for a sixteenth of the vocabulary's more (not counted here, at most "
+                 "the tables' size); '-' where the decode path cannot "
                  "offload them (none of EG-MLA's today).")
     lines.append("weights: the parameters and the copies a GPU decode step derives from them (folded absorption, "
                  "merged products); cache B/tok measured from an allocated cache (EG-MLA includes its 4 B token id); "

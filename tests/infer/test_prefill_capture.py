@@ -273,7 +273,12 @@ def test_the_command_serves_with_offloaded_gate_tables(run_dir, monkeypatch):
     monkeypatch.setattr(server_module, "serve", lambda server: None)
     for given, offloaded in (([], False), (["--offload-gate-tables"], True)):
         assert egmla_main(["serve", "--run", str(run_dir), "--port", "0", "--max-batch", "2", *given]) == 0
-        assert (made.pop().engine.offload is not None) == offloaded
+        scheduler = made.pop()
+        assert (scheduler.engine.offload is not None) == offloaded
+        server = make_server(scheduler, "tiny", port=0)  # the real one: its start line
+        server.server_close()
+        scheduler.stop()
+        assert ("gate tables in host memory" in server.describe()) == offloaded
 
 
 @pytest.mark.gpu
