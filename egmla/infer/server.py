@@ -89,7 +89,7 @@ class CompletionServer(ThreadingHTTPServer):
         engine = scheduler.engine
         graphs = ", CUDA graphs" if engine.cuda_graphs else ""
         if engine.offload is not None:  # the tables' size: the rows of the ids in use stay on the device
-            graphs += f", gate tables in host memory ({engine.offload.host_bytes() / 1e6:,.0f} MB)"
+            graphs += f", gate tables in host memory ({engine.offload.host_bytes() / 1e6:,.1f} MB)"
         chat = f"chat template {self.chat_template.origin}" if self.chat_template else "no chat template"
         return (f"egmla serve: {self.url}/v1 - model {self.model_name!r} ({engine.config.variant_name()}), decode path "
                 f"{engine.decode_path}{graphs}, {engine.device}, max batch {scheduler.max_batch}, max len "
