@@ -169,8 +169,8 @@ class GenerationEngine:
         prefill's activation memory. 32,768 by default: on an H200 (paper-base, 2,048-token prompts, batch 32 and
         128) 8,192 took 1.15-2.3x as long (more, smaller calls), 131,072 no less than 32,768
         (docs/bench/generate_h200_prefill.md, `egmla bench prefill`).
-    cuda_graphs: replay decode steps from CUDA graphs (default: on CUDA). batch_buckets: the batch sizes steps are built for (default:
-        DEFAULT_BUCKETS with graphs, the exact batch without); a batch pads up to the next one.
+    cuda_graphs: replay decode steps from CUDA graphs (default: on CUDA). batch_buckets: the batch sizes steps are
+        built for (default: DEFAULT_BUCKETS with graphs, the exact batch without); a batch pads up to the next one.
     reuse_longer_cache: with CUDA graphs and a path whose steps read only each sequence's positions, a call
         shorter than the kept cache runs on it and replays its graphs (else each new length allocates a cache
         and captures its graphs: on an H200 a median 72-86 ms per call against 44-45 ms reused, 8 prompts of

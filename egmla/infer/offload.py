@@ -13,9 +13,10 @@ A forward pre-hook on the model copies the rows of any new ids in `tokens` to th
 layers run (a few rows per decode step), so every cached position's id is always resident. Lookups
 are then two on-device gathers, and the values are the very same rows: logits are bit-identical to
 the on-device path. Staging rows go through pinned memory when CUDA is used, so the copy is async.
-The Triton kernels read the same rows: the fused 'kernel' decode and the 'grouped' decode's gate-row gathers get
-the resident rows and the slot map (`kernel_table`, their `id_to_row` argument: row = slot_of_id[id], one load
-more per gathered row, none where no map is given), and the statistics passes, the cache-append launch and the bias
+The Triton kernels read the same rows: the 'grouped' decode's gate-row gathers get the resident rows and the slot
+map (`kernel_table`, its `id_to_row` argument: row = slot_of_id[id], one load more per gathered row, none where no
+map is given); the fused 'kernel' decode the resident rows and the cached ids' slots, gathered once per forward for
+all layers (`kernel_slots`); the statistics passes, the cache-append launch and the bias
 controls' 'absorbed' kernels the resident rows and the ids' slots in them (`kernel_rows`) instead of the whole
 table and the ids. The grouped decode still groups by token id.
 
@@ -280,7 +281,8 @@ class GateTableOffload:
         count = self.n_resident
         if count > self.capacity:
             raise RuntimeError(f"gate-row cache overflow: {count} ids resident in {self.capacity} rows; the ids past "
-                               f"the capacity have no rows (make_room was not called with enough room before a forward)")
+                               f"the capacity have no rows (make_room was not called with enough room before a "
+                               f"forward)")
         return count
 
     def slots(self, token_ids: torch.Tensor) -> torch.Tensor:

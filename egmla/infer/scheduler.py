@@ -568,7 +568,8 @@ class Scheduler:
         self.stats.prefill_calls += 1
         # fresh prompts (each from position 0 of an emptied row) through the engine's fixed-shape step (a CUDA graph)
         fresh = not every_position and not any(self._rows[row].fed for row, _ in run)
-        self._offload_room(len(set(tokens.flatten().tolist()) | {0}))
+        if self.engine.offload is not None:  # the run's ids, padding's 0 too (a set of its tokens: only then)
+            self._offload_room(len(set(tokens.flatten().tolist()) | {0}))
         step = self.engine.prefill_step(last - first, width, self.max_len) if fresh else None
         if step is not None:
             logits = step.prefill(self._cache, first, tokens, n_new, self.engine.reads_token_groups())

@@ -69,11 +69,10 @@ class GateRowTables:
             if rows.dtype != host.dtype or _row_words(rows) != w or not rows.is_contiguous():
                 raise ValueError(f"device rows {tuple(rows.shape)} {rows.dtype} do not match their host table "
                                  f"{tuple(host.shape)} {host.dtype} (contiguous, same width and dtype)")
-        tables = cls(torch.tensor([t.data_ptr() for t in host_tables], dtype=torch.int64, device=device),
-                     torch.tensor([r.data_ptr() for r in device_rows], dtype=torch.int64, device=device),
-                     torch.tensor(words, dtype=torch.int64, device=device),
-                     min(triton.next_power_of_2(max(words)), 4096))
-        return tables
+        return cls(torch.tensor([t.data_ptr() for t in host_tables], dtype=torch.int64, device=device),
+                   torch.tensor([r.data_ptr() for r in device_rows], dtype=torch.int64, device=device),
+                   torch.tensor(words, dtype=torch.int64, device=device),
+                   min(triton.next_power_of_2(max(words)), 4096))
 
     def moved(self, device_rows: list[torch.Tensor]) -> None:
         """The device rows were reallocated: point the copy at the new ones (in place)."""
