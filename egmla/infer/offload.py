@@ -328,5 +328,9 @@ class GateTableOffload:
         maps = [self.slot_of_id] + ([self.resident] if self.on_device else [])
         return sum(t.numel() * t.element_size() for t in [*self.device_rows.values(), *maps])
 
+    def bytes_per_id(self) -> int:
+        """Device bytes of one resident id's rows: its row of every offloaded table."""
+        return sum(t.shape[1] * t.element_size() for t in self.host_tables.values())
+
     def bytes_saved(self) -> int:
         return self.host_bytes() - self.device_bytes()

@@ -39,6 +39,20 @@ def gate_table_params(config: ModelConfig, precomputed: bool = False, decode_pat
     return embeddings + (config.n_layers * config.vocab_size * config.gate_norm_dim if builds_table else 0)
 
 
+def gate_row_cache_bytes(config: ModelConfig, resident_ids: int, bytes_per_id: int) -> int:
+    """Device bytes of an offload (egmla.infer.offload) that keeps the gate rows of `resident_ids` ids: its row cache,
+    which grows by doubling and keeps a sixteenth of the vocabulary's room ahead (GenerationEngine._offload_slack), so
+    up to min(vocab, max(2 x ids, vocab / 16)) rows of `bytes_per_id` (every offloaded table's row), plus its id -> slot
+    map and resident flags (12 B per vocabulary id). 0 for a model without gate tables."""
+    if not config.is_gated:
+        return 0
+    from egmla.infer.engine import OFFLOAD_ROOM_DIVISOR
+
+    vocab = config.vocab_size
+    rows = min(vocab, max(2 * resident_ids, vocab // OFFLOAD_ROOM_DIVISOR))
+    return rows * bytes_per_id + 12 * vocab
+
+
 def derived_weight_params(config: ModelConfig, decode_path: str, merged_products: bool = True) -> int:
     """Parameters a GPU decode step on `decode_path` reads besides the weights and the gate tables (counted apart):
     the tensors the engine's graphs read (egmla.infer.engine.precomputed_tensors) but the gate tables, counted on a model
@@ -77,9 +91,14 @@ def decode_workspace_bytes(config: ModelConfig, decode_path: str, context: int, 
 
 def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "bf16",
              reserve_gb: float = 0.0, precomputed_gate_table: bool = False, decode_path: str | None = None,
-             distinct_ids: int | None = None, cache_layout: str | None = None, merged_products: bool = True) -> dict:
+             distinct_ids: int | None = None, cache_layout: str | None = None, merged_products: bool = True,
+             resident_ids: int | None = None) -> dict:
     """One variant's plan: bytes per part and the sequences that fit with gate tables on GPU / offloaded, and
     with the decode step's working memory counted too (`decode_workspace_bytes`).
+
+    Offloaded, the device still holds the rows of the ids the cache holds (`gate_row_cache_bytes`): of
+    `resident_ids` ids, the distinct ids of every sequence together, default the most there can be, the sequences x
+    min(T, distinct_ids) (real text shares most ids across sequences: 1,187 of 32K ids per 4K English tokens).
 
     The cache layout is that of `decode_path` where the variant has that path (e.g. 'grouped' and 'kernel'
     also store LayerNorm statistics), else of the variant's default path. "auto": the path `egmla generate`
@@ -88,7 +107,7 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
     allocated, if not `decode_path`'s (under "auto" EG-MLA's cache has the grouped layout on either path)."""
     if decode_path == "auto":
         return auto_plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, distinct_ids,
-                             merged_products)
+                             merged_products, resident_ids)
     torch_dtype = DTYPES[dtype]
     item = torch.tensor([], dtype=torch_dtype).element_size()
     path = decode_path if decode_path in decode_paths(config) else decode_paths(config)[0]
@@ -107,6 +126,21 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
 
     # an offload serves the paths that gather gate rows by id or slot (every EG-MLA path, egmla.infer.offload)
     offloadable = not config.is_gated or path in OFFLOADABLE_PATHS
+    ids_per_sequence = min(context, config.vocab_size, distinct_ids or context)
+    bytes_per_id = tables // config.vocab_size if config.is_gated else 0
+
+    def row_cache(sequences: int) -> int:
+        return gate_row_cache_bytes(config, resident_ids or sequences * ids_per_sequence, bytes_per_id)
+
+    def fit_offloaded() -> int:  # the most sequences whose cache and row cache fit beside the weights
+        low, high = 0, fit(weights)
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if weights + row_cache(middle) + middle * per_sequence <= budget else (
+                low, middle - 1)
+        return low
+
+    offloaded = fit_offloaded() if offloadable else None
 
     return {
         "variant": config.variant_name(),
@@ -118,24 +152,25 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
         "derived_weight_bytes": derived,  # part of weight_bytes: copies the decode path derives from the weights
         "gate_table_bytes": tables,
         "sequences": fit(weights + tables),
-        "sequences_gate_tables_offloaded": fit(weights) if offloadable else None,
+        "sequences_gate_tables_offloaded": offloaded,
+        "gate_row_cache_bytes": row_cache(offloaded) if offloadable else None,  # at that many sequences
         "decode_workspace_bytes_per_sequence": workspace,
         "sequences_with_decode_workspace": fit(weights + tables, workspace),
     }
 
 
 def auto_plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str, reserve_gb: float,
-                  precomputed_gate_table: bool, distinct_ids: int | None, merged_products: bool = True) -> dict:
+                  precomputed_gate_table: bool, distinct_ids: int | None, merged_products: bool = True,
+                  resident_ids: int | None = None) -> dict:
     """plan_row for the path generation picks on a GPU by itself: 'grouped' where the batch that fits with its
     working memory reaches GROUPED_MIN_POSITIONS, else the CUDA default at a batch below that threshold."""
     args = (context, memory_gb, dtype, reserve_gb, precomputed_gate_table)
+    options = dict(distinct_ids=distinct_ids, merged_products=merged_products, resident_ids=resident_ids)
     if "grouped" not in decode_paths(config):
-        return plan_row(config, *args, decode_path=cuda_decode_path(config), distinct_ids=distinct_ids,
-                        merged_products=merged_products)
+        return plan_row(config, *args, decode_path=cuda_decode_path(config), **options)
     # the engine's cache has the grouped layout on either path (GenerationEngine.share_cache_across_paths)
-    row = plan_row(config, *args, decode_path=cuda_decode_path(config), distinct_ids=distinct_ids,
-                   cache_layout="grouped", merged_products=merged_products)
-    grouped = plan_row(config, *args, decode_path="grouped", distinct_ids=distinct_ids, merged_products=merged_products)
+    row = plan_row(config, *args, decode_path=cuda_decode_path(config), cache_layout="grouped", **options)
+    grouped = plan_row(config, *args, decode_path="grouped", **options)
     if grouped["sequences_with_decode_workspace"] * context >= GROUPED_MIN_POSITIONS:
         return grouped
     below = -(-GROUPED_MIN_POSITIONS // context) - 1  # the most sequences that still run on the CUDA default
@@ -146,7 +181,8 @@ def auto_plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: st
 
 def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "bf16", reserve_gb: float = 0.0,
               precomputed_gate_table: bool = False, decode_path: str | None = None,
-              distinct_ids: int | None = None, merged_products: bool = True) -> list[dict]:
+              distinct_ids: int | None = None, merged_products: bool = True,
+              resident_ids: int | None = None) -> list[dict]:
     """The model `base` and the same shape under every other variant (egmla.accounting.variant_configs),
     with ratios of sequences against MHA and MLA kv256."""
     if context <= 0 or not 0 < memory_gb < math.inf:
@@ -155,6 +191,9 @@ def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "b
         raise ValueError(f"reserve_gb={reserve_gb}: must be >= 0 and finite (memory set aside, not added)")
     if distinct_ids is not None and distinct_ids <= 0:
         raise ValueError(f"distinct_ids={distinct_ids}: must be positive (distinct token ids per sequence)")
+    if resident_ids is not None and resident_ids <= 0:
+        raise ValueError(f"resident_ids={resident_ids}: must be positive (distinct token ids of every cached "
+                         f"sequence together, whose gate rows an offload keeps on the device)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
     known = sorted({path for config in variant_configs(base) for path in decode_paths(config)} | {"auto"})
@@ -163,7 +202,7 @@ def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "b
     rows = []
     for config in variant_configs(base):
         row = plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, decode_path, distinct_ids,
-                       merged_products=merged_products)
+                       merged_products=merged_products, resident_ids=resident_ids)
         row["is_model"] = config.to_dict() == base.to_dict()
         rows.append(row)
     for key, reference in (("vs_mha", "MHA"), ("vs_mla_kv256", "MLA kv256")):
@@ -195,10 +234,10 @@ def format_plan(rows: list[dict], title: str) -> str:
             f"{ratio(r['sequences_gate_tables_offloaded_vs_mha']):>7} "
             f"{ratio(r['sequences_gate_tables_offloaded_vs_mla_kv256']):>9}")
     lines.append("* = the model asked about. seqs: gate tables on the GPU; 'gates off GPU': gate tables in host "
-                 "memory (--offload-gate-tables), rows gathered per step; the device then still holds the rows of the "
-                 "batch's distinct ids and room for a sixteenth of the vocabulary's more (not counted here, at most "
-                 "the tables' size); '-' where the decode path cannot "
-                 "offload them (none of EG-MLA's today).")
+                 "memory (--offload-gate-tables); the device still holds the rows of the ids the cache holds, counted "
+                 "at twice --resident-ids (default: the most there can be, sequences x distinct ids, i.e. up to the "
+                 "tables' own size) with a sixteenth of the vocabulary at least, and 12 B per vocabulary id; '-' "
+                 "where the decode path cannot offload them (none of EG-MLA's today).")
     lines.append("weights: the parameters and the copies a GPU decode step derives from them (folded absorption, "
                  "merged products); cache B/tok measured from an allocated cache (EG-MLA includes its 4 B token id); "
                  "GB = 1e9 B; activations and allocator slack are not counted (use --reserve-gb).")
@@ -214,7 +253,8 @@ def format_plan(rows: list[dict], title: str) -> str:
 
 def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype: torch.dtype, decode_path: str,
                       prefill_tokens: int, memory_fraction: float = 0.9, limit: int | None = None,
-                      prefill_steps: bool = False, graph_logits_rows: Callable[[int], int] | None = None) -> dict:
+                      prefill_steps: bool = False, graph_logits_rows: Callable[[int], int] | None = None,
+                      gate_row_bytes: int = 0) -> dict:
     """`egmla serve --max-batch auto`: the most cache rows of `max_len` positions that fit in `memory_fraction` of
     `free_bytes` (the device's free memory measured after the weights are loaded), less the activations of a
     prefill forward of `prefill_tokens` tokens (its hidden states, attention inputs and FFN, twice over for
@@ -225,7 +265,9 @@ def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype:
     scratch cache of PREFILL_GRAPH_TOKENS positions and their graphs' activations of as many tokens, in addition.
     graph_logits_rows(max_batch): the rows of logits ([rows, vocab] each, in `dtype`) that the CUDA graphs captured
     for that many rows keep (every decode bucket's and the prefill steps captured at the start): reserved too, so the
-    rows are the most whose cache and kept logits fit.
+    rows are the most whose cache and kept logits fit. gate_row_bytes: the gate tables are offloaded (the engine's
+    offload), each resident id's rows take that many bytes; the offload's row cache is reserved at its bound for
+    that many rows (`gate_row_cache_bytes` of every position's id distinct: for long rows, the tables' own size).
     Returns the rows and the figures behind them; raises ValueError where not even one row fits."""
     from egmla.infer.prefill_step import PREFILL_GRAPH_TOKENS
     from egmla.infer.scheduler import PROMPT_LOGPROBS_CHUNK
@@ -252,11 +294,15 @@ def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype:
     def kept(count: int) -> int:
         return graph_logits_rows(count) * logits_row if graph_logits_rows is not None and count > 0 else 0
 
-    if graph_logits_rows is not None:  # the most rows whose cache and graphs' logits fit (both grow with the rows)
+    def gate_rows(count: int) -> int:
+        return gate_row_cache_bytes(config, count * max_len, gate_row_bytes) if gate_row_bytes else 0
+
+    if graph_logits_rows is not None or gate_row_bytes:  # the most rows whose cache, graphs' logits and gate rows fit
         low, high = 0, min(rows, limit) if limit else rows
         while low < high:
             middle = (low + high + 1) // 2
-            low, high = (middle, high) if middle * per_row + kept(middle) <= budget else (low, middle - 1)
+            low, high = ((middle, high) if middle * per_row + kept(middle) + gate_rows(middle) <= budget
+                         else (low, middle - 1))
         rows = low
     if rows < 1:
         raise ValueError(f"--max-batch auto: one row of {max_len} positions needs {per_row / GB:.3f} GB and a prefill "
@@ -265,4 +311,5 @@ def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype:
     return {"max_batch": min(rows, limit) if limit else rows, "fits": rows, "cache_layout": layout,
             "bytes_per_row": per_row, "decode_workspace_bytes_per_row": workspace, "activation_bytes": activations,
             "graph_logits_bytes": kept(min(rows, limit) if limit else rows),
+            "gate_row_cache_bytes": gate_rows(min(rows, limit) if limit else rows),
             "free_bytes": free_bytes, "memory_fraction": memory_fraction}

@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of 4,096 English tokens). Under CUDA graphs (batches up to 512) the engine sizes the "
                              "buffers for the ids a call can reach, rounded up to 256, which can exceed the ids "
                              "the text holds: the default is the safe figure")
+    parser.add_argument("--resident-ids", type=int, metavar="N",
+                        help="for the 'gates off GPU' column: the distinct token ids of every cached sequence together, "
+                             "whose gate rows an offload keeps on the device (its row cache is counted at twice N, a "
+                             "sixteenth of the vocabulary at least, the vocabulary at most). Default: the most there "
+                             "can be, sequences x distinct ids per sequence, which at long contexts is the tables' own "
+                             "size; real text shares most ids across sequences, so measure N on your prompts")
     parser.add_argument("--no-merged-products", dest="merged_products", action="store_false",
                         help="plan for GenerationEngine(merged_products=False): no concatenated copies of the input "
                              "and MLP weights (counted in the weights by default; ~106 MB for MLA kv64 at paper-base)")
@@ -54,11 +60,13 @@ def main(args) -> int:
     else:
         base, source = preset(args.preset, **parse_overrides(args.overrides, section="model")), f"preset {args.preset}"
     rows = plan_rows(base, args.context, args.memory_gb, args.dtype, args.reserve_gb, args.gate_table,
-                     args.decode_path, args.distinct_ids, merged_products=args.merged_products)
+                     args.decode_path, args.distinct_ids, merged_products=args.merged_products,
+                     resident_ids=args.resident_ids)
     if args.json:
         print(json.dumps({"source": source, "context": args.context, "memory_gb": args.memory_gb,
                           "dtype": args.dtype, "reserve_gb": args.reserve_gb, "gate_table_path": args.gate_table,
                           "decode_path": args.decode_path, "distinct_ids": args.distinct_ids,
+                          "resident_ids": args.resident_ids,
                           "merged_products": args.merged_products, "rows": rows}, indent=2))
         return 0
     title = (f"Memory plan: {source} ({base.n_layers} layers, d_model {base.d_model}, vocab {base.vocab_size}), "

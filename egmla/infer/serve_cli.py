@@ -52,9 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-gate-tables", action="store_true",
                         help="EG-MLA: keep the gate tables in host memory, and on the device only the rows of the ids "
                              "the cache holds (found and copied on the device, inside the CUDA graphs; the ids no "
-                             "cache row holds any more are evicted when the rows run short). --max-batch auto counts "
-                             "the tables as freed, not the rows: at most the tables' size, lower --memory-fraction "
-                             "where that matters")
+                             "cache row holds any more are evicted when the rows run short). --max-batch auto keeps room "
+                             "for those rows at their bound, every cached position's id distinct (for long rows the "
+                             "tables' own size); a fixed --max-batch can use what real text's shared ids leave")
     parser.add_argument("--capture-prefill-tokens", type=_prompt_tokens, default=CAPTURE_PREFILL_TOKENS, metavar="N",
                         help="at start, capture the CUDA graph of every prefill bucket (rows up to --max-batch x "
                              "padded width) that fresh prompts of up to N tokens can meet, so that none waits for "
@@ -166,10 +166,13 @@ def _max_batch(args, engine) -> int:
     plan = serving_max_batch(config, max_len, free, engine.model.tok_embeddings.weight.dtype, engine.decode_path,
                              chunk, args.memory_fraction, limit=MAX_GRAPH_BATCH, prefill_steps=engine.prefill_graphs,
                              graph_logits_rows=lambda rows: graph_logits_rows(engine, rows, max_len, chunk,
-                                                                              args.capture_prefill_tokens))
+                                                                              args.capture_prefill_tokens),
+                             gate_row_bytes=engine.offload.bytes_per_id() if engine.offload is not None else 0)
     print(f"egmla serve: --max-batch auto = {plan['max_batch']} rows of {max_len} positions "
           f"({plan['bytes_per_row'] / GB * 1e3:.1f} MB each, {plan['cache_layout']} layout; {plan['fits']} would fit "
           f"in {args.memory_fraction:.0%} of {free / GB:.1f} GB free, less {plan['activation_bytes'] / GB:.2f} GB "
-          f"for prefill activations and {plan['graph_logits_bytes'] / GB:.2f} GB for the CUDA graphs' logits)",
+          f"for prefill activations and {plan['graph_logits_bytes'] / GB:.2f} GB for the CUDA graphs' logits"
+          + (f", {plan['gate_row_cache_bytes'] / GB:.2f} GB kept for the offloaded gate tables' rows at their bound"
+             if plan["gate_row_cache_bytes"] else "") + ")",
           flush=True)
     return plan["max_batch"]

@@ -50,6 +50,7 @@ def test_offloaded_logits_equal_on_device_logits(variant, path):
     builds_table = path == "gate-table" or variant == "eg-mla-bias"  # the bias control's prefill reads G_l
     per_layer = 300 * 32 + (300 * 128 if builds_table else 0)  # E_l [V, d_e] (+ G_l [V, 2·4·16])
     assert offload.host_bytes() == 2 * per_layer * 4
+    assert offload.bytes_per_id() == 2 * per_layer // 300 * 4  # what `egmla serve --max-batch auto` reserves per id
 
 
 def test_engine_with_offload_generates_the_same_and_reports_savings():

@@ -23,8 +23,27 @@ def test_paper_base_4096_tokens_60_gb_ratios():
     assert egmla["sequences_vs_mha"] == egmla["sequences"] / rows["MHA"]["sequences"]
     # The gate tables (12 layers x 32768 x 512, bf16) are what separates the two columns.
     assert egmla["gate_table_bytes"] == 12 * 32768 * 512 * 2
-    assert egmla["sequences_gate_tables_offloaded"] > egmla["sequences"]
     assert rows["MHA"]["gate_table_bytes"] == 0
+
+
+def test_offloaded_column_counts_the_row_cache():
+    """Offloaded, the device keeps the rows of the ids the cache holds: by default the most there can be (4,703
+    sequences x 4,096 positions reach every id, so the row cache is the tables' size and the offload frees nothing
+    here), with --resident-ids the row cache at twice those ids; and the id -> slot map and flags, 12 B per id."""
+    base = preset("paper-base", max_seq_len=4096)
+    worst = by_variant(plan_rows(base, context=4096, memory_gb=60))["EG-MLA kv64"]
+    assert worst["gate_row_cache_bytes"] == worst["gate_table_bytes"] + 12 * 32768
+    assert worst["sequences_gate_tables_offloaded"] <= worst["sequences"]
+    shared = by_variant(plan_rows(base, context=4096, memory_gb=60, resident_ids=4096))["EG-MLA kv64"]
+    assert shared["gate_row_cache_bytes"] == 2 * 4096 * 12 * 512 * 2 + 12 * 32768
+    budget = 60e9 - shared["weight_bytes"] - shared["gate_row_cache_bytes"]
+    assert shared["sequences_gate_tables_offloaded"] == int(budget // shared["cache_bytes_per_sequence"])
+    assert shared["sequences_gate_tables_offloaded"] > shared["sequences"]
+    # few ids: a sixteenth of the vocabulary's rows at least (the room the engine keeps ahead)
+    few = by_variant(plan_rows(base, context=16, memory_gb=1, resident_ids=10))["EG-MLA kv64"]
+    assert few["gate_row_cache_bytes"] == 2048 * 12 * 512 * 2 + 12 * 32768
+    with pytest.raises(ValueError, match="resident_ids=0: must be positive"):
+        plan_rows(base, context=16, memory_gb=1, resident_ids=0)
 
 
 def test_plan_row_arithmetic():
@@ -49,6 +68,11 @@ def test_plan_cli_table_json_and_run(capsys, run_dir):
     assert len(model_rows) == 1 and model_rows[0]["variant"] == "EG-MLA kv16"
     assert egmla_main(["plan", "--preset", "paper-base", "--context", "0", "--memory-gb", "60"]) == 2
     assert "context=0" in capsys.readouterr().err
+    assert egmla_main(["plan", "--preset", "paper-base", "--context", "4096", "--memory-gb", "60", "--resident-ids",
+                       "4096", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    egmla = next(r for r in plan["rows"] if r["is_model"])
+    assert plan["resident_ids"] == 4096 and egmla["gate_row_cache_bytes"] == 2 * 4096 * 12 * 512 * 2 + 12 * 32768
 
 
 def test_plan_rejects_bad_dtype():
@@ -147,7 +171,7 @@ def test_every_egmla_path_plans_an_offloaded_batch():
     resident rows through the slot map), so the 'gates off GPU' column has a batch on each, 'auto' included."""
     base = preset("paper-base", max_seq_len=4096)
     for path in ("grouped", "kernel", "auto", "gate-table", None):
-        rows = {r["variant"]: r for r in plan_rows(base, 4096, 60, decode_path=path)}
+        rows = {r["variant"]: r for r in plan_rows(base, 4096, 60, decode_path=path, resident_ids=2048)}
         egmla = rows["EG-MLA kv64"]
         assert egmla["sequences_gate_tables_offloaded"] is not None, path
         assert egmla["sequences_gate_tables_offloaded"] >= egmla["sequences"], path

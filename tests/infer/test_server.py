@@ -372,6 +372,16 @@ def test_max_batch_auto_fits_the_rows_in_the_free_memory():
         rows = kept["max_batch"]
         assert plan["max_batch"] > rows >= 1 and kept["graph_logits_bytes"] == rows * logits
         assert rows * (plan["bytes_per_row"] + logits) <= budget < (rows + 1) * (plan["bytes_per_row"] + logits)
+    # offloaded gate tables: the row cache at its bound (every position's id distinct) is kept too; at 2,048 positions
+    # a row reaches a sixteenth of the vocabulary and two the whole tables' size
+    per_id = 12 * 512 * 2
+    offloaded = serving_max_batch(config, 2048, 8 * 10**9, torch.bfloat16, "auto", 8192, memory_fraction=0.5,
+                                  gate_row_bytes=per_id)
+    rows = offloaded["max_batch"]
+    assert offloaded["gate_row_cache_bytes"] == min(32768, 2 * rows * 2048) * per_id + 12 * 32768
+    assert rows * plan["bytes_per_row"] + offloaded["gate_row_cache_bytes"] <= budget
+    assert plan["max_batch"] >= rows >= plan["max_batch"] - 1 - 32768 * per_id // plan["bytes_per_row"]
+    assert plan["gate_row_cache_bytes"] == 0
     # what `egmla serve` passes: every decode bucket's logits up to the top one, and the start's prefill steps'
     from types import SimpleNamespace
 
