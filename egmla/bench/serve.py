@@ -271,34 +271,43 @@ def summarize(timings: list[Timing]) -> dict:
 
 
 def ab_markdown(runs: list[tuple[str, dict]]) -> str:
-    """The A/B table of serve result files [(label, meta)]: one label per version, where labels differ in their code
-    or in whether the requests were streamed, not both (one change at a time) and not neither; the rows matched by
-    (variant, system, admit batch, prefill graphs, rate)."""
+    """The A/B table of serve result files [(label, meta)]: one label per version, where labels differ in exactly one
+    of their code, whether the requests were streamed, and whether EG-MLA's gate tables were offloaded (one change
+    at a time, and not none); the rows matched by (variant, system, admit batch, prefill graphs, rate)."""
     import statistics
 
     labels = list(dict.fromkeys(label for label, _ in runs))
     if len(labels) < 2:
         raise ValueError(f"--ab: at least two labels, got {labels}")
     code: dict[str, set] = {}
-    streamed: dict[str, set] = {}
+    # settings a label may change with the code fixed: files without "stream" came from code whose scheduler made
+    # every token's event (streamed); a file is offloaded where its EG-MLA rows ran with the gate tables in host memory
+    settings = {"streaming": lambda meta: meta.get("stream", True),
+                "offloading the gate tables": lambda meta: any(row.get("offloaded_gate_tables")
+                                                               for row in meta["rows"])}
+    values: dict[str, dict[str, set]] = {name: {} for name in settings}
     for label, meta in runs:
         code.setdefault(label, set()).add(meta.get("code", {}).get("source_sha256"))
-        # files without "stream" came from code whose scheduler made every token's event: streamed
-        streamed.setdefault(label, set()).add(meta.get("stream", True))
-    for label, values in streamed.items():
-        if len(values) > 1:
-            raise ValueError(f"--ab: label {label!r} mixes files of streamed and unstreamed requests")
+        for name, read in settings.items():
+            values[name].setdefault(label, set()).add(read(meta))
+    for name, per_label in values.items():
+        for label, seen in per_label.items():
+            if len(seen) > 1:
+                raise ValueError(f"--ab: label {label!r} mixes files that differ in {name}")
     for a in labels:
         for b in labels:
             if a >= b:
                 continue
-            same_code, same_stream = bool(code[a] & code[b] - {None}), streamed[a] == streamed[b]
-            if same_code and same_stream:
-                raise ValueError(f"--ab: labels {a!r} and {b!r} ran the same code (source_sha256) on the same "
-                                 f"requests: not an A/B")
-            if not same_code and not same_stream:
-                raise ValueError(f"--ab: labels {a!r} and {b!r} differ in code and in streaming: compare one change "
-                                 f"at a time (`egmla bench serve --stream` streams the requests)")
+            changes = ([] if code[a] & code[b] - {None} else ["code"]) + [
+                name for name in settings if values[name][a] != values[name][b]]
+            if not changes:
+                raise ValueError(f"--ab: labels {a!r} and {b!r} ran the same code (source_sha256) with the same "
+                                 f"settings on the same requests: not an A/B")
+            if len(changes) > 1:
+                raise ValueError(f"--ab: labels {a!r} and {b!r} differ in {' and in '.join(changes)}: compare one "
+                                 f"change at a time (`egmla bench serve --stream` streams the requests, "
+                                 f"`--offload-gate-tables` offloads the gate tables)")
+    varied = {name for name in settings if len({next(iter(values[name][label])) for label in labels}) > 1}
     shapes = {(m["device"], m["requests"], m["prompt_len"], m["output_len"], m["max_batch"]) for _, m in runs}
     if len(shapes) > 1:
         raise ValueError(f"--ab: the files differ in device or workload (device, requests, prompt and output "
@@ -311,15 +320,17 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
             if "error" in row or row.get("model") != "egmla":
                 continue
             key = (row["variant"], row["system"], row.get("admit_batch"), row.get("prefill_graphs"), row["rate"],
-                   row.get("offloaded_gate_tables", False))
+                   False if "offloading the gate tables" in varied else row.get("offloaded_gate_tables", False))
             tokens.setdefault(key, {}).setdefault(label, []).append(row["output_tokens_per_s"])
             if row.get("host_seconds") and row.get("decode_steps"):
                 for phase, seconds in row["host_seconds"].items():
                     host.setdefault(key, {}).setdefault(label, {}).setdefault(phase, []).append(
                         1e6 * seconds / row["decode_steps"])
     first, last = labels[0], labels[-1]
-    modes = ("" if len({next(iter(v)) for v in streamed.values()}) == 1 else "; requests streamed (an event per "
-             "token) in " + ", ".join(f"{label}: {'yes' if next(iter(streamed[label])) else 'no'}" for label in labels))
+    said = {"streaming": "requests streamed (an event per token)",
+            "offloading the gate tables": "EG-MLA's gate tables offloaded to host memory"}
+    modes = "".join(f"; {said[name]} in " + ", ".join(
+        f"{label}: {'yes' if next(iter(values[name][label])) else 'no'}" for label in labels) for name in sorted(varied))
     lines = [f"A/B on {device}: {requests} requests, prompts ≤ {prompt_len}, outputs ≤ {output_len}, max batch "
              f"{max_batch}{modes}; output tokens/s per run (rounds in file order), medians, and {last} / {first}.",
              "", "| variant | system | rate | " + " | ".join(labels) + f" | {last} / {first} |",

@@ -100,10 +100,22 @@ def test_ab_table_of_code_versions(tmp_path):
     # one change at a time: the code, or whether the requests were streamed (a file without "stream" streamed: the
     # scheduler made every token's event before the option)
     quiet = {**meta("b", (2.0, 2.0)), "stream": False}
-    with pytest.raises(ValueError, match="differ in code and in streaming"):
+    with pytest.raises(ValueError, match="differ in code and in streaming: compare one change"):
         ab_markdown([("old", meta("a", (1.0, 1.0))), ("new", quiet)])
     assert "1.45×" in ab_markdown([runs[0], ("new", {**meta("b", (145.0, 300.0)), "stream": True})])
     modes = ab_markdown([("streamed", meta("b", (100.0, 300.0))), ("quiet", {**meta("b", (110.0, 300.0)), "stream": False})])
     assert "requests streamed (an event per token) in streamed: yes, quiet: no" in modes and "1.10×" in modes
-    with pytest.raises(ValueError, match="mixes"):
+    with pytest.raises(ValueError, match="'x' mixes files that differ in streaming"):
         ab_markdown([("x", meta("b", (1.0, 1.0))), ("x", quiet), ("y", meta("a", (1.0, 1.0)))])
+    # the gate tables offloaded or not, one code: the EG-MLA rows matched across the two labels
+    def egmla(offloaded, rate):
+        rows = [{**row, "variant": "EG-MLA kv64", **({"offloaded_gate_tables": True} if offloaded else {})}
+                for row in meta("b", (rate, 300.0))["rows"][:2]]
+        return {**meta("b", (rate, 300.0)), "rows": rows}
+
+    offload = ab_markdown([("on", egmla(False, 100.0)), ("off", egmla(True, 97.0)),
+                           ("on", egmla(False, 102.0)), ("off", egmla(True, 99.0))])
+    assert "EG-MLA's gate tables offloaded to host memory in on: no, off: yes" in offload
+    assert "| EG-MLA kv64 | continuous (admit 16) | inf | 100, 102 (**101**) | 97, 99 (**98**) | 0.97× |" in offload
+    with pytest.raises(ValueError, match="differ in code and in offloading the gate tables"):
+        ab_markdown([("on", egmla(False, 100.0)), ("off", {**egmla(True, 97.0), "code": {"source_sha256": "c"}})])
