@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import os
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # configuration and input errors: one clear line, no traceback
         print(f"egmla {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`egmla plan --json | head`): stop quietly, as other Unix tools do
+        # Python flushes stdout again at exit; point it at /dev/null so that flush cannot raise once more
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # a stdout without a descriptor: nothing to do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     finally:
         warnings.formatwarning = previous
 

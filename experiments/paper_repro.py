@@ -111,8 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default=None, help="seeds for the 'seeds' group (default 1,2); for a group of "
                                                       "PLANS, the plan's runs of these seeds only")
     parser.add_argument("--out", default="repro_out", help="results folder (the group files)")
-    parser.add_argument("--work", default="/tmp/egmla-repro")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--work", default="/tmp/egmla-repro",
+                        help="working folder: the corpus's tokenizer and token shards, every run's directory and "
+                             "checkpoints (the same --work resumes a run a time limit stopped)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config field of every run, after the group's and the scale's settings, "
+                             "e.g. --set train.compile_mode=default (repeatable)")
     parser.add_argument("--preset-override", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="like --set, for smoke tests at other shapes")
     parser.add_argument("--prepare-only", action="store_true",

@@ -13,6 +13,7 @@ import argparse
 import inspect
 import itertools
 import json
+import os
 
 HEADS, D_N, D_R, D_V, VOCAB = 12, 64, 64, 64, 32768
 
@@ -417,6 +418,12 @@ def main(args) -> int:
         writer(*args.markdown)
         return 0
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here; the sweep times kernels on a GPU (on a CPU, "
+                         "TRITON_INTERPRET=1 with --device cpu and small --shapes, e.g. 2x64, only checks the script)")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--device cpu: Triton runs kernels on a CPU only in its interpreter: set TRITON_INTERPRET=1 "
+                         "(slow: keep --shapes small, e.g. 2x64)")
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     ids, _ = text_token_ids(max(b for b, _ in shapes), max(t for _, t in shapes), VOCAB, "embedded")
     if args.profile:

@@ -2,7 +2,7 @@
 
     egmla eval --run runs/latest                                 # egmla's two local tasks, no download
     egmla eval --run runs/latest --tasks piqa,arc_easy --dtype bfloat16 --device cuda --batch-size 32
-    egmla eval --run runs/latest --limit 8 -- --log_samples --seed 1   # anything after -- goes to lm_eval as is
+    egmla eval --run runs/latest --limit 8 --output-path results -- --log_samples --seed 1   # after --: lm_eval's own
 
 It is `python -m egmla.hf.lm_eval_model --model egmla --model_args {"pretrained": DIR, ...}` with egmla's defaults (the
 local tasks egmla_mc and egmla_ppl, the device the run would generate on); lm_eval's own options pass through after
@@ -47,7 +47,8 @@ def document_limit(text: str) -> float:
 
 EPILOG = """examples:
   egmla eval --run runs/latest                                   egmla_mc and egmla_ppl, no download
-  egmla eval --run runs/latest --limit 0.25 -- --log_samples --seed 1
+  egmla eval --run runs/latest --limit 0.25 --output-path results -- --log_samples --seed 1
+                                                                 (lm_eval refuses --log_samples without an output path)
   egmla eval --run exported/egmla-hf --tasks piqa,arc_easy --dtype bfloat16 --device cuda --batch-size 32
 
 It prints the command it runs (python -m egmla.hf.lm_eval_model ..., which runs the same by itself), then lm_eval's

@@ -95,3 +95,34 @@ def test_every_option_of_every_command_explains_itself():
                 yield f"{path} {'/'.join(action.option_strings) or action.dest}"
 
     assert list(unexplained(build_parser(), "egmla")) == []
+
+
+def test_a_reader_that_leaves_stops_the_command_quietly():
+    """`egmla plan --json | head -1`: the write into a closed pipe ends the command with status 141 (128 + SIGPIPE, as
+    a shell reports a tool that SIGPIPE stopped) and no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has left before the first write
+    try:
+        done = subprocess.run([sys.executable, "-m", "egmla", "plan", "--preset", "tiny", "--context", "64",
+                               "--memory-gb", "1", "--json"], stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
+
+
+def test_kernel_sweep_without_a_gpu_says_how_to_check_it(monkeypatch, capsys):
+    """`egmla bench kernel-sweep` on a machine without CUDA: one line naming the CPU way, not torch's assertion."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "kernel-sweep", "--kernels", "mla"]) == 2
+    assert "--device cuda: no CUDA device here" in capsys.readouterr().err
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["bench", "kernel-sweep", "--kernels", "mla", "--device", "cpu"]) == 2
+    assert "set TRITON_INTERPRET=1" in capsys.readouterr().err
