@@ -617,3 +617,22 @@ def test_max_batch_auto_on_a_gpu_reserves_the_graphs_logits(capsys):
     config = engine.config
     expected = graph_logits_rows(engine, rows, config.max_seq_len, engine.prefill_token_budget, 256)
     assert expected > 0 and abs(reserved - expected * config.vocab_size * 4 / 1e9) < 0.01  # fp32 tiny weights
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_max_batch_auto_keeps_room_for_offloaded_gate_rows(capsys):
+    """--max-batch auto with --offload-gate-tables on CUDA: the row cache at its bound is kept and printed, and the
+    rows that fit are no more than without it would be once the tables' own size is counted back."""
+    from argparse import Namespace
+
+    from egmla.infer.serve_cli import _max_batch
+
+    engine = GenerationEngine(tiny_model("eg-mla", seed=1).cuda(), offload_gate_tables=True)
+    args = Namespace(max_batch="auto", max_len=None, prefill_chunk=None, memory_fraction=0.01,
+                     capture_prefill_tokens=256)
+    rows = _max_batch(args, engine)
+    out = capsys.readouterr().out
+    kept = float(re.search(r", ([0-9.]+) GB kept for the offloaded gate tables' rows", out).group(1))
+    assert rows >= 1 and kept == pytest.approx(engine.offload.host_bytes() / 1e9 + 12 * engine.config.vocab_size / 1e9,
+                                               abs=0.01)  # tiny: every row's ids can reach the whole vocabulary
