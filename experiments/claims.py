@@ -113,15 +113,18 @@ def load_runs(folders: list[Path]) -> dict[Budget, dict[tuple[str, int], list[Ru
 
 # ---- paired differences and the test -------------------------------------------------------------------
 def pairs(runs: dict[tuple[str, int], list[Run]], a: str, b: str) -> tuple[dict[int, tuple[Run, Run]], list[int]]:
-    """({seed: (run of a, run of b) on the same corpus}, [seeds both configs ran, but on different corpora only]).
-    Where a seed has pairs on several corpora, the pair on the corpus most of these runs read."""
+    """({seed: (run of a, run of b) on the same corpus and schedule}, [seeds both configs ran, but on different
+    corpora or schedules only]). A budget's token count does not fix its steps (steps x batch x sequence): runs of
+    other tokens per step are other schedules, and their curves meet at other steps. Where a seed has pairs on
+    several corpora, the pair on the corpus most of these runs read."""
     counts: dict[str, int] = {}
     for found in runs.values():
         for run in found:
             counts[json.dumps(run.corpus, sort_keys=True)] = counts.get(json.dumps(run.corpus, sort_keys=True), 0) + 1
     matched, apart = {}, []
     for seed in sorted({s for c, s in runs if c == a} & {s for c, s in runs if c == b}):
-        candidates = [(x, y) for x in runs[a, seed] for y in runs[b, seed] if same_corpus(x.corpus, y.corpus)]
+        candidates = [(x, y) for x in runs[a, seed] for y in runs[b, seed]
+                      if same_corpus(x.corpus, y.corpus) and x.tokens_per_step == y.tokens_per_step]
         if candidates:
             matched[seed] = max(candidates, key=lambda p: counts[json.dumps(p[0].corpus, sort_keys=True)])
         else:
@@ -147,8 +150,9 @@ def verdict(claim: Claim, differences: dict[int, float], apart: list[int] = ()) 
 
 # ---- tables ------------------------------------------------------------------------------------------------
 def describe(differences: dict[int, float], apart: list[int] = ()) -> tuple[str, str, str]:
-    """(per seed, mean ± sd (n), paired t-test) cells; `apart`: seeds whose runs read different corpora."""
-    unpaired = "".join(f", seed {s}: runs on different corpora, not paired" for s in apart)
+    """(per seed, mean ± sd (n), paired t-test) cells; `apart`: seeds whose runs read different corpora or ran
+    other schedules."""
+    unpaired = "".join(f", seed {s}: runs on different corpora or schedules, not paired" for s in apart)
     if not differences:
         return (unpaired[2:] or "-"), "-", "-"
     test = paired_t_test(list(differences.values()))

@@ -191,18 +191,20 @@ def longer_table(rows: list[dict]) -> str:
     """Issue 18's runs: final validation loss per seed, and how many epochs of the training split a run read."""
     corpora = [r.get("train_split_tokens") for r in rows]
     usual = max(set(corpora), key=corpora.count) if corpora else None
+    others = sorted({c for c in corpora if c != usual}, key=str)
+    marks = {c: "†" * (i + 1) for i, c in enumerate(others)}  # one mark per other build: never one row of two
     losses: dict[str, dict[int, float]] = {}
     for r in rows:  # runs on another build of the corpus (another machine's installed files) get their own line
         if r["final_val_loss"] is not None:
-            other = r.get("train_split_tokens") != usual
-            losses.setdefault(config_of(r) + (" †" if other else ""), {})[r.get("seed", 0)] = r["final_val_loss"]
+            mark = marks.get(r.get("train_split_tokens"))
+            losses.setdefault(config_of(r) + (f" {mark}" if mark else ""), {})[r.get("seed", 0)] = r["final_val_loss"]
     epochs = sorted({r["epochs"] for r in rows if r.get("epochs")})
     shown = list(dict.fromkeys(f"{e:.2f}" for e in epochs))
     read = f"\n\nEach run read {', '.join(shown)} epochs of its training split." if epochs else ""
-    others = sorted({c for c in corpora if c != usual}, key=str)
     if others:
-        read += (f"\n\n†: trained on another build of the python-source corpus ({', '.join(f'{c:,}' for c in others)} "
-                 f"training tokens; the others {usual:,}): compare † with † only.")
+        read += (f"\n\n{', '.join(marks.values())}: trained on another build of the python-source corpus "
+                 f"({', '.join(f'{c:,}' for c in others)} training tokens; the others {usual:,}): compare rows of "
+                 f"one mark only.")
     return "\n".join(seed_table(losses)) + read + ("\n\nPaired differences, their tests and the verdicts: "
                                                   "`experiments/claims.py` (docs/RESULTS.md, issue 18); runs pair "
                                                   "only on the same corpus.")

@@ -1,6 +1,7 @@
 """`egmla plan`: how many concurrent sequences of length T fit in M GB, for a model and every variant."""
 import argparse
 import json
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plan for GenerationEngine(merged_products=False): no concatenated copies of the input "
                              "and MLP weights (counted in the weights by default; ~106 MB for MLA kv64 at paper-base)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--plot", metavar="PNG",
+                        help="also draw the sequences that fit in M GB against the tokens per sequence (powers of two "
+                             "from 256 to 4 x T, log-log), one line per variant, gate tables on the device, the model "
+                             "asked about drawn thick and T marked; the same-cache ablations are left out unless asked "
+                             "about (matplotlib)")
 
 
 def main(args) -> int:
@@ -68,6 +74,8 @@ def main(args) -> int:
                           "decode_path": args.decode_path, "distinct_ids": args.distinct_ids,
                           "resident_ids": args.resident_ids,
                           "merged_products": args.merged_products, "rows": rows}, indent=2))
+        if args.plot:
+            plot_plan(base, args, source)
         return 0
     title = (f"Memory plan: {source} ({base.n_layers} layers, d_model {base.d_model}, vocab {base.vocab_size}), "
              f"{args.context} tokens per sequence, {args.memory_gb:g} GB, {args.dtype}"
@@ -76,4 +84,57 @@ def main(args) -> int:
     if args.context > base.max_seq_len:
         print(f"note: context {args.context} exceeds the model's max_seq_len={base.max_seq_len}; "
               f"the plan is for the same shape with a longer context.")
+    if args.plot:
+        plot_plan(base, args, source)
     return 0
+
+
+def plot_contexts(context: int) -> list[int]:
+    """Powers of two from 256 to 4 x context, and context itself."""
+    contexts, length = {context}, 256
+    while length <= 4 * context:
+        contexts.add(length)
+        length *= 2
+    return sorted(contexts)
+
+
+def plot_plan(base, args, source: str) -> None:
+    """`--plot PNG`: sequences that fit (gate tables on the device) against the context, per variant."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    from egmla.infer.plan import plan_rows
+
+    contexts = plot_contexts(args.context)
+    lines: dict[str, list[tuple[int, int]]] = {}
+    model = None
+    for context in contexts:
+        for row in plan_rows(base, context, args.memory_gb, args.dtype, args.reserve_gb, args.gate_table,
+                             args.decode_path, args.distinct_ids, merged_products=args.merged_products,
+                             resident_ids=args.resident_ids):
+            ablation = any(word in row["variant"] for word in ("latent-gate", "gate-bias"))  # kv64's cache: one line
+            if row["sequences"] > 0 and (row["is_model"] or not ablation):  # log scale: none fitting has no point
+                lines.setdefault(row["variant"], []).append((context, row["sequences"]))
+            model = row["variant"] if row["is_model"] else model
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    for index, (variant, points) in enumerate(lines.items()):
+        mine = variant == model
+        ax.plot(*zip(*points), marker="o", markersize=3, color=f"C{index % 10}", linewidth=2.6 if mine else 1.1,
+                zorder=3 if mine else 2,
+                label=variant + (" (this model)" if mine else ""), linestyle="-" if "EG-MLA" in variant else "--")
+    ax.axvline(args.context, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per sequence (prompt + generated)")
+    ax.set_ylabel(f"sequences that fit in {args.memory_gb:g} GB")
+    ax.set_title(f"Memory plan: {source}, {args.dtype}, gate tables on the device", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(args.plot)
+    plt.close(fig)
+    print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)

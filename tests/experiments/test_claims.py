@@ -92,7 +92,7 @@ def test_runs_pair_only_on_the_same_corpus(tmp_path):
     assert claims.paired(runs[budget], "egmla-kv64-identity", "egmla-kv64") == {0: pytest.approx(-0.05)}
     assert claims.pairs(runs[budget], "egmla-kv64-identity", "egmla-kv64")[1] == [1]
     table = claims.claims_table(runs)
-    assert "seed 1: runs on different corpora, not paired" in table and "one seed only" in table
+    assert "seed 1: runs on different corpora or schedules, not paired" in table and "one seed only" in table
 
     write_run(folder, "longer", "egmla-kv64", 1, 1.58, LONG, "document", corpus=new, suffix="-cabc000")
     runs = claims.load_runs([folder])
@@ -162,3 +162,19 @@ def test_a_record_that_names_its_corpus_never_pairs_with_one_that_does_not():
     named = {"train_split_tokens": 80_379_500}
     assert same_corpus({}, {}) and same_corpus(named, dict(named))
     assert not same_corpus(named, {}) and not same_corpus({}, named)  # unknown: a run of another image would pair
+
+
+def test_runs_of_other_schedules_never_pair(tmp_path):
+    """The same tokens in other steps (1,000 steps of twice the batch): another schedule, whose curve meets the
+    other run's at other steps. Not a pair, and no gap curve plotted against the wrong tokens."""
+    folder = tmp_path / "runs"
+    write_run(folder, "longer", "egmla-kv64", 0, 1.60, LONG, "document", steps=(1000, 2000))
+    write_run(folder, "longer", "mla-kv256", 0, 1.62, LONG, "document", steps=(1000, 2000))
+    write_run(folder, "longer", "egmla-kv64", 1, 1.61, LONG, "document", steps=(1000, 2000))
+    write_run(folder, "longer", "mla-kv256", 1, 1.70, LONG, "document", steps=(500, 1000))
+    runs = claims.load_runs([folder])
+    (budget,) = runs
+    assert claims.pairs(runs[budget], "egmla-kv64", "mla-kv256")[1] == [1]
+    assert claims.paired(runs[budget], "egmla-kv64", "mla-kv256") == {0: pytest.approx(-0.02)}
+    assert list(claims.gap_curves(runs[budget], "egmla-kv64", "mla-kv256")) == [0]
+    assert "seed 1: runs on different corpora or schedules, not paired" in claims.claims_table(runs)

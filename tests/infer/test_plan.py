@@ -191,3 +191,17 @@ def test_distinct_ids_beyond_the_vocabulary_count_the_vocabulary():
     config = preset("paper-base", max_seq_len=65536)
     most = plan_row(config, 65536, 60, decode_path="grouped")
     assert plan_row(config, 65536, 60, decode_path="grouped", distinct_ids=10**6) == most
+
+
+def test_plan_plot(tmp_path, capsys):
+    """`egmla plan --plot PNG`: a PNG of sequences against contexts (powers of two to 4 x T, and T itself)."""
+    from egmla.infer.plan_cli import plot_contexts
+
+    assert plot_contexts(1000) == [256, 512, 1000, 1024, 2048]
+    assert plot_contexts(64) == [64, 256]
+    png = tmp_path / "plan.png"
+    assert egmla_main(["plan", "--preset", "tiny", "--context", "512", "--memory-gb", "1", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in capsys.readouterr().out
+    assert egmla_main(["plan", "--preset", "tiny", "--context", "512", "--memory-gb", "1", "--json", "--plot",
+                       str(tmp_path / "b.png")]) == 0
+    json.loads(capsys.readouterr().out)  # stdout stays JSON: the plot's line goes to stderr
