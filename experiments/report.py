@@ -202,9 +202,8 @@ def longer_table(rows: list[dict]) -> str:
     shown = list(dict.fromkeys(f"{e:.2f}" for e in epochs))
     read = f"\n\nEach run read {', '.join(shown)} epochs of its training split." if epochs else ""
     if others:
-        read += (f"\n\n{', '.join(marks.values())}: trained on another build of the python-source corpus "
-                 f"({', '.join(f'{c:,}' for c in others)} training tokens; the others {usual:,}): compare rows of "
-                 f"one mark only.")
+        read += (f"\n\n{', '.join(f'{marks[c]}: {c:,}' for c in others)} training tokens: trained on other builds "
+                 f"of the python-source corpus (the others {usual:,}): compare rows of one mark only.")
     return "\n".join(seed_table(losses)) + read + ("\n\nPaired differences, their tests and the verdicts: "
                                                   "`experiments/claims.py` (docs/RESULTS.md, issue 18); runs pair "
                                                   "only on the same corpus.")

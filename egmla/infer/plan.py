@@ -305,8 +305,10 @@ def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype:
                          else (low, middle - 1))
         rows = low
     if rows < 1:
+        rows_note = (f" and the offloaded gate tables' rows up to {gate_rows(1) / GB:.2f} GB (give a number of rows "
+                     f"instead: the rows real text holds are fewer)" if gate_row_bytes else "")
         raise ValueError(f"--max-batch auto: one row of {max_len} positions needs {per_row / GB:.3f} GB and a prefill "
-                         f"forward ~{activations / GB:.2f} GB, more than {memory_fraction:.0%} of the "
+                         f"forward ~{activations / GB:.2f} GB{rows_note}, more than {memory_fraction:.0%} of the "
                          f"{free_bytes / GB:.2f} GB free: lower --max-len or --prefill-chunk, or free device memory")
     return {"max_batch": min(rows, limit) if limit else rows, "fits": rows, "cache_layout": layout,
             "bytes_per_row": per_row, "decode_workspace_bytes_per_row": workspace, "activation_bytes": activations,

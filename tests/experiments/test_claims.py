@@ -178,3 +178,21 @@ def test_runs_of_other_schedules_never_pair(tmp_path):
     assert claims.paired(runs[budget], "egmla-kv64", "mla-kv256") == {0: pytest.approx(-0.02)}
     assert list(claims.gap_curves(runs[budget], "egmla-kv64", "mla-kv256")) == [0]
     assert "seed 1: runs on different corpora or schedules, not paired" in claims.claims_table(runs)
+
+
+def test_report_gives_each_other_corpus_its_own_mark(tmp_path):
+    """Runs on two other builds of the corpus are two marks, never one row (its seeds on different data)."""
+    folder = tmp_path / "runs"
+    for seed, tokens in enumerate((100, 105, 107)):
+        write_run(folder, "longer", "egmla-kv64", seed, 1.60 + seed / 100, LONG, "document",
+                  corpus={"train_split_tokens": tokens})
+        write_run(folder, "longer", "mla-kv256", seed, 1.70 + seed / 100, LONG, "document",
+                  corpus={"train_split_tokens": tokens if seed == 2 else 100})
+    text = report.tables(report.load_groups(folder))
+    assert "| egmla-kv64 | 1.6000 | - | - | 1.6000 | - |" in text
+    assert "| egmla-kv64 † | - | 1.6100 | - | 1.6100 | - |" in text
+    assert "| egmla-kv64 †† | - | - | 1.6200 | 1.6200 | - |" in text
+    assert "| mla-kv256 | 1.7000 | 1.7100 | - | 1.7050 | 0.0071 |" in text
+    assert "| mla-kv256 †† | - | - | 1.7200 |" in text
+    assert "†: 105, ††: 107 training tokens: trained on other builds of the python-source corpus (the others 100)" \
+        in text

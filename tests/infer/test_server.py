@@ -382,6 +382,8 @@ def test_max_batch_auto_fits_the_rows_in_the_free_memory():
     assert rows * plan["bytes_per_row"] + offloaded["gate_row_cache_bytes"] <= budget
     assert plan["max_batch"] >= rows >= plan["max_batch"] - 1 - 32768 * per_id // plan["bytes_per_row"]
     assert plan["gate_row_cache_bytes"] == 0
+    with pytest.raises(ValueError, match="offloaded gate tables' rows up to 0.05 GB"):  # 4,096 rows at one row's bound
+        serving_max_batch(config, 2048, 8 * 10**8, torch.bfloat16, "auto", 8192, gate_row_bytes=per_id)
     # what `egmla serve` passes: every decode bucket's logits up to the top one, and the start's prefill steps'
     from types import SimpleNamespace
 
