@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -149,13 +150,19 @@ def latent(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def finished(row: dict) -> bool:
+    """Whether a row has a final validation loss to average (not None, not NaN or infinite: a diverged run's, on
+    which statistics.stdev raises AttributeError)."""
+    return row["final_val_loss"] is not None and math.isfinite(row["final_val_loss"])
+
+
 def seed_losses(groups: dict) -> dict[str, dict[int, float]]:
     """{config: {seed: loss}} for the seeds group's configs, seed 0 taken from table1."""
     losses: dict[str, dict[int, float]] = {}
     seeds = groups.get("seeds", {}).get("rows", [])
     configs = {config_of(r) for r in seeds}
     for r in groups.get("table1", {}).get("rows", []) + seeds:
-        if config_of(r) in configs and r["final_val_loss"] is not None:
+        if config_of(r) in configs and finished(r):
             losses.setdefault(config_of(r), {})[r.get("seed", 0)] = r["final_val_loss"]
     return losses
 
@@ -191,11 +198,11 @@ def longer_table(rows: list[dict]) -> str:
     """Issue 18's runs: final validation loss per seed, and how many epochs of the training split a run read."""
     corpora = [r.get("train_split_tokens") for r in rows]
     usual = max(set(corpora), key=corpora.count) if corpora else None
-    others = sorted({c for c in corpora if c != usual}, key=str)
+    others = list(dict.fromkeys(c for c in corpora if c != usual))  # in the order the runs came
     marks = {c: "†" * (i + 1) for i, c in enumerate(others)}  # one mark per other build: never one row of two
     losses: dict[str, dict[int, float]] = {}
     for r in rows:  # runs on another build of the corpus (another machine's installed files) get their own line
-        if r["final_val_loss"] is not None:
+        if finished(r):
             mark = marks.get(r.get("train_split_tokens"))
             losses.setdefault(config_of(r) + (f" {mark}" if mark else ""), {})[r.get("seed", 0)] = r["final_val_loss"]
     epochs = sorted({r["epochs"] for r in rows if r.get("epochs")})

@@ -196,3 +196,15 @@ def test_report_gives_each_other_corpus_its_own_mark(tmp_path):
     assert "| mla-kv256 †† | - | - | 1.7200 |" in text
     assert "†: 105, ††: 107 training tokens: trained on other builds of the python-source corpus (the others 100)" \
         in text
+
+
+def test_report_seed_tables_leave_out_a_diverged_run(tmp_path):
+    """A NaN final loss is no loss to average: left out of the per-seed tables (statistics.stdev raised on it)."""
+    folder = tmp_path / "runs"
+    for seed, loss in enumerate((1.60, 1.62, float("nan"))):
+        write_run(folder, "longer", "egmla-kv64", seed, loss, LONG, "document")
+        write_run(folder, "seeds", "egmla-kv64", seed, loss, 1000, None)
+        write_run(folder, "seeds", "mla-kv256", seed, 1.7, 1000, None)
+    groups = report.load_groups(folder)
+    assert "| egmla-kv64 | 1.6000 | 1.6200 | - | 1.6100 | 0.0141 |" in report.tables(groups)
+    assert report.seed_losses(groups)["egmla-kv64"] == {0: 1.60, 1: 1.62}
