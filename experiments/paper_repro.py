@@ -291,7 +291,10 @@ def same_corpus(a: dict, b: dict) -> bool:
     keys = ("train_split_tokens", "val_split_tokens", "corpus_id")
     if any(k in a for k in keys) != any(k in b for k in keys):
         return False
-    return all(a[k] == b[k] for k in keys if k in a and k in b)
+    shared = [k for k in keys if k in a and k in b]
+    if any(k in a for k in keys) and not shared:  # both say what they read, in fields the other lacks: unknown
+        return False
+    return all(a[k] == b[k] for k in shared)
 
 
 _CORPORA: dict[str, dict] = {}

@@ -162,6 +162,9 @@ def test_a_record_that_names_its_corpus_never_pairs_with_one_that_does_not():
     named = {"train_split_tokens": 80_379_500}
     assert same_corpus({}, {}) and same_corpus(named, dict(named))
     assert not same_corpus(named, {}) and not same_corpus({}, named)  # unknown: a run of another image would pair
+    assert not same_corpus(named, {"corpus_id": "4719da612a7e"})  # nothing in common to compare: not known the same
+    assert same_corpus({**named, "corpus_id": "a"}, named) and not same_corpus({**named, "corpus_id": "a"},
+                                                                               {**named, "corpus_id": "b"})
 
 
 def test_runs_of_other_schedules_never_pair(tmp_path):
