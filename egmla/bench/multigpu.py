@@ -4,7 +4,8 @@ global batch, a checkpoint saved under several processes and resumed under 1, an
 In one command it builds the python-source corpus and its tokenizer once (cache under --work), then, each with
 `torchrun --standalone --nproc_per_node=N -m egmla.train --config configs/egmla-kv64.toml` for --steps steps
 into its own run directory under --work, in this order (a run that would not fit the rest of --call-budget-s,
-judged from the runs before it, is skipped and reported as such):
+judged from the runs before it, is skipped and reported as such; one still going at RUN_LIMIT_FACTOR times
+that estimate, as a hung collective would be, is stopped with its workers so that the rest can run):
   1. `single`: 1 process, the config as it is (the reference for scaling efficiency and losses);
   2. the first of --variants at each process count of --nproc (the first count's run keeps a checkpoint at
      steps/2);
@@ -53,6 +54,8 @@ DRIFT_LIMIT = 0.05  # issue 20: the last steps within 5% of the first
 PROFILE_WARMUP_STEPS = 30  # unprofiled steps before the profiled ones: past step 20, where issue 10's DDP drifted
 PROFILE_SUMMARY_S = 30  # allowance for summarising a profile, in the time a run is expected to take
 REPORT_RESERVE_S = 15  # left at the end of the call budget for the report
+STOP_GRACE_S = 10.0  # a stopped run: seconds from SIGTERM (torchrun stops its workers) to SIGKILL
+RUN_LIMIT_FACTOR, RUN_LIMIT_MIN_S = 3.0, 120.0  # a run is stopped past 3x its expected time (a hung collective)
 DEVICE_QUERY = ("import json, torch; ok = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__, "
                 "'gpus': torch.cuda.device_count() if ok else 0, 'name': torch.cuda.get_device_name(0) if ok "
                 "else 'cpu'}))")
@@ -141,32 +144,31 @@ class Jobs:
     def __init__(self, log_path: Path, env: dict, deadline: float):
         self.log_path, self.env, self.deadline = log_path, env, deadline
 
-    def run(self, name: str, command: list[str], expected_s: float = 30.0) -> dict:
-        """Run `command`, unless less than expected_s (what the runs before it predict) is left."""
+    def run(self, name: str, command: list[str], expected_s: float = 30.0, limit_s: float | None = None) -> dict:
+        """Run `command`, unless less than expected_s (what the runs before it predict) is left; stop it at the
+        call budget's end or after limit_s, whichever comes first (a hung run must not take the rest of the call)."""
         timeout = self.deadline - time.monotonic()
         if timeout < max(30.0, expected_s):
             return {"name": name, "command": shlex.join(command),
                     "status": f"skipped: call budget spent ({timeout:.0f}s left, {expected_s:.0f}s expected)"}
+        limited = limit_s is not None and limit_s < timeout
+        timeout = limit_s if limited else timeout
         with open(self.log_path, "a") as log:
             log.write(f"\n===== {name}: {shlex.join(command)}\n")
             log.flush()
             start_offset = log.tell()
             started = time.monotonic()
-            # a new session, so a timeout stops torchrun and its workers (this process group only)
+            # a new session, so a timeout can stop torchrun (its process group) without this process (stop)
             proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             try:
                 status = "ok" if proc.wait(timeout=timeout) == 0 else f"failed (exit status {proc.returncode})"
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                status = f"stopped after {timeout:.0f}s: call budget spent"
+                stop(proc)
+                status = (f"stopped after {timeout:.0f}s: over its limit ({expected_s:.0f}s expected; hung?)"
+                          if limited else f"stopped after {timeout:.0f}s: call budget spent")
         wall_s = time.monotonic() - started
-        with open(self.log_path) as log:
+        with open(self.log_path, errors="replace") as log:  # a stray byte must not cost the report
             log.seek(start_offset)
             output = log.read()
         lines = output.splitlines()
@@ -174,6 +176,51 @@ class Jobs:
               flush=True)
         return {"name": name, "command": shlex.join(command), "status": status, "wall_s": wall_s,
                 "output": output}
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (Linux /proc; none elsewhere)."""
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    stat = Path("/proc", entry, "stat").read_text()
+                    children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        found = children.get(todo.pop(), [])
+        out += found
+        todo += found
+    return out
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a torchrun started in a session of its own: SIGTERM to its process group (torchrun passes it on to
+    its workers), then, after STOP_GRACE_S, SIGKILL to it and to every process that was below it. torchrun
+    starts each worker in a session of its own, so killing torchrun's group alone would leave the workers
+    running, holding their GPUs through the runs after it."""
+    tree = descendants(proc.pid)  # now: once torchrun is gone, its workers no longer name it as their parent
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+        return  # torchrun ends only after its workers have
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [proc.pid, *tree]:
+        for kill in (os.killpg, os.kill):  # each worker leads a group of its own (its compile workers)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_limit_s(results: dict, expected_s: float) -> float | None:
+    """How long a run may take before it is stopped as hung: RUN_LIMIT_FACTOR x its expected time, at least
+    RUN_LIMIT_MIN_S; None (the call budget only) while no run has finished to predict it from."""
+    if not any(r.get("median_step_s") and r.get("wall_s") for r in results.values()):
+        return None
+    return max(RUN_LIMIT_MIN_S, RUN_LIMIT_FACTOR * expected_s)
 
 
 def expected_wall_s(results: dict, steps: int, processes: int) -> float:
@@ -346,6 +393,7 @@ def run_all(jobs: Jobs, work: Path, config_args: list[str], runs: list[dict], on
     for run in runs:  # nothing left from an earlier call can be mistaken for this call's results
         shutil.rmtree(work / run["name"], ignore_errors=True)
     results = {}
+    waiting = {run["resumes"] for run in runs if "resumes" in run}  # runs whose checkpoints a later run resumes
     for run in runs:
         name, processes = run["name"], run["processes"]
         if "resumes" in run:
@@ -354,8 +402,9 @@ def run_all(jobs: Jobs, work: Path, config_args: list[str], runs: list[dict], on
                 job = {"name": name, "status": f"skipped: {run['resumes']} did not finish"}
             else:
                 link_copy(work / run["resumes"], work / name, run["checkpoint_step"])
-                job = jobs.run(name, torchrun(1, "--resume", str(work / name)),
-                               expected_wall_s(results, run["steps"], 1))
+                expected = expected_wall_s(results, run["steps"], 1)
+                job = jobs.run(name, torchrun(1, "--resume", str(work / name)), expected,
+                               run_limit_s(results, expected))
         elif reason := skipped_on_cpu(run, on_cpu):
             job = {"name": name, "status": reason}
         else:
@@ -363,11 +412,17 @@ def run_all(jobs: Jobs, work: Path, config_args: list[str], runs: list[dict], on
                                *setting_args(run["settings"] | run["extra"]))
             expected = expected_wall_s(results, run["steps"], processes)
             expected += PROFILE_SUMMARY_S if "profile_steps" in run["extra"] else 0
-            job = jobs.run(name, command, expected)
+            job = jobs.run(name, command, expected, run_limit_s(results, expected))
         results[name] = {"variant": run["variant"], "settings": run["settings"], "extra": run.get("extra", {})} \
             | run_result(job, work / name, run.get("checkpoint_step", 0))
         if "resumes" in run:  # its log names the checkpoint it started from
             results[name]["resumed_from_checkpoint"] = f"step_{run['checkpoint_step']:08d}" in job.get("output", "")
+        # each run ends with a checkpoint (the trainer's final one: ~3.8 GB at paper-base); keep only those a later
+        # run resumes from, so that a call's ~10 runs do not fill the machine's disk
+        waiting.discard(run.get("resumes"))
+        for done in [name] + ([run["resumes"]] if "resumes" in run else []):
+            if done not in waiting:
+                shutil.rmtree(work / done / "checkpoints", ignore_errors=True)
     return results
 
 
@@ -442,14 +497,15 @@ def write_plotted_records(work: Path, names: list[str], target: Path) -> None:
 
 
 def plotted_records(folder: Path) -> dict[str, list[dict]]:
-    """{run: training records} from metrics.jsonl, or from issue 10's metrics_RUN.jsonl files."""
+    """{run: training records} from metrics.jsonl, or, where there is none, from issue 10's metrics_RUN.jsonl
+    files (a folder may hold both: this call's runs beside issue 10's, several with the same names)."""
     runs: dict[str, list[dict]] = {}
     if (folder / "metrics.jsonl").is_file():
         for line in (folder / "metrics.jsonl").read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
                 runs.setdefault(record["run"], []).append(record)
-    for path in sorted(folder.glob("metrics_*.jsonl")):
+    for path in [] if (folder / "metrics.jsonl").is_file() else sorted(folder.glob("metrics_*.jsonl")):
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         runs[path.stem.removeprefix("metrics_")] = [r for r in records if r.get("kind") == "train"]
     return runs
