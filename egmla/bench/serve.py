@@ -134,6 +134,7 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
     # mid-run: tens of milliseconds each; which buckets a run meets depends on the threads' timing)
     scheduler.step()
     scheduler.capture_graphs()
+    busy_before = scheduler.stats.busy_seconds  # the warm-up step's
     start = time.perf_counter()
     burst = next((i for i, request in enumerate(requests) if request.arrival > 0), len(requests))
     # the requests arriving at once are queued before the thread starts (else its first iterations would see
@@ -149,13 +150,15 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
         duration = time.perf_counter() - start
     finally:
         scheduler.stop()
+    # the thread's last iteration may end after the last result: the busy share is of the span up to its stop
+    span = time.perf_counter() - start
     if row is not None:
         stats = scheduler.stats
         row.update(admit_batch=scheduler.admit_batch, decode_steps=stats.decode_steps,
                    prefill_calls=stats.prefill_calls, prefill_graph_calls=stats.prefill_graph_calls,
                    compactions=stats.compactions, rows_moved=stats.rows_moved,
                    prefills_shared=stats.prefills_shared, prefix_hits=stats.prefix_hits,
-                   prefix_tokens_reused=stats.prefix_tokens_reused, busy_fraction=stats.busy_seconds / duration,
+                   prefix_tokens_reused=stats.prefix_tokens_reused, busy_fraction=(stats.busy_seconds - busy_before) / span,
                    host_seconds={phase: round(seconds, 6) for phase, seconds in stats.host_seconds.items()})
     # arrivals as scheduled, as the other systems count them (submitting lags them by well under a millisecond)
     return [Timing(request.arrival, h.times.first_token - start, h.times.finished - start, len(r.token_ids))
