@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "on another device when this or --peak-tflops is given)")
     parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="matmul peak for the floor, TFLOP/s")
     parser.add_argument("--no-graph", dest="graph", action="store_false",
-                        help="time eager calls (host launch overhead included) instead of CUDA-graph replays (the default: "
-                             "graph replays)")
+                        help="time eager calls (host launch overhead included) instead of CUDA-graph replays "
+                             "(the default: graph replays)")
     parser.add_argument("--out", metavar="JSON", help="write every row and the run's settings here")
     parser.add_argument("--plot", metavar="PNG", help="plot time vs context and vs batch here")
     parser.add_argument("--markdown", metavar="MD", help="write the tables as Markdown here (for docs/)")

@@ -158,7 +158,8 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
                    prefill_calls=stats.prefill_calls, prefill_graph_calls=stats.prefill_graph_calls,
                    compactions=stats.compactions, rows_moved=stats.rows_moved,
                    prefills_shared=stats.prefills_shared, prefix_hits=stats.prefix_hits,
-                   prefix_tokens_reused=stats.prefix_tokens_reused, busy_fraction=(stats.busy_seconds - busy_before) / span,
+                   prefix_tokens_reused=stats.prefix_tokens_reused,
+                   busy_fraction=(stats.busy_seconds - busy_before) / span,
                    host_seconds={phase: round(seconds, 6) for phase, seconds in stats.host_seconds.items()})
     # arrivals as scheduled, as the other systems count them (submitting lags them by well under a millisecond)
     return [Timing(request.arrival, h.times.first_token - start, h.times.finished - start, len(r.token_ids))
@@ -333,7 +334,8 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
     said = {"streaming": "requests streamed (an event per token)",
             "offloading the gate tables": "EG-MLA's gate tables offloaded to host memory"}
     modes = "".join(f"; {said[name]} in " + ", ".join(
-        f"{label}: {'yes' if next(iter(values[name][label])) else 'no'}" for label in labels) for name in sorted(varied))
+        f"{label}: {'yes' if next(iter(values[name][label])) else 'no'}" for label in labels)
+        for name in sorted(varied))
     lines = [f"A/B on {device}: {requests} requests, prompts ≤ {prompt_len}, outputs ≤ {output_len}, max batch "
              f"{max_batch}{modes}; output tokens/s per run (rounds in file order), medians, and {last} / {first}.",
              "", "| variant | system | rate | " + " | ".join(labels) + f" | {last} / {first} |",

@@ -36,11 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "buffers for the ids a call can reach, rounded up to 256, which can exceed the ids "
                              "the text holds: the default is the safe figure")
     parser.add_argument("--resident-ids", type=int, metavar="N",
-                        help="for the 'gates off GPU' column: the distinct token ids of every cached sequence together, "
-                             "whose gate rows an offload keeps on the device (its row cache is counted at twice N, a "
-                             "sixteenth of the vocabulary at least, the vocabulary at most). Default: the most there "
-                             "can be, sequences x distinct ids per sequence, which at long contexts is the tables' own "
-                             "size; real text shares most ids across sequences, so measure N on your prompts")
+                        help="for the 'gates off GPU' column: the distinct token ids of every cached sequence "
+                             "together, whose gate rows an offload keeps on the device (its row cache is counted at "
+                             "twice N, a sixteenth of the vocabulary at least, the vocabulary at most). Default: the "
+                             "most there can be, sequences x distinct ids per sequence, which at long contexts is the "
+                             "tables' own size; real text shares most ids across sequences, so measure N on your "
+                             "prompts")
     parser.add_argument("--no-merged-products", dest="merged_products", action="store_false",
                         help="plan for GenerationEngine(merged_products=False): no concatenated copies of the input "
                              "and MLP weights (counted in the weights by default; ~106 MB for MLA kv64 at paper-base)")

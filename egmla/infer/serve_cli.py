@@ -52,9 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-gate-tables", action="store_true",
                         help="EG-MLA: keep the gate tables in host memory, and on the device only the rows of the ids "
                              "the cache holds (found and copied on the device, inside the CUDA graphs; the ids no "
-                             "cache row holds any more are evicted when the rows run short). --max-batch auto keeps room "
-                             "for those rows at their bound, every cached position's id distinct (for long rows the "
-                             "tables' own size); a fixed --max-batch can use what real text's shared ids leave")
+                             "cache row holds any more are evicted when the rows run short). --max-batch auto keeps "
+                             "room for those rows at their bound, every cached position's id distinct (for long "
+                             "rows the tables' own size); a fixed --max-batch can use what real text's shared ids "
+                             "leave")
     parser.add_argument("--capture-prefill-tokens", type=_prompt_tokens, default=CAPTURE_PREFILL_TOKENS, metavar="N",
                         help="at start, capture the CUDA graph of every prefill bucket (rows up to --max-batch x "
                              "padded width) that fresh prompts of up to N tokens can meet, so that none waits for "
