@@ -99,6 +99,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="plot a result file (time vs context) and exit")
     p.add_argument("--markdown", nargs=2, metavar=("JSON", "MD"),
                    help="write a result file's table as Markdown (for docs/) and exit")
+    p.add_argument("--traffic", nargs="+", metavar=("MD", "JSON"),
+                   help="write, per result file, what the three grouped launches must move (the method's floor plus "
+                        "the absorbed queries and value sums written and read back) beside the measured time and "
+                        "issue 17's targets, as Markdown to MD, and exit (egmla/bench/grouped_traffic.py)")
     p.add_argument("--targets", nargs="+", metavar=("MD", "JSON"),
                    help="write issue 17's targets as read from one or more result files (a column each, newest "
                         "first) as Markdown to MD, and exit")
@@ -109,6 +113,12 @@ def main(args) -> int:
         plot(*args.plot)
     elif args.markdown:
         markdown(*args.markdown)
+    elif args.traffic:
+        if len(args.traffic) < 2:
+            raise SystemExit("--traffic MD JSON [JSON ...]: name the Markdown file to write and at least one result file")
+        from egmla.bench.grouped_traffic import write_traffic
+
+        write_traffic(args.traffic[0], args.traffic[1:], args.preset)
     elif args.targets:
         if len(args.targets) < 2:
             raise SystemExit("--targets MD JSON [JSON ...]: name the Markdown file to write and at least one result file")
@@ -315,7 +325,8 @@ def run(args) -> list[dict]:
     if kernel_paths_available(device):
         raise SystemExit(f"needs a CUDA GPU: {kernel_paths_available(device)}")
     meta.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                copy_gbs=copy_bandwidth_gbs(device), torch=torch.__version__)
+                copy_gbs=copy_bandwidth_gbs(device), torch=torch.__version__, preset=args.preset,
+                l2_bytes=torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else None)
     timing = argparse.Namespace(graph=True, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, hbm_gbs=3000.0, peak_tflops=782.0)
     checks = [int(b) for b in args.check.split(",") if b]
     shapes = sorted(((b, t) for t in contexts for b in batches), key=lambda s: (s != (32, 4096), s[1], s[0]))

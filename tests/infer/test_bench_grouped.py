@@ -245,3 +245,46 @@ def test_default_cuda_device_without_a_gpu_is_a_clear_error():
 
     with pytest.raises(SystemExit, match="--device cuda: no CUDA device here; on a CPU give --device cpu"):
         run("grouped", ["--preset", "tiny", "--batch", "1", "--context", "64"])
+
+
+def test_traffic_table_adds_the_intermediates_to_the_floor_and_judges_the_targets(tmp_path):
+    """--traffic: the method's floor plus A and S written and read (heads x d_c per pair, paper-base: 1,536 B in
+    bf16) at the run's copy bandwidth; the graph row preferred, ragged rows ignored; each target judged."""
+    from egmla.bench.grouped_traffic import traffic_rows, verdict, write_traffic
+
+    def shape(text, batch, context, mha_us, paths=("grouped", "grouped-graph"), lengths="equal"):
+        base = {"text": text, "batch": batch, "context": context, "lengths": lengths}
+        rows = [dict(base, variant="MHA", path="sdpa", median_us=mha_us)]
+        for path in paths:  # 1,000 pairs: one intermediate is 1.536 MB = 1.536 µs at 1,000 GB/s
+            rows.append(dict(base, variant="EG-MLA kv64", path=path, id_pairs=1000, bytes=2_000_000,
+                             median_us=50.0 if path == "grouped" else 20.0,
+                             median_us_with_plan=51.0 if path == "grouped" else 21.0))
+        return rows
+
+    data = {"meta": {"device": "NVIDIA H200", "copy_gbs": 1000.0, "time": "2026-12-06 08:00:00"},
+            "rows": shape("python-source", 32, 4096, 30.0) + shape("embedded", 32, 4096, 12.0, paths=("grouped",))
+            + shape("python-source", 128, 16384, 22.0) + shape("embedded", 8, 512, 9.0, lengths="ragged")}
+    rows = {(r["text"], r["batch"]): r for r in traffic_rows(data)}
+    assert set(rows) == {("python-source", 32), ("embedded", 32), ("python-source", 128)}
+    code = rows[("python-source", 32)]
+    assert code["floor_us"] == pytest.approx(2.0) and code["s_only_us"] == pytest.approx(2.0 + 2 * 1.536)
+    assert code["a_and_s_us"] == pytest.approx(2.0 + 4 * 1.536) and code["measured_us"] == 21.0  # the graph row
+    assert code["target_us"] == pytest.approx(10.0) and verdict(code) == "reachable by three launches"
+    english = rows[("embedded", 32)]  # no graph row: the eager one; target 12 / 2 = 6 µs, between the two floors
+    assert english["measured_us"] == 51.0 and verdict(english) == "only if L2 keeps A"
+    assert verdict(rows[("python-source", 128)]) == "**out of reach** (1.15× the target even with A in L2)"  # 22 / 5
+    table, source = tmp_path / "traffic.md", tmp_path / "run.json"
+    source.write_text(json.dumps(data))
+    write_traffic(str(table), [str(source)])
+    text = table.read_text()
+    assert "([JSON](run.json))" in text and "| code | 32 | 4,096 | 1,000 | 2.0 | 1.5 | 5.1 / 8.1 | 21.0 | 39% |" in text
+    del data["meta"]["copy_gbs"]
+    with pytest.raises(ValueError, match="no copy bandwidth"):
+        traffic_rows(data)
+
+
+def test_traffic_needs_a_result_file():
+    from egmla.bench.cli import run
+
+    with pytest.raises(SystemExit, match="at least one result file"):
+        run("grouped", ["--traffic", "only.md"])
