@@ -228,18 +228,21 @@ def _per_id_kernel(q_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_qb, str
 
 @triton.jit
 def _mass_embed_kernel(mass_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_mb, stride_mh, stride_mu, stride_table,
-                       stride_ib, stride_ob, stride_oh, n_cols, N_HEADS: tl.constexpr, D_E: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_E: tl.constexpr,
+                       stride_ib, stride_ob, stride_oh, stride_os, n_cols, cols_per_split, N_HEADS: tl.constexpr,
+                       D_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_E: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
-    """out[b, h, e] = sum over u < n_ids[b] of mass[b, h, u] table[ids[b, u], e], fp32: one program per block of
-    embedding columns and sequence, walking the sequence's distinct ids."""
+    """out[split, b, h, e] = sum over the split's u < n_ids[b] of mass[b, h, u] table[ids[b, u], e], fp32: one
+    program per block of embedding columns, sequence and split of the ids (a range of cols_per_split columns; one
+    split: all), walking its ids."""
     batch = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
     offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_h = tl.arange(0, BLOCK_H)
     h_mask, e_mask = offs_h < N_HEADS, offs_e < D_E
-    n = tl.minimum(tl.load(n_ids_ptr + batch), n_cols)
+    start = split * cols_per_split
+    n = tl.minimum(tl.minimum(tl.load(n_ids_ptr + batch), n_cols), start + cols_per_split)
     acc = tl.zeros([BLOCK_H, BLOCK_E], tl.float32)
-    for u0 in range(0, n, BLOCK_U):
+    for u0 in range(start, n, BLOCK_U):
         offs_u = u0 + tl.arange(0, BLOCK_U)
         u_mask = offs_u < n
         ids = tl.load(ids_ptr + batch * stride_ib + offs_u, mask=u_mask, other=0).to(tl.int64)
@@ -248,8 +251,22 @@ def _mass_embed_kernel(mass_ptr, table_ptr, ids_ptr, n_ids_ptr, out_ptr, stride_
         mass = tl.load(mass_ptr + batch * stride_mb + offs_h[:, None] * stride_mh + offs_u[None, :] * stride_mu,
                        mask=h_mask[:, None] & u_mask[None, :], other=0.0)
         acc += tl.dot(mass.to(rows.dtype), rows, input_precision=DOT_PRECISION)
-    tl.store(out_ptr + batch * stride_ob + offs_h[:, None] * stride_oh + offs_e[None, :],
+    tl.store(out_ptr + split * stride_os + batch * stride_ob + offs_h[:, None] * stride_oh + offs_e[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & e_mask[None, :])
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, out_ptr, n_splits, stride_ps, stride_pb, stride_ph, stride_ob, stride_oh,
+                      N_HEADS: tl.constexpr, D_E: tl.constexpr, BLOCK_E: tl.constexpr):
+    """out[b, h, :] = sum over splits of part[split, b, h, :] (fp32, in split order), in out's dtype."""
+    batch, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_mask = offs_e < D_E
+    acc = tl.zeros([BLOCK_E], tl.float32)
+    for split in range(0, n_splits):
+        acc += tl.load(part_ptr + split * stride_ps + batch * stride_pb + head * stride_ph + offs_e, mask=e_mask,
+                       other=0.0)
+    tl.store(out_ptr + batch * stride_ob + head * stride_oh + offs_e, acc.to(out_ptr.dtype.element_ty), mask=e_mask)
 
 
 # the pass's tiles (the first that fits the device's shared memory) and pipeline stages: tiles of 128 with 3 stages
@@ -266,6 +283,10 @@ MASS_GROUPED_BLOCK_T = 32
 # warps took 1.28x / 1.39x less time than 32 on 4 at B = 32 / 128, T = 2,048 on an H200, within 9% of each shape's
 # fastest (`egmla bench kernel-sweep --kernels mass`, docs/bench/mass_sweep_h200.md)
 MASS_EMBED_LAUNCH = dict(block_e=64, block_u=64, num_warps=2, num_stages=3)
+# At small batch the launch above is a handful of programs, each walking ~1,000 distinct ids in a serial chain of
+# dependent gathers: ~20 us per layer at batch 1 to 8 on an H100, as long as at batch 32 (docs/bench/mass_small_h100/).
+# Below MASS_SPLIT_PROGRAMS programs the ids are split over programs too (partial sums, then a second launch adds them).
+MASS_SPLIT_PROGRAMS = 256
 
 
 def _check_rows(name: str, tensor: torch.Tensor, shape: tuple) -> None:
@@ -395,7 +416,9 @@ def mass_embeddings(mass: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, 
                     out: torch.Tensor | None = None, **launch) -> torch.Tensor:
     """`mass_embeddings_ref`: [batch, heads, d_e] fp32 from mass [batch, heads, U] fp32 (any strides), table
     [vocab, d_e], ids [batch, U] and n_ids [batch]; written into `out` (any float dtype, e.g. the next matmul's;
-    last dim contiguous) if given. launch: block_e, block_u, num_warps, num_stages (default MASS_EMBED_LAUNCH)."""
+    last dim contiguous) if given. launch: block_e, block_u, num_warps, num_stages (default MASS_EMBED_LAUNCH), and
+    splits: how many ranges of the ids run in programs of their own, their partial sums added by a second launch
+    (default: as many as bring the programs to MASS_SPLIT_PROGRAMS, at most one per block_u ids; 1 = one launch)."""
     batch, heads, n_cols = mass.shape
     d_e = table.shape[1]
     _check_rows("mass_embeddings: ids", ids, (batch, n_cols))
@@ -406,11 +429,32 @@ def mass_embeddings(mass: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, 
         out = torch.empty(batch, heads, d_e, dtype=torch.float32, device=mass.device)
     _check_rows("mass_embeddings: out", out, (batch, heads, d_e))
     launch = {**MASS_EMBED_LAUNCH, **launch}
-    block_e = min(launch["block_e"], block(d_e))
-    _mass_embed_kernel[(triton.cdiv(d_e, block_e), batch)](
-        mass, table, ids, n_ids, out, mass.stride(0), mass.stride(1), mass.stride(2), table.stride(0), ids.stride(0),
-        out.stride(0),
-        out.stride(1), n_cols, N_HEADS=heads, D_E=d_e, BLOCK_H=block(heads), BLOCK_U=launch["block_u"], BLOCK_E=block_e,
+    block_e, block_u = min(launch["block_e"], block(d_e)), launch["block_u"]
+    e_blocks = triton.cdiv(d_e, block_e)
+    splits = launch.get("splits") or mass_splits(batch * e_blocks, n_cols, block_u)
+    if splits < 1:
+        raise ValueError(f"mass_embeddings: splits={splits}: must be >= 1")
+    # each split a whole number of id blocks (so that a split never starts inside another's block)
+    cols_per_split = triton.cdiv(triton.cdiv(max(n_cols, 1), splits), block_u) * block_u
+    splits = triton.cdiv(max(n_cols, 1), cols_per_split)
+    part = out if splits == 1 else torch.empty(splits, batch, heads, d_e, dtype=torch.float32, device=mass.device)
+    stride_os = 0 if splits == 1 else part.stride(0)
+    _mass_embed_kernel[(e_blocks, batch, splits)](
+        mass, table, ids, n_ids, part, mass.stride(0), mass.stride(1), mass.stride(2), table.stride(0), ids.stride(0),
+        part.stride(-3), part.stride(-2), stride_os, n_cols, cols_per_split, N_HEADS=heads, D_E=d_e,
+        BLOCK_H=block(heads), BLOCK_U=block_u, BLOCK_E=block_e,
         DOT_PRECISION="ieee" if table.dtype == torch.float32 else "tf32", num_warps=launch["num_warps"],
         num_stages=launch["num_stages"])
+    if splits > 1:
+        _split_sum_kernel[(batch, heads)](part, out, splits, part.stride(0), part.stride(1), part.stride(2),
+                                          out.stride(0), out.stride(1), N_HEADS=heads, D_E=d_e, BLOCK_E=block(d_e),
+                                          num_warps=4)
     return out
+
+
+def mass_splits(programs: int, n_cols: int, block_u: int) -> int:
+    """Ranges of the ids to run in programs of their own: enough to bring `programs` (one per block of embedding
+    columns and sequence) to MASS_SPLIT_PROGRAMS, at most one per block of ids; 1 where the batch fills it already."""
+    if programs >= MASS_SPLIT_PROGRAMS:
+        return 1
+    return max(1, min(MASS_SPLIT_PROGRAMS // programs, triton.cdiv(n_cols, block_u)))

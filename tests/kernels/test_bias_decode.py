@@ -197,6 +197,36 @@ def test_per_id_kernels_match_their_references(dtype, tolerance):
     assert torch.equal(mass_embeddings(by_id, table, ids, n_ids), mass_embeddings(mass, table, ids, n_ids))
 
 
+@pytest.mark.parametrize("splits", [1, 2, 3, 10, None])
+def test_embedding_sum_split_over_the_ids_matches_the_reference(splits):
+    """The embedding sum with its ids split over programs (partial sums added by a second launch, written in the
+    output's dtype): every split count, more splits than id blocks, a split past a sequence's ids, a sequence with
+    none, and the default (split where the batch gives few programs) equal the reference."""
+    from egmla.kernels import bias_decode as kernels
+    from egmla.kernels.bias_decode_ref import mass_embeddings_ref
+
+    device = kernel_device()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tolerance = 1e-2 if device == "cuda" else 1e-5
+    torch.manual_seed(4)
+    batch, heads, d_e, vocab, n_cols = 3, 5, 40, 50, 37
+    table = torch.randn(vocab, d_e).to(device, dtype)
+    ids = torch.randint(0, vocab, (batch, n_cols), dtype=torch.int32, device=device)
+    n_ids = torch.tensor([n_cols, 11, 0], device=device)
+    mass = torch.rand(batch, n_cols, heads, device=device).transpose(1, 2)  # bias_decode's layout
+    ref = mass_embeddings_ref(mass, table, ids, n_ids)
+    launch = dict(block_e=16, block_u=8, num_warps=1, num_stages=2, splits=splits)
+    out = torch.full((batch, heads, d_e + 2), float("nan"), device=device, dtype=dtype)
+    summed = kernels.mass_embeddings(mass, table, ids, n_ids, out=out[..., 2:], **launch)
+    assert summed.isfinite().all() and rel_err(summed.float(), ref) < tolerance
+    assert not summed[2].any() and out[..., :2].isnan().all()
+    fp32 = kernels.mass_embeddings(mass, table, ids, n_ids, **launch)
+    assert fp32.dtype == torch.float32 and rel_err(fp32, ref) < tolerance
+    assert kernels.mass_splits(3 * 3, n_cols, 8) == 5 and kernels.mass_splits(kernels.MASS_SPLIT_PROGRAMS, n_cols, 8) == 1
+    with pytest.raises(ValueError, match="splits=-1: must be >= 1"):
+        kernels.mass_embeddings(mass, table, ids, n_ids, **dict(launch, splits=-1))
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_kernel_in_bf16_at_paper_base_shapes():
@@ -327,14 +357,17 @@ def test_mass_sweep_checks_each_launch_against_the_reference_on_the_cpu(tmp_path
     from egmla.bench.kernel_sweep import mass_markdown, sweep_mass
 
     ids = torch.stack([(torch.arange(32) * 7) % 20 + 1, torch.full((32,), 3)])  # 20 distinct ids; one id throughout
-    rows = sweep_mass(2, 32, "test", ids, torch.device("cpu"), d_e=48, configs=[(16, 16, 2, 2), (32, 8, 1, 3)])
-    assert len(rows) == 2 and all("us" in r and r["rel_err"] < 1e-4 for r in rows), rows
+    rows = sweep_mass(2, 32, "test", ids, torch.device("cpu"), d_e=48,
+                      configs=[(16, 16, 2, 2, 1), (32, 8, 1, 3, 0), (32, 8, 1, 3, 1)])
+    assert len(rows) == 3 and all("us" in r and r["rel_err"] < 1e-4 for r in rows), rows
     assert rows[0]["distinct_ids_mean"] == 10.5
+    assert (rows[1]["splits"], rows[1]["splits_auto"], rows[2]["splits"]) == (3, True, 1)  # 20 ids in blocks of 8
     defaults = {"mass_embeddings": dict(block_e=32, block_u=8, num_warps=1, num_stages=3)}
     (tmp_path / "m.json").write_text(json.dumps({"device": "cpu", "defaults": defaults, "rows": rows}))
     mass_markdown(str(tmp_path / "m.json"), str(tmp_path / "m.md"))
     table = (tmp_path / "m.md").read_text()
-    assert "block_e 32, block_u 8, num_warps 1, num_stages 3 (default)" in table and "| 2 | 32 | 10 |" in table, table
+    assert "block_e 32, block_u 8, num_warps 1, num_stages 3, splits 3 (default)" in table, table
+    assert "| 2 | 32 | 10 |" in table and "num_stages 3, splits 1 |" in table, table
 
 
 def test_bias_sweep_table(tmp_path):
