@@ -309,7 +309,11 @@ def mass_markdown(json_path: str, md_path: str, top: int = 5) -> None:
         group = sorted((r for r in rows if (r["batch"], r["context"]) == shape), key=lambda r: r["us"])
         base = next((r for r in group if all(r[k] == default.get(k) for k in keys) and r.get("splits_auto", True)),
                     None)
-        for r in group[:top] + ([base] if base and base not in group[:top] else []):
+        # the default's launch without the split over ids, where the default splits: what the split gains
+        whole = next((r for r in group if base and split and all(r[k] == base[k] for k in keys)
+                      and r["splits"] == 1 and base["splits"] > 1), None)
+        shown = group[:top] + [r for r in (base, whole) if r and r not in group[:top]]
+        for r in sorted(shown, key=lambda r: r["us"]):
             ratio = f"{base['us'] / r['us']:.2f}" if base else ""
             setting = ", ".join(f"{k} {r[k]}" for k in keys + (("splits",) if split else ())) + (
                 " (default)" if r is base else "")

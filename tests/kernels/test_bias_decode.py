@@ -368,6 +368,10 @@ def test_mass_sweep_checks_each_launch_against_the_reference_on_the_cpu(tmp_path
     table = (tmp_path / "m.md").read_text()
     assert "block_e 32, block_u 8, num_warps 1, num_stages 3, splits 3 (default)" in table, table
     assert "| 2 | 32 | 10 |" in table and "num_stages 3, splits 1 |" in table, table
+    mass_markdown(str(tmp_path / "m.json"), str(tmp_path / "m.md"), top=1)  # the one launch shown beside the default
+    short = (tmp_path / "m.md").read_text()
+    assert "num_warps 1, num_stages 3, splits 3 (default)" in short, short
+    assert "block_e 32, block_u 8, num_warps 1, num_stages 3, splits 1 |" in short, short
 
 
 def test_bias_sweep_table(tmp_path):
