@@ -40,6 +40,7 @@ def paired_t_test(differences: list[float]) -> dict:
         result.update(sd=math.nan, t=math.nan, p=math.nan)
     elif n >= 2:
         sd = statistics.stdev(differences)
-        t = math.copysign(math.inf, mean) if sd == 0 else mean / (sd / math.sqrt(n))
+        # equal differences: t infinite with the mean's sign, or 0 where they are all 0 (no difference at all)
+        t = (math.copysign(math.inf, mean) if mean else 0.0) if sd == 0 else mean / (sd / math.sqrt(n))
         result.update(sd=sd, t=t, p=(0.0 if mean else 1.0) if sd == 0 else t_two_sided_p(t, n - 1))
     return result

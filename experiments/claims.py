@@ -67,6 +67,11 @@ VERDICTS = {  # (kind, direction over the seeds, significant) -> verdict; {a}, {
     ("beats", "mixed", False): "**not supported**: the seeds disagree",
     ("beats", "behind", False): "**not supported**: behind on every seed, not significantly",
     ("beats", "behind", True): "**contradicted**: {b} ahead on every seed",
+    # seeds of both signs whose mean still differs significantly (possible from four seeds on)
+    ("matches", "mixed ahead", True): "**supported on average**: {a} ahead on average, not on every seed",
+    ("matches", "mixed behind", True): "**not supported on average**: {b} ahead on average, not on every seed",
+    ("beats", "mixed ahead", True): "**supported on average**: ahead on average, not on every seed",
+    ("beats", "mixed behind", True): "**contradicted on average**: {b} ahead on average, not on every seed",
 }
 
 
@@ -144,7 +149,10 @@ def verdict(claim: Claim, differences: dict[int, float], apart: list[int] = ()) 
         return "one seed only: a second is needed for a verdict"
     values = list(differences.values())
     direction = "ahead" if max(values) < 0 else "behind" if min(values) > 0 else "mixed"
-    significant = direction != "mixed" and paired_t_test(values)["p"] < SIGNIFICANT
+    test = paired_t_test(values)
+    significant = test["p"] < SIGNIFICANT
+    if direction == "mixed" and significant:
+        direction = "mixed ahead" if test["mean"] < 0 else "mixed behind"
     return VERDICTS[claim.kind, direction, significant].format(a=NAMES[claim.a], b=NAMES[claim.b])
 
 

@@ -211,3 +211,18 @@ def test_report_seed_tables_leave_out_a_diverged_run(tmp_path):
     groups = report.load_groups(folder)
     assert "| egmla-kv64 | 1.6000 | 1.6200 | - | 1.6100 | 0.0141 |" in report.tables(groups)
     assert report.seed_losses(groups)["egmla-kv64"] == {0: 1.60, 1: 1.62}
+
+
+def test_mixed_seeds_with_a_significant_mean_say_both():
+    """Seeds of both signs give 'a tie' / 'the seeds disagree' unless the mean differs significantly (possible from
+    four seeds on): then the verdict says on average, and which side; equal zero differences test as t = 0, p = 1."""
+    matches = next(c for c in claims.CLAIMS if c.kind == "matches")
+    beats = next(c for c in claims.CLAIMS if c.kind == "beats")
+    spread = {0: -0.050, 1: -0.048, 2: -0.052, 3: -0.049, 4: 0.001}  # four clearly ahead, one barely behind
+    assert claims.paired_t_test(list(spread.values()))["p"] < claims.SIGNIFICANT
+    assert claims.verdict(matches, spread).startswith("**supported on average**")
+    assert claims.verdict(beats, {s: -d for s, d in spread.items()}).startswith("**contradicted on average**")
+    assert claims.verdict(matches, {0: 0.01, 1: -0.01}).startswith("**a tie**")  # not significant: unchanged
+    zero = claims.paired_t_test([0.0, 0.0, 0.0])
+    assert (zero["t"], zero["p"]) == (0.0, 1.0)
+    assert claims.describe({0: 0.0, 1: 0.0})[2] == "t(1) = 0.00, p = 1.000"
