@@ -142,9 +142,16 @@ def paired(runs: dict[tuple[str, int], list[Run]], a: str, b: str) -> dict[int, 
     return {seed: x.loss - y.loss for seed, (x, y) in pairs(runs, a, b)[0].items()}
 
 
-def verdict(claim: Claim, differences: dict[int, float], apart: list[int] = ()) -> str:
+def verdict(claim: Claim, differences: dict[int, float], apart: list[int] = (),
+            ran: tuple[list[int], list[int]] = ([], [])) -> str:
+    """ran: the seeds each side has at the budget (both ran, but never at one seed: no pair yet)."""
     if not differences:
-        return "no pair on one corpus yet" if apart else "not yet run"
+        if apart:
+            return "no pair on one corpus yet"
+        if ran[0] and ran[1]:
+            return (f"no seed run by both yet ({claim.a}: seed {', '.join(map(str, ran[0]))}; {claim.b}: seed "
+                    f"{', '.join(map(str, ran[1]))})")
+        return "not yet run"
     if len(differences) == 1:
         return "one seed only: a second is needed for a verdict"
     values = list(differences.values())
@@ -182,8 +189,9 @@ def claims_table(runs: dict[Budget, dict]) -> str:
         apart = pairs(runs[budget], claim.a, claim.b)[1] if budget else []
         cells = describe(differences, apart)
         where = f" ({budget.label()})" if differences else ""
+        ran = tuple(sorted({s for c, s in runs[budget] if c == side}) if budget else [] for side in (claim.a, claim.b))
         lines.append(f"| {claim.text} | {claim.a} − {claim.b}{where} | {' | '.join(cells)} | "
-                     f"{verdict(claim, differences, apart)} |")
+                     f"{verdict(claim, differences, apart, ran)} |")
     return "\n".join(lines)
 
 

@@ -226,3 +226,11 @@ def test_mixed_seeds_with_a_significant_mean_say_both():
     zero = claims.paired_t_test([0.0, 0.0, 0.0])
     assert (zero["t"], zero["p"]) == (0.0, 1.0)
     assert claims.describe({0: 0.0, 1: 0.0})[2] == "t(1) = 0.00, p = 1.000"
+
+
+def test_a_claim_whose_sides_ran_other_seeds_says_so():
+    claim = claims.CLAIMS[0]
+    assert claims.verdict(claim, {}, [], ([0, 1], [2])) == (
+        f"no seed run by both yet ({claim.a}: seed 0, 1; {claim.b}: seed 2)")
+    assert claims.verdict(claim, {}, [], ([0], [])) == "not yet run"
+    assert claims.verdict(claim, {}, [3], ([3], [3])) == "no pair on one corpus yet"
