@@ -115,7 +115,8 @@ def main(args) -> int:
         markdown(*args.markdown)
     elif args.traffic:
         if len(args.traffic) < 2:
-            raise SystemExit("--traffic MD JSON [JSON ...]: name the Markdown file to write and at least one result file")
+            raise SystemExit("--traffic MD JSON [JSON ...]: name the Markdown file to write and at least one result "
+                             "file")
         from egmla.bench.grouped_traffic import write_traffic
 
         write_traffic(args.traffic[0], args.traffic[1:], args.preset)

@@ -8,8 +8,9 @@ up-projection; one row per (chunk, id), so at least one per pair). Each is writt
 
     three-launch bytes >= floor bytes + 4 x pairs x heads x d_c x element size
 
-and the time at the run's copy bandwidth is a floor for any version of the three launches, however tuned. Where A
-(one copy) fits the GPU's L2 its round trip may never reach DRAM, so the table also gives the floor with S alone.
+and the time at the run's copy bandwidth is a floor for any version of the three launches that keeps A and S in
+the model's dtype. Where A (one copy) fits the GPU's L2 its round trip may never reach DRAM, so the table also gives
+the floor with S alone.
 A target whose time lies below the floor with A and S cannot be met by three launches; below the floor with S alone,
 not even if L2 holds every A row. The table reads `egmla bench grouped` result files:
 
