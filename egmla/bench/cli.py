@@ -23,6 +23,8 @@ BENCHMARKS = {
                          "registers, spills and shared memory of the decode kernels, compiled for a GPU (no GPU needed)"),
     "serve": ("egmla.bench.serve", "serving under a stream of requests: continuous batching, static batches and "
                                    "transformers' continuous batching (tokens/s, time to first token, latency)"),
+    "text": ("egmla.bench.text", "a server's host time per row and decode step for its text: detokenizing, stop "
+                                 "strings, requests that read only their result (CPU)"),
     "train": ("egmla.bench.train", "training step time and tokens/s per variant"),
     "train-run": ("egmla.bench.train_run", "a paper-base EG-MLA kv64 training run of a few minutes, from nothing"),
     "multigpu": ("egmla.bench.multigpu",

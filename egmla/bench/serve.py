@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-gate-tables", action="store_true",
                         help="EG-MLA rows: gate tables in host memory, the rows of the ids the cache holds on the device "
                              "(as `egmla serve --offload-gate-tables`)")
+    parser.add_argument("--text", action="store_true",
+                        help="egmla's systems serve text, as `egmla serve` does: the engine gets the tokenizer the "
+                             "prompts were cut with, so every streamed request makes its text token by token and "
+                             "every other one decodes it once at its end (the default serves token ids only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload's draws")
     parser.add_argument("--stream", action="store_true",
                         help="continuous: submit every request streamed, so that the scheduler makes each token's "
@@ -73,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "each labelled with its multiple of transformers'; matplotlib); with --report too")
     parser.add_argument("--ab", action="append", metavar="LABEL=JSON", default=[],
                         help="nothing measured: the A/B table of result files of code versions, or of one code "
-                             "with and without --stream (repeat it, e.g. "
+                             "with and without --stream, --offload-gate-tables or --text (repeat it, e.g. "
                              "--ab old=a1.json --ab new=b1.json --ab old=a2.json --ab new=b2.json, rounds interleaved): "
                              "each row's output tokens/s per run, the medians and the last label's over the first's, "
                              "and the scheduler's host time per decode step by phase; --markdown writes it")
@@ -288,7 +292,8 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
     # every token's event (streamed); a file is offloaded where its EG-MLA rows ran with the gate tables in host memory
     settings = {"streaming": lambda meta: meta.get("stream", True),
                 "offloading the gate tables": lambda meta: any(row.get("offloaded_gate_tables")
-                                                               for row in meta["rows"])}
+                                                               for row in meta["rows"]),
+                "serving text": lambda meta: any(row.get("text") for row in meta["rows"])}
     values: dict[str, dict[str, set]] = {name: {} for name in settings}
     for label, meta in runs:
         code.setdefault(label, set()).add(meta.get("code", {}).get("source_sha256"))
@@ -310,7 +315,7 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
             if len(changes) > 1:
                 raise ValueError(f"--ab: labels {a!r} and {b!r} differ in {' and in '.join(changes)}: compare one "
                                  f"change at a time (`egmla bench serve --stream` streams the requests, "
-                                 f"`--offload-gate-tables` offloads the gate tables)")
+                                 f"`--offload-gate-tables` offloads the gate tables, `--text` serves text)")
     varied = {name for name in settings if len({next(iter(values[name][label])) for label in labels}) > 1}
     shapes = {(m["device"], m["requests"], m["prompt_len"], m["output_len"], m["max_batch"]) for _, m in runs}
     if len(shapes) > 1:
@@ -332,7 +337,8 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
                         1e6 * seconds / row["decode_steps"])
     first, last = labels[0], labels[-1]
     said = {"streaming": "requests streamed (an event per token)",
-            "offloading the gate tables": "EG-MLA's gate tables offloaded to host memory"}
+            "offloading the gate tables": "EG-MLA's gate tables offloaded to host memory",
+            "serving text": "the engine making text (`--text`)"}
     modes = "".join(f"; {said[name]} in " + ", ".join(
         f"{label}: {'yes' if next(iter(values[name][label])) else 'no'}" for label in labels)
         for name in sorted(varied))
@@ -451,6 +457,11 @@ def main(args) -> int:
         if on_cuda:
             torch.cuda.empty_cache()
 
+    tokenizer = None
+    if args.text:  # the one the workload's prompts are cut with
+        from egmla.bench.token_ids import text_tokenizer
+
+        tokenizer = text_tokenizer(1, count * prompt_len, base.vocab_size)
     for rate in rates:
         requests = workload(count, rate, prompt_len, output_len, base.vocab_size, args.seed)
         for variant in select(args.variants) if {"continuous", "static"} & set(systems) else []:
@@ -459,10 +470,12 @@ def main(args) -> int:
             runs = [(system, admit, graphs) for system in systems if system != "transformers"
                     for admit in (admit_batches if system == "continuous" else [None]) for graphs in prefill_graphs]
             for system, admit, graphs in runs:
-                engine = GenerationEngine(model, decode_path=args.decode_path, prefill_graphs=graphs,
+                engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path, prefill_graphs=graphs,
                                           offload_gate_tables=args.offload_gate_tables and config.is_gated)
                 row = {"system": system, "model": "egmla", "variant": config.variant_name(), "rate": rate,
                        "max_batch": max_batch}
+                if tokenizer is not None:
+                    row["text"] = True
                 if engine.offload is not None:
                     row["offloaded_gate_tables"] = True
                 if graphs is not None:
@@ -550,7 +563,7 @@ def plot(meta: dict, path: str) -> None:
 def _system_label(row: dict) -> str:
     settings = ([f"admit {row['admit_batch']}"] if "admit_batch" in row else []) + (
         [f"prefill {'graphs' if row['prefill_graphs'] else 'eager'}"] if "prefill_graphs" in row else []) + (
-        ["gate tables offloaded"] if row.get("offloaded_gate_tables") else [])
+        ["gate tables offloaded"] if row.get("offloaded_gate_tables") else []) + (["text"] if row.get("text") else [])
     return row["system"] + (f" ({', '.join(settings)})" if settings else "")
 
 

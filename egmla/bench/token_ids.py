@@ -35,13 +35,25 @@ def _documents(source: str, max_chars: int) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _token_stream(source: str, vocab_size: int, tokens: int) -> tuple[torch.Tensor, int]:
-    """At least `tokens` ids of `source` (repeated if the corpus is shorter) and how many were distinct text."""
+def _tokenizer_and_texts(source: str, vocab_size: int, tokens: int) -> tuple[object, list[str]]:
+    """The texts that hold `tokens` ids of `source` and the BPE trained on a sample of them."""
     from egmla.data.tokenizer import train_tokenizer
 
     texts = _documents(source, tokens * CHARS_PER_TOKEN + 100_000)
     sample = list(itertools.islice(_chunks(texts), TOKENIZER_SAMPLE_CHARS // 10_000))
-    tokenizer = train_tokenizer(sample, vocab_size)
+    return train_tokenizer(sample, vocab_size), texts
+
+
+def text_tokenizer(batch: int, length: int, vocab_size: int, source: str = "embedded"):
+    """The tokenizer that `text_token_ids(batch, length, vocab_size, source)` encodes with (its sample, so its merges,
+    depends on how much text the ids need)."""
+    return _tokenizer_and_texts(source, vocab_size, batch * length)[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _token_stream(source: str, vocab_size: int, tokens: int) -> tuple[torch.Tensor, int]:
+    """At least `tokens` ids of `source` (repeated if the corpus is shorter) and how many were distinct text."""
+    tokenizer, texts = _tokenizer_and_texts(source, vocab_size, tokens)
     ids = [i for encoding in tokenizer.encode_batch(texts) for i in encoding.ids + [0]]  # 0 = end of text
     stream = torch.tensor(ids, dtype=torch.int32)
     available = stream.numel()

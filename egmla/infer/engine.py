@@ -93,11 +93,17 @@ class GenerationStats:
 
 
 class _Sequence:
-    """Per-sequence generation state."""
+    """Per-sequence generation state.
 
-    def __init__(self, index: int, prompt_ids: list[int], tokenizer, stop_strings: list[str]):
+    text_per_token=False (a request that reads only its result and has no stop strings): no text per token; the
+    result's text is decoded once, at the end. The same text: the pieces of the incremental decode join to it."""
+
+    def __init__(self, index: int, prompt_ids: list[int], tokenizer, stop_strings: list[str],
+                 text_per_token: bool = True):
         self.result = Generation(index, prompt_ids)
-        self.detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        self.tokenizer = tokenizer
+        lazy = tokenizer is not None and not text_per_token and not stop_strings
+        self.detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None and not lazy else None
         self.stops = StopStringMatcher(stop_strings)
         self.decoded_chars = 0  # characters the detokenizer has produced so far
 
@@ -117,9 +123,20 @@ class _Sequence:
         elif (len(result.token_ids) >= max_new_tokens
               or len(result.prompt_ids) + len(result.token_ids) - 1 >= cache_len):  # no room to feed it
             result.finish_reason = "length"
-        if result.finish_reason is not None and self.detokenizer is not None:
-            text += self._finish_text(stopped)
+        if result.finish_reason is not None and self.tokenizer is not None:
+            text += self._finish_text(stopped) if self.detokenizer is not None else self._decode_all()
         return text
+
+    def text_so_far(self) -> str | None:
+        """The text of the tokens so far (a request cut short, e.g. cancelled); None without a tokenizer."""
+        if self.tokenizer is None:
+            return None
+        return self.stops.text if self.detokenizer is not None else self.tokenizer.decode(self.result.token_ids)
+
+    def _decode_all(self) -> str:
+        """The result's text in one decode (no text per token was made); nothing to return per token."""
+        self.result.text = self.tokenizer.decode(self.result.token_ids)
+        return ""
 
     def _text_of(self, token_id: int) -> tuple[str, bool]:
         if self.detokenizer is None:

@@ -239,8 +239,10 @@ class Scheduler:
                              f"{engine.config.max_seq_len})")
         handle = RequestHandle(next(self._ids), prompt_ids, stream)
         handle._on_cancel = self._note_cancel
-        request = _Request(handle, _Sequence(handle.id, prompt_ids, engine.tokenizer, list(stop_strings)),
-                           max_new_tokens, sampling, eos_token_id, logprobs, prompt_logprobs)
+        # a request that reads only its result makes no text per token (a host cost per row and step); stop strings
+        # need the text as it grows
+        sequence = _Sequence(handle.id, prompt_ids, engine.tokenizer, list(stop_strings), text_per_token=stream)
+        request = _Request(handle, sequence, max_new_tokens, sampling, eos_token_id, logprobs, prompt_logprobs)
         if logprobs is not None:
             request.sequence.result.logprobs, request.sequence.result.top_logprobs = [], []
         return request
@@ -771,8 +773,8 @@ class Scheduler:
         """Hand the request its result. reason 'cancelled' for a cancelled one, None when its last event said why."""
         result = request.sequence.result
         if reason is not None:
-            if request.sequence.detokenizer is not None and result.text is None:
-                result.text = request.sequence.stops.text
+            if result.text is None:
+                result.text = request.sequence.text_so_far()
             result.finish_reason = reason
             if request.handle.stream:
                 request.handle._push(TokenEvent(request.handle.id, -1, "", reason))

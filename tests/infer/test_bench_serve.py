@@ -119,3 +119,25 @@ def test_ab_table_of_code_versions(tmp_path):
     assert "| EG-MLA kv64 | continuous (admit 16) | inf | 100, 102 (**101**) | 97, 99 (**98**) | 0.97× |" in offload
     with pytest.raises(ValueError, match="differ in code and in offloading the gate tables"):
         ab_markdown([("on", egmla(False, 100.0)), ("off", {**egmla(True, 97.0), "code": {"source_sha256": "c"}})])
+
+
+def test_text_serving_serves_every_request_and_compares_with_token_ids(tmp_path):
+    """--text: the engine gets the prompts' tokenizer, so requests make text (streamed: per token; else once at the
+    end); every request still gets its output length, rows are labelled, and --ab compares one code with and without."""
+    from egmla.bench.serve import ab_markdown
+
+    runs = {}
+    for name, extra in (("ids", []), ("text", ["--text"]), ("streamed", ["--text", "--stream"])):
+        out = tmp_path / f"{name}.json"
+        assert cli.run("serve", ["--requests", "4", "--variants", "mla-kv64", "--systems", "continuous,static",
+                                 "--max-batch", "2", "--json", str(out), *extra]) == 0
+        runs[name] = json.loads(out.read_text())
+    expected = sum(r.output_len for r in workload(4, math.inf, runs["ids"]["prompt_len"], runs["ids"]["output_len"],
+                                                   8192, 0))
+    for name, meta in runs.items():
+        for row in meta["rows"]:
+            assert "error" not in row and row["output_tokens"] == expected, (name, row)
+            assert row.get("text", False) == (name != "ids")
+    assert "continuous (admit 1, text)" in markdown(runs["text"])
+    table = ab_markdown([("ids", runs["ids"]), ("text", runs["text"])])
+    assert "the engine making text (`--text`) in ids: no, text: yes" in table

@@ -39,6 +39,28 @@ def test_detokenizer_waits_for_whole_characters(tokenizer):
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_decode_stream_and_two_decodes_give_the_same_pieces(tokenizer):
+    """A `tokenizers.Tokenizer` decodes through DecodeStream, one call per token; other tokenizers (or use_stream=False)
+    through two decodes per token. On real text and on random ids (pieces ending inside UTF-8 characters) both join to
+    the one-shot decode, piece for piece the same."""
+    import random
+
+    class Wrapped:  # a tokenizer that is not a `tokenizers.Tokenizer` (as transformers' wrappers are not)
+        decode = staticmethod(tokenizer.decode)
+
+    assert IncrementalDetokenizer(tokenizer).stream is not None
+    assert IncrementalDetokenizer(Wrapped()).stream is None and IncrementalDetokenizer(tokenizer, False).stream is None
+    rng = random.Random(0)
+    texts = ["Café naïve — façade. 日本語 🙂", "To be, or not to be"]
+    for ids in [tokenizer.encode(t).ids for t in texts] + [[rng.randrange(tokenizer.get_vocab_size())
+                                                            for _ in range(400)]]:
+        pieces = {}
+        for name, detok in (("stream", IncrementalDetokenizer(tokenizer)), ("two", IncrementalDetokenizer(Wrapped()))):
+            pieces[name] = [detok.push(i) for i in ids]
+            assert "".join(pieces[name]) + detok.text()[len("".join(pieces[name])):] == tokenizer.decode(ids)
+        assert pieces["stream"] == pieces["two"]
+
+
 def test_stop_matcher_holds_back_possible_stop_prefixes():
     matcher = StopStringMatcher(["END", "\n\n"])
     assert matcher.add("abc E") == ("abc ", False)  # "E" could start "END"
@@ -48,6 +70,31 @@ def test_stop_matcher_holds_back_possible_stop_prefixes():
     assert matcher.text == "abc Exy"
     plain = StopStringMatcher([])
     assert plain.add("anything") == ("anything", False)
+    assert plain.add(" more") == (" more", False) and plain.text == "anything more" and plain.flush() == ""
+
+
+def test_stop_matcher_on_random_text_releases_a_prefix_and_cuts_at_the_first_stop():
+    """Random pieces over a small alphabet against stop strings made of it: what the matcher releases is always a
+    prefix of the text up to the first stop string (the joined pieces searched whole), it holds back fewer characters
+    than the longest stop string, and released + flushed is exactly that text."""
+    import random
+
+    rng = random.Random(1)
+    for trial in range(300):
+        stops = ["".join(rng.choice("abc\n") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(0, 3))]
+        pieces = ["".join(rng.choice("abcd\n") for _ in range(rng.randint(0, 3))) for _ in range(30)]
+        matcher, released, stopped = StopStringMatcher(stops), "", False
+        for piece in pieces:
+            out, stopped = matcher.add(piece)
+            released += out
+            if stopped:
+                break
+            assert matcher.text.startswith(released) and len(matcher.text) - len(released) < max(1, matcher.longest)
+        released += matcher.flush()
+        full = "".join(pieces)
+        cut = min((p for s in stops if (p := full.find(s)) >= 0), default=-1)
+        expected = full[:cut] if cut >= 0 else full
+        assert released == expected == matcher.text and stopped == (cut >= 0), (trial, stops, pieces)
 
 
 def test_each_row_is_filtered_and_drawn_as_it_is_alone():

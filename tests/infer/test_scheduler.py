@@ -227,6 +227,33 @@ def test_requests_not_streamed_get_the_streamed_ones_results_and_make_no_events(
     assert cancelled.result().finish_reason == "cancelled" and cancelled.pending_events() == 0
 
 
+def test_requests_not_streamed_without_stop_strings_decode_their_text_once(tokenizer):
+    """An unstreamed request without stop strings makes no text per token (no detokenizer on its row): its text,
+    decoded once at the end, equals a streamed request's joined pieces, for finished and cancelled requests."""
+    model = tiny_model("eg-mla", seed=7)
+    engine = GenerationEngine(model, tokenizer, decode_path="naive")
+    prompts = ["To be, or not", "Café naïve", "the slings and arrows"]
+    scheduler = Scheduler(engine, max_batch=6)
+    streamed = [scheduler.submit(p, max_new_tokens=10) for p in prompts]
+    quiet = [scheduler.submit(p, max_new_tokens=10, stream=False) for p in prompts]
+    rows = [r for r in scheduler._waiting]
+    assert [r.sequence.detokenizer is None for r in rows] == [False] * 3 + [True] * 3
+    while scheduler.step():
+        pass
+    for loud, silent in zip(streamed, quiet):
+        assert silent.result().token_ids == loud.result().token_ids
+        assert silent.result().text == loud.result().text == "".join(e.text for e in loud.events())
+        assert silent.result().text == tokenizer.decode(silent.result().token_ids)
+    cancelled = scheduler.submit(prompts[0], max_new_tokens=10, stream=False)
+    scheduler.step()
+    scheduler.step()
+    cancelled.cancel()
+    while scheduler.step():
+        pass
+    result = cancelled.result()
+    assert result.finish_reason == "cancelled" and result.text == tokenizer.decode(result.token_ids)
+
+
 def test_cancelled_requests_free_their_rows_and_leave_the_others_alone():
     model = tiny_model("mla", seed=8)
     engine = GenerationEngine(model, decode_path="naive")
