@@ -303,7 +303,9 @@ class GenerationEngine:
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to see text: pass GenerationEngine(model, tokenizer=...)")
         prompt_ids = [self.encode(p, i) for i, p in enumerate(prompts)]
-        sequences = [_Sequence(i, ids, self.tokenizer, list(stop_strings)) for i, ids in enumerate(prompt_ids)]
+        # text per token only for a caller that reads it (on_token) or stop strings that watch it
+        sequences = [_Sequence(i, ids, self.tokenizer, list(stop_strings), text_per_token=on_token is not None)
+                     for i, ids in enumerate(prompt_ids)]
         # The longest any sequence can get: its prompt plus all new tokens but the last (never fed back).
         cache_len = min(self.config.max_seq_len, max(len(ids) + max_new_tokens - 1 for ids in prompt_ids))
         # the model's device made current: graph capture, Triton launches and stream events use the current one

@@ -196,6 +196,8 @@ def test_streaming_events_rebuild_the_text_and_stop_strings_cut(tokenizer):
         assert [e.token_id for e in mine] == result.token_ids
         assert "".join(e.text for e in mine) == result.text == tokenizer.decode(result.token_ids)
         assert mine[-1].finish_reason == "length" and all(e.finish_reason is None for e in mine[:-1])
+    # without on_token the text is decoded once at the end: the same text as the streamed pieces
+    assert [r.text for r in plain] == [r.text for r in streamed] and all(r.text for r in plain)
     text = plain[0].text
     stop = text[len(text) // 2: len(text) // 2 + 2]
     assert stop.strip()
