@@ -72,7 +72,9 @@ GROUPS = {
 # identity start: the table on V alone (egmla-kv64-bias-v), beside the same-table control; last, the third seed of
 # that pair (added 2026-12-06: `--only egmla-kv64-bias-v,egmla-kv64-bias --seeds 2` trained nothing before), then
 # `add` at seed 2, beside EG-MLA kv64 seed 2 on the same corpus (the H100 image's corpus holds that pair's seed 2),
-# and the identity start's seed 2 on that corpus (against `add` and a third seed against EG-MLA kv64).
+# and the identity start's seed 2 on that corpus (against `add` and a third seed against EG-MLA kv64); last, MHA
+# seed 2 (added 2026-12-06 like the rest: MLA kv256 and MHA at seed 2 on that corpus give the first two claims a
+# third seed; MLA kv256 seed 2 was already in the plan).
 PLANS = {
     "longer": [("egmla-kv64", 0), ("mla-kv256", 0), ("egmla-kv64-bias", 0), ("mha", 0),
                ("egmla-kv64", 1), ("mla-kv256", 1), ("egmla-kv64-bias", 1), ("mha", 1),
@@ -80,7 +82,7 @@ PLANS = {
                ("egmla-kv64-bias-v", 0), ("egmla-kv64-bias-v", 1),
                ("egmla-kv64-add", 0), ("egmla-kv64", 2), ("mla-kv256", 2), ("egmla-kv64-add", 1),
                ("egmla-kv64-bias-v", 2), ("egmla-kv64-bias", 2), ("egmla-kv64-add", 2),
-               ("egmla-kv64-identity", 2)],
+               ("egmla-kv64-identity", 2), ("mha", 2)],
 }
 # Settings of every run of a group, before the scale's and --set. `longer` holds out whole files, reads the
 # whole installation (the H200 image has ~397 MB of .py: 600 MB is no cap there, the old 300 MB was) and
