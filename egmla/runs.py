@@ -163,6 +163,9 @@ def verify_checkpoint(folder: str | Path, required: tuple[str, ...] = (WEIGHTS,)
     `required` files must be among them: nothing is read unverified."""
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
+        if not any(folder.glob("*.safetensors")):
+            return ("not a checkpoint: no manifest.json and no weights; give a run's checkpoints/step_N folder "
+                    "(or leave --checkpoint out for the run's latest good one)")
         return "no manifest.json (the write did not finish)"
     files = read_manifest(folder)
     if files is None:

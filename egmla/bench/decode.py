@@ -17,6 +17,8 @@ import argparse
 import statistics
 import time
 
+from egmla.configfile import int_list
+
 HBM_GBS, PEAK_TFLOPS = 3000.0, 782.0  # docs/design.md §4: measured on the lent H100 (copy, 8192^3 bf16 matmul)
 DEFAULT_VARIANTS = "mha,gqa4,mla-kv64,mla-kv256,egmla-kv64"
 
@@ -141,9 +143,7 @@ def resolve(args):
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = names[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     batches, contexts = ([32], [4096]) if args.quick else (
-        [int(b) for b in args.batch.split(",")], [int(t) for t in args.context.split(",")])
-    if min(batches) < 1 or min(contexts) < 1:
-        raise ValueError(f"--batch {args.batch} / --context {args.context}: sizes must be positive integers")
+        int_list(args.batch, "--batch"), int_list(args.context, "--context", example="512,4096"))
     return device, dtype, batches, contexts
 
 

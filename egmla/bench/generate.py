@@ -188,7 +188,7 @@ def main(args) -> int:
     from egmla.attention import decode_paths, fastest_decode_path
     from egmla.bench.ab import code_identity
     from egmla.config import preset
-    from egmla.configfile import parse_overrides
+    from egmla.configfile import int_list, parse_overrides
     from egmla.infer.cli import resolve_device_dtype
     from egmla.runs import atomic_write_json
     from egmla.variants import select, variant_config
@@ -206,7 +206,7 @@ def main(args) -> int:
             return write_table(ab_table(parse_labelled(args.report)), args.markdown)
         return report(args.report, args.markdown, args.plot)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    batch_sizes = int_list(args.batch_sizes, "--batch-sizes", example="1,32,128")
     if min(batch_sizes) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1:
         raise ValueError("--batch-sizes, --prompt-len, --repeats must be >= 1 and --new-tokens >= 2")
     if (args.fill_memory is None) != (args.context is None):

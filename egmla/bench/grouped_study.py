@@ -21,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+from egmla.configfile import int_list
+
 STUDIED = ("mha", "mla-kv64", "egmla-kv64")  # egmla.variants names: the baseline, MLA, EG-MLA
 CONTROL = "egmla-kv64-bias"  # issue 18's same-table control: its 'absorbed' decode also depends on the ids
 # Launch settings of the grouped kernels timed beside the defaults: the up-projection summing W^V_h s per row (the
@@ -311,8 +313,8 @@ def run(args) -> list[dict]:
                          f"--device cpu with TRITON_INTERPRET=1 and --preset tiny (a smoke test, small --batch and "
                          f"--context)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    batches = [int(b) for b in args.batch.split(",")]
-    contexts = [int(t) for t in args.context.split(",")]
+    batches = int_list(args.batch, "--batch")
+    contexts = int_list(args.context, "--context", example="512,4096")
     texts = [t.strip() for t in args.text.split(",")]
     base = preset(args.preset, attention="mha")
     ids = token_ids(args, texts, max(batches), max(contexts), base.vocab_size)

@@ -50,6 +50,16 @@ def test_incomplete_checkpoint_without_manifest_is_skipped(tmp_path):
     assert folder.name == "step_00000010"
 
 
+def test_a_folder_that_is_no_checkpoint_says_so_not_that_a_write_failed(tmp_path):
+    config = small_config(attention="mha")
+    _write_run(tmp_path, config, Transformer(config))
+    unfinished = tmp_path / "checkpoints" / "step_00000020"
+    (unfinished / "manifest.json").unlink()
+    assert runs.verify_checkpoint(unfinished) == "no manifest.json (the write did not finish)"
+    problem = runs.verify_checkpoint(tmp_path)  # the run folder itself, given where a checkpoint belongs
+    assert problem.startswith("not a checkpoint: no manifest.json and no weights") and "checkpoints/step_N" in problem
+
+
 @pytest.mark.parametrize("text,message", [("{", "config.json is not valid JSON"),
                                           ("[1]", "config.json holds a JSON list, not the object")])
 def test_corrupt_config_json_names_the_file_and_the_fix(tmp_path, text, message):
