@@ -44,3 +44,13 @@ def paired_t_test(differences: list[float]) -> dict:
         t = (math.copysign(math.inf, mean) if mean else 0.0) if sd == 0 else mean / (sd / math.sqrt(n))
         result.update(sd=sd, t=t, p=(0.0 if mean else 1.0) if sd == 0 else t_two_sided_p(t, n - 1))
     return result
+
+
+def runs_apart(a: list[float], b: list[float]) -> str:
+    """Whether two labels' runs of an A/B are separated: "yes" where every run of one lies beyond every run of the
+    other, "no" where their ranges overlap (the ratio of medians is then within the runs' own spread), "1 run" where
+    a side has a single run (nothing to say). With two or three runs a side this is the least a reader should ask of a
+    ratio before believing it; it is no significance test."""
+    if len(a) < 2 or len(b) < 2:
+        return "1 run"
+    return "yes" if max(a) < min(b) or max(b) < min(a) else "no"

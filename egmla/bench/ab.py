@@ -18,6 +18,8 @@ import os
 import statistics
 from pathlib import Path
 
+from egmla.stats import runs_apart
+
 
 def code_identity() -> dict:
     """Which code a benchmark process ran: the imported egmla package's folder, a SHA-256 over its Python sources
@@ -90,17 +92,19 @@ def ab_table(runs: dict[str, list[dict]]) -> str:
     first = next(iter(runs.values()))[0]
     lines = [f"A/B of code versions on {first['device']}, {first['dtype']}: {first['source']}; prompts of "
              f"{first['prompt_len']} tokens, {first['new_tokens']} new; step ms (CUDA-graph replay) of each run in the "
-             f"order run, then the median; ratio = a label's median over `{labels[0]}`'s (< 1: faster). Code: "
+             f"order run, then the median; ratio = a label's median over `{labels[0]}`'s (< 1: faster); apart = "
+             f"every run of one label beyond every run of `{labels[0]}` (no: the ratio is within the runs' spread). "
+             f"Code: "
              + "; ".join(f"`{label}` {_code_note(metas)}" for label, metas in runs.items()) + ".", "",
              "| variant | path | batch | " + " | ".join(f"{label} step ms" for label in labels) + " | "
-             + " | ".join(f"{label} ÷ {labels[0]}" for label in labels[1:]) + " |",
-             "|---|---|---:|" + "---|" * len(labels) + "---:|" * (len(labels) - 1)]
+             + " | ".join(f"{label} ÷ {labels[0]} | apart" for label in labels[1:]) + " |",
+             "|---|---|---:|" + "---|" * len(labels) + "---:|---|" * (len(labels) - 1)]
     for (variant, path, batch), by_label in sorted(steps.items()):
         medians = {label: statistics.median(xs) for label, xs in by_label.items()}
         cells = [" ".join(f"{x:.3f}" for x in by_label[label]) + f" (**{medians[label]:.3f}**)"
                  if label in by_label else "-" for label in labels]
-        ratios = [f"{medians[label] / medians[labels[0]]:.3f}" if label in medians and labels[0] in medians else "-"
-                  for label in labels[1:]]
+        ratios = [f"{medians[label] / medians[labels[0]]:.3f} | {runs_apart(by_label[label], by_label[labels[0]])}"
+                  if label in medians and labels[0] in medians else "- | -" for label in labels[1:]]
         lines.append(f"| {variant} | {path} | {batch} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     return "\n".join(lines + _profile_lines(runs)) + "\n"
 

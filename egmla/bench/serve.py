@@ -138,7 +138,8 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
     # mid-run: tens of milliseconds each; which buckets a run meets depends on the threads' timing)
     scheduler.step()
     scheduler.capture_graphs()
-    busy_before = scheduler.stats.busy_seconds  # the warm-up step's
+    busy_before = scheduler.stats.busy_seconds  # the warm-up step's busy time and phases
+    host_before = dict(scheduler.stats.host_seconds)
     start = time.perf_counter()
     burst = next((i for i, request in enumerate(requests) if request.arrival > 0), len(requests))
     # the requests arriving at once are queued before the thread starts (else its first iterations would see
@@ -163,8 +164,10 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
                    compactions=stats.compactions, rows_moved=stats.rows_moved,
                    prefills_shared=stats.prefills_shared, prefix_hits=stats.prefix_hits,
                    prefix_tokens_reused=stats.prefix_tokens_reused,
+                   busy_seconds=stats.busy_seconds - busy_before,
                    busy_fraction=(stats.busy_seconds - busy_before) / span,
-                   host_seconds={phase: round(seconds, 6) for phase, seconds in stats.host_seconds.items()})
+                   host_seconds={phase: round(seconds - host_before.get(phase, 0.0), 6)
+                                 for phase, seconds in stats.host_seconds.items()})
     # arrivals as scheduled, as the other systems count them (submitting lags them by well under a millisecond)
     return [Timing(request.arrival, h.times.first_token - start, h.times.finished - start, len(r.token_ids))
             for request, h, r in zip(requests, handles, results)]
@@ -284,6 +287,8 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
     at a time, and not none); the rows matched by (variant, system, admit batch, prefill graphs, rate)."""
     import statistics
 
+    from egmla.stats import runs_apart
+
     labels = list(dict.fromkeys(label for label, _ in runs))
     if len(labels) < 2:
         raise ValueError(f"--ab: at least two labels, got {labels}")
@@ -343,9 +348,10 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
         f"{label}: {'yes' if next(iter(values[name][label])) else 'no'}" for label in labels)
         for name in sorted(varied))
     lines = [f"A/B on {device}: {requests} requests, prompts ≤ {prompt_len}, outputs ≤ {output_len}, max batch "
-             f"{max_batch}{modes}; output tokens/s per run (rounds in file order), medians, and {last} / {first}.",
-             "", "| variant | system | rate | " + " | ".join(labels) + f" | {last} / {first} |",
-             "|---|---|---|" + "---|" * len(labels) + "---:|"]
+             f"{max_batch}{modes}; output tokens/s per run (rounds in file order), medians, and {last} / {first}; "
+             f"apart = every run of one beyond every run of the other (no: the ratio is within the runs' spread).",
+             "", "| variant | system | rate | " + " | ".join(labels) + f" | {last} / {first} | apart |",
+             "|---|---|---|" + "---|" * len(labels) + "---:|---|"]
     median = statistics.median
     for key in sorted(tokens, key=str):
         variant, system, admit, graphs, rate, offloaded = key
@@ -353,8 +359,9 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
             ", gate tables offloaded" if offloaded else "")
         cells = [", ".join(f"{v:,.0f}" for v in tokens[key].get(label, [])) + (
             f" (**{median(tokens[key][label]):,.0f}**)" if tokens[key].get(label) else "-") for label in labels]
-        ratio = (f"{median(tokens[key][last]) / median(tokens[key][first]):.2f}×"
-                 if tokens[key].get(first) and tokens[key].get(last) else "-")
+        ratio = (f"{median(tokens[key][last]) / median(tokens[key][first]):.2f}× | "
+                 f"{runs_apart(tokens[key][last], tokens[key][first])}"
+                 if tokens[key].get(first) and tokens[key].get(last) else "- | -")
         lines.append(f"| {variant} | {name} | {rate} | " + " | ".join(cells) + f" | {ratio} |")
     if host:
         phases = sorted({p for per in host.values() for phases in per.values() for p in phases})

@@ -155,8 +155,9 @@ def test_ab_report_gives_each_labels_runs_median_and_ratio(tmp_path):
              f"old={run_file('o3', {1: 2.4}, code='a' * 64)}"]
     assert run("generate", ["--ab", "--report", *files, "--markdown", str(tmp_path / "ab.md")]) == 0
     lines = [line for line in (tmp_path / "ab.md").read_text().splitlines() if line.startswith("| EG-MLA")]
-    assert lines == ["| EG-MLA kv64 | auto | 1 | 2.000 2.200 2.400 (**2.200**) | 1.000 1.200 (**1.100**) | 0.500 |",
-                     "| EG-MLA kv64 | auto | 32 | 3.000 3.000 (**3.000**) | 3.300 (**3.300**) | 1.100 |"]
+    # apart: every run of `new` beyond every run of `old` at batch 1; one run of `new` at batch 32
+    assert lines == ["| EG-MLA kv64 | auto | 1 | 2.000 2.200 2.400 (**2.200**) | 1.000 1.200 (**1.100**) | 0.500 | yes |",
+                     "| EG-MLA kv64 | auto | 32 | 3.000 3.000 (**3.000**) | 3.300 (**3.300**) | 1.100 | 1 run |"]
     with pytest.raises(ValueError, match="LABEL=JSON"):
         run("generate", ["--ab", "--report", run_file("bare", {1: 1.0})])
     assert "`old` sources aaaaaaaaaaaa; `new` sources bbbbbbbbbbbb" in (tmp_path / "ab.md").read_text()
