@@ -97,6 +97,44 @@ def test_stop_matcher_on_random_text_releases_a_prefix_and_cuts_at_the_first_sto
         assert released == expected == matcher.text and stopped == (cut >= 0), (trial, stops, pieces)
 
 
+def test_a_sequences_text_is_the_same_streamed_or_decoded_once_special_tokens_and_cut_characters_included(tokenizer):
+    """`_Sequence` as the scheduler feeds it, on ids thick with <|endoftext|> (id 0: no text) and with bytes that split
+    characters, ending by length or at eos 0: a streamed sequence's pieces (DecodeStream) join to its text, which is an
+    unstreamed one's (decoded once at its end) and the one-shot decode; a stop string taken from that text cuts it
+    before its first occurrence, streamed or not, and no piece of it is streamed."""
+    import random
+
+    from egmla.infer.engine import _Sequence
+
+    rng = random.Random(2)
+    known = tokenizer.encode("Café naïve — 日本語 🙂 aa\n\n").ids
+
+    def run(ids, eos, stream, stops=()):
+        sequence, pieces = _Sequence(0, [1], tokenizer, list(stops), text_per_token=stream), []
+        for token_id in ids:
+            pieces.append(sequence.add(token_id, eos, len(ids), 10**6))
+            if sequence.result.finish_reason is not None:
+                return sequence.result, "".join(pieces)
+
+    for trial in range(300):
+        ids = [0 if rng.random() < 0.3 else rng.choice(known) if rng.random() < 0.5
+               else rng.randrange(tokenizer.get_vocab_size()) for _ in range(rng.randint(1, 16))]
+        eos = rng.choice([None, 0])
+        streamed, joined = run(ids, eos, True)
+        quiet, nothing = run(ids, eos, False)
+        assert joined == streamed.text == quiet.text == tokenizer.decode(streamed.token_ids) and nothing == "", trial
+        assert (quiet.token_ids, quiet.finish_reason) == (streamed.token_ids, streamed.finish_reason), trial
+        text = streamed.text
+        starts = [k for k in range(len(text)) if "\ufffd" not in text[k:k + 3]]
+        if starts:
+            start = rng.choice(starts)
+            stop = text[start:start + rng.randint(1, 3)]
+            for stream in (True, False):
+                result, joined = run(ids, eos, stream, [stop, "never said"])
+                assert (result.text, result.finish_reason) == (text[:text.index(stop)], "stop"), (trial, stop)
+                assert joined == result.text, (trial, stop)  # stop strings watch the text per token either way
+
+
 def test_each_row_is_filtered_and_drawn_as_it_is_alone():
     """sample_rows: a batch of mixed settings (greedy, temperature, top-k on and off, k past the vocabulary, top-p on
     and off, seeded and not) filtered in one pass: every row's filter equals filter_logits of that row alone, every
