@@ -115,11 +115,13 @@ class _Sequence:
         """Append one generated token: the text it completes, result.finish_reason set if it ends the sequence."""
         result = self.result
         result.token_ids.append(token_id)
-        text, stopped = self._text_of(token_id)
-        if stopped:
-            result.finish_reason = "stop"
-        elif token_id == eos_token_id:
+        # the eos token ends the text without adding its own (as vLLM and OpenAI leave a stop token's text out:
+        # <|endoftext|> decodes to nothing anyway, an ordinary token named by --eos-token would not)
+        text, stopped = ("", False) if token_id == eos_token_id else self._text_of(token_id)
+        if token_id == eos_token_id:
             result.finish_reason = "eos"
+        elif stopped:
+            result.finish_reason = "stop"
         elif (len(result.token_ids) >= max_new_tokens
               or len(result.prompt_ids) + len(result.token_ids) - 1 >= cache_len):  # no room to feed it
             result.finish_reason = "length"
@@ -128,14 +130,16 @@ class _Sequence:
         return text
 
     def text_so_far(self) -> str | None:
-        """The text of the tokens so far (a request cut short, e.g. cancelled); None without a tokenizer."""
+        """The text of the tokens so far (a request cut short, e.g. cancelled: no stop string or eos was met, so it
+        is every token's text, an unfinished last character included, streamed or not); None without a tokenizer."""
         if self.tokenizer is None:
             return None
-        return self.stops.text if self.detokenizer is not None else self.tokenizer.decode(self.result.token_ids)
+        return self.tokenizer.decode(self.result.token_ids)
 
     def _decode_all(self) -> str:
         """The result's text in one decode (no text per token was made); nothing to return per token."""
-        self.result.text = self.tokenizer.decode(self.result.token_ids)
+        ids = self.result.token_ids
+        self.result.text = self.tokenizer.decode(ids[:-1] if self.result.finish_reason == "eos" else ids)
         return ""
 
     def _text_of(self, token_id: int) -> tuple[str, bool]:

@@ -99,9 +99,10 @@ def test_stop_matcher_on_random_text_releases_a_prefix_and_cuts_at_the_first_sto
 
 def test_a_sequences_text_is_the_same_streamed_or_decoded_once_special_tokens_and_cut_characters_included(tokenizer):
     """`_Sequence` as the scheduler feeds it, on ids thick with <|endoftext|> (id 0: no text) and with bytes that split
-    characters, ending by length or at eos 0: a streamed sequence's pieces (DecodeStream) join to its text, which is an
-    unstreamed one's (decoded once at its end) and the one-shot decode; a stop string taken from that text cuts it
-    before its first occurrence, streamed or not, and no piece of it is streamed."""
+    characters, ending by length, at eos 0 or at an ordinary token named as eos: a streamed sequence's pieces
+    (DecodeStream) join to its text, which is an unstreamed one's (decoded once at its end) and the one-shot decode of
+    its tokens less the eos (whose text is left out, as vLLM does); a stop string taken from that text cuts it before
+    its first occurrence, streamed or not, and no piece of it is streamed."""
     import random
 
     from egmla.infer.engine import _Sequence
@@ -119,11 +120,18 @@ def test_a_sequences_text_is_the_same_streamed_or_decoded_once_special_tokens_an
     for trial in range(300):
         ids = [0 if rng.random() < 0.3 else rng.choice(known) if rng.random() < 0.5
                else rng.randrange(tokenizer.get_vocab_size()) for _ in range(rng.randint(1, 16))]
-        eos = rng.choice([None, 0])
+        eos = rng.choice([None, 0, rng.choice(known)])
         streamed, joined = run(ids, eos, True)
         quiet, nothing = run(ids, eos, False)
-        assert joined == streamed.text == quiet.text == tokenizer.decode(streamed.token_ids) and nothing == "", trial
+        texted = streamed.token_ids[:-1] if streamed.finish_reason == "eos" else streamed.token_ids
+        assert joined == streamed.text == quiet.text == tokenizer.decode(texted) and nothing == "", trial
         assert (quiet.token_ids, quiet.finish_reason) == (streamed.token_ids, streamed.finish_reason), trial
+        cut = rng.randint(0, len(ids))  # a request cancelled after `cut` tokens: the same text either way
+        cancelled = [_Sequence(0, [1], tokenizer, [], text_per_token=stream) for stream in (True, False)]
+        for sequence in cancelled:
+            for token_id in ids[:cut]:
+                sequence.add(token_id, None, 10**6, 10**6)
+        assert cancelled[0].text_so_far() == cancelled[1].text_so_far() == tokenizer.decode(ids[:cut]), trial
         text = streamed.text
         starts = [k for k in range(len(text)) if "\ufffd" not in text[k:k + 3]]
         if starts:
