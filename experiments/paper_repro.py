@@ -11,7 +11,7 @@ Groups (configs/ holds every config; all runs of a group share data order, seed 
              at 1; egmla-kv64-bias-v: the table on V alone) and `add`, on whole files held out
              (data.split = "document"); PLANS gives the seeds and order
 
-    python experiments/paper_repro.py table1 --steps 800            # on the lent H100
+    python experiments/paper_repro.py table1 --steps 800            # on one H100
     python experiments/paper_repro.py table1 --only mha,mla-kv256   # part of a group (calls are <= 10 min)
     python experiments/paper_repro.py table1 --scale cpu-pilot      # tiny shapes on a 2-core CPU (~3-4 min a run)
     python experiments/paper_repro.py latent --scale cpu-pilot --steps 4   # CPU smoke test
@@ -244,7 +244,7 @@ def runs_of(args) -> list[tuple[str, object]]:
 
 def file_stem(args, label: str) -> str:
     """The --out file a run's record goes to: the group's (GROUP.json), a part of it (GROUP.part-NAME_NAME.json,
-    with --only: names the device tool brings back), or for a group of PLANS its own (GROUP.part-RUN.json, so
+    with --only: names that tell the parts apart when several calls write them), or for a group of PLANS its own (GROUP.part-RUN.json, so
     that processes sharing the plan never write one file). experiments/report.py merges the parts."""
     if args.group in PLANS:
         return f"{args.group}.part-{label}"

@@ -19,7 +19,7 @@ import time
 
 from egmla.configfile import int_list
 
-HBM_GBS, PEAK_TFLOPS = 3000.0, 782.0  # docs/design.md §4: measured on the lent H100 (copy, 8192^3 bf16 matmul)
+HBM_GBS, PEAK_TFLOPS = 3000.0, 782.0  # docs/design.md §4: measured on an H100 80GB HBM3 (copy, 8192^3 bf16 matmul)
 DEFAULT_VARIANTS = "mha,gqa4,mla-kv64,mla-kv256,egmla-kv64"
 
 
