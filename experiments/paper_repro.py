@@ -244,8 +244,9 @@ def runs_of(args) -> list[tuple[str, object]]:
 
 def file_stem(args, label: str) -> str:
     """The --out file a run's record goes to: the group's (GROUP.json), a part of it (GROUP.part-NAME_NAME.json,
-    with --only: names that tell the parts apart when several calls write them), or for a group of PLANS its own (GROUP.part-RUN.json, so
-    that processes sharing the plan never write one file). experiments/report.py merges the parts."""
+    with --only: names that tell the parts apart when several calls write them), or for a group of PLANS its own
+    (GROUP.part-RUN.json, so that processes sharing the plan never write one file). experiments/report.py merges
+    the parts."""
     if args.group in PLANS:
         return f"{args.group}.part-{label}"
     names = [n for n in GROUPS[args.group] if n in args.only.split(",")] if args.only else []
