@@ -10,6 +10,11 @@ Reads the group files of result folders (default: BUDGET_FOLDERS, those that exi
                      (per seed, mean, sd, paired t-test) at every budget
 --results-md rewrites the block between BEGIN and END in that file with claims.md and the plot. Every number
 comes from the records; a comparison without them says "not yet run".
+
+    python experiments/claims.py --missing 3
+
+prints, for each corpus the records read, the runs that would give every claim three paired seeds there (runs pair
+only on one corpus), fewest first, with a paper_repro.py command each.
 """
 from __future__ import annotations
 
@@ -222,6 +227,66 @@ def report(runs: dict[Budget, dict], plot_path: str | None = None) -> str:
     return text
 
 
+# ---- what is left to run ------------------------------------------------------------------------------------
+def corpus_label(corpus: dict) -> str:
+    return corpus.get("corpus_id") or (f"{corpus['train_split_tokens']:,} training tokens"
+                                       if "train_split_tokens" in corpus else "unrecorded")
+
+
+def missing_runs(runs: dict[Budget, dict], seeds: int) -> list[tuple[dict, list[tuple[str, int]], dict]]:
+    """For every corpus that runs of the claims' budget read: (corpus, the runs (config, seed) to train on it so that
+    every claim has `seeds` paired seeds, {claim text: seeds it gains}), fewest runs first. A claim's new seeds are the
+    lowest it has no pair for yet (on any corpus); both of their runs must read one corpus."""
+    budget = max((b for b in runs if b.tokens >= ISSUE_TOKENS), key=lambda b: len(runs[b]), default=None)
+    if budget is None:
+        return []
+    found = runs[budget]
+    corpora: list[dict] = []  # one entry per corpus, the record that says most about it (older ones lack the id)
+    for listed in found.values():
+        for run in listed:
+            same = [i for i, c in enumerate(corpora) if same_corpus(run.corpus, c)]
+            if not same:
+                corpora.append(run.corpus)
+            elif len(run.corpus) > len(corpora[same[0]]):
+                corpora[same[0]] = run.corpus
+    plans = []
+    for corpus in corpora:
+        needed, gains = [], {}
+        for claim in CLAIMS:
+            have = set(paired(found, claim.a, claim.b))
+            new = [seed for seed in range(seeds + len(have)) if seed not in have][:max(0, seeds - len(have))]
+            for seed in new:
+                for config in (claim.a, claim.b):
+                    there = any(same_corpus(r.corpus, corpus) for r in found.get((config, seed), []))
+                    if not there and (config, seed) not in needed:
+                        needed.append((config, seed))
+            if new:
+                gains[claim.text] = new
+        plans.append((corpus, sorted(needed, key=lambda run: (run[1], run[0])), gains))
+    return sorted(plans, key=lambda plan: len(plan[1]))
+
+
+def missing_text(runs: dict[Budget, dict], seeds: int) -> str:
+    plans = missing_runs(runs, seeds)
+    if not plans:
+        return "no record at the claims' budget yet: every claim needs its runs (paper_repro.py longer)"
+    lines = [f"To give every claim {seeds} paired seeds, train on one corpus (runs pair only on the corpus they read; "
+             f"the python-source corpus is the training machine's installed files):"]
+    for corpus, needed, gains in plans:
+        lines.append(f"- corpus {corpus_label(corpus)}: {len(needed)} run{'s' if len(needed) != 1 else ''}"
+                     + (": " + ", ".join(f"{config} seed {seed}" for config, seed in needed) if needed else ""))
+    corpus, needed, gains = plans[0]
+    if needed:
+        lines.append(f"Fewest runs: corpus {corpus_label(corpus)}, if a machine still builds it (paper_repro.py "
+                     f"names the corpus it reads when a run is recorded on another). Claims and the seeds they gain:")
+        lines += [f"  - {claim}: seed {', '.join(map(str, new))}" for claim, new in gains.items()]
+        lines.append("One command per run (it retrains a config and seed recorded on another corpus as "
+                     "RUN-c<corpus id>):")
+        lines += [f"  python3 experiments/paper_repro.py longer --only {config} --seeds {seed} --retrain-other-corpora "
+                  f"--records experiments/results/longer-budget" for config, seed in needed]
+    return "\n".join(lines)
+
+
 # ---- the plot ----------------------------------------------------------------------------------------------
 def gap_curves(runs: dict[tuple[str, int], Run], a: str, b: str) -> dict[int, list[tuple[float, float]]]:
     """{seed: [(tokens, loss(a) - loss(b))]} at the evaluations both runs made."""
@@ -288,8 +353,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="result folders of group files (default: the paper-base budgets in experiments/results)")
     parser.add_argument("--plots", type=Path, help="write claims.md and gap-vs-tokens.png here")
     parser.add_argument("--results-md", type=Path, help="rewrite the claims block of this file (docs/RESULTS.md)")
+    parser.add_argument("--missing", type=int, metavar="SEEDS",
+                        help="print nothing else: for each corpus the records read, the runs (config, seed) that would "
+                             "give every claim this many paired seeds there, fewest first, with their commands")
     args = parser.parse_args(argv)
     runs = load_runs(args.folders)
+    if args.missing is not None:
+        if args.missing < 1:
+            parser.error(f"--missing {args.missing}: give the number of paired seeds each claim should have, >= 1")
+        print(missing_text(runs, args.missing))
+        return 0
     plot_path = None
     if args.plots:
         args.plots.mkdir(parents=True, exist_ok=True)

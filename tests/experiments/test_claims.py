@@ -234,3 +234,31 @@ def test_a_claim_whose_sides_ran_other_seeds_says_so():
         f"no seed run by both yet ({claim.a}: seed 0, 1; {claim.b}: seed 2)")
     assert claims.verdict(claim, {}, [], ([0], [])) == "not yet run"
     assert claims.verdict(claim, {}, [3], ([3], [3])) == "no pair on one corpus yet"
+
+
+def test_missing_runs_name_per_corpus_what_gives_every_claim_its_seeds(tmp_path, capsys):
+    """--missing N: on each corpus the records read, the (config, seed) runs still to train so that every claim has N
+    paired seeds (new seeds: the lowest without a pair; a corpus that already holds a side is not asked for it),
+    fewest runs first, with a command each. Older records (tokens only) and newer ones (with an id) of one corpus are
+    one corpus."""
+    old = {"train_split_tokens": 10, "val_split_tokens": 1}
+    new = {"train_split_tokens": 20, "val_split_tokens": 2, "corpus_id": "feedc0ffee00"}
+    folder = tmp_path / "longer"
+    for config in {c for claim in claims.CLAIMS for c in (claim.a, claim.b)}:  # seed 0 of every config, old corpus
+        write_run(folder, "longer", config, 0, 1.5, LONG, "document", corpus=old)
+    write_run(folder, "longer", "egmla-kv64", 1, 1.5, LONG, "document", corpus={**old, "corpus_id": "0ld0ld0ld0ld"})
+    for config in ("mla-kv256", "egmla-kv64-add"):
+        write_run(folder, "longer", config, 1, 1.4, LONG, "document", corpus=new)
+    runs = claims.load_runs([folder])
+    plans = claims.missing_runs(runs, 2)
+    assert [claims.corpus_label(corpus) for corpus, _, _ in plans] == ["feedc0ffee00", "0ld0ld0ld0ld"]  # 5 runs, 6
+    configs = sorted({c for claim in claims.CLAIMS for c in (claim.a, claim.b)})
+    corpus, needed, gains = plans[0]
+    assert needed == [(c, 1) for c in configs if c not in ("mla-kv256", "egmla-kv64-add")]  # those are there
+    assert set(gains) == {claim.text for claim in claims.CLAIMS} and all(s == [1] for s in gains.values())
+    assert plans[1][1] == [(c, 1) for c in configs if c != "egmla-kv64"]  # egmla-kv64 seed 1 is on that corpus
+    assert all(needed == [] for _, needed, _ in claims.missing_runs(runs, 1))  # every claim has its one seed
+    assert claims.main([str(folder), "--missing", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "- corpus feedc0ffee00: 5 runs: " in out and "- corpus 0ld0ld0ld0ld: 6 runs: " in out
+    assert "paper_repro.py longer --only egmla-kv64 --seeds 1 --retrain-other-corpora" in out
