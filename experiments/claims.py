@@ -102,6 +102,9 @@ class Run:
     curve: dict[int, float]  # step -> validation loss
     tokens_per_step: int
     corpus: dict  # what identifies its data (paper_repro.corpus_fields): runs pair only on the same corpus
+    tokens: int = 0
+    tokens_per_s: float | None = None  # the training speed the record measured, and where
+    device: str | None = None
 
 
 def load_runs(folders: list[Path]) -> dict[Budget, dict[tuple[str, int], list[Run]]]:
@@ -116,7 +119,8 @@ def load_runs(folders: list[Path]) -> dict[Budget, dict[tuple[str, int], list[Ru
                 if row.get("final_val_loss") is None or not math.isfinite(row["final_val_loss"]):
                     continue  # not finished, or diverged: never a side of a pair
                 curve = {m["step"]: m["val_loss"] for m in group["metrics"][row["name"]] if m.get("kind") == "val"}
-                run = Run(row["final_val_loss"], curve, row["tokens"] // max(curve), corpus_fields(row))
+                run = Run(row["final_val_loss"], curve, row["tokens"] // max(curve), corpus_fields(row), row["tokens"],
+                          row.get("tokens_per_s"), row.get("device"))
                 found = runs.setdefault(Budget(row["tokens"], row.get("split", "chunk")), {}).setdefault(
                     (config_of(row), row.get("seed", 0)), [])
                 if not any(r.corpus == run.corpus and r.loss == run.loss for r in found):
@@ -284,7 +288,28 @@ def missing_text(runs: dict[Budget, dict], seeds: int) -> str:
                      "RUN-c<corpus id>):")
         lines += [f"  python3 experiments/paper_repro.py longer --only {config} --seeds {seed} --retrain-other-corpora "
                   f"--records experiments/results/longer-budget" for config, seed in needed]
+        lines += step_minutes(runs, needed)
     return "\n".join(lines)
+
+
+def step_minutes(runs: dict[Budget, dict], needed: list[tuple[str, int]]) -> list[str]:
+    """Minutes of training steps the runs would take on each device that recorded all their configs, at the median
+    speed recorded there (start-up, compilation and validation come on top)."""
+    speeds: dict[tuple[str, str], list[float]] = {}
+    for budget, found in runs.items():
+        if budget.tokens < ISSUE_TOKENS:
+            continue
+        for (config, _), listed in found.items():
+            for run in listed:
+                if run.tokens_per_s and run.device:
+                    speeds.setdefault((run.device, config), []).append(run.tokens / run.tokens_per_s / 60)
+    lines = []
+    for device in sorted({d for d, _ in speeds}):
+        if all((device, config) in speeds for config, _ in needed):
+            total = sum(statistics.median(speeds[device, config]) for config, _ in needed)
+            lines.append(f"On {device}: {total:.0f} min of training steps at the recorded speeds "
+                         f"(start-up, compilation and validation come on top: ~1-2 min a run).")
+    return lines
 
 
 # ---- the plot ----------------------------------------------------------------------------------------------

@@ -262,3 +262,4 @@ def test_missing_runs_name_per_corpus_what_gives_every_claim_its_seeds(tmp_path,
     out = capsys.readouterr().out
     assert "- corpus feedc0ffee00: 5 runs: " in out and "- corpus 0ld0ld0ld0ld: 6 runs: " in out
     assert "paper_repro.py longer --only egmla-kv64 --seeds 1 --retrain-other-corpora" in out
+    assert f"On synthetic: {5 * LONG / 1.0 / 60:.0f} min of training steps" in out  # 5 runs at the recorded 1 token/s
