@@ -129,29 +129,32 @@ def load_runs(folders: list[Path]) -> dict[Budget, dict[tuple[str, int], list[Ru
 
 
 # ---- paired differences and the test -------------------------------------------------------------------
-def pairs(runs: dict[tuple[str, int], list[Run]], a: str, b: str) -> tuple[dict[int, tuple[Run, Run]], list[int]]:
-    """({seed: (run of a, run of b) on the same corpus and schedule}, [seeds both configs ran, but on different
-    corpora or schedules only]). A budget's token count does not fix its steps (steps x batch x sequence): runs of
-    other tokens per step are other schedules, and their curves meet at other steps. Where a seed has pairs on
-    several corpora, the pair on the corpus most of these runs read."""
-    counts: dict[str, int] = {}
-    for found in runs.values():
-        for run in found:
-            counts[json.dumps(run.corpus, sort_keys=True)] = counts.get(json.dumps(run.corpus, sort_keys=True), 0) + 1
+def pairs(runs: dict[tuple[str, int], list[Run]], a: str, b: str) -> tuple[dict[int, list[tuple[Run, Run]]], list[int]]:
+    """({seed: [(run of a, run of b) on one corpus and schedule, one per corpus]}, [seeds both configs ran, but on
+    different corpora or schedules only]). A budget's token count does not fix its steps (steps x batch x sequence):
+    runs of other tokens per step are other schedules, and their curves meet at other steps. A seed paired on several
+    corpora keeps every pair: its difference is their mean (`paired`), so a run added on another corpus never
+    replaces the pair a verdict already read."""
     matched, apart = {}, []
     for seed in sorted({s for c, s in runs if c == a} & {s for c, s in runs if c == b}):
         candidates = [(x, y) for x in runs[a, seed] for y in runs[b, seed]
                       if same_corpus(x.corpus, y.corpus) and x.tokens_per_step == y.tokens_per_step]
         if candidates:
-            matched[seed] = max(candidates, key=lambda p: counts[json.dumps(p[0].corpus, sort_keys=True)])
+            matched[seed] = sorted(candidates, key=lambda pair: corpus_label(pair[0].corpus))
         else:
             apart.append(seed)
     return matched, apart
 
 
 def paired(runs: dict[tuple[str, int], list[Run]], a: str, b: str) -> dict[int, float]:
-    """{seed: loss(a) - loss(b)} over the seeds both configs ran on the same corpus."""
-    return {seed: x.loss - y.loss for seed, (x, y) in pairs(runs, a, b)[0].items()}
+    """{seed: loss(a) - loss(b)} over the seeds both configs ran on one corpus; the mean of a seed's corpora."""
+    return {seed: statistics.mean(x.loss - y.loss for x, y in found) for seed, found in pairs(runs, a, b)[0].items()}
+
+
+def per_corpus(runs: dict[tuple[str, int], list[Run]], a: str, b: str) -> dict[int, list[tuple[str, float]]]:
+    """{seed: [(corpus, loss(a) - loss(b) on it)]} for the seeds paired on more than one corpus."""
+    return {seed: [(corpus_label(x.corpus), x.loss - y.loss) for x, y in found]
+            for seed, found in pairs(runs, a, b)[0].items() if len(found) > 1}
 
 
 def verdict(claim: Claim, differences: dict[int, float], apart: list[int] = (),
@@ -176,14 +179,23 @@ def verdict(claim: Claim, differences: dict[int, float], apart: list[int] = (),
 
 
 # ---- tables ------------------------------------------------------------------------------------------------
-def describe(differences: dict[int, float], apart: list[int] = ()) -> tuple[str, str, str]:
+def describe(differences: dict[int, float], apart: list[int] = (),
+             corpora: dict[int, list[tuple[str, float]]] | None = None) -> tuple[str, str, str]:
     """(per seed, mean ± sd (n), paired t-test) cells; `apart`: seeds whose runs read different corpora or ran
-    other schedules."""
+    other schedules; `corpora`: each corpus's difference for the seeds paired on several (their cell is the mean)."""
     unpaired = "".join(f", seed {s}: runs on different corpora or schedules, not paired" for s in apart)
     if not differences:
         return (unpaired[2:] or "-"), "-", "-"
     test = paired_t_test(list(differences.values()))
-    seeds = ", ".join(f"{d:+.4f} (seed {s})" for s, d in differences.items()) + unpaired
+    corpora = corpora or {}
+
+    def seed_cell(seed: int, difference: float) -> str:
+        if seed not in corpora:
+            return f"{difference:+.4f} (seed {seed})"
+        each = " and ".join(f"{d:+.4f} on {corpus}" for corpus, d in corpora[seed])
+        return f"{difference:+.4f} (seed {seed}: mean of {each})"
+
+    seeds = ", ".join(seed_cell(s, d) for s, d in differences.items()) + unpaired
     spread = f" ± {test['sd']:.4f}" if test["sd"] is not None else ""
     t_test = f"t({test['n'] - 1}) = {test['t']:.2f}, p = {test['p']:.3f}" if test["p"] is not None else "n = 1: none"
     return seeds, f"{test['mean']:+.4f}{spread} (n = {test['n']})", t_test
@@ -199,7 +211,7 @@ def claims_table(runs: dict[Budget, dict]) -> str:
         _, budget = max(candidates, default=(0, None))
         differences = paired(runs[budget], claim.a, claim.b) if budget else {}
         apart = pairs(runs[budget], claim.a, claim.b)[1] if budget else []
-        cells = describe(differences, apart)
+        cells = describe(differences, apart, per_corpus(runs[budget], claim.a, claim.b) if budget else {})
         where = f" ({budget.label()})" if differences else ""
         ran = tuple(sorted({s for c, s in runs[budget] if c == side}) if budget else [] for side in (claim.a, claim.b))
         lines.append(f"| {claim.text} | {claim.a} − {claim.b}{where} | {' | '.join(cells)} | "
@@ -214,7 +226,8 @@ def differences_table(runs: dict[Budget, dict]) -> str:
         for budget in sorted(runs):
             differences, apart = paired(runs[budget], a, b), pairs(runs[budget], a, b)[1]
             if differences or apart:
-                lines.append(f"| {a} − {b} | {budget.label()} | {' | '.join(describe(differences, apart))} |")
+                cells = describe(differences, apart, per_corpus(runs[budget], a, b))
+                lines.append(f"| {a} − {b} | {budget.label()} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -224,7 +237,8 @@ def report(runs: dict[Budget, dict], plot_path: str | None = None) -> str:
             + f"\n\nVerdicts: the sign of the difference on every seed and a two-sided paired t-test over seeds "
               f"(significant: p < {SIGNIFICANT}); one seed gives no verdict. Runs pair only when they read the same "
               f"corpus (the records' training and validation tokens and corpus id: the python-source corpus is the "
-              f"installed Python files of the machine that trained the run, and machines differ).\n\n"
+              f"installed Python files of the machine that trained the run, and machines differ). A seed paired on "
+              f"several corpora counts once, with the mean of its corpora's differences.\n\n"
             + "### Paired differences at every budget\n\n" + differences_table(runs) + "\n")
     if plot_path:
         text += f"\n![{PLOT_ALT}]({plot_path})\n"
@@ -314,11 +328,15 @@ def step_minutes(runs: dict[Budget, dict], needed: list[tuple[str, int]]) -> lis
 
 # ---- the plot ----------------------------------------------------------------------------------------------
 def gap_curves(runs: dict[tuple[str, int], Run], a: str, b: str) -> dict[int, list[tuple[float, float]]]:
-    """{seed: [(tokens, loss(a) - loss(b))]} at the evaluations both runs made."""
+    """{seed: [(tokens, loss(a) - loss(b))]} at the evaluations both runs made (a seed paired on several corpora:
+    the mean of its pairs at the evaluations all of them made, as its difference in the tables)."""
     curves = {}
-    for seed, (run_a, run_b) in pairs(runs, a, b)[0].items():
-        steps = sorted(run_a.curve.keys() & run_b.curve.keys())
-        curves[seed] = [(step * run_a.tokens_per_step, run_a.curve[step] - run_b.curve[step]) for step in steps]
+    for seed, found in pairs(runs, a, b)[0].items():
+        tokens_per_step = found[0][0].tokens_per_step
+        found = [(x, y) for x, y in found if x.tokens_per_step == tokens_per_step]  # one schedule's steps
+        steps = sorted(set.intersection(*(set(x.curve) & set(y.curve) for x, y in found)))
+        curves[seed] = [(step * tokens_per_step, statistics.mean(x.curve[step] - y.curve[step] for x, y in found))
+                        for step in steps]
     return curves
 
 

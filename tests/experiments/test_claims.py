@@ -263,3 +263,26 @@ def test_missing_runs_name_per_corpus_what_gives_every_claim_its_seeds(tmp_path,
     assert "- corpus feedc0ffee00: 5 runs: " in out and "- corpus 0ld0ld0ld0ld: 6 runs: " in out
     assert "paper_repro.py longer --only egmla-kv64 --seeds 1 --retrain-other-corpora" in out
     assert f"On synthetic: {5 * LONG / 1.0 / 60:.0f} min of training steps" in out  # 5 runs at the recorded 1 token/s
+
+
+def test_a_seed_paired_on_two_corpora_counts_once_with_the_mean_of_both(tmp_path):
+    """A rerun on another corpus adds a pair to its seed; it never replaces the pair a verdict read before."""
+    first, second = {"train_split_tokens": 100, "corpus_id": "aaa"}, {"train_split_tokens": 105, "corpus_id": "bbb"}
+    folder = tmp_path / "runs"
+    for config, loss in (("egmla-kv64", 1.60), ("mla-kv256", 1.58)):
+        write_run(folder, "longer", config, 0, loss, LONG, "document", corpus=first)
+    write_run(folder, "longer", "egmla-kv64", 1, 1.62, LONG, "document", corpus=first)
+    write_run(folder, "longer", "mla-kv256", 1, 1.61, LONG, "document", corpus=first)
+    runs = claims.load_runs([folder])
+    (budget,) = runs
+    assert claims.paired(runs[budget], "egmla-kv64", "mla-kv256") == {0: pytest.approx(0.02), 1: pytest.approx(0.01)}
+    for config, loss in (("egmla-kv64", 1.70), ("mla-kv256", 1.74)):  # seed 0 again, on the second corpus
+        write_run(folder, "longer", config, 0, loss, LONG, "document", corpus=second, suffix="-cbbb")
+    runs = claims.load_runs([folder])
+    assert claims.paired(runs[budget], "egmla-kv64", "mla-kv256") == {0: pytest.approx(-0.01), 1: pytest.approx(0.01)}
+    assert claims.per_corpus(runs[budget], "egmla-kv64", "mla-kv256") == {0: [("aaa", pytest.approx(0.02)),
+                                                                             ("bbb", pytest.approx(-0.04))]}
+    table = claims.claims_table(runs)
+    assert "-0.0100 (seed 0: mean of +0.0200 on aaa and -0.0400 on bbb), +0.0100 (seed 1)" in table
+    curve = claims.gap_curves(runs[budget], "egmla-kv64", "mla-kv256")[0]
+    assert [d for _, d in curve] == pytest.approx([-0.01, -0.01])  # the mean of both pairs at each evaluation
