@@ -29,7 +29,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, [], False, argparse.SUPPRESS):
+        quiet = action.default is None or action.default is False or action.default == [] or \
+            action.default is argparse.SUPPRESS  # a 0 is shown: `in (False, ...)` hid it, 0 == False
+        if "default" in text.lower() or quiet:
             return text
         return super()._get_help_string(action)
 

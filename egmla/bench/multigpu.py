@@ -88,7 +88,8 @@ BF16_RTOL, FP32_RTOL = 1e-2, 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=str(ROOT / "configs" / "egmla-kv64.toml"), help="training config")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "egmla-kv64.toml"),
+                        help="training config (default: the repository's configs/egmla-kv64.toml)")
     parser.add_argument("--steps", type=int, default=150,
                         help="optimizer steps per run (>= 2; the resume check restarts at steps/2); 150 steps of "
                              "64x1024 tokens take about 1-1.5 min per run on H200s, compilation included")

@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", action="store_true",
                         help="continuous: submit every request streamed, so that the scheduler makes each token's "
                              "event as for a streaming client (default: not streamed, as a client that reads the "
-                             "whole result: no per-token events; files before 2026-12-05's fifteenth session streamed)")
+                             "whole result: no per-token events; result files written before 2026-12-05 streamed)")
     add_output_arguments(parser)
     parser.add_argument("--plot", metavar="PNG", help="also draw output tokens/s per system as bars here (log scale, "
                         "each labelled with its multiple of transformers'; matplotlib); with --report too")

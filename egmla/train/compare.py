@@ -238,7 +238,8 @@ def plot_curves(ax, seeds: dict[int, list[tuple[float, float]]], color: str, lab
     if common:
         tokens = [point[0] for point in next(iter(seeds.values()))[:common]]
         mean = [statistics.mean(c[i][1] for c in seeds.values()) for i in range(common)]
-        ax.plot(tokens, mean, color=color, linewidth=2, label=label)
+        # a marker per evaluation: a short run has one, which a line alone does not draw
+        ax.plot(tokens, mean, color=color, linewidth=2, marker="o", markersize=3, label=label)
 
 
 def main(args) -> int:
