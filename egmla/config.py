@@ -255,6 +255,8 @@ def preset(name: str, **overrides) -> ModelConfig:
     """A preset's config with overrides, e.g. `preset("paper-base", attention="mla", kv_lora_rank=256)`.
 
     Switching to a non-gated variant drops the gate fields; switching to MHA/GQA keeps the shape."""
+    if not isinstance(name, str):  # `preset = 5` in a TOML file: difflib below would raise a TypeError
+        _fail("preset", name, f"give a preset name as a string, one of {', '.join(PRESETS)}")
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=1)
         raise ValueError(f"preset={name!r}: unknown preset; choose one of {', '.join(PRESETS)}"

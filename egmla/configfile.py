@@ -33,6 +33,9 @@ def parse_overrides(items: list[str], section: str | None = None) -> dict:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.kv_lora_rank=64")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(part.strip() for part in parts):  # '=5', 'model.=5', 'model..x=5'
+            raise ValueError(f"--set {item!r}: the key before '=' has an empty part; give SECTION.KEY=VALUE, "
+                             f"e.g. --set model.kv_lora_rank=64")
         if section is not None:
             if len(parts) == 2 and parts[0] == section:
                 parts = parts[1:]

@@ -49,6 +49,14 @@ def storage_problem(err: BaseException) -> str | None:
     return None
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` under the process umask: what open() would give a new file. mkstemp makes its file private (0600), so
+    a run or an export written through it would be unreadable to the others that share a machine."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
     path = Path(path)
@@ -59,6 +67,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
@@ -132,6 +141,7 @@ def save_weights(model: Transformer, path: str | Path) -> None:
     os.close(fd)
     try:
         save_model(model, tmp, metadata=weights_metadata(model.config))
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -198,6 +208,8 @@ def _warn_stderr(message: str) -> None:
 def checkpoint_problem(folder: Path, run_dir: Path, meta: dict, tokenizer_hash) -> str | None:
     """Why `folder` cannot serve `run_dir` (None if it can): checksums, and the weights' recorded config
     and the trainer's recorded tokenizer hash against the run's own config.json and tokenizer.json."""
+    if folder.is_file():
+        return f"a file, not a checkpoint folder; give the folder that holds it ({folder.parent})"
     if not folder.is_dir():
         return "no such folder"
     problem = verify_checkpoint(folder)
@@ -207,8 +219,16 @@ def checkpoint_problem(folder: Path, run_dir: Path, meta: dict, tokenizer_hash) 
         except Exception as err:  # SafetensorError: the verified file is not safetensors at all
             problem = f"{WEIGHTS} does not load: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
     if problem is None and (folder / "state.json").is_file():
-        recorded = json.loads((folder / "state.json").read_text()).get("tokenizer_sha256")
-        if recorded is not None and recorded != tokenizer_hash():
+        try:
+            state = json.loads((folder / "state.json").read_text())
+        except ValueError:  # not JSON (a UnicodeDecodeError included)
+            state = None
+        recorded = state.get("tokenizer_sha256") if isinstance(state, dict) else None
+        if not isinstance(state, dict):
+            problem = "state.json is not the JSON object the trainer writes"
+        elif recorded is not None and not (run_dir / "tokenizer.json").is_file():  # not "differs": it is gone
+            problem = f"{run_dir / 'tokenizer.json'} is missing; restore the run's own tokenizer.json"
+        elif recorded is not None and recorded != tokenizer_hash():
             problem = (f"{run_dir / 'tokenizer.json'} differs from the tokenizer it was trained with; "
                        f"restore the run's own tokenizer.json")
     return problem
@@ -280,6 +300,9 @@ def read_run_config(run_dir: str | Path) -> dict:
     if version != FORMAT_VERSION:
         raise ValueError(f"run={str(run_dir)!r}: format_version={version!r} but this egmla reads version "
                          f"{FORMAT_VERSION}; re-export it with the egmla version that wrote it")
+    if not isinstance(meta.get("model"), dict):
+        raise ValueError(f"run={str(run_dir)!r}: {path} has model={meta.get('model')!r}, not the object of model fields "
+                         f"`egmla train` writes; restore it from a copy or train the run again")
     return meta
 
 

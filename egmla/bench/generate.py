@@ -239,6 +239,12 @@ def main(args) -> int:
         configs = [v.config(base) for v in select(args.variants)]
     else:
         configs = variant_configs(base) if args.all_variants and trained is None else [base]
+    if args.paths not in ("auto", "all") and configs:  # each variant skips the paths it lacks: one none has is a typo
+        offered = sorted({path for config in configs for path in decode_paths(config)})
+        missing = [path for path in args.paths.split(",") if path not in offered]
+        if missing:
+            raise ValueError(f"--paths {args.paths!r}: no variant benchmarked here has {', '.join(map(repr, missing))}; "
+                             f"choose from {', '.join(offered)}, or auto or all")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"egmla bench generate: {source}; {device_name}, {dtype}; prompt {prompt_len} + {args.new_tokens} new "
           f"tokens, greedy; {'eager' if args.eager else 'CUDA graphs where on CUDA'}; torch {torch.__version__}")

@@ -75,6 +75,9 @@ def main(args) -> int:
     if args.markdown:
         markdown(*args.markdown)
         return 0
+    for option, value in (("--rows", args.rows), ("--steps", args.steps), ("--repeats", args.repeats)):
+        if value < 1:  # checked before the tokenizer is trained: --rows 0 was an IndexError after it
+            raise ValueError(f"{option} {value}: must be >= 1")
     if args.run:
         from egmla.runs import load_tokenizer
 

@@ -115,6 +115,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def eval_device(device: str | None) -> str:
+    """--device for lm_eval, checked here: a bad one reached the loader, which called every checkpoint unusable in
+    torch's words."""
+    if device is None:
+        return default_device()
+    from egmla.infer.cli import resolve_device_dtype
+
+    return str(resolve_device_dtype(device, "fp32")[0])
+
+
 def lm_eval_argv(args) -> list[str]:
     """The lm_eval command line that `args` stands for."""
     if not Path(args.run).is_dir():
@@ -130,7 +140,7 @@ def lm_eval_argv(args) -> list[str]:
     extra = passed_through(args)
     # batch size and device go as lm_eval's own options: it hands them to the model itself, and refuses them twice
     argv = ["--model", "egmla", "--model_args", json.dumps(model_args), *tasks_argv(args, extra),
-            "--batch_size", str(args.batch_size), "--device", args.device or default_device()]
+            "--batch_size", str(args.batch_size), "--device", eval_device(args.device)]
     if args.num_fewshot is not None:
         argv += ["--num_fewshot", str(args.num_fewshot)]
     if args.limit is not None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from egmla.config import ModelConfig
+from egmla.runs import umask_mode
 
 # egmla layer weight -> DeepseekV3 layer weight (under model.layers.{i}.)
 DEEPSEEK_LAYER_NAMES = {
@@ -151,9 +152,10 @@ def is_hf_export(folder: str | Path) -> bool:
     """Whether `folder` holds an EgmlaForCausalLM export (`egmla export --to hf`, or the same from the Hub)."""
     path = Path(folder) / "config.json"
     try:
-        return path.is_file() and json.loads(path.read_text()).get("model_type") == "egmla"
+        config = json.loads(path.read_text()) if path.is_file() else None
     except ValueError:
         return False
+    return isinstance(config, dict) and config.get("model_type") == "egmla"  # a run's config.json may be damaged
 
 
 def load_hf_export(folder: str | Path, device="cpu", dtype: torch.dtype | None = None):
@@ -165,6 +167,9 @@ def load_hf_export(folder: str | Path, device="cpu", dtype: torch.dtype | None =
     require_transformers()
     from egmla.hf import EgmlaForCausalLM
 
+    if not any(Path(folder).glob("*.safetensors")):  # else transformers' OSError, as a traceback
+        raise ValueError(f"run={str(folder)!r}: an EgmlaForCausalLM folder without its weights (no *.safetensors); "
+                         f"copy them again or export the run again with `egmla export --to hf`")
     hf_model = EgmlaForCausalLM.from_pretrained(str(folder), use_safetensors=True, **({"dtype": dtype} if dtype else {}))
     model = hf_model.model.to(device).eval()
     eos_id = hf_model.config.eos_token_id
@@ -216,9 +221,7 @@ class _staging:
     def __enter__(self) -> Path:
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(dir=self.out_dir.parent, prefix=f".{self.out_dir.name}.", suffix=".tmp"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+        os.chmod(self.tmp, umask_mode(0o777))  # mkdtemp makes it private; the export is an ordinary folder
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

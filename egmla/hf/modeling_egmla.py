@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
@@ -147,6 +148,9 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
                     raise ValueError(f"{path}: the config its weights record does not fit this egmla "
                                      f"({_rename_fields(str(err)).split(';')[0]}): saved by another egmla version; "
                                      f"load it with the version that saved it") from None
+                except SafetensorError as err:  # not a ValueError: a truncated or corrupt file
+                    raise ValueError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]}): corrupt "
+                                     f"or truncated; copy it again or export the run again") from None
                 if problem:
                     raise ValueError(f"{path}: {_rename_fields(problem)}; use the config.json saved with "
                                      f"these weights")

@@ -129,6 +129,8 @@ def resolve_device_dtype(device: str, dtype: str):
         parsed = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device!r}: not a device; use cpu, cuda, cuda:1, ... or auto") from None
+    if parsed.type not in ("cpu", "cuda"):  # meta, mps, ...: else every checkpoint is reported "unusable"
+        raise ValueError(f"--device {device!r}: egmla runs on cpu or cuda; use cpu, cuda, cuda:1, ... or auto")
     if parsed.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0:

@@ -58,6 +58,8 @@ def main(args) -> int:
     from egmla.configfile import parse_overrides
     from egmla.infer.plan import format_plan, plan_rows
 
+    if args.plot:
+        check_plot_path(args.plot)
     if args.run:
         from egmla.runs import read_run_config
 
@@ -88,6 +90,25 @@ def main(args) -> int:
     if args.plot:
         plot_plan(base, args, source)
     return 0
+
+
+def check_plot_path(path: str) -> None:
+    """--plot's file, checked before the plan: a missing folder, or a format matplotlib cannot write, failed only after
+    the table was printed, as a traceback or in matplotlib's words without the option's name."""
+    from pathlib import Path
+
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise ValueError(f"--plot {path!r}: the folder {str(folder)!r} does not exist; create it or choose another path")
+    suffix = Path(path).suffix.lstrip(".").lower()
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:  # plot_plan says how to install it
+        return
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:  # no suffix: matplotlib writes a PNG
+        raise ValueError(f"--plot {path!r}: matplotlib cannot write .{suffix} files; end the name with .png, .svg "
+                         f"or .pdf (any of {', '.join(sorted(formats))})")
 
 
 def plot_contexts(context: int) -> list[int]:

@@ -6,6 +6,7 @@ reproducible (same seed, same model, same batch => same samples).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,8 @@ class SamplingParams:
     seed: int | None = 0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature!r}: must be >= 0 (0 = greedy)")
+        if not 0 <= self.temperature < math.inf:  # inf divides every logit to 0: uniform draws, not a setting
+            raise ValueError(f"temperature={self.temperature!r}: must be a finite number >= 0 (0 = greedy)")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r}: must be >= 0 (0 = no top-k filter)")
         if not 0 < self.top_p <= 1:

@@ -267,6 +267,9 @@ class CompletionHandler(BaseHTTPRequestHandler):
             return json.loads(self.body)
         except ValueError as error:  # UnicodeDecodeError included
             raise ApiError(400, f"the request body is not valid JSON ({error}): send a JSON object") from error
+        except RecursionError:  # arrays or objects nested thousands deep: the client's body, not a server fault
+            raise ApiError(400, "the request body nests JSON arrays or objects too deeply to parse: send a JSON "
+                                "object such as {\"prompt\": \"Hello\", \"max_tokens\": 16}") from None
 
     # ---- endpoints -------------------------------------------------------------------------------
     def _models(self) -> None:

@@ -119,8 +119,15 @@ def sync(path: Path) -> None:
         os.close(fd)
 
 
+STATE_KEYS = ("step", "sequences_consumed", "rng")  # what a resume reads from state.json
+
+
 def read_state(folder: Path) -> dict:
-    return json.loads((folder / STATE).read_text())
+    state = json.loads((folder / STATE).read_text())
+    missing = [key for key in STATE_KEYS if key not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:  # else a KeyError mid-resume; as a CheckpointError, find_checkpoint tries the previous checkpoint
+        raise CheckpointError(f"{STATE} lacks {', '.join(missing)}; it is not one the trainer wrote")
+    return state
 
 
 def load_weights(folder: Path, model: nn.Module) -> None:

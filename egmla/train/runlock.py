@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from egmla.runs import list_checkpoints
+from egmla.runs import list_checkpoints, storage_problem
 from egmla.train.distributed import DistInfo, broadcast_object
 
 LOCK_NAME = ".lock"
@@ -89,8 +89,16 @@ def claim_run_dir(run_dir: Path, resume: bool, info: DistInfo):
                 if not resume and list_checkpoints(run_dir):
                     raise ValueError(f"--run-dir {str(run_dir)!r}: already holds a run with checkpoints; continue "
                                      f"it with --resume {run_dir} or choose another --run-dir")
+                if not resume and any(run_dir.glob("*.safetensors")):  # an export, or a run's final weights: a new
+                    # run would replace the config.json and tokenizer.json that those weights are read with
+                    raise ValueError(f"--run-dir {str(run_dir)!r}: already holds model weights (*.safetensors), "
+                                     f"whose config.json and tokenizer.json a new run would overwrite; choose another "
+                                     f"--run-dir")
             except ValueError as err:
                 problem = err
+            except OSError as err:  # a parent that is a file, a read-only or missing mount: one line, not a traceback
+                problem = ValueError(f"--run-dir {str(run_dir)!r}: cannot be created or locked ("
+                                     f"{storage_problem(err)}); choose a folder path you can write")
         problem = broadcast_object(problem, info)
         if problem is not None:
             raise problem

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import signal
@@ -201,8 +202,11 @@ def train(run: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
             reason = storage_problem(err)
             if reason is None:
                 raise
-            then = (f"the checkpoints in {run_dir} are intact: free space and continue with `egmla train --resume "
-                    f"{run_dir}`" if list_checkpoints(run_dir) else "free space and start again")
+            # a full disk wants space; a path through a file or a read-only folder (data.cache_dir) wants another path
+            fix = ("free space" if getattr(err, "errno", None) in (None, errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                   else "make that path a folder you can write")
+            then = (f"the checkpoints in {run_dir} are intact: {fix} and continue with `egmla train --resume "
+                    f"{run_dir}`" if list_checkpoints(run_dir) else f"{fix} and start again")
             raise StorageError(f"{reason} (training into {run_dir}); {then}") from None
 
 
@@ -222,8 +226,6 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
         refuse_reshuffling(run, run_dir)
     if info.is_main and not resume:
         write_run_files(run, run_dir, tokenizer)
-    elif info.is_main:
-        keep_train_changes(run, run_dir, say)
     train_windows = WindowedTokens(shards.tokens("train"), cfg.seq_len, "training")
     val_windows = WindowedTokens(shards.tokens("val"), cfg.seq_len, "validation")
 
@@ -237,6 +239,8 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
             raise ValueError(f"train.seq_len={cfg.seq_len}: the checkpoint was trained with seq_len="
                              f"{state['seq_len']}; keep it to resume")
         start_step, position = state["step"], state["sequences_consumed"]
+        if info.is_main:  # only once a checkpoint was found: a resume that fails leaves config.json as it was
+            keep_train_changes(run, run_dir, say)
         say(f"resuming from {resumed_from} (step {start_step})")
     model = model.to(info.device)
     graphs = uses_cuda_graphs(cfg.compile_mode)

@@ -41,6 +41,12 @@ def test_unknown_key_suggests_the_closest():
         preset("paper-huge")
 
 
+@pytest.mark.parametrize("name", [5, ["tiny"], None])
+def test_a_preset_that_is_not_a_string_is_one_line(name):
+    with pytest.raises(ValueError, match=r"^preset=.*: give a preset name as a string, one of tiny"):
+        preset(name)
+
+
 def test_token_ids_beyond_vocab_are_rejected():
     model = Transformer(small_config(attention="eg-mla"))
     with pytest.raises(ValueError, match="vocab_size=61"):

@@ -75,3 +75,9 @@ def test_a_set_below_a_value_is_a_clear_error():
         load_toml(CONFIGS / "mha.toml", ["train.steps.x=5"])
     with pytest.raises(ValueError, match=r"train.steps is set to a value above"):
         load_toml(None, ["train.steps=1", "train.steps.x=5"])
+
+
+@pytest.mark.parametrize("item", ["=5", "model.=5", ".x=5", "model..x=5", " =5"])
+def test_a_set_with_an_empty_key_part_is_a_clear_error(item):
+    with pytest.raises(ValueError, match=r"the key before '=' has an empty part; give SECTION.KEY=VALUE"):
+        load_toml(None, [item])

@@ -69,6 +69,17 @@ def test_corrupt_config_json_names_the_file_and_the_fix(tmp_path, text, message)
     assert str(tmp_path / "config.json") in str(error.value) and "train" in str(error.value)
 
 
+@pytest.mark.parametrize("text,message", [("[1]", "config.json holds a JSON list, not the object"),
+                                          ('{"format_version": 1}', "config.json has model=None, not the object"),
+                                          ('{"format_version": 1, "model": "x"}', "config.json has model='x', not")])
+def test_a_hand_edited_config_json_is_one_line_where_a_model_is_loaded(tmp_path, text, message):
+    """load_model raised AttributeError (a list: is_hf_export called .get on it) or KeyError ('model' missing), and
+    model="x" was "model.x: unknown config key"."""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        runs.load_model(tmp_path)
+
+
 def test_wrong_format_version_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"format_version": 99, "model": {}}))
     with pytest.raises(ValueError, match="format_version=99"):
@@ -92,6 +103,23 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
         runs.atomic_write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_follow_the_umask_not_mkstemps_private_mode(tmp_path, umask):
+    """A run's files (JSON, weights) are as readable as any file the user creates: mkstemp's 0600 kept a shared
+    machine's other users out of runs and exports."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        runs.atomic_write_json(tmp_path / "state.json", {"a": 1})
+        runs.save_weights(Transformer(small_config(attention="mla")), tmp_path / "model.safetensors")
+    finally:
+        os.umask(old)
+    for name in ("state.json", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
 
 
 def test_a_named_checkpoint_is_verified_and_never_replaced_by_another(tmp_path):
@@ -171,6 +199,39 @@ def test_another_runs_tokenizer_is_refused(tmp_path):
         runs.write_manifest(folder)
     with pytest.raises(runs.CheckpointError, match="tokenizer.json differs from the tokenizer it was trained with"):
         runs.load_model(tmp_path)
+
+
+def test_a_missing_tokenizer_is_called_missing_not_another_one(tmp_path):
+    config = small_config(attention="mla", vocab_size=300)
+    _write_run(tmp_path, config, Transformer(config))
+    for folder in runs.list_checkpoints(tmp_path):  # as the trainer records it; no tokenizer.json in the run
+        runs.atomic_write_json(folder / "state.json", {"tokenizer_sha256": "0" * 64})
+        runs.write_manifest(folder)
+    with pytest.raises(runs.CheckpointError, match="tokenizer.json is missing; restore the run's own tokenizer.json"):
+        runs.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("state", ["[1]", "not json"])
+def test_a_state_json_that_is_not_an_object_is_an_unusable_checkpoint_not_a_traceback(tmp_path, state):
+    config = small_config(attention="mha")
+    model = Transformer(config)
+    _write_run(tmp_path, config, model)
+    newest = runs.list_checkpoints(tmp_path)[-1]
+    (newest / "state.json").write_text(state)
+    runs.write_manifest(newest)  # its checksum matches: only its content is wrong
+    warnings = []
+    folder, _ = runs.find_checkpoint(tmp_path, lambda folder: None, warn=warnings.append)
+    assert folder.name == "step_00000010"
+    assert "state.json is not the JSON object the trainer writes" in warnings[0]
+
+
+def test_a_checkpoint_named_by_its_weights_file_says_to_give_the_folder(tmp_path):
+    config = small_config(attention="mha")
+    _write_run(tmp_path, config, Transformer(config))
+    weights = tmp_path / "checkpoints" / "step_00000010" / "model.safetensors"
+    with pytest.raises(runs.CheckpointError, match=r"--checkpoint '.*model.safetensors': a file, not a checkpoint "
+                                                   r"folder; give the folder that holds it \(.*step_00000010\)"):
+        runs.load_model(tmp_path, checkpoint=weights)
 
 
 def test_final_weights_need_their_manifest(tmp_path):

@@ -218,6 +218,15 @@ def test_egmla_eval_builds_lm_evals_command_line(tmp_path, monkeypatch):
                                                                                   "0.25"]
 
 
+def test_egmla_eval_checks_the_device_before_lm_eval_starts(tmp_path):
+    """--device tpu went to lm_eval, whose model loader then called every checkpoint unusable in torch's words."""
+    from egmla.commands.eval import lm_eval_argv
+
+    with pytest.raises(ValueError, match=r"--device 'tpu': not a device; use cpu, cuda, cuda:1, \.\.\. or auto"):
+        lm_eval_argv(eval_args("--run", str(tmp_path), "--device", "tpu"))
+    assert lm_eval_argv(eval_args("--run", str(tmp_path), "--device", "cpu"))[-2:] == ["--device", "cpu"]
+
+
 @pytest.mark.parametrize("name", ["1e3", "2024", "true", "it's a run", "runs,b=c", "run{1}", "run(1"])
 def test_lm_eval_reads_any_run_name_as_given(name, tmp_path, monkeypatch):
     """lm-eval's key=value model_args turned these into a float, an int, a bool, swallowed the dtype, or failed."""

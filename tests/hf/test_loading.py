@@ -134,3 +134,20 @@ def test_weights_recording_a_field_this_egmla_lacks_name_it_and_the_version(save
                                          r"egmla \(model.gate_scale: unknown config key\): saved by another egmla "
                                          r"version; load it with the version that saved it$"):
         AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_an_export_with_truncated_or_missing_weights_is_one_line(saved, tmp_path):
+    """`egmla generate --run EXPORT` printed safetensors' SafetensorError (truncated) or transformers' OSError (missing)
+    as a traceback."""
+    from egmla.runs import load_model
+
+    truncated = shutil.copytree(saved, tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(ValueError, match=r"truncated/model.safetensors: not a readable safetensors file \(.+\): corrupt "
+                                         r"or truncated; copy it again or export the run again"):
+        load_model(truncated)
+    missing = shutil.copytree(saved, tmp_path / "missing")
+    (missing / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"an EgmlaForCausalLM folder without its weights \(no \*.safetensors\)"):
+        load_model(missing)

@@ -44,6 +44,16 @@ def gen_row(model, variant, batch, tokens_per_s):
                 prefill_ms=1.0)
 
 
+def test_a_path_no_variant_has_is_refused_not_an_empty_table(capsys):
+    """--paths bogus (or absorbed for MHA alone) printed a table without rows and exited 0."""
+    for variants, paths in (("mla-kv64", "bogus"), ("mha", "absorbed"), ("mha,mla-kv64", "absorbed,gate-table")):
+        with pytest.raises(ValueError, match=r"--paths '.+': no variant benchmarked here has '(bogus|absorbed|gate-table)'"
+                                             r"; choose from .*naive.*, or auto or all"):
+            run("generate", ["--preset", "tiny", "--variants", variants, "--paths", paths, "--batch-sizes", "1",
+                             "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1"])
+    assert "| model |" not in capsys.readouterr().out
+
+
 def test_merged_runs_divide_each_row_by_the_llama_of_its_own_run(tmp_path):
     """Llama's step moves between processes: a row of one run must not be divided by another run's Llama. A run
     without its own Llama gets no ratio; files of another dtype or torch are refused."""

@@ -2,6 +2,8 @@
 the JSON (no timing is asserted: the figures are the benchmark's)."""
 import json
 
+import pytest
+
 
 def test_text_bench_times_every_mode_and_writes_its_table(tmp_path, capsys):
     from egmla.bench.cli import run
@@ -17,3 +19,14 @@ def test_text_bench_times_every_mode_and_writes_its_table(tmp_path, capsys):
     run("text", ["--markdown", str(out), str(md)])
     table = md.read_text()
     assert "| streamed, two decodes per token |" in table and table.count("\n| ") == len(MODES) + 1
+
+
+@pytest.mark.parametrize("option", ["--rows", "--steps", "--repeats"])
+def test_a_count_below_1_is_refused_before_the_tokenizer_is_trained(option, monkeypatch):
+    """--rows 0 trained a tokenizer, then failed with an IndexError."""
+    from egmla.bench import text
+    from egmla.bench.cli import run
+
+    monkeypatch.setattr(text, "token_windows", lambda *a: pytest.fail("got past the check"))
+    with pytest.raises(ValueError, match=rf"^{option} 0: must be >= 1$"):
+        run("text", [option, "0"])

@@ -56,6 +56,15 @@ def test_generate_bad_input_is_one_clear_line(capsys, run_dir, tmp_path, tokeniz
     assert code == 2 and "no config.json" in err
 
 
+def test_a_device_egmla_does_not_run_on_is_one_line_not_every_checkpoint_unusable(capsys, run_dir):
+    """--device meta passed torch.device() and reached the loader: each checkpoint was "unusable (device meta is
+    invalid)", then "no usable weights"."""
+    for device, error in (("meta", "egmla runs on cpu or cuda"), ("tpu", "not a device")):
+        code, _, err = generate(capsys, "--run", str(run_dir), "--prompt", "x", "--device", device)
+        assert code == 2 and f"--device '{device}': {error}; use cpu, cuda, cuda:1, ... or auto" in err
+        assert "unusable" not in err
+
+
 def test_generate_says_when_the_context_cuts_it_short(capsys, run_dir, tokenizer):
     args = ["--run", str(run_dir), "--prompt", "To be", "--temperature", "0", "--ignore-eos"]
     code, _, err = generate(capsys, *args, "--max-new-tokens", "5000")

@@ -1,5 +1,6 @@
 """Memory planner: the paper-base figures the issue asks for, and the CLI around it."""
 import json
+import re
 
 import pytest
 
@@ -205,3 +206,14 @@ def test_plan_plot(tmp_path, capsys):
     assert egmla_main(["plan", "--preset", "tiny", "--context", "512", "--memory-gb", "1", "--json", "--plot",
                        str(tmp_path / "b.png")]) == 0
     json.loads(capsys.readouterr().out)  # stdout stays JSON: the plot's line goes to stderr
+
+
+@pytest.mark.parametrize("name,error", [("missing/plan.png", "the folder .* does not exist"),
+                                        ("plan.txt", "matplotlib cannot write .txt files; end the name with .png")])
+def test_a_plot_path_that_cannot_be_written_is_refused_before_the_plan(tmp_path, capsys, name, error):
+    """A missing folder was a traceback, and .txt matplotlib's words, both after the table was printed."""
+    path = tmp_path / name
+    assert egmla_main(["plan", "--preset", "tiny", "--context", "512", "--memory-gb", "1", "--plot", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and re.search(rf"egmla plan: error: --plot '.*{name}': {error}", err)
+    assert not path.exists()

@@ -1,4 +1,5 @@
 """Sampling filters and text streaming helpers, on hand-made inputs."""
+import pytest
 import torch
 
 from egmla.infer.sampling import SamplingParams, filter_logits, select_next
@@ -197,3 +198,10 @@ def test_a_temperature_below_greedy_below_is_greedy_not_nan(tokenizer):
     while scheduler.step():
         pass
     assert [handle.result(timeout=0).token_ids for handle in handles] == [greedy, greedy]
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -1.0])
+def test_a_temperature_that_is_not_a_finite_number_at_least_0_is_refused(temperature):
+    """inf was taken (`egmla generate --temperature inf`): every logit divided to 0, uniform draws over the vocabulary."""
+    with pytest.raises(ValueError, match=r"^temperature=.*: must be a finite number >= 0 \(0 = greedy\)"):
+        SamplingParams(temperature=temperature)

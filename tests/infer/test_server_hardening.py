@@ -42,6 +42,13 @@ def test_a_tiny_temperature_is_greedy_not_a_failed_step(server):
         assert answer["choices"][0]["text"] == greedy
 
 
+def test_json_nested_too_deeply_is_a_400_not_an_internal_error(server):
+    """100,000 nested arrays made json.loads raise RecursionError: a 500 "internal error" and a traceback in the log."""
+    status, answer = base.call(server, "POST", "/v1/completions", raw=b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and "nests JSON arrays or objects too deeply" in answer["error"]["message"]
+    assert base.complete(server, prompt=PROMPT, max_tokens=1)["choices"]  # and the server still serves
+
+
 def test_a_huge_n_is_refused_before_any_work(server, monkeypatch):
     """n=10**9 made the handler build a billion SamplingParams (minutes of CPU, gigabytes) before the scheduler's
     room check refused it: now refused by the parser, before one is made."""

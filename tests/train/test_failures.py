@@ -83,6 +83,27 @@ def test_an_optimizer_pt_that_will_not_load_falls_back_then_is_a_clear_error(tmp
     assert "weights_only=False" not in str(raised.value)
 
 
+def test_a_cache_dir_that_is_a_file_is_not_told_to_free_space(tmp_path, capsys):
+    """data.cache_dir pointing at a file said "Not a directory: ...; free space and start again"."""
+    (tmp_path / "a-file").write_text("x")
+    config = write_config(tmp_path / "run.toml", tmp_path / "a-file")
+    assert train_main(["--config", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Not a directory: " in err and "a-file" in err and "make that path a folder you can write" in err
+    assert "free space" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("state", [{}, {"step": 8}, [8]])
+def test_a_state_json_without_what_resume_reads_is_a_checkpoint_error_not_a_key_error(tmp_path, state):
+    """A state.json whose checksum matches but lacks `step` was a KeyError mid-resume: now the checkpoint is unusable
+    (find_checkpoint then tries the previous one)."""
+    from egmla.train.checkpoint import read_state
+
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"^state.json lacks .*rng; it is not one the trainer wrote$"):
+        read_state(tmp_path)
+
+
 def test_resuming_a_finished_run_keeps_its_timings(tmp_path, cache_dir):
     run, run_dir = run_config(cache_dir), tmp_path / "run"
     train(run, run_dir, progress=False, log=quiet)
@@ -129,6 +150,20 @@ def test_train_settings_changed_on_resume_are_kept_for_the_next_resume(tmp_path,
     assert train_main(["--resume", str(run_dir), "--no-progress"]) == 0
     assert sorted(train_losses(run_dir)) == list(range(1, 9))
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+
+
+def test_a_resume_that_finds_no_checkpoint_leaves_config_json_as_it_was(tmp_path, cache_dir, capsys):
+    """`--resume RUN --set train.steps=8` where no checkpoint loads: an error, and the run's recorded settings
+    unchanged (they were rewritten before the checkpoints were looked at)."""
+    run_dir = tmp_path / "run"
+    train(run_config(cache_dir, train=dict(steps=4, checkpoint_every=2)), run_dir, progress=False, log=quiet)
+    before = (run_dir / "config.json").read_bytes()
+    for folder in list_checkpoints(run_dir):
+        shutil.rmtree(folder)
+    assert train_main(["--resume", str(run_dir), "--no-progress", "--set", "train.steps=8"]) == 2
+    captured = capsys.readouterr()
+    assert "--resume" in captured.err and "changed on resume" not in captured.out
+    assert (run_dir / "config.json").read_bytes() == before
 
 
 def test_resume_refuses_another_seed_and_another_folder(tmp_path, cache_dir, capsys):

@@ -72,6 +72,31 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, cache_dir, capsys):
     assert (tmp_path / "taken").read_text() == "a file"
 
 
+def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path, cache_dir, capsys):
+    config = write_config(tmp_path / "run.toml", cache_dir, train=dict(steps=4))
+    (tmp_path / "taken").write_text("a file")
+    assert train_main(["--config", str(config), "--run-dir", str(tmp_path / "taken" / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "cannot be created or locked (Not a directory" in err and "choose a folder path you can write" in err
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_a_new_run_does_not_overwrite_a_folder_of_weights(tmp_path, cache_dir, capsys):
+    """An `egmla export --to hf` folder (weights, no checkpoints) given as --run-dir had its config.json and
+    tokenizer.json replaced by the new run's, so its weights no longer loaded."""
+    config = write_config(tmp_path / "run.toml", cache_dir, train=dict(steps=4))
+    export = tmp_path / "export"
+    export.mkdir()
+    for name, text in (("model.safetensors", "weights"), ("config.json", '{"model_type": "egmla"}'),
+                       ("tokenizer.json", "{}")):
+        (export / name).write_text(text)
+    assert train_main(["--config", str(config), "--run-dir", str(export), "--no-progress"]) == 2
+    assert "already holds model weights (*.safetensors)" in capsys.readouterr().err
+    assert (export / "config.json").read_text() == '{"model_type": "egmla"}'
+    assert (export / "tokenizer.json").read_text() == "{}"
+
+
 def test_a_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path):
     from egmla.train.distributed import DistInfo
     from egmla.train.runlock import claim_run_dir
