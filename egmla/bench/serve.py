@@ -412,6 +412,10 @@ def main(args) -> int:
     from egmla.runs import atomic_write_json
     from egmla.variants import select, variant_config
 
+    for option, value in (("--requests", args.requests), ("--prompt-len", args.prompt_len),
+                          ("--output-len", args.output_len), ("--max-batch", args.max_batch)):
+        if value is not None and value < 1:  # 0 would silently mean the default below
+            raise ValueError(f"{option} {value}: must be >= 1; leave it out for the default")
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     on_cuda = device.type == "cuda"
     count = args.requests or (512 if on_cuda else 12)

@@ -77,6 +77,8 @@ def _short(text: str, limit: int = 40) -> str:
 def _read_text(option: str, path: str) -> str:
     from pathlib import Path
 
+    if Path(path).is_dir():
+        raise ValueError(f"{option} {path!r}: a folder; give a text file")
     if not Path(path).is_file():
         raise ValueError(f"{option} {path!r}: no such file")
     try:

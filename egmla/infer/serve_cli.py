@@ -107,6 +107,8 @@ def main(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: must lie in [0, 65535] (0 = any free port)")
+    if not 0 < args.memory_fraction <= 1:  # checked whatever --max-batch is: a number there ignores it
+        raise ValueError(f"--memory-fraction {args.memory_fraction}: must lie in (0, 1], e.g. 0.9")
     if args.chat_template is not None:  # a bad one is refused before the weights load, not after
         check_template_option(args.chat_template)
     device, dtype = resolve_device_dtype(args.device, args.dtype)

@@ -51,6 +51,8 @@ def load_runs(configs: list[str], base_preset: str, overrides: list[str]):
     runs, shared = [], None
     for spec in configs:
         if spec.endswith(".toml"):
+            if not Path(spec).is_file():  # load_toml's message names --config, an option compare does not have
+                raise ValueError(f"CONFIG {spec!r}: no such file; see configs/ for examples")
             values = load_toml(spec, overrides)
             label = Path(spec).stem
         elif spec in VARIANTS:
@@ -252,6 +254,8 @@ def main(args) -> int:
     seeds = int_list(args.seeds, "--seeds", 0, True, "0,1,2") if args.seeds is not None else [first.train.seed]
     several = len(seeds) > 1
     out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():  # else the first run reports it as its --run-dir
+        raise ValueError(f"--out {str(out)!r}: a file; give a folder (new, or a comparison's to resume it)")
     tokens_per_step = first.train.batch_size * first.train.seq_len
     budget = first.train.steps * tokens_per_step
     print(f"comparing {len(runs)} configs on corpus {first.data.corpus!r}, seed{'s' if several else ''} "

@@ -59,6 +59,12 @@ def test_admit_batch_values_each_run_a_continuous_row(tmp_path):
         cli.run("serve", ["--requests", "2", "--max-batch", "4", "--admit-batch", "5"])
 
 
+@pytest.mark.parametrize("option", ["--requests", "--prompt-len", "--output-len", "--max-batch"])
+def test_a_zero_size_is_refused_not_taken_for_the_default(option):
+    with pytest.raises(ValueError, match=f"{option} 0: must be >= 1; leave it out for the default"):
+        cli.run("serve", [option, "0"])
+
+
 def test_offloaded_gate_tables_serve_every_request_and_are_labelled(tmp_path):
     out = tmp_path / "serve.json"
     assert cli.run("serve", ["--requests", "4", "--variants", "mla-kv64,egmla-kv64", "--systems", "continuous",

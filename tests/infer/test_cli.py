@@ -1,6 +1,8 @@
 """`egmla generate` on run directories written the way `egmla train` writes them."""
 import json
 
+import pytest
+
 from egmla.cli import main as egmla_main
 from egmla.runs import FORMAT_VERSION
 from tests.infer.helpers import tiny_model, write_run
@@ -73,3 +75,15 @@ def test_generate_says_when_the_context_cuts_it_short(capsys, run_dir, tokenizer
                           f"--max-new-tokens 5000 new tokens") in err
     code, _, err = generate(capsys, *args, "--max-new-tokens", "5")
     assert code == 0 and "note:" not in err  # within the context: nothing to say
+
+
+def test_a_prompt_file_that_is_a_folder_says_so(tmp_path):
+    from types import SimpleNamespace
+
+    from egmla.infer.cli import labelled_prompts
+
+    args = SimpleNamespace(prompt=[], prompt_file=[], batch=None, num_samples=1)
+    for field, value in (("prompt_file", [str(tmp_path)]), ("batch", str(tmp_path))):
+        option = "--" + field.replace("_", "-")
+        with pytest.raises(ValueError, match=f"{option} '{tmp_path}': a folder; give a text file"):
+            labelled_prompts(SimpleNamespace(**{**vars(args), field: value}))

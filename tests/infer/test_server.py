@@ -335,6 +335,8 @@ def test_the_command_explains_itself_and_refuses_a_bad_port(capsys, run_dir, ser
     assert f"--port {taken}: cannot listen there" in capsys.readouterr().err
     assert egmla_main(["serve", "--run", str(run_dir), "--port", "70000"]) == 2
     assert "--port 70000: must lie in [0, 65535]" in capsys.readouterr().err
+    assert egmla_main(["serve", "--run", str(run_dir), "--max-batch", "4", "--memory-fraction", "2"]) == 2
+    assert "--memory-fraction 2.0: must lie in (0, 1]" in capsys.readouterr().err
     assert egmla_main(["serve", "--run", str(run_dir), "--port", "0", "--max-batch", "many"]) == 2
     assert "--max-batch 'many': give a whole number of rows, or auto" in capsys.readouterr().err
     assert egmla_main(["serve", "--run", str(run_dir), "--port", "0", "--max-batch", "auto"]) == 2

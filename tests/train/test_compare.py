@@ -125,12 +125,22 @@ def test_settings_of_how_a_run_runs_may_change_on_resume(tmp_path, cache_dir, mo
     (["mha", "mha"], None, "CONFIG 'mha' is given twice"),
     (["mha"], "0,0", "--seeds '0,0': give each value at most once"),
     (["mha"], "a", "--seeds 'a'"),
+    (["nowhere.toml"], None, "CONFIG 'nowhere.toml': no such file"),
 ])
 def test_bad_comparisons_are_refused_before_training(tmp_path, cache_dir, configs, seeds, match):
     args = compare_args(tmp_path, cache_dir, *configs, *(["--seeds", seeds] if seeds else []))
     with pytest.raises(ValueError, match=match):
         compare.main(args)
     assert not any(tmp_path.iterdir())
+
+
+def test_an_out_that_is_a_file_is_named_as_out(tmp_path, cache_dir):
+    args = compare_args(tmp_path, cache_dir, "mha")
+    args.out = str(tmp_path / "taken")
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ValueError, match=r"--out '.*taken': a file; give a folder"):
+        compare.main(args)
+    assert (tmp_path / "taken").read_text() == "a file"
 
 
 def test_a_run_written_before_fields_were_added_is_reused_not_another_config(tmp_path):
