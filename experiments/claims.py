@@ -284,6 +284,12 @@ def missing_runs(runs: dict[Budget, dict], seeds: int) -> list[tuple[dict, list[
     return sorted(plans, key=lambda plan: len(plan[1]))
 
 
+def corpus_devices(runs: dict[Budget, dict], corpus: dict) -> list[str]:
+    """The devices whose runs read `corpus`: a machine of the same kind and image likely builds it again."""
+    return sorted({run.device for found in runs.values() for listed in found.values() for run in listed
+                   if run.device and same_corpus(run.corpus, corpus)})
+
+
 def missing_text(runs: dict[Budget, dict], seeds: int) -> str:
     plans = missing_runs(runs, seeds)
     if not plans:
@@ -291,7 +297,10 @@ def missing_text(runs: dict[Budget, dict], seeds: int) -> str:
     lines = [f"To give every claim {seeds} paired seeds, train on one corpus (runs pair only on the corpus they read; "
              f"the python-source corpus is the training machine's installed files):"]
     for corpus, needed, gains in plans:
-        lines.append(f"- corpus {corpus_label(corpus)}: {len(needed)} run{'s' if len(needed) != 1 else ''}"
+        devices = corpus_devices(runs, corpus)
+        lines.append(f"- corpus {corpus_label(corpus)}"
+                     + (f" (its runs trained on {', '.join(devices)})" if devices else "")
+                     + f": {len(needed)} run{'s' if len(needed) != 1 else ''}"
                      + (": " + ", ".join(f"{config} seed {seed}" for config, seed in needed) if needed else ""))
     corpus, needed, gains = plans[0]
     if needed:

@@ -260,7 +260,8 @@ def test_missing_runs_name_per_corpus_what_gives_every_claim_its_seeds(tmp_path,
     assert all(needed == [] for _, needed, _ in claims.missing_runs(runs, 1))  # every claim has its one seed
     assert claims.main([str(folder), "--missing", "2"]) == 0
     out = capsys.readouterr().out
-    assert "- corpus feedc0ffee00: 5 runs: " in out and "- corpus 0ld0ld0ld0ld: 6 runs: " in out
+    assert "- corpus feedc0ffee00 (its runs trained on synthetic): 5 runs: " in out  # the device: which machine
+    assert "- corpus 0ld0ld0ld0ld (its runs trained on synthetic): 6 runs: " in out  # builds that corpus again
     assert "paper_repro.py longer --only egmla-kv64 --seeds 1 --retrain-other-corpora" in out
     assert f"On synthetic: {5 * LONG / 1.0 / 60:.0f} min of training steps" in out  # 5 runs at the recorded 1 token/s
 
