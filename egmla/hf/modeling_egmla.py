@@ -9,7 +9,8 @@ egmla's to the bit. What this file adds is the transformers surface:
 
 Padding: a 0 in `attention_mask` drops that token before it reaches the model (each row keeps only its
 real tokens, at positions 0, 1, ...), so left-padded batches give each sequence the logits it gets alone.
-`inputs_embeds` is not supported: EG-MLA gates are looked up by token id.
+`inputs_embeds` is not supported: EG-MLA gates are looked up by token id. Nor are output_hidden_states and
+output_attentions (refused: only logits come back) or a 4-D attention_mask.
 """
 from __future__ import annotations
 
@@ -260,6 +261,14 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
         returns the last n positions' logits only, a tensor the positions it lists (computed, then sliced)."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("inputs_embeds is not supported: EG-MLA gates are looked up by token id; pass input_ids")
+        # refused rather than ignored: the model returns logits only, so these would come back None
+        unsupported = [name for name in ("output_hidden_states", "output_attentions")
+                       if kwargs.get(name, getattr(self.config, name, False))]
+        if unsupported:
+            raise ValueError(f"{' and '.join(unsupported)} is not supported: EgmlaForCausalLM returns logits only")
+        if attention_mask is not None and attention_mask.dim() != 2:  # a 4-D pattern would be silently ignored
+            raise ValueError(f"attention_mask has {attention_mask.dim()} dimensions: EgmlaForCausalLM takes the 2-D "
+                             f"padding mask [batch, columns] (1 = token, 0 = padding), not a custom attention pattern")
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("both cache and past_key_values were given: pass the cache once, as `cache`")
         cache = cache if cache is not None else past_key_values
@@ -267,7 +276,7 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
             raise ValueError(f"the cache is a {type(cache).__name__}: EgmlaForCausalLM needs an "
                              f"EgmlaCache (model.new_hf_cache(batch_size)) or None")
         batch, seq = input_ids.shape
-        new_mask = attention_mask[:, -seq:] if attention_mask is not None and attention_mask.dim() == 2 else None
+        new_mask = attention_mask[:, -seq:] if attention_mask is not None else None
         padded = new_mask is not None and not bool(new_mask.all())
         if cache is None and use_cache:
             cache = self.new_hf_cache(batch)
@@ -282,8 +291,13 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
             if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
                 raise ValueError(f"logits_to_keep={logits_to_keep!r} with labels: the loss needs every position's "
                                  f"logits; leave logits_to_keep at 0")
+            # num_items_in_batch: the Trainer's count of label tokens over every micro-batch of a gradient-accumulation
+            # step; it passes it (this forward takes **kwargs) and then leaves the loss unscaled, as for Llama
+            num_items = kwargs.get("num_items_in_batch")
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
+                                   ignore_index=-100, reduction="mean" if num_items is None else "sum")
+            if num_items is not None:
+                loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
         if isinstance(logits_to_keep, int):
             logits = logits[:, -logits_to_keep:] if logits_to_keep > 0 else logits
         else:

@@ -98,3 +98,55 @@ def test_bf16_load_matches_egmlas_bf16_load(make_run, tmp_path):
     tokens = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens))
+
+
+def test_num_items_in_batch_normalises_the_loss_as_transformers_does(make_run, tmp_path):
+    """The Trainer passes num_items_in_batch (the label tokens of every micro-batch of an accumulation step) and then
+    leaves the loss unscaled: the loss is the summed cross-entropy over that count, so 2 accumulated batches of 2 train
+    as one batch of 4 (the mean of each micro-batch made the gradients 2x too large)."""
+    import copy
+
+    from transformers import Trainer, TrainingArguments
+
+    model, _ = load_model(make_run("eg-mla"))
+    hf_model = EgmlaForCausalLM.from_egmla(model)
+    tokens = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    labels = tokens.clone()
+    labels[0, :4] = -100
+    summed = torch.nn.functional.cross_entropy(model(tokens)[:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1),
+                                               reduction="sum")
+    torch.testing.assert_close(hf_model(tokens, labels=labels, num_items_in_batch=torch.tensor(40)).loss, summed / 40)
+
+    rows = [{"input_ids": row, "labels": [t if i >= n else -100 for i, t in enumerate(row)]}
+            for n, row in enumerate(torch.randint(0, 300, (4, 10), generator=torch.Generator().manual_seed(1)).tolist())]
+    trained = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        copy_ = copy.deepcopy(hf_model).train()
+        args = TrainingArguments(tmp_path / f"{batch}", per_device_train_batch_size=batch, max_steps=1, optim="sgd",
+                                 gradient_accumulation_steps=accumulation, learning_rate=0.1, max_grad_norm=1e9,
+                                 report_to=[], save_strategy="no", use_cpu=True)
+        trainer = Trainer(model=copy_, args=args, train_dataset=rows,
+                          data_collator=lambda b: {k: torch.tensor([r[k] for r in b]) for k in ("input_ids", "labels")})
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)  # the same 4 rows
+        trainer.train()
+        trained.append(copy_.model.tok_embeddings.weight.detach())
+    torch.testing.assert_close(trained[1], trained[0], rtol=1e-5, atol=1e-6)
+
+
+def test_outputs_it_cannot_give_are_refused_not_left_none(make_run):
+    """hidden states and attention maps (egmla's Transformer returns logits only) and a 4-D attention_mask (a custom
+    pattern the padding-dropping forward cannot follow) raise, where they used to come back None or be ignored."""
+    import pytest
+
+    model, _ = load_model(make_run("mla"))
+    hf_model = EgmlaForCausalLM.from_egmla(model)
+    tokens = torch.randint(0, 300, (1, 6))
+    for name in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(ValueError, match=f"{name} is not supported"):
+            hf_model(tokens, **{name: True})
+        with pytest.raises(ValueError, match=f"{name} is not supported"):
+            hf_model.generate(tokens, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, **{name: True})
+    with pytest.raises(ValueError, match="attention_mask has 4 dimensions"):
+        hf_model(tokens, attention_mask=torch.zeros(1, 1, 6, 6))
+    with torch.no_grad():
+        assert torch.equal(hf_model(tokens, output_hidden_states=False).logits, model(tokens))
