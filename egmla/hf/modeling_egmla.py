@@ -15,6 +15,7 @@ output_attentions (refused: only logits come back) or a 4-D attention_mask.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,6 +47,9 @@ class EgmlaPreTrainedModel(PreTrainedModel):
     config_class = EgmlaConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
+    # the model attends with torch's SDPA whatever transformers selects, so `attn_implementation="sdpa"`, the usual
+    # request, loads (it raised); "eager" still loads and changes nothing either
+    _supports_sdpa = True
     _skip_keys_device_placement = ["cache", "past_key_values"]
     supports_gradient_checkpointing = True
 
@@ -233,6 +237,14 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
         """transformers' own, then for assisted decoding (a draft model, prompt lookup) an EgmlaCache made here: that
         loop needs its cache before the first step, where every other mode lets `prepare_inputs_for_generation` make it
         (beam search and num_return_sequences expand the batch after this point; assisted decoding runs batch 1)."""
+        limit = self.config.max_position_embeddings
+        if generation_config.max_length is not None and generation_config.max_length > limit:
+            # stop at the limit, as `egmla generate` does: past it the step raises and every token made is lost.
+            # (transformers sets max_length from max_new_tokens before this hook and reads it for stopping after it)
+            warnings.warn(f"max_length={generation_config.max_length} (prompt + max_new_tokens) passes "
+                          f"max_position_embeddings={limit}, where egmla's RoPE tables end: generation stops at "
+                          f"{limit} positions", stacklevel=3)
+            generation_config.max_length = limit
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
                                                        *args, **kwargs)
         if (generation_mode == GenerationMode.ASSISTED_GENERATION and generation_config.use_cache is not False
@@ -260,7 +272,8 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
         training) runs the causal forward without one. logits_to_keep (transformers' convention): an int n > 0
         returns the last n positions' logits only, a tensor the positions it lists (computed, then sliced)."""
         if inputs_embeds is not None or input_ids is None:
-            raise ValueError("inputs_embeds is not supported: EG-MLA gates are looked up by token id; pass input_ids")
+            raise ValueError("inputs_embeds is not supported: egmla's models take token ids (EG-MLA's gates are looked "
+                             "up by id, and every kind shares that interface); pass input_ids")
         # refused rather than ignored: the model returns logits only, so these would come back None
         unsupported = [name for name in ("output_hidden_states", "output_attentions")
                        if kwargs.get(name, getattr(self.config, name, False))]

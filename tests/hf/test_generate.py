@@ -35,6 +35,19 @@ def test_greedy_generate_matches_egmla_engine(variant, make_run):
         assert out.sequences[row, ids.shape[1]:].tolist() == generation.token_ids
 
 
+def test_generate_past_the_rope_tables_stops_at_them_with_a_warning(make_run):
+    """max_new_tokens past max_position_embeddings: the tokens up to the limit, not an error midway that loses them."""
+    model, _ = load_model(make_run("mla"))
+    hf_model = EgmlaForCausalLM.from_egmla(model, pad_token_id=0)
+    limit = hf_model.config.max_position_embeddings
+    prompt = torch.tensor([PROMPTS[0]])
+    with pytest.warns(UserWarning, match=f"passes max_position_embeddings={limit}.*stops at {limit} positions"):
+        out = hf_model.generate(prompt, max_new_tokens=limit, do_sample=False)
+    assert out.shape == (1, limit)
+    within = hf_model.generate(prompt, max_new_tokens=limit - prompt.shape[1], do_sample=False)
+    assert torch.equal(out, within)
+
+
 @pytest.mark.parametrize("variant", ["mla", "eg-mla"])
 def test_cache_stores_only_the_latent_and_matches_kv_report(variant, make_run, capsys):
     model, _ = load_model(make_run(variant), dtype=torch.bfloat16)

@@ -35,6 +35,10 @@ def test_save_load_round_trip_in_safetensors(variant, make_run, tmp_path, no_unp
     tokens = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens))  # RoPE tables rebuilt, weights intact
+    for implementation in ("sdpa", "eager"):  # the usual request, "sdpa", raised; neither changes the attention
+        chosen = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=implementation)
+        with torch.no_grad():
+            assert torch.equal(chosen(tokens).logits, model(tokens))
 
 
 def test_left_padding_gives_each_row_its_own_logits(make_run):
