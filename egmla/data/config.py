@@ -25,6 +25,9 @@ class DataConfig:
 
     def __post_init__(self):
         check_field_types(self, "data.")
+        if not self.corpus.strip():  # here, not where the corpus is read: its cache key is computed first
+            raise ValueError(f"data.corpus={self.corpus!r}: empty; use 'embedded', 'python-source', a file path/glob "
+                             f"or 'hf:NAME'")
         if self.corpus.startswith("hf:") and len(self.corpus) == 3:
             raise ValueError("data.corpus='hf:': name the dataset, e.g. 'hf:HuggingFaceFW/fineweb-edu'")
 

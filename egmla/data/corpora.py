@@ -150,26 +150,47 @@ def _first_of_each_content(files: list[tuple[str, Path, int]]) -> set[str]:
     return keep
 
 
+def _glob(pattern: str) -> list[str]:
+    """glob.glob(pattern, recursive=True), except that `**` does not enter symlinked folders (as a folder's walk does
+    not): glob's `**` follows them without noticing a loop, and a link to a parent folder made it run for ever."""
+    if "**" not in pattern:
+        return glob.glob(pattern)
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root, rest = Path(*parts[:fixed]) if fixed else Path(), parts[fixed:]
+    hidden_ok = any(part.startswith(".") for part in rest)  # as glob: wildcards match no hidden name unless asked
+    return [str(path) for path in root.glob(str(Path(*rest)))
+            if hidden_ok or not any(part.startswith(".") for part in path.relative_to(root).parts)]
+
+
 def resolve_local_files(spec: str) -> list[Path]:
-    """Files named by a comma-separated list of paths, globs (** ok) or folders; sorted, existing only."""
-    files: set[Path] = set()
+    """Files named by a comma-separated list of paths, globs (** ok) or folders; sorted, existing only, each file once
+    (a file reached twice, through a symlink or under two names, would be trained on twice)."""
+    files: dict[str, Path] = {}  # real path -> the first name it was found under
     for part in (p.strip() for p in spec.split(",") if p.strip()):
-        matches = sorted(glob.glob(os.path.expanduser(part), recursive=True))
+        matches = sorted(_glob(os.path.expanduser(part)))
         if not matches:
             raise ValueError(f"data.corpus={spec!r}: {part!r} does not exist and matches no file; "
                              f"give a .txt/.jsonl/.parquet path or glob, 'embedded', 'python-source' or 'hf:NAME'")
         for match in map(Path, matches):
             if match.is_dir():
-                files.update(p for p in match.rglob("*") if p.suffix in LOCAL_BUILDERS and p.is_file())
+                found = sorted(p for p in match.rglob("*") if p.suffix in LOCAL_BUILDERS and p.is_file())
             elif match.is_file():
-                files.add(match)
+                found = [match]
+            elif match.is_symlink():
+                raise ValueError(f"data.corpus={spec!r}: {match} is a symbolic link to {os.readlink(match)!r}, "
+                                 f"which does not exist; fix the link or leave it out")
+            else:
+                found = []
+            for path in found:
+                files.setdefault(os.path.realpath(path), path)
     if not files:
         raise ValueError(f"data.corpus={spec!r}: no .txt, .jsonl or .parquet file there")
-    for path in files:
+    for path in files.values():
         if path.suffix not in LOCAL_BUILDERS:
             raise ValueError(f"data.corpus={spec!r}: {path} has suffix {path.suffix!r}; "
                              f"supported: {', '.join(LOCAL_BUILDERS)}")
-    return sorted(files)
+    return sorted(files.values())
 
 
 def dataset_documents(path: str, data_files: list[str] | None, config: DataConfig, source: str,
@@ -182,16 +203,23 @@ def dataset_documents(path: str, data_files: list[str] | None, config: DataConfi
                          f"'embedded' and 'python-source' work without it") from None
     if data_files is None:  # a hub dataset
         check_hub_reachable(config.corpus)
+        name, split = config.hf_config or None, config.hf_split
+    else:  # local files are the one split of the default configuration: data.hf_* name a hub dataset's, not theirs
+        name, split = None, "train"
     kwargs = {"sample_by": "document"} if path == "text" else {}
-    stream = datasets.load_dataset(path, name=config.hf_config or None, data_files=data_files,
-                                   split=config.hf_split, streaming=True, **kwargs)
+    field = "text" if path == "text" else config.text_field  # a .txt file's text is its whole content, always
+    stream = datasets.load_dataset(path, name=name, data_files=data_files, split=split, streaming=True, **kwargs)
     def documents() -> Iterator[Document]:
         for row in stream:
-            if config.text_field not in row:
-                raise CorpusError(f"data.text_field={config.text_field!r}: {source} rows have fields "
+            if field not in row:
+                raise CorpusError(f"data.text_field={field!r}: {source} rows have fields "
                                  f"{sorted(row)}; set data.text_field to the one holding the text")
-            text = row[config.text_field]
-            if isinstance(text, str) and text:  # keyed by content: a row's side of the split does not move when
+            text = row[field]
+            if text is not None and not isinstance(text, str):  # a number, list or record: not the text field
+                raise CorpusError(f"data.text_field={field!r}: {source} rows hold {type(text).__name__} values "
+                                 f"there, not text (e.g. {repr(text)[:40]}); set data.text_field to the field "
+                                 f"holding the text")
+            if text:  # keyed by content: a row's side of the split does not move when
                 # rows or files are added before it, and a text repeated anywhere is held out (or not) everywhere
                 yield f"{source}#{hashlib.sha256(text.encode()).hexdigest()[:24]}", text
 
@@ -252,9 +280,9 @@ def unreadable_file(path: Path) -> str | None:
     if LOCAL_BUILDERS[path.suffix] == "json":
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
-                try:
-                    if line.strip():
-                        json.loads(line)
+                try:  # a string or number on a line parses, but is no row (one .json document may be an array)
+                    if line.strip() and not isinstance(json.loads(line), dict) and path.suffix == ".jsonl":
+                        raise ValueError("not an object")
                 except ValueError:
                     return f"{path} line {number} is not a JSON object (a .jsonl file holds one per line)"
     return None
@@ -278,6 +306,9 @@ def local_documents(config: DataConfig) -> Iterator[Document]:
         logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}").setLevel(logging.CRITICAL)
     remaining = config.max_bytes
     for builder, files in sorted(by_builder.items()):
+        files = [path for path in files if path.stat().st_size]  # an empty .jsonl alone made `datasets` fail unclearly
+        if not files:
+            continue
         try:
             for key, text in dataset_documents(builder, list(map(str, files)), config, source=builder,
                                                max_bytes=remaining):
@@ -302,16 +333,16 @@ def iter_documents(config: DataConfig) -> Iterator[Document]:
         return python_source_documents(config.max_bytes)
     if corpus.startswith("hf:"):
         return hub_documents(config)
-    if not corpus:
-        raise ValueError("data.corpus='': empty; use 'embedded', 'python-source', a file path/glob or 'hf:NAME'")
     return local_documents(config)
 
 
 def corpus_fingerprint(config: DataConfig) -> str:
     """A cheap identity of the corpus (no full read): what the tokenizer and shard caches are keyed by.
 
-    embedded: the shipped file's hash; python-source and local files: paths, sizes and mtimes;
-    hub datasets: name, config and split (a changed hub dataset needs a new data.cache_dir)."""
+    embedded: the shipped file's hash; python-source: paths, sizes and mtimes; local files: paths, sizes, mtimes,
+    inodes and ctimes (a file replaced by one of the same size and mtime, as `cp -p`, `rsync -t` or `touch -r` leave
+    it, gets another inode or ctime: no user sets those); hub datasets: name, config and split (a changed hub dataset
+    needs a new data.cache_dir)."""
     corpus = config.corpus.strip()
     parts: dict = {"corpus": corpus, "max_bytes": config.max_bytes, "text_field": config.text_field,
                    "recipe": CORPUS_RECIPE}
@@ -324,8 +355,8 @@ def corpus_fingerprint(config: DataConfig) -> str:
     elif corpus.startswith("hf:"):
         parts.update(hf_config=config.hf_config, hf_split=config.hf_split)
     else:
-        parts["files"] = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
-                          for p in resolve_local_files(corpus)]
+        parts["files"] = [(str(p.resolve()), info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns)
+                          for p in resolve_local_files(corpus) for info in [p.stat()]]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -369,6 +400,15 @@ def chunk_text(text: str, size: int = CHUNK_BYTES) -> list[str]:
         pieces.append(text[start:end])
         start = end
     return pieces
+
+
+def empty_split_advice(config: DataConfig) -> tuple[str, str, str]:
+    """(the settings, how they hold text out, what to change) for an error about a split left empty."""
+    if config.split == "document":
+        return (f"data.val_fraction={config.val_fraction}, data.split='document'", "as whole documents",
+                "use more documents, or data.split='chunk' to hold out chunks of each")
+    return (f"data.val_fraction={config.val_fraction}", f"by chunks of {CHUNK_BYTES:,}",
+            "use more text or change data.val_fraction")
 
 
 def split_chunks(documents: Iterator[Document], val_fraction: float,

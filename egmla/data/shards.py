@@ -6,6 +6,7 @@ tokenizer hash; written into a temp folder and renamed, so a half-written cache 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from egmla.data.config import DataConfig
-from egmla.data.corpora import CHUNK_BYTES, corpus_fingerprint, iter_documents, split_chunks
+from egmla.data.corpora import CHUNK_BYTES, corpus_fingerprint, empty_split_advice, iter_documents, split_chunks
 from egmla.data.tokenizer import TOKENIZER_RECIPE, tokenizer_sha256
 
 SHARD_RECIPE = "shards-v2"  # v2: an end-of-text wherever a split's stream changes document
@@ -99,12 +100,34 @@ def _write_shards(config: DataConfig, tokenizer, folder: Path, progress: bool) -
             "val_chars": chars["val"], "dtype": np.dtype(dtype).name}
 
 
+def cached_shards(folder: Path) -> TokenShards | None:
+    """The shards in folder if they are whole: a readable meta.json, and each split's file as long as the tokens it
+    counts. The folder is renamed into place complete, but not fsynced, and a copy can stop short: such a cache is
+    built again, never read (a memmap past a file's end failed in one unhelpful line)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        size = np.dtype(meta["dtype"]).itemsize
+        if all((folder / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * size
+               for split in ("train", "val")):
+            return TokenShards(folder, meta)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
 def prepare_shards(config: DataConfig, tokenizer, progress: bool = True, log=print) -> TokenShards:
     """Tokenize the corpus (or reuse the cache) and return its shards."""
     root = config.cache_root() / "shards"
     folder = root / shard_key(config, tokenizer)
-    if (folder / "meta.json").is_file():
-        return TokenShards(folder, json.loads((folder / "meta.json").read_text()))
+    if folder.exists():
+        shards = cached_shards(folder)
+        if shards is not None:
+            return shards
+        log(f"note: the cached shards in {folder} are incomplete; tokenizing again")
+        broken = root / f".broken-{folder.name}-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+            os.replace(folder, broken)  # out of the way first: a process reading it meanwhile keeps its open files
+        shutil.rmtree(broken, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     log(f"tokenizing corpus {config.corpus!r} into {folder} ...")
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
@@ -117,9 +140,9 @@ def prepare_shards(config: DataConfig, tokenizer, progress: bool = True, log=pri
                              f"data.text_field and data.max_bytes")
         if meta["val_tokens"] == 0 or meta["train_tokens"] == 0:
             empty = "validation" if meta["val_tokens"] == 0 else "training"
-            raise ValueError(f"data.val_fraction={config.val_fraction}: the {empty} split is empty "
-                             f"({meta['train_chars'] + meta['val_chars']:,} characters of text in chunks of "
-                             f"{CHUNK_BYTES:,}); use more text or change data.val_fraction")
+            settings, how, fix = empty_split_advice(config)
+            raise ValueError(f"{settings}: the {empty} split is empty ({meta['train_chars'] + meta['val_chars']:,} "
+                             f"characters of text, held out {how}); {fix}")
         shards = TokenShards(tmp, meta)
         meta.update(unigram_statistics(shards.tokens("train"), shards.tokens("val"), vocab_size))
         meta.update(corpus=config.corpus, tokenizer_sha256=tokenizer_sha256(tokenizer), vocab_size=vocab_size)

@@ -10,7 +10,7 @@ import json
 import sys
 
 from egmla.data.config import DataConfig
-from egmla.data.corpora import corpus_fingerprint, iter_documents, split_chunks
+from egmla.data.corpora import corpus_fingerprint, empty_split_advice, iter_documents, split_chunks
 
 END_OF_TEXT = "<|endoftext|>"
 TOKENIZER_RECIPE = "bytelevel-bpe-v1"  # bump when the recipe changes, to invalidate caches
@@ -46,10 +46,12 @@ def tokenizer_sha256(tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
 
 
-def _training_texts(config: DataConfig):
-    """Training-split chunks, up to config.tokenizer_sample_bytes (validation text is never seen)."""
+def _training_texts(config: DataConfig, seen: dict[str, int]):
+    """Training-split chunks, up to config.tokenizer_sample_bytes (validation text is never seen); seen counts the
+    characters of each split read (for an error that says why there was no training text)."""
     total = 0
     for split, text, _ in split_chunks(iter_documents(config), config.val_fraction, config.split):
+        seen[split] += len(text)
         if split != "train":
             continue
         if config.tokenizer_sample_bytes and total + len(text) > config.tokenizer_sample_bytes:
@@ -66,12 +68,20 @@ def get_tokenizer(config: DataConfig, vocab_size: int, progress: bool = True, lo
                                      config.tokenizer_sample_bytes, TOKENIZER_RECIPE]).encode()).hexdigest()
     path = config.cache_root() / "tokenizers" / f"{key[:24]}.json"
     if path.is_file():
-        return Tokenizer.from_file(str(path))
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as err:  # written atomically, so cut short outside egmla (a partial copy): train it again
+            log(f"note: the cached tokenizer {path} is unreadable ({str(err).splitlines()[0]}); training it again")
     log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on corpus {config.corpus!r} ...")
-    tokenizer = train_tokenizer(_training_texts(config), vocab_size, progress=progress)
+    seen = {"train": 0, "val": 0}
+    tokenizer = train_tokenizer(_training_texts(config, seen), vocab_size, progress=progress)
     if tokenizer.get_vocab_size() < MIN_VOCAB + 1:
+        if seen["val"] and not seen["train"]:  # there is text, but all of it went to validation
+            settings, how, fix = empty_split_advice(config)
+            raise ValueError(f"{settings}: the training split is empty (all {seen['val']:,} characters of text "
+                             f"were held out, {how}); {fix}")
         raise ValueError(f"data.corpus={config.corpus!r}: no training text to learn a tokenizer from; "
-                         f"check the path and data.max_bytes")
+                         f"check the path, data.text_field and data.max_bytes")
     if tokenizer.get_vocab_size() < vocab_size:
         log(f"note: the corpus yields only {tokenizer.get_vocab_size()} tokens (< vocab_size {vocab_size})")
     from egmla.runs import atomic_write_bytes

@@ -162,7 +162,12 @@ def load_run_tokenizer(run_dir: Path):
     path = run_dir / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"--resume {str(run_dir)!r}: no tokenizer.json there; the run directory is incomplete")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # the library's own exception type, with no file name: a traceback reached the user
+        raise ValueError(f"--resume {str(run_dir)!r}: {path} is not a readable tokenizer "
+                         f"({str(err).splitlines()[0]}); restore the run's own tokenizer.json from a copy (the "
+                         f"weights were trained with its ids), or start a new run") from None
 
 
 def setup_data(run: RunConfig, run_dir: Path, resume: bool, info: DistInfo, progress: bool, log):

@@ -2,6 +2,7 @@
 the hub path (the same `datasets` streaming code, checked on local files and with a stand-in loader)."""
 import hashlib
 import json
+import os
 import random
 import sys
 import time
@@ -11,7 +12,7 @@ import pytest
 from egmla.data.config import DataConfig
 from egmla.data.corpora import (chunk_text, corpus_fingerprint, is_validation, is_validation_document,
                                 iter_documents, python_source_documents, python_source_files, python_source_roots,
-                                split_chunks)
+                                resolve_local_files, split_chunks)
 
 
 def test_chunks_rejoin_and_cut_at_line_ends():
@@ -226,10 +227,57 @@ def test_a_hub_error_after_connecting_is_one_line(monkeypatch):
         list(iter_documents(DataConfig(corpus="hf:no/such")))
 
 
+def test_local_files_are_each_read_once_and_a_symlink_loop_ends(tmp_path):
+    """glob's `**` followed a link to a parent folder round and round: with two such links it never finished, with
+    one it listed the same file 41 times (and trained on it 41 times); a file named twice was read twice."""
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("A document.\n")
+    os.symlink("..", tmp_path / "texts" / "up")
+    os.symlink(".", tmp_path / "texts" / "self")
+    started = time.perf_counter()
+    assert resolve_local_files(str(tmp_path / "texts" / "**" / "*.txt")) == [tmp_path / "texts" / "a.txt"]
+    assert time.perf_counter() - started < 5
+    assert resolve_local_files(f"{tmp_path / 'texts'},{tmp_path / 'texts' / 'a.txt'}") == [tmp_path / "texts" / "a.txt"]
+    os.symlink("missing.txt", tmp_path / "texts" / "gone.txt")
+    with pytest.raises(ValueError, match=r"gone.txt is a symbolic link to 'missing.txt', which does not exist"):
+        resolve_local_files(str(tmp_path / "texts" / "gone.txt"))
+
+
+def test_a_file_replaced_with_the_same_size_and_mtime_gets_a_new_cache_key(tmp_path):
+    """`cp -p`, `rsync -t` or `touch -r` can leave other text under the size and mtime the caches were keyed by."""
+    path = tmp_path / "a.txt"
+    path.write_text("first text\n")
+    config = DataConfig(corpus=str(path))
+    before, info = corpus_fingerprint(config), path.stat()
+    path.write_text("other text\n")
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert path.stat().st_size == info.st_size and path.stat().st_mtime_ns == info.st_mtime_ns
+    assert corpus_fingerprint(config) != before
+
+
+def test_text_field_holding_no_text_is_named_and_txt_files_ignore_it(tmp_path):
+    (tmp_path / "numbers.jsonl").write_text("\n".join(json.dumps({"text": i}) for i in range(3)))
+    with pytest.raises(ValueError, match=r"^data.text_field='text': json rows hold int values there, not text "
+                                         r"\(e.g. 0\); set data.text_field to the field holding the text$"):
+        list(iter_documents(DataConfig(corpus=str(tmp_path / "numbers.jsonl"))))
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.txt").write_text("A text file.\n")
+    (folder / "b.jsonl").write_text(json.dumps({"body": "A row."}) + "\n")
+    (folder / "empty.jsonl").write_text("")
+    # data.text_field names the .jsonl field; a .txt file is text whatever it says, and data.hf_* are a hub's
+    docs = iter_documents(DataConfig(corpus=str(folder), text_field="body", hf_split="test", hf_config="other"))
+    assert sorted(t for _, t in docs) == ["A row.", "A text file.\n"]
+    assert list(iter_documents(DataConfig(corpus=str(folder / "empty.jsonl")))) == []  # not `datasets`' StopIteration
+    with pytest.raises(ValueError, match=r"data.corpus=' ': empty; use 'embedded'"):
+        DataConfig(corpus=" ")
+
+
 @pytest.mark.parametrize("name,content,error", [
     ("random.txt", bytes(range(128, 256)) * 8, r"random.txt is not UTF-8 text \(byte 0x80 at offset 0\)"),
     ("latin1.txt", "First line.\nCafé au lait.\n".encode("latin-1"), r"latin1.txt is not UTF-8 text \(byte 0xe9 at offset 15\)"),
     ("rows.jsonl", b'{"text": "fine"}\nnot json\n', r"rows.jsonl line 2 is not a JSON object"),
+    ("strings.jsonl", b'"a string, not a row"\n', r"strings.jsonl line 1 is not a JSON object"),
     ("table.parquet", b"not parquet", r"table.parquet is not a parquet file"),
 ])
 def test_an_unreadable_corpus_file_is_named(tmp_path, name, content, error):

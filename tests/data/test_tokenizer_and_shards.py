@@ -109,3 +109,37 @@ def test_the_chunk_split_never_runs_two_documents_or_two_pieces_together(tmp_pat
             assert len({doc for _, doc, _, _ in lines}) == 1, split
             numbers = [int(number) for *_, number in lines]
             assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), split
+
+
+def test_a_cache_cut_short_is_built_again_not_read(corpus):
+    """Shards are renamed into place whole, but a partial copy or a crash before the disk had them can leave a file
+    short or missing: a memmap past its end failed in one unhelpful line. A cached tokenizer cut short gave a
+    traceback."""
+    tokenizer, shards = prepare_data(corpus, 320, progress=False, log=lambda *_: None)
+    train = shards.tokens("train").copy()
+    for damage in (lambda f: (f / "train.bin").write_bytes(b"\0" * 10), lambda f: (f / "val.bin").unlink(),
+                   lambda f: (f / "meta.json").write_text('{"dtype": "uint1'), lambda f: (f / "meta.json").unlink()):
+        damage(shards.folder)
+        lines = []
+        _, again = prepare_data(corpus, 320, progress=False, log=lines.append)
+        assert "are incomplete; tokenizing again" in lines[0] and again.folder == shards.folder
+        assert (again.tokens("train") == train).all() and len(again.tokens("val")) == shards.meta["val_tokens"]
+    for path in (corpus.cache_root() / "tokenizers").glob("*.json"):
+        path.write_text(path.read_text()[:100])
+    lines = []
+    assert prepare_data(corpus, 320, progress=False, log=lines.append)[0].to_str() == tokenizer.to_str()
+    assert "is unreadable" in lines[0] and "training it again" in lines[0]
+
+
+def test_a_split_left_empty_says_which_setting_emptied_it(tmp_path):
+    (tmp_path / "one.txt").write_text(TEXT * 10)
+    config = DataConfig(corpus=str(tmp_path / "one.txt"), val_fraction=0.999, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"^data.val_fraction=0.999: the training split is empty \(all 700 characters "
+                                         r"of text were held out, by chunks of 16,384\); use more text or change "
+                                         r"data.val_fraction$"):  # not 'no training text; check the path'
+        prepare_data(config, 300, progress=False, log=lambda *_: None)
+    config = DataConfig(corpus=str(tmp_path / "one.txt"), split="document", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"^data.val_fraction=0.02, data.split='document': the validation split is "
+                                         r"empty \(700 characters of text, held out as whole documents\); use more "
+                                         r"documents, or data.split='chunk' to hold out chunks of each$"):
+        prepare_data(config, 300, progress=False, log=lambda *_: None)

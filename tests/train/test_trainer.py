@@ -135,6 +135,15 @@ def test_resume_refuses_a_different_tokenizer_and_loses_nothing(tmp_path, cache_
     assert all(verify_checkpoint(p) is None for p in list_checkpoints(run_dir))
 
 
+def test_resume_with_an_unreadable_tokenizer_json_is_one_line(tmp_path):
+    """The tokenizers library raises a bare Exception naming no file: it reached the user as a traceback."""
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    with pytest.raises(ValueError, match=r"tokenizer.json is not a readable tokenizer \(.+\); restore the run's own "
+                                         r"tokenizer.json from a copy") as raised:
+        trainer.load_run_tokenizer(tmp_path)
+    assert "\n" not in str(raised.value)
+
+
 @pytest.mark.parametrize("sections, message", [
     (dict(train=dict(batch_size=100_000)), "train.batch_size=100000: the training split has only"),
     (dict(train=dict(micro_batch_size=3)), "train.micro_batch_size=3: must divide the per-process batch 8"),
