@@ -156,6 +156,19 @@ def keep_train_changes(run: RunConfig, run_dir: Path, log) -> None:
         log(f"changed on resume, kept in {path}: {', '.join(changed)}")
 
 
+def warn_if_the_corpus_changed(state: dict, meta: dict, say) -> None:
+    """A resume reads the corpus as it is now: if its splits hold other token counts than when the checkpoint was
+    written (files added, edited, or the python-source installation changed), the run goes on over other data, so
+    the resumed losses are no longer those of an uninterrupted run. Said, not refused: continuing on a grown corpus
+    can be what the user wants. (Checkpoints written before 2026-12-06 did not record the counts.)"""
+    changed = [f"{name} {state[key]:,} -> {meta[now]:,}" for name, key, now in (
+        ("training tokens", "train_split_tokens", "train_tokens"), ("validation tokens", "val_split_tokens",
+                                                                    "val_tokens")) if key in state and state[key] != meta[now]]
+    if changed:
+        say(f"warning: the corpus changed since this checkpoint ({', '.join(changed)}): the resumed run trains and "
+            f"validates on other data than the run so far; restore the corpus (data.corpus) to resume exactly")
+
+
 def load_run_tokenizer(run_dir: Path):
     from tokenizers import Tokenizer
 
@@ -244,6 +257,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
             raise ValueError(f"train.seq_len={cfg.seq_len}: the checkpoint was trained with seq_len="
                              f"{state['seq_len']}; keep it to resume")
         start_step, position = state["step"], state["sequences_consumed"]
+        warn_if_the_corpus_changed(state, shards.meta, say)
         if info.is_main:  # only once a checkpoint was found: a resume that fails leaves config.json as it was
             keep_train_changes(run, run_dir, say)
         say(f"resuming from {resumed_from} (step {start_step})")
@@ -285,7 +299,8 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
         state = {"sequences_consumed": batches.position, "tokens_seen": batches.position * cfg.seq_len,
                  "epoch": batches.epoch, "lr": lr_at(max(0, step - 1), cfg), "world_size": info.world_size,
                  "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokenizer_sha256": tokenizer_hash,
-                 "total_steps": cfg.steps}
+                 "total_steps": cfg.steps, "train_split_tokens": shards.meta["train_tokens"],
+                 "val_split_tokens": shards.meta["val_tokens"]}
         folder = ckpt.save_checkpoint(run_dir, step, wrapped, optimizer, state, info, cfg.keep_checkpoints, run.model)
         if info.is_main and on_checkpoint is not None:
             on_checkpoint(run_dir)

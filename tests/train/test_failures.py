@@ -166,6 +166,29 @@ def test_a_resume_that_finds_no_checkpoint_leaves_config_json_as_it_was(tmp_path
     assert (run_dir / "config.json").read_bytes() == before
 
 
+def test_a_resume_over_a_changed_corpus_says_so(tmp_path, cache_dir, capsys):
+    """The checkpoint records its splits' token counts; a resume that reads other counts (here the corpus cut shorter,
+    as files removed would) warns that the run goes on over other data. The same corpus says nothing."""
+    import lzma
+
+    from egmla.data.build_embedded import EMBEDDED_PATH
+
+    text = lzma.decompress(EMBEDDED_PATH.read_bytes()).decode()[:300_000]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    run_dir = tmp_path / "run"
+    train(run_config(cache_dir, train=dict(steps=4, checkpoint_every=2), data=dict(corpus=str(corpus))), run_dir,
+          progress=False, log=quiet)
+    state = json.loads((list_checkpoints(run_dir)[-1] / "state.json").read_text())
+    assert state["train_split_tokens"] > 0 and state["val_split_tokens"] > 0
+    assert train_main(["--resume", str(run_dir), "--no-progress", "--set", "train.steps=6"]) == 0
+    assert "the corpus changed" not in capsys.readouterr().out
+    corpus.write_text(text[:200_000])  # files edited or removed since
+    assert train_main(["--resume", str(run_dir), "--no-progress", "--set", "train.steps=8"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: the corpus changed since this checkpoint (training tokens {state['train_split_tokens']:,} -> " in out
+
+
 def test_resume_refuses_another_seed_and_another_folder(tmp_path, cache_dir, capsys):
     run_dir = tmp_path / "run"
     train(run_config(cache_dir, train=dict(steps=2, checkpoint_every=2)), run_dir, progress=False, log=quiet)
