@@ -130,8 +130,11 @@ class Transformer(nn.Module):
                 nn.init.normal_(param, std=std)
             elif name.endswith("bias"):
                 nn.init.zeros_(param)
-            else:
-                nn.init.ones_(param)  # norm weights
+            elif name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            else:  # a new 1-D parameter (a temperature, a gate scale) must say how it starts: ones would be a guess
+                raise ValueError(f"reset_parameters: no initialisation for {name} (shape {tuple(param.shape)}); "
+                                 f"add a rule for it here")
 
     # ---- decoding ------------------------------------------------------------------------
     def set_decode_path(self, path: str, keep_precomputed: bool = False) -> None:

@@ -4,7 +4,9 @@ A variant is a name (what `egmla compare`, `egmla bench ... --variants` and conf
 ModelConfig fields it sets on top of a shape (a preset, or the shape of another config). Everything else
 about a variant is derived, never copied: its display name is `ModelConfig.variant_name()`, its decode paths
 come from its attention class (`egmla.attention.decode_paths`). Accounting, the benchmarks, `egmla compare`,
-the experiments, the config files and the tests all read this table, so one entry adds a variant everywhere.
+the experiments and the config files read this table, so one entry reaches all of them. The exactness tests run
+at small shapes from their own tables (tests/conftest.py, tests/hf/conftest.py, tests/infer/helpers.py); a test
+checks that every kind of variant here is in the first. docs/design.md §6 lists what a new variant touches.
 """
 from __future__ import annotations
 

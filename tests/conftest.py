@@ -17,6 +17,7 @@ VARIANTS = {
     "egmla-rmsnorm": dict(attention="eg-mla", gate_norm="rmsnorm"),
     "egmla-untied": dict(attention="eg-mla", tie_embeddings=False),
     "egmla-bias": dict(attention="eg-mla", gate_op="bias"),
+    "egmla-bias-v": dict(attention="eg-mla", gate_op="bias-v"),
     "egmla-identity": dict(attention="eg-mla", gate_init="identity"),
 }
 

@@ -80,3 +80,16 @@ def test_a_variant_sets_attention_fields_only():
         Variant("x", dict(attention="mla", d_model=64))
     with pytest.raises(ValueError, match="--variants: variant 'egmla-kv46': unknown.*did you mean 'egmla-kv64'"):
         variants.select("mha,egmla-kv46")
+
+
+def test_every_kind_of_variant_is_in_the_exactness_tests_table():
+    """tests/conftest.VARIANTS (cached decode = full forward on every decode path, the kernels' table) is kept by hand
+    at small shapes: every registered variant's kind (attention, gate op, norm, placement, start) must be there, or
+    a new variant is never checked for exactness. (The V table alone was missing until 2026-12-06.)"""
+    from tests.conftest import VARIANTS as TESTED, small_config
+
+    kinds = ("attention", "gate_op", "gate_norm", "gate_placement", "gate_init")
+    tested = {tuple(getattr(small_config(**kw), k) for k in kinds) for kw in TESTED.values()}
+    missing = {v.name: v.overrides for v in VARIANTS.values()
+               if tuple(getattr(v.config("tiny"), k) for k in kinds) not in tested}
+    assert not missing, f"add these kinds of variant to tests/conftest.VARIANTS: {missing}"
