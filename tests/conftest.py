@@ -22,6 +22,18 @@ VARIANTS = {
 }
 
 
+def perturbed(model, scale: float = 0.1, seed: int = 0):
+    """`model` with every parameter that starts constant (norm weights at 1, biases at 0, the identity gate's W_UE at
+    0) moved to random values: at initialisation a decode path that ignored one (LayerNorm's beta, the gate's W_UE)
+    would still equal the full forward. Call it before set_decode_path, which precomputes from the weights."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.numel() > 1 and bool((param == param.flatten()[0]).all()):
+                param.add_(torch.randn(param.shape, generator=generator).to(param) * scale)
+    return model
+
+
 def small_config(**overrides):
     values = dict(vocab_size=61, n_layers=2, d_model=48, n_heads=4, qk_nope_head_dim=8, qk_rope_head_dim=4,
                   v_head_dim=6, kv_lora_rank=10, gate_dim=12, max_seq_len=48)

@@ -5,7 +5,7 @@ import torch
 
 from egmla.attention import decode_paths
 from egmla.model import Transformer
-from tests.conftest import VARIANTS, small_config
+from tests.conftest import VARIANTS, perturbed, small_config
 
 CASES = [(name, path) for name, kw in VARIANTS.items() for path in decode_paths(small_config(**kw))
          if path not in ("kernel", "grouped")]  # kernel paths are tested against these in tests/kernels
@@ -18,7 +18,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("variant,path", CASES)
 def test_prefill_then_decode_matches_full_forward(variant, path):
     config = small_config(**VARIANTS[variant])
-    model = Transformer(config).eval()
+    model = perturbed(Transformer(config)).eval()
     batch, total = 3, 21
     tokens = torch.randint(0, config.vocab_size, (batch, total))
     prompt_lens = torch.tensor([9, 4, 1])  # ragged prompts, right-padded in one prefill call
@@ -46,7 +46,7 @@ def test_prefill_then_decode_matches_full_forward(variant, path):
                                                                - {"kernel", "grouped"}) > 1])
 def test_fast_paths_equal_naive_on_fresh_inputs(variant):
     config = small_config(**VARIANTS[variant])
-    model = Transformer(config).eval()
+    model = perturbed(Transformer(config)).eval()
     tokens = torch.randint(0, config.vocab_size, (2, 17))
     results = {}
     with torch.no_grad():

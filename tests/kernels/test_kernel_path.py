@@ -7,7 +7,7 @@ import torch
 
 from egmla.attention import decode_paths
 from egmla.model import Transformer
-from tests.conftest import VARIANTS, small_config
+from tests.conftest import VARIANTS, perturbed, small_config
 from tests.kernels.conftest import kernel_device, needs_cuda, rel_err, requires_triton
 
 KERNEL_VARIANTS = ["mla", "egmla", "egmla-latent", "egmla-add", "egmla-rmsnorm", "egmla-nonorm"]
@@ -31,7 +31,7 @@ def test_kernel_path_equals_naive(variant):
     config = small_config(**VARIANTS[variant])
     assert "kernel" in decode_paths(config)
     device = kernel_device()
-    model = Transformer(config).to(device).eval()
+    model = perturbed(Transformer(config)).to(device).eval()
     tokens = torch.randint(0, config.vocab_size, (3, 16), device=device)
     prompt_lens = torch.tensor([7, 1, 4], device=device)
     with torch.no_grad():
