@@ -80,6 +80,12 @@ class EgmlaConfig(PretrainedConfig):
 
     def to_model_config(self) -> ModelConfig:
         """The equivalent `egmla.config.ModelConfig` (derived sizes back to egmla's 0 = default)."""
+        for name in ("rope_parameters", "rope_scaling"):  # transformers keeps them; egmla's RoPE has no scaling
+            rope = getattr(self, name, None)
+            if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
+                raise ValueError(f"{name}={rope!r}: egmla's RoPE has no scaling (it would be ignored); remove "
+                                 f"rope_parameters (rope_scaling in older configs) or give rope_type 'default'; a "
+                                 f"longer max_position_embeddings needs training at that length")
         values = {name: getattr(self, HF_NAMES.get(name, name)) for name in ModelConfig.__dataclass_fields__}
         values["q_lora_rank"] = values["q_lora_rank"] or 0
         latent = values["attention"] in ("mla", "eg-mla")

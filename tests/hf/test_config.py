@@ -57,3 +57,12 @@ def test_auto_config_for_model_type():
     config = AutoConfig.for_model("egmla", hidden_size=96, num_attention_heads=4)
     assert isinstance(config, EgmlaConfig)
     assert config.to_model_config() == ModelConfig(d_model=96, n_heads=4)
+
+
+@pytest.mark.parametrize("field", ["rope_scaling", "rope_parameters"])
+def test_rope_scaling_is_refused_not_ignored(field, tiny_config):
+    """egmla's RoPE has no scaling: a config asking for one (linear, yarn, ...) would load and be silently ignored."""
+    values = EgmlaConfig.from_model_config(tiny_config("mla")).to_dict()
+    with pytest.raises(ValueError, match="rope_(parameters|scaling)=.*egmla.s RoPE has no scaling"):  # 5.2x renames
+        EgmlaConfig(**{**values, field: {"rope_type": "linear", "factor": 4.0}}).to_model_config()
+    EgmlaConfig(**{**values, field: {"rope_type": "default", "rope_theta": 10000.0}}).to_model_config()
