@@ -29,8 +29,15 @@ PositiveFloat = Annotated[float, Gt(0), Predicate(math.isfinite)]  # (nan fails 
 NonNegativeFloat = Annotated[float, Ge(0), Predicate(math.isfinite)]
 
 
-def _fail(field_name: str, value, fix: str):
-    raise ValueError(f"{field_name}={value!r}: {fix}")
+class ShapeRefused(ValueError):
+    """A setting refused for the model's size alone (a KV-head count that does not divide n_heads, a head dim that is
+    odd or not a divisor, a latent wider than d_model): the variant is fine, the shape cannot take it. A ValueError,
+    so callers catching ValueError see no change; `egmla.variants.compared_configs` leaves such variants out of a
+    comparison at small shapes (the kv256 rows at d_model 128) and lets every other error through."""
+
+
+def _fail(field_name: str, value, fix: str, error: type[ValueError] = ValueError):
+    raise error(f"{field_name}={value!r}: {fix}")
 
 
 @functools.cache
@@ -182,11 +189,11 @@ class ModelConfig:
                       f"MHA uses one KV head per query head; set attention='gqa' or n_kv_heads=0")
             if self.n_heads % self.kv_heads:
                 _fail("n_kv_heads", self.n_kv_heads,
-                      f"n_heads={self.n_heads} must be divisible by it; pick a divisor of {self.n_heads}")
+                      f"n_heads={self.n_heads} must be divisible by it; pick a divisor of {self.n_heads}", ShapeRefused)
             if not self.head_dim and self.d_model % self.n_heads:
-                _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}, or set head_dim")
+                _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}, or set head_dim", ShapeRefused)
             if self.mha_head_dim % 2:
-                _fail("head_dim", self.mha_head_dim, "RoPE rotates pairs: the head dim must be even")
+                _fail("head_dim", self.mha_head_dim, "RoPE rotates pairs: the head dim must be even", ShapeRefused)
         else:
             if self.n_kv_heads:
                 _fail("n_kv_heads", self.n_kv_heads, f"has no meaning for attention={self.attention!r}; leave it 0")
@@ -198,7 +205,8 @@ class ModelConfig:
             for name in ("kv_lora_rank", "q_lora_rank"):  # W_D projects d_model inputs: rank <= d_model
                 if getattr(self, name) > self.d_model:
                     _fail(name, getattr(self, name), f"a latent wider than d_model={self.d_model} compresses "
-                                                     f"nothing (its extra columns are linearly dependent); use <= {self.d_model}")
+                                                     f"nothing (its extra columns are linearly dependent); use <= {self.d_model}",
+                          ShapeRefused)
         if self.is_gated:
             if self.gate_dim <= 0:
                 _fail("gate_dim", self.gate_dim, "must be a positive integer (the paper uses 512)")

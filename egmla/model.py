@@ -220,7 +220,7 @@ class Transformer(nn.Module):
     # ---- forward -------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, n_new: torch.Tensor | None = None,
                 capturable: bool = False, logits_at: torch.Tensor | None = None, empty: bool = False,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, seq, vocab] for tokens [batch, seq].
 
         With a cache, sequence b's tokens go at positions cache.lengths[b] + i and its length then
@@ -233,8 +233,13 @@ class Transformer(nn.Module):
         sync for any seq: a prompt's prefill replayed from a CUDA graph (egmla/infer/prefill_step.py), which leaves the
         cache's token groups unregistered (their dedup cannot be captured: the caller registers the prompts).
         return_hidden: the final norm's output [batch, seq, d_model] instead of the logits, for a loss that applies
-        the output head itself, a chunk of tokens at a time (egmla/train/loss.py)."""
+        the output head itself, a chunk of tokens at a time (egmla/train/loss.py).
+        embeds [batch, seq, d_model]: the layers' input in place of tok_embeddings(tokens) (transformers'
+        inputs_embeds); `tokens` still give the ids that the attention and the cache read (EG-MLA's gate)."""
         batch, seq = tokens.shape
+        if embeds is not None and embeds.shape[:2] != tokens.shape:
+            raise ValueError(f"embeds {tuple(embeds.shape)} do not match tokens {tuple(tokens.shape)}: one vector "
+                             f"per token")
         if self.check_inputs and not capturable and not torch.compiler.is_compiling():
             self._check_tokens(tokens)
         if cache is None:
@@ -246,7 +251,7 @@ class Transformer(nn.Module):
             ctx = AttnContext(tokens, positions, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
         else:
             ctx = self._cached_context(tokens, cache, n_new, capturable, empty)
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if embeds is None else embeds
         for i, layer in enumerate(self.layers):
             h = layer(h, ctx, cache.layers[i] if cache is not None else None)
         if logits_at is not None:

@@ -73,6 +73,8 @@ def main(args) -> int:
             "source": f"preset {name}, random weights", "batch": args.batch, "new_tokens": args.new_tokens,
             "lengths": lengths, "batches": batches if args.batches else None, "setting": setting,
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
+    print(f"egmla bench calls: {meta['source']}; {device_name}, {dtype}; {len(calls)} calls per pass, "
+          f"{args.new_tokens} greedy tokens each; {setting} off, then on (after a compiling pass)")
     for variant in select(args.variants):
         torch.manual_seed(0)
         with torch.device(device):
@@ -90,7 +92,7 @@ def main(args) -> int:
                        "wall_ms": 1e3 * (time.perf_counter() - start), "prefill_ms": 1e3 * stats.prefill_seconds,
                        "decode_ms": 1e3 * stats.decode_seconds, "decode_path": stats.decode_path,
                        "cuda_graphs": stats.cuda_graphs, "cache_positions": engine._cache.max_len}
-                print(row, flush=True)
+                print(format_row(row, setting, kept=bool(pass_index)), flush=True)
                 if pass_index:
                     meta["rows"].append(row)
             engine.release()
@@ -101,6 +103,14 @@ def main(args) -> int:
     return write_table(markdown(meta), args.markdown)
 
 
+def format_row(row: dict, setting: str, kept: bool = True) -> str:
+    """One call, as printed while the benchmark runs (egmla/bench/generate.format_row's layout); the first pass, which
+    compiles the kernels and is left out of the JSON and the table, is marked."""
+    return (f"{row['variant']:<22} {row['decode_path']:<12} B={row['batch']:<5} prompt {row['prompt']:>6}  "
+            f"{setting} {'on ' if row[setting] else 'off'}  wall {row['wall_ms']:9.1f} ms  "
+            f"prefill {row['prefill_ms']:9.1f} ms  decode {row['decode_ms']:9.1f} ms  "
+            f"cache {row['cache_positions']:>6} positions, {'CUDA graphs' if row['cuda_graphs'] else 'eager'}"
+            + ("" if kept else "  (compiling pass, not kept)"))
 
 
 def markdown(meta: dict) -> str:

@@ -83,7 +83,7 @@ def main(args) -> int:
                     row = {"variant": model.config.variant_name(), "decode_path": engine.last_stats.decode_path,
                            "batch": batch, "budget": budget, "prefill_ms": 1e3 * statistics.median(times[1:]),
                            "peak_memory_gb": _peak_gb(device)}
-                    print(row, flush=True)
+                    print(format_row(row), flush=True)
                     meta["rows"].append(row)
                     engine.release()
                     save()
@@ -97,11 +97,20 @@ def main(args) -> int:
             timed = time_anchor(llama, ids[:batch], new_tokens=2, repeats=args.repeats)
             meta["anchors"].append({"model": "transformers LlamaForCausalLM", "batch": batch,
                                     "prefill_ms": timed["prefill_ms"]})
-            print(meta["anchors"][-1], flush=True)
+            print(format_row({"variant": "Llama (transformers)", "decode_path": "", "budget": 0,
+                              **meta["anchors"][-1]}), flush=True)
             save()
         del llama
     print()
     return write_table(markdown(meta), args.markdown)
+
+
+def format_row(row: dict) -> str:
+    """One measurement as printed while the benchmark runs (egmla/bench/generate.format_row's layout)."""
+    budget = f"budget {row['budget']:>6,}" if row["budget"] else "budget      -"
+    peak = f"  peak {1e3 * row['peak_memory_gb']:8.0f} MB" if row.get("peak_memory_gb") is not None else ""
+    return (f"{row['variant']:<22} {row['decode_path']:<9} B={row['batch']:<4} {budget}  "
+            f"prefill {row['prefill_ms']:9.1f} ms{peak}")
 
 
 def markdown(meta: dict) -> str:

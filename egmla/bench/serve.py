@@ -454,7 +454,8 @@ def main(args) -> int:
             "stream": args.stream,
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_identity(), "rows": rows}
     print(f"egmla bench serve: {meta['source']}; {device_name}, {dtype}; {count} requests, prompts "
-          f"{max(1, prompt_len // 2)}-{prompt_len}, outputs {max(1, output_len // 2)}-{output_len} tokens; rates {rates}")
+          f"{max(1, prompt_len // 2)}-{prompt_len}, outputs {max(1, output_len // 2)}-{output_len} tokens; "
+          f"rates {rates}; TTFT, TPOT and latency as median / 90th percentile")
 
     def record(row: dict, work) -> None:
         try:
@@ -462,7 +463,7 @@ def main(args) -> int:
         except Exception as err:  # noqa: BLE001 - a system that fails is reported, the others still run
             row["error"] = f"{type(err).__name__}: {err}"[:300]
         rows.append(row)
-        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        print(format_row(row), flush=True)
         if args.json_path:
             atomic_write_json(args.json_path, meta)
         if on_cuda:
@@ -576,6 +577,23 @@ def _system_label(row: dict) -> str:
         [f"prefill {'graphs' if row['prefill_graphs'] else 'eager'}"] if "prefill_graphs" in row else []) + (
         ["gate tables offloaded"] if row.get("offloaded_gate_tables") else []) + (["text"] if row.get("text") else [])
     return row["system"] + (f" ({', '.join(settings)})" if settings else "")
+
+
+def format_row(row: dict) -> str:
+    """One system's run, as printed while the benchmark runs (egmla/bench/generate.format_row's layout): throughput,
+    then TTFT, TPOT and latency as median / 90th percentile, then the decode path and the scheduler's counters."""
+    head = f"{row['variant']:<22} {_system_label(row):<28} {_rate_text(row['rate']):>12}"
+    if "error" in row:
+        return f"{head}  error: {row['error']}"
+    line = (f"{head}  {row['output_tokens_per_s']:9.1f} tok/s  {row['requests_per_s']:8.2f} req/s  "
+            f"TTFT {row['ttft_ms_p50']:8.1f} / {row['ttft_ms_p90']:8.1f} ms  "
+            f"TPOT {row['tpot_ms_p50']:7.2f} / {row['tpot_ms_p90']:7.2f} ms  "
+            f"latency {row['latency_s_p50']:7.2f} / {row['latency_s_p90']:7.2f} s  {row['decode_path']}")
+    if "decode_steps" in row:  # egmla's scheduler
+        line += f", {row['decode_steps']} steps, {row['prefill_calls']} prefills, busy {row['busy_fraction']:.0%}"
+    if "gate_table_mb_off_device" in row:
+        line += f", gate tables {row['gate_table_mb_off_device']:.1f} MB off the device"
+    return line
 
 
 def _rate_text(rate: float, unit: bool = True) -> str:

@@ -4,6 +4,7 @@
     python-source   the *.py files of this Python installation (stdlib + site-packages), no download; each
                     content once (vendored and base-interpreter copies are the same text under other names)
     PATH or GLOB    local .txt / .jsonl (a text field) / .parquet files, read with `datasets` (comma-separated ok)
+                    (suffixes in any case: .TXT too; a .txt file's leading byte-order mark is left out)
     hf:NAME         a Hugging Face hub dataset, streamed (e.g. hf:HuggingFaceFW/fineweb-edu)
 
 Documents are cut into chunks of about CHUNK_BYTES at line ends. `data.split` says what is held out:
@@ -39,8 +40,14 @@ CORPUS_RECIPE = "corpora-v2"
 PYTHON_FILE_MAX_BYTES = 1 << 20  # larger .py files are mostly generated tables
 HUB_PROBE_TIMEOUT_S = 3.0  # no answer from the hub in this time: offline
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+UTF8_BOM = b"\xef\xbb\xbf"  # left out of a local text file's text (as Python's 'utf-8-sig' reads it)
 
 Document = tuple[str, str]  # (stable key, text)
+
+
+def local_builder(path: Path) -> str | None:
+    """The `datasets` builder reading a local corpus file, by its suffix in any case (.TXT, .Jsonl), or None."""
+    return LOCAL_BUILDERS.get(path.suffix.lower())
 
 
 class CorpusError(ValueError):
@@ -174,7 +181,7 @@ def resolve_local_files(spec: str) -> list[Path]:
                              f"give a .txt/.jsonl/.parquet path or glob, 'embedded', 'python-source' or 'hf:NAME'")
         for match in map(Path, matches):
             if match.is_dir():
-                found = sorted(p for p in match.rglob("*") if p.suffix in LOCAL_BUILDERS and p.is_file())
+                found = sorted(p for p in match.rglob("*") if local_builder(p) and p.is_file())
             elif match.is_file():
                 found = [match]
             elif match.is_symlink():
@@ -187,9 +194,9 @@ def resolve_local_files(spec: str) -> list[Path]:
     if not files:
         raise ValueError(f"data.corpus={spec!r}: no .txt, .jsonl or .parquet file there")
     for path in files.values():
-        if path.suffix not in LOCAL_BUILDERS:
+        if local_builder(path) is None:
             raise ValueError(f"data.corpus={spec!r}: {path} has suffix {path.suffix!r}; "
-                             f"supported: {', '.join(LOCAL_BUILDERS)}")
+                             f"supported: {', '.join(LOCAL_BUILDERS)} (in any case)")
     return sorted(files.values())
 
 
@@ -206,7 +213,9 @@ def dataset_documents(path: str, data_files: list[str] | None, config: DataConfi
         name, split = config.hf_config or None, config.hf_split
     else:  # local files are the one split of the default configuration: data.hf_* name a hub dataset's, not theirs
         name, split = None, "train"
-    kwargs = {"sample_by": "document"} if path == "text" else {}
+    # a local text file is one document; 'utf-8-sig' leaves out a leading byte-order mark, which 'utf-8' kept as
+    # U+FEFF at the start of the text (the json builder's reader skips it already)
+    kwargs = {"sample_by": "document", "encoding": "utf-8-sig"} if path == "text" else {}
     field = "text" if path == "text" else config.text_field  # a .txt file's text is its whole content, always
     stream = datasets.load_dataset(path, name=name, data_files=data_files, split=split, streaming=True, **kwargs)
     def documents() -> Iterator[Document]:
@@ -259,7 +268,7 @@ def check_hub_reachable(corpus: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> 
 def unreadable_file(path: Path) -> str | None:
     """Why a local corpus file cannot be read as its suffix says (binary or non-UTF-8 text, bad JSON
     lines, not parquet), or None. Called when `datasets` fails, to name the file."""
-    if LOCAL_BUILDERS[path.suffix] == "parquet":
+    if local_builder(path) == "parquet":
         import pyarrow.parquet
 
         try:
@@ -277,11 +286,11 @@ def unreadable_file(path: Path) -> str | None:
                 return f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {at}): binary or " \
                        f"another encoding; convert it (e.g. iconv -t utf-8) or leave it out"
             offset += len(chunk)
-    if LOCAL_BUILDERS[path.suffix] == "json":
-        with open(path, encoding="utf-8") as f:
+    if local_builder(path) == "json":
+        with open(path, encoding="utf-8-sig") as f:  # a leading byte-order mark is no fault (`datasets` skips it)
             for number, line in enumerate(f, 1):
                 try:  # a string or number on a line parses, but is no row (one .json document may be an array)
-                    if line.strip() and not isinstance(json.loads(line), dict) and path.suffix == ".jsonl":
+                    if line.strip() and not isinstance(json.loads(line), dict) and path.suffix.lower() == ".jsonl":
                         raise ValueError("not an object")
                 except ValueError:
                     return f"{path} line {number} is not a JSON object (a .jsonl file holds one per line)"
@@ -301,7 +310,7 @@ def hub_documents(config: DataConfig) -> Iterator[Document]:
 def local_documents(config: DataConfig) -> Iterator[Document]:
     by_builder: dict[str, list[Path]] = {}
     for path in resolve_local_files(config.corpus):
-        by_builder.setdefault(LOCAL_BUILDERS[path.suffix], []).append(path)
+        by_builder.setdefault(local_builder(path), []).append(path)
     for builder in by_builder:  # their failures are reported below, in one line naming the file
         logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}").setLevel(logging.CRITICAL)
     remaining = config.max_bytes
@@ -355,9 +364,21 @@ def corpus_fingerprint(config: DataConfig) -> str:
     elif corpus.startswith("hf:"):
         parts.update(hf_config=config.hf_config, hf_split=config.hf_split)
     else:
+        files = resolve_local_files(corpus)
         parts["files"] = [(str(p.resolve()), info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns)
-                          for p in resolve_local_files(corpus) for info in [p.stat()]]
+                          for p in files for info in [p.stat()]]
+        if any(local_builder(p) == "text" and _starts_with_bom(p) for p in files):
+            # the text given to the tokenizer lost its byte-order mark on 2026-12-07: caches built before kept it
+            parts["text_bom"] = "stripped"
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _starts_with_bom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(UTF8_BOM)) == UTF8_BOM
+    except OSError:
+        return False
 
 
 # ---- chunks and the train/val split --------------------------------------------------------------

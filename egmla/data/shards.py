@@ -3,6 +3,11 @@ uint32), one per split, with END_OF_TEXT (id 0) after each document. Cached by c
 tokenizer hash; written into a temp folder and renamed, so a half-written cache is never used.
 
     CACHE/shards/<key>/train.bin  val.bin  meta.json
+    CACHE/shards/.tmp-<owner>-<pid>-<random>/   a build in progress (owner: host and PID namespace)
+
+A build killed outright (SIGKILL, a lost machine) leaves its temp folder; the next build removes those whose process
+is gone (same owner, PID not running) or that nothing has written to for STALE_TMP_AGE_S (another host's, or one
+named by an egmla before the owner was in the name).
 """
 from __future__ import annotations
 
@@ -10,8 +15,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +31,8 @@ from egmla.data.tokenizer import TOKENIZER_RECIPE, tokenizer_sha256
 
 SHARD_RECIPE = "shards-v2"  # v2: an end-of-text wherever a split's stream changes document
 ENCODE_BATCH_BYTES = 4 << 20  # text handed to the tokenizer's parallel encoder at once
+TMP_PREFIX = ".tmp-"
+STALE_TMP_AGE_S = 24 * 3600  # a temp folder of no process we can check, untouched this long, is a dead build's
 
 
 @dataclass
@@ -115,6 +125,69 @@ def cached_shards(folder: Path) -> TokenShards | None:
     return None
 
 
+def tmp_owner() -> str:
+    """Who may judge a temp folder by its PID: this host and PID namespace (containers sharing a hostname and a cache
+    volume see each other's PIDs as not running)."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = "0"
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname() or "host") + "." + namespace
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: running, as another user
+        return True
+    return True
+
+
+def _last_write(folder: Path) -> float:
+    times = [folder.stat().st_mtime]
+    for entry in os.scandir(folder):
+        with contextlib.suppress(OSError):
+            times.append(entry.stat(follow_symlinks=False).st_mtime)
+    return max(times)
+
+
+def is_stale_tmp(folder: Path, owner: str | None = None, now: float | None = None) -> bool:
+    """Whether a `.tmp-*` folder is a dead build's: its name says this owner and a PID that is not running, or
+    (another owner's, or a name without one) nothing in it was written for STALE_TMP_AGE_S. A live build's folder
+    never is (its PID runs; another host's writes its token files every few seconds)."""
+    owner = tmp_owner() if owner is None else owner
+    parts = folder.name[len(TMP_PREFIX):].rsplit("-", 2)  # owner, pid, mkdtemp's random letters (no '-' in them)
+    if len(parts) == 3 and parts[0] == owner and parts[1].isdigit() and int(parts[1]) > 0:
+        return not _pid_running(int(parts[1]))
+    try:
+        return (time.time() if now is None else now) - _last_write(folder) > STALE_TMP_AGE_S
+    except OSError:  # removed meanwhile
+        return False
+
+
+def remove_stale_tmp(root: Path, log=print) -> list[Path]:
+    """Remove the temp folders of dead builds (is_stale_tmp) and `.broken-*` folders (caches found incomplete, moved
+    out of the way by a process killed before it removed them) from the shard cache `root`; returns them."""
+    removed = []
+    owner = tmp_owner()
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.is_dir() or entry.is_symlink():
+            continue
+        if entry.name.startswith(".broken-") or (entry.name.startswith(TMP_PREFIX) and is_stale_tmp(entry, owner)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    if removed:
+        log(f"note: removed {len(removed)} folder(s) left in {root} by builds that were killed: "
+            f"{', '.join(p.name for p in removed)}")
+    return removed
+
+
 def prepare_shards(config: DataConfig, tokenizer, progress: bool = True, log=print) -> TokenShards:
     """Tokenize the corpus (or reuse the cache) and return its shards."""
     root = config.cache_root() / "shards"
@@ -129,8 +202,9 @@ def prepare_shards(config: DataConfig, tokenizer, progress: bool = True, log=pri
             os.replace(folder, broken)  # out of the way first: a process reading it meanwhile keeps its open files
         shutil.rmtree(broken, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(root, log)
     log(f"tokenizing corpus {config.corpus!r} into {folder} ...")
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP_PREFIX}{tmp_owner()}-{os.getpid()}-"))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         meta = _write_shards(config, tokenizer, tmp, progress)

@@ -9,7 +9,10 @@ egmla's to the bit. What this file adds is the transformers surface:
 
 Padding: a 0 in `attention_mask` drops that token before it reaches the model (each row keeps only its
 real tokens, at positions 0, 1, ...), so left-padded batches give each sequence the logits it gets alone.
-`inputs_embeds` is not supported: EG-MLA gates are looked up by token id. Nor are output_hidden_states and
+`inputs_embeds` [batch, seq, hidden_size] replace the token embeddings. Alone they run the kinds whose attention
+never reads token ids (MHA, GQA, MLA), which makes PEFT's prompt tuning and soft prompts work there; EG-MLA (its
+bias and V-table controls too) looks its per-layer gate table up by token id, so it takes inputs_embeds only with
+the input_ids of the same tokens and refuses them alone, naming the fix. Not supported: output_hidden_states and
 output_attentions (refused: only logits come back) or a 4-D attention_mask.
 """
 from __future__ import annotations
@@ -252,11 +255,25 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
             model_kwargs[CACHE_ARG] = self.new_hf_cache(batch_size)
         return result
 
-    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds: torch.Tensor | None = None, **kwargs):
+        """transformers' own (as Llama's: `inputs_embeds`, where given, feed the first step, the generated ids every
+        later one), with an EgmlaCache. Where generate() was given the ids of the embedded tokens too, they go with
+        the first step's embeddings (transformers passes the embeddings alone): EG-MLA's gate reads them."""
         cache = _pop_cache(kwargs)
         if cache is None and kwargs.get("use_cache", True):
             cache = self.new_hf_cache(input_ids.shape[0])
-        return super().prepare_inputs_for_generation(input_ids, **{CACHE_ARG: cache}, **kwargs)
+        inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **{CACHE_ARG: cache},
+                                                       **kwargs)
+        embeds = inputs.get("inputs_embeds")
+        if (embeds is not None and inputs.get("input_ids") is None and inputs_embeds is not None
+                and input_ids.shape[1] == inputs_embeds.shape[1]):
+            inputs["input_ids"] = input_ids[:, input_ids.shape[1] - embeds.shape[1]:].clone()
+        if CACHE_ARG != "past_key_values" and inputs.get(CACHE_ARG) is not None:
+            # the same cache under its pre-5.24 name too (forward takes either, once): peft's prompt learning reads
+            # `past_key_values` to tell the first step, where it prepends the virtual tokens, from the later ones;
+            # without it, it would prepend them again at every step (tests/hf/test_peft.py)
+            inputs["past_key_values"] = inputs[CACHE_ARG]
+        return inputs
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -266,14 +283,18 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
                 past_key_values: EgmlaCache | None = None, logits_to_keep: int | torch.Tensor = 0, **kwargs):
         """input_ids [batch, seq] -> logits [batch, seq, vocab].
 
+        inputs_embeds [batch, seq, hidden_size] enter the layers in place of the token embeddings (`_ids_for_embeds`):
+        alone for MHA, GQA and MLA; EG-MLA needs the tokens' input_ids with them (its gate is indexed by id).
+
         `cache` (older transformers: `past_key_values`, accepted too) is an EgmlaCache or None.
         Positions come from the cache (or 0.. without one), so position_ids is accepted and ignored.
         A cache is made when use_cache=True is passed and none is given; use_cache=None (plain calls,
         training) runs the causal forward without one. logits_to_keep (transformers' convention): an int n > 0
         returns the last n positions' logits only, a tensor the positions it lists (computed, then sliced)."""
-        if inputs_embeds is not None or input_ids is None:
-            raise ValueError("inputs_embeds is not supported: egmla's models take token ids (EG-MLA's gates are looked "
-                             "up by id, and every kind shares that interface); pass input_ids")
+        if inputs_embeds is not None:
+            input_ids = self._ids_for_embeds(input_ids, inputs_embeds)
+        elif input_ids is None:
+            raise ValueError("pass input_ids (or inputs_embeds, for the MHA, GQA and MLA kinds)")
         # refused rather than ignored: the model returns logits only, so these would come back None
         unsupported = [name for name in ("output_hidden_states", "output_attentions")
                        if kwargs.get(name, getattr(self.config, name, False))]
@@ -294,11 +315,11 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
         if cache is None and use_cache:
             cache = self.new_hf_cache(batch)
         if cache is not None:
-            logits = self._forward_cached(input_ids, new_mask if padded else None, cache)
+            logits = self._forward_cached(input_ids, new_mask if padded else None, cache, inputs_embeds)
         elif padded:  # drop the pads through a throwaway cache, so every row sees only its own tokens
-            logits = self._forward_cached(input_ids, new_mask, self.new_hf_cache(batch, seq))
+            logits = self._forward_cached(input_ids, new_mask, self.new_hf_cache(batch, seq), inputs_embeds)
         else:
-            logits = self.model(input_ids)
+            logits = self.model(input_ids, embeds=inputs_embeds)
         loss = None
         if labels is not None:
             if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
@@ -320,19 +341,48 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
             return tuple(x for x in (loss, logits, cache) if x is not None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: cache})
 
-    def _forward_cached(self, input_ids: torch.Tensor, new_mask: torch.Tensor | None,
-                        cache: EgmlaCache) -> torch.Tensor:
-        """Append each row's real tokens (new_mask 1; all if None) to the cache; logits in input order."""
+    def _ids_for_embeds(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """The token ids to run inputs_embeds with: input_ids where given (the same [batch, seq]: the embeddings enter
+        the layers, the ids are the tokens the attention and the cache read), else placeholders, for the kinds whose
+        attention never reads ids (MHA, GQA, MLA); EG-MLA without ids is refused, with what works instead."""
+        hidden = self.config.hidden_size
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden:
+            raise ValueError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)}: EgmlaForCausalLM takes "
+                             f"[batch, seq, hidden_size={hidden}]")
+        config = self.model.config
+        if input_ids is not None:
+            if input_ids.shape != inputs_embeds.shape[:2]:
+                raise ValueError(f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} "
+                                 f"given together must be the same tokens (the embeddings enter the layers, the ids "
+                                 f"are what the attention reads): one id per embedding, or pass only one of them")
+            return input_ids
+        if config.is_gated:
+            controls = f", gate_op={config.gate_op!r}" if config.gate_op != "mul" else ""
+            raise ValueError(
+                f"inputs_embeds without input_ids cannot run {config.variant_name()} (attention_kind='eg-mla'"
+                f"{controls}): its attention gates K/V with a per-layer embedding table indexed by token id, and "
+                f"embeddings alone (PEFT prompt tuning's or prefix methods' virtual tokens, soft prompts) have no ids "
+                f"to look up. Pass the tokens' input_ids with the embeddings, fine-tune with LoRA (peft's LoraConfig, "
+                f"which works on every kind), or use an MHA, GQA or MLA kind, which take inputs_embeds alone")
+        # MHA, GQA and MLA read no token ids (their cache keeps none): the placeholders only carry the shape
+        return torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+
+    def _forward_cached(self, input_ids: torch.Tensor, new_mask: torch.Tensor | None, cache: EgmlaCache,
+                        embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Append each row's real tokens (new_mask 1; all if None) to the cache; logits in input order. embeds: the
+        layers' input in place of the token embeddings (inputs_embeds), packed as the ids are."""
         batch, seq = input_ids.shape
         cache.reserve(seq)
         if new_mask is None:
-            logits = self.model(input_ids, cache.kv)
+            logits = self.model(input_ids, cache.kv, embeds=embeds)
         else:
             keep = new_mask.bool()
             # Real tokens first, in order; the pads after them are written past the row's length and
             # overwritten later (egmla's ragged-batch convention), so nothing ever attends to them.
             order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
-            packed = self.model(input_ids.gather(1, order), cache.kv, n_new=keep.sum(dim=1))
+            if embeds is not None:
+                embeds = embeds.gather(1, order[..., None].expand_as(embeds))
+            packed = self.model(input_ids.gather(1, order), cache.kv, n_new=keep.sum(dim=1), embeds=embeds)
             logits = torch.empty_like(packed).scatter_(1, order[..., None].expand_as(packed), packed)
             logits = logits.masked_fill(~keep[..., None], 0.0)
         cache.seen += seq

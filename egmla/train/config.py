@@ -118,6 +118,10 @@ class RunConfig:
     name: str = ""
 
     def __post_init__(self):
+        if not isinstance(self.name, str):  # `name = 5` in a TOML file, or --set name=5 (a TOML number)
+            example = self.name if isinstance(self.name, (int, float)) and not isinstance(self.name, bool) else "my-run"
+            raise ValueError(f"name={self.name!r}: must be a string (it names the run's folder); quote it, e.g. "
+                             f"name = \"{example}\" in the TOML file or --set 'name=\"{example}\"'")
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len}: exceeds model.max_seq_len="
                              f"{self.model.max_seq_len}; lower it or raise model.max_seq_len")
@@ -151,7 +155,18 @@ class RunConfig:
             raise ValueError(f"model.{err}" if known else str(err)) from None
         train = TrainConfig(**check_keys(TrainConfig, values.get("train", {}), where="train"))
         data = DataConfig(**check_keys(DataConfig, values.get("data", {}), where="data"))
-        return cls(model=model, train=train, data=data, name=str(values.get("name", "")))
+        return cls(model=model, train=train, data=data, name=values.get("name", ""))
+
+
+def warmup_warning(train: TrainConfig) -> str | None:
+    """What a run whose warmup outlasts it (`--set train.steps=20` for a quick look under the default warmup of 60)
+    should be told: it runs, its learning rate never reaches train.lr and never decays. A warning, not a refusal:
+    quick looks stay one --set, and stored runs keep loading."""
+    if not train.steps or train.warmup_steps <= train.steps:  # (== steps: all warmup, ending at the peak)
+        return None
+    return (f"warning: train.warmup_steps={train.warmup_steps} is longer than the run (train.steps={train.steps}): the "
+            f"learning rate rises to {train.steps / train.warmup_steps:.0%} of train.lr and never decays; for the "
+            f"whole schedule use --set train.warmup_steps={max(1, train.steps // 10)} (any value <= {train.steps})")
 
 
 def default_name(model: ModelConfig) -> str:

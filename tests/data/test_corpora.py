@@ -286,3 +286,55 @@ def test_an_unreadable_corpus_file_is_named(tmp_path, name, content, error):
     with pytest.raises(ValueError, match=error) as raised:
         list(iter_documents(DataConfig(corpus=str(tmp_path))))
     assert "\n" not in str(raised.value)
+
+
+def test_a_byte_order_mark_is_left_out_of_local_text_and_keys_the_cache(tmp_path):
+    """A UTF-8 BOM starting a .txt file reached the tokenizer as U+FEFF; it is left out (as 'utf-8-sig' reads it),
+    .jsonl/.json rows lose it too (`datasets` skips it there), and it is no fault when a file is checked. The cache
+    key changes only for a corpus holding such a text file (its old caches hold the BOM's tokens)."""
+    from egmla.data import corpora
+
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "bom.txt").write_bytes(bom + "Héllo, a text file.\n\ufeffa later U+FEFF is text\n".encode())
+    (tmp_path / "plain.txt").write_text("No mark here.\n")
+    (tmp_path / "rows.jsonl").write_bytes(bom + b'{"text": "a row"}\n{"text": "another"}\n')
+    (tmp_path / "list.json").write_bytes(bom + b'[{"text": "from an array"}]')
+    texts = sorted(t for _, t in iter_documents(DataConfig(corpus=str(tmp_path))))
+    assert texts == ["Héllo, a text file.\n\ufeffa later U+FEFF is text\n", "No mark here.\n", "a row",
+                     "another", "from an array"]
+    assert all(corpora.unreadable_file(path) is None for path in tmp_path.iterdir())
+
+    def fingerprint_before(corpus):  # the key as egmla computed it before the mark was left out
+        files = [(str(p.resolve()), i.st_size, i.st_mtime_ns, i.st_ino, i.st_ctime_ns)
+                 for p in resolve_local_files(corpus) for i in [p.stat()]]
+        parts = {"corpus": corpus, "max_bytes": 0, "text_field": "text", "recipe": corpora.CORPUS_RECIPE,
+                 "files": files}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    for unchanged in (f"{tmp_path / 'plain.txt'}", f"{tmp_path / 'rows.jsonl'},{tmp_path / 'list.json'}"):
+        assert corpus_fingerprint(DataConfig(corpus=unchanged)) == fingerprint_before(unchanged)
+    for changed in (str(tmp_path / "bom.txt"), str(tmp_path)):
+        assert corpus_fingerprint(DataConfig(corpus=changed)) != fingerprint_before(changed)
+
+
+def test_a_bad_jsonl_file_is_named_not_a_good_one_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "fine"}\n')
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "fine"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"b.jsonl line 2 is not a JSON object"):
+        list(iter_documents(DataConfig(corpus=str(tmp_path))))
+
+
+def test_upper_case_suffixes_are_read_from_folders_globs_and_paths(tmp_path):
+    """.TXT and .Jsonl files were left out of a folder silently (and refused by a glob or a path)."""
+    (tmp_path / "upper.TXT").write_text("Upper-case suffix.\n")
+    (tmp_path / "lower.txt").write_text("Lower-case suffix.\n")
+    (tmp_path / "rows.Jsonl").write_text('{"text": "a mixed-case row"}\n')
+    (tmp_path / "notes.CSV").write_text("x")  # still no corpus file, in any case
+    expected = ["Lower-case suffix.\n", "Upper-case suffix.\n", "a mixed-case row"]
+    assert sorted(t for _, t in iter_documents(DataConfig(corpus=str(tmp_path)))) == expected
+    assert sorted(t for _, t in iter_documents(DataConfig(corpus=str(tmp_path / "*.*[!vV]")))) == expected
+    assert [t for _, t in iter_documents(DataConfig(corpus=str(tmp_path / "rows.Jsonl")))] == ["a mixed-case row"]
+    assert [p.name for p in resolve_local_files(str(tmp_path))] == ["lower.txt", "rows.Jsonl", "upper.TXT"]
+    with pytest.raises(ValueError, match=r"notes.CSV has suffix '.CSV'; supported: .txt, .text, .jsonl, .json, "
+                                         r".parquet \(in any case\)"):
+        resolve_local_files(str(tmp_path / "notes.CSV"))

@@ -143,3 +143,70 @@ def test_a_split_left_empty_says_which_setting_emptied_it(tmp_path):
                                          r"empty \(700 characters of text, held out as whole documents\); use more "
                                          r"documents, or data.split='chunk' to hold out chunks of each$"):
         prepare_data(config, 300, progress=False, log=lambda *_: None)
+
+
+KILLED_BUILD = """
+import sys, time
+from egmla.data import prepare_data, shards
+from egmla.data.config import DataConfig
+
+def stuck(config, tokenizer, folder, progress):
+    (folder / "train.bin").write_bytes(b"\\0" * 64)
+    print(folder.name, flush=True)
+    time.sleep(120)
+
+shards._write_shards = stuck
+prepare_data(DataConfig(corpus=sys.argv[1], val_fraction=0.25, cache_dir=sys.argv[2]), 320, progress=False,
+             log=lambda *_: None)
+"""
+
+
+def test_a_killed_builds_temp_folder_is_removed_by_the_next_build_but_a_live_ones_is_kept(corpus):
+    """A build killed outright (SIGKILL) left its `.tmp-*` folder in the cache for ever. The next build removes the
+    temp folders of processes that are gone (its owner, a PID not running) and those untouched for a day (another
+    host's, or named by an older egmla), and `.broken-*` leftovers; never one a running build is writing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from egmla.data.shards import STALE_TMP_AGE_S, is_stale_tmp, tmp_owner
+
+    prepare_data(corpus, 320, progress=False, log=lambda *_: None)  # the tokenizer, cached for the child
+    root = corpus.cache_root() / "shards"
+    for folder in root.iterdir():  # the shards only: the child builds them again
+        if folder.is_dir():
+            for file in folder.iterdir():
+                file.unlink()
+            folder.rmdir()
+    child = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, corpus.corpus, corpus.cache_dir],
+                             stdout=subprocess.PIPE, text=True)
+    killed = root / child.stdout.readline().strip()
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    child.stdout.close()
+    assert killed.name.startswith(f".tmp-{tmp_owner()}-{child.pid}-") and (killed / "train.bin").is_file()
+
+    def folder(name, age_s=0.0):
+        (root / name).mkdir()
+        (root / name / "train.bin").write_bytes(b"\0")
+        for path in (root / name / "train.bin", root / name):
+            os.utime(path, (time.time() - age_s,) * 2)
+        return root / name
+
+    live = folder(f".tmp-{tmp_owner()}-{os.getpid()}-live0001")  # a build in this process, still writing
+    other_host = folder(".tmp-elsewhere.4026531836-1-a1b2c3d4")  # its PID means nothing here
+    old_name = folder(".tmp-k3j4h5g6")  # mkdtemp's name before the owner was in it
+    stale_other_host = folder(".tmp-elsewhere.4026531836-2-e5f6g7h8", age_s=STALE_TMP_AGE_S + 60)
+    stale_old_name = folder(".tmp-q9w8e7r6", age_s=STALE_TMP_AGE_S + 60)
+    broken = folder(".broken-0123456789abcdef01234567-99")
+    assert [is_stale_tmp(f) for f in (killed, live, other_host, old_name, stale_other_host, stale_old_name)] == [
+        True, False, False, False, True, True]
+    lines = []
+    _, shards = prepare_data(corpus, 320, progress=False, log=lines.append)
+    assert shards.meta["train_tokens"] > 0
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == sorted(
+        f.name for f in (live, other_host, old_name))
+    assert not any(f.exists() for f in (killed, stale_other_host, stale_old_name, broken))
+    assert any("removed 4 folder(s)" in line and killed.name in line for line in lines)

@@ -2,12 +2,13 @@
 (folded absorption, gate tables, merged products, wkv_b handed to kernels), which a LoRA layer's `.weight` does not
 include: with adapters in place the model calls the modules instead (training, the naive decode) and refuses the
 paths that cannot; after `merge_and_unload` (which writes through `.data`, unseen by version counters) everything
-precomputed before is rebuilt."""
+precomputed before is rebuilt. Prompt tuning (virtual tokens as inputs_embeds) trains on the kinds that read no
+token ids and is refused, clearly, on EG-MLA."""
 import warnings
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
 
 from egmla.attention import decode_paths
 from egmla.config import preset
@@ -106,3 +107,72 @@ def test_merged_adapters_reach_what_the_path_precomputed_before(variant, device)
             full = merged(input_ids=tokens).logits
         assert rel_err(cached_logits(merged, tokens), full) < 1e-4, path
         assert rel_err(before, full) > 1e-3  # the adapters did change the model
+
+
+def with_prompt_tuning(model: EgmlaForCausalLM, virtual_tokens: int = 4):
+    """peft's prompt tuning: trained virtual-token embeddings prepended to the input's, passed as inputs_embeds alone
+    (PeftModelForCausalLM.forward gives the base model no input_ids). Random prompts (std 1), so that they matter."""
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                          num_virtual_tokens=virtual_tokens))
+    with torch.no_grad():
+        peft_model.prompt_encoder.default.embedding.weight.normal_()
+    return peft_model
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla"])
+def test_prompt_tuning_trains_only_the_virtual_tokens(variant):
+    """A training step through peft's prompt tuning (a left-padded batch): the gradient reaches the prompt embeddings
+    and no weight of the model; the step changes the prompt alone and lowers the loss; a padded row's logits are
+    those it gets alone."""
+    torch.manual_seed(0)
+    model = hf_model(variant)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = with_prompt_tuning(model)
+    tokens = torch.randint(1, 300, (2, 10))
+    mask = (torch.arange(10) >= torch.tensor([[3], [0]])).long()
+    labels = tokens.masked_fill(mask == 0, -100)
+    out = peft_model(input_ids=tokens, attention_mask=mask, labels=labels)
+    assert out.logits.shape == (2, 4 + 10, 300)
+    out.loss.backward()
+    with_grad = [n for n, p in peft_model.named_parameters() if p.grad is not None]
+    assert with_grad == ["prompt_encoder.default.embedding.weight"]
+    prompt = peft_model.prompt_encoder.default.embedding.weight
+    assert prompt.grad.abs().sum() > 0
+    torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0).step()
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        assert peft_model(input_ids=tokens, attention_mask=mask, labels=labels).loss < out.loss
+        alone = peft_model(input_ids=tokens[:1, 3:]).logits
+        padded = peft_model(input_ids=tokens, attention_mask=mask).logits
+    torch.testing.assert_close(padded[0, 4 + 3:], alone[0, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_tuning_generates_the_greedy_tokens_of_its_forward():
+    """generate() through peft prepends the virtual tokens at the first step only (it reads the cache under its
+    pre-5.24 name, `past_key_values`, which prepare_inputs_for_generation gives too): the tokens of a greedy loop
+    over the full forward."""
+    torch.manual_seed(0)
+    config = preset("tiny", vocab_size=300, max_seq_len=64, n_layers=2, d_model=64, n_heads=4, attention="mla",
+                    init_std=0.1)  # clear argmax margins
+    peft_model = with_prompt_tuning(EgmlaForCausalLM.from_egmla(Transformer(config)))
+    tokens = torch.randint(1, 300, (2, 5))
+    sequence = tokens
+    with torch.no_grad():
+        for _ in range(8):
+            sequence = torch.cat([sequence, peft_model(input_ids=sequence).logits[:, -1:].argmax(-1)], dim=1)
+        generated = peft_model.generate(input_ids=tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=8,
+                                        do_sample=False)
+    assert generated.tolist() == sequence.tolist()
+
+
+@pytest.mark.parametrize("variant", ["eg-mla", "eg-mla-bias-v"])
+def test_prompt_tuning_on_eg_mla_is_refused_clearly(variant):
+    """EG-MLA's gate is indexed by token id, and prompt tuning's virtual tokens have none: the error names the kind,
+    the reason and what works instead (LoRA: test_training_gives_every_adapter_a_gradient)."""
+    peft_model = with_prompt_tuning(hf_model(variant))
+    tokens = torch.randint(1, 300, (2, 10))
+    message = r"cannot run EG-MLA .*'eg-mla'.*indexed by token id.*prompt tuning.*LoRA.*MHA, GQA or MLA kind"
+    with pytest.raises(ValueError, match=message):
+        peft_model(input_ids=tokens, labels=tokens)
+    with pytest.raises(ValueError, match=message):
+        peft_model.generate(input_ids=tokens, max_new_tokens=2, do_sample=False)

@@ -251,6 +251,12 @@ def test_bench_calls_times_each_setting_and_reports(tmp_path, capsys):
     meta = json.loads(path.read_text())
     assert [(r["reuse_longer_cache"], r["prompt"]) for r in meta["rows"]] == [(False, 12), (False, 8), (True, 12),
                                                                                (True, 8)]
+    # printed as it runs: one aligned line per call (the compiling pass marked), not the row's dict
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("MLA kv64")]
+    assert len(printed) == 6 and not any("{" in line for line in printed)
+    assert [line.endswith("(compiling pass, not kept)") for line in printed] == [True, True] + [False] * 4
+    assert "B=2     prompt     12  reuse_longer_cache off  wall " in printed[2] and " ms  decode " in printed[2]
+    assert len({line.index(" wall ") for line in printed}) == 1 and "cache     13 positions, eager" in printed[2]
     assert all(r["wall_ms"] > 0 and r["cache_positions"] == r["prompt"] + 1 for r in meta["rows"])
     assert run("calls", ["--report", str(path), "--markdown", str(tmp_path / "calls.md")]) == 0
     assert "| MLA kv64 | naive | yes | " in (tmp_path / "calls.md").read_text()
@@ -278,13 +284,16 @@ def test_suite_crossover_calls_and_prefill_tables_on_the_cpu(tmp_path):
                                                          "generate_cpu_prefill.json", "generate_cpu_prefill.md"]
 
 
-def test_bench_prefill_times_each_budget_and_reports(tmp_path):
+def test_bench_prefill_times_each_budget_and_reports(tmp_path, capsys):
     """`egmla bench prefill` on the CPU: a row per (variant, path it has, batch, budget), a budget past the whole
-    batch kept only once, and the table from the JSON."""
+    batch kept only once, printed as one line with units as it runs (not a dict), and the table from the JSON."""
     path = tmp_path / "prefill.json"
     assert run("prefill", ["--variants", "mha,egmla-kv64", "--paths", "naive,grouped", "--prompt-len", "8",
                            "--batch-sizes", "1,3", "--budgets", "8,16,64", "--repeats", "1", "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["rows"]
+    printed = [line for line in capsys.readouterr().out.splitlines() if " B=" in line]
+    assert len(printed) == len(rows) and not any("{" in line for line in printed)
+    assert printed[-1].startswith("EG-MLA kv64            grouped   B=3    budget     64  prefill ")
     assert [(r["variant"], r["decode_path"], r["batch"], r["budget"]) for r in rows] == [
         (v, p, b, budget) for v, paths in (("MHA", ["naive"]), ("EG-MLA kv64", ["naive", "grouped"])) for p in paths
         for b, budgets in ((1, [8]), (3, [8, 16, 64])) for budget in budgets]

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from egmla.bench import cli
-from egmla.bench.serve import markdown, workload
+from egmla.bench.serve import format_row, markdown, workload
 
 
 def test_workload_is_drawn_from_its_seed():
@@ -48,13 +48,30 @@ def test_every_system_serves_every_request_its_output_length(tmp_path):
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_admit_batch_values_each_run_a_continuous_row(tmp_path):
+def test_admit_batch_values_each_run_a_continuous_row(tmp_path, capsys):
     out = tmp_path / "serve.json"
     assert cli.run("serve", ["--requests", "6", "--variants", "mla-kv64", "--systems", "continuous",
                              "--max-batch", "4", "--admit-batch", "1,4", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["system"], r["admit_batch"]) for r in rows] == [("continuous", 1), ("continuous", 4)]
     assert all("error" not in r for r in rows)
+    # printed as it runs: one aligned line per row, not its dict
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("MLA kv64")]
+    assert printed == [format_row(row) for row in rows] and not any("{" in line for line in printed)
+    assert printed[0].startswith("MLA kv64               continuous (admit 1)          all at once  ")
+    assert " tok/s " in printed[0] and " req/s  TTFT " in printed[0] and f"{rows[0]['decode_steps']} steps" in printed[0]
+
+
+def test_a_row_prints_as_one_line_with_units():
+    anchor = {"system": "transformers", "model": "transformers LlamaForCausalLM", "variant": "MHA", "rate": 40.0,
+              "decode_path": "paged (continuous batching)", "max_batch": 4, "seconds": 1.5, "output_tokens": 48,
+              "output_tokens_per_s": 32.0, "requests_per_s": 4.0, "ttft_ms_p50": 12.25, "ttft_ms_p90": 30.5,
+              "tpot_ms_p50": 3.125, "tpot_ms_p90": 4.5, "latency_s_p50": 0.25, "latency_s_p90": 0.5}
+    assert format_row(anchor) == (
+        "MHA                    transformers                     40 req/s       32.0 tok/s      4.00 req/s  "
+        "TTFT     12.2 /     30.5 ms  TPOT    3.12 /    4.50 ms  latency    0.25 /    0.50 s  paged (continuous batching)")
+    failed = {"system": "static", "model": "egmla", "variant": "EG-MLA kv64", "rate": math.inf, "error": "OOM"}
+    assert format_row(failed).endswith("all at once  error: OOM")
     with pytest.raises(ValueError, match="--admit-batch 5"):
         cli.run("serve", ["--requests", "2", "--max-batch", "4", "--admit-batch", "5"])
 

@@ -8,8 +8,8 @@ from egmla.train import compare
 
 TINY_MODEL = ["model.vocab_size=320", "model.n_layers=1", "model.d_model=64", "model.n_heads=2",
               "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=16", "model.v_head_dim=16", "model.max_seq_len=64"]
-TINY_RUN = ["train.steps=3", "train.batch_size=4", "train.seq_len=32", "train.eval_sequences=8",
-            "train.tensorboard=false",
+TINY_RUN = ["train.steps=3", "train.warmup_steps=2", "train.batch_size=4", "train.seq_len=32",
+            "train.eval_sequences=8", "train.tensorboard=false",
             "data.max_bytes=300000", "data.val_fraction=0.1"]
 
 
@@ -156,7 +156,7 @@ def test_a_run_written_before_fields_were_added_is_reused_not_another_config(tmp
     (tmp_path / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **older}))
     (tmp_path / "summary.json").write_text(json.dumps({"final_val_loss": 4.5, "stop_reason": None}))
     assert compare.finished_summary(tmp_path, run)["final_val_loss"] == 4.5
-    other = RunConfig.from_dict({**run.to_dict(), "train": {**run.train.to_dict(), "warmup_steps": 7}})
+    other = RunConfig.from_dict({**run.to_dict(), "train": {**run.train.to_dict(), "warmup_steps": 1}})
     with pytest.raises(ValueError, match=r"another config \(train.warmup_steps differ\)"):
         compare.finished_summary(tmp_path, other)
     newer = {"format_version": FORMAT_VERSION, **run.to_dict()}

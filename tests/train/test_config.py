@@ -58,7 +58,7 @@ def test_no_arguments_is_the_tiny_egmla_preset_on_the_embedded_corpus():
 
 def test_set_overrides_and_their_errors(tmp_path):
     run, _, _ = resolve_config(parse("--set", "model.attention=mla", "--set", "train.steps=7",
-                                     "--set", "data.corpus=python-source"))
+                                     "--set", "train.warmup_steps=7", "--set", "data.corpus=python-source"))
     assert (run.model.attention, run.train.steps, run.data.corpus) == ("mla", 7, "python-source")
     with pytest.raises(ValueError, match="train.warmup: unknown config key; did you mean 'warmup_steps'"):
         resolve_config(parse("--set", "train.warmup=10"))
@@ -108,6 +108,8 @@ BAD_VALUES = [
     ("train.compile_mode=reduce-overhead", r"train.compile_mode='reduce-overhead' needs train.compile=true"),
     ("data.val_fraction=1.0", r"data.val_fraction=1.0: must be less than 1"),
     ("data.max_bytes=1e6", r"data.max_bytes=1000000.0: must be a valid integer"),
+    ("name=5", r"""^name=5: must be a string \(it names the run's folder\); quote it, e.g. name = "5" """),
+    ("name=true", r"^name=True: must be a string"),
 ]
 
 
@@ -145,3 +147,38 @@ def test_compile_mode_auto_takes_cuda_graphs_only_for_one_cuda_process():
     assert resolve_compile_mode("auto", True, "cuda", 2) == "default"
     assert resolve_compile_mode("default", True, "cuda", 1) == "default"
     assert resolve_compile_mode("max-autotune", True, "cuda", 4) == "max-autotune"
+
+
+def test_a_warmup_longer_than_the_run_is_named_but_runs():
+    """train.warmup_steps > train.steps was taken silently: the learning rate never reached train.lr. It is a warning
+    (a quick look, `--set train.steps=20` under the default warmup of 60, stays one --set; stored runs keep loading);
+    a warmup of the whole run is a schedule (it ends at the peak), and a time-budgeted run (steps 0) sets its length
+    later."""
+    from egmla.train.config import TrainConfig, warmup_warning
+    from egmla.train.optim import lr_at
+
+    assert warmup_warning(TrainConfig(steps=10)) == (  # the default warmup of 60
+        "warning: train.warmup_steps=60 is longer than the run (train.steps=10): the learning rate rises to 17% of "
+        "train.lr and never decays; for the whole schedule use --set train.warmup_steps=1 (any value <= 10)")
+    whole = TrainConfig(steps=10, warmup_steps=10, lr=1.0)
+    assert warmup_warning(whole) is None
+    assert [lr_at(step, whole) for step in (0, 9)] == [0.1, 1.0]
+    assert warmup_warning(TrainConfig(steps=0, time_limit_s=60, warmup_steps=100)) is None
+    assert resolve_config(parse("--set", "train.steps=7"))[0].train.warmup_steps == 60  # accepted
+
+
+def test_a_name_that_is_not_a_string_is_refused_not_turned_into_one(tmp_path):
+    """`name = 5` in a TOML file became the name "5" silently (str() of whatever was there); a string field of any
+    section refuses a number, as data.* and model.* fields do. --set values still parse as TOML literals: a word is
+    a string, a quoted number is a string."""
+    for value in ("5", "true", "[1]", "{a = 1}"):
+        (tmp_path / "run.toml").write_text(f"name = {value}\n")
+        with pytest.raises(ValueError, match=r"^name=.*: must be a string \(it names the run's folder\)"):
+            resolve_config(parse("--config", str(tmp_path / "run.toml")))
+    assert resolve_config(parse("--set", "name=run5"))[0].name == "run5"
+    assert resolve_config(parse("--set", 'name="5"'))[0].name == "5"
+    assert resolve_config(parse("--set", "name='2024.1'"))[0].name == "2024.1"
+    with pytest.raises(ValueError, match=r"^name=2024.1: must be a string"):
+        resolve_config(parse("--set", "name=2024.1"))
+    with pytest.raises(ValueError, match=r"^name=5: must be a string"):
+        RunConfig(name=5)

@@ -232,3 +232,12 @@ def test_a_stop_asked_during_the_last_step_finishes_the_run(tmp_path, cache_dir,
     summary = train(run_config(cache_dir), tmp_path / "run", progress=False, log=messages.append)
     assert summary["steps"] == 12 and not summary.get("interrupted")
     assert not any("interrupted" in m for m in messages)
+
+
+def test_a_warmup_longer_than_the_run_is_said_at_the_start_and_the_run_trains(tmp_path, cache_dir):
+    said = []
+    train(run_config(cache_dir, train=dict(steps=2, warmup_steps=5, checkpoint_every=2)), tmp_path / "run",
+          progress=False, log=said.append)
+    assert said[0].startswith("warning: train.warmup_steps=5 is longer than the run (train.steps=2): the learning "
+                              "rate rises to 40% of train.lr")
+    assert (tmp_path / "run" / "summary.json").exists()

@@ -41,7 +41,7 @@ def test_fsdp_options():
     (dict(fsdp_param_dtype="fp16"), r"train.fsdp_param_dtype='fp16': choose one of fp32, bf16"),
     (dict(ddp_bucket_cap_mb=-1), r"train.ddp_bucket_cap_mb=-1: must be greater than or equal to 0"),
     (dict(ddp_static_graph="yes"), r"train.ddp_static_graph='yes': must be true or false"),
-    (dict(steps=10, profile_steps=10), r"train.profile_steps=10: .* needs 0 < profile_steps < train.steps"),
+    (dict(steps=10, warmup_steps=5, profile_steps=10), r"train.profile_steps=10: .* needs 0 < profile_steps < train.steps"),
     (dict(compile=True, ddp_bucket_cap_mb=0.5), r"train.ddp_bucket_cap_mb=0.5: with train.compile, use at least 1"),
 ])
 def test_bad_settings_are_one_line(values, error):

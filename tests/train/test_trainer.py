@@ -244,7 +244,7 @@ def test_cuda_graph_modes_refuse_several_processes(tmp_path, cache_dir, monkeypa
     from egmla.train.distributed import DistInfo
 
     monkeypatch.setattr(trainer, "init_distributed", lambda device: DistInfo(rank=0, world_size=2))
-    run = run_config(cache_dir, train=dict(steps=1, compile=True, compile_mode="reduce-overhead"))
+    run = run_config(cache_dir, train=dict(steps=1, warmup_steps=1, compile=True, compile_mode="reduce-overhead"))
     with pytest.raises(ValueError, match="compile_mode='reduce-overhead' with 2 processes.*compile_mode='default'"):
         train(run, tmp_path / "run", **QUIET)
     assert not (tmp_path / "run").exists()
