@@ -344,6 +344,8 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
                     cfg = dataclasses.replace(cfg, steps=budgeted_steps(cfg, step, step_times, wall_start, info))
                     bar.total = cfg.steps
                     say(f"time budget {cfg.time_limit_s:.0f}s: training for {cfg.steps} steps")
+                    if (warning := warmup_warning(cfg)) is not None:  # a budget shorter than the warmup
+                        say(warning)
                 bar.update(1)
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                     val_loss = validate(step)

@@ -172,6 +172,7 @@ def test_time_budgeted_run_sets_its_length_after_calibration(tmp_path, cache_dir
     [note] = [m for m in messages if m.startswith("time budget")]
     planned = int(note.split("training for ")[1].split()[0])
     assert planned > 20 and summary["steps"] <= planned
+    assert not any(m.startswith("warning: train.warmup_steps") for m in messages)  # the budget outlasts the warmup
     assert summary["stop_reason"] in (None, "time limit reached")  # a busy machine may hit the hard limit
     [folder] = list_checkpoints(tmp_path / "budget")
     assert json.loads((folder / "state.json").read_text())["total_steps"] == planned
