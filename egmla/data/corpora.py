@@ -20,6 +20,7 @@ import codecs
 import functools
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import lzma
@@ -297,6 +298,39 @@ def unreadable_file(path: Path) -> str | None:
     return None
 
 
+def json_types(value, path: str = "") -> Iterator[tuple[str, str]]:
+    """(field path, JSON type) of a parsed row's fields, nested objects' fields as `a.b` (nulls carry no type)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{path}.{key}" if path else str(key)
+            if item is not None:
+                yield name, "boolean" if isinstance(item, bool) else "number" if isinstance(item, (int, float)) \
+                    else "string" if isinstance(item, str) else "array" if isinstance(item, list) else "object"
+            yield from json_types(item, name)
+
+
+def mixed_field_types(files: list[Path], rows_per_file: int = 1000) -> str | None:
+    """Where a field has one JSON type in one file and another in the next (`datasets` reads the files with one
+    schema and says only "Couldn't cast"): which field, which files, and what to do; or None."""
+    seen: dict[str, tuple[str, Path]] = {}
+    for path in files:
+        with open(path, encoding="utf-8-sig") as f:
+            if path.suffix.lower() == ".jsonl":
+                rows = (json.loads(line) for line in itertools.islice(f, rows_per_file) if line.strip())
+            else:
+                document = json.load(f)
+                rows = document[:rows_per_file] if isinstance(document, list) else [document]
+            for row in rows:
+                for name, kind in json_types(row):
+                    first = seen.setdefault(name, (kind, path))
+                    if first[0] != kind:
+                        where = f"in {first[1]} and {kind} in {path}" if first[1] != path else f"and {kind} in {path}"
+                        return (f"field {name!r} is {first[0]} {where}: `datasets` reads a corpus's JSON files with "
+                                f"one type per field, even those it does not train on; make that field one type "
+                                f"in every file, or drop it from them")
+    return None
+
+
 def hub_documents(config: DataConfig) -> Iterator[Document]:
     try:
         yield from dataset_documents(config.corpus[3:], None, config, source=config.corpus, max_bytes=config.max_bytes)
@@ -327,6 +361,8 @@ def local_documents(config: DataConfig) -> Iterator[Document]:
             raise
         except Exception as err:  # datasets' errors (a UnicodeDecodeError too) do not say which file: find it
             problem = next(filter(None, map(unreadable_file, files)), None)
+            if problem is None and builder == "json":
+                problem = mixed_field_types(files)
             raise ValueError(f"data.corpus={config.corpus!r}: "
                              + (problem or f"reading the {builder} files failed: {str(err).splitlines()[0]}")) from None
         if config.max_bytes and remaining <= 0:

@@ -324,6 +324,18 @@ def test_a_bad_jsonl_file_is_named_not_a_good_one_with_a_byte_order_mark(tmp_pat
         list(iter_documents(DataConfig(corpus=str(tmp_path))))
 
 
+@pytest.mark.parametrize("second, field, kinds", [('{"text": "b", "meta": "x"}', "meta", "object in .*a.jsonl and string"),
+                                                ('{"text": "b", "meta": {"a": "x"}}', "meta.a", "number in .*a.jsonl and string")])
+def test_json_files_whose_field_types_disagree_name_the_field_and_the_files(tmp_path, second, field, kinds):
+    """`datasets` reads a corpus's JSON files with one schema and said only "Couldn't cast" (a field the run never
+    trains on, an object in one file and a string in the next, or a nested field's type)."""
+    (tmp_path / "a.jsonl").write_text('{"text": "a", "meta": {"a": 1}}\n')
+    (tmp_path / "b.jsonl").write_text(second + "\n")
+    with pytest.raises(ValueError, match=rf"field '{field}' is {kinds} in .*b.jsonl: `datasets` reads a corpus's JSON "
+                                         rf"files with one type per field.*drop it"):
+        list(iter_documents(DataConfig(corpus=str(tmp_path))))
+
+
 def test_upper_case_suffixes_are_read_from_folders_globs_and_paths(tmp_path):
     """.TXT and .Jsonl files were left out of a folder silently (and refused by a glob or a path)."""
     (tmp_path / "upper.TXT").write_text("Upper-case suffix.\n")
