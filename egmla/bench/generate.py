@@ -477,13 +477,17 @@ def markdown(meta: dict) -> str:
     rows = [r for r in meta["rows"] if "error" not in r]
     llama = llama_of(rows)  # each row against the Llama of its own run; none where its run timed none
     full = meta.get("fill_memory_gb")
+    several = len({r.get("run", 0) for r in rows}) > 1  # then a column says which run (and which Llama) a row is
     lines = [f"Generation on {meta['device']}, {meta['dtype']}, torch {meta['torch']}: {meta['source']}; "
              + (f"the largest batch whose cache fits {full:g} GB at {meta['context']} positions, "
                 if full else f"prompts of {meta['prompt_len']} tokens, ")
              + f"{meta['new_tokens']} greedy tokens; medians of {meta['repeats']} runs."
-             + (f" Note: {meta['note']}." if meta.get("note") else ""), "",
-             "| model | variant | decode path | batch | step ms | tokens/s | × Llama tokens/s | prefill ms |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             + (f" Note: {meta['note']}." if meta.get("note") else "")
+             + (" `run`: the process that timed the row (runs merged by `egmla bench generate-suite`); each row's "
+                "× Llama is against the Llama of its own run, which moves between processes." if several else ""), "",
+             "| model | variant | decode path | batch | step ms | tokens/s | × Llama tokens/s | prefill ms |"
+             + (" run |" if several else ""),
+             "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if several else "")]
     llama_full = {run: tokens_per_s for (run, _), tokens_per_s in llama.items()} if full else {}
     for r in sorted(rows, key=lambda r: (0 if full else r["batch"], r["model"] != "egmla", r["variant"])):
         run = r.get("run", 0)
@@ -492,7 +496,8 @@ def markdown(meta: dict) -> str:
         graphs = " (eager)" if r.get("cuda_graphs") is False and meta["device"] != "cpu" else ""
         graphs += ", gate tables offloaded" if r.get("offloaded_gate_tables") else ""
         lines.append(f"| {r['model']} | {r['variant']} | {r['decode_path']}{graphs} | {r['batch']} | "
-                     f"{r['step_ms_median']:.2f} | {r['decode_tokens_per_s']:,.0f} | {ratio} | {r['prefill_ms']:.0f} |")
+                     f"{r['step_ms_median']:.2f} | {r['decode_tokens_per_s']:,.0f} | {ratio} | {r['prefill_ms']:.0f} |"
+                     + (f" {run + 1} |" if several else ""))
     for r in meta["rows"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['variant']} | {r['decode_path']} | {r['batch']} | "

@@ -115,3 +115,27 @@ def test_issue_17_tables_are_what_their_commands_make(tmp_path):
         finally:
             again.unlink(missing_ok=True)
         assert made[1:] == page.read_text().splitlines()[1:], f"{name} is stale: run its first line's command"
+
+
+def test_a_table_merged_from_several_runs_says_each_rows_run_and_anchor():
+    """generate-suite merges processes that each time their own Llama: two unlabelled Llama rows per batch left a
+    reader to guess which one a ratio used. A table of several runs has a `run` column; one run's table has none."""
+    from egmla.bench.generate import markdown, merge_runs
+
+    def meta(rows):
+        return {"device": "cpu", "dtype": "fp32", "torch": "x", "source": "s", "prompt_len": 8, "new_tokens": 2,
+                "repeats": 1, "context": 16, "rows": rows}
+
+    def row(model, variant, tokens_s):
+        return {"model": model, "variant": variant, "decode_path": "p", "batch": 1, "decode_tokens_per_s": tokens_s,
+                "step_ms_median": 1.0, "prefill_ms": 1.0}
+
+    llama = "transformers LlamaForCausalLM"
+    first, second = meta([row(llama, "MHA", 100.0), row("egmla", "A", 300.0)]), meta([row(llama, "MHA", 200.0),
+                                                                                      row("egmla", "B", 300.0)])
+    merged = markdown({**first, "rows": merge_runs([first, second])})
+    assert "| prefill ms | run |" in merged and "`run`: the process that timed the row" in merged
+    assert "| egmla | A | p | 1 | 1.00 | 300 | 3.00 | 1 | 1 |" in merged  # against its own run's Llama
+    assert "| egmla | B | p | 1 | 1.00 | 300 | 1.50 | 1 | 2 |" in merged
+    assert [line.endswith(" 2 |") for line in merged.splitlines() if line.startswith(f"| {llama}")] == [False, True]
+    assert " run |" not in markdown(first) and "`run`" not in markdown(first)
