@@ -21,6 +21,8 @@ A cached call without autograd on a GPU runs wkv_a and the query's first project
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,17 +88,24 @@ class MultiHeadLatentAttention(ReadsWeights):
 
     # ---- projections ---------------------------------------------------------------------
     def query(self, x: torch.Tensor, ctx: AttnContext, projected: torch.Tensor | None = None,
-              rotated: bool = False) -> torch.Tensor:
+              rotated: bool = False, folded_query: torch.Tensor | None = None) -> torch.Tensor:
         """q [batch, seq, heads, d_n + d_r], per head [q^C ; RoPE'd q^R]: the projection's own layout, so only the
-        q^R slice is rewritten (in place) and attention reads q without a cat. projected: the first query projection
-        (wq's or wq_a's) where the merged input product (`input_products`) made it already; rotated: its q^R slice
-        was rotated already (by the append's launch, `query_rope_slice`)."""
+        q^R slice is rewritten (in place) and attention reads q without a cat. The one place the query is formed:
+        the folded decode (`forward_folded`) passes folded_query, the folded weight (`fold_absorption`) that
+        replaces the last projection (wq, or wq_b after the low-rank query's norm) and makes per head
+        [W_UK^T q^C (d_c) ; RoPE'd q^R] instead, with the same matmuls. projected: the first query projection
+        (wq_a's, else the last one's) where the merged input product (`input_products`) made it already; rotated: its
+        q^R slice was rotated already (by the append's launch, `query_rope_slice`)."""
+        low_rank = hasattr(self, "wq_a")
+        last = self.wq_b if low_rank else self.wq  # the projection whose output is q
+        if folded_query is not None:
+            last = partial(F.linear, weight=folded_query)
         if projected is None:
-            projected = (self.wq_a if hasattr(self, "wq_a") else self.wq)(x)
-        q = self.wq_b(self.q_norm(projected)) if hasattr(self, "wq_a") else projected
+            projected = self.wq_a(x) if low_rank else last(x)
+        q = last(self.q_norm(projected)) if low_rank else projected
         q = q.view(*x.shape[:2], self.n_heads, -1)
         if not rotated:
-            q_pe = q[..., self.qk_nope_head_dim:]
+            q_pe = q[..., -self.qk_rope_head_dim:]  # the last d_r of each head, in either layout
             apply_rope(q_pe, ctx.cos, ctx.sin, out=q_pe)
         return q
 
@@ -312,13 +321,8 @@ class MultiHeadLatentAttention(ReadsWeights):
         first query projection (wq_a's, or without a low-rank query the folded query's) from `input_products`;
         rotated: its RoPE slice was rotated already (by the append's launch)."""
         w_query, w_out = self.folded
-        if projected is None:
-            projected = self.wq_a(x) if hasattr(self, "wq_a") else F.linear(x, w_query)
-        q = F.linear(self.q_norm(projected), w_query) if hasattr(self, "wq_a") else projected
-        q = q.view(*x.shape[:2], self.n_heads, -1)
+        q = self.query(x, ctx, projected, rotated, folded_query=w_query)  # per head [W_UK^T q^C ; q^R]
         q_latent, q_pe = q[..., : self.kv_lora_rank], q[..., self.kv_lora_rank:]
-        if not rotated:
-            apply_rope(q_pe, ctx.cos, ctx.sin, out=q_pe)
         out_latent = self.latent_attention(q_latent, q_pe, latent, k_pe, ctx, use_kernel=self.decode_path == "kernel")
         return F.linear(out_latent.flatten(2), w_out)
 
@@ -331,8 +335,8 @@ class MultiHeadLatentAttention(ReadsWeights):
                 and not torch.is_grad_enabled())
 
     def input_products(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """wkv_a(x) [batch, seq, d_c + d_r] and the query's first projection of x (as `query` / `forward_folded`
-        read it), as views of one GEMM over `input_weight`."""
+        """wkv_a(x) [batch, seq, d_c + d_r] and the query's first projection of x (as `query` reads it, folded or
+        not), as views of one GEMM over `input_weight`."""
         projected, kv_width = F.linear(x, self.input_weight()), self.kv_lora_rank + self.qk_rope_head_dim
         return projected[..., :kv_width], projected[..., kv_width:]
 

@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from egmla.attention.mla import causal_attention
 from egmla.model import Transformer
-from tests.conftest import small_config
+from tests.conftest import perturbed, small_config
 
 
 def mla_inputs(dtype, device="cpu", batch=2, seq=33, heads=3, qk_dim=24, v_dim=8):
@@ -123,3 +123,30 @@ def test_keys_values_buffer_runs_on_flash_attention():
         k, v = cat_keys_values(copy.deepcopy(attn).float(), latent.float(), k_pe.float(), None)
         reference = causal_attention(q.float(), k, v, attn.softmax_scale, pad_v=False)
     torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("overrides", [dict(attention="mla"), dict(attention="mla", q_lora_rank=24),
+                                       dict(attention="eg-mla", gate_placement="latent")])
+@pytest.mark.parametrize("path", ["naive", "absorbed", "kernel"])
+def test_a_change_to_the_query_reaches_every_decode_path(overrides, path, monkeypatch):
+    """`query` is the one place the query is formed, the folded decode (`forward_folded`, kv_lora_rank 6 <= d_n, d_v)
+    included: a per-head logit temperature made there (docs/design.md §6) reaches the full forward and every decode
+    path, whose steps still equal the full forward, and it changes the logits (so a path that ignored it would fail)."""
+    from egmla.attention.mla import MultiHeadLatentAttention
+
+    model = perturbed(Transformer(small_config(**overrides, kv_lora_rank=6))).eval()
+    tokens = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        plain = model(tokens)
+    temperature = torch.linspace(0.2, 5.0, model.config.n_heads)[:, None]  # [heads, 1]: scales q^C and q^R alike
+    original = MultiHeadLatentAttention.query
+    monkeypatch.setattr(MultiHeadLatentAttention, "query", lambda *a, **k: original(*a, **k) * temperature)
+    cache = model.new_cache(2, max_len=12)
+    with torch.no_grad():
+        full = model(tokens)
+        model.set_decode_path(path)
+        assert all((layer.attn.folded is not None) == (path != "naive") for layer in model.layers)
+        model(tokens[:, :7], cache)
+        steps = torch.cat([model(tokens[:, i:i + 1], cache) for i in range(7, 12)], dim=1)
+    assert ((full - plain).norm() / plain.norm()).item() > 1e-3  # 100 times the tolerance below
+    assert ((steps - full[:, 7:]).norm() / full[:, 7:].norm()).item() < 1e-5
