@@ -7,7 +7,7 @@ import pytest
 
 from egmla import variants
 from egmla.attention import decode_paths
-from egmla.config import preset
+from egmla.config import ModelConfig, preset
 from egmla.variants import VARIANTS, Variant
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -75,6 +75,34 @@ def test_a_variant_at_the_shape_of_another_config():
     assert "GQA-4" not in [c.variant_name() for c in variants.compared_configs(six_heads)]
 
 
+def test_a_shape_too_small_for_a_variant_is_a_typed_refusal_with_the_configs_message():
+    """ShapeRefused is a ValueError (callers catching ValueError see no change) and carries ModelConfig's own message."""
+    narrow = preset("tiny", d_model=128)
+    with pytest.raises(variants.ShapeRefused, match=r"^kv_lora_rank=256: a latent wider than d_model=128"):
+        variants.variant_config("mla-kv256", narrow)
+    with pytest.raises(variants.ShapeRefused, match=r"^kv_lora_rank=256: "):
+        variants.variant_config("egmla-kv256", "tiny", d_model=128)  # from a preset's name too
+    with pytest.raises(variants.ShapeRefused, match=r"^n_kv_heads=4: n_heads=6 must be divisible by it"):
+        variants.variant_config("gqa4", preset("tiny", n_heads=6, d_model=384))
+    assert issubclass(variants.ShapeRefused, ValueError)
+    names = [c.variant_name() for c in variants.compared_configs(narrow)]
+    assert len(names) == sum(v.compared for v in VARIANTS.values()) - 2 and not {"MLA kv256", "EG-MLA kv256"} & set(names)
+    # an error that is no size refusal stays a plain ValueError, even where the shape also refuses the variant
+    with pytest.raises(ValueError) as raised:
+        Variant("bad", dict(attention="mha", n_kv_heads=3)).config(narrow)
+    assert type(raised.value) is ValueError and "MHA uses one KV head per query head" in str(raised.value)
+
+
+def test_the_comparison_set_raises_what_is_no_size_refusal(monkeypatch):
+    """A reader's new variant whose field was missing from ATTENTION_FIELDS: the field was copied from the model's config
+    into every row, the rows it made invalid were dropped as if the shape refused them (kv-report and plan showed 2
+    rows of 11, no error). Only ShapeRefused is skipped now; here gate_op stands for the forgotten field."""
+    monkeypatch.setattr(variants, "ATTENTION_FIELDS", tuple(f for f in variants.ATTENTION_FIELDS if f != "gate_op"))
+    base = variants.variant_config("egmla-kv64-bias", "tiny")
+    with pytest.raises(ValueError, match="gate_op='bias': gate options apply only to attention='eg-mla'"):
+        variants.compared_configs(base)
+
+
 def test_a_variant_sets_attention_fields_only():
     with pytest.raises(ValueError, match="'x': d_model are shape fields"):
         Variant("x", dict(attention="mla", d_model=64))
@@ -82,14 +110,30 @@ def test_a_variant_sets_attention_fields_only():
         variants.select("mha,egmla-kv46")
 
 
-def test_every_kind_of_variant_is_in_the_exactness_tests_table():
-    """tests/conftest.VARIANTS (cached decode = full forward on every decode path, the kernels' table) is kept by hand
-    at small shapes: every registered variant's kind (attention, gate op, norm, placement, start) must be there, or
-    a new variant is never checked for exactness. (The V table alone was missing until 2026-12-06.)"""
-    from tests.conftest import VARIANTS as TESTED, small_config
+def _exactness_table(where: str) -> list:
+    """The configs of one of the exactness tests' variant tables, each at its own small shape."""
+    if where == "tests/conftest.VARIANTS":  # decode paths against the full forward, the kernels
+        from tests.conftest import VARIANTS as table, small_config
 
+        return [small_config(**kw) for kw in table.values()]
+    if where == "tests/hf/conftest.VARIANTS":  # the HF model, its cache, generate(), export and loading
+        from tests.hf.conftest import VARIANTS as table, SHAPE
+
+        return [ModelConfig(**SHAPE, **kw) for kw in table.values()]
+    from tests.infer.helpers import VARIANTS as table, tiny_config  # the engine: every decode path, CUDA graphs
+
+    return [tiny_config(name) for name in table]
+
+
+@pytest.mark.parametrize("where", ["tests/conftest.VARIANTS", "tests/hf/conftest.VARIANTS",
+                                   "tests/infer/helpers.VARIANTS"])
+def test_every_kind_of_variant_is_in_each_exactness_tests_table(where):
+    """The exactness tests' three tables are kept by hand at small shapes, each spelling the variants its own way
+    (names the tests use, shapes that suit them): every registered variant's kind (attention, gate op, norm,
+    placement, start) must be in each, or a new variant is never checked there. (Until 2026-12-06 tests/conftest
+    lacked the V table, and the HF and engine tables the add, no-norm and identity ablations.)"""
     kinds = ("attention", "gate_op", "gate_norm", "gate_placement", "gate_init")
-    tested = {tuple(getattr(small_config(**kw), k) for k in kinds) for kw in TESTED.values()}
+    tested = {tuple(getattr(config, k) for k in kinds) for config in _exactness_table(where)}
     missing = {v.name: v.overrides for v in VARIANTS.values()
                if tuple(getattr(v.config("tiny"), k) for k in kinds) not in tested}
-    assert not missing, f"add these kinds of variant to tests/conftest.VARIANTS: {missing}"
+    assert not missing, f"add these kinds of variant to {where}: {missing}"

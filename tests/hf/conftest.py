@@ -8,6 +8,7 @@ import torch
 from egmla.config import ModelConfig
 from egmla.model import Transformer
 from egmla.runs import FORMAT_VERSION, save_weights
+from tests.conftest import perturbed
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "egmla" / "hf" / "tasks"
 VOCAB = 300
@@ -21,6 +22,9 @@ VARIANTS = {
     "mla-qlora-untied": dict(attention="mla", q_lora_rank=24, tie_embeddings=False, **LATENT),
     "eg-mla": dict(attention="eg-mla", gate_dim=32, **LATENT),
     "eg-mla-latent": dict(attention="eg-mla", gate_dim=32, gate_placement="latent", **LATENT),
+    "eg-mla-add": dict(attention="eg-mla", gate_dim=32, gate_op="add", **LATENT),  # ablation: gate added
+    "eg-mla-no-norm": dict(attention="eg-mla", gate_dim=32, gate_norm="none", **LATENT),  # ablation: no norm
+    "eg-mla-identity": dict(attention="eg-mla", gate_dim=32, gate_init="identity", **LATENT),  # gate starts at 1
     "eg-mla-bias": dict(attention="eg-mla", gate_dim=32, gate_op="bias", **LATENT),  # issue 18's control
     "eg-mla-bias-v": dict(attention="eg-mla", gate_dim=32, gate_op="bias-v", **LATENT),  # the table on V alone
 }
@@ -64,7 +68,9 @@ def make_run(tmp_path_factory, bpe, tiny_config):
     def make(variant: str) -> Path:
         if variant not in made:
             torch.manual_seed(0)
-            model = Transformer(tiny_config(variant))
+            # perturbed (tests.conftest): the norm affines and the identity gate's W_UE, constant at initialisation,
+            # moved, so that a cached or fast path dropping one differs from the full forward in these tests too
+            model = perturbed(Transformer(tiny_config(variant)))
             run = tmp_path_factory.mktemp(f"run-{variant}")
             (run / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION,
                                                          "model": model.config.to_dict()}))

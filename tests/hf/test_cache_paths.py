@@ -9,6 +9,7 @@ from egmla.attention import decode_paths
 from egmla.config import ModelConfig
 from egmla.hf import EgmlaForCausalLM
 from egmla.model import Transformer
+from tests.conftest import perturbed
 from tests.hf.conftest import SHAPE, VARIANTS
 
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [12, 250, 3]]
@@ -19,7 +20,8 @@ CASES = [(variant, path) for variant, kw in VARIANTS.items() for path in decode_
 
 def hf_model(variant: str, path: str, **shape) -> EgmlaForCausalLM:
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**{**SHAPE, **shape}, **VARIANTS[variant])).eval()
+    # perturbed before set_decode_path (which builds the gate tables): see tests.conftest.perturbed
+    model = perturbed(Transformer(ModelConfig(**{**SHAPE, **shape}, **VARIANTS[variant]))).eval()
     model.set_decode_path(path)
     return EgmlaForCausalLM.from_egmla(model, pad_token_id=0)
 

@@ -14,6 +14,7 @@ from egmla.attention import decode_paths
 from egmla.config import preset
 from egmla.hf import EgmlaForCausalLM
 from egmla.model import Transformer
+from tests.conftest import perturbed
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 VARIANTS = {"mha": dict(attention="mha"), "mla": dict(attention="mla"), "eg-mla": dict(attention="eg-mla"),
@@ -30,7 +31,8 @@ def _quiet():
 def hf_model(variant: str, device: str = "cpu") -> EgmlaForCausalLM:
     """fp32 on either device: on a GPU the merged products, the fused SwiGLU epilogue and the Triton kernels run."""
     config = preset("tiny", vocab_size=300, max_seq_len=64, n_layers=2, d_model=64, n_heads=4, **VARIANTS[variant])
-    return EgmlaForCausalLM.from_egmla(Transformer(config).to(device), eos_token_id=0)
+    # perturbed: the norm affines and the identity gate's W_UE moved, so a path dropping one would differ here too
+    return EgmlaForCausalLM.from_egmla(perturbed(Transformer(config)).to(device), eos_token_id=0)
 
 
 def with_lora(model: EgmlaForCausalLM, embeddings: bool = False):

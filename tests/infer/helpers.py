@@ -7,6 +7,7 @@ import torch
 from egmla.config import ModelConfig
 from egmla.model import Transformer
 from egmla.runs import FORMAT_VERSION, save_weights
+from tests.conftest import perturbed
 
 VOCAB = 300
 LATENT = dict(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
@@ -19,6 +20,9 @@ VARIANTS = {
     "mla": dict(attention="mla", **LATENT),
     "eg-mla": dict(attention="eg-mla", gate_dim=32, **LATENT),
     "eg-mla-latent": dict(attention="eg-mla", gate_dim=32, gate_placement="latent", **LATENT),
+    "eg-mla-add": dict(attention="eg-mla", gate_dim=32, gate_op="add", **LATENT),  # ablation: gate added
+    "eg-mla-no-norm": dict(attention="eg-mla", gate_dim=32, gate_norm="none", **LATENT),  # ablation: no norm
+    "eg-mla-identity": dict(attention="eg-mla", gate_dim=32, gate_init="identity", **LATENT),  # gate starts at 1
     "eg-mla-bias": dict(attention="eg-mla", gate_dim=32, gate_op="bias", **LATENT),  # issue 18's control
     "eg-mla-bias-v": dict(attention="eg-mla", gate_dim=32, gate_op="bias-v", **LATENT),  # the table on V alone
 }
@@ -32,9 +36,14 @@ def tiny_config(variant: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**SHAPE, **VARIANTS[variant], **overrides})
 
 
-def tiny_model(variant: str, seed: int = 0, **overrides) -> Transformer:
+def tiny_model(variant: str, seed: int = 0, perturb: bool = True, **overrides) -> Transformer:
+    """A random tiny model, perturbed (tests.conftest.perturbed) unless perturb=False: every parameter that starts
+    constant (norm weights at 1, biases at 0, the identity gate's W_UE at 0) moved, so that a decode path or engine
+    step that dropped one (LayerNorm's gamma or beta, the identity-started gate) would differ from the full forward
+    here too. The perturbation draws from its own generator, not torch's global one."""
     torch.manual_seed(seed)
-    return Transformer(tiny_config(variant, **overrides)).eval()
+    model = Transformer(tiny_config(variant, **overrides))
+    return (perturbed(model, seed=seed) if perturb else model).eval()
 
 
 def train_tokenizer(vocab_size: int = VOCAB):

@@ -108,7 +108,7 @@ def test_a_call_whose_room_fits_every_fed_id_neither_grows_nor_drops_its_steps_a
     the engine kept room for one step more than ran (the last iteration, which reads the last tokens and runs no step),
     so where every fed id was new the row cache doubled and the steps (graphs on CUDA) were dropped after the last
     one ran, leaving engine.last_step None (`egmla bench generate --profile`: 'no decode step ran')."""
-    model = tiny_model("eg-mla", seed=7)
+    model = tiny_model("eg-mla", seed=6)  # a seed whose greedy tokens feed only new ids (asserted below)
     prompt, new_tokens = [0, 15, 46, 76, 284], 3
     tokens = GenerationEngine(model, decode_path="gate-table").generate([prompt], new_tokens)[0].token_ids
     fed = tokens[:-1]
