@@ -38,7 +38,11 @@ def test_graphs_in_bf16_at_a_wide_shape(variant):
     shape = dict(d_model=768, n_heads=12, max_seq_len=256, vocab_size=4096)
     if variant != "mha":
         shape.update(kv_lora_rank=64, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64)
-    model = tiny_model(variant, **shape).cuda().to(torch.bfloat16)
+    # unperturbed (the fp32 replays above perturb): here eager runs the batch of 33 and the graph a bucket of 48,
+    # whose GEMMs may round differently in bf16; perturbed norms left a near-tie that flipped one token of MLA's
+    # absorbed path on an H100 (2026-12-06: the full forward's top two 0.25 apart, 4 bf16 steps at logits ~11.7,
+    # the eager token first); the test is of replay at width, not of the norms' affines
+    model = tiny_model(variant, perturb=False, **shape).cuda().to(torch.bfloat16)
     prompts = [[(7 * i + 3 * j) % 4096 for j in range(20 + i)] for i in range(33)]
     for path in decode_paths(model.config):
         eager = GenerationEngine(model, decode_path=path, cuda_graphs=False).generate(prompts, max_new_tokens=12)
