@@ -154,7 +154,8 @@ class Transformer(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """`.to(...)`, `.cuda()`, `.half()` and the like: what the decode path precomputed from the weights (gate
         tables, folded absorption) is built again where the weights went and in their dtype, and the merged products'
-        copies are dropped (built again on use): the old ones would hold memory on the old device, or mix dtypes."""
+        copies and the bias controls' folded decode weights are dropped (built again on use): the old ones would hold
+        memory on the old device, or mix dtypes."""
         super()._apply(fn, recurse)
         for layer in getattr(self, "layers", ()):
             for module in (layer.ffn, layer.attn):  # the copies `derived` holds, and the table controls' folding
@@ -268,6 +269,8 @@ class Transformer(nn.Module):
 
     def _cached_context(self, tokens: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None,
                         capturable: bool, empty: bool = False) -> AttnContext:
+        """The context every layer reads in a call with a cache: the new tokens' positions and RoPE angles, their ids
+        written into the cache's token ids, and registered in its token groups on the paths that read them."""
         if cache.batch_size != tokens.shape[0]:
             raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch_size {cache.batch_size}: "
                              f"allocate the cache with new_cache({tokens.shape[0]})")

@@ -1,14 +1,18 @@
 """KV cache containers and byte accounting.
 
 Each attention class declares what it caches per token and layer (`cache_spec`); `KVCache`
-preallocates exactly those tensors for a batch, plus the token ids once per sequence when a variant
-needs them (EG-MLA rebuilds its gates from ids), plus the token groups of EG-MLA's decode path
-'grouped'. `lengths[b]` is how many positions of sequence b are filled; appends land at
-`lengths[b] + i`, so sequences of different lengths share one batch.
+preallocates exactly those tensors for a batch, plus the token ids (one int32 per position, shared by all
+layers) when a variant needs them (EG-MLA rebuilds its gates from ids), plus the token groups of EG-MLA's
+decode path 'grouped' and the bias controls' 'absorbed', plus a per-sequence counter where a layer keeps norm
+statistics. `lengths[b]` is how many positions of sequence b are filled; appends land at `lengths[b] + i`, so
+sequences of different lengths share one batch.
 
 The cache owns its rows: every buffer it holds is either per position ([batch, max_len, ...]) or per
-sequence ([batch]), and `select_rows`, `compact`, `grow`, `rows`, `truncate` and `reset` walk all of
-them through one method, `_map`, so a new buffer is covered everywhere by registering it once.
+sequence ([batch]), and `select_rows`, `compact`, `copy_rows`, `rows`, `reshaped`, `grow` and `copy_prefix`
+walk all of them through one method, `_map`, so a new buffer is covered there by registering it once.
+`truncate`, `reset`, `reset_rows` and `keep_prefix` touch only the per-sequence state (lengths, counters, token
+groups); `take_rows` copies the layers' buffers and the token ids by hand and leaves the token groups to the
+caller.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ class CacheSpec:
 
     tensors: dict[str, tuple[tuple[int, ...], torch.dtype | None]]
     needs_token_ids: bool = False
-    needs_token_groups: bool = False  # positions grouped by token id (EG-MLA decode path 'grouped')
+    needs_token_groups: bool = False  # positions grouped by token id (EG-MLA 'grouped', the bias controls' 'absorbed')
 
 
 class LayerCache:
@@ -63,8 +67,8 @@ class GroupsHostState:
     """What the host knows of a TokenGroups without a sync (shared by every row view of one cache)."""
 
     unregistered: bool = False  # set when tokens were appended on a path that does not keep the groups up
-    # An upper bound on n_distinct.max(): exact after a prefill, +1 per decode step. Graph-captured decode
-    # sizes the grouped kernels' buffers from it instead of reading n_distinct back.
+    # An upper bound on n_distinct.max(): raised to it by a prefill (kept if larger), +1 per decode step. Graph-
+    # captured decode sizes the grouped kernels' buffers from it instead of reading n_distinct back.
     distinct_bound: int = 0
     # A larger bound the generation engine sets before capturing a CUDA graph, so that one graph serves
     # every step of a generation (the distinct ids grow while the graph replays, unseen by the host).
@@ -73,7 +77,7 @@ class GroupsHostState:
 
 class TokenGroups:
     """Per sequence: the distinct token ids in order of first appearance, and each position's slot
-    (EG-MLA decode path 'grouped', docs/grouped-decode.md).
+    (EG-MLA decode path 'grouped', docs/grouped-decode.md, and the bias controls' 'absorbed').
 
     `distinct_ids[b, :n_distinct[b]]` are sequence b's distinct ids; `slots[b, t]` is the index of
     position t's id among them, for t < lengths[b] (the positions registered so far); `counts[b, s]` is
@@ -86,7 +90,8 @@ class TokenGroups:
     not part of the sequence (it is overwritten later), so it never creates a group.
     """
 
-    PER_POSITION = ("slots", "distinct_ids", "counts", "ranks")  # [batch, max_len] int32
+    # [batch, max_len] int32: slots and ranks by position, distinct_ids and counts by slot (at most max_len slots)
+    PER_POSITION = ("slots", "distinct_ids", "counts", "ranks")
     PER_SEQUENCE = ("n_distinct", "lengths")  # [batch] int64
 
     def __init__(self, batch_size: int, max_len: int, device=None):

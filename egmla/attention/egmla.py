@@ -7,7 +7,7 @@ MLA plus a token-specific gate. Per layer an embedding table E_l [vocab, d_e]; f
     placement "latent" (ours):   f_t = Norm(c_t ⊙ g_t),   [k^C ; v] = W_UKV f_t   (f_t is cached)
 
 `gate_op="add"` replaces ⊙ with +, `gate_norm` picks LayerNorm (paper), RMSNorm or none (ablations).
-Two controls (issue 18) keep every parameter of EG-MLA and change one thing:
+Three controls (issue 18) change one thing each; "bias" and the identity start keep every parameter of EG-MLA:
   gate_op="bias"           f_t = Norm(kv_t) + g_t: the same table, up-projected the same way, added after the
                            norm to K and V, so it shifts them per token and gates nothing. Added to the
                            layer input it would need a d_model-wide W_UE, and the parameters would no
@@ -15,12 +15,16 @@ Two controls (issue 18) keep every parameter of EG-MLA and change one thing:
   gate_op="bias-v"         (not parameter-matched: W_UE is half as wide, 4.7 M parameters fewer at paper-base)
                            the same table added to V alone, as modded-nanogpt's "value embeddings": it asks
                            whether the keys need the table. Its gate vector is W_UE e_t in the V slots of the
-                           [k; v] layout and 0 in the K slots, so every path of "bias" serves it unchanged.
+                           [k; v] layout and 0 in the K slots, so every PyTorch path of "bias" serves it
+                           unchanged (the Triton absorbed decode skips its zero score term: `absorbed_weights`).
   gate_init="identity"     g_t = 1 + W_UE e_t with W_UE = 0 at the start (Transformer.reset_parameters):
-                           every gate starts at exactly 1, where the paper's g_t = W_UE e_t starts as N(0, 1).
+                           every gate starts at exactly 1, where the paper's g_t = W_UE e_t starts with
+                           variance 1 per entry (e_t ~ N(0, 1), W_UE ~ N(0, 1/d_e)).
 The norm of the paper's placement covers the whole n_h·(d_n + d_v) vector, so MLA's weight absorption
-does not apply to it: decode rebuilds K/V per position. The cache still holds only c_t and k^R_t;
-the gate is recomputed from the token id, stored once per sequence.
+does not apply to it: decode rebuilds K/V per position ('naive', 'gate-table', 'kernel') or per distinct
+id ('grouped'). The cache holds c_t and k^R_t, plus on 'kernel', 'grouped' and the bias controls' 'absorbed'
+each position's norm statistics (mu, rho) per layer; the gate is recomputed from the token id, which the
+cache stores once per position for all layers.
 
 Decode paths, all in this file:
   up:      naive       recompute g = W_UE E[id] for every cached position, rebuild K/V, SDPA
@@ -39,8 +43,10 @@ Decode paths, all in this file:
   latent:  naive       rebuild K/V from the cached f_t
            absorbed    MLA's absorbed decode over f_t (the gate is already inside the cache)
            kernel      MLA's absorbed decode kernel over f_t
-Prefill (several new tokens) on 'kernel' and 'grouped' takes the gate-table rebuild, which is exact and
-compute-bound there anyway; so does 'kernel' on a device Triton cannot run on (with one warning).
+A prompt into an empty cache takes the causal pass on every path (`attend_causal`: K/V rebuilt, FlashAttention
+on CUDA). A later chunk of several new tokens on 'kernel', 'grouped' and the bias controls' 'absorbed' takes the
+gate-table rebuild, which is exact and compute-bound there anyway; so does 'kernel' on a device Triton cannot
+run on (with one warning), while 'grouped' and 'absorbed' there take their PyTorch equations.
 """
 from __future__ import annotations
 
@@ -75,32 +81,37 @@ def supports_grouped(config: ModelConfig) -> bool:
             and config.gate_norm in ("layernorm", "rmsnorm"))
 
 
-# ---- the grouped decode's equations (docs/grouped-decode.md), in PyTorch ------------------------------------
-# Per cached position t the cache holds c_t, k^R_t and the norm statistics of x_t = (W_UKV c_t) ⊙ g_t:
-# mu_t = mean(x_t), rho_t = 1/sqrt(var(x_t) + eps). Then, exactly:
-#   a_{h,v} = W^K_h^T (gamma^K_h ⊙ q^C_h ⊙ g^K_{h,v})                                  once per distinct id v
-#   score_t = scale (rho_t (a_{h,i_t} . c_t - mu_t gamma^K_h . q^C_h) + beta^K_h . q^C_h + q^R_h . k^R_t)
-#   w_t = softmax_t(score)_t rho_t,   s_{h,v} = sum_{t: i_t = v} w_t c_t
-#   o_h = gamma^V_h ⊙ sum_v g^V_{h,v} ⊙ (W^V_h s_{h,v}) - gamma^V_h sum_t w_t mu_t + beta^V_h
+# ---- the bias controls' folded decode weights, built by EmbeddingGatedMLA.absorbed_weights ------------------
 @dataclasses.dataclass
 class AbsorbedWeights:
-    """The bias control's folded decode weights (EmbeddingGatedMLA.absorbed_weights) and what they were built from."""
+    """The bias controls' folded decode weights (EmbeddingGatedMLA.absorbed_weights, read by the Triton absorbed decode
+    `bias_absorbed_kernel`) and the key of the weights they were built from."""
     key: tuple
     query: torch.Tensor  # [n_h, d_n, d_c (+ d_e) + 2]
     output: torch.Tensor  # [n_h, d_c + 2 + d_e, d_v]
     score_term: bool  # False for the table on V only
 
 
+# ---- the norm's affine and the gate rows, split per head: shared by both PyTorch decodes below ---------------
 def split_heads(vector: torch.Tensor | None, n_heads: int, d_n: int, fill: float,
                 dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [..., n_h*(d_n+d_v)] vector in wkv_b's per-head [k; v] layout -> its K [..., n_h, d_n] and V parts
-    (`fill`, a scalar, for both when the vector is absent: no affine weight, or no bias)."""
+    """A [..., n_h*(d_n+d_v)] vector in wkv_b's per-head [k; v] layout -> its K [..., n_h, d_n] and V [..., n_h, d_v]
+    parts, in `dtype`; when the vector is absent (no affine weight, or no bias) the float `fill` for both, not a
+    tensor (callers test `torch.is_tensor`)."""
     if vector is None:
         return fill, fill
     per_head = vector.to(dtype).unflatten(-1, (n_heads, -1))
     return per_head[..., :d_n], per_head[..., d_n:]
 
 
+# ---- the grouped decode's equations (docs/grouped-decode.md), in PyTorch ------------------------------------
+# Per cached position t the cache holds c_t, k^R_t and the norm statistics of x_t = (W_UKV c_t) ⊙ g_t:
+# mu_t = mean(x_t), rho_t = 1/sqrt(var(x_t) + eps) (RMSNorm: mu_t = 0, rho_t = 1/sqrt(mean(x_t^2) + eps), no beta).
+# Then, exactly:
+#   a_{h,v} = W^K_h^T (gamma^K_h ⊙ q^C_h ⊙ g^K_{h,v})                                  once per distinct id v
+#   score_t = scale (rho_t (a_{h,i_t} . c_t - mu_t gamma^K_h . q^C_h) + beta^K_h . q^C_h + q^R_h . k^R_t)
+#   w_t = softmax_t(score)_t rho_t,   s_{h,v} = sum_{t: i_t = v} w_t c_t
+#   o_h = gamma^V_h ⊙ sum_v g^V_{h,v} ⊙ (W^V_h s_{h,v}) - gamma^V_h sum_t w_t mu_t + beta^V_h
 def grouped_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                       ln_stats: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor,
                       w_uk: torch.Tensor, w_uv: torch.Tensor, gamma: torch.Tensor | None,
@@ -137,10 +148,11 @@ def grouped_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Te
     return out * visible.any(-1)[..., None]
 
 
-# ---- the bias control's absorbed decode, in PyTorch -------------------------------------------------------
+# ---- the bias controls' absorbed decode ('bias', 'bias-v'), in PyTorch --------------------------------------
 # f_t = Norm(kv_t) + g_{i_t} with kv_t = W_UKV c_t: the norm sees no gate, so with mu_t, rho_t of kv_t, exactly
-#   score_t = scale (rho_t (qa_h . c_t - mu_t gamma^K_h . q^C_h) + beta^K_h . q^C_h + e_{h,i_t} + q^R_h . k^R_t),
-#             qa_h = W^K_h^T (gamma^K_h ⊙ q^C_h)  (MLA's absorbed query),  e_{h,v} = q^C_h . g^K_{h,v}  per distinct id
+#   score_t = scale (rho_t (qa_h . c_t - mu_t gamma^K_h . q^C_h) + beta^K_h . q^C_h + r_{h,i_t} + q^R_h . k^R_t),
+#             qa_h = W^K_h^T (gamma^K_h ⊙ q^C_h)  (MLA's absorbed query),  r_{h,v} = q^C_h . g^K_{h,v}  per distinct id
+#             (0 for 'bias-v', whose gate rows are 0 in the K slots)
 #   o_h = gamma^V_h ⊙ (W^V_h sum_t w_t c_t - sum_t w_t mu_t) + beta^V_h + sum_v P_{h,v} g^V_{h,v},
 #             w_t = p_t rho_t,  P_{h,v} = sum_{t: i_t = v} p_t
 def bias_absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
@@ -158,7 +170,7 @@ def bias_absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: to
     beta_k, beta_v = split_heads(beta, n_heads, d_n, 0.0, dt)
     gq = gamma_k * q  # gamma^K ⊙ q^C  [b, s, h, d_n]
     q_absorbed = torch.einsum("bshd,hdc->bshc", gq, w_uk.to(dt))  # MLA's W_UK^T (gamma ⊙ q) per head
-    per_id = torch.einsum("bshd,buhd->bshu", q, gate_k)  # e_{h,v} = q^C . g^K_{h,v}, once per distinct id
+    per_id = torch.einsum("bshd,buhd->bshu", q, gate_k)  # r_{h,v} = q^C . g^K_{h,v}, once per distinct id
     slot = slots.long().clamp(0, gates.shape[1] - 1)[:, None, None, :].expand(*per_id.shape[:3], -1)  # [b, s, h, T]
     query_bias = (beta_k * q).sum(-1) if torch.is_tensor(beta_k) else torch.zeros_like(gq[..., 0])  # beta^K . q^C
     content = torch.einsum("bshc,btc->bsht", q_absorbed, latent)
@@ -167,6 +179,7 @@ def bias_absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: to
     visible = mask[:, :, None, :]
     probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).masked_fill(~visible, 0.0).nan_to_num(0.0)
     weights = probs * rho  # w_t = p_t rho_t
+    # W^V_h sum_t w_t c_t
     rebuilt = torch.einsum("bshc,hdc->bshd", torch.einsum("bsht,btc->bshc", weights, latent), w_uv.to(dt))
     mean_term = (weights * mu).sum(-1)[..., None]  # sum_t w_t mu_t
     mass = torch.zeros_like(per_id).scatter_add_(3, slot, probs)  # P_{h,v}
@@ -199,7 +212,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         self.adds_table = config.adds_table  # the same-table controls: Norm(kv) + g
         self.gate_norm = make_norm(config.gate_norm, config.gate_norm_dim, config.norm_eps)
         self.norm_kind = config.gate_norm
-        self.gate_table: torch.Tensor | None = None  # G_l = E_l W_UE^T, built for the paths that read it
+        # G_l = E_l W_UE^T, built for the paths that read it; under an offload (egmla.infer.offload) an OffloadedRows
+        # stand-in, as gate_embed then is (hence the hasattr / isinstance tests below)
+        self.gate_table: torch.Tensor | None = None
         self.gate_table_from: tuple | None = None  # gate_sources_key() when it was built
         self.grouped_backend = "auto"  # 'grouped' one-token steps: auto (Triton on CUDA), kernel or pytorch
         self.absorbed_backend = "auto"  # the bias control's 'absorbed' one-token steps: the same choices
@@ -265,8 +280,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
 
     @torch.no_grad()
     def build_gate_table(self) -> torch.Tensor:
-        """G_l [vocab, gate_out]: every token's gate, computed once (refresh_gate_table builds it again when its
-        source weights change)."""
+        """G_l = E_l W_UE^T [vocab, n_h (d_n + d_v)]: every token's gate in the per-head [k; v] layout (as `up_project`
+        makes it: zeros in the K slots for 'bias-v', 1 + ... for the identity start), computed once
+        (refresh_gate_table builds it again when its source weights change)."""
         self.gate_table = self.up_project(self.gate_embed.weight)
         self.gate_table_from = self.gate_sources_key()
         return self.gate_table
@@ -299,7 +315,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
 
     # ---- the gate ------------------------------------------------------------------------
     def gate(self, token_ids: torch.Tensor, use_table: bool = False) -> torch.Tensor:
-        """g [batch, len, gate_out] for token ids [batch, len]."""
+        """g [batch, len, n_h (d_n + d_v)] (placement up, per-head [k; v] layout) or [batch, len, d_c] (placement
+        latent) for token ids [batch, len]: from the gate table's rows (use_table), else W_UE E[ids]."""
         if use_table:
             if self.gate_table is None:
                 raise RuntimeError("gate table not built: call model.set_decode_path('gate-table') first")
@@ -317,15 +334,15 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return gate + 1.0 if self.identity_gate else gate
 
     def gated_norm(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Norm(x ⊙ g), Norm(x + g) or, for the no-gate controls, Norm(x) + g."""
+        """Norm(x ⊙ g), Norm(x + g) or, for the same-table controls ('bias', 'bias-v'), Norm(x) + g."""
         if self.adds_table:
             return self.gate_norm(x) + gate
         return self.gate_norm(x * gate if self.gate_op == "mul" else x + gate)
 
     def norm_stats(self, latent: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """[batch, seq, 2] fp32 (mu, rho) of x_t = (W_UKV c_t) ⊙ g_t (or + g_t; the bias control: W_UKV c_t): what
-        the norm needs of each position, fixed once it is appended, so the 'kernel', 'grouped' and (bias control)
-        'absorbed' caches store it (8 B per position).
+        the norm needs of each position, fixed once it is appended, so the 'kernel', 'grouped' and (bias controls)
+        'absorbed' caches store it (8 B per position and layer).
         LayerNorm: (mean, 1/sqrt(biased var + eps)); RMSNorm: (0, 1/sqrt(mean(x^2) + eps)); none: (0, 1)."""
         kv = F.linear(latent.float(), self.wkv_b.weight.float())
         if self.adds_table:  # the controls' norm sees kv_t alone; their table is added after it
@@ -343,7 +360,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return torch.stack([zeros, torch.ones_like(zeros)], dim=-1)
 
     def appended_stats(self, latent: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """`norm_stats` of the positions a decode step appends: through `stats_pass` where it runs."""
+        """`norm_stats` of the given positions, through `stats_pass` where it runs. Not on the model's own path (the
+        append writes the statistics through `write_stats`, which makes the same choice); tests compare the two."""
         if self.stats_pass_runs(latent):
             return self.stats_pass(latent, token_ids)
         return self.norm_stats(latent, token_ids)
@@ -402,15 +420,17 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1), v
 
     def append(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor, k_pe: torch.Tensor) -> AttnContext:
-        """MLA's append, plus the new positions' (mu, rho) where the cache keeps them ('kernel', 'grouped'). Every
-        cached call passes here first: the gate table is refreshed if the weights changed since it was built."""
+        """MLA's append, plus the new positions' (mu, rho) where the cache keeps them ('kernel', 'grouped', the bias
+        controls' 'absorbed'). Every cached call not taking `append_in_one_launch` passes here first: the gate table
+        is refreshed if the weights changed since it was built. Returns the context with this layer's kv_ln_stats."""
         self.refresh_gate_table()
         return self.append_stats(cache, super().append(cache, ctx, latent, k_pe), latent)
 
     def append_in_one_launch(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache,
                              projected: torch.Tensor | None = None, q_rope: torch.Tensor | None = None) -> AttnContext:
         """`append(cache, ctx, *latent(x, ctx, projected))` with MLA's part in one launch (placement up: the latents
-        are MLA's), q_rope (the query's RoPE slice) rotated by the same launch."""
+        are MLA's), q_rope (the query's RoPE slice) rotated by the same launch; the new (mu, rho) in that launch too
+        where `stats_in_the_append`, else by `write_stats` after it."""
         self.refresh_gate_table()
         self.check_stats_cache(cache, ctx)
         if self.stats_in_the_append(x, ctx, cache):
@@ -437,6 +457,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
                              ctx.stats_arrivals)
 
     def check_stats_cache(self, cache: LayerCache, ctx: AttnContext) -> None:
+        """'grouped' and the bias controls' 'absorbed' refuse a cache allocated without statistics or token groups."""
         if self.gate_placement == "up" and self.decode_path in ("grouped", "absorbed") and (
                 "ln_stats" not in cache.buffers or ctx.kv_groups is None):
             raise ValueError(_STATS_CACHE_NEEDED.format(path=self.decode_path))  # before a fresh prompt skips reading
@@ -458,6 +479,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
 
     # ---- decode paths ----------------------------------------------------------------------
     def attend_gate_table(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
+        """EG-MLA-A: gate rows gathered from G_l, K/V rebuilt for every cached position, then SDPA; also the prefill
+        chunk of 'kernel', 'grouped' and the bias controls' 'absorbed'. Returns [batch, seq, heads, d_v]."""
         if self.gate_table is None:
             self.build_gate_table()
         k_nope, v = self.expand_kv(latent, kv_ids, use_table=True)
@@ -465,7 +488,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
 
     def attend_kernel(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
         """Placement up: fused Triton decode, K/V rebuilt on chip from c_t, the gate-table row and the
-        position's norm statistics. Placement latent: MLA's absorbed decode kernel over the cached f_t."""
+        position's norm statistics (computed here in one pass if the cache has none); several new tokens, or a
+        device the kernel cannot run on: `attend_gate_table`. Placement latent: MLA's absorbed decode kernel over
+        the cached f_t. Returns [batch, seq, heads, d_v]."""
         if self.gate_placement == "latent":
             return super().attend_kernel(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
         if not decode_kernel_can_run(q_nope, latent, ctx, "EG-MLA"):
@@ -490,7 +515,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return out.unsqueeze(1)
 
     def attend_absorbed(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
-        """Placement latent: MLA's absorbed decode over the cached f_t. The bias control (placement up): its
+        """Placement latent: MLA's absorbed decode over the cached f_t. The bias controls (placement up): their
         absorbed decode (`bias_absorbed_attention`) for one new token per sequence, reading the cached (mu, rho)
         and the token groups; several new tokens (prefill) take the gate-table rebuild. [batch, seq, heads, d_v]."""
         if self.gate_placement == "latent":

@@ -13,11 +13,16 @@ Decode paths over the cache (c_t, k^R_t):
   naive     rebuild k^C, v for every cached position, then SDPA.
   absorbed  fold W_UK into the query and W_UV into the output, attend over c_t directly
             (an MQA with one shared "head" of width d_c + d_r). Exact in real arithmetic.
-  kernel    the absorbed decode as one Triton flash-decoding kernel (egmla/kernels/mla_decode.py)
-            for one new token per sequence; prefill uses `absorbed`.
-For 'absorbed' and 'kernel', W_UK and W_UV are folded into the query and output projections when the
-path is set (`fold_absorption`), where that makes the projections no larger (d_c <= d_n, d_v).
-A cached call without autograd on a GPU runs wkv_a and the query's first projection as one GEMM (`input_products`).
+  kernel    the absorbed decode as a Triton flash-decoding kernel (egmla/kernels/mla_decode.py; the context split
+            where `choose_num_splits` says so, then a combine launch) for one new token per sequence; a later
+            prompt chunk of several new tokens takes `absorbed`'s PyTorch einsums.
+A prompt into an empty cache (`ctx.fresh`), like training, takes the causal pass on every path (`attend_causal`:
+K/V rebuilt, FlashAttention on CUDA). For 'absorbed' and 'kernel', W_UK and W_UV are folded into the query and
+output projections when the path is set (`fold_absorption`), where that makes the projections no larger
+(d_c <= d_n, d_v); a cached call then takes `forward_folded`, and `attend_absorbed` / `attend_kernel` serve only
+the unfolded shapes. A call that reads the cache, without autograd on a GPU, runs wkv_a and the query's first
+projection as one GEMM (`input_products`), and norms and rotates the new latents straight into the cache in one
+Triton launch (`append_in_one_launch`).
 """
 from __future__ import annotations
 
@@ -119,8 +124,9 @@ class MultiHeadLatentAttention(ReadsWeights):
 
     def latent(self, x: torch.Tensor, ctx: AttnContext,
                projected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the cache stores: c_t [batch, seq, d_c] and k^R_t [batch, seq, d_r] (views of one projection).
-        projected: wkv_a(x) where the merged input product (`input_products`) made it already."""
+        """What the cache stores: c_t [batch, seq, d_c] (the normed first d_c of wkv_a(x)) and k^R_t [batch, seq, d_r]
+        (a view of its last d_r, rotated in place). projected: wkv_a(x) where the merged input product
+        (`input_products`) made it already."""
         projected = self.wkv_a(x) if projected is None else projected
         # slices, not split: autograd refuses in-place writes into split's views
         kv, k_pe = projected[..., : self.kv_lora_rank], projected[..., self.kv_lora_rank:]
@@ -154,11 +160,13 @@ class MultiHeadLatentAttention(ReadsWeights):
                 ctx = self.append(cache, ctx, latent, k_pe)
             if not reads_cache:  # training, full forwards, a prompt into an empty cache: over its own latents
                 return self.wo(self.attend_causal(self.query(x, ctx), latent, k_pe, ctx.token_ids).flatten(2))
+        # the append returned the context the decode paths read (EG-MLA's holds this layer's cached (mu, rho))
         latent, k_pe = cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len)
         if self.reads_folded_weights():
             return self.forward_folded(x, latent, k_pe, ctx, q_projected, q_rotated)
         q_nope, q_pe = self.query(x, ctx, q_projected, q_rotated).split([self.qk_nope_head_dim, self.qk_rope_head_dim],
                                                                        dim=-1)
+        # attend_naive, attend_absorbed, attend_kernel; EG-MLA adds attend_gate_table and attend_grouped
         attend = getattr(self, "attend_" + self.decode_path.replace("-", "_"))
         return self.wo(attend(q_nope, q_pe, latent, k_pe, ctx.kv_token_ids, ctx).flatten(2))
 
@@ -244,12 +252,14 @@ class MultiHeadLatentAttention(ReadsWeights):
         return out.transpose(1, 2)
 
     def attend_absorbed(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
-        """Weight absorption: scores and values computed on the latent, never rebuilding K/V."""
+        """Weight absorption: scores and values computed on the latent, never rebuilding K/V (reached only where the
+        absorption is not folded, d_c > d_n or d_v: `reads_folded_weights`). Returns [batch, seq, heads, d_v]."""
         return self.absorbed(q_nope, q_pe, latent, k_pe, ctx, use_kernel=False)
 
     def attend_kernel(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
         """Absorbed decode through the Triton kernel (one new token per sequence); several new tokens
-        (prefill) take the absorbed PyTorch path, and so does a device the kernel cannot run on."""
+        (a later prompt chunk) take the absorbed PyTorch path, and so does a device the kernel cannot run on.
+        Reached only where the absorption is not folded, as `attend_absorbed`."""
         return self.absorbed(q_nope, q_pe, latent, k_pe, ctx, use_kernel=True)
 
     def absorbed(self, q_nope, q_pe, latent, k_pe, ctx: AttnContext, use_kernel: bool) -> torch.Tensor:
@@ -276,7 +286,8 @@ class MultiHeadLatentAttention(ReadsWeights):
     @torch.no_grad()
     def fold_absorption(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """W_UK folded into the query projection and W_UV into the output projection, once, so a decode
-        step runs no absorb matmuls: q_latent_h = (W_UK_h^T W_Q_h^C) x and out = sum_h (W_O_h W_UV_h) o_h.
+        step runs no absorb matmuls: q_latent_h = (W_UK_h^T W_Q_h^C) x and out = sum_h (W_O_h W_UV_h) o_h, with
+        o_h [d_c] the attention's output over the latents (x: the query's input, h_t or RMSNorm(W_DQ h_t)).
         Only where it costs no more than it saves (d_c <= d_n and d_c <= d_v, as at paper-base kv64);
         None otherwise. Built by set_decode_path; folded_weights folds again when a source weight changed."""
         heads, d_n, d_r, d_v, d_c = (self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim,
