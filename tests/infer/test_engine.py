@@ -7,7 +7,8 @@ import torch
 from tests.infer.helpers import VARIANTS, tiny_model
 
 from egmla.attention import decode_paths
-from egmla.infer import GenerationEngine, SamplingParams
+from egmla.infer import GenerationEngine, SamplingParams, select_next
+from egmla.infer.scheduler import Scheduler
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [120, 8], [33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45], [260]]
 
@@ -21,15 +22,90 @@ def greedy_full_recompute(model, prompt: list[int], new_tokens: int) -> list[int
     return sequence[len(prompt):]
 
 
+def full_forward_log_probs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """The reference distributions: log_softmax (fp32) of one training forward of prompt + tokens (no cache) at each
+    position that predicts one of `tokens`, [len(tokens), vocab]."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens[:-1]]))[0]
+    return logits.float().log_softmax(dim=-1)[len(prompt) - 1:]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| over the last dimension, the largest over the rest (NaN if any is)."""
+    errors = (actual - expected).norm(dim=-1) / expected.norm(dim=-1)
+    return float("nan") if errors.isnan().any() else errors.max().item()
+
+
+def assert_log_probs_match(actual: torch.Tensor, expected: torch.Tensor, tokens: torch.Tensor, where) -> None:
+    """fp32 agreement (the project's relative 1e-4; NaN and inf never pass) of [sequences, steps, vocab]
+    log-probabilities, each step's whole distribution and the generated tokens' own log-probabilities."""
+    assert actual.shape == expected.shape, where
+    assert torch.isfinite(actual).all(), where
+    assert relative_error(actual, expected) < 1e-4, (where, relative_error(actual, expected))
+    chosen, want = (t.gather(-1, tokens[..., None])[..., 0] for t in (actual, expected))
+    assert relative_error(chosen, want) < 1e-4, (where, relative_error(chosen, want))
+
+
+@pytest.fixture
+def step_log_probs(monkeypatch) -> list[torch.Tensor]:
+    """The log-probabilities (fp32, [rows, vocab]) of every set of logits GenerationEngine.generate picks tokens from
+    (`select_next`'s input: the prefill's, then each decode step's), in order. Tokens alone catch a wrong decode path
+    poorly: a tiny random model's argmax wins by a wide margin, so a path that drops a norm's gamma or scales a head
+    still emits the same tokens for many steps; the distributions show it."""
+    import egmla.infer.engine as engine_module
+
+    seen = []
+
+    def recording(logits, *args, **kwargs):
+        seen.append(logits.detach().float().log_softmax(dim=-1))
+        return select_next(logits, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "select_next", recording)
+    return seen
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_greedy_same_on_every_path_and_as_full_recompute(variant):
+def test_greedy_same_on_every_path_and_as_full_recompute(variant, step_log_probs):
+    """Every decode path gives the tokens of a full recompute, and at every step (prefill's included) the whole
+    distribution, hence each generated token's log-probability, of one full forward of prompt + tokens, to fp32."""
     model = tiny_model(variant)
     expected = [greedy_full_recompute(model, prompt, 10) for prompt in PROMPTS]
     assert len({tuple(tokens) for tokens in expected}) > 1  # the prompts lead to different outputs
+    reference = torch.stack([full_forward_log_probs(model, p, t) for p, t in zip(PROMPTS, expected)])
+    tokens = torch.tensor(expected)
     for path in decode_paths(model.config):
+        step_log_probs.clear()
         results = GenerationEngine(model, decode_path=path).generate(PROMPTS, max_new_tokens=10)
         assert [r.token_ids for r in results] == expected, path
         assert all(r.finish_reason == "length" for r in results)
+        # every sequence runs to the end: one [4, vocab] set of logits per token, rows in prompt order
+        assert_log_probs_match(torch.stack(step_log_probs, dim=1), reference, tokens, path)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_served_logprobs_are_the_full_forwards_on_every_path(variant):
+    """The log-probabilities the engine serves (Scheduler logprobs=k, what the server returns as OpenAI's logprobs):
+    on every decode path, for ragged prompts sharing the batch and ending at different steps, each generated token's
+    and the step's k most likely tokens' are those of one full forward of prompt + tokens, to fp32."""
+    model = tiny_model(variant, seed=5)
+    new = [10, 4, 7, 1]
+    for path in decode_paths(model.config):
+        scheduler = Scheduler(GenerationEngine(model, decode_path=path), max_batch=len(PROMPTS))
+        handles = [scheduler.submit(p, max_new_tokens=n, logprobs=2) for p, n in zip(PROMPTS, new)]
+        while scheduler.step():
+            pass
+        for handle, n in zip(handles, new):
+            result = handle.result()
+            assert len(result.token_ids) == len(result.logprobs) == n, path
+            reference = full_forward_log_probs(model, handle.prompt_ids, result.token_ids)
+            chosen = reference.gather(-1, torch.tensor(result.token_ids)[:, None])[:, 0]
+            assert result.token_ids == reference.argmax(dim=-1).tolist(), path  # greedy
+            served = torch.tensor(result.logprobs)
+            assert torch.isfinite(served).all() and relative_error(served, chosen) < 1e-4, \
+                (path, relative_error(served, chosen))
+            top = torch.tensor([list(t.values()) for t in result.top_logprobs])
+            assert [list(t) for t in result.top_logprobs] == reference.topk(2).indices.tolist(), path
+            assert relative_error(top, reference.topk(2).values) < 1e-4, path
 
 
 # every variant and path; the Triton 'kernel' path (slow in the CPU interpreter) once per kernel
