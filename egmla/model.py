@@ -302,7 +302,7 @@ class Transformer(nn.Module):
         if cache.token_groups is not None:
             # positions by id, on the paths that read them (the bias control's 'absorbed' too); not kept up otherwise,
             # nor in a captured prefill (the caller registers its prompts): reset() clears the flag, a reader raises
-            if self.decode_path in ("grouped", "absorbed") and not (capturable and empty):
+            if self.decode_path in self.layers[0].attn.TOKEN_GROUP_PATHS and not (capturable and empty):
                 cache.token_groups.append(tokens, positions, n_new)
             else:
                 cache.token_groups.host.unregistered = True

@@ -194,10 +194,15 @@ _STATS_CACHE_NEEDED = ("decode_path='{path}' needs a cache with LayerNorm statis
 # Decode paths that read the precomputed gate table G_l = E_l W_UE^T (placement `up`): built when the path is set,
 # beside the embeddings E_l it comes from (the memory planner counts both, egmla.infer.plan)
 TABLE_PATHS = ("gate-table", "kernel", "grouped", "absorbed")
+# ... of those, the paths whose cache keeps each position's norm statistics (mu, rho), written at append, and the
+# paths that also read the cache's token groups (positions by id): 'grouped' and the bias controls' 'absorbed'
+STATS_PATHS = ("kernel", "grouped", "absorbed")
+TOKEN_GROUP_PATHS = ("grouped", "absorbed")
 
 
 class EmbeddingGatedMLA(MultiHeadLatentAttention):
-    WEIGHT_READING_PATHS = ("gate-table", "kernel", "grouped", "absorbed")  # gate tables, wkv_b to kernels
+    WEIGHT_READING_PATHS = TABLE_PATHS  # gate tables, wkv_b to kernels
+    TOKEN_GROUP_PATHS = TOKEN_GROUP_PATHS
 
     @property
     def fuses_append(self) -> bool:
@@ -236,9 +241,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         spec = MultiHeadLatentAttention.cache_spec(config, decode_path)
         if config.gate_placement == "latent":
             return spec  # f_t is cached in place of c_t: the gate needs no id at decode time
-        if decode_path in ("kernel", "grouped", "absorbed"):  # + (mu, rho) of each position, written at append
+        if decode_path in STATS_PATHS:  # + (mu, rho) of each position, written at append
             return CacheSpec({**spec.tensors, "ln_stats": ((2,), torch.float32)}, needs_token_ids=True,
-                             needs_token_groups=decode_path in ("grouped", "absorbed"))
+                             needs_token_groups=decode_path in TOKEN_GROUP_PATHS)
         return CacheSpec(spec.tensors, needs_token_ids=True)
 
     @property
@@ -372,7 +377,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         up-projection, the norm's reductions). A prompt takes the same pass on CUDA (the PyTorch equations' fp32
         W_UKV product alone was 4.9 of 91 ms of kernels in a batch-32 EG-MLA prefill on the H200:
         docs/bench/prefill_h200_diagnostics/); in Triton's CPU interpreter only single positions do (it is slow)."""
-        return not (self.norm_kind == "none" or self.decode_path not in ("kernel", "grouped", "absorbed")
+        return not (self.norm_kind == "none" or self.decode_path not in STATS_PATHS
                     or kernel_unavailable_reason(latent.device) is not None
                     or (latent.shape[1] != 1 and latent.device.type != "cuda"))
 
@@ -458,7 +463,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
 
     def check_stats_cache(self, cache: LayerCache, ctx: AttnContext) -> None:
         """'grouped' and the bias controls' 'absorbed' refuse a cache allocated without statistics or token groups."""
-        if self.gate_placement == "up" and self.decode_path in ("grouped", "absorbed") and (
+        if self.gate_placement == "up" and self.decode_path in TOKEN_GROUP_PATHS and (
                 "ln_stats" not in cache.buffers or ctx.kv_groups is None):
             raise ValueError(_STATS_CACHE_NEEDED.format(path=self.decode_path))  # before a fresh prompt skips reading
 

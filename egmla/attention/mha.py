@@ -23,6 +23,7 @@ from egmla.kernels import no_grad_kernel_can_run
 
 class GroupedQueryAttention(ReadsWeights):
     WEIGHT_READING_PATHS: tuple[str, ...] = ()  # decode paths that read weights directly (ReadsWeights)
+    TOKEN_GROUP_PATHS: tuple[str, ...] = ()  # decode paths that read the cache's token groups (EG-MLA's)
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -43,6 +43,7 @@ from egmla.kernels import no_grad_kernel_can_run
 
 class MultiHeadLatentAttention(ReadsWeights):
     WEIGHT_READING_PATHS: tuple[str, ...] = ("absorbed", "kernel")  # folded / up_weights (ReadsWeights)
+    TOKEN_GROUP_PATHS: tuple[str, ...] = ()  # decode paths that read the cache's token groups (EG-MLA's)
 
     def __init__(self, config: ModelConfig):
         super().__init__()

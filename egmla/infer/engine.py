@@ -552,7 +552,7 @@ class GenerationEngine:
 
     def reads_token_groups(self) -> bool:
         """The decode path reads the cache's token groups (EG-MLA's grouped, the bias controls' absorbed)."""
-        return self.decode_path in ("grouped", "absorbed")
+        return self.decode_path in self.model.layers[0].attn.TOKEN_GROUP_PATHS
 
     def _prefill(self, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
         """Append prompt i to cache row i; logits [batch, vocab] at each prompt's last token.
