@@ -8,7 +8,7 @@ import torch
 import egmla.train.loss
 import egmla.train.trainer as trainer
 from egmla.data.loader import WindowedTokens
-from egmla.data.shards import TokenShards
+from egmla.data import prepare_data
 from egmla.data.tokenizer import train_tokenizer
 from egmla.runs import list_checkpoints, load_model, load_tokenizer, verify_checkpoint
 from egmla.train.config import RunConfig
@@ -60,9 +60,10 @@ def test_saved_model_and_tokenizer_reload(finished_run, cache_dir):
     tokenizer = load_tokenizer(run_dir)
     assert tokenizer.get_vocab_size() <= model.config.vocab_size
     assert tokenizer.decode(tokenizer.encode("To be, or not to be").ids) == "To be, or not to be"
-    shards = next(p for p in (cache_dir / "shards").iterdir() if (p / "meta.json").is_file())
-    windows = WindowedTokens(TokenShards(shards, json.loads((shards / "meta.json").read_text())).tokens("val"),
-                             32, "validation")
+    # the run's own shards (cached: no rebuild); the cache holds other tests' corpora too, so not its first folder
+    _, shards = prepare_data(run_config(cache_dir).data, model.config.vocab_size, tokenizer, progress=False,
+                             log=lambda *_: None)
+    windows = WindowedTokens(shards.tokens("val"), 32, "validation")
     inputs, targets = windows.batch(range(16))
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
