@@ -94,7 +94,7 @@ class AbsorbedWeights:
 
 # ---- the norm's affine and the gate rows, split per head: shared by both PyTorch decodes below ---------------
 def split_heads(vector: torch.Tensor | None, n_heads: int, d_n: int, fill: float,
-                dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                dtype=torch.float32) -> tuple[torch.Tensor | float, torch.Tensor | float]:
     """A [..., n_h*(d_n+d_v)] vector in wkv_b's per-head [k; v] layout -> its K [..., n_h, d_n] and V [..., n_h, d_v]
     parts, in `dtype`; when the vector is absent (no affine weight, or no bias) the float `fill` for both, not a
     tensor (callers test `torch.is_tensor`)."""
