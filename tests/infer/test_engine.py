@@ -64,6 +64,23 @@ def step_log_probs(monkeypatch) -> list[torch.Tensor]:
     return seen
 
 
+def assert_steps_match_full_forward(model, prompts: list[list[int]], results, recorded: list[torch.Tensor],
+                                    where) -> None:
+    """`step_log_probs` of one generate call against the full forward of each prompt + its tokens, to fp32 (as
+    assert_log_probs_match). Sequences may end at different steps: step s has one row per sequence still generating,
+    in prompt order (a finished sequence's row is dropped, as the engine compacts the live rows to the front)."""
+    assert len(recorded) == max(len(r.token_ids) for r in results), where
+    steps: list[list[torch.Tensor]] = [[] for _ in results]
+    for s, log_probs in enumerate(recorded):
+        live = [i for i, r in enumerate(results) if len(r.token_ids) > s]
+        assert log_probs.shape[0] == len(live), (where, s, log_probs.shape)
+        for row, i in enumerate(live):
+            steps[i].append(log_probs[row])
+    for i, (prompt, result) in enumerate(zip(prompts, results)):
+        assert_log_probs_match(torch.stack(steps[i]), full_forward_log_probs(model, prompt, result.token_ids),
+                               torch.tensor(result.token_ids), (where, i))
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_same_on_every_path_and_as_full_recompute(variant, step_log_probs):
     """Every decode path gives the tokens of a full recompute, and at every step (prefill's included) the whole
@@ -114,21 +131,28 @@ ALL_PATHS = [(variant, path) for variant in VARIANTS for path in decode_paths(ti
 
 
 @pytest.mark.parametrize("variant,path", ALL_PATHS)
-def test_ragged_batch_with_early_finish_equals_each_alone(variant, path):
+def test_ragged_batch_with_early_finish_equals_each_alone(variant, path, step_log_probs):
     """Sequences that finish early stop appending and, once the rest fit a smaller batch bucket, their
-    cache rows are dropped; the others must not notice, with or without bucket padding."""
+    cache rows are dropped; the others must not notice, with or without bucket padding: the same tokens as each
+    prompt alone, and at every step each live sequence's whole distribution that of the full forward, to fp32."""
     model = tiny_model(variant, seed=1)
     engine = GenerationEngine(model, decode_path=path)
     free_run = engine.generate(PROMPTS, max_new_tokens=12)
     eos = free_run[0].token_ids[3]  # sequence 0 stops at step 4 at the latest
-    alone = [engine.generate([prompt], max_new_tokens=12, eos_token_id=eos)[0] for prompt in PROMPTS]
+    alone = []
+    for prompt in PROMPTS:
+        step_log_probs.clear()
+        alone.append(engine.generate([prompt], max_new_tokens=12, eos_token_id=eos)[0])
+        assert_steps_match_full_forward(model, [prompt], alone[-1:], step_log_probs, (path, "alone"))
     assert alone[0].finish_reason == "eos" and len(alone[0].token_ids) <= 4
     assert any(r.finish_reason == "length" for r in alone)  # someone outlives sequence 0
     for buckets in ((), (1, 2, 3, 8)):  # exact batches; padded 4 -> 8, then 3 live rows compacted to 3
+        step_log_probs.clear()
         batch = GenerationEngine(model, decode_path=path, batch_buckets=buckets).generate(
             PROMPTS, max_new_tokens=12, eos_token_id=eos)
         assert [r.token_ids for r in batch] == [r.token_ids for r in alone], buckets
         assert [r.finish_reason for r in batch] == [r.finish_reason for r in alone], buckets
+        assert_steps_match_full_forward(model, PROMPTS, batch, step_log_probs, (path, buckets))
 
 
 def test_auto_path_is_chosen_per_call_and_changes_nothing_but_speed(monkeypatch):
@@ -211,12 +235,17 @@ def test_engine_keeps_its_cache_between_calls_of_one_shape():
     assert engine._cache is None
 
 
-def test_prefill_in_row_groups_and_chunks_equals_one_call():
+def test_prefill_in_row_groups_and_chunks_equals_one_call(step_log_probs):
+    """Prefill split by prefill_token_budget (later chunks at later positions, rows in groups) gives the tokens of one
+    call and, at every step (the prefill's included), the full forward's distributions, to fp32."""
     model = tiny_model("eg-mla")
     expected = [r.token_ids for r in GenerationEngine(model).generate(PROMPTS, max_new_tokens=6)]
     for budget in (1, 7, 20):  # one token per call; chunks of long prompts; groups of short ones
         engine = GenerationEngine(model, prefill_token_budget=budget)
-        assert [r.token_ids for r in engine.generate(PROMPTS, max_new_tokens=6)] == expected, budget
+        step_log_probs.clear()
+        results = engine.generate(PROMPTS, max_new_tokens=6)
+        assert [r.token_ids for r in results] == expected, budget
+        assert_steps_match_full_forward(model, PROMPTS, results, step_log_probs, budget)
 
 
 @pytest.mark.parametrize("variant,path", [("mha", "naive"), ("eg-mla", "grouped"), ("mla", "absorbed")])
@@ -332,11 +361,15 @@ def test_stats_say_graphs_only_where_the_steps_replayed_them(monkeypatch):
 
 
 @pytest.mark.parametrize("variant,path", [("gqa", "naive"), ("mla", "absorbed"), ("eg-mla", "gate-table")])
-def test_chunked_prefill_equals_one_call(variant, path):
+def test_chunked_prefill_equals_one_call(variant, path, step_log_probs):
+    """Chunked prefill gives one call's tokens and, at every step, the full forward's distributions, to fp32."""
     model = tiny_model(variant, seed=2)
     one_call = GenerationEngine(model, decode_path=path).generate(PROMPTS, max_new_tokens=6)
     chunked = GenerationEngine(model, decode_path=path, prefill_token_budget=9)  # 2 tokens x 4 rows a call
-    assert [r.token_ids for r in chunked.generate(PROMPTS, max_new_tokens=6)] == [r.token_ids for r in one_call]
+    step_log_probs.clear()
+    results = chunked.generate(PROMPTS, max_new_tokens=6)
+    assert [r.token_ids for r in results] == [r.token_ids for r in one_call]
+    assert_steps_match_full_forward(model, PROMPTS, results, step_log_probs, path)
 
 
 def test_a_longer_kept_cache_serves_shorter_calls_only_where_graphs_replay_a_length_bounded_path():
