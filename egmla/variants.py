@@ -15,7 +15,7 @@ import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from egmla.config import ModelConfig, ShapeRefused, preset  # noqa: F401 (ShapeRefused: re-exported)
+from egmla.config import ModelConfig, ShapeRefused, preset
 
 # The fields a variant may set; every other field is the shape it is applied to.
 ATTENTION_FIELDS = ("attention", "n_kv_heads", "kv_lora_rank", "gate_dim", "gate_op", "gate_norm",
