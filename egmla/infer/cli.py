@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights and cache dtype; auto = bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--json", action="store_true", help="print results as JSON at the end instead of streaming")
+    parser.add_argument("--logprobs", type=int, metavar="N",
+                        help="also print each generated token's log-probability and the N most likely tokens at its "
+                             "step (0 = the token's alone), under the model's own distribution (before temperature, "
+                             "top-k and top-p): a listing per sequence after the text, or the fields logprobs and "
+                             "top_logprobs of --json")
 
 
 def labelled_prompts(args) -> list[tuple[str, str]]:
@@ -92,6 +97,9 @@ def check_settings(args) -> None:
     """What can be refused before the model loads (and before a single prompt is echoed)."""
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if args.logprobs is not None and args.logprobs < 0:
+        raise ValueError(f"--logprobs {args.logprobs}: must be >= 0 (the most likely tokens listed per step; 0 = the "
+                         f"generated token's log-probability alone)")
     for stop in args.stop:
         if not stop:
             raise ValueError("--stop '': an empty stop string would stop at once; remove it")
@@ -180,13 +188,16 @@ def generate(args) -> int:
     else:  # print each sequence when it finishes
         on_token = _BatchPrinter(prompts)
     results = engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                              eos_token_id=eos, stop_strings=args.stop, on_token=on_token)
+                              eos_token_id=eos, stop_strings=args.stop, on_token=on_token, logprobs=args.logprobs)
     stats = engine.last_stats
     if args.json:
-        print(json.dumps([{"prompt": prompts[r.index], "text": r.text, "token_ids": r.token_ids,
-                           "finish_reason": r.finish_reason} for r in results], indent=2))
-    elif len(prompts) == 1:
-        print()
+        print(json.dumps([json_result(r, prompts[r.index], tokenizer.decode) for r in results], indent=2))
+    else:
+        if len(prompts) == 1:
+            print()
+        if args.logprobs is not None:
+            for result in results:
+                print("\n".join(logprob_lines(result, tokenizer.decode)), flush=True)
     summary = (f"[{model.config.variant_name()}, decode path {engine.decode_path}{', CUDA graphs' if stats.cuda_graphs else ''}, "
                f"{device}, batch {stats.batch_size}: "
                f"{stats.generated_tokens} tokens, prefill {stats.prefill_seconds * 1e3:.0f} ms, "
@@ -197,6 +208,30 @@ def generate(args) -> int:
     for note in truncation_notes(results, args.max_new_tokens, model.config.max_seq_len):
         print(note, file=sys.stderr)
     return 0
+
+
+def json_result(result, prompt: str, decode) -> dict:
+    """One sequence of --json; with --logprobs its tokens' log-probabilities and each step's most likely tokens."""
+    from egmla.infer.responses import json_logprob  # -inf as JSON can hold it
+
+    out = {"prompt": prompt, "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason}
+    if result.logprobs is not None:
+        out["logprobs"] = [json_logprob(value) for value in result.logprobs]
+        out["top_logprobs"] = [[{"id": token, "text": decode([token]), "logprob": json_logprob(value)}
+                                for token, value in top.items()] for top in result.top_logprobs]
+    return out
+
+
+def logprob_lines(result, decode) -> list[str]:
+    """--logprobs without --json: a header, then one line per generated token: its position, log-probability and
+    text (each token decoded alone), and the step's most likely tokens."""
+    lines = [f"--- [{result.index}] log-probabilities of {len(result.logprobs)} tokens, sum {sum(result.logprobs):.4f}"]
+    for position, (token, value, top) in enumerate(zip(result.token_ids, result.logprobs, result.top_logprobs)):
+        line = f"{position:4d} {value:9.4f}  {decode([token])!r:<12}"
+        if top:
+            line += "  top: " + ", ".join(f"{decode([other])!r} {logprob:.4f}" for other, logprob in top.items())
+        lines.append(line)
+    return lines
 
 
 def truncation_notes(results, max_new_tokens: int, max_seq_len: int) -> list[str]:

@@ -20,6 +20,7 @@ for every new key length (milliseconds of host time each), which a decode loop m
 from __future__ import annotations
 
 import contextlib
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from egmla.attention import (KVCache, allocate_cache, attention_class, check_dec
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.prefill_step import MIN_WIDTH, PREFILL_GRAPH_TOKENS, PrefillStep, prefill_bucket
-from egmla.infer.sampling import SamplingParams, select_next
+from egmla.infer.sampling import SamplingParams, select_next, token_logprobs
 from egmla.infer.text import IncrementalDetokenizer, StopStringMatcher
 
 
@@ -54,8 +55,9 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)  # generated ids (with the EOS id if it ended so)
     text: str | None = None  # generated text (None without a tokenizer), cut before a stop string
     finish_reason: str | None = None  # "eos" | "stop" | "length"
-    # where asked (the serving scheduler's `logprobs`): each generated token's log-probability under the model, and
-    # the most likely alternatives at its step {token id: log-probability}
+    # where asked (`generate(logprobs=k)`, the serving scheduler's `logprobs`): each generated token's log-probability
+    # under the model's own distribution (before temperature, top-k, top-p), and the k most likely tokens at its step
+    # {token id: log-probability}, most likely first ({} for k = 0)
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[float | None] | None = None  # where asked: the same for the prompt (None for its first)
@@ -295,9 +297,15 @@ class GenerationEngine:
     # ---- generation --------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
                  sampling: SamplingParams = SamplingParams(), eos_token_id: int | None = None,
-                 stop_strings: Sequence[str] = (),
-                 on_token: Callable[[TokenEvent], None] | None = None) -> list[Generation]:
-        """Generate for every prompt (text or token ids) as one batch; results in prompt order."""
+                 stop_strings: Sequence[str] = (), on_token: Callable[[TokenEvent], None] | None = None,
+                 logprobs: int | None = None) -> list[Generation]:
+        """Generate for every prompt (text or token ids) as one batch; results in prompt order.
+
+        logprobs: None (default): no log-probabilities, and no work for them. An int k in [0, vocab_size]: each
+            result's `logprobs` holds every generated token's log-probability and `top_logprobs` the k most likely
+            tokens of its step {id: log-probability} (empty for 0); the streamed events carry them too. As the
+            Scheduler's: the model's own distribution (fp32 log_softmax of the logits), before temperature, top-k and
+            top-p shape the sampling, so a sampled token's value is not the probability it was drawn with."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -306,10 +314,14 @@ class GenerationEngine:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to see text: pass GenerationEngine(model, tokenizer=...)")
+        logprobs = _checked_logprobs(logprobs, self.config.vocab_size)
         prompt_ids = [self.encode(p, i) for i, p in enumerate(prompts)]
         # text per token only for a caller that reads it (on_token) or stop strings that watch it
         sequences = [_Sequence(i, ids, self.tokenizer, list(stop_strings), text_per_token=on_token is not None)
                      for i, ids in enumerate(prompt_ids)]
+        if logprobs is not None:
+            for seq in sequences:
+                seq.result.logprobs, seq.result.top_logprobs = [], []
         # The longest any sequence can get: its prompt plus all new tokens but the last (never fed back).
         cache_len = min(self.config.max_seq_len, max(len(ids) + max_new_tokens - 1 for ids in prompt_ids))
         # the model's device made current: graph capture, Triton launches and stream events use the current one
@@ -317,11 +329,11 @@ class GenerationEngine:
         managed = self.offload.managed_by_caller() if self.offload is not None else contextlib.nullcontext()
         with on_device, torch.inference_mode(), _inputs_unchecked(self.model), sdpa_kernel(DECODE_SDPA_BACKENDS), \
                 managed:
-            self._run(sequences, cache_len, max_new_tokens, sampling, eos_token_id, on_token)
+            self._run(sequences, cache_len, max_new_tokens, sampling, eos_token_id, on_token, logprobs)
         return [seq.result for seq in sequences]
 
     def _run(self, sequences: list[_Sequence], cache_len: int, max_new_tokens: int, sampling: SamplingParams,
-             eos_token_id: int | None, on_token) -> None:
+             eos_token_id: int | None, on_token, logprobs: int | None = None) -> None:
         device, batch = self.device, len(sequences)
         if self.auto_path:
             self._choose_path(batch, cache_len)
@@ -343,6 +355,8 @@ class GenerationEngine:
         graphed: set[bool] = set()  # use_graph of each step run
         while True:
             next_ids = select_next(last_logits[: len(rows)], sampling, generator)
+            # computed now, before the next step runs: a CUDA graph's replay rewrites its logits in place
+            read_scores = None if logprobs is None else _logprobs_to_host(last_logits[: len(rows)], next_ids, logprobs)
             # Run the next step ahead of reading its tokens back where it can be (`overlap_host`): the host then
             # streams, detokenizes and checks stops while the GPU runs it, instead of the GPU waiting on the host.
             ahead = self._ahead_appending(step, rows, sequences, max_new_tokens, cache_len)
@@ -362,10 +376,16 @@ class GenerationEngine:
             else:
                 step_seconds.append(now - previous)
             previous = now
+            scores = None if read_scores is None else read_scores()
             for row, token_id in enumerate(host_ids):
                 if rows[row] is None:
                     continue
-                event = sequences[rows[row]].append(token_id, eos_token_id, max_new_tokens, cache_len)
+                sequence = sequences[rows[row]]
+                event = sequence.append(token_id, eos_token_id, max_new_tokens, cache_len)
+                if scores is not None:
+                    event.logprob, event.top_logprobs = scores[row]
+                    sequence.result.logprobs.append(event.logprob)
+                    sequence.result.top_logprobs.append(event.top_logprobs)
                 if on_token is not None:
                     on_token(event)
                 if event.finish_reason is not None:
@@ -682,6 +702,39 @@ def _tokens_to_host(ids: torch.Tensor) -> Callable[[], list[int]]:
         return host.tolist()
 
     return read
+
+
+def _logprobs_to_host(logits: torch.Tensor, ids: torch.Tensor,
+                      top: int) -> Callable[[], list[tuple[float, dict[int, float]]]]:
+    """Each row's chosen-token log-probability and its `top` most likely tokens {id: log-probability}
+    (`token_logprobs`): computed on the device now, read back when the returned function is called
+    (`_tokens_to_host`)."""
+    reads = [_tokens_to_host(t) for t in token_logprobs(logits, ids, top)]
+
+    def read() -> list[tuple[float, dict[int, float]]]:
+        chosen, values, indices = (read_one() for read_one in reads)
+        return [(logprob, dict(zip(top_ids, top_values)))
+                for logprob, top_values, top_ids in zip(chosen, values, indices)]
+
+    return read
+
+
+def _checked_logprobs(logprobs, vocab_size: int) -> int | None:
+    """generate()'s `logprobs`: None, or an int in [0, vocab_size] (a bool is refused: OpenAI's chat `logprobs` is
+    one, and True would silently mean 1)."""
+    if logprobs is None:
+        return None
+    fix = (f"give the number of most likely tokens to list per step, 0 to {vocab_size} (0: the chosen token's "
+           f"alone), or None")
+    if isinstance(logprobs, bool):
+        raise ValueError(f"logprobs={logprobs}: a bool, not a count; {fix}")
+    if not isinstance(logprobs, numbers.Integral):
+        raise ValueError(f"logprobs={logprobs!r}: not an int; {fix}")
+    if logprobs < 0:
+        raise ValueError(f"logprobs={logprobs}: negative; {fix}")
+    if logprobs > vocab_size:
+        raise ValueError(f"logprobs={logprobs}: more than the vocabulary's {vocab_size} tokens; {fix}")
+    return int(logprobs)
 
 
 def _synchronize(device: torch.device) -> None:

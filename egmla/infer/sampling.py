@@ -154,3 +154,15 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
         return drawn
     ids[index] = drawn
     return ids
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor,
+                   top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the model's own distribution at each row: fp32 log_softmax of the raw logits [rows, vocab],
+    before temperature, top-k and top-p shape the sampling (vLLM's default, what `Scheduler.submit(logprobs=)` serves).
+    Returns the chosen ids' [rows] and the `top` most likely tokens' [rows, top] (values, ids), on the device, without
+    a host sync."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, ids[:, None])[:, 0]
+    values, indices = logprobs.topk(top, dim=-1)
+    return chosen, values, indices

@@ -54,7 +54,7 @@ from egmla.infer.engine import (DECODE_SDPA_BACKENDS, GenerationEngine, TokenEve
 from egmla.infer.prefill_step import padded_runs, prefill_buckets
 from egmla.infer.prefix_cache import PrefixTable
 from egmla.infer.requests import RequestHandle, SchedulerStats
-from egmla.infer.sampling import SamplingParams, host_to_device, sample_rows, to_device_async
+from egmla.infer.sampling import SamplingParams, host_to_device, sample_rows, to_device_async, token_logprobs
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI allows 5, vLLM 20)
 # prompt tokens per forward for requests that want their prompt's log-probabilities: those forwards keep every
@@ -721,11 +721,10 @@ class Scheduler:
         if wanting:
             every = len(wanting) == len(rows)
             index = None if every else _index(wanting, logits.device)
-            logprobs = torch.log_softmax((logits if every else logits[index]).float(), dim=-1)
-            chosen = logprobs.gather(1, (ids if every else ids[index])[:, None])[:, 0]
-            top = logprobs.topk(max(requests[i].logprobs for i in wanting), dim=-1)
+            scored = token_logprobs(logits if every else logits[index], ids if every else ids[index],
+                                    max(requests[i].logprobs for i in wanting))
             pending.logprob_rows = wanting
-            pending.read_logprobs = tuple(_tokens_to_host(t) for t in (chosen, top.values, top.indices))
+            pending.read_logprobs = tuple(_tokens_to_host(t) for t in scored)
         return pending
 
     def _queue(self, pending: "_Pending | None") -> None:

@@ -103,3 +103,95 @@ def forward_into_one_buffer(monkeypatch) -> None:
         return step._buffer
 
     monkeypatch.setattr(PrefillStep, "forward", into_one_buffer)
+
+
+# ---- exactness against one full forward -------------------------------------------------------------------------
+# Tokens alone catch a wrong decode path poorly: a tiny random model's argmax wins by a wide margin, so a path that
+# drops a norm's gamma or scales a head still emits the same tokens for many steps. Each step's whole distribution
+# shows it. The limit, relative 1e-4 in fp32, sits ~300x above what the correct paths give (1e-7).
+def full_forward_log_probs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """The reference distributions: log_softmax (fp32) of one training forward of prompt + tokens (no cache) at each
+    position that predicts one of `tokens`, [len(tokens), vocab]."""
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(tokens[:-1])]))[0]
+    return logits.float().log_softmax(dim=-1)[len(prompt) - 1:]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| over the last dimension, the largest over the rest (NaN if any is)."""
+    errors = (actual - expected).norm(dim=-1) / expected.norm(dim=-1)
+    return float("nan") if errors.isnan().any() else errors.max().item()
+
+
+def assert_log_probs_match(actual: torch.Tensor, expected: torch.Tensor, tokens: torch.Tensor, where) -> None:
+    """fp32 agreement (the project's relative 1e-4; NaN and inf never pass) of [sequences, steps, vocab]
+    log-probabilities, each step's whole distribution and the generated tokens' own log-probabilities."""
+    assert actual.shape == expected.shape, where
+    assert torch.isfinite(actual).all(), where
+    assert relative_error(actual, expected) < 1e-4, (where, relative_error(actual, expected))
+    chosen, want = (t.gather(-1, tokens[..., None])[..., 0] for t in (actual, expected))
+    assert relative_error(chosen, want) < 1e-4, (where, relative_error(chosen, want))
+
+
+def record_step_log_probs(monkeypatch) -> list[torch.Tensor]:
+    """The log-probabilities (fp32, [rows, vocab]) of every set of logits GenerationEngine.generate picks tokens from
+    (`select_next`'s input: the prefill's, then each decode step's, eager or replayed from a graph), in order, from
+    now until the monkeypatch is undone: the `step_log_probs` fixture (conftest.py)."""
+    import egmla.infer.engine as engine_module
+    from egmla.infer.sampling import select_next
+
+    seen = []
+
+    def recording(logits, *args, **kwargs):
+        seen.append(logits.detach().float().log_softmax(dim=-1))
+        return select_next(logits, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "select_next", recording)
+    return seen
+
+
+def assert_steps_match_full_forward(model, prompts: list[list[int]], results, recorded: list[torch.Tensor],
+                                    where) -> None:
+    """`step_log_probs` of one generate call against the full forward of each prompt + its tokens, to fp32 (as
+    assert_log_probs_match). Pass as `model` one whose forward shares nothing with what is under test (a copy with its
+    gate tables on the device for an offload: its full forward would read the offloaded rows too). Sequences may end
+    at different steps: step s has one row per sequence the engine still holds, in prompt order; a finished
+    sequence's row is dropped where the engine compacts the live rows to the front (its batch bucket shrank), else it
+    stays, unread."""
+    assert len(recorded) == max(len(r.token_ids) for r in results), where
+    steps: list[list[torch.Tensor]] = [[] for _ in results]
+    rows: list[int | None] = list(range(len(results)))  # the engine's rows: sequence index, None once finished
+    for s, log_probs in enumerate(recorded):
+        live = [i for i in rows if i is not None]
+        if log_probs.shape[0] == len(live):
+            rows = live  # compacted (or none finished)
+        assert log_probs.shape[0] == len(rows), (where, s, log_probs.shape, rows)
+        for row, i in enumerate(rows):
+            if i is not None:
+                steps[i].append(log_probs[row])
+        rows = [i if i is not None and len(results[i].token_ids) > s + 1 else None for i in rows]
+    for i, (prompt, result) in enumerate(zip(prompts, results)):
+        assert_log_probs_match(torch.stack(steps[i]), full_forward_log_probs(model, prompt, result.token_ids),
+                               torch.tensor(result.token_ids), (where, i))
+
+
+def assert_served_log_probs_match(model, prompt: list[int], result, where) -> None:
+    """The log-probabilities a Scheduler served one request (submitted with logprobs=k; its steps' logits never pass
+    the engine's `select_next`, so `step_log_probs` sees none): each generated token's and the k most likely tokens'
+    at its step, against one full forward of prompt + tokens, to fp32 (relative 1e-4, NaN and inf never pass). The
+    served top ids are checked by their reference values, so that a near tie cannot fail it by order alone."""
+    if not result.token_ids:  # a scoring request (max_new_tokens=0) generates nothing
+        return
+    reference = full_forward_log_probs(model, prompt, result.token_ids)
+    assert result.logprobs is not None and len(result.logprobs) == len(result.token_ids), where
+    served = torch.tensor(result.logprobs)
+    chosen = reference.gather(-1, torch.tensor(result.token_ids)[:, None])[:, 0]
+    assert torch.isfinite(served).all() and relative_error(served, chosen) < 1e-4, \
+        (where, relative_error(served, chosen))
+    if result.top_logprobs and result.top_logprobs[0]:
+        top_ids = torch.tensor([list(top) for top in result.top_logprobs])
+        top = torch.tensor([list(top.values()) for top in result.top_logprobs])
+        k = top.shape[1]
+        assert torch.isfinite(top).all(), where
+        assert relative_error(top, reference.gather(-1, top_ids)) < 1e-4, (where, "top ids")
+        assert relative_error(top, reference.topk(k).values) < 1e-4, (where, "top values")

@@ -4,10 +4,11 @@ import warnings
 
 import pytest
 import torch
-from tests.infer.helpers import VARIANTS, tiny_model
+from tests.infer.helpers import (VARIANTS, assert_log_probs_match, assert_steps_match_full_forward,
+                                 full_forward_log_probs, relative_error, tiny_model)
 
 from egmla.attention import decode_paths
-from egmla.infer import GenerationEngine, SamplingParams, select_next
+from egmla.infer import GenerationEngine, SamplingParams
 from egmla.infer.scheduler import Scheduler
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [120, 8], [33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45], [260]]
@@ -20,65 +21,6 @@ def greedy_full_recompute(model, prompt: list[int], new_tokens: int) -> list[int
         for _ in range(new_tokens):
             sequence.append(int(model(torch.tensor([sequence]))[0, -1].argmax()))
     return sequence[len(prompt):]
-
-
-def full_forward_log_probs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    """The reference distributions: log_softmax (fp32) of one training forward of prompt + tokens (no cache) at each
-    position that predicts one of `tokens`, [len(tokens), vocab]."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + tokens[:-1]]))[0]
-    return logits.float().log_softmax(dim=-1)[len(prompt) - 1:]
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| over the last dimension, the largest over the rest (NaN if any is)."""
-    errors = (actual - expected).norm(dim=-1) / expected.norm(dim=-1)
-    return float("nan") if errors.isnan().any() else errors.max().item()
-
-
-def assert_log_probs_match(actual: torch.Tensor, expected: torch.Tensor, tokens: torch.Tensor, where) -> None:
-    """fp32 agreement (the project's relative 1e-4; NaN and inf never pass) of [sequences, steps, vocab]
-    log-probabilities, each step's whole distribution and the generated tokens' own log-probabilities."""
-    assert actual.shape == expected.shape, where
-    assert torch.isfinite(actual).all(), where
-    assert relative_error(actual, expected) < 1e-4, (where, relative_error(actual, expected))
-    chosen, want = (t.gather(-1, tokens[..., None])[..., 0] for t in (actual, expected))
-    assert relative_error(chosen, want) < 1e-4, (where, relative_error(chosen, want))
-
-
-@pytest.fixture
-def step_log_probs(monkeypatch) -> list[torch.Tensor]:
-    """The log-probabilities (fp32, [rows, vocab]) of every set of logits GenerationEngine.generate picks tokens from
-    (`select_next`'s input: the prefill's, then each decode step's), in order. Tokens alone catch a wrong decode path
-    poorly: a tiny random model's argmax wins by a wide margin, so a path that drops a norm's gamma or scales a head
-    still emits the same tokens for many steps; the distributions show it."""
-    import egmla.infer.engine as engine_module
-
-    seen = []
-
-    def recording(logits, *args, **kwargs):
-        seen.append(logits.detach().float().log_softmax(dim=-1))
-        return select_next(logits, *args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "select_next", recording)
-    return seen
-
-
-def assert_steps_match_full_forward(model, prompts: list[list[int]], results, recorded: list[torch.Tensor],
-                                    where) -> None:
-    """`step_log_probs` of one generate call against the full forward of each prompt + its tokens, to fp32 (as
-    assert_log_probs_match). Sequences may end at different steps: step s has one row per sequence still generating,
-    in prompt order (a finished sequence's row is dropped, as the engine compacts the live rows to the front)."""
-    assert len(recorded) == max(len(r.token_ids) for r in results), where
-    steps: list[list[torch.Tensor]] = [[] for _ in results]
-    for s, log_probs in enumerate(recorded):
-        live = [i for i, r in enumerate(results) if len(r.token_ids) > s]
-        assert log_probs.shape[0] == len(live), (where, s, log_probs.shape)
-        for row, i in enumerate(live):
-            steps[i].append(log_probs[row])
-    for i, (prompt, result) in enumerate(zip(prompts, results)):
-        assert_log_probs_match(torch.stack(steps[i]), full_forward_log_probs(model, prompt, result.token_ids),
-                               torch.tensor(result.token_ids), (where, i))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

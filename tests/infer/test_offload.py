@@ -7,7 +7,7 @@ import torch
 from egmla.infer import GenerationEngine
 from egmla.infer.offload import GateTableOffload, OffloadedRows
 from egmla.kernels import kernel_unavailable_reason
-from tests.infer.helpers import tiny_model
+from tests.infer.helpers import assert_steps_match_full_forward, relative_error, tiny_model
 
 # the bias controls' 'absorbed' Triton kernels on CPU tensors: Triton's interpreter, chosen before the kernels load
 needs_interpreter = pytest.mark.skipif(kernel_unavailable_reason("cpu") is not None,
@@ -53,11 +53,16 @@ def test_offloaded_logits_equal_on_device_logits(variant, path):
     assert offload.bytes_per_id() == 2 * per_layer // 300 * 4  # what `egmla serve --max-batch auto` reserves per id
 
 
-def test_engine_with_offload_generates_the_same_and_reports_savings():
-    model = tiny_model("eg-mla", seed=3)
+def test_engine_with_offload_generates_the_same_and_reports_savings(step_log_probs):
+    """Offloaded gate tables: the greedy tokens of the tables on the device and, at every step, the distributions of
+    one full forward of a copy whose tables stay on the device, to fp32; the bytes saved are reported."""
+    model, on_device = tiny_model("eg-mla", seed=3), tiny_model("eg-mla", seed=3)
     expected = [r.token_ids for r in GenerationEngine(model, decode_path="gate-table").generate(PROMPTS, 8)]
     engine = GenerationEngine(model, decode_path="gate-table", offload_gate_tables=True)
-    assert [r.token_ids for r in engine.generate(PROMPTS, 8)] == expected
+    step_log_probs.clear()
+    results = engine.generate(PROMPTS, 8)
+    assert [r.token_ids for r in results] == expected
+    assert_steps_match_full_forward(on_device, PROMPTS, results, step_log_probs, "offload")
     saved = engine.offload.bytes_saved()
     assert saved == engine.offload.host_bytes() - engine.offload.device_bytes() and saved > 0
 
@@ -67,13 +72,18 @@ def test_offload_refuses_models_without_gates():
         GateTableOffload(tiny_model("mla"))
 
 
-def test_offload_with_the_fixed_shape_prefill_step_generates_the_same_tokens():
+def test_offload_with_the_fixed_shape_prefill_step_generates_the_same_tokens(step_log_probs):
     """The prefill step (a graph on CUDA, the same step eagerly here) with offloaded tables: refused until the rows
-    were found on the device; it reads them as any other forward."""
-    model = tiny_model("eg-mla", seed=3)
+    were found on the device; it reads them as any other forward: the tokens of the tables on the device and, at every
+    step (the prefill's included), the full forward's distributions, to fp32."""
+    model, on_device = tiny_model("eg-mla", seed=3), tiny_model("eg-mla", seed=3)
     expected = [r.token_ids for r in GenerationEngine(model, decode_path="gate-table").generate(PROMPTS, 6)]
     engine = GenerationEngine(model, decode_path="gate-table", offload_gate_tables=True, prefill_graphs=True)
-    assert [r.token_ids for r in engine.generate(PROMPTS, 6)] == expected
+    step_log_probs.clear()
+    results = engine.generate(PROMPTS, 6)
+    assert [r.token_ids for r in results] == expected
+    assert engine._prefill_steps  # the prefill went through the step
+    assert_steps_match_full_forward(on_device, PROMPTS, results, step_log_probs, "offload, prefill step")
 
 
 def stepped_logits(model, prompts, prompt_lengths, steps):
@@ -118,19 +128,23 @@ def test_bias_controls_absorbed_kernels_read_the_offloaded_rows(monkeypatch, var
 
 
 @needs_interpreter
-def test_engine_with_offload_generates_the_bias_controls_tokens_through_its_kernels(monkeypatch):
+def test_engine_with_offload_generates_the_bias_controls_tokens_through_its_kernels(monkeypatch, step_log_probs):
     """`GenerationEngine(..., decode_path='absorbed', offload_gate_tables=True)` for the bias control, its steps in
-    Triton: the greedy tokens of the tables on the device (a batch of prompts, new ids as they are generated)."""
-    def generate(offload: bool) -> list[list[int]]:
+    Triton: the greedy tokens of the tables on the device (a batch of prompts, new ids as they are generated) and, at
+    every step, the distributions of one full forward of a copy whose tables stay on the device, to fp32."""
+    def generate(offload: bool):
         model = tiny_model("eg-mla-bias", seed=7)
         engine = GenerationEngine(model, decode_path="absorbed", offload_gate_tables=offload)
         for layer in model.layers:
             layer.attn.absorbed_backend = "kernel"
-        return [r.token_ids for r in engine.generate(PROMPTS, 6)]
+        step_log_probs.clear()
+        return engine.generate(PROMPTS, 6)
 
-    expected = generate(offload=False)
+    expected = [r.token_ids for r in generate(offload=False)]
     embeddings = count_calls(monkeypatch, "egmla.kernels.bias_decode", "mass_embeddings")
-    assert generate(offload=True) == expected and embeddings
+    results = generate(offload=True)
+    assert [r.token_ids for r in results] == expected and embeddings
+    assert_steps_match_full_forward(tiny_model("eg-mla-bias", seed=7), PROMPTS, results, step_log_probs, "offload")
     assert set().union(*expected) - set().union(*PROMPTS)  # ids the prompts lack
 
 
@@ -164,10 +178,11 @@ def test_kernel_and_grouped_decodes_read_the_offloaded_rows(monkeypatch, path, d
 
 @needs_interpreter
 @pytest.mark.parametrize("path", ["kernel", "grouped", "auto"])
-def test_engine_with_offload_generates_the_same_tokens_on_the_triton_paths(monkeypatch, path):
+def test_engine_with_offload_generates_the_same_tokens_on_the_triton_paths(monkeypatch, step_log_probs, path):
     """`GenerationEngine(..., offload_gate_tables=True)` on 'kernel', 'grouped' and 'auto' (made to choose on the CPU
     as on CUDA, 'grouped' for a batch of 3 and 'kernel' for 2, so that the calls switch paths under the offload):
-    the greedy tokens of the tables on the device, new ids arriving as they are generated."""
+    the greedy tokens of the tables on the device, new ids arriving as they are generated, and at every step of both
+    calls the distributions of one full forward of a copy whose tables stay on the device, to fp32."""
     from egmla.infer import engine as engine_module
 
     def choose(config, device, batch=None, context=None) -> str:
@@ -176,6 +191,8 @@ def test_engine_with_offload_generates_the_same_tokens_on_the_triton_paths(monke
     monkeypatch.setattr(engine_module, "fastest_decode_path", choose)
     monkeypatch.setattr(GenerationEngine, "_grouped_fits", lambda self, rows, cache_len: True)
 
+    on_device = tiny_model("eg-mla", seed=7)
+
     def generate(offload: bool) -> list[list[int]]:
         model = tiny_model("eg-mla", seed=7)
         use_triton_decode(model, "kernel")  # the path 'auto' starts from: its first call switches, with no cache yet
@@ -183,7 +200,14 @@ def test_engine_with_offload_generates_the_same_tokens_on_the_triton_paths(monke
         for layer in model.layers:
             layer.attn.grouped_backend = "kernel"
         engine.auto_path = path == "auto"  # as on CUDA
-        return [r.token_ids for r in engine.generate(PROMPTS, 6) + engine.generate(PROMPTS[:2], 5)]
+        tokens = []
+        for prompts, new_tokens in ((PROMPTS, 6), (PROMPTS[:2], 5)):
+            step_log_probs.clear()
+            results = engine.generate(prompts, new_tokens)
+            if offload:
+                assert_steps_match_full_forward(on_device, prompts, results, step_log_probs, (path, len(prompts)))
+            tokens += [r.token_ids for r in results]
+        return tokens
 
     expected = generate(offload=False)
     decodes = count_calls(monkeypatch, "egmla.kernels.egmla_decode", "egmla_decode")
@@ -376,10 +400,11 @@ def test_ids_past_the_room_kept_are_an_error_not_wrong_gates():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("path", ["gate-table", "kernel", "grouped"])
-def test_engine_with_offload_replays_cuda_graphs_and_generates_the_same_tokens(monkeypatch, path):
+def test_engine_with_offload_replays_cuda_graphs_and_generates_the_same_tokens(monkeypatch, step_log_probs, path):
     """On CUDA an offload no longer turns the graphs off: decode (and prefill) steps are captured with the claim
     launches in them, the room grows mid-call (graphs captured again), and the greedy tokens are those of the tables
-    on the device, over two calls."""
+    on the device, over two calls, and so is every step's distribution (bf16: against the same graphs' on the tables
+    on the device, not a full forward, which bf16 rounding moves by ~1e-2)."""
     from egmla.infer import engine as engine_module
 
     monkeypatch.setattr(engine_module, "OFFLOAD_ROOM_DIVISOR", 10 ** 6)  # 4 rows per sequence: grows mid-call
@@ -388,12 +413,21 @@ def test_engine_with_offload_replays_cuda_graphs_and_generates_the_same_tokens(m
     def generate(offload: bool):
         model = tiny_model("eg-mla", seed=7).to("cuda", torch.bfloat16)
         engine = GenerationEngine(model, decode_path=path, offload_gate_tables=offload)
-        tokens = [r.token_ids for r in engine.generate(prompts, 24) + engine.generate(prompts[:2], 10)]
-        return tokens, engine
+        tokens, log_probs = [], []  # log_probs: each call's steps (`select_next` reads a replayed graph's logits too)
+        for call_prompts, new_tokens in ((prompts, 24), (prompts[:2], 10)):
+            step_log_probs.clear()
+            tokens += [r.token_ids for r in engine.generate(call_prompts, new_tokens)]
+            log_probs.append(list(step_log_probs))
+        return tokens, log_probs, engine
 
-    expected, _ = generate(offload=False)
-    got, engine = generate(offload=True)
+    expected, expected_log_probs, _ = generate(offload=False)
+    got, got_log_probs, engine = generate(offload=True)
     assert engine.cuda_graphs and engine.last_stats.cuda_graphs
     assert got == expected
+    for call, (want, steps) in enumerate(zip(expected_log_probs, got_log_probs)):
+        assert len(steps) == len(want), call
+        for step, (a, b) in enumerate(zip(steps, want)):  # the offload serves the very rows: the same arithmetic
+            assert a.shape == b.shape and torch.isfinite(a).all(), (call, step)
+            assert relative_error(a, b) < 1e-4, (call, step, relative_error(a, b))
     assert set().union(*expected) - set().union(*prompts)  # ids the prompts lack
     assert engine.offload.check() <= engine.offload.capacity

@@ -9,7 +9,7 @@ import torch
 from egmla.infer import GenerationEngine
 from egmla.infer.scheduler import Scheduler
 from egmla.kernels import kernel_unavailable_reason
-from tests.infer.helpers import tiny_model
+from tests.infer.helpers import assert_steps_match_full_forward, tiny_model
 from tests.infer.test_offload import device_offload
 
 pytestmark = pytest.mark.skipif(kernel_unavailable_reason("cpu") is not None,
@@ -80,10 +80,12 @@ def test_teacher_forced_decode_through_column_slices_gives_the_tables_on_the_dev
 
 
 # ---- the engine ----------------------------------------------------------------------------------------------------
-def test_the_model_called_directly_after_the_engine_counts_its_ids(monkeypatch):
+def test_the_model_called_directly_after_the_engine_counts_its_ids(monkeypatch, step_log_probs):
     """After a generate() call the offload stayed 'managed' for good: a direct forward no longer counted its new ids,
     so the ids past the engine's room got no rows and were served other ids' (wrong logits, no error: nothing checks
-    it). Then the engine's next call gets its own tokens again (a growth by the direct call drops its steps)."""
+    it). Then the engine's next call gets its own tokens again (a growth by the direct call drops its steps); both
+    calls' distributions at every step are those of one full forward of a copy whose tables stay on the device."""
+    on_device = tiny_model("eg-mla", seed=5)
     model = tiny_model("eg-mla", seed=5)
     engine = GenerationEngine(model, decode_path="gate-table", batch_buckets=(1, 2, 4))
     many_ids = torch.arange(100, 160).reshape(2, 30)
@@ -92,22 +94,29 @@ def test_the_model_called_directly_after_the_engine_counts_its_ids(monkeypatch):
     expected = [[r.token_ids for r in engine.generate([[1, 2, 3], [4, 5]], 4)] for _ in range(2)]
     engine = GenerationEngine(model, decode_path="gate-table", offload_gate_tables=True, batch_buckets=(1, 2, 4))
     offload = device_offload(model, engine)
-    assert [r.token_ids for r in engine.generate([[1, 2, 3], [4, 5]], 4)] == expected[0]
+    step_log_probs.clear()
+    results = engine.generate([[1, 2, 3], [4, 5]], 4)
+    assert [r.token_ids for r in results] == expected[0]
+    assert_steps_match_full_forward(on_device, [[1, 2, 3], [4, 5]], results, step_log_probs, "first call")
     with torch.no_grad():
         assert torch.equal(model(many_ids), expected_logits)
     assert offload.check() <= offload.capacity
     drops = []  # the direct call grew the rows, which the engine's kept steps (graphs on CUDA) read: they must go
     monkeypatch.setattr(engine, "drop_steps", lambda: drops.append(1) or GenerationEngine.drop_steps(engine))
-    assert [r.token_ids for r in engine.generate([[1, 2, 3], [4, 5]], 4)] == expected[1]
+    step_log_probs.clear()
+    results = engine.generate([[1, 2, 3], [4, 5]], 4)
+    assert [r.token_ids for r in results] == expected[1]
+    assert_steps_match_full_forward(on_device, [[1, 2, 3], [4, 5]], results, step_log_probs, "after the direct call")
     assert drops
 
 
 @pytest.mark.parametrize("overlap", [True, False])
-def test_a_call_whose_room_fits_every_fed_id_neither_grows_nor_drops_its_steps_at_the_end(overlap):
+def test_a_call_whose_room_fits_every_fed_id_neither_grows_nor_drops_its_steps_at_the_end(overlap, step_log_probs):
     """A call whose room holds its prompts' ids and every token its steps can feed ('then no step checks the count'):
     the engine kept room for one step more than ran (the last iteration, which reads the last tokens and runs no step),
     so where every fed id was new the row cache doubled and the steps (graphs on CUDA) were dropped after the last
-    one ran, leaving engine.last_step None (`egmla bench generate --profile`: 'no decode step ran')."""
+    one ran, leaving engine.last_step None (`egmla bench generate --profile`: 'no decode step ran'). The call's
+    distributions at every step are those of one full forward of a copy whose tables stay on the device."""
     model = tiny_model("eg-mla", seed=6)  # a seed whose greedy tokens feed only new ids (asserted below)
     prompt, new_tokens = [0, 15, 46, 76, 284], 3
     tokens = GenerationEngine(model, decode_path="gate-table").generate([prompt], new_tokens)[0].token_ids
@@ -119,7 +128,10 @@ def test_a_call_whose_room_fits_every_fed_id_neither_grows_nor_drops_its_steps_a
     drop_steps, check = engine.drop_steps, offload.check
     engine.drop_steps = lambda: drops.append(offload.capacity) or drop_steps()
     offload.check = lambda: checks.append(1) or check()
-    assert engine.generate([prompt], new_tokens)[0].token_ids == tokens
+    step_log_probs.clear()
+    results = engine.generate([prompt], new_tokens)
+    assert results[0].token_ids == tokens
+    assert_steps_match_full_forward(tiny_model("eg-mla", seed=6), [prompt], results, step_log_probs, overlap)
     room = len(set(prompt)) + len(fed)
     assert offload.capacity == room and check() == room
     assert drops[-1] == room and drops.count(room) == 1  # the call's start grew the rows from 4; nothing after
@@ -134,22 +146,30 @@ PROMPTS = [[0, 5, 0, 17], [120, 8], [0, 5, 0, 17], [260, 261, 262, 263, 264, 265
                                       dict(batch_buckets=(1, 2, 4), overlap_host=False, prefill_token_budget=3),
                                       dict(overlap_host=True, prefill_token_budget=3),
                                       dict(overlap_host=False, prefill_graphs=True)])
-def test_engine_calls_with_rows_claimed_on_the_device_get_the_tables_on_the_device_tokens(monkeypatch, settings):
+def test_engine_calls_with_rows_claimed_on_the_device_get_the_tables_on_the_device_tokens(monkeypatch, settings,
+                                                                                         step_log_probs):
     """Repeated prompts (one prefill copied), id 0 in prompts and as padding, rows ending early on an eos (buckets
     shrinking, compaction), the fixed-shape prefill step or chunked prefill, overlap on and off, a room of 4 ids per
-    row that grows mid-call, later calls smaller and larger: the greedy tokens of the tables on the device, and after
-    every forward every cached id served its own rows."""
+    row that grows mid-call, later calls smaller and larger: the greedy tokens of the tables on the device, at every
+    step of every call the distributions of one full forward of a copy whose tables stay on the device (to fp32),
+    and after every forward every cached id served its own rows."""
     from egmla.infer import engine as engine_module
 
     monkeypatch.setattr(engine_module, "OFFLOAD_ROOM_DIVISOR", 10 ** 6)
+    on_device = tiny_model("eg-mla", seed=7)
 
     def generate(offload: bool, eos=None):
         model = tiny_model("eg-mla", seed=7)
         engine = GenerationEngine(model, decode_path="gate-table", offload_gate_tables=offload, **settings)
         failures = watch_forwards(model, device_offload(model, engine)) if offload else []
-        calls = [(PROMPTS, 10), (PROMPTS[1:3], 6), (PROMPTS, 9), ([[3]], 12)]
-        return [[(r.token_ids, r.finish_reason) for r in engine.generate(p, n, eos_token_id=eos)]
-                for p, n in calls], failures, engine
+        outcomes = []
+        for call, (prompts, new_tokens) in enumerate([(PROMPTS, 10), (PROMPTS[1:3], 6), (PROMPTS, 9), ([[3]], 12)]):
+            step_log_probs.clear()
+            results = engine.generate(prompts, new_tokens, eos_token_id=eos)
+            if offload:
+                assert_steps_match_full_forward(on_device, prompts, results, step_log_probs, call)
+            outcomes.append([(r.token_ids, r.finish_reason) for r in results])
+        return outcomes, failures, engine
 
     plain, _, _ = generate(offload=False)
     eos = plain[0][0][0][2]  # some rows end on it, early

@@ -6,13 +6,14 @@ import random
 
 import pytest
 import torch
-from tests.infer.helpers import GraphReplay, forward_into_one_buffer, prefill_steps_as_graphs, tiny_model
+from tests.infer.helpers import (GraphReplay, assert_served_log_probs_match, forward_into_one_buffer,
+                                 prefill_steps_as_graphs, tiny_model)
 
 from egmla.attention import decode_paths
 from egmla.cli import main as egmla_main
 from egmla.infer import GenerationEngine
 from egmla.infer.prefill_step import PrefillStep, prefill_bucket
-from egmla.infer.scheduler import Scheduler
+from egmla.infer.scheduler import MAX_TOP_LOGPROBS, Scheduler
 from egmla.infer.server import make_server
 
 MAX_LEN = 40  # positions per row (the tiny model's max_seq_len is 48): widths 16, 24, 32 and 40 (48 capped)
@@ -42,13 +43,15 @@ def random_prompts(rng: random.Random, count: int, longest: int) -> list[list[in
     return [[rng.randrange(1, 300) for _ in range(rng.randint(1, longest))] for _ in range(count)]
 
 
-def serve_all(scheduler: Scheduler, prompts: list[list[int]], arrivals: list[int], new_tokens: list[int]) -> list:
-    """Submit prompt i once arrivals[i] steps have run; step until every request is done; their results."""
+def serve_all(scheduler: Scheduler, prompts: list[list[int]], arrivals: list[int], new_tokens: list[int],
+              logprobs: int | None = None) -> list:
+    """Submit prompt i once arrivals[i] steps have run (each asking for `logprobs`); step until every request is
+    done; their results."""
     handles, steps = {}, 0
     while len(handles) < len(prompts) or not all(h.done for h in handles.values()):
         for i, at in enumerate(arrivals):
             if at <= steps and i not in handles:
-                handles[i] = scheduler.submit(prompts[i], max_new_tokens=new_tokens[i])
+                handles[i] = scheduler.submit(prompts[i], max_new_tokens=new_tokens[i], logprobs=logprobs)
         scheduler.step()
         steps += 1
         assert steps < 500
@@ -180,7 +183,9 @@ def test_randomized_workloads_ask_only_for_listed_buckets():
 def test_randomized_start_time_captures_give_the_eager_engines_tokens(monkeypatch):
     """Graphs captured at start as a GPU captures them (the forward run at capture, on the zeroed inputs; each replay
     rewriting the one output buffer kept since), on random variants, decode paths and settings: prompts of up to N
-    tokens arriving in bursts capture nothing more and get, token for token, what an eager engine gives each alone."""
+    tokens arriving in bursts capture nothing more and get, token for token, what an eager engine gives each alone,
+    and at every step the log-probabilities of one full forward of prompt + tokens (the served ones, as the step's
+    logits reach no `select_next` under the scheduler: each token's and the 20 most likely, to fp32)."""
     captured = []
     def capture(step):
         captured.append((step.rows, step.width))
@@ -205,10 +210,12 @@ def test_randomized_start_time_captures_give_the_eager_engines_tokens(monkeypatc
         prompts = random_prompts(rng, rng.randint(2, 8), longest)
         new_tokens = [rng.randint(1, min(4, max_len - len(p))) for p in prompts]
         arrivals = sorted(rng.choice([0, 0, rng.randint(1, 6)]) for _ in prompts)
-        results = serve_all(scheduler, prompts, arrivals, new_tokens)
+        results = serve_all(scheduler, prompts, arrivals, new_tokens, logprobs=MAX_TOP_LOGPROBS)
         eager = GenerationEngine(model, decode_path=path, prefill_graphs=False)
         assert [r.token_ids for r in results] == [
             eager.generate([p], max_new_tokens=n)[0].token_ids for p, n in zip(prompts, new_tokens)], (trial, path)
+        for i, (prompt, result) in enumerate(zip(prompts, results)):
+            assert_served_log_probs_match(model, prompt, result, (trial, path, i))
         assert len(captured) == len(scheduler.prefill_buckets(longest)), trial  # nothing captured while serving
 
 def test_nothing_is_captured_on_a_cpu_or_without_prefill_graphs():

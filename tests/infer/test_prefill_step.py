@@ -3,7 +3,8 @@ call eagerly here): prompts go into a scratch cache and their rows are copied in
 logits, every cached tensor and the token groups must equal those of the eager prefill, on every variant's paths."""
 import pytest
 import torch
-from tests.infer.helpers import VARIANTS, GraphReplay, forward_into_one_buffer, prefill_steps_as_graphs, tiny_model
+from tests.infer.helpers import (VARIANTS, GraphReplay, assert_steps_match_full_forward, forward_into_one_buffer,
+                                 prefill_steps_as_graphs, tiny_model)
 
 from egmla.attention import decode_paths
 from egmla.attention.cache import TokenGroups
@@ -80,9 +81,10 @@ def test_a_prefill_step_equals_the_eager_prefill(variant, path):
 
 @pytest.mark.parametrize("variant,path", [("mla", "absorbed"), ("eg-mla", "grouped"), ("mha", "naive"),
                                           ("eg-mla-bias-v", "absorbed")])
-def test_generate_through_prefill_steps_gives_the_eager_engines_tokens(variant, path):
+def test_generate_through_prefill_steps_gives_the_eager_engines_tokens(variant, path, step_log_probs):
     """`generate` with the step (the engine's own prefill, rows of an emptied cache), and again with fewer and longer
-    prompts (other buckets, the same scratch), gives the tokens of the eager prefill."""
+    prompts (other buckets, the same scratch), gives the tokens of the eager prefill and, at every step (the prefill's
+    included), the distributions of one full forward of prompt + tokens, to fp32."""
     model = tiny_model(variant, seed=3)
     batches = [[[5, 17, 42, 99, 3], [120, 8], [33, 34, 35, 33, 34, 35, 9, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9]],
                [[7, 7, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25]]]
@@ -90,7 +92,10 @@ def test_generate_through_prefill_steps_gives_the_eager_engines_tokens(variant, 
     stepped = GenerationEngine(model, decode_path=path, prefill_graphs=True)
     for prompts, bucket in zip(batches, [(3, 22), (1, 24)]):  # (22: the first call's cache length)
         want = [g.token_ids for g in eager.generate(prompts, max_new_tokens=6)]
-        assert [g.token_ids for g in stepped.generate(prompts, max_new_tokens=6)] == want
+        step_log_probs.clear()
+        results = stepped.generate(prompts, max_new_tokens=6)
+        assert [g.token_ids for g in results] == want
+        assert_steps_match_full_forward(model, prompts, results, step_log_probs, bucket)
         assert [key[1:] for key in stepped._prefill_steps] == [bucket]  # (a cache of a new length drops the steps)
 
 

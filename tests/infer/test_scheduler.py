@@ -4,11 +4,11 @@ import threading
 
 import pytest
 import torch
-from tests.infer.helpers import tiny_model
+from tests.infer.helpers import assert_served_log_probs_match, tiny_model
 
 from egmla.attention import decode_paths
 from egmla.infer import GenerationEngine, SamplingParams
-from egmla.infer.scheduler import Scheduler
+from egmla.infer.scheduler import MAX_TOP_LOGPROBS, Scheduler
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [120, 8], [33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45], [260],
            [7, 7, 7, 9], [200, 201, 17, 5, 5, 5, 80, 81, 82]]
@@ -108,32 +108,37 @@ def test_prompts_admitted_into_scattered_rows_are_prefilled_in_one_forward(varia
 def test_requests_ending_on_their_first_token_above_a_free_row(overlap):
     """A request admitted above a free row (row 0 keeps a cached prefix) that ends on its first token: compaction is
     due when its prefill completes, and reading that token retires the only row; nothing is left to compact (this
-    raised IndexError and failed every request) and the next requests run."""
+    raised IndexError and failed every request) and the next requests run. Each gets its tokens alone and, at every
+    step, the served log-probabilities (its token's and the 20 most likely) of one full forward, to fp32."""
     engine = GenerationEngine(tiny_model("mla", seed=3), decode_path="naive", batch_buckets=(1, 2))
     scheduler = Scheduler(engine, max_batch=2, prefix_cache_min=4, overlap_host=overlap)
-    first = scheduler.submit([10, 11, 12, 13, 14, 15], max_new_tokens=1)  # leaves a cached prefix in row 0
+    first = scheduler.submit([10, 11, 12, 13, 14, 15], max_new_tokens=1,  # leaves a cached prefix in row 0
+                             logprobs=MAX_TOP_LOGPROBS)
     while scheduler.step():
         pass
-    second = scheduler.submit([200, 201], max_new_tokens=1)  # row 1: row 0's prefix is spared
+    second = scheduler.submit([200, 201], max_new_tokens=1, logprobs=MAX_TOP_LOGPROBS)  # row 1: row 0's prefix spared
     while scheduler.step():
         pass
-    third = scheduler.submit([200, 201, 5], max_new_tokens=3)
+    third = scheduler.submit([200, 201, 5], max_new_tokens=3, logprobs=MAX_TOP_LOGPROBS)
     while scheduler.step():
         pass
     for handle, (prompt, new) in ((first, ([10, 11, 12, 13, 14, 15], 1)), (second, ([200, 201], 1)),
                                   (third, ([200, 201, 5], 3))):
         assert handle.result().token_ids == engine.generate([prompt], max_new_tokens=new)[0].token_ids
+        assert_served_log_probs_match(engine.model, prompt, handle.result(), (overlap, prompt))
     assert scheduler.running == 0 and scheduler.stats.requests_finished == 3
 
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_a_prefills_first_token_is_read_with_the_next_steps_tokens(overlap):
     """With overlap_host, the first token a prefill samples is not read at once (a host sync that would wait for the
-    step queued ahead of it) but with the next decode step's; without, each iteration reads all it queued."""
+    step queued ahead of it) but with the next decode step's; without, each iteration reads all it queued. Either way
+    the tokens are the engine's and the served log-probabilities (each token's and the 20 most likely) those of one
+    full forward, to fp32."""
     model = tiny_model("mla", seed=5)
     engine = GenerationEngine(model)
     scheduler = Scheduler(engine, max_batch=2, overlap_host=overlap)
-    handle = scheduler.submit(PROMPTS[0], max_new_tokens=4)
+    handle = scheduler.submit(PROMPTS[0], max_new_tokens=4, logprobs=MAX_TOP_LOGPROBS)
     scheduler.step()  # prefill (first token) and the first decode step
     assert handle.pending_events() == (0 if overlap else 2)
     scheduler.step()
@@ -141,6 +146,7 @@ def test_a_prefills_first_token_is_read_with_the_next_steps_tokens(overlap):
     while scheduler.step():
         pass
     assert handle.result().token_ids == engine.generate([PROMPTS[0]], max_new_tokens=4)[0].token_ids
+    assert_served_log_probs_match(model, PROMPTS[0], handle.result(), overlap)
 
 
 def test_a_finished_rows_old_contents_never_reach_its_next_request():
@@ -836,7 +842,8 @@ def test_serving_with_offloaded_gate_tables_evicts_the_ids_no_row_holds(monkeypa
     """An offload under the scheduler keeps the rows of the ids its cache holds across requests: with little room
     (4 ids per row beyond the ids known), a second wave of requests (prompts of other ids) joining while the first
     runs makes it run short, and it evicts the ids no cache row holds any more (the rest claimed again at new slots) rather than pile
-    rows up; every request gets the tokens it gets alone."""
+    rows up; every request gets the tokens it gets alone and, at every step, the served log-probabilities (its token's
+    and the 20 most likely) of one full forward of a copy whose tables stay on the device, to fp32."""
     from egmla.infer import engine as engine_module
     from egmla.infer.offload import GateTableOffload
 
@@ -870,11 +877,14 @@ def test_serving_with_offloaded_gate_tables_evicts_the_ids_no_row_holds(monkeypa
     while len(handles) < len(prompts) or scheduler.running or scheduler.waiting:
         for i, at in enumerate(arrivals):
             if at == steps:
-                handles[i] = scheduler.submit(prompts[i], max_new_tokens=new[i])
+                handles[i] = scheduler.submit(prompts[i], max_new_tokens=new[i], logprobs=MAX_TOP_LOGPROBS)
         scheduler.step()
         assert served_right()
         steps += 1
     assert [handles[i].result().token_ids for i in range(len(prompts))] == expected
+    on_device = tiny_model("eg-mla", seed=3)  # its full forward reads no offloaded row
+    for i, prompt in enumerate(prompts):
+        assert_served_log_probs_match(on_device, prompt, handles[i].result(), (overlap, i))
     assert kept and any(after < before for before, after in kept)  # ids of finished requests' rows went
     assert offload.check() <= offload.capacity < 300
 
