@@ -198,7 +198,7 @@ class Transformer(nn.Module):
     def usable_decode_path(self, path: str) -> str:
         """`path`, or the variant's first path (which calls every module) where `path` reads weights that are
         wrapped: what generation takes when the caller did not choose a path."""
-        reads = self.layers and path in self.layers[0].attn.WEIGHT_READING_PATHS
+        reads = self.layers and self.layers[0].attn.paths[path].reads_weights
         return decode_paths(self.config)[0] if reads and self.wrapped_weights() else path
 
     def _refuse_wrapped_weights(self) -> None:
@@ -274,7 +274,7 @@ class Transformer(nn.Module):
         if cache.batch_size != tokens.shape[0]:
             raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch_size {cache.batch_size}: "
                              f"allocate the cache with new_cache({tokens.shape[0]})")
-        if self.layers and self.decode_path in self.layers[0].attn.WEIGHT_READING_PATHS:
+        if self.layers and self.layers[0].attn.paths[self.decode_path].reads_weights:
             self._refuse_wrapped_weights()
         decode_lengths = None
         if not empty and self.builds_context_in_one_launch(tokens, capturable):  # the engine's graph step on a GPU
@@ -302,7 +302,7 @@ class Transformer(nn.Module):
         if cache.token_groups is not None:
             # positions by id, on the paths that read them (the bias control's 'absorbed' too); not kept up otherwise,
             # nor in a captured prefill (the caller registers its prompts): reset() clears the flag, a reader raises
-            if self.decode_path in self.layers[0].attn.TOKEN_GROUP_PATHS and not (capturable and empty):
+            if self.layers[0].attn.paths[self.decode_path].keeps_token_groups and not (capturable and empty):
                 cache.token_groups.append(tokens, positions, n_new)
             else:
                 cache.token_groups.host.unregistered = True

@@ -4,6 +4,7 @@ from egmla.attention.context import AttnContext
 from egmla.attention.egmla import EmbeddingGatedMLA
 from egmla.attention.mha import GroupedQueryAttention
 from egmla.attention.mla import MultiHeadLatentAttention
+from egmla.attention.paths import DecodePath
 
 ATTENTION_CLASSES = {
     "mha": GroupedQueryAttention,
@@ -17,9 +18,14 @@ def attention_class(config):
     return ATTENTION_CLASSES[config.attention]
 
 
+def decode_path_table(config) -> dict[str, DecodePath]:
+    """The decode paths this config supports, by name, with what each reads and keeps; the first is the default."""
+    return attention_class(config).decode_path_table(config)
+
+
 def decode_paths(config) -> tuple[str, ...]:
     """Decode paths this config supports; the first is the default."""
-    return attention_class(config).decode_paths(config)
+    return tuple(decode_path_table(config))
 
 
 # The grouped EG-MLA decode beats the fused `kernel` once a step covers this many cached positions (batch x context):
@@ -78,6 +84,7 @@ def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=No
     return KVCache([spec] * config.n_layers, batch_size, max_len, dtype=dtype or torch.float32, device=device)
 
 
-__all__ = ["ATTENTION_CLASSES", "AttnContext", "CacheSpec", "EmbeddingGatedMLA", "GroupedQueryAttention",
+__all__ = ["ATTENTION_CLASSES", "AttnContext", "CacheSpec", "DecodePath", "EmbeddingGatedMLA", "GroupedQueryAttention",
            "KVCache", "LayerCache", "MultiHeadLatentAttention", "allocate_cache", "attention_class",
-           "GROUPED_MIN_POSITIONS", "check_decode_path", "cuda_decode_path", "decode_paths", "fastest_decode_path"]
+           "GROUPED_MIN_POSITIONS", "check_decode_path", "cuda_decode_path", "decode_path_table", "decode_paths",
+           "fastest_decode_path"]

@@ -26,14 +26,15 @@ id ('grouped'). The cache holds c_t and k^R_t, plus on 'kernel', 'grouped' and t
 each position's norm statistics (mu, rho) per layer; the gate is recomputed from the token id, which the
 cache stores once per position for all layers.
 
-Decode paths, all in this file:
+Decode paths, all in this class (their table: `EmbeddingGatedMLA.UP_PATHS`, placement latent MLA's); the
+equations of 'grouped' and of the bias controls' 'absorbed' in plain PyTorch in egmla/attention/egmla_equations.py:
   up:      naive       recompute g = W_UE E[id] for every cached position, rebuild K/V, SDPA
            gate-table  the paper's EG-MLA-A: G = E W_UE^T precomputed once, decode gathers rows
            kernel      Triton fused rebuild-and-attend over the gate table (egmla/kernels/egmla_decode.py);
                        the cache also holds each position's norm statistics (mu, rho)
            grouped     (mul; LayerNorm or RMSNorm) exact decode grouped by token id (docs/grouped-decode.md):
                        rebuild work scales with the distinct ids of a context; the cache holds (mu, rho)
-                       and the token groups. The equations in PyTorch below (`grouped_attention`), the
+                       and the token groups. The equations in PyTorch: `grouped_attention`; the
                        Triton kernels in egmla/kernels/grouped_decode.py
            absorbed    (the bias controls only) MLA's absorbed decode: the norm covers the ungated kv_t, so it
                        factors out per position (its (mu, rho) cached) and the table's rows enter per distinct
@@ -59,8 +60,10 @@ from torch import nn
 
 from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run
+from egmla.attention.egmla_equations import bias_absorbed_attention, grouped_attention, split_heads
 from egmla.attention.mla import MultiHeadLatentAttention
 from egmla.attention.norms import LayerNorm, RMSNorm
+from egmla.attention.paths import DecodePath, path_table
 from egmla.attention.precomputed import sources_key
 from egmla.config import ModelConfig
 from egmla.kernels import kernel_unavailable_reason
@@ -92,117 +95,24 @@ class AbsorbedWeights:
     score_term: bool  # False for the table on V only
 
 
-# ---- the norm's affine and the gate rows, split per head: shared by both PyTorch decodes below ---------------
-def split_heads(vector: torch.Tensor | None, n_heads: int, d_n: int, fill: float,
-                dtype=torch.float32) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-    """A [..., n_h*(d_n+d_v)] vector in wkv_b's per-head [k; v] layout -> its K [..., n_h, d_n] and V [..., n_h, d_v]
-    parts, in `dtype`; when the vector is absent (no affine weight, or no bias) the float `fill` for both, not a
-    tensor (callers test `torch.is_tensor`)."""
-    if vector is None:
-        return fill, fill
-    per_head = vector.to(dtype).unflatten(-1, (n_heads, -1))
-    return per_head[..., :d_n], per_head[..., d_n:]
-
-
-# ---- the grouped decode's equations (docs/grouped-decode.md), in PyTorch ------------------------------------
-# Per cached position t the cache holds c_t, k^R_t and the norm statistics of x_t = (W_UKV c_t) ⊙ g_t:
-# mu_t = mean(x_t), rho_t = 1/sqrt(var(x_t) + eps) (RMSNorm: mu_t = 0, rho_t = 1/sqrt(mean(x_t^2) + eps), no beta).
-# Then, exactly:
-#   a_{h,v} = W^K_h^T (gamma^K_h ⊙ q^C_h ⊙ g^K_{h,v})                                  once per distinct id v
-#   score_t = scale (rho_t (a_{h,i_t} . c_t - mu_t gamma^K_h . q^C_h) + beta^K_h . q^C_h + q^R_h . k^R_t)
-#   w_t = softmax_t(score)_t rho_t,   s_{h,v} = sum_{t: i_t = v} w_t c_t
-#   o_h = gamma^V_h ⊙ sum_v g^V_{h,v} ⊙ (W^V_h s_{h,v}) - gamma^V_h sum_t w_t mu_t + beta^V_h
-def grouped_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-                      ln_stats: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor,
-                      w_uk: torch.Tensor, w_uv: torch.Tensor, gamma: torch.Tensor | None,
-                      beta: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """docs/grouped-decode.md's equations, one line each (fp32; fp64 for fp64 inputs). Returns o [b, s, h, d_v].
-
-    q_nope [b, s, h, d_n], q_pe [b, s, h, d_r]; cache latent [b, T, d_c], k_pe [b, T, d_r],
-    ln_stats [b, T, 2] (mu, rho); slots [b, T] (index into the distinct ids), gates [b, U, h*(d_n+d_v)]
-    (gate rows of the distinct ids, per-head [k; v] layout); mask [b, s, T] (True = attend);
-    w_uk [h, d_n, d_c], w_uv [h, d_v, d_c]; gamma/beta [h*(d_n+d_v)] or None (RMSNorm: beta None)."""
-    n_heads, d_n = q_nope.shape[2], q_nope.shape[3]
-    dt = torch.promote_types(q_nope.dtype, torch.float32)
-    q, q_pe, latent, k_pe = q_nope.to(dt), q_pe.to(dt), latent.to(dt), k_pe.to(dt)
-    mu, rho = ln_stats[..., 0].to(dt)[:, None, None, :], ln_stats[..., 1].to(dt)[:, None, None, :]
-    gate_k, gate_v = split_heads(gates, n_heads, d_n, 1.0, dt)  # [b, U, h, d_n], [b, U, h, d_v]
-    gamma_k, gamma_v = split_heads(gamma, n_heads, d_n, 1.0, dt)
-    beta_k, beta_v = split_heads(beta, n_heads, d_n, 0.0, dt)
-    gq = gamma_k * q  # gamma^K ⊙ q^C  [b, s, h, d_n]
-    absorbed = torch.einsum("bshd,buhd,hdc->bshuc", gq, gate_k, w_uk.to(dt))  # a_{h,v}, once per id
-    index = slots.long().clamp(0, gates.shape[1] - 1)[:, None, None, :, None]
-    index = index.expand(*absorbed.shape[:3], -1, latent.shape[-1])  # [b, s, h, T, d_c]: the slot of t
-    content = torch.einsum("bshtc,btc->bsht", absorbed.gather(3, index), latent)  # a_{h,i_t} . c_t
-    query_bias = (beta_k * q).sum(-1) if torch.is_tensor(beta_k) else torch.zeros_like(gq[..., 0])  # beta^K . q^C
-    scores = (rho * (content - mu * gq.sum(-1)[..., None]) + query_bias[..., None]
-              + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * scale
-    visible = mask[:, :, None, :]
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).masked_fill(~visible, 0.0)
-    weights = probs.nan_to_num(0.0) * rho  # w_t = p_t rho_t; a query with nothing visible gets 0
-    sums = torch.zeros_like(absorbed).scatter_add_(3, index, weights[..., None] * latent[:, None, None])  # s_{h,v}
-    up = torch.einsum("bshuc,hdc->bshud", sums, w_uv.to(dt))  # W^V_h s_{h,v}
-    grouped = (gate_v.permute(0, 2, 1, 3)[:, None] * up).sum(3)  # sum_v g^V_{h,v} ⊙ (W^V_h s_{h,v})
-    mean_term = (weights * mu).sum(-1)[..., None]  # sum_t w_t mu_t
-    out = gamma_v * (grouped - mean_term) + beta_v
-    return out * visible.any(-1)[..., None]
-
-
-# ---- the bias controls' absorbed decode ('bias', 'bias-v'), in PyTorch --------------------------------------
-# f_t = Norm(kv_t) + g_{i_t} with kv_t = W_UKV c_t: the norm sees no gate, so with mu_t, rho_t of kv_t, exactly
-#   score_t = scale (rho_t (qa_h . c_t - mu_t gamma^K_h . q^C_h) + beta^K_h . q^C_h + r_{h,i_t} + q^R_h . k^R_t),
-#             qa_h = W^K_h^T (gamma^K_h ⊙ q^C_h)  (MLA's absorbed query),  r_{h,v} = q^C_h . g^K_{h,v}  per distinct id
-#             (0 for 'bias-v', whose gate rows are 0 in the K slots)
-#   o_h = gamma^V_h ⊙ (W^V_h sum_t w_t c_t - sum_t w_t mu_t) + beta^V_h + sum_v P_{h,v} g^V_{h,v},
-#             w_t = p_t rho_t,  P_{h,v} = sum_{t: i_t = v} p_t
-def bias_absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-                            ln_stats: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor,
-                            w_uk: torch.Tensor, w_uv: torch.Tensor, gamma: torch.Tensor | None,
-                            beta: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """The equations above, one line each (fp32; fp64 for fp64 inputs); arguments as `grouped_attention`'s,
-    with ln_stats the (mu, rho) of the ungated kv_t. Returns o [b, s, h, d_v]."""
-    n_heads, d_n = q_nope.shape[2], q_nope.shape[3]
-    dt = torch.promote_types(q_nope.dtype, torch.float32)
-    q, q_pe, latent, k_pe = q_nope.to(dt), q_pe.to(dt), latent.to(dt), k_pe.to(dt)
-    mu, rho = ln_stats[..., 0].to(dt)[:, None, None, :], ln_stats[..., 1].to(dt)[:, None, None, :]
-    gate_k, gate_v = split_heads(gates, n_heads, d_n, 0.0, dt)  # [b, U, h, d_n], [b, U, h, d_v]
-    gamma_k, gamma_v = split_heads(gamma, n_heads, d_n, 1.0, dt)
-    beta_k, beta_v = split_heads(beta, n_heads, d_n, 0.0, dt)
-    gq = gamma_k * q  # gamma^K ⊙ q^C  [b, s, h, d_n]
-    q_absorbed = torch.einsum("bshd,hdc->bshc", gq, w_uk.to(dt))  # MLA's W_UK^T (gamma ⊙ q) per head
-    per_id = torch.einsum("bshd,buhd->bshu", q, gate_k)  # r_{h,v} = q^C . g^K_{h,v}, once per distinct id
-    slot = slots.long().clamp(0, gates.shape[1] - 1)[:, None, None, :].expand(*per_id.shape[:3], -1)  # [b, s, h, T]
-    query_bias = (beta_k * q).sum(-1) if torch.is_tensor(beta_k) else torch.zeros_like(gq[..., 0])  # beta^K . q^C
-    content = torch.einsum("bshc,btc->bsht", q_absorbed, latent)
-    scores = (rho * (content - mu * gq.sum(-1)[..., None]) + query_bias[..., None] + per_id.gather(3, slot)
-              + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * scale
-    visible = mask[:, :, None, :]
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).masked_fill(~visible, 0.0).nan_to_num(0.0)
-    weights = probs * rho  # w_t = p_t rho_t
-    # W^V_h sum_t w_t c_t
-    rebuilt = torch.einsum("bshc,hdc->bshd", torch.einsum("bsht,btc->bshc", weights, latent), w_uv.to(dt))
-    mean_term = (weights * mu).sum(-1)[..., None]  # sum_t w_t mu_t
-    mass = torch.zeros_like(per_id).scatter_add_(3, slot, probs)  # P_{h,v}
-    table_term = torch.einsum("bshu,buhd->bshd", mass, gate_v)  # sum_v P_{h,v} g^V_{h,v}
-    out = gamma_v * (rebuilt - mean_term) + beta_v + table_term
-    return out * visible.any(-1)[..., None]
-
-
 _STATS_CACHE_NEEDED = ("decode_path='{path}' needs a cache with LayerNorm statistics and token groups: call "
                        "model.set_decode_path('{path}') before model.new_cache(...)")
 
-# Decode paths that read the precomputed gate table G_l = E_l W_UE^T (placement `up`): built when the path is set,
-# beside the embeddings E_l it comes from (the memory planner counts both, egmla.infer.plan)
-TABLE_PATHS = ("gate-table", "kernel", "grouped", "absorbed")
-# ... of those, the paths whose cache keeps each position's norm statistics (mu, rho), written at append, and the
-# paths that also read the cache's token groups (positions by id): 'grouped' and the bias controls' 'absorbed'
-STATS_PATHS = ("kernel", "grouped", "absorbed")
-TOKEN_GROUP_PATHS = ("grouped", "absorbed")
-
 
 class EmbeddingGatedMLA(MultiHeadLatentAttention):
-    WEIGHT_READING_PATHS = TABLE_PATHS  # gate tables, wkv_b to kernels
-    TOKEN_GROUP_PATHS = TOKEN_GROUP_PATHS
+    # Placement up: every path but 'naive' reads the precomputed gate table G_l = E_l W_UE^T (built when the path is
+    # set, beside the embeddings E_l it comes from: the memory planner counts both, egmla.infer.plan); the Triton
+    # ones keep each position's norm statistics (mu, rho) in the cache, and 'grouped' and the bias controls'
+    # 'absorbed' its token groups (positions by id). Placement latent takes MLA's paths (`decode_path_table`).
+    UP_PATHS = path_table(
+        DecodePath("naive", "attend_naive"),
+        DecodePath("gate-table", "attend_gate_table", reads_weights=True, reads_gate_table=True),
+        DecodePath("kernel", "attend_kernel", reads_weights=True, reads_gate_table=True, keeps_stats=True,
+                   reads_own_positions=True),
+        DecodePath("grouped", "attend_grouped", reads_weights=True, reads_gate_table=True, keeps_stats=True,
+                   keeps_token_groups=True, reads_own_positions=True),
+        DecodePath("absorbed", "attend_absorbed", reads_weights=True, reads_gate_table=True, keeps_stats=True,
+                   keeps_token_groups=True, reads_own_positions=True))  # the bias controls' only
 
     @property
     def fuses_append(self) -> bool:
@@ -229,21 +139,24 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
 
     # ---- what the registry needs ---------------------------------------------------------
     @staticmethod
-    def decode_paths(config: ModelConfig) -> tuple[str, ...]:
-        if config.gate_placement == "latent":
-            return ("naive", "absorbed", "kernel")
+    def decode_path_table(config: ModelConfig) -> dict[str, DecodePath]:
+        if config.gate_placement == "latent":  # f_t is cached in place of c_t: MLA's paths over it
+            return MultiHeadLatentAttention.DECODE_PATHS
         if config.adds_table:  # the Triton kernels gate inside (mul or add); the norm factors out here
-            return ("naive", "gate-table", "absorbed")
-        return ("naive", "gate-table", "kernel") + (("grouped",) if supports_grouped(config) else ())
+            names = ("naive", "gate-table", "absorbed")
+        else:
+            names = ("naive", "gate-table", "kernel") + (("grouped",) if supports_grouped(config) else ())
+        return {name: EmbeddingGatedMLA.UP_PATHS[name] for name in names}
 
     @staticmethod
     def cache_spec(config: ModelConfig, decode_path: str = "naive") -> CacheSpec:
         spec = MultiHeadLatentAttention.cache_spec(config, decode_path)
         if config.gate_placement == "latent":
             return spec  # f_t is cached in place of c_t: the gate needs no id at decode time
-        if decode_path in STATS_PATHS:  # + (mu, rho) of each position, written at append
+        path = EmbeddingGatedMLA.decode_path_table(config)[decode_path]
+        if path.keeps_stats:  # + (mu, rho) of each position, written at append
             return CacheSpec({**spec.tensors, "ln_stats": ((2,), torch.float32)}, needs_token_ids=True,
-                             needs_token_groups=decode_path in TOKEN_GROUP_PATHS)
+                             needs_token_groups=path.keeps_token_groups)
         return CacheSpec(spec.tensors, needs_token_ids=True)
 
     @property
@@ -257,7 +170,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         works (building a table needs E_l on the device; dropping one would lose the offload's stand-in)."""
         if not self.gates_offloaded:
             return
-        no_table = self.gate_placement != "latent" and path in TABLE_PATHS and self.gate_table is None
+        no_table = self.paths[path].reads_gate_table and self.gate_table is None
         if not keep_precomputed or no_table:
             raise ValueError(f"set_decode_path({path!r}): this model's gate tables are offloaded to host memory; "
                              f"call restore() on its GateTableOffload first" + (
@@ -275,7 +188,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         if self.gate_placement == "latent":
             self.gate_table = None
             super().on_decode_path_set(keep_precomputed)  # MLA's folded absorption
-        elif self.decode_path in TABLE_PATHS:
+        elif self.path.reads_gate_table:
             if keep_precomputed and self.gate_table is not None:
                 self.refresh_gate_table()
             else:
@@ -377,7 +290,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         up-projection, the norm's reductions). A prompt takes the same pass on CUDA (the PyTorch equations' fp32
         W_UKV product alone was 4.9 of 91 ms of kernels in a batch-32 EG-MLA prefill on the H200:
         docs/bench/prefill_h200_diagnostics/); in Triton's CPU interpreter only single positions do (it is slow)."""
-        return not (self.norm_kind == "none" or self.decode_path not in STATS_PATHS
+        return not (self.norm_kind == "none" or not self.path.keeps_stats
                     or kernel_unavailable_reason(latent.device) is not None
                     or (latent.shape[1] != 1 and latent.device.type != "cuda"))
 
@@ -463,8 +376,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
 
     def check_stats_cache(self, cache: LayerCache, ctx: AttnContext) -> None:
         """'grouped' and the bias controls' 'absorbed' refuse a cache allocated without statistics or token groups."""
-        if self.gate_placement == "up" and self.decode_path in TOKEN_GROUP_PATHS and (
-                "ln_stats" not in cache.buffers or ctx.kv_groups is None):
+        if self.path.keeps_token_groups and ("ln_stats" not in cache.buffers or ctx.kv_groups is None):
             raise ValueError(_STATS_CACHE_NEEDED.format(path=self.decode_path))  # before a fresh prompt skips reading
 
     def append_stats(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor | None) -> AttnContext:

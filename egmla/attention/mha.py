@@ -15,6 +15,7 @@ from torch import nn
 
 from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run
+from egmla.attention.paths import DecodePath, path_table
 from egmla.attention.precomputed import ReadsWeights, derived, sources_key
 from egmla.attention.rope import apply_rope
 from egmla.config import ModelConfig
@@ -22,8 +23,7 @@ from egmla.kernels import no_grad_kernel_can_run
 
 
 class GroupedQueryAttention(ReadsWeights):
-    WEIGHT_READING_PATHS: tuple[str, ...] = ()  # decode paths that read weights directly (ReadsWeights)
-    TOKEN_GROUP_PATHS: tuple[str, ...] = ()  # decode paths that read the cache's token groups (EG-MLA's)
+    DECODE_PATHS = path_table(DecodePath("naive"), DecodePath("kernel", reads_own_positions=True))
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -34,11 +34,12 @@ class GroupedQueryAttention(ReadsWeights):
         self.wv = nn.Linear(config.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
         self.decode_path = "naive"
+        self.paths = self.decode_path_table(config)  # this config's decode paths (egmla.attention.paths)
         self.merge_products = True  # False: q, k, v as three GEMMs (no weight copy; Transformer.set_merged_products)
 
     @staticmethod
-    def decode_paths(config: ModelConfig) -> tuple[str, ...]:
-        return ("naive", "kernel")
+    def decode_path_table(config: ModelConfig) -> dict[str, DecodePath]:
+        return GroupedQueryAttention.DECODE_PATHS
 
     @staticmethod
     def rope_dim(config: ModelConfig) -> int:

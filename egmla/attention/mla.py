@@ -35,6 +35,7 @@ from torch import nn
 from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run, masked_softmax_attention
 from egmla.attention.norms import RMSNorm
+from egmla.attention.paths import DecodePath, path_table
 from egmla.attention.precomputed import ReadsWeights, derived, sources_key, weights_key
 from egmla.attention.rope import apply_rope
 from egmla.config import ModelConfig
@@ -42,8 +43,10 @@ from egmla.kernels import no_grad_kernel_can_run
 
 
 class MultiHeadLatentAttention(ReadsWeights):
-    WEIGHT_READING_PATHS: tuple[str, ...] = ("absorbed", "kernel")  # folded / up_weights (ReadsWeights)
-    TOKEN_GROUP_PATHS: tuple[str, ...] = ()  # decode paths that read the cache's token groups (EG-MLA's)
+    DECODE_PATHS = path_table(
+        DecodePath("naive", "attend_naive"),
+        DecodePath("absorbed", "attend_absorbed", reads_weights=True, folds_absorption=True),
+        DecodePath("kernel", "attend_kernel", reads_weights=True, folds_absorption=True, reads_own_positions=True))
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -65,14 +68,15 @@ class MultiHeadLatentAttention(ReadsWeights):
         self.wkv_b = nn.Linear(self.kv_lora_rank, config.kv_up_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.v_head_dim, config.d_model, bias=False)
         self.decode_path = "naive"
+        self.paths = self.decode_path_table(config)  # this config's decode paths (egmla.attention.paths)
         self.merge_products = True  # False: never `input_products` (no weight copy; Transformer.set_merged_products)
         self.folded: tuple[torch.Tensor, torch.Tensor] | None = None  # see fold_absorption
         self.folded_from: tuple = ()  # fold_sources_key() when it was folded
 
     # ---- what the registry needs ---------------------------------------------------------
     @staticmethod
-    def decode_paths(config: ModelConfig) -> tuple[str, ...]:
-        return ("naive", "absorbed", "kernel")
+    def decode_path_table(config: ModelConfig) -> dict[str, DecodePath]:
+        return MultiHeadLatentAttention.DECODE_PATHS
 
     @staticmethod
     def rope_dim(config: ModelConfig) -> int:
@@ -83,10 +87,15 @@ class MultiHeadLatentAttention(ReadsWeights):
         return CacheSpec({"latent": ((config.kv_lora_rank,), None),
                           "k_rope": ((config.qk_rope_head_dim,), None)})
 
+    @property
+    def path(self) -> DecodePath:
+        """The decode path set (`decode_path`), as this config's table describes it."""
+        return self.paths[self.decode_path]
+
     def on_decode_path_set(self, keep_precomputed: bool = False) -> None:
         """Precompute what the chosen path reads: the folded absorption for 'absorbed' and 'kernel'.
         keep_precomputed: keep a folding already made (a CUDA graph captured on the previous path reads it)."""
-        if self.decode_path in ("absorbed", "kernel"):
+        if self.path.folds_absorption:
             if not (keep_precomputed and getattr(self, "folded", None) is not None):
                 self.fold_absorption()
         else:
@@ -168,7 +177,7 @@ class MultiHeadLatentAttention(ReadsWeights):
         q_nope, q_pe = self.query(x, ctx, q_projected, q_rotated).split([self.qk_nope_head_dim, self.qk_rope_head_dim],
                                                                        dim=-1)
         # attend_naive, attend_absorbed, attend_kernel; EG-MLA adds attend_gate_table and attend_grouped
-        attend = getattr(self, "attend_" + self.decode_path.replace("-", "_"))
+        attend = getattr(self, self.path.method)
         return self.wo(attend(q_nope, q_pe, latent, k_pe, ctx.kv_token_ids, ctx).flatten(2))
 
     def attend_causal(self, q: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
@@ -325,7 +334,7 @@ class MultiHeadLatentAttention(ReadsWeights):
 
     def reads_folded_weights(self) -> bool:
         """Whether a cached call over the cache takes `forward_folded`: 'absorbed' / 'kernel' where they fold."""
-        return self.decode_path in ("absorbed", "kernel") and self.folded_weights() is not None
+        return self.path.folds_absorption and self.folded_weights() is not None
 
     def forward_folded(self, x: torch.Tensor, latent, k_pe, ctx: AttnContext,
                        projected: torch.Tensor | None = None, rotated: bool = False) -> torch.Tensor:

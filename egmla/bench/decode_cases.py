@@ -101,13 +101,14 @@ def build_cases(variant: str, config, batch: int, max_len: int, token_ids: torch
     for path in paths:
         attn = one_layer(config, MODEL_PATH.get(path, path), device, dtype)
         args = (q_nope, q_pe, latent, k_pe, token_ids, ctx)
-        if path in ("kernel", "absorbed") and reads_gate_rows(config):  # what a 'kernel' cache holds: the norm
-            # statistics; the bias control's 'absorbed' cache: its (ungated) statistics and the token groups
-            # ('absorbed' as the engine's CUDA-graph steps run it: capturable, no host sync, ids up to the bound)
-            groups = registered_groups(token_ids, positions) if path == "absorbed" else None
+        if path == attn.path.name and attn.path.keeps_stats:  # what the path's cache holds: EG-MLA's 'kernel' the
+            # norm statistics (not 'kernel+stats', which computes them); the bias control's 'absorbed' its (ungated)
+            # statistics and the token groups, read as the engine's CUDA-graph steps read them (capturable, no host
+            # sync, ids up to the bound)
+            groups = registered_groups(token_ids, positions) if attn.path.keeps_token_groups else None
             args = (*args[:5], dataclasses.replace(ctx, kv_ln_stats=norm_stats(attn, latent, token_ids),
-                                                   kv_groups=groups, capturable=path == "absorbed"))
-        call = functools.partial(getattr(attn, "attend_" + MODEL_PATH.get(path, path).replace("-", "_")), *args)
+                                                   kv_groups=groups, capturable=groups is not None))
+        call = functools.partial(getattr(attn, attn.path.method), *args)
         if not reads_gate_rows(config):
             if path == "naive":
                 cases.append(Case(variant, path, call, cache_bytes, attention_flops + rebuild_flops))

@@ -30,7 +30,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from egmla.attention import (KVCache, allocate_cache, attention_class, check_decode_path, cuda_decode_path,
-                             decode_paths, fastest_decode_path)
+                             decode_path_table, decode_paths, fastest_decode_path)
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.prefill_step import MIN_WIDTH, PREFILL_GRAPH_TOKENS, PrefillStep, prefill_bucket
@@ -175,7 +175,7 @@ def reads_own_positions(config, decode_path: str) -> bool:
     """Whether the path's one-token steps on CUDA read only each sequence's own positions (the Triton kernels take
     its length; so does the same-table controls' 'absorbed', Triton too, unlike MLA's PyTorch 'absorbed'): then a
     cache longer than a call needs costs its steps nothing."""
-    return decode_path in ("kernel", "grouped") or (decode_path == "absorbed" and config.adds_table)
+    return decode_path_table(config)[decode_path].reads_own_positions
 
 
 class GenerationEngine:
@@ -572,7 +572,7 @@ class GenerationEngine:
 
     def reads_token_groups(self) -> bool:
         """The decode path reads the cache's token groups (EG-MLA's grouped, the bias controls' absorbed)."""
-        return self.decode_path in self.model.layers[0].attn.TOKEN_GROUP_PATHS
+        return self.model.layers[0].attn.paths[self.decode_path].keeps_token_groups
 
     def _prefill(self, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
         """Append prompt i to cache row i; logits [batch, vocab] at each prompt's last token.

@@ -19,8 +19,7 @@ from typing import Callable
 import torch
 
 from egmla.accounting import measured_cache_bytes_per_token, variant_configs
-from egmla.attention import GROUPED_MIN_POSITIONS, cuda_decode_path, decode_paths
-from egmla.attention.egmla import TABLE_PATHS
+from egmla.attention import GROUPED_MIN_POSITIONS, cuda_decode_path, decode_path_table, decode_paths
 from egmla.config import ModelConfig
 from egmla.model import count_params
 
@@ -30,12 +29,13 @@ GB = 1e9
 
 def gate_table_params(config: ModelConfig, precomputed: bool = False, decode_path: str | None = None) -> int:
     """Parameters of the gate tables on the device: the model's own E_l (V x d_e), plus the precomputed G_l
-    (V x n_h(d_n+d_v), the gate in the [k; v] layout) where the decode path builds it (`precomputed`, or
-    decode_path one of TABLE_PATHS): the model keeps E_l, G_l is built from it."""
+    (V x n_h(d_n+d_v), the gate in the [k; v] layout) where the decode path builds it (`precomputed`, or a
+    decode_path that `reads_gate_table`): the model keeps E_l, G_l is built from it."""
     if not config.is_gated:
         return 0
     embeddings = count_params(config) - count_params(config, include_gate_tables=False)
-    builds_table = config.gate_placement == "up" and (precomputed or decode_path in TABLE_PATHS)
+    path = decode_path_table(config).get(decode_path)
+    builds_table = config.gate_placement == "up" and (precomputed or (path is not None and path.reads_gate_table))
     return embeddings + (config.n_layers * config.vocab_size * config.gate_norm_dim if builds_table else 0)
 
 

@@ -1,4 +1,5 @@
-"""The bias control's absorbed decode in Triton (reference: bias_decode_ref.py; math: egmla/attention/egmla.py).
+"""The bias control's absorbed decode in Triton (reference: bias_decode_ref.py; math:
+egmla/attention/egmla_equations.py).
 
 `egmla-kv64-bias` adds the gate table after the norm, f_t = Norm(W_UKV c_t) + g_{i_t}, so its decode is MLA's
 absorbed flash-decoding (one program per (split of the context, sequence), all heads as the M of the dots) with

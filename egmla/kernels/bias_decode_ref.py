@@ -1,6 +1,6 @@
 """Plain PyTorch reference of the bias control's absorbed decode kernel (egmla/kernels/bias_decode.py), with the
 kernel's inputs and outputs. The control is f_t = Norm(W_UKV c_t) + g_{i_t} (gate_op = "bias"); its decode is
-MLA's absorbed attention plus per-id terms (egmla/attention/egmla.py, `bias_absorbed_attention`):
+MLA's absorbed attention plus per-id terms (egmla/attention/egmla_equations.py, `bias_absorbed_attention`):
 
     s_{h,t} = scale (rho_t (qa_h . c_t - mu_t alpha_h) + b0_h + e_{h, slot_t} + q^R_h . k^R_t),   t < lengths[b]
     p = softmax_t(s),   out_latent_h = sum_t p_t rho_t c_t,   mean_h = sum_t p_t rho_t mu_t,

@@ -4,7 +4,7 @@ with the cache holding another path's positions."""
 import pytest
 import torch
 
-from egmla.attention.egmla import bias_absorbed_attention
+from egmla.attention.egmla_equations import bias_absorbed_attention
 from egmla.model import Transformer
 from tests.attention.fp64_case import attend, grouped_arguments, norm_with_stats, random_case
 from tests.conftest import small_config

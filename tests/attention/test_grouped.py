@@ -7,7 +7,7 @@ import torch
 from egmla.accounting import kv_rows, variant_configs
 from egmla.attention import decode_paths
 from egmla.attention.cache import TokenGroups
-from egmla.attention.egmla import grouped_attention
+from egmla.attention.egmla_equations import grouped_attention
 from egmla.config import preset
 from egmla.model import Transformer
 from tests.attention.fp64_case import attend, grouped_arguments, norm_with_stats, random_case

@@ -70,7 +70,7 @@ def test_adapters_in_place_decode_through_the_modules_or_refuse(variant, device)
     assert inner.model.wrapped_weights()  # e.g. layers.0.attn.wkv_b
     for path in decode_paths(inner.config.to_model_config()):
         inner.model.set_decode_path(path)
-        if path in inner.model.layers[0].attn.WEIGHT_READING_PATHS:
+        if inner.model.layers[0].attn.paths[path].reads_weights:
             with pytest.raises(ValueError, match=r"peft\.tuners\.lora.*merge_and_unload\(\)"):
                 cached_logits(inner, tokens)
         else:
@@ -78,7 +78,7 @@ def test_adapters_in_place_decode_through_the_modules_or_refuse(variant, device)
     inner.model.decode_path_chosen = False  # as from_pretrained leaves it: generation picks a path that calls modules
     assert rel_err(cached_logits(inner, tokens), full) < 1e-4
     # a path that calls the modules: the variant's first on the CPU; MHA's `kernel` on CUDA (it reads no weights)
-    assert inner.model.decode_path not in inner.model.layers[0].attn.WEIGHT_READING_PATHS
+    assert not inner.model.layers[0].attn.paths[inner.model.decode_path].reads_weights
 
 
 @pytest.mark.parametrize("variant", ["mla", "eg-mla"])
