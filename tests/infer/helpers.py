@@ -88,11 +88,13 @@ def prefill_steps_as_graphs(monkeypatch) -> None:
     monkeypatch.setattr(GenerationEngine, "prefill_step", as_graph)
 
 
-def forward_into_one_buffer(monkeypatch) -> None:
-    """PrefillStep.forward as a graph replay behaves: each call rewrites the one output buffer kept since the first."""
+def forward_into_one_buffer(monkeypatch, step_class=None) -> None:
+    """`step_class.forward` (PrefillStep's by default; DecodeStep's too) as a graph replay behaves: each call rewrites
+    the one output buffer kept since the first."""
     from egmla.infer.prefill_step import PrefillStep
 
-    forward = PrefillStep.forward
+    step_class = PrefillStep if step_class is None else step_class
+    forward = step_class.forward
 
     def into_one_buffer(step):
         out = forward(step)
@@ -102,7 +104,7 @@ def forward_into_one_buffer(monkeypatch) -> None:
             step._buffer.copy_(out)
         return step._buffer
 
-    monkeypatch.setattr(PrefillStep, "forward", into_one_buffer)
+    monkeypatch.setattr(step_class, "forward", into_one_buffer)
 
 
 # ---- exactness against one full forward -------------------------------------------------------------------------

@@ -4,8 +4,8 @@ import warnings
 
 import pytest
 import torch
-from tests.infer.helpers import (VARIANTS, assert_log_probs_match, assert_steps_match_full_forward,
-                                 full_forward_log_probs, relative_error, tiny_model)
+from tests.infer.helpers import (VARIANTS, assert_log_probs_match, assert_served_log_probs_match,
+                                 assert_steps_match_full_forward, full_forward_log_probs, relative_error, tiny_model)
 
 from egmla.attention import decode_paths
 from egmla.infer import GenerationEngine, SamplingParams
@@ -405,9 +405,17 @@ def test_steps_run_ahead_of_the_host_with_the_same_tokens(monkeypatch, variant, 
             runs.clear()
             engine = GenerationEngine(model, decode_path=path, batch_buckets=(1, 2, 3, 8), overlap_host=overlap)
             results = engine.generate(call["prompts"], call["max_new_tokens"], call.get("sampling", SamplingParams()),
-                                      call.get("eos_token_id"), on_token=events.append)
+                                      call.get("eos_token_id"), on_token=events.append, logprobs=3)
             outcome[overlap] = ([(r.token_ids, r.finish_reason) for r in results], events, list(runs))
-        assert outcome[True][:2] == outcome[False][:2], call
+            # a step run ahead must not change the logits its tokens were picked from: each step's log-probabilities
+            # (the chosen token's and the 3 most likely) are one full forward's, to fp32
+            for prompt, result in zip(call["prompts"], results):
+                assert_served_log_probs_match(model, prompt, result, (call, overlap, result.index))
+        # the same events (their log-probabilities are checked above: a step run in a larger bucket may differ by
+        # an ulp from one run in the compacted bucket)
+        assert [(e.index, e.token_id, e.text, e.finish_reason) for e in outcome[True][1]] == \
+            [(e.index, e.token_id, e.text, e.finish_reason) for e in outcome[False][1]], call
+        assert outcome[True][0] == outcome[False][0], call
         if "eos_token_id" not in call:  # every sequence ends by length: the same steps, in the same buckets
             assert outcome[True][2] == outcome[False][2], call
     # an eos that both copies of one prompt reach at once, after at least one decode step

@@ -76,17 +76,7 @@ def graphs_emulated(monkeypatch):
         step.n_new.copy_(n_new)
         step.graph = GraphReplay(step)
 
-    decode_forward = DecodeStep.forward
-
-    def decode_into_one_buffer(step):
-        out = decode_forward(step)
-        if getattr(step, "_buffer", None) is None:
-            step._buffer = out.clone()
-        else:
-            step._buffer.copy_(out)
-        return step._buffer
-
-    monkeypatch.setattr(DecodeStep, "forward", decode_into_one_buffer)
+    forward_into_one_buffer(monkeypatch, DecodeStep)
     monkeypatch.setattr(DecodeStep, "capture", capture_decode)
     forward_into_one_buffer(monkeypatch)
     monkeypatch.setattr(PrefillStep, "capture", capture_prefill)
