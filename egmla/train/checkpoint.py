@@ -28,6 +28,7 @@ from egmla.runs import (WEIGHTS, CheckpointError, atomic_write_bytes, atomic_wri
 from egmla.train.distributed import DistInfo, barrier
 
 OPTIMIZER, STATE = "optimizer.pt", "state.json"
+ASSEMBLING = ".tmp-"  # RUN/checkpoints/.tmp-step_*: a checkpoint being written, renamed into place when complete
 
 
 def checkpoint_folder(run_dir: str | Path, step: int) -> Path:
@@ -63,7 +64,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     weights, optim_state = full_state_dicts(model, optimizer)
     final = checkpoint_folder(run_dir, step)
     if info.is_main:
-        tmp = final.with_name(f".tmp-{final.name}")
+        tmp = final.with_name(f"{ASSEMBLING}{final.name}")
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -86,6 +87,22 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
         prune(run_dir, final, keep)
     barrier(info)
     return final
+
+
+def remove_cut_short_saves(run_dir: str | Path) -> tuple[list[Path], int]:
+    """Remove what saves killed mid-write (SIGKILL, a power loss) left behind: checkpoint folders still under their
+    temporary name (a paper-base one holds weights and optimizer state, gigabytes) and the `.NAME.*.tmp` files of
+    atomic writes in the run folder (final weights, summary). Call only while holding the run's lock
+    (egmla.train.runlock): no live writer can own them then. Returns what was removed and its size in bytes."""
+    run_dir = Path(run_dir)
+    leftovers = [p for p in (run_dir / "checkpoints").glob(f"{ASSEMBLING}step_*") if p.is_dir()]
+    leftovers += [p for p in run_dir.glob(".*.tmp") if p.is_file()]
+    size = 0
+    for path in leftovers:
+        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+        size += sum(f.stat().st_size for f in files)
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return leftovers, size
 
 
 def prune(run_dir: str | Path, written: Path, keep: int) -> None:

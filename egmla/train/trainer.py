@@ -214,6 +214,11 @@ def train(run: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
                          f"CUDA-graph modes are built and measured for one process; use compile_mode='default' "
                          f"under torchrun")
     with claim_run_dir(run_dir, resume, info):
+        if info.is_main:  # the lock is ours: what a save killed mid-write left is dead, and may be gigabytes
+            removed, size = ckpt.remove_cut_short_saves(run_dir)
+            if removed:
+                log(f"removed {len(removed)} leftover(s) of saves cut short ({size / 1e6:,.1f} MB): "
+                    + ", ".join(str(path.relative_to(run_dir)) for path in removed))
         try:
             return _train(run, run_dir, resume, progress, log, on_checkpoint, info)
         except Exception as err:

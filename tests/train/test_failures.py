@@ -4,6 +4,7 @@ run resumed (summary.json keeps its timings), and a run that fails before its fi
 import errno
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -241,3 +242,34 @@ def test_a_warmup_longer_than_the_run_is_said_at_the_start_and_the_run_trains(tm
     assert said[0].startswith("warning: train.warmup_steps=5 is longer than the run (train.steps=2): the learning "
                               "rate rises to 40% of train.lr")
     assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_resume_removes_what_saves_killed_mid_write_left_and_says_so(tmp_path, cache_dir):
+    """SIGKILL (or a power loss) during a save leaves a checkpoint folder under its temporary name (a paper-base one
+    holds gigabytes) or an atomic write's `.NAME.*.tmp` file; nothing ever removed them. The next trainer to hold the
+    run's lock removes them (no live writer can own them then), names them, and leaves everything else alone."""
+    import tempfile
+
+    from egmla.train import checkpoint
+
+    run, run_dir = run_config(cache_dir), tmp_path / "run"
+    train(run, run_dir, progress=False, log=quiet)
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    cut_short = run_dir / "checkpoints" / f"{checkpoint.ASSEMBLING}step_00000016"  # as save_checkpoint names it
+    cut_short.mkdir()
+    (cut_short / "model.safetensors").write_bytes(b"\0" * 5000)
+    fd, weights_tmp = tempfile.mkstemp(dir=run_dir, prefix=".model.safetensors.", suffix=".tmp")  # as save_weights
+    os.write(fd, b"\0" * 3000)
+    os.close(fd)
+    (run_dir / ".notes").write_text("mine")  # not a save's: stays
+    said = []
+    train(run, run_dir, resume=True, progress=False, log=said.append)
+    removal = [line for line in said if line.startswith("removed")]
+    assert removal == [f"removed 2 leftover(s) of saves cut short (0.0 MB): checkpoints/{cut_short.name}, "
+                       f"{os.path.basename(weights_tmp)}"]
+    assert not cut_short.exists() and not os.path.exists(weights_tmp)
+    assert (run_dir / ".notes").read_text() == "mine" and (run_dir / ".lock").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == kept
+    said.clear()
+    train(run, run_dir, resume=True, progress=False, log=said.append)  # nothing left: nothing said
+    assert not [line for line in said if line.startswith("removed")]
