@@ -113,10 +113,11 @@ def forward_into_one_buffer(monkeypatch, step_class=None) -> None:
 # shows it. The limit, relative 1e-4 in fp32, sits ~300x above what the correct paths give (1e-7).
 def full_forward_log_probs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """The reference distributions: log_softmax (fp32) of one training forward of prompt + tokens (no cache) at each
-    position that predicts one of `tokens`, [len(tokens), vocab]."""
+    position that predicts one of `tokens`, [len(tokens), vocab], on the CPU (the model may be on a GPU)."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(torch.tensor([list(prompt) + list(tokens[:-1])]))[0]
-    return logits.float().log_softmax(dim=-1)[len(prompt) - 1:]
+        logits = model(torch.tensor([list(prompt) + list(tokens[:-1])], device=device))[0]
+    return logits.float().log_softmax(dim=-1)[len(prompt) - 1:].cpu()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -3,7 +3,7 @@ step gives eagerly, for every variant and decode path, through bucket padding, s
 different steps (compaction into smaller buckets) and a second call that reuses the graphs."""
 import pytest
 import torch
-from tests.infer.helpers import VARIANTS, tiny_model
+from tests.infer.helpers import VARIANTS, assert_served_log_probs_match, tiny_model
 
 from egmla.attention import decode_paths
 from egmla.infer import GenerationEngine
@@ -119,3 +119,18 @@ def test_steps_queued_ahead_of_the_host_give_the_same_tokens(variant, path):
         outcome[overlap] = ([(r.token_ids, r.finish_reason) for r in results], events)
         assert engine.last_stats.cuda_graphs
     assert outcome[True] == outcome[False]
+
+
+@pytest.mark.parametrize("variant,path", [("mla", "kernel"), ("eg-mla", "kernel"), ("eg-mla", "grouped"),
+                                          ("eg-mla-bias", "absorbed"), ("mha", "kernel")])
+def test_logprobs_read_from_replayed_steps_are_the_full_forwards(variant, path):
+    """generate(logprobs=k) on real CUDA graphs with each replay queued ahead of the host (overlap_host): every
+    token's log-probability and the step's 3 most likely are read before the next replay rewrites the logits, so
+    they are one full forward's (fp32 on the GPU, relative 1e-4), through an eos, compaction and the context's end."""
+    model = tiny_model(variant, seed=1).cuda()
+    engine = GenerationEngine(model, decode_path=path)
+    eos = engine.generate(PROMPTS, max_new_tokens=14)[1].token_ids[3]
+    results = engine.generate(PROMPTS, max_new_tokens=14, eos_token_id=eos, logprobs=3)
+    assert engine.last_stats.cuda_graphs and len({len(r.token_ids) for r in results}) > 1
+    for prompt, result in zip(PROMPTS, results):
+        assert_served_log_probs_match(model, prompt, result, (variant, path, result.index))
