@@ -61,6 +61,7 @@ from torch import nn
 from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run
 from egmla.attention.egmla_equations import bias_absorbed_attention, grouped_attention, split_heads
+from egmla.attention.gate_table import DeviceRows, GateRows
 from egmla.attention.mla import MultiHeadLatentAttention
 from egmla.attention.norms import LayerNorm, RMSNorm
 from egmla.attention.paths import DecodePath, path_table
@@ -127,9 +128,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         self.adds_table = config.adds_table  # the same-table controls: Norm(kv) + g
         self.gate_norm = make_norm(config.gate_norm, config.gate_norm_dim, config.norm_eps)
         self.norm_kind = config.gate_norm
-        # G_l = E_l W_UE^T, built for the paths that read it; under an offload (egmla.infer.offload) an OffloadedRows
-        # stand-in, as gate_embed then is (hence the hasattr / isinstance tests below)
-        self.gate_table: torch.Tensor | None = None
+        # G_l = E_l W_UE^T, built for the paths that read it: its rows (egmla.attention.gate_table), on the device or
+        # under an offload (egmla.infer.offload) its stand-in, as gate_embed then is
+        self.gate_table: GateRows | None = None
         self.gate_table_from: tuple | None = None  # gate_sources_key() when it was built
         self.grouped_backend = "auto"  # 'grouped' one-token steps: auto (Triton on CUDA), kernel or pytorch
         self.absorbed_backend = "auto"  # the bias control's 'absorbed' one-token steps: the same choices
@@ -161,9 +162,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
 
     @property
     def gates_offloaded(self) -> bool:
-        """Whether an offload (egmla.infer.offload) serves the gate rows: told by its stand-in's `kernel_rows`, not by
-        the embedding's class (peft wraps a real nn.Embedding in a module of its own)."""
-        return hasattr(self.gate_embed, "kernel_rows")
+        """Whether an offload (egmla.infer.offload) serves the gate rows: its stand-in, `GateRows`, holds E_l's place
+        (told by that interface, not by the embedding's class: peft wraps a real nn.Embedding in a module of its own)."""
+        return isinstance(self.gate_embed, GateRows)
 
     def check_path_switch(self, path: str, keep_precomputed: bool) -> None:
         """Before any layer switches: with offloaded gate tables (egmla.infer.offload) only a switch that keeps them
@@ -200,10 +201,11 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     def build_gate_table(self) -> torch.Tensor:
         """G_l = E_l W_UE^T [vocab, n_h (d_n + d_v)]: every token's gate in the per-head [k; v] layout (as `up_project`
         makes it: zeros in the K slots for 'bias-v', 1 + ... for the identity start), computed once
-        (refresh_gate_table builds it again when its source weights change)."""
-        self.gate_table = self.up_project(self.gate_embed.weight)
-        self.gate_table_from = self.gate_sources_key()
-        return self.gate_table
+        (refresh_gate_table builds it again when its source weights change). Returns the tensor; `gate_table` holds
+        its rows (`DeviceRows`)."""
+        table = self.up_project(self.gate_embed.weight)
+        self.gate_table, self.gate_table_from = DeviceRows(table), self.gate_sources_key()
+        return table
 
     def gate_sources_key(self) -> tuple | None:
         """E_l and W_UE as egmla.attention.precomputed.sources_key identifies them; None while an offload serves the
@@ -217,14 +219,15 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         or load_state_dict does, or moved): a cached call after training reads the new gates, as the paths without
         a table do. A no-op without a table or under an offload."""
         key = self.gate_sources_key()
-        if isinstance(self.gate_table, torch.Tensor) and self.gate_table_from != key:
+        if self.gate_table is not None and not self.gates_offloaded and self.gate_table_from != key:
             # gate_table_like may have cast it to the cache's dtype: keep that cast, unless the weights themselves
             # changed dtype (model.to(torch.bfloat16)): then the table follows them, as a fresh build would
             same_dtype = self.gate_table_from is not None and key is not None and \
                 [k[2] for k in self.gate_table_from[:2]] == [k[2] for k in key[:2]]  # the two weights' dtypes
             dtype = self.gate_table.dtype
             table = self.build_gate_table()
-            self.gate_table = table.to(dtype) if same_dtype else table
+            if same_dtype:
+                self.gate_table = DeviceRows(table.to(dtype))
 
     def refresh_precomputed(self) -> None:
         """MLA's folded absorption and the gate table, built again where a source weight changed or moved."""
@@ -300,7 +303,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         out[b, positions[b, t]] (the cache's statistics) by the pass itself."""
         from egmla.kernels.egmla_decode import layernorm_stats_triton
 
-        table, table_rows = self.kernel_gate_table(latent, token_ids)
+        table, table_rows = self.kernel_gates(latent).kernel_rows(token_ids, latent.dtype)
         return layernorm_stats_triton(latent, table_rows, table, self.wkv_b.weight, self.n_heads,
                                       self.qk_nope_head_dim, self.gate_norm.eps, gate_op=self.gate_op,
                                       norm=self.norm_kind, block_t=16 if latent.shape[1] == 1 else 64, out=out,
@@ -338,38 +341,37 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1), v
 
     def append(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor, k_pe: torch.Tensor) -> AttnContext:
-        """MLA's append, plus the new positions' (mu, rho) where the cache keeps them ('kernel', 'grouped', the bias
-        controls' 'absorbed'). Every cached call not taking `append_in_one_launch` passes here first: the gate table
-        is refreshed if the weights changed since it was built. Returns the context with this layer's kv_ln_stats."""
+        """MLA's append, then the new positions' (mu, rho) (`write_stats`). Every cached call not taking
+        `append_in_one_launch` passes here first: the gate table is refreshed if the weights changed since it was
+        built. Returns the context with this layer's kv_ln_stats."""
         self.refresh_gate_table()
-        return self.append_stats(cache, super().append(cache, ctx, latent, k_pe), latent)
+        ctx = super().append(cache, ctx, latent, k_pe)
+        self.check_stats_cache(cache, ctx)
+        return self.write_stats(cache, ctx, latent)
 
     def append_in_one_launch(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache,
                              projected: torch.Tensor | None = None, q_rope: torch.Tensor | None = None) -> AttnContext:
         """`append(cache, ctx, *latent(x, ctx, projected))` with MLA's part in one launch (placement up: the latents
         are MLA's), q_rope (the query's RoPE slice) rotated by the same launch; the new (mu, rho) in that launch too
-        where `stats_in_the_append`, else by `write_stats` after it."""
+        where it computes them (`append_launch_stats`), else by `write_stats` from the latents it returns."""
         self.refresh_gate_table()
         self.check_stats_cache(cache, ctx)
-        if self.stats_in_the_append(x, ctx, cache):
-            self.write_latents(x, ctx, cache, projected=projected, stats=self.appended_stats_args(ctx, cache),
-                               q_rope=q_rope)
-            return dataclasses.replace(ctx, kv_ln_stats=cache.read("ln_stats", ctx.kv_len))
-        latent = self.write_latents(x, ctx, cache, keep_latent="ln_stats" in cache.buffers, projected=projected,
-                                    q_rope=q_rope)
-        return self.write_stats(cache, ctx, latent)
+        stats = self.append_launch_stats(x, ctx, cache)
+        latent = self.write_latents(x, ctx, cache, keep_latent=stats is None and "ln_stats" in cache.buffers,
+                                    projected=projected, stats=stats, q_rope=q_rope)
+        return self.write_stats(cache, ctx, latent, in_the_append=stats is not None)
 
-    def stats_in_the_append(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache) -> bool:
-        """A one-token step where the statistics pass runs computes the new (mu, rho) in the append's own launch
-        (egmla/kernels/latent_append.py, `AppendedStats`): two launches fewer per layer than the pass and its merge."""
-        return ("ln_stats" in cache.buffers and x.shape[1] == 1 and ctx.stats_arrivals is not None
-                and self.stats_pass_runs(x))
-
-    def appended_stats_args(self, ctx: AttnContext, cache: LayerCache):
+    def append_launch_stats(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache) -> "AppendedStats | None":
+        """In a one-token step where the statistics pass runs, the append's own launch computes the new (mu, rho)
+        (egmla/kernels/latent_append.py): two launches fewer per layer than the pass and its merge. Its arguments
+        (`AppendedStats`, the gate rows in the cache's dtype, as the decode kernels read them), or None elsewhere."""
+        if not ("ln_stats" in cache.buffers and x.shape[1] == 1 and ctx.stats_arrivals is not None
+                and self.stats_pass_runs(x)):
+            return None
         from egmla.kernels.latent_append import AppendedStats
 
-        # in the cache's dtype, as the decode kernels read it
-        table, table_rows = self.kernel_gate_table(cache.buffers["latent"], ctx.token_ids)
+        latent = cache.buffers["latent"]
+        table, table_rows = self.kernel_gates(latent).kernel_rows(ctx.token_ids, latent.dtype)
         return AppendedStats(table_rows, table, self.wkv_b.weight, self.n_heads,
                              self.gate_op, self.norm_kind, self.gate_norm.eps, cache.buffers["ln_stats"],
                              ctx.stats_arrivals)
@@ -379,19 +381,19 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         if self.path.keeps_token_groups and ("ln_stats" not in cache.buffers or ctx.kv_groups is None):
             raise ValueError(_STATS_CACHE_NEEDED.format(path=self.decode_path))  # before a fresh prompt skips reading
 
-    def append_stats(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor | None) -> AttnContext:
-        """The new positions' (mu, rho), where the cache keeps them, from their latents."""
-        self.check_stats_cache(cache, ctx)
-        return self.write_stats(cache, ctx, latent)
-
-    def write_stats(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor | None) -> AttnContext:
-        """`append_stats` once the cache has been checked."""
+    def write_stats(self, cache: LayerCache, ctx: AttnContext, latent: torch.Tensor | None,
+                    in_the_append: bool = False) -> AttnContext:
+        """The one place the new positions' (mu, rho) enter the cache, where it keeps them ('kernel', 'grouped', the
+        bias controls' 'absorbed'; checked by `check_stats_cache`), from their latents: by the statistics pass where it
+        runs, else `norm_stats`; in_the_append: the append's launch wrote them already. Returns the context with this
+        layer's kv_ln_stats."""
         if "ln_stats" not in cache.buffers:
             return ctx
-        if self.stats_pass_runs(latent):  # written into the cache's rows by the pass: no index_put launch per layer
-            self.stats_pass(latent, ctx.token_ids, out=cache.buffers["ln_stats"], positions=ctx.positions)
-        else:
-            cache.write(ctx.positions, ctx.batch_rows, ln_stats=self.norm_stats(latent, ctx.token_ids))
+        if not in_the_append:
+            if self.stats_pass_runs(latent):  # written into the cache's rows by the pass: no index_put launch per layer
+                self.stats_pass(latent, ctx.token_ids, out=cache.buffers["ln_stats"], positions=ctx.positions)
+            else:
+                cache.write(ctx.positions, ctx.batch_rows, ln_stats=self.norm_stats(latent, ctx.token_ids))
         return dataclasses.replace(ctx, kv_ln_stats=cache.read("ln_stats", ctx.kv_len))
 
     # ---- decode paths ----------------------------------------------------------------------
@@ -414,18 +416,17 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
         from egmla.kernels.egmla_decode import egmla_decode, layernorm_stats_triton
 
-        table, id_to_row = self.kernel_gate_rows(latent)
+        gates = self.kernel_gates(latent)
+        table, _ = gates.kernel_table(latent.dtype)
         norm = self.gate_norm
         stats = ctx.kv_ln_stats
         if stats is None:  # a cache without statistics (allocated for another path): one rebuild pass
-            _, rows = self.kernel_gate_table(latent, kv_ids)  # the ids, or their slots under an offload
+            _, rows = gates.kernel_rows(kv_ids, latent.dtype)  # the ids, or their slots under an offload
             stats = layernorm_stats_triton(latent, rows, table, self.wkv_b.weight, self.n_heads,
                                            self.qk_nope_head_dim, getattr(norm, "eps", 0.0) or 0.0,
                                            gate_op=self.gate_op, norm=self.norm_kind)
-        rows = kv_ids
-        if id_to_row is not None:  # an offload: the cached ids' slots, gathered once per step for all layers
-            rows, id_to_row = self.gate_table.kernel_slots(kv_ids), None
-        out = egmla_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, rows, stats,
+        # the cached ids, or under an offload their slots, gathered once per step for all layers
+        out = egmla_decode(q_nope[:, 0], q_pe[:, 0], latent, k_pe, gates.kernel_slots(kv_ids), stats,
                            ctx.seen_lengths(), table, self.wkv_b.weight,
                            getattr(norm, "weight", None), getattr(norm, "bias", None), self.softmax_scale,
                            gate_op=self.gate_op)
@@ -478,7 +479,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         groups, vocab_size = ctx.kv_groups, self.gate_embed.num_embeddings
         # E, whose distinct ids' rows the kernels read where needed; under an offload (egmla.infer.offload) the rows
         # resident on the device, and the ids their slots in them
-        table, ids = self.gate_embed.kernel_rows(ids) if self.gates_offloaded else (self.gate_embed.weight, ids)
+        table, ids = self.embedding_rows().kernel_rows(ids)
         # q^C_h . g^K_{h,v} for each distinct id [batch, heads, U]; the table on V alone has no score term
         per_id = per_id_scores(proj[..., d_c:-2], table, ids, groups.n_distinct) if weights.score_term else None
         lengths = ctx.registered_lengths()  # registered and visible
@@ -588,7 +589,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             return self.grouped_pytorch(q_nope, q_pe, latent, k_pe, ctx)
         from egmla.kernels.grouped_decode import CHUNK, grouped_decode
 
-        table, id_to_row = self.kernel_gate_rows(latent)
+        table, id_to_row = self.kernel_gates(latent).kernel_table(latent.dtype)
         bounds = (ctx.kv_len, max(groups.host.distinct_bound, groups.host.plan_distinct)) if ctx.capturable else None
         # grouped by token id, checked against the vocabulary; the gate rows are read through id_to_row where given
         plan = groups.plan(CHUNK, vocab_size=self.gate_embed.num_embeddings, bounds=bounds)
@@ -609,27 +610,23 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
                                 self.softmax_scale)
         return out.to(q_nope.dtype)
 
-    def kernel_gate_rows(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The gate table as the decode kernels read it, in latent's dtype, and the id -> row map they read it through
-        (their `id_to_row`): the whole table (`gate_table_like`) and None (row = id), or under an offload
-        (egmla.infer.offload) the rows resident on the device and the slot map [vocab], which give the very same
+    def kernel_gates(self, latent: torch.Tensor) -> GateRows:
+        """The gate table's rows as the decode kernels read them (in latent's dtype: pass it to `kernel_table` /
+        `kernel_rows`): on the device the whole table on latent's device and in its dtype (`gate_table_like`), or under
+        an offload (egmla.infer.offload) the rows resident on the device and the slot map, which give the very same
         gates."""
-        if hasattr(self.gate_table, "kernel_table"):
-            table, id_to_row = self.gate_table.kernel_table()
-            return table.to(latent.dtype), id_to_row
-        return self.gate_table_like(latent), None
+        if not self.gates_offloaded:
+            self.gate_table_like(latent)
+        return self.gate_table
 
-    def kernel_gate_table(self, latent: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`kernel_gate_rows` with the rows of token_ids looked up (for the statistics passes, which take rows): the
-        whole table and the ids themselves, or the resident rows and the ids' slots in them."""
-        table, id_to_row = self.kernel_gate_rows(latent)
-        return table, token_ids if id_to_row is None else id_to_row[token_ids.long()]
+    def embedding_rows(self) -> GateRows:
+        """E_l's rows as the bias controls' kernels read them: the embedding's weight, or the offload's stand-in."""
+        return self.gate_embed if self.gates_offloaded else DeviceRows(self.gate_embed.weight)
 
     def gate_table_like(self, latent: torch.Tensor) -> torch.Tensor:
-        """The gate table on latent's device and dtype (built once; rebuilt by set_decode_path, or by
-        refresh_gate_table when a source weight changed)."""
-        table = self.gate_table
-        if table is None or table.device != latent.device or table.dtype != latent.dtype:
-            table = self.build_gate_table().to(latent.dtype)
-            self.gate_table = table
-        return table
+        """The gate table [vocab, n_h (d_n + d_v)] on latent's device and dtype (built once; rebuilt by set_decode_path,
+        or by refresh_gate_table when a source weight changed)."""
+        rows = self.gate_table
+        if rows is None or rows.device != latent.device or rows.dtype != latent.dtype:
+            self.gate_table = DeviceRows(self.build_gate_table().to(latent.dtype))
+        return self.gate_table.table

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from egmla.attention.gate_table import DeviceRows, GateRows
+
 
 # Paths that read gate rows through `gate_embed(ids)` / `gate_table[ids]` or, in their Triton kernels, through
 # `kernel_table` / `kernel_rows`, which the row cache serves: every EG-MLA decode path. A new path that reads the
@@ -43,8 +45,9 @@ from torch import nn
 OFFLOADABLE_PATHS = ("naive", "gate-table", "absorbed", "kernel", "grouped")
 
 
-class OffloadedRows(nn.Module):
-    """Stands in for `gate_embed` (called with ids) or `gate_table` (indexed with ids)."""
+class OffloadedRows(nn.Module, GateRows):
+    """Stands in for `gate_embed` (called with ids) or `gate_table` (indexed with ids): the layer reads either through
+    `GateRows` (egmla.attention.gate_table), served from the rows resident on the device."""
 
     exact_stand_in = True  # serves E_l's own rows: not a wrapper that changes them (egmla.attention.precomputed)
 
@@ -58,10 +61,11 @@ class OffloadedRows(nn.Module):
     def __getitem__(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.offload.rows(self.key, token_ids)
 
-    def kernel_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def kernel_table(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """For a kernel that maps ids to rows itself (an `id_to_row` argument): the resident rows [capacity, width]
-        and the slot map id -> row [vocab] (int64), in place of the whole table."""
-        return self.offload.device_rows[self.key], self.offload.slot_of_id
+        (cast to dtype where given) and the slot map id -> row [vocab] (int64), in place of the whole table."""
+        rows = self.offload.device_rows[self.key]
+        return (rows if dtype is None else rows.to(dtype)), self.offload.slot_of_id
 
     def kernel_slots(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The slots of token_ids in the resident rows (`slot_of_id[token_ids]`), gathered once per forward for each
@@ -70,12 +74,6 @@ class OffloadedRows(nn.Module):
         batch 32-128 on an H100, the grouped decode's 1.03-1.07x, docs/bench/offload_h100/; the slots' gain is not
         measured yet.)"""
         return self.offload.slots(token_ids)
-
-    def kernel_rows(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a kernel that gathers rows by index: the resident rows [capacity, width] and the slots of token_ids
-        in them (int64, token_ids' shape), in place of the whole table and the ids."""
-        rows, slot_of_id = self.kernel_table()
-        return rows, slot_of_id[token_ids.long()]
 
     @property
     def device(self) -> torch.device:
@@ -121,8 +119,8 @@ class GateTableOffload:
                                      "restore() the previous GateTableOffload first")
                 self.host_tables[(index, "embed")] = self._to_host(attn.gate_embed.weight)
                 attn.gate_embed = OffloadedRows(self, (index, "embed"))
-                if isinstance(attn.gate_table, torch.Tensor):
-                    self.host_tables[(index, "table")] = self._to_host(attn.gate_table)
+                if attn.gate_table is not None:  # the table on the device (`DeviceRows`)
+                    self.host_tables[(index, "table")] = self._to_host(attn.gate_table.table)
                     attn.gate_table = OffloadedRows(self, (index, "table"))
         if not self.host_tables:
             raise ValueError(f"offload_gate_tables: {model.config.variant_name()} has no gate tables; "
@@ -147,7 +145,7 @@ class GateTableOffload:
                 if kind == "embed":
                     attn.gate_embed = nn.Embedding.from_pretrained(table.to(self.device), freeze=False)
                 else:
-                    attn.gate_table = table.to(self.device)
+                    attn.gate_table = DeviceRows(table.to(self.device))
         self.host_tables, self.device_rows = {}, {}
 
     # ---- the device-side row cache ---------------------------------------------------------
