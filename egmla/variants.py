@@ -80,7 +80,8 @@ VARIANTS: dict[str, Variant] = _table(
     Variant("egmla-kv64-latent", dict(EG_KV64, gate_placement="latent")),
     *(Variant(f"egmla-kv64-de{d}", dict(EG_KV64, gate_dim=d), compared=False) for d in (64, 128, 256, 1024, 2048)),
     # controls of EG-MLA kv64 with all of its parameters (issue 18): the same table added to K/V after the
-    # norm, gating nothing; and the gate started at exactly 1 (egmla/attention/egmla.py says how). The first
+    # norm, gating nothing (egmla/attention/table_bias.py); and the gate started at exactly 1
+    # (egmla/attention/egmla.py). The first
     # is in the comparison set (kv-report, plan): at 131 M tokens it beats EG-MLA kv64 (docs/RESULTS.md)
     Variant("egmla-kv64-bias", dict(EG_KV64, gate_op="bias")),
     Variant("egmla-kv64-identity", dict(EG_KV64, gate_init="identity"), compared=False),

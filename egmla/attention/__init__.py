@@ -5,6 +5,7 @@ from egmla.attention.egmla import EmbeddingGatedMLA
 from egmla.attention.mha import GroupedQueryAttention
 from egmla.attention.mla import MultiHeadLatentAttention
 from egmla.attention.paths import DecodePath
+from egmla.attention.table_bias import TableBiasMLA
 
 ATTENTION_CLASSES = {
     "mha": GroupedQueryAttention,
@@ -15,6 +16,9 @@ ATTENTION_CLASSES = {
 
 
 def attention_class(config):
+    """The class of `config.attention`; for EG-MLA's same-table controls (gate_op 'bias', 'bias-v') their own."""
+    if config.adds_table:
+        return TableBiasMLA
     return ATTENTION_CLASSES[config.attention]
 
 
@@ -85,6 +89,6 @@ def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=No
 
 
 __all__ = ["ATTENTION_CLASSES", "AttnContext", "CacheSpec", "DecodePath", "EmbeddingGatedMLA", "GroupedQueryAttention",
-           "KVCache", "LayerCache", "MultiHeadLatentAttention", "allocate_cache", "attention_class",
+           "KVCache", "LayerCache", "MultiHeadLatentAttention", "TableBiasMLA", "allocate_cache", "attention_class",
            "GROUPED_MIN_POSITIONS", "check_decode_path", "cuda_decode_path", "decode_path_table", "decode_paths",
            "fastest_decode_path"]

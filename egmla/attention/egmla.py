@@ -7,27 +7,21 @@ MLA plus a token-specific gate. Per layer an embedding table E_l [vocab, d_e]; f
     placement "latent" (ours):   f_t = Norm(c_t ⊙ g_t),   [k^C ; v] = W_UKV f_t   (f_t is cached)
 
 `gate_op="add"` replaces ⊙ with +, `gate_norm` picks LayerNorm (paper), RMSNorm or none (ablations).
-Three controls (issue 18) change one thing each; "bias" and the identity start keep every parameter of EG-MLA:
-  gate_op="bias"           f_t = Norm(kv_t) + g_t: the same table, up-projected the same way, added after the
-                           norm to K and V, so it shifts them per token and gates nothing. Added to the
-                           layer input it would need a d_model-wide W_UE, and the parameters would no
-                           longer match EG-MLA's.
-  gate_op="bias-v"         (not parameter-matched: W_UE is half as wide, 4.7 M parameters fewer at paper-base)
-                           the same table added to V alone, as modded-nanogpt's "value embeddings": it asks
-                           whether the keys need the table. Its gate vector is W_UE e_t in the V slots of the
-                           [k; v] layout and 0 in the K slots, so every PyTorch path of "bias" serves it
-                           unchanged (the Triton absorbed decode skips its zero score term: `absorbed_weights`).
+Controls (issue 18) change one thing each:
   gate_init="identity"     g_t = 1 + W_UE e_t with W_UE = 0 at the start (Transformer.reset_parameters):
                            every gate starts at exactly 1, where the paper's g_t = W_UE e_t starts with
                            variance 1 per entry (e_t ~ N(0, 1), W_UE ~ N(0, 1/d_e)).
+  gate_op="bias", "bias-v" the same-table controls, f_t = Norm(kv_t) + g_t: the table added after the norm, gating
+                           nothing; their own class with their own 'absorbed' decode, `TableBiasMLA`
+                           (egmla/attention/table_bias.py).
 The norm of the paper's placement covers the whole n_h·(d_n + d_v) vector, so MLA's weight absorption
 does not apply to it: decode rebuilds K/V per position ('naive', 'gate-table', 'kernel') or per distinct
-id ('grouped'). The cache holds c_t and k^R_t, plus on 'kernel', 'grouped' and the bias controls' 'absorbed'
-each position's norm statistics (mu, rho) per layer; the gate is recomputed from the token id, which the
-cache stores once per position for all layers.
+id ('grouped'). The cache holds c_t and k^R_t, plus on 'kernel' and 'grouped' each position's norm statistics
+(mu, rho) per layer; the gate is recomputed from the token id, which the cache stores once per position for all
+layers.
 
 Decode paths, all in this class (their table: `EmbeddingGatedMLA.UP_PATHS`, placement latent MLA's); the
-equations of 'grouped' and of the bias controls' 'absorbed' in plain PyTorch in egmla/attention/egmla_equations.py:
+equations of 'grouped' in plain PyTorch in egmla/attention/egmla_equations.py:
   up:      naive       recompute g = W_UE E[id] for every cached position, rebuild K/V, SDPA
            gate-table  the paper's EG-MLA-A: G = E W_UE^T precomputed once, decode gathers rows
            kernel      Triton fused rebuild-and-attend over the gate table (egmla/kernels/egmla_decode.py);
@@ -36,23 +30,17 @@ equations of 'grouped' and of the bias controls' 'absorbed' in plain PyTorch in 
                        rebuild work scales with the distinct ids of a context; the cache holds (mu, rho)
                        and the token groups. The equations in PyTorch: `grouped_attention`; the
                        Triton kernels in egmla/kernels/grouped_decode.py
-           absorbed    (the bias controls only) MLA's absorbed decode: the norm covers the ungated kv_t, so it
-                       factors out per position (its (mu, rho) cached) and the table's rows enter per distinct
-                       id, one score term and one value term (`bias_absorbed_attention`; on CUDA the pass
-                       over the cache in Triton, egmla/kernels/bias_decode.py); the cache holds (mu, rho)
-                       and the token groups
   latent:  naive       rebuild K/V from the cached f_t
            absorbed    MLA's absorbed decode over f_t (the gate is already inside the cache)
            kernel      MLA's absorbed decode kernel over f_t
 A prompt into an empty cache takes the causal pass on every path (`attend_causal`: K/V rebuilt, FlashAttention
-on CUDA). A later chunk of several new tokens on 'kernel', 'grouped' and the bias controls' 'absorbed' takes the
-gate-table rebuild, which is exact and compute-bound there anyway; so does 'kernel' on a device Triton cannot
-run on (with one warning), while 'grouped' and 'absorbed' there take their PyTorch equations.
+on CUDA). A later chunk of several new tokens on 'kernel' and 'grouped' takes the gate-table rebuild, which is
+exact and compute-bound there anyway; so does 'kernel' on a device Triton cannot run on (with one warning), while
+'grouped' there takes its PyTorch equations.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +48,7 @@ from torch import nn
 
 from egmla.attention.cache import CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run
-from egmla.attention.egmla_equations import bias_absorbed_attention, grouped_attention, split_heads
+from egmla.attention.egmla_equations import grouped_attention
 from egmla.attention.gate_table import DeviceRows, GateRows
 from egmla.attention.mla import MultiHeadLatentAttention
 from egmla.attention.norms import LayerNorm, RMSNorm
@@ -85,17 +73,6 @@ def supports_grouped(config: ModelConfig) -> bool:
             and config.gate_norm in ("layernorm", "rmsnorm"))
 
 
-# ---- the bias controls' folded decode weights, built by EmbeddingGatedMLA.absorbed_weights ------------------
-@dataclasses.dataclass
-class AbsorbedWeights:
-    """The bias controls' folded decode weights (EmbeddingGatedMLA.absorbed_weights, read by the Triton absorbed decode
-    `bias_absorbed_kernel`) and the key of the weights they were built from."""
-    key: tuple
-    query: torch.Tensor  # [n_h, d_n, d_c (+ d_e) + 2]
-    output: torch.Tensor  # [n_h, d_c + 2 + d_e, d_v]
-    score_term: bool  # False for the table on V only
-
-
 _STATS_CACHE_NEEDED = ("decode_path='{path}' needs a cache with LayerNorm statistics and token groups: call "
                        "model.set_decode_path('{path}') before model.new_cache(...)")
 
@@ -111,9 +88,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         DecodePath("kernel", "attend_kernel", reads_weights=True, reads_gate_table=True, keeps_stats=True,
                    reads_own_positions=True),
         DecodePath("grouped", "attend_grouped", reads_weights=True, reads_gate_table=True, keeps_stats=True,
-                   keeps_token_groups=True, reads_own_positions=True),
-        DecodePath("absorbed", "attend_absorbed", reads_weights=True, reads_gate_table=True, keeps_stats=True,
-                   keeps_token_groups=True, reads_own_positions=True))  # the bias controls' only
+                   keeps_token_groups=True, reads_own_positions=True))
 
     @property
     def fuses_append(self) -> bool:
@@ -125,7 +100,6 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         self.identity_gate = config.gate_init == "identity"
         self.gate_embed = nn.Embedding(config.vocab_size, config.gate_dim)  # E_l
         self.wue = nn.Linear(config.gate_dim, config.gate_out_dim, bias=False)  # W_UE
-        self.adds_table = config.adds_table  # the same-table controls: Norm(kv) + g
         self.gate_norm = make_norm(config.gate_norm, config.gate_norm_dim, config.norm_eps)
         self.norm_kind = config.gate_norm
         # G_l = E_l W_UE^T, built for the paths that read it: its rows (egmla.attention.gate_table), on the device or
@@ -133,28 +107,21 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         self.gate_table: GateRows | None = None
         self.gate_table_from: tuple | None = None  # gate_sources_key() when it was built
         self.grouped_backend = "auto"  # 'grouped' one-token steps: auto (Triton on CUDA), kernel or pytorch
-        self.absorbed_backend = "auto"  # the bias control's 'absorbed' one-token steps: the same choices
-        # the bias control kernel's per-id softmax mass: "atomic" (atomics in time order) or "grouped" (segment
-        # sums in the grouped plan's order, no atomics; exact, 4-9% slower on an H200: docs/benchmarks.md §2)
-        self.bias_mass = os.environ.get("EGMLA_BIAS_MASS", "atomic")
 
     # ---- what the registry needs ---------------------------------------------------------
     @staticmethod
     def decode_path_table(config: ModelConfig) -> dict[str, DecodePath]:
         if config.gate_placement == "latent":  # f_t is cached in place of c_t: MLA's paths over it
             return MultiHeadLatentAttention.DECODE_PATHS
-        if config.adds_table:  # the Triton kernels gate inside (mul or add); the norm factors out here
-            names = ("naive", "gate-table", "absorbed")
-        else:
-            names = ("naive", "gate-table", "kernel") + (("grouped",) if supports_grouped(config) else ())
+        names = ("naive", "gate-table", "kernel") + (("grouped",) if supports_grouped(config) else ())
         return {name: EmbeddingGatedMLA.UP_PATHS[name] for name in names}
 
-    @staticmethod
-    def cache_spec(config: ModelConfig, decode_path: str = "naive") -> CacheSpec:
+    @classmethod
+    def cache_spec(cls, config: ModelConfig, decode_path: str = "naive") -> CacheSpec:
         spec = MultiHeadLatentAttention.cache_spec(config, decode_path)
         if config.gate_placement == "latent":
             return spec  # f_t is cached in place of c_t: the gate needs no id at decode time
-        path = EmbeddingGatedMLA.decode_path_table(config)[decode_path]
+        path = cls.decode_path_table(config)[decode_path]
         if path.keeps_stats:  # + (mu, rho) of each position, written at append
             return CacheSpec({**spec.tensors, "ln_stats": ((2,), torch.float32)}, needs_token_ids=True,
                              needs_token_groups=path.keeps_token_groups)
@@ -245,33 +212,19 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return self.up_project(self.gate_embed(token_ids.long()))
 
     def up_project(self, embedding: torch.Tensor) -> torch.Tensor:
-        """g = W_UE e, or 1 + W_UE e for gate_init='identity'; for the V-only control W_UE e in the V slots of
-        the per-head [k; v] layout, zeros in the K slots."""
+        """g = W_UE e, or 1 + W_UE e for gate_init='identity'."""
         gate = self.wue(embedding)
-        if self.gate_op == "bias-v":
-            per_head = gate.unflatten(-1, (self.n_heads, self.v_head_dim))
-            zeros = per_head.new_zeros(*per_head.shape[:-1], self.qk_nope_head_dim)
-            return torch.cat([zeros, per_head], dim=-1).flatten(-2)
         return gate + 1.0 if self.identity_gate else gate
 
     def gated_norm(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Norm(x ⊙ g), Norm(x + g) or, for the same-table controls ('bias', 'bias-v'), Norm(x) + g."""
-        if self.adds_table:
-            return self.gate_norm(x) + gate
+        """Norm(x ⊙ g) or Norm(x + g)."""
         return self.gate_norm(x * gate if self.gate_op == "mul" else x + gate)
 
     def norm_stats(self, latent: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """[batch, seq, 2] fp32 (mu, rho) of x_t = (W_UKV c_t) ⊙ g_t (or + g_t; the bias control: W_UKV c_t): what
-        the norm needs of each position, fixed once it is appended, so the 'kernel', 'grouped' and (bias controls)
-        'absorbed' caches store it (8 B per position and layer).
+        """[batch, seq, 2] fp32 (mu, rho) of the norm's input x_t (`norm_input`): what the norm needs of each position,
+        fixed once it is appended, so the 'kernel' and 'grouped' caches store it (8 B per position and layer).
         LayerNorm: (mean, 1/sqrt(biased var + eps)); RMSNorm: (0, 1/sqrt(mean(x^2) + eps)); none: (0, 1)."""
-        kv = F.linear(latent.float(), self.wkv_b.weight.float())
-        if self.adds_table:  # the controls' norm sees kv_t alone; their table is added after it
-            x = kv
-        else:  # the table's rows where it is built (the gates the decode kernels read), not W_UE E[ids] per token
-            table = self.gate_table is not None and self.gate_table.device == token_ids.device
-            gate = self.gate(token_ids, use_table=table).float()
-            x = kv * gate if self.gate_op == "mul" else kv + gate
+        x = self.norm_input(F.linear(latent.float(), self.wkv_b.weight.float()), token_ids)
         zeros = torch.zeros_like(x[..., 0])
         if self.norm_kind == "layernorm":
             var, mean = torch.var_mean(x, dim=-1, unbiased=False)
@@ -279,6 +232,13 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         if self.norm_kind == "rmsnorm":
             return torch.stack([zeros, (x.square().mean(-1) + self.gate_norm.eps).rsqrt()], dim=-1)
         return torch.stack([zeros, torch.ones_like(zeros)], dim=-1)
+
+    def norm_input(self, kv: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """x_t = kv_t ⊙ g_t (or + g_t) in fp32, kv_t = W_UKV c_t: the gates from the table's rows where it is built
+        (the gates the decode kernels read), not W_UE E[ids] per token."""
+        table = self.gate_table is not None and self.gate_table.device == token_ids.device
+        gate = self.gate(token_ids, use_table=table).float()
+        return kv * gate if self.gate_op == "mul" else kv + gate
 
     def appended_stats(self, latent: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """`norm_stats` of the given positions, through `stats_pass` where it runs. Not on the model's own path (the
@@ -433,114 +393,12 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return out.unsqueeze(1)
 
     def attend_absorbed(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
-        """Placement latent: MLA's absorbed decode over the cached f_t. The bias controls (placement up): their
-        absorbed decode (`bias_absorbed_attention`) for one new token per sequence, reading the cached (mu, rho)
-        and the token groups; several new tokens (prefill) take the gate-table rebuild. [batch, seq, heads, d_v]."""
+        """Placement latent: MLA's absorbed decode over the cached f_t. Placement up has no absorbed decode: the norm
+        covers the gated kv_t (the same-table controls have one: `TableBiasMLA`, egmla/attention/table_bias.py)."""
         if self.gate_placement == "latent":
             return super().attend_absorbed(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
-        if not self.adds_table:
-            raise ValueError(f"decode_path='absorbed' with gate placement 'up' needs gate_op='bias' or 'bias-v' "
-                             f"(the norm must not see the gate); gate_op={self.gate_op!r}: use 'grouped' or 'kernel'")
-        groups = self._checked_groups(ctx, "absorbed")
-        if q_nope.shape[1] > 1:
-            return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
-        if self.absorbed_backend not in ("auto", "kernel", "pytorch"):
-            raise ValueError(f"absorbed_backend={self.absorbed_backend!r}: choose auto, kernel or pytorch")
-        wanted = self.absorbed_backend == "kernel" or (self.absorbed_backend == "auto" and latent.is_cuda)
-        if wanted and decode_kernel_can_run(q_nope, latent, ctx, "EG-MLA bias absorbed"):
-            return self.bias_absorbed_kernel(q_nope, q_pe, latent, k_pe, ctx, self._distinct_ids(ctx))
-        mask, ids = self._registered_mask_and_ids(ctx, latent)
-        if self.gate_table is None:
-            self.build_gate_table()
-        w_uk, w_uv = self.up_weights()
-        norm = self.gate_norm
-        out = bias_absorbed_attention(q_nope, q_pe, latent, k_pe, ctx.kv_ln_stats, groups.slots[:, :latent.shape[1]],
-                                      self.gate(ids, use_table=True), mask, w_uk, w_uv, getattr(norm, "weight", None),
-                                      getattr(norm, "bias", None), self.softmax_scale)
-        return out.to(q_nope.dtype)
-
-    def bias_absorbed_kernel(self, q_nope, q_pe, latent, k_pe, ctx: AttnContext, ids: torch.Tensor) -> torch.Tensor:
-        """One decode step of the bias control through egmla/kernels/bias_decode.py: `bias_absorbed_attention`'s
-        equations in a few launches (a step is bound by launches, not by the cache: docs/benchmarks.md §2).
-        [batch, 1, heads, d_v].
-
-        The gate is linear in the embedding, g_v = W_UE e_v (the config refuses the identity start here), so the
-        per-id terms go through e_v (d_e wide) rather than the gate rows (n_h (d_n + d_v) wide):
-        q^C_h . g^K_{h,v} = (W^K_{UE,h}^T q^C_h) . e_v and sum_v P_{h,v} g^V_{h,v} = W^V_{UE,h} (sum_v P_{h,v} e_v),
-        each a small Triton kernel that reads the distinct ids' rows of E straight from the table. Every per-query
-        term is one batched matmul of q^C_h with `absorbed_weights().query`, and the output one batched matmul of
-        [out_latent | mean | 1 | sum_v P_{h,v} e_v] with `.output`."""
-        from egmla.kernels.bias_decode import bias_decode, mass_embeddings, per_id_scores
-
-        weights = self.absorbed_weights()
-        batch, d_c = q_nope.shape[0], self.kv_lora_rank
-        proj = torch.einsum("bhn,hnk->bhk", q_nope[:, 0].to(weights.query.dtype),
-                            weights.query)  # [batch, heads, d_c (+ d_e) + 2], read by the kernels as it is
-        groups, vocab_size = ctx.kv_groups, self.gate_embed.num_embeddings
-        # E, whose distinct ids' rows the kernels read where needed; under an offload (egmla.infer.offload) the rows
-        # resident on the device, and the ids their slots in them
-        table, ids = self.embedding_rows().kernel_rows(ids)
-        # q^C_h . g^K_{h,v} for each distinct id [batch, heads, U]; the table on V alone has no score term
-        per_id = per_id_scores(proj[..., d_c:-2], table, ids, groups.n_distinct) if weights.score_term else None
-        lengths = ctx.registered_lengths()  # registered and visible
-        # the output matmul's input, written by the kernels in its dtype (no cast launch before the matmul)
-        inputs = torch.empty(batch, self.n_heads, weights.output.shape[1], dtype=weights.output.dtype,
-                             device=latent.device)
-        if self.bias_mass not in ("atomic", "grouped"):
-            raise ValueError(f"bias_mass={self.bias_mass!r} (or EGMLA_BIAS_MASS): choose 'atomic' or 'grouped'")
-        plan = None
-        if self.bias_mass == "grouped":  # the grouped decode's per-step plan, shared by every layer of the step
-            from egmla.kernels.grouped_decode import CHUNK
-
-            host = groups.host
-            bounds = (ctx.kv_len, max(host.distinct_bound, host.plan_distinct)) if ctx.capturable else None
-            plan = groups.plan(CHUNK, vocab_size=vocab_size, bounds=bounds)
-        # inputs[..., :d_c + 2] = [out_latent | mean | 1]
-        _, _, mass = bias_decode(proj[..., :d_c], q_pe[:, 0], proj[..., -2:], latent, k_pe, ctx.kv_ln_stats,
-                                 groups.slots[:, :latent.shape[1]], per_id, lengths, self.softmax_scale,
-                                 combined=inputs, plan=plan, n_ids=ids.shape[1])
-        mass_embeddings(mass, table, ids, groups.n_distinct, out=inputs[..., d_c + 2:])  # sum_v P_{h,v} e_v
-        out = torch.einsum("bhk,hkd->bhd", inputs, weights.output)
-        return out.unsqueeze(1).to(q_nope.dtype)
-
-    def absorbed_weights(self) -> "AbsorbedWeights":
-        """The bias control's decode weights, folded once in fp32 and kept in the model's dtype (bf16 ones put the
-        step's two batched matmuls on the tensor cores: in fp32 they took 0.36 ms of a 3.6 ms step at batch 32 on the
-        H200), rebuilt when a weight changes (in place or replaced: keyed by each source tensor's storage and version):
-            query  [n_h, d_n, d_c + d_e + 2] = [gamma^K ⊙ W_UK | W^K_UE | gamma^K | beta^K]   (no W^K_UE for bias-v)
-            output [n_h, d_c + 2 + d_e, d_v] = [(gamma^V ⊙ W_UV)^T ; -gamma^V ; beta^V ; W^V_UE^T]
-        so that q^C_h [query] gives W_UK^T (gamma^K ⊙ q), the embedding-space query, gamma^K . q and beta^K . q, and
-        [out_latent | mean | 1 | sum_v P_v e_v] [output] gives o_h = gamma^V ⊙ (W_UV s - mean) + beta^V + W^V_UE m."""
-        norm = self.gate_norm
-        sources = [self.wkv_b.weight, self.wue.weight] + [t for t in (getattr(norm, "weight", None),
-                                                                     getattr(norm, "bias", None)) if t is not None]
-        key = sources_key(self, *sources)
-        cached = getattr(self, "_absorbed_weights", None)
-        if cached is not None and cached.key == key:
-            return cached
-        with torch.no_grad():
-            w_uk, w_uv = (w.float() for w in self.up_weights())  # [h, d_n, d_c], [h, d_v, d_c]
-            widths = (self.qk_nope_head_dim, self.v_head_dim)
-
-            def per_head(part, width: int) -> torch.Tensor:  # split_heads gives a scalar where the norm has no affine
-                return part if torch.is_tensor(part) else torch.full((self.n_heads, width), part, device=w_uk.device)
-
-            gamma_k, gamma_v = map(per_head, split_heads(getattr(norm, "weight", None), self.n_heads, widths[0], 1.0),
-                                   widths)
-            beta_k, beta_v = map(per_head, split_heads(getattr(norm, "bias", None), self.n_heads, widths[0], 0.0),
-                                 widths)
-            w_ue = self.wue.weight.float().unflatten(0, (self.n_heads, -1))  # [h, d_n + d_v (or d_v), d_e]
-            score_term = self.gate_op != "bias-v"
-            w_ue_k, w_ue_v = (w_ue.split([self.qk_nope_head_dim, self.v_head_dim], dim=1) if score_term
-                              else (None, w_ue))
-            query = [gamma_k[..., None] * w_uk] + ([w_ue_k] if score_term else []) + [gamma_k[..., None],
-                                                                                     beta_k[..., None]]
-            output = [(gamma_v[..., None] * w_uv).transpose(1, 2), -gamma_v[:, None], beta_v[:, None],
-                      w_ue_v.transpose(1, 2)]
-            dtype = self.wkv_b.weight.dtype
-            self._absorbed_weights = AbsorbedWeights(key, torch.cat(query, dim=2).to(dtype).contiguous(),
-                                                     torch.cat(output, dim=1).to(dtype).contiguous(), score_term)
-        return self._absorbed_weights
+        raise ValueError(f"decode_path='absorbed' with gate placement 'up' needs gate_op='bias' or 'bias-v' "
+                         f"(the norm must not see the gate); gate_op={self.gate_op!r}: use 'grouped' or 'kernel'")
 
     def _checked_groups(self, ctx: AttnContext, path: str):
         """The cache's token groups, after checking that every cached position has its norm statistics."""
@@ -618,10 +476,6 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         if not self.gates_offloaded:
             self.gate_table_like(latent)
         return self.gate_table
-
-    def embedding_rows(self) -> GateRows:
-        """E_l's rows as the bias controls' kernels read them: the embedding's weight, or the offload's stand-in."""
-        return self.gate_embed if self.gates_offloaded else DeviceRows(self.gate_embed.weight)
 
     def gate_table_like(self, latent: torch.Tensor) -> torch.Tensor:
         """The gate table [vocab, n_h (d_n + d_v)] on latent's device and dtype (built once; rebuilt by set_decode_path,

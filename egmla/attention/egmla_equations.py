@@ -1,8 +1,8 @@
 """EG-MLA's decode equations in plain PyTorch, one line of math per line of code: the grouped decode
 (docs/grouped-decode.md) and the bias controls' absorbed decode. `EmbeddingGatedMLA` (egmla/attention/egmla.py)
-runs them where its Triton kernels do not (egmla/kernels/grouped_decode.py, bias_decode.py), and builds the bias
-controls' folded decode weights with `split_heads`; tests/attention/test_grouped.py and test_bias_absorbed.py test
-them directly.
+and the controls' `TableBiasMLA` (egmla/attention/table_bias.py) run them where their Triton kernels do not
+(egmla/kernels/grouped_decode.py, bias_decode.py), and the latter builds its folded decode weights with
+`split_heads`; tests/attention/test_grouped.py and test_bias_absorbed.py test them directly.
 """
 from __future__ import annotations
 

@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from egmla.attention import (KVCache, allocate_cache, attention_class, check_decode_path, cuda_decode_path,
-                             decode_path_table, decode_paths, fastest_decode_path)
+from egmla.attention import (KVCache, TableBiasMLA, allocate_cache, attention_class, check_decode_path,
+                             cuda_decode_path, decode_path_table, decode_paths, fastest_decode_path)
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.prefill_step import MIN_WIDTH, PREFILL_GRAPH_TOKENS, PrefillStep, prefill_bucket
@@ -646,7 +646,7 @@ def precomputed_tensors(model, cuda_graphs: bool) -> list:
 
 def _absorbed_table_weights(attn) -> tuple:
     """The table controls' folded decode weights where their `absorbed` path reads them (else nothing)."""
-    if not (getattr(attn, "adds_table", False) and attn.gate_placement == "up" and attn.decode_path == "absorbed"):
+    if not (isinstance(attn, TableBiasMLA) and attn.decode_path == "absorbed"):
         return ()
     weights = attn.absorbed_weights()
     return weights.query, weights.output

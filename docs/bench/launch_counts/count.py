@@ -18,7 +18,7 @@ from torch.profiler import profile, ProfilerActivity, record_function
 from collections import Counter
 from egmla.variants import variant_config
 from egmla.model import Transformer
-import egmla.attention.egmla as E
+import egmla.attention.table_bias as E
 import egmla.kernels.bias_decode as BD
 name, path = sys.argv[1], sys.argv[2]
 if "--gpu-routes" in sys.argv[3:]:
@@ -35,11 +35,11 @@ def wrap(cls, meth):
     setattr(cls, meth, g)
 wrap(I.GridExecutor, "__call__")
 for fn in ("bias_absorbed_kernel",):
-    f = getattr(E.EmbeddingGatedMLA, fn)
+    f = getattr(E.TableBiasMLA, fn)
     def g(self, *a, _f=f, **k):
         with record_function("BIAS_LAYER"):
             return _f(self, *a, **k)
-    setattr(E.EmbeddingGatedMLA, fn, g)
+    setattr(E.TableBiasMLA, fn, g)
 config = variant_config(name, "tiny")
 torch.manual_seed(0)
 model = Transformer(config).eval(); model.set_decode_path(path)
