@@ -440,9 +440,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         groups = self._checked_groups(ctx, "grouped")
         if q_nope.shape[1] > 1:
             return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
-        if self.grouped_backend not in ("auto", "kernel", "pytorch"):
-            raise ValueError(f"grouped_backend={self.grouped_backend!r}: choose auto, kernel or pytorch")
-        wanted = self.grouped_backend == "kernel" or (self.grouped_backend == "auto" and latent.is_cuda)
+        wanted = self.wants_triton("grouped_backend", latent)
         if not (wanted and decode_kernel_can_run(q_nope, latent, ctx, "EG-MLA grouped")):
             return self.grouped_pytorch(q_nope, q_pe, latent, k_pe, ctx)
         from egmla.kernels.grouped_decode import CHUNK, grouped_decode
@@ -467,6 +465,14 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
                                 self.gate(ids), mask, w_uk, w_uv, norm.weight, getattr(norm, "bias", None),
                                 self.softmax_scale)
         return out.to(q_nope.dtype)
+
+    def wants_triton(self, backend_setting: str, latent: torch.Tensor) -> bool:
+        """Whether a one-token step asks for its Triton kernels: the setting (`grouped_backend`, the controls'
+        `absorbed_backend`) is "kernel" (on CPU tensors too: Triton's interpreter, for tests) or "auto" on CUDA."""
+        backend = getattr(self, backend_setting)
+        if backend not in ("auto", "kernel", "pytorch"):
+            raise ValueError(f"{backend_setting}={backend!r}: choose auto, kernel or pytorch")
+        return backend == "kernel" or (backend == "auto" and latent.is_cuda)
 
     def kernel_gates(self, latent: torch.Tensor) -> GateRows:
         """The gate table's rows as the decode kernels read them (in latent's dtype: pass it to `kernel_table` /

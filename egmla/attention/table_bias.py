@@ -94,9 +94,7 @@ class TableBiasMLA(EmbeddingGatedMLA):
         groups = self._checked_groups(ctx, "absorbed")
         if q_nope.shape[1] > 1:
             return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
-        if self.absorbed_backend not in ("auto", "kernel", "pytorch"):
-            raise ValueError(f"absorbed_backend={self.absorbed_backend!r}: choose auto, kernel or pytorch")
-        wanted = self.absorbed_backend == "kernel" or (self.absorbed_backend == "auto" and latent.is_cuda)
+        wanted = self.wants_triton("absorbed_backend", latent)
         if wanted and decode_kernel_can_run(q_nope, latent, ctx, "EG-MLA bias absorbed"):
             return self.bias_absorbed_kernel(q_nope, q_pe, latent, k_pe, ctx, self._distinct_ids(ctx))
         mask, ids = self._registered_mask_and_ids(ctx, latent)
