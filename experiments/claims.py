@@ -294,6 +294,8 @@ def missing_text(runs: dict[Budget, dict], seeds: int) -> str:
     plans = missing_runs(runs, seeds)
     if not plans:
         return "no record at the claims' budget yet: every claim needs its runs (paper_repro.py longer)"
+    if all(not needed for _, needed, _ in plans):
+        return f"every claim has {seeds} paired seed{'s' if seeds != 1 else ''}: no run is missing"
     lines = [f"To give every claim {seeds} paired seeds, train on one corpus (runs pair only on the corpus they read; "
              f"the python-source corpus is the training machine's installed files):"]
     for corpus, needed, gains in plans:

@@ -263,6 +263,8 @@ def test_missing_runs_name_per_corpus_what_gives_every_claim_its_seeds(tmp_path,
     assert "- corpus feedc0ffee00 (its runs trained on synthetic): 5 runs: " in out  # the device: which machine
     assert "- corpus 0ld0ld0ld0ld (its runs trained on synthetic): 6 runs: " in out  # builds that corpus again
     assert "paper_repro.py longer --only egmla-kv64 --seeds 1 --retrain-other-corpora" in out
+    assert claims.main([str(folder), "--missing", "1"]) == 0
+    assert capsys.readouterr().out.strip() == "every claim has 1 paired seed: no run is missing"
     assert f"On synthetic: {5 * LONG / 1.0 / 60:.0f} min of training steps" in out  # 5 runs at the recorded 1 token/s
 
 
