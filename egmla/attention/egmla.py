@@ -83,12 +83,16 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     # ones keep each position's norm statistics (mu, rho) in the cache, and 'grouped' and the bias controls'
     # 'absorbed' its token groups (positions by id). Placement latent takes MLA's paths (`decode_path_table`).
     UP_PATHS = path_table(
-        DecodePath("naive", "attend_naive"),
-        DecodePath("gate-table", "attend_gate_table", reads_weights=True, reads_gate_table=True),
+        DecodePath("naive", "attend_naive", gate_rows_by_id=True),
+        DecodePath("gate-table", "attend_gate_table", reads_weights=True, reads_gate_table=True, gate_rows_by_id=True),
         DecodePath("kernel", "attend_kernel", reads_weights=True, reads_gate_table=True, keeps_stats=True,
-                   reads_own_positions=True),
+                   reads_own_positions=True, gate_rows_by_id=True),
         DecodePath("grouped", "attend_grouped", reads_weights=True, reads_gate_table=True, keeps_stats=True,
-                   keeps_token_groups=True, reads_own_positions=True))
+                   keeps_token_groups=True, reads_own_positions=True, gate_rows_by_id=True))
+    # Placement latent caches f_t in place of c_t and decodes it with MLA's paths; the gate reads E_l's rows by id
+    # when a position is appended.
+    LATENT_PATHS = {name: dataclasses.replace(path, gate_rows_by_id=True)
+                    for name, path in MultiHeadLatentAttention.DECODE_PATHS.items()}
 
     @property
     def fuses_append(self) -> bool:
@@ -112,7 +116,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
     @staticmethod
     def decode_path_table(config: ModelConfig) -> dict[str, DecodePath]:
         if config.gate_placement == "latent":  # f_t is cached in place of c_t: MLA's paths over it
-            return MultiHeadLatentAttention.DECODE_PATHS
+            return dict(EmbeddingGatedMLA.LATENT_PATHS)
         names = ("naive", "gate-table", "kernel") + (("grouped",) if supports_grouped(config) else ())
         return {name: EmbeddingGatedMLA.UP_PATHS[name] for name in names}
 

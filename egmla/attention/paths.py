@@ -21,6 +21,9 @@ class DecodePath:
     keeps_token_groups: the cache keeps the positions grouped by token id, registered by the model at append.
     reads_own_positions: its one-token steps on CUDA read only each sequence's own positions (a Triton kernel takes
         the length), so a cache longer than a call needs costs them nothing (egmla.infer.engine).
+    gate_rows_by_id: every gate row it reads (E_l's or G_l's) it reads by token id or slot through `GateRows`, never
+        the whole table, so an offload's rows resident on the device serve it (egmla.infer.offload). False by
+        default: a new path whose kernels take the whole table must not be offloaded until they take the rows.
     """
 
     name: str
@@ -31,6 +34,7 @@ class DecodePath:
     keeps_stats: bool = False
     keeps_token_groups: bool = False
     reads_own_positions: bool = False
+    gate_rows_by_id: bool = False
 
 
 def path_table(*paths: DecodePath) -> dict[str, DecodePath]:

@@ -54,7 +54,7 @@ class TableBiasMLA(EmbeddingGatedMLA):
         EmbeddingGatedMLA.UP_PATHS["naive"],
         EmbeddingGatedMLA.UP_PATHS["gate-table"],
         DecodePath("absorbed", "attend_absorbed", reads_weights=True, reads_gate_table=True, keeps_stats=True,
-                   keeps_token_groups=True, reads_own_positions=True))
+                   keeps_token_groups=True, reads_own_positions=True, gate_rows_by_id=True))
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)

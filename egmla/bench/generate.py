@@ -326,9 +326,9 @@ def _random_model(config, device, dtype):
 
 def _engine(model, config, path: str, args):
     from egmla.infer.engine import GenerationEngine
-    from egmla.infer.offload import OFFLOADABLE_PATHS
+    from egmla.infer.offload import offloadable
 
-    offload = args.offload_gate_tables and config.is_gated and path in OFFLOADABLE_PATHS
+    offload = args.offload_gate_tables and config.is_gated and offloadable(config, path)
     return GenerationEngine(model, decode_path=path, offload_gate_tables=offload,
                             cuda_graphs=False if args.eager else None, overlap_host=not args.no_overlap)
 

@@ -36,13 +36,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from egmla.attention import decode_path_table
 from egmla.attention.gate_table import DeviceRows, GateRows
 
 
-# Paths that read gate rows through `gate_embed(ids)` / `gate_table[ids]` or, in their Triton kernels, through
-# `kernel_table` / `kernel_rows`, which the row cache serves: every EG-MLA decode path. A new path that reads the
-# whole table on the device must stay out of this list until its kernels take the resident rows.
-OFFLOADABLE_PATHS = ("naive", "gate-table", "absorbed", "kernel", "grouped")
+def offloadable(config, path: str) -> bool:
+    """Whether an offload can serve decode path `path` of `config`: its gate rows are read through `gate_embed(ids)` /
+    `gate_table[ids]` or, in its Triton kernels, `kernel_table` / `kernel_slots`, which the resident rows serve
+    (`DecodePath.gate_rows_by_id`: every EG-MLA path today). A model without a gate has nothing to offload."""
+    path_entry = decode_path_table(config).get(path)
+    return not config.is_gated or (path_entry is not None and path_entry.gate_rows_by_id)
 
 
 class OffloadedRows(nn.Module, GateRows):
@@ -96,9 +99,10 @@ class GateTableOffload:
         """on_device: find new ids and copy their rows by Triton kernels (default: on CUDA), else on the host with a
         sync per forward (the CPU's way; on the CPU the kernels need TRITON_INTERPRET=1)."""
         self.model = model
-        if model.decode_path not in OFFLOADABLE_PATHS:
+        if not offloadable(model.config, model.decode_path):
+            served = [name for name in decode_path_table(model.config) if offloadable(model.config, name)]
             raise ValueError(f"offload_gate_tables with decode_path={model.decode_path!r}: that path reads the "
-                             f"whole gate table on the device; use one of {', '.join(OFFLOADABLE_PATHS)}")
+                             f"whole gate table on the device; use one of {', '.join(served)}")
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.vocab_size = model.config.vocab_size

@@ -122,10 +122,9 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
     def fit(resident: float, extra: float = 0.0) -> int:
         return max(0, int((budget - resident) // (per_sequence + extra)))
 
-    from egmla.infer.offload import OFFLOADABLE_PATHS
+    from egmla.infer.offload import offloadable as offload_serves
 
-    # an offload serves the paths that gather gate rows by id or slot (every EG-MLA path, egmla.infer.offload)
-    offloadable = not config.is_gated or path in OFFLOADABLE_PATHS
+    offloadable = offload_serves(config, path)  # the path gathers gate rows by id or slot (egmla.infer.offload)
     ids_per_sequence = min(context, config.vocab_size, distinct_ids or context)
     bytes_per_id = tables // config.vocab_size if config.is_gated else 0
 

@@ -1,11 +1,14 @@
 """Gate tables in host memory give the very same logits and tokens as gate tables on the device."""
+import dataclasses
 import importlib
 
 import pytest
 import torch
 
+from egmla.attention import decode_path_table
+from egmla.attention.egmla import EmbeddingGatedMLA
 from egmla.infer import GenerationEngine
-from egmla.infer.offload import GateTableOffload, OffloadedRows
+from egmla.infer.offload import GateTableOffload, OffloadedRows, offloadable
 from egmla.kernels import kernel_unavailable_reason
 from tests.infer.helpers import assert_steps_match_full_forward, relative_error, tiny_model
 
@@ -70,6 +73,21 @@ def test_engine_with_offload_generates_the_same_and_reports_savings(step_log_pro
 def test_offload_refuses_models_without_gates():
     with pytest.raises(ValueError, match="no gate tables"):
         GateTableOffload(tiny_model("mla"))
+
+
+def test_offload_refuses_a_path_that_does_not_read_gate_rows_by_id(monkeypatch):
+    """Which paths an offload serves is each path's `gate_rows_by_id` (every gated path today); a path that reads
+    the whole table is refused before anything moves, and the error names the paths it serves."""
+    model = tiny_model("eg-mla")
+    assert all(offloadable(model.config, name) for name in decode_path_table(model.config))
+    whole_table = dataclasses.replace(EmbeddingGatedMLA.UP_PATHS["gate-table"], gate_rows_by_id=False)
+    monkeypatch.setitem(EmbeddingGatedMLA.UP_PATHS, "gate-table", whole_table)
+    model.set_decode_path("gate-table")
+    tables = [layer.attn.gate_embed.weight for layer in model.layers]
+    with pytest.raises(ValueError, match="decode_path='gate-table': that path reads the whole gate table on the "
+                                         "device; use one of naive, kernel, grouped"):
+        GateTableOffload(model)
+    assert all(layer.attn.gate_embed.weight is table for layer, table in zip(model.layers, tables))
 
 
 def test_offload_with_the_fixed_shape_prefill_step_generates_the_same_tokens(step_log_probs):
