@@ -58,7 +58,7 @@ def parse_completion_request(body, model_name: str, encode: Callable[[object, in
     """Check a request body field by field (ApiError naming the first bad one); `encode(prompt, index)` gives a
     prompt's token ids or raises ValueError (`GenerationEngine.encode`). Unknown fields are ignored, as OpenAI
     clients send extras. max_choices: the most choices a call can ever have queued (the scheduler's max_batch +
-    max_waiting); a larger n is refused before its samples are made."""
+    max_waiting); a larger n, or more prompts x n, is refused before its samples are made or its prompts encoded."""
     check_body(body, model_name, '{"prompt": "Hello", "max_tokens": 16}', UNSUPPORTED)
     common = generation_fields(body, max_choices)
     max_tokens = integer_field(body, "max_tokens", 16, minimum=0)
@@ -72,6 +72,11 @@ def parse_completion_request(body, model_name: str, encode: Callable[[object, in
     raw = body.get("prompt")
     texts = [raw] if isinstance(raw, str) else [p if isinstance(p, str) else None for p in raw] \
         if isinstance(raw, list) and not _token_ids(raw) else [None]
+    choices = len(texts) * len(common["sampling"])
+    if max_choices is not None and choices > max_choices:  # many prompts, n of 1 or more: before they are encoded
+        raise ApiError(400, f"{len(texts)} prompts x n={len(common['sampling'])} = {choices} choices at once can "
+                            f"never be queued here: at most max_batch + max_waiting = {max_choices}; send fewer "
+                            f"prompts per call (or a smaller n)", "prompt")
     return CompletionRequest(_prompts(raw, encode), texts, max_tokens=max_tokens, logprobs=logprobs, echo=echo,
                              **common)
 
@@ -123,11 +128,16 @@ def generation_fields(body: dict, max_choices: int | None) -> dict:
     if not isinstance(options, dict):
         raise ApiError(400, f"stream_options={options!r}: must be an object such as {{\"include_usage\": true}}",
                        "stream_options")
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):  # strict, as every other flag here: the
+        # string "false" was read as true, adding a usage chunk that the client did not ask for
+        raise ApiError(400, f"stream_options.include_usage={include_usage!r}: must be true or false",
+                       "stream_options")
     if options and not stream:  # vLLM's rule: options of a stream that there is not are a mistake, not a no-op
         raise ApiError(400, f"stream_options={options!r} without stream: true: stream_options set a stream's "
                             f"options; add \"stream\": true or leave stream_options out", "stream_options")
     return dict(sampling=sampling, stop=stops, ignore_eos=boolean_field(body, "ignore_eos"), stream=stream,
-                include_usage=bool(options.get("include_usage")))
+                include_usage=bool(include_usage))
 
 
 def check_top_logprobs(value: int | None, name: str) -> None:

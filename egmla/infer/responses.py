@@ -33,11 +33,22 @@ def _choice(index: int, text: str, finish_reason: str | None, logprobs: dict | N
 
 def _logprobs(decode, ids: list[int], values: list, tops: list, start: int = 0) -> dict:
     """OpenAI's legacy logprobs object: each token's text, log-probability and most likely alternatives (by their
-    text), and where each token's text starts (character offsets from `start`, each token decoded alone)."""
+    text) with the token itself among them, and where each token's text starts (character offsets from `start`, each
+    token decoded alone)."""
     tokens = [decode([token]) for token in ids]
     offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=start))
-    # keyed by text as OpenAI's: ids that decode alike (bytes of one character) keep the first, most likely, value
-    top = [None if alternatives is None else _by_text(decode, alternatives) for alternatives in tops]
+    top = []
+    for text, value, alternatives in zip(tokens, values, tops):
+        if alternatives is None:  # the prompt's first token: nothing predicts it
+            top.append(None)
+            continue
+        # keyed by text as OpenAI's: ids that decode alike (bytes of one character) keep the first, most likely, value
+        by_text = _by_text(decode, alternatives)
+        # OpenAI's rule (vLLM's too): "the API will always return the logprob of the sampled token, so there may be
+        # up to logprobs+1 elements"; a sampled or echoed token outside the k most likely was missing, and
+        # logprobs=0 gave {} where OpenAI gives the token itself
+        by_text.setdefault(text, json_logprob(value))
+        top.append(by_text)
     return {"tokens": tokens, "token_logprobs": [json_logprob(v) for v in values], "top_logprobs": top,
             "text_offset": offsets}
 

@@ -359,3 +359,44 @@ def test_stream_options_without_stream_is_a_400(server):
     assert status == 400 and answer["error"]["param"] == "stream_options"
     assert "without stream: true" in answer["error"]["message"]
     assert base.complete(server, prompt=PROMPT, max_tokens=2, stream_options=None)["usage"]["completion_tokens"] == 2
+
+
+def test_a_tokens_own_logprob_is_always_among_its_alternatives(server):
+    """OpenAI's legacy logprobs (and vLLM's): "the API will always return the logprob of the sampled token, so there
+    may be up to logprobs+1 elements". A sampled or echoed token outside the k most likely was missing from its
+    top_logprobs, and logprobs=0 gave {} where OpenAI gives the token itself."""
+    body = dict(prompt=PROMPT, max_tokens=8, temperature=1.5, seed=3, ignore_eos=True, echo=True)
+    for k in (0, 1, 3):
+        logprobs = base.complete(server, logprobs=k, **body)["choices"][0]["logprobs"]
+        assert logprobs["top_logprobs"][0] is None  # the prompt's first token: nothing predicts it
+        beyond_k = 0
+        for token, value, top in zip(logprobs["tokens"][1:], logprobs["token_logprobs"][1:],
+                                     logprobs["top_logprobs"][1:]):
+            assert top[token] >= value and k <= len(top) <= k + 1  # >=: a likelier id that decodes alike keeps its
+            beyond_k += len(top) == k + 1
+        assert beyond_k  # the echoed prompt of a random model: some of its tokens lie outside the top k
+    chunks = [c for c in base.stream(server, prompt=PROMPT, max_tokens=8, temperature=1.5, seed=3, ignore_eos=True,
+                                     logprobs=0) if c != "[DONE]" and c["choices"][0]["logprobs"]]
+    for chunk in chunks:  # streamed alike
+        streamed = chunk["choices"][0]["logprobs"]
+        assert streamed["top_logprobs"] == [{t: v} for t, v in zip(streamed["tokens"], streamed["token_logprobs"])]
+
+
+def test_many_prompts_beyond_the_room_name_the_prompt_not_n(server):
+    """A list of prompts with n=1 that can never be queued was refused with param "n" and "send a smaller n"."""
+    status, answer = base.call(server, "POST", "/v1/completions", {"prompt": [PROMPT] * (4 + 64 + 1), "max_tokens": 2})
+    assert status == 400 and answer["error"]["param"] == "prompt"
+    assert "69 prompts x n=1 = 69 choices" in answer["error"]["message"] and "fewer prompts" in answer["error"]["message"]
+    status, answer = base.call(server, "POST", "/v1/completions", {"prompt": [PROMPT] * 35, "n": 2, "max_tokens": 2})
+    assert status == 400 and "35 prompts x n=2 = 70 choices" in answer["error"]["message"]
+    assert len(base.complete(server, prompt=[PROMPT] * 34, n=2, max_tokens=1)["choices"]) == 68  # fits: served
+
+
+def test_include_usage_must_be_a_boolean(server):
+    """stream_options.include_usage was read as truthy: "false" (a string) added the usage chunk."""
+    status, answer = base.call(server, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "stream": True,
+                                                                    "stream_options": {"include_usage": "false"}})
+    assert status == 400 and answer["error"]["param"] == "stream_options"
+    assert "stream_options.include_usage='false': must be true or false" in answer["error"]["message"]
+    events = base.stream(server, prompt=PROMPT, max_tokens=2, stream_options={"include_usage": False})
+    assert events[-1] == "[DONE]" and all("usage" not in e for e in events[:-1])
