@@ -275,8 +275,10 @@ class GenerationEngine:
         self._prefill_pool = None  # a pool whose graphs are all gone cannot take a new capture (an allocator assert)
 
     # ---- input -----------------------------------------------------------------------------
-    def encode(self, prompt: str | Sequence[int], index: int = 0) -> list[int]:
-        """Prompt token ids, checked: non-empty, within the context and the vocabulary."""
+    def encode(self, prompt: str | Sequence[int], index: int = 0, max_len: int | None = None) -> list[int]:
+        """Prompt token ids, checked: non-empty, within the context and the vocabulary. max_len: the positions a
+        caller's rows hold (a server's --max-len), where fewer than the model's context: the error names that limit,
+        the one that binds, not max_seq_len."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"prompts[{index}] is text but the engine has no tokenizer: pass token ids "
@@ -286,6 +288,10 @@ class GenerationEngine:
             ids = [int(i) for i in prompt]
         if not ids:
             raise ValueError(f"prompts[{index}] is empty: give at least one token of prompt")
+        if max_len is not None and len(ids) > max_len and max_len < self.config.max_seq_len:
+            raise ValueError(f"prompts[{index}] has {len(ids)} tokens, more than the max_len={max_len} positions per "
+                             f"row: shorten it (or serve with a larger max_len, at most max_seq_len="
+                             f"{self.config.max_seq_len})")
         if len(ids) > self.config.max_seq_len:
             raise ValueError(f"prompts[{index}] has {len(ids)} tokens, more than the model's context "
                              f"max_seq_len={self.config.max_seq_len}: shorten the prompt")

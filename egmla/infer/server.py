@@ -334,13 +334,19 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
     def _completions(self) -> None:
         server = self.server
-        self._generate(parse_completion_request(self._json_body(), server.model_name, server.scheduler.engine.encode,
+        self._generate(parse_completion_request(self._json_body(), server.model_name, self._encode,
                                                 server.max_choices), COMPLETION)
 
     def _chat_completions(self) -> None:
         server = self.server
-        self._generate(parse_chat_request(self._json_body(), server.model_name, server.scheduler.engine.encode,
+        self._generate(parse_chat_request(self._json_body(), server.model_name, self._encode,
                                           server.chat_template, server.scheduler.max_len, server.max_choices), CHAT)
+
+    def _encode(self, prompt, index: int) -> list[int]:
+        """A prompt's ids, checked against the row's positions (--max-len) where fewer than the model's context: a
+        prompt over both is told the limit that binds, not one it would still exceed after trimming to it."""
+        scheduler = self.server.scheduler
+        return scheduler.engine.encode(prompt, index, max_len=scheduler.max_len)
 
     def _generate(self, request: CompletionRequest, shape: Shape) -> None:
         """Both generation endpoints: submit the checked request's choices, answer (streamed or whole) in the

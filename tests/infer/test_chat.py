@@ -238,9 +238,9 @@ USER = {"role": "user", "content": "x"}
      "messages[0].tool_calls is not supported"),
     ({"messages": [USER, {"role": "system", "content": "late"}]}, 400, "messages", "a system message comes first"),
     ({"messages": [{"role": "user", "content": "To be, or not to be, that is the question: To be, or not"}]}, 400,
-     "messages", "has 34 tokens, more than the server's --max-len=32 positions per row"),
+     "messages", "has 34 tokens, more than the max_len=32 positions per row"),
     ({"messages": [{"role": "user", "content": "To be, or not to be, that is the question: " * 3}]}, 400, "messages",
-     "more than the model's context max_seq_len=48"),
+     "more than the max_len=32 positions per row"),  # the limit that binds, though over max_seq_len=48 too
     ({"messages": [USER], "tools": [{"type": "function"}]}, 400, "tools", "tools=[{'type': 'function'}] is not "
                                                                           "supported: the served model is a base"),
     ({"messages": [USER], "response_format": {"type": "json_object"}}, 400, "response_format", "no structured"),

@@ -180,8 +180,10 @@ def test_concurrent_clients_each_get_their_own_completion(server, engine, eos):
     ({"prompt": PROMPT, "echo": True, "stream": True}, 400, "echo", "echo with stream is not supported"),
     ({"prompt": PROMPT, "best_of": 3}, 400, "best_of", "best_of=3 is not supported"),
     ({"prompt": PROMPT, "presence_penalty": 0.5}, 400, "presence_penalty", "presence_penalty=0.5 is not supported"),
-    ({"prompt": list(range(1, 41))}, 400, "prompt", "40 tokens, more than the scheduler's max_len=32"),
-    ({"prompt": list(range(1, 60))}, 400, "prompt", "59 tokens, more than the model's context max_seq_len=48"),
+    ({"prompt": list(range(1, 41))}, 400, "prompt", "40 tokens, more than the max_len=32 positions per row"),
+    # over the model's context too: told the row's limit, which binds, not max_seq_len (trimmed to 47, refused again)
+    ({"prompt": list(range(1, 60))}, 400, "prompt", "59 tokens, more than the max_len=32 positions per row: shorten "
+                                                    "it (or serve with a larger max_len, at most max_seq_len=48)"),
     ({"prompt": [PROMPT, ""]}, 400, "prompt", "prompts[1] is empty"),
     ({"prompt": [[1, 2], "x", {"a": 1}]}, 400, "prompt", "prompt[2]={'a': 1}"),
     ({"max_tokens": 4}, 400, "prompt", "prompt is missing"),
