@@ -76,16 +76,16 @@ def check_field_types(config, prefix: str = "") -> None:
 class ModelConfig:
     """Shape of the decoder LM and its attention. Names follow DeepSeek-V2/V3 where they exist."""
 
-    vocab_size: PositiveInt = 8192
-    n_layers: PositiveInt = 4
-    d_model: PositiveInt = 256
-    n_heads: PositiveInt = 4
+    vocab_size: PositiveInt = 8192  # token ids 0..V-1; `egmla train` trains its BPE to this size
+    n_layers: PositiveInt = 4  # decoder blocks
+    d_model: PositiveInt = 256  # residual stream width
+    n_heads: PositiveInt = 4  # query heads (n_h)
     ffn_hidden: NonNegativeInt = 0  # SwiGLU hidden width; 0 = 8/3·d_model rounded up to a multiple of 64
-    max_seq_len: PositiveInt = 512
-    rope_theta: PositiveFloat = 10000.0
-    norm_eps: PositiveFloat = 1e-6
-    tie_embeddings: bool = True
-    init_std: PositiveFloat = 0.02
+    max_seq_len: PositiveInt = 512  # longest sequence: RoPE table length and the largest cache
+    rope_theta: PositiveFloat = 10000.0  # RoPE base frequency
+    norm_eps: PositiveFloat = 1e-6  # epsilon of every RMSNorm / LayerNorm
+    tie_embeddings: bool = True  # the output head shares the token embedding's weights
+    init_std: PositiveFloat = 0.02  # std of the normal init of weight matrices (residual outputs get less)
 
     attention: Literal[ATTENTION_KINDS] = "eg-mla"  # mha | gqa | mla | eg-mla
     # MHA / GQA / MQA

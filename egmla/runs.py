@@ -293,7 +293,12 @@ def read_run_config(run_dir: str | Path) -> dict:
     if not isinstance(meta, dict):
         raise ValueError(f"run={str(run_dir)!r}: {path} holds a JSON {type(meta).__name__}, not the object `egmla "
                          f"train` writes; restore it from a copy or train the run again")
-    if "model_type" in meta:  # a transformers folder that is not an EgmlaForCausalLM export (load_model takes those)
+    if meta.get("model_type") == "egmla":  # load_model takes exports; what reads a run's own config here cannot
+        raise ValueError(f"run={str(run_dir)!r}: an EgmlaForCausalLM export (`egmla export --to hf`), not a run "
+                         f"directory: this needs the run written by `egmla train` (an export has no checkpoints, "
+                         f"optimizer state or training config); `egmla generate`, `serve`, `eval` and `plan` take "
+                         f"the export")
+    if "model_type" in meta:  # a transformers folder of another model
         raise ValueError(f"run={str(run_dir)!r}: a Hugging Face folder of model_type={meta['model_type']!r}, not an "
                          f"egmla run or EgmlaForCausalLM export; load it with transformers (or vLLM) instead")
     version = meta.get("format_version")

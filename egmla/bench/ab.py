@@ -80,6 +80,15 @@ def _code_note(metas: list[dict]) -> str:
     return f"sources {key[0][:12]}" + (f", {', '.join(f'{k}={v}' for k, v in key[1])}" if key[1] else "")
 
 
+def _step_timing(runs: dict[str, list[dict]]) -> str:
+    """How the steps were timed, from the rows' cuda_graphs (False on a CPU or with --eager); rows older than that
+    field keep the header such tables always had."""
+    graphs = {row.get("cuda_graphs", True) for metas in runs.values() for meta in metas for row in meta["rows"]
+              if "error" not in row}
+    return {frozenset({True}): "CUDA-graph replay", frozenset({False}): "eager"}.get(frozenset(graphs),
+                                                                                     "CUDA-graph replay or eager")
+
+
 def ab_table(runs: dict[str, list[dict]]) -> str:
     labels = list(runs)
     steps: dict[tuple, dict[str, list[float]]] = {}
@@ -89,9 +98,9 @@ def ab_table(runs: dict[str, list[dict]]) -> str:
                 if "error" not in row:
                     key = (row["variant"], row["decode_path"], row["batch"])
                     steps.setdefault(key, {}).setdefault(label, []).append(row["step_ms_median"])
-    first = next(iter(runs.values()))[0]
+    first, timing = next(iter(runs.values()))[0], _step_timing(runs)
     lines = [f"A/B of code versions on {first['device']}, {first['dtype']}: {first['source']}; prompts of "
-             f"{first['prompt_len']} tokens, {first['new_tokens']} new; step ms (CUDA-graph replay) of each run in the "
+             f"{first['prompt_len']} tokens, {first['new_tokens']} new; step ms ({timing}) of each run in the "
              f"order run, then the median; ratio = a label's median over `{labels[0]}`'s (< 1: faster); apart = "
              f"every run of one label beyond every run of `{labels[0]}` (no: the ratio is within the runs' spread). "
              f"Code: "

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-path", default="auto",
                         help="cached-attention path: naive, absorbed (MLA), gate-table (EG-MLA), kernel, grouped, or any "
                              "other the model supports; auto = the Triton kernel on CUDA (EG-MLA: the grouped decode once "
-                             "batch x context >= 16,384 positions), the variant's first elsewhere")
+                             "batch x context >= 16,384 positions; the same-table controls, which have no kernel: "
+                             "their Triton absorbed decode), the variant's first elsewhere")
     parser.add_argument("--eager", action="store_true",
                         help="run every decode step and prefill eagerly (default on CUDA: replay each batch size's "
                              "step, and each shape bucket's prefill of fresh prompts, from a CUDA graph)")

@@ -6,7 +6,8 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="run directory written by `egmla train` (its config.json gives the model)")
+    source.add_argument("--run", help="run directory written by `egmla train` (its config.json gives the model), or a "
+                                      "folder exported by `egmla export --to hf`")
     source.add_argument("--preset", help="model shape: tiny, paper-base or paper-1b")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model field of the preset, e.g. --set kv_lora_rank=32 (repeatable)")
@@ -53,19 +54,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "about (matplotlib)")
 
 
+def run_model_config(run: str):
+    """The ModelConfig of a run directory or of an `egmla export --to hf` folder, as generate and serve take both."""
+    from egmla.config import ModelConfig
+    from egmla.hf.export import is_hf_export
+    from egmla.runs import read_run_config
+
+    if is_hf_export(run):
+        from egmla.hf import require_transformers
+
+        require_transformers()
+        from egmla.hf import EgmlaConfig
+
+        return EgmlaConfig.from_pretrained(run).to_model_config()
+    return ModelConfig.from_dict(read_run_config(run)["model"])
+
+
 def main(args) -> int:
-    from egmla.config import ModelConfig, preset
+    from egmla.config import preset
     from egmla.configfile import parse_overrides
     from egmla.infer.plan import format_plan, plan_rows
 
     if args.plot:
         check_plot_path(args.plot)
     if args.run:
-        from egmla.runs import read_run_config
-
         if args.overrides:
             raise ValueError("--set applies to --preset only; a run's shape is fixed by its config.json")
-        base, source = ModelConfig.from_dict(read_run_config(args.run)["model"]), f"run {args.run}"
+        base, source = run_model_config(args.run), f"run {args.run}"
     else:
         base, source = preset(args.preset, **parse_overrides(args.overrides, section="model")), f"preset {args.preset}"
     rows = plan_rows(base, args.context, args.memory_gb, args.dtype, args.reserve_gb, args.gate_table,

@@ -50,6 +50,19 @@ def test_kv_report_help_lists_the_model_fields(capsys):
     assert "  kv_lora_rank = 64" in out and "d_c: width of the cached latent" in out and "  gate_placement = up" in out
 
 
+def test_kv_report_help_explains_every_model_field():
+    """Each field's line carries the comment beside it in ModelConfig; a field without one printed bare."""
+    import dataclasses
+
+    from egmla.commands.kv_report import model_fields_help
+    from egmla.config import ModelConfig
+
+    lines = {line.split("=")[0].strip(): line for line in model_fields_help().splitlines()}
+    for field in dataclasses.fields(ModelConfig):
+        default_and_text = lines[field.name].split("=", 1)[1].split()
+        assert len(default_and_text) > 1, f"ModelConfig.{field.name} has no comment to explain it in --help"
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="torch's OpenMP runtime is libgomp only on Linux")
 @pytest.mark.parametrize("command", [["egmla", "kv-report", "--preset", "tiny", "--json"],
                                      ["egmla.train", "--dry-run"]])  # also what torchrun -m egmla.train runs

@@ -80,6 +80,19 @@ def test_a_hand_edited_config_json_is_one_line_where_a_model_is_loaded(tmp_path,
         runs.load_model(tmp_path)
 
 
+def test_an_exported_folder_where_a_run_is_needed_is_called_an_export_not_denied_to_be_one(tmp_path):
+    """`egmla train --resume` on an `egmla export --to hf` folder said it was "not an egmla run or EgmlaForCausalLM
+    export"."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "egmla"}))
+    with pytest.raises(ValueError, match="an EgmlaForCausalLM export") as error:
+        runs.read_run_config(tmp_path)
+    assert "not an egmla run or EgmlaForCausalLM export" not in str(error.value)
+    assert "`egmla train`" in str(error.value)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type='llama', not an egmla run"):
+        runs.read_run_config(tmp_path)
+
+
 def test_wrong_format_version_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"format_version": 99, "model": {}}))
     with pytest.raises(ValueError, match="format_version=99"):

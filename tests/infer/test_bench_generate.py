@@ -171,6 +171,7 @@ def test_ab_report_gives_each_labels_runs_median_and_ratio(tmp_path):
     with pytest.raises(ValueError, match="LABEL=JSON"):
         run("generate", ["--ab", "--report", run_file("bare", {1: 1.0})])
     assert "`old` sources aaaaaaaaaaaa; `new` sources bbbbbbbbbbbb" in (tmp_path / "ab.md").read_text()
+    assert "step ms (CUDA-graph replay)" in (tmp_path / "ab.md").read_text()  # rows without cuda_graphs: as ever
     with pytest.raises(ValueError, match="several devices"):
         run("generate", ["--ab", "--report", files[0], f"new={run_file('h100', {1: 1.0}, 'NVIDIA H100')}"])
     # two labels that ran the same code (the old tree shadowed by the working tree) are refused, naming the fix ...
@@ -184,6 +185,27 @@ def test_ab_report_gives_each_labels_runs_median_and_ratio(tmp_path):
     assert run("generate", ["--ab", "--report", files[0], flag, unrecorded, "--markdown", str(tmp_path / "ab.md")]) == 0
     assert ("`grouped` sources aaaaaaaaaaaa, EGMLA_BIAS_MASS=grouped; `older` not recorded"
             in (tmp_path / "ab.md").read_text())
+
+
+def test_ab_table_calls_eager_steps_eager(tmp_path):
+    """A CPU run (or --eager) has no CUDA graphs: its table said "step ms (CUDA-graph replay)" all the same."""
+    from egmla.bench.ab import ab_table, parse_labelled
+
+    def run_file(name: str, code: str, graphs: bool) -> str:
+        meta = {"device": "cpu", "dtype": "torch.float32", "source": "preset tiny", "prompt_len": 64, "new_tokens": 32,
+                "code": {"package": "/x/egmla", "source_sha256": code, "env": {}},
+                "rows": [{"model": "egmla", "variant": "MLA kv64", "decode_path": "naive", "batch": 1,
+                          "step_ms_median": 4.0, "cuda_graphs": graphs}]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(meta))
+        return str(tmp_path / f"{name}.json")
+
+    def header(graphs_old: bool, graphs_new: bool) -> str:
+        files = [f"old={run_file('o', 'a' * 64, graphs_old)}", f"new={run_file('n', 'b' * 64, graphs_new)}"]
+        return ab_table(parse_labelled(files)).splitlines()[0]
+
+    assert "step ms (eager)" in header(False, False)
+    assert "step ms (CUDA-graph replay)" in header(True, True)
+    assert "step ms (CUDA-graph replay or eager)" in header(True, False)
 
 
 def test_ab_table_says_which_kernels_moved_where_the_runs_profiled(tmp_path):

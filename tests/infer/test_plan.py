@@ -76,6 +76,20 @@ def test_plan_cli_table_json_and_run(capsys, run_dir):
     assert plan["resident_ids"] == 4096 and egmla["gate_row_cache_bytes"] == 2 * 4096 * 12 * 512 * 2 + 12 * 32768
 
 
+def test_plan_takes_an_exported_folder_as_generate_and_serve_do(capsys, run_dir, tmp_path):
+    """`plan --run` on an `egmla export --to hf` folder read its config.json as a run's and said the folder was
+    "not an egmla run or EgmlaForCausalLM export"."""
+    pytest.importorskip("transformers")
+    from egmla.hf.export import export_hf
+
+    exported = export_hf(run_dir, tmp_path / "hf")
+    plans = []
+    for run in (run_dir, exported):
+        assert egmla_main(["plan", "--run", str(run), "--context", "32", "--memory-gb", "1", "--json"]) == 0
+        plans.append(json.loads(capsys.readouterr().out)["rows"])
+    assert plans[0] == plans[1]
+
+
 def test_plan_rejects_bad_dtype():
     with pytest.raises(ValueError, match="dtype"):
         plan_rows(preset("tiny"), 128, 1, dtype="int8")
