@@ -169,6 +169,35 @@ def warmup_warning(train: TrainConfig) -> str | None:
             f"whole schedule use --set train.warmup_steps={max(1, train.steps // 10)} (any value <= {train.steps})")
 
 
+def cpu_work_warning(run: "RunConfig", device_type: str) -> str | None:
+    """What a run sized for a GPU, started on the CPU, should be told before it spends minutes preparing its data and
+    hours training: its training FLOPs as a multiple of the default run's (`egmla train`: tiny, 800 steps, minutes
+    on a CPU). A warning, not a refusal: a patient user may mean it."""
+    from egmla.train.metrics import flops_per_token
+
+    if device_type != "cpu" or not run.train.steps:  # steps 0: fitted to a time budget, which bounds it anyway
+        return None
+
+    def work(config: RunConfig) -> float:
+        tokens = config.train.steps * config.train.batch_size * config.train.seq_len
+        return tokens * flops_per_token(config.model, config.train.seq_len)
+
+    ratio = work(run) / work(RunConfig())
+    if ratio < CPU_WORK_WARNING_RATIO:
+        return None
+    per_step = ratio / run.train.steps
+    shrink = (f"one of its steps is {per_step:.1f}x the default run's whole training: for a look here shrink "
+              f"train.batch_size and train.seq_len too" if per_step >= 1 else
+              f"--set train.steps={int(1 / per_step)} keeps it to the default run's work")
+    return (f"warning: this run trains on the CPU and is {ratio:,.0f}x the default `egmla train` run's training "
+            f"FLOPs ({work(run):.1e}: {run.train.steps:,} steps of {run.train.batch_size} x {run.train.seq_len} tokens, "
+            f"{run.model.d_model} wide, {run.model.n_layers} layers): it is sized for a GPU (train.device = \"cuda\" "
+            f"on a machine with one); {shrink}")
+
+
+CPU_WORK_WARNING_RATIO = 20  # the default run takes minutes on a 2-core CPU; 20x that is hours
+
+
 def default_name(model: ModelConfig) -> str:
     """e.g. 'eg-mla-kv64-d256' from the variant and width."""
     variant = re.sub(r"[^a-z0-9]+", "-", model.variant_name().lower()).strip("-")

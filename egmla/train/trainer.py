@@ -22,7 +22,7 @@ from egmla.model import Transformer
 from egmla.runs import (FORMAT_VERSION, StorageError, atomic_write_bytes, atomic_write_json, list_checkpoints,
                         storage_problem)
 from egmla.train import checkpoint as ckpt
-from egmla.train.config import RunConfig, resolve_compile_mode, uses_cuda_graphs, warmup_warning
+from egmla.train.config import RunConfig, cpu_work_warning, resolve_compile_mode, uses_cuda_graphs, warmup_warning
 from egmla.train.loss import token_loss
 from egmla.train.recompute import recompute_blocks
 from egmla.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, clip_grad_norm,
@@ -242,8 +242,9 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
     cfg = dataclasses.replace(run.train, compile_mode=resolve_compile_mode(  # 'auto' -> what runs here
         run.train.compile_mode, run.train.compile, info.device.type, info.world_size))
     say = log if info.is_main else (lambda *_: None)
-    if (warning := warmup_warning(cfg)) is not None:
-        say(warning)
+    for warning in (warmup_warning(cfg), cpu_work_warning(run, info.device.type)):
+        if warning is not None:
+            say(warning)
     micro_batch, accumulation = batch_layout(run, info)
     tokenizer, shards = setup_data(run, run_dir, resume, info, progress, say)
     tokenizer_hash = tokenizer_sha256(tokenizer)

@@ -167,6 +167,27 @@ def test_a_warmup_longer_than_the_run_is_named_but_runs():
     assert resolve_config(parse("--set", "train.steps=7"))[0].train.warmup_steps == 60  # accepted
 
 
+def test_a_run_sized_for_a_gpu_is_named_before_it_starts_on_the_cpu():
+    """`egmla train --config configs/egmla-kv64.toml` on a CPU started preparing 300 MB of data without a word, for
+    a run of thousands of times the default's work. It is told so at once, as a multiple of the default run's
+    FLOPs (not a guess at the machine's speed), with how to shrink it; on a GPU, or at the default's size, nothing."""
+    from egmla.train.config import cpu_work_warning
+
+    paper_base = resolve_config(parse("--config", str(CONFIGS / "egmla-kv64.toml")))[0]
+    warning = cpu_work_warning(paper_base, "cpu")
+    assert warning.startswith("warning: this run trains on the CPU and is 4,339x the default `egmla train` run's "
+                              "training FLOPs (1.1e+17: 2,000 steps of 64 x 1024 tokens, 768 wide, 12 layers)")
+    assert warning.endswith("one of its steps is 2.2x the default run's whole training: for a look here shrink "
+                            "train.batch_size and train.seq_len too")
+    assert cpu_work_warning(paper_base, "cuda") is None
+    long_tiny = resolve_config(parse("--set", "train.steps=40000"))[0]
+    assert cpu_work_warning(long_tiny, "cpu").endswith("--set train.steps=800 keeps it to the default run's work")
+    assert cpu_work_warning(resolve_config(parse())[0], "cpu") is None
+    budgeted = resolve_config(parse("--config", str(CONFIGS / "egmla-kv64.toml"), "--set", "train.steps=0",
+                                    "--set", "train.time_limit_s=60"))[0]
+    assert cpu_work_warning(budgeted, "cpu") is None  # a time budget bounds it
+
+
 def test_a_name_that_is_not_a_string_is_refused_not_turned_into_one(tmp_path):
     """`name = 5` in a TOML file became the name "5" silently (str() of whatever was there); a string field of any
     section refuses a number, as data.* and model.* fields do. --set values still parse as TOML literals: a word is
