@@ -1,8 +1,11 @@
 """Batched generation over a preallocated compressed KV cache.
 
-    prefill   prompts of different lengths, right-padded to [batch, longest] and fed in chunks of
-              at most `prefill_token_budget` tokens per call (bounding activation memory), with
-              n_new = each row's true tokens in the chunk: each cache then holds exactly its prompt
+    prefill   each distinct prompt once (a repeated one's cache row is copied), in groups of rows whose
+              prompts, right-padded to the group's longest, fit `prefill_token_budget` tokens together
+              (bounding activation memory), one forward each (a prompt longer than the budget alone, in
+              chunks of it), with n_new = each row's true tokens: each cache row then holds exactly its
+              prompt. A group of fresh prompts small enough for a bucket goes through a fixed-shape
+              `PrefillStep` (egmla/infer/prefill_step.py; a CUDA graph per bucket on CUDA)
     decode    one token per live sequence per step, each appended at its own length, through one
               `DecodeStep` per batch bucket (egmla/infer/decode_step.py): fixed shapes and no host sync,
               captured once in a CUDA graph on CUDA. A sequence that ends (EOS, stop string,
@@ -12,7 +15,8 @@
 
 The cache layout is the variant's own (K/V for MHA/GQA, c_t + k^R_t for MLA/EG-MLA, plus token ids
 for EG-MLA), allocated for the batch at the length the batch can reach and kept for the next call of
-the same shape (the CUDA graphs read its storage). Any decode path the model supports can be chosen;
+the same shape, or of a shorter one where the steps are graphs that read only each sequence's own positions
+(the CUDA graphs read its storage). Any decode path the model supports can be chosen;
 they give the same tokens (tests check it against full recompute). Per step the engine syncs with the
 host once (the new ids, needed for EOS, stop strings and streaming). On CUDA, SDPA's cuDNN backend is left out while generating: it builds an execution plan
 for every new key length (milliseconds of host time each), which a decode loop meets at every step.
@@ -54,7 +58,7 @@ class Generation:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)  # generated ids (with the EOS id if it ended so)
     text: str | None = None  # generated text (None without a tokenizer), cut before a stop string
-    finish_reason: str | None = None  # "eos" | "stop" | "length"
+    finish_reason: str | None = None  # "eos" | "stop" | "length" (and the Scheduler's "cancelled")
     # where asked (`generate(logprobs=k)`, the serving scheduler's `logprobs`): each generated token's log-probability
     # under the model's own distribution (before temperature, top-k, top-p), and the k most likely tokens at its step
     # {token id: log-probability}, most likely first ({} for k = 0)
@@ -181,14 +185,15 @@ def reads_own_positions(config, decode_path: str) -> bool:
 class GenerationEngine:
     """Generate from a `Transformer` with its KV cache.
 
-    decode_path: any of `egmla.attention.decode_paths(model.config)`; "auto" (default) takes the fastest on
+    decode_path: any of `egmla.attention.decode_paths(model.config)`, or None for the model's current path;
+        "auto" (default) takes the fastest on
         the model's device, chosen again for each `generate` call from its batch and cache length
         (`fastest_decode_path`: the Triton kernel on CUDA, EG-MLA's grouped decode from 16,384 positions per
         step, with offloaded gate tables too), and the model's current path elsewhere.
     cache_dtype: dtype of the cache tensors (default: the model's).
     offload_gate_tables: keep EG-MLA gate tables in host memory (see egmla.infer.offload); on CUDA the rows of new
         ids are found and copied on the device, inside the steps' graphs.
-    prefill_token_budget: prompt tokens (summed over the rows of one call) per prefill call; it bounds the
+    prefill_token_budget: prompt tokens per prefill call, right-padded (its rows x their longest prompt); it bounds the
         prefill's activation memory. 32,768 by default: on an H200 (paper-base, 2,048-token prompts, batch 32 and
         128) 8,192 took 1.15-2.3x as long (more, smaller calls), 131,072 no less than 32,768
         (docs/bench/generate_h200_prefill.md, `egmla bench prefill`).
@@ -540,9 +545,9 @@ class GenerationEngine:
         return cache
 
     def _step(self, cache: KVCache, batch: int, max_new_tokens: int) -> DecodeStep:
-        """The decode step of a batch bucket. A graph of the grouped path is sized for the distinct ids the
-        sequences can reach during this call: a kept graph sized for at least as many serves it (the smallest
-        such), else one of this call's size is captured."""
+        """The decode step of a batch bucket. A graph of a path that reads the token groups (EG-MLA's grouped, the
+        bias controls' absorbed) is sized for the distinct ids the sequences can reach during this call: a kept
+        graph sized for at least as many serves it (the smallest such), else one of this call's size is captured."""
         path = self.decode_path
         key: tuple = (path, batch)
         groups = cache.token_groups if self.reads_token_groups() else None

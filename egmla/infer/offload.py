@@ -2,9 +2,9 @@
 
 The paper offloads the embedding parameters at inference. Per layer the gate needs one row per token
 id: E_l[i] (the d_e-wide embedding, `naive` path) or G_l[i] = W_UE E_l[i] (the precomputed gate
-table, `gate-table` path). Those tables are V x d_e (or V x n_h(d_n+d_v)) per layer, but a batch of
-contexts uses only its distinct ids (docs/design.md §4b: per 4K tokens, 612 of 32K ids in code, 1,187 in
-English). So:
+table: `gate-table`, `kernel`, `grouped`, the bias controls' `absorbed`). Those tables are V x d_e
+(or V x n_h(d_n+d_v)) per layer, but a batch of contexts uses only its distinct ids (docs/design.md §4b:
+per 4K tokens, 612 of 32K ids in code, 1,187 in English). So:
 
     host:    E_l (and G_l) for every layer, moved off the device
     device:  rows[slot] for the ids seen so far, one slot map id -> slot shared by all layers
@@ -74,8 +74,8 @@ class OffloadedRows(nn.Module, GateRows):
         """The slots of token_ids in the resident rows (`slot_of_id[token_ids]`), gathered once per forward for each
         ids tensor: every layer reads the cache's ids, and a kernel reading rows[slot] directly skips a map lookup per
         position per layer. (With that lookup in the fused decode, an offload made its step 1.29-1.44x slower at
-        batch 32-128 on an H100, the grouped decode's 1.03-1.07x, docs/bench/offload_h100/; the slots' gain is not
-        measured yet.)"""
+        batch 32-128 on an H100, the grouped decode's 1.03-1.07x; with the slots 1.01-1.07x at batch 1-128,
+        docs/bench/offload_h100/, second section.)"""
         return self.offload.slots(token_ids)
 
     @property

@@ -8,8 +8,9 @@ include everything the engine stores (EG-MLA's token id, 4 B/token). Weights are
 without the gate tables plus what a GPU decode path derives from the weights and keeps beside them (MLA's folded
 absorption, the table controls' folded decode weights, the merged products' concatenated copies: measured from a
 model built on the meta device), times the dtype's size; gate tables are EG-MLA's per-layer V x d_e embeddings
-(or, planning for the `gate-table` decode path, the precomputed V x n_h(d_n+d_v) tables), counted on
-the GPU or, when offloaded to host memory (egmla.infer.offload), not. GB means 10^9 bytes.
+(plus, planning for a decode path that builds them beside those: `gate-table`, `kernel`, `grouped`, the bias
+controls' `absorbed`, the precomputed V x n_h(d_n+d_v) tables), counted on the GPU or, when offloaded to host
+memory (egmla.infer.offload), as the row cache of the ids in use (`gate_row_cache_bytes`). GB means 10^9 bytes.
 """
 from __future__ import annotations
 

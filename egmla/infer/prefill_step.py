@@ -30,12 +30,13 @@ WIDTH_BUCKETS = tuple(sorted({m * 2 ** k for k in range(3, 14) for m in (2, 3)
                               if MIN_WIDTH <= m * 2 ** k <= PREFILL_GRAPH_TOKENS}))
 
 
-def prefill_bucket(rows: int, width: int, max_len: int, tokens: int = PREFILL_GRAPH_TOKENS) -> tuple[int, int] | None:
+def prefill_bucket(rows: int, width: int, max_len: int) -> tuple[int, int] | None:
     """The (rows, width) bucket of a prefill of `rows` prompts of at most `width` tokens into a cache of `max_len`
-    positions, or None where none takes it (rows x width beyond `tokens`)."""
+    positions, or None where none takes it (rows x width beyond PREFILL_GRAPH_TOKENS, or more rows than the engine's
+    scratch holds, PREFILL_GRAPH_TOKENS // MIN_WIDTH: a cache shorter than MIN_WIDTH caps the width below it)."""
     bucket_rows = bucket_for(rows, DEFAULT_BUCKETS)
     bucket_width = min(bucket_for(width, WIDTH_BUCKETS), max_len)
-    if bucket_width < width or bucket_rows * bucket_width > tokens:
+    if bucket_width < width or bucket_rows * max(bucket_width, MIN_WIDTH) > PREFILL_GRAPH_TOKENS:
         return None
     return bucket_rows, bucket_width
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,13 @@ class SamplingParams:
     def __post_init__(self):
         if not 0 <= self.temperature < math.inf:  # inf divides every logit to 0: uniform draws, not a setting
             raise ValueError(f"temperature={self.temperature!r}: must be a finite number >= 0 (0 = greedy)")
+        if not _is_int(self.top_k):  # a float or bool would be taken here and raise only at the draw (topk)
+            raise ValueError(f"top_k={self.top_k!r}: must be an int >= 0 (0 = no top-k filter)")
+        if self.seed is not None and not _is_int(self.seed):  # likewise at the draw (manual_seed)
+            raise ValueError(f"seed={self.seed!r}: must be an int, or None for a stream seeded at random")
+        object.__setattr__(self, "top_k", int(self.top_k))  # frozen; a numpy int becomes a Python one
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r}: must be >= 0 (0 = no top-k filter)")
         if not 0 < self.top_p <= 1:
@@ -50,6 +58,11 @@ class SamplingParams:
         else:
             generator.manual_seed(self.seed)
         return generator
+
+
+def _is_int(value) -> bool:
+    """An int (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def to_device_async(tensor: torch.Tensor, device) -> torch.Tensor:

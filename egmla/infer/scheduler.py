@@ -2,7 +2,8 @@
 
 `GenerationEngine.generate` runs a batch from its prompts to its last token; a server meets requests one at a
 time, and a batch that waits for its longest member wastes the rows of the ones that finished. The scheduler
-keeps one cache of `max_batch` rows and `max_len` positions and loops:
+keeps one cache of `max_batch` rows (rounded up to the engine's batch bucket; the rows past max_batch are never
+handed out) and `max_len` positions and loops:
 
     admit     waiting requests (first come, first served) take free rows, emptied (`KVCache.reset_rows`), or
               starting from a copy of a row that has cached a prefix of the prompt (prefix caching: another
@@ -40,6 +41,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import numbers
 import threading
 import time
 from dataclasses import dataclass, field
@@ -223,20 +225,18 @@ class Scheduler:
         if max_new_tokens < 1 and not (max_new_tokens == 0 and prompt_logprobs):
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1 (0 only with prompt_logprobs: scoring a "
                              f"prompt without generating)")
-        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"logprobs={logprobs}: must lie in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), "
-                             f"or None for none")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, numbers.Integral)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):  # a float raised only at the step
+            raise ValueError(f"logprobs={logprobs!r}: must be an int in [0, {MAX_TOP_LOGPROBS}] (alternatives per "
+                             f"token), or None for none")
+        logprobs = None if logprobs is None else int(logprobs)
         if prompt_logprobs and logprobs is None:
             raise ValueError("prompt_logprobs=True needs logprobs (the alternatives per token, 0 for none)")
         if stop_strings and engine.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to see text: make the engine with tokenizer=...")
         if eos_token_id is not None and not 0 <= eos_token_id < engine.config.vocab_size:
             raise ValueError(f"eos_token_id={eos_token_id}: outside [0, vocab_size={engine.config.vocab_size})")
-        prompt_ids = engine.encode(prompt)
-        if len(prompt_ids) > self.max_len:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens, more than the scheduler's max_len={self.max_len} "
-                             f"positions per row: shorten it (or serve with a larger max_len, at most max_seq_len="
-                             f"{engine.config.max_seq_len})")
+        prompt_ids = engine.encode(prompt, max_len=self.max_len)  # the error names the limit that binds
         handle = RequestHandle(next(self._ids), prompt_ids, stream)
         handle._on_cancel = self._note_cancel
         # a request that reads only its result makes no text per token (a host cost per row and step); stop strings
@@ -346,7 +346,7 @@ class Scheduler:
             yield
 
     def capture_graphs(self) -> int:
-        """Capture the decode step's CUDA graph of every batch bucket up to max_batch now (a server's start), instead
+        """Capture the decode step's CUDA graph of every batch bucket up to max_batch's now (a server's start), instead
         of the first time each is used while requests wait (a capture synchronizes, collects garbage and warms up:
         tens of milliseconds each). Returns how many were captured; none without graphs (CPU, eager)."""
         engine, captured = self.engine, 0

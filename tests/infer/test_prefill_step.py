@@ -9,7 +9,7 @@ from tests.infer.helpers import (VARIANTS, GraphReplay, assert_steps_match_full_
 from egmla.attention import decode_paths
 from egmla.attention.cache import TokenGroups
 from egmla.infer import GenerationEngine
-from egmla.infer.prefill_step import PREFILL_GRAPH_TOKENS, WIDTH_BUCKETS, PrefillStep, prefill_bucket
+from egmla.infer.prefill_step import MIN_WIDTH, PREFILL_GRAPH_TOKENS, WIDTH_BUCKETS, PrefillStep, prefill_bucket
 
 CASES = [(variant, path) for variant in VARIANTS for path in decode_paths(tiny_model(variant).config)]
 
@@ -154,6 +154,20 @@ def test_buckets_and_the_scratch_views():
         target.take_rows(view, 1, 2, 16)  # rows [1, 3) of a 2-row cache
     with pytest.raises(ValueError, match="take_rows"):
         target.take_rows(view, 0, 2, 20)  # wider than the target
+
+
+def test_more_short_prompts_than_the_scratch_has_rows_prefill_eagerly():
+    """A cache shorter than MIN_WIDTH caps the width bucket below it, so rows x width can stay within
+    PREFILL_GRAPH_TOKENS while the rows pass the scratch's PREFILL_GRAPH_TOKENS // MIN_WIDTH: no bucket takes them
+    (the scratch's `reshaped` refused such a view, failing the call), and the engine prefills them eagerly."""
+    rows = PREFILL_GRAPH_TOKENS // MIN_WIDTH + 1
+    assert prefill_bucket(rows, 2, 8) is None and prefill_bucket(rows - 1, 2, 8) == (rows - 1, 8)
+    model = tiny_model("mha")
+    vocab = model.config.vocab_size
+    prompts = [[i // vocab, i % vocab] for i in range(rows)]  # distinct: a repeated prompt is prefilled once
+    got = GenerationEngine(model, prefill_graphs=True).generate(prompts, max_new_tokens=1)
+    want = GenerationEngine(model, prefill_graphs=False).generate(prompts, max_new_tokens=1)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
 
 
 def test_a_prefill_step_refuses_what_it_cannot_hold():

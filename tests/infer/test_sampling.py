@@ -1,4 +1,5 @@
 """Sampling filters and text streaming helpers, on hand-made inputs."""
+import numpy as np
 import pytest
 import torch
 
@@ -205,3 +206,13 @@ def test_a_temperature_that_is_not_a_finite_number_at_least_0_is_refused(tempera
     """inf was taken (`egmla generate --temperature inf`): every logit divided to 0, uniform draws over the vocabulary."""
     with pytest.raises(ValueError, match=r"^temperature=.*: must be a finite number >= 0 \(0 = greedy\)"):
         SamplingParams(temperature=temperature)
+
+
+@pytest.mark.parametrize("field,value", [("top_k", 2.5), ("top_k", 3.0), ("top_k", True), ("seed", 1.5),
+                                         ("seed", "7")])
+def test_a_top_k_or_seed_that_is_not_an_int_is_refused(field, value):
+    """Taken until the draw (topk and manual_seed raise there): in the scheduler that failed every request running
+    beside the one that brought it."""
+    with pytest.raises(ValueError, match=f"^{field}="):
+        SamplingParams(temperature=1.0, **{field: value})
+    assert SamplingParams(temperature=1.0, top_k=np.int64(3), seed=np.int64(4)).top_k == 3

@@ -284,6 +284,8 @@ def test_bad_requests_are_refused_with_the_field_named():
     scheduler = Scheduler(engine, max_batch=2, max_len=16, max_waiting=1)
     with pytest.raises(ValueError, match="max_len=16"):
         scheduler.submit(list(range(1, 18)))
+    with pytest.raises(ValueError, match="59 tokens, more than the max_len=16 positions per row"):
+        scheduler.submit(list(range(1, 60)))  # over max_seq_len=48 too: told the limit that binds
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         scheduler.submit([1, 2], max_new_tokens=0)
     with pytest.raises(ValueError, match="vocab_size"):
@@ -921,3 +923,17 @@ def test_serving_with_offloaded_gate_tables_on_cuda_replays_graphs_and_gets_the_
         return [h.result().token_ids for h in handles]
 
     assert serve(offload=True) == serve(offload=False)
+
+
+@pytest.mark.parametrize("logprobs", [1.5, True, "2"])
+def test_a_logprobs_that_is_not_an_int_is_refused_at_submit(logprobs):
+    """logprobs=1.5 was queued, and its first sampling step raised in topk, failing every request running with it;
+    True was taken as 1 (the engine refuses a bool: OpenAI's chat `logprobs` is one)."""
+    model = tiny_model("mha")
+    scheduler = Scheduler(GenerationEngine(model), max_batch=2)
+    running = scheduler.submit(PROMPTS[0], max_new_tokens=4)
+    with pytest.raises(ValueError, match="logprobs="):
+        scheduler.submit(PROMPTS[1], max_new_tokens=4, logprobs=logprobs)
+    while scheduler.step():
+        pass
+    assert running.result(timeout=0).finish_reason == "length"
