@@ -289,6 +289,10 @@ class GenerationEngine:
                 raise ValueError(f"prompts[{index}] is text but the engine has no tokenizer: pass token ids "
                                  f"or GenerationEngine(model, tokenizer=...)")
             ids = self.tokenizer.encode(prompt).ids
+        elif isinstance(prompt, numbers.Integral):  # generate([1, 2, 3]): one prompt of ids passed as the list
+            raise ValueError(f"prompts[{index}]={prompt!r} is a token id, not a prompt: prompts is a list of prompts, "
+                             f"each a string or a list of token ids; for one prompt of ids pass [[1, 2, 3]], not "
+                             f"[1, 2, 3]")
         else:
             ids = [int(i) for i in prompt]
         if not ids:

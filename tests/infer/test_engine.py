@@ -266,6 +266,8 @@ def test_bad_input_raises_clear_value_errors(tokenizer):
         engine.generate([])
     with pytest.raises(ValueError, match="vocab_size=300"):
         engine.generate([[1, 300]])
+    with pytest.raises(ValueError, match=r"prompts\[0\]=1 is a token id, not a prompt: .* pass \[\[1, 2, 3\]\]"):
+        engine.generate([1, 2, 3])  # one prompt of ids, unwrapped: was "'int' object is not iterable"
     with pytest.raises(ValueError, match="decode_path='absorbed'.*naive, gate-table"):
         GenerationEngine(model, decode_path="absorbed")
     with pytest.raises(ValueError, match="max_new_tokens"):
