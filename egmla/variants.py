@@ -32,9 +32,11 @@ class Variant:
 
     def __post_init__(self):
         unknown = sorted(set(self.overrides) - set(ATTENTION_FIELDS))
-        if unknown:
-            raise ValueError(f"variant {self.name!r}: {', '.join(unknown)} are shape fields, not attention "
-                             f"fields; a variant sets only {', '.join(ATTENTION_FIELDS)}")
+        if unknown:  # a shape field, or a new attention field not yet listed (docs/design.md §6, step 1)
+            raise ValueError(f"variant {self.name!r}: {', '.join(unknown)} not in ATTENTION_FIELDS "
+                             f"({', '.join(ATTENTION_FIELDS)}); a variant sets only those, on top of a shape. A "
+                             f"field that describes the attention (a new one) belongs in ATTENTION_FIELDS in "
+                             f"egmla/variants.py; a size of the model belongs in the preset or the config")
 
     def config(self, shape: str | ModelConfig = "tiny", **overrides) -> ModelConfig:
         """This variant at the shapes of a preset (by name) or of another config, plus `overrides`.

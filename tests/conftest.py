@@ -1,7 +1,17 @@
+import os
+
 import pytest
 import torch
 
-from egmla.config import preset
+# Triton's CPU interpreter (docs/kernels.md) must be chosen before any kernel is decorated, i.e. before the first test
+# module imports egmla.kernels: here, the conftest loaded first, for `pytest tests/...` of any file or folder. Set
+# later (it was in tests/kernels/conftest.py), the kernels imported while collecting tests/attention ran compiled and
+# the rest interpreted, and `pytest tests` without TRITON_INTERPRET=1 failed with Triton's "Cannot call @triton.jit'd
+# outside of the scope of a kernel".
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from egmla.config import preset  # noqa: E402  (after the interpreter is chosen)
 
 # Small shapes that exercise every code path in well under a second each.
 VARIANTS = {

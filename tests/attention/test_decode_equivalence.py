@@ -42,6 +42,23 @@ def test_prefill_then_decode_matches_full_forward(variant, path):
     assert not torch.isnan(logits).any()
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if small_config(**VARIANTS[v]).is_latent])
+def test_the_causal_pass_and_the_naive_decode_build_the_same_keys_and_values(variant):
+    """Two methods build K/V from the latents: `keys_values` for the causal pass (training, full forwards, fresh
+    prompts) and `expand_kv` for the naive decode. A variant that changes K/V in one only trains one model and decodes
+    another; the test above sees that as a relative error, this one names the two methods."""
+    config = small_config(**VARIANTS[variant])
+    attn = perturbed(Transformer(config)).layers[0].attn
+    latent = torch.randn(2, 7, config.kv_lora_rank)
+    k_pe, ids = torch.randn(2, 7, config.qk_rope_head_dim), torch.randint(0, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        k, v = attn.keys_values(latent, k_pe, ids)
+        k_nope, v_naive = attn.expand_kv(latent, ids)
+    d_n, d_v = config.qk_nope_head_dim, config.v_head_dim
+    assert rel_err(k[..., :d_n], k_nope) < 1e-5, "keys_values and expand_kv differ in K: override both"
+    assert rel_err(v[..., :d_v], v_naive) < 1e-5, "keys_values and expand_kv differ in V: override both"
+
+
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if len(set(decode_paths(small_config(**VARIANTS[v])))
                                                                - {"kernel", "grouped"}) > 1])
 def test_fast_paths_equal_naive_on_fresh_inputs(variant):

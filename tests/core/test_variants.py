@@ -1,6 +1,7 @@
 """egmla.variants is the one table of named variants: one entry added there reaches accounting, the
 benchmarks' variant selection, `egmla compare` and the config-file check; names, display names and
 decode paths come out of it consistently."""
+import typing
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,20 @@ def test_display_names_and_decode_paths_come_from_the_model():
         "naive", "absorbed", "kernel")
 
 
+def test_variants_that_differ_beyond_d_e_have_their_own_display_names():
+    """kv-report and plan print variant_name() alone: a new attention field without a tag in ModelConfig.variant_name
+    printed its variant as a second 'MLA kv64' row, no test failing (a trial on 2026-12-06). Only the d_e sweep
+    shares a name (`labels` tells those apart)."""
+    seen = {}
+    for v in VARIANTS.values():
+        config = v.config("paper-base")
+        kind = {k: val for k, val in config.to_dict().items() if k != "gate_dim"}
+        shown = v.display_name("paper-base")
+        other = seen.setdefault(shown, (v.name, kind))
+        assert other[1] == kind, (f"variants {other[0]!r} and {v.name!r} both show as {shown!r}: give the field "
+                                  f"that tells them apart a tag in ModelConfig.variant_name()")
+
+
 def test_labels_tell_apart_variants_with_one_display_name():
     chosen = variants.select("mha,egmla-kv64,egmla-kv64-de128")
     assert variants.labels(chosen) == {"mha": "MHA", "egmla-kv64": "egmla-kv64", "egmla-kv64-de128": "egmla-kv64-de128"}
@@ -104,10 +119,26 @@ def test_the_comparison_set_raises_what_is_no_size_refusal(monkeypatch):
 
 
 def test_a_variant_sets_attention_fields_only():
-    with pytest.raises(ValueError, match="'x': d_model are shape fields"):
+    with pytest.raises(ValueError, match=r"'x': d_model not in ATTENTION_FIELDS \(attention, n_kv_heads, .*\); "
+                                         r"a variant sets only those.*belongs in ATTENTION_FIELDS in egmla/variants.py"):
         Variant("x", dict(attention="mla", d_model=64))
     with pytest.raises(ValueError, match="--variants: variant 'egmla-kv46': unknown.*did you mean 'egmla-kv64'"):
         variants.select("mha,egmla-kv46")
+
+
+def kind_fields() -> tuple[str, ...]:
+    """The attention fields that make a kind of variant: each one a choice of values (a Literal: attention, gate_op,
+    ...), not a size (kv_lora_rank, gate_dim, n_kv_heads). Read from ModelConfig's annotations, so a new attention
+    field is a kind here as soon as it is in ATTENTION_FIELDS (until 2026-12-06 the list was written out, and a
+    reader's new field passed the check below while no exactness table held its variant)."""
+    hints = typing.get_type_hints(ModelConfig)
+    return tuple(f for f in variants.ATTENTION_FIELDS if typing.get_origin(hints[f]) is typing.Literal)
+
+
+def test_kinds_are_the_attention_fields_with_a_choice_of_values():
+    kinds = set(kind_fields())
+    assert {"attention", "gate_op", "gate_norm", "gate_placement", "gate_init"} <= kinds
+    assert not kinds & {"n_kv_heads", "kv_lora_rank", "gate_dim"}  # sizes: the tables hold small shapes
 
 
 def _exactness_table(where: str) -> list:
@@ -132,7 +163,7 @@ def test_every_kind_of_variant_is_in_each_exactness_tests_table(where):
     (names the tests use, shapes that suit them): every registered variant's kind (attention, gate op, norm,
     placement, start) must be in each, or a new variant is never checked there. (Until 2026-12-06 tests/conftest
     lacked the V table, and the HF and engine tables the add, no-norm and identity ablations.)"""
-    kinds = ("attention", "gate_op", "gate_norm", "gate_placement", "gate_init")
+    kinds = kind_fields()
     tested = {tuple(getattr(config, k) for k in kinds) for config in _exactness_table(where)}
     missing = {v.name: v.overrides for v in VARIANTS.values()
                if tuple(getattr(v.config("tiny"), k) for k in kinds) not in tested}

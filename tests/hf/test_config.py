@@ -1,4 +1,6 @@
 """EgmlaConfig: DeepSeek field names, exact mapping to and from ModelConfig, Auto registration."""
+import dataclasses
+
 import pytest
 from transformers import AutoConfig
 
@@ -40,6 +42,17 @@ def test_deepseek_field_names_and_json_round_trip(tmp_path, tiny_config):
     loaded = AutoConfig.from_pretrained(tmp_path)  # no trust_remote_code
     assert type(loaded) is EgmlaConfig
     assert loaded.to_model_config() == config and loaded.eos_token_id == 0
+
+
+def test_every_model_config_field_is_declared_on_egmla_config():
+    """EgmlaConfig lists its fields by hand; one missing passes a round trip (from_model_config hands it over as an
+    extra attribute) but a default EgmlaConfig() fails with a bare AttributeError far from the cause."""
+    from egmla.hf.configuration_egmla import HF_NAMES
+
+    declared = {field.name for field in dataclasses.fields(EgmlaConfig)}
+    missing = [name for name in ModelConfig.__dataclass_fields__ if HF_NAMES.get(name, name) not in declared]
+    assert not missing, (f"EgmlaConfig lacks ModelConfig's {', '.join(missing)}: declare each as `NAME: type = "
+                         f"_DEFAULT.NAME` in egmla/hf/configuration_egmla.py")
 
 
 def test_full_rank_query_is_none_as_in_deepseek(tiny_config):

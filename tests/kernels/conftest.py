@@ -1,14 +1,7 @@
-"""Kernel tests run the real kernels: on a GPU when there is one, else in Triton's CPU interpreter.
-
-The interpreter must be chosen before Triton decorates the kernels, i.e. before egmla.kernels.*_decode
-is imported; CI sets TRITON_INTERPRET=1 for the whole run, this covers `pytest tests/kernels` alone."""
-import os
-
+"""Kernel tests run the real kernels: on a GPU when there is one, else in Triton's CPU interpreter (chosen in
+tests/conftest.py, before any test module imports a kernel)."""
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def kernel_device() -> str:
