@@ -38,7 +38,7 @@ from egmla.attention import (KVCache, TableBiasMLA, allocate_cache, attention_cl
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.prefill_step import MIN_WIDTH, PREFILL_GRAPH_TOKENS, PrefillStep, prefill_bucket
-from egmla.infer.sampling import SamplingParams, select_next, token_logprobs
+from egmla.infer.sampling import SamplingParams, checked_logprobs, select_next, token_logprobs
 from egmla.infer.text import IncrementalDetokenizer, StopStringMatcher
 
 
@@ -329,7 +329,7 @@ class GenerationEngine:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
         if stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to see text: pass GenerationEngine(model, tokenizer=...)")
-        logprobs = _checked_logprobs(logprobs, self.config.vocab_size)
+        logprobs = checked_logprobs(logprobs, self.config.vocab_size, f"the vocabulary's {self.config.vocab_size} tokens")
         prompt_ids = [self.encode(p, i) for i, p in enumerate(prompts)]
         # text per token only for a caller that reads it (on_token) or stop strings that watch it
         sequences = [_Sequence(i, ids, self.tokenizer, list(stop_strings), text_per_token=on_token is not None)
@@ -548,16 +548,18 @@ class GenerationEngine:
         cache.reset()
         return cache
 
-    def _step(self, cache: KVCache, batch: int, max_new_tokens: int) -> DecodeStep:
+    def _step(self, cache: KVCache, batch: int, new_tokens_bound: int) -> DecodeStep:
         """The decode step of a batch bucket. A graph of a path that reads the token groups (EG-MLA's grouped, the
-        bias controls' absorbed) is sized for the distinct ids the sequences can reach during this call: a kept
-        graph sized for at least as many serves it (the smallest such), else one of this call's size is captured."""
+        bias controls' absorbed) is sized for the distinct ids the sequences can reach during this call, each
+        appending at most `new_tokens_bound` more tokens (generate: its max_new_tokens; the scheduler: a whole row,
+        max_len): a kept graph sized for at least as many serves it (the smallest such), else one of this size is
+        captured."""
         path = self.decode_path
         key: tuple = (path, batch)
         groups = cache.token_groups if self.reads_token_groups() else None
         use_graph = self.cuda_graphs and batch <= MAX_GRAPH_BATCH
         if groups is not None and use_graph:
-            needed = groups.graph_distinct_bound(cache.max_len, max_new_tokens)
+            needed = groups.graph_distinct_bound(cache.max_len, new_tokens_bound)
             bound = min((k[2] for k in self._steps if len(k) == 3 and k[:2] == key and k[2] >= needed), default=needed)
             groups.host.plan_distinct = bound
             key = (path, batch, bound)
@@ -732,24 +734,6 @@ def _logprobs_to_host(logits: torch.Tensor, ids: torch.Tensor,
                 for logprob, top_values, top_ids in zip(chosen, values, indices)]
 
     return read
-
-
-def _checked_logprobs(logprobs, vocab_size: int) -> int | None:
-    """generate()'s `logprobs`: None, or an int in [0, vocab_size] (a bool is refused: OpenAI's chat `logprobs` is
-    one, and True would silently mean 1)."""
-    if logprobs is None:
-        return None
-    fix = (f"give the number of most likely tokens to list per step, 0 to {vocab_size} (0: the chosen token's "
-           f"alone), or None")
-    if isinstance(logprobs, bool):
-        raise ValueError(f"logprobs={logprobs}: a bool, not a count; {fix}")
-    if not isinstance(logprobs, numbers.Integral):
-        raise ValueError(f"logprobs={logprobs!r}: not an int; {fix}")
-    if logprobs < 0:
-        raise ValueError(f"logprobs={logprobs}: negative; {fix}")
-    if logprobs > vocab_size:
-        raise ValueError(f"logprobs={logprobs}: more than the vocabulary's {vocab_size} tokens; {fix}")
-    return int(logprobs)
 
 
 def _synchronize(device: torch.device) -> None:

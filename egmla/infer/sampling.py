@@ -60,6 +60,24 @@ class SamplingParams:
         return generator
 
 
+def checked_logprobs(logprobs, most: int, most_said: str) -> int | None:
+    """A `logprobs` argument (the engine's, the scheduler's): None, or an int in [0, most]. A bool is refused (OpenAI's
+    chat `logprobs` is one, and True would silently mean 1), and a float here, not at the step's topk, where it would
+    fail every request running beside it. most_said: how `most` reads in the error."""
+    if logprobs is None:
+        return None
+    fix = f"give the number of most likely tokens to list per step, 0 to {most} (0: the chosen token's alone), or None"
+    if isinstance(logprobs, bool):
+        raise ValueError(f"logprobs={logprobs}: a bool, not a count; {fix}")
+    if not _is_int(logprobs):
+        raise ValueError(f"logprobs={logprobs!r}: not an int; {fix}")
+    if logprobs < 0:
+        raise ValueError(f"logprobs={logprobs}: negative; {fix}")
+    if logprobs > most:
+        raise ValueError(f"logprobs={logprobs}: more than {most_said}; {fix}")
+    return int(logprobs)
+
+
 def _is_int(value) -> bool:
     """An int (numpy's too), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -113,7 +131,7 @@ def filter_rows(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> t
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if any(p < 1.0 for p in top_p):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
+        probs = sorted_logits.float().softmax(dim=-1)  # in fp32 whatever the logits': bf16 rounds top_p 0.95 to 0.949
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
         drop_sorted = mass_before >= _settings(top_p, probs.dtype, logits.device)[:, None]
         drop_sorted[..., 0] = False

@@ -41,7 +41,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
-import numbers
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,7 +55,8 @@ from egmla.infer.engine import (DECODE_SDPA_BACKENDS, GenerationEngine, TokenEve
 from egmla.infer.prefill_step import padded_runs, prefill_buckets
 from egmla.infer.prefix_cache import PrefixTable
 from egmla.infer.requests import RequestHandle, SchedulerStats
-from egmla.infer.sampling import SamplingParams, host_to_device, sample_rows, to_device_async, token_logprobs
+from egmla.infer.sampling import (SamplingParams, checked_logprobs, host_to_device, sample_rows, to_device_async,
+                                  token_logprobs)
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI allows 5, vLLM 20)
 # prompt tokens per forward for requests that want their prompt's log-probabilities: those forwards keep every
@@ -225,11 +225,8 @@ class Scheduler:
         if max_new_tokens < 1 and not (max_new_tokens == 0 and prompt_logprobs):
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1 (0 only with prompt_logprobs: scoring a "
                              f"prompt without generating)")
-        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, numbers.Integral)
-                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):  # a float raised only at the step
-            raise ValueError(f"logprobs={logprobs!r}: must be an int in [0, {MAX_TOP_LOGPROBS}] (alternatives per "
-                             f"token), or None for none")
-        logprobs = None if logprobs is None else int(logprobs)
+        logprobs = checked_logprobs(logprobs, MAX_TOP_LOGPROBS, f"MAX_TOP_LOGPROBS={MAX_TOP_LOGPROBS} alternatives "
+                                                                f"per token")
         if prompt_logprobs and logprobs is None:
             raise ValueError("prompt_logprobs=True needs logprobs (the alternatives per token, 0 for none)")
         if stop_strings and engine.tokenizer is None:

@@ -342,12 +342,12 @@ def test_a_kept_grouped_graph_sized_for_more_distinct_ids_serves_a_call_needing_
     cache = engine._cache_for(2, 600)  # bounds round up to 256 distinct ids, at most the cache length
     groups = cache.token_groups
     groups.host.distinct_bound = 300
-    large = engine._step(cache, 2, max_new_tokens=10)  # needs 311 -> 512
+    large = engine._step(cache, 2, new_tokens_bound=10)  # needs 311 -> 512
     assert groups.host.plan_distinct == 512
     groups.host.distinct_bound = 100
-    assert engine._step(cache, 2, max_new_tokens=10) is large and groups.host.plan_distinct == 512  # needs 256
+    assert engine._step(cache, 2, new_tokens_bound=10) is large and groups.host.plan_distinct == 512  # needs 256
     groups.host.distinct_bound = 550
-    assert engine._step(cache, 2, max_new_tokens=10) is not large and groups.host.plan_distinct == 600
+    assert engine._step(cache, 2, new_tokens_bound=10) is not large and groups.host.plan_distinct == 600
     assert sorted(engine._steps) == [("grouped", 2, 512), ("grouped", 2, 600)]
 
 

@@ -216,3 +216,15 @@ def test_a_top_k_or_seed_that_is_not_an_int_is_refused(field, value):
     with pytest.raises(ValueError, match=f"^{field}="):
         SamplingParams(temperature=1.0, **{field: value})
     assert SamplingParams(temperature=1.0, top_k=np.int64(3), seed=np.int64(4)).top_k == 3
+
+
+def test_the_nucleus_of_bf16_logits_is_the_nucleus_of_their_fp32_values():
+    """filter_logits on bf16 logits summed the probabilities and compared top_p in bf16 (0.95 became 0.9492): the
+    nucleus of the same numbers differed with their dtype. The engine samples in fp32; a caller of the public function
+    with a model's bf16 logits got another nucleus."""
+    torch.manual_seed(0)
+    logits = (torch.randn(2000, 50) * 2).to(torch.bfloat16)
+    for top_p in (0.5, 0.9, 0.95):
+        kept_bf16 = filter_logits(logits, top_p=top_p).isfinite()
+        kept_fp32 = filter_logits(logits.float(), top_p=top_p).isfinite()
+        assert torch.equal(kept_bf16, kept_fp32), top_p
