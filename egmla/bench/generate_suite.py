@@ -13,7 +13,8 @@ random weights, bf16), each run with its anchors in the same process:
   generate_<gpu>_control.json/.md  issue 18's same-table control (`egmla-kv64-bias`) on its `absorbed` path (MLA's
                                    absorbed decode plus a term per distinct id) and `gate-table`, beside MLA kv64
                                    and EG-MLA kv64 on `kernel` and Llama, at batch 1, 32, 128
-  generate_<gpu>_control_fill...   the control on `absorbed` at full memory, beside MLA kv64 and Llama
+  generate_<gpu>_control_fill...   the control on `absorbed` at full memory, beside MLA kv64 and Llama (`control-fill`:
+                                   Llama's 60 GB anchor needs more than an 80 GB card)
   generate_<gpu>_crossover.md      EG-MLA kv64 `kernel` against `grouped` at prompts of 512, 2,048 and 8,192 tokens
   (+ generate_<gpu>_crossover/)    and batch 1-64: the data behind `decode_path="auto"`'s threshold (one JSON each)
   generate_<gpu>_calls.json/.md    successive generate() calls of decreasing length on one engine, the kept cache
@@ -24,8 +25,8 @@ random weights, bf16), each run with its anchors in the same process:
   generate_<gpu>_prefill.json/.md  prompt prefill per variant, batch 1, 32, 128 and prefill token budget, beside
                                    Llama's (`egmla bench prefill`)
 
-`--tables control` (or any comma-separated subset of main, fill, profile, paths, control, crossover, calls, switch,
-prefill) runs only those.
+`--tables control,control-fill` (or any comma-separated subset of main, fill, profile, paths, control, control-fill,
+crossover, calls, switch, prefill) runs only those.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from pathlib import Path
 
 
 TABLES = {"main": ("",), "fill": ("_fill",), "profile": ("_profile",), "paths": ("_paths",),
-          "control": ("_control", "_control_fill"), "crossover": (), "calls": (), "switch": (),
+          "control": ("_control",), "control-fill": ("_control_fill",), "crossover": (), "calls": (), "switch": (),
           "prefill": ()}  # --tables name -> its files
 
 

@@ -106,11 +106,12 @@ def test_fill_prompts_take_every_window_of_the_text():
 
 
 def test_suite_control_tables_on_the_cpu(tmp_path):
-    """`egmla bench generate-suite --quick --tables control`: the same-table control's absorbed and gate-table rows
-    beside MLA kv64 and Llama in one table, and at full memory in another; an unknown table name is refused."""
+    """`egmla bench generate-suite --quick --tables control,control-fill`: the same-table control's absorbed and
+    gate-table rows beside MLA kv64 and Llama in one table, and at full memory in another; an unknown table name is
+    refused; `control-fill` alone writes only the full-memory table."""
     import pytest
 
-    assert run("generate-suite", ["--quick", "--tables", "control", "--out", str(tmp_path)]) == 0
+    assert run("generate-suite", ["--quick", "--tables", "control,control-fill", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "generate_cpu_control.json").read_text())["rows"]
     paths = {(r["variant"], r["decode_path"]) for r in rows if r["model"] == "egmla" and "error" not in r}
     assert {("EG-MLA kv64 gate-bias", "absorbed"), ("EG-MLA kv64 gate-bias", "gate-table"), ("MLA kv64", "kernel"),
@@ -120,6 +121,9 @@ def test_suite_control_tables_on_the_cpu(tmp_path):
     assert not list(tmp_path.glob("*.part*.json"))  # merged into one JSON per table
     with pytest.raises(SystemExit, match="--tables 'decode'"):
         run("generate-suite", ["--quick", "--tables", "decode", "--out", str(tmp_path)])
+    alone = tmp_path / "fill_only"
+    assert run("generate-suite", ["--quick", "--tables", "control-fill", "--out", str(alone)]) == 0
+    assert sorted(p.name for p in alone.iterdir()) == ["generate_cpu_control_fill.json", "generate_cpu_control_fill.md"]
 
 
 def test_crossover_report_sets_kernel_beside_grouped_with_autos_choice(tmp_path):
