@@ -97,19 +97,21 @@ def test_longer_plan_is_issue_18s_runs_on_whole_files_past_one_epoch():
     assert (pilot.train.steps, pilot.data.max_bytes, pilot.data.split) == (400, 24_000_000, "document")
 
 
-def test_a_selection_the_plan_lacks_is_refused_and_every_missing_run_is_planned():
-    """`--only X --seeds N` naming no planned run trained nothing and exited 0 (2026-12-06: claims.py --missing 4
-    printed `--seeds 3` commands before seed 3 was planned); now it is an error naming the plan's seeds, and every
-    run that `claims.py --missing` asks for next, from the committed records, is in the plan."""
+def test_every_run_claims_missing_asks_for_is_trained_by_its_command():
+    """`--only X --seeds N` with (X, N) not in the plan trained nothing and exited 0 (2026-12-06: claims.py --missing 4
+    printed `--seeds 3` commands before seed 3 was planned); a seed asked for by name is now trained, after the plan's
+    runs, and every command `claims.py --missing` prints from the committed records selects exactly its run."""
     import claims
 
-    with pytest.raises(SystemExit, match=r"no planned run matches --only mla-kv256 --seeds 9: .* has seeds 0, 1, 2, 3"):
-        plan_of("longer", "--only", "mla-kv256", "--seeds", "9")
-    planned = set(paper_repro.PLANS["longer"])
+    assert [label for label, _ in plan_of("longer", "--only", "mla-kv256,mha", "--seeds", "2,9")] == [
+        "mla-kv256-seed2", "mha-seed2", "mla-kv256-seed9", "mha-seed9"]
     runs = claims.load_runs(claims.BUDGET_FOLDERS)
-    have = max(len(seeds) for seeds in ({seed for _, seed in r} for r in runs.values()))  # seeds recorded so far
+    have = max(len({seed for _, seed in r}) for r in runs.values())  # the most seeds any config has
     asked = {run for _, needed, _ in claims.missing_runs(runs, have + 1) for run in needed}
-    assert asked and asked <= planned, sorted(asked - planned)
+    assert asked
+    for config, seed in sorted(asked):  # the printed command's arguments
+        assert [label for label, _ in plan_of("longer", "--only", config, "--seeds", str(seed))] == [
+            f"{config}-seed{seed}"]
 
 
 def test_run_key_ignores_where_files_go_and_the_calls_time_limit():
