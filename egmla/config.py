@@ -240,10 +240,14 @@ def check_keys(cls, values: dict, where: str) -> dict:
     known = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
-            raise ValueError(f"{where}.{key}: unknown config key{hint}")
+            raise ValueError(f"{where}.{key}: unknown config key{known_keys_hint(key, known)}")
     return values
+
+
+def known_keys_hint(key: str, known: list[str]) -> str:
+    """'; did you mean 'x'?' with the known key closest to `key`, or '; known keys: ...' where none is close."""
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
 
 
 # docs/design.md §2. The EG-MLA defaults (kv64, d_e = 512) are the paper's headline configuration.

@@ -51,6 +51,24 @@ def parse_overrides(items: list[str], section: str | None = None) -> dict:
     return nested
 
 
+def model_overrides(items: list[str]) -> dict:
+    """{field: value} of the --set KEY=VALUE (or model.KEY=VALUE) options of a command that takes model fields alone
+    (kv-report, plan, the benchmarks). An unknown field is named as typed, with the closest one or the list (checked
+    later, by ModelConfig, it was named `model.KEY` whichever the user typed)."""
+    import dataclasses
+
+    from egmla.config import ModelConfig, known_keys_hint
+
+    values = parse_overrides(items, section="model")
+    known = [f.name for f in dataclasses.fields(ModelConfig)]
+    for item in items:
+        key = item.split("=", 1)[0].strip()
+        name = key.split(".")[-1]
+        if name not in known:
+            raise ValueError(f"--set {item!r}: {key}: unknown model field{known_keys_hint(name, known)}")
+    return values
+
+
 def merge(base: dict, overrides: dict, where: str = "") -> dict:
     """`overrides` over `base`, tables merged key by key. A table over a plain value (or the reverse)
     is an error naming the dotted key."""

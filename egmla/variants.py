@@ -4,9 +4,9 @@ A variant is a name (what `egmla compare`, `egmla bench ... --variants` and conf
 ModelConfig fields it sets on top of a shape (a preset, or the shape of another config). Everything else
 about a variant is derived, never copied: its display name is `ModelConfig.variant_name()`, its decode paths
 come from its attention class (`egmla.attention.decode_paths`). Accounting, the benchmarks, `egmla compare`,
-the experiments and the config files read this table, so one entry reaches all of them. The exactness tests run
-at small shapes from their own tables (tests/conftest.py, tests/hf/conftest.py, tests/infer/helpers.py); a test
-checks that every kind of variant here is in each of them. docs/design.md §6 lists what a new variant touches.
+the experiments and the config files read this table, so one entry reaches all of them. The exactness tests read it
+too: each kind of variant here (tests/variant_kinds.py) is in their three tables, at small shapes (tests/conftest.py,
+tests/hf/conftest.py, tests/infer/helpers.py). docs/design.md §6 lists what a new variant touches.
 """
 from __future__ import annotations
 

@@ -12,23 +12,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from egmla.config import preset  # noqa: E402  (after the interpreter is chosen)
+from tests.variant_kinds import KINDS  # noqa: E402
 
-# Small shapes that exercise every code path in well under a second each.
+# Small shapes that exercise every code path in well under a second each (small_config): every kind of registered
+# variant (tests/variant_kinds.py, read from egmla.variants), and what no registered variant is.
 VARIANTS = {
-    "mha": dict(attention="mha"),
-    "gqa2": dict(attention="gqa", n_kv_heads=2),
+    **KINDS,
     "mqa": dict(attention="gqa", n_kv_heads=1),
-    "mla": dict(attention="mla"),
     "mla-qlora": dict(attention="mla", q_lora_rank=24),
-    "egmla": dict(attention="eg-mla"),
-    "egmla-latent": dict(attention="eg-mla", gate_placement="latent"),
-    "egmla-add": dict(attention="eg-mla", gate_op="add"),
-    "egmla-nonorm": dict(attention="eg-mla", gate_norm="none"),
-    "egmla-rmsnorm": dict(attention="eg-mla", gate_norm="rmsnorm"),
-    "egmla-untied": dict(attention="eg-mla", tie_embeddings=False),
-    "egmla-bias": dict(attention="eg-mla", gate_op="bias"),
-    "egmla-bias-v": dict(attention="eg-mla", gate_op="bias-v"),
-    "egmla-identity": dict(attention="eg-mla", gate_init="identity"),
+    "eg-mla-rmsnorm": dict(attention="eg-mla", gate_norm="rmsnorm"),
+    "eg-mla-untied": dict(attention="eg-mla", tie_embeddings=False),
 }
 
 

@@ -267,7 +267,9 @@ class KVCache:
 
         static=False: that number is the longest sequence's (one host sync), checked against max_len.
         static=True: it is max_len, with no host sync (a CUDA-graph-capturable step); positions are
-        clamped into the cache, so a row that appends nothing (n_new = 0) at a full length stays inside.
+        clamped into the cache, so a row that appends nothing (n_new = 0) at a full length stays inside: it
+        writes over its last position, which is never read again (the row has ended, and a reused prefix stops
+        one short of a prompt; tests/infer/test_scheduler.py pins both).
         """
         positions = self.lengths[:, None] + torch.arange(seq_len, device=self.lengths.device)
         if static:

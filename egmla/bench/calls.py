@@ -50,7 +50,7 @@ def main(args) -> int:
     from egmla.bench.generate import write_table
     from egmla.bench.token_ids import text_token_ids
     from egmla.config import preset
-    from egmla.configfile import parse_overrides
+    from egmla.configfile import model_overrides
     from egmla.infer import GenerationEngine
     from egmla.infer.cli import resolve_device_dtype
     from egmla.model import Transformer
@@ -65,7 +65,7 @@ def main(args) -> int:
     calls = [(batches[i % len(batches)], lengths[i % len(lengths)]) for i in range(max(len(lengths), len(batches)))]
     setting = args.compare or ("share_cache_across_paths" if args.batches else "reuse_longer_cache")
     name = args.preset if args.preset != "auto" else ("paper-base" if device.type == "cuda" else "tiny")
-    overrides = {"max_seq_len": max(lengths) + args.new_tokens, **parse_overrides(args.overrides, section="model")}
+    overrides = {"max_seq_len": max(lengths) + args.new_tokens, **model_overrides(args.overrides)}
     base = preset(name, **overrides)
     ids = text_token_ids(max(batches), max(lengths), base.vocab_size)[0].tolist()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

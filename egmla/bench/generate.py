@@ -188,7 +188,7 @@ def main(args) -> int:
     from egmla.attention import decode_paths, fastest_decode_path
     from egmla.bench.ab import code_identity
     from egmla.config import preset
-    from egmla.configfile import int_list, parse_overrides
+    from egmla.configfile import int_list, model_overrides
     from egmla.infer.cli import resolve_device_dtype
     from egmla.runs import atomic_write_json
     from egmla.variants import select, variant_config
@@ -226,7 +226,7 @@ def main(args) -> int:
         from egmla.bench.token_ids import text_token_ids
 
         name = args.preset if args.preset != "auto" else ("paper-base" if device.type == "cuda" else "tiny")
-        base = preset(name, **parse_overrides(args.overrides, section="model"))
+        base = preset(name, **model_overrides(args.overrides))
         source = f"preset {name}, random weights"
         distinct = (fill_prompts(prompt_len, base.vocab_size) if args.fill_memory
                     else text_token_ids(max(batch_sizes), prompt_len, base.vocab_size)[0].tolist())

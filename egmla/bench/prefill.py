@@ -38,7 +38,7 @@ def main(args) -> int:
     from egmla.attention import decode_paths
     from egmla.bench.token_ids import text_token_ids
     from egmla.config import preset
-    from egmla.configfile import parse_overrides
+    from egmla.configfile import model_overrides
     from egmla.infer import GenerationEngine
     from egmla.infer.cli import resolve_device_dtype
     from egmla.model import Transformer
@@ -50,7 +50,7 @@ def main(args) -> int:
     if args.prompt_len < 1 or args.repeats < 1:
         raise ValueError(f"--prompt-len {args.prompt_len} and --repeats {args.repeats} must be >= 1")
     name = args.preset if args.preset != "auto" else ("paper-base" if device.type == "cuda" else "tiny")
-    base = preset(name, **{"max_seq_len": args.prompt_len + 2, **parse_overrides(args.overrides, section="model")})
+    base = preset(name, **{"max_seq_len": args.prompt_len + 2, **model_overrides(args.overrides)})
     ids = text_token_ids(max(batches), args.prompt_len, base.vocab_size)[0].tolist()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"benchmark": "prefill", "device": device_name, "dtype": str(dtype), "torch": torch.__version__,

@@ -406,7 +406,7 @@ def main(args) -> int:
     from egmla.bench.ab import code_identity
     from egmla.bench.generate import _random_model, write_table
     from egmla.config import preset
-    from egmla.configfile import parse_overrides
+    from egmla.configfile import model_overrides
     from egmla.infer import GenerationEngine
     from egmla.infer.cli import resolve_device_dtype
     from egmla.runs import atomic_write_json
@@ -443,7 +443,7 @@ def main(args) -> int:
     if min(count, prompt_len, output_len, max_batch) < 1 or min(rates) <= 0:
         raise ValueError("--requests, --prompt-len, --output-len, --max-batch and every --rate must be > 0")
     name = args.preset if args.preset != "auto" else ("paper-base" if on_cuda else "tiny")
-    base = preset(name, **{"max_seq_len": prompt_len + output_len, **parse_overrides(args.overrides, section="model")})
+    base = preset(name, **{"max_seq_len": prompt_len + output_len, **model_overrides(args.overrides)})
     if prompt_len + output_len - 1 > base.max_seq_len:
         raise ValueError(f"--prompt-len {prompt_len} + --output-len {output_len} exceeds max_seq_len={base.max_seq_len}")
     device_name = torch.cuda.get_device_name(device) if on_cuda else "cpu"

@@ -97,7 +97,7 @@ def build_step(variant, args, device, ids, autocast, gate_table_update: str, com
     (train.activation_checkpointing, train.loss_chunk_tokens)."""
     import torch
 
-    from egmla.configfile import parse_overrides
+    from egmla.configfile import model_overrides
     from egmla.model import Transformer
     from egmla.train.config import TrainConfig, uses_cuda_graphs
     from egmla.train.distributed import clip_grad_norm
@@ -106,7 +106,7 @@ def build_step(variant, args, device, ids, autocast, gate_table_update: str, com
     from egmla.train.recompute import recompute_blocks
     from egmla.train.trainer import graph_step_begin, own_gradients
 
-    config = variant.config(args.preset, **parse_overrides(args.overrides, section="model"))
+    config = variant.config(args.preset, **model_overrides(args.overrides))
     if args.seq_len > config.max_seq_len:
         config = config.replace(max_seq_len=args.seq_len)
     torch.manual_seed(0)
@@ -324,7 +324,7 @@ def rows_to_run(variants, preset: str, overrides: list[str], modes: list[str],
     """(variant, label, gate_table_update, compile_mode, memory) per row: every variant once per compile mode and
     memory setting ((activation_checkpointing, loss_chunk_tokens)), EG-MLA variants once per gate-table update in
     each."""
-    from egmla.configfile import parse_overrides
+    from egmla.configfile import model_overrides
     from egmla.variants import labels
 
     names = labels(variants, preset)
@@ -332,7 +332,7 @@ def rows_to_run(variants, preset: str, overrides: list[str], modes: list[str],
     for compile_mode in compile_modes:
         for memory in memories:
             for variant in variants:
-                gated = variant.config(preset, **parse_overrides(overrides, section="model")).is_gated
+                gated = variant.config(preset, **model_overrides(overrides)).is_gated
                 for mode in modes if gated else modes[:1]:
                     told = [mode] if gated and len(modes) > 1 else []
                     told += [compile_mode] if len(compile_modes) > 1 else []
@@ -460,7 +460,7 @@ def main(args) -> int:
         return 0
 
     from egmla.bench.token_ids import text_token_ids
-    from egmla.configfile import int_list, parse_overrides
+    from egmla.configfile import int_list, model_overrides
     from egmla.runs import atomic_write_json
     from egmla.train.config import COMPILE_MODES, GATE_TABLE_UPDATES, resolve_compile_mode
     from egmla.train.distributed import pick_device
@@ -487,7 +487,7 @@ def main(args) -> int:
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     variants = select(args.variants)
-    vocab = variants[0].config(args.preset, **parse_overrides(args.overrides, section="model")).vocab_size
+    vocab = variants[0].config(args.preset, **model_overrides(args.overrides)).vocab_size
     ids, note = text_token_ids(args.batch, args.seq_len + 1, vocab, args.text)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     settings = (f"torch {torch.__version__}, {'bf16' if use_bf16 else 'fp32'}, compile={args.compile} "

@@ -35,9 +35,9 @@ def model_fields_help() -> str:
 def main(args) -> int:
     from egmla.accounting import format_kv_table, kv_rows, variant_configs
     from egmla.config import preset
-    from egmla.configfile import parse_overrides
+    from egmla.configfile import model_overrides
 
-    base = preset(args.preset, **parse_overrides(args.overrides, section="model"))
+    base = preset(args.preset, **model_overrides(args.overrides))
     rows = kv_rows(variant_configs(base))
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -46,7 +46,7 @@ from egmla.infer.text import IncrementalDetokenizer, StopStringMatcher
 DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Offloaded gate tables: room kept on the device for the rows of new ids a call's decode steps may bring, beyond its
 # prompts' ids, as a fraction of the vocabulary (1/16 of a 32K vocabulary: 2,048 rows, ~100 MB at paper-base); past
-# it the room grows, and the steps' graphs are captured again (GenerationEngine._offload_rows_for).
+# it the room grows, and the steps' graphs are captured again (GenerationEngine.reset_offload_rows).
 OFFLOAD_ROOM_DIVISOR = 16
 
 
@@ -257,7 +257,7 @@ class GenerationEngine:
         self.last_step: DecodeStep | None = None
         self._cache: KVCache | None = None  # kept between calls of the same shape, with its steps
         self._steps: dict[tuple, DecodeStep] = {}
-        self._step_tokens: torch.Tensor | None = None  # [cache rows, 1]: the steps' input tokens (`_cache_for`)
+        self._step_tokens: torch.Tensor | None = None  # `step_tokens`, made with the kept cache (`_cache_for`)
         self._steps_read = precomputed_tensors(model, self.cuda_graphs)  # what the kept steps' graphs read by address
         self.prefill_graphs = self.cuda_graphs if prefill_graphs is None else prefill_graphs
         self._prefill_steps: dict[tuple, PrefillStep] = {}
@@ -339,26 +339,31 @@ class GenerationEngine:
                 seq.result.logprobs, seq.result.top_logprobs = [], []
         # The longest any sequence can get: its prompt plus all new tokens but the last (never fed back).
         cache_len = min(self.config.max_seq_len, max(len(ids) + max_new_tokens - 1 for ids in prompt_ids))
-        # the model's device made current: graph capture, Triton launches and stream events use the current one
+        with self.generating():
+            self._run(sequences, cache_len, max_new_tokens, sampling, eos_token_id, on_token, logprobs)
+        return [seq.result for seq in sequences]
+
+    @contextlib.contextmanager
+    def generating(self):
+        """What the model runs under while generating, here and in the Scheduler (one place, so that a graph the
+        scheduler captures ahead of time is the one its steps would capture): the model's device made current (graph
+        capture, Triton launches and stream events use the current one), inference mode, the per-call input check off
+        (`_inputs_unchecked`), the decode SDPA backends, and an offload's room kept by the caller. `prepare_cache`,
+        `decode_step` and the steps run under it."""
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         managed = self.offload.managed_by_caller() if self.offload is not None else contextlib.nullcontext()
         with on_device, torch.inference_mode(), _inputs_unchecked(self.model), sdpa_kernel(DECODE_SDPA_BACKENDS), \
                 managed:
-            self._run(sequences, cache_len, max_new_tokens, sampling, eos_token_id, on_token, logprobs)
-        return [seq.result for seq in sequences]
+            yield
 
     def _run(self, sequences: list[_Sequence], cache_len: int, max_new_tokens: int, sampling: SamplingParams,
              eos_token_id: int | None, on_token, logprobs: int | None = None) -> None:
         device, batch = self.device, len(sequences)
-        if self.auto_path:
-            self._choose_path(batch, cache_len)
-        read = precomputed_tensors(self.model, self.cuda_graphs)
-        if any(a is not b for a, b in zip(self._steps_read, read)):
-            self.drop_steps()  # a precomputed tensor was rebuilt: graphs of the old ones go
-        self._steps_read = read
-        cache = self._cache_for(bucket_for(batch, self.batch_buckets), cache_len)
-        if self.offload is not None:
-            self._offload_rows_for(sequences, cache.batch_size, max_new_tokens)
+        cache = self.prepare_cache(batch, cache_len)
+        if self.offload is not None:  # room for the prompts' ids (and padding's id 0) and the steps' new ids
+            prompt_ids = len(set().union(*(seq.result.prompt_ids for seq in sequences)) | {0})
+            rows = cache.batch_size  # each step feeds at most a bucket of tokens
+            self.reset_offload_rows(rows, known_ids=prompt_ids, new_ids=rows * max(max_new_tokens - 1, 0))
         prompt_lengths = [len(seq.result.prompt_ids) for seq in sequences]
         generator = sampling.make_generator(device)
         _synchronize(device)
@@ -418,11 +423,11 @@ class GenerationEngine:
             if ahead is not None:
                 continue  # its step ran already (a row that finished there appended a token nobody reads)
             if step is None or step.batch != bucket_for(len(rows), self.batch_buckets):
-                step = self._step(cache, bucket_for(len(rows), self.batch_buckets), max_new_tokens)
+                step = self.decode_step(cache, bucket_for(len(rows), self.batch_buckets), max_new_tokens)
                 step_appending = None
                 graphed.add(step.use_graph)
             if self._offload_moved(step.batch):  # room for this step's ids, just before it runs
-                step = self._step(cache, step.batch, max_new_tokens)
+                step = self.decode_step(cache, step.batch, max_new_tokens)
                 step_appending = None
             step.tokens[: len(rows), 0].copy_(next_ids)
             appending = [int(i is not None) for i in rows] + [0] * (step.batch - len(rows))
@@ -440,17 +445,21 @@ class GenerationEngine:
             step_seconds=step_seconds, cache_bytes=cache.nbytes(), cuda_graphs=graphed == {True},
             decode_path=self.decode_path)
 
-    def _offload_rows_for(self, sequences: list[_Sequence], rows: int, max_new_tokens: int) -> None:
-        """A call's start under an offload: forget the last call's resident rows, and keep room for the prompts' ids
-        (and padding's id 0) and, where that takes little memory, for every token the decode steps can feed (then no
-        step checks the count): else for 1 / OFFLOAD_ROOM_DIVISOR of the vocabulary more (4 per row at least),
-        checked as the steps go (`make_room`: a sync only when the count could pass it)."""
+    def reset_offload_rows(self, rows: int, known_ids: int = 0, new_ids: int | None = None) -> None:
+        """The start of a batch of `rows` sequences under offloaded gate tables (nothing without): forget the resident
+        rows of the last one, and keep room for `known_ids` ids (a call's prompts and padding's id 0) and for
+        `new_ids` more where that takes little memory (then no step checks the count), else, and for None (a server,
+        which cannot know them), for 1 / OFFLOAD_ROOM_DIVISOR of the vocabulary more (4 per row at least), checked as
+        the steps go (`make_room`: a sync only when the count could pass it). Drops the steps where the rows moved."""
         offload = self.offload
+        if offload is None:
+            return
         offload.reset()
-        prompt_ids = len(set().union(*(seq.result.prompt_ids for seq in sequences)) | {0})
-        decode_ids = rows * max(max_new_tokens - 1, 0)  # each step feeds at most a bucket of tokens
-        room = prompt_ids + min(decode_ids, self._offload_slack(rows))
-        if offload.reserve(room) | offload.make_room(prompt_ids):
+        slack = self._offload_slack(rows)
+        moved = offload.reserve(known_ids + (slack if new_ids is None else min(new_ids, slack)))
+        if known_ids:  # counted now; a server counts each forward's ids as they come (`make_room` before it)
+            moved |= offload.make_room(known_ids)
+        if moved:
             self.drop_steps()
 
     def _offload_slack(self, rows: int) -> int:
@@ -497,7 +506,7 @@ class GenerationEngine:
             warnings.warn(f"decode_path='auto': the grouped decode's cache and working memory for {batch} sequences "
                           f"of {cache_len} positions do not fit the free device memory; using '{path}' (slower at "
                           f"this size, no per-id buffers). `egmla plan --decode-path auto` sizes batches for it.",
-                          RuntimeWarning, stacklevel=4)
+                          RuntimeWarning, stacklevel=5)
         if path != self.model.decode_path:
             if self._cache is not None and not (self.share_cache_across_paths
                                                 and _serves(self._cache, self.config, path)):
@@ -522,6 +531,33 @@ class GenerationEngine:
         return need <= device_free_bytes(self.device) + kept
 
     # ---- the cache and the steps over it ----------------------------------------------------
+    def prepare_cache(self, batch: int, cache_len: int) -> KVCache:
+        """The start of a batch of `batch` sequences of up to `cache_len` positions (a `generate` call; a Scheduler
+        opening its rows): under decode_path="auto" the path chosen for them, the kept steps dropped where what
+        their graphs read was rebuilt since (`_drop_stale_steps`), and an empty cache of at least the batch's bucket
+        of rows: the kept one where it fits (`_cache_for`). Its decode steps (`decode_step`) read their input tokens
+        from `step_tokens`."""
+        if self.auto_path:
+            self._choose_path(batch, cache_len)
+        self._drop_stale_steps()
+        return self._cache_for(bucket_for(batch, self.batch_buckets), cache_len)
+
+    @property
+    def step_tokens(self) -> torch.Tensor | None:
+        """[rows of the kept cache, 1]: the input tokens of every decode step over it, rows [0, batch) of this one
+        buffer for each bucket (a caller that keeps each row's next token here feeds a step without copying them);
+        None before `prepare_cache`."""
+        return self._step_tokens
+
+    def _drop_stale_steps(self) -> None:
+        """Drop the kept steps if a tensor their graphs read by address (`precomputed_tensors`: gate tables, folded
+        absorption, merged weights) has been rebuilt since they were made, as it is when a weight changed in place;
+        the tensors are built again here if so."""
+        read = precomputed_tensors(self.model, self.cuda_graphs)
+        if any(a is not b for a, b in zip(self._steps_read, read)):
+            self.drop_steps()
+        self._steps_read = read
+
     def _cache_for(self, rows: int, cache_len: int) -> KVCache:
         """An empty cache of at least `rows` sequences and `cache_len` positions: the one of the last call when it
         fits (its graphs stay valid), else a new one of exactly `cache_len` (dropping the old and its graphs
@@ -542,18 +578,17 @@ class GenerationEngine:
             cache = self._cache = allocate_cache(self.config, rows, cache_len, dtype=dtype, device=self.device,
                                                  decode_path=layout)
             self._cache_layout = layout
-            # every bucket's step reads its input tokens from rows [0, batch) of this one buffer, so that a caller
-            # that keeps each row's next token here (the scheduler) feeds a step without copying them (a launch)
             self._step_tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=self.device)
         cache.reset()
         return cache
 
-    def _step(self, cache: KVCache, batch: int, new_tokens_bound: int) -> DecodeStep:
-        """The decode step of a batch bucket. A graph of a path that reads the token groups (EG-MLA's grouped, the
-        bias controls' absorbed) is sized for the distinct ids the sequences can reach during this call, each
-        appending at most `new_tokens_bound` more tokens (generate: its max_new_tokens; the scheduler: a whole row,
-        max_len): a kept graph sized for at least as many serves it (the smallest such), else one of this size is
-        captured."""
+    def decode_step(self, cache: KVCache, batch: int, new_tokens_bound: int) -> DecodeStep:
+        """The decode step over rows [0, batch) of `cache` (the one `prepare_cache` returned; its steps read their
+        input tokens from `step_tokens`), kept for the next call. A graph of a path that reads the token groups
+        (EG-MLA's grouped, the bias controls' absorbed) is sized for the distinct ids the sequences can reach during
+        this call, each appending at most `new_tokens_bound` more tokens (generate: its max_new_tokens; the
+        scheduler: a whole row, max_len): a kept graph sized for at least as many serves it (the smallest such), else
+        one of this size is captured."""
         path = self.decode_path
         key: tuple = (path, batch)
         groups = cache.token_groups if self.reads_token_groups() else None

@@ -72,7 +72,7 @@ def run_model_config(run: str):
 
 def main(args) -> int:
     from egmla.config import preset
-    from egmla.configfile import parse_overrides
+    from egmla.configfile import model_overrides
     from egmla.infer.plan import format_plan, plan_rows
 
     if args.plot:
@@ -82,7 +82,7 @@ def main(args) -> int:
             raise ValueError("--set applies to --preset only; a run's shape is fixed by its config.json")
         base, source = run_model_config(args.run), f"run {args.run}"
     else:
-        base, source = preset(args.preset, **parse_overrides(args.overrides, section="model")), f"preset {args.preset}"
+        base, source = preset(args.preset, **model_overrides(args.overrides)), f"preset {args.preset}"
     rows = plan_rows(base, args.context, args.memory_gb, args.dtype, args.reserve_gb, args.gate_table,
                      args.decode_path, args.distinct_ids, merged_products=args.merged_products,
                      resident_ids=args.resident_ids)

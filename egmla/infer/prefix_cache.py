@@ -51,8 +51,9 @@ class PrefixTable:
 
     def longest(self, prompt: tuple[int, ...], free: list[int]) -> tuple[int, int | None]:
         """(tokens shared, row): the row holding the longest prefix of `prompt` that some row has cached, at least
-        `minimum` tokens and one token short of the prompt (its last position's logits are needed), a row in `free`
-        winning a tie; (0, None) where there is none."""
+        `minimum` tokens and one token short of the prompt (its last position's logits are needed; so too a full
+        row's last position, which the decode steps overwrite, is never reused), a row in `free` winning a tie; (0,
+        None) where there is none."""
         minimum = self.minimum
         if not minimum or len(prompt) <= minimum:
             return 0, None

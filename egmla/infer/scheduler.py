@@ -39,7 +39,6 @@ scheduler owns its engine while it runs: do not call `engine.generate` at the sa
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import threading
 import time
@@ -47,11 +46,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from torch.nn.attention import sdpa_kernel
 
 from egmla.infer.decode_step import bucket_for
-from egmla.infer.engine import (DECODE_SDPA_BACKENDS, GenerationEngine, TokenEvent, _inputs_unchecked,
-                                _Sequence, _set_n_new, _tokens_to_host)
+from egmla.infer.engine import GenerationEngine, TokenEvent, _Sequence, _set_n_new, _tokens_to_host
 from egmla.infer.prefill_step import padded_runs, prefill_buckets
 from egmla.infer.prefix_cache import PrefixTable
 from egmla.infer.requests import RequestHandle, SchedulerStats
@@ -289,7 +286,7 @@ class Scheduler:
         """One iteration: free cancelled rows, admit waiting requests, prefill (first tokens), one decode step for
         every row whose prompt is in. Returns whether any request is still running or waiting."""
         start = time.perf_counter()
-        with self._running_model():
+        with self.engine.generating():
             if self._cache is None:
                 self._open()
             self._retire_cancelled()
@@ -330,29 +327,17 @@ class Scheduler:
             seconds = self.stats.host_seconds
             seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
 
-    @contextlib.contextmanager
-    def _running_model(self):
-        """What the model runs under here: its device, inference mode, unchecked inputs, the decode SDPA backends (a
-        graph captured ahead of time must be the one `step()` would capture)."""
-        engine = self.engine
-        device = engine.device
-        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        managed = engine.offload.managed_by_caller() if engine.offload is not None else contextlib.nullcontext()
-        with on_device, torch.inference_mode(), _inputs_unchecked(engine.model), sdpa_kernel(DECODE_SDPA_BACKENDS), \
-                managed:
-            yield
-
     def capture_graphs(self) -> int:
         """Capture the decode step's CUDA graph of every batch bucket up to max_batch's now (a server's start), instead
         of the first time each is used while requests wait (a capture synchronizes, collects garbage and warms up:
         tens of milliseconds each). Returns how many were captured; none without graphs (CPU, eager)."""
         engine, captured = self.engine, 0
-        with self._running_model():
+        with engine.generating():
             if self._cache is None:
                 self._open()
             for bucket in [b for b in engine.batch_buckets if b <= len(self._rows)]:
                 self._offload_room(bucket)
-                step = engine._step(self._cache, bucket, self.max_len)
+                step = engine.decode_step(self._cache, bucket, self.max_len)
                 if step.use_graph and step.graph is None:
                     step.capture()
                     captured += 1
@@ -372,7 +357,7 @@ class Scheduler:
         if max_prompt_tokens is not None and max_prompt_tokens < 0:
             raise ValueError(f"max_prompt_tokens={max_prompt_tokens}: must be >= 0 (0: capture none)")
         captured = 0
-        with self._running_model():
+        with self.engine.generating():
             if self._cache is None:
                 self._open()
             for rows, width in self.prefill_buckets(max_prompt_tokens):
@@ -397,18 +382,13 @@ class Scheduler:
         """The cache (and, under decode_path='auto', the path) for max_batch rows of max_len positions."""
         engine = self.engine
         rows = bucket_for(self.max_batch, engine.batch_buckets)
-        if engine.auto_path:
-            engine._choose_path(rows, self.max_len)
-        engine._steps_read = _precomputed(engine)
-        self._cache = engine._cache_for(rows, self.max_len)
-        if engine.offload is not None:  # the rows of the ids the server's cache holds, kept across requests
-            engine.offload.reset()
-            if engine.offload.reserve(engine._offload_slack(rows)):
-                engine.drop_steps()
+        self._cache = engine.prepare_cache(rows, self.max_len)
+        # the rows of the ids the server's cache holds are kept across requests (evicted when short, `_offload_room`)
+        engine.reset_offload_rows(rows)
         self._rows = [None] * rows
         self._prefixes = PrefixTable(rows, self.prefix_cache_min)
         # each row's next input token, in the buffer every decode step reads: a step needs no copy of them
-        self._next = engine._step_tokens[:rows, 0]
+        self._next = engine.step_tokens[:rows, 0]
 
     def _retire_cancelled(self) -> None:
         if not self._cancels:  # set by a handle's cancel(), from any thread: no scan of the rows every step
@@ -657,7 +637,7 @@ class Scheduler:
         top = rows[-1] + 1
         bucket = bucket_for(top, self.engine.batch_buckets)
         self._offload_room(bucket)  # every row's token is fed, a finished row's too
-        step = self.engine._step(self._cache, bucket, self.max_len)
+        step = self.engine.decode_step(self._cache, bucket, self.max_len)
         if step is not self._step:
             self._step, self._step_appending = step, None
         if step.tokens.data_ptr() != self._next.data_ptr():  # a step of its own buffer (not the engine's kept cache)
@@ -801,12 +781,3 @@ class Scheduler:
 def _index(rows: list[int], device) -> torch.Tensor:
     """`rows` as an int64 tensor on `device`, without waiting for the stream (`host_to_device`)."""
     return host_to_device(rows, torch.long, device)
-
-
-def _precomputed(engine: GenerationEngine) -> list:
-    from egmla.infer.engine import precomputed_tensors
-
-    read = precomputed_tensors(engine.model, engine.cuda_graphs)
-    if any(a is not b for a, b in zip(engine._steps_read, read)):
-        engine.drop_steps()  # a precomputed tensor was rebuilt: graphs of the old ones go
-    return read

@@ -11,7 +11,7 @@ from tests.conftest import VARIANTS, small_config
 # Every variant and path; the Triton 'kernel' path (slow in the CPU interpreter) once per kernel: its
 # cache layout is the same for the ablations of one variant.
 CASES = [(name, path) for name, kw in VARIANTS.items() for path in decode_paths(small_config(**kw))
-         if path != "kernel" or name in ("mla", "egmla", "egmla-latent")]
+         if path != "kernel" or name in ("mla", "eg-mla", "eg-mla-latent")]
 
 
 def rel_err(a, b):
@@ -118,7 +118,7 @@ def test_capturable_step_equals_the_eager_step(variant, path):
 def test_reset_empties_every_sequence_and_zeroes_the_append_counters():
     """reset() keeps the storage (graphs read it by address) and leaves no state behind: lengths, token groups and
     the one-launch append's per-sequence arrival counters, which a fault mid-launch could leave nonzero."""
-    config = small_config(**VARIANTS["egmla"])
+    config = small_config(**VARIANTS["eg-mla"])
     model = Transformer(config).eval()
     model.set_decode_path("grouped")
     cache = model.new_cache(3, max_len=8)
@@ -134,7 +134,7 @@ def test_reset_empties_every_sequence_and_zeroes_the_append_counters():
 def test_reset_rows_empties_those_rows_only(path):
     """A row given to a new sequence (the serving scheduler) is prefilled as in a fresh cache; its neighbours keep
     their sequences and their logits."""
-    config = small_config(**VARIANTS["egmla"])
+    config = small_config(**VARIANTS["eg-mla"])
     model = Transformer(config).eval()
     model.set_decode_path(path)
     tokens = torch.randint(0, config.vocab_size, (3, 9))
@@ -162,7 +162,7 @@ def test_reset_rows_empties_those_rows_only(path):
 def test_keep_prefix_leaves_the_row_as_a_fresh_prefill_of_the_prefix(copied):
     """keep_prefix(row, L): the row's length and token groups are those of a cache that was given only its first L
     tokens; the other rows and the host-side bounds stay."""
-    config = small_config(**VARIANTS["egmla"])
+    config = small_config(**VARIANTS["eg-mla"])
     model = Transformer(config).eval()
     model.set_decode_path("grouped")
     tokens = torch.randint(0, 12, (2, 10))  # few ids: groups with several positions each

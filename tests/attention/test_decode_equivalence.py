@@ -119,9 +119,9 @@ def test_decode_in_bf16_stays_close_to_fp32():
 
 
 
-@pytest.mark.parametrize("variant,path", [("mla", "absorbed"), ("mla-qlora", "absorbed"), ("egmla-latent", "absorbed"),
-                                          ("egmla", "gate-table"), ("egmla-rmsnorm", "gate-table"),
-                                          ("egmla-bias", "absorbed"), ("egmla-bias", "gate-table")])
+@pytest.mark.parametrize("variant,path", [("mla", "absorbed"), ("mla-qlora", "absorbed"), ("eg-mla-latent", "absorbed"),
+                                          ("eg-mla", "gate-table"), ("eg-mla-rmsnorm", "gate-table"),
+                                          ("eg-mla-bias", "absorbed"), ("eg-mla-bias", "gate-table")])
 def test_precomputed_weights_follow_weight_changes(variant, path):
     """What a decode path precomputes from the weights ('absorbed' folds W_UK / W_UV into the projections, EG-MLA's
     table paths build G_l = E_l W_UE^T, the bias control folds its norm and W_UE): after an in-place change of the
@@ -161,7 +161,7 @@ def same_model(model, config, dtype=None):
     return fresh.to(dtype) if dtype is not None else fresh
 
 
-@pytest.mark.parametrize("variant,path", [("egmla", "gate-table"), ("egmla-bias", "absorbed")])
+@pytest.mark.parametrize("variant,path", [("eg-mla", "gate-table"), ("eg-mla-bias", "absorbed")])
 def test_training_after_a_table_path_was_set_reaches_the_gate_weights(variant, path):
     """A table path builds G_l = E_l W_UE^T without autograd (HF loading, an engine, lm-eval set one): a training
     forward must still compute the gates from E_l and W_UE, so both get gradients, and an evaluation forward
@@ -179,7 +179,7 @@ def test_training_after_a_table_path_was_set_reaches_the_gate_weights(variant, p
         assert rel_err(model.eval()(tokens), same_model(model, config)(tokens)) < 1e-5
 
 
-@pytest.mark.parametrize("variant,path", [("mla", "absorbed"), ("egmla", "gate-table"), ("egmla-bias", "absorbed"),
+@pytest.mark.parametrize("variant,path", [("mla", "absorbed"), ("eg-mla", "gate-table"), ("eg-mla-bias", "absorbed"),
                                           ("mha", "naive")])
 def test_fused_and_row_sparse_optimizer_steps_are_seen_by_the_decode_paths(variant, path):
     """AdamW's fused kernel (the trainer's on CUDA) writes the weights without bumping their versions; the trainer's
@@ -209,7 +209,7 @@ def test_fused_and_row_sparse_optimizer_steps_are_seen_by_the_decode_paths(varia
             assert rel_err(step, same_model(model, config)(tokens)[:, 8:9]) < 1e-4
 
 
-@pytest.mark.parametrize("variant,path", [("egmla", "gate-table"), ("egmla-bias", "absorbed"), ("mla", "absorbed")])
+@pytest.mark.parametrize("variant,path", [("eg-mla", "gate-table"), ("eg-mla-bias", "absorbed"), ("mla", "absorbed")])
 def test_a_model_cast_or_moved_rebuilds_what_its_path_precomputed(variant, path):
     """`.to(dtype)` / `.to(device)` after a path was set: the precomputed tensors follow the weights (a gate table
     left in the old dtype mixed dtypes in the forward; on the old device it held memory there)."""

@@ -23,3 +23,17 @@ def test_kv_report_json(capsys):
 def test_cli_error_is_one_clear_line(capsys):
     assert main(["kv-report", "--preset", "paper-huge"]) == 2
     assert "unknown preset" in capsys.readouterr().err
+
+
+def test_an_unknown_set_key_is_named_as_typed(capsys):
+    """`kv-report --set nope=1` named the key `model.nope` (ModelConfig's check, for keys of `egmla train`'s [model]
+    section); the message names what was typed, and the fix. The benchmarks and `plan` share the check."""
+    assert main(["kv-report", "--set", "nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert "--set 'nope=1': nope: unknown model field; known keys: vocab_size, n_layers" in err and "model.nope" not in err
+    assert main(["kv-report", "--set", "kv_lora_rnk=16"]) == 2
+    assert "--set 'kv_lora_rnk=16': kv_lora_rnk: unknown model field; did you mean 'kv_lora_rank'?" in (
+        capsys.readouterr().err)
+    assert main(["kv-report", "--set", "model.kv_lora_rnk=16"]) == 2  # the section's spelling, as typed
+    assert "--set 'model.kv_lora_rnk=16': model.kv_lora_rnk: unknown model field; did you mean" in capsys.readouterr().err
+    assert main(["kv-report", "--preset", "tiny", "--set", "model.kv_lora_rank=16", "--json"]) == 0

@@ -47,7 +47,7 @@ def test_measured_cache_bytes_match_formula(variant, dtype):
 
 
 def test_cache_stores_only_the_latent_for_latent_variants():
-    for variant in ("mla", "egmla", "egmla-latent"):
+    for variant in ("mla", "eg-mla", "eg-mla-latent"):
         model = Transformer(small_config(**VARIANTS[variant]))
         cache = model.new_cache(2, max_len=8)
         assert set(cache.layers[0].buffers) == {"latent", "k_rope"}

@@ -1,7 +1,6 @@
 """egmla.variants is the one table of named variants: one entry added there reaches accounting, the
 benchmarks' variant selection, `egmla compare` and the config-file check; names, display names and
 decode paths come out of it consistently."""
-import typing
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ from egmla import variants
 from egmla.attention import decode_paths
 from egmla.config import ModelConfig, preset
 from egmla.variants import VARIANTS, Variant
+from tests.variant_kinds import kind_fields, kind_name, kind_of, registered_kinds
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -126,15 +126,6 @@ def test_a_variant_sets_attention_fields_only():
         variants.select("mha,egmla-kv46")
 
 
-def kind_fields() -> tuple[str, ...]:
-    """The attention fields that make a kind of variant: each one a choice of values (a Literal: attention, gate_op,
-    ...), not a size (kv_lora_rank, gate_dim, n_kv_heads). Read from ModelConfig's annotations, so a new attention
-    field is a kind here as soon as it is in ATTENTION_FIELDS (until 2026-12-06 the list was written out, and a
-    reader's new field passed the check below while no exactness table held its variant)."""
-    hints = typing.get_type_hints(ModelConfig)
-    return tuple(f for f in variants.ATTENTION_FIELDS if typing.get_origin(hints[f]) is typing.Literal)
-
-
 def test_kinds_are_the_attention_fields_with_a_choice_of_values():
     kinds = set(kind_fields())
     assert {"attention", "gate_op", "gate_norm", "gate_placement", "gate_init"} <= kinds
@@ -159,12 +150,33 @@ def _exactness_table(where: str) -> list:
 @pytest.mark.parametrize("where", ["tests/conftest.VARIANTS", "tests/hf/conftest.VARIANTS",
                                    "tests/infer/helpers.VARIANTS"])
 def test_every_kind_of_variant_is_in_each_exactness_tests_table(where):
-    """The exactness tests' three tables are kept by hand at small shapes, each spelling the variants its own way
-    (names the tests use, shapes that suit them): every registered variant's kind (attention, gate op, norm,
-    placement, start) must be in each, or a new variant is never checked there. (Until 2026-12-06 tests/conftest
-    lacked the V table, and the HF and engine tables the add, no-norm and identity ablations.)"""
-    kinds = kind_fields()
-    tested = {tuple(getattr(config, k) for k in kinds) for config in _exactness_table(where)}
-    missing = {v.name: v.overrides for v in VARIANTS.values()
-               if tuple(getattr(v.config("tiny"), k) for k in kinds) not in tested}
+    """The exactness tests' three tables are built from the registry's kinds (tests/variant_kinds.py), each at its own
+    small shape: every registered variant's kind (attention, gate op, norm, placement, start) must be in each, or a new
+    variant is never checked there. (Until 2026-12-06 the tables were kept by hand: tests/conftest lacked the V table,
+    and the HF and engine tables the add, no-norm and identity ablations.)"""
+    tested = {kind_of(config) for config in _exactness_table(where)}
+    missing = {v.name: v.overrides for v in VARIANTS.values() if kind_of(v.config("tiny")) not in tested}
     assert not missing, f"add these kinds of variant to {where}: {missing}"
+
+
+def test_a_new_kind_in_the_registry_reaches_the_exactness_tables_by_its_name(monkeypatch):
+    """One registry entry of a new kind is a new entry of the tables (no edit in tests/), named after it less its
+    sizes, so that `pytest tests -k NAME` runs every test parametrized over them; one more of a known kind is not."""
+    monkeypatch.setitem(VARIANTS, "mla-kv32", Variant("mla-kv32", dict(attention="mla", kv_lora_rank=32)))
+    monkeypatch.setitem(VARIANTS, "egmla-kv32-rmsnorm", Variant("egmla-kv32-rmsnorm", dict(
+        attention="eg-mla", kv_lora_rank=32, gate_norm="rmsnorm")))
+    kinds = registered_kinds()
+    assert kinds["eg-mla-rmsnorm"] == dict(attention="eg-mla", gate_norm="rmsnorm")  # no sizes: each table has its own
+    assert len(kinds) == len({kind_of(v.config("tiny")) for v in VARIANTS.values()})
+    assert kinds["gqa"] == dict(attention="gqa", n_kv_heads=2)  # 2 query heads per KV head at the tables' 4 heads
+    assert [kind_name(n, a) for n, a in (("gqa4", "gqa"), ("egmla-kv64-bias-v", "eg-mla"), ("mla-kv64-de512", "mla"))] \
+        == ["gqa", "eg-mla-bias-v", "mla"]
+
+
+def test_two_kinds_one_name_in_the_exactness_tables_is_refused(monkeypatch):
+    """A name less its sizes is the tables' name: two kinds that would share one are refused, naming both."""
+    monkeypatch.setitem(VARIANTS, "egmla-kv16-add", Variant("egmla-kv16-add", dict(
+        attention="eg-mla", kv_lora_rank=16, gate_op="add", gate_norm="none")))
+    with pytest.raises(ValueError, match="variants 'egmla-kv64-add' and 'egmla-kv16-add' are different kinds both "
+                                         "named 'eg-mla-add'"):
+        registered_kinds()

@@ -9,24 +9,17 @@ from egmla.config import ModelConfig
 from egmla.model import Transformer
 from egmla.runs import FORMAT_VERSION, save_weights
 from tests.conftest import perturbed
+from tests.variant_kinds import KINDS, LATENT, with_latent_sizes
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "egmla" / "hf" / "tasks"
 VOCAB = 300
-LATENT = dict(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 # init_std 0.1 gives random models clear argmax margins, so greedy comparisons test code, not luck.
 SHAPE = dict(vocab_size=VOCAB, n_layers=2, d_model=64, n_heads=4, max_seq_len=64, init_std=0.1)
+# Every kind of registered variant (tests/variant_kinds.py, read from egmla.variants), and a low-rank query with
+# untied embeddings.
 VARIANTS = {
-    "mha": dict(attention="mha"),
-    "gqa": dict(attention="gqa", n_kv_heads=2),
-    "mla": dict(attention="mla", **LATENT),
+    **with_latent_sizes(KINDS),
     "mla-qlora-untied": dict(attention="mla", q_lora_rank=24, tie_embeddings=False, **LATENT),
-    "eg-mla": dict(attention="eg-mla", gate_dim=32, **LATENT),
-    "eg-mla-latent": dict(attention="eg-mla", gate_dim=32, gate_placement="latent", **LATENT),
-    "eg-mla-add": dict(attention="eg-mla", gate_dim=32, gate_op="add", **LATENT),  # ablation: gate added
-    "eg-mla-no-norm": dict(attention="eg-mla", gate_dim=32, gate_norm="none", **LATENT),  # ablation: no norm
-    "eg-mla-identity": dict(attention="eg-mla", gate_dim=32, gate_init="identity", **LATENT),  # gate starts at 1
-    "eg-mla-bias": dict(attention="eg-mla", gate_dim=32, gate_op="bias", **LATENT),  # issue 18's control
-    "eg-mla-bias-v": dict(attention="eg-mla", gate_dim=32, gate_op="bias-v", **LATENT),  # the table on V alone
 }
 
 

@@ -8,24 +8,13 @@ from egmla.config import ModelConfig
 from egmla.model import Transformer
 from egmla.runs import FORMAT_VERSION, save_weights
 from tests.conftest import perturbed
+from tests.variant_kinds import KINDS, with_latent_sizes
 
 VOCAB = 300
-LATENT = dict(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 # init_std 0.1 (not 0.02) so that random models have clear argmax margins: greedy ties between paths
 # that differ by rounding (1e-7) would be luck, not a bug.
 SHAPE = dict(vocab_size=VOCAB, n_layers=2, d_model=64, n_heads=4, max_seq_len=48, init_std=0.1)
-VARIANTS = {
-    "mha": dict(attention="mha"),
-    "gqa": dict(attention="gqa", n_kv_heads=2),
-    "mla": dict(attention="mla", **LATENT),
-    "eg-mla": dict(attention="eg-mla", gate_dim=32, **LATENT),
-    "eg-mla-latent": dict(attention="eg-mla", gate_dim=32, gate_placement="latent", **LATENT),
-    "eg-mla-add": dict(attention="eg-mla", gate_dim=32, gate_op="add", **LATENT),  # ablation: gate added
-    "eg-mla-no-norm": dict(attention="eg-mla", gate_dim=32, gate_norm="none", **LATENT),  # ablation: no norm
-    "eg-mla-identity": dict(attention="eg-mla", gate_dim=32, gate_init="identity", **LATENT),  # gate starts at 1
-    "eg-mla-bias": dict(attention="eg-mla", gate_dim=32, gate_op="bias", **LATENT),  # issue 18's control
-    "eg-mla-bias-v": dict(attention="eg-mla", gate_dim=32, gate_op="bias-v", **LATENT),  # the table on V alone
-}
+VARIANTS = with_latent_sizes(KINDS)  # every kind of registered variant (tests/variant_kinds.py)
 
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings "
         "and arrows of outrageous fortune, or to take arms against a sea of troubles and by opposing end them. "

@@ -334,7 +334,7 @@ def test_a_longer_kept_cache_serves_shorter_calls_only_where_graphs_replay_a_len
 
 
 def test_a_kept_grouped_graph_sized_for_more_distinct_ids_serves_a_call_needing_fewer():
-    """`_step` on a grouped cache with graphs (set by hand: steps are built, never run, here): a call needing a
+    """`decode_step` on a grouped cache with graphs (set by hand: steps are built, never run, here): a call needing a
     distinct-id bound at most that of a kept step reuses it (the smallest such), a call needing more gets its own."""
     model = tiny_model("eg-mla", max_seq_len=600)
     engine = GenerationEngine(model, decode_path="grouped")
@@ -342,12 +342,12 @@ def test_a_kept_grouped_graph_sized_for_more_distinct_ids_serves_a_call_needing_
     cache = engine._cache_for(2, 600)  # bounds round up to 256 distinct ids, at most the cache length
     groups = cache.token_groups
     groups.host.distinct_bound = 300
-    large = engine._step(cache, 2, new_tokens_bound=10)  # needs 311 -> 512
+    large = engine.decode_step(cache, 2, new_tokens_bound=10)  # needs 311 -> 512
     assert groups.host.plan_distinct == 512
     groups.host.distinct_bound = 100
-    assert engine._step(cache, 2, new_tokens_bound=10) is large and groups.host.plan_distinct == 512  # needs 256
+    assert engine.decode_step(cache, 2, new_tokens_bound=10) is large and groups.host.plan_distinct == 512  # needs 256
     groups.host.distinct_bound = 550
-    assert engine._step(cache, 2, new_tokens_bound=10) is not large and groups.host.plan_distinct == 600
+    assert engine.decode_step(cache, 2, new_tokens_bound=10) is not large and groups.host.plan_distinct == 600
     assert sorted(engine._steps) == [("grouped", 2, 512), ("grouped", 2, 600)]
 
 

@@ -357,6 +357,69 @@ def test_a_request_at_the_rows_end_stops_by_length():
     assert result.token_ids == engine.generate([PROMPTS[0]], max_new_tokens=6)[0].token_ids
 
 
+def _row_buffers(cache, row: int) -> list[torch.Tensor]:
+    """Copies of row `row` of every buffer the cache holds (`KVCache._map` walks them all): per position, the
+    positions before the last; per sequence, its value."""
+    found = []
+    cache._map(lambda t, per_position: found.append(t[row, : cache.max_len - 1].clone() if per_position
+                                                    else t[row].clone()) or t)
+    return found
+
+
+@pytest.mark.parametrize("variant,path", [(variant, path) for variant in ("mha", "mla", "eg-mla")
+                                          for path in decode_paths(tiny_model(variant).config) if path != "kernel"])
+def test_a_full_row_appending_nothing_changes_no_position_but_its_last(variant, path):
+    """A decode step has a fixed shape (a CUDA graph's): every row of its bucket runs, a full row that appends nothing
+    (n_new = 0: ended by length, or free) too, and its write is clamped into the cache at position max_len - 1
+    (`KVCache.positions_for(static=True)`, the decode-context kernel), over the last token there. Kept so, not
+    masked: a full row's last position is never read again (the next test). Pinned here: the row's length, token
+    groups and every position before the last stay as they were."""
+    max_len = 12
+    engine = GenerationEngine(tiny_model(variant, seed=6), decode_path=path)
+    with engine.generating():
+        cache = engine.prepare_cache(2, max_len)
+        prompts = torch.tensor([[(13 * i) % 290 + 5 for i in range(max_len)], [40, 41, 42] + [0] * (max_len - 3)])
+        engine.model(prompts, cache, n_new=torch.tensor([max_len, 3]))  # row 0 full, row 1 three tokens
+        before = _row_buffers(cache, 0)
+        step = engine.decode_step(cache, 2, max_len)
+        step.tokens.copy_(torch.tensor([[7], [9]]))
+        step.n_new.copy_(torch.tensor([0, 1]))
+        step.run()
+    assert cache.lengths.tolist() == [max_len, 4]
+    for kept, now in zip(before, _row_buffers(cache, 0), strict=True):
+        assert torch.equal(kept, now)
+    if cache.token_ids is not None:  # the clamped write the next test shows harmless (update both if it goes)
+        assert cache.token_ids[0, max_len - 1] == 7
+
+
+def test_a_prefix_reused_from_a_full_row_stops_before_the_position_its_steps_overwrote():
+    """A prompt that fills its row ends by length on its first token; the decode steps of the rows beside it then
+    overwrite the row's last position (the test above). Harmless because a prompt reusing the row's cached prefix
+    reuses at most len(prompt) - 1 <= max_len - 1 positions (its last token is fed again, for its logits): the same
+    prompt again reuses max_len - 1 and gets the tokens it gets alone. This fails if a reused prefix ever reaches
+    the last position, or if a full row appends."""
+    max_len = 16
+    engine = GenerationEngine(tiny_model("eg-mla", seed=6), decode_path="grouped", batch_buckets=(2,))  # rows stay
+    full = [(23 * i) % 290 + 5 for i in range(max_len)]
+    again = full[:-1] + [77]  # shares all but the last token: reuses as much as the same prompt would
+    expected = [engine.generate([p], max_new_tokens=1)[0].token_ids for p in (full, again)]
+    scheduler = Scheduler(engine, max_batch=2, max_len=max_len, prefix_cache_min=4)
+    first = scheduler.submit(full, max_new_tokens=3)  # row 0
+    beside = scheduler.submit([200, 201, 202], max_new_tokens=8)  # row 1, decoding while row 0 is full
+    while not first.done:
+        scheduler.step()
+    scheduler.step()
+    cache = scheduler._cache
+    assert scheduler._prefixes[0] == tuple(full) and cache.lengths[0] == max_len
+    assert cache.token_ids[0, max_len - 1] != full[-1]  # overwritten by the steps beside it (else this tests nothing)
+    handles = [scheduler.submit(p, max_new_tokens=3) for p in (full, again)]
+    while scheduler.step():
+        assert int(scheduler._cache.lengths.max()) <= max_len
+    assert scheduler.stats.prefix_hits == 2 and scheduler.stats.prefix_tokens_reused == 2 * (max_len - 1)
+    assert [h.result().token_ids for h in [first, *handles]] == [expected[0], *expected]  # one token: the row's end
+    assert beside.done
+
+
 def test_a_failing_step_fails_its_requests_and_the_next_ones_run(monkeypatch):
     model = tiny_model("eg-mla", seed=10)
     engine = GenerationEngine(model, decode_path="gate-table")

@@ -10,7 +10,7 @@ from egmla.model import Transformer
 from tests.conftest import VARIANTS, perturbed, small_config
 from tests.kernels.conftest import kernel_device, needs_cuda, rel_err, requires_triton
 
-KERNEL_VARIANTS = ["mla", "egmla", "egmla-latent", "egmla-add", "egmla-rmsnorm", "egmla-nonorm"]
+KERNEL_VARIANTS = ["mla", "eg-mla", "eg-mla-latent", "eg-mla-add", "eg-mla-rmsnorm", "eg-mla-no-norm"]
 
 
 def decode_logits(model, tokens, path, prompt_lens, steps):
@@ -41,7 +41,7 @@ def test_kernel_path_equals_naive(variant):
     assert rel_err(kernel, naive) < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["mla", "egmla"])
+@pytest.mark.parametrize("variant", ["mla", "eg-mla"])
 def test_fallback_warns_once_and_matches_naive(variant, monkeypatch):
     import egmla.kernels
 
@@ -62,7 +62,7 @@ def test_fallback_warns_once_and_matches_naive(variant, monkeypatch):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("variant", ["mla", "egmla", "egmla-latent"])
+@pytest.mark.parametrize("variant", ["mla", "eg-mla", "eg-mla-latent"])
 def test_gpu_greedy_tokens_equal_naive(variant):
     """Greedy generation on the GPU (fp32, tiny preset shapes): kernel tokens == naive tokens."""
     from egmla.config import preset
@@ -102,7 +102,7 @@ def test_kernel_path_caches_norm_statistics_at_append(monkeypatch):
         return real(latent, *args, **kwargs)
 
     monkeypatch.setattr(egmla.kernels.egmla_decode, "layernorm_stats_triton", spy)
-    config = small_config(**VARIANTS["egmla"])
+    config = small_config(**VARIANTS["eg-mla"])
     model = Transformer(config).eval()
     model.set_decode_path("kernel")
     cache = model.new_cache(2, max_len=12)
@@ -152,7 +152,7 @@ def test_a_decode_step_builds_its_indices_once_not_per_layer(variant, path, monk
     assert counts[0] == counts[1], f"torch.arange and torch.minimum per step with 2 and 4 layers: {counts}"
 
 
-@pytest.mark.parametrize("variant", ["mla", "egmla"])
+@pytest.mark.parametrize("variant", ["mla", "eg-mla"])
 def test_a_kernel_step_builds_no_mask_and_a_naive_step_builds_one(monkeypatch, variant):
     """The causal mask over the cache is built on first read (AttnContext.mask): a `kernel` decode step never reads
     it (two launches fewer per step on a GPU), a `naive` one builds it once for all its layers (EG-MLA's layers read
