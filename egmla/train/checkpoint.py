@@ -3,7 +3,7 @@
     RUN/checkpoints/step_00000100/
       model.safetensors   full (unsharded) weights, tied output head stored once, ModelConfig in its metadata
       optimizer.pt        AdamW state keyed by parameter name (torch.save; read with weights_only=True)
-      state.json          step, data position, tokens seen, lr, RNG states, tokenizer hash
+      state.json          step, data position, tokens seen, lr, RNG states, tokenizer hash, run length, split sizes
       manifest.json       sha256 of every file above; written last
 
 The folder is assembled under a temporary name, every file and the folder synced to the disk, and renamed
@@ -165,14 +165,21 @@ def read_optimizer(folder: Path) -> dict:
 
 
 def load_optimizer(optim_state: dict, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load the full optimizer state into an optimizer over the (possibly wrapped or sharded) model."""
+    """Load the full optimizer state (moments, step counts) into an optimizer over the (possibly wrapped or sharded)
+    model. Its parameter groups keep their own settings: this run's weight_decay, betas and eps (changed on resume
+    with --set train.KEY=...) and this device's fused/foreach choice, not the ones saved with the state. Call it
+    while no parameter has a gradient: set_optimizer_state_dict first fills a fresh optimizer's state by a step over
+    zero gradients of its own, and fails where gradients are already there."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     try:
         set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
         raise CheckpointError(f"{folder / OPTIMIZER}: does not fit this model's parameters ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}); it belongs to another model") from None
+    for group, own in zip(optimizer.param_groups, settings):  # the load replaced them with the checkpoint's
+        group.update(own)
 
 
 def find_resumable(run_dir: str | Path, model: nn.Module, warn=print) -> tuple[Path, dict, dict]:

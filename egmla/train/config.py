@@ -64,11 +64,11 @@ class TrainConfig:
     eval_every: NonNegativeInt = 200  # validate every N steps (and at the end); 0 = only at the end
     eval_sequences: NonNegativeInt = 128  # size of the fixed validation set, in sequences (0 = whole split)
     log_every: PositiveInt = 10  # progress-bar and TensorBoard update interval
-    checkpoint_every: NonNegativeInt = 200  # 0 = only at the end (and on Ctrl-C)
+    checkpoint_every: NonNegativeInt = 200  # 0 = only at the end (and on Ctrl-C, SIGTERM or the time limit)
     keep_checkpoints: PositiveInt = 2  # keep the newest N checkpoints
     tensorboard: bool = True  # also write TensorBoard events (metrics.jsonl is always written)
     peak_tflops: NonNegativeFloat = 0.0  # accelerator peak for MFU; 0 = look up the device name
-    time_limit_s: NonNegativeFloat = 0.0  # stop (with a checkpoint) after this much training time; 0 = no limit
+    time_limit_s: NonNegativeFloat = 0.0  # stop (with a checkpoint) after this much training time in one call (a resume restarts the clock); 0 = no limit
     profile_steps: NonNegativeInt = 0  # torch.profiler over the last N steps (0 = off): RUN_DIR/profile.md, .json
 
     def __post_init__(self):

@@ -112,7 +112,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def gradient_sync(model: nn.Module, enabled: bool):
-    """Context for one micro-batch: skip the gradient all-reduce except on the last one."""
+    """Context for one micro-batch's forward and backward: skip the gradient reduction (DDP's all-reduce, FSDP2's
+    reduce-scatter) except on the last one. (FSDP2 takes it as a setting, made here, at the call.)"""
     import contextlib
 
     if isinstance(model, nn.parallel.DistributedDataParallel):

@@ -73,7 +73,8 @@ class MetricsLog:
     """Append-only metrics.jsonl plus TensorBoard scalars (if tensorboard is installed)."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, start_step: int = 0, warn=print):
-        """Records past start_step (left by a crashed or earlier attempt) are dropped first."""
+        """Records past start_step (left by a crashed or earlier attempt) are dropped first, from metrics.jsonl and
+        from what TensorBoard shows."""
         self.path = run_dir / "metrics.jsonl"
         self.enabled, self.writer = enabled, None
         if not enabled:
@@ -84,7 +85,9 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step)
+                # purge_step: the first step logged again; events of it and later ones (a crashed attempt's) are
+                # hidden, those of start_step itself (its validation) are kept, as in metrics.jsonl
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
             except ImportError:
                 warn("note: tensorboard is not installed; writing metrics.jsonl only")
 

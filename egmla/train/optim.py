@@ -216,11 +216,13 @@ class RowSparseAdamW(torch.optim.AdamW):
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine, WSD or constant."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine, WSD or constant. A run whose
+    length is not set yet (steps = 0: a time-budgeted run before it has timed 20 steps of a call) holds the peak
+    after its warmup: the decay needs the length (it gave the final rate, e.g. to a run resumed from before step 20)."""
     if config.warmup_steps and step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     final = config.lr * config.min_lr_ratio
-    if config.schedule == "constant":
+    if config.schedule == "constant" or config.steps == 0:
         return config.lr
     if config.schedule == "wsd":  # warmup-stable-decay: flat, then a linear decay over the last steps
         decay_steps = max(1, round(config.decay_fraction * config.steps))

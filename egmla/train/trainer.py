@@ -33,7 +33,7 @@ from egmla.train.metrics import (MetricsLog, flops_per_token, peak_flops, peak_m
 from egmla.train.optim import build_optimizer, lr_at, set_lr
 
 
-CALIBRATION_STEPS = 20  # a time-budgeted run (train.steps = 0) sets its length after this many steps
+CALIBRATION_STEPS = 20  # a time-budgeted run (train.steps = 0) sets its length after timing this many steps of a call
 
 
 class TrainingDiverged(ValueError):
@@ -266,8 +266,6 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
                              f"{state['seq_len']}; keep it to resume")
         start_step, position = state["step"], state["sequences_consumed"]
         warn_if_the_corpus_changed(state, shards.meta, say)
-        if info.is_main:  # only once a checkpoint was found: a resume that fails leaves config.json as it was
-            keep_train_changes(run, run_dir, say)
         say(f"resuming from {resumed_from} (step {start_step})")
     model = model.to(info.device)
     graphs = uses_cuda_graphs(cfg.compile_mode)
@@ -277,14 +275,16 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
             block.compile(mode=cfg.compile_mode)
     wrapped = parallelize(model, cfg, info)
     optimizer = build_optimizer(wrapped, cfg)
-    if graphs:
-        own_gradients(wrapped)
-    if resumed_from is not None:
+    if resumed_from is not None:  # before own_gradients: ckpt.load_optimizer needs parameters without gradients
         ckpt.load_optimizer(optim_state, resumed_from, wrapped, optimizer)
         ckpt.set_rng_state(state["rng"])
+    if graphs:
+        own_gradients(wrapped)
 
     autocast, precision = autocast_for(run, info.device)
     batches = TrainBatches(train_windows, cfg.batch_size, cfg.seed, position)
+    if resumed_from is not None and info.is_main:  # only now: a resume refused before leaves config.json as it was
+        keep_train_changes(run, run_dir, say)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     device_name = device_label(info.device)
     peak = peak_flops(device_name, cfg.peak_tflops) if info.device.type == "cuda" else None
@@ -316,7 +316,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
 
     def validate(step: int) -> float:
         loss = evaluate(wrapped, val_windows, cfg.eval_sequences, micro_batch, autocast, info,
-                        graphs=uses_cuda_graphs(cfg.compile_mode), chunk_tokens=cfg.loss_chunk_tokens)
+                        graphs=graphs, chunk_tokens=cfg.loss_chunk_tokens)
         metrics.log({"kind": "val", "step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
         return loss
 
@@ -346,6 +346,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
                 if peak:
                     record["mfu"] = step_flops / step_times[-1] / (peak * info.world_size)
                 metrics.log(record, tensorboard=step % cfg.log_every == 0)
+                # after 20 steps of this call (a resumed call's first steps compile): until then lr_at holds the peak
                 if cfg.steps == 0 and len(step_times) == CALIBRATION_STEPS:
                     cfg = dataclasses.replace(cfg, steps=budgeted_steps(cfg, step, step_times, wall_start, info))
                     bar.total = cfg.steps
@@ -384,9 +385,9 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
 
 
 def budgeted_steps(cfg, step: int, step_times: list[float], wall_start: float, info: DistInfo) -> int:
-    """Total steps that fit train.time_limit_s at the speed measured so far (rank 0 decides for all),
-    leaving 5% for validation and checkpoints."""
-    steady = sorted(step_times[CALIBRATION_STEPS // 4:])
+    """Total steps that fit train.time_limit_s at the speed measured so far in this call (rank 0 decides for all),
+    leaving 5% for validation and checkpoints. The first quarter of the steps (warm-up) is not counted."""
+    steady = sorted(step_times[len(step_times) // 4:])
     remaining = 0.95 * cfg.time_limit_s - (time.perf_counter() - wall_start)
     total = step + max(1, int(remaining / steady[len(steady) // 2]))
     return broadcast_object(total, info)
@@ -429,7 +430,8 @@ def train_step(model, optimizer, batches, windows, micro_batch: int, autocast, i
 
 def own_gradients(model) -> None:
     """For the CUDA-graph compile modes: give every trainable parameter a zero gradient of its own before the first
-    backward; train_step then zeroes it in place. Otherwise autograd adopts a micro-batch's gradient, an output in
+    backward (and after a resume has loaded the optimizer state: ckpt.load_optimizer needs no gradients there);
+    train_step then zeroes it in place. Otherwise autograd adopts a micro-batch's gradient, an output in
     the graph's memory pool, as .grad, and the next micro-batch's replay overwrites it: an error, or accumulated
     gradients silently lost (pytorch/pytorch#169545). With .grad already there, autograd adds into it."""
     for param in model.parameters():

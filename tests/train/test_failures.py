@@ -167,6 +167,21 @@ def test_a_resume_that_finds_no_checkpoint_leaves_config_json_as_it_was(tmp_path
     assert (run_dir / "config.json").read_bytes() == before
 
 
+def test_a_resume_refused_after_its_checkpoint_loads_leaves_config_json_as_it_was(tmp_path, cache_dir, capsys):
+    """`--resume RUN --set train.batch_size=N` with more sequences per batch than the split holds: refused once the
+    batches are built, after the checkpoint was found. The run's recorded settings stay as they were (they were
+    rewritten as soon as the checkpoint loaded, so every later plain `--resume` failed the same way)."""
+    run_dir = tmp_path / "run"
+    train(run_config(cache_dir, train=dict(steps=4, checkpoint_every=2)), run_dir, progress=False, log=quiet)
+    before = (run_dir / "config.json").read_bytes()
+    assert train_main(["--resume", str(run_dir), "--no-progress", "--set", "train.steps=8",
+                       "--set", "train.batch_size=1000000"]) == 2
+    captured = capsys.readouterr()
+    assert "train.batch_size=1000000: the training split has only" in captured.err
+    assert "changed on resume" not in captured.out
+    assert (run_dir / "config.json").read_bytes() == before
+
+
 def test_a_resume_over_a_changed_corpus_says_so(tmp_path, cache_dir, capsys):
     """The checkpoint records its splits' token counts; a resume that reads other counts (here the corpus cut shorter,
     as files removed would) warns that the run goes on over other data. The same corpus says nothing."""
