@@ -69,8 +69,27 @@ def parse_labelled(items: list[str]) -> dict[str, list[dict]]:
     devices = {meta["device"] for metas in runs.values() for meta in metas}
     if len(devices) > 1:
         raise ValueError(f"--ab: the files come from several devices ({', '.join(sorted(devices))}): an A/B needs one")
+    check_work(runs)
     check_versions(runs)
     return runs
+
+
+# what a generate run's work is (the rows are matched by variant, path and batch only): files that differ in any of
+# these timed different work, and their ratio would be read as the code's doing
+WORK = ("dtype", "source", "torch", "prompt_len", "new_tokens", "fill_memory_gb", "context", "overlap_host")
+
+
+def check_work(runs: dict[str, list[dict]]) -> None:
+    """Refuse files that ran different work (prompt length, new tokens, dtype, model, torch, memory fill, host overlap):
+    an A/B compares code on the same command, as `egmla bench ab` runs it."""
+    first = next(iter(runs.values()))[0]
+    for label, metas in runs.items():
+        for meta in metas:
+            differing = [k for k in WORK if meta.get(k) != first.get(k)]
+            if differing:
+                raise ValueError(f"--ab: a file labelled {label!r} ran other work than the first file ("
+                                 + ", ".join(f"{k} {meta.get(k)!r} vs {first.get(k)!r}" for k in differing)
+                                 + "): an A/B times one command with each code version")
 
 
 def _code_note(metas: list[dict]) -> str:
@@ -92,12 +111,16 @@ def _step_timing(runs: dict[str, list[dict]]) -> str:
 def ab_table(runs: dict[str, list[dict]]) -> str:
     labels = list(runs)
     steps: dict[tuple, dict[str, list[float]]] = {}
+    failed: dict[tuple, dict[str, int]] = {}  # runs whose row errored, per key and label: said, not left out
     for label, metas in runs.items():
         for meta in metas:
             for row in meta["rows"]:
+                key = (row["variant"], row["decode_path"], row["batch"])
                 if "error" not in row:
-                    key = (row["variant"], row["decode_path"], row["batch"])
                     steps.setdefault(key, {}).setdefault(label, []).append(row["step_ms_median"])
+                else:
+                    steps.setdefault(key, {})
+                    failed.setdefault(key, {})[label] = failed.get(key, {}).get(label, 0) + 1
     first, timing = next(iter(runs.values()))[0], _step_timing(runs)
     lines = [f"A/B of code versions on {first['device']}, {first['dtype']}: {first['source']}; prompts of "
              f"{first['prompt_len']} tokens, {first['new_tokens']} new; step ms ({timing}) of each run in the "
@@ -110,8 +133,10 @@ def ab_table(runs: dict[str, list[dict]]) -> str:
              "|---|---|---:|" + "---|" * len(labels) + "---:|---|" * (len(labels) - 1)]
     for (variant, path, batch), by_label in sorted(steps.items()):
         medians = {label: statistics.median(xs) for label, xs in by_label.items()}
-        cells = [" ".join(f"{x:.3f}" for x in by_label[label]) + f" (**{medians[label]:.3f}**)"
-                 if label in by_label else "-" for label in labels]
+        errors = failed.get((variant, path, batch), {})
+        cells = [(" ".join(f"{x:.3f}" for x in by_label[label]) + f" (**{medians[label]:.3f}**)"
+                  if label in by_label else "") + (f"{' + ' if label in by_label else ''}{errors[label]} errored"
+                                                   if label in errors else "") or "-" for label in labels]
         ratios = [f"{medians[label] / medians[labels[0]]:.3f} | {runs_apart(by_label[label], by_label[labels[0]])}"
                   if label in medians and labels[0] in medians else "- | -" for label in labels[1:]]
         lines.append(f"| {variant} | {path} | {batch} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")

@@ -41,12 +41,33 @@ def text_table(rows: list[dict], said: str | None = None, floor: bool = True) ->
     return "\n".join(lines)
 
 
+def _not_timed(row: dict) -> str:
+    """A cell for a row without a time: an error or out of memory says so (the reason is in the JSON), anything
+    else (e.g. the kernels unavailable on the device) is 'skipped'."""
+    reason = row.get("skipped", "")
+    return "error" if reason.startswith("error") else "out of memory" if "out of memory" in reason else "skipped"
+
+
+def _speedup(row: dict, unit: str = "") -> str:
+    """× MHA SDPA of the same run, or '–' where MHA SDPA was not timed at that shape (never a 0.00)."""
+    return f"{row['speedup_vs_mha']:.2f}{unit}" if "speedup_vs_mha" in row else "–"
+
+
+def _eager_mark(row: dict, meta: dict) -> str:
+    """'†' on a row timed eagerly in a run of CUDA-graph replays (its capture failed: the reason is in its 'timing'
+    field), whose time then includes the host's launches and syncs that the other rows' times exclude."""
+    graphs = "CUDA-graph replays" in meta.get("timing", "")
+    return "†" if graphs and str(row.get("timing", "cuda graph")).startswith("eager") else ""
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     """One table per context (µs and speedup over MHA per batch), then the detail of the focus shape."""
+    copy = meta.get("measured_copy_gbs")
     out = [f"Device: {meta['device']}, {meta['dtype']}, preset {meta['preset']}, torch {meta['torch']}, "
            f"triton {meta['triton']}; token ids: {meta['token_ids']['source']} text; {meta['timing']}; "
            f"floor = max(bytes / {meta['hbm_gbs_for_floor']:.0f} GB/s, FLOPs / {meta['peak_tflops_for_floor']:.0f} "
-           f"TFLOP/s); measured copy bandwidth {meta['measured_copy_gbs'] or 0:.0f} GB/s.", ""]
+           f"TFLOP/s); " + (f"measured copy bandwidth {copy:.0f} GB/s." if copy else "copy bandwidth not measured."),
+           ""]
     batches = sorted({r["batch"] for r in rows})
     labels = list(dict.fromkeys(_label(r) for r in rows))
     for context in sorted({r["context"] for r in rows}):
@@ -57,16 +78,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
             cells = []
             for batch in batches:
                 row = next((r for r in rows if _label(r) == label and r["batch"] == batch and r["context"] == context), None)
-                cells.append("—" if row is None else "skipped" if "median_us" not in row else
-                             f"{row['median_us']:.1f} ({row.get('speedup_vs_mha', 0):.2f}×)")
+                cells.append("—" if row is None else _not_timed(row) if "median_us" not in row else
+                             f"{row['median_us']:.1f}{_eager_mark(row, meta)} ({_speedup(row, '×')})")
             out.append(f"| {label} | " + " | ".join(cells) + " |")
         out.append("")
     focus = [r for r in rows if (r["batch"], r["context"]) == FOCUS and "median_us" in r]
     if focus:
         out += [f"B = {FOCUS[0]}, T = {FOCUS[1]}: against the floor", "",
                 "| variant / path | µs | GB/s | TFLOP/s | floor µs | % of floor | × MHA |", "|---|---:|---:|---:|---:|---:|---:|"]
-        out += [f"| {_label(r)} | {r['median_us']:.1f} | {r['gbytes_per_s']:.0f} | {r['tflops']:.2f} | "
-                f"{r['floor_us']:.1f} | {r['pct_of_floor']:.0f}% | {r.get('speedup_vs_mha', 0):.2f} |" for r in focus]
+        out += [f"| {_label(r)} | {r['median_us']:.1f}{_eager_mark(r, meta)} | {r['gbytes_per_s']:.0f} | "
+                f"{r['tflops']:.2f} | {r['floor_us']:.1f} | {r['pct_of_floor']:.0f}% | {_speedup(r)} |" for r in focus]
+    if any(_eager_mark(r, meta) for r in rows if "median_us" in r):
+        out += ["", "† timed eagerly, not as a CUDA-graph replay (the row's capture failed; its JSON 'timing' says "
+                "why): its time includes the host's launches and syncs, which the other rows' times exclude."]
     return "\n".join(out) + "\n"
 
 

@@ -5,7 +5,9 @@ For each configuration: prefill a batch of prompts, then decode `--new-tokens` t
 `GenerationEngine` (greedy, EOS ignored, so every run does the same work; CUDA graphs unless `--eager`).
 Reported: prefill time, per-step latency (median and p90, host sync to host sync, so wall time on GPU too),
 decode tokens/s, cache size and peak device memory, and the ratio of tokens/s to transformers' Llama at the
-same batch. Medians over `--repeats` runs after one warm-up.
+same batch. After one warm-up run, `--repeats` runs: prefill is the median of the runs' prefills, the step median
+and p90 are over every decode step of every run together, and decode tokens/s = batch / that median step (the
+rows a batch bucket pads with are not counted).
 
 `--fill-memory GB --context T` runs each variant at the largest batch whose cache fits GB at T positions
 (`egmla plan`'s number): the prompts are every distinct real-text window of that length the corpus holds (up to
@@ -116,7 +118,9 @@ def fill_prompts(length: int, vocab_size: int) -> list[list[int]]:
 
 
 def bench_one(engine, prompts, new_tokens: int, repeats: int, device) -> dict:
-    """One warm-up run, then `repeats` runs; medians of the per-run figures."""
+    """One warm-up run, then `repeats` runs: the median of the runs' prefills; the median and p90 of every decode
+    step of every run together (not a median of per-run medians), and tokens/s = the prompts (not the padded
+    bucket) over that median step."""
     import torch
 
     from egmla.infer.sampling import SamplingParams
@@ -374,6 +378,17 @@ def llama_of(rows: list[dict]) -> dict:
     return {(r.get("run", 0), r["batch"]): r["decode_tokens_per_s"] for r in rows if "Llama" in r["model"]}
 
 
+def anchor_of(meta: dict, rows: list[dict]):
+    """row -> the Llama tokens/s its ratio divides by (None: its run timed none): the Llama of the row's own run at
+    its batch, or at full memory (`--fill-memory`) the Llama of its run at Llama's own largest batch. The one rule
+    of the table and the plot."""
+    llama = llama_of(rows)
+    if meta.get("fill_memory_gb"):
+        by_run = {run: tokens_per_s for (run, _), tokens_per_s in llama.items()}
+        return lambda row: by_run.get(row.get("run", 0))
+    return lambda row: llama.get((row.get("run", 0), row["batch"]))
+
+
 def plot(meta: dict, path: str) -> None:
     """Decode tokens/s per batch size, one bar per (model, variant, path), log scale, each bar labelled with its
     multiple of Llama's tokens/s at that batch: the table of `markdown` as a picture."""
@@ -385,7 +400,7 @@ def plot(meta: dict, path: str) -> None:
     rows = [r for r in meta["rows"] if "error" not in r]
     batches = sorted({r["batch"] for r in rows})
     series = list(dict.fromkeys((r["model"], r["variant"], r["decode_path"]) for r in rows))
-    llama = llama_of(rows)
+    anchor_for = anchor_of(meta, rows)  # as the table's: at full memory, Llama at its own largest batch
     by_key = {(r["model"], r["variant"], r["decode_path"], r["batch"]): r for r in rows}
     fig, ax = plt.subplots(figsize=(10, 5.5))
     width = 0.8 / len(series)
@@ -396,7 +411,7 @@ def plot(meta: dict, path: str) -> None:
             if row:
                 xs.append(position + (index - (len(series) - 1) / 2) * width)
                 ys.append(row["decode_tokens_per_s"])
-                anchor = llama.get((row.get("run", 0), batch))
+                anchor = anchor_for(row)
                 ratios.append(row["decode_tokens_per_s"] / anchor if anchor else None)
         label = variant + (f" ({path_name})" if model == "egmla" else f", {model.split()[-1]}")
         bars = ax.bar(xs, ys, width, label=label)
@@ -475,7 +490,7 @@ def format_row(row: dict) -> str:
 def markdown(meta: dict) -> str:
     """The results side by side, per batch size, with tokens/s as a multiple of transformers' Llama's."""
     rows = [r for r in meta["rows"] if "error" not in r]
-    llama = llama_of(rows)  # each row against the Llama of its own run; none where its run timed none
+    anchor_for = anchor_of(meta, rows)  # each row against the Llama of its own run; none where its run timed none
     full = meta.get("fill_memory_gb")
     several = len({r.get("run", 0) for r in rows}) > 1  # then a column says which run (and which Llama) a row is
     lines = [f"Generation on {meta['device']}, {meta['dtype']}, torch {meta['torch']}: {meta['source']}; "
@@ -488,10 +503,9 @@ def markdown(meta: dict) -> str:
              "| model | variant | decode path | batch | step ms | tokens/s | × Llama tokens/s | prefill ms |"
              + (" run |" if several else ""),
              "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if several else "")]
-    llama_full = {run: tokens_per_s for (run, _), tokens_per_s in llama.items()} if full else {}
     for r in sorted(rows, key=lambda r: (0 if full else r["batch"], r["model"] != "egmla", r["variant"])):
         run = r.get("run", 0)
-        anchor = llama_full.get(run) if full else llama.get((run, r["batch"]))
+        anchor = anchor_for(r)
         ratio = f"{r['decode_tokens_per_s'] / anchor:.2f}" if anchor else "-"
         graphs = " (eager)" if r.get("cuda_graphs") is False and meta["device"] != "cpu" else ""
         graphs += ", gate tables offloaded" if r.get("offloaded_gate_tables") else ""

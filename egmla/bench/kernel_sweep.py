@@ -1,6 +1,9 @@
 """`egmla bench kernel-sweep`: tuning sweep of the Triton decode kernels (GPU). Every launch configuration
-is checked against the fp32 reference (bf16, rel. error < 1e-2) and timed (CUDA-graph replays, median of
-CUDA events, L2 flushed read-only: egmla.bench.decode.median_us).
+that returns the kernel's whole result is checked against the fp32 reference (bf16, rel. error < 1e-2) and timed
+(CUDA-graph replays, median of CUDA events, L2 flushed read-only: egmla.bench.decode.median_us). Not checked, only
+timed: `bias_pass` alone (its partial scores; the whole `bias_decode` at its fastest setting is checked), the
+grouped decode's first one or two launches (`stages` 1, 2: partial results; the whole call is checked) and the
+calibration rows.
 
     egmla bench kernel-sweep --out sweep.json
 

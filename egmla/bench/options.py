@@ -1,5 +1,6 @@
 """Command-line pieces shared by the engine benchmarks that build a random-weight model from a preset
-(`egmla bench calls`, `egmla bench prefill`): the model's shape, the device, and where results go."""
+(`egmla bench calls`, `egmla bench prefill`, `egmla bench serve`): the model's shape, the device, and where results
+go."""
 from __future__ import annotations
 
 import argparse

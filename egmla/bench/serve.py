@@ -13,8 +13,11 @@ End-of-text is ignored, so every request generates exactly its output length. Sy
                    batching`, paged attention) on its `LlamaForCausalLM` at the same shape (MHA), random weights
 
 Each system runs the workload once to warm up (kernels, CUDA graphs of the batch sizes it meets; not reported), then
-once measured. Per system: output tokens/s over the run (first arrival to last token), time to first token (TTFT),
-time per output token after the first (TPOT) and end-to-end latency, medians and 90th percentiles."""
+once measured. egmla's measured run reuses the warm-up's engine and captures every bucket's graph before the clock;
+transformers' measured run is a new manager (its batch processor and paged cache are made again, and whatever it
+captures is captured again, inside the run after one small request; `manager.warmup()` is not called). Per system:
+output tokens/s over the run (first arrival to last token), time to first token (TTFT), time per output token after
+the first (TPOT) and end-to-end latency, medians and 90th percentiles."""
 from __future__ import annotations
 
 import argparse
@@ -272,12 +275,15 @@ def summarize(timings: list[Timing]) -> dict:
     duration = max(t.finished for t in timings) - min(t.arrival for t in timings)
     tokens = sum(t.tokens for t in timings)
     ttft = quantiles([t.first_token - t.arrival for t in timings])
-    tpot = quantiles([(t.finished - t.first_token) / (t.tokens - 1) for t in timings if t.tokens > 1] or [0.0])
+    # no request of two or more tokens: no time per output token after the first (None, shown '-'; it read 0.00 ms)
+    spans = [(t.finished - t.first_token) / (t.tokens - 1) for t in timings if t.tokens > 1]
+    tpot = quantiles(spans) if spans else (None, None)
     latency = quantiles([t.finished - t.arrival for t in timings])
     return {"seconds": duration, "output_tokens": tokens, "output_tokens_per_s": tokens / duration,
             "requests_per_s": len(timings) / duration,
             "ttft_ms_p50": 1e3 * ttft[0], "ttft_ms_p90": 1e3 * ttft[1],
-            "tpot_ms_p50": 1e3 * tpot[0], "tpot_ms_p90": 1e3 * tpot[1],
+            "tpot_ms_p50": None if tpot[0] is None else 1e3 * tpot[0],
+            "tpot_ms_p90": None if tpot[1] is None else 1e3 * tpot[1],
             "latency_s_p50": latency[0], "latency_s_p90": latency[1]}
 
 
@@ -587,13 +593,17 @@ def format_row(row: dict) -> str:
         return f"{head}  error: {row['error']}"
     line = (f"{head}  {row['output_tokens_per_s']:9.1f} tok/s  {row['requests_per_s']:8.2f} req/s  "
             f"TTFT {row['ttft_ms_p50']:8.1f} / {row['ttft_ms_p90']:8.1f} ms  "
-            f"TPOT {row['tpot_ms_p50']:7.2f} / {row['tpot_ms_p90']:7.2f} ms  "
+            f"TPOT {_tpot(row['tpot_ms_p50']):>7} / {_tpot(row['tpot_ms_p90']):>7} ms  "
             f"latency {row['latency_s_p50']:7.2f} / {row['latency_s_p90']:7.2f} s  {row['decode_path']}")
     if "decode_steps" in row:  # egmla's scheduler
         line += f", {row['decode_steps']} steps, {row['prefill_calls']} prefills, busy {row['busy_fraction']:.0%}"
     if "gate_table_mb_off_device" in row:
         line += f", gate tables {row['gate_table_mb_off_device']:.1f} MB off the device"
     return line
+
+
+def _tpot(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.2f}"
 
 
 def _rate_text(rate: float, unit: bool = True) -> str:
@@ -623,7 +633,7 @@ def markdown(meta: dict) -> str:
             continue
         ratio = f"{row['output_tokens_per_s'] / anchor[row['rate']]:.2f}×" if row["rate"] in anchor else "-"
         lines.append(f"{head} {row['output_tokens_per_s']:,.0f} | {ratio} | {row['ttft_ms_p50']:,.1f} / "
-                     f"{row['ttft_ms_p90']:,.1f} | {row['tpot_ms_p50']:.2f} / {row['tpot_ms_p90']:.2f} | "
+                     f"{row['ttft_ms_p90']:,.1f} | {_tpot(row['tpot_ms_p50'])} / {_tpot(row['tpot_ms_p90'])} | "
                      f"{row['latency_s_p50']:.2f} / {row['latency_s_p90']:.2f} |")
     notes = [meta.get("note"), meta.get("before", {}).get("note")]  # added to a result file by hand, if any
     lines += [f"\nNote: {note}." for note in notes if note]

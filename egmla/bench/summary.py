@@ -37,8 +37,8 @@ def summary_markdown(metas: list[dict]) -> str:
     order: dict[str, str] = {}
     paths: dict[str, list[str]] = {}
     for meta in metas:
-        for row in meta["rows"]:
-            if "error" in row or "Llama" in row["model"]:
+        for row in meta["rows"]:  # a row that errored keeps its column and cell: it says "error", never a blank
+            if "Llama" in row["model"]:
                 continue
             key, header = _series(row)
             order.setdefault(key, header)
@@ -50,10 +50,13 @@ def summary_markdown(metas: list[dict]) -> str:
     lines = ["| batch | Llama step ms | " + " | ".join(headers) + " |", "|---:|---:|" + "---:|" * len(keys)]
     for meta in metas:
         rows = [r for r in meta["rows"] if "error" not in r]
+        failed = [r for r in meta["rows"] if "error" in r]
         full = meta.get("fill_memory_gb")
-        for batch in ([None] if full else sorted({r["batch"] for r in rows})):
+        for batch in ([None] if full else sorted({r["batch"] for r in meta["rows"]})):
             here = rows if full else [r for r in rows if r["batch"] == batch]
             llama = next((r for r in here if "Llama" in r["model"]), None)
+            if llama is None:  # failed: its cell says so and the ratios are '–'; absent: the run had no --compare-hf
+                llama = next((r for r in failed if "Llama" in r["model"] and (full or r["batch"] == batch)), None)
             if llama is None:
                 raise ValueError(f"--summary: no transformers Llama row{'' if full else f' at batch {batch}'} in a "
                                  "file: run `egmla bench generate` with --compare-hf")
@@ -66,11 +69,14 @@ def summary_markdown(metas: list[dict]) -> str:
             cells = []
             for key in keys:
                 mine = {r["decode_path"]: r for r in here if _series(r)[0] == key}
-                ratios = [ratio(mine[p]) + (f" ({mine[p]['batch']:,})" if full else "") for p in paths[key] if p in mine]
+                broken = {r["decode_path"] for r in failed if _series(r)[0] == key and (full or r["batch"] == batch)}
+                ratios = [ratio(mine[p]) + (f" ({mine[p]['batch']:,})" if full else "") if p in mine else "error"
+                          for p in paths[key] if p in mine or p in broken]
                 cells.append(" / ".join(ratios))
             label = (f"largest batch in {full:g} GB of cache at {meta['context']:,} tokens (Llama: {llama['batch']:,})"
                      if full else str(batch))
-            lines.append(f"| {label} | {llama['step_ms_median']:.2f} | " + " | ".join(cells) + " |")
+            step = "error" if "error" in llama else f"{llama['step_ms_median']:.2f}"
+            lines.append(f"| {label} | {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -52,7 +52,8 @@ def test_summary_ratios_paths_and_full_memory_row():
             "rows": [row(llama, "MHA", "static cache", 397, 1000.0, 9.0), row("egmla", "MLA kv64", "kernel", 4768, 8000.0)]}
     lines = summary_markdown([main, full]).splitlines()
     assert lines[0] == "| batch | Llama step ms | MLA kv64 | EG-MLA kv64 (`kernel` / `grouped`) |"
-    assert lines[2:] == ["| 1 | 2.00 | 2.50× | 1.50× / 0.50× |", "| 8 | 3.00 | 0.25× |  |",
+    # EG-MLA's grouped row at batch 8 errored: its cell says so (it was a blank cell, like a row never run)
+    assert lines[2:] == ["| 1 | 2.00 | 2.50× | 1.50× / 0.50× |", "| 8 | 3.00 | 0.25× | error |",
                          "| largest batch in 60 GB of cache at 4,096 tokens (Llama: 397) | 9.00 | 8.00× (4,768) |  |"]
     with pytest.raises(ValueError, match="no transformers Llama row at batch 1.*--compare-hf"):
         summary_markdown([{"rows": [row("egmla", "MLA kv64", "kernel", 1, 250.0)]}])
@@ -139,3 +140,38 @@ def test_a_table_merged_from_several_runs_says_each_rows_run_and_anchor():
     assert "| egmla | B | p | 1 | 1.00 | 300 | 1.50 | 1 | 2 |" in merged
     assert [line.endswith(" 2 |") for line in merged.splitlines() if line.startswith(f"| {llama}")] == [False, True]
     assert " run |" not in markdown(first) and "`run`" not in markdown(first)
+
+
+def test_every_decode_table_in_docs_bench_is_what_its_json_makes():
+    """docs/bench/decode_*.md of `egmla bench decode --out --markdown`: each equals `decode_report.markdown` of its
+    JSON now (a changed report, or a JSON edited without its table, fails here)."""
+    from egmla.bench.decode_report import markdown
+
+    checked = 0
+    for path in sorted((ROOT / "docs" / "bench").glob("decode_*.json")):
+        meta = json.loads(path.read_text())
+        rows = meta.pop("rows")
+        assert markdown(rows, meta) == path.with_suffix(".md").read_text(), (
+            f"{path.with_suffix('.md').relative_to(ROOT)} is stale: make it again from {path.relative_to(ROOT)} "
+            f"(egmla.bench.decode_report.markdown)")
+        checked += 1
+    assert checked >= 2
+
+
+def test_summary_shows_an_errored_row_as_an_error_not_a_blank_or_a_missing_column():
+    """A variant whose rows all errored vanished from the README's table (its column was built from rows without
+    errors), and a Llama that errored was reported as a run without --compare-hf."""
+    def row(model, variant, path, batch, tokens_s, **extra):
+        return {"model": model, "variant": variant, "decode_path": path, "batch": batch,
+                "decode_tokens_per_s": tokens_s, "step_ms_median": 1.0, **extra}
+
+    llama = "transformers LlamaForCausalLM"
+    meta = {"rows": [row(llama, "MHA", "static cache", 1, 100.0), row("egmla", "MLA kv64", "kernel", 1, 250.0),
+                     {"model": "egmla", "variant": "EG-MLA kv64", "decode_path": "grouped", "batch": 1,
+                      "error": "OutOfMemoryError: CUDA out of memory"},
+                     {"model": llama, "variant": "MHA", "decode_path": "static cache", "batch": 8,
+                      "error": "OutOfMemoryError: CUDA out of memory"},
+                     row("egmla", "MLA kv64", "kernel", 8, 900.0)]}
+    lines = summary_markdown([meta]).splitlines()
+    assert lines[0] == "| batch | Llama step ms | MLA kv64 | EG-MLA kv64 |"
+    assert lines[2:] == ["| 1 | 1.00 | 2.50× | error |", "| 8 | error | – |  |"]

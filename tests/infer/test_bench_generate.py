@@ -387,3 +387,66 @@ def test_suite_files_are_named_by_the_gpu_model():
     assert gpu_tag("NVIDIA H200") == "h200"
     assert gpu_tag("NVIDIA A100-SXM4-80GB") == "a100"
     assert gpu_tag("NVIDIA GeForce RTX 4090") == "4090"
+
+
+def test_ab_refuses_files_that_timed_different_work(tmp_path):
+    """The A/B table matches rows by (variant, path, batch) only: files of other prompt lengths or token counts were
+    set side by side, their ratio read as the code's (the same-command check serve's A/B has)."""
+    from egmla.bench.ab import ab_table, parse_labelled
+
+    def run_file(name: str, code: str, **settings) -> str:
+        meta = {"device": "NVIDIA H200", "dtype": "torch.bfloat16", "source": "preset paper-base", "prompt_len": 2048,
+                "new_tokens": 16, "code": {"package": "/x/egmla", "source_sha256": code, "env": {}},
+                "rows": [{"model": "egmla", "variant": "MLA kv64", "decode_path": "kernel", "batch": 32,
+                          "step_ms_median": 3.0}], **settings}
+        (tmp_path / f"{name}.json").write_text(json.dumps(meta))
+        return str(tmp_path / f"{name}.json")
+
+    old = f"old={run_file('o', 'a' * 64)}"
+    assert "| MLA kv64 | kernel | 32 |" in ab_table(parse_labelled([old, f"new={run_file('n', 'b' * 64)}"]))
+    with pytest.raises(ValueError, match="ran other work.*prompt_len 512 vs 2048"):
+        parse_labelled([old, f"new={run_file('short', 'b' * 64, prompt_len=512)}"])
+    with pytest.raises(ValueError, match="ran other work.*new_tokens 32 vs 16"):
+        parse_labelled([old, f"old={run_file('o2', 'a' * 64, new_tokens=32)}", f"new={run_file('n2', 'b' * 64)}"])
+
+
+def test_plot_labels_full_memory_rows_with_the_tables_ratio(tmp_path, monkeypatch):
+    """At --fill-memory each variant runs at its own largest batch and the table divides by Llama at Llama's: the
+    plot looked Llama up at the row's batch instead, so every bar but MHA's went without its ratio (the same figure
+    computed two ways)."""
+    import matplotlib.axes
+
+    from egmla.bench.generate import markdown, plot
+
+    llama = "transformers LlamaForCausalLM"
+    meta = {"device": "NVIDIA H200", "dtype": "torch.bfloat16", "torch": "x", "source": "s", "prompt_len": 4089,
+            "new_tokens": 8, "repeats": 1, "fill_memory_gb": 60.0, "context": 4096,
+            "rows": [{"model": llama, "variant": "MHA", "decode_path": "static cache", "batch": 397,
+                      "decode_tokens_per_s": 1000.0, "step_ms_median": 9.0, "prefill_ms": 1.0},
+                     {"model": "egmla", "variant": "MLA kv64", "decode_path": "kernel", "batch": 4768,
+                      "decode_tokens_per_s": 8000.0, "step_ms_median": 9.0, "prefill_ms": 1.0}]}
+    labels = []
+    original = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **k: labels.append(text) or original(self, text, *a, **k))
+    plot(meta, str(tmp_path / "fill.png"))
+    assert "| egmla | MLA kv64 | kernel | 4768 | 9.00 | 8,000 | 8.00 | 1 |" in markdown(meta)
+    assert sorted(labels) == ["1.00", "8.00"]
+
+
+def test_ab_table_says_a_run_whose_row_errored(tmp_path):
+    """A label's row that errored (e.g. out of memory in one round) was dropped: its cell read '-' as if that
+    configuration had never run, or its median stood on fewer runs without a word."""
+    from egmla.bench.ab import ab_table, parse_labelled
+
+    def run_file(name: str, code: str, ms: float | None) -> str:
+        row = {"model": "egmla", "variant": "MLA kv64", "decode_path": "kernel", "batch": 128}
+        row.update({"step_ms_median": ms} if ms is not None else {"error": "OutOfMemoryError: CUDA out of memory"})
+        meta = {"device": "NVIDIA H200", "dtype": "torch.bfloat16", "source": "preset paper-base", "prompt_len": 2048,
+                "new_tokens": 16, "code": {"package": "/x/egmla", "source_sha256": code, "env": {}}, "rows": [row]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(meta))
+        return f"{'old' if code == 'a' * 64 else 'new'}={tmp_path / f'{name}.json'}"
+
+    table = ab_table(parse_labelled([run_file("o1", "a" * 64, 3.0), run_file("n1", "b" * 64, None),
+                                     run_file("o2", "a" * 64, None), run_file("n2", "b" * 64, None)]))
+    assert "| MLA kv64 | kernel | 128 | 3.000 (**3.000**) + 1 errored | 2 errored | - | - |" in table

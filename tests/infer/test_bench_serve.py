@@ -168,3 +168,19 @@ def test_text_serving_serves_every_request_and_compares_with_token_ids(tmp_path)
     assert "continuous (admit 1, text)" in markdown(runs["text"])
     table = ab_markdown([("ids", runs["ids"]), ("text", runs["text"])])
     assert "the engine making text (`--text`) in ids: no, text: yes" in table
+
+
+def test_tpot_of_a_workload_of_one_token_outputs_is_absent_not_zero():
+    """With every output one token long there is no time per output token after the first: it was reported as
+    0.00 ms, a figure no system reached."""
+    from egmla.bench.serve import Timing, summarize
+
+    summary = summarize([Timing(0.0, 0.5, 0.5, 1), Timing(0.1, 0.6, 0.6, 1)])
+    assert summary["tpot_ms_p50"] is None and summary["tpot_ms_p90"] is None
+    row = {"system": "static", "model": "egmla", "variant": "MHA", "rate": math.inf, "decode_path": "kernel",
+           "max_batch": 4, **summary}
+    assert "TPOT       - /       - ms" in format_row(row)
+    meta = {"requests": 2, "device": "cpu", "dtype": "fp32", "torch": "x", "source": "s", "prompt_len": 8,
+            "output_len": 1, "max_batch": 4, "time": "t", "rows": [row]}
+    assert "| - / - |" in markdown(meta)
+    assert summarize([Timing(0.0, 0.5, 0.9, 3)])["tpot_ms_p50"] == pytest.approx(200.0)

@@ -165,3 +165,37 @@ def test_bias_control_absorbed_case_reads_its_cache_and_equals_naive():
                                                 ("naive", "absorbed"), lengths)}
         torch.testing.assert_close(cases["absorbed"].run(), cases["naive"].run(), rtol=1e-4, atol=1e-5)
         assert cases["absorbed"].flops < cases["naive"].flops
+
+
+def test_markdown_says_a_missing_anchor_an_error_and_an_eager_row_never_a_zero():
+    """The Markdown table (docs/bench/decode_*.md) showed '(0.00×)' for every row of a shape whose MHA SDPA errored
+    or was not run (the printed table said '-'), 'skipped' for an error, a copy bandwidth of '0 GB/s' where none was
+    measured, and nothing on a row timed eagerly in a run whose header says CUDA-graph replays."""
+    from egmla.bench.decode_report import add_ratios, markdown
+
+    meta = {"device": "NVIDIA H100", "dtype": "bfloat16", "preset": "paper-base", "torch": "x", "triton": "y",
+            "token_ids": {"source": "python-source"}, "hbm_gbs_for_floor": 3000.0, "peak_tflops_for_floor": 782.0,
+            "measured_copy_gbs": None,
+            "timing": "median of repetitions, CUDA-graph replays, CUDA events, L2 flushed (read-only) before each"}
+
+    def timed(variant, path, us, timing="cuda graph"):
+        return {"variant": variant, "path": path, "batch": 32, "context": 4096, "median_us": us, "gbytes_per_s": 1.0,
+                "tflops": 1.0, "floor_us": 1.0, "pct_of_floor": 1.0, "timing": timing}
+
+    rows = [{"variant": "MHA", "path": "sdpa", "batch": 32, "context": 4096, "skipped": "error: RuntimeError: boom"},
+            timed("MLA kv64", "kernel", 30.0),
+            timed("EG-MLA kv64", "grouped-plan", 150.0, "eager (graph capture failed: host sync)"),
+            {"variant": "EG-MLA kv64", "path": "naive", "batch": 32, "context": 4096,
+             "skipped": "out of memory: CUDA out of memory"}]
+    add_ratios(rows)
+    md = markdown(rows, meta)
+    assert "0.00" not in md and "bandwidth 0 GB/s" not in md and "copy bandwidth not measured" in md
+    assert "| MHA sdpa | error |" in md and "| EG-MLA kv64 naive | out of memory |" in md
+    assert "| MLA kv64 kernel | 30.0 (–) |" in md and "| EG-MLA kv64 grouped-plan | 150.0† (–) |" in md
+    assert "| MLA kv64 kernel | 30.0 | 1 | 1.00 | 1.0 | 1% | – |" in md  # the focus table
+    assert "† timed eagerly" in md
+    rows.insert(0, timed("MHA", "sdpa", 150.0))  # with the anchor: ratios, and no mark on graph rows
+    del rows[1]
+    add_ratios(rows)
+    md = markdown(rows, meta)
+    assert "| MLA kv64 kernel | 30.0 (5.00×) |" in md and "| MHA sdpa | 150.0 (1.00×) |" in md
