@@ -5,6 +5,7 @@ import shutil
 import signal
 
 import pytest
+import torch
 
 from egmla.runs import list_checkpoints
 from egmla.train.optim import build_optimizer
@@ -102,6 +103,23 @@ def test_resume_under_cuda_graph_modes_loads_the_optimizer_and_repeats_the_losse
     train(run, tmp_path / "resumed", resume=True, progress=False, log=messages.append)
     assert any("resuming from" in m and "step_00000004" in m for m in messages)
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_compiled_run_on_one_gpu_resumes(tmp_path, cache_dir):
+    """The same on a GPU for real: compile_mode 'auto' takes reduce-overhead (CUDA graphs) on one GPU, and the resumed
+    run's losses are the uninterrupted run's (to rounding: the embedding's backward adds with atomics)."""
+    run = run_config(cache_dir, train=dict(steps=8, checkpoint_every=4, eval_every=4, compile=True,
+                                           compile_mode="auto", device="cuda"))
+    train(run, tmp_path / "reference", progress=False, log=lambda *_: None)
+    shutil.copytree(tmp_path / "reference", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000008")
+    train(run, tmp_path / "resumed", resume=True, progress=False, log=lambda *_: None)
+    reference, resumed = train_losses(tmp_path / "reference"), train_losses(tmp_path / "resumed")
+    assert sorted(resumed) == sorted(reference)
+    assert [resumed[step] for step in sorted(resumed)] == pytest.approx([reference[s] for s in sorted(reference)],
+                                                                         rel=1e-3)
 
 
 def test_changed_optimizer_settings_take_effect_on_resume(tmp_path, cache_dir, monkeypatch):
