@@ -24,8 +24,8 @@ from torch import nn
 
 from egmla.config import ModelConfig
 from egmla.runs import (WEIGHTS, CheckpointError, atomic_write_bytes, atomic_write_json, find_checkpoint,
-                        list_checkpoints, weights_metadata, write_manifest)
-from egmla.train.distributed import DistInfo, barrier
+                        list_checkpoints, storage_problem, weights_metadata, write_manifest)
+from egmla.train.distributed import DistInfo, broadcast_object
 
 OPTIMIZER, STATE = "optimizer.pt", "state.json"
 ASSEMBLING = ".tmp-"  # RUN/checkpoints/.tmp-step_*: a checkpoint being written, renamed into place when complete
@@ -58,11 +58,13 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, info: DistInfo, keep: int, model_config: ModelConfig) -> Path:
     """Write checkpoint `step` (every process calls this; rank 0 writes) and prune to the newest `keep`.
-    A failed write (a full disk) removes its temporary folder and leaves the older checkpoints as they were."""
+    A failed write (a full disk) removes its temporary folder, leaves the older checkpoints as they were, and is raised
+    on every process."""
     from safetensors.torch import save_file
 
     weights, optim_state = full_state_dicts(model, optimizer)
     final = checkpoint_folder(run_dir, step)
+    failure = None
     if info.is_main:
         tmp = final.with_name(f"{ASSEMBLING}{final.name}")
         try:
@@ -81,12 +83,38 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
                 shutil.rmtree(final)
             tmp.rename(final)
             sync(final.parent)
-        except BaseException:
+            prune(run_dir, final, keep)
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        prune(run_dir, final, keep)
-    barrier(info)
+            if not isinstance(err, Exception):  # Ctrl-C and the like: torchrun signals every process itself
+                raise
+            failure = err
+    # rank 0's outcome to every process, in place of a barrier: after a failed write (a full disk) the others raise
+    # rank 0's error at once instead of waiting in the barrier until torchrun or the collective timeout kills them
+    reported = broadcast_object(None if failure is None else shared_failure(failure), info)
+    if failure is not None:
+        raise failure
+    if reported is not None:
+        raise failure_on_another_rank(reported, final)
     return final
+
+
+def shared_failure(err: Exception) -> tuple | str:
+    """What the other processes need to raise rank 0's failed write as theirs: an OSError's (errno, strerror,
+    filename), so that the trainer says the same line on every rank; else rank 0's message."""
+    if isinstance(err, OSError):
+        return err.errno, err.strerror or str(err), err.filename
+    reason = storage_problem(err)  # safetensors' I/O error
+    if reason is not None:
+        return None, reason, None
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def failure_on_another_rank(reported: tuple | str, folder: Path) -> Exception:
+    if isinstance(reported, tuple):
+        return OSError(*reported)
+    return RuntimeError(f"checkpoint {folder}: rank 0 failed to write it ({reported}); see rank 0's error for the "
+                        f"cause and its fix")
 
 
 def remove_cut_short_saves(run_dir: str | Path) -> tuple[list[Path], int]:

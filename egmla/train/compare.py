@@ -135,6 +135,15 @@ def train_or_reuse(run, run_dir: Path, progress: bool) -> tuple[dict, str]:
     return train(run, run_dir, resume=resume, progress=progress), "resumed" if resume else "trained"
 
 
+def no_final_loss(run_dir: Path, summary: dict, out: Path) -> str:
+    """The error for a run without a final validation loss (a run its time limit stopped, by an egmla that did not
+    validate there): the table has nothing to show for it."""
+    return (f"{run_dir / 'summary.json'}: no final validation loss (the run stopped at step {summary.get('steps')}: "
+            f"{summary.get('stop_reason') or 'finished'}; an older egmla did not validate where the time limit "
+            f"stopped a run); remove {run_dir} and run the same command with --out {out} again to train it anew, or "
+            f"give a new --out")
+
+
 def validation_curve(run_dir: Path, tokens_per_step: int) -> list[tuple[float, float]]:
     """[(tokens trained, validation loss)] from a run's metrics.jsonl."""
     from egmla.train.metrics import read_metrics
@@ -268,6 +277,8 @@ def main(args) -> int:
             run_dir = run_folder(out, label, seed, several)
             print(f"\n=== {label}: {run.model.variant_name()}, seed {seed} ===")
             summary, how = train_or_reuse(run, run_dir, progress=not args.no_progress)
+            if summary.get("stop_reason") != "interrupted" and summary.get("final_val_loss") is None:
+                raise ValueError(no_final_loss(run_dir, summary, out))
             if how == "reused":
                 print(f"reused the finished run in {run_dir} (validation loss {summary['final_val_loss']:.4f})")
             if summary.get("stop_reason") == "interrupted":  # Ctrl-C / SIGTERM: stop the comparison, not one run

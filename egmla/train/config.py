@@ -68,7 +68,7 @@ class TrainConfig:
     keep_checkpoints: PositiveInt = 2  # keep the newest N checkpoints
     tensorboard: bool = True  # also write TensorBoard events (metrics.jsonl is always written)
     peak_tflops: NonNegativeFloat = 0.0  # accelerator peak for MFU; 0 = look up the device name
-    time_limit_s: NonNegativeFloat = 0.0  # stop (with a checkpoint) after this much training time in one call (a resume restarts the clock); 0 = no limit
+    time_limit_s: NonNegativeFloat = 0.0  # stop (validated, with a checkpoint) after this much training time in one call (a resume restarts the clock); 0 = no limit
     profile_steps: NonNegativeInt = 0  # torch.profiler over the last N steps (0 = off): RUN_DIR/profile.md, .json
 
     def __post_init__(self):

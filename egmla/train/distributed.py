@@ -49,7 +49,9 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    if device.type == "cpu":  # share the cores between the processes of this machine
+    # share the cores between the processes of this machine, unless OMP_NUM_THREADS says how many (torch took it at
+    # start; torchrun sets it to 1 where it is unset and it starts several processes)
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
@@ -108,6 +110,7 @@ def fsdp_options(cfg) -> dict:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The Transformer inside a DDP wrapper (FSDP2 shards in place: no wrapper)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from egmla.train.distributed import unwrap
+
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: targets of this value (padding) count for nothing
 
 
@@ -122,9 +124,4 @@ def token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, reduction: st
         logits = model(inputs)
         return (compiled_cross_entropy() if compiled else cross_entropy)(logits, targets, reduction)
     hidden = model(inputs, return_hidden=True)
-    return linear_cross_entropy(hidden, output_head(model).weight, targets, chunk_tokens, reduction, compiled)
-
-
-def output_head(model) -> torch.nn.Linear:
-    """The Transformer's output head through a DDP wrapper (FSDP2 shards in place: no wrapper)."""
-    return getattr(model, "module", model).output
+    return linear_cross_entropy(hidden, unwrap(model).output.weight, targets, chunk_tokens, reduction, compiled)

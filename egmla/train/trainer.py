@@ -106,22 +106,24 @@ def evaluate(model, windows, max_sequences: int, micro_batch: int, autocast, inf
     loss's chunks (train.loss_chunk_tokens), so that validation needs no more memory than training."""
     from egmla.data.loader import validation_window_ids
 
-    model.eval()
     mine = validation_window_ids(windows, max_sequences, info.rank, info.world_size)
     count = windows.num_windows if max_sequences <= 0 else min(max_sequences, windows.num_windows)
     rounds = math.ceil(math.ceil(count / info.world_size) / micro_batch)
     total, tokens = 0.0, 0
-    for r in range(rounds):
-        ids = mine[r * micro_batch:(r + 1) * micro_batch]
-        inputs, targets = windows.batch(ids if len(ids) else [0])
-        graph_step_begin(graphs)
-        with autocast():
-            loss = token_loss(model, inputs.to(info.device), targets.to(info.device), reduction="sum",
-                              chunk_tokens=chunk_tokens)
-        if len(ids):
-            total, tokens = total + float(loss), tokens + targets.numel()
-    total, tokens = all_reduce_sum([total, tokens], info)
-    model.train()
+    model.eval()
+    try:  # back in train mode on an error too (out of memory, a lost process): a caller may go on training
+        for r in range(rounds):
+            ids = mine[r * micro_batch:(r + 1) * micro_batch]
+            inputs, targets = windows.batch(ids if len(ids) else [0])
+            graph_step_begin(graphs)
+            with autocast():
+                loss = token_loss(model, inputs.to(info.device), targets.to(info.device), reduction="sum",
+                                  chunk_tokens=chunk_tokens)
+            if len(ids):
+                total, tokens = total + float(loss), tokens + targets.numel()
+        total, tokens = all_reduce_sum([total, tokens], info)
+    finally:
+        model.train()
     return total / tokens
 
 
@@ -335,8 +337,9 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
                 lr = lr_at(step, cfg)
                 set_lr(optimizer, lr)
                 time_up = cfg.time_limit_s > 0 and started - wall_start > cfg.time_limit_s
-                loss_value, grad_norm, stop_votes = train_step(wrapped, optimizer, batches, train_windows, micro_batch,
-                                                               autocast, info, cfg, step, stop.requested or time_up)
+                loss_value, grad_norm, signal_votes, time_votes = train_step(
+                    wrapped, optimizer, batches, train_windows, micro_batch, autocast, info, cfg, step, stop.requested,
+                    time_up)
                 step += 1
                 step_times.append(time.perf_counter() - started)
                 profiler.end(step)
@@ -354,15 +357,23 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
                     if (warning := warmup_warning(cfg)) is not None:  # a budget shorter than the warmup
                         say(warning)
                 bar.update(1)
-                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                validated = bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+                if validated:
                     val_loss = validate(step)
                     note = f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}"
                     (bar.write if progress and info.is_main else say)(f"{note} (ppl {math.exp(min(val_loss, 50)):.1f})")
                 if step % cfg.log_every == 0 or step == cfg.steps:  # after validating: the bar shows this step's val
                     bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}" if val_loss is not None else "-",
                                     tok_s=f"{record['tokens_per_s']:.0f}")
-                if stop_votes > 0 and step != cfg.steps:  # (a stop asked during the last step: the run is done)
-                    stop_reason = "time limit reached" if time_up and not stop.requested else "interrupted"
+                # (a stop asked during the last step: the run is done.) The reason comes from the summed votes, so that
+                # every process agrees: each started its clock at its own time, and another may pass the limit first
+                if (signal_votes or time_votes) and step != cfg.steps:
+                    stop_reason = "interrupted" if signal_votes else "time limit reached"
+                    if stop_reason == "time limit reached" and not validated:
+                        # the summary's final_val_loss is this step's, not an older step's or None (compare and
+                        # paper_repro take it as the run's result); on top of the limit, like the checkpoint. A Ctrl-C
+                        # wants out at once: not validated
+                        val_loss = validate(step)
                     break
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                     save(step)
@@ -394,8 +405,9 @@ def budgeted_steps(cfg, step: int, step_times: list[float], wall_start: float, i
 
 
 def train_step(model, optimizer, batches, windows, micro_batch: int, autocast, info: DistInfo, cfg, step: int,
-               stop_requested: bool) -> tuple[float, float, float]:
-    """One optimizer step over the next global batch: (mean loss, gradient norm, stop votes)."""
+               stop_requested: bool, time_up: bool) -> tuple[float, float, float, float]:
+    """One optimizer step over the next global batch: (mean loss, gradient norm, the numbers of processes asked to
+    stop by a signal and past train.time_limit_s)."""
     from egmla.data.loader import local_micro_batches
 
     loss_sum = torch.zeros((), device=info.device)
@@ -416,7 +428,8 @@ def train_step(model, optimizer, batches, windows, micro_batch: int, autocast, i
     with phase("clip"):
         grad_norm = clip_grad_norm(model, cfg.grad_clip)
     with phase("loss_reduce"):
-        loss_total, stop_votes = all_reduce_sum([float(loss_sum) / len(micro_batches), float(stop_requested)], info)
+        loss_total, signal_votes, time_votes = all_reduce_sum(
+            [float(loss_sum) / len(micro_batches), float(stop_requested), float(time_up)], info)
     loss_value = loss_total / info.world_size
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         what, value = ("loss", loss_value) if not math.isfinite(loss_value) else ("gradient norm", grad_norm)
@@ -425,7 +438,7 @@ def train_step(model, optimizer, batches, windows, micro_batch: int, autocast, i
     with phase("optimizer"):
         optimizer.step()
         optimizer.zero_grad(set_to_none=not uses_cuda_graphs(cfg.compile_mode))  # see own_gradients
-    return loss_value, grad_norm, stop_votes
+    return loss_value, grad_norm, signal_votes, time_votes
 
 
 def own_gradients(model) -> None:

@@ -101,6 +101,27 @@ def test_the_same_command_again_reuses_finished_runs_and_resumes_a_stopped_one(t
         "mha", "mla-kv16", "egmla-kv16"]
 
 
+
+def test_a_run_stopped_by_its_time_limit_is_validated_at_its_stop(tmp_path, cache_dir, capsys):
+    """train.time_limit_s ends a run early ("time limit reached"), which compare takes as the run's end: the trainer
+    validates at that step, so the row's loss is the stopped step's. It did not (eval_every 0: final_val_loss None),
+    and the table crashed in statistics.mean([None]); with eval_every it showed an older step's loss as final."""
+    args = compare_args(tmp_path, cache_dir, "mha", "--set", "train.time_limit_s=1e-9", "--set", "train.eval_every=0")
+    assert compare.main(args) == 0
+    summary = json.loads((tmp_path / "mha" / "summary.json").read_text())
+    assert summary["stop_reason"] == "time limit reached" and summary["steps"] == 1  # the limit passed at once
+    val = [r for r in map(json.loads, (tmp_path / "mha" / "metrics.jsonl").read_text().splitlines())
+           if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [1] and summary["final_val_loss"] == val[0]["val_loss"]
+    assert json.loads((tmp_path / "compare.json").read_text())["rows"][0]["final_val_loss"] == val[0]["val_loss"]
+
+    # a summary written before that (no final validation loss) is named with the fix, not a TypeError on reuse
+    (tmp_path / "mha" / "summary.json").write_text(json.dumps({**summary, "final_val_loss": None}))
+    with pytest.raises(ValueError, match=r"mha/summary.json: no final validation loss \(the run stopped at step 1: "
+                                         r"time limit reached; .*\); remove .*mha and run the same command"):
+        compare.main(args)
+
+
 def test_an_out_folder_of_another_comparison_is_refused(tmp_path, cache_dir):
     assert compare.main(compare_args(tmp_path, cache_dir, "mha")) == 0
     args = compare_args(tmp_path, cache_dir, "mha")

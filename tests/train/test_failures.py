@@ -240,8 +240,8 @@ def test_a_stop_asked_during_the_last_step_finishes_the_run(tmp_path, cache_dir,
     real_step = trainer.train_step
 
     def stop_during_the_last(*args, **kwargs):
-        loss, grad_norm, _ = real_step(*args, **kwargs)
-        return loss, grad_norm, float(args[8] == 11)  # step index 11: the 12th, last step
+        loss, grad_norm, _, _ = real_step(*args, **kwargs)
+        return loss, grad_norm, float(args[8] == 11), 0.0  # step index 11: the 12th, last step
 
     monkeypatch.setattr(trainer, "train_step", stop_during_the_last)
     messages = []
@@ -288,3 +288,64 @@ def test_a_resume_removes_what_saves_killed_mid_write_left_and_says_so(tmp_path,
     said.clear()
     train(run, run_dir, resume=True, progress=False, log=said.append)  # nothing left: nothing said
     assert not [line for line in said if line.startswith("removed")]
+
+
+def save_with_a_full_disk_on_rank_0(rank: int, folder: str) -> None:
+    """One of two gloo processes saving a checkpoint; rank 0 writes under a file-size limit its weights do not fit
+    (as on a full disk). Writes what save_checkpoint raised, and how soon, to FOLDER/rank-N.json."""
+    import datetime
+    import resource
+    import signal
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from egmla.model import Transformer
+    from egmla.runs import storage_problem
+    from egmla.train.checkpoint import save_checkpoint
+    from egmla.train.distributed import DistInfo
+
+    torch.set_num_threads(1)
+    # a short timeout: without the fix rank 1 waited in a barrier, here until this timeout, not 30 minutes
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=15))
+    config = run_config(Path(folder)).model
+    model = Transformer(config)
+    optimizer = torch.optim.AdamW(model.parameters())
+    if rank == 0:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    started, outcome = time.monotonic(), {"raised": None}
+    try:
+        save_checkpoint(Path(folder) / "run", 4, model, optimizer, {}, DistInfo(rank, 2), 2, config)
+    except Exception as err:
+        outcome = {"raised": type(err).__name__, "line": storage_problem(err) or str(err)}
+    outcome["seconds"] = time.monotonic() - started
+    Path(folder, f"rank-{rank}.json").write_text(json.dumps(outcome))
+    while rank == 0 and not Path(folder, "rank-1.json").exists() and time.monotonic() - started < 30:
+        time.sleep(0.05)  # rank 0 stays until rank 1 has reported, as a trainer still unwinding would
+    dist.destroy_process_group()
+
+
+def test_a_failed_checkpoint_write_on_rank_0_stops_every_process_at_once_with_its_error(tmp_path):
+    """Rank 0 alone writes checkpoints: when its write failed (a full disk), the other processes waited in the
+    barrier after it until torchrun or the collective timeout killed them, saying nothing of why. Now every
+    process raises rank 0's error (the trainer's one line is the same on every rank) as soon as rank 0 has it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.train.helpers import subprocess_env
+
+    code = "import sys; from tests.train.test_failures import save_with_a_full_disk_on_rank_0 as save; " \
+           "save(int(sys.argv[1]), sys.argv[2])"
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(tmp_path)], env=subprocess_env(),
+                                cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for rank in (0, 1)]
+    output = [worker.communicate(timeout=120)[0] for worker in workers]
+    assert all(worker.returncode == 0 for worker in workers), "\n".join(output)
+    rank0, rank1 = (json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1))
+    assert "File too large" in rank0["line"] and rank1["line"] == rank0["line"]
+    assert rank1["raised"] == "OSError" and rank1["seconds"] < 10
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())  # no .tmp-step_* left

@@ -68,6 +68,31 @@ def one_process_group(tmp_path):
     dist.destroy_process_group()
 
 
+
+@pytest.mark.parametrize("omp_num_threads, threads", [("1", 1), ("3", 1), (None, 4)])
+def test_init_distributed_keeps_a_thread_count_that_omp_num_threads_sets(one_process_group, monkeypatch,
+                                                                           omp_num_threads, threads):
+    """On CPU the processes share the cores (8 here, over 2 local processes) unless OMP_NUM_THREADS is set: the
+    user's value stood at start and was overwritten (the tests' OMP_NUM_THREADS=1 too, on a machine of more cores)."""
+    import os
+
+    from egmla.train.distributed import init_distributed
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    if omp_num_threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp_num_threads)
+    torch.set_num_threads(1)  # as torch would have set it from OMP_NUM_THREADS at start (conftest: 1 thread)
+    try:
+        assert init_distributed("cpu").backend == "gloo"
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(1)
+
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()

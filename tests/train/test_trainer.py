@@ -250,3 +250,21 @@ def test_cuda_graph_modes_refuse_several_processes(tmp_path, cache_dir, monkeypa
     with pytest.raises(ValueError, match="compile_mode='reduce-overhead' with 2 processes.*compile_mode='default'"):
         train(run, tmp_path / "run", **QUIET)
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_puts_the_model_back_in_train_mode_when_it_raises():
+    """A validation that failed (out of memory, say) left the model in eval mode, for a caller that goes on."""
+    import contextlib
+
+    import numpy as np
+
+    from egmla.train.distributed import DistInfo
+
+    class Failing(torch.nn.Module):
+        def forward(self, inputs, **_):
+            raise RuntimeError("out of memory")
+
+    model, windows = Failing(), WindowedTokens(np.arange(200, dtype=np.int64) % 50, 8, "validation")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.evaluate(model, windows, 4, 2, contextlib.nullcontext, DistInfo())
+    assert model.training
