@@ -9,7 +9,11 @@ and again meets it (the steady-state tables of `egmla bench generate`, same shap
 - `--compare prefill_graphs`: the prompts prefilled by the fixed-shape step replayed from a CUDA graph per bucket
   against eager prefill forwards (`GenerationEngine(prefill_graphs=...)`).
 
-Per variant: one pass that compiles (not reported), then each setting in turn on a fresh engine, same prompts."""
+Per variant: one pass that compiles (setting on, not reported), then the kept passes, each on a fresh engine with the
+same prompts, in the order on, off, off, on (`PASS_ORDER`, ABBA): a drift across the passes (clocks, what the compiling
+pass left warm or cold) falls on both settings alike instead of always favouring the one timed last. The table gives
+each setting's first call (the median of its two passes' first calls) and the median of its later calls over both
+passes."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +23,9 @@ import time
 from egmla.bench.options import add_output_arguments, add_preset_arguments, report
 from egmla.configfile import int_list
 
+
+# The setting in each kept pass, in turn (after the compiling pass): balanced (ABBA), each setting timed twice.
+PASS_ORDER = (True, False, False, True)
 
 SETTINGS = {"reuse_longer_cache": ("kept cache reused by shorter calls", "no: one per length"),
             "share_cache_across_paths": ("one cache and graphs kept across paths", "no: made again at each change"),
@@ -72,14 +79,14 @@ def main(args) -> int:
     meta = {"benchmark": "calls", "device": device_name, "dtype": str(dtype), "torch": torch.__version__,
             "source": f"preset {name}, random weights", "batch": args.batch, "new_tokens": args.new_tokens,
             "lengths": lengths, "batches": batches if args.batches else None, "setting": setting,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
+            "passes": list(PASS_ORDER), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
     print(f"egmla bench calls: {meta['source']}; {device_name}, {dtype}; {len(calls)} calls per pass, "
-          f"{args.new_tokens} greedy tokens each; {setting} off, then on (after a compiling pass)")
+          f"{args.new_tokens} greedy tokens each; {setting} {_order(PASS_ORDER)} (after a compiling pass, on)")
     for variant in select(args.variants):
         torch.manual_seed(0)
         with torch.device(device):
             model = Transformer(variant.config(base)).to(dtype)
-        for pass_index, enabled in enumerate((True, False, True)):  # the first pass compiles the kernels: not kept
+        for pass_index, enabled in enumerate((True, *PASS_ORDER)):  # the first pass compiles the kernels: not kept
             engine = GenerationEngine(model, **{setting: enabled})
             for batch, length in calls:
                 prompts = [row[:length] for row in ids[:batch]]
@@ -88,10 +95,11 @@ def main(args) -> int:
                 engine.generate(prompts, max_new_tokens=args.new_tokens)
                 _sync(device)
                 stats = engine.last_stats
-                row = {"variant": model.config.variant_name(), setting: enabled, "batch": batch, "prompt": length,
-                       "wall_ms": 1e3 * (time.perf_counter() - start), "prefill_ms": 1e3 * stats.prefill_seconds,
-                       "decode_ms": 1e3 * stats.decode_seconds, "decode_path": stats.decode_path,
-                       "cuda_graphs": stats.cuda_graphs, "cache_positions": engine._cache.max_len}
+                row = {"variant": model.config.variant_name(), setting: enabled, "pass": pass_index, "batch": batch,
+                       "prompt": length, "wall_ms": 1e3 * (time.perf_counter() - start),
+                       "prefill_ms": 1e3 * stats.prefill_seconds, "decode_ms": 1e3 * stats.decode_seconds,
+                       "decode_path": stats.decode_path, "cuda_graphs": stats.cuda_graphs,
+                       "cache_positions": engine.kept_cache_len}
                 print(format_row(row, setting, kept=bool(pass_index)), flush=True)
                 if pass_index:
                     meta["rows"].append(row)
@@ -113,9 +121,14 @@ def format_row(row: dict, setting: str, kept: bool = True) -> str:
             + ("" if kept else "  (compiling pass, not kept)"))
 
 
+def _order(passes) -> str:
+    return ", ".join("on" if enabled else "off" for enabled in passes)
+
+
 def markdown(meta: dict) -> str:
-    """Per variant and setting (and batch, for alternating batches): the first call (it allocates and captures) and
-    the median of the later ones."""
+    """Per variant and setting (and batch, for alternating batches): the first call of a pass (it allocates and
+    captures; the median over the setting's passes) and the median of the later ones (over its passes). A run from
+    before the balanced order (no "passes": one kept pass per setting, off then on) reads as one pass each."""
     setting = meta.get("setting", "reuse_longer_cache")
     header, off = SETTINGS[setting]
     batches = meta.get("batches")
@@ -123,19 +136,28 @@ def markdown(meta: dict) -> str:
              f"in turn (under decode_path='auto')" if batches else
              f"{meta['batch']} prompts of {', '.join(map(str, meta['lengths']))} tokens in turn")
     lines = [f"Successive generate() calls on one engine, {meta['device']}, {meta['dtype']}, torch {meta['torch']}: "
-             f"{meta['source']}; {shape}, {meta['new_tokens']} greedy tokens each. ms of wall clock per call.", "",
+             f"{meta['source']}; {shape}, {meta['new_tokens']} greedy tokens each. ms of wall clock per call."
+             + (f" Passes {_order(meta['passes'])} after a compiling pass; first call: the median of each pass's "
+                "first, later calls: of every pass's later ones." if meta.get("passes") else ""), "",
              f"| variant | decode path |{' batch |' if batches else ''} {header} | first call ms | later calls ms "
              "(median) | later calls: prefill ms (median) | later calls: decode ms (median) | cache positions |",
              f"|---|---|{'---:|' if batches else ''}---|---:|---:|---:|---:|---:|"]
     groups: dict[tuple, list[dict]] = {}
     for row in meta["rows"]:
         groups.setdefault((row["variant"], row[setting], row["batch"] if batches else None), []).append(row)
-    for (variant, enabled, batch), rows in groups.items():
-        later = rows[1:] or rows
+    variants = list(dict.fromkeys(variant for variant, _, _ in groups))
+    # per variant the setting off, then on (the order of the runs before the balanced one), whatever the pass order
+    for (variant, enabled, batch), rows in sorted(groups.items(), key=lambda kv: (variants.index(kv[0][0]), kv[0][1])):
+        passes: dict[int, list[dict]] = {}  # a run before the balanced order: no "pass", one pass per setting
+        for call in rows:
+            passes.setdefault(call.get("pass", 0), []).append(call)
+        firsts = [calls[0] for calls in passes.values()]
+        later = [call for calls in passes.values() for call in calls[1:]] or rows
         positions = sorted({r["cache_positions"] for r in rows})
         paths = ", ".join(dict.fromkeys(r["decode_path"] for r in rows))
         lines.append(f"| {variant} | {paths} |{f' {batch} |' if batches else ''} {'yes' if enabled else off} | "
-                     f"{rows[0]['wall_ms']:.1f} | {statistics.median(r['wall_ms'] for r in later):.1f} | "
+                     f"{statistics.median(r['wall_ms'] for r in firsts):.1f} | "
+                     f"{statistics.median(r['wall_ms'] for r in later):.1f} | "
                      f"{statistics.median(r['prefill_ms'] for r in later):.1f} | "
                      f"{statistics.median(r['decode_ms'] for r in later):.1f} | "
                      f"{', '.join(map(str, positions)) if len(positions) <= 3 else f'{positions[0]}–{positions[-1]}'} |")

@@ -33,7 +33,7 @@ def bucket_for(batch: int, buckets: tuple[int, ...] | None) -> int:
 
 class DecodeStep:
     """One decode step over cache rows [0, batch) of `cache`: set `tokens` [batch, 1] and `n_new` [batch]
-    (1 = append this row's token, 0 = padding or finished), then `run()` -> last logits [batch, vocab].
+    (`set_n_new`; 1 = append this row's token, 0 = padding or finished), then `run()` -> last logits [batch, vocab].
     `tokens` may be given: a buffer the step reads by address (a graph replays it), e.g. shared by buckets.
 
     use_graph: capture the step in a CUDA graph on the first run and replay it afterwards. The graph
@@ -52,6 +52,16 @@ class DecodeStep:
         self.use_graph = use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+
+    def set_n_new(self, appending: list[int]) -> None:
+        """Each row's append count (`n_new`). On CUDA from pinned memory, without waiting: a copy from pageable memory
+        waits for the stream to drain, i.e. for the step run ahead, which would undo the host's overlap whenever a
+        row is about to end (the caching host allocator keeps the pinned buffer until the copy has run)."""
+        values = torch.tensor(appending, dtype=self.n_new.dtype)
+        if self.n_new.is_cuda:
+            self.n_new.copy_(values.pin_memory(), non_blocking=True)
+        else:
+            self.n_new.copy_(values)
 
     def forward(self) -> torch.Tensor:
         return self.model(self.tokens, self.cache, n_new=self.n_new, capturable=True)[:, -1]

@@ -38,7 +38,7 @@ from egmla.attention import (KVCache, TableBiasMLA, allocate_cache, attention_cl
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.prefill_step import MIN_WIDTH, PREFILL_GRAPH_TOKENS, PrefillStep, prefill_bucket
-from egmla.infer.sampling import SamplingParams, checked_logprobs, select_next, token_logprobs
+from egmla.infer.sampling import SamplingParams, checked_logprobs, select_next, to_host_async, token_logprobs
 from egmla.infer.text import IncrementalDetokenizer, StopStringMatcher
 
 
@@ -98,8 +98,9 @@ class GenerationStats:
         return decode_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
-class _Sequence:
-    """Per-sequence generation state.
+class SequenceState:
+    """One sequence's generation state: its result so far, its incremental detokenizer and its stop strings
+    (the engine's and the scheduler's per-sequence bookkeeping on the host; `add` takes each new token).
 
     text_per_token=False (a request that reads only its result and has no stop strings): no text per token; the
     result's text is decoded once, at the end. The same text: the pieces of the incremental decode join to it."""
@@ -332,7 +333,7 @@ class GenerationEngine:
         logprobs = checked_logprobs(logprobs, self.config.vocab_size, f"the vocabulary's {self.config.vocab_size} tokens")
         prompt_ids = [self.encode(p, i) for i, p in enumerate(prompts)]
         # text per token only for a caller that reads it (on_token) or stop strings that watch it
-        sequences = [_Sequence(i, ids, self.tokenizer, list(stop_strings), text_per_token=on_token is not None)
+        sequences = [SequenceState(i, ids, self.tokenizer, list(stop_strings), text_per_token=on_token is not None)
                      for i, ids in enumerate(prompt_ids)]
         if logprobs is not None:
             for seq in sequences:
@@ -356,7 +357,7 @@ class GenerationEngine:
                 managed:
             yield
 
-    def _run(self, sequences: list[_Sequence], cache_len: int, max_new_tokens: int, sampling: SamplingParams,
+    def _run(self, sequences: list[SequenceState], cache_len: int, max_new_tokens: int, sampling: SamplingParams,
              eos_token_id: int | None, on_token, logprobs: int | None = None) -> None:
         device, batch = self.device, len(sequences)
         cache = self.prepare_cache(batch, cache_len)
@@ -382,11 +383,11 @@ class GenerationEngine:
             ahead = self._ahead_appending(step, rows, sequences, max_new_tokens, cache_len)
             if ahead is not None and self._offload_moved(step.batch):  # room for the ids of a step that runs
                 step = ahead = None  # the gate-row cache grew: its graph read the old rows (a new step runs below)
-            read_ids = _tokens_to_host(next_ids)  # the copy back is queued before the step, so it does not wait for it
+            read_ids = to_host_async(next_ids)  # the copy back is queued before the step, so it does not wait for it
             if ahead is not None:
                 step.tokens[: len(rows), 0].copy_(next_ids)
                 if ahead != step_appending:
-                    _set_n_new(step, ahead)
+                    step.set_n_new(ahead)
                     step_appending = ahead
                 last_logits = step.run()
             host_ids = read_ids()  # the step's one host sync
@@ -432,7 +433,7 @@ class GenerationEngine:
             step.tokens[: len(rows), 0].copy_(next_ids)
             appending = [int(i is not None) for i in rows] + [0] * (step.batch - len(rows))
             if appending != step_appending:  # changes only when a sequence finishes or the step changes
-                _set_n_new(step, appending)
+                step.set_n_new(appending)
                 step_appending = appending
             last_logits = step.run()
         if self.offload is not None and self.offload.on_device:
@@ -474,7 +475,7 @@ class GenerationEngine:
         self.drop_steps()
         return True
 
-    def _ahead_appending(self, step: DecodeStep | None, rows: list, sequences: list[_Sequence], max_new_tokens: int,
+    def _ahead_appending(self, step: DecodeStep | None, rows: list, sequences: list[SequenceState], max_new_tokens: int,
                          cache_len: int) -> list[int] | None:
         """The rows' n_new for running `step` before its input tokens are read back, or None where it must wait for
         them: overlap off, no step yet (the first after the prompts, or a new bucket's), no row that would append,
@@ -548,6 +549,13 @@ class GenerationEngine:
         buffer for each bucket (a caller that keeps each row's next token here feeds a step without copying them);
         None before `prepare_cache`."""
         return self._step_tokens
+
+    @property
+    def kept_cache_len(self) -> int | None:
+        """Positions per row of the cache kept for the next call (what the last call ran on: at least its prompts and
+        new tokens, longer where a shorter call reused a longer cache); None before the first call or after
+        `release`."""
+        return self._cache.max_len if self._cache is not None else None
 
     def _drop_stale_steps(self) -> None:
         """Drop the kept steps if a tensor their graphs read by address (`precomputed_tensors`: gate tables, folded
@@ -727,41 +735,12 @@ def _inputs_unchecked(model):
         model.check_inputs = saved
 
 
-def _set_n_new(step: DecodeStep, appending: list[int]) -> None:
-    """The step's per-row append counts. On CUDA from pinned memory, without waiting: a copy from pageable memory
-    waits for the stream to drain, i.e. for the step run ahead, which would undo the host's overlap whenever a row
-    is about to end (the caching host allocator keeps the pinned buffer until the copy has run)."""
-    values = torch.tensor(appending, dtype=step.n_new.dtype)
-    if step.n_new.is_cuda:
-        step.n_new.copy_(values.pin_memory(), non_blocking=True)
-    else:
-        step.n_new.copy_(values)
-
-
-def _tokens_to_host(ids: torch.Tensor) -> Callable[[], list[int]]:
-    """A function returning ids as a list: on CUDA, from a copy into pinned memory queued now and waited for when it
-    is called (work queued in between does not delay it); elsewhere, read now."""
-    if not ids.is_cuda:
-        values = ids.tolist()
-        return lambda: values
-    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-    host.copy_(ids, non_blocking=True)  # queued on ids' device's current stream: the event goes there too
-    copied = torch.cuda.Event()
-    copied.record(torch.cuda.current_stream(ids.device))
-
-    def read() -> list[int]:
-        copied.synchronize()
-        return host.tolist()
-
-    return read
-
-
 def _logprobs_to_host(logits: torch.Tensor, ids: torch.Tensor,
                       top: int) -> Callable[[], list[tuple[float, dict[int, float]]]]:
     """Each row's chosen-token log-probability and its `top` most likely tokens {id: log-probability}
     (`token_logprobs`): computed on the device now, read back when the returned function is called
-    (`_tokens_to_host`)."""
-    reads = [_tokens_to_host(t) for t in token_logprobs(logits, ids, top)]
+    (`to_host_async`)."""
+    reads = [to_host_async(t) for t in token_logprobs(logits, ids, top)]
 
     def read() -> list[tuple[float, dict[int, float]]]:
         chosen, values, indices = (read_one() for read_one in reads)

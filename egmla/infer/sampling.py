@@ -1,7 +1,9 @@
 """Next-token selection: greedy, or sampling with temperature, top-k and top-p (nucleus).
 
 All of it runs on the logits' device without host syncs; a seeded `torch.Generator` makes the draws
-reproducible (same seed, same model, same batch => same samples).
+reproducible (same seed, same model, same batch => same samples). Beside it, the small copies between host and
+device that the decode loops make without waiting for the stream (`to_device_async`, `host_to_device`,
+`to_host_async`).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -95,6 +98,24 @@ def to_device_async(tensor: torch.Tensor, device) -> torch.Tensor:
 def host_to_device(values: list, dtype: torch.dtype, device) -> torch.Tensor:
     """A small host list as a tensor on `device`, without waiting for the stream (`to_device_async`)."""
     return to_device_async(torch.tensor(values, dtype=dtype), device)
+
+
+def to_host_async(values: torch.Tensor) -> Callable[[], list]:
+    """A function returning `values` as a list: on CUDA, from a copy into pinned memory queued now and waited for when
+    it is called (work queued in between does not delay it); elsewhere, read now."""
+    if not values.is_cuda:
+        read_now = values.tolist()
+        return lambda: read_now
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)  # queued on values' device's current stream: the event goes there too
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(values.device))
+
+    def read() -> list:
+        copied.synchronize()
+        return host.tolist()
+
+    return read
 
 
 @functools.lru_cache(maxsize=64)

@@ -48,12 +48,12 @@ from typing import Callable, Sequence
 import torch
 
 from egmla.infer.decode_step import bucket_for
-from egmla.infer.engine import GenerationEngine, TokenEvent, _Sequence, _set_n_new, _tokens_to_host
+from egmla.infer.engine import GenerationEngine, SequenceState, TokenEvent
 from egmla.infer.prefill_step import padded_runs, prefill_buckets
 from egmla.infer.prefix_cache import PrefixTable
 from egmla.infer.requests import RequestHandle, SchedulerStats
 from egmla.infer.sampling import (SamplingParams, checked_logprobs, host_to_device, sample_rows, to_device_async,
-                                  token_logprobs)
+                                  to_host_async, token_logprobs)
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI allows 5, vLLM 20)
 # prompt tokens per forward for requests that want their prompt's log-probabilities: those forwards keep every
@@ -64,7 +64,7 @@ PROMPT_LOGPROBS_CHUNK = 1024
 @dataclass
 class _Request:
     handle: RequestHandle
-    sequence: _Sequence
+    sequence: SequenceState
     max_new_tokens: int
     sampling: SamplingParams
     eos_token_id: int | None
@@ -235,7 +235,7 @@ class Scheduler:
         handle._on_cancel = self._note_cancel
         # a request that reads only its result makes no text per token (a host cost per row and step); stop strings
         # need the text as it grows
-        sequence = _Sequence(handle.id, prompt_ids, engine.tokenizer, list(stop_strings), text_per_token=stream)
+        sequence = SequenceState(handle.id, prompt_ids, engine.tokenizer, list(stop_strings), text_per_token=stream)
         request = _Request(handle, sequence, max_new_tokens, sampling, eos_token_id, logprobs, prompt_logprobs)
         if logprobs is not None:
             request.sequence.result.logprobs, request.sequence.result.top_logprobs = [], []
@@ -644,7 +644,7 @@ class Scheduler:
             step.tokens[:top, 0].copy_(self._next[:top])
         if rows != self._step_appending:  # the rows that append (1) or not (0) change when a row ends or joins
             decoding = set(rows)
-            _set_n_new(step, [int(row in decoding) for row in range(top)] + [0] * (step.batch - top))
+            step.set_n_new([int(row in decoding) for row in range(top)] + [0] * (step.batch - top))
             self._step_appending = rows
         logits = step.run()
         self.stats.decode_steps += 1
@@ -693,7 +693,7 @@ class Scheduler:
                 self._next[rows[0]: rows[0] + len(rows)] = ids
             else:
                 self._next[_index(rows, ids.device)] = ids
-        pending = _Pending(rows, requests, _tokens_to_host(ids))
+        pending = _Pending(rows, requests, to_host_async(ids))
         wanting = [i for i, request in enumerate(requests) if request.logprobs is not None]
         if wanting:
             every = len(wanting) == len(rows)
@@ -701,7 +701,7 @@ class Scheduler:
             scored = token_logprobs(logits if every else logits[index], ids if every else ids[index],
                                     max(requests[i].logprobs for i in wanting))
             pending.logprob_rows = wanting
-            pending.read_logprobs = tuple(_tokens_to_host(t) for t in scored)
+            pending.read_logprobs = tuple(to_host_async(t) for t in scored)
         return pending
 
     def _queue(self, pending: "_Pending | None") -> None:

@@ -269,30 +269,69 @@ def test_code_identity_names_the_tree_python_m_imports_from_its_directory(tmp_pa
 
 
 def test_bench_calls_times_each_setting_and_reports(tmp_path, capsys):
-    """`egmla bench calls` on the CPU (no graphs, so both settings allocate per length): a row per setting and call
-    after the compiling pass, and the table from the JSON."""
+    """`egmla bench calls` on the CPU (no graphs, so both settings allocate per length): after the compiling pass, a
+    row per call of each kept pass, the passes in the balanced order on, off, off, on (each setting as often first,
+    and at the same mean position), and the table from the JSON."""
     path = tmp_path / "calls.json"
     assert run("calls", ["--variants", "mla-kv64", "--lengths", "12,8", "--batch", "2", "--new-tokens", "2",
                          "--json", str(path)]) == 0
     meta = json.loads(path.read_text())
-    assert [(r["reuse_longer_cache"], r["prompt"]) for r in meta["rows"]] == [(False, 12), (False, 8), (True, 12),
-                                                                               (True, 8)]
+    assert meta["passes"] == [True, False, False, True]
+    assert [(r["pass"], r["reuse_longer_cache"], r["prompt"]) for r in meta["rows"]] == [
+        (1, True, 12), (1, True, 8), (2, False, 12), (2, False, 8), (3, False, 12), (3, False, 8), (4, True, 12),
+        (4, True, 8)]
+    order = [r["reuse_longer_cache"] for r in meta["rows"] if r["prompt"] == 12]
+    assert sum(i for i, on in enumerate(order) if on) == sum(i for i, on in enumerate(order) if not on)  # balanced
     # printed as it runs: one aligned line per call (the compiling pass marked), not the row's dict
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("MLA kv64")]
-    assert len(printed) == 6 and not any("{" in line for line in printed)
-    assert [line.endswith("(compiling pass, not kept)") for line in printed] == [True, True] + [False] * 4
-    assert "B=2     prompt     12  reuse_longer_cache off  wall " in printed[2] and " ms  decode " in printed[2]
-    assert len({line.index(" wall ") for line in printed}) == 1 and "cache     13 positions, eager" in printed[2]
+    out = capsys.readouterr().out
+    assert "reuse_longer_cache on, off, off, on (after a compiling pass, on)" in out
+    printed = [line for line in out.splitlines() if line.startswith("MLA kv64")]
+    assert len(printed) == 10 and not any("{" in line for line in printed)
+    assert [line.endswith("(compiling pass, not kept)") for line in printed] == [True, True] + [False] * 8
+    assert [" reuse_longer_cache on " in line for line in printed] == [True] * 4 + [False] * 4 + [True] * 2
+    assert "B=2     prompt     12  reuse_longer_cache off  wall " in printed[4] and " ms  decode " in printed[4]
+    assert len({line.index(" wall ") for line in printed}) == 1 and "cache     13 positions, eager" in printed[4]
     assert all(r["wall_ms"] > 0 and r["cache_positions"] == r["prompt"] + 1 for r in meta["rows"])
     assert run("calls", ["--report", str(path), "--markdown", str(tmp_path / "calls.md")]) == 0
-    assert "| MLA kv64 | naive | yes | " in (tmp_path / "calls.md").read_text()
+    table = (tmp_path / "calls.md").read_text()
+    assert "Passes on, off, off, on after a compiling pass" in table
+    assert table.index("| MLA kv64 | naive | no: one per length | ") < table.index("| MLA kv64 | naive | yes | ")
     # alternating batch sizes: the other setting, a call per (batch, length) in turn
     assert run("calls", ["--variants", "egmla-kv64", "--lengths", "8", "--batches", "3,1", "--new-tokens", "2",
                          "--json", str(path), "--markdown", str(tmp_path / "calls.md")]) == 0
     meta = json.loads(path.read_text())
-    assert [(r["share_cache_across_paths"], r["batch"]) for r in meta["rows"]] == [(False, 3), (False, 1), (True, 3),
-                                                                                   (True, 1)]
+    assert [(r["share_cache_across_paths"], r["batch"]) for r in meta["rows"]] == [
+        (True, 3), (True, 1), (False, 3), (False, 1), (False, 3), (False, 1), (True, 3), (True, 1)]
     assert "| EG-MLA kv64 | naive | 3 | no: made again at each change | " in (tmp_path / "calls.md").read_text()
+
+
+def test_bench_calls_table_takes_each_settings_medians_over_its_passes():
+    """The calls table per setting: the first call is the median of its passes' first calls, the later calls' medians
+    are over every pass's later calls; a run from before the balanced order (rows without a pass) reads as one pass
+    per setting, off then on, as its table was made."""
+    from egmla.bench.calls import markdown
+
+    def rows(timings):  # (pass, on, wall ms of its calls)
+        return [{"variant": "MLA kv64", "reuse_longer_cache": on, "pass": index, "batch": 2, "prompt": 8 - call,
+                 "wall_ms": ms, "prefill_ms": ms / 2, "decode_ms": ms / 4, "decode_path": "naive",
+                 "cuda_graphs": False, "cache_positions": 9}
+                for index, on, calls in timings for call, ms in enumerate(calls)]
+
+    meta = {"device": "cpu", "dtype": "torch.float32", "torch": "2", "source": "preset tiny", "batch": 2,
+            "new_tokens": 2, "lengths": [8, 7, 6], "batches": None, "setting": "reuse_longer_cache",
+            "passes": [True, False, False, True],
+            "rows": rows([(1, True, [100, 10, 12]), (2, False, [90, 20, 30]), (3, False, [70, 40, 50]),
+                          (4, True, [80, 14, 16])])}
+    table = markdown(meta).splitlines()
+    assert table[-2] == "| MLA kv64 | naive | no: one per length | 80.0 | 35.0 | 17.5 | 8.8 | 9 |"
+    assert table[-1] == "| MLA kv64 | naive | yes | 90.0 | 13.0 | 6.5 | 3.2 | 9 |"
+    old = dict(meta, rows=[{k: v for k, v in row.items() if k != "pass"}
+                           for row in rows([(0, False, [90, 20, 30]), (0, True, [100, 10, 12])])])
+    del old["passes"]
+    table = markdown(old).splitlines()
+    assert "Passes" not in table[0]
+    assert table[-2:] == ["| MLA kv64 | naive | no: one per length | 90.0 | 25.0 | 12.5 | 6.2 | 9 |",
+                          "| MLA kv64 | naive | yes | 100.0 | 11.0 | 5.5 | 2.8 | 9 |"]
 
 
 def test_suite_crossover_calls_and_prefill_tables_on_the_cpu(tmp_path):

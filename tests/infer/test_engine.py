@@ -167,14 +167,16 @@ def test_auto_keeps_steps_across_paths_unless_a_gate_table_is_rebuilt(monkeypatc
 def test_engine_keeps_its_cache_between_calls_of_one_shape():
     model = tiny_model("mla")
     engine = GenerationEngine(model, decode_path="absorbed")
+    assert engine.kept_cache_len is None
     first = engine.generate(PROMPTS, max_new_tokens=5)
     cache = engine._cache
+    assert engine.kept_cache_len == cache.max_len == max(len(p) for p in PROMPTS) + 5 - 1
     again = engine.generate(PROMPTS, max_new_tokens=5)
     assert engine._cache is cache and [r.token_ids for r in again] == [r.token_ids for r in first]
     engine.generate(PROMPTS[:1], max_new_tokens=9)  # another length: a new cache
-    assert engine._cache is not cache
+    assert engine._cache is not cache and engine.kept_cache_len == engine._cache.max_len
     engine.release()
-    assert engine._cache is None
+    assert engine._cache is None and engine.kept_cache_len is None
 
 
 def test_prefill_in_row_groups_and_chunks_equals_one_call(step_log_probs):

@@ -152,8 +152,8 @@ def test_none_leaves_the_fields_none_and_adds_no_work(monkeypatch):
     from egmla.infer import engine as engine_module
 
     copies = []
-    to_host = engine_module._tokens_to_host
-    monkeypatch.setattr(engine_module, "_tokens_to_host", lambda ids: copies.append(ids.dtype) or to_host(ids))
+    to_host = engine_module.to_host_async
+    monkeypatch.setattr(engine_module, "to_host_async", lambda ids: copies.append(ids.dtype) or to_host(ids))
     monkeypatch.setattr(engine_module, "token_logprobs", lambda *args: pytest.fail("log-probabilities computed"))
     events = []
     results = GenerationEngine(tiny_model("eg-mla")).generate(PROMPTS, max_new_tokens=4, on_token=events.append)

@@ -100,20 +100,20 @@ def test_stop_matcher_on_random_text_releases_a_prefix_and_cuts_at_the_first_sto
 
 
 def test_a_sequences_text_is_the_same_streamed_or_decoded_once_special_tokens_and_cut_characters_included(tokenizer):
-    """`_Sequence` as the scheduler feeds it, on ids thick with <|endoftext|> (id 0: no text) and with bytes that split
-    characters, ending by length, at eos 0 or at an ordinary token named as eos: a streamed sequence's pieces
+    """`SequenceState` as the scheduler feeds it, on ids thick with <|endoftext|> (id 0: no text) and with bytes that
+    split characters, ending by length, at eos 0 or at an ordinary token named as eos: a streamed sequence's pieces
     (DecodeStream) join to its text, which is an unstreamed one's (decoded once at its end) and the one-shot decode of
     its tokens less the eos (whose text is left out, as vLLM does); a stop string taken from that text cuts it before
     its first occurrence, streamed or not, and no piece of it is streamed."""
     import random
 
-    from egmla.infer.engine import _Sequence
+    from egmla.infer.engine import SequenceState
 
     rng = random.Random(2)
     known = tokenizer.encode("Café naïve — 日本語 🙂 aa\n\n").ids
 
     def run(ids, eos, stream, stops=()):
-        sequence, pieces = _Sequence(0, [1], tokenizer, list(stops), text_per_token=stream), []
+        sequence, pieces = SequenceState(0, [1], tokenizer, list(stops), text_per_token=stream), []
         for token_id in ids:
             pieces.append(sequence.add(token_id, eos, len(ids), 10**6))
             if sequence.result.finish_reason is not None:
@@ -129,7 +129,7 @@ def test_a_sequences_text_is_the_same_streamed_or_decoded_once_special_tokens_an
         assert joined == streamed.text == quiet.text == tokenizer.decode(texted) and nothing == "", trial
         assert (quiet.token_ids, quiet.finish_reason) == (streamed.token_ids, streamed.finish_reason), trial
         cut = rng.randint(0, len(ids))  # a request cancelled after `cut` tokens: the same text either way
-        cancelled = [_Sequence(0, [1], tokenizer, [], text_per_token=stream) for stream in (True, False)]
+        cancelled = [SequenceState(0, [1], tokenizer, [], text_per_token=stream) for stream in (True, False)]
         for sequence in cancelled:
             for token_id in ids[:cut]:
                 sequence.add(token_id, None, 10**6, 10**6)

@@ -30,7 +30,7 @@ def per_step_us(stream: bool) -> float:
     ids = torch.randint(10, 100, (ROWS,))
     total = 0.0
     for _ in range(STEPS):
-        pending = scheduler_module._Pending(rows, requests, scheduler_module._tokens_to_host(ids))
+        pending = scheduler_module._Pending(rows, requests, scheduler_module.to_host_async(ids))
         start = time.perf_counter()
         scheduler._process(pending)
         total += time.perf_counter() - start
