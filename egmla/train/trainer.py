@@ -22,7 +22,8 @@ from egmla.model import Transformer
 from egmla.runs import (FORMAT_VERSION, StorageError, atomic_write_bytes, atomic_write_json, list_checkpoints,
                         storage_problem)
 from egmla.train import checkpoint as ckpt
-from egmla.train.config import RunConfig, cpu_work_warning, resolve_compile_mode, uses_cuda_graphs, warmup_warning
+from egmla.train.config import (RunConfig, TrainConfig, cpu_work_warning, resolve_compile_mode, uses_cuda_graphs,
+                                warmup_warning)
 from egmla.train.loss import token_loss
 from egmla.train.recompute import recompute_blocks
 from egmla.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, clip_grad_norm,
@@ -236,14 +237,52 @@ def train(run: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
 
 
 def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_checkpoint, info: DistInfo) -> dict:
-    from tqdm import tqdm
+    say = log if info.is_main else (lambda *_: None)
+    setup = _set_up(run, run_dir, resume, progress, info, say)
+    step, val_loss, step_times, stop_reason, wall_s = _run_steps(run, run_dir, setup, progress, info, say,
+                                                                 on_checkpoint)
+    return finish(run, run_dir, info, setup.model, setup.shards.meta, step, val_loss, step_times, setup.peak,
+                  setup.step_flops, stop_reason, wall_s, say)
 
+
+@dataclasses.dataclass
+class Resumed:
+    """The checkpoint a resumed run continues from; its weights are already in the model."""
+    folder: Path
+    state: dict  # training state as saved by _run_steps's save(): step, data position, rng, total_steps, ...
+    optim_state: dict
+
+
+@dataclasses.dataclass
+class TrainingSetup:
+    """What _set_up built or restored, for the step loop and the summary."""
+    cfg: TrainConfig  # run.train with compile_mode resolved; not yet a time-budgeted run's calibrated steps
+    micro_batch: int
+    shards: object  # egmla.data.prepare_data's result: tokens per split and their meta
+    tokenizer_hash: str
+    train_windows: object
+    val_windows: object
+    model: Transformer  # as built: parameter counts for the summary
+    wrapped: torch.nn.Module  # model compiled and parallelized: what trains, validates and is saved
+    optimizer: torch.optim.Optimizer
+    graphs: bool  # a CUDA-graph compile mode
+    autocast: object
+    batches: object  # TrainBatches, at the resumed position
+    resumed: Resumed | None  # None: a fresh run
+    start_step: int
+    tokens_per_step: int
+    peak: float | None  # the device's peak FLOP/s, for MFU (CUDA only)
+    step_flops: float
+    metrics: MetricsLog
+
+
+def _set_up(run: RunConfig, run_dir: Path, resume: bool, progress: bool, info: DistInfo, say) -> TrainingSetup:
+    """Data, model (its checkpoint loaded on resume), optimizer and metrics log, in the order the steps need."""
     from egmla.data.loader import TrainBatches, WindowedTokens
     from egmla.data.tokenizer import tokenizer_sha256
 
     cfg = dataclasses.replace(run.train, compile_mode=resolve_compile_mode(  # 'auto' -> what runs here
         run.train.compile_mode, run.train.compile, info.device.type, info.world_size))
-    say = log if info.is_main else (lambda *_: None)
     for warning in (warmup_warning(cfg), cpu_work_warning(run, info.device.type)):
         if warning is not None:
             say(warning)
@@ -257,41 +296,20 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
     train_windows = WindowedTokens(shards.tokens("train"), cfg.seq_len, "training")
     val_windows = WindowedTokens(shards.tokens("val"), cfg.seq_len, "validation")
 
-    torch.manual_seed(cfg.seed)
-    model = Transformer(run.model)  # initialised on the CPU: identical on every device and process count
-    model.check_inputs = False  # ids come from our tokenizer, checked against vocab_size above
-    start_step, position, resumed_from = 0, 0, None
-    if resume:  # weights verified and loaded; the tokenizer hash was checked against the run's tokenizer.json
-        resumed_from, state, optim_state = ckpt.find_resumable(run_dir, model, warn=say)
-        if state.get("seq_len", cfg.seq_len) != cfg.seq_len:
-            raise ValueError(f"train.seq_len={cfg.seq_len}: the checkpoint was trained with seq_len="
-                             f"{state['seq_len']}; keep it to resume")
-        start_step, position = state["step"], state["sequences_consumed"]
-        warn_if_the_corpus_changed(state, shards.meta, say)
-        say(f"resuming from {resumed_from} (step {start_step})")
-    model = model.to(info.device)
-    graphs = uses_cuda_graphs(cfg.compile_mode)
-    recompute_blocks(model, cfg.activation_checkpointing)  # before compile and parallelize wrap the blocks
-    if cfg.compile:
-        for block in model.layers:
-            block.compile(mode=cfg.compile_mode)
-    wrapped = parallelize(model, cfg, info)
-    optimizer = build_optimizer(wrapped, cfg)
-    if resumed_from is not None:  # before own_gradients: ckpt.load_optimizer needs parameters without gradients
-        ckpt.load_optimizer(optim_state, resumed_from, wrapped, optimizer)
-        ckpt.set_rng_state(state["rng"])
-    if graphs:
-        own_gradients(wrapped)
+    model, resumed = _build_model(run, cfg, run_dir, resume, shards.meta, say)
+    start_step, position = 0, 0
+    if resumed is not None:
+        start_step, position = resumed.state["step"], resumed.state["sequences_consumed"]
+    wrapped, optimizer, graphs = _prepare_for_training(model, cfg, info, resumed)
 
     autocast, precision = autocast_for(run, info.device)
     batches = TrainBatches(train_windows, cfg.batch_size, cfg.seed, position)
-    if resumed_from is not None and info.is_main:  # only now: a resume refused before leaves config.json as it was
+    if resumed is not None and info.is_main:  # only now: a resume refused before leaves config.json as it was
         keep_train_changes(run, run_dir, say)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     device_name = device_label(info.device)
     peak = peak_flops(device_name, cfg.peak_tflops) if info.device.type == "cuda" else None
     step_flops = flops_per_token(run.model, cfg.seq_len) * tokens_per_step
-    unigram = shards.meta["val_unigram_cross_entropy"]
     metrics = MetricsLog(run_dir, info.is_main, cfg.tensorboard, start_step=start_step, warn=say)
     say(f"{run.name}: {run.model.variant_name()}, {model.num_params() / 1e6:.2f}M parameters "
         f"({model.num_params(False) / 1e6:.2f}M without gate tables), {info.world_size} process(es) on "
@@ -303,30 +321,85 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
            else "")
         + (f", loss in chunks of {cfg.loss_chunk_tokens} tokens" if cfg.loss_chunk_tokens else ""))
     say(f"unigram baseline: train-token entropy {shards.meta['train_unigram_entropy']:.3f} nats/token, "
-        f"unigram model on validation {unigram:.3f}")
+        f"unigram model on validation {shards.meta['val_unigram_cross_entropy']:.3f}")
+    return TrainingSetup(cfg=cfg, micro_batch=micro_batch, shards=shards, tokenizer_hash=tokenizer_hash,
+                         train_windows=train_windows, val_windows=val_windows, model=model, wrapped=wrapped,
+                         optimizer=optimizer, graphs=graphs, autocast=autocast, batches=batches, resumed=resumed,
+                         start_step=start_step, tokens_per_step=tokens_per_step, peak=peak, step_flops=step_flops,
+                         metrics=metrics)
 
+
+def _build_model(run: RunConfig, cfg, run_dir: Path, resume: bool, data_meta: dict, say
+                 ) -> tuple[Transformer, Resumed | None]:
+    """The model on the CPU, with the newest good checkpoint's weights on resume (None for a fresh run)."""
+    torch.manual_seed(cfg.seed)
+    model = Transformer(run.model)  # initialised on the CPU: identical on every device and process count
+    model.check_inputs = False  # ids come from our tokenizer, checked against vocab_size above
+    if not resume:
+        return model, None
+    # weights verified and loaded; the tokenizer hash was checked against the run's tokenizer.json
+    resumed = Resumed(*ckpt.find_resumable(run_dir, model, warn=say))
+    if resumed.state.get("seq_len", cfg.seq_len) != cfg.seq_len:
+        raise ValueError(f"train.seq_len={cfg.seq_len}: the checkpoint was trained with seq_len="
+                         f"{resumed.state['seq_len']}; keep it to resume")
+    warn_if_the_corpus_changed(resumed.state, data_meta, say)
+    say(f"resuming from {resumed.folder} (step {resumed.state['step']})")
+    return model, resumed
+
+
+def _prepare_for_training(model: Transformer, cfg, info: DistInfo, resumed: Resumed | None):
+    """(wrapped model, optimizer, graphs): the model on its device, recomputed, compiled and parallelized, with
+    the optimizer (its state and the RNG restored on resume)."""
+    model = model.to(info.device)
+    graphs = uses_cuda_graphs(cfg.compile_mode)
+    recompute_blocks(model, cfg.activation_checkpointing)  # before compile and parallelize wrap the blocks
+    if cfg.compile:
+        for block in model.layers:
+            block.compile(mode=cfg.compile_mode)
+    wrapped = parallelize(model, cfg, info)
+    optimizer = build_optimizer(wrapped, cfg)
+    if resumed is not None:  # before own_gradients: ckpt.load_optimizer needs parameters without gradients
+        ckpt.load_optimizer(resumed.optim_state, resumed.folder, wrapped, optimizer)
+        ckpt.set_rng_state(resumed.state["rng"])
+    if graphs:
+        own_gradients(wrapped)
+    return wrapped, optimizer, graphs
+
+
+def _run_steps(run: RunConfig, run_dir: Path, setup: TrainingSetup, progress: bool, info: DistInfo, say,
+               on_checkpoint) -> tuple[int, float | None, list[float], str | None, float]:
+    """The step loop with validation, checkpoints and stops: (last step, its validation loss, this call's step
+    times, stop reason or None, wall seconds)."""
+    from tqdm import tqdm
+
+    cfg, wrapped, batches, metrics = setup.cfg, setup.wrapped, setup.batches, setup.metrics
+
+    # save() and validate() read cfg when called: a time-budgeted run's steps are set after calibration
     def save(step: int) -> Path:
-        state = {"sequences_consumed": batches.position, "tokens_seen": batches.position * cfg.seq_len,
-                 "epoch": batches.epoch, "lr": lr_at(max(0, step - 1), cfg), "world_size": info.world_size,
-                 "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokenizer_sha256": tokenizer_hash,
-                 "total_steps": cfg.steps, "train_split_tokens": shards.meta["train_tokens"],
-                 "val_split_tokens": shards.meta["val_tokens"]}
-        folder = ckpt.save_checkpoint(run_dir, step, wrapped, optimizer, state, info, cfg.keep_checkpoints, run.model)
+        checkpoint_state = {
+            "sequences_consumed": batches.position, "tokens_seen": batches.position * cfg.seq_len,
+            "epoch": batches.epoch, "lr": lr_at(max(0, step - 1), cfg), "world_size": info.world_size,
+            "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokenizer_sha256": setup.tokenizer_hash,
+            "total_steps": cfg.steps, "train_split_tokens": setup.shards.meta["train_tokens"],
+            "val_split_tokens": setup.shards.meta["val_tokens"]}
+        folder = ckpt.save_checkpoint(run_dir, step, wrapped, setup.optimizer, checkpoint_state, info,
+                                      cfg.keep_checkpoints, run.model)
         if info.is_main and on_checkpoint is not None:
             on_checkpoint(run_dir)
         return folder
 
     def validate(step: int) -> float:
-        loss = evaluate(wrapped, val_windows, cfg.eval_sequences, micro_batch, autocast, info,
-                        graphs=graphs, chunk_tokens=cfg.loss_chunk_tokens)
+        loss = evaluate(wrapped, setup.val_windows, cfg.eval_sequences, setup.micro_batch, setup.autocast, info,
+                        graphs=setup.graphs, chunk_tokens=cfg.loss_chunk_tokens)
         metrics.log({"kind": "val", "step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
         return loss
 
-    if cfg.steps == 0 and resumed_from is not None and state.get("total_steps"):
-        cfg = dataclasses.replace(cfg, steps=state["total_steps"])  # a time-budgeted run, already calibrated
-    bar = tqdm(total=cfg.steps or None, initial=start_step, desc=run.name, unit="step",
+    resumed = setup.resumed
+    if cfg.steps == 0 and resumed is not None and resumed.state.get("total_steps"):
+        cfg = dataclasses.replace(cfg, steps=resumed.state["total_steps"])  # a time-budgeted run, already calibrated
+    bar = tqdm(total=cfg.steps or None, initial=setup.start_step, desc=run.name, unit="step",
                disable=not (progress and info.is_main), dynamic_ncols=True)
-    step, val_loss, step_times, last_saved, stop_reason = start_step, None, [], start_step, None
+    step, val_loss, step_times, last_saved, stop_reason = setup.start_step, None, [], setup.start_step, None
     profiler = StepProfiler(cfg, run_dir, info, say)  # train.profile_steps: the last steps under torch.profiler
     wall_start = time.perf_counter()
     try:
@@ -335,19 +408,19 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
                 profiler.begin(step + 1)
                 started = time.perf_counter()
                 lr = lr_at(step, cfg)
-                set_lr(optimizer, lr)
+                set_lr(setup.optimizer, lr)
                 time_up = cfg.time_limit_s > 0 and started - wall_start > cfg.time_limit_s
                 loss_value, grad_norm, signal_votes, time_votes = train_step(
-                    wrapped, optimizer, batches, train_windows, micro_batch, autocast, info, cfg, step, stop.requested,
-                    time_up)
+                    wrapped, setup.optimizer, batches, setup.train_windows, setup.micro_batch, setup.autocast, info,
+                    cfg, step, stop.requested, time_up)
                 step += 1
                 step_times.append(time.perf_counter() - started)
                 profiler.end(step)
                 record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                           "tokens": batches.position * cfg.seq_len, "step_s": step_times[-1],
-                          "tokens_per_s": tokens_per_step / step_times[-1]}
-                if peak:
-                    record["mfu"] = step_flops / step_times[-1] / (peak * info.world_size)
+                          "tokens_per_s": setup.tokens_per_step / step_times[-1]}
+                if setup.peak:
+                    record["mfu"] = setup.step_flops / step_times[-1] / (setup.peak * info.world_size)
                 metrics.log(record, tensorboard=step % cfg.log_every == 0)
                 # after 20 steps of this call (a resumed call's first steps compile): until then lr_at holds the peak
                 if cfg.steps == 0 and len(step_times) == CALIBRATION_STEPS:
@@ -391,8 +464,7 @@ def _train(run: RunConfig, run_dir: Path, resume: bool, progress: bool, log, on_
         profiler.close()
         bar.close()
         metrics.close()
-    return finish(run, run_dir, info, model, shards.meta, step, val_loss, step_times, peak, step_flops,
-                  stop_reason, time.perf_counter() - wall_start, say)
+    return step, val_loss, step_times, stop_reason, time.perf_counter() - wall_start
 
 
 def budgeted_steps(cfg, step: int, step_times: list[float], wall_start: float, info: DistInfo) -> int:
