@@ -57,6 +57,15 @@ def umask_mode(mode: int = 0o666) -> int:
     return mode & ~umask
 
 
+def fsync_path(path: str | Path) -> None:
+    """fsync a file's data or a folder's entries (a rename is durable only once both are)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
     path = Path(path)
@@ -124,6 +133,7 @@ def record_weights_config(path: str | Path, config: ModelConfig) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        fsync_path(tmp)  # else a crash after the rename can leave the old name holding a truncated file
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -142,6 +152,7 @@ def save_weights(model: Transformer, path: str | Path) -> None:
     try:
         save_model(model, tmp, metadata=weights_metadata(model.config))
         os.chmod(tmp, umask_mode())
+        fsync_path(tmp)  # else a crash after the rename can leave the old name holding a truncated file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from egmla.config import ModelConfig
-from egmla.runs import umask_mode
+from egmla.runs import fsync_path, umask_mode
 
 # egmla layer weight -> DeepseekV3 layer weight (under model.layers.{i}.)
 DEEPSEEK_LAYER_NAMES = {
@@ -228,6 +228,8 @@ class _staging:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        for path in [*self.tmp.iterdir(), self.tmp]:  # on disk before the rename makes the export visible
+            fsync_path(path)
         if self.out_dir.is_dir():
             self.out_dir.rmdir()  # empty (checked above)
         os.replace(self.tmp, self.out_dir)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from egmla.config import ModelConfig
-from egmla.runs import (WEIGHTS, CheckpointError, atomic_write_bytes, atomic_write_json, find_checkpoint,
+from egmla.runs import (WEIGHTS, CheckpointError, atomic_write_bytes, atomic_write_json, find_checkpoint, fsync_path,
                         list_checkpoints, storage_problem, weights_metadata, write_manifest)
 from egmla.train.distributed import DistInfo, broadcast_object
 
@@ -74,15 +74,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
                 weights.pop("tok_embeddings.weight", None)
             save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(tmp / WEIGHTS),
                       metadata=weights_metadata(model_config))
-            sync(tmp / WEIGHTS)
+            fsync_path(tmp / WEIGHTS)
             atomic_write_bytes(tmp / OPTIMIZER, optimizer_bytes(optim_state))
             atomic_write_json(tmp / STATE, {**state, "step": step, "rng": rng_state()})
             write_manifest(tmp)
-            sync(tmp)
+            fsync_path(tmp)
             if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
                 shutil.rmtree(final)
             tmp.rename(final)
-            sync(final.parent)
+            fsync_path(final.parent)
             prune(run_dir, final, keep)
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -153,15 +153,6 @@ def optimizer_bytes(optim_state: dict) -> memoryview:
     buffer = io.BytesIO()
     torch.save(optim_state, buffer)
     return buffer.getbuffer()
-
-
-def sync(path: Path) -> None:
-    """fsync a file's data or a folder's entries."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 STATE_KEYS = ("step", "sequences_consumed", "rng")  # what a resume reads from state.json

@@ -29,6 +29,20 @@ def test_save_and_load_round_trip(tmp_path, tied):
     assert (loaded.output.weight is loaded.tok_embeddings.weight) == tied
 
 
+def test_weights_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
+    """A crash after the rename must not leave model.safetensors naming a file whose data never reached the disk."""
+    events = []
+    real_fsync, real_replace = runs.os.fsync, runs.os.replace
+    monkeypatch.setattr(runs.os, "fsync", lambda fd: (events.append(("fsync", runs.os.readlink(f"/proc/self/fd/{fd}"))),
+                                                     real_fsync(fd))[1])
+    monkeypatch.setattr(runs.os, "replace", lambda src, dst: (events.append(("replace", str(src))), real_replace(src, dst))[1])
+    config = small_config(attention="mla")
+    runs.save_weights(Transformer(config), tmp_path / "model.safetensors")
+    replaced = [i for i, (kind, _) in enumerate(events) if kind == "replace"]
+    tmp = events[replaced[0]][1]
+    assert ("fsync", tmp) in events[:replaced[0]], events
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
     config = small_config(attention="mla")
     model = Transformer(config)
