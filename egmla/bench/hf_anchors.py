@@ -3,7 +3,7 @@
 weights, generating with `cache_implementation="static"` (transformers then compiles the decode step).
 
 A step is timed as egmla's engine times its own: from one step's logits to the next, through the loop's
-host sync, read by a logits processor that only records the time.
+host work, marked by a logits processor that only records a CUDA event (see _StepClock).
 """
 from __future__ import annotations
 
@@ -45,39 +45,67 @@ def anchor_model(name: str, config: ModelConfig, max_positions: int, device, dty
 
 
 class _StepClock:
-    """A logits processor that records when each step's logits are ready for sampling: it waits for them (on CUDA
-    generate() queues the prefill's kernels and calls processors before they ran, so the prefill's end would be
-    early; later steps are unchanged, transformers syncs on each one for its stop check anyway), as egmla's engine
-    times a step up to its tokens on the host."""
+    """Marks when the model's first forward starts (the prefill, after generate() has set up its static cache, as
+    egmla's prefill clock starts after its cache is allocated) and when each step's logits reach the logits
+    processors. On CUDA the marks are events on the stream by default: they add no host sync to transformers' loop
+    (whose stop check may run one step behind), and the time between two marks is the stream's, idle gaps included.
+    sync=True marks with the host clock after a device sync instead (the method before 2026-12-07, kept to A/B)."""
 
-    def __init__(self):
-        self.times: list[float] = []
+    def __init__(self, model, device: torch.device, sync: bool = False):
+        self.events = device.type == "cuda" and not sync
+        self.sync_device = device if device.type == "cuda" and sync else None
+        self.marks: list = []
+        self._hook = model.register_forward_pre_hook(self._first_forward)
+
+    def _mark(self) -> None:
+        if self.events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+            return
+        if self.sync_device is not None:
+            torch.cuda.synchronize(self.sync_device)
+        self.marks.append(time.perf_counter())
+
+    def _first_forward(self, module, args) -> None:
+        self._hook.remove()  # once: the decode steps (compiled by transformers) run without it
+        self._mark()
 
     def __call__(self, input_ids, scores):
-        if scores.is_cuda:
-            torch.cuda.synchronize(scores.device)
-        self.times.append(time.perf_counter())
+        self._mark()
         return scores
 
+    def remove(self) -> None:
+        self._hook.remove()
 
-def time_anchor(model, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
-    """Prefill and per-step times of `model.generate` (greedy, static cache, exactly new_tokens tokens)."""
+    def seconds(self) -> list[float]:
+        """[prefill, step 1, step 2, ...]: the times between consecutive marks."""
+        if self.events:
+            self.marks[-1].synchronize()
+            return [start.elapsed_time(end) / 1e3 for start, end in zip(self.marks, self.marks[1:])]
+        return [end - start for start, end in zip(self.marks, self.marks[1:])]
+
+
+def time_anchor(model, prompts: list[list[int]], new_tokens: int, repeats: int, sync_clock: bool = False) -> dict:
+    """Prefill and per-step times of `model.generate` (greedy, static cache, exactly new_tokens tokens);
+    sync_clock: see _StepClock."""
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
     ids = torch.tensor(prompts, device=device)
     runs = []
     for repeat in range(repeats + 1):  # the first compiles and captures: not measured
-        clock = _StepClock()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
-                           logits_processor=LogitsProcessorList([clock]))
+        clock = _StepClock(model, device, sync=sync_clock)
+        try:
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
+                               logits_processor=LogitsProcessorList([clock]))
+        finally:
+            clock.remove()
         if repeat:
-            runs.append((clock.times[0] - start, [b - a for a, b in zip(clock.times, clock.times[1:])]))
+            times = clock.seconds()
+            runs.append((times[0], times[1:]))
     steps = sorted(step for _, run in runs for step in run)
     batch = len(prompts)
     step = statistics.median(steps)

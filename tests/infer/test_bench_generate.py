@@ -31,6 +31,28 @@ def test_rows_anchors_profile_and_report(tmp_path, capsys):
     assert (tmp_path / "gen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("sync_clock", [False, True])
+def test_anchor_clock_marks_the_first_forward_and_each_step_then_unhooks(monkeypatch, sync_clock):
+    """prefill = first forward's start (after generate() set up its static cache) to the first logits; one mark per
+    step after; the forward hook gone after each generate, also after one that failed."""
+    import torch
+
+    from egmla.bench import hf_anchors
+    from tests.conftest import small_config
+
+    model = hf_anchors.anchor_model("llama", variant_config("mha", small_config()), 16, "cpu", torch.float32)
+    clocks = []
+    real = hf_anchors._StepClock
+    monkeypatch.setattr(hf_anchors, "_StepClock", lambda *a, **k: clocks.append(real(*a, **k)) or clocks[-1])
+    timed = hf_anchors.time_anchor(model, [[1, 2, 3, 4]] * 2, new_tokens=4, repeats=2, sync_clock=sync_clock)
+    assert [len(clock.marks) for clock in clocks] == [5] * 3  # first forward + 4 logits, per generate
+    assert [len(clock.seconds()) for clock in clocks] == [4] * 3
+    assert timed["prefill_ms"] > 0 and timed["step_ms_median"] > 0 and not model._forward_pre_hooks
+    with pytest.raises(Exception):
+        hf_anchors.time_anchor(model, [[1, 2, 3, 10 ** 6]], new_tokens=2, repeats=0)  # an id past the vocabulary
+    assert not model._forward_pre_hooks
+
+
 def result_file(path, rows, **meta):
     base = dict(benchmark="generate", device="NVIDIA H200", dtype="torch.bfloat16", torch="2.11", source="preset x",
                 prompt_len=2048, new_tokens=32, fill_memory_gb=None, context=None, repeats=1)
