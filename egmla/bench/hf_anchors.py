@@ -49,7 +49,8 @@ class _StepClock:
     egmla's prefill clock starts after its cache is allocated) and when each step's logits reach the logits
     processors. On CUDA the marks are events on the stream by default: they add no host sync to transformers' loop
     (whose stop check may run one step behind), and the time between two marks is the stream's, idle gaps included.
-    sync=True marks with the host clock after a device sync instead (the method before 2026-12-07, kept to A/B)."""
+    sync=True marks with the host clock after a device sync instead (the clock of the tables timed before
+    2026-12-06's change, kept to A/B it: docs/bench/anchor_clock_h100)."""
 
     def __init__(self, model, device: torch.device, sync: bool = False):
         self.events = device.type == "cuda" and not sync
