@@ -27,9 +27,10 @@ import numpy as np
 
 from egmla.data.config import DataConfig
 from egmla.data.corpora import CHUNK_BYTES, corpus_fingerprint, empty_split_advice, iter_documents, split_chunks
-from egmla.data.tokenizer import TOKENIZER_RECIPE, tokenizer_sha256
+from egmla.data.tokenizer import TOKENIZER_RECIPE, text_encoder, tokenizer_sha256
 
-SHARD_RECIPE = "shards-v2"  # v2: an end-of-text wherever a split's stream changes document
+SHARD_RECIPE = "shards-v3"  # v2: an end-of-text wherever a split's stream changes document; v3: id 0 only there
+# (a literal `<|endoftext|>` in the text was encoded as id 0 before)
 ENCODE_BATCH_BYTES = 4 << 20  # text handed to the tokenizer's parallel encoder at once
 TMP_PREFIX = ".tmp-"
 STALE_TMP_AGE_S = 24 * 3600  # a temp folder of no process we can check, untouched this long, is a dead build's
@@ -76,13 +77,14 @@ def _write_shards(config: DataConfig, tokenizer, folder: Path, progress: bool) -
     from tqdm import tqdm
 
     dtype = token_dtype(tokenizer.get_vocab_size())
+    encoder = text_encoder(tokenizer)
     files = {split: open(folder / f"{split}.bin", "wb") for split in ("train", "val")}
     counts = {"train": 0, "val": 0}
     chars = {"train": 0, "val": 0}
     pending: list[tuple[str, str, bool]] = []
 
     def flush():
-        encodings = tokenizer.encode_batch([text for _, text, _ in pending], add_special_tokens=False)
+        encodings = encoder.encode_batch([text for _, text, _ in pending], add_special_tokens=False)
         for (split, _, ends_run), encoding in zip(pending, encodings):
             ids = encoding.ids + [0] if ends_run else encoding.ids
             np.asarray(ids, dtype=dtype).tofile(files[split])

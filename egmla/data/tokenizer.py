@@ -42,6 +42,17 @@ def train_tokenizer(texts, vocab_size: int, length: int | None = None, progress:
     return tokenizer
 
 
+def text_encoder(tokenizer):
+    """A copy of tokenizer that encodes its special tokens' spellings as the text they are: a corpus that holds
+    the characters `<|endoftext|>` (Python sources, text about language models) gets their bytes, as the BPE was
+    trained on them, not id 0, which the shards place only where a document ends."""
+    from tokenizers import Tokenizer
+
+    encoder = Tokenizer.from_str(tokenizer.to_str())
+    encoder.encode_special_tokens = True
+    return encoder
+
+
 def tokenizer_sha256(tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
 
@@ -49,12 +60,14 @@ def tokenizer_sha256(tokenizer) -> str:
 def _training_texts(config: DataConfig, seen: dict[str, int]):
     """Training-split chunks, up to config.tokenizer_sample_bytes (validation text is never seen); seen counts the
     characters of each split read (for an error that says why there was no training text)."""
-    total = 0
+    total, budget = 0, config.tokenizer_sample_bytes
     for split, text, _ in split_chunks(iter_documents(config), config.val_fraction, config.split):
         seen[split] += len(text)
         if split != "train":
             continue
-        if config.tokenizer_sample_bytes and total + len(text) > config.tokenizer_sample_bytes:
+        if budget and total + len(text) > budget:
+            if total == 0:  # a budget below one chunk: its first part (whole chunks only would be no text at all)
+                yield text[:budget]
             return
         total += len(text)
         yield text
@@ -75,8 +88,8 @@ def get_tokenizer(config: DataConfig, vocab_size: int, progress: bool = True, lo
     log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on corpus {config.corpus!r} ...")
     seen = {"train": 0, "val": 0}
     tokenizer = train_tokenizer(_training_texts(config, seen), vocab_size, progress=progress)
-    if tokenizer.get_vocab_size() < MIN_VOCAB + 1:
-        if seen["val"] and not seen["train"]:  # there is text, but all of it went to validation
+    if not seen["train"]:  # not judged by the vocab size: a text without merges, or vocab_size=257, has 257 too
+        if seen["val"]:  # there is text, but all of it went to validation
             settings, how, fix = empty_split_advice(config)
             raise ValueError(f"{settings}: the training split is empty (all {seen['val']:,} characters of text "
                              f"were held out, {how}); {fix}")

@@ -4,6 +4,8 @@ processes have GPUs, gloo on CPU. `parallelize` wraps the model with DDP or shar
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -145,6 +147,26 @@ def per_rank(value: float, info: DistInfo) -> list[float]:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+RANK_0_WORK_TIMEOUT = datetime.timedelta(hours=24)  # tokenizing many GB; a dead rank 0 ends the wait sooner
+
+
+@contextlib.contextmanager
+def others_wait_for_rank_0(info: DistInfo, timeout: datetime.timedelta = RANK_0_WORK_TIMEOUT):
+    """A barrier at the block's end that waits up to `timeout`, for a block in which rank 0 alone works long (data
+    preparation): a plain barrier() times out with the process group (NCCL: 10 minutes), and the watchdog killed
+    every process in the middle of rank 0's tokenizing. A gloo group of its own carries the longer timeout; made on
+    entry, while every process is there. A rank 0 that fails or dies closes its connections: the others stop then."""
+    if not info.enabled:
+        yield
+        return
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    try:
+        yield
+        dist.barrier(group=group)
+    finally:
+        dist.destroy_process_group(group)
 
 
 def broadcast_object(obj, info: DistInfo):

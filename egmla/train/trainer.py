@@ -26,8 +26,9 @@ from egmla.train.config import (RunConfig, TrainConfig, cpu_work_warning, resolv
                                 warmup_warning)
 from egmla.train.loss import token_loss
 from egmla.train.recompute import recompute_blocks
-from egmla.train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, clip_grad_norm,
-                                     gradient_sync, init_distributed, parallelize, per_rank)
+from egmla.train.distributed import (DistInfo, all_reduce_sum, broadcast_object, clip_grad_norm,
+                                     gradient_sync, init_distributed, others_wait_for_rank_0, parallelize,
+                                     per_rank)
 from egmla.train.runlock import claim_run_dir
 from egmla.train.metrics import (MetricsLog, flops_per_token, peak_flops, peak_memory_bytes, peak_reserved_bytes,
                                  plot_loss_curve, read_metrics)
@@ -192,9 +193,9 @@ def setup_data(run: RunConfig, run_dir: Path, resume: bool, info: DistInfo, prog
 
     tokenizer = load_run_tokenizer(run_dir) if resume else None
     result = None
-    if info.is_main:
-        result = prepare_data(run.data, run.model.vocab_size, tokenizer, progress=progress, log=log)
-    barrier(info)
+    with others_wait_for_rank_0(info):  # longer than a collective may: a large corpus takes rank 0 an hour
+        if info.is_main:
+            result = prepare_data(run.data, run.model.vocab_size, tokenizer, progress=progress, log=log)
     if not info.is_main:
         result = prepare_data(run.data, run.model.vocab_size, tokenizer, progress=False, log=lambda *_: None)
     return result

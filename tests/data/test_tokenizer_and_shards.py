@@ -210,3 +210,36 @@ def test_a_killed_builds_temp_folder_is_removed_by_the_next_build_but_a_live_one
         f.name for f in (live, other_host, old_name))
     assert not any(f.exists() for f in (killed, stale_other_host, stale_old_name, broken))
     assert any("removed 4 folder(s)" in line and killed.name in line for line in lines)
+
+
+def test_a_literal_end_of_text_in_the_corpus_is_text_not_a_document_end(tmp_path):
+    """Id 0 marks where a document ends. A text holding the characters `<|endoftext|>` (Python sources, text about
+    language models) was encoded with id 0 there: a document end in mid-document, and the characters lost."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    quoted = f"EOS = {END_OF_TEXT!r}  # the separator\n"
+    for doc in range(6):
+        (folder / f"doc{doc}.txt").write_text(f"Document {doc}.\n" + (TEXT + quoted) * 30)
+    config = DataConfig(corpus=str(folder / "*.txt"), val_fraction=0.25, cache_dir=str(tmp_path / "cache"))
+    tokenizer, shards = prepare_data(config, 400, progress=False, log=lambda *_: None)
+    train, val = shards.tokens("train"), shards.tokens("val")
+    assert int((train == 0).sum() + (val == 0).sum()) == 6  # one end-of-text per document, none inside one
+    texts = tokenizer.decode(train.tolist()) + tokenizer.decode(val.tolist())
+    assert texts.count(quoted) == 6 * 30
+
+
+def test_a_tokenizer_sample_below_one_chunk_trains_on_its_first_part(tmp_path):
+    """data.tokenizer_sample_bytes under one 16 KB chunk took no text at all: 'no training text; check the path'."""
+    (tmp_path / "one.txt").write_text(TEXT * 1000)
+    config = DataConfig(corpus=str(tmp_path / "one.txt"), val_fraction=0.2, tokenizer_sample_bytes=2_000,
+                        cache_dir=str(tmp_path / "c"))
+    assert get_tokenizer(config, 300, log=lambda *_: None).get_vocab_size() == 300
+
+
+def test_vocab_size_257_trains_a_tokenizer_of_bytes_only(tmp_path):
+    """257 ids (256 bytes + end-of-text) is the smallest vocabulary allowed, and has no merges: it was taken for a
+    tokenizer trained on no text, an error telling to check the corpus path."""
+    (tmp_path / "one.txt").write_text(TEXT * 1000)
+    config = DataConfig(corpus=str(tmp_path / "one.txt"), val_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    tokenizer, shards = prepare_data(config, 257, progress=False, log=lambda *_: None)
+    assert tokenizer.get_vocab_size() == 257 and shards.meta["train_tokens"] > len((TEXT * 700).encode())

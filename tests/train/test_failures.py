@@ -349,3 +349,54 @@ def test_a_failed_checkpoint_write_on_rank_0_stops_every_process_at_once_with_it
     assert "File too large" in rank0["line"] and rank1["line"] == rank0["line"]
     assert rank1["raised"] == "OSError" and rank1["seconds"] < 10
     assert not list((tmp_path / "run" / "checkpoints").iterdir())  # no .tmp-step_* left
+
+
+def prepare_data_longer_than_the_collective_timeout(rank: int, folder: str) -> None:
+    """One of two gloo processes whose process group times out after 2 s, around trainer.setup_data, whose data
+    preparation takes rank 0 5 s. Writes what setup_data returned or raised to FOLDER/rank-N.json."""
+    import datetime
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    import egmla.data
+    from egmla.train.distributed import DistInfo
+
+    def slow_prepare_data(config, vocab_size, tokenizer=None, progress=True, log=print):
+        if rank == 0:
+            time.sleep(5)  # tokenizing many GB: an hour, against NCCL's 10 minutes
+        return "tokenizer", "shards"
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=2))
+    egmla.data.prepare_data = slow_prepare_data
+    try:
+        outcome = {"returned": list(trainer.setup_data(run_config(Path(folder)), Path(folder) / "run", False,
+                                                       DistInfo(rank, 2), False, quiet))}
+    except Exception as err:
+        outcome = {"raised": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
+    Path(folder, f"rank-{rank}.json").write_text(json.dumps(outcome))
+    dist.destroy_process_group()
+
+
+def test_the_other_processes_wait_for_rank_0s_data_past_the_collective_timeout(tmp_path):
+    """Rank 0 alone trains the tokenizer and tokenizes the corpus while the others wait in a barrier: that barrier
+    timed out with the process group (NCCL: 10 minutes), so a corpus of a few GB killed a torchrun run before its
+    first step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.train.helpers import subprocess_env
+
+    code = "import sys; from tests.train.test_failures import prepare_data_longer_than_the_collective_timeout " \
+           "as prepare; prepare(int(sys.argv[1]), sys.argv[2])"
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(tmp_path)], env=subprocess_env(),
+                                cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for rank in (0, 1)]
+    output = [worker.communicate(timeout=120)[0] for worker in workers]
+    assert all(worker.returncode == 0 for worker in workers), "\n".join(output)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank-{rank}.json").read_text()) == {"returned": ["tokenizer", "shards"]}
