@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import importlib
 import os
+import re
 import sys
 import warnings
 
@@ -31,7 +32,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         quiet = action.default is None or action.default is False or action.default == [] or \
             action.default is argparse.SUPPRESS  # a 0 is shown: `in (False, ...)` hid it, 0 == False
-        if "default" in text.lower() or quiet:
+        # the text gives the default itself ("(default: x)", "default x"; a flag's text says what it turns on or off),
+        # not merely uses the word ("what generation takes by default", the compile mode named default)
+        stated = "default" in text.lower() and (action.nargs == 0 or re.search(
+            r"\(default|default:|default " + re.escape(str(action.default)), text, re.IGNORECASE))
+        if stated or quiet:
             return text
         return super()._get_help_string(action)
 

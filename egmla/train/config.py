@@ -140,8 +140,12 @@ class RunConfig:
         sections = ("name", "model", "train", "data")
         for key in values:
             if key not in sections and key not in ("format_version", "egmla_version"):
+                # a key of a section given bare (`--set steps=10`, or `steps = 10` above the file's [train]): name it
+                owners = (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig))
+                owner = next((name for name, cls in owners if key in {f.name for f in fields(cls)}), None)
                 close = difflib.get_close_matches(key, sections, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sections)}"
+                hint = (f"; did you mean '{owner}.{key}'?" if owner else
+                        f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sections)}")
                 raise ValueError(f"{key}: unknown config section{hint}")
         for section in ("model", "train", "data"):
             if not isinstance(values.get(section, {}), dict):

@@ -63,6 +63,39 @@ def test_kv_report_help_explains_every_model_field():
         assert len(default_and_text) > 1, f"ModelConfig.{field.name} has no comment to explain it in --help"
 
 
+def every_option():
+    """(command, action, its parser's formatter) of every option of `egmla` and its subcommands."""
+    import argparse
+
+    from egmla.cli import build_parser
+
+    found, parsers = [], [("egmla", build_parser())]
+    while parsers:
+        name, parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += [(f"{name} {sub}", subparser) for sub, subparser in action.choices.items()]
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                found.append((name, action, parser._get_formatter()))
+    return found
+
+
+def test_every_option_has_help_and_its_default_in_it():
+    """`bench generate --paths` and `bench train --compile-mode` hid their default, auto: their text used the word
+    ("what generation takes by default", the compile mode named default), which the formatter took for the default."""
+    import re
+
+    for command, action, formatter in every_option():
+        where = f"{command} {'/'.join(action.option_strings) or action.dest}"
+        assert (action.help or "").strip(), f"{where}: no help text"
+        default = action.default
+        if action.nargs == 0 or default is None or not isinstance(default, (str, int, float)):
+            continue  # a flag says what it turns on; an unset default (or a list, as --set's []) needs no mention
+        text = formatter._get_help_string(action)
+        stated = re.search(r"\(default|default:|default " + re.escape(str(default)), text, re.IGNORECASE)
+        assert stated, f"{where}: its default, {default!r}, is not in its help"
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="torch's OpenMP runtime is libgomp only on Linux")
 @pytest.mark.parametrize("command", [["egmla", "kv-report", "--preset", "tiny", "--json"],
                                      ["egmla.train", "--dry-run"]])  # also what torchrun -m egmla.train runs

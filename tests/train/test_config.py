@@ -73,6 +73,18 @@ def test_set_overrides_and_their_errors(tmp_path):
         resolve_config(parse("--resume", str(tmp_path), "--set", "model.kv_lora_rank=8"))
 
 
+@pytest.mark.parametrize("item, message", [
+    ("steps=10", "steps: unknown config section; did you mean 'train.steps'?"),
+    ("kv_lora_rank=16", "kv_lora_rank: unknown config section; did you mean 'model.kv_lora_rank'?"),
+    ("corpus=python-source", "corpus: unknown config section; did you mean 'data.corpus'?"),
+    ("trian.steps=3", "trian: unknown config section; did you mean 'train'?"),
+])
+def test_a_bare_key_names_its_section(item, message):
+    """`--set steps=10` (or `steps = 10` above a file's [train]) named only the sections: the key's own is the hint."""
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("?", r"\?")):
+        resolve_config(parse("--set", item))
+
+
 def test_variant_names_suggest_the_closest():
     assert set(VARIANTS) >= {"mha", "mla-kv64", "egmla-kv64"}
     with pytest.raises(ValueError, match="did you mean 'egmla-kv64'"):
