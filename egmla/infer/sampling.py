@@ -41,6 +41,8 @@ class SamplingParams:
         object.__setattr__(self, "top_k", int(self.top_k))  # frozen; a numpy int becomes a Python one
         if self.seed is not None:
             object.__setattr__(self, "seed", int(self.seed))
+            if not -2**63 <= self.seed < 2**64:  # else manual_seed raises at admission, failing the requests beside it
+                raise ValueError(f"seed={self.seed}: must lie in [-2**63, 2**64) (torch.Generator's seeds)")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r}: must be >= 0 (0 = no top-k filter)")
         if not 0 < self.top_p <= 1:
@@ -59,8 +61,20 @@ class SamplingParams:
         if self.seed is None:
             generator.seed()
         else:
-            generator.manual_seed(self.seed)
+            generator.manual_seed(self.seed if generator.device.type != "cpu" else _cpu_seed(self.seed))
         return generator
+
+
+def _cpu_seed(seed: int) -> int:
+    """torch's CPU generator keeps 32 bits of a seed (seed and seed + 2**32 drew alike): a seed past them is mixed
+    down to 32 bits (splitmix64's finaliser), one in [0, 2**32) kept as it is."""
+    if 0 <= seed < 2**32:
+        return seed
+    mask = 2**64 - 1
+    mixed = seed & mask
+    mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) & mask
+    return (mixed ^ (mixed >> 31)) >> 32
 
 
 def checked_logprobs(logprobs, most: int, most_said: str) -> int | None:

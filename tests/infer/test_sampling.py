@@ -228,3 +228,19 @@ def test_the_nucleus_of_bf16_logits_is_the_nucleus_of_their_fp32_values():
         kept_bf16 = filter_logits(logits, top_p=top_p).isfinite()
         kept_fp32 = filter_logits(logits.float(), top_p=top_p).isfinite()
         assert torch.equal(kept_bf16, kept_fp32), top_p
+
+
+def test_cpu_seeds_a_multiple_of_2_to_the_32_apart_draw_differently():
+    """torch's CPU generator keeps 32 bits of a seed; seeds below 2**32 keep their old draws."""
+    def draws(seed):
+        return torch.rand(8, generator=SamplingParams(temperature=1.0, seed=seed).make_generator("cpu"))
+
+    assert torch.equal(draws(7), torch.rand(8, generator=torch.Generator().manual_seed(7)))
+    seen = [draws(seed) for seed in (1, 1 + 2**32, 1 + 2 * 2**32, 2**64 - 1, -2, -2**63)]  # -1 is 2**64 - 1 to torch
+    assert all(not torch.equal(a, b) for i, a in enumerate(seen) for b in seen[i + 1:])
+
+
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1])
+def test_a_seed_torch_cannot_take_is_refused_when_made_not_at_the_draw(seed):
+    with pytest.raises(ValueError, match=r"seed=.*must lie in \[-2\*\*63, 2\*\*64\)"):
+        SamplingParams(temperature=1.0, seed=seed)
