@@ -157,8 +157,9 @@ def _egmla_decode_kernel(
         y = tl.sum(tl.where(own, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0), axis=0)
         if HAS_WEIGHT:
             y *= tl.load(weight_ptr + cols_v, mask=v_mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + cols_v, mask=v_mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:  # beta^V only where the softmax had positions: a sequence with none gets 0, as the reference
+            seen = tl.sum(tl.where(own, l_i[:, None], 0.0), axis=0) > 0  # per column, its head's denominator
+            y += tl.where(seen, tl.load(bias_ptr + cols_v, mask=v_mask, other=0.0).to(tl.float32), 0.0)
         tl.store(out_ptr + batch * stride_ob + (head0 + local_v) * stride_oh + j_v,
                  y.to(out_ptr.dtype.element_ty), mask=v_mask)
     else:

@@ -7,7 +7,8 @@ softmax denominator l, and `combine_splits` merges them:
 
     out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s,    M = max_s m_s
 
-optionally followed by a per-head affine (EG-MLA's LayerNorm gamma/beta of the value slice).
+optionally followed by a per-head affine (EG-MLA's LayerNorm gamma/beta of the value slice; beta only where some
+split had positions, so that a sequence with none gets 0).
 """
 from __future__ import annotations
 
@@ -72,8 +73,8 @@ def _combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, weight_ptr, bias_ptr,
     affine = head * affine_head_stride + affine_offset + offs_d
     if HAS_WEIGHT:
         y = y * tl.load(weight_ptr + affine, mask=d_mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + affine, mask=d_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:  # only where the softmax had positions: a sequence with none gets 0
+        y = y + tl.where(denom > 0, tl.load(bias_ptr + affine, mask=d_mask, other=0.0).to(tl.float32), 0.0)
     tl.store(out_ptr + batch * stride_ob + head * stride_oh + offs_d, y.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 

@@ -19,6 +19,17 @@ def poisoned(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
+def nan_past(x: torch.Tensor, lengths: torch.Tensor, spare: int = 3, fill=float("nan")) -> torch.Tensor:
+    """x [batch, T, ...] again, as the view [:, :T] of a longer buffer that holds `fill` (NaN; for an integer tensor
+    give an integer) at every position t >= lengths[b] and in the `spare` positions past T: a cache's padding, which
+    a decode kernel must mask, never read into its sums (0 * NaN is NaN)."""
+    batch, max_len = x.shape[:2]
+    buffer = torch.full((batch, max_len + spare, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+    seen = torch.arange(max_len, device=x.device)[None, :] < lengths.to(x.device)[:, None]
+    buffer[:, :max_len][seen] = x[seen]
+    return buffer[:, :max_len]
+
+
 def resident_rows(table: torch.Tensor, spare: int = 3, id_dtype=torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
     """A gate-table offload's view of `table` (egmla.infer.offload), for a kernel's `id_to_row`: every id's row at
     a shuffled slot of a row cache with `spare` NaN rows, and the id -> slot map [vocab]. A kernel that read rows

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from egmla.kernels.bias_decode_ref import bias_decode_ref
-from tests.kernels.conftest import kernel_device, needs_cuda, rel_err, requires_triton
+from tests.kernels.conftest import kernel_device, nan_past, needs_cuda, rel_err, requires_triton
 
 pytestmark = requires_triton
 
@@ -53,6 +53,35 @@ def test_kernel_matches_the_reference(dtype, tolerance, num_splits, ids):
         assert rel_err(o[:2], r[:2]) < tolerance, name
         assert torch.equal(o[2], torch.zeros_like(o[2])), name  # the empty sequence attends to nothing
     assert torch.allclose(out[2][:2].sum(-1), torch.ones(2, 3, device=device), atol=1e-4)  # mass sums to 1
+
+
+@pytest.mark.parametrize("num_splits,mass", [(1, "atomic"), (9, "atomic"), (9, "grouped")])
+def test_padding_is_never_read(num_splits, mass):
+    """The cache poisoned past each sequence's length (and past T): NaN latent, RoPE key and statistics, and a slot
+    whose score term is NaN; lengths 0, 1, a whole number of tiles (32) and not (37); one split and more splits than
+    tiles (9). The numbers are the reference's over the clean cache, and the poisoned slot gets no mass."""
+    from egmla.attention.cache import TokenGroups
+    from egmla.kernels.bias_decode import bias_decode
+
+    device = kernel_device()
+    args = inputs(torch.float32, device, batch=4, max_len=40, cache_len=40)
+    lengths = args["lengths"] = torch.tensor([0, 1, 32, 37], device=device)
+    plan = None
+    if mass == "grouped":  # the mass as segment sums over a plan of the same slots
+        groups = TokenGroups(4, 40, device)
+        groups.append(args["slots"].long(), torch.arange(40, device=device).expand(4, -1))  # the slots as ids
+        args["slots"], plan = groups.slots[:, :40], groups.plan(16)  # (slot = order of first appearance)
+    ref = bias_decode_ref(**args)
+    n_ids = args["per_id"].shape[-1]
+    per_id = torch.cat([args["per_id"], torch.full_like(args["per_id"][..., :1], float("nan"))], -1)  # slot n_ids
+    padded = dict(args, per_id=per_id, slots=nan_past(args["slots"], lengths, fill=n_ids),
+                  **{name: nan_past(args[name], lengths) for name in ("latent", "k_rope", "ln_stats")})
+    out = bias_decode(**padded, num_splits=num_splits, block_t=16, plan=plan)
+    for name, o, r in zip(("out_latent", "mean"), out, ref):
+        assert o.isfinite().all() and not o[0].any(), name
+        assert rel_err(o, r) < 1e-5, name
+    assert out[2].isfinite().all() and not out[2][..., n_ids:].any() and not out[2][0].any()
+    assert rel_err(out[2][..., :n_ids], ref[2]) < 1e-5
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 1e-2)])

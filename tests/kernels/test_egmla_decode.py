@@ -3,7 +3,8 @@ and norm, several heads per program, ragged lengths (1 included), poisoned outpu
 import pytest
 import torch
 
-from tests.kernels.conftest import kernel_device, needs_cuda, poisoned, rel_err, requires_triton, resident_rows
+from tests.kernels.conftest import (kernel_device, nan_past, needs_cuda, poisoned, rel_err, requires_triton,
+                                   resident_rows)
 
 pytestmark = requires_triton
 
@@ -111,6 +112,48 @@ def test_matches_reference(dtype, tol, norm, gate_op, heads_per_program, num_spl
     ref = egmla_decode_ref(**inputs, scale=0.2, eps=1e-6, gate_op=gate_op, norm=norm)
     assert not out.isnan().any()
     assert rel_err(out, ref) < tol
+
+
+@pytest.mark.parametrize("num_splits,heads_per_program", [(1, 1), (9, 2)])
+def test_padding_is_never_read(num_splits, heads_per_program):
+    """Every cached position past a sequence's length (and past T) poisoned: NaN latent, RoPE key and statistics, and
+    an id whose gate row is NaN. Lengths 0 (no position: output 0, as the reference's, not beta^V), 1, a whole
+    number of tiles (32) and not (37); one split, and more splits than tiles (9: the combine with the affine)."""
+    from egmla.kernels.egmla_decode import egmla_decode
+    from egmla.kernels.egmla_decode_ref import egmla_decode_ref
+
+    device = kernel_device()
+    inputs = make_inputs(4, 3, 16, 8, 20, 8, 40, 30, [0, 1, 32, 37], torch.float32, device)
+    stats = stats_for(inputs, "layernorm", "mul")
+    ref = egmla_decode_ref(**inputs, scale=0.2)
+    lengths = inputs["lengths"]
+    table = torch.cat([inputs["gate_table"], torch.full_like(inputs["gate_table"][:1], float("nan"))])  # id 30: NaN
+    padded = dict(inputs, latent=nan_past(inputs["latent"], lengths), k_rope=nan_past(inputs["k_rope"], lengths),
+                  token_ids=nan_past(inputs["token_ids"], lengths, fill=30), gate_table=table)
+    out = egmla_decode(**padded, ln_stats=nan_past(stats, lengths), scale=0.2, num_splits=num_splits, block_t=16,
+                       heads_per_program=heads_per_program, out=poisoned((4, 3, 8), torch.float32, device))
+    assert out.isfinite().all()
+    assert not out[0].any(), "a sequence with no position attends to nothing"
+    assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("heads,d_n,d_v,d_c,d_r", [(16, 128, 128, 128, 64), (12, 64, 64, 256, 64)])  # paper-1b; kv256
+def test_largest_preset_widths_at_batch_one(dtype, tol, heads, d_n, d_v, d_c, d_r):
+    """The widest heads and latent the presets use, one sequence, the launch's default configuration; the
+    statistics pass at those widths too."""
+    from egmla.kernels.egmla_decode import egmla_decode, layernorm_stats_triton
+    from egmla.kernels.egmla_decode_ref import egmla_decode_ref
+
+    device = kernel_device()
+    inputs = make_inputs(1, heads, d_n, d_v, d_c, d_r, 21, 50, [21], dtype, device)
+    stats = layernorm_stats_triton(inputs["latent"], inputs["token_ids"], inputs["gate_table"], inputs["wkv_b"],
+                                   n_heads=heads, d_n=d_n, block_t=16)
+    assert rel_err(stats, stats_for(inputs, "layernorm", "mul")) < 1e-4
+    scale = (d_n + d_r) ** -0.5
+    out = egmla_decode(**inputs, ln_stats=stats, scale=scale, out=poisoned((1, heads, d_v), dtype, device))
+    assert out.isfinite().all()
+    assert rel_err(out, egmla_decode_ref(**inputs, scale=scale)) < tol
 
 
 def test_dense_head_width():

@@ -4,13 +4,16 @@ and RMSNorm, several chunk sizes, poisoned outputs; the per-step plan; bad input
 import pytest
 import torch
 
-from tests.kernels.conftest import kernel_device, needs_cuda, poisoned, rel_err, requires_triton, resident_rows
+from tests.kernels.conftest import (kernel_device, nan_past, needs_cuda, poisoned, rel_err, requires_triton,
+                                   resident_rows)
 
 pytestmark = requires_triton
 
 
-def make_case(batch, heads, d_n, d_v, d_c, d_r, lengths, vocab, dtype, device, norm="layernorm", high=None):
-    """Inputs of grouped_decode_ref / grouped_decode, the token groups registered from random ids."""
+def make_case(batch, heads, d_n, d_v, d_c, d_r, lengths, vocab, dtype, device, norm="layernorm", high=None,
+              tokens=None):
+    """Inputs of grouped_decode_ref / grouped_decode, the token groups registered from random ids (ids < high), or
+    from `tokens` [batch, max(lengths) + 3] where given."""
     from egmla.attention.cache import TokenGroups
     from egmla.kernels.egmla_decode_ref import layernorm_stats
 
@@ -19,7 +22,7 @@ def make_case(batch, heads, d_n, d_v, d_c, d_r, lengths, vocab, dtype, device, n
     def randn(*shape, mean=0.0, std=1.0):
         return (mean + std * torch.randn(*shape)).to(dtype=dtype, device=device)
 
-    ids = torch.randint(0, high or vocab, (batch, max_len), device=device)
+    ids = torch.randint(0, high or vocab, (batch, max_len), device=device) if tokens is None else tokens.to(device)
     groups = TokenGroups(batch, max_len, device)
     groups.append(ids, torch.arange(max_len, device=device).expand(batch, -1), torch.tensor(lengths, device=device))
     latent, table = randn(batch, max_len, d_c), randn(vocab, width, mean=1.0, std=0.5)
@@ -143,6 +146,55 @@ def test_kernel_matches_reference(ids, lengths, block_t, splits, gate_dot):
     assert rel_err(out, ref) < 1e-4
     if 0 in lengths:
         assert out[lengths.index(0)].abs().max() == 0
+
+
+def context_tokens(kind, batch, max_len, vocab):
+    """[batch, max_len] ids of the grouped decode's four kinds of context: every id distinct (also across the
+    sequences), one id filling every context, and sequences sharing ids (the second the first reversed, the third
+    the first rotated: the same ids at other positions and slots); 'random' repeats a few ids at random."""
+    if kind == "distinct":
+        return torch.randperm(vocab)[:batch * max_len].view(batch, max_len)
+    if kind == "one-id":
+        return torch.full((batch, max_len), vocab - 1)
+    first = torch.randint(0, 7, (max_len,))
+    if kind == "shared":
+        return torch.stack([first, first.flip(0), first.roll(5)][:batch])
+    return torch.randint(0, 7, (batch, max_len))
+
+
+@pytest.mark.parametrize("ids", ["distinct", "one-id", "shared"])
+@pytest.mark.parametrize("splits,gate_dot", [(1, True), (2, False)])
+def test_kernel_on_each_kind_of_context_never_reads_the_padding(ids, splits, gate_dot):
+    """The three launches on the standard's contexts (every id distinct, one id filling the context, sequences
+    sharing ids) with ragged lengths (37, a whole number of chunks 32, and 1), the cache's padding poisoned: NaN in
+    the latent, RoPE key and statistics at every position past a sequence's length and past T."""
+    from egmla.kernels.grouped_decode import grouped_decode, make_plan
+    from egmla.kernels.grouped_decode_ref import grouped_decode_ref
+
+    lengths = [37, 32, 1]
+    tokens = context_tokens(ids, 3, max(lengths) + 3, 200)
+    case, groups = make_case(3, 3, 16, 8, 20, 8, lengths, 200, torch.float32, kernel_device(), tokens=tokens)
+    if ids == "distinct":
+        assert groups.n_distinct.tolist() == lengths
+    if ids == "one-id":
+        assert groups.n_distinct.tolist() == [1, 1, 1]
+    ref = grouped_decode_ref(slots=groups.slots, distinct_ids=groups.distinct_ids, lengths=groups.lengths, **case)
+    lengths = groups.lengths
+    padded = dict(case, **{name: nan_past(case[name], lengths) for name in ("latent", "k_rope", "ln_stats")})
+    out = grouped_decode(plan=make_plan(groups, 16), out=poisoned(ref.shape, torch.float32, kernel_device()),
+                         **padded, block_ids=16, block_rows=16, num_splits=splits, gate_dot=gate_dot)
+    assert out.isfinite().all()
+    assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("heads,d_n,d_v,d_c,d_r", [(16, 128, 128, 128, 64), (12, 64, 64, 256, 64)])  # paper-1b; kv256
+def test_kernel_at_the_largest_preset_widths_at_batch_one(dtype, tol, heads, d_n, d_v, d_c, d_r):
+    """The widest heads and latent the presets use, one sequence, the launch's default blocks (64 ids, 128 rows)."""
+    case, groups = make_case(1, heads, d_n, d_v, d_c, d_r, [21], 50, dtype, kernel_device(), high=9)
+    out, ref = run_both(case, groups, 16)
+    assert out.isfinite().all()
+    assert rel_err(out, ref) < tol
 
 
 def test_many_chunks_per_warps_tuple():

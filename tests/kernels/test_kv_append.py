@@ -21,7 +21,8 @@ def inputs(batch, seq, heads, kv_heads, dim, max_len, dtype, device):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
-@pytest.mark.parametrize("batch,seq,heads,kv_heads,dim", [(3, 1, 4, 4, 8), (2, 3, 6, 2, 12), (2, 1, 5, 1, 6)])
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,dim", [(3, 1, 4, 4, 8), (2, 3, 6, 2, 12), (2, 1, 5, 1, 6),
+                                                           (1, 1, 16, 4, 128)])  # paper-1b's head dim, batch 1
 def test_kv_append_matches_the_reference(dtype, tol, batch, seq, heads, kv_heads, dim):
     from egmla.kernels.kv_append import kv_append
     from egmla.kernels.kv_append_ref import kv_append_ref

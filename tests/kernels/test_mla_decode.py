@@ -3,7 +3,7 @@ ragged lengths (1 included), cache views of longer buffers, awkward head counts 
 import pytest
 import torch
 
-from tests.kernels.conftest import kernel_device, needs_cuda, poisoned, rel_err, requires_triton
+from tests.kernels.conftest import kernel_device, nan_past, needs_cuda, poisoned, rel_err, requires_triton
 
 pytestmark = requires_triton
 
@@ -41,6 +41,37 @@ def test_every_length_from_one():
     inputs = make_inputs(len(lengths), 2, 16, 16, 20, lengths, torch.float32, device)
     out = mla_decode(*inputs, scale=0.25, num_splits=4, block_t=16, out=poisoned((20, 2, 16), torch.float32, device))
     assert rel_err(out, mla_decode_ref(*inputs, scale=0.25)) < 1e-4
+
+
+@pytest.mark.parametrize("num_splits", [1, 9])
+def test_padding_is_never_read(num_splits):
+    """NaN at every cached position past a sequence's length (and past T) stays out of the sums; lengths 0 (output
+    0), 1, a whole number of tiles (32) and not (37); one split, and 9 (more than any sequence has tiles, most of
+    them empty, not a power of two: the combine masks its padded split slots) merged by the combine."""
+    from egmla.kernels.mla_decode import mla_decode
+    from egmla.kernels.mla_decode_ref import mla_decode_ref
+
+    device = kernel_device()
+    q_latent, q_pe, latent, k_rope, lengths = make_inputs(4, 5, 24, 8, 40, [0, 1, 32, 37], torch.float32, device)
+    out = mla_decode(q_latent, q_pe, nan_past(latent, lengths), nan_past(k_rope, lengths), lengths, scale=0.3,
+                     num_splits=num_splits, block_t=16, out=poisoned((4, 5, 24), torch.float32, device))
+    ref = mla_decode_ref(q_latent, q_pe, latent, k_rope, lengths, scale=0.3)  # (NaN for the empty sequence)
+    assert out.isfinite().all() and not out[0].any()
+    assert rel_err(out[1:], ref[1:]) < 1e-4
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("heads,d_c,d_r", [(16, 128, 64), (12, 256, 64)])  # paper-1b; paper-base MLA kv256
+def test_largest_preset_widths_at_batch_one(dtype, tol, heads, d_c, d_r):
+    """The widest tiles the presets use, one sequence, the launch's default tile and split count."""
+    from egmla.kernels.mla_decode import mla_decode
+    from egmla.kernels.mla_decode_ref import mla_decode_ref
+
+    device = kernel_device()
+    inputs = make_inputs(1, heads, d_c, d_r, 45, [45], dtype, device)
+    out = mla_decode(*inputs, scale=(d_c + d_r) ** -0.5, out=poisoned((1, heads, d_c), dtype, device))
+    assert out.isfinite().all()
+    assert rel_err(out, mla_decode_ref(*inputs, scale=(d_c + d_r) ** -0.5)) < tol
 
 
 def test_query_views_of_a_projection_are_read_in_place(monkeypatch):
