@@ -29,7 +29,8 @@ KEEP = ("metrics.jsonl", "summary.json", "loss.png", "config.json", "tokenizer.j
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=str(ROOT / "configs" / "egmla-kv64.toml"), help="training config")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "egmla-kv64.toml"),
+                        help="training config (default: the repository's configs/egmla-kv64.toml)")
     parser.add_argument("--out", default="bench-out/train-run", help="results folder")
     parser.add_argument("--work", default="/tmp/egmla-gpu-run", help="cache and checkpoints (large)")
     parser.add_argument("--call-budget-s", type=float, default=570, help="the whole call must end within this")
