@@ -168,7 +168,13 @@ class EgmlaLM(TemplateLM):
                 temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
                 top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
                 seed=int(kwargs.get("seed", 0)))
-            room = max(self.max_length - max_new, 1)  # keep the context's end, as lm-eval's HF model does
+            if max_new >= self.max_length:  # else the context would be cut to one token, the answer made without it
+                raise ValueError(f"generate_until: max_gen_toks={max_new} leaves no room for the context within "
+                                 f"max_length={self.max_length} (the context keeps its last max_length - max_gen_toks "
+                                 f"tokens): lower max_gen_toks (the task's generation_kwargs, or model_args "
+                                 f"max_gen_toks) or raise max_length (at most max_seq_len="
+                                 f"{self.model.config.max_seq_len})")
+            room = self.max_length - max_new  # keep the context's end, as lm-eval's HF model does
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start: start + self.batch_size]
                 prompts = [(self.tok_encode(requests[i].args[0]) or [self.eot_token_id])[-room:] for i in batch]

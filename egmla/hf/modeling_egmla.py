@@ -146,9 +146,11 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
         """transformers' from_pretrained, refusing a config that does not describe the weights: a field the
         weights' metadata records otherwise (gate_op, rope_theta, num_hidden_layers, ...; checked before
         loading), or a weight missing, unexpected or of another shape. One ValueError naming them."""
-        folder = Path(pretrained_model_name_or_path)
+        folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")  # where the weights are
         if folder.is_dir():
-            config = kwargs.get("config") or EgmlaConfig.from_pretrained(folder)
+            config = kwargs.get("config")  # transformers takes an EgmlaConfig or the path of one
+            if not isinstance(config, EgmlaConfig):
+                config = EgmlaConfig.from_pretrained(config if isinstance(config, (str, Path)) else folder)
             for path in sorted(folder.glob("*.safetensors")):
                 try:
                     problem = config_mismatch(path, config.to_model_config().to_dict())

@@ -149,6 +149,19 @@ def test_generate_until_is_greedy_and_stops(lm):
     assert not any(stop in text for stop in until)
 
 
+def test_generate_until_refuses_max_gen_toks_that_leave_no_context(lm):
+    """max_gen_toks >= max_length cut every context to its last token (the answer made without the question) and
+    generated past max_length; lm-eval's HF model refuses it too. One below keeps the context's last token."""
+    context = "Question: What do bees collect from flowers?\nAnswer:"
+    for max_gen_toks in (lm.max_length, lm.max_length + 36):
+        request = Instance("generate_until", {}, (context, {"until": ["\n"], "max_gen_toks": max_gen_toks}), 0)
+        with pytest.raises(ValueError, match=rf"max_gen_toks={max_gen_toks} leaves no room for the context within "
+                                             rf"max_length={lm.max_length}.*lower max_gen_toks"):
+            lm.generate_until([request])
+    (text,) = lm.generate_until([Instance("generate_until", {}, (context, {"max_gen_toks": lm.max_length - 1}), 0)])
+    assert isinstance(text, str)
+
+
 def test_lm_eval_command_line_with_egmla_registered(make_run, tmp_path):
     command = [sys.executable, "-m", "egmla.hf.lm_eval_model", "--model", "egmla",
                "--model_args", f"run={make_run('mla')}", "--tasks", "egmla_mc",

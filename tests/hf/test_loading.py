@@ -35,6 +35,21 @@ def test_a_tampered_config_json_is_refused_before_loading(saved, tmp_path, field
         AutoModelForCausalLM.from_pretrained(folder)
 
 
+def test_a_subfolder_or_a_config_path_is_checked_and_loads(saved, tmp_path):
+    """from_pretrained(REPO, subfolder=...) checked the folder above the weights (none there: a tampered config.json
+    loaded, wrong RoPE and all), and config=PATH, which transformers takes, raised an AttributeError."""
+    folder = shutil.copytree(saved, tmp_path / "repo" / "step-1")
+    assert type(EgmlaForCausalLM.from_pretrained(tmp_path / "repo", subfolder="step-1")) is EgmlaForCausalLM
+    assert type(EgmlaForCausalLM.from_pretrained(folder, config=str(folder))) is EgmlaForCausalLM
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rope_theta": 500.0}))
+    for load in (AutoModelForCausalLM.from_pretrained, EgmlaForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=r"config differs from the weights': rope_theta=500.0"):
+            load(tmp_path / "repo", subfolder="step-1")
+    with pytest.raises(ValueError, match=r"config differs from the weights': rope_theta=500.0"):
+        EgmlaForCausalLM.from_pretrained(saved, config=str(folder))
+
+
 def test_the_weights_record_their_config_and_load_as_saved(saved):
     with safe_open(str(saved / "model.safetensors"), "pt") as f:
         assert json.loads(f.metadata()[WEIGHTS_CONFIG_KEY])["gate_op"] == "mul"
