@@ -328,23 +328,27 @@ def save_with_a_full_disk_on_rank_0(rank: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
-def test_a_failed_checkpoint_write_on_rank_0_stops_every_process_at_once_with_its_error(tmp_path):
-    """Rank 0 alone writes checkpoints: when its write failed (a full disk), the other processes waited in the
-    barrier after it until torchrun or the collective timeout killed them, saying nothing of why. Now every
-    process raises rank 0's error (the trainer's one line is the same on every rank) as soon as rank 0 has it."""
+def run_two_ranks(function: str, folder) -> None:
+    """Runs this module's `function(rank, folder)` in two processes at once (ranks 0 and 1); both must exit 0."""
     import subprocess
     import sys
     from pathlib import Path
 
     from tests.train.helpers import subprocess_env
 
-    code = "import sys; from tests.train.test_failures import save_with_a_full_disk_on_rank_0 as save; " \
-           "save(int(sys.argv[1]), sys.argv[2])"
-    workers = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(tmp_path)], env=subprocess_env(),
+    code = f"import sys; from tests.train.test_failures import {function}; {function}(int(sys.argv[1]), sys.argv[2])"
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(folder)], env=subprocess_env(),
                                 cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for rank in (0, 1)]
     output = [worker.communicate(timeout=120)[0] for worker in workers]
     assert all(worker.returncode == 0 for worker in workers), "\n".join(output)
+
+
+def test_a_failed_checkpoint_write_on_rank_0_stops_every_process_at_once_with_its_error(tmp_path):
+    """Rank 0 alone writes checkpoints: when its write failed (a full disk), the other processes waited in the
+    barrier after it until torchrun or the collective timeout killed them, saying nothing of why. Now every
+    process raises rank 0's error (the trainer's one line is the same on every rank) as soon as rank 0 has it."""
+    run_two_ranks("save_with_a_full_disk_on_rank_0", tmp_path)
     rank0, rank1 = (json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1))
     assert "File too large" in rank0["line"] and rank1["line"] == rank0["line"]
     assert rank1["raised"] == "OSError" and rank1["seconds"] < 10
@@ -385,18 +389,6 @@ def test_the_other_processes_wait_for_rank_0s_data_past_the_collective_timeout(t
     """Rank 0 alone trains the tokenizer and tokenizes the corpus while the others wait in a barrier: that barrier
     timed out with the process group (NCCL: 10 minutes), so a corpus of a few GB killed a torchrun run before its
     first step."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from tests.train.helpers import subprocess_env
-
-    code = "import sys; from tests.train.test_failures import prepare_data_longer_than_the_collective_timeout " \
-           "as prepare; prepare(int(sys.argv[1]), sys.argv[2])"
-    workers = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(tmp_path)], env=subprocess_env(),
-                                cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True) for rank in (0, 1)]
-    output = [worker.communicate(timeout=120)[0] for worker in workers]
-    assert all(worker.returncode == 0 for worker in workers), "\n".join(output)
+    run_two_ranks("prepare_data_longer_than_the_collective_timeout", tmp_path)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank-{rank}.json").read_text()) == {"returned": ["tokenizer", "shards"]}
