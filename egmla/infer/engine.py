@@ -121,17 +121,21 @@ class SequenceState:
     def add(self, token_id: int, eos_token_id: int | None, max_new_tokens: int, cache_len: int) -> str:
         """Append one generated token: the text it completes, result.finish_reason set if it ends the sequence."""
         result = self.result
-        result.token_ids.append(token_id)
-        # the eos token ends the text without adding its own (as vLLM and OpenAI leave a stop token's text out:
-        # <|endoftext|> decodes to nothing anyway, an ordinary token named by --eos-token would not)
-        text, stopped = ("", False) if token_id == eos_token_id else self._text_of(token_id)
+        token_ids = result.token_ids
+        token_ids.append(token_id)
+        # (every row's token, every step: the common case, no detokenizer, makes no call)
         if token_id == eos_token_id:
+            # the eos token ends the text without adding its own (as vLLM and OpenAI leave a stop token's text out:
+            # <|endoftext|> decodes to nothing anyway, an ordinary token named by --eos-token would not)
+            text, stopped = "", False
             result.finish_reason = "eos"
-        elif stopped:
-            result.finish_reason = "stop"
-        elif (len(result.token_ids) >= max_new_tokens
-              or len(result.prompt_ids) + len(result.token_ids) - 1 >= cache_len):  # no room to feed it
-            result.finish_reason = "length"
+        else:
+            text, stopped = ("", False) if self.detokenizer is None else self._text_of(token_id)
+            if stopped:
+                result.finish_reason = "stop"
+            elif (len(token_ids) >= max_new_tokens
+                  or len(result.prompt_ids) + len(token_ids) - 1 >= cache_len):  # no room to feed it
+                result.finish_reason = "length"
         if result.finish_reason is not None and self.tokenizer is not None:
             text += self._finish_text(stopped) if self.detokenizer is not None else self._decode_all()
         return text

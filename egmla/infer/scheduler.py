@@ -39,6 +39,7 @@ scheduler owns its engine while it runs: do not call `engine.generate` at the sa
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import threading
 import time
@@ -61,7 +62,7 @@ MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI al
 PROMPT_LOGPROBS_CHUNK = 1024
 
 
-@dataclass
+@dataclass(eq=False)  # identity: rows.count(None), rows.index, deque.remove compare in C, not a Python __eq__ per row
 class _Request:
     handle: RequestHandle
     sequence: SequenceState
@@ -72,10 +73,19 @@ class _Request:
     prompt_logprobs: bool = False  # the prompt tokens' too
     generator: torch.Generator | None = None  # its own stream where it has a seed (made at admission)
     fed: int = 0  # prompt tokens in its cache row so far
+    # tokens sampled for it on the device so far, read on the host or not (`_sample_next`): while it holds its row,
+    # its result's tokens plus those of the queued steps not read yet
+    sampled: int = 0
+    limit: int = 0  # sampled tokens after which it ends by length: max_new_tokens, or the row's end (`_rows_ahead`)
+
+    def __post_init__(self):
+        self.prompt_len = len(self.handle.prompt_ids)
+        # greedy and no log-probabilities: a step of such rows only takes its argmax (`_sample_next`)
+        self.plain = self.sampling.greedy and self.logprobs is None
 
     @property
     def prefilled(self) -> bool:
-        return self.fed == len(self.handle.prompt_ids)
+        return self.fed == self.prompt_len
 
 
 @dataclass
@@ -171,6 +181,7 @@ class Scheduler:
         self._stopping = False
         self._cancels = False  # a handle was cancelled since the last `_retire_cancelled`
         self._prefill_due = False  # a row may hold a prompt not fully fed (set by admission, cleared by `_prefill`)
+        self._generating_in: int | None = None  # the thread that holds engine.generating() (`_generating_held`)
 
     # ---- requests ------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
@@ -237,6 +248,9 @@ class Scheduler:
         # need the text as it grows
         sequence = SequenceState(handle.id, prompt_ids, engine.tokenizer, list(stop_strings), text_per_token=stream)
         request = _Request(handle, sequence, max_new_tokens, sampling, eos_token_id, logprobs, prompt_logprobs)
+        # a token ends it by length when it is the max_new_tokens-th, or when the row has no room to feed it
+        # (`SequenceState.add`: prompt + generated - 1 >= max_len)
+        request.limit = min(max_new_tokens, self.max_len + 1 - len(prompt_ids))
         if logprobs is not None:
             request.sequence.result.logprobs, request.sequence.result.top_logprobs = [], []
         return request
@@ -278,42 +292,62 @@ class Scheduler:
                 if self._stopping and not self._waiting and not self.running:
                     return
             try:
-                self.step()
+                with self._generating_held():  # while there is work, not once per iteration
+                    while self.step() and not self._stopping:  # (stopping: back to the check above)
+                        pass
             except Exception as error:  # noqa: BLE001 - every request learns of it, the loop goes on
                 self._fail_all(error)
 
     def step(self) -> bool:
         """One iteration: free cancelled rows, admit waiting requests, prefill (first tokens), one decode step for
         every row whose prompt is in. Returns whether any request is still running or waiting."""
-        start = time.perf_counter()
+        if self._generating_in == threading.get_ident():  # the loop's thread holds engine.generating() already
+            return self._iterate()
         with self.engine.generating():
-            if self._cache is None:
-                self._open()
-            self._retire_cancelled()
-            pending, self._pending = self._pending, []  # queued before this iteration, in queue order
-            if pending and self._compaction_due():
-                self._timed("read", self._process_all, pending)  # rows are about to move: settle the steps first
-                pending = []
-            decoded = False
-            if pending:
-                # the next step is queued before the host reads the pending tokens (they are on the device already),
-                # so that streaming and stop checks run while the device works (`overlap_host`)
-                ahead = self._timed("decode", lambda: self._decode(self._rows_ahead_of(pending)))
-                self._queue(ahead)
-                decoded = ahead is not None  # else (every row ends on a pending token) the rows prefilled now run below
-                self._timed("read", self._process_all, pending)
-            self._timed("admit", self._admit)
-            self._timed("prefill", self._prefill)  # queues its rows' first tokens, read with the next step's
-            if not decoded:
-                if self._compaction_due():
-                    self._timed("read", self._process_all, self._pending)
-                    self._pending = []
-                    if self._compaction_due():  # still: reading the first tokens may have ended every row
-                        self._compact([row for row, request in enumerate(self._rows) if request is not None])
-                self._queue(self._timed("decode", lambda: self._decode(self._rows_ahead_of(self._pending))))
-            if not self.overlap_host:
+            return self._iterate()
+
+    @contextlib.contextmanager
+    def _generating_held(self):
+        """`engine.generating()` (what the model runs under: its device, inference mode, the SDPA backends; ~25 µs of
+        host time to enter and leave on a CPU core) held by this thread for several `step()`s, which then do not enter
+        it each (the loop's, while there is work)."""
+        with self.engine.generating():
+            self._generating_in = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._generating_in = None
+
+    def _iterate(self) -> bool:
+        """`step()` inside `engine.generating()`."""
+        start = time.perf_counter()
+        if self._cache is None:
+            self._open()
+        self._retire_cancelled()
+        pending, self._pending = self._pending, []  # queued before this iteration, in queue order
+        if pending and self._compaction_due():
+            self._timed("read", self._process_all, pending)  # rows are about to move: settle the steps first
+            pending = []
+        decoded = False
+        if pending:
+            # the next step is queued before the host reads the pending tokens (they are on the device already),
+            # so that streaming and stop checks run while the device works (`overlap_host`)
+            ahead = self._timed("decode", lambda: self._decode(self._rows_ahead()))
+            self._queue(ahead)
+            decoded = ahead is not None  # else (every row ends on a pending token) the rows prefilled now run below
+            self._timed("read", self._process_all, pending)
+        self._timed("admit", self._admit)
+        self._timed("prefill", self._prefill)  # queues its rows' first tokens, read with the next step's
+        if not decoded:
+            if self._compaction_due():
                 self._timed("read", self._process_all, self._pending)
                 self._pending = []
+                if self._compaction_due():  # still: reading the first tokens may have ended every row
+                    self._compact([row for row, request in enumerate(self._rows) if request is not None])
+            self._queue(self._timed("decode", lambda: self._decode(self._rows_ahead())))
+        if not self.overlap_host:
+            self._timed("read", self._process_all, self._pending)
+            self._pending = []
         self.stats.busy_seconds += time.perf_counter() - start
         return bool(self.running or self._waiting or self._pending)
 
@@ -610,24 +644,13 @@ class Scheduler:
         top = len(rows) - next(i for i, request in enumerate(reversed(rows)) if request is not None)
         return bucket_for(count, buckets) < bucket_for(top, buckets)
 
-    def _rows_ahead_of(self, pending: list["_Pending"]) -> list[int]:
-        """The rows the next step runs before `pending`'s tokens are read: every row whose prompt is in, except those
-        that a pending token ends by length (known on the host). A row that one ends by an eos or a stop string runs
-        once more, into its own row, and that token is dropped (`_process` checks the row's request)."""
-        unread: dict[int, int] = {}  # row -> its request's tokens not read yet
-        for step in pending:
-            for row, request in zip(step.rows, step.requests):
-                if self._rows[row] is request:
-                    unread[row] = unread.get(row, 0) + 1
-        rows = []
-        for row, request in enumerate(self._rows):
-            if request is None or not request.prefilled:
-                continue
-            generated = len(request.sequence.result.token_ids) + unread.get(row, 0)
-            if not (generated >= request.max_new_tokens
-                    or len(request.handle.prompt_ids) + generated - 1 >= self.max_len):
-                rows.append(row)
-        return rows
+    def _rows_ahead(self) -> list[int]:
+        """The rows the next step runs before the queued steps' tokens are read: every row whose prompt is in, except
+        those that a queued token ends by length (known on the host: the request's sampled tokens, read or not, reach
+        its limit). A row that one ends by an eos or a stop string runs once more, into its own row, and that token is
+        dropped (`_process` checks the row's request)."""
+        return [row for row, request in enumerate(self._rows)
+                if request is not None and request.fed == request.prompt_len and request.sampled < request.limit]
 
     def _decode(self, rows: list[int]) -> "_Pending | None":
         """One decode step appending each of `rows`' next token (the others append nothing); its sampled tokens,
@@ -683,8 +706,12 @@ class Scheduler:
         """Sample the next token of each of `rows` from its logits [len(rows), vocab] on the device, keep it as the
         row's next input, and start copying it to the host."""
         requests = [self._rows[row] for row in rows]
+        plain = True
+        for request in requests:
+            request.sampled += 1
+            plain = plain and request.plain
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-        if contiguous and all(request.sampling.greedy for request in requests):
+        if contiguous and (plain or all(request.sampling.greedy for request in requests)):
             ids = self._next[rows[0]: rows[0] + len(rows)]  # the argmax written where the next step reads it
             torch.argmax(logits, dim=-1, out=ids)
         else:
@@ -694,7 +721,7 @@ class Scheduler:
             else:
                 self._next[_index(rows, ids.device)] = ids
         pending = _Pending(rows, requests, to_host_async(ids))
-        wanting = [i for i, request in enumerate(requests) if request.logprobs is not None]
+        wanting = [] if plain else [i for i, request in enumerate(requests) if request.logprobs is not None]
         if wanting:
             every = len(wanting) == len(rows)
             index = None if every else _index(wanting, logits.device)
@@ -717,21 +744,23 @@ class Scheduler:
         row whose request has changed since (retired, cancelled) drops its token."""
         now = time.perf_counter()
         scores = dict(zip(pending.logprob_rows, zip(*(read() for read in pending.read_logprobs))))
+        rows, max_len = self._rows, self.max_len  # (per row and step: looked up once; `_retire` edits rows in place)
         for i, (row, request, token_id) in enumerate(zip(pending.rows, pending.requests, pending.read())):
-            if self._rows[row] is not request:
+            if rows[row] is not request:
                 continue
-            if request.handle.times.first_token is None:
-                request.handle.times.first_token = now
-            text = request.sequence.add(token_id, request.eos_token_id, request.max_new_tokens, self.max_len)
-            result = request.sequence.result
+            handle, sequence = request.handle, request.sequence
+            if handle.times.first_token is None:
+                handle.times.first_token = now
+            text = sequence.add(token_id, request.eos_token_id, request.max_new_tokens, max_len)
+            result = sequence.result
             logprob = top = None
-            if i in scores:
+            if scores and i in scores:
                 logprob, values, ids = scores[i]
                 top = dict(zip(ids[: request.logprobs], values[: request.logprobs]))
                 result.logprobs.append(logprob)
                 result.top_logprobs.append(top)
-            if request.handle.stream:
-                request.handle._push(TokenEvent(request.handle.id, token_id, text, result.finish_reason, logprob, top))
+            if handle.stream:
+                handle._push(TokenEvent(handle.id, token_id, text, result.finish_reason, logprob, top))
             if result.finish_reason is not None:
                 self._retire(row, None)
 
