@@ -16,7 +16,8 @@ lm_eval's --device and --batch_size arrive as device and batch_size; max_batch_s
     loglikelihood_rolling  disjoint windows of max_length tokens (lm-eval's rolling windows), the first
                            conditioned on <|endoftext|>, summed per document
     generate_until         egmla's GenerationEngine (ragged batches over the compressed cache), stop
-                           strings and EOS handled there
+                           strings and EOS handled there; greedy or sampling and an empty stop string as
+                           lm-eval's HF model reads them (lm_eval_temperature, generate_until)
 """
 from __future__ import annotations
 
@@ -163,13 +164,11 @@ class EgmlaLM(TemplateLM):
         progress = tqdm(total=len(requests), desc="egmla generate_until", disable=disable_tqdm)
         for indices in groups.values():
             kwargs = dict(requests[indices[0]].args[1])
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = kwargs.pop("until", None)  # a lone "" is a stop string too, as lm-eval reads it
+            until = [] if until is None else [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", self.max_gen_toks)))
-            sampling = SamplingParams(
-                temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
-                top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
-                seed=int(kwargs.get("seed", 0)))
+            sampling = SamplingParams(temperature=lm_eval_temperature(kwargs), top_k=int(kwargs.get("top_k") or 0),
+                                      top_p=float(kwargs.get("top_p") or 1.0), seed=int(kwargs.get("seed", 0)))
             if max_new >= self.max_length:  # else the context would be cut to one token, the answer made without it
                 raise ValueError(f"generate_until: max_gen_toks={max_new} leaves no room for the context within "
                                  f"max_length={self.max_length} (the context keeps its last max_length - max_gen_toks "
@@ -177,6 +176,11 @@ class EgmlaLM(TemplateLM):
                                  f"max_gen_toks) or raise max_length (at most max_seq_len="
                                  f"{self.model.config.max_seq_len})")
             room = self.max_length - max_new  # keep the context's end, as lm-eval's HF model does
+            if "" in until:
+                # lm-eval's HF model stops on "" after the first token (its stop check, `stop in text`, holds for "")
+                # and skips "" when it cuts the text at the stop strings: the same one-token answers here
+                until = [stop for stop in until if stop]
+                max_new = min(max_new, 1)
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start: start + self.batch_size]
                 prompts = [(self.tok_encode(requests[i].args[0]) or [self.eot_token_id])[-room:] for i in batch]
@@ -190,6 +194,20 @@ class EgmlaLM(TemplateLM):
                 progress.update(len(batch))
         progress.close()
         return results
+
+
+def lm_eval_temperature(gen_kwargs: dict) -> float:
+    """The sampling temperature (0 = greedy) of a request's generation_kwargs, by lm-eval's rules
+    (lm_eval.models.utils.normalize_gen_kwargs): do_sample=False is greedy whatever the temperature; do_sample unset
+    samples when a temperature above 0 is given; do_sample=True samples at the temperature given, or at 1.0 where
+    none is: transformers' GenerationConfig default and vLLM's (lm-eval's vllm model sends no temperature; its HF
+    model sends 0.0, which transformers refuses when sampling)."""
+    do_sample, temperature = gen_kwargs.get("do_sample"), gen_kwargs.get("temperature")
+    if do_sample is None:
+        do_sample = float(temperature or 0.0) > 0
+    if not do_sample:
+        return 0.0
+    return 1.0 if temperature is None else float(temperature)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ import functools
 import weakref
 from typing import Callable
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -21,7 +22,8 @@ def recompute_blocks(model: nn.Module, every: int, checkpoint_function: Callable
     """Make blocks 0, every, 2*every, ... of model.layers recompute their forward in the backward, and the others
     keep theirs (every = 0: none recompute, as the plain model); returns the recomputing blocks' indices.
     checkpoint_function(forward, *args) runs a block: default `torch.utils.checkpoint.checkpoint`, non-reentrant,
-    without saving the RNG state (the forward has no randomness); transformers passes its own."""
+    without saving the RNG state (the forward has no randomness); transformers passes its own. A block recomputes
+    only in a training forward with grad enabled; in eval or under no_grad it runs its plain forward."""
     if every < 0:
         raise ValueError(f"train.activation_checkpointing={every}: must be >= 0 (0 = off, N = every Nth block)")
     run = checkpoint_function or functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
@@ -36,4 +38,10 @@ def recompute_blocks(model: nn.Module, every: int, checkpoint_function: Callable
 
 
 def _recomputed(run: Callable, forward: Callable, block: weakref.ref, *args, **kwargs):
-    return run(functools.partial(forward, block()), *args, **kwargs)
+    module = block()
+    # only a training forward that records a graph has a backward to recompute for: in eval or under no_grad the block
+    # runs as is (as transformers' GradientCheckpointingLayer gates it), where a reentrant checkpoint warned that no
+    # input requires grad
+    if module.training and torch.is_grad_enabled():
+        return run(functools.partial(forward, module), *args, **kwargs)
+    return forward(module, *args, **kwargs)

@@ -162,6 +162,49 @@ def test_generate_until_refuses_max_gen_toks_that_leave_no_context(lm):
     assert isinstance(text, str)
 
 
+def test_generate_until_answers_one_token_for_an_empty_stop_string_as_lm_evals_hf_backend(lm, make_run, tmp_path):
+    """lm-eval's HF model stops on "" after the first token (its stop check `"" in text` always holds) and skips ""
+    when it cuts the text; this was refused. Compared with that backend on the exported model."""
+    from lm_eval.models.huggingface import HFLM
+
+    export_hf(make_run("eg-mla"), tmp_path / "hf")
+    theirs = HFLM(pretrained=str(tmp_path / "hf"), dtype="float32", device="cpu", backend="causal", batch_size=1)
+    contexts = ["The harbour town", "Question: What do bees collect from flowers?\nAnswer:", "Rain had"]
+    for until in ([""], ["", "."], ""):
+        requests = [Instance("generate_until", {}, (c, {"until": until, "max_gen_toks": 12}), i)
+                    for i, c in enumerate(contexts)]
+        assert lm.generate_until(requests) == theirs.generate_until(requests), until
+    # the full answers are longer: the empty stop string made the difference above
+    one_token = lm.generate_until([Instance("generate_until", {}, (c, {"until": [""], "max_gen_toks": 12}), 0)
+                                   for c in contexts])
+    full = lm.generate_until([Instance("generate_until", {}, (c, {"max_gen_toks": 12}), 0) for c in contexts])
+    assert all(len(a) < len(b) for a, b in zip(one_token, full))
+
+
+def engine_text(lm, context: str, temperature: float, max_new: int = 12) -> str:
+    """What egmla's engine generates for one context at this temperature (seed 0, the adapter's default)."""
+    from egmla.infer import GenerationEngine, SamplingParams
+
+    (output,) = GenerationEngine(lm.model, lm.tokenizer).generate(
+        [lm.tok_encode(context)], max_new_tokens=max_new, sampling=SamplingParams(temperature=temperature, seed=0),
+        eos_token_id=lm.eot_token_id)
+    return lm.tok_decode([t for t in output.token_ids if t != lm.eot_token_id])
+
+
+def test_generate_until_samples_or_decodes_greedily_by_lm_evals_rules(lm):
+    """lm-eval's normalize_gen_kwargs: do_sample=False is greedy, do_sample unset samples when temperature > 0,
+    do_sample=True samples at the given temperature or, with none (was greedy), at 1.0 (transformers' default)."""
+    context = "The harbour town"
+    greedy, at_1, at_07 = (engine_text(lm, context, t) for t in (0.0, 1.0, 0.7))
+    assert greedy != at_1 and greedy != at_07  # so that each case below tells sampling from greedy decoding
+    cases = [({"do_sample": True}, at_1), ({"temperature": 0.7}, at_07),
+             ({"do_sample": True, "temperature": 0.7}, at_07), ({"do_sample": True, "temperature": 0.0}, greedy),
+             ({"do_sample": False, "temperature": 0.7}, greedy), ({"temperature": 0.0}, greedy), ({}, greedy)]
+    for kwargs, expected in cases:
+        (text,) = lm.generate_until([Instance("generate_until", {}, (context, {**kwargs, "max_gen_toks": 12}), 0)])
+        assert text == expected, kwargs
+
+
 def test_lm_eval_command_line_with_egmla_registered(make_run, tmp_path):
     command = [sys.executable, "-m", "egmla.hf.lm_eval_model", "--model", "egmla",
                "--model_args", f"run={make_run('mla')}", "--tasks", "egmla_mc",
