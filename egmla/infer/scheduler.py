@@ -531,9 +531,14 @@ class Scheduler:
             take = min(len(request.handle.prompt_ids) - request.fed, budget, limit)
             work[request.prompt_logprobs].append((row, take, request.fed))
             budget -= take
-        moved = self._make_adjacent([row for row, _, _ in work[False]])
+        # fresh prompts and continued ones (a chunked prompt's rest, a cached prefix's rest) in runs of their own: a
+        # run that holds one continued row attends over the rows' cache, not causally over its own tokens, and so
+        # would take every fresh prompt beside it off the fresh path (a captured step, or FlashAttention)
+        moved = self._make_adjacent([row for row, _, fed in work[False] if fed == 0])
         work = {kind: [(moved.get(row, row), take, fed) for row, take, fed in items] for kind, items in work.items()}
-        for every_position, items in work.items():
+        groups = [(False, [item for item in work[False] if item[2] == 0]),
+                  (False, [item for item in work[False] if item[2] > 0]), (True, work[True])]
+        for every_position, items in groups:
             limit = min(self.prefill_chunk, PROMPT_LOGPROBS_CHUNK) if every_position else self.prefill_chunk
             for run in padded_runs(sorted(items), limit, self.max_len):
                 self._prefill_run(run, every_position)

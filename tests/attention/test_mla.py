@@ -150,3 +150,42 @@ def test_a_change_to_the_query_reaches_every_decode_path(overrides, path, monkey
         steps = torch.cat([model(tokens[:, i:i + 1], cache) for i in range(7, 12)], dim=1)
     assert ((full - plain).norm() / plain.norm()).item() > 1e-3  # 100 times the tolerance below
     assert ((steps - full[:, 7:]).norm() / full[:, 7:].norm()).item() < 1e-5
+
+
+def later_chunk(device="cpu", dtype=torch.float32, batch=3, seq=17, kv_len=40, heads=4, d_c=10, d_r=4):
+    """A later prompt chunk's attention inputs: rows that already hold 23, 5 and 0 positions (ragged, one fresh among
+    them) take `seq` new tokens each, right-padded as the scheduler's runs are, over a cache of kv_len positions."""
+    from egmla.attention.context import AttnContext
+    held = torch.tensor([23, 5, 0][:batch], device=device)
+    positions = held[:, None] + torch.arange(seq, device=device)
+    zeros = torch.zeros(batch, seq, 1, device=device)
+    ctx = AttnContext(torch.zeros(batch, seq, dtype=torch.long, device=device), positions, zeros, zeros, kv_len=kv_len)
+    make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
+    return make(batch, seq, heads, d_c), make(batch, seq, heads, d_r), make(batch, kv_len, d_c), \
+        make(batch, kv_len, d_r), ctx
+
+
+# (fp64: the reference's softmax is fp32 whatever its input, so they agree to fp32 rounding only)
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.float64, 1e-6)])
+def test_a_later_chunk_through_sdpa_equals_the_reference(dtype, tolerance):
+    """`latent_sdpa` (a prompt's later chunk: several new tokens over the row's cache) against `latent_reference`, the
+    scores written out with an fp32 softmax, on fresh random inputs with ragged rows."""
+    attn = Transformer(small_config(attention="mla")).layers[0].attn
+    q_latent, q_pe, latent, k_pe, ctx = later_chunk(dtype=dtype)
+    out = attn.latent_sdpa(q_latent, q_pe, latent, k_pe, ctx.mask)
+    reference = attn.latent_reference(q_latent, q_pe, latent, k_pe, ctx)
+    assert out.shape == reference.shape == q_latent.shape and not out.isnan().any()
+    torch.testing.assert_close(out, reference, rtol=tolerance, atol=tolerance)
+    # what latent_attention takes for several new tokens; one new token keeps the reference (the kernels' twin)
+    torch.testing.assert_close(attn.latent_attention(q_latent, q_pe, latent, k_pe, ctx, use_kernel=False), out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (SDPA's memory-efficient kernel)")
+def test_a_later_chunk_through_sdpa_in_bf16_on_a_gpu():
+    attn = Transformer(small_config(attention="mla", kv_lora_rank=64, qk_rope_head_dim=64)).layers[0].attn.cuda()
+    q_latent, q_pe, latent, k_pe, ctx = later_chunk("cuda", torch.bfloat16, seq=300, kv_len=400, heads=12, d_c=64,
+                                                    d_r=64)
+    out = attn.latent_sdpa(q_latent, q_pe, latent, k_pe, ctx.mask)
+    reference = attn.latent_reference(*(t.float() for t in (q_latent, q_pe, latent, k_pe)), ctx)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), reference, rtol=1e-2, atol=1e-2)
