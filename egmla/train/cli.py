@@ -106,6 +106,7 @@ def main(args) -> int:
         print(json.dumps(run.to_dict(), indent=2))
         return 0
     info = init_distributed(run.train.device)
+    ended = False  # normally: every process then waits for the others before leaving the group
     try:
         if run_dir is None:
             run_dir = broadcast_object(default_run_dir(run.name) if info.is_main else None, info)
@@ -121,6 +122,7 @@ def main(args) -> int:
         if info.is_main:
             print(f"done in {time.perf_counter() - started:.1f}s" +
                   (" (interrupted; resume with --resume)" if summary["interrupted"] else ""))
+        ended = True
     finally:
-        shutdown_distributed()
+        shutdown_distributed(wait=ended)
     return 0

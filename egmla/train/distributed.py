@@ -59,8 +59,14 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait: bool = False) -> None:
+    """Leave the process group. wait (a run that ended normally): first wait for every process, so that none leaves
+    while another is still finishing (on 2026-12-07 a CPU run's second process aborted at its exit, "terminate called
+    without an active exception", while the first was still writing: gloo's threads at interpreter exit are a known
+    abort, pytorch/pytorch#179291; seen once in CI, not reproduced since)."""
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
