@@ -182,7 +182,8 @@ def test_a_later_chunk_through_sdpa_equals_the_reference(dtype, tolerance):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (SDPA's memory-efficient kernel)")
 def test_a_later_chunk_through_sdpa_in_bf16_on_a_gpu():
-    attn = Transformer(small_config(attention="mla", kv_lora_rank=64, qk_rope_head_dim=64)).layers[0].attn.cuda()
+    attn = Transformer(small_config(attention="mla", d_model=768, n_heads=12, kv_lora_rank=64, qk_rope_head_dim=64,
+                                    max_seq_len=512)).layers[0].attn.cuda()
     q_latent, q_pe, latent, k_pe, ctx = later_chunk("cuda", torch.bfloat16, seq=300, kv_len=400, heads=12, d_c=64,
                                                     d_r=64)
     out = attn.latent_sdpa(q_latent, q_pe, latent, k_pe, ctx.mask)
