@@ -13,7 +13,9 @@ handed out) and `max_len` positions and loops:
               are refilled by one prefill forward rather than one each
     prefill   at most `prefill_chunk` prompt tokens in all go into their rows, the oldest requests first; adjacent
               rows share one forward; a long prompt is fed over several iterations (chunked prefill), so the
-              running requests keep getting tokens meanwhile; a row whose prompt is complete samples its first
+              running requests keep getting tokens meanwhile; a prompt that fits the budget whole waits for the
+              next iteration rather than be cut by the little budget left in this one (`CUT_WASTE`); a row whose
+              prompt is complete samples its first
               token; a prompt another request is already feeding (the samples of one prompt) is not fed again:
               its row becomes a copy of the other's; fresh prompts (from position 0 of emptied rows) go through
               the engine's fixed-shape `PrefillStep`, a CUDA graph per (rows, width) bucket on a GPU
@@ -60,6 +62,12 @@ MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI al
 # prompt tokens per forward for requests that want their prompt's log-probabilities: those forwards keep every
 # position's logits, [tokens, vocab] (1,024 x 32,768 fp32 = 134 MB)
 PROMPT_LOGPROBS_CHUNK = 1024
+# A prompt that the prefill budget left in an iteration would cut, but that fits a whole budget, waits for the next
+# iteration when at most this share of the budget is left: its first token comes in that iteration either way, and a
+# cut prompt's rest needs an eager forward of its own (its rows attend over the cache; 10-30 ms of host time on a GPU)
+# where whole fresh prompts replay a captured step. Above it, cutting keeps the budget's throughput (a small
+# `prefill_chunk` against prompts nearly as long).
+CUT_WASTE = 1 / 8
 
 
 @dataclass(eq=False)  # identity: rows.count(None), rows.index, deque.remove compare in C, not a Python __eq__ per row
@@ -505,7 +513,8 @@ class Scheduler:
 
     def _prefill(self) -> None:
         """Feed prompts into their rows, at most `prefill_chunk` tokens in all (at least one token), the oldest
-        requests first; a row whose prompt is complete samples its first token. Adjacent rows go through one
+        requests first (one that fits a whole budget is not cut by the last few tokens of this one: `CUT_WASTE`); a
+        row whose prompt is complete samples its first token. Adjacent rows go through one
         forward (right-padded, each row appending its own count), as long as rows x the widest chunk stay within
         the budget. Rows that want their prompt's log-probabilities go in forwards of their own, which keep every
         position's logits: at most PROMPT_LOGPROBS_CHUNK tokens each."""
@@ -527,8 +536,12 @@ class Scheduler:
                     continue
             if budget <= 0:
                 break
+            rest = len(request.handle.prompt_ids) - request.fed
+            whole = min(self.prefill_chunk, PROMPT_LOGPROBS_CHUNK) if request.prompt_logprobs else self.prefill_chunk
+            if budget < rest <= whole and budget <= self.prefill_chunk * CUT_WASTE:
+                break  # whole in the next iteration, first in line (see CUT_WASTE)
             limit = PROMPT_LOGPROBS_CHUNK if request.prompt_logprobs else budget
-            take = min(len(request.handle.prompt_ids) - request.fed, budget, limit)
+            take = min(rest, budget, limit)
             work[request.prompt_logprobs].append((row, take, request.fed))
             budget -= take
         # fresh prompts and continued ones (a chunked prompt's rest, a cached prefix's rest) in runs of their own: a
@@ -542,7 +555,7 @@ class Scheduler:
             limit = min(self.prefill_chunk, PROMPT_LOGPROBS_CHUNK) if every_position else self.prefill_chunk
             for run in padded_runs(sorted(items), limit, self.max_len):
                 self._prefill_run(run, every_position)
-        self._prefill_due = any(r is not None and not r.prefilled for r in self._rows)  # a chunked prompt's rest
+        self._prefill_due = any(r is not None and not r.prefilled for r in self._rows)  # a rest, a wait
 
     def _make_adjacent(self, rows: list[int]) -> dict[int, int]:
         """Swap cache rows so that `rows` form one block of adjacent rows, moving as few as possible: rows freed one

@@ -1028,3 +1028,30 @@ def test_a_continued_prompt_never_takes_fresh_prompts_off_the_fresh_path(variant
     assert [h.result().token_ids for h in handles] == expected
     assert {"continued"} in forwards and {"fresh"} in forwards  # the budget cut prompts, and fresh ones ran beside
     assert all(len(kinds) == 1 for kinds in forwards), forwards
+
+
+@pytest.mark.parametrize("variant,path", [("mla", "absorbed"), ("eg-mla", "grouped")])
+def test_a_prompt_that_fits_a_budget_waits_rather_than_be_cut_by_its_last_tokens(variant, path, monkeypatch):
+    """Three 12-token prompts take 36 of a 40-token budget: the fourth waits for the next iteration whole (its first
+    token comes in that iteration either way) instead of being cut by the 4 tokens left, whose rest would need an eager
+    forward of its own (a continued row attends over the cache). Every forward is then fresh; no token changes.
+    Where more of the budget is left, prompts are still cut (the test above)."""
+    model = tiny_model(variant, seed=3)
+    engine = GenerationEngine(model, decode_path=path)
+    prompts = [[3 + (7 * i + j) % 250 for j in range(12)] for i in range(6)]
+    expected = [engine.generate([p], max_new_tokens=4)[0].token_ids for p in prompts]
+    forwards, first_tokens = [], []
+    prefill_run = Scheduler._prefill_run
+
+    def spy(self, run, every_position):
+        forwards.append([(self._rows[row].fed, take) for row, take in run])
+        return prefill_run(self, run, every_position)
+
+    monkeypatch.setattr(Scheduler, "_prefill_run", spy)
+    scheduler = Scheduler(engine, max_batch=6, max_len=24, prefill_chunk=40)
+    handles = [scheduler.submit(p, max_new_tokens=4) for p in prompts]
+    while scheduler.step():
+        first_tokens.append(sum(h.times.first_token is not None for h in handles))
+    assert [h.result().token_ids for h in handles] == expected
+    assert all(fed == 0 and take == 12 for run in forwards for fed, take in run), forwards  # whole and fresh
+    assert first_tokens[:2] == [0, 3] and first_tokens[2] == 6  # 3 prompts an iteration, read one step later
