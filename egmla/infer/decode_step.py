@@ -14,6 +14,7 @@ import bisect
 import torch
 
 from egmla.attention import KVCache
+from egmla.infer.sampling import long_tensor
 
 # Batch sizes graphs are captured for: dense where padding would cost most (powers of two and their
 # midpoints), up to MAX_GRAPH_BATCH; a larger batch runs the same step eagerly, unpadded, where the
@@ -57,7 +58,7 @@ class DecodeStep:
         """Each row's append count (`n_new`). On CUDA from pinned memory, without waiting: a copy from pageable memory
         waits for the stream to drain, i.e. for the step run ahead, which would undo the host's overlap whenever a
         row is about to end (the caching host allocator keeps the pinned buffer until the copy has run)."""
-        values = torch.tensor(appending, dtype=self.n_new.dtype)
+        values = long_tensor(appending)  # n_new is int64
         if self.n_new.is_cuda:
             self.n_new.copy_(values.pin_memory(), non_blocking=True)
         else:

@@ -55,8 +55,8 @@ from egmla.infer.engine import GenerationEngine, SequenceState, TokenEvent
 from egmla.infer.prefill_step import padded_runs, prefill_buckets
 from egmla.infer.prefix_cache import PrefixTable
 from egmla.infer.requests import RequestHandle, SchedulerStats
-from egmla.infer.sampling import (SamplingParams, checked_logprobs, host_to_device, sample_rows, to_device_async,
-                                  to_host_async, token_logprobs)
+from egmla.infer.sampling import (SamplingParams, checked_logprobs, host_to_device, long_tensor, sample_rows,
+                                  to_device_async, to_host_async, token_logprobs)
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI allows 5, vLLM 20)
 # prompt tokens per forward for requests that want their prompt's log-probabilities: those forwards keep every
@@ -593,7 +593,7 @@ class Scheduler:
         n_new = torch.zeros(last - first, dtype=torch.long)
         for row, take in run:
             request = self._rows[row]
-            tokens[row - first, :take] = torch.tensor(request.handle.prompt_ids[request.fed:request.fed + take])
+            tokens[row - first, :take] = long_tensor(request.handle.prompt_ids[request.fed:request.fed + take])
             n_new[row - first] = take
         device = self.engine.device
         self.stats.prefill_calls += 1

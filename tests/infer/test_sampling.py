@@ -1,9 +1,11 @@
 """Sampling filters and text streaming helpers, on hand-made inputs."""
+import random
+
 import numpy as np
 import pytest
 import torch
 
-from egmla.infer.sampling import SamplingParams, filter_logits, select_next
+from egmla.infer.sampling import SamplingParams, filter_logits, long_tensor, select_next
 from egmla.infer.text import IncrementalDetokenizer, StopStringMatcher
 
 
@@ -244,3 +246,22 @@ def test_cpu_seeds_a_multiple_of_2_to_the_32_apart_draw_differently():
 def test_a_seed_torch_cannot_take_is_refused_when_made_not_at_the_draw(seed):
     with pytest.raises(ValueError, match=r"seed=.*must lie in \[-2\*\*63, 2\*\*64\)"):
         SamplingParams(temperature=1.0, seed=seed)
+
+
+def test_long_tensor_equals_torch_tensor_on_fresh_lists():
+    """`long_tensor` (the host's fast path from ints to int64, per prefill row) against `torch.tensor`: lists and
+    tuples, empty, negative and past 2^31, and a tensor that outlives the list it came from."""
+    rng = random.Random(7)
+    cases = [[], (), [0], [True, 5], tuple(range(1024)), [-3, 2 ** 40, -(2 ** 62)]]
+    cases += [[rng.randrange(-2 ** 63, 2 ** 63) for _ in range(rng.randrange(1, 3000))] for _ in range(5)]
+    for values in cases:
+        out = long_tensor(values)
+        assert out.dtype == torch.long and out.shape == (len(values),)
+        assert torch.equal(out, torch.tensor(list(values), dtype=torch.long))
+    kept = long_tensor([rng.randrange(50_000) for _ in range(100)])
+    copy = kept.clone()
+    [bytearray(1 << 16) for _ in range(64)]  # the list and its array are gone: the tensor keeps the buffer alive
+    assert torch.equal(kept, copy)
+    kept[0] = 1  # writable, as torch.tensor's
+    with pytest.raises(TypeError):
+        long_tensor([1.5])
