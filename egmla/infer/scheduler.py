@@ -177,6 +177,8 @@ class Scheduler:
         self._cache = None
         self._step = None
         self._step_appending: list[int] | None = None
+        self._indexed_rows: list[int] | None = None  # the rows of `_rows_index` (`_decoding_index`)
+        self._rows_index: torch.Tensor | None = None
         # decode steps and prefills' first tokens queued on the device, not read on the host yet, in queue order
         self._pending: list[_Pending] = []
         self._copies_of: dict[int, list[_Request]] = {}  # id(request being prefilled) -> requests of the same prompt
@@ -689,7 +691,15 @@ class Scheduler:
             self._step_appending = rows
         logits = step.run()
         self.stats.decode_steps += 1
-        return self._sample_next(rows, logits[:top] if len(rows) == top else logits[_index(rows, logits.device)])
+        return self._sample_next(rows, logits[:top] if len(rows) == top else logits[self._decoding_index(rows)])
+
+    def _decoding_index(self, rows: list[int]) -> torch.Tensor:
+        """`rows` (not all adjacent) as a device tensor, kept while the same rows come again: a decode step's change
+        only when a request ends or joins, and each new tensor is a host-to-device copy (two a step: the logits' rows,
+        the next tokens' rows)."""
+        if rows != self._indexed_rows:
+            self._indexed_rows, self._rows_index = list(rows), _index(rows, self.engine.device)
+        return self._rows_index
 
     def _offload_room(self, new_ids: int) -> None:
         """Under offloaded gate tables, room for up to new_ids more ids before a forward; a shortage evicts the ids no
@@ -737,7 +747,7 @@ class Scheduler:
             if contiguous:
                 self._next[rows[0]: rows[0] + len(rows)] = ids
             else:
-                self._next[_index(rows, ids.device)] = ids
+                self._next[self._decoding_index(rows)] = ids
         pending = _Pending(rows, requests, to_host_async(ids))
         wanting = [] if plain else [i for i, request in enumerate(requests) if request.logprobs is not None]
         if wanting:
