@@ -13,11 +13,11 @@ ran the same code: three A/Bs were lost that way before the check existed (docs/
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import statistics
 from pathlib import Path
 
+from egmla.bench.options import read_result
 from egmla.stats import runs_apart
 
 
@@ -65,7 +65,7 @@ def parse_labelled(items: list[str]) -> dict[str, list[dict]]:
         label, sep, path = item.partition("=")
         if not sep or not label or not path:
             raise ValueError(f"--ab: {item!r} is not LABEL=JSON (e.g. old=gen_old_1.json)")
-        runs.setdefault(label, []).append(json.loads(Path(path).read_text()))
+        runs.setdefault(label, []).append(read_result(path, f"--ab {label}="))
     devices = {meta["device"] for metas in runs.values() for meta in metas}
     if len(devices) > 1:
         raise ValueError(f"--ab: the files come from several devices ({', '.join(sorted(devices))}): an A/B needs one")

@@ -347,10 +347,9 @@ def _mla_shape(base):
 def report(paths: list[str], markdown_path: str | None, plot_path: str | None = None) -> int:
     """One table (and with plot_path a chart) from several result files of one device and one setting (prompt,
     new tokens, memory)."""
-    import json
-    from pathlib import Path
+    from egmla.bench.options import read_result
 
-    metas = [json.loads(Path(p).read_text()) for p in paths]
+    metas = [read_result(p, "--report") for p in paths]
     keys = ("device", "dtype", "source", "torch", "prompt_len", "new_tokens", "fill_memory_gb", "context")
     for meta in metas[1:]:
         differing = [k for k in keys if meta.get(k) != metas[0].get(k)]
@@ -447,12 +446,10 @@ def write_table(table: str, markdown_path: str | None) -> int:
 def crossover_report(paths: list[str], markdown_path: str | None) -> int:
     """EG-MLA's two fast paths side by side per (prompt length, batch), from runs with `--paths kernel,grouped`, and
     the path `fastest_decode_path` takes at that call's batch and cache length: the data behind its threshold."""
-    import json
-    from pathlib import Path
-
     from egmla.attention import GROUPED_MIN_POSITIONS
+    from egmla.bench.options import read_result
 
-    metas = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda m: m["prompt_len"])
+    metas = sorted((read_result(p, "--report") for p in paths), key=lambda m: m["prompt_len"])
     lines = [f"EG-MLA decode step, `kernel` against `grouped`, on {metas[0]['device']}, {metas[0]['dtype']}, torch "
              f"{metas[0]['torch']}: {metas[0]['source']}; {metas[0]['new_tokens']} greedy tokens, CUDA graphs, medians "
              f"of {metas[0]['repeats']} runs. Positions = batch × cache length (prompt + new tokens − 1); `auto` = "

@@ -8,13 +8,13 @@ Each target names the rows it reads; a run without them shows "-". The status co
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from egmla.bench.grouped_study import IN_STEP
+from egmla.bench.options import read_result
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def status(target: Target, value: float | None) -> str:
 
 
 def write_targets(md_path: str, json_paths: list[str]) -> None:
-    runs = [json.loads(Path(p).read_text()) for p in json_paths]
+    runs = [read_result(p, "--targets") for p in json_paths]
     where = Path(md_path).resolve().parent  # links relative to the table
     names = [f"{run['meta'].get('time', '?')[:16]} ([JSON]({os.path.relpath(Path(p).resolve(), where)}))"
              for run, p in zip(runs, json_paths)]

@@ -27,9 +27,29 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 def report(args, markdown) -> int:
     """The table `markdown(meta)` of the result file args.report, printed and written to --markdown."""
+    from egmla.bench.generate import write_table
+
+    return write_table(markdown(read_result(args.report, "--report")), args.markdown)
+
+
+def read_result(path, flag: str) -> dict:
+    """The result file `path` that the user named with `flag` (a JSON object an `egmla bench` command wrote with
+    --json), or a ValueError naming the flag, the path and what to give instead: the CLI prints it as one line."""
     import json
     from pathlib import Path
 
-    from egmla.bench.generate import write_table
-
-    return write_table(markdown(json.loads(Path(args.report).read_text())), args.markdown)
+    fix = "give a result file an `egmla bench` command wrote with --json"
+    named = f"{flag}{path}" if flag.endswith("=") else f"{flag} {path}"  # --ab LABEL=PATH, --report PATH
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ValueError(f"{named}: no such file; {fix}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+        raise ValueError(f"{named}: cannot be read ({error.__class__.__name__}); {fix}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{named}: not JSON ({error}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{named}: a JSON {type(data).__name__}, not a result object; {fix}")
+    return data

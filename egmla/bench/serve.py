@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from egmla.bench.options import add_output_arguments, add_preset_arguments, report
+from egmla.bench.options import add_output_arguments, add_preset_arguments, read_result, report
 
 SYSTEMS = ("continuous", "static", "transformers")
 
@@ -385,9 +385,6 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
 
 def main(args) -> int:
     if args.ab:
-        import json
-        from pathlib import Path
-
         from egmla.bench.generate import write_table
 
         runs = []
@@ -395,17 +392,14 @@ def main(args) -> int:
             label, _, path = item.partition("=")
             if not label or not path:
                 raise SystemExit(f"--ab {item!r}: give LABEL=JSON, e.g. --ab new=serve_new_1.json")
-            runs.append((label, json.loads(Path(path).read_text())))
+            runs.append((label, read_result(path, f"--ab {label}=")))
         try:
             return write_table(ab_markdown(runs), args.markdown)
         except ValueError as error:
             raise SystemExit(str(error)) from None
     if args.report:
         if args.plot:
-            import json
-            from pathlib import Path
-
-            plot(json.loads(Path(args.report).read_text()), args.plot)
+            plot(read_result(args.report, "--report"), args.plot)
         return report(args, markdown)
     import torch
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import re
 import statistics
 import time
@@ -451,8 +450,9 @@ def main(args) -> int:
         if not args.report:
             raise ValueError("--summary: name the runs' JSON files with --report A.json [B.json ...]")
         from egmla.bench.generate import write_table
+        from egmla.bench.options import read_result
 
-        metas = [json.loads(Path(p).read_text()) for p in args.report]
+        metas = [read_result(p, "--report") for p in args.report]
         write_table(memory_summary(metas), args.markdown)
         if args.plot:
             memory_plot(metas, args.plot)

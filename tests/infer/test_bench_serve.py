@@ -184,3 +184,22 @@ def test_tpot_of_a_workload_of_one_token_outputs_is_absent_not_zero():
             "output_len": 1, "max_batch": 4, "time": "t", "rows": [row]}
     assert "| - / - |" in markdown(meta)
     assert summarize([Timing(0.0, 0.5, 0.9, 3)])["tpot_ms_p50"] == pytest.approx(200.0)
+
+
+@pytest.mark.parametrize("argv", [["serve", "--ab", "old=NAME", "--ab", "new=NAME"], ["serve", "--report", "NAME"],
+                                  ["generate", "--report", "NAME"], ["generate", "--ab", "--report", "old=NAME"],
+                                  ["train", "--summary", "--report", "NAME"]])
+@pytest.mark.parametrize("content, says", [(None, "no such file"), ("{not json", "not JSON"),
+                                           ("[1, 2]", "a JSON list, not a result object")])
+def test_a_result_file_that_cannot_be_read_is_named_in_one_line(tmp_path, capsys, argv, content, says):
+    """A result file given to a table-only command (--report, --ab) that is missing, not JSON or not an object: exit 2
+    and one line naming the option, the path and what to give (no traceback)."""
+    from egmla.cli import main
+
+    path = tmp_path / "result.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["bench", *[item.replace("NAME", str(path)) for item in argv]]) == 2
+    error = capsys.readouterr().err
+    assert f"{path}: {says}" in error and "Traceback" not in error
+    assert "--json" in error and error.count("\n") == 1
