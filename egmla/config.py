@@ -11,7 +11,7 @@ import difflib
 import functools
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from annotated_types import Ge, Gt, Predicate
@@ -186,7 +186,7 @@ class ModelConfig:
         if self.attention in ("mha", "gqa"):
             if self.attention == "mha" and self.n_kv_heads not in (0, self.n_heads):
                 _fail("n_kv_heads", self.n_kv_heads,
-                      f"MHA uses one KV head per query head; set attention='gqa' or n_kv_heads=0")
+                      "MHA uses one KV head per query head; set attention='gqa' or n_kv_heads=0")
             if self.n_heads % self.kv_heads:
                 _fail("n_kv_heads", self.n_kv_heads,
                       f"n_heads={self.n_heads} must be divisible by it; pick a divisor of {self.n_heads}", ShapeRefused)

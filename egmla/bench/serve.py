@@ -24,7 +24,6 @@ import argparse
 import functools
 import math
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 
@@ -155,7 +154,6 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
             _wait_until(start, request.arrival)
             handles.append(scheduler.submit(request.prompt, max_new_tokens=request.output_len, stream=stream))
         results = [handle.result() for handle in handles]
-        duration = time.perf_counter() - start
     finally:
         scheduler.stop()
     # the thread's last iteration may end after the last result: the busy share is of the span up to its stop

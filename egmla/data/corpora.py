@@ -242,8 +242,8 @@ def check_hub_reachable(corpus: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> 
     import threading
     from urllib.parse import urlparse
 
-    local = (f"train on local files instead, e.g. --set data.corpus='texts/*.txt' (.txt, .jsonl or .parquet), "
-             f"or data.corpus='embedded'")
+    local = ("train on local files instead, e.g. --set data.corpus='texts/*.txt' (.txt, .jsonl or .parquet), "
+             "or data.corpus='embedded'")
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise CorpusError(f"data.corpus={corpus!r}: HF_HUB_OFFLINE is set, so the hub cannot be read; {local}")
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
