@@ -38,7 +38,7 @@ from egmla.attention import (KVCache, TableBiasMLA, allocate_cache, attention_cl
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.prefill_step import MIN_WIDTH, PREFILL_GRAPH_TOKENS, PrefillStep, prefill_bucket
-from egmla.infer.sampling import (SamplingParams, checked_logprobs, long_tensor, select_next, to_host_async,
+from egmla.infer.sampling import (SamplingParams, checked_logprobs, padded_rows, select_next, to_host_async,
                                   token_logprobs)
 from egmla.infer.text import IncrementalDetokenizer, StopStringMatcher
 
@@ -669,9 +669,7 @@ class GenerationEngine:
             while stop < len(prompts) and (stop + 1 - start) * max(lengths[start:stop + 1]) <= budget:
                 stop += 1
             width = max(lengths[start:stop])
-            tokens = torch.zeros(stop - start, width, dtype=torch.long)  # right-padded with id 0
-            for row in range(start, stop):
-                tokens[row - start, : lengths[row]] = long_tensor(prompts[row])
+            tokens = padded_rows(prompts[start:stop], width)  # right-padded with id 0
             chunk = max(1, budget // (stop - start))
             step = self.prefill_step(stop - start, width, cache.max_len) if width <= chunk else None
             if step is not None:  # the rows are empty (the cache was reset): a fixed-shape step, from a CUDA graph

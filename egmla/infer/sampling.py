@@ -12,7 +12,7 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -117,6 +117,23 @@ def long_tensor(values) -> torch.Tensor:
     if not len(values):
         return torch.empty(0, dtype=torch.long)
     return torch.frombuffer(array.array("q", values), dtype=torch.long)
+
+
+def padded_rows(rows: Sequence, width: int) -> torch.Tensor:
+    """Sequences of ints as one right-padded int64 host tensor [len(rows), width], zeros past each row's end: one
+    buffer filled by slice copies (a memcpy per row where the row is an `array('q')`), not a tensor per row written
+    into a zero tensor. For 32 prompts of 512-1,024 ids kept as arrays (the scheduler's prefill inputs) that took
+    0.04-0.05 ms against 0.72-0.84 ms of host time on a CPU core (docs/bench/prefill_inputs_cpu)."""
+    count = len(rows)
+    if not count or not width:
+        return torch.zeros(count, width, dtype=torch.long)
+    flat = array.array("q", bytes(8 * count * width))
+    for i, ids in enumerate(rows):
+        if len(ids) > width:
+            raise ValueError(f"row {i}: {len(ids)} ids do not fit a width of {width}")
+        flat[i * width: i * width + len(ids)] = ids if isinstance(ids, array.array) and ids.typecode == "q" \
+            else array.array("q", ids)
+    return torch.frombuffer(flat, dtype=torch.long).view(count, width)
 
 
 def host_to_device(values: list, dtype: torch.dtype, device) -> torch.Tensor:

@@ -40,6 +40,7 @@ scheduler owns its engine while it runs: do not call `engine.generate` at the sa
 """
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
 import itertools
@@ -55,8 +56,8 @@ from egmla.infer.engine import GenerationEngine, SequenceState, TokenEvent
 from egmla.infer.prefill_step import padded_runs, prefill_buckets
 from egmla.infer.prefix_cache import PrefixTable
 from egmla.infer.requests import RequestHandle, SchedulerStats
-from egmla.infer.sampling import (SamplingParams, checked_logprobs, host_to_device, long_tensor, sample_rows,
-                                  to_device_async, to_host_async, token_logprobs)
+from egmla.infer.sampling import (SamplingParams, checked_logprobs, host_to_device, long_tensor, padded_rows,
+                                  sample_rows, to_device_async, to_host_async, token_logprobs)
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI allows 5, vLLM 20)
 # prompt tokens per forward for requests that want their prompt's log-probabilities: those forwards keep every
@@ -87,7 +88,12 @@ class _Request:
     limit: int = 0  # sampled tokens after which it ends by length: max_new_tokens, or the row's end (`_rows_ahead`)
 
     def __post_init__(self):
-        self.prompt_len = len(self.handle.prompt_ids)
+        ids = self.handle.prompt_ids
+        self.prompt_len = len(ids)
+        # made once, on the submitting thread: the scheduler's thread keys prompts by the tuple (shared prompts, cached
+        # prefixes) and copies prefill inputs from the array by slices (`padded_rows`), rather than converting the
+        # list at every iteration and prefill
+        self.prompt, self.prompt_array = tuple(ids), array.array("q", ids)
         # greedy and no log-probabilities: a step of such rows only takes its argmax (`_sample_next`)
         self.plain = self.sampling.greedy and self.logprobs is None
 
@@ -498,7 +504,7 @@ class Scheduler:
         rest is prefilled."""
         if request.prompt_logprobs:  # those need every prompt position's logits
             return None
-        prompt = tuple(request.handle.prompt_ids)
+        prompt = request.prompt
         best, source = self._prefixes.longest(prompt, free)
         if source is None:
             return None
@@ -531,14 +537,13 @@ class Scheduler:
         for row, request in sorted(((row, r) for row, r in enumerate(self._rows) if r is not None and not r.prefilled),
                                    key=lambda item: item[1].handle.id):
             if not request.prompt_logprobs:
-                prompt = tuple(request.handle.prompt_ids)
-                source = feeding.setdefault(prompt, request)
+                source = feeding.setdefault(request.prompt, request)
                 if source is not request and request.fed == 0:
                     self._copies_of.setdefault(id(source), []).append(request)
                     continue
             if budget <= 0:
                 break
-            rest = len(request.handle.prompt_ids) - request.fed
+            rest = request.prompt_len - request.fed
             whole = min(self.prefill_chunk, PROMPT_LOGPROBS_CHUNK) if request.prompt_logprobs else self.prefill_chunk
             if budget < rest <= whole and budget <= self.prefill_chunk * CUT_WASTE:
                 break  # whole in the next iteration, first in line (see CUT_WASTE)
@@ -591,12 +596,13 @@ class Scheduler:
     def _prefill_run(self, run: list[tuple[int, int]], every_position: bool) -> None:
         first, last = run[0][0], run[-1][0] + 1
         width = max(take for _, take in run)
-        tokens = torch.zeros(last - first, width, dtype=torch.long)  # right-padded
-        n_new = torch.zeros(last - first, dtype=torch.long)
+        chunks: list = [()] * (last - first)
+        counts = [0] * (last - first)
         for row, take in run:
             request = self._rows[row]
-            tokens[row - first, :take] = long_tensor(request.handle.prompt_ids[request.fed:request.fed + take])
-            n_new[row - first] = take
+            chunks[row - first] = request.prompt_array[request.fed:request.fed + take]
+            counts[row - first] = take
+        tokens, n_new = padded_rows(chunks, width), long_tensor(counts)  # right-padded
         device = self.engine.device
         self.stats.prefill_calls += 1
         # fresh prompts (each from position 0 of an emptied row) through the engine's fixed-shape step (a CUDA graph)
@@ -621,7 +627,7 @@ class Scheduler:
         for row, take in run:
             request = self._rows[row]
             request.fed += take
-            self._prefixes[row] = tuple(request.handle.prompt_ids[:request.fed])
+            self._prefixes[row] = request.prompt[:request.fed]
             if request.prefilled and request.max_new_tokens == 0:  # scored, nothing to generate
                 self._retire(row, "length")
             elif request.prefilled:

@@ -1,11 +1,12 @@
 """Sampling filters and text streaming helpers, on hand-made inputs."""
+import array
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from egmla.infer.sampling import SamplingParams, filter_logits, long_tensor, select_next
+from egmla.infer.sampling import SamplingParams, filter_logits, long_tensor, padded_rows, select_next
 from egmla.infer.text import IncrementalDetokenizer, StopStringMatcher
 
 
@@ -265,3 +266,26 @@ def test_long_tensor_equals_torch_tensor_on_fresh_lists():
     kept[0] = 1  # writable, as torch.tensor's
     with pytest.raises(TypeError):
         long_tensor([1.5])
+
+
+def test_padded_rows_equals_a_zero_tensor_written_row_by_row_on_fresh_rows():
+    """`padded_rows` (the prefill inputs of the scheduler and of `generate`) against the plain way: a zero tensor with
+    each row written in: rows as arrays, array slices, lists and tuples, empty rows, a full row, no rows, width 0; a
+    row wider than the width is refused, naming the row."""
+    rng = random.Random(11)
+    for _ in range(20):
+        width = rng.randrange(1, 300)
+        rows = []
+        for _ in range(rng.randrange(1, 12)):
+            ids = [rng.randrange(-2 ** 63, 2 ** 63) for _ in range(rng.choice([0, width, rng.randrange(width + 1)]))]
+            kind = rng.randrange(4)
+            rows.append(array.array("q", ids) if kind == 0 else array.array("q", [7, *ids, 9])[1:-1] if kind == 1
+                        else ids if kind == 2 else tuple(ids))
+        expected = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, ids in enumerate(rows):
+            expected[i, :len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        out = padded_rows(rows, width)
+        assert out.dtype == torch.long and torch.equal(out, expected)
+    assert padded_rows([], 8).shape == (0, 8) and padded_rows([[], ()], 0).shape == (2, 0)
+    with pytest.raises(ValueError, match="row 1: 4 ids do not fit a width of 3"):
+        padded_rows([[1], [1, 2, 3, 4]], 3)
