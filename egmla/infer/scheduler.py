@@ -183,6 +183,7 @@ class Scheduler:
         self._cache = None
         self._step = None
         self._step_appending: list[int] | None = None
+        self._appending: torch.Tensor | None = None  # rows [0, top) that append now, where they are not all of them
         self._indexed_rows: list[int] | None = None  # the rows of `_rows_index` (`_decoding_index`)
         self._rows_index: torch.Tensor | None = None
         # decode steps and prefills' first tokens queued on the device, not read on the host yet, in queue order
@@ -695,9 +696,13 @@ class Scheduler:
             decoding = set(rows)
             step.set_n_new([int(row in decoding) for row in range(top)] + [0] * (step.batch - top))
             self._step_appending = rows
+            # which of rows [0, top) append, on the device, while the same rows do (`_argmax_appending`)
+            self._appending = step.n_new[:top] != 0 if len(rows) < top else None
         logits = step.run()
         self.stats.decode_steps += 1
-        return self._sample_next(rows, logits[:top] if len(rows) == top else logits[self._decoding_index(rows)])
+        if len(rows) == top:
+            return self._sample_next(rows, logits[:top])
+        return self._sample_next(rows, logits[:top], appending=self._appending)
 
     def _decoding_index(self, rows: list[int]) -> torch.Tensor:
         """`rows` (not all adjacent) as a device tensor, kept while the same rows come again: a decode step's change
@@ -736,14 +741,19 @@ class Scheduler:
         self._prefixes.move(order, list(range(top)))
         self.stats.compactions += 1
 
-    def _sample_next(self, rows: list[int], logits: torch.Tensor) -> "_Pending":
+    def _sample_next(self, rows: list[int], logits: torch.Tensor, appending: torch.Tensor | None = None) -> "_Pending":
         """Sample the next token of each of `rows` from its logits [len(rows), vocab] on the device, keep it as the
-        row's next input, and start copying it to the host."""
+        row's next input, and start copying it to the host. With `appending` (a bool mask [top] on the device, true
+        for exactly `rows`), logits are every row's of [0, top) instead."""
         requests = [self._rows[row] for row in rows]
         plain = True
         for request in requests:
             request.sampled += 1
             plain = plain and request.plain
+        if appending is not None:
+            if plain:  # every row's argmax, kept where the row appends: no index of `rows` on the device, no gather
+                return self._argmax_appending(rows, requests, logits, appending)
+            logits = logits[self._decoding_index(rows)]
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         if contiguous and (plain or all(request.sampling.greedy for request in requests)):
             ids = self._next[rows[0]: rows[0] + len(rows)]  # the argmax written where the next step reads it
@@ -764,6 +774,21 @@ class Scheduler:
             pending.logprob_rows = wanting
             pending.read_logprobs = tuple(to_host_async(t) for t in scored)
         return pending
+
+    def _argmax_appending(self, rows: list[int], requests: list[_Request], logits: torch.Tensor,
+                          appending: torch.Tensor) -> "_Pending":
+        """Greedy rows that are not all adjacent (rows end one by one until a compaction): the argmax of each of the
+        [0, top) rows' logits, written into the next-token buffer where the row appended (the others keep theirs),
+        and read on the host for `rows` only: two launches a step (the mask is made when the rows change), in place
+        of a gather of the rows' logits, a scatter of their tokens and, whenever the rows change, a host-to-device
+        copy of their index. (The tests also pass with the argmax written into every row: a row that does not append
+        has no next input anyone reads yet, as a prefill that completes it writes its first token after this step;
+        the `where` keeps that from being load-bearing.)"""
+        ids = torch.argmax(logits, dim=-1)
+        kept = self._next[:len(ids)]
+        torch.where(appending, ids, kept, out=kept)
+        read_every = to_host_async(ids)
+        return _Pending(rows, requests, lambda: (lambda every: [every[row] for row in rows])(read_every()))
 
     def _queue(self, pending: "_Pending | None") -> None:
         if pending is not None:
