@@ -61,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="egmla's systems: 'on' = fresh prompts prefilled through the fixed-shape step (a CUDA "
                              "graph per bucket; the engine's default on CUDA), 'off' = eager forwards; 'on,off' runs "
                              "a row of each (default: the engine's choice, not labelled)")
+    parser.add_argument("--capture-prefill-tokens", type=int, default=0, metavar="N",
+                        help="continuous: before the clock, also capture the prefill graphs of fresh prompts of up to N "
+                             "tokens, as `egmla serve --capture-prefill-tokens N` does at its start (default 0: only "
+                             "those the warm-up run met; a bucket only the measured run meets is captured inside it, "
+                             "tens of ms during which every request waits: rows count these as late captures)")
     parser.add_argument("--decode-path", default="auto", help="egmla's decode path (auto = the engine's choice)")
     parser.add_argument("--offload-gate-tables", action="store_true",
                         help="EG-MLA rows: gate tables in host memory, the rows of the ids the cache holds on the device "
@@ -79,8 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "each labelled with its multiple of transformers'; matplotlib); with --report too")
     parser.add_argument("--ab", action="append", metavar="LABEL=JSON", default=[],
                         help="nothing measured: the A/B table of result files of code versions, or of one code "
-                             "with and without --stream, --offload-gate-tables or --text (repeat it, e.g. "
-                             "--ab old=a1.json --ab new=b1.json --ab old=a2.json --ab new=b2.json, rounds interleaved): "
+                             "with and without --stream, --offload-gate-tables, --text or --capture-prefill-tokens "
+                             "(repeat it, e.g. --ab old=a1.json --ab new=b1.json --ab old=a2.json --ab new=b2.json, rounds interleaved): "
                              "each row's output tokens/s per run, the medians and the last label's over the first's, "
                              "and the scheduler's host time per decode step by phase; --markdown writes it")
 
@@ -127,10 +132,12 @@ def _wait_until(start: float, offset: float) -> None:
 
 
 def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chunk: int | None = None,
-                   row: dict | None = None, admit_batch: int | None = None, stream: bool = False) -> list[Timing]:
+                   row: dict | None = None, admit_batch: int | None = None, stream: bool = False,
+                   capture_prefill_tokens: int = 0) -> list[Timing]:
     """egmla's scheduler, requests submitted at their arrival times (`stream`: as streamed requests, each token an
-    event); `row` gets its counters (steps, prefill calls, compactions, shared prefills, and the share of the run
-    its thread was busy)."""
+    event); `row` gets its counters (steps, prefill calls, compactions, shared prefills, graphs captured inside the
+    run, and the share of the run its thread was busy). capture_prefill_tokens: the prefill graphs of fresh prompts
+    of up to that many tokens are captured before the clock too (0: none beyond those the engine has)."""
     from egmla.infer.scheduler import Scheduler
 
     scheduler = Scheduler(engine, max_batch=max_batch, max_len=engine.config.max_seq_len,
@@ -140,6 +147,8 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
     # mid-run: tens of milliseconds each; which buckets a run meets depends on the threads' timing)
     scheduler.step()
     scheduler.capture_graphs()
+    if capture_prefill_tokens:
+        scheduler.capture_prefill_graphs(capture_prefill_tokens)
     busy_before = scheduler.stats.busy_seconds  # the warm-up step's busy time and phases
     host_before = dict(scheduler.stats.host_seconds)
     start = time.perf_counter()
@@ -162,7 +171,7 @@ def run_continuous(engine, requests: list[Request], max_batch: int, prefill_chun
         stats = scheduler.stats
         row.update(admit_batch=scheduler.admit_batch, decode_steps=stats.decode_steps,
                    prefill_calls=stats.prefill_calls, prefill_graph_calls=stats.prefill_graph_calls,
-                   compactions=stats.compactions, rows_moved=stats.rows_moved,
+                   late_captures=stats.late_captures, compactions=stats.compactions, rows_moved=stats.rows_moved,
                    prefills_shared=stats.prefills_shared, prefix_hits=stats.prefix_hits,
                    prefix_tokens_reused=stats.prefix_tokens_reused,
                    busy_seconds=stats.busy_seconds - busy_before,
@@ -302,7 +311,8 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
     settings = {"streaming": lambda meta: meta.get("stream", True),
                 "offloading the gate tables": lambda meta: any(row.get("offloaded_gate_tables")
                                                                for row in meta["rows"]),
-                "serving text": lambda meta: any(row.get("text") for row in meta["rows"])}
+                "serving text": lambda meta: any(row.get("text") for row in meta["rows"]),
+                "capturing prefill graphs before the clock": lambda meta: meta.get("capture_prefill_tokens", 0)}
     values: dict[str, dict[str, set]] = {name: {} for name in settings}
     for label, meta in runs:
         code.setdefault(label, set()).add(meta.get("code", {}).get("source_sha256"))
@@ -324,7 +334,8 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
             if len(changes) > 1:
                 raise ValueError(f"--ab: labels {a!r} and {b!r} differ in {' and in '.join(changes)}: compare one "
                                  f"change at a time (`egmla bench serve --stream` streams the requests, "
-                                 f"`--offload-gate-tables` offloads the gate tables, `--text` serves text)")
+                                 f"`--offload-gate-tables` offloads the gate tables, `--text` serves text, "
+                                 f"`--capture-prefill-tokens` captures prefill graphs before the clock)")
     varied = {name for name in settings if len({next(iter(values[name][label])) for label in labels}) > 1}
     shapes = {(m["device"], m["requests"], m["prompt_len"], m["output_len"], m["max_batch"]) for _, m in runs}
     if len(shapes) > 1:
@@ -332,6 +343,7 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
                          f"lengths, max batch): {sorted(shapes)}")
     device, requests, prompt_len, output_len, max_batch = shapes.pop()
     tokens: dict[tuple, dict[str, list[float]]] = {}
+    late: dict[tuple, dict[str, list[int]]] = {}  # graphs captured inside each run
     host: dict[tuple, dict[str, dict[str, list[float]]]] = {}
     for label, meta in runs:
         for row in meta["rows"]:
@@ -340,6 +352,8 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
             key = (row["variant"], row["system"], row.get("admit_batch"), row.get("prefill_graphs"), row["rate"],
                    False if "offloading the gate tables" in varied else row.get("offloaded_gate_tables", False))
             tokens.setdefault(key, {}).setdefault(label, []).append(row["output_tokens_per_s"])
+            if "late_captures" in row:  # (continuous rows of files written since 2026-12-07)
+                late.setdefault(key, {}).setdefault(label, []).append(row["late_captures"])
             if row.get("host_seconds") and row.get("decode_steps"):
                 for phase, seconds in row["host_seconds"].items():
                     host.setdefault(key, {}).setdefault(label, {}).setdefault(phase, []).append(
@@ -347,9 +361,15 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
     first, last = labels[0], labels[-1]
     said = {"streaming": "requests streamed (an event per token)",
             "offloading the gate tables": "EG-MLA's gate tables offloaded to host memory",
-            "serving text": "the engine making text (`--text`)"}
+            "serving text": "the engine making text (`--text`)",
+            "capturing prefill graphs before the clock": "prefill graphs captured before the clock for prompts of up "
+                                                         "to (`--capture-prefill-tokens`)"}
+
+    def said_value(value) -> str:
+        return ("yes" if value else "no") if isinstance(value, bool) else f"{value:,} tokens" if value else "none"
+
     modes = "".join(f"; {said[name]} in " + ", ".join(
-        f"{label}: {'yes' if next(iter(values[name][label])) else 'no'}" for label in labels)
+        f"{label}: {said_value(next(iter(values[name][label])))}" for label in labels)
         for name in sorted(varied))
     lines = [f"A/B on {device}: {requests} requests, prompts ≤ {prompt_len}, outputs ≤ {output_len}, max batch "
              f"{max_batch}{modes}; output tokens/s per run (rounds in file order), medians, and {last} / {first}; "
@@ -367,6 +387,14 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
                  f"{runs_apart(tokens[key][last], tokens[key][first])}"
                  if tokens[key].get(first) and tokens[key].get(last) else "- | -")
         lines.append(f"| {variant} | {name} | {rate} | " + " | ".join(cells) + f" | {ratio} |")
+    if any(count for per in late.values() for counts in per.values() for count in counts):
+        lines += ["", "CUDA graphs captured inside the measured runs (a bucket the warm-up had not met; tens of ms "
+                  "each, every request waiting): a run with one reads slower for it (`--capture-prefill-tokens` "
+                  "captures them before the clock).", ""]
+        for key in sorted(late, key=str):
+            lines.append(f"- {key[0]}, {key[1]}: " + "; ".join(
+                f"{label} " + ", ".join(str(c) for c in late[key].get(label, []))
+                for label in labels))
     if host:
         phases = sorted({p for per in host.values() for phases in per.values() for p in phases})
         lines += ["", "The scheduler's host time per decode step, µs (medians over runs), by phase: "
@@ -438,6 +466,9 @@ def main(args) -> int:
     prefill_graphs = [None] if args.prefill_graphs is None else [switches.get(v) for v in args.prefill_graphs.split(",")]
     if None in prefill_graphs and args.prefill_graphs is not None:
         raise ValueError(f"--prefill-graphs {args.prefill_graphs!r}: give on, off or on,off")
+    if args.capture_prefill_tokens < 0:
+        raise ValueError(f"--capture-prefill-tokens {args.capture_prefill_tokens}: must be >= 0 (0: capture none "
+                         f"before the clock)")
     if min(count, prompt_len, output_len, max_batch) < 1 or min(rates) <= 0:
         raise ValueError("--requests, --prompt-len, --output-len, --max-batch and every --rate must be > 0")
     name = args.preset if args.preset != "auto" else ("paper-base" if on_cuda else "tiny")
@@ -449,7 +480,7 @@ def main(args) -> int:
     meta = {"benchmark": "serve", "device": device_name, "dtype": str(dtype), "torch": torch.__version__,
             "source": f"preset {name}, random weights", "requests": count, "prompt_len": prompt_len,
             "output_len": output_len, "max_batch": max_batch, "seed": args.seed, "prefill_chunk": args.prefill_chunk,
-            "stream": args.stream,
+            "stream": args.stream, "capture_prefill_tokens": args.capture_prefill_tokens,
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_identity(), "rows": rows}
     print(f"egmla bench serve: {meta['source']}; {device_name}, {dtype}; {count} requests, prompts "
           f"{max(1, prompt_len // 2)}-{prompt_len}, outputs {max(1, output_len // 2)}-{output_len} tokens; "
@@ -491,7 +522,7 @@ def main(args) -> int:
                 if graphs is not None:
                     row["prefill_graphs"] = engine.prefill_graphs
                 run = (functools.partial(run_continuous, prefill_chunk=args.prefill_chunk, row=row, admit_batch=admit,
-                                         stream=args.stream)
+                                         stream=args.stream, capture_prefill_tokens=args.capture_prefill_tokens)
                        if system == "continuous" else run_static)
 
                 def measured(run=run, engine=engine, row=row):
@@ -589,6 +620,8 @@ def format_row(row: dict) -> str:
             f"latency {row['latency_s_p50']:7.2f} / {row['latency_s_p90']:7.2f} s  {row['decode_path']}")
     if "decode_steps" in row:  # egmla's scheduler
         line += f", {row['decode_steps']} steps, {row['prefill_calls']} prefills, busy {row['busy_fraction']:.0%}"
+        if row.get("late_captures"):
+            line += f", {row['late_captures']} graphs captured in the run"
     if "gate_table_mb_off_device" in row:
         line += f", gate tables {row['gate_table_mb_off_device']:.1f} MB off the device"
     return line
@@ -643,4 +676,10 @@ def markdown(meta: dict) -> str:
                          + " | ".join(f"{host.get(p, 0.0):.3f}" for p in ("decode", "read", "admit", "prefill"))
                          + f" | {row['decode_steps']} | {row['prefill_calls']}"
                          + (f" ({row['prefill_graph_calls']} graphs)" if row.get("prefill_graph_calls") else "") + " |")
+        captured = [row for row in phased if row.get("late_captures")]
+        if captured:
+            lines += ["", "CUDA graphs captured inside the measured run (buckets the warm-up had not met; tens of ms "
+                      "each, every request waiting): " + ", ".join(
+                          f"{_system_label(row)} {row['variant']} at {_rate_text(row['rate'])}: {row['late_captures']}"
+                          for row in captured) + "."]
     return "\n".join(lines) + "\n"

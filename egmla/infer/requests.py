@@ -150,6 +150,9 @@ class SchedulerStats:
     decode_steps: int = 0
     prefill_calls: int = 0
     prefill_graph_calls: int = 0  # of which fixed-shape steps (replayed from CUDA graphs on a GPU)
+    # CUDA graphs captured when a step was first met while serving, not at the start (`capture_graphs`,
+    # `capture_prefill_graphs`): tens of milliseconds each, during which every running request waits
+    late_captures: int = 0
     compactions: int = 0  # live rows moved to the front for a smaller bucket
     rows_moved: int = 0  # rows swapped so that the prompts admitted together are prefilled in one forward
     prefills_shared: int = 0  # prompts not prefilled because an earlier request's identical prompt was: rows copied

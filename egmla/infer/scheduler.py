@@ -612,6 +612,7 @@ class Scheduler:
             self._offload_room(len(set(tokens.flatten().tolist()) | {0}))
         step = self.engine.prefill_step(last - first, width, self.max_len) if fresh else None
         if step is not None:
+            self.stats.late_captures += step.use_graph and step.graph is None
             logits = step.prefill(self._cache, first, tokens, n_new, self.engine.reads_token_groups())
             self.stats.prefill_graph_calls += 1
         else:
@@ -690,6 +691,7 @@ class Scheduler:
         step = self.engine.decode_step(self._cache, bucket, self.max_len)
         if step is not self._step:
             self._step, self._step_appending = step, None
+            self.stats.late_captures += step.use_graph and step.graph is None
         if step.tokens.data_ptr() != self._next.data_ptr():  # a step of its own buffer (not the engine's kept cache)
             step.tokens[:top, 0].copy_(self._next[:top])
         if rows != self._step_appending:  # the rows that append (1) or not (0) change when a row ends or joins

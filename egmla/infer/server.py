@@ -496,6 +496,8 @@ METRICS = [  # (name, Prometheus type, SchedulerStats field, help); the two gaug
     ("egmla_prefill_calls_total", "counter", "prefill_calls", "Prefill forwards run."),
     ("egmla_prefill_graph_calls_total", "counter", "prefill_graph_calls",
      "Of which fixed-shape prefill steps (CUDA graphs on a GPU)."),
+    ("egmla_late_graph_captures_total", "counter", "late_captures",
+     "CUDA graphs captured when first met while serving (each holds every request up; see --capture-prefill-tokens)."),
     ("egmla_prefills_shared_total", "counter", "prefills_shared", "Prompts served by copying an identical one's row."),
     ("egmla_prefix_cache_hits_total", "counter", "prefix_hits", "Requests started from a cached prompt prefix."),
     ("egmla_prefix_cache_tokens_total", "counter", "prefix_tokens_reused", "Prompt tokens not prefilled: cached."),

@@ -146,6 +146,19 @@ def test_ab_table_of_code_versions(tmp_path):
     assert "| EG-MLA kv64 | continuous (admit 16) | inf | 100, 102 (**101**) | 97, 99 (**98**) | 0.97× |" in offload
     with pytest.raises(ValueError, match="differ in code and in offloading the gate tables"):
         ab_markdown([("on", egmla(False, 100.0)), ("off", {**egmla(True, 97.0), "code": {"source_sha256": "c"}})])
+    # prefill graphs captured before the clock or not, one code; graphs captured inside a run are listed per run
+    def captured(tokens, late, rate):
+        base = meta("b", (rate, 300.0))
+        return {**base, "capture_prefill_tokens": tokens,
+                "rows": [{**base["rows"][0], "late_captures": late}, *base["rows"][1:]]}
+
+    capture = ab_markdown([("cap0", captured(0, 2, 90.0)), ("cap1k", captured(1024, 0, 100.0)),
+                           ("cap0", captured(0, 0, 99.0)), ("cap1k", captured(1024, 0, 101.0))])
+    assert "(`--capture-prefill-tokens`) in cap0: none, cap1k: 1,024 tokens" in capture
+    assert "- MLA kv64, continuous: cap0 2, 0; cap1k 0, 0" in capture and "1.06×" in capture
+    assert "captured inside" not in ab_markdown(runs)  # files without the count: nothing said
+    with pytest.raises(ValueError, match="differ in code and in capturing prefill graphs before the clock"):
+        ab_markdown([("cap0", captured(0, 0, 1.0)), ("cap1k", {**captured(1024, 0, 1.0), "code": {"source_sha256": "c"}})])
 
 
 def test_text_serving_serves_every_request_and_compares_with_token_ids(tmp_path):

@@ -12,6 +12,7 @@ from tests.infer.helpers import (GraphReplay, assert_served_log_probs_match, for
 from egmla.attention import decode_paths
 from egmla.cli import main as egmla_main
 from egmla.infer import GenerationEngine
+from egmla.infer.decode_step import DecodeStep
 from egmla.infer.prefill_step import PrefillStep, prefill_bucket
 from egmla.infer.scheduler import MAX_TOP_LOGPROBS, Scheduler
 from egmla.infer.server import make_server
@@ -94,6 +95,31 @@ def test_the_buckets_listed_hold_every_prefill_of_random_prompt_mixes():
     assert seen  # more rows than admit_batch do come: a burst with nothing running, or more rows freed at once
 
 
+def test_decode_graphs_first_met_while_serving_count_as_late_captures(monkeypatch):
+    """A decode bucket's graph captured when first met while serving counts in `late_captures` (what `egmla bench
+    serve` reports of a measured run); after `capture_graphs()` at the start none does."""
+    captured = []
+
+    def capture(step):  # emulated: the step's forward stands in for the graph's replay
+        captured.append(step.batch)
+        step.graph = GraphReplay(step)
+
+    monkeypatch.setattr(DecodeStep, "capture", capture)
+    forward_into_one_buffer(monkeypatch, DecodeStep)
+    rng = random.Random(4)
+    prompts, arrivals, new_tokens = random_prompts(rng, 5, 12), [0, 0, 1, 3, 6], [4, 1, 6, 2, 5]
+    late = Scheduler(engine_of(prefill_graphs=False, batch_buckets=(1, 2, 4, 8)), max_batch=8, max_len=MAX_LEN)
+    late.engine.cuda_graphs = True  # as on CUDA: each decode step a graph, captured when first run
+    expected = [r.token_ids for r in serve_all(late, prompts, arrivals, new_tokens)]
+    assert captured and late.stats.late_captures == len(captured)
+    early = Scheduler(engine_of(prefill_graphs=False, batch_buckets=(1, 2, 4, 8)), max_batch=8, max_len=MAX_LEN)
+    early.engine.cuda_graphs = True
+    captured.clear()
+    assert early.capture_graphs() == len(captured) == 4
+    assert [r.token_ids for r in serve_all(early, prompts, arrivals, new_tokens)] == expected
+    assert len(captured) == 4 and early.stats.late_captures == 0
+
+
 def test_every_bucket_listed_is_met_by_prompts_arriving_together():
     """For each listed bucket, as many prompts as its rows (at most max_batch) of its width (within the chunk per
     row), submitted at once, are prefilled by that bucket's step: the list holds nothing the scheduler never asks."""
@@ -130,13 +156,15 @@ def test_after_the_capture_prompts_within_the_range_capture_nothing(emulated_gra
         assert [r.token_ids for r in results] == [
             eager.generate([p], max_new_tokens=n)[0].token_ids for p, n in zip(prompts, new_tokens)]
     assert len(emulated_graphs) == 8 and scheduler.stats.prefill_graph_calls > 0
+    assert scheduler.stats.late_captures == 0  # (captures at the start are not late)
     serve_all(scheduler, random_prompts(rng, 1, 1) + [[7] * 30], [0, 0], [2, 2])  # 30 tokens: a width of 32
     assert emulated_graphs[8:] == [(2, 32)]
+    assert scheduler.stats.late_captures == 1  # the one met while serving is counted
     every, before = scheduler.prefill_buckets(), len(emulated_graphs)  # (None: prompts of any length)
     assert scheduler.capture_prefill_graphs() == len(every) - before == 2
     # widths of 33-40 tokens pad to the bucket of 48, capped at the rows' 40 positions at capture as when prefilled
     serve_all(scheduler, [[9] * MAX_LEN, [8] * 37, [3] * 33], [0, 5, 10], [1, 1, 1])
-    assert sorted(emulated_graphs) == sorted(every)
+    assert sorted(emulated_graphs) == sorted(every) and scheduler.stats.late_captures == 1
 
 
 
