@@ -10,10 +10,15 @@ share. Here each `Scheduler._decode`, `_prefill_run`, `_make_adjacent` and `_com
 measured run; the warm-up makes its own) records a timing event on the stream before and after its work. An event is
 stamped when the device reaches it, so the time from one item's end event to the next item's start event is time the
 device had nothing queued: it waited on the host. The host cost of the events themselves (~2-4 µs a pair) is in the
-measurement. Gaps are grouped by what came next (a prefill call, or a decode step of how many rows). Without CUDA
-the events are host clocks, so the script runs anywhere, but only a GPU's reading means anything.
+measurement. Gaps are grouped by what came next (a prefill call, or a decode step of how many rows), with the host's
+time between the two items split by the scheduler's phases (`SchedulerStats.host_seconds`: read = wait for a step's
+tokens and process them, admit; the rest is the prefill's planning and anything else). An item starts when the host
+enters it, so the host's own work at an item's start (a prefill's input building) counts as the item's, not as a
+wait: the waits before prefill calls are a lower bound. Without CUDA the events are host clocks, so the script runs
+anywhere, but only a GPU's reading means anything.
 """
 import collections
+import dataclasses
 import gc
 import statistics
 import sys
@@ -41,7 +46,21 @@ def new_event():
     return HostEvent()
 
 
-items_of: dict[int, list] = {}  # id(scheduler) -> [(kind, rows, start event, end event)], in order
+@dataclasses.dataclass
+class Item:
+    """One piece of device work the scheduler queued: its events on the stream, the host clock around the call, and
+    the scheduler's per-phase host seconds when it began."""
+
+    kind: str  # decode, prefill, move
+    rows: int
+    start: object
+    end: object
+    began: float
+    ended: float
+    phases: dict
+
+
+items_of: dict[int, list[Item]] = {}  # id(scheduler) -> its items, in order
 order: list[int] = []
 
 
@@ -54,12 +73,12 @@ def timed(method, kind: str, rows_of, did_work=lambda out: True):
         if not rows:  # nothing to run (a decode step of no rows)
             return method(self, *args)
         start, end = new_event(), new_event()
-        began = time.perf_counter()
+        phases, began = dict(self.stats.host_seconds), time.perf_counter()
         start.record()
         out = method(self, *args)
         end.record()
         if did_work(out):  # (else the call launched nothing: its events would split a wait in two)
-            items_of[id(self)].append((kind, rows, start, end, began, time.perf_counter()))
+            items_of[id(self)].append(Item(kind, rows, start, end, began, time.perf_counter(), phases))
         return out
     return wrapper
 
@@ -77,40 +96,53 @@ def gc_clock(phase: str, info: dict, started: list = [0.0]) -> None:
             collection_spans.append((started[0], time.perf_counter()))
 
 
-def group(kind: str, rows: int) -> str:
-    if kind == "prefill":
+def group(item: Item) -> str:
+    if item.kind == "prefill":
         return "before a prefill call"
-    if kind == "move":
+    if item.kind == "move":
         return "before rows move (make adjacent, compact)"
     for low in (96, 64, 32, 16, 8):
-        if rows >= low:
+        if item.rows >= low:
             return f"before a decode step of >= {low} rows"
     return "before a decode step of < 8 rows"
 
 
-def report(items: list) -> None:
+def between(a: Item, b: Item) -> dict:
+    """The host's µs from a's return to b's start: in all, in the read and admit phases, and the rest."""
+    phase = {p: (b.phases.get(p, 0.0) - a.phases.get(p, 0.0)) * 1e6 for p in ("read", "admit")}
+    total = (b.began - a.ended) * 1e6
+    return {"host": total, **phase, "rest": total - sum(phase.values())}
+
+
+def report(items: list[Item]) -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    gaps, busy = collections.defaultdict(list), collections.defaultdict(list)
-    for (_, _, _, end, _, _), (kind, rows, start, _, _, _) in zip(items, items[1:]):
-        gaps[group(kind, rows)].append(max(0.0, end.elapsed_time(start)) * 1e3)
-    for kind, rows, start, end, _, _ in items:
-        busy[group(kind, rows)].append(start.elapsed_time(end) * 1e3)
-    span = items[0][2].elapsed_time(items[-1][3])
+    gaps, busy, host = collections.defaultdict(list), collections.defaultdict(list), collections.defaultdict(list)
+    for a, b in zip(items, items[1:]):
+        gaps[group(b)].append(max(0.0, a.end.elapsed_time(b.start)) * 1e3)
+        host[group(b)].append(between(a, b))
+    for item in items:
+        busy[group(item)].append(item.start.elapsed_time(item.end) * 1e3)
+    span = items[0].start.elapsed_time(items[-1].end)
     idle = sum(sum(v) for v in gaps.values()) / 1e3
     print(f"{len(items)} device items over {span:.1f} ms: idle between them {idle:.1f} ms ({idle / span:.0%})")
-    print(f"{'what came next':<42} {'items':>6} {'idle ms':>8} {'idle µs p50':>12} {'p90':>6} {'its µs p50':>11}")
+    print(f"{'what came next':<42} {'items':>6} {'idle ms':>8} {'idle µs p50':>12} {'p90':>6} {'its µs p50':>11}"
+          f"  host µs between, p50: all / read / admit / rest")
     for name in sorted(busy, key=lambda n: -sum(gaps.get(n, [0]))):
         waits = sorted(gaps.get(name, [0.0]))
+        spent = " / ".join(f"{statistics.median(h[k] for h in host[name]):.0f}"
+                           for k in ("host", "read", "admit", "rest")) if host.get(name) else "-"
         print(f"{name:<42} {len(busy[name]):6d} {sum(waits) / 1e3:8.1f} {statistics.median(waits):12.0f} "
-              f"{waits[int(0.9 * (len(waits) - 1))]:6.0f} {statistics.median(busy[name]):11.0f}")
-    origin = items[0][2]
-    largest = sorted(((max(0.0, a[3].elapsed_time(b[2])), a, b) for a, b in zip(items, items[1:])),
+              f"{waits[int(0.9 * (len(waits) - 1))]:6.0f} {statistics.median(busy[name]):11.0f}  {spent}")
+    largest = sorted(((max(0.0, a.end.elapsed_time(b.start)), a, b) for a, b in zip(items, items[1:])),
                      key=lambda g: -g[0])[:6]
-    print("largest waits: ms, at ms, after -> before (kind, rows), gc of generations 1-2 on the host between them (ms)")
+    print("largest waits: ms, at ms, after -> before (kind, rows), host µs between (read / admit / rest), gc of "
+          "generations 1-2 on the host between them (ms)")
     for wait, a, b in largest:
-        collected = sum(max(0.0, min(b[4], stop) - max(a[5], begin)) for begin, stop in collection_spans)
-        print(f"  {wait:7.2f} {origin.elapsed_time(b[2]):8.1f}  {a[0]} {a[1]} -> {b[0]} {b[1]}  gc {collected * 1e3:.1f}")
+        collected = sum(max(0.0, min(b.began, stop) - max(a.ended, begin)) for begin, stop in collection_spans)
+        spent = between(a, b)
+        print(f"  {wait:7.2f} {items[0].start.elapsed_time(b.start):8.1f}  {a.kind} {a.rows} -> {b.kind} {b.rows}  "
+              f"{spent['read']:.0f} / {spent['admit']:.0f} / {spent['rest']:.0f}  gc {collected * 1e3:.1f}")
     print("Python gc over the whole command: " + ", ".join(
         f"generation {g}: {len(v)} collections, {sum(v) * 1e3:.1f} ms, longest {max(v) * 1e3:.1f} ms"
         for g, v in sorted(collections_seconds.items())))
