@@ -421,6 +421,18 @@ class KVCache:
                 getattr(self.token_groups, name)[start:stop].zero_()
             self.token_groups.version += 1
 
+    def reset_rows_at(self, rows: torch.Tensor) -> None:
+        """`reset_rows` of each row in `rows` (an int64 tensor on the cache's device, each in [0, batch_size), no
+        repeats): one launch per per-sequence tensor however many rows, where a row at a time costs a launch each
+        (a server admitting many requests into scattered free rows)."""
+        self.lengths.index_fill_(0, rows, 0)
+        if self.stats_arrivals is not None:
+            self.stats_arrivals.index_fill_(0, rows, 0)
+        if self.token_groups is not None:
+            for name in ("counts", "n_distinct", "lengths"):
+                getattr(self.token_groups, name).index_fill_(0, rows, 0)
+            self.token_groups.version += 1
+
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Row `target` becomes the first `length` positions of row `source`, only those copied (a server starting a
         request from another's cached prompt prefix), then cut there as `keep_prefix` does."""

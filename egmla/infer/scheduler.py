@@ -475,8 +475,9 @@ class Scheduler:
             self._admitting = len(admitted)  # neither waiting nor running until placed: `submit_all` counts them
         now = time.perf_counter()
         free.sort(key=lambda r: (len(self._prefixes[r]), r))  # hand-out order: the long cached prefixes kept longest
-        for placed, request in enumerate(admitted):
-            try:
+        emptied = []  # rows taken empty: reset together below (a launch per row is ~10 µs of host time each)
+        try:
+            for placed, request in enumerate(admitted):
                 request.handle.times.admitted = now
                 if not request.sampling.greedy and request.sampling.seed is not None:
                     # made here, on the scheduler's thread: device work from another thread could break a graph capture
@@ -484,16 +485,21 @@ class Scheduler:
                 row = self._reuse_prefix(request, free)
                 if row is None:
                     row = free[0]  # keep the longest cached prefixes
-                    self._cache.reset_rows(row, row + 1)
+                    emptied.append(row)
                     self._prefixes[row] = ()
-            except BaseException:
-                with self._wake:  # back in the queue, so that the failure reaches them too (`_fail_all`)
-                    self._waiting.extendleft(reversed(admitted[placed:]))
-                    self._admitting = 0
-                raise
-            free.remove(row)
-            self._rows[row] = request
-            self._prefill_due = True
+                free.remove(row)
+                self._rows[row] = request
+                self._prefill_due = True
+            placed = len(admitted)
+            if len(emptied) == 1:
+                self._cache.reset_rows(emptied[0], emptied[0] + 1)
+            elif emptied:
+                self._cache.reset_rows_at(_index(emptied, self.engine.device))
+        except BaseException:
+            with self._wake:  # back in the queue, so that the failure reaches them too (`_fail_all`)
+                self._waiting.extendleft(reversed(admitted[placed:]))
+                self._admitting = 0
+            raise
         with self._wake:
             self._admitting = 0
 

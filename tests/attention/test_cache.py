@@ -158,6 +158,34 @@ def test_reset_rows_empties_those_rows_only(path):
         assert rel_err(logits[1:2], model(step[1:2], alone)) < 1e-5
 
 
+@pytest.mark.parametrize("variant,path", [("eg-mla", "grouped"), ("eg-mla", "gate-table"), ("mla", "absorbed")])
+def test_reset_rows_at_equals_resetting_each_row(variant, path):
+    """reset_rows_at(rows) (one launch per per-sequence tensor, the scheduler's admission of many requests) leaves
+    every per-sequence tensor as reset_rows of each row in turn: scattered rows emptied, the others untouched."""
+    config = small_config(**VARIANTS[variant])
+    model = Transformer(config).eval()
+    model.set_decode_path(path)
+    tokens = torch.randint(0, config.vocab_size, (5, 7))
+    with torch.no_grad():
+        caches = [model.new_cache(5, max_len=12) for _ in range(2)]
+        for cache in caches:
+            model(tokens, cache)
+        caches[0].reset_rows_at(torch.tensor([3, 0, 4]))
+        for row in (3, 0, 4):
+            caches[1].reset_rows(row, row + 1)
+
+    def state(cache):
+        groups = cache.token_groups
+        return [cache.lengths, cache.stats_arrivals] + (
+            [] if groups is None else [groups.counts, groups.n_distinct, groups.lengths])
+
+    assert caches[0].lengths.tolist() == [0, 7, 7, 0, 0]
+    for mine, each in zip(state(caches[0]), state(caches[1])):
+        assert (mine is None and each is None) or torch.equal(mine, each)
+    if caches[0].token_groups is not None:
+        assert caches[0].token_groups.n_distinct[1] > 0 and caches[0].token_groups.n_distinct[0] == 0
+
+
 @pytest.mark.parametrize("copied", [False, True])
 def test_keep_prefix_leaves_the_row_as_a_fresh_prefill_of_the_prefix(copied):
     """keep_prefix(row, L): the row's length and token groups are those of a cache that was given only its first L

@@ -830,7 +830,8 @@ def test_a_failure_while_admitting_reaches_every_request_taken_off_the_queue(mon
     def broken(*args):
         raise torch.cuda.OutOfMemoryError("out of memory (simulated)")
 
-    monkeypatch.setattr(scheduler._cache, "reset_rows", broken)
+    monkeypatch.setattr(scheduler._cache, "reset_rows", broken)  # one row emptied at a time
+    monkeypatch.setattr(scheduler._cache, "reset_rows_at", broken)  # several at once
     handles = [scheduler.submit(PROMPTS[i], max_new_tokens=3) for i in range(3)]
     scheduler.start()
     try:
