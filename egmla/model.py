@@ -29,9 +29,12 @@ class SwiGLU(ReadsWeights):
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
         self.merge_products = True  # False: never the merged GEMM (no copy of w1, w3; Transformer.set_merged_products)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, cached: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, cached: bool = False,
+                residual_in_place: bool = False) -> torch.Tensor:
         """SwiGLU(x), plus `residual` if given. cached: a call with a KV cache (generation), the only one where w1 and
-        w3 may run as one GEMM (`merges_gate_up`), so that evaluation builds no copy of their weights."""
+        w3 may run as one GEMM (`merges_gate_up`), so that evaluation builds no copy of their weights.
+        residual_in_place: the caller owns `residual` (a fresh tensor no one else reads), which may then become the
+        result: the down projection adds into it, where a new output would first be a copy of it."""
         if cached and self.merges_gate_up(x):
             gate, up = F.linear(x, self.gate_up_weight()).chunk(2, dim=-1)
         else:
@@ -42,9 +45,12 @@ class SwiGLU(ReadsWeights):
             hidden = silu_mul(gate, up)
             if residual is None or self.wrapped_weights:
                 return self.w2(hidden) if residual is None else residual + self.w2(hidden)
-            # the residual add in the down projection's epilogue (beta = 1): one launch fewer per layer
-            return torch.addmm(residual.reshape(-1, residual.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
-                               self.w2.weight.t()).view(residual.shape)
+            # the residual add in the down projection's epilogue (beta = 1): one launch fewer per layer; into the
+            # residual itself where the caller allows it, as an output of its own is first a copy of it (a launch)
+            rows, hidden = residual.reshape(-1, residual.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
+            if residual_in_place:
+                return rows.addmm_(hidden, self.w2.weight.t()).view(residual.shape)
+            return torch.addmm(rows, hidden, self.w2.weight.t()).view(residual.shape)
         out = self.w2(F.silu(gate) * up)
         return out if residual is None else residual + out
 
@@ -82,7 +88,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache=None) -> torch.Tensor:
         x, h = residual_rms_norm(x, self.attn(self.attn_norm(x), ctx, cache), self.ffn_norm)  # h = ffn_norm(x)
-        return self.ffn(h, residual=x, cached=cache is not None)  # x + ffn(h)
+        # x + ffn(h), into x: the residual stream's tensor is residual_rms_norm's new output, read by no one else
+        return self.ffn(h, residual=x, cached=cache is not None, residual_in_place=True)
 
 
 class Transformer(nn.Module):

@@ -87,13 +87,33 @@ def test_a_block_without_gradients_fuses_and_matches(monkeypatch):
     device = kernel_device()
     monkeypatch.setattr(model_module, "no_grad_kernel_can_run", lambda x: not torch.is_grad_enabled())
     addmm_calls = []
-    original = torch.addmm
-    monkeypatch.setattr(torch, "addmm", lambda *a, **k: addmm_calls.append(1) or original(*a, **k))
+    original = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda *a, **k: addmm_calls.append(1) or original(*a, **k))
     model = Transformer(small_config(attention="mla")).to(device).eval()
     tokens = torch.randint(0, model.config.vocab_size, (2, 7), device=device)
     with torch.no_grad():
         fused = model(tokens)
-    assert len(addmm_calls) == model.config.n_layers
+    assert len(addmm_calls) == model.config.n_layers  # into the block's own residual tensor (no copy of it first)
     addmm_calls.clear()
     unfused = model(tokens)
     assert addmm_calls == [] and rel_err(fused, unfused.detach()) < 1e-5
+
+
+def test_swiglu_leaves_a_residual_it_does_not_own_untouched(monkeypatch):
+    """SwiGLU(x, residual) on the GPU's route adds into `residual` only when told it may (residual_in_place, as a
+    block does with its own residual stream); either way the result is the unfused one."""
+    import egmla.model as model_module
+    from egmla.model import SwiGLU
+
+    device = kernel_device()
+    monkeypatch.setattr(model_module, "no_grad_kernel_can_run", lambda x: not torch.is_grad_enabled())
+    torch.manual_seed(3)
+    ffn = SwiGLU(16, 40).to(device)
+    x, residual = torch.randn(2, 3, 16, device=device), torch.randn(2, 3, 16, device=device)
+    with torch.no_grad():
+        expected = residual + ffn.w2(torch.nn.functional.silu(ffn.w1(x)) * ffn.w3(x))
+        kept = residual.clone()
+        out = ffn(x, residual=residual)
+        assert torch.equal(residual, kept) and rel_err(out, expected) < 1e-5
+        out = ffn(x, residual=residual, residual_in_place=True)
+        assert rel_err(out, expected) < 1e-5 and out.data_ptr() == residual.data_ptr()
