@@ -6,10 +6,11 @@ each prefill call, read after the run.
         --max-batch 128 --set max_seq_len=4096
 
 A profiler trace (trace_gaps.py) slows the host's graph launches ~20× under CUPTI, so its gaps overstate the host's
-share. Here each `Scheduler._decode`, `_prefill_run`, `_make_adjacent` and `_compact` of the last scheduler the command makes (the bench's
-measured run; the warm-up makes its own) records a timing event on the stream before and after its work. An event is
-stamped when the device reaches it, so the time from one item's end event to the next item's start event is time the
-device had nothing queued: it waited on the host. The host cost of the events themselves (~2-4 µs a pair) is in the
+share. Here each `Scheduler._decode`, `_prefill_run`, `_make_adjacent` and `_compact` of the last scheduler the command
+makes (the bench's measured run; the warm-up makes its own) records a timing event on the stream before and after its
+work. An event is stamped when the device reaches it, so the time from one item's end event to the next item's start
+event is time the device had nothing queued: it waited on the host. The host cost of the events themselves (not
+measured here; a few µs a pair) is in the
 measurement. Gaps are grouped by what came next (a prefill call, or a decode step of how many rows), with the host's
 time between the two items split by the scheduler's phases (`SchedulerStats.host_seconds`: read = wait for a step's
 tokens and process them, admit; the rest is the prefill's planning and anything else). An item starts when the host
