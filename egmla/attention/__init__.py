@@ -74,9 +74,15 @@ def check_decode_path(config, path: str) -> str:
 
 def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=None, device=None,
                    decode_path: str | None = None) -> KVCache:
-    """A cache for `batch_size` sequences of up to `max_len` tokens, holding only what the variant needs."""
+    """A cache for `batch_size` sequences of up to `max_len` tokens, holding only what the variant needs. dtype
+    torch.float8_e4m3fn: an fp8 cache (egmla/attention/cache.py), for MHA, GQA and MLA."""
     import torch
 
+    from egmla.attention.cache import FP8
+
+    if dtype == FP8 and config.attention == "eg-mla":
+        raise ValueError(f"an fp8 cache ({FP8}) is built for MHA, GQA and MLA, not {config.variant_name()}: EG-MLA's "
+                         f"decode kernels read its latents as the model's dtype; leave the cache dtype at the model's")
     max_len = max_len or config.max_seq_len
     if max_len > config.max_seq_len:
         raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}: "

@@ -25,6 +25,21 @@ import torch
 # fn(tensor, per_position) -> tensor: how `_map` transforms one buffer
 TensorMap = Callable[[torch.Tensor, bool], torch.Tensor]
 
+# An fp8 cache (dtype=torch.float8_e4m3fn): the tensors a layer keeps in the cache's dtype (a spec dtype of None) are
+# stored in 1 byte each, saturated at +-448 (e4m3fn has no infinity) and rounded to nearest; readers widen them to the
+# model's dtype as they read. The storage is uint8 (every row operation below has uint8 kernels, not all have fp8
+# ones), typed as fp8 by `LayerCache.tensor` and `read`. Explicitly typed tensors (EG-MLA's fp32 statistics) stay so.
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a cache of `dtype` holds it: for fp8 clamped to +-448, then rounded (the append kernels' rule,
+    egmla/kernels/fp8.py); otherwise cast."""
+    if dtype == FP8:
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return x.to(dtype)
+
 
 @dataclass(frozen=True)
 class CacheSpec:
@@ -36,13 +51,21 @@ class CacheSpec:
 
 
 class LayerCache:
-    """One layer's cache tensors, each [batch, max_len, *shape]."""
+    """One layer's cache tensors, each [batch, max_len, *shape], in `dtype` unless the spec names another. dtype FP8:
+    stored as described above; `read` and `tensor` return them as fp8."""
 
     def __init__(self, spec: CacheSpec, batch_size: int, max_len: int, dtype, device):
+        self.fp8 = frozenset(name for name, (_, buf_dtype) in spec.tensors.items() if buf_dtype is None and dtype == FP8)
         self.buffers = {
-            name: torch.zeros(batch_size, max_len, *shape, dtype=buf_dtype or dtype, device=device)
+            name: torch.zeros(batch_size, max_len, *shape, device=device,
+                              dtype=torch.uint8 if name in self.fp8 else buf_dtype or dtype)
             for name, (shape, buf_dtype) in spec.tensors.items()
         }
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The whole buffer [batch, max_len, ...] as its dtype (fp8 where stored so), for kernels that write or read it."""
+        buffer = self.buffers[name]
+        return buffer.view(FP8) if name in self.fp8 else buffer
 
     def write(self, positions: torch.Tensor, rows: torch.Tensor | None = None, **values: torch.Tensor) -> None:
         """Store values [batch, seq, ...] at positions [batch, seq]; rows: the [batch, 1] arange of the sequences
@@ -50,10 +73,13 @@ class LayerCache:
         if rows is None:
             rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
         for name, value in values.items():
-            self.buffers[name][rows, positions] = value.to(self.buffers[name].dtype)
+            buffer = self.buffers[name]
+            buffer[rows, positions] = (quantize(value, FP8).view(torch.uint8) if name in self.fp8
+                                       else value.to(buffer.dtype))
 
     def read(self, name: str, length: int) -> torch.Tensor:
-        return self.buffers[name][:, :length]
+        """Positions [0, length) of every sequence, a view, as stored (fp8 in an fp8 cache: widen with `.to`)."""
+        return self.tensor(name)[:, :length]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers.values())
@@ -246,6 +272,7 @@ class KVCache:
     def __init__(self, specs: list[CacheSpec], batch_size: int, max_len: int,
                  dtype=torch.float32, device=None):
         self.batch_size, self.max_len = batch_size, max_len
+        self.dtype = dtype  # of the layers' tensors a spec does not type; FP8: an fp8 cache (above)
         self.layers = [LayerCache(spec, batch_size, max_len, dtype, device) for spec in specs]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         # One int32 per position, shared by all layers: the gates are recomputed from it.

@@ -334,7 +334,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             return None
         from egmla.kernels.latent_append import AppendedStats
 
-        latent = cache.buffers["latent"]
+        latent = cache.tensor("latent")
         table, table_rows = self.kernel_gates(latent).kernel_rows(ctx.token_ids, latent.dtype)
         return AppendedStats(table_rows, table, self.wkv_b.weight, self.n_heads,
                              self.gate_op, self.norm_kind, self.gate_norm.eps, cache.buffers["ln_stats"],

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from egmla.attention.cache import CacheSpec, LayerCache
+from egmla.attention.cache import FP8, CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run
 from egmla.attention.paths import DecodePath, path_table
 from egmla.attention.precomputed import ReadsWeights, derived, sources_key
@@ -72,7 +72,10 @@ class GroupedQueryAttention(ReadsWeights):
                                                      is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
                 return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
         k, v = cache.read("k", ctx.kv_len), cache.read("v", ctx.kv_len)
-        if self.decode_path == "kernel" and decode_kernel_can_run(q, k, ctx, "MHA/GQA"):
+        kernel = self.decode_path == "kernel" and decode_kernel_can_run(q, k, ctx, "MHA/GQA")
+        if k.dtype == FP8 and not kernel:  # an fp8 cache: the kernel widens it as it reads, the rest reads it widened
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if kernel:
             from egmla.kernels.gqa_decode import gqa_decode
 
             out = gqa_decode(q[:, 0], k, v, ctx.seen_lengths(), self.head_dim ** -0.5)
@@ -97,7 +100,7 @@ class GroupedQueryAttention(ReadsWeights):
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
-        kv_append(q, k, v, ctx.cos, ctx.sin, ctx.positions, cache.buffers["k"], cache.buffers["v"])
+        kv_append(q, k, v, ctx.cos, ctx.sin, ctx.positions, cache.tensor("k"), cache.tensor("v"))
         return q
 
     def input_weight(self) -> torch.Tensor:

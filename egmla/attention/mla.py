@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from egmla.attention.cache import CacheSpec, LayerCache
+from egmla.attention.cache import FP8, CacheSpec, LayerCache
 from egmla.attention.context import AttnContext, decode_kernel_can_run, masked_softmax_attention
 from egmla.attention.norms import RMSNorm
 from egmla.attention.paths import DecodePath, path_table
@@ -172,6 +172,8 @@ class MultiHeadLatentAttention(ReadsWeights):
                 return self.wo(self.attend_causal(self.query(x, ctx), latent, k_pe, ctx.token_ids).flatten(2))
         # the append returned the context the decode paths read (EG-MLA's holds this layer's cached (mu, rho))
         latent, k_pe = cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len)
+        if latent.dtype == FP8 and not (self.decode_path == "kernel" and decode_kernel_can_run(x, latent, ctx, "MLA")):
+            latent, k_pe = latent.to(x.dtype), k_pe.to(x.dtype)  # an fp8 cache: only the Triton kernel reads it as is
         if self.reads_folded_weights():
             return self.forward_folded(x, latent, k_pe, ctx, q_projected, q_rotated)
         q_nope, q_pe = self.query(x, ctx, q_projected, q_rotated).split([self.qk_nope_head_dim, self.qk_rope_head_dim],
@@ -243,7 +245,7 @@ class MultiHeadLatentAttention(ReadsWeights):
         projected = self.wkv_a(x) if projected is None else projected
         norm = self.kv_norm
         return latent_append(projected, norm.weight, norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps,
-                             ctx.cos, ctx.sin, ctx.positions, cache.buffers["latent"], cache.buffers["k_rope"],
+                             ctx.cos, ctx.sin, ctx.positions, cache.tensor("latent"), cache.tensor("k_rope"),
                              keep_latent=keep_latent, stats=stats, q_rope=q_rope)
 
     def attend_naive(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:

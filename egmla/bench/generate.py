@@ -66,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run each variant at the largest batch whose cache fits GB (decimal) at --context")
     parser.add_argument("--context", type=int, help="with --fill-memory: positions per sequence (prompt + new tokens)")
     parser.add_argument("--offload-gate-tables", action="store_true", help="EG-MLA rows: gate tables in host memory")
+    parser.add_argument("--cache-dtypes", default="auto", metavar="LIST",
+                        help="comma-separated KV cache dtypes to run each configuration with: auto (the model's) and "
+                             "fp8 (float8_e4m3fn, MHA, GQA and MLA: EG-MLA variants skip it); with --fill-memory each "
+                             "fills the memory at its own bytes per token (default: auto)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto = bf16 on CUDA, fp32 on CPU")
@@ -193,7 +197,7 @@ def main(args) -> int:
     from egmla.bench.ab import code_identity
     from egmla.config import preset
     from egmla.configfile import int_list, model_overrides
-    from egmla.infer.cli import resolve_device_dtype
+    from egmla.infer.cli import cache_dtype_of, resolve_device_dtype
     from egmla.runs import atomic_write_json
     from egmla.variants import select, variant_config
 
@@ -211,6 +215,9 @@ def main(args) -> int:
         return report(args.report, args.markdown, args.plot)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     batch_sizes = int_list(args.batch_sizes, "--batch-sizes", example="1,32,128")
+    cache_dtypes = [name.strip() for name in args.cache_dtypes.split(",")]
+    for name in cache_dtypes:
+        cache_dtype_of(name)  # a typo is refused before any model is built
     if min(batch_sizes) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1:
         raise ValueError("--batch-sizes, --prompt-len, --repeats must be >= 1 and --new-tokens >= 2")
     if (args.fill_memory is None) != (args.context is None):
@@ -279,14 +286,21 @@ def main(args) -> int:
         else:
             wanted = decode_paths(config) if args.paths == "all" else [p for p in args.paths.split(",")
                                                                        if p in decode_paths(config)]
-        for path in wanted:
+        for path, cache_name in ((p, c) for p in wanted for c in cache_dtypes):
+            cache_dtype = cache_dtype_of(cache_name)
+            if cache_dtype is not None and config.attention == "eg-mla":
+                print(f"{config.variant_name()}: no fp8 cache for EG-MLA (its decode kernels read the model's dtype): "
+                      f"skipped")
+                continue
             layout = fastest_decode_path(config, device) if path == "auto" else path
-            sizes = [fill_batch(config, layout, args.fill_memory, args.context, dtype)] if args.fill_memory else batch_sizes
+            sizes = ([fill_batch(config, layout, args.fill_memory, args.context, cache_dtype or dtype)]
+                     if args.fill_memory else batch_sizes)
             for batch in sizes:
-                engine = _engine(model, config, path, args)
+                engine = _engine(model, config, path, args, cache_dtype)
                 prompts = [distinct[i % len(distinct)] for i in range(batch)]
                 row = {"model": "egmla", "variant": config.variant_name(), "decode_path": path, "batch": batch,
-                       "offloaded_gate_tables": engine.offload is not None}
+                       "offloaded_gate_tables": engine.offload is not None,
+                       **({"cache_dtype": cache_name} if cache_dtype is not None else {})}
                 record(row, lambda: {**bench_one(engine, prompts, args.new_tokens, args.repeats, device),
                                      **(profile_step(engine) if args.profile else {}),
                                      **({"decode_path": f"auto ({engine.decode_path})"} if path == "auto" else {})})
@@ -328,12 +342,12 @@ def _random_model(config, device, dtype):
         return Transformer(config).to(dtype)
 
 
-def _engine(model, config, path: str, args):
+def _engine(model, config, path: str, args, cache_dtype=None):
     from egmla.infer.engine import GenerationEngine
     from egmla.infer.offload import offloadable
 
     offload = args.offload_gate_tables and config.is_gated and offloadable(config, path)
-    return GenerationEngine(model, decode_path=path, offload_gate_tables=offload,
+    return GenerationEngine(model, decode_path=path, offload_gate_tables=offload, cache_dtype=cache_dtype,
                             cuda_graphs=False if args.eager else None, overlap_host=not args.no_overlap)
 
 
@@ -506,6 +520,7 @@ def markdown(meta: dict) -> str:
         ratio = f"{r['decode_tokens_per_s'] / anchor:.2f}" if anchor else "-"
         graphs = " (eager)" if r.get("cuda_graphs") is False and meta["device"] != "cpu" else ""
         graphs += ", gate tables offloaded" if r.get("offloaded_gate_tables") else ""
+        graphs += f", {r['cache_dtype']} cache" if r.get("cache_dtype") else ""
         lines.append(f"| {r['model']} | {r['variant']} | {r['decode_path']}{graphs} | {r['batch']} | "
                      f"{r['step_ms_median']:.2f} | {r['decode_tokens_per_s']:,.0f} | {ratio} | {r['prefill_ms']:.0f} |"
                      + (f" {run + 1} |" if several else ""))

@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda if available")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights and cache dtype; auto = bf16 on CUDA, fp32 on CPU")
+    add_cache_dtype_option(parser)
     parser.add_argument("--json", action="store_true", help="print results as JSON at the end instead of streaming")
     parser.add_argument("--logprobs", type=int, metavar="N",
                         help="also print each generated token's log-probability and the N most likely tokens at its "
@@ -131,6 +132,25 @@ def find_eos(tokenizer, meta: dict, requested: str | None) -> int | None:
     return None
 
 
+CACHE_DTYPES = ("auto", "fp8")
+
+
+def add_cache_dtype_option(parser) -> None:
+    parser.add_argument("--cache-dtype", default="auto", choices=CACHE_DTYPES,
+                        help="the KV cache's dtype: auto = the model's (--dtype); fp8 = float8_e4m3fn, half of bf16's "
+                             "bytes, each cached value saturated at +-448 and rounded once when written (MHA, GQA "
+                             "and MLA; the Triton decode kernels read it as stored: docs/inference.md#an-fp8-kv-cache)")
+
+
+def cache_dtype_of(name: str):
+    """--cache-dtype's value as GenerationEngine's cache_dtype: None (the model's) or torch.float8_e4m3fn."""
+    import torch
+
+    if name not in CACHE_DTYPES:
+        raise ValueError(f"--cache-dtype {name!r}: choose one of {', '.join(CACHE_DTYPES)}")
+    return torch.float8_e4m3fn if name == "fp8" else None
+
+
 def resolve_device_dtype(device: str, dtype: str):
     import torch
 
@@ -177,7 +197,7 @@ def generate(args) -> int:
     model, meta = load_model(args.run, device=device, dtype=dtype, checkpoint=args.checkpoint)
     tokenizer = load_tokenizer(args.run)
     check_prompts(labelled, tokenizer, model.config.max_seq_len)
-    engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path,
+    engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path, cache_dtype=cache_dtype_of(args.cache_dtype),
                               offload_gate_tables=args.offload_gate_tables, cuda_graphs=False if args.eager else None,
                               overlap_host=not args.no_overlap)
     eos = None if args.ignore_eos else find_eos(tokenizer, meta, args.eos_token)

@@ -93,7 +93,7 @@ def decode_workspace_bytes(config: ModelConfig, decode_path: str, context: int, 
 def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "bf16",
              reserve_gb: float = 0.0, precomputed_gate_table: bool = False, decode_path: str | None = None,
              distinct_ids: int | None = None, cache_layout: str | None = None, merged_products: bool = True,
-             resident_ids: int | None = None) -> dict:
+             resident_ids: int | None = None, cache_dtype: str = "auto") -> dict:
     """One variant's plan: bytes per part and the sequences that fit with gate tables on GPU / offloaded, and
     with the decode step's working memory counted too (`decode_workspace_bytes`).
 
@@ -105,14 +105,18 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
     also store LayerNorm statistics), else of the variant's default path. "auto": the path `egmla generate`
     takes on a GPU at the batch that fits (`cuda_decode_path`: EG-MLA's 'grouped', with its working memory,
     where its batch x context reaches GROUPED_MIN_POSITIONS). cache_layout: the path whose cache layout is
-    allocated, if not `decode_path`'s (under "auto" EG-MLA's cache has the grouped layout on either path)."""
+    allocated, if not `decode_path`'s (under "auto" EG-MLA's cache has the grouped layout on either path).
+    cache_dtype "fp8": an fp8 cache (torch.float8_e4m3fn) for the variants that take one (MHA, GQA, MLA); EG-MLA's
+    rows keep `dtype` (its row's cache_dtype says which)."""
     if decode_path == "auto":
         return auto_plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, distinct_ids,
-                             merged_products, resident_ids)
+                             merged_products, resident_ids, cache_dtype)
     torch_dtype = DTYPES[dtype]
     item = torch.tensor([], dtype=torch_dtype).element_size()
     path = decode_path if decode_path in decode_paths(config) else decode_paths(config)[0]
-    cache_per_token, _ = measured_cache_bytes_per_token(config, torch_dtype, cache_layout or path)
+    fp8 = cache_dtype == "fp8" and config.attention != "eg-mla"
+    cache_per_token, _ = measured_cache_bytes_per_token(config, torch.float8_e4m3fn if fp8 else torch_dtype,
+                                                        cache_layout or path)
     derived = derived_weight_params(config, path, merged_products) * item
     weights = count_params(config, include_gate_tables=False) * item + derived
     tables = gate_table_params(config, precomputed_gate_table, path) * item
@@ -146,6 +150,7 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
         "variant": config.variant_name(),
         "attention": config.attention,
         "decode_path": path,
+        "cache_dtype": "fp8" if fp8 else dtype,
         "cache_bytes_per_token": cache_per_token,
         "cache_bytes_per_sequence": per_sequence,
         "weight_bytes": weights,
@@ -161,11 +166,12 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
 
 def auto_plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str, reserve_gb: float,
                   precomputed_gate_table: bool, distinct_ids: int | None, merged_products: bool = True,
-                  resident_ids: int | None = None) -> dict:
+                  resident_ids: int | None = None, cache_dtype: str = "auto") -> dict:
     """plan_row for the path generation picks on a GPU by itself: 'grouped' where the batch that fits with its
     working memory reaches GROUPED_MIN_POSITIONS, else the CUDA default at a batch below that threshold."""
     args = (context, memory_gb, dtype, reserve_gb, precomputed_gate_table)
-    options = dict(distinct_ids=distinct_ids, merged_products=merged_products, resident_ids=resident_ids)
+    options = dict(distinct_ids=distinct_ids, merged_products=merged_products, resident_ids=resident_ids,
+                   cache_dtype=cache_dtype)
     if "grouped" not in decode_paths(config):
         return plan_row(config, *args, decode_path=cuda_decode_path(config), **options)
     # the engine's cache has the grouped layout on either path (GenerationEngine.share_cache_across_paths)
@@ -182,7 +188,7 @@ def auto_plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: st
 def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "bf16", reserve_gb: float = 0.0,
               precomputed_gate_table: bool = False, decode_path: str | None = None,
               distinct_ids: int | None = None, merged_products: bool = True,
-              resident_ids: int | None = None) -> list[dict]:
+              resident_ids: int | None = None, cache_dtype: str = "auto") -> list[dict]:
     """The model `base` and the same shape under every other variant (egmla.accounting.variant_configs),
     with ratios of sequences against MHA and MLA kv256."""
     if context <= 0 or not 0 < memory_gb < math.inf:
@@ -196,13 +202,15 @@ def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "b
                          f"sequence together, whose gate rows an offload keeps on the device)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    if cache_dtype not in ("auto", "fp8"):
+        raise ValueError(f"cache_dtype={cache_dtype!r}: choose auto (the cache in dtype) or fp8")
     known = sorted({path for config in variant_configs(base) for path in decode_paths(config)} | {"auto"})
     if decode_path is not None and decode_path not in known:
         raise ValueError(f"decode_path={decode_path!r}: no variant has it; choose one of {', '.join(known)}")
     rows = []
     for config in variant_configs(base):
         row = plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, decode_path, distinct_ids,
-                       merged_products=merged_products, resident_ids=resident_ids)
+                       merged_products=merged_products, resident_ids=resident_ids, cache_dtype=cache_dtype)
         row["is_model"] = config.to_dict() == base.to_dict()
         rows.append(row)
     for key, reference in (("vs_mha", "MHA"), ("vs_mla_kv256", "MLA kv256")):
@@ -254,7 +262,7 @@ def format_plan(rows: list[dict], title: str) -> str:
 def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype: torch.dtype, decode_path: str,
                       prefill_tokens: int, memory_fraction: float = 0.9, limit: int | None = None,
                       prefill_steps: bool = False, graph_logits_rows: Callable[[int], int] | None = None,
-                      gate_row_bytes: int = 0) -> dict:
+                      gate_row_bytes: int = 0, cache_dtype: torch.dtype | None = None) -> dict:
     """`egmla serve --max-batch auto`: the most cache rows of `max_len` positions that fit in `memory_fraction` of
     `free_bytes` (the device's free memory measured after the weights are loaded), less the activations of a
     prefill forward of `prefill_tokens` tokens (its hidden states, attention inputs and FFN, twice over for
@@ -268,6 +276,7 @@ def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype:
     rows are the most whose cache and kept logits fit. gate_row_bytes: the gate tables are offloaded (the engine's
     offload), each resident id's rows take that many bytes; the offload's row cache is reserved at its bound for
     that many rows (`gate_row_cache_bytes` of every position's id distinct: for long rows, the tables' own size).
+    cache_dtype: the cache's, where not `dtype` (torch.float8_e4m3fn: an fp8 cache).
     Returns the rows and the figures behind them; raises ValueError where not even one row fits."""
     from egmla.infer.prefill_step import PREFILL_GRAPH_TOKENS
     from egmla.infer.scheduler import PROMPT_LOGPROBS_CHUNK
@@ -278,7 +287,7 @@ def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype:
     paths = decode_paths(config)
     grouped_possible = "grouped" in paths and decode_path in ("auto", "grouped")
     layout = "grouped" if grouped_possible else (cuda_decode_path(config) if decode_path == "auto" else decode_path)
-    per_token, _ = measured_cache_bytes_per_token(config, dtype, layout)
+    per_token, _ = measured_cache_bytes_per_token(config, cache_dtype or dtype, layout)
     workspace = decode_workspace_bytes(config, "grouped", max_len, item) if grouped_possible else 0
     per_row = per_token * max_len + workspace
     heads = (config.n_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)

@@ -17,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device memory available for weights + gate tables + cache, in GB (1e9 bytes)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                         help="dtype of weights and cache")
+    parser.add_argument("--cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="auto: the cache in --dtype; fp8: an fp8 KV cache (float8_e4m3fn, 1 byte per element) "
+                             "for MHA, GQA and MLA, whose rows then hold twice as many bf16 sequences' worth; EG-MLA "
+                             "rows keep --dtype")
     parser.add_argument("--reserve-gb", type=float, default=0.0,
                         help="memory to set aside for activations, workspace and allocator slack")
     parser.add_argument("--gate-table", action="store_true",
@@ -85,10 +89,10 @@ def main(args) -> int:
         base, source = preset(args.preset, **model_overrides(args.overrides)), f"preset {args.preset}"
     rows = plan_rows(base, args.context, args.memory_gb, args.dtype, args.reserve_gb, args.gate_table,
                      args.decode_path, args.distinct_ids, merged_products=args.merged_products,
-                     resident_ids=args.resident_ids)
+                     resident_ids=args.resident_ids, cache_dtype=args.cache_dtype)
     if args.json:
         print(json.dumps({"source": source, "context": args.context, "memory_gb": args.memory_gb,
-                          "dtype": args.dtype, "reserve_gb": args.reserve_gb, "gate_table_path": args.gate_table,
+                          "dtype": args.dtype, "cache_dtype": args.cache_dtype, "reserve_gb": args.reserve_gb, "gate_table_path": args.gate_table,
                           "decode_path": args.decode_path, "distinct_ids": args.distinct_ids,
                           "resident_ids": args.resident_ids,
                           "merged_products": args.merged_products, "rows": rows}, indent=2))
@@ -97,6 +101,7 @@ def main(args) -> int:
         return 0
     title = (f"Memory plan: {source} ({base.n_layers} layers, d_model {base.d_model}, vocab {base.vocab_size}), "
              f"{args.context} tokens per sequence, {args.memory_gb:g} GB, {args.dtype}"
+             + (", fp8 cache for MHA, GQA and MLA" if args.cache_dtype == "fp8" else "")
              + (", EG-MLA gate-table path" if args.gate_table else ""))
     print(format_plan(rows, title))
     if args.context > base.max_seq_len:

@@ -1,6 +1,8 @@
 """`egmla serve`: an OpenAI-compatible HTTP server with continuous batching over a run (egmla/infer/server.py)."""
 import argparse
 
+from egmla.infer.cli import add_cache_dtype_option
+
 # the prefill graphs captured at start: fresh prompts of up to this many tokens (--capture-prefill-tokens)
 CAPTURE_PREFILL_TOKENS = 256
 
@@ -69,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda if available")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights and cache dtype; auto = bf16 on CUDA, fp32 on CPU")
+    add_cache_dtype_option(parser)
     parser.add_argument("--eos-token",
                         help="end-of-text token where completions stop unless a request asks ignore_eos (default: "
                              "found in the tokenizer, e.g. <|endoftext|>)")
@@ -99,7 +102,7 @@ def main(args) -> int:
     from pathlib import Path
 
     from egmla.infer.chat import check_template_option, load_chat_template
-    from egmla.infer.cli import find_eos, resolve_device_dtype
+    from egmla.infer.cli import cache_dtype_of, find_eos, resolve_device_dtype
     from egmla.infer.engine import GenerationEngine
     from egmla.infer.scheduler import Scheduler
     from egmla.infer.server import make_server, serve
@@ -115,7 +118,7 @@ def main(args) -> int:
     model, meta = load_model(args.run, device=device, dtype=dtype, checkpoint=args.checkpoint)
     tokenizer = load_tokenizer(args.run)
     engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path, cuda_graphs=False if args.eager else None,
-                              offload_gate_tables=args.offload_gate_tables)
+                              offload_gate_tables=args.offload_gate_tables, cache_dtype=cache_dtype_of(args.cache_dtype))
     max_batch = _max_batch(args, engine)
     scheduler = Scheduler(engine, max_batch=max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
                           seed=args.seed, prefill_chunk=args.prefill_chunk, prefix_cache_min=args.prefix_cache_min,
@@ -168,6 +171,7 @@ def _max_batch(args, engine) -> int:
     chunk = args.prefill_chunk or engine.prefill_token_budget
     plan = serving_max_batch(config, max_len, free, engine.model.tok_embeddings.weight.dtype, engine.decode_path,
                              chunk, args.memory_fraction, limit=MAX_GRAPH_BATCH, prefill_steps=engine.prefill_graphs,
+                             cache_dtype=engine.cache_dtype,
                              graph_logits_rows=lambda rows: graph_logits_rows(engine, rows, max_len, chunk,
                                                                               args.capture_prefill_tokens),
                              gate_row_bytes=engine.offload.bytes_per_id() if engine.offload is not None else 0)

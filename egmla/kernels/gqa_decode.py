@@ -55,8 +55,9 @@ def _gqa_decode_kernel(
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < end
         tile_mask = t_mask[:, None] & d_mask[None, :]
-        k_tile = tl.load(k_base + offs_t[:, None] * stride_kt + offs_d[None, :], mask=tile_mask, other=0.0)
-        v_tile = tl.load(v_base + offs_t[:, None] * stride_vt + offs_d[None, :], mask=tile_mask, other=0.0)
+        # .to: an fp8 cache is widened to the query's dtype as it is read (a no-op for a cache of that dtype)
+        k_tile = tl.load(k_base + offs_t[:, None] * stride_kt + offs_d[None, :], mask=tile_mask, other=0.0).to(q.dtype)
+        v_tile = tl.load(v_base + offs_t[:, None] * stride_vt + offs_d[None, :], mask=tile_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k_tile), input_precision=DOT_PRECISION)
         s = tl.where(t_mask[None, :], s * qk_scale, float("-inf"))  # log2 domain: exp2 below
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -85,8 +86,9 @@ BLOCK_TS = [64, 32, 16]
 def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,
                num_splits: int | None = None, block_t: int | None = None, num_warps: int = 4, num_stages: int = 2,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """o [batch, heads, head_dim] (dtype of k) for q [batch, heads, head_dim] and the cache k, v
-    [batch, T, kv_heads, head_dim] (contiguous last dim; may be views of a longer buffer), lengths [batch]:
+    """o [batch, heads, head_dim] (dtype of q) for q [batch, heads, head_dim] and the cache k, v
+    [batch, T, kv_heads, head_dim] (contiguous last dim; may be views of a longer buffer; float8_e4m3fn for an fp8
+    cache, widened to q's dtype as it is read), lengths [batch]:
     query head h reads KV head h // (heads // kv_heads), positions [0, min(lengths[b], T)).
     Same function as `gqa_decode_ref`; `out`, if given, receives the result."""
     batch, heads, head_dim = q.shape
@@ -100,7 +102,7 @@ def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch
         raise ValueError(f"lengths: shape {tuple(lengths.shape)}, dtype {lengths.dtype}: expected int32/int64 [{batch}]")
     q = rows(q)
     group = heads // kv_heads
-    out = _output(out, (batch, heads, head_dim), k)
+    out = _output(out, (batch, heads, head_dim), q)
 
     def launch(tile):
         splits = num_splits or choose_num_splits(batch * kv_heads, 1, max_len, tile, k.device)
@@ -110,7 +112,7 @@ def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), max_len, splits, scale * LOG2E,
             N_HEADS=heads, N_KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block(group),
-            BLOCK_D=block(head_dim), BLOCK_T=tile, DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
+            BLOCK_D=block(head_dim), BLOCK_T=tile, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             ONE_SPLIT=splits == 1, num_warps=num_warps, num_stages=num_stages, **launch_flags(k.device))
         if splits > 1:
             combine_splits(part_acc, part_ml, out)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from egmla.kernels import block
+from egmla.kernels.fp8 import stored
 from egmla.kernels.rope import rotate, rotate_heads
 
 
@@ -44,7 +45,7 @@ def _kv_append_kernel(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, pos_ptr, k_
     v = tl.load(v_new_ptr + batch * stride_mb + s * stride_ms + heads[:, None] * stride_mh + offs_d[None, :],
                 mask=v_mask, other=0.0)
     tl.store(v_ptr + batch * stride_vb + position * stride_vt + heads[:, None] * stride_vh + offs_d[None, :],
-             v.to(v_ptr.dtype.element_ty), mask=v_mask)
+             stored(v.to(tl.float32), v_ptr), mask=v_mask)  # v_ptr may be an fp8 cache
 
 
 def kv_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from egmla.kernels import block
+from egmla.kernels.fp8 import stored
 from egmla.kernels.rope import rotate, rotate_heads
 
 
@@ -41,7 +42,7 @@ def _write_row(proj, normed, cos_row, sin_row, latent_row, k_rope_row, out_row, 
                HALF: tl.constexpr, BLOCK_H: tl.constexpr, HAS_OUT: tl.constexpr):
     """One new position's cache rows: the normed latent into latent_row (and out_row), its RoPE key rotated into
     k_rope_row."""
-    tl.store(latent_row + offs_c, normed.to(latent_row.dtype.element_ty), mask=c_mask)
+    tl.store(latent_row + offs_c, stored(normed, latent_row), mask=c_mask)  # latent_row may be an fp8 cache
     if HAS_OUT:  # the new latents themselves, for a caller that derives more from them (EG-MLA's norm statistics)
         tl.store(out_row + offs_c, normed.to(out_row.dtype.element_ty), mask=c_mask)
     offs_h = tl.arange(0, BLOCK_H)
@@ -98,7 +99,7 @@ def _latent_append_stats_kernel(proj_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, late
         _write_row(proj, c, cos_ptr + batch * stride_cb, sin_ptr + batch * stride_cb, latent_row,
                    k_rope_ptr + batch * stride_kb + position * stride_kt, latent_row, offs_c, c_mask, D_C, HALF,
                    BLOCK_H, False)
-    c = c.to(latent_ptr.dtype.element_ty).to(tl.float32)  # as the cache holds it, which the decode kernels read
+    c = stored(c, latent_ptr).to(tl.float32)  # as the cache holds it, which the decode kernels read
     if HAS_Q:  # the query's RoPE slice of this head (one launch fewer per layer)
         rotate_heads(q_ptr + batch * stride_rb, stride_rh, cos_ptr + batch * stride_cb, sin_ptr + batch * stride_cb,
                       head, 1, N_HEADS, HALF, BLOCK_H)

@@ -58,10 +58,11 @@ def _mla_decode_kernel(
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < end
+        # .to: an fp8 cache is widened to the query's dtype as it is read (a no-op for a cache of that dtype)
         c_tile = tl.load(latent_base + offs_t[:, None] * stride_lt + offs_c[None, :],
-                         mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+                         mask=t_mask[:, None] & c_mask[None, :], other=0.0).to(q.dtype)
         r_tile = tl.load(k_rope_base + offs_t[:, None] * stride_kt + offs_r[None, :],
-                         mask=t_mask[:, None] & r_mask[None, :], other=0.0)
+                         mask=t_mask[:, None] & r_mask[None, :], other=0.0).to(q_pe.dtype)
         s = tl.dot(q, tl.trans(c_tile), input_precision=DOT_PRECISION)
         s += tl.dot(q_pe, tl.trans(r_tile), input_precision=DOT_PRECISION)
         s = tl.where(t_mask[None, :], s * qk_scale, float("-inf"))  # log2 domain: exp2 below
@@ -119,8 +120,9 @@ BLOCK_TS = [64, 32, 16]
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                lengths: torch.Tensor, scale: float, num_splits: int | None = None, block_t: int | None = None,
                num_warps: int = 4, num_stages: int = 3, out: torch.Tensor | None = None) -> torch.Tensor:
-    """o_latent [batch, heads, d_c] (dtype of latent) for q_latent [batch, heads, d_c], q_pe [batch, heads, d_r],
-    latent [batch, T, d_c], k_rope [batch, T, d_r], lengths [batch] (positions read: [0, min(len, T))).
+    """o_latent [batch, heads, d_c] (dtype of q_latent) for q_latent [batch, heads, d_c], q_pe [batch, heads, d_r],
+    latent [batch, T, d_c], k_rope [batch, T, d_r], lengths [batch] (positions read: [0, min(len, T))). The cache may
+    be float8_e4m3fn (an fp8 KV cache, egmla.attention.cache): each tile is widened to the query's dtype as it is read.
 
     Same function as `mla_decode_ref`; the cache tensors may be views of a longer buffer. `out`, if given,
     receives the result (tests poison it to check that every element is written)."""
@@ -128,7 +130,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                                                  {"latent": latent, "k_rope": k_rope}, lengths)
     q_latent, q_pe = rows(q_latent), rows(q_pe)
     d_c, d_r = latent.shape[-1], k_rope.shape[-1]
-    out = _output(out, (batch, heads, d_c), latent)
+    out = _output(out, (batch, heads, d_c), q_latent)
 
     def launch(tile):
         splits = num_splits or choose_num_splits(batch, 1, max_len, tile, latent.device)
@@ -139,7 +141,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
             latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
             out.stride(0), out.stride(1), max_len, splits, scale * LOG2E,
             N_HEADS=heads, D_C=d_c, D_R=d_r, BLOCK_H=block(heads), BLOCK_C=block(d_c), BLOCK_R=block(d_r),
-            BLOCK_T=tile, DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
+            BLOCK_T=tile, DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
             ONE_SPLIT=splits == 1, num_warps=num_warps, num_stages=num_stages, **launch_flags(latent.device))
         if splits > 1:
             combine_splits(part_acc, part_ml, out)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from egmla.kernels import block
+from egmla.kernels.fp8 import stored
 
 
 @triton.jit
@@ -43,9 +44,8 @@ def rotate(src, dst, mask, cos, sin, HALF: tl.constexpr):
     read before either is written); cos / sin broadcast against the offsets."""
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    dtype = dst.dtype.element_ty
-    tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+    tl.store(dst, stored(x1 * cos - x2 * sin, dst), mask=mask)  # dst may be an fp8 cache
+    tl.store(dst + HALF, stored(x2 * cos + x1 * sin, dst), mask=mask)
 
 
 @triton.jit

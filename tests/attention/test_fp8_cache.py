@@ -1,0 +1,132 @@
+"""An fp8 KV cache (dtype torch.float8_e4m3fn, egmla/attention/cache.py): what it stores (saturated at +-448, rounded
+once), every row operation keeping it, the model's decode paths reading the same stored values (so they agree with
+each other as they do on a bf16 cache), its distance from an unquantized cache, and a clear refusal for EG-MLA."""
+import pytest
+import torch
+
+from egmla.attention import allocate_cache
+from egmla.attention.cache import FP8, quantize
+from egmla.model import Transformer
+from tests.conftest import perturbed, small_config
+
+MLA = dict(attention="mla")
+MHA = dict(attention="mha")
+GQA = dict(attention="gqa", n_kv_heads=2)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_quantize_saturates_then_rounds():
+    x = torch.tensor([1000.0, -1e9, 448.0, 0.3, -0.0, 1e-4, float("inf")])
+    q = quantize(x, FP8)
+    assert q.dtype == FP8
+    assert q.float()[:3].tolist() == [448.0, -448.0, 448.0]  # no NaN: e4m3fn has no infinity to overflow into
+    assert q.float()[3].item() == torch.tensor(0.3).to(FP8).float().item()
+    assert q.float()[6].item() == 448.0
+    assert torch.equal(quantize(x[:4], torch.bfloat16), x[:4].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("kind", [MLA, GQA])
+def test_fp8_cache_stores_one_byte_and_every_row_operation_keeps_it(kind):
+    config = small_config(**kind)
+    cache = allocate_cache(config, 4, 12, dtype=FP8)
+    bf16 = allocate_cache(config, 4, 12, dtype=torch.bfloat16)
+    assert cache.nbytes() * 2 == bf16.nbytes()
+    layer = cache.layers[0]
+    names = list(layer.buffers)
+    values = {name: 30 * torch.randn(4, 5, *layer.buffers[name].shape[2:]) for name in names}
+    values[names[0]][0, 0].fill_(1e6)  # saturates
+    positions = torch.arange(5).expand(4, 5)
+    layer.write(positions, **values)
+    cache.advance(torch.full((4,), 5))
+    for name in names:
+        stored = layer.read(name, 5)
+        assert stored.dtype == FP8 and layer.tensor(name).shape[:2] == (4, 12)
+        assert torch.equal(stored.float(), quantize(values[name], FP8).float())
+    assert layer.read(names[0], 5)[0, 0].float().eq(448).all()
+
+    def row(c, b):
+        return [c.layers[0].read(name, 5)[b].float() for name in names]
+
+    expected = [row(cache, b) for b in range(4)]
+    cache.copy_rows(torch.tensor([3]), torch.tensor([1]))
+    assert all(torch.equal(a, b) for a, b in zip(row(cache, 1), expected[3]))
+    cache.select_rows(torch.tensor([2, 0, 3]))
+    assert all(torch.equal(a, b) for a, b in zip(row(cache, 0), expected[2]))
+    cache.grow(20)
+    assert cache.layers[0].tensor(names[0]).shape[1] == 20 and cache.layers[0].tensor(names[0]).dtype == FP8
+    cache.compact(torch.tensor([2, 1]))
+    assert all(torch.equal(a, b) for a, b in zip(row(cache, 0), expected[3]))
+    view = cache.rows(1, 2)
+    assert all(torch.equal(a, b) for a, b in zip(row(view, 0), expected[0]))
+    cache.copy_prefix(0, 1, 3)
+    assert torch.equal(cache.layers[0].read(names[0], 3)[1].float(), expected[3][0][:3])
+    target = allocate_cache(config, 3, 12, dtype=FP8)
+    target.take_rows(cache, 1, 2, 5)
+    assert all(torch.equal(a, b) for a, b in zip(row(target, 1), row(cache, 0)))
+    cache.reset_rows_at(torch.tensor([0]))
+    assert cache.lengths.tolist() == [0, 3]
+
+
+def decode_logits(model, tokens, prompt, path, dtype):
+    """Prefill `prompt` tokens, then decode the rest one token at a time: the logits of every decoded position."""
+    model.set_decode_path(path)
+    cache = model.new_cache(tokens.shape[0], max_len=tokens.shape[1] + 2, dtype=dtype)
+    model(tokens[:, :prompt], cache)
+    steps = [model(tokens[:, t:t + 1], cache)[:, 0] for t in range(prompt, tokens.shape[1])]
+    return torch.stack(steps, 1)
+
+
+@pytest.mark.parametrize("kind", [MLA, MHA, GQA, dict(attention="mla", q_lora_rank=24)])
+def test_every_decode_path_reads_the_same_fp8_values(kind, monkeypatch):
+    """Naive, absorbed and the Triton kernel (in the interpreter on a CPU, as `make test` runs it) read one stored
+    fp8 cache: they agree as closely as on an fp32 cache, and the fp8 cache stays close to the fp32 one. The kernel
+    is handed the fp8 cache itself, not a widened copy."""
+    from egmla.kernels import gqa_decode, interpreting, mla_decode
+
+    seen = []
+    for module, name in ((mla_decode, "mla_decode"), (gqa_decode, "gqa_decode")):
+        def spy(*args, _kernel=getattr(module, name), **kwargs):
+            seen.append(args[2].dtype)  # the cache's first tensor (latent, or k)
+            return _kernel(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    config = small_config(**kind)
+    model = perturbed(Transformer(config)).eval()
+    tokens = torch.randint(0, config.vocab_size, (3, 14))
+    with torch.no_grad():
+        paths = model.layers[0].attn.paths
+        exact = decode_logits(model, tokens, 6, next(iter(paths)), torch.float32)
+        fp8 = {path: decode_logits(model, tokens, 6, path, FP8) for path in paths}
+    if interpreting():
+        assert seen and FP8 in seen and set(seen) <= {torch.float32, FP8}
+    naive = fp8[next(iter(paths))]
+    assert naive.isfinite().all()
+    for path, logits in fp8.items():
+        assert rel_err(logits, naive) < 1e-4, path
+    assert 0 < rel_err(naive, exact) < 0.05  # rounded once, at e4m3's 3 mantissa bits
+
+
+def test_eg_mla_refuses_an_fp8_cache_with_the_reason():
+    from egmla.infer import GenerationEngine
+
+    config = small_config()
+    with pytest.raises(ValueError, match="fp8 cache .* MHA, GQA and MLA"):
+        allocate_cache(config, 2, 8, dtype=FP8)
+    with pytest.raises(ValueError, match="cache_dtype=.*fp8 cache is built for MHA, GQA and MLA"):
+        GenerationEngine(Transformer(config), cache_dtype=FP8)
+
+
+def test_generation_with_an_fp8_cache():
+    from egmla.infer import GenerationEngine
+
+    config = small_config(**MLA)
+    model = perturbed(Transformer(config)).eval()
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    engine = GenerationEngine(model, cache_dtype=FP8)
+    results = engine.generate(prompts, max_new_tokens=6)
+    assert [len(r.token_ids) for r in results] == [6, 6]
+    assert engine._cache.dtype == FP8 and engine._cache.layers[0].read("latent", 4).dtype == FP8
+    again = engine.generate(prompts, max_new_tokens=6)  # the kept cache is reused, not rebuilt
+    assert [r.token_ids for r in again] == [r.token_ids for r in results]

@@ -1,0 +1,155 @@
+"""The kernels that write or read an fp8 KV cache (float8_e4m3fn), each against its PyTorch reference: the decode
+kernels read the stored fp8 values widened to the query's dtype (so they equal the reference on those values to the
+query dtype's tolerance), and the append kernels store what `quantize` stores (saturated at +-448, rounded once),
+writing nothing else. The GPU test runs them in bf16 as the model does."""
+import pytest
+import torch
+
+from egmla.attention.cache import FP8, quantize
+from tests.kernels.conftest import kernel_device, needs_cuda, poisoned, rel_err, requires_triton
+
+pytestmark = requires_triton
+
+try:  # the kernel of test_stored_rounds_as_torch_does (a jit function must live at module level)
+    import triton
+    import triton.language as tl
+
+    from egmla.kernels.fp8 import stored
+
+    @triton.jit
+    def _cast_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, stored(tl.load(x_ptr + offs), out_ptr + offs))
+except ImportError:  # no Triton: requires_triton skips every test here
+    _cast_kernel = None
+
+
+def fp8(shape, device, scale=3.0, spare=5):
+    """An fp8 cache tensor [batch, T, ...], a view of a longer buffer as the model passes it."""
+    batch, length, *rest = shape
+    return quantize(scale * torch.randn(batch, length + spare, *rest, device=device), FP8)[:, :length]
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_mla_decode_reads_an_fp8_cache(num_splits):
+    from egmla.kernels.mla_decode import mla_decode
+    from egmla.kernels.mla_decode_ref import mla_decode_ref
+
+    device = kernel_device()
+    dtype, tol = (torch.bfloat16, 1e-2) if device == "cuda" else (torch.float32, 1e-4)
+    q_latent, q_pe = torch.randn(3, 5, 24, device=device).to(dtype), torch.randn(3, 5, 8, device=device).to(dtype)
+    latent, k_rope = fp8((3, 70, 24), device), fp8((3, 70, 8), device)
+    lengths = torch.tensor([1, 70, 33], device=device)
+    out = mla_decode(q_latent, q_pe, latent, k_rope, lengths, scale=0.1, num_splits=num_splits, block_t=16,
+                     out=poisoned((3, 5, 24), dtype, device))
+    ref = mla_decode_ref(q_latent, q_pe, latent, k_rope, lengths, scale=0.1)
+    assert out.dtype == dtype and out.isfinite().all()
+    assert rel_err(out, ref) < tol
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_gqa_decode_reads_an_fp8_cache(heads, kv_heads):
+    from egmla.kernels.gqa_decode import gqa_decode
+    from egmla.kernels.gqa_decode_ref import gqa_decode_ref
+
+    device = kernel_device()
+    dtype, tol = (torch.bfloat16, 1e-2) if device == "cuda" else (torch.float32, 1e-4)
+    q = torch.randn(2, heads, 16, device=device).to(dtype)
+    k, v = fp8((2, 40, kv_heads, 16), device, scale=1.0), fp8((2, 40, kv_heads, 16), device)
+    lengths = torch.tensor([40, 17], device=device)
+    out = gqa_decode(q, k, v, lengths, 0.25, num_splits=3, block_t=16)
+    ref = gqa_decode_ref(q, k, v, lengths, 0.25)
+    assert out.dtype == dtype and out.isfinite().all()
+    assert rel_err(out, ref) < tol
+
+
+def test_stored_rounds_as_torch_does():
+    """`stored` (what the append kernels write) equals torch's clamp-and-cast bit for bit: ties to even, carries into
+    the exponent, subnormals, saturation. (Triton's interpreter gets the first two wrong when left to cast itself.)"""
+    device = kernel_device()
+    x = torch.cat([torch.randn(3000) * 10, torch.randn(1000) * 0.01, torch.randn(1000) * 300, torch.randn(500) * 1e-3,
+                   torch.tensor([1.9866, 100.0, 104.0, 1.0625, -1.9375, 1e6, -1e6, 448.0, 464.0, 2 ** -10, 3 * 2 ** -10,
+                                 1.5 * 2 ** -9, 0.015625 * 1.03125])])
+    x = torch.cat([x, torch.zeros(8192 - len(x))]).to(device)
+    out = torch.empty(8192, dtype=FP8, device=device)
+    _cast_kernel[(1,)](x, out, BLOCK=8192)
+    assert torch.equal(out.float(), quantize(x, FP8).float())
+
+
+def close_in_fp8(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """out (stored fp8) equals ref quantized, but for the elements where ref's fp32 value (computed in another order
+    than the kernel's) sits at an fp8 rounding boundary: those may differ by one fp8 step."""
+    expected = quantize(ref, FP8).float()
+    got = out.float()
+    step = (expected.abs() * 2 ** -3).clamp(min=2 ** -9)  # e4m3: 3 mantissa bits; subnormal step 2^-9
+    return bool(((got - expected).abs() <= step).all()) and (got == expected).float().mean().item() > 0.95
+
+
+def test_latent_append_stores_fp8():
+    from egmla.kernels.latent_append import latent_append
+    from egmla.kernels.latent_append_ref import latent_append_ref
+
+    device = kernel_device()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    batch, seq, d_c, d_r, max_len = 3, 2, 32, 16, 10
+    projected = torch.randn(batch, seq, d_c + d_r, device=device).to(dtype)
+    projected[0, 0, d_c:] *= 1000  # the RoPE key past fp8's range: saturates
+    weight = (1 + 0.3 * torch.randn(d_c, device=device)).to(dtype)
+    angles = torch.rand(max_len, d_r // 2, device=device) * 6.0
+    positions = torch.stack([torch.tensor([1, 2]), torch.tensor([5, 6]), torch.tensor([8, 9])]).to(device)
+    cos, sin = angles.cos()[positions], angles.sin()[positions]
+    latent = poisoned((batch + 1, max_len, d_c), torch.float32, device).to(FP8)[:batch]
+    k_rope = poisoned((batch + 1, max_len, d_r), torch.float32, device).to(FP8)[:batch]
+    ref_latent, ref_k = torch.zeros(latent.shape, device=device), torch.zeros(k_rope.shape, device=device)
+    latent_append(projected, weight, 1e-6, cos, sin, positions, latent, k_rope)
+    latent_append_ref(projected.float(), weight.float(), 1e-6, cos, sin, positions, ref_latent, ref_k)
+    written = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+    written[torch.arange(batch, device=device)[:, None], positions] = True
+    assert latent.float()[~written].isnan().all() and k_rope.float()[~written].isnan().all()
+    assert close_in_fp8(latent[written], ref_latent[written]) and close_in_fp8(k_rope[written], ref_k[written])
+    assert k_rope.float()[0, 1].abs().max().item() == 448.0  # saturated, not NaN
+
+
+def test_kv_append_stores_fp8():
+    from egmla.kernels.kv_append import kv_append
+    from egmla.kernels.kv_append_ref import kv_append_ref
+
+    device = kernel_device()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    batch, seq, heads, kv_heads, dim, max_len = 2, 1, 4, 2, 8, 6
+    q = torch.randn(batch, seq, heads, dim, device=device).to(dtype)
+    k, v = (torch.randn(batch, seq, kv_heads, dim, device=device).to(dtype) for _ in range(2))
+    v[0, 0, 0] *= 1e4  # past fp8's range: saturates
+    angles = torch.rand(max_len, dim // 2, device=device) * 6.0
+    positions = torch.tensor([[2], [5]], device=device)
+    cos, sin = angles.cos()[positions], angles.sin()[positions]
+    k_cache = poisoned((batch, max_len, kv_heads, dim), torch.float32, device).to(FP8)
+    v_cache = poisoned((batch, max_len, kv_heads, dim), torch.float32, device).to(FP8)
+    ref_q = q.clone().float()
+    ref_k_cache, ref_v_cache = (torch.zeros(k_cache.shape, device=device) for _ in range(2))
+    kv_append(q, k, v, cos, sin, positions, k_cache, v_cache)
+    kv_append_ref(ref_q, k.float(), v.float(), cos, sin, positions, ref_k_cache, ref_v_cache)
+    rows = torch.arange(batch, device=device)[:, None]
+    assert close_in_fp8(k_cache[rows, positions], ref_k_cache[rows, positions])
+    assert close_in_fp8(v_cache[rows, positions], ref_v_cache[rows, positions])
+    assert v_cache.float()[0, 2, 0].abs().max().item() == 448.0
+    assert v_cache.float()[0, 3].isnan().all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", [dict(attention="mla"), dict(attention="gqa", n_kv_heads=2)])
+def test_the_model_decodes_from_an_fp8_cache_on_a_gpu(kind):
+    """bf16 model on the GPU, graph-free: the one-launch appends write the fp8 cache and the kernel reads it; the
+    naive path reads the same cache widened. They agree to bf16's tolerance."""
+    from egmla.model import Transformer
+    from tests.attention.test_fp8_cache import decode_logits
+    from tests.conftest import perturbed, small_config
+
+    config = small_config(**kind)
+    model = perturbed(Transformer(config)).to("cuda", torch.bfloat16).eval()
+    tokens = torch.randint(0, config.vocab_size, (3, 14), device="cuda")
+    with torch.no_grad():
+        kernel = decode_logits(model, tokens, 6, "kernel", FP8)
+        naive = decode_logits(model, tokens, 6, "naive", FP8)
+    assert kernel.isfinite().all() and rel_err(kernel, naive) < 2e-2
