@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "those the warm-up run met; a bucket only the measured run meets is captured inside it, "
                              "tens of ms during which every request waits: rows count these as late captures)")
     parser.add_argument("--decode-path", default="auto", help="egmla's decode path (auto = the engine's choice)")
+    parser.add_argument("--cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="egmla's KV cache: auto = the model's dtype; fp8 = float8_e4m3fn (MHA, GQA and MLA; "
+                             "EG-MLA variants are refused), as `egmla serve --cache-dtype fp8`")
     parser.add_argument("--offload-gate-tables", action="store_true",
                         help="EG-MLA rows: gate tables in host memory, the rows of the ids the cache holds on the device "
                              "(as `egmla serve --offload-gate-tables`)")
@@ -84,8 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "each labelled with its multiple of transformers'; matplotlib); with --report too")
     parser.add_argument("--ab", action="append", metavar="LABEL=JSON", default=[],
                         help="nothing measured: the A/B table of result files of code versions, or of one code "
-                             "with and without --stream, --offload-gate-tables, --text or --capture-prefill-tokens "
-                             "(repeat it, e.g. --ab old=a1.json --ab new=b1.json --ab old=a2.json --ab new=b2.json, rounds interleaved): "
+                             "with and without --stream, --offload-gate-tables, --text, --capture-prefill-tokens or "
+                             "--cache-dtype (repeat it, e.g. --ab old=a1.json --ab new=b1.json --ab old=a2.json --ab "
+                             "new=b2.json, rounds interleaved): "
                              "each row's output tokens/s per run, the medians and the last label's over the first's, "
                              "and the scheduler's host time per decode step by phase; --markdown writes it")
 
@@ -312,7 +316,8 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
                 "offloading the gate tables": lambda meta: any(row.get("offloaded_gate_tables")
                                                                for row in meta["rows"]),
                 "serving text": lambda meta: any(row.get("text") for row in meta["rows"]),
-                "capturing prefill graphs before the clock": lambda meta: meta.get("capture_prefill_tokens", 0)}
+                "capturing prefill graphs before the clock": lambda meta: meta.get("capture_prefill_tokens", 0),
+                "the cache's dtype": lambda meta: meta.get("cache_dtype", "auto")}
     values: dict[str, dict[str, set]] = {name: {} for name in settings}
     for label, meta in runs:
         code.setdefault(label, set()).add(meta.get("code", {}).get("source_sha256"))
@@ -335,7 +340,8 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
                 raise ValueError(f"--ab: labels {a!r} and {b!r} differ in {' and in '.join(changes)}: compare one "
                                  f"change at a time (`egmla bench serve --stream` streams the requests, "
                                  f"`--offload-gate-tables` offloads the gate tables, `--text` serves text, "
-                                 f"`--capture-prefill-tokens` captures prefill graphs before the clock)")
+                                 f"`--capture-prefill-tokens` captures prefill graphs before the clock, "
+                                 f"`--cache-dtype` sets the cache's dtype)")
     varied = {name for name in settings if len({next(iter(values[name][label])) for label in labels}) > 1}
     shapes = {(m["device"], m["requests"], m["prompt_len"], m["output_len"], m["max_batch"]) for _, m in runs}
     if len(shapes) > 1:
@@ -363,9 +369,12 @@ def ab_markdown(runs: list[tuple[str, dict]]) -> str:
             "offloading the gate tables": "EG-MLA's gate tables offloaded to host memory",
             "serving text": "the engine making text (`--text`)",
             "capturing prefill graphs before the clock": "prefill graphs captured before the clock for prompts of up "
-                                                         "to (`--capture-prefill-tokens`)"}
+                                                         "to (`--capture-prefill-tokens`)",
+            "the cache's dtype": "the KV cache's dtype (`--cache-dtype`)"}
 
     def said_value(value) -> str:
+        if isinstance(value, str):  # the cache's dtype
+            return value
         return ("yes" if value else "no") if isinstance(value, bool) else f"{value:,} tokens" if value else "none"
 
     modes = "".join(f"; {said[name]} in " + ", ".join(
@@ -434,7 +443,7 @@ def main(args) -> int:
     from egmla.config import preset
     from egmla.configfile import model_overrides
     from egmla.infer import GenerationEngine
-    from egmla.infer.cli import resolve_device_dtype
+    from egmla.infer.cli import cache_dtype_of, resolve_device_dtype
     from egmla.runs import atomic_write_json
     from egmla.variants import select, variant_config
 
@@ -481,7 +490,7 @@ def main(args) -> int:
             "source": f"preset {name}, random weights", "requests": count, "prompt_len": prompt_len,
             "output_len": output_len, "max_batch": max_batch, "seed": args.seed, "prefill_chunk": args.prefill_chunk,
             "stream": args.stream, "capture_prefill_tokens": args.capture_prefill_tokens,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_identity(), "rows": rows}
+            "cache_dtype": args.cache_dtype, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_identity(), "rows": rows}
     print(f"egmla bench serve: {meta['source']}; {device_name}, {dtype}; {count} requests, prompts "
           f"{max(1, prompt_len // 2)}-{prompt_len}, outputs {max(1, output_len // 2)}-{output_len} tokens; "
           f"rates {rates}; TTFT, TPOT and latency as median / 90th percentile")
@@ -512,13 +521,16 @@ def main(args) -> int:
                     for admit in (admit_batches if system == "continuous" else [None]) for graphs in prefill_graphs]
             for system, admit, graphs in runs:
                 engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path, prefill_graphs=graphs,
-                                          offload_gate_tables=args.offload_gate_tables and config.is_gated)
+                                          offload_gate_tables=args.offload_gate_tables and config.is_gated,
+                                          cache_dtype=cache_dtype_of(args.cache_dtype))
                 row = {"system": system, "model": "egmla", "variant": config.variant_name(), "rate": rate,
                        "max_batch": max_batch}
                 if tokenizer is not None:
                     row["text"] = True
                 if engine.offload is not None:
                     row["offloaded_gate_tables"] = True
+                if engine.cache_dtype is not None:
+                    row["cache_dtype"] = args.cache_dtype
                 if graphs is not None:
                     row["prefill_graphs"] = engine.prefill_graphs
                 run = (functools.partial(run_continuous, prefill_chunk=args.prefill_chunk, row=row, admit_batch=admit,
@@ -604,7 +616,8 @@ def plot(meta: dict, path: str) -> None:
 def _system_label(row: dict) -> str:
     settings = ([f"admit {row['admit_batch']}"] if "admit_batch" in row else []) + (
         [f"prefill {'graphs' if row['prefill_graphs'] else 'eager'}"] if "prefill_graphs" in row else []) + (
-        ["gate tables offloaded"] if row.get("offloaded_gate_tables") else []) + (["text"] if row.get("text") else [])
+        ["gate tables offloaded"] if row.get("offloaded_gate_tables") else []) + (["text"] if row.get("text") else []) + (
+        [f"{row['cache_dtype']} cache"] if row.get("cache_dtype") else [])
     return row["system"] + (f" ({', '.join(settings)})" if settings else "")
 
 

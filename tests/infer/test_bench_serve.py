@@ -159,6 +159,16 @@ def test_ab_table_of_code_versions(tmp_path):
     assert "captured inside" not in ab_markdown(runs)  # files without the count: nothing said
     with pytest.raises(ValueError, match="differ in code and in capturing prefill graphs before the clock"):
         ab_markdown([("cap0", captured(0, 0, 1.0)), ("cap1k", {**captured(1024, 0, 1.0), "code": {"source_sha256": "c"}})])
+    # the cache's dtype (`--cache-dtype`), one code: files from before the option ran the model's dtype
+    def cached(dtype, rate):
+        base = meta("b", (rate, 300.0))
+        return {**base, **({"cache_dtype": dtype} if dtype else {}),
+                "rows": [{**row, **({"cache_dtype": dtype} if dtype else {})} for row in base["rows"]]}
+
+    fp8 = ab_markdown([("bf16", cached(None, 100.0)), ("fp8", cached("fp8", 125.0))])
+    assert "the KV cache's dtype (`--cache-dtype`) in bf16: auto, fp8: fp8" in fp8 and "1.25×" in fp8
+    with pytest.raises(ValueError, match="differ in code and in the cache's dtype"):
+        ab_markdown([("bf16", cached("auto", 1.0)), ("fp8", {**cached("fp8", 1.0), "code": {"source_sha256": "c"}})])
 
 
 def test_text_serving_serves_every_request_and_compares_with_token_ids(tmp_path):

@@ -27,6 +27,18 @@ def test_paper_base_4096_tokens_60_gb_ratios():
     assert rows["MHA"]["gate_table_bytes"] == 0
 
 
+def test_an_fp8_cache_halves_the_bytes_of_the_variants_that_take_one():
+    rows = by_variant(plan_rows(preset("paper-base"), context=4096, memory_gb=60))
+    fp8 = by_variant(plan_rows(preset("paper-base"), context=4096, memory_gb=60, cache_dtype="fp8"))
+    for name in ("MHA", "GQA-4", "MLA kv64"):
+        assert fp8[name]["cache_bytes_per_token"] * 2 == rows[name]["cache_bytes_per_token"]
+        assert fp8[name]["cache_dtype"] == "fp8" and fp8[name]["sequences"] >= 2 * rows[name]["sequences"] - 1
+    for column in ("cache_dtype", "cache_bytes_per_token", "sequences"):  # no fp8 cache for EG-MLA: as in --dtype
+        assert fp8["EG-MLA kv64"][column] == rows["EG-MLA kv64"][column]
+    with pytest.raises(ValueError, match="cache_dtype='fp16'"):
+        plan_rows(preset("paper-base"), context=4096, memory_gb=60, cache_dtype="fp16")
+
+
 def test_offloaded_column_counts_the_row_cache():
     """Offloaded, the device keeps the rows of the ids the cache holds: by default the most there can be (4,703
     sequences x 4,096 positions reach every id, so the row cache is the tables' size and the offload frees nothing

@@ -31,12 +31,15 @@ def fp8(shape, device, scale=3.0, spare=5):
 
 
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
-def test_mla_decode_reads_an_fp8_cache(num_splits):
+@pytest.mark.parametrize("half", [False, True])
+def test_mla_decode_reads_an_fp8_cache(num_splits, half):
+    """half: a 16-bit query, whose dots over an fp8 cache run in fp16 (FP16_DOTS); else fp32 (the CPU's model dtype)."""
     from egmla.kernels.mla_decode import mla_decode
     from egmla.kernels.mla_decode_ref import mla_decode_ref
 
     device = kernel_device()
-    dtype, tol = (torch.bfloat16, 1e-2) if device == "cuda" else (torch.float32, 1e-4)
+    dtype, tol = ((torch.bfloat16 if device == "cuda" else torch.float16, 1e-2) if half
+                  else (torch.float32, 1e-4))
     q_latent, q_pe = torch.randn(3, 5, 24, device=device).to(dtype), torch.randn(3, 5, 8, device=device).to(dtype)
     latent, k_rope = fp8((3, 70, 24), device), fp8((3, 70, 8), device)
     lengths = torch.tensor([1, 70, 33], device=device)
