@@ -149,7 +149,8 @@ def _mla_cases():
         yield ("mla_decode kv64", f"tiles of {tile}, {warps} warps (stages {stages}: shared memory)",
                m._mla_decode_kernel,
                dict(N_HEADS=12, D_C=64, D_R=64, BLOCK_H=16, BLOCK_C=64, BLOCK_R=64, BLOCK_T=tile, DOT_PRECISION="tf32",
-                    ONE_SPLIT=False, PDL=True), {"lengths_ptr": "*i64", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}, warps,
+                    ONE_SPLIT=False, PDL=True, FP16_DOTS=False),
+               {"lengths_ptr": "*i64", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}, warps,
                stages)
 
 
