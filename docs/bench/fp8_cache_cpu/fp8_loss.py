@@ -1,0 +1,74 @@
+"""What an fp8 KV cache costs a trained model: next-token loss on held-out text, decoded through the cache one token at a
+time (teacher forcing), with the cache in the model's dtype and in fp8, beside the full forward without a cache.
+
+    python docs/bench/fp8_cache_cpu/fp8_loss.py RUN_DIR [--windows 32] [--length 256] [--prompt 16] [--path naive]
+
+RUN_DIR: a run of `egmla train` (MHA, GQA or MLA: EG-MLA has no fp8 cache). The held-out text is the run's own
+validation split (its data config and tokenizer, prepared as training did). Each window's first --prompt tokens are
+prefilled into the cache (attending over their own unrounded K/V); every later token is one decode step over the cache,
+scored on the token after it. Prints the mean loss per scored token of each, and the fp8 cache's difference from the
+cache in the model's dtype with its standard error over windows."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def decoded_loss(model, tokens: torch.Tensor, prompt: int, cache_dtype) -> torch.Tensor:
+    """Per window: the mean next-token loss of positions prompt .. length-2, each predicted by a decode step."""
+    batch, length = tokens.shape
+    cache = model.new_cache(batch, max_len=length, dtype=cache_dtype)
+    logits = model(tokens[:, :prompt], cache)[:, -1]
+    losses = []
+    for t in range(prompt, length):
+        losses.append(F.cross_entropy(logits.float(), tokens[:, t], reduction="none"))
+        if t + 1 < length:
+            logits = model(tokens[:, t:t + 1], cache)[:, 0]
+    return torch.stack(losses, 1).mean(1)
+
+
+def main() -> None:
+    from egmla.attention.cache import FP8
+    from egmla.data.shards import prepare_shards
+    from egmla.runs import load_model, load_tokenizer, read_run_config
+    from egmla.train.config import RunConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run")
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--path", default="naive", help="the decode path (on a CPU the PyTorch paths)")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    model, meta = load_model(args.run, dtype=torch.float32)
+    model.set_decode_path(args.path)
+    run = RunConfig.from_dict(read_run_config(args.run))
+    tokens = prepare_shards(run.data, load_tokenizer(args.run), progress=False, log=lambda *_: None).tokens("val")
+    count = min(args.windows, len(tokens) // args.length)
+    windows = torch.as_tensor(tokens[: count * args.length].astype("int64")).view(count, args.length)
+    full = F.cross_entropy(model(windows)[:, args.prompt - 1:-1].flatten(0, 1).float(),
+                           windows[:, args.prompt:].flatten(), reduction="none").view(count, -1).mean(1)
+    native = decoded_loss(model, windows, args.prompt, None)
+    fp8 = decoded_loss(model, windows, args.prompt, FP8)
+    diff = fp8 - native
+    result = {"run": args.run, "variant": model.config.variant_name(), "path": args.path, "windows": count,
+              "length": args.length, "prompt": args.prompt, "scored_tokens": count * (args.length - args.prompt),
+              "loss_full_forward": full.mean().item(), "loss_cache_fp32": native.mean().item(),
+              "loss_cache_fp8": fp8.mean().item(), "fp8_minus_fp32": diff.mean().item(),
+              "fp8_minus_fp32_stderr": (diff.std() / math.sqrt(count)).item(),
+              "fp32_cache_minus_full_forward": (native - full).mean().item()}
+    for key, value in result.items():
+        print(f"{key}: {value:.6f}" if isinstance(value, float) else f"{key}: {value}")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(result, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
