@@ -222,7 +222,8 @@ def generate(args) -> int:
     summary = (f"[{model.config.variant_name()}, decode path {engine.decode_path}{', CUDA graphs' if stats.cuda_graphs else ''}, "
                f"{device}, batch {stats.batch_size}: "
                f"{stats.generated_tokens} tokens, prefill {stats.prefill_seconds * 1e3:.0f} ms, "
-               f"decode {stats.decode_tokens_per_second:.1f} tokens/s, cache {stats.cache_bytes / 1e6:.2f} MB")
+               f"decode {stats.decode_tokens_per_second:.1f} tokens/s, cache {stats.cache_bytes / 1e6:.2f} MB"
+               + (f" ({args.cache_dtype})" if args.cache_dtype != "auto" else ""))
     if engine.offload is not None:
         summary += f", gate tables offloaded: {engine.offload.bytes_saved() / 1e6:.1f} MB off the device"
     print(summary + "]", file=sys.stderr)

@@ -196,9 +196,9 @@ class GenerationEngine:
         the model's device, chosen again for each `generate` call from its batch and cache length
         (`fastest_decode_path`: the Triton kernel on CUDA, EG-MLA's grouped decode from 16,384 positions per
         step, with offloaded gate tables too), and the model's current path elsewhere.
-    cache_dtype: dtype of the cache tensors (default: the model's); torch.float8_e4m3fn: an fp8 cache for MHA, GQA
-        and MLA, half the bytes of bf16, rounded once when written (egmla/attention/cache.py; the Triton kernels
-        read it as stored, the PyTorch paths widen it first).
+    cache_dtype: dtype of the cache tensors (default: the model's); torch.float8_e4m3fn (or "fp8"): an fp8 cache for
+        MHA, GQA and MLA, half the bytes of bf16, rounded once when written (egmla/attention/cache.py; the Triton
+        kernels read it as stored, the PyTorch paths widen it first).
     offload_gate_tables: keep EG-MLA gate tables in host memory (see egmla.infer.offload); on CUDA the rows of new
         ids are found and copied on the device, inside the steps' graphs.
     prefill_token_budget: prompt tokens per prefill call, right-padded (its rows x their longest prompt); it bounds the
@@ -251,6 +251,11 @@ class GenerationEngine:
         # (re)build what the path precomputes from the weights (gate tables, folded absorption)
         model.set_decode_path(check_decode_path(self.config, decode_path or model.decode_path))
         self.decode_path = model.decode_path
+        if cache_dtype == "fp8":  # as the command line spells it
+            cache_dtype = torch.float8_e4m3fn
+        if cache_dtype is not None and not isinstance(cache_dtype, torch.dtype):
+            raise ValueError(f"cache_dtype={cache_dtype!r}: a torch dtype (torch.float8_e4m3fn for an fp8 cache), "
+                             f"'fp8', or None for the model's")
         if cache_dtype == torch.float8_e4m3fn and self.config.attention == "eg-mla":
             raise ValueError(f"cache_dtype={cache_dtype}: an fp8 cache is built for MHA, GQA and MLA, not "
                              f"{self.config.variant_name()} (EG-MLA's decode kernels read its latents in the model's "

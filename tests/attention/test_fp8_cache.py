@@ -130,3 +130,6 @@ def test_generation_with_an_fp8_cache():
     assert engine._cache.dtype == FP8 and engine._cache.layers[0].read("latent", 4).dtype == FP8
     again = engine.generate(prompts, max_new_tokens=6)  # the kept cache is reused, not rebuilt
     assert [r.token_ids for r in again] == [r.token_ids for r in results]
+    assert GenerationEngine(model, cache_dtype="fp8").cache_dtype == FP8  # the command line's spelling
+    with pytest.raises(ValueError, match="cache_dtype='fp4': a torch dtype"):
+        GenerationEngine(model, cache_dtype="fp4")
