@@ -72,6 +72,12 @@ def check_decode_path(config, path: str) -> str:
     return path
 
 
+def takes_fp8_cache(config) -> bool:
+    """Whether the variant can keep an fp8 cache (egmla/attention/cache.py): MHA, GQA and MLA. EG-MLA cannot: its decode
+    kernels and norm statistics read its latents in the model's dtype."""
+    return config.attention != "eg-mla"
+
+
 def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=None, device=None,
                    decode_path: str | None = None) -> KVCache:
     """A cache for `batch_size` sequences of up to `max_len` tokens, holding only what the variant needs. dtype
@@ -80,7 +86,7 @@ def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=No
 
     from egmla.attention.cache import FP8
 
-    if dtype == FP8 and config.attention == "eg-mla":
+    if dtype == FP8 and not takes_fp8_cache(config):
         raise ValueError(f"an fp8 cache ({FP8}) is built for MHA, GQA and MLA, not {config.variant_name()}: EG-MLA's "
                          f"decode kernels read its latents as the model's dtype; leave the cache dtype at the model's")
     max_len = max_len or config.max_seq_len
@@ -97,4 +103,4 @@ def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=No
 __all__ = ["ATTENTION_CLASSES", "AttnContext", "CacheSpec", "DecodePath", "EmbeddingGatedMLA", "GroupedQueryAttention",
            "KVCache", "LayerCache", "MultiHeadLatentAttention", "TableBiasMLA", "allocate_cache", "attention_class",
            "GROUPED_MIN_POSITIONS", "check_decode_path", "cuda_decode_path", "decode_path_table", "decode_paths",
-           "fastest_decode_path"]
+           "fastest_decode_path", "takes_fp8_cache"]

@@ -193,7 +193,7 @@ def main(args) -> int:
     import torch
 
     from egmla.accounting import variant_configs
-    from egmla.attention import decode_paths, fastest_decode_path
+    from egmla.attention import decode_paths, fastest_decode_path, takes_fp8_cache
     from egmla.bench.ab import code_identity
     from egmla.config import preset
     from egmla.configfile import int_list, model_overrides
@@ -288,7 +288,7 @@ def main(args) -> int:
                                                                        if p in decode_paths(config)]
         for path, cache_name in ((p, c) for p in wanted for c in cache_dtypes):
             cache_dtype = cache_dtype_of(cache_name)
-            if cache_dtype is not None and config.attention == "eg-mla":
+            if cache_dtype is not None and not takes_fp8_cache(config):
                 print(f"{config.variant_name()}: no fp8 cache for EG-MLA (its decode kernels read the model's dtype): "
                       f"skipped")
                 continue

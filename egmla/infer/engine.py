@@ -34,7 +34,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from egmla.attention import (KVCache, TableBiasMLA, allocate_cache, attention_class, check_decode_path,
-                             cuda_decode_path, decode_path_table, decode_paths, fastest_decode_path)
+                             cuda_decode_path, decode_path_table, decode_paths, fastest_decode_path,
+                             takes_fp8_cache)
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.prefill_step import MIN_WIDTH, PREFILL_GRAPH_TOKENS, PrefillStep, prefill_bucket
@@ -256,7 +257,7 @@ class GenerationEngine:
         if cache_dtype is not None and not isinstance(cache_dtype, torch.dtype):
             raise ValueError(f"cache_dtype={cache_dtype!r}: a torch dtype (torch.float8_e4m3fn for an fp8 cache), "
                              f"'fp8', or None for the model's")
-        if cache_dtype == torch.float8_e4m3fn and self.config.attention == "eg-mla":
+        if cache_dtype == torch.float8_e4m3fn and not takes_fp8_cache(self.config):
             raise ValueError(f"cache_dtype={cache_dtype}: an fp8 cache is built for MHA, GQA and MLA, not "
                              f"{self.config.variant_name()} (EG-MLA's decode kernels read its latents in the model's "
                              f"dtype); use cache_dtype=None")

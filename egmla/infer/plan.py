@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 from egmla.accounting import measured_cache_bytes_per_token, variant_configs
-from egmla.attention import GROUPED_MIN_POSITIONS, cuda_decode_path, decode_path_table, decode_paths
+from egmla.attention import (GROUPED_MIN_POSITIONS, cuda_decode_path, decode_path_table, decode_paths,
+                             takes_fp8_cache)
 from egmla.config import ModelConfig
 from egmla.model import count_params
 
@@ -114,7 +115,7 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
     torch_dtype = DTYPES[dtype]
     item = torch.tensor([], dtype=torch_dtype).element_size()
     path = decode_path if decode_path in decode_paths(config) else decode_paths(config)[0]
-    fp8 = cache_dtype == "fp8" and config.attention != "eg-mla"
+    fp8 = cache_dtype == "fp8" and takes_fp8_cache(config)
     cache_per_token, _ = measured_cache_bytes_per_token(config, torch.float8_e4m3fn if fp8 else torch_dtype,
                                                         cache_layout or path)
     derived = derived_weight_params(config, path, merged_products) * item
