@@ -77,9 +77,11 @@ def resources(fn, constexprs: dict, pointer_types: dict, num_warps: int, arch: i
 # PTX instructions that say which of a GPU's ways to multiply and to copy a kernel compiled to. On sm_90 (Hopper)
 # `wgmma` is the warpgroup's asynchronous tensor-core product (Triton emits it for a dot of >= 4 warps whose operands
 # it can stage in shared memory), `mma.sync` the warp's synchronous one of sm_80; `cp.async` copies 4-16 bytes per
-# thread from global to shared memory without registers, `cp.async.bulk` is the TMA's copy of a whole tile.
+# thread from global to shared memory without registers, `cp.async.bulk` is the TMA's copy of a whole tile;
+# `ld.shared.b8` counts single-byte shared-memory reads (an fp8 tile read transposed for a dot, egmla.kernels.fp8).
 PTX_FORMS = {"wgmma": r"\bwgmma\.mma_async\b", "mma.sync": r"\bmma\.sync\b",
-             "cp.async": r"\bcp\.async\.(?:ca|cg)\b", "tma": r"\bcp\.async\.bulk\b"}
+             "cp.async": r"\bcp\.async\.(?:ca|cg)\b", "tma": r"\bcp\.async\.bulk\b",
+             "ld.shared.b8": r"\bld\.shared\.[bsu]8\b"}
 
 
 def _form_key(name: str) -> str:
@@ -152,6 +154,26 @@ def _mla_cases():
                     ONE_SPLIT=False, PDL=True, FP16_DOTS=False),
                {"lengths_ptr": "*i64", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}, warps,
                stages)
+
+
+def _fp8_cases():
+    """MLA's and MHA's decode kernels over an fp8 cache under a bf16 query, the tile read transposed by the value
+    product widened where Triton places it and once in registers (egmla.kernels.fp8.widened), beside bf16's."""
+    from egmla.kernels import gqa_decode as g
+    from egmla.kernels import mla_decode as m
+
+    partials = {"lengths_ptr": "*i64", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}
+    for cache, once in (("bf16", False), ("fp8", False), ("fp8", True)):
+        fp8 = cache == "fp8"
+        how = f"{cache} cache" + (f", widened {'once in registers' if once else 'where Triton places it'}" if fp8 else "")
+        yield ("mla_decode kv64", f"{how}, tiles of 64, 4 warps, stages 3", m._mla_decode_kernel,
+               dict(N_HEADS=12, D_C=64, D_R=64, BLOCK_H=16, BLOCK_C=64, BLOCK_R=64, BLOCK_T=64, DOT_PRECISION="tf32",
+                    ONE_SPLIT=False, PDL=True, FP16_DOTS=fp8, WIDEN_ONCE=once),
+               {**partials, **({"latent_ptr": "*fp8e4nv", "k_rope_ptr": "*fp8e4nv"} if fp8 else {})}, 4, 3)
+        yield ("gqa_decode MHA", f"{how}, tiles of 64, 4 warps, stages 2", g._gqa_decode_kernel,
+               dict(N_HEADS=12, N_KV_HEADS=12, GROUP=1, HEAD_DIM=64, BLOCK_G=16, BLOCK_D=64, BLOCK_T=64,
+                    DOT_PRECISION="tf32", ONE_SPLIT=False, PDL=True, FP16_DOTS=fp8, WIDEN_ONCE=once),
+               {**partials, **({"k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv"} if fp8 else {})}, 4, 2)
 
 
 def _bias_cases():
@@ -259,13 +281,15 @@ def cuda_resources(heads_per_block: int, segment: int, arch: int) -> dict:
             "programs_per_sm_by_registers": programs, "occupancy_by_registers": occ, "num_warps": warps}
 
 
-KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "bias": _bias_cases, "step": _step_cases,
+KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "fp8": _fp8_cases, "bias": _bias_cases, "step": _step_cases,
            "gluon": _gluon_cases, "scratch": _scratch_cases, "cuda": None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="grouped,mla",
-                        help=f"comma-separated: {', '.join(KERNELS)} (bias: the table controls' pass, bias_decode.py; "
+                        help=f"comma-separated: {', '.join(KERNELS)} (fp8: MLA's and MHA's decode over an fp8 cache, "
+                        f"its tile widened where Triton places it and once in registers, beside bf16's; "
+                        f"bias: the table controls' pass, bias_decode.py; "
                         f"step: the decode step's RoPE, add + RMSNorm, SwiGLU activation, MLA and MHA appends, context, token-groups append "
                         f"and statistics merge kernels; "
                         f"gluon: studies/grouped_gluon.py, Triton >= 3.6; scratch: studies/grouped_scratch.py; "

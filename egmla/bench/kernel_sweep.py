@@ -71,6 +71,82 @@ def sweep_mla(batch, length, d_c, device):
     return rows
 
 
+def sweep_fp8(batch, length, device, configs=None, dtype=None):
+    """MLA kv64's and MHA's decode kernels over a bf16 cache and an fp8 one (the fp8 tile widened where Triton places
+    it and once in registers, egmla.kernels.fp8.widened), per launch setting; fp8 rows are checked against the
+    reference on the same fp8 values. `gbytes_per_s`: the cache's own bytes. (In Triton's CPU interpreter nothing is
+    compiled, and both fp8 forms run the same code.) configs: (block_t, num_warps, num_stages) triples; dtype: the
+    query's and the 16-bit cache's (bf16; tests on the CPU pass fp16)."""
+    import torch
+
+    from egmla.attention.cache import FP8, quantize
+    from egmla.kernels.gqa_decode import gqa_decode
+    from egmla.kernels.gqa_decode_ref import gqa_decode_ref
+    from egmla.kernels.mla_decode import mla_decode
+    from egmla.kernels.mla_decode_ref import mla_decode_ref
+
+    dtype = dtype or torch.bfloat16
+    configs = configs or list(itertools.product((64, 128), (4, 8), (2, 3)))
+    q = torch.randn(batch, HEADS, 64, device=device, dtype=dtype)
+    q_pe = torch.randn(batch, HEADS, D_R, device=device, dtype=dtype)
+    lengths = torch.full((batch,), length, device=device)
+    rows = []
+    wide = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
+    for cache in (wide, "fp8"):
+        make = ((lambda *shape: torch.randn(*shape, device=device, dtype=dtype)) if cache != "fp8" else
+                (lambda *shape: quantize(torch.randn(*shape, device=device), FP8)))
+        widen = (None,) if cache != "fp8" else (False, True)
+        for kernel in ("mla_decode kv64", "gqa_decode MHA"):
+            if kernel.startswith("mla"):
+                latent, k_rope = make(batch, length, 64), make(batch, length, D_R)
+                ref = mla_decode_ref(q, q_pe, latent, k_rope, lengths, 0.088)
+                call = lambda **cfg: mla_decode(q, q_pe, latent, k_rope, lengths, 0.088, **cfg)  # noqa: E731
+                bytes_ = latent.nbytes + k_rope.nbytes
+            else:
+                k, v = make(batch, length, HEADS, D_N), make(batch, length, HEADS, D_V)
+                ref = gqa_decode_ref(q, k, v, lengths, 0.088)
+                call = lambda **cfg: gqa_decode(q, k, v, lengths, 0.088, **cfg)  # noqa: E731
+                bytes_ = k.nbytes + v.nbytes
+            for (block_t, warps, stages), once in itertools.product(configs, widen):
+                cfg = dict(block_t=block_t, num_warps=warps, num_stages=stages)
+                if once is not None:
+                    cfg["widen_once"] = once
+                res = timed(lambda: call(**cfg), lambda o: rel(o, ref), device)
+                rows.append({"kernel": kernel, "cache": cache, "batch": batch, "context": length, **cfg, **res,
+                             **({"gbytes_per_s": bytes_ / res["us"] / 1e3} if "us" in res else {})})
+    return rows
+
+
+def fp8_markdown(json_path: str, md_path: str) -> None:
+    """Per kernel and shape: the fastest setting of each cache form, and the fp8 forms' time against the 16-bit
+    cache's."""
+    data = read_result(json_path, "--markdown")
+    rows = [r for r in data["rows"] if r.get("cache") and "us" in r]
+    lines = [f"Decode kernels over an fp8 cache, {data.get('device', '?')}: the fastest launch setting of each form "
+             f"(`egmla bench kernel-sweep --kernels fp8`; every setting in the JSON). µs per layer, CUDA-graph "
+             f"replays; GB/s of the cache's own bytes.", "",
+             "| kernel | B | T | cache | widened | best setting | µs | GB/s | × 16-bit cache's best | default setting's µs |",
+             "|---|---:|---:|---|---|---|---:|---:|---:|---:|"]
+    for key in dict.fromkeys((r["kernel"], r["batch"], r["context"]) for r in rows):
+        mine = [r for r in rows if (r["kernel"], r["batch"], r["context"]) == key]
+        forms, defaults = {}, {}
+        default = dict(block_t=64, num_warps=4, num_stages=3 if key[0].startswith("mla") else 2)  # the launchers'
+        for r in mine:
+            form = (r["cache"], {None: "", False: "where Triton places it", True: "once"}[r.get("widen_once")])
+            if form not in forms or r["us"] < forms[form]["us"]:
+                forms[form] = r
+            if all(r[k] == v for k, v in default.items()):
+                defaults[form] = r["us"]
+        base = next((r for (cache, _), r in forms.items() if cache != "fp8"), None)  # the 16-bit cache's best
+        for (cache, widened), r in forms.items():
+            setting = f"tiles {r['block_t']}, {r['num_warps']} warps, {r['num_stages']} stages"
+            ratio = f"{r['us'] / base['us']:.2f}" if base else "-"
+            at_default = f"{defaults[(cache, widened)]:.1f}" if (cache, widened) in defaults else "-"
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]:,} | {cache} | {widened or '-'} | {setting} | "
+                         f"{r['us']:.1f} | {r.get('gbytes_per_s', 0):,.0f} | {ratio} | {at_default} |")
+    open(md_path, "w").write("\n".join(lines) + "\n")
+
+
 def sweep_egmla(batch, length, ids, device):
     import torch
 
@@ -410,12 +486,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "grouped (the three launches of the grouped decode, one at a time, on code and English ids), "
                         "bias (the table controls' pass per launch setting and their whole decode, beside MLA's pass, "
                         "on code ids), mass (the table controls' per-id embedding sum per launch setting, on English "
-                        "ids)")
+                        "ids), fp8 (MLA kv64's and MHA's decode over a bf16 and an fp8 cache, the fp8 tile widened "
+                        "where Triton places it and once in registers)")
     parser.add_argument("--grouped-launches", default=",".join(GROUPED_LAUNCHES),
                         help="with --kernels grouped: which launches to sweep (comma-separated: "
                              f"{', '.join(GROUPED_LAUNCHES)})")
     parser.add_argument("--markdown", nargs=2, metavar=("JSON", "MD"),
-                        help="write a grouped or bias sweep's table and exit")
+                        help="write a grouped, bias, mass or fp8 sweep's table and exit")
     parser.add_argument("--top", type=int, default=8, help="configurations printed per kernel and shape")
     parser.add_argument("--out", help="JSON of every configuration")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only with TRITON_INTERPRET=1 (checks the script)")
@@ -429,7 +506,9 @@ def main(args) -> int:
 
     if args.markdown:
         kernels = {r.get("kernel") for r in json.loads(open(args.markdown[0]).read())["rows"]}
-        writer = (bias_markdown if "bias_decode kv64" in kernels else
+        rows = json.loads(open(args.markdown[0]).read())["rows"]
+        writer = (fp8_markdown if any(r.get("cache") for r in rows) else
+                  bias_markdown if "bias_decode kv64" in kernels else
                   mass_markdown if any(str(k).startswith("mass_embeddings") for k in kernels) else grouped_markdown)
         writer(*args.markdown)
         return 0
@@ -462,19 +541,22 @@ def main(args) -> int:
                                device)
         if "mass" in args.kernels.split(","):
             rows += sweep_mass(batch, length, "embedded", ids, device)
+        if "fp8" in args.kernels.split(","):
+            rows += sweep_fp8(batch, length, device)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device: {device_name}")
     for r in rows:
         if r["kernel"] == "calibration":
             print(f"calibration B={r['batch']} T={r['context']}: {r['what']}: {r.get('us', 0):.1f} us, "
                   f"{r.get('gbytes_per_s') or 0:.0f} GB/s")
-    fields = ("kernel", "batch", "context", "ids", "table", "launch")
+    fields = ("kernel", "batch", "context", "ids", "table", "launch", "cache")
     for key in dict.fromkeys(tuple(r.get(f) for f in fields) for r in rows if r["kernel"] != "calibration"):
         group = [r for r in rows if tuple(r.get(f) for f in fields) == key]
         ok = sorted((r for r in group if "us" in r), key=lambda r: r["us"])
         where = f" ids {key[3]}" if key[3] else ""
         where += f", {key[4]}" if key[4] else ""
         where += f", launch {key[5]}" if key[5] else ""
+        where += f", {key[6]} cache" if key[6] else ""
         print(f"== {key[0]} B={key[1]} T={key[2]}{where}: {len(ok)} ran, {len(group) - len(ok)} failed")
         for r in ok[: args.top]:
             print("  " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()

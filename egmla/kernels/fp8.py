@@ -8,6 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from egmla.kernels import interpreting
+
 
 @triton.jit
 def round_e4m3(x):
@@ -26,3 +28,27 @@ def stored(x, ptr):
     if ptr.dtype.element_ty == tl.float8e4nv:
         x = round_e4m3(tl.minimum(tl.maximum(x, -448.0), 448.0))
     return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def widened(tile, like, ONCE: tl.constexpr):
+    """A tile read from an fp8 cache, widened to the dtype of `like` (the query) for the tensor-core dots.
+
+    ONCE (a 16-bit dtype, compiled for a GPU): through an opaque move, so that Triton widens the tile once, in registers,
+    and stages the 16-bit tile for the dot that reads it transposed. Without it Triton moves the conversion after the
+    shared-memory read that builds each dot's operand, and Hopper's transposing read (`ldmatrix.trans`) takes only
+    16-bit elements: the value product `P @ tile` then reads its fp8 operand one byte at a time (32 single-byte shared
+    loads per 64 x 64 tile, and registers 64 -> 110 in `mla_decode`; egmla bench kernel-resources). Triton's CPU
+    interpreter runs no inline assembly, hence the switch."""
+    wide = tile.to(like.dtype)
+    if ONCE:
+        wide = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [wide], dtype=like.dtype, is_pure=False, pack=2)
+    return wide
+
+
+def widen_once_default(fp8_under_16_bit: bool, asked: bool | None) -> bool:
+    """The launch's ONCE for `widened`: an fp8 cache under a 16-bit query, compiled for a GPU (not in Triton's CPU
+    interpreter), unless an A/B asks for False."""
+    if asked and not fp8_under_16_bit:
+        raise ValueError("widen_once=True: only an fp8 cache read under a bf16 / fp16 query is widened")
+    return fp8_under_16_bit and not interpreting() and asked is not False

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from egmla.kernels import block, rows
+from egmla.kernels.fp8 import widen_once_default, widened
 from egmla.kernels.pdl import launch_flags, wait as pdl_wait
 from egmla.kernels.mla_decode import LOG2E, _output
 from egmla.kernels.split_combine import (choose_num_splits, combine_splits, launch_first_fitting, partial_buffers,
@@ -30,7 +31,8 @@ def _gqa_decode_kernel(
     stride_ob, stride_oh, max_len, num_splits, qk_scale,
     N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr, PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr, PDL: tl.constexpr, FP16_DOTS: tl.constexpr = False,
+    WIDEN_ONCE: tl.constexpr = False,
 ):
     pdl_wait(PDL)  # the query and the cache row come from the kernels right before
     split = tl.program_id(0)
@@ -45,6 +47,8 @@ def _gqa_decode_kernel(
     heads = kv_head * GROUP + offs_g  # the query heads of this KV head
     q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if FP16_DOTS:  # an fp8 cache under a 16-bit query: fp8 widens to fp16 in one instruction, to bf16 in two
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
 
@@ -55,9 +59,11 @@ def _gqa_decode_kernel(
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < end
         tile_mask = t_mask[:, None] & d_mask[None, :]
-        # .to: an fp8 cache is widened to the query's dtype as it is read (a no-op for a cache of that dtype)
+        # an fp8 cache is widened to the query's dtype as it is read (a no-op for a cache of that dtype); V feeds the
+        # value product transposed (fp8.widened says why it is widened ONCE)
         k_tile = tl.load(k_base + offs_t[:, None] * stride_kt + offs_d[None, :], mask=tile_mask, other=0.0).to(q.dtype)
-        v_tile = tl.load(v_base + offs_t[:, None] * stride_vt + offs_d[None, :], mask=tile_mask, other=0.0).to(q.dtype)
+        v_tile = widened(tl.load(v_base + offs_t[:, None] * stride_vt + offs_d[None, :], mask=tile_mask, other=0.0),
+                         q, WIDEN_ONCE)
         s = tl.dot(q, tl.trans(k_tile), input_precision=DOT_PRECISION)
         s = tl.where(t_mask[None, :], s * qk_scale, float("-inf"))  # log2 domain: exp2 below
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -85,10 +91,11 @@ BLOCK_TS = [64, 32, 16]
 
 def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,
                num_splits: int | None = None, block_t: int | None = None, num_warps: int = 4, num_stages: int = 2,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, widen_once: bool | None = None) -> torch.Tensor:
     """o [batch, heads, head_dim] (dtype of q) for q [batch, heads, head_dim] and the cache k, v
     [batch, T, kv_heads, head_dim] (contiguous last dim; may be views of a longer buffer; float8_e4m3fn for an fp8
-    cache, widened to q's dtype as it is read), lengths [batch]:
+    cache, widened as it is read: the dots in fp16 under a 16-bit q, V once per tile in registers unless `widen_once`
+    is False, egmla.kernels.fp8.widened), lengths [batch]:
     query head h reads KV head h // (heads // kv_heads), positions [0, min(lengths[b], T)).
     Same function as `gqa_decode_ref`; `out`, if given, receives the result."""
     batch, heads, head_dim = q.shape
@@ -113,10 +120,13 @@ def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch
             out.stride(0), out.stride(1), max_len, splits, scale * LOG2E,
             N_HEADS=heads, N_KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block(group),
             BLOCK_D=block(head_dim), BLOCK_T=tile, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            ONE_SPLIT=splits == 1, num_warps=num_warps, num_stages=num_stages, **launch_flags(k.device))
+            ONE_SPLIT=splits == 1, FP16_DOTS=fp16_dots, WIDEN_ONCE=once, num_warps=num_warps, num_stages=num_stages,
+            **launch_flags(k.device))
         if splits > 1:
             combine_splits(part_acc, part_ml, out)
         return out
 
+    fp16_dots = k.dtype == torch.float8_e4m3fn and q.element_size() == 2  # as mla_decode's
+    once = widen_once_default(fp16_dots, widen_once)
     tiles = [block_t] if block_t else BLOCK_TS
-    return launch_first_fitting(("gqa", k.dtype, heads, kv_heads, head_dim, tuple(tiles)), tiles, launch)
+    return launch_first_fitting(("gqa", k.dtype, once, heads, kv_heads, head_dim, tuple(tiles)), tiles, launch)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from egmla.kernels import block, rows
+from egmla.kernels.fp8 import widen_once_default, widened
 from egmla.kernels.pdl import launch_flags, wait as pdl_wait
 from egmla.kernels.split_combine import (choose_num_splits, combine_splits, launch_first_fitting, partial_buffers,
                                          split_range)
@@ -34,6 +35,7 @@ def _mla_decode_kernel(
     N_HEADS: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr, PDL: tl.constexpr, FP16_DOTS: tl.constexpr = False,
+    WIDEN_ONCE: tl.constexpr = False,
 ):
     pdl_wait(PDL)  # the query and the cache row come from the kernels right before
     split = tl.program_id(0)
@@ -61,9 +63,10 @@ def _mla_decode_kernel(
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < end
-        # .to: an fp8 cache is widened to the query's dtype as it is read (a no-op for a cache of that dtype)
-        c_tile = tl.load(latent_base + offs_t[:, None] * stride_lt + offs_c[None, :],
-                         mask=t_mask[:, None] & c_mask[None, :], other=0.0).to(q.dtype)
+        # an fp8 cache is widened to the query's dtype as it is read (a no-op for a cache of that dtype); the latent
+        # tile feeds both dots, the value product's transposed (fp8.widened says why it is widened ONCE)
+        c_tile = widened(tl.load(latent_base + offs_t[:, None] * stride_lt + offs_c[None, :],
+                                 mask=t_mask[:, None] & c_mask[None, :], other=0.0), q, WIDEN_ONCE)
         r_tile = tl.load(k_rope_base + offs_t[:, None] * stride_kt + offs_r[None, :],
                          mask=t_mask[:, None] & r_mask[None, :], other=0.0).to(q_pe.dtype)
         s = tl.dot(q, tl.trans(c_tile), input_precision=DOT_PRECISION)
@@ -122,10 +125,13 @@ BLOCK_TS = [64, 32, 16]
 
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                lengths: torch.Tensor, scale: float, num_splits: int | None = None, block_t: int | None = None,
-               num_warps: int = 4, num_stages: int = 3, out: torch.Tensor | None = None) -> torch.Tensor:
+               num_warps: int = 4, num_stages: int = 3, out: torch.Tensor | None = None,
+               widen_once: bool | None = None) -> torch.Tensor:
     """o_latent [batch, heads, d_c] (dtype of q_latent) for q_latent [batch, heads, d_c], q_pe [batch, heads, d_r],
     latent [batch, T, d_c], k_rope [batch, T, d_r], lengths [batch] (positions read: [0, min(len, T))). The cache may
-    be float8_e4m3fn (an fp8 KV cache, egmla.attention.cache): each tile is widened to the query's dtype as it is read.
+    be float8_e4m3fn (an fp8 KV cache, egmla.attention.cache): each tile is widened to the query's dtype as it is read
+    (`widen_once`: None = once per tile in registers wherever that compiles, egmla.kernels.fp8.widened; False = where
+    Triton places it, for A/Bs).
 
     Same function as `mla_decode_ref`; the cache tensors may be views of a longer buffer. `out`, if given,
     receives the result (tests poison it to check that every element is written)."""
@@ -145,7 +151,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
             out.stride(0), out.stride(1), max_len, splits, scale * LOG2E,
             N_HEADS=heads, D_C=d_c, D_R=d_r, BLOCK_H=block(heads), BLOCK_C=block(d_c), BLOCK_R=block(d_r),
             BLOCK_T=tile, DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
-            ONE_SPLIT=splits == 1, FP16_DOTS=fp16_dots, num_warps=num_warps, num_stages=num_stages,
+            ONE_SPLIT=splits == 1, FP16_DOTS=fp16_dots, WIDEN_ONCE=once, num_warps=num_warps, num_stages=num_stages,
             **launch_flags(latent.device))
         if splits > 1:
             combine_splits(part_acc, part_ml, out)
@@ -155,5 +161,6 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
     # than bf16's). Per layer on an H100 this took 287 against 370 us (B = 1,024, T = 4,096) and 202 against 238 us
     # (B = 128, T = 16,384) for dots in bf16, whose every fp8 element widens in two conversions (docs/inference.md)
     fp16_dots = latent.dtype == torch.float8_e4m3fn and q_latent.element_size() == 2
+    once = widen_once_default(fp16_dots, widen_once)
     tiles = [block_t] if block_t else BLOCK_TS
-    return launch_first_fitting(("mla", latent.dtype, heads, d_c, d_r, tuple(tiles)), tiles, launch)
+    return launch_first_fitting(("mla", latent.dtype, once, heads, d_c, d_r, tuple(tiles)), tiles, launch)

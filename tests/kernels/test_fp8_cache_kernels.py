@@ -31,9 +31,11 @@ def fp8(shape, device, scale=3.0, spare=5):
 
 
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
-@pytest.mark.parametrize("half", [False, True])
-def test_mla_decode_reads_an_fp8_cache(num_splits, half):
-    """half: a 16-bit query, whose dots over an fp8 cache run in fp16 (FP16_DOTS); else fp32 (the CPU's model dtype)."""
+@pytest.mark.parametrize("half,widen_once", [(False, None), (True, None), (True, False)])
+def test_mla_decode_reads_an_fp8_cache(num_splits, half, widen_once):
+    """half: a 16-bit query, whose dots over an fp8 cache run in fp16 (FP16_DOTS); else fp32 (the CPU's model dtype).
+    widen_once None: on a GPU the tile is widened once in registers (egmla.kernels.fp8.widened); False: where Triton
+    places it."""
     from egmla.kernels.mla_decode import mla_decode
     from egmla.kernels.mla_decode_ref import mla_decode_ref
 
@@ -44,14 +46,16 @@ def test_mla_decode_reads_an_fp8_cache(num_splits, half):
     latent, k_rope = fp8((3, 70, 24), device), fp8((3, 70, 8), device)
     lengths = torch.tensor([1, 70, 33], device=device)
     out = mla_decode(q_latent, q_pe, latent, k_rope, lengths, scale=0.1, num_splits=num_splits, block_t=16,
-                     out=poisoned((3, 5, 24), dtype, device))
+                     out=poisoned((3, 5, 24), dtype, device), widen_once=widen_once)
     ref = mla_decode_ref(q_latent, q_pe, latent, k_rope, lengths, scale=0.1)
     assert out.dtype == dtype and out.isfinite().all()
     assert rel_err(out, ref) < tol
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
-def test_gqa_decode_reads_an_fp8_cache(heads, kv_heads):
+@pytest.mark.parametrize("widen_once", [None, False])
+def test_gqa_decode_reads_an_fp8_cache(heads, kv_heads, widen_once):
+    """On a GPU: a bf16 query, the dots in fp16, V widened once in registers (None) or where Triton places it."""
     from egmla.kernels.gqa_decode import gqa_decode
     from egmla.kernels.gqa_decode_ref import gqa_decode_ref
 
@@ -60,10 +64,22 @@ def test_gqa_decode_reads_an_fp8_cache(heads, kv_heads):
     q = torch.randn(2, heads, 16, device=device).to(dtype)
     k, v = fp8((2, 40, kv_heads, 16), device, scale=1.0), fp8((2, 40, kv_heads, 16), device)
     lengths = torch.tensor([40, 17], device=device)
-    out = gqa_decode(q, k, v, lengths, 0.25, num_splits=3, block_t=16)
+    out = gqa_decode(q, k, v, lengths, 0.25, num_splits=3, block_t=16, widen_once=widen_once)
     ref = gqa_decode_ref(q, k, v, lengths, 0.25)
     assert out.dtype == dtype and out.isfinite().all()
     assert rel_err(out, ref) < tol
+
+
+def test_widening_once_is_refused_where_nothing_is_fp8():
+    from egmla.kernels.gqa_decode import gqa_decode
+    from egmla.kernels.mla_decode import mla_decode
+
+    device = kernel_device()
+    q, cache = torch.randn(1, 2, 16, device=device), torch.randn(1, 8, 2, 16, device=device)
+    with pytest.raises(ValueError, match="widen_once=True: only an fp8 cache"):
+        gqa_decode(q, cache, cache, torch.tensor([8], device=device), 0.25, widen_once=True)
+    with pytest.raises(ValueError, match="widen_once=True: only an fp8 cache"):
+        mla_decode(q, q, cache[:, :, 0], cache[:, :, 1], torch.tensor([8], device=device), 0.25, widen_once=True)
 
 
 def test_stored_rounds_as_torch_does():
@@ -156,3 +172,24 @@ def test_the_model_decodes_from_an_fp8_cache_on_a_gpu(kind):
         kernel = decode_logits(model, tokens, 6, "kernel", FP8)
         naive = decode_logits(model, tokens, 6, "naive", FP8)
     assert kernel.isfinite().all() and rel_err(kernel, naive) < 2e-2
+
+
+def test_the_fp8_sweep_checks_every_form_and_tables_them(tmp_path):
+    """`egmla bench kernel-sweep --kernels fp8` at a tiny shape in the interpreter: MLA's and MHA's kernels over a
+    16-bit cache and an fp8 one (both widening forms), each row checked against the reference (a wrong result is an
+    error row), and its Markdown table's rows per form against the 16-bit cache."""
+    import json
+
+    from egmla.bench.kernel_sweep import fp8_markdown, sweep_fp8
+
+    rows = sweep_fp8(2, 32, torch.device(kernel_device()), configs=[(16, 4, 2)], dtype=torch.float16)
+    assert [(r["kernel"], r["cache"], r.get("widen_once")) for r in rows] == [
+        ("mla_decode kv64", "fp16", None), ("gqa_decode MHA", "fp16", None),
+        ("mla_decode kv64", "fp8", False), ("mla_decode kv64", "fp8", True),
+        ("gqa_decode MHA", "fp8", False), ("gqa_decode MHA", "fp8", True)]
+    assert all("us" in r and r["rel_err"] < 1e-2 for r in rows), rows
+    (tmp_path / "s.json").write_text(json.dumps({"device": "cpu", "rows": rows}))
+    fp8_markdown(str(tmp_path / "s.json"), str(tmp_path / "s.md"))
+    table = (tmp_path / "s.md").read_text()
+    assert table.count("| mla_decode kv64 | 2 | 32 |") == 3 and "| fp8 | once | tiles 16, 4 warps, 2 stages |" in table
+    assert "| fp16 | - | tiles 16, 4 warps, 2 stages |" in table and "| 1.00 | - |" in table, table

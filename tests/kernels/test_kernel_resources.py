@@ -26,10 +26,14 @@ def test_instruction_forms_count_the_ptx_products_and_copies():
     cp.async.ca.shared.global [%r1], [%rd2], 4;
     cp.async.commit_group;
     cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r3], [%rd4, {%r5, %r6}], [%r7];
+    ld.shared.u8 %rs1, [%r8];
+    ld.shared.b8 %rs2, [%r9];
+    ld.shared.v4.b32 {%r1, %r2, %r3, %r4}, [%r10];
     """
     forms = instruction_forms(ptx)
-    assert forms == {"ptx_wgmma": 1, "ptx_mma_sync": 1, "ptx_cp_async": 2, "ptx_tma": 1}  # fences and commits not counted
-    assert forms_text(forms) == "wgmma 1, mma.sync 1, cp.async 2, tma 1"
+    assert forms == {"ptx_wgmma": 1, "ptx_mma_sync": 1, "ptx_cp_async": 2, "ptx_tma": 1,  # fences, commits not counted
+                     "ptx_ld_shared_b8": 2}  # single-byte shared reads only
+    assert forms_text(forms) == "wgmma 1, mma.sync 1, cp.async 2, tma 1, ld.shared.b8 2"
     assert forms_text(instruction_forms("ld.global.b32 %r1, [%rd1];")) == "no tensor-core product or async copy"
 
 
@@ -122,3 +126,16 @@ def test_interpreter_mode_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(SystemExit, match="without it"):
         run("kernel-resources", ["--kernels", "mla"])
+
+
+@pytest.mark.skipif(not _cuobjdump_available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) installed")
+def test_an_fp8_tile_is_widened_once_not_read_byte_by_byte(tmp_path):
+    """MLA's and MHA's decode over an fp8 cache: where Triton places the widening, the value product reads its
+    transposed fp8 operand one byte at a time from shared memory; widened once in registers (the launch's default
+    on a GPU, egmla.kernels.fp8.widened), no single-byte read is left and the dots stay on the tensor cores."""
+    rows, _ = compile_offline(tmp_path, "fp8")
+    assert len(rows) == 6
+    for row in rows:
+        fp8, once = "fp8 cache" in row["setting"], "once in registers" in row["setting"]
+        assert row["ptx_mma_sync"] + row["ptx_wgmma"] > 0 and row["ptx_cp_async"] > 0
+        assert (row["ptx_ld_shared_b8"] > 0) == (fp8 and not once), row
