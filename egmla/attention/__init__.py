@@ -78,6 +78,28 @@ def takes_fp8_cache(config) -> bool:
     return config.attention != "eg-mla"
 
 
+def fp8_cache_dtype(config, cache_dtype, name: str = "cache_dtype"):
+    """A cache dtype as a user gives it (None or "auto": the model's; "fp8" or torch.float8_e4m3fn: an fp8 cache; any
+    other torch dtype as given) as a torch dtype or None; an fp8 cache refused with the reason where the variant
+    cannot keep it (`takes_fp8_cache`)."""
+    import torch
+
+    from egmla.attention.cache import FP8
+
+    if cache_dtype in (None, "auto"):
+        return None
+    if cache_dtype == "fp8":  # as the command line spells it
+        cache_dtype = FP8
+    if not isinstance(cache_dtype, torch.dtype):
+        raise ValueError(f"{name}={cache_dtype!r}: a torch dtype (torch.float8_e4m3fn for an fp8 cache), 'fp8', or "
+                         f"None for the model's")
+    if cache_dtype == FP8 and not takes_fp8_cache(config):
+        raise ValueError(f"{name}={cache_dtype}: an fp8 cache is built for MHA, GQA and MLA, not "
+                         f"{config.variant_name()} (EG-MLA's decode kernels read its latents in the model's dtype); "
+                         f"use {name}=None")
+    return cache_dtype
+
+
 def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=None, device=None,
                    decode_path: str | None = None) -> KVCache:
     """A cache for `batch_size` sequences of up to `max_len` tokens, holding only what the variant needs. dtype
@@ -103,4 +125,4 @@ def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=No
 __all__ = ["ATTENTION_CLASSES", "AttnContext", "CacheSpec", "DecodePath", "EmbeddingGatedMLA", "GroupedQueryAttention",
            "KVCache", "LayerCache", "MultiHeadLatentAttention", "TableBiasMLA", "allocate_cache", "attention_class",
            "GROUPED_MIN_POSITIONS", "check_decode_path", "cuda_decode_path", "decode_path_table", "decode_paths",
-           "fastest_decode_path", "takes_fp8_cache"]
+           "fastest_decode_path", "fp8_cache_dtype", "takes_fp8_cache"]

@@ -8,7 +8,8 @@ given, adds egmla's local tasks egmla_mc and egmla_ppl). From Python:
 
 model_args: run (required; `pretrained` is taken as its other name, the key lm-eval names its output folder after),
 checkpoint, device (cuda if available, else cpu), dtype (float32 | bfloat16 | float16),
-batch_size (8; "auto" = 8), max_length (model's max_seq_len), decode_path (generation), max_gen_toks (256).
+batch_size (8; "auto" = 8), max_length (model's max_seq_len), decode_path (generation), max_gen_toks (256),
+cache_dtype (fp8: generate_until's cache in fp8, MHA, GQA and MLA; scoring runs whole forwards and keeps no cache).
 lm_eval's --device and --batch_size arrive as device and batch_size; max_batch_size is accepted and unused.
 
     loglikelihood          context and continuation tokenised together, split where the context ends
@@ -42,8 +43,9 @@ class EgmlaLM(TemplateLM):
     def __init__(self, run: str | None = None, checkpoint: str | None = None, device: str | None = None,
                  dtype: str = "float32", batch_size: int | str = 8, max_length: int | None = None,
                  decode_path: str | None = None, max_gen_toks: int = 256, max_batch_size: int | None = None,
-                 pretrained: str | None = None):
+                 pretrained: str | None = None, cache_dtype: str | None = None):
         super().__init__()
+        from egmla.attention import fp8_cache_dtype
         from egmla.hf.tokenizer import special_token_ids
         from egmla.runs import load_model, load_tokenizer
 
@@ -62,6 +64,7 @@ class EgmlaLM(TemplateLM):
         self.model, _ = load_model(run, device=device, dtype=DTYPES[dtype], checkpoint=checkpoint)
         if decode_path:
             self.model.set_decode_path(decode_path)
+        self.cache_dtype = fp8_cache_dtype(self.model.config, cache_dtype)  # generate_until's cache; scoring has none
         self.tokenizer = load_tokenizer(run)
         self._eot = special_token_ids(self.tokenizer)["eos_token_id"]
         if self._eot is None:
@@ -156,7 +159,7 @@ class EgmlaLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from egmla.infer import GenerationEngine, SamplingParams
 
-        engine = GenerationEngine(self.model, self.tokenizer)
+        engine = GenerationEngine(self.model, self.tokenizer, cache_dtype=self.cache_dtype)
         results: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}  # requests with the same generation settings share batches
         for index, request in enumerate(requests):

@@ -29,7 +29,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from egmla.attention import fastest_decode_path
+from egmla.attention import fastest_decode_path, fp8_cache_dtype
 from egmla.hf.cache import EgmlaCache
 from egmla.hf.configuration_egmla import EgmlaConfig, _rename_fields
 from egmla.model import Transformer
@@ -219,19 +219,29 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
 
     # ---- caches ------------------------------------------------------------------------------
     cache_initial_length = 256  # positions a new EgmlaCache allocates up front; it doubles as needed
+    cache_dtype: torch.dtype | None = None  # None: the model's dtype; set_cache_dtype("fp8"): an fp8 cache
+
+    def set_cache_dtype(self, cache_dtype) -> "EgmlaForCausalLM":
+        """The dtype of the caches that generate() makes from now on: None (the model's), or "fp8" /
+        torch.float8_e4m3fn for an fp8 cache (MHA, GQA and MLA; one byte per element, rounded once when written, as
+        `egmla generate --cache-dtype fp8`; docs/inference.md). Returns the model."""
+        self.cache_dtype = fp8_cache_dtype(self.model.config, cache_dtype)
+        return self
 
     def new_hf_cache(self, batch_size: int, max_length: int | None = None) -> EgmlaCache:
-        """An empty EgmlaCache for `batch_size` sequences, in the model's dtype and device, using the model's
-        decode path: the one set with `model.model.set_decode_path(...)`, else the fastest on the model's device
-        (`fastest_decode_path`: the Triton kernel on CUDA, as `egmla generate` takes; the first path elsewhere)."""
+        """An empty EgmlaCache for `batch_size` sequences on the model's device, in `cache_dtype` (default: the model's
+        dtype), using the model's decode path: the one set with `model.model.set_decode_path(...)`, else the fastest on
+        the model's device (`fastest_decode_path`: the Triton kernel on CUDA, as `egmla generate` takes; the first path
+        elsewhere)."""
         param = self.model.tok_embeddings.weight
         if not self.model.decode_path_chosen:
             path = self.model.usable_decode_path(fastest_decode_path(self.model.config, param.device))
             if path != self.model.decode_path:
                 self.model.set_decode_path(path)
                 self.model.decode_path_chosen = False  # still the default: another device may choose again
-        return EgmlaCache(self.model.config, batch_size, max_length, dtype=param.dtype, device=param.device,
-                          decode_path=self.model.decode_path, initial_length=self.cache_initial_length)
+        return EgmlaCache(self.model.config, batch_size, max_length, dtype=self.cache_dtype or param.dtype,
+                          device=param.device, decode_path=self.model.decode_path,
+                          initial_length=self.cache_initial_length)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from egmla.attention import (KVCache, TableBiasMLA, allocate_cache, attention_class, check_decode_path,
                              cuda_decode_path, decode_path_table, decode_paths, fastest_decode_path,
-                             takes_fp8_cache)
+                             fp8_cache_dtype)
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.prefill_step import MIN_WIDTH, PREFILL_GRAPH_TOKENS, PrefillStep, prefill_bucket
@@ -252,16 +252,7 @@ class GenerationEngine:
         # (re)build what the path precomputes from the weights (gate tables, folded absorption)
         model.set_decode_path(check_decode_path(self.config, decode_path or model.decode_path))
         self.decode_path = model.decode_path
-        if cache_dtype == "fp8":  # as the command line spells it
-            cache_dtype = torch.float8_e4m3fn
-        if cache_dtype is not None and not isinstance(cache_dtype, torch.dtype):
-            raise ValueError(f"cache_dtype={cache_dtype!r}: a torch dtype (torch.float8_e4m3fn for an fp8 cache), "
-                             f"'fp8', or None for the model's")
-        if cache_dtype == torch.float8_e4m3fn and not takes_fp8_cache(self.config):
-            raise ValueError(f"cache_dtype={cache_dtype}: an fp8 cache is built for MHA, GQA and MLA, not "
-                             f"{self.config.variant_name()} (EG-MLA's decode kernels read its latents in the model's "
-                             f"dtype); use cache_dtype=None")
-        self.cache_dtype = cache_dtype
+        self.cache_dtype = fp8_cache_dtype(self.config, cache_dtype)
         self.offload = GateTableOffload(model) if offload_gate_tables else None
         on_cuda = self.device.type == "cuda"
         if cuda_graphs and not on_cuda:

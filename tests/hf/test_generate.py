@@ -35,6 +35,37 @@ def test_greedy_generate_matches_egmla_engine(variant, make_run):
         assert out.sequences[row, ids.shape[1]:].tolist() == generation.token_ids
 
 
+@pytest.mark.parametrize("variant", ["mha", "gqa", "mla"])
+def test_an_fp8_cache_gives_the_engines_fp8_tokens(variant, make_run):
+    """set_cache_dtype("fp8"): generate() keeps its cache in float8_e4m3fn (a quarter of this fp32 model's bytes) and
+    gives the greedy tokens of egmla's engine over an fp8 cache, which both round the same way when written."""
+    from egmla.attention.cache import FP8
+
+    model, _ = load_model(make_run(variant))
+    engine_out = GenerationEngine(model, cache_dtype="fp8").generate(PROMPTS, max_new_tokens=12)
+    hf_model = EgmlaForCausalLM.from_egmla(model, pad_token_id=0)
+    ids, mask = left_padded(PROMPTS)
+    wide = getattr(hf_model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                     return_dict_in_generate=True), CACHE_ARG)
+    assert hf_model.set_cache_dtype("fp8") is hf_model and hf_model.cache_dtype == FP8
+    out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    cache = getattr(out, CACHE_ARG)
+    assert cache.kv.dtype == FP8 and 4 * cache.bytes_per_token() == pytest.approx(wide.bytes_per_token(), rel=0.05)
+    for row, generation in enumerate(engine_out):
+        assert out.sequences[row, ids.shape[1]:].tolist() == generation.token_ids
+    assert hf_model.set_cache_dtype(None).cache_dtype is None
+
+
+def test_an_fp8_cache_is_refused_for_eg_mla_with_the_reason(make_run):
+    model, _ = load_model(make_run("eg-mla"))
+    hf_model = EgmlaForCausalLM.from_egmla(model, pad_token_id=0)
+    with pytest.raises(ValueError, match="cache_dtype=torch.float8_e4m3fn: an fp8 cache is built for MHA, GQA and MLA"):
+        hf_model.set_cache_dtype("fp8")
+    with pytest.raises(ValueError, match="cache_dtype='fp4': a torch dtype"):
+        hf_model.set_cache_dtype("fp4")
+    assert hf_model.cache_dtype is None
+
+
 def test_generate_past_the_rope_tables_stops_at_them_with_a_warning(make_run):
     """max_new_tokens past max_position_embeddings: the tokens up to the limit, not an error midway that loses them."""
     model, _ = load_model(make_run("mla"))

@@ -149,6 +149,26 @@ def test_generate_until_is_greedy_and_stops(lm):
     assert not any(stop in text for stop in until)
 
 
+def test_generate_until_over_an_fp8_cache_is_the_engines(make_run):
+    """model_args cache_dtype=fp8 (an MLA run): generate_until's engine keeps an fp8 cache and answers as egmla's engine
+    over one; scoring is unchanged (whole forwards, no cache). EG-MLA refuses it with the reason."""
+    from egmla.infer import GenerationEngine
+
+    run = str(make_run("mla"))
+    fp8, plain = EgmlaLM(run=run, batch_size=3, cache_dtype="fp8"), EgmlaLM(run=run, batch_size=3)
+    context = "The harbour town"
+    request = Instance("generate_until", {}, (context, {"until": ["\n"], "max_gen_toks": 10}), 0)
+    (text,) = fp8.generate_until([request])
+    expected = GenerationEngine(fp8.model, fp8.tokenizer, cache_dtype="fp8").generate(
+        [fp8.tok_encode(context)], max_new_tokens=10)[0].token_ids
+    assert text == fp8.tok_decode(expected[: expected.index(fp8.eot_token_id)] if fp8.eot_token_id in expected
+                                  else expected).split("\n")[0]
+    scored = Instance("loglikelihood", {}, (context, " by the sea"), 0)
+    assert fp8.loglikelihood([scored]) == plain.loglikelihood([scored])
+    with pytest.raises(ValueError, match="cache_dtype=torch.float8_e4m3fn: an fp8 cache is built for MHA, GQA and MLA"):
+        EgmlaLM(run=str(make_run("eg-mla")), cache_dtype="fp8")
+
+
 def test_generate_until_refuses_max_gen_toks_that_leave_no_context(lm):
     """max_gen_toks >= max_length cut every context to its last token (the answer made without the question) and
     generated past max_length; lm-eval's HF model refuses it too. One below keeps the context's last token."""
