@@ -2,12 +2,14 @@
 time (teacher forcing), with the cache in the model's dtype and in fp8, beside the full forward without a cache.
 
     python docs/bench/fp8_cache_cpu/fp8_loss.py RUN_DIR [--windows 32] [--length 256] [--prompt 16] [--path naive]
+        [--device cpu] [--dtype fp32]        # on a GPU: --device cuda --dtype bf16 --path kernel
 
 RUN_DIR: a run of `egmla train` (MHA, GQA or MLA: EG-MLA has no fp8 cache). The held-out text is the run's own
 validation split (its data config and tokenizer, prepared as training did). Each window's first --prompt tokens are
 prefilled into the cache (attending over their own unrounded K/V); every later token is one decode step over the cache,
 scored on the token after it. Prints the mean loss per scored token of each, and the fp8 cache's difference from the
-cache in the model's dtype with its standard error over windows."""
+cache in the model's dtype with its standard error over windows (the keys say fp32, the dtype of the runs committed
+here; with --dtype they mean the cache in that dtype, which the result records)."""
 from __future__ import annotations
 
 import argparse
@@ -43,21 +45,26 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--path", default="naive", help="the decode path (on a CPU the PyTorch paths)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the model's (and the "
+                        "cache's, where not fp8) dtype")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    model, meta = load_model(args.run, dtype=torch.float32)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model, meta = load_model(args.run, dtype=dtype, device=args.device)
     model.set_decode_path(args.path)
     run = RunConfig.from_dict(read_run_config(args.run))
     tokens = prepare_shards(run.data, load_tokenizer(args.run), progress=False, log=lambda *_: None).tokens("val")
     count = min(args.windows, len(tokens) // args.length)
-    windows = torch.as_tensor(tokens[: count * args.length].astype("int64")).view(count, args.length)
+    windows = torch.as_tensor(tokens[: count * args.length].astype("int64")).view(count, args.length).to(args.device)
     full = F.cross_entropy(model(windows)[:, args.prompt - 1:-1].flatten(0, 1).float(),
                            windows[:, args.prompt:].flatten(), reduction="none").view(count, -1).mean(1)
     native = decoded_loss(model, windows, args.prompt, None)
     fp8 = decoded_loss(model, windows, args.prompt, FP8)
     diff = fp8 - native
-    result = {"run": args.run, "variant": model.config.variant_name(), "path": args.path, "windows": count,
+    result = {"run": args.run, "variant": model.config.variant_name(), "path": args.path, "device": args.device,
+              "dtype": args.dtype, "windows": count,
               "length": args.length, "prompt": args.prompt, "scored_tokens": count * (args.length - args.prompt),
               "loss_full_forward": full.mean().item(), "loss_cache_fp32": native.mean().item(),
               "loss_cache_fp8": fp8.mean().item(), "fp8_minus_fp32": diff.mean().item(),
