@@ -78,7 +78,7 @@ def takes_fp8_cache(config) -> bool:
     return config.attention != "eg-mla"
 
 
-def fp8_cache_dtype(config, cache_dtype, name: str = "cache_dtype"):
+def checked_cache_dtype(config, cache_dtype, name: str = "cache_dtype"):
     """A cache dtype as a user gives it (None or "auto": the model's; "fp8" or torch.float8_e4m3fn: an fp8 cache; any
     other torch dtype as given) as a torch dtype or None; an fp8 cache refused with the reason where the variant
     cannot keep it (`takes_fp8_cache`)."""
@@ -124,5 +124,5 @@ def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=No
 
 __all__ = ["ATTENTION_CLASSES", "AttnContext", "CacheSpec", "DecodePath", "EmbeddingGatedMLA", "GroupedQueryAttention",
            "KVCache", "LayerCache", "MultiHeadLatentAttention", "TableBiasMLA", "allocate_cache", "attention_class",
-           "GROUPED_MIN_POSITIONS", "check_decode_path", "cuda_decode_path", "decode_path_table", "decode_paths",
-           "fastest_decode_path", "fp8_cache_dtype", "takes_fp8_cache"]
+           "GROUPED_MIN_POSITIONS", "check_decode_path", "checked_cache_dtype", "cuda_decode_path", "decode_path_table",
+           "decode_paths", "fastest_decode_path", "takes_fp8_cache"]

@@ -117,6 +117,19 @@ def sweep_fp8(batch, length, device, configs=None, dtype=None):
     return rows
 
 
+def fp8_launch_defaults() -> dict:
+    """The launch settings `mla_decode` and `gqa_decode` take when not given (a sweep's JSON records them)."""
+    from egmla.kernels import gqa_decode as g
+    from egmla.kernels import mla_decode as m
+
+    def of(module, launcher):
+        params = inspect.signature(launcher).parameters
+        return {"block_t": module.BLOCK_TS[0], "num_warps": params["num_warps"].default,
+                "num_stages": params["num_stages"].default}
+
+    return {"mla_decode kv64": of(m, m.mla_decode), "gqa_decode MHA": of(g, g.gqa_decode)}
+
+
 def fp8_markdown(json_path: str, md_path: str) -> None:
     """Per kernel and shape: the fastest setting of each cache form, and the fp8 forms' time against the 16-bit
     cache's."""
@@ -130,7 +143,7 @@ def fp8_markdown(json_path: str, md_path: str) -> None:
     for key in dict.fromkeys((r["kernel"], r["batch"], r["context"]) for r in rows):
         mine = [r for r in rows if (r["kernel"], r["batch"], r["context"]) == key]
         forms, defaults = {}, {}
-        default = dict(block_t=64, num_warps=4, num_stages=3 if key[0].startswith("mla") else 2)  # the launchers'
+        default = data.get("defaults", {}).get(key[0]) or fp8_launch_defaults()[key[0]]  # as run, else today's
         for r in mine:
             form = (r["cache"], {None: "", False: "where Triton places it", True: "once"}[r.get("widen_once")])
             if form not in forms or r["us"] < forms[form]["us"]:
@@ -566,7 +579,7 @@ def main(args) -> int:
 
         # the defaults this code ran with, so that a table made later from the file names them, not today's
         defaults = {"bias_pass": {"block_t": BLOCK_TS[0], "num_warps": 4, "num_stages": BIAS_STAGES},
-                    "mass_embeddings": MASS_EMBED_LAUNCH}
+                    "mass_embeddings": MASS_EMBED_LAUNCH, **fp8_launch_defaults()}
         with open(args.out, "w") as f:
             json.dump({"device": device_name, "defaults": defaults, "rows": rows}, f, indent=1)
     return 0

@@ -45,7 +45,7 @@ class EgmlaLM(TemplateLM):
                  decode_path: str | None = None, max_gen_toks: int = 256, max_batch_size: int | None = None,
                  pretrained: str | None = None, cache_dtype: str | None = None):
         super().__init__()
-        from egmla.attention import fp8_cache_dtype
+        from egmla.attention import checked_cache_dtype
         from egmla.hf.tokenizer import special_token_ids
         from egmla.runs import load_model, load_tokenizer
 
@@ -64,7 +64,7 @@ class EgmlaLM(TemplateLM):
         self.model, _ = load_model(run, device=device, dtype=DTYPES[dtype], checkpoint=checkpoint)
         if decode_path:
             self.model.set_decode_path(decode_path)
-        self.cache_dtype = fp8_cache_dtype(self.model.config, cache_dtype)  # generate_until's cache; scoring has none
+        self.cache_dtype = checked_cache_dtype(self.model.config, cache_dtype)  # generate_until's cache; scoring has none
         self.tokenizer = load_tokenizer(run)
         self._eot = special_token_ids(self.tokenizer)["eos_token_id"]
         if self._eot is None:

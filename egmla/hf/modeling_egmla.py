@@ -29,7 +29,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from egmla.attention import fastest_decode_path, fp8_cache_dtype
+from egmla.attention import checked_cache_dtype, fastest_decode_path
 from egmla.hf.cache import EgmlaCache
 from egmla.hf.configuration_egmla import EgmlaConfig, _rename_fields
 from egmla.model import Transformer
@@ -225,7 +225,7 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
         """The dtype of the caches that generate() makes from now on: None (the model's), or "fp8" /
         torch.float8_e4m3fn for an fp8 cache (MHA, GQA and MLA; one byte per element, rounded once when written, as
         `egmla generate --cache-dtype fp8`; docs/inference.md). Returns the model."""
-        self.cache_dtype = fp8_cache_dtype(self.model.config, cache_dtype)
+        self.cache_dtype = checked_cache_dtype(self.model.config, cache_dtype)
         return self
 
     def new_hf_cache(self, batch_size: int, max_length: int | None = None) -> EgmlaCache:

@@ -34,8 +34,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from egmla.attention import (KVCache, TableBiasMLA, allocate_cache, attention_class, check_decode_path,
-                             cuda_decode_path, decode_path_table, decode_paths, fastest_decode_path,
-                             fp8_cache_dtype)
+                             checked_cache_dtype, cuda_decode_path, decode_path_table, decode_paths,
+                             fastest_decode_path)
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.prefill_step import MIN_WIDTH, PREFILL_GRAPH_TOKENS, PrefillStep, prefill_bucket
@@ -252,7 +252,7 @@ class GenerationEngine:
         # (re)build what the path precomputes from the weights (gate tables, folded absorption)
         model.set_decode_path(check_decode_path(self.config, decode_path or model.decode_path))
         self.decode_path = model.decode_path
-        self.cache_dtype = fp8_cache_dtype(self.config, cache_dtype)
+        self.cache_dtype = checked_cache_dtype(self.config, cache_dtype)
         self.offload = GateTableOffload(model) if offload_gate_tables else None
         on_cuda = self.device.type == "cuda"
         if cuda_graphs and not on_cuda:
