@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from egmla.attention.cache import CacheSpec, LayerCache
+from egmla.attention.cache import FP8, CacheSpec, LayerCache, quantize
 from egmla.attention.context import AttnContext, decode_kernel_can_run
 from egmla.attention.egmla_equations import grouped_attention
 from egmla.attention.gate_table import DeviceRows, GateRows
@@ -55,7 +55,7 @@ from egmla.attention.norms import LayerNorm, RMSNorm
 from egmla.attention.paths import DecodePath, path_table
 from egmla.attention.precomputed import sources_key
 from egmla.config import ModelConfig
-from egmla.kernels import kernel_unavailable_reason
+from egmla.kernels import computes_like, kernel_unavailable_reason
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
@@ -334,11 +334,22 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             return None
         from egmla.kernels.latent_append import AppendedStats
 
-        latent = cache.tensor("latent")
-        table, table_rows = self.kernel_gates(latent).kernel_rows(ctx.token_ids, latent.dtype)
+        like = computes_like(cache.tensor("latent"), x)  # the gate rows in the model's dtype over an fp8 cache
+        table, table_rows = self.kernel_gates(like).kernel_rows(ctx.token_ids, like.dtype)
         return AppendedStats(table_rows, table, self.wkv_b.weight, self.n_heads,
                              self.gate_op, self.norm_kind, self.gate_norm.eps, cache.buffers["ln_stats"],
                              ctx.stats_arrivals)
+
+    def reads_fp8_as_stored(self, x: torch.Tensor, latent: torch.Tensor, ctx: AttnContext) -> bool:
+        """Placement up: 'kernel' and 'grouped' where their Triton kernels run (each widens a tile as it reads it; the
+        statistics come from the latents as rounded, `write_stats`, so every path reads the same numbers). Placement
+        latent: MLA's."""
+        if self.gate_placement == "latent":
+            return super().reads_fp8_as_stored(x, latent, ctx)
+        if self.decode_path == "kernel":
+            return decode_kernel_can_run(x, latent, ctx, "EG-MLA")
+        return (self.decode_path == "grouped" and self.wants_triton("grouped_backend", latent)
+                and decode_kernel_can_run(x, latent, ctx, "EG-MLA grouped"))
 
     def check_stats_cache(self, cache: LayerCache, ctx: AttnContext) -> None:
         """'grouped' and the bias controls' 'absorbed' refuse a cache allocated without statistics or token groups."""
@@ -353,6 +364,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         layer's kv_ln_stats."""
         if "ln_stats" not in cache.buffers:
             return ctx
+        if not in_the_append and "latent" in cache.fp8:  # from the latents as the cache holds them, which decode reads
+            latent = quantize(latent, FP8).to(latent.dtype)
         if not in_the_append:
             if self.stats_pass_runs(latent):  # written into the cache's rows by the pass: no index_put launch per layer
                 self.stats_pass(latent, ctx.token_ids, out=cache.buffers["ln_stats"], positions=ctx.positions)
@@ -380,12 +393,13 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             return self.attend_gate_table(q_nope, q_pe, latent, k_pe, kv_ids, ctx)
         from egmla.kernels.egmla_decode import egmla_decode, layernorm_stats_triton
 
-        gates = self.kernel_gates(latent)
-        table, _ = gates.kernel_table(latent.dtype)
+        like = computes_like(latent, q_nope)  # over an fp8 cache the gate rows in the model's dtype
+        gates = self.kernel_gates(like)
+        table, _ = gates.kernel_table(like.dtype)
         norm = self.gate_norm
         stats = ctx.kv_ln_stats
         if stats is None:  # a cache without statistics (allocated for another path): one rebuild pass
-            _, rows = gates.kernel_rows(kv_ids, latent.dtype)  # the ids, or their slots under an offload
+            _, rows = gates.kernel_rows(kv_ids, like.dtype)  # the ids, or their slots under an offload
             stats = layernorm_stats_triton(latent, rows, table, self.wkv_b.weight, self.n_heads,
                                            self.qk_nope_head_dim, getattr(norm, "eps", 0.0) or 0.0,
                                            gate_op=self.gate_op, norm=self.norm_kind)
@@ -449,7 +463,8 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
             return self.grouped_pytorch(q_nope, q_pe, latent, k_pe, ctx)
         from egmla.kernels.grouped_decode import CHUNK, grouped_decode
 
-        table, id_to_row = self.kernel_gates(latent).kernel_table(latent.dtype)
+        like = computes_like(latent, q_nope)  # over an fp8 cache the gate rows in the model's dtype
+        table, id_to_row = self.kernel_gates(like).kernel_table(like.dtype)
         bounds = (ctx.kv_len, max(groups.host.distinct_bound, groups.host.plan_distinct)) if ctx.capturable else None
         # grouped by token id, checked against the vocabulary; the gate rows are read through id_to_row where given
         plan = groups.plan(CHUNK, vocab_size=self.gate_embed.num_embeddings, bounds=bounds)
@@ -479,8 +494,9 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
         return backend == "kernel" or (backend == "auto" and latent.is_cuda)
 
     def kernel_gates(self, latent: torch.Tensor) -> GateRows:
-        """The gate table's rows as the decode kernels read them (in latent's dtype: pass it to `kernel_table` /
-        `kernel_rows`): on the device the whole table on latent's device and in its dtype (`gate_table_like`), or under
+        """The gate table's rows as the decode kernels read them (in latent's dtype, the dtype they compute in: the
+        query's over an fp8 cache, egmla.kernels.fp8.computes_like; pass it to `kernel_table` / `kernel_rows`): on the
+        device the whole table on latent's device and in its dtype (`gate_table_like`), or under
         an offload (egmla.infer.offload) the rows resident on the device and the slot map, which give the very same
         gates."""
         if not self.gates_offloaded:

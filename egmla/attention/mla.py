@@ -172,8 +172,8 @@ class MultiHeadLatentAttention(ReadsWeights):
                 return self.wo(self.attend_causal(self.query(x, ctx), latent, k_pe, ctx.token_ids).flatten(2))
         # the append returned the context the decode paths read (EG-MLA's holds this layer's cached (mu, rho))
         latent, k_pe = cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len)
-        if latent.dtype == FP8 and not (self.decode_path == "kernel" and decode_kernel_can_run(x, latent, ctx, "MLA")):
-            latent, k_pe = latent.to(x.dtype), k_pe.to(x.dtype)  # an fp8 cache: only the Triton kernel reads it as is
+        if latent.dtype == FP8 and not self.reads_fp8_as_stored(x, latent, ctx):
+            latent, k_pe = latent.to(x.dtype), k_pe.to(x.dtype)  # an fp8 cache: only the Triton kernels read it as is
         if self.reads_folded_weights():
             return self.forward_folded(x, latent, k_pe, ctx, q_projected, q_rotated)
         q_nope, q_pe = self.query(x, ctx, q_projected, q_rotated).split([self.qk_nope_head_dim, self.qk_rope_head_dim],
@@ -181,6 +181,11 @@ class MultiHeadLatentAttention(ReadsWeights):
         # attend_naive, attend_absorbed, attend_kernel; EG-MLA adds attend_gate_table and attend_grouped
         attend = getattr(self, self.path.method)
         return self.wo(attend(q_nope, q_pe, latent, k_pe, ctx.kv_token_ids, ctx).flatten(2))
+
+    def reads_fp8_as_stored(self, x: torch.Tensor, latent: torch.Tensor, ctx: AttnContext) -> bool:
+        """Whether this call's decode path reads an fp8 cache as stored (its Triton kernel widens each tile as it reads
+        it); every other path gets the cache widened to the model's dtype first."""
+        return self.decode_path == "kernel" and decode_kernel_can_run(x, latent, ctx, "MLA")
 
     def attend_causal(self, q: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                       token_ids: torch.Tensor) -> torch.Tensor:

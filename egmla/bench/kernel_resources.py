@@ -135,7 +135,8 @@ def _grouped_cases():
                     HAS_BIAS=True, ZERO_ACC=True, ROW_MAP=False), types, warps)
     for chunk, warps in ((CHUNK, 1), (32, 2)):
         yield ("grouped attend", f"chunks of {chunk}, {warps} warps", g._attend_kernel,
-               dict(common, D_R=d, BLOCK_H=16, BLOCK_C=d, BLOCK_R=d, BLOCK_T=chunk, KEY_GATHER=False), types, warps)
+               dict(common, D_R=d, BLOCK_H=16, BLOCK_C=d, BLOCK_R=d, BLOCK_T=chunk, KEY_GATHER=False, WIDEN_ONCE=False),
+               types, warps)
     for (rows, warps), gate_dot in itertools.product(((128, 2), (128, 4), (64, 2), (256, 8)), (False, True)):
         yield ("grouped upproj", f"{rows} rows, {warps} warps{', gate_dot' if gate_dot else ''}", g._upproj_kernel,
                dict(common, D_N=d, D_V=d, BLOCK_H=16, BLOCK_V=d, BLOCK_C=d, BLOCK_ROWS=rows, BLOCK_K=256,
@@ -157,10 +158,13 @@ def _mla_cases():
 
 
 def _fp8_cases():
-    """MLA's and MHA's decode kernels over an fp8 cache under a bf16 query, the tile read transposed by the value
-    product widened where Triton places it and once in registers (egmla.kernels.fp8.widened), beside bf16's."""
+    """MLA's and MHA's decode kernels and EG-MLA's grouped attend launch over an fp8 cache under a bf16 query, the tile
+    read transposed by the value product widened where Triton places it and once in registers
+    (egmla.kernels.fp8.widened), beside bf16's."""
     from egmla.kernels import gqa_decode as g
+    from egmla.kernels import grouped_decode as gd
     from egmla.kernels import mla_decode as m
+    from egmla.kernels.grouped_decode import CHUNK
 
     partials = {"lengths_ptr": "*i64", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}
     for cache, once in (("bf16", False), ("fp8", False), ("fp8", True)):
@@ -174,6 +178,12 @@ def _fp8_cases():
                dict(N_HEADS=12, N_KV_HEADS=12, GROUP=1, HEAD_DIM=64, BLOCK_G=16, BLOCK_D=64, BLOCK_T=64,
                     DOT_PRECISION="tf32", ONE_SPLIT=False, PDL=True, FP16_DOTS=fp8, WIDEN_ONCE=once),
                {**partials, **({"k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv"} if fp8 else {})}, 4, 2)
+        grouped = {**{name: "*i32" for name in ("order_ptr", "order_slots_ptr", "lengths_ptr")},
+                   **{name: "*fp32" for name in ("stats_ptr", "q_sum_ptr", "q_bias_ptr", "chunk_ptr")}}
+        yield ("grouped attend kv64", f"{how}, chunks of {CHUNK}, 1 warp", gd._attend_kernel,
+               dict(N_HEADS=12, D_C=64, D_R=64, BLOCK_H=16, BLOCK_C=64, BLOCK_R=64, BLOCK_T=CHUNK, KEY_GATHER=False,
+                    DOT_PRECISION="tf32", WIDEN_ONCE=once),
+               {**grouped, **({"latent_ptr": "*fp8e4nv", "k_rope_ptr": "*fp8e4nv"} if fp8 else {})}, 1)
 
 
 def _bias_cases():

@@ -198,8 +198,9 @@ class GenerationEngine:
         (`fastest_decode_path`: the Triton kernel on CUDA, EG-MLA's grouped decode from 16,384 positions per
         step, with offloaded gate tables too), and the model's current path elsewhere.
     cache_dtype: dtype of the cache tensors (default: the model's); torch.float8_e4m3fn (or "fp8"): an fp8 cache for
-        MHA, GQA and MLA, half the bytes of bf16, rounded once when written (egmla/attention/cache.py; the Triton
-        kernels read it as stored, the PyTorch paths widen it first).
+        every variant but the same-table controls, half the bytes of bf16 (EG-MLA's norm statistics stay fp32),
+        rounded once when written (egmla/attention/cache.py; the Triton kernels read it as stored, the PyTorch paths
+        widen it first).
     offload_gate_tables: keep EG-MLA gate tables in host memory (see egmla.infer.offload); on CUDA the rows of new
         ids are found and copied on the device, inside the steps' graphs.
     prefill_token_budget: prompt tokens per prefill call, right-padded (its rows x their longest prompt); it bounds the

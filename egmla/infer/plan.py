@@ -107,8 +107,8 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
     takes on a GPU at the batch that fits (`cuda_decode_path`: EG-MLA's 'grouped', with its working memory,
     where its batch x context reaches GROUPED_MIN_POSITIONS). cache_layout: the path whose cache layout is
     allocated, if not `decode_path`'s (under "auto" EG-MLA's cache has the grouped layout on either path).
-    cache_dtype "fp8": an fp8 cache (torch.float8_e4m3fn) for the variants that take one (MHA, GQA, MLA); EG-MLA's
-    rows keep `dtype` (its row's cache_dtype says which)."""
+    cache_dtype "fp8": an fp8 cache (torch.float8_e4m3fn) for the variants that take one (all but the same-table
+    controls, whose rows keep `dtype`: its row's cache_dtype says which)."""
     if decode_path == "auto":
         return auto_plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, distinct_ids,
                              merged_products, resident_ids, cache_dtype)

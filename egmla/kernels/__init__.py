@@ -139,5 +139,12 @@ def grouped_workspace_bytes(heads: int, d_c: int, d_v: int, context: int, distin
     return plan + layer
 
 
-__all__ = ["GROUPED_CHUNK", "block", "grouped_workspace_bytes", "interpreting", "kernel_unavailable_reason",
-           "pdl_enabled", "pdl_setting", "triton_available", "warn_fallback_once"]
+def computes_like(cache_tensor: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """The tensor whose dtype a decode kernel computes in and writes its output in: the cache's own, or over an fp8
+    cache (float8_e4m3fn) the query's, the model's dtype (the kernel widens each tile as it reads it)."""
+    return query if cache_tensor.dtype == torch.float8_e4m3fn else cache_tensor
+
+
+__all__ = ["GROUPED_CHUNK", "block", "computes_like", "grouped_workspace_bytes", "interpreting",
+           "kernel_unavailable_reason", "pdl_enabled", "pdl_setting", "triton_available", "warn_fallback_once"]
+

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from egmla.kernels import block
+from egmla.kernels import block, computes_like
 from egmla.kernels.mla_decode import LOG2E, _check_decode_inputs, _output
 from egmla.kernels.pdl import launch_flags, wait as pdl_wait
 from egmla.kernels.split_combine import (choose_num_splits, combine_splits, launch_first_fitting, partial_buffers,
@@ -108,7 +108,7 @@ def _egmla_decode_kernel(
     w_k = _load_w_t(wkv_b_ptr, stride_w, cols_k, k_mask, offs_c, c_mask)  # [BLOCK_C, HEADS*BLOCK_N]
     w_v = _load_w_t(wkv_b_ptr, stride_w, cols_v, v_mask, offs_c, c_mask)
     pdl_wait(PDL)  # the weights above are constant; the query, the cache and its statistics may be just written
-    dtype = latent_ptr.dtype.element_ty
+    dtype = wkv_b_ptr.dtype.element_ty  # the latents', or over an fp8 cache the model's (widened as read)
     local_k = tl.arange(0, HEADS * BLOCK_N) // BLOCK_N  # head within the program, per k column
     q = tl.load(q_nope_ptr + batch * stride_qb + (head0 + local_k) * stride_qh + tl.arange(0, HEADS * BLOCK_N) % BLOCK_N,
                 mask=k_mask, other=0.0).to(tl.float32) * qk_scale  # log2 domain: exp2 below
@@ -128,9 +128,9 @@ def _egmla_decode_kernel(
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < end
         c_tile = tl.load(latent_ptr + batch * stride_lb + offs_t[:, None] * stride_lt + offs_c[None, :],
-                         mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+                         mask=t_mask[:, None] & c_mask[None, :], other=0.0).to(dtype)
         r_tile = tl.load(k_rope_ptr + batch * stride_kb + offs_t[:, None] * stride_kt + offs_r[None, :],
-                         mask=t_mask[:, None] & r_mask[None, :], other=0.0)
+                         mask=t_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)
         ids = tl.load(ids_ptr + batch * stride_ib + offs_t * stride_it, mask=t_mask, other=0).to(tl.int64)
         ids = gate_rows(ids, id_to_row_ptr, t_mask, ROW_MAP)
         mu = tl.load(stats_ptr + batch * stride_sb + offs_t * stride_st, mask=t_mask, other=0.0)
@@ -191,7 +191,7 @@ def _ln_stats_head_kernel(
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < max_len
     c_tile = tl.load(latent_ptr + batch * stride_lb + offs_t[:, None] * stride_lt + offs_c[None, :],
-                     mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+                     mask=t_mask[:, None] & c_mask[None, :], other=0.0).to(w_t.dtype)  # an fp8 cache widened as read
     ids = tl.load(ids_ptr + batch * stride_ib + offs_t * stride_it, mask=t_mask, other=0).to(tl.int64)
     x = _gated(c_tile, w_t, gate_ptr, ids, stride_g, cols, col_ok, t_mask, GATE, DOT_PRECISION)
     if RMS:
@@ -302,7 +302,7 @@ def layernorm_stats_triton(latent: torch.Tensor, token_ids: torch.Tensor, gate_t
         latent.stride(0), latent.stride(1), token_ids.stride(0), token_ids.stride(1), gate_table.stride(0),
         wkv_b.stride(0), max_len,
         N_HEADS=n_heads, D_N=d_n, D_V=d_v, D_C=d_c, BLOCK_W=block(d_n + d_v), BLOCK_C=block(d_c),
-        BLOCK_T=block_t, GATE=GATE_CODES[gate_op], DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
+        BLOCK_T=block_t, GATE=GATE_CODES[gate_op], DOT_PRECISION="ieee" if wkv_b.dtype == torch.float32 else "tf32",
         num_warps=4, **flags)
     rows, block_r = batch * max_len, 64
     at = positions if positions is not None else part  # (unread without positions)
@@ -346,7 +346,7 @@ def egmla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
         if per_program & (per_program - 1) or not 1 <= per_program <= 16:
             raise ValueError(f"heads_per_program={per_program}: must be a power of two from 1 to 16")
     check_id_to_row(id_to_row, gate_table)
-    out = _output(out, (batch, heads, d_v), latent)
+    out = _output(out, (batch, heads, d_v), computes_like(latent, q_nope))
     dummy = wkv_b  # stands in for absent affine pointers (never read)
 
     def launch(config):
@@ -367,7 +367,7 @@ def egmla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
             N_HEADS=heads, D_N=d_n, D_V=d_v, D_C=d_c, D_R=d_r, BLOCK_N=block(d_n), BLOCK_V=block(d_v),
             BLOCK_C=block(d_c), BLOCK_R=block(d_r), BLOCK_T=tile, HEADS=per_program, GATE=GATE_CODES[gate_op],
             HAS_WEIGHT=norm_weight is not None, HAS_BIAS=norm_bias is not None,
-            DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32", ONE_SPLIT=splits == 1,
+            DOT_PRECISION="ieee" if wkv_b.dtype == torch.float32 else "tf32", ONE_SPLIT=splits == 1,
             ROW_MAP=id_to_row is not None, num_warps=warps, num_stages=num_stages, **launch_flags(latent.device))
         if splits > 1:
             combine_splits(part_acc, part_ml, out, norm_weight, norm_bias, affine_head_stride=d_n + d_v,

@@ -5,10 +5,13 @@ cast itself is exact: Triton's CPU interpreter rounds fp32 -> fp8 wrongly (1.99 
 exponent; ties round up), and the tests run the kernels there."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from egmla.kernels import interpreting
+
+FP8 = torch.float8_e4m3fn
 
 
 @triton.jit
@@ -46,9 +49,20 @@ def widened(tile, like, ONCE: tl.constexpr):
     return wide
 
 
+@triton.jit
+def widened_as(tile, ptr, ONCE: tl.constexpr):
+    """`widened` to the dtype of the tensor behind `ptr` (a no-op for a tile already of it)."""
+    wide = tile.to(ptr.dtype.element_ty)
+    if ONCE:
+        wide = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [wide], dtype=ptr.dtype.element_ty, is_pure=False,
+                                         pack=2)
+    return wide
+
+
 def widen_once_default(fp8_under_16_bit: bool, asked: bool | None) -> bool:
     """The launch's ONCE for `widened`: an fp8 cache under a 16-bit query, compiled for a GPU (not in Triton's CPU
     interpreter), unless an A/B asks for False."""
     if asked and not fp8_under_16_bit:
         raise ValueError("widen_once=True: only an fp8 cache read under a bf16 / fp16 query is widened")
     return fp8_under_16_bit and not interpreting() and asked is not False
+

@@ -31,8 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from egmla.kernels import GROUPED_CHUNK, block
+from egmla.kernels import GROUPED_CHUNK, block, computes_like
 from egmla.kernels.egmla_decode import check_id_to_row, gate_rows
+from egmla.kernels.fp8 import FP8, widen_once_default, widened_as
 from egmla.kernels.mla_decode import LOG2E, _output
 
 
@@ -230,7 +231,7 @@ def _attend_kernel(order_ptr, order_slots_ptr, lengths_ptr, latent_ptr, k_rope_p
                    stride_ab, stride_au, stride_pb, stride_ph, stride_rb, stride_ru, n_chunks, qk_scale,
                    N_HEADS: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-                   KEY_GATHER: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   KEY_GATHER: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDEN_ONCE: tl.constexpr):
     """Scores, chunk-local softmax and per-run value sums for one chunk of BLOCK_T slot-sorted positions.
     Heads are the N of the dots (as in MLA's absorbed decode); a run (one id) costs one dot each way."""
     chunk = tl.program_id(0)
@@ -241,7 +242,7 @@ def _attend_kernel(order_ptr, order_slots_ptr, lengths_ptr, latent_ptr, k_rope_p
     attend_chunk(chunk, batch, length, order_ptr, order_slots_ptr, latent_ptr, k_rope_ptr, stats_ptr, a_ptr, q_pe_ptr,
                  q_sum_ptr, q_bias_ptr, s_ptr, chunk_ptr, stride_ob, stride_lb, stride_lt, stride_kb, stride_kt,
                  stride_tb, stride_tt, stride_ab, stride_au, stride_pb, stride_ph, stride_rb, stride_ru, n_chunks,
-                 qk_scale, N_HEADS, D_C, D_R, BLOCK_H, BLOCK_C, BLOCK_R, BLOCK_T, KEY_GATHER, DOT_PRECISION)
+                 qk_scale, N_HEADS, D_C, D_R, BLOCK_H, BLOCK_C, BLOCK_R, BLOCK_T, KEY_GATHER, DOT_PRECISION, WIDEN_ONCE)
 
 
 @triton.jit
@@ -250,9 +251,10 @@ def attend_chunk(chunk, batch, length, order_ptr, order_slots_ptr, latent_ptr, k
                  stride_tb, stride_tt, stride_ab, stride_au, stride_pb, stride_ph, stride_rb, stride_ru, n_chunks,
                  qk_scale, N_HEADS: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, KEY_GATHER: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, WIDEN_ONCE: tl.constexpr = False):
     """The attend launch's work on one chunk (a program of it, or a phase of grouped_scratch's programs):
-    writes the chunk's softmax stats and its S rows (slot + chunk)."""
+    writes the chunk's softmax stats and its S rows (slot + chunk). An fp8 cache is widened to A's dtype as it is
+    read; its latent tile feeds the value product transposed, hence WIDEN_ONCE (egmla.kernels.fp8.widened)."""
     offs_t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < length
     pos = tl.load(order_ptr + batch * stride_ob + offs_t, mask=t_mask, other=0).to(tl.int64)
@@ -262,8 +264,10 @@ def attend_chunk(chunk, batch, length, order_ptr, order_slots_ptr, latent_ptr, k
     c_tile, r_tile, mu, rho = position_tile(latent_ptr + batch * stride_lb, k_rope_ptr + batch * stride_kb,
                                             stats_ptr + batch * stride_tb, pos, t_mask, stride_lt, stride_kt,
                                             stride_tt, offs_c, offs_r, c_mask, r_mask)
+    c_tile = widened_as(c_tile, a_ptr, WIDEN_ONCE)  # no-op but over an fp8 cache
     q_pe = tl.load(q_pe_ptr + batch * stride_pb + offs_h[:, None] * stride_ph + offs_r[None, :],
                    mask=h_mask[:, None] & r_mask[None, :], other=0.0)
+    r_tile = r_tile.to(q_pe.dtype)
     rope = tl.dot(r_tile, tl.trans(q_pe), input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_H]
 
     first = tl.min(tl.where(t_mask, slot, 2147483647), axis=0)
@@ -430,8 +434,8 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
                    batch_slice: int | None = None, key_gather: bool = False, gate_dot: bool = True,
                    num_stages: int | tuple[int | None, int | None, int | None] | None = None,
                    warp_specialize: bool = False, out: torch.Tensor | None = None,
-                   id_to_row: torch.Tensor | None = None) -> torch.Tensor:
-    """o [batch, heads, d_v] (dtype of latent): same function as `grouped_decode_ref`.
+                   id_to_row: torch.Tensor | None = None, widen_once: bool | None = None) -> torch.Tensor:
+    """o [batch, heads, d_v] (dtype of latent; of q_nope over an fp8 cache): same function as `grouped_decode_ref`.
 
     q_nope [batch, heads, d_n], q_pe [batch, heads, d_r]; cache latent [batch, T, d_c], k_rope [batch, T, d_r],
     ln_stats [batch, T, 2] fp32 (mu, rho); `plan` from `make_plan` (positions [0, lengths[b]) are read);
@@ -449,24 +453,29 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     launch on an H200 at paper-base, B = 32, T = 4,096 on code and English ids (docs/grouped-decode.md, "Launch
     settings" and "The up-projection as one dot"). `id_to_row` [vocab] int, if given: id v's gate row is
     gate_table[id_to_row[v]] (a gate-table offload's slot map over the rows resident on the device,
-    egmla.infer.offload) instead of gate_table[v]; the grouping stays by id."""
+    egmla.infer.offload) instead of gate_table[v]; the grouping stays by id. latent and k_rope may be float8_e4m3fn (an
+    fp8 cache): the attend launch widens each tile to the query's dtype as it reads it, `widen_once` as in
+    `mla_decode`."""
     d_v = _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan, gate_table, wkv_b)
     check_id_to_row(id_to_row, gate_table)
     batch, heads, d_n = q_nope.shape
     d_c, d_r = latent.shape[-1], k_rope.shape[-1]
-    out = _output(out, (batch, heads, d_v), latent)
+    compute = computes_like(latent, q_nope)
+    out = _output(out, (batch, heads, d_v), compute)
     if plan.max_len == 0:
         return out.zero_()
     if batch_slice and batch_slice < batch:
         settings = dict(block_ids=block_ids, heads_per_program=heads_per_program, block_rows=block_rows,
                         num_splits=num_splits, num_warps=num_warps, stages=stages, key_gather=key_gather,
-                        gate_dot=gate_dot, num_stages=num_stages, warp_specialize=warp_specialize, id_to_row=id_to_row)
+                        gate_dot=gate_dot, num_stages=num_stages, warp_specialize=warp_specialize, id_to_row=id_to_row,
+                        widen_once=widen_once)
         for start in range(0, batch, batch_slice):
             rows = slice(start, start + batch_slice)
             grouped_decode(q_nope[rows], q_pe[rows], latent[rows], k_rope[rows], ln_stats[rows], plan.sequences(rows),
                            gate_table, wkv_b, norm_weight, norm_bias, scale, out=out[rows], **settings)
         return out
-    device, dtype = latent.device, latent.dtype
+    device, dtype = latent.device, compute.dtype  # A and S in the model's dtype over an fp8 cache too
+    once = widen_once_default(latent.dtype == FP8 and dtype.itemsize == 2, widen_once)
     precision = "ieee" if dtype == torch.float32 else "tf32"
     block_h, block_c = block(heads), block(d_c)
     absorb_warps, attend_warps, upproj_warps = (num_warps,) * 3 if isinstance(num_warps, int) else num_warps
@@ -506,7 +515,8 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
         k_rope.stride(1), ln_stats.stride(0), ln_stats.stride(1), absorbed.stride(0), absorbed.stride(1),
         q_pe.stride(0), q_pe.stride(1), sums.stride(0), sums.stride(1), plan.n_chunks, scale * LOG2E,
         N_HEADS=heads, D_C=d_c, D_R=d_r, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_R=block(d_r),
-        BLOCK_T=plan.block_t, KEY_GATHER=key_gather, DOT_PRECISION=precision, num_warps=attend_warps, **attend_stages)
+        BLOCK_T=plan.block_t, KEY_GATHER=key_gather, DOT_PRECISION=precision, WIDEN_ONCE=once, num_warps=attend_warps,
+        **attend_stages)
     if stages < 3:
         return out
 

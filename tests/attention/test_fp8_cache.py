@@ -1,6 +1,7 @@
 """An fp8 KV cache (dtype torch.float8_e4m3fn, egmla/attention/cache.py): what it stores (saturated at +-448, rounded
 once), every row operation keeping it, the model's decode paths reading the same stored values (so they agree with
-each other as they do on a bf16 cache), its distance from an unquantized cache, and a clear refusal for EG-MLA."""
+each other as they do on a bf16 cache; EG-MLA's cached norm statistics come from the latents as rounded), its distance
+from an unquantized cache, and a clear refusal for the same-table controls."""
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from tests.conftest import perturbed, small_config
 MLA = dict(attention="mla")
 MHA = dict(attention="mha")
 GQA = dict(attention="gqa", n_kv_heads=2)
+EGMLA = dict(attention="eg-mla")
 
 
 def rel_err(a, b):
@@ -79,21 +81,27 @@ def decode_logits(model, tokens, prompt, path, dtype):
     return torch.stack(steps, 1)
 
 
-@pytest.mark.parametrize("kind", [MLA, MHA, GQA, dict(attention="mla", q_lora_rank=24)])
+@pytest.mark.parametrize("kind", [MLA, MHA, GQA, dict(attention="mla", q_lora_rank=24), EGMLA,
+                                  dict(EGMLA, gate_norm="rmsnorm"), dict(EGMLA, gate_op="add"),
+                                  dict(EGMLA, gate_placement="latent")])
 def test_every_decode_path_reads_the_same_fp8_values(kind, monkeypatch):
-    """Naive, absorbed and the Triton kernel (in the interpreter on a CPU, as `make test` runs it) read one stored
-    fp8 cache: they agree as closely as on an fp32 cache, and the fp8 cache stays close to the fp32 one. The kernel
-    is handed the fp8 cache itself, not a widened copy."""
-    from egmla.kernels import gqa_decode, interpreting, mla_decode
+    """Naive, absorbed and the Triton kernels (in the interpreter on a CPU, as `make test` runs it; EG-MLA's 'kernel'
+    and 'grouped' too) read one stored fp8 cache: they agree as closely as on an fp32 cache, and the fp8 cache stays
+    close to the fp32 one. The kernels are handed the fp8 cache itself, not a widened copy. EG-MLA's paths agree only
+    if the cached norm statistics come from the latents as rounded, as every path reads them."""
+    from egmla.kernels import egmla_decode, gqa_decode, grouped_decode, interpreting, mla_decode
 
     seen = []
-    for module, name in ((mla_decode, "mla_decode"), (gqa_decode, "gqa_decode")):
+    for module, name in ((mla_decode, "mla_decode"), (gqa_decode, "gqa_decode"), (egmla_decode, "egmla_decode"),
+                         (grouped_decode, "grouped_decode")):
         def spy(*args, _kernel=getattr(module, name), **kwargs):
             seen.append(args[2].dtype)  # the cache's first tensor (latent, or k)
             return _kernel(*args, **kwargs)
         monkeypatch.setattr(module, name, spy)
     config = small_config(**kind)
     model = perturbed(Transformer(config)).eval()
+    for layer in model.layers:
+        layer.attn.grouped_backend = "kernel"  # EG-MLA's 'grouped' through Triton on a CPU too (the interpreter)
     tokens = torch.randint(0, config.vocab_size, (3, 14))
     with torch.no_grad():
         paths = model.layers[0].attn.paths
@@ -101,6 +109,7 @@ def test_every_decode_path_reads_the_same_fp8_values(kind, monkeypatch):
         fp8 = {path: decode_logits(model, tokens, 6, path, FP8) for path in paths}
     if interpreting():
         assert seen and FP8 in seen and set(seen) <= {torch.float32, FP8}
+        assert seen.count(FP8) >= len(seen) // 2, seen  # every kernel path is handed the fp8 cache
     naive = fp8[next(iter(paths))]
     assert naive.isfinite().all()
     for path, logits in fp8.items():
@@ -108,14 +117,32 @@ def test_every_decode_path_reads_the_same_fp8_values(kind, monkeypatch):
     assert 0 < rel_err(naive, exact) < 0.05  # rounded once, at e4m3's 3 mantissa bits
 
 
-def test_eg_mla_refuses_an_fp8_cache_with_the_reason():
+@pytest.mark.parametrize("gate_op", ["bias", "bias-v"])
+def test_the_same_table_controls_refuse_an_fp8_cache_with_the_reason(gate_op):
     from egmla.infer import GenerationEngine
 
-    config = small_config()
-    with pytest.raises(ValueError, match="fp8 cache .* MHA, GQA and MLA"):
+    config = small_config(gate_op=gate_op)
+    with pytest.raises(ValueError, match="fp8 cache is built for MHA, GQA, MLA and EG-MLA, not the same-table controls"):
         allocate_cache(config, 2, 8, dtype=FP8)
-    with pytest.raises(ValueError, match="cache_dtype=.*fp8 cache is built for MHA, GQA and MLA"):
+    with pytest.raises(ValueError, match="cache_dtype=.* not the same-table controls .*use cache_dtype=None"):
         GenerationEngine(Transformer(config), cache_dtype=FP8)
+
+
+def test_eg_mla_keeps_fp32_statistics_beside_an_fp8_cache():
+    """EG-MLA's 'grouped' cache in fp8: the latents and RoPE keys one byte each, the norm statistics fp32 (8 B per
+    position and layer), and the statistics those of the rounded latents (what `norm_stats` gives for them)."""
+    config = small_config()
+    model = perturbed(Transformer(config)).eval()
+    model.set_decode_path("grouped")
+    cache = model.new_cache(2, max_len=12, dtype=FP8)
+    layer = cache.layers[0]
+    assert layer.tensor("latent").dtype == FP8 and layer.tensor("ln_stats").dtype == torch.float32
+    tokens = torch.randint(0, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        model(tokens, cache)
+    attn = model.layers[0].attn
+    stored = layer.read("latent", 7).float()
+    assert torch.allclose(layer.read("ln_stats", 7), attn.norm_stats(stored, tokens), rtol=1e-5, atol=1e-6)
 
 
 def test_generation_with_an_fp8_cache():

@@ -32,6 +32,21 @@ def test_graph_replay_equals_eager(variant, path):
     assert graphs.last_stats.cuda_graphs and len(graphs._steps) >= 2  # several buckets were used
 
 
+@pytest.mark.parametrize("variant", ["mha", "mla", "eg-mla", "eg-mla-latent"])
+def test_graph_replay_equals_eager_over_an_fp8_cache(variant):
+    """cache_dtype fp8 (EG-MLA's latents in fp8 beside fp32 norm statistics): graph replays give the eager tokens on
+    every decode path, call after call."""
+    model = tiny_model(variant, seed=1).cuda()
+    for path in decode_paths(model.config):
+        eager = GenerationEngine(model, decode_path=path, cuda_graphs=False, batch_buckets=(8,), cache_dtype="fp8")
+        graphs = GenerationEngine(model, decode_path=path, cache_dtype="fp8")
+        expected = eager.generate(PROMPTS, max_new_tokens=14)
+        for _ in range(2):
+            assert [r.token_ids for r in graphs.generate(PROMPTS, max_new_tokens=14)] == [
+                r.token_ids for r in expected], path
+        assert graphs._cache.dtype == torch.float8_e4m3fn and graphs.last_stats.cuda_graphs
+
+
 @pytest.mark.parametrize("variant", ["mha", "mla", "eg-mla"])
 def test_graphs_in_bf16_at_a_wide_shape(variant):
     """bf16, paper-base widths, a batch of 33 padded to 48: graphs give the eager tokens."""

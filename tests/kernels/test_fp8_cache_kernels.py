@@ -82,6 +82,66 @@ def test_widening_once_is_refused_where_nothing_is_fp8():
         mla_decode(q, q, cache[:, :, 0], cache[:, :, 1], torch.tensor([8], device=device), 0.25, widen_once=True)
 
 
+def half_or_fp32(half: bool, device: str) -> tuple[torch.dtype, float]:
+    """The model's dtype for an fp8 test and its tolerance: 16-bit (bf16 on a GPU, fp16 in the interpreter, which gets
+    bf16 wrong) or fp32."""
+    if not half:
+        return torch.float32, 1e-4
+    return (torch.bfloat16 if device == "cuda" else torch.float16), 1e-2
+
+
+@pytest.mark.parametrize("half,num_splits,heads_per_program", [(False, None, 1), (True, 3, 2), (True, 1, 1)])
+def test_egmla_decode_reads_an_fp8_cache(half, num_splits, heads_per_program):
+    """EG-MLA's fused rebuild over an fp8 cache: the latents and RoPE keys widened to the model's dtype as read, the
+    gate table, weights and output in that dtype; the statistics pass over the same fp8 latents equals the reference's
+    over the widened ones."""
+    from egmla.kernels.egmla_decode import egmla_decode, layernorm_stats_triton
+    from egmla.kernels.egmla_decode_ref import egmla_decode_ref
+    from tests.kernels.test_egmla_decode import make_inputs, stats_for
+
+    device = kernel_device()
+    dtype, tol = half_or_fp32(half, device)
+    inputs = make_inputs(3, 3, 16, 8, 20, 8, 50, 40, [1, 50, 23], dtype, device)
+    inputs["latent"], inputs["k_rope"] = fp8((3, 50, 20), device, scale=1.0), fp8((3, 50, 8), device, scale=1.0)
+    widened = dict(inputs, latent=inputs["latent"].to(dtype), k_rope=inputs["k_rope"].to(dtype))
+    stats = layernorm_stats_triton(inputs["latent"], inputs["token_ids"], inputs["gate_table"], inputs["wkv_b"],
+                                   n_heads=3, d_n=16)
+    assert rel_err(stats, stats_for(widened, "layernorm", "mul")) < tol
+    out = egmla_decode(**inputs, ln_stats=stats, scale=0.2, num_splits=num_splits, block_t=16,
+                       heads_per_program=heads_per_program, out=poisoned((3, 3, 8), dtype, device))
+    ref = egmla_decode_ref(**widened, scale=0.2)  # its own statistics, from the widened latents
+    assert out.dtype == dtype and out.isfinite().all()
+    assert rel_err(out, ref) < tol
+
+
+@pytest.mark.parametrize("half,widen_once,ids", [(False, None, "random"), (True, None, "repeated"),
+                                                 (True, False, "random")])
+def test_grouped_decode_reads_an_fp8_cache(half, widen_once, ids):
+    """EG-MLA's grouped decode over an fp8 cache: the attend launch widens each latent tile to A's dtype (the model's)
+    once in registers on a GPU (None) or where Triton places it (False); A, S and the output stay in the model's
+    dtype."""
+    from egmla.kernels.egmla_decode_ref import layernorm_stats
+    from egmla.kernels.grouped_decode import grouped_decode, make_plan
+    from egmla.kernels.grouped_decode_ref import grouped_decode_ref
+    from tests.kernels.test_grouped_decode import make_case
+
+    device = kernel_device()
+    dtype, tol = half_or_fp32(half, device)
+    lengths = [40, 17, 1]
+    case, groups = make_case(3, 6, 16, 8, 20, 8, lengths, 50, dtype, device, high=3 if ids == "repeated" else None)
+    max_len = case["latent"].shape[1]
+    case["latent"], case["k_rope"] = fp8((3, max_len, 20), device, scale=1.0), fp8((3, max_len, 8), device, scale=1.0)
+    widened = dict(case, latent=case["latent"].to(dtype), k_rope=case["k_rope"].to(dtype))
+    tokens = groups.distinct_ids.gather(1, groups.slots.long())  # each position's id
+    widened["ln_stats"] = case["ln_stats"] = layernorm_stats(widened["latent"], case["gate_table"][tokens],
+                                                             case["wkv_b"], 1e-6, "mul", "layernorm")
+    out = grouped_decode(plan=make_plan(groups, 16), out=poisoned((3, 6, 8), dtype, device), widen_once=widen_once,
+                         **case)
+    ref = grouped_decode_ref(slots=groups.slots, distinct_ids=groups.distinct_ids, lengths=groups.lengths, **widened)
+    assert out.dtype == dtype and out.isfinite().all()
+    assert rel_err(out, ref) < tol
+
+
 def test_stored_rounds_as_torch_does():
     """`stored` (what the append kernels write) equals torch's clamp-and-cast bit for bit: ties to even, carries into
     the exponent, subnormals, saturation. (Triton's interpreter gets the first two wrong when left to cast itself.)"""
@@ -157,10 +217,12 @@ def test_kv_append_stores_fp8():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("kind", [dict(attention="mla"), dict(attention="gqa", n_kv_heads=2)])
+@pytest.mark.parametrize("kind", [dict(attention="mla"), dict(attention="gqa", n_kv_heads=2),
+                                  dict(attention="eg-mla"), dict(attention="eg-mla", gate_norm="rmsnorm")])
 def test_the_model_decodes_from_an_fp8_cache_on_a_gpu(kind):
-    """bf16 model on the GPU, graph-free: the one-launch appends write the fp8 cache and the kernel reads it; the
-    naive path reads the same cache widened. They agree to bf16's tolerance."""
+    """bf16 model on the GPU, graph-free: the one-launch appends write the fp8 cache (EG-MLA's with the norm statistics
+    of the rounded latents) and the kernels read it (EG-MLA: 'kernel' and 'grouped'); the naive path reads the same
+    cache widened. They agree to bf16's tolerance."""
     from egmla.model import Transformer
     from tests.attention.test_fp8_cache import decode_logits
     from tests.conftest import perturbed, small_config
@@ -169,9 +231,10 @@ def test_the_model_decodes_from_an_fp8_cache_on_a_gpu(kind):
     model = perturbed(Transformer(config)).to("cuda", torch.bfloat16).eval()
     tokens = torch.randint(0, config.vocab_size, (3, 14), device="cuda")
     with torch.no_grad():
-        kernel = decode_logits(model, tokens, 6, "kernel", FP8)
         naive = decode_logits(model, tokens, 6, "naive", FP8)
-    assert kernel.isfinite().all() and rel_err(kernel, naive) < 2e-2
+        for path in ("kernel", "grouped") if kind["attention"] == "eg-mla" else ("kernel",):
+            fast = decode_logits(model, tokens, 6, path, FP8)
+            assert fast.isfinite().all() and rel_err(fast, naive) < 2e-2, path
 
 
 def test_the_fp8_sweep_checks_every_form_and_tables_them(tmp_path):
