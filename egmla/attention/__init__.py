@@ -72,20 +72,9 @@ def check_decode_path(config, path: str) -> str:
     return path
 
 
-FP8_REFUSED = ("an fp8 cache is built for MHA, GQA, MLA and EG-MLA, not the same-table controls (gate_op "
-               "'bias' / 'bias-v'): their absorbed decode kernels read the latents in the model's dtype")
-
-
-def takes_fp8_cache(config) -> bool:
-    """Whether the variant can keep an fp8 cache (egmla/attention/cache.py): MHA, GQA, MLA and EG-MLA (its norm
-    statistics stay fp32, computed from the latents as rounded). Not the same-table controls (`FP8_REFUSED`)."""
-    return not (config.attention == "eg-mla" and config.gate_op in ("bias", "bias-v"))
-
-
-def checked_cache_dtype(config, cache_dtype, name: str = "cache_dtype"):
-    """A cache dtype as a user gives it (None or "auto": the model's; "fp8" or torch.float8_e4m3fn: an fp8 cache; any
-    other torch dtype as given) as a torch dtype or None; an fp8 cache refused with the reason where the variant
-    cannot keep it (`takes_fp8_cache`)."""
+def checked_cache_dtype(cache_dtype, name: str = "cache_dtype"):
+    """A cache dtype as a user gives it (None or "auto": the model's; "fp8" or torch.float8_e4m3fn: an fp8 cache, which
+    every variant keeps; any other torch dtype as given) as a torch dtype or None."""
     import torch
 
     from egmla.attention.cache import FP8
@@ -97,22 +86,15 @@ def checked_cache_dtype(config, cache_dtype, name: str = "cache_dtype"):
     if not isinstance(cache_dtype, torch.dtype):
         raise ValueError(f"{name}={cache_dtype!r}: a torch dtype (torch.float8_e4m3fn for an fp8 cache), 'fp8', or "
                          f"None for the model's")
-    if cache_dtype == FP8 and not takes_fp8_cache(config):
-        raise ValueError(f"{name}={cache_dtype} for {config.variant_name()}: {FP8_REFUSED}; use {name}=None")
     return cache_dtype
 
 
 def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=None, device=None,
                    decode_path: str | None = None) -> KVCache:
     """A cache for `batch_size` sequences of up to `max_len` tokens, holding only what the variant needs. dtype
-    torch.float8_e4m3fn: an fp8 cache (egmla/attention/cache.py), for every variant but the same-table controls."""
+    torch.float8_e4m3fn: an fp8 cache (egmla/attention/cache.py)."""
     import torch
 
-    from egmla.attention.cache import FP8
-
-    if dtype == FP8 and not takes_fp8_cache(config):
-        raise ValueError(f"dtype={FP8} for {config.variant_name()}: {FP8_REFUSED}; leave the cache dtype at the "
-                         f"model's")
     max_len = max_len or config.max_seq_len
     if max_len > config.max_seq_len:
         raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}: "
@@ -127,4 +109,4 @@ def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=No
 __all__ = ["ATTENTION_CLASSES", "AttnContext", "CacheSpec", "DecodePath", "EmbeddingGatedMLA", "GroupedQueryAttention",
            "KVCache", "LayerCache", "MultiHeadLatentAttention", "TableBiasMLA", "allocate_cache", "attention_class",
            "GROUPED_MIN_POSITIONS", "check_decode_path", "checked_cache_dtype", "cuda_decode_path", "decode_path_table",
-           "decode_paths", "fastest_decode_path", "takes_fp8_cache"]
+           "decode_paths", "fastest_decode_path"]

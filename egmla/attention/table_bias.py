@@ -87,6 +87,12 @@ class TableBiasMLA(EmbeddingGatedMLA):
         return kv
 
     # ---- the absorbed decode -----------------------------------------------------------------
+    def reads_fp8_as_stored(self, x: torch.Tensor, latent: torch.Tensor, ctx: AttnContext) -> bool:
+        """'absorbed' where its Triton pass runs reads an fp8 cache as stored (egmla/kernels/bias_decode.py widens each
+        tile); every other path reads it widened."""
+        return (self.decode_path == "absorbed" and self.wants_triton("absorbed_backend", latent)
+                and decode_kernel_can_run(x, latent, ctx, "EG-MLA bias absorbed"))
+
     def attend_absorbed(self, q_nope, q_pe, latent, k_pe, kv_ids, ctx: AttnContext) -> torch.Tensor:
         """The absorbed decode (`bias_absorbed_attention`) for one new token per sequence, reading the cached
         (mu, rho) and the token groups; several new tokens (prefill) take the gate-table rebuild.

@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-gate-tables", action="store_true", help="EG-MLA rows: gate tables in host memory")
     parser.add_argument("--cache-dtypes", default="auto", metavar="LIST",
                         help="comma-separated KV cache dtypes to run each configuration with: auto (the model's) and "
-                             "fp8 (float8_e4m3fn; the same-table controls skip it); with --fill-memory each "
+                             "fp8 (float8_e4m3fn); with --fill-memory each "
                              "fills the memory at its own bytes per token (default: auto)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -193,7 +193,7 @@ def main(args) -> int:
     import torch
 
     from egmla.accounting import variant_configs
-    from egmla.attention import decode_paths, fastest_decode_path, takes_fp8_cache
+    from egmla.attention import decode_paths, fastest_decode_path
     from egmla.bench.ab import code_identity
     from egmla.config import preset
     from egmla.configfile import int_list, model_overrides
@@ -288,10 +288,6 @@ def main(args) -> int:
                                                                        if p in decode_paths(config)]
         for path, cache_name in ((p, c) for p in wanted for c in cache_dtypes):
             cache_dtype = cache_dtype_of(cache_name)
-            if cache_dtype is not None and not takes_fp8_cache(config):
-                print(f"{config.variant_name()}: no fp8 cache for the same-table controls (their absorbed kernels "
-                      f"read the model's dtype): skipped")
-                continue
             layout = fastest_decode_path(config, device) if path == "auto" else path
             sizes = ([fill_batch(config, layout, args.fill_memory, args.context, cache_dtype or dtype)]
                      if args.fill_memory else batch_sizes)

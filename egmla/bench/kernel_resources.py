@@ -158,15 +158,18 @@ def _mla_cases():
 
 
 def _fp8_cases():
-    """MLA's and MHA's decode kernels and EG-MLA's grouped attend launch over an fp8 cache under a bf16 query, the tile
-    read transposed by the value product widened where Triton places it and once in registers
-    (egmla.kernels.fp8.widened), beside bf16's."""
+    """MLA's and MHA's decode kernels, the bias controls' pass and EG-MLA's grouped attend launch over an fp8 cache
+    under a bf16 query, the tile read transposed by the value product widened where Triton places it and once in
+    registers (egmla.kernels.fp8.widened), beside bf16's."""
+    from egmla.kernels import bias_decode as b
     from egmla.kernels import gqa_decode as g
     from egmla.kernels import grouped_decode as gd
     from egmla.kernels import mla_decode as m
     from egmla.kernels.grouped_decode import CHUNK
 
     partials = {"lengths_ptr": "*i64", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}
+    bias = {"q_terms_ptr": "*fp32", "stats_ptr": "*fp32", "slots_ptr": "*i32", "per_id_ptr": "*fp32",
+            "lengths_ptr": "*i64", "part_acc_ptr": "*fp32", "part_stats_ptr": "*fp32", "scores_ptr": "*fp32"}
     for cache, once in (("bf16", False), ("fp8", False), ("fp8", True)):
         fp8 = cache == "fp8"
         how = f"{cache} cache" + (f", widened {'once in registers' if once else 'where Triton places it'}" if fp8 else "")
@@ -178,6 +181,10 @@ def _fp8_cases():
                dict(N_HEADS=12, N_KV_HEADS=12, GROUP=1, HEAD_DIM=64, BLOCK_G=16, BLOCK_D=64, BLOCK_T=64,
                     DOT_PRECISION="tf32", ONE_SPLIT=False, PDL=True, FP16_DOTS=fp8, WIDEN_ONCE=once),
                {**partials, **({"k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv"} if fp8 else {})}, 4, 2)
+        yield ("bias pass kv64", f"{how}, K/V table, tiles of 64, 4 warps, stages 2", b._bias_decode_kernel,
+               dict(N_HEADS=12, D_C=64, D_R=64, BLOCK_H=16, BLOCK_C=64, BLOCK_R=64, BLOCK_T=64, DOT_PRECISION="tf32",
+                    HAS_ID_SCORE=True, WIDEN_ONCE=once),
+               {**bias, **({"latent_ptr": "*fp8e4nv", "k_rope_ptr": "*fp8e4nv"} if fp8 else {})}, 4, 2)
         grouped = {**{name: "*i32" for name in ("order_ptr", "order_slots_ptr", "lengths_ptr")},
                    **{name: "*fp32" for name in ("stats_ptr", "q_sum_ptr", "q_bias_ptr", "chunk_ptr")}}
         yield ("grouped attend kv64", f"{how}, chunks of {CHUNK}, 1 warp", gd._attend_kernel,
@@ -195,7 +202,7 @@ def _bias_cases():
         yield ("bias pass kv64", f"{'K/V' if score_term else 'V'} table, tiles of {tile}, {warps} warps, stages {stages}",
                b._bias_decode_kernel,
                dict(N_HEADS=12, D_C=64, D_R=64, BLOCK_H=16, BLOCK_C=64, BLOCK_R=64, BLOCK_T=tile, DOT_PRECISION="tf32",
-                    HAS_ID_SCORE=score_term), pointers, warps, stages)
+                    HAS_ID_SCORE=score_term, WIDEN_ONCE=False), pointers, warps, stages)
 
 
 def _step_cases():

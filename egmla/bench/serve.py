@@ -68,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tens of ms during which every request waits: rows count these as late captures)")
     parser.add_argument("--decode-path", default="auto", help="egmla's decode path (auto = the engine's choice)")
     parser.add_argument("--cache-dtype", default="auto", choices=["auto", "fp8"],
-                        help="egmla's KV cache: auto = the model's dtype; fp8 = float8_e4m3fn (every variant but the "
-                             "same-table controls, which are refused), as `egmla serve --cache-dtype fp8`")
+                        help="egmla's KV cache: auto = the model's dtype; fp8 = float8_e4m3fn, as `egmla serve "
+                             "--cache-dtype fp8`")
     parser.add_argument("--offload-gate-tables", action="store_true",
                         help="EG-MLA rows: gate tables in host memory, the rows of the ids the cache holds on the device "
                              "(as `egmla serve --offload-gate-tables`)")

@@ -9,8 +9,7 @@ given, adds egmla's local tasks egmla_mc and egmla_ppl). From Python:
 model_args: run (required; `pretrained` is taken as its other name, the key lm-eval names its output folder after),
 checkpoint, device (cuda if available, else cpu), dtype (float32 | bfloat16 | float16),
 batch_size (8; "auto" = 8), max_length (model's max_seq_len), decode_path (generation), max_gen_toks (256),
-cache_dtype (fp8: generate_until's cache in fp8, every variant but the same-table controls; scoring runs whole forwards
-and keeps no cache).
+cache_dtype (fp8: generate_until's cache in fp8; scoring runs whole forwards and keeps no cache).
 lm_eval's --device and --batch_size arrive as device and batch_size; max_batch_size is accepted and unused.
 
     loglikelihood          context and continuation tokenised together, split where the context ends
@@ -65,7 +64,7 @@ class EgmlaLM(TemplateLM):
         self.model, _ = load_model(run, device=device, dtype=DTYPES[dtype], checkpoint=checkpoint)
         if decode_path:
             self.model.set_decode_path(decode_path)
-        self.cache_dtype = checked_cache_dtype(self.model.config, cache_dtype)  # generate_until's cache; scoring has none
+        self.cache_dtype = checked_cache_dtype(cache_dtype)  # generate_until's cache; scoring has none
         self.tokenizer = load_tokenizer(run)
         self._eot = special_token_ids(self.tokenizer)["eos_token_id"]
         if self._eot is None:

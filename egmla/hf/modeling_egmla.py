@@ -223,10 +223,9 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
 
     def set_cache_dtype(self, cache_dtype) -> "EgmlaForCausalLM":
         """The dtype of the caches that generate() makes from now on: None (the model's), or "fp8" /
-        torch.float8_e4m3fn for an fp8 cache (every variant but the same-table controls; one byte per element, EG-MLA's
-        norm statistics fp32, rounded once when written, as
-        `egmla generate --cache-dtype fp8`; docs/inference.md). Returns the model."""
-        self.cache_dtype = checked_cache_dtype(self.model.config, cache_dtype)
+        torch.float8_e4m3fn for an fp8 cache (one byte per element, EG-MLA's norm statistics fp32, rounded once when
+        written, as `egmla generate --cache-dtype fp8`; docs/inference.md). Returns the model."""
+        self.cache_dtype = checked_cache_dtype(cache_dtype)
         return self
 
     def new_hf_cache(self, batch_size: int, max_length: int | None = None) -> EgmlaCache:

@@ -138,8 +138,8 @@ CACHE_DTYPES = ("auto", "fp8")
 def add_cache_dtype_option(parser) -> None:
     parser.add_argument("--cache-dtype", default="auto", choices=CACHE_DTYPES,
                         help="the KV cache's dtype: auto = the model's (--dtype); fp8 = float8_e4m3fn, half of bf16's "
-                             "bytes, each cached value saturated at +-448 and rounded once when written (every variant "
-                             "but the same-table controls; the Triton decode kernels read it as stored: "
+                             "bytes, each cached value saturated at +-448 and rounded once when written (the Triton "
+                             "decode kernels read it as stored: "
                              "docs/inference.md#an-fp8-kv-cache---cache-dtype-fp8)")
 
 

@@ -198,7 +198,7 @@ class GenerationEngine:
         (`fastest_decode_path`: the Triton kernel on CUDA, EG-MLA's grouped decode from 16,384 positions per
         step, with offloaded gate tables too), and the model's current path elsewhere.
     cache_dtype: dtype of the cache tensors (default: the model's); torch.float8_e4m3fn (or "fp8"): an fp8 cache for
-        every variant but the same-table controls, half the bytes of bf16 (EG-MLA's norm statistics stay fp32),
+        every variant, half the bytes of bf16 (EG-MLA's norm statistics stay fp32),
         rounded once when written (egmla/attention/cache.py; the Triton kernels read it as stored, the PyTorch paths
         widen it first).
     offload_gate_tables: keep EG-MLA gate tables in host memory (see egmla.infer.offload); on CUDA the rows of new
@@ -253,7 +253,7 @@ class GenerationEngine:
         # (re)build what the path precomputes from the weights (gate tables, folded absorption)
         model.set_decode_path(check_decode_path(self.config, decode_path or model.decode_path))
         self.decode_path = model.decode_path
-        self.cache_dtype = checked_cache_dtype(self.config, cache_dtype)
+        self.cache_dtype = checked_cache_dtype(cache_dtype)
         self.offload = GateTableOffload(model) if offload_gate_tables else None
         on_cuda = self.device.type == "cuda"
         if cuda_graphs and not on_cuda:

@@ -20,8 +20,7 @@ from typing import Callable
 import torch
 
 from egmla.accounting import measured_cache_bytes_per_token, variant_configs
-from egmla.attention import (GROUPED_MIN_POSITIONS, cuda_decode_path, decode_path_table, decode_paths,
-                             takes_fp8_cache)
+from egmla.attention import GROUPED_MIN_POSITIONS, cuda_decode_path, decode_path_table, decode_paths
 from egmla.config import ModelConfig
 from egmla.model import count_params
 
@@ -107,15 +106,14 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
     takes on a GPU at the batch that fits (`cuda_decode_path`: EG-MLA's 'grouped', with its working memory,
     where its batch x context reaches GROUPED_MIN_POSITIONS). cache_layout: the path whose cache layout is
     allocated, if not `decode_path`'s (under "auto" EG-MLA's cache has the grouped layout on either path).
-    cache_dtype "fp8": an fp8 cache (torch.float8_e4m3fn) for the variants that take one (all but the same-table
-    controls, whose rows keep `dtype`: its row's cache_dtype says which)."""
+    cache_dtype "fp8": an fp8 cache (torch.float8_e4m3fn)."""
     if decode_path == "auto":
         return auto_plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, distinct_ids,
                              merged_products, resident_ids, cache_dtype)
     torch_dtype = DTYPES[dtype]
     item = torch.tensor([], dtype=torch_dtype).element_size()
     path = decode_path if decode_path in decode_paths(config) else decode_paths(config)[0]
-    fp8 = cache_dtype == "fp8" and takes_fp8_cache(config)
+    fp8 = cache_dtype == "fp8"
     cache_per_token, _ = measured_cache_bytes_per_token(config, torch.float8_e4m3fn if fp8 else torch_dtype,
                                                         cache_layout or path)
     derived = derived_weight_params(config, path, merged_products) * item

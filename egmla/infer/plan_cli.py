@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dtype", default="auto", choices=["auto", "fp8"],
                         help="auto: the cache in --dtype; fp8: an fp8 KV cache (float8_e4m3fn, 1 byte per element), "
                              "whose rows then hold about twice as many sequences as bf16 (EG-MLA's token ids and fp32 "
-                             "norm statistics stay as they are); the same-table controls' rows keep --dtype")
+                             "norm statistics stay as they are)")
     parser.add_argument("--reserve-gb", type=float, default=0.0,
                         help="memory to set aside for activations, workspace and allocator slack")
     parser.add_argument("--gate-table", action="store_true",
@@ -101,7 +101,7 @@ def main(args) -> int:
         return 0
     title = (f"Memory plan: {source} ({base.n_layers} layers, d_model {base.d_model}, vocab {base.vocab_size}), "
              f"{args.context} tokens per sequence, {args.memory_gb:g} GB, {args.dtype}"
-             + (", fp8 cache (not for the same-table controls)" if args.cache_dtype == "fp8" else "")
+             + (", fp8 cache" if args.cache_dtype == "fp8" else "")
              + (", EG-MLA gate-table path" if args.gate_table else ""))
     print(format_plan(rows, title))
     if args.context > base.max_seq_len:

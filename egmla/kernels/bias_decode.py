@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from egmla.kernels import block, rows
+from egmla.kernels import block, computes_like, rows
+from egmla.kernels.fp8 import FP8, widen_once_default, widened
 from egmla.kernels.grouped_decode import position_tile
 from egmla.kernels.mla_decode import LOG2E
 from egmla.kernels.split_combine import choose_num_splits, launch_first_fitting, split_range
@@ -42,7 +43,7 @@ def _bias_decode_kernel(
     stride_tb, stride_tt, stride_sb, stride_eb, stride_eh, stride_xb, stride_xh, max_len, num_splits, qk_scale,
     N_HEADS: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_ID_SCORE: tl.constexpr,
+    HAS_ID_SCORE: tl.constexpr, WIDEN_ONCE: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
@@ -51,11 +52,15 @@ def _bias_decode_kernel(
 
     offs_h, offs_c, offs_r = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_R)
     h_mask, c_mask, r_mask = offs_h < N_HEADS, offs_c < D_C, offs_r < D_R
-    # the queries in the cache's dtype for the dots, whatever dtype the projection left them in (no cast launch)
+    # the queries in the cache's dtype for the dots, whatever dtype the projection left them in (no cast launch); over
+    # an fp8 cache the dots run in the queries' dtype and each tile is widened to it as it is read
+    dtype = latent_ptr.dtype.element_ty
+    if dtype == tl.float8e4nv:
+        dtype = q_ptr.dtype.element_ty
     q = tl.load(q_ptr + batch * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
-                mask=h_mask[:, None] & c_mask[None, :], other=0.0).to(latent_ptr.dtype.element_ty)
+                mask=h_mask[:, None] & c_mask[None, :], other=0.0).to(dtype)
     q_pe = tl.load(q_pe_ptr + batch * stride_pb + offs_h[:, None] * stride_ph + offs_r[None, :],
-                   mask=h_mask[:, None] & r_mask[None, :], other=0.0).to(k_rope_ptr.dtype.element_ty)
+                   mask=h_mask[:, None] & r_mask[None, :], other=0.0).to(dtype)
     terms = q_terms_ptr + batch * stride_ab + offs_h * stride_ah
     alpha_q = tl.load(terms, mask=h_mask, other=0.0).to(tl.float32)  # gamma^K . q^C
     bias_q = tl.load(terms + 1, mask=h_mask, other=0.0).to(tl.float32)  # beta^K . q^C
@@ -71,6 +76,7 @@ def _bias_decode_kernel(
         c_tile, r_tile, mu, rho = position_tile(latent_ptr + batch * stride_lb, k_rope_ptr + batch * stride_kb,
                                                 stats_ptr + batch * stride_tb, offs_t, t_mask, stride_lt, stride_kt,
                                                 stride_tt, offs_c, offs_r, c_mask, r_mask)
+        c_tile, r_tile = widened(c_tile, q, WIDEN_ONCE), r_tile.to(dtype)  # no-ops but over an fp8 cache
         content = tl.dot(q, tl.trans(c_tile), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_T]
         rope = tl.dot(q_pe, tl.trans(r_tile), input_precision=DOT_PRECISION)
         s = rho[None, :] * (content - mu[None, :] * alpha_q[:, None]) + bias_q[:, None] + rope
@@ -348,7 +354,8 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
                 scores, plan.order, plan.order_slots, plan.offsets, plan.n_distinct, plan.lengths, lengths, m_inv,
                 mass, scores.stride(0), scores.stride(1), plan.order.stride(0), plan.offsets.stride(0),
                 max_len, n_ids, N_HEADS=heads, BLOCK_H=block(heads), BLOCK_U=MASS_BLOCK_U,
-                BLOCK_T=MASS_GROUPED_BLOCK_T, DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32",
+                BLOCK_T=MASS_GROUPED_BLOCK_T,
+                DOT_PRECISION="ieee" if computes_like(latent, q_absorbed).dtype == torch.float32 else "tf32",
                 num_warps=4)
         return combined[..., :d_c], combined[..., d_c], mass.transpose(1, 2)
     if atomic:
@@ -361,15 +368,19 @@ def bias_decode(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Ten
 def bias_pass(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Tensor, latent: torch.Tensor,
               k_rope: torch.Tensor, ln_stats: torch.Tensor, slots: torch.Tensor, per_id: torch.Tensor | None,
               lengths: torch.Tensor, scale: float, num_splits: int | None = None, block_t: int | None = None,
-              num_stages: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              num_stages: int | None = None, num_warps: int = 4,
+              widen_once: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pass over the cache alone (inputs as `bias_decode`'s, not checked again): per split its unnormalised
     sums part_acc [batch, splits, heads, d_c] and (max, denominator, mean term) part_stats [batch, splits, heads,
     3], and every visible position's score (log2 domain) [batch, heads, T]. Its own function so that a benchmark
-    can time it apart from the combine and the mass (egmla bench kernel-sweep --kernels bias)."""
+    can time it apart from the combine and the mass (egmla bench kernel-sweep --kernels bias). latent and k_rope may be
+    float8_e4m3fn (an fp8 cache): the dots then run in q_absorbed's dtype, `widen_once` as in `mla_decode`."""
     batch, heads, d_c = q_absorbed.shape
     max_len, d_r = latent.shape[1], k_rope.shape[-1]
     q_absorbed, q_pe = rows(q_absorbed), rows(q_pe)  # any float dtype: the kernel casts them (no launch)
     device = latent.device
+    compute = computes_like(latent, q_absorbed).dtype
+    once = widen_once_default(latent.dtype == FP8 and compute.itemsize == 2, widen_once)
     scores = torch.empty(batch, heads, max_len, dtype=torch.float32, device=device)  # read below length only
     stages = num_stages or BIAS_STAGES
     id_scores = per_id if per_id is not None else scores  # not read without a score term
@@ -386,13 +397,13 @@ def bias_pass(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Tenso
             ln_stats.stride(0), ln_stats.stride(1), slots.stride(0), id_scores.stride(0), id_scores.stride(1),
             scores.stride(0), scores.stride(1), max_len, splits, scale * LOG2E, N_HEADS=heads, D_C=d_c, D_R=d_r,
             BLOCK_H=block(heads), BLOCK_C=block(d_c), BLOCK_R=block(d_r), BLOCK_T=tile,
-            DOT_PRECISION="ieee" if latent.dtype == torch.float32 else "tf32", HAS_ID_SCORE=per_id is not None,
-            num_warps=num_warps, num_stages=stages)
+            DOT_PRECISION="ieee" if compute == torch.float32 else "tf32", HAS_ID_SCORE=per_id is not None,
+            WIDEN_ONCE=once, num_warps=num_warps, num_stages=stages)
         return part_acc, part_stats
 
     tiles = [block_t] if block_t else BLOCK_TS
-    part_acc, part_stats = launch_first_fitting(("bias", latent.dtype, heads, d_c, d_r, tuple(tiles), stages,
-                                                 num_warps), tiles, launch)
+    part_acc, part_stats = launch_first_fitting(("bias", latent.dtype, compute, once, heads, d_c, d_r, tuple(tiles),
+                                                 stages, num_warps), tiles, launch)
     return part_acc, part_stats, scores
 
 

@@ -1,7 +1,7 @@
 """An fp8 KV cache (dtype torch.float8_e4m3fn, egmla/attention/cache.py): what it stores (saturated at +-448, rounded
 once), every row operation keeping it, the model's decode paths reading the same stored values (so they agree with
-each other as they do on a bf16 cache; EG-MLA's cached norm statistics come from the latents as rounded), its distance
-from an unquantized cache, and a clear refusal for the same-table controls."""
+each other as they do on a bf16 cache; EG-MLA's cached norm statistics come from the latents as rounded), and its
+distance from an unquantized cache."""
 import pytest
 import torch
 
@@ -83,25 +83,27 @@ def decode_logits(model, tokens, prompt, path, dtype):
 
 @pytest.mark.parametrize("kind", [MLA, MHA, GQA, dict(attention="mla", q_lora_rank=24), EGMLA,
                                   dict(EGMLA, gate_norm="rmsnorm"), dict(EGMLA, gate_op="add"),
-                                  dict(EGMLA, gate_placement="latent")])
+                                  dict(EGMLA, gate_placement="latent"), dict(EGMLA, gate_op="bias"),
+                                  dict(EGMLA, gate_op="bias-v")])
 def test_every_decode_path_reads_the_same_fp8_values(kind, monkeypatch):
     """Naive, absorbed and the Triton kernels (in the interpreter on a CPU, as `make test` runs it; EG-MLA's 'kernel'
-    and 'grouped' too) read one stored fp8 cache: they agree as closely as on an fp32 cache, and the fp8 cache stays
+    and 'grouped' and the same-table controls' 'absorbed' too) read one stored fp8 cache: they agree as closely as on an fp32 cache, and the fp8 cache stays
     close to the fp32 one. The kernels are handed the fp8 cache itself, not a widened copy. EG-MLA's paths agree only
     if the cached norm statistics come from the latents as rounded, as every path reads them."""
-    from egmla.kernels import egmla_decode, gqa_decode, grouped_decode, interpreting, mla_decode
+    from egmla.kernels import bias_decode, egmla_decode, gqa_decode, grouped_decode, interpreting, mla_decode
 
     seen = []
-    for module, name in ((mla_decode, "mla_decode"), (gqa_decode, "gqa_decode"), (egmla_decode, "egmla_decode"),
-                         (grouped_decode, "grouped_decode")):
-        def spy(*args, _kernel=getattr(module, name), **kwargs):
-            seen.append(args[2].dtype)  # the cache's first tensor (latent, or k)
+    for module, name, at in ((mla_decode, "mla_decode", 2), (gqa_decode, "gqa_decode", 2),
+                             (egmla_decode, "egmla_decode", 2), (grouped_decode, "grouped_decode", 2),
+                             (bias_decode, "bias_decode", 3)):
+        def spy(*args, _kernel=getattr(module, name), _at=at, **kwargs):
+            seen.append(args[_at].dtype)  # the cache's first tensor (latent, or k)
             return _kernel(*args, **kwargs)
         monkeypatch.setattr(module, name, spy)
     config = small_config(**kind)
     model = perturbed(Transformer(config)).eval()
-    for layer in model.layers:
-        layer.attn.grouped_backend = "kernel"  # EG-MLA's 'grouped' through Triton on a CPU too (the interpreter)
+    for layer in model.layers:  # EG-MLA's 'grouped' and the controls' 'absorbed' through Triton on a CPU too
+        layer.attn.grouped_backend = layer.attn.absorbed_backend = "kernel"
     tokens = torch.randint(0, config.vocab_size, (3, 14))
     with torch.no_grad():
         paths = model.layers[0].attn.paths
@@ -115,17 +117,6 @@ def test_every_decode_path_reads_the_same_fp8_values(kind, monkeypatch):
     for path, logits in fp8.items():
         assert rel_err(logits, naive) < 1e-4, path
     assert 0 < rel_err(naive, exact) < 0.05  # rounded once, at e4m3's 3 mantissa bits
-
-
-@pytest.mark.parametrize("gate_op", ["bias", "bias-v"])
-def test_the_same_table_controls_refuse_an_fp8_cache_with_the_reason(gate_op):
-    from egmla.infer import GenerationEngine
-
-    config = small_config(gate_op=gate_op)
-    with pytest.raises(ValueError, match="fp8 cache is built for MHA, GQA, MLA and EG-MLA, not the same-table controls"):
-        allocate_cache(config, 2, 8, dtype=FP8)
-    with pytest.raises(ValueError, match="cache_dtype=.* not the same-table controls .*use cache_dtype=None"):
-        GenerationEngine(Transformer(config), cache_dtype=FP8)
 
 
 def test_eg_mla_keeps_fp32_statistics_beside_an_fp8_cache():

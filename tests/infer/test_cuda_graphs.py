@@ -32,7 +32,7 @@ def test_graph_replay_equals_eager(variant, path):
     assert graphs.last_stats.cuda_graphs and len(graphs._steps) >= 2  # several buckets were used
 
 
-@pytest.mark.parametrize("variant", ["mha", "mla", "eg-mla", "eg-mla-latent"])
+@pytest.mark.parametrize("variant", ["mha", "mla", "eg-mla", "eg-mla-latent", "eg-mla-bias"])
 def test_graph_replay_equals_eager_over_an_fp8_cache(variant):
     """cache_dtype fp8 (EG-MLA's latents in fp8 beside fp32 norm statistics): graph replays give the eager tokens on
     every decode path, call after call."""

@@ -142,6 +142,32 @@ def test_grouped_decode_reads_an_fp8_cache(half, widen_once, ids):
     assert rel_err(out, ref) < tol
 
 
+@pytest.mark.parametrize("half,widen_once", [(False, None), (True, None), (True, False)])
+def test_bias_decode_reads_an_fp8_cache(half, widen_once):
+    """The same-table controls' absorbed pass over an fp8 cache: its dots in the queries' dtype (the model's), each tile
+    widened as read, once in registers on a GPU (None) or where Triton places it (False)."""
+    from egmla.kernels.bias_decode import bias_decode, bias_pass
+    from egmla.kernels.bias_decode_ref import bias_decode_ref
+    from tests.kernels.test_bias_decode import inputs
+
+    device = kernel_device()
+    dtype, tol = half_or_fp32(half, device)
+    args = inputs(dtype, device)
+    args["latent"], args["k_rope"] = fp8((3, 40, 16), device, scale=1.0), fp8((3, 40, 16), device, scale=1.0)
+    if widen_once is not None:  # the pass alone takes the setting; bias_decode takes the default
+        parts = bias_pass(*(args[name] for name in ("q_absorbed", "q_pe", "q_terms", "latent", "k_rope", "ln_stats",
+                                                     "slots", "per_id", "lengths", "scale")), block_t=16,
+                          widen_once=widen_once)
+        default = bias_pass(*(args[name] for name in ("q_absorbed", "q_pe", "q_terms", "latent", "k_rope", "ln_stats",
+                                                       "slots", "per_id", "lengths", "scale")), block_t=16)
+        for a, b in zip(parts[:2], default[:2]):  # the same widened values into the same dots
+            assert torch.equal(a, b)
+    out = bias_decode(**args, num_splits=3, block_t=16)
+    ref = bias_decode_ref(**dict(args, latent=args["latent"].to(dtype), k_rope=args["k_rope"].to(dtype)))
+    for name, o, r in zip(("out_latent", "mean", "mass"), out, ref):
+        assert o.isfinite().all() and rel_err(o[:2], r[:2]) < tol, name
+
+
 def test_stored_rounds_as_torch_does():
     """`stored` (what the append kernels write) equals torch's clamp-and-cast bit for bit: ties to even, carries into
     the exponent, subnormals, saturation. (Triton's interpreter gets the first two wrong when left to cast itself.)"""
@@ -218,11 +244,12 @@ def test_kv_append_stores_fp8():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("kind", [dict(attention="mla"), dict(attention="gqa", n_kv_heads=2),
-                                  dict(attention="eg-mla"), dict(attention="eg-mla", gate_norm="rmsnorm")])
+                                  dict(attention="eg-mla"), dict(attention="eg-mla", gate_norm="rmsnorm"),
+                                  dict(attention="eg-mla", gate_op="bias")])
 def test_the_model_decodes_from_an_fp8_cache_on_a_gpu(kind):
     """bf16 model on the GPU, graph-free: the one-launch appends write the fp8 cache (EG-MLA's with the norm statistics
-    of the rounded latents) and the kernels read it (EG-MLA: 'kernel' and 'grouped'); the naive path reads the same
-    cache widened. They agree to bf16's tolerance."""
+    of the rounded latents) and the kernels read it (EG-MLA: 'kernel' and 'grouped'; the same-table control:
+    'absorbed'); the naive path reads the same cache widened. They agree to bf16's tolerance."""
     from egmla.model import Transformer
     from tests.attention.test_fp8_cache import decode_logits
     from tests.conftest import perturbed, small_config
@@ -232,7 +259,8 @@ def test_the_model_decodes_from_an_fp8_cache_on_a_gpu(kind):
     tokens = torch.randint(0, config.vocab_size, (3, 14), device="cuda")
     with torch.no_grad():
         naive = decode_logits(model, tokens, 6, "naive", FP8)
-        for path in ("kernel", "grouped") if kind["attention"] == "eg-mla" else ("kernel",):
+        fast_paths = [path for path in ("kernel", "grouped", "absorbed") if path in model.layers[0].attn.paths]
+        for path in fast_paths:
             fast = decode_logits(model, tokens, 6, path, FP8)
             assert fast.isfinite().all() and rel_err(fast, naive) < 2e-2, path
 

@@ -130,12 +130,12 @@ def test_interpreter_mode_is_a_clear_error(monkeypatch):
 
 @pytest.mark.skipif(not _cuobjdump_available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) installed")
 def test_an_fp8_tile_is_widened_once_not_read_byte_by_byte(tmp_path):
-    """MLA's and MHA's decode and EG-MLA's grouped attend launch over an fp8 cache: where Triton places the widening,
-    the value product reads its transposed fp8 operand one byte at a time from shared memory; widened once in registers
-    (the launch's default on a GPU, egmla.kernels.fp8.widened), no single-byte read is left and the dots stay on the
-    tensor cores."""
+    """MLA's and MHA's decode, the bias controls' pass and EG-MLA's grouped attend launch over an fp8 cache: where
+    Triton places the widening, the value product reads its transposed fp8 operand one byte at a time from shared
+    memory; widened once in registers (the launch's default on a GPU, egmla.kernels.fp8.widened), no single-byte read
+    is left and the dots stay on the tensor cores."""
     rows, _ = compile_offline(tmp_path, "fp8")
-    assert len(rows) == 9 and sum("grouped attend" in row["kernel"] for row in rows) == 3
+    assert len(rows) == 12 and sum("grouped attend" in row["kernel"] for row in rows) == 3
     for row in rows:
         fp8, once = "fp8 cache" in row["setting"], "once in registers" in row["setting"]
         assert row["ptx_mma_sync"] + row["ptx_wgmma"] > 0 and row["ptx_cp_async"] > 0

@@ -4,7 +4,7 @@ time (teacher forcing), with the cache in the model's dtype and in fp8, beside t
     python docs/bench/fp8_cache_cpu/fp8_loss.py RUN_DIR [--windows 32] [--length 256] [--prompt 16] [--path naive]
         [--device cpu] [--dtype fp32]        # on a GPU: --device cuda --dtype bf16 --path kernel
 
-RUN_DIR: a run of `egmla train` (any variant but the same-table controls, which have no fp8 cache). The held-out text is the run's own
+RUN_DIR: a run of `egmla train` (any variant). The held-out text is the run's own
 validation split (its data config and tokenizer, prepared as training did). Each window's first --prompt tokens are
 prefilled into the cache (attending over their own unrounded K/V); every later token is one decode step over the cache,
 scored on the token after it. Prints the mean loss per scored token of each, and the fp8 cache's difference from the
