@@ -35,12 +35,22 @@ def test_paper_base_kv_figures():
     assert round(100 * (1 - 1536 / rows["MLA kv256"]["elements_per_token"]), 1) == 60.0
 
 
+def test_kv_report_measures_an_fp8_cache_too():
+    """The fp8 column: K/V and latents one byte each; EG-MLA's token id (4 B) and, on the grouped layout, its fp32
+    statistics (8 B a layer) and token groups (16 B) as they are."""
+    rows = {r["variant"]: r for r in kv_rows(variant_configs(preset("paper-base")))}
+    assert rows["MHA"]["measured_bytes_per_token_fp8"] == 18432
+    assert rows["MLA kv64"]["measured_bytes_per_token_fp8"] == 1536
+    assert rows["EG-MLA kv64"]["measured_bytes_per_token_fp8"] == 1536 + 4
+    assert rows["EG-MLA kv64 (grouped: +2 fp32 stats/layer)"]["measured_bytes_per_token_fp8"] == 1536 + 4 + 96 + 16
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
 def test_measured_cache_bytes_match_formula(variant, dtype):
     config = small_config(**VARIANTS[variant])
     measured, id_bytes = measured_cache_bytes_per_token(config, dtype)
-    elem_size = torch.finfo(dtype).bits // 8
+    elem_size = dtype.itemsize
     expected_ids = 4 if config.is_gated and config.gate_placement == "up" else 0
     assert id_bytes == expected_ids
     assert measured == config.kv_elements_per_token() * elem_size + expected_ids
