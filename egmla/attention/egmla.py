@@ -495,7 +495,7 @@ class EmbeddingGatedMLA(MultiHeadLatentAttention):
 
     def kernel_gates(self, latent: torch.Tensor) -> GateRows:
         """The gate table's rows as the decode kernels read them (in latent's dtype, the dtype they compute in: the
-        query's over an fp8 cache, egmla.kernels.fp8.computes_like; pass it to `kernel_table` / `kernel_rows`): on the
+        query's over an fp8 cache, egmla.kernels.computes_like; pass it to `kernel_table` / `kernel_rows`): on the
         device the whole table on latent's device and in its dtype (`gate_table_like`), or under
         an offload (egmla.infer.offload) the rows resident on the device and the slot map, which give the very same
         gates."""
