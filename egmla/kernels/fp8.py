@@ -49,16 +49,6 @@ def widened(tile, like, ONCE: tl.constexpr):
     return wide
 
 
-@triton.jit
-def widened_as(tile, ptr, ONCE: tl.constexpr):
-    """`widened` to the dtype of the tensor behind `ptr` (a no-op for a tile already of it)."""
-    wide = tile.to(ptr.dtype.element_ty)
-    if ONCE:
-        wide = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [wide], dtype=ptr.dtype.element_ty, is_pure=False,
-                                         pack=2)
-    return wide
-
-
 def widen_once_default(fp8_under_16_bit: bool, asked: bool | None) -> bool:
     """The launch's ONCE for `widened`: an fp8 cache under a 16-bit query, compiled for a GPU (not in Triton's CPU
     interpreter), unless an A/B asks for False."""

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from egmla.kernels import GROUPED_CHUNK, block, computes_like
 from egmla.kernels.egmla_decode import check_id_to_row, gate_rows
-from egmla.kernels.fp8 import FP8, widen_once_default, widened_as
+from egmla.kernels.fp8 import FP8, widen_once_default, widened
 from egmla.kernels.mla_decode import LOG2E, _output
 
 
@@ -253,8 +253,8 @@ def attend_chunk(chunk, batch, length, order_ptr, order_slots_ptr, latent_ptr, k
                  BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, KEY_GATHER: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, WIDEN_ONCE: tl.constexpr = False):
     """The attend launch's work on one chunk (a program of it, or a phase of grouped_scratch's programs):
-    writes the chunk's softmax stats and its S rows (slot + chunk). An fp8 cache is widened to A's dtype as it is
-    read; its latent tile feeds the value product transposed, hence WIDEN_ONCE (egmla.kernels.fp8.widened)."""
+    writes the chunk's softmax stats and its S rows (slot + chunk). An fp8 cache is widened to the query's dtype (A's)
+    as it is read; its latent tile feeds the value product transposed, hence WIDEN_ONCE (egmla.kernels.fp8.widened)."""
     offs_t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < length
     pos = tl.load(order_ptr + batch * stride_ob + offs_t, mask=t_mask, other=0).to(tl.int64)
@@ -264,10 +264,9 @@ def attend_chunk(chunk, batch, length, order_ptr, order_slots_ptr, latent_ptr, k
     c_tile, r_tile, mu, rho = position_tile(latent_ptr + batch * stride_lb, k_rope_ptr + batch * stride_kb,
                                             stats_ptr + batch * stride_tb, pos, t_mask, stride_lt, stride_kt,
                                             stride_tt, offs_c, offs_r, c_mask, r_mask)
-    c_tile = widened_as(c_tile, a_ptr, WIDEN_ONCE)  # no-op but over an fp8 cache
     q_pe = tl.load(q_pe_ptr + batch * stride_pb + offs_h[:, None] * stride_ph + offs_r[None, :],
                    mask=h_mask[:, None] & r_mask[None, :], other=0.0)
-    r_tile = r_tile.to(q_pe.dtype)
+    c_tile, r_tile = widened(c_tile, q_pe, WIDEN_ONCE), r_tile.to(q_pe.dtype)  # no-ops but over an fp8 cache
     rope = tl.dot(r_tile, tl.trans(q_pe), input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_H]
 
     first = tl.min(tl.where(t_mask, slot, 2147483647), axis=0)
