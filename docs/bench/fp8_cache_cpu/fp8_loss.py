@@ -9,7 +9,8 @@ validation split (its data config and tokenizer, prepared as training did). Each
 prefilled into the cache (attending over their own unrounded K/V); every later token is one decode step over the cache,
 scored on the token after it. Prints the mean loss per scored token of each, and the fp8 cache's difference from the
 cache in the model's dtype with its standard error over windows (the keys say fp32, the dtype of the runs committed
-here; with --dtype they mean the cache in that dtype, which the result records)."""
+here; with --dtype they mean the cache in that dtype, which the result records), and the range of the values an fp8
+cache rounds (`fp8_range`: whether a scale would help)."""
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 
-def decoded_loss(model, tokens: torch.Tensor, prompt: int, cache_dtype) -> torch.Tensor:
-    """Per window: the mean next-token loss of positions prompt .. length-2, each predicted by a decode step."""
+def decoded_loss(model, tokens: torch.Tensor, prompt: int, cache_dtype) -> tuple[torch.Tensor, object]:
+    """Per window: the mean next-token loss of positions prompt .. length-2, each predicted by a decode step; and the
+    cache it filled."""
     batch, length = tokens.shape
     cache = model.new_cache(batch, max_len=length, dtype=cache_dtype)
     logits = model(tokens[:, :prompt], cache)[:, -1]
@@ -30,7 +32,30 @@ def decoded_loss(model, tokens: torch.Tensor, prompt: int, cache_dtype) -> torch
         losses.append(F.cross_entropy(logits.float(), tokens[:, t], reduction="none"))
         if t + 1 < length:
             logits = model(tokens[:, t:t + 1], cache)[:, 0]
-    return torch.stack(losses, 1).mean(1)
+    return torch.stack(losses, 1).mean(1), cache
+
+
+def fp8_range(cache) -> dict[str, dict[str, float]]:
+    """Per cached tensor an fp8 cache would round (a spec dtype of None, e.g. `latent`, `k_rope`), over every layer
+    of a cache held in the model's dtype: the largest |value|, the share past +-448 (saturated in fp8), the share of
+    nonzero values below e4m3's smallest normal 2**-6 (fewer than 3 mantissa bits there), and the relative error
+    of the rounding, ||fp8(x) - x|| / ||x||. Says whether a scale (per tensor or per token) would buy anything."""
+    from egmla.attention.cache import FP8, FP8_MAX, quantize
+
+    values: dict[str, list[torch.Tensor]] = {}
+    for layer in cache.layers:
+        for name, buffer in layer.buffers.items():
+            if buffer.dtype == cache.dtype and buffer.is_floating_point():
+                values.setdefault(name, []).append(buffer.float().flatten())
+    out = {}
+    for name, parts in values.items():
+        x = torch.cat(parts)
+        x = x[x != 0]  # unfilled positions are zeros
+        rounded = quantize(x, FP8).float()
+        out[name] = {"max_abs": x.abs().max().item(), "share_saturated": (x.abs() > FP8_MAX).float().mean().item(),
+                     "share_subnormal": (x.abs() < 2.0 ** -6).float().mean().item(),
+                     "rounding_rel_error": ((rounded - x).norm() / x.norm()).item()}
+    return out
 
 
 def main() -> None:
@@ -60,18 +85,24 @@ def main() -> None:
     windows = torch.as_tensor(tokens[: count * args.length].astype("int64")).view(count, args.length).to(args.device)
     full = F.cross_entropy(model(windows)[:, args.prompt - 1:-1].flatten(0, 1).float(),
                            windows[:, args.prompt:].flatten(), reduction="none").view(count, -1).mean(1)
-    native = decoded_loss(model, windows, args.prompt, None)
-    fp8 = decoded_loss(model, windows, args.prompt, FP8)
+    native, native_cache = decoded_loss(model, windows, args.prompt, None)
+    fp8, _ = decoded_loss(model, windows, args.prompt, FP8)
     diff = fp8 - native
-    result = {"run": args.run, "variant": model.config.variant_name(), "path": args.path, "device": args.device,
+    device = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else args.device
+    result = {"run": args.run, "variant": model.config.variant_name(), "path": args.path, "device": device,
               "dtype": args.dtype, "windows": count,
               "length": args.length, "prompt": args.prompt, "scored_tokens": count * (args.length - args.prompt),
               "loss_full_forward": full.mean().item(), "loss_cache_fp32": native.mean().item(),
               "loss_cache_fp8": fp8.mean().item(), "fp8_minus_fp32": diff.mean().item(),
               "fp8_minus_fp32_stderr": (diff.std() / math.sqrt(count)).item(),
-              "fp32_cache_minus_full_forward": (native - full).mean().item()}
+              "fp32_cache_minus_full_forward": (native - full).mean().item(),
+              "fp8_range": fp8_range(native_cache)}
     for key, value in result.items():
-        print(f"{key}: {value:.6f}" if isinstance(value, float) else f"{key}: {value}")
+        if key == "fp8_range":
+            for name, stats in value.items():
+                print(f"range {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items()))
+        else:
+            print(f"{key}: {value:.6f}" if isinstance(value, float) else f"{key}: {value}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)
