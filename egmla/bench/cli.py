@@ -15,6 +15,8 @@ BENCHMARKS = {
                 "prompt prefill time per variant, path, batch and prefill token budget, beside transformers' Llama"),
     "generate-suite": ("egmla.bench.generate_suite",
                        "the generation table of docs/benchmarks.md: every variant and path, then gate tables offloaded"),
+    "fp8-loss": ("egmla.bench.fp8_loss", "what an fp8 KV cache costs a trained run's loss on held-out text, and the "
+                                         "range of the values it rounds (whether a scale would help)"),
     "grouped": ("egmla.bench.grouped_study", "grouped EG-MLA decode study: distinct ids per corpus, every path"),
     "kernel-sweep": ("egmla.bench.kernel_sweep", "launch-configuration sweep of the Triton decode kernels"),
     "launches": ("egmla.bench.launches",

@@ -1,0 +1,166 @@
+"""What an fp8 KV cache costs a trained model: next-token loss on held-out text decoded through the cache one token at
+a time (teacher forcing), with the cache in the model's dtype and in fp8, beside the full forward without a cache; and
+the range of the values the fp8 cache rounds, which says whether a scale would help.
+
+    egmla bench fp8-loss --run RUN [--path auto] [--windows 32] [--length 256] [--prompt 16] [--json out.json]
+
+Held-out text: the run's own validation split (its data config and tokenizer, prepared as training did), or --text
+FILE tokenized by the run's tokenizer. Each window's first --prompt tokens are prefilled into the cache (attending over
+their own unrounded K/V, as generation does); every later token is one decode step over the cache, scored on the token
+after it. Reported: the mean loss per scored token of each, the fp8 cache's difference from the cache in the model's
+dtype with its standard error over windows, and per cached tensor the fp8 cache rounds (`latent`, `k_rope`, MHA's `k`
+and `v`) the largest |value|, the share past +-448 (saturated), the share of nonzero values below e4m3's smallest normal
+2**-6, and the rounding's relative error ||fp8(x) - x|| / ||x||, over every layer of the cache in the model's dtype.
+Measured: docs/bench/fp8_loss_h100 (paper-base on an H100), docs/bench/fp8_cache_cpu (tiny models on a CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a run directory of `egmla train` (any variant) or an `egmla export "
+                                                "--to hf` folder (then --text)")
+    p.add_argument("--text", metavar="FILE", help="held-out text to score (UTF-8), tokenized by the run's tokenizer; "
+                                                 "default: the run's validation split")
+    p.add_argument("--path", default="auto", help="the decode path; auto = what generation takes for --windows "
+                                                  "sequences of --length on this device (on a CPU the model's default)")
+    p.add_argument("--windows", type=int, default=32, help="windows of held-out text, decoded as one batch")
+    p.add_argument("--length", type=int, default=256, help="tokens per window")
+    p.add_argument("--prompt", type=int, default=16, help="tokens of each window prefilled before decoding; the "
+                                                          "rest are decoded one at a time and scored")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the model's (and the cache's, where not fp8) dtype; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--json", dest="json_path", metavar="PATH", help="also write the result as JSON here")
+
+
+def decoded_loss(model, tokens: torch.Tensor, prompt: int, cache_dtype) -> tuple[torch.Tensor, object]:
+    """Per window: the mean next-token loss of positions prompt .. length-1, each predicted by a decode step (the first
+    by the prefill); and the cache it filled."""
+    batch, length = tokens.shape
+    cache = model.new_cache(batch, max_len=length, dtype=cache_dtype)
+    logits = model(tokens[:, :prompt], cache)[:, -1]
+    losses = []
+    for t in range(prompt, length):
+        losses.append(F.cross_entropy(logits.float(), tokens[:, t], reduction="none"))
+        if t + 1 < length:
+            logits = model(tokens[:, t:t + 1], cache)[:, 0]
+    return torch.stack(losses, 1).mean(1), cache
+
+
+def fp8_range(cache, fp8_cache) -> dict[str, dict[str, float]]:
+    """Per cached tensor that `fp8_cache` stores in fp8, over every layer of `cache` (the same model's, in its dtype):
+    max |x|, the share past +-448, the share of nonzero |x| < 2**-6, and ||fp8(x) - x|| / ||x||. Unfilled positions
+    are zeros and are left out."""
+    from egmla.attention.cache import FP8, FP8_MAX, quantize
+
+    values: dict[str, list[torch.Tensor]] = {}
+    for layer, fp8_layer in zip(cache.layers, fp8_cache.layers):
+        for name in sorted(fp8_layer.fp8):
+            values.setdefault(name, []).append(layer.buffers[name].float().flatten())
+    out = {}
+    for name, parts in values.items():
+        x = torch.cat(parts)
+        x = x[x != 0]
+        if x.numel() == 0:
+            continue
+        rounded = quantize(x, FP8).float()
+        out[name] = {"max_abs": x.abs().max().item(), "share_saturated": (x.abs() > FP8_MAX).float().mean().item(),
+                     "share_subnormal": (x.abs() < 2.0 ** -6).float().mean().item(),
+                     "rounding_rel_error": ((rounded - x).norm() / x.norm()).item()}
+    return out
+
+
+def held_out_tokens(args, needed: int) -> torch.Tensor:
+    """The first `needed` tokens (or fewer, where there are fewer) of the run's validation split, or of --text
+    tokenized by the run's tokenizer."""
+    from egmla.runs import load_tokenizer, read_run_config
+
+    tokenizer = load_tokenizer(args.run)
+    if args.text:
+        try:
+            with open(args.text, encoding="utf-8") as file:
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"--text {args.text}: cannot be read as UTF-8 text ({error.__class__.__name__}: "
+                             f"{error}); give a text file") from None
+        return torch.tensor(tokenizer.encode(text).ids[:needed], dtype=torch.long)
+    from egmla.data.shards import prepare_shards
+    from egmla.train.config import RunConfig
+
+    config = read_run_config(args.run)
+    if "data" not in config:
+        raise ValueError(f"--run {args.run}: its config.json has no data section (not written by `egmla train`), so "
+                         f"there is no validation split to score; pass held-out text with --text FILE")
+    data = RunConfig.from_dict(config).data
+    split = prepare_shards(data, tokenizer, progress=False, log=lambda *_: None).tokens("val")
+    return torch.as_tensor(split[:needed].astype("int64"))
+
+
+def measure(args) -> dict:
+    from egmla.attention import fastest_decode_path
+    from egmla.attention.cache import FP8
+    from egmla.infer.cli import resolve_device_dtype
+    from egmla.runs import load_model
+
+    for option in ("windows", "length", "prompt"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option} {getattr(args, option)}: must be >= 1")
+    if args.prompt >= args.length:
+        raise ValueError(f"--prompt {args.prompt}: must be below --length {args.length}, so that some tokens are "
+                         f"decoded through the cache")
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    model, _ = load_model(args.run, dtype=dtype, device=device)
+    if args.length > model.config.max_seq_len:
+        raise ValueError(f"--length {args.length}: longer than the model's max_seq_len {model.config.max_seq_len}; "
+                         f"use --length {model.config.max_seq_len} or less")
+    path = args.path
+    if path == "auto":
+        path = (fastest_decode_path(model.config, device, args.windows, args.length) if device.type == "cuda"
+                else model.decode_path)
+    model.set_decode_path(model.usable_decode_path(path))
+    tokens = held_out_tokens(args, args.windows * args.length)
+    count = min(args.windows, len(tokens) // args.length)
+    if count < 2:
+        raise ValueError(f"--length {args.length}: the held-out text has {len(tokens)} tokens, {count} window(s); at "
+                         f"least 2 are needed for a standard error: give more text or a smaller --length")
+    windows = tokens[: count * args.length].to(device).view(count, args.length)
+    with torch.no_grad():
+        full = F.cross_entropy(model(windows)[:, args.prompt - 1:-1].flatten(0, 1).float(),
+                               windows[:, args.prompt:].flatten(), reduction="none").view(count, -1).mean(1)
+        native, native_cache = decoded_loss(model, windows, args.prompt, None)
+        fp8, fp8_cache = decoded_loss(model, windows, args.prompt, FP8)
+        ranges = fp8_range(native_cache, fp8_cache)
+    diff = fp8 - native
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return {"run": str(args.run), "variant": model.config.variant_name(), "path": model.decode_path,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": dtype_name,
+            "windows": count, "length": args.length, "prompt": args.prompt,
+            "scored_tokens": count * (args.length - args.prompt),
+            "loss_full_forward": full.mean().item(), "loss_cache_native": native.mean().item(),
+            "loss_cache_fp8": fp8.mean().item(), "fp8_minus_native": diff.mean().item(),
+            "fp8_minus_native_stderr": (diff.std() / math.sqrt(count)).item(),
+            "native_cache_minus_full_forward": (native - full).mean().item(), "fp8_range": ranges}
+
+
+def main(args) -> int:
+    result = measure(args)
+    print(f"{result['variant']}, path {result['path']}, {result['device']}, {result['dtype']}: {result['windows']} "
+          f"windows of {result['length']} tokens, {result['scored_tokens']:,} scored")
+    print(f"loss per token: full forward {result['loss_full_forward']:.6f}, cache in {result['dtype']} "
+          f"{result['loss_cache_native']:.6f}, cache in fp8 {result['loss_cache_fp8']:.6f}")
+    print(f"fp8 - {result['dtype']}: {result['fp8_minus_native']:+.6f} +- {result['fp8_minus_native_stderr']:.6f} "
+          f"nats per token (standard error over windows)")
+    for name, stats in result["fp8_range"].items():
+        print(f"{name}: max |x| {stats['max_abs']:.3g}, saturated {stats['share_saturated']:.2%}, below 2**-6 "
+              f"{stats['share_subnormal']:.2%}, rounding error {stats['rounding_rel_error']:.2%} of the norm")
+    if args.json_path:
+        with open(args.json_path, "w") as file:
+            json.dump(result, file, indent=2)
+    return 0

@@ -1,0 +1,108 @@
+"""`egmla bench fp8-loss`: a trained run's held-out loss decoded through a cache in its dtype and in fp8, and the range
+of the values the fp8 cache rounds. On the CPU in fp32 the cache in the model's dtype must give the full forward's
+loss; the figures themselves are the benchmark's."""
+import json
+import math
+
+import pytest
+import torch
+
+from egmla.bench.cli import run
+from egmla.train.__main__ import main as train_main
+from tests.train.helpers import write_config
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, cache_dir):
+    """A tiny EG-MLA run of 4 steps, with its data config (the validation split the benchmark scores by default)."""
+    folder = tmp_path_factory.mktemp("fp8-loss")
+    config = write_config(folder / "run.toml", cache_dir, train=dict(steps=4, eval_every=0, checkpoint_every=0))
+    assert train_main(["--config", str(config), "--run-dir", str(folder / "run"), "--no-progress"]) == 0
+    return folder / "run"
+
+
+def measured(run_dir, tmp_path, *extra) -> dict:
+    out = tmp_path / "fp8.json"
+    assert run("fp8-loss", ["--run", str(run_dir), "--windows", "4", "--length", "32", "--prompt", "8",
+                            "--device", "cpu", "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_the_validation_split_through_both_caches(trained_run, tmp_path, capsys):
+    result = measured(trained_run, tmp_path, "--path", "naive")
+    assert (result["variant"], result["path"], result["device"], result["dtype"]) == ("EG-MLA kv16", "naive", "cpu",
+                                                                                      "fp32")
+    assert result["windows"] == 4 and result["scored_tokens"] == 4 * (32 - 8)
+    # an fp32 cache decodes what the full forward computes; fp8 rounds, so it moves the loss, a little
+    assert abs(result["loss_cache_native"] - result["loss_full_forward"]) < 1e-4
+    assert abs(result["native_cache_minus_full_forward"]) < 1e-4
+    assert result["loss_cache_fp8"] != result["loss_cache_native"]
+    assert abs(result["fp8_minus_native"]) < 0.05 and math.isfinite(result["fp8_minus_native_stderr"])
+    assert set(result["fp8_range"]) == {"latent", "k_rope"}
+    for stats in result["fp8_range"].values():
+        assert 0 < stats["max_abs"] < 448 and stats["share_saturated"] == 0
+        assert 0.01 < stats["rounding_rel_error"] < 0.05  # e4m3's three mantissa bits: ~2.7% of the norm
+    printed = capsys.readouterr().out
+    assert "fp8 - fp32:" in printed and "latent: max |x|" in printed
+
+
+def test_the_grouped_path_reads_the_same_fp8_cache_to_the_same_loss(trained_run, tmp_path):
+    """The grouped path reads the cached norm statistics, computed from the latents as rounded: its losses over either
+    cache equal naive's, and its fp32 statistics are not counted among the tensors fp8 rounds."""
+    naive = measured(trained_run, tmp_path, "--path", "naive")
+    grouped = measured(trained_run, tmp_path, "--path", "grouped")
+    for key in ("loss_cache_native", "loss_cache_fp8"):
+        assert grouped[key] == pytest.approx(naive[key], abs=1e-5)
+    assert set(grouped["fp8_range"]) == {"latent", "k_rope"}
+
+
+def test_held_out_text_from_a_file(trained_run, tmp_path):
+    text = tmp_path / "held_out.txt"
+    text.write_text("The quality of mercy is not strained; it droppeth as the gentle rain from heaven. " * 30)
+    result = measured(trained_run, tmp_path, "--text", str(text))
+    assert result["windows"] == 4 and math.isfinite(result["loss_cache_fp8"])
+
+
+def test_the_range_counts_saturated_and_subnormal_values():
+    from egmla.attention.cache import FP8
+    from egmla.bench.fp8_loss import fp8_range
+    from tests.infer.helpers import tiny_model
+
+    model = tiny_model("mla")
+    native, fp8 = model.new_cache(1, max_len=4), model.new_cache(1, max_len=4, dtype=FP8)
+    for layer in native.layers:
+        for buffer in layer.buffers.values():
+            buffer[0, :2] = torch.tensor([1000.0, 1e-3] * (buffer[0, :2].numel() // 2)).view_as(buffer[0, :2])
+    ranges = fp8_range(native, fp8)
+    assert set(ranges) == {"latent", "k_rope"}
+    for stats in ranges.values():
+        assert stats["max_abs"] == 1000.0
+        assert stats["share_saturated"] == pytest.approx(0.5) and stats["share_subnormal"] == pytest.approx(0.5)
+        # 1000 is stored as 448: the error is dominated by it
+        assert stats["rounding_rel_error"] == pytest.approx(552 / math.hypot(1000, 1e-3), rel=1e-3)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt", "32"], r"^--prompt 32: must be below --length 32"),
+    (["--windows", "0"], r"^--windows 0: must be >= 1$"),
+    (["--length", "100"], r"^--length 100: longer than the model's max_seq_len 64"),
+])
+def test_bad_options_are_refused_with_the_fix(trained_run, extra, message):
+    with pytest.raises(ValueError, match=message):
+        run("fp8-loss", ["--run", str(trained_run), "--length", "32", "--device", "cpu", *extra])
+
+
+def test_a_run_without_a_data_section_needs_text(trained_run, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(trained_run, bare)
+    config = json.loads((bare / "config.json").read_text())
+    del config["data"]
+    (bare / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no data section .* pass held-out text with --text FILE"):
+        run("fp8-loss", ["--run", str(bare), "--length", "32", "--device", "cpu"])
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(ValueError, match="at least 2 are needed"):
+        run("fp8-loss", ["--run", str(bare), "--length", "32", "--device", "cpu", "--text", str(short)])
