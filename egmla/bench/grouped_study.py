@@ -37,6 +37,9 @@ LAUNCH_SETTINGS = {"grouped per-row sums": {"gate_dot": False, "num_warps": (4, 
                    "grouped before": {"block_t": 32, "block_ids": 32, "heads_per_program": 4, "block_rows": 64,
                                       "num_warps": 2, "num_splits": 2, "gate_dot": False},
                    "grouped keygather": {"key_gather": True},
+                   # A and S through memory in fp8 with a scale per (row, head): half their bytes, each value rounded
+                   # once (not exact: docs/grouped-decode.md)
+                   "grouped fp8 intermediates": {"intermediates": "fp8"},
                    "grouped fused u16 t64": {"kernel": "fused", "block_ids": 16, "block_t": 64},
                    "grouped gluon": {"kernel": "gluon"},
                    "grouped gluon 8 warps r128": {"kernel": "gluon", "warps": (2, 4), "max_registers": 128},

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from egmla.kernels import GROUPED_CHUNK, block, computes_like
 from egmla.kernels.egmla_decode import check_id_to_row, gate_rows
-from egmla.kernels.fp8 import FP8, widen_once_default, widened
+from egmla.kernels.fp8 import FP8, stored, widen_once_default, widened
 from egmla.kernels.mla_decode import LOG2E, _output
 
 
@@ -159,15 +159,25 @@ def _place_kernel(slots_ptr, ranks_ptr, lengths_ptr, offsets_ptr, ids_ptr, order
 
 
 @triton.jit
+def row_scaled(x):
+    """x [rows, cols] fp32 divided by its per-row scale max|row| / 448 (1 for a zero row), and the scales: what an fp8
+    intermediate stores, so that every row uses e4m3's whole range and none saturates."""
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = tl.where(amax > 0, amax / 448.0, 1.0)
+    return x / scale[:, None], scale
+
+
+@triton.jit
 def _absorb_kernel(q_ptr, weight_ptr, bias_ptr, ids_ptr, n_distinct_ptr, gate_ptr, id_to_row_ptr, wkv_b_ptr, a_ptr,
-                   q_sum_ptr, q_bias_ptr, acc_ptr,
-                   stride_qb, stride_qh, stride_ib, stride_g, stride_w, stride_ab, stride_au,
+                   a_scale_ptr, q_sum_ptr, q_bias_ptr, acc_ptr,
+                   stride_qb, stride_qh, stride_ib, stride_g, stride_w, stride_ab, stride_au, stride_asb, stride_asu,
                    N_HEADS: tl.constexpr, D_N: tl.constexpr, D_V: tl.constexpr, D_C: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr,
                    HEADS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO_ACC: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, ROW_MAP: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, ROW_MAP: tl.constexpr, SCALED: tl.constexpr):
     """A[b, u, h, :] = W^K_h^T (gamma^K_h ⊙ q^C[b, h] ⊙ G[id_u, head h key slice]) for BLOCK_U distinct ids u
-    and HEADS heads. The programs of the first id block also write gamma^K . q^C, beta^K . q^C (and zero acc)."""
+    and HEADS heads. The programs of the first id block also write gamma^K . q^C, beta^K . q^C (and zero acc).
+    SCALED (fp8 A): each (id, head) row stored as A / scale with scale = max|row| / 448, beside it in a_scale."""
     batch = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements at large batch
     lead = tl.program_id(0) == 0
     offs_u = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)
@@ -200,8 +210,11 @@ def _absorb_kernel(q_ptr, weight_ptr, bias_ptr, ids_ptr, n_distinct_ptr, gate_pt
                           mask=n_mask[:, None] & c_mask[None, :], other=0.0)
             x = (gate.to(tl.float32) * gq[None, :]).to(w_k.dtype)
             a = tl.dot(x, w_k, input_precision=DOT_PRECISION)  # [BLOCK_U, BLOCK_C]; padded columns are 0
+            if SCALED:
+                a, a_scale = row_scaled(a)
+                tl.store(a_scale_ptr + batch * stride_asb + offs_u * stride_asu + head, a_scale, mask=u_mask)
             tl.store(a_ptr + batch * stride_ab + offs_u[:, None] * stride_au + head * BLOCK_C + offs_c[None, :],
-                     a.to(a_ptr.dtype.element_ty), mask=u_mask[:, None])
+                     stored(a, a_ptr), mask=u_mask[:, None])
             if lead:
                 tl.store(q_sum_ptr + batch * N_HEADS + head, tl.sum(gq, axis=0))
                 q_bias = 0.0
@@ -226,12 +239,14 @@ def position_tile(latent_row, k_rope_row, stats_row, pos, t_mask, stride_lt, str
 
 @triton.jit
 def _attend_kernel(order_ptr, order_slots_ptr, lengths_ptr, latent_ptr, k_rope_ptr, stats_ptr, a_ptr, q_pe_ptr,
-                   q_sum_ptr, q_bias_ptr, s_ptr, chunk_ptr,
+                   q_sum_ptr, q_bias_ptr, s_ptr, chunk_ptr, a_scale_ptr, s_scale_ptr,
                    stride_ob, stride_lb, stride_lt, stride_kb, stride_kt, stride_tb, stride_tt,
-                   stride_ab, stride_au, stride_pb, stride_ph, stride_rb, stride_ru, n_chunks, qk_scale,
+                   stride_ab, stride_au, stride_pb, stride_ph, stride_rb, stride_ru, stride_asb, stride_asu,
+                   stride_ssb, stride_ssr, n_chunks, qk_scale,
                    N_HEADS: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-                   KEY_GATHER: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDEN_ONCE: tl.constexpr):
+                   KEY_GATHER: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDEN_ONCE: tl.constexpr,
+                   SCALED: tl.constexpr):
     """Scores, chunk-local softmax and per-run value sums for one chunk of BLOCK_T slot-sorted positions.
     Heads are the N of the dots (as in MLA's absorbed decode); a run (one id) costs one dot each way."""
     chunk = tl.program_id(0)
@@ -242,7 +257,8 @@ def _attend_kernel(order_ptr, order_slots_ptr, lengths_ptr, latent_ptr, k_rope_p
     attend_chunk(chunk, batch, length, order_ptr, order_slots_ptr, latent_ptr, k_rope_ptr, stats_ptr, a_ptr, q_pe_ptr,
                  q_sum_ptr, q_bias_ptr, s_ptr, chunk_ptr, stride_ob, stride_lb, stride_lt, stride_kb, stride_kt,
                  stride_tb, stride_tt, stride_ab, stride_au, stride_pb, stride_ph, stride_rb, stride_ru, n_chunks,
-                 qk_scale, N_HEADS, D_C, D_R, BLOCK_H, BLOCK_C, BLOCK_R, BLOCK_T, KEY_GATHER, DOT_PRECISION, WIDEN_ONCE)
+                 qk_scale, N_HEADS, D_C, D_R, BLOCK_H, BLOCK_C, BLOCK_R, BLOCK_T, KEY_GATHER, DOT_PRECISION, WIDEN_ONCE,
+                 SCALED, a_scale_ptr, s_scale_ptr, stride_asb, stride_asu, stride_ssb, stride_ssr)
 
 
 @triton.jit
@@ -251,10 +267,12 @@ def attend_chunk(chunk, batch, length, order_ptr, order_slots_ptr, latent_ptr, k
                  stride_tb, stride_tt, stride_ab, stride_au, stride_pb, stride_ph, stride_rb, stride_ru, n_chunks,
                  qk_scale, N_HEADS: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, KEY_GATHER: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, WIDEN_ONCE: tl.constexpr = False):
+                 DOT_PRECISION: tl.constexpr, WIDEN_ONCE: tl.constexpr, SCALED: tl.constexpr, a_scale_ptr, s_scale_ptr,
+                 stride_asb, stride_asu, stride_ssb, stride_ssr):
     """The attend launch's work on one chunk (a program of it, or a phase of grouped_scratch's programs):
-    writes the chunk's softmax stats and its S rows (slot + chunk). An fp8 cache is widened to the query's dtype (A's)
-    as it is read; its latent tile feeds the value product transposed, hence WIDEN_ONCE (egmla.kernels.fp8.widened)."""
+    writes the chunk's softmax stats and its S rows (slot + chunk). An fp8 cache is widened to the query's dtype
+    as it is read; its latent tile feeds the value product transposed, hence WIDEN_ONCE (egmla.kernels.fp8.widened).
+    SCALED: A and S are fp8 with a scale per (row, head) (`row_scaled`); A is widened to the query's dtype as read."""
     offs_t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < length
     pos = tl.load(order_ptr + batch * stride_ob + offs_t, mask=t_mask, other=0).to(tl.int64)
@@ -283,7 +301,10 @@ def attend_chunk(chunk, batch, length, order_ptr, order_slots_ptr, latent_ptr, k
     else:
         for j in range(0, n_runs):  # a_{h, v_j} . c_t for the positions of run j, all heads in one dot
             a_j = tl.load(a_base + (first + j).to(tl.int64) * stride_au, mask=h_mask[:, None], other=0.0)
-            dots = tl.dot(c_tile, tl.trans(a_j), input_precision=DOT_PRECISION)
+            dots = tl.dot(c_tile, tl.trans(a_j.to(c_tile.dtype)), input_precision=DOT_PRECISION)
+            if SCALED:
+                dots *= tl.load(a_scale_ptr + batch * stride_asb + (first + j).to(tl.int64) * stride_asu + offs_h,
+                                mask=h_mask, other=0.0)[None, :]
             content = tl.where((run == j)[:, None], dots, content)
     q_sum = tl.load(q_sum_ptr + batch * N_HEADS + offs_h, mask=h_mask, other=0.0)
     q_bias = tl.load(q_bias_ptr + batch * N_HEADS + offs_h, mask=h_mask, other=0.0)
@@ -301,8 +322,11 @@ def attend_chunk(chunk, batch, length, order_ptr, order_slots_ptr, latent_ptr, k
     for j in range(0, n_runs):  # s_{h, v_j} = sum over run j of w_t c_t: [heads, d_c] in one dot
         w_j = tl.where((run == j)[:, None], w, 0.0).to(c_tile.dtype)
         part = tl.dot(tl.trans(w_j), c_tile, input_precision=DOT_PRECISION)
-        tl.store(s_base + (first + j + chunk).to(tl.int64) * stride_ru, part.to(s_ptr.dtype.element_ty),
-                 mask=h_mask[:, None])
+        row = (first + j + chunk).to(tl.int64)
+        if SCALED:
+            part, s_scale = row_scaled(part)
+            tl.store(s_scale_ptr + batch * stride_ssb + row * stride_ssr + offs_h, s_scale, mask=h_mask)
+        tl.store(s_base + row * stride_ru, stored(part, s_ptr), mask=h_mask[:, None])
 
 
 @triton.jit
@@ -321,15 +345,16 @@ def store_value_output(y, denom, weight_ptr, bias_ptr, out_ptr, head, batch, str
 
 @triton.jit
 def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_ptr, chunk_ptr, gate_ptr, id_to_row_ptr,
-                   wkv_b_ptr, weight_ptr, bias_ptr, out_ptr,
-                   stride_rb, stride_ru, stride_cb, stride_ib, stride_g, stride_w, stride_ob, stride_oh,
+                   wkv_b_ptr, weight_ptr, bias_ptr, out_ptr, s_scale_ptr,
+                   stride_rb, stride_ru, stride_cb, stride_ib, stride_g, stride_w, stride_ob, stride_oh, stride_ssb,
+                   stride_ssr,
                    n_chunks, num_splits,
                    N_HEADS: tl.constexpr, D_N: tl.constexpr, D_V: tl.constexpr, D_C: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                    GATE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_MAP: tl.constexpr,
-                   WARP_SPECIALIZE: tl.constexpr = False):
+                   SCALED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False):
     """o[b, h] = gamma^V ⊙ (sum over rows of g^V[id] ⊙ (W^V_h s_row) - sum_t w_t mu_t) + beta^V, rows rescaled
     to the global softmax (each program merges the chunks' softmax statistics itself: a launch doing it once per
     sequence measured slower, its few programs in series). One program per (head, sequence, split of the row
@@ -376,10 +401,14 @@ def _upproj_kernel(s_ptr, row_chunk_ptr, lengths_ptr, n_distinct_ptr, row_ids_pt
         row_scale = tl.exp2(m_row - m_all) * inv_l  # this row's weights, normalised globally
         s_rows = tl.load(s_ptr + batch * stride_rb + offs_row[:, None] * stride_ru + head * BLOCK_C + offs_c[None, :],
                          mask=valid[:, None], other=0.0)
+        if SCALED:  # fp8 rows: scaled back and widened to the weights' dtype (folding the scales into the gate's
+            # side instead would take it below fp16's normal range)
+            s_scale = tl.load(s_scale_ptr + batch * stride_ssb + offs_row * stride_ssr + head, mask=valid, other=0.0)
+            s_rows = (s_rows.to(tl.float32) * s_scale[:, None]).to(w_v.dtype)
         if GATE_DOT:
             gate = tl.load(gate_ptr + ids[:, None] * stride_g + head * width + D_N + offs_v[None, :],
                            mask=valid[:, None] & v_mask[None, :], other=0.0)
-            scaled_gate = (gate.to(tl.float32) * row_scale[:, None]).to(s_ptr.dtype.element_ty)  # [BLOCK_ROWS, BLOCK_V]
+            scaled_gate = (gate.to(tl.float32) * row_scale[:, None]).to(s_rows.dtype)  # [BLOCK_ROWS, BLOCK_V]
             acc += tl.dot(tl.trans(scaled_gate), s_rows, input_precision=DOT_PRECISION)
         else:
             s_rows = (s_rows.to(tl.float32) * row_scale[:, None]).to(w_v.dtype)
@@ -433,7 +462,8 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
                    batch_slice: int | None = None, key_gather: bool = False, gate_dot: bool = True,
                    num_stages: int | tuple[int | None, int | None, int | None] | None = None,
                    warp_specialize: bool = False, out: torch.Tensor | None = None,
-                   id_to_row: torch.Tensor | None = None, widen_once: bool | None = None) -> torch.Tensor:
+                   id_to_row: torch.Tensor | None = None, widen_once: bool | None = None,
+                   intermediates: str | None = None) -> torch.Tensor:
     """o [batch, heads, d_v] (dtype of latent; of q_nope over an fp8 cache): same function as `grouped_decode_ref`.
 
     q_nope [batch, heads, d_n], q_pe [batch, heads, d_r]; cache latent [batch, T, d_c], k_rope [batch, T, d_r],
@@ -454,7 +484,9 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     gate_table[id_to_row[v]] (a gate-table offload's slot map over the rows resident on the device,
     egmla.infer.offload) instead of gate_table[v]; the grouping stays by id. latent and k_rope may be float8_e4m3fn (an
     fp8 cache): the attend launch widens each tile to the query's dtype as it reads it, `widen_once` as in
-    `mla_decode`."""
+    `mla_decode`. `intermediates="fp8"`: the absorbed queries A and the value sums S, which the launches pass through
+    memory, stored in float8_e4m3fn with an fp32 scale per (row, head) (max |row| / 448), half their bytes, each
+    value rounded once (reference: `grouped_decode_fp8_intermediates_ref`); None keeps them in the compute dtype."""
     d_v = _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan, gate_table, wkv_b)
     check_id_to_row(id_to_row, gate_table)
     batch, heads, d_n = q_nope.shape
@@ -467,12 +499,17 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
         settings = dict(block_ids=block_ids, heads_per_program=heads_per_program, block_rows=block_rows,
                         num_splits=num_splits, num_warps=num_warps, stages=stages, key_gather=key_gather,
                         gate_dot=gate_dot, num_stages=num_stages, warp_specialize=warp_specialize, id_to_row=id_to_row,
-                        widen_once=widen_once)
+                        widen_once=widen_once, intermediates=intermediates)
         for start in range(0, batch, batch_slice):
             rows = slice(start, start + batch_slice)
             grouped_decode(q_nope[rows], q_pe[rows], latent[rows], k_rope[rows], ln_stats[rows], plan.sequences(rows),
                            gate_table, wkv_b, norm_weight, norm_bias, scale, out=out[rows], **settings)
         return out
+    if intermediates not in (None, "fp8"):
+        raise ValueError(f"intermediates={intermediates!r}: None (the compute dtype) or 'fp8'")
+    scaled = intermediates == "fp8"
+    if scaled and key_gather:
+        raise ValueError("intermediates='fp8' with key_gather=True: the key gathers read A unscaled; use one or the other")
     device, dtype = latent.device, compute.dtype  # A and S in the model's dtype over an fp8 cache too
     once = widen_once_default(latent.dtype == FP8 and dtype.itemsize == 2, widen_once)
     precision = "ieee" if dtype == torch.float32 else "tf32"
@@ -491,42 +528,50 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
 
     # per (sequence, id) and per (sequence, row): the real heads only (the kernels mask the padded ones), a quarter
     # less memory than the padded tile at 12 heads (docs/grouped-decode.md, "Working memory")
-    absorbed = torch.empty(batch, max(plan.max_distinct, 1), heads, block_c, dtype=dtype, device=device)
+    absorbed = torch.empty(batch, max(plan.max_distinct, 1), heads, block_c, dtype=FP8 if scaled else dtype,
+                           device=device)
+    # fp8 A and S: a scale per (row, head); else unread (the absorbed buffer stands in)
+    a_scales = (torch.empty(batch, absorbed.shape[1], heads, dtype=torch.float32, device=device) if scaled
+                else absorbed)
     q_sum = torch.empty(batch, heads, dtype=torch.float32, device=device)  # gamma^K . q^C
     q_bias = torch.empty_like(q_sum)  # beta^K . q^C
     _absorb_kernel[(triton.cdiv(plan.max_distinct, block_ids), batch, triton.cdiv(heads, heads_per_program))](
-        q_nope, weight, bias, plan.distinct_ids, plan.n_distinct, gate_table, id_rows, wkv_b, absorbed, q_sum, q_bias,
-        acc,
+        q_nope, weight, bias, plan.distinct_ids, plan.n_distinct, gate_table, id_rows, wkv_b, absorbed, a_scales, q_sum,
+        q_bias, acc,
         q_nope.stride(0), q_nope.stride(1), plan.distinct_ids.stride(0), gate_table.stride(0), wkv_b.stride(0),
-        absorbed.stride(0), absorbed.stride(1),
+        absorbed.stride(0), absorbed.stride(1), a_scales.stride(0), a_scales.stride(1),
         N_HEADS=heads, D_N=d_n, D_V=d_v, D_C=d_c, BLOCK_N=block(d_n), BLOCK_C=block_c, BLOCK_U=block_ids,
-        BLOCK_V=block(d_v), HEADS=heads_per_program, ZERO_ACC=atomic, num_warps=absorb_warps, **absorb_stages,
-        **flags)
+        BLOCK_V=block(d_v), HEADS=heads_per_program, ZERO_ACC=atomic, SCALED=scaled, num_warps=absorb_warps,
+        **absorb_stages, **flags)
     if stages < 2:
         return out
 
-    sums = torch.empty(batch, plan.n_rows, heads, block_c, dtype=dtype, device=device)
+    sums = torch.empty(batch, plan.n_rows, heads, block_c, dtype=FP8 if scaled else dtype, device=device)
+    s_scales = torch.empty(batch, plan.n_rows, heads, dtype=torch.float32, device=device) if scaled else sums
     chunk_stats = torch.empty(batch, plan.n_chunks, 3, block_h, dtype=torch.float32, device=device)
     _attend_kernel[(plan.n_chunks, batch)](
         plan.order, plan.order_slots, plan.lengths, latent, k_rope, ln_stats, absorbed, q_pe, q_sum, q_bias,
-        sums, chunk_stats,
+        sums, chunk_stats, a_scales, s_scales,
         plan.order.stride(0), latent.stride(0), latent.stride(1), k_rope.stride(0),
         k_rope.stride(1), ln_stats.stride(0), ln_stats.stride(1), absorbed.stride(0), absorbed.stride(1),
-        q_pe.stride(0), q_pe.stride(1), sums.stride(0), sums.stride(1), plan.n_chunks, scale * LOG2E,
+        q_pe.stride(0), q_pe.stride(1), sums.stride(0), sums.stride(1), a_scales.stride(0), a_scales.stride(1),
+        s_scales.stride(0), s_scales.stride(1), plan.n_chunks, scale * LOG2E,
         N_HEADS=heads, D_C=d_c, D_R=d_r, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_R=block(d_r),
-        BLOCK_T=plan.block_t, KEY_GATHER=key_gather, DOT_PRECISION=precision, WIDEN_ONCE=once, num_warps=attend_warps,
-        **attend_stages)
+        BLOCK_T=plan.block_t, KEY_GATHER=key_gather, DOT_PRECISION=precision, WIDEN_ONCE=once, SCALED=scaled,
+        num_warps=attend_warps, **attend_stages)
     if stages < 3:
         return out
 
     _upproj_kernel[(heads, batch, num_splits)](
         sums, plan.row_chunk, plan.lengths, plan.n_distinct, plan.row_ids, chunk_stats, gate_table, id_rows, wkv_b,
-        weight, bias, acc,
+        weight, bias, acc, s_scales,
         sums.stride(0), sums.stride(1), plan.row_chunk.stride(0), plan.row_ids.stride(0),
-        gate_table.stride(0), wkv_b.stride(0), acc.stride(0), acc.stride(1), plan.n_chunks, num_splits,
+        gate_table.stride(0), wkv_b.stride(0), acc.stride(0), acc.stride(1), s_scales.stride(0), s_scales.stride(1),
+        plan.n_chunks, num_splits,
         N_HEADS=heads, D_N=d_n, D_V=d_v, D_C=d_c, BLOCK_H=block_h, BLOCK_V=block(d_v), BLOCK_C=block_c,
         BLOCK_ROWS=block_rows, BLOCK_K=max(16, triton.next_power_of_2(plan.n_chunks)), BLOCK_T=plan.block_t,
-        ATOMIC=atomic, GATE_DOT=gate_dot, WARP_SPECIALIZE=warp_specialize, num_warps=upproj_warps, **upproj_stages,
+        ATOMIC=atomic, GATE_DOT=gate_dot, SCALED=scaled, WARP_SPECIALIZE=warp_specialize, num_warps=upproj_warps,
+        **upproj_stages,
         **flags)
     return out.copy_(acc) if acc is not out else out
 

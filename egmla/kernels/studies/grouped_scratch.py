@@ -99,7 +99,7 @@ def _scratch_kernel(order_ptr, order_slots_ptr, lengths_ptr, ids_ptr, row_chunk_
                      q_pe_ptr, q_sum_ptr, q_bias_ptr, s_ptr, chunk_ptr, stride_ob, stride_lb, stride_lt, stride_kb,
                      stride_kt, stride_tb, stride_tt, stride_ab, stride_au, stride_pb, stride_ph, stride_rb,
                      stride_ru, n_chunks, qk_scale, N_HEADS, D_C, D_R, BLOCK_H, BLOCK_C, BLOCK_R, BLOCK_T, False,
-                     DOT_PRECISION)
+                     DOT_PRECISION, False, False, a_ptr, s_ptr, 0, 0, 0, 0)  # A and S unscaled
     tl.debug_barrier()
 
     # phase 3: this range's softmax statistics (over its chunks), then its rows up-projected per head
