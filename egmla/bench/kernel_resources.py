@@ -132,17 +132,30 @@ def _grouped_cases():
     for ids, per, warps in ((64, 1, 4), (32, 4, 2), (128, 1, 4)):
         yield ("grouped absorb", f"{ids} ids x {per} heads, {warps} warps", g._absorb_kernel,
                dict(common, D_N=d, D_V=d, BLOCK_N=d, BLOCK_C=d, BLOCK_U=ids, BLOCK_V=d, HEADS=per, HAS_WEIGHT=True,
-                    HAS_BIAS=True, ZERO_ACC=True, ROW_MAP=False), types, warps)
+                    HAS_BIAS=True, ZERO_ACC=True, ROW_MAP=False, SCALED=False), types, warps)
     for chunk, warps in ((CHUNK, 1), (32, 2)):
         yield ("grouped attend", f"chunks of {chunk}, {warps} warps", g._attend_kernel,
-               dict(common, D_R=d, BLOCK_H=16, BLOCK_C=d, BLOCK_R=d, BLOCK_T=chunk, KEY_GATHER=False, WIDEN_ONCE=False),
-               types, warps)
+               dict(common, D_R=d, BLOCK_H=16, BLOCK_C=d, BLOCK_R=d, BLOCK_T=chunk, KEY_GATHER=False, WIDEN_ONCE=False,
+                    SCALED=False), types, warps)
     for (rows, warps), gate_dot in itertools.product(((128, 2), (128, 4), (64, 2), (256, 8)), (False, True)):
         yield ("grouped upproj", f"{rows} rows, {warps} warps{', gate_dot' if gate_dot else ''}", g._upproj_kernel,
                dict(common, D_N=d, D_V=d, BLOCK_H=16, BLOCK_V=d, BLOCK_C=d, BLOCK_ROWS=rows, BLOCK_K=256,
                     BLOCK_T=CHUNK, HAS_WEIGHT=True, HAS_BIAS=True, ATOMIC=False, GATE_DOT=gate_dot, ROW_MAP=False,
-                    WARP_SPECIALIZE=False),  # every constexpr given: an absent one is compiled as a runtime argument
+                    SCALED=False, WARP_SPECIALIZE=False),  # every constexpr given: an absent one is a runtime argument
                {**types, "out_ptr": "*bf16"}, warps)
+    # A and S in fp8 with a scale per (row, head) (grouped_decode(intermediates="fp8"), measured slower), at the default
+    # settings
+    scaled = {**types, "a_ptr": "*fp8e4nv", "s_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "s_scale_ptr": "*fp32"}
+    yield ("grouped absorb", "fp8 A and S: 64 ids x 1 heads, 4 warps", g._absorb_kernel,
+           dict(common, D_N=d, D_V=d, BLOCK_N=d, BLOCK_C=d, BLOCK_U=64, BLOCK_V=d, HEADS=1, HAS_WEIGHT=True,
+                HAS_BIAS=True, ZERO_ACC=True, ROW_MAP=False, SCALED=True), scaled, 4)
+    yield ("grouped attend", f"fp8 A and S: chunks of {CHUNK}, 1 warp", g._attend_kernel,
+           dict(common, D_R=d, BLOCK_H=16, BLOCK_C=d, BLOCK_R=d, BLOCK_T=CHUNK, KEY_GATHER=False, WIDEN_ONCE=False,
+                SCALED=True), scaled, 1)
+    yield ("grouped upproj", "fp8 A and S: 128 rows, 4 warps, gate_dot", g._upproj_kernel,
+           dict(common, D_N=d, D_V=d, BLOCK_H=16, BLOCK_V=d, BLOCK_C=d, BLOCK_ROWS=128, BLOCK_K=256, BLOCK_T=CHUNK,
+                HAS_WEIGHT=True, HAS_BIAS=True, ATOMIC=False, GATE_DOT=True, ROW_MAP=False, SCALED=True,
+                WARP_SPECIALIZE=False), {**scaled, "out_ptr": "*bf16"}, 4)
 
 
 def _mla_cases():
@@ -189,7 +202,7 @@ def _fp8_cases():
                    **{name: "*fp32" for name in ("stats_ptr", "q_sum_ptr", "q_bias_ptr", "chunk_ptr")}}
         yield ("grouped attend kv64", f"{how}, chunks of {CHUNK}, 1 warp", gd._attend_kernel,
                dict(N_HEADS=12, D_C=64, D_R=64, BLOCK_H=16, BLOCK_C=64, BLOCK_R=64, BLOCK_T=CHUNK, KEY_GATHER=False,
-                    DOT_PRECISION="tf32", WIDEN_ONCE=once),
+                    DOT_PRECISION="tf32", WIDEN_ONCE=once, SCALED=False),
                {**grouped, **({"latent_ptr": "*fp8e4nv", "k_rope_ptr": "*fp8e4nv"} if fp8 else {})}, 1)
 
 

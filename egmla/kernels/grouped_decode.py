@@ -486,7 +486,9 @@ def grouped_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tenso
     fp8 cache): the attend launch widens each tile to the query's dtype as it reads it, `widen_once` as in
     `mla_decode`. `intermediates="fp8"`: the absorbed queries A and the value sums S, which the launches pass through
     memory, stored in float8_e4m3fn with an fp32 scale per (row, head) (max |row| / 448), half their bytes, each
-    value rounded once (reference: `grouped_decode_fp8_intermediates_ref`); None keeps them in the compute dtype."""
+    value rounded once (reference: `grouped_decode_fp8_intermediates_ref`); None keeps them in the compute dtype. fp8
+    measured 1.25-1.37x slower on an H100 (more registers, a reduction per row: docs/grouped-decode.md), so the model
+    keeps None; it is a launch setting of `egmla bench grouped`."""
     d_v = _check_inputs(q_nope, q_pe, latent, k_rope, ln_stats, plan, gate_table, wkv_b)
     check_id_to_row(id_to_row, gate_table)
     batch, heads, d_n = q_nope.shape

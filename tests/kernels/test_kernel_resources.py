@@ -76,10 +76,12 @@ def test_mla_kernel_compiles_offline_and_reports_its_registers(tmp_path):
 @pytest.mark.skipif(not _cuobjdump_available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) installed")
 def test_grouped_launches_compile_offline_with_every_setting_given(tmp_path):
     """The grouped decode's three launches compile for sm_90 in every listed setting (the up-projection's
-    warp-specialisation flag included: left out, it compiled as a runtime argument and the pass asserted)."""
+    warp-specialisation flag included: left out, it compiled as a runtime argument and the pass asserted), with A and
+    S in fp8 too (intermediates="fp8", each launch once)."""
     rows, _ = compile_offline(tmp_path, "grouped")
     assert {r["kernel"] for r in rows} == {"grouped absorb", "grouped attend", "grouped upproj"}
-    assert sum(r["kernel"] == "grouped upproj" for r in rows) == 8
+    assert sum(r["kernel"] == "grouped upproj" for r in rows) == 9
+    assert sum(r["setting"].startswith("fp8 A and S") for r in rows) == 3
     for row in rows:
         assert 16 <= row["registers"] <= 255 and row["ptx_mma_sync"] + row["ptx_wgmma"] > 0
 
