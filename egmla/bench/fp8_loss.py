@@ -94,6 +94,11 @@ def held_out_tokens(args, needed: int) -> torch.Tensor:
     from egmla.data.shards import prepare_shards
     from egmla.train.config import RunConfig
 
+    from egmla.hf.export import is_hf_export
+
+    if is_hf_export(args.run):
+        raise ValueError(f"--run {args.run}: a Hugging Face export, which keeps no data config, so there is no "
+                         f"validation split to score; pass held-out text with --text FILE")
     config = read_run_config(args.run)
     if "data" not in config:
         raise ValueError(f"--run {args.run}: its config.json has no data section (not written by `egmla train`), so "

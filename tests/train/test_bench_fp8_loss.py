@@ -106,3 +106,18 @@ def test_a_run_without_a_data_section_needs_text(trained_run, tmp_path):
     short.write_text("too short")
     with pytest.raises(ValueError, match="at least 2 are needed"):
         run("fp8-loss", ["--run", str(bare), "--length", "32", "--device", "cpu", "--text", str(short)])
+
+
+def test_a_hugging_face_export_is_scored_on_text_it_is_given(trained_run, tmp_path):
+    """An export keeps no data config: without --text it is refused with the fix; with it, it is scored as the run."""
+    from egmla.hf.export import export_hf  # transformers: a dev dependency, so a missing one fails here
+
+    exported = tmp_path / "exported"
+    export_hf(trained_run, exported)
+    with pytest.raises(ValueError, match="a Hugging Face export, .* pass held-out text with --text FILE"):
+        run("fp8-loss", ["--run", str(exported), "--length", "32", "--device", "cpu"])
+    text = tmp_path / "held_out.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 30)
+    from_run, from_export = (measured(folder, tmp_path, "--text", str(text), "--path", "naive")
+                             for folder in (trained_run, exported))
+    assert from_export["loss_cache_fp8"] == pytest.approx(from_run["loss_cache_fp8"], abs=1e-6)
