@@ -36,6 +36,12 @@ def grouped_decode_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.T
     return attend_rebuilt(q_nope, q_pe, kv, k_rope, lengths, scale)
 
 
+def e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to float8_e4m3fn (saturated at +-448, nearest even), back in fp32: the fp8 cache's rule
+    (egmla.attention.cache.quantize), which the kernels' layer may not import."""
+    return x.float().clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
+
+
 def grouped_decode_fp8_intermediates_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                                          k_rope: torch.Tensor, ln_stats: torch.Tensor, slots: torch.Tensor,
                                          distinct_ids: torch.Tensor, lengths: torch.Tensor, gate_table: torch.Tensor,
@@ -50,12 +56,10 @@ def grouped_decode_fp8_intermediates_ref(q_nope: torch.Tensor, q_pe: torch.Tenso
     m_k the chunk's largest score: the rows, and so the rounding, of the kernel's plan; the operands of the products
     that make A and S are cast to q_nope's dtype first, as the kernel's dots take them. Arguments as
     `grouped_decode_ref`'s. Loops over sequences in Python: for tests."""
-    from egmla.attention.cache import FP8, quantize
-
     def rounded(x):  # per row of the last dim
         amax = x.abs().amax(-1, keepdim=True)
         row_scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
-        return quantize(x / row_scale, FP8).float() * row_scale
+        return e4m3(x / row_scale) * row_scale
 
     batch, heads, d_n = q_nope.shape
     width, d_c = wkv_b.shape[0] // heads, latent.shape[-1]
