@@ -3,6 +3,7 @@ a time (teacher forcing), with the cache in the model's dtype and in fp8, beside
 the range of the values the fp8 cache rounds, which says whether a scale would help.
 
     egmla bench fp8-loss --run RUN [--path auto] [--windows 32] [--length 256] [--prompt 16] [--json out.json]
+    egmla bench fp8-loss --report a.json b.json ... [--markdown table.md]     # the table of result files
 
 Held-out text: the run's own validation split (its data config and tokenizer, prepared as training did), or --text
 FILE tokenized by the run's tokenizer. Each window's first --prompt tokens are prefilled into the cache (attending over
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="a run directory of `egmla train` (any variant) or an `egmla export "
-                                                "--to hf` folder (then --text)")
+    p.add_argument("--run", help="a run directory of `egmla train` (any variant) or an `egmla export --to hf` folder "
+                                 "(then --text)")
     p.add_argument("--text", metavar="FILE", help="held-out text to score (UTF-8), tokenized by the run's tokenizer; "
                                                  "default: the run's validation split")
     p.add_argument("--path", default="auto", help="the decode path; auto = what generation takes for --windows "
@@ -38,6 +39,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="the model's (and the cache's, where not fp8) dtype; auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write the result as JSON here")
+    p.add_argument("--report", nargs="+", metavar="JSON", help="measure nothing: the table of these result files, "
+                                                             "one row each (docs/bench/fp8_loss_h100)")
+    p.add_argument("--markdown", metavar="PATH", help="with --report: also write the table here")
+
+
+def report_table(metas: list[dict], names: list[str]) -> str:
+    """One row per result file (named `names`, linked as given): the losses, the fp8 cache's difference, and the
+    largest |value| of each tensor it rounds where the file has `fp8_range`."""
+    lines = ["| model, path | device, dtype | scored tokens | full forward | cache in the model's dtype | cache in fp8 "
+             "| fp8 − model's dtype (± s.e.) | largest \\|value\\| rounded | file |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for meta, name in zip(metas, names):
+        ranges = ", ".join(f"{tensor} {stats['max_abs']:.3g}" for tensor, stats in meta.get("fp8_range", {}).items())
+        lines.append(f"| {meta['variant']}, `{meta['path']}` | {meta['device']}, {meta['dtype']} | "
+                     f"{meta['scored_tokens']:,} | {meta['loss_full_forward']:.6f} | {meta['loss_cache_native']:.6f} | "
+                     f"{meta['loss_cache_fp8']:.6f} | {meta['fp8_minus_native']:+.5f} ± "
+                     f"{meta['fp8_minus_native_stderr']:.5f} | {ranges} | [{name.rsplit('/', 1)[-1]}]({name}) |")
+    return "\n".join(lines) + "\n"
 
 
 def decoded_loss(model, tokens: torch.Tensor, prompt: int, cache_dtype) -> tuple[torch.Tensor, object]:
@@ -155,6 +174,15 @@ def measure(args) -> dict:
 
 
 def main(args) -> int:
+    if args.report:
+        from egmla.bench.generate import write_table
+        from egmla.bench.options import read_result
+
+        return write_table(report_table([read_result(path, "--report") for path in args.report], args.report),
+                           args.markdown)
+    if not args.run:
+        raise ValueError("--run: missing; name a run directory of `egmla train` to measure (or --report result "
+                         "files to tabulate)")
     result = measure(args)
     print(f"{result['variant']}, path {result['path']}, {result['device']}, {result['dtype']}: {result['windows']} "
           f"windows of {result['length']} tokens, {result['scored_tokens']:,} scored")

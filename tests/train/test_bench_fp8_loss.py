@@ -121,3 +121,19 @@ def test_a_hugging_face_export_is_scored_on_text_it_is_given(trained_run, tmp_pa
     from_run, from_export = (measured(folder, tmp_path, "--text", str(text), "--path", "naive")
                              for folder in (trained_run, exported))
     assert from_export["loss_cache_fp8"] == pytest.approx(from_run["loss_cache_fp8"], abs=1e-6)
+
+
+def test_the_report_tabulates_result_files(trained_run, tmp_path, capsys):
+    """--report measures nothing: one row per file, the losses and ranges as the file has them, linked by its name; and
+    without --run or --report the command says what it needs."""
+    result = measured(trained_run, tmp_path, "--path", "naive")
+    table = tmp_path / "table.md"
+    assert run("fp8-loss", ["--report", str(tmp_path / "fp8.json"), "--markdown", str(table)]) == 0
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| EG-MLA")]
+    assert len(rows) == 1 and f"{result['loss_cache_fp8']:.6f}" in rows[0] and "latent " in rows[0]
+    assert f"{result['fp8_minus_native']:+.5f} ± {result['fp8_minus_native_stderr']:.5f}" in rows[0]
+    assert rows[0].endswith(f"[fp8.json]({tmp_path / 'fp8.json'}) |")
+    with pytest.raises(ValueError, match="^--run: missing"):
+        run("fp8-loss", [])
+    with pytest.raises(ValueError, match="--report .*: no such file"):
+        run("fp8-loss", ["--report", str(tmp_path / "absent.json")])
