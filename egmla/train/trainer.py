@@ -147,6 +147,15 @@ def refuse_reshuffling(run: RunConfig, run_dir: Path) -> None:
                          f"keep it to resume, or start a new run")
 
 
+def refuse_steps_behind(steps: int, step: int) -> None:
+    """`--resume RUN --set train.steps=N` with N below the checkpoint's step would record a length the run has
+    already passed (config.json would say N while its weights are at the later step). 0 is a time budget, not a
+    length."""
+    if 0 < steps < step:
+        raise ValueError(f"train.steps={steps}: the run's checkpoint is already at step {step}; pass train.steps "
+                         f"above {step} to train further, or train.steps={step} to finish it where it is")
+
+
 def keep_train_changes(run: RunConfig, run_dir: Path, log) -> None:
     """A resumed run's changed train.* settings (`--resume RUN --set train.steps=...`) go into its config.json, so
     that the next resume continues with them rather than the ones it started with."""
@@ -305,8 +314,10 @@ def _set_up(run: RunConfig, run_dir: Path, resume: bool, progress: bool, info: D
 
     autocast, precision = autocast_for(run, info.device)
     batches = TrainBatches(train_windows, cfg.batch_size, cfg.seed, position)
-    if resumed is not None and info.is_main:  # only now: a resume refused before leaves config.json as it was
-        keep_train_changes(run, run_dir, say)
+    if resumed is not None:
+        refuse_steps_behind(cfg.steps, start_step)
+        if info.is_main:  # only now: a resume refused before leaves config.json as it was
+            keep_train_changes(run, run_dir, say)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     device_name = device_label(info.device)
     peak = peak_flops(device_name, cfg.peak_tflops) if info.device.type == "cuda" else None

@@ -110,14 +110,13 @@ def test_resuming_a_finished_run_keeps_its_timings(tmp_path, cache_dir):
     train(run, run_dir, progress=False, log=quiet)
     before = json.loads((run_dir / "summary.json").read_text())
     assert all(isinstance(before[key], float) and math.isfinite(before[key]) for key in TIMINGS if key != "mfu")
-    for steps in (12, 8):  # the same length, and fewer steps than the checkpoint holds
-        messages = []
-        summary = train(run_config(cache_dir, train=dict(steps=steps)), run_dir, resume=True, progress=False,
-                        log=messages.append)
-        after = json.loads((run_dir / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
-        assert {key: after[key] for key in TIMINGS} == {key: before[key] for key in TIMINGS}
-        assert summary["steps"] == 12 and after["final_val_loss"] == pytest.approx(before["final_val_loss"])
-        assert any("no step to train: the run is at step 12" in m for m in messages)
+    messages = []  # fewer steps than the checkpoint holds are refused (test below)
+    summary = train(run_config(cache_dir, train=dict(steps=12)), run_dir, resume=True, progress=False,
+                    log=messages.append)
+    after = json.loads((run_dir / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert {key: after[key] for key in TIMINGS} == {key: before[key] for key in TIMINGS}
+    assert summary["steps"] == 12 and after["final_val_loss"] == pytest.approx(before["final_val_loss"])
+    assert any("no step to train: the run is at step 12" in m for m in messages)
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_does_not_take_runs_latest(tmp_path, cache_dir, monkeypatch,
@@ -203,6 +202,17 @@ def test_a_resume_over_a_changed_corpus_says_so(tmp_path, cache_dir, capsys):
     assert train_main(["--resume", str(run_dir), "--no-progress", "--set", "train.steps=8"]) == 0
     out = capsys.readouterr().out
     assert f"warning: the corpus changed since this checkpoint (training tokens {state['train_split_tokens']:,} -> " in out
+
+
+def test_resume_refuses_fewer_steps_than_the_checkpoint_and_keeps_the_recorded_length(tmp_path, cache_dir, capsys):
+    run_dir = tmp_path / "run"
+    train(run_config(cache_dir, train=dict(steps=4, checkpoint_every=2)), run_dir, progress=False, log=quiet)
+    recorded = (run_dir / "config.json").read_bytes()
+    assert train_main(["--resume", str(run_dir), "--no-progress", "--set", "train.steps=2"]) == 2
+    assert ("train.steps=2: the run's checkpoint is already at step 4; pass train.steps above 4"
+            in capsys.readouterr().err)
+    assert (run_dir / "config.json").read_bytes() == recorded
+    assert train_main(["--resume", str(run_dir), "--no-progress", "--set", "train.steps=4"]) == 0  # finishes there
 
 
 def test_resume_refuses_another_seed_and_another_folder(tmp_path, cache_dir, capsys):
