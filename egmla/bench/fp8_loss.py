@@ -9,10 +9,13 @@ Held-out text: the run's own validation split (its data config and tokenizer, pr
 FILE tokenized by the run's tokenizer. Each window's first --prompt tokens are prefilled into the cache (attending over
 their own unrounded K/V, as generation does); every later token is one decode step over the cache, scored on the token
 after it. Reported: the mean loss per scored token of each, the fp8 cache's difference from the cache in the model's
-dtype with its standard error over windows, and per cached tensor the fp8 cache rounds (`latent`, `k_rope`, MHA's `k`
-and `v`) the largest |value|, the share past +-448 (saturated), the share of nonzero values below e4m3's smallest normal
+dtype with its standard error over windows, the KL divergence KL(model's dtype || fp8) of the two caches' predicted
+distributions and how often their most likely tokens agree (per position, as llama.cpp reports for quantized models;
+the two caches decode in lockstep), and per cached tensor the fp8 cache rounds (`latent`, `k_rope`, MHA's `k` and
+`v`) the largest |value|, the share past +-448 (saturated), the share of nonzero values below e4m3's smallest normal
 2**-6, and the rounding's relative error ||fp8(x) - x|| / ||x||, over every layer of the cache in the model's dtype.
-Measured: docs/bench/fp8_loss_h100 (paper-base on an H100), docs/bench/fp8_cache_cpu (tiny models on a CPU).
+Measured: docs/bench/fp8_loss_h100 and fp8_loss_h100_longer (paper-base on an H100), docs/bench/fp8_cache_cpu (tiny
+models on a CPU).
 """
 from __future__ import annotations
 
@@ -45,32 +48,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def report_table(metas: list[dict], names: list[str]) -> str:
-    """One row per result file (named `names`, linked as given): the losses, the fp8 cache's difference, and the
-    largest |value| of each tensor it rounds where the file has `fp8_range`."""
+    """One row per result file (named `names`, linked as given): the losses, the fp8 cache's difference, the two
+    caches' KL and top-1 agreement where the file has them (files from before 2026-12-07's KL do not), and the largest
+    |value| of each tensor it rounds where the file has `fp8_range`."""
     lines = ["| model, path | device, dtype | scored tokens | full forward | cache in the model's dtype | cache in fp8 "
-             "| fp8 − model's dtype (± s.e.) | largest \\|value\\| rounded | file |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "| fp8 − model's dtype (± s.e.) | KL(model's dtype ‖ fp8) (± s.e.) | same top-1 token "
+             "| largest \\|value\\| rounded | file |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for meta, name in zip(metas, names):
         ranges = ", ".join(f"{tensor} {stats['max_abs']:.3g}" for tensor, stats in meta.get("fp8_range", {}).items())
+        kl, same = "", ""
+        if "kl_native_fp8" in meta:
+            kl = f"{meta['kl_native_fp8']:.5f} ± {meta['kl_native_fp8_stderr']:.5f}"
+            same = f"{meta['top1_agreement']:.2%}"
         lines.append(f"| {meta['variant']}, `{meta['path']}` | {meta['device']}, {meta['dtype']} | "
                      f"{meta['scored_tokens']:,} | {meta['loss_full_forward']:.6f} | {meta['loss_cache_native']:.6f} | "
                      f"{meta['loss_cache_fp8']:.6f} | {meta['fp8_minus_native']:+.5f} ± "
-                     f"{meta['fp8_minus_native_stderr']:.5f} | {ranges} | [{name.rsplit('/', 1)[-1]}]({name}) |")
+                     f"{meta['fp8_minus_native_stderr']:.5f} | {kl} | {same} | {ranges} | "
+                     f"[{name.rsplit('/', 1)[-1]}]({name}) |")
     return "\n".join(lines) + "\n"
 
 
-def decoded_loss(model, tokens: torch.Tensor, prompt: int, cache_dtype) -> tuple[torch.Tensor, object]:
-    """Per window: the mean next-token loss of positions prompt .. length-1, each predicted by a decode step (the first
-    by the prefill); and the cache it filled."""
+def decode_through_both(model, tokens: torch.Tensor, prompt: int, cache_dtype) -> dict:
+    """The windows decoded in lockstep through a cache in the model's dtype and one in `cache_dtype`: each position
+    prompt .. length-1 predicted by a decode step (the first by the prefill). Per window, means over those positions:
+    each cache's next-token loss, KL(model's dtype || cache_dtype) of the two predicted distributions, and how often
+    their most likely tokens agree; and the two caches filled."""
     batch, length = tokens.shape
-    cache = model.new_cache(batch, max_len=length, dtype=cache_dtype)
-    logits = model(tokens[:, :prompt], cache)[:, -1]
-    losses = []
+    caches = [model.new_cache(batch, max_len=length, dtype=dtype) for dtype in (None, cache_dtype)]
+    logits = [model(tokens[:, :prompt], cache)[:, -1] for cache in caches]
+    losses, kl, agree = ([], []), [], []
     for t in range(prompt, length):
-        losses.append(F.cross_entropy(logits.float(), tokens[:, t], reduction="none"))
+        native, other = (torch.log_softmax(step.float(), -1) for step in logits)
+        for loss, logp in zip(losses, (native, other)):
+            loss.append(-logp.gather(1, tokens[:, t:t + 1])[:, 0])
+        kl.append((native.exp() * (native - other)).sum(-1))
+        agree.append((native.argmax(-1) == other.argmax(-1)).float())
         if t + 1 < length:
-            logits = model(tokens[:, t:t + 1], cache)[:, 0]
-    return torch.stack(losses, 1).mean(1), cache
+            logits = [model(tokens[:, t:t + 1], cache)[:, 0] for cache in caches]
+    mean = lambda values: torch.stack(values, 1).mean(1)  # noqa: E731
+    return {"native": mean(losses[0]), "other": mean(losses[1]), "kl": mean(kl), "top1_agreement": mean(agree),
+            "caches": caches}
 
 
 def fp8_range(cache, fp8_cache) -> dict[str, dict[str, float]]:
@@ -158,10 +176,11 @@ def measure(args) -> dict:
     with torch.no_grad():
         full = F.cross_entropy(model(windows)[:, args.prompt - 1:-1].flatten(0, 1).float(),
                                windows[:, args.prompt:].flatten(), reduction="none").view(count, -1).mean(1)
-        native, native_cache = decoded_loss(model, windows, args.prompt, None)
-        fp8, fp8_cache = decoded_loss(model, windows, args.prompt, FP8)
-        ranges = fp8_range(native_cache, fp8_cache)
+        decoded = decode_through_both(model, windows, args.prompt, FP8)
+        ranges = fp8_range(*decoded["caches"])
+    native, fp8, kl, agree = decoded["native"], decoded["other"], decoded["kl"], decoded["top1_agreement"]
     diff = fp8 - native
+    stderr = lambda values: (values.std() / math.sqrt(count)).item()  # noqa: E731
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     return {"run": str(args.run), "variant": model.config.variant_name(), "path": model.decode_path,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": dtype_name,
@@ -169,7 +188,9 @@ def measure(args) -> dict:
             "scored_tokens": count * (args.length - args.prompt),
             "loss_full_forward": full.mean().item(), "loss_cache_native": native.mean().item(),
             "loss_cache_fp8": fp8.mean().item(), "fp8_minus_native": diff.mean().item(),
-            "fp8_minus_native_stderr": (diff.std() / math.sqrt(count)).item(),
+            "fp8_minus_native_stderr": stderr(diff),
+            "kl_native_fp8": kl.mean().item(), "kl_native_fp8_stderr": stderr(kl),
+            "top1_agreement": agree.mean().item(), "top1_agreement_stderr": stderr(agree),
             "native_cache_minus_full_forward": (native - full).mean().item(), "fp8_range": ranges}
 
 
@@ -190,6 +211,9 @@ def main(args) -> int:
           f"{result['loss_cache_native']:.6f}, cache in fp8 {result['loss_cache_fp8']:.6f}")
     print(f"fp8 - {result['dtype']}: {result['fp8_minus_native']:+.6f} +- {result['fp8_minus_native_stderr']:.6f} "
           f"nats per token (standard error over windows)")
+    print(f"KL({result['dtype']} || fp8) of the predicted distributions: {result['kl_native_fp8']:.6f} +- "
+          f"{result['kl_native_fp8_stderr']:.6f} nats per token; most likely token the same at "
+          f"{result['top1_agreement']:.2%} +- {result['top1_agreement_stderr']:.2%} of the positions")
     for name, stats in result["fp8_range"].items():
         print(f"{name}: max |x| {stats['max_abs']:.3g}, saturated {stats['share_saturated']:.2%}, below 2**-6 "
               f"{stats['share_subnormal']:.2%}, rounding error {stats['rounding_rel_error']:.2%} of the norm")

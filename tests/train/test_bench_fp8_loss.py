@@ -46,6 +46,38 @@ def test_the_validation_split_through_both_caches(trained_run, tmp_path, capsys)
     assert "fp8 - fp32:" in printed and "latent: max |x|" in printed
 
 
+def test_kl_and_top1_agreement_of_the_two_caches(trained_run, tmp_path):
+    """KL(model's dtype || fp8) and the top-1 agreement, decoded in lockstep, equal what two separate decodes give
+    (torch's kl_div over their logits); two caches of one dtype give 0 and 100%; and the command's file has them."""
+    import torch.nn.functional as F
+
+    from egmla.attention.cache import FP8
+    from egmla.bench.fp8_loss import decode_through_both
+    from egmla.runs import load_model
+
+    model, _ = load_model(trained_run, dtype=torch.float32, device="cpu")
+    torch.manual_seed(1)
+    tokens = torch.randint(0, model.config.vocab_size, (3, 20))
+
+    def logits_through(cache_dtype):
+        cache = model.new_cache(3, max_len=20, dtype=cache_dtype)
+        steps = [model(tokens[:, :6], cache)[:, -1]] + [model(tokens[:, t:t + 1], cache)[:, 0] for t in range(6, 19)]
+        return torch.log_softmax(torch.stack(steps, 1).float(), -1)  # [3, 14 positions, vocab]
+
+    with torch.no_grad():
+        both = decode_through_both(model, tokens, 6, FP8)
+        native, fp8 = logits_through(None), logits_through(FP8)
+        same = decode_through_both(model, tokens, 6, None)
+    expected = F.kl_div(fp8, native, log_target=True, reduction="none").sum(-1).mean(1)
+    assert torch.allclose(both["kl"], expected, rtol=1e-4, atol=1e-9) and (both["kl"] > 0).all()
+    assert torch.equal(both["top1_agreement"], (native.argmax(-1) == fp8.argmax(-1)).float().mean(1))
+    assert torch.equal(same["kl"], torch.zeros(3)) and torch.equal(same["top1_agreement"], torch.ones(3))
+    assert torch.allclose(both["native"], -native.gather(-1, tokens[:, 6:, None])[..., 0].mean(1), rtol=1e-5)
+    result = measured(trained_run, tmp_path, "--path", "naive")
+    assert 0 < result["kl_native_fp8"] < 0.05 and math.isfinite(result["kl_native_fp8_stderr"])
+    assert 0.5 < result["top1_agreement"] <= 1 and math.isfinite(result["top1_agreement_stderr"])
+
+
 def test_the_grouped_path_reads_the_same_fp8_cache_to_the_same_loss(trained_run, tmp_path):
     """The grouped path reads the cached norm statistics, computed from the latents as rounded: its losses over either
     cache equal naive's, and its fp32 statistics are not counted among the tensors fp8 rounds."""
@@ -132,6 +164,8 @@ def test_the_report_tabulates_result_files(trained_run, tmp_path, capsys):
     rows = [line for line in table.read_text().splitlines() if line.startswith("| EG-MLA")]
     assert len(rows) == 1 and f"{result['loss_cache_fp8']:.6f}" in rows[0] and "latent " in rows[0]
     assert f"{result['fp8_minus_native']:+.5f} ± {result['fp8_minus_native_stderr']:.5f}" in rows[0]
+    assert f"| {result['kl_native_fp8']:.5f} ± {result['kl_native_fp8_stderr']:.5f} | {result['top1_agreement']:.2%} |" \
+        in rows[0]
     assert rows[0].endswith(f"[fp8.json]({tmp_path / 'fp8.json'}) |")
     with pytest.raises(ValueError, match="^--run: missing"):
         run("fp8-loss", [])
