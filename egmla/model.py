@@ -220,10 +220,10 @@ class Transformer(nn.Module):
                 f"adapters into the weights first (peft: `model = model.merge_and_unload()`), or use "
                 f"decode_path={decode_paths(self.config)[0]!r}, which calls the modules")
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, fp8_tensors=()) -> KVCache:
         param = self.tok_embeddings.weight
         return allocate_cache(self.config, batch_size, max_len, dtype=dtype or param.dtype,
-                              device=param.device, decode_path=self.decode_path)
+                              device=param.device, decode_path=self.decode_path, fp8_tensors=fp8_tensors)
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, n_new: torch.Tensor | None = None,

@@ -90,9 +90,9 @@ def checked_cache_dtype(cache_dtype, name: str = "cache_dtype"):
 
 
 def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=None, device=None,
-                   decode_path: str | None = None) -> KVCache:
+                   decode_path: str | None = None, fp8_tensors=()) -> KVCache:
     """A cache for `batch_size` sequences of up to `max_len` tokens, holding only what the variant needs. dtype
-    torch.float8_e4m3fn: an fp8 cache (egmla/attention/cache.py)."""
+    torch.float8_e4m3fn: an fp8 cache (egmla/attention/cache.py); fp8_tensors: only these in fp8 (a measurement)."""
     import torch
 
     max_len = max_len or config.max_seq_len
@@ -103,7 +103,8 @@ def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=No
         raise ValueError(f"batch_size={batch_size}, max_len={max_len}: both must be positive")
     path = check_decode_path(config, decode_path or decode_paths(config)[0])
     spec = attention_class(config).cache_spec(config, path)
-    return KVCache([spec] * config.n_layers, batch_size, max_len, dtype=dtype or torch.float32, device=device)
+    return KVCache([spec] * config.n_layers, batch_size, max_len, dtype=dtype or torch.float32, device=device,
+                   fp8_tensors=fp8_tensors)
 
 
 __all__ = ["ATTENTION_CLASSES", "AttnContext", "CacheSpec", "DecodePath", "EmbeddingGatedMLA", "GroupedQueryAttention",

@@ -52,10 +52,14 @@ class CacheSpec:
 
 class LayerCache:
     """One layer's cache tensors, each [batch, max_len, *shape], in `dtype` unless the spec names another. dtype FP8:
-    stored as described above; `read` and `tensor` return them as fp8."""
+    stored as described above; `read` and `tensor` return them as fp8. fp8_tensors (a cache in the model's dtype):
+    only these tensors in fp8, the rest in `dtype` (a measurement of which tensor's rounding costs what, `egmla bench
+    fp8-loss --fp8-tensors`; the decode paths read such a mixed cache widened, egmla/attention/mla.py)."""
 
-    def __init__(self, spec: CacheSpec, batch_size: int, max_len: int, dtype, device):
-        self.fp8 = frozenset(name for name, (_, buf_dtype) in spec.tensors.items() if buf_dtype is None and dtype == FP8)
+    def __init__(self, spec: CacheSpec, batch_size: int, max_len: int, dtype, device,
+                 fp8_tensors: frozenset[str] = frozenset()):
+        self.fp8 = frozenset(name for name, (_, buf_dtype) in spec.tensors.items()
+                             if buf_dtype is None and (dtype == FP8 or name in fp8_tensors))
         self.buffers = {
             name: torch.zeros(batch_size, max_len, *shape, device=device,
                               dtype=torch.uint8 if name in self.fp8 else buf_dtype or dtype)
@@ -270,10 +274,15 @@ class KVCache:
     """The whole model's cache: per-layer tensors, per-sequence lengths and (if needed) token ids and groups."""
 
     def __init__(self, specs: list[CacheSpec], batch_size: int, max_len: int,
-                 dtype=torch.float32, device=None):
+                 dtype=torch.float32, device=None, fp8_tensors=()):
         self.batch_size, self.max_len = batch_size, max_len
         self.dtype = dtype  # of the layers' tensors a spec does not type; FP8: an fp8 cache (above)
-        self.layers = [LayerCache(spec, batch_size, max_len, dtype, device) for spec in specs]
+        fp8_tensors = frozenset(fp8_tensors)
+        roundable = {name for spec in specs for name, (_, buf_dtype) in spec.tensors.items() if buf_dtype is None}
+        if not fp8_tensors <= roundable:
+            raise ValueError(f"fp8_tensors={sorted(fp8_tensors)}: this cache keeps {', '.join(sorted(roundable))} in "
+                             f"the model's dtype; name some of those")
+        self.layers = [LayerCache(spec, batch_size, max_len, dtype, device, fp8_tensors) for spec in specs]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         # One int32 per position, shared by all layers: the gates are recomputed from it.
         needs_ids = any(spec.needs_token_ids for spec in specs)

@@ -172,8 +172,10 @@ class MultiHeadLatentAttention(ReadsWeights):
                 return self.wo(self.attend_causal(self.query(x, ctx), latent, k_pe, ctx.token_ids).flatten(2))
         # the append returned the context the decode paths read (EG-MLA's holds this layer's cached (mu, rho))
         latent, k_pe = cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len)
-        if latent.dtype == FP8 and not self.reads_fp8_as_stored(x, latent, ctx):
-            latent, k_pe = latent.to(x.dtype), k_pe.to(x.dtype)  # an fp8 cache: only the Triton kernels read it as is
+        if FP8 in (latent.dtype, k_pe.dtype) and (latent.dtype != k_pe.dtype
+                                                  or not self.reads_fp8_as_stored(x, latent, ctx)):
+            # an fp8 cache: only the Triton kernels read it as is, and only when both tensors are fp8
+            latent, k_pe = latent.to(x.dtype), k_pe.to(x.dtype)
         if self.reads_folded_weights():
             return self.forward_folded(x, latent, k_pe, ctx, q_projected, q_rotated)
         q_nope, q_pe = self.query(x, ctx, q_projected, q_rotated).split([self.qk_nope_head_dim, self.qk_rope_head_dim],

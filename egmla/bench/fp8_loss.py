@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, default=256, help="tokens per window")
     p.add_argument("--prompt", type=int, default=16, help="tokens of each window prefilled before decoding; the "
                                                           "rest are decoded one at a time and scored")
+    p.add_argument("--fp8-tensors", default="", metavar="NAMES",
+                   help="round only these cached tensors to fp8, comma-separated (latent, k_rope; MHA's k, v), the "
+                        "rest kept in the model's dtype: which tensor's rounding costs what (the paths read such a "
+                        "cache widened); default: every tensor, the fp8 cache generation keeps")
     p.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="the model's (and the cache's, where not fp8) dtype; auto = bf16 on CUDA, fp32 on CPU")
@@ -61,7 +65,9 @@ def report_table(metas: list[dict], names: list[str]) -> str:
         if "kl_native_fp8" in meta:
             kl = f"{meta['kl_native_fp8']:.5f} ± {meta['kl_native_fp8_stderr']:.5f}"
             same = f"{meta['top1_agreement']:.2%}"
-        lines.append(f"| {meta['variant']}, `{meta['path']}` | {meta['device']}, {meta['dtype']} | "
+        only = meta.get("fp8_tensors", "all")
+        only = "" if only == "all" else f", fp8 {' and '.join(only)} only"
+        lines.append(f"| {meta['variant']}, `{meta['path']}`{only} | {meta['device']}, {meta['dtype']} | "
                      f"{meta['scored_tokens']:,} | {meta['loss_full_forward']:.6f} | {meta['loss_cache_native']:.6f} | "
                      f"{meta['loss_cache_fp8']:.6f} | {meta['fp8_minus_native']:+.5f} ± "
                      f"{meta['fp8_minus_native_stderr']:.5f} | {kl} | {same} | {ranges} | "
@@ -69,13 +75,16 @@ def report_table(metas: list[dict], names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def decode_through_both(model, tokens: torch.Tensor, prompt: int, cache_dtype) -> dict:
-    """The windows decoded in lockstep through a cache in the model's dtype and one in `cache_dtype`: each position
-    prompt .. length-1 predicted by a decode step (the first by the prefill). Per window, means over those positions:
-    each cache's next-token loss, KL(model's dtype || cache_dtype) of the two predicted distributions, and how often
-    their most likely tokens agree; and the two caches filled."""
+def decode_through_both(model, tokens: torch.Tensor, prompt: int, cache_dtype, fp8_tensors=()) -> dict:
+    """The windows decoded in lockstep through a cache in the model's dtype and one in `cache_dtype` (or, given
+    fp8_tensors, one in the model's dtype with only those tensors in fp8): each position prompt .. length-1 predicted
+    by a decode step (the first by the prefill). Per window, means over those positions: each cache's next-token loss,
+    KL(model's dtype || the other) of the two predicted distributions, and how often their most likely tokens agree;
+    and the two caches filled."""
     batch, length = tokens.shape
-    caches = [model.new_cache(batch, max_len=length, dtype=dtype) for dtype in (None, cache_dtype)]
+    caches = [model.new_cache(batch, max_len=length),
+              model.new_cache(batch, max_len=length, fp8_tensors=fp8_tensors) if fp8_tensors
+              else model.new_cache(batch, max_len=length, dtype=cache_dtype)]
     logits = [model(tokens[:, :prompt], cache)[:, -1] for cache in caches]
     losses, kl, agree = ([], []), [], []
     for t in range(prompt, length):
@@ -167,6 +176,9 @@ def measure(args) -> dict:
         path = (fastest_decode_path(model.config, device, args.windows, args.length) if device.type == "cuda"
                 else model.decode_path)
     model.set_decode_path(model.usable_decode_path(path))
+    fp8_tensors = tuple(name.strip() for name in args.fp8_tensors.split(",") if name.strip())
+    if fp8_tensors:
+        model.new_cache(1, max_len=1, fp8_tensors=fp8_tensors)  # unknown names: the error names this cache's tensors
     tokens = held_out_tokens(args, args.windows * args.length)
     count = min(args.windows, len(tokens) // args.length)
     if count < 2:
@@ -176,7 +188,7 @@ def measure(args) -> dict:
     with torch.no_grad():
         full = F.cross_entropy(model(windows)[:, args.prompt - 1:-1].flatten(0, 1).float(),
                                windows[:, args.prompt:].flatten(), reduction="none").view(count, -1).mean(1)
-        decoded = decode_through_both(model, windows, args.prompt, FP8)
+        decoded = decode_through_both(model, windows, args.prompt, FP8, fp8_tensors)
         ranges = fp8_range(*decoded["caches"])
     native, fp8, kl, agree = decoded["native"], decoded["other"], decoded["kl"], decoded["top1_agreement"]
     diff = fp8 - native
@@ -184,7 +196,7 @@ def measure(args) -> dict:
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     return {"run": str(args.run), "variant": model.config.variant_name(), "path": model.decode_path,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": dtype_name,
-            "windows": count, "length": args.length, "prompt": args.prompt,
+            "windows": count, "length": args.length, "prompt": args.prompt, "fp8_tensors": list(fp8_tensors) or "all",
             "scored_tokens": count * (args.length - args.prompt),
             "loss_full_forward": full.mean().item(), "loss_cache_native": native.mean().item(),
             "loss_cache_fp8": fp8.mean().item(), "fp8_minus_native": diff.mean().item(),
@@ -205,8 +217,9 @@ def main(args) -> int:
         raise ValueError("--run: missing; name a run directory of `egmla train` to measure (or --report result "
                          "files to tabulate)")
     result = measure(args)
+    only = "" if result["fp8_tensors"] == "all" else f" (fp8: {', '.join(result['fp8_tensors'])} only)"
     print(f"{result['variant']}, path {result['path']}, {result['device']}, {result['dtype']}: {result['windows']} "
-          f"windows of {result['length']} tokens, {result['scored_tokens']:,} scored")
+          f"windows of {result['length']} tokens, {result['scored_tokens']:,} scored{only}")
     print(f"loss per token: full forward {result['loss_full_forward']:.6f}, cache in {result['dtype']} "
           f"{result['loss_cache_native']:.6f}, cache in fp8 {result['loss_cache_fp8']:.6f}")
     print(f"fp8 - {result['dtype']}: {result['fp8_minus_native']:+.6f} +- {result['fp8_minus_native_stderr']:.6f} "

@@ -119,6 +119,40 @@ def test_every_decode_path_reads_the_same_fp8_values(kind, monkeypatch):
     assert 0 < rel_err(naive, exact) < 0.05  # rounded once, at e4m3's 3 mantissa bits
 
 
+@pytest.mark.parametrize("kind", [MLA, MHA, EGMLA])
+def test_a_cache_with_some_tensors_in_fp8(kind):
+    """fp8_tensors (a measurement: which tensor's rounding costs what, `egmla bench fp8-loss --fp8-tensors`): only the
+    named tensors in fp8, the rest in the model's dtype; every decode path reads such a cache to the same logits;
+    naming every tensor gives the fp8 cache's logits exactly, one of them something between it and the exact ones; a
+    name the cache does not keep is refused with the ones it does."""
+    config = small_config(**kind)
+    model = perturbed(Transformer(config)).eval()
+    tokens = torch.randint(0, config.vocab_size, (3, 14))
+    names = sorted(name for name, (_, dtype) in model.layers[0].attn.cache_spec(config, "naive").tensors.items()
+                   if dtype is None)
+    cache = model.new_cache(3, max_len=16, fp8_tensors=names[:1])
+    assert cache.layers[0].fp8 == {names[0]} and cache.layers[0].tensor(names[1]).dtype == torch.float32
+    assert cache.layers[0].tensor(names[0]).dtype == FP8
+    with pytest.raises(ValueError, match=r"fp8_tensors=\['ln_stats'\]: this cache keeps .* in the model's dtype"):
+        model.new_cache(3, max_len=16, fp8_tensors=["ln_stats"])
+
+    def logits(path, **cache_kwargs):
+        model.set_decode_path(path)
+        cache = model.new_cache(3, max_len=16, **cache_kwargs)
+        model(tokens[:, :6], cache)
+        return torch.stack([model(tokens[:, t:t + 1], cache)[:, 0] for t in range(6, 14)], 1)
+
+    with torch.no_grad():
+        paths = list(model.layers[0].attn.paths)
+        exact, fp8 = logits(paths[0]), logits(paths[0], dtype=FP8)
+        every = logits(paths[0], fp8_tensors=names)
+        one = {path: logits(path, fp8_tensors=names[:1]) for path in paths}
+    assert torch.allclose(every, fp8, rtol=1e-6, atol=1e-6)
+    for path, value in one.items():
+        assert value.isfinite().all() and rel_err(value, one[paths[0]]) < 1e-4, path
+    assert 0 < rel_err(one[paths[0]], exact) < rel_err(fp8, exact) * 1.5
+
+
 def test_eg_mla_keeps_fp32_statistics_beside_an_fp8_cache():
     """EG-MLA's 'grouped' cache in fp8: the latents and RoPE keys one byte each, the norm statistics fp32 (8 B per
     position and layer), and the statistics those of the rounded latents (what `norm_stats` gives for them)."""

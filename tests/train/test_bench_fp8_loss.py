@@ -78,6 +78,22 @@ def test_kl_and_top1_agreement_of_the_two_caches(trained_run, tmp_path):
     assert 0.5 < result["top1_agreement"] <= 1 and math.isfinite(result["top1_agreement_stderr"])
 
 
+def test_one_tensor_in_fp8(trained_run, tmp_path, capsys):
+    """--fp8-tensors latent: only the latents rounded; the RoPE keys stay in the model's dtype, so only the latents'
+    range is reported, the file and the table say so, and the cost is its own (neither none nor the whole cache's)."""
+    whole = measured(trained_run, tmp_path, "--path", "naive")
+    result = measured(trained_run, tmp_path, "--path", "naive", "--fp8-tensors", "latent")
+    assert result["fp8_tensors"] == ["latent"] and whole["fp8_tensors"] == "all"
+    assert set(result["fp8_range"]) == {"latent"}
+    assert result["fp8_range"]["latent"] == whole["fp8_range"]["latent"]
+    assert result["loss_cache_native"] == pytest.approx(whole["loss_cache_native"], abs=1e-6)
+    assert 0 < result["kl_native_fp8"] != whole["kl_native_fp8"]
+    assert "(fp8: latent only)" in capsys.readouterr().out
+    table = tmp_path / "table.md"
+    assert run("fp8-loss", ["--report", str(tmp_path / "fp8.json"), "--markdown", str(table)]) == 0
+    assert "| EG-MLA kv16, `naive`, fp8 latent only |" in table.read_text()
+
+
 def test_the_grouped_path_reads_the_same_fp8_cache_to_the_same_loss(trained_run, tmp_path):
     """The grouped path reads the cached norm statistics, computed from the latents as rounded: its losses over either
     cache equal naive's, and its fp32 statistics are not counted among the tensors fp8 rounds."""
@@ -118,6 +134,7 @@ def test_the_range_counts_saturated_and_subnormal_values():
     (["--prompt", "32"], r"^--prompt 32: must be below --length 32"),
     (["--windows", "0"], r"^--windows 0: must be >= 1$"),
     (["--length", "100"], r"^--length 100: longer than the model's max_seq_len 64"),
+    (["--fp8-tensors", "latent,k"], r"^fp8_tensors=\['k', 'latent'\]: this cache keeps k_rope, latent in the model's"),
 ])
 def test_bad_options_are_refused_with_the_fix(trained_run, extra, message):
     with pytest.raises(ValueError, match=message):
