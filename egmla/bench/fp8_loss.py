@@ -63,7 +63,7 @@ def report_table(metas: list[dict], names: list[str]) -> str:
         ranges = ", ".join(f"{tensor} {stats['max_abs']:.3g}" for tensor, stats in meta.get("fp8_range", {}).items())
         kl, same = "", ""
         if "kl_native_fp8" in meta:
-            kl = f"{meta['kl_native_fp8']:.5f} ± {meta['kl_native_fp8_stderr']:.5f}"
+            kl = f"{meta['kl_native_fp8']:.3g} ± {meta['kl_native_fp8_stderr']:.2g}"  # spans orders of magnitude
             same = f"{meta['top1_agreement']:.2%}"
         only = meta.get("fp8_tensors", "all")
         only = "" if only == "all" else f", fp8 {' and '.join(only)} only"

@@ -181,7 +181,7 @@ def test_the_report_tabulates_result_files(trained_run, tmp_path, capsys):
     rows = [line for line in table.read_text().splitlines() if line.startswith("| EG-MLA")]
     assert len(rows) == 1 and f"{result['loss_cache_fp8']:.6f}" in rows[0] and "latent " in rows[0]
     assert f"{result['fp8_minus_native']:+.5f} ± {result['fp8_minus_native_stderr']:.5f}" in rows[0]
-    assert f"| {result['kl_native_fp8']:.5f} ± {result['kl_native_fp8_stderr']:.5f} | {result['top1_agreement']:.2%} |" \
+    assert f"| {result['kl_native_fp8']:.3g} ± {result['kl_native_fp8_stderr']:.2g} | {result['top1_agreement']:.2%} |" \
         in rows[0]
     assert rows[0].endswith(f"[fp8.json]({tmp_path / 'fp8.json'}) |")
     with pytest.raises(ValueError, match="^--run: missing"):
