@@ -224,8 +224,8 @@ def main(args) -> int:
           f"{result['loss_cache_native']:.6f}, cache in fp8 {result['loss_cache_fp8']:.6f}")
     print(f"fp8 - {result['dtype']}: {result['fp8_minus_native']:+.6f} +- {result['fp8_minus_native_stderr']:.6f} "
           f"nats per token (standard error over windows)")
-    print(f"KL({result['dtype']} || fp8) of the predicted distributions: {result['kl_native_fp8']:.6f} +- "
-          f"{result['kl_native_fp8_stderr']:.6f} nats per token; most likely token the same at "
+    print(f"KL({result['dtype']} || fp8) of the predicted distributions: {result['kl_native_fp8']:.3g} +- "
+          f"{result['kl_native_fp8_stderr']:.2g} nats per token; most likely token the same at "
           f"{result['top1_agreement']:.2%} +- {result['top1_agreement_stderr']:.2%} of the positions")
     for name, stats in result["fp8_range"].items():
         print(f"{name}: max |x| {stats['max_abs']:.3g}, saturated {stats['share_saturated']:.2%}, below 2**-6 "
