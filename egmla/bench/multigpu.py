@@ -146,6 +146,16 @@ class Jobs:
         self.log_path, self.env, self.deadline = log_path, env, deadline
 
     def run(self, name: str, command: list[str], expected_s: float = 30.0, limit_s: float | None = None) -> dict:
+        """run_once, and once more where torchrun lost a race for its rendezvous port before anything trained
+        (PORT_TAKEN: --standalone picks a free port that another process can take first); the result says so."""
+        job = self.run_once(name, command, expected_s, limit_s)
+        if job["status"].startswith("failed") and port_taken(job.get("output", "")):
+            first = job
+            job = self.run_once(name, command, expected_s, limit_s)
+            job["retried"] = f"the first attempt {first['status']}: its rendezvous port was taken ({first['wall_s']:.0f}s)"
+        return job
+
+    def run_once(self, name: str, command: list[str], expected_s: float = 30.0, limit_s: float | None = None) -> dict:
         """Run `command`, unless less than expected_s (what the runs before it predict) is left; stop it at the
         call budget's end or after limit_s, whichever comes first (a hung run must not take the rest of the call)."""
         timeout = self.deadline - time.monotonic()
@@ -177,6 +187,16 @@ class Jobs:
               flush=True)
         return {"name": name, "command": shlex.join(command), "status": status, "wall_s": wall_s,
                 "output": output}
+
+
+# torch.distributed's error when a TCP store cannot listen on its port (torch.distributed.DistNetworkError)
+PORT_TAKEN = re.compile(r"EADDRINUSE|address already in use", re.IGNORECASE)
+TRAINED = re.compile(r"^step \d+:", re.MULTILINE)  # the trainer's per-step log line
+
+
+def port_taken(output: str) -> bool:
+    """Whether a run failed because its rendezvous port was taken, before any step ran."""
+    return bool(PORT_TAKEN.search(output)) and not TRAINED.search(output)
 
 
 def descendants(pid: int) -> list[int]:
@@ -597,6 +617,7 @@ def markdown(report: dict) -> str:
               f"steps {resume['compared_steps'][0]}-{resume['compared_steps'][1]} vs the uninterrupted run: max "
               f"relative difference {number(resume['max_relative_difference'])} "
               f"({'passed' if resume['passed'] else 'FAILED: ' + resume['status']})."]
+    lines += [f"Run {name} ran twice: {run['retried']}." for name, run in runs.items() if run.get("retried")]
     if report.get("profile"):
         lines += ["", "Profile of the `profile` run: [profile.md](profile.md)."]
     return "\n".join(lines) + "\n"

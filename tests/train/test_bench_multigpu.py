@@ -4,6 +4,7 @@ gradient_as_bucket_view + static_graph (one micro-batch per process), FSDP2 with
 no resharding after forward, the bf16 compression hook (skipped on gloo), a profiled DDP run and a checkpoint
 saved by 2 processes resumed under 1. The run plan, the parsers and the checks are also tested without running."""
 import json
+import os
 import subprocess
 import sys
 
@@ -31,8 +32,17 @@ def result(tmp_path_factory, cache_dir):
                "--out", str(out), "--variants", VARIANTS, "--profile", "--profile-steps", str(PROFILED),
                "--set", "train.micro_batch_size=2"]
     completed = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240)
-    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    assert completed.returncode == 0, failure_message(completed, out)
     return json.loads((out / "multigpu.json").read_text()), out, work
+
+
+def failure_message(completed, out) -> str:
+    """The report's end and each failed child's own output (the report alone cut off the error that mattered)."""
+    report = out / "multigpu.json"
+    failed = {name: run.get("error_tail", "")[-2500:] for name, run in json.loads(report.read_text())["runs"].items()
+              if run["status"].startswith("failed")} if report.is_file() else {}
+    return (completed.stdout[-2500:] + completed.stderr[-2500:]
+            + "".join(f"\n===== {name} failed; its output ends:\n{tail}" for name, tail in failed.items()))
 
 
 def test_every_run_is_reported(result):
@@ -194,6 +204,25 @@ def test_budget_and_drift_helpers(tmp_path):
     assert (drift["first"], drift["last"], drift["passed"]) == ([4, 53], [101, 150], False)
     assert drift["ratio"] == pytest.approx(1.3)
     assert multigpu.drift({1: 0.1, 2: 0.1, 3: 0.1}) is None
+
+
+def test_a_run_that_lost_its_port_runs_again(tmp_path):
+    """A run that failed because its rendezvous port was taken, before any step, runs once more and says so; any
+    other failure, or one after steps ran, is not repeated."""
+    jobs = multigpu.Jobs(tmp_path / "log", dict(os.environ), deadline=multigpu.time.monotonic() + 100)
+    marker = tmp_path / "tried"
+    lost_once = (f"if [ -e {marker} ]; then echo 'step 8: train loss 1.0'; exit 0; fi; touch {marker}; "
+                 "echo 'torch.distributed.DistNetworkError: port: 41234, name: EADDRINUSE, message: address already "
+                 "in use'; exit 1")
+    job = jobs.run("x", ["bash", "-c", lost_once])
+    assert job["status"] == "ok" and "rendezvous port was taken" in job["retried"]
+    assert "failed (exit status 1)" in job["retried"]
+    for output in ("RuntimeError: something else", "step 2: train loss 3.0\nEADDRINUSE"):
+        marker.unlink(missing_ok=True)
+        counting = f"echo try >> {marker}; echo '{output}'; exit 1"
+        job = jobs.run("y", ["bash", "-c", counting])
+        assert job["status"] == "failed (exit status 1)" and "retried" not in job
+        assert marker.read_text().count("try") == 1
 
 
 def test_peak_memory_per_rank_single_process():
