@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from egmla.attention import allocate_cache, attention_class, decode_paths
+from egmla.attention.cache import Fp8KeepRope
 from egmla.config import ModelConfig
 from egmla.model import count_params
 from egmla.variants import compared_configs
@@ -40,6 +41,7 @@ def kv_rows(configs: list[ModelConfig], dtype=torch.bfloat16) -> list[dict]:
         paths = decode_paths(config)
         measured, id_bytes = measured_cache_bytes_per_token(config, dtype, paths[0])
         fp8, _ = measured_cache_bytes_per_token(config, torch.float8_e4m3fn, paths[0])  # --cache-dtype fp8
+        keep_rope, _ = measured_cache_bytes_per_token(config, Fp8KeepRope(dtype), paths[0])  # fp8-keep-rope
         row = {
             "variant": config.variant_name(),
             "attention": config.attention,
@@ -49,6 +51,7 @@ def kv_rows(configs: list[ModelConfig], dtype=torch.bfloat16) -> list[dict]:
             "bytes_per_token_bf16": elements * 2,
             "measured_bytes_per_token": measured,
             "measured_bytes_per_token_fp8": fp8,
+            "measured_bytes_per_token_fp8_keep_rope": keep_rope,
             "token_id_bytes_per_token": id_bytes,
             "reduction_vs_mha": (1 - elements / mha_elements) if mha_elements else None,
             "params": count_params(config),
@@ -74,27 +77,30 @@ def grouped_row(row: dict, config: ModelConfig, dtype, mha_elements: int | None,
     position and layer, + the token groups (slot, rank, distinct id, count: int32) per position for all layers."""
     measured, id_bytes = measured_cache_bytes_per_token(config, dtype, path)
     fp8, _ = measured_cache_bytes_per_token(config, torch.float8_e4m3fn, path)
+    keep_rope, _ = measured_cache_bytes_per_token(config, Fp8KeepRope(dtype), path)
     cache_bytes = row["bytes_per_token_bf16"] + 8 * config.n_layers  # two fp32 statistics per layer
     return {**row, "variant": f"{row['variant']} ({path}: +2 fp32 stats/layer)", "decode_paths": [path],
             "bytes_per_token_bf16": cache_bytes, "measured_bytes_per_token": measured, "measured_bytes_per_token_fp8": fp8,
-            "token_id_bytes_per_token": id_bytes,
+            "measured_bytes_per_token_fp8_keep_rope": keep_rope, "token_id_bytes_per_token": id_bytes,
             "reduction_vs_mha": (1 - cache_bytes / (2 * mha_elements)) if mha_elements else None}
 
 
 def format_kv_table(rows: list[dict]) -> str:
     name_width = max([26] + [len(r["variant"]) for r in rows])
     header = (f"{'variant':<{name_width}} {'elem/token':>10} {'bf16 B/token':>12} {'measured B/token':>16} "
-              f"{'vs MHA':>8} {'fp8 B/token':>11} {'params (M)':>11} {'w/o gate tables':>15}")
+              f"{'vs MHA':>8} {'fp8 B/token':>11} {'fp8-keep-rope':>13} {'params (M)':>11} {'w/o gate tables':>15}")
     lines = [header, "-" * len(header)]
     for r in rows:
         red = (f"{-100 * r['reduction_vs_mha']:+.1f}%" if r["attention"] != "mha" and r["reduction_vs_mha"] is not None else "-")
         lines.append(f"{r['variant']:<{name_width}} {r['elements_per_token']:>10,} {r['bytes_per_token_bf16']:>12,} "
                      f"{r['measured_bytes_per_token']:>16,.0f} {red:>8} {r['measured_bytes_per_token_fp8']:>11,.0f} "
+                     f"{r['measured_bytes_per_token_fp8_keep_rope']:>13,.0f} "
                      f"{r['params'] / 1e6:>11.1f} "
                      f"{r['params_without_gate_tables'] / 1e6:>15.1f}")
     lines.append("elements/token sum all layers (docs/design.md §3); measured bytes come from an allocated bf16 cache "
                  "and include EG-MLA's token id (4 B/token, once for all layers); 'grouped' and the bias control's "
                  "'absorbed' rows add (mu, rho) fp32 per layer and 16 B of token groups (slot, rank, distinct id, "
                  "count; once for all layers) per token; fp8 B/token: measured from an fp8 cache (--cache-dtype fp8: "
-                 "K/V and latents one byte each, token ids and statistics as they are).")
+                 "K/V and latents one byte each, token ids and statistics as they are); fp8-keep-rope: the same with "
+                 "the RoPE keys (MLA's k_rope, MHA's K) in bf16 (--cache-dtype fp8-keep-rope).")
     return "\n".join(lines)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from egmla.attention import KVCache, allocate_cache, attention_class, check_decode_path, decode_paths
+from egmla.attention import (KVCache, allocate_cache, attention_class, cache_format, check_decode_path,
+                             checked_cache_dtype, decode_paths)
 from egmla.attention.context import AttnContext
 from egmla.attention.precomputed import ReadsWeights, derived, sources_key
 from egmla.attention.rope import at_least_fp32, rope_tables
@@ -221,9 +222,12 @@ class Transformer(nn.Module):
                 f"decode_path={decode_paths(self.config)[0]!r}, which calls the modules")
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, fp8_tensors=()) -> KVCache:
+        """An empty cache on the model's device; dtype: the model's (None), a torch dtype, "fp8" or "fp8-keep-rope"
+        (egmla.attention.checked_cache_dtype)."""
         param = self.tok_embeddings.weight
-        return allocate_cache(self.config, batch_size, max_len, dtype=dtype or param.dtype,
-                              device=param.device, decode_path=self.decode_path, fp8_tensors=fp8_tensors)
+        dtype = cache_format(checked_cache_dtype(dtype), param.dtype)
+        return allocate_cache(self.config, batch_size, max_len, dtype=dtype, device=param.device,
+                              decode_path=self.decode_path, fp8_tensors=fp8_tensors)
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, n_new: torch.Tensor | None = None,

@@ -74,25 +74,38 @@ def check_decode_path(config, path: str) -> str:
 
 def checked_cache_dtype(cache_dtype, name: str = "cache_dtype"):
     """A cache dtype as a user gives it (None or "auto": the model's; "fp8" or torch.float8_e4m3fn: an fp8 cache, which
-    every variant keeps; any other torch dtype as given) as a torch dtype or None."""
+    every variant keeps; "fp8-keep-rope": fp8 but the RoPE keys in the model's dtype, egmla.attention.cache.Fp8KeepRope;
+    any other torch dtype as given) as a torch dtype, "fp8-keep-rope" or None (`cache_format` resolves the last two
+    against the model's dtype)."""
     import torch
 
-    from egmla.attention.cache import FP8
+    from egmla.attention.cache import FP8, FP8_KEEP_ROPE
 
     if cache_dtype in (None, "auto"):
         return None
     if cache_dtype == "fp8":  # as the command line spells it
         cache_dtype = FP8
-    if not isinstance(cache_dtype, torch.dtype):
-        raise ValueError(f"{name}={cache_dtype!r}: a torch dtype (torch.float8_e4m3fn for an fp8 cache), 'fp8', or "
-                         f"None for the model's")
-    return cache_dtype
+    if cache_dtype == FP8_KEEP_ROPE or isinstance(cache_dtype, torch.dtype):
+        return cache_dtype
+    raise ValueError(f"{name}={cache_dtype!r}: a torch dtype (torch.float8_e4m3fn for an fp8 cache), 'fp8', "
+                     f"'{FP8_KEEP_ROPE}' (fp8 but the RoPE keys in the model's dtype) or None for the model's")
+
+
+def cache_format(cache_dtype, model_dtype):
+    """What a cache is allocated in (KVCache's dtype) for a `checked_cache_dtype` value under a model of model_dtype:
+    model_dtype for None, Fp8KeepRope(model_dtype) for "fp8-keep-rope", else cache_dtype."""
+    from egmla.attention.cache import FP8_KEEP_ROPE, Fp8KeepRope
+
+    if cache_dtype is None:
+        return model_dtype
+    return Fp8KeepRope(model_dtype) if cache_dtype == FP8_KEEP_ROPE else cache_dtype
 
 
 def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=None, device=None,
                    decode_path: str | None = None, fp8_tensors=()) -> KVCache:
     """A cache for `batch_size` sequences of up to `max_len` tokens, holding only what the variant needs. dtype
-    torch.float8_e4m3fn: an fp8 cache (egmla/attention/cache.py); fp8_tensors: only these in fp8 (a measurement)."""
+    torch.float8_e4m3fn: an fp8 cache (egmla/attention/cache.py), Fp8KeepRope(model dtype) the same but the RoPE keys
+    (`cache_format` makes one); fp8_tensors: only these in fp8 (a measurement)."""
     import torch
 
     max_len = max_len or config.max_seq_len
@@ -110,4 +123,4 @@ def allocate_cache(config, batch_size: int, max_len: int | None = None, dtype=No
 __all__ = ["ATTENTION_CLASSES", "AttnContext", "CacheSpec", "DecodePath", "EmbeddingGatedMLA", "GroupedQueryAttention",
            "KVCache", "LayerCache", "MultiHeadLatentAttention", "TableBiasMLA", "allocate_cache", "attention_class",
            "GROUPED_MIN_POSITIONS", "check_decode_path", "checked_cache_dtype", "cuda_decode_path", "decode_path_table",
-           "decode_paths", "fastest_decode_path"]
+           "decode_paths", "fastest_decode_path", "cache_format"]

@@ -33,6 +33,26 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
 
+# The cached tensors that hold RoPE-rotated keys: the latent variants' k_rope, MHA's and GQA's k.
+ROPE_TENSORS = frozenset({"k_rope", "k"})
+
+
+@dataclass(frozen=True)
+class Fp8KeepRope:
+    """The cache format `fp8-keep-rope`, given as a cache's dtype: every tensor of the model's dtype in fp8 except the
+    RoPE keys (ROPE_TENSORS), kept in `rope` (the model's dtype), as DeepSeek-V3.2's fp8 cache keeps its RoPE part in
+    bf16. The RoPE keys' rounding is nearly all of an fp8 cache's cost in KL (docs/bench/fp8_tensors_cpu); EG-MLA
+    kv64 then stores 64 + 2 x 64 = 192 bytes per token and layer, against 128 in fp8 and 256 in bf16."""
+
+    rope: torch.dtype
+
+    def __str__(self) -> str:
+        return FP8_KEEP_ROPE
+
+
+FP8_KEEP_ROPE = "fp8-keep-rope"  # as users spell it (--cache-dtype, cache_dtype=)
+
+
 def quantize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x as a cache of `dtype` holds it: for fp8 clamped to +-448, then rounded (the append kernels' rule,
     egmla/kernels/fp8.py); otherwise cast."""
@@ -52,17 +72,20 @@ class CacheSpec:
 
 class LayerCache:
     """One layer's cache tensors, each [batch, max_len, *shape], in `dtype` unless the spec names another. dtype FP8:
-    stored as described above; `read` and `tensor` return them as fp8. fp8_tensors (a cache in the model's dtype):
-    only these tensors in fp8, the rest in `dtype` (a measurement of which tensor's rounding costs what, `egmla bench
-    fp8-loss --fp8-tensors`; the decode paths read such a mixed cache widened, egmla/attention/mla.py)."""
+    stored as described above; `read` and `tensor` return them as fp8. dtype Fp8KeepRope: the same but the RoPE keys
+    in its `rope` dtype. fp8_tensors (a cache in the model's dtype): only these tensors in fp8, the rest in `dtype` (a
+    measurement of which tensor's rounding costs what, `egmla bench fp8-loss --fp8-tensors`)."""
 
     def __init__(self, spec: CacheSpec, batch_size: int, max_len: int, dtype, device,
                  fp8_tensors: frozenset[str] = frozenset()):
+        keep_rope = isinstance(dtype, Fp8KeepRope)
         self.fp8 = frozenset(name for name, (_, buf_dtype) in spec.tensors.items()
-                             if buf_dtype is None and (dtype == FP8 or name in fp8_tensors))
+                             if buf_dtype is None and (dtype == FP8 or name in fp8_tensors
+                                                       or (keep_rope and name not in ROPE_TENSORS)))
+        wide = dtype.rope if keep_rope else dtype
         self.buffers = {
             name: torch.zeros(batch_size, max_len, *shape, device=device,
-                              dtype=torch.uint8 if name in self.fp8 else buf_dtype or dtype)
+                              dtype=torch.uint8 if name in self.fp8 else buf_dtype or wide)
             for name, (shape, buf_dtype) in spec.tensors.items()
         }
 
@@ -276,7 +299,7 @@ class KVCache:
     def __init__(self, specs: list[CacheSpec], batch_size: int, max_len: int,
                  dtype=torch.float32, device=None, fp8_tensors=()):
         self.batch_size, self.max_len = batch_size, max_len
-        self.dtype = dtype  # of the layers' tensors a spec does not type; FP8: an fp8 cache (above)
+        self.dtype = dtype  # of the layers' tensors a spec does not type; FP8: an fp8 cache, Fp8KeepRope (above)
         fp8_tensors = frozenset(fp8_tensors)
         roundable = {name for spec in specs for name, (_, buf_dtype) in spec.tensors.items() if buf_dtype is None}
         if not fp8_tensors <= roundable:

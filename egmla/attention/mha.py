@@ -73,8 +73,8 @@ class GroupedQueryAttention(ReadsWeights):
                 return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
         k, v = cache.read("k", ctx.kv_len), cache.read("v", ctx.kv_len)
         kernel = self.decode_path == "kernel" and decode_kernel_can_run(q, k, ctx, "MHA/GQA")
-        if FP8 in (k.dtype, v.dtype) and (k.dtype != v.dtype or not kernel):
-            k, v = k.to(q.dtype), v.to(q.dtype)  # an fp8 cache: the kernel widens K and V in fp8 as it reads them
+        if FP8 in (k.dtype, v.dtype) and not kernel:
+            k, v = k.to(q.dtype), v.to(q.dtype)  # an fp8 cache (or fp8-keep-rope's V): the kernel widens it as it reads
         if kernel:
             from egmla.kernels.gqa_decode import gqa_decode
 

@@ -172,9 +172,8 @@ class MultiHeadLatentAttention(ReadsWeights):
                 return self.wo(self.attend_causal(self.query(x, ctx), latent, k_pe, ctx.token_ids).flatten(2))
         # the append returned the context the decode paths read (EG-MLA's holds this layer's cached (mu, rho))
         latent, k_pe = cache.read("latent", ctx.kv_len), cache.read("k_rope", ctx.kv_len)
-        if FP8 in (latent.dtype, k_pe.dtype) and (latent.dtype != k_pe.dtype
-                                                  or not self.reads_fp8_as_stored(x, latent, ctx)):
-            # an fp8 cache: only the Triton kernels read it as is, and only when both tensors are fp8
+        if FP8 in (latent.dtype, k_pe.dtype) and not self.reads_fp8_as_stored(x, latent, ctx):
+            # an fp8 cache (or fp8-keep-rope's fp8 latent beside wide RoPE keys): only the Triton kernels read it as is
             latent, k_pe = latent.to(x.dtype), k_pe.to(x.dtype)
         if self.reads_folded_weights():
             return self.forward_folded(x, latent, k_pe, ctx, q_projected, q_rotated)

@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, default=256, help="tokens per window")
     p.add_argument("--prompt", type=int, default=16, help="tokens of each window prefilled before decoding; the "
                                                           "rest are decoded one at a time and scored")
+    p.add_argument("--cache-dtype", default="fp8", choices=["fp8", "fp8-keep-rope"],
+                   help="the cache compared with one in the model's dtype: fp8 (every tensor) or fp8-keep-rope (the "
+                        "RoPE keys kept in the model's dtype), as `egmla generate --cache-dtype` keeps them")
     p.add_argument("--fp8-tensors", default="", metavar="NAMES",
                    help="round only these cached tensors to fp8, comma-separated (latent, k_rope; MHA's k, v), the "
                         "rest kept in the model's dtype: which tensor's rounding costs what (the paths read such a "
@@ -67,6 +70,7 @@ def report_table(metas: list[dict], names: list[str]) -> str:
             same = f"{meta['top1_agreement']:.2%}"
         only = meta.get("fp8_tensors", "all")
         only = "" if only == "all" else f", fp8 {' and '.join(only)} only"
+        only += ", fp8-keep-rope" if meta.get("cache_dtype") == "fp8-keep-rope" else ""
         lines.append(f"| {meta['variant']}, `{meta['path']}`{only} | {meta['device']}, {meta['dtype']} | "
                      f"{meta['scored_tokens']:,} | {meta['loss_full_forward']:.6f} | {meta['loss_cache_native']:.6f} | "
                      f"{meta['loss_cache_fp8']:.6f} | {meta['fp8_minus_native']:+.5f} ± "
@@ -177,6 +181,9 @@ def measure(args) -> dict:
                 else model.decode_path)
     model.set_decode_path(model.usable_decode_path(path))
     fp8_tensors = tuple(name.strip() for name in args.fp8_tensors.split(",") if name.strip())
+    if fp8_tensors and args.cache_dtype != "fp8":
+        raise ValueError(f"--fp8-tensors {args.fp8_tensors} with --cache-dtype {args.cache_dtype}: --fp8-tensors names "
+                         f"the tensors rounded itself; give one or the other")
     if fp8_tensors:
         model.new_cache(1, max_len=1, fp8_tensors=fp8_tensors)  # unknown names: the error names this cache's tensors
     tokens = held_out_tokens(args, args.windows * args.length)
@@ -188,7 +195,8 @@ def measure(args) -> dict:
     with torch.no_grad():
         full = F.cross_entropy(model(windows)[:, args.prompt - 1:-1].flatten(0, 1).float(),
                                windows[:, args.prompt:].flatten(), reduction="none").view(count, -1).mean(1)
-        decoded = decode_through_both(model, windows, args.prompt, FP8, fp8_tensors)
+        decoded = decode_through_both(model, windows, args.prompt, FP8 if args.cache_dtype == "fp8" else args.cache_dtype,
+                                      fp8_tensors)
         ranges = fp8_range(*decoded["caches"])
     native, fp8, kl, agree = decoded["native"], decoded["other"], decoded["kl"], decoded["top1_agreement"]
     diff = fp8 - native
@@ -197,6 +205,7 @@ def measure(args) -> dict:
     return {"run": str(args.run), "variant": model.config.variant_name(), "path": model.decode_path,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": dtype_name,
             "windows": count, "length": args.length, "prompt": args.prompt, "fp8_tensors": list(fp8_tensors) or "all",
+            "cache_dtype": args.cache_dtype,
             "scored_tokens": count * (args.length - args.prompt),
             "loss_full_forward": full.mean().item(), "loss_cache_native": native.mean().item(),
             "loss_cache_fp8": fp8.mean().item(), "fp8_minus_native": diff.mean().item(),
@@ -218,6 +227,7 @@ def main(args) -> int:
                          "files to tabulate)")
     result = measure(args)
     only = "" if result["fp8_tensors"] == "all" else f" (fp8: {', '.join(result['fp8_tensors'])} only)"
+    only += " (fp8-keep-rope: the RoPE keys in the model's dtype)" if result["cache_dtype"] == "fp8-keep-rope" else ""
     print(f"{result['variant']}, path {result['path']}, {result['device']}, {result['dtype']}: {result['windows']} "
           f"windows of {result['length']} tokens, {result['scored_tokens']:,} scored{only}")
     print(f"loss per token: full forward {result['loss_full_forward']:.6f}, cache in {result['dtype']} "

@@ -67,9 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, help="with --fill-memory: positions per sequence (prompt + new tokens)")
     parser.add_argument("--offload-gate-tables", action="store_true", help="EG-MLA rows: gate tables in host memory")
     parser.add_argument("--cache-dtypes", default="auto", metavar="LIST",
-                        help="comma-separated KV cache dtypes to run each configuration with: auto (the model's) and "
-                             "fp8 (float8_e4m3fn); with --fill-memory each "
-                             "fills the memory at its own bytes per token (default: auto)")
+                        help="comma-separated KV cache dtypes to run each configuration with: auto (the model's), "
+                             "fp8 (float8_e4m3fn) and fp8-keep-rope (the RoPE keys in the model's); with "
+                             "--fill-memory each fills the memory at its own bytes per token (default: auto)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto = bf16 on CUDA, fp32 on CPU")
@@ -193,7 +193,7 @@ def main(args) -> int:
     import torch
 
     from egmla.accounting import variant_configs
-    from egmla.attention import decode_paths, fastest_decode_path
+    from egmla.attention import cache_format, decode_paths, fastest_decode_path
     from egmla.bench.ab import code_identity
     from egmla.config import preset
     from egmla.configfile import int_list, model_overrides
@@ -289,7 +289,7 @@ def main(args) -> int:
         for path, cache_name in ((p, c) for p in wanted for c in cache_dtypes):
             cache_dtype = cache_dtype_of(cache_name)
             layout = fastest_decode_path(config, device) if path == "auto" else path
-            sizes = ([fill_batch(config, layout, args.fill_memory, args.context, cache_dtype or dtype)]
+            sizes = ([fill_batch(config, layout, args.fill_memory, args.context, cache_format(cache_dtype, dtype))]
                      if args.fill_memory else batch_sizes)
             for batch in sizes:
                 engine = _engine(model, config, path, args, cache_dtype)

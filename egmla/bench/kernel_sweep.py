@@ -72,9 +72,9 @@ def sweep_mla(batch, length, d_c, device):
 
 
 def sweep_fp8(batch, length, device, configs=None, dtype=None):
-    """MLA kv64's and MHA's decode kernels over a bf16 cache and an fp8 one (the fp8 tile widened where Triton places
-    it and once in registers, egmla.kernels.fp8.widened), per launch setting; fp8 rows are checked against the
-    reference on the same fp8 values. `gbytes_per_s`: the cache's own bytes. (In Triton's CPU interpreter nothing is
+    """MLA kv64's and MHA's decode kernels over a bf16 cache, an fp8 one and an fp8-keep-rope one (MLA's RoPE keys, MHA's
+    K in bf16; the fp8 tiles widened where Triton places it and once in registers, egmla.kernels.fp8.widened), per
+    launch setting; fp8 rows are checked against the reference on the same fp8 values. `gbytes_per_s`: the cache's own bytes. (In Triton's CPU interpreter nothing is
     compiled, and both fp8 forms run the same code.) configs: (block_t, num_warps, num_stages) triples; dtype: the
     query's and the 16-bit cache's (bf16; tests on the CPU pass fp16)."""
     import torch
@@ -92,18 +92,24 @@ def sweep_fp8(batch, length, device, configs=None, dtype=None):
     lengths = torch.full((batch,), length, device=device)
     rows = []
     wide = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
-    for cache in (wide, "fp8"):
-        make = ((lambda *shape: torch.randn(*shape, device=device, dtype=dtype)) if cache != "fp8" else
-                (lambda *shape: quantize(torch.randn(*shape, device=device), FP8)))
-        widen = (None,) if cache != "fp8" else (False, True)
+    def make_wide(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    def make_fp8(*shape):
+        return quantize(torch.randn(*shape, device=device), FP8)
+
+    for cache in (wide, "fp8", "fp8-keep-rope"):
+        make = make_wide if cache == wide else make_fp8
+        make_rope = make_wide if cache != "fp8" else make_fp8  # the RoPE keys: MLA's k_rope, MHA's K
+        widen = (None,) if cache == wide else (False, True)
         for kernel in ("mla_decode kv64", "gqa_decode MHA"):
             if kernel.startswith("mla"):
-                latent, k_rope = make(batch, length, 64), make(batch, length, D_R)
+                latent, k_rope = make(batch, length, 64), make_rope(batch, length, D_R)
                 ref = mla_decode_ref(q, q_pe, latent, k_rope, lengths, 0.088)
                 call = lambda **cfg: mla_decode(q, q_pe, latent, k_rope, lengths, 0.088, **cfg)  # noqa: E731
                 bytes_ = latent.nbytes + k_rope.nbytes
             else:
-                k, v = make(batch, length, HEADS, D_N), make(batch, length, HEADS, D_V)
+                k, v = make_rope(batch, length, HEADS, D_N), make(batch, length, HEADS, D_V)
                 ref = gqa_decode_ref(q, k, v, lengths, 0.088)
                 call = lambda **cfg: gqa_decode(q, k, v, lengths, 0.088, **cfg)  # noqa: E731
                 bytes_ = k.nbytes + v.nbytes
@@ -150,7 +156,7 @@ def fp8_markdown(json_path: str, md_path: str) -> None:
                 forms[form] = r
             if all(r[k] == v for k, v in default.items()):
                 defaults[form] = r["us"]
-        base = next((r for (cache, _), r in forms.items() if cache != "fp8"), None)  # the 16-bit cache's best
+        base = next((r for (cache, _), r in forms.items() if not cache.startswith("fp8")), None)  # the 16-bit cache's
         for (cache, widened), r in forms.items():
             setting = f"tiles {r['block_t']}, {r['num_warps']} warps, {r['num_stages']} stages"
             ratio = f"{r['us'] / base['us']:.2f}" if base else "-"

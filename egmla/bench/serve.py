@@ -67,9 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "those the warm-up run met; a bucket only the measured run meets is captured inside it, "
                              "tens of ms during which every request waits: rows count these as late captures)")
     parser.add_argument("--decode-path", default="auto", help="egmla's decode path (auto = the engine's choice)")
-    parser.add_argument("--cache-dtype", default="auto", choices=["auto", "fp8"],
+    parser.add_argument("--cache-dtype", default="auto", choices=["auto", "fp8", "fp8-keep-rope"],
                         help="egmla's KV cache: auto = the model's dtype; fp8 = float8_e4m3fn, as `egmla serve "
-                             "--cache-dtype fp8`")
+                             "--cache-dtype fp8`; fp8-keep-rope = the same but the RoPE keys in the model's dtype")
     parser.add_argument("--offload-gate-tables", action="store_true",
                         help="EG-MLA rows: gate tables in host memory, the rows of the ids the cache holds on the device "
                              "(as `egmla serve --offload-gate-tables`)")

@@ -29,7 +29,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from egmla.attention import checked_cache_dtype, fastest_decode_path
+from egmla.attention import cache_format, checked_cache_dtype, fastest_decode_path
 from egmla.hf.cache import EgmlaCache
 from egmla.hf.configuration_egmla import EgmlaConfig, _rename_fields
 from egmla.model import Transformer
@@ -219,12 +219,13 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
 
     # ---- caches ------------------------------------------------------------------------------
     cache_initial_length = 256  # positions a new EgmlaCache allocates up front; it doubles as needed
-    cache_dtype: torch.dtype | None = None  # None: the model's dtype; set_cache_dtype("fp8"): an fp8 cache
+    cache_dtype: torch.dtype | str | None = None  # None: the model's dtype; set_cache_dtype("fp8"): an fp8 cache
 
     def set_cache_dtype(self, cache_dtype) -> "EgmlaForCausalLM":
         """The dtype of the caches that generate() makes from now on: None (the model's), or "fp8" /
         torch.float8_e4m3fn for an fp8 cache (one byte per element, EG-MLA's norm statistics fp32, rounded once when
-        written, as `egmla generate --cache-dtype fp8`; docs/inference.md). Returns the model."""
+        written, as `egmla generate --cache-dtype fp8`; docs/inference.md), or "fp8-keep-rope" (the same but the RoPE
+        keys in the model's dtype). Returns the model."""
         self.cache_dtype = checked_cache_dtype(cache_dtype)
         return self
 
@@ -239,7 +240,7 @@ class EgmlaForCausalLM(EgmlaPreTrainedModel, GenerationMixin):
             if path != self.model.decode_path:
                 self.model.set_decode_path(path)
                 self.model.decode_path_chosen = False  # still the default: another device may choose again
-        return EgmlaCache(self.model.config, batch_size, max_length, dtype=self.cache_dtype or param.dtype,
+        return EgmlaCache(self.model.config, batch_size, max_length, dtype=cache_format(self.cache_dtype, param.dtype),
                           device=param.device, decode_path=self.model.decode_path,
                           initial_length=self.cache_initial_length)
 

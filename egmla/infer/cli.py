@@ -132,24 +132,26 @@ def find_eos(tokenizer, meta: dict, requested: str | None) -> int | None:
     return None
 
 
-CACHE_DTYPES = ("auto", "fp8")
+CACHE_DTYPES = ("auto", "fp8", "fp8-keep-rope")
 
 
 def add_cache_dtype_option(parser) -> None:
     parser.add_argument("--cache-dtype", default="auto", choices=CACHE_DTYPES,
                         help="the KV cache's dtype: auto = the model's (--dtype); fp8 = float8_e4m3fn, half of bf16's "
                              "bytes, each cached value saturated at +-448 and rounded once when written (the Triton "
-                             "decode kernels read it as stored: "
-                             "docs/inference.md#an-fp8-kv-cache---cache-dtype-fp8)")
+                             "decode kernels read it as stored); fp8-keep-rope = the same but the RoPE keys (MLA's "
+                             "k_rope, MHA's K) in --dtype, as DeepSeek-V3.2 keeps them: they carry most of fp8's "
+                             "error (docs/inference.md#an-fp8-kv-cache---cache-dtype-fp8)")
 
 
 def cache_dtype_of(name: str):
-    """--cache-dtype's value as GenerationEngine's cache_dtype: None (the model's) or torch.float8_e4m3fn."""
+    """--cache-dtype's value as GenerationEngine's cache_dtype: None (the model's), torch.float8_e4m3fn or
+    "fp8-keep-rope"."""
     import torch
 
     if name not in CACHE_DTYPES:
         raise ValueError(f"--cache-dtype {name!r}: choose one of {', '.join(CACHE_DTYPES)}")
-    return torch.float8_e4m3fn if name == "fp8" else None
+    return {"fp8": torch.float8_e4m3fn, "fp8-keep-rope": "fp8-keep-rope"}.get(name)
 
 
 def resolve_device_dtype(device: str, dtype: str):

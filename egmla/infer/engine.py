@@ -33,9 +33,10 @@ from typing import Callable, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from egmla.attention import (KVCache, TableBiasMLA, allocate_cache, attention_class, check_decode_path,
-                             checked_cache_dtype, cuda_decode_path, decode_path_table, decode_paths,
+from egmla.attention import (KVCache, TableBiasMLA, allocate_cache, attention_class, cache_format,
+                             check_decode_path, checked_cache_dtype, cuda_decode_path, decode_path_table, decode_paths,
                              fastest_decode_path)
+from egmla.attention.cache import FP8, Fp8KeepRope
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.prefill_step import MIN_WIDTH, PREFILL_GRAPH_TOKENS, PrefillStep, prefill_bucket
@@ -200,7 +201,7 @@ class GenerationEngine:
     cache_dtype: dtype of the cache tensors (default: the model's); torch.float8_e4m3fn (or "fp8"): an fp8 cache for
         every variant, half the bytes of bf16 (EG-MLA's norm statistics stay fp32),
         rounded once when written (egmla/attention/cache.py; the Triton kernels read it as stored, the PyTorch paths
-        widen it first).
+        widen it first); "fp8-keep-rope": the same but the RoPE keys in the model's dtype (Fp8KeepRope).
     offload_gate_tables: keep EG-MLA gate tables in host memory (see egmla.infer.offload); on CUDA the rows of new
         ids are found and copied on the device, inside the steps' graphs.
     prefill_token_budget: prompt tokens per prefill call, right-padded (its rows x their longest prompt); it bounds the
@@ -533,8 +534,8 @@ class GenerationEngine:
         from egmla.accounting import measured_cache_bytes_per_token
         from egmla.infer.plan import decode_workspace_bytes
 
-        dtype = self.cache_dtype or self.model.tok_embeddings.weight.dtype
-        item = torch.tensor([], dtype=dtype).element_size()
+        dtype = cache_format(self.cache_dtype, self.model.tok_embeddings.weight.dtype)
+        item = torch.tensor([], dtype=FP8 if isinstance(dtype, Fp8KeepRope) else dtype).element_size()
         per_token, _ = measured_cache_bytes_per_token(self.config, dtype, "grouped")
         need = rows * (per_token * cache_len + decode_workspace_bytes(self.config, "grouped", cache_len, item))
         kept = self._cache.nbytes() if self._cache is not None else 0
@@ -583,7 +584,7 @@ class GenerationEngine:
         instead of capturing its own; elsewhere the attention would pay for the unused positions, so the length
         must match."""
         cache = self._cache
-        dtype = self.cache_dtype or self.model.tok_embeddings.weight.dtype
+        dtype = cache_format(self.cache_dtype, self.model.tok_embeddings.weight.dtype)
         longer_fits = self.reuse_longer_cache and self.cuda_graphs and reads_own_positions(self.config, self.decode_path)
         length_fits = cache is not None and (cache.max_len == cache_len or (longer_fits and cache.max_len > cache_len))
         if (not length_fits or cache.batch_size < rows or _cache_dtype(cache) != dtype
@@ -727,7 +728,7 @@ def _serves(cache: KVCache, config, path: str) -> bool:
             and (not spec.needs_token_groups or cache.token_groups is not None))
 
 
-def _cache_dtype(cache: KVCache) -> torch.dtype:
+def _cache_dtype(cache: KVCache):  # a torch dtype or Fp8KeepRope
     return cache.dtype
 
 

@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 from egmla.accounting import measured_cache_bytes_per_token, variant_configs
-from egmla.attention import GROUPED_MIN_POSITIONS, cuda_decode_path, decode_path_table, decode_paths
+from egmla.attention import (GROUPED_MIN_POSITIONS, cache_format, checked_cache_dtype, cuda_decode_path,
+                             decode_path_table, decode_paths)
 from egmla.config import ModelConfig
 from egmla.model import count_params
 
@@ -106,16 +107,16 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
     takes on a GPU at the batch that fits (`cuda_decode_path`: EG-MLA's 'grouped', with its working memory,
     where its batch x context reaches GROUPED_MIN_POSITIONS). cache_layout: the path whose cache layout is
     allocated, if not `decode_path`'s (under "auto" EG-MLA's cache has the grouped layout on either path).
-    cache_dtype "fp8": an fp8 cache (torch.float8_e4m3fn)."""
+    cache_dtype "fp8": an fp8 cache (torch.float8_e4m3fn); "fp8-keep-rope": the same but the RoPE keys in `dtype`."""
     if decode_path == "auto":
         return auto_plan_row(config, context, memory_gb, dtype, reserve_gb, precomputed_gate_table, distinct_ids,
                              merged_products, resident_ids, cache_dtype)
     torch_dtype = DTYPES[dtype]
     item = torch.tensor([], dtype=torch_dtype).element_size()
     path = decode_path if decode_path in decode_paths(config) else decode_paths(config)[0]
-    fp8 = cache_dtype == "fp8"
-    cache_per_token, _ = measured_cache_bytes_per_token(config, torch.float8_e4m3fn if fp8 else torch_dtype,
-                                                        cache_layout or path)
+    fp8 = cache_dtype in ("fp8", "fp8-keep-rope")
+    stored = cache_format(checked_cache_dtype(None if cache_dtype == "auto" else cache_dtype), torch_dtype)
+    cache_per_token, _ = measured_cache_bytes_per_token(config, stored, cache_layout or path)
     derived = derived_weight_params(config, path, merged_products) * item
     weights = count_params(config, include_gate_tables=False) * item + derived
     tables = gate_table_params(config, precomputed_gate_table, path) * item
@@ -149,7 +150,7 @@ def plan_row(config: ModelConfig, context: int, memory_gb: float, dtype: str = "
         "variant": config.variant_name(),
         "attention": config.attention,
         "decode_path": path,
-        "cache_dtype": "fp8" if fp8 else dtype,
+        "cache_dtype": cache_dtype if fp8 else dtype,
         "cache_bytes_per_token": cache_per_token,
         "cache_bytes_per_sequence": per_sequence,
         "weight_bytes": weights,
@@ -201,8 +202,9 @@ def plan_rows(base: ModelConfig, context: int, memory_gb: float, dtype: str = "b
                          f"sequence together, whose gate rows an offload keeps on the device)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
-    if cache_dtype not in ("auto", "fp8"):
-        raise ValueError(f"cache_dtype={cache_dtype!r}: choose auto (the cache in dtype) or fp8")
+    if cache_dtype not in ("auto", "fp8", "fp8-keep-rope"):
+        raise ValueError(f"cache_dtype={cache_dtype!r}: choose auto (the cache in dtype), fp8 or fp8-keep-rope (fp8 "
+                         f"but the RoPE keys in dtype)")
     known = sorted({path for config in variant_configs(base) for path in decode_paths(config)} | {"auto"})
     if decode_path is not None and decode_path not in known:
         raise ValueError(f"decode_path={decode_path!r}: no variant has it; choose one of {', '.join(known)}")
@@ -275,7 +277,7 @@ def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype:
     rows are the most whose cache and kept logits fit. gate_row_bytes: the gate tables are offloaded (the engine's
     offload), each resident id's rows take that many bytes; the offload's row cache is reserved at its bound for
     that many rows (`gate_row_cache_bytes` of every position's id distinct: for long rows, the tables' own size).
-    cache_dtype: the cache's, where not `dtype` (torch.float8_e4m3fn: an fp8 cache).
+    cache_dtype: the cache's, where not `dtype` (torch.float8_e4m3fn: an fp8 cache; "fp8-keep-rope").
     Returns the rows and the figures behind them; raises ValueError where not even one row fits."""
     from egmla.infer.prefill_step import PREFILL_GRAPH_TOKENS
     from egmla.infer.scheduler import PROMPT_LOGPROBS_CHUNK
@@ -286,7 +288,7 @@ def serving_max_batch(config: ModelConfig, max_len: int, free_bytes: int, dtype:
     paths = decode_paths(config)
     grouped_possible = "grouped" in paths and decode_path in ("auto", "grouped")
     layout = "grouped" if grouped_possible else (cuda_decode_path(config) if decode_path == "auto" else decode_path)
-    per_token, _ = measured_cache_bytes_per_token(config, cache_dtype or dtype, layout)
+    per_token, _ = measured_cache_bytes_per_token(config, cache_format(cache_dtype, dtype), layout)
     workspace = decode_workspace_bytes(config, "grouped", max_len, item) if grouped_possible else 0
     per_row = per_token * max_len + workspace
     heads = (config.n_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)

@@ -17,10 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device memory available for weights + gate tables + cache, in GB (1e9 bytes)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                         help="dtype of weights and cache")
-    parser.add_argument("--cache-dtype", default="auto", choices=["auto", "fp8"],
+    parser.add_argument("--cache-dtype", default="auto", choices=["auto", "fp8", "fp8-keep-rope"],
                         help="auto: the cache in --dtype; fp8: an fp8 KV cache (float8_e4m3fn, 1 byte per element), "
                              "whose rows then hold about twice as many sequences as bf16 (EG-MLA's token ids and fp32 "
-                             "norm statistics stay as they are)")
+                             "norm statistics stay as they are); fp8-keep-rope: the same but the RoPE keys in --dtype")
     parser.add_argument("--reserve-gb", type=float, default=0.0,
                         help="memory to set aside for activations, workspace and allocator slack")
     parser.add_argument("--gate-table", action="store_true",
@@ -101,7 +101,7 @@ def main(args) -> int:
         return 0
     title = (f"Memory plan: {source} ({base.n_layers} layers, d_model {base.d_model}, vocab {base.vocab_size}), "
              f"{args.context} tokens per sequence, {args.memory_gb:g} GB, {args.dtype}"
-             + (", fp8 cache" if args.cache_dtype == "fp8" else "")
+             + (f", {args.cache_dtype} cache" if args.cache_dtype != "auto" else "")
              + (", EG-MLA gate-table path" if args.gate_table else ""))
     print(format_plan(rows, title))
     if args.context > base.max_seq_len:

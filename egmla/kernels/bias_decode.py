@@ -402,8 +402,8 @@ def bias_pass(q_absorbed: torch.Tensor, q_pe: torch.Tensor, q_terms: torch.Tenso
         return part_acc, part_stats
 
     tiles = [block_t] if block_t else BLOCK_TS
-    part_acc, part_stats = launch_first_fitting(("bias", latent.dtype, compute, once, heads, d_c, d_r, tuple(tiles),
-                                                 stages, num_warps), tiles, launch)
+    part_acc, part_stats = launch_first_fitting(("bias", latent.dtype, k_rope.dtype, compute, once, heads, d_c, d_r,
+                                                 tuple(tiles), stages, num_warps), tiles, launch)
     return part_acc, part_stats, scores
 
 

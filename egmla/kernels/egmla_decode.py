@@ -374,5 +374,5 @@ def egmla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                            affine_offset=d_n)
         return out
 
-    key = ("egmla", latent.dtype, heads, d_n, d_v, d_c, d_r, tuple(configs))
+    key = ("egmla", latent.dtype, k_rope.dtype, heads, d_n, d_v, d_c, d_r, tuple(configs))
     return launch_first_fitting(key, configs, launch)

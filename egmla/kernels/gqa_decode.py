@@ -95,7 +95,7 @@ def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch
     """o [batch, heads, head_dim] (dtype of q) for q [batch, heads, head_dim] and the cache k, v
     [batch, T, kv_heads, head_dim] (contiguous last dim; may be views of a longer buffer; float8_e4m3fn for an fp8
     cache, widened as it is read: the dots in fp16 under a 16-bit q, V once per tile in registers unless `widen_once`
-    is False, egmla.kernels.fp8.widened), lengths [batch]:
+    is False, egmla.kernels.fp8.widened; V alone in fp8 for fp8-keep-rope, its dots in q's dtype), lengths [batch]:
     query head h reads KV head h // (heads // kv_heads), positions [0, min(lengths[b], T)).
     Same function as `gqa_decode_ref`; `out`, if given, receives the result."""
     batch, heads, head_dim = q.shape
@@ -126,7 +126,9 @@ def gqa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch
             combine_splits(part_acc, part_ml, out)
         return out
 
-    fp16_dots = k.dtype == torch.float8_e4m3fn and q.element_size() == 2  # as mla_decode's
-    once = widen_once_default(fp16_dots, widen_once)
+    fp8 = torch.float8_e4m3fn
+    fp16_dots = k.dtype == fp8 and v.dtype == fp8 and q.element_size() == 2  # as mla_decode's
+    # fp8-keep-rope: K in the query's dtype, V in fp8 (its dots in the query's dtype, V still widened once)
+    once = widen_once_default(v.dtype == fp8 and q.element_size() == 2, widen_once)
     tiles = [block_t] if block_t else BLOCK_TS
-    return launch_first_fitting(("gqa", k.dtype, once, heads, kv_heads, head_dim, tuple(tiles)), tiles, launch)
+    return launch_first_fitting(("gqa", k.dtype, v.dtype, once, heads, kv_heads, head_dim, tuple(tiles)), tiles, launch)

@@ -35,7 +35,7 @@ def _mla_decode_kernel(
     N_HEADS: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr, PDL: tl.constexpr, FP16_DOTS: tl.constexpr = False,
-    WIDEN_ONCE: tl.constexpr = False,
+    WIDEN_ONCE: tl.constexpr = False, ROPE_FP16: tl.constexpr = False,
 ):
     pdl_wait(PDL)  # the query and the cache row come from the kernels right before
     split = tl.program_id(0)
@@ -53,6 +53,7 @@ def _mla_decode_kernel(
                    mask=h_mask[:, None] & r_mask[None, :], other=0.0)
     if FP16_DOTS:  # an fp8 cache under a 16-bit query: fp8 widens to fp16 in one instruction, to bf16 in two
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    if ROPE_FP16:  # the RoPE keys in fp8 too (fp8-keep-rope keeps them in the query's dtype: that dot stays in it)
         q_pe = tl.minimum(tl.maximum(q_pe.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     latent_base = latent_ptr + batch * stride_lb
     k_rope_base = k_rope_ptr + batch * stride_kb
@@ -129,7 +130,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                widen_once: bool | None = None) -> torch.Tensor:
     """o_latent [batch, heads, d_c] (dtype of q_latent) for q_latent [batch, heads, d_c], q_pe [batch, heads, d_r],
     latent [batch, T, d_c], k_rope [batch, T, d_r], lengths [batch] (positions read: [0, min(len, T))). The cache may
-    be float8_e4m3fn (an fp8 KV cache, egmla.attention.cache): each tile is widened to the query's dtype as it is read
+    be float8_e4m3fn (an fp8 KV cache, egmla.attention.cache; or its latent alone, fp8-keep-rope, or its k_rope alone, a
+    measurement): each tile is widened to the query's dtype as it is read
     (`widen_once`: None = once per tile in registers wherever that compiles, egmla.kernels.fp8.widened; False = where
     Triton places it, for A/Bs).
 
@@ -151,8 +153,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
             out.stride(0), out.stride(1), max_len, splits, scale * LOG2E,
             N_HEADS=heads, D_C=d_c, D_R=d_r, BLOCK_H=block(heads), BLOCK_C=block(d_c), BLOCK_R=block(d_r),
             BLOCK_T=tile, DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
-            ONE_SPLIT=splits == 1, FP16_DOTS=fp16_dots, WIDEN_ONCE=once, num_warps=num_warps, num_stages=num_stages,
-            **launch_flags(latent.device))
+            ONE_SPLIT=splits == 1, FP16_DOTS=fp16_dots, WIDEN_ONCE=once, ROPE_FP16=fp16_dots and k_rope_fp8,
+            num_warps=num_warps, num_stages=num_stages, **launch_flags(latent.device))
         if splits > 1:
             combine_splits(part_acc, part_ml, out)
         return out
@@ -161,6 +163,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
     # than bf16's). Per layer on an H100 this took 287 against 370 us (B = 1,024, T = 4,096) and 202 against 238 us
     # (B = 128, T = 16,384) for dots in bf16, whose every fp8 element widens in two conversions (docs/inference.md)
     fp16_dots = latent.dtype == torch.float8_e4m3fn and q_latent.element_size() == 2
+    k_rope_fp8 = k_rope.dtype == torch.float8_e4m3fn
     once = widen_once_default(fp16_dots, widen_once)
     tiles = [block_t] if block_t else BLOCK_TS
-    return launch_first_fitting(("mla", latent.dtype, once, heads, d_c, d_r, tuple(tiles)), tiles, launch)
+    return launch_first_fitting(("mla", latent.dtype, k_rope.dtype, once, heads, d_c, d_r, tuple(tiles)), tiles, launch)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from egmla.attention import allocate_cache
-from egmla.attention.cache import FP8, quantize
+from egmla.attention.cache import FP8, FP8_KEEP_ROPE, ROPE_TENSORS, Fp8KeepRope, quantize
 from egmla.model import Transformer
 from tests.conftest import perturbed, small_config
 
@@ -81,15 +81,18 @@ def decode_logits(model, tokens, prompt, path, dtype):
     return torch.stack(steps, 1)
 
 
-@pytest.mark.parametrize("kind", [MLA, MHA, GQA, dict(attention="mla", q_lora_rank=24), EGMLA,
-                                  dict(EGMLA, gate_norm="rmsnorm"), dict(EGMLA, gate_op="add"),
-                                  dict(EGMLA, gate_placement="latent"), dict(EGMLA, gate_op="bias"),
-                                  dict(EGMLA, gate_op="bias-v")])
-def test_every_decode_path_reads_the_same_fp8_values(kind, monkeypatch):
+@pytest.mark.parametrize("kind,cache_dtype", [
+    *((kind, FP8) for kind in (MLA, MHA, GQA, dict(attention="mla", q_lora_rank=24), EGMLA,
+                               dict(EGMLA, gate_norm="rmsnorm"), dict(EGMLA, gate_op="add"),
+                               dict(EGMLA, gate_placement="latent"), dict(EGMLA, gate_op="bias"),
+                               dict(EGMLA, gate_op="bias-v"))),
+    *((kind, FP8_KEEP_ROPE) for kind in (MLA, GQA, EGMLA, dict(EGMLA, gate_op="bias")))])
+def test_every_decode_path_reads_the_same_fp8_values(kind, cache_dtype, monkeypatch):
     """Naive, absorbed and the Triton kernels (in the interpreter on a CPU, as `make test` runs it; EG-MLA's 'kernel'
-    and 'grouped' and the same-table controls' 'absorbed' too) read one stored fp8 cache: they agree as closely as on an fp32 cache, and the fp8 cache stays
-    close to the fp32 one. The kernels are handed the fp8 cache itself, not a widened copy. EG-MLA's paths agree only
-    if the cached norm statistics come from the latents as rounded, as every path reads them."""
+    and 'grouped' and the same-table controls' 'absorbed' too) read one stored fp8 cache: they agree as closely as on an
+    fp32 cache, and the fp8 cache stays close to the fp32 one. The kernels are handed the fp8 cache itself, not a
+    widened copy. EG-MLA's paths agree only if the cached norm statistics come from the latents as rounded, as every
+    path reads them. fp8-keep-rope: the same, the kernels handed its fp8 latent (MHA's V) beside RoPE keys in fp32."""
     from egmla.kernels import bias_decode, egmla_decode, gqa_decode, grouped_decode, interpreting, mla_decode
 
     seen = []
@@ -108,7 +111,7 @@ def test_every_decode_path_reads_the_same_fp8_values(kind, monkeypatch):
     with torch.no_grad():
         paths = model.layers[0].attn.paths
         exact = decode_logits(model, tokens, 6, next(iter(paths)), torch.float32)
-        fp8 = {path: decode_logits(model, tokens, 6, path, FP8) for path in paths}
+        fp8 = {path: decode_logits(model, tokens, 6, path, cache_dtype) for path in paths}
     if interpreting():
         assert seen and FP8 in seen and set(seen) <= {torch.float32, FP8}
         assert seen.count(FP8) >= len(seen) // 2, seen  # every kernel path is handed the fp8 cache
@@ -153,6 +156,35 @@ def test_a_cache_with_some_tensors_in_fp8(kind):
     assert 0 < rel_err(one[paths[0]], exact) < rel_err(fp8, exact) * 1.5
 
 
+@pytest.mark.parametrize("kind", [MLA, MHA, EGMLA])
+def test_fp8_keep_rope_keeps_the_rope_keys_wide(kind):
+    """cache_dtype "fp8-keep-rope": every tensor in fp8 but the RoPE keys (MLA's k_rope, MHA's k), kept in the model's
+    dtype; EG-MLA's statistics stay fp32. Its logits are exactly those of a cache in the model's dtype with the other
+    tensors in fp8 (fp8_tensors), on every path; its bytes lie between fp8's and the model dtype's, and it survives
+    the row operations as an fp8 cache does."""
+    config = small_config(**kind)
+    model = perturbed(Transformer(config)).eval()
+    model.set_decode_path(list(model.layers[0].attn.paths)[-1])
+    cache = model.new_cache(3, max_len=16, dtype=FP8_KEEP_ROPE)
+    assert cache.dtype == Fp8KeepRope(torch.float32) and str(cache.dtype) == "fp8-keep-rope"
+    layer = cache.layers[0]
+    rope, = set(layer.buffers) & ROPE_TENSORS
+    assert layer.tensor(rope).dtype == torch.float32 and layer.fp8 == set(layer.buffers) - {rope, "ln_stats"}
+    fp8, wide = model.new_cache(3, max_len=16, dtype="fp8"), model.new_cache(3, max_len=16)
+    assert fp8.bytes_per_token() < cache.bytes_per_token() < wide.bytes_per_token()
+    rounded = model.new_cache(3, max_len=16, fp8_tensors=sorted(layer.fp8))
+    tokens = torch.randint(0, config.vocab_size, (3, 12))
+    with torch.no_grad():
+        for c in (cache, rounded):
+            model(tokens[:, :6], c)
+        for t in range(6, 12):
+            assert torch.equal(model(tokens[:, t:t + 1], cache), model(tokens[:, t:t + 1], rounded))
+    cache.select_rows(torch.tensor([2, 0]))
+    cache.grow(20)
+    assert cache.layers[0].tensor(rope).dtype == torch.float32 and cache.layers[0].fp8 == layer.fp8
+    assert torch.equal(cache.layers[1].read(rope, 12)[0], rounded.layers[1].read(rope, 12)[2])
+
+
 def test_eg_mla_keeps_fp32_statistics_beside_an_fp8_cache():
     """EG-MLA's 'grouped' cache in fp8: the latents and RoPE keys one byte each, the norm statistics fp32 (8 B per
     position and layer), and the statistics those of the rounded latents (what `norm_stats` gives for them)."""
@@ -183,5 +215,9 @@ def test_generation_with_an_fp8_cache():
     again = engine.generate(prompts, max_new_tokens=6)  # the kept cache is reused, not rebuilt
     assert [r.token_ids for r in again] == [r.token_ids for r in results]
     assert GenerationEngine(model, cache_dtype="fp8").cache_dtype == FP8  # the command line's spelling
-    with pytest.raises(ValueError, match="cache_dtype='fp4': a torch dtype"):
+    keep_rope = GenerationEngine(model, cache_dtype="fp8-keep-rope")
+    assert [len(r.token_ids) for r in keep_rope.generate(prompts, max_new_tokens=6)] == [6, 6]
+    assert keep_rope._cache.dtype == Fp8KeepRope(torch.float32)
+    assert keep_rope._cache.layers[0].read("k_rope", 4).dtype == torch.float32
+    with pytest.raises(ValueError, match="cache_dtype='fp4': a torch dtype .*'fp8-keep-rope'"):
         GenerationEngine(model, cache_dtype="fp4")

@@ -43,6 +43,11 @@ def test_kv_report_measures_an_fp8_cache_too():
     assert rows["MLA kv64"]["measured_bytes_per_token_fp8"] == 1536
     assert rows["EG-MLA kv64"]["measured_bytes_per_token_fp8"] == 1536 + 4
     assert rows["EG-MLA kv64 (grouped: +2 fp32 stats/layer)"]["measured_bytes_per_token_fp8"] == 1536 + 4 + 96 + 16
+    # fp8-keep-rope: the RoPE keys (MLA's d_r = 64 per layer, MHA's K) stay bf16
+    assert rows["MHA"]["measured_bytes_per_token_fp8_keep_rope"] == 18432 // 2 * 3
+    assert rows["MLA kv64"]["measured_bytes_per_token_fp8_keep_rope"] == 12 * (64 + 2 * 64)
+    assert rows["EG-MLA kv64 (grouped: +2 fp32 stats/layer)"]["measured_bytes_per_token_fp8_keep_rope"] == (
+        12 * (64 + 2 * 64) + 4 + 96 + 16)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

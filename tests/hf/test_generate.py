@@ -59,6 +59,27 @@ def test_an_fp8_cache_gives_the_engines_fp8_tokens(variant, make_run):
     assert hf_model.set_cache_dtype(None).cache_dtype is None
 
 
+@pytest.mark.parametrize("variant", ["mha", "eg-mla"])
+def test_an_fp8_keep_rope_cache_gives_the_engines_tokens(variant, make_run):
+    """set_cache_dtype("fp8-keep-rope"): the RoPE keys in the model's dtype, the rest fp8, the engine's greedy tokens
+    over the same format; its bytes lie between fp8's and the model dtype's."""
+    from egmla.attention.cache import Fp8KeepRope
+
+    model, _ = load_model(make_run(variant))
+    engine_out = GenerationEngine(model, cache_dtype="fp8-keep-rope").generate(PROMPTS, max_new_tokens=12)
+    hf_model = EgmlaForCausalLM.from_egmla(model, pad_token_id=0)
+    ids, mask = left_padded(PROMPTS)
+    out = hf_model.set_cache_dtype("fp8-keep-rope").generate(ids, attention_mask=mask, max_new_tokens=12,
+                                                             do_sample=False, return_dict_in_generate=True)
+    cache = getattr(out, CACHE_ARG)
+    assert cache.kv.dtype == Fp8KeepRope(torch.float32)
+    fp8 = getattr(hf_model.set_cache_dtype("fp8").generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                                           return_dict_in_generate=True), CACHE_ARG)
+    assert fp8.bytes_per_token() < cache.bytes_per_token()
+    for row, generation in enumerate(engine_out):
+        assert out.sequences[row, ids.shape[1]:].tolist() == generation.token_ids
+
+
 def test_a_cache_dtype_that_is_not_one_is_refused(make_run):
     model, _ = load_model(make_run("mla"))
     hf_model = EgmlaForCausalLM.from_egmla(model, pad_token_id=0)

@@ -116,18 +116,20 @@ def test_fill_memory_runs_the_planners_batch(tmp_path):
 
 
 def test_fp8_cache_rows_fill_twice_the_batch_and_get_their_own_column(tmp_path, capsys):
-    """--cache-dtypes auto,fp8: each MLA configuration twice, the fp8 one at its own (larger) full-memory batch
-    and in its own summary column; EG-MLA's too (its token ids stay int32, so less than MLA's gain)."""
+    """--cache-dtypes auto,fp8,fp8-keep-rope: each MLA configuration three times, the fp8 ones at their own (larger)
+    full-memory batches and in their own summary columns; EG-MLA's too (its token ids stay int32, so less than MLA's
+    gain). fp8-keep-rope keeps MLA's RoPE keys (32 of 96 values a layer at tiny) in the model's dtype (fp32 here)."""
     from egmla.bench.summary import summary_of_files
 
     path = tmp_path / "fill.json"
     assert run("generate", ["--preset", "tiny", "--variants", "mla-kv64,egmla-kv64", "--paths", "absorbed,naive",
                             "--fill-memory", "0.002", "--context", "24", "--new-tokens", "2", "--repeats", "1",
-                            "--cache-dtypes", "auto,fp8", "--compare-hf", "--json", str(path)]) == 0
+                            "--cache-dtypes", "auto,fp8,fp8-keep-rope", "--compare-hf", "--json", str(path)]) == 0
     rows = [r for r in json.loads(path.read_text())["rows"] if r["model"] == "egmla"]
     assert all("error" not in r for r in rows)
     mla = {(r["decode_path"], r.get("cache_dtype")): r["batch"] for r in rows if r["variant"] == "MLA kv64"}
     assert mla[("absorbed", "fp8")] >= 4 * mla[("absorbed", None)] > 0  # 1 byte against the CPU's fp32
+    assert mla[("absorbed", "fp8")] > mla[("absorbed", "fp8-keep-rope")] > 1.5 * mla[("absorbed", None)]
     egmla = {(r["decode_path"], r.get("cache_dtype")): r["batch"] for r in rows if r["variant"] == "EG-MLA kv64"}
     assert 4 * egmla[("naive", None)] > egmla[("naive", "fp8")] > 2 * egmla[("naive", None)] > 0
     assert "| MLA kv64, fp8 cache (`absorbed` / `naive`) |" in summary_of_files([str(path)])

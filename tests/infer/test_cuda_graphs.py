@@ -32,19 +32,23 @@ def test_graph_replay_equals_eager(variant, path):
     assert graphs.last_stats.cuda_graphs and len(graphs._steps) >= 2  # several buckets were used
 
 
-@pytest.mark.parametrize("variant", ["mha", "mla", "eg-mla", "eg-mla-latent", "eg-mla-bias"])
-def test_graph_replay_equals_eager_over_an_fp8_cache(variant):
-    """cache_dtype fp8 (EG-MLA's latents in fp8 beside fp32 norm statistics): graph replays give the eager tokens on
-    every decode path, call after call."""
+@pytest.mark.parametrize("variant,cache_dtype", [
+    *((variant, "fp8") for variant in ("mha", "mla", "eg-mla", "eg-mla-latent", "eg-mla-bias")),
+    *((variant, "fp8-keep-rope") for variant in ("mha", "mla", "eg-mla"))])
+def test_graph_replay_equals_eager_over_an_fp8_cache(variant, cache_dtype):
+    """cache_dtype fp8 (EG-MLA's latents in fp8 beside fp32 norm statistics) and fp8-keep-rope (the RoPE keys in the
+    model's dtype): graph replays give the eager tokens on every decode path, call after call."""
     model = tiny_model(variant, seed=1).cuda()
     for path in decode_paths(model.config):
-        eager = GenerationEngine(model, decode_path=path, cuda_graphs=False, batch_buckets=(8,), cache_dtype="fp8")
-        graphs = GenerationEngine(model, decode_path=path, cache_dtype="fp8")
+        eager = GenerationEngine(model, decode_path=path, cuda_graphs=False, batch_buckets=(8,),
+                                 cache_dtype=cache_dtype)
+        graphs = GenerationEngine(model, decode_path=path, cache_dtype=cache_dtype)
         expected = eager.generate(PROMPTS, max_new_tokens=14)
         for _ in range(2):
             assert [r.token_ids for r in graphs.generate(PROMPTS, max_new_tokens=14)] == [
                 r.token_ids for r in expected], path
-        assert graphs._cache.dtype == torch.float8_e4m3fn and graphs.last_stats.cuda_graphs
+        assert str(graphs._cache.dtype) == {"fp8": str(torch.float8_e4m3fn), "fp8-keep-rope": cache_dtype}[cache_dtype]
+        assert graphs.last_stats.cuda_graphs
 
 
 @pytest.mark.parametrize("variant", ["mha", "mla", "eg-mla"])

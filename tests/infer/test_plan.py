@@ -39,6 +39,12 @@ def test_an_fp8_cache_halves_the_bytes_of_the_variants_that_take_one():
     assert egmla["sequences"] > 1.6 * wide["sequences"]
     with pytest.raises(ValueError, match="cache_dtype='fp16'"):
         plan_rows(preset("paper-base"), context=4096, memory_gb=60, cache_dtype="fp16")
+    # fp8-keep-rope: MLA kv64's RoPE keys (64 a layer) stay bf16, 192 of its 256 bytes a layer; MHA's K too
+    keep = by_variant(plan_rows(preset("paper-base"), context=4096, memory_gb=60, cache_dtype="fp8-keep-rope"))
+    assert keep["MLA kv64"]["cache_bytes_per_token"] * 4 == rows["MLA kv64"]["cache_bytes_per_token"] * 3
+    assert keep["MHA"]["cache_bytes_per_token"] * 4 == rows["MHA"]["cache_bytes_per_token"] * 3
+    assert keep["MLA kv64"]["cache_dtype"] == "fp8-keep-rope"
+    assert fp8["MLA kv64"]["sequences"] > keep["MLA kv64"]["sequences"] > rows["MLA kv64"]["sequences"]
 
 
 def test_offloaded_column_counts_the_row_cache():

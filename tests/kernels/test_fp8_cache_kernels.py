@@ -70,6 +70,32 @@ def test_gqa_decode_reads_an_fp8_cache(heads, kv_heads, widen_once):
     assert rel_err(out, ref) < tol
 
 
+@pytest.mark.parametrize("half", [False, True])
+def test_the_decode_kernels_read_fp8_keep_rope(half):
+    """fp8-keep-rope: MLA's fp8 latent beside RoPE keys in the query's dtype (under a 16-bit query the latent's dots
+    in fp16, the RoPE dot in the query's own dtype: ROPE_FP16 off), and MHA's wide K beside an fp8 V (the dots in the
+    query's dtype, V widened as read); each equals its reference over the same values widened."""
+    from egmla.kernels.gqa_decode import gqa_decode
+    from egmla.kernels.gqa_decode_ref import gqa_decode_ref
+    from egmla.kernels.mla_decode import mla_decode
+    from egmla.kernels.mla_decode_ref import mla_decode_ref
+
+    device = kernel_device()
+    dtype, tol = half_or_fp32(half, device)
+    q_latent, q_pe = torch.randn(3, 5, 24, device=device).to(dtype), torch.randn(3, 5, 8, device=device).to(dtype)
+    latent, k_rope = fp8((3, 70, 24), device), (3 * torch.randn(3, 75, 8, device=device)).to(dtype)[:, :70]
+    lengths = torch.tensor([1, 70, 33], device=device)
+    out = mla_decode(q_latent, q_pe, latent, k_rope, lengths, scale=0.1, num_splits=3, block_t=16,
+                     out=poisoned((3, 5, 24), dtype, device))
+    ref = mla_decode_ref(q_latent, q_pe, latent, k_rope, lengths, scale=0.1)
+    assert out.dtype == dtype and out.isfinite().all() and rel_err(out, ref) < tol
+    q = torch.randn(2, 6, 16, device=device).to(dtype)
+    k, v = torch.randn(2, 40, 2, 16, device=device).to(dtype), fp8((2, 40, 2, 16), device)
+    out = gqa_decode(q, k, v, torch.tensor([40, 17], device=device), 0.25, num_splits=3, block_t=16)
+    ref = gqa_decode_ref(q, k, v, torch.tensor([40, 17], device=device), 0.25)
+    assert out.dtype == dtype and out.isfinite().all() and rel_err(out, ref) < tol
+
+
 def test_widening_once_is_refused_where_nothing_is_fp8():
     from egmla.kernels.gqa_decode import gqa_decode
     from egmla.kernels.mla_decode import mla_decode
@@ -243,13 +269,17 @@ def test_kv_append_stores_fp8():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("kind", [dict(attention="mla"), dict(attention="gqa", n_kv_heads=2),
-                                  dict(attention="eg-mla"), dict(attention="eg-mla", gate_norm="rmsnorm"),
-                                  dict(attention="eg-mla", gate_op="bias")])
-def test_the_model_decodes_from_an_fp8_cache_on_a_gpu(kind):
+@pytest.mark.parametrize("kind,cache_dtype", [
+    *((kind, FP8) for kind in (dict(attention="mla"), dict(attention="gqa", n_kv_heads=2), dict(attention="eg-mla"),
+                               dict(attention="eg-mla", gate_norm="rmsnorm"),
+                               dict(attention="eg-mla", gate_op="bias"))),
+    *((kind, "fp8-keep-rope") for kind in (dict(attention="mla"), dict(attention="gqa", n_kv_heads=2),
+                                           dict(attention="eg-mla"), dict(attention="eg-mla", gate_op="bias")))])
+def test_the_model_decodes_from_an_fp8_cache_on_a_gpu(kind, cache_dtype):
     """bf16 model on the GPU, graph-free: the one-launch appends write the fp8 cache (EG-MLA's with the norm statistics
     of the rounded latents) and the kernels read it (EG-MLA: 'kernel' and 'grouped'; the same-table control:
-    'absorbed'); the naive path reads the same cache widened. They agree to bf16's tolerance."""
+    'absorbed'); the naive path reads the same cache widened. They agree to bf16's tolerance. fp8-keep-rope too (its
+    RoPE keys in bf16 beside the fp8 latents)."""
     from egmla.model import Transformer
     from tests.attention.test_fp8_cache import decode_logits
     from tests.conftest import perturbed, small_config
@@ -258,10 +288,10 @@ def test_the_model_decodes_from_an_fp8_cache_on_a_gpu(kind):
     model = perturbed(Transformer(config)).to("cuda", torch.bfloat16).eval()
     tokens = torch.randint(0, config.vocab_size, (3, 14), device="cuda")
     with torch.no_grad():
-        naive = decode_logits(model, tokens, 6, "naive", FP8)
+        naive = decode_logits(model, tokens, 6, "naive", cache_dtype)
         fast_paths = [path for path in ("kernel", "grouped", "absorbed") if path in model.layers[0].attn.paths]
         for path in fast_paths:
-            fast = decode_logits(model, tokens, 6, path, FP8)
+            fast = decode_logits(model, tokens, 6, path, cache_dtype)
             assert fast.isfinite().all() and rel_err(fast, naive) < 2e-2, path
 
 
@@ -271,16 +301,22 @@ def test_the_fp8_sweep_checks_every_form_and_tables_them(tmp_path):
     error row), and its Markdown table's rows per form against the 16-bit cache."""
     import json
 
+    from egmla.bench import kernel_sweep
     from egmla.bench.kernel_sweep import fp8_markdown, sweep_fp8
 
     rows = sweep_fp8(2, 32, torch.device(kernel_device()), configs=[(16, 4, 2)], dtype=torch.float16)
     assert [(r["kernel"], r["cache"], r.get("widen_once")) for r in rows] == [
         ("mla_decode kv64", "fp16", None), ("gqa_decode MHA", "fp16", None),
         ("mla_decode kv64", "fp8", False), ("mla_decode kv64", "fp8", True),
-        ("gqa_decode MHA", "fp8", False), ("gqa_decode MHA", "fp8", True)]
+        ("gqa_decode MHA", "fp8", False), ("gqa_decode MHA", "fp8", True),
+        ("mla_decode kv64", "fp8-keep-rope", False), ("mla_decode kv64", "fp8-keep-rope", True),
+        ("gqa_decode MHA", "fp8-keep-rope", False), ("gqa_decode MHA", "fp8-keep-rope", True)]
+    keep_rope = next(r for r in rows if r["cache"] == "fp8-keep-rope")  # its bytes: an fp8 latent, fp16 RoPE keys
+    assert keep_rope["gbytes_per_s"] * keep_rope["us"] * 1e3 == pytest.approx(2 * 32 * (64 + 2 * kernel_sweep.D_R))
     assert all("us" in r and r["rel_err"] < 1e-2 for r in rows), rows
     (tmp_path / "s.json").write_text(json.dumps({"device": "cpu", "rows": rows}))
     fp8_markdown(str(tmp_path / "s.json"), str(tmp_path / "s.md"))
     table = (tmp_path / "s.md").read_text()
-    assert table.count("| mla_decode kv64 | 2 | 32 |") == 3 and "| fp8 | once | tiles 16, 4 warps, 2 stages |" in table
+    assert table.count("| mla_decode kv64 | 2 | 32 |") == 5 and "| fp8 | once | tiles 16, 4 warps, 2 stages |" in table
+    assert "| fp8-keep-rope | once |" in table
     assert "| fp16 | - | tiles 16, 4 warps, 2 stages |" in table and "| 1.00 | - |" in table, table

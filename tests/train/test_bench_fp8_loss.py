@@ -94,6 +94,22 @@ def test_one_tensor_in_fp8(trained_run, tmp_path, capsys):
     assert "| EG-MLA kv16, `naive`, fp8 latent only |" in table.read_text()
 
 
+def test_fp8_keep_rope_is_the_latent_alone_in_fp8(trained_run, tmp_path, capsys):
+    """--cache-dtype fp8-keep-rope scores the format generation keeps: for EG-MLA the latent in fp8 and the RoPE keys
+    in the model's dtype, so the same numbers as --fp8-tensors latent; the two options together are refused."""
+    latent = measured(trained_run, tmp_path, "--path", "naive", "--fp8-tensors", "latent")
+    result = measured(trained_run, tmp_path, "--path", "naive", "--cache-dtype", "fp8-keep-rope")
+    assert result["cache_dtype"] == "fp8-keep-rope" and set(result["fp8_range"]) == {"latent"}
+    for key in ("loss_cache_fp8", "kl_native_fp8", "top1_agreement"):
+        assert result[key] == pytest.approx(latent[key], rel=1e-6, abs=1e-9), key
+    assert "(fp8-keep-rope: the RoPE keys in the model's dtype)" in capsys.readouterr().out
+    table = tmp_path / "table.md"
+    assert run("fp8-loss", ["--report", str(tmp_path / "fp8.json"), "--markdown", str(table)]) == 0
+    assert "| EG-MLA kv16, `naive`, fp8-keep-rope |" in table.read_text()
+    with pytest.raises(ValueError, match="--fp8-tensors latent with --cache-dtype fp8-keep-rope"):
+        measured(trained_run, tmp_path, "--path", "naive", "--cache-dtype", "fp8-keep-rope", "--fp8-tensors", "latent")
+
+
 def test_the_grouped_path_reads_the_same_fp8_cache_to_the_same_loss(trained_run, tmp_path):
     """The grouped path reads the cached norm statistics, computed from the latents as rounded: its losses over either
     cache equal naive's, and its fp32 statistics are not counted among the tensors fp8 rounds."""
