@@ -165,7 +165,7 @@ def _mla_cases():
         yield ("mla_decode kv64", f"tiles of {tile}, {warps} warps (stages {stages}: shared memory)",
                m._mla_decode_kernel,
                dict(N_HEADS=12, D_C=64, D_R=64, BLOCK_H=16, BLOCK_C=64, BLOCK_R=64, BLOCK_T=tile, DOT_PRECISION="tf32",
-                    ONE_SPLIT=False, PDL=True, FP16_DOTS=False),
+                    ONE_SPLIT=False, PDL=True, FP16_DOTS=False, WIDEN_ONCE=False, ROPE_FP16=False),
                {"lengths_ptr": "*i64", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}, warps,
                stages)
 
@@ -173,7 +173,8 @@ def _mla_cases():
 def _fp8_cases():
     """MLA's and MHA's decode kernels, the bias controls' pass and EG-MLA's grouped attend launch over an fp8 cache
     under a bf16 query, the tile read transposed by the value product widened where Triton places it and once in
-    registers (egmla.kernels.fp8.widened), beside bf16's."""
+    registers (egmla.kernels.fp8.widened), beside bf16's; then MLA's and MHA's over fp8-keep-rope (the RoPE keys, MHA's
+    K, in bf16 beside the fp8 latent / V), widened once."""
     from egmla.kernels import bias_decode as b
     from egmla.kernels import gqa_decode as g
     from egmla.kernels import grouped_decode as gd
@@ -188,7 +189,7 @@ def _fp8_cases():
         how = f"{cache} cache" + (f", widened {'once in registers' if once else 'where Triton places it'}" if fp8 else "")
         yield ("mla_decode kv64", f"{how}, tiles of 64, 4 warps, stages 3", m._mla_decode_kernel,
                dict(N_HEADS=12, D_C=64, D_R=64, BLOCK_H=16, BLOCK_C=64, BLOCK_R=64, BLOCK_T=64, DOT_PRECISION="tf32",
-                    ONE_SPLIT=False, PDL=True, FP16_DOTS=fp8, WIDEN_ONCE=once),
+                    ONE_SPLIT=False, PDL=True, FP16_DOTS=fp8, WIDEN_ONCE=once, ROPE_FP16=fp8),
                {**partials, **({"latent_ptr": "*fp8e4nv", "k_rope_ptr": "*fp8e4nv"} if fp8 else {})}, 4, 3)
         yield ("gqa_decode MHA", f"{how}, tiles of 64, 4 warps, stages 2", g._gqa_decode_kernel,
                dict(N_HEADS=12, N_KV_HEADS=12, GROUP=1, HEAD_DIM=64, BLOCK_G=16, BLOCK_D=64, BLOCK_T=64,
@@ -204,6 +205,15 @@ def _fp8_cases():
                dict(N_HEADS=12, D_C=64, D_R=64, BLOCK_H=16, BLOCK_C=64, BLOCK_R=64, BLOCK_T=CHUNK, KEY_GATHER=False,
                     DOT_PRECISION="tf32", WIDEN_ONCE=once, SCALED=False),
                {**grouped, **({"latent_ptr": "*fp8e4nv", "k_rope_ptr": "*fp8e4nv"} if fp8 else {})}, 1)
+    how = "fp8-keep-rope cache, widened once in registers"
+    yield ("mla_decode kv64", f"{how}, tiles of 64, 4 warps, stages 3", m._mla_decode_kernel,
+           dict(N_HEADS=12, D_C=64, D_R=64, BLOCK_H=16, BLOCK_C=64, BLOCK_R=64, BLOCK_T=64, DOT_PRECISION="tf32",
+                ONE_SPLIT=False, PDL=True, FP16_DOTS=True, WIDEN_ONCE=True, ROPE_FP16=False),
+           {**partials, "latent_ptr": "*fp8e4nv"}, 4, 3)
+    yield ("gqa_decode MHA", f"{how}, tiles of 64, 4 warps, stages 2", g._gqa_decode_kernel,
+           dict(N_HEADS=12, N_KV_HEADS=12, GROUP=1, HEAD_DIM=64, BLOCK_G=16, BLOCK_D=64, BLOCK_T=64,
+                DOT_PRECISION="tf32", ONE_SPLIT=False, PDL=True, FP16_DOTS=False, WIDEN_ONCE=True),
+           {**partials, "v_ptr": "*fp8e4nv"}, 4, 2)
 
 
 def _bias_cases():

@@ -135,9 +135,11 @@ def test_an_fp8_tile_is_widened_once_not_read_byte_by_byte(tmp_path):
     """MLA's and MHA's decode, the bias controls' pass and EG-MLA's grouped attend launch over an fp8 cache: where
     Triton places the widening, the value product reads its transposed fp8 operand one byte at a time from shared
     memory; widened once in registers (the launch's default on a GPU, egmla.kernels.fp8.widened), no single-byte read
-    is left and the dots stay on the tensor cores."""
+    is left and the dots stay on the tensor cores. fp8-keep-rope (MLA's bf16 RoPE keys beside its fp8 latent, MHA's bf16
+    K beside its fp8 V) too."""
     rows, _ = compile_offline(tmp_path, "fp8")
-    assert len(rows) == 12 and sum("grouped attend" in row["kernel"] for row in rows) == 3
+    assert len(rows) == 14 and sum("grouped attend" in row["kernel"] for row in rows) == 3
+    assert sum("fp8-keep-rope cache" in row["setting"] for row in rows) == 2
     for row in rows:
         fp8, once = "fp8 cache" in row["setting"], "once in registers" in row["setting"]
         assert row["ptx_mma_sync"] + row["ptx_wgmma"] > 0 and row["ptx_cp_async"] > 0
