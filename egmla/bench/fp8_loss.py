@@ -42,9 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the cache compared with one in the model's dtype: fp8 (every tensor) or fp8-keep-rope (the "
                         "RoPE keys kept in the model's dtype), as `egmla generate --cache-dtype` keeps them")
     p.add_argument("--fp8-tensors", default="", metavar="NAMES",
-                   help="round only these cached tensors to fp8, comma-separated (latent, k_rope; MHA's k, v), the "
-                        "rest kept in the model's dtype: which tensor's rounding costs what (the paths read such a "
-                        "cache widened); default: every tensor, the fp8 cache generation keeps")
+                   help="with --cache-dtype fp8: round only these cached tensors to fp8, comma-separated (latent, "
+                        "k_rope; MHA's k, v), the rest kept in the model's dtype: which tensor's rounding costs what; "
+                        "default: every tensor, the fp8 cache generation keeps")
     p.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="the model's (and the cache's, where not fp8) dtype; auto = bf16 on CUDA, fp32 on CPU")

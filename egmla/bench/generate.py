@@ -217,7 +217,7 @@ def main(args) -> int:
     batch_sizes = int_list(args.batch_sizes, "--batch-sizes", example="1,32,128")
     cache_dtypes = [name.strip() for name in args.cache_dtypes.split(",")]
     for name in cache_dtypes:
-        cache_dtype_of(name)  # a typo is refused before any model is built
+        cache_dtype_of(name, "--cache-dtypes")  # a typo is refused before any model is built
     if min(batch_sizes) < 1 or args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1:
         raise ValueError("--batch-sizes, --prompt-len, --repeats must be >= 1 and --new-tokens >= 2")
     if (args.fill_memory is None) != (args.context is None):

@@ -327,8 +327,9 @@ KERNELS = {"grouped": _grouped_cases, "mla": _mla_cases, "fp8": _fp8_cases, "bia
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="grouped,mla",
-                        help=f"comma-separated: {', '.join(KERNELS)} (fp8: MLA's and MHA's decode over an fp8 cache, "
-                        f"its tile widened where Triton places it and once in registers, beside bf16's; "
+                        help=f"comma-separated: {', '.join(KERNELS)} (fp8: MLA's and MHA's decode, the bias pass and "
+                        f"the grouped attend launch over an fp8 cache, its tile widened where Triton places it and "
+                        f"once in registers, beside bf16's, then MLA's and MHA's over fp8-keep-rope; "
                         f"bias: the table controls' pass, bias_decode.py; "
                         f"step: the decode step's RoPE, add + RMSNorm, SwiGLU activation, MLA and MHA appends, context, token-groups append "
                         f"and statistics merge kernels; "

@@ -505,8 +505,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "grouped (the three launches of the grouped decode, one at a time, on code and English ids), "
                         "bias (the table controls' pass per launch setting and their whole decode, beside MLA's pass, "
                         "on code ids), mass (the table controls' per-id embedding sum per launch setting, on English "
-                        "ids), fp8 (MLA kv64's and MHA's decode over a bf16 and an fp8 cache, the fp8 tile widened "
-                        "where Triton places it and once in registers)")
+                        "ids), fp8 (MLA kv64's and MHA's decode over a bf16, an fp8 and an fp8-keep-rope cache, the "
+                        "fp8 tile widened where Triton places it and once in registers)")
     parser.add_argument("--grouped-launches", default=",".join(GROUPED_LAUNCHES),
                         help="with --kernels grouped: which launches to sweep (comma-separated: "
                              f"{', '.join(GROUPED_LAUNCHES)})")

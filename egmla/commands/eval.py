@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-path", default=None,
                         help="decode path for generation tasks (egmla generate's --decode-path; default: the "
                              "fastest on the device)")
+    parser.add_argument("--cache-dtype", default="auto", choices=["auto", "fp8", "fp8-keep-rope"],
+                        help="the KV cache of generation tasks (egmla generate's --cache-dtype: auto = --dtype, fp8, "
+                             "fp8-keep-rope); scoring tasks run whole forwards and keep no cache")
     parser.add_argument("--num-fewshot", type=non_negative_int, default=None,
                         help="few-shot examples per task (default: each task's own)")
     parser.add_argument("--limit", type=document_limit, default=None,
@@ -137,6 +140,8 @@ def lm_eval_argv(args) -> list[str]:
         model_args["checkpoint"] = args.checkpoint
     if args.decode_path:
         model_args["decode_path"] = args.decode_path
+    if args.cache_dtype != "auto":
+        model_args["cache_dtype"] = args.cache_dtype
     extra = passed_through(args)
     # batch size and device go as lm_eval's own options: it hands them to the model itself, and refuses them twice
     argv = ["--model", "egmla", "--model_args", json.dumps(model_args), *tasks_argv(args, extra),

@@ -9,7 +9,8 @@ given, adds egmla's local tasks egmla_mc and egmla_ppl). From Python:
 model_args: run (required; `pretrained` is taken as its other name, the key lm-eval names its output folder after),
 checkpoint, device (cuda if available, else cpu), dtype (float32 | bfloat16 | float16),
 batch_size (8; "auto" = 8), max_length (model's max_seq_len), decode_path (generation), max_gen_toks (256),
-cache_dtype (fp8: generate_until's cache in fp8; scoring runs whole forwards and keeps no cache).
+cache_dtype (fp8: generate_until's cache in fp8; fp8-keep-rope: the same but the RoPE keys in the model's dtype;
+scoring runs whole forwards and keeps no cache).
 lm_eval's --device and --batch_size arrive as device and batch_size; max_batch_size is accepted and unused.
 
     loglikelihood          context and continuation tokenised together, split where the context ends

@@ -144,13 +144,13 @@ def add_cache_dtype_option(parser) -> None:
                              "error (docs/inference.md#an-fp8-kv-cache---cache-dtype-fp8)")
 
 
-def cache_dtype_of(name: str):
+def cache_dtype_of(name: str, flag: str = "--cache-dtype"):
     """--cache-dtype's value as GenerationEngine's cache_dtype: None (the model's), torch.float8_e4m3fn or
-    "fp8-keep-rope"."""
+    "fp8-keep-rope"; `flag` names the option in the error."""
     import torch
 
     if name not in CACHE_DTYPES:
-        raise ValueError(f"--cache-dtype {name!r}: choose one of {', '.join(CACHE_DTYPES)}")
+        raise ValueError(f"{flag} {name!r}: choose one of {', '.join(CACHE_DTYPES)}")
     return {"fp8": torch.float8_e4m3fn, "fp8-keep-rope": "fp8-keep-rope"}.get(name)
 
 

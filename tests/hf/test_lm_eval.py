@@ -290,6 +290,9 @@ def test_egmla_eval_builds_lm_evals_command_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the run's device, not lm_eval's cuda:0
     assert lm_eval_argv(eval_args("--run", "runs/a", "--limit", "0.25"))[-4:] == ["--device", "cuda", "--limit",
                                                                                   "0.25"]
+    # --cache-dtype: generation tasks' cache, as model_args' cache_dtype (absent for auto)
+    argv = lm_eval_argv(eval_args("--run", "runs/a", "--cache-dtype", "fp8-keep-rope"))
+    assert json.loads(argv[argv.index("--model_args") + 1])["cache_dtype"] == "fp8-keep-rope"
 
 
 def test_egmla_eval_checks_the_device_before_lm_eval_starts(tmp_path):

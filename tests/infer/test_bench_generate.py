@@ -133,7 +133,7 @@ def test_fp8_cache_rows_fill_twice_the_batch_and_get_their_own_column(tmp_path, 
     egmla = {(r["decode_path"], r.get("cache_dtype")): r["batch"] for r in rows if r["variant"] == "EG-MLA kv64"}
     assert 4 * egmla[("naive", None)] > egmla[("naive", "fp8")] > 2 * egmla[("naive", None)] > 0
     assert "| MLA kv64, fp8 cache (`absorbed` / `naive`) |" in summary_of_files([str(path)])
-    with pytest.raises(ValueError, match="--cache-dtype 'fp4'"):
+    with pytest.raises(ValueError, match="--cache-dtypes 'fp4'"):
         run("generate", ["--preset", "tiny", "--cache-dtypes", "fp4"])
 
 
