@@ -36,7 +36,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from egmla.attention import (KVCache, TableBiasMLA, allocate_cache, attention_class, cache_format,
                              check_decode_path, checked_cache_dtype, cuda_decode_path, decode_path_table, decode_paths,
                              fastest_decode_path)
-from egmla.attention.cache import FP8, Fp8KeepRope
 from egmla.infer.decode_step import DEFAULT_BUCKETS, MAX_GRAPH_BATCH, DecodeStep, bucket_for
 from egmla.infer.offload import GateTableOffload
 from egmla.infer.prefill_step import MIN_WIDTH, PREFILL_GRAPH_TOKENS, PrefillStep, prefill_bucket
@@ -534,8 +533,9 @@ class GenerationEngine:
         from egmla.accounting import measured_cache_bytes_per_token
         from egmla.infer.plan import decode_workspace_bytes
 
-        dtype = cache_format(self.cache_dtype, self.model.tok_embeddings.weight.dtype)
-        item = torch.tensor([], dtype=FP8 if isinstance(dtype, Fp8KeepRope) else dtype).element_size()
+        model_dtype = self.model.tok_embeddings.weight.dtype
+        dtype = cache_format(self.cache_dtype, model_dtype)
+        item = model_dtype.itemsize  # the step's buffers are in the model's dtype, over an fp8 cache too (as `plan`)
         per_token, _ = measured_cache_bytes_per_token(self.config, dtype, "grouped")
         need = rows * (per_token * cache_len + decode_workspace_bytes(self.config, "grouped", cache_len, item))
         kept = self._cache.nbytes() if self._cache is not None else 0

@@ -127,8 +127,8 @@ def grouped_workspace_bytes(heads: int, d_c: int, d_v: int, context: int, distin
                             chunk: int = GROUPED_CHUNK) -> int:
     """Bytes per sequence that the grouped decode allocates for one decode step beside the cache (kept here, free
     of Triton, for the memory planner): the step's plan (grouped order, slot offsets, row maps, int32) and one
-    layer's buffers (absorbed queries per distinct id and value sums per row, heads x d_c each in the cache dtype
-    of `item` bytes; per-chunk softmax statistics, fp32). tests/kernels/test_grouped_decode.py checks it against
+    layer's buffers (absorbed queries per distinct id and value sums per row, heads x d_c each in the model's dtype
+    of `item` bytes, over an fp8 cache too; per-chunk softmax statistics, fp32). tests/kernels/test_grouped_decode.py checks it against
     what make_plan and grouped_decode really allocate."""
     chunks = -(-context // chunk)
     rows = distinct_ids + chunks

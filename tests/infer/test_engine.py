@@ -353,22 +353,26 @@ def test_a_kept_grouped_graph_sized_for_more_distinct_ids_serves_a_call_needing_
     assert sorted(engine._steps) == [("grouped", 2, 512), ("grouped", 2, 600)]
 
 
-def test_auto_takes_the_kernel_where_the_grouped_step_would_not_fit(monkeypatch):
+@pytest.mark.parametrize("cache_dtype", [None, "fp8", "fp8-keep-rope"])
+def test_auto_takes_the_kernel_where_the_grouped_step_would_not_fit(monkeypatch, cache_dtype):
     """decode_path="auto" (forced on here, as on CUDA): where the rule says 'grouped' but its cache and working
     memory at the most distinct ids there can be exceed the device's free memory, the call runs the CUDA default
-    ('kernel'), with a warning; with room it runs 'grouped'. Tokens are the same either way."""
+    ('kernel'), with a warning; with room it runs 'grouped'. Tokens are the same either way. Over an fp8 cache the
+    working memory is still in the model's dtype (4 bytes here), as `egmla plan` counts it."""
     import egmla.infer.engine as engine_module
     from egmla.accounting import measured_cache_bytes_per_token
+    from egmla.attention import cache_format, checked_cache_dtype
     from egmla.infer.plan import decode_workspace_bytes
 
     model = tiny_model("eg-mla", seed=2)
     monkeypatch.setattr(engine_module, "fastest_decode_path", lambda config, device, batch, context: "grouped")
-    per_token, _ = measured_cache_bytes_per_token(model.config, torch.float32, "grouped")
+    stored = cache_format(checked_cache_dtype(cache_dtype), torch.float32)
+    per_token, _ = measured_cache_bytes_per_token(model.config, stored, "grouped")
     need = 4 * (per_token * 18 + decode_workspace_bytes(model.config, "grouped", 18, 4))  # 4 prompts, 18 positions
     results = {}
     for free, path in ((need, "grouped"), (need - 1, "kernel")):
         monkeypatch.setattr(engine_module, "device_free_bytes", lambda device: free)
-        engine = GenerationEngine(model, decode_path="auto", batch_buckets=())
+        engine = GenerationEngine(model, decode_path="auto", batch_buckets=(), cache_dtype=cache_dtype)
         engine.auto_path = True
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
