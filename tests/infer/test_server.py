@@ -351,6 +351,7 @@ def test_max_batch_auto_fits_the_rows_in_the_free_memory():
     import torch
 
     from egmla.accounting import measured_cache_bytes_per_token
+    from egmla.attention.cache import Fp8KeepRope
     from egmla.config import preset
     from egmla.infer.plan import serving_max_batch
     from egmla.variants import variant_config
@@ -386,6 +387,14 @@ def test_max_batch_auto_fits_the_rows_in_the_free_memory():
     assert rows * plan["bytes_per_row"] + offloaded["gate_row_cache_bytes"] <= budget
     assert plan["max_batch"] >= rows >= plan["max_batch"] - 1 - 32768 * per_id // plan["bytes_per_row"]
     assert plan["gate_row_cache_bytes"] == 0
+    # the cache's own dtype where it is not the model's (what `egmla serve --cache-dtype` passes): its bytes per row,
+    # the working memory still in the model's dtype
+    for cache_dtype, stored in ((torch.float8_e4m3fn,) * 2, ("fp8-keep-rope", Fp8KeepRope(torch.bfloat16))):
+        small = serving_max_batch(config, 2048, 8 * 10**9, torch.bfloat16, "auto", 8192, memory_fraction=0.5,
+                                  cache_dtype=cache_dtype)
+        per_token, _ = measured_cache_bytes_per_token(config, stored, "grouped")
+        assert small["bytes_per_row"] == per_token * 2048 + plan["decode_workspace_bytes_per_row"]
+        assert small["max_batch"] > plan["max_batch"]
     with pytest.raises(ValueError, match="offloaded gate tables' rows up to 0.05 GB"):  # 4,096 rows at one row's bound
         serving_max_batch(config, 2048, 8 * 10**8, torch.bfloat16, "auto", 8192, gate_row_bytes=per_id)
     # what `egmla serve` passes: every decode bucket's logits up to the top one, and the start's prefill steps'
