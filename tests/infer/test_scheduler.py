@@ -71,6 +71,22 @@ def test_requests_joining_and_leaving_get_the_tokens_they_get_alone(variant, pat
         assert steps and all(s.tokens.data_ptr() == scheduler._next.data_ptr() for s in steps), setting
 
 
+@pytest.mark.parametrize("variant,path", [("mla", "absorbed"), ("eg-mla", "grouped"), ("mha", "naive")])
+@pytest.mark.parametrize("cache_dtype", ["fp8", "fp8-keep-rope"])
+def test_requests_over_an_fp8_cache_get_the_tokens_they_get_alone(variant, path, cache_dtype):
+    """The scheduler over an fp8 and an fp8-keep-rope cache: staggered requests into reused, compacted rows get the
+    tokens each gets alone from the engine over the same cache format (rows copied and moved as stored, uint8 and
+    wide tensors alike)."""
+    model = tiny_model(variant, seed=3)
+    engine = GenerationEngine(model, decode_path=path, cache_dtype=cache_dtype, batch_buckets=(1, 2, 4))
+    eos = alone(engine, 0).token_ids[2]
+    expected = [alone(engine, i, eos) for i in range(len(PROMPTS))]
+    scheduler = Scheduler(engine, max_batch=3)
+    results = [h.result() for h in staggered(scheduler, [0, 0, 1, 1, 3, 6], eos)]
+    assert [r.token_ids for r in results] == [r.token_ids for r in expected]
+    assert str(engine._cache.dtype) == str(engine.cache_dtype) and scheduler.running == 0
+
+
 def test_rows_are_compacted_when_the_live_ones_fit_a_smaller_bucket():
     model = tiny_model("eg-mla", seed=4)
     engine = GenerationEngine(model, decode_path="grouped", batch_buckets=(1, 2, 4))
