@@ -124,16 +124,22 @@ def sweep_fp8(batch, length, device, configs=None, dtype=None):
 
 
 def fp8_launch_defaults() -> dict:
-    """The launch settings `mla_decode` and `gqa_decode` take when not given (a sweep's JSON records them)."""
+    """The launch settings `mla_decode` and `gqa_decode` take when not given, per cache form of `sweep_fp8` (a
+    sweep's JSON records them)."""
+    import torch
+
     from egmla.kernels import gqa_decode as g
     from egmla.kernels import mla_decode as m
 
-    def of(module, launcher):
-        params = inspect.signature(launcher).parameters
-        return {"block_t": module.BLOCK_TS[0], "num_warps": params["num_warps"].default,
-                "num_stages": params["num_stages"].default}
-
-    return {"mla_decode kv64": of(m, m.mla_decode), "gqa_decode MHA": of(g, g.gqa_decode)}
+    wide, fp8 = torch.bfloat16, torch.float8_e4m3fn
+    stages = inspect.signature(m.mla_decode).parameters["num_stages"].default
+    mla = {form: {"block_t": tiles[0], "num_warps": 4, "num_stages": stages}
+           for form, tiles in (("bf16", m.BLOCK_TS), ("fp8", m.BLOCK_TS), ("fp8-keep-rope", m.KEEP_ROPE_BLOCK_TS))}
+    gqa = {}
+    for form, (k, v) in (("bf16", (wide, wide)), ("fp8", (fp8, fp8)), ("fp8-keep-rope", (wide, fp8))):
+        d = g.launch_defaults(k, v)
+        gqa[form] = {"block_t": d["block_ts"][0], "num_warps": d["num_warps"], "num_stages": d["num_stages"]}
+    return {"mla_decode kv64": mla, "gqa_decode MHA": gqa}
 
 
 def fp8_markdown(json_path: str, md_path: str) -> None:
@@ -154,7 +160,9 @@ def fp8_markdown(json_path: str, md_path: str) -> None:
             form = (r["cache"], {None: "", False: "where Triton places it", True: "once"}[r.get("widen_once")])
             if form not in forms or r["us"] < forms[form]["us"]:
                 forms[form] = r
-            if all(r[k] == v for k, v in default.items()):
+            # files from before 2026-12-07's per-form defaults record one setting for every form
+            mine_default = default if "block_t" in default else default.get(r["cache"], default.get("bf16", {}))
+            if mine_default and all(r[k] == v for k, v in mine_default.items()):
                 defaults[form] = r["us"]
         base = next((r for (cache, _), r in forms.items() if not cache.startswith("fp8")), None)  # the 16-bit cache's
         for (cache, widened), r in forms.items():

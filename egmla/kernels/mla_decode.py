@@ -122,6 +122,9 @@ def _output(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor
 # the smaller ones are used where a wide latent or fp32 needs more shared memory than there is. Three pipeline
 # stages (num_stages) beat two by 5-18% on the H200 at B = 8-128, T = 4,096-16,384 (docs/kernels.md, 2026-12-03).
 BLOCK_TS = [64, 32, 16]
+# fp8-keep-rope (the latent in fp8, k_rope in the query's dtype) is fastest in tiles of 128 at B = 32, T = 4,096 and
+# B = 128, T = 16,384 (1.01x and 1.21x the tiles of 64 on the H100; docs/bench/fp8_keep_rope_h100)
+KEEP_ROPE_BLOCK_TS = [128, *BLOCK_TS]
 
 
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
@@ -165,5 +168,6 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
     fp16_dots = latent.dtype == torch.float8_e4m3fn and q_latent.element_size() == 2
     k_rope_fp8 = k_rope.dtype == torch.float8_e4m3fn
     once = widen_once_default(fp16_dots, widen_once)
-    tiles = [block_t] if block_t else BLOCK_TS
+    keep_rope = fp16_dots and not k_rope_fp8
+    tiles = [block_t] if block_t else KEEP_ROPE_BLOCK_TS if keep_rope else BLOCK_TS
     return launch_first_fitting(("mla", latent.dtype, k_rope.dtype, once, heads, d_c, d_r, tuple(tiles)), tiles, launch)

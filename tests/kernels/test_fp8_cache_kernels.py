@@ -320,3 +320,42 @@ def test_the_fp8_sweep_checks_every_form_and_tables_them(tmp_path):
     assert table.count("| mla_decode kv64 | 2 | 32 |") == 5 and "| fp8 | once | tiles 16, 4 warps, 2 stages |" in table
     assert "| fp8-keep-rope | once |" in table
     assert "| fp16 | - | tiles 16, 4 warps, 2 stages |" in table and "| 1.00 | - |" in table, table
+
+
+def test_fp8_keep_rope_launches_at_its_own_swept_defaults(monkeypatch, tmp_path):
+    """Called without launch settings, MLA's and MHA's decode over fp8-keep-rope take the setting that was fastest for
+    that format at both swept shapes on the H100 (docs/bench/fp8_keep_rope_h100: tiles of 128; MHA 8 warps, 3
+    stages); bf16 and fp8 caches keep theirs. The sweep's table reads the default per form, and a file from before
+    per-form defaults (one setting for every form) still tables."""
+    import json
+
+    from egmla.bench.kernel_sweep import fp8_launch_defaults, fp8_markdown
+    from egmla.kernels import gqa_decode as g
+    from egmla.kernels import mla_decode as m
+
+    launched = []
+    for module in (g, m):
+        monkeypatch.setattr(module, "launch_first_fitting", lambda key, tiles, launch: launched.append((key, tiles)))
+    fp8, b, t = torch.float8_e4m3fn, 2, 8
+    q, lengths = torch.randn(b, 12, 64, dtype=torch.bfloat16), torch.full((b,), t)
+    for k_dtype, v_dtype in ((torch.bfloat16, torch.bfloat16), (fp8, fp8), (torch.bfloat16, fp8)):
+        k, v = torch.zeros(b, t, 12, 64, dtype=k_dtype), torch.zeros(b, t, 12, 64, dtype=v_dtype)
+        g.gqa_decode(q, k, v, lengths, 0.1)
+        m.mla_decode(q, q, torch.zeros(b, t, 64, dtype=v_dtype), torch.zeros(b, t, 64, dtype=k_dtype), lengths, 0.1)
+    (bf16_gqa, _), (bf16_mla, _), (fp8_gqa, _), (fp8_mla, _), (keep_gqa, keep_tiles), (keep_mla, _) = launched
+    assert bf16_gqa[-3:] == fp8_gqa[-3:] == ((64, 32, 16), 4, 2) and keep_gqa[-3:] == ((128, 64, 32, 16), 8, 3)
+    assert bf16_mla[-1] == fp8_mla[-1] == (64, 32, 16) and keep_mla[-1] == (128, 64, 32, 16) and keep_tiles[0] == 128
+
+    defaults = fp8_launch_defaults()
+    assert defaults["gqa_decode MHA"]["fp8-keep-rope"] == {"block_t": 128, "num_warps": 8, "num_stages": 3}
+    rows = [{"kernel": "gqa_decode MHA", "batch": 2, "context": 8, "cache": cache, "widen_once": once, "block_t": tile,
+             "num_warps": warps, "num_stages": stages, "us": us}
+            for cache, once in (("bf16", None), ("fp8-keep-rope", True))
+            for tile, warps, stages, us in ((64, 4, 2, 10.0 if cache == "bf16" else 9.0), (128, 8, 3, 7.0))]
+    for recorded, keep_default in ((defaults, "7.0"), ({"gqa_decode MHA": defaults["gqa_decode MHA"]["bf16"]}, "9.0")):
+        (tmp_path / "s.json").write_text(json.dumps({"device": "x", "defaults": recorded, "rows": rows}))
+        fp8_markdown(str(tmp_path / "s.json"), str(tmp_path / "s.md"))
+        table = (tmp_path / "s.md").read_text()
+        assert "| bf16 | - | tiles 128, 8 warps, 3 stages | 7.0 |" in table and table.count("| 10.0 |") == 1, table
+        assert "| fp8-keep-rope | once | tiles 128, 8 warps, 3 stages | 7.0 |" in table
+        assert table.rstrip().endswith(f"| {keep_default} |"), table
