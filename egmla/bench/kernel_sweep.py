@@ -132,8 +132,9 @@ def fp8_launch_defaults() -> dict:
     from egmla.kernels import mla_decode as m
 
     wide, fp8 = torch.bfloat16, torch.float8_e4m3fn
-    stages = inspect.signature(m.mla_decode).parameters["num_stages"].default
-    mla = {form: {"block_t": tiles[0], "num_warps": 4, "num_stages": stages}
+    params = inspect.signature(m.mla_decode).parameters
+    warps, stages = params["num_warps"].default, params["num_stages"].default
+    mla = {form: {"block_t": tiles[0], "num_warps": warps, "num_stages": stages}
            for form, tiles in (("bf16", m.BLOCK_TS), ("fp8", m.BLOCK_TS), ("fp8-keep-rope", m.KEEP_ROPE_BLOCK_TS))}
     gqa = {}
     for form, (k, v) in (("bf16", (wide, wide)), ("fp8", (fp8, fp8)), ("fp8-keep-rope", (wide, fp8))):
