@@ -200,6 +200,9 @@ def generate(args) -> int:
     model, meta = load_model(args.run, device=device, dtype=dtype, checkpoint=args.checkpoint)
     tokenizer = load_tokenizer(args.run)
     check_prompts(labelled, tokenizer, model.config.max_seq_len)
+    vocab = model.config.vocab_size
+    if args.logprobs is not None and args.logprobs > vocab:  # the engine refuses it too, but after the prompt is echoed
+        raise ValueError(f"--logprobs {args.logprobs}: more than the vocabulary's {vocab} tokens; give 0 to {vocab}")
     engine = GenerationEngine(model, tokenizer, decode_path=args.decode_path, cache_dtype=cache_dtype_of(args.cache_dtype),
                               offload_gate_tables=args.offload_gate_tables, cuda_graphs=False if args.eager else None,
                               overlap_host=not args.no_overlap)

@@ -26,6 +26,8 @@ def test_bad_settings_fail_before_the_prompt_is_printed(capsys, run_dir):
                             (["--stop", ""], "--stop ''")):
         code, out, err = generate(capsys, *base, *extra)
         assert code == 2 and out == "" and expected in err, (extra, out, err)
+    code, out, err = generate(capsys, *base, "--logprobs", "100000")  # known once the model is loaded
+    assert code == 2 and out == "" and "--logprobs 100000: more than the vocabulary's" in err, (out, err)
     code, out, err = generate(capsys, "--run", str(run_dir), "--prompt", "to be " * 40)
     assert code == 2 and out == "" and "--prompt 'to be to be" in err and "max_seq_len=48" in err
 
